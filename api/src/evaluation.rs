@@ -1,0 +1,54 @@
+//! Evaluations: a recorded reason to run the planner for one job. Creating one in the
+//! same command as the change that needs it means no change is committed without the
+//! work to reconcile it.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::ids::{EvalId, JobId};
+use crate::units::Timestamp;
+
+wire_enum!(
+    /// What caused an evaluation.
+    EvalTrigger {
+        /// A new job was submitted.
+        JobSubmit => "job_submit",
+        /// A live job's spec changed.
+        JobUpdate => "job_update",
+        /// A job was deleted; its instances must stop.
+        JobDelete => "job_delete",
+        /// A node went down or started draining, displacing the job's instances.
+        NodeUpdate => "node_update",
+    }
+);
+
+wire_enum!(
+    /// Progress of an evaluation.
+    EvalStatus {
+        /// Waiting for the planner.
+        Pending => "pending",
+        /// Planned; its outcome is committed.
+        Complete => "complete",
+        /// Planned, but some instances did not fit; retried when capacity changes.
+        Blocked => "blocked",
+    }
+);
+
+/// A request to the planner to reconcile one job with the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Evaluation {
+    /// Unique; also the idempotency key of the command that created it.
+    pub id: EvalId,
+    /// The job to reconcile.
+    pub job_id: JobId,
+    /// The job's version when the evaluation was created.
+    pub job_version: u64,
+    /// Why it was created.
+    pub trigger: EvalTrigger,
+    /// Its progress.
+    pub status: EvalStatus,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When its status last changed.
+    pub updated_at: Timestamp,
+}

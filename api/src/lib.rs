@@ -1,0 +1,99 @@
+//! Wire types shared by every aigrid role. Nothing here does I/O: the types are what
+//! crosses a process boundary (HTTP bodies, Raft log entries, CLI files), so every role
+//! agrees on one shape and one set of validation rules.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`ids`] | identifier newtypes (`JobId`, `NodeId`, `AllocId`, `EvalId`) |
+//! | [`units`] | quantity and time newtypes (`MilliCpu`, `MemoryMib`, `DiskMib`, `Timestamp`) |
+//! | [`spec`] | the job specification users submit, and its validation |
+//! | [`job`] | the job views the control API answers with |
+//! | [`allocation`] | an instance of a task group bound to a node |
+//! | [`evaluation`] | a request to the planner to reconcile one job |
+//! | [`node`] | node registration and the node view |
+//! | [`cluster`] | control-plane membership and Raft status |
+//! | [`error`] | the error body, the stable error codes and validation errors |
+//!
+//! Every type is re-exported at the crate root.
+
+#![warn(missing_docs)]
+
+#[macro_use]
+mod macros;
+
+pub mod allocation;
+pub mod cluster;
+pub mod error;
+pub mod evaluation;
+pub mod ids;
+pub mod job;
+pub mod node;
+pub mod spec;
+pub mod units;
+
+pub use allocation::{AllocState, Allocation, AllocationReport, DesiredState};
+pub use cluster::{ClusterStatus, JoinRequest, LeaveRequest, Member, MemberRole};
+pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationError};
+pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
+pub use ids::{AllocId, EvalId, JobId, NodeId};
+pub use job::{DeleteJobResponse, Job, JobStatus, JobSummary, SubmitJobResponse, Unplaced};
+pub use node::{GpuDevice, Node, NodeRegistration, NodeResources, NodeStatus};
+pub use spec::{
+    Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind, JobSpec,
+    ModelServerTask, Resources, Spread, TaskGroup, TaskSpec,
+};
+pub use units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
+
+#[cfg(test)]
+mod tests {
+    use utoipa::OpenApi;
+
+    use super::*;
+
+    #[derive(OpenApi)]
+    #[openapi(components(schemas(
+        JobSpec,
+        Job,
+        JobSummary,
+        SubmitJobResponse,
+        DeleteJobResponse,
+        Evaluation,
+        Node,
+        NodeRegistration,
+        AllocationReport,
+        ClusterStatus,
+        JoinRequest,
+        LeaveRequest,
+        ErrorBody,
+        ValidationError,
+    )))]
+    struct Doc;
+
+    #[test]
+    fn every_wire_type_has_an_openapi_schema() {
+        let doc = Doc::openapi();
+        let json = doc.to_json().unwrap();
+        let schemas = &doc.components.as_ref().unwrap().schemas;
+        for name in [
+            "JobSpec",
+            "TaskGroup",
+            "TaskSpec",
+            "ExecTask",
+            "ModelServerTask",
+            "ConstraintOp",
+            "ConstraintValue",
+            "Allocation",
+            "AllocState",
+            "NodeStatus",
+            "GpuDevice",
+            "MemberRole",
+            "ErrorDetail",
+            "Timestamp",
+            "MilliCpu",
+        ] {
+            assert!(schemas.contains_key(name), "missing schema {name}");
+        }
+        assert!(json.contains("model-server"));
+        assert!(json.contains("not_in"));
+    }
+}

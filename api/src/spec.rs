@@ -1,0 +1,937 @@
+//! The job specification users submit (JSON over the API, TOML from the CLI; one
+//! shape). Every struct rejects unknown fields so a misspelt key is an error instead
+//! of a silently ignored setting, and [`JobSpec::validate`] checks the rules serde
+//! cannot express, naming the exact field that breaks one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::ValidationError;
+use crate::units::{MemoryMib, MilliCpu};
+
+/// Priority given to a job that does not state one.
+pub const DEFAULT_PRIORITY: u32 = 50;
+/// Highest accepted priority.
+pub const MAX_PRIORITY: u32 = 100;
+/// Longest accepted job, group or circle name (a DNS label's limit, so names can
+/// appear in host names and paths).
+pub const MAX_NAME_LEN: usize = 63;
+/// Most groups one job may have; bounds the work of one planner pass.
+pub const MAX_GROUPS: usize = 64;
+/// Most instances one group may ask for; bounds the allocations one job can create.
+pub const MAX_GROUP_COUNT: u32 = 10_000;
+/// Largest compiled size of a constraint regex, so a hostile pattern cannot make
+/// every server spend memory compiling it.
+pub const MAX_REGEX_BYTES: usize = 256 * 1024;
+/// Highest spread weight.
+pub const MAX_SPREAD_WEIGHT: u32 = 100;
+
+/// A job as submitted: what to run, how many, and where it may run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Unique among live jobs; submitting a spec with the name of a live job updates
+    /// that job. 1 to 63 of `a-z 0-9 - _ .`, starting with a letter or digit.
+    pub name: String,
+    /// Whether the job is kept running or runs to completion.
+    #[serde(default)]
+    pub kind: JobKind,
+    /// 0 to 100; higher-priority jobs are placed first and may preempt lower ones.
+    #[serde(default = "default_priority")]
+    #[schema(default = 50, maximum = 100)]
+    pub priority: u32,
+    /// The Autonomous Circle that owns the job, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circle: Option<String>,
+    /// The task groups; at least one.
+    #[serde(default)]
+    pub groups: Vec<TaskGroup>,
+}
+
+fn default_priority() -> u32 {
+    DEFAULT_PRIORITY
+}
+
+fn default_count() -> u32 {
+    1
+}
+
+wire_enum!(
+    /// How the control plane treats a job whose instances exit.
+    #[derive(Default)]
+    JobKind {
+        /// Kept running: exited or lost instances are replaced. The default, as in
+        /// most schedulers, since serving is the common case.
+        #[default]
+        Service => "service",
+        /// Runs to completion once.
+        Batch => "batch",
+        /// Runs to completion; groups are usually `gang` so all workers start together.
+        Training => "training",
+    }
+);
+
+/// A set of identical instances placed together under one resource request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskGroup {
+    /// Unique within the job; same character rules as the job name.
+    pub name: String,
+    /// How many instances to run.
+    #[serde(default = "default_count")]
+    #[schema(default = 1, minimum = 1)]
+    pub count: u32,
+    /// Place all `count` instances at once or none of them (distributed training).
+    #[serde(default)]
+    pub gang: bool,
+    /// What each instance needs.
+    pub resources: Resources,
+    /// Node attributes an instance's node must satisfy; all must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<Constraint>,
+    /// Attributes to spread instances across (sites, countries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spread: Vec<Spread>,
+    /// What each instance runs.
+    pub task: TaskSpec,
+}
+
+/// Resources reserved for one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU in thousandths of a core.
+    pub cpu_millis: MilliCpu,
+    /// Host memory in MiB.
+    pub memory_mib: MemoryMib,
+    /// GPUs, for groups that need them; absent for CPU-only work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<GpuRequest>,
+}
+
+/// Whole GPUs reserved for one instance; GPUs are never shared between instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuRequest {
+    /// How many GPUs, all on the same node.
+    #[schema(minimum = 1)]
+    pub count: u32,
+    /// A model name the device's model must contain (`H100`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Least memory each GPU must have, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_memory_mib: Option<MemoryMib>,
+}
+
+/// A rule on a node attribute (`country in [BE, NL]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Constraint {
+    /// The node attribute the rule reads.
+    pub attribute: String,
+    /// How the attribute is compared with `value`.
+    pub op: ConstraintOp,
+    /// A string, or a list of strings for `in` and `not_in`.
+    pub value: ConstraintValue,
+}
+
+wire_enum!(
+    /// The comparison a [`Constraint`] makes. A node lacking the attribute matches only
+    /// `!=` and `not_in`.
+    ConstraintOp {
+        /// The attribute equals the value.
+        Eq => "=",
+        /// The attribute differs from the value.
+        Ne => "!=",
+        /// The attribute is one of the listed values.
+        In => "in",
+        /// The attribute is none of the listed values.
+        NotIn => "not_in",
+        /// The attribute matches the regular expression (unanchored, `regex` crate
+        /// syntax).
+        Regex => "regex",
+        /// The attribute, read as a number, is at least the value.
+        Ge => ">=",
+        /// The attribute, read as a number, is at most the value.
+        Le => "<=",
+    }
+);
+
+/// The right-hand side of a [`Constraint`]: one string or a list of strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum ConstraintValue {
+    /// A single value, for every op except `in` and `not_in`.
+    One(String),
+    /// A list of values, for `in` and `not_in`.
+    Many(Vec<String>),
+}
+
+impl ConstraintValue {
+    /// The value when it is a single string.
+    pub fn as_single(&self) -> Option<&str> {
+        match self {
+            Self::One(v) => Some(v),
+            Self::Many(_) => None,
+        }
+    }
+
+    /// The values when given as a list.
+    pub fn as_list(&self) -> Option<&[String]> {
+        match self {
+            Self::One(_) => None,
+            Self::Many(v) => Some(v),
+        }
+    }
+}
+
+// Written by hand rather than `#[serde(untagged)]` so a wrong type gets a message
+// naming what is accepted instead of "data did not match any variant".
+impl<'de> Deserialize<'de> for ConstraintValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ConstraintValue;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ConstraintValue::One(v.to_owned()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(ConstraintValue::One(v))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+                while let Some(v) = seq.next_element::<String>()? {
+                    values.push(v);
+                }
+                Ok(ConstraintValue::Many(values))
+            }
+        }
+
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// Spread a group's instances evenly over the values of a node attribute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Spread {
+    /// The node attribute whose values instances are spread over.
+    pub attribute: String,
+    /// 1 to 100: how much this spread counts against other placement preferences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub weight: Option<u32>,
+}
+
+/// What an instance runs, chosen by `driver`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "driver")]
+pub enum TaskSpec {
+    /// A process started from a command line.
+    #[serde(rename = "exec")]
+    Exec(ExecTask),
+    /// The built-in model server, serving a model from dispersed storage.
+    #[serde(rename = "model-server")]
+    ModelServer(ModelServerTask),
+}
+
+/// A process the agent starts directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecTask {
+    /// The program to run.
+    pub command: String,
+    /// Its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Files fetched and verified before the process starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
+}
+
+/// A file pinned by digest: the agent refuses to start the task if the fetched
+/// bytes hash differently, which is what makes a deployment tamper-proof.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// Where to fetch the file from.
+    pub source: String,
+    /// BLAKE3 digest of the file: 64 lowercase hex characters.
+    pub blake3: String,
+}
+
+/// The built-in model server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelServerTask {
+    /// Digest of the model's manifest in dispersed storage. A digest, not a name, so a
+    /// deployment pins exactly the bytes that were reviewed.
+    pub model: String,
+}
+
+impl JobSpec {
+    /// Checks the rules serde cannot express. The first broken rule is reported, with
+    /// the path of its field, so the same spec always gives the same answer.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_name("name", &self.name)?;
+        if self.priority > MAX_PRIORITY {
+            return Err(ValidationError::new(
+                "priority",
+                format!(
+                    "must be between 0 and {MAX_PRIORITY}, got {}",
+                    self.priority
+                ),
+            ));
+        }
+        if let Some(circle) = &self.circle {
+            check_name("circle", circle)?;
+        }
+        if self.groups.is_empty() {
+            return Err(ValidationError::new(
+                "groups",
+                "at least one group is required",
+            ));
+        }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(ValidationError::new(
+                "groups",
+                format!(
+                    "at most {MAX_GROUPS} groups are allowed, got {}",
+                    self.groups.len()
+                ),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, group) in self.groups.iter().enumerate() {
+            let path = format!("groups[{i}]");
+            group.validate_at(&path)?;
+            if !names.insert(group.name.as_str()) {
+                return Err(ValidationError::new(
+                    format!("{path}.name"),
+                    format!("duplicate group name `{}`", group.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The group called `name`.
+    pub fn group(&self, name: &str) -> Option<&TaskGroup> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// Instances the job asks for across all groups.
+    pub fn instance_count(&self) -> u64 {
+        self.groups.iter().map(|g| u64::from(g.count)).sum()
+    }
+}
+
+impl TaskGroup {
+    fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
+        check_name(&format!("{path}.name"), &self.name)?;
+        if self.count == 0 {
+            return Err(ValidationError::new(
+                format!("{path}.count"),
+                "must be at least 1",
+            ));
+        }
+        if self.count > MAX_GROUP_COUNT {
+            return Err(ValidationError::new(
+                format!("{path}.count"),
+                format!("must be at most {MAX_GROUP_COUNT}, got {}", self.count),
+            ));
+        }
+        self.resources.validate_at(&format!("{path}.resources"))?;
+        for (j, constraint) in self.constraints.iter().enumerate() {
+            constraint.validate_at(&format!("{path}.constraints[{j}]"))?;
+        }
+        for (k, spread) in self.spread.iter().enumerate() {
+            spread.validate_at(&format!("{path}.spread[{k}]"))?;
+        }
+        self.task.validate_at(&format!("{path}.task"))
+    }
+}
+
+impl Resources {
+    fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
+        if self.cpu_millis.get() == 0 {
+            return Err(ValidationError::new(
+                format!("{path}.cpu_millis"),
+                "must be greater than 0",
+            ));
+        }
+        if self.memory_mib.get() == 0 {
+            return Err(ValidationError::new(
+                format!("{path}.memory_mib"),
+                "must be greater than 0",
+            ));
+        }
+        let Some(gpus) = &self.gpus else {
+            return Ok(());
+        };
+        if gpus.count == 0 {
+            return Err(ValidationError::new(
+                format!("{path}.gpus.count"),
+                "must be at least 1; omit `gpus` for a CPU-only group",
+            ));
+        }
+        if gpus.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+            return Err(ValidationError::new(
+                format!("{path}.gpus.model"),
+                "must not be empty when set",
+            ));
+        }
+        if gpus.min_memory_mib.is_some_and(|m| m.get() == 0) {
+            return Err(ValidationError::new(
+                format!("{path}.gpus.min_memory_mib"),
+                "must be greater than 0 when set",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Constraint {
+    fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
+        if self.attribute.trim().is_empty() {
+            return Err(ValidationError::new(
+                format!("{path}.attribute"),
+                "must not be empty",
+            ));
+        }
+        let field = format!("{path}.value");
+        let op = self.op;
+        match op {
+            ConstraintOp::In | ConstraintOp::NotIn => {
+                let Some(values) = self.value.as_list() else {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("`{op}` takes a list of values, e.g. [\"a\", \"b\"]"),
+                    ));
+                };
+                if values.is_empty() {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("`{op}` needs at least one value"),
+                    ));
+                }
+            }
+            ConstraintOp::Eq
+            | ConstraintOp::Ne
+            | ConstraintOp::Regex
+            | ConstraintOp::Ge
+            | ConstraintOp::Le => {
+                let Some(value) = self.value.as_single() else {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("`{op}` takes a single value, not a list"),
+                    ));
+                };
+                check_single_value(&field, op, value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_single_value(field: &str, op: ConstraintOp, value: &str) -> Result<(), ValidationError> {
+    match op {
+        ConstraintOp::Regex => regex::RegexBuilder::new(value)
+            .size_limit(MAX_REGEX_BYTES)
+            .build()
+            .map(drop)
+            .map_err(|e| {
+                ValidationError::new(field, format!("is not a valid regular expression: {e}"))
+            }),
+        ConstraintOp::Ge | ConstraintOp::Le => match value.trim().parse::<f64>() {
+            Ok(n) if n.is_finite() => Ok(()),
+            _ => Err(ValidationError::new(
+                field,
+                format!("`{op}` compares numbers; `{value}` is not a number"),
+            )),
+        },
+        ConstraintOp::Eq | ConstraintOp::Ne | ConstraintOp::In | ConstraintOp::NotIn => Ok(()),
+    }
+}
+
+impl Spread {
+    fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
+        if self.attribute.trim().is_empty() {
+            return Err(ValidationError::new(
+                format!("{path}.attribute"),
+                "must not be empty",
+            ));
+        }
+        match self.weight {
+            Some(w) if w == 0 || w > MAX_SPREAD_WEIGHT => Err(ValidationError::new(
+                format!("{path}.weight"),
+                format!("must be between 1 and {MAX_SPREAD_WEIGHT}, got {w}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl TaskSpec {
+    fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
+        match self {
+            Self::Exec(exec) => exec.validate_at(path),
+            Self::ModelServer(server) => {
+                let model = server.model.as_str();
+                if model.is_empty() {
+                    Err(ValidationError::new(
+                        format!("{path}.model"),
+                        "must name a model digest",
+                    ))
+                } else if model.chars().any(char::is_whitespace) {
+                    Err(ValidationError::new(
+                        format!("{path}.model"),
+                        "a model digest contains no whitespace",
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+impl ExecTask {
+    fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
+        if self.command.trim().is_empty() {
+            return Err(ValidationError::new(
+                format!("{path}.command"),
+                "must not be empty",
+            ));
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains(['=', '\0']) {
+                return Err(ValidationError::new(
+                    format!("{path}.env"),
+                    format!("`{key}` is not a valid variable name (empty, or contains `=` or NUL)"),
+                ));
+            }
+        }
+        for (i, artifact) in self.artifacts.iter().enumerate() {
+            let at = format!("{path}.artifacts[{i}]");
+            if artifact.source.trim().is_empty() {
+                return Err(ValidationError::new(
+                    format!("{at}.source"),
+                    "must not be empty",
+                ));
+            }
+            let digest = &artifact.blake3;
+            if digest.len() != 64
+                || !digest
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                return Err(ValidationError::new(
+                    format!("{at}.blake3"),
+                    "must be a BLAKE3 digest: 64 lowercase hex characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a job, group or circle name: DNS-label-like so it can be used in host
+/// names, paths and file names without escaping.
+fn check_name(field: &str, value: &str) -> Result<(), ValidationError> {
+    let fail = |message: String| Err(ValidationError::new(field, message));
+    let Some(first) = value.chars().next() else {
+        return fail("must not be empty".to_owned());
+    };
+    if value.len() > MAX_NAME_LEN {
+        return fail(format!(
+            "must be at most {MAX_NAME_LEN} characters, got {}",
+            value.len()
+        ));
+    }
+    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+        return fail("must start with a lowercase letter or a digit".to_owned());
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
+    {
+        return fail(format!(
+            "may contain only lowercase letters, digits, `-`, `_` and `.`; found `{bad}`"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const DIGEST: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
+
+    /// The example job of DESIGN.md, verbatim.
+    fn design_example() -> serde_json::Value {
+        json!({
+          "name": "llama-chat",
+          "kind": "service",
+          "priority": 50,
+          "circle": "vision-lab",
+          "groups": [{
+            "name": "replica",
+            "count": 2,
+            "gang": false,
+            "resources": {"cpu_millis": 2000, "memory_mib": 8192,
+                          "gpus": {"count": 1, "model": "H100", "min_memory_mib": 40000}},
+            "constraints": [{"attribute": "country", "op": "in", "value": ["BE", "NL"]}],
+            "spread": [{"attribute": "site"}],
+            "task": {"driver": "exec", "command": "/usr/bin/python3", "args": ["serve.py"],
+                     "env": {"MODE": "prod"}, "artifacts": [{"source": "...", "blake3": "..."}]}
+          }]
+        })
+    }
+
+    fn valid() -> serde_json::Value {
+        let mut v = design_example();
+        v["groups"][0]["task"]["artifacts"][0]["blake3"] = json!(DIGEST);
+        v
+    }
+
+    fn parse(v: serde_json::Value) -> Result<JobSpec, serde_json::Error> {
+        serde_json::from_value(v)
+    }
+
+    #[test]
+    fn design_example_parses_and_names_the_bad_digest() {
+        let spec = parse(design_example()).unwrap();
+        assert_eq!(spec.name, "llama-chat");
+        assert_eq!(spec.kind, JobKind::Service);
+        assert_eq!(spec.circle.as_deref(), Some("vision-lab"));
+        let group = &spec.groups[0];
+        assert_eq!(group.count, 2);
+        assert_eq!(group.resources.cpu_millis, MilliCpu::new(2000));
+        let gpus = group.resources.gpus.as_ref().unwrap();
+        assert_eq!(gpus.min_memory_mib, Some(MemoryMib::new(40000)));
+        assert_eq!(group.constraints[0].op, ConstraintOp::In);
+        assert_eq!(
+            group.constraints[0].value,
+            ConstraintValue::Many(vec!["BE".into(), "NL".into()])
+        );
+        assert!(matches!(&group.task, TaskSpec::Exec(e) if e.env["MODE"] == "prod"));
+        let err = spec.validate().unwrap_err();
+        assert_eq!(err.field, "groups[0].task.artifacts[0].blake3");
+        parse(valid()).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn toml_has_the_same_shape() {
+        let text = format!(
+            r#"
+name = "llama-chat"
+kind = "service"
+priority = 50
+circle = "vision-lab"
+
+[[groups]]
+name = "replica"
+count = 2
+gang = false
+resources = {{ cpu_millis = 2000, memory_mib = 8192, gpus = {{ count = 1, model = "H100", min_memory_mib = 40000 }} }}
+constraints = [{{ attribute = "country", op = "in", value = ["BE", "NL"] }}]
+spread = [{{ attribute = "site" }}]
+
+[groups.task]
+driver = "exec"
+command = "/usr/bin/python3"
+args = ["serve.py"]
+env = {{ MODE = "prod" }}
+artifacts = [{{ source = "...", blake3 = "{DIGEST}" }}]
+"#
+        );
+        let from_toml: JobSpec = toml::from_str(&text).unwrap();
+        assert_eq!(from_toml, parse(valid()).unwrap());
+        let round = toml::to_string(&from_toml).unwrap();
+        assert_eq!(toml::from_str::<JobSpec>(&round).unwrap(), from_toml);
+    }
+
+    #[test]
+    fn toml_rejects_unknown_keys_inside_the_task() {
+        let text = r#"
+name = "j"
+[[groups]]
+name = "g"
+resources = { cpu_millis = 1, memory_mib = 1 }
+[groups.task]
+driver = "model-server"
+model = "m"
+replicas = 3
+"#;
+        let err = toml::from_str::<JobSpec>(text).unwrap_err();
+        assert!(err.to_string().contains("replicas"), "{err}");
+    }
+
+    #[test]
+    fn defaults_fill_omitted_fields() {
+        let spec = parse(json!({
+            "name": "j",
+            "groups": [{"name": "g", "resources": {"cpu_millis": 100, "memory_mib": 64},
+                        "task": {"driver": "model-server", "model": "blake3:abc"}}]
+        }))
+        .unwrap();
+        assert_eq!(spec.kind, JobKind::Service);
+        assert_eq!(spec.priority, DEFAULT_PRIORITY);
+        assert_eq!(spec.groups[0].count, 1);
+        assert!(!spec.groups[0].gang);
+        assert_eq!(spec.instance_count(), 1);
+        spec.validate().unwrap();
+    }
+
+    #[test]
+    fn json_round_trip_is_lossless() {
+        let spec = parse(valid()).unwrap();
+        let text = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<JobSpec>(&text).unwrap(), spec);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_at_every_level() {
+        let places: &[&[&str]] = &[
+            &[],
+            &["groups", "0"],
+            &["groups", "0", "resources"],
+            &["groups", "0", "resources", "gpus"],
+            &["groups", "0", "constraints", "0"],
+            &["groups", "0", "spread", "0"],
+            &["groups", "0", "task"],
+            &["groups", "0", "task", "artifacts", "0"],
+        ];
+        for place in places {
+            let mut v = valid();
+            let mut target = &mut v;
+            for key in *place {
+                target = match key.parse::<usize>() {
+                    Ok(i) => &mut target[i],
+                    Err(_) => &mut target[*key],
+                };
+            }
+            target["surprise"] = json!(1);
+            let err = parse(v).unwrap_err();
+            assert!(err.to_string().contains("surprise"), "{place:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_in_a_model_server_task() {
+        let mut v = valid();
+        v["groups"][0]["task"] = json!({"driver": "model-server", "model": "d", "command": "x"});
+        let err = parse(v).unwrap_err();
+        assert!(err.to_string().contains("command"), "{err}");
+    }
+
+    #[test]
+    fn unknown_or_missing_driver_is_rejected() {
+        let mut v = valid();
+        v["groups"][0]["task"] = json!({"driver": "docker", "image": "x"});
+        assert!(parse(v).unwrap_err().to_string().contains("docker"));
+        let mut v = valid();
+        v["groups"][0]["task"] = json!({"command": "x"});
+        assert!(parse(v).unwrap_err().to_string().contains("driver"));
+    }
+
+    #[test]
+    fn negative_numbers_and_wrong_value_types_are_parse_errors() {
+        let mut v = valid();
+        v["groups"][0]["resources"]["cpu_millis"] = json!(-1);
+        assert!(parse(v).is_err());
+        let mut v = valid();
+        v["groups"][0]["constraints"][0]["value"] = json!(5);
+        let err = parse(v).unwrap_err();
+        assert!(
+            err.to_string().contains("a string or a list of strings"),
+            "{err}"
+        );
+    }
+
+    /// Applies `edit` to a valid spec and returns the field validation blames.
+    fn blamed(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v = valid();
+        edit(&mut v);
+        let spec = parse(v).expect("edit keeps the document parseable");
+        spec.validate().expect_err("edit breaks a rule").field
+    }
+
+    /// An edit that breaks one rule of a valid spec.
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+
+    #[test]
+    fn validation_names_the_offending_field() {
+        let cases: Vec<(&str, Edit)> = vec![
+            ("name", Box::new(|v| v["name"] = json!(""))),
+            ("name", Box::new(|v| v["name"] = json!("Llama"))),
+            ("name", Box::new(|v| v["name"] = json!("-llama"))),
+            ("name", Box::new(|v| v["name"] = json!("a b"))),
+            ("name", Box::new(|v| v["name"] = json!("x".repeat(64)))),
+            ("priority", Box::new(|v| v["priority"] = json!(101))),
+            ("circle", Box::new(|v| v["circle"] = json!("Vision Lab"))),
+            ("groups", Box::new(|v| v["groups"] = json!([]))),
+            (
+                "groups[0].name",
+                Box::new(|v| v["groups"][0]["name"] = json!("")),
+            ),
+            (
+                "groups[0].count",
+                Box::new(|v| v["groups"][0]["count"] = json!(0)),
+            ),
+            (
+                "groups[0].count",
+                Box::new(|v| v["groups"][0]["count"] = json!(MAX_GROUP_COUNT + 1)),
+            ),
+            (
+                "groups[0].resources.cpu_millis",
+                Box::new(|v| v["groups"][0]["resources"]["cpu_millis"] = json!(0)),
+            ),
+            (
+                "groups[0].resources.memory_mib",
+                Box::new(|v| v["groups"][0]["resources"]["memory_mib"] = json!(0)),
+            ),
+            (
+                "groups[0].resources.gpus.count",
+                Box::new(|v| v["groups"][0]["resources"]["gpus"]["count"] = json!(0)),
+            ),
+            (
+                "groups[0].resources.gpus.model",
+                Box::new(|v| v["groups"][0]["resources"]["gpus"]["model"] = json!(" ")),
+            ),
+            (
+                "groups[0].resources.gpus.min_memory_mib",
+                Box::new(|v| v["groups"][0]["resources"]["gpus"]["min_memory_mib"] = json!(0)),
+            ),
+            (
+                "groups[0].constraints[0].attribute",
+                Box::new(|v| v["groups"][0]["constraints"][0]["attribute"] = json!("")),
+            ),
+            (
+                "groups[0].constraints[0].value",
+                Box::new(|v| v["groups"][0]["constraints"][0]["value"] = json!("BE")),
+            ),
+            (
+                "groups[0].constraints[0].value",
+                Box::new(|v| v["groups"][0]["constraints"][0]["value"] = json!([])),
+            ),
+            (
+                "groups[0].constraints[0].value",
+                Box::new(|v| {
+                    v["groups"][0]["constraints"][0] =
+                        json!({"attribute": "site", "op": "not_in", "value": "x"})
+                }),
+            ),
+            (
+                "groups[0].constraints[0].value",
+                Box::new(|v| {
+                    v["groups"][0]["constraints"][0] =
+                        json!({"attribute": "site", "op": "regex", "value": "("})
+                }),
+            ),
+            (
+                "groups[0].constraints[0].value",
+                Box::new(|v| {
+                    v["groups"][0]["constraints"][0] =
+                        json!({"attribute": "cuda", "op": ">=", "value": ["12"]})
+                }),
+            ),
+            (
+                "groups[0].constraints[0].value",
+                Box::new(|v| {
+                    v["groups"][0]["constraints"][0] =
+                        json!({"attribute": "cuda", "op": "<=", "value": "twelve"})
+                }),
+            ),
+            (
+                "groups[0].constraints[0].value",
+                Box::new(|v| {
+                    v["groups"][0]["constraints"][0] =
+                        json!({"attribute": "site", "op": "=", "value": ["a"]})
+                }),
+            ),
+            (
+                "groups[0].spread[0].attribute",
+                Box::new(|v| v["groups"][0]["spread"][0]["attribute"] = json!("")),
+            ),
+            (
+                "groups[0].spread[0].weight",
+                Box::new(|v| v["groups"][0]["spread"][0]["weight"] = json!(0)),
+            ),
+            (
+                "groups[0].task.command",
+                Box::new(|v| v["groups"][0]["task"]["command"] = json!("  ")),
+            ),
+            (
+                "groups[0].task.env",
+                Box::new(|v| v["groups"][0]["task"]["env"] = json!({"A=B": "c"})),
+            ),
+            (
+                "groups[0].task.artifacts[0].source",
+                Box::new(|v| v["groups"][0]["task"]["artifacts"][0]["source"] = json!("")),
+            ),
+            (
+                "groups[0].task.model",
+                Box::new(|v| {
+                    v["groups"][0]["task"] = json!({"driver": "model-server", "model": ""})
+                }),
+            ),
+            (
+                "groups[1].name",
+                Box::new(|v| {
+                    let copy = v["groups"][0].clone();
+                    v["groups"].as_array_mut().unwrap().push(copy);
+                }),
+            ),
+        ];
+        for (field, edit) in cases {
+            assert_eq!(blamed(edit), field);
+        }
+    }
+
+    #[test]
+    fn good_constraints_pass() {
+        let mut v = valid();
+        v["groups"][0]["constraints"] = json!([
+            {"attribute": "site", "op": "=", "value": "ghent"},
+            {"attribute": "site", "op": "!=", "value": ""},
+            {"attribute": "country", "op": "not_in", "value": ["FR"]},
+            {"attribute": "gpu.model", "op": "regex", "value": "^H1[0-9]0$"},
+            {"attribute": "cuda", "op": ">=", "value": "12.1"},
+            {"attribute": "disk_mib", "op": "<=", "value": "1000000"},
+        ]);
+        v["groups"][0]["spread"] = json!([{"attribute": "site", "weight": 100}]);
+        parse(v).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn wire_words_parse_back() {
+        for op in ConstraintOp::ALL {
+            assert_eq!(op.as_str().parse::<ConstraintOp>().unwrap(), *op);
+            assert_eq!(serde_json::to_value(op).unwrap(), json!(op.as_str()));
+        }
+        assert!("~".parse::<ConstraintOp>().is_err());
+        assert_eq!("training".parse::<JobKind>().unwrap(), JobKind::Training);
+    }
+}

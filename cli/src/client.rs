@@ -1,0 +1,90 @@
+//! The control API client used by the subcommands.
+
+use std::time::Duration;
+
+use aigrid_api::ErrorBody;
+use anyhow::{anyhow, bail, Context};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A client of one or more servers; any server answers any request (followers forward
+/// to the leader), so a server that cannot be reached is simply skipped.
+pub struct Client {
+    servers: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for a comma-separated list of base URLs.
+    pub fn new(servers: &str) -> anyhow::Result<Self> {
+        let servers: Vec<String> = servers
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            bail!("--server needs at least one URL");
+        }
+        for s in &servers {
+            if !(s.starts_with("http://") || s.starts_with("https://")) {
+                bail!("--server `{s}` must start with http:// or https://");
+            }
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client { servers, http })
+    }
+
+    /// Sends a request and decodes a success body, or turns the API's error body into
+    /// a one-line error.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<T> {
+        let mut last_error = None;
+        for server in &self.servers {
+            let mut req = self.http.request(method.clone(), format!("{server}{path}"));
+            if let Some(body) = body {
+                req = req.json(body);
+            }
+            let resp = match req.send().await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    last_error = Some(anyhow!("cannot reach {server}: {}", root_cause(&e)));
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let bytes = resp.bytes().await.context("reading the response")?;
+            if status.is_success() {
+                return serde_json::from_slice(&bytes)
+                    .with_context(|| format!("unexpected response from {server}{path}"));
+            }
+            let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => format!("{} ({})", body.error.message, body.error.code),
+                Err(_) => format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()),
+            };
+            // A server without quorum may be the one cut off: try the others.
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                last_error = Some(anyhow!("{server}: {message}"));
+                continue;
+            }
+            bail!("{message}");
+        }
+        Err(last_error.unwrap_or_else(|| anyhow!("no server to ask")))
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

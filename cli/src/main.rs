@@ -1,0 +1,102 @@
+//! `aigrid`: the one binary. `up` runs the embedded default, `server` runs one
+//! control-plane server, and the other subcommands are clients of the control API.
+//!
+//! - [`config`]: server flags, their `AIGRID_*` variables and the optional TOML file.
+//! - [`client`]: the HTTP client, failing over between servers, with one-line errors.
+//! - [`commands`]: the client subcommands and their human and `--json` output.
+
+mod client;
+mod commands;
+mod config;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::Client;
+
+/// aigrid: a GPU-aware AI cloud with a replicated control plane.
+#[derive(Parser)]
+#[command(name = "aigrid", version, about, propagate_version = true)]
+struct Cli {
+    /// Control API URL(s); a comma-separated list fails over to the next on errors.
+    #[arg(
+        long,
+        global = true,
+        env = "AIGRID_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    server: String,
+
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true, env = "AIGRID_JSON")]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the embedded default: one server on this machine, serving on 127.0.0.1:7700.
+    Up(config::UpArgs),
+    /// Run one control-plane server of a cluster.
+    Server(Box<config::ServerArgs>),
+    /// Submit, list, inspect and remove jobs.
+    #[command(subcommand)]
+    Job(commands::JobCommand),
+    /// Inspect nodes.
+    #[command(subcommand)]
+    Node(commands::NodeCommand),
+    /// Inspect and change the control plane's membership.
+    #[command(subcommand)]
+    Cluster(commands::ClusterCommand),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AIGRID_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => {
+                init_logging();
+                config::run_up(args).await
+            }
+            Command::Server(args) => {
+                init_logging();
+                config::run_server(*args).await
+            }
+            Command::Job(cmd) => commands::job(&Client::new(&cli.server)?, cmd, cli.json).await,
+            Command::Node(cmd) => commands::node(&Client::new(&cli.server)?, cmd, cli.json).await,
+            Command::Cluster(cmd) => {
+                commands::cluster(&Client::new(&cli.server)?, cmd, cli.json).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Bad requests get their status and error code, and change nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Case {
+    what: &'static str,
+    method: &'static str,
+    path: &'static str,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    status: u16,
+    code: &'static str,
+    message_has: &'static str,
+}
+
+fn with(f: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut v = job("bad");
+    f(&mut v);
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn case(
+    what: &'static str,
+    body: Vec<u8>,
+    status: u16,
+    code: &'static str,
+    has: &'static str,
+) -> Case {
+    Case {
+        what,
+        method: "POST",
+        path: "/api/v1/jobs",
+        content_type: Some("application/json"),
+        body,
+        status,
+        code,
+        message_has: has,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_rejected_and_change_nothing() {
+    let cluster = Cluster::start(1, &[]);
+    let url = cluster.urls()[0].clone();
+    let client = http();
+    wait_leader(&client, std::slice::from_ref(&url), Duration::from_secs(20)).await;
+    let resp = client
+        .post(format!("{url}/api/v1/jobs"))
+        .json(&job("good"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+
+    let snapshot = |client: reqwest::Client, url: String| async move {
+        let jobs = get_json(&client, &format!("{url}/api/v1/jobs"))
+            .await
+            .unwrap();
+        let cluster = get_json(&client, &format!("{url}/api/v1/cluster"))
+            .await
+            .unwrap();
+        (jobs, cluster["commit_index"].clone())
+    };
+    let before = snapshot(client.clone(), url.clone()).await;
+
+    let cases = vec![
+        case(
+            "malformed JSON",
+            b"{\"name\": \"x\", ".to_vec(),
+            400,
+            "invalid_json",
+            "EOF",
+        ),
+        case(
+            "not an object",
+            b"[1,2]".to_vec(),
+            400,
+            "invalid_json",
+            "invalid type",
+        ),
+        case(
+            "unknown top-level field",
+            with(|v| v["colour"] = json!("red")),
+            400,
+            "invalid_json",
+            "colour",
+        ),
+        case(
+            "unknown nested field",
+            with(|v| v["groups"][0]["resources"]["tpus"] = json!(1)),
+            400,
+            "invalid_json",
+            "groups[0].resources",
+        ),
+        case(
+            "empty name",
+            with(|v| v["name"] = json!("")),
+            400,
+            "invalid_field",
+            "name",
+        ),
+        case(
+            "zero cpu",
+            with(|v| v["groups"][0]["resources"]["cpu_millis"] = json!(0)),
+            400,
+            "invalid_field",
+            "groups[0].resources.cpu_millis",
+        ),
+        case(
+            "zero memory",
+            with(|v| v["groups"][0]["resources"]["memory_mib"] = json!(0)),
+            400,
+            "invalid_field",
+            "groups[0].resources.memory_mib",
+        ),
+        case(
+            "negative memory",
+            with(|v| v["groups"][0]["resources"]["memory_mib"] = json!(-512)),
+            400,
+            "invalid_json",
+            "groups[0].resources.memory_mib",
+        ),
+        case(
+            "zero gpus",
+            with(|v| v["groups"][0]["resources"]["gpus"]["count"] = json!(0)),
+            400,
+            "invalid_field",
+            "gpus.count",
+        ),
+        case(
+            "zero instances",
+            with(|v| v["groups"][0]["count"] = json!(0)),
+            400,
+            "invalid_field",
+            "groups[0].count",
+        ),
+        case(
+            "priority above 100",
+            with(|v| v["priority"] = json!(101)),
+            400,
+            "invalid_field",
+            "priority",
+        ),
+        case(
+            "oversized body",
+            with(|v| v["groups"][0]["task"]["args"] = json!(vec!["x".repeat(1024); 1100])),
+            413,
+            "payload_too_large",
+            "size limit",
+        ),
+        Case {
+            what: "wrong content type",
+            content_type: Some("application/xml"),
+            ..case(
+                "",
+                with(|_| ()),
+                415,
+                "unsupported_media_type",
+                "application/json",
+            )
+        },
+        Case {
+            what: "unknown job id",
+            method: "GET",
+            path: "/api/v1/jobs/no-such-job",
+            ..case("", vec![], 404, "not_found", "no-such-job")
+        },
+        Case {
+            what: "delete unknown job id",
+            method: "DELETE",
+            path: "/api/v1/jobs/no-such-job",
+            ..case("", vec![], 404, "not_found", "no-such-job")
+        },
+        Case {
+            what: "unknown node id",
+            method: "GET",
+            path: "/api/v1/nodes/no-such-node",
+            ..case("", vec![], 404, "not_found", "no-such-node")
+        },
+        Case {
+            what: "unknown route",
+            method: "GET",
+            path: "/api/v1/nope",
+            ..case("", vec![], 404, "not_found", "/api/v1/nope")
+        },
+        Case {
+            what: "wrong method",
+            method: "PUT",
+            path: "/api/v1/jobs",
+            ..case("", vec![], 405, "method_not_allowed", "PUT")
+        },
+        Case {
+            what: "leave of a non-member",
+            method: "DELETE",
+            path: "/api/v1/cluster/members/9",
+            ..case("", vec![], 404, "not_found", "9")
+        },
+        Case {
+            what: "join with a bad address",
+            path: "/api/v1/cluster/members",
+            ..case(
+                "",
+                br#"{"id": 5, "addr": "nowhere"}"#.to_vec(),
+                400,
+                "invalid_field",
+                "addr",
+            )
+        },
+        Case {
+            what: "join of an existing member",
+            path: "/api/v1/cluster/members",
+            ..case(
+                "",
+                br#"{"id": 1, "addr": "127.0.0.1:1"}"#.to_vec(),
+                409,
+                "conflict",
+                "already",
+            )
+        },
+    ];
+
+    for c in cases {
+        let method = reqwest::Method::from_bytes(c.method.as_bytes()).unwrap();
+        let mut req = client
+            .request(method, format!("{url}{}", c.path))
+            .body(c.body.clone());
+        if let Some(ct) = c.content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{}: body is not JSON: {e}", c.what));
+        assert_eq!(status, c.status, "{}: {body}", c.what);
+        assert_eq!(body["error"]["code"], c.code, "{}: {body}", c.what);
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(c.message_has),
+            "{}: message `{message}` lacks `{}`",
+            c.what,
+            c.message_has
+        );
+    }
+
+    let after = snapshot(client.clone(), url.clone()).await;
+    assert_eq!(before, after, "a rejected request changed the state");
+}

@@ -1,0 +1,284 @@
+//! Starts real `aigrid server` processes on loopback ports for the integration tests.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub fn aigrid_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_aigrid")
+}
+
+/// Ports free right now on 127.0.0.1 (held together so they are distinct).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// One server process.
+pub struct ServerProc {
+    pub id: u64,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ServerProc {
+    pub fn new(id: u64, port: u16, root: &Path, args: Vec<String>) -> Self {
+        ServerProc {
+            id,
+            port,
+            data_dir: root.join(format!("server-{id}")),
+            args,
+            child: None,
+            log: root.join(format!("server-{id}.log")),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "server {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(aigrid_bin())
+            .arg("server")
+            .arg("--id")
+            .arg(self.id.to_string())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("AIGRID_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn aigrid server");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A cluster of server processes sharing one temp dir.
+pub struct Cluster {
+    pub servers: Vec<ServerProc>,
+    pub root: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` servers that bootstrap one cluster with `--peers`.
+    pub fn start(n: usize, extra: &[&str]) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let ports = free_ports(n);
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let mut args = vec!["--peers".to_string(), peers.clone()];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut s = ServerProc::new(i as u64 + 1, *port, root.path(), args);
+            s.start();
+            servers.push(s);
+        }
+        Cluster { servers, root }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(ServerProc::url).collect()
+    }
+
+    pub fn server(&mut self, id: u64) -> &mut ServerProc {
+        self.servers.iter_mut().find(|s| s.id == id).unwrap()
+    }
+
+    pub fn logs(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("--- server {} ---\n{}", s.id, s.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+}
+
+pub async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
+    let resp = client.get(url).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().await.ok()
+}
+
+/// Waits until every running server in `urls` agrees on one leader; returns its id.
+pub async fn wait_leader(client: &reqwest::Client, urls: &[String], timeout: Duration) -> u64 {
+    wait_leader_other_than(client, urls, timeout, None).await
+}
+
+/// Like [`wait_leader`], but a leader equal to `exclude` does not count.
+pub async fn wait_leader_other_than(
+    client: &reqwest::Client,
+    urls: &[String],
+    timeout: Duration,
+    exclude: Option<u64>,
+) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut leaders = Vec::new();
+        for url in urls {
+            let status = get_json(client, &format!("{url}/api/v1/cluster")).await;
+            leaders.push(status.and_then(|s| s["leader"].as_u64()));
+        }
+        if let Some(Some(first)) = leaders.first() {
+            if leaders.iter().all(|l| *l == Some(*first)) && exclude != Some(*first) {
+                return *first;
+            }
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every server in `urls` has applied the same index, equal to its commit.
+pub async fn wait_converged(client: &reqwest::Client, urls: &[String], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut applied = Vec::new();
+        for url in urls {
+            let status = get_json(client, &format!("{url}/api/v1/cluster")).await;
+            applied.push(status.map(|s| {
+                (
+                    s["applied_index"].as_u64().unwrap_or(0),
+                    s["commit_index"].as_u64().unwrap_or(0),
+                )
+            }));
+        }
+        let first = applied.first().cloned().flatten();
+        if let Some((a, c)) = first {
+            if a == c && applied.iter().all(|x| *x == Some((a, c))) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "servers did not converge: {applied:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A valid job spec named `name`.
+pub fn job(name: &str) -> Value {
+    serde_json::json!({
+        "name": name,
+        "kind": "service",
+        "priority": 50,
+        "groups": [{
+            "name": "replica",
+            "count": 2,
+            "resources": {"cpu_millis": 2000, "memory_mib": 8192,
+                          "gpus": {"count": 1, "model": "H100", "min_memory_mib": 40000}},
+            "task": {"driver": "exec", "command": "/usr/bin/python3", "args": ["serve.py"]}
+        }]
+    })
+}
+
+/// Job ids a server holds in its own applied state.
+pub async fn local_job_ids(client: &reqwest::Client, url: &str) -> Option<Vec<String>> {
+    let jobs = get_json(client, &format!("{url}/api/v1/jobs?stale=true")).await?;
+    Some(
+        jobs.as_array()?
+            .iter()
+            .filter_map(|j| j["id"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// Reads one metric value from `/metrics`.
+pub async fn metric(client: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
+    let text = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}

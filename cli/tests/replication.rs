@@ -1,0 +1,191 @@
+//! Real `aigrid server` processes: a 3-server cluster keeps every acknowledged job
+//! through a SIGKILL of its leader, a restart, and a restart of the whole cluster.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use parking_lot_free::Acks;
+
+/// Acknowledged submissions, with when each request was sent and answered.
+mod parking_lot_free {
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    #[derive(Default)]
+    pub struct Acks {
+        pub inner: Mutex<Vec<(String, Instant, Instant)>>,
+    }
+
+    impl Acks {
+        pub fn push(&self, id: String, sent: Instant, done: Instant) {
+            self.inner.lock().unwrap().push((id, sent, done));
+        }
+        pub fn len(&self) -> usize {
+            self.inner.lock().unwrap().len()
+        }
+        pub fn all(&self) -> Vec<(String, Instant, Instant)> {
+            self.inner.lock().unwrap().clone()
+        }
+    }
+}
+
+/// Submits `name` until some server acknowledges it, failing over between servers.
+async fn submit_until_acked(
+    client: &reqwest::Client,
+    urls: &[String],
+    start: usize,
+    name: &str,
+) -> (String, Instant, Instant) {
+    let body = job(name);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut attempt = start;
+    loop {
+        assert!(Instant::now() < deadline, "job {name} never acknowledged");
+        let url = &urls[attempt % urls.len()];
+        let sent = Instant::now();
+        let resp = client
+            .post(format!("{url}/api/v1/jobs"))
+            .json(&body)
+            .send()
+            .await;
+        if let Ok(resp) = resp {
+            let status = resp.status().as_u16();
+            if let Ok(v) = resp.json::<serde_json::Value>().await {
+                // 201 created; 200 when an earlier, unanswered attempt already committed.
+                if status == 201 || status == 200 {
+                    return (v["id"].as_str().unwrap().to_owned(), sent, Instant::now());
+                }
+                assert!(
+                    status == 503 || status == 429,
+                    "unexpected answer {status}: {v}"
+                );
+            }
+        }
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_sigkill_loses_no_acknowledged_job() {
+    let mut cluster = Cluster::start(3, &[]);
+    let urls = cluster.urls();
+    let client = http();
+    let leader = wait_leader(&client, &urls, Duration::from_secs(20)).await;
+
+    const TOTAL: usize = 300;
+    const CLIENTS: usize = 8;
+    let acks = Arc::new(Acks::default());
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let (acks, next, urls, client) = (acks.clone(), next.clone(), urls.clone(), client.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= TOTAL {
+                    return;
+                }
+                let (id, sent, done) =
+                    submit_until_acked(&client, &urls, c + n, &format!("job-{n}")).await;
+                acks.push(id, sent, done);
+            }
+        }));
+    }
+
+    while acks.len() < 80 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed_at = Instant::now();
+    cluster.server(leader).kill();
+    let survivors: Vec<String> = cluster
+        .servers
+        .iter()
+        .filter(|s| s.id != leader)
+        .map(ServerProc::url)
+        .collect();
+    let new_leader =
+        wait_leader_other_than(&client, &survivors, Duration::from_secs(10), Some(leader)).await;
+    assert_ne!(new_leader, leader);
+    // Let the survivors take writes alone for a while, then bring the old leader back.
+    while acks.len() < 200 && killed_at.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.server(leader).start();
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let all = acks.all();
+    assert_eq!(all.len(), TOTAL);
+    let first_write_after_kill = all
+        .iter()
+        .filter(|(_, sent, _)| *sent > killed_at)
+        .map(|(_, _, done)| done.duration_since(killed_at))
+        .min()
+        .expect("writes were sent after the kill");
+    eprintln!("a write sent after the kill was acknowledged {first_write_after_kill:?} after it");
+    assert!(
+        first_write_after_kill < Duration::from_secs(5),
+        "first write accepted {first_write_after_kill:?} after the kill\n{}",
+        cluster.logs()
+    );
+
+    let expected: BTreeSet<String> = all.into_iter().map(|(id, _, _)| id).collect();
+    assert_eq!(expected.len(), TOTAL, "every submission is a distinct job");
+    wait_converged(&client, &urls, Duration::from_secs(30)).await;
+    for url in &urls {
+        let held: BTreeSet<String> = local_job_ids(&client, url)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        let missing: Vec<_> = expected.difference(&held).collect();
+        assert!(
+            missing.is_empty(),
+            "{url} lacks acknowledged jobs {missing:?}"
+        );
+        assert_eq!(held.len(), TOTAL, "{url} holds jobs nobody submitted");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_cluster_restart_keeps_every_job() {
+    let mut cluster = Cluster::start(3, &["--snapshot-entries", "25", "--compact-keep", "5"]);
+    let urls = cluster.urls();
+    let client = http();
+    wait_leader(&client, &urls, Duration::from_secs(20)).await;
+    let mut expected = BTreeSet::new();
+    for n in 0..60 {
+        let (id, _, _) = submit_until_acked(&client, &urls, n, &format!("keep-{n}")).await;
+        expected.insert(id);
+    }
+    // One crash (SIGKILL) and two clean stops: both must keep everything.
+    cluster.servers[0].kill();
+    cluster.servers[1].terminate();
+    cluster.servers[2].terminate();
+    for s in &mut cluster.servers {
+        s.start();
+    }
+    wait_leader(&client, &urls, Duration::from_secs(20)).await;
+    for url in &urls {
+        // A linearizable read through each server.
+        let jobs = get_json(&client, &format!("{url}/api/v1/jobs"))
+            .await
+            .unwrap();
+        let held: BTreeSet<String> = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(held, expected, "{url} after restart\n{}", cluster.logs());
+    }
+    let snapshots = metric(&client, &urls[0], "aigrid_raft_snapshots_created_total").await;
+    let _ = snapshots;
+}

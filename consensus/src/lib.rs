@@ -1,0 +1,23 @@
+//! aigrid's Raft driver, built on raft-rs, generic over the replicated state machine.
+//!
+//! - [`state_machine`]: the trait a replicated state implements.
+//! - [`log_store`]: entries, hard state and snapshots; in memory for raft-rs, written
+//!   through to redb with one fsync per batch.
+//! - [`replica`]: one replica's `Ready` cycle, without threads or sockets.
+//! - [`runtime`]: the replica on its own thread, with an async handle for proposals,
+//!   linearizable reads and membership changes.
+//! - [`transport`]: Raft messages between servers over HTTP, batched per peer.
+//! - [`metrics`]: Prometheus metrics of all of the above.
+//! - [`testkit`]: a seeded simulation of whole clusters over an in-memory network.
+
+pub mod log_store;
+pub mod metrics;
+pub mod replica;
+pub mod runtime;
+pub mod state_machine;
+pub mod testkit;
+pub mod transport;
+
+pub use replica::{MembershipChange, ReplicaConfig, ReplicaStatus};
+pub use runtime::{NodeConfig, RaftError, RaftNode};
+pub use state_machine::{SnapshotError, StateMachine};

@@ -1,0 +1,497 @@
+//! Runs a [`Replica`] on its own thread and gives async code a handle to it.
+//!
+//! The replica's thread owns raft-rs and the log; it blocks on fsync, so it never runs
+//! on the async runtime. Requests reach it through one bounded channel: when the
+//! channel is full, callers get [`RaftError::Busy`] (an HTTP 429) rather than an
+//! unbounded queue. Every pass drains everything queued before handling one `Ready`,
+//! so many proposals share one fsync.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use raft::prelude::Message;
+use tokio::sync::oneshot;
+
+use crate::log_store::{LogStore, RedbDisk};
+use crate::metrics::RaftMetrics;
+use crate::replica::{
+    Applied, MembershipChange, ProposeError, Replica, ReplicaConfig, ReplicaError, ReplicaStatus,
+    RequestId,
+};
+use crate::state_machine::StateMachine;
+use crate::transport::{Feedback, Inbox, Transport};
+
+/// How one server runs its replica.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Replica tunables (id, election and snapshot thresholds).
+    pub replica: ReplicaConfig,
+    /// Length of one Raft tick.
+    pub tick: Duration,
+    /// Where the log lives.
+    pub data_dir: PathBuf,
+    /// The `host:port` peers reach this server at.
+    pub advertise_addr: String,
+    /// Voters of a new cluster; empty for a server that joins an existing one.
+    pub initial_members: BTreeMap<u64, String>,
+    /// How long a client request may wait for a commit before it is answered 503.
+    pub request_timeout: Duration,
+    /// Capacity of the request queue in front of the replica.
+    pub queue_capacity: usize,
+}
+
+/// Why a client request was not served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RaftError {
+    /// No commit or read was possible before the deadline: no quorum, or no leader.
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    /// The request queue is full.
+    #[error("the server is busy: request queue full")]
+    Busy,
+    /// This server was removed from the cluster.
+    #[error("this server was removed from the cluster")]
+    Removed,
+    /// The replica stopped (fatal log error or shutdown).
+    #[error("the raft replica is not running")]
+    Stopped,
+    /// Raft refused the request itself (e.g. an invalid membership change).
+    #[error("rejected: {0}")]
+    Rejected(String),
+}
+
+enum Input<O> {
+    Propose {
+        id: RequestId,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<Applied<O>, ProposeError>>,
+    },
+    Membership {
+        id: RequestId,
+        change: MembershipChange,
+        reply: oneshot::Sender<Result<Applied<O>, ProposeError>>,
+    },
+    Read {
+        id: RequestId,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    Step(Vec<Message>),
+    Feedback(Feedback),
+    TransferLeader(u64),
+    Shutdown,
+}
+
+struct Shared<S: StateMachine> {
+    tx: SyncSender<Input<S::Output>>,
+    state: Arc<RwLock<S>>,
+    status: Arc<RwLock<ReplicaStatus>>,
+    metrics: Arc<RaftMetrics>,
+    transport: Arc<Transport>,
+    seq: AtomicU64,
+    id_base: u64,
+    request_timeout: Duration,
+    thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A running replica: clone it freely; all clones talk to the same thread.
+pub struct RaftNode<S: StateMachine> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: StateMachine> Clone for RaftNode<S> {
+    fn clone(&self) -> Self {
+        RaftNode {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+const ATTEMPT: Duration = Duration::from_millis(1500);
+const WAITER_TTL: Duration = Duration::from_secs(60);
+
+impl<S: StateMachine> RaftNode<S> {
+    /// Opens the log under `config.data_dir` and starts the replica's thread. Must be
+    /// called inside a tokio runtime (the transport spawns its senders there).
+    pub fn start(
+        config: NodeConfig,
+        state: S,
+        metrics: Arc<RaftMetrics>,
+    ) -> Result<Self, ReplicaError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| crate::log_store::LogStoreError::Database(e.to_string()))?;
+        let disk = RedbDisk::open(&config.data_dir.join("raft.redb"))?;
+        let store = LogStore::open(Box::new(disk))?;
+        let mut replica = Replica::open(
+            config.replica.clone(),
+            store,
+            state,
+            &config.initial_members,
+            Some(metrics.clone()),
+        )?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
+        let feedback_tx = tx.clone();
+        let feedback: Arc<dyn Fn(Feedback) + Send + Sync> = Arc::new(move |f| {
+            let _ = feedback_tx.try_send(Input::Feedback(f));
+        });
+        let transport = Arc::new(Transport::new(
+            config.replica.id,
+            config.advertise_addr.clone(),
+            tokio::runtime::Handle::current(),
+            feedback,
+            metrics.clone(),
+        ));
+        transport.set_members(replica.members());
+        if replica.members().len() == 1 && replica.members().contains_key(&replica.id()) {
+            // A single voter need not wait an election timeout.
+            replica.campaign()?;
+        }
+        let status = Arc::new(RwLock::new(replica.status()));
+        let state = replica.state();
+        let id_base = rand::random::<u64>();
+        let shared = Arc::new(Shared {
+            tx,
+            state,
+            status: status.clone(),
+            metrics: metrics.clone(),
+            transport: transport.clone(),
+            seq: AtomicU64::new(0),
+            id_base,
+            request_timeout: config.request_timeout,
+            thread: parking_lot::Mutex::new(None),
+        });
+        let tick = config.tick;
+        let handle = std::thread::Builder::new()
+            .name(format!("raft-{}", config.replica.id))
+            .spawn(move || run(replica, rx, transport, status, metrics, tick))
+            .map_err(|e| crate::log_store::LogStoreError::Database(e.to_string()))?;
+        *shared.thread.lock() = Some(handle);
+        Ok(RaftNode { shared })
+    }
+
+    fn next_id(&self) -> RequestId {
+        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+        RequestId((u128::from(self.shared.id_base) << 64) | u128::from(seq))
+    }
+
+    fn submit(&self, input: Input<S::Output>) -> Result<(), RaftError> {
+        match self.shared.tx.try_send(input) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(RaftError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(RaftError::Stopped),
+        }
+    }
+
+    fn no_quorum(&self) -> RaftError {
+        let status = self.status();
+        let reason = match status.leader {
+            None => format!(
+                "no leader elected in term {} ({} voters configured)",
+                status.term,
+                status.members.len()
+            ),
+            Some(l) => format!(
+                "leader {l} did not commit within {:?}",
+                self.shared.request_timeout
+            ),
+        };
+        RaftError::NoQuorum(reason)
+    }
+
+    async fn replicate(
+        &self,
+        make: impl Fn(
+            RequestId,
+            oneshot::Sender<Result<Applied<S::Output>, ProposeError>>,
+        ) -> Input<S::Output>,
+    ) -> Result<Applied<S::Output>, RaftError> {
+        let id = self.next_id();
+        let deadline = Instant::now() + self.shared.request_timeout;
+        self.shared.metrics.proposals.inc();
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                self.shared.metrics.proposals_failed.inc();
+                return Err(self.no_quorum());
+            }
+            let (tx, rx) = oneshot::channel();
+            self.submit(make(id, tx))?;
+            match tokio::time::timeout(ATTEMPT.min(deadline - now), rx).await {
+                Ok(Ok(Ok(applied))) => return Ok(applied),
+                Ok(Ok(Err(ProposeError::Removed))) => return Err(RaftError::Removed),
+                Ok(Ok(Err(ProposeError::NoLeader))) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Ok(Err(_)) if self.is_stopped() => return Err(RaftError::Stopped),
+                // Dropped by a leader change or not committed yet: propose again under
+                // the same id; the first application answers.
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+    }
+
+    /// Proposes `command` and waits until this server applied it: a success means the
+    /// command is committed on a quorum and durable.
+    pub async fn propose(&self, command: &S::Command) -> Result<S::Output, RaftError> {
+        let data = serde_json::to_vec(command).map_err(|e| RaftError::Rejected(e.to_string()))?;
+        match self
+            .replicate(|id, reply| Input::Propose {
+                id,
+                data: data.clone(),
+                reply,
+            })
+            .await?
+        {
+            Applied::Command(output) => Ok(output),
+            Applied::Membership(_) => Err(RaftError::Rejected("unexpected entry type".into())),
+            Applied::Undecodable(e) => Err(RaftError::Rejected(e)),
+        }
+    }
+
+    /// Adds or removes a voter and waits until the change is applied here.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), RaftError> {
+        match self
+            .replicate(|id, reply| Input::Membership {
+                id,
+                change: change.clone(),
+                reply,
+            })
+            .await?
+        {
+            Applied::Membership(Ok(())) => Ok(()),
+            Applied::Membership(Err(e)) | Applied::Undecodable(e) => Err(RaftError::Rejected(e)),
+            Applied::Command(_) => Err(RaftError::Rejected("unexpected entry type".into())),
+        }
+    }
+
+    /// Asks the leader to hand leadership to `to`.
+    pub fn transfer_leader(&self, to: u64) -> Result<(), RaftError> {
+        self.submit(Input::TransferLeader(to))
+    }
+
+    /// Runs `f` on state that reflects every write committed before the call began
+    /// (ReadIndex: confirmed with a quorum, then served locally once applied).
+    pub async fn read<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, RaftError> {
+        let id = self.next_id();
+        let deadline = Instant::now() + self.shared.request_timeout;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.no_quorum());
+            }
+            let (tx, rx) = oneshot::channel();
+            self.submit(Input::Read { id, reply: tx })?;
+            match tokio::time::timeout(ATTEMPT.min(deadline - now), rx).await {
+                Ok(Ok(Ok(()))) => {
+                    self.shared.metrics.reads.inc();
+                    return Ok(f(&self.shared.state.read()));
+                }
+                Ok(Ok(Err(ProposeError::Removed))) => return Err(RaftError::Removed),
+                Ok(Ok(Err(ProposeError::NoLeader))) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Ok(Err(_)) if self.is_stopped() => return Err(RaftError::Stopped),
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+    }
+
+    /// Runs `f` on this server's applied state without contacting the leader; it may
+    /// lag behind the cluster.
+    pub fn read_local<R>(&self, f: impl FnOnce(&S) -> R) -> R {
+        f(&self.shared.state.read())
+    }
+
+    /// This server's latest view of the cluster.
+    pub fn status(&self) -> ReplicaStatus {
+        self.shared.status.read().clone()
+    }
+
+    /// True once the replica thread has exited.
+    pub fn is_stopped(&self) -> bool {
+        self.shared
+            .thread
+            .lock()
+            .as_ref()
+            .is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the replica thread and waits for it.
+    pub fn shutdown(&self) {
+        let _ = self.shared.tx.send(Input::Shutdown);
+        if let Some(handle) = self.shared.thread.lock().take() {
+            let _ = handle.join();
+        }
+    }
+
+    /// The receiving end for the HTTP transport.
+    pub fn inbox(&self) -> Arc<dyn Inbox> {
+        Arc::new(NodeInbox {
+            tx: self.shared.tx.clone(),
+            transport: self.shared.transport.clone(),
+        })
+    }
+}
+
+struct NodeInbox<O> {
+    tx: SyncSender<Input<O>>,
+    transport: Arc<Transport>,
+}
+
+impl<O: Send + 'static> Inbox for NodeInbox<O> {
+    fn deliver(&self, messages: Vec<Message>) -> bool {
+        // A full queue drops the batch: Raft retransmits, and the peer is not blocked.
+        !matches!(
+            self.tx.try_send(Input::Step(messages)),
+            Err(TrySendError::Disconnected(_))
+        )
+    }
+
+    fn learn(&self, id: u64, addr: &str) {
+        self.transport.learn(id, addr);
+    }
+}
+
+type Waiter<O> = (oneshot::Sender<Result<Applied<O>, ProposeError>>, Instant);
+
+struct Waiters<O> {
+    writes: HashMap<RequestId, Waiter<O>>,
+    reads: HashMap<RequestId, (oneshot::Sender<Result<(), ProposeError>>, Instant)>,
+}
+
+fn run<S: StateMachine>(
+    mut replica: Replica<S>,
+    rx: Receiver<Input<S::Output>>,
+    transport: Arc<Transport>,
+    status: Arc<RwLock<ReplicaStatus>>,
+    metrics: Arc<RaftMetrics>,
+    tick: Duration,
+) {
+    let mut waiters = Waiters {
+        writes: HashMap::new(),
+        reads: HashMap::new(),
+    };
+    let mut next_tick = Instant::now() + tick;
+    let mut members = replica.members().clone();
+    let mut last_leader = replica.leader();
+    'outer: loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(input) => {
+                if !handle_input(&mut replica, &mut waiters, input) {
+                    break 'outer;
+                }
+                for input in rx.try_iter().take(16_384) {
+                    if !handle_input(&mut replica, &mut waiters, input) {
+                        break 'outer;
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            replica.tick();
+            next_tick = (next_tick + tick).max(now);
+            waiters
+                .writes
+                .retain(|_, (_, at)| now.duration_since(*at) < WAITER_TTL);
+            waiters
+                .reads
+                .retain(|_, (_, at)| now.duration_since(*at) < WAITER_TTL);
+        }
+        if replica.has_ready() {
+            match replica.handle_ready(&mut |m| transport.send(m)) {
+                Ok(out) => {
+                    for (id, applied) in out.applied {
+                        if let Some((reply, _)) = waiters.writes.remove(&id) {
+                            let _ = reply.send(Ok(applied));
+                        }
+                    }
+                    for id in out.reads {
+                        if let Some((reply, _)) = waiters.reads.remove(&id) {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "raft replica stopped");
+                    break;
+                }
+            }
+        }
+        if replica.members() != &members {
+            members = replica.members().clone();
+            transport.set_members(&members);
+        }
+        let current = replica.status();
+        if current.leader != last_leader {
+            // Proposals forwarded to a former leader may be lost: let every waiting
+            // request propose again now instead of at its next attempt deadline.
+            // Commands are idempotent under their request, so a duplicate is harmless.
+            last_leader = current.leader;
+            for (_, (reply, _)) in waiters.writes.drain() {
+                let _ = reply.send(Err(ProposeError::NoLeader));
+            }
+            for (_, (reply, _)) in waiters.reads.drain() {
+                let _ = reply.send(Err(ProposeError::NoLeader));
+            }
+        }
+        metrics.term.set(current.term as i64);
+        metrics.leader.set(current.leader.unwrap_or(0) as i64);
+        metrics.is_leader.set(i64::from(replica.is_leader()));
+        metrics.commit_index.set(current.commit_index as i64);
+        metrics.applied_index.set(current.applied_index as i64);
+        *status.write() = current;
+    }
+}
+
+/// Handles one queued input; false means shut down.
+fn handle_input<S: StateMachine>(
+    replica: &mut Replica<S>,
+    waiters: &mut Waiters<S::Output>,
+    input: Input<S::Output>,
+) -> bool {
+    let now = Instant::now();
+    match input {
+        Input::Propose { id, data, reply } => match replica.propose(id, data) {
+            Ok(()) => {
+                waiters.writes.insert(id, (reply, now));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
+        Input::Membership { id, change, reply } => match replica.propose_membership(id, &change) {
+            Ok(()) => {
+                waiters.writes.insert(id, (reply, now));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
+        Input::Read { id, reply } => match replica.read_index(id) {
+            Ok(()) => {
+                waiters.reads.insert(id, (reply, now));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
+        Input::Step(messages) => {
+            for msg in messages {
+                replica.step(msg);
+            }
+        }
+        Input::Feedback(Feedback::Unreachable(id)) => replica.report_unreachable(id),
+        Input::Feedback(Feedback::Snapshot(id, ok)) => replica.report_snapshot(id, ok),
+        Input::TransferLeader(to) => replica.transfer_leader(to),
+        Input::Shutdown => return false,
+    }
+    true
+}

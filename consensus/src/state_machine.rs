@@ -1,0 +1,29 @@
+//! The contract between the Raft driver and the replicated state it drives.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// A deterministic state machine replicated by the driver.
+///
+/// `apply` must depend only on the current state and the command: ids and timestamps
+/// travel inside the command, never from the clock, so every server reaches the same
+/// state from the same log.
+pub trait StateMachine: Send + Sync + 'static {
+    /// One typed mutation, stored in a log entry as JSON.
+    type Command: Serialize + DeserializeOwned + Send + 'static;
+    /// What applying a command answers to the client that proposed it.
+    type Output: Send + 'static;
+
+    /// Applies one committed command at log `index`.
+    fn apply(&mut self, index: u64, command: Self::Command) -> Self::Output;
+
+    /// Serialises the whole state. Equal states give equal bytes.
+    fn snapshot(&self) -> Result<Vec<u8>, SnapshotError>;
+
+    /// Replaces the whole state with one produced by [`StateMachine::snapshot`].
+    fn restore(&mut self, data: &[u8]) -> Result<(), SnapshotError>;
+}
+
+/// A snapshot that could not be written or read.
+#[derive(Debug, thiserror::Error)]
+#[error("state snapshot: {0}")]
+pub struct SnapshotError(pub String);

@@ -1,0 +1,594 @@
+//! The control API under `/api/v1`, plus `/metrics`, `/health` and `/ready`.
+//!
+//! Every write is a [`Command`] proposed through Raft and answered only after it is
+//! applied (so a 2xx means committed); every read goes through ReadIndex unless the
+//! caller asks for `?stale=true`. Errors leave in one shape, `{"error": {"code",
+//! "message"}}`, with the status [`ErrorCode`] fixes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aigrid_api::{
+    ClusterStatus, DeleteJobResponse, ErrorBody, ErrorCode, EvalId, Job, JobId, JobSpec,
+    JobSummary, JoinRequest, Member, MemberRole, Node, NodeId, SubmitJobResponse, Timestamp,
+};
+use aigrid_consensus::{MembershipChange, RaftError, RaftNode};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use utoipa::OpenApi;
+
+use crate::state::{Applied, ClusterState, Command, StateError};
+
+/// Limits applied at the door of the control API.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Largest request body in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests served at once; more get 429.
+    pub max_in_flight: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_body_bytes: 1 << 20,
+            max_in_flight: 4096,
+        }
+    }
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct ApiState {
+    raft: RaftNode<ClusterState>,
+    registry: Registry,
+    in_flight: Arc<Semaphore>,
+    http: HttpMetrics,
+}
+
+#[derive(Clone)]
+struct HttpMetrics {
+    requests: IntCounterVec,
+    seconds: HistogramVec,
+}
+
+impl HttpMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new("aigrid_http_requests_total", "Control API requests"),
+            &["method", "status"],
+        )?;
+        let seconds = HistogramVec::new(
+            HistogramOpts::new("aigrid_http_request_seconds", "Control API request latency")
+                .buckets(prometheus::exponential_buckets(0.000_25, 2.0, 16)?),
+            &["method"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(seconds.clone()))?;
+        Ok(HttpMetrics { requests, seconds })
+    }
+}
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError(ErrorBody);
+
+impl ApiError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError(ErrorBody::new(code, message))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<RaftError> for ApiError {
+    fn from(e: RaftError) -> Self {
+        let code = match e {
+            RaftError::NoQuorum(_) | RaftError::Stopped => ErrorCode::NoQuorum,
+            RaftError::Busy => ErrorCode::RateLimited,
+            RaftError::Removed => ErrorCode::NotLeader,
+            RaftError::Rejected(_) => ErrorCode::Conflict,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+/// A JSON body, with errors in the API's shape: 413 over the size limit, 415 for a
+/// content type other than JSON, 400 naming the offending field otherwise.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            // JSON, or no declared type at all (curl's `-d` default), is read as JSON.
+            let ct = ct.to_str().unwrap_or_default();
+            let accepted = [
+                "application/json",
+                "application/x-www-form-urlencoded",
+                "text/plain",
+            ];
+            if !accepted.iter().any(|a| ct.starts_with(a)) {
+                return Err(ApiError::new(
+                    ErrorCode::UnsupportedMediaType,
+                    format!("expected content-type application/json, got `{ct}`"),
+                ));
+            }
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| match e {
+            BytesRejection::FailedToBufferBody(inner)
+                if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    "request body exceeds the size limit",
+                )
+            }
+            other => ApiError::new(ErrorCode::InvalidJson, other.body_text()),
+        })?;
+        decode_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Decodes JSON, naming the path of the field that failed (`groups[0].resources`).
+pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner();
+        let message = if path == "." || path.is_empty() {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+        ApiError::new(ErrorCode::InvalidJson, message)
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadQuery {
+    /// Serve from this server's applied state without confirming with the leader.
+    #[serde(default)]
+    stale: bool,
+}
+
+fn now() -> Timestamp {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Timestamp::from_millis(millis)
+}
+
+fn new_id<T>(make: impl Fn(String) -> T) -> T {
+    make(uuid::Uuid::new_v4().to_string())
+}
+
+async fn read<R: Send>(
+    state: &ApiState,
+    query: &ReadQuery,
+    f: impl FnOnce(&ClusterState) -> R,
+) -> Result<R, ApiError> {
+    if query.stale {
+        Ok(state.raft.read_local(f))
+    } else {
+        Ok(state.raft.read(f).await?)
+    }
+}
+
+async fn propose(state: &ApiState, command: Command) -> Result<Applied, ApiError> {
+    Ok(state.raft.propose(&command).await??)
+}
+
+/// Submits a job; 201 when created, 200 when it updated the live job of that name.
+#[utoipa::path(
+    post, path = "/api/v1/jobs", request_body = JobSpec,
+    responses(
+        (status = 201, description = "Job created and committed", body = SubmitJobResponse),
+        (status = 200, description = "Existing job of that name updated", body = SubmitJobResponse),
+        (status = 400, description = "Invalid job", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 503, description = "No quorum", body = ErrorBody),
+    )
+)]
+async fn submit_job(
+    State(state): State<ApiState>,
+    JsonBody(spec): JsonBody<JobSpec>,
+) -> Result<(StatusCode, Json<SubmitJobResponse>), ApiError> {
+    spec.validate()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    let command = Command::SubmitJob {
+        job_id: new_id(JobId::new),
+        eval_id: new_id(EvalId::new),
+        spec,
+        at: now(),
+    };
+    match propose(&state, command).await? {
+        Applied::JobSubmitted(resp) => {
+            let status = if resp.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((status, Json(resp)))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(applied: Applied) -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("unexpected outcome of a command: {applied:?}"),
+    )
+}
+
+/// Lists jobs.
+#[utoipa::path(
+    get, path = "/api/v1/jobs",
+    params(("stale" = Option<bool>, Query, description = "Serve from local state without a quorum read")),
+    responses((status = 200, body = [JobSummary]), (status = 503, body = ErrorBody))
+)]
+async fn list_jobs(
+    State(state): State<ApiState>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Json<Vec<JobSummary>>, ApiError> {
+    Ok(Json(read(&state, &query, |s| s.jobs()).await?))
+}
+
+/// Shows one job with its allocations and unplaced instances.
+#[utoipa::path(
+    get, path = "/api/v1/jobs/{id}",
+    params(("id" = String, Path, description = "Job id"),
+           ("stale" = Option<bool>, Query, description = "Serve from local state")),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody))
+)]
+async fn get_job(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Json<Job>, ApiError> {
+    let job_id = JobId::new(id.clone());
+    read(&state, &query, |s| s.job(&job_id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("job `{id}` not found")))
+}
+
+/// Deletes a job; its allocations are asked to stop.
+#[utoipa::path(
+    delete, path = "/api/v1/jobs/{id}",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = DeleteJobResponse), (status = 404, body = ErrorBody))
+)]
+async fn delete_job(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeleteJobResponse>, ApiError> {
+    // An unknown id is answered from a linearizable read, without writing to the log.
+    let job_id = JobId::new(id.clone());
+    if !state.raft.read(|s| s.job(&job_id).is_some()).await? {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("job `{id}` not found"),
+        ));
+    }
+    let command = Command::DeleteJob {
+        job_id,
+        eval_id: new_id(EvalId::new),
+        at: now(),
+    };
+    match propose(&state, command).await? {
+        Applied::JobDeleted(resp) => Ok(Json(resp)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Lists nodes.
+#[utoipa::path(
+    get, path = "/api/v1/nodes",
+    responses((status = 200, body = [Node]), (status = 503, body = ErrorBody))
+)]
+async fn list_nodes(
+    State(state): State<ApiState>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Json<Vec<Node>>, ApiError> {
+    Ok(Json(read(&state, &query, |s| s.nodes()).await?))
+}
+
+/// Shows one node.
+#[utoipa::path(
+    get, path = "/api/v1/nodes/{id}",
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, body = Node), (status = 404, body = ErrorBody))
+)]
+async fn get_node(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Json<Node>, ApiError> {
+    let node_id = NodeId::new(id.clone());
+    read(&state, &query, |s| s.node(&node_id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("node `{id}` not found")))
+}
+
+fn cluster_status(raft: &RaftNode<ClusterState>) -> ClusterStatus {
+    let status = raft.status();
+    ClusterStatus {
+        id: status.id,
+        leader: status.leader,
+        term: status.term,
+        commit_index: status.commit_index,
+        applied_index: status.applied_index,
+        members: status
+            .members
+            .iter()
+            .map(|(id, addr)| Member {
+                id: *id,
+                addr: addr.clone(),
+                role: MemberRole::Voter,
+                is_leader: status.leader == Some(*id),
+            })
+            .collect(),
+    }
+}
+
+/// This server's view of the control plane: leader, term, indices, members.
+#[utoipa::path(
+    get, path = "/api/v1/cluster",
+    responses((status = 200, body = ClusterStatus))
+)]
+async fn get_cluster(State(state): State<ApiState>) -> Json<ClusterStatus> {
+    Json(cluster_status(&state.raft))
+}
+
+/// Adds a voter. The new server, started with an empty data dir, catches up from a
+/// snapshot.
+#[utoipa::path(
+    post, path = "/api/v1/cluster/members", request_body = JoinRequest,
+    responses((status = 201, body = ClusterStatus), (status = 409, body = ErrorBody),
+              (status = 503, body = ErrorBody))
+)]
+async fn join_member(
+    State(state): State<ApiState>,
+    JsonBody(req): JsonBody<JoinRequest>,
+) -> Result<(StatusCode, Json<ClusterStatus>), ApiError> {
+    req.validate()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    // Confirm the membership we check against is current.
+    let members = state
+        .raft
+        .read(|_| ())
+        .await
+        .map(|_| state.raft.status().members)?;
+    if let Some(addr) = members.get(&req.id) {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("server {} is already a member at {addr}", req.id),
+        ));
+    }
+    state
+        .raft
+        .change_membership(MembershipChange::Add {
+            id: req.id,
+            addr: req.addr,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(cluster_status(&state.raft))))
+}
+
+/// Removes a voter. When it is the leader, leadership moves to another voter first.
+#[utoipa::path(
+    delete, path = "/api/v1/cluster/members/{id}",
+    params(("id" = u64, Path, description = "Server id")),
+    responses((status = 200, body = ClusterStatus), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody))
+)]
+async fn leave_member(
+    State(state): State<ApiState>,
+    Path(id): Path<u64>,
+) -> Result<Json<ClusterStatus>, ApiError> {
+    state.raft.read(|_| ()).await?;
+    let status = state.raft.status();
+    if !status.members.contains_key(&id) {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("server {id} is not a member"),
+        ));
+    }
+    if status.members.len() == 1 {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "cannot remove the last server of the cluster",
+        ));
+    }
+    if status.leader == Some(id) {
+        let target = *status
+            .members
+            .keys()
+            .find(|m| **m != id)
+            .expect("more than one member");
+        state.raft.transfer_leader(target)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state.raft.status().leader == Some(id) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    state
+        .raft
+        .change_membership(MembershipChange::Remove { id })
+        .await?;
+    Ok(Json(cluster_status(&state.raft)))
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let mut buf = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    match encoder.encode(&state.registry.gather(), &mut buf) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, encoder.format_type().to_owned())],
+            buf,
+        )
+            .into_response(),
+        Err(e) => ApiError::new(ErrorCode::Internal, e.to_string()).into_response(),
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when the replica runs, knows a leader, and has applied what it knows is
+/// committed.
+async fn ready(State(state): State<ApiState>) -> Response {
+    let status = state.raft.status();
+    let reason = if state.raft.is_stopped() {
+        Some("raft replica stopped".to_string())
+    } else if status.removed {
+        Some("removed from the cluster".to_string())
+    } else if status.leader.is_none() {
+        Some(format!("no leader in term {}", status.term))
+    } else {
+        None
+    };
+    match reason {
+        None => {
+            Json(serde_json::json!({"status": "ready", "leader": status.leader})).into_response()
+        }
+        Some(r) => ApiError::new(ErrorCode::NoQuorum, r).into_response(),
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "aigrid control API",
+        description = "Jobs, nodes and the replicated control plane."
+    ),
+    paths(
+        submit_job,
+        list_jobs,
+        get_job,
+        delete_job,
+        list_nodes,
+        get_node,
+        get_cluster,
+        join_member,
+        leave_member
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of the control API, generated from the wire types.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi())
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no route for {method} {uri}"))
+}
+
+async fn method_not_allowed(req: Request, next: Next) -> Response {
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+        return ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{method} is not allowed on {}", uri.path()),
+        )
+        .into_response();
+    }
+    resp
+}
+
+/// Counts requests and answers 429 when `max_in_flight` are already being served.
+async fn admission(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_owned();
+    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+        state
+            .http
+            .requests
+            .with_label_values(&[method.as_str(), "429"])
+            .inc();
+        return ApiError::new(
+            ErrorCode::RateLimited,
+            "too many requests in flight; retry later",
+        )
+        .into_response();
+    };
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .http
+        .seconds
+        .with_label_values(&[method.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .http
+        .requests
+        .with_label_values(&[method.as_str(), resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// The whole HTTP surface of a server: control API, Raft transport, metrics, probes.
+pub fn router(
+    raft: RaftNode<ClusterState>,
+    registry: Registry,
+    limits: &ApiLimits,
+) -> prometheus::Result<Router> {
+    let state = ApiState {
+        http: HttpMetrics::register(&registry)?,
+        raft: raft.clone(),
+        registry,
+        in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+    };
+    let api = Router::new()
+        .route("/api/v1/jobs", post(submit_job).get(list_jobs))
+        .route("/api/v1/jobs/{id}", get(get_job).delete(delete_job))
+        .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/nodes/{id}", get(get_node))
+        .route("/api/v1/cluster", get(get_cluster))
+        .route("/api/v1/cluster/members", post(join_member))
+        .route("/api/v1/cluster/members/{id}", delete(leave_member))
+        .route("/api/v1/openapi.json", get(openapi_json))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), admission))
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(not_found)
+        .layer(middleware::from_fn(method_not_allowed))
+        .with_state(state);
+    Ok(api.merge(aigrid_consensus::transport::router(raft.inbox())))
+}

@@ -1,0 +1,12 @@
+//! The aigrid control plane's core: the replicated cluster state and, around it, the
+//! control API and the server that runs them.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`state`] | the cluster state machine: nodes, jobs, allocations and evaluations, changed only by Raft-committed [`state::Command`]s |
+//! | [`http`] | the control API under `/api/v1`, `/metrics`, `/health`, `/ready`, and its OpenAPI document |
+//! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
+
+pub mod http;
+pub mod server;
+pub mod state;

@@ -1,0 +1,214 @@
+//! One control-plane server: its Raft replica, its HTTP listener, and their lifecycle.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aigrid_consensus::metrics::RaftMetrics;
+use aigrid_consensus::{NodeConfig, RaftNode, ReplicaConfig};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::http::{self, ApiLimits};
+use crate::state::ClusterState;
+
+/// Everything a server needs, validated by [`ServerConfig::validate`] before start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// This server's Raft id (non-zero).
+    pub id: u64,
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Address peers reach this server at; defaults to the bound listen address.
+    pub advertise: Option<String>,
+    /// Initial voters (`id -> host:port`) of a new cluster. Empty with `joining` set
+    /// for a server that joins an existing cluster; empty otherwise for a one-server
+    /// cluster of this server alone.
+    pub peers: BTreeMap<u64, String>,
+    /// True when this server will be added to an existing cluster and must wait for
+    /// the leader's snapshot rather than bootstrap a cluster of its own.
+    pub joining: bool,
+    /// Where the Raft log and snapshots live.
+    pub data_dir: PathBuf,
+    /// One Raft tick.
+    pub tick: Duration,
+    /// Ticks without a leader before an election.
+    pub election_ticks: usize,
+    /// Applied entries between snapshots.
+    pub snapshot_entries: u64,
+    /// Applied bytes between snapshots.
+    pub snapshot_bytes: u64,
+    /// Entries kept behind a snapshot for lagging followers.
+    pub compact_keep: u64,
+    /// How long a write may wait for a commit before answering 503.
+    pub request_timeout: Duration,
+    /// Request queue in front of the replica (429 beyond it).
+    pub queue_capacity: usize,
+    /// Control API limits.
+    pub limits: ApiLimits,
+}
+
+impl ServerConfig {
+    /// A configuration with defaults for everything but identity and storage.
+    pub fn new(id: u64, listen: SocketAddr, data_dir: PathBuf) -> Self {
+        ServerConfig {
+            id,
+            listen,
+            advertise: None,
+            peers: BTreeMap::new(),
+            joining: false,
+            data_dir,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            snapshot_entries: 10_000,
+            snapshot_bytes: 64 << 20,
+            compact_keep: 1_000,
+            request_timeout: Duration::from_secs(10),
+            queue_capacity: 65_536,
+            limits: ApiLimits::default(),
+        }
+    }
+
+    /// Checks the configuration as a whole; the message names the offending setting.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let bad = |m: String| Err(ServerError::Config(m));
+        if self.id == 0 {
+            return bad("id must be non-zero".into());
+        }
+        if !self.peers.is_empty() && !self.peers.contains_key(&self.id) {
+            return bad(format!(
+                "peers must include this server's own id {} (got ids {:?})",
+                self.id,
+                self.peers.keys().collect::<Vec<_>>()
+            ));
+        }
+        if self.joining && !self.peers.is_empty() {
+            return bad("a joining server takes no peers: the cluster tells it its members".into());
+        }
+        if self.tick.is_zero() {
+            return bad("tick must be positive".into());
+        }
+        if self.election_ticks < 3 {
+            return bad("election ticks must be at least 3".into());
+        }
+        if self.snapshot_entries == 0 {
+            return bad("snapshot entries must be at least 1".into());
+        }
+        if self.queue_capacity == 0 || self.limits.max_in_flight == 0 {
+            return bad("queue capacity and max in-flight must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The Raft replica could not start (log unreadable, locked by another process...).
+    #[error("cannot start the raft replica: {0}")]
+    Raft(#[from] aigrid_consensus::replica::ReplicaError),
+    /// Metrics registration failed.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A started server.
+pub struct Server {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its replica.
+    pub raft: RaftNode<ClusterState>,
+    http: JoinHandle<std::io::Result<()>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Server {
+    /// Binds the listener, opens the log, starts the replica and serves HTTP.
+    pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
+        config.validate()?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let initial_members = if !config.peers.is_empty() {
+            config.peers.clone()
+        } else if config.joining {
+            BTreeMap::new()
+        } else {
+            BTreeMap::from([(config.id, advertise.clone())])
+        };
+        let registry = Registry::new();
+        let metrics = std::sync::Arc::new(RaftMetrics::register(&registry)?);
+        let raft = RaftNode::start(
+            NodeConfig {
+                replica: ReplicaConfig {
+                    id: config.id,
+                    election_tick: config.election_ticks,
+                    heartbeat_tick: (config.election_ticks / 5).max(1),
+                    snapshot_entries: config.snapshot_entries,
+                    snapshot_bytes: config.snapshot_bytes,
+                    compact_keep: config.compact_keep,
+                    ..ReplicaConfig::default()
+                },
+                tick: config.tick,
+                data_dir: config.data_dir.clone(),
+                advertise_addr: advertise,
+                initial_members,
+                request_timeout: config.request_timeout,
+                queue_capacity: config.queue_capacity,
+            },
+            ClusterState::default(),
+            metrics,
+        )?;
+        let app = http::router(raft.clone(), registry, &config.limits)?;
+        let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        Ok(Server {
+            addr,
+            raft,
+            http,
+            shutdown,
+        })
+    }
+
+    /// Serves until `signal` completes, then stops HTTP and the replica.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        self.stop().await;
+    }
+
+    /// Stops serving and shuts the replica down.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
+        let raft = self.raft.clone();
+        let _ = tokio::task::spawn_blocking(move || raft.shutdown()).await;
+    }
+}

@@ -1,0 +1,2068 @@
+//! The cluster state machine: every node, job, allocation and evaluation the control
+//! plane knows, changed only by applying Raft-committed [`Command`]s.
+//!
+//! Applying is deterministic: ids and timestamps come from the command (or, for
+//! evaluations the state machine creates itself, from the log index), maps are
+//! ordered, and nothing reads the clock or a random source, so every replica that
+//! applies the same log holds the same bytes. A command that breaks a rule is
+//! rejected whole and leaves the state untouched. Commands may be applied twice (the
+//! driver re-proposes when it cannot tell whether a proposal committed), so each
+//! one is idempotent: a replay answers what the first application answered.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aigrid_api::{
+    AllocId, AllocState, Allocation, AllocationReport, DeleteJobResponse, DesiredState, ErrorCode,
+    EvalId, EvalStatus, EvalTrigger, Evaluation, Job, JobId, JobKind, JobSpec, JobStatus,
+    JobSummary, Node, NodeId, NodeRegistration, NodeStatus, SubmitJobResponse, Timestamp, Unplaced,
+    ValidationError,
+};
+use aigrid_consensus::state_machine::{SnapshotError, StateMachine};
+use serde::{Deserialize, Serialize};
+
+/// Evaluations kept by default. Older ones are forgotten, completed ones first, so a
+/// stream of submissions cannot grow the state without bound.
+pub const DEFAULT_EVAL_LIMIT: usize = 10_000;
+
+/// Version of the snapshot layout; a snapshot of another version is refused rather
+/// than misread.
+const SNAPSHOT_FORMAT: u32 = 1;
+
+/// One change to the cluster state, carried in a Raft log entry as JSON
+/// (`{"type": "submit_job", ...}`). Every variant carries the time it was proposed
+/// (`at`), read from the proposer's clock, so replicas agree on timestamps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Creates a job, or updates the live job with the same name in place (same id,
+    /// version + 1, the incoming `job_id` unused). Resubmitting an unchanged spec is
+    /// a no-op that answers the job's current version and latest evaluation.
+    SubmitJob {
+        /// Id for the job if it is new.
+        job_id: JobId,
+        /// Id of the evaluation to create; also recognises a replay of this command.
+        eval_id: EvalId,
+        /// The submitted spec; validated again here.
+        spec: JobSpec,
+        /// When it was submitted.
+        at: Timestamp,
+    },
+    /// Removes a job and asks for its allocations to stop.
+    DeleteJob {
+        /// The job to delete.
+        job_id: JobId,
+        /// Id of the `job_delete` evaluation to create; also recognises a replay.
+        eval_id: EvalId,
+        /// When it was deleted.
+        at: Timestamp,
+    },
+    /// Adds a node, or refreshes a known node's inventory (an agent restart). A known
+    /// node keeps `registered_at` and stays draining if an operator drained it;
+    /// allocations holding GPUs the node no longer reports become lost.
+    RegisterNode {
+        /// What the agent reported.
+        node: NodeRegistration,
+        /// When it registered.
+        at: Timestamp,
+    },
+    /// Records that a node is alive; a node marked down becomes ready again.
+    NodeHeartbeat {
+        /// The node.
+        node_id: NodeId,
+        /// When the heartbeat arrived.
+        at: Timestamp,
+    },
+    /// Changes a node's status: `draining` (operator) or `down` (missed heartbeats).
+    /// Jobs with instances on the node get `node_update` evaluations; on `down`
+    /// those instances become lost.
+    SetNodeStatus {
+        /// The node.
+        node_id: NodeId,
+        /// Its new status.
+        status: NodeStatus,
+        /// When the change was decided.
+        at: Timestamp,
+    },
+    /// Writes the planner's placements and stop requests. All-or-nothing: every
+    /// allocation is checked (known job and node, GPUs on that node and not held by
+    /// another live allocation) before any is written.
+    UpsertAllocations {
+        /// The allocations, whole.
+        allocations: Vec<Allocation>,
+        /// When the plan was applied.
+        at: Timestamp,
+    },
+    /// An agent's report of the state of allocations on its node. Reports for
+    /// allocations already forgotten are ignored; finished states never change again.
+    ReportAllocations {
+        /// The reporting node; it may report only its own allocations.
+        node_id: NodeId,
+        /// The states it observed.
+        reports: Vec<AllocationReport>,
+        /// When the report arrived.
+        at: Timestamp,
+    },
+    /// Records the planner's verdict on an evaluation and, for the job's current
+    /// version, which instances it could not place.
+    UpdateEvaluation {
+        /// The evaluation.
+        eval_id: EvalId,
+        /// Its new status.
+        status: EvalStatus,
+        /// Instances that did not fit; empty when everything was placed.
+        #[serde(default)]
+        unplaced: Vec<Unplaced>,
+        /// When the verdict was reached.
+        at: Timestamp,
+    },
+}
+
+/// What applying a [`Command`] answers to its proposer.
+pub type CommandOutput = Result<Applied, StateError>;
+
+/// The successful outcome of a [`Command`], one variant per kind of change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// A job was created, updated, or resubmitted unchanged.
+    JobSubmitted(SubmitJobResponse),
+    /// A job was deleted.
+    JobDeleted(DeleteJobResponse),
+    /// A node registered.
+    NodeRegistered {
+        /// The node.
+        id: NodeId,
+        /// True for a node not seen before.
+        created: bool,
+        /// Evaluations created for jobs that lost instances with vanished GPUs.
+        eval_ids: Vec<EvalId>,
+    },
+    /// A node heartbeated or changed status.
+    NodeUpdated {
+        /// The node.
+        id: NodeId,
+        /// Its status now.
+        status: NodeStatus,
+        /// Evaluations created for jobs with instances on the node.
+        eval_ids: Vec<EvalId>,
+    },
+    /// Allocations were written.
+    AllocationsUpserted {
+        /// How many the command carried.
+        count: usize,
+    },
+    /// An agent's report was recorded.
+    AllocationsReported {
+        /// How many allocations changed state.
+        updated: usize,
+    },
+    /// An evaluation's status was recorded.
+    EvaluationUpdated {
+        /// The evaluation.
+        id: EvalId,
+    },
+}
+
+/// The kinds of object a command can address, for [`StateError::NotFound`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A job.
+    Job,
+    /// A node.
+    Node,
+    /// An allocation.
+    Allocation,
+    /// An evaluation.
+    Evaluation,
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Job => "job",
+            Self::Node => "node",
+            Self::Allocation => "allocation",
+            Self::Evaluation => "evaluation",
+        })
+    }
+}
+
+/// Why a command was rejected. A rejected command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// The command addresses an object that does not exist.
+    #[error("{kind} `{id}` not found")]
+    NotFound {
+        /// What kind of object.
+        kind: ObjectKind,
+        /// Its id.
+        id: String,
+    },
+    /// A field of the command breaks a rule.
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    /// The command contradicts the state (an id reused for something else, a GPU
+    /// already held).
+    #[error("{message}")]
+    Conflict {
+        /// What contradicts what.
+        message: String,
+    },
+}
+
+impl StateError {
+    /// The API error code this rejection is reported with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::NotFound { .. } => ErrorCode::NotFound,
+            Self::Invalid(_) => ErrorCode::InvalidField,
+            Self::Conflict { .. } => ErrorCode::Conflict,
+        }
+    }
+
+    fn not_found(kind: ObjectKind, id: impl std::fmt::Display) -> Self {
+        Self::NotFound {
+            kind,
+            id: id.to_string(),
+        }
+    }
+
+    fn conflict(message: impl Into<String>) -> Self {
+        Self::Conflict {
+            message: message.into(),
+        }
+    }
+}
+
+/// Object counts, for metrics and status pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateCounts {
+    /// Live jobs.
+    pub jobs: usize,
+    /// Known nodes.
+    pub nodes: usize,
+    /// Nodes accepting new work.
+    pub nodes_ready: usize,
+    /// Allocations kept, including ones being stopped.
+    pub allocations: usize,
+    /// Allocations wanted and not finished.
+    pub allocations_live: usize,
+    /// Evaluations kept.
+    pub evaluations: usize,
+    /// Evaluations waiting for the planner.
+    pub evaluations_pending: usize,
+    /// Evaluations waiting for capacity.
+    pub evaluations_blocked: usize,
+}
+
+/// What the state keeps per job beyond its spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobRecord {
+    id: JobId,
+    spec: JobSpec,
+    version: u64,
+    submitted_at: Timestamp,
+    updated_at: Timestamp,
+    /// The evaluation of the latest submission; answered to an unchanged resubmit.
+    last_eval: EvalId,
+    /// The planner's latest word on instances it could not place.
+    unplaced: Vec<Unplaced>,
+}
+
+/// An evaluation with its creation order, which decides which ones are forgotten.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvalRecord {
+    seq: u64,
+    eval: Evaluation,
+}
+
+/// Everything a snapshot holds. Kept apart from the derived indexes so a snapshot
+/// cannot be loaded without rebuilding them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tables {
+    format: u32,
+    eval_limit: usize,
+    next_eval_seq: u64,
+    nodes: BTreeMap<NodeId, Node>,
+    jobs: BTreeMap<JobId, JobRecord>,
+    allocations: BTreeMap<AllocId, Allocation>,
+    evaluations: BTreeMap<EvalId, EvalRecord>,
+}
+
+/// The replicated cluster state. See the module documentation for its rules.
+#[derive(Debug, Clone)]
+pub struct ClusterState {
+    tables: Tables,
+    /// Live job names to ids; derived from `tables.jobs`.
+    job_names: BTreeMap<String, JobId>,
+    /// Evaluation creation order; derived from `tables.evaluations`.
+    eval_order: BTreeMap<u64, EvalId>,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        Self::with_eval_limit(DEFAULT_EVAL_LIMIT)
+    }
+}
+
+impl ClusterState {
+    /// An empty state keeping at most `limit` evaluations (at least one). The limit
+    /// is part of the replicated state, so every replica must start from the same.
+    pub fn with_eval_limit(limit: usize) -> Self {
+        Self::from_tables(Tables {
+            format: SNAPSHOT_FORMAT,
+            eval_limit: limit.max(1),
+            next_eval_seq: 0,
+            nodes: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            allocations: BTreeMap::new(),
+            evaluations: BTreeMap::new(),
+        })
+    }
+
+    fn from_tables(tables: Tables) -> Self {
+        let job_names = tables
+            .jobs
+            .values()
+            .map(|job| (job.spec.name.clone(), job.id.clone()))
+            .collect();
+        let eval_order = tables
+            .evaluations
+            .values()
+            .map(|record| (record.seq, record.eval.id.clone()))
+            .collect();
+        Self {
+            tables,
+            job_names,
+            eval_order,
+        }
+    }
+
+    // ----- reads -------------------------------------------------------------
+
+    /// The job with this id, with its allocations and derived status.
+    pub fn job(&self, id: &JobId) -> Option<Job> {
+        self.tables.jobs.get(id).map(|record| self.job_view(record))
+    }
+
+    /// The live job with this name.
+    pub fn job_by_name(&self, name: &str) -> Option<Job> {
+        self.job_names.get(name).and_then(|id| self.job(id))
+    }
+
+    /// Every live job, ordered by name.
+    pub fn jobs(&self) -> Vec<JobSummary> {
+        let mut by_job: BTreeMap<&JobId, Vec<&Allocation>> = BTreeMap::new();
+        for alloc in self.tables.allocations.values() {
+            by_job.entry(&alloc.job_id).or_default().push(alloc);
+        }
+        self.job_names
+            .values()
+            .filter_map(|id| self.tables.jobs.get(id))
+            .map(|job| {
+                let allocs = by_job.get(&job.id).map(Vec::as_slice).unwrap_or_default();
+                JobSummary {
+                    id: job.id.clone(),
+                    name: job.spec.name.clone(),
+                    kind: job.spec.kind,
+                    priority: job.spec.priority,
+                    version: job.version,
+                    status: job_status(&job.spec, allocs),
+                    submitted_at: job.submitted_at,
+                    updated_at: job.updated_at,
+                    groups: u32::try_from(job.spec.groups.len()).unwrap_or(u32::MAX),
+                    instances: job.spec.instance_count(),
+                    running: count_wanted(allocs, AllocState::Running),
+                }
+            })
+            .collect()
+    }
+
+    /// The node with this id.
+    pub fn node(&self, id: &NodeId) -> Option<Node> {
+        self.tables.nodes.get(id).cloned()
+    }
+
+    /// Every node, ordered by id.
+    pub fn nodes(&self) -> Vec<Node> {
+        self.tables.nodes.values().cloned().collect()
+    }
+
+    /// The allocation with this id.
+    pub fn allocation(&self, id: &AllocId) -> Option<Allocation> {
+        self.tables.allocations.get(id).cloned()
+    }
+
+    /// The allocations on one node, ordered by id: what its agent should run or stop.
+    pub fn node_allocations(&self, node_id: &NodeId) -> Vec<Allocation> {
+        self.tables
+            .allocations
+            .values()
+            .filter(|a| &a.node_id == node_id)
+            .cloned()
+            .collect()
+    }
+
+    /// The evaluation with this id, if it has not been forgotten.
+    pub fn evaluation(&self, id: &EvalId) -> Option<Evaluation> {
+        self.tables.evaluations.get(id).map(|r| r.eval.clone())
+    }
+
+    /// Evaluations with this status, oldest first: the planner's queue.
+    pub fn evaluations(&self, status: EvalStatus) -> Vec<Evaluation> {
+        self.eval_order
+            .values()
+            .filter_map(|id| self.tables.evaluations.get(id))
+            .filter(|r| r.eval.status == status)
+            .map(|r| r.eval.clone())
+            .collect()
+    }
+
+    /// How many of each object the state holds.
+    pub fn counts(&self) -> StateCounts {
+        let evals = || self.tables.evaluations.values().map(|r| r.eval.status);
+        StateCounts {
+            jobs: self.tables.jobs.len(),
+            nodes: self.tables.nodes.len(),
+            nodes_ready: self
+                .tables
+                .nodes
+                .values()
+                .filter(|n| n.status == NodeStatus::Ready)
+                .count(),
+            allocations: self.tables.allocations.len(),
+            allocations_live: self
+                .tables
+                .allocations
+                .values()
+                .filter(|a| a.is_live())
+                .count(),
+            evaluations: self.tables.evaluations.len(),
+            evaluations_pending: evals().filter(|s| *s == EvalStatus::Pending).count(),
+            evaluations_blocked: evals().filter(|s| *s == EvalStatus::Blocked).count(),
+        }
+    }
+
+    fn job_view(&self, record: &JobRecord) -> Job {
+        let allocations: Vec<Allocation> = self
+            .tables
+            .allocations
+            .values()
+            .filter(|a| a.job_id == record.id)
+            .cloned()
+            .collect();
+        let refs: Vec<&Allocation> = allocations.iter().collect();
+        Job {
+            id: record.id.clone(),
+            name: record.spec.name.clone(),
+            version: record.version,
+            status: job_status(&record.spec, &refs),
+            spec: record.spec.clone(),
+            submitted_at: record.submitted_at,
+            updated_at: record.updated_at,
+            allocations,
+            unplaced: record.unplaced.clone(),
+        }
+    }
+
+    // ----- invariants --------------------------------------------------------
+
+    /// Checks the rules every reachable state obeys. Run after every apply in debug
+    /// builds, on every restored snapshot, and by tests after every step.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let t = &self.tables;
+        if t.format != SNAPSHOT_FORMAT {
+            return Err(format!(
+                "snapshot format {} is not {SNAPSHOT_FORMAT}",
+                t.format
+            ));
+        }
+        if t.eval_limit == 0 || t.evaluations.len() > t.eval_limit {
+            return Err(format!(
+                "{} evaluations kept with a limit of {}",
+                t.evaluations.len(),
+                t.eval_limit
+            ));
+        }
+
+        let mut names = BTreeMap::new();
+        for (id, job) in &t.jobs {
+            if id != &job.id {
+                return Err(format!("job keyed `{id}` has id `{}`", job.id));
+            }
+            if job.version == 0 {
+                return Err(format!("job `{id}` has version 0"));
+            }
+            if let Some(other) = names.insert(job.spec.name.clone(), id.clone()) {
+                return Err(format!(
+                    "live jobs `{other}` and `{id}` share the name `{}`",
+                    job.spec.name
+                ));
+            }
+        }
+        if names != self.job_names {
+            return Err("the job name index disagrees with the jobs".to_owned());
+        }
+
+        for (id, node) in &t.nodes {
+            if id != &node.id {
+                return Err(format!("node keyed `{id}` has id `{}`", node.id));
+            }
+        }
+
+        let mut gpu_holders: BTreeMap<(&NodeId, &str), &AllocId> = BTreeMap::new();
+        for (id, alloc) in &t.allocations {
+            if id != &alloc.id {
+                return Err(format!("allocation keyed `{id}` has id `{}`", alloc.id));
+            }
+            let Some(node) = t.nodes.get(&alloc.node_id) else {
+                return Err(format!(
+                    "allocation `{id}` is on unknown node `{}`",
+                    alloc.node_id
+                ));
+            };
+            if alloc.desired == DesiredState::Run && !t.jobs.contains_key(&alloc.job_id) {
+                return Err(format!(
+                    "allocation `{id}` should run but job `{}` does not exist",
+                    alloc.job_id
+                ));
+            }
+            if alloc.desired == DesiredState::Stop && alloc.state.is_terminal() {
+                return Err(format!(
+                    "allocation `{id}` is stopped and finished but was kept"
+                ));
+            }
+            if !alloc.is_live() {
+                continue;
+            }
+            for gpu in &alloc.gpus {
+                if !node.resources.gpus.iter().any(|g| &g.uuid == gpu) {
+                    return Err(format!(
+                        "allocation `{id}` holds GPU `{gpu}` that node `{}` lacks",
+                        node.id
+                    ));
+                }
+                if let Some(other) = gpu_holders.insert((&alloc.node_id, gpu), id) {
+                    return Err(format!(
+                        "allocations `{other}` and `{id}` both hold GPU `{gpu}`"
+                    ));
+                }
+            }
+        }
+
+        if self.eval_order.len() != t.evaluations.len() {
+            return Err("the evaluation order index disagrees with the evaluations".to_owned());
+        }
+        for (seq, id) in &self.eval_order {
+            match t.evaluations.get(id) {
+                Some(record) if record.seq == *seq && &record.eval.id == id => {}
+                _ => return Err(format!("evaluation order entry {seq} -> `{id}` is stale")),
+            }
+            if *seq >= t.next_eval_seq {
+                return Err(format!(
+                    "evaluation `{id}` has sequence {seq} from the future"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    // ----- commands ----------------------------------------------------------
+
+    fn submit_job(
+        &mut self,
+        job_id: JobId,
+        eval_id: EvalId,
+        spec: JobSpec,
+        at: Timestamp,
+    ) -> CommandOutput {
+        spec.validate()?;
+        if let Some(record) = self.tables.evaluations.get(&eval_id) {
+            let eval = &record.eval;
+            let same_job = self
+                .tables
+                .jobs
+                .get(&eval.job_id)
+                .is_some_and(|job| job.spec.name == spec.name);
+            return match eval.trigger {
+                EvalTrigger::JobSubmit | EvalTrigger::JobUpdate if same_job => {
+                    Ok(Applied::JobSubmitted(SubmitJobResponse {
+                        id: eval.job_id.clone(),
+                        version: eval.job_version,
+                        eval_id,
+                        created: eval.trigger == EvalTrigger::JobSubmit,
+                    }))
+                }
+                _ => Err(StateError::conflict(format!(
+                    "evaluation id `{eval_id}` is already used"
+                ))),
+            };
+        }
+        if let Some(existing) = self.tables.jobs.get(&job_id) {
+            if existing.spec.name != spec.name {
+                return Err(StateError::conflict(format!(
+                    "job id `{job_id}` belongs to job `{}`",
+                    existing.spec.name
+                )));
+            }
+        }
+
+        let live = self
+            .job_names
+            .get(&spec.name)
+            .and_then(|id| self.tables.jobs.get_mut(id));
+        let (id, version, trigger) = match live {
+            Some(job) if job.spec == spec => {
+                return Ok(Applied::JobSubmitted(SubmitJobResponse {
+                    id: job.id.clone(),
+                    version: job.version,
+                    eval_id: job.last_eval.clone(),
+                    created: false,
+                }));
+            }
+            Some(job) => {
+                job.version += 1;
+                job.spec = spec;
+                job.updated_at = at;
+                job.last_eval = eval_id.clone();
+                job.unplaced.clear();
+                (job.id.clone(), job.version, EvalTrigger::JobUpdate)
+            }
+            None => {
+                self.job_names.insert(spec.name.clone(), job_id.clone());
+                self.tables.jobs.insert(
+                    job_id.clone(),
+                    JobRecord {
+                        id: job_id.clone(),
+                        spec,
+                        version: 1,
+                        submitted_at: at,
+                        updated_at: at,
+                        last_eval: eval_id.clone(),
+                        unplaced: Vec::new(),
+                    },
+                );
+                (job_id, 1, EvalTrigger::JobSubmit)
+            }
+        };
+        self.insert_eval(eval_id.clone(), id.clone(), version, trigger, at);
+        Ok(Applied::JobSubmitted(SubmitJobResponse {
+            id,
+            version,
+            eval_id,
+            created: trigger == EvalTrigger::JobSubmit,
+        }))
+    }
+
+    fn delete_job(&mut self, job_id: JobId, eval_id: EvalId, at: Timestamp) -> CommandOutput {
+        if let Some(record) = self.tables.evaluations.get(&eval_id) {
+            let eval = &record.eval;
+            return if eval.trigger == EvalTrigger::JobDelete && eval.job_id == job_id {
+                Ok(Applied::JobDeleted(DeleteJobResponse {
+                    id: job_id,
+                    eval_id,
+                }))
+            } else {
+                Err(StateError::conflict(format!(
+                    "evaluation id `{eval_id}` is already used"
+                )))
+            };
+        }
+        let job = self
+            .tables
+            .jobs
+            .remove(&job_id)
+            .ok_or_else(|| StateError::not_found(ObjectKind::Job, &job_id))?;
+        self.job_names.remove(&job.spec.name);
+        self.tables.allocations.retain(|_, alloc| {
+            if alloc.job_id != job_id {
+                return true;
+            }
+            if alloc.state.is_terminal() {
+                return false;
+            }
+            alloc.desired = DesiredState::Stop;
+            alloc.updated_at = at;
+            true
+        });
+        self.insert_eval(
+            eval_id.clone(),
+            job_id.clone(),
+            job.version,
+            EvalTrigger::JobDelete,
+            at,
+        );
+        Ok(Applied::JobDeleted(DeleteJobResponse {
+            id: job_id,
+            eval_id,
+        }))
+    }
+
+    fn register_node(&mut self, index: u64, reg: NodeRegistration, at: Timestamp) -> CommandOutput {
+        reg.validate()?;
+        let id = reg.id.clone();
+        let created = match self.tables.nodes.get_mut(&id) {
+            Some(node) => {
+                node.name = reg.name;
+                node.attributes = reg.attributes;
+                node.resources = reg.resources;
+                if node.status == NodeStatus::Down {
+                    node.status = NodeStatus::Ready;
+                }
+                node.last_seen = node.last_seen.max(at);
+                false
+            }
+            None => {
+                self.tables.nodes.insert(
+                    id.clone(),
+                    Node {
+                        id: id.clone(),
+                        name: reg.name,
+                        attributes: reg.attributes,
+                        resources: reg.resources,
+                        status: NodeStatus::Ready,
+                        registered_at: at,
+                        last_seen: at,
+                    },
+                );
+                true
+            }
+        };
+        let present: BTreeSet<String> = self.tables.nodes[&id]
+            .resources
+            .gpus
+            .iter()
+            .map(|g| g.uuid.clone())
+            .collect();
+        let displaced =
+            self.lose_allocations(&id, at, |a| a.gpus.iter().any(|g| !present.contains(g)));
+        let eval_ids = self.node_update_evals(index, displaced, at);
+        Ok(Applied::NodeRegistered {
+            id,
+            created,
+            eval_ids,
+        })
+    }
+
+    fn heartbeat(&mut self, node_id: NodeId, at: Timestamp) -> CommandOutput {
+        let node = self
+            .tables
+            .nodes
+            .get_mut(&node_id)
+            .ok_or_else(|| StateError::not_found(ObjectKind::Node, &node_id))?;
+        node.last_seen = node.last_seen.max(at);
+        if node.status == NodeStatus::Down {
+            node.status = NodeStatus::Ready;
+        }
+        Ok(Applied::NodeUpdated {
+            id: node_id,
+            status: node.status,
+            eval_ids: Vec::new(),
+        })
+    }
+
+    fn set_node_status(
+        &mut self,
+        index: u64,
+        node_id: NodeId,
+        status: NodeStatus,
+        at: Timestamp,
+    ) -> CommandOutput {
+        let node = self
+            .tables
+            .nodes
+            .get_mut(&node_id)
+            .ok_or_else(|| StateError::not_found(ObjectKind::Node, &node_id))?;
+        if node.status == status {
+            return Ok(Applied::NodeUpdated {
+                id: node_id,
+                status,
+                eval_ids: Vec::new(),
+            });
+        }
+        node.status = status;
+        let affected = match status {
+            NodeStatus::Ready => BTreeSet::new(),
+            NodeStatus::Down => self.lose_allocations(&node_id, at, |_| true),
+            NodeStatus::Draining => self
+                .tables
+                .allocations
+                .values()
+                .filter(|a| a.node_id == node_id && a.is_live())
+                .map(|a| a.job_id.clone())
+                .collect(),
+        };
+        let eval_ids = self.node_update_evals(index, affected, at);
+        Ok(Applied::NodeUpdated {
+            id: node_id,
+            status,
+            eval_ids,
+        })
+    }
+
+    fn upsert_allocations(&mut self, allocations: Vec<Allocation>, at: Timestamp) -> CommandOutput {
+        self.check_allocations(&allocations)?;
+        let count = allocations.len();
+        for mut alloc in allocations {
+            alloc.updated_at = at;
+            alloc.created_at = at;
+            if let Some(old) = self.tables.allocations.get(&alloc.id) {
+                alloc.created_at = old.created_at;
+                if old.state.is_terminal() {
+                    alloc.state = old.state;
+                }
+            }
+            if alloc.desired == DesiredState::Stop && alloc.state.is_terminal() {
+                self.tables.allocations.remove(&alloc.id);
+            } else {
+                self.tables.allocations.insert(alloc.id.clone(), alloc);
+            }
+        }
+        Ok(Applied::AllocationsUpserted { count })
+    }
+
+    /// Every rule an upsert must pass, checked before anything is written.
+    fn check_allocations(&self, allocations: &[Allocation]) -> Result<(), StateError> {
+        let t = &self.tables;
+        let incoming: BTreeSet<&AllocId> = allocations.iter().map(|a| &a.id).collect();
+        if incoming.len() != allocations.len() {
+            return Err(
+                ValidationError::new("allocations", "an allocation id appears twice").into(),
+            );
+        }
+        // GPUs held by live allocations this upsert does not rewrite.
+        let mut holders: BTreeMap<(&NodeId, &str), &AllocId> = t
+            .allocations
+            .values()
+            .filter(|a| a.is_live() && !incoming.contains(&a.id))
+            .flat_map(|a| {
+                a.gpus
+                    .iter()
+                    .map(move |g| ((&a.node_id, g.as_str()), &a.id))
+            })
+            .collect();
+
+        for (i, alloc) in allocations.iter().enumerate() {
+            let field = |name: &str| format!("allocations[{i}].{name}");
+            if alloc.id.as_str().is_empty() {
+                return Err(ValidationError::new(field("id"), "must not be empty").into());
+            }
+            let node = t
+                .nodes
+                .get(&alloc.node_id)
+                .ok_or_else(|| StateError::not_found(ObjectKind::Node, &alloc.node_id))?;
+            let old = t.allocations.get(&alloc.id);
+            if let Some(old) = old {
+                if (&old.job_id, &old.node_id, &old.group, old.index)
+                    != (&alloc.job_id, &alloc.node_id, &alloc.group, alloc.index)
+                {
+                    return Err(StateError::conflict(format!(
+                        "allocation `{}` cannot move to another job, node, group or index",
+                        alloc.id
+                    )));
+                }
+            }
+            if alloc.desired == DesiredState::Run {
+                let job = t
+                    .jobs
+                    .get(&alloc.job_id)
+                    .ok_or_else(|| StateError::not_found(ObjectKind::Job, &alloc.job_id))?;
+                let Some(group) = job.spec.group(&alloc.group) else {
+                    return Err(ValidationError::new(
+                        field("group"),
+                        format!("job `{}` has no group `{}`", job.spec.name, alloc.group),
+                    )
+                    .into());
+                };
+                if alloc.index >= group.count {
+                    return Err(ValidationError::new(
+                        field("index"),
+                        format!("group `{}` has {} instances", group.name, group.count),
+                    )
+                    .into());
+                }
+                if alloc.job_version == 0 || alloc.job_version > job.version {
+                    return Err(ValidationError::new(
+                        field("job_version"),
+                        format!("must be between 1 and the job's version {}", job.version),
+                    )
+                    .into());
+                }
+                if old.is_none() && !node.status.is_schedulable() {
+                    return Err(StateError::conflict(format!(
+                        "node `{}` is {} and takes no new allocations",
+                        node.id, node.status
+                    )));
+                }
+            }
+            let mut own = BTreeSet::new();
+            for gpu in &alloc.gpus {
+                if !node.resources.gpus.iter().any(|g| &g.uuid == gpu) {
+                    return Err(ValidationError::new(
+                        field("gpus"),
+                        format!("node `{}` has no GPU `{gpu}`", node.id),
+                    )
+                    .into());
+                }
+                if !own.insert(gpu.as_str()) {
+                    return Err(ValidationError::new(
+                        field("gpus"),
+                        format!("GPU `{gpu}` is listed twice"),
+                    )
+                    .into());
+                }
+            }
+            let live = alloc.is_live() && !old.is_some_and(|o| o.state.is_terminal());
+            if live {
+                for gpu in &alloc.gpus {
+                    if let Some(other) = holders.insert((&alloc.node_id, gpu.as_str()), &alloc.id) {
+                        return Err(StateError::conflict(format!(
+                            "GPU `{gpu}` on node `{}` is already held by allocation `{other}`",
+                            node.id
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn report_allocations(
+        &mut self,
+        node_id: NodeId,
+        reports: Vec<AllocationReport>,
+        at: Timestamp,
+    ) -> CommandOutput {
+        if !self.tables.nodes.contains_key(&node_id) {
+            return Err(StateError::not_found(ObjectKind::Node, &node_id));
+        }
+        for report in &reports {
+            if let Some(alloc) = self.tables.allocations.get(&report.id) {
+                if alloc.node_id != node_id {
+                    return Err(StateError::conflict(format!(
+                        "allocation `{}` is not on node `{node_id}`",
+                        report.id
+                    )));
+                }
+            }
+        }
+        let mut updated = 0;
+        for report in reports {
+            let Some(alloc) = self.tables.allocations.get_mut(&report.id) else {
+                continue;
+            };
+            if alloc.state.is_terminal() || alloc.state == report.state {
+                continue;
+            }
+            alloc.state = report.state;
+            alloc.updated_at = at;
+            updated += 1;
+            if alloc.desired == DesiredState::Stop && alloc.state.is_terminal() {
+                self.tables.allocations.remove(&report.id);
+            }
+        }
+        if let Some(node) = self.tables.nodes.get_mut(&node_id) {
+            node.last_seen = node.last_seen.max(at);
+        }
+        Ok(Applied::AllocationsReported { updated })
+    }
+
+    fn update_evaluation(
+        &mut self,
+        eval_id: EvalId,
+        status: EvalStatus,
+        unplaced: Vec<Unplaced>,
+        at: Timestamp,
+    ) -> CommandOutput {
+        let record = self
+            .tables
+            .evaluations
+            .get_mut(&eval_id)
+            .ok_or_else(|| StateError::not_found(ObjectKind::Evaluation, &eval_id))?;
+        record.eval.status = status;
+        record.eval.updated_at = at;
+        let eval = &record.eval;
+        if let Some(job) = self.tables.jobs.get_mut(&eval.job_id) {
+            if job.version == eval.job_version {
+                job.unplaced = unplaced;
+            }
+        }
+        Ok(Applied::EvaluationUpdated { id: eval_id })
+    }
+
+    // ----- helpers -----------------------------------------------------------
+
+    /// Marks the unfinished allocations on `node_id` that `gone` selects as lost
+    /// (dropping those already asked to stop) and returns the jobs that lost one.
+    fn lose_allocations(
+        &mut self,
+        node_id: &NodeId,
+        at: Timestamp,
+        gone: impl Fn(&Allocation) -> bool,
+    ) -> BTreeSet<JobId> {
+        let mut jobs = BTreeSet::new();
+        self.tables.allocations.retain(|_, alloc| {
+            if &alloc.node_id != node_id || alloc.state.is_terminal() || !gone(alloc) {
+                return true;
+            }
+            if alloc.desired == DesiredState::Stop {
+                return false;
+            }
+            alloc.state = AllocState::Lost;
+            alloc.updated_at = at;
+            jobs.insert(alloc.job_id.clone());
+            true
+        });
+        jobs
+    }
+
+    /// Creates a `node_update` evaluation per live job in `jobs`. Their ids derive from
+    /// the log index, the one input every replica shares for a command that carries
+    /// none.
+    fn node_update_evals(
+        &mut self,
+        index: u64,
+        jobs: BTreeSet<JobId>,
+        at: Timestamp,
+    ) -> Vec<EvalId> {
+        let mut created = Vec::new();
+        for (n, job_id) in jobs.into_iter().enumerate() {
+            let Some(version) = self.tables.jobs.get(&job_id).map(|j| j.version) else {
+                continue;
+            };
+            let eval_id = EvalId(format!("log-{index}-{n}"));
+            if self.tables.evaluations.contains_key(&eval_id) {
+                continue;
+            }
+            self.insert_eval(
+                eval_id.clone(),
+                job_id,
+                version,
+                EvalTrigger::NodeUpdate,
+                at,
+            );
+            created.push(eval_id);
+        }
+        created
+    }
+
+    fn insert_eval(
+        &mut self,
+        id: EvalId,
+        job_id: JobId,
+        job_version: u64,
+        trigger: EvalTrigger,
+        at: Timestamp,
+    ) {
+        let seq = self.tables.next_eval_seq;
+        self.tables.next_eval_seq += 1;
+        self.eval_order.insert(seq, id.clone());
+        self.tables.evaluations.insert(
+            id.clone(),
+            EvalRecord {
+                seq,
+                eval: Evaluation {
+                    id,
+                    job_id,
+                    job_version,
+                    trigger,
+                    status: EvalStatus::Pending,
+                    created_at: at,
+                    updated_at: at,
+                },
+            },
+        );
+        self.trim_evals();
+    }
+
+    /// Forgets the oldest evaluations beyond the limit: completed ones first, then,
+    /// if the planner has fallen that far behind, the oldest of any status.
+    fn trim_evals(&mut self) {
+        let excess = self
+            .tables
+            .evaluations
+            .len()
+            .saturating_sub(self.tables.eval_limit);
+        if excess == 0 {
+            return;
+        }
+        let evaluations = &self.tables.evaluations;
+        let is_complete = |id: &EvalId| {
+            evaluations
+                .get(id)
+                .is_some_and(|r| r.eval.status == EvalStatus::Complete)
+        };
+        let mut victims: BTreeSet<u64> = self
+            .eval_order
+            .iter()
+            .filter(|(_, id)| is_complete(id))
+            .map(|(seq, _)| *seq)
+            .take(excess)
+            .collect();
+        let missing = excess - victims.len();
+        let oldest: Vec<u64> = self
+            .eval_order
+            .keys()
+            .filter(|seq| !victims.contains(seq))
+            .take(missing)
+            .copied()
+            .collect();
+        victims.extend(oldest);
+        for seq in victims {
+            if let Some(id) = self.eval_order.remove(&seq) {
+                self.tables.evaluations.remove(&id);
+            }
+        }
+    }
+}
+
+impl StateMachine for ClusterState {
+    type Command = Command;
+    type Output = CommandOutput;
+
+    fn apply(&mut self, index: u64, command: Command) -> CommandOutput {
+        let output = match command {
+            Command::SubmitJob {
+                job_id,
+                eval_id,
+                spec,
+                at,
+            } => self.submit_job(job_id, eval_id, spec, at),
+            Command::DeleteJob {
+                job_id,
+                eval_id,
+                at,
+            } => self.delete_job(job_id, eval_id, at),
+            Command::RegisterNode { node, at } => self.register_node(index, node, at),
+            Command::NodeHeartbeat { node_id, at } => self.heartbeat(node_id, at),
+            Command::SetNodeStatus {
+                node_id,
+                status,
+                at,
+            } => self.set_node_status(index, node_id, status, at),
+            Command::UpsertAllocations { allocations, at } => {
+                self.upsert_allocations(allocations, at)
+            }
+            Command::ReportAllocations {
+                node_id,
+                reports,
+                at,
+            } => self.report_allocations(node_id, reports, at),
+            Command::UpdateEvaluation {
+                eval_id,
+                status,
+                unplaced,
+                at,
+            } => self.update_evaluation(eval_id, status, unplaced, at),
+        };
+        debug_assert_eq!(self.check_invariants(), Ok(()));
+        output
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        serde_json::to_vec(&self.tables).map_err(|e| SnapshotError(e.to_string()))
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), SnapshotError> {
+        let tables: Tables =
+            serde_json::from_slice(data).map_err(|e| SnapshotError(e.to_string()))?;
+        let state = Self::from_tables(tables);
+        state.check_invariants().map_err(SnapshotError)?;
+        *self = state;
+        Ok(())
+    }
+}
+
+/// Allocations the control plane still wants that are in `state`.
+fn count_wanted(allocs: &[&Allocation], state: AllocState) -> u64 {
+    let n = allocs
+        .iter()
+        .filter(|a| a.desired == DesiredState::Run && a.state == state)
+        .count();
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// A job's status from its wanted allocations: a service is running while any
+/// instance runs; a batch or training job fails on any failed instance and completes
+/// when as many instances completed as the spec asks for.
+fn job_status(spec: &JobSpec, allocs: &[&Allocation]) -> JobStatus {
+    let running = count_wanted(allocs, AllocState::Running);
+    match spec.kind {
+        JobKind::Service if running > 0 => JobStatus::Running,
+        JobKind::Service => JobStatus::Pending,
+        JobKind::Batch | JobKind::Training => {
+            let complete = count_wanted(allocs, AllocState::Complete);
+            if count_wanted(allocs, AllocState::Failed) > 0 {
+                JobStatus::Failed
+            } else if complete >= spec.instance_count() {
+                JobStatus::Complete
+            } else if running > 0 || complete > 0 {
+                JobStatus::Running
+            } else {
+                JobStatus::Pending
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aigrid_api::{GpuDevice, MemoryMib, NodeResources, Resources};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use serde_json::json;
+
+    /// A state plus a log index, checking invariants after every command.
+    struct Log {
+        state: ClusterState,
+        index: u64,
+    }
+
+    impl Log {
+        fn new() -> Self {
+            Self::with(ClusterState::default())
+        }
+
+        fn with(state: ClusterState) -> Self {
+            Self { state, index: 0 }
+        }
+
+        fn apply(&mut self, command: Command) -> CommandOutput {
+            self.index += 1;
+            let out = self.state.apply(self.index, command);
+            self.state.check_invariants().unwrap();
+            out
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            self.state.snapshot().unwrap()
+        }
+    }
+
+    fn spec_json(name: &str) -> serde_json::Value {
+        json!({
+            "name": name,
+            "groups": [{
+                "name": "web",
+                "count": 2,
+                "resources": {"cpu_millis": 500, "memory_mib": 256},
+                "task": {"driver": "exec", "command": "/bin/server"}
+            }]
+        })
+    }
+
+    fn spec(name: &str) -> JobSpec {
+        serde_json::from_value(spec_json(name)).unwrap()
+    }
+
+    fn submit(job: &str, eval: &str, spec: JobSpec) -> Command {
+        Command::SubmitJob {
+            job_id: JobId::new(job),
+            eval_id: EvalId::new(eval),
+            spec,
+            at: Timestamp::new(100),
+        }
+    }
+
+    fn delete(job: &str, eval: &str) -> Command {
+        Command::DeleteJob {
+            job_id: JobId::new(job),
+            eval_id: EvalId::new(eval),
+            at: Timestamp::new(200),
+        }
+    }
+
+    fn registration(id: &str, gpus: &[&str]) -> NodeRegistration {
+        NodeRegistration {
+            id: NodeId::new(id),
+            name: format!("host-{id}"),
+            attributes: [("site".to_owned(), "ghent".to_owned())].into(),
+            resources: NodeResources {
+                cpu_millis: 8000.into(),
+                memory_mib: 32768.into(),
+                disk_mib: 100_000.into(),
+                gpus: gpus
+                    .iter()
+                    .enumerate()
+                    .map(|(i, uuid)| GpuDevice {
+                        index: u32::try_from(i).unwrap(),
+                        uuid: (*uuid).to_owned(),
+                        vendor: "nvidia".to_owned(),
+                        model: "H100".to_owned(),
+                        memory_mib: MemoryMib::new(81920),
+                        healthy: true,
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    fn register(id: &str, gpus: &[&str]) -> Command {
+        Command::RegisterNode {
+            node: registration(id, gpus),
+            at: Timestamp::new(10),
+        }
+    }
+
+    fn alloc(id: &str, job: &str, node: &str, index: u32, gpus: &[&str]) -> Allocation {
+        Allocation {
+            id: AllocId::new(id),
+            job_id: JobId::new(job),
+            job_version: 1,
+            node_id: NodeId::new(node),
+            group: "web".to_owned(),
+            index,
+            resources: Resources {
+                cpu_millis: 500.into(),
+                memory_mib: 256.into(),
+                gpus: None,
+            },
+            gpus: gpus.iter().map(|g| (*g).to_owned()).collect(),
+            state: AllocState::Pending,
+            desired: DesiredState::Run,
+            created_at: Timestamp::new(0),
+            updated_at: Timestamp::new(0),
+        }
+    }
+
+    fn upsert(allocations: Vec<Allocation>) -> Command {
+        Command::UpsertAllocations {
+            allocations,
+            at: Timestamp::new(300),
+        }
+    }
+
+    fn report(node: &str, reports: &[(&str, AllocState)]) -> Command {
+        Command::ReportAllocations {
+            node_id: NodeId::new(node),
+            reports: reports
+                .iter()
+                .map(|(id, state)| AllocationReport {
+                    id: AllocId::new(*id),
+                    state: *state,
+                })
+                .collect(),
+            at: Timestamp::new(400),
+        }
+    }
+
+    fn submitted(out: CommandOutput) -> SubmitJobResponse {
+        match out {
+            Ok(Applied::JobSubmitted(r)) => r,
+            other => panic!("expected a submission, got {other:?}"),
+        }
+    }
+
+    /// A log with node `n1` (GPUs g0, g1) and job `j1` named `api`.
+    fn with_job_and_node() -> Log {
+        let mut log = Log::new();
+        log.apply(register("n1", &["g0", "g1"])).unwrap();
+        log.apply(submit("j1", "e1", spec("api"))).unwrap();
+        log
+    }
+
+    #[test]
+    fn submit_creates_a_job_and_an_evaluation() {
+        let mut log = Log::new();
+        let r = submitted(log.apply(submit("j1", "e1", spec("api"))));
+        assert_eq!(
+            r,
+            SubmitJobResponse {
+                id: JobId::new("j1"),
+                version: 1,
+                eval_id: EvalId::new("e1"),
+                created: true
+            }
+        );
+        let job = log.state.job(&JobId::new("j1")).unwrap();
+        assert_eq!((job.version, job.status), (1, JobStatus::Pending));
+        assert_eq!(job.submitted_at, Timestamp::new(100));
+        let eval = log.state.evaluation(&EvalId::new("e1")).unwrap();
+        assert_eq!(eval.trigger, EvalTrigger::JobSubmit);
+        assert_eq!(eval.status, EvalStatus::Pending);
+        assert_eq!(log.state.evaluations(EvalStatus::Pending), vec![eval]);
+    }
+
+    #[test]
+    fn a_replayed_submission_answers_the_same_and_changes_nothing() {
+        let mut log = Log::new();
+        let first = log.apply(submit("j1", "e1", spec("api")));
+        let before = log.bytes();
+        assert_eq!(log.apply(submit("j1", "e1", spec("api"))), first);
+        assert_eq!(log.bytes(), before);
+
+        let mut changed = spec("api");
+        changed.priority = 70;
+        let update = submit("j2", "e2", changed);
+        let second = log.apply(update.clone());
+        let before = log.bytes();
+        assert_eq!(log.apply(update), second);
+        assert_eq!(log.bytes(), before);
+        assert_eq!(log.state.job(&JobId::new("j1")).unwrap().version, 2);
+    }
+
+    #[test]
+    fn resubmitting_by_name_updates_in_place() {
+        let mut log = Log::new();
+        log.apply(submit("j1", "e1", spec("api"))).unwrap();
+        let mut changed = spec("api");
+        changed.groups[0].count = 5;
+        let r = submitted(log.apply(submit("ignored", "e2", changed.clone())));
+        assert_eq!(
+            r,
+            SubmitJobResponse {
+                id: JobId::new("j1"),
+                version: 2,
+                eval_id: EvalId::new("e2"),
+                created: false
+            }
+        );
+        assert!(log.state.job(&JobId::new("ignored")).is_none());
+        let job = log.state.job_by_name("api").unwrap();
+        assert_eq!((job.id.as_str(), job.version), ("j1", 2));
+        assert_eq!(job.spec, changed);
+        let eval = log.state.evaluation(&EvalId::new("e2")).unwrap();
+        assert_eq!(
+            (eval.trigger, eval.job_version),
+            (EvalTrigger::JobUpdate, 2)
+        );
+        assert_eq!(log.state.jobs().len(), 1);
+    }
+
+    #[test]
+    fn resubmitting_an_unchanged_spec_is_a_no_op() {
+        let mut log = Log::new();
+        log.apply(submit("j1", "e1", spec("api"))).unwrap();
+        let before = log.bytes();
+        let r = submitted(log.apply(submit("j9", "e9", spec("api"))));
+        assert_eq!(
+            (r.id.as_str(), r.version, r.eval_id.as_str()),
+            ("j1", 1, "e1")
+        );
+        assert!(!r.created);
+        assert_eq!(log.bytes(), before);
+    }
+
+    #[test]
+    fn reused_ids_are_conflicts() {
+        let mut log = Log::new();
+        log.apply(submit("j1", "e1", spec("api"))).unwrap();
+        let before = log.bytes();
+        let err = log.apply(submit("j1", "e2", spec("other"))).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Conflict);
+        let err = log.apply(submit("j2", "e1", spec("other"))).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Conflict);
+        let err = log.apply(delete("j1", "e1")).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Conflict);
+        assert_eq!(log.bytes(), before);
+    }
+
+    #[test]
+    fn an_invalid_spec_is_rejected_and_changes_nothing() {
+        let mut log = with_job_and_node();
+        let before = log.bytes();
+        let mut bad = spec("api");
+        bad.groups[0].resources.cpu_millis = 0.into();
+        let err = log.apply(submit("j2", "e2", bad)).unwrap_err();
+        match &err {
+            StateError::Invalid(v) => assert_eq!(v.field, "groups[0].resources.cpu_millis"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(err.code(), ErrorCode::InvalidField);
+        let mut bad = spec("api");
+        bad.priority = 101;
+        assert!(log.apply(submit("j3", "e3", bad)).is_err());
+        assert_eq!(log.bytes(), before);
+    }
+
+    #[test]
+    fn delete_stops_allocations_and_forgets_the_job() {
+        let mut log = with_job_and_node();
+        log.apply(upsert(vec![
+            alloc("a0", "j1", "n1", 0, &["g0"]),
+            alloc("a1", "j1", "n1", 1, &[]),
+        ]))
+        .unwrap();
+        log.apply(report(
+            "n1",
+            &[("a0", AllocState::Running), ("a1", AllocState::Failed)],
+        ))
+        .unwrap();
+
+        let out = log.apply(delete("j1", "d1"));
+        assert_eq!(
+            out,
+            Ok(Applied::JobDeleted(DeleteJobResponse {
+                id: JobId::new("j1"),
+                eval_id: EvalId::new("d1")
+            }))
+        );
+        assert!(log.state.job(&JobId::new("j1")).is_none());
+        assert!(log.state.job_by_name("api").is_none());
+        let a0 = log.state.allocation(&AllocId::new("a0")).unwrap();
+        assert_eq!(a0.desired, DesiredState::Stop);
+        assert!(
+            log.state.allocation(&AllocId::new("a1")).is_none(),
+            "finished allocation kept"
+        );
+        let eval = log.state.evaluation(&EvalId::new("d1")).unwrap();
+        assert_eq!(eval.trigger, EvalTrigger::JobDelete);
+
+        let before = log.bytes();
+        assert_eq!(log.apply(delete("j1", "d1")), out, "replay");
+        assert_eq!(log.bytes(), before);
+        let err = log.apply(delete("j1", "d2")).unwrap_err();
+        assert_eq!(
+            err,
+            StateError::NotFound {
+                kind: ObjectKind::Job,
+                id: "j1".into()
+            }
+        );
+        assert_eq!(err.to_string(), "job `j1` not found");
+
+        log.apply(report("n1", &[("a0", AllocState::Stopped)]))
+            .unwrap();
+        assert!(log.state.allocation(&AllocId::new("a0")).is_none());
+        assert_eq!(log.state.counts().allocations, 0);
+
+        let again = submitted(log.apply(submit("j2", "e2", spec("api"))));
+        assert!(again.created, "a deleted name can be reused");
+        assert_eq!((again.id.as_str(), again.version), ("j2", 1));
+    }
+
+    #[test]
+    fn nodes_register_heartbeat_and_keep_a_drain() {
+        let mut log = Log::new();
+        assert_eq!(
+            log.apply(register("n1", &["g0"])),
+            Ok(Applied::NodeRegistered {
+                id: NodeId::new("n1"),
+                created: true,
+                eval_ids: vec![]
+            })
+        );
+        let hb = Command::NodeHeartbeat {
+            node_id: NodeId::new("n1"),
+            at: Timestamp::new(50),
+        };
+        log.apply(hb).unwrap();
+        let node = log.state.node(&NodeId::new("n1")).unwrap();
+        assert_eq!(
+            (node.registered_at, node.last_seen),
+            (Timestamp::new(10), Timestamp::new(50))
+        );
+
+        let drain = Command::SetNodeStatus {
+            node_id: NodeId::new("n1"),
+            status: NodeStatus::Draining,
+            at: Timestamp::new(60),
+        };
+        log.apply(drain).unwrap();
+        let out = log.apply(register("n1", &["g0"])).unwrap();
+        assert!(matches!(
+            out,
+            Applied::NodeRegistered { created: false, .. }
+        ));
+        let node = log.state.node(&NodeId::new("n1")).unwrap();
+        assert_eq!(node.status, NodeStatus::Draining);
+        assert_eq!(
+            node.last_seen,
+            Timestamp::new(50),
+            "last_seen never goes back"
+        );
+
+        let err = log
+            .apply(Command::NodeHeartbeat {
+                node_id: NodeId::new("nope"),
+                at: Timestamp::new(1),
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::NotFound);
+        let mut bad = registration("n2", &["g0", "g0"]);
+        bad.resources.gpus[1].index = 1;
+        let err = log
+            .apply(Command::RegisterNode {
+                node: bad,
+                at: Timestamp::new(1),
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidField);
+        assert_eq!(log.state.nodes().len(), 1);
+    }
+
+    #[test]
+    fn a_down_node_loses_its_allocations_and_triggers_evaluations() {
+        let mut log = with_job_and_node();
+        log.apply(upsert(vec![alloc("a0", "j1", "n1", 0, &["g0"])]))
+            .unwrap();
+        log.apply(report("n1", &[("a0", AllocState::Running)]))
+            .unwrap();
+        assert_eq!(
+            log.state.job(&JobId::new("j1")).unwrap().status,
+            JobStatus::Running
+        );
+
+        let down = Command::SetNodeStatus {
+            node_id: NodeId::new("n1"),
+            status: NodeStatus::Down,
+            at: Timestamp::new(500),
+        };
+        let out = log.apply(down.clone()).unwrap();
+        let Applied::NodeUpdated {
+            status, eval_ids, ..
+        } = out
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(status, NodeStatus::Down);
+        assert_eq!(eval_ids, vec![EvalId::new(format!("log-{}-0", log.index))]);
+        let eval = log.state.evaluation(&eval_ids[0]).unwrap();
+        assert_eq!(
+            (eval.trigger, eval.job_id.as_str()),
+            (EvalTrigger::NodeUpdate, "j1")
+        );
+        assert_eq!(
+            log.state.allocation(&AllocId::new("a0")).unwrap().state,
+            AllocState::Lost
+        );
+        assert_eq!(
+            log.state.job(&JobId::new("j1")).unwrap().status,
+            JobStatus::Pending
+        );
+
+        let before = log.bytes();
+        let again = log.apply(down).unwrap();
+        assert!(matches!(again, Applied::NodeUpdated { ref eval_ids, .. } if eval_ids.is_empty()));
+        assert_eq!(log.bytes(), before);
+
+        log.apply(report("n1", &[("a0", AllocState::Running)]))
+            .unwrap();
+        assert_eq!(
+            log.state.allocation(&AllocId::new("a0")).unwrap().state,
+            AllocState::Lost,
+            "finished states never change"
+        );
+        log.apply(Command::NodeHeartbeat {
+            node_id: NodeId::new("n1"),
+            at: Timestamp::new(600),
+        })
+        .unwrap();
+        assert_eq!(
+            log.state.node(&NodeId::new("n1")).unwrap().status,
+            NodeStatus::Ready
+        );
+    }
+
+    #[test]
+    fn a_node_that_loses_a_gpu_loses_the_allocations_holding_it() {
+        let mut log = with_job_and_node();
+        log.apply(upsert(vec![
+            alloc("a0", "j1", "n1", 0, &["g0"]),
+            alloc("a1", "j1", "n1", 1, &["g1"]),
+        ]))
+        .unwrap();
+        let out = log.apply(register("n1", &["g1"])).unwrap();
+        assert!(matches!(out, Applied::NodeRegistered { ref eval_ids, .. } if eval_ids.len() == 1));
+        let state = |id: &str| log.state.allocation(&AllocId::new(id)).unwrap().state;
+        assert_eq!(
+            (state("a0"), state("a1")),
+            (AllocState::Lost, AllocState::Pending)
+        );
+    }
+
+    #[test]
+    fn allocations_are_checked_before_anything_is_written() {
+        let mut log = with_job_and_node();
+        log.apply(register("n2", &[])).unwrap();
+        log.apply(upsert(vec![alloc("a0", "j1", "n1", 0, &["g0"])]))
+            .unwrap();
+        let before = log.bytes();
+        let good = alloc("a1", "j1", "n1", 1, &["g1"]);
+        let cases: Vec<(Allocation, ErrorCode)> = vec![
+            (alloc("a2", "nojob", "n1", 1, &[]), ErrorCode::NotFound),
+            (alloc("a2", "j1", "nonode", 1, &[]), ErrorCode::NotFound),
+            (alloc("a2", "j1", "n1", 2, &[]), ErrorCode::InvalidField),
+            (alloc("a2", "j1", "n1", 1, &["g9"]), ErrorCode::InvalidField),
+            (
+                alloc("a2", "j1", "n1", 1, &["g1", "g1"]),
+                ErrorCode::InvalidField,
+            ),
+            (alloc("a2", "j1", "n1", 1, &["g0"]), ErrorCode::Conflict),
+            (alloc("a0", "j1", "n2", 0, &[]), ErrorCode::Conflict),
+            (
+                Allocation {
+                    id: AllocId::new("a2"),
+                    group: "db".into(),
+                    ..good.clone()
+                },
+                ErrorCode::InvalidField,
+            ),
+            (
+                Allocation {
+                    id: AllocId::new("a2"),
+                    job_version: 2,
+                    ..good.clone()
+                },
+                ErrorCode::InvalidField,
+            ),
+        ];
+        for (bad, code) in cases {
+            let err = log
+                .apply(upsert(vec![good.clone(), bad.clone()]))
+                .unwrap_err();
+            assert_eq!(err.code(), code, "{bad:?}: {err}");
+            assert_eq!(log.bytes(), before, "{bad:?}");
+        }
+        let err = log
+            .apply(upsert(vec![good.clone(), good.clone()]))
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidField);
+
+        log.apply(Command::SetNodeStatus {
+            node_id: NodeId::new("n1"),
+            status: NodeStatus::Draining,
+            at: Timestamp::new(1),
+        })
+        .unwrap();
+        let err = log.apply(upsert(vec![good.clone()])).unwrap_err();
+        assert_eq!(
+            err.code(),
+            ErrorCode::Conflict,
+            "new work on a draining node"
+        );
+
+        let mut moved = alloc("a0", "j1", "n1", 0, &["g0"]);
+        moved.desired = DesiredState::Stop;
+        assert_eq!(
+            log.apply(upsert(vec![moved])),
+            Ok(Applied::AllocationsUpserted { count: 1 })
+        );
+        let a0 = log.state.allocation(&AllocId::new("a0")).unwrap();
+        assert_eq!(
+            (a0.desired, a0.created_at),
+            (DesiredState::Stop, Timestamp::new(300))
+        );
+    }
+
+    #[test]
+    fn a_stopped_gpu_can_be_reused_and_reports_are_scoped_to_their_node() {
+        let mut log = with_job_and_node();
+        log.apply(register("n2", &[])).unwrap();
+        log.apply(upsert(vec![alloc("a0", "j1", "n1", 0, &["g0"])]))
+            .unwrap();
+        let err = log
+            .apply(report("n2", &[("a0", AllocState::Failed)]))
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Conflict);
+        let out = log.apply(report(
+            "n1",
+            &[("a0", AllocState::Complete), ("gone", AllocState::Running)],
+        ));
+        assert_eq!(out, Ok(Applied::AllocationsReported { updated: 1 }));
+        log.apply(upsert(vec![alloc("a1", "j1", "n1", 1, &["g0"])]))
+            .unwrap();
+        let err = log.apply(report("nope", &[])).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn batch_status_follows_its_instances() {
+        let mut log = Log::new();
+        log.apply(register("n1", &[])).unwrap();
+        let mut batch = spec("train");
+        batch.kind = JobKind::Batch;
+        log.apply(submit("j1", "e1", batch)).unwrap();
+        log.apply(upsert(vec![
+            alloc("a0", "j1", "n1", 0, &[]),
+            alloc("a1", "j1", "n1", 1, &[]),
+        ]))
+        .unwrap();
+        let status = |log: &Log| log.state.job(&JobId::new("j1")).unwrap().status;
+        assert_eq!(status(&log), JobStatus::Pending);
+        log.apply(report("n1", &[("a0", AllocState::Complete)]))
+            .unwrap();
+        assert_eq!(status(&log), JobStatus::Running);
+        log.apply(report("n1", &[("a1", AllocState::Complete)]))
+            .unwrap();
+        assert_eq!(status(&log), JobStatus::Complete);
+        let summary = &log.state.jobs()[0];
+        assert_eq!(
+            (summary.status, summary.instances, summary.running),
+            (JobStatus::Complete, 2, 0)
+        );
+    }
+
+    #[test]
+    fn evaluation_verdicts_reach_the_job_view() {
+        let mut log = with_job_and_node();
+        let unplaced = vec![Unplaced {
+            group: "web".into(),
+            missing: 2,
+            reason: "no node with 2 free H100".into(),
+        }];
+        let out = log.apply(Command::UpdateEvaluation {
+            eval_id: EvalId::new("e1"),
+            status: EvalStatus::Blocked,
+            unplaced: unplaced.clone(),
+            at: Timestamp::new(700),
+        });
+        assert_eq!(
+            out,
+            Ok(Applied::EvaluationUpdated {
+                id: EvalId::new("e1")
+            })
+        );
+        assert_eq!(log.state.job(&JobId::new("j1")).unwrap().unplaced, unplaced);
+        assert_eq!(log.state.counts().evaluations_blocked, 1);
+        let err = log
+            .apply(Command::UpdateEvaluation {
+                eval_id: EvalId::new("nope"),
+                status: EvalStatus::Complete,
+                unplaced: vec![],
+                at: Timestamp::new(1),
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn evaluation_history_is_bounded_completed_first() {
+        let mut log = Log::with(ClusterState::with_eval_limit(3));
+        for i in 0..3 {
+            log.apply(submit(
+                &format!("j{i}"),
+                &format!("e{i}"),
+                spec(&format!("job{i}")),
+            ))
+            .unwrap();
+        }
+        log.apply(Command::UpdateEvaluation {
+            eval_id: EvalId::new("e1"),
+            status: EvalStatus::Complete,
+            unplaced: vec![],
+            at: Timestamp::new(1),
+        })
+        .unwrap();
+        log.apply(submit("j3", "e3", spec("job3"))).unwrap();
+        let kept: Vec<_> = log
+            .state
+            .evaluations(EvalStatus::Pending)
+            .into_iter()
+            .map(|e| e.id.0)
+            .collect();
+        assert_eq!(kept, ["e0", "e2", "e3"], "the completed one goes first");
+        log.apply(submit("j4", "e4", spec("job4"))).unwrap();
+        let kept: Vec<_> = log
+            .state
+            .evaluations(EvalStatus::Pending)
+            .into_iter()
+            .map(|e| e.id.0)
+            .collect();
+        assert_eq!(kept, ["e2", "e3", "e4"], "then the oldest");
+        assert_eq!(log.state.counts().evaluations, 3);
+    }
+
+    #[test]
+    fn reads_list_jobs_by_name_and_count_objects() {
+        let mut log = with_job_and_node();
+        log.apply(submit("j0", "e0", spec("zeta"))).unwrap();
+        log.apply(submit("j2", "e2", spec("alpha"))).unwrap();
+        let names: Vec<_> = log.state.jobs().into_iter().map(|j| j.name).collect();
+        assert_eq!(names, ["alpha", "api", "zeta"]);
+        log.apply(upsert(vec![alloc("a0", "j1", "n1", 0, &[])]))
+            .unwrap();
+        assert_eq!(log.state.node_allocations(&NodeId::new("n1")).len(), 1);
+        assert_eq!(
+            log.state.counts(),
+            StateCounts {
+                jobs: 3,
+                nodes: 1,
+                nodes_ready: 1,
+                allocations: 1,
+                allocations_live: 1,
+                evaluations: 3,
+                evaluations_pending: 3,
+                evaluations_blocked: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn snapshot_and_restore_round_trip() {
+        let mut log = with_job_and_node();
+        log.apply(upsert(vec![alloc("a0", "j1", "n1", 0, &["g0"])]))
+            .unwrap();
+        let bytes = log.bytes();
+        let mut restored = ClusterState::default();
+        restored.restore(&bytes).unwrap();
+        assert_eq!(restored.snapshot().unwrap(), bytes);
+        assert_eq!(restored.job_by_name("api"), log.state.job_by_name("api"));
+        assert_eq!(restored.jobs(), log.state.jobs());
+
+        // The restored state keeps applying exactly like the original.
+        let mut a = log;
+        let mut b = Log::with(restored);
+        b.index = a.index;
+        let next = submit("j1", "e5", {
+            let mut s = spec("api");
+            s.priority = 90;
+            s
+        });
+        assert_eq!(a.apply(next.clone()), b.apply(next));
+        assert_eq!(a.bytes(), b.bytes());
+    }
+
+    #[test]
+    fn restore_refuses_garbage_and_leaves_the_state_alone() {
+        let mut log = with_job_and_node();
+        let before = log.bytes();
+        assert!(log.state.restore(b"not json").is_err());
+        let mut value: serde_json::Value = serde_json::from_slice(&before).unwrap();
+        value["format"] = json!(99);
+        assert!(log
+            .state
+            .restore(&serde_json::to_vec(&value).unwrap())
+            .is_err());
+        let mut value: serde_json::Value = serde_json::from_slice(&before).unwrap();
+        value["jobs"]["j1"]["version"] = json!(0);
+        let err = log
+            .state
+            .restore(&serde_json::to_vec(&value).unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("version 0"), "{err}");
+        assert_eq!(log.bytes(), before);
+    }
+
+    #[test]
+    fn commands_are_stable_json() {
+        let command = submit("j1", "e1", spec("api"));
+        let value = serde_json::to_value(&command).unwrap();
+        assert_eq!(value["type"], json!("submit_job"));
+        assert_eq!(value["at"], json!(100));
+        assert_eq!(value["spec"]["groups"][0]["task"]["driver"], json!("exec"));
+        let back: Command = serde_json::from_value(value).unwrap();
+        assert_eq!(back, command);
+        let status: Command = serde_json::from_value(json!({
+            "type": "set_node_status", "node_id": "n1", "status": "draining", "at": 5
+        }))
+        .unwrap();
+        assert!(matches!(
+            status,
+            Command::SetNodeStatus {
+                status: NodeStatus::Draining,
+                ..
+            }
+        ));
+    }
+
+    /// A random command over small id spaces, so commands collide often.
+    fn random_command(rng: &mut StdRng, step: u64) -> Command {
+        let job = format!("j{}", rng.random_range(0..4));
+        let node = format!("n{}", rng.random_range(0..3));
+        let eval = format!("e{}", rng.random_range(0..12));
+        let at = Timestamp::new(step);
+        match rng.random_range(0..9) {
+            0 | 1 => {
+                let mut s = spec(&format!("job{}", rng.random_range(0..3)));
+                s.priority = rng.random_range(0..3) * 50;
+                s.groups[0].count = rng.random_range(1..3);
+                Command::SubmitJob {
+                    job_id: JobId::new(job),
+                    eval_id: EvalId::new(eval),
+                    spec: s,
+                    at,
+                }
+            }
+            2 => Command::DeleteJob {
+                job_id: JobId::new(job),
+                eval_id: EvalId::new(eval),
+                at,
+            },
+            3 => {
+                let gpus: &[&str] = if rng.random_bool(0.5) {
+                    &["g0", "g1"]
+                } else {
+                    &["g1"]
+                };
+                Command::RegisterNode {
+                    node: registration(&node, gpus),
+                    at,
+                }
+            }
+            4 => Command::NodeHeartbeat {
+                node_id: NodeId::new(node),
+                at,
+            },
+            5 => Command::SetNodeStatus {
+                node_id: NodeId::new(node),
+                status: NodeStatus::ALL[rng.random_range(0..3)],
+                at,
+            },
+            6 => {
+                let mut a = alloc(
+                    &format!("a{}", rng.random_range(0..6)),
+                    &job,
+                    &node,
+                    rng.random_range(0..2),
+                    if rng.random_bool(0.5) { &["g1"] } else { &[] },
+                );
+                if rng.random_bool(0.3) {
+                    a.desired = DesiredState::Stop;
+                }
+                upsert(vec![a])
+            }
+            7 => Command::ReportAllocations {
+                node_id: NodeId::new(node),
+                reports: vec![AllocationReport {
+                    id: AllocId::new(format!("a{}", rng.random_range(0..6))),
+                    state: AllocState::ALL[rng.random_range(0..AllocState::ALL.len())],
+                }],
+                at,
+            },
+            _ => Command::UpdateEvaluation {
+                eval_id: EvalId::new(eval),
+                status: EvalStatus::ALL[rng.random_range(0..3)],
+                unplaced: vec![],
+                at,
+            },
+        }
+    }
+
+    #[test]
+    fn replicas_fed_the_same_log_stay_identical() {
+        for seed in 0..20u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut a = Log::with(ClusterState::with_eval_limit(8));
+            let mut b = Log::with(ClusterState::with_eval_limit(8));
+            let mut outputs = 0;
+            for step in 0..300 {
+                let command = random_command(&mut rng, step);
+                let before = a.bytes();
+                let out_a = a.apply(command.clone());
+                let out_b = b.apply(command.clone());
+                assert_eq!(out_a, out_b, "seed {seed} step {step}");
+                if out_a.is_err() {
+                    assert_eq!(
+                        a.bytes(),
+                        before,
+                        "seed {seed} step {step}: rejected {command:?} changed state"
+                    );
+                } else {
+                    outputs += 1;
+                }
+                if step % 50 == 49 {
+                    // A replica that restarts from a snapshot continues identically.
+                    let mut restored = ClusterState::default();
+                    restored.restore(&b.bytes()).unwrap();
+                    b.state = restored;
+                }
+                assert_eq!(a.bytes(), b.bytes(), "seed {seed} step {step}");
+            }
+            assert!(outputs > 50, "seed {seed}: too few commands applied");
+        }
+    }
+}
