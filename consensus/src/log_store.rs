@@ -145,6 +145,9 @@ impl LogImage {
                     self.entries.pop_front();
                 }
                 self.snapshot = snapshot.clone();
+                // A local snapshot covers applied, hence committed, entries.
+                let meta = snapshot.get_metadata();
+                self.hard_state.commit = self.hard_state.commit.max(meta.index);
                 // Entries at or before the snapshot that are not contiguous with it are
                 // useless; keep the log starting right after what the snapshot covers.
                 if self

@@ -65,9 +65,9 @@ impl Default for ReplicaConfig {
             id: 1,
             election_tick: 10,
             heartbeat_tick: 2,
-            snapshot_entries: 10_000,
+            snapshot_entries: 100_000,
             snapshot_bytes: 64 << 20,
-            compact_keep: 1_000,
+            compact_keep: 5_000,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
         }
@@ -475,6 +475,20 @@ impl<S: StateMachine> Replica<S> {
         self.apply_entries(ready.take_committed_entries(), &mut out)?;
         batch.entries = ready.take_entries();
         batch.hard_state = ready.hs().cloned();
+        if let Some(hs) = &batch.hard_state {
+            // Term and vote must be durable before any message depends on them; a
+            // commit index alone need not be (raft learns it again after a crash), so
+            // it waits for the next batch instead of costing an fsync of its own.
+            let stored = self.raw.store().image().hard_state();
+            if batch.entries.is_empty()
+                && batch.snapshot.is_none()
+                && hs.term == stored.term
+                && hs.vote == stored.vote
+            {
+                self.raw.mut_store().set_commit(hs.commit);
+                batch.hard_state = None;
+            }
+        }
         if !batch.is_empty() {
             let started = Instant::now();
             self.raw.mut_store().write(batch)?;

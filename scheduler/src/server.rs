@@ -62,9 +62,11 @@ impl ServerConfig {
             data_dir,
             tick: Duration::from_millis(100),
             election_ticks: 10,
-            snapshot_entries: 10_000,
+            // etcd's defaults: a snapshot serialises the whole state, so it is taken
+            // rarely, and enough entries stay behind it for followers that lag a bit.
+            snapshot_entries: 100_000,
             snapshot_bytes: 64 << 20,
-            compact_keep: 1_000,
+            compact_keep: 5_000,
             request_timeout: Duration::from_secs(10),
             queue_capacity: 65_536,
             limits: ApiLimits::default(),

@@ -299,6 +299,9 @@ pub struct ClusterState {
     job_names: BTreeMap<String, JobId>,
     /// Evaluation creation order; derived from `tables.evaluations`.
     eval_order: BTreeMap<u64, EvalId>,
+    /// Creation order of completed evaluations, trimmed first; derived too, so
+    /// trimming never scans every evaluation.
+    completed: BTreeSet<u64>,
 }
 
 impl Default for ClusterState {
@@ -333,10 +336,17 @@ impl ClusterState {
             .values()
             .map(|record| (record.seq, record.eval.id.clone()))
             .collect();
+        let completed = tables
+            .evaluations
+            .values()
+            .filter(|record| record.eval.status == EvalStatus::Complete)
+            .map(|record| record.seq)
+            .collect();
         Self {
             tables,
             job_names,
             eval_order,
+            completed,
         }
     }
 
@@ -565,6 +575,19 @@ impl ClusterState {
                     "evaluation `{id}` has sequence {seq} from the future"
                 ));
             }
+        }
+        let completed = t
+            .evaluations
+            .values()
+            .filter(|r| r.eval.status == EvalStatus::Complete)
+            .count();
+        if completed != self.completed.len()
+            || self
+                .completed
+                .iter()
+                .any(|seq| !self.eval_order.contains_key(seq))
+        {
+            return Err("the completed-evaluation index disagrees with the evaluations".to_owned());
         }
         Ok(())
     }
@@ -983,6 +1006,11 @@ impl ClusterState {
             .ok_or_else(|| StateError::not_found(ObjectKind::Evaluation, &eval_id))?;
         record.eval.status = status;
         record.eval.updated_at = at;
+        if status == EvalStatus::Complete {
+            self.completed.insert(record.seq);
+        } else {
+            self.completed.remove(&record.seq);
+        }
         let eval = &record.eval;
         if let Some(job) = self.tables.jobs.get_mut(&eval.job_id) {
             if job.version == eval.job_version {
@@ -1088,19 +1116,7 @@ impl ClusterState {
         if excess == 0 {
             return;
         }
-        let evaluations = &self.tables.evaluations;
-        let is_complete = |id: &EvalId| {
-            evaluations
-                .get(id)
-                .is_some_and(|r| r.eval.status == EvalStatus::Complete)
-        };
-        let mut victims: BTreeSet<u64> = self
-            .eval_order
-            .iter()
-            .filter(|(_, id)| is_complete(id))
-            .map(|(seq, _)| *seq)
-            .take(excess)
-            .collect();
+        let mut victims: BTreeSet<u64> = self.completed.iter().take(excess).copied().collect();
         let missing = excess - victims.len();
         let oldest: Vec<u64> = self
             .eval_order
@@ -1111,6 +1127,7 @@ impl ClusterState {
             .collect();
         victims.extend(oldest);
         for seq in victims {
+            self.completed.remove(&seq);
             if let Some(id) = self.eval_order.remove(&seq) {
                 self.tables.evaluations.remove(&id);
             }
