@@ -189,3 +189,74 @@ async fn full_cluster_restart_keeps_every_job() {
     let snapshots = metric(&client, &urls[0], "aigrid_raft_snapshots_created_total").await;
     let _ = snapshots;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_quorum_writes_answer_503_and_excess_requests_429() {
+    let mut cluster = Cluster::start(3, &["--request-timeout-ms", "3000", "--max-in-flight", "1"]);
+    let urls = cluster.urls();
+    let client = http();
+    wait_leader(&client, &urls, Duration::from_secs(20)).await;
+    let resp = client
+        .post(format!("{}/api/v1/jobs", urls[0]))
+        .json(&job("before"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+
+    cluster.server(2).kill();
+    cluster.server(3).kill();
+    let url = urls[0].clone();
+    let pending = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let resp = client
+                .post(format!("{url}/api/v1/jobs"))
+                .json(&job("lost"))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.unwrap();
+            (status, body, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The one in-flight slot is taken by the stuck write: the door answers 429.
+    let resp = client
+        .get(format!("{url}/api/v1/cluster"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+
+    let (status, body, took) = pending.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "no_quorum");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("leader"),
+        "the reason names the missing leader or commit: {body}"
+    );
+    assert!(took < Duration::from_secs(6), "answered after {took:?}");
+
+    // Bring the quorum back: the unacknowledged write may or may not have landed, the
+    // acknowledged one is there.
+    cluster.server(2).start();
+    wait_leader(&client, &urls[..2], Duration::from_secs(20)).await;
+    let jobs = get_json(&client, &format!("{url}/api/v1/jobs"))
+        .await
+        .unwrap();
+    let names: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"before"), "{names:?}");
+}

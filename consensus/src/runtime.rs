@@ -202,6 +202,36 @@ impl<S: StateMachine> RaftNode<S> {
         RaftError::NoQuorum(reason)
     }
 
+    /// Submits the input `make` builds until it is answered or the request deadline
+    /// passes. Every attempt reuses one request id, so a retry that races with a late
+    /// commit is recognised as the same request.
+    async fn until_answered<T>(
+        &self,
+        make: impl Fn(RequestId, oneshot::Sender<Result<T, ProposeError>>) -> Input<S::Output>,
+    ) -> Result<T, RaftError> {
+        let id = self.next_id();
+        let deadline = Instant::now() + self.shared.request_timeout;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.no_quorum());
+            }
+            let (tx, rx) = oneshot::channel();
+            self.submit(make(id, tx))?;
+            match tokio::time::timeout(ATTEMPT.min(deadline - now), rx).await {
+                Ok(Ok(Ok(answer))) => return Ok(answer),
+                Ok(Ok(Err(ProposeError::Removed))) => return Err(RaftError::Removed),
+                Ok(Ok(Err(ProposeError::NoLeader))) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Ok(Err(_)) if self.is_stopped() => return Err(RaftError::Stopped),
+                // Dropped by a leader change or not committed yet: try again under
+                // the same id; the first application answers.
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+    }
+
     async fn replicate(
         &self,
         make: impl Fn(
@@ -209,29 +239,12 @@ impl<S: StateMachine> RaftNode<S> {
             oneshot::Sender<Result<Applied<S::Output>, ProposeError>>,
         ) -> Input<S::Output>,
     ) -> Result<Applied<S::Output>, RaftError> {
-        let id = self.next_id();
-        let deadline = Instant::now() + self.shared.request_timeout;
         self.shared.metrics.proposals.inc();
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                self.shared.metrics.proposals_failed.inc();
-                return Err(self.no_quorum());
-            }
-            let (tx, rx) = oneshot::channel();
-            self.submit(make(id, tx))?;
-            match tokio::time::timeout(ATTEMPT.min(deadline - now), rx).await {
-                Ok(Ok(Ok(applied))) => return Ok(applied),
-                Ok(Ok(Err(ProposeError::Removed))) => return Err(RaftError::Removed),
-                Ok(Ok(Err(ProposeError::NoLeader))) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Ok(Err(_)) if self.is_stopped() => return Err(RaftError::Stopped),
-                // Dropped by a leader change or not committed yet: propose again under
-                // the same id; the first application answers.
-                Ok(Err(_)) | Err(_) => {}
-            }
+        let result = self.until_answered(make).await;
+        if result.is_err() {
+            self.shared.metrics.proposals_failed.inc();
         }
+        result
     }
 
     /// Proposes `command` and waits until this server applied it: a success means the
@@ -276,28 +289,10 @@ impl<S: StateMachine> RaftNode<S> {
     /// Runs `f` on state that reflects every write committed before the call began
     /// (ReadIndex: confirmed with a quorum, then served locally once applied).
     pub async fn read<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, RaftError> {
-        let id = self.next_id();
-        let deadline = Instant::now() + self.shared.request_timeout;
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(self.no_quorum());
-            }
-            let (tx, rx) = oneshot::channel();
-            self.submit(Input::Read { id, reply: tx })?;
-            match tokio::time::timeout(ATTEMPT.min(deadline - now), rx).await {
-                Ok(Ok(Ok(()))) => {
-                    self.shared.metrics.reads.inc();
-                    return Ok(f(&self.shared.state.read()));
-                }
-                Ok(Ok(Err(ProposeError::Removed))) => return Err(RaftError::Removed),
-                Ok(Ok(Err(ProposeError::NoLeader))) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Ok(Err(_)) if self.is_stopped() => return Err(RaftError::Stopped),
-                Ok(Err(_)) | Err(_) => {}
-            }
-        }
+        self.until_answered(|id, reply| Input::Read { id, reply })
+            .await?;
+        self.shared.metrics.reads.inc();
+        Ok(f(&self.shared.state.read()))
     }
 
     /// Runs `f` on this server's applied state without contacting the leader; it may
