@@ -16,6 +16,9 @@ ldd "$bin" | grep -o '/[^ ]*' | sort -u | while read -r lib; do
     mkdir -p "$rootfs$(dirname "$lib")"
     cp -L "$lib" "$rootfs$lib"
 done
+# The CA bundle: the HTTP client loads system roots even for plain-HTTP peers.
+mkdir -p "$rootfs/etc/ssl/certs"
+cp -L /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
 printf 'root:x:0:0:root:/root:/sbin/nologin\n' > "$rootfs/etc/passwd"
 printf 'hosts: files dns\n' > "$rootfs/etc/nsswitch.conf"
 chmod 1777 "$rootfs/tmp"

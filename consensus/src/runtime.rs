@@ -138,13 +138,16 @@ impl<S: StateMachine> RaftNode<S> {
         let feedback: Arc<dyn Fn(Feedback) + Send + Sync> = Arc::new(move |f| {
             let _ = feedback_tx.try_send(Input::Feedback(f));
         });
-        let transport = Arc::new(Transport::new(
-            config.replica.id,
-            config.advertise_addr.clone(),
-            tokio::runtime::Handle::current(),
-            feedback,
-            metrics.clone(),
-        ));
+        let transport = Arc::new(
+            Transport::new(
+                config.replica.id,
+                config.advertise_addr.clone(),
+                tokio::runtime::Handle::current(),
+                feedback,
+                metrics.clone(),
+            )
+            .map_err(ReplicaError::Config)?,
+        );
         transport.set_members(replica.members());
         if replica.members().len() == 1 && replica.members().contains_key(&replica.id()) {
             // A single voter need not wait an election timeout.

@@ -59,14 +59,14 @@ impl Transport {
         runtime: tokio::runtime::Handle,
         feedback: Arc<dyn Fn(Feedback) + Send + Sync>,
         metrics: Arc<RaftMetrics>,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .pool_max_idle_per_host(4)
             .tcp_nodelay(true)
             .build()
-            .expect("a plain HTTP client always builds");
-        Transport {
+            .map_err(|e| format!("cannot build the peer HTTP client: {e}"))?;
+        Ok(Transport {
             self_id,
             self_addr,
             addrs: Arc::default(),
@@ -75,7 +75,7 @@ impl Transport {
             runtime,
             feedback,
             metrics,
-        }
+        })
     }
 
     /// Replaces the known addresses of voters (from the applied configuration).
