@@ -201,6 +201,18 @@ async fn bad_requests_are_rejected_and_change_nothing() {
             ..case("", vec![], 404, "not_found", "9")
         },
         Case {
+            what: "unknown query parameter",
+            method: "GET",
+            path: "/api/v1/jobs?colour=red",
+            ..case("", vec![], 400, "invalid_field", "colour")
+        },
+        Case {
+            what: "leave with a non-numeric id",
+            method: "DELETE",
+            path: "/api/v1/cluster/members/two",
+            ..case("", vec![], 400, "invalid_field", "")
+        },
+        Case {
             what: "join with a bad address",
             path: "/api/v1/cluster/members",
             ..case(
@@ -246,6 +258,25 @@ async fn bad_requests_are_rejected_and_change_nothing() {
             "{}: message `{message}` lacks `{}`",
             c.what,
             c.message_has
+        );
+    }
+
+    // The OpenAPI document describes the routes and the types they take.
+    let doc = get_json(&client, &format!("{url}/api/v1/openapi.json"))
+        .await
+        .unwrap();
+    for path in [
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}",
+        "/api/v1/nodes",
+        "/api/v1/cluster",
+    ] {
+        assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
+    }
+    for schema in ["JobSpec", "TaskGroup", "Job", "ErrorBody", "ClusterStatus"] {
+        assert!(
+            doc["components"]["schemas"][schema].is_object(),
+            "openapi lacks {schema}"
         );
     }
 

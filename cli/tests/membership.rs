@@ -62,15 +62,19 @@ async fn join_by_snapshot_then_leave_while_writing() {
     let url4 = s4.url();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        // Server 4 joins as a learner and is promoted to voter once caught up.
         let status = get_json(&client, &format!("{}/api/v1/cluster", urls[0])).await;
-        let members = status
-            .map(|s| s["members"].as_array().map_or(0, Vec::len))
-            .unwrap_or(0);
+        let voters = status
+            .and_then(|s| s["members"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|m| m["role"] == "voter")
+            .count();
         let applied4 = get_json(&client, &format!("{url4}/api/v1/cluster"))
             .await
             .and_then(|s| s["applied_index"].as_u64())
             .unwrap_or(0);
-        if members == 4 && applied4 > 0 {
+        if voters == 4 && applied4 > 0 {
             break;
         }
         assert!(

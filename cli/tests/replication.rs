@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use acks::Acks;
 use common::*;
-use parking_lot_free::Acks;
 
 /// Acknowledged submissions, with when each request was sent and answered.
-mod parking_lot_free {
+mod acks {
     use std::sync::Mutex;
     use std::time::Instant;
 
@@ -165,6 +165,12 @@ async fn full_cluster_restart_keeps_every_job() {
         let (id, _, _) = submit_until_acked(&client, &urls, n, &format!("keep-{n}")).await;
         expected.insert(id);
     }
+    // Every server compacted its log behind a snapshot, so the restart below rebuilds
+    // state from a snapshot plus the log after it.
+    for url in &urls {
+        let taken = metric(&client, url, "aigrid_raft_snapshots_created_total").await;
+        assert!(taken.unwrap_or(0.0) >= 1.0, "{url} took no snapshot");
+    }
     // One crash (SIGKILL) and two clean stops: both must keep everything.
     cluster.servers[0].kill();
     cluster.servers[1].terminate();
@@ -186,8 +192,6 @@ async fn full_cluster_restart_keeps_every_job() {
             .collect();
         assert_eq!(held, expected, "{url} after restart\n{}", cluster.logs());
     }
-    let snapshots = metric(&client, &urls[0], "aigrid_raft_snapshots_created_total").await;
-    let _ = snapshots;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -187,8 +187,10 @@ pub struct ReplicaStatus {
     pub snapshot_index: u64,
     /// `leader`, `follower`, `candidate` or `pre_candidate`.
     pub role: &'static str,
-    /// Voters and their addresses.
+    /// Members (voters and learners) and their addresses.
     pub members: BTreeMap<u64, String>,
+    /// Members still catching up, not yet voting.
+    pub learners: Vec<u64>,
     /// True once this replica applied its own removal.
     pub removed: bool,
 }
@@ -294,7 +296,7 @@ impl<S: StateMachine> Replica<S> {
         self.config.id
     }
 
-    /// Voters and their addresses as of the applied index.
+    /// Members (voters and learners) and their addresses as of the applied index.
     pub fn members(&self) -> &BTreeMap<u64, String> {
         &self.members
     }
@@ -340,6 +342,7 @@ impl<S: StateMachine> Replica<S> {
             snapshot_index: self.snapshot_index,
             role,
             members: self.members.clone(),
+            learners: self.conf_state.learners.clone(),
             removed: self.removed,
         }
     }
@@ -382,7 +385,9 @@ impl<S: StateMachine> Replica<S> {
         let mut cc = ConfChange::default();
         match change {
             MembershipChange::Add { id, addr } => {
-                cc.set_change_type(ConfChangeType::AddNode);
+                // A new server joins as a learner; the leader promotes it to voter once
+                // it has caught up, so it never counts toward quorum while it lags.
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
                 cc.node_id = *id;
                 cc.context = addr.as_bytes().to_vec().into();
             }
@@ -523,7 +528,35 @@ impl<S: StateMachine> Replica<S> {
             out.reads.push(id);
         }
         self.maybe_snapshot()?;
+        self.maybe_promote_learner();
         Ok(out)
+    }
+
+    /// On the leader, proposes making a caught-up learner a voter: one configuration
+    /// change at a time, and only once its log is within `PROMOTE_LAG` of the commit.
+    fn maybe_promote_learner(&mut self) {
+        const PROMOTE_LAG: u64 = 64;
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader || raft.pending_conf_index > self.applied {
+            return;
+        }
+        let committed = raft.raft_log.committed;
+        let caught_up = self.conf_state.learners.iter().copied().find(|id| {
+            raft.prs().get(*id).is_some_and(|pr| {
+                pr.state == raft::ProgressState::Replicate
+                    && pr.matched > 0
+                    && pr.matched + PROMOTE_LAG >= committed
+            })
+        });
+        if let Some(id) = caught_up {
+            let mut cc = ConfChange::default();
+            cc.set_change_type(ConfChangeType::AddNode);
+            cc.node_id = id;
+            if let Some(addr) = self.members.get(&id) {
+                cc.context = addr.as_bytes().to_vec().into();
+            }
+            let _ = self.raw.propose_conf_change(Vec::new(), cc);
+        }
     }
 
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), ReplicaError> {

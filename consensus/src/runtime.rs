@@ -304,6 +304,11 @@ impl<S: StateMachine> RaftNode<S> {
         f(&self.shared.state.read())
     }
 
+    /// How long a request may wait for a commit.
+    pub fn request_timeout(&self) -> Duration {
+        self.shared.request_timeout
+    }
+
     /// This server's latest view of the cluster.
     pub fn status(&self) -> ReplicaStatus {
         self.shared.status.read().clone()

@@ -14,7 +14,7 @@ use aigrid_api::{
 };
 use aigrid_consensus::{MembershipChange, RaftError, RaftNode};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -177,6 +177,13 @@ struct ReadQuery {
     stale: bool,
 }
 
+/// The read options, with a malformed query answered in the API's error shape.
+fn read_query(query: Result<Query<ReadQuery>, QueryRejection>) -> Result<ReadQuery, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))
+}
+
 fn now() -> Timestamp {
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -255,8 +262,9 @@ fn unexpected(applied: Applied) -> ApiError {
 )]
 async fn list_jobs(
     State(state): State<ApiState>,
-    Query(query): Query<ReadQuery>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Vec<JobSummary>>, ApiError> {
+    let query = read_query(query)?;
     Ok(Json(read(&state, &query, |s| s.jobs()).await?))
 }
 
@@ -270,8 +278,9 @@ async fn list_jobs(
 async fn get_job(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Query(query): Query<ReadQuery>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Job>, ApiError> {
+    let query = read_query(query)?;
     let job_id = JobId::new(id.clone());
     read(&state, &query, |s| s.job(&job_id))
         .await?
@@ -315,8 +324,9 @@ async fn delete_job(
 )]
 async fn list_nodes(
     State(state): State<ApiState>,
-    Query(query): Query<ReadQuery>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Node>>, ApiError> {
+    let query = read_query(query)?;
     Ok(Json(read(&state, &query, |s| s.nodes()).await?))
 }
 
@@ -329,8 +339,9 @@ async fn list_nodes(
 async fn get_node(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Query(query): Query<ReadQuery>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Node>, ApiError> {
+    let query = read_query(query)?;
     let node_id = NodeId::new(id.clone());
     read(&state, &query, |s| s.node(&node_id))
         .await?
@@ -352,7 +363,11 @@ fn cluster_status(raft: &RaftNode<ClusterState>) -> ClusterStatus {
             .map(|(id, addr)| Member {
                 id: *id,
                 addr: addr.clone(),
-                role: MemberRole::Voter,
+                role: if status.learners.contains(id) {
+                    MemberRole::Learner
+                } else {
+                    MemberRole::Voter
+                },
                 is_leader: status.leader == Some(*id),
             })
             .collect(),
@@ -368,8 +383,8 @@ async fn get_cluster(State(state): State<ApiState>) -> Json<ClusterStatus> {
     Json(cluster_status(&state.raft))
 }
 
-/// Adds a voter. The new server, started with an empty data dir, catches up from a
-/// snapshot.
+/// Adds a server: first as a learner that catches up from a snapshot, then, once
+/// caught up, as a voter. Answers after the promotion.
 #[utoipa::path(
     post, path = "/api/v1/cluster/members", request_body = JoinRequest,
     responses((status = 201, body = ClusterStatus), (status = 409, body = ErrorBody),
@@ -400,7 +415,26 @@ async fn join_member(
             addr: req.addr,
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(cluster_status(&state.raft))))
+    // It joined as a learner; answer once the leader has promoted it to voter.
+    let deadline = Instant::now() + state.raft.request_timeout();
+    loop {
+        let status = state.raft.status();
+        if status.members.contains_key(&req.id) && !status.learners.contains(&req.id) {
+            return Ok((StatusCode::CREATED, Json(cluster_status(&state.raft))));
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "server {} joined as a learner but has not caught up within {:?}; \
+                     it becomes a voter once it has",
+                    req.id,
+                    state.raft.request_timeout()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Removes a voter. When it is the leader, leadership moves to another voter first.
@@ -412,8 +446,9 @@ async fn join_member(
 )]
 async fn leave_member(
     State(state): State<ApiState>,
-    Path(id): Path<u64>,
+    id: Result<Path<u64>, PathRejection>,
 ) -> Result<Json<ClusterStatus>, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
     state.raft.read(|_| ()).await?;
     let status = state.raft.status();
     if !status.members.contains_key(&id) {
