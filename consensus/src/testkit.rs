@@ -414,6 +414,30 @@ where
     }
 }
 
+/// Runs one seed's simulation; a panic anywhere inside (raft-rs asserts included) is
+/// reported with the seed and how to rerun just that seed.
+pub fn with_seed<T>(seed: u64, run: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(value) => value,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            panic!("simulation seed {seed} panicked: {message} (rerun with AIGRID_SIM_SEED={seed})")
+        }
+    }
+}
+
+/// The seeds to run: `0..count`, or only `AIGRID_SIM_SEED` when it is set.
+pub fn seeds(count: u64) -> Vec<u64> {
+    match std::env::var("AIGRID_SIM_SEED") {
+        Ok(seed) => vec![seed.trim().parse().expect("AIGRID_SIM_SEED is a number")],
+        Err(_) => (0..count).collect(),
+    }
+}
+
 /// A small deterministic state machine for driver tests: an ordered list of values.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ListMachine {

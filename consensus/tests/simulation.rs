@@ -2,14 +2,7 @@
 //! crashes that lose unsynced writes. A failure names its seed; rerun one seed with
 //! `AIGRID_SIM_SEED=<seed> cargo test -p aigrid-consensus --test simulation`.
 
-use aigrid_consensus::testkit::{ListMachine, SimConfig, Simulation};
-
-fn seeds(count: u64) -> Vec<u64> {
-    match std::env::var("AIGRID_SIM_SEED") {
-        Ok(seed) => vec![seed.parse().expect("AIGRID_SIM_SEED is a number")],
-        Err(_) => (0..count).collect(),
-    }
-}
+use aigrid_consensus::testkit::{seeds, with_seed, ListMachine, SimConfig, Simulation};
 
 fn run_seeds(servers: u64, count: u64) {
     let mut acknowledged = 0;
@@ -21,16 +14,16 @@ fn run_seeds(servers: u64, count: u64) {
             servers,
             ..SimConfig::default()
         };
-        let sim = Simulation::new(seed * 1000 + servers, config, ListMachine::default);
-        let report = sim
-            .run(
+        let report = with_seed(seed, || {
+            Simulation::new(seed, config, ListMachine::default).run(
                 |rng, step| {
                     use rand::Rng;
                     step * 1_000_000 + rng.random_range(0..1_000_000u64)
                 },
                 |state, value| state.values.contains(value),
             )
-            .unwrap_or_else(|e| panic!("{e}"));
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
         acknowledged += report.acknowledged;
         lost_writes += report.lost_writes;
         crashes += report.crashes;

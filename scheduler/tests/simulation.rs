@@ -4,7 +4,7 @@
 //! seed with `AIGRID_SIM_SEED=<seed> cargo test -p aigrid-scheduler --test simulation`.
 
 use aigrid_api::{EvalId, JobId, JobSpec, Timestamp};
-use aigrid_consensus::testkit::{SimConfig, Simulation};
+use aigrid_consensus::testkit::{seeds, with_seed, SimConfig, Simulation};
 use aigrid_scheduler::state::{ClusterState, Command};
 use rand::Rng;
 
@@ -22,21 +22,16 @@ fn spec(name: &str, count: u64) -> JobSpec {
     .unwrap()
 }
 
-fn run(servers: u64, seeds: u64) {
-    let seeds: Vec<u64> = match std::env::var("AIGRID_SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("AIGRID_SIM_SEED is a number")],
-        Err(_) => (0..seeds).collect(),
-    };
+fn run(servers: u64, seeds_count: u64) {
     let mut acknowledged = 0;
-    for seed in seeds {
+    for seed in seeds(seeds_count) {
         let config = SimConfig {
             servers,
             fault_ticks: 250,
             ..SimConfig::default()
         };
-        let sim = Simulation::new(seed, config, ClusterState::default);
-        let report = sim
-            .run(
+        let report = with_seed(seed, || {
+            Simulation::new(seed, config, ClusterState::default).run(
                 |rng, step| {
                     // Names repeat now and then, so some submissions update a job.
                     let n = rng.random_range(0..1_000_000u64);
@@ -52,7 +47,8 @@ fn run(servers: u64, seeds: u64) {
                     _ => true,
                 },
             )
-            .unwrap_or_else(|e| panic!("{e}"));
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
         acknowledged += report.acknowledged;
     }
     assert!(acknowledged > 0, "no job was acknowledged");
