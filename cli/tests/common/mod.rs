@@ -13,13 +13,20 @@ pub fn aigrid_bin() -> &'static str {
     env!("CARGO_BIN_EXE_aigrid")
 }
 
-/// Ports free right now on 127.0.0.1 (held together so they are distinct).
+/// Ports free right now on 127.0.0.1, distinct, and below the kernel's ephemeral range
+/// (32768 and up by default), so no outgoing connection can take one while a server
+/// that owns it is down for a restart.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners
-        .iter()
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let mut held = Vec::new();
+    while held.len() < n {
+        let port = rng.random_range(20_000..32_000u16);
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+        }
+    }
+    held.iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
 }
