@@ -435,6 +435,7 @@ pub struct SimDisk {
 struct SimDiskInner {
     image: LogImage,
     fail_next_write: bool,
+    writes: u64,
 }
 
 impl SimDisk {
@@ -448,6 +449,11 @@ impl SimDisk {
     /// Makes the next write fail without persisting anything.
     pub fn fail_next_write(&self) {
         self.inner.lock().fail_next_write = true;
+    }
+
+    /// Batches written so far: each one is an fsync on a real disk.
+    pub fn writes(&self) -> u64 {
+        self.inner.lock().writes
     }
 
     /// Clears a pending failure (the replica crashed another way first).
@@ -467,6 +473,7 @@ impl Durable for SimDisk {
             return Err(LogStoreError::SimulatedCrash);
         }
         inner.image.apply(batch);
+        inner.writes += 1;
         Ok(())
     }
 }

@@ -280,6 +280,85 @@ async fn receive(
 mod tests {
     use super::*;
 
+    struct Collect(std::sync::mpsc::Sender<Message>);
+
+    impl Inbox for Collect {
+        fn deliver(&self, messages: Vec<Message>) -> bool {
+            messages.into_iter().all(|m| self.0.send(m).is_ok())
+        }
+        fn learn(&self, _id: u64, _addr: &str) {}
+    }
+
+    fn heartbeat(to: u64, term: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.from = 1;
+        m.to = to;
+        m.term = term;
+        m
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_peer_does_not_hold_up_a_live_one() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            axum::serve(listener, router(Arc::new(Collect(tx))))
+                .await
+                .unwrap();
+        });
+        // Nothing listens on the dead peer's address (a port taken and released).
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap().to_string();
+        drop(dead);
+
+        let unreachable = Arc::new(Mutex::new(Vec::new()));
+        let seen = unreachable.clone();
+        let metrics = Arc::new(RaftMetrics::register(&prometheus::Registry::new()).unwrap());
+        let transport = Transport::new(
+            1,
+            "127.0.0.1:1".into(),
+            tokio::runtime::Handle::current(),
+            Arc::new(move |f| seen.lock().push(f)),
+            metrics.clone(),
+        )
+        .unwrap();
+        transport.set_members(&BTreeMap::from([(2, live), (3, dead_addr)]));
+
+        let started = std::time::Instant::now();
+        for term in 0..2_000 {
+            transport.send(heartbeat(3, term));
+            transport.send(heartbeat(2, term));
+        }
+        let received = tokio::task::spawn_blocking(move || {
+            (0..2_000)
+                .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap().term)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            received,
+            (0..2_000).collect::<Vec<_>>(),
+            "delivered in order"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the live peer waited {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            unreachable
+                .lock()
+                .iter()
+                .any(|f| matches!(f, Feedback::Unreachable(3))),
+            "the dead peer is reported unreachable"
+        );
+        assert!(metrics.messages_dropped.get() > 0);
+    }
+
     #[test]
     fn batch_round_trip() {
         let mut a = Message::default();
