@@ -49,12 +49,7 @@ async fn bad_requests_are_rejected_and_change_nothing() {
     let url = cluster.urls()[0].clone();
     let client = http();
     wait_leader(&client, std::slice::from_ref(&url), Duration::from_secs(20)).await;
-    let resp = client
-        .post(format!("{url}/api/v1/jobs"))
-        .json(&job("good"))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_job(&client, &url, "good").await.unwrap();
     assert_eq!(resp.status(), 201);
 
     let snapshot = |client: reqwest::Client, url: String| async move {

@@ -30,11 +30,7 @@ async fn join_by_snapshot_then_leave_while_writing() {
             while !stop.load(Ordering::SeqCst) {
                 let urls = targets.lock().unwrap().clone();
                 let url = &urls[n % urls.len()];
-                let resp = client
-                    .post(format!("{url}/api/v1/jobs"))
-                    .json(&job(&format!("w-{n}")))
-                    .send()
-                    .await;
+                let resp = post_job(&client, url, &format!("w-{n}")).await;
                 if let Ok(resp) = resp {
                     if resp.status().is_success() {
                         let v: serde_json::Value = resp.json().await.unwrap();

@@ -200,12 +200,7 @@ async fn without_quorum_writes_answer_503_and_excess_requests_429() {
     let urls = cluster.urls();
     let client = http();
     wait_leader(&client, &urls, Duration::from_secs(20)).await;
-    let resp = client
-        .post(format!("{}/api/v1/jobs", urls[0]))
-        .json(&job("before"))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_job(&client, &urls[0], "before").await.unwrap();
     assert_eq!(resp.status(), 201);
 
     cluster.server(2).kill();
@@ -215,12 +210,7 @@ async fn without_quorum_writes_answer_503_and_excess_requests_429() {
         let (client, url) = (client.clone(), url.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            let resp = client
-                .post(format!("{url}/api/v1/jobs"))
-                .json(&job("lost"))
-                .send()
-                .await
-                .unwrap();
+            let resp = post_job(&client, &url, "lost").await.unwrap();
             let status = resp.status().as_u16();
             let body: serde_json::Value = resp.json().await.unwrap();
             (status, body, started.elapsed())

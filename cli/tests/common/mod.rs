@@ -263,6 +263,19 @@ pub fn job(name: &str) -> Value {
     })
 }
 
+/// Submits the job [`job`] builds for `name` to the server at `url`.
+pub async fn post_job(
+    client: &reqwest::Client,
+    url: &str,
+    name: &str,
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .post(format!("{url}/api/v1/jobs"))
+        .json(&job(name))
+        .send()
+        .await
+}
+
 /// Job ids a server holds in its own applied state.
 pub async fn local_job_ids(client: &reqwest::Client, url: &str) -> Option<Vec<String>> {
     let jobs = get_json(client, &format!("{url}/api/v1/jobs?stale=true")).await?;
