@@ -39,8 +39,8 @@ pub use ids::{AllocId, EvalId, JobId, NodeId};
 pub use job::{DeleteJobResponse, Job, JobStatus, JobSummary, SubmitJobResponse, Unplaced};
 pub use node::{GpuDevice, Node, NodeRegistration, NodeResources, NodeStatus};
 pub use spec::{
-    Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind, JobSpec,
-    ModelServerTask, Resources, Spread, TaskGroup, TaskSpec,
+    Affinity, Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind,
+    JobSpec, ModelServerTask, Resources, Spread, TaskGroup, TaskSpec,
 };
 pub use units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
 
@@ -82,6 +82,8 @@ mod tests {
             "ModelServerTask",
             "ConstraintOp",
             "ConstraintValue",
+            "Affinity",
+            "GpuRequest",
             "Allocation",
             "AllocState",
             "NodeStatus",

@@ -51,6 +51,17 @@ pub struct GpuDevice {
     pub memory_mib: MemoryMib,
     /// False when the device reports errors; unhealthy GPUs get no new work.
     pub healthy: bool,
+    /// The NUMA node the device hangs off, when the host reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// The fast-interconnect domain (an NVLink/NVSwitch island) the device belongs
+    /// to; GPUs sharing a value talk to each other without crossing PCIe. The planner
+    /// keeps a multi-GPU instance inside one group when it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interconnect_group: Option<String>,
+    /// True when the device can be partitioned (NVIDIA MIG).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mig_capable: bool,
 }
 
 /// What a node offers to workloads.
@@ -141,6 +152,16 @@ impl NodeRegistration {
                     format!("duplicate GPU uuid `{}`", gpu.uuid),
                 ));
             }
+            if gpu
+                .interconnect_group
+                .as_deref()
+                .is_some_and(|g| g.trim().is_empty())
+            {
+                return Err(ValidationError::new(
+                    format!("resources.gpus[{i}].interconnect_group"),
+                    "must not be empty when set",
+                ));
+            }
             if !indices.insert(gpu.index) {
                 return Err(ValidationError::new(
                     format!("resources.gpus[{i}].index"),
@@ -188,7 +209,8 @@ mod tests {
                     {"index": 0, "uuid": "GPU-a", "vendor": "nvidia", "model": "H100",
                      "memory_mib": 81920, "healthy": true},
                     {"index": 1, "uuid": "GPU-b", "vendor": "nvidia", "model": "H100",
-                     "memory_mib": 81920, "healthy": true}
+                     "memory_mib": 81920, "healthy": true, "numa_node": 1,
+                     "interconnect_group": "nvl-0", "mig_capable": true}
                 ]
             }
         })
@@ -206,6 +228,17 @@ mod tests {
         let reg: NodeRegistration = serde_json::from_value(registration()).unwrap();
         reg.validate().unwrap();
         assert_eq!(reg.resources.gpus.len(), 2);
+        let (old, new) = (&reg.resources.gpus[0], &reg.resources.gpus[1]);
+        assert_eq!(
+            (old.numa_node, old.interconnect_group.as_deref()),
+            (None, None)
+        );
+        assert!(!old.mig_capable);
+        assert_eq!(new.numa_node, Some(1));
+        assert_eq!(new.interconnect_group.as_deref(), Some("nvl-0"));
+        assert!(new.mig_capable);
+        let json = serde_json::to_value(old).unwrap();
+        assert!(json.get("numa_node").is_none() && json.get("mig_capable").is_none());
         let mut v = registration();
         v["extra"] = json!(true);
         assert!(serde_json::from_value::<NodeRegistration>(v).is_err());
@@ -232,6 +265,10 @@ mod tests {
         assert_eq!(
             blamed(|v| v["resources"]["gpus"][1]["index"] = json!(0)),
             "resources.gpus[1].index"
+        );
+        assert_eq!(
+            blamed(|v| v["resources"]["gpus"][1]["interconnect_group"] = json!("")),
+            "resources.gpus[1].interconnect_group"
         );
     }
 }

@@ -28,6 +28,8 @@ pub const MAX_GROUP_COUNT: u32 = 10_000;
 pub const MAX_REGEX_BYTES: usize = 256 * 1024;
 /// Highest spread weight.
 pub const MAX_SPREAD_WEIGHT: u32 = 100;
+/// Largest magnitude of an affinity weight; negative weights repel.
+pub const MAX_AFFINITY_WEIGHT: i32 = 100;
 
 /// A job as submitted: what to run, how many, and where it may run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -57,6 +59,14 @@ fn default_priority() -> u32 {
 
 fn default_count() -> u32 {
     1
+}
+
+fn default_movable() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 wire_enum!(
@@ -95,6 +105,19 @@ pub struct TaskGroup {
     /// Attributes to spread instances across (sites, countries).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub spread: Vec<Spread>,
+    /// Weighted preferences for nodes; unlike constraints they never exclude a node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinities: Vec<Affinity>,
+    /// Whether the rebalancer may migrate instances to consolidate free GPUs. True by
+    /// default; set false for work that cannot tolerate a restart.
+    #[serde(default = "default_movable", skip_serializing_if = "is_true")]
+    #[schema(default = true)]
+    pub movable: bool,
+    /// The disruption budget: at most this many instances may be down at once for
+    /// voluntary moves (rebalancing, drains). Absent means one at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub max_unavailable: Option<u32>,
     /// What each instance runs.
     pub task: TaskSpec,
 }
@@ -112,11 +135,12 @@ pub struct Resources {
     pub gpus: Option<GpuRequest>,
 }
 
-/// Whole GPUs reserved for one instance; GPUs are never shared between instances.
+/// GPUs reserved for one instance: whole GPUs, held exclusively, or with
+/// `memory_slice_mib` a slice of one GPU shared with other sliced instances.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GpuRequest {
-    /// How many GPUs, all on the same node.
+    /// How many GPUs, all on the same node; 1 for a slice.
     #[schema(minimum = 1)]
     pub count: u32,
     /// A model name the device's model must contain (`H100`), if any.
@@ -125,6 +149,22 @@ pub struct GpuRequest {
     /// Least memory each GPU must have, in MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_memory_mib: Option<MemoryMib>,
+    /// Ask for a slice of one shared GPU with at least this much of its memory, in
+    /// MiB, instead of whole GPUs. Slices share a GPU only with other slices, and
+    /// the slices on one GPU never add up to more than its memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_slice_mib: Option<MemoryMib>,
+    /// Require all of an instance's GPUs to be in one interconnect group (an NVLink
+    /// domain). Without it the planner still prefers one group but may split.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub same_interconnect: bool,
+}
+
+impl GpuRequest {
+    /// True when the request is for a slice of a shared GPU.
+    pub fn is_slice(&self) -> bool {
+        self.memory_slice_mib.is_some()
+    }
 }
 
 /// A rule on a node attribute (`country in [BE, NL]`).
@@ -224,6 +264,22 @@ impl<'de> Deserialize<'de> for ConstraintValue {
 
         deserializer.deserialize_any(Visitor)
     }
+}
+
+/// A weighted preference for nodes whose attribute satisfies a rule
+/// (`site = ghent`, weight 50). Positive weights attract, negative ones repel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Affinity {
+    /// The node attribute the rule reads.
+    pub attribute: String,
+    /// How the attribute is compared with `value`, as for a [`Constraint`].
+    pub op: ConstraintOp,
+    /// A string, or a list of strings for `in` and `not_in`.
+    pub value: ConstraintValue,
+    /// -100 to 100, not 0: how strongly matching nodes are preferred (or avoided).
+    #[schema(minimum = -100, maximum = 100)]
+    pub weight: i32,
 }
 
 /// Spread a group's instances evenly over the values of a node attribute.
@@ -366,6 +422,15 @@ impl TaskGroup {
         for (k, spread) in self.spread.iter().enumerate() {
             spread.validate_at(&format!("{path}.spread[{k}]"))?;
         }
+        for (k, affinity) in self.affinities.iter().enumerate() {
+            affinity.validate_at(&format!("{path}.affinities[{k}]"))?;
+        }
+        if self.max_unavailable == Some(0) {
+            return Err(ValidationError::new(
+                format!("{path}.max_unavailable"),
+                "must be at least 1; set `movable = false` to forbid voluntary moves",
+            ));
+        }
         self.task.validate_at(&format!("{path}.task"))
     }
 }
@@ -405,51 +470,99 @@ impl Resources {
                 "must be greater than 0 when set",
             ));
         }
+        if let Some(slice) = gpus.memory_slice_mib {
+            if slice.get() == 0 {
+                return Err(ValidationError::new(
+                    format!("{path}.gpus.memory_slice_mib"),
+                    "must be greater than 0 when set",
+                ));
+            }
+            if gpus.count != 1 {
+                return Err(ValidationError::new(
+                    format!("{path}.gpus.count"),
+                    format!(
+                        "a memory slice is one shared GPU: count must be 1, got {}",
+                        gpus.count
+                    ),
+                ));
+            }
+            if gpus.same_interconnect {
+                return Err(ValidationError::new(
+                    format!("{path}.gpus.same_interconnect"),
+                    "does not apply to a memory slice of one GPU",
+                ));
+            }
+        }
         Ok(())
     }
 }
 
 impl Constraint {
     fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
-        if self.attribute.trim().is_empty() {
+        check_rule(path, &self.attribute, self.op, &self.value)
+    }
+}
+
+impl Affinity {
+    fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
+        check_rule(path, &self.attribute, self.op, &self.value)?;
+        if self.weight == 0 || self.weight.abs() > MAX_AFFINITY_WEIGHT {
             return Err(ValidationError::new(
-                format!("{path}.attribute"),
-                "must not be empty",
+                format!("{path}.weight"),
+                format!(
+                    "must be between -{MAX_AFFINITY_WEIGHT} and {MAX_AFFINITY_WEIGHT} and not 0, got {}",
+                    self.weight
+                ),
             ));
-        }
-        let field = format!("{path}.value");
-        let op = self.op;
-        match op {
-            ConstraintOp::In | ConstraintOp::NotIn => {
-                let Some(values) = self.value.as_list() else {
-                    return Err(ValidationError::new(
-                        field,
-                        format!("`{op}` takes a list of values, e.g. [\"a\", \"b\"]"),
-                    ));
-                };
-                if values.is_empty() {
-                    return Err(ValidationError::new(
-                        field,
-                        format!("`{op}` needs at least one value"),
-                    ));
-                }
-            }
-            ConstraintOp::Eq
-            | ConstraintOp::Ne
-            | ConstraintOp::Regex
-            | ConstraintOp::Ge
-            | ConstraintOp::Le => {
-                let Some(value) = self.value.as_single() else {
-                    return Err(ValidationError::new(
-                        field,
-                        format!("`{op}` takes a single value, not a list"),
-                    ));
-                };
-                check_single_value(&field, op, value)?;
-            }
         }
         Ok(())
     }
+}
+
+/// Checks an attribute rule, shared by constraints and affinities.
+fn check_rule(
+    path: &str,
+    attribute: &str,
+    op: ConstraintOp,
+    value: &ConstraintValue,
+) -> Result<(), ValidationError> {
+    if attribute.trim().is_empty() {
+        return Err(ValidationError::new(
+            format!("{path}.attribute"),
+            "must not be empty",
+        ));
+    }
+    let field = format!("{path}.value");
+    match op {
+        ConstraintOp::In | ConstraintOp::NotIn => {
+            let Some(values) = value.as_list() else {
+                return Err(ValidationError::new(
+                    field,
+                    format!("`{op}` takes a list of values, e.g. [\"a\", \"b\"]"),
+                ));
+            };
+            if values.is_empty() {
+                return Err(ValidationError::new(
+                    field,
+                    format!("`{op}` needs at least one value"),
+                ));
+            }
+        }
+        ConstraintOp::Eq
+        | ConstraintOp::Ne
+        | ConstraintOp::Regex
+        | ConstraintOp::Ge
+        | ConstraintOp::Le => {
+            let Some(value) = value.as_single() else {
+                return Err(ValidationError::new(
+                    field,
+                    format!("`{op}` takes a single value, not a list"),
+                ));
+            };
+            check_single_value(&field, op, value)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_single_value(field: &str, op: ConstraintOp, value: &str) -> Result<(), ValidationError> {
@@ -880,6 +993,56 @@ replicas = 3
                 Box::new(|v| v["groups"][0]["spread"][0]["weight"] = json!(0)),
             ),
             (
+                "groups[0].resources.gpus.memory_slice_mib",
+                Box::new(|v| v["groups"][0]["resources"]["gpus"]["memory_slice_mib"] = json!(0)),
+            ),
+            (
+                "groups[0].resources.gpus.count",
+                Box::new(|v| {
+                    v["groups"][0]["resources"]["gpus"] =
+                        json!({"count": 2, "memory_slice_mib": 10240})
+                }),
+            ),
+            (
+                "groups[0].resources.gpus.same_interconnect",
+                Box::new(|v| {
+                    v["groups"][0]["resources"]["gpus"] =
+                        json!({"count": 1, "memory_slice_mib": 10240, "same_interconnect": true})
+                }),
+            ),
+            (
+                "groups[0].affinities[0].attribute",
+                Box::new(|v| {
+                    v["groups"][0]["affinities"] =
+                        json!([{"attribute": " ", "op": "=", "value": "a", "weight": 5}])
+                }),
+            ),
+            (
+                "groups[0].affinities[0].value",
+                Box::new(|v| {
+                    v["groups"][0]["affinities"] =
+                        json!([{"attribute": "site", "op": "in", "value": "a", "weight": 5}])
+                }),
+            ),
+            (
+                "groups[0].affinities[0].weight",
+                Box::new(|v| {
+                    v["groups"][0]["affinities"] =
+                        json!([{"attribute": "site", "op": "=", "value": "a", "weight": 0}])
+                }),
+            ),
+            (
+                "groups[0].affinities[0].weight",
+                Box::new(|v| {
+                    v["groups"][0]["affinities"] =
+                        json!([{"attribute": "site", "op": "=", "value": "a", "weight": -101}])
+                }),
+            ),
+            (
+                "groups[0].max_unavailable",
+                Box::new(|v| v["groups"][0]["max_unavailable"] = json!(0)),
+            ),
+            (
                 "groups[0].task.command",
                 Box::new(|v| v["groups"][0]["task"]["command"] = json!("  ")),
             ),
@@ -923,6 +1086,49 @@ replicas = 3
         ]);
         v["groups"][0]["spread"] = json!([{"attribute": "site", "weight": 100}]);
         parse(v).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn placement_fields_default_and_round_trip() {
+        let spec = parse(valid()).unwrap();
+        let group = &spec.groups[0];
+        assert!(group.movable && group.affinities.is_empty());
+        assert_eq!(group.max_unavailable, None);
+        let gpus = group.resources.gpus.as_ref().unwrap();
+        assert!(!gpus.is_slice() && !gpus.same_interconnect);
+        // Defaults stay off the wire, so older specs serialise exactly as before.
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["groups"][0].get("movable"), None);
+        assert_eq!(
+            json["groups"][0]["resources"]["gpus"].get("same_interconnect"),
+            None
+        );
+
+        let mut v = valid();
+        v["groups"][0]["movable"] = json!(false);
+        v["groups"][0]["max_unavailable"] = json!(2);
+        v["groups"][0]["affinities"] = json!([
+            {"attribute": "site", "op": "=", "value": "ghent", "weight": 50},
+            {"attribute": "farm", "op": "in", "value": ["a", "b"], "weight": -100},
+        ]);
+        v["groups"][0]["resources"]["gpus"] =
+            json!({"count": 1, "model": "L4", "memory_slice_mib": 8192});
+        let spec = parse(v).unwrap();
+        spec.validate().unwrap();
+        let group = &spec.groups[0];
+        assert!(!group.movable);
+        assert_eq!(group.max_unavailable, Some(2));
+        assert_eq!(group.affinities[1].weight, -100);
+        let gpus = group.resources.gpus.as_ref().unwrap();
+        assert_eq!(gpus.memory_slice_mib, Some(MemoryMib::new(8192)));
+        assert!(gpus.is_slice());
+        let back: JobSpec = serde_json::from_value(serde_json::to_value(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+
+        let mut v = valid();
+        v["groups"][0]["affinities"] =
+            json!([{"attribute": "site", "op": "=", "value": "a", "weight": 1, "extra": 1}]);
+        assert!(parse(v).is_err());
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub fn parse(spec: &str, seed: &str) -> Result<Vec<GpuDevice>, SpecError> {
                 model: format!("NVIDIA {model}"),
                 memory_mib: MemoryMib::new(gb * 1024),
                 healthy: true,
+                numa_node: None,
+                interconnect_group: None,
+                mig_capable: false,
             });
         }
     }

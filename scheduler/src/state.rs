@@ -400,6 +400,14 @@ impl ClusterState {
         self.tables.nodes.values().cloned().collect()
     }
 
+    /// What the planner needs to know: every node and what live allocations hold.
+    pub fn plan_snapshot(&self) -> crate::planner::PlanSnapshot {
+        crate::planner::PlanSnapshot::new(
+            self.tables.nodes.values(),
+            self.tables.allocations.values(),
+        )
+    }
+
     /// The allocation with this id.
     pub fn allocation(&self, id: &AllocId) -> Option<Allocation> {
         self.tables.allocations.get(id).cloned()
@@ -1311,6 +1319,9 @@ mod tests {
                         model: "H100".to_owned(),
                         memory_mib: MemoryMib::new(81920),
                         healthy: true,
+                        numa_node: None,
+                        interconnect_group: None,
+                        mig_capable: false,
                     })
                     .collect(),
             },
