@@ -51,6 +51,22 @@ async fn bad_requests_are_rejected_and_change_nothing() {
     wait_leader(&client, std::slice::from_ref(&url), Duration::from_secs(20)).await;
     let resp = post_job(&client, &url, "good").await.unwrap();
     assert_eq!(resp.status(), 201);
+    // Let the scheduler finish with it (no node can take it), so nothing else commits.
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let job = get_json(&client, &format!("{url}/api/v1/jobs/{id}"))
+            .await
+            .unwrap();
+        if !job["unplaced"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never planned: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let snapshot = |client: reqwest::Client, url: String| async move {
         let jobs = get_json(&client, &format!("{url}/api/v1/jobs"))

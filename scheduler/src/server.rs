@@ -185,6 +185,7 @@ impl Server {
         )?;
         let app = http::router(raft.clone(), registry, &config.limits)?;
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(crate::worker::run(raft.clone(), shutdown.subscribe()));
         let http = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {

@@ -115,6 +115,26 @@ pub enum Command {
         /// When the verdict was reached.
         at: Timestamp,
     },
+    /// The verdicts on a batch of evaluations planned together, in one log entry.
+    /// Evaluations forgotten since planning are skipped rather than failing the batch.
+    UpdateEvaluations {
+        /// One verdict per evaluation.
+        updates: Vec<EvaluationUpdate>,
+        /// When the verdicts were reached.
+        at: Timestamp,
+    },
+}
+
+/// The planner's verdict on one evaluation, as [`Command::UpdateEvaluations`] carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvaluationUpdate {
+    /// The evaluation.
+    pub eval_id: EvalId,
+    /// Its new status.
+    pub status: EvalStatus,
+    /// Instances that did not fit; empty when everything was placed.
+    #[serde(default)]
+    pub unplaced: Vec<Unplaced>,
 }
 
 /// What applying a [`Command`] answers to its proposer.
@@ -159,6 +179,11 @@ pub enum Applied {
     EvaluationUpdated {
         /// The evaluation.
         id: EvalId,
+    },
+    /// A batch of verdicts was recorded.
+    EvaluationsUpdated {
+        /// How many evaluations still existed and were updated.
+        updated: usize,
     },
 }
 
@@ -406,6 +431,11 @@ impl ClusterState {
             self.tables.nodes.values(),
             self.tables.allocations.values(),
         )
+    }
+
+    /// Every allocation kept, ordered by id.
+    pub fn allocations(&self) -> Vec<Allocation> {
+        self.tables.allocations.values().cloned().collect()
     }
 
     /// The allocation with this id.
@@ -1181,6 +1211,16 @@ impl StateMachine for ClusterState {
                 unplaced,
                 at,
             } => self.update_evaluation(eval_id, status, unplaced, at),
+            Command::UpdateEvaluations { updates, at } => {
+                let updated = updates
+                    .into_iter()
+                    .filter(|u| {
+                        self.update_evaluation(u.eval_id.clone(), u.status, u.unplaced.clone(), at)
+                            .is_ok()
+                    })
+                    .count();
+                Ok(Applied::EvaluationsUpdated { updated })
+            }
         };
         debug_assert_eq!(self.check_invariants(), Ok(()));
         output
@@ -1855,6 +1895,31 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(err.code(), ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn batched_verdicts_skip_forgotten_evaluations() {
+        let mut log = with_job_and_node();
+        let out = log.apply(Command::UpdateEvaluations {
+            updates: vec![
+                EvaluationUpdate {
+                    eval_id: EvalId::new("forgotten"),
+                    status: EvalStatus::Complete,
+                    unplaced: vec![],
+                },
+                EvaluationUpdate {
+                    eval_id: EvalId::new("e1"),
+                    status: EvalStatus::Complete,
+                    unplaced: vec![],
+                },
+            ],
+            at: Timestamp::new(800),
+        });
+        assert_eq!(out, Ok(Applied::EvaluationsUpdated { updated: 1 }));
+        let eval = log.state.evaluation(&EvalId::new("e1")).unwrap();
+        assert_eq!(eval.status, EvalStatus::Complete);
+        assert_eq!(eval.updated_at, Timestamp::new(800));
+        assert_eq!(log.state.counts().evaluations_pending, 0);
     }
 
     #[test]
