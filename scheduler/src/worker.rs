@@ -96,11 +96,47 @@ pub async fn run(raft: RaftNode<ClusterState>, mut shutdown: watch::Receiver<boo
         }
         planned_for = Some(work.capacity);
         for batch in evals.chunks(BATCH) {
-            if let Err(e) = process(&raft, batch).await {
-                tracing::warn!(error = %e, "planning a batch of evaluations failed");
-                break;
+            match process(&raft, batch).await {
+                Ok(()) => {}
+                // The state machine refused the batch's plan: plan its evaluations one
+                // by one, so one bad plan cannot hold up the others.
+                Err(WorkerError::State(_)) => {
+                    for eval in batch {
+                        if let Err(WorkerError::State(e)) =
+                            process(&raft, std::slice::from_ref(eval)).await
+                        {
+                            refuse(&raft, eval, &e).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "planning a batch of evaluations failed");
+                    break;
+                }
             }
         }
+    }
+}
+
+/// Marks an evaluation whose plan the state machine refused as blocked, with the
+/// reason, so it is retried when capacity changes rather than on every pass.
+async fn refuse(raft: &RaftNode<ClusterState>, eval: &Evaluation, error: &StateError) {
+    tracing::warn!(eval = %eval.id, job = %eval.job_id, error = %error, "plan refused");
+    let update = EvaluationUpdate {
+        eval_id: eval.id.clone(),
+        status: EvalStatus::Blocked,
+        unplaced: vec![aigrid_api::Unplaced {
+            group: String::new(),
+            missing: 0,
+            reason: format!("the plan was refused: {error}"),
+        }],
+    };
+    let command = Command::UpdateEvaluations {
+        updates: vec![update],
+        at: now(),
+    };
+    if let Err(e) = raft.propose(&command).await {
+        tracing::warn!(error = %e, "recording a refused plan failed");
     }
 }
 
