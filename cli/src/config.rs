@@ -11,8 +11,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use serde::Deserialize;
 
-/// Flags of `aigrid server`.
-#[derive(Args, Debug, Default)]
+/// Flags of `aigrid server`; the same names, with `_`, are the keys of its TOML file.
+#[derive(Args, Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ServerArgs {
     /// This server's Raft id (non-zero, unique in the cluster).
     #[arg(long, env = "AIGRID_ID")]
@@ -34,6 +35,7 @@ pub struct ServerArgs {
     data_dir: Option<PathBuf>,
     /// TOML file with any of these settings (flags and variables win).
     #[arg(long, env = "AIGRID_CONFIG")]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// Length of a Raft tick in milliseconds.
     #[arg(long, env = "AIGRID_TICK_MS")]
@@ -58,26 +60,6 @@ pub struct ServerArgs {
     max_body_bytes: Option<usize>,
     /// Requests served at once (429 beyond).
     #[arg(long, env = "AIGRID_MAX_IN_FLIGHT")]
-    max_in_flight: Option<usize>,
-}
-
-/// The same settings in a TOML file.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct ServerFile {
-    id: Option<u64>,
-    listen: Option<SocketAddr>,
-    advertise: Option<String>,
-    peers: Option<String>,
-    join: Option<String>,
-    data_dir: Option<PathBuf>,
-    tick_ms: Option<u64>,
-    election_ticks: Option<usize>,
-    snapshot_entries: Option<u64>,
-    snapshot_bytes: Option<u64>,
-    compact_keep: Option<u64>,
-    request_timeout_ms: Option<u64>,
-    max_body_bytes: Option<usize>,
     max_in_flight: Option<usize>,
 }
 
@@ -121,7 +103,7 @@ pub fn parse_peers(text: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
-fn read_file(path: &Path) -> anyhow::Result<ServerFile> {
+fn read_file(path: &Path) -> anyhow::Result<ServerArgs> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
@@ -134,57 +116,77 @@ fn read_file(path: &Path) -> anyhow::Result<ServerFile> {
 }
 
 impl ServerArgs {
+    /// Fills every setting the flags left unset from `file`.
+    fn or(self, file: ServerArgs) -> ServerArgs {
+        ServerArgs {
+            id: self.id.or(file.id),
+            listen: self.listen.or(file.listen),
+            advertise: self.advertise.or(file.advertise),
+            peers: self.peers.or(file.peers),
+            join: self.join.or(file.join),
+            data_dir: self.data_dir.or(file.data_dir),
+            config: self.config,
+            tick_ms: self.tick_ms.or(file.tick_ms),
+            election_ticks: self.election_ticks.or(file.election_ticks),
+            snapshot_entries: self.snapshot_entries.or(file.snapshot_entries),
+            snapshot_bytes: self.snapshot_bytes.or(file.snapshot_bytes),
+            compact_keep: self.compact_keep.or(file.compact_keep),
+            request_timeout_ms: self.request_timeout_ms.or(file.request_timeout_ms),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            max_in_flight: self.max_in_flight.or(file.max_in_flight),
+        }
+    }
+
     /// Merges flags over the file over defaults.
     fn resolve(self) -> anyhow::Result<(ServerConfig, Option<String>)> {
         let file = match &self.config {
             Some(path) => read_file(path)?,
-            None => ServerFile::default(),
+            None => ServerArgs::default(),
         };
-        let id = self.id.or(file.id).ok_or_else(|| {
+        let args = self.or(file);
+        let id = args.id.ok_or_else(|| {
             anyhow!("--id is required (or AIGRID_ID, or `id` in the config file)")
         })?;
-        let listen = self
+        let listen = args
             .listen
-            .or(file.listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700)));
-        let data_dir = self
+        let data_dir = args
             .data_dir
-            .or(file.data_dir)
             .ok_or_else(|| anyhow!("--data-dir is required (or AIGRID_DATA_DIR)"))?;
-        let peers = match self.peers.or(file.peers) {
+        let peers = match args.peers {
             Some(text) => parse_peers(&text)?,
             None => BTreeMap::new(),
         };
-        let join = self.join.or(file.join);
+        let join = args.join;
         if join.is_some() && !peers.is_empty() {
             bail!("--join and --peers exclude each other: a joining server learns its peers");
         }
         let mut config = ServerConfig::new(id, listen, data_dir);
-        config.advertise = self.advertise.or(file.advertise);
+        config.advertise = args.advertise;
         config.peers = peers;
         config.joining = join.is_some();
-        if let Some(ms) = self.tick_ms.or(file.tick_ms) {
+        if let Some(ms) = args.tick_ms {
             config.tick = Duration::from_millis(ms);
         }
-        if let Some(t) = self.election_ticks.or(file.election_ticks) {
+        if let Some(t) = args.election_ticks {
             config.election_ticks = t;
         }
-        if let Some(n) = self.snapshot_entries.or(file.snapshot_entries) {
+        if let Some(n) = args.snapshot_entries {
             config.snapshot_entries = n;
         }
-        if let Some(n) = self.snapshot_bytes.or(file.snapshot_bytes) {
+        if let Some(n) = args.snapshot_bytes {
             config.snapshot_bytes = n;
         }
-        if let Some(n) = self.compact_keep.or(file.compact_keep) {
+        if let Some(n) = args.compact_keep {
             config.compact_keep = n;
         }
-        if let Some(ms) = self.request_timeout_ms.or(file.request_timeout_ms) {
+        if let Some(ms) = args.request_timeout_ms {
             config.request_timeout = Duration::from_millis(ms);
         }
-        if let Some(n) = self.max_body_bytes.or(file.max_body_bytes) {
+        if let Some(n) = args.max_body_bytes {
             config.limits.max_body_bytes = n;
         }
-        if let Some(n) = self.max_in_flight.or(file.max_in_flight) {
+        if let Some(n) = args.max_in_flight {
             config.limits.max_in_flight = n;
         }
         config.validate().map_err(|e| anyhow!("{e}"))?;
