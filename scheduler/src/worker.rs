@@ -171,13 +171,15 @@ async fn process(raft: &RaftNode<ClusterState>, evals: &[Evaluation]) -> Result<
     let mut verdicts = Vec::new();
     for (eval, job) in evals.iter().zip(jobs) {
         let (changed, unplaced) = match job {
-            // A job planned earlier in this batch sees its own placements too.
+            // A job planned earlier in this batch sees its own placements too: overlay
+            // this batch's changes on the allocations the read returned.
             Some(mut job) => {
-                job.allocations = current
-                    .values()
-                    .filter(|a| a.job_id == job.id)
-                    .cloned()
-                    .collect();
+                for alloc in changes.iter().filter(|a: &&Allocation| a.job_id == job.id) {
+                    match job.allocations.iter_mut().find(|a| a.id == alloc.id) {
+                        Some(slot) => *slot = alloc.clone(),
+                        None => job.allocations.push(alloc.clone()),
+                    }
+                }
                 reconcile(&job, &snapshot, at)
             }
             // Deleted: its allocations were already asked to stop.
