@@ -64,9 +64,18 @@ pub struct Allocation {
     pub index: u32,
     /// What it reserves on the node: the group's request when it was placed.
     pub resources: Resources,
-    /// UUIDs of the node's GPUs reserved for it, exclusively.
+    /// UUIDs of the node's GPUs reserved for it: exclusively, or for a request with
+    /// a memory slice, the one shared GPU the slice is carved from.
     #[serde(default)]
     pub gpus: Vec<String>,
+    /// The allocation this one replaces (rescheduled after a failure, migrated by a
+    /// drain or the rebalancer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<AllocId>,
+    /// How many times this instance was rescheduled after failing or being lost in
+    /// a row; the delay before the next reschedule doubles with each.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reschedules: u32,
     /// What the node last reported.
     pub state: AllocState,
     /// What the control plane wants.
@@ -75,6 +84,10 @@ pub struct Allocation {
     pub created_at: Timestamp,
     /// When it last changed.
     pub updated_at: Timestamp,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Allocation {

@@ -17,8 +17,13 @@ wire_enum!(
         JobUpdate => "job_update",
         /// A job was deleted; its instances must stop.
         JobDelete => "job_delete",
-        /// A node went down or started draining, displacing the job's instances.
+        /// A node went down, started draining or lost a GPU, displacing the job's
+        /// instances.
         NodeUpdate => "node_update",
+        /// Instances were evicted for a higher-priority job and must be placed again.
+        Preemption => "preemption",
+        /// An instance failed on its node and is rescheduled.
+        AllocFailed => "alloc_failed",
     }
 );
 
@@ -51,4 +56,8 @@ pub struct Evaluation {
     pub created_at: Timestamp,
     /// When its status last changed.
     pub updated_at: Timestamp,
+    /// Not planned before this time: the backoff before rescheduling instances that
+    /// failed or were lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_until: Option<Timestamp>,
 }

@@ -55,7 +55,7 @@ pub struct Unplaced {
     /// The task group.
     pub group: String,
     /// How many of its instances are missing.
-    pub missing: u32,
+    pub count: u32,
     /// Why, in words (`no node with 2 free H100 GPUs in country BE`).
     pub reason: String,
 }

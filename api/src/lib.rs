@@ -37,7 +37,10 @@ pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationErr
 pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
 pub use ids::{AllocId, EvalId, JobId, NodeId};
 pub use job::{DeleteJobResponse, Job, JobStatus, JobSummary, SubmitJobResponse, Unplaced};
-pub use node::{GpuDevice, Node, NodeRegistration, NodeResources, NodeStatus};
+pub use node::{
+    DrainSpec, GpuDevice, GpuHealth, Heartbeat, HeartbeatResponse, Node, NodeRegistration,
+    NodeResources, NodeStatus, NodeUsage, RegisterNodeResponse,
+};
 pub use spec::{
     Affinity, Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind,
     JobSpec, ModelServerTask, Resources, Spread, TaskGroup, TaskSpec,

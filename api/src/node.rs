@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::ValidationError;
-use crate::ids::NodeId;
+use crate::ids::{EvalId, NodeId};
 use crate::units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
 
 /// Longest accepted node id; ids appear in URL paths.
@@ -51,6 +51,9 @@ pub struct GpuDevice {
     pub memory_mib: MemoryMib,
     /// False when the device reports errors; unhealthy GPUs get no new work.
     pub healthy: bool,
+    /// Why the GPU was last reported unhealthy (`XID 79`, `uncorrectable ECC`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_reason: Option<String>,
     /// The NUMA node the device hangs off, when the host reports one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub numa_node: Option<u32>,
@@ -191,6 +194,143 @@ pub struct Node {
     pub registered_at: Timestamp,
     /// When it last registered, heartbeated or reported.
     pub last_seen: Timestamp,
+    /// Set while the node is draining: how its allocations are migrated away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainSpec>,
+    /// What its live allocations hold; filled in by reads, never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<NodeUsage>,
+}
+
+/// Most allocations a drain may migrate at once.
+pub const MAX_DRAIN_PARALLEL: u32 = 10_000;
+
+/// How a drain migrates a node's allocations: `POST /api/v1/nodes/{id}/drain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainSpec {
+    /// How many allocations may be on their way off the node at once: stopped here
+    /// and not yet confirmed stopped by the agent.
+    #[serde(default = "one")]
+    #[schema(default = 1, minimum = 1)]
+    pub max_parallel: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for DrainSpec {
+    fn default() -> Self {
+        Self { max_parallel: 1 }
+    }
+}
+
+impl DrainSpec {
+    /// Checks the bound.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.max_parallel == 0 || self.max_parallel > MAX_DRAIN_PARALLEL {
+            return Err(ValidationError::new(
+                "max_parallel",
+                format!("must be between 1 and {MAX_DRAIN_PARALLEL}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a node's live allocations hold, as node listings show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeUsage {
+    /// CPU reserved.
+    pub cpu_millis: MilliCpu,
+    /// Memory reserved.
+    pub memory_mib: MemoryMib,
+    /// GPUs held whole or sliced.
+    pub gpus_used: u32,
+    /// Healthy GPUs nobody holds.
+    pub gpus_free: u32,
+    /// Live allocations.
+    pub allocations: u32,
+}
+
+/// One GPU's health as the node's agent observed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuHealth {
+    /// The GPU.
+    pub uuid: String,
+    /// False on XID or uncorrectable ECC errors, or when the device is gone.
+    pub healthy: bool,
+    /// Why it is unhealthy, in the driver's words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What an agent sends every heartbeat: `POST /api/v1/nodes/{id}/heartbeat`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// Health of GPUs that changed or are unhealthy; GPUs not listed keep theirs.
+    #[serde(default)]
+    pub gpus: Vec<GpuHealth>,
+    /// States of the node's allocations.
+    #[serde(default)]
+    pub allocations: Vec<crate::allocation::AllocationReport>,
+}
+
+/// The answer to `POST /api/v1/nodes`, sent once the registration is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RegisterNodeResponse {
+    /// The node.
+    pub id: NodeId,
+    /// True for a node not seen before, false when a known node refreshed its
+    /// inventory (an agent restart).
+    pub created: bool,
+    /// Evaluations created for jobs whose instances held GPUs the node no longer
+    /// reports; empty for a new node.
+    #[serde(default)]
+    pub eval_ids: Vec<EvalId>,
+}
+
+/// The answer to `POST /api/v1/nodes/{id}/heartbeat`, sent once it is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatResponse {
+    /// The node.
+    pub id: NodeId,
+    /// Its status now; a node marked down is back once heard from.
+    pub status: NodeStatus,
+    /// Evaluations created to reschedule instances that lost a GPU or failed.
+    #[serde(default)]
+    pub eval_ids: Vec<EvalId>,
+}
+
+/// Most entries one heartbeat may carry.
+pub const MAX_HEARTBEAT_ENTRIES: usize = 4096;
+
+impl Heartbeat {
+    /// Checks sizes and fields.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.gpus.len() > MAX_HEARTBEAT_ENTRIES {
+            return Err(ValidationError::new(
+                "gpus",
+                format!("at most {MAX_HEARTBEAT_ENTRIES} entries"),
+            ));
+        }
+        if self.allocations.len() > MAX_HEARTBEAT_ENTRIES {
+            return Err(ValidationError::new(
+                "allocations",
+                format!("at most {MAX_HEARTBEAT_ENTRIES} entries"),
+            ));
+        }
+        if let Some(i) = self.gpus.iter().position(|g| g.uuid.trim().is_empty()) {
+            return Err(ValidationError::new(
+                format!("gpus[{i}].uuid"),
+                "must not be empty",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -242,6 +382,41 @@ mod tests {
         let mut v = registration();
         v["extra"] = json!(true);
         assert!(serde_json::from_value::<NodeRegistration>(v).is_err());
+    }
+
+    #[test]
+    fn drain_defaults_and_bounds() {
+        let d: DrainSpec = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(d, DrainSpec::default());
+        assert_eq!(d.max_parallel, 1);
+        d.validate().unwrap();
+        let zero: DrainSpec = serde_json::from_value(json!({"max_parallel": 0})).unwrap();
+        assert_eq!(zero.validate().unwrap_err().field, "max_parallel");
+        let many: DrainSpec =
+            serde_json::from_value(json!({"max_parallel": MAX_DRAIN_PARALLEL + 1})).unwrap();
+        assert!(many.validate().is_err());
+        assert!(serde_json::from_value::<DrainSpec>(json!({"parallel": 2})).is_err());
+    }
+
+    #[test]
+    fn heartbeat_parses_and_validates() {
+        let hb: Heartbeat = serde_json::from_value(json!({
+            "gpus": [{"uuid": "GPU-a", "healthy": false, "reason": "XID 79"}],
+            "allocations": [{"id": "a1", "state": "running"}]
+        }))
+        .unwrap();
+        hb.validate().unwrap();
+        assert_eq!(hb.gpus[0].reason.as_deref(), Some("XID 79"));
+        let empty: Heartbeat = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(empty, Heartbeat::default());
+        let blank: Heartbeat =
+            serde_json::from_value(json!({"gpus": [{"uuid": " ", "healthy": true}]})).unwrap();
+        assert_eq!(blank.validate().unwrap_err().field, "gpus[0].uuid");
+        assert!(serde_json::from_value::<Heartbeat>(json!({"load": 1})).is_err());
+        assert!(serde_json::from_value::<Heartbeat>(
+            json!({"gpus": [{"uuid": "GPU-a", "healthy": true, "temp": 80}]})
+        )
+        .is_err());
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! Client subcommands: `job`, `node`, `cluster`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aigrid_api::{
-    ClusterStatus, DeleteJobResponse, Job, JobSpec, JobSummary, JoinRequest, Node,
+    AllocState, Allocation, AllocationReport, ClusterStatus, DeleteJobResponse, DiskMib, DrainSpec,
+    GpuHealth, Heartbeat, HeartbeatResponse, Job, JobSpec, JobSummary, JoinRequest, MemoryMib,
+    MilliCpu, Node, NodeId, NodeRegistration, NodeResources, RegisterNodeResponse,
     SubmitJobResponse,
 };
 use anyhow::{anyhow, bail, Context};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde::Serialize;
 
@@ -25,12 +28,12 @@ pub enum JobCommand {
     Ls,
     /// Show a job with its allocations and unplaced instances.
     Status {
-        /// The job id.
+        /// The job id or name.
         id: String,
     },
     /// Remove a job; its instances are stopped.
     Rm {
-        /// The job id.
+        /// The job id or name.
         id: String,
     },
 }
@@ -38,13 +41,73 @@ pub enum JobCommand {
 /// `aigrid node ...`
 #[derive(Subcommand)]
 pub enum NodeCommand {
-    /// List nodes.
+    /// List nodes with what their allocations hold.
     Ls,
-    /// Show one node.
+    /// Show a node, its GPUs and its allocations.
     Status {
         /// The node id.
         id: String,
     },
+    /// Register a node by hand, without an agent (to try placement, or in tests).
+    Register(RegisterArgs),
+    /// Send one heartbeat for a node, as its agent would: GPU health, allocation states.
+    Heartbeat(HeartbeatArgs),
+    /// Drain a node: it gets no new work and its allocations move elsewhere.
+    Drain {
+        /// The node id.
+        id: String,
+        /// Allocations on their way off the node at once.
+        #[arg(long, default_value_t = DrainSpec::default().max_parallel)]
+        max_parallel: u32,
+    },
+    /// End a node's drain: it takes new work again.
+    Undrain {
+        /// The node id.
+        id: String,
+    },
+}
+
+/// Flags of `aigrid node register`.
+#[derive(Args)]
+pub struct RegisterArgs {
+    /// The node id: 1 to 128 of `A-Z a-z 0-9 - _ .`.
+    #[arg(long)]
+    id: String,
+    /// A human-friendly name (default: the id).
+    #[arg(long)]
+    name: Option<String>,
+    /// An attribute constraints and spreads match on, `KEY=VALUE`; repeatable.
+    #[arg(long = "attr", value_name = "KEY=VALUE")]
+    attrs: Vec<String>,
+    /// A simulated GPU inventory, `8xH100-80GB` or `4xH100-80GB,2xL4-24GB`; UUIDs are
+    /// derived from the node id, so registering again reports the same GPUs.
+    #[arg(long, value_name = "SPEC")]
+    simulate_gpus: Option<String>,
+    /// Allocatable CPU in thousandths of a core.
+    #[arg(long, default_value_t = 64_000)]
+    cpu_millis: u64,
+    /// Allocatable memory in MiB.
+    #[arg(long, default_value_t = 512 * 1024)]
+    memory_mib: u64,
+    /// Allocatable disk in MiB.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    disk_mib: u64,
+}
+
+/// Flags of `aigrid node heartbeat`.
+#[derive(Args)]
+pub struct HeartbeatArgs {
+    /// The node id.
+    id: String,
+    /// Mark a GPU unhealthy, by UUID or index, with an optional reason; repeatable.
+    #[arg(long, value_name = "GPU[:REASON]")]
+    gpu_unhealthy: Vec<String>,
+    /// Mark a GPU healthy again, by UUID or index; repeatable.
+    #[arg(long, value_name = "GPU")]
+    gpu_healthy: Vec<String>,
+    /// Report an allocation's state (`running`, `complete`, `failed`, ...); repeatable.
+    #[arg(long = "alloc", value_name = "ALLOC=STATE")]
+    allocs: Vec<String>,
 }
 
 /// `aigrid cluster ...`
@@ -78,6 +141,50 @@ fn path_segment(id: &str) -> anyhow::Result<&str> {
         bail!("`{id}` is not a valid id");
     }
     Ok(id)
+}
+
+/// Prints `rows` under `header`, `indent` spaces in, each column as wide as its
+/// widest cell.
+fn print_table(indent: usize, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let print_row = |cells: &mut dyn Iterator<Item = &str>| {
+        let line: Vec<String> = cells
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{:indent$}{}", "", line.join("  ").trim_end());
+    };
+    print_row(&mut header.iter().copied());
+    for row in rows {
+        print_row(&mut row.iter().map(String::as_str));
+    }
+}
+
+/// `-` for an empty list, the items joined by `,` otherwise.
+fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+/// The attributes a node listing shows: where the node is.
+fn key_attributes(attrs: &BTreeMap<String, String>) -> String {
+    let shown: Vec<String> = ["country", "site"]
+        .iter()
+        .filter_map(|k| attrs.get(*k).map(|v| format!("{k}={v}")))
+        .collect();
+    if shown.is_empty() {
+        "-".to_owned()
+    } else {
+        shown.join(" ")
+    }
 }
 
 /// Reads a job spec from JSON or TOML, so mistakes are reported before any request.
@@ -181,21 +288,28 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
                 println!("allocations none");
             } else {
                 println!("allocations");
-                for a in &job.allocations {
-                    println!(
-                        "  {}  {}[{}]  node {}  gpus [{}]  {} (desired {})",
-                        a.id,
-                        a.group,
-                        a.index,
-                        a.node_id,
-                        a.gpus.join(", "),
-                        a.state,
-                        a.desired
-                    );
-                }
+                let mut allocs: Vec<&Allocation> = job.allocations.iter().collect();
+                allocs.sort_by(|a, b| (&a.group, a.index).cmp(&(&b.group, b.index)));
+                let rows: Vec<Vec<String>> = allocs
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.id.to_string(),
+                            a.node_id.to_string(),
+                            format!("{}[{}]", a.group, a.index),
+                            list_or_dash(&a.gpus),
+                            format!("{}/{}", a.state, a.desired),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    2,
+                    &["ID", "NODE", "GROUP[INDEX]", "GPUS", "STATE/DESIRED"],
+                    &rows,
+                );
             }
             for u in &job.unplaced {
-                println!("unplaced    {} x{}: {}", u.group, u.missing, u.reason);
+                println!("unplaced    {} x{}: {}", u.group, u.count, u.reason);
             }
         }
         JobCommand::Rm { id } => {
@@ -220,28 +334,330 @@ pub async fn node(client: &Client, cmd: NodeCommand, json: bool) -> anyhow::Resu
             if json {
                 return print_json(&nodes);
             }
-            println!(
-                "{:<24} {:<10} {:>8} {:>10} {:>5}",
-                "ID", "STATUS", "CPU(m)", "MEM(MiB)", "GPUS"
-            );
-            for n in &nodes {
-                println!(
-                    "{:<24} {:<10} {:>8} {:>10} {:>5}",
-                    n.id,
-                    n.status.to_string(),
-                    n.resources.cpu_millis.0,
-                    n.resources.memory_mib.0,
-                    n.resources.gpus.len()
-                );
-            }
+            print_nodes(&nodes);
         }
         NodeCommand::Status { id } => {
             let path = format!("/api/v1/nodes/{}", path_segment(&id)?);
             let node: Node = client.call::<(), _>(Method::GET, &path, None).await?;
-            print_json(&node)?;
+            if json {
+                return print_json(&node);
+            }
+            let allocs: Vec<Allocation> = client
+                .call::<(), _>(Method::GET, &format!("{path}/allocations"), None)
+                .await?;
+            print_node(&node, &allocs);
+        }
+        NodeCommand::Register(args) => {
+            let reg = args.registration()?;
+            let resp: RegisterNodeResponse = client
+                .call(Method::POST, "/api/v1/nodes", Some(&reg))
+                .await?;
+            if json {
+                return print_json(&resp);
+            }
+            let verb = if resp.created {
+                "registered"
+            } else {
+                "refreshed"
+            };
+            println!(
+                "node {} {verb}: {} GPUs, {} CPU millis, {} MiB memory{}",
+                resp.id,
+                reg.resources.gpus.len(),
+                reg.resources.cpu_millis.0,
+                reg.resources.memory_mib.0,
+                evaluations_note(resp.eval_ids.len())
+            );
+        }
+        NodeCommand::Heartbeat(args) => {
+            let path = format!("/api/v1/nodes/{}", path_segment(&args.id)?);
+            let hb = args.heartbeat(client, &path).await?;
+            let resp: HeartbeatResponse = client
+                .call(Method::POST, &format!("{path}/heartbeat"), Some(&hb))
+                .await?;
+            if json {
+                return print_json(&resp);
+            }
+            println!(
+                "node {} {}{}",
+                resp.id,
+                resp.status,
+                evaluations_note(resp.eval_ids.len())
+            );
+        }
+        NodeCommand::Drain { id, max_parallel } => {
+            let path = format!("/api/v1/nodes/{}/drain", path_segment(&id)?);
+            let spec = DrainSpec { max_parallel };
+            spec.validate()
+                .map_err(|e| anyhow!("--max-parallel {}", e.message))?;
+            let node: Node = client.call(Method::POST, &path, Some(&spec)).await?;
+            if json {
+                return print_json(&node);
+            }
+            let allocations = node.usage.map_or(0, |u| u.allocations);
+            let noun = if allocations == 1 {
+                "allocation"
+            } else {
+                "allocations"
+            };
+            println!(
+                "node {} {}: {allocations} {noun} to move, at most {max_parallel} at a time",
+                node.id, node.status
+            );
+        }
+        NodeCommand::Undrain { id } => {
+            let path = format!("/api/v1/nodes/{}/drain", path_segment(&id)?);
+            let node: Node = client.call::<(), _>(Method::DELETE, &path, None).await?;
+            if json {
+                return print_json(&node);
+            }
+            println!("node {} {}", node.id, node.status);
         }
     }
     Ok(())
+}
+
+fn evaluations_note(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        1 => " (1 job re-evaluated)".to_owned(),
+        n => format!(" ({n} jobs re-evaluated)"),
+    }
+}
+
+fn print_nodes(nodes: &[Node]) {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let (used, free) = n.usage.map_or(("-".into(), "-".into()), |u| {
+                (u.gpus_used.to_string(), u.gpus_free.to_string())
+            });
+            let usage = n.usage.unwrap_or_default();
+            vec![
+                n.id.to_string(),
+                n.name.clone(),
+                n.status.to_string(),
+                n.resources.gpus.len().to_string(),
+                used,
+                free,
+                format!("{}/{}", usage.cpu_millis.0, n.resources.cpu_millis.0),
+                format!("{}/{}", usage.memory_mib.0, n.resources.memory_mib.0),
+                usage.allocations.to_string(),
+                key_attributes(&n.attributes),
+            ]
+        })
+        .collect();
+    print_table(
+        0,
+        &[
+            "ID",
+            "NAME",
+            "STATUS",
+            "GPUS",
+            "USED",
+            "FREE",
+            "CPU(m)",
+            "MEM(MiB)",
+            "ALLOCS",
+            "ATTRIBUTES",
+        ],
+        &rows,
+    );
+}
+
+fn print_node(node: &Node, allocs: &[Allocation]) {
+    println!("id          {}", node.id);
+    println!("name        {}", node.name);
+    match node.drain {
+        Some(d) => println!(
+            "status      {} (at most {} allocations moving at a time)",
+            node.status, d.max_parallel
+        ),
+        None => println!("status      {}", node.status),
+    }
+    let attrs: Vec<String> = node
+        .attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "attributes  {}",
+        if attrs.is_empty() {
+            "none".to_owned()
+        } else {
+            attrs.join(" ")
+        }
+    );
+    println!("registered  {}", ms_to_text(node.registered_at.0));
+    println!("last seen   {}", ms_to_text(node.last_seen.0));
+    let usage = node.usage.unwrap_or_default();
+    let res = &node.resources;
+    println!(
+        "cpu         {}/{} millis reserved",
+        usage.cpu_millis.0, res.cpu_millis.0
+    );
+    println!(
+        "memory      {}/{} MiB reserved",
+        usage.memory_mib.0, res.memory_mib.0
+    );
+    if res.gpus.is_empty() {
+        println!("gpus        none");
+    } else {
+        println!(
+            "gpus        {} used, {} free of {}",
+            usage.gpus_used,
+            usage.gpus_free,
+            res.gpus.len()
+        );
+        let rows: Vec<Vec<String>> = res
+            .gpus
+            .iter()
+            .map(|g| {
+                let health = match (g.healthy, &g.health_reason) {
+                    (true, _) => "healthy".to_owned(),
+                    (false, Some(reason)) => format!("unhealthy: {reason}"),
+                    (false, None) => "unhealthy".to_owned(),
+                };
+                let holders: Vec<String> = allocs
+                    .iter()
+                    .filter(|a| !a.state.is_terminal() && a.gpus.contains(&g.uuid))
+                    .map(|a| {
+                        if a.is_live() {
+                            a.id.to_string()
+                        } else {
+                            format!("{} (stopping)", a.id)
+                        }
+                    })
+                    .collect();
+                vec![
+                    g.index.to_string(),
+                    g.uuid.clone(),
+                    g.model.clone(),
+                    format!("{} MiB", g.memory_mib.0),
+                    health,
+                    list_or_dash(&holders),
+                ]
+            })
+            .collect();
+        print_table(
+            2,
+            &["INDEX", "UUID", "MODEL", "MEMORY", "HEALTH", "ALLOCATION"],
+            &rows,
+        );
+    }
+    if allocs.is_empty() {
+        println!("allocations none");
+        return;
+    }
+    println!("allocations");
+    let rows: Vec<Vec<String>> = allocs
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.to_string(),
+                a.job_id.to_string(),
+                format!("{}[{}]", a.group, a.index),
+                list_or_dash(&a.gpus),
+                format!("{}/{}", a.state, a.desired),
+            ]
+        })
+        .collect();
+    print_table(
+        2,
+        &["ID", "JOB", "GROUP[INDEX]", "GPUS", "STATE/DESIRED"],
+        &rows,
+    );
+}
+
+impl RegisterArgs {
+    /// The registration these flags describe, checked before any request.
+    fn registration(self) -> anyhow::Result<NodeRegistration> {
+        let mut attributes = BTreeMap::new();
+        for attr in &self.attrs {
+            let (k, v) = attr
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--attr `{attr}` must be KEY=VALUE"))?;
+            attributes.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        let gpus = match &self.simulate_gpus {
+            Some(spec) => aigrid_agent::simulated::parse(spec, &self.id)?,
+            None => Vec::new(),
+        };
+        let reg = NodeRegistration {
+            name: self.name.unwrap_or_else(|| self.id.clone()),
+            id: NodeId::new(self.id),
+            attributes,
+            resources: NodeResources {
+                cpu_millis: MilliCpu::new(self.cpu_millis),
+                memory_mib: MemoryMib::new(self.memory_mib),
+                disk_mib: DiskMib::new(self.disk_mib),
+                gpus,
+            },
+        };
+        reg.validate().map_err(|e| anyhow!("{e}"))?;
+        Ok(reg)
+    }
+}
+
+impl HeartbeatArgs {
+    /// The heartbeat these flags describe. GPUs named by index are looked up on the
+    /// node at `path`.
+    async fn heartbeat(&self, client: &Client, path: &str) -> anyhow::Result<Heartbeat> {
+        let mut named: Vec<(&str, bool, Option<String>)> = Vec::new();
+        for flag in &self.gpu_unhealthy {
+            let (gpu, reason) = match flag.split_once(':') {
+                Some((gpu, reason)) => (gpu, Some(reason.trim().to_owned())),
+                None => (flag.as_str(), None),
+            };
+            named.push((gpu.trim(), false, reason.filter(|r| !r.is_empty())));
+        }
+        for gpu in &self.gpu_healthy {
+            named.push((gpu.trim(), true, None));
+        }
+        let node: Option<Node> = if named.iter().any(|(g, ..)| g.parse::<u32>().is_ok()) {
+            Some(client.call::<(), _>(Method::GET, path, None).await?)
+        } else {
+            None
+        };
+        let mut gpus = Vec::new();
+        for (gpu, healthy, reason) in named {
+            let uuid = match (gpu.parse::<u32>(), &node) {
+                (Ok(index), Some(node)) => node
+                    .resources
+                    .gpus
+                    .iter()
+                    .find(|g| g.index == index)
+                    .map(|g| g.uuid.clone())
+                    .ok_or_else(|| anyhow!("node {} has no GPU with index {index}", node.id))?,
+                _ => gpu.to_owned(),
+            };
+            gpus.push(GpuHealth {
+                uuid,
+                healthy,
+                reason,
+            });
+        }
+        let mut allocations = Vec::new();
+        for flag in &self.allocs {
+            let (id, state) = flag
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--alloc `{flag}` must be ALLOC=STATE"))?;
+            let state: AllocState = state.trim().parse().map_err(|_| {
+                let states: Vec<&str> = AllocState::ALL.iter().map(|s| s.as_str()).collect();
+                anyhow!(
+                    "--alloc `{flag}`: the state must be one of {}",
+                    states.join(", ")
+                )
+            })?;
+            allocations.push(AllocationReport {
+                id: id.trim().into(),
+                state,
+            });
+        }
+        let hb = Heartbeat { gpus, allocations };
+        hb.validate().map_err(|e| anyhow!("{e}"))?;
+        Ok(hb)
+    }
 }
 
 fn print_cluster(status: &ClusterStatus) {

@@ -61,6 +61,10 @@ pub struct ServerArgs {
     /// Requests served at once (429 beyond).
     #[arg(long, env = "AIGRID_MAX_IN_FLIGHT")]
     max_in_flight: Option<usize>,
+    /// Milliseconds a node may go without a heartbeat before it is marked down and
+    /// its work rescheduled.
+    #[arg(long, env = "AIGRID_NODE_TTL_MS")]
+    node_ttl_ms: Option<u64>,
 }
 
 /// Flags of `aigrid up`.
@@ -134,6 +138,7 @@ impl ServerArgs {
             request_timeout_ms: self.request_timeout_ms.or(file.request_timeout_ms),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             max_in_flight: self.max_in_flight.or(file.max_in_flight),
+            node_ttl_ms: self.node_ttl_ms.or(file.node_ttl_ms),
         }
     }
 
@@ -188,6 +193,9 @@ impl ServerArgs {
         }
         if let Some(n) = args.max_in_flight {
             config.limits.max_in_flight = n;
+        }
+        if let Some(ms) = args.node_ttl_ms {
+            config.node_ttl = Duration::from_millis(ms);
         }
         config.validate().map_err(|e| anyhow!("{e}"))?;
         Ok((config, join))
@@ -313,7 +321,7 @@ mod tests {
         assert!(err.contains("bogus"), "{err}");
         std::fs::write(
             &path,
-            "id = 2\ndata_dir = \"/tmp/x\"\nsnapshot_entries = 5\n",
+            "id = 2\ndata_dir = \"/tmp/x\"\nsnapshot_entries = 5\nnode_ttl_ms = 90000\n",
         )
         .unwrap();
         let args = ServerArgs {
@@ -324,6 +332,7 @@ mod tests {
         let (config, join) = args.resolve().unwrap();
         assert_eq!(config.id, 3, "flags win over the file");
         assert_eq!(config.snapshot_entries, 5);
+        assert_eq!(config.node_ttl, Duration::from_secs(90));
         assert!(join.is_none());
     }
 }

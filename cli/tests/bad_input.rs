@@ -43,6 +43,48 @@ fn case(
     }
 }
 
+/// Sends each case and checks its status, error code and message.
+async fn check(client: &reqwest::Client, url: &str, cases: Vec<Case>) {
+    for c in cases {
+        let method = reqwest::Method::from_bytes(c.method.as_bytes()).unwrap();
+        let mut req = client
+            .request(method, format!("{url}{}", c.path))
+            .body(c.body.clone());
+        if let Some(ct) = c.content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{}: body is not JSON: {e}", c.what));
+        assert_eq!(status, c.status, "{}: {body}", c.what);
+        assert_eq!(body["error"]["code"], c.code, "{}: {body}", c.what);
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(c.message_has),
+            "{}: message `{message}` lacks `{}`",
+            c.what,
+            c.message_has
+        );
+    }
+}
+
+/// What a rejected request must leave alone: jobs, nodes and the commit index.
+async fn snapshot(client: &reqwest::Client, url: &str) -> (Value, Value, Value) {
+    let jobs = get_json(client, &format!("{url}/api/v1/jobs"))
+        .await
+        .unwrap();
+    let nodes = get_json(client, &format!("{url}/api/v1/nodes"))
+        .await
+        .unwrap();
+    let cluster = get_json(client, &format!("{url}/api/v1/cluster"))
+        .await
+        .unwrap();
+    (jobs, nodes, cluster["commit_index"].clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_rejected_and_change_nothing() {
     let cluster = Cluster::start(1, &[]);
@@ -68,16 +110,7 @@ async fn bad_requests_are_rejected_and_change_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let snapshot = |client: reqwest::Client, url: String| async move {
-        let jobs = get_json(&client, &format!("{url}/api/v1/jobs"))
-            .await
-            .unwrap();
-        let cluster = get_json(&client, &format!("{url}/api/v1/cluster"))
-            .await
-            .unwrap();
-        (jobs, cluster["commit_index"].clone())
-    };
-    let before = snapshot(client.clone(), url.clone()).await;
+    let before = snapshot(&client, &url).await;
 
     let cases = vec![
         case(
@@ -156,6 +189,86 @@ async fn bad_requests_are_rejected_and_change_nothing() {
             400,
             "invalid_field",
             "priority",
+        ),
+        case(
+            "unknown constraint op",
+            with(|v| {
+                v["groups"][0]["constraints"] =
+                    json!([{"attribute": "country", "op": "~=", "value": "BE"}])
+            }),
+            400,
+            "invalid_json",
+            "groups[0].constraints[0].op",
+        ),
+        case(
+            "constraint regex that does not compile",
+            with(|v| {
+                v["groups"][0]["constraints"] =
+                    json!([{"attribute": "site", "op": "regex", "value": "(ghent"}])
+            }),
+            400,
+            "invalid_field",
+            "groups[0].constraints[0].value",
+        ),
+        case(
+            "`in` with a single value",
+            with(|v| {
+                v["groups"][0]["constraints"] =
+                    json!([{"attribute": "country", "op": "in", "value": "BE"}])
+            }),
+            400,
+            "invalid_field",
+            "takes a list",
+        ),
+        case(
+            "`in` with an empty list",
+            with(|v| {
+                v["groups"][0]["constraints"] =
+                    json!([{"attribute": "country", "op": "in", "value": []}])
+            }),
+            400,
+            "invalid_field",
+            "at least one value",
+        ),
+        case(
+            "`=` with a list",
+            with(|v| {
+                v["groups"][0]["constraints"] =
+                    json!([{"attribute": "country", "op": "=", "value": ["BE"]}])
+            }),
+            400,
+            "invalid_field",
+            "single value",
+        ),
+        case(
+            "`>=` with a non-number",
+            with(|v| {
+                v["groups"][0]["constraints"] =
+                    json!([{"attribute": "gpu.count", "op": ">=", "value": "many"}])
+            }),
+            400,
+            "invalid_field",
+            "not a number",
+        ),
+        case(
+            "constraint value of the wrong type",
+            with(|v| {
+                v["groups"][0]["constraints"] =
+                    json!([{"attribute": "country", "op": "=", "value": 5}])
+            }),
+            400,
+            "invalid_json",
+            "a string or a list of strings",
+        ),
+        case(
+            "constraint without an attribute",
+            with(|v| {
+                v["groups"][0]["constraints"] =
+                    json!([{"attribute": " ", "op": "=", "value": "BE"}])
+            }),
+            400,
+            "invalid_field",
+            "groups[0].constraints[0].attribute",
         ),
         case(
             "oversized body",
@@ -247,30 +360,7 @@ async fn bad_requests_are_rejected_and_change_nothing() {
         },
     ];
 
-    for c in cases {
-        let method = reqwest::Method::from_bytes(c.method.as_bytes()).unwrap();
-        let mut req = client
-            .request(method, format!("{url}{}", c.path))
-            .body(c.body.clone());
-        if let Some(ct) = c.content_type {
-            req = req.header("content-type", ct);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let body: Value = resp
-            .json()
-            .await
-            .unwrap_or_else(|e| panic!("{}: body is not JSON: {e}", c.what));
-        assert_eq!(status, c.status, "{}: {body}", c.what);
-        assert_eq!(body["error"]["code"], c.code, "{}: {body}", c.what);
-        let message = body["error"]["message"].as_str().unwrap();
-        assert!(
-            message.contains(c.message_has),
-            "{}: message `{message}` lacks `{}`",
-            c.what,
-            c.message_has
-        );
-    }
+    check(&client, &url, cases).await;
 
     // The OpenAPI document describes the routes and the types they take.
     let doc = get_json(&client, &format!("{url}/api/v1/openapi.json"))
@@ -291,6 +381,312 @@ async fn bad_requests_are_rejected_and_change_nothing() {
         );
     }
 
-    let after = snapshot(client.clone(), url.clone()).await;
+    let after = snapshot(&client, &url).await;
+    assert_eq!(before, after, "a rejected request changed the state");
+}
+
+/// A valid registration of node `id` with two simulated H100s.
+fn registration(id: &str) -> Value {
+    json!({
+        "id": id,
+        "name": id,
+        "attributes": {"country": "BE"},
+        "resources": {
+            "cpu_millis": 8000, "memory_mib": 65536, "disk_mib": 100000,
+            "gpus": [
+                {"index": 0, "uuid": format!("GPU-{id}-0"), "vendor": "nvidia",
+                 "model": "NVIDIA H100", "memory_mib": 81920, "healthy": true},
+                {"index": 1, "uuid": format!("GPU-{id}-1"), "vendor": "nvidia",
+                 "model": "NVIDIA H100", "memory_mib": 81920, "healthy": true}
+            ]
+        }
+    })
+}
+
+fn reg_with(f: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut v = registration("fresh");
+    f(&mut v);
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn node_case(
+    what: &'static str,
+    method: &'static str,
+    path: &'static str,
+    body: Vec<u8>,
+    status: u16,
+    code: &'static str,
+    has: &'static str,
+) -> Case {
+    Case {
+        what,
+        method,
+        path,
+        ..case(what, body, status, code, has)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_node_requests_are_rejected_and_change_nothing() {
+    // A long TTL so the node registered below is not marked down mid-test.
+    let cluster = Cluster::start(1, &["--node-ttl-ms", "600000"]);
+    let url = cluster.urls()[0].clone();
+    let client = http();
+    wait_leader(&client, std::slice::from_ref(&url), Duration::from_secs(20)).await;
+    let register = |body: Value| {
+        client
+            .post(format!("{url}/api/v1/nodes"))
+            .json(&body)
+            .send()
+    };
+    let resp = register(registration("n1")).await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["id"], "n1");
+    assert_eq!(body["created"], true);
+    // Registering again refreshes the node: 200, not created.
+    let resp = register(registration("n1")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["created"], false);
+    let before = snapshot(&client, &url).await;
+
+    let hb = |v: Value| serde_json::to_vec(&v).unwrap();
+    let cases = vec![
+        node_case(
+            "malformed registration",
+            "POST",
+            "/api/v1/nodes",
+            b"{\"id\": \"n2\", ".to_vec(),
+            400,
+            "invalid_json",
+            "EOF",
+        ),
+        node_case(
+            "registration without resources",
+            "POST",
+            "/api/v1/nodes",
+            hb(json!({"id": "n2", "name": "n2"})),
+            400,
+            "invalid_json",
+            "resources",
+        ),
+        node_case(
+            "registration with an unknown field",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["colour"] = json!("red")),
+            400,
+            "invalid_json",
+            "colour",
+        ),
+        node_case(
+            "registration with a bad id",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["id"] = json!("a/b")),
+            400,
+            "invalid_field",
+            "id",
+        ),
+        node_case(
+            "registration with no CPU",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["resources"]["cpu_millis"] = json!(0)),
+            400,
+            "invalid_field",
+            "resources.cpu_millis",
+        ),
+        node_case(
+            "registration with a duplicate GPU uuid",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["resources"]["gpus"][1]["uuid"] = json!("GPU-fresh-0")),
+            400,
+            "invalid_field",
+            "resources.gpus[1].uuid",
+        ),
+        node_case(
+            "registration with a negative memory size",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["resources"]["gpus"][0]["memory_mib"] = json!(-1)),
+            400,
+            "invalid_json",
+            "resources.gpus[0].memory_mib",
+        ),
+        Case {
+            content_type: Some("text/xml"),
+            ..node_case(
+                "registration that is not JSON",
+                "POST",
+                "/api/v1/nodes",
+                reg_with(|_| ()),
+                415,
+                "unsupported_media_type",
+                "application/json",
+            )
+        },
+        node_case(
+            "oversized registration",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["attributes"]["x"] = json!("x".repeat(1_100_000))),
+            413,
+            "payload_too_large",
+            "size limit",
+        ),
+        node_case(
+            "heartbeat of an unknown node",
+            "POST",
+            "/api/v1/nodes/no-such-node/heartbeat",
+            hb(json!({})),
+            404,
+            "not_found",
+            "no-such-node",
+        ),
+        node_case(
+            "heartbeat naming an unknown GPU",
+            "POST",
+            "/api/v1/nodes/n1/heartbeat",
+            hb(json!({"gpus": [{"uuid": "GPU-nope", "healthy": false}]})),
+            400,
+            "invalid_field",
+            "GPU-nope",
+        ),
+        node_case(
+            "heartbeat naming another node's GPU",
+            "POST",
+            "/api/v1/nodes/n1/heartbeat",
+            hb(json!({"gpus": [{"uuid": "GPU-fresh-0", "healthy": false}]})),
+            400,
+            "invalid_field",
+            "gpus[0].uuid",
+        ),
+        node_case(
+            "heartbeat with an empty GPU uuid",
+            "POST",
+            "/api/v1/nodes/n1/heartbeat",
+            hb(json!({"gpus": [{"uuid": "", "healthy": false}]})),
+            400,
+            "invalid_field",
+            "gpus[0].uuid",
+        ),
+        node_case(
+            "heartbeat with an unknown field",
+            "POST",
+            "/api/v1/nodes/n1/heartbeat",
+            hb(json!({"load": 0.5})),
+            400,
+            "invalid_json",
+            "load",
+        ),
+        node_case(
+            "heartbeat with an unknown allocation state",
+            "POST",
+            "/api/v1/nodes/n1/heartbeat",
+            hb(json!({"allocations": [{"id": "a1", "state": "sleeping"}]})),
+            400,
+            "invalid_json",
+            "allocations[0].state",
+        ),
+        node_case(
+            "heartbeat that is not JSON",
+            "POST",
+            "/api/v1/nodes/n1/heartbeat",
+            b"alive".to_vec(),
+            400,
+            "invalid_json",
+            "",
+        ),
+        node_case(
+            "drain with max_parallel 0",
+            "POST",
+            "/api/v1/nodes/n1/drain",
+            hb(json!({"max_parallel": 0})),
+            400,
+            "invalid_field",
+            "max_parallel",
+        ),
+        node_case(
+            "drain with a negative max_parallel",
+            "POST",
+            "/api/v1/nodes/n1/drain",
+            hb(json!({"max_parallel": -1})),
+            400,
+            "invalid_json",
+            "max_parallel",
+        ),
+        node_case(
+            "drain with an unknown field",
+            "POST",
+            "/api/v1/nodes/n1/drain",
+            hb(json!({"deadline": "1h"})),
+            400,
+            "invalid_json",
+            "deadline",
+        ),
+        node_case(
+            "drain of an unknown node",
+            "POST",
+            "/api/v1/nodes/no-such-node/drain",
+            vec![],
+            404,
+            "not_found",
+            "no-such-node",
+        ),
+        node_case(
+            "undrain of an unknown node",
+            "DELETE",
+            "/api/v1/nodes/no-such-node/drain",
+            vec![],
+            404,
+            "not_found",
+            "no-such-node",
+        ),
+        node_case(
+            "allocations of an unknown node",
+            "GET",
+            "/api/v1/nodes/no-such-node/allocations",
+            vec![],
+            404,
+            "not_found",
+            "no-such-node",
+        ),
+        node_case(
+            "allocations with an unknown query parameter",
+            "GET",
+            "/api/v1/nodes/n1/allocations?colour=red",
+            vec![],
+            400,
+            "invalid_field",
+            "colour",
+        ),
+        node_case(
+            "wrong method on drain",
+            "PUT",
+            "/api/v1/nodes/n1/drain",
+            vec![],
+            405,
+            "method_not_allowed",
+            "PUT",
+        ),
+    ];
+    check(&client, &url, cases).await;
+
+    let doc = get_json(&client, &format!("{url}/api/v1/openapi.json"))
+        .await
+        .unwrap();
+    for path in [
+        "/api/v1/nodes",
+        "/api/v1/nodes/{id}",
+        "/api/v1/nodes/{id}/heartbeat",
+        "/api/v1/nodes/{id}/drain",
+        "/api/v1/nodes/{id}/allocations",
+    ] {
+        assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
+    }
+
+    let after = snapshot(&client, &url).await;
     assert_eq!(before, after, "a rejected request changed the state");
 }

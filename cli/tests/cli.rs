@@ -3,31 +3,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-fn aigrid(args: &[&str]) -> Output {
-    Command::new(aigrid_bin()).args(args).output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Fails with exactly one line on stderr and a non-zero exit.
-fn assert_one_line_failure(o: &Output, has: &str) {
-    assert!(!o.status.success(), "expected failure, got {}", stdout(o));
-    let err = stderr(o);
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(err.contains(has), "`{err}` lacks `{has}`");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_then_job_lifecycle_through_the_cli() {

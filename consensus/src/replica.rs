@@ -37,6 +37,10 @@ impl RequestId {
     }
 }
 
+/// The log grows by at least this many times the last snapshot's size (and by the
+/// configured bytes) before the next snapshot is taken.
+const SNAPSHOT_AMORTIZE: u64 = 8;
+
 /// Tunables of one replica; validated once at start.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
@@ -205,6 +209,8 @@ pub struct Replica<S: StateMachine> {
     applied: u64,
     snapshot_index: u64,
     bytes_since_snapshot: u64,
+    /// Size of the last snapshot taken here.
+    last_snapshot_len: u64,
     pending_reads: VecDeque<(RequestId, u64)>,
     leader: Option<u64>,
     removed: bool,
@@ -279,6 +285,7 @@ impl<S: StateMachine> Replica<S> {
             applied: snapshot_index,
             snapshot_index,
             bytes_since_snapshot: 0,
+            last_snapshot_len: 0,
             pending_reads: VecDeque::new(),
             leader: None,
             removed: false,
@@ -567,6 +574,7 @@ impl<S: StateMachine> Replica<S> {
         self.applied = meta.index;
         self.snapshot_index = meta.index;
         self.bytes_since_snapshot = 0;
+        self.last_snapshot_len = snap.data.len() as u64;
         if let Some(m) = &self.metrics {
             m.snapshots_installed.inc();
         }
@@ -643,15 +651,21 @@ impl<S: StateMachine> Replica<S> {
 
     fn maybe_snapshot(&mut self) -> Result<(), ReplicaError> {
         let entries_since = self.applied.saturating_sub(self.snapshot_index);
-        if entries_since < self.config.snapshot_entries
-            && self.bytes_since_snapshot < self.config.snapshot_bytes
-        {
+        // A snapshot costs about its own size in serialisation and writes; letting
+        // the log grow by a multiple of the last one before the next keeps that
+        // cost a bounded share of the write work as the state grows.
+        let bytes_due = self
+            .config
+            .snapshot_bytes
+            .max(self.last_snapshot_len.saturating_mul(SNAPSHOT_AMORTIZE));
+        if entries_since < self.config.snapshot_entries && self.bytes_since_snapshot < bytes_due {
             return Ok(());
         }
         if entries_since == 0 {
             return Ok(());
         }
         let data = encode_state(&*self.state.read(), &self.members)?;
+        self.last_snapshot_len = data.len() as u64;
         let term = self.raw.store().term(self.applied)?;
         let mut snap = Snapshot {
             data: data.into(),

@@ -49,6 +49,7 @@ pub fn parse(spec: &str, seed: &str) -> Result<Vec<GpuDevice>, SpecError> {
                 model: format!("NVIDIA {model}"),
                 memory_mib: MemoryMib::new(gb * 1024),
                 healthy: true,
+                health_reason: None,
                 numa_node: None,
                 interconnect_group: None,
                 mig_capable: false,

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aigrid_api::{
-    ClusterStatus, DeleteJobResponse, ErrorBody, ErrorCode, EvalId, Job, JobId, JobSpec,
-    JobSummary, JoinRequest, Member, MemberRole, Node, NodeId, SubmitJobResponse, Timestamp,
+    Allocation, ClusterStatus, DeleteJobResponse, DrainSpec, ErrorBody, ErrorCode, EvalId,
+    Heartbeat, HeartbeatResponse, Job, JobId, JobSpec, JobSummary, JoinRequest, Member, MemberRole,
+    Node, NodeId, NodeRegistration, NodeStatus, RegisterNodeResponse, SubmitJobResponse, Timestamp,
 };
 use aigrid_consensus::{MembershipChange, RaftError, RaftNode};
 use axum::body::Bytes;
@@ -124,34 +125,56 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-            // JSON, or no declared type at all (curl's `-d` default), is read as JSON.
-            let ct = ct.to_str().unwrap_or_default();
-            let accepted = [
-                "application/json",
-                "application/x-www-form-urlencoded",
-                "text/plain",
-            ];
-            if !accepted.iter().any(|a| ct.starts_with(a)) {
-                return Err(ApiError::new(
-                    ErrorCode::UnsupportedMediaType,
-                    format!("expected content-type application/json, got `{ct}`"),
-                ));
-            }
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| match e {
-            BytesRejection::FailedToBufferBody(inner)
-                if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                ApiError::new(
-                    ErrorCode::PayloadTooLarge,
-                    "request body exceeds the size limit",
-                )
-            }
-            other => ApiError::new(ErrorCode::InvalidJson, other.body_text()),
-        })?;
+        let bytes = body_bytes(req, state).await?;
         decode_json(&bytes).map(JsonBody)
     }
+}
+
+/// Like [`JsonBody`], but an empty body stands for `T::default()`, for requests whose
+/// every field has a default (`POST /api/v1/nodes/{id}/drain`).
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        decode_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
+/// The raw body, refused with 415 when it declares a type other than JSON and with
+/// 413 over the size limit.
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        // JSON, or no declared type at all (curl's `-d` default), is read as JSON.
+        let ct = ct.to_str().unwrap_or_default();
+        let accepted = [
+            "application/json",
+            "application/x-www-form-urlencoded",
+            "text/plain",
+        ];
+        if !accepted.iter().any(|a| ct.starts_with(a)) {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!("expected content-type application/json, got `{ct}`"),
+            ));
+        }
+    }
+    Bytes::from_request(req, state).await.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(inner)
+            if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+        {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "request body exceeds the size limit",
+            )
+        }
+        other => ApiError::new(ErrorCode::InvalidJson, other.body_text()),
+    })
 }
 
 /// Decodes JSON, naming the path of the field that failed (`groups[0].resources`).
@@ -268,10 +291,20 @@ async fn list_jobs(
     Ok(Json(read(&state, &query, |s| s.jobs()).await?))
 }
 
-/// Shows one job with its allocations and unplaced instances.
+/// The job with this id or, failing that, the live job with this name.
+fn find_job(s: &ClusterState, id_or_name: &str) -> Option<Job> {
+    s.job(&JobId::new(id_or_name))
+        .or_else(|| s.job_by_name(id_or_name))
+}
+
+fn job_not_found(id_or_name: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("job `{id_or_name}` not found"))
+}
+
+/// Shows one job, by id or name, with its allocations and unplaced instances.
 #[utoipa::path(
     get, path = "/api/v1/jobs/{id}",
-    params(("id" = String, Path, description = "Job id"),
+    params(("id" = String, Path, description = "Job id, or the name of a live job"),
            ("stale" = Option<bool>, Query, description = "Serve from local state")),
     responses((status = 200, body = Job), (status = 404, body = ErrorBody))
 )]
@@ -281,31 +314,28 @@ async fn get_job(
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Job>, ApiError> {
     let query = read_query(query)?;
-    let job_id = JobId::new(id.clone());
-    read(&state, &query, |s| s.job(&job_id))
+    read(&state, &query, |s| find_job(s, &id))
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("job `{id}` not found")))
+        .ok_or_else(|| job_not_found(&id))
 }
 
 /// Deletes a job; its allocations are asked to stop.
 #[utoipa::path(
     delete, path = "/api/v1/jobs/{id}",
-    params(("id" = String, Path, description = "Job id")),
+    params(("id" = String, Path, description = "Job id, or the name of a live job")),
     responses((status = 200, body = DeleteJobResponse), (status = 404, body = ErrorBody))
 )]
 async fn delete_job(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<DeleteJobResponse>, ApiError> {
-    // An unknown id is answered from a linearizable read, without writing to the log.
-    let job_id = JobId::new(id.clone());
-    if !state.raft.read(|s| s.job(&job_id).is_some()).await? {
-        return Err(ApiError::new(
-            ErrorCode::NotFound,
-            format!("job `{id}` not found"),
-        ));
-    }
+    // An unknown job is answered from a linearizable read, without writing to the log.
+    let job_id = state
+        .raft
+        .read(|s| find_job(s, &id).map(|job| job.id))
+        .await?
+        .ok_or_else(|| job_not_found(&id))?;
     let command = Command::DeleteJob {
         job_id,
         eval_id: new_id(EvalId::new),
@@ -317,9 +347,252 @@ async fn delete_job(
     }
 }
 
-/// Lists nodes.
+/// Registers a node, or refreshes a known node's inventory (an agent restart); 201
+/// when created, 200 when it refreshed a known node.
+#[utoipa::path(
+    post, path = "/api/v1/nodes", request_body = NodeRegistration,
+    responses(
+        (status = 201, description = "Node created and committed", body = RegisterNodeResponse),
+        (status = 200, description = "Known node refreshed", body = RegisterNodeResponse),
+        (status = 400, description = "Invalid registration", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 503, description = "No quorum", body = ErrorBody),
+    )
+)]
+async fn register_node(
+    State(state): State<ApiState>,
+    JsonBody(node): JsonBody<NodeRegistration>,
+) -> Result<(StatusCode, Json<RegisterNodeResponse>), ApiError> {
+    node.validate()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    match propose(&state, Command::RegisterNode { node, at: now() }).await? {
+        Applied::NodeRegistered {
+            id,
+            created,
+            eval_ids,
+        } => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((
+                status,
+                Json(RegisterNodeResponse {
+                    id,
+                    created,
+                    eval_ids,
+                }),
+            ))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn node_not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("node `{id}` not found"))
+}
+
+/// What applying the heartbeat would reject, found from a read so that a bad
+/// heartbeat costs no log entry; the state machine checks again when it applies.
+fn check_heartbeat(s: &ClusterState, id: &NodeId, hb: &Heartbeat) -> Result<(), ApiError> {
+    let node = s.node(id).ok_or_else(|| node_not_found(id.as_str()))?;
+    let gpus = &node.resources.gpus;
+    if let Some((i, h)) = hb
+        .gpus
+        .iter()
+        .enumerate()
+        .find(|(_, h)| !gpus.iter().any(|g| g.uuid == h.uuid))
+    {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!("gpus[{i}].uuid: node `{id}` has no GPU `{}`", h.uuid),
+        ));
+    }
+    for report in &hb.allocations {
+        if let Some(alloc) = s.allocation(&report.id) {
+            if alloc.node_id != *id {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("allocation `{}` is not on node `{id}`", report.id),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records that a node is alive, the health of its GPUs and the states of its
+/// allocations. A GPU reported unhealthy is cordoned and only the allocations
+/// holding it are rescheduled.
+#[utoipa::path(
+    post, path = "/api/v1/nodes/{id}/heartbeat", request_body = Heartbeat,
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "Heartbeat committed", body = HeartbeatResponse),
+        (status = 400, description = "Invalid heartbeat or unknown GPU", body = ErrorBody),
+        (status = 404, description = "Unknown node", body = ErrorBody),
+        (status = 409, description = "Reports another node's allocation", body = ErrorBody),
+        (status = 503, description = "No quorum", body = ErrorBody),
+    )
+)]
+async fn node_heartbeat(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    JsonBody(hb): JsonBody<Heartbeat>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    hb.validate()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    let node_id = NodeId::new(id);
+    state
+        .raft
+        .read(|s| check_heartbeat(s, &node_id, &hb))
+        .await??;
+    let command = Command::NodeHeartbeat {
+        node_id,
+        gpus: hb.gpus,
+        allocations: hb.allocations,
+        at: now(),
+    };
+    match propose(&state, command).await? {
+        Applied::NodeUpdated {
+            id,
+            status,
+            eval_ids,
+        } => Ok(Json(HeartbeatResponse {
+            id,
+            status,
+            eval_ids,
+        })),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The node as it is once `command` is committed, or 404 (without writing to the
+/// log) for an unknown node. `skip` answers, from the current view, whether the
+/// command would change nothing or must be refused.
+async fn change_node(
+    state: &ApiState,
+    id: String,
+    command: Command,
+    skip: impl FnOnce(&Node) -> Result<bool, ApiError> + Send,
+) -> Result<Json<Node>, ApiError> {
+    let node_id = NodeId::new(id.clone());
+    let node = state
+        .raft
+        .read(|s| s.node(&node_id))
+        .await?
+        .ok_or_else(|| node_not_found(&id))?;
+    if skip(&node)? {
+        return Ok(Json(node));
+    }
+    match propose(state, command).await? {
+        Applied::NodeUpdated { .. } => {}
+        other => return Err(unexpected(other)),
+    }
+    state
+        .raft
+        .read(|s| s.node(&node_id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| node_not_found(&id))
+}
+
+/// Drains a node: it gets no new work, and its allocations are migrated elsewhere,
+/// at most `max_parallel` at a time. An empty body drains one at a time; draining a
+/// draining node changes its pace.
+#[utoipa::path(
+    post, path = "/api/v1/nodes/{id}/drain", request_body(content = DrainSpec, description = "Optional: an empty body drains one at a time"),
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "Drain committed; the node as it is now", body = Node),
+        (status = 400, description = "Invalid drain", body = ErrorBody),
+        (status = 404, description = "Unknown node", body = ErrorBody),
+        (status = 503, description = "No quorum", body = ErrorBody),
+    )
+)]
+async fn drain_node(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    OptionalJsonBody(drain): OptionalJsonBody<DrainSpec>,
+) -> Result<Json<Node>, ApiError> {
+    drain
+        .validate()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    let command = Command::DrainNode {
+        node_id: NodeId::new(id.clone()),
+        drain,
+        at: now(),
+    };
+    change_node(&state, id, command, |node| {
+        Ok(node.status == NodeStatus::Draining && node.drain == Some(drain))
+    })
+    .await
+}
+
+/// Ends a drain: the node takes new work again. Ending the drain of a node that is
+/// not draining changes nothing; a node that is down is refused with 409, since it
+/// cannot take work until its agent is heard from.
+#[utoipa::path(
+    delete, path = "/api/v1/nodes/{id}/drain",
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "Drain ended; the node as it is now", body = Node),
+        (status = 404, description = "Unknown node", body = ErrorBody),
+        (status = 409, description = "The node is down", body = ErrorBody),
+        (status = 503, description = "No quorum", body = ErrorBody),
+    )
+)]
+async fn undrain_node(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    let command = Command::SetNodeStatus {
+        node_id: NodeId::new(id.clone()),
+        status: NodeStatus::Ready,
+        at: now(),
+    };
+    change_node(&state, id, command, |node| match node.status {
+        NodeStatus::Ready => Ok(true),
+        NodeStatus::Draining => Ok(false),
+        NodeStatus::Down => Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "node `{}` is down; it can be undrained once its agent is heard from",
+                node.id
+            ),
+        )),
+    })
+    .await
+}
+
+/// The allocations on a node, ordered by id, including ones being stopped: what its
+/// agent should run or stop.
+#[utoipa::path(
+    get, path = "/api/v1/nodes/{id}/allocations",
+    params(("id" = String, Path, description = "Node id"),
+           ("stale" = Option<bool>, Query, description = "Serve from local state")),
+    responses((status = 200, body = [Allocation]), (status = 404, body = ErrorBody))
+)]
+async fn node_allocations(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<Json<Vec<Allocation>>, ApiError> {
+    let query = read_query(query)?;
+    let node_id = NodeId::new(id.clone());
+    read(&state, &query, |s| {
+        s.node(&node_id).map(|_| s.node_allocations(&node_id))
+    })
+    .await?
+    .map(Json)
+    .ok_or_else(|| node_not_found(&id))
+}
+
+/// Lists nodes with what their allocations hold.
 #[utoipa::path(
     get, path = "/api/v1/nodes",
+    params(("stale" = Option<bool>, Query, description = "Serve from local state")),
     responses((status = 200, body = [Node]), (status = 503, body = ErrorBody))
 )]
 async fn list_nodes(
@@ -330,10 +603,11 @@ async fn list_nodes(
     Ok(Json(read(&state, &query, |s| s.nodes()).await?))
 }
 
-/// Shows one node.
+/// Shows one node with what its allocations hold.
 #[utoipa::path(
     get, path = "/api/v1/nodes/{id}",
-    params(("id" = String, Path, description = "Node id")),
+    params(("id" = String, Path, description = "Node id"),
+           ("stale" = Option<bool>, Query, description = "Serve from local state")),
     responses((status = 200, body = Node), (status = 404, body = ErrorBody))
 )]
 async fn get_node(
@@ -346,7 +620,7 @@ async fn get_node(
     read(&state, &query, |s| s.node(&node_id))
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("node `{id}` not found")))
+        .ok_or_else(|| node_not_found(&id))
 }
 
 fn cluster_status(raft: &RaftNode<ClusterState>) -> ClusterStatus {
@@ -531,8 +805,13 @@ async fn ready(State(state): State<ApiState>) -> Response {
         list_jobs,
         get_job,
         delete_job,
+        register_node,
         list_nodes,
         get_node,
+        node_heartbeat,
+        drain_node,
+        undrain_node,
+        node_allocations,
         get_cluster,
         join_member,
         leave_member
@@ -611,8 +890,14 @@ pub fn router(
     let api = Router::new()
         .route("/api/v1/jobs", post(submit_job).get(list_jobs))
         .route("/api/v1/jobs/{id}", get(get_job).delete(delete_job))
-        .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/nodes", post(register_node).get(list_nodes))
         .route("/api/v1/nodes/{id}", get(get_node))
+        .route("/api/v1/nodes/{id}/heartbeat", post(node_heartbeat))
+        .route(
+            "/api/v1/nodes/{id}/drain",
+            post(drain_node).delete(undrain_node),
+        )
+        .route("/api/v1/nodes/{id}/allocations", get(node_allocations))
         .route("/api/v1/cluster", get(get_cluster))
         .route("/api/v1/cluster/members", post(join_member))
         .route("/api/v1/cluster/members/{id}", delete(leave_member))
@@ -626,4 +911,183 @@ pub fn router(
         .layer(middleware::from_fn(method_not_allowed))
         .with_state(state);
     Ok(api.merge(aigrid_consensus::transport::router(raft.inbox())))
+}
+
+#[cfg(test)]
+mod tests {
+    use aigrid_api::{AllocState, AllocationReport, GpuHealth};
+    use aigrid_consensus::state_machine::StateMachine;
+    use axum::body::Body;
+    use serde_json::json;
+
+    use super::*;
+
+    fn registration(id: &str, gpus: &[&str]) -> NodeRegistration {
+        let gpus: Vec<_> = gpus
+            .iter()
+            .enumerate()
+            .map(|(i, uuid)| {
+                json!({"index": i, "uuid": uuid, "vendor": "nvidia", "model": "H100",
+                       "memory_mib": 81920, "healthy": true})
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "id": id, "name": id,
+            "resources": {"cpu_millis": 8000, "memory_mib": 65536, "disk_mib": 1, "gpus": gpus}
+        }))
+        .unwrap()
+    }
+
+    /// Two nodes and one job with an allocation on `b` holding `GPU-b0`.
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        let at = Timestamp::from_millis(1);
+        for (id, gpu) in [("a", "GPU-a0"), ("b", "GPU-b0")] {
+            s.apply(
+                1,
+                Command::RegisterNode {
+                    node: registration(id, &[gpu]),
+                    at,
+                },
+            )
+            .unwrap();
+        }
+        let spec: JobSpec = serde_json::from_value(json!({
+            "name": "web", "kind": "service",
+            "groups": [{"name": "web", "count": 1,
+                        "resources": {"cpu_millis": 500, "memory_mib": 256, "gpus": {"count": 1}},
+                        "task": {"driver": "exec", "command": "/bin/true"}}]
+        }))
+        .unwrap();
+        s.apply(
+            3,
+            Command::SubmitJob {
+                job_id: JobId::new("j"),
+                eval_id: EvalId::new("e"),
+                spec,
+                at,
+            },
+        )
+        .unwrap();
+        let alloc: Allocation = serde_json::from_value(json!({
+            "id": "x", "job_id": "j", "job_version": 1, "node_id": "b", "group": "web",
+            "index": 0, "gpus": ["GPU-b0"], "state": "pending", "desired": "run",
+            "resources": {"cpu_millis": 500, "memory_mib": 256, "gpus": {"count": 1}},
+            "created_at": 1, "updated_at": 1
+        }))
+        .unwrap();
+        s.apply(
+            4,
+            Command::UpsertAllocations {
+                allocations: vec![alloc],
+                at,
+            },
+        )
+        .unwrap();
+        s
+    }
+
+    fn heartbeat(gpu: &str, alloc: Option<&str>) -> Heartbeat {
+        Heartbeat {
+            gpus: vec![GpuHealth {
+                uuid: gpu.to_owned(),
+                healthy: false,
+                reason: Some("XID 79".to_owned()),
+            }],
+            allocations: alloc
+                .map(|id| AllocationReport {
+                    id: id.into(),
+                    state: AllocState::Running,
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// The read-side check refuses what the state machine refuses, with the same code,
+    /// and lets through what it accepts.
+    #[test]
+    fn heartbeat_check_agrees_with_the_state_machine() {
+        let cases = [
+            ("nope", heartbeat("GPU-a0", None), Some(ErrorCode::NotFound)),
+            (
+                "a",
+                heartbeat("GPU-b0", None),
+                Some(ErrorCode::InvalidField),
+            ),
+            (
+                "a",
+                heartbeat("GPU-a0", Some("x")),
+                Some(ErrorCode::Conflict),
+            ),
+            ("a", heartbeat("GPU-a0", Some("gone")), None),
+            ("b", heartbeat("GPU-b0", Some("x")), None),
+        ];
+        for (node, hb, want) in cases {
+            let mut s = cluster();
+            let id = NodeId::new(node);
+            let checked = check_heartbeat(&s, &id, &hb).err().map(|e| e.0.code());
+            let applied = s
+                .apply(
+                    9,
+                    Command::NodeHeartbeat {
+                        node_id: id,
+                        gpus: hb.gpus,
+                        allocations: hb.allocations,
+                        at: Timestamp::from_millis(2),
+                    },
+                )
+                .err()
+                .map(|e| e.code());
+            assert_eq!(checked, want.map(Some), "{node}");
+            assert_eq!(applied, want, "{node}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_drain_body_means_the_defaults() {
+        let empty = Request::new(Body::empty());
+        let OptionalJsonBody(d) = OptionalJsonBody::<DrainSpec>::from_request(empty, &())
+            .await
+            .unwrap();
+        assert_eq!(d, DrainSpec::default());
+        let body = Request::new(Body::from(r#"{"max_parallel": 3}"#));
+        let OptionalJsonBody(d) = OptionalJsonBody::<DrainSpec>::from_request(body, &())
+            .await
+            .unwrap();
+        assert_eq!(d.max_parallel, 3);
+        let bad = Request::new(Body::from(r#"{"max": 3}"#));
+        let err = OptionalJsonBody::<DrainSpec>::from_request(bad, &())
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.0.code(), Some(ErrorCode::InvalidJson));
+    }
+
+    #[test]
+    fn openapi_documents_the_node_routes() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        for (path, method) in [
+            ("/api/v1/nodes", "post"),
+            ("/api/v1/nodes/{id}/heartbeat", "post"),
+            ("/api/v1/nodes/{id}/drain", "post"),
+            ("/api/v1/nodes/{id}/drain", "delete"),
+            ("/api/v1/nodes/{id}/allocations", "get"),
+        ] {
+            assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+        }
+        for schema in [
+            "NodeRegistration",
+            "RegisterNodeResponse",
+            "Heartbeat",
+            "HeartbeatResponse",
+            "DrainSpec",
+            "Allocation",
+        ] {
+            assert!(
+                doc["components"]["schemas"][schema].is_object(),
+                "missing schema {schema}"
+            );
+        }
+    }
 }

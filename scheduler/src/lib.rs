@@ -5,12 +5,18 @@
 //! |---|---|
 //! | [`state`] | the cluster state machine: nodes, jobs, allocations and evaluations, changed only by Raft-committed [`state::Command`]s |
 //! | [`planner`] | the pure planner: a cluster snapshot and a job's unplaced instances in, placements (nodes, GPUs) and explanations out |
+//! | [`preempt`] | pure preemption: room for instances that fit nowhere, made by evicting the least disruptive set of clearly lower-priority allocations |
+//! | [`defrag`] | pure defragmentation: room for instances that fit nowhere because free GPUs are scattered, made by migrating the fewest movable allocations |
 //! | [`http`] | the control API under `/api/v1`, `/metrics`, `/health`, `/ready`, and its OpenAPI document |
+//! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
 //! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
 
+pub mod defrag;
 pub mod http;
+pub mod metrics;
 pub mod planner;
+pub mod preempt;
 pub mod server;
 pub mod state;
 pub mod worker;

@@ -20,14 +20,23 @@
 //! Ties break by node id (the snapshot keeps nodes sorted by id), then by GPU index.
 //! When an instance cannot be placed, every node is checked once more to explain
 //! why, in counts.
+//!
+//! The snapshot also knows which live allocation holds what, and of which job's
+//! priority and group's movability, so that [`crate::preempt`] and
+//! [`crate::defrag`] can make room for what does not fit. They work on a `Draft`:
+//! a plan in progress that can let allocations go as well as place instances,
+//! one instance at a time, ranking nodes exactly as [`plan`] does. A scheduling
+//! pass keeps one snapshot for all its jobs with [`PlanSnapshot::add`] and
+//! [`PlanSnapshot::remove`] rather than rebuilding it after each.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::fmt;
 
 use aigrid_api::{
-    Allocation, ConstraintOp, ConstraintValue, GpuRequest, JobId, JobSpec, MemoryMib, MilliCpu,
-    Node, NodeId, NodeStatus, TaskGroup, Unplaced,
+    AllocId, Allocation, ConstraintOp, ConstraintValue, GpuRequest, JobId, JobSpec, MemoryMib,
+    MilliCpu, Node, NodeId, NodeStatus, TaskGroup, Unplaced,
 };
 
 /// Score of a node whose used share of every resource would be 100% after placement.
@@ -42,11 +51,19 @@ const AFFINITY_UNIT: i64 = 10;
 
 /// What the planner knows about the cluster: nodes sorted by id, and what their
 /// live allocations hold, indexed once so planning never rescans allocations.
+/// [`PlanSnapshot::add`] and [`PlanSnapshot::remove`] keep it current while a
+/// scheduling pass commits plan after plan, so a pass builds it once.
 #[derive(Debug, Clone, Default)]
 pub struct PlanSnapshot {
     nodes: Vec<SnapNode>,
     usage: Vec<Usage>,
-    /// Nodes holding live instances, per job and group, for spreading.
+    /// Per node: its live allocations, sorted by id, so preemption and
+    /// defragmentation know whom letting go frees what.
+    held: Vec<Vec<LiveAlloc>>,
+    /// The node each live allocation is on.
+    located: HashMap<AllocId, usize>,
+    /// Nodes holding live instances, per job and group, for spreading; a node is
+    /// listed once per instance on it.
     instances: HashMap<(JobId, String), Vec<usize>>,
 }
 
@@ -70,23 +87,160 @@ struct SnapGpu {
 }
 
 /// What is taken on one node; changes as a plan places instances.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Usage {
     cpu: u64,
     memory: u64,
-    /// Per GPU (same order as the node's): held whole by one instance.
-    exclusive: Vec<bool>,
+    /// Per GPU (same order as the node's): how many instances hold it whole. One
+    /// at most, unless the allocations the snapshot was given overlap; counting
+    /// keeps letting one of them go from freeing the GPU. A byte, as a flag
+    /// would be: the planner copies this for every plan.
+    exclusive: Vec<u8>,
     /// Per GPU: memory taken by slices.
     sliced: Vec<u64>,
 }
 
+impl Usage {
+    fn empty(node: &SnapNode) -> Self {
+        Self {
+            cpu: 0,
+            memory: 0,
+            exclusive: vec![0; node.gpus.len()],
+            sliced: vec![0; node.gpus.len()],
+        }
+    }
+
+    /// Takes what a live allocation holds.
+    fn hold(&mut self, alloc: &LiveAlloc) {
+        self.cpu += alloc.cpu.get();
+        self.memory += alloc.memory.get();
+        for &g in &alloc.gpus {
+            match alloc.gpu_slice {
+                Some(slice) => self.sliced[g] += slice.get(),
+                None => self.exclusive[g] = self.exclusive[g].saturating_add(1),
+            }
+        }
+    }
+
+    /// Gives back what a live allocation holds.
+    fn let_go(&mut self, alloc: &LiveAlloc) {
+        self.cpu = self.cpu.saturating_sub(alloc.cpu.get());
+        self.memory = self.memory.saturating_sub(alloc.memory.get());
+        for &g in &alloc.gpus {
+            match alloc.gpu_slice {
+                Some(slice) => self.sliced[g] = self.sliced[g].saturating_sub(slice.get()),
+                None => self.exclusive[g] = self.exclusive[g].saturating_sub(1),
+            }
+        }
+    }
+}
+
+/// What the planner knows of the job and group a live allocation belongs to:
+/// whether it may be evicted for another job, and whether it may be moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The job's priority ([`JobSpec::priority`], 0 to 100).
+    pub priority: u32,
+    /// Whether the group may be migrated ([`TaskGroup::movable`]).
+    pub movable: bool,
+}
+
+impl Default for GroupInfo {
+    /// What an allocation of a job the caller does not know gets: the lowest
+    /// priority, and movable, as a group is unless its spec says otherwise.
+    fn default() -> Self {
+        Self {
+            priority: 0,
+            movable: true,
+        }
+    }
+}
+
+impl GroupInfo {
+    /// The info of group `group` of a job with `spec`. A group the spec no longer
+    /// has is movable: its instances are on their way out anyway.
+    pub fn of(spec: &JobSpec, group: &str) -> Self {
+        Self {
+            priority: spec.priority,
+            movable: spec.group(group).is_none_or(|g| g.movable),
+        }
+    }
+}
+
+/// One live allocation as the snapshot holds it: who it is, who may displace it,
+/// and what letting it go frees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveAlloc {
+    /// The allocation.
+    pub id: AllocId,
+    /// Its job.
+    pub job_id: JobId,
+    /// Its task group.
+    pub group: String,
+    /// Its index within the group.
+    pub index: u32,
+    /// Its job's priority and its group's movability.
+    pub info: GroupInfo,
+    /// CPU it holds.
+    pub cpu: MilliCpu,
+    /// Host memory it holds.
+    pub memory: MemoryMib,
+    /// For a slice, the GPU memory it holds on its one GPU.
+    pub gpu_slice: Option<MemoryMib>,
+    /// Positions in the node's GPU list of the GPUs it holds (whole, or the one
+    /// its slice is on); GPUs the node does not have are left out.
+    gpus: Vec<usize>,
+}
+
+impl LiveAlloc {
+    fn new(node: &SnapNode, alloc: &Allocation, info: GroupInfo) -> Self {
+        Self {
+            id: alloc.id.clone(),
+            job_id: alloc.job_id.clone(),
+            group: alloc.group.clone(),
+            index: alloc.index,
+            info,
+            cpu: alloc.resources.cpu_millis,
+            memory: alloc.resources.memory_mib,
+            gpu_slice: alloc
+                .resources
+                .gpus
+                .as_ref()
+                .and_then(|g| g.memory_slice_mib),
+            gpus: alloc
+                .gpus
+                .iter()
+                .filter_map(|uuid| node.gpus.iter().position(|g| &g.uuid == uuid))
+                .collect(),
+        }
+    }
+
+    /// How many GPUs it holds, whole or sliced.
+    pub fn gpu_count(&self) -> usize {
+        self.gpus.len()
+    }
+}
+
 impl PlanSnapshot {
-    /// Builds the snapshot from nodes and allocations. Only live allocations
-    /// (wanted and not finished) hold resources; allocations on unknown nodes or
-    /// naming unknown GPUs hold what can be matched and nothing more.
+    /// Builds the snapshot from nodes and allocations, knowing nothing of jobs:
+    /// every allocation counts as [`GroupInfo::default`]. Enough for [`plan`];
+    /// preemption and defragmentation want [`PlanSnapshot::with_jobs`].
     pub fn new<'a>(
         nodes: impl IntoIterator<Item = &'a Node>,
         allocations: impl IntoIterator<Item = &'a Allocation>,
+    ) -> Self {
+        Self::with_jobs(nodes, allocations, |_, _| None)
+    }
+
+    /// Builds the snapshot from nodes and allocations, asking `info` about the
+    /// job and group of each live allocation (`None`: [`GroupInfo::default`]).
+    /// Only live allocations (wanted and not finished) hold resources; allocations
+    /// on unknown nodes or naming unknown GPUs hold what can be matched and nothing
+    /// more; of two allocations with one id, the first counts.
+    pub fn with_jobs<'a>(
+        nodes: impl IntoIterator<Item = &'a Node>,
+        allocations: impl IntoIterator<Item = &'a Allocation>,
+        mut info: impl FnMut(&JobId, &str) -> Option<GroupInfo>,
     ) -> Self {
         let mut nodes: Vec<SnapNode> = nodes
             .into_iter()
@@ -117,45 +271,36 @@ impl PlanSnapshot {
             .enumerate()
             .map(|(i, n)| (n.id.as_str(), i))
             .collect();
-        let mut usage: Vec<Usage> = nodes
-            .iter()
-            .map(|n| Usage {
-                cpu: 0,
-                memory: 0,
-                exclusive: vec![false; n.gpus.len()],
-                sliced: vec![0; n.gpus.len()],
-            })
-            .collect();
+        let mut usage: Vec<Usage> = nodes.iter().map(Usage::empty).collect();
+        let mut held: Vec<Vec<LiveAlloc>> = vec![Vec::new(); nodes.len()];
+        let mut located: HashMap<AllocId, usize> = HashMap::new();
         let mut instances: HashMap<(JobId, String), Vec<usize>> = HashMap::new();
         for alloc in allocations.into_iter().filter(|a| a.is_live()) {
             let Some(&at) = position.get(alloc.node_id.as_str()) else {
                 continue;
             };
-            let node = &nodes[at];
-            let used = &mut usage[at];
-            used.cpu += alloc.resources.cpu_millis.get();
-            used.memory += alloc.resources.memory_mib.get();
-            let slice = alloc
-                .resources
-                .gpus
-                .as_ref()
-                .and_then(|g| g.memory_slice_mib);
-            for uuid in &alloc.gpus {
-                if let Some(g) = node.gpus.iter().position(|g| &g.uuid == uuid) {
-                    match slice {
-                        Some(slice) => used.sliced[g] += slice.get(),
-                        None => used.exclusive[g] = true,
-                    }
-                }
-            }
+            match located.entry(alloc.id.clone()) {
+                Entry::Occupied(_) => continue,
+                Entry::Vacant(slot) => slot.insert(at),
+            };
+            let info = info(&alloc.job_id, &alloc.group).unwrap_or_default();
+            let live = LiveAlloc::new(&nodes[at], alloc, info);
+            usage[at].hold(&live);
             instances
                 .entry((alloc.job_id.clone(), alloc.group.clone()))
                 .or_default()
                 .push(at);
+            held[at].push(live);
         }
+        for allocs in &mut held {
+            allocs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        }
+        drop(position);
         Self {
             nodes,
             usage,
+            held,
+            located,
             instances,
         }
     }
@@ -163,6 +308,93 @@ impl PlanSnapshot {
     /// How many nodes the snapshot holds.
     pub fn node_count(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// The live allocations on a node, sorted by id; none for an unknown node.
+    pub fn live_allocations(&self, node: &NodeId) -> &[LiveAlloc] {
+        self.position(node).map_or(&[], |at| &self.held[at])
+    }
+
+    /// Adds an allocation a plan creates or changes, as the state machine will
+    /// hold it once the plan commits: what an earlier version with its id held is
+    /// given back, and it holds only if it is live (so adding a stopped version
+    /// is removing it). A scheduling pass calls it for each allocation it writes.
+    pub fn add(&mut self, alloc: &Allocation, info: GroupInfo) {
+        self.remove(&alloc.id);
+        if !alloc.is_live() {
+            return;
+        }
+        let Some(at) = self.position(&alloc.node_id) else {
+            return;
+        };
+        let live = LiveAlloc::new(&self.nodes[at], alloc, info);
+        self.usage[at].hold(&live);
+        self.instances
+            .entry((alloc.job_id.clone(), alloc.group.clone()))
+            .or_default()
+            .push(at);
+        let held = &mut self.held[at];
+        let slot = held.partition_point(|a| a.id < live.id);
+        held.insert(slot, live);
+        self.located.insert(alloc.id.clone(), at);
+    }
+
+    /// Gives back what a live allocation holds: a plan stops it (evicted,
+    /// migrated, dropped from its spec). Answers whether the snapshot held it.
+    pub fn remove(&mut self, id: &AllocId) -> bool {
+        let Some(at) = self.located.remove(id) else {
+            return false;
+        };
+        let held = &mut self.held[at];
+        let Ok(slot) = held.binary_search_by(|a| a.id.cmp(id)) else {
+            return false;
+        };
+        let live = held.remove(slot);
+        self.usage[at].let_go(&live);
+        let key = (live.job_id, live.group);
+        if let Some(nodes) = self.instances.get_mut(&key) {
+            if let Some(i) = nodes.iter().position(|&n| n == at) {
+                nodes.swap_remove(i);
+            }
+            if nodes.is_empty() {
+                self.instances.remove(&key);
+            }
+        }
+        true
+    }
+
+    fn position(&self, node: &NodeId) -> Option<usize> {
+        self.nodes.binary_search_by(|n| n.id.cmp(node)).ok()
+    }
+
+    /// The share of node `n` that `alloc` holds, in thousandths per resource,
+    /// summed over CPU, memory and GPUs: how much letting it go frees, comparable
+    /// across allocations of one node.
+    pub(crate) fn share(&self, n: usize, alloc: &LiveAlloc) -> u64 {
+        let node = &self.nodes[n];
+        let part = |x: u64, total: u64| -> u64 {
+            if total == 0 {
+                return 0;
+            }
+            u64::try_from(u128::from(x) * 1000 / u128::from(total)).unwrap_or(u64::MAX)
+        };
+        let gpus: u64 = alloc
+            .gpus
+            .iter()
+            .map(|&g| match alloc.gpu_slice {
+                Some(slice) => part(slice.get(), node.gpus[g].memory).min(1000),
+                None => 1000,
+            })
+            .sum();
+        let gpu_count = u64::try_from(node.gpus.len()).unwrap_or(u64::MAX).max(1);
+        part(alloc.cpu.get(), node.cpu)
+            .saturating_add(part(alloc.memory.get(), node.memory))
+            .saturating_add(gpus / gpu_count)
+    }
+
+    /// The id of the node at position `n`.
+    pub(crate) fn node_id(&self, n: usize) -> &NodeId {
+        &self.nodes[n].id
     }
 }
 
@@ -196,6 +428,33 @@ impl PlanRequest {
                     group: g.clone(),
                     indices: (0..g.count).collect(),
                 })
+                .collect(),
+        }
+    }
+
+    /// The request less the instances `placements` placed: what is left for
+    /// [`crate::defrag::plan_defrag`] or [`crate::preempt::plan_preemption`] once
+    /// [`plan`] has placed what fits as things are.
+    pub fn without(&self, placements: &[Placement]) -> Self {
+        let placed: HashSet<(&str, u32)> = placements
+            .iter()
+            .map(|p| (p.group.as_str(), p.index))
+            .collect();
+        Self {
+            job_id: self.job_id.clone(),
+            groups: self
+                .groups
+                .iter()
+                .map(|d| GroupDemand {
+                    group: d.group.clone(),
+                    indices: d
+                        .indices
+                        .iter()
+                        .copied()
+                        .filter(|&i| !placed.contains(&(d.group.name.as_str(), i)))
+                        .collect(),
+                })
+                .filter(|d| !d.indices.is_empty())
                 .collect(),
         }
     }
@@ -251,7 +510,7 @@ impl UnplacedGroup {
         };
         Unplaced {
             group: self.group.clone(),
-            missing: self.missing,
+            count: self.missing,
             reason,
         }
     }
@@ -318,7 +577,13 @@ pub fn plan(snapshot: &PlanSnapshot, request: &PlanRequest) -> Plan {
         }
         let group = GroupPlanner::new(snapshot, &demand.group);
         let first = out.placements.len();
-        let result = group.place(snapshot, request, demand, &mut usage, &mut out.placements);
+        let result = group.place(
+            snapshot,
+            &request.job_id,
+            demand,
+            &mut usage,
+            &mut out.placements,
+        );
         if let Err((fitted, explanation)) = result {
             let placed = out.placements.len() - first;
             let missing = demand.indices.len() - placed;
@@ -476,7 +741,7 @@ impl GpuNeed {
         if let Some(slice) = self.slice {
             // Best fit: the suitable shared GPU left with the least memory.
             return (0..node.gpus.len())
-                .filter(|&g| !used.exclusive[g] && self.suits(&node.gpus[g]))
+                .filter(|&g| used.exclusive[g] == 0 && self.suits(&node.gpus[g]))
                 .filter_map(|g| {
                     let left = node.gpus[g].memory.checked_sub(used.sliced[g] + slice)?;
                     Some((left, g))
@@ -485,7 +750,7 @@ impl GpuNeed {
                 .map(|(_, g)| vec![g]);
         }
         let free: Vec<usize> = (0..node.gpus.len())
-            .filter(|&g| !used.exclusive[g] && used.sliced[g] == 0 && self.suits(&node.gpus[g]))
+            .filter(|&g| used.exclusive[g] == 0 && used.sliced[g] == 0 && self.suits(&node.gpus[g]))
             .collect();
         if free.len() < self.count {
             return None;
@@ -527,7 +792,7 @@ impl GpuNeed {
 type Ranked = (i64, Reverse<usize>, i64);
 
 /// One group's filtered candidates and compiled rules.
-struct GroupPlanner<'g> {
+pub(crate) struct GroupPlanner<'g> {
     group: &'g TaskGroup,
     need: Need,
     constraints: Vec<Rule>,
@@ -538,7 +803,7 @@ struct GroupPlanner<'g> {
 }
 
 impl<'g> GroupPlanner<'g> {
-    fn new(snapshot: &PlanSnapshot, group: &'g TaskGroup) -> Self {
+    pub(crate) fn new(snapshot: &PlanSnapshot, group: &'g TaskGroup) -> Self {
         let r = &group.resources;
         let need = Need {
             cpu: r.cpu_millis.get(),
@@ -589,6 +854,11 @@ impl<'g> GroupPlanner<'g> {
         }
     }
 
+    /// Positions of the nodes passing status and constraints, in id order.
+    pub(crate) fn candidates(&self) -> impl Iterator<Item = usize> + '_ {
+        self.candidates.iter().map(|&(n, _)| n)
+    }
+
     /// The spread values of a node, one per spread attribute; a node lacking the
     /// attribute counts under the empty value.
     fn spread_key(&self, node: &SnapNode) -> Vec<String> {
@@ -637,7 +907,7 @@ impl<'g> GroupPlanner<'g> {
             // Best fit: 1000 when the matching free GPUs are exactly the request.
             let free = (0..node.gpus.len())
                 .filter(|&g| {
-                    !used.exclusive[g]
+                    used.exclusive[g] == 0
                         && (gpus.slice.is_some() || used.sliced[g] == 0)
                         && gpus.suits(&node.gpus[g])
                 })
@@ -656,7 +926,7 @@ impl<'g> GroupPlanner<'g> {
         for &g in gpus {
             match slice {
                 Some(s) => used.sliced[g] += s,
-                None => used.exclusive[g] = true,
+                None => used.exclusive[g] = used.exclusive[g].saturating_add(1),
             }
         }
         debug_assert!(used.cpu <= node.cpu && used.memory <= node.memory);
@@ -674,9 +944,88 @@ impl<'g> GroupPlanner<'g> {
             if let Some(g) = node.gpus.iter().position(|g| &g.uuid == uuid) {
                 match p.gpu_memory_slice {
                     Some(s) => used.sliced[g] -= s.get(),
-                    None => used.exclusive[g] = false,
+                    None => used.exclusive[g] = used.exclusive[g].saturating_sub(1),
                 }
             }
+        }
+    }
+
+    /// Instances per spread attribute value: the job's live ones in the snapshot,
+    /// then `changes` (a node and +1 for an instance added, -1 for one let go).
+    fn spread_counts(
+        &self,
+        snapshot: &PlanSnapshot,
+        job_id: &JobId,
+        changes: &[(usize, i64)],
+    ) -> Vec<HashMap<String, i64>> {
+        let mut counts: Vec<HashMap<String, i64>> = vec![HashMap::new(); self.group.spread.len()];
+        if counts.is_empty() {
+            return counts;
+        }
+        let live = snapshot
+            .instances
+            .get(&(job_id.clone(), self.group.name.clone()));
+        let live = live.into_iter().flatten().map(|&n| (n, 1));
+        for (n, delta) in live.chain(changes.iter().copied()) {
+            for (k, value) in self.spread_key(&snapshot.nodes[n]).into_iter().enumerate() {
+                *counts[k].entry(value).or_default() += delta;
+            }
+        }
+        counts
+    }
+
+    /// The spread penalty of a node with spread values `key`.
+    fn penalty(&self, key: &[String], counts: &[HashMap<String, i64>]) -> i64 {
+        key.iter()
+            .enumerate()
+            .map(|(k, v)| {
+                counts[k].get(v).copied().unwrap_or(0) * self.spread_weights[k] * SPREAD_UNIT
+            })
+            .sum()
+    }
+
+    /// The node an instance would go to, with its GPUs: the best score less
+    /// spread penalty among the nodes it fits, the earliest on a tie. One scan,
+    /// the same answer [`GroupPlanner::place`]'s heaps give, for callers that
+    /// place one instance at a time between other changes.
+    fn best(
+        &self,
+        snapshot: &PlanSnapshot,
+        usage: &[Usage],
+        counts: &[HashMap<String, i64>],
+        exclude: Option<usize>,
+    ) -> Option<(usize, Vec<usize>)> {
+        let mut best: Option<(i64, usize, Vec<usize>)> = None;
+        for &(n, affinity) in &self.candidates {
+            if exclude == Some(n) {
+                continue;
+            }
+            let node = &snapshot.nodes[n];
+            let Ok(gpus) = self.fit(node, &usage[n]) else {
+                continue;
+            };
+            let total = self.score(node, &usage[n], affinity)
+                - self.penalty(&self.spread_key(node), counts);
+            if best.as_ref().is_none_or(|(top, _, _)| total > *top) {
+                best = Some((total, n, gpus));
+            }
+        }
+        best.map(|(_, n, gpus)| (n, gpus))
+    }
+
+    /// The placement of instance `index` on `node` with the GPUs at `gpus`.
+    fn placement(&self, node: &SnapNode, index: u32, gpus: &[usize]) -> Placement {
+        Placement {
+            group: self.group.name.clone(),
+            index,
+            node_id: node.id.clone(),
+            gpus: gpus.iter().map(|&g| node.gpus[g].uuid.clone()).collect(),
+            gpu_memory_slice: self
+                .need
+                .gpus
+                .as_ref()
+                .and_then(|g| g.slice)
+                .map(MemoryMib::new),
         }
     }
 
@@ -685,7 +1034,7 @@ impl<'g> GroupPlanner<'g> {
     fn place(
         &self,
         snapshot: &PlanSnapshot,
-        request: &PlanRequest,
+        job_id: &JobId,
         demand: &GroupDemand,
         usage: &mut [Usage],
         placements: &mut Vec<Placement>,
@@ -704,18 +1053,7 @@ impl<'g> GroupPlanner<'g> {
             buckets[b].1.push((score, Reverse(n), affinity));
         }
         // Instances per spread attribute value, starting from the live ones.
-        let mut spread_counts: Vec<HashMap<String, i64>> =
-            vec![HashMap::new(); self.group.spread.len()];
-        if let Some(live) = snapshot
-            .instances
-            .get(&(request.job_id.clone(), self.group.name.clone()))
-        {
-            for &n in live {
-                for (k, value) in self.spread_key(&snapshot.nodes[n]).into_iter().enumerate() {
-                    *spread_counts[k].entry(value).or_default() += 1;
-                }
-            }
-        }
+        let mut spread_counts = self.spread_counts(snapshot, job_id, &[]);
         // Each bucket's best node that fits, with its GPUs. Only the bucket an
         // instance lands in changes, so the others' answers stay valid.
         let mut tops: Vec<Option<(i64, usize, Vec<usize>)>> = vec![None; buckets.len()];
@@ -743,16 +1081,7 @@ impl<'g> GroupPlanner<'g> {
                     continue;
                 };
                 let (score, n) = (*score, *n);
-                let penalty: i64 = key
-                    .iter()
-                    .enumerate()
-                    .map(|(k, v)| {
-                        spread_counts[k].get(v).copied().unwrap_or(0)
-                            * self.spread_weights[k]
-                            * SPREAD_UNIT
-                    })
-                    .sum();
-                let total = score - penalty;
+                let total = score - self.penalty(key, &spread_counts);
                 let better = match best {
                     None => true,
                     Some((s, _, bn)) => total > s || (total == s && n < bn),
@@ -774,18 +1103,7 @@ impl<'g> GroupPlanner<'g> {
             for (k, value) in key.iter().enumerate() {
                 *spread_counts[k].entry(value.clone()).or_default() += 1;
             }
-            placements.push(Placement {
-                group: self.group.name.clone(),
-                index,
-                node_id: node.id.clone(),
-                gpus: gpus.iter().map(|&g| node.gpus[g].uuid.clone()).collect(),
-                gpu_memory_slice: self
-                    .need
-                    .gpus
-                    .as_ref()
-                    .and_then(|g| g.slice)
-                    .map(MemoryMib::new),
-            });
+            placements.push(self.placement(node, index, &gpus));
             fitted += 1;
         }
         Ok(())
@@ -822,22 +1140,239 @@ impl<'g> GroupPlanner<'g> {
     }
 }
 
+/// A plan in progress over a snapshot, for planners that do more than place:
+/// what is taken now, which live allocations were let go (evicted, or moved
+/// away), and per job and group the instances added and let go, so that spread
+/// counts follow both. Preemption and defragmentation try a change on a clone
+/// and keep or drop it whole; the snapshot itself is never touched.
+#[derive(Debug, Clone)]
+pub(crate) struct Draft<'s> {
+    snapshot: &'s PlanSnapshot,
+    usage: Vec<Usage>,
+    let_go: HashSet<AllocId>,
+    /// Per job and group: a node and +1 for an instance added there, -1 for one
+    /// let go.
+    changes: HashMap<(JobId, String), Vec<(usize, i64)>>,
+}
+
+impl<'s> Draft<'s> {
+    pub(crate) fn new(snapshot: &'s PlanSnapshot) -> Self {
+        Self {
+            snapshot,
+            usage: snapshot.usage.clone(),
+            let_go: HashSet::new(),
+            changes: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> &'s PlanSnapshot {
+        self.snapshot
+    }
+
+    /// The live allocations on node `n` not let go yet, by id.
+    pub(crate) fn live_on(&self, n: usize) -> impl Iterator<Item = &'s LiveAlloc> + '_ {
+        self.snapshot.held[n]
+            .iter()
+            .filter(|a| !self.let_go.contains(&a.id))
+    }
+
+    /// Lets a live allocation on node `n` go: what it holds is free from now on.
+    pub(crate) fn let_go(&mut self, n: usize, alloc: &LiveAlloc) {
+        if self.let_go.insert(alloc.id.clone()) {
+            self.usage[n].let_go(alloc);
+            self.changes
+                .entry((alloc.job_id.clone(), alloc.group.clone()))
+                .or_default()
+                .push((n, -1));
+        }
+    }
+
+    /// Where an instance of `group` of job `job_id` goes as things stand, by the
+    /// planner's ranking, never on node `exclude`; with the GPUs it would get.
+    pub(crate) fn best(
+        &self,
+        group: &GroupPlanner<'_>,
+        job_id: &JobId,
+        exclude: Option<usize>,
+    ) -> Option<(usize, Vec<usize>)> {
+        let changes = self
+            .changes
+            .get(&(job_id.clone(), group.group.name.clone()))
+            .map_or(&[][..], Vec::as_slice);
+        let counts = group.spread_counts(self.snapshot, job_id, changes);
+        group.best(self.snapshot, &self.usage, &counts, exclude)
+    }
+
+    /// The GPUs an instance of `group` would get on node `n` were `let_go` let
+    /// go, if it would fit then.
+    pub(crate) fn fits_without(
+        &self,
+        group: &GroupPlanner<'_>,
+        n: usize,
+        let_go: &[&LiveAlloc],
+    ) -> Option<Vec<usize>> {
+        let mut used = self.usage[n].clone();
+        for alloc in let_go {
+            used.let_go(alloc);
+        }
+        group.fit(&self.snapshot.nodes[n], &used).ok()
+    }
+
+    /// Whether an instance of `group` fits on some node as things stand.
+    pub(crate) fn fits_somewhere(&self, group: &GroupPlanner<'_>) -> bool {
+        group
+            .candidates()
+            .any(|n| group.fit(&self.snapshot.nodes[n], &self.usage[n]).is_ok())
+    }
+
+    /// How many more suitable whole GPUs an instance of `group` needs on node
+    /// `n` than are free there: a floor on what making room there must free. 0
+    /// for work without GPUs or with a slice.
+    pub(crate) fn gpus_missing(&self, group: &GroupPlanner<'_>, n: usize) -> usize {
+        let Some(gpus) = group.need.gpus.as_ref().filter(|g| g.slice.is_none()) else {
+            return 0;
+        };
+        let (node, used) = (&self.snapshot.nodes[n], &self.usage[n]);
+        let free = (0..node.gpus.len())
+            .filter(|&g| used.exclusive[g] == 0 && used.sliced[g] == 0 && gpus.suits(&node.gpus[g]))
+            .count();
+        gpus.count.saturating_sub(free)
+    }
+
+    /// Of `let_go`, the ones an instance of `group` needs gone to fit on node
+    /// `n`: each is given back in turn while the instance still fits without it,
+    /// the smallest first (by [`PlanSnapshot::share`]), then the higher priority,
+    /// then the later id, so that what stays let go is few, small and of low
+    /// priority, and none of it superfluous. `None` when even letting all of
+    /// `let_go` go makes no room.
+    pub(crate) fn make_room(
+        &self,
+        group: &GroupPlanner<'_>,
+        n: usize,
+        mut let_go: Vec<&'s LiveAlloc>,
+    ) -> Option<Vec<&'s LiveAlloc>> {
+        let node = &self.snapshot.nodes[n];
+        let mut used = self.usage[n].clone();
+        for alloc in &let_go {
+            used.let_go(alloc);
+        }
+        group.fit(node, &used).ok()?;
+        let_go.sort_by_cached_key(|a| {
+            let a: &'s LiveAlloc = a;
+            (
+                self.snapshot.share(n, a),
+                Reverse(a.info.priority),
+                Reverse(&a.id),
+            )
+        });
+        let mut needed = Vec::new();
+        for alloc in let_go {
+            used.hold(alloc);
+            if group.fit(node, &used).is_err() {
+                used.let_go(alloc);
+                needed.push(alloc);
+            }
+        }
+        Some(needed)
+    }
+
+    /// Places instance `index` of `group` of job `job_id` on node `n`, with the
+    /// GPUs at positions `gpus` (as [`Draft::best`] or [`Draft::fits_without`]
+    /// gave them).
+    pub(crate) fn place(
+        &mut self,
+        group: &GroupPlanner<'_>,
+        job_id: &JobId,
+        index: u32,
+        n: usize,
+        gpus: &[usize],
+    ) -> Placement {
+        let node = &self.snapshot.nodes[n];
+        group.take(node, &mut self.usage[n], gpus);
+        self.changes
+            .entry((job_id.clone(), group.group.name.clone()))
+            .or_default()
+            .push((n, 1));
+        group.placement(node, index, gpus)
+    }
+}
+
+impl AsRef<Self> for Draft<'_> {
+    fn as_ref(&self) -> &Self {
+        self
+    }
+}
+
+/// Places a request's instances one at a time with `place_one`, which sees and
+/// changes `state` (a [`Draft`] and whatever else a planner keeps) and answers
+/// whether the instance found a node. A group stops at its first instance that
+/// does not; a gang then gets back the state it started from. Answers the groups
+/// left short, explained against the state at the failure, as [`plan`] does.
+pub(crate) fn place_one_by_one<'s, S: Clone + AsRef<Draft<'s>>>(
+    snapshot: &'s PlanSnapshot,
+    request: &PlanRequest,
+    state: &mut S,
+    mut place_one: impl FnMut(&mut S, &GroupPlanner<'_>, u32) -> bool,
+) -> Vec<UnplacedGroup> {
+    let mut unplaced = Vec::new();
+    for demand in &request.groups {
+        if demand.indices.is_empty() {
+            continue;
+        }
+        let group = GroupPlanner::new(snapshot, &demand.group);
+        let before = demand.group.gang.then(|| state.clone());
+        let fitted = demand
+            .indices
+            .iter()
+            .take_while(|&&index| place_one(state, &group, index))
+            .count();
+        if fitted == demand.indices.len() {
+            continue;
+        }
+        let explanation = group.explain(snapshot, &state.as_ref().usage);
+        let gang_fitted = before.map(|before| {
+            *state = before;
+            u32::try_from(fitted).unwrap_or(u32::MAX)
+        });
+        let missing = match gang_fitted {
+            Some(_) => demand.indices.len(),
+            None => demand.indices.len() - fitted,
+        };
+        unplaced.push(UnplacedGroup {
+            group: demand.group.name.clone(),
+            missing: u32::try_from(missing).unwrap_or(u32::MAX),
+            gang_fitted,
+            explanation,
+        });
+    }
+    unplaced
+}
+
 #[cfg(test)]
-mod tests {
-    use std::collections::{BTreeSet, HashSet};
+pub(crate) mod testkit {
+    //! Fixtures and the invariant checker shared by the planner's, preemption's
+    //! and defragmentation's tests.
+
+    use std::collections::HashSet;
 
     use aigrid_api::{
-        Affinity, AllocId, AllocState, Constraint, DesiredState, ExecTask, GpuDevice,
-        NodeResources, Resources, Spread, TaskSpec, Timestamp,
+        AllocId, AllocState, Constraint, DesiredState, ExecTask, GpuDevice, NodeResources,
+        Resources, Spread, TaskSpec, Timestamp,
     };
     use proptest::prelude::*;
 
     use super::*;
 
     /// A GPU as tests describe it: model, memory in GiB, healthy, interconnect group.
-    type Gpu = (&'static str, u64, bool, Option<&'static str>);
+    pub(crate) type Gpu = (&'static str, u64, bool, Option<&'static str>);
 
-    fn node(id: &str, attrs: &[(&str, &str)], cpu: u64, memory: u64, gpus: &[Gpu]) -> Node {
+    pub(crate) fn node(
+        id: &str,
+        attrs: &[(&str, &str)],
+        cpu: u64,
+        memory: u64,
+        gpus: &[Gpu],
+    ) -> Node {
         Node {
             id: NodeId::new(id),
             name: id.to_owned(),
@@ -859,6 +1394,7 @@ mod tests {
                         model: (*model).to_owned(),
                         memory_mib: MemoryMib::new(gib * 1024),
                         healthy: *healthy,
+                        health_reason: None,
                         numa_node: None,
                         interconnect_group: link.map(str::to_owned),
                         mig_capable: false,
@@ -868,14 +1404,22 @@ mod tests {
             status: NodeStatus::Ready,
             registered_at: Timestamp::new(1),
             last_seen: Timestamp::new(1),
+            drain: None,
+            usage: None,
         }
     }
 
-    fn h100s(n: usize) -> Vec<Gpu> {
+    pub(crate) fn h100s(n: usize) -> Vec<Gpu> {
         vec![("NVIDIA H100", 80, true, None); n]
     }
 
-    fn group(name: &str, count: u32, cpu: u64, memory: u64, gpus: Option<GpuRequest>) -> TaskGroup {
+    pub(crate) fn group(
+        name: &str,
+        count: u32,
+        cpu: u64,
+        memory: u64,
+        gpus: Option<GpuRequest>,
+    ) -> TaskGroup {
         TaskGroup {
             name: name.to_owned(),
             count,
@@ -899,7 +1443,11 @@ mod tests {
         }
     }
 
-    fn gpus(count: u32, model: Option<&str>, min_gib: Option<u64>) -> Option<GpuRequest> {
+    pub(crate) fn gpus(
+        count: u32,
+        model: Option<&str>,
+        min_gib: Option<u64>,
+    ) -> Option<GpuRequest> {
         Some(GpuRequest {
             count,
             model: model.map(str::to_owned),
@@ -909,7 +1457,7 @@ mod tests {
         })
     }
 
-    fn rule(attribute: &str, op: ConstraintOp, value: &[&str]) -> Constraint {
+    pub(crate) fn rule(attribute: &str, op: ConstraintOp, value: &[&str]) -> Constraint {
         let value = match op {
             ConstraintOp::In | ConstraintOp::NotIn => {
                 ConstraintValue::Many(value.iter().map(|v| (*v).to_owned()).collect())
@@ -923,7 +1471,7 @@ mod tests {
         }
     }
 
-    fn request(groups: Vec<TaskGroup>) -> PlanRequest {
+    pub(crate) fn request(groups: Vec<TaskGroup>) -> PlanRequest {
         PlanRequest {
             job_id: JobId::new("job"),
             groups: groups
@@ -936,15 +1484,26 @@ mod tests {
         }
     }
 
-    fn run(nodes: &[Node], groups: Vec<TaskGroup>) -> Plan {
+    pub(crate) fn run(nodes: &[Node], groups: Vec<TaskGroup>) -> Plan {
         plan(&PlanSnapshot::new(nodes, &[]), &request(groups))
     }
 
-    fn on(plan: &Plan) -> Vec<&str> {
-        plan.placements.iter().map(|p| p.node_id.as_str()).collect()
+    pub(crate) fn on(plan: &Plan) -> Vec<&str> {
+        nodes_of(&plan.placements)
     }
 
-    fn live(id: &str, job: &str, node: &str, resources: Resources, gpus: &[&str]) -> Allocation {
+    /// The nodes placements went to, in order.
+    pub(crate) fn nodes_of(placements: &[Placement]) -> Vec<&str> {
+        placements.iter().map(|p| p.node_id.as_str()).collect()
+    }
+
+    pub(crate) fn live(
+        id: &str,
+        job: &str,
+        node: &str,
+        resources: Resources,
+        gpus: &[&str],
+    ) -> Allocation {
         Allocation {
             id: AllocId::new(id),
             job_id: JobId::new(job),
@@ -954,12 +1513,450 @@ mod tests {
             index: 0,
             resources,
             gpus: gpus.iter().map(|g| (*g).to_owned()).collect(),
+            previous: None,
+            reschedules: 0,
             state: AllocState::Running,
             desired: DesiredState::Run,
             created_at: Timestamp::new(1),
             updated_at: Timestamp::new(1),
         }
     }
+
+    /// A live allocation of instance `index` of `job`'s group `group`, holding
+    /// `gpus` whole, 1000 CPU millis and 1 GiB.
+    pub(crate) fn holding(
+        id: &str,
+        job: &str,
+        node: &str,
+        (group, index): (&str, u32),
+        gpus: &[&str],
+    ) -> Allocation {
+        let count = u32::try_from(gpus.len()).unwrap();
+        let resources = Resources {
+            cpu_millis: 1000.into(),
+            memory_mib: 1024.into(),
+            gpus: (count > 0).then_some(GpuRequest {
+                count,
+                model: None,
+                min_memory_mib: None,
+                memory_slice_mib: None,
+                same_interconnect: false,
+            }),
+        };
+        let mut alloc = live(id, job, node, resources, gpus);
+        alloc.group = group.to_owned();
+        alloc.index = index;
+        alloc
+    }
+
+    /// The live allocation a placement of `job`'s `group` becomes.
+    pub(crate) fn placed(id: &str, job: &JobId, group: &TaskGroup, p: &Placement) -> Allocation {
+        let mut alloc = live(
+            id,
+            job.as_str(),
+            p.node_id.as_str(),
+            group.resources.clone(),
+            &[],
+        );
+        alloc.group = p.group.clone();
+        alloc.index = p.index;
+        alloc.gpus = p.gpus.clone();
+        alloc
+    }
+
+    /// A job placed before the one under test: one group, its priority, and how
+    /// many of its instances may be disrupted now.
+    #[derive(Debug, Clone)]
+    pub(crate) struct Earlier {
+        pub(crate) job_id: JobId,
+        pub(crate) priority: u32,
+        pub(crate) group: TaskGroup,
+        pub(crate) budget: u32,
+    }
+
+    impl Earlier {
+        /// What a snapshot is told of an earlier job's allocations.
+        pub(crate) fn info(jobs: &[Earlier], job_id: &JobId) -> Option<GroupInfo> {
+            let job = jobs.iter().find(|j| &j.job_id == job_id)?;
+            Some(GroupInfo {
+                priority: job.priority,
+                movable: job.group.movable,
+            })
+        }
+    }
+
+    /// Places earlier jobs one after another, as a scheduling pass would, keeping
+    /// one snapshot current with [`PlanSnapshot::add`]; answers their allocations.
+    pub(crate) fn populate(nodes: &[Node], jobs: &[Earlier]) -> Vec<Allocation> {
+        let mut snapshot = PlanSnapshot::new(nodes, &[]);
+        let mut allocs = Vec::new();
+        for job in jobs {
+            let req = PlanRequest {
+                job_id: job.job_id.clone(),
+                groups: vec![GroupDemand {
+                    indices: (0..job.group.count).collect(),
+                    group: job.group.clone(),
+                }],
+            };
+            for p in plan(&snapshot, &req).placements {
+                let id = format!("{}-{}", job.job_id, p.index);
+                let alloc = placed(&id, &job.job_id, &job.group, &p);
+                snapshot.add(&alloc, GroupInfo::default());
+                allocs.push(alloc);
+            }
+        }
+        allocs
+    }
+
+    /// A GPU server: four or eight GPUs of one model, in interconnect domains of
+    /// some size or none, now and then an unhealthy one, and CPU and memory to
+    /// spare, so that GPUs are what runs out.
+    pub(crate) fn arb_gpu_node(i: usize) -> impl Strategy<Value = Node> {
+        (
+            prop::sample::select(vec!["BE", "NL", "FR"]),
+            0usize..3,
+            prop::sample::select(vec![4usize, 8]),
+            prop::sample::select(vec!["H100", "A100"]),
+            prop::sample::select(vec![None, Some(2usize), Some(4), Some(8)]),
+            prop::option::weighted(0.2, 0usize..8),
+            prop::option::weighted(0.1, Just(NodeStatus::Down)),
+        )
+            .prop_map(move |(country, site, count, model, domain, sick, down)| {
+                const DOMAINS: [&str; 4] = ["nvl-0", "nvl-1", "nvl-2", "nvl-3"];
+                let gs: Vec<Gpu> = (0..count)
+                    .map(|g| (model, 80, sick != Some(g), domain.map(|d| DOMAINS[g / d])))
+                    .collect();
+                let site = ["s0", "s1", "s2"][site];
+                let id = format!("n{i:03}");
+                let attrs = [("country", country), ("site", site), ("host", &id)];
+                let mut n = node(&id, &attrs, 64000, 262_144, &gs);
+                n.status = down.unwrap_or(NodeStatus::Ready);
+                n
+            })
+    }
+
+    /// A group of GPU instances: up to `most` whole GPUs each, or now and then a
+    /// slice; sometimes limited to countries, spread over sites or hosts (which
+    /// scatters it over every node), a gang, or held to one interconnect domain.
+    pub(crate) fn arb_gpu_group(
+        i: usize,
+        count: std::ops::Range<u32>,
+        most: u32,
+    ) -> impl Strategy<Value = TaskGroup> {
+        (
+            count,
+            1u32..=most,
+            prop::option::weighted(0.15, 0u64..3),
+            prop::option::weighted(0.3, prop::sample::select(vec!["H100", "A100"])),
+            prop::option::weighted(
+                0.2,
+                prop::sample::select(vec![vec!["BE"], vec!["BE", "NL"], vec!["NL", "FR"]]),
+            ),
+            (
+                prop::option::of(prop::sample::select(vec!["site", "host"])),
+                prop::bool::weighted(0.2),
+                prop::bool::weighted(0.2),
+            ),
+            (1u64..8, 1u64..16),
+        )
+            .prop_map(
+                move |(count, n, slice, model, countries, (spread, gang, linked), (cpu, mem))| {
+                    let gpu = GpuRequest {
+                        count: if slice.is_some() { 1 } else { n },
+                        model: model.map(str::to_owned),
+                        min_memory_mib: None,
+                        memory_slice_mib: slice.map(|s| MemoryMib::new((s + 1) * 16 * 1024)),
+                        same_interconnect: linked,
+                    };
+                    let mut g = group(&format!("g{i}"), count, cpu * 1000, mem * 1024, Some(gpu));
+                    g.gang = gang;
+                    if let Some(cs) = countries {
+                        g.constraints = vec![rule("country", ConstraintOp::In, &cs)];
+                    }
+                    if let Some(attribute) = spread {
+                        g.spread = vec![Spread {
+                            attribute: attribute.to_owned(),
+                            weight: None,
+                        }];
+                    }
+                    g
+                },
+            )
+    }
+
+    pub(crate) fn arb_earlier(i: usize) -> impl Strategy<Value = Earlier> {
+        (
+            arb_gpu_group(i + 10, 1..7, 2),
+            prop::sample::select(vec![0u32, 0, 10, 10, 20, 30, 40, 60]),
+            prop::bool::weighted(0.85),
+            0u32..8,
+        )
+            .prop_map(move |(mut group, priority, movable, budget)| {
+                group.movable = movable;
+                group.gang = false;
+                Earlier {
+                    job_id: JobId::new(format!("earlier{i}")),
+                    priority,
+                    group,
+                    budget,
+                }
+            })
+    }
+
+    /// A GPU cluster with earlier jobs placed on it, a job to place, and its
+    /// priority.
+    pub(crate) fn arb_crowded(
+    ) -> impl Strategy<Value = (Vec<Node>, Vec<Earlier>, Vec<TaskGroup>, u32)> {
+        (2usize..6, 2usize..9, 1usize..3).prop_flat_map(|(n, e, g)| {
+            (
+                (0..n).map(arb_gpu_node).collect::<Vec<_>>(),
+                (0..e).map(arb_earlier).collect::<Vec<_>>(),
+                (0..g)
+                    .map(|i| arb_gpu_group(i, 1..4, 8))
+                    .collect::<Vec<_>>(),
+                prop::sample::select(vec![15u32, 35, 50, 70]),
+            )
+        })
+    }
+
+    /// Like [`arb_crowded`], but half the time the earlier jobs are one-GPU
+    /// instances spread over hosts: free GPUs scattered over every node, the
+    /// case defragmentation is for.
+    pub(crate) fn arb_scattered(
+    ) -> impl Strategy<Value = (Vec<Node>, Vec<Earlier>, Vec<TaskGroup>, u32)> {
+        (arb_crowded(), any::<bool>()).prop_map(
+            |((nodes, mut earlier, groups, priority), scatter)| {
+                if scatter {
+                    for job in &mut earlier {
+                        let g = &mut job.group;
+                        g.spread = vec![Spread {
+                            attribute: "host".to_owned(),
+                            weight: None,
+                        }];
+                        g.constraints.clear();
+                        g.resources.gpus = Some(GpuRequest {
+                            count: 1,
+                            model: None,
+                            min_memory_mib: None,
+                            memory_slice_mib: None,
+                            same_interconnect: false,
+                        });
+                    }
+                }
+                (nodes, earlier, groups, priority)
+            },
+        )
+    }
+
+    /// What holds resources once a change commits: `allocs` less those `stopped`,
+    /// plus `added`.
+    pub(crate) fn after(
+        allocs: &[Allocation],
+        stopped: &HashSet<&AllocId>,
+        added: impl IntoIterator<Item = Allocation>,
+    ) -> Vec<Allocation> {
+        let mut out: Vec<Allocation> = allocs
+            .iter()
+            .filter(|a| !stopped.contains(&a.id))
+            .cloned()
+            .collect();
+        out.extend(added);
+        out
+    }
+
+    /// Checks a plan against its input: no over-commit, constraints hold, gangs whole.
+    pub(crate) fn check_plan(
+        nodes: &[Node],
+        allocs: &[Allocation],
+        req: &PlanRequest,
+        plan: &Plan,
+    ) {
+        let by_id: HashMap<&NodeId, &Node> = nodes.iter().map(|n| (&n.id, n)).collect();
+        let mut cpu: HashMap<&NodeId, u64> = HashMap::new();
+        let mut mem: HashMap<&NodeId, u64> = HashMap::new();
+        let mut whole: HashSet<(&NodeId, &str)> = HashSet::new();
+        let mut sliced: HashMap<(&NodeId, &str), u64> = HashMap::new();
+        let mut take = |node: &'_ NodeId, c: u64, m: u64, gpus: &[String], slice: Option<u64>| {
+            let node = by_id[node];
+            let (id, r) = (&node.id, &node.resources);
+            *cpu.entry(id).or_default() += c;
+            *mem.entry(id).or_default() += m;
+            assert!(cpu[id] <= r.cpu_millis.get(), "CPU over-committed on {id}");
+            assert!(
+                mem[id] <= r.memory_mib.get(),
+                "memory over-committed on {id}"
+            );
+            for uuid in gpus {
+                let gpu = r.gpus.iter().find(|g| &g.uuid == uuid).expect("a real GPU");
+                let key = (id, gpu.uuid.as_str());
+                match slice {
+                    None => assert!(
+                        whole.insert(key) && !sliced.contains_key(&key),
+                        "{uuid} shared"
+                    ),
+                    Some(s) => {
+                        assert!(!whole.contains(&key), "{uuid} held whole");
+                        let total = sliced.entry(key).or_default();
+                        *total += s;
+                        assert!(*total <= gpu.memory_mib.get(), "{uuid} over-sliced");
+                    }
+                }
+            }
+        };
+        for a in allocs.iter().filter(|a| a.is_live()) {
+            let slice = a.resources.gpus.as_ref().and_then(|g| g.memory_slice_mib);
+            take(
+                &a.node_id,
+                a.resources.cpu_millis.get(),
+                a.resources.memory_mib.get(),
+                &a.gpus,
+                slice.map(MemoryMib::get),
+            );
+        }
+        for p in &plan.placements {
+            let demand = req.groups.iter().find(|d| d.group.name == p.group);
+            let Some(demand) = demand else { continue };
+            let g = &demand.group;
+            let node = by_id[&p.node_id];
+            assert!(node.status.is_schedulable());
+            for c in &g.constraints {
+                assert!(Rule::new(&c.attribute, c.op, &c.value).matches(&node.attributes));
+            }
+            let want = g.resources.gpus.as_ref();
+            assert_eq!(p.gpus.len(), want.map_or(0, |w| w.count as usize));
+            for uuid in &p.gpus {
+                let gpu = node
+                    .resources
+                    .gpus
+                    .iter()
+                    .find(|d| &d.uuid == uuid)
+                    .unwrap();
+                let w = want.unwrap();
+                assert!(gpu.healthy);
+                assert!(w.model.as_deref().is_none_or(|m| gpu.model.contains(m)));
+                assert!(w.min_memory_mib.is_none_or(|m| gpu.memory_mib >= m));
+            }
+            take(
+                &p.node_id,
+                g.resources.cpu_millis.get(),
+                g.resources.memory_mib.get(),
+                &p.gpus,
+                p.gpu_memory_slice.map(MemoryMib::get),
+            );
+        }
+        for d in req.groups.iter().filter(|d| d.group.gang) {
+            let placed = plan
+                .placements
+                .iter()
+                .filter(|p| p.group == d.group.name)
+                .count();
+            assert!(
+                placed == 0 || placed == d.indices.len(),
+                "gang {} split",
+                d.group.name
+            );
+        }
+    }
+
+    pub(crate) fn arb_node(i: usize) -> impl Strategy<Value = Node> {
+        (
+            prop::sample::select(vec!["BE", "NL", "FR"]),
+            0usize..3,
+            1u64..16,
+            1u64..16,
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec!["H100", "A100", "L4"]),
+                    0usize..3,
+                    any::<bool>(),
+                    prop::option::of(0usize..2),
+                ),
+                0..6,
+            ),
+            prop::sample::select(vec![
+                NodeStatus::Ready,
+                NodeStatus::Ready,
+                NodeStatus::Ready,
+                NodeStatus::Down,
+            ]),
+        )
+            .prop_map(move |(country, site, cpu, mem, gs, status)| {
+                let gs: Vec<Gpu> = gs
+                    .into_iter()
+                    .map(|(m, size, healthy, link)| {
+                        (
+                            m,
+                            [24, 40, 80][size],
+                            healthy || size == 0,
+                            link.map(|l| ["nvl-0", "nvl-1"][l]),
+                        )
+                    })
+                    .collect();
+                let site = ["s0", "s1", "s2"][site];
+                let mut n = node(
+                    &format!("n{i:03}"),
+                    &[("country", country), ("site", site)],
+                    cpu * 1000,
+                    mem * 1024,
+                    &gs,
+                );
+                n.status = status;
+                n
+            })
+    }
+
+    pub(crate) fn arb_group(i: usize) -> impl Strategy<Value = TaskGroup> {
+        (
+            1u32..6,
+            1u64..4,
+            1u64..4,
+            prop::option::of((
+                1u32..4,
+                prop::option::of(prop::sample::select(vec!["H100", "A100"])),
+                prop::option::of(0u64..3),
+                any::<bool>(),
+            )),
+            prop::option::of(prop::sample::select(vec![
+                vec!["BE"],
+                vec!["BE", "NL"],
+                vec!["NL", "FR"],
+            ])),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(move |(count, cpu, mem, gpu, countries, gang, spread)| {
+                let gpu = gpu.map(|(n, model, slice, _)| GpuRequest {
+                    count: if slice.is_some() { 1 } else { n },
+                    model: model.map(str::to_owned),
+                    min_memory_mib: None,
+                    memory_slice_mib: slice.map(|s| MemoryMib::new((s + 1) * 8 * 1024)),
+                    same_interconnect: false,
+                });
+                let mut g = group(&format!("g{i}"), count, cpu * 1000, mem * 1024, gpu);
+                g.gang = gang;
+                if let Some(cs) = countries {
+                    g.constraints = vec![rule("country", ConstraintOp::In, &cs)];
+                }
+                if spread {
+                    g.spread = vec![Spread {
+                        attribute: "site".to_owned(),
+                        weight: None,
+                    }];
+                }
+                g
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use aigrid_api::{Affinity, Constraint, DesiredState, Resources, Spread};
+    use proptest::prelude::*;
+
+    use super::testkit::*;
+    use super::*;
 
     #[test]
     fn only_ready_nodes_take_work() {
@@ -1253,7 +2250,7 @@ mod tests {
         let p = run(&nodes, vec![g]);
         assert!(p.placements.is_empty());
         let unplaced = p.unplaced[0].to_unplaced();
-        assert_eq!(unplaced.missing, 2);
+        assert_eq!(unplaced.count, 2);
         assert_eq!(
             unplaced.reason,
             "0/120 nodes: 79 lacked 4 free H100 ≥ 40960 MiB, 40 failed country in [BE, NL], 1 not ready"
@@ -1323,6 +2320,112 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_knows_who_holds_what() {
+        let nodes = [node("a", &[], 64000, 65536, &h100s(4))];
+        let allocs = [
+            holding("z", "train", "a", ("workers", 1), &["a-gpu2", "a-gpu3"]),
+            holding("y", "web", "a", ("front", 0), &[]),
+            holding("x", "gone", "nowhere", ("g", 0), &["a-gpu0"]),
+        ];
+        let snap = PlanSnapshot::with_jobs(&nodes, &allocs, |job, group| {
+            (job.as_str() == "train").then_some(GroupInfo {
+                priority: 70,
+                movable: group != "workers",
+            })
+        });
+        let held = snap.live_allocations(&NodeId::new("a"));
+        let ids: Vec<&str> = held.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["y", "z"]);
+        let z = &held[1];
+        assert_eq!(
+            (z.group.as_str(), z.index, z.gpu_count()),
+            ("workers", 1, 2)
+        );
+        assert_eq!(
+            z.info,
+            GroupInfo {
+                priority: 70,
+                movable: false
+            }
+        );
+        // Jobs the caller does not know are the lowest priority, and movable.
+        assert_eq!(held[0].info, GroupInfo::default());
+        assert_eq!(GroupInfo::default().priority, 0);
+        assert!(GroupInfo::default().movable);
+        assert!(snap.live_allocations(&NodeId::new("nowhere")).is_empty());
+        let mut spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "j", "priority": 30, "groups": []
+        }))
+        .unwrap();
+        let mut g = group("pinned", 1, 1000, 1024, None);
+        g.movable = false;
+        spec.groups.push(g);
+        assert_eq!(
+            GroupInfo::of(&spec, "pinned"),
+            GroupInfo {
+                priority: 30,
+                movable: false
+            }
+        );
+        assert!(GroupInfo::of(&spec, "dropped").movable);
+    }
+
+    #[test]
+    fn a_request_without_what_was_placed_is_what_is_left() {
+        let nodes = [node("a", &[], 4000, 4096, &h100s(2))];
+        let mut gang = group("gang", 2, 1000, 1024, gpus(2, None, None));
+        gang.gang = true;
+        let req = request(vec![group("g", 3, 1000, 1024, gpus(1, None, None)), gang]);
+        let p = plan(&PlanSnapshot::new(&nodes, &[]), &req);
+        let left = req.without(&p.placements);
+        assert_eq!(left.job_id, req.job_id);
+        let groups: Vec<(&str, &[u32])> = left
+            .groups
+            .iter()
+            .map(|d| (d.group.name.as_str(), d.indices.as_slice()))
+            .collect();
+        assert_eq!(groups, [("g", &[2][..]), ("gang", &[0, 1][..])]);
+        assert!(req.without(&[]) == req);
+    }
+
+    /// A snapshot's contents in a form that does not depend on the order changes
+    /// came in.
+    type Contents = (
+        Vec<Usage>,
+        Vec<Vec<LiveAlloc>>,
+        HashMap<AllocId, usize>,
+        BTreeMap<(JobId, String), Vec<usize>>,
+    );
+
+    fn contents(snap: &PlanSnapshot) -> Contents {
+        let instances = snap
+            .instances
+            .iter()
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                v.sort_unstable();
+                (k.clone(), v)
+            })
+            .collect();
+        (
+            snap.usage.clone(),
+            snap.held.clone(),
+            snap.located.clone(),
+            instances,
+        )
+    }
+
+    /// A state for [`place_one_by_one`] that keeps placements as [`plan`] does.
+    #[derive(Clone)]
+    struct OneByOne<'s>(Draft<'s>, Vec<Placement>);
+
+    impl<'s> AsRef<Draft<'s>> for OneByOne<'s> {
+        fn as_ref(&self) -> &Draft<'s> {
+            &self.0
+        }
+    }
+
+    #[test]
     fn cluster_state_builds_the_snapshot() {
         let state = crate::state::ClusterState::default();
         assert_eq!(state.plan_snapshot().node_count(), 0);
@@ -1355,184 +2458,6 @@ mod tests {
         check_plan(&nodes, &[], &req, &p);
     }
 
-    /// Checks a plan against its input: no over-commit, constraints hold, gangs whole.
-    fn check_plan(nodes: &[Node], allocs: &[Allocation], req: &PlanRequest, plan: &Plan) {
-        let by_id: HashMap<&NodeId, &Node> = nodes.iter().map(|n| (&n.id, n)).collect();
-        let mut cpu: HashMap<&NodeId, u64> = HashMap::new();
-        let mut mem: HashMap<&NodeId, u64> = HashMap::new();
-        let mut whole: HashSet<(&NodeId, &str)> = HashSet::new();
-        let mut sliced: HashMap<(&NodeId, &str), u64> = HashMap::new();
-        let mut take = |node: &'_ NodeId, c: u64, m: u64, gpus: &[String], slice: Option<u64>| {
-            let node = by_id[node];
-            let (id, r) = (&node.id, &node.resources);
-            *cpu.entry(id).or_default() += c;
-            *mem.entry(id).or_default() += m;
-            assert!(cpu[id] <= r.cpu_millis.get(), "CPU over-committed on {id}");
-            assert!(
-                mem[id] <= r.memory_mib.get(),
-                "memory over-committed on {id}"
-            );
-            for uuid in gpus {
-                let gpu = r.gpus.iter().find(|g| &g.uuid == uuid).expect("a real GPU");
-                let key = (id, gpu.uuid.as_str());
-                match slice {
-                    None => assert!(
-                        whole.insert(key) && !sliced.contains_key(&key),
-                        "{uuid} shared"
-                    ),
-                    Some(s) => {
-                        assert!(!whole.contains(&key), "{uuid} held whole");
-                        let total = sliced.entry(key).or_default();
-                        *total += s;
-                        assert!(*total <= gpu.memory_mib.get(), "{uuid} over-sliced");
-                    }
-                }
-            }
-        };
-        for a in allocs.iter().filter(|a| a.is_live()) {
-            let slice = a.resources.gpus.as_ref().and_then(|g| g.memory_slice_mib);
-            take(
-                &a.node_id,
-                a.resources.cpu_millis.get(),
-                a.resources.memory_mib.get(),
-                &a.gpus,
-                slice.map(MemoryMib::get),
-            );
-        }
-        for p in &plan.placements {
-            let demand = req.groups.iter().find(|d| d.group.name == p.group);
-            let Some(demand) = demand else { continue };
-            let g = &demand.group;
-            let node = by_id[&p.node_id];
-            assert!(node.status.is_schedulable());
-            for c in &g.constraints {
-                assert!(Rule::new(&c.attribute, c.op, &c.value).matches(&node.attributes));
-            }
-            let want = g.resources.gpus.as_ref();
-            assert_eq!(p.gpus.len(), want.map_or(0, |w| w.count as usize));
-            for uuid in &p.gpus {
-                let gpu = node
-                    .resources
-                    .gpus
-                    .iter()
-                    .find(|d| &d.uuid == uuid)
-                    .unwrap();
-                let w = want.unwrap();
-                assert!(gpu.healthy);
-                assert!(w.model.as_deref().is_none_or(|m| gpu.model.contains(m)));
-                assert!(w.min_memory_mib.is_none_or(|m| gpu.memory_mib >= m));
-            }
-            take(
-                &p.node_id,
-                g.resources.cpu_millis.get(),
-                g.resources.memory_mib.get(),
-                &p.gpus,
-                p.gpu_memory_slice.map(MemoryMib::get),
-            );
-        }
-        for d in req.groups.iter().filter(|d| d.group.gang) {
-            let placed = plan
-                .placements
-                .iter()
-                .filter(|p| p.group == d.group.name)
-                .count();
-            assert!(
-                placed == 0 || placed == d.indices.len(),
-                "gang {} split",
-                d.group.name
-            );
-        }
-    }
-
-    fn arb_node(i: usize) -> impl Strategy<Value = Node> {
-        (
-            prop::sample::select(vec!["BE", "NL", "FR"]),
-            0usize..3,
-            1u64..16,
-            1u64..16,
-            prop::collection::vec(
-                (
-                    prop::sample::select(vec!["H100", "A100", "L4"]),
-                    0usize..3,
-                    any::<bool>(),
-                    prop::option::of(0usize..2),
-                ),
-                0..6,
-            ),
-            prop::sample::select(vec![
-                NodeStatus::Ready,
-                NodeStatus::Ready,
-                NodeStatus::Ready,
-                NodeStatus::Down,
-            ]),
-        )
-            .prop_map(move |(country, site, cpu, mem, gs, status)| {
-                let gs: Vec<Gpu> = gs
-                    .into_iter()
-                    .map(|(m, size, healthy, link)| {
-                        (
-                            m,
-                            [24, 40, 80][size],
-                            healthy || size == 0,
-                            link.map(|l| ["nvl-0", "nvl-1"][l]),
-                        )
-                    })
-                    .collect();
-                let site = ["s0", "s1", "s2"][site];
-                let mut n = node(
-                    &format!("n{i:03}"),
-                    &[("country", country), ("site", site)],
-                    cpu * 1000,
-                    mem * 1024,
-                    &gs,
-                );
-                n.status = status;
-                n
-            })
-    }
-
-    fn arb_group(i: usize) -> impl Strategy<Value = TaskGroup> {
-        (
-            1u32..6,
-            1u64..4,
-            1u64..4,
-            prop::option::of((
-                1u32..4,
-                prop::option::of(prop::sample::select(vec!["H100", "A100"])),
-                prop::option::of(0u64..3),
-                any::<bool>(),
-            )),
-            prop::option::of(prop::sample::select(vec![
-                vec!["BE"],
-                vec!["BE", "NL"],
-                vec!["NL", "FR"],
-            ])),
-            any::<bool>(),
-            any::<bool>(),
-        )
-            .prop_map(move |(count, cpu, mem, gpu, countries, gang, spread)| {
-                let gpu = gpu.map(|(n, model, slice, _)| GpuRequest {
-                    count: if slice.is_some() { 1 } else { n },
-                    model: model.map(str::to_owned),
-                    min_memory_mib: None,
-                    memory_slice_mib: slice.map(|s| MemoryMib::new((s + 1) * 8 * 1024)),
-                    same_interconnect: false,
-                });
-                let mut g = group(&format!("g{i}"), count, cpu * 1000, mem * 1024, gpu);
-                g.gang = gang;
-                if let Some(cs) = countries {
-                    g.constraints = vec![rule("country", ConstraintOp::In, &cs)];
-                }
-                if spread {
-                    g.spread = vec![Spread {
-                        attribute: "site".to_owned(),
-                        weight: None,
-                    }];
-                }
-                g
-            })
-    }
-
     fn arb_case() -> impl Strategy<Value = (Vec<Node>, Vec<TaskGroup>, Vec<TaskGroup>)> {
         (1usize..12, 1usize..4, 0usize..3).prop_flat_map(|(n, g, pre)| {
             (
@@ -1545,6 +2470,61 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(96))]
+
+        #[test]
+        fn add_and_remove_keep_the_snapshot_as_a_rebuild_would(
+            (nodes, earlier, groups, _) in arb_crowded(),
+            split in 0usize..40,
+            fate in prop::collection::vec(0u8..4, 40),
+        ) {
+            let allocs = populate(&nodes, &earlier);
+            let info = |job: &JobId, _: &str| Earlier::info(&earlier, job);
+            let split = split.min(allocs.len());
+            let mut snap = PlanSnapshot::with_jobs(&nodes, &allocs[..split], info);
+            for a in &allocs[split..] {
+                snap.add(a, info(&a.job_id, &a.group).unwrap_or_default());
+            }
+            let mut kept = Vec::new();
+            for (i, a) in allocs.iter().enumerate() {
+                let info = info(&a.job_id, &a.group).unwrap_or_default();
+                match fate[i % fate.len()] {
+                    0 => prop_assert!(snap.remove(&a.id)),
+                    1 => {
+                        let mut stopped = a.clone();
+                        stopped.desired = DesiredState::Stop;
+                        snap.add(&stopped, info);
+                        prop_assert!(!snap.remove(&a.id));
+                    }
+                    2 => {
+                        // Adding a version the snapshot holds changes nothing.
+                        snap.add(a, info);
+                        kept.push(a.clone());
+                    }
+                    _ => kept.push(a.clone()),
+                }
+            }
+            let rebuilt = PlanSnapshot::with_jobs(&nodes, &kept, info);
+            prop_assert_eq!(contents(&snap), contents(&rebuilt));
+            let req = request(groups);
+            prop_assert_eq!(plan(&snap, &req), plan(&rebuilt, &req));
+        }
+
+        #[test]
+        fn one_at_a_time_places_as_the_heaps_do((nodes, earlier, groups, _) in arb_crowded()) {
+            let allocs = populate(&nodes, &earlier);
+            let snap = PlanSnapshot::new(&nodes, &allocs);
+            let req = request(groups);
+            let mut state = OneByOne(Draft::new(&snap), Vec::new());
+            let unplaced = place_one_by_one(&snap, &req, &mut state, |state, group, index| {
+                let Some((n, gpus)) = state.0.best(group, &req.job_id, None) else {
+                    return false;
+                };
+                let placement = state.0.place(group, &req.job_id, index, n, &gpus);
+                state.1.push(placement);
+                true
+            });
+            prop_assert_eq!(plan(&snap, &req), Plan { placements: state.1, unplaced });
+        }
 
         #[test]
         fn plans_never_overcommit_and_are_deterministic((nodes, groups, earlier) in arb_case()) {

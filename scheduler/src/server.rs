@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub queue_capacity: usize,
     /// Control API limits.
     pub limits: ApiLimits,
+    /// How long a node may stay silent before it is marked down and its work
+    /// rescheduled.
+    pub node_ttl: Duration,
 }
 
 impl ServerConfig {
@@ -70,6 +73,7 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(10),
             queue_capacity: 65_536,
             limits: ApiLimits::default(),
+            node_ttl: crate::worker::WorkerConfig::default().node_ttl,
         }
     }
 
@@ -97,6 +101,9 @@ impl ServerConfig {
         }
         if self.snapshot_entries == 0 {
             return bad("snapshot entries must be at least 1".into());
+        }
+        if self.node_ttl < Duration::from_secs(1) {
+            return bad("node TTL must be at least 1s".into());
         }
         if self.queue_capacity == 0 || self.limits.max_in_flight == 0 {
             return bad("queue capacity and max in-flight must be at least 1".into());
@@ -183,9 +190,20 @@ impl Server {
             ClusterState::default(),
             metrics,
         )?;
+        crate::metrics::register_state(&registry, raft.clone())?;
+        let worker_metrics = crate::metrics::WorkerMetrics::register(&registry)?;
         let app = http::router(raft.clone(), registry, &config.limits)?;
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(crate::worker::run(raft.clone(), shutdown.subscribe()));
+        let worker = crate::worker::WorkerConfig {
+            node_ttl: config.node_ttl,
+            ..crate::worker::WorkerConfig::default()
+        };
+        tokio::spawn(crate::worker::run(
+            raft.clone(),
+            worker,
+            worker_metrics,
+            shutdown.subscribe(),
+        ));
         let http = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {

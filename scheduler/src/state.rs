@@ -12,10 +12,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aigrid_api::{
-    AllocId, AllocState, Allocation, AllocationReport, DeleteJobResponse, DesiredState, ErrorCode,
-    EvalId, EvalStatus, EvalTrigger, Evaluation, Job, JobId, JobKind, JobSpec, JobStatus,
-    JobSummary, Node, NodeId, NodeRegistration, NodeStatus, SubmitJobResponse, Timestamp, Unplaced,
-    ValidationError,
+    AllocId, AllocState, Allocation, AllocationReport, DeleteJobResponse, DesiredState, DrainSpec,
+    ErrorCode, EvalId, EvalStatus, EvalTrigger, Evaluation, GpuHealth, Job, JobId, JobKind,
+    JobSpec, JobStatus, JobSummary, MemoryMib, MilliCpu, Node, NodeId, NodeRegistration,
+    NodeStatus, NodeUsage, SubmitJobResponse, Timestamp, Unplaced, ValidationError,
 };
 use aigrid_consensus::state_machine::{SnapshotError, StateMachine};
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,21 @@ use serde::{Deserialize, Serialize};
 /// Evaluations kept by default. Older ones are forgotten, completed ones first, so a
 /// stream of submissions cannot grow the state without bound.
 pub const DEFAULT_EVAL_LIMIT: usize = 10_000;
+
+/// Delay before the first reschedule of an instance that failed or was lost; it
+/// doubles with each reschedule of the same instance in a row.
+pub const RESCHEDULE_BASE_MS: u64 = 1_000;
+/// Longest delay between reschedules of one instance.
+pub const RESCHEDULE_MAX_MS: u64 = 300_000;
+
+/// How long to wait before rescheduling an instance rescheduled `reschedules` times
+/// in a row already: exponential, capped, so a crash-looping workload cannot keep
+/// the planner and the cluster busy.
+pub fn reschedule_delay_ms(reschedules: u32) -> u64 {
+    RESCHEDULE_BASE_MS
+        .saturating_mul(1u64 << reschedules.min(32))
+        .min(RESCHEDULE_MAX_MS)
+}
 
 /// Version of the snapshot layout; a snapshot of another version is refused rather
 /// than misread.
@@ -65,16 +80,35 @@ pub enum Command {
         /// When it registered.
         at: Timestamp,
     },
-    /// Records that a node is alive; a node marked down becomes ready again.
+    /// Records that a node is alive (a node marked down comes back), the health of
+    /// its GPUs and the states of its allocations. A GPU turning unhealthy is
+    /// cordoned: only the allocations holding it are lost and rescheduled.
     NodeHeartbeat {
         /// The node.
         node_id: NodeId,
+        /// GPU health changes; GPUs not listed keep theirs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gpus: Vec<GpuHealth>,
+        /// Allocation states, as [`Command::ReportAllocations`] takes them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allocations: Vec<AllocationReport>,
         /// When the heartbeat arrived.
         at: Timestamp,
     },
-    /// Changes a node's status: `draining` (operator) or `down` (missed heartbeats).
-    /// Jobs with instances on the node get `node_update` evaluations; on `down`
-    /// those instances become lost.
+    /// Starts draining a node: it takes no new work and the leader migrates its
+    /// allocations elsewhere, at most `drain.max_parallel` at a time.
+    DrainNode {
+        /// The node.
+        node_id: NodeId,
+        /// How to drain it.
+        drain: DrainSpec,
+        /// When the drain was asked for.
+        at: Timestamp,
+    },
+    /// Changes a node's status: `ready` (an operator ends a drain), `draining` (a
+    /// drain one at a time) or `down` (missed heartbeats: its instances become lost
+    /// and their jobs get `node_update` evaluations, delayed by the reschedule
+    /// backoff).
     SetNodeStatus {
         /// The node.
         node_id: NodeId,
@@ -84,8 +118,11 @@ pub enum Command {
         at: Timestamp,
     },
     /// Writes the planner's placements and stop requests. All-or-nothing: every
-    /// allocation is checked (known job and node, GPUs on that node and not held by
-    /// another live allocation) before any is written.
+    /// allocation is checked (known job and node, the group's GPUs healthy on that
+    /// node and not held by another live allocation, CPU and memory free) before any
+    /// is written. A replacement (`previous`) forgets the finished allocation it
+    /// replaces; a job whose wanted instance is stopped without a replacement (it was
+    /// preempted) gets a `preemption` evaluation.
     UpsertAllocations {
         /// The allocations, whole.
         allocations: Vec<Allocation>,
@@ -115,6 +152,17 @@ pub enum Command {
         /// When the verdict was reached.
         at: Timestamp,
     },
+    /// What a scheduling pass decided for a batch of jobs, in one log entry: per
+    /// job its placements, stops and evaluation verdicts. Each job's plan is
+    /// checked against the state as it is when the entry applies and commits whole
+    /// or not at all (a gang is never split); a refused job plan leaves the
+    /// other jobs' plans applied and blocks its evaluations with the reason.
+    ApplyPlan {
+        /// One plan per job.
+        jobs: Vec<JobPlan>,
+        /// When the plans were made.
+        at: Timestamp,
+    },
     /// The verdicts on a batch of evaluations planned together, in one log entry.
     /// Evaluations forgotten since planning are skipped rather than failing the batch.
     UpdateEvaluations {
@@ -123,6 +171,97 @@ pub enum Command {
         /// When the verdicts were reached.
         at: Timestamp,
     },
+}
+
+/// What one scheduling pass decided for one job, as [`Command::ApplyPlan`] carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobPlan {
+    /// The job planned.
+    pub job_id: JobId,
+    /// The version planned for; a plan for an older version is refused.
+    pub job_version: u64,
+    /// New allocations, each reserving what its group asks for at `job_version`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub place: Vec<NewAllocation>,
+    /// Allocations to stop, of this job or (preemption, migration) of others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<AllocId>,
+    /// Verdicts on the job's evaluations, applied with the placements.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evals: Vec<EvaluationUpdate>,
+}
+
+/// A placement in a [`JobPlan`]: the instance, where, and on which GPUs. Its
+/// resources are the group's, so the log does not repeat them per instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewAllocation {
+    /// Unique over the cluster's life.
+    pub id: AllocId,
+    /// The task group.
+    pub group: String,
+    /// The instance index.
+    pub index: u32,
+    /// The node chosen.
+    pub node: NodeId,
+    /// The GPUs reserved, by uuid.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
+    /// The allocation it replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<AllocId>,
+    /// Reschedules in a row so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reschedules: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl NewAllocation {
+    /// A placement as the plan carries it, under a fresh id.
+    pub fn new(
+        placement: &crate::planner::Placement,
+        previous: Option<AllocId>,
+        reschedules: u32,
+    ) -> Self {
+        Self {
+            id: AllocId::new(uuid::Uuid::new_v4().to_string()),
+            group: placement.group.clone(),
+            index: placement.index,
+            node: placement.node_id.clone(),
+            gpus: placement.gpus.clone(),
+            previous,
+            reschedules,
+        }
+    }
+
+    /// The allocation this placement becomes: pending, wanted, reserving what
+    /// `group` asks for.
+    pub fn to_allocation(
+        &self,
+        job_id: &JobId,
+        job_version: u64,
+        group: &aigrid_api::TaskGroup,
+        at: Timestamp,
+    ) -> Allocation {
+        Allocation {
+            id: self.id.clone(),
+            job_id: job_id.clone(),
+            job_version,
+            node_id: self.node.clone(),
+            group: self.group.clone(),
+            index: self.index,
+            resources: group.resources.clone(),
+            gpus: self.gpus.clone(),
+            previous: self.previous.clone(),
+            reschedules: self.reschedules,
+            state: AllocState::Pending,
+            desired: DesiredState::Run,
+            created_at: at,
+            updated_at: at,
+        }
+    }
 }
 
 /// The planner's verdict on one evaluation, as [`Command::UpdateEvaluations`] carries it.
@@ -169,16 +308,31 @@ pub enum Applied {
     AllocationsUpserted {
         /// How many the command carried.
         count: usize,
+        /// Evaluations created for jobs whose instances were preempted.
+        eval_ids: Vec<EvalId>,
     },
     /// An agent's report was recorded.
     AllocationsReported {
         /// How many allocations changed state.
         updated: usize,
+        /// Evaluations created to reschedule failed service instances.
+        eval_ids: Vec<EvalId>,
     },
     /// An evaluation's status was recorded.
     EvaluationUpdated {
         /// The evaluation.
         id: EvalId,
+    },
+    /// A batch of job plans was applied.
+    PlanApplied {
+        /// Allocations placed.
+        placed: usize,
+        /// Allocations stopped.
+        stopped: usize,
+        /// Job plans refused, with the reason.
+        refused: Vec<(JobId, String)>,
+        /// Evaluations created for jobs whose instances were preempted.
+        eval_ids: Vec<EvalId>,
     },
     /// A batch of verdicts was recorded.
     EvaluationsUpdated {
@@ -327,6 +481,144 @@ pub struct ClusterState {
     /// Creation order of completed evaluations, trimmed first; derived too, so
     /// trimming never scans every evaluation.
     completed: BTreeSet<u64>,
+    /// Allocations by job and node, and what live ones hold; derived, so no command
+    /// or read scans every allocation.
+    index: AllocIndex,
+    /// Bumped whenever capacity may have been added or freed (a node changed, an
+    /// allocation stopped holding resources), so the leader knows when blocked
+    /// evaluations deserve another try. Derived; never replicated.
+    capacity_epoch: u64,
+}
+
+/// Allocations indexed by job and by node, and what the live ones hold per node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct AllocIndex {
+    by_job: BTreeMap<JobId, BTreeSet<AllocId>>,
+    by_node: BTreeMap<NodeId, BTreeSet<AllocId>>,
+    held: BTreeMap<NodeId, Held>,
+    live: usize,
+}
+
+/// What the live allocations on one node hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Held {
+    cpu: u64,
+    memory: u64,
+    allocations: u32,
+    gpus: BTreeMap<String, GpuHeld>,
+}
+
+/// How one GPU is held: whole by one allocation, or in memory slices by several.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct GpuHeld {
+    whole: Option<AllocId>,
+    sliced: u64,
+    slices: u32,
+}
+
+/// The GPU memory slice an allocation holds on its one shared GPU, if it asked for
+/// a slice rather than whole GPUs.
+fn slice_of(alloc: &Allocation) -> Option<u64> {
+    alloc
+        .resources
+        .gpus
+        .as_ref()
+        .and_then(|g| g.memory_slice_mib)
+        .map(MemoryMib::get)
+}
+
+impl Held {
+    fn add(&mut self, alloc: &Allocation) {
+        self.cpu += alloc.resources.cpu_millis.get();
+        self.memory += alloc.resources.memory_mib.get();
+        self.allocations += 1;
+        let slice = slice_of(alloc);
+        for uuid in &alloc.gpus {
+            let gpu = self.gpus.entry(uuid.clone()).or_default();
+            match slice {
+                Some(mib) => {
+                    gpu.sliced += mib;
+                    gpu.slices += 1;
+                }
+                None => gpu.whole = Some(alloc.id.clone()),
+            }
+        }
+    }
+
+    fn remove(&mut self, alloc: &Allocation) {
+        self.cpu = self.cpu.saturating_sub(alloc.resources.cpu_millis.get());
+        self.memory = self.memory.saturating_sub(alloc.resources.memory_mib.get());
+        self.allocations = self.allocations.saturating_sub(1);
+        let slice = slice_of(alloc);
+        for uuid in &alloc.gpus {
+            let Some(gpu) = self.gpus.get_mut(uuid) else {
+                continue;
+            };
+            match slice {
+                Some(mib) => {
+                    gpu.sliced = gpu.sliced.saturating_sub(mib);
+                    gpu.slices = gpu.slices.saturating_sub(1);
+                }
+                None if gpu.whole.as_ref() == Some(&alloc.id) => gpu.whole = None,
+                None => {}
+            }
+            if gpu.whole.is_none() && gpu.slices == 0 {
+                self.gpus.remove(uuid);
+            }
+        }
+    }
+}
+
+/// Removes `id` from the set under `key`, dropping the set once empty.
+fn forget<K: Ord>(map: &mut BTreeMap<K, BTreeSet<AllocId>>, key: &K, id: &AllocId) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(id);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl AllocIndex {
+    fn from_allocations<'a>(allocations: impl IntoIterator<Item = &'a Allocation>) -> Self {
+        let mut index = Self::default();
+        for alloc in allocations {
+            index.add(alloc);
+        }
+        index
+    }
+
+    fn add(&mut self, alloc: &Allocation) {
+        self.by_job
+            .entry(alloc.job_id.clone())
+            .or_default()
+            .insert(alloc.id.clone());
+        self.by_node
+            .entry(alloc.node_id.clone())
+            .or_default()
+            .insert(alloc.id.clone());
+        if alloc.is_live() {
+            self.live += 1;
+            self.held
+                .entry(alloc.node_id.clone())
+                .or_default()
+                .add(alloc);
+        }
+    }
+
+    fn remove(&mut self, alloc: &Allocation) {
+        forget(&mut self.by_job, &alloc.job_id, &alloc.id);
+        forget(&mut self.by_node, &alloc.node_id, &alloc.id);
+        if alloc.is_live() {
+            self.live = self.live.saturating_sub(1);
+            if let Some(held) = self.held.get_mut(&alloc.node_id) {
+                held.remove(alloc);
+                if held.allocations == 0 {
+                    self.held.remove(&alloc.node_id);
+                }
+            }
+        }
+    }
 }
 
 impl Default for ClusterState {
@@ -367,12 +659,67 @@ impl ClusterState {
             .filter(|record| record.eval.status == EvalStatus::Complete)
             .map(|record| record.seq)
             .collect();
+        let index = AllocIndex::from_allocations(tables.allocations.values());
         Self {
             tables,
             job_names,
             eval_order,
             completed,
+            index,
+            capacity_epoch: 0,
         }
+    }
+
+    // ----- allocation table: every write goes through these, keeping the index --
+
+    /// Inserts or replaces an allocation.
+    fn put_alloc(&mut self, alloc: Allocation) {
+        if let Some(old) = self.tables.allocations.remove(&alloc.id) {
+            if old.is_live() && !alloc.is_live() {
+                self.capacity_epoch += 1;
+            }
+            self.index.remove(&old);
+        }
+        self.index.add(&alloc);
+        self.tables.allocations.insert(alloc.id.clone(), alloc);
+    }
+
+    /// Removes an allocation.
+    fn drop_alloc(&mut self, id: &AllocId) -> Option<Allocation> {
+        let old = self.tables.allocations.remove(id)?;
+        if old.is_live() {
+            self.capacity_epoch += 1;
+        }
+        self.index.remove(&old);
+        Some(old)
+    }
+
+    /// Ids of the allocations of one job.
+    fn job_alloc_ids(&self, job_id: &JobId) -> Vec<AllocId> {
+        self.index
+            .by_job
+            .get(job_id)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Ids of the allocations on one node.
+    fn node_alloc_ids(&self, node_id: &NodeId) -> Vec<AllocId> {
+        self.index
+            .by_node
+            .get(node_id)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn job_allocs(&self, job_id: &JobId) -> Vec<&Allocation> {
+        self.index
+            .by_job
+            .get(job_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.tables.allocations.get(id))
+            .collect()
     }
 
     // ----- reads -------------------------------------------------------------
@@ -389,15 +736,11 @@ impl ClusterState {
 
     /// Every live job, ordered by name.
     pub fn jobs(&self) -> Vec<JobSummary> {
-        let mut by_job: BTreeMap<&JobId, Vec<&Allocation>> = BTreeMap::new();
-        for alloc in self.tables.allocations.values() {
-            by_job.entry(&alloc.job_id).or_default().push(alloc);
-        }
         self.job_names
             .values()
             .filter_map(|id| self.tables.jobs.get(id))
             .map(|job| {
-                let allocs = by_job.get(&job.id).map(Vec::as_slice).unwrap_or_default();
+                let allocs = &self.job_allocs(&job.id);
                 JobSummary {
                     id: job.id.clone(),
                     name: job.spec.name.clone(),
@@ -415,22 +758,94 @@ impl ClusterState {
             .collect()
     }
 
-    /// The node with this id.
+    /// The node with this id, with what its allocations hold.
     pub fn node(&self, id: &NodeId) -> Option<Node> {
-        self.tables.nodes.get(id).cloned()
+        self.tables.nodes.get(id).map(|n| self.node_view(n))
     }
 
-    /// Every node, ordered by id.
+    /// Every node, ordered by id, with what its allocations hold.
     pub fn nodes(&self) -> Vec<Node> {
-        self.tables.nodes.values().cloned().collect()
+        self.tables
+            .nodes
+            .values()
+            .map(|n| self.node_view(n))
+            .collect()
+    }
+
+    fn node_view(&self, node: &Node) -> Node {
+        let held = self.index.held.get(&node.id);
+        let gpus = &node.resources.gpus;
+        let used = held.map_or(0, |h| {
+            gpus.iter().filter(|g| h.gpus.contains_key(&g.uuid)).count()
+        });
+        let free = gpus
+            .iter()
+            .filter(|g| g.healthy && !held.is_some_and(|h| h.gpus.contains_key(&g.uuid)))
+            .count();
+        let mut view = node.clone();
+        view.usage = Some(NodeUsage {
+            cpu_millis: MilliCpu::new(held.map_or(0, |h| h.cpu)),
+            memory_mib: MemoryMib::new(held.map_or(0, |h| h.memory)),
+            gpus_used: u32::try_from(used).unwrap_or(u32::MAX),
+            gpus_free: u32::try_from(free).unwrap_or(u32::MAX),
+            allocations: held.map_or(0, |h| h.allocations),
+        });
+        view
     }
 
     /// What the planner needs to know: every node and what live allocations hold.
     pub fn plan_snapshot(&self) -> crate::planner::PlanSnapshot {
-        crate::planner::PlanSnapshot::new(
+        crate::planner::PlanSnapshot::with_jobs(
             self.tables.nodes.values(),
-            self.tables.allocations.values(),
+            self.live_allocations(),
+            |job_id, group| {
+                self.tables
+                    .jobs
+                    .get(job_id)
+                    .map(|j| crate::planner::GroupInfo::of(&j.spec, group))
+            },
         )
+    }
+
+    /// Every live allocation (wanted and not finished), ordered by id.
+    pub fn live_allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.tables.allocations.values().filter(|a| a.is_live())
+    }
+
+    /// The spec and version of a live job, without building its view.
+    pub fn job_spec(&self, id: &JobId) -> Option<(&JobSpec, u64)> {
+        self.tables.jobs.get(id).map(|j| (&j.spec, j.version))
+    }
+
+    /// Changes whenever capacity may have appeared or been freed; see the field.
+    pub fn capacity_epoch(&self) -> u64 {
+        self.capacity_epoch
+    }
+
+    /// Nodes that are not down and were last heard from before `deadline`.
+    pub fn silent_nodes(&self, deadline: Timestamp) -> Vec<NodeId> {
+        self.tables
+            .nodes
+            .values()
+            .filter(|n| n.status != NodeStatus::Down && n.last_seen < deadline)
+            .map(|n| n.id.clone())
+            .collect()
+    }
+
+    /// Draining nodes with their drain and the allocations still on them.
+    pub fn drains(&self) -> Vec<(NodeId, DrainSpec, Vec<Allocation>)> {
+        self.tables
+            .nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Draining)
+            .map(|n| {
+                (
+                    n.id.clone(),
+                    n.drain.unwrap_or_default(),
+                    self.node_allocations(&n.id),
+                )
+            })
+            .collect()
     }
 
     /// Every allocation kept, ordered by id.
@@ -445,10 +860,12 @@ impl ClusterState {
 
     /// The allocations on one node, ordered by id: what its agent should run or stop.
     pub fn node_allocations(&self, node_id: &NodeId) -> Vec<Allocation> {
-        self.tables
-            .allocations
-            .values()
-            .filter(|a| &a.node_id == node_id)
+        self.index
+            .by_node
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.tables.allocations.get(id))
             .cloned()
             .collect()
     }
@@ -481,12 +898,7 @@ impl ClusterState {
                 .filter(|n| n.status == NodeStatus::Ready)
                 .count(),
             allocations: self.tables.allocations.len(),
-            allocations_live: self
-                .tables
-                .allocations
-                .values()
-                .filter(|a| a.is_live())
-                .count(),
+            allocations_live: self.index.live,
             evaluations: self.tables.evaluations.len(),
             evaluations_pending: evals().filter(|s| *s == EvalStatus::Pending).count(),
             evaluations_blocked: evals().filter(|s| *s == EvalStatus::Blocked).count(),
@@ -494,13 +906,8 @@ impl ClusterState {
     }
 
     fn job_view(&self, record: &JobRecord) -> Job {
-        let allocations: Vec<Allocation> = self
-            .tables
-            .allocations
-            .values()
-            .filter(|a| a.job_id == record.id)
-            .cloned()
-            .collect();
+        let allocations: Vec<Allocation> =
+            self.job_allocs(&record.id).into_iter().cloned().collect();
         let refs: Vec<&Allocation> = allocations.iter().collect();
         Job {
             id: record.id.clone(),
@@ -558,6 +965,9 @@ impl ClusterState {
             if id != &node.id {
                 return Err(format!("node keyed `{id}` has id `{}`", node.id));
             }
+            if node.usage.is_some() {
+                return Err(format!("node `{id}` stores its usage"));
+            }
         }
 
         let mut gpu_holders: BTreeMap<(&NodeId, &str), &AllocId> = BTreeMap::new();
@@ -586,15 +996,46 @@ impl ClusterState {
                 continue;
             }
             for gpu in &alloc.gpus {
-                if !node.resources.gpus.iter().any(|g| &g.uuid == gpu) {
+                let Some(device) = node.resources.gpus.iter().find(|g| &g.uuid == gpu) else {
                     return Err(format!(
                         "allocation `{id}` holds GPU `{gpu}` that node `{}` lacks",
                         node.id
                     ));
+                };
+                if !device.healthy {
+                    return Err(format!("allocation `{id}` holds unhealthy GPU `{gpu}`"));
+                }
+                if slice_of(alloc).is_some() {
+                    continue;
                 }
                 if let Some(other) = gpu_holders.insert((&alloc.node_id, gpu), id) {
                     return Err(format!(
                         "allocations `{other}` and `{id}` both hold GPU `{gpu}`"
+                    ));
+                }
+            }
+        }
+
+        let index = AllocIndex::from_allocations(t.allocations.values());
+        if index != self.index {
+            return Err("the allocation index disagrees with the allocations".to_owned());
+        }
+        for (node_id, held) in &index.held {
+            let node = &t.nodes[node_id];
+            for (uuid, gpu) in &held.gpus {
+                let memory = node
+                    .resources
+                    .gpus
+                    .iter()
+                    .find(|g| &g.uuid == uuid)
+                    .map_or(0, |g| g.memory_mib.get());
+                if gpu.whole.is_some() && gpu.slices > 0 {
+                    return Err(format!("GPU `{uuid}` is held whole and sliced at once"));
+                }
+                if gpu.sliced > memory {
+                    return Err(format!(
+                        "GPU `{uuid}` has {} MiB sliced out of {memory}",
+                        gpu.sliced
                     ));
                 }
             }
@@ -708,7 +1149,7 @@ impl ClusterState {
                 (job_id, 1, EvalTrigger::JobSubmit)
             }
         };
-        self.insert_eval(eval_id.clone(), id.clone(), version, trigger, at);
+        self.insert_eval(eval_id.clone(), id.clone(), version, trigger, at, None);
         Ok(Applied::JobSubmitted(SubmitJobResponse {
             id,
             version,
@@ -737,23 +1178,23 @@ impl ClusterState {
             .remove(&job_id)
             .ok_or_else(|| StateError::not_found(ObjectKind::Job, &job_id))?;
         self.job_names.remove(&job.spec.name);
-        self.tables.allocations.retain(|_, alloc| {
-            if alloc.job_id != job_id {
-                return true;
+        for id in self.job_alloc_ids(&job_id) {
+            let Some(mut alloc) = self.drop_alloc(&id) else {
+                continue;
+            };
+            if !alloc.state.is_terminal() {
+                alloc.desired = DesiredState::Stop;
+                alloc.updated_at = at;
+                self.put_alloc(alloc);
             }
-            if alloc.state.is_terminal() {
-                return false;
-            }
-            alloc.desired = DesiredState::Stop;
-            alloc.updated_at = at;
-            true
-        });
+        }
         self.insert_eval(
             eval_id.clone(),
             job_id.clone(),
             job.version,
             EvalTrigger::JobDelete,
             at,
+            None,
         );
         Ok(Applied::JobDeleted(DeleteJobResponse {
             id: job_id,
@@ -764,13 +1205,14 @@ impl ClusterState {
     fn register_node(&mut self, index: u64, reg: NodeRegistration, at: Timestamp) -> CommandOutput {
         reg.validate()?;
         let id = reg.id.clone();
+        self.capacity_epoch += 1;
         let created = match self.tables.nodes.get_mut(&id) {
             Some(node) => {
                 node.name = reg.name;
                 node.attributes = reg.attributes;
                 node.resources = reg.resources;
                 if node.status == NodeStatus::Down {
-                    node.status = NodeStatus::Ready;
+                    node.status = Self::back_up(node);
                 }
                 node.last_seen = node.last_seen.max(at);
                 false
@@ -786,20 +1228,23 @@ impl ClusterState {
                         status: NodeStatus::Ready,
                         registered_at: at,
                         last_seen: at,
+                        drain: None,
+                        usage: None,
                     },
                 );
                 true
             }
         };
-        let present: BTreeSet<String> = self.tables.nodes[&id]
+        let usable: BTreeSet<String> = self.tables.nodes[&id]
             .resources
             .gpus
             .iter()
+            .filter(|g| g.healthy)
             .map(|g| g.uuid.clone())
             .collect();
         let displaced =
-            self.lose_allocations(&id, at, |a| a.gpus.iter().any(|g| !present.contains(g)));
-        let eval_ids = self.node_update_evals(index, displaced, at);
+            self.lose_allocations(&id, at, |a| a.gpus.iter().any(|g| !usable.contains(g)));
+        let eval_ids = self.node_update_evals(index, displaced, EvalTrigger::NodeUpdate, at);
         Ok(Applied::NodeRegistered {
             id,
             created,
@@ -807,20 +1252,78 @@ impl ClusterState {
         })
     }
 
-    fn heartbeat(&mut self, node_id: NodeId, at: Timestamp) -> CommandOutput {
+    /// The status a node returns to when it is heard from after being down.
+    fn back_up(node: &Node) -> NodeStatus {
+        if node.drain.is_some() {
+            NodeStatus::Draining
+        } else {
+            NodeStatus::Ready
+        }
+    }
+
+    fn heartbeat(
+        &mut self,
+        index: u64,
+        node_id: NodeId,
+        gpus: Vec<GpuHealth>,
+        reports: Vec<AllocationReport>,
+        at: Timestamp,
+    ) -> CommandOutput {
         let node = self
             .tables
             .nodes
-            .get_mut(&node_id)
+            .get(&node_id)
             .ok_or_else(|| StateError::not_found(ObjectKind::Node, &node_id))?;
-        node.last_seen = node.last_seen.max(at);
-        if node.status == NodeStatus::Down {
-            node.status = NodeStatus::Ready;
+        for (i, health) in gpus.iter().enumerate() {
+            if !node.resources.gpus.iter().any(|g| g.uuid == health.uuid) {
+                return Err(ValidationError::new(
+                    format!("gpus[{i}].uuid"),
+                    format!("node `{node_id}` has no GPU `{}`", health.uuid),
+                )
+                .into());
+            }
         }
+        self.check_reports(&node_id, &reports)?;
+
+        let node = self.tables.nodes.get_mut(&node_id).expect("checked above");
+        node.last_seen = node.last_seen.max(at);
+        let mut changed = node.status == NodeStatus::Down;
+        if changed {
+            node.status = Self::back_up(node);
+        }
+        let mut failing = BTreeSet::new();
+        for health in gpus {
+            let device = node
+                .resources
+                .gpus
+                .iter_mut()
+                .find(|g| g.uuid == health.uuid)
+                .expect("checked above");
+            if !health.healthy && device.healthy {
+                failing.insert(health.uuid.clone());
+            }
+            changed |= device.healthy != health.healthy;
+            device.healthy = health.healthy;
+            device.health_reason = if health.healthy { None } else { health.reason };
+        }
+        let status = node.status;
+        if changed {
+            self.capacity_epoch += 1;
+        }
+        let mut displaced =
+            self.lose_allocations(&node_id, at, |a| a.gpus.iter().any(|g| failing.contains(g)));
+        let failed = self.apply_reports(reports, at);
+        let mut eval_ids = self.node_update_evals(
+            index,
+            std::mem::take(&mut displaced),
+            EvalTrigger::NodeUpdate,
+            at,
+        );
+        eval_ids.extend(self.node_update_evals(index, failed, EvalTrigger::AllocFailed, at));
         Ok(Applied::NodeUpdated {
             id: node_id,
-            status: node.status,
-            eval_ids: Vec::new(),
+            status,
+            eval_ids,
         })
     }
 
@@ -829,13 +1332,22 @@ impl ClusterState {
         index: u64,
         node_id: NodeId,
         status: NodeStatus,
+        drain: Option<DrainSpec>,
         at: Timestamp,
     ) -> CommandOutput {
+        if let Some(drain) = &drain {
+            drain.validate()?;
+        }
         let node = self
             .tables
             .nodes
             .get_mut(&node_id)
             .ok_or_else(|| StateError::not_found(ObjectKind::Node, &node_id))?;
+        match status {
+            NodeStatus::Ready => node.drain = None,
+            NodeStatus::Draining => node.drain = Some(drain.unwrap_or_default()),
+            NodeStatus::Down => {}
+        }
         if node.status == status {
             return Ok(Applied::NodeUpdated {
                 id: node_id,
@@ -844,18 +1356,14 @@ impl ClusterState {
             });
         }
         node.status = status;
-        let affected = match status {
-            NodeStatus::Ready => BTreeSet::new(),
+        self.capacity_epoch += 1;
+        // A draining node's allocations are migrated by the leader at the drain's
+        // pace, not all at once, so only a node going down displaces anything here.
+        let displaced = match status {
             NodeStatus::Down => self.lose_allocations(&node_id, at, |_| true),
-            NodeStatus::Draining => self
-                .tables
-                .allocations
-                .values()
-                .filter(|a| a.node_id == node_id && a.is_live())
-                .map(|a| a.job_id.clone())
-                .collect(),
+            NodeStatus::Ready | NodeStatus::Draining => BTreeMap::new(),
         };
-        let eval_ids = self.node_update_evals(index, affected, at);
+        let eval_ids = self.node_update_evals(index, displaced, EvalTrigger::NodeUpdate, at);
         Ok(Applied::NodeUpdated {
             id: node_id,
             status,
@@ -863,9 +1371,126 @@ impl ClusterState {
         })
     }
 
-    fn upsert_allocations(&mut self, allocations: Vec<Allocation>, at: Timestamp) -> CommandOutput {
+    fn apply_plan(&mut self, index: u64, plans: Vec<JobPlan>, at: Timestamp) -> Applied {
+        let (mut placed, mut stopped) = (0, 0);
+        let mut refused = Vec::new();
+        let mut preempted = BTreeSet::new();
+        for plan in plans {
+            let result = self
+                .plan_allocations(&plan, at)
+                .and_then(|allocations| self.check_allocations(&allocations).map(|()| allocations));
+            match result {
+                Ok(allocations) => {
+                    placed += plan.place.len();
+                    stopped += plan.stop.len();
+                    preempted.extend(self.write_allocations(allocations, at));
+                    for u in plan.evals {
+                        let _ = self.update_evaluation(u.eval_id, u.status, u.unplaced, at);
+                    }
+                }
+                Err(e) => {
+                    for u in plan.evals {
+                        let unplaced = vec![Unplaced {
+                            group: String::new(),
+                            count: 0,
+                            reason: format!("the plan was refused: {e}"),
+                        }];
+                        let _ =
+                            self.update_evaluation(u.eval_id, EvalStatus::Blocked, unplaced, at);
+                    }
+                    refused.push((plan.job_id, e.to_string()));
+                }
+            }
+        }
+        let preempted = preempted
+            .into_iter()
+            .filter(|job_id| self.missing_instances(job_id))
+            .map(|job_id| (job_id, 0))
+            .collect();
+        let eval_ids = self.node_update_evals(index, preempted, EvalTrigger::Preemption, at);
+        Applied::PlanApplied {
+            placed,
+            stopped,
+            refused,
+            eval_ids,
+        }
+    }
+
+    /// The allocations a job plan writes: its placements with the group's
+    /// resources, and its stops.
+    fn plan_allocations(
+        &self,
+        plan: &JobPlan,
+        at: Timestamp,
+    ) -> Result<Vec<Allocation>, StateError> {
+        let job = self
+            .tables
+            .jobs
+            .get(&plan.job_id)
+            .ok_or_else(|| StateError::not_found(ObjectKind::Job, &plan.job_id))?;
+        if plan.job_version != job.version {
+            return Err(StateError::conflict(format!(
+                "the plan is for version {} of job `{}`, now at version {}",
+                plan.job_version, job.spec.name, job.version
+            )));
+        }
+        let mut allocations = Vec::with_capacity(plan.place.len() + plan.stop.len());
+        for id in &plan.stop {
+            let mut alloc = self
+                .tables
+                .allocations
+                .get(id)
+                .ok_or_else(|| StateError::not_found(ObjectKind::Allocation, id))?
+                .clone();
+            alloc.desired = DesiredState::Stop;
+            allocations.push(alloc);
+        }
+        for new in &plan.place {
+            let group = job.spec.group(&new.group).ok_or_else(|| {
+                ValidationError::new(
+                    "place.group",
+                    format!("job `{}` has no group `{}`", job.spec.name, new.group),
+                )
+            })?;
+            if self.tables.allocations.contains_key(&new.id) {
+                return Err(StateError::conflict(format!(
+                    "allocation id `{}` is already used",
+                    new.id
+                )));
+            }
+            allocations.push(new.to_allocation(&plan.job_id, plan.job_version, group, at));
+        }
+        Ok(allocations)
+    }
+
+    fn upsert_allocations(
+        &mut self,
+        index: u64,
+        allocations: Vec<Allocation>,
+        at: Timestamp,
+    ) -> CommandOutput {
         self.check_allocations(&allocations)?;
         let count = allocations.len();
+        let stopped = self.write_allocations(allocations, at);
+        // Jobs whose wanted instances were stopped without a replacement were
+        // preempted: they go back in the queue.
+        let preempted = stopped
+            .into_iter()
+            .filter(|job_id| self.missing_instances(job_id))
+            .map(|job_id| (job_id, 0))
+            .collect();
+        let eval_ids = self.node_update_evals(index, preempted, EvalTrigger::Preemption, at);
+        Ok(Applied::AllocationsUpserted { count, eval_ids })
+    }
+
+    /// Writes checked allocations; answers the jobs that had a live allocation
+    /// stopped.
+    fn write_allocations(
+        &mut self,
+        allocations: Vec<Allocation>,
+        at: Timestamp,
+    ) -> BTreeSet<JobId> {
+        let mut stopped: BTreeSet<JobId> = BTreeSet::new();
         for mut alloc in allocations {
             alloc.updated_at = at;
             alloc.created_at = at;
@@ -874,17 +1499,49 @@ impl ClusterState {
                 if old.state.is_terminal() {
                     alloc.state = old.state;
                 }
+                if old.is_live() && !alloc.is_live() {
+                    stopped.insert(alloc.job_id.clone());
+                }
+            }
+            // A replacement takes over from a finished allocation: forget it.
+            if let Some(previous) = &alloc.previous {
+                if self
+                    .tables
+                    .allocations
+                    .get(previous)
+                    .is_some_and(|p| p.state.is_terminal() && p.job_id == alloc.job_id)
+                {
+                    self.drop_alloc(previous);
+                }
             }
             if alloc.desired == DesiredState::Stop && alloc.state.is_terminal() {
-                self.tables.allocations.remove(&alloc.id);
+                self.drop_alloc(&alloc.id);
             } else {
-                self.tables.allocations.insert(alloc.id.clone(), alloc);
+                self.put_alloc(alloc);
             }
         }
-        Ok(Applied::AllocationsUpserted { count })
+        stopped
     }
 
-    /// Every rule an upsert must pass, checked before anything is written.
+    /// True when some instance the job's spec wants has no live allocation.
+    fn missing_instances(&self, job_id: &JobId) -> bool {
+        let Some(job) = self.tables.jobs.get(job_id) else {
+            return false;
+        };
+        let live: BTreeSet<(&str, u32)> = self
+            .job_allocs(job_id)
+            .into_iter()
+            .filter(|a| a.is_live())
+            .map(|a| (a.group.as_str(), a.index))
+            .collect();
+        job.spec
+            .groups
+            .iter()
+            .any(|g| (0..g.count).any(|i| !live.contains(&(g.name.as_str(), i))))
+    }
+
+    /// Every rule an upsert must pass, checked before anything is written. Costs
+    /// what the upsert carries, never a scan of every allocation.
     fn check_allocations(&self, allocations: &[Allocation]) -> Result<(), StateError> {
         let t = &self.tables;
         let incoming: BTreeSet<&AllocId> = allocations.iter().map(|a| &a.id).collect();
@@ -893,17 +1550,22 @@ impl ClusterState {
                 ValidationError::new("allocations", "an allocation id appears twice").into(),
             );
         }
-        // GPUs held by live allocations this upsert does not rewrite.
-        let mut holders: BTreeMap<(&NodeId, &str), &AllocId> = t
-            .allocations
-            .values()
-            .filter(|a| a.is_live() && !incoming.contains(&a.id))
-            .flat_map(|a| {
-                a.gpus
-                    .iter()
-                    .map(move |g| ((&a.node_id, g.as_str()), &a.id))
-            })
-            .collect();
+        // What the touched nodes hold once the rewritten allocations let go of theirs;
+        // the incoming ones are then added one by one.
+        let mut held: BTreeMap<&NodeId, Held> = BTreeMap::new();
+        for alloc in allocations {
+            if !held.contains_key(&alloc.node_id) {
+                let current = self.index.held.get(&alloc.node_id).cloned();
+                held.insert(&alloc.node_id, current.unwrap_or_default());
+            }
+        }
+        for alloc in allocations {
+            if let Some(old) = t.allocations.get(&alloc.id).filter(|o| o.is_live()) {
+                if let Some(h) = held.get_mut(&old.node_id) {
+                    h.remove(old);
+                }
+            }
+        }
 
         for (i, alloc) in allocations.iter().enumerate() {
             let field = |name: &str| format!("allocations[{i}].{name}");
@@ -925,39 +1587,6 @@ impl ClusterState {
                     )));
                 }
             }
-            if alloc.desired == DesiredState::Run {
-                let job = t
-                    .jobs
-                    .get(&alloc.job_id)
-                    .ok_or_else(|| StateError::not_found(ObjectKind::Job, &alloc.job_id))?;
-                let Some(group) = job.spec.group(&alloc.group) else {
-                    return Err(ValidationError::new(
-                        field("group"),
-                        format!("job `{}` has no group `{}`", job.spec.name, alloc.group),
-                    )
-                    .into());
-                };
-                if alloc.index >= group.count {
-                    return Err(ValidationError::new(
-                        field("index"),
-                        format!("group `{}` has {} instances", group.name, group.count),
-                    )
-                    .into());
-                }
-                if alloc.job_version == 0 || alloc.job_version > job.version {
-                    return Err(ValidationError::new(
-                        field("job_version"),
-                        format!("must be between 1 and the job's version {}", job.version),
-                    )
-                    .into());
-                }
-                if old.is_none() && !node.status.is_schedulable() {
-                    return Err(StateError::conflict(format!(
-                        "node `{}` is {} and takes no new allocations",
-                        node.id, node.status
-                    )));
-                }
-            }
             let mut own = BTreeSet::new();
             for gpu in &alloc.gpus {
                 if !node.resources.gpus.iter().any(|g| &g.uuid == gpu) {
@@ -976,32 +1605,121 @@ impl ClusterState {
                 }
             }
             let live = alloc.is_live() && !old.is_some_and(|o| o.state.is_terminal());
-            if live {
-                for gpu in &alloc.gpus {
-                    if let Some(other) = holders.insert((&alloc.node_id, gpu.as_str()), &alloc.id) {
+            if !live {
+                continue;
+            }
+            let job = t
+                .jobs
+                .get(&alloc.job_id)
+                .ok_or_else(|| StateError::not_found(ObjectKind::Job, &alloc.job_id))?;
+            let Some(group) = job.spec.group(&alloc.group) else {
+                return Err(ValidationError::new(
+                    field("group"),
+                    format!("job `{}` has no group `{}`", job.spec.name, alloc.group),
+                )
+                .into());
+            };
+            if alloc.index >= group.count {
+                return Err(ValidationError::new(
+                    field("index"),
+                    format!("group `{}` has {} instances", group.name, group.count),
+                )
+                .into());
+            }
+            if alloc.job_version == 0 || alloc.job_version > job.version {
+                return Err(ValidationError::new(
+                    field("job_version"),
+                    format!("must be between 1 and the job's version {}", job.version),
+                )
+                .into());
+            }
+            let h = held.get_mut(&alloc.node_id).expect("every node was added");
+            if old.is_none() {
+                if !node.status.is_schedulable() {
+                    return Err(StateError::conflict(format!(
+                        "node `{}` is {} and takes no new allocations",
+                        node.id, node.status
+                    )));
+                }
+                let gpus_wanted = match &alloc.resources.gpus {
+                    None => 0,
+                    Some(g) if g.memory_slice_mib.is_some() => 1,
+                    Some(g) => g.count,
+                };
+                if u32::try_from(alloc.gpus.len()).ok() != Some(gpus_wanted) {
+                    return Err(ValidationError::new(
+                        field("gpus"),
+                        format!("must name {gpus_wanted} GPUs"),
+                    )
+                    .into());
+                }
+                let (cpu, memory) = (alloc.resources.cpu_millis, alloc.resources.memory_mib);
+                if h.cpu + cpu.get() > node.resources.cpu_millis.get() {
+                    return Err(StateError::conflict(format!(
+                        "node `{}` has not {cpu} CPU millis free",
+                        node.id
+                    )));
+                }
+                if h.memory + memory.get() > node.resources.memory_mib.get() {
+                    return Err(StateError::conflict(format!(
+                        "node `{}` has not {memory} MiB of memory free",
+                        node.id
+                    )));
+                }
+            }
+            let slice = slice_of(alloc);
+            for uuid in &alloc.gpus {
+                let device = node
+                    .resources
+                    .gpus
+                    .iter()
+                    .find(|g| &g.uuid == uuid)
+                    .expect("checked above");
+                if !device.healthy {
+                    return Err(StateError::conflict(format!(
+                        "GPU `{uuid}` on node `{}` is unhealthy",
+                        node.id
+                    )));
+                }
+                let Some(gpu) = h.gpus.get(uuid) else {
+                    continue;
+                };
+                if let Some(other) = &gpu.whole {
+                    return Err(StateError::conflict(format!(
+                        "GPU `{uuid}` on node `{}` is already held by allocation `{other}`",
+                        node.id
+                    )));
+                }
+                match slice {
+                    None if gpu.slices > 0 => {
                         return Err(StateError::conflict(format!(
-                            "GPU `{gpu}` on node `{}` is already held by allocation `{other}`",
+                            "GPU `{uuid}` on node `{}` is shared by {} allocations",
+                            node.id, gpu.slices
+                        )));
+                    }
+                    Some(mib) if gpu.sliced + mib > device.memory_mib.get() => {
+                        return Err(StateError::conflict(format!(
+                            "GPU `{uuid}` on node `{}` has not {mib} MiB free to share",
                             node.id
                         )));
                     }
+                    _ => {}
                 }
             }
+            h.add(alloc);
         }
         Ok(())
     }
 
-    fn report_allocations(
-        &mut self,
-        node_id: NodeId,
-        reports: Vec<AllocationReport>,
-        at: Timestamp,
-    ) -> CommandOutput {
-        if !self.tables.nodes.contains_key(&node_id) {
-            return Err(StateError::not_found(ObjectKind::Node, &node_id));
-        }
-        for report in &reports {
+    /// Checks that a node reports only its own allocations.
+    fn check_reports(
+        &self,
+        node_id: &NodeId,
+        reports: &[AllocationReport],
+    ) -> Result<(), StateError> {
+        for report in reports {
             if let Some(alloc) = self.tables.allocations.get(&report.id) {
-                if alloc.node_id != node_id {
+                if &alloc.node_id != node_id {
                     return Err(StateError::conflict(format!(
                         "allocation `{}` is not on node `{node_id}`",
                         report.id
@@ -1009,25 +1727,76 @@ impl ClusterState {
                 }
             }
         }
-        let mut updated = 0;
+        Ok(())
+    }
+
+    /// Records reported states; answers the services whose wanted instances failed
+    /// (to be rescheduled), with the fewest reschedules among them.
+    fn apply_reports(
+        &mut self,
+        reports: Vec<AllocationReport>,
+        at: Timestamp,
+    ) -> BTreeMap<JobId, u32> {
+        let mut failed: BTreeMap<JobId, u32> = BTreeMap::new();
         for report in reports {
-            let Some(alloc) = self.tables.allocations.get_mut(&report.id) else {
+            let Some(alloc) = self.tables.allocations.get(&report.id) else {
                 continue;
             };
             if alloc.state.is_terminal() || alloc.state == report.state {
                 continue;
             }
+            let mut alloc = alloc.clone();
             alloc.state = report.state;
             alloc.updated_at = at;
-            updated += 1;
             if alloc.desired == DesiredState::Stop && alloc.state.is_terminal() {
-                self.tables.allocations.remove(&report.id);
+                self.drop_alloc(&report.id);
+                continue;
             }
+            let service = self
+                .tables
+                .jobs
+                .get(&alloc.job_id)
+                .is_some_and(|j| j.spec.kind == JobKind::Service);
+            if service && matches!(alloc.state, AllocState::Failed | AllocState::Lost) {
+                let fewest = failed.entry(alloc.job_id.clone()).or_insert(u32::MAX);
+                *fewest = (*fewest).min(alloc.reschedules);
+            }
+            self.put_alloc(alloc);
         }
+        failed
+    }
+
+    fn report_allocations(
+        &mut self,
+        index: u64,
+        node_id: NodeId,
+        reports: Vec<AllocationReport>,
+        at: Timestamp,
+    ) -> CommandOutput {
+        if !self.tables.nodes.contains_key(&node_id) {
+            return Err(StateError::not_found(ObjectKind::Node, &node_id));
+        }
+        self.check_reports(&node_id, &reports)?;
+        let before = self.tables.allocations.len();
+        let changed: usize = reports
+            .iter()
+            .filter(|r| {
+                self.tables
+                    .allocations
+                    .get(&r.id)
+                    .is_some_and(|a| !a.state.is_terminal() && a.state != r.state)
+            })
+            .count();
+        let failed = self.apply_reports(reports, at);
+        debug_assert!(self.tables.allocations.len() <= before);
         if let Some(node) = self.tables.nodes.get_mut(&node_id) {
             node.last_seen = node.last_seen.max(at);
         }
-        Ok(Applied::AllocationsReported { updated })
+        let eval_ids = self.node_update_evals(index, failed, EvalTrigger::AllocFailed, at);
+        Ok(Applied::AllocationsReported {
+            updated: changed,
+            eval_ids,
+        })
     }
 
     fn update_evaluation(
@@ -1061,54 +1830,63 @@ impl ClusterState {
     // ----- helpers -----------------------------------------------------------
 
     /// Marks the unfinished allocations on `node_id` that `gone` selects as lost
-    /// (dropping those already asked to stop) and returns the jobs that lost one.
+    /// (dropping those already asked to stop) and returns the jobs that lost one,
+    /// each with the fewest reschedules among its lost instances.
     fn lose_allocations(
         &mut self,
         node_id: &NodeId,
         at: Timestamp,
         gone: impl Fn(&Allocation) -> bool,
-    ) -> BTreeSet<JobId> {
-        let mut jobs = BTreeSet::new();
-        self.tables.allocations.retain(|_, alloc| {
-            if &alloc.node_id != node_id || alloc.state.is_terminal() || !gone(alloc) {
-                return true;
+    ) -> BTreeMap<JobId, u32> {
+        let mut jobs: BTreeMap<JobId, u32> = BTreeMap::new();
+        for id in self.node_alloc_ids(node_id) {
+            let Some(alloc) = self.tables.allocations.get(&id) else {
+                continue;
+            };
+            if alloc.state.is_terminal() || !gone(alloc) {
+                continue;
             }
             if alloc.desired == DesiredState::Stop {
-                return false;
+                self.drop_alloc(&id);
+                continue;
             }
+            let mut alloc = alloc.clone();
             alloc.state = AllocState::Lost;
             alloc.updated_at = at;
-            jobs.insert(alloc.job_id.clone());
-            true
-        });
+            let fewest = jobs.entry(alloc.job_id.clone()).or_insert(u32::MAX);
+            *fewest = (*fewest).min(alloc.reschedules);
+            self.put_alloc(alloc);
+        }
         jobs
     }
 
-    /// Creates a `node_update` evaluation per live job in `jobs`. Their ids derive from
-    /// the log index, the one input every replica shares for a command that carries
-    /// none.
+    /// Creates an evaluation per live job in `jobs`, each held back by the
+    /// reschedule backoff of its instance rescheduled least so far (a preemption is
+    /// not held back). Their ids derive from the log index, the one input every
+    /// replica shares for a command that carries none.
     fn node_update_evals(
         &mut self,
         index: u64,
-        jobs: BTreeSet<JobId>,
+        jobs: BTreeMap<JobId, u32>,
+        trigger: EvalTrigger,
         at: Timestamp,
     ) -> Vec<EvalId> {
         let mut created = Vec::new();
-        for (n, job_id) in jobs.into_iter().enumerate() {
+        for (n, (job_id, reschedules)) in jobs.into_iter().enumerate() {
             let Some(version) = self.tables.jobs.get(&job_id).map(|j| j.version) else {
                 continue;
             };
-            let eval_id = EvalId(format!("log-{index}-{n}"));
+            let eval_id = EvalId(format!("log-{index}-{trigger}-{n}"));
             if self.tables.evaluations.contains_key(&eval_id) {
                 continue;
             }
-            self.insert_eval(
-                eval_id.clone(),
-                job_id,
-                version,
-                EvalTrigger::NodeUpdate,
-                at,
-            );
+            let wait_until = (trigger != EvalTrigger::Preemption).then(|| {
+                Timestamp::from_millis(
+                    at.as_millis()
+                        .saturating_add(reschedule_delay_ms(reschedules)),
+                )
+            });
+            self.insert_eval(eval_id.clone(), job_id, version, trigger, at, wait_until);
             created.push(eval_id);
         }
         created
@@ -1121,6 +1899,7 @@ impl ClusterState {
         job_version: u64,
         trigger: EvalTrigger,
         at: Timestamp,
+        wait_until: Option<Timestamp>,
     ) {
         let seq = self.tables.next_eval_seq;
         self.tables.next_eval_seq += 1;
@@ -1137,6 +1916,7 @@ impl ClusterState {
                     status: EvalStatus::Pending,
                     created_at: at,
                     updated_at: at,
+                    wait_until,
                 },
             },
         );
@@ -1191,26 +1971,35 @@ impl StateMachine for ClusterState {
                 at,
             } => self.delete_job(job_id, eval_id, at),
             Command::RegisterNode { node, at } => self.register_node(index, node, at),
-            Command::NodeHeartbeat { node_id, at } => self.heartbeat(node_id, at),
+            Command::NodeHeartbeat {
+                node_id,
+                gpus,
+                allocations,
+                at,
+            } => self.heartbeat(index, node_id, gpus, allocations, at),
+            Command::DrainNode { node_id, drain, at } => {
+                self.set_node_status(index, node_id, NodeStatus::Draining, Some(drain), at)
+            }
             Command::SetNodeStatus {
                 node_id,
                 status,
                 at,
-            } => self.set_node_status(index, node_id, status, at),
+            } => self.set_node_status(index, node_id, status, None, at),
             Command::UpsertAllocations { allocations, at } => {
-                self.upsert_allocations(allocations, at)
+                self.upsert_allocations(index, allocations, at)
             }
             Command::ReportAllocations {
                 node_id,
                 reports,
                 at,
-            } => self.report_allocations(node_id, reports, at),
+            } => self.report_allocations(index, node_id, reports, at),
             Command::UpdateEvaluation {
                 eval_id,
                 status,
                 unplaced,
                 at,
             } => self.update_evaluation(eval_id, status, unplaced, at),
+            Command::ApplyPlan { jobs, at } => Ok(self.apply_plan(index, jobs, at)),
             Command::UpdateEvaluations { updates, at } => {
                 let updated = updates
                     .into_iter()
@@ -1226,13 +2015,27 @@ impl StateMachine for ClusterState {
         output
     }
 
+    /// The tables as JSON, streamed through an LZ4 frame: a state of a million
+    /// allocations never exists as one uncompressed buffer, and what the log keeps
+    /// and sends to lagging followers is several times smaller.
     fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
-        serde_json::to_vec(&self.tables).map_err(|e| SnapshotError(e.to_string()))
+        let error = |e: &dyn std::fmt::Display| SnapshotError(e.to_string());
+        let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        serde_json::to_writer(&mut encoder, &self.tables).map_err(|e| error(&e))?;
+        encoder.finish().map_err(|e| error(&e))
     }
 
+    /// Reads a snapshot: an LZ4 frame of JSON, or plain JSON as earlier releases
+    /// wrote it.
     fn restore(&mut self, data: &[u8]) -> Result<(), SnapshotError> {
-        let tables: Tables =
-            serde_json::from_slice(data).map_err(|e| SnapshotError(e.to_string()))?;
+        const LZ4_FRAME_MAGIC: [u8; 4] = [0x04, 0x22, 0x4d, 0x18];
+        let error = |e: serde_json::Error| SnapshotError(e.to_string());
+        let tables: Tables = if data.starts_with(&LZ4_FRAME_MAGIC) {
+            let reader = std::io::BufReader::new(lz4_flex::frame::FrameDecoder::new(data));
+            serde_json::from_reader(reader).map_err(error)?
+        } else {
+            serde_json::from_slice(data).map_err(error)?
+        };
         let state = Self::from_tables(tables);
         state.check_invariants().map_err(SnapshotError)?;
         *self = state;
@@ -1275,7 +2078,7 @@ fn job_status(spec: &JobSpec, allocs: &[&Allocation]) -> JobStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aigrid_api::{GpuDevice, MemoryMib, NodeResources, Resources};
+    use aigrid_api::{GpuDevice, GpuRequest, NodeResources, Resources};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     use serde_json::json;
@@ -1359,6 +2162,7 @@ mod tests {
                         model: "H100".to_owned(),
                         memory_mib: MemoryMib::new(81920),
                         healthy: true,
+                        health_reason: None,
                         numa_node: None,
                         interconnect_group: None,
                         mig_capable: false,
@@ -1386,9 +2190,17 @@ mod tests {
             resources: Resources {
                 cpu_millis: 500.into(),
                 memory_mib: 256.into(),
-                gpus: None,
+                gpus: (!gpus.is_empty()).then(|| GpuRequest {
+                    count: u32::try_from(gpus.len()).unwrap(),
+                    model: None,
+                    min_memory_mib: None,
+                    memory_slice_mib: None,
+                    same_interconnect: false,
+                }),
             },
             gpus: gpus.iter().map(|g| (*g).to_owned()).collect(),
+            previous: None,
+            reschedules: 0,
             state: AllocState::Pending,
             desired: DesiredState::Run,
             created_at: Timestamp::new(0),
@@ -1615,6 +2427,8 @@ mod tests {
         );
         let hb = Command::NodeHeartbeat {
             node_id: NodeId::new("n1"),
+            gpus: vec![],
+            allocations: vec![],
             at: Timestamp::new(50),
         };
         log.apply(hb).unwrap();
@@ -1646,6 +2460,8 @@ mod tests {
         let err = log
             .apply(Command::NodeHeartbeat {
                 node_id: NodeId::new("nope"),
+                gpus: vec![],
+                allocations: vec![],
                 at: Timestamp::new(1),
             })
             .unwrap_err();
@@ -1687,7 +2503,10 @@ mod tests {
             panic!("{out:?}")
         };
         assert_eq!(status, NodeStatus::Down);
-        assert_eq!(eval_ids, vec![EvalId::new(format!("log-{}-0", log.index))]);
+        assert_eq!(
+            eval_ids,
+            vec![EvalId::new(format!("log-{}-node_update-0", log.index))]
+        );
         let eval = log.state.evaluation(&eval_ids[0]).unwrap();
         assert_eq!(
             (eval.trigger, eval.job_id.as_str()),
@@ -1716,6 +2535,8 @@ mod tests {
         );
         log.apply(Command::NodeHeartbeat {
             node_id: NodeId::new("n1"),
+            gpus: vec![],
+            allocations: vec![],
             at: Timestamp::new(600),
         })
         .unwrap();
@@ -1805,9 +2626,15 @@ mod tests {
 
         let mut moved = alloc("a0", "j1", "n1", 0, &["g0"]);
         moved.desired = DesiredState::Stop;
+        // A wanted instance stopped without a replacement goes back in the queue.
+        let out = log.apply(upsert(vec![moved])).unwrap();
+        let Applied::AllocationsUpserted { count: 1, eval_ids } = out else {
+            panic!("{out:?}")
+        };
+        let eval = log.state.evaluation(&eval_ids[0]).unwrap();
         assert_eq!(
-            log.apply(upsert(vec![moved])),
-            Ok(Applied::AllocationsUpserted { count: 1 })
+            (eval.trigger, eval.job_id.as_str(), eval.wait_until),
+            (EvalTrigger::Preemption, "j1", None)
         );
         let a0 = log.state.allocation(&AllocId::new("a0")).unwrap();
         assert_eq!(
@@ -1830,7 +2657,13 @@ mod tests {
             "n1",
             &[("a0", AllocState::Complete), ("gone", AllocState::Running)],
         ));
-        assert_eq!(out, Ok(Applied::AllocationsReported { updated: 1 }));
+        assert_eq!(
+            out,
+            Ok(Applied::AllocationsReported {
+                updated: 1,
+                eval_ids: vec![]
+            })
+        );
         log.apply(upsert(vec![alloc("a1", "j1", "n1", 1, &["g0"])]))
             .unwrap();
         let err = log.apply(report("nope", &[])).unwrap_err();
@@ -1869,7 +2702,7 @@ mod tests {
         let mut log = with_job_and_node();
         let unplaced = vec![Unplaced {
             group: "web".into(),
-            missing: 2,
+            count: 2,
             reason: "no node with 2 free H100".into(),
         }];
         let out = log.apply(Command::UpdateEvaluation {
@@ -2014,13 +2847,18 @@ mod tests {
         let mut log = with_job_and_node();
         let before = log.bytes();
         assert!(log.state.restore(b"not json").is_err());
-        let mut value: serde_json::Value = serde_json::from_slice(&before).unwrap();
+        let mut truncated = before.clone();
+        truncated.truncate(before.len() / 2);
+        assert!(log.state.restore(&truncated).is_err());
+        let plain =
+            std::io::read_to_string(lz4_flex::frame::FrameDecoder::new(&before[..])).unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(&plain).unwrap();
         value["format"] = json!(99);
         assert!(log
             .state
             .restore(&serde_json::to_vec(&value).unwrap())
             .is_err());
-        let mut value: serde_json::Value = serde_json::from_slice(&before).unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(&plain).unwrap();
         value["jobs"]["j1"]["version"] = json!(0);
         let err = log
             .state
@@ -2058,7 +2896,7 @@ mod tests {
         let node = format!("n{}", rng.random_range(0..3));
         let eval = format!("e{}", rng.random_range(0..12));
         let at = Timestamp::new(step);
-        match rng.random_range(0..9) {
+        match rng.random_range(0..11) {
             0 | 1 => {
                 let mut s = spec(&format!("job{}", rng.random_range(0..3)));
                 s.priority = rng.random_range(0..3) * 50;
@@ -2088,6 +2926,49 @@ mod tests {
             }
             4 => Command::NodeHeartbeat {
                 node_id: NodeId::new(node),
+                gpus: if rng.random_bool(0.5) {
+                    vec![GpuHealth {
+                        uuid: "g1".into(),
+                        healthy: rng.random_bool(0.5),
+                        reason: Some("XID 79".into()),
+                    }]
+                } else {
+                    vec![]
+                },
+                allocations: vec![],
+                at,
+            },
+            9 => Command::DrainNode {
+                node_id: NodeId::new(node),
+                drain: DrainSpec {
+                    max_parallel: rng.random_range(0..3),
+                },
+                at,
+            },
+            10 => Command::ApplyPlan {
+                jobs: vec![JobPlan {
+                    job_id: JobId::new(job),
+                    job_version: rng.random_range(1..3),
+                    place: vec![NewAllocation {
+                        id: AllocId::new(format!("a{}", rng.random_range(0..6))),
+                        group: "web".into(),
+                        index: rng.random_range(0..2),
+                        node: NodeId::new(node),
+                        gpus: vec![],
+                        previous: None,
+                        reschedules: 0,
+                    }],
+                    stop: if rng.random_bool(0.3) {
+                        vec![AllocId::new(format!("a{}", rng.random_range(0..6)))]
+                    } else {
+                        vec![]
+                    },
+                    evals: vec![EvaluationUpdate {
+                        eval_id: EvalId::new(eval),
+                        status: EvalStatus::Complete,
+                        unplaced: vec![],
+                    }],
+                }],
                 at,
             },
             5 => Command::SetNodeStatus {

@@ -1,246 +1,326 @@
-//! The leader's scheduling loop: it takes pending evaluations, plans each job against
-//! the applied state with [`crate::planner`], and commits the result through Raft as
-//! allocations plus the evaluation's verdict.
+//! The leader's scheduling loop, in Nomad's shape: evaluations queued by priority,
+//! one plan per job per pass against one consistent snapshot, and a single applier
+//! (the state machine) that re-checks every job's plan against the latest state as
+//! it commits.
 //!
-//! Only the leader plans. Each plan reads a linearizable view, so it sees every earlier
-//! commit, and the state machine checks every allocation again when the plan commits:
-//! a plan made on a stale view is refused, never applied half-checked. Evaluations
-//! that could not place everything are `blocked`; they are planned again whenever
-//! the cluster's capacity changes (a node appears or changes, an allocation ends).
+//! A pass has three steps:
+//!
+//! 1. [`collect`], under the state's read lock: the due evaluations grouped by job,
+//!    highest priority first, the draining nodes, and a [`PlanSnapshot`] of the
+//!    cluster. Nothing else happens under the lock, so the replica keeps applying.
+//! 2. [`plan_pass`], with no lock: each job is reconciled against the snapshot (new
+//!    placements, stops of instances the spec dropped); what does not fit is tried
+//!    again with defragmentation, then preemption; drains migrate their allocations
+//!    at their pace. Each job's changes are applied to the snapshot before the next
+//!    job is planned, and every few hundred jobs a [`Command::ApplyPlan`] goes out.
+//! 3. The commands are proposed while planning continues, several in flight, so
+//!    Raft's commit latency does not bound placement throughput.
+//!
+//! Blocked evaluations are planned again whenever capacity may have changed. A node
+//! silent for longer than the TTL is marked down (its instances are rescheduled
+//! after the backoff the state machine sets on their evaluations); a new leader
+//! first waits one TTL so nodes can reach it.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aigrid_api::{
-    AllocId, AllocState, Allocation, DesiredState, EvalStatus, Evaluation, Job, Timestamp,
+    AllocId, AllocState, Allocation, DesiredState, DrainSpec, EvalStatus, Evaluation, Job, JobId,
+    NodeId, NodeStatus, Timestamp, Unplaced,
 };
-use aigrid_consensus::{RaftError, RaftNode};
-use tokio::sync::watch;
+use aigrid_consensus::RaftNode;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, watch};
 
-use crate::planner::{plan, GroupDemand, PlanRequest, PlanSnapshot};
-use crate::state::{ClusterState, Command, EvaluationUpdate, StateError};
+use crate::defrag::plan_defrag;
+use crate::metrics::WorkerMetrics;
+use crate::planner::{plan, GroupDemand, GroupInfo, Placement, PlanRequest, PlanSnapshot};
+use crate::preempt::plan_preemption;
+use crate::state::{
+    Applied, ClusterState, Command, CommandOutput, EvaluationUpdate, JobPlan, NewAllocation,
+};
 
-/// Evaluations planned and committed together.
-const BATCH: usize = 256;
+/// Jobs planned per pass at most; the rest wait for the next pass.
+const JOBS_PER_PASS: usize = 20_000;
+/// A plan command is sent once it carries this many jobs...
+const JOBS_PER_COMMAND: usize = 256;
+/// ...or this many new allocations, which bounds one log entry's size.
+const ALLOCS_PER_COMMAND: usize = 16_384;
+/// Plan commands proposed and not yet committed at once.
+const IN_FLIGHT: usize = 4;
+/// Blocked evaluations are retried at least this often even if no capacity change
+/// was seen.
+const BLOCKED_RETRY: Duration = Duration::from_secs(30);
 
-/// What one pass needs from the state, read in one linearizable read.
-struct Work {
-    pending: Vec<Evaluation>,
-    blocked: Vec<Evaluation>,
-    capacity: CapacityMark,
+/// How the loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// How often the leader looks for work.
+    pub interval: Duration,
+    /// How long a node may stay silent before it is marked down.
+    pub node_ttl: Duration,
 }
 
-/// Changes whenever capacity may have been freed or added.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct CapacityMark {
-    nodes: Vec<(String, String, usize)>,
-    live_allocations: usize,
-}
-
-fn capacity_mark(state: &ClusterState) -> CapacityMark {
-    let nodes = state.nodes();
-    CapacityMark {
-        nodes: nodes
-            .iter()
-            .map(|n| {
-                let healthy = n.resources.gpus.iter().filter(|g| g.healthy).count();
-                (n.id.to_string(), n.status.to_string(), healthy)
-            })
-            .collect(),
-        live_allocations: state.counts().allocations_live,
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(100),
+            node_ttl: Duration::from_secs(30),
+        }
     }
 }
 
-fn now() -> Timestamp {
+/// The current time as the control plane writes it into commands.
+pub fn now() -> Timestamp {
     Timestamp::from_millis(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     )
 }
 
-/// Runs the loop until `shutdown` turns true. Followers idle; the leader plans.
-pub async fn run(raft: RaftNode<ClusterState>, mut shutdown: watch::Receiver<bool>) {
-    let mut planned_for: Option<CapacityMark> = None;
-    loop {
-        tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => return,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-        let status = raft.status();
-        if status.leader != Some(status.id) {
-            planned_for = None;
-            continue;
-        }
-        let work = match raft
-            .read(|s| Work {
-                pending: s
-                    .evaluations(EvalStatus::Pending)
-                    .into_iter()
-                    .take(4 * BATCH)
-                    .collect(),
-                blocked: s.evaluations(EvalStatus::Blocked),
-                capacity: capacity_mark(s),
-            })
-            .await
-        {
-            Ok(work) => work,
-            Err(e) => {
-                tracing::debug!(error = %e, "scheduling pass skipped");
-                continue;
-            }
-        };
-        let mut evals = work.pending;
-        if planned_for.as_ref() != Some(&work.capacity) {
-            evals.extend(work.blocked);
-        }
-        planned_for = Some(work.capacity);
-        for batch in evals.chunks(BATCH) {
-            match process(&raft, batch).await {
-                Ok(()) => {}
-                // The state machine refused the batch's plan: plan its evaluations one
-                // by one, so one bad plan cannot hold up the others.
-                Err(WorkerError::State(_)) => {
-                    for eval in batch {
-                        if let Err(WorkerError::State(e)) =
-                            process(&raft, std::slice::from_ref(eval)).await
-                        {
-                            refuse(&raft, eval, &e).await;
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "planning a batch of evaluations failed");
-                    break;
-                }
-            }
-        }
+/// One job's share of a pass: its due evaluations (oldest first) and its view
+/// (`None` once deleted).
+#[derive(Debug, Clone)]
+pub struct JobWork {
+    /// The evaluations planned together.
+    pub evals: Vec<Evaluation>,
+    /// The job with its allocations.
+    pub job: Option<Job>,
+}
+
+/// Everything one pass plans from, read under one lock.
+#[derive(Debug, Clone)]
+pub struct PassInput {
+    /// The time the pass plans at.
+    pub now: Timestamp,
+    /// Jobs to plan, highest priority first.
+    pub jobs: Vec<JobWork>,
+    /// Draining nodes: the drain, its allocations, and the jobs they belong to.
+    pub drains: Vec<(NodeId, DrainSpec, Vec<Allocation>)>,
+    /// Views of the jobs with allocations on draining nodes.
+    pub drain_jobs: BTreeMap<JobId, Job>,
+    /// The cluster as the planner sees it.
+    pub snapshot: PlanSnapshot,
+    /// Per job and group: instances not running now (placed and not started, or
+    /// stopping), which count against the group's disruption budget.
+    pub unavailable: HashMap<(JobId, String), u32>,
+    /// Per job with live allocations: what moving them needs to know.
+    pub groups: HashMap<JobId, JobInfo>,
+}
+
+/// What moving a job's allocations needs: its priority, version and groups.
+#[derive(Debug, Clone)]
+pub struct JobInfo {
+    /// The job's priority.
+    pub priority: u32,
+    /// Its current version.
+    pub version: u64,
+    /// Its groups as the spec states them.
+    pub groups: Vec<aigrid_api::TaskGroup>,
+}
+
+impl PassInput {
+    /// True when there is nothing to plan.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.drains.iter().all(|(_, _, a)| a.is_empty())
     }
 }
 
-/// Marks an evaluation whose plan the state machine refused as blocked, with the
-/// reason, so it is retried when capacity changes rather than on every pass.
-async fn refuse(raft: &RaftNode<ClusterState>, eval: &Evaluation, error: &StateError) {
-    tracing::warn!(eval = %eval.id, job = %eval.job_id, error = %error, "plan refused");
-    let update = EvaluationUpdate {
-        eval_id: eval.id.clone(),
-        status: EvalStatus::Blocked,
-        unplaced: vec![aigrid_api::Unplaced {
-            group: String::new(),
-            missing: 0,
-            reason: format!("the plan was refused: {error}"),
-        }],
-    };
-    let command = Command::UpdateEvaluations {
-        updates: vec![update],
-        at: now(),
-    };
-    if let Err(e) = raft.propose(&command).await {
-        tracing::warn!(error = %e, "recording a refused plan failed");
+/// Reads what a pass needs: evaluations due at `now` (pending ones, and blocked
+/// ones when `with_blocked`), grouped per job, highest priority first, then oldest.
+pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> PassInput {
+    let mut evals: Vec<Evaluation> = state
+        .evaluations(EvalStatus::Pending)
+        .into_iter()
+        .filter(|e| e.wait_until.is_none_or(|t| t <= now))
+        .collect();
+    if with_blocked {
+        evals.extend(state.evaluations(EvalStatus::Blocked));
     }
-}
-
-/// Why planning a batch of evaluations stopped.
-#[derive(Debug, thiserror::Error)]
-enum WorkerError {
-    #[error(transparent)]
-    Raft(#[from] RaftError),
-    #[error(transparent)]
-    State(#[from] StateError),
-}
-
-/// Plans a batch of evaluations against one view of the cluster, each seeing the
-/// placements of the ones before it, then commits all their allocations in one
-/// command and their verdicts in another, so Raft latency and log space are paid
-/// once per batch, not once per evaluation.
-/// A batch refused by the state machine (the cluster changed meanwhile) leaves its
-/// evaluations as they were, to be planned again on the next pass.
-async fn process(raft: &RaftNode<ClusterState>, evals: &[Evaluation]) -> Result<(), WorkerError> {
-    let job_ids: Vec<_> = evals.iter().map(|e| e.job_id.clone()).collect();
-    let (jobs, nodes, allocations) = raft
-        .read(|s| {
-            let jobs: Vec<Option<Job>> = job_ids.iter().map(|id| s.job(id)).collect();
-            (jobs, s.nodes(), s.allocations())
+    let mut by_job: BTreeMap<JobId, Vec<Evaluation>> = BTreeMap::new();
+    for eval in evals {
+        by_job.entry(eval.job_id.clone()).or_default().push(eval);
+    }
+    let mut jobs: Vec<(u32, Timestamp, JobWork)> = by_job
+        .into_values()
+        .map(|mut evals| {
+            evals.sort_by_key(|e| (e.created_at, e.id.clone()));
+            let job = state.job(&evals[0].job_id);
+            let priority = job.as_ref().map_or(u32::MAX, |j| j.spec.priority);
+            (priority, evals[0].created_at, JobWork { evals, job })
         })
-        .await?;
-    let mut current: BTreeMap<AllocId, Allocation> =
-        allocations.into_iter().map(|a| (a.id.clone(), a)).collect();
-    let mut snapshot = PlanSnapshot::new(nodes.iter(), current.values());
-    let at = now();
-    let mut changes = Vec::new();
-    let mut verdicts = Vec::new();
-    for (eval, job) in evals.iter().zip(jobs) {
-        let (changed, unplaced) = match job {
-            // A job planned earlier in this batch sees its own placements too: overlay
-            // this batch's changes on the allocations the read returned.
-            Some(mut job) => {
-                for alloc in changes.iter().filter(|a: &&Allocation| a.job_id == job.id) {
-                    match job.allocations.iter_mut().find(|a| a.id == alloc.id) {
-                        Some(slot) => *slot = alloc.clone(),
-                        None => job.allocations.push(alloc.clone()),
-                    }
+        .collect();
+    jobs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    jobs.truncate(JOBS_PER_PASS);
+    let drains = state.drains();
+    let mut drain_jobs = BTreeMap::new();
+    for (_, _, allocs) in &drains {
+        for alloc in allocs {
+            if !drain_jobs.contains_key(&alloc.job_id) {
+                if let Some(job) = state.job(&alloc.job_id) {
+                    drain_jobs.insert(alloc.job_id.clone(), job);
                 }
-                reconcile(&job, &snapshot, at)
             }
-            // Deleted: its allocations were already asked to stop.
-            None => (Vec::new(), Vec::new()),
-        };
-        if !changed.is_empty() {
-            for alloc in &changed {
-                current.insert(alloc.id.clone(), alloc.clone());
-            }
-            snapshot = PlanSnapshot::new(nodes.iter(), current.values());
-            changes.extend(changed);
         }
-        let status = if unplaced.is_empty() {
-            EvalStatus::Complete
-        } else {
-            EvalStatus::Blocked
+    }
+    let snapshot = state.plan_snapshot();
+    let mut unavailable: HashMap<(JobId, String), u32> = HashMap::new();
+    let mut groups = HashMap::new();
+    for alloc in state.live_allocations() {
+        if alloc.state != AllocState::Running {
+            *unavailable
+                .entry((alloc.job_id.clone(), alloc.group.clone()))
+                .or_default() += 1;
+        }
+        if !groups.contains_key(&alloc.job_id) {
+            if let Some((spec, version)) = state.job_spec(&alloc.job_id) {
+                let info = JobInfo {
+                    priority: spec.priority,
+                    version,
+                    groups: spec.groups.clone(),
+                };
+                groups.insert(alloc.job_id.clone(), info);
+            }
+        }
+    }
+    PassInput {
+        now,
+        jobs: jobs.into_iter().map(|(_, _, w)| w).collect(),
+        drains,
+        drain_jobs,
+        snapshot,
+        unavailable,
+        groups,
+    }
+}
+
+/// Plans a pass and hands each command to `emit` as soon as it is complete.
+pub fn plan_pass(mut input: PassInput, mut emit: impl FnMut(Command)) {
+    let at = input.now;
+    let mut batch: Vec<JobPlan> = Vec::new();
+    let mut batch_allocs = 0;
+    let mut orphans = Vec::new();
+    let flush =
+        |batch: &mut Vec<JobPlan>, batch_allocs: &mut usize, emit: &mut dyn FnMut(Command)| {
+            if !batch.is_empty() {
+                emit(Command::ApplyPlan {
+                    jobs: std::mem::take(batch),
+                    at,
+                });
+                *batch_allocs = 0;
+            }
         };
-        verdicts.push(EvaluationUpdate {
-            eval_id: eval.id.clone(),
-            status,
-            unplaced,
+    let jobs = std::mem::take(&mut input.jobs);
+    for work in jobs {
+        let Some(job) = work.job else {
+            // Deleted since: its instances were asked to stop with the delete.
+            orphans.extend(work.evals.iter().map(|e| EvaluationUpdate {
+                eval_id: e.id.clone(),
+                status: EvalStatus::Complete,
+                unplaced: Vec::new(),
+            }));
+            continue;
+        };
+        let mut plans = plan_job(&job, &mut input);
+        if let Some(own) = plans.last_mut() {
+            own.evals = verdicts(&work.evals, &own.evals);
+        }
+        for plan in plans {
+            batch_allocs += plan.place.len();
+            batch.push(plan);
+        }
+        if batch.len() >= JOBS_PER_COMMAND || batch_allocs >= ALLOCS_PER_COMMAND {
+            flush(&mut batch, &mut batch_allocs, &mut emit);
+        }
+    }
+    for plan in plan_drains(&mut input) {
+        batch_allocs += plan.place.len();
+        batch.push(plan);
+        if batch.len() >= JOBS_PER_COMMAND || batch_allocs >= ALLOCS_PER_COMMAND {
+            flush(&mut batch, &mut batch_allocs, &mut emit);
+        }
+    }
+    flush(&mut batch, &mut batch_allocs, &mut emit);
+    if !orphans.is_empty() {
+        emit(Command::UpdateEvaluations {
+            updates: orphans,
+            at,
         });
     }
-    if !changes.is_empty() {
-        raft.propose(&Command::UpsertAllocations {
-            allocations: changes,
-            at,
-        })
-        .await??;
-    }
-    raft.propose(&Command::UpdateEvaluations {
-        updates: verdicts,
-        at,
-    })
-    .await??;
-    Ok(())
 }
 
-/// The allocations that bring `job` to its spec: new placements for instances that
-/// have no live allocation, stops for instances the spec no longer has; and what
-/// could not be placed.
-fn reconcile(
-    job: &Job,
-    snapshot: &PlanSnapshot,
-    at: Timestamp,
-) -> (Vec<Allocation>, Vec<aigrid_api::Unplaced>) {
+/// Spreads one verdict over a job's evaluations: the newest carries it, older ones
+/// are complete (superseded), listed first so the newest decides what the job shows.
+fn verdicts(evals: &[Evaluation], verdict: &[EvaluationUpdate]) -> Vec<EvaluationUpdate> {
+    let Some(verdict) = verdict.first() else {
+        return Vec::new();
+    };
+    let n = evals.len();
+    evals
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if i + 1 == n {
+                EvaluationUpdate {
+                    eval_id: e.id.clone(),
+                    ..verdict.clone()
+                }
+            } else {
+                EvaluationUpdate {
+                    eval_id: e.id.clone(),
+                    status: EvalStatus::Complete,
+                    unplaced: Vec::new(),
+                }
+            }
+        })
+        .collect()
+}
+
+/// The timestamp of allocations only the snapshot sees; the applier stamps the
+/// real ones.
+fn at0() -> Timestamp {
+    Timestamp::new(0)
+}
+
+/// The plans that bring `job` to its spec: stops for instances the spec no longer
+/// has and placements for instances without a live allocation, defragmenting or
+/// preempting when they do not fit otherwise. Migrations come first as plans of
+/// the jobs they move, so the one command applies them before the placements that
+/// need the room. Every change is applied to the snapshot. The job's own plan
+/// carries one verdict with an empty evaluation id; the caller spreads it.
+fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
     let mut live: BTreeMap<(&str, u32), &Allocation> = BTreeMap::new();
-    for alloc in job.allocations.iter().filter(|a| a.is_live()) {
-        live.insert((alloc.group.as_str(), alloc.index), alloc);
+    // The latest finished allocation per instance: a replacement continues its
+    // reschedule count and takes its place.
+    let mut finished: BTreeMap<(&str, u32), &Allocation> = BTreeMap::new();
+    for alloc in &job.allocations {
+        let key = (alloc.group.as_str(), alloc.index);
+        if alloc.is_live() {
+            live.insert(key, alloc);
+        } else if alloc.desired == DesiredState::Run
+            && finished
+                .get(&key)
+                .is_none_or(|f| f.updated_at <= alloc.updated_at)
+        {
+            finished.insert(key, alloc);
+        }
     }
-    let mut changes = Vec::new();
+    let mut own = JobPlan {
+        job_id: job.id.clone(),
+        job_version: job.version,
+        place: Vec::new(),
+        stop: Vec::new(),
+        evals: Vec::new(),
+    };
     for alloc in live.values() {
         let wanted = job
             .spec
             .group(&alloc.group)
             .is_some_and(|g| alloc.index < g.count);
         if !wanted {
-            let mut stop = (*alloc).clone();
-            stop.desired = DesiredState::Stop;
-            stop.updated_at = at;
-            changes.push(stop);
+            own.stop.push(alloc.id.clone());
+            input.snapshot.remove(&alloc.id);
         }
     }
     let groups: Vec<GroupDemand> = job
@@ -255,35 +335,342 @@ fn reconcile(
         })
         .filter(|d| !d.indices.is_empty())
         .collect();
-    if groups.is_empty() {
-        return (changes, Vec::new());
-    }
-    let request = PlanRequest {
-        job_id: job.id.clone(),
-        groups,
-    };
-    let result = plan(snapshot, &request);
-    for placement in result.placements {
-        let resources = job
-            .spec
-            .group(&placement.group)
-            .map(|g| g.resources.clone())
-            .expect("placements name groups of the request");
-        changes.push(Allocation {
-            id: AllocId::new(uuid::Uuid::new_v4().to_string()),
+    let mut plans = Vec::new();
+    let mut unplaced = Vec::new();
+    if !groups.is_empty() {
+        let request = PlanRequest {
             job_id: job.id.clone(),
-            job_version: job.version,
-            node_id: placement.node_id,
-            group: placement.group,
-            index: placement.index,
-            resources,
-            gpus: placement.gpus,
-            state: AllocState::Pending,
-            desired: DesiredState::Run,
-            created_at: at,
-            updated_at: at,
-        });
+            groups,
+        };
+        let outcome = place(job, &request, input);
+        for (moved_job, old, to) in outcome.migrations {
+            let new = migrate(input, &moved_job, &old, &to);
+            plans.push(new);
+        }
+        for id in outcome.evictions {
+            input.snapshot.remove(&id);
+            own.stop.push(id);
+        }
+        for p in outcome.placements {
+            let previous = finished.get(&(p.group.as_str(), p.index)).copied();
+            let new = NewAllocation::new(
+                &p,
+                previous.map(|a| a.id.clone()),
+                previous.map_or(0, |a| a.reschedules.saturating_add(1)),
+            );
+            add_to_snapshot(input, job, &new);
+            own.place.push(new);
+        }
+        unplaced = outcome.unplaced;
     }
-    let unplaced = result.unplaced.iter().map(|u| u.to_unplaced()).collect();
-    (changes, unplaced)
+    own.evals = vec![EvaluationUpdate {
+        eval_id: aigrid_api::EvalId::new(""),
+        status: if unplaced.is_empty() {
+            EvalStatus::Complete
+        } else {
+            EvalStatus::Blocked
+        },
+        unplaced,
+    }];
+    plans.push(own);
+    plans
+}
+
+/// What placing one job's missing instances came to.
+#[derive(Debug, Default)]
+struct Outcome {
+    placements: Vec<Placement>,
+    /// Allocations of lower-priority jobs to stop for the placements.
+    evictions: Vec<AllocId>,
+    /// Allocations to move first: (their job, the allocation, where it goes).
+    migrations: Vec<(JobId, AllocId, Placement)>,
+    unplaced: Vec<Unplaced>,
+}
+
+/// Places a job's missing instances: a plain plan first; what does not fit is
+/// tried with defragmentation (moving movable work of lower or equal priority,
+/// within each job's disruption budget), then with preemption (evicting work at
+/// least [`crate::preempt::PREEMPTION_MARGIN`] priority points lower). Neither is tried when the plain
+/// plan placed everything, so the common path costs one plan.
+fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
+    let planned = plan(&input.snapshot, request);
+    if planned.unplaced.is_empty() {
+        return Outcome {
+            placements: planned.placements,
+            ..Outcome::default()
+        };
+    }
+    let priority = job.spec.priority;
+    let groups = &input.groups;
+    let group_spec = |job_id: &JobId, group: &str| {
+        groups
+            .get(job_id)
+            .and_then(|info| info.groups.iter().find(|g| g.name == group))
+    };
+    let budget = |job_id: &JobId, group: &str| -> u32 {
+        let allowed = group_spec(job_id, group).map_or(0, |g| g.max_unavailable.unwrap_or(1));
+        let down = input
+            .unavailable
+            .get(&(job_id.clone(), group.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        allowed.saturating_sub(down)
+    };
+    let explain = |unplaced: &[crate::planner::UnplacedGroup]| -> Vec<Unplaced> {
+        unplaced.iter().map(|u| u.to_unplaced()).collect()
+    };
+    if let Some(defrag) = plan_defrag(&input.snapshot, request, priority, budget, group_spec) {
+        return Outcome {
+            placements: defrag.placements,
+            migrations: defrag
+                .migrations
+                .into_iter()
+                .map(|m| (m.job_id, m.alloc_id, m.to))
+                .collect(),
+            unplaced: explain(&defrag.unplaced),
+            ..Outcome::default()
+        };
+    }
+    if let Some(preemption) = plan_preemption(&input.snapshot, request, priority) {
+        return Outcome {
+            placements: preemption.placements,
+            evictions: preemption
+                .evictions
+                .into_iter()
+                .map(|e| e.alloc_id)
+                .collect(),
+            unplaced: explain(&preemption.unplaced),
+            ..Outcome::default()
+        };
+    }
+    Outcome {
+        placements: planned.placements,
+        unplaced: explain(&planned.unplaced),
+        ..Outcome::default()
+    }
+}
+
+/// The plan that moves one allocation of `job_id` to `to`, applied to the snapshot.
+fn migrate(input: &mut PassInput, job_id: &JobId, old: &AllocId, to: &Placement) -> JobPlan {
+    let version = input.groups.get(job_id).map_or(0, |info| info.version);
+    let new = NewAllocation::new(to, Some(old.clone()), 0);
+    input.snapshot.remove(old);
+    if let Some(info) = input.groups.get(job_id) {
+        if let Some(group) = info.groups.iter().find(|g| g.name == to.group) {
+            let group_info = GroupInfo {
+                priority: info.priority,
+                movable: group.movable,
+            };
+            input.snapshot.add(
+                &new.to_allocation(job_id, version, group, at0()),
+                group_info,
+            );
+        }
+    }
+    *input
+        .unavailable
+        .entry((job_id.clone(), to.group.clone()))
+        .or_default() += 1;
+    JobPlan {
+        job_id: job_id.clone(),
+        job_version: version,
+        place: vec![new],
+        stop: vec![old.clone()],
+        evals: Vec::new(),
+    }
+}
+
+fn add_to_snapshot(input: &mut PassInput, job: &Job, new: &NewAllocation) {
+    let Some(group) = job.spec.group(&new.group) else {
+        return;
+    };
+    let info = GroupInfo {
+        priority: job.spec.priority,
+        movable: group.movable,
+    };
+    input
+        .snapshot
+        .add(&new.to_allocation(&job.id, job.version, group, at0()), info);
+}
+
+/// Migrates allocations off draining nodes, at most `max_parallel` per node on
+/// their way off at once (stopped and not yet confirmed stopped by the agent).
+/// An allocation that fits nowhere else stays until room appears.
+fn plan_drains(input: &mut PassInput) -> Vec<JobPlan> {
+    let mut plans = Vec::new();
+    let drains = std::mem::take(&mut input.drains);
+    for (_, drain, allocs) in drains {
+        let leaving = allocs
+            .iter()
+            .filter(|a| a.desired == DesiredState::Stop && !a.state.is_terminal())
+            .count();
+        let mut room = usize::try_from(drain.max_parallel)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(leaving);
+        for alloc in allocs.iter().filter(|a| a.is_live()) {
+            if room == 0 {
+                break;
+            }
+            let Some(job) = input.drain_jobs.get(&alloc.job_id).cloned() else {
+                continue;
+            };
+            let Some(group) = job.spec.group(&alloc.group) else {
+                continue;
+            };
+            let request = PlanRequest {
+                job_id: job.id.clone(),
+                groups: vec![GroupDemand {
+                    group: group.clone(),
+                    indices: vec![alloc.index],
+                }],
+            };
+            let planned = plan(&input.snapshot, &request);
+            let Some(p) = planned.placements.into_iter().next() else {
+                continue;
+            };
+            let new = NewAllocation::new(&p, Some(alloc.id.clone()), 0);
+            input.snapshot.remove(&alloc.id);
+            add_to_snapshot(input, &job, &new);
+            plans.push(JobPlan {
+                job_id: job.id.clone(),
+                job_version: job.version,
+                place: vec![new],
+                stop: vec![alloc.id.clone()],
+                evals: Vec::new(),
+            });
+            room -= 1;
+        }
+    }
+    plans
+}
+
+/// Commands that mark nodes silent since before `now - ttl` as down.
+pub fn expire_nodes(state: &ClusterState, now: Timestamp, ttl: Duration) -> Vec<Command> {
+    let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    let deadline = Timestamp::from_millis(now.as_millis().saturating_sub(ttl));
+    state
+        .silent_nodes(deadline)
+        .into_iter()
+        .map(|node_id| Command::SetNodeStatus {
+            node_id,
+            status: NodeStatus::Down,
+            at: now,
+        })
+        .collect()
+}
+
+/// Runs the loop until `shutdown` turns true. Followers idle; the leader plans.
+pub async fn run(
+    raft: RaftNode<ClusterState>,
+    config: WorkerConfig,
+    metrics: WorkerMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut leader_since: Option<Instant> = None;
+    let mut planned_epoch: Option<u64> = None;
+    let mut blocked_retry = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = tokio::time::sleep(config.interval) => {}
+        }
+        let status = raft.status();
+        if status.leader != Some(status.id) {
+            leader_since = None;
+            planned_epoch = None;
+            continue;
+        }
+        let since = *leader_since.get_or_insert_with(Instant::now);
+        let at = now();
+        if since.elapsed() >= config.node_ttl {
+            let expired = raft.read_local(|s| expire_nodes(s, at, config.node_ttl));
+            for command in expired {
+                match raft.propose(&command).await {
+                    Ok(_) => metrics.nodes_expired.inc(),
+                    Err(e) => tracing::warn!(error = %e, "marking a silent node down failed"),
+                }
+            }
+        }
+        let epoch = raft.read_local(ClusterState::capacity_epoch);
+        let with_blocked = planned_epoch != Some(epoch) || blocked_retry.elapsed() >= BLOCKED_RETRY;
+        if let Err(e) = pass(&raft, &metrics, at, with_blocked).await {
+            tracing::warn!(error = %e, "scheduling pass failed");
+            continue;
+        }
+        if with_blocked {
+            planned_epoch = Some(epoch);
+            blocked_retry = Instant::now();
+        }
+    }
+}
+
+/// One pass: collect under a linearizable read, plan on a blocking thread, and
+/// propose each command as it comes, [`IN_FLIGHT`] at a time.
+async fn pass(
+    raft: &RaftNode<ClusterState>,
+    metrics: &WorkerMetrics,
+    at: Timestamp,
+    with_blocked: bool,
+) -> Result<(), aigrid_consensus::RaftError> {
+    let started = Instant::now();
+    let input = raft.read(|s| collect(s, at, with_blocked)).await?;
+    if input.is_empty() {
+        return Ok(());
+    }
+    metrics.passes.inc();
+    let record = |done: Result<CommandOutput, aigrid_consensus::RaftError>| match done {
+        Ok(Ok(Applied::PlanApplied {
+            placed,
+            stopped,
+            refused,
+            ..
+        })) => {
+            metrics.placed.inc_by(placed as u64);
+            metrics.stopped.inc_by(stopped as u64);
+            metrics.refused.inc_by(refused.len() as u64);
+            for (job, reason) in refused {
+                tracing::info!(%job, %reason, "a job plan was refused");
+            }
+            Ok(())
+        }
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "a scheduling command was refused");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    let (tx, mut rx) = mpsc::channel::<Command>(IN_FLIGHT);
+    let planner = tokio::task::spawn_blocking(move || {
+        plan_pass(input, |command| {
+            // The receiver only goes away when the pass is abandoned.
+            let _ = tx.blocking_send(command);
+        });
+    });
+    let mut in_flight = FuturesUnordered::new();
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            command = rx.recv(), if in_flight.len() < IN_FLIGHT => {
+                let Some(command) = command else { break };
+                let raft = raft.clone();
+                in_flight.push(async move { raft.propose(&command).await });
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(e) = record(done) {
+                    result = Err(e);
+                }
+            }
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        if let Err(e) = record(done) {
+            result = Err(e);
+        }
+    }
+    let _ = planner.await;
+    metrics
+        .pass_seconds
+        .observe(started.elapsed().as_secs_f64());
+    result
 }

@@ -3,7 +3,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -11,6 +11,34 @@ use serde_json::Value;
 /// The binary under test.
 pub fn aigrid_bin() -> &'static str {
     env!("CARGO_BIN_EXE_aigrid")
+}
+
+/// Runs the CLI to completion.
+pub fn aigrid(args: &[&str]) -> Output {
+    Command::new(aigrid_bin()).args(args).output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails with exactly one line on stderr and a non-zero exit.
+pub fn assert_one_line_failure(o: &Output, has: &str) {
+    assert!(!o.status.success(), "expected failure, got {}", stdout(o));
+    let err = stderr(o);
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(has), "`{err}` lacks `{has}`");
+}
+
+/// Succeeds, answering its stdout; the failure message carries its stderr.
+pub fn assert_success(o: &Output) -> String {
+    assert!(o.status.success(), "failed: {}", stderr(o));
+    stdout(o)
 }
 
 /// Ports free right now on 127.0.0.1, distinct, and below the kernel's ephemeral range
