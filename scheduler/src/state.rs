@@ -186,9 +186,25 @@ pub struct JobPlan {
     /// Allocations to stop, of this job or (preemption, migration) of others.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<AllocId>,
+    /// Replacements of other jobs' allocations moved to make room for this job's
+    /// placements (their old allocations are in `stop`); part of this plan, so a
+    /// move is never committed without what it made room for, nor the reverse.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<MovedAllocation>,
     /// Verdicts on the job's evaluations, applied with the placements.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evals: Vec<EvaluationUpdate>,
+}
+
+/// An instance of another job moved by a [`JobPlan`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedAllocation {
+    /// The moved instance's job.
+    pub job_id: JobId,
+    /// That job's version, which must still be current.
+    pub job_version: u64,
+    /// Where it goes.
+    pub alloc: NewAllocation,
 }
 
 /// A placement in a [`JobPlan`]: the instance, where, and on which GPUs. Its
@@ -1381,7 +1397,7 @@ impl ClusterState {
                 .and_then(|allocations| self.check_allocations(&allocations).map(|()| allocations));
             match result {
                 Ok(allocations) => {
-                    placed += plan.place.len();
+                    placed += plan.place.len() + plan.moves.len();
                     stopped += plan.stop.len();
                     preempted.extend(self.write_allocations(allocations, at));
                     for u in plan.evals {
@@ -1434,7 +1450,36 @@ impl ClusterState {
                 plan.job_version, job.spec.name, job.version
             )));
         }
-        let mut allocations = Vec::with_capacity(plan.place.len() + plan.stop.len());
+        let mut allocations =
+            Vec::with_capacity(plan.place.len() + plan.stop.len() + plan.moves.len());
+        for moved in &plan.moves {
+            let other = self
+                .tables
+                .jobs
+                .get(&moved.job_id)
+                .ok_or_else(|| StateError::not_found(ObjectKind::Job, &moved.job_id))?;
+            if moved.job_version != other.version {
+                return Err(StateError::conflict(format!(
+                    "a move is for version {} of job `{}`, now at version {}",
+                    moved.job_version, other.spec.name, other.version
+                )));
+            }
+            let group = other.spec.group(&moved.alloc.group).ok_or_else(|| {
+                ValidationError::new(
+                    "moves.alloc.group",
+                    format!(
+                        "job `{}` has no group `{}`",
+                        other.spec.name, moved.alloc.group
+                    ),
+                )
+            })?;
+            allocations.push(moved.alloc.to_allocation(
+                &moved.job_id,
+                moved.job_version,
+                group,
+                at,
+            ));
+        }
         for id in &plan.stop {
             let mut alloc = self
                 .tables
@@ -2963,6 +3008,7 @@ mod tests {
                     } else {
                         vec![]
                     },
+                    moves: vec![],
                     evals: vec![EvaluationUpdate {
                         eval_id: EvalId::new(eval),
                         status: EvalStatus::Complete,

@@ -21,7 +21,7 @@
 //! after the backoff the state machine sets on their evaluations); a new leader
 //! first waits one TTL so nodes can reach it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aigrid_api::{
@@ -37,7 +37,8 @@ use crate::metrics::WorkerMetrics;
 use crate::planner::{plan, GroupDemand, GroupInfo, Placement, PlanRequest, PlanSnapshot};
 use crate::preempt::plan_preemption;
 use crate::state::{
-    Applied, ClusterState, Command, CommandOutput, EvaluationUpdate, JobPlan, NewAllocation,
+    Applied, ClusterState, Command, CommandOutput, EvaluationUpdate, JobPlan, MovedAllocation,
+    NewAllocation,
 };
 
 /// Jobs planned per pass at most; the rest wait for the next pass.
@@ -107,6 +108,9 @@ pub struct PassInput {
     pub unavailable: HashMap<(JobId, String), u32>,
     /// Per job with live allocations: what moving them needs to know.
     pub groups: HashMap<JobId, JobInfo>,
+    /// The live instances of every gang group: evicting one evicts them all, since
+    /// a gang runs whole or not at all.
+    pub gangs: HashMap<(JobId, String), Vec<AllocId>>,
 }
 
 /// What moving a job's allocations needs: its priority, version and groups.
@@ -167,7 +171,18 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
     let snapshot = state.plan_snapshot();
     let mut unavailable: HashMap<(JobId, String), u32> = HashMap::new();
     let mut groups = HashMap::new();
+    let mut gangs: HashMap<(JobId, String), Vec<AllocId>> = HashMap::new();
     for alloc in state.live_allocations() {
+        let gang = state
+            .job_spec(&alloc.job_id)
+            .and_then(|(spec, _)| spec.group(&alloc.group))
+            .is_some_and(|g| g.gang);
+        if gang {
+            gangs
+                .entry((alloc.job_id.clone(), alloc.group.clone()))
+                .or_default()
+                .push(alloc.id.clone());
+        }
         if alloc.state != AllocState::Running {
             *unavailable
                 .entry((alloc.job_id.clone(), alloc.group.clone()))
@@ -192,6 +207,7 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
         snapshot,
         unavailable,
         groups,
+        gangs,
     }
 }
 
@@ -311,6 +327,7 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
         job_version: job.version,
         place: Vec::new(),
         stop: Vec::new(),
+        moves: Vec::new(),
         evals: Vec::new(),
     };
     for alloc in live.values() {
@@ -323,18 +340,27 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
             input.snapshot.remove(&alloc.id);
         }
     }
-    let groups: Vec<GroupDemand> = job
-        .spec
-        .groups
-        .iter()
-        .map(|g| GroupDemand {
-            group: g.clone(),
-            indices: (0..g.count)
-                .filter(|i| !live.contains_key(&(g.name.as_str(), *i)))
-                .collect(),
-        })
-        .filter(|d| !d.indices.is_empty())
-        .collect();
+    let mut replacing = outdated(job, &live);
+    for old in replacing.values() {
+        input.snapshot.remove(&old.id);
+    }
+    let demand = |replacing: &BTreeMap<(&str, u32), &Allocation>| -> Vec<GroupDemand> {
+        job.spec
+            .groups
+            .iter()
+            .map(|g| GroupDemand {
+                group: g.clone(),
+                indices: (0..g.count)
+                    .filter(|i| {
+                        let key = (g.name.as_str(), *i);
+                        !live.contains_key(&key) || replacing.contains_key(&key)
+                    })
+                    .collect(),
+            })
+            .filter(|d| !d.indices.is_empty())
+            .collect()
+    };
+    let groups = demand(&replacing);
     let mut plans = Vec::new();
     let mut unplaced = Vec::new();
     if !groups.is_empty() {
@@ -342,25 +368,87 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
             job_id: job.id.clone(),
             groups,
         };
-        let outcome = place(job, &request, input);
+        let mut outcome = place(job, &request, input);
+        let all_replaced = replacing.keys().all(|(g, i)| {
+            outcome
+                .placements
+                .iter()
+                .any(|p| p.group == *g && p.index == *i)
+        });
+        if !all_replaced {
+            // The update does not fit yet: the old versions keep running and keep
+            // what they hold, and only missing instances are placed around them.
+            for old in replacing.values() {
+                input
+                    .snapshot
+                    .add(old, GroupInfo::of(&job.spec, &old.group));
+            }
+            // A gang runs one version whole: while its update waits, nothing of
+            // the new version is placed beside the old.
+            let waiting_gangs: BTreeSet<&str> = replacing
+                .keys()
+                .map(|(g, _)| *g)
+                .filter(|g| job.spec.group(g).is_some_and(|g| g.gang))
+                .collect();
+            replacing.clear();
+            let why = outcome.unplaced;
+            let groups: Vec<GroupDemand> = demand(&replacing)
+                .into_iter()
+                .filter(|d| !waiting_gangs.contains(d.group.name.as_str()))
+                .collect();
+            outcome = if groups.is_empty() {
+                Outcome::default()
+            } else {
+                place(
+                    job,
+                    &PlanRequest {
+                        job_id: job.id.clone(),
+                        groups,
+                    },
+                    input,
+                )
+            };
+            if outcome.unplaced.is_empty() {
+                outcome.unplaced = why;
+            }
+        }
         for (moved_job, old, to) in outcome.migrations {
-            let new = migrate(input, &moved_job, &old, &to);
-            plans.push(new);
+            own.stop.push(old.clone());
+            if let Some(moved) = migrate(input, &moved_job, &old, &to) {
+                own.moves.push(moved);
+            }
         }
-        for id in outcome.evictions {
-            input.snapshot.remove(&id);
-            own.stop.push(id);
+        for (victim, group, id) in outcome.evictions {
+            let members = input
+                .gangs
+                .remove(&(victim, group))
+                .unwrap_or_else(|| vec![id.clone()]);
+            for id in members.into_iter().chain([id]) {
+                if input.snapshot.remove(&id) {
+                    own.stop.push(id);
+                }
+            }
         }
+        let mut replaced = BTreeSet::new();
         for p in outcome.placements {
-            let previous = finished.get(&(p.group.as_str(), p.index)).copied();
-            let new = NewAllocation::new(
-                &p,
-                previous.map(|a| a.id.clone()),
-                previous.map_or(0, |a| a.reschedules.saturating_add(1)),
-            );
+            let key = (p.group.as_str(), p.index);
+            let new = if let Some(old) = replacing.get(&key) {
+                // An update: the old version stops as the new one is placed.
+                own.stop.push(old.id.clone());
+                replaced.insert(old.id.clone());
+                NewAllocation::new(&p, Some(old.id.clone()), 0)
+            } else {
+                let previous = finished.get(&key).copied();
+                NewAllocation::new(
+                    &p,
+                    previous.map(|a| a.id.clone()),
+                    previous.map_or(0, |a| a.reschedules.saturating_add(1)),
+                )
+            };
             add_to_snapshot(input, job, &new);
             own.place.push(new);
         }
+        debug_assert_eq!(replaced.len(), replacing.len());
         unplaced = outcome.unplaced;
     }
     own.evals = vec![EvaluationUpdate {
@@ -376,12 +464,48 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
     plans
 }
 
+/// The live instances of an older job version to replace in this pass: a gang's
+/// all at once (a gang never runs two versions), other groups' at most the
+/// group's disruption budget (`max_unavailable`, counting instances not running)
+/// at a time, so an update rolls.
+fn outdated<'a>(
+    job: &Job,
+    live: &BTreeMap<(&'a str, u32), &'a Allocation>,
+) -> BTreeMap<(&'a str, u32), &'a Allocation> {
+    let mut chosen = BTreeMap::new();
+    for group in &job.spec.groups {
+        let instances: Vec<(&(&'a str, u32), &&'a Allocation)> = live
+            .iter()
+            .filter(|((g, i), _)| *g == group.name && *i < group.count)
+            .collect();
+        let old = instances
+            .iter()
+            .filter(|(_, a)| a.job_version < job.version);
+        if group.gang {
+            if old.count() > 0 {
+                chosen.extend(instances.iter().map(|(k, a)| (**k, **a)));
+            }
+            continue;
+        }
+        let down = instances
+            .iter()
+            .filter(|(_, a)| a.state != AllocState::Running)
+            .count();
+        let budget = usize::try_from(group.max_unavailable.unwrap_or(1))
+            .unwrap_or(usize::MAX)
+            .saturating_sub(down);
+        chosen.extend(old.take(budget).map(|(k, a)| (**k, **a)));
+    }
+    chosen
+}
+
 /// What placing one job's missing instances came to.
 #[derive(Debug, Default)]
 struct Outcome {
     placements: Vec<Placement>,
-    /// Allocations of lower-priority jobs to stop for the placements.
-    evictions: Vec<AllocId>,
+    /// Allocations of lower-priority jobs to stop for the placements, with their
+    /// job and group.
+    evictions: Vec<(JobId, String, AllocId)>,
     /// Allocations to move first: (their job, the allocation, where it goes).
     migrations: Vec<(JobId, AllocId, Placement)>,
     unplaced: Vec<Unplaced>,
@@ -437,7 +561,7 @@ fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
             evictions: preemption
                 .evictions
                 .into_iter()
-                .map(|e| e.alloc_id)
+                .map(|e| (e.job_id, e.group, e.alloc_id))
                 .collect(),
             unplaced: explain(&preemption.unplaced),
             ..Outcome::default()
@@ -450,34 +574,40 @@ fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
     }
 }
 
-/// The plan that moves one allocation of `job_id` to `to`, applied to the snapshot.
-fn migrate(input: &mut PassInput, job_id: &JobId, old: &AllocId, to: &Placement) -> JobPlan {
-    let version = input.groups.get(job_id).map_or(0, |info| info.version);
-    let new = NewAllocation::new(to, Some(old.clone()), 0);
+/// Moves one allocation of `job_id` to `to` in the snapshot and answers its
+/// replacement; an instance its spec no longer wants (scaled down, not yet
+/// reconciled) is only stopped.
+fn migrate(
+    input: &mut PassInput,
+    job_id: &JobId,
+    old: &AllocId,
+    to: &Placement,
+) -> Option<MovedAllocation> {
     input.snapshot.remove(old);
-    if let Some(info) = input.groups.get(job_id) {
-        if let Some(group) = info.groups.iter().find(|g| g.name == to.group) {
-            let group_info = GroupInfo {
-                priority: info.priority,
-                movable: group.movable,
-            };
-            input.snapshot.add(
-                &new.to_allocation(job_id, version, group, at0()),
-                group_info,
-            );
-        }
-    }
+    let info = input.groups.get(job_id)?;
+    let group = info
+        .groups
+        .iter()
+        .find(|g| g.name == to.group && to.index < g.count)?;
+    let new = NewAllocation::new(to, Some(old.clone()), 0);
+    let group_info = GroupInfo {
+        priority: info.priority,
+        movable: group.movable,
+    };
+    let version = info.version;
+    input.snapshot.add(
+        &new.to_allocation(job_id, version, group, at0()),
+        group_info,
+    );
     *input
         .unavailable
         .entry((job_id.clone(), to.group.clone()))
         .or_default() += 1;
-    JobPlan {
+    Some(MovedAllocation {
         job_id: job_id.clone(),
         job_version: version,
-        place: vec![new],
-        stop: vec![old.clone()],
-        evals: Vec::new(),
-    }
+        alloc: new,
+    })
 }
 
 fn add_to_snapshot(input: &mut PassInput, job: &Job, new: &NewAllocation) {
@@ -514,7 +644,22 @@ fn plan_drains(input: &mut PassInput) -> Vec<JobPlan> {
             let Some(job) = input.drain_jobs.get(&alloc.job_id).cloned() else {
                 continue;
             };
-            let Some(group) = job.spec.group(&alloc.group) else {
+            let wanted = job
+                .spec
+                .group(&alloc.group)
+                .filter(|g| alloc.index < g.count);
+            let Some(group) = wanted else {
+                // Not wanted any more: stopped rather than moved.
+                input.snapshot.remove(&alloc.id);
+                plans.push(JobPlan {
+                    job_id: job.id.clone(),
+                    job_version: job.version,
+                    place: Vec::new(),
+                    stop: vec![alloc.id.clone()],
+                    moves: Vec::new(),
+                    evals: Vec::new(),
+                });
+                room -= 1;
                 continue;
             };
             let request = PlanRequest {
@@ -536,6 +681,7 @@ fn plan_drains(input: &mut PassInput) -> Vec<JobPlan> {
                 job_version: job.version,
                 place: vec![new],
                 stop: vec![alloc.id.clone()],
+                moves: Vec::new(),
                 evals: Vec::new(),
             });
             room -= 1;
