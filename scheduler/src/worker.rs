@@ -37,8 +37,8 @@ use crate::metrics::WorkerMetrics;
 use crate::planner::{plan, GroupDemand, GroupInfo, Placement, PlanRequest, PlanSnapshot};
 use crate::preempt::plan_preemption;
 use crate::state::{
-    Applied, ClusterState, Command, CommandOutput, EvaluationUpdate, JobPlan, MovedAllocation,
-    NewAllocation,
+    reschedule_delay_ms, Applied, ClusterState, Command, CommandOutput, EvaluationUpdate, JobPlan,
+    MovedAllocation, NewAllocation,
 };
 
 /// Jobs planned per pass at most; the rest wait for the next pass.
@@ -340,6 +340,20 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
             input.snapshot.remove(&alloc.id);
         }
     }
+    // Instances that failed or were lost wait out their reschedule backoff even
+    // when something else (an update, freed capacity) plans the job sooner; the
+    // evaluation the failure created comes due when the backoff ends.
+    let backing_off: BTreeSet<(&str, u32)> = finished
+        .iter()
+        .filter(|(key, a)| {
+            !live.contains_key(key)
+                && a.updated_at
+                    .as_millis()
+                    .saturating_add(reschedule_delay_ms(a.reschedules))
+                    > input.now.as_millis()
+        })
+        .map(|(key, _)| *key)
+        .collect();
     let mut replacing = outdated(job, &live);
     for old in replacing.values() {
         input.snapshot.remove(&old.id);
@@ -353,7 +367,8 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
                 indices: (0..g.count)
                     .filter(|i| {
                         let key = (g.name.as_str(), *i);
-                        !live.contains_key(&key) || replacing.contains_key(&key)
+                        (!live.contains_key(&key) && !backing_off.contains(&key))
+                            || replacing.contains_key(&key)
                     })
                     .collect(),
             })

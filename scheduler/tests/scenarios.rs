@@ -330,6 +330,40 @@ fn reschedules_back_off_exponentially() {
 }
 
 #[test]
+fn the_backoff_holds_when_something_else_plans_the_job_sooner() {
+    let mut sim = Sim::new();
+    sim.register("n1", "a", &[("NVIDIA H100", None); 1]);
+    let job = sim.submit("svc", gpu_job("svc", 50, 2, 1));
+    sim.settle();
+    assert_eq!(
+        sim.live(&job).len(),
+        1,
+        "one GPU, one instance; the other waits"
+    );
+    let alloc = sim.live(&job)[0].clone();
+    let at = sim.at();
+    sim.apply(Command::ReportAllocations {
+        node_id: alloc.node_id.clone(),
+        reports: vec![AllocationReport {
+            id: alloc.id.clone(),
+            state: AllocState::Failed,
+        }],
+        at,
+    })
+    .unwrap();
+    // New capacity retries the blocked evaluation at once: it places the instance
+    // that never ran, not the one that just failed.
+    sim.register("n2", "b", &[("NVIDIA H100", None); 1]);
+    sim.settle();
+    let live = sim.live(&job);
+    assert_eq!(live.len(), 1);
+    assert_ne!(live[0].index, alloc.index, "the failed instance waits");
+    sim.advance(reschedule_delay_ms(0));
+    sim.settle();
+    assert_eq!(sim.live(&job).len(), 2);
+}
+
+#[test]
 fn an_unhealthy_gpu_moves_only_its_allocation() {
     let mut sim = Sim::new();
     sim.register("n1", "a", &[("NVIDIA H100", None); 4]);
