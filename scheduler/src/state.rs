@@ -1268,6 +1268,32 @@ impl ClusterState {
         })
     }
 
+    /// Checks a heartbeat as [`Command::NodeHeartbeat`] will: the node exists, the
+    /// GPUs are its own, the allocations reported are on it. The API calls it
+    /// first so a bad heartbeat is refused without a log entry.
+    pub fn check_heartbeat(
+        &self,
+        node_id: &NodeId,
+        gpus: &[GpuHealth],
+        reports: &[AllocationReport],
+    ) -> Result<(), StateError> {
+        let node = self
+            .tables
+            .nodes
+            .get(node_id)
+            .ok_or_else(|| StateError::not_found(ObjectKind::Node, node_id))?;
+        for (i, health) in gpus.iter().enumerate() {
+            if !node.resources.gpus.iter().any(|g| g.uuid == health.uuid) {
+                return Err(ValidationError::new(
+                    format!("gpus[{i}].uuid"),
+                    format!("node `{node_id}` has no GPU `{}`", health.uuid),
+                )
+                .into());
+            }
+        }
+        self.check_reports(node_id, reports)
+    }
+
     /// The status a node returns to when it is heard from after being down.
     fn back_up(node: &Node) -> NodeStatus {
         if node.drain.is_some() {
@@ -1285,21 +1311,7 @@ impl ClusterState {
         reports: Vec<AllocationReport>,
         at: Timestamp,
     ) -> CommandOutput {
-        let node = self
-            .tables
-            .nodes
-            .get(&node_id)
-            .ok_or_else(|| StateError::not_found(ObjectKind::Node, &node_id))?;
-        for (i, health) in gpus.iter().enumerate() {
-            if !node.resources.gpus.iter().any(|g| g.uuid == health.uuid) {
-                return Err(ValidationError::new(
-                    format!("gpus[{i}].uuid"),
-                    format!("node `{node_id}` has no GPU `{}`", health.uuid),
-                )
-                .into());
-            }
-        }
-        self.check_reports(&node_id, &reports)?;
+        self.check_heartbeat(&node_id, &gpus, &reports)?;
 
         let node = self.tables.nodes.get_mut(&node_id).expect("checked above");
         node.last_seen = node.last_seen.max(at);
