@@ -67,8 +67,11 @@ const BITS: usize = 64;
 #[derive(Debug, Clone, Default)]
 pub struct PlanSnapshot {
     nodes: Vec<SnapNode>,
-    /// The nodes' distinct attribute maps and GPU layouts; fixed once built, as
-    /// the node list is.
+    /// Per node: its shape, an index into [`Shapes::nodes`]. Apart from the
+    /// nodes, so that going over every node reads one word of each.
+    shape: Vec<usize>,
+    /// The nodes' distinct shapes, attribute maps and GPU layouts; fixed once
+    /// built, as the node list is.
     shapes: Shapes,
     usage: Usage,
     /// Per node: its live allocations, sorted by id, so preemption and
@@ -84,11 +87,17 @@ pub struct PlanSnapshot {
 #[derive(Debug, Clone)]
 struct SnapNode {
     id: NodeId,
+    /// Its GPUs' UUIDs, in the node's order.
+    uuids: Vec<String>,
+}
+
+/// What a group's checks and ranking look at in a node, apart from what is
+/// taken on it; many nodes share one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct NodeShape {
     status: NodeStatus,
     cpu: u64,
     memory: u64,
-    /// Its GPUs' UUIDs, in the node's order.
-    uuids: Vec<String>,
     /// Its attribute map: an index into [`Shapes::attributes`].
     attributes: usize,
     /// Its GPU layout: an index into [`Shapes::layouts`].
@@ -99,6 +108,8 @@ struct SnapNode {
 /// once.
 #[derive(Debug, Clone, Default)]
 struct Shapes {
+    /// Distinct node shapes.
+    nodes: Vec<NodeShape>,
     /// Attribute names, each with its id: its position in `values`.
     names: HashMap<String, usize>,
     /// Per attribute: its distinct values. The empty value is always first: it
@@ -141,9 +152,25 @@ struct Interner {
     attribute_ids: HashMap<Vec<(usize, usize)>, usize>,
     model_ids: HashMap<String, usize>,
     layout_ids: HashMap<Vec<GpuKind>, usize>,
+    shape_ids: HashMap<NodeShape, usize>,
 }
 
 impl Interner {
+    fn shape(&mut self, node: &Node) -> usize {
+        let shape = NodeShape {
+            status: node.status,
+            cpu: node.resources.cpu_millis.get(),
+            memory: node.resources.memory_mib.get(),
+            attributes: self.attributes(&node.attributes),
+            layout: self.layout(&node.resources.gpus),
+        };
+        let shapes = &mut self.shapes.nodes;
+        *self.shape_ids.entry(shape).or_insert_with_key(|shape| {
+            shapes.push(shape.clone());
+            shapes.len() - 1
+        })
+    }
+
     fn attribute(&mut self, name: &str) -> usize {
         if let Some(&id) = self.shapes.names.get(name) {
             return id;
@@ -187,7 +214,7 @@ impl Interner {
             .collect();
         named.sort_unstable();
         named.dedup();
-        let mut unlinked = 0..;
+        let mut unlinked = 0;
         let kinds: Vec<GpuKind> = gpus
             .iter()
             .map(|g| {
@@ -197,7 +224,10 @@ impl Interner {
                     models.len() - 1
                 });
                 let domain = match g.interconnect_group.as_deref() {
-                    None => unlinked.next().unwrap_or(0),
+                    None => {
+                        unlinked += 1;
+                        unlinked - 1
+                    }
                     Some(d) => alone + named.binary_search(&d).unwrap_or(0),
                 };
                 GpuKind {
@@ -406,29 +436,43 @@ impl NodeMut<'_> {
         set_bit(&mut self.usage.unheld[span.words()], g, exclusive == 0);
     }
 
-    /// Takes what a live allocation holds.
-    fn hold(&mut self, alloc: &LiveAlloc) {
-        self.usage.cpu[self.i] += alloc.cpu.get();
-        self.usage.memory[self.i] += alloc.memory.get();
-        for &g in &alloc.gpus {
-            self.gpu(g, |exclusive, sliced| match alloc.gpu_slice {
-                Some(slice) => *sliced += slice.get(),
+    /// Takes CPU, memory and the GPUs at positions `gpus`: whole, or `slice`
+    /// of each.
+    fn take(&mut self, cpu: u64, memory: u64, gpus: &[usize], slice: Option<u64>) {
+        self.usage.cpu[self.i] += cpu;
+        self.usage.memory[self.i] += memory;
+        for &g in gpus {
+            self.gpu(g, |exclusive, sliced| match slice {
+                Some(slice) => *sliced += slice,
                 None => *exclusive = exclusive.saturating_add(1),
             });
         }
     }
 
-    /// Gives back what a live allocation holds.
-    fn let_go(&mut self, alloc: &LiveAlloc) {
-        let (cpu, memory) = (&mut self.usage.cpu[self.i], &mut self.usage.memory[self.i]);
-        *cpu = cpu.saturating_sub(alloc.cpu.get());
-        *memory = memory.saturating_sub(alloc.memory.get());
-        for &g in &alloc.gpus {
-            self.gpu(g, |exclusive, sliced| match alloc.gpu_slice {
-                Some(slice) => *sliced = sliced.saturating_sub(slice.get()),
+    /// Gives back what [`NodeMut::take`] took.
+    fn give_back(&mut self, cpu: u64, memory: u64, gpus: &[usize], slice: Option<u64>) {
+        let (taken_cpu, taken_memory) =
+            (&mut self.usage.cpu[self.i], &mut self.usage.memory[self.i]);
+        *taken_cpu = taken_cpu.saturating_sub(cpu);
+        *taken_memory = taken_memory.saturating_sub(memory);
+        for &g in gpus {
+            self.gpu(g, |exclusive, sliced| match slice {
+                Some(slice) => *sliced = sliced.saturating_sub(slice),
                 None => *exclusive = exclusive.saturating_sub(1),
             });
         }
+    }
+
+    /// Takes what a live allocation holds.
+    fn hold(&mut self, alloc: &LiveAlloc) {
+        let slice = alloc.gpu_slice.map(MemoryMib::get);
+        self.take(alloc.cpu.get(), alloc.memory.get(), &alloc.gpus, slice);
+    }
+
+    /// Gives back what a live allocation holds.
+    fn let_go(&mut self, alloc: &LiveAlloc) {
+        let slice = alloc.gpu_slice.map(MemoryMib::get);
+        self.give_back(alloc.cpu.get(), alloc.memory.get(), &alloc.gpus, slice);
     }
 }
 
@@ -446,11 +490,24 @@ struct Taken<'s> {
 }
 
 impl<'s> Taken<'s> {
-    fn new(base: &'s Usage) -> Self {
+    /// Nothing changed yet, with room to change about `nodes` nodes without
+    /// growing.
+    fn new(base: &'s Usage, nodes: usize) -> Self {
+        let nodes = nodes.min(base.spans.len());
+        let per_node = |total: usize| total.div_ceil(base.spans.len().max(1)) * nodes;
+        let changed = Usage {
+            cpu: Vec::with_capacity(nodes),
+            memory: Vec::with_capacity(nodes),
+            spans: Vec::with_capacity(nodes),
+            exclusive: Vec::with_capacity(per_node(base.exclusive.len())),
+            sliced: Vec::with_capacity(per_node(base.sliced.len())),
+            free: Vec::with_capacity(per_node(base.free.len())),
+            unheld: Vec::with_capacity(per_node(base.unheld.len())),
+        };
         Self {
             base,
-            changed: Usage::default(),
-            slots: HashMap::new(),
+            changed,
+            slots: HashMap::with_capacity(nodes),
             marked: vec![0; base.spans.len().div_ceil(BITS)],
         }
     }
@@ -587,6 +644,7 @@ impl PlanSnapshot {
         sorted.dedup_by(|a, b| a.id == b.id);
         let mut interner = Interner::default();
         let mut usage = Usage::default();
+        let shape = sorted.iter().map(|n| interner.shape(n)).collect();
         let nodes: Vec<SnapNode> = sorted
             .into_iter()
             .map(|n| {
@@ -594,12 +652,7 @@ impl PlanSnapshot {
                 usage.push_empty(gpus.len());
                 SnapNode {
                     id: n.id.clone(),
-                    status: n.status,
-                    cpu: n.resources.cpu_millis.get(),
-                    memory: n.resources.memory_mib.get(),
                     uuids: gpus.iter().map(|g| g.uuid.clone()).collect(),
-                    attributes: interner.attributes(&n.attributes),
-                    layout: interner.layout(gpus),
                 }
             })
             .collect();
@@ -634,6 +687,7 @@ impl PlanSnapshot {
         drop(position);
         Self {
             nodes,
+            shape,
             shapes: interner.shapes,
             usage,
             held,
@@ -704,16 +758,21 @@ impl PlanSnapshot {
         self.nodes.binary_search_by(|n| n.id.cmp(node)).ok()
     }
 
+    /// The shape of node `n`.
+    fn shape(&self, n: usize) -> &NodeShape {
+        &self.shapes.nodes[self.shape[n]]
+    }
+
     /// The GPU layout of node `n`.
     fn layout(&self, n: usize) -> &Layout {
-        &self.shapes.layouts[self.nodes[n].layout]
+        &self.shapes.layouts[self.shape(n).layout]
     }
 
     /// The share of node `n` that `alloc` holds, in thousandths per resource,
     /// summed over CPU, memory and GPUs: how much letting it go frees, comparable
     /// across allocations of one node.
     pub(crate) fn share(&self, n: usize, alloc: &LiveAlloc) -> u64 {
-        let node = &self.nodes[n];
+        let (node, shape) = (&self.nodes[n], self.shape(n));
         let layout = self.layout(n);
         let part = |x: u64, total: u64| -> u64 {
             if total == 0 {
@@ -730,8 +789,8 @@ impl PlanSnapshot {
             })
             .sum();
         let gpu_count = u64::try_from(node.uuids.len()).unwrap_or(u64::MAX).max(1);
-        part(alloc.cpu.get(), node.cpu)
-            .saturating_add(part(alloc.memory.get(), node.memory))
+        part(alloc.cpu.get(), shape.cpu)
+            .saturating_add(part(alloc.memory.get(), shape.memory))
             .saturating_add(gpus / gpu_count)
     }
 
@@ -912,7 +971,8 @@ impl fmt::Display for Rejection {
 
 /// Places `request` on `snapshot`. See the module documentation for the rules.
 pub fn plan(snapshot: &PlanSnapshot, request: &PlanRequest) -> Plan {
-    let mut taken = Taken::new(&snapshot.usage);
+    let instances = request.groups.iter().map(|d| d.indices.len()).sum();
+    let mut taken = Taken::new(&snapshot.usage, instances);
     let mut out = Plan::default();
     for demand in &request.groups {
         if demand.indices.is_empty() {
@@ -1137,7 +1197,22 @@ impl GpuNeed {
                         .is_some()
             });
         }
-        let free = used.free();
+        self.fits_whole(layout, suits, used.free())
+    }
+
+    /// Whether an instance would get GPUs on a node with GPUs `layout` were
+    /// nothing taken there.
+    fn fits_empty(&self, layout: &Layout, suits: &[u64]) -> bool {
+        match self.slice {
+            // A suitable GPU has room for the slice.
+            Some(_) => suits.iter().any(|&s| s != 0),
+            None => self.fits_whole(layout, suits, suits),
+        }
+    }
+
+    /// Whether whole GPUs would be found for an instance on a node with GPUs
+    /// `layout`, of which `suits` suit and `free` are free.
+    fn fits_whole(&self, layout: &Layout, suits: &[u64], free: &[u64]) -> bool {
         if common(free, suits) < self.count {
             return false;
         }
@@ -1209,9 +1284,9 @@ enum Shortfall {
     Gpus,
 }
 
-/// A candidate in a bucket's heap: its score, its position (the earlier node id
-/// wins a tie) and its affinity score, kept to rescore it after a placement.
-type Ranked = (i64, Reverse<usize>, i64);
+/// A candidate in a bucket's heap: its score and its position (the earlier node
+/// id wins a tie).
+type Ranked = (i64, Reverse<usize>);
 
 /// One group's filtered candidates and compiled rules, evaluated against the
 /// snapshot's distinct attribute maps and GPU layouts.
@@ -1227,7 +1302,7 @@ pub(crate) struct GroupPlanner<'g> {
     suits: Vec<Vec<u64>>,
     /// Nodes passing status and constraints that could take an instance were
     /// they empty, in id order.
-    candidates: Vec<usize>,
+    candidates: Vec<u32>,
     /// Per spread attribute: its weight.
     spread_weights: Vec<i64>,
     /// Per spread attribute: how many values it has.
@@ -1279,26 +1354,31 @@ impl<'g> GroupPlanner<'g> {
             .iter()
             .enumerate()
             .map(|(l, layout)| {
-                need.gpus.as_ref().is_none_or(|gpus| {
-                    let mut empty = Usage::default();
-                    empty.push_empty(layout.gpus.len());
-                    gpus.fits(layout, &suits[l], empty.node(0))
-                })
+                need.gpus
+                    .as_ref()
+                    .is_none_or(|gpus| gpus.fits_empty(layout, &suits[l]))
             })
             .collect();
-        let candidates = snapshot
+        let takes: Vec<bool> = shapes
             .nodes
             .iter()
-            .enumerate()
-            .filter(|(_, n)| {
+            .map(|n| {
                 n.status.is_schedulable()
                     && failed[n.attributes].is_none()
                     && possible[n.layout]
                     && n.cpu >= need.cpu
                     && n.memory >= need.memory
             })
-            .map(|(i, _)| i)
             .collect();
+        // Every node is looked at: without a branch, a node costs a couple of
+        // nanoseconds however the shapes that pass are mixed.
+        let mut candidates = vec![0; snapshot.nodes.len()];
+        let mut passed = 0;
+        for (n, &shape) in (0..).zip(&snapshot.shape) {
+            candidates[passed] = n;
+            passed += usize::from(takes[shape]);
+        }
+        candidates.truncate(passed);
         let spread_weights = group
             .spread
             .iter()
@@ -1339,7 +1419,7 @@ impl<'g> GroupPlanner<'g> {
     /// Positions of the nodes passing status and constraints that could take an
     /// instance were they empty, in id order.
     pub(crate) fn candidates(&self) -> impl Iterator<Item = usize> + '_ {
-        self.candidates.iter().copied()
+        self.candidates.iter().map(|&n| n as usize)
     }
 
     /// The spread values of the nodes with attribute map `set`, one per spread
@@ -1351,15 +1431,15 @@ impl<'g> GroupPlanner<'g> {
 
     /// The first capacity check the node fails.
     fn check(&self, snapshot: &PlanSnapshot, n: usize, used: NodeUse<'_>) -> Result<(), Shortfall> {
-        let node = &snapshot.nodes[n];
-        if node.cpu.saturating_sub(used.cpu()) < self.need.cpu {
+        let shape = snapshot.shape(n);
+        if shape.cpu.saturating_sub(used.cpu()) < self.need.cpu {
             return Err(Shortfall::Cpu);
         }
-        if node.memory.saturating_sub(used.memory()) < self.need.memory {
+        if shape.memory.saturating_sub(used.memory()) < self.need.memory {
             return Err(Shortfall::Memory);
         }
         match &self.need.gpus {
-            Some(gpus) if !gpus.fits(snapshot.layout(n), &self.suits[node.layout], used) => {
+            Some(gpus) if !gpus.fits(snapshot.layout(n), &self.suits[shape.layout], used) => {
                 Err(Shortfall::Gpus)
             }
             _ => Ok(()),
@@ -1374,7 +1454,7 @@ impl<'g> GroupPlanner<'g> {
         };
         let chosen = gpus.choose(
             snapshot.layout(n),
-            &self.suits[snapshot.nodes[n].layout],
+            &self.suits[snapshot.shape(n).layout],
             used,
         );
         debug_assert!(chosen.is_some(), "GpuNeed::fits and choose disagree");
@@ -1384,7 +1464,7 @@ impl<'g> GroupPlanner<'g> {
     /// The node's score if the instance landed there: bin-packing plus GPU
     /// best-fit plus affinity. Higher is better.
     fn score(&self, snapshot: &PlanSnapshot, n: usize, used: NodeUse<'_>) -> i64 {
-        let node = &snapshot.nodes[n];
+        let node = snapshot.shape(n);
         let share = |used: u64, need: u64, total: u64| -> i64 {
             if total == 0 {
                 return FULL;
@@ -1416,38 +1496,31 @@ impl<'g> GroupPlanner<'g> {
         score + self.affinity[node.attributes]
     }
 
-    fn take(&self, snapshot: &PlanSnapshot, n: usize, mut used: NodeMut<'_>, gpus: &[usize]) {
-        used.usage.cpu[used.i] += self.need.cpu;
-        used.usage.memory[used.i] += self.need.memory;
+    /// Takes what an instance takes on node `n`, with the GPUs at `gpus`.
+    fn take(&self, snapshot: &PlanSnapshot, n: usize, taken: &mut Taken<'_>, gpus: &[usize]) {
         let slice = self.need.gpus.as_ref().and_then(|g| g.slice);
-        for &g in gpus {
-            used.gpu(g, |exclusive, sliced| match slice {
-                Some(s) => *sliced += s,
-                None => *exclusive = exclusive.saturating_add(1),
-            });
-        }
-        let node = &snapshot.nodes[n];
-        debug_assert!(
-            used.usage.cpu[used.i] <= node.cpu && used.usage.memory[used.i] <= node.memory
-        );
+        taken
+            .node_mut(n)
+            .take(self.need.cpu, self.need.memory, gpus, slice);
+        let (shape, used) = (snapshot.shape(n), taken.node(n));
+        debug_assert!(used.cpu() <= shape.cpu && used.memory() <= shape.memory);
     }
 
+    /// Gives back what a placement of the group took.
     fn release(&self, snapshot: &PlanSnapshot, taken: &mut Taken<'_>, p: &Placement) {
         let Some(at) = snapshot.position(&p.node_id) else {
             return;
         };
-        let node = &snapshot.nodes[at];
-        let mut used = taken.node_mut(at);
-        used.usage.cpu[used.i] -= self.need.cpu;
-        used.usage.memory[used.i] -= self.need.memory;
-        for uuid in &p.gpus {
-            if let Some(g) = node.uuids.iter().position(|u| u == uuid) {
-                used.gpu(g, |exclusive, sliced| match p.gpu_memory_slice {
-                    Some(s) => *sliced -= s.get(),
-                    None => *exclusive = exclusive.saturating_sub(1),
-                });
-            }
-        }
+        let uuids = &snapshot.nodes[at].uuids;
+        let gpus: Vec<usize> = p
+            .gpus
+            .iter()
+            .filter_map(|uuid| uuids.iter().position(|u| u == uuid))
+            .collect();
+        let slice = p.gpu_memory_slice.map(MemoryMib::get);
+        taken
+            .node_mut(at)
+            .give_back(self.need.cpu, self.need.memory, &gpus, slice);
     }
 
     /// Instances per spread attribute and value: the job's live ones in the
@@ -1468,7 +1541,7 @@ impl<'g> GroupPlanner<'g> {
             .get(&(job_id.clone(), self.group.name.clone()));
         let live = live.into_iter().flatten().map(|&n| (n, 1));
         for (n, delta) in live.chain(changes.iter().copied()) {
-            let key = self.spread_key(snapshot.nodes[n].attributes);
+            let key = self.spread_key(snapshot.shape(n).attributes);
             for (k, &value) in key.iter().enumerate() {
                 counts[k][value] += delta;
             }
@@ -1496,7 +1569,7 @@ impl<'g> GroupPlanner<'g> {
         exclude: Option<usize>,
     ) -> Option<(usize, Vec<usize>)> {
         let mut best: Option<(i64, usize)> = None;
-        for &n in &self.candidates {
+        for n in self.candidates() {
             if exclude == Some(n) {
                 continue;
             }
@@ -1504,7 +1577,7 @@ impl<'g> GroupPlanner<'g> {
             if self.check(snapshot, n, used).is_err() {
                 continue;
             }
-            let key = self.spread_key(snapshot.nodes[n].attributes);
+            let key = self.spread_key(snapshot.shape(n).attributes);
             let total = self.score(snapshot, n, used) - self.penalty(key, counts);
             if best.is_none_or(|(top, _)| total > top) {
                 best = Some((total, n));
@@ -1553,32 +1626,37 @@ impl<'g> GroupPlanner<'g> {
         let mut bucket_of_set: Vec<Option<usize>> = vec![None; self.affinity.len()];
         let mut bucket_of_key: HashMap<&[usize], usize> = HashMap::new();
         let mut keys: Vec<&[usize]> = Vec::new();
-        let mut ranked: Vec<Vec<Ranked>> = Vec::new();
-        for &n in &self.candidates {
+        let mut fitting: Vec<(usize, Ranked)> = Vec::with_capacity(self.candidates.len());
+        for n in self.candidates() {
             let used = taken.node(n);
             if self.check(snapshot, n, used).is_err() {
                 continue;
             }
-            let set = snapshot.nodes[n].attributes;
-            let b = match bucket_of_set[set] {
-                Some(b) => b,
-                None => {
-                    let key = self.spread_key(set);
-                    let b = if spreading {
-                        *bucket_of_key.entry(key).or_insert(keys.len())
-                    } else {
-                        0
-                    };
-                    if b == keys.len() {
-                        keys.push(key);
-                        ranked.push(Vec::new());
-                    }
-                    bucket_of_set[set] = Some(b);
-                    b
+            let set = snapshot.shape(n).attributes;
+            let b = *bucket_of_set[set].get_or_insert_with(|| {
+                let key = self.spread_key(set);
+                // Without spread, one bucket holds every node.
+                let b = if spreading {
+                    *bucket_of_key.entry(key).or_insert(keys.len())
+                } else {
+                    0
+                };
+                if b == keys.len() {
+                    keys.push(key);
                 }
-            };
-            let affinity = self.affinity[set];
-            ranked[b].push((self.score(snapshot, n, used), Reverse(n), affinity));
+                b
+            });
+            fitting.push((b, (self.score(snapshot, n, used), Reverse(n))));
+        }
+        // Sized up front: growing a hundred buckets one push at a time costs more
+        // than counting them.
+        let mut sizes = vec![0; keys.len()];
+        for &(b, _) in &fitting {
+            sizes[b] += 1;
+        }
+        let mut ranked: Vec<Vec<Ranked>> = sizes.into_iter().map(Vec::with_capacity).collect();
+        for (b, candidate) in fitting {
+            ranked[b].push(candidate);
         }
         let mut heaps: Vec<BinaryHeap<Ranked>> = ranked.into_iter().map(BinaryHeap::from).collect();
         // Instances per spread attribute value, starting from the live ones.
@@ -1595,7 +1673,7 @@ impl<'g> GroupPlanner<'g> {
                     stale[b] = false;
                     // Drop nodes that no longer fit: within a group they never will.
                     tops[b] = loop {
-                        let Some(&(score, Reverse(n), _)) = heap.peek() else {
+                        let Some(&(score, Reverse(n))) = heap.peek() else {
                             break None;
                         };
                         match self.fit(snapshot, n, taken.node(n)) {
@@ -1625,9 +1703,10 @@ impl<'g> GroupPlanner<'g> {
             let gpus = tops[b].take().map(|(_, _, gpus)| gpus).unwrap_or_default();
             stale[b] = true;
             let heap = &mut heaps[b];
-            let (_, _, affinity) = heap.pop().expect("the best node came from this heap");
-            self.take(snapshot, n, taken.node_mut(n), &gpus);
-            heap.push((self.score(snapshot, n, taken.node(n)), Reverse(n), affinity));
+            let top = heap.pop().map(|(_, Reverse(top))| top);
+            debug_assert_eq!(top, Some(n), "the best node came from this heap");
+            self.take(snapshot, n, taken, &gpus);
+            heap.push((self.score(snapshot, n, taken.node(n)), Reverse(n)));
             for (k, &value) in keys[b].iter().enumerate() {
                 spread_counts[k][value] += 1;
             }
@@ -1643,10 +1722,11 @@ impl<'g> GroupPlanner<'g> {
         let mut failed = vec![0; self.constraints.len()];
         let (mut cpu, mut memory, mut gpus) = (0, 0, 0);
         let mut feasible = 0;
-        for (n, node) in snapshot.nodes.iter().enumerate() {
-            if !node.status.is_schedulable() {
+        for n in 0..snapshot.nodes.len() {
+            let shape = snapshot.shape(n);
+            if !shape.status.is_schedulable() {
                 not_ready += 1;
-            } else if let Some(rule) = self.failed[node.attributes] {
+            } else if let Some(rule) = self.failed[shape.attributes] {
                 failed[rule] += 1;
             } else {
                 match self.check(snapshot, n, taken.node(n)) {
@@ -1702,7 +1782,7 @@ impl<'s> Draft<'s> {
     pub(crate) fn new(snapshot: &'s PlanSnapshot) -> Self {
         Self {
             snapshot,
-            taken: Taken::new(&snapshot.usage),
+            taken: Taken::new(&snapshot.usage, 0),
             let_go: HashSet::new(),
             changes: HashMap::new(),
         }
@@ -1780,7 +1860,7 @@ impl<'s> Draft<'s> {
         let Some(gpus) = group.need.gpus.as_ref().filter(|g| g.slice.is_none()) else {
             return 0;
         };
-        let suits = &group.suits[self.snapshot.nodes[n].layout];
+        let suits = &group.suits[self.snapshot.shape(n).layout];
         let free = common(self.taken.node(n).free(), suits);
         gpus.count.saturating_sub(free)
     }
@@ -1829,7 +1909,7 @@ impl<'s> Draft<'s> {
         n: usize,
         gpus: &[usize],
     ) -> Placement {
-        group.take(self.snapshot, n, self.taken.node_mut(n), gpus);
+        group.take(self.snapshot, n, &mut self.taken, gpus);
         self.changes
             .entry((job_id.clone(), group.group.name.clone()))
             .or_default()
@@ -3096,171 +3176,6 @@ mod tests {
                 prop_assert!(u.missing > 0);
                 prop_assert_eq!(u.explanation.nodes as usize, nodes.len());
             }
-        }
-    }
-}
-
-// TEMPORARY (remove before handing back): the planner as it was, to compare.
-#[cfg(test)]
-#[path = "/tmp/pl/orig/mod.rs"]
-mod orig;
-
-#[cfg(test)]
-mod differential {
-    use proptest::prelude::*;
-
-    use super::orig;
-    use super::testkit::*;
-    use super::*;
-
-    fn orig_request(req: &PlanRequest) -> orig::planner::PlanRequest {
-        orig::planner::PlanRequest {
-            job_id: req.job_id.clone(),
-            groups: req
-                .groups
-                .iter()
-                .map(|d| orig::planner::GroupDemand {
-                    group: d.group.clone(),
-                    indices: d.indices.clone(),
-                })
-                .collect(),
-        }
-    }
-
-    fn both(
-        nodes: &[Node],
-        allocs: &[Allocation],
-        earlier: &[Earlier],
-        groups: Vec<TaskGroup>,
-        priority: u32,
-    ) -> Result<(), TestCaseError> {
-        let info = |job: &JobId, _: &str| Earlier::info(earlier, job);
-        let oinfo = |job: &JobId, _: &str| {
-            Earlier::info(earlier, job).map(|i| orig::planner::GroupInfo {
-                priority: i.priority,
-                movable: i.movable,
-            })
-        };
-        let new = PlanSnapshot::with_jobs(nodes, allocs, info);
-        let old = orig::planner::PlanSnapshot::with_jobs(nodes, allocs, oinfo);
-        let req = request(groups);
-        let oreq = orig_request(&req);
-        prop_assert_eq!(
-            format!("{:?}", plan(&new, &req)),
-            format!("{:?}", orig::planner::plan(&old, &oreq))
-        );
-        prop_assert_eq!(
-            format!(
-                "{:?}",
-                crate::preempt::plan_preemption(&new, &req, priority)
-            ),
-            format!(
-                "{:?}",
-                orig::preempt::plan_preemption(&old, &oreq, priority)
-            )
-        );
-        let find =
-            |j: &JobId, g: &str| earlier.iter().find(|e| &e.job_id == j && e.group.name == g);
-        prop_assert_eq!(
-            format!(
-                "{:?}",
-                crate::defrag::plan_defrag(
-                    &new,
-                    &req,
-                    priority,
-                    |j, g| find(j, g).map_or(0, |e| e.budget),
-                    |j, g| find(j, g).map(|e| &e.group)
-                )
-            ),
-            format!(
-                "{:?}",
-                orig::defrag::plan_defrag(
-                    &old,
-                    &oreq,
-                    priority,
-                    |j, g| find(j, g).map_or(0, |e| e.budget),
-                    |j, g| find(j, g).map(|e| &e.group)
-                )
-            )
-        );
-        Ok(())
-    }
-
-    fn arb_rules() -> impl Strategy<Value = Vec<(String, ConstraintOp, Vec<String>, i32)>> {
-        prop::collection::vec(
-            (
-                prop::sample::select(vec!["country", "site", "host", "nothing", "cpu"]),
-                prop::sample::select(vec![
-                    ConstraintOp::Eq,
-                    ConstraintOp::Ne,
-                    ConstraintOp::In,
-                    ConstraintOp::NotIn,
-                    ConstraintOp::Regex,
-                    ConstraintOp::Ge,
-                    ConstraintOp::Le,
-                ]),
-                prop::collection::vec(
-                    prop::sample::select(vec![
-                        "BE", "NL", "FR", "s0", "s1", "n001", "", "^s[01]$", "2", "n10",
-                    ]),
-                    1..3,
-                ),
-                -50i32..50,
-            )
-                .prop_map(|(a, op, v, w)| {
-                    (
-                        a.to_owned(),
-                        op,
-                        v.into_iter().map(str::to_owned).collect(),
-                        w,
-                    )
-                }),
-            0..3,
-        )
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(3000))]
-
-        #[test]
-        fn same_as_before_crowded((nodes, earlier, groups, priority) in arb_scattered()) {
-            let allocs = populate(&nodes, &earlier);
-            both(&nodes, &allocs, &earlier, groups, priority)?;
-        }
-
-        #[test]
-        fn same_as_before_rules(
-            nodes in (1usize..14).prop_flat_map(|n| (0..n).map(|i| (arb_node(i), arb_gpu_node(i + 100), any::<bool>(), 0usize..4).prop_map(|(a, mut b, pick, strip)| {
-                if strip > 0 { b.attributes.remove(["country", "site", "host"][strip - 1]); }
-                if pick { a } else { b }
-            })).collect::<Vec<_>>()),
-            earlier in (0usize..5).prop_flat_map(|e| (0..e).map(arb_earlier).collect::<Vec<_>>()),
-            groups in (1usize..4).prop_flat_map(|g| (0..g).map(|i| (arb_group(i), arb_gpu_group(i + 50, 1..6, 8), any::<bool>(), arb_rules(), arb_rules(), prop::option::of(0u64..100)).prop_map(|(a, b, pick, cs, affs, min)| {
-                let mut g = if pick { a } else { b };
-                if !cs.is_empty() { g.constraints = cs.iter().map(|(attr, op, v, _)| rule(attr, *op, &v.iter().map(String::as_str).collect::<Vec<_>>())).collect(); }
-                g.affinities = affs.into_iter().map(|(attr, op, v, w)| {
-                    let c = rule(&attr, op, &v.iter().map(String::as_str).collect::<Vec<_>>());
-                    aigrid_api::Affinity { attribute: c.attribute, op: c.op, value: c.value, weight: w }
-                }).collect();
-                if let (Some(gpu), Some(m)) = (g.resources.gpus.as_mut(), min) { if m % 3 == 0 { gpu.min_memory_mib = Some(MemoryMib::new(m * 1024)); } }
-                if let Some(s) = g.spread.first().cloned() { if min.is_some_and(|m| m % 2 == 0) { g.spread.push(aigrid_api::Spread { attribute: "country".to_owned(), weight: Some(30) }); g.spread.push(s); } }
-                g
-            })).collect::<Vec<_>>()),
-            priority in 0u32..80,
-        ) {
-            let allocs = populate(&nodes, &earlier);
-            both(&nodes, &allocs, &earlier, groups, priority)?;
-        }
-
-        #[test]
-        fn same_as_before_general(
-            nodes in (1usize..14).prop_flat_map(|n| (0..n).map(arb_node).collect::<Vec<_>>()),
-            earlier in (0usize..4).prop_flat_map(|e| (0..e).map(arb_earlier).collect::<Vec<_>>()),
-            groups in (1usize..4).prop_flat_map(|g| (0..g).map(arb_group).collect::<Vec<_>>()),
-            priority in 0u32..80,
-        ) {
-            let allocs = populate(&nodes, &earlier);
-            both(&nodes, &allocs, &earlier, groups, priority)?;
         }
     }
 }

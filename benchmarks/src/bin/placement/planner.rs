@@ -13,7 +13,10 @@
 //!   its plan time is all of its work, compiling the job's constraints included.
 //!
 //! aigrid's placements are checked on an independent occupancy after each plan,
-//! outside the timing; a wrong placement stops the run.
+//! outside the timing; a wrong placement stops the run. A digest of every plan
+//! aigrid made goes to stderr: a change meant to make the planner faster without
+//! changing its decisions must leave it as it was (under one toolchain, whose
+//! hasher it uses).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, Instant};
@@ -122,7 +125,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut baseline = Occupancy::new(&nodes);
     let (mut ours, mut theirs) = (Tally::default(), Tally::default());
     let mut update_time = Duration::ZERO;
-    // Every decision aigrid made, so that two builds can be compared.
+    // Every plan aigrid made, so that two builds of the planner can be compared.
     let mut digest = DefaultHasher::new();
     for spec in &workload.jobs {
         let job_id = JobId::new(spec.name.as_str());
