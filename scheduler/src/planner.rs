@@ -730,6 +730,11 @@ impl PlanSnapshot {
         self.located.insert(alloc.id.clone(), at);
     }
 
+    /// Whether the snapshot holds this allocation as live.
+    pub fn holds(&self, id: &AllocId) -> bool {
+        self.located.contains_key(id)
+    }
+
     /// Gives back what a live allocation holds: a plan stops it (evicted,
     /// migrated, dropped from its spec). Answers whether the snapshot held it.
     pub fn remove(&mut self, id: &AllocId) -> bool {

@@ -814,11 +814,21 @@ impl ClusterState {
         crate::planner::PlanSnapshot::with_jobs(
             self.tables.nodes.values(),
             self.live_allocations(),
-            |job_id, group| {
-                self.tables
-                    .jobs
-                    .get(job_id)
-                    .map(|j| crate::planner::GroupInfo::of(&j.spec, group))
+            // A hash lookup per allocation rather than a walk of the job map.
+            {
+                let mut specs: std::collections::HashMap<JobId, Option<&JobSpec>> =
+                    std::collections::HashMap::new();
+                move |job_id: &JobId, group: &str| {
+                    let spec = match specs.get(job_id) {
+                        Some(spec) => *spec,
+                        None => {
+                            let spec = self.tables.jobs.get(job_id).map(|j| &j.spec);
+                            specs.insert(job_id.clone(), spec);
+                            spec
+                        }
+                    };
+                    spec.map(|spec| crate::planner::GroupInfo::of(spec, group))
+                }
             },
         )
     }
@@ -1517,7 +1527,37 @@ impl ClusterState {
             }
             allocations.push(new.to_allocation(&plan.job_id, plan.job_version, group, at));
         }
+        self.check_one_per_instance(&allocations)?;
         Ok(allocations)
+    }
+
+    /// Refuses a plan that would leave two live allocations for one instance (job,
+    /// group, index): a plan made twice, say by a leader that could not tell its
+    /// first commit went through, places nothing twice.
+    fn check_one_per_instance(&self, allocations: &[Allocation]) -> Result<(), StateError> {
+        let rewritten: BTreeSet<&AllocId> = allocations.iter().map(|a| &a.id).collect();
+        let jobs: BTreeSet<&JobId> = allocations
+            .iter()
+            .filter(|a| a.is_live())
+            .map(|a| &a.job_id)
+            .collect();
+        let mut instances: BTreeSet<(&JobId, &str, u32)> = BTreeSet::new();
+        for job_id in jobs {
+            for alloc in self.job_allocs(job_id) {
+                if alloc.is_live() && !rewritten.contains(&alloc.id) {
+                    instances.insert((&alloc.job_id, alloc.group.as_str(), alloc.index));
+                }
+            }
+        }
+        for alloc in allocations.iter().filter(|a| a.is_live()) {
+            if !instances.insert((&alloc.job_id, alloc.group.as_str(), alloc.index)) {
+                return Err(StateError::conflict(format!(
+                    "instance {}[{}] of job `{}` already has a live allocation",
+                    alloc.group, alloc.index, alloc.job_id
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn upsert_allocations(
@@ -1527,6 +1567,7 @@ impl ClusterState {
         at: Timestamp,
     ) -> CommandOutput {
         self.check_allocations(&allocations)?;
+        self.check_one_per_instance(&allocations)?;
         let count = allocations.len();
         let stopped = self.write_allocations(allocations, at);
         // Jobs whose wanted instances were stopped without a replacement were

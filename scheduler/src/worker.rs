@@ -46,7 +46,7 @@ const JOBS_PER_PASS: usize = 20_000;
 /// A plan command is sent once it carries this many jobs...
 const JOBS_PER_COMMAND: usize = 256;
 /// ...or this many new allocations, which bounds one log entry's size.
-const ALLOCS_PER_COMMAND: usize = 16_384;
+const ALLOCS_PER_COMMAND: usize = 4_096;
 /// Plan commands proposed and not yet committed at once.
 const IN_FLIGHT: usize = 4;
 /// Blocked evaluations are retried at least this often even if no capacity change
@@ -169,36 +169,53 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
         }
     }
     let snapshot = state.plan_snapshot();
-    let mut unavailable: HashMap<(JobId, String), u32> = HashMap::new();
-    let mut groups = HashMap::new();
-    let mut gangs: HashMap<(JobId, String), Vec<AllocId>> = HashMap::new();
+    // One walk over the live allocations, with borrowed keys and one spec lookup
+    // per job, since the state's read lock is held meanwhile.
+    let mut specs: HashMap<&JobId, Option<(&aigrid_api::JobSpec, u64)>> = HashMap::new();
+    let mut down: HashMap<(&JobId, &str), u32> = HashMap::new();
+    let mut gang_members: HashMap<(&JobId, &str), Vec<&AllocId>> = HashMap::new();
     for alloc in state.live_allocations() {
-        let gang = state
-            .job_spec(&alloc.job_id)
+        let spec = *specs
+            .entry(&alloc.job_id)
+            .or_insert_with(|| state.job_spec(&alloc.job_id));
+        let gang = spec
             .and_then(|(spec, _)| spec.group(&alloc.group))
             .is_some_and(|g| g.gang);
         if gang {
-            gangs
-                .entry((alloc.job_id.clone(), alloc.group.clone()))
+            gang_members
+                .entry((&alloc.job_id, alloc.group.as_str()))
                 .or_default()
-                .push(alloc.id.clone());
+                .push(&alloc.id);
         }
         if alloc.state != AllocState::Running {
-            *unavailable
-                .entry((alloc.job_id.clone(), alloc.group.clone()))
+            *down
+                .entry((&alloc.job_id, alloc.group.as_str()))
                 .or_default() += 1;
         }
-        if !groups.contains_key(&alloc.job_id) {
-            if let Some((spec, version)) = state.job_spec(&alloc.job_id) {
-                let info = JobInfo {
-                    priority: spec.priority,
-                    version,
-                    groups: spec.groups.clone(),
-                };
-                groups.insert(alloc.job_id.clone(), info);
-            }
-        }
     }
+    let unavailable = down
+        .into_iter()
+        .map(|((job, group), n)| ((job.clone(), group.to_owned()), n))
+        .collect();
+    let gangs = gang_members
+        .into_iter()
+        .map(|((job, group), ids)| {
+            let ids = ids.into_iter().cloned().collect();
+            ((job.clone(), group.to_owned()), ids)
+        })
+        .collect();
+    let groups = specs
+        .into_iter()
+        .filter_map(|(job_id, spec)| {
+            let (spec, version) = spec?;
+            let info = JobInfo {
+                priority: spec.priority,
+                version,
+                groups: spec.groups.clone(),
+            };
+            Some((job_id.clone(), info))
+        })
+        .collect();
     PassInput {
         now,
         jobs: jobs.into_iter().map(|(_, _, w)| w).collect(),
@@ -310,9 +327,14 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
     // The latest finished allocation per instance: a replacement continues its
     // reschedule count and takes its place.
     let mut finished: BTreeMap<(&str, u32), &Allocation> = BTreeMap::new();
+    // Instances whose allocation this pass already stopped or moved (a drain, a
+    // migration, an eviction for a job planned earlier) are left to that change.
+    let mut busy: BTreeSet<(&str, u32)> = BTreeSet::new();
     for alloc in &job.allocations {
         let key = (alloc.group.as_str(), alloc.index);
-        if alloc.is_live() {
+        if alloc.is_live() && !input.snapshot.holds(&alloc.id) {
+            busy.insert(key);
+        } else if alloc.is_live() {
             live.insert(key, alloc);
         } else if alloc.desired == DesiredState::Run
             && finished
@@ -367,7 +389,9 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
                 indices: (0..g.count)
                     .filter(|i| {
                         let key = (g.name.as_str(), *i);
-                        (!live.contains_key(&key) && !backing_off.contains(&key))
+                        (!live.contains_key(&key)
+                            && !backing_off.contains(&key)
+                            && !busy.contains(&key))
                             || replacing.contains_key(&key)
                     })
                     .collect(),
@@ -652,7 +676,12 @@ fn plan_drains(input: &mut PassInput) -> Vec<JobPlan> {
         let mut room = usize::try_from(drain.max_parallel)
             .unwrap_or(usize::MAX)
             .saturating_sub(leaving);
-        for alloc in allocs.iter().filter(|a| a.is_live()) {
+        // Allocations this pass already stopped or moved are not drained again.
+        let live: Vec<&Allocation> = allocs
+            .iter()
+            .filter(|a| a.is_live() && input.snapshot.holds(&a.id))
+            .collect();
+        for alloc in live {
             if room == 0 {
                 break;
             }

@@ -92,6 +92,11 @@ impl Cluster {
                 .arg(&data)
                 // Simulated nodes never heartbeat.
                 .env("AIGRID_NODE_TTL_MS", "86400000")
+                // Three servers and the load generator share this machine's cores
+                // at full load, and a snapshot of a million allocations holds a
+                // server's Raft thread for a few seconds; a 3 s election timeout
+                // keeps the leader through that (the default is 1 s).
+                .env("AIGRID_ELECTION_TICKS", "30")
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -317,7 +322,8 @@ async fn main() -> Result<()> {
         args.jobs, args.instances, args.nodes
     );
     println!(
-        "(node registration {register_secs:.1} s, not counted; all jobs submitted after {:.1} s)",
+        "(node registration {register_secs:.1} s, not counted; all jobs submitted after {:.1} s; \
+         election timeout 3 s)",
         submitted_secs.unwrap_or(wall)
     );
     println!();
