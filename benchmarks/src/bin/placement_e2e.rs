@@ -52,6 +52,9 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// The servers' election timeout in 100 ms ticks (their default is 10).
+    #[arg(long, default_value_t = 10)]
+    election_ticks: u32,
 }
 
 const COUNTRIES: [&str; 6] = ["BE", "NL", "DE", "FR", "CH", "AT"];
@@ -92,11 +95,7 @@ impl Cluster {
                 .arg(&data)
                 // Simulated nodes never heartbeat.
                 .env("AIGRID_NODE_TTL_MS", "86400000")
-                // Three servers and the load generator share this machine's cores
-                // at full load, and a snapshot of a million allocations holds a
-                // server's Raft thread for a few seconds; a 3 s election timeout
-                // keeps the leader through that (the default is 1 s).
-                .env("AIGRID_ELECTION_TICKS", "30")
+                .env("AIGRID_ELECTION_TICKS", args.election_ticks.to_string())
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -323,8 +322,9 @@ async fn main() -> Result<()> {
     );
     println!(
         "(node registration {register_secs:.1} s, not counted; all jobs submitted after {:.1} s; \
-         election timeout 3 s)",
-        submitted_secs.unwrap_or(wall)
+         election timeout {} ms)",
+        submitted_secs.unwrap_or(wall),
+        args.election_ticks * 100
     );
     println!();
     println!(
