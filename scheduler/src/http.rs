@@ -6,12 +6,12 @@
 //! "message"}}`, with the status [`ErrorCode`] fixes.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aigrid_api::{
     Allocation, ClusterStatus, DeleteJobResponse, DrainSpec, ErrorBody, ErrorCode, EvalId,
     Heartbeat, HeartbeatResponse, Job, JobId, JobSpec, JobSummary, JoinRequest, Member, MemberRole,
-    Node, NodeId, NodeRegistration, NodeStatus, RegisterNodeResponse, SubmitJobResponse, Timestamp,
+    Node, NodeId, NodeRegistration, NodeStatus, RegisterNodeResponse, SubmitJobResponse,
 };
 use aigrid_consensus::{MembershipChange, RaftError, RaftNode};
 use axum::body::Bytes;
@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 use utoipa::OpenApi;
 
 use crate::state::{Applied, ClusterState, Command, StateError};
+use crate::worker::now;
 
 /// Limits applied at the door of the control API.
 #[derive(Debug, Clone)]
@@ -205,13 +206,6 @@ fn read_query(query: Result<Query<ReadQuery>, QueryRejection>) -> Result<ReadQue
     query
         .map(|Query(q)| q)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))
-}
-
-fn now() -> Timestamp {
-    let millis = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    Timestamp::from_millis(millis)
 }
 
 fn new_id<T>(make: impl Fn(String) -> T) -> T {
@@ -886,7 +880,7 @@ pub fn router(
 
 #[cfg(test)]
 mod tests {
-    use aigrid_api::{AllocState, AllocationReport, GpuHealth};
+    use aigrid_api::{AllocState, AllocationReport, GpuHealth, Timestamp};
     use aigrid_consensus::state_machine::StateMachine;
     use axum::body::Body;
     use serde_json::json;

@@ -196,6 +196,20 @@ pub struct JobPlan {
     pub evals: Vec<EvaluationUpdate>,
 }
 
+impl JobPlan {
+    /// A plan for `job_id` at `job_version` that changes nothing yet.
+    pub fn new(job_id: JobId, job_version: u64) -> Self {
+        Self {
+            job_id,
+            job_version,
+            place: Vec::new(),
+            stop: Vec::new(),
+            moves: Vec::new(),
+            evals: Vec::new(),
+        }
+    }
+}
+
 /// An instance of another job moved by a [`JobPlan`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MovedAllocation {
@@ -1350,7 +1364,7 @@ impl ClusterState {
         }
         let mut displaced =
             self.lose_allocations(&node_id, at, |a| a.gpus.iter().any(|g| failing.contains(g)));
-        let failed = self.apply_reports(reports, at);
+        let (_, failed) = self.apply_reports(reports, at);
         let mut eval_ids = self.node_update_evals(
             index,
             std::mem::take(&mut displaced),
@@ -1440,12 +1454,7 @@ impl ClusterState {
                 }
             }
         }
-        let preempted = preempted
-            .into_iter()
-            .filter(|job_id| self.missing_instances(job_id))
-            .map(|job_id| (job_id, 0))
-            .collect();
-        let eval_ids = self.node_update_evals(index, preempted, EvalTrigger::Preemption, at);
+        let eval_ids = self.requeue_preempted(index, preempted, at);
         Applied::PlanApplied {
             placed,
             stopped,
@@ -1570,15 +1579,24 @@ impl ClusterState {
         self.check_one_per_instance(&allocations)?;
         let count = allocations.len();
         let stopped = self.write_allocations(allocations, at);
-        // Jobs whose wanted instances were stopped without a replacement were
-        // preempted: they go back in the queue.
+        let eval_ids = self.requeue_preempted(index, stopped, at);
+        Ok(Applied::AllocationsUpserted { count, eval_ids })
+    }
+
+    /// Jobs among `stopped` whose wanted instances were stopped without a
+    /// replacement were preempted: they go back in the queue, without backoff.
+    fn requeue_preempted(
+        &mut self,
+        index: u64,
+        stopped: BTreeSet<JobId>,
+        at: Timestamp,
+    ) -> Vec<EvalId> {
         let preempted = stopped
             .into_iter()
             .filter(|job_id| self.missing_instances(job_id))
             .map(|job_id| (job_id, 0))
             .collect();
-        let eval_ids = self.node_update_evals(index, preempted, EvalTrigger::Preemption, at);
-        Ok(Applied::AllocationsUpserted { count, eval_ids })
+        self.node_update_evals(index, preempted, EvalTrigger::Preemption, at)
     }
 
     /// Writes checked allocations; answers the jobs that had a live allocation
@@ -1828,13 +1846,15 @@ impl ClusterState {
         Ok(())
     }
 
-    /// Records reported states; answers the services whose wanted instances failed
-    /// (to be rescheduled), with the fewest reschedules among them.
+    /// Records reported states; answers how many allocations changed state and
+    /// the services whose wanted instances failed (to be rescheduled), each with
+    /// the fewest reschedules among them.
     fn apply_reports(
         &mut self,
         reports: Vec<AllocationReport>,
         at: Timestamp,
-    ) -> BTreeMap<JobId, u32> {
+    ) -> (usize, BTreeMap<JobId, u32>) {
+        let mut changed = 0;
         let mut failed: BTreeMap<JobId, u32> = BTreeMap::new();
         for report in reports {
             let Some(alloc) = self.tables.allocations.get(&report.id) else {
@@ -1843,6 +1863,7 @@ impl ClusterState {
             if alloc.state.is_terminal() || alloc.state == report.state {
                 continue;
             }
+            changed += 1;
             let mut alloc = alloc.clone();
             alloc.state = report.state;
             alloc.updated_at = at;
@@ -1861,7 +1882,7 @@ impl ClusterState {
             }
             self.put_alloc(alloc);
         }
-        failed
+        (changed, failed)
     }
 
     fn report_allocations(
@@ -1875,18 +1896,7 @@ impl ClusterState {
             return Err(StateError::not_found(ObjectKind::Node, &node_id));
         }
         self.check_reports(&node_id, &reports)?;
-        let before = self.tables.allocations.len();
-        let changed: usize = reports
-            .iter()
-            .filter(|r| {
-                self.tables
-                    .allocations
-                    .get(&r.id)
-                    .is_some_and(|a| !a.state.is_terminal() && a.state != r.state)
-            })
-            .count();
-        let failed = self.apply_reports(reports, at);
-        debug_assert!(self.tables.allocations.len() <= before);
+        let (changed, failed) = self.apply_reports(reports, at);
         if let Some(node) = self.tables.nodes.get_mut(&node_id) {
             node.last_seen = node.last_seen.max(at);
         }

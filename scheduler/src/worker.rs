@@ -228,53 +228,61 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
     }
 }
 
+/// Job plans gathered into [`Command::ApplyPlan`]s of bounded size.
+struct Batcher {
+    at: Timestamp,
+    plans: Vec<JobPlan>,
+    allocs: usize,
+}
+
+impl Batcher {
+    fn push(&mut self, plan: JobPlan, emit: &mut impl FnMut(Command)) {
+        self.allocs += plan.place.len();
+        self.plans.push(plan);
+        if self.plans.len() >= JOBS_PER_COMMAND || self.allocs >= ALLOCS_PER_COMMAND {
+            self.flush(emit);
+        }
+    }
+
+    fn flush(&mut self, emit: &mut impl FnMut(Command)) {
+        if !self.plans.is_empty() {
+            emit(Command::ApplyPlan {
+                jobs: std::mem::take(&mut self.plans),
+                at: self.at,
+            });
+            self.allocs = 0;
+        }
+    }
+}
+
 /// Plans a pass and hands each command to `emit` as soon as it is complete.
 pub fn plan_pass(mut input: PassInput, mut emit: impl FnMut(Command)) {
     let at = input.now;
-    let mut batch: Vec<JobPlan> = Vec::new();
-    let mut batch_allocs = 0;
+    let mut batch = Batcher {
+        at,
+        plans: Vec::new(),
+        allocs: 0,
+    };
     let mut orphans = Vec::new();
-    let flush =
-        |batch: &mut Vec<JobPlan>, batch_allocs: &mut usize, emit: &mut dyn FnMut(Command)| {
-            if !batch.is_empty() {
-                emit(Command::ApplyPlan {
-                    jobs: std::mem::take(batch),
-                    at,
-                });
-                *batch_allocs = 0;
-            }
-        };
     let jobs = std::mem::take(&mut input.jobs);
     for work in jobs {
         let Some(job) = work.job else {
             // Deleted since: its instances were asked to stop with the delete.
-            orphans.extend(work.evals.iter().map(|e| EvaluationUpdate {
-                eval_id: e.id.clone(),
-                status: EvalStatus::Complete,
-                unplaced: Vec::new(),
-            }));
+            orphans.extend(verdicts(&work.evals, Vec::new()));
             continue;
         };
-        let mut plans = plan_job(&job, &mut input);
+        let (mut plans, unplaced) = plan_job(&job, &mut input);
         if let Some(own) = plans.last_mut() {
-            own.evals = verdicts(&work.evals, &own.evals);
+            own.evals = verdicts(&work.evals, unplaced);
         }
         for plan in plans {
-            batch_allocs += plan.place.len();
-            batch.push(plan);
-        }
-        if batch.len() >= JOBS_PER_COMMAND || batch_allocs >= ALLOCS_PER_COMMAND {
-            flush(&mut batch, &mut batch_allocs, &mut emit);
+            batch.push(plan, &mut emit);
         }
     }
     for plan in plan_drains(&mut input) {
-        batch_allocs += plan.place.len();
-        batch.push(plan);
-        if batch.len() >= JOBS_PER_COMMAND || batch_allocs >= ALLOCS_PER_COMMAND {
-            flush(&mut batch, &mut batch_allocs, &mut emit);
-        }
+        batch.push(plan, &mut emit);
     }
-    flush(&mut batch, &mut batch_allocs, &mut emit);
+    batch.flush(&mut emit);
     if !orphans.is_empty() {
         emit(Command::UpdateEvaluations {
             updates: orphans,
@@ -283,28 +291,29 @@ pub fn plan_pass(mut input: PassInput, mut emit: impl FnMut(Command)) {
     }
 }
 
-/// Spreads one verdict over a job's evaluations: the newest carries it, older ones
-/// are complete (superseded), listed first so the newest decides what the job shows.
-fn verdicts(evals: &[Evaluation], verdict: &[EvaluationUpdate]) -> Vec<EvaluationUpdate> {
-    let Some(verdict) = verdict.first() else {
-        return Vec::new();
-    };
-    let n = evals.len();
+/// Spreads one verdict over a job's evaluations: the newest is blocked with what
+/// is still unplaced (or complete), older ones are complete (superseded), listed
+/// first so the newest decides what the job shows.
+fn verdicts(evals: &[Evaluation], unplaced: Vec<Unplaced>) -> Vec<EvaluationUpdate> {
+    let newest = evals.len().saturating_sub(1);
+    let mut unplaced = Some(unplaced);
     evals
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            if i + 1 == n {
-                EvaluationUpdate {
-                    eval_id: e.id.clone(),
-                    ..verdict.clone()
-                }
+            let unplaced = if i == newest {
+                unplaced.take().unwrap_or_default()
             } else {
-                EvaluationUpdate {
-                    eval_id: e.id.clone(),
-                    status: EvalStatus::Complete,
-                    unplaced: Vec::new(),
-                }
+                Vec::new()
+            };
+            EvaluationUpdate {
+                eval_id: e.id.clone(),
+                status: if unplaced.is_empty() {
+                    EvalStatus::Complete
+                } else {
+                    EvalStatus::Blocked
+                },
+                unplaced,
             }
         })
         .collect()
@@ -320,9 +329,9 @@ fn at0() -> Timestamp {
 /// has and placements for instances without a live allocation, defragmenting or
 /// preempting when they do not fit otherwise. Migrations come first as plans of
 /// the jobs they move, so the one command applies them before the placements that
-/// need the room. Every change is applied to the snapshot. The job's own plan
-/// carries one verdict with an empty evaluation id; the caller spreads it.
-fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
+/// need the room. Every change is applied to the snapshot. Answers the plans,
+/// the job's own last, and what could not be placed.
+fn plan_job(job: &Job, input: &mut PassInput) -> (Vec<JobPlan>, Vec<Unplaced>) {
     let mut live: BTreeMap<(&str, u32), &Allocation> = BTreeMap::new();
     // The latest finished allocation per instance: a replacement continues its
     // reschedule count and takes its place.
@@ -344,14 +353,7 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
             finished.insert(key, alloc);
         }
     }
-    let mut own = JobPlan {
-        job_id: job.id.clone(),
-        job_version: job.version,
-        place: Vec::new(),
-        stop: Vec::new(),
-        moves: Vec::new(),
-        evals: Vec::new(),
-    };
+    let mut own = JobPlan::new(job.id.clone(), job.version);
     for alloc in live.values() {
         let wanted = job
             .spec
@@ -490,17 +492,8 @@ fn plan_job(job: &Job, input: &mut PassInput) -> Vec<JobPlan> {
         debug_assert_eq!(replaced.len(), replacing.len());
         unplaced = outcome.unplaced;
     }
-    own.evals = vec![EvaluationUpdate {
-        eval_id: aigrid_api::EvalId::new(""),
-        status: if unplaced.is_empty() {
-            EvalStatus::Complete
-        } else {
-            EvalStatus::Blocked
-        },
-        unplaced,
-    }];
     plans.push(own);
-    plans
+    (plans, unplaced)
 }
 
 /// The live instances of an older job version to replace in this pass: a gang's
@@ -695,14 +688,9 @@ fn plan_drains(input: &mut PassInput) -> Vec<JobPlan> {
             let Some(group) = wanted else {
                 // Not wanted any more: stopped rather than moved.
                 input.snapshot.remove(&alloc.id);
-                plans.push(JobPlan {
-                    job_id: job.id.clone(),
-                    job_version: job.version,
-                    place: Vec::new(),
-                    stop: vec![alloc.id.clone()],
-                    moves: Vec::new(),
-                    evals: Vec::new(),
-                });
+                let mut stop = JobPlan::new(job.id.clone(), job.version);
+                stop.stop.push(alloc.id.clone());
+                plans.push(stop);
                 room -= 1;
                 continue;
             };
@@ -720,14 +708,10 @@ fn plan_drains(input: &mut PassInput) -> Vec<JobPlan> {
             let new = NewAllocation::new(&p, Some(alloc.id.clone()), 0);
             input.snapshot.remove(&alloc.id);
             add_to_snapshot(input, &job, &new);
-            plans.push(JobPlan {
-                job_id: job.id.clone(),
-                job_version: job.version,
-                place: vec![new],
-                stop: vec![alloc.id.clone()],
-                moves: Vec::new(),
-                evals: Vec::new(),
-            });
+            let mut moved = JobPlan::new(job.id.clone(), job.version);
+            moved.stop.push(alloc.id.clone());
+            moved.place.push(new);
+            plans.push(moved);
             room -= 1;
         }
     }

@@ -22,9 +22,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use aigrid_api::{Allocation, JobId, JobSpec, Node, NodeRegistration};
-use aigrid_scheduler::planner::{
-    plan, GroupDemand, GroupInfo, Placement, PlanRequest, PlanSnapshot,
-};
+use aigrid_scheduler::planner::{plan, GroupInfo, Placement, PlanRequest, PlanSnapshot};
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
@@ -129,17 +127,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut digest = DefaultHasher::new();
     for spec in &workload.jobs {
         let job_id = JobId::new(spec.name.as_str());
-        let request = PlanRequest {
-            job_id: job_id.clone(),
-            groups: spec
-                .groups
-                .iter()
-                .map(|g| GroupDemand {
-                    group: g.clone(),
-                    indices: (0..g.count).collect(),
-                })
-                .collect(),
-        };
+        let request = PlanRequest::whole_job(job_id.clone(), spec);
         let started = Instant::now();
         let planned = plan(&snapshot, &request);
         let took = started.elapsed();
