@@ -78,6 +78,16 @@ pub struct Allocation {
     pub reschedules: u32,
     /// What the node last reported.
     pub state: AllocState,
+    /// Why it failed or is not running, as its node reported it
+    /// (`digest_mismatch: ...`, `exited with code 3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How many times its node restarted the process in place.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+    /// Whether its node enforces its CPU and memory limits (cgroup v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsEnforcement>,
     /// What the control plane wants.
     pub desired: DesiredState,
     /// When it was placed.
@@ -97,6 +107,17 @@ impl Allocation {
     }
 }
 
+wire_enum!(
+    /// Whether a node holds an allocation to its CPU and memory reservation.
+    LimitsEnforcement {
+        /// A cgroup v2 group with `memory.max` and `cpu.max` contains the process.
+        Enforced => "enforced",
+        /// The node has no usable cgroup v2 controllers; the reservation is only
+        /// bookkeeping there.
+        NotEnforced => "not_enforced",
+    }
+);
+
 /// An agent's report of one allocation's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +126,95 @@ pub struct AllocationReport {
     pub id: AllocId,
     /// Its state on the node.
     pub state: AllocState,
+    /// Why it failed or is not running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How many times the process was restarted in place.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+    /// Whether its limits are enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsEnforcement>,
+}
+
+impl AllocationReport {
+    /// A report of `state` alone.
+    pub fn new(id: AllocId, state: AllocState) -> Self {
+        AllocationReport {
+            id,
+            state,
+            reason: None,
+            restarts: 0,
+            limits: None,
+        }
+    }
+
+    /// True when it says something `alloc` does not already record.
+    pub fn differs_from(&self, alloc: &Allocation) -> bool {
+        self.state != alloc.state
+            || self.reason != alloc.reason
+            || self.restarts != alloc.restarts
+            || self.limits != alloc.limits
+    }
+}
+
+/// Longest failure reason kept; agents' longer ones are cut.
+pub const MAX_REASON_LEN: usize = 1024;
+
+/// What a node's agent is told to run: the allocation and, when the allocation is
+/// for the job's current version, its task. An allocation of an older version comes
+/// without one: the agent keeps it running if it runs, and never starts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Assignment {
+    /// The allocation.
+    pub allocation: Allocation,
+    /// What it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<crate::spec::TaskSpec>,
+}
+
+/// The answer to `GET /api/v1/nodes/{id}/assignments`: every allocation on the node
+/// that is wanted or not yet confirmed stopped, as of `index`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeAssignments {
+    /// The Raft index of the last change to this node's assignments; pass it back
+    /// as `index` to wait for the next change.
+    pub index: u64,
+    /// The allocations, ordered by id.
+    pub allocations: Vec<Assignment>,
+}
+
+/// Most bytes of each output stream an agent ships per allocation.
+pub const MAX_LOG_TAIL_BYTES: usize = 16 * 1024;
+
+/// The end of an allocation's output, as its agent ships it in a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogTail {
+    /// The allocation.
+    pub id: AllocId,
+    /// The last bytes of standard output (lossy UTF-8).
+    #[serde(default)]
+    pub stdout: String,
+    /// The last bytes of standard error (lossy UTF-8).
+    #[serde(default)]
+    pub stderr: String,
+}
+
+/// The answer to `GET /api/v1/allocations/{id}/logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AllocationLogs {
+    /// The allocation.
+    pub id: AllocId,
+    /// The node it runs on.
+    pub node_id: NodeId,
+    /// The last bytes of standard output its agent shipped.
+    pub stdout: String,
+    /// The last bytes of standard error its agent shipped.
+    pub stderr: String,
+    /// When its agent last shipped them; absent when it never has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Timestamp>,
 }
 
 #[cfg(test)]

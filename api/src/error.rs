@@ -84,6 +84,8 @@ pub enum ErrorCode {
     Timeout,
     /// This server is not the leader and no leader is known to forward to.
     NotLeader,
+    /// The request is not signed by a known node key, or the join token is not valid.
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -101,6 +103,7 @@ impl ErrorCode {
         Self::NoQuorum,
         Self::Timeout,
         Self::NotLeader,
+        Self::Unauthorized,
     ];
 
     /// The single table of wire code and HTTP status per variant.
@@ -118,6 +121,7 @@ impl ErrorCode {
             Self::NoQuorum => ("no_quorum", 503),
             Self::Timeout => ("timeout", 503),
             Self::NotLeader => ("not_leader", 503),
+            Self::Unauthorized => ("unauthorized", 401),
         }
     }
 

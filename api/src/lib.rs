@@ -11,6 +11,7 @@
 //! | [`allocation`] | an instance of a task group bound to a node |
 //! | [`evaluation`] | a request to the planner to reconcile one job |
 //! | [`node`] | node registration and the node view |
+//! | [`auth`] | node keys, signed requests and join tokens |
 //! | [`cluster`] | control-plane membership and Raft status |
 //! | [`error`] | the error body, the stable error codes and validation errors |
 //!
@@ -22,6 +23,7 @@
 mod macros;
 
 pub mod allocation;
+pub mod auth;
 pub mod cluster;
 pub mod error;
 pub mod evaluation;
@@ -31,19 +33,26 @@ pub mod node;
 pub mod spec;
 pub mod units;
 
-pub use allocation::{AllocState, Allocation, AllocationReport, DesiredState};
+pub use allocation::{
+    AllocState, Allocation, AllocationLogs, AllocationReport, Assignment, DesiredState,
+    LimitsEnforcement, LogTail, NodeAssignments,
+};
+pub use auth::{
+    AuthError, CreateJoinToken, CreatedJoinToken, JoinToken, JoinTokenInfo, NodeKey, NodePublicKey,
+    RequestToSign,
+};
 pub use cluster::{ClusterStatus, JoinRequest, LeaveRequest, Member, MemberRole};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationError};
 pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
 pub use ids::{AllocId, EvalId, JobId, NodeId};
 pub use job::{DeleteJobResponse, Job, JobStatus, JobSummary, SubmitJobResponse, Unplaced};
 pub use node::{
-    DrainSpec, GpuDevice, GpuHealth, Heartbeat, HeartbeatResponse, Node, NodeRegistration,
-    NodeResources, NodeStatus, NodeUsage, RegisterNodeResponse,
+    DrainSpec, GpuDevice, GpuHealth, GpuTelemetry, Heartbeat, HeartbeatResponse, Node,
+    NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage, RegisterNodeResponse,
 };
 pub use spec::{
     Affinity, Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind,
-    JobSpec, ModelServerTask, Resources, Spread, TaskGroup, TaskSpec,
+    JobSpec, ModelServerTask, Resources, RestartMode, RestartPolicy, Spread, TaskGroup, TaskSpec,
 };
 pub use units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
 

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::auth::NodePublicKey;
 use crate::error::ValidationError;
 use crate::ids::{EvalId, NodeId};
 use crate::units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
@@ -94,6 +95,10 @@ pub struct NodeRegistration {
     pub attributes: BTreeMap<String, String>,
     /// What it offers.
     pub resources: NodeResources,
+    /// The node's ed25519 public key; agents always send it, and every later request
+    /// from the node must be signed by the matching private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<NodePublicKey>,
 }
 
 impl NodeRegistration {
@@ -200,6 +205,63 @@ pub struct Node {
     /// What its live allocations hold; filled in by reads, never stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<NodeUsage>,
+    /// The key its requests must be signed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<NodePublicKey>,
+    /// Set once an operator revoked the node's key: its requests are refused and its
+    /// instances are rescheduled. It may join again with a new key and join token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
+    /// The latest host and GPU readings its agent sent to the server answering;
+    /// kept in that server's memory, never in the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<NodeTelemetry>,
+}
+
+/// Host and per-GPU readings an agent sends with each heartbeat. They change every
+/// time, so servers keep the latest in memory instead of committing them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTelemetry {
+    /// When the agent took the readings.
+    pub at: Timestamp,
+    /// CPU busy across all cores, in thousandths of a core.
+    pub cpu_used_millis: u64,
+    /// Host memory in use.
+    pub memory_used_mib: u64,
+    /// Free space on the agent's data disk.
+    pub disk_free_mib: u64,
+    /// One entry per GPU.
+    #[serde(default)]
+    pub gpus: Vec<GpuTelemetry>,
+}
+
+/// One GPU's readings; absent values are ones the driver does not give.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuTelemetry {
+    /// The GPU.
+    pub uuid: String,
+    /// Device memory in use.
+    pub memory_used_mib: u64,
+    /// Percent of time a kernel ran over the last sample period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<u32>,
+    /// Core temperature, degrees Celsius.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<u32>,
+    /// Power draw in milliwatts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mw: Option<u32>,
+    /// Uncorrectable ECC errors since the driver loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecc_uncorrected: Option<u64>,
+    /// The last XID error the driver raised, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_xid: Option<u64>,
+    /// Whether MIG mode is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_enabled: Option<bool>,
 }
 
 /// Most allocations a drain may migrate at once.
@@ -277,6 +339,13 @@ pub struct Heartbeat {
     /// States of the node's allocations.
     #[serde(default)]
     pub allocations: Vec<crate::allocation::AllocationReport>,
+    /// Host and GPU readings, kept in the answering server's memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<NodeTelemetry>,
+    /// Output tails of allocations whose output changed since the last accepted
+    /// heartbeat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<crate::allocation::LogTail>,
 }
 
 /// The answer to `POST /api/v1/nodes`, sent once the registration is committed.
@@ -307,6 +376,9 @@ pub struct HeartbeatResponse {
 
 /// Most entries one heartbeat may carry.
 pub const MAX_HEARTBEAT_ENTRIES: usize = 4096;
+/// Most log tails one heartbeat may carry; with [`crate::allocation::MAX_LOG_TAIL_BYTES`]
+/// per stream this keeps a heartbeat well under the body limit.
+pub const MAX_HEARTBEAT_LOGS: usize = 16;
 
 impl Heartbeat {
     /// Checks sizes and fields.
@@ -321,6 +393,23 @@ impl Heartbeat {
             return Err(ValidationError::new(
                 "allocations",
                 format!("at most {MAX_HEARTBEAT_ENTRIES} entries"),
+            ));
+        }
+        if self.logs.len() > MAX_HEARTBEAT_LOGS {
+            return Err(ValidationError::new(
+                "logs",
+                format!("at most {MAX_HEARTBEAT_LOGS} entries"),
+            ));
+        }
+        let max = crate::allocation::MAX_LOG_TAIL_BYTES;
+        if let Some(i) = self
+            .logs
+            .iter()
+            .position(|l| l.stdout.len() > max || l.stderr.len() > max)
+        {
+            return Err(ValidationError::new(
+                format!("logs[{i}]"),
+                format!("each stream's tail is at most {max} bytes"),
             ));
         }
         if let Some(i) = self.gpus.iter().position(|g| g.uuid.trim().is_empty()) {

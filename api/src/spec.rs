@@ -321,6 +321,107 @@ pub struct ExecTask {
     /// Files fetched and verified before the process starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<Artifact>,
+    /// What the node does when the process exits.
+    #[serde(default, skip_serializing_if = "RestartPolicy::is_default")]
+    pub restart: RestartPolicy,
+    /// How long the process gets between SIGTERM and SIGKILL when it is stopped, in
+    /// milliseconds; 5 s when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(default = 5000, maximum = 3600000)]
+    pub kill_timeout_ms: Option<u64>,
+}
+
+/// Grace period between SIGTERM and SIGKILL when a task does not set one.
+pub const DEFAULT_KILL_TIMEOUT_MS: u64 = 5_000;
+/// Longest accepted grace period.
+pub const MAX_KILL_TIMEOUT_MS: u64 = 3_600_000;
+/// Most in-place restarts a policy may allow before the instance is failed.
+pub const MAX_RESTART_ATTEMPTS: u32 = 1_000;
+
+impl ExecTask {
+    /// The grace period between SIGTERM and SIGKILL.
+    pub fn kill_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.kill_timeout_ms.unwrap_or(DEFAULT_KILL_TIMEOUT_MS))
+    }
+}
+
+wire_enum!(
+    /// When the node restarts an exited process in place.
+    #[derive(Default)]
+    RestartMode {
+        /// Restart after a non-zero exit or a signal, up to `attempts` times.
+        #[default]
+        OnFailure => "on-failure",
+        /// Never; the first exit ends the instance.
+        Never => "never",
+    }
+);
+
+/// How the node restarts a task's process in place before giving the instance up to
+/// the control plane (which then reschedules it, for services).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    /// When to restart.
+    #[serde(default)]
+    pub mode: RestartMode,
+    /// Most restarts before the instance fails.
+    #[serde(default = "default_restart_attempts")]
+    #[schema(default = 3)]
+    pub attempts: u32,
+    /// Wait before the first restart, in milliseconds; doubles with each restart.
+    #[serde(default = "default_restart_delay")]
+    #[schema(default = 1000)]
+    pub delay_ms: u64,
+    /// Longest wait between restarts, in milliseconds.
+    #[serde(default = "default_restart_max_delay")]
+    #[schema(default = 30000)]
+    pub max_delay_ms: u64,
+}
+
+fn default_restart_attempts() -> u32 {
+    3
+}
+
+fn default_restart_delay() -> u64 {
+    1_000
+}
+
+fn default_restart_max_delay() -> u64 {
+    30_000
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            mode: RestartMode::OnFailure,
+            attempts: default_restart_attempts(),
+            delay_ms: default_restart_delay(),
+            max_delay_ms: default_restart_max_delay(),
+        }
+    }
+}
+
+impl RestartPolicy {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The wait before restart number `restart` (0 for the first): `delay_ms`
+    /// doubling each time, capped at `max_delay_ms`.
+    pub fn delay(&self, restart: u32) -> std::time::Duration {
+        let ms = self
+            .delay_ms
+            .saturating_mul(1u64 << restart.min(32))
+            .min(self.max_delay_ms.max(self.delay_ms));
+        std::time::Duration::from_millis(ms)
+    }
+
+    /// True when a process that exited (successfully or not) after `restarts`
+    /// restarts should be started again.
+    pub fn should_restart(&self, success: bool, restarts: u32) -> bool {
+        self.mode == RestartMode::OnFailure && !success && restarts < self.attempts
+    }
 }
 
 /// A file pinned by digest: the agent refuses to start the task if the fetched
@@ -642,6 +743,29 @@ impl ExecTask {
                     format!("`{key}` is not a valid variable name (empty, or contains `=` or NUL)"),
                 ));
             }
+        }
+        if self.restart.attempts > MAX_RESTART_ATTEMPTS {
+            return Err(ValidationError::new(
+                format!("{path}.restart.attempts"),
+                format!("must be at most {MAX_RESTART_ATTEMPTS}"),
+            ));
+        }
+        if self.restart.delay_ms > MAX_KILL_TIMEOUT_MS
+            || self.restart.max_delay_ms > MAX_KILL_TIMEOUT_MS
+        {
+            return Err(ValidationError::new(
+                format!("{path}.restart"),
+                format!("delays must be at most {MAX_KILL_TIMEOUT_MS} ms"),
+            ));
+        }
+        if self
+            .kill_timeout_ms
+            .is_some_and(|t| t > MAX_KILL_TIMEOUT_MS)
+        {
+            return Err(ValidationError::new(
+                format!("{path}.kill_timeout_ms"),
+                format!("must be at most {MAX_KILL_TIMEOUT_MS}"),
+            ));
         }
         for (i, artifact) in self.artifacts.iter().enumerate() {
             let at = format!("{path}.artifacts[{i}]");

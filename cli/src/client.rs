@@ -39,6 +39,18 @@ impl Client {
         Ok(Client { servers, http })
     }
 
+    /// The server URLs, in order.
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// Sends a request whose success has no body (204).
+    pub async fn call_no_content(&self, method: Method, path: &str) -> anyhow::Result<()> {
+        self.call::<(), serde::de::IgnoredAny>(method, path, None)
+            .await
+            .map(|_| ())
+    }
+
     /// Sends a request and decodes a success body, or turns the API's error body into
     /// a one-line error.
     pub async fn call<B: Serialize, T: DeserializeOwned>(
@@ -62,6 +74,10 @@ impl Client {
             };
             let status = resp.status();
             let bytes = resp.bytes().await.context("reading the response")?;
+            if status == StatusCode::NO_CONTENT {
+                return serde_json::from_slice(b"null")
+                    .with_context(|| format!("unexpected empty response from {server}{path}"));
+            }
             if status.is_success() {
                 return serde_json::from_slice(&bytes)
                     .with_context(|| format!("unexpected response from {server}{path}"));

@@ -3,11 +3,17 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use aigrid_agent::client::ControlClient;
+use aigrid_agent::identity::Identity;
 use aigrid_api::{
-    AllocState, Allocation, AllocationReport, ClusterStatus, DeleteJobResponse, DiskMib, DrainSpec,
-    GpuHealth, Heartbeat, HeartbeatResponse, Job, JobSpec, JobSummary, JoinRequest, MemoryMib,
-    MilliCpu, Node, NodeId, NodeRegistration, NodeResources, RegisterNodeResponse,
-    SubmitJobResponse,
+    AllocState, Allocation, AllocationLogs, AllocationReport, ClusterStatus, CreateJoinToken,
+    CreatedJoinToken, DeleteJobResponse, DiskMib, DrainSpec, GpuHealth, Heartbeat,
+    HeartbeatResponse, Job, JobSpec, JobSummary, JoinRequest, JoinToken, JoinTokenInfo, MemoryMib,
+    MilliCpu, Node, NodeId, NodeKey, NodePublicKey, NodeRegistration, NodeResources,
+    RegisterNodeResponse, SubmitJobResponse,
 };
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
@@ -50,6 +56,14 @@ pub enum NodeCommand {
     },
     /// Register a node by hand, without an agent (to try placement, or in tests).
     Register(RegisterArgs),
+    /// Manage join tokens, which let new agents register.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Revoke a node's key: its agent is refused from now on and its work moves.
+    Revoke {
+        /// The node id.
+        id: String,
+    },
     /// Send one heartbeat for a node, as its agent would: GPU health, allocation states.
     Heartbeat(HeartbeatArgs),
     /// Drain a node: it gets no new work and its allocations move elsewhere.
@@ -67,12 +81,56 @@ pub enum NodeCommand {
     },
 }
 
+/// `aigrid node token ...`
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token; it is printed once and only its hash is kept.
+    Create {
+        /// Lifetime in seconds (default 24 hours).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+        /// How many nodes may join with it (default: unlimited).
+        #[arg(long)]
+        max_uses: Option<u32>,
+        /// A note shown in listings.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List join tokens (never their secrets).
+    Ls,
+    /// Delete a join token; nodes that joined with it stay.
+    Rm {
+        /// The token id.
+        id: String,
+    },
+}
+
+/// `aigrid alloc ...`
+#[derive(Subcommand)]
+pub enum AllocCommand {
+    /// Print the end of an allocation's output, as its agent last shipped it.
+    Logs {
+        /// The allocation id.
+        id: String,
+        /// Print standard error instead of standard output.
+        #[arg(long)]
+        stderr: bool,
+    },
+}
+
 /// Flags of `aigrid node register`.
 #[derive(Args)]
 pub struct RegisterArgs {
     /// The node id: 1 to 128 of `A-Z a-z 0-9 - _ .`.
     #[arg(long)]
     id: String,
+    /// Directory holding the node's key, made on first use; later heartbeats are
+    /// signed with it.
+    #[arg(long, value_name = "DIR")]
+    key_dir: PathBuf,
+    /// The join token a new node presents (`aigrid node token create`).
+    #[arg(long, env = "AIGRID_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// A human-friendly name (default: the id).
     #[arg(long)]
     name: Option<String>,
@@ -99,6 +157,9 @@ pub struct RegisterArgs {
 pub struct HeartbeatArgs {
     /// The node id.
     id: String,
+    /// Directory holding the node's key (as given to `node register`).
+    #[arg(long, value_name = "DIR")]
+    key_dir: PathBuf,
     /// Mark a GPU unhealthy, by UUID or index, with an optional reason; repeatable.
     #[arg(long, value_name = "GPU[:REASON]")]
     gpu_unhealthy: Vec<String>,
@@ -299,12 +360,25 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
                             format!("{}[{}]", a.group, a.index),
                             list_or_dash(&a.gpus),
                             format!("{}/{}", a.state, a.desired),
+                            match a.restarts {
+                                0 => "-".to_owned(),
+                                n => n.to_string(),
+                            },
+                            a.reason.clone().unwrap_or_else(|| "-".to_owned()),
                         ]
                     })
                     .collect();
                 print_table(
                     2,
-                    &["ID", "NODE", "GROUP[INDEX]", "GPUS", "STATE/DESIRED"],
+                    &[
+                        "ID",
+                        "NODE",
+                        "GROUP[INDEX]",
+                        "GPUS",
+                        "STATE/DESIRED",
+                        "RESTARTS",
+                        "REASON",
+                    ],
                     &rows,
                 );
             }
@@ -348,9 +422,25 @@ pub async fn node(client: &Client, cmd: NodeCommand, json: bool) -> anyhow::Resu
             print_node(&node, &allocs);
         }
         NodeCommand::Register(args) => {
-            let reg = args.registration()?;
-            let resp: RegisterNodeResponse = client
-                .call(Method::POST, "/api/v1/nodes", Some(&reg))
+            let token = args
+                .join_token
+                .as_deref()
+                .map(str::parse::<JoinToken>)
+                .transpose()
+                .map_err(|e| anyhow!("--join-token: {e}"))?;
+            // Checked before a key is made, so a mistake leaves nothing behind.
+            let key_dir = args.key_dir.clone();
+            let mut reg = args.registration(NodeKey::from_secret([0; 32]).public())?;
+            let signer = signer(client, &key_dir, reg.id.as_str())?;
+            reg.public_key = Some(signer.identity().key.public());
+            let resp: RegisterNodeResponse = signer
+                .send(
+                    Method::POST,
+                    "/api/v1/nodes",
+                    Some(serde_json::to_vec(&reg)?),
+                    token.as_ref(),
+                    Duration::from_secs(30),
+                )
                 .await?;
             if json {
                 return print_json(&resp);
@@ -372,8 +462,15 @@ pub async fn node(client: &Client, cmd: NodeCommand, json: bool) -> anyhow::Resu
         NodeCommand::Heartbeat(args) => {
             let path = format!("/api/v1/nodes/{}", path_segment(&args.id)?);
             let hb = args.heartbeat(client, &path).await?;
-            let resp: HeartbeatResponse = client
-                .call(Method::POST, &format!("{path}/heartbeat"), Some(&hb))
+            let signer = signer(client, &args.key_dir, &args.id)?;
+            let resp: HeartbeatResponse = signer
+                .send(
+                    Method::POST,
+                    &format!("{path}/heartbeat"),
+                    Some(serde_json::to_vec(&hb)?),
+                    None,
+                    Duration::from_secs(30),
+                )
                 .await?;
             if json {
                 return print_json(&resp);
@@ -405,6 +502,18 @@ pub async fn node(client: &Client, cmd: NodeCommand, json: bool) -> anyhow::Resu
                 node.id, node.status
             );
         }
+        NodeCommand::Token(cmd) => token(client, cmd, json).await?,
+        NodeCommand::Revoke { id } => {
+            let path = format!("/api/v1/nodes/{}/revoke", path_segment(&id)?);
+            let node: Node = client.call::<(), _>(Method::POST, &path, None).await?;
+            if json {
+                return print_json(&node);
+            }
+            println!(
+                "node {} revoked; it is {} and its work moves elsewhere",
+                node.id, node.status
+            );
+        }
         NodeCommand::Undrain { id } => {
             let path = format!("/api/v1/nodes/{}/drain", path_segment(&id)?);
             let node: Node = client.call::<(), _>(Method::DELETE, &path, None).await?;
@@ -412,6 +521,100 @@ pub async fn node(client: &Client, cmd: NodeCommand, json: bool) -> anyhow::Resu
                 return print_json(&node);
             }
             println!("node {} {}", node.id, node.status);
+        }
+    }
+    Ok(())
+}
+
+/// Signs requests as the node whose key is in `key_dir` (made there if missing).
+fn signer(client: &Client, key_dir: &Path, id: &str) -> anyhow::Result<ControlClient> {
+    let identity = Identity::load_or_create(key_dir, Some(id), id)?;
+    Ok(ControlClient::new(
+        client.servers().to_vec(),
+        reqwest::Client::new(),
+        Arc::new(identity),
+        0,
+    ))
+}
+
+async fn token(client: &Client, cmd: TokenCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create {
+            ttl_secs,
+            max_uses,
+            description,
+        } => {
+            let request = CreateJoinToken {
+                ttl_secs,
+                max_uses,
+                description,
+            };
+            request
+                .validate()
+                .map_err(|e| anyhow!("--{}", e.to_string().replace('_', "-")))?;
+            let created: CreatedJoinToken = client
+                .call(Method::POST, "/api/v1/join-tokens", Some(&request))
+                .await?;
+            if json {
+                return print_json(&created);
+            }
+            println!("{}", created.token);
+            eprintln!(
+                "join token {} expires {}; it is shown only now. Start agents with
+  aigrid agent --servers URL --join-token {} --data-dir DIR",
+                created.info.id,
+                ms_to_text(created.info.expires_at.as_millis()),
+                created.token
+            );
+        }
+        TokenCommand::Ls => {
+            let tokens: Vec<JoinTokenInfo> = client
+                .call::<(), _>(Method::GET, "/api/v1/join-tokens", None)
+                .await?;
+            if json {
+                return print_json(&tokens);
+            }
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        ms_to_text(t.expires_at.as_millis()),
+                        match t.max_uses {
+                            Some(max) => format!("{}/{max}", t.uses),
+                            None => t.uses.to_string(),
+                        },
+                        t.description.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            print_table(0, &["ID", "EXPIRES", "USES", "DESCRIPTION"], &rows);
+        }
+        TokenCommand::Rm { id } => {
+            let path = format!("/api/v1/join-tokens/{}", path_segment(&id)?);
+            client.call_no_content(Method::DELETE, &path).await?;
+            if !json {
+                println!("join token {id} deleted");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `aigrid alloc ...`
+pub async fn alloc(client: &Client, cmd: AllocCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        AllocCommand::Logs { id, stderr } => {
+            let path = format!("/api/v1/allocations/{}/logs", path_segment(&id)?);
+            let logs: AllocationLogs = client.call::<(), _>(Method::GET, &path, None).await?;
+            if json {
+                return print_json(&logs);
+            }
+            let text = if stderr { &logs.stderr } else { &logs.stdout };
+            print!("{text}");
+            if logs.updated_at.is_none() {
+                eprintln!("(no output shipped yet by node {})", logs.node_id);
+            }
         }
     }
     Ok(())
@@ -571,7 +774,7 @@ fn print_node(node: &Node, allocs: &[Allocation]) {
 
 impl RegisterArgs {
     /// The registration these flags describe, checked before any request.
-    fn registration(self) -> anyhow::Result<NodeRegistration> {
+    fn registration(self, key: NodePublicKey) -> anyhow::Result<NodeRegistration> {
         let mut attributes = BTreeMap::new();
         for attr in &self.attrs {
             let (k, v) = attr
@@ -593,6 +796,7 @@ impl RegisterArgs {
                 disk_mib: DiskMib::new(self.disk_mib),
                 gpus,
             },
+            public_key: Some(key),
         };
         reg.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(reg)
@@ -649,12 +853,13 @@ impl HeartbeatArgs {
                     states.join(", ")
                 )
             })?;
-            allocations.push(AllocationReport {
-                id: id.trim().into(),
-                state,
-            });
+            allocations.push(AllocationReport::new(id.trim().into(), state));
         }
-        let hb = Heartbeat { gpus, allocations };
+        let hb = Heartbeat {
+            gpus,
+            allocations,
+            ..Heartbeat::default()
+        };
         hb.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(hb)
     }

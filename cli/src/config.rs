@@ -76,6 +76,9 @@ pub struct UpArgs {
     /// Data directory (default: `aigrid` under the user's data directory).
     #[arg(long, env = "AIGRID_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Give the embedded agent simulated GPUs instead of NVML, e.g. `2xH100-80GB`.
+    #[arg(long, env = "AIGRID_SIMULATE_GPUS")]
+    simulate_gpus: Option<String>,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -107,7 +110,8 @@ pub fn parse_peers(text: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
-fn read_file(path: &Path) -> anyhow::Result<ServerArgs> {
+/// Reads a role's TOML configuration file; unknown keys are an error.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
@@ -145,7 +149,7 @@ impl ServerArgs {
     /// Merges flags over the file over defaults.
     fn resolve(self) -> anyhow::Result<(ServerConfig, Option<String>)> {
         let file = match &self.config {
-            Some(path) => read_file(path)?,
+            Some(path) => read_toml(path)?,
             None => ServerArgs::default(),
         };
         let args = self.or(file);
@@ -202,7 +206,7 @@ impl ServerArgs {
     }
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -277,25 +281,70 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
     Ok(base.join("aigrid"))
 }
 
-/// `aigrid up`: one server of a one-server cluster, kept running.
+/// `aigrid up`: one server of a one-server cluster and this machine's agent,
+/// kept running.
 pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => default_data_dir()?,
     };
+    if let Some(spec) = &args.simulate_gpus {
+        aigrid_agent::simulated::parse(spec, "check")?;
+    }
     let config = ServerConfig::new(1, args.listen, data_dir.join("server"));
     let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
     let base = format!("http://{}", server.addr);
+    let agent_dir = data_dir.join("agent");
+    let join_token = if agent_dir
+        .join(aigrid_agent::identity::IDENTITY_FILE)
+        .exists()
+    {
+        None
+    } else {
+        // First start: a token for this machine's agent alone, good for minutes.
+        let request = aigrid_api::CreateJoinToken {
+            ttl_secs: Some(600),
+            max_uses: Some(1),
+            description: Some("aigrid up: this machine's agent".into()),
+        };
+        let created: aigrid_api::CreatedJoinToken = crate::client::Client::new(&base)?
+            .call(reqwest::Method::POST, "/api/v1/join-tokens", Some(&request))
+            .await
+            .context("creating the embedded agent's join token")?;
+        Some(created.token.parse().map_err(|e| anyhow!("{e}"))?)
+    };
+    let registry = prometheus::Registry::new();
+    let metrics = aigrid_agent::metrics::AgentMetrics::register(&registry, true)?;
+    let agent = crate::agent::start_agent(
+        vec![base.clone()],
+        &agent_dir,
+        None,
+        args.simulate_gpus,
+        aigrid_agent::agent::AgentConfig {
+            join_token,
+            ..Default::default()
+        },
+        metrics,
+    )
+    .await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent_task = tokio::spawn(agent.run(stopped));
     // The banner is informational: a closed stdout must not stop the server.
     let banner = format!(
-        "aigrid is up (one server, data in {})\n  control API  {base}/api/v1\n  OpenAPI      {base}/api/v1/openapi.json\n  metrics      {base}/metrics\n  try          aigrid job submit examples/job.json --server {base}\nPress Ctrl-C to stop.\n",
+        "aigrid is up (one server and this machine's agent, data in {})\n  control API  {base}/api/v1\n  OpenAPI      {base}/api/v1/openapi.json\n  metrics      {base}/metrics\n  try          aigrid job submit examples/job.json --server {base}\nPress Ctrl-C to stop.\n",
         data_dir.display()
     );
     let mut out = std::io::stdout();
     let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
     let _ = std::io::Write::flush(&mut out);
-    server.run_until(shutdown_signal()).await;
-    Ok(())
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    let agent_result = agent_task.await;
+    server.stop().await;
+    match agent_result {
+        Ok(result) => result.map_err(|e| anyhow!("{e}")),
+        Err(e) => Err(anyhow!("the agent task failed: {e}")),
+    }
 }
 
 #[cfg(test)]
@@ -317,7 +366,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("server.toml");
         std::fs::write(&path, "id = 2\nbogus = 1\n").unwrap();
-        let err = read_file(&path).unwrap_err().to_string();
+        let err = read_toml::<ServerArgs>(&path).unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");
         std::fs::write(
             &path,

@@ -4,7 +4,9 @@
 //! - [`config`]: server flags, their `AIGRID_*` variables and the optional TOML file.
 //! - [`client`]: the HTTP client, failing over between servers, with one-line errors.
 //! - [`commands`]: the client subcommands and their human and `--json` output.
+//! - [`agent`]: the node agent role, its flags and its metrics listener.
 
+mod agent;
 mod client;
 mod commands;
 mod config;
@@ -42,15 +44,23 @@ enum Command {
     Up(config::UpArgs),
     /// Run one control-plane server of a cluster.
     Server(Box<config::ServerArgs>),
+    /// Run this machine's node agent: it joins the servers and runs what they assign.
+    Agent(Box<agent::AgentArgs>),
     /// Submit, list, inspect and remove jobs.
     #[command(subcommand)]
     Job(commands::JobCommand),
-    /// Inspect nodes.
+    /// Inspect nodes, manage join tokens, revoke node keys.
     #[command(subcommand)]
     Node(commands::NodeCommand),
+    /// Inspect allocations: the end of their output.
+    #[command(subcommand)]
+    Alloc(commands::AllocCommand),
     /// Inspect and change the control plane's membership.
     #[command(subcommand)]
     Cluster(commands::ClusterCommand),
+    /// Supervise one allocation's workload (started by the agent, detached).
+    #[command(hide = true)]
+    Supervise { alloc_dir: std::path::PathBuf },
 }
 
 fn init_logging() {
@@ -70,6 +80,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any runtime or thread exists: the supervisor blocks signals process-wide.
+    if let Command::Supervise { alloc_dir } = &cli.command {
+        return aigrid_agent::supervisor::run(alloc_dir);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,11 +104,17 @@ fn main() -> ExitCode {
                 init_logging();
                 config::run_server(*args).await
             }
+            Command::Agent(args) => {
+                init_logging();
+                agent::run_agent(*args).await
+            }
+            Command::Alloc(cmd) => commands::alloc(&Client::new(&cli.server)?, cmd, cli.json).await,
             Command::Job(cmd) => commands::job(&Client::new(&cli.server)?, cmd, cli.json).await,
             Command::Node(cmd) => commands::node(&Client::new(&cli.server)?, cmd, cli.json).await,
             Command::Cluster(cmd) => {
                 commands::cluster(&Client::new(&cli.server)?, cmd, cli.json).await
             }
+            Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

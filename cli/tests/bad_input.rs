@@ -16,6 +16,10 @@ struct Case {
     status: u16,
     code: &'static str,
     message_has: &'static str,
+    /// Sign as this node with the key made from this byte.
+    sign: Option<(&'static str, u8)>,
+    /// Present the join token.
+    bearer: bool,
 }
 
 fn with(f: impl FnOnce(&mut Value)) -> Vec<u8> {
@@ -40,11 +44,50 @@ fn case(
         status,
         code,
         message_has: has,
+        sign: None,
+        bearer: false,
     }
+}
+
+/// The key a test node signs with, made from one byte.
+fn key(seed: u8) -> aigrid_api::NodeKey {
+    aigrid_api::NodeKey::from_secret([seed; 32])
+}
+
+/// Adds the signature headers of `node` with `key` to a request.
+fn signed(
+    req: reqwest::RequestBuilder,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    node: &str,
+    key: &aigrid_api::NodeKey,
+) -> reqwest::RequestBuilder {
+    let node_id = aigrid_api::NodeId::new(node);
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let timestamp = aigrid_api::Timestamp::from_millis(ms);
+    let signature = key.sign(&aigrid_api::RequestToSign {
+        method,
+        path_and_query: path,
+        node: &node_id,
+        timestamp,
+        body,
+    });
+    req.header("x-aigrid-node", node)
+        .header("x-aigrid-timestamp", ms.to_string())
+        .header("x-aigrid-signature", signature)
 }
 
 /// Sends each case and checks its status, error code and message.
 async fn check(client: &reqwest::Client, url: &str, cases: Vec<Case>) {
+    check_with_token(client, url, cases, "").await;
+}
+
+/// [`check`], presenting `token` in cases that ask for it.
+async fn check_with_token(client: &reqwest::Client, url: &str, cases: Vec<Case>, token: &str) {
     for c in cases {
         let method = reqwest::Method::from_bytes(c.method.as_bytes()).unwrap();
         let mut req = client
@@ -52,6 +95,12 @@ async fn check(client: &reqwest::Client, url: &str, cases: Vec<Case>) {
             .body(c.body.clone());
         if let Some(ct) = c.content_type {
             req = req.header("content-type", ct);
+        }
+        if let Some((node, seed)) = c.sign {
+            req = signed(req, c.method, c.path, &c.body, node, &key(seed));
+        }
+        if c.bearer {
+            req = req.bearer_auth(token);
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
@@ -385,11 +434,13 @@ async fn bad_requests_are_rejected_and_change_nothing() {
     assert_eq!(before, after, "a rejected request changed the state");
 }
 
-/// A valid registration of node `id` with two simulated H100s.
-fn registration(id: &str) -> Value {
+/// A valid registration of node `id` with two simulated H100s, registering the key
+/// made from `seed`.
+fn registration(id: &str, seed: u8) -> Value {
     json!({
         "id": id,
         "name": id,
+        "public_key": key(seed).public().to_string(),
         "attributes": {"country": "BE"},
         "resources": {
             "cpu_millis": 8000, "memory_mib": 65536, "disk_mib": 100000,
@@ -404,11 +455,17 @@ fn registration(id: &str) -> Value {
 }
 
 fn reg_with(f: impl FnOnce(&mut Value)) -> Vec<u8> {
-    let mut v = registration("fresh");
+    let mut v = registration("fresh", FRESH);
     f(&mut v);
     serde_json::to_vec(&v).unwrap()
 }
 
+/// Key seeds of the test's nodes.
+const N1: u8 = 1;
+const FRESH: u8 = 2;
+
+/// A request about nodes, signed as `n1` (or, for registrations, as the node the
+/// body registers) and presenting the join token.
 fn node_case(
     what: &'static str,
     method: &'static str,
@@ -418,11 +475,27 @@ fn node_case(
     code: &'static str,
     has: &'static str,
 ) -> Case {
+    let sign = if path == "/api/v1/nodes" {
+        ("fresh", FRESH)
+    } else {
+        ("n1", N1)
+    };
     Case {
         what,
         method,
         path,
+        sign: Some(sign),
+        bearer: true,
         ..case(what, body, status, code, has)
+    }
+}
+
+/// A node request without a signature or token.
+fn unsigned(c: Case) -> Case {
+    Case {
+        sign: None,
+        bearer: false,
+        ..c
     }
 }
 
@@ -433,19 +506,34 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
     let url = cluster.urls()[0].clone();
     let client = http();
     wait_leader(&client, std::slice::from_ref(&url), Duration::from_secs(20)).await;
-    let register = |body: Value| {
-        client
+    let created: Value = client
+        .post(format!("{url}/api/v1/join-tokens"))
+        .json(&json!({"max_uses": 5}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let register = |body: Value, token: &str| {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let mut req = client
             .post(format!("{url}/api/v1/nodes"))
-            .json(&body)
-            .send()
+            .header("content-type", "application/json")
+            .body(bytes.clone());
+        if !token.is_empty() {
+            req = req.bearer_auth(token);
+        }
+        signed(req, "POST", "/api/v1/nodes", &bytes, "n1", &key(N1)).send()
     };
-    let resp = register(registration("n1")).await.unwrap();
+    let resp = register(registration("n1", N1), &token).await.unwrap();
     assert_eq!(resp.status(), 201);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["id"], "n1");
     assert_eq!(body["created"], true);
-    // Registering again refreshes the node: 200, not created.
-    let resp = register(registration("n1")).await.unwrap();
+    // Registering again refreshes the node: 200, not created; no token needed.
+    let resp = register(registration("n1", N1), "").await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap()["created"], false);
     let before = snapshot(&client, &url).await;
@@ -541,9 +629,98 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
             "POST",
             "/api/v1/nodes/no-such-node/heartbeat",
             hb(json!({})),
-            404,
-            "not_found",
+            401,
+            "unauthorized",
             "no-such-node",
+        ),
+        Case {
+            sign: Some(("n1", FRESH)),
+            ..node_case(
+                "heartbeat signed by a key the node does not have",
+                "POST",
+                "/api/v1/nodes/n1/heartbeat",
+                hb(json!({"gpus": [{"uuid": "GPU-n1-0", "healthy": false}]})),
+                401,
+                "unauthorized",
+                "bad request signature",
+            )
+        },
+        Case {
+            sign: Some(("fresh", FRESH)),
+            ..node_case(
+                "heartbeat signed as another node",
+                "POST",
+                "/api/v1/nodes/n1/heartbeat",
+                hb(json!({})),
+                401,
+                "unauthorized",
+                "signed by node `fresh`",
+            )
+        },
+        unsigned(node_case(
+            "unsigned heartbeat",
+            "POST",
+            "/api/v1/nodes/n1/heartbeat",
+            hb(json!({"gpus": [{"uuid": "GPU-n1-0", "healthy": false}]})),
+            401,
+            "unauthorized",
+            "x-aigrid-node",
+        )),
+        unsigned(node_case(
+            "unsigned poll for assignments",
+            "GET",
+            "/api/v1/nodes/n1/assignments",
+            vec![],
+            401,
+            "unauthorized",
+            "x-aigrid-node",
+        )),
+        Case {
+            bearer: false,
+            ..node_case(
+                "registration of a new node without a join token",
+                "POST",
+                "/api/v1/nodes",
+                reg_with(|_| ()),
+                401,
+                "unauthorized",
+                "join token",
+            )
+        },
+        Case {
+            sign: Some(("n1", FRESH)),
+            ..node_case(
+                "registration of a known node with another key",
+                "POST",
+                "/api/v1/nodes",
+                serde_json::to_vec(&registration("n1", FRESH)).unwrap(),
+                401,
+                "unauthorized",
+                "another key",
+            )
+        },
+        Case {
+            sign: Some(("fresh", N1)),
+            ..node_case(
+                "registration signed with a key other than the one it registers",
+                "POST",
+                "/api/v1/nodes",
+                reg_with(|_| ()),
+                401,
+                "unauthorized",
+                "bad request signature",
+            )
+        },
+        node_case(
+            "registration without a public key",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| {
+                v.as_object_mut().unwrap().remove("public_key");
+            }),
+            400,
+            "invalid_field",
+            "public_key",
         ),
         node_case(
             "heartbeat naming an unknown GPU",
@@ -672,7 +849,23 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
             "PUT",
         ),
     ];
-    check(&client, &url, cases).await;
+    check_with_token(&client, &url, cases, &token).await;
+
+    // A token that is not one the servers made.
+    let forged = format!("aigrid-join.{}.{}", "0".repeat(16), "1".repeat(64));
+    let bytes = serde_json::to_vec(&registration("fresh", FRESH)).unwrap();
+    let req = client
+        .post(format!("{url}/api/v1/nodes"))
+        .header("content-type", "application/json")
+        .bearer_auth(&forged)
+        .body(bytes.clone());
+    let resp = signed(req, "POST", "/api/v1/nodes", &bytes, "fresh", &key(FRESH))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized", "{body}");
 
     let doc = get_json(&client, &format!("{url}/api/v1/openapi.json"))
         .await
@@ -683,6 +876,10 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
         "/api/v1/nodes/{id}/heartbeat",
         "/api/v1/nodes/{id}/drain",
         "/api/v1/nodes/{id}/allocations",
+        "/api/v1/nodes/{id}/assignments",
+        "/api/v1/nodes/{id}/revoke",
+        "/api/v1/join-tokens",
+        "/api/v1/allocations/{id}/logs",
     ] {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }

@@ -5,15 +5,39 @@
 mod common;
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
 
-/// Runs the CLI against `server`.
+/// Where hand-registered nodes keep their keys, and the join token they present.
+static NODE_KEYS: OnceLock<(PathBuf, String)> = OnceLock::new();
+
+/// Runs the CLI against `server`. `node register` and `node heartbeat` sign as the
+/// node, with its key under [`NODE_KEYS`]; registrations present the join token.
 fn cli(server: &str, args: &[&str]) -> std::process::Output {
-    let mut all = args.to_vec();
-    all.extend(["--server", server]);
+    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    if let Some((keys, token)) = NODE_KEYS.get() {
+        let node = match args {
+            ["node", "register", ..] => args
+                .iter()
+                .position(|a| *a == "--id")
+                .and_then(|i| args.get(i + 1)),
+            ["node", "heartbeat", id, ..] => Some(id),
+            _ => None,
+        };
+        if let Some(node) = node {
+            let dir = keys.join(node.replace('/', "_"));
+            all.extend(["--key-dir".to_owned(), dir.display().to_string()]);
+            if args[1] == "register" {
+                all.extend(["--join-token".to_owned(), token.clone()]);
+            }
+        }
+    }
+    all.extend(["--server".to_owned(), server.to_owned()]);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
     aigrid(&all)
 }
 
@@ -21,8 +45,7 @@ fn cli(server: &str, args: &[&str]) -> std::process::Output {
 fn cli_json(server: &str, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.push("--json");
-    let out = assert_success(&cli(server, &all));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    json_output(&cli(server, &all))
 }
 
 /// Polls `probe` until it answers `Some`, for at most `secs` seconds.
@@ -95,6 +118,12 @@ async fn simulated_nodes_take_gpu_work_through_the_cli() {
     let client = http();
     wait_leader(&client, std::slice::from_ref(&url), Duration::from_secs(20)).await;
     let dir = tempfile::tempdir().unwrap();
+    let token = assert_success(&cli(s, &["node", "token", "create"]))
+        .trim()
+        .to_owned();
+    NODE_KEYS
+        .set((dir.path().join("keys"), token))
+        .expect("set once");
 
     // Register two simulated nodes by hand.
     let out = assert_success(&cli(
@@ -367,7 +396,10 @@ async fn simulated_nodes_take_gpu_work_through_the_cli() {
 
     // Mistakes: one line and a non-zero exit.
     assert_one_line_failure(&cli(s, &["node", "status", "nope"]), "not found");
-    assert_one_line_failure(&cli(s, &["node", "heartbeat", "nope"]), "not found");
+    assert_one_line_failure(
+        &cli(s, &["node", "heartbeat", "nope"]),
+        "has no registered key",
+    );
     assert_one_line_failure(&cli(s, &["node", "drain", "nope"]), "not found");
     assert_one_line_failure(
         &cli(

@@ -1,7 +1,37 @@
 //! The node agent (`aigrid agent`): GPU and host discovery, the outbound-only pull
 //! loop, workload drivers, the model cache and the shard service.
 //!
+//! - [`discovery`]: what the machine offers (host, NVML or simulated GPUs) and how
+//!   its GPUs are doing, read once for registration and again every heartbeat.
 //! - [`simulated`]: GPU inventories from a `--simulate-gpus` specification, so every
 //!   GPU path can be exercised on machines without GPUs.
+//! - [`runner`]: the allocation runner: applies assignments, restart policy, stops,
+//!   reattach after an agent restart, reports and log tails.
+//! - [`driver`]: how one run of a task happens (`exec` under a supervisor, or
+//!   recorded in memory for simulated fleets).
+//! - [`supervisor`]: the detached per-allocation process (`aigrid supervise`) and
+//!   the allocation-directory files it shares with the agent.
+//! - [`logs`]: size-rotated workload logs and their tails.
+//! - [`cgroup`]: cgroup v2 CPU and memory limits, probed once per node.
+//! - [`artifact`]: BLAKE3-verified, content-addressed task artifacts.
+//! - [`identity`]: the node id and ed25519 key kept in the data dir.
+//! - [`client`]: signed requests to the servers, moving on when one fails.
+//! - [`agent`]: the outbound-only pull loop: register, heartbeat, long-poll.
+//! - [`fleet`]: many agents in one process, for tests and benchmarks at scale.
+//! - [`metrics`]: the agent's Prometheus metrics.
 
+pub mod discovery;
 pub mod simulated;
+
+pub mod artifact;
+pub mod cgroup;
+pub mod driver;
+pub mod logs;
+pub mod runner;
+pub mod supervisor;
+
+pub mod agent;
+pub mod client;
+pub mod fleet;
+pub mod identity;
+pub mod metrics;

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aigrid_api::{
-    Allocation, ClusterStatus, DeleteJobResponse, DrainSpec, ErrorBody, ErrorCode, EvalId,
-    Heartbeat, HeartbeatResponse, Job, JobId, JobSpec, JobSummary, JoinRequest, Member, MemberRole,
-    Node, NodeId, NodeRegistration, NodeStatus, RegisterNodeResponse, SubmitJobResponse,
+    Allocation, ClusterStatus, DeleteJobResponse, DrainSpec, ErrorBody, ErrorCode, EvalId, Job,
+    JobId, JobSpec, JobSummary, JoinRequest, Member, MemberRole, Node, NodeId, NodeStatus,
+    SubmitJobResponse,
 };
 use aigrid_consensus::{MembershipChange, RaftError, RaftNode};
 use axum::body::Bytes;
@@ -38,6 +38,11 @@ pub struct ApiLimits {
     pub max_body_bytes: usize,
     /// Requests served at once; more get 429.
     pub max_in_flight: usize,
+    /// Agents' long polls held at once; more get 429.
+    pub max_long_polls: usize,
+    /// How often plain heartbeats are committed as one batch; a node's
+    /// `last_seen` lags its last heartbeat by at most this much.
+    pub seen_flush: Duration,
 }
 
 impl Default for ApiLimits {
@@ -45,6 +50,8 @@ impl Default for ApiLimits {
         ApiLimits {
             max_body_bytes: 1 << 20,
             max_in_flight: 4096,
+            max_long_polls: 16_384,
+            seen_flush: Duration::from_secs(2),
         }
     }
 }
@@ -52,10 +59,11 @@ impl Default for ApiLimits {
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct ApiState {
-    raft: RaftNode<ClusterState>,
+    pub(crate) raft: RaftNode<ClusterState>,
     registry: Registry,
     in_flight: Arc<Semaphore>,
     http: HttpMetrics,
+    pub(crate) agents: Arc<crate::agents::AgentHub>,
 }
 
 #[derive(Clone)]
@@ -149,7 +157,7 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
 
 /// The raw body, refused with 415 when it declares a type other than JSON and with
 /// 413 over the size limit.
-async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+pub(crate) async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
         // JSON, or no declared type at all (curl's `-d` default), is read as JSON.
         let ct = ct.to_str().unwrap_or_default();
@@ -208,7 +216,7 @@ fn read_query(query: Result<Query<ReadQuery>, QueryRejection>) -> Result<ReadQue
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))
 }
 
-fn new_id<T>(make: impl Fn(String) -> T) -> T {
+pub(crate) fn new_id<T>(make: impl Fn(String) -> T) -> T {
     make(uuid::Uuid::new_v4().to_string())
 }
 
@@ -224,7 +232,7 @@ async fn read<R: Send>(
     }
 }
 
-async fn propose(state: &ApiState, command: Command) -> Result<Applied, ApiError> {
+pub(crate) async fn propose(state: &ApiState, command: Command) -> Result<Applied, ApiError> {
     Ok(state.raft.propose(&command).await??)
 }
 
@@ -264,7 +272,7 @@ async fn submit_job(
     }
 }
 
-fn unexpected(applied: Applied) -> ApiError {
+pub(crate) fn unexpected(applied: Applied) -> ApiError {
     ApiError::new(
         ErrorCode::Internal,
         format!("unexpected outcome of a command: {applied:?}"),
@@ -341,96 +349,8 @@ async fn delete_job(
     }
 }
 
-/// Registers a node, or refreshes a known node's inventory (an agent restart); 201
-/// when created, 200 when it refreshed a known node.
-#[utoipa::path(
-    post, path = "/api/v1/nodes", request_body = NodeRegistration,
-    responses(
-        (status = 201, description = "Node created and committed", body = RegisterNodeResponse),
-        (status = 200, description = "Known node refreshed", body = RegisterNodeResponse),
-        (status = 400, description = "Invalid registration", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 503, description = "No quorum", body = ErrorBody),
-    )
-)]
-async fn register_node(
-    State(state): State<ApiState>,
-    JsonBody(node): JsonBody<NodeRegistration>,
-) -> Result<(StatusCode, Json<RegisterNodeResponse>), ApiError> {
-    node.validate()
-        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
-    match propose(&state, Command::RegisterNode { node, at: now() }).await? {
-        Applied::NodeRegistered {
-            id,
-            created,
-            eval_ids,
-        } => {
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            Ok((
-                status,
-                Json(RegisterNodeResponse {
-                    id,
-                    created,
-                    eval_ids,
-                }),
-            ))
-        }
-        other => Err(unexpected(other)),
-    }
-}
-
-fn node_not_found(id: &str) -> ApiError {
+pub(crate) fn node_not_found(id: &str) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("node `{id}` not found"))
-}
-
-/// Records that a node is alive, the health of its GPUs and the states of its
-/// allocations. A GPU reported unhealthy is cordoned and only the allocations
-/// holding it are rescheduled.
-#[utoipa::path(
-    post, path = "/api/v1/nodes/{id}/heartbeat", request_body = Heartbeat,
-    params(("id" = String, Path, description = "Node id")),
-    responses(
-        (status = 200, description = "Heartbeat committed", body = HeartbeatResponse),
-        (status = 400, description = "Invalid heartbeat or unknown GPU", body = ErrorBody),
-        (status = 404, description = "Unknown node", body = ErrorBody),
-        (status = 409, description = "Reports another node's allocation", body = ErrorBody),
-        (status = 503, description = "No quorum", body = ErrorBody),
-    )
-)]
-async fn node_heartbeat(
-    State(state): State<ApiState>,
-    Path(id): Path<String>,
-    JsonBody(hb): JsonBody<Heartbeat>,
-) -> Result<Json<HeartbeatResponse>, ApiError> {
-    hb.validate()
-        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
-    let node_id = NodeId::new(id);
-    state
-        .raft
-        .read(|s| s.check_heartbeat(&node_id, &hb.gpus, &hb.allocations))
-        .await??;
-    let command = Command::NodeHeartbeat {
-        node_id,
-        gpus: hb.gpus,
-        allocations: hb.allocations,
-        at: now(),
-    };
-    match propose(&state, command).await? {
-        Applied::NodeUpdated {
-            id,
-            status,
-            eval_ids,
-        } => Ok(Json(HeartbeatResponse {
-            id,
-            status,
-            eval_ids,
-        })),
-        other => Err(unexpected(other)),
-    }
 }
 
 /// The node as it is once `command` is committed, or 404 (without writing to the
@@ -565,7 +485,13 @@ async fn list_nodes(
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Node>>, ApiError> {
     let query = read_query(query)?;
-    Ok(Json(read(&state, &query, |s| s.nodes()).await?))
+    let nodes = read(&state, &query, |s| s.nodes()).await?;
+    Ok(Json(
+        nodes
+            .into_iter()
+            .map(|n| state.agents.with_telemetry(n))
+            .collect(),
+    ))
 }
 
 /// Shows one node with what its allocations hold.
@@ -584,7 +510,7 @@ async fn get_node(
     let node_id = NodeId::new(id.clone());
     read(&state, &query, |s| s.node(&node_id))
         .await?
-        .map(Json)
+        .map(|n| Json(state.agents.with_telemetry(n)))
         .ok_or_else(|| node_not_found(&id))
 }
 
@@ -770,10 +696,16 @@ async fn ready(State(state): State<ApiState>) -> Response {
         list_jobs,
         get_job,
         delete_job,
-        register_node,
+        crate::agents::register_node,
         list_nodes,
         get_node,
-        node_heartbeat,
+        crate::agents::node_heartbeat,
+        crate::agents::node_assignments,
+        crate::agents::revoke_node,
+        crate::agents::allocation_logs,
+        crate::agents::create_join_token,
+        crate::agents::list_join_tokens,
+        crate::agents::delete_join_token,
         drain_node,
         undrain_node,
         node_allocations,
@@ -845,9 +777,11 @@ pub fn router(
     raft: RaftNode<ClusterState>,
     registry: Registry,
     limits: &ApiLimits,
+    agents: Arc<crate::agents::AgentHub>,
 ) -> prometheus::Result<Router> {
     let state = ApiState {
         http: HttpMetrics::register(&registry)?,
+        agents,
         raft: raft.clone(),
         registry,
         in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
@@ -855,9 +789,31 @@ pub fn router(
     let api = Router::new()
         .route("/api/v1/jobs", post(submit_job).get(list_jobs))
         .route("/api/v1/jobs/{id}", get(get_job).delete(delete_job))
-        .route("/api/v1/nodes", post(register_node).get(list_nodes))
+        .route(
+            "/api/v1/nodes",
+            post(crate::agents::register_node).get(list_nodes),
+        )
         .route("/api/v1/nodes/{id}", get(get_node))
-        .route("/api/v1/nodes/{id}/heartbeat", post(node_heartbeat))
+        .route(
+            "/api/v1/nodes/{id}/heartbeat",
+            post(crate::agents::node_heartbeat),
+        )
+        .route(
+            "/api/v1/nodes/{id}/revoke",
+            post(crate::agents::revoke_node),
+        )
+        .route(
+            "/api/v1/allocations/{id}/logs",
+            get(crate::agents::allocation_logs),
+        )
+        .route(
+            "/api/v1/join-tokens",
+            post(crate::agents::create_join_token).get(crate::agents::list_join_tokens),
+        )
+        .route(
+            "/api/v1/join-tokens/{id}",
+            delete(crate::agents::delete_join_token),
+        )
         .route(
             "/api/v1/nodes/{id}/drain",
             post(drain_node).delete(undrain_node),
@@ -869,6 +825,12 @@ pub fn router(
         .route("/api/v1/openapi.json", get(openapi_json))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), admission))
+        // Long polls hold a request open for up to minutes: they have their own
+        // limit instead of taking in-flight slots from short requests.
+        .route(
+            "/api/v1/nodes/{id}/assignments",
+            get(crate::agents::node_assignments),
+        )
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -880,7 +842,9 @@ pub fn router(
 
 #[cfg(test)]
 mod tests {
-    use aigrid_api::{AllocState, AllocationReport, GpuHealth, Timestamp};
+    use aigrid_api::{
+        AllocState, AllocationReport, GpuHealth, Heartbeat, NodeRegistration, Timestamp,
+    };
     use aigrid_consensus::state_machine::StateMachine;
     use axum::body::Body;
     use serde_json::json;
@@ -912,6 +876,7 @@ mod tests {
                 1,
                 Command::RegisterNode {
                     node: registration(id, &[gpu]),
+                    join_token: None,
                     at,
                 },
             )
@@ -960,12 +925,11 @@ mod tests {
                 reason: Some("XID 79".to_owned()),
             }],
             allocations: alloc
-                .map(|id| AllocationReport {
-                    id: id.into(),
-                    state: AllocState::Running,
-                })
+                .map(|id| AllocationReport::new(id.into(), AllocState::Running))
                 .into_iter()
                 .collect(),
+            telemetry: None,
+            logs: Vec::new(),
         }
     }
 
@@ -1002,6 +966,7 @@ mod tests {
                         node_id: id,
                         gpus: hb.gpus,
                         allocations: hb.allocations,
+                        logs: Vec::new(),
                         at: Timestamp::from_millis(2),
                     },
                 )

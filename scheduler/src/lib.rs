@@ -7,11 +7,13 @@
 //! | [`planner`] | the pure planner: a cluster snapshot and a job's unplaced instances in, placements (nodes, GPUs) and explanations out |
 //! | [`preempt`] | pure preemption: room for instances that fit nowhere, made by evicting the least disruptive set of clearly lower-priority allocations |
 //! | [`defrag`] | pure defragmentation: room for instances that fit nowhere because free GPUs are scattered, made by migrating the fewest movable allocations |
+//! | [`agents`] | the agent-facing API: signed requests, join tokens, heartbeats kept off the log when they change nothing, long polls for assignments, log tails |
 //! | [`http`] | the control API under `/api/v1`, `/metrics`, `/health`, `/ready`, and its OpenAPI document |
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
 //! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
 
+pub mod agents;
 pub mod defrag;
 pub mod http;
 pub mod metrics;

@@ -2031,6 +2031,9 @@ pub(crate) mod testkit {
             registered_at: Timestamp::new(1),
             last_seen: Timestamp::new(1),
             drain: None,
+            public_key: None,
+            revoked: false,
+            telemetry: None,
             usage: None,
         }
     }
@@ -2063,6 +2066,8 @@ pub(crate) mod testkit {
             task: TaskSpec::Exec(ExecTask {
                 command: "/bin/true".to_owned(),
                 args: Vec::new(),
+                restart: Default::default(),
+                kill_timeout_ms: None,
                 env: BTreeMap::new(),
                 artifacts: Vec::new(),
             }),
@@ -2142,6 +2147,9 @@ pub(crate) mod testkit {
             previous: None,
             reschedules: 0,
             state: AllocState::Running,
+            reason: None,
+            restarts: 0,
+            limits: None,
             desired: DesiredState::Run,
             created_at: Timestamp::new(1),
             updated_at: Timestamp::new(1),

@@ -192,8 +192,26 @@ impl Server {
         )?;
         crate::metrics::register_state(&registry, raft.clone())?;
         let worker_metrics = crate::metrics::WorkerMetrics::register(&registry)?;
-        let app = http::router(raft.clone(), registry, &config.limits)?;
+        let agents = std::sync::Arc::new(crate::agents::AgentHub::new(
+            &raft,
+            &registry,
+            &config.limits,
+        )?);
+        let app = http::router(raft.clone(), registry, &config.limits, agents.clone())?;
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+        // Plain heartbeats reach the log a few times per TTL, so a node's
+        // `last_seen` lags its last heartbeat by a small part of the TTL.
+        let flush_every = config
+            .limits
+            .seen_flush
+            .min(config.node_ttl / 6)
+            .max(Duration::from_millis(50));
+        tokio::spawn(crate::agents::run_flusher(
+            raft.clone(),
+            agents,
+            flush_every,
+            shutdown.subscribe(),
+        ));
         let worker = crate::worker::WorkerConfig {
             node_ttl: config.node_ttl,
             ..crate::worker::WorkerConfig::default()

@@ -12,10 +12,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aigrid_api::{
-    AllocId, AllocState, Allocation, AllocationReport, DeleteJobResponse, DesiredState, DrainSpec,
-    ErrorCode, EvalId, EvalStatus, EvalTrigger, Evaluation, GpuHealth, Job, JobId, JobKind,
-    JobSpec, JobStatus, JobSummary, MemoryMib, MilliCpu, Node, NodeId, NodeRegistration,
-    NodeStatus, NodeUsage, SubmitJobResponse, Timestamp, Unplaced, ValidationError,
+    AllocId, AllocState, Allocation, AllocationLogs, AllocationReport, Assignment,
+    DeleteJobResponse, DesiredState, DrainSpec, ErrorCode, EvalId, EvalStatus, EvalTrigger,
+    Evaluation, GpuHealth, Heartbeat, Job, JobId, JobKind, JobSpec, JobStatus, JobSummary,
+    JoinTokenInfo, LogTail, MemoryMib, MilliCpu, Node, NodeAssignments, NodeId, NodePublicKey,
+    NodeRegistration, NodeStatus, NodeUsage, SubmitJobResponse, Timestamp, Unplaced,
+    ValidationError,
 };
 use aigrid_consensus::state_machine::{SnapshotError, StateMachine};
 use serde::{Deserialize, Serialize};
@@ -77,7 +79,54 @@ pub enum Command {
     RegisterNode {
         /// What the agent reported.
         node: NodeRegistration,
+        /// The join token a new node (or one whose key was revoked) presents; a
+        /// known node re-registers with its own key instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        join_token: Option<TokenUse>,
         /// When it registered.
+        at: Timestamp,
+    },
+    /// Records that nodes were heard from by a server, without anything else to
+    /// change: servers batch plain heartbeats into one entry every few seconds
+    /// instead of committing each. Down and revoked nodes are left alone; they come
+    /// back only through a heartbeat of their own.
+    NodesSeen {
+        /// The nodes heard from.
+        nodes: Vec<NodeId>,
+        /// The earliest time any of them was heard from in the batch, so `last_seen`
+        /// never runs ahead of the truth.
+        at: Timestamp,
+    },
+    /// Revokes a node's key: its requests are refused from now on, it is marked
+    /// down and its instances are rescheduled.
+    RevokeNode {
+        /// The node.
+        node_id: NodeId,
+        /// When it was revoked.
+        at: Timestamp,
+    },
+    /// Creates a join token. Only the secret's hash is replicated.
+    CreateJoinToken {
+        /// The token's public id.
+        id: String,
+        /// BLAKE3 of its secret, hex.
+        secret_hash: String,
+        /// Its lifetime.
+        ttl_secs: u64,
+        /// How many nodes may join with it; unlimited when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_uses: Option<u32>,
+        /// The operator's note.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<String>,
+        /// When it was made.
+        at: Timestamp,
+    },
+    /// Deletes a join token; nodes that joined with it stay.
+    DeleteJoinToken {
+        /// The token's public id.
+        id: String,
+        /// When it was deleted.
         at: Timestamp,
     },
     /// Records that a node is alive (a node marked down comes back), the health of
@@ -92,6 +141,9 @@ pub enum Command {
         /// Allocation states, as [`Command::ReportAllocations`] takes them.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         allocations: Vec<AllocationReport>,
+        /// Output tails of the node's allocations.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logs: Vec<LogTail>,
         /// When the heartbeat arrived.
         at: Timestamp,
     },
@@ -171,6 +223,16 @@ pub enum Command {
         /// When the verdicts were reached.
         at: Timestamp,
     },
+}
+
+/// A join token presented with a registration: its id and the hash of the secret
+/// presented, compared with the stored hash when the registration applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUse {
+    /// The token's public id.
+    pub id: String,
+    /// BLAKE3 of the presented secret, hex.
+    pub secret_hash: String,
 }
 
 /// What one scheduling pass decided for one job, as [`Command::ApplyPlan`] carries it.
@@ -288,6 +350,9 @@ impl NewAllocation {
             reschedules: self.reschedules,
             state: AllocState::Pending,
             desired: DesiredState::Run,
+            reason: None,
+            restarts: 0,
+            limits: None,
             created_at: at,
             updated_at: at,
         }
@@ -369,6 +434,18 @@ pub enum Applied {
         /// How many evaluations still existed and were updated.
         updated: usize,
     },
+    /// A batch of plain heartbeats was recorded.
+    NodesSeen {
+        /// How many nodes' `last_seen` moved.
+        updated: usize,
+    },
+    /// A join token was created.
+    JoinTokenCreated(JoinTokenInfo),
+    /// A join token was deleted.
+    JoinTokenDeleted {
+        /// Its id.
+        id: String,
+    },
 }
 
 /// The kinds of object a command can address, for [`StateError::NotFound`].
@@ -382,6 +459,8 @@ pub enum ObjectKind {
     Allocation,
     /// An evaluation.
     Evaluation,
+    /// A join token.
+    JoinToken,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -391,6 +470,7 @@ impl std::fmt::Display for ObjectKind {
             Self::Node => "node",
             Self::Allocation => "allocation",
             Self::Evaluation => "evaluation",
+            Self::JoinToken => "join token",
         })
     }
 }
@@ -416,6 +496,9 @@ pub enum StateError {
         /// What contradicts what.
         message: String,
     },
+    /// The registration's key or join token is not accepted.
+    #[error("{0}")]
+    Unauthorized(String),
 }
 
 impl StateError {
@@ -425,6 +508,7 @@ impl StateError {
             Self::NotFound { .. } => ErrorCode::NotFound,
             Self::Invalid(_) => ErrorCode::InvalidField,
             Self::Conflict { .. } => ErrorCode::Conflict,
+            Self::Unauthorized(_) => ErrorCode::Unauthorized,
         }
     }
 
@@ -498,6 +582,75 @@ struct Tables {
     jobs: BTreeMap<JobId, JobRecord>,
     allocations: BTreeMap<AllocId, Allocation>,
     evaluations: BTreeMap<EvalId, EvalRecord>,
+    #[serde(default)]
+    join_tokens: BTreeMap<String, TokenRecord>,
+    /// Output tails agents shipped, per allocation; dropped with the allocation.
+    #[serde(default)]
+    logs: BTreeMap<AllocId, LogRecord>,
+    /// Per node, the log index of the last change to what its agent must run.
+    #[serde(default)]
+    node_index: BTreeMap<NodeId, u64>,
+}
+
+/// A join token as the state keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRecord {
+    info: JoinTokenInfo,
+    secret_hash: String,
+}
+
+/// An allocation's output tails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogRecord {
+    stdout: String,
+    stderr: String,
+    updated_at: Timestamp,
+}
+
+/// Wakes agents' long polls when their node's assignments change. Not part of the
+/// replicated state: each server wakes the polls it holds as it applies entries.
+#[derive(Default)]
+pub struct NodeWatch {
+    senders: parking_lot::Mutex<std::collections::HashMap<NodeId, tokio::sync::watch::Sender<u64>>>,
+}
+
+impl std::fmt::Debug for NodeWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeWatch({} nodes watched)", self.senders.lock().len())
+    }
+}
+
+impl NodeWatch {
+    /// A receiver that changes when `node`'s assignments change. Subscribe before
+    /// reading the state so no change between the read and the wait is missed.
+    pub fn subscribe(&self, node: &NodeId) -> tokio::sync::watch::Receiver<u64> {
+        self.senders
+            .lock()
+            .entry(node.clone())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn touch(&self, node: &NodeId, index: u64) {
+        let mut senders = self.senders.lock();
+        if let Some(tx) = senders.get(node) {
+            if tx.receiver_count() == 0 {
+                senders.remove(node);
+            } else {
+                tx.send_replace(index);
+            }
+        }
+    }
+
+    fn touch_all(&self, index: u64) {
+        let mut senders = self.senders.lock();
+        senders.retain(|_, tx| tx.receiver_count() > 0);
+        for tx in senders.values() {
+            tx.send_replace(index);
+        }
+    }
 }
 
 /// The replicated cluster state. See the module documentation for its rules.
@@ -518,6 +671,11 @@ pub struct ClusterState {
     /// allocation stopped holding resources), so the leader knows when blocked
     /// evaluations deserve another try. Derived; never replicated.
     capacity_epoch: u64,
+    /// The log index being applied, so allocation writes can stamp the nodes
+    /// whose assignments they change.
+    applying: u64,
+    /// Long polls waiting on nodes' assignments.
+    watch: std::sync::Arc<NodeWatch>,
 }
 
 /// Allocations indexed by job and by node, and what the live ones hold per node.
@@ -669,6 +827,9 @@ impl ClusterState {
             jobs: BTreeMap::new(),
             allocations: BTreeMap::new(),
             evaluations: BTreeMap::new(),
+            join_tokens: BTreeMap::new(),
+            logs: BTreeMap::new(),
+            node_index: BTreeMap::new(),
         })
     }
 
@@ -697,18 +858,41 @@ impl ClusterState {
             completed,
             index,
             capacity_epoch: 0,
+            applying: 0,
+            watch: std::sync::Arc::default(),
         }
+    }
+
+    /// The long-poll registry this state wakes as it applies entries.
+    pub fn watch(&self) -> std::sync::Arc<NodeWatch> {
+        self.watch.clone()
+    }
+
+    /// Records that what `node`'s agent must run changed at the entry being applied.
+    fn touch_node(&mut self, node: &NodeId) {
+        let index = self.applying;
+        match self.tables.node_index.get_mut(node) {
+            Some(i) => *i = index,
+            None => {
+                self.tables.node_index.insert(node.clone(), index);
+            }
+        }
+        self.watch.touch(node, index);
     }
 
     // ----- allocation table: every write goes through these, keeping the index --
 
     /// Inserts or replaces an allocation.
     fn put_alloc(&mut self, alloc: Allocation) {
-        if let Some(old) = self.tables.allocations.remove(&alloc.id) {
+        let old = self.tables.allocations.remove(&alloc.id);
+        if let Some(old) = &old {
             if old.is_live() && !alloc.is_live() {
                 self.capacity_epoch += 1;
             }
-            self.index.remove(&old);
+            self.index.remove(old);
+        }
+        if old.as_ref().map(assigned) != Some(assigned(&alloc)) {
+            self.touch_node(&alloc.node_id);
         }
         self.index.add(&alloc);
         self.tables.allocations.insert(alloc.id.clone(), alloc);
@@ -720,6 +904,10 @@ impl ClusterState {
         if old.is_live() {
             self.capacity_epoch += 1;
         }
+        if assigned(&old).0 {
+            self.touch_node(&old.node_id);
+        }
+        self.tables.logs.remove(id);
         self.index.remove(&old);
         Some(old)
     }
@@ -791,6 +979,107 @@ impl ClusterState {
     /// The node with this id, with what its allocations hold.
     pub fn node(&self, id: &NodeId) -> Option<Node> {
         self.tables.nodes.get(id).map(|n| self.node_view(n))
+    }
+
+    /// A node's key and whether it was revoked; `None` for an unknown node.
+    pub fn node_key(&self, id: &NodeId) -> Option<(Option<NodePublicKey>, bool)> {
+        self.tables.nodes.get(id).map(|n| (n.public_key, n.revoked))
+    }
+
+    /// What `node`'s agent must run: every allocation on it that is not finished
+    /// (wanted, or asked to stop and not yet confirmed stopped), each with its task
+    /// when it is of the job's current version.
+    pub fn assignments(&self, node_id: &NodeId) -> Option<NodeAssignments> {
+        self.tables.nodes.get(node_id)?;
+        let allocations = self
+            .index
+            .by_node
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.tables.allocations.get(id))
+            .filter(|a| assigned(a).0)
+            .map(|a| Assignment {
+                allocation: a.clone(),
+                task: self
+                    .tables
+                    .jobs
+                    .get(&a.job_id)
+                    .filter(|j| j.version == a.job_version)
+                    .and_then(|j| j.spec.group(&a.group))
+                    .map(|g| g.task.clone()),
+            })
+            .collect();
+        Some(NodeAssignments {
+            index: self.node_assignment_index(node_id),
+            allocations,
+        })
+    }
+
+    /// The log index of the last change to `node`'s assignments.
+    pub fn node_assignment_index(&self, node_id: &NodeId) -> u64 {
+        self.tables.node_index.get(node_id).copied().unwrap_or(0)
+    }
+
+    /// The output tails shipped for an allocation.
+    pub fn allocation_logs(&self, id: &AllocId) -> Option<AllocationLogs> {
+        let alloc = self.tables.allocations.get(id)?;
+        let record = self.tables.logs.get(id);
+        Some(AllocationLogs {
+            id: id.clone(),
+            node_id: alloc.node_id.clone(),
+            stdout: record.map(|r| r.stdout.clone()).unwrap_or_default(),
+            stderr: record.map(|r| r.stderr.clone()).unwrap_or_default(),
+            updated_at: record.map(|r| r.updated_at),
+        })
+    }
+
+    /// Every join token, by id; never their secrets.
+    pub fn join_tokens(&self) -> Vec<JoinTokenInfo> {
+        self.tables
+            .join_tokens
+            .values()
+            .map(|t| t.info.clone())
+            .collect()
+    }
+
+    /// What of `hb` would change the state: GPU health that differs from what is
+    /// recorded, reports that say something new about allocations on the node, and
+    /// whether the node is down (a heartbeat brings it back). `None` when the
+    /// heartbeat only says the node is alive, so it need not be committed.
+    pub fn heartbeat_changes(&self, node_id: &NodeId, hb: &Heartbeat) -> Option<Heartbeat> {
+        let node = self.tables.nodes.get(node_id)?;
+        let gpus: Vec<GpuHealth> = hb
+            .gpus
+            .iter()
+            .filter(|h| {
+                node.resources.gpus.iter().any(|g| {
+                    g.uuid == h.uuid
+                        && (g.healthy != h.healthy || (!h.healthy && g.health_reason != h.reason))
+                })
+            })
+            .cloned()
+            .collect();
+        let allocations: Vec<AllocationReport> = hb
+            .allocations
+            .iter()
+            .filter(|r| {
+                self.tables.allocations.get(&r.id).is_some_and(|a| {
+                    &a.node_id == node_id && !a.state.is_terminal() && r.differs_from(a)
+                })
+            })
+            .cloned()
+            .collect();
+        let down = node.status == NodeStatus::Down;
+        if gpus.is_empty() && allocations.is_empty() && hb.logs.is_empty() && !down {
+            return None;
+        }
+        Some(Heartbeat {
+            gpus,
+            allocations,
+            telemetry: None,
+            logs: hb.logs.clone(),
+        })
     }
 
     /// Every node, ordered by id, with what its allocations hold.
@@ -1242,15 +1531,85 @@ impl ClusterState {
         }))
     }
 
-    fn register_node(&mut self, index: u64, reg: NodeRegistration, at: Timestamp) -> CommandOutput {
+    /// Checks that a registration may apply: a known node keeps its key; a new
+    /// node, or one whose key was revoked, presents a valid join token and a new key.
+    pub fn check_registration(
+        &self,
+        reg: &NodeRegistration,
+        token: Option<&TokenUse>,
+        at: Timestamp,
+    ) -> Result<Option<String>, StateError> {
         reg.validate()?;
+        let unauthorized = |m: String| Err(StateError::Unauthorized(m));
+        if let Some(node) = self.tables.nodes.get(&reg.id) {
+            if node.revoked {
+                if reg.public_key.is_none() || reg.public_key == node.public_key {
+                    return unauthorized(format!(
+                        "the key of node `{}` was revoked; join again with a new key and a join token",
+                        reg.id
+                    ));
+                }
+            } else if node.public_key.is_some() {
+                if reg.public_key != node.public_key {
+                    return unauthorized(format!(
+                        "node `{}` is registered with another key",
+                        reg.id
+                    ));
+                }
+                return Ok(None);
+            }
+        }
+        let Some(token) = token else {
+            if reg.public_key.is_none() {
+                // A node without a key is one the operator registers by hand;
+                // only the server itself proposes that.
+                return Ok(None);
+            }
+            return unauthorized("a new node must present a join token".to_owned());
+        };
+        let Some(record) = self.tables.join_tokens.get(&token.id) else {
+            return unauthorized(format!("unknown join token `{}`", token.id));
+        };
+        if record.secret_hash != token.secret_hash {
+            return unauthorized(format!("join token `{}` does not match", token.id));
+        }
+        if at >= record.info.expires_at {
+            return unauthorized(format!("join token `{}` has expired", token.id));
+        }
+        if record
+            .info
+            .max_uses
+            .is_some_and(|max| record.info.uses >= max)
+        {
+            return unauthorized(format!("join token `{}` is used up", token.id));
+        }
+        Ok(Some(token.id.clone()))
+    }
+
+    fn register_node(
+        &mut self,
+        index: u64,
+        reg: NodeRegistration,
+        token: Option<TokenUse>,
+        at: Timestamp,
+    ) -> CommandOutput {
+        if let Some(used) = self.check_registration(&reg, token.as_ref(), at)? {
+            if let Some(record) = self.tables.join_tokens.get_mut(&used) {
+                record.info.uses += 1;
+            }
+        }
         let id = reg.id.clone();
         self.capacity_epoch += 1;
+        self.touch_node(&id);
         let created = match self.tables.nodes.get_mut(&id) {
             Some(node) => {
                 node.name = reg.name;
                 node.attributes = reg.attributes;
                 node.resources = reg.resources;
+                if reg.public_key.is_some() {
+                    node.public_key = reg.public_key;
+                }
+                node.revoked = false;
                 if node.status == NodeStatus::Down {
                     node.status = Self::back_up(node);
                 }
@@ -1270,6 +1629,9 @@ impl ClusterState {
                         last_seen: at,
                         drain: None,
                         usage: None,
+                        public_key: reg.public_key,
+                        revoked: false,
+                        telemetry: None,
                     },
                 );
                 true
@@ -1333,9 +1695,32 @@ impl ClusterState {
         node_id: NodeId,
         gpus: Vec<GpuHealth>,
         reports: Vec<AllocationReport>,
+        logs: Vec<LogTail>,
         at: Timestamp,
     ) -> CommandOutput {
         self.check_heartbeat(&node_id, &gpus, &reports)?;
+        if self.tables.nodes[&node_id].revoked {
+            return Err(StateError::Unauthorized(format!(
+                "the key of node `{node_id}` was revoked"
+            )));
+        }
+        for tail in logs {
+            if self
+                .tables
+                .allocations
+                .get(&tail.id)
+                .is_some_and(|a| a.node_id == node_id)
+            {
+                self.tables.logs.insert(
+                    tail.id,
+                    LogRecord {
+                        stdout: tail.stdout,
+                        stderr: tail.stderr,
+                        updated_at: at,
+                    },
+                );
+            }
+        }
 
         let node = self.tables.nodes.get_mut(&node_id).expect("checked above");
         node.last_seen = node.last_seen.max(at);
@@ -1377,6 +1762,76 @@ impl ClusterState {
             status,
             eval_ids,
         })
+    }
+
+    fn nodes_seen(&mut self, nodes: Vec<NodeId>, at: Timestamp) -> Applied {
+        let mut updated = 0;
+        for id in nodes {
+            if let Some(node) = self.tables.nodes.get_mut(&id) {
+                if node.status != NodeStatus::Down && !node.revoked && node.last_seen < at {
+                    node.last_seen = at;
+                    updated += 1;
+                }
+            }
+        }
+        Applied::NodesSeen { updated }
+    }
+
+    fn revoke_node(&mut self, index: u64, node_id: NodeId, at: Timestamp) -> CommandOutput {
+        let node = self
+            .tables
+            .nodes
+            .get_mut(&node_id)
+            .ok_or_else(|| StateError::not_found(ObjectKind::Node, &node_id))?;
+        node.revoked = true;
+        let was = node.status;
+        node.status = NodeStatus::Down;
+        if was != NodeStatus::Down {
+            self.capacity_epoch += 1;
+        }
+        let displaced = self.lose_allocations(&node_id, at, |_| true);
+        let eval_ids = self.node_update_evals(index, displaced, EvalTrigger::NodeUpdate, at);
+        Ok(Applied::NodeUpdated {
+            id: node_id,
+            status: NodeStatus::Down,
+            eval_ids,
+        })
+    }
+
+    fn create_join_token(
+        &mut self,
+        id: String,
+        secret_hash: String,
+        ttl_secs: u64,
+        max_uses: Option<u32>,
+        description: Option<String>,
+        at: Timestamp,
+    ) -> CommandOutput {
+        if let Some(existing) = self.tables.join_tokens.get(&id) {
+            // A replay of the same command answers the same.
+            if existing.secret_hash == secret_hash && existing.info.created_at == at {
+                return Ok(Applied::JoinTokenCreated(existing.info.clone()));
+            }
+            return Err(StateError::conflict(format!("join token `{id}` exists")));
+        }
+        let info = JoinTokenInfo {
+            id: id.clone(),
+            created_at: at,
+            expires_at: Timestamp::from_millis(
+                at.as_millis().saturating_add(ttl_secs.saturating_mul(1000)),
+            ),
+            max_uses,
+            uses: 0,
+            description,
+        };
+        self.tables.join_tokens.insert(
+            id,
+            TokenRecord {
+                info: info.clone(),
+                secret_hash,
+            },
+        );
+        Ok(Applied::JoinTokenCreated(info))
     }
 
     fn set_node_status(
@@ -1860,12 +2315,18 @@ impl ClusterState {
             let Some(alloc) = self.tables.allocations.get(&report.id) else {
                 continue;
             };
-            if alloc.state.is_terminal() || alloc.state == report.state {
+            if alloc.state.is_terminal() || !report.differs_from(alloc) {
                 continue;
             }
             changed += 1;
             let mut alloc = alloc.clone();
             alloc.state = report.state;
+            alloc.reason = report.reason.map(|mut r| {
+                truncate_at_char(&mut r, aigrid_api::allocation::MAX_REASON_LEN);
+                r
+            });
+            alloc.restarts = report.restarts;
+            alloc.limits = report.limits;
             alloc.updated_at = at;
             if alloc.desired == DesiredState::Stop && alloc.state.is_terminal() {
                 self.drop_alloc(&report.id);
@@ -2066,6 +2527,7 @@ impl StateMachine for ClusterState {
     type Output = CommandOutput;
 
     fn apply(&mut self, index: u64, command: Command) -> CommandOutput {
+        self.applying = index;
         let output = match command {
             Command::SubmitJob {
                 job_id,
@@ -2078,13 +2540,35 @@ impl StateMachine for ClusterState {
                 eval_id,
                 at,
             } => self.delete_job(job_id, eval_id, at),
-            Command::RegisterNode { node, at } => self.register_node(index, node, at),
+            Command::RegisterNode {
+                node,
+                join_token,
+                at,
+            } => self.register_node(index, node, join_token, at),
+            Command::NodesSeen { nodes, at } => Ok(self.nodes_seen(nodes, at)),
+            Command::RevokeNode { node_id, at } => self.revoke_node(index, node_id, at),
+            Command::CreateJoinToken {
+                id,
+                secret_hash,
+                ttl_secs,
+                max_uses,
+                description,
+                at,
+            } => self.create_join_token(id, secret_hash, ttl_secs, max_uses, description, at),
+            Command::DeleteJoinToken { id, at: _ } => {
+                if self.tables.join_tokens.remove(&id).is_some() {
+                    Ok(Applied::JoinTokenDeleted { id })
+                } else {
+                    Err(StateError::not_found(ObjectKind::JoinToken, &id))
+                }
+            }
             Command::NodeHeartbeat {
                 node_id,
                 gpus,
                 allocations,
+                logs,
                 at,
-            } => self.heartbeat(index, node_id, gpus, allocations, at),
+            } => self.heartbeat(index, node_id, gpus, allocations, logs, at),
             Command::DrainNode { node_id, drain, at } => {
                 self.set_node_status(index, node_id, NodeStatus::Draining, Some(drain), at)
             }
@@ -2144,10 +2628,31 @@ impl StateMachine for ClusterState {
         } else {
             serde_json::from_slice(data).map_err(error)?
         };
-        let state = Self::from_tables(tables);
+        let mut state = Self::from_tables(tables);
         state.check_invariants().map_err(SnapshotError)?;
+        state.watch = self.watch.clone();
         *self = state;
+        // Every poll re-reads: the restored state may differ in any node.
+        self.watch.touch_all(u64::MAX);
         Ok(())
+    }
+}
+
+/// What of an allocation its node's agent acts on: whether it is in the node's
+/// assignments at all (not finished), what is wanted of it, and which job version
+/// it runs. A change to any of these wakes the agent's long poll.
+fn assigned(alloc: &Allocation) -> (bool, DesiredState, u64) {
+    (!alloc.state.is_terminal(), alloc.desired, alloc.job_version)
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub(crate) fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }
 
@@ -2277,12 +2782,14 @@ mod tests {
                     })
                     .collect(),
             },
+            public_key: None,
         }
     }
 
     fn register(id: &str, gpus: &[&str]) -> Command {
         Command::RegisterNode {
             node: registration(id, gpus),
+            join_token: None,
             at: Timestamp::new(10),
         }
     }
@@ -2310,6 +2817,9 @@ mod tests {
             previous: None,
             reschedules: 0,
             state: AllocState::Pending,
+            reason: None,
+            restarts: 0,
+            limits: None,
             desired: DesiredState::Run,
             created_at: Timestamp::new(0),
             updated_at: Timestamp::new(0),
@@ -2328,10 +2838,7 @@ mod tests {
             node_id: NodeId::new(node),
             reports: reports
                 .iter()
-                .map(|(id, state)| AllocationReport {
-                    id: AllocId::new(*id),
-                    state: *state,
-                })
+                .map(|(id, state)| AllocationReport::new(AllocId::new(*id), *state))
                 .collect(),
             at: Timestamp::new(400),
         }
@@ -2537,6 +3044,7 @@ mod tests {
             node_id: NodeId::new("n1"),
             gpus: vec![],
             allocations: vec![],
+            logs: Vec::new(),
             at: Timestamp::new(50),
         };
         log.apply(hb).unwrap();
@@ -2570,6 +3078,7 @@ mod tests {
                 node_id: NodeId::new("nope"),
                 gpus: vec![],
                 allocations: vec![],
+                logs: Vec::new(),
                 at: Timestamp::new(1),
             })
             .unwrap_err();
@@ -2579,6 +3088,7 @@ mod tests {
         let err = log
             .apply(Command::RegisterNode {
                 node: bad,
+                join_token: None,
                 at: Timestamp::new(1),
             })
             .unwrap_err();
@@ -2645,6 +3155,7 @@ mod tests {
             node_id: NodeId::new("n1"),
             gpus: vec![],
             allocations: vec![],
+            logs: Vec::new(),
             at: Timestamp::new(600),
         })
         .unwrap();
@@ -3029,6 +3540,7 @@ mod tests {
                 };
                 Command::RegisterNode {
                     node: registration(&node, gpus),
+                    join_token: None,
                     at,
                 }
             }
@@ -3044,6 +3556,7 @@ mod tests {
                     vec![]
                 },
                 allocations: vec![],
+                logs: Vec::new(),
                 at,
             },
             9 => Command::DrainNode {
@@ -3100,10 +3613,10 @@ mod tests {
             }
             7 => Command::ReportAllocations {
                 node_id: NodeId::new(node),
-                reports: vec![AllocationReport {
-                    id: AllocId::new(format!("a{}", rng.random_range(0..6))),
-                    state: AllocState::ALL[rng.random_range(0..AllocState::ALL.len())],
-                }],
+                reports: vec![AllocationReport::new(
+                    AllocId::new(format!("a{}", rng.random_range(0..6))),
+                    AllocState::ALL[rng.random_range(0..AllocState::ALL.len())],
+                )],
                 at,
             },
             _ => Command::UpdateEvaluation {

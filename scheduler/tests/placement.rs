@@ -30,6 +30,7 @@ async fn register(server: &Server, node: NodeRegistration) {
         .raft
         .propose(&Command::RegisterNode {
             node,
+            join_token: None,
             at: Timestamp::from_millis(1),
         })
         .await

@@ -104,7 +104,12 @@ impl Sim {
         }))
         .unwrap();
         let at = self.at();
-        self.apply(Command::RegisterNode { node, at }).unwrap();
+        self.apply(Command::RegisterNode {
+            node,
+            join_token: None,
+            at,
+        })
+        .unwrap();
     }
 
     fn heartbeat(&mut self, node: &str, gpus: Vec<GpuHealth>) {
@@ -113,6 +118,7 @@ impl Sim {
             node_id: NodeId::new(node),
             gpus,
             allocations: vec![],
+            logs: Vec::new(),
             at,
         })
         .unwrap();
@@ -159,10 +165,7 @@ impl Sim {
                 by_node
                     .entry(alloc.node_id.clone())
                     .or_default()
-                    .push(AllocationReport {
-                        id: alloc.id.clone(),
-                        state: AllocState::Running,
-                    });
+                    .push(AllocationReport::new(alloc.id.clone(), AllocState::Running));
             }
         }
         // Allocations asked to stop report stopped.
@@ -176,10 +179,7 @@ impl Sim {
             by_node
                 .entry(alloc.node_id.clone())
                 .or_default()
-                .push(AllocationReport {
-                    id: alloc.id.clone(),
-                    state: AllocState::Stopped,
-                });
+                .push(AllocationReport::new(alloc.id.clone(), AllocState::Stopped));
         }
         for (node_id, reports) in by_node {
             let at = self.at();
@@ -301,10 +301,7 @@ fn reschedules_back_off_exponentially() {
         let at = sim.at();
         sim.apply(Command::ReportAllocations {
             node_id: alloc.node_id.clone(),
-            reports: vec![AllocationReport {
-                id: alloc.id.clone(),
-                state: AllocState::Failed,
-            }],
+            reports: vec![AllocationReport::new(alloc.id.clone(), AllocState::Failed)],
             at,
         })
         .unwrap();
@@ -344,10 +341,7 @@ fn the_backoff_holds_when_something_else_plans_the_job_sooner() {
     let at = sim.at();
     sim.apply(Command::ReportAllocations {
         node_id: alloc.node_id.clone(),
-        reports: vec![AllocationReport {
-            id: alloc.id.clone(),
-            state: AllocState::Failed,
-        }],
+        reports: vec![AllocationReport::new(alloc.id.clone(), AllocState::Failed)],
         at,
     })
     .unwrap();
@@ -636,9 +630,15 @@ mod streams {
                 name: node.name.clone(),
                 attributes: node.attributes.clone(),
                 resources: node.resources.clone(),
+                public_key: None,
             };
             let at = sim.at();
-            sim.apply(Command::RegisterNode { node: reg, at }).unwrap();
+            sim.apply(Command::RegisterNode {
+                node: reg,
+                join_token: None,
+                at,
+            })
+            .unwrap();
         }
         sim
     }
@@ -732,6 +732,7 @@ mod streams {
                     node_id,
                     gpus: vec![health],
                     allocations: vec![],
+                    logs: Vec::new(),
                     at,
                 })
                 .unwrap();

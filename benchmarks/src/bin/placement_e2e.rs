@@ -131,6 +131,57 @@ impl Cluster {
     }
 }
 
+/// A request body with the headers it goes with.
+struct Prepared {
+    body: Vec<u8>,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl From<Value> for Prepared {
+    fn from(v: Value) -> Self {
+        Prepared {
+            body: serde_json::to_vec(&v).expect("serialisable"),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// Node `i`'s registration, signed with a key of its own and presenting `token`,
+/// as its agent would send it.
+fn signed_node(i: usize, token: &str) -> Prepared {
+    let mut secret = [7u8; 32];
+    secret[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    let key = aigrid_api::NodeKey::from_secret(secret);
+    let mut v = node(i);
+    v["public_key"] = json!(key.public().to_string());
+    let body = serde_json::to_vec(&v).expect("serialisable");
+    let id = aigrid_api::NodeId::new(format!("node-{i:05}"));
+    let now = aigrid_api::Timestamp::from_millis(
+        u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+        )
+        .unwrap_or(0),
+    );
+    let signature = key.sign(&aigrid_api::RequestToSign {
+        method: "POST",
+        path_and_query: "/api/v1/nodes",
+        node: &id,
+        timestamp: now,
+        body: &body,
+    });
+    Prepared {
+        body,
+        headers: vec![
+            ("x-aigrid-node", id.to_string()),
+            ("x-aigrid-timestamp", now.as_millis().to_string()),
+            ("x-aigrid-signature", signature),
+            ("authorization", format!("Bearer {token}")),
+        ],
+    }
+}
+
 fn node(i: usize) -> Value {
     let country = COUNTRIES[i % COUNTRIES.len()];
     let site = format!("{}-site-{}", country.to_lowercase(), i % 100);
@@ -173,7 +224,7 @@ async fn post_all(
     client: &reqwest::Client,
     urls: &[String],
     path: &str,
-    bodies: Vec<Value>,
+    bodies: Vec<Prepared>,
     clients: usize,
 ) -> Result<()> {
     let bodies = Arc::new(bodies);
@@ -190,7 +241,14 @@ async fn post_all(
                 };
                 let mut tries = 0;
                 loop {
-                    let r = client.post(&url).json(body).send().await;
+                    let mut req = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.body.clone());
+                    for (name, value) in &body.headers {
+                        req = req.header(*name, value);
+                    }
+                    let r = req.send().await;
                     match r {
                         Ok(r) if r.status().is_success() => break,
                         Ok(r) if tries < 20 && (r.status() == 429 || r.status() == 503) => {}
@@ -264,13 +322,26 @@ async fn main() -> Result<()> {
     wait_leader(&client, &cluster.urls).await?;
 
     let started = Instant::now();
-    let nodes: Vec<Value> = (0..args.nodes).map(node).collect();
+    let token: Value = client
+        .post(format!("{}/api/v1/join-tokens", cluster.urls[0]))
+        .json(&json!({}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = token["token"]
+        .as_str()
+        .context("no join token in the answer")?
+        .to_owned();
+    let nodes: Vec<Prepared> = (0..args.nodes).map(|i| signed_node(i, &token)).collect();
     post_all(&client, &cluster.urls, "/api/v1/nodes", nodes, args.clients).await?;
     let register_secs = started.elapsed().as_secs_f64();
     eprintln!("{} nodes registered in {register_secs:.1} s", args.nodes);
 
     let total = args.jobs as u64 * u64::from(args.instances);
-    let jobs: Vec<Value> = (0..args.jobs).map(|j| job(j, args.instances)).collect();
+    let jobs: Vec<Prepared> = (0..args.jobs)
+        .map(|j| job(j, args.instances).into())
+        .collect();
     let t0 = Instant::now();
     let submit = {
         let (client, urls, clients) = (client.clone(), cluster.urls.clone(), args.clients);

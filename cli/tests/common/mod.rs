@@ -41,6 +41,35 @@ pub fn assert_success(o: &Output) -> String {
     stdout(o)
 }
 
+/// Decodes the JSON a successful CLI run printed.
+pub fn json_output(o: &Output) -> Value {
+    let out = assert_success(o);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+/// Starts `aigrid ARGS`, its stderr appended to `log`.
+pub fn spawn_logged(args: &[std::ffi::OsString], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(aigrid_bin())
+        .args(args)
+        .env("AIGRID_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn aigrid")
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Ports free right now on 127.0.0.1, distinct, and below the kernel's ephemeral range
 /// (32768 and up by default), so no outgoing connection can take one while a server
 /// that owns it is down for a restart.
@@ -87,26 +116,17 @@ impl ServerProc {
 
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "server {} already running", self.id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(aigrid_bin())
-            .arg("server")
-            .arg("--id")
-            .arg(self.id.to_string())
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(&self.args)
-            .env("AIGRID_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn aigrid server");
-        self.child = Some(child);
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "server".into(),
+            "--id".into(),
+            self.id.to_string().into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.port).into(),
+            "--data-dir".into(),
+            self.data_dir.clone().into(),
+        ];
+        args.extend(self.args.iter().map(Into::into));
+        self.child = Some(spawn_logged(&args, &self.log));
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -145,9 +165,7 @@ impl ServerProc {
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        tail(&self.log, 20)
     }
 }
 

@@ -1,0 +1,361 @@
+//! `aigrid agent`: flags (each with an `AIGRID_*` variable) over an optional TOML
+//! file, then one agent, or a simulated fleet of them, until SIGINT or SIGTERM.
+//! Stopping the agent leaves its workloads running; the next start reattaches.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aigrid_agent::agent::{Agent, AgentConfig};
+use aigrid_agent::client::{parse_servers, ControlClient};
+use aigrid_agent::discovery::{Discovery, DiscoveryOptions};
+use aigrid_agent::driver::ExecDriver;
+use aigrid_agent::fleet::{self, FleetConfig};
+use aigrid_agent::identity::Identity;
+use aigrid_agent::metrics::AgentMetrics;
+use aigrid_agent::runner::{Runner, RunnerConfig, SupervisorLaunch};
+use aigrid_api::JoinToken;
+use anyhow::{anyhow, Context};
+use clap::Args;
+use serde::Deserialize;
+
+/// Flags of `aigrid agent`; the same names, with `_`, are the keys of its TOML file.
+#[derive(Args, Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgentArgs {
+    /// Control-plane server URLs, comma-separated; the agent moves between them on
+    /// its own.
+    #[arg(long, env = "AIGRID_SERVERS")]
+    servers: Option<String>,
+    /// Join token for the first registration (`aigrid node token create`).
+    #[arg(long, env = "AIGRID_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Directory for the node's identity, allocations, logs and artifact cache.
+    #[arg(long, env = "AIGRID_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A node attribute, `KEY=VALUE`; repeatable (the variable takes a comma list).
+    #[arg(
+        long = "attr",
+        value_name = "KEY=VALUE",
+        env = "AIGRID_ATTRS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    attr: Vec<String>,
+    /// The node id on first start (default: the host name and a random suffix).
+    #[arg(long, env = "AIGRID_NODE_ID")]
+    node_id: Option<String>,
+    /// Simulated GPUs instead of NVML, e.g. `4xH100-80GB,2xL4-24GB`; faults are
+    /// injected through `<data-dir>/simulated-gpu-faults`.
+    #[arg(long, env = "AIGRID_SIMULATE_GPUS")]
+    simulate_gpus: Option<String>,
+    /// Run N simulated agents in this process (simulated GPUs, a driver that only
+    /// records), to load-test the control plane.
+    #[arg(long, env = "AIGRID_SIMULATE_FLEET", value_name = "N")]
+    simulate_fleet: Option<usize>,
+    /// Milliseconds over which a simulated fleet's agents start.
+    #[arg(long, env = "AIGRID_FLEET_RAMP_MS")]
+    fleet_ramp_ms: Option<u64>,
+    /// Milliseconds between heartbeats (default 10000).
+    #[arg(long, env = "AIGRID_HEARTBEAT_INTERVAL_MS")]
+    heartbeat_interval_ms: Option<u64>,
+    /// Longest a long poll for assignments is held, in milliseconds (default 30000).
+    #[arg(long, env = "AIGRID_POLL_WAIT_MS")]
+    poll_wait_ms: Option<u64>,
+    /// Serve Prometheus `/metrics` on this address; nothing listens otherwise.
+    #[arg(long, env = "AIGRID_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// TOML file with any of these settings (flags and variables win).
+    #[arg(long, env = "AIGRID_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    fn or(self, file: AgentArgs) -> AgentArgs {
+        AgentArgs {
+            servers: self.servers.or(file.servers),
+            join_token: self.join_token.or(file.join_token),
+            data_dir: self.data_dir.or(file.data_dir),
+            attr: if self.attr.is_empty() {
+                file.attr
+            } else {
+                self.attr
+            },
+            node_id: self.node_id.or(file.node_id),
+            simulate_gpus: self.simulate_gpus.or(file.simulate_gpus),
+            simulate_fleet: self.simulate_fleet.or(file.simulate_fleet),
+            fleet_ramp_ms: self.fleet_ramp_ms.or(file.fleet_ramp_ms),
+            heartbeat_interval_ms: self.heartbeat_interval_ms.or(file.heartbeat_interval_ms),
+            poll_wait_ms: self.poll_wait_ms.or(file.poll_wait_ms),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            config: self.config,
+        }
+    }
+}
+
+/// Everything an agent process needs, checked before anything starts.
+struct Resolved {
+    servers: Vec<String>,
+    data_dir: PathBuf,
+    node_id: Option<String>,
+    simulate_gpus: Option<String>,
+    fleet: Option<(usize, Duration)>,
+    metrics_listen: Option<SocketAddr>,
+    agent: AgentConfig,
+}
+
+fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for attr in attrs {
+        let (k, v) = attr
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--attr `{attr}` must be KEY=VALUE"))?;
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(anyhow!("--attr `{attr}`: the key is empty"));
+        }
+        out.insert(k.to_owned(), v.trim().to_owned());
+    }
+    Ok(out)
+}
+
+fn resolve(args: AgentArgs) -> anyhow::Result<Resolved> {
+    let file = match &args.config {
+        Some(path) => crate::config::read_toml(path)?,
+        None => AgentArgs::default(),
+    };
+    let args = args.or(file);
+    let servers = parse_servers(
+        args.servers
+            .as_deref()
+            .ok_or_else(|| anyhow!("--servers is required (or AIGRID_SERVERS)"))?,
+    )
+    .map_err(|e| anyhow!(e))?;
+    let data_dir = args
+        .data_dir
+        .ok_or_else(|| anyhow!("--data-dir is required (or AIGRID_DATA_DIR)"))?;
+    let join_token = args
+        .join_token
+        .as_deref()
+        .map(str::parse::<JoinToken>)
+        .transpose()
+        .map_err(|e| anyhow!("--join-token: {e}"))?;
+    let ms = |name: &str, v: Option<u64>, default: u64, min: u64| -> anyhow::Result<Duration> {
+        let v = v.unwrap_or(default);
+        if v < min {
+            return Err(anyhow!("--{name} must be at least {min}"));
+        }
+        Ok(Duration::from_millis(v))
+    };
+    let agent = AgentConfig {
+        join_token,
+        attributes: parse_attrs(&args.attr)?,
+        heartbeat_interval: ms(
+            "heartbeat-interval-ms",
+            args.heartbeat_interval_ms,
+            10_000,
+            100,
+        )?,
+        poll_wait: ms("poll-wait-ms", args.poll_wait_ms, 30_000, 100)?,
+        ..AgentConfig::default()
+    };
+    let fleet = match args.simulate_fleet {
+        Some(0) => return Err(anyhow!("--simulate-fleet must be at least 1")),
+        Some(n) => Some((n, ms("fleet-ramp-ms", args.fleet_ramp_ms, 10_000, 0)?)),
+        None => None,
+    };
+    if let Some(spec) = &args.simulate_gpus {
+        aigrid_agent::simulated::parse(spec, "check")?;
+    }
+    Ok(Resolved {
+        servers,
+        data_dir,
+        node_id: args.node_id,
+        simulate_gpus: args.simulate_gpus,
+        fleet,
+        metrics_listen: args.metrics_listen,
+        agent,
+    })
+}
+
+/// The machine's host name, as the kernel reports it.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned())
+}
+
+/// Serves `/metrics` (and nothing else) on `addr`.
+async fn serve_metrics(addr: SocketAddr, registry: prometheus::Registry) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-listen {addr}"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut out = Vec::new();
+                let _ = prometheus::Encoder::encode(
+                    &prometheus::TextEncoder::new(),
+                    &registry.gather(),
+                    &mut out,
+                );
+                out
+            }
+        }),
+    );
+    tracing::info!(%addr, "serving agent metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    Ok(())
+}
+
+/// One real agent on this machine: identity, discovery, exec runner, pull loop.
+pub async fn start_agent(
+    servers: Vec<String>,
+    data_dir: &Path,
+    node_id: Option<&str>,
+    simulate_gpus: Option<String>,
+    config: AgentConfig,
+    metrics: AgentMetrics,
+) -> anyhow::Result<Arc<Agent>> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let identity = Identity::load_or_create(data_dir, node_id, &hostname())?;
+    let discovery = Discovery::open(DiscoveryOptions {
+        simulate_gpus,
+        data_dir: data_dir.to_path_buf(),
+        seed: identity.node_id.to_string(),
+    })?;
+    let launch = SupervisorLaunch::current_exe().context("locating the aigrid binary")?;
+    let runner = Runner::open(
+        RunnerConfig::new(data_dir.to_path_buf(), launch),
+        Arc::new(ExecDriver::new()),
+    )
+    .await?;
+    let (limits, why) = runner.limits_enforced();
+    tracing::info!(
+        node = %identity.node_id,
+        gpus = discovery.resources().gpus.len(),
+        gpu_source = discovery.gpu_source(),
+        limits = %limits,
+        why = why.as_deref().unwrap_or(""),
+        "agent starting"
+    );
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("building the HTTP client")?;
+    let client = ControlClient::new(servers, http, Arc::new(identity), 0);
+    Ok(Arc::new(Agent::new(
+        config, client, discovery, runner, metrics,
+    )))
+}
+
+/// `aigrid agent`.
+pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let r = resolve(args)?;
+    let registry = prometheus::Registry::new();
+    let metrics = AgentMetrics::register(&registry, r.fleet.is_none())?;
+    if let Some(addr) = r.metrics_listen {
+        serve_metrics(addr, registry).await?;
+    }
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::config::shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    if let Some((count, ramp)) = r.fleet {
+        let fleet = FleetConfig {
+            count,
+            gpus: r.simulate_gpus.unwrap_or_else(|| "8xH100-80GB".to_owned()),
+            prefix: r.node_id.unwrap_or_else(|| format!("fleet-{}", hostname())),
+            seed: fleet::load_seed(&r.data_dir)?,
+            ramp,
+            servers: r.servers,
+        };
+        fleet::run(fleet, r.agent, metrics, &r.data_dir, shutdown).await?;
+        return Ok(());
+    }
+    let agent = start_agent(
+        r.servers,
+        &r.data_dir,
+        r.node_id.as_deref(),
+        r.simulate_gpus,
+        r.agent,
+        metrics,
+    )
+    .await?;
+    agent.run(shutdown).await?;
+    tracing::info!("agent stopped; workloads keep running and are reattached on the next start");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "servers = \"http://127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\nattr = [\"site=x\"]\nheartbeat_interval_ms = 500\n",
+        )
+        .unwrap();
+        let r = resolve(AgentArgs {
+            config: Some(path.clone()),
+            attr: vec!["site=y".into()],
+            ..AgentArgs::default()
+        })
+        .unwrap();
+        assert_eq!(r.agent.attributes["site"], "y");
+        assert_eq!(r.agent.heartbeat_interval, Duration::from_millis(500));
+        std::fs::write(&path, "servers = \"http://x\"\nbogus = 1\n").unwrap();
+        let err = resolve(AgentArgs {
+            config: Some(path),
+            ..AgentArgs::default()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let bad = |args: AgentArgs| resolve(args).err().unwrap().to_string();
+        let base = || AgentArgs {
+            servers: Some("http://127.0.0.1:1".into()),
+            data_dir: Some("/tmp/a".into()),
+            ..AgentArgs::default()
+        };
+        assert!(bad(AgentArgs {
+            servers: None,
+            ..base()
+        })
+        .contains("--servers"));
+        assert!(bad(AgentArgs {
+            join_token: Some("nope".into()),
+            ..base()
+        })
+        .contains("--join-token"));
+        assert!(bad(AgentArgs {
+            attr: vec!["x".into()],
+            ..base()
+        })
+        .contains("--attr"));
+        assert!(bad(AgentArgs {
+            simulate_fleet: Some(0),
+            ..base()
+        })
+        .contains("--simulate-fleet"));
+    }
+}

@@ -1,0 +1,358 @@
+//! The pull loop: the whole of an agent's conversation with the control plane, and
+//! all of it outbound. The agent registers (with a join token the first time),
+//! then runs two loops until it is told to stop:
+//!
+//! - heartbeat: every interval, or at once when an allocation changes state, it
+//!   sends GPU health, host and GPU readings, allocation states and fresh log tails;
+//! - poll: it long-polls its node's assignments and hands each answer to the
+//!   [`Runner`], which starts, stops and restarts processes to match.
+//!
+//! Either loop failing to reach a server retries with backoff, moving to the next
+//! server. The servers refusing the node's key (it was revoked) stops the
+//! agent's workloads and ends the agent.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aigrid_api::node::{MAX_HEARTBEAT_ENTRIES, MAX_HEARTBEAT_LOGS};
+use aigrid_api::{
+    Heartbeat, HeartbeatResponse, JoinToken, LimitsEnforcement, NodeAssignments, NodeRegistration,
+    RegisterNodeResponse,
+};
+use parking_lot::Mutex;
+use reqwest::Method;
+use tokio::sync::watch;
+
+use crate::client::{ClientError, ControlClient};
+use crate::discovery::Discovery;
+use crate::metrics::AgentMetrics;
+use crate::runner::Runner;
+
+/// How an agent talks to the control plane.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Presented when the node registers for the first time (or after its key
+    /// was revoked); known nodes re-register with their key alone.
+    pub join_token: Option<JoinToken>,
+    /// Operator-given facts for constraints and spreads (`country`, `site`).
+    pub attributes: BTreeMap<String, String>,
+    /// Time between heartbeats when nothing changes.
+    pub heartbeat_interval: Duration,
+    /// Longest a long poll is held by the server.
+    pub poll_wait: Duration,
+    /// Bound on every other request.
+    pub request_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            join_token: None,
+            attributes: BTreeMap::new(),
+            heartbeat_interval: Duration::from_secs(10),
+            poll_wait: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why an agent stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The servers refused this node's join token or key.
+    #[error("the servers refused this node: {0}")]
+    Refused(String),
+}
+
+/// One node's agent.
+pub struct Agent {
+    config: AgentConfig,
+    client: ControlClient,
+    discovery: Mutex<Discovery>,
+    runner: Runner,
+    metrics: AgentMetrics,
+}
+
+impl Agent {
+    /// An agent that will talk through `client` and run work through `runner`.
+    pub fn new(
+        config: AgentConfig,
+        client: ControlClient,
+        discovery: Discovery,
+        runner: Runner,
+        metrics: AgentMetrics,
+    ) -> Self {
+        Agent {
+            config,
+            client,
+            discovery: Mutex::new(discovery),
+            runner,
+            metrics,
+        }
+    }
+
+    /// The registration this agent sends.
+    fn registration(&self) -> NodeRegistration {
+        let discovery = self.discovery.lock();
+        let mut attributes = self.config.attributes.clone();
+        attributes.insert("gpu.source".into(), discovery.gpu_source().into());
+        let (limits, _) = self.runner.limits_enforced();
+        let limits = match limits {
+            LimitsEnforcement::Enforced => "enforced",
+            LimitsEnforcement::NotEnforced => "not_enforced",
+        };
+        attributes.insert("driver.exec.limits".into(), limits.into());
+        let identity = self.client.identity();
+        NodeRegistration {
+            id: identity.node_id.clone(),
+            name: discovery.hostname(),
+            attributes,
+            resources: discovery.resources(),
+            public_key: Some(identity.key.public()),
+        }
+    }
+
+    /// Registers, retrying with backoff until a server accepts or refuses.
+    async fn register(&self, shutdown: &mut watch::Receiver<bool>) -> Result<bool, AgentError> {
+        let body = serde_json::to_vec(&self.registration()).expect("serialisable");
+        let mut backoff = Backoff::new();
+        loop {
+            let sent: Result<RegisterNodeResponse, _> = self
+                .client
+                .send(
+                    Method::POST,
+                    "/api/v1/nodes",
+                    Some(body.clone()),
+                    self.config.join_token.as_ref(),
+                    self.config.request_timeout,
+                )
+                .await;
+            match sent {
+                Ok(resp) => {
+                    tracing::info!(node = %resp.id, created = resp.created, "registered");
+                    return Ok(true);
+                }
+                Err(e) if e.is_unauthorized() => {
+                    let hint = if self.config.join_token.is_none() {
+                        "; a new node needs --join-token"
+                    } else {
+                        ""
+                    };
+                    return Err(AgentError::Refused(format!("{e}{hint}")));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registration failed; retrying");
+                    if !backoff.wait(shutdown).await {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs until `shutdown` turns true (workloads keep running, to be reattached
+    /// by the next agent) or the servers refuse the node (workloads are stopped).
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
+        if !self.register(&mut shutdown).await? {
+            self.runner.shutdown().await;
+            return Ok(());
+        }
+        self.metrics.registered.inc();
+        let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<AgentError>(2);
+        let heartbeats = tokio::spawn(
+            self.clone()
+                .heartbeat_loop(shutdown.clone(), fatal_tx.clone()),
+        );
+        let polls = tokio::spawn(self.clone().poll_loop(shutdown.clone(), fatal_tx));
+        let outcome = tokio::select! {
+            _ = stopped(&mut shutdown) => Ok(()),
+            Some(e) = fatal_rx.recv() => Err(e),
+        };
+        heartbeats.abort();
+        polls.abort();
+        self.metrics.registered.dec();
+        if outcome.is_err() {
+            // Refused: the control plane has rescheduled this node's work, so
+            // keeping it running would run it twice.
+            self.runner.apply(&[]);
+            self.wait_stopped(Duration::from_secs(60)).await;
+        }
+        self.runner.shutdown().await;
+        outcome
+    }
+
+    async fn wait_stopped(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline
+            && self.runner.reports().iter().any(|r| !r.state.is_terminal())
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        let sample = self.discovery.lock().sample();
+        self.metrics
+            .record_gpus(&sample.telemetry.gpus, &sample.health);
+        let mut allocations = self.runner.reports();
+        // Unfinished ones first, so the states that matter are never cut off.
+        allocations.sort_by_key(|r| r.state.is_terminal());
+        allocations.truncate(MAX_HEARTBEAT_ENTRIES);
+        Heartbeat {
+            gpus: sample.health,
+            allocations,
+            telemetry: Some(sample.telemetry),
+            logs: self.runner.log_tails(MAX_HEARTBEAT_LOGS),
+        }
+    }
+
+    async fn heartbeat_loop(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+        fatal: tokio::sync::mpsc::Sender<AgentError>,
+    ) {
+        let path = format!("/api/v1/nodes/{}/heartbeat", self.client.identity().node_id);
+        let mut changes = self.runner.changes();
+        let mut next = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = tokio::time::sleep_until(next) => {}
+                Ok(()) = changes.changed() => {
+                    // Let a burst of changes settle into one heartbeat.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            changes.borrow_and_update();
+            let hb = self.heartbeat();
+            let body = serde_json::to_vec(&hb).expect("serialisable");
+            let started = Instant::now();
+            let sent: Result<HeartbeatResponse, _> = self
+                .client
+                .send(
+                    Method::POST,
+                    &path,
+                    Some(body),
+                    None,
+                    self.config.request_timeout,
+                )
+                .await;
+            self.metrics
+                .heartbeat_seconds
+                .observe(started.elapsed().as_secs_f64());
+            next = tokio::time::Instant::now() + jitter(self.config.heartbeat_interval);
+            match sent {
+                Ok(_) => {
+                    self.metrics.heartbeats.with_label_values(&["ok"]).inc();
+                    self.runner.mark_shipped(&hb.logs);
+                }
+                Err(e) => {
+                    self.metrics.heartbeats.with_label_values(&["error"]).inc();
+                    if e.is_unauthorized() {
+                        let _ = fatal.send(AgentError::Refused(e.to_string())).await;
+                        return;
+                    }
+                    if e.is_not_found() {
+                        // The control plane forgot this node: join it again.
+                        tracing::warn!("the servers do not know this node; registering again");
+                        if let Err(e) = self.register(&mut shutdown).await {
+                            let _ = fatal.send(e).await;
+                            return;
+                        }
+                    } else {
+                        tracing::warn!(error = %e, "heartbeat failed");
+                    }
+                    // Try again soon rather than a whole interval later.
+                    next = tokio::time::Instant::now()
+                        + self.config.heartbeat_interval.min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn poll_loop(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+        fatal: tokio::sync::mpsc::Sender<AgentError>,
+    ) {
+        let node = self.client.identity().node_id.clone();
+        let wait_ms = u64::try_from(self.config.poll_wait.as_millis()).unwrap_or(u64::MAX);
+        let mut index: Option<u64> = None;
+        let mut backoff = Backoff::new();
+        loop {
+            let path = match index {
+                None => format!("/api/v1/nodes/{node}/assignments"),
+                Some(i) => format!("/api/v1/nodes/{node}/assignments?index={i}&wait_ms={wait_ms}"),
+            };
+            let polled: Result<NodeAssignments, ClientError> = tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                r = self.client.send(
+                    Method::GET,
+                    &path,
+                    None,
+                    None,
+                    self.config.poll_wait + self.config.request_timeout,
+                ) => r,
+            };
+            match polled {
+                Ok(assignments) => {
+                    backoff = Backoff::new();
+                    let changed = index != Some(assignments.index);
+                    let outcome = if changed { "changed" } else { "unchanged" };
+                    self.metrics.polls.with_label_values(&[outcome]).inc();
+                    self.runner.apply(&assignments.allocations);
+                    index = Some(assignments.index);
+                }
+                Err(e) => {
+                    self.metrics.polls.with_label_values(&["error"]).inc();
+                    if e.is_unauthorized() {
+                        let _ = fatal.send(AgentError::Refused(e.to_string())).await;
+                        return;
+                    }
+                    tracing::warn!(error = %e, "polling for assignments failed");
+                    if !backoff.wait(&mut shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Completes when `shutdown` turns true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// `d` give or take 10%, so a fleet started at once does not heartbeat in step.
+fn jitter(d: Duration) -> Duration {
+    let f = 0.9 + rand::random::<f64>() * 0.2;
+    d.mul_f64(f)
+}
+
+/// Exponential retry delays from 200 ms up to 10 s, with jitter.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: Duration::from_millis(200),
+        }
+    }
+
+    /// Sleeps the next delay; false when shutdown came first.
+    async fn wait(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let delay = jitter(self.next);
+        self.next = (self.next * 2).min(Duration::from_secs(10));
+        tokio::select! {
+            _ = stopped(shutdown) => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}

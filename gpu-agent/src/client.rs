@@ -1,0 +1,226 @@
+//! The agent's client of the control plane. Every request is signed with the node's
+//! key. Any server answers any request (followers forward writes to the leader), so
+//! the client sticks to one server while it answers and moves to the next on a
+//! connection failure or a 5xx: leader changes and lost servers need nothing more.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aigrid_api::auth::{NODE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use aigrid_api::{ErrorBody, ErrorCode, JoinToken, RequestToSign, Timestamp};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::identity::Identity;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No server could be reached or every one answered 5xx.
+    #[error("no server answered: {0}")]
+    Unavailable(String),
+    /// A server refused the request.
+    #[error("{status}: {message} ({code})")]
+    Refused {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The API's error code.
+        code: String,
+        /// Its message.
+        message: String,
+    },
+    /// A server answered something that is not the expected JSON.
+    #[error("unexpected answer from {url}: {reason}")]
+    Decode {
+        /// The request URL.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl ClientError {
+    /// True when the servers do not accept this node's credentials.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, Self::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED)
+    }
+
+    /// True when the servers do not know this node.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Refused { status, .. } if *status == StatusCode::NOT_FOUND)
+    }
+}
+
+/// Signed requests to a list of servers.
+#[derive(Clone)]
+pub struct ControlClient {
+    servers: Arc<Vec<String>>,
+    current: Arc<AtomicUsize>,
+    http: reqwest::Client,
+    identity: Arc<Identity>,
+}
+
+/// Parses a comma-separated list of server URLs.
+pub fn parse_servers(text: &str) -> Result<Vec<String>, String> {
+    let servers: Vec<String> = text
+        .split(',')
+        .map(|s| s.trim().trim_end_matches('/').to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if servers.is_empty() {
+        return Err("--servers needs at least one URL".to_owned());
+    }
+    if let Some(bad) = servers
+        .iter()
+        .find(|s| !(s.starts_with("http://") || s.starts_with("https://")))
+    {
+        return Err(format!(
+            "--servers `{bad}` must start with http:// or https://"
+        ));
+    }
+    Ok(servers)
+}
+
+fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Timestamp::from_millis(ms)
+}
+
+impl ControlClient {
+    /// A client for `servers`, starting at the one `start` picks (spreading a fleet
+    /// over the servers).
+    pub fn new(
+        servers: Vec<String>,
+        http: reqwest::Client,
+        identity: Arc<Identity>,
+        start: usize,
+    ) -> Self {
+        let start = start % servers.len().max(1);
+        ControlClient {
+            servers: Arc::new(servers),
+            current: Arc::new(AtomicUsize::new(start)),
+            http,
+            identity,
+        }
+    }
+
+    /// The node this client signs for.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Sends a signed request, trying each server once starting with the current
+    /// one, and decodes the success body. `timeout` bounds each attempt.
+    pub async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        token: Option<&JoinToken>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let body = body.unwrap_or_default();
+        let mut failures = Vec::new();
+        let n = self.servers.len();
+        let first = self.current.load(Ordering::Relaxed);
+        for step in 0..n {
+            let i = (first + step) % n;
+            let server = &self.servers[i];
+            let url = format!("{server}{path_and_query}");
+            let timestamp = now();
+            let signature = self.identity.key.sign(&RequestToSign {
+                method: method.as_str(),
+                path_and_query,
+                node: &self.identity.node_id,
+                timestamp,
+                body: &body,
+            });
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .timeout(timeout)
+                .header(NODE_HEADER, self.identity.node_id.as_str())
+                .header(TIMESTAMP_HEADER, timestamp.as_millis().to_string())
+                .header(SIGNATURE_HEADER, signature);
+            if !body.is_empty() {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+            }
+            if let Some(token) = token {
+                req = req.bearer_auth(token.to_string());
+            }
+            let resp = match req.send().await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    failures.push(format!("{server}: {}", root_cause(&e)));
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let bytes = match resp.bytes().await {
+                Ok(b) => b,
+                Err(e) => {
+                    failures.push(format!("{server}: {}", root_cause(&e)));
+                    continue;
+                }
+            };
+            if status.is_success() {
+                self.current.store(i, Ordering::Relaxed);
+                return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+                    url,
+                    reason: e.to_string(),
+                });
+            }
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => (b.error.code, b.error.message),
+                Err(_) => (
+                    ErrorCode::Internal.as_str().to_owned(),
+                    String::from_utf8_lossy(&bytes).trim().to_owned(),
+                ),
+            };
+            // 5xx: this server cannot serve now (no quorum, cut off): try another.
+            // 429: it is busy: another may not be.
+            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                failures.push(format!("{server}: {status} {message}"));
+                continue;
+            }
+            self.current.store(i, Ordering::Relaxed);
+            return Err(ClientError::Refused {
+                status,
+                code,
+                message,
+            });
+        }
+        // Start the next attempt from the server after the one we started from.
+        self.current
+            .store((first + 1) % n.max(1), Ordering::Relaxed);
+        Err(ClientError::Unavailable(failures.join("; ")))
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_lists_parse() {
+        assert_eq!(
+            parse_servers("http://a:1/, https://b:2").unwrap(),
+            ["http://a:1", "https://b:2"]
+        );
+        assert!(parse_servers(" , ").is_err());
+        assert!(parse_servers("a:1").is_err());
+    }
+}

@@ -1,0 +1,823 @@
+//! The allocation runner: makes what runs on this node match what the control
+//! plane assigned, and reports back what does run.
+//!
+//! Each allocation the runner knows has one lifecycle task: prepare (artifacts),
+//! start, watch, restart by policy, stop on request. Drivers do the work of one run;
+//! the runner owns the states the control plane sees:
+//!
+//! ```text
+//! pending --start--> running --exit 0--------------------> complete
+//!    |                  |  \--exit!=0, restart allowed--> pending (delay) --> running
+//!    |                  |  \--exit!=0, no restart-------> failed
+//!    |                  \--stop requested---------------> stopped
+//!    \--artifact refused / cannot start-----------------> failed
+//! ```
+//!
+//! Workloads outlive the agent: [`Runner::shutdown`] only stops watching, and the
+//! next [`Runner::open`] reattaches to what still runs. A reattached allocation does
+//! nothing on its own (no restart, no stop) until the first [`Runner::apply`] says
+//! whether it is still wanted.
+//!
+//! An allocation is forgotten (its directory removed) once it is terminal and
+//! absent from two consecutive `apply` calls: the first absence may be the control
+//! plane dropping it before the final report reached it, and the heartbeat between
+//! the two calls carries that report.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use aigrid_api::allocation::MAX_REASON_LEN;
+use aigrid_api::{
+    AllocId, AllocState, AllocationReport, Assignment, DesiredState, LimitsEnforcement, LogTail,
+    TaskSpec,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::driver::{
+    Driver, DriverError, LogMark, RecoveredStatus, TaskContext, TaskExit, TaskHandle,
+};
+
+/// Size of one log file before it rotates: 10 MiB.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// Rotated log files kept per stream.
+pub const DEFAULT_LOG_MAX_FILES: u32 = 5;
+
+/// How to start a supervisor: `<program> <args..> <alloc_dir>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisorLaunch {
+    /// The program, normally the `aigrid` binary itself.
+    pub program: PathBuf,
+    /// Arguments before the allocation directory, normally `["supervise"]`.
+    pub args: Vec<String>,
+}
+
+impl SupervisorLaunch {
+    /// `aigrid supervise`, through the running binary.
+    pub fn current_exe() -> io::Result<Self> {
+        Ok(SupervisorLaunch {
+            program: std::env::current_exe()?,
+            args: vec!["supervise".into()],
+        })
+    }
+}
+
+/// What a [`Runner`] needs.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Allocation directories live under `<data_dir>/allocs/<alloc-id>/`, the
+    /// artifact cache under `<data_dir>/artifacts/`.
+    pub data_dir: PathBuf,
+    /// How to start a supervisor.
+    pub supervisor: SupervisorLaunch,
+    /// The client for http(s) artifacts.
+    pub http: reqwest::Client,
+    /// Size of one log file before it rotates.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept per stream.
+    pub log_max_files: u32,
+}
+
+impl RunnerConfig {
+    /// A configuration with default log limits and HTTP client.
+    pub fn new(data_dir: PathBuf, supervisor: SupervisorLaunch) -> Self {
+        RunnerConfig {
+            data_dir,
+            supervisor,
+            http: reqwest::Client::new(),
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            log_max_files: DEFAULT_LOG_MAX_FILES,
+        }
+    }
+}
+
+/// Why a runner could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The allocations an earlier agent started could not be looked for.
+    #[error("cannot recover allocations: {0}")]
+    Recover(#[from] DriverError),
+}
+
+/// What the control plane last said about an allocation, as its lifecycle sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    /// Reattached after an agent restart; no `apply` has spoken yet.
+    Unconfirmed,
+    /// Keep it running.
+    Run,
+    /// Stop it. Never taken back.
+    Stop,
+}
+
+struct Entry {
+    report: AllocationReport,
+    control: watch::Sender<Control>,
+    task: Option<JoinHandle<()>>,
+    /// Terminal and absent from the last `apply`.
+    absent: bool,
+    /// The log mark of the tail last handed out, and of the one last shipped.
+    offered: Option<LogMark>,
+    shipped: Option<LogMark>,
+}
+
+impl Entry {
+    fn new(report: AllocationReport, control: Control) -> Self {
+        Entry {
+            report,
+            control: watch::Sender::new(control),
+            task: None,
+            absent: false,
+            offered: None,
+            shipped: None,
+        }
+    }
+}
+
+struct Inner {
+    config: Arc<RunnerConfig>,
+    driver: Arc<dyn Driver>,
+    limits: (LimitsEnforcement, Option<String>),
+    entries: Mutex<BTreeMap<AllocId, Entry>>,
+    changes: watch::Sender<u64>,
+    shutdown: watch::Sender<bool>,
+    /// Where `log_tails` resumes, so every allocation's output gets shipped in turn.
+    tail_cursor: Mutex<Option<AllocId>>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Runs this node's allocations through a [`Driver`]. Cheap to clone; clones share
+/// one runner.
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+enum Start {
+    Fresh,
+    Attached(Box<dyn TaskHandle>),
+}
+
+impl Runner {
+    /// Opens the runner: probes limits and finds allocations an earlier agent
+    /// started. Live ones are reattached (not started again); finished ones report
+    /// their recorded exit; ones whose supervisor vanished are failed.
+    pub async fn open(
+        config: RunnerConfig,
+        driver: Arc<dyn Driver>,
+    ) -> Result<Runner, RunnerError> {
+        let config = Arc::new(config);
+        let limits = driver.limits();
+        let recovered = driver.recover(&config).await?;
+        let runner = Runner {
+            inner: Arc::new(Inner {
+                config,
+                driver,
+                limits,
+                entries: Mutex::new(BTreeMap::new()),
+                changes: watch::Sender::new(0),
+                shutdown: watch::Sender::new(false),
+                tail_cursor: Mutex::new(None),
+                runtime: tokio::runtime::Handle::current(),
+            }),
+        };
+        let mut entries = runner.inner.lock();
+        for found in recovered {
+            let ctx = found.ctx;
+            let id = ctx.alloc.id.clone();
+            let mut report = AllocationReport::new(id.clone(), AllocState::Running);
+            report.restarts = ctx.restarts;
+            match found.status {
+                RecoveredStatus::Running(handle) => {
+                    tracing::info!(alloc = %id, "reattached to a running allocation");
+                    report.limits = Some(handle.limits());
+                    let mut entry = Entry::new(report, Control::Unconfirmed);
+                    entry.task = Some(runner.spawn(ctx, &entry, Start::Attached(handle)));
+                    entries.insert(id, entry);
+                }
+                RecoveredStatus::Exited(exit) => {
+                    tracing::info!(alloc = %id, exit = ?exit, "found a finished allocation");
+                    let (state, reason) = outcome(&exit, ctx.restarts);
+                    report.state = state;
+                    report.reason = reason;
+                    entries.insert(id, Entry::new(report, Control::Unconfirmed));
+                }
+            }
+        }
+        drop(entries);
+        Ok(runner)
+    }
+
+    /// Whether this node enforces allocations' CPU and memory limits, and why not.
+    pub fn limits_enforced(&self) -> (LimitsEnforcement, Option<String>) {
+        self.inner.limits.clone()
+    }
+
+    /// Makes the node match the control plane's view. Returns at once; the work
+    /// happens on spawned tasks. Starts wanted `exec` allocations it does not run,
+    /// stops unwanted or vanished ones, never starts one that comes without a task,
+    /// and fails `model-server` ones (no such driver here yet). Call it only with
+    /// the answer of a successful poll: the first call after [`Runner::open`]
+    /// decides what reattached allocations do.
+    pub fn apply(&self, assignments: &[Assignment]) {
+        if *self.inner.shutdown.borrow() {
+            return;
+        }
+        let mut entries = self.inner.lock();
+        let mut present = HashSet::with_capacity(assignments.len());
+        let mut changed = false;
+        for assignment in assignments {
+            let alloc = &assignment.allocation;
+            present.insert(&alloc.id);
+            let want = match alloc.desired {
+                DesiredState::Run => Control::Run,
+                DesiredState::Stop => Control::Stop,
+            };
+            if let Some(entry) = entries.get_mut(&alloc.id) {
+                entry.absent = false;
+                entry.control.send_if_modified(|c| {
+                    let update = *c != Control::Stop && *c != want;
+                    if update {
+                        *c = want;
+                    }
+                    update
+                });
+                continue;
+            }
+            let id = alloc.id.clone();
+            let entry = match (alloc.desired, &assignment.task) {
+                (DesiredState::Run, Some(TaskSpec::Exec(task))) => {
+                    let ctx = TaskContext {
+                        alloc: alloc.clone(),
+                        task: task.clone(),
+                        restarts: 0,
+                    };
+                    let report = AllocationReport::new(id.clone(), AllocState::Pending);
+                    let mut entry = Entry::new(report, Control::Run);
+                    entry.task = Some(self.spawn(ctx, &entry, Start::Fresh));
+                    entry
+                }
+                (DesiredState::Run, Some(TaskSpec::ModelServer(_))) => {
+                    let mut report = AllocationReport::new(id.clone(), AllocState::Failed);
+                    report.reason =
+                        Some("driver `model-server` is not available on this node".into());
+                    Entry::new(report, Control::Run)
+                }
+                // An allocation of an older job version: kept if it runs, never started.
+                (DesiredState::Run, None) => continue,
+                (DesiredState::Stop, _) if !alloc.state.is_terminal() => Entry::new(
+                    AllocationReport::new(id.clone(), AllocState::Stopped),
+                    Control::Stop,
+                ),
+                (DesiredState::Stop, _) => continue,
+            };
+            entries.insert(id, entry);
+            changed = true;
+        }
+
+        let mut forget = Vec::new();
+        for (id, entry) in entries.iter_mut() {
+            if present.contains(id) {
+                continue;
+            }
+            if !entry.report.state.is_terminal() {
+                entry.control.send_if_modified(|c| {
+                    let update = *c != Control::Stop;
+                    *c = Control::Stop;
+                    update
+                });
+            } else if entry.absent {
+                forget.push(id.clone());
+            } else {
+                entry.absent = true;
+            }
+        }
+        for id in forget {
+            let Some(entry) = entries.remove(&id) else {
+                continue;
+            };
+            changed = true;
+            let inner = self.inner.clone();
+            self.inner.runtime.spawn(async move {
+                if let Some(task) = entry.task {
+                    let _ = task.await;
+                }
+                inner.driver.destroy(&inner.config, &id).await;
+            });
+        }
+        drop(entries);
+        if changed {
+            self.inner.bump();
+        }
+    }
+
+    /// The state of every allocation the runner knows, terminal ones included until
+    /// they are forgotten, ordered by id.
+    pub fn reports(&self) -> Vec<AllocationReport> {
+        self.inner
+            .lock()
+            .values()
+            .map(|e| e.report.clone())
+            .collect()
+    }
+
+    /// Bumps whenever a report changes, so the agent can heartbeat early.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// The output tails of at most `max` allocations whose output grew since it was
+    /// last shipped, taking allocations in turn across calls.
+    pub fn log_tails(&self, max: usize) -> Vec<LogTail> {
+        let inner = &self.inner;
+        let candidates: Vec<(AllocId, Option<LogMark>)> = {
+            let entries = inner.lock();
+            let cursor = inner.tail_cursor.lock().expect("cursor lock").clone();
+            let (after, before): (Vec<_>, Vec<_>) = entries
+                .iter()
+                .map(|(id, e)| (id.clone(), e.shipped))
+                .partition(|(id, _)| cursor.as_ref().is_some_and(|c| id > c));
+            after.into_iter().chain(before).collect()
+        };
+        let mut tails = Vec::new();
+        let mut offered = Vec::new();
+        for (id, shipped) in candidates {
+            if tails.len() >= max {
+                break;
+            }
+            let Some(mark) = inner.driver.log_mark(&inner.config, &id) else {
+                continue;
+            };
+            if Some(mark) == shipped {
+                continue;
+            }
+            if let Some(tail) = inner.driver.log_tail(&inner.config, &id) {
+                offered.push((id, mark));
+                tails.push(tail);
+            }
+        }
+        if let Some((last, _)) = offered.last() {
+            *inner.tail_cursor.lock().expect("cursor lock") = Some(last.clone());
+        }
+        let mut entries = inner.lock();
+        for (id, mark) in offered {
+            if let Some(entry) = entries.get_mut(&id) {
+                entry.offered = Some(mark);
+            }
+        }
+        tails
+    }
+
+    /// Marks these tails as shipped; call it once the heartbeat carrying them was
+    /// accepted.
+    pub fn mark_shipped(&self, tails: &[LogTail]) {
+        let mut entries = self.inner.lock();
+        for tail in tails {
+            if let Some(entry) = entries.get_mut(&tail.id) {
+                if entry.offered.is_some() {
+                    entry.shipped = entry.offered;
+                }
+            }
+        }
+    }
+
+    /// Stops watching. Workloads keep running (an agent restart or upgrade must not
+    /// kill work) and the next [`Runner::open`] reattaches to them. Stops already
+    /// under way are finished first.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let tasks: Vec<JoinHandle<()>> = self
+            .inner
+            .lock()
+            .values_mut()
+            .filter_map(|e| e.task.take())
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    fn spawn(&self, ctx: TaskContext, entry: &Entry, start: Start) -> JoinHandle<()> {
+        let control = entry.control.subscribe();
+        let inner = self.inner.clone();
+        self.inner
+            .runtime
+            .spawn(lifecycle(inner, ctx, start, control))
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<AllocId, Entry>> {
+        self.entries.lock().expect("runner entries lock")
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes an allocation's report, telling watchers when it really changed.
+    fn update(&self, id: &AllocId, f: impl FnOnce(&mut AllocationReport)) {
+        let changed = {
+            let mut entries = self.lock();
+            let Some(entry) = entries.get_mut(id) else {
+                return;
+            };
+            let before = entry.report.clone();
+            f(&mut entry.report);
+            if let Some(reason) = &mut entry.report.reason {
+                truncate_reason(reason);
+            }
+            entry.report != before
+        };
+        if changed {
+            self.bump();
+        }
+    }
+
+    fn set(&self, id: &AllocId, state: AllocState, reason: Option<String>) {
+        self.update(id, |r| {
+            r.state = state;
+            r.reason = reason;
+        });
+    }
+}
+
+fn truncate_reason(reason: &mut String) {
+    if reason.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+}
+
+/// The terminal state and reason of a run that ended and will not be restarted.
+fn outcome(exit: &TaskExit, restarts: u32) -> (AllocState, Option<String>) {
+    if exit.success() {
+        (AllocState::Complete, None)
+    } else {
+        (AllocState::Failed, Some(exit.reason(restarts)))
+    }
+}
+
+/// What interrupted a wait.
+enum Event<T> {
+    Done(T),
+    Stop,
+    Shutdown,
+}
+
+/// Waits for `fut`, a stop request or the runner's shutdown, whichever comes first.
+async fn until<T>(
+    fut: impl std::future::Future<Output = T>,
+    control: &mut watch::Receiver<Control>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Event<T> {
+    tokio::select! {
+        value = fut => Event::Done(value),
+        () = wait_for(control, |c| *c == Control::Stop) => Event::Stop,
+        () = wait_for(shutdown, |s| *s) => Event::Shutdown,
+    }
+}
+
+/// Resolves once the watched value satisfies `pred`; never, if its sender is gone.
+async fn wait_for<T>(rx: &mut watch::Receiver<T>, pred: impl FnMut(&T) -> bool) {
+    if rx.wait_for(pred).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One allocation's life on this node, from `start` to a terminal state (or to the
+/// runner's shutdown, which leaves the workload running).
+async fn lifecycle(
+    inner: Arc<Inner>,
+    mut ctx: TaskContext,
+    start: Start,
+    mut control: watch::Receiver<Control>,
+) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let id = ctx.alloc.id.clone();
+    let mut handle = match start {
+        Start::Attached(handle) => handle,
+        Start::Fresh => {
+            let prepared = inner.driver.prepare(&inner.config, &ctx);
+            match until(prepared, &mut control, &mut shutdown).await {
+                Event::Done(Ok(())) => {}
+                Event::Done(Err(e)) => {
+                    tracing::warn!(alloc = %id, reason = %e.reason(), "allocation cannot start");
+                    return inner.set(&id, AllocState::Failed, Some(e.reason()));
+                }
+                Event::Stop => return inner.set(&id, AllocState::Stopped, None),
+                Event::Shutdown => return,
+            }
+            match inner.driver.start(&inner.config, &ctx).await {
+                Ok(handle) => handle,
+                Err(e) => {
+                    tracing::warn!(alloc = %id, reason = %e.reason(), "allocation cannot start");
+                    return inner.set(&id, AllocState::Failed, Some(e.reason()));
+                }
+            }
+        }
+    };
+    loop {
+        let (limits, restarts) = (handle.limits(), ctx.restarts);
+        inner.update(&id, |r| {
+            r.state = AllocState::Running;
+            r.reason = None;
+            r.restarts = restarts;
+            r.limits = Some(limits);
+        });
+        let exit = match until(handle.wait(), &mut control, &mut shutdown).await {
+            Event::Done(exit) => exit,
+            Event::Stop => {
+                handle.stop(ctx.task.kill_timeout()).await;
+                tracing::info!(alloc = %id, "allocation stopped");
+                return inner.set(&id, AllocState::Stopped, None);
+            }
+            Event::Shutdown => return,
+        };
+        drop(handle);
+        if !ctx
+            .task
+            .restart
+            .should_restart(exit.success(), ctx.restarts)
+        {
+            let (state, reason) = outcome(&exit, ctx.restarts);
+            tracing::info!(alloc = %id, ?state, ?reason, "allocation ended");
+            return inner.set(&id, state, reason);
+        }
+        let delay = ctx.task.restart.delay(ctx.restarts);
+        let reason = format!(
+            "{}; restarting in {} ms",
+            exit.reason(ctx.restarts),
+            delay.as_millis()
+        );
+        inner.set(&id, AllocState::Pending, Some(reason));
+        match until(tokio::time::sleep(delay), &mut control, &mut shutdown).await {
+            Event::Done(()) => {}
+            Event::Stop => return inner.set(&id, AllocState::Stopped, None),
+            Event::Shutdown => return,
+        }
+        // A reattached allocation restarts only once the control plane still wants it.
+        tokio::select! {
+            () = wait_for(&mut control, |c| *c != Control::Unconfirmed) => {}
+            () = wait_for(&mut shutdown, |s| *s) => return,
+        }
+        if *control.borrow() == Control::Stop {
+            return inner.set(&id, AllocState::Stopped, None);
+        }
+        ctx.restarts += 1;
+        handle = match inner.driver.start(&inner.config, &ctx).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                return inner.set(&id, AllocState::Failed, Some(e.reason()));
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::driver::{BoxFuture, RecordingDriver, RecoveredTask};
+
+    fn assignment(id: &str, desired: &str, task: serde_json::Value) -> Assignment {
+        serde_json::from_value(serde_json::json!({
+            "allocation": {
+                "id": id, "job_id": "j", "job_version": 1, "node_id": "n",
+                "group": "g", "index": 0,
+                "resources": {"cpu_millis": 100, "memory_mib": 64},
+                "state": "pending", "desired": desired,
+                "created_at": 0, "updated_at": 0
+            },
+            "task": task,
+        }))
+        .unwrap()
+    }
+
+    fn exec(restart: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "driver": "exec", "command": "/bin/true", "restart": restart,
+            "artifacts": [{"source": "https://x.test/w.bin", "blake3": "00".repeat(32)}]
+        })
+    }
+
+    fn config(dir: &std::path::Path) -> RunnerConfig {
+        RunnerConfig::new(
+            dir.to_owned(),
+            SupervisorLaunch {
+                program: "/nonexistent".into(),
+                args: vec![],
+            },
+        )
+    }
+
+    async fn settle<F: Fn(&[AllocationReport]) -> bool>(
+        runner: &Runner,
+        done: F,
+    ) -> Vec<AllocationReport> {
+        for _ in 0..1000 {
+            let reports = runner.reports();
+            if done(&reports) {
+                return reports;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never settled: {:?}", runner.reports());
+    }
+
+    fn state(reports: &[AllocationReport], id: &str) -> Option<AllocState> {
+        reports
+            .iter()
+            .find(|r| r.id.as_str() == id)
+            .map(|r| r.state)
+    }
+
+    #[tokio::test]
+    async fn recording_runner_touches_no_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("never-created");
+        let driver = RecordingDriver::new();
+        let runner = Runner::open(config(&data_dir), Arc::new(driver.clone()))
+            .await
+            .unwrap();
+        let mut changes = runner.changes();
+        let run = [
+            assignment("a1", "run", exec(serde_json::json!({}))),
+            assignment(
+                "a2",
+                "run",
+                serde_json::json!({"driver": "model-server", "model": "m"}),
+            ),
+            assignment("a3", "run", serde_json::Value::Null),
+            assignment("a4", "stop", serde_json::Value::Null),
+        ];
+        runner.apply(&run);
+        let reports = settle(&runner, |r| state(r, "a1") == Some(AllocState::Running)).await;
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert_eq!(state(&reports, "a2"), Some(AllocState::Failed));
+        assert_eq!(
+            reports[1].reason.as_deref(),
+            Some("driver `model-server` is not available on this node")
+        );
+        assert_eq!(state(&reports, "a3"), None, "never started without a task");
+        assert_eq!(state(&reports, "a4"), Some(AllocState::Stopped));
+        assert_eq!(reports[0].limits, Some(LimitsEnforcement::NotEnforced));
+        // Applying the same view again starts nothing twice.
+        runner.apply(&run);
+        assert_eq!(driver.starts(), 1);
+        assert!(runner.log_tails(10).is_empty());
+
+        runner.apply(&[]);
+        settle(&runner, |r| state(r, "a1") == Some(AllocState::Stopped)).await;
+        assert_eq!(driver.stops(), 1);
+        assert!(changes.has_changed().unwrap());
+        // Terminal and absent from two applies in a row: forgotten.
+        runner.apply(&[]);
+        let left: Vec<_> = runner.reports().into_iter().map(|r| r.id).collect();
+        assert_eq!(left, [AllocId::new("a1")]);
+        runner.apply(&[]);
+        assert!(runner.reports().is_empty());
+        let events = driver.events();
+        assert!(
+            matches!(&events[0], crate::driver::Recorded::Artifact { source, .. } if source == "https://x.test/w.bin")
+        );
+        runner.shutdown().await;
+        assert!(!data_dir.exists(), "the recording driver wrote to disk");
+    }
+
+    #[tokio::test]
+    async fn desired_stop_stops_a_running_allocation() {
+        let driver = RecordingDriver::new();
+        let runner = Runner::open(config(Path::new("/nonexistent")), Arc::new(driver.clone()))
+            .await
+            .unwrap();
+        runner.apply(&[assignment("a1", "run", exec(serde_json::json!({})))]);
+        settle(&runner, |r| state(r, "a1") == Some(AllocState::Running)).await;
+        runner.apply(&[assignment("a1", "stop", exec(serde_json::json!({})))]);
+        settle(&runner, |r| state(r, "a1") == Some(AllocState::Stopped)).await;
+        // Stop is final: a later "run" for the same allocation does not restart it.
+        runner.apply(&[assignment("a1", "run", exec(serde_json::json!({})))]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!((driver.starts(), driver.stops()), (1, 1));
+    }
+
+    /// Runs that exit at once with scripted codes.
+    struct Exiting {
+        codes: Mutex<VecDeque<i32>>,
+        starts: Mutex<u32>,
+    }
+
+    struct Exited(i32);
+
+    impl TaskHandle for Exited {
+        fn limits(&self) -> LimitsEnforcement {
+            LimitsEnforcement::Enforced
+        }
+        fn wait(&self) -> BoxFuture<'_, TaskExit> {
+            let code = self.0;
+            Box::pin(async move { TaskExit::Code(code) })
+        }
+        fn stop(&self, _: Duration) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    impl Driver for Exiting {
+        fn limits(&self) -> (LimitsEnforcement, Option<String>) {
+            (LimitsEnforcement::Enforced, None)
+        }
+        fn recover<'a>(
+            &'a self,
+            _: &'a RunnerConfig,
+        ) -> BoxFuture<'a, Result<Vec<RecoveredTask>, DriverError>> {
+            Box::pin(async { Ok(vec![]) })
+        }
+        fn prepare<'a>(
+            &'a self,
+            _: &'a RunnerConfig,
+            _: &'a TaskContext,
+        ) -> BoxFuture<'a, Result<(), DriverError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn start<'a>(
+            &'a self,
+            _: &'a RunnerConfig,
+            _: &'a TaskContext,
+        ) -> BoxFuture<'a, Result<Box<dyn TaskHandle>, DriverError>> {
+            *self.starts.lock().unwrap() += 1;
+            let code = self.codes.lock().unwrap().pop_front().unwrap_or(0);
+            Box::pin(async move { Ok(Box::new(Exited(code)) as Box<dyn TaskHandle>) })
+        }
+        fn log_mark(&self, _: &RunnerConfig, _: &AllocId) -> Option<LogMark> {
+            None
+        }
+        fn log_tail(&self, _: &RunnerConfig, _: &AllocId) -> Option<LogTail> {
+            None
+        }
+        fn destroy<'a>(&'a self, _: &'a RunnerConfig, _: &'a AllocId) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    async fn run_codes(codes: &[i32], restart: serde_json::Value) -> (AllocationReport, u32) {
+        let driver = Arc::new(Exiting {
+            codes: Mutex::new(codes.iter().copied().collect()),
+            starts: Mutex::new(0),
+        });
+        let runner = Runner::open(config(Path::new("/nonexistent")), driver.clone())
+            .await
+            .unwrap();
+        runner.apply(&[assignment("a", "run", exec(restart))]);
+        let reports = settle(&runner, |r| r[0].state.is_terminal()).await;
+        let starts = *driver.starts.lock().unwrap();
+        (reports[0].clone(), starts)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restart_policy_decides_after_each_exit() {
+        let policy = serde_json::json!({"attempts": 2, "delay_ms": 100});
+        let (report, starts) = run_codes(&[3, 3, 3], policy.clone()).await;
+        assert_eq!(report.state, AllocState::Failed);
+        assert_eq!(report.restarts, 2);
+        assert_eq!(starts, 3);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some("exited with code 3 after 2 restarts")
+        );
+        assert_eq!(report.limits, Some(LimitsEnforcement::Enforced));
+
+        let (report, starts) = run_codes(&[3, 0], policy.clone()).await;
+        assert_eq!(
+            (report.state, report.restarts, starts),
+            (AllocState::Complete, 1, 2)
+        );
+
+        let (report, starts) = run_codes(&[0], policy).await;
+        assert_eq!(
+            (report.state, report.restarts, starts),
+            (AllocState::Complete, 0, 1)
+        );
+
+        let never = serde_json::json!({"mode": "never"});
+        let (report, starts) = run_codes(&[1], never).await;
+        assert_eq!((report.state, starts), (AllocState::Failed, 1));
+        assert_eq!(report.reason.as_deref(), Some("exited with code 1"));
+    }
+
+    #[test]
+    fn long_reasons_are_cut_on_a_character() {
+        let mut reason = "é".repeat(MAX_REASON_LEN);
+        truncate_reason(&mut reason);
+        assert!(reason.len() <= MAX_REASON_LEN);
+        assert!(reason.chars().all(|c| c == 'é'));
+    }
+}
