@@ -12,7 +12,7 @@ use aigrid_api::{
     AllocState, Allocation, AllocationLogs, AllocationReport, ClusterStatus, CreateJoinToken,
     CreatedJoinToken, DeleteJobResponse, DiskMib, DrainSpec, GpuHealth, Heartbeat,
     HeartbeatResponse, Job, JobSpec, JobSummary, JoinRequest, JoinToken, JoinTokenInfo, MemoryMib,
-    MilliCpu, Node, NodeId, NodeKey, NodePublicKey, NodeRegistration, NodeResources,
+    MilliCpu, Node, NodeId, NodeKey, NodePublicKey, NodeRegistration, NodeResources, NodeTelemetry,
     RegisterNodeResponse, SubmitJobResponse,
 };
 use anyhow::{anyhow, bail, Context};
@@ -668,6 +668,45 @@ fn print_nodes(nodes: &[Node]) {
     );
 }
 
+/// The agent's latest host and GPU readings, as the answering server holds them.
+fn print_readings(t: &NodeTelemetry) {
+    println!(
+        "readings    {}: cpu {} millis busy, memory {} MiB used, disk {} MiB free",
+        ms_to_text(t.at.as_millis()),
+        t.cpu_used_millis,
+        t.memory_used_mib,
+        t.disk_free_mib
+    );
+    if t.gpus.is_empty() {
+        return;
+    }
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+    let rows: Vec<Vec<String>> = t
+        .gpus
+        .iter()
+        .map(|g| {
+            vec![
+                g.uuid.clone(),
+                format!("{} MiB", g.memory_used_mib),
+                opt(g.utilization_percent.map(|u| format!("{u}%"))),
+                opt(g.temperature_c.map(|c| format!("{c} C"))),
+                opt(g
+                    .power_mw
+                    .map(|p| format!("{:.1} W", f64::from(p) / 1000.0))),
+                opt(g.ecc_uncorrected.map(|e| e.to_string())),
+                opt(g.last_xid.map(|x| x.to_string())),
+            ]
+        })
+        .collect();
+    print_table(
+        2,
+        &[
+            "UUID", "MEM USED", "UTIL", "TEMP", "POWER", "ECC", "LAST XID",
+        ],
+        &rows,
+    );
+}
+
 fn print_node(node: &Node, allocs: &[Allocation]) {
     println!("id          {}", node.id);
     println!("name        {}", node.name);
@@ -747,6 +786,9 @@ fn print_node(node: &Node, allocs: &[Allocation]) {
             &["INDEX", "UUID", "MODEL", "MEMORY", "HEALTH", "ALLOCATION"],
             &rows,
         );
+    }
+    if let Some(t) = &node.telemetry {
+        print_readings(t);
     }
     if allocs.is_empty() {
         println!("allocations none");

@@ -116,6 +116,8 @@ pub async fn run(
         // has, without two sockets each.
         let http = reqwest::Client::builder()
             .http2_prior_knowledge()
+            // Simulated agents speak plain HTTP: no root store per client.
+            .tls_certs_only(std::iter::empty())
             .connect_timeout(Duration::from_secs(5))
             .build()?;
         let client = ControlClient::new(fleet.servers.clone(), http, identity, n);

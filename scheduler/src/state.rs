@@ -2859,6 +2859,283 @@ mod tests {
         log
     }
 
+    fn keyed(id: &str, seed: u8) -> NodeRegistration {
+        let mut reg = registration(id, &["g0"]);
+        reg.public_key = Some(aigrid_api::NodeKey::from_secret([seed; 32]).public());
+        reg
+    }
+
+    fn join(reg: NodeRegistration, token: Option<(&str, &str)>, at: u64) -> Command {
+        Command::RegisterNode {
+            node: reg,
+            join_token: token.map(|(id, secret)| TokenUse {
+                id: id.to_owned(),
+                secret_hash: aigrid_api::auth::hash_secret(secret),
+            }),
+            at: Timestamp::new(at),
+        }
+    }
+
+    fn token(id: &str, secret: &str, ttl_secs: u64, max_uses: Option<u32>) -> Command {
+        Command::CreateJoinToken {
+            id: id.to_owned(),
+            secret_hash: aigrid_api::auth::hash_secret(secret),
+            ttl_secs,
+            max_uses,
+            description: None,
+            at: Timestamp::new(1_000),
+        }
+    }
+
+    fn unauthorized(out: CommandOutput) -> String {
+        match out {
+            Err(StateError::Unauthorized(m)) => m,
+            other => panic!("expected unauthorized, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn join_tokens_admit_new_keys_until_they_expire_or_run_out() {
+        let mut log = Log::new();
+        log.apply(token("t1", "s3cret", 10, Some(2))).unwrap();
+        let before = log.bytes();
+        // No token, a wrong secret, an unknown token: refused, nothing changes.
+        assert!(unauthorized(log.apply(join(keyed("a", 1), None, 2_000))).contains("join token"));
+        assert!(
+            unauthorized(log.apply(join(keyed("a", 1), Some(("t1", "guess")), 2_000)))
+                .contains("does not match")
+        );
+        assert!(
+            unauthorized(log.apply(join(keyed("a", 1), Some(("t9", "s3cret")), 2_000)))
+                .contains("unknown")
+        );
+        assert_eq!(log.bytes(), before);
+
+        log.apply(join(keyed("a", 1), Some(("t1", "s3cret")), 2_000))
+            .unwrap();
+        assert_eq!(log.state.join_tokens()[0].uses, 1);
+        // A known node re-registers with its key alone, and cannot swap keys.
+        log.apply(join(keyed("a", 1), None, 3_000)).unwrap();
+        assert!(
+            unauthorized(log.apply(join(keyed("a", 2), Some(("t1", "s3cret")), 3_000)))
+                .contains("another key")
+        );
+        log.apply(join(keyed("b", 2), Some(("t1", "s3cret")), 3_000))
+            .unwrap();
+        assert!(
+            unauthorized(log.apply(join(keyed("c", 3), Some(("t1", "s3cret")), 3_000)))
+                .contains("used up")
+        );
+        log.apply(token("t2", "later", 10, None)).unwrap();
+        assert!(
+            unauthorized(log.apply(join(keyed("c", 3), Some(("t2", "later")), 11_000)))
+                .contains("expired")
+        );
+        // Deleting a token leaves the nodes that joined with it.
+        log.apply(Command::DeleteJoinToken {
+            id: "t1".into(),
+            at: Timestamp::new(4_000),
+        })
+        .unwrap();
+        assert_eq!(log.state.join_tokens().len(), 1);
+        assert!(log.state.node(&NodeId::new("a")).is_some());
+        // Tokens and keys survive a snapshot.
+        let mut restored = ClusterState::default();
+        restored.restore(&log.bytes()).unwrap();
+        assert_eq!(restored.join_tokens(), log.state.join_tokens());
+        assert_eq!(
+            restored.node_key(&NodeId::new("a")),
+            Some((keyed("a", 1).public_key, false))
+        );
+    }
+
+    #[test]
+    fn a_revoked_node_loses_its_work_and_rejoins_only_with_a_new_key() {
+        let mut log = Log::new();
+        log.apply(token("t1", "s", 1_000, None)).unwrap();
+        log.apply(join(keyed("a", 1), Some(("t1", "s")), 2_000))
+            .unwrap();
+        log.apply(submit("j1", "e1", spec("api"))).unwrap();
+        log.apply(upsert(vec![alloc("x", "j1", "a", 0, &["g0"])]))
+            .unwrap();
+        let Applied::NodeUpdated {
+            status, eval_ids, ..
+        } = log
+            .apply(Command::RevokeNode {
+                node_id: NodeId::new("a"),
+                at: Timestamp::new(3_000),
+            })
+            .unwrap()
+        else {
+            panic!("not a node update");
+        };
+        assert_eq!(status, NodeStatus::Down);
+        assert_eq!(eval_ids.len(), 1);
+        assert!(log.state.node_key(&NodeId::new("a")).unwrap().1);
+        assert_eq!(
+            log.state.allocation(&AllocId::new("x")).unwrap().state,
+            AllocState::Lost
+        );
+        // Its heartbeats are refused; its old key cannot come back, even with a token.
+        let hb = Command::NodeHeartbeat {
+            node_id: NodeId::new("a"),
+            gpus: vec![],
+            allocations: vec![],
+            logs: Vec::new(),
+            at: Timestamp::new(3_100),
+        };
+        assert!(unauthorized(log.apply(hb)).contains("revoked"));
+        assert!(
+            unauthorized(log.apply(join(keyed("a", 1), Some(("t1", "s")), 3_200)))
+                .contains("revoked")
+        );
+        log.apply(join(keyed("a", 7), Some(("t1", "s")), 3_300))
+            .unwrap();
+        let node = log.state.node(&NodeId::new("a")).unwrap();
+        assert!(!node.revoked);
+        assert_eq!(node.status, NodeStatus::Ready);
+    }
+
+    #[test]
+    fn batched_liveness_moves_last_seen_but_never_revives_a_down_node() {
+        let mut log = Log::new();
+        log.apply(register("n1", &["g0"])).unwrap();
+        log.apply(register("n2", &["g1"])).unwrap();
+        log.apply(Command::SetNodeStatus {
+            node_id: NodeId::new("n2"),
+            status: NodeStatus::Down,
+            at: Timestamp::new(20),
+        })
+        .unwrap();
+        let seen = Command::NodesSeen {
+            nodes: vec![NodeId::new("n1"), NodeId::new("n2"), NodeId::new("gone")],
+            at: Timestamp::new(500),
+        };
+        assert_eq!(log.apply(seen), Ok(Applied::NodesSeen { updated: 1 }));
+        let n1 = log.state.node(&NodeId::new("n1")).unwrap();
+        let n2 = log.state.node(&NodeId::new("n2")).unwrap();
+        assert_eq!(n1.last_seen, Timestamp::new(500));
+        assert_eq!(
+            (n2.status, n2.last_seen),
+            (NodeStatus::Down, Timestamp::new(10))
+        );
+        // An older batch never moves last_seen back.
+        let old = Command::NodesSeen {
+            nodes: vec![NodeId::new("n1")],
+            at: Timestamp::new(100),
+        };
+        assert_eq!(log.apply(old), Ok(Applied::NodesSeen { updated: 0 }));
+    }
+
+    #[test]
+    fn assignments_carry_the_task_and_wake_only_on_changes_their_agent_acts_on() {
+        let mut log = with_job_and_node();
+        let n1 = NodeId::new("n1");
+        let watch = log.state.watch();
+        let mut rx = watch.subscribe(&n1);
+        let registered = log.state.node_assignment_index(&n1);
+        log.apply(upsert(vec![alloc("x", "j1", "n1", 0, &[])]))
+            .unwrap();
+        let a = log.state.assignments(&n1).unwrap();
+        assert!(a.index > registered);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        assert_eq!(a.allocations.len(), 1);
+        assert!(matches!(
+            a.allocations[0].task,
+            Some(aigrid_api::TaskSpec::Exec(_))
+        ));
+
+        // The agent's own report changes nothing it must act on.
+        let mut running = AllocationReport::new(AllocId::new("x"), AllocState::Running);
+        running.restarts = 2;
+        running.reason = Some("x".repeat(5_000));
+        log.apply(Command::ReportAllocations {
+            node_id: n1.clone(),
+            reports: vec![running],
+            at: Timestamp::new(300),
+        })
+        .unwrap();
+        assert_eq!(log.state.node_assignment_index(&n1), a.index);
+        assert!(!rx.has_changed().unwrap());
+        let x = log.state.allocation(&AllocId::new("x")).unwrap();
+        assert_eq!(x.restarts, 2);
+        assert_eq!(
+            x.reason.unwrap().len(),
+            aigrid_api::allocation::MAX_REASON_LEN
+        );
+
+        // Log tails are kept per allocation and dropped with it.
+        log.apply(Command::NodeHeartbeat {
+            node_id: n1.clone(),
+            gpus: vec![],
+            allocations: vec![],
+            logs: vec![LogTail {
+                id: AllocId::new("x"),
+                stdout: "hello\n".into(),
+                stderr: String::new(),
+            }],
+            at: Timestamp::new(400),
+        })
+        .unwrap();
+        let logs = log.state.allocation_logs(&AllocId::new("x")).unwrap();
+        assert_eq!(
+            (logs.stdout.as_str(), logs.updated_at),
+            ("hello\n", Some(Timestamp::new(400)))
+        );
+
+        // Deleting the job asks the agent to stop it: that wakes the poll.
+        log.apply(delete("j1", "e2")).unwrap();
+        assert!(rx.has_changed().unwrap());
+        let a = log.state.assignments(&n1).unwrap();
+        assert_eq!(a.allocations[0].allocation.desired, DesiredState::Stop);
+        log.apply(report("n1", &[("x", AllocState::Stopped)]))
+            .unwrap();
+        assert!(log.state.assignments(&n1).unwrap().allocations.is_empty());
+        assert!(log.state.allocation_logs(&AllocId::new("x")).is_none());
+    }
+
+    #[test]
+    fn only_what_a_heartbeat_changes_is_committed() {
+        let mut log = with_job_and_node();
+        log.apply(upsert(vec![alloc("x", "j1", "n1", 0, &["g0"])]))
+            .unwrap();
+        let n1 = NodeId::new("n1");
+        let healthy = |uuid: &str| GpuHealth {
+            uuid: uuid.into(),
+            healthy: true,
+            reason: None,
+        };
+        let same = Heartbeat {
+            gpus: vec![healthy("g0"), healthy("g1")],
+            allocations: vec![AllocationReport::new(
+                AllocId::new("x"),
+                AllocState::Pending,
+            )],
+            ..Heartbeat::default()
+        };
+        assert_eq!(log.state.heartbeat_changes(&n1, &same), None);
+        let mut new = same.clone();
+        new.gpus[1].healthy = false;
+        new.allocations[0].state = AllocState::Running;
+        new.allocations.push(AllocationReport::new(
+            AllocId::new("gone"),
+            AllocState::Running,
+        ));
+        let changes = log.state.heartbeat_changes(&n1, &new).unwrap();
+        assert_eq!(changes.gpus.len(), 1);
+        assert_eq!(changes.gpus[0].uuid, "g1");
+        assert_eq!(changes.allocations.len(), 1);
+        // A node marked down comes back only through a committed heartbeat.
+        log.apply(Command::SetNodeStatus {
+            node_id: n1.clone(),
+            status: NodeStatus::Down,
+            at: Timestamp::new(500),
+        })
+        .unwrap();
+        assert!(log.state.heartbeat_changes(&n1, &same).is_some());
+    }
+
     #[test]
     fn submit_creates_a_job_and_an_evaluation() {
         let mut log = Log::new();
