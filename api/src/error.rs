@@ -84,8 +84,12 @@ pub enum ErrorCode {
     Timeout,
     /// This server is not the leader and no leader is known to forward to.
     NotLeader,
-    /// The request is not signed by a known node key, or the join token is not valid.
+    /// The request's signature, timestamp or join token is not valid.
     Unauthorized,
+    /// The request is signed as a node the servers hold no key for.
+    UnknownNode,
+    /// The node's key was revoked; it may join again only with a new key.
+    KeyRevoked,
 }
 
 impl ErrorCode {
@@ -104,6 +108,8 @@ impl ErrorCode {
         Self::Timeout,
         Self::NotLeader,
         Self::Unauthorized,
+        Self::UnknownNode,
+        Self::KeyRevoked,
     ];
 
     /// The single table of wire code and HTTP status per variant.
@@ -122,6 +128,8 @@ impl ErrorCode {
             Self::Timeout => ("timeout", 503),
             Self::NotLeader => ("not_leader", 503),
             Self::Unauthorized => ("unauthorized", 401),
+            Self::UnknownNode => ("unknown_node", 401),
+            Self::KeyRevoked => ("key_revoked", 401),
         }
     }
 

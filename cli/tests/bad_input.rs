@@ -630,7 +630,7 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
             "/api/v1/nodes/no-such-node/heartbeat",
             hb(json!({})),
             401,
-            "unauthorized",
+            "unknown_node",
             "no-such-node",
         ),
         Case {

@@ -252,19 +252,21 @@ impl Agent {
                 }
                 Err(e) => {
                     self.metrics.heartbeats.with_label_values(&["error"]).inc();
-                    if e.is_unauthorized() {
-                        let _ = fatal.send(AgentError::Refused(e.to_string())).await;
-                        return;
-                    }
-                    if e.is_not_found() {
-                        // The control plane forgot this node: join it again.
-                        tracing::warn!("the servers do not know this node; registering again");
-                        if let Err(e) = self.register(&mut shutdown).await {
-                            let _ = fatal.send(e).await;
+                    match refusal(&e) {
+                        Refusal::Revoked => {
+                            let _ = fatal.send(AgentError::Refused(e.to_string())).await;
                             return;
                         }
-                    } else {
-                        tracing::warn!(error = %e, "heartbeat failed");
+                        Refusal::Unknown => {
+                            // The control plane forgot this node: join it again (with
+                            // a new join token if its state was lost).
+                            tracing::warn!("the servers do not know this node; registering again");
+                            if let Err(e) = self.register(&mut shutdown).await {
+                                let _ = fatal.send(e).await;
+                                return;
+                            }
+                        }
+                        Refusal::Other => tracing::warn!(error = %e, "heartbeat failed"),
                     }
                     // Try again soon rather than a whole interval later.
                     next = tokio::time::Instant::now()
@@ -309,10 +311,11 @@ impl Agent {
                 }
                 Err(e) => {
                     self.metrics.polls.with_label_values(&["error"]).inc();
-                    if e.is_unauthorized() {
+                    if refusal(&e) == Refusal::Revoked {
                         let _ = fatal.send(AgentError::Refused(e.to_string())).await;
                         return;
                     }
+                    // An unknown node is registered again by the heartbeat loop.
                     tracing::warn!(error = %e, "polling for assignments failed");
                     if !backoff.wait(&mut shutdown).await {
                         return;
@@ -320,6 +323,26 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// How a refusal bears on the agent.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// The node's key was revoked: its work is rescheduled elsewhere, so it stops.
+    Revoked,
+    /// The servers hold no key for this node: it registers again.
+    Unknown,
+    /// Anything else (a bad clock, a server error): logged and retried, since a
+    /// passing fault must never stop the node's work.
+    Other,
+}
+
+fn refusal(e: &ClientError) -> Refusal {
+    match e.code() {
+        Some(c) if c == aigrid_api::ErrorCode::KeyRevoked.as_str() => Refusal::Revoked,
+        Some(c) if c == aigrid_api::ErrorCode::UnknownNode.as_str() => Refusal::Unknown,
+        _ => Refusal::Other,
     }
 }
 
@@ -354,5 +377,47 @@ impl Backoff {
             _ = stopped(shutdown) => false,
             _ = tokio::time::sleep(delay) => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: &str) -> ClientError {
+        ClientError::Refused {
+            status: reqwest::StatusCode::UNAUTHORIZED,
+            code: code.to_owned(),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_a_revoked_key_stops_the_node() {
+        assert_eq!(refusal(&refused("key_revoked")), Refusal::Revoked);
+        assert_eq!(refusal(&refused("unknown_node")), Refusal::Unknown);
+        // A clock too far off, or a signature the server could not check, is a
+        // fault to retry, never a reason to stop running work.
+        assert_eq!(refusal(&refused("unauthorized")), Refusal::Other);
+        assert_eq!(
+            refusal(&ClientError::Unavailable("down".into())),
+            Refusal::Other
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_to_ten_seconds_and_yields_to_shutdown() {
+        let (stop, mut shutdown) = watch::channel(false);
+        let mut backoff = Backoff::new();
+        let started = tokio::time::Instant::now();
+        assert!(backoff.wait(&mut shutdown).await);
+        let first = started.elapsed();
+        assert!(first >= Duration::from_millis(180) && first <= Duration::from_millis(220));
+        for _ in 0..10 {
+            backoff.wait(&mut shutdown).await;
+        }
+        assert_eq!(backoff.next, Duration::from_secs(10));
+        stop.send(true).unwrap();
+        assert!(!backoff.wait(&mut shutdown).await);
     }
 }

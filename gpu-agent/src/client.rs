@@ -46,9 +46,12 @@ impl ClientError {
         matches!(self, Self::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED)
     }
 
-    /// True when the servers do not know this node.
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, Self::Refused { status, .. } if *status == StatusCode::NOT_FOUND)
+    /// The API's error code, when a server refused the request.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Refused { code, .. } => Some(code),
+            _ => None,
+        }
     }
 }
 

@@ -231,12 +231,14 @@ fn authenticate(
 ) -> Result<(), ApiError> {
     match state.raft.read_local(|s| s.node_key(node)) {
         Some((Some(key), false)) => verify(headers, method, uri, body, node, &key),
-        Some((_, true)) => Err(unauthorized(format!(
-            "the key of node `{node}` was revoked"
-        ))),
-        Some((None, false)) | None => {
-            Err(unauthorized(format!("node `{node}` has no registered key")))
-        }
+        Some((_, true)) => Err(ApiError::new(
+            ErrorCode::KeyRevoked,
+            format!("the key of node `{node}` was revoked"),
+        )),
+        Some((None, false)) | None => Err(ApiError::new(
+            ErrorCode::UnknownNode,
+            format!("node `{node}` has no registered key"),
+        )),
     }
 }
 
