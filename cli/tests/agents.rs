@@ -496,7 +496,7 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
     let mut agent = AgentProc::new(
         root.path(),
         "vault",
-        agent_args(&urls, &token, "vault", &[]),
+        agent_args(&urls, &token, "vault", &["--simulate-gpus", "2xL4-24GB"]),
     );
     agent.start();
     eventually(Duration::from_secs(20), "the agent registered", || {
@@ -515,8 +515,36 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
     std::fs::write(artifacts.join("bad.bin"), &bad).unwrap();
     let ran = root.path().join("ran");
     std::fs::create_dir_all(&ran).unwrap();
+    // The intact artifact comes over HTTP, the tampered one from a file.
+    let served = good.clone();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(async move {
+        let app = axum::Router::new().route(
+            "/models/good.bin",
+            axum::routing::get(move || {
+                let body = served.clone();
+                async move { body }
+            }),
+        );
+        axum::serve(listener, app).await
+    });
+    let sources = [
+        (
+            "tampered",
+            "bad.bin",
+            format!("file://{}/bad.bin", artifacts.display()),
+        ),
+        (
+            "intact",
+            "good.bin",
+            format!("http://127.0.0.1:{port}/models/good.bin"),
+        ),
+    ];
     let (key, value) = marker.split_once('=').unwrap();
-    let job = |name: &str, file: &str| {
+    let job = |name: &str, file: &str, source: &str| {
         json!({
             "name": name, "kind": "batch",
             "groups": [{
@@ -525,14 +553,13 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
                 "task": {"driver": "exec", "command": "/bin/sh",
                          "args": ["-c", format!("cat {file} > {}/{name}", ran.display())],
                          "env": {key: value},
-                         "artifacts": [{"source": format!("file://{}/{file}", artifacts.display()),
-                                        "blake3": digest}]}
+                         "artifacts": [{"source": source, "blake3": digest}]}
             }]
         })
     };
-    for (name, file) in [("tampered", "bad.bin"), ("intact", "good.bin")] {
+    for (name, file, source) in &sources {
         let path = root.path().join(format!("{name}.json"));
-        std::fs::write(&path, job(name, file).to_string()).unwrap();
+        std::fs::write(&path, job(name, file, source).to_string()).unwrap();
         assert_success(&cli(s, &["job", "submit", path.to_str().unwrap()]));
     }
     let failed = eventually(Duration::from_secs(20), "the tampered job failed", || {
@@ -555,6 +582,27 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
     // The verified bytes reached the process; the tampered job never ran.
     assert_eq!(std::fs::read(ran.join("intact")).unwrap(), good);
     assert!(!ran.join("tampered").exists());
+
+    // A simulated GPU fault reaches the servers with the next heartbeat, and its
+    // end too.
+    let faults = agent.data_dir.join("simulated-gpu-faults");
+    let gpu_health = |index: usize| {
+        let node = cli_json(s, &["node", "status", "vault"]);
+        let gpu = node["resources"]["gpus"][index].clone();
+        (
+            gpu["healthy"].as_bool().unwrap(),
+            gpu["health_reason"].clone(),
+        )
+    };
+    std::fs::write(&faults, "1 XID 79\n").unwrap();
+    eventually(Duration::from_secs(10), "GPU 1 unhealthy", || {
+        (gpu_health(1) == (false, json!("XID 79"))).then_some(())
+    });
+    assert!(gpu_health(0).0);
+    std::fs::remove_file(&faults).unwrap();
+    eventually(Duration::from_secs(10), "GPU 1 healthy again", || {
+        gpu_health(1).0.then_some(())
+    });
 
     // Revoking the node's key: the agent is refused, stops its work and exits.
     let node = cli_json(s, &["node", "revoke", "vault"]);
