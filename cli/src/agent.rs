@@ -256,7 +256,14 @@ pub async fn start_agent(
         .connect_timeout(Duration::from_secs(5))
         .build()
         .context("building the HTTP client")?;
-    let client = ControlClient::new(servers, http, Arc::new(identity), 0);
+    // Agents start on different servers, so no one server carries them all.
+    let start = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        identity.node_id.hash(&mut h);
+        usize::try_from(h.finish() % 1024).unwrap_or(0)
+    };
+    let client = ControlClient::new(servers, http, Arc::new(identity), start);
     Ok(Arc::new(Agent::new(
         config, client, discovery, runner, metrics,
     )))

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aigrid_api::allocation::MAX_LOG_TAIL_BYTES;
 use aigrid_api::node::{MAX_HEARTBEAT_ENTRIES, MAX_HEARTBEAT_LOGS};
 use aigrid_api::{
     Heartbeat, HeartbeatResponse, JoinToken, LimitsEnforcement, NodeAssignments, NodeRegistration,
@@ -194,7 +195,8 @@ impl Agent {
         }
     }
 
-    fn heartbeat(&self) -> Heartbeat {
+    /// This heartbeat's contents; log tails only when `with_logs`.
+    fn heartbeat(&self, with_logs: bool) -> Heartbeat {
         let sample = self.discovery.lock().sample();
         self.metrics
             .record_gpus(&sample.telemetry.gpus, &sample.health);
@@ -202,11 +204,26 @@ impl Agent {
         // Unfinished ones first, so the states that matter are never cut off.
         allocations.sort_by_key(|r| r.state.is_terminal());
         allocations.truncate(MAX_HEARTBEAT_ENTRIES);
+        let mut logs = if with_logs {
+            self.runner.log_tails(MAX_HEARTBEAT_LOGS)
+        } else {
+            Vec::new()
+        };
+        let mut budget = MAX_LOG_BYTES_PER_HEARTBEAT;
+        logs.retain_mut(|tail| {
+            clip_front(&mut tail.stdout, MAX_LOG_TAIL_BYTES);
+            clip_front(&mut tail.stderr, MAX_LOG_TAIL_BYTES);
+            // Control characters grow six-fold as JSON escapes; count that.
+            let cost = json_len(&tail.stdout) + json_len(&tail.stderr);
+            let fits = cost <= budget;
+            budget = budget.saturating_sub(cost);
+            fits
+        });
         Heartbeat {
             gpus: sample.health,
             allocations,
             telemetry: Some(sample.telemetry),
-            logs: self.runner.log_tails(MAX_HEARTBEAT_LOGS),
+            logs,
         }
     }
 
@@ -218,6 +235,11 @@ impl Agent {
         let path = format!("/api/v1/nodes/{}/heartbeat", self.client.identity().node_id);
         let mut changes = self.runner.changes();
         let mut next = tokio::time::Instant::now();
+        let mut backoff = Backoff::new();
+        // Log tails are committed to the log: shipped at most this often, so a
+        // chatty workload cannot turn every heartbeat into a large entry.
+        let log_every = self.config.heartbeat_interval.max(MIN_LOG_INTERVAL);
+        let mut logs_due = Instant::now();
         loop {
             tokio::select! {
                 _ = stopped(&mut shutdown) => return,
@@ -228,7 +250,11 @@ impl Agent {
                 }
             }
             changes.borrow_and_update();
-            let hb = self.heartbeat();
+            let with_logs = Instant::now() >= logs_due;
+            let hb = self.heartbeat(with_logs);
+            if !hb.logs.is_empty() {
+                logs_due = Instant::now() + log_every;
+            }
             let body = serde_json::to_vec(&hb).expect("serialisable");
             let started = Instant::now();
             let sent: Result<HeartbeatResponse, _> = self
@@ -249,6 +275,7 @@ impl Agent {
                 Ok(_) => {
                     self.metrics.heartbeats.with_label_values(&["ok"]).inc();
                     self.runner.mark_shipped(&hb.logs);
+                    backoff = Backoff::new();
                 }
                 Err(e) => {
                     self.metrics.heartbeats.with_label_values(&["error"]).inc();
@@ -259,18 +286,28 @@ impl Agent {
                         }
                         Refusal::Unknown => {
                             // The control plane forgot this node: join it again (with
-                            // a new join token if its state was lost).
+                            // a new join token if its state was lost). A refusal here
+                            // is logged and retried; it never stops running work.
                             tracing::warn!("the servers do not know this node; registering again");
                             if let Err(e) = self.register(&mut shutdown).await {
-                                let _ = fatal.send(e).await;
-                                return;
+                                tracing::error!(error = %e, "registering again failed");
                             }
+                        }
+                        Refusal::Other if !hb.logs.is_empty() && e.is_client_error() => {
+                            // Tails the servers will not take must never hold up
+                            // liveness: drop them and heartbeat again at once.
+                            tracing::warn!(error = %e, "heartbeat with log tails refused; dropping them");
+                            self.runner.mark_shipped(&hb.logs);
+                            next = tokio::time::Instant::now();
+                            continue;
                         }
                         Refusal::Other => tracing::warn!(error = %e, "heartbeat failed"),
                     }
-                    // Try again soon rather than a whole interval later.
-                    next = tokio::time::Instant::now()
-                        + self.config.heartbeat_interval.min(Duration::from_secs(1));
+                    // Try again sooner than a whole interval later, backing off while
+                    // the servers are in trouble.
+                    let mut delay = backoff.step();
+                    delay = delay.min(self.config.heartbeat_interval);
+                    next = tokio::time::Instant::now() + delay;
                 }
             }
         }
@@ -301,6 +338,14 @@ impl Agent {
                 ) => r,
             };
             match polled {
+                Ok(assignments) if index.is_some_and(|seen| assignments.index < seen) => {
+                    // A server behind the one that answered before: its view is older
+                    // than what was applied, so it is not acted on.
+                    self.metrics.polls.with_label_values(&["behind"]).inc();
+                    if !backoff.wait(&mut shutdown).await {
+                        return;
+                    }
+                }
                 Ok(assignments) => {
                     backoff = Backoff::new();
                     let changed = index != Some(assignments.index);
@@ -324,6 +369,37 @@ impl Agent {
             }
         }
     }
+}
+
+/// Least time between two heartbeats that carry log tails.
+const MIN_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Most bytes of log tails (as JSON) one heartbeat carries, far under the servers'
+/// body limit.
+const MAX_LOG_BYTES_PER_HEARTBEAT: usize = 256 * 1024;
+
+/// Keeps the last `max` bytes of `s`, cut on a character boundary: a tail stays a
+/// tail however its bytes decoded.
+fn clip_front(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s.drain(..start);
+}
+
+/// Bytes `s` takes as a JSON string.
+fn json_len(s: &str) -> usize {
+    s.chars()
+        .map(|c| match c {
+            '"' | '\\' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
+        + 2
 }
 
 /// How a refusal bears on the agent.
@@ -369,10 +445,16 @@ impl Backoff {
         }
     }
 
-    /// Sleeps the next delay; false when shutdown came first.
-    async fn wait(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+    /// The next delay, doubling the one after.
+    fn step(&mut self) -> Duration {
         let delay = jitter(self.next);
         self.next = (self.next * 2).min(Duration::from_secs(10));
+        delay
+    }
+
+    /// Sleeps the next delay; false when shutdown came first.
+    async fn wait(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let delay = self.step();
         tokio::select! {
             _ = stopped(shutdown) => false,
             _ = tokio::time::sleep(delay) => true,
@@ -402,6 +484,28 @@ mod tests {
         assert_eq!(
             refusal(&ClientError::Unavailable("down".into())),
             Refusal::Other
+        );
+    }
+
+    #[test]
+    fn tails_are_clipped_from_the_front_on_a_character_boundary() {
+        let mut s = "ab\u{00e9}cd".to_owned(); // é is two bytes
+        clip_front(&mut s, 4);
+        assert_eq!(s, "\u{00e9}cd");
+        let mut s = "ab\u{00e9}cd".to_owned();
+        clip_front(&mut s, 3);
+        assert_eq!(s, "cd", "the cut never splits a character");
+        let mut s = "xyz".to_owned();
+        clip_front(&mut s, 5);
+        assert_eq!(s, "xyz");
+        // Replacement characters from undecodable bytes take three bytes each.
+        let mut lossy = String::from_utf8_lossy(&[0xff; 100]).into_owned();
+        clip_front(&mut lossy, 16);
+        assert!(lossy.len() <= 16);
+        assert_eq!(json_len("a\u{1b}\"b"), 1 + 6 + 2 + 1 + 2);
+        assert_eq!(
+            serde_json::to_string("a\u{1b}\"b").unwrap().len(),
+            json_len("a\u{1b}\"b")
         );
     }
 

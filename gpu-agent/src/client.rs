@@ -46,6 +46,11 @@ impl ClientError {
         matches!(self, Self::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED)
     }
 
+    /// True for a 4xx answer: the request itself was refused.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, Self::Refused { status, .. } if status.is_client_error())
+    }
+
     /// The API's error code, when a server refused the request.
     pub fn code(&self) -> Option<&str> {
         match self {

@@ -44,8 +44,17 @@ pub struct AgentHub {
     seen: Mutex<SeenBatch>,
     telemetry: RwLock<HashMap<NodeId, NodeTelemetry>>,
     long_polls: Arc<Semaphore>,
+    /// Long polls held per node; a node may hold [`POLLS_PER_NODE`].
+    polls_by_node: Mutex<HashMap<NodeId, usize>>,
+    /// False after a batch of heartbeats failed to commit, until one commits: this
+    /// server may be cut off from the leader, so it sends agents elsewhere.
+    flushing: std::sync::atomic::AtomicBool,
     metrics: AgentMetrics,
 }
+
+/// Long polls one node may hold at once (an agent holds one; the second covers a
+/// poll that is being replaced).
+pub const POLLS_PER_NODE: usize = 2;
 
 /// Nodes heard from since the last flush, and when the first of them was.
 #[derive(Default)]
@@ -111,6 +120,8 @@ impl AgentHub {
             seen: Mutex::default(),
             telemetry: RwLock::default(),
             long_polls: Arc::new(Semaphore::new(limits.max_long_polls.max(1))),
+            polls_by_node: Mutex::default(),
+            flushing: std::sync::atomic::AtomicBool::new(true),
             metrics: AgentMetrics::register(registry)?,
         };
         Ok(hub)
@@ -132,14 +143,62 @@ impl AgentHub {
         let nodes: Vec<NodeId> = batch.nodes.iter().cloned().collect();
         let command = Command::NodesSeen { nodes, at };
         match raft.propose(&command).await {
-            Ok(_) => self.metrics.seen_flushes.inc(),
+            Ok(_) => {
+                self.metrics.seen_flushes.inc();
+                self.flushing
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(e) => {
+                self.flushing
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(error = %e, "committing a batch of heartbeats failed; retrying");
                 let mut seen = self.seen.lock();
                 seen.nodes.extend(batch.nodes);
                 seen.earliest = Some(seen.earliest.map_or(at, |e| e.min(at)));
             }
         }
+    }
+
+    /// Whether this server can vouch for what it answers agents from its own
+    /// state: it knows a leader and its last batch of heartbeats committed. A server
+    /// cut off from the majority answers 503 instead, so agents move to one that
+    /// is not, rather than be kept running work the majority has moved.
+    fn connected(&self, raft: &RaftNode<ClusterState>) -> Result<(), ApiError> {
+        let leader = raft.status().leader.is_some();
+        if leader && self.flushing.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::NoQuorum,
+                "this server cannot reach a quorum; try another",
+            ))
+        }
+    }
+
+    /// Takes one of `node`'s long-poll slots, or refuses when it holds them all.
+    fn hold_poll(self: &Arc<Self>, node: &NodeId) -> Result<impl Drop, ApiError> {
+        {
+            let mut held = self.polls_by_node.lock();
+            let n = held.entry(node.clone()).or_insert(0);
+            if *n >= POLLS_PER_NODE {
+                return Err(ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!("node `{node}` already holds {POLLS_PER_NODE} long polls"),
+                ));
+            }
+            *n += 1;
+        }
+        let hub = self.clone();
+        let node = node.clone();
+        Ok(scopeguard(move || {
+            let mut held = hub.polls_by_node.lock();
+            if let Some(n) = held.get_mut(&node) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&node);
+                }
+            }
+        }))
     }
 
     /// The latest readings of a node's agent, if it reported to this server.
@@ -221,7 +280,7 @@ fn verify(
 /// Checks that a request comes from `node`, signed with the key it registered and
 /// that was not revoked. Unknown nodes are refused alike, so a caller cannot tell
 /// which node ids exist.
-fn authenticate(
+async fn authenticate(
     state: &ApiState,
     headers: &HeaderMap,
     method: &Method,
@@ -229,7 +288,13 @@ fn authenticate(
     body: &[u8],
     node: &NodeId,
 ) -> Result<(), ApiError> {
-    match state.raft.read_local(|s| s.node_key(node)) {
+    let mut key = state.raft.read_local(|s| s.node_key(node));
+    if !matches!(key, Some((Some(_), false))) {
+        // A refusal tells the agent to register again or to stop its work: make
+        // sure it is not just this server lagging behind.
+        key = state.raft.read(|s| s.node_key(node)).await?;
+    }
+    match key {
         Some((Some(key), false)) => verify(headers, method, uri, body, node, &key),
         Some((_, true)) => Err(ApiError::new(
             ErrorCode::KeyRevoked,
@@ -382,7 +447,7 @@ async fn heartbeat(
     req: Request,
 ) -> Result<(HeartbeatResponse, bool), ApiError> {
     let body = body_bytes(req, state).await?;
-    authenticate(state, &headers, &method, &uri, &body, &node_id)?;
+    authenticate(state, &headers, &method, &uri, &body, &node_id).await?;
     let hb: Heartbeat = decode_json(&body)?;
     hb.validate().map_err(invalid)?;
     let (changes, status) = state
@@ -398,6 +463,7 @@ async fn heartbeat(
     }
     let at = now();
     let Some(changes) = changes else {
+        state.agents.connected(&state.raft)?;
         state.agents.saw(node_id.clone(), at);
         return Ok((
             HeartbeatResponse {
@@ -469,8 +535,10 @@ pub(crate) async fn node_assignments(
         .map(|Query(q)| q)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
     let node_id = NodeId::new(id);
-    authenticate(&state, &headers, &method, &uri, &[], &node_id)?;
+    authenticate(&state, &headers, &method, &uri, &[], &node_id).await?;
     let hub = &state.agents;
+    hub.connected(&state.raft)?;
+    let _per_node = hub.hold_poll(&node_id)?;
     let _permit = hub.long_polls.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
             ErrorCode::RateLimited,
