@@ -1,4 +1,18 @@
-//! The dispersed model store: chunking, hashing, erasure coding, object_store
-//! backends, signed manifests, the lazy verified reader, repair and peer fetch.
+//! The dispersed model store. A model is a directory of files; its bytes are cut into
+//! chunks, hashed, grouped into stripes and erasure coded so that any k of a stripe's
+//! k+m shards rebuild it, and a signed manifest names every byte by digest.
 //!
-//! Nothing is implemented here yet; the control plane does not depend on it.
+//! | module | owns |
+//! |---|---|
+//! | [`chunk`] | where files are cut: fixed-size chunks, aligned to tensors in safetensors files |
+//! | [`codec`] | Reed-Solomon stripes: k data shards and m parity shards, rebuilt from any k |
+//! | [`manifest`] | files → chunks → stripes → shards, its canonical encoding, digest and signature |
+//!
+//! These are the pure cores: no I/O. Backends, push, the lazy reader and repair build
+//! on them.
+
+#![warn(missing_docs)]
+
+pub mod chunk;
+pub mod codec;
+pub mod manifest;
