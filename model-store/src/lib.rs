@@ -7,12 +7,16 @@
 //! | [`chunk`] | where files are cut: fixed-size chunks, aligned to tensors in safetensors files |
 //! | [`codec`] | Reed-Solomon stripes: k data shards and m parity shards, rebuilt from any k |
 //! | [`manifest`] | files → chunks → stripes → shards, its canonical encoding, digest and signature |
+//! | [`backend`] | a named shard store over `object_store` |
+//! | [`store`] | push (directory → shards + signed manifest) and verified pull |
 //!
-//! These are the pure cores: no I/O. Backends, push, the lazy reader and repair build
-//! on them.
+//! The first three are pure; the lazy reader, placement policies and repair build on
+//! them next.
 
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod chunk;
 pub mod codec;
 pub mod manifest;
+pub mod store;
