@@ -616,10 +616,5 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
 }
 
 fn blake3_hex(bytes: &[u8]) -> String {
-    // The CLI's own dependency tree carries blake3 through aigrid-api.
-    aigrid_api::auth::hex(blake3_digest(bytes).as_slice())
-}
-
-fn blake3_digest(bytes: &[u8]) -> [u8; 32] {
-    *blake3::hash(bytes).as_bytes()
+    blake3::hash(bytes).to_hex().to_string()
 }

@@ -314,6 +314,12 @@ impl<S: StateMachine> RaftNode<S> {
         self.shared.status.read().clone()
     }
 
+    /// The leader this server knows of, without copying the whole status: cheap
+    /// enough for every request on a hot path.
+    pub fn leader(&self) -> Option<u64> {
+        self.shared.status.read().leader
+    }
+
     /// True once the replica thread has exited.
     pub fn is_stopped(&self) -> bool {
         self.shared

@@ -164,7 +164,7 @@ impl AgentHub {
     /// cut off from the majority answers 503 instead, so agents move to one that
     /// is not, rather than be kept running work the majority has moved.
     fn connected(&self, raft: &RaftNode<ClusterState>) -> Result<(), ApiError> {
-        let leader = raft.status().leader.is_some();
+        let leader = raft.leader().is_some();
         if leader && self.flushing.load(std::sync::atomic::Ordering::Relaxed) {
             Ok(())
         } else {
@@ -325,14 +325,6 @@ fn join_token(headers: &HeaderMap) -> Result<Option<TokenUse>, ApiError> {
     }))
 }
 
-fn state_error(e: StateError) -> ApiError {
-    ApiError::new(e.code(), e.to_string())
-}
-
-fn invalid(e: aigrid_api::ValidationError) -> ApiError {
-    ApiError::new(ErrorCode::InvalidField, e.to_string())
-}
-
 /// Registers a node, or refreshes a known node's inventory (an agent restart); 201
 /// when created, 200 when it refreshed a known node. The request is signed with the
 /// key the body registers (proving the agent holds it). A new node, or one whose key
@@ -358,7 +350,7 @@ pub(crate) async fn register_node(
 ) -> Result<(StatusCode, Json<RegisterNodeResponse>), ApiError> {
     let body = body_bytes(req, &state).await?;
     let node: NodeRegistration = decode_json(&body)?;
-    node.validate().map_err(invalid)?;
+    node.validate()?;
     let key = node.public_key.ok_or_else(|| {
         ApiError::new(
             ErrorCode::InvalidField,
@@ -369,8 +361,7 @@ pub(crate) async fn register_node(
     let token = join_token(&headers)?;
     state
         .raft
-        .read_local(|s| s.check_registration(&node, token.as_ref(), now()))
-        .map_err(state_error)?;
+        .read_local(|s| s.check_registration(&node, token.as_ref(), now()))?;
     let command = Command::RegisterNode {
         node,
         join_token: token,
@@ -449,15 +440,12 @@ async fn heartbeat(
     let body = body_bytes(req, state).await?;
     authenticate(state, &headers, &method, &uri, &body, &node_id).await?;
     let hb: Heartbeat = decode_json(&body)?;
-    hb.validate().map_err(invalid)?;
-    let (changes, status) = state
-        .raft
-        .read_local(|s| {
-            s.check_heartbeat(&node_id, &hb.gpus, &hb.allocations)?;
-            let status = s.node(&node_id).map(|n| n.status);
-            Ok::<_, StateError>((s.heartbeat_changes(&node_id, &hb), status))
-        })
-        .map_err(state_error)?;
+    hb.validate()?;
+    let (changes, status) = state.raft.read_local(|s| {
+        s.check_heartbeat(&node_id, &hb.gpus, &hb.allocations)?;
+        let status = s.node_status(&node_id);
+        Ok::<_, StateError>((s.heartbeat_changes(&node_id, &hb), status))
+    })?;
     if let Some(t) = hb.telemetry {
         state.agents.telemetry.write().insert(node_id.clone(), t);
     }
@@ -646,7 +634,7 @@ pub(crate) async fn create_join_token(
     State(state): State<ApiState>,
     crate::http::OptionalJsonBody(request): crate::http::OptionalJsonBody<CreateJoinToken>,
 ) -> Result<(StatusCode, Json<CreatedJoinToken>), ApiError> {
-    request.validate().map_err(invalid)?;
+    request.validate()?;
     let random = || *uuid::Uuid::new_v4().as_bytes();
     let (a, b, c) = (random(), random(), random());
     let mut id = [0u8; 8];

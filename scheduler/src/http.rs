@@ -120,6 +120,12 @@ impl From<RaftError> for ApiError {
     }
 }
 
+impl From<aigrid_api::ValidationError> for ApiError {
+    fn from(e: aigrid_api::ValidationError) -> Self {
+        ApiError::new(ErrorCode::InvalidField, e.to_string())
+    }
+}
+
 impl From<StateError> for ApiError {
     fn from(e: StateError) -> Self {
         ApiError::new(e.code(), e.to_string())
@@ -251,8 +257,7 @@ async fn submit_job(
     State(state): State<ApiState>,
     JsonBody(spec): JsonBody<JobSpec>,
 ) -> Result<(StatusCode, Json<SubmitJobResponse>), ApiError> {
-    spec.validate()
-        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    spec.validate()?;
     let command = Command::SubmitJob {
         job_id: new_id(JobId::new),
         eval_id: new_id(EvalId::new),
@@ -401,9 +406,7 @@ async fn drain_node(
     Path(id): Path<String>,
     OptionalJsonBody(drain): OptionalJsonBody<DrainSpec>,
 ) -> Result<Json<Node>, ApiError> {
-    drain
-        .validate()
-        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    drain.validate()?;
     let command = Command::DrainNode {
         node_id: NodeId::new(id.clone()),
         drain,
@@ -559,8 +562,7 @@ async fn join_member(
     State(state): State<ApiState>,
     JsonBody(req): JsonBody<JoinRequest>,
 ) -> Result<(StatusCode, Json<ClusterStatus>), ApiError> {
-    req.validate()
-        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    req.validate()?;
     // Confirm the membership we check against is current.
     let members = state
         .raft

@@ -981,6 +981,11 @@ impl ClusterState {
         self.tables.nodes.get(id).map(|n| self.node_view(n))
     }
 
+    /// A node's status, without building its view; `None` for an unknown node.
+    pub fn node_status(&self, id: &NodeId) -> Option<NodeStatus> {
+        self.tables.nodes.get(id).map(|n| n.status)
+    }
+
     /// A node's key and whether it was revoked; `None` for an unknown node.
     pub fn node_key(&self, id: &NodeId) -> Option<(Option<NodePublicKey>, bool)> {
         self.tables.nodes.get(id).map(|n| (n.public_key, n.revoked))
