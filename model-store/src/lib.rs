@@ -7,16 +7,27 @@
 //! | [`chunk`] | where files are cut: fixed-size chunks, aligned to tensors in safetensors files |
 //! | [`codec`] | Reed-Solomon stripes: k data shards and m parity shards, rebuilt from any k |
 //! | [`manifest`] | files → chunks → stripes → shards, its canonical encoding, digest and signature |
+//! | [`placement`] | placement policies: which backends may hold a stripe's shards |
 //! | [`backend`] | a named shard store over `object_store` |
-//! | [`store`] | push (directory → shards + signed manifest) and verified pull |
+//! | [`shard_service`] | the HTTP shard service a node runs, spoken to by `http://` backends |
+//! | [`crypto`] | encryption at rest: chunks sealed under the owner's key |
+//! | [`store`] | push (directory → shards + signed manifest), pull, removal |
+//! | [`reader`] | the verified lazy reader: ranges, hedged stripe fetches, safetensors tensors |
+//! | [`cache`] | a bounded on-disk cache of verified chunks |
+//! | [`repair`] | scrub (check every shard) and repair (rebuild and re-place bad ones) |
 //!
-//! The first three are pure; the lazy reader, placement policies and repair build on
-//! them next.
+//! `chunk`, `codec`, `manifest` and `placement` are pure; the rest talk to backends.
 
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod cache;
 pub mod chunk;
 pub mod codec;
+pub mod crypto;
 pub mod manifest;
+pub mod placement;
+pub mod reader;
+pub mod repair;
+pub mod shard_service;
 pub mod store;

@@ -7,11 +7,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine;
+
+use crate::placement::Policy;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 /// Version of the manifest layout.
 pub const MANIFEST_FORMAT: u32 = 1;
+
+/// The AEAD chunks are sealed with when a model is encrypted at rest.
+pub const AEAD_NAME: &str = "xchacha20poly1305";
+
+/// Bytes an encrypted chunk carries beyond its plaintext: its 24-byte nonce and
+/// 16-byte tag.
+pub const AEAD_OVERHEAD: u64 = 40;
 
 /// The erasure code a manifest's shards were made with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,11 +34,24 @@ pub struct CodecInfo {
     pub m: usize,
 }
 
-/// One chunk of a file: its content hash and length.
+/// How chunks are sealed at rest. The key stays with the model's owner; backends and
+/// the control plane only ever see ciphertext and this description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionInfo {
+    /// The AEAD, [`AEAD_NAME`].
+    pub aead: String,
+    /// Which key: a BLAKE3-derived fingerprint of it, hex.
+    pub key_id: String,
+}
+
+/// One chunk: the BLAKE3 of its stored bytes and its length. In a file's list the
+/// length is the plaintext's; in a stripe's list it is the stored length (plaintext
+/// plus [`AEAD_OVERHEAD`] when encrypted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChunkRef {
-    /// BLAKE3 of the chunk, hex.
+    /// BLAKE3 of the stored chunk, hex.
     pub blake3: String,
     /// Its length in bytes.
     pub len: u64,
@@ -47,32 +69,21 @@ pub struct FileEntry {
     pub chunks: Vec<ChunkRef>,
 }
 
-/// Where one shard of a stripe lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShardRef {
-    /// Its index in the stripe: data shards `0..k`, parity `k..k+m`.
-    pub index: usize,
-    /// The backend holding it.
-    pub backend: String,
-    /// Its object path on that backend.
-    pub object: String,
-    /// BLAKE3 of the shard, hex.
-    pub blake3: String,
-}
-
-/// A stripe: chunks concatenated, erasure coded into k+m shards.
+/// A stripe: stored chunks concatenated, erasure coded into k+m shards. Shards are
+/// named by content; where each one lives is kept apart, in [`Locations`], so repair
+/// can move a shard without changing the model's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stripe {
-    /// The chunks it carries, in order, by hash.
-    pub chunks: Vec<String>,
+    /// The chunks it carries, in order, with their stored lengths. A stripe shared
+    /// with an earlier model may carry chunks this model does not use.
+    pub chunks: Vec<ChunkRef>,
     /// Their total length.
     pub len: u64,
     /// Bytes per shard.
     pub shard_len: u64,
-    /// Its k+m shards.
-    pub shards: Vec<ShardRef>,
+    /// BLAKE3 of each of its k+m shards, hex: data shards `0..k`, parity `k..k+m`.
+    pub shards: Vec<String>,
 }
 
 /// A model as stored.
@@ -85,12 +96,55 @@ pub struct Manifest {
     pub name: String,
     /// The erasure code.
     pub codec: CodecInfo,
-    /// The largest chunk.
+    /// The largest chunk (plaintext).
     pub chunk_size: u64,
+    /// Where its shards may be placed.
+    pub policy: Policy,
+    /// Present when chunks are encrypted at rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionInfo>,
     /// The files, ordered by path.
     pub files: Vec<FileEntry>,
     /// The stripes; a chunk shared by several files (or repeated) is stored once.
     pub stripes: Vec<Stripe>,
+}
+
+/// The object path of a shard on any backend: named by its digest.
+pub fn shard_object(blake3: &str) -> String {
+    format!("shards/{}/{blake3}", &blake3[..2.min(blake3.len())])
+}
+
+/// Where each shard of each stripe lives: `stripes[i][j]` names the backend holding
+/// shard j of stripe i. Not part of the model's identity: repair updates it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locations {
+    /// Backend names, per stripe, per shard.
+    pub stripes: Vec<Vec<String>>,
+}
+
+impl Locations {
+    /// Checks that there is one backend per shard of every stripe of `manifest`, all
+    /// distinct within a stripe.
+    pub fn validate(&self, manifest: &Manifest) -> Result<(), ManifestError> {
+        let n = manifest.codec.k + manifest.codec.m;
+        if self.stripes.len() != manifest.stripes.len() {
+            return Err(ManifestError::Inconsistent(format!(
+                "locations name {} stripes, the manifest has {}",
+                self.stripes.len(),
+                manifest.stripes.len()
+            )));
+        }
+        for (i, backends) in self.stripes.iter().enumerate() {
+            let distinct: BTreeSet<&str> = backends.iter().map(String::as_str).collect();
+            if backends.len() != n || distinct.len() != n || distinct.contains("") {
+                return Err(ManifestError::Inconsistent(format!(
+                    "stripe {i}: needs {n} distinct backends, one per shard"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why a manifest is refused.
@@ -104,8 +158,20 @@ pub enum ManifestError {
     Inconsistent(String),
 }
 
-fn is_digest(s: &str) -> bool {
+/// Whether `s` is a BLAKE3 digest in lowercase hex.
+pub fn is_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether a manifest's file path is safe to write under a directory: relative,
+/// `/`-separated, no empty, `.` or `..` parts.
+pub fn is_safe_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\\')
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 impl Manifest {
@@ -120,70 +186,74 @@ impl Manifest {
         blake3::hash(&self.canonical()).to_hex().to_string()
     }
 
-    /// Where each chunk is stored: its stripe and its offset in the stripe.
+    /// Bytes a chunk carries at rest beyond its plaintext.
+    pub fn overhead(&self) -> u64 {
+        if self.encryption.is_some() {
+            AEAD_OVERHEAD
+        } else {
+            0
+        }
+    }
+
+    /// The model's size: its files' bytes.
+    pub fn size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Bytes its shards take on backends.
+    pub fn stored_bytes(&self) -> u64 {
+        let n = (self.codec.k + self.codec.m) as u64;
+        self.stripes.iter().map(|s| s.shard_len * n).sum()
+    }
+
+    /// The file at `path`.
+    pub fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.path == path)
+    }
+
+    /// Where each stored chunk is: its stripe and its offset in the stripe.
     pub fn chunk_locations(&self) -> BTreeMap<&str, (usize, u64)> {
         let mut at = BTreeMap::new();
         for (i, stripe) in self.stripes.iter().enumerate() {
             let mut offset = 0;
-            for hash in &stripe.chunks {
-                at.entry(hash.as_str()).or_insert((i, offset));
-                // A chunk's length comes from the files that use it.
-                offset += self.chunk_len(hash).unwrap_or(0);
+            for c in &stripe.chunks {
+                at.entry(c.blake3.as_str()).or_insert((i, offset));
+                offset += c.len;
             }
         }
         at
     }
 
-    fn chunk_len(&self, hash: &str) -> Option<u64> {
-        self.files
-            .iter()
-            .flat_map(|f| &f.chunks)
-            .find(|c| c.blake3 == hash)
-            .map(|c| c.len)
-    }
-
-    /// Checks that the manifest describes one consistent model: sizes add up, every
-    /// chunk is stored, every stripe has k+m distinct shards on distinct backends.
+    /// Checks that the manifest describes one consistent model: sizes add up, paths
+    /// are safe, every chunk a file uses is stored, every stripe has k+m shards.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let bad = |m: String| Err(ManifestError::Inconsistent(m));
         if self.format != MANIFEST_FORMAT {
             return bad(format!("format {} is not {MANIFEST_FORMAT}", self.format));
         }
         let (k, m) = (self.codec.k, self.codec.m);
-        if k == 0 || m == 0 {
+        if self.codec.name != crate::codec::CODEC_NAME {
+            return bad(format!("unknown codec `{}`", self.codec.name));
+        }
+        if k == 0 || m == 0 || k + m > crate::codec::MAX_SHARDS {
             return bad(format!("erasure code {k}+{m}"));
         }
-        let mut paths = BTreeSet::new();
-        let mut lens: BTreeMap<&str, u64> = BTreeMap::new();
-        for file in &self.files {
-            if !paths.insert(file.path.as_str()) {
-                return bad(format!("file `{}` listed twice", file.path));
-            }
-            let total: u64 = file.chunks.iter().map(|c| c.len).sum();
-            if total != file.size {
-                return bad(format!(
-                    "file `{}`: chunks add up to {total} bytes, not {}",
-                    file.path, file.size
-                ));
-            }
-            for c in &file.chunks {
-                if !is_digest(&c.blake3) || c.len == 0 || c.len > self.chunk_size {
-                    return bad(format!("file `{}`: a malformed chunk", file.path));
-                }
-                if *lens.entry(c.blake3.as_str()).or_insert(c.len) != c.len {
-                    return bad(format!("chunk {} has two lengths", c.blake3));
-                }
+        if let Some(enc) = &self.encryption {
+            if enc.aead != AEAD_NAME || !is_digest(&enc.key_id) {
+                return bad(format!("unknown encryption `{}`", enc.aead));
             }
         }
-        let mut stored = BTreeSet::new();
+        let mut stored: BTreeMap<&str, u64> = BTreeMap::new();
         for (i, stripe) in self.stripes.iter().enumerate() {
-            let mut total = 0;
-            for hash in &stripe.chunks {
-                let Some(len) = lens.get(hash.as_str()) else {
-                    return bad(format!("stripe {i} holds chunk {hash} no file uses"));
-                };
-                total += len;
-                stored.insert(hash.as_str());
+            let mut total = 0u64;
+            for c in &stripe.chunks {
+                if !is_digest(&c.blake3) || c.len == 0 {
+                    return bad(format!("stripe {i}: a malformed chunk"));
+                }
+                if *stored.entry(c.blake3.as_str()).or_insert(c.len) != c.len {
+                    return bad(format!("chunk {} has two lengths", c.blake3));
+                }
+                total = total.saturating_add(c.len);
             }
             if total != stripe.len {
                 return bad(format!(
@@ -197,26 +267,64 @@ impl Manifest {
                     stripe.shard_len
                 ));
             }
-            let indices: BTreeSet<usize> = stripe.shards.iter().map(|s| s.index).collect();
-            let backends: BTreeSet<&str> =
-                stripe.shards.iter().map(|s| s.backend.as_str()).collect();
-            if stripe.shards.len() != k + m
-                || indices != (0..k + m).collect()
-                || backends.len() != k + m
-            {
+            if stripe.shards.len() != k + m || !stripe.shards.iter().all(|s| is_digest(s)) {
+                return bad(format!("stripe {i}: needs {} shard digests", k + m));
+            }
+        }
+        let mut paths = BTreeSet::new();
+        for file in &self.files {
+            if !is_safe_path(&file.path) {
                 return bad(format!(
-                    "stripe {i}: needs {} shards with distinct indices on distinct backends",
-                    k + m
+                    "file path `{}` is not a safe relative path",
+                    file.path
                 ));
             }
-            if stripe.shards.iter().any(|s| !is_digest(&s.blake3)) {
-                return bad(format!("stripe {i}: a shard digest is malformed"));
+            if !paths.insert(file.path.as_str()) {
+                return bad(format!("file `{}` listed twice", file.path));
+            }
+            let total: u64 = file
+                .chunks
+                .iter()
+                .map(|c| c.len)
+                .fold(0, u64::saturating_add);
+            if total != file.size {
+                return bad(format!(
+                    "file `{}`: chunks add up to {total} bytes, not {}",
+                    file.path, file.size
+                ));
+            }
+            for c in &file.chunks {
+                if c.len == 0 || c.len > self.chunk_size {
+                    return bad(format!("file `{}`: a malformed chunk", file.path));
+                }
+                match stored.get(c.blake3.as_str()) {
+                    Some(len) if *len == c.len + self.overhead() => {}
+                    Some(_) => return bad(format!("chunk {} has two lengths", c.blake3)),
+                    None => return bad(format!("chunk {} is in no stripe", c.blake3)),
+                }
             }
         }
-        if let Some(missing) = lens.keys().find(|h| !stored.contains(*h)) {
-            return bad(format!("chunk {missing} is in no stripe"));
-        }
         Ok(())
+    }
+}
+
+/// What the control plane registers for a model: the signed manifest and where its
+/// shards are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// The signed manifest.
+    pub manifest: SignedManifest,
+    /// Its shards' backends.
+    pub locations: Locations,
+}
+
+impl Registration {
+    /// Checks signature, manifest and locations; answers the digest.
+    pub fn verify(&self) -> Result<String, ManifestError> {
+        let digest = self.manifest.verify()?;
+        self.locations.validate(&self.manifest.manifest)?;
+        Ok(digest)
     }
 }
 
@@ -277,6 +385,10 @@ mod tests {
 
     fn manifest() -> Manifest {
         let (a, b) = (hex(b"a"), hex(b"b"));
+        let chunk = |h: &String, len| ChunkRef {
+            blake3: h.clone(),
+            len,
+        };
         Manifest {
             format: MANIFEST_FORMAT,
             name: "tiny".into(),
@@ -286,43 +398,32 @@ mod tests {
                 m: 1,
             },
             chunk_size: 4,
+            policy: Policy::default(),
+            encryption: None,
             files: vec![
                 FileEntry {
                     path: "config.json".into(),
                     size: 7,
-                    chunks: vec![
-                        ChunkRef {
-                            blake3: a.clone(),
-                            len: 4,
-                        },
-                        ChunkRef {
-                            blake3: b.clone(),
-                            len: 3,
-                        },
-                    ],
+                    chunks: vec![chunk(&a, 4), chunk(&b, 3)],
                 },
                 FileEntry {
-                    path: "copy.json".into(),
+                    path: "sub/copy.json".into(),
                     size: 4,
-                    chunks: vec![ChunkRef {
-                        blake3: a.clone(),
-                        len: 4,
-                    }],
+                    chunks: vec![chunk(&a, 4)],
                 },
             ],
             stripes: vec![Stripe {
-                chunks: vec![a, b],
+                chunks: vec![chunk(&a, 4), chunk(&b, 3)],
                 len: 7,
                 shard_len: 4,
-                shards: (0..3)
-                    .map(|i| ShardRef {
-                        index: i,
-                        backend: format!("site-{i}"),
-                        object: format!("shards/x/{i}"),
-                        blake3: hex(&[i as u8]),
-                    })
-                    .collect(),
+                shards: (0..3).map(|i| hex(&[i as u8])).collect(),
             }],
+        }
+    }
+
+    fn locations() -> Locations {
+        Locations {
+            stripes: vec![(0..3).map(|i| format!("site-{i}")).collect()],
         }
     }
 
@@ -342,8 +443,19 @@ mod tests {
         altered.manifest.files[0].chunks[1].len += 1;
         assert!(matches!(altered.verify(), Err(ManifestError::Signature(_))));
         let mut moved = signed.clone();
-        moved.manifest.stripes[0].shards[0].backend = "evil".into();
+        moved.manifest.stripes[0].shards[0] = hex(b"evil");
         assert!(matches!(moved.verify(), Err(ManifestError::Signature(_))));
+        // Locations are not signed: repair may move shards; they must still fit.
+        let mut registration = Registration {
+            manifest: signed.clone(),
+            locations: locations(),
+        };
+        assert_eq!(registration.verify().unwrap(), digest);
+        registration.locations.stripes[0][1] = "site-0".into();
+        assert!(matches!(
+            registration.verify(),
+            Err(ManifestError::Inconsistent(_))
+        ));
         let mut resigned = signed.clone();
         resigned.publisher =
             SignedManifest::sign(manifest(), &SigningKey::from_bytes(&[6; 32])).publisher;
@@ -363,11 +475,18 @@ mod tests {
         let broken: Vec<Edit> = vec![
             Box::new(|m| m.files[0].size = 8),
             Box::new(|m| m.stripes[0].shards.pop().map(|_| ()).unwrap()),
-            Box::new(|m| m.stripes[0].shards[1].backend = "site-0".into()),
+            Box::new(|m| m.stripes[0].shards[1] = "not hex".into()),
             Box::new(|m| m.stripes[0].len = 6),
-            Box::new(|m| m.stripes[0].chunks.pop().map(|_| ()).unwrap()),
+            Box::new(|m| {
+                m.stripes[0].chunks.pop();
+                m.stripes[0].len = 4;
+            }),
             Box::new(|m| m.files[1].path = "config.json".into()),
+            Box::new(|m| m.files[1].path = "../escape".into()),
+            Box::new(|m| m.files[1].path = "/etc/passwd".into()),
+            Box::new(|m| m.files[1].path = "a//b".into()),
             Box::new(|m| m.codec.m = 0),
+            Box::new(|m| m.codec.name = "other".into()),
         ];
         for (i, edit) in broken.iter().enumerate() {
             let mut m = manifest();

@@ -1,22 +1,30 @@
-//! Push and pull over a set of backends: a model directory in, a signed manifest
-//! out; a manifest in, the files back, every shard and chunk verified on the way.
+//! Push, pull and removal over a set of backends: a model directory in, a signed
+//! manifest and shard locations out; a registration in, the files back, every shard
+//! and chunk verified on the way.
 
-use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
 
 use crate::backend::{Backend, BackendError};
 use crate::chunk;
 use crate::codec::{Codec, CodecError, Params, CODEC_NAME};
+use crate::crypto::{CryptoError, ModelKey};
 use crate::manifest::{
-    ChunkRef, CodecInfo, FileEntry, Manifest, ManifestError, ShardRef, SignedManifest, Stripe,
-    MANIFEST_FORMAT,
+    shard_object, ChunkRef, CodecInfo, EncryptionInfo, FileEntry, Locations, Manifest,
+    ManifestError, Registration, SignedManifest, Stripe, AEAD_NAME, MANIFEST_FORMAT,
 };
+use crate::placement::{PlacementError, Policy};
+use crate::reader::{FetchOptions, Fetcher};
 
-/// Why a push or pull failed.
+/// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A local file could not be read or written.
@@ -36,18 +44,55 @@ pub enum StoreError {
     /// The manifest is refused.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    /// Fewer backends than shards per stripe.
-    #[error("a {k}+{m} code needs {need} backends, only {have} are configured")]
-    NotEnoughBackends {
-        /// Data shards.
-        k: usize,
-        /// Parity shards.
-        m: usize,
-        /// Backends needed.
-        need: usize,
-        /// Backends available.
-        have: usize,
+    /// The shards cannot be placed.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    /// Encryption failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The model is encrypted and no key was given.
+    #[error("the model is encrypted at rest: its owner's key (id {key_id}) is needed")]
+    KeyRequired {
+        /// The key the manifest names.
+        key_id: String,
     },
+    /// The key given is not the one the model was sealed with.
+    #[error("the model key given (id {given}) is not the model's (id {expected})")]
+    WrongKey {
+        /// The manifest's key id.
+        expected: String,
+        /// The given key's id.
+        given: String,
+    },
+    /// The manifest names a backend this store does not have.
+    #[error("backend `{0}` is not configured")]
+    UnknownBackend(String),
+    /// No such file in the model.
+    #[error("the model has no file `{0}`")]
+    NoSuchFile(String),
+    /// A read past the end of a file.
+    #[error("file `{file}` is {size} bytes: cannot read {len} bytes at {offset}")]
+    OutOfRange {
+        /// The file.
+        file: String,
+        /// Where the read starts.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The file's size.
+        size: u64,
+    },
+    /// The file is not a readable safetensors file.
+    #[error("file `{file}`: {reason}")]
+    Safetensors {
+        /// The file.
+        file: String,
+        /// Why.
+        reason: String,
+    },
+    /// Pre-warming needs a cache.
+    #[error("this reader has no cache to warm")]
+    NoCache,
     /// A file a manifest names cannot be rebuilt: too few intact shards survive.
     #[error(
         "file `{file}`: stripe {stripe} cannot be rebuilt: {have} intact shards of the {k} needed"
@@ -64,14 +109,14 @@ pub enum StoreError {
     },
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn hex(data: &[u8]) -> String {
+pub(crate) fn hex(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
 
@@ -84,6 +129,95 @@ pub struct PushOptions {
     pub params: Params,
     /// The largest chunk.
     pub chunk_size: u64,
+    /// Where shards may go.
+    pub policy: Policy,
+    /// Seal chunks under this key.
+    pub key: Option<ModelKey>,
+    /// Models already stored on these backends: a chunk one of them holds, in a
+    /// stripe whose shards are all present and where the policy allows, is not stored
+    /// again.
+    pub known: Vec<(Manifest, Locations)>,
+    /// Live counters for a progress display.
+    pub progress: Arc<PushProgress>,
+}
+
+impl PushOptions {
+    /// Options with the defaults: 4 MiB chunks, no policy, no key, nothing known.
+    pub fn new(name: impl Into<String>, params: Params) -> Self {
+        PushOptions {
+            name: name.into(),
+            params,
+            chunk_size: chunk::DEFAULT_CHUNK_SIZE,
+            policy: Policy::default(),
+            key: None,
+            known: Vec::new(),
+            progress: Arc::default(),
+        }
+    }
+}
+
+/// Live counters of a push.
+#[derive(Debug, Default)]
+pub struct PushProgress {
+    /// Bytes in the model's files.
+    pub total_bytes: AtomicU64,
+    /// Bytes read so far.
+    pub bytes_read: AtomicU64,
+    /// Chunks cut so far.
+    pub chunks: AtomicU64,
+    /// Chunks not stored because a copy already was.
+    pub dedup_chunks: AtomicU64,
+    /// Their bytes.
+    pub dedup_bytes: AtomicU64,
+    /// Shard bytes written to backends.
+    pub bytes_uploaded: AtomicU64,
+}
+
+/// What a push did, when it is done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushStats {
+    /// Bytes in the model's files.
+    pub total_bytes: u64,
+    /// Chunks cut.
+    pub chunks: u64,
+    /// Chunks not stored because a copy already was.
+    pub dedup_chunks: u64,
+    /// Their bytes.
+    pub dedup_bytes: u64,
+    /// Shard bytes written to backends.
+    pub bytes_uploaded: u64,
+    /// Stripes written.
+    pub stripes_written: u64,
+    /// Stripes of earlier models reused.
+    pub stripes_reused: u64,
+}
+
+impl PushProgress {
+    fn reset(&self) {
+        for counter in [
+            &self.total_bytes,
+            &self.bytes_read,
+            &self.chunks,
+            &self.dedup_chunks,
+            &self.dedup_bytes,
+            &self.bytes_uploaded,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A finished push: what to register, and what it cost.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    /// The signed manifest and shard locations.
+    pub registration: Registration,
+    /// Counters.
+    pub stats: PushStats,
 }
 
 /// Shards over a set of backends.
@@ -92,12 +226,22 @@ pub struct Store {
     backends: Vec<Backend>,
 }
 
+/// A chunk read and hashed, on its way to a stripe.
+struct CutChunk {
+    hash: String,
+    bytes: Vec<u8>,
+    plain_len: u64,
+}
+
 /// A stripe being filled with chunks.
 #[derive(Default)]
 struct OpenStripe {
-    chunks: Vec<String>,
+    chunks: Vec<ChunkRef>,
     bytes: Vec<u8>,
 }
+
+/// Stripes written at once by a push: enough to keep every core and backend busy.
+const PUSH_STRIPES_IN_FLIGHT: usize = 4;
 
 impl Store {
     /// A store over `backends`.
@@ -105,81 +249,148 @@ impl Store {
         Store { backends }
     }
 
-    fn backend(&self, name: &str) -> Option<&Backend> {
+    /// Its backends.
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The backend called `name`.
+    pub fn backend(&self, name: &str) -> Option<&Backend> {
         self.backends.iter().find(|b| b.name == name)
     }
 
-    /// Cuts, hashes, codes and stores every file under `dir`, and answers the signed
-    /// manifest. A chunk seen before in the push is stored once.
+    /// Indices of `names` among the backends, or `None` if one is not configured.
+    pub(crate) fn indices(&self, names: &[String]) -> Option<Vec<usize>> {
+        names
+            .iter()
+            .map(|n| self.backends.iter().position(|b| &b.name == n))
+            .collect()
+    }
+
+    pub(crate) fn attributes(&self) -> Vec<&BTreeMap<String, String>> {
+        self.backends.iter().map(|b| &b.attributes).collect()
+    }
+
+    /// Cuts, hashes, (seals,) codes and stores every file under `dir`, and answers
+    /// the signed manifest and shard locations to register. Nothing is registered
+    /// here; a push that fails leaves at most unreferenced shards behind.
     pub async fn push(
         &self,
         dir: &Path,
         opts: &PushOptions,
         key: &SigningKey,
-    ) -> Result<SignedManifest, StoreError> {
-        let codec = Codec::new(opts.params)?;
+    ) -> Result<Pushed, StoreError> {
+        let codec = Arc::new(Codec::new(opts.params)?);
         let Params { k, m } = opts.params;
-        if self.backends.len() < k + m {
-            return Err(StoreError::NotEnoughBackends {
-                k,
-                m,
-                need: k + m,
-                have: self.backends.len(),
-            });
-        }
+        // Refuse an unplaceable policy before reading a byte.
+        opts.policy.place(&self.attributes(), k + m, &[], 0)?;
         let mut paths = Vec::new();
         walk(dir, dir, &mut paths)?;
         paths.sort();
-        let mut files = Vec::new();
-        let mut stripes = Vec::new();
-        let mut seen = HashSet::new();
+        let mut total = 0;
+        for rel in &paths {
+            let path = dir.join(rel);
+            // Every file must open now, not half way through the upload.
+            let file = std::fs::File::open(&path).map_err(io(&path))?;
+            total += file.metadata().map_err(io(&path))?.len();
+        }
+        let progress = opts.progress.clone();
+        progress.reset();
+        progress.total_bytes.store(total, Ordering::Relaxed);
+
+        let (tx, mut rx) = mpsc::channel::<CutChunk>(2 * k);
+        let reader = {
+            let dir = dir.to_path_buf();
+            let chunk_size = opts.chunk_size.max(1);
+            let seal = opts.key.clone();
+            let progress = progress.clone();
+            tokio::task::spawn_blocking(move || {
+                cut_files(&dir, &paths, chunk_size, seal.as_ref(), &progress, &tx)
+            })
+        };
+
+        let known = KnownChunks::new(&opts.known, opts.params, self, &opts.policy);
+        let mut stats = PushStats {
+            total_bytes: total,
+            ..PushStats::default()
+        };
+        let mut stored: HashSet<String> = HashSet::new();
+        let mut stripes: Vec<Option<Stripe>> = Vec::new();
+        let mut locations: Vec<Vec<String>> = Vec::new();
+        let mut reused: HashSet<(usize, usize)> = HashSet::new();
         let mut open = OpenStripe::default();
-        for rel in paths {
-            let path = dir.join(&rel);
-            let mut file = std::fs::File::open(&path).map_err(io(&path))?;
-            let size = file.metadata().map_err(io(&path))?.len();
-            let bounds = if rel.ends_with(".safetensors") && size >= 8 {
-                let mut prefix = [0u8; 8];
-                file.read_exact(&mut prefix).map_err(io(&path))?;
-                let len = chunk::safetensors_header_len(&prefix)
-                    .unwrap_or(0)
-                    .min(size);
-                let mut header = vec![0u8; usize::try_from(len).unwrap_or(0)];
-                file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
-                file.read_exact(&mut header).map_err(io(&path))?;
-                // A file that only looks like safetensors is cut by size alone.
-                chunk::safetensors_boundaries(&header).unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            let mut chunks = Vec::new();
-            for range in chunk::cut(size, opts.chunk_size, &bounds) {
-                let mut buf = vec![0u8; usize::try_from(range.end - range.start).unwrap_or(0)];
-                file.seek(SeekFrom::Start(range.start)).map_err(io(&path))?;
-                file.read_exact(&mut buf).map_err(io(&path))?;
-                let hash = hex(&buf);
-                chunks.push(ChunkRef {
-                    blake3: hash.clone(),
-                    len: buf.len() as u64,
-                });
-                if seen.insert(hash.clone()) {
-                    open.chunks.push(hash);
-                    open.bytes.extend_from_slice(&buf);
-                    if open.chunks.len() == k {
-                        let full = std::mem::take(&mut open);
-                        stripes.push(self.store_stripe(&codec, stripes.len(), full).await?);
+        let mut writes = futures_util::stream::FuturesUnordered::new();
+        let attributes = self.attributes();
+        let seal_stripe = |open: OpenStripe,
+                           stripes: &mut Vec<Option<Stripe>>,
+                           locations: &mut Vec<Vec<String>>|
+         -> Result<_, StoreError> {
+            let index = stripes.len();
+            let picked = opts.policy.place(&attributes, k + m, &[], index)?;
+            let targets: Vec<Backend> = picked.iter().map(|i| self.backends[*i].clone()).collect();
+            locations.push(targets.iter().map(|b| b.name.clone()).collect());
+            stripes.push(None);
+            let codec = codec.clone();
+            let progress = progress.clone();
+            Ok(async move {
+                let stripe = write_stripe(&codec, open, &targets, &progress).await?;
+                Ok::<_, StoreError>((index, stripe))
+            })
+        };
+        let mut chunks_seen = HashSet::new();
+        loop {
+            // Keep a bounded number of stripes in flight.
+            while writes.len() >= PUSH_STRIPES_IN_FLIGHT {
+                let (i, stripe) = writes.next().await.expect("non-empty")?;
+                stripes[i] = Some(stripe);
+            }
+            let Some(chunk) = rx.recv().await else { break };
+            stats.chunks += 1;
+            if !chunks_seen.insert(chunk.hash.clone()) || stored.contains(&chunk.hash) {
+                stats.dedup_chunks += 1;
+                stats.dedup_bytes += chunk.plain_len;
+                PushProgress::add(&progress.dedup_chunks, 1);
+                PushProgress::add(&progress.dedup_bytes, chunk.plain_len);
+                continue;
+            }
+            if let Some(at) = known.healthy(&chunk.hash).await {
+                if reused.insert(at) {
+                    let (manifest, locs) = &opts.known[at.0];
+                    stripes.push(Some(manifest.stripes[at.1].clone()));
+                    locations.push(locs.stripes[at.1].clone());
+                    stats.stripes_reused += 1;
+                    for c in &manifest.stripes[at.1].chunks {
+                        stored.insert(c.blake3.clone());
                     }
                 }
+                stats.dedup_chunks += 1;
+                stats.dedup_bytes += chunk.plain_len;
+                PushProgress::add(&progress.dedup_chunks, 1);
+                PushProgress::add(&progress.dedup_bytes, chunk.plain_len);
+                continue;
             }
-            files.push(FileEntry {
-                path: rel,
-                size,
-                chunks,
+            stored.insert(chunk.hash.clone());
+            open.chunks.push(ChunkRef {
+                blake3: chunk.hash,
+                len: chunk.bytes.len() as u64,
             });
+            open.bytes.extend_from_slice(&chunk.bytes);
+            if open.chunks.len() == k {
+                let full = std::mem::take(&mut open);
+                writes.push(seal_stripe(full, &mut stripes, &mut locations)?);
+                stats.stripes_written += 1;
+            }
         }
+        let files = reader.await.expect("the reader thread does not panic")?;
         if !open.chunks.is_empty() {
-            stripes.push(self.store_stripe(&codec, stripes.len(), open).await?);
+            writes.push(seal_stripe(open, &mut stripes, &mut locations)?);
+            stats.stripes_written += 1;
         }
+        while let Some(done) = writes.next().await {
+            let (i, stripe) = done?;
+            stripes[i] = Some(stripe);
+        }
+        stats.bytes_uploaded = progress.bytes_uploaded.load(Ordering::Relaxed);
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             name: opts.name.clone(),
@@ -188,263 +399,472 @@ impl Store {
                 k,
                 m,
             },
-            chunk_size: opts.chunk_size,
+            chunk_size: opts.chunk_size.max(1),
+            policy: opts.policy.clone(),
+            encryption: opts.key.as_ref().map(|key| EncryptionInfo {
+                aead: AEAD_NAME.into(),
+                key_id: key.id(),
+            }),
             files,
-            stripes,
+            stripes: stripes
+                .into_iter()
+                .map(|s| s.expect("every stripe was written"))
+                .collect(),
         };
-        manifest.validate()?;
-        Ok(SignedManifest::sign(manifest, key))
-    }
-
-    /// Codes one stripe and writes its shards, shard j of stripe i on backend
-    /// (i + j) mod n, so consecutive stripes spread over every backend.
-    async fn store_stripe(
-        &self,
-        codec: &Codec,
-        index: usize,
-        stripe: OpenStripe,
-    ) -> Result<Stripe, StoreError> {
-        let shards = codec.encode(&stripe.bytes);
-        let n = self.backends.len();
-        let mut refs = Vec::new();
-        let mut writes = Vec::new();
-        for (j, shard) in shards.into_iter().enumerate() {
-            let backend = &self.backends[(index + j) % n];
-            let digest = hex(&shard);
-            let object = format!("shards/{digest}");
-            refs.push(ShardRef {
-                index: j,
-                backend: backend.name.clone(),
-                object: object.clone(),
-                blake3: digest,
-            });
-            writes.push(async move { backend.put(&object, Bytes::from(shard)).await });
-        }
-        for result in futures_util::future::join_all(writes).await {
-            result?;
-        }
-        Ok(Stripe {
-            len: stripe.bytes.len() as u64,
-            shard_len: codec.shard_len(stripe.bytes.len()) as u64,
-            chunks: stripe.chunks,
-            shards: refs,
+        let registration = Registration {
+            manifest: SignedManifest::sign(manifest, key),
+            locations: Locations { stripes: locations },
+        };
+        registration.verify()?;
+        Ok(Pushed {
+            registration,
+            stats,
         })
     }
 
-    /// One stripe's bytes, from whichever shards are there and intact: a shard whose
-    /// digest does not match counts as missing.
-    async fn read_stripe(
+    /// A fetcher for a registered model's stripes.
+    pub(crate) fn fetcher(
         &self,
-        manifest: &Manifest,
-        codec: &Codec,
-        index: usize,
-        file: &str,
-    ) -> Result<Vec<u8>, StoreError> {
-        let stripe = &manifest.stripes[index];
-        let fetches = stripe.shards.iter().map(|s| async move {
-            let backend = self.backend(&s.backend)?;
-            match backend.get(&s.object).await {
-                Ok(Some(bytes)) if hex(&bytes) == s.blake3 => Some((s.index, bytes.to_vec())),
-                _ => None,
+        registration: &Registration,
+        options: FetchOptions,
+    ) -> Result<Fetcher, StoreError> {
+        registration.verify()?;
+        Fetcher::new(
+            self.clone(),
+            registration.manifest.manifest.clone(),
+            registration.locations.clone(),
+            options,
+        )
+    }
+
+    /// Writes the model under `dest`, after checking its signature: stripes are
+    /// fetched in parallel, every chunk is checked against its hash (and opened with
+    /// `key` if sealed) before it is written, and files appear whole or not at all.
+    pub async fn pull(
+        &self,
+        registration: &Registration,
+        dest: &Path,
+        key: Option<&ModelKey>,
+    ) -> Result<PullStats, StoreError> {
+        let fetcher = Arc::new(self.fetcher(registration, FetchOptions::default())?);
+        let manifest = fetcher.manifest().clone();
+        let opener = ChunkOpener::new(&manifest, key)?;
+        // Where each stored chunk goes: every (file, offset) using it.
+        let mut uses: HashMap<&str, Vec<(usize, u64)>> = HashMap::new();
+        let mut first_file: HashMap<usize, &str> = HashMap::new();
+        let locate = manifest.chunk_locations();
+        for (f, entry) in manifest.files.iter().enumerate() {
+            let mut at = 0;
+            for c in &entry.chunks {
+                uses.entry(c.blake3.as_str()).or_default().push((f, at));
+                first_file
+                    .entry(locate[c.blake3.as_str()].0)
+                    .or_insert(entry.path.as_str());
+                at += c.len;
             }
-        });
-        let mut shards: Vec<Option<Vec<u8>>> = vec![None; stripe.shards.len()];
-        for (i, bytes) in futures_util::future::join_all(fetches)
-            .await
-            .into_iter()
-            .flatten()
-        {
-            shards[i] = Some(bytes);
         }
-        let len = usize::try_from(stripe.len).unwrap_or(usize::MAX);
-        codec.decode(shards, len).map_err(|e| match e {
-            CodecError::TooFewShards { have, k } => StoreError::Unrecoverable {
-                file: file.to_owned(),
-                stripe: index,
-                have,
-                k,
-            },
-            other => StoreError::Codec(other),
-        })
-    }
-
-    /// Writes the model `signed` describes under `dest`, after checking its signature;
-    /// every chunk is checked against its hash before it is written.
-    pub async fn pull(&self, signed: &SignedManifest, dest: &Path) -> Result<(), StoreError> {
-        signed.verify()?;
-        let manifest = &signed.manifest;
-        let codec = Codec::new(Params {
-            k: manifest.codec.k,
-            m: manifest.codec.m,
-        })?;
-        let locations = manifest.chunk_locations();
-        let mut cached: Option<(usize, Vec<u8>)> = None;
+        let mut outputs = Vec::new();
+        let cleanup = |outputs: &[(PathBuf, PathBuf, std::fs::File)]| {
+            for (tmp, _, _) in outputs {
+                let _ = std::fs::remove_file(tmp);
+            }
+        };
         for entry in &manifest.files {
             let path = dest.join(&entry.path);
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(io(parent))?;
             }
-            let tmp = path.with_extension("aigrid-partial");
-            let mut out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-            for c in &entry.chunks {
-                let (stripe, offset) = locations[c.blake3.as_str()];
-                if cached.as_ref().map(|(i, _)| *i) != Some(stripe) {
-                    let bytes = self
-                        .read_stripe(manifest, &codec, stripe, &entry.path)
-                        .await?;
-                    cached = Some((stripe, bytes));
-                }
-                let bytes = &cached.as_ref().expect("just filled").1;
-                let start = usize::try_from(offset).unwrap_or(usize::MAX);
-                let end = start + usize::try_from(c.len).unwrap_or(usize::MAX);
-                let chunk = &bytes[start..end];
-                if hex(chunk) != c.blake3 {
-                    // Shards checked out but the chunk does not: never write it.
-                    return Err(StoreError::Manifest(ManifestError::Inconsistent(format!(
-                        "file `{}`: a chunk in stripe {stripe} does not match its hash",
-                        entry.path
-                    ))));
-                }
-                out.write_all(chunk).map_err(io(&tmp))?;
-            }
-            out.sync_all().map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            let tmp = partial_path(&path);
+            let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            file.set_len(entry.size).map_err(io(&tmp))?;
+            outputs.push((tmp, path, file));
         }
-        Ok(())
+        let mut needed: Vec<usize> = first_file.keys().copied().collect();
+        needed.sort_unstable();
+        let parallel = fetcher.stripes_in_parallel();
+        let mut fetches = futures_util::stream::iter(needed.into_iter().map(|i| {
+            let fetcher = fetcher.clone();
+            let file = first_file[&i].to_owned();
+            async move { fetcher.stripe(i, &file).await.map(|b| (i, b)) }
+        }))
+        .buffer_unordered(parallel);
+        let mut stats = PullStats::default();
+        while let Some(result) = fetches.next().await {
+            let (i, bytes) = match result {
+                Ok(found) => found,
+                Err(e) => {
+                    cleanup(&outputs);
+                    return Err(e);
+                }
+            };
+            stats.stripes += 1;
+            let mut offset = 0usize;
+            for c in &manifest.stripes[i].chunks {
+                let stored = &bytes[offset..offset + c.len as usize];
+                offset += c.len as usize;
+                let Some(targets) = uses.get(c.blake3.as_str()) else {
+                    continue;
+                };
+                let plain = match opener.open(c.blake3.as_str(), stored) {
+                    Ok(plain) => plain,
+                    Err(e) => {
+                        cleanup(&outputs);
+                        return Err(e);
+                    }
+                };
+                for (f, at) in targets {
+                    let (tmp, _, file) = &outputs[*f];
+                    if let Err(e) = write_at(file, &plain, *at) {
+                        cleanup(&outputs);
+                        return Err(io(tmp)(e));
+                    }
+                    stats.bytes += plain.len() as u64;
+                }
+            }
+        }
+        for (tmp, path, file) in &outputs {
+            file.sync_all().map_err(io(tmp))?;
+            std::fs::rename(tmp, path).map_err(io(path))?;
+        }
+        stats.files = outputs.len();
+        Ok(stats)
+    }
+
+    /// Deletes the shards of `registration` that none of `keep` uses; answers how many
+    /// were deleted. Shards on backends this store does not have are skipped.
+    pub async fn remove(
+        &self,
+        registration: &Registration,
+        keep: &[Registration],
+    ) -> Result<usize, StoreError> {
+        let mut kept: HashSet<(&str, &str)> = HashSet::new();
+        for other in keep {
+            for_each_shard(other, |backend, digest| {
+                kept.insert((backend, digest));
+            });
+        }
+        let mut doomed: Vec<(&str, &str)> = Vec::new();
+        for_each_shard(registration, |backend, digest| {
+            if !kept.contains(&(backend, digest)) {
+                doomed.push((backend, digest));
+            }
+        });
+        doomed.sort_unstable();
+        doomed.dedup();
+        let mut deleted = 0;
+        let mut deletes =
+            futures_util::stream::iter(doomed.into_iter().filter_map(|(backend, digest)| {
+                let backend = self.backend(backend)?;
+                Some(async move { backend.delete(&shard_object(digest)).await })
+            }))
+            .buffer_unordered(16);
+        while let Some(result) = deletes.next().await {
+            result?;
+            deleted += 1;
+        }
+        Ok(deleted)
     }
 }
 
+/// What a pull wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullStats {
+    /// Files written.
+    pub files: usize,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Stripes fetched.
+    pub stripes: usize,
+}
+
+fn for_each_shard<'a>(registration: &'a Registration, mut f: impl FnMut(&'a str, &'a str)) {
+    let manifest = &registration.manifest.manifest;
+    for (stripe, backends) in manifest.stripes.iter().zip(&registration.locations.stripes) {
+        for (digest, backend) in stripe.shards.iter().zip(backends) {
+            f(backend.as_str(), digest.as_str());
+        }
+    }
+}
+
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".aigrid-partial");
+    path.with_file_name(name)
+}
+
+#[cfg(unix)]
+fn write_at(file: &std::fs::File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
+}
+
+#[cfg(not(unix))]
+fn write_at(file: &std::fs::File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = file;
+    file.seek(SeekFrom::Start(offset))?;
+    file.write_all(bytes)
+}
+
+/// Checks stored chunks against their digests and opens sealed ones.
+pub(crate) struct ChunkOpener {
+    key: Option<ModelKey>,
+}
+
+impl ChunkOpener {
+    pub(crate) fn new(manifest: &Manifest, key: Option<&ModelKey>) -> Result<Self, StoreError> {
+        match (&manifest.encryption, key) {
+            (None, _) => Ok(ChunkOpener { key: None }),
+            (Some(enc), None) => Err(StoreError::KeyRequired {
+                key_id: enc.key_id.clone(),
+            }),
+            (Some(enc), Some(key)) if key.id() != enc.key_id => Err(StoreError::WrongKey {
+                expected: enc.key_id.clone(),
+                given: key.id(),
+            }),
+            (Some(_), Some(key)) => Ok(ChunkOpener {
+                key: Some(key.clone()),
+            }),
+        }
+    }
+
+    /// Whether `stored` is the chunk named `hash`.
+    pub(crate) fn verify(hash: &str, stored: &[u8]) -> bool {
+        hex(stored) == hash
+    }
+
+    /// The plaintext of a stored chunk, after checking it is the chunk named `hash`.
+    pub(crate) fn open(&self, hash: &str, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+        if !Self::verify(hash, stored) {
+            // Shards checked out but the chunk does not: the manifest lies.
+            return Err(StoreError::Manifest(ManifestError::Inconsistent(format!(
+                "chunk {hash} does not match its digest"
+            ))));
+        }
+        match &self.key {
+            None => Ok(stored.to_vec()),
+            Some(key) => Ok(key.open(stored)?),
+        }
+    }
+}
+
+/// Chunks of known models, by stored digest, with a memory of which of their stripes
+/// were found whole.
+struct KnownChunks<'a> {
+    at: HashMap<&'a str, (usize, usize)>,
+    known: &'a [(Manifest, Locations)],
+    store: &'a Store,
+    policy: &'a Policy,
+    checked: tokio::sync::Mutex<HashMap<(usize, usize), bool>>,
+}
+
+impl<'a> KnownChunks<'a> {
+    fn new(
+        known: &'a [(Manifest, Locations)],
+        params: Params,
+        store: &'a Store,
+        policy: &'a Policy,
+    ) -> Self {
+        let mut at = HashMap::new();
+        for (i, (manifest, locations)) in known.iter().enumerate() {
+            let same_code = manifest.codec.name == CODEC_NAME
+                && manifest.codec.k == params.k
+                && manifest.codec.m == params.m;
+            if !same_code || locations.validate(manifest).is_err() {
+                continue;
+            }
+            for (s, stripe) in manifest.stripes.iter().enumerate() {
+                for c in &stripe.chunks {
+                    at.entry(c.blake3.as_str()).or_insert((i, s));
+                }
+            }
+        }
+        KnownChunks {
+            at,
+            known,
+            store,
+            policy,
+            checked: Default::default(),
+        }
+    }
+
+    /// The known stripe holding `hash`, if every one of its shards is present on a
+    /// configured backend the policy allows.
+    async fn healthy(&self, hash: &str) -> Option<(usize, usize)> {
+        let at = *self.at.get(hash)?;
+        let mut checked = self.checked.lock().await;
+        if let Some(ok) = checked.get(&at) {
+            return ok.then_some(at);
+        }
+        let (manifest, locations) = &self.known[at.0];
+        let stripe = &manifest.stripes[at.1];
+        let names = &locations.stripes[at.1];
+        let ok = match self.store.indices(names) {
+            Some(indices) if self.policy.admits(&self.store.attributes(), &indices) => {
+                let heads = indices.iter().zip(&stripe.shards).map(|(i, digest)| {
+                    let backend = &self.store.backends[*i];
+                    async move { backend.head(&shard_object(digest)).await }
+                });
+                futures_util::future::join_all(heads)
+                    .await
+                    .into_iter()
+                    .all(|r| matches!(r, Ok(Some(len)) if len == stripe.shard_len))
+            }
+            _ => false,
+        };
+        checked.insert(at, ok);
+        ok.then_some(at)
+    }
+}
+
+/// Codes one stripe and writes its shards to `targets`, shard j on `targets[j]`.
+async fn write_stripe(
+    codec: &Arc<Codec>,
+    open: OpenStripe,
+    targets: &[Backend],
+    progress: &PushProgress,
+) -> Result<Stripe, StoreError> {
+    let len = open.bytes.len();
+    let shards = {
+        let codec = codec.clone();
+        tokio::task::spawn_blocking(move || codec.encode(&open.bytes))
+            .await
+            .expect("encoding does not panic")
+    };
+    let digests: Vec<String> = shards.iter().map(|s| hex(s)).collect();
+    let writes = shards.into_iter().zip(targets).zip(&digests).map(
+        |((shard, backend), digest)| async move {
+            let n = shard.len() as u64;
+            backend
+                .put(&shard_object(digest), Bytes::from(shard))
+                .await?;
+            PushProgress::add(&progress.bytes_uploaded, n);
+            Ok::<_, StoreError>(())
+        },
+    );
+    for result in futures_util::future::join_all(writes).await {
+        result?;
+    }
+    Ok(Stripe {
+        len: len as u64,
+        shard_len: codec.shard_len(len) as u64,
+        chunks: open.chunks,
+        shards: digests,
+    })
+}
+
+/// Reads every file in order and sends its chunks, hashed (and sealed), down `tx`;
+/// answers the manifest's file entries.
+fn cut_files(
+    dir: &Path,
+    paths: &[String],
+    chunk_size: u64,
+    seal: Option<&ModelKey>,
+    progress: &PushProgress,
+    tx: &mpsc::Sender<CutChunk>,
+) -> Result<Vec<FileEntry>, StoreError> {
+    let mut files = Vec::new();
+    for rel in paths {
+        let path = dir.join(rel);
+        let mut file = std::fs::File::open(&path).map_err(io(&path))?;
+        let size = file.metadata().map_err(io(&path))?.len();
+        let bounds = if rel.ends_with(".safetensors") && size >= 8 {
+            let mut prefix = [0u8; 8];
+            file.read_exact(&mut prefix).map_err(io(&path))?;
+            let len = chunk::safetensors_header_len(&prefix)
+                .unwrap_or(0)
+                .min(size);
+            let mut header = vec![0u8; usize::try_from(len).unwrap_or(0)];
+            file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
+            file.read_exact(&mut header).map_err(io(&path))?;
+            // A file that only looks like safetensors is cut by size alone.
+            chunk::safetensors_boundaries(&header).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
+        let mut chunks = Vec::new();
+        let mut read = 0;
+        for range in chunk::cut(size, chunk_size, &bounds) {
+            let mut buf = vec![0u8; usize::try_from(range.end - range.start).unwrap_or(0)];
+            file.read_exact(&mut buf).map_err(io(&path))?;
+            read += buf.len() as u64;
+            let plain_len = buf.len() as u64;
+            let stored = match seal {
+                Some(key) => key.seal(&buf),
+                None => buf,
+            };
+            let hash = hex(&stored);
+            chunks.push(ChunkRef {
+                blake3: hash.clone(),
+                len: plain_len,
+            });
+            PushProgress::add(&progress.bytes_read, plain_len);
+            PushProgress::add(&progress.chunks, 1);
+            let sent = tx.blocking_send(CutChunk {
+                hash,
+                bytes: stored,
+                plain_len,
+            });
+            if sent.is_err() {
+                // The writer gave up; its error is the one to report.
+                return Ok(files);
+            }
+        }
+        if read != size {
+            return Err(io(&path)(std::io::Error::other(
+                "the file changed during the push",
+            )));
+        }
+        files.push(FileEntry {
+            path: rel.clone(),
+            size,
+            chunks,
+        });
+    }
+    Ok(files)
+}
+
 /// Every regular file under `dir`, as `/`-separated paths relative to `root`.
+/// Symbolic links are followed (model caches link files to shared blobs); one that
+/// leads nowhere is an error, not a file silently left out.
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), StoreError> {
+    walk_depth(root, dir, out, 0)
+}
+
+/// Directory levels followed at most, which also ends a loop of linked directories.
+const MAX_DEPTH: usize = 64;
+
+fn walk_depth(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<String>,
+    depth: usize,
+) -> Result<(), StoreError> {
+    if depth > MAX_DEPTH {
+        return Err(io(dir)(std::io::Error::other(format!(
+            "more than {MAX_DEPTH} directory levels (a loop of links?)"
+        ))));
+    }
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         let path = entry.path();
-        let kind = entry.file_type().map_err(io(&path))?;
+        let mut kind = entry.file_type().map_err(io(&path))?;
+        if kind.is_symlink() {
+            kind = std::fs::metadata(&path).map_err(io(&path))?.file_type();
+        }
         if kind.is_dir() {
-            walk(root, &path, out)?;
+            walk_depth(root, &path, out, depth + 1)?;
         } else if kind.is_file() {
             let rel = path.strip_prefix(root).expect("under root");
-            let parts: Vec<String> = rel
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                .collect();
+            let mut parts = Vec::new();
+            for c in rel.components() {
+                let part = c.as_os_str().to_str().ok_or_else(|| {
+                    io(&path)(std::io::Error::other("the file name is not UTF-8"))
+                })?;
+                parts.push(part.to_owned());
+            }
             out.push(parts.join("/"));
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use rand::{Rng, SeedableRng};
-
-    use super::*;
-
-    fn backends(root: &Path, n: usize) -> Vec<Backend> {
-        (0..n)
-            .map(|i| Backend::local(format!("site-{i}"), &root.join(format!("site-{i}"))).unwrap())
-            .collect()
-    }
-
-    /// Pushes a model of one file of `size` random bytes with `k`+`m` over k+m
-    /// backends and chunks of 1 KiB.
-    async fn pushed(
-        k: usize,
-        m: usize,
-        size: usize,
-    ) -> (tempfile::TempDir, Store, SignedManifest, Vec<u8>) {
-        let root = tempfile::tempdir().unwrap();
-        let model = root.path().join("model");
-        std::fs::create_dir_all(model.join("sub")).unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(size as u64);
-        let bytes: Vec<u8> = (0..size).map(|_| rng.random()).collect();
-        std::fs::write(model.join("sub/weights.bin"), &bytes).unwrap();
-        let store = Store::new(backends(root.path(), k + m));
-        let opts = PushOptions {
-            name: "m".into(),
-            params: Params { k, m },
-            chunk_size: 1024,
-        };
-        let signed = store
-            .push(&model, &opts, &SigningKey::from_bytes(&[1; 32]))
-            .await
-            .unwrap();
-        (root, store, signed, bytes)
-    }
-
-    #[tokio::test]
-    async fn any_m_lost_backends_pull_back_the_same_bytes_and_m_plus_one_fail() {
-        for (k, m) in [(2, 1), (4, 2)] {
-            for size in [0usize, 1, 1023, 1024, 1025, 37 * 1024 + 5] {
-                let (root, store, signed, bytes) = pushed(k, m, size).await;
-                let manifest = &signed.manifest;
-                for lose in 0..=m + 1 {
-                    // Drop the shards of `lose` backends (every shard they hold).
-                    let store = Store::new(store.backends[lose..].to_vec());
-                    let dest = root.path().join(format!("out-{lose}"));
-                    let result = store.pull(&signed, &dest).await;
-                    if lose <= m || manifest.stripes.is_empty() {
-                        result.unwrap();
-                        let back = std::fs::read(dest.join("sub/weights.bin")).unwrap();
-                        assert!(back == bytes, "{k}+{m} size {size} lost {lose}");
-                    } else {
-                        let err = result.unwrap_err();
-                        assert!(
-                            matches!(&err, StoreError::Unrecoverable { file, .. } if file == "sub/weights.bin"),
-                            "{err}"
-                        );
-                        assert!(!dest.join("sub/weights.bin").exists());
-                    }
-                }
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn a_flipped_bit_in_a_shard_counts_as_missing() {
-        let (root, store, signed, bytes) = pushed(4, 2, 9000).await;
-        let shard = &signed.manifest.stripes[0].shards[1];
-        let file = root.path().join(&shard.backend).join(&shard.object);
-        let mut data = std::fs::read(&file).unwrap();
-        data[3] ^= 0x10;
-        std::fs::write(&file, data).unwrap();
-        let dest = root.path().join("out");
-        store.pull(&signed, &dest).await.unwrap();
-        assert_eq!(std::fs::read(dest.join("sub/weights.bin")).unwrap(), bytes);
-        // An altered manifest is refused before anything is read.
-        let mut forged = signed.clone();
-        forged.manifest.files[0].path = "other.bin".into();
-        assert!(matches!(
-            store.pull(&forged, &root.path().join("forged")).await,
-            Err(StoreError::Manifest(ManifestError::Signature(_)))
-        ));
-    }
-
-    #[tokio::test]
-    async fn too_few_backends_and_a_missing_directory_are_refused() {
-        let root = tempfile::tempdir().unwrap();
-        let store = Store::new(backends(root.path(), 3));
-        let opts = PushOptions {
-            name: "m".into(),
-            params: Params { k: 4, m: 2 },
-            chunk_size: 1024,
-        };
-        let key = SigningKey::from_bytes(&[1; 32]);
-        assert!(matches!(
-            store.push(root.path(), &opts, &key).await,
-            Err(StoreError::NotEnoughBackends {
-                need: 6,
-                have: 3,
-                ..
-            })
-        ));
-        let opts = PushOptions {
-            params: Params { k: 2, m: 1 },
-            ..opts
-        };
-        assert!(matches!(
-            store.push(&root.path().join("nope"), &opts, &key).await,
-            Err(StoreError::Io { .. })
-        ));
-    }
 }

@@ -1,0 +1,279 @@
+//! A bounded on-disk cache of verified chunks, named by their digest. Writes are
+//! atomic (temporary file, then rename), the least recently used unpinned chunks are
+//! evicted past the byte budget, and the cache survives restarts: recency is kept in
+//! file modification times and pins in a small file. A reader re-verifies every chunk
+//! it takes from the cache, so a damaged file is refetched, never served.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use crate::manifest::is_digest;
+
+/// How full the cache is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Chunks held.
+    pub chunks: usize,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Bytes held by pinned chunks.
+    pub pinned_bytes: u64,
+    /// The budget.
+    pub max_bytes: u64,
+}
+
+struct Entry {
+    size: u64,
+    used: u64,
+}
+
+struct State {
+    entries: HashMap<String, Entry>,
+    pinned: HashSet<String>,
+    bytes: u64,
+    clock: u64,
+}
+
+/// The cache.
+pub struct ChunkCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkCache({})", self.dir.display())
+    }
+}
+
+impl ChunkCache {
+    /// Opens (or creates) the cache in `dir` with a budget of `max_bytes`, taking in
+    /// what an earlier run left and dropping unfinished writes.
+    pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<ChunkCache> {
+        let chunks = dir.join("chunks");
+        std::fs::create_dir_all(&chunks)?;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&chunks)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let meta = entry.metadata()?;
+            if !is_digest(&name) || !meta.is_file() {
+                // An interrupted write or a stranger: not ours to keep.
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            let at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            found.push((at, name, meta.len()));
+        }
+        found.sort();
+        let mut state = State {
+            entries: HashMap::new(),
+            pinned: HashSet::new(),
+            bytes: 0,
+            clock: 0,
+        };
+        for (_, name, size) in found {
+            state.clock += 1;
+            state.bytes += size;
+            state.entries.insert(
+                name,
+                Entry {
+                    size,
+                    used: state.clock,
+                },
+            );
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("pinned")) {
+            state.pinned = text
+                .lines()
+                .filter(|l| is_digest(l))
+                .map(str::to_owned)
+                .collect();
+        }
+        let cache = ChunkCache {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            state: Mutex::new(state),
+        };
+        cache.evict(&mut cache.state.lock().expect("cache lock"));
+        Ok(cache)
+    }
+
+    fn path(&self, hash: &str) -> PathBuf {
+        self.dir.join("chunks").join(hash)
+    }
+
+    /// The chunk's bytes if cached (unverified: the caller checks them).
+    pub fn get(&self, hash: &str) -> Option<Vec<u8>> {
+        {
+            let mut state = self.state.lock().expect("cache lock");
+            state.clock += 1;
+            let now = state.clock;
+            state.entries.get_mut(hash)?.used = now;
+        }
+        match std::fs::read(self.path(hash)) {
+            Ok(bytes) => {
+                // Keep recency across restarts; a failure only costs ordering.
+                if let Ok(file) = std::fs::File::options().append(true).open(self.path(hash)) {
+                    let _ = file.set_modified(SystemTime::now());
+                }
+                Some(bytes)
+            }
+            Err(_) => {
+                self.remove(hash);
+                None
+            }
+        }
+    }
+
+    /// Whether the chunk is cached.
+    pub fn contains(&self, hash: &str) -> bool {
+        self.state
+            .lock()
+            .expect("cache lock")
+            .entries
+            .contains_key(hash)
+    }
+
+    /// Drops a chunk (found damaged, say).
+    pub fn remove(&self, hash: &str) {
+        let mut state = self.state.lock().expect("cache lock");
+        if let Some(entry) = state.entries.remove(hash) {
+            state.bytes -= entry.size;
+        }
+        let _ = std::fs::remove_file(self.path(hash));
+    }
+
+    /// Stores a verified chunk, then evicts past the budget. A chunk larger than the
+    /// whole budget is not kept.
+    pub fn insert(&self, hash: &str, bytes: &[u8]) -> std::io::Result<()> {
+        if !is_digest(hash) || bytes.len() as u64 > self.max_bytes || self.contains(hash) {
+            return Ok(());
+        }
+        let tmp = self
+            .dir
+            .join("chunks")
+            .join(format!(".{hash}.{}.tmp", rand::random::<u32>()));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, self.path(hash))?;
+        let mut state = self.state.lock().expect("cache lock");
+        state.clock += 1;
+        let used = state.clock;
+        let size = bytes.len() as u64;
+        if let Some(old) = state.entries.insert(hash.to_owned(), Entry { size, used }) {
+            state.bytes -= old.size;
+        }
+        state.bytes += size;
+        self.evict(&mut state);
+        Ok(())
+    }
+
+    fn evict(&self, state: &mut State) {
+        if state.bytes <= self.max_bytes {
+            return;
+        }
+        let mut order: Vec<(u64, String)> = state
+            .entries
+            .iter()
+            .filter(|(h, _)| !state.pinned.contains(*h))
+            .map(|(h, e)| (e.used, h.clone()))
+            .collect();
+        order.sort_unstable();
+        for (_, hash) in order {
+            if state.bytes <= self.max_bytes {
+                break;
+            }
+            if let Some(entry) = state.entries.remove(&hash) {
+                state.bytes -= entry.size;
+                let _ = std::fs::remove_file(self.path(&hash));
+            }
+        }
+    }
+
+    /// Keeps these chunks from eviction (once cached), across restarts.
+    pub fn pin(&self, hashes: impl IntoIterator<Item = String>) -> std::io::Result<()> {
+        let mut state = self.state.lock().expect("cache lock");
+        state.pinned.extend(hashes);
+        self.save_pins(&state)
+    }
+
+    /// Lets these chunks be evicted again.
+    pub fn unpin<'a>(&self, hashes: impl IntoIterator<Item = &'a str>) -> std::io::Result<()> {
+        let mut state = self.state.lock().expect("cache lock");
+        for h in hashes {
+            state.pinned.remove(h);
+        }
+        self.evict(&mut state);
+        self.save_pins(&state)
+    }
+
+    fn save_pins(&self, state: &State) -> std::io::Result<()> {
+        let mut list: Vec<&str> = state.pinned.iter().map(String::as_str).collect();
+        list.sort_unstable();
+        let tmp = self.dir.join(".pinned.tmp");
+        std::fs::write(&tmp, list.join("\n"))?;
+        std::fs::rename(tmp, self.dir.join("pinned"))
+    }
+
+    /// How full it is.
+    pub fn stats(&self) -> CacheStats {
+        let state = self.state.lock().expect("cache lock");
+        CacheStats {
+            chunks: state.entries.len(),
+            bytes: state.bytes,
+            pinned_bytes: state
+                .entries
+                .iter()
+                .filter(|(h, _)| state.pinned.contains(*h))
+                .map(|(_, e)| e.size)
+                .sum(),
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(i: u8) -> String {
+        blake3::hash(&[i]).to_hex().to_string()
+    }
+
+    #[test]
+    fn least_recently_used_unpinned_chunks_go_first_and_the_cache_survives_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 300).unwrap();
+        for i in 0..3 {
+            cache.insert(&h(i), &[i; 100]).unwrap();
+        }
+        cache.pin([h(0)]).unwrap();
+        assert!(cache.get(&h(1)).is_some());
+        cache.insert(&h(3), &[3; 100]).unwrap();
+        // 0 is pinned, 1 was just used: 2 goes.
+        assert!(!cache.contains(&h(2)));
+        assert!(cache.contains(&h(0)) && cache.contains(&h(1)) && cache.contains(&h(3)));
+        assert_eq!(cache.stats().bytes, 300);
+        assert_eq!(cache.stats().pinned_bytes, 100);
+        // Too big for the whole budget: not kept.
+        cache.insert(&h(4), &[4; 400]).unwrap();
+        assert!(!cache.contains(&h(4)));
+        // An interrupted write is dropped on open; entries and pins come back.
+        std::fs::write(dir.path().join("chunks/.x.tmp"), b"junk").unwrap();
+        drop(cache);
+        let cache = ChunkCache::open(dir.path(), 300).unwrap();
+        assert_eq!(cache.stats().chunks, 3);
+        assert_eq!(cache.get(&h(3)).unwrap(), vec![3; 100]);
+        cache.insert(&h(5), &[5; 100]).unwrap();
+        assert!(cache.contains(&h(0)), "pins survive a restart");
+        cache.unpin([h(0).as_str()]).unwrap();
+        // A smaller budget on reopen evicts down to it.
+        drop(cache);
+        let cache = ChunkCache::open(dir.path(), 100).unwrap();
+        assert_eq!(cache.stats().chunks, 1);
+        assert!(!dir.path().join("chunks/.x.tmp").exists());
+    }
+}

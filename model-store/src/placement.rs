@@ -1,0 +1,380 @@
+//! Placement policies: which backends may hold a stripe's shards. A policy filters
+//! backends by their attributes (`country in BE,NL`) and caps how many shards of one
+//! stripe may share an attribute value (`max 1 per site`), so losing a whole site
+//! costs a stripe at most that many shards.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// How a constraint matches an attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// The backend has the attribute with one of the values.
+    In,
+    /// The backend lacks the attribute or has none of the values.
+    NotIn,
+}
+
+/// A filter on backend attributes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraint {
+    /// The attribute, e.g. `country`.
+    pub attribute: String,
+    /// How it matches.
+    pub op: Op,
+    /// The values.
+    pub values: Vec<String>,
+}
+
+/// A cap on the shards of one stripe that may share an attribute value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spread {
+    /// The attribute, e.g. `site`. A backend without it cannot be used.
+    pub attribute: String,
+    /// Most shards of a stripe per value.
+    pub max: usize,
+}
+
+/// Where a model's shards may go. The empty policy allows every backend, one shard of
+/// a stripe per backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Every constraint must hold for a backend to be used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<Constraint>,
+    /// Every cap must hold for each stripe.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spread: Vec<Spread>,
+}
+
+/// Why shards cannot be placed, or a policy cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    /// The policy text is malformed.
+    #[error("invalid placement policy `{text}`: {reason}")]
+    Syntax {
+        /// The rule.
+        text: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Fewer eligible backends than shards per stripe.
+    #[error("a stripe needs {need} distinct backends but the policy `{policy}` allows {eligible} of the {total} configured")]
+    TooFewBackends {
+        /// Shards to place.
+        need: usize,
+        /// Backends the constraints allow.
+        eligible: usize,
+        /// Backends configured.
+        total: usize,
+        /// The policy.
+        policy: String,
+    },
+    /// Enough backends, but the spread caps cannot all hold.
+    #[error("the policy `{policy}` cannot place {need} shards of a stripe: its caps allow {placeable} over the {eligible} eligible backends")]
+    Unsatisfiable {
+        /// Shards to place.
+        need: usize,
+        /// Shards the caps allow.
+        placeable: usize,
+        /// Backends the constraints allow.
+        eligible: usize,
+        /// The policy.
+        policy: String,
+    },
+}
+
+impl Policy {
+    /// Reads rules separated by `;` (each string may hold several):
+    /// `ATTR in A,B`, `ATTR not in A,B`, `ATTR = A`, `max N per ATTR`.
+    pub fn parse<S: AsRef<str>>(rules: &[S]) -> Result<Policy, PlacementError> {
+        let mut policy = Policy::default();
+        for text in rules
+            .iter()
+            .flat_map(|r| r.as_ref().split(';'))
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+        {
+            let bad = |reason: &str| PlacementError::Syntax {
+                text: text.to_owned(),
+                reason: reason.to_owned(),
+            };
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let values = |list: &str| -> Result<Vec<String>, PlacementError> {
+                let values: Vec<String> = list
+                    .split(',')
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+                    .collect();
+                if values.is_empty() {
+                    return Err(bad("no values"));
+                }
+                Ok(values)
+            };
+            match words.as_slice() {
+                ["max", n, "per", attribute] => {
+                    let max: usize = n
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| bad("the cap must be a positive integer"))?;
+                    policy.spread.push(Spread {
+                        attribute: (*attribute).to_owned(),
+                        max,
+                    });
+                }
+                [attribute, "in", rest @ ..] if !rest.is_empty() => {
+                    policy.constraints.push(Constraint {
+                        attribute: (*attribute).to_owned(),
+                        op: Op::In,
+                        values: values(&rest.join(""))?,
+                    })
+                }
+                [attribute, "not", "in", rest @ ..] if !rest.is_empty() => {
+                    policy.constraints.push(Constraint {
+                        attribute: (*attribute).to_owned(),
+                        op: Op::NotIn,
+                        values: values(&rest.join(""))?,
+                    })
+                }
+                [attribute, "=", value] => policy.constraints.push(Constraint {
+                    attribute: (*attribute).to_owned(),
+                    op: Op::In,
+                    values: values(value)?,
+                }),
+                _ => {
+                    return Err(bad(
+                        "expected `ATTR in A,B`, `ATTR not in A,B`, `ATTR = A` or `max N per ATTR`",
+                    ))
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    /// Whether a backend with `attributes` may hold shards at all.
+    pub fn allows(&self, attributes: &BTreeMap<String, String>) -> bool {
+        self.constraints.iter().all(|c| {
+            let found = attributes
+                .get(&c.attribute)
+                .is_some_and(|v| c.values.contains(v));
+            match c.op {
+                Op::In => found,
+                Op::NotIn => !found,
+            }
+        }) && self
+            .spread
+            .iter()
+            .all(|s| attributes.contains_key(&s.attribute))
+    }
+
+    /// Whether shards already on `chosen` (indices into `backends`) satisfy the
+    /// policy: every backend allowed, distinct, every cap held.
+    pub fn admits(&self, backends: &[&BTreeMap<String, String>], chosen: &[usize]) -> bool {
+        let distinct: std::collections::BTreeSet<&usize> = chosen.iter().collect();
+        distinct.len() == chosen.len()
+            && chosen.iter().all(|i| self.allows(backends[*i]))
+            && self.spread.iter().all(|rule| {
+                let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+                chosen.iter().all(|i| {
+                    let v = backends[*i]
+                        .get(&rule.attribute)
+                        .map(String::as_str)
+                        .unwrap_or("");
+                    let n = seen.entry(v).or_default();
+                    *n += 1;
+                    *n <= rule.max
+                })
+            })
+    }
+
+    /// Picks `need` more backends (indices into `backends`) for one stripe whose other
+    /// shards already sit on `taken`: eligible, distinct, not in `taken`, and within
+    /// every cap counting `taken`. Candidates are tried from `start` round the list,
+    /// so successive stripes spread over every backend.
+    pub fn place(
+        &self,
+        backends: &[&BTreeMap<String, String>],
+        need: usize,
+        taken: &[usize],
+        start: usize,
+    ) -> Result<Vec<usize>, PlacementError> {
+        let eligible: Vec<usize> = (0..backends.len())
+            .filter(|i| self.allows(backends[*i]))
+            .collect();
+        let usable = eligible.iter().filter(|i| !taken.contains(i)).count();
+        if usable < need {
+            return Err(PlacementError::TooFewBackends {
+                need: need + taken.len(),
+                eligible: eligible.len(),
+                total: backends.len(),
+                policy: self.to_string(),
+            });
+        }
+        let mut counts: Vec<BTreeMap<String, usize>> = vec![BTreeMap::new(); self.spread.len()];
+        let count = |counts: &mut Vec<BTreeMap<String, usize>>, i: usize| {
+            for (rule, seen) in self.spread.iter().zip(counts.iter_mut()) {
+                if let Some(v) = backends[i].get(&rule.attribute) {
+                    *seen.entry(v.clone()).or_default() += 1;
+                }
+            }
+        };
+        for &i in taken {
+            count(&mut counts, i);
+        }
+        let mut picked = Vec::new();
+        let n = eligible.len();
+        for step in 0..n {
+            if picked.len() == need {
+                break;
+            }
+            let i = eligible[(start + step) % n];
+            if taken.contains(&i) {
+                continue;
+            }
+            let fits = self.spread.iter().zip(&counts).all(|(rule, seen)| {
+                let v = backends[i]
+                    .get(&rule.attribute)
+                    .map(String::as_str)
+                    .unwrap_or("");
+                seen.get(v).copied().unwrap_or(0) < rule.max
+            });
+            if fits {
+                count(&mut counts, i);
+                picked.push(i);
+            }
+        }
+        if picked.len() < need {
+            return Err(PlacementError::Unsatisfiable {
+                need: need + taken.len(),
+                placeable: picked.len() + taken.len(),
+                eligible: eligible.len(),
+                policy: self.to_string(),
+            });
+        }
+        Ok(picked)
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rules: Vec<String> = self
+            .constraints
+            .iter()
+            .map(|c| {
+                let op = match c.op {
+                    Op::In => "in",
+                    Op::NotIn => "not in",
+                };
+                format!("{} {op} {}", c.attribute, c.values.join(","))
+            })
+            .collect();
+        rules.extend(
+            self.spread
+                .iter()
+                .map(|s| format!("max {} per {}", s.max, s.attribute)),
+        );
+        if rules.is_empty() {
+            return f.write_str("any backend");
+        }
+        f.write_str(&rules.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(site: &str, country: &str) -> BTreeMap<String, String> {
+        [("site", site), ("country", country)]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn rules_parse_and_print_back() {
+        let p = Policy::parse(&["country in BE, NL; max 1 per site", "tier not in cold"]).unwrap();
+        assert_eq!(p.constraints.len(), 2);
+        assert_eq!(
+            p.spread,
+            vec![Spread {
+                attribute: "site".into(),
+                max: 1
+            }]
+        );
+        assert_eq!(
+            p.to_string(),
+            "country in BE,NL; tier not in cold; max 1 per site"
+        );
+        assert_eq!(Policy::parse(&[p.to_string()]).unwrap(), p);
+        for bad in [
+            "country",
+            "max 0 per site",
+            "max x per site",
+            "country in ,",
+            "a b c",
+        ] {
+            assert!(
+                matches!(Policy::parse(&[bad]), Err(PlacementError::Syntax { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Policy::parse::<&str>(&[]).unwrap().to_string(),
+            "any backend"
+        );
+    }
+
+    #[test]
+    fn placement_honours_constraints_and_caps_and_rotates() {
+        let backends = [
+            attrs("a", "BE"),
+            attrs("a", "BE"),
+            attrs("b", "NL"),
+            attrs("c", "NL"),
+            attrs("d", "FR"),
+            attrs("", "NL"),
+        ];
+        let refs: Vec<&BTreeMap<String, String>> = backends.iter().collect();
+        let p = Policy::parse(&["country in BE,NL; max 1 per site"]).unwrap();
+        let picked = p.place(&refs, 3, &[], 0).unwrap();
+        assert_eq!(picked, vec![0, 2, 3]);
+        let picked = p.place(&refs, 3, &[], 1).unwrap();
+        assert_eq!(picked, vec![1, 2, 3]);
+        // A fourth shard has no site left to go to.
+        assert!(matches!(
+            p.place(&refs, 4, &[], 0),
+            Err(PlacementError::Unsatisfiable {
+                placeable: 3,
+                eligible: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            p.place(&refs, 5, &[], 0),
+            Err(PlacementError::TooFewBackends {
+                eligible: 4,
+                total: 6,
+                ..
+            })
+        ));
+        assert!(p.admits(&refs, &[0, 2, 3]));
+        assert!(!p.admits(&refs, &[0, 1, 2]), "two shards on site a");
+        assert!(!p.admits(&refs, &[0, 4]), "FR is not allowed");
+        // Replacing one shard of a stripe on sites a and b: only site c is left.
+        assert_eq!(p.place(&refs, 1, &[0, 2], 0).unwrap(), vec![3]);
+        // The empty policy takes every backend once.
+        let any = Policy::default();
+        let mut all = any.place(&refs, 6, &[], 4).unwrap();
+        all.sort_unstable();
+        assert_eq!(all, vec![0, 1, 2, 3, 4, 5]);
+    }
+}
