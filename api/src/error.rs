@@ -90,6 +90,10 @@ pub enum ErrorCode {
     UnknownNode,
     /// The node's key was revoked; it may join again only with a new key.
     KeyRevoked,
+    /// A model manifest contradicts itself, or its shard locations do not fit it.
+    InvalidManifest,
+    /// A model manifest's signature does not match its contents and publisher key.
+    SignatureInvalid,
 }
 
 impl ErrorCode {
@@ -110,6 +114,8 @@ impl ErrorCode {
         Self::Unauthorized,
         Self::UnknownNode,
         Self::KeyRevoked,
+        Self::InvalidManifest,
+        Self::SignatureInvalid,
     ];
 
     /// The single table of wire code and HTTP status per variant.
@@ -130,6 +136,8 @@ impl ErrorCode {
             Self::Unauthorized => ("unauthorized", 401),
             Self::UnknownNode => ("unknown_node", 401),
             Self::KeyRevoked => ("key_revoked", 401),
+            Self::InvalidManifest => ("invalid_manifest", 400),
+            Self::SignatureInvalid => ("signature_invalid", 400),
         }
     }
 

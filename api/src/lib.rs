@@ -13,6 +13,7 @@
 //! | [`node`] | node registration and the node view |
 //! | [`auth`] | node keys, signed requests and join tokens |
 //! | [`cluster`] | control-plane membership and Raft status |
+//! | [`model`] | registered models as listed, and the dispersed store a server offers |
 //! | [`error`] | the error body, the stable error codes and validation errors |
 //!
 //! Every type is re-exported at the crate root.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod evaluation;
 pub mod ids;
 pub mod job;
+pub mod model;
 pub mod node;
 pub mod spec;
 pub mod units;
@@ -46,6 +48,7 @@ pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationErr
 pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
 pub use ids::{AllocId, EvalId, JobId, NodeId};
 pub use job::{DeleteJobResponse, Job, JobStatus, JobSummary, SubmitJobResponse, Unplaced};
+pub use model::{ModelSummary, StorageBackend, StorageInfo};
 pub use node::{
     DrainSpec, GpuDevice, GpuHealth, GpuTelemetry, Heartbeat, HeartbeatResponse, Node,
     NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage, RegisterNodeResponse,
@@ -76,6 +79,8 @@ mod tests {
         ClusterStatus,
         JoinRequest,
         LeaveRequest,
+        ModelSummary,
+        StorageInfo,
         ErrorBody,
         ValidationError,
     )))]
@@ -104,6 +109,7 @@ mod tests {
             "ErrorDetail",
             "Timestamp",
             "MilliCpu",
+            "StorageBackend",
         ] {
             assert!(schemas.contains_key(name), "missing schema {name}");
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use aigrid_api::{
     Allocation, ClusterStatus, DeleteJobResponse, DrainSpec, ErrorBody, ErrorCode, EvalId, Job,
     JobId, JobSpec, JobSummary, JoinRequest, Member, MemberRole, Node, NodeId, NodeStatus,
-    SubmitJobResponse,
+    StorageInfo, SubmitJobResponse,
 };
 use aigrid_consensus::{MembershipChange, RaftError, RaftNode};
 use axum::body::Bytes;
@@ -20,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::de::DeserializeOwned;
@@ -31,11 +31,23 @@ use utoipa::OpenApi;
 use crate::state::{Applied, ClusterState, Command, StateError};
 use crate::worker::now;
 
+/// Largest body [`ApiLimits::max_model_body_bytes`] may allow. A model write becomes
+/// one Raft entry of about its body's size; raft-rs refuses proposals beyond its
+/// 256 MiB budget of uncommitted entries, and peers accept message batches of up to
+/// [`aigrid_consensus::transport::MAX_BATCH_BYTES`] (1 GiB).
+pub const MAX_MODEL_BODY_LIMIT: usize = 256 << 20;
+
 /// Limits applied at the door of the control API.
 #[derive(Debug, Clone)]
 pub struct ApiLimits {
     /// Largest request body in bytes; larger bodies get 413.
     pub max_body_bytes: usize,
+    /// Largest body of a model write (`POST /api/v1/models`, `PUT
+    /// /api/v1/models/{digest}/locations`) in bytes; larger bodies get 413. Manifests
+    /// are large: a 70 GB model has some 17 000 chunks, a few MiB of JSON.
+    pub max_model_body_bytes: usize,
+    /// Model writes read at once; more get 429. Bounds the memory their bodies take.
+    pub max_model_uploads: usize,
     /// Requests served at once; more get 429.
     pub max_in_flight: usize,
     /// Agents' long polls held at once; more get 429.
@@ -49,6 +61,8 @@ impl Default for ApiLimits {
     fn default() -> Self {
         ApiLimits {
             max_body_bytes: 1 << 20,
+            max_model_body_bytes: 16 << 20,
+            max_model_uploads: 8,
             max_in_flight: 4096,
             max_long_polls: 16_384,
             seen_flush: Duration::from_secs(2),
@@ -64,6 +78,10 @@ pub struct ApiState {
     in_flight: Arc<Semaphore>,
     http: HttpMetrics,
     pub(crate) agents: Arc<crate::agents::AgentHub>,
+    /// What `GET /api/v1/storage` answers.
+    pub(crate) storage: Arc<StorageInfo>,
+    /// Model writes being read; see [`ApiLimits::max_model_uploads`].
+    pub(crate) model_uploads: Arc<Semaphore>,
 }
 
 #[derive(Clone)]
@@ -209,14 +227,16 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReadQuery {
+pub(crate) struct ReadQuery {
     /// Serve from this server's applied state without confirming with the leader.
     #[serde(default)]
-    stale: bool,
+    pub(crate) stale: bool,
 }
 
 /// The read options, with a malformed query answered in the API's error shape.
-fn read_query(query: Result<Query<ReadQuery>, QueryRejection>) -> Result<ReadQuery, ApiError> {
+pub(crate) fn read_query(
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<ReadQuery, ApiError> {
     query
         .map(|Query(q)| q)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))
@@ -226,7 +246,7 @@ pub(crate) fn new_id<T>(make: impl Fn(String) -> T) -> T {
     make(uuid::Uuid::new_v4().to_string())
 }
 
-async fn read<R: Send>(
+pub(crate) async fn read<R: Send>(
     state: &ApiState,
     query: &ReadQuery,
     f: impl FnOnce(&ClusterState) -> R,
@@ -691,7 +711,7 @@ async fn ready(State(state): State<ApiState>) -> Response {
 #[openapi(
     info(
         title = "aigrid control API",
-        description = "Jobs, nodes and the replicated control plane."
+        description = "Jobs, nodes, models and the replicated control plane."
     ),
     paths(
         submit_job,
@@ -713,7 +733,13 @@ async fn ready(State(state): State<ApiState>) -> Response {
         node_allocations,
         get_cluster,
         join_member,
-        leave_member
+        leave_member,
+        crate::models::register_model,
+        crate::models::list_models,
+        crate::models::get_model,
+        crate::models::set_model_locations,
+        crate::models::delete_model,
+        crate::models::get_storage
     )
 )]
 struct ApiDoc;
@@ -775,11 +801,13 @@ async fn admission(State(state): State<ApiState>, req: Request, next: Next) -> R
 }
 
 /// The whole HTTP surface of a server: control API, Raft transport, metrics, probes.
+/// `storage` is what `GET /api/v1/storage` answers.
 pub fn router(
     raft: RaftNode<ClusterState>,
     registry: Registry,
     limits: &ApiLimits,
     agents: Arc<crate::agents::AgentHub>,
+    storage: StorageInfo,
 ) -> prometheus::Result<Router> {
     let state = ApiState {
         http: HttpMetrics::register(&registry)?,
@@ -787,7 +815,12 @@ pub fn router(
         raft: raft.clone(),
         registry,
         in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+        storage: Arc::new(storage),
+        model_uploads: Arc::new(Semaphore::new(limits.max_model_uploads)),
     };
+    // Set on the model write routes themselves, so it overrides the router-wide
+    // limit for them alone.
+    let model_body = DefaultBodyLimit::max(limits.max_model_body_bytes);
     let api = Router::new()
         .route("/api/v1/jobs", post(submit_job).get(list_jobs))
         .route("/api/v1/jobs/{id}", get(get_job).delete(delete_job))
@@ -824,6 +857,21 @@ pub fn router(
         .route("/api/v1/cluster", get(get_cluster))
         .route("/api/v1/cluster/members", post(join_member))
         .route("/api/v1/cluster/members/{id}", delete(leave_member))
+        .route(
+            "/api/v1/models",
+            post(crate::models::register_model)
+                .layer(model_body)
+                .get(crate::models::list_models),
+        )
+        .route(
+            "/api/v1/models/{digest}",
+            get(crate::models::get_model).delete(crate::models::delete_model),
+        )
+        .route(
+            "/api/v1/models/{digest}/locations",
+            put(crate::models::set_model_locations).layer(model_body),
+        )
+        .route("/api/v1/storage", get(crate::models::get_storage))
         .route("/api/v1/openapi.json", get(openapi_json))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), admission))

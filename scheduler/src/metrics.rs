@@ -18,7 +18,7 @@ struct StateCollector {
     gauges: Vec<IntGauge>,
 }
 
-const STATE_GAUGES: [(&str, &str); 8] = [
+const STATE_GAUGES: [(&str, &str); 9] = [
     ("aigrid_jobs", "Live jobs"),
     ("aigrid_nodes", "Known nodes"),
     ("aigrid_nodes_ready", "Nodes accepting new work"),
@@ -39,6 +39,7 @@ const STATE_GAUGES: [(&str, &str); 8] = [
         "aigrid_evaluations_blocked",
         "Evaluations waiting for capacity",
     ),
+    ("aigrid_models", "Registered models"),
 ];
 
 impl Collector for StateCollector {
@@ -57,6 +58,7 @@ impl Collector for StateCollector {
             c.evaluations,
             c.evaluations_pending,
             c.evaluations_blocked,
+            c.models,
         ];
         for (gauge, value) in self.gauges.iter().zip(values) {
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));

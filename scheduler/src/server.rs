@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use aigrid_api::StorageInfo;
 use aigrid_consensus::metrics::RaftMetrics;
 use aigrid_consensus::{NodeConfig, RaftNode, ReplicaConfig};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::http::{self, ApiLimits};
+use crate::http::{self, ApiLimits, MAX_MODEL_BODY_LIMIT};
 use crate::state::ClusterState;
 
 /// Everything a server needs, validated by [`ServerConfig::validate`] before start.
@@ -51,6 +52,9 @@ pub struct ServerConfig {
     /// How long a node may stay silent before it is marked down and its work
     /// rescheduled.
     pub node_ttl: Duration,
+    /// The dispersed store this server tells clients about (`GET /api/v1/storage`);
+    /// no backends when it has none.
+    pub storage: StorageInfo,
 }
 
 impl ServerConfig {
@@ -74,6 +78,7 @@ impl ServerConfig {
             queue_capacity: 65_536,
             limits: ApiLimits::default(),
             node_ttl: crate::worker::WorkerConfig::default().node_ttl,
+            storage: StorageInfo::default(),
         }
     }
 
@@ -107,6 +112,20 @@ impl ServerConfig {
         }
         if self.queue_capacity == 0 || self.limits.max_in_flight == 0 {
             return bad("queue capacity and max in-flight must be at least 1".into());
+        }
+        if self.limits.max_model_uploads == 0 {
+            return bad("max model uploads must be at least 1".into());
+        }
+        if self.limits.max_model_body_bytes > MAX_MODEL_BODY_LIMIT {
+            return bad(format!(
+                "max model body bytes must be at most {MAX_MODEL_BODY_LIMIT}: a model write \
+                 becomes one Raft entry"
+            ));
+        }
+        if self.storage != StorageInfo::default() {
+            if let Err(e) = self.storage.validate() {
+                return bad(format!("store: {e}"));
+            }
         }
         Ok(())
     }
@@ -197,7 +216,13 @@ impl Server {
             &registry,
             &config.limits,
         )?);
-        let app = http::router(raft.clone(), registry, &config.limits, agents.clone())?;
+        let app = http::router(
+            raft.clone(),
+            registry,
+            &config.limits,
+            agents.clone(),
+            config.storage.clone(),
+        )?;
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
         // Plain heartbeats reach the log a few times per TTL, so a node's
         // `last_seen` lags its last heartbeat by a small part of the TTL.

@@ -1,5 +1,6 @@
-//! The cluster state machine: every node, job, allocation and evaluation the control
-//! plane knows, changed only by applying Raft-committed [`Command`]s.
+//! The cluster state machine: every node, job, allocation, evaluation and registered
+//! model the control plane knows, changed only by applying Raft-committed
+//! [`Command`]s.
 //!
 //! Applying is deterministic: ids and timestamps come from the command (or, for
 //! evaluations the state machine creates itself, from the log index), maps are
@@ -15,11 +16,12 @@ use aigrid_api::{
     AllocId, AllocState, Allocation, AllocationLogs, AllocationReport, Assignment,
     DeleteJobResponse, DesiredState, DrainSpec, ErrorCode, EvalId, EvalStatus, EvalTrigger,
     Evaluation, GpuHealth, Heartbeat, Job, JobId, JobKind, JobSpec, JobStatus, JobSummary,
-    JoinTokenInfo, LogTail, MemoryMib, MilliCpu, Node, NodeAssignments, NodeId, NodePublicKey,
-    NodeRegistration, NodeStatus, NodeUsage, SubmitJobResponse, Timestamp, Unplaced,
+    JoinTokenInfo, LogTail, MemoryMib, MilliCpu, ModelSummary, Node, NodeAssignments, NodeId,
+    NodePublicKey, NodeRegistration, NodeStatus, NodeUsage, SubmitJobResponse, Timestamp, Unplaced,
     ValidationError,
 };
 use aigrid_consensus::state_machine::{SnapshotError, StateMachine};
+use aigrid_store::manifest::{Locations, ManifestError, Registration};
 use serde::{Deserialize, Serialize};
 
 /// Evaluations kept by default. Older ones are forgotten, completed ones first, so a
@@ -221,6 +223,35 @@ pub enum Command {
         /// One verdict per evaluation.
         updates: Vec<EvaluationUpdate>,
         /// When the verdicts were reached.
+        at: Timestamp,
+    },
+    /// Registers a dispersed-store model under its digest, after checking again its
+    /// signature, its consistency and its locations. A digest already registered
+    /// keeps its record and is answered as it is.
+    RegisterModel {
+        /// The signed manifest and its shards' locations.
+        registration: Registration,
+        /// When it was registered.
+        at: Timestamp,
+    },
+    /// Replaces where a model's shards are and bumps its locations version; the
+    /// locations it already has change nothing.
+    SetModelLocations {
+        /// The model.
+        digest: String,
+        /// The backend of every shard of every stripe; checked against the manifest.
+        locations: Locations,
+        /// Refuses the change (409) unless the current version is this one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_version: Option<u64>,
+        /// When the change was made.
+        at: Timestamp,
+    },
+    /// Forgets a model; its shards are left where they are.
+    DeleteModel {
+        /// The model.
+        digest: String,
+        /// When it was deleted.
         at: Timestamp,
     },
 }
@@ -446,6 +477,20 @@ pub enum Applied {
         /// Its id.
         id: String,
     },
+    /// A model was registered, or was already.
+    ModelRegistered {
+        /// The model as registered.
+        summary: ModelSummary,
+        /// True for the command that registered it; false when it already was.
+        created: bool,
+    },
+    /// A model's locations were set.
+    ModelLocationsSet(ModelSummary),
+    /// A model was forgotten.
+    ModelDeleted {
+        /// Its digest.
+        digest: String,
+    },
 }
 
 /// The kinds of object a command can address, for [`StateError::NotFound`].
@@ -461,6 +506,8 @@ pub enum ObjectKind {
     Evaluation,
     /// A join token.
     JoinToken,
+    /// A registered model.
+    Model,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -471,6 +518,7 @@ impl std::fmt::Display for ObjectKind {
             Self::Allocation => "allocation",
             Self::Evaluation => "evaluation",
             Self::JoinToken => "join token",
+            Self::Model => "model",
         })
     }
 }
@@ -499,6 +547,12 @@ pub enum StateError {
     /// The registration's key or join token is not accepted.
     #[error("{0}")]
     Unauthorized(String),
+    /// A model's manifest is not signed by its publisher, or contradicts itself.
+    #[error("{0}")]
+    Manifest(ManifestError),
+    /// A model's shard locations do not fit its manifest.
+    #[error("shard locations do not fit the manifest: {0}")]
+    BadLocations(String),
 }
 
 impl StateError {
@@ -509,17 +563,21 @@ impl StateError {
             Self::Invalid(_) => ErrorCode::InvalidField,
             Self::Conflict { .. } => ErrorCode::Conflict,
             Self::Unauthorized(_) => ErrorCode::Unauthorized,
+            Self::Manifest(ManifestError::Signature(_)) => ErrorCode::SignatureInvalid,
+            Self::Manifest(ManifestError::Inconsistent(_)) | Self::BadLocations(_) => {
+                ErrorCode::InvalidManifest
+            }
         }
     }
 
-    fn not_found(kind: ObjectKind, id: impl std::fmt::Display) -> Self {
+    pub(crate) fn not_found(kind: ObjectKind, id: impl std::fmt::Display) -> Self {
         Self::NotFound {
             kind,
             id: id.to_string(),
         }
     }
 
-    fn conflict(message: impl Into<String>) -> Self {
+    pub(crate) fn conflict(message: impl Into<String>) -> Self {
         Self::Conflict {
             message: message.into(),
         }
@@ -545,6 +603,8 @@ pub struct StateCounts {
     pub evaluations_pending: usize,
     /// Evaluations waiting for capacity.
     pub evaluations_blocked: usize,
+    /// Registered models.
+    pub models: usize,
 }
 
 /// What the state keeps per job beyond its spec.
@@ -590,6 +650,9 @@ struct Tables {
     /// Per node, the log index of the last change to what its agent must run.
     #[serde(default)]
     node_index: BTreeMap<NodeId, u64>,
+    /// Registered models by digest.
+    #[serde(default)]
+    models: crate::models::Models,
 }
 
 /// A join token as the state keeps it.
@@ -830,6 +893,7 @@ impl ClusterState {
             join_tokens: BTreeMap::new(),
             logs: BTreeMap::new(),
             node_index: BTreeMap::new(),
+            models: crate::models::Models::default(),
         })
     }
 
@@ -1039,6 +1103,27 @@ impl ClusterState {
         })
     }
 
+    /// Registered models, newest first; only those named `name` when given.
+    pub fn models(&self, name: Option<&str>) -> Vec<ModelSummary> {
+        self.tables.models.list(name)
+    }
+
+    /// The models pushed under `name`, newest first: what a deployment naming a
+    /// model rather than a digest resolves to (the first).
+    pub fn models_named(&self, name: &str) -> Vec<ModelSummary> {
+        self.tables.models.list(Some(name))
+    }
+
+    /// The model with this digest: summary, signed manifest and locations.
+    pub fn model(&self, digest: &str) -> Option<crate::models::ModelDetail> {
+        self.tables.models.detail(digest)
+    }
+
+    /// The model table, for the checks handlers run before proposing.
+    pub(crate) fn models_table(&self) -> &crate::models::Models {
+        &self.tables.models
+    }
+
     /// Every join token, by id; never their secrets.
     pub fn join_tokens(&self) -> Vec<JoinTokenInfo> {
         self.tables
@@ -1236,6 +1321,7 @@ impl ClusterState {
             evaluations: self.tables.evaluations.len(),
             evaluations_pending: evals().filter(|s| *s == EvalStatus::Pending).count(),
             evaluations_blocked: evals().filter(|s| *s == EvalStatus::Blocked).count(),
+            models: self.tables.models.len(),
         }
     }
 
@@ -1275,6 +1361,7 @@ impl ClusterState {
                 t.eval_limit
             ));
         }
+        t.models.check_invariants()?;
 
         let mut names = BTreeMap::new();
         for (id, job) in &t.jobs {
@@ -2607,6 +2694,19 @@ impl StateMachine for ClusterState {
                     .count();
                 Ok(Applied::EvaluationsUpdated { updated })
             }
+            Command::RegisterModel { registration, at } => {
+                self.tables.models.register(registration, at)
+            }
+            Command::SetModelLocations {
+                digest,
+                locations,
+                expected_version,
+                at,
+            } => self
+                .tables
+                .models
+                .set_locations(&digest, locations, expected_version, at),
+            Command::DeleteModel { digest, at: _ } => self.tables.models.delete(digest),
         };
         debug_assert_eq!(self.check_invariants(), Ok(()));
         output
@@ -3714,6 +3814,7 @@ mod tests {
                 evaluations: 3,
                 evaluations_pending: 3,
                 evaluations_blocked: 0,
+                models: 0,
             }
         );
     }
