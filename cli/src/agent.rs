@@ -67,6 +67,13 @@ pub struct AgentArgs {
     /// Serve Prometheus `/metrics` on this address; nothing listens otherwise.
     #[arg(long, env = "AIGRID_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve this node's shards over HTTP on this address (the node's private
+    /// address; port 0 picks one); nothing listens otherwise.
+    #[arg(long, env = "AIGRID_SHARD_LISTEN")]
+    shard_listen: Option<SocketAddr>,
+    /// Directory the shard service keeps shards in (default `<data-dir>/shards`).
+    #[arg(long, env = "AIGRID_SHARD_DIR")]
+    shard_dir: Option<PathBuf>,
     /// TOML file with any of these settings (flags and variables win).
     #[arg(long, env = "AIGRID_CONFIG")]
     #[serde(skip)]
@@ -91,6 +98,8 @@ impl AgentArgs {
             heartbeat_interval_ms: self.heartbeat_interval_ms.or(file.heartbeat_interval_ms),
             poll_wait_ms: self.poll_wait_ms.or(file.poll_wait_ms),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            shard_listen: self.shard_listen.or(file.shard_listen),
+            shard_dir: self.shard_dir.or(file.shard_dir),
             config: self.config,
         }
     }
@@ -104,6 +113,8 @@ struct Resolved {
     simulate_gpus: Option<String>,
     fleet: Option<(usize, Duration)>,
     metrics_listen: Option<SocketAddr>,
+    /// Where the shard service listens and the directory it keeps.
+    shards: Option<(SocketAddr, PathBuf)>,
     agent: AgentConfig,
 }
 
@@ -170,7 +181,15 @@ fn resolve(args: AgentArgs) -> anyhow::Result<Resolved> {
     if let Some(spec) = &args.simulate_gpus {
         aigrid_agent::simulated::parse(spec, "check")?;
     }
+    let shards = args.shard_listen.map(|addr| {
+        let dir = args
+            .shard_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("shards"));
+        (addr, dir)
+    });
     Ok(Resolved {
+        shards,
         servers,
         data_dir,
         node_id: args.node_id,
@@ -218,6 +237,45 @@ async fn serve_metrics(addr: SocketAddr, registry: prometheus::Registry) -> anyh
         }
     });
     Ok(())
+}
+
+/// Serves this node's shards on `addr` until `shutdown` turns true. The agent
+/// still dials out for control; this port only answers shard reads and writes.
+async fn serve_shards(
+    addr: SocketAddr,
+    dir: PathBuf,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use aigrid_store::shard_service::{ShardService, ShardServiceLimits};
+    let service = ShardService::new(&dir, ShardServiceLimits::default())?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--shard-listen {addr}"))?;
+    let bound = listener.local_addr().context("--shard-listen")?;
+    tracing::info!(
+        dir = %service.dir().display(),
+        "shard service listening on http://{bound}"
+    );
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        if let Err(e) = service.serve(listener, stop).await {
+            tracing::error!(error = %e, "shard service stopped");
+        }
+    }))
+}
+
+/// Lets shard writes in flight finish (they are acknowledged only once durable).
+async fn finish_shards(shards: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(handle) = shards {
+        if tokio::time::timeout(Duration::from_secs(10), handle)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shard requests still in flight after 10 s; stopping anyway");
+        }
+    }
 }
 
 /// One real agent on this machine: identity, discovery, exec runner, pull loop.
@@ -282,6 +340,10 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         crate::config::shutdown_signal().await;
         let _ = stop.send(true);
     });
+    let shards = match r.shards {
+        Some((addr, dir)) => Some(serve_shards(addr, dir, shutdown.clone()).await?),
+        None => None,
+    };
     if let Some((count, ramp)) = r.fleet {
         let fleet = FleetConfig {
             count,
@@ -292,6 +354,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             servers: r.servers,
         };
         fleet::run(fleet, r.agent, metrics, &r.data_dir, shutdown).await?;
+        finish_shards(shards).await;
         return Ok(());
     }
     let agent = start_agent(
@@ -304,6 +367,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     )
     .await?;
     agent.run(shutdown).await?;
+    finish_shards(shards).await;
     tracing::info!("agent stopped; workloads keep running and are reattached on the next start");
     Ok(())
 }
@@ -364,5 +428,37 @@ mod tests {
             ..base()
         })
         .contains("--simulate-fleet"));
+    }
+
+    #[tokio::test]
+    async fn the_shard_service_runs_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = || AgentArgs {
+            servers: Some("http://127.0.0.1:1".into()),
+            data_dir: Some(dir.path().to_path_buf()),
+            ..AgentArgs::default()
+        };
+        assert!(resolve(base()).unwrap().shards.is_none());
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "shard_listen = \"127.0.0.1:0\"\n").unwrap();
+        let (addr, shard_dir) = resolve(AgentArgs {
+            config: Some(path),
+            ..base()
+        })
+        .unwrap()
+        .shards
+        .unwrap();
+        assert_eq!(shard_dir, dir.path().join("shards"));
+
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let handle = serve_shards(addr, shard_dir.clone(), shutdown)
+            .await
+            .unwrap();
+        assert!(shard_dir.join(".tmp").is_dir());
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), handle)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

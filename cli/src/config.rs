@@ -1,12 +1,17 @@
 //! Server configuration: flags (each with an `AIGRID_*` variable) over an optional TOML
-//! file over defaults. Unknown keys in the file are an error.
+//! file over defaults. Unknown keys in the file are an error. Also the dispersed
+//! store's file ([`read_store_file`]), which `aigrid server --store` and the model
+//! commands read.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aigrid_api::{StorageBackend, StorageInfo};
 use aigrid_scheduler::server::{Server, ServerConfig};
+use aigrid_store::backend::BackendConfig;
+use aigrid_store::placement::Policy;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use serde::Deserialize;
@@ -58,6 +63,10 @@ pub struct ServerArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "AIGRID_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Largest body of a model registration or locations update in bytes (413
+    /// beyond); manifests of large models run to several MiB.
+    #[arg(long, env = "AIGRID_MAX_MODEL_BODY_BYTES")]
+    max_model_body_bytes: Option<usize>,
     /// Requests served at once (429 beyond).
     #[arg(long, env = "AIGRID_MAX_IN_FLIGHT")]
     max_in_flight: Option<usize>,
@@ -65,6 +74,16 @@ pub struct ServerArgs {
     /// its work rescheduled.
     #[arg(long, env = "AIGRID_NODE_TTL_MS")]
     node_ttl_ms: Option<u64>,
+    /// TOML file describing the dispersed store (backends, k, m, policy) this server
+    /// tells clients about at `GET /api/v1/storage`; never its credentials. In the
+    /// config file, a relative path is relative to that file.
+    #[arg(long, env = "AIGRID_STORE")]
+    store: Option<PathBuf>,
+    /// Seconds between scrub-and-repair rounds over every model while this server
+    /// leads and has a store (default 600; 0: never). Credentials come from this
+    /// process's environment.
+    #[arg(long, env = "AIGRID_REPAIR_INTERVAL_SECS")]
+    repair_interval_secs: Option<u64>,
 }
 
 /// Flags of `aigrid up`.
@@ -79,6 +98,14 @@ pub struct UpArgs {
     /// Give the embedded agent simulated GPUs instead of NVML, e.g. `2xH100-80GB`.
     #[arg(long, env = "AIGRID_SIMULATE_GPUS")]
     simulate_gpus: Option<String>,
+    /// The dispersed store's file (see `aigrid server --store`); default: six local
+    /// directories under the data directory standing in for six sites, coded 4+2,
+    /// at most one shard of a stripe per site.
+    #[arg(long, env = "AIGRID_STORE")]
+    store: Option<PathBuf>,
+    /// Seconds between scrub-and-repair rounds over every model (0: never).
+    #[arg(long, env = "AIGRID_REPAIR_INTERVAL_SECS", default_value_t = 600)]
+    repair_interval_secs: u64,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -123,6 +150,67 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<
     })
 }
 
+/// A dispersed store's file, as written:
+///
+/// ```toml
+/// k = 4
+/// m = 2
+/// policy = ["max 1 per site"]
+/// [[backends]]
+/// name = "site-0"
+/// url = "file:///var/lib/aigrid/store/site-0"
+/// attributes = { site = "a", country = "BE" }
+/// ```
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    k: usize,
+    m: usize,
+    #[serde(default)]
+    policy: Vec<String>,
+    #[serde(default)]
+    backends: Vec<BackendConfig>,
+}
+
+/// Reads and checks a dispersed store's TOML file: what clients may be told about it
+/// ([`StorageInfo`]: no credentials) and each backend's full configuration (its
+/// `options` may hold credentials). Checked once here: k and m at least 1 and
+/// within the codec's shard limit, backend names unique and non-empty, URLs without
+/// credentials, the policy readable and able to place the k+m shards of a stripe on
+/// the backends.
+pub fn read_store_file(path: &Path) -> anyhow::Result<(StorageInfo, Vec<BackendConfig>)> {
+    let file: StoreFile = read_toml(path)?;
+    let context = |e: &dyn std::fmt::Display| anyhow!("store file {}: {e}", path.display());
+    let info = StorageInfo {
+        backends: file
+            .backends
+            .iter()
+            .map(|b| StorageBackend {
+                name: b.name.clone(),
+                url: b.url.clone(),
+                attributes: b.attributes.clone(),
+            })
+            .collect(),
+        k: file.k,
+        m: file.m,
+        policy: file.policy,
+    };
+    info.validate().map_err(|e| context(&e))?;
+    let shards = info.k + info.m;
+    if shards > aigrid_store::codec::MAX_SHARDS {
+        return Err(context(&format!(
+            "k+m = {shards} exceeds the codec's {} shards per stripe",
+            aigrid_store::codec::MAX_SHARDS
+        )));
+    }
+    let policy = Policy::parse(&info.policy).map_err(|e| context(&e))?;
+    let attributes: Vec<_> = info.backends.iter().map(|b| &b.attributes).collect();
+    policy
+        .place(&attributes, shards, &[], 0)
+        .map_err(|e| context(&e))?;
+    Ok((info, file.backends))
+}
+
 impl ServerArgs {
     /// Fills every setting the flags left unset from `file`.
     fn or(self, file: ServerArgs) -> ServerArgs {
@@ -141,15 +229,30 @@ impl ServerArgs {
             compact_keep: self.compact_keep.or(file.compact_keep),
             request_timeout_ms: self.request_timeout_ms.or(file.request_timeout_ms),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            max_model_body_bytes: self.max_model_body_bytes.or(file.max_model_body_bytes),
             max_in_flight: self.max_in_flight.or(file.max_in_flight),
             node_ttl_ms: self.node_ttl_ms.or(file.node_ttl_ms),
+            store: self.store.or(file.store),
+            repair_interval_secs: self.repair_interval_secs.or(file.repair_interval_secs),
         }
     }
 
     /// Merges flags over the file over defaults.
+    #[cfg(test)]
     fn resolve(self) -> anyhow::Result<(ServerConfig, Option<String>)> {
+        self.resolve_all().map(|r| (r.config, r.join))
+    }
+
+    /// Merges flags over the file over defaults, with what the server's repair loop
+    /// needs besides the scheduler's configuration.
+    fn resolve_all(self) -> anyhow::Result<ResolvedServer> {
         let file = match &self.config {
-            Some(path) => read_toml(path)?,
+            Some(path) => {
+                let mut file: ServerArgs = read_toml(path)?;
+                let dir = path.parent().unwrap_or(Path::new(""));
+                file.store = file.store.map(|store| dir.join(store));
+                file
+            }
             None => ServerArgs::default(),
         };
         let args = self.or(file);
@@ -195,6 +298,15 @@ impl ServerArgs {
         if let Some(n) = args.max_body_bytes {
             config.limits.max_body_bytes = n;
         }
+        if let Some(n) = args.max_model_body_bytes {
+            config.limits.max_model_body_bytes = n;
+        }
+        let mut backends = Vec::new();
+        if let Some(path) = &args.store {
+            let (info, configs) = read_store_file(path)?;
+            config.storage = info;
+            backends = configs;
+        }
         if let Some(n) = args.max_in_flight {
             config.limits.max_in_flight = n;
         }
@@ -202,8 +314,24 @@ impl ServerArgs {
             config.node_ttl = Duration::from_millis(ms);
         }
         config.validate().map_err(|e| anyhow!("{e}"))?;
-        Ok((config, join))
+        Ok(ResolvedServer {
+            config,
+            join,
+            repair_interval: Duration::from_secs(args.repair_interval_secs.unwrap_or(600)),
+            backends,
+        })
     }
+}
+
+/// A server's settings, resolved.
+struct ResolvedServer {
+    config: ServerConfig,
+    /// The cluster to join, if any.
+    join: Option<String>,
+    /// Between scrub-and-repair rounds (zero: never).
+    repair_interval: Duration,
+    /// The store's backends, with their settings.
+    backends: Vec<BackendConfig>,
 }
 
 pub async fn shutdown_signal() {
@@ -260,12 +388,27 @@ async fn join_cluster(url: String, id: u64, addr: String) {
 
 /// `aigrid server`.
 pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
-    let (config, join) = args.resolve()?;
+    let ResolvedServer {
+        config,
+        join,
+        repair_interval,
+        backends,
+    } = args.resolve_all()?;
     let id = config.id;
     let data_dir = config.data_dir.clone();
     let advertise = config.advertise.clone();
+    let storage = config.storage.clone();
     let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
     tracing::info!(id, addr = %server.addr, data_dir = %data_dir.display(), "server started");
+    let (_stop_repairs, repairs_stopped) = tokio::sync::watch::channel(false);
+    spawn_repairs(
+        &storage,
+        &backends,
+        format!("http://{}", server.addr),
+        Some(id),
+        repair_interval,
+        repairs_stopped,
+    )?;
     if let Some(url) = join {
         let addr = advertise.unwrap_or_else(|| server.addr.to_string());
         tokio::spawn(join_cluster(url, id, addr));
@@ -281,6 +424,63 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
     Ok(base.join("aigrid"))
 }
 
+/// The embedded default store: six local directories standing in for six sites,
+/// coded 4+2, at most one shard of a stripe per site.
+pub fn local_store(dir: &Path) -> anyhow::Result<(StorageInfo, Vec<BackendConfig>)> {
+    let mut backends = Vec::new();
+    for i in 0..6 {
+        let path = dir.join(format!("site-{i}"));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("resolving {}", path.display()))?;
+        backends.push(BackendConfig {
+            name: format!("site-{i}"),
+            url: path.display().to_string(),
+            attributes: BTreeMap::from([("site".to_owned(), format!("site-{i}"))]),
+            options: BTreeMap::new(),
+        });
+    }
+    let info = StorageInfo {
+        backends: backends
+            .iter()
+            .map(|b| aigrid_api::model::StorageBackend {
+                name: b.name.clone(),
+                url: b.url.clone(),
+                attributes: b.attributes.clone(),
+            })
+            .collect(),
+        k: 4,
+        m: 2,
+        policy: vec!["max 1 per site".to_owned()],
+    };
+    Ok((info, backends))
+}
+
+/// Starts the periodic scrub-and-repair loop when there is a store and an interval;
+/// with `leader_only`, a round runs only while that server leads.
+fn spawn_repairs(
+    storage: &StorageInfo,
+    backends: &[BackendConfig],
+    base: String,
+    leader_only: Option<u64>,
+    interval: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    if !storage.is_configured() || interval.is_zero() {
+        return Ok(());
+    }
+    let store = std::sync::Arc::new(crate::model::store_from(storage, backends)?);
+    tokio::spawn(crate::model::repair_loop(
+        base,
+        store,
+        leader_only,
+        interval,
+        stop,
+    ));
+    Ok(())
+}
+
 /// `aigrid up`: one server of a one-server cluster and this machine's agent,
 /// kept running.
 pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
@@ -291,9 +491,23 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(spec) = &args.simulate_gpus {
         aigrid_agent::simulated::parse(spec, "check")?;
     }
-    let config = ServerConfig::new(1, args.listen, data_dir.join("server"));
+    let (storage, backends) = match &args.store {
+        Some(path) => read_store_file(path)?,
+        None => local_store(&data_dir.join("store"))?,
+    };
+    let mut config = ServerConfig::new(1, args.listen, data_dir.join("server"));
+    config.storage = storage.clone();
     let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
     let base = format!("http://{}", server.addr);
+    let (stop_repairs, repairs_stopped) = tokio::sync::watch::channel(false);
+    spawn_repairs(
+        &storage,
+        &backends,
+        base.clone(),
+        None,
+        Duration::from_secs(args.repair_interval_secs),
+        repairs_stopped,
+    )?;
     let agent_dir = data_dir.join("agent");
     let join_token = if agent_dir
         .join(aigrid_agent::identity::IDENTITY_FILE)
@@ -331,14 +545,19 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let agent_task = tokio::spawn(agent.run(stopped));
     // The banner is informational: a closed stdout must not stop the server.
     let banner = format!(
-        "aigrid is up (one server and this machine's agent, data in {})\n  control API  {base}/api/v1\n  OpenAPI      {base}/api/v1/openapi.json\n  metrics      {base}/metrics\n  try          aigrid job submit examples/job.json --server {base}\nPress Ctrl-C to stop.\n",
-        data_dir.display()
+        "aigrid is up (one server and this machine's agent, data in {})\n  control API  {base}/api/v1\n  OpenAPI      {base}/api/v1/openapi.json\n  metrics      {base}/metrics\n  store        {} backends, {}+{} ({})\n  try          aigrid job submit examples/job.json --server {base}\n               aigrid model push DIR --name NAME --server {base}\nPress Ctrl-C to stop.\n",
+        data_dir.display(),
+        storage.backends.len(),
+        storage.k,
+        storage.m,
+        if storage.policy.is_empty() { "any backend".to_owned() } else { storage.policy.join("; ") },
     );
     let mut out = std::io::stdout();
     let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
     let _ = std::io::Write::flush(&mut out);
     shutdown_signal().await;
     let _ = stop.send(true);
+    let _ = stop_repairs.send(true);
     let agent_result = agent_task.await;
     server.stop().await;
     match agent_result {
@@ -383,5 +602,105 @@ mod tests {
         assert_eq!(config.snapshot_entries, 5);
         assert_eq!(config.node_ttl, Duration::from_secs(90));
         assert!(join.is_none());
+        assert!(!config.storage.is_configured());
+    }
+
+    const STORE: &str = r#"
+k = 2
+m = 1
+policy = ["max 1 per site"]
+[[backends]]
+name = "site-0"
+url = "file:///var/lib/aigrid/store/site-0"
+attributes = { site = "a", country = "BE" }
+[[backends]]
+name = "site-1"
+url = "s3://models/site-1"
+attributes = { site = "b", country = "NL" }
+options = { endpoint = "http://10.0.0.2:9000", secret_access_key = "hunter2" }
+[[backends]]
+name = "site-2"
+url = "http://10.0.0.3:7710/"
+attributes = { site = "c", country = "BE" }
+"#;
+
+    #[test]
+    fn a_store_file_is_read_checked_and_told_without_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.toml");
+        std::fs::write(&path, STORE).unwrap();
+        let (info, configs) = read_store_file(&path).unwrap();
+        assert_eq!((info.k, info.m), (2, 1));
+        assert_eq!(info.policy, ["max 1 per site"]);
+        assert_eq!(info.backends.len(), 3);
+        assert_eq!(info.backends[0].attributes["country"], "BE");
+        assert_eq!(configs[1].options["endpoint"], "http://10.0.0.2:9000");
+        let told = serde_json::to_string(&info).unwrap();
+        assert!(
+            !told.contains("hunter2") && !told.contains("options"),
+            "{told}"
+        );
+        assert_eq!(read_store_file(&path).unwrap().0, info);
+
+        for (edit, has) in [
+            (STORE.replace("k = 2", "k = 0"), "k: must be at least 1"),
+            (STORE.replace("m = 1", "m = 0"), "m: must be at least 1"),
+            (STORE.replace("k = 2", "k = 300"), "exceeds"),
+            (STORE.replace("site-2", "site-0"), "names two backends"),
+            (STORE.replace(r#""site-1""#, r#""""#), "backends[1].name"),
+            (
+                STORE.replace("s3://models", "s3://key:secret@models"),
+                "user or password",
+            ),
+            (
+                STORE.replace("max 1 per site", "at most one"),
+                "invalid placement policy",
+            ),
+            (
+                STORE.replace("max 1 per site", "country = BE"),
+                "needs 3 distinct backends",
+            ),
+            (STORE.replace("k = 2", "k = 2\nbogus = 1"), "bogus"),
+        ] {
+            std::fs::write(&path, &edit).unwrap();
+            let err = format!("{:#}", read_store_file(&path).unwrap_err());
+            assert!(err.contains(has), "`{err}` lacks `{has}`");
+            assert!(err.contains("store.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_server_serves_the_store_its_flag_or_file_names() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("store.toml"), STORE).unwrap();
+        let config_path = dir.path().join("server.toml");
+        std::fs::write(
+            &config_path,
+            "id = 1\ndata_dir = \"/tmp/x\"\nstore = \"store.toml\"\nmax_model_body_bytes = 1024\n",
+        )
+        .unwrap();
+        let args = ServerArgs {
+            config: Some(config_path.clone()),
+            ..Default::default()
+        };
+        let (config, _) = args.resolve().unwrap();
+        assert_eq!(
+            config.storage.backends.len(),
+            3,
+            "relative to the config file"
+        );
+        assert_eq!(config.limits.max_model_body_bytes, 1024);
+
+        std::fs::write(dir.path().join("bad.toml"), STORE.replace("m = 1", "m = 0")).unwrap();
+        let args = ServerArgs {
+            config: Some(config_path),
+            store: Some(dir.path().join("bad.toml")),
+            ..Default::default()
+        };
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("bad.toml") && err.contains("m: must be"),
+            "{err}"
+        );
     }
 }

@@ -5,11 +5,13 @@
 //! - [`client`]: the HTTP client, failing over between servers, with one-line errors.
 //! - [`commands`]: the client subcommands and their human and `--json` output.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
+//! - [`model`]: the dispersed model store's commands and the periodic repair loop.
 
 mod agent;
 mod client;
 mod commands;
 mod config;
+mod model;
 
 use std::process::ExitCode;
 
@@ -55,6 +57,9 @@ enum Command {
     /// Inspect allocations: the end of their output.
     #[command(subcommand)]
     Alloc(commands::AllocCommand),
+    /// Push, list, show, pull, verify, repair and remove models in the dispersed store.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Inspect and change the control plane's membership.
     #[command(subcommand)]
     Cluster(commands::ClusterCommand),
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
             Command::Alloc(cmd) => commands::alloc(&Client::new(&cli.server)?, cmd, cli.json).await,
             Command::Job(cmd) => commands::job(&Client::new(&cli.server)?, cmd, cli.json).await,
             Command::Node(cmd) => commands::node(&Client::new(&cli.server)?, cmd, cli.json).await,
+            Command::Model(cmd) => model::model(&Client::new(&cli.server)?, cmd, cli.json).await,
             Command::Cluster(cmd) => {
                 commands::cluster(&Client::new(&cli.server)?, cmd, cli.json).await
             }
