@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use aigrid_api::model::{ModelSummary, StorageInfo};
 use aigrid_store::backend::{Backend, BackendConfig};
-use aigrid_store::codec::Params;
+use aigrid_store::codec::{Codec, Params};
 use aigrid_store::crypto::ModelKey;
-use aigrid_store::manifest::{shard_object, Locations, Manifest, Registration, SignedManifest};
+use aigrid_store::manifest::{shard_object, Locations, Registration, SignedManifest};
 use aigrid_store::placement::Policy;
 use aigrid_store::repair::RepairReport;
 use aigrid_store::store::{PushOptions, Store};
@@ -223,23 +223,71 @@ async fn resolve(client: &Client, text: &str) -> anyhow::Result<String> {
     }
 }
 
-async fn detail(client: &Client, digest: &str) -> anyhow::Result<ModelDetail> {
+/// Checks that `registration` is the model `digest` names: signed, consistent, and
+/// hashing to that digest. The server (or anyone between) could otherwise answer
+/// another model's, or its own, self-signed manifest.
+fn check_registration(registration: &Registration, digest: &str) -> anyhow::Result<()> {
+    let got = registration.verify().map_err(|e| {
+        anyhow!(
+            "the server's registration of model {} does not verify: {e}",
+            short(digest)
+        )
+    })?;
+    if got != digest {
+        bail!(
+            "asked the server for model {} but it answered model {}",
+            short(digest),
+            short(&got)
+        );
+    }
+    Ok(())
+}
+
+/// The first 16 characters of a digest, as listings show it.
+fn short(digest: &str) -> &str {
+    digest.get(..16).unwrap_or(digest)
+}
+
+/// The registration of model `digest`, as the server answers it, unchecked.
+async fn detail_unchecked(client: &Client, digest: &str) -> anyhow::Result<ModelDetail> {
     client
         .call::<(), _>(Method::GET, &format!("/api/v1/models/{digest}"), None)
         .await
 }
 
-async fn all_details(client: &Client) -> anyhow::Result<Vec<ModelDetail>> {
+/// The registration of model `digest`, checked to be that model.
+async fn detail(client: &Client, digest: &str) -> anyhow::Result<ModelDetail> {
+    let detail = detail_unchecked(client, digest).await?;
+    check_registration(&detail.registration(), digest)?;
+    Ok(detail)
+}
+
+/// Every registered model's registration as the server answers it, with the digest
+/// it was listed under; a model removed meanwhile is left out.
+async fn all_details_unchecked(client: &Client) -> anyhow::Result<Vec<(String, ModelDetail)>> {
     let all: Vec<ModelSummary> = client
         .call::<(), _>(Method::GET, "/api/v1/models", None)
         .await?;
     let mut out = Vec::new();
     for m in all {
-        match detail(client, &m.digest).await {
-            Ok(d) => out.push(d),
+        match detail_unchecked(client, &m.digest).await {
+            Ok(d) => out.push((m.digest, d)),
             // Removed meanwhile.
             Err(e) if e.to_string().contains("not_found") => {}
             Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Every registered model that verifies as the digest it is listed under; one that
+/// does not is skipped with a one-line warning.
+async fn all_details(client: &Client) -> anyhow::Result<Vec<ModelDetail>> {
+    let mut out = Vec::new();
+    for (digest, d) in all_details_unchecked(client).await? {
+        match check_registration(&d.registration(), &digest) {
+            Ok(()) => out.push(d),
+            Err(e) => eprintln!("warning: {e}; skipping it"),
         }
     }
     Ok(out)
@@ -360,7 +408,7 @@ pub async fn model(client: &Client, cmd: ModelCommand, json: bool) -> anyhow::Re
             if json {
                 return print_json(&detail);
             }
-            print_manifest(&detail);
+            print_manifest(&detail, &digest);
             Ok(())
         }
         ModelCommand::Pull {
@@ -462,10 +510,13 @@ pub async fn model(client: &Client, cmd: ModelCommand, json: bool) -> anyhow::Re
             client
                 .call_no_content(Method::DELETE, &format!("/api/v1/models/{digest}"))
                 .await?;
-            let keep: Vec<Registration> = all_details(client)
+            // Every other registration, verified or not: one that does not verify
+            // only keeps shards from deletion, and a model whose registration is
+            // damaged should not lose its shards too.
+            let keep: Vec<Registration> = all_details_unchecked(client)
                 .await?
                 .iter()
-                .map(ModelDetail::registration)
+                .map(|(_, d)| d.registration())
                 .collect();
             let deleted = store
                 .remove(&detail.registration(), &keep)
@@ -534,15 +585,17 @@ async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()>
         args.policy.clone()
     };
     let policy = Policy::parse(&rules).map_err(|e| anyhow!("{e}"))?;
+    // The code's own check first, so a bad k or m is reported as such.
+    Codec::new(params).map_err(|e| anyhow!("{e}"))?;
     let attributes: Vec<_> = store.backends().iter().map(|b| &b.attributes).collect();
     policy
         .place(&attributes, params.k + params.m, &[], 0)
         .map_err(|e| anyhow!("{e}"))?;
     let (signer, created_key) = publisher_key(args.publisher_key.as_deref())?;
-    let known: Vec<(Manifest, Locations)> = all_details(client)
+    let known: Vec<Registration> = all_details(client)
         .await?
-        .into_iter()
-        .map(|d| (d.manifest.manifest, d.locations))
+        .iter()
+        .map(ModelDetail::registration)
         .collect();
     let mut opts = PushOptions::new(args.name.clone(), params);
     opts.chunk_size = args.chunk_kib * 1024;
@@ -614,10 +667,11 @@ async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()>
     Ok(())
 }
 
-fn print_manifest(d: &ModelDetail) {
+/// Prints a registration checked to be model `digest`.
+fn print_manifest(d: &ModelDetail, digest: &str) {
     let m = &d.manifest.manifest;
     println!("model      {}", m.name);
-    println!("digest     {}", d.summary.digest);
+    println!("digest     {digest}");
     println!("publisher  {}", d.manifest.publisher);
     println!(
         "code       {} {}+{} ({} chunks of at most {})",
@@ -742,5 +796,76 @@ pub async fn repair_loop(
                 Err(e) => tracing::warn!(model = %model.name, error = %e, "repair failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aigrid_store::codec::CODEC_NAME;
+    use aigrid_store::manifest::{
+        ChunkRef, CodecInfo, FileEntry, Manifest, Stripe, MANIFEST_FORMAT,
+    };
+
+    use super::*;
+
+    fn hex(data: &[u8]) -> String {
+        blake3::hash(data).to_hex().to_string()
+    }
+
+    /// A one-file, one-stripe model under `name`, signed by `key`.
+    fn registration(name: &str, key: u8) -> Registration {
+        let chunk = ChunkRef {
+            blake3: hex(name.as_bytes()),
+            len: 4,
+        };
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            name: name.into(),
+            codec: CodecInfo {
+                name: CODEC_NAME.into(),
+                k: 2,
+                m: 1,
+            },
+            chunk_size: 4,
+            policy: Policy::default(),
+            encryption: None,
+            files: vec![FileEntry {
+                path: "config.json".into(),
+                size: 4,
+                chunks: vec![chunk.clone()],
+            }],
+            stripes: vec![Stripe {
+                chunks: vec![chunk],
+                len: 4,
+                shard_len: 2,
+                shards: (0..3u8).map(|i| hex(&[i])).collect(),
+            }],
+        };
+        Registration {
+            manifest: SignedManifest::sign(manifest, &SigningKey::from_bytes(&[key; 32])),
+            locations: Locations {
+                stripes: vec![(0..3).map(|i| format!("b{i}")).collect()],
+            },
+        }
+    }
+
+    #[test]
+    fn a_registration_must_be_the_model_asked_for() {
+        let wanted = registration("wanted", 1);
+        let digest = wanted.manifest.manifest.digest();
+        check_registration(&wanted, &digest).unwrap();
+        // Another model, validly self-signed by someone else: refused, in one line.
+        let other = registration("other", 2);
+        let err = check_registration(&other, &digest).unwrap_err().to_string();
+        assert!(err.contains("answered model"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        // The model asked for, altered after signing.
+        let mut altered = wanted.clone();
+        altered.manifest.manifest.name = "renamed".into();
+        let err = check_registration(&altered, &digest)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not verify"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 }

@@ -148,21 +148,37 @@ impl ChunkCache {
     }
 
     /// Stores a verified chunk, then evicts past the budget. A chunk larger than the
-    /// whole budget is not kept.
+    /// whole budget is not kept, nor a pinned one that would take pinned chunks past
+    /// it (eviction could never bring the cache back under).
     pub fn insert(&self, hash: &str, bytes: &[u8]) -> std::io::Result<()> {
-        if !is_digest(hash) || bytes.len() as u64 > self.max_bytes || self.contains(hash) {
+        let size = bytes.len() as u64;
+        if !is_digest(hash) || size > self.max_bytes {
             return Ok(());
+        }
+        {
+            let state = self.state.lock().expect("cache lock");
+            if state.entries.contains_key(hash) || !self.pin_fits(&state, hash, size) {
+                return Ok(());
+            }
         }
         let tmp = self
             .dir
             .join("chunks")
             .join(format!(".{hash}.{}.tmp", rand::random::<u32>()));
         std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, self.path(hash))?;
         let mut state = self.state.lock().expect("cache lock");
+        // Checked again: another insert may have pinned bytes in meanwhile.
+        if !state.entries.contains_key(hash) && !self.pin_fits(&state, hash, size) {
+            drop(state);
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(());
+        }
+        if let Err(e) = std::fs::rename(&tmp, self.path(hash)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         state.clock += 1;
         let used = state.clock;
-        let size = bytes.len() as u64;
         if let Some(old) = state.entries.insert(hash.to_owned(), Entry { size, used }) {
             state.bytes -= old.size;
         }
@@ -191,6 +207,30 @@ impl ChunkCache {
                 let _ = std::fs::remove_file(self.path(&hash));
             }
         }
+    }
+
+    /// Whether a chunk of `size` bytes may be cached: an unpinned one always (it can
+    /// be evicted), a pinned one only if pinned chunks stay within the budget.
+    fn pin_fits(&self, state: &State, hash: &str, size: u64) -> bool {
+        !state.pinned.contains(hash) || pinned_bytes(state).saturating_add(size) <= self.max_bytes
+    }
+
+    /// Whether pinning `chunks` (digest and stored size) keeps the pinned chunks
+    /// within the budget. Chunks already pinned and cached are not counted twice, so
+    /// pinning a model again fits whenever it did the first time. Ask before
+    /// [`ChunkCache::pin`]: pins themselves are not refused, but a pinned chunk that
+    /// does not fit is never cached.
+    pub fn pin_would_fit<'a>(&self, chunks: impl IntoIterator<Item = (&'a str, u64)>) -> bool {
+        let state = self.state.lock().expect("cache lock");
+        let mut counted = HashSet::new();
+        let mut total = pinned_bytes(&state);
+        for (hash, size) in chunks {
+            let held = state.pinned.contains(hash) && state.entries.contains_key(hash);
+            if !held && counted.insert(hash) {
+                total = total.saturating_add(size);
+            }
+        }
+        total <= self.max_bytes
     }
 
     /// Keeps these chunks from eviction (once cached), across restarts.
@@ -224,15 +264,20 @@ impl ChunkCache {
         CacheStats {
             chunks: state.entries.len(),
             bytes: state.bytes,
-            pinned_bytes: state
-                .entries
-                .iter()
-                .filter(|(h, _)| state.pinned.contains(*h))
-                .map(|(_, e)| e.size)
-                .sum(),
+            pinned_bytes: pinned_bytes(&state),
             max_bytes: self.max_bytes,
         }
     }
+}
+
+/// Bytes held by cached chunks that are pinned.
+fn pinned_bytes(state: &State) -> u64 {
+    state
+        .entries
+        .iter()
+        .filter(|(h, _)| state.pinned.contains(*h))
+        .map(|(_, e)| e.size)
+        .sum()
 }
 
 #[cfg(test)]
@@ -275,5 +320,33 @@ mod tests {
         let cache = ChunkCache::open(dir.path(), 100).unwrap();
         assert_eq!(cache.stats().chunks, 1);
         assert!(!dir.path().join("chunks/.x.tmp").exists());
+    }
+
+    #[test]
+    fn pinned_chunks_stay_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 250).unwrap();
+        let want: Vec<(String, u64)> = (0..3).map(|i| (h(i), 100)).collect();
+        let asked = |n: usize| want[..n].iter().map(|(h, s)| (h.as_str(), *s));
+        assert!(cache.pin_would_fit(asked(2)));
+        assert!(!cache.pin_would_fit(asked(3)), "300 pinned bytes in 250");
+        // Pinned anyway: the third pinned chunk is not cached, and nothing pinned is
+        // lost to make room.
+        cache.pin(want.iter().map(|(h, _)| h.clone())).unwrap();
+        for i in 0..3 {
+            cache.insert(&h(i), &[i; 100]).unwrap();
+        }
+        assert!(cache.contains(&h(0)) && cache.contains(&h(1)));
+        assert!(!cache.contains(&h(2)));
+        assert_eq!(cache.stats().pinned_bytes, 200);
+        assert!(cache.stats().bytes <= 250);
+        // Pinning the same chunks again is not counted twice.
+        assert!(cache.pin_would_fit(asked(2)));
+        assert!(cache.pin_would_fit([(h(0).as_str(), 100), (h(0).as_str(), 100)]));
+        assert!(!cache.pin_would_fit([(h(9).as_str(), 51)]));
+        // Unpinned chunks still come and go within the budget.
+        cache.insert(&h(5), &[5; 50]).unwrap();
+        assert!(cache.contains(&h(5)));
+        assert_eq!(cache.stats().bytes, 250);
     }
 }

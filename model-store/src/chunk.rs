@@ -99,8 +99,11 @@ pub fn safetensors_boundaries(header: &[u8]) -> Result<Vec<u64>, ChunkError> {
                 "tensor `{name}` ends before it starts"
             )));
         }
-        out.push(len + offsets.0);
-        out.push(len + offsets.1);
+        for offset in [offsets.0, offsets.1] {
+            out.push(len.checked_add(offset).ok_or_else(|| {
+                ChunkError::Invalid(format!("tensor `{name}` lies past any file's end"))
+            })?);
+        }
     }
     out.sort_unstable();
     out.dedup();
@@ -159,5 +162,14 @@ mod tests {
             Err(ChunkError::Invalid(_))
         ));
         assert!(safetensors_header_len(&u64::MAX.to_le_bytes()).is_err());
+
+        // Offsets that wrap past u64::MAX once the header is added.
+        let json = format!(r#"{{"a":{{"data_offsets":[0,{}]}}}}"#, u64::MAX);
+        let mut huge = (json.len() as u64).to_le_bytes().to_vec();
+        huge.extend_from_slice(json.as_bytes());
+        assert!(matches!(
+            safetensors_boundaries(&huge),
+            Err(ChunkError::Invalid(_))
+        ));
     }
 }

@@ -11,6 +11,13 @@ pub const CODEC_NAME: &str = "reed-solomon-erasure/gf8";
 /// Largest total shard count GF(2^8) allows.
 pub const MAX_SHARDS: usize = 256;
 
+/// Whether k data and m parity shards make a code GF(2^8) can hold: both at least
+/// one and k+m at most [`MAX_SHARDS`], checked without overflowing for huge k or m
+/// (a manifest is untrusted input).
+pub fn params_in_range(k: usize, m: usize) -> bool {
+    k >= 1 && m >= 1 && k.checked_add(m).is_some_and(|n| n <= MAX_SHARDS)
+}
+
 /// Why a stripe could not be encoded or rebuilt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
@@ -60,7 +67,7 @@ impl Codec {
     /// A codec for `params`, checked.
     pub fn new(params: Params) -> Result<Self, CodecError> {
         let Params { k, m } = params;
-        if k == 0 || m == 0 || k + m > MAX_SHARDS {
+        if !params_in_range(k, m) {
             return Err(CodecError::Parameters { k, m });
         }
         let rs = ReedSolomon::new(k, m).map_err(|_| CodecError::Parameters { k, m })?;
@@ -141,6 +148,26 @@ impl Codec {
     }
 }
 
+impl Codec {
+    /// The m parity shards of k data shards of equal length, which the caller keeps
+    /// (no copy of the data is made).
+    pub fn encode_parity(&self, data: &[&[u8]]) -> Result<Vec<Vec<u8>>, CodecError> {
+        let Params { k, m } = self.params;
+        let len = data.first().map_or(0, |d| d.len());
+        if data.len() != k || len == 0 || data.iter().any(|d| d.len() != len) {
+            return Err(CodecError::Malformed(format!(
+                "{} data shards for a {k}+{m} code, or unequal or empty ones",
+                data.len()
+            )));
+        }
+        let mut parity = vec![vec![0u8; len]; m];
+        self.rs
+            .encode_sep(data, &mut parity)
+            .map_err(|e| CodecError::Malformed(e.to_string()))?;
+        Ok(parity)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
@@ -188,6 +215,14 @@ mod tests {
         assert!(Codec::new(Params { k: 0, m: 1 }).is_err());
         assert!(Codec::new(Params { k: 4, m: 0 }).is_err());
         assert!(Codec::new(Params { k: 200, m: 57 }).is_err());
+        // k+m would wrap to a small number.
+        for (k, m) in [(usize::MAX, 1), (1, usize::MAX), (usize::MAX, usize::MAX)] {
+            assert_eq!(
+                Codec::new(Params { k, m }).unwrap_err(),
+                CodecError::Parameters { k, m }
+            );
+        }
+        assert!(Codec::new(Params { k: 255, m: 1 }).is_ok());
         let codec = Codec::new(Params { k: 2, m: 1 }).unwrap();
         let shards = codec.encode(b"abcd");
         assert!(matches!(

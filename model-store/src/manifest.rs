@@ -127,7 +127,7 @@ impl Locations {
     /// Checks that there is one backend per shard of every stripe of `manifest`, all
     /// distinct within a stripe.
     pub fn validate(&self, manifest: &Manifest) -> Result<(), ManifestError> {
-        let n = manifest.codec.k + manifest.codec.m;
+        let n = manifest.shards_per_stripe()?;
         if self.stripes.len() != manifest.stripes.len() {
             return Err(ManifestError::Inconsistent(format!(
                 "locations name {} stripes, the manifest has {}",
@@ -163,6 +163,10 @@ pub fn is_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// The suffix a pull gives a file while writing it; no file of a model may carry it,
+/// or a pull could take one file's half-written copy for another.
+pub const PARTIAL_SUFFIX: &str = ".aigrid-partial";
+
 /// Whether a manifest's file path is safe to write under a directory: relative,
 /// `/`-separated, no empty, `.` or `..` parts.
 pub fn is_safe_path(path: &str) -> bool {
@@ -195,15 +199,32 @@ impl Manifest {
         }
     }
 
-    /// The model's size: its files' bytes.
+    /// The model's size: its files' bytes. [`Manifest::validate`] checks that the
+    /// sum fits; an unchecked manifest saturates rather than overflowing.
     pub fn size(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
+        self.files
+            .iter()
+            .map(|f| f.size)
+            .fold(0, u64::saturating_add)
     }
 
-    /// Bytes its shards take on backends.
+    /// Bytes its shards take on backends. [`Manifest::validate`] checks that the sum
+    /// fits; an unchecked manifest saturates rather than overflowing.
     pub fn stored_bytes(&self) -> u64 {
-        let n = (self.codec.k + self.codec.m) as u64;
-        self.stripes.iter().map(|s| s.shard_len * n).sum()
+        let n = self.codec.k.saturating_add(self.codec.m) as u64;
+        self.stripes
+            .iter()
+            .map(|s| s.shard_len.saturating_mul(n))
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Shards per stripe, k+m, once the code is one GF(2^8) can hold.
+    fn shards_per_stripe(&self) -> Result<usize, ManifestError> {
+        let (k, m) = (self.codec.k, self.codec.m);
+        if !crate::codec::params_in_range(k, m) {
+            return Err(ManifestError::Inconsistent(format!("erasure code {k}+{m}")));
+        }
+        Ok(k + m)
     }
 
     /// The file at `path`.
@@ -215,45 +236,51 @@ impl Manifest {
     pub fn chunk_locations(&self) -> BTreeMap<&str, (usize, u64)> {
         let mut at = BTreeMap::new();
         for (i, stripe) in self.stripes.iter().enumerate() {
-            let mut offset = 0;
+            let mut offset = 0u64;
             for c in &stripe.chunks {
                 at.entry(c.blake3.as_str()).or_insert((i, offset));
-                offset += c.len;
+                // Validation bounds a stripe's chunks by its length.
+                offset = offset.saturating_add(c.len);
             }
         }
         at
     }
 
-    /// Checks that the manifest describes one consistent model: sizes add up, paths
-    /// are safe, every chunk a file uses is stored, every stripe has k+m shards.
+    /// Checks that the manifest describes one consistent model: sizes add up without
+    /// overflow, paths are safe and sorted, every chunk a file uses is stored, every
+    /// stripe has k+m shards.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let bad = |m: String| Err(ManifestError::Inconsistent(m));
         if self.format != MANIFEST_FORMAT {
             return bad(format!("format {} is not {MANIFEST_FORMAT}", self.format));
         }
-        let (k, m) = (self.codec.k, self.codec.m);
         if self.codec.name != crate::codec::CODEC_NAME {
             return bad(format!("unknown codec `{}`", self.codec.name));
         }
-        if k == 0 || m == 0 || k + m > crate::codec::MAX_SHARDS {
-            return bad(format!("erasure code {k}+{m}"));
-        }
+        let n = self.shards_per_stripe()?;
+        let k = self.codec.k;
+        // A stored chunk is at most a plaintext chunk and its seal.
+        let max_stored = self.chunk_size.saturating_add(self.overhead());
         if let Some(enc) = &self.encryption {
             if enc.aead != AEAD_NAME || !is_digest(&enc.key_id) {
                 return bad(format!("unknown encryption `{}`", enc.aead));
             }
         }
         let mut stored: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut stored_bytes = 0u64;
         for (i, stripe) in self.stripes.iter().enumerate() {
             let mut total = 0u64;
             for c in &stripe.chunks {
-                if !is_digest(&c.blake3) || c.len == 0 {
+                if !is_digest(&c.blake3) || c.len == 0 || c.len > max_stored {
                     return bad(format!("stripe {i}: a malformed chunk"));
                 }
                 if *stored.entry(c.blake3.as_str()).or_insert(c.len) != c.len {
                     return bad(format!("chunk {} has two lengths", c.blake3));
                 }
-                total = total.saturating_add(c.len);
+                let Some(sum) = total.checked_add(c.len) else {
+                    return bad(format!("stripe {i}: chunk lengths overflow"));
+                };
+                total = sum;
             }
             if total != stripe.len {
                 return bad(format!(
@@ -267,26 +294,32 @@ impl Manifest {
                     stripe.shard_len
                 ));
             }
-            if stripe.shards.len() != k + m || !stripe.shards.iter().all(|s| is_digest(s)) {
-                return bad(format!("stripe {i}: needs {} shard digests", k + m));
+            if stripe.shards.len() != n || !stripe.shards.iter().all(|s| is_digest(s)) {
+                return bad(format!("stripe {i}: needs {n} shard digests"));
+            }
+            match stripe
+                .shard_len
+                .checked_mul(n as u64)
+                .and_then(|b| stored_bytes.checked_add(b))
+            {
+                Some(sum) => stored_bytes = sum,
+                None => return bad(format!("stripe {i}: stored bytes overflow")),
             }
         }
-        let mut paths = BTreeSet::new();
+        self.validate_paths()?;
+        let mut size = 0u64;
         for file in &self.files {
-            if !is_safe_path(&file.path) {
-                return bad(format!(
-                    "file path `{}` is not a safe relative path",
-                    file.path
-                ));
-            }
-            if !paths.insert(file.path.as_str()) {
-                return bad(format!("file `{}` listed twice", file.path));
-            }
-            let total: u64 = file
+            let total = file
                 .chunks
                 .iter()
-                .map(|c| c.len)
-                .fold(0, u64::saturating_add);
+                .try_fold(0u64, |sum, c| sum.checked_add(c.len));
+            let Some(total) = total else {
+                return bad(format!("file `{}`: chunk lengths overflow", file.path));
+            };
+            let Some(sum) = size.checked_add(total) else {
+                return bad(format!("file `{}`: the model's size overflows", file.path));
+            };
+            size = sum;
             if total != file.size {
                 return bad(format!(
                     "file `{}`: chunks add up to {total} bytes, not {}",
@@ -298,10 +331,51 @@ impl Manifest {
                     return bad(format!("file `{}`: a malformed chunk", file.path));
                 }
                 match stored.get(c.blake3.as_str()) {
-                    Some(len) if *len == c.len + self.overhead() => {}
+                    Some(len) if Some(*len) == c.len.checked_add(self.overhead()) => {}
                     Some(_) => return bad(format!("chunk {} has two lengths", c.blake3)),
                     None => return bad(format!("chunk {} is in no stripe", c.blake3)),
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the file list is safe to write under one directory: every path safe,
+    /// listed once in byte order (as push writes them, so the encoding is canonical),
+    /// none also a directory of another (`x` and `x/y`), none ending in
+    /// [`PARTIAL_SUFFIX`].
+    fn validate_paths(&self) -> Result<(), ManifestError> {
+        let bad = |m: String| Err(ManifestError::Inconsistent(m));
+        for file in &self.files {
+            if !is_safe_path(&file.path) {
+                return bad(format!(
+                    "file path `{}` is not a safe relative path",
+                    file.path
+                ));
+            }
+            if file.path.split('/').any(|p| p.ends_with(PARTIAL_SUFFIX)) {
+                return bad(format!(
+                    "file path `{}` ends in `{PARTIAL_SUFFIX}`, which pull reserves",
+                    file.path
+                ));
+            }
+        }
+        for pair in self.files.windows(2) {
+            if pair[0].path >= pair[1].path {
+                return bad(format!(
+                    "file `{}` is listed after `{}`: files must be sorted by path, once each",
+                    pair[1].path, pair[0].path
+                ));
+            }
+        }
+        let paths: BTreeSet<&str> = self.files.iter().map(|f| f.path.as_str()).collect();
+        for file in &self.files {
+            let mut dirs = file.path.match_indices('/').map(|(at, _)| &file.path[..at]);
+            if let Some(dir) = dirs.find(|d| paths.contains(d)) {
+                return bad(format!(
+                    "file `{dir}` is also a directory of `{}`",
+                    file.path
+                ));
             }
         }
         Ok(())
@@ -421,6 +495,9 @@ mod tests {
         }
     }
 
+    /// A change to the tiny manifest.
+    type Edit = Box<dyn Fn(&mut Manifest)>;
+
     fn locations() -> Locations {
         Locations {
             stripes: vec![(0..3).map(|i| format!("site-{i}")).collect()],
@@ -471,7 +548,6 @@ mod tests {
     #[test]
     fn inconsistent_manifests_are_refused() {
         manifest().validate().unwrap();
-        type Edit = Box<dyn Fn(&mut Manifest)>;
         let broken: Vec<Edit> = vec![
             Box::new(|m| m.files[0].size = 8),
             Box::new(|m| m.stripes[0].shards.pop().map(|_| ()).unwrap()),
@@ -496,5 +572,164 @@ mod tests {
                 "case {i}"
             );
         }
+    }
+
+    /// Asserts each edit of the tiny manifest is refused as inconsistent, signed or
+    /// not, and that nothing panics on the way.
+    fn refused(broken: Vec<(&str, Edit)>) {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        for (case, edit) in broken {
+            let mut m = manifest();
+            edit(&mut m);
+            assert!(
+                matches!(m.validate(), Err(ManifestError::Inconsistent(_))),
+                "{case}"
+            );
+            let registration = Registration {
+                manifest: SignedManifest::sign(m, &key),
+                locations: locations(),
+            };
+            assert!(
+                matches!(registration.verify(), Err(ManifestError::Inconsistent(_))),
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_erasure_code_whose_size_wraps_is_refused() {
+        refused(vec![
+            (
+                "k = usize::MAX, m = 1, no shards",
+                Box::new(|m| {
+                    m.codec.k = usize::MAX;
+                    m.codec.m = 1;
+                    m.stripes[0].shards.clear();
+                    m.stripes[0].shard_len = 1;
+                }),
+            ),
+            (
+                "k = 1, m = usize::MAX",
+                Box::new(|m| m.codec.m = usize::MAX),
+            ),
+        ]);
+        let mut m = manifest();
+        m.codec.k = usize::MAX;
+        assert!(locations().validate(&m).is_err());
+        assert_eq!(m.stored_bytes(), u64::MAX, "saturates, never panics");
+    }
+
+    #[test]
+    fn unsorted_shadowing_or_partial_file_paths_are_refused() {
+        let file = |path: &str| FileEntry {
+            path: path.into(),
+            size: 4,
+            chunks: vec![ChunkRef {
+                blake3: hex(b"a"),
+                len: 4,
+            }],
+        };
+        refused(vec![
+            ("unsorted", Box::new(|m| m.files.swap(0, 1))),
+            (
+                "a file is a directory of the next",
+                Box::new(move |m| m.files.insert(1, file("sub"))),
+            ),
+            (
+                "a file is a directory of a later one",
+                Box::new(move |m| {
+                    m.files.insert(1, file("sub"));
+                    m.files.insert(2, file("sub-other"));
+                }),
+            ),
+            (
+                "a partial file",
+                Box::new(|m| m.files[1].path = "sub/copy.json.aigrid-partial".into()),
+            ),
+            (
+                "a partial directory",
+                Box::new(|m| m.files[1].path = "sub.aigrid-partial/copy.json".into()),
+            ),
+        ]);
+        let mut m = manifest();
+        m.files.insert(1, file("sub-other"));
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused() {
+        let c = |data: &[u8], len| ChunkRef {
+            blake3: hex(data),
+            len,
+        };
+        let huge = 10_000_000_000_000_000_000u64;
+        // A stripe of one huge chunk, as k = 2, m = 1 codes it: 3 shards of
+        // `huge / 2` bytes fit in a u64; two such stripes do not.
+        let stripe = move |data: &[u8]| Stripe {
+            chunks: vec![c(data, huge)],
+            len: huge,
+            shard_len: huge / 2,
+            shards: (0..3).map(|i| hex(&[i as u8])).collect(),
+        };
+        refused(vec![
+            (
+                "stripe chunk lengths overflow",
+                Box::new(move |m| {
+                    m.chunk_size = u64::MAX;
+                    let s = &mut m.stripes[0];
+                    s.chunks.push(c(b"c", u64::MAX - 1));
+                    s.len = u64::MAX;
+                    s.shard_len = u64::MAX.div_ceil(2);
+                }),
+            ),
+            (
+                "shard bytes of a stripe overflow",
+                Box::new(move |m| {
+                    let big = u64::MAX / 4 * 3;
+                    m.chunk_size = u64::MAX;
+                    let s = &mut m.stripes[0];
+                    s.chunks.push(c(b"c", big));
+                    s.len = 7 + big;
+                    s.shard_len = (7 + big).div_ceil(2);
+                }),
+            ),
+            (
+                "shard bytes of the model overflow",
+                Box::new(move |m| {
+                    m.chunk_size = u64::MAX;
+                    m.stripes.push(stripe(b"c"));
+                    m.stripes.push(stripe(b"d"));
+                }),
+            ),
+            (
+                "a file's chunk lengths overflow",
+                Box::new(move |m| {
+                    m.chunk_size = u64::MAX;
+                    m.stripes.push(stripe(b"c"));
+                    m.files[1].chunks = vec![c(b"c", huge), c(b"c", huge)];
+                    m.files[1].size = u64::MAX;
+                }),
+            ),
+            (
+                "the model's size overflows",
+                Box::new(move |m| {
+                    m.chunk_size = u64::MAX;
+                    m.stripes.push(stripe(b"c"));
+                    m.files[0].chunks = vec![c(b"c", huge)];
+                    m.files[0].size = huge;
+                    m.files[1].chunks = vec![c(b"c", huge)];
+                    m.files[1].size = huge;
+                }),
+            ),
+            (
+                "a stored chunk longer than a chunk",
+                Box::new(move |m| {
+                    let s = &mut m.stripes[0];
+                    s.chunks.push(c(b"c", 5));
+                    s.len = 12;
+                    s.shard_len = 6;
+                }),
+            ),
+        ]);
     }
 }

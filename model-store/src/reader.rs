@@ -20,6 +20,18 @@ use crate::crypto::ModelKey;
 use crate::manifest::{shard_object, Locations, Manifest, Registration};
 use crate::store::{hex, ChunkOpener, Store, StoreError};
 
+/// Stripes of `manifest` fetched at once within the options' byte budget.
+fn stripes_in_parallel(manifest: &Manifest, options: &FetchOptions) -> usize {
+    let largest = manifest
+        .stripes
+        .iter()
+        .map(|s| s.len)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    (options.bytes_in_flight / largest).clamp(2, 32) as usize
+}
+
 /// How stripes are fetched.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
@@ -72,11 +84,13 @@ pub(crate) struct Fetcher {
     /// Smoothed shard latency per backend, seconds.
     latency: Mutex<HashMap<String, f64>>,
     stats: Mutex<FetchStats>,
+    /// Stripe fetches in flight across every caller of this fetcher.
+    slots: tokio::sync::Semaphore,
 }
 
 enum Outcome {
     Shard(usize, Vec<u8>),
-    Bad,
+    Bad(usize),
 }
 
 impl Fetcher {
@@ -90,7 +104,13 @@ impl Fetcher {
             k: manifest.codec.k,
             m: manifest.codec.m,
         })?;
+        let mut options = options;
+        if !(options.hedge_factor.is_finite() && options.hedge_factor > 0.0) {
+            options.hedge_factor = FetchOptions::default().hedge_factor;
+        }
+        let slots = tokio::sync::Semaphore::new(stripes_in_parallel(&manifest, &options));
         Ok(Fetcher {
+            slots,
             store,
             manifest: Arc::new(manifest),
             locations,
@@ -111,15 +131,7 @@ impl Fetcher {
 
     /// Stripes worth fetching at once within the byte budget.
     pub(crate) fn stripes_in_parallel(&self) -> usize {
-        let largest = self
-            .manifest
-            .stripes
-            .iter()
-            .map(|s| s.len)
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        (self.options.bytes_in_flight / largest).clamp(2, 32) as usize
+        stripes_in_parallel(&self.manifest, &self.options)
     }
 
     fn latency_of(&self, backend: &str) -> f64 {
@@ -152,14 +164,15 @@ impl Fetcher {
                 self.observe(&backend.name, elapsed);
                 Some(bytes.to_vec())
             }
-            other => {
-                if let Err(e) = other {
-                    tracing::debug!(error = %e, "shard fetch failed");
-                }
-                // Make a failing backend the last choice for a while.
-                self.observe(&backend.name, elapsed + 10.0);
+            Err(e) => {
+                tracing::debug!(error = %e, "shard fetch failed");
+                // An unreachable backend goes to the back of the queue until it has
+                // answered well again.
+                self.observe(&backend.name, elapsed + 1.0);
                 None
             }
+            // Missing or damaged: this shard's fault, not the backend's speed.
+            Ok(_) => None,
         }
     }
 
@@ -174,6 +187,7 @@ impl Fetcher {
         from: u64,
         to: u64,
     ) -> Result<(u64, Vec<u8>), StoreError> {
+        let _slot = self.slots.acquire().await.expect("never closed");
         let stripe = &self.manifest.stripes[index];
         let names = &self.locations.stripes[index];
         let k = self.codec.params().k;
@@ -212,12 +226,17 @@ impl Fetcher {
             }
             self.count(|s| s.hedged += 1);
         }
-        Ok((0, self.stripe(index, file).await?))
+        Ok((0, self.whole_stripe(index, file).await?))
     }
 
     /// Stripe `index`'s bytes, from any k intact shards. `file` names the file the
     /// caller wants, for the error when too few shards survive.
     pub(crate) async fn stripe(&self, index: usize, file: &str) -> Result<Vec<u8>, StoreError> {
+        let _slot = self.slots.acquire().await.expect("never closed");
+        self.whole_stripe(index, file).await
+    }
+
+    async fn whole_stripe(&self, index: usize, file: &str) -> Result<Vec<u8>, StoreError> {
         let stripe = &self.manifest.stripes[index];
         let names = &self.locations.stripes[index];
         let Params { k, m } = self.codec.params();
@@ -235,10 +254,11 @@ impl Fetcher {
             async move {
                 match self.shard(backend, digest, stripe.shard_len).await {
                     Some(bytes) => Outcome::Shard(j, bytes),
-                    None => Outcome::Bad,
+                    None => Outcome::Bad(j),
                 }
             }
         };
+        // Shards whose requests are still out.
         let mut launched: Vec<usize> = Vec::new();
         for j in next.by_ref().take(k) {
             launched.push(j);
@@ -263,22 +283,27 @@ impl Fetcher {
             } else {
                 tokio::time::timeout(hedge_after, running.next()).await.ok()
             };
+            let late = outcome.is_none() && !running.is_empty();
             match outcome {
                 Some(Some(Outcome::Shard(j, bytes))) => {
+                    launched.retain(|x| *x != j);
                     self.count(|s| s.bytes += bytes.len() as u64);
                     shards[j] = Some(bytes);
                     have += 1;
                     continue;
                 }
-                Some(Some(Outcome::Bad)) => {
+                Some(Some(Outcome::Bad(j))) => {
+                    launched.retain(|x| *x != j);
                     self.count(|s| s.bad_shards += 1);
                 }
-                // Late: ask one more shard, keep waiting for the rest.
-                None if !running.is_empty() => self.count(|s| s.hedged += 1),
+                // Late (or nothing running): ask one more shard, keep waiting.
                 _ => {}
             }
             match next.next() {
                 Some(j) => {
+                    if late {
+                        self.count(|s| s.hedged += 1);
+                    }
                     launched.push(j);
                     running.push(launch(j));
                     self.count(|s| s.requests += 1);
@@ -584,32 +609,38 @@ impl Reader {
     pub async fn prewarm(&self, files: &[String], pin: bool) -> Result<u64, StoreError> {
         let cache = self.cache.as_ref().ok_or(StoreError::NoCache)?;
         let manifest = self.manifest();
-        let mut wanted: Vec<String> = Vec::new();
-        for entry in &manifest.files {
-            if files.is_empty() || files.contains(&entry.path) {
-                wanted.extend(entry.chunks.iter().map(|c| c.blake3.clone()));
-            }
-        }
         if let Some(missing) = files.iter().find(|f| manifest.file(f).is_none()) {
             return Err(StoreError::NoSuchFile(missing.clone()));
         }
+        // Each wanted chunk once, with its stored size and a file using it (for errors).
+        let overhead = manifest.overhead();
+        let mut wanted: BTreeMap<&str, (u64, &str)> = BTreeMap::new();
+        for entry in &manifest.files {
+            if files.is_empty() || files.contains(&entry.path) {
+                for c in &entry.chunks {
+                    wanted
+                        .entry(c.blake3.as_str())
+                        .or_insert((c.len + overhead, entry.path.as_str()));
+                }
+            }
+        }
         if pin {
+            if !cache.pin_would_fit(wanted.iter().map(|(h, (len, _))| (*h, *len))) {
+                return Err(StoreError::CacheTooSmall {
+                    max: cache.stats().max_bytes,
+                    want: wanted.values().map(|(len, _)| len).sum(),
+                });
+            }
             cache
-                .pin(wanted.iter().cloned())
+                .pin(wanted.keys().map(|h| (*h).to_owned()))
                 .map_err(crate::store::io(std::path::Path::new("cache")))?;
         }
         let before = self.stats().bytes;
         let mut stripes: BTreeMap<usize, String> = BTreeMap::new();
-        for hash in &wanted {
+        for (hash, (_, file)) in &wanted {
             if !cache.contains(hash) {
-                let (stripe, _) = self.locate[hash];
-                let file = manifest
-                    .files
-                    .iter()
-                    .find(|f| f.chunks.iter().any(|c| &c.blake3 == hash))
-                    .map(|f| f.path.clone())
-                    .unwrap_or_default();
-                stripes.entry(stripe).or_insert(file);
+                let (stripe, _) = self.locate[*hash];
+                stripes.entry(stripe).or_insert_with(|| (*file).to_owned());
             }
         }
         let parallel = self.fetcher.stripes_in_parallel();

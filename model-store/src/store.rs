@@ -90,6 +90,24 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// Some shards could not be deleted.
+    #[error("deleted {deleted} shards, {failed} could not be deleted (first: {first})")]
+    RemoveIncomplete {
+        /// Shards deleted.
+        deleted: usize,
+        /// Shards left behind.
+        failed: usize,
+        /// The first failure.
+        first: BackendError,
+    },
+    /// The cache cannot hold what was asked to be pinned.
+    #[error("the cache ({max} bytes) is too small to pin {want} more bytes")]
+    CacheTooSmall {
+        /// The cache's budget.
+        max: u64,
+        /// Bytes asked to be pinned.
+        want: u64,
+    },
     /// Pre-warming needs a cache.
     #[error("this reader has no cache to warm")]
     NoCache,
@@ -135,8 +153,10 @@ pub struct PushOptions {
     pub key: Option<ModelKey>,
     /// Models already stored on these backends: a chunk one of them holds, in a
     /// stripe whose shards are all present and where the policy allows, is not stored
-    /// again.
-    pub known: Vec<(Manifest, Locations)>,
+    /// again. Only models signed by the pushing key count: a stripe is only as good as
+    /// its publisher's word, and a stranger's could hold other bytes under a chunk's
+    /// name.
+    pub known: Vec<Registration>,
     /// Live counters for a progress display.
     pub progress: Arc<PushProgress>,
 }
@@ -237,7 +257,9 @@ struct CutChunk {
 #[derive(Default)]
 struct OpenStripe {
     chunks: Vec<ChunkRef>,
-    bytes: Vec<u8>,
+    /// The chunks' bytes, kept apart: when they are k equal chunks they are the data
+    /// shards as they are.
+    parts: Vec<Bytes>,
 }
 
 /// Stripes written at once by a push: enough to keep every core and backend busy.
@@ -309,7 +331,8 @@ impl Store {
             })
         };
 
-        let known = KnownChunks::new(&opts.known, opts.params, self, &opts.policy);
+        let publisher = aigrid_api::auth::hex(&key.verifying_key().to_bytes());
+        let known = KnownChunks::new(&opts.known, &publisher, opts, self);
         let mut stats = PushStats {
             total_bytes: total,
             ..PushStats::default()
@@ -332,10 +355,12 @@ impl Store {
             stripes.push(None);
             let codec = codec.clone();
             let progress = progress.clone();
-            Ok(async move {
+            // Its own task: a stripe is coded and written while the next is read.
+            let task = tokio::spawn(async move {
                 let stripe = write_stripe(&codec, open, &targets, &progress).await?;
                 Ok::<_, StoreError>((index, stripe))
-            })
+            });
+            Ok(async move { task.await.expect("writing a stripe does not panic") })
         };
         let mut chunks_seen = HashSet::new();
         loop {
@@ -355,9 +380,10 @@ impl Store {
             }
             if let Some(at) = known.healthy(&chunk.hash).await {
                 if reused.insert(at) {
-                    let (manifest, locs) = &opts.known[at.0];
+                    let known = &opts.known[at.0];
+                    let manifest = &known.manifest.manifest;
                     stripes.push(Some(manifest.stripes[at.1].clone()));
-                    locations.push(locs.stripes[at.1].clone());
+                    locations.push(known.locations.stripes[at.1].clone());
                     stats.stripes_reused += 1;
                     for c in &manifest.stripes[at.1].chunks {
                         stored.insert(c.blake3.clone());
@@ -374,7 +400,7 @@ impl Store {
                 blake3: chunk.hash,
                 len: chunk.bytes.len() as u64,
             });
-            open.bytes.extend_from_slice(&chunk.bytes);
+            open.parts.push(Bytes::from(chunk.bytes));
             if open.chunks.len() == k {
                 let full = std::mem::take(&mut open);
                 writes.push(seal_stripe(full, &mut stripes, &mut locations)?);
@@ -463,71 +489,31 @@ impl Store {
                 at += c.len;
             }
         }
-        let mut outputs = Vec::new();
-        let cleanup = |outputs: &[(PathBuf, PathBuf, std::fs::File)]| {
-            for (tmp, _, _) in outputs {
+        // Files are written to temporaries beside their place and renamed once every
+        // byte is in and synced; on any failure every temporary (and any file already
+        // renamed into place) is removed, so a pull leaves the whole model or nothing.
+        let mut outputs: Vec<(PathBuf, PathBuf, std::fs::File)> = Vec::new();
+        let mut placed: Vec<PathBuf> = Vec::new();
+        let result = pull_into(
+            &fetcher,
+            &opener,
+            &manifest,
+            dest,
+            &uses,
+            &first_file,
+            &mut outputs,
+            &mut placed,
+        )
+        .await;
+        if result.is_err() {
+            for (tmp, _, _) in &outputs {
                 let _ = std::fs::remove_file(tmp);
             }
-        };
-        for entry in &manifest.files {
-            let path = dest.join(&entry.path);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(io(parent))?;
-            }
-            let tmp = partial_path(&path);
-            let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-            file.set_len(entry.size).map_err(io(&tmp))?;
-            outputs.push((tmp, path, file));
-        }
-        let mut needed: Vec<usize> = first_file.keys().copied().collect();
-        needed.sort_unstable();
-        let parallel = fetcher.stripes_in_parallel();
-        let mut fetches = futures_util::stream::iter(needed.into_iter().map(|i| {
-            let fetcher = fetcher.clone();
-            let file = first_file[&i].to_owned();
-            async move { fetcher.stripe(i, &file).await.map(|b| (i, b)) }
-        }))
-        .buffer_unordered(parallel);
-        let mut stats = PullStats::default();
-        while let Some(result) = fetches.next().await {
-            let (i, bytes) = match result {
-                Ok(found) => found,
-                Err(e) => {
-                    cleanup(&outputs);
-                    return Err(e);
-                }
-            };
-            stats.stripes += 1;
-            let mut offset = 0usize;
-            for c in &manifest.stripes[i].chunks {
-                let stored = &bytes[offset..offset + c.len as usize];
-                offset += c.len as usize;
-                let Some(targets) = uses.get(c.blake3.as_str()) else {
-                    continue;
-                };
-                let plain = match opener.open(c.blake3.as_str(), stored) {
-                    Ok(plain) => plain,
-                    Err(e) => {
-                        cleanup(&outputs);
-                        return Err(e);
-                    }
-                };
-                for (f, at) in targets {
-                    let (tmp, _, file) = &outputs[*f];
-                    if let Err(e) = write_at(file, &plain, *at) {
-                        cleanup(&outputs);
-                        return Err(io(tmp)(e));
-                    }
-                    stats.bytes += plain.len() as u64;
-                }
+            for path in &placed {
+                let _ = std::fs::remove_file(path);
             }
         }
-        for (tmp, path, file) in &outputs {
-            file.sync_all().map_err(io(tmp))?;
-            std::fs::rename(tmp, path).map_err(io(path))?;
-        }
-        stats.files = outputs.len();
-        Ok(stats)
+        result
     }
 
     /// Deletes the shards of `registration` that none of `keep` uses; answers how many
@@ -552,18 +538,102 @@ impl Store {
         doomed.sort_unstable();
         doomed.dedup();
         let mut deleted = 0;
+        let mut first_error = None;
+        let mut failed = 0;
         let mut deletes =
             futures_util::stream::iter(doomed.into_iter().filter_map(|(backend, digest)| {
                 let backend = self.backend(backend)?;
                 Some(async move { backend.delete(&shard_object(digest)).await })
             }))
             .buffer_unordered(16);
+        // Try every shard: one unreachable backend must not strand the rest.
         while let Some(result) = deletes.next().await {
-            result?;
-            deleted += 1;
+            match result {
+                Ok(()) => deleted += 1,
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(deleted)
+        match first_error {
+            None => Ok(deleted),
+            Some(e) => Err(StoreError::RemoveIncomplete {
+                deleted,
+                failed,
+                first: e,
+            }),
+        }
     }
+}
+
+/// The body of [`Store::pull`]: creates the temporaries (recorded in `outputs`),
+/// fills them from the stripes, syncs them and renames them into place (recorded in
+/// `placed`), so the caller can clean up after a failure at any step.
+#[allow(clippy::too_many_arguments)]
+async fn pull_into(
+    fetcher: &Arc<Fetcher>,
+    opener: &ChunkOpener,
+    manifest: &Manifest,
+    dest: &Path,
+    uses: &HashMap<&str, Vec<(usize, u64)>>,
+    first_file: &HashMap<usize, &str>,
+    outputs: &mut Vec<(PathBuf, PathBuf, std::fs::File)>,
+    placed: &mut Vec<PathBuf>,
+) -> Result<PullStats, StoreError> {
+    for entry in &manifest.files {
+        let path = dest.join(&entry.path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        let tmp = partial_path(&path);
+        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        outputs.push((tmp.clone(), path, file));
+        outputs
+            .last()
+            .expect("just pushed")
+            .2
+            .set_len(entry.size)
+            .map_err(io(&tmp))?;
+    }
+    let mut needed: Vec<usize> = first_file.keys().copied().collect();
+    needed.sort_unstable();
+    let parallel = fetcher.stripes_in_parallel();
+    let mut fetches = futures_util::stream::iter(needed.into_iter().map(|i| {
+        let fetcher = fetcher.clone();
+        let file = first_file[&i].to_owned();
+        async move { fetcher.stripe(i, &file).await.map(|b| (i, b)) }
+    }))
+    .buffer_unordered(parallel);
+    let mut stats = PullStats::default();
+    while let Some(result) = fetches.next().await {
+        let (i, bytes) = result?;
+        stats.stripes += 1;
+        let mut offset = 0usize;
+        for c in &manifest.stripes[i].chunks {
+            let stored = &bytes[offset..offset + c.len as usize];
+            offset += c.len as usize;
+            let Some(targets) = uses.get(c.blake3.as_str()) else {
+                continue;
+            };
+            let plain = opener.open(c.blake3.as_str(), stored)?;
+            for (f, at) in targets {
+                let (tmp, _, file) = &outputs[*f];
+                write_at(file, &plain, *at).map_err(io(tmp))?;
+                stats.bytes += plain.len() as u64;
+            }
+        }
+    }
+    for (tmp, _, file) in outputs.iter() {
+        file.sync_all().map_err(io(tmp))?;
+    }
+    for (tmp, path, _) in outputs.iter() {
+        std::fs::rename(tmp, path).map_err(io(path))?;
+        placed.push(path.clone());
+    }
+    outputs.clear();
+    stats.files = placed.len();
+    Ok(stats)
 }
 
 /// What a pull wrote.
@@ -588,7 +658,7 @@ fn for_each_shard<'a>(registration: &'a Registration, mut f: impl FnMut(&'a str,
 
 fn partial_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".aigrid-partial");
+    name.push(crate::manifest::PARTIAL_SUFFIX);
     path.with_file_name(name)
 }
 
@@ -651,7 +721,7 @@ impl ChunkOpener {
 /// were found whole.
 struct KnownChunks<'a> {
     at: HashMap<&'a str, (usize, usize)>,
-    known: &'a [(Manifest, Locations)],
+    known: &'a [Registration],
     store: &'a Store,
     policy: &'a Policy,
     checked: tokio::sync::Mutex<HashMap<(usize, usize), bool>>,
@@ -659,17 +729,26 @@ struct KnownChunks<'a> {
 
 impl<'a> KnownChunks<'a> {
     fn new(
-        known: &'a [(Manifest, Locations)],
-        params: Params,
+        known: &'a [Registration],
+        publisher: &str,
+        opts: &'a PushOptions,
         store: &'a Store,
-        policy: &'a Policy,
     ) -> Self {
+        let (params, policy) = (opts.params, &opts.policy);
+        let key_id = opts.key.as_ref().map(ModelKey::id);
         let mut at = HashMap::new();
-        for (i, (manifest, locations)) in known.iter().enumerate() {
+        for (i, registration) in known.iter().enumerate() {
+            let manifest = &registration.manifest.manifest;
+            // Its stripes must fit this model's manifest: same code, chunk size, sealing.
             let same_code = manifest.codec.name == CODEC_NAME
                 && manifest.codec.k == params.k
-                && manifest.codec.m == params.m;
-            if !same_code || locations.validate(manifest).is_err() {
+                && manifest.codec.m == params.m
+                && manifest.chunk_size == opts.chunk_size.max(1)
+                && manifest.encryption.as_ref().map(|e| &e.key_id) == key_id.as_ref();
+            if !same_code
+                || registration.manifest.publisher != publisher
+                || registration.verify().is_err()
+            {
                 continue;
             }
             for (s, stripe) in manifest.stripes.iter().enumerate() {
@@ -695,9 +774,9 @@ impl<'a> KnownChunks<'a> {
         if let Some(ok) = checked.get(&at) {
             return ok.then_some(at);
         }
-        let (manifest, locations) = &self.known[at.0];
-        let stripe = &manifest.stripes[at.1];
-        let names = &locations.stripes[at.1];
+        let registration = &self.known[at.0];
+        let stripe = &registration.manifest.manifest.stripes[at.1];
+        let names = &registration.locations.stripes[at.1];
         let ok = match self.store.indices(names) {
             Some(indices) if self.policy.admits(&self.store.attributes(), &indices) => {
                 let heads = indices.iter().zip(&stripe.shards).map(|(i, digest)| {
@@ -717,26 +796,65 @@ impl<'a> KnownChunks<'a> {
 }
 
 /// Codes one stripe and writes its shards to `targets`, shard j on `targets[j]`.
+/// Data shards are slices of the stripe (padded once), never copies; a data shard that
+/// is exactly one chunk takes that chunk's digest instead of being hashed again.
 async fn write_stripe(
     codec: &Arc<Codec>,
     open: OpenStripe,
     targets: &[Backend],
     progress: &PushProgress,
 ) -> Result<Stripe, StoreError> {
-    let len = open.bytes.len();
-    let shards = {
+    let len: usize = open.parts.iter().map(Bytes::len).sum();
+    let shard_len = codec.shard_len(len);
+    let (shards, digests, chunks) = {
         let codec = codec.clone();
-        tokio::task::spawn_blocking(move || codec.encode(&open.bytes))
-            .await
-            .expect("encoding does not panic")
+        tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let OpenStripe { chunks, parts } = open;
+            let k = codec.params().k;
+            let data: Vec<Bytes> = if parts.len() == k && parts.iter().all(|p| p.len() == shard_len)
+            {
+                parts
+            } else {
+                let mut bytes = Vec::with_capacity(k * shard_len);
+                for part in &parts {
+                    bytes.extend_from_slice(part);
+                }
+                bytes.resize(k * shard_len, 0);
+                let bytes = Bytes::from(bytes);
+                (0..k)
+                    .map(|j| bytes.slice(j * shard_len..(j + 1) * shard_len))
+                    .collect()
+            };
+            let refs: Vec<&[u8]> = data.iter().map(|d| d.as_ref()).collect();
+            let parity = codec.encode_parity(&refs)?;
+            // Data shards that are one whole chunk already have a digest.
+            let mut whole: HashMap<usize, &str> = HashMap::new();
+            let mut at = 0usize;
+            for c in &chunks {
+                if c.len as usize == shard_len && at.is_multiple_of(shard_len) {
+                    whole.insert(at / shard_len, c.blake3.as_str());
+                }
+                at += c.len as usize;
+            }
+            let mut digests: Vec<String> = data
+                .iter()
+                .enumerate()
+                .map(|(j, d)| whole.get(&j).map_or_else(|| hex(d), |h| (*h).to_owned()))
+                .collect();
+            digests.extend(parity.iter().map(|p| hex(p)));
+            let shards: Vec<Bytes> = data
+                .into_iter()
+                .chain(parity.into_iter().map(Bytes::from))
+                .collect();
+            Ok((shards, digests, chunks))
+        })
+        .await
+        .expect("encoding does not panic")?
     };
-    let digests: Vec<String> = shards.iter().map(|s| hex(s)).collect();
     let writes = shards.into_iter().zip(targets).zip(&digests).map(
         |((shard, backend), digest)| async move {
             let n = shard.len() as u64;
-            backend
-                .put(&shard_object(digest), Bytes::from(shard))
-                .await?;
+            backend.put(&shard_object(digest), shard).await?;
             PushProgress::add(&progress.bytes_uploaded, n);
             Ok::<_, StoreError>(())
         },
@@ -746,8 +864,8 @@ async fn write_stripe(
     }
     Ok(Stripe {
         len: len as u64,
-        shard_len: codec.shard_len(len) as u64,
-        chunks: open.chunks,
+        shard_len: shard_len as u64,
+        chunks,
         shards: digests,
     })
 }
@@ -785,8 +903,17 @@ fn cut_files(
         let mut chunks = Vec::new();
         let mut read = 0;
         for range in chunk::cut(size, chunk_size, &bounds) {
-            let mut buf = vec![0u8; usize::try_from(range.end - range.start).unwrap_or(0)];
-            file.read_exact(&mut buf).map_err(io(&path))?;
+            let want = range.end - range.start;
+            let mut buf = Vec::with_capacity(usize::try_from(want).unwrap_or(0));
+            (&mut file)
+                .take(want)
+                .read_to_end(&mut buf)
+                .map_err(io(&path))?;
+            if buf.len() as u64 != want {
+                return Err(io(&path)(std::io::Error::other(
+                    "the file changed during the push",
+                )));
+            }
             read += buf.len() as u64;
             let plain_len = buf.len() as u64;
             let stored = match seal {
@@ -863,7 +990,17 @@ fn walk_depth(
                 })?;
                 parts.push(part.to_owned());
             }
-            out.push(parts.join("/"));
+            let rel = parts.join("/");
+            if !crate::manifest::is_safe_path(&rel)
+                || rel
+                    .split('/')
+                    .any(|part| part.ends_with(crate::manifest::PARTIAL_SUFFIX))
+            {
+                return Err(io(&path)(std::io::Error::other(
+                    "the file name cannot be stored in a manifest",
+                )));
+            }
+            out.push(rel);
         }
     }
     Ok(())

@@ -318,10 +318,25 @@ async fn a_second_model_differing_in_one_tensor_uploads_only_that_tensor() {
     write_safetensors(&b.join("model.safetensors"), &second);
     std::fs::write(b.join("config.json"), br#"{"hidden": 64}"#).unwrap();
     opts.name = "b".into();
-    opts.known = vec![(
-        pa.registration.manifest.manifest.clone(),
-        pa.registration.locations.clone(),
-    )];
+    // A stranger's models are never trusted for dedup; the publisher's own are.
+    let mut stranger = pa.registration.clone();
+    stranger.manifest = aigrid_store::manifest::SignedManifest::sign(
+        stranger.manifest.manifest,
+        &SigningKey::from_bytes(&[2; 32]),
+    );
+    opts.known = vec![stranger];
+    let before = total_put(&store);
+    let alone = store.push(&b, &opts, &signing_key()).await.unwrap();
+    assert_eq!(alone.stats.stripes_reused, 0);
+    assert!(
+        total_put(&store) - before > sent_a / 2,
+        "a stranger's stripes were reused"
+    );
+    store
+        .remove(&alone.registration, std::slice::from_ref(&pa.registration))
+        .await
+        .unwrap();
+    opts.known = vec![pa.registration.clone()];
     let before = total_put(&store);
     let pb = store.push(&b, &opts, &signing_key()).await.unwrap();
     let sent_b = total_put(&store) - before;
