@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 /// The codec as a manifest records it, so a reader knows how shards were made.
 pub const CODEC_NAME: &str = "reed-solomon-erasure/gf8";
 
+/// Bytes of each shard coded at once: small enough that a block of every shard stays
+/// in a core's cache (measured 2x faster than whole 4 MiB shards, see
+/// `benchmarks/store`).
+const BLOCK: usize = 64 << 10;
+
 /// Largest total shard count GF(2^8) allows.
 pub const MAX_SHARDS: usize = 256;
 
@@ -88,22 +93,22 @@ impl Codec {
     /// The k+m shards of a stripe: data shards first (the stripe, zero-padded), then
     /// parity.
     pub fn encode(&self, stripe: &[u8]) -> Vec<Vec<u8>> {
-        let Params { k, m } = self.params;
+        let k = self.params.k;
         let shard_len = self.shard_len(stripe.len());
-        let mut shards: Vec<Vec<u8>> = (0..k + m)
+        let mut shards: Vec<Vec<u8>> = (0..k)
             .map(|i| {
                 let start = (i * shard_len).min(stripe.len());
                 let end = ((i + 1) * shard_len).min(stripe.len());
                 let mut shard = vec![0u8; shard_len];
-                if i < k {
-                    shard[..end - start].copy_from_slice(&stripe[start..end]);
-                }
+                shard[..end - start].copy_from_slice(&stripe[start..end]);
                 shard
             })
             .collect();
-        self.rs
-            .encode(&mut shards)
-            .expect("k+m equal, non-empty shards always encode");
+        let refs: Vec<&[u8]> = shards.iter().map(Vec::as_slice).collect();
+        let parity = self
+            .encode_parity(&refs)
+            .expect("k equal, non-empty shards always encode");
+        shards.extend(parity);
         shards
     }
 
@@ -134,14 +139,38 @@ impl Codec {
         if have < k {
             return Err(CodecError::TooFewShards { have, k });
         }
-        if shards[..k].iter().any(Option::is_none) {
-            self.rs
-                .reconstruct_data(&mut shards)
-                .map_err(|e| CodecError::Malformed(e.to_string()))?;
-        }
+        // The data shards go straight into the output; lost ones are rebuilt there,
+        // a column block at a time so the working set stays in cache.
+        let missing: Vec<bool> = shards.iter().map(Option::is_none).collect();
         let mut out = Vec::with_capacity(k * shard_len);
-        for shard in shards.into_iter().take(k) {
-            out.extend_from_slice(&shard.expect("data shards are present or rebuilt"));
+        for shard in &mut shards[..k] {
+            match shard.take() {
+                Some(bytes) => out.extend_from_slice(&bytes),
+                // Room for a lost shard, rebuilt below.
+                None => out.resize(out.len() + shard_len, 0),
+            }
+        }
+        if missing[..k].iter().any(|lost| *lost) {
+            let mut parity: Vec<Vec<u8>> = shards
+                .drain(k..)
+                .map(|s| s.unwrap_or_else(|| vec![0u8; shard_len]))
+                .collect();
+            let mut data: Vec<&mut [u8]> = out.chunks_mut(shard_len).collect();
+            let mut start = 0;
+            while start < shard_len {
+                let end = (start + BLOCK).min(shard_len);
+                let mut block: Vec<(&mut [u8], bool)> = data
+                    .iter_mut()
+                    .map(|d| &mut d[start..end])
+                    .chain(parity.iter_mut().map(|p| &mut p[start..end]))
+                    .zip(missing.iter())
+                    .map(|(slice, lost)| (slice, !*lost))
+                    .collect();
+                self.rs
+                    .reconstruct_data(&mut block)
+                    .map_err(|e| CodecError::Malformed(e.to_string()))?;
+                start = end;
+            }
         }
         out.truncate(len);
         Ok(out)
@@ -161,9 +190,19 @@ impl Codec {
             )));
         }
         let mut parity = vec![vec![0u8; len]; m];
-        self.rs
-            .encode_sep(data, &mut parity)
-            .map_err(|e| CodecError::Malformed(e.to_string()))?;
+        // A column block at a time: k+m blocks of 64 KiB stay in cache, where whole
+        // 4 MiB shards would stream through memory once per parity row.
+        let mut start = 0;
+        while start < len {
+            let end = (start + BLOCK).min(len);
+            let data_block: Vec<&[u8]> = data.iter().map(|d| &d[start..end]).collect();
+            let mut parity_block: Vec<&mut [u8]> =
+                parity.iter_mut().map(|p| &mut p[start..end]).collect();
+            self.rs
+                .encode_sep(&data_block, &mut parity_block)
+                .map_err(|e| CodecError::Malformed(e.to_string()))?;
+            start = end;
+        }
         Ok(parity)
     }
 }

@@ -4,15 +4,20 @@
 //!
 //! Implementations, all in the same run and on the same bytes:
 //!
-//! - **Codec**: `aigrid_store::codec::Codec`, what production calls. Its `encode`
-//!   copies the stripe into k fresh shard buffers and allocates the parity; its
-//!   `decode` takes owned shards, allocates the lost ones and copies the stripe out.
+//! - **Codec**: `aigrid_store::codec::Codec`. Its `encode` (repair) copies the
+//!   stripe into k fresh shard buffers and allocates the parity; its `decode` (every
+//!   read) takes owned shards, allocates the lost ones and copies the stripe out.
+//! - **Codec::encode_parity**: what a push calls: parity only, from data shards the
+//!   caller keeps (slices of the stripe here), into freshly allocated parity.
 //! - **rse raw**: `reed-solomon-erasure` (simd-accel) on preallocated buffers, no
 //!   copies: data shards are slices of the stripe, parity and lost shards are
 //!   written in place. The gap to Codec is Codec's copying and allocation.
 //! - **rse blocked**: the same calls made once per column block of every shard
 //!   (Reed-Solomon is column-wise, so the bytes are identical), which keeps the
 //!   block of all k+m shards in L2 instead of streaming whole shards k×m times.
+//! - **Codec API, blocked (sketch)**: `sketch_encode`/`sketch_decode` below, what
+//!   `Codec::encode`/`decode` could do behind the same signatures: block by block,
+//!   copying each block in while it is still in cache.
 //! - **rs-simd**: `reed-solomon-simd` (Leopard-style, GF(2^16)), one encoder or decoder
 //!   per thread, reused; its shards live in the coder's work area, so the parity (or
 //!   the restored shards) are copied out into the stripe's buffers, as a store must.
@@ -69,7 +74,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "memcpy,codec,rse-raw,rse-blocked,codec-blocked,simd"
+        default_value = "memcpy,codec,codec-parity,rse-raw,rse-blocked,codec-blocked,simd"
     )]
     imps: Vec<Imp>,
     /// Thread counts to measure.
@@ -85,6 +90,7 @@ struct Args {
 enum Imp {
     Memcpy,
     Codec,
+    CodecParity,
     RseRaw,
     RseBlocked,
     CodecBlocked,
@@ -345,6 +351,24 @@ fn codec_encode_case<'a>(w: &'a Workload, codec: &'a Codec, threads: usize) -> R
             drop(black_box(shards));
         });
         checked(&failures, "Codec::encode")?;
+        Ok(t)
+    })
+}
+
+fn codec_parity_case<'a>(w: &'a Workload, codec: &'a Codec, threads: usize) -> Runner<'a> {
+    let mut items = vec![(); w.stripes.len()];
+    let mut states = vec![(); threads];
+    let failures = AtomicUsize::new(0);
+    Box::new(move |check| {
+        let t = run_split(&mut items, &mut states, |_, i, _| {
+            let data: Vec<&[u8]> = w.stripes[i].chunks(w.shard).collect();
+            let parity = codec.encode_parity(&data).expect("k equal shards encode");
+            if check && parity != w.parity[i] {
+                failures.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(black_box(parity));
+        });
+        checked(&failures, "Codec::encode_parity")?;
         Ok(t)
     })
 }
@@ -620,9 +644,12 @@ fn measure(args: &Args, k: usize, m: usize, shard: usize) -> Result<Group> {
         for &threads in &args.threads {
             for &imp in &args.imps {
                 let runner = match (imp, op) {
+                    // Parity only: nothing to reconstruct.
+                    (Imp::CodecParity, Op::Reconstruct) => continue,
                     (Imp::Memcpy, _) => memcpy_case(&w, threads),
                     (Imp::Codec, Op::Encode) => codec_encode_case(&w, &codec, threads),
                     (Imp::Codec, Op::Reconstruct) => codec_decode_case(&w, &codec, threads),
+                    (Imp::CodecParity, Op::Encode) => codec_parity_case(&w, &codec, threads),
                     (Imp::RseRaw, Op::Encode) => rse_encode_case(&w, &rs, threads, shard),
                     (Imp::RseRaw, Op::Reconstruct) => rse_reconstruct_case(&w, &rs, threads, shard),
                     (Imp::RseBlocked, Op::Encode) => rse_encode_case(&w, &rs, threads, block),
@@ -696,6 +723,7 @@ fn imp_name(imp: Imp, block_kib: usize) -> String {
     match imp {
         Imp::Memcpy => "memcpy".into(),
         Imp::Codec => "Codec (rse)".into(),
+        Imp::CodecParity => "Codec::encode_parity".into(),
         Imp::RseRaw => "rse raw".into(),
         Imp::RseBlocked => format!("rse raw, {block_kib} KiB blocks"),
         Imp::CodecBlocked => "Codec API, blocked (sketch)".into(),
