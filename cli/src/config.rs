@@ -172,6 +172,16 @@ struct StoreFile {
     backends: Vec<BackendConfig>,
 }
 
+/// What clients are told about a backend: its name, URL and attributes, never its
+/// options (they may hold credentials).
+fn told(b: &BackendConfig) -> StorageBackend {
+    StorageBackend {
+        name: b.name.clone(),
+        url: b.url.clone(),
+        attributes: b.attributes.clone(),
+    }
+}
+
 /// Reads and checks a dispersed store's TOML file: what clients may be told about it
 /// ([`StorageInfo`]: no credentials) and each backend's full configuration (its
 /// `options` may hold credentials). Checked once here: k and m at least 1 and
@@ -182,15 +192,7 @@ pub fn read_store_file(path: &Path) -> anyhow::Result<(StorageInfo, Vec<BackendC
     let file: StoreFile = read_toml(path)?;
     let context = |e: &dyn std::fmt::Display| anyhow!("store file {}: {e}", path.display());
     let info = StorageInfo {
-        backends: file
-            .backends
-            .iter()
-            .map(|b| StorageBackend {
-                name: b.name.clone(),
-                url: b.url.clone(),
-                attributes: b.attributes.clone(),
-            })
-            .collect(),
+        backends: file.backends.iter().map(told).collect(),
         k: file.k,
         m: file.m,
         policy: file.policy,
@@ -442,14 +444,7 @@ pub fn local_store(dir: &Path) -> anyhow::Result<(StorageInfo, Vec<BackendConfig
         });
     }
     let info = StorageInfo {
-        backends: backends
-            .iter()
-            .map(|b| aigrid_api::model::StorageBackend {
-                name: b.name.clone(),
-                url: b.url.clone(),
-                attributes: b.attributes.clone(),
-            })
-            .collect(),
+        backends: backends.iter().map(told).collect(),
         k: 4,
         m: 2,
         policy: vec!["max 1 per site".to_owned()],
@@ -470,7 +465,7 @@ fn spawn_repairs(
     if !storage.is_configured() || interval.is_zero() {
         return Ok(());
     }
-    let store = std::sync::Arc::new(crate::model::store_from(storage, backends)?);
+    let store = std::sync::Arc::new(crate::model::store_from(backends)?);
     tokio::spawn(crate::model::repair_loop(
         base,
         store,

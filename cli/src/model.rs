@@ -154,7 +154,7 @@ struct LocationsUpdate<'a> {
 }
 
 /// The backends of a store file or of the server's store.
-pub fn store_from(info: &StorageInfo, configs: &[BackendConfig]) -> anyhow::Result<Store> {
+pub fn store_from(configs: &[BackendConfig]) -> anyhow::Result<Store> {
     if configs.is_empty() {
         bail!("no dispersed store: the server has none configured (start it with --store FILE) and no --store was given");
     }
@@ -162,7 +162,6 @@ pub fn store_from(info: &StorageInfo, configs: &[BackendConfig]) -> anyhow::Resu
     for config in configs {
         backends.push(Backend::from_config(config).map_err(|e| anyhow!("{e}"))?);
     }
-    let _ = info;
     Ok(Store::new(backends))
 }
 
@@ -179,7 +178,7 @@ async fn open_store(client: &Client, args: &StoreArgs) -> anyhow::Result<(Store,
             (info, configs)
         }
     };
-    Ok((store_from(&info, &configs)?, info))
+    Ok((store_from(&configs)?, info))
 }
 
 /// Backend configurations from what a server announces (no credentials).
@@ -319,18 +318,8 @@ fn publisher_key(path: Option<&Path>) -> anyhow::Result<(SigningKey, Option<Path
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options
-                .open(&path)
+            aigrid_store::crypto::write_new_key_file(&path, &key.to_bytes())
                 .with_context(|| format!("creating {}", path.display()))?;
-            std::io::Write::write_all(
-                &mut file,
-                format!("{}\n", aigrid_api::auth::hex(&key.to_bytes())).as_bytes(),
-            )?;
-            file.sync_all()?;
             Ok((key, Some(path)))
         }
         Err(e) => Err(anyhow!("{}: {e}", path.display())),

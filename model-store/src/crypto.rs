@@ -29,6 +29,19 @@ pub enum CryptoError {
     Open,
 }
 
+/// Writes 32 key bytes as 64 hex characters to a new file readable by its owner only,
+/// synced; refuses to overwrite a file. Model keys and publisher keys are kept so.
+pub fn write_new_key_file(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(format!("{}\n", aigrid_api::auth::hex(key)).as_bytes())?;
+    file.sync_all()
+}
+
 /// A model owner's 256-bit key.
 #[derive(Clone)]
 pub struct ModelKey([u8; 32]);
@@ -65,19 +78,11 @@ impl ModelKey {
     /// Writes the key as 64 hex characters, readable by its owner only; refuses to
     /// overwrite a file.
     pub fn write_new(&self, path: &Path) -> Result<(), CryptoError> {
-        use std::io::Write;
         let err = |reason: String| CryptoError::KeyFile {
             path: path.display().to_string(),
             reason,
         };
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(path).map_err(|e| err(e.to_string()))?;
-        file.write_all(format!("{}\n", aigrid_api::auth::hex(&self.0)).as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| err(e.to_string()))
+        write_new_key_file(path, &self.0).map_err(|e| err(e.to_string()))
     }
 
     /// The key's public fingerprint, recorded in manifests.

@@ -5,7 +5,7 @@
 //! verified chunks in a bounded on-disk cache. A safetensors view on top gives tensors
 //! by name, fetched on demand.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -484,7 +484,7 @@ impl Reader {
         hashes: &[&str],
     ) -> Result<HashMap<String, Vec<u8>>, StoreError> {
         let mut out = HashMap::new();
-        let mut stripes: BTreeMap<usize, ()> = BTreeMap::new();
+        let mut stripes: BTreeSet<usize> = BTreeSet::new();
         for hash in hashes {
             if out.contains_key(*hash) {
                 continue;
@@ -494,14 +494,14 @@ impl Reader {
                     out.insert((*hash).to_owned(), plain);
                 }
                 None => {
-                    stripes.insert(self.locate[*hash].0, ());
+                    stripes.insert(self.locate[*hash].0);
                 }
             }
         }
         let parallel = self.fetcher.stripes_in_parallel();
         let mut fetches = futures_util::stream::iter(
             stripes
-                .into_keys()
+                .into_iter()
                 .map(|i| async move { self.fetch_stripe(i, file, hashes).await }),
         )
         .buffer_unordered(parallel);
@@ -528,7 +528,7 @@ impl Reader {
             return Ok(None);
         }
         self.fetcher.count(|s| s.cache_hits += 1);
-        self.opener.open(hash, &stored).map(Some)
+        self.opener.unseal(&stored).map(Some)
     }
 
     /// Fetches the part of a stripe holding `only` (the whole stripe when empty) and

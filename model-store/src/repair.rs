@@ -159,30 +159,28 @@ impl Store {
 
     /// Reads every shard of a registered model and reports the bad ones.
     pub async fn scrub(&self, registration: &Registration) -> Result<ScrubReport, StoreError> {
-        registration.verify()?;
-        let k = registration.manifest.manifest.codec.k;
-        let mut report = ScrubReport::default();
-        let count = registration.manifest.manifest.stripes.len();
-        let mut checks =
-            futures_util::stream::iter((0..count).map(|i| self.check_stripe(registration, i)))
-                .buffered(SCRUB_PARALLEL);
-        while let Some(check) = checks.next().await {
-            note(&mut report, &check, k);
-        }
-        report.faults.sort_by_key(|f| (f.stripe, f.shard));
-        Ok(report)
+        Ok(self.check(registration, false).await?.scrub)
     }
 
     /// Scrubs, then rebuilds every bad shard of a stripe that still has k intact ones
     /// and writes it where the policy allows; answers the new locations.
     pub async fn repair(&self, registration: &Registration) -> Result<RepairReport, StoreError> {
+        self.check(registration, true).await
+    }
+
+    /// Checks every stripe, rebuilding bad shards when `rebuild`.
+    async fn check(
+        &self,
+        registration: &Registration,
+        rebuild: bool,
+    ) -> Result<RepairReport, StoreError> {
         registration.verify()?;
         let manifest = &registration.manifest.manifest;
-        let Params { k, m } = Params {
-            k: manifest.codec.k,
+        let k = manifest.codec.k;
+        let codec = std::sync::Arc::new(Codec::new(Params {
+            k,
             m: manifest.codec.m,
-        };
-        let codec = std::sync::Arc::new(Codec::new(Params { k, m })?);
+        })?);
         let mut report = RepairReport {
             scrub: ScrubReport::default(),
             rebuilt: 0,
@@ -196,12 +194,12 @@ impl Store {
                 .buffered(SCRUB_PARALLEL);
         while let Some(check) = checks.next().await {
             note(&mut report.scrub, &check, k);
-            if check.faults.is_empty() || check.shards.iter().flatten().count() < k {
-                report.failed += if check.faults.len() > m {
-                    check.faults.len()
-                } else {
-                    0
-                };
+            if !rebuild || check.faults.is_empty() {
+                continue;
+            }
+            if check.shards.iter().flatten().count() < k {
+                // Too few survivors: every bad shard of the stripe stays bad.
+                report.failed += check.faults.len();
                 continue;
             }
             let (rebuilt, moved, failed) = self

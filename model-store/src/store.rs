@@ -362,7 +362,6 @@ impl Store {
             });
             Ok(async move { task.await.expect("writing a stripe does not panic") })
         };
-        let mut chunks_seen = HashSet::new();
         loop {
             // Keep a bounded number of stripes in flight.
             while writes.len() >= PUSH_STRIPES_IN_FLIGHT {
@@ -371,24 +370,26 @@ impl Store {
             }
             let Some(chunk) = rx.recv().await else { break };
             stats.chunks += 1;
-            if !chunks_seen.insert(chunk.hash.clone()) || stored.contains(&chunk.hash) {
-                stats.dedup_chunks += 1;
-                stats.dedup_bytes += chunk.plain_len;
-                PushProgress::add(&progress.dedup_chunks, 1);
-                PushProgress::add(&progress.dedup_bytes, chunk.plain_len);
-                continue;
-            }
-            if let Some(at) = known.healthy(&chunk.hash).await {
-                if reused.insert(at) {
-                    let known = &opts.known[at.0];
-                    let manifest = &known.manifest.manifest;
-                    stripes.push(Some(manifest.stripes[at.1].clone()));
-                    locations.push(known.locations.stripes[at.1].clone());
-                    stats.stripes_reused += 1;
-                    for c in &manifest.stripes[at.1].chunks {
-                        stored.insert(c.blake3.clone());
+            // Stored already: earlier in this push, or in a sound stripe of a model
+            // this publisher registered (reused whole, once).
+            let present = stored.contains(&chunk.hash)
+                || match known.healthy(&chunk.hash).await {
+                    Some(at) => {
+                        if reused.insert(at) {
+                            let known = &opts.known[at.0];
+                            let manifest = &known.manifest.manifest;
+                            stripes.push(Some(manifest.stripes[at.1].clone()));
+                            locations.push(known.locations.stripes[at.1].clone());
+                            stats.stripes_reused += 1;
+                            for c in &manifest.stripes[at.1].chunks {
+                                stored.insert(c.blake3.clone());
+                            }
+                        }
+                        true
                     }
-                }
+                    None => false,
+                };
+            if present {
                 stats.dedup_chunks += 1;
                 stats.dedup_bytes += chunk.plain_len;
                 PushProgress::add(&progress.dedup_chunks, 1);
@@ -710,6 +711,11 @@ impl ChunkOpener {
                 "chunk {hash} does not match its digest"
             ))));
         }
+        self.unseal(stored)
+    }
+
+    /// The plaintext of a stored chunk already checked against its digest.
+    pub(crate) fn unseal(&self, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
         match &self.key {
             None => Ok(stored.to_vec()),
             Some(key) => Ok(key.open(stored)?),
