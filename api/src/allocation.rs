@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::error::ValidationError;
 use crate::ids::{AllocId, JobId, NodeId};
 use crate::spec::Resources;
 use crate::units::Timestamp;
@@ -88,6 +89,11 @@ pub struct Allocation {
     /// Whether its node enforces its CPU and memory limits (cgroup v2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsEnforcement>,
+    /// Where the workload serves, as its node reported it (`http://10.0.0.7:41234`):
+    /// set for workloads that listen (model servers), at the address the servers
+    /// reach the node at. The `/v1` gateway forwards inference requests there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// What the control plane wants.
     pub desired: DesiredState,
     /// When it was placed.
@@ -135,6 +141,10 @@ pub struct AllocationReport {
     /// Whether its limits are enforced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsEnforcement>,
+    /// Where it serves (`http://host:port`), for workloads that listen; see
+    /// [`check_endpoint`] for what is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 impl AllocationReport {
@@ -146,6 +156,7 @@ impl AllocationReport {
             reason: None,
             restarts: 0,
             limits: None,
+            endpoint: None,
         }
     }
 
@@ -155,11 +166,59 @@ impl AllocationReport {
             || self.reason != alloc.reason
             || self.restarts != alloc.restarts
             || self.limits != alloc.limits
+            || self.endpoint != alloc.endpoint
     }
 }
 
 /// Longest failure reason kept; agents' longer ones are cut.
 pub const MAX_REASON_LEN: usize = 1024;
+
+/// Longest endpoint an agent may report.
+pub const MAX_ENDPOINT_LEN: usize = 256;
+
+/// Checks a reported endpoint: `http://` or `https://`, then `host:port` and nothing
+/// else (no path, query, user info or whitespace), a port from 1 to 65535, at most
+/// [`MAX_ENDPOINT_LEN`] bytes. The servers send requests there, so anything that
+/// could make them talk to a different place than it says is refused.
+pub fn check_endpoint(endpoint: &str) -> Result<(), ValidationError> {
+    let bad = |why: &str| {
+        Err(ValidationError::new(
+            "endpoint",
+            format!("`{endpoint}` is not a workload endpoint: {why}"),
+        ))
+    };
+    if endpoint.len() > MAX_ENDPOINT_LEN {
+        return bad(&format!("longer than {MAX_ENDPOINT_LEN} bytes"));
+    }
+    let Some(authority) = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+    else {
+        return bad("want http://host:port or https://host:port");
+    };
+    if authority
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '?' | '#' | '@' | '\\'))
+    {
+        return bad("want only host:port after the scheme");
+    }
+    let Some((host, port)) = authority.rsplit_once(':') else {
+        return bad("the port is missing");
+    };
+    let host_ok = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => !host.is_empty() && !host.contains([':', '[', ']']),
+    };
+    if !host_ok {
+        return bad("the host is missing or malformed");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 && !port.starts_with('+') => Ok(()),
+        _ => bad("the port must be 1 to 65535"),
+    }
+}
 
 /// What a node's agent is told to run: the allocation and, when the allocation is
 /// for the job's current version, its task. An allocation of an older version comes
@@ -229,5 +288,59 @@ mod tests {
             .map(|s| s.as_str())
             .collect();
         assert_eq!(terminal, ["complete", "failed", "lost", "stopped"]);
+    }
+
+    #[test]
+    fn endpoints_name_a_host_and_port_only() {
+        for good in [
+            "http://127.0.0.1:41234",
+            "https://node-7.example:443",
+            "http://[::1]:8080",
+            "http://gpu-host:1",
+        ] {
+            assert!(check_endpoint(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "127.0.0.1:80",
+            "ftp://h:21",
+            "http://h",
+            "http://h:0",
+            "http://h:65536",
+            "http://h:+80",
+            "http://:80",
+            "http://h:80/path",
+            "http://user@h:80",
+            "http://h:80?x",
+            "http://h 1:80",
+            "http://::1:80",
+            "http://[nothex]:80",
+        ] {
+            let err = check_endpoint(bad).unwrap_err();
+            assert_eq!(err.field, "endpoint", "{bad}");
+        }
+        let long = format!("http://{}:80", "h".repeat(MAX_ENDPOINT_LEN));
+        assert!(check_endpoint(&long).is_err());
+    }
+
+    #[test]
+    fn entries_without_an_endpoint_still_decode() {
+        let old = serde_json::json!({
+            "id": "a", "job_id": "j", "job_version": 1, "node_id": "n",
+            "group": "g", "index": 0,
+            "resources": {"cpu_millis": 100, "memory_mib": 64}, "gpus": [],
+            "state": "running", "desired": "run", "created_at": 0, "updated_at": 0
+        });
+        let alloc: Allocation = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(alloc.endpoint, None);
+        assert_eq!(serde_json::to_value(&alloc).unwrap(), old);
+        let report: AllocationReport =
+            serde_json::from_value(serde_json::json!({"id": "a", "state": "running"})).unwrap();
+        assert!(!report.differs_from(&alloc));
+        let mut moved = report.clone();
+        moved.endpoint = Some("http://127.0.0.1:9000".into());
+        assert!(moved.differs_from(&alloc));
+        let wire = serde_json::to_value(&moved).unwrap();
+        assert_eq!(wire["endpoint"], "http://127.0.0.1:9000");
     }
 }

@@ -106,6 +106,10 @@ pub struct UpArgs {
     /// Seconds between scrub-and-repair rounds over every model (0: never).
     #[arg(long, env = "AIGRID_REPAIR_INTERVAL_SECS", default_value_t = 600)]
     repair_interval_secs: u64,
+    /// Do not push and deploy the tiny demo model (`tiny-llama`, random weights) that
+    /// otherwise answers on `/v1` once its server is ready.
+    #[arg(long, env = "AIGRID_NO_DEMO_MODEL")]
+    no_demo_model: bool,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -476,6 +480,26 @@ fn spawn_repairs(
     Ok(())
 }
 
+/// Waits until the server at `base` answers a linearizable read: a restarted server
+/// replays its log first, and until then it does not know the nodes it registered,
+/// so an agent heard before that would be refused as a stranger.
+async fn caught_up(base: &str, limit: Duration) -> anyhow::Result<()> {
+    let client = crate::client::Client::new(base)?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let read: anyhow::Result<serde::de::IgnoredAny> = client
+            .call::<(), _>(reqwest::Method::GET, "/api/v1/nodes", None)
+            .await;
+        match read {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(e.context("the server did not catch up with its log"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// `aigrid up`: one server of a one-server cluster and this machine's agent,
 /// kept running.
 pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
@@ -503,6 +527,7 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.repair_interval_secs),
         repairs_stopped,
     )?;
+    caught_up(&base, Duration::from_secs(30)).await?;
     let agent_dir = data_dir.join("agent");
     let join_token = if agent_dir
         .join(aigrid_agent::identity::IDENTITY_FILE)
@@ -538,9 +563,30 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     .await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let agent_task = tokio::spawn(agent.run(stopped));
+    // In the background: `up` is usable before the demo model is, and a demo that
+    // fails to deploy says so in one log line without stopping anything.
+    if !args.no_demo_model {
+        let store = crate::model::StoreArgs {
+            store: args.store.clone(),
+        };
+        tokio::spawn(crate::demo::deploy(
+            base.clone(),
+            data_dir.join("demo-model"),
+            store,
+        ));
+    }
+    let demo = if args.no_demo_model {
+        String::new()
+    } else {
+        format!(
+            "  OpenAI API   {base}/v1 (routes by `model` to ready replicas)\n  demo model   {name}, being pushed and deployed: ready once `curl -s {base}/v1/models` lists it.\n               Its weights are random, so its answers are gibberish.\n  try          {curl}\n  real models  aigrid model push DIR --name NAME, then a job whose task is\n               {{\"driver\": \"model-server\", \"model\": \"DIGEST\"}} (README.md, Serving)\n",
+            name = crate::demo::NAME,
+            curl = crate::demo::curl_line(&base),
+        )
+    };
     // The banner is informational: a closed stdout must not stop the server.
     let banner = format!(
-        "aigrid is up (one server and this machine's agent, data in {})\n  control API  {base}/api/v1\n  OpenAPI      {base}/api/v1/openapi.json\n  metrics      {base}/metrics\n  store        {} backends, {}+{} ({})\n  try          aigrid job submit examples/job.json --server {base}\n               aigrid model push DIR --name NAME --server {base}\nPress Ctrl-C to stop.\n",
+        "aigrid is up (one server and this machine's agent, data in {})\n  control API  {base}/api/v1\n  OpenAPI      {base}/api/v1/openapi.json\n  metrics      {base}/metrics\n  store        {} backends, {}+{} ({})\n  try          aigrid job submit examples/job.json --server {base}\n               aigrid model push DIR --name NAME --server {base}\n{demo}Press Ctrl-C to stop.\n",
         data_dir.display(),
         storage.backends.len(),
         storage.k,

@@ -6,12 +6,16 @@
 //! - [`commands`]: the client subcommands and their human and `--json` output.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
 //! - [`model`]: the dispersed model store's commands and the periodic repair loop.
+//! - [`serve`]: `aigrid serve`, one model behind the OpenAI-compatible `/v1` API.
+//! - [`demo`]: the tiny demo model `aigrid up` pushes and deploys.
 
 mod agent;
 mod client;
 mod commands;
 mod config;
+mod demo;
 mod model;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -48,6 +52,9 @@ enum Command {
     Server(Box<config::ServerArgs>),
     /// Run this machine's node agent: it joins the servers and runs what they assign.
     Agent(Box<agent::AgentArgs>),
+    /// Serve one model (a directory, or a registered model by digest) behind the
+    /// OpenAI-compatible `/v1` API.
+    Serve(Box<serve::ServeArgs>),
     /// Submit, list, inspect and remove jobs.
     #[command(subcommand)]
     Job(commands::JobCommand),
@@ -112,6 +119,10 @@ fn main() -> ExitCode {
             Command::Agent(args) => {
                 init_logging();
                 agent::run_agent(*args).await
+            }
+            Command::Serve(args) => {
+                init_logging();
+                serve::run_serve(&cli.server, *args).await
             }
             Command::Alloc(cmd) => commands::alloc(&Client::new(&cli.server)?, cmd, cli.json).await,
             Command::Job(cmd) => commands::job(&Client::new(&cli.server)?, cmd, cli.json).await,

@@ -17,7 +17,7 @@ use aigrid_store::crypto::ModelKey;
 use aigrid_store::manifest::{shard_object, Locations, Registration, SignedManifest};
 use aigrid_store::placement::Policy;
 use aigrid_store::repair::RepairReport;
-use aigrid_store::store::{PushOptions, Store};
+use aigrid_store::store::{PushOptions, PushProgress, PushStats, Store};
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use ed25519_dalek::SigningKey;
@@ -139,7 +139,8 @@ pub struct ModelDetail {
 }
 
 impl ModelDetail {
-    fn registration(&self) -> Registration {
+    /// The signed manifest with its shard locations.
+    pub fn registration(&self) -> Registration {
         Registration {
             manifest: self.manifest.clone(),
             locations: self.locations.clone(),
@@ -166,7 +167,7 @@ pub fn store_from(configs: &[BackendConfig]) -> anyhow::Result<Store> {
 }
 
 /// The store described by `--store` or announced by the server.
-async fn open_store(client: &Client, args: &StoreArgs) -> anyhow::Result<(Store, StorageInfo)> {
+pub async fn open_store(client: &Client, args: &StoreArgs) -> anyhow::Result<(Store, StorageInfo)> {
     let (info, configs) = match &args.store {
         Some(path) => crate::config::read_store_file(path)?,
         None => {
@@ -196,7 +197,7 @@ pub fn backend_configs(info: &StorageInfo) -> Vec<BackendConfig> {
 
 /// The full digest a user means by `text`: itself, or the one registered digest it
 /// is a prefix of.
-async fn resolve(client: &Client, text: &str) -> anyhow::Result<String> {
+pub async fn resolve(client: &Client, text: &str) -> anyhow::Result<String> {
     let text = text.trim();
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_hexdigit()) || text.len() > 64 {
         bail!("`{text}` is not a model digest (64 hex characters, or a prefix of one)");
@@ -243,7 +244,7 @@ fn check_registration(registration: &Registration, digest: &str) -> anyhow::Resu
 }
 
 /// The first 16 characters of a digest, as listings show it.
-fn short(digest: &str) -> &str {
+pub fn short(digest: &str) -> &str {
     digest.get(..16).unwrap_or(digest)
 }
 
@@ -255,7 +256,7 @@ async fn detail_unchecked(client: &Client, digest: &str) -> anyhow::Result<Model
 }
 
 /// The registration of model `digest`, checked to be that model.
-async fn detail(client: &Client, digest: &str) -> anyhow::Result<ModelDetail> {
+pub async fn detail(client: &Client, digest: &str) -> anyhow::Result<ModelDetail> {
     let detail = detail_unchecked(client, digest).await?;
     check_registration(&detail.registration(), digest)?;
     Ok(detail)
@@ -326,7 +327,8 @@ fn publisher_key(path: Option<&Path>) -> anyhow::Result<(SigningKey, Option<Path
     }
 }
 
-fn read_model_key(path: Option<&Path>) -> anyhow::Result<Option<ModelKey>> {
+/// The owner's key at `path`, for a model encrypted at rest.
+pub fn read_model_key(path: Option<&Path>) -> anyhow::Result<Option<ModelKey>> {
     path.map(|p| ModelKey::read(p).map_err(|e| anyhow!("{e}")))
         .transpose()
 }
@@ -550,7 +552,26 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()> {
+/// What a push registered, with its counters.
+pub struct PushedModel {
+    /// The registered model, as the server lists it.
+    pub summary: ModelSummary,
+    /// What the push cut, stored and skipped.
+    pub stats: PushStats,
+    /// The publisher key file, when this push created it.
+    pub created_key: Option<PathBuf>,
+    /// Backends the shards were spread over.
+    pub backends: usize,
+}
+
+/// Pushes `args.dir` into the store and registers it: the one path behind `aigrid
+/// model push` and the demo model `aigrid up` deploys. With `progress`, a progress
+/// bar on stderr while it runs.
+pub async fn push_dir(
+    client: &Client,
+    args: &PushArgs,
+    progress: bool,
+) -> anyhow::Result<PushedModel> {
     let meta = std::fs::metadata(&args.dir)
         .with_context(|| format!("model directory {}", args.dir.display()))?;
     if !meta.is_dir() {
@@ -591,7 +612,29 @@ async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()>
     opts.policy = policy;
     opts.key = encrypt;
     opts.known = known;
-    let progress = opts.progress.clone();
+    let ticker = progress.then(|| progress_bar(opts.progress.clone()));
+    let pushed = store.push(&args.dir, &opts, &signer).await;
+    if let Some((task, bar)) = ticker {
+        task.abort();
+        bar.finish_and_clear();
+    }
+    let pushed = pushed.map_err(|e| anyhow!("{e}"))?;
+    let summary: ModelSummary = client
+        .call(Method::POST, "/api/v1/models", Some(&pushed.registration))
+        .await
+        .context("registering the model")?;
+    Ok(PushedModel {
+        summary,
+        stats: pushed.stats,
+        created_key,
+        backends: store.backends().len(),
+    })
+}
+
+/// A progress bar fed from a push's counters every 100 ms, and the task feeding it.
+fn progress_bar(
+    progress: Arc<PushProgress>,
+) -> (tokio::task::JoinHandle<()>, indicatif::ProgressBar) {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -599,9 +642,8 @@ async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()>
         )
         .expect("a valid template"),
     );
-    let ticker = {
+    let task = {
         let bar = bar.clone();
-        let progress = progress.clone();
         tokio::spawn(async move {
             loop {
                 bar.set_length(progress.total_bytes.load(Ordering::Relaxed));
@@ -616,15 +658,16 @@ async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()>
             }
         })
     };
-    let pushed = store.push(&args.dir, &opts, &signer).await;
-    ticker.abort();
-    bar.finish_and_clear();
-    let pushed = pushed.map_err(|e| anyhow!("{e}"))?;
-    let summary: ModelSummary = client
-        .call(Method::POST, "/api/v1/models", Some(&pushed.registration))
-        .await
-        .context("registering the model")?;
-    let s = pushed.stats;
+    (task, bar)
+}
+
+async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()> {
+    let PushedModel {
+        summary,
+        stats: s,
+        created_key,
+        backends,
+    } = push_dir(client, &args, true).await?;
     if json {
         return print_json(&serde_json::json!({
             "model": summary,
@@ -641,13 +684,12 @@ async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()>
     }
     println!("pushed {} {}", summary.name, summary.digest);
     println!(
-        "  {} in {} files, {} chunks; {}+{} over {} backends; {} uploaded, {} saved by dedup ({} chunks){}",
+        "  {} in {} files, {} chunks; {}+{} over {backends} backends; {} uploaded, {} saved by dedup ({} chunks){}",
         bytes_text(summary.size),
         summary.files,
         s.chunks,
         summary.k,
         summary.m,
-        store.backends().len(),
         bytes_text(s.bytes_uploaded),
         bytes_text(s.dedup_bytes),
         s.dedup_chunks,

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -64,43 +64,6 @@ impl AgentProc {
 impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Kills, when dropped, every process started under `root` (supervisors) or
-/// carrying `marker` in its environment (workloads), so a failed test leaves
-/// nothing running.
-struct Reaper {
-    root: String,
-    marker: String,
-}
-
-impl Reaper {
-    fn matching(&self) -> Vec<i32> {
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let read = |f: &str| std::fs::read(entry.path().join(f)).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&read("cmdline")).into_owned();
-            let environ = String::from_utf8_lossy(&read("environ")).into_owned();
-            if cmdline.contains(&self.root) || environ.contains(&self.marker) {
-                pids.push(pid);
-            }
-        }
-        pids
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in self.matching() {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
     }
 }
 

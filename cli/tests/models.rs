@@ -12,14 +12,7 @@ use std::time::Duration;
 use common::*;
 
 fn model_cmd(server: &str, key: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(aigrid_bin())
-        .args(["model"])
-        .args(args)
-        .args(["--server", server])
-        .env("AIGRID_PUBLISHER_KEY", key)
-        .env_remove("AIGRID_STORE")
-        .output()
-        .unwrap()
+    aigrid_as_publisher(server, key, &[&["model"], args].concat())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,7 +22,7 @@ async fn a_model_pushed_through_up_lists_pulls_survives_a_lost_site_and_is_remov
     let listen = format!("127.0.0.1:{port}");
     let data = dir.path().join("data");
     let mut up = Command::new(aigrid_bin())
-        .args(["up", "--listen", &listen, "--data-dir"])
+        .args(["up", "--no-demo-model", "--listen", &listen, "--data-dir"])
         .arg(&data)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

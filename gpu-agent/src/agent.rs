@@ -36,7 +36,9 @@ pub struct AgentConfig {
     /// Presented when the node registers for the first time (or after its key
     /// was revoked); known nodes re-register with their key alone.
     pub join_token: Option<JoinToken>,
-    /// Operator-given facts for constraints and spreads (`country`, `site`).
+    /// Operator-given facts for constraints and spreads (`country`, `site`). The
+    /// `address` attribute, when given, is the address the servers reach this
+    /// node's workloads at: model servers' endpoints are reported with it.
     pub attributes: BTreeMap<String, String>,
     /// Time between heartbeats when nothing changes.
     pub heartbeat_interval: Duration,
@@ -84,6 +86,13 @@ impl Agent {
         runner: Runner,
         metrics: AgentMetrics,
     ) -> Self {
+        runner.set_node_address(
+            config
+                .attributes
+                .get(crate::model_server::ADDRESS_ATTRIBUTE)
+                .cloned(),
+        );
+        runner.set_control_server(&client.servers_from_current());
         Agent {
             config,
             client,
@@ -351,6 +360,10 @@ impl Agent {
                     let changed = index != Some(assignments.index);
                     let outcome = if changed { "changed" } else { "unchanged" };
                     self.metrics.polls.with_label_values(&[outcome]).inc();
+                    // Model servers started now load from the server that answered
+                    // first, failing over to the others.
+                    self.runner
+                        .set_control_server(&self.client.servers_from_current());
                     self.runner.apply(&assignments.allocations);
                     index = Some(assignments.index);
                 }

@@ -120,6 +120,18 @@ impl ControlClient {
         &self.identity
     }
 
+    /// Every server, comma-separated, starting with the one requests go to first
+    /// (the one that last answered): what a client that fails over in list order,
+    /// such as `aigrid --server`, should be given.
+    pub fn servers_from_current(&self) -> String {
+        let n = self.servers.len();
+        let first = self.current.load(Ordering::Relaxed) % n.max(1);
+        (0..n)
+            .map(|step| self.servers[(first + step) % n].as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// Sends a signed request, trying each server once starting with the current
     /// one, and decodes the success body. `timeout` bounds each attempt.
     pub async fn send<T: DeserializeOwned>(
@@ -221,6 +233,21 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_list_starts_with_the_current_server() {
+        let identity = Identity::new(aigrid_api::NodeId::new("n"), [1; 32]);
+        let servers = vec![
+            "http://a:1".to_owned(),
+            "http://b:2".to_owned(),
+            "http://c:3".to_owned(),
+        ];
+        let client = ControlClient::new(servers, reqwest::Client::new(), Arc::new(identity), 1);
+        assert_eq!(
+            client.servers_from_current(),
+            "http://b:2,http://c:3,http://a:1"
+        );
+    }
 
     #[test]
     fn server_lists_parse() {

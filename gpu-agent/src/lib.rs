@@ -9,6 +9,8 @@
 //!   reattach after an agent restart, reports and log tails.
 //! - [`driver`]: how one run of a task happens (`exec` under a supervisor, or
 //!   recorded in memory for simulated fleets).
+//! - [`model_server`]: how a `model-server` task runs: an `exec` task of this
+//!   binary's `serve` role on a port picked for it, and the endpoint it reports.
 //! - [`supervisor`]: the detached per-allocation process (`aigrid supervise`) and
 //!   the allocation-directory files it shares with the agent.
 //! - [`logs`]: size-rotated workload logs and their tails.
@@ -27,6 +29,7 @@ pub mod artifact;
 pub mod cgroup;
 pub mod driver;
 pub mod logs;
+pub mod model_server;
 pub mod runner;
 pub mod supervisor;
 

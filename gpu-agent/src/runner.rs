@@ -39,6 +39,8 @@ use tokio::task::JoinHandle;
 use crate::driver::{
     Driver, DriverError, LogMark, RecoveredStatus, TaskContext, TaskExit, TaskHandle,
 };
+pub use crate::model_server::ModelServerLaunch;
+use crate::model_server::{self, ServeSite};
 
 /// Size of one log file before it rotates: 10 MiB.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
@@ -68,10 +70,13 @@ impl SupervisorLaunch {
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     /// Allocation directories live under `<data_dir>/allocs/<alloc-id>/`, the
-    /// artifact cache under `<data_dir>/artifacts/`.
+    /// artifact cache under `<data_dir>/artifacts/`, model servers' cache under
+    /// `<data_dir>/model-cache/`.
     pub data_dir: PathBuf,
     /// How to start a supervisor.
     pub supervisor: SupervisorLaunch,
+    /// How to start a model server (`model-server` tasks).
+    pub model_server: ModelServerLaunch,
     /// The client for http(s) artifacts.
     pub http: reqwest::Client,
     /// Size of one log file before it rotates.
@@ -81,10 +86,12 @@ pub struct RunnerConfig {
 }
 
 impl RunnerConfig {
-    /// A configuration with default log limits and HTTP client.
+    /// A configuration with default log limits and HTTP client; model servers run
+    /// as `<the supervisor's program> serve`, the same binary's other role.
     pub fn new(data_dir: PathBuf, supervisor: SupervisorLaunch) -> Self {
         RunnerConfig {
             data_dir,
+            model_server: ModelServerLaunch::serve(supervisor.program.clone()),
             supervisor,
             http: reqwest::Client::new(),
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
@@ -145,6 +152,9 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     /// Where `log_tails` resumes, so every allocation's output gets shipped in turn.
     tail_cursor: Mutex<Option<AllocId>>,
+    /// What model servers started from now on are told about the control plane
+    /// and this node.
+    site: Mutex<ServeSite>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -180,6 +190,7 @@ impl Runner {
                 changes: watch::Sender::new(0),
                 shutdown: watch::Sender::new(false),
                 tail_cursor: Mutex::new(None),
+                site: Mutex::new(ServeSite::default()),
                 runtime: tokio::runtime::Handle::current(),
             }),
         };
@@ -189,6 +200,7 @@ impl Runner {
             let id = ctx.alloc.id.clone();
             let mut report = AllocationReport::new(id.clone(), AllocState::Running);
             report.restarts = ctx.restarts;
+            report.endpoint = ctx.endpoint.clone();
             match found.status {
                 RecoveredStatus::Running(handle) => {
                     tracing::info!(alloc = %id, "reattached to a running allocation");
@@ -215,12 +227,26 @@ impl Runner {
         self.inner.limits.clone()
     }
 
+    /// Sets the control-plane URL, or comma-separated URLs, model servers started
+    /// from now on load their model from (`--server`); the agent passes its
+    /// servers, the one that last answered first.
+    pub fn set_control_server(&self, url: &str) {
+        self.inner.site.lock().expect("site lock").server = Some(url.to_owned());
+    }
+
+    /// Sets the address the servers reach this node at, which model servers'
+    /// endpoints are reported with; `None` (the default) reports 127.0.0.1.
+    pub fn set_node_address(&self, address: Option<String>) {
+        self.inner.site.lock().expect("site lock").address = address;
+    }
+
     /// Makes the node match the control plane's view. Returns at once; the work
-    /// happens on spawned tasks. Starts wanted `exec` allocations it does not run,
-    /// stops unwanted or vanished ones, never starts one that comes without a task,
-    /// and fails `model-server` ones (no such driver here yet). Call it only with
-    /// the answer of a successful poll: the first call after [`Runner::open`]
-    /// decides what reattached allocations do.
+    /// happens on spawned tasks. Starts wanted `exec` and `model-server`
+    /// allocations it does not run (a model server as an `exec` task of this
+    /// binary, on a port picked now and kept for the allocation's life), stops
+    /// unwanted or vanished ones, and never starts one that comes without a task.
+    /// Call it only with the answer of a successful poll: the first call after
+    /// [`Runner::open`] decides what reattached allocations do.
     pub fn apply(&self, assignments: &[Assignment]) {
         if *self.inner.shutdown.borrow() {
             return;
@@ -248,23 +274,22 @@ impl Runner {
             }
             let id = alloc.id.clone();
             let entry = match (alloc.desired, &assignment.task) {
-                (DesiredState::Run, Some(TaskSpec::Exec(task))) => {
-                    let ctx = TaskContext {
-                        alloc: alloc.clone(),
-                        task: task.clone(),
-                        restarts: 0,
-                    };
-                    let report = AllocationReport::new(id.clone(), AllocState::Pending);
-                    let mut entry = Entry::new(report, Control::Run);
-                    entry.task = Some(self.spawn(ctx, &entry, Start::Fresh));
-                    entry
-                }
-                (DesiredState::Run, Some(TaskSpec::ModelServer(_))) => {
-                    let mut report = AllocationReport::new(id.clone(), AllocState::Failed);
-                    report.reason =
-                        Some("driver `model-server` is not available on this node".into());
-                    Entry::new(report, Control::Run)
-                }
+                (DesiredState::Run, Some(task)) => match self.context(alloc, task) {
+                    Ok(ctx) => {
+                        let mut report = AllocationReport::new(id.clone(), AllocState::Pending);
+                        report.endpoint = ctx.endpoint.clone();
+                        let mut entry = Entry::new(report, Control::Run);
+                        entry.task = Some(self.spawn(ctx, &entry, Start::Fresh));
+                        entry
+                    }
+                    Err(mut reason) => {
+                        tracing::warn!(alloc = %id, %reason, "allocation cannot start");
+                        truncate_reason(&mut reason);
+                        let mut report = AllocationReport::new(id.clone(), AllocState::Failed);
+                        report.reason = Some(reason);
+                        Entry::new(report, Control::Run)
+                    }
+                },
                 // An allocation of an older job version: kept if it runs, never started.
                 (DesiredState::Run, None) => continue,
                 (DesiredState::Stop, _) if !alloc.state.is_terminal() => Entry::new(
@@ -397,6 +422,36 @@ impl Runner {
         for task in tasks {
             let _ = task.await;
         }
+    }
+
+    /// What the first run of a wanted allocation's task needs; a `model-server`
+    /// task becomes the `exec` task of a model server with its endpoint.
+    fn context(
+        &self,
+        alloc: &aigrid_api::Allocation,
+        task: &TaskSpec,
+    ) -> Result<TaskContext, String> {
+        let (task, endpoint) = match task {
+            TaskSpec::Exec(task) => (task.clone(), None),
+            TaskSpec::ModelServer(server) => {
+                let site = self.inner.site.lock().expect("site lock").clone();
+                let config = &self.inner.config;
+                let (task, endpoint) = model_server::exec_task(
+                    &config.model_server,
+                    &site,
+                    &config.data_dir,
+                    alloc,
+                    server,
+                )?;
+                (task, Some(endpoint))
+            }
+        };
+        Ok(TaskContext {
+            alloc: alloc.clone(),
+            task,
+            restarts: 0,
+            endpoint,
+        })
     }
 
     fn spawn(&self, ctx: TaskContext, entry: &Entry, start: Start) -> JoinHandle<()> {
@@ -663,10 +718,15 @@ mod tests {
         let reports = settle(&runner, |r| state(r, "a1") == Some(AllocState::Running)).await;
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
+        // No server is known yet to load the model from: the model server fails.
         assert_eq!(state(&reports, "a2"), Some(AllocState::Failed));
-        assert_eq!(
-            reports[1].reason.as_deref(),
-            Some("driver `model-server` is not available on this node")
+        assert!(
+            reports[1]
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("no control-plane server")),
+            "{:?}",
+            reports[1].reason
         );
         assert_eq!(state(&reports, "a3"), None, "never started without a task");
         assert_eq!(state(&reports, "a4"), Some(AllocState::Stopped));

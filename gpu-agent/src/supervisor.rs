@@ -87,6 +87,9 @@ pub(crate) struct TaskFile {
     pub log_max_bytes: u64,
     /// Rotated files kept per stream.
     pub log_max_files: u32,
+    /// Where the workload serves, for the agent to report again after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// A process identified beyond its pid: a pid is reused after its process is gone,

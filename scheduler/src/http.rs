@@ -1,4 +1,5 @@
-//! The control API under `/api/v1`, plus `/metrics`, `/health` and `/ready`.
+//! The control API under `/api/v1`, plus `/metrics`, `/health` and `/ready`; the
+//! `/v1` inference routes come from [`crate::gateway`].
 //!
 //! Every write is a [`Command`] proposed through Raft and answered only after it is
 //! applied (so a 2xx means committed); every read goes through ReadIndex unless the
@@ -800,14 +801,15 @@ async fn admission(State(state): State<ApiState>, req: Request, next: Next) -> R
     resp
 }
 
-/// The whole HTTP surface of a server: control API, Raft transport, metrics, probes.
-/// `storage` is what `GET /api/v1/storage` answers.
+/// The whole HTTP surface of a server: control API, `/v1` inference gateway, Raft
+/// transport, metrics, probes. `storage` is what `GET /api/v1/storage` answers.
 pub fn router(
     raft: RaftNode<ClusterState>,
     registry: Registry,
     limits: &ApiLimits,
     agents: Arc<crate::agents::AgentHub>,
     storage: StorageInfo,
+    gateway: Arc<crate::gateway::Gateway>,
 ) -> prometheus::Result<Router> {
     let state = ApiState {
         http: HttpMetrics::register(&registry)?,
@@ -887,7 +889,10 @@ pub fn router(
         .fallback(not_found)
         .layer(middleware::from_fn(method_not_allowed))
         .with_state(state);
-    Ok(api.merge(aigrid_consensus::transport::router(raft.inbox())))
+    // The gateway has its own body limit, admission and error shape (OpenAI's).
+    Ok(api
+        .merge(crate::gateway::router(gateway))
+        .merge(aigrid_consensus::transport::router(raft.inbox())))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! | [`models`] | the model registry: signed manifests of dispersed-store models by digest, their shard locations, and their control API routes |
 //! | [`agents`] | the agent-facing API: signed requests, join tokens, heartbeats kept off the log when they change nothing, long polls for assignments, log tails |
 //! | [`http`] | the control API under `/api/v1`, `/metrics`, `/health`, `/ready`, and its OpenAPI document |
+//! | [`gateway`] | the OpenAI-compatible `/v1` inference gateway: resolves a request's model, picks a ready replica with the fewest requests outstanding and streams its answer back |
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
 //! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
@@ -17,6 +18,7 @@
 
 pub mod agents;
 pub mod defrag;
+pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod models;

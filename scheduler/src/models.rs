@@ -63,6 +63,18 @@ pub(crate) struct ModelRecord {
     locations_updated_at: Timestamp,
 }
 
+/// A registered model as the `/v1` gateway knows it: enough to resolve the name or
+/// digest a request gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelName {
+    /// The manifest's digest.
+    pub digest: String,
+    /// The name it was pushed under.
+    pub name: String,
+    /// When it was registered.
+    pub created_at: Timestamp,
+}
+
 /// The replicated table of models, keyed by digest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -123,6 +135,18 @@ impl Models {
                 .then_with(|| a.digest.cmp(&b.digest))
         });
         found
+    }
+
+    /// Every model's digest, name and registration time, by digest.
+    pub(crate) fn names(&self) -> Vec<ModelName> {
+        self.0
+            .iter()
+            .map(|(digest, r)| ModelName {
+                digest: digest.clone(),
+                name: r.registration.manifest.manifest.name.clone(),
+                created_at: r.created_at,
+            })
+            .collect()
     }
 
     /// The model with this digest, whole.

@@ -2150,6 +2150,7 @@ pub(crate) mod testkit {
             reason: None,
             restarts: 0,
             limits: None,
+            endpoint: None,
             desired: DesiredState::Run,
             created_at: Timestamp::new(1),
             updated_at: Timestamp::new(1),

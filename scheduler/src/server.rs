@@ -1,8 +1,10 @@
-//! One control-plane server: its Raft replica, its HTTP listener, and their lifecycle.
+//! One control-plane server: its Raft replica, its HTTP listener (control API and
+//! `/v1` gateway), and their lifecycle.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aigrid_api::StorageInfo;
@@ -12,6 +14,7 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::{self, ApiLimits, MAX_MODEL_BODY_LIMIT};
 use crate::state::ClusterState;
 
@@ -55,6 +58,8 @@ pub struct ServerConfig {
     /// The dispersed store this server tells clients about (`GET /api/v1/storage`);
     /// no backends when it has none.
     pub storage: StorageInfo,
+    /// The `/v1` inference gateway's limits and probing.
+    pub gateway: GatewayConfig,
 }
 
 impl ServerConfig {
@@ -79,6 +84,7 @@ impl ServerConfig {
             limits: ApiLimits::default(),
             node_ttl: crate::worker::WorkerConfig::default().node_ttl,
             storage: StorageInfo::default(),
+            gateway: GatewayConfig::default(),
         }
     }
 
@@ -122,6 +128,9 @@ impl ServerConfig {
                  becomes one Raft entry"
             ));
         }
+        if let Err(e) = self.gateway.validate() {
+            return bad(e);
+        }
         if self.storage != StorageInfo::default() {
             if let Err(e) = self.storage.validate() {
                 return bad(format!("store: {e}"));
@@ -151,6 +160,9 @@ pub enum ServerError {
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The inference gateway could not be set up.
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayBuildError),
 }
 
 /// A started server.
@@ -159,6 +171,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Its replica.
     pub raft: RaftNode<ClusterState>,
+    /// Its `/v1` inference gateway.
+    pub gateway: Arc<Gateway>,
     http: JoinHandle<std::io::Result<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -216,14 +230,21 @@ impl Server {
             &registry,
             &config.limits,
         )?);
+        let gateway = Arc::new(Gateway::new(
+            raft.clone(),
+            &registry,
+            config.gateway.clone(),
+        )?);
         let app = http::router(
             raft.clone(),
             registry,
             &config.limits,
             agents.clone(),
             config.storage.clone(),
+            gateway.clone(),
         )?;
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(gateway.clone().run(shutdown.subscribe()));
         // Plain heartbeats reach the log a few times per TTL, so a node's
         // `last_seen` lags its last heartbeat by a small part of the TTL.
         let flush_every = config
@@ -257,6 +278,7 @@ impl Server {
         Ok(Server {
             addr,
             raft,
+            gateway,
             http,
             shutdown,
         })

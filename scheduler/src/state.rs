@@ -384,6 +384,7 @@ impl NewAllocation {
             reason: None,
             restarts: 0,
             limits: None,
+            endpoint: None,
             created_at: at,
             updated_at: at,
         }
@@ -1122,6 +1123,46 @@ impl ClusterState {
     /// The model table, for the checks handlers run before proposing.
     pub(crate) fn models_table(&self) -> &crate::models::Models {
         &self.tables.models
+    }
+
+    /// Every registered model's digest, name and registration time, without building
+    /// summaries: what the `/v1` gateway resolves request names against.
+    pub fn model_names(&self) -> Vec<crate::models::ModelName> {
+        self.tables.models.names()
+    }
+
+    /// The model servers the `/v1` gateway may route to, as (model digest,
+    /// allocation): wanted, running instances of `model-server` groups that report
+    /// an endpoint, at their job's current version. Instances of an older version
+    /// are left out, since the state keeps only the current task and so does not
+    /// know which model they serve. Costs the live jobs plus their model servers'
+    /// allocations, never a scan of every allocation.
+    pub fn model_servers(&self) -> Vec<(&str, &Allocation)> {
+        let mut found = Vec::new();
+        for job in self
+            .job_names
+            .values()
+            .filter_map(|id| self.tables.jobs.get(id))
+        {
+            for group in &job.spec.groups {
+                let aigrid_api::TaskSpec::ModelServer(task) = &group.task else {
+                    continue;
+                };
+                found.extend(
+                    self.job_allocs(&job.id)
+                        .into_iter()
+                        .filter(|a| {
+                            a.group == group.name
+                                && a.job_version == job.version
+                                && a.desired == DesiredState::Run
+                                && a.state == AllocState::Running
+                                && a.endpoint.is_some()
+                        })
+                        .map(|a| (task.model.as_str(), a)),
+                );
+            }
+        }
+        found
     }
 
     /// Every join token, by id; never their secrets.
@@ -2380,7 +2421,12 @@ impl ClusterState {
         node_id: &NodeId,
         reports: &[AllocationReport],
     ) -> Result<(), StateError> {
-        for report in reports {
+        for (i, report) in reports.iter().enumerate() {
+            if let Some(endpoint) = &report.endpoint {
+                aigrid_api::allocation::check_endpoint(endpoint).map_err(|e| {
+                    ValidationError::new(format!("allocations[{i}].endpoint"), e.message)
+                })?;
+            }
             if let Some(alloc) = self.tables.allocations.get(&report.id) {
                 if &alloc.node_id != node_id {
                     return Err(StateError::conflict(format!(
@@ -2419,6 +2465,7 @@ impl ClusterState {
             });
             alloc.restarts = report.restarts;
             alloc.limits = report.limits;
+            alloc.endpoint = report.endpoint;
             alloc.updated_at = at;
             if alloc.desired == DesiredState::Stop && alloc.state.is_terminal() {
                 self.drop_alloc(&report.id);
@@ -2925,6 +2972,7 @@ mod tests {
             reason: None,
             restarts: 0,
             limits: None,
+            endpoint: None,
             desired: DesiredState::Run,
             created_at: Timestamp::new(0),
             updated_at: Timestamp::new(0),
@@ -3842,6 +3890,79 @@ mod tests {
         });
         assert_eq!(a.apply(next.clone()), b.apply(next));
         assert_eq!(a.bytes(), b.bytes());
+    }
+
+    #[test]
+    fn reported_endpoints_are_kept_checked_and_route_model_servers() {
+        let mut log = Log::new();
+        log.apply(register("n1", &[])).unwrap();
+        let mut served = spec_json("llm");
+        served["groups"][0]["task"] = json!({"driver": "model-server", "model": "d1"});
+        log.apply(submit("j1", "e1", serde_json::from_value(served).unwrap()))
+            .unwrap();
+        log.apply(submit("j2", "e2", spec("api"))).unwrap();
+        log.apply(upsert(vec![
+            alloc("m0", "j1", "n1", 0, &[]),
+            alloc("m1", "j1", "n1", 1, &[]),
+            alloc("x0", "j2", "n1", 0, &[]),
+        ]))
+        .unwrap();
+        assert!(log.state.model_servers().is_empty(), "pending: nowhere yet");
+        let at = |id: &str, endpoint: Option<&str>| {
+            let mut r = AllocationReport::new(AllocId::new(id), AllocState::Running);
+            r.endpoint = endpoint.map(str::to_owned);
+            r
+        };
+        let reports = vec![
+            at("m0", Some("http://10.0.0.1:9000")),
+            at("m1", None),
+            at("x0", Some("http://10.0.0.1:9001")),
+        ];
+        let reported = |reports: Vec<AllocationReport>| Command::ReportAllocations {
+            node_id: NodeId::new("n1"),
+            reports,
+            at: Timestamp::new(400),
+        };
+        log.apply(reported(reports.clone())).unwrap();
+        let servers: Vec<(String, String)> = log
+            .state
+            .model_servers()
+            .into_iter()
+            .map(|(digest, a)| (digest.to_owned(), a.id.to_string()))
+            .collect();
+        // m1 reports no endpoint, x0 is not a model server.
+        assert_eq!(servers, [("d1".to_owned(), "m0".to_owned())]);
+        let x0 = log.state.allocation(&AllocId::new("x0")).unwrap();
+        assert_eq!(x0.endpoint.as_deref(), Some("http://10.0.0.1:9001"));
+        let hb = Heartbeat {
+            gpus: vec![],
+            allocations: reports,
+            telemetry: None,
+            logs: vec![],
+        };
+        assert!(
+            log.state
+                .heartbeat_changes(&NodeId::new("n1"), &hb)
+                .is_none(),
+            "the same endpoints again change nothing"
+        );
+
+        // An endpoint that is more than a host and port is refused, changing nothing.
+        let before = log.bytes();
+        let bad = reported(vec![at("m1", Some("http://10.0.0.1:9000/elsewhere"))]);
+        let err = log.apply(bad).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidField);
+        assert!(err.to_string().contains("endpoint"), "{err}");
+        assert_eq!(log.bytes(), before);
+
+        // Snapshots carry endpoints.
+        let mut restored = ClusterState::default();
+        restored.restore(&log.bytes()).unwrap();
+        assert_eq!(
+            restored.allocation(&AllocId::new("m0")).unwrap().endpoint,
+            Some("http://10.0.0.1:9000".to_owned())
+        );
+        assert_eq!(restored.model_servers().len(), 1);
     }
 
     #[test]

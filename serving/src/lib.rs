@@ -1,3 +1,42 @@
 //! Model serving: candle runtimes, batching engines and the OpenAI-compatible `/v1` API.
 //!
-//! Nothing is implemented here yet; the control plane does not depend on it.
+//! | module | owns |
+//! |---|---|
+//! | [`error`] | the serving error enum and its OpenAI error shape |
+//! | [`device`] | `cpu` / `cuda:N` device choice |
+//! | [`source`] | where a model's files come from: a local directory or the verified store reader |
+//! | [`tokenizer`] | tokenizer.json through `tokenizers`, incremental detokenizing, chat templates |
+//! | [`tiny`] | writes tiny real models (random weights, a trained byte-level BPE tokenizer) |
+//! | [`llama`] | Llama-family decoder (llama, mistral, qwen2; safetensors or GGUF) with per-sequence KV caches, batched across sequences |
+//! | [`bert`] | BERT-family embeddings with sentence-transformers pooling and normalization |
+//! | [`sampling`] | logits to tokens: greedy, temperature, top-p, seeds |
+//! | [`generate`] | the continuous-batching generation engine on its own thread |
+//! | [`embed`] | the dynamic-batching embedding engine on its own thread |
+//! | [`loader`] | loading a model: phases, verified bytes, warm-up |
+//! | [`openai`] | OpenAI wire types |
+//! | [`server`] | the axum server: `/v1/*`, `/health`, `/ready`, `/status`, `/metrics` |
+//! | [`metrics`] | Prometheus metrics |
+//!
+//! `sampling`, `tokenizer` and the models are pure compute; inference runs on
+//! dedicated threads fed by bounded channels, never on the async runtime.
+
+#![warn(missing_docs)]
+
+pub mod bert;
+pub mod device;
+pub mod embed;
+pub mod error;
+pub mod generate;
+pub mod llama;
+pub mod loader;
+pub mod metrics;
+pub mod openai;
+pub mod sampling;
+pub mod server;
+pub mod source;
+pub mod tiny;
+pub mod tokenizer;
+
+pub use device::DeviceSpec;
+pub use error::ServingError;
+pub use source::ModelSource;

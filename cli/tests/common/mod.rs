@@ -18,6 +18,18 @@ pub fn aigrid(args: &[&str]) -> Output {
     Command::new(aigrid_bin()).args(args).output().unwrap()
 }
 
+/// Runs `aigrid ARGS --server SERVER`, signing pushes with the publisher key `key`,
+/// and with the store the server announces whatever the caller's `AIGRID_STORE`.
+pub fn aigrid_as_publisher(server: &str, key: &Path, args: &[&str]) -> Output {
+    Command::new(aigrid_bin())
+        .args(args)
+        .args(["--server", server])
+        .env("AIGRID_PUBLISHER_KEY", key)
+        .env_remove("AIGRID_STORE")
+        .output()
+        .unwrap()
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -347,4 +359,43 @@ pub async fn metric(client: &reqwest::Client, url: &str, name: &str) -> Option<f
         .find(|l| l.split_whitespace().next() == Some(name))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
+}
+
+/// Kills, when dropped, every process started under `root` (supervisors) or
+/// carrying `marker` in its environment (workloads), so a failed test leaves
+/// nothing running.
+pub struct Reaper {
+    /// Matched in a process's command line.
+    pub root: String,
+    /// Matched in a process's environment.
+    pub marker: String,
+}
+
+impl Reaper {
+    pub fn matching(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let read = |f: &str| std::fs::read(entry.path().join(f)).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&read("cmdline")).into_owned();
+            let environ = String::from_utf8_lossy(&read("environ")).into_owned();
+            if cmdline.contains(&self.root) || environ.contains(&self.marker) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in self.matching() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
 }

@@ -200,6 +200,7 @@ impl Driver for ExecDriver {
                 cgroup: plan.clone(),
                 log_max_bytes: config.log_max_bytes,
                 log_max_files: config.log_max_files,
+                endpoint: ctx.endpoint.clone(),
             };
             let setup_dir = dir.clone();
             let log = tokio::task::spawn_blocking(move || write_task(&setup_dir, &file))
@@ -341,6 +342,7 @@ fn recover_all(dir: &Path) -> Result<Vec<RecoveredTask>, DriverError> {
             alloc: task.alloc.clone(),
             task: task.task.clone(),
             restarts: task.restarts,
+            endpoint: task.endpoint.clone(),
         };
         let handle = ExecHandle {
             dir: alloc_dir.clone(),

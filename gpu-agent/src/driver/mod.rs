@@ -37,6 +37,9 @@ pub struct TaskContext {
     pub task: ExecTask,
     /// In-place restarts before this run.
     pub restarts: u32,
+    /// Where the task serves (`http://host:port`), for tasks that listen (model
+    /// servers); reported with the allocation's state.
+    pub endpoint: Option<String>,
 }
 
 /// How one run of a task ended.

@@ -1,0 +1,157 @@
+//! The demo model `aigrid up` deploys, so its first run ends with a working `/v1`:
+//! a tiny real Llama (random weights, a trained byte-level BPE tokenizer, a ChatML
+//! template) written once into the data directory, pushed into the store like any
+//! model, and run by a `model-server` job. It answers in gibberish: it shows the path
+//! a real model takes, not what one says.
+
+use std::path::{Path, PathBuf};
+
+use aigrid_api::{JobSpec, JobSummary, SubmitJobResponse};
+use aigrid_serving::tiny::{write_tiny_llama, TinyLlama};
+use anyhow::{anyhow, Context};
+use reqwest::Method;
+
+use crate::client::Client;
+use crate::model::{self, PushArgs, StoreArgs};
+
+/// The demo model's name, and its job's.
+pub const NAME: &str = "tiny-llama";
+
+/// What to ask the demo model, as the `up` banner shows it.
+pub fn curl_line(base: &str) -> String {
+    format!(
+        r#"curl -s {base}/v1/chat/completions -H 'content-type: application/json' -d '{{"model":"{NAME}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":16}}'"#
+    )
+}
+
+/// The job that serves model `digest` on one CPU core.
+pub fn job_spec(digest: &str) -> anyhow::Result<JobSpec> {
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": NAME,
+        "kind": "service",
+        "groups": [{
+            "name": "server",
+            "count": 1,
+            "resources": {"cpu_millis": 1000, "memory_mib": 1024},
+            "task": {"driver": "model-server", "model": digest},
+        }],
+    }))
+    .context("building the demo job")?;
+    spec.validate().map_err(|e| anyhow!("the demo job: {e}"))?;
+    Ok(spec)
+}
+
+/// Writes (once), pushes and deploys the demo model through the control API at
+/// `base`; `dir` is `<data-dir>/demo-model`. A failure is logged on one line and
+/// leaves `aigrid up` running.
+pub async fn deploy(base: String, dir: PathBuf, store: StoreArgs) {
+    match try_deploy(&base, &dir, store).await {
+        Ok(Deployed::Submitted(digest)) => {
+            tracing::info!(model = NAME, %digest, "demo model pushed and its job submitted")
+        }
+        Ok(Deployed::JobExists(digest)) => tracing::info!(
+            model = NAME,
+            %digest,
+            "demo model pushed; its job already exists and is left as it is"
+        ),
+        Err(e) => {
+            let reason = format!("{e:#}").replace('\n', " ");
+            tracing::warn!("demo model {NAME} not deployed: {reason}");
+        }
+    }
+}
+
+/// What [`deploy`] did.
+enum Deployed {
+    /// The job was submitted for the model of this digest.
+    Submitted(String),
+    /// The model of this digest is registered; a job of the demo's name already was.
+    JobExists(String),
+}
+
+async fn try_deploy(base: &str, dir: &Path, store: StoreArgs) -> anyhow::Result<Deployed> {
+    let model_dir = write_once(dir).await?;
+    let client = Client::new(base)?;
+    let args = PushArgs {
+        dir: model_dir,
+        name: NAME.to_owned(),
+        k: None,
+        m: None,
+        policy: Vec::new(),
+        chunk_kib: 4096,
+        encrypt_key: None,
+        // The data directory's own key: the same publisher on every start, so a
+        // second push finds every chunk stored and registers the same digest.
+        publisher_key: Some(dir.join("publisher.key")),
+        store,
+    };
+    let pushed = model::push_dir(&client, &args, false)
+        .await
+        .context("pushing it")?;
+    let digest = pushed.summary.digest;
+    let jobs: Vec<JobSummary> = client
+        .call::<(), _>(Method::GET, "/api/v1/jobs", None)
+        .await
+        .context("listing jobs")?;
+    // A job of that name is left alone: its operator may have changed it.
+    if jobs.iter().any(|j| j.name == NAME) {
+        return Ok(Deployed::JobExists(digest));
+    }
+    let spec = job_spec(&digest)?;
+    let _: SubmitJobResponse = client
+        .call(Method::POST, "/api/v1/jobs", Some(&spec))
+        .await
+        .context("submitting its job")?;
+    Ok(Deployed::Submitted(digest))
+}
+
+/// The demo model's directory under `dir`, written on first use: into a scratch
+/// directory first, renamed into place when whole, so an interrupted start leaves
+/// nothing half-written behind that name.
+async fn write_once(dir: &Path) -> anyhow::Result<PathBuf> {
+    let model_dir = dir.join(NAME);
+    if model_dir.is_dir() {
+        return Ok(model_dir);
+    }
+    let scratch = dir.join(format!(".{NAME}.partial"));
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)
+            .with_context(|| format!("removing {}", scratch.display()))?;
+    }
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let target = scratch.clone();
+    tokio::task::spawn_blocking(move || write_tiny_llama(&target, &TinyLlama::default()))
+        .await
+        .context("writing the tiny model")?
+        .map_err(|e| anyhow!("writing the tiny model: {e}"))?;
+    std::fs::rename(&scratch, &model_dir)
+        .with_context(|| format!("moving it to {}", model_dir.display()))?;
+    Ok(model_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_job_is_a_valid_model_server_service() {
+        let digest = "ab".repeat(32);
+        let spec = job_spec(&digest).unwrap();
+        assert_eq!(spec.name, NAME);
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["kind"], "service");
+        assert_eq!(json["groups"][0]["task"]["driver"], "model-server");
+        assert_eq!(json["groups"][0]["task"]["model"], digest.as_str());
+        assert_eq!(json["groups"][0]["resources"]["memory_mib"], 1024);
+    }
+
+    #[test]
+    fn the_curl_line_asks_the_demo_model() {
+        let line = curl_line("http://127.0.0.1:7700");
+        assert!(line.starts_with("curl -s http://127.0.0.1:7700/v1/chat/completions "));
+        let body = line.split('\'').nth(3).unwrap();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["model"], NAME);
+        assert_eq!(body["max_tokens"], 16);
+    }
+}

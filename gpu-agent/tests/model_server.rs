@@ -1,0 +1,296 @@
+//! A `model-server` allocation runs as the agent's own binary in its `serve` role:
+//! the runner turns it into an `exec` task with the model, the server, a port picked
+//! for it, the cache and the device, and reports the endpoint it serves at, the same
+//! through in-place restarts and agent restarts.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aigrid_agent::driver::{
+    BoxFuture, Driver, DriverError, ExecDriver, LogMark, RecoveredStatus, RecoveredTask,
+    TaskContext, TaskExit, TaskHandle,
+};
+use aigrid_agent::runner::{ModelServerLaunch, Runner, RunnerConfig, SupervisorLaunch};
+use aigrid_api::{AllocState, AllocationReport, Assignment, LimitsEnforcement, LogTail};
+
+const DIGEST: &str = "5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f";
+const SERVER: &str = "http://127.0.0.1:7700";
+
+fn assignment(id: &str, desired: &str, gpus: &[&str]) -> Assignment {
+    serde_json::from_value(serde_json::json!({
+        "allocation": {
+            "id": id, "job_id": "j", "job_version": 1, "node_id": "n",
+            "group": "llm", "index": 0, "gpus": gpus,
+            "resources": {"cpu_millis": 1000, "memory_mib": 512},
+            "state": "pending", "desired": desired,
+            "created_at": 0, "updated_at": 0
+        },
+        "task": {"driver": "model-server", "model": DIGEST},
+    }))
+    .unwrap()
+}
+
+fn config(data_dir: &Path, supervisor: SupervisorLaunch) -> RunnerConfig {
+    let mut config = RunnerConfig::new(data_dir.to_owned(), supervisor);
+    config.model_server = ModelServerLaunch {
+        program: PathBuf::from("/opt/aigrid/bin/aigrid"),
+        args: vec!["serve".into()],
+    };
+    config
+}
+
+async fn settle(runner: &Runner, done: impl Fn(&AllocationReport) -> bool) -> AllocationReport {
+    for _ in 0..1000 {
+        if let Some(report) = runner.reports().into_iter().next() {
+            if done(&report) {
+                return report;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never settled: {:?}", runner.reports());
+}
+
+/// The argv a model server of `port` on the GPU (or not) should get.
+fn expected_args(data_dir: &Path, port: u16, device: &str) -> Vec<String> {
+    [
+        "serve",
+        "--model",
+        DIGEST,
+        "--server",
+        SERVER,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--cache-dir",
+        &data_dir.join("model-cache").to_string_lossy(),
+        "--device",
+        device,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn port_of(endpoint: &str) -> u16 {
+    let port = endpoint
+        .strip_prefix("http://127.0.0.1:")
+        .unwrap_or_else(|| panic!("not a loopback endpoint: {endpoint}"));
+    port.parse().unwrap()
+}
+
+/// Runs that exit with the scripted codes, then run until stopped; it records what
+/// each run was started with.
+#[derive(Default)]
+struct Capturing {
+    exits: Mutex<VecDeque<i32>>,
+    started: Mutex<Vec<TaskContext>>,
+}
+
+struct Run(Option<i32>);
+
+impl TaskHandle for Run {
+    fn limits(&self) -> LimitsEnforcement {
+        LimitsEnforcement::NotEnforced
+    }
+    fn wait(&self) -> BoxFuture<'_, TaskExit> {
+        match self.0 {
+            Some(code) => Box::pin(async move { TaskExit::Code(code) }),
+            None => Box::pin(std::future::pending()),
+        }
+    }
+    fn stop(&self, _: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+impl Driver for Capturing {
+    fn limits(&self) -> (LimitsEnforcement, Option<String>) {
+        (LimitsEnforcement::NotEnforced, None)
+    }
+    fn recover<'a>(
+        &'a self,
+        _: &'a RunnerConfig,
+    ) -> BoxFuture<'a, Result<Vec<RecoveredTask>, DriverError>> {
+        // What an earlier agent left running: the last run started, as its
+        // `task.json` records it.
+        let last = self.started.lock().unwrap().last().cloned();
+        Box::pin(async move {
+            Ok(last
+                .into_iter()
+                .map(|ctx| RecoveredTask {
+                    ctx,
+                    status: RecoveredStatus::Running(Box::new(Run(None))),
+                })
+                .collect())
+        })
+    }
+    fn prepare<'a>(
+        &'a self,
+        _: &'a RunnerConfig,
+        _: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn start<'a>(
+        &'a self,
+        _: &'a RunnerConfig,
+        ctx: &'a TaskContext,
+    ) -> BoxFuture<'a, Result<Box<dyn TaskHandle>, DriverError>> {
+        self.started.lock().unwrap().push(ctx.clone());
+        let exit = self.exits.lock().unwrap().pop_front();
+        Box::pin(async move { Ok(Box::new(Run(exit)) as Box<dyn TaskHandle>) })
+    }
+    fn log_mark(&self, _: &RunnerConfig, _: &aigrid_api::AllocId) -> Option<LogMark> {
+        None
+    }
+    fn log_tail(&self, _: &RunnerConfig, _: &aigrid_api::AllocId) -> Option<LogTail> {
+        None
+    }
+    fn destroy<'a>(&'a self, _: &'a RunnerConfig, _: &'a aigrid_api::AllocId) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_server_runs_the_serve_role_and_keeps_its_endpoint_through_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Arc::new(Capturing::default());
+    driver.exits.lock().unwrap().push_back(1);
+    let launch = SupervisorLaunch {
+        program: "/opt/aigrid/bin/aigrid".into(),
+        args: vec!["supervise".into()],
+    };
+    let runner = Runner::open(config(dir.path(), launch.clone()), driver.clone())
+        .await
+        .unwrap();
+    runner.set_control_server(SERVER);
+    runner.apply(&[assignment("m-1", "run", &["GPU-7f"])]);
+
+    // The first run exits with code 1 and is restarted in place, on the same port.
+    let report = settle(&runner, |r| {
+        r.state == AllocState::Running && r.restarts == 1
+    })
+    .await;
+    let endpoint = report.endpoint.clone().expect("an endpoint is reported");
+    let port = port_of(&endpoint);
+    let started = driver.started.lock().unwrap().clone();
+    assert_eq!(started.len(), 2);
+    for ctx in &started {
+        assert_eq!(ctx.task.command, "/opt/aigrid/bin/aigrid");
+        assert_eq!(ctx.task.args, expected_args(dir.path(), port, "cuda:0"));
+        assert_eq!(ctx.endpoint.as_deref(), Some(endpoint.as_str()));
+        // Its GPU is the only one it sees; the exec machinery sets that up.
+        assert_eq!(ctx.alloc.gpus, ["GPU-7f"]);
+    }
+    assert_eq!((started[0].restarts, started[1].restarts), (0, 1));
+    runner.shutdown().await;
+
+    // A restarted agent reattaches and reports the same endpoint before any apply.
+    let again = Runner::open(config(dir.path(), launch), driver.clone())
+        .await
+        .unwrap();
+    let reports = again.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].state, AllocState::Running);
+    assert_eq!(reports[0].endpoint.as_deref(), Some(endpoint.as_str()));
+    again.apply(&[assignment("m-1", "stop", &["GPU-7f"])]);
+    let stopped = settle(&again, |r| r.state == AllocState::Stopped).await;
+    assert_eq!(stopped.endpoint.as_deref(), Some(endpoint.as_str()));
+    again.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cpu_model_server_without_a_known_server_fails_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Arc::new(Capturing::default());
+    let launch = SupervisorLaunch {
+        program: "/nonexistent".into(),
+        args: vec![],
+    };
+    let runner = Runner::open(config(dir.path(), launch), driver.clone())
+        .await
+        .unwrap();
+    runner.apply(&[assignment("m-1", "run", &[])]);
+    let failed = settle(&runner, |r| r.state == AllocState::Failed).await;
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("control-plane server")),
+        "{failed:?}"
+    );
+    assert!(driver.started.lock().unwrap().is_empty());
+
+    runner.set_control_server(SERVER);
+    runner.apply(&[assignment("m-2", "run", &[])]);
+    let report = loop {
+        let r = runner.reports();
+        if let Some(r) = r
+            .iter()
+            .find(|r| r.id.as_str() == "m-2" && r.state == AllocState::Running)
+        {
+            break r.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let port = port_of(report.endpoint.as_deref().unwrap());
+    let started = driver.started.lock().unwrap().clone();
+    assert_eq!(started[0].task.args, expected_args(dir.path(), port, "cpu"));
+    runner.shutdown().await;
+}
+
+/// A stand-in for `aigrid supervise <alloc_dir>`: records itself as both supervisor
+/// and workload the way the real one does, then sleeps until it is stopped. What it
+/// was asked to run stays in `task.json`, written by the exec driver.
+const FAKE_SUPERVISOR: &str = r#"dir="$1"
+start=$(cut -d' ' -f22 /proc/$$/stat)
+printf '{"pid":%s,"start_time":%s}' $$ "$start" > "$dir/supervisor.json"
+printf '{"process":{"pid":%s,"start_time":%s},"limits":"not_enforced"}' $$ "$start" > "$dir/.w"
+mv "$dir/.w" "$dir/workload.json"
+exec sleep 600
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exec_driver_keeps_a_model_servers_argv_and_endpoint_across_agent_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let launch = SupervisorLaunch {
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), FAKE_SUPERVISOR.into(), "fake-supervise".into()],
+    };
+    let runner = Runner::open(
+        config(dir.path(), launch.clone()),
+        Arc::new(ExecDriver::new()),
+    )
+    .await
+    .unwrap();
+    runner.set_control_server(SERVER);
+    runner.apply(&[assignment("m-1", "run", &[])]);
+    let report = settle(&runner, |r| r.state == AllocState::Running).await;
+    let endpoint = report.endpoint.clone().expect("an endpoint is reported");
+    let port = port_of(&endpoint);
+
+    // What the supervisor was told to run: this binary's serve role, CPU only.
+    let task_file = dir.path().join("allocs/m-1/task.json");
+    let task: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&task_file).unwrap()).unwrap();
+    assert_eq!(task["command"], "/opt/aigrid/bin/aigrid");
+    let args: Vec<String> = serde_json::from_value(task["args"].clone()).unwrap();
+    assert_eq!(args, expected_args(dir.path(), port, "cpu"));
+    assert_eq!(task["endpoint"], endpoint.as_str());
+    assert_eq!(task["env"]["CUDA_VISIBLE_DEVICES"], "");
+    runner.shutdown().await;
+
+    // The agent restarts: the model server is found still running, at its endpoint.
+    let again = Runner::open(config(dir.path(), launch), Arc::new(ExecDriver::new()))
+        .await
+        .unwrap();
+    let reports = again.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].state, AllocState::Running);
+    assert_eq!(reports[0].endpoint.as_deref(), Some(endpoint.as_str()));
+    again.apply(&[assignment("m-1", "stop", &[])]);
+    settle(&again, |r| r.state == AllocState::Stopped).await;
+    again.shutdown().await;
+}

@@ -1,0 +1,648 @@
+//! The `/v1` inference gateway in front of real model-server replicas: tiny axum
+//! servers on 127.0.0.1:0 that answer `/ready` and `/v1/chat/completions` (JSON, or
+//! server-sent events they release step by step), registered as a deployed model's
+//! allocations the way an agent reports them (a heartbeat with state and endpoint).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aigrid_api::{AllocState, AllocationReport, Job, NodeId, NodeRegistration};
+use aigrid_scheduler::server::{Server, ServerConfig};
+use aigrid_scheduler::state::Command;
+use aigrid_scheduler::testkit::model_registration;
+use aigrid_scheduler::worker::now;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use reqwest::Client;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Semaphore};
+
+/// One fake model server.
+#[derive(Clone)]
+struct Replica {
+    name: &'static str,
+    /// What `/ready` answers: 200 when set, 503 otherwise.
+    ready: Arc<AtomicBool>,
+    /// Chat requests it received.
+    served: Arc<AtomicUsize>,
+    /// Requests with `"hold": true` answer only once this turns true.
+    release: watch::Sender<bool>,
+    /// Each permit lets a streaming answer send its next event.
+    steps: Arc<Semaphore>,
+}
+
+impl Replica {
+    fn new(name: &'static str) -> Self {
+        Replica {
+            name,
+            ready: Arc::new(AtomicBool::new(false)),
+            served: Arc::new(AtomicUsize::new(0)),
+            release: watch::Sender::new(false),
+            steps: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+async fn ready(State(r): State<Replica>) -> StatusCode {
+    if r.ready.load(Ordering::SeqCst) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn chat(State(r): State<Replica>, body: Bytes) -> Response {
+    r.served.fetch_add(1, Ordering::SeqCst);
+    let request: Value = serde_json::from_slice(&body).unwrap();
+    if request["hold"] == true {
+        let mut released = r.release.subscribe();
+        let _ = released.wait_for(|go| *go).await;
+    }
+    if request["stream"] == true {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let steps = r.steps.clone();
+        tokio::spawn(async move {
+            for token in ["Hel", "lo"] {
+                let event = format!(
+                    "data: {}\n\n",
+                    json!({"choices": [{"delta": {"content": token}}]})
+                );
+                if tx.send(Ok(Bytes::from(event))).await.is_err() {
+                    return;
+                }
+                steps.acquire().await.unwrap().forget();
+            }
+            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        });
+        let events = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        return (
+            [(header::CONTENT_TYPE, "text/event-stream")],
+            Body::from_stream(events),
+        )
+            .into_response();
+    }
+    let answer = json!({
+        "object": "chat.completion",
+        "replica": r.name,
+        "model": request["model"],
+        "echo_bytes": body.len(),
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "application/json"), ("x-replica", r.name)],
+        answer.to_string(),
+    )
+        .into_response()
+}
+
+/// A running fake replica: its endpoint and how to take it away.
+struct Running {
+    endpoint: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn serve(replica: Replica) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route("/ready", get(ready))
+        .route("/v1/chat/completions", post(chat))
+        .with_state(replica);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running {
+        endpoint,
+        stop,
+        task,
+    }
+}
+
+fn registration(id: &str) -> NodeRegistration {
+    serde_json::from_value(json!({
+        "id": id, "name": id,
+        "resources": {"cpu_millis": 16000, "memory_mib": 65536, "disk_mib": 1, "gpus": []}
+    }))
+    .unwrap()
+}
+
+async fn post_json(client: &Client, url: &str, body: &Value) -> (StatusCode, Value) {
+    let resp = client.post(url).json(body).send().await.unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap())
+}
+
+/// Asserts an OpenAI-shaped error.
+fn openai_error(answer: (StatusCode, Value), status: StatusCode, kind: &str, code: &str) -> String {
+    let (got, body) = answer;
+    assert_eq!(got, status, "{body}");
+    assert_eq!(body["error"]["type"], kind, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"].get("param").is_some(), "{body}");
+    body["error"]["message"].as_str().unwrap().to_owned()
+}
+
+async fn metric(client: &Client, base: &str, line_start: &str) -> Option<f64> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
+    // Probes happen when the test says (`probe_now`), so what is ready is never a race.
+    config.gateway.probe_interval = Duration::from_secs(3600);
+    config.gateway.max_body_bytes = 64 * 1024;
+    config.gateway.max_in_flight = 2;
+    let server = Server::start(config).await.unwrap();
+    while server.raft.status().leader != Some(1) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let base = format!("http://{}", server.addr);
+    let chat_url = format!("{base}/v1/chat/completions");
+    let client = Client::new();
+
+    // A pushed model and a deployment of two replicas of it on one node.
+    let model = model_registration("llama", 1, 2);
+    let digest = model.manifest.manifest.digest();
+    let resp = client
+        .post(format!("{base}/api/v1/models"))
+        .json(&model)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    server
+        .raft
+        .propose(&Command::RegisterNode {
+            node: registration("n1"),
+            join_token: None,
+            at: now(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let job = json!({
+        "name": "llama-chat", "kind": "service",
+        "groups": [{"name": "llm", "count": 2,
+                    "resources": {"cpu_millis": 1000, "memory_mib": 1024},
+                    "task": {"driver": "model-server", "model": digest}}]
+    });
+    let (status, submitted) = post_json(&client, &format!("{base}/api/v1/jobs"), &job).await;
+    assert_eq!(status, StatusCode::CREATED, "{submitted}");
+    let job_url = format!("{base}/api/v1/jobs/{}", submitted["id"].as_str().unwrap());
+    let allocs = loop {
+        let job: Job = client
+            .get(&job_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if job.allocations.len() == 2 {
+            break job.allocations;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // The replicas start, loading: their agent reports them running at their endpoints.
+    let (a, b) = (Replica::new("a"), Replica::new("b"));
+    let (run_a, run_b) = (serve(a.clone()).await, serve(b.clone()).await);
+    let reports = allocs
+        .iter()
+        .zip([&run_a.endpoint, &run_b.endpoint])
+        .map(|(alloc, endpoint)| {
+            let mut report = AllocationReport::new(alloc.id.clone(), AllocState::Running);
+            report.endpoint = Some(endpoint.clone());
+            report
+        })
+        .collect();
+    server
+        .raft
+        .propose(&Command::NodeHeartbeat {
+            node_id: NodeId::new("n1"),
+            gpus: vec![],
+            allocations: reports,
+            logs: vec![],
+            at: now(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let job: Job = client
+        .get(&job_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut shown: Vec<_> = job
+        .allocations
+        .iter()
+        .map(|a| a.endpoint.clone().unwrap())
+        .collect();
+    shown.sort();
+    let mut want = vec![run_a.endpoint.clone(), run_b.endpoint.clone()];
+    want.sort();
+    assert_eq!(shown, want, "the job shows where its replicas serve");
+
+    // Loading: listed nowhere, and requests are told to come back.
+    server.gateway.probe_now().await;
+    let models: Value = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models, json!({"object": "list", "data": []}));
+    let hello = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
+    let message = openai_error(
+        post_json(&client, &chat_url, &hello).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "model_not_ready",
+    );
+    assert!(
+        message.contains("2 replicas") && message.contains("loading"),
+        "{message}"
+    );
+
+    // Ready: listed by name with its digest, and served by name or digest prefix.
+    a.ready.store(true, Ordering::SeqCst);
+    b.ready.store(true, Ordering::SeqCst);
+    server.gateway.probe_now().await;
+    let models: Value = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
+    assert_eq!(models["data"][0]["id"], "llama");
+    assert_eq!(models["data"][0]["object"], "model");
+    assert_eq!(models["data"][0]["owned_by"], "aigrid");
+    assert_eq!(models["data"][0]["digest"], digest.as_str());
+    assert!(models["data"][0]["created"].as_u64().unwrap() > 1_600_000_000);
+
+    let resp = client.post(&chat_url).json(&hello).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+    let replica = resp.headers()["x-replica"].to_str().unwrap().to_owned();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["replica"],
+        replica.as_str(),
+        "the replica's answer, unchanged"
+    );
+    assert_eq!(
+        body["model"], "llama",
+        "the body reached the replica as sent"
+    );
+    assert_eq!(
+        body["echo_bytes"],
+        serde_json::to_vec(&hello).unwrap().len()
+    );
+    let by_prefix = json!({"model": &digest[..10], "messages": []});
+    let (status, body) = post_json(&client, &chat_url, &by_prefix).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Refusals, each in OpenAI's shape and without reaching a replica.
+    let served_before = a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst);
+    openai_error(
+        post_json(
+            &client,
+            &chat_url,
+            &json!({"model": "mistral", "messages": []}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "model_not_found",
+    );
+    openai_error(
+        post_json(&client, &chat_url, &json!({"messages": []})).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "missing_model",
+    );
+    let resp = client
+        .post(&chat_url)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    openai_error(
+        (status, resp.json().await.unwrap()),
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "invalid_json",
+    );
+    let huge = json!({"model": "llama", "prompt": "x".repeat(100 * 1024)});
+    openai_error(
+        post_json(&client, &chat_url, &huge).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        "request_too_large",
+    );
+    let resp = client.get(&chat_url).send().await.unwrap();
+    let status = resp.status();
+    openai_error(
+        (status, resp.json().await.unwrap()),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+    );
+    let resp = client.post(format!("{base}/v1/nope")).send().await.unwrap();
+    let status = resp.status();
+    openai_error(
+        (status, resp.json().await.unwrap()),
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown_url",
+    );
+    assert_eq!(
+        a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst),
+        served_before
+    );
+
+    // Least outstanding: with one request held on a replica, the next goes to the
+    // other; with both held (the cap is 2), a third is refused with 429.
+    let (a0, b0) = (
+        a.served.load(Ordering::SeqCst),
+        b.served.load(Ordering::SeqCst),
+    );
+    let held = json!({"model": "llama", "messages": [], "hold": true});
+    let first = tokio::spawn({
+        let (client, url, held) = (client.clone(), chat_url.clone(), held.clone());
+        async move { client.post(url).json(&held).send().await.unwrap() }
+    });
+    while a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst) < a0 + b0 + 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = tokio::spawn({
+        let (client, url, held) = (client.clone(), chat_url.clone(), held.clone());
+        async move { client.post(url).json(&held).send().await.unwrap() }
+    });
+    while a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst) < a0 + b0 + 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        (
+            a.served.load(Ordering::SeqCst) - a0,
+            b.served.load(Ordering::SeqCst) - b0
+        ),
+        (1, 1),
+        "the second request went to the replica without one outstanding"
+    );
+    assert_eq!(
+        metric(&client, &base, "aigrid_gateway_outstanding_requests{").await,
+        Some(2.0)
+    );
+    openai_error(
+        post_json(&client, &chat_url, &hello).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        "rate_limit_exceeded",
+    );
+    a.release.send_replace(true);
+    b.release.send_replace(true);
+    let answers = [first.await.unwrap(), second.await.unwrap()];
+    let mut by: Vec<String> = answers
+        .iter()
+        .map(|r| r.headers()["x-replica"].to_str().unwrap().to_owned())
+        .collect();
+    by.sort();
+    assert_eq!(by, ["a", "b"]);
+    drop(answers);
+    // Sequential requests spread over equally idle replicas in turn.
+    let (a0, b0) = (
+        a.served.load(Ordering::SeqCst),
+        b.served.load(Ordering::SeqCst),
+    );
+    for _ in 0..6 {
+        let (status, _) = post_json(&client, &chat_url, &hello).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let spread = (
+        a.served.load(Ordering::SeqCst) - a0,
+        b.served.load(Ordering::SeqCst) - b0,
+    );
+    assert_eq!(spread, (3, 3));
+
+    // Streaming passes through event by event: the first token arrives while the
+    // replica still holds back the second.
+    let stream_req = json!({"model": "llama", "messages": [], "stream": true});
+    let mut resp = client
+        .post(&chat_url)
+        .header(header::ACCEPT, "text/event-stream")
+        .json(&stream_req)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let first_chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
+        .await
+        .expect("the first event arrives before the replica sends the next")
+        .unwrap()
+        .unwrap();
+    let first_text = String::from_utf8(first_chunk.to_vec()).unwrap();
+    assert!(
+        first_text.contains("Hel") && !first_text.contains("lo\""),
+        "{first_text}"
+    );
+    // Whichever replica streams, let it go on.
+    a.steps.add_permits(2);
+    b.steps.add_permits(2);
+    let mut rest = String::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        rest.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(rest.contains("\"lo\""), "{rest}");
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+
+    // A replica goes away: its connections are refused, and requests move to the
+    // other one, once; from then on it is skipped until a probe finds it ready.
+    let _ = run_a.stop.send(());
+    run_a.task.await.unwrap();
+    let retries_before = metric(&client, &base, "aigrid_gateway_retries_total")
+        .await
+        .unwrap();
+    let b0 = b.served.load(Ordering::SeqCst);
+    for _ in 0..4 {
+        let resp = client.post(&chat_url).json(&hello).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-replica"], "b");
+    }
+    assert_eq!(b.served.load(Ordering::SeqCst) - b0, 4);
+    let retries = metric(&client, &base, "aigrid_gateway_retries_total")
+        .await
+        .unwrap();
+    assert_eq!(
+        retries - retries_before,
+        1.0,
+        "one retry, then `a` is skipped"
+    );
+
+    // None ready: `a` is gone and `b` reports it is not ready.
+    b.ready.store(false, Ordering::SeqCst);
+    server.gateway.probe_now().await;
+    let message = openai_error(
+        post_json(&client, &chat_url, &hello).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "model_not_ready",
+    );
+    assert!(message.contains("2 replicas"), "{message}");
+    let models: Value = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"], json!([]));
+
+    assert!(
+        metric(
+            &client,
+            &base,
+            "aigrid_gateway_requests_total{route=\"chat_completions\",status=\"200\"}"
+        )
+        .await
+        .unwrap()
+            >= 10.0
+    );
+    assert_eq!(
+        metric(&client, &base, "aigrid_gateway_replicas{").await,
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&client, &base, "aigrid_gateway_replicas_ready{").await,
+        Some(0.0)
+    );
+    let _ = run_b.stop.send(());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_probe_finds_a_replica_that_became_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
+    config.gateway.probe_interval = Duration::from_millis(50);
+    let server = Server::start(config).await.unwrap();
+    while server.raft.status().leader != Some(1) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let base = format!("http://{}", server.addr);
+    let client = Client::new();
+    let model = model_registration("tiny", 2, 1);
+    let digest = model.manifest.manifest.digest();
+    client
+        .post(format!("{base}/api/v1/models"))
+        .json(&model)
+        .send()
+        .await
+        .unwrap();
+    server
+        .raft
+        .propose(&Command::RegisterNode {
+            node: registration("n1"),
+            join_token: None,
+            at: now(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let job = json!({
+        "name": "tiny", "kind": "service",
+        "groups": [{"name": "llm", "count": 1,
+                    "resources": {"cpu_millis": 500, "memory_mib": 256},
+                    "task": {"driver": "model-server", "model": digest}}]
+    });
+    let (status, submitted) = post_json(&client, &format!("{base}/api/v1/jobs"), &job).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let job_url = format!("{base}/api/v1/jobs/{}", submitted["id"].as_str().unwrap());
+    let alloc = loop {
+        let job: Job = client
+            .get(&job_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(alloc) = job.allocations.into_iter().next() {
+            break alloc;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let replica = Replica::new("only");
+    let running = serve(replica.clone()).await;
+    let mut report = AllocationReport::new(alloc.id.clone(), AllocState::Running);
+    report.endpoint = Some(running.endpoint.clone());
+    server
+        .raft
+        .propose(&Command::NodeHeartbeat {
+            node_id: NodeId::new("n1"),
+            gpus: vec![],
+            allocations: vec![report],
+            logs: vec![],
+            at: now(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let hello = json!({"model": "tiny", "messages": []});
+    let chat_url = format!("{base}/v1/chat/completions");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _) = post_json(&client, &chat_url, &hello).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "loading");
+    replica.ready.store(true, Ordering::SeqCst);
+    let mut answered = None;
+    for _ in 0..100 {
+        let (status, body) = post_json(&client, &chat_url, &hello).await;
+        if status == StatusCode::OK {
+            answered = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered.expect("became ready")["replica"], "only");
+    let _ = running.stop.send(());
+    server.stop().await;
+}

@@ -1,0 +1,906 @@
+//! The Llama-family decoder (llama, mistral, qwen2), from safetensors or GGUF, written
+//! for serving many sequences at once.
+//!
+//! candle-transformers' models keep one KV cache per model with one position for the
+//! whole batch, which cannot mix a sequence in its prefill with others in their
+//! decode. Here every sequence owns its [`SeqCache`], and one [`Model::forward`] takes
+//! a packed batch of chunks, one per sequence, each at its own position: the
+//! projections and MLP run once over every token of the batch (that is where
+//! batching pays), rotary embeddings use each token's own position, and attention
+//! runs per sequence against that sequence's cache.
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::ServingError;
+
+/// The shape of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral` or `qwen2`.
+    pub architecture: String,
+    /// Tokens in the vocabulary (rows of the embedding).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMS norm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary base.
+    pub rope_theta: f32,
+    /// Llama 3 rotary frequency scaling, when the model uses it.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Longest sequence (prompt and completion).
+    pub max_position_embeddings: usize,
+    /// Whether the output projection is the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Whether q, k and v projections carry a bias (qwen2).
+    pub attention_bias: bool,
+    /// Mistral's attention window.
+    pub sliding_window: Option<usize>,
+    /// Rotary pairs interleaved (GGUF llama) rather than split in halves (Hugging Face).
+    pub rope_interleaved: bool,
+}
+
+/// Llama 3's rotary frequency scaling (`rope_scaling` with `rope_type: llama3`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RopeScaling {
+    /// Scaling factor for low frequencies.
+    pub factor: f32,
+    /// Wavelength bound below which frequencies are scaled fully.
+    pub low_freq_factor: f32,
+    /// Wavelength bound above which frequencies are kept.
+    pub high_freq_factor: f32,
+    /// Context the model was trained with.
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    rope_theta: f32,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_position")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    use_sliding_window: Option<bool>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f32 {
+    10_000.0
+}
+fn default_max_position() -> usize {
+    4096
+}
+
+/// Architectures this decoder runs, as `model_type` names them.
+pub const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
+
+impl LlamaConfig {
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf_json(bytes: &[u8]) -> Result<Self, ServingError> {
+        let hf: HfConfig = serde_json::from_slice(bytes)
+            .map_err(|e| ServingError::model(format!("config.json: {e}")))?;
+        let architecture = hf.model_type.unwrap_or_else(|| "llama".into());
+        if !ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(ServingError::model(format!(
+                "config.json: model_type `{architecture}` is not a text-generation architecture served here (llama, mistral, qwen2)"
+            )));
+        }
+        let rope_scaling = match hf.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(value) => {
+                let kind = value
+                    .get("rope_type")
+                    .or_else(|| value.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("default");
+                match kind {
+                    "default" => None,
+                    "llama3" => Some(serde_json::from_value(value).map_err(|e| {
+                        ServingError::model(format!("config.json: rope_scaling: {e}"))
+                    })?),
+                    other => {
+                        return Err(ServingError::model(format!(
+                            "config.json: rope_scaling type `{other}` is not supported"
+                        )))
+                    }
+                }
+            }
+        };
+        let qwen = architecture == "qwen2";
+        let config = LlamaConfig {
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: hf.num_attention_heads,
+            num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+            head_dim: hf
+                .head_dim
+                .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+            rms_norm_eps: hf.rms_norm_eps,
+            rope_theta: hf.rope_theta,
+            rope_scaling,
+            max_position_embeddings: hf.max_position_embeddings,
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            attention_bias: hf.attention_bias.unwrap_or(qwen),
+            sliding_window: match (architecture.as_str(), hf.use_sliding_window) {
+                (_, Some(false)) | ("llama", None) | ("qwen2", None) => None,
+                _ => hf.sliding_window,
+            },
+            rope_interleaved: false,
+            architecture,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads the metadata of a GGUF file (`llama` and `qwen2` architectures).
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, ServingError> {
+        let get = |key: &str| content.metadata.get(key);
+        let architecture = get("general.architecture")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "llama".into());
+        if architecture != "llama" && architecture != "qwen2" {
+            return Err(ServingError::model(format!(
+                "GGUF architecture `{architecture}` is not served here (llama, qwen2)"
+            )));
+        }
+        let int = |key: &str| -> Result<usize, ServingError> {
+            let full = format!("{architecture}.{key}");
+            get(&full)
+                .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+                .map(|v| v as usize)
+                .ok_or_else(|| ServingError::model(format!("GGUF metadata lacks `{full}`")))
+        };
+        let float = |key: &str, default: f32| -> f32 {
+            get(&format!("{architecture}.{key}"))
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(default)
+        };
+        let hidden_size = int("embedding_length")?;
+        let heads = int("attention.head_count")?;
+        let vocab_size = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| ServingError::model("GGUF file has no token_embd.weight"))?;
+        let config = LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: int("feed_forward_length")?,
+            num_hidden_layers: int("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: int("attention.head_count_kv").unwrap_or(heads),
+            head_dim: hidden_size / heads.max(1),
+            rms_norm_eps: f64::from(float("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta: float("rope.freq_base", 10_000.0),
+            rope_scaling: None,
+            max_position_embeddings: int("context_length").unwrap_or(4096),
+            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+            attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            sliding_window: None,
+            rope_interleaved: architecture == "llama",
+            architecture,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ServingError> {
+        let bad = |what: &str| Err(ServingError::model(format!("model config: {what}")));
+        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
+            return bad("head counts must be positive");
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return bad("query heads must be a multiple of key/value heads");
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad("head width must be positive and even");
+        }
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
+            return bad("vocabulary, width and layers must be positive");
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive");
+        }
+        Ok(())
+    }
+
+    /// Bytes of KV cache one token takes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 4
+    }
+}
+
+/// A projection: dense (safetensors) or quantized (GGUF).
+#[derive(Debug, Clone)]
+enum Proj {
+    Dense(candle_nn::Linear),
+    Quant(candle_transformers::quantized_nn::Linear),
+}
+
+impl Module for Proj {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Proj::Dense(l) => l.forward(xs),
+            Proj::Quant(l) => l.forward(xs),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Norm {
+    Dense(candle_nn::RmsNorm),
+    Quant(candle_transformers::quantized_nn::RmsNorm),
+}
+
+impl Module for Norm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Norm::Dense(n) => n.forward(xs),
+            Norm::Quant(n) => n.forward(xs),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Norm,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
+    post_norm: Norm,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
+}
+
+/// A loaded decoder. Immutable: many sequences share it, each with its own cache.
+#[derive(Debug, Clone)]
+pub struct Model {
+    config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Norm,
+    lm_head: Proj,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// One sequence's KV cache: its keys and values for every layer, `[kv_heads, len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct SeqCache {
+    layers: Vec<KvCache>,
+    len: usize,
+}
+
+impl SeqCache {
+    /// Tokens already in the cache (the position of the next one).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One sequence's part of a batch: the tokens to add, and its cache.
+pub struct Chunk<'a> {
+    /// Tokens following what the cache holds.
+    pub tokens: &'a [u32],
+    /// The sequence's cache, extended by the call.
+    pub cache: &'a mut SeqCache,
+}
+
+impl Model {
+    /// Builds the model from Hugging Face safetensors tensors.
+    pub fn from_safetensors(config: LlamaConfig, vb: VarBuilder) -> Result<Model, ServingError> {
+        let c = &config;
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let dense = |vb: VarBuilder, i: usize, o: usize, bias: bool| -> candle_core::Result<Proj> {
+            Ok(Proj::Dense(if bias {
+                candle_nn::linear(i, o, vb)?
+            } else {
+                candle_nn::linear_no_bias(i, o, vb)?
+            }))
+        };
+        let norm = |vb: VarBuilder| -> candle_core::Result<Norm> {
+            Ok(Norm::Dense(candle_nn::rms_norm(
+                c.hidden_size,
+                c.rms_norm_eps,
+                vb,
+            )?))
+        };
+        let m = vb.pp("model");
+        let embed = m
+            .pp("embed_tokens")
+            .get((c.vocab_size, c.hidden_size), "weight")?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = m.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let mlp = l.pp("mlp");
+            layers.push(Layer {
+                input_norm: norm(l.pp("input_layernorm"))?,
+                q: dense(a.pp("q_proj"), c.hidden_size, h * hd, c.attention_bias)?,
+                k: dense(a.pp("k_proj"), c.hidden_size, kv * hd, c.attention_bias)?,
+                v: dense(a.pp("v_proj"), c.hidden_size, kv * hd, c.attention_bias)?,
+                o: dense(a.pp("o_proj"), h * hd, c.hidden_size, false)?,
+                post_norm: norm(l.pp("post_attention_layernorm"))?,
+                gate: dense(
+                    mlp.pp("gate_proj"),
+                    c.hidden_size,
+                    c.intermediate_size,
+                    false,
+                )?,
+                up: dense(mlp.pp("up_proj"), c.hidden_size, c.intermediate_size, false)?,
+                down: dense(
+                    mlp.pp("down_proj"),
+                    c.intermediate_size,
+                    c.hidden_size,
+                    false,
+                )?,
+            });
+        }
+        let norm_out = norm(m.pp("norm"))?;
+        let lm_head = if c.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            Proj::Dense(candle_nn::Linear::new(embed.clone(), None))
+        } else {
+            dense(vb.pp("lm_head"), c.hidden_size, c.vocab_size, false)?
+        };
+        Self::assemble(config, embed, layers, norm_out, lm_head, vb.device())
+    }
+
+    /// Builds the model from a GGUF file's tensors.
+    pub fn from_gguf(
+        config: LlamaConfig,
+        vb: candle_transformers::quantized_var_builder::VarBuilder,
+    ) -> Result<Model, ServingError> {
+        use candle_transformers::quantized_nn as qnn;
+        let c = &config;
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let proj = |vb: candle_transformers::quantized_var_builder::VarBuilder,
+                    i: usize,
+                    o: usize,
+                    bias: bool|
+         -> candle_core::Result<Proj> {
+            Ok(Proj::Quant(qnn::linear_b(i, o, bias, vb)?))
+        };
+        let norm = |vb: candle_transformers::quantized_var_builder::VarBuilder| {
+            qnn::RmsNorm::new(c.hidden_size, c.rms_norm_eps, vb).map(Norm::Quant)
+        };
+        let embed = vb
+            .pp("token_embd")
+            .get((c.vocab_size, c.hidden_size), "weight")?
+            .dequantize(vb.device())?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let b = vb.pp(format!("blk.{i}"));
+            layers.push(Layer {
+                input_norm: norm(b.pp("attn_norm"))?,
+                q: proj(b.pp("attn_q"), c.hidden_size, h * hd, c.attention_bias)?,
+                k: proj(b.pp("attn_k"), c.hidden_size, kv * hd, c.attention_bias)?,
+                v: proj(b.pp("attn_v"), c.hidden_size, kv * hd, c.attention_bias)?,
+                o: proj(b.pp("attn_output"), h * hd, c.hidden_size, false)?,
+                post_norm: norm(b.pp("ffn_norm"))?,
+                gate: proj(b.pp("ffn_gate"), c.hidden_size, c.intermediate_size, false)?,
+                up: proj(b.pp("ffn_up"), c.hidden_size, c.intermediate_size, false)?,
+                down: proj(b.pp("ffn_down"), c.intermediate_size, c.hidden_size, false)?,
+            });
+        }
+        let norm_out = norm(vb.pp("output_norm"))?;
+        let lm_head = if vb.contains_key("output.weight") {
+            proj(vb.pp("output"), c.hidden_size, c.vocab_size, false)?
+        } else {
+            Proj::Dense(candle_nn::Linear::new(embed.clone(), None))
+        };
+        Self::assemble(config, embed, layers, norm_out, lm_head, vb.device())
+    }
+
+    fn assemble(
+        config: LlamaConfig,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Norm,
+        lm_head: Proj,
+        device: &Device,
+    ) -> Result<Model, ServingError> {
+        let (cos, sin) = rotary_tables(&config, device)?;
+        Ok(Model {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for a sequence expected to reach `capacity` tokens (it grows
+    /// past that if needed).
+    pub fn new_cache(&self, capacity: usize) -> SeqCache {
+        let capacity = capacity.clamp(1, self.config.max_position_embeddings);
+        SeqCache {
+            layers: (0..self.config.num_hidden_layers)
+                .map(|_| KvCache::new(1, capacity))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Runs one packed batch: each chunk's tokens are appended to its sequence's
+    /// cache, and the logits after each chunk's last token come back as
+    /// `[chunks, vocab]` rows, in order. Chunks must be non-empty and stay within the
+    /// context.
+    pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Result<Tensor, ServingError> {
+        let c = &self.config;
+        if chunks.is_empty() {
+            return Err(ServingError::model("an empty batch"));
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut last = Vec::with_capacity(chunks.len());
+        for chunk in chunks.iter() {
+            let start = chunk.cache.len;
+            if chunk.tokens.is_empty() || start + chunk.tokens.len() > c.max_position_embeddings {
+                return Err(ServingError::model(format!(
+                    "a chunk of {} tokens at position {start} does not fit the context of {}",
+                    chunk.tokens.len(),
+                    c.max_position_embeddings
+                )));
+            }
+            ids.extend_from_slice(chunk.tokens);
+            positions.extend((start..start + chunk.tokens.len()).map(|p| p as u32));
+            last.push((ids.len() - 1) as u32);
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ServingError::invalid(
+                "prompt",
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    c.vocab_size
+                ),
+            ));
+        }
+        let n = ids.len();
+        let dev = &self.device;
+        let ids = Tensor::from_vec(ids, n, dev)?;
+        let positions = Tensor::from_vec(positions, n, dev)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let rep = h / kv;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        let mut x = self.embed.index_select(&ids, 0)?; // [n, hidden]
+        for (li, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let normed = layer.input_norm.forward(&x)?;
+            let q = self.rotate(&layer.q.forward(&normed)?, h, &cos, &sin)?; // [h, n, hd]
+            let k = self.rotate(&layer.k.forward(&normed)?, kv, &cos, &sin)?; // [kv, n, hd]
+            let v = layer
+                .v
+                .forward(&normed)?
+                .reshape((n, kv, hd))?
+                .transpose(0, 1)?
+                .contiguous()?; // [kv, n, hd]
+            let mut outs = Vec::with_capacity(chunks.len());
+            let mut at = 0;
+            for chunk in chunks.iter_mut() {
+                let t = chunk.tokens.len();
+                let start = chunk.cache.len;
+                let qi = q.narrow(1, at, t)?;
+                let ki = k.narrow(1, at, t)?.contiguous()?;
+                let vi = v.narrow(1, at, t)?.contiguous()?;
+                at += t;
+                let (k_all, v_all) = chunk.cache.layers[li].append(&ki, &vi)?;
+                let total = start + t;
+                let (k_all, v_all, first_key) = match c.sliding_window {
+                    Some(w) if total > w && t == 1 => (
+                        k_all.narrow(1, total - w, w)?,
+                        v_all.narrow(1, total - w, w)?,
+                        total - w,
+                    ),
+                    _ => (k_all, v_all, 0),
+                };
+                let keys = total - first_key;
+                // Grouped-query attention without copying keys: the `rep` query heads
+                // of one key/value head are laid out as one longer query block.
+                let qg = qi.contiguous()?.reshape((kv, rep * t, hd))?;
+                let scores = (qg.matmul(&k_all.contiguous()?.t()?)? * scale)?; // [kv, rep*t, keys]
+                let scores = if t > 1 || first_key > 0 {
+                    let mask = attention_mask(t, start, first_key, keys, c.sliding_window, dev)?;
+                    scores
+                        .reshape((kv, rep, t, keys))?
+                        .broadcast_add(&mask)?
+                        .reshape((kv, rep * t, keys))?
+                } else {
+                    scores
+                };
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                let out = probs.matmul(&v_all.contiguous()?)?; // [kv, rep*t, hd]
+                let out = out
+                    .reshape((h, t, hd))?
+                    .transpose(0, 1)?
+                    .reshape((t, h * hd))?;
+                outs.push(out);
+            }
+            let attn = Tensor::cat(&outs, 0)?;
+            let x1 = (layer.o.forward(&attn)? + residual)?;
+            let normed = layer.post_norm.forward(&x1)?;
+            let mlp = candle_nn::ops::silu(&layer.gate.forward(&normed)?)?
+                .mul(&layer.up.forward(&normed)?)?;
+            x = (layer.down.forward(&mlp)? + x1)?;
+        }
+        for chunk in chunks.iter_mut() {
+            chunk.cache.len += chunk.tokens.len();
+        }
+        let last = Tensor::from_vec(last, chunks.len(), dev)?;
+        let x = self.norm.forward(&x.index_select(&last, 0)?)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// `[n, heads*hd]` projections → `[heads, n, hd]` with each token rotated by its
+    /// own position.
+    fn rotate(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        let x = x
+            .reshape((1, n, heads, self.config.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let x = if self.config.rope_interleaved {
+            candle_nn::rotary_emb::rope_i(&x, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, cos, sin)?
+        };
+        x.squeeze(0)
+    }
+}
+
+/// `[t, keys]` additive mask for `t` queries starting at `start`, over keys from
+/// `first_key`: a query sees keys up to its own position (and, with a window, no
+/// further back than the window).
+fn attention_mask(
+    t: usize,
+    start: usize,
+    first_key: usize,
+    keys: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut mask = Vec::with_capacity(t * keys);
+    for i in 0..t {
+        let pos = start + i;
+        for j in 0..keys {
+            let key = first_key + j;
+            let hidden = key > pos || window.is_some_and(|w| pos >= w && key <= pos - w);
+            mask.push(if hidden { f32::NEG_INFINITY } else { 0.0 });
+        }
+    }
+    Tensor::from_vec(mask, (t, keys), device)
+}
+
+/// Cosine and sine tables `[max_position, head_dim/2]`, Hugging Face's convention.
+fn rotary_tables(config: &LlamaConfig, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let hd = config.head_dim;
+    let inv: Vec<f32> = (0..hd)
+        .step_by(2)
+        .map(|i| 1.0 / config.rope_theta.powf(i as f32 / hd as f32))
+        .map(|freq| match &config.rope_scaling {
+            None => freq,
+            Some(s) => {
+                let low = s.original_max_position_embeddings as f32 / s.low_freq_factor;
+                let high = s.original_max_position_embeddings as f32 / s.high_freq_factor;
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen < high {
+                    freq
+                } else if wavelen > low {
+                    freq / s.factor
+                } else {
+                    let smooth = (s.original_max_position_embeddings as f32 / wavelen
+                        - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * freq / s.factor + smooth * freq
+                }
+            }
+        })
+        .collect();
+    let half = inv.len();
+    let inv = Tensor::from_vec(inv, (1, half), device)?;
+    let max = config.max_position_embeddings;
+    let t = Tensor::arange(0u32, max as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max, 1))?;
+    let freqs = t.matmul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_transformers::models::llama as reference;
+
+    use super::*;
+
+    const CONFIG: &str = r#"{"model_type":"llama","vocab_size":97,"hidden_size":32,
+        "intermediate_size":48,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0,
+        "max_position_embeddings":64,"tie_word_embeddings":false}"#;
+
+    fn weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dev = Device::Cpu;
+        let mut rand = |shape: (usize, usize)| {
+            let data: Vec<f32> = (0..shape.0 * shape.1)
+                .map(|_| rng.random_range(-0.2f32..0.2))
+                .collect();
+            Tensor::from_vec(data, shape, &dev).unwrap()
+        };
+        let (h, kv, hd) = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        );
+        let (d, f, v) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        let mut w = HashMap::new();
+        w.insert("model.embed_tokens.weight".into(), rand((v, d)));
+        w.insert("lm_head.weight".into(), rand((v, d)));
+        w.insert(
+            "model.norm.weight".into(),
+            Tensor::ones(d, DType::F32, &dev).unwrap(),
+        );
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for (name, shape) in [
+                ("self_attn.q_proj", (h * hd, d)),
+                ("self_attn.k_proj", (kv * hd, d)),
+                ("self_attn.v_proj", (kv * hd, d)),
+                ("self_attn.o_proj", (d, h * hd)),
+                ("mlp.gate_proj", (f, d)),
+                ("mlp.up_proj", (f, d)),
+                ("mlp.down_proj", (d, f)),
+            ] {
+                w.insert(format!("{p}.{name}.weight"), rand(shape));
+            }
+            for name in ["input_layernorm", "post_attention_layernorm"] {
+                w.insert(
+                    format!("{p}.{name}.weight"),
+                    (Tensor::ones(d, DType::F32, &dev).unwrap() + 0.1).unwrap(),
+                );
+            }
+        }
+        w
+    }
+
+    fn models() -> (Model, reference::Llama, reference::Config) {
+        let config = LlamaConfig::from_hf_json(CONFIG.as_bytes()).unwrap();
+        let w = weights(&config, 11);
+        let ours = Model::from_safetensors(
+            config,
+            VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let cfg: reference::LlamaConfig = serde_json::from_str(CONFIG).unwrap();
+        let cfg = cfg.into_config(false);
+        let theirs =
+            reference::Llama::load(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &cfg)
+                .unwrap();
+        (ours, theirs, cfg)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn one_sequence_matches_candle_transformers_llama_step_by_step() {
+        let (ours, theirs, cfg) = models();
+        let mut their_cache = reference::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+        let mut cache = ours.new_cache(8);
+        let prompt = [1u32, 5, 9, 33, 2, 70];
+        let x = Tensor::new(&prompt[..], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mut expect = theirs.forward(&x, 0, &mut their_cache).unwrap();
+        let mut got = ours
+            .forward(&mut [Chunk {
+                tokens: &prompt,
+                cache: &mut cache,
+            }])
+            .unwrap();
+        for step in 0..20 {
+            assert!(max_diff(&got, &expect) < 1e-4, "step {step}");
+            let next = crate::sampling::argmax(&got.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+            let x = Tensor::new(&[next], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            expect = theirs
+                .forward(&x, prompt.len() + step, &mut their_cache)
+                .unwrap();
+            got = ours
+                .forward(&mut [Chunk {
+                    tokens: &[next],
+                    cache: &mut cache,
+                }])
+                .unwrap();
+        }
+        assert_eq!(cache.len(), prompt.len() + 20);
+    }
+
+    #[test]
+    fn batching_and_chunked_prefill_change_no_logit() {
+        let (ours, _, _) = models();
+        let a: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 97).collect();
+        let b: Vec<u32> = vec![4, 8, 15, 16, 23, 42];
+        // Alone.
+        let mut ca = ours.new_cache(16);
+        let alone_a = ours
+            .forward(&mut [Chunk {
+                tokens: &a,
+                cache: &mut ca,
+            }])
+            .unwrap();
+        let alone_a2 = ours
+            .forward(&mut [Chunk {
+                tokens: &[9],
+                cache: &mut ca,
+            }])
+            .unwrap();
+        let mut cb = ours.new_cache(16);
+        let alone_b = ours
+            .forward(&mut [Chunk {
+                tokens: &b,
+                cache: &mut cb,
+            }])
+            .unwrap();
+        // a prefilled in two chunks, the second batched with b's whole prompt, then
+        // both decoding together.
+        let mut ca = ours.new_cache(4);
+        let mut cb = ours.new_cache(4);
+        ours.forward(&mut [Chunk {
+            tokens: &a[..5],
+            cache: &mut ca,
+        }])
+        .unwrap();
+        let both = ours
+            .forward(&mut [
+                Chunk {
+                    tokens: &a[5..],
+                    cache: &mut ca,
+                },
+                Chunk {
+                    tokens: &b,
+                    cache: &mut cb,
+                },
+            ])
+            .unwrap();
+        assert!(max_diff(&both.get(0).unwrap(), &alone_a.squeeze(0).unwrap()) < 1e-5);
+        assert!(max_diff(&both.get(1).unwrap(), &alone_b.squeeze(0).unwrap()) < 1e-5);
+        let step = ours
+            .forward(&mut [
+                Chunk {
+                    tokens: &[9],
+                    cache: &mut ca,
+                },
+                Chunk {
+                    tokens: &[1],
+                    cache: &mut cb,
+                },
+            ])
+            .unwrap();
+        assert!(max_diff(&step.get(0).unwrap(), &alone_a2.squeeze(0).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn configs_are_checked() {
+        let bad = CONFIG.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
+        assert!(LlamaConfig::from_hf_json(bad.as_bytes()).is_err());
+        let bert = CONFIG.replace("\"llama\"", "\"bert\"");
+        let err = LlamaConfig::from_hf_json(bert.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bert"), "{err}");
+        let qwen = CONFIG.replace("\"llama\"", "\"qwen2\"");
+        assert!(
+            LlamaConfig::from_hf_json(qwen.as_bytes())
+                .unwrap()
+                .attention_bias
+        );
+        let (ours, _, _) = models();
+        let mut cache = ours.new_cache(4);
+        let err = ours
+            .forward(&mut [Chunk {
+                tokens: &[500],
+                cache: &mut cache,
+            }])
+            .unwrap_err();
+        assert!(err.to_string().contains("vocabulary"));
+        let long = vec![1u32; 65];
+        assert!(ours
+            .forward(&mut [Chunk {
+                tokens: &long,
+                cache: &mut cache
+            }])
+            .is_err());
+        assert!(cache.is_empty());
+    }
+}
