@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// Longest an embedding request waits for others to batch with, in milliseconds.
     #[arg(long, env = "AIGRID_EMBED_MAX_DELAY_MS", default_value_t = Limits::default().embed_max_delay_ms)]
     embed_max_delay_ms: u64,
+    /// KV cache the running sequences may reserve together, in GiB (each reserves its
+    /// prompt and max_tokens; a longer sequence than it holds is refused).
+    #[arg(long, env = "AIGRID_KV_CACHE_GIB", default_value_t = 4.0)]
+    kv_cache_gib: f64,
 }
 
 impl ServeArgs {
@@ -85,16 +89,13 @@ impl ServeArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_running_sequences: self.max_running_sequences,
             embed_max_delay_ms: self.embed_max_delay_ms,
+            kv_cache_bytes: gib_bytes("--kv-cache-gib", self.kv_cache_gib)? as usize,
         })
     }
 
     /// The cache budget in bytes.
     fn cache_bytes(&self) -> anyhow::Result<u64> {
-        let gib = self.cache_gib;
-        if !gib.is_finite() || gib <= 0.0 || gib > 1e6 {
-            bail!("--cache-gib must be a positive number of GiB, got {gib}");
-        }
-        Ok((gib * f64::from(1u32 << 30)) as u64)
+        gib_bytes("--cache-gib", self.cache_gib)
     }
 
     /// The names given, trimmed, or `default` alone.
@@ -214,6 +215,14 @@ pub async fn run_serve(servers: &str, args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     tracing::info!("model server stopped");
     Ok(())
+}
+
+/// A positive number of GiB given to `flag`, in bytes.
+fn gib_bytes(flag: &str, gib: f64) -> anyhow::Result<u64> {
+    if !gib.is_finite() || gib <= 0.0 || gib > 1e6 {
+        bail!("{flag} must be a positive number of GiB, got {gib}");
+    }
+    Ok((gib * f64::from(1u32 << 30)) as u64)
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@
 //! - [`agent`]: the outbound-only pull loop: register, heartbeat, long-poll.
 //! - [`fleet`]: many agents in one process, for tests and benchmarks at scale.
 //! - [`metrics`]: the agent's Prometheus metrics.
+//! - [`testkit`]: fixtures for tests: allocations, assignments and a driver whose
+//!   runs exit as scripted.
 
 pub mod discovery;
 pub mod simulated;
@@ -38,3 +40,4 @@ pub mod client;
 pub mod fleet;
 pub mod identity;
 pub mod metrics;
+pub mod testkit;

@@ -166,14 +166,7 @@ mod tests {
     use super::*;
 
     fn alloc(gpus: &[&str]) -> Allocation {
-        serde_json::from_value(serde_json::json!({
-            "id": "a-1", "job_id": "j-1", "job_version": 1, "node_id": "n-1",
-            "group": "llm", "index": 0,
-            "resources": {"cpu_millis": 1000, "memory_mib": 256},
-            "gpus": gpus, "state": "pending", "desired": "run",
-            "created_at": 0, "updated_at": 0
-        }))
-        .unwrap()
+        crate::testkit::allocation("a-1", "run", gpus)
     }
 
     fn port(endpoint: &str) -> u16 {

@@ -636,25 +636,15 @@ async fn lifecycle(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
     use std::path::Path;
     use std::time::Duration;
 
     use super::*;
-    use crate::driver::{BoxFuture, RecordingDriver, RecoveredTask};
+    use crate::driver::RecordingDriver;
+    use crate::testkit::ScriptedDriver;
 
     fn assignment(id: &str, desired: &str, task: serde_json::Value) -> Assignment {
-        serde_json::from_value(serde_json::json!({
-            "allocation": {
-                "id": id, "job_id": "j", "job_version": 1, "node_id": "n",
-                "group": "g", "index": 0,
-                "resources": {"cpu_millis": 100, "memory_mib": 64},
-                "state": "pending", "desired": desired,
-                "created_at": 0, "updated_at": 0
-            },
-            "task": task,
-        }))
-        .unwrap()
+        crate::testkit::assignment(id, desired, &[], task)
     }
 
     fn exec(restart: serde_json::Value) -> serde_json::Value {
@@ -770,76 +760,14 @@ mod tests {
         assert_eq!((driver.starts(), driver.stops()), (1, 1));
     }
 
-    /// Runs that exit at once with scripted codes.
-    struct Exiting {
-        codes: Mutex<VecDeque<i32>>,
-        starts: Mutex<u32>,
-    }
-
-    struct Exited(i32);
-
-    impl TaskHandle for Exited {
-        fn limits(&self) -> LimitsEnforcement {
-            LimitsEnforcement::Enforced
-        }
-        fn wait(&self) -> BoxFuture<'_, TaskExit> {
-            let code = self.0;
-            Box::pin(async move { TaskExit::Code(code) })
-        }
-        fn stop(&self, _: Duration) -> BoxFuture<'_, ()> {
-            Box::pin(async {})
-        }
-    }
-
-    impl Driver for Exiting {
-        fn limits(&self) -> (LimitsEnforcement, Option<String>) {
-            (LimitsEnforcement::Enforced, None)
-        }
-        fn recover<'a>(
-            &'a self,
-            _: &'a RunnerConfig,
-        ) -> BoxFuture<'a, Result<Vec<RecoveredTask>, DriverError>> {
-            Box::pin(async { Ok(vec![]) })
-        }
-        fn prepare<'a>(
-            &'a self,
-            _: &'a RunnerConfig,
-            _: &'a TaskContext,
-        ) -> BoxFuture<'a, Result<(), DriverError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn start<'a>(
-            &'a self,
-            _: &'a RunnerConfig,
-            _: &'a TaskContext,
-        ) -> BoxFuture<'a, Result<Box<dyn TaskHandle>, DriverError>> {
-            *self.starts.lock().unwrap() += 1;
-            let code = self.codes.lock().unwrap().pop_front().unwrap_or(0);
-            Box::pin(async move { Ok(Box::new(Exited(code)) as Box<dyn TaskHandle>) })
-        }
-        fn log_mark(&self, _: &RunnerConfig, _: &AllocId) -> Option<LogMark> {
-            None
-        }
-        fn log_tail(&self, _: &RunnerConfig, _: &AllocId) -> Option<LogTail> {
-            None
-        }
-        fn destroy<'a>(&'a self, _: &'a RunnerConfig, _: &'a AllocId) -> BoxFuture<'a, ()> {
-            Box::pin(async {})
-        }
-    }
-
-    async fn run_codes(codes: &[i32], restart: serde_json::Value) -> (AllocationReport, u32) {
-        let driver = Arc::new(Exiting {
-            codes: Mutex::new(codes.iter().copied().collect()),
-            starts: Mutex::new(0),
-        });
+    async fn run_codes(codes: &[i32], restart: serde_json::Value) -> (AllocationReport, usize) {
+        let driver = Arc::new(ScriptedDriver::new(codes.iter().copied()));
         let runner = Runner::open(config(Path::new("/nonexistent")), driver.clone())
             .await
             .unwrap();
         runner.apply(&[assignment("a", "run", exec(restart))]);
         let reports = settle(&runner, |r| r[0].state.is_terminal()).await;
-        let starts = *driver.starts.lock().unwrap();
-        (reports[0].clone(), starts)
+        (reports[0].clone(), driver.started().len())
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,33 +3,21 @@
 //! for it, the cache and the device, and reports the endpoint it serves at, the same
 //! through in-place restarts and agent restarts.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use aigrid_agent::driver::{
-    BoxFuture, Driver, DriverError, ExecDriver, LogMark, RecoveredStatus, RecoveredTask,
-    TaskContext, TaskExit, TaskHandle,
-};
+use aigrid_agent::driver::{Driver, ExecDriver};
 use aigrid_agent::runner::{ModelServerLaunch, Runner, RunnerConfig, SupervisorLaunch};
-use aigrid_api::{AllocState, AllocationReport, Assignment, LimitsEnforcement, LogTail};
+use aigrid_agent::testkit::ScriptedDriver;
+use aigrid_api::{AllocState, AllocationReport, Assignment};
 
 const DIGEST: &str = "5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f";
 const SERVER: &str = "http://127.0.0.1:7700";
 
 fn assignment(id: &str, desired: &str, gpus: &[&str]) -> Assignment {
-    serde_json::from_value(serde_json::json!({
-        "allocation": {
-            "id": id, "job_id": "j", "job_version": 1, "node_id": "n",
-            "group": "llm", "index": 0, "gpus": gpus,
-            "resources": {"cpu_millis": 1000, "memory_mib": 512},
-            "state": "pending", "desired": desired,
-            "created_at": 0, "updated_at": 0
-        },
-        "task": {"driver": "model-server", "model": DIGEST},
-    }))
-    .unwrap()
+    let task = serde_json::json!({"driver": "model-server", "model": DIGEST});
+    aigrid_agent::testkit::assignment(id, desired, gpus, task)
 }
 
 fn config(data_dir: &Path, supervisor: SupervisorLaunch) -> RunnerConfig {
@@ -51,6 +39,29 @@ async fn settle(runner: &Runner, done: impl Fn(&AllocationReport) -> bool) -> Al
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("never settled: {:?}", runner.reports());
+}
+
+/// An agent restarted on `data_dir` finds model server `m-1` (on `gpus`) still
+/// running and reports it at `endpoint` before any apply; told to stop it, it
+/// reports it stopped, still at `endpoint`.
+async fn reattach_and_stop(
+    data_dir: &Path,
+    launch: SupervisorLaunch,
+    driver: Arc<dyn Driver>,
+    gpus: &[&str],
+    endpoint: &str,
+) {
+    let again = Runner::open(config(data_dir, launch), driver)
+        .await
+        .unwrap();
+    let reports = again.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].state, AllocState::Running);
+    assert_eq!(reports[0].endpoint.as_deref(), Some(endpoint));
+    again.apply(&[assignment("m-1", "stop", gpus)]);
+    let stopped = settle(&again, |r| r.state == AllocState::Stopped).await;
+    assert_eq!(stopped.endpoint.as_deref(), Some(endpoint));
+    again.shutdown().await;
 }
 
 /// The argv a model server of `port` on the GPU (or not) should get.
@@ -80,84 +91,11 @@ fn port_of(endpoint: &str) -> u16 {
     port.parse().unwrap()
 }
 
-/// Runs that exit with the scripted codes, then run until stopped; it records what
-/// each run was started with.
-#[derive(Default)]
-struct Capturing {
-    exits: Mutex<VecDeque<i32>>,
-    started: Mutex<Vec<TaskContext>>,
-}
-
-struct Run(Option<i32>);
-
-impl TaskHandle for Run {
-    fn limits(&self) -> LimitsEnforcement {
-        LimitsEnforcement::NotEnforced
-    }
-    fn wait(&self) -> BoxFuture<'_, TaskExit> {
-        match self.0 {
-            Some(code) => Box::pin(async move { TaskExit::Code(code) }),
-            None => Box::pin(std::future::pending()),
-        }
-    }
-    fn stop(&self, _: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
-    }
-}
-
-impl Driver for Capturing {
-    fn limits(&self) -> (LimitsEnforcement, Option<String>) {
-        (LimitsEnforcement::NotEnforced, None)
-    }
-    fn recover<'a>(
-        &'a self,
-        _: &'a RunnerConfig,
-    ) -> BoxFuture<'a, Result<Vec<RecoveredTask>, DriverError>> {
-        // What an earlier agent left running: the last run started, as its
-        // `task.json` records it.
-        let last = self.started.lock().unwrap().last().cloned();
-        Box::pin(async move {
-            Ok(last
-                .into_iter()
-                .map(|ctx| RecoveredTask {
-                    ctx,
-                    status: RecoveredStatus::Running(Box::new(Run(None))),
-                })
-                .collect())
-        })
-    }
-    fn prepare<'a>(
-        &'a self,
-        _: &'a RunnerConfig,
-        _: &'a TaskContext,
-    ) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn start<'a>(
-        &'a self,
-        _: &'a RunnerConfig,
-        ctx: &'a TaskContext,
-    ) -> BoxFuture<'a, Result<Box<dyn TaskHandle>, DriverError>> {
-        self.started.lock().unwrap().push(ctx.clone());
-        let exit = self.exits.lock().unwrap().pop_front();
-        Box::pin(async move { Ok(Box::new(Run(exit)) as Box<dyn TaskHandle>) })
-    }
-    fn log_mark(&self, _: &RunnerConfig, _: &aigrid_api::AllocId) -> Option<LogMark> {
-        None
-    }
-    fn log_tail(&self, _: &RunnerConfig, _: &aigrid_api::AllocId) -> Option<LogTail> {
-        None
-    }
-    fn destroy<'a>(&'a self, _: &'a RunnerConfig, _: &'a aigrid_api::AllocId) -> BoxFuture<'a, ()> {
-        Box::pin(async {})
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_model_server_runs_the_serve_role_and_keeps_its_endpoint_through_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let driver = Arc::new(Capturing::default());
-    driver.exits.lock().unwrap().push_back(1);
+    // The first run exits with code 1; later ones run until stopped.
+    let driver = Arc::new(ScriptedDriver::new([1]));
     let launch = SupervisorLaunch {
         program: "/opt/aigrid/bin/aigrid".into(),
         args: vec!["supervise".into()],
@@ -175,7 +113,7 @@ async fn a_model_server_runs_the_serve_role_and_keeps_its_endpoint_through_resta
     .await;
     let endpoint = report.endpoint.clone().expect("an endpoint is reported");
     let port = port_of(&endpoint);
-    let started = driver.started.lock().unwrap().clone();
+    let started = driver.started();
     assert_eq!(started.len(), 2);
     for ctx in &started {
         assert_eq!(ctx.task.command, "/opt/aigrid/bin/aigrid");
@@ -188,23 +126,13 @@ async fn a_model_server_runs_the_serve_role_and_keeps_its_endpoint_through_resta
     runner.shutdown().await;
 
     // A restarted agent reattaches and reports the same endpoint before any apply.
-    let again = Runner::open(config(dir.path(), launch), driver.clone())
-        .await
-        .unwrap();
-    let reports = again.reports();
-    assert_eq!(reports.len(), 1);
-    assert_eq!(reports[0].state, AllocState::Running);
-    assert_eq!(reports[0].endpoint.as_deref(), Some(endpoint.as_str()));
-    again.apply(&[assignment("m-1", "stop", &["GPU-7f"])]);
-    let stopped = settle(&again, |r| r.state == AllocState::Stopped).await;
-    assert_eq!(stopped.endpoint.as_deref(), Some(endpoint.as_str()));
-    again.shutdown().await;
+    reattach_and_stop(dir.path(), launch, driver, &["GPU-7f"], &endpoint).await;
 }
 
 #[tokio::test]
 async fn a_cpu_model_server_without_a_known_server_fails_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let driver = Arc::new(Capturing::default());
+    let driver = Arc::new(ScriptedDriver::new([]));
     let launch = SupervisorLaunch {
         program: "/nonexistent".into(),
         args: vec![],
@@ -221,7 +149,7 @@ async fn a_cpu_model_server_without_a_known_server_fails_with_a_reason() {
             .is_some_and(|r| r.contains("control-plane server")),
         "{failed:?}"
     );
-    assert!(driver.started.lock().unwrap().is_empty());
+    assert!(driver.started().is_empty());
 
     runner.set_control_server(SERVER);
     runner.apply(&[assignment("m-2", "run", &[])]);
@@ -236,7 +164,7 @@ async fn a_cpu_model_server_without_a_known_server_fails_with_a_reason() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let port = port_of(report.endpoint.as_deref().unwrap());
-    let started = driver.started.lock().unwrap().clone();
+    let started = driver.started();
     assert_eq!(started[0].task.args, expected_args(dir.path(), port, "cpu"));
     runner.shutdown().await;
 }
@@ -283,14 +211,6 @@ async fn the_exec_driver_keeps_a_model_servers_argv_and_endpoint_across_agent_re
     runner.shutdown().await;
 
     // The agent restarts: the model server is found still running, at its endpoint.
-    let again = Runner::open(config(dir.path(), launch), Arc::new(ExecDriver::new()))
-        .await
-        .unwrap();
-    let reports = again.reports();
-    assert_eq!(reports.len(), 1);
-    assert_eq!(reports[0].state, AllocState::Running);
-    assert_eq!(reports[0].endpoint.as_deref(), Some(endpoint.as_str()));
-    again.apply(&[assignment("m-1", "stop", &[])]);
-    settle(&again, |r| r.state == AllocState::Stopped).await;
-    again.shutdown().await;
+    let driver = Arc::new(ExecDriver::new());
+    reattach_and_stop(dir.path(), launch, driver, &[], &endpoint).await;
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aigrid_api::{AllocState, AllocationReport, Job, NodeId, NodeRegistration};
+use aigrid_api::{AllocState, Allocation, AllocationReport, Job, NodeId, NodeRegistration};
 use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_scheduler::state::Command;
 use aigrid_scheduler::testkit::model_registration;
@@ -21,6 +21,9 @@ use axum::Router;
 use reqwest::Client;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
+
+mod common;
+use common::{get_json, post_json, register, start_leader, status_and_json, wait_job};
 
 /// One fake model server.
 #[derive(Clone)]
@@ -132,18 +135,70 @@ async fn serve(replica: Replica) -> Running {
     }
 }
 
-fn registration(id: &str) -> NodeRegistration {
-    serde_json::from_value(json!({
-        "id": id, "name": id,
+/// A pushed model deployed as a `model-server` service of `count` replicas on one
+/// registered node, `n1`: the model's digest, the job's URL and its allocations
+/// once all are placed.
+async fn deploy(
+    server: &Server,
+    client: &Client,
+    name: &str,
+    count: usize,
+) -> (String, String, Vec<Allocation>) {
+    let base = format!("http://{}", server.addr);
+    let model = model_registration(name, 1, 2);
+    let digest = model.manifest.manifest.digest();
+    let resp = client
+        .post(format!("{base}/api/v1/models"))
+        .json(&model)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let node: NodeRegistration = serde_json::from_value(json!({
+        "id": "n1", "name": "n1",
         "resources": {"cpu_millis": 16000, "memory_mib": 65536, "disk_mib": 1, "gpus": []}
     }))
-    .unwrap()
+    .unwrap();
+    register(server, node).await;
+    let job = json!({
+        "name": name, "kind": "service",
+        "groups": [{"name": "llm", "count": count,
+                    "resources": {"cpu_millis": 1000, "memory_mib": 1024},
+                    "task": {"driver": "model-server", "model": digest}}]
+    });
+    let (status, submitted) = post_json(client, &format!("{base}/api/v1/jobs"), &job).await;
+    assert_eq!(status, StatusCode::CREATED, "{submitted}");
+    let job_url = format!("{base}/api/v1/jobs/{}", submitted["id"].as_str().unwrap());
+    let job = wait_job(client, &job_url, |j| {
+        j["allocations"].as_array().unwrap().len() == count
+    })
+    .await;
+    let job: Job = serde_json::from_value(job).unwrap();
+    (digest, job_url, job.allocations)
 }
 
-async fn post_json(client: &Client, url: &str, body: &Value) -> (StatusCode, Value) {
-    let resp = client.post(url).json(body).send().await.unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap())
+/// Reports allocations running at their endpoints, as `n1`'s agent does.
+async fn report_running(server: &Server, running: &[(&Allocation, &str)]) {
+    let allocations = running
+        .iter()
+        .map(|(alloc, endpoint)| {
+            let mut report = AllocationReport::new(alloc.id.clone(), AllocState::Running);
+            report.endpoint = Some((*endpoint).to_owned());
+            report
+        })
+        .collect();
+    server
+        .raft
+        .propose(&Command::NodeHeartbeat {
+            node_id: NodeId::new("n1"),
+            gpus: vec![],
+            allocations,
+            logs: vec![],
+            at: now(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 /// Asserts an OpenAI-shaped error.
@@ -179,90 +234,23 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
     config.gateway.probe_interval = Duration::from_secs(3600);
     config.gateway.max_body_bytes = 64 * 1024;
     config.gateway.max_in_flight = 2;
-    let server = Server::start(config).await.unwrap();
-    while server.raft.status().leader != Some(1) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let server = start_leader(config).await;
     let base = format!("http://{}", server.addr);
     let chat_url = format!("{base}/v1/chat/completions");
     let client = Client::new();
 
     // A pushed model and a deployment of two replicas of it on one node.
-    let model = model_registration("llama", 1, 2);
-    let digest = model.manifest.manifest.digest();
-    let resp = client
-        .post(format!("{base}/api/v1/models"))
-        .json(&model)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    server
-        .raft
-        .propose(&Command::RegisterNode {
-            node: registration("n1"),
-            join_token: None,
-            at: now(),
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    let job = json!({
-        "name": "llama-chat", "kind": "service",
-        "groups": [{"name": "llm", "count": 2,
-                    "resources": {"cpu_millis": 1000, "memory_mib": 1024},
-                    "task": {"driver": "model-server", "model": digest}}]
-    });
-    let (status, submitted) = post_json(&client, &format!("{base}/api/v1/jobs"), &job).await;
-    assert_eq!(status, StatusCode::CREATED, "{submitted}");
-    let job_url = format!("{base}/api/v1/jobs/{}", submitted["id"].as_str().unwrap());
-    let allocs = loop {
-        let job: Job = client
-            .get(&job_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if job.allocations.len() == 2 {
-            break job.allocations;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (digest, job_url, allocs) = deploy(&server, &client, "llama", 2).await;
 
     // The replicas start, loading: their agent reports them running at their endpoints.
     let (a, b) = (Replica::new("a"), Replica::new("b"));
     let (run_a, run_b) = (serve(a.clone()).await, serve(b.clone()).await);
-    let reports = allocs
-        .iter()
-        .zip([&run_a.endpoint, &run_b.endpoint])
-        .map(|(alloc, endpoint)| {
-            let mut report = AllocationReport::new(alloc.id.clone(), AllocState::Running);
-            report.endpoint = Some(endpoint.clone());
-            report
-        })
-        .collect();
-    server
-        .raft
-        .propose(&Command::NodeHeartbeat {
-            node_id: NodeId::new("n1"),
-            gpus: vec![],
-            allocations: reports,
-            logs: vec![],
-            at: now(),
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    let job: Job = client
-        .get(&job_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    report_running(
+        &server,
+        &[(&allocs[0], &run_a.endpoint), (&allocs[1], &run_b.endpoint)],
+    )
+    .await;
+    let job: Job = get_json(&client, &job_url).await;
     let mut shown: Vec<_> = job
         .allocations
         .iter()
@@ -275,14 +263,7 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
 
     // Loading: listed nowhere, and requests are told to come back.
     server.gateway.probe_now().await;
-    let models: Value = client
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(&client, &format!("{base}/v1/models")).await;
     assert_eq!(models, json!({"object": "list", "data": []}));
     let hello = json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]});
     let message = openai_error(
@@ -300,14 +281,7 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
     a.ready.store(true, Ordering::SeqCst);
     b.ready.store(true, Ordering::SeqCst);
     server.gateway.probe_now().await;
-    let models: Value = client
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(&client, &format!("{base}/v1/models")).await;
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
     assert_eq!(models["data"][0]["id"], "llama");
@@ -363,9 +337,8 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
         .send()
         .await
         .unwrap();
-    let status = resp.status();
     openai_error(
-        (status, resp.json().await.unwrap()),
+        status_and_json(resp).await,
         StatusCode::BAD_REQUEST,
         "invalid_request_error",
         "invalid_json",
@@ -377,18 +350,15 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
         "invalid_request_error",
         "request_too_large",
     );
-    let resp = client.get(&chat_url).send().await.unwrap();
-    let status = resp.status();
     openai_error(
-        (status, resp.json().await.unwrap()),
+        status_and_json(client.get(&chat_url).send().await.unwrap()).await,
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request_error",
         "method_not_allowed",
     );
     let resp = client.post(format!("{base}/v1/nope")).send().await.unwrap();
-    let status = resp.status();
     openai_error(
-        (status, resp.json().await.unwrap()),
+        status_and_json(resp).await,
         StatusCode::NOT_FOUND,
         "invalid_request_error",
         "unknown_url",
@@ -405,19 +375,17 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
         b.served.load(Ordering::SeqCst),
     );
     let held = json!({"model": "llama", "messages": [], "hold": true});
-    let first = tokio::spawn({
-        let (client, url, held) = (client.clone(), chat_url.clone(), held.clone());
-        async move { client.post(url).json(&held).send().await.unwrap() }
-    });
-    while a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst) < a0 + b0 + 1 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let second = tokio::spawn({
-        let (client, url, held) = (client.clone(), chat_url.clone(), held.clone());
-        async move { client.post(url).json(&held).send().await.unwrap() }
-    });
-    while a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst) < a0 + b0 + 2 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut pending = Vec::new();
+    for outstanding in 1..=2 {
+        pending.push(tokio::spawn({
+            let (client, url, held) = (client.clone(), chat_url.clone(), held.clone());
+            async move { client.post(url).json(&held).send().await.unwrap() }
+        }));
+        while a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst)
+            < a0 + b0 + outstanding
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     assert_eq!(
         (
@@ -439,7 +407,10 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
     );
     a.release.send_replace(true);
     b.release.send_replace(true);
-    let answers = [first.await.unwrap(), second.await.unwrap()];
+    let mut answers = Vec::new();
+    for request in pending {
+        answers.push(request.await.unwrap());
+    }
     let mut by: Vec<String> = answers
         .iter()
         .map(|r| r.headers()["x-replica"].to_str().unwrap().to_owned())
@@ -527,14 +498,7 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
         "model_not_ready",
     );
     assert!(message.contains("2 replicas"), "{message}");
-    let models: Value = client
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(&client, &format!("{base}/v1/models")).await;
     assert_eq!(models["data"], json!([]));
 
     assert!(
@@ -564,69 +528,13 @@ async fn the_background_probe_finds_a_replica_that_became_ready() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
     config.gateway.probe_interval = Duration::from_millis(50);
-    let server = Server::start(config).await.unwrap();
-    while server.raft.status().leader != Some(1) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let server = start_leader(config).await;
     let base = format!("http://{}", server.addr);
     let client = Client::new();
-    let model = model_registration("tiny", 2, 1);
-    let digest = model.manifest.manifest.digest();
-    client
-        .post(format!("{base}/api/v1/models"))
-        .json(&model)
-        .send()
-        .await
-        .unwrap();
-    server
-        .raft
-        .propose(&Command::RegisterNode {
-            node: registration("n1"),
-            join_token: None,
-            at: now(),
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    let job = json!({
-        "name": "tiny", "kind": "service",
-        "groups": [{"name": "llm", "count": 1,
-                    "resources": {"cpu_millis": 500, "memory_mib": 256},
-                    "task": {"driver": "model-server", "model": digest}}]
-    });
-    let (status, submitted) = post_json(&client, &format!("{base}/api/v1/jobs"), &job).await;
-    assert_eq!(status, StatusCode::CREATED);
-    let job_url = format!("{base}/api/v1/jobs/{}", submitted["id"].as_str().unwrap());
-    let alloc = loop {
-        let job: Job = client
-            .get(&job_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let Some(alloc) = job.allocations.into_iter().next() {
-            break alloc;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (_, _, allocs) = deploy(&server, &client, "tiny", 1).await;
     let replica = Replica::new("only");
     let running = serve(replica.clone()).await;
-    let mut report = AllocationReport::new(alloc.id.clone(), AllocState::Running);
-    report.endpoint = Some(running.endpoint.clone());
-    server
-        .raft
-        .propose(&Command::NodeHeartbeat {
-            node_id: NodeId::new("n1"),
-            gpus: vec![],
-            allocations: vec![report],
-            logs: vec![],
-            at: now(),
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    report_running(&server, &[(&allocs[0], &running.endpoint)]).await;
     let hello = json!({"model": "tiny", "messages": []});
     let chat_url = format!("{base}/v1/chat/completions");
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -13,6 +13,9 @@ use aigrid_store::manifest::{Registration, SignedManifest};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
+mod common;
+use common::start_leader;
+
 fn storage() -> StorageInfo {
     StorageInfo {
         backends: BACKENDS
@@ -34,10 +37,7 @@ async fn start(dir: &std::path::Path) -> (Server, String) {
     let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.into());
     config.storage = storage();
     config.limits.max_model_body_bytes = 2 << 20;
-    let server = Server::start(config).await.unwrap();
-    while server.raft.status().leader != Some(1) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let server = start_leader(config).await;
     let base = format!("http://{}/api/v1", server.addr);
     (server, base)
 }

@@ -2,12 +2,12 @@
 //! evaluations, commits allocations with concrete GPUs, explains what cannot be
 //! placed, and places it once capacity appears.
 
-use std::time::{Duration, Instant};
-
-use aigrid_api::{NodeRegistration, Timestamp};
-use aigrid_scheduler::server::{Server, ServerConfig};
-use aigrid_scheduler::state::Command;
+use aigrid_api::NodeRegistration;
+use aigrid_scheduler::server::ServerConfig;
 use serde_json::{json, Value};
+
+mod common;
+use common::{post_json, register, start_leader, wait_job};
 
 fn node(id: &str, country: &str, site: &str, model: &str, gpus: u32) -> NodeRegistration {
     let devices: Vec<Value> = (0..gpus)
@@ -25,44 +25,12 @@ fn node(id: &str, country: &str, site: &str, model: &str, gpus: u32) -> NodeRegi
     .unwrap()
 }
 
-async fn register(server: &Server, node: NodeRegistration) {
-    server
-        .raft
-        .propose(&Command::RegisterNode {
-            node,
-            join_token: None,
-            at: Timestamp::from_millis(1),
-        })
-        .await
-        .unwrap()
-        .unwrap();
-}
-
-/// Polls a job until `done` holds for it.
-async fn wait_job(client: &reqwest::Client, url: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let job: Value = client.get(url).send().await.unwrap().json().await.unwrap();
-        if done(&job) {
-            return job;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job never reached the state: {job}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_are_placed_explained_and_placed_when_capacity_appears() {
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
-    let server = Server::start(config).await.unwrap();
+    let server = start_leader(config).await;
     let base = format!("http://{}", server.addr);
-    while server.raft.status().leader != Some(1) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     register(&server, node("node-a", "BE", "ghent-1", "H100", 2)).await;
     register(&server, node("node-b", "NL", "delft-1", "H100", 2)).await;
     register(&server, node("node-c", "DE", "berlin-1", "H100", 8)).await;
@@ -77,15 +45,7 @@ async fn jobs_are_placed_explained_and_placed_when_capacity_appears() {
             "spread": [{"attribute": "site"}],
             "task": {"driver": "exec", "command": "/usr/bin/python3", "args": ["serve.py"]}}]
     });
-    let resp: Value = client
-        .post(format!("{base}/api/v1/jobs"))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, resp) = post_json(&client, &format!("{base}/api/v1/jobs"), &spec).await;
     let url = format!("{base}/api/v1/jobs/{}", resp["id"].as_str().unwrap());
     let job = wait_job(&client, &url, |j| {
         j["allocations"].as_array().unwrap().len() == 2
@@ -117,17 +77,9 @@ async fn jobs_are_placed_explained_and_placed_when_capacity_appears() {
     impossible["name"] = json!("needs-b200");
     impossible["groups"][0]["resources"]["gpus"]["model"] = json!("B200");
     impossible["groups"][0]["constraints"] = json!([]);
-    let resp = client
-        .post(format!("{base}/api/v1/jobs"))
-        .json(&impossible)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (status, resp) = post_json(&client, &format!("{base}/api/v1/jobs"), &impossible).await;
+    assert_eq!(status, 201);
+    let id = resp["id"].as_str().unwrap().to_owned();
     let url = format!("{base}/api/v1/jobs/{id}");
     let job = wait_job(&client, &url, |j| {
         !j["unplaced"].as_array().unwrap().is_empty()
@@ -159,12 +111,7 @@ async fn jobs_are_placed_explained_and_placed_when_capacity_appears() {
     // Scaling the job down stops the instance it no longer has.
     let mut smaller = impossible.clone();
     smaller["groups"][0]["count"] = json!(1);
-    client
-        .post(format!("{base}/api/v1/jobs"))
-        .json(&smaller)
-        .send()
-        .await
-        .unwrap();
+    post_json(&client, &format!("{base}/api/v1/jobs"), &smaller).await;
     wait_job(&client, &url, |j| {
         j["allocations"]
             .as_array()

@@ -86,6 +86,10 @@ pub struct EngineOptions {
     pub max_running_sequences: usize,
     /// Requests waiting to be admitted; more are refused.
     pub max_waiting: usize,
+    /// Bytes of KV cache the running sequences may reserve together. A sequence
+    /// reserves room for its prompt and `max_tokens` when admitted; one that would
+    /// not fit waits until others finish.
+    pub kv_cache_bytes: usize,
 }
 
 /// A handle to the engine thread; the thread ends when every handle is dropped and
@@ -113,7 +117,13 @@ impl GenerationEngine {
                 .clamp(1, options.max_batch_tokens.max(1)),
             ..options
         };
-        let context = model.config().max_position_embeddings;
+        let per_token = model.config().kv_bytes_per_token().max(1);
+        // The longest sequence is the model's context, or what the KV budget holds.
+        let context = model
+            .config()
+            .max_position_embeddings
+            .min(options.kv_cache_bytes / per_token)
+            .max(1);
         let worker = Worker {
             model,
             tokenizer,
@@ -134,7 +144,8 @@ impl GenerationEngine {
         }
     }
 
-    /// The model's context length.
+    /// The longest sequence (prompt and output) served: the model's context length,
+    /// or less when the KV cache budget cannot hold that much.
     pub fn context(&self) -> usize {
         self.context
     }
@@ -227,11 +238,25 @@ impl Worker {
         self.active.retain(|s| !s.req.events.is_closed());
     }
 
+    /// KV cache bytes a request reserves.
+    fn reservation(&self, req: &GenRequest) -> usize {
+        (req.prompt.len() + req.max_tokens).saturating_mul(self.model.config().kv_bytes_per_token())
+    }
+
     fn admit(&mut self) {
+        let mut reserved: usize = self.active.iter().map(|s| self.reservation(&s.req)).sum();
         while self.active.len() < self.options.max_running_sequences {
-            let Some(req) = self.waiting.pop_front() else {
+            let Some(front) = self.waiting.front() else {
                 break;
             };
+            let need = self.reservation(front);
+            if !self.active.is_empty()
+                && reserved.saturating_add(need) > self.options.kv_cache_bytes
+            {
+                break;
+            }
+            reserved = reserved.saturating_add(need);
+            let req = self.waiting.pop_front().expect("looked at the front");
             self.metrics.queue_depth.dec();
             // Room for the prompt and a first stretch of output; the cache grows by
             // as much again when a long answer needs it, so a long context is only

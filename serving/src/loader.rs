@@ -385,6 +385,7 @@ async fn start_generation(
             max_batch_tokens: limits.max_batch_tokens,
             max_running_sequences: limits.max_running_sequences,
             max_waiting: limits.max_concurrent_requests,
+            kv_cache_bytes: limits.kv_cache_bytes,
         },
         metrics.clone(),
     );

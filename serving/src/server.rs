@@ -51,6 +51,9 @@ pub struct Limits {
     pub max_running_sequences: usize,
     /// Longest an embedding request waits for others to batch with, in milliseconds.
     pub embed_max_delay_ms: u64,
+    /// Bytes of KV cache running sequences may reserve together (each reserves its
+    /// prompt and `max_tokens`); a longer sequence than it holds is refused with 400.
+    pub kv_cache_bytes: usize,
 }
 
 impl Default for Limits {
@@ -61,6 +64,7 @@ impl Default for Limits {
             max_batch_tokens: 2048,
             max_running_sequences: 64,
             embed_max_delay_ms: 5,
+            kv_cache_bytes: 4 << 30,
         }
     }
 }

@@ -234,29 +234,12 @@ async fn concurrent_requests_each_get_their_own_sequential_output() {
         assert_eq!(task.await.unwrap(), sequential[i], "request {i}");
     }
     // The batches really held several sequences.
-    let metrics = server
-        .client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let batched: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("aigrid_serve_generation_batch_sequences_sum"))
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let steps: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("aigrid_serve_generation_batch_sequences_count"))
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let batched = server
+        .metric("aigrid_serve_generation_batch_sequences_sum")
+        .await;
+    let steps = server
+        .metric("aigrid_serve_generation_batch_sequences_count")
+        .await;
     assert!(batched / steps > 1.5, "mean batch {}", batched / steps);
 }
 
@@ -484,24 +467,59 @@ async fn over_the_concurrency_limit_answers_429_and_a_dropped_client_is_cancelle
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let metrics = server
-        .client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let generated: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("aigrid_serve_generated_tokens_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let generated = server.metric("aigrid_serve_generated_tokens_total").await;
     assert!(
         generated < 1500.0,
         "cancelled streams ran on: {generated} tokens"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_cache_budget_bounds_sequences_and_makes_the_rest_wait() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    tiny_model(&dir);
+    let config = aigrid_serving::llama::LlamaConfig::from_hf_json(
+        &std::fs::read(dir.join("config.json")).unwrap(),
+    )
+    .unwrap();
+    // Room for 100 tokens in all.
+    let limits = Limits {
+        kv_cache_bytes: 100 * config.kv_bytes_per_token(),
+        ..Limits::default()
+    };
+    let server = start(ModelSource::Dir(dir.clone()), "tiny", limits).await;
+    server.wait_ready(Duration::from_secs(60)).await;
+    let (status, body) = server
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "hello", "max_tokens": 120}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+    // Eight requests reserving 40 tokens each: at most two run at once, all finish
+    // with their own answer.
+    let request =
+        json!({"model": "tiny", "prompt": "hello there", "max_tokens": 36, "temperature": 0});
+    let (_, alone) = server.post("/v1/completions", &request).await;
+    let server = std::sync::Arc::new(server);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (server, request) = (server.clone(), request.clone());
+            tokio::spawn(async move { server.post("/v1/completions", &request).await })
+        })
+        .collect();
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["text"], alone["choices"][0]["text"]);
+    }
+    let most = server
+        .metric("aigrid_serve_generation_batch_sequences_bucket{le=\"2\"}")
+        .await;
+    let steps = server
+        .metric("aigrid_serve_generation_batch_sequences_count")
+        .await;
+    assert_eq!(most, steps, "a step ran more than two sequences");
 }

@@ -78,6 +78,25 @@ impl Running {
             .unwrap()
     }
 
+    /// The value of one sample in `/metrics`, named with its labels as printed.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(sample))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
+            .parse()
+            .unwrap()
+    }
+
     /// POSTs JSON; the status and the body as JSON.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = self

@@ -1,0 +1,69 @@
+//! What the scheduler's HTTP tests share: a server that leads, nodes registered
+//! through Raft, and JSON over HTTP.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use aigrid_api::NodeRegistration;
+use aigrid_scheduler::server::{Server, ServerConfig};
+use aigrid_scheduler::state::Command;
+use aigrid_scheduler::worker::now;
+use reqwest::{Client, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Starts a server and waits until it leads.
+pub async fn start_leader(config: ServerConfig) -> Server {
+    let server = Server::start(config).await.unwrap();
+    let id = server.raft.status().id;
+    while server.raft.status().leader != Some(id) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server
+}
+
+/// Registers a node the way its agent's first call does.
+pub async fn register(server: &Server, node: NodeRegistration) {
+    server
+        .raft
+        .propose(&Command::RegisterNode {
+            node,
+            join_token: None,
+            at: now(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// GETs `url` and decodes its JSON answer.
+pub async fn get_json<T: DeserializeOwned>(client: &Client, url: &str) -> T {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// An answer's status and its decoded JSON body.
+pub async fn status_and_json(resp: Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    (status, resp.json().await.unwrap())
+}
+
+/// POSTs `body` as JSON; answers the status and the decoded answer.
+pub async fn post_json(client: &Client, url: &str, body: &Value) -> (StatusCode, Value) {
+    status_and_json(client.post(url).json(body).send().await.unwrap()).await
+}
+
+/// Polls a job until `done` holds for it.
+pub async fn wait_job(client: &Client, url: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let job: Value = get_json(client, url).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job never reached the state: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
