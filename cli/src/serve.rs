@@ -64,8 +64,9 @@ pub struct ServeArgs {
     /// Longest an embedding request waits for others to batch with, in milliseconds.
     #[arg(long, env = "AIGRID_EMBED_MAX_DELAY_MS", default_value_t = Limits::default().embed_max_delay_ms)]
     embed_max_delay_ms: u64,
-    /// KV cache the running sequences may reserve together, in GiB (each reserves its
-    /// prompt and max_tokens; a longer sequence than it holds is refused).
+    /// KV cache of the running sequences in GiB, cut into slots of one whole context
+    /// each (at most --max-running-sequences); requests wait for a free slot, and one
+    /// longer than a slot is refused.
     #[arg(long, env = "AIGRID_KV_CACHE_GIB", default_value_t = 4.0)]
     kv_cache_gib: f64,
 }

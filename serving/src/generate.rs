@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::llama::{Chunk, Model, SeqCache};
+use crate::llama::{Chunk, KvPool, Model, SeqCache};
 use crate::metrics::Metrics;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
@@ -86,9 +86,10 @@ pub struct EngineOptions {
     pub max_running_sequences: usize,
     /// Requests waiting to be admitted; more are refused.
     pub max_waiting: usize,
-    /// Bytes of KV cache the running sequences may reserve together. A sequence
-    /// reserves room for its prompt and `max_tokens` when admitted; one that would
-    /// not fit waits until others finish.
+    /// Bytes of KV cache for the running sequences together. It is cut into slots
+    /// of the model's context (or the whole budget, when less), at most
+    /// `max_running_sequences` of them; a sequence holds a slot from admission to its
+    /// end, and requests wait while none is free.
     pub kv_cache_bytes: usize,
 }
 
@@ -102,13 +103,13 @@ pub struct GenerationEngine {
 }
 
 impl GenerationEngine {
-    /// Starts the engine thread.
+    /// Starts the engine thread, with its KV pool.
     pub fn start(
         model: Arc<Model>,
         tokenizer: TextTokenizer,
         options: EngineOptions,
         metrics: Metrics,
-    ) -> GenerationEngine {
+    ) -> Result<GenerationEngine, ServingError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(options.max_waiting.max(1));
         // Every running sequence gets its decode token each step.
         let options = EngineOptions {
@@ -117,14 +118,11 @@ impl GenerationEngine {
                 .clamp(1, options.max_batch_tokens.max(1)),
             ..options
         };
-        let per_token = model.config().kv_bytes_per_token().max(1);
-        // The longest sequence is the model's context, or what the KV budget holds.
-        let context = model
-            .config()
-            .max_position_embeddings
-            .min(options.kv_cache_bytes / per_token)
-            .max(1);
+        let (slots, capacity) = pool_shape(&model, &options);
+        let pool = model.new_pool(slots, capacity)?;
+        let context = pool.capacity();
         let worker = Worker {
+            pool,
             model,
             tokenizer,
             options,
@@ -137,15 +135,15 @@ impl GenerationEngine {
             .name("aigrid-generate".into())
             .spawn(move || worker.run(rx))
             .expect("spawning the generation thread");
-        GenerationEngine {
+        Ok(GenerationEngine {
             tx,
             context,
             metrics,
-        }
+        })
     }
 
     /// The longest sequence (prompt and output) served: the model's context length,
-    /// or less when the KV cache budget cannot hold that much.
+    /// or the whole KV cache budget when that is less.
     pub fn context(&self) -> usize {
         self.context
     }
@@ -173,9 +171,6 @@ impl GenerationEngine {
     }
 }
 
-/// Output tokens a new sequence's cache reserves room for up front.
-const FIRST_OUTPUT_RESERVE: usize = 256;
-
 struct Seq {
     req: GenRequest,
     cache: SeqCache,
@@ -197,7 +192,19 @@ impl Seq {
     }
 }
 
+/// Slots and tokens per slot of the KV pool: a slot holds the whole context (or the
+/// whole budget, when less), and there are as many as the budget holds, at most one
+/// per running sequence.
+fn pool_shape(model: &Model, options: &EngineOptions) -> (usize, usize) {
+    let per_token = model.config().kv_bytes_per_token().max(1);
+    let budget = (options.kv_cache_bytes / per_token).max(1);
+    let capacity = model.config().max_position_embeddings.min(budget);
+    let slots = (budget / capacity).clamp(1, options.max_running_sequences.max(1));
+    (slots, capacity)
+}
+
 struct Worker {
+    pool: KvPool,
     model: Arc<Model>,
     tokenizer: TextTokenizer,
     options: EngineOptions,
@@ -235,35 +242,26 @@ impl Worker {
         self.metrics
             .queue_depth
             .sub((before - self.waiting.len()) as i64);
-        self.active.retain(|s| !s.req.events.is_closed());
-    }
-
-    /// KV cache bytes a request reserves.
-    fn reservation(&self, req: &GenRequest) -> usize {
-        (req.prompt.len() + req.max_tokens).saturating_mul(self.model.config().kv_bytes_per_token())
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].req.events.is_closed() {
+                let seq = self.active.swap_remove(i);
+                self.pool.release(seq.cache);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn admit(&mut self) {
-        let mut reserved: usize = self.active.iter().map(|s| self.reservation(&s.req)).sum();
-        while self.active.len() < self.options.max_running_sequences {
-            let Some(front) = self.waiting.front() else {
+        while self.active.len() < self.options.max_running_sequences && !self.waiting.is_empty() {
+            let Some(cache) = self.pool.acquire() else {
                 break;
             };
-            let need = self.reservation(front);
-            if !self.active.is_empty()
-                && reserved.saturating_add(need) > self.options.kv_cache_bytes
-            {
-                break;
-            }
-            reserved = reserved.saturating_add(need);
-            let req = self.waiting.pop_front().expect("looked at the front");
+            let req = self.waiting.pop_front().expect("checked not empty");
             self.metrics.queue_depth.dec();
-            // Room for the prompt and a first stretch of output; the cache grows by
-            // as much again when a long answer needs it, so a long context is only
-            // paid for when used.
-            let capacity = req.prompt.len() + req.max_tokens.min(FIRST_OUTPUT_RESERVE);
             self.active.push(Seq {
-                cache: self.model.new_cache(capacity),
+                cache,
                 prefilled: 0,
                 next: None,
                 generated: 0,
@@ -343,7 +341,7 @@ impl Worker {
                     cache: caches[i].take().expect("a sequence appears once per step"),
                 })
                 .collect();
-            self.model.forward(&mut chunks)
+            self.model.forward(&self.pool, &mut chunks)
         };
         let rows = match result.and_then(|l| Ok(l.to_vec2::<f32>()?)) {
             Ok(rows) => rows,
@@ -354,6 +352,7 @@ impl Worker {
                 for i in failed.into_iter().rev() {
                     let seq = self.active.swap_remove(i);
                     let _ = seq.req.events.send(GenEvent::Failed(e.to_string()));
+                    self.pool.release(seq.cache);
                 }
                 return;
             }
@@ -378,12 +377,13 @@ impl Worker {
         for (i, reason) in finished.into_iter().rev() {
             let mut seq = self.active.swap_remove(i);
             finish(&mut seq, reason);
+            self.pool.release(seq.cache);
         }
     }
 
     /// Takes a sampled token; says when the sequence is done.
     fn accept(&mut self, i: usize, token: u32) -> Option<FinishReason> {
-        let context = self.model.config().max_position_embeddings;
+        let context = self.pool.capacity();
         let eos = self.tokenizer.eos_ids().contains(&token);
         let seq = &mut self.active[i];
         let now = Instant::now();

@@ -3,15 +3,17 @@
 //!
 //! candle-transformers' models keep one KV cache per model with one position for the
 //! whole batch, which cannot mix a sequence in its prefill with others in their
-//! decode. Here every sequence owns its [`SeqCache`], and one [`Model::forward`] takes
-//! a packed batch of chunks, one per sequence, each at its own position: the
-//! projections and MLP run once over every token of the batch (that is where
-//! batching pays), rotary embeddings use each token's own position, and attention
-//! runs per sequence against that sequence's cache.
+//! decode. Here the keys and values live in a [`KvPool`] of fixed slots (one per
+//! running sequence, each holding up to the pool's capacity in tokens), and one
+//! [`Model::forward`] takes a packed batch of chunks, one per sequence, each at its own
+//! position: the projections and MLP run once over every token of the batch, rotary
+//! embeddings use each token's own position, new keys and values are scattered into
+//! their slots in one operation per layer, the decoding sequences (one token each)
+//! attend together in one batched matmul over their slots (padded to the longest and
+//! masked), and prompt chunks attend per sequence.
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::kv_cache::KvCache;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -309,10 +311,50 @@ pub struct Model {
     device: Device,
 }
 
-/// One sequence's KV cache: its keys and values for every layer, `[kv_heads, len, head_dim]`.
-#[derive(Debug, Clone)]
+/// Keys and values of every running sequence: per layer a `[slots, kv_heads,
+/// capacity, head_dim]` tensor for keys and one for values. A sequence holds one slot
+/// from admission to its end.
+#[derive(Debug)]
+pub struct KvPool {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    slots: usize,
+    capacity: usize,
+    free: Vec<usize>,
+}
+
+impl KvPool {
+    /// A slot for a new sequence, if one is free.
+    pub fn acquire(&mut self) -> Option<SeqCache> {
+        self.free.pop().map(|slot| SeqCache { slot, len: 0 })
+    }
+
+    /// Gives a finished sequence's slot back.
+    pub fn release(&mut self, cache: SeqCache) {
+        debug_assert!(!self.free.contains(&cache.slot));
+        self.free.push(cache.slot);
+    }
+
+    /// Slots: sequences that can run at once.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Tokens one slot holds: the longest sequence.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Slots in use.
+    pub fn in_use(&self) -> usize {
+        self.slots - self.free.len()
+    }
+}
+
+/// One sequence's place in the pool: its slot and how many tokens it holds.
+#[derive(Debug)]
 pub struct SeqCache {
-    layers: Vec<KvCache>,
+    slot: usize,
     len: usize,
 }
 
@@ -472,41 +514,61 @@ impl Model {
         &self.device
     }
 
-    /// An empty cache for a sequence expected to reach `capacity` tokens (it grows
-    /// past that if needed).
-    pub fn new_cache(&self, capacity: usize) -> SeqCache {
-        let capacity = capacity.clamp(1, self.config.max_position_embeddings);
-        SeqCache {
-            layers: (0..self.config.num_hidden_layers)
-                .map(|_| KvCache::new(1, capacity))
-                .collect(),
-            len: 0,
+    /// A pool of `slots` sequences of up to `capacity` tokens each (at most the
+    /// context). Its memory is `slots × capacity ×` [`LlamaConfig::kv_bytes_per_token`].
+    pub fn new_pool(&self, slots: usize, capacity: usize) -> Result<KvPool, ServingError> {
+        let c = &self.config;
+        let slots = slots.max(1);
+        let capacity = capacity.clamp(1, c.max_position_embeddings);
+        let shape = (slots, c.num_key_value_heads, capacity, c.head_dim);
+        let zeros = || Tensor::zeros(shape, DType::F32, &self.device);
+        let mut k = Vec::with_capacity(c.num_hidden_layers);
+        let mut v = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            k.push(zeros()?);
+            v.push(zeros()?);
         }
+        Ok(KvPool {
+            k,
+            v,
+            slots,
+            capacity,
+            free: (0..slots).rev().collect(),
+        })
     }
 
     /// Runs one packed batch: each chunk's tokens are appended to its sequence's
-    /// cache, and the logits after each chunk's last token come back as
+    /// slot, and the logits after each chunk's last token come back as
     /// `[chunks, vocab]` rows, in order. Chunks must be non-empty and stay within the
-    /// context.
-    pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Result<Tensor, ServingError> {
+    /// pool's capacity; one-token chunks at the front attend together in one batch.
+    pub fn forward(&self, pool: &KvPool, chunks: &mut [Chunk<'_>]) -> Result<Tensor, ServingError> {
         let c = &self.config;
         if chunks.is_empty() {
             return Err(ServingError::model("an empty batch"));
         }
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let cap = pool.capacity;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut last = Vec::with_capacity(chunks.len());
+        // Where each new token's keys go: one row of `[slots*kv*cap, hd]` per head.
+        let mut rows = Vec::new();
         for chunk in chunks.iter() {
             let start = chunk.cache.len;
-            if chunk.tokens.is_empty() || start + chunk.tokens.len() > c.max_position_embeddings {
+            let end = start + chunk.tokens.len();
+            if chunk.tokens.is_empty() || end > cap || chunk.cache.slot >= pool.slots {
                 return Err(ServingError::model(format!(
-                    "a chunk of {} tokens at position {start} does not fit the context of {}",
-                    chunk.tokens.len(),
-                    c.max_position_embeddings
+                    "a chunk of {} tokens at position {start} does not fit a sequence of {cap}",
+                    chunk.tokens.len()
                 )));
             }
             ids.extend_from_slice(chunk.tokens);
-            positions.extend((start..start + chunk.tokens.len()).map(|p| p as u32));
+            for p in start..end {
+                positions.push(p as u32);
+                for head in 0..kv {
+                    rows.push(((chunk.cache.slot * kv + head) * cap + p) as u32);
+                }
+            }
             last.push((ids.len() - 1) as u32);
         }
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
@@ -522,64 +584,90 @@ impl Model {
         let dev = &self.device;
         let ids = Tensor::from_vec(ids, n, dev)?;
         let positions = Tensor::from_vec(positions, n, dev)?;
+        let rows = Tensor::from_vec(rows, (n * kv, 1), dev)?
+            .broadcast_as((n * kv, hd))?
+            .contiguous()?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
-        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let rep = h / kv;
         let scale = 1.0 / (hd as f64).sqrt();
+        let decode = Decode::plan(chunks, pool, c.sliding_window, dev)?;
 
         let mut x = self.embed.index_select(&ids, 0)?; // [n, hidden]
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let normed = layer.input_norm.forward(&x)?;
-            let q = self.rotate(&layer.q.forward(&normed)?, h, &cos, &sin)?; // [h, n, hd]
+            let q = (self.rotate(&layer.q.forward(&normed)?, h, &cos, &sin)? * scale)?; // [h, n, hd]
             let k = self.rotate(&layer.k.forward(&normed)?, kv, &cos, &sin)?; // [kv, n, hd]
-            let v = layer
-                .v
-                .forward(&normed)?
-                .reshape((n, kv, hd))?
-                .transpose(0, 1)?
-                .contiguous()?; // [kv, n, hd]
-            let mut outs = Vec::with_capacity(chunks.len());
-            let mut at = 0;
-            for chunk in chunks.iter_mut() {
+            let v = layer.v.forward(&normed)?; // [n, kv*hd]
+                                               // Keys and values into their slots, every token at once.
+            let flat = (pool.slots * kv * cap, hd);
+            let k_rows = k.transpose(0, 1)?.contiguous()?.reshape((n * kv, hd))?;
+            let v_rows = v.reshape((n * kv, hd))?;
+            let k_pool = pool.k[li].reshape(flat)?;
+            let v_pool = pool.v[li].reshape(flat)?;
+            k_pool.scatter_set(&rows, &k_rows, 0)?;
+            v_pool.scatter_set(&rows, &v_rows, 0)?;
+
+            let mut outs = Vec::with_capacity(chunks.len() - decode.count + 1);
+            if decode.count > 0 {
+                let b = decode.count;
+                let qd = q
+                    .narrow(1, 0, b)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((b, kv, rep, hd))?;
+                let keys = decode.keys;
+                let kd = k_pool
+                    .index_select(&decode.rows, 0)?
+                    .reshape((b, kv, keys, hd))?;
+                let vd = v_pool
+                    .index_select(&decode.rows, 0)?
+                    .reshape((b, kv, keys, hd))?;
+                let scores = qd.matmul(&kd.t()?)?.broadcast_add(&decode.mask)?; // [b, kv, rep, keys]
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                outs.push(probs.matmul(&vd)?.reshape((b, h * hd))?);
+            }
+            let mut at = decode.count;
+            for chunk in chunks[decode.count..].iter() {
                 let t = chunk.tokens.len();
                 let start = chunk.cache.len;
-                let qi = q.narrow(1, at, t)?;
-                let ki = k.narrow(1, at, t)?.contiguous()?;
-                let vi = v.narrow(1, at, t)?.contiguous()?;
-                at += t;
-                let (k_all, v_all) = chunk.cache.layers[li].append(&ki, &vi)?;
                 let total = start + t;
-                let (k_all, v_all, first_key) = match c.sliding_window {
-                    Some(w) if total > w && t == 1 => (
-                        k_all.narrow(1, total - w, w)?,
-                        v_all.narrow(1, total - w, w)?,
-                        total - w,
-                    ),
-                    _ => (k_all, v_all, 0),
+                let first_key = match c.sliding_window {
+                    Some(w) if total > w && t == 1 => total - w,
+                    _ => 0,
                 };
                 let keys = total - first_key;
+                let slot_k = pool.k[li]
+                    .narrow(0, chunk.cache.slot, 1)?
+                    .narrow(2, first_key, keys)?;
+                let slot_v = pool.v[li]
+                    .narrow(0, chunk.cache.slot, 1)?
+                    .narrow(2, first_key, keys)?;
                 // Grouped-query attention without copying keys: the `rep` query heads
                 // of one key/value head are laid out as one longer query block.
-                let qg = qi.contiguous()?.reshape((kv, rep * t, hd))?;
-                let scores = (qg.matmul(&k_all.contiguous()?.t()?)? * scale)?; // [kv, rep*t, keys]
+                let qg = q
+                    .narrow(1, at, t)?
+                    .contiguous()?
+                    .reshape((1, kv, rep * t, hd))?;
+                at += t;
+                let scores = qg.matmul(&slot_k.t()?)?; // [1, kv, rep*t, keys]
                 let scores = if t > 1 || first_key > 0 {
                     let mask = attention_mask(t, start, first_key, keys, c.sliding_window, dev)?;
                     scores
                         .reshape((kv, rep, t, keys))?
                         .broadcast_add(&mask)?
-                        .reshape((kv, rep * t, keys))?
+                        .reshape((1, kv, rep * t, keys))?
                 } else {
                     scores
                 };
                 let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                let out = probs.matmul(&v_all.contiguous()?)?; // [kv, rep*t, hd]
-                let out = out
-                    .reshape((h, t, hd))?
-                    .transpose(0, 1)?
-                    .reshape((t, h * hd))?;
-                outs.push(out);
+                let out = probs.matmul(&slot_v)?; // [1, kv, rep*t, hd]
+                outs.push(
+                    out.reshape((h, t, hd))?
+                        .transpose(0, 1)?
+                        .reshape((t, h * hd))?,
+                );
             }
             let attn = Tensor::cat(&outs, 0)?;
             let x1 = (layer.o.forward(&attn)? + residual)?;
@@ -616,6 +704,53 @@ impl Model {
             candle_nn::rotary_emb::rope(&x, cos, sin)?
         };
         x.squeeze(0)
+    }
+}
+
+/// The leading one-token chunks of a batch, which attend together: their slots'
+/// keys gathered `[count, kv, keys, hd]` (padded to the longest) and the mask that
+/// hides the padding (and keys beyond a sliding window).
+struct Decode {
+    count: usize,
+    keys: usize,
+    rows: Tensor,
+    mask: Tensor,
+}
+
+impl Decode {
+    fn plan(
+        chunks: &[Chunk<'_>],
+        pool: &KvPool,
+        window: Option<usize>,
+        device: &Device,
+    ) -> candle_core::Result<Decode> {
+        let count = chunks.iter().take_while(|c| c.tokens.len() == 1).count();
+        // Each sequence's length once its token is in.
+        let lens: Vec<usize> = chunks[..count].iter().map(|c| c.cache.len + 1).collect();
+        let keys = lens.iter().copied().max().unwrap_or(1);
+        let kv = pool.k.first().map_or(1, |k| k.dims()[1]);
+        let mut rows = Vec::with_capacity(count * kv * keys);
+        let mut mask = Vec::with_capacity(count * keys);
+        for (chunk, &len) in chunks[..count].iter().zip(&lens) {
+            for head in 0..kv {
+                let base = (chunk.cache.slot * kv + head) * pool.capacity;
+                rows.extend((0..keys).map(|j| (base + j.min(pool.capacity - 1)) as u32));
+            }
+            let first = window.map_or(0, |w| len.saturating_sub(w));
+            mask.extend((0..keys).map(|j| {
+                if j < first || j >= len {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            }));
+        }
+        Ok(Decode {
+            count,
+            keys,
+            rows: Tensor::from_vec(rows, count * kv * keys, device)?,
+            mask: Tensor::from_vec(mask, (count, 1, 1, keys), device)?,
+        })
     }
 }
 
@@ -773,7 +908,8 @@ mod tests {
     fn one_sequence_matches_candle_transformers_llama_step_by_step() {
         let (ours, theirs, cfg) = models();
         let mut their_cache = reference::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
-        let mut cache = ours.new_cache(8);
+        let mut pool = ours.new_pool(2, 64).unwrap();
+        let mut cache = pool.acquire().unwrap();
         let prompt = [1u32, 5, 9, 33, 2, 70];
         let x = Tensor::new(&prompt[..], &Device::Cpu)
             .unwrap()
@@ -781,10 +917,13 @@ mod tests {
             .unwrap();
         let mut expect = theirs.forward(&x, 0, &mut their_cache).unwrap();
         let mut got = ours
-            .forward(&mut [Chunk {
-                tokens: &prompt,
-                cache: &mut cache,
-            }])
+            .forward(
+                &pool,
+                &mut [Chunk {
+                    tokens: &prompt,
+                    cache: &mut cache,
+                }],
+            )
             .unwrap();
         for step in 0..20 {
             assert!(max_diff(&got, &expect) < 1e-4, "step {step}");
@@ -797,10 +936,13 @@ mod tests {
                 .forward(&x, prompt.len() + step, &mut their_cache)
                 .unwrap();
             got = ours
-                .forward(&mut [Chunk {
-                    tokens: &[next],
-                    cache: &mut cache,
-                }])
+                .forward(
+                    &pool,
+                    &mut [Chunk {
+                        tokens: &[next],
+                        cache: &mut cache,
+                    }],
+                )
                 .unwrap();
         }
         assert_eq!(cache.len(), prompt.len() + 20);
@@ -812,60 +954,79 @@ mod tests {
         let a: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 97).collect();
         let b: Vec<u32> = vec![4, 8, 15, 16, 23, 42];
         // Alone.
-        let mut ca = ours.new_cache(16);
+        let mut pool = ours.new_pool(4, 64).unwrap();
+        let mut ca = pool.acquire().unwrap();
         let alone_a = ours
-            .forward(&mut [Chunk {
-                tokens: &a,
-                cache: &mut ca,
-            }])
+            .forward(
+                &pool,
+                &mut [Chunk {
+                    tokens: &a,
+                    cache: &mut ca,
+                }],
+            )
             .unwrap();
         let alone_a2 = ours
-            .forward(&mut [Chunk {
-                tokens: &[9],
-                cache: &mut ca,
-            }])
+            .forward(
+                &pool,
+                &mut [Chunk {
+                    tokens: &[9],
+                    cache: &mut ca,
+                }],
+            )
             .unwrap();
-        let mut cb = ours.new_cache(16);
+        let mut cb = pool.acquire().unwrap();
         let alone_b = ours
-            .forward(&mut [Chunk {
-                tokens: &b,
-                cache: &mut cb,
-            }])
+            .forward(
+                &pool,
+                &mut [Chunk {
+                    tokens: &b,
+                    cache: &mut cb,
+                }],
+            )
             .unwrap();
         // a prefilled in two chunks, the second batched with b's whole prompt, then
         // both decoding together.
-        let mut ca = ours.new_cache(4);
-        let mut cb = ours.new_cache(4);
-        ours.forward(&mut [Chunk {
-            tokens: &a[..5],
-            cache: &mut ca,
-        }])
+        let mut ca = pool.acquire().unwrap();
+        let mut cb = pool.acquire().unwrap();
+        ours.forward(
+            &pool,
+            &mut [Chunk {
+                tokens: &a[..5],
+                cache: &mut ca,
+            }],
+        )
         .unwrap();
         let both = ours
-            .forward(&mut [
-                Chunk {
-                    tokens: &a[5..],
-                    cache: &mut ca,
-                },
-                Chunk {
-                    tokens: &b,
-                    cache: &mut cb,
-                },
-            ])
+            .forward(
+                &pool,
+                &mut [
+                    Chunk {
+                        tokens: &a[5..],
+                        cache: &mut ca,
+                    },
+                    Chunk {
+                        tokens: &b,
+                        cache: &mut cb,
+                    },
+                ],
+            )
             .unwrap();
         assert!(max_diff(&both.get(0).unwrap(), &alone_a.squeeze(0).unwrap()) < 1e-5);
         assert!(max_diff(&both.get(1).unwrap(), &alone_b.squeeze(0).unwrap()) < 1e-5);
         let step = ours
-            .forward(&mut [
-                Chunk {
-                    tokens: &[9],
-                    cache: &mut ca,
-                },
-                Chunk {
-                    tokens: &[1],
-                    cache: &mut cb,
-                },
-            ])
+            .forward(
+                &pool,
+                &mut [
+                    Chunk {
+                        tokens: &[9],
+                        cache: &mut ca,
+                    },
+                    Chunk {
+                        tokens: &[1],
+                        cache: &mut cb,
+                    },
+                ],
+            )
             .unwrap();
         assert!(max_diff(&step.get(0).unwrap(), &alone_a2.squeeze(0).unwrap()) < 1e-5);
     }
@@ -886,20 +1047,27 @@ mod tests {
                 .attention_bias
         );
         let (ours, _, _) = models();
-        let mut cache = ours.new_cache(4);
+        let pool = ours.new_pool(1, 64).unwrap();
+        let mut cache = SeqCache { slot: 0, len: 0 };
         let err = ours
-            .forward(&mut [Chunk {
-                tokens: &[500],
-                cache: &mut cache,
-            }])
+            .forward(
+                &pool,
+                &mut [Chunk {
+                    tokens: &[500],
+                    cache: &mut cache,
+                }],
+            )
             .unwrap_err();
         assert!(err.to_string().contains("vocabulary"));
         let long = vec![1u32; 65];
         assert!(ours
-            .forward(&mut [Chunk {
-                tokens: &long,
-                cache: &mut cache
-            }])
+            .forward(
+                &pool,
+                &mut [Chunk {
+                    tokens: &long,
+                    cache: &mut cache
+                }]
+            )
             .is_err());
         assert!(cache.is_empty());
     }

@@ -370,12 +370,17 @@ async fn start_generation(
         probe.push(0);
     }
     blocking(move || {
-        let mut cache = warm.new_cache(probe.len() + 1);
-        warm.forward(&mut [Chunk {
-            tokens: &probe,
-            cache: &mut cache,
-        }])
-        .map(|_| ())
+        let mut pool = warm.new_pool(1, probe.len() + 1)?;
+        let mut cache = pool.acquire().expect("a new pool has a free slot");
+        warm.forward(
+            &pool,
+            &mut [Chunk {
+                tokens: &probe,
+                cache: &mut cache,
+            }],
+        )?;
+        pool.release(cache);
+        Ok(())
     })
     .await?;
     let engine = GenerationEngine::start(
@@ -388,7 +393,7 @@ async fn start_generation(
             kv_cache_bytes: limits.kv_cache_bytes,
         },
         metrics.clone(),
-    );
+    )?;
     Ok(Runtime::Generation { engine, tokenizer })
 }
 

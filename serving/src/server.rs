@@ -51,8 +51,10 @@ pub struct Limits {
     pub max_running_sequences: usize,
     /// Longest an embedding request waits for others to batch with, in milliseconds.
     pub embed_max_delay_ms: u64,
-    /// Bytes of KV cache running sequences may reserve together (each reserves its
-    /// prompt and `max_tokens`); a longer sequence than it holds is refused with 400.
+    /// Bytes of KV cache for the running sequences, cut into slots of one whole
+    /// context each (at most `max_running_sequences`; one slot of the whole budget
+    /// when that is less than a context). Requests wait for a free slot; one longer
+    /// than a slot is refused with 400.
     pub kv_cache_bytes: usize,
 }
 

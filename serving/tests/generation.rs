@@ -483,9 +483,9 @@ async fn the_kv_cache_budget_bounds_sequences_and_makes_the_rest_wait() {
         &std::fs::read(dir.join("config.json")).unwrap(),
     )
     .unwrap();
-    // Room for 100 tokens in all.
+    // Room for two whole contexts (1024 tokens each) and a little: two slots.
     let limits = Limits {
-        kv_cache_bytes: 100 * config.kv_bytes_per_token(),
+        kv_cache_bytes: 2100 * config.kv_bytes_per_token(),
         ..Limits::default()
     };
     let server = start(ModelSource::Dir(dir.clone()), "tiny", limits).await;
@@ -493,13 +493,13 @@ async fn the_kv_cache_budget_bounds_sequences_and_makes_the_rest_wait() {
     let (status, body) = server
         .post(
             "/v1/completions",
-            &json!({"model": "tiny", "prompt": "hello", "max_tokens": 120}),
+            &json!({"model": "tiny", "prompt": "hello", "max_tokens": 1100}),
         )
         .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "context_length_exceeded");
-    // Eight requests reserving 40 tokens each: at most two run at once, all finish
-    // with their own answer.
+    // Eight requests: at most two run at once, the others wait for a slot, and all
+    // finish with their own answer.
     let request =
         json!({"model": "tiny", "prompt": "hello there", "max_tokens": 36, "temperature": 0});
     let (_, alone) = server.post("/v1/completions", &request).await;
