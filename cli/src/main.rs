@@ -96,6 +96,8 @@ fn main() -> ExitCode {
     if let Command::Supervise { alloc_dir } = &cli.command {
         return aigrid_agent::supervisor::run(alloc_dir);
     }
+    // Before any thread exists.
+    aigrid_serving::device::set_cpu_threads();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -74,6 +74,18 @@ impl DeviceSpec {
     }
 }
 
+/// Fixes the CPU thread count candle uses to this machine's cores, unless
+/// `RAYON_NUM_THREADS` already says: when it is unset, candle 0.11 reads
+/// `/proc/cpuinfo` again on every matrix product, which costs small models about as
+/// much as the product itself. Call it first thing in `main`, before any thread
+/// exists (it sets an environment variable).
+pub fn set_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,8 +14,8 @@
 //!   wall time. The model was just written, so it is read from the page cache, and
 //!   every write lands in the page cache: nothing is fsynced on either side.
 //! - **(c) cold load**: every backend sits behind its own simulated link of
-//!   `--link-mib-s` (100 MiB/s): [`Throttled`] wraps `LocalFileSystem` and queues the
-//!   GETs of one backend on its [`Link`], however many run at once (object_store's
+//!   `--link-mib-s` (100 MiB/s): `link::Throttled` wraps `LocalFileSystem` and queues the
+//!   GETs of one backend on its `Link`, however many run at once (object_store's
 //!   `ThrottledStore` sleeps per request, so concurrent requests would exceed the
 //!   link). Ours is a fresh reader over fresh links with an empty chunk cache:
 //!   `Reader::prewarm(&[], false)` fetches every stripe from any k of its k+m shards,
@@ -34,12 +34,13 @@
 //! says the 1-minute load average around it.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use aigrid_benchmarks::link::{throttled, throttled_store, Link};
+use aigrid_benchmarks::measure::{cpus, load_average};
 
 use aigrid_store::backend::Backend;
 use aigrid_store::cache::ChunkCache;
@@ -49,20 +50,14 @@ use aigrid_store::manifest::Registration;
 use aigrid_store::reader::{FetchOptions, FetchStats, Reader, ReaderOptions};
 use aigrid_store::store::{PushOptions, PushStats, Store};
 use anyhow::{bail, ensure, Context, Result};
-use async_trait::async_trait;
 use bytes::Bytes;
 use clap::Parser;
 use ed25519_dalek::SigningKey;
-use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
-    ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
-    RenameOptions,
-};
+use object_store::{ObjectStoreExt, PutPayload};
 use rand::{RngCore, SeedableRng};
 
 // The `aigrid` binary, which pushes and reads models in production, allocates with
@@ -513,231 +508,6 @@ fn print_push(args: &Args, model: &Model, params: Params, r: &PushResults) {
     println!();
 }
 
-// ---- (c) the throttled link ---------------------------------------------------------
-
-/// One backend's network link: GETs share it one after another at `rate` bytes/s.
-#[derive(Debug)]
-struct Link {
-    rate: f64,
-    /// When the link has sent everything asked of it so far.
-    free_at: Mutex<Instant>,
-    /// Bytes reserved on it (sent, or being sent).
-    bytes: AtomicU64,
-    /// GETs that moved bytes.
-    requests: AtomicU64,
-    /// Time the link sat idle before a GET came, nanoseconds.
-    idle_nanos: AtomicU64,
-}
-
-impl Link {
-    fn new(rate: f64) -> Arc<Self> {
-        Arc::new(Link {
-            rate,
-            free_at: Mutex::new(Instant::now()),
-            bytes: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            idle_nanos: AtomicU64::new(0),
-        })
-    }
-
-    /// Reserves the link for `len` bytes after whatever it is already sending;
-    /// answers when they start to flow.
-    fn reserve(&self, len: u64) -> Instant {
-        let now = Instant::now();
-        let mut free_at = self.free_at.lock().expect("link lock");
-        let start = (*free_at).max(now);
-        let idle = now.saturating_duration_since(*free_at).as_nanos();
-        self.idle_nanos
-            .fetch_add(u64::try_from(idle).unwrap_or(u64::MAX), Ordering::Relaxed);
-        *free_at = start + self.duration(len);
-        self.bytes.fetch_add(len, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        start
-    }
-
-    /// Idle time before GETs came, and after the link's last byte until `end`.
-    fn idle(&self, end: Instant) -> (Duration, Duration) {
-        let free_at = *self.free_at.lock().expect("link lock");
-        (
-            Duration::from_nanos(self.idle_nanos.load(Ordering::Relaxed)),
-            end.saturating_duration_since(free_at),
-        )
-    }
-
-    fn duration(&self, len: u64) -> Duration {
-        Duration::from_secs_f64(len as f64 / self.rate)
-    }
-}
-
-/// Bytes of a response delivered at once; each piece arrives when the link has sent
-/// it. Shards (4 MiB) arrive whole, so collecting them copies nothing; a whole-file
-/// download streams in pieces its reader can hash as they come.
-const PIECE: usize = 16 << 20;
-
-/// An object store whose GETs go through a [`Link`]: a response's bytes are read
-/// when the request comes, its whole length is reserved on the link behind what the
-/// link is already sending, and each piece of up to 16 MiB is delivered when the link has sent
-/// it. Unlike `object_store::throttle::ThrottledStore`, whose per-byte wait applies to
-/// each request alone, concurrent GETs share the bandwidth. A GET abandoned half way
-/// keeps its reservation: the bytes were on the wire. Everything else is the inner
-/// store's, unthrottled.
-#[derive(Debug)]
-struct Throttled {
-    inner: LocalFileSystem,
-    link: Arc<Link>,
-}
-
-impl fmt::Display for Throttled {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Throttled({}, {:.0} MiB/s)",
-            self.inner,
-            self.link.rate / MIB as f64
-        )
-    }
-}
-
-#[async_trait]
-impl ObjectStore for Throttled {
-    async fn put_opts(
-        &self,
-        location: &ObjectPath,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> object_store::Result<PutResult> {
-        self.inner.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &ObjectPath,
-        opts: PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(
-        &self,
-        location: &ObjectPath,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
-        let head = options.head;
-        let result = self.inner.get_opts(location, options).await?;
-        let len = result.range.end - result.range.start;
-        if head || len == 0 {
-            return Ok(result);
-        }
-        let start = self.link.reserve(len);
-        let GetResult {
-            payload,
-            meta,
-            range,
-            attributes,
-            extensions,
-        } = result;
-        let bytes = GetResult {
-            payload,
-            meta: meta.clone(),
-            range: range.clone(),
-            attributes: attributes.clone(),
-            extensions: extensions.clone(),
-        }
-        .bytes()
-        .await?;
-        let link = self.link.clone();
-        let pieces = (0..bytes.len())
-            .step_by(PIECE)
-            .map(move |at| {
-                let end = (at + PIECE).min(bytes.len());
-                let due = start + link.duration(end as u64);
-                (due, bytes.slice(at..end))
-            })
-            .collect::<Vec<_>>();
-        let stream = futures_util::stream::iter(pieces)
-            .then(|(due, piece)| async move {
-                tokio::time::sleep_until(due.into()).await;
-                Ok(piece)
-            })
-            .boxed();
-        Ok(GetResult {
-            payload: GetResultPayload::Stream(stream),
-            meta,
-            range,
-            attributes,
-            extensions,
-        })
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<ObjectPath>>,
-    ) -> BoxStream<'static, object_store::Result<ObjectPath>> {
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(
-        &self,
-        prefix: Option<&ObjectPath>,
-    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-
-    fn list_with_offset(
-        &self,
-        prefix: Option<&ObjectPath>,
-        offset: &ObjectPath,
-    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list_with_offset(prefix, offset)
-    }
-
-    async fn list_with_delimiter(
-        &self,
-        prefix: Option<&ObjectPath>,
-    ) -> object_store::Result<ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(
-        &self,
-        from: &ObjectPath,
-        to: &ObjectPath,
-        options: CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-
-    async fn rename_opts(
-        &self,
-        from: &ObjectPath,
-        to: &ObjectPath,
-        options: RenameOptions,
-    ) -> object_store::Result<()> {
-        self.inner.rename_opts(from, to, options).await
-    }
-}
-
-fn throttled(dir: &Path, rate: f64) -> Result<(Arc<Throttled>, Arc<Link>)> {
-    let link = Link::new(rate);
-    let store = Throttled {
-        inner: LocalFileSystem::new_with_prefix(dir)?,
-        link: link.clone(),
-    };
-    Ok((Arc::new(store), link))
-}
-
-/// A store over the pushed backend directories, each behind its own link.
-fn throttled_store(roots: &[PathBuf], rate: f64) -> Result<(Store, Vec<Arc<Link>>)> {
-    let mut backends = Vec::new();
-    let mut links = Vec::new();
-    for (i, root) in roots.iter().enumerate() {
-        let (store, link) = throttled(root, rate)?;
-        backends.push(Backend::new(format!("b{i}"), BTreeMap::new(), store));
-        links.push(link);
-    }
-    Ok((Store::new(backends), links))
-}
-
 // ---- (c) cold load ------------------------------------------------------------------
 
 /// One cold load.
@@ -757,10 +527,7 @@ struct Load {
 
 impl Load {
     fn from_links(timing: Timing, links: &[Arc<Link>], fetch: Option<FetchStats>) -> Load {
-        let per: Vec<u64> = links
-            .iter()
-            .map(|l| l.bytes.load(Ordering::Relaxed))
-            .collect();
+        let per: Vec<u64> = links.iter().map(|l| l.bytes()).collect();
         let wall = timing.wall.as_secs_f64();
         let (waiting, tail) = links.iter().fold((0.0, 0.0), |(w, t), l| {
             let (waiting, tail) = l.idle(timing.end);
@@ -772,10 +539,7 @@ impl Load {
             idle: (share(waiting), share(tail)),
             link_bytes: per.iter().sum(),
             busiest: per.iter().copied().max().unwrap_or(0),
-            requests: links
-                .iter()
-                .map(|l| l.requests.load(Ordering::Relaxed))
-                .sum(),
+            requests: links.iter().map(|l| l.requests()).sum(),
             fetch,
         }
     }
@@ -1110,18 +874,6 @@ fn print_load(args: &Args, model: &Model, params: Params, r: &LoadResults) {
 }
 
 // ---- main ---------------------------------------------------------------------------
-
-/// The 1-minute load average: the machine is shared, and this says how busy it was.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(0, |n| n.get())
-}
 
 fn parse_code(code: &str) -> Result<Params> {
     let (k, m) = code

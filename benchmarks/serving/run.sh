@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Model serving benchmarks, one section per part, each printing its own markdown table:
+#
+#   embed      (a) all-MiniLM-L6-v2 embeddings per second on CPU, over aigrid's
+#                  /v1/embeddings at batch 1 (1 and 32 clients) and batch 32, beside
+#                  sentence-transformers (PyTorch CPU, 2 threads) encoding the same
+#                  sentences (target/release/serving_embed, which runs
+#                  benchmarks/serving/embed_baseline.py)
+#   generate   (b) tiny-Llama generation tokens/s and time to first token at 1, 8 and
+#                  32 concurrent streaming clients, continuous batching beside the same
+#                  server decoding one sequence at a time (target/release/serving_generate)
+#   coldstart  (c) deploy to first token with a ~190 MB model in the 4+2 store over 6
+#                  links of 50 MiB/s, beside pulling it first and beside a whole-file
+#                  download over one link (target/release/serving_coldstart)
+#
+# Examples:
+#   benchmarks/serving/run.sh
+#   BENCH_PARTS=generate SERVING_GENERATE_ARGS="--concurrency 1,16,64" benchmarks/serving/run.sh
+#
+# Environment:
+#   BENCH_PARTS             space-separated parts to run (default: embed generate coldstart)
+#   BENCH_SKIP_BUILD=1      use the binaries already in the target directory
+#   BENCH_OUT               also append every table to this file
+#   BENCH_PYTHON            a Python with sentence-transformers and torch, for the
+#                           embed baseline (default /tmp/stenv/bin/python); make one with
+#                             python3 -m venv V && V/bin/pip install sentence-transformers
+#   AIGRID_FIXTURES         where serving/fixtures/fetch.sh puts all-minilm-l6-v2
+#                           (default <repo>/target/fixtures)
+#   SERVING_EMBED_ARGS      extra arguments for serving_embed (see `serving_embed --help`)
+#   SERVING_GENERATE_ARGS   extra arguments for serving_generate
+#   SERVING_COLDSTART_ARGS  extra arguments for serving_coldstart, e.g. "--link-mib-s 100"
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+PARTS="${BENCH_PARTS:-embed generate coldstart}"
+# As `aigrid serve` does: candle's CPU thread count fixed to the cores (unset, candle
+# reads /proc/cpuinfo on every matrix product).
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
+PYTHON="${BENCH_PYTHON:-/tmp/stenv/bin/python}"
+FIXTURES="${AIGRID_FIXTURES:-$ROOT/target/fixtures}"
+
+# Builds one benchmark binary in release mode (unless BENCH_SKIP_BUILD=1) and
+# prints its path.
+build() {
+    local bin="$TARGET_DIR/release/$1"
+    if [ "${BENCH_SKIP_BUILD:-0}" != "1" ]; then
+        echo "==> building $1 (release)" >&2
+        (cd "$ROOT" && cargo build --release -p aigrid-benchmarks --bin "$1") >&2 \
+            || { echo "error: cargo build failed" >&2; exit 1; }
+    fi
+    [ -x "$bin" ] || { echo "error: $bin is missing" >&2; exit 1; }
+    echo "$bin"
+}
+
+# Runs a command, copying its stdout to BENCH_OUT when set.
+report() {
+    if [ -n "${BENCH_OUT:-}" ]; then
+        "$@" | tee -a "$BENCH_OUT"
+    else
+        "$@"
+    fi
+}
+
+wants() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+for part in $PARTS; do
+    case "$part" in embed | generate | coldstart) ;; *) echo "error: unknown part '$part'" >&2; exit 2 ;; esac
+done
+
+# ---- part (a): embeddings beside sentence-transformers ---------------------------
+if wants embed; then
+    echo "==> part (a): embeddings" >&2
+    if ! "$PYTHON" -c 'import sentence_transformers, torch' 2>/dev/null; then
+        cat >&2 <<EOF
+error: $PYTHON cannot import sentence_transformers and torch, which the baseline needs.
+Make such a Python and point BENCH_PYTHON at it:
+    python3 -m venv /tmp/stenv && /tmp/stenv/bin/pip install sentence-transformers
+    BENCH_PYTHON=/tmp/stenv/bin/python $0
+EOF
+        exit 1
+    fi
+    model="$FIXTURES/all-minilm-l6-v2"
+    if [ ! -f "$model/model.safetensors" ]; then
+        echo "==> fetching all-MiniLM-L6-v2 (serving/fixtures/fetch.sh model)" >&2
+        AIGRID_FIXTURES="$FIXTURES" bash "$ROOT/serving/fixtures/fetch.sh" model >&2
+    fi
+    bin="$(build serving_embed)"
+    # shellcheck disable=SC2086 # SERVING_EMBED_ARGS is a list of words
+    report "$bin" --model "$model" --python "$PYTHON" \
+        --baseline-script "$ROOT/benchmarks/serving/embed_baseline.py" ${SERVING_EMBED_ARGS:-}
+fi
+
+# ---- part (b): generation under concurrency ---------------------------------------
+if wants generate; then
+    echo "==> part (b): generation" >&2
+    bin="$(build serving_generate)"
+    # shellcheck disable=SC2086 # SERVING_GENERATE_ARGS is a list of words
+    report "$bin" ${SERVING_GENERATE_ARGS:-}
+fi
+
+# ---- part (c): cold start to first token ------------------------------------------
+if wants coldstart; then
+    echo "==> part (c): cold start" >&2
+    bin="$(build serving_coldstart)"
+    # shellcheck disable=SC2086 # SERVING_COLDSTART_ARGS is a list of words
+    report "$bin" ${SERVING_COLDSTART_ARGS:-}
+fi

@@ -1,0 +1,613 @@
+//! Embeddings per second on CPU (`benchmarks/serving`, part a): all-MiniLM-L6-v2
+//! served by aigrid over HTTP, beside sentence-transformers (PyTorch, CPU) encoding
+//! the same sentences in-process.
+//!
+//! - **Ours**: an in-process server (`Server::bind` + `run`, `ModelSource::Dir`,
+//!   default `Limits`: dynamic batching up to 2048 padded tokens, waiting at most
+//!   5 ms for company). Clients POST `/v1/embeddings` over loopback HTTP/1.1 with
+//!   `encoding_format: "base64"` (what the official OpenAI Python client asks for by
+//!   default). A configuration `BxC` is C closed-loop clients sending B sentences per
+//!   request until all sentences are embedded; `1x1` is one client, one sentence at a
+//!   time. Tokenizing, JSON and HTTP are inside the clock.
+//! - **Baseline**: `SentenceTransformer(dir, device="cpu").encode(sentences,
+//!   batch_size=B)` in one Python process with `torch.set_num_threads(2)`
+//!   (`benchmarks/serving/embed_baseline.py`, run by this binary before ours, so the
+//!   two never share the CPUs). It has no HTTP, no JSON and no tokenizing in another
+//!   process: it is the library's ceiling, not a server's.
+//!
+//! Both embed the same `--sentences` (512) generated sentences of 10 to 30 words,
+//! every repetition all of them. Rates are sentences over wall time, the median of
+//! `--reps` repetitions. After the clock, every configuration's vectors are checked
+//! against the 1x1 run's (cosine), and the 1x1 run's first ones against
+//! sentence-transformers' (cosine >= 0.999).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aigrid_benchmarks::measure::{cpus, load_average, median};
+use aigrid_benchmarks::serve::{self, MODEL_NAME};
+use aigrid_serving::bert::{Embedder, Pooling};
+use aigrid_serving::server::Limits;
+use aigrid_serving::tokenizer::TextTokenizer;
+use aigrid_serving::ModelSource;
+use anyhow::{bail, ensure, Context, Result};
+use base64::Engine as _;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+use serde_json::json;
+
+// The `aigrid` binary, which serves models in production, allocates with mimalloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Cosine every vector of ours must reach against sentence-transformers'.
+const MIN_COSINE_REFERENCE: f32 = 0.999;
+/// Cosine every configuration's vector must reach against the 1x1 run's (padding in
+/// a batch changes the arithmetic a little, never the result).
+const MIN_COSINE_BATCHED: f32 = 0.9999;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "serving_embed",
+    about = "all-MiniLM-L6-v2 embeddings per second over aigrid's /v1/embeddings, beside sentence-transformers"
+)]
+struct Args {
+    /// The all-MiniLM-L6-v2 directory (serving/fixtures/fetch.sh puts it at
+    /// target/fixtures/all-minilm-l6-v2).
+    #[arg(long)]
+    model: PathBuf,
+    /// A Python with sentence-transformers and torch (make one with
+    /// `python3 -m venv V && V/bin/pip install sentence-transformers`).
+    #[arg(long, env = "BENCH_PYTHON", default_value = "/tmp/stenv/bin/python")]
+    python: PathBuf,
+    /// The baseline script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/serving/embed_baseline.py"))]
+    baseline_script: PathBuf,
+    /// Configurations, each BATCHxCLIENTS: sentences per request x concurrent clients.
+    /// The baseline of each is `encode(batch_size=BATCH)`.
+    #[arg(long, value_delimiter = ',', default_value = "1x1,1x32,32x1,32x4")]
+    configs: Vec<String>,
+    /// Sentences embedded by every run.
+    #[arg(long, default_value_t = 512)]
+    sentences: usize,
+    /// Timed repetitions of every configuration (interleaved); the median is shown.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Threads torch may use.
+    #[arg(long, default_value_t = 2)]
+    torch_threads: usize,
+    /// Seed of the sentences.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// Sentences per request and concurrent clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Config {
+    batch: usize,
+    clients: usize,
+}
+
+impl Config {
+    fn parse(s: &str) -> Result<Config> {
+        let (b, c) = s
+            .split_once('x')
+            .with_context(|| format!("configuration `{s}`: expected BATCHxCLIENTS"))?;
+        let config = Config {
+            batch: b.trim().parse()?,
+            clients: c.trim().parse()?,
+        };
+        ensure!(
+            config.batch > 0 && config.clients > 0,
+            "configuration `{s}`: both must be positive"
+        );
+        Ok(config)
+    }
+
+    fn describe(self) -> String {
+        let clients = match self.clients {
+            1 => "1 client, sequential".to_owned(),
+            n => format!("{n} concurrent clients"),
+        };
+        let per = match self.batch {
+            1 => "1 sentence per request".to_owned(),
+            n => format!("{n} sentences per request"),
+        };
+        format!("batch {}: {clients}, {per}", self.batch)
+    }
+}
+
+// ---- the sentences ----------------------------------------------------------------
+
+const SUBJECTS: &[&str] = &[
+    "The scheduler",
+    "A small team of engineers",
+    "Every storage node in the second rack",
+    "The new GPU cluster",
+    "Our embedding service",
+    "The night shift operator",
+    "A curious student from Ghent",
+    "The city library",
+    "Most weather models",
+    "The old lighthouse keeper",
+    "A delivery drone",
+    "The finance department",
+    "My neighbour's cat",
+    "The committee",
+    "A tired violinist",
+    "The open source community",
+    "Two researchers at the lab",
+    "The train to Amsterdam",
+];
+const VERBS: &[&str] = &[
+    "moved",
+    "carefully inspected",
+    "quietly rebuilt",
+    "measured",
+    "described",
+    "forgot about",
+    "rejected",
+    "celebrated",
+    "painted",
+    "translated",
+    "optimised",
+    "lost track of",
+    "compared",
+    "recommended",
+    "scheduled",
+    "repaired",
+];
+const OBJECTS: &[&str] = &[
+    "the failing disk",
+    "a long list of pending jobs",
+    "the quarterly budget report",
+    "an unexpected spike in latency",
+    "the recipe for apple pie",
+    "three boxes of old photographs",
+    "the map of the northern coast",
+    "a broken umbrella",
+    "the results of the election",
+    "every model checkpoint from last year",
+    "the garden behind the school",
+    "a proposal for a faster network",
+    "the noise coming from the basement",
+    "a poem about the sea",
+];
+const TAILS: &[&str] = &[
+    "before the morning meeting started",
+    "because the network link was slow",
+    "while the rain kept falling over the harbour",
+    "and nobody noticed until much later",
+    "after three weeks of careful testing",
+    "without asking anyone for permission",
+    "during the long winter holidays",
+    "so that the customers would be happy again",
+    "even though the manual said otherwise",
+    "in front of a surprisingly large audience",
+    "with help from a friendly volunteer",
+    "at exactly half past nine",
+    "although the budget had already been spent",
+    "and then went home to sleep",
+];
+
+/// `n` varied English sentences of 10 to 30 words, the same for a seed.
+fn sentences(n: usize, seed: u64) -> Vec<String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let mut words: Vec<&str> = Vec::new();
+            for list in [SUBJECTS, VERBS, OBJECTS] {
+                words.extend(list[rng.random_range(0..list.len())].split(' '));
+            }
+            let target = rng.random_range(10..=30);
+            while words.len() < target {
+                words.extend(TAILS[rng.random_range(0..TAILS.len())].split(' '));
+            }
+            words.truncate(target);
+            format!("{}.", words.join(" "))
+        })
+        .collect()
+}
+
+// ---- the baseline -----------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+struct Baseline {
+    sentence_transformers: String,
+    torch: String,
+    threads: usize,
+    results: Vec<BaselineRun>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BaselineRun {
+    batch_size: usize,
+    seconds: Vec<f64>,
+}
+
+async fn run_baseline(
+    args: &Args,
+    sentences_file: &Path,
+    batch_sizes: &[usize],
+    check: usize,
+) -> Result<Baseline> {
+    let list: Vec<String> = batch_sizes.iter().map(usize::to_string).collect();
+    let output = tokio::process::Command::new(&args.python)
+        .arg(&args.baseline_script)
+        .arg("--model")
+        .arg(&args.model)
+        .arg("--sentences")
+        .arg(sentences_file)
+        .arg("--batch-sizes")
+        .arg(list.join(","))
+        .arg("--reps")
+        .arg(args.reps.to_string())
+        .arg("--threads")
+        .arg(args.torch_threads.to_string())
+        .arg("--check")
+        .arg(check.to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .with_context(|| {
+            format!(
+                "running {} (make a Python with sentence-transformers: \
+                 python3 -m venv V && V/bin/pip install sentence-transformers, then \
+                 pass --python V/bin/python or set BENCH_PYTHON)",
+                args.python.display()
+            )
+        })?;
+    if !output.status.success() {
+        bail!(
+            "the baseline failed ({}); it needs sentence-transformers and torch in {} \
+             (python3 -m venv V && V/bin/pip install sentence-transformers)",
+            output.status,
+            args.python.display()
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("reading the baseline's JSON")
+}
+
+// ---- ours, the library alone --------------------------------------------------------
+
+/// The model as the server's loader builds it, without the server: tokenizer,
+/// pooling and `Embedder` over the model directory.
+fn library(dir: &Path) -> Result<(TextTokenizer, Embedder)> {
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).with_context(|| dir.join(name).display().to_string())
+    };
+    let config = read("config.json")?;
+    let tokenizer = TextTokenizer::new(
+        &read("tokenizer.json")?,
+        Some(&read("tokenizer_config.json")?),
+        None,
+        Some(&config),
+    )?;
+    let modules = read("modules.json")?;
+    let pooling_config = Pooling::config_path(&modules)?
+        .map(|path| read(&path))
+        .transpose()?;
+    let pooling = Pooling::from_files(Some(&modules), pooling_config.as_deref())?;
+    let vb = VarBuilder::from_buffered_safetensors(
+        read("model.safetensors")?,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    Ok((tokenizer, Embedder::new(vb, &config, pooling)?))
+}
+
+/// Seconds to tokenize and embed every sentence `batch` at a time, calling the
+/// library directly on this thread.
+fn library_run(
+    tokenizer: &TextTokenizer,
+    embedder: &Embedder,
+    sentences: &[String],
+    batch: usize,
+) -> Result<f64> {
+    let start = Instant::now();
+    for group in sentences.chunks(batch) {
+        let ids = group
+            .iter()
+            .map(|s| tokenizer.encode(s, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        embedder.embed(&ids)?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+// ---- ours, the server -----------------------------------------------------------------
+
+/// POSTs one embeddings request; the vectors in input order.
+async fn embed(client: &reqwest::Client, url: &str, inputs: &[String]) -> Result<Vec<Vec<f32>>> {
+    let response = client
+        .post(url)
+        .json(&json!({"model": MODEL_NAME, "input": inputs, "encoding_format": "base64"}))
+        .send()
+        .await?;
+    let status = response.status();
+    if status != 200 {
+        bail!("{url} answered {status}: {}", response.text().await?);
+    }
+    let body: serde_json::Value = response.json().await?;
+    let data = body["data"].as_array().context("no data")?;
+    ensure!(
+        data.len() == inputs.len(),
+        "{} vectors for {} inputs",
+        data.len(),
+        inputs.len()
+    );
+    data.iter()
+        .map(|d| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(d["embedding"].as_str().context("no base64 embedding")?)?;
+            Ok(bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        })
+        .collect()
+}
+
+/// Embeds every sentence as `config` says; the wall time and the vectors.
+async fn run_ours(
+    client: &reqwest::Client,
+    url: &str,
+    sentences: &Arc<Vec<String>>,
+    config: Config,
+) -> Result<(Duration, Vec<Vec<f32>>)> {
+    let requests: Vec<(usize, usize)> = (0..sentences.len())
+        .step_by(config.batch)
+        .map(|at| (at, (at + config.batch).min(sentences.len())))
+        .collect();
+    let requests = Arc::new(requests);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..config.clients)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_owned());
+            let (sentences, requests, next) = (sentences.clone(), requests.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(from, to)) = requests.get(i) else {
+                        return Ok::<_, anyhow::Error>(got);
+                    };
+                    got.push((from, embed(&client, &url, &sentences[from..to]).await?));
+                }
+            })
+        })
+        .collect();
+    let mut vectors = vec![Vec::new(); sentences.len()];
+    for task in tasks {
+        for (from, batch) in task.await?? {
+            for (i, v) in batch.into_iter().enumerate() {
+                vectors[from + i] = v;
+            }
+        }
+    }
+    Ok((start.elapsed(), vectors))
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// The smallest cosine between corresponding vectors.
+fn min_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> Result<f32> {
+    ensure!(a.len() == b.len(), "{} vectors beside {}", a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            ensure!(
+                x.len() == y.len(),
+                "{} dimensions beside {}",
+                x.len(),
+                y.len()
+            );
+            Ok(cosine(x, y))
+        })
+        .try_fold(f32::INFINITY, |m, c| Ok(m.min(c?)))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let configs: Vec<Config> = args
+        .configs
+        .iter()
+        .map(|s| Config::parse(s))
+        .collect::<Result<_>>()?;
+    ensure!(!configs.is_empty(), "--configs is empty");
+    ensure!(
+        args.reps > 0 && args.sentences > 0,
+        "--reps and --sentences must be positive"
+    );
+    ensure!(
+        args.model.join("model.safetensors").is_file(),
+        "{} holds no model.safetensors (run serving/fixtures/fetch.sh model)",
+        args.model.display()
+    );
+    let load_start = load_average();
+    let sentences = Arc::new(sentences(args.sentences, args.seed));
+    let words: Vec<usize> = sentences.iter().map(|s| s.split(' ').count()).collect();
+    let work = tempfile::tempdir()?;
+    let sentences_file = work.path().join("sentences.json");
+    std::fs::write(&sentences_file, serde_json::to_vec(&*sentences)?)?;
+
+    let mut batch_sizes: Vec<usize> = configs.iter().map(|c| c.batch).collect();
+    batch_sizes.sort_unstable();
+    batch_sizes.dedup();
+    let check = sentences.len().min(16);
+    eprintln!(
+        "==> baseline: sentence-transformers, batch sizes {batch_sizes:?}, {} repetitions",
+        args.reps
+    );
+    let baseline = run_baseline(&args, &sentences_file, &batch_sizes, check).await?;
+
+    eprintln!("==> ours, the library alone: Embedder::embed in-process");
+    let library_walls: Vec<(usize, Vec<f64>)> = {
+        let (dir, sentences, sizes, reps) = (
+            args.model.clone(),
+            sentences.clone(),
+            batch_sizes.clone(),
+            args.reps,
+        );
+        tokio::task::spawn_blocking(move || {
+            let (tokenizer, embedder) = library(&dir)?;
+            // Warm-up, as the baseline's.
+            library_run(
+                &tokenizer,
+                &embedder,
+                &sentences[..64.min(sentences.len())],
+                32,
+            )?;
+            let mut walls: Vec<(usize, Vec<f64>)> =
+                sizes.iter().map(|b| (*b, Vec::new())).collect();
+            for rep in 0..reps {
+                for (batch, walls) in &mut walls {
+                    let wall = library_run(&tokenizer, &embedder, &sentences, *batch)?;
+                    eprintln!(
+                        "    library batch {batch} rep {}/{reps}: {wall:.3} s",
+                        rep + 1
+                    );
+                    walls.push(wall);
+                }
+            }
+            Ok::<_, anyhow::Error>(walls)
+        })
+        .await??
+    };
+
+    eprintln!("==> ours: starting the server");
+    let server = serve::start(ModelSource::Dir(args.model.clone()), Limits::default()).await?;
+    let client = serve::client()?;
+    server
+        .wait_ready(&client, Duration::from_millis(20), Duration::from_secs(120))
+        .await?;
+    let url = server.url("/v1/embeddings");
+    // Warm-up: connections, allocations, every batch shape once.
+    for config in &configs {
+        run_ours(
+            &client,
+            &url,
+            &Arc::new(sentences[..64.min(sentences.len())].to_vec()),
+            *config,
+        )
+        .await?;
+    }
+    let mut walls: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut reference: Option<Vec<Vec<f32>>> = None;
+    let mut worst_batched = f32::INFINITY;
+    for rep in 0..args.reps {
+        for (i, config) in configs.iter().enumerate() {
+            let (wall, vectors) = run_ours(&client, &url, &sentences, *config).await?;
+            eprintln!(
+                "    ours {}x{} rep {}/{}: {:.3} s",
+                config.batch,
+                config.clients,
+                rep + 1,
+                args.reps,
+                wall.as_secs_f64()
+            );
+            walls[i].push(wall.as_secs_f64());
+            match &reference {
+                None => reference = Some(vectors),
+                Some(r) => worst_batched = worst_batched.min(min_cosine(r, &vectors)?),
+            }
+        }
+    }
+    server.stop().await?;
+    let load_end = load_average();
+
+    // Checked after the clocks.
+    let reference = reference.context("no run")?;
+    let vs_st = min_cosine(&reference[..check], &baseline.embeddings)?;
+    ensure!(
+        vs_st >= MIN_COSINE_REFERENCE,
+        "our vectors differ from sentence-transformers': cosine {vs_st}"
+    );
+    ensure!(
+        worst_batched >= MIN_COSINE_BATCHED || configs.len() == 1 && args.reps == 1,
+        "batched vectors differ from one-at-a-time ones: cosine {worst_batched}"
+    );
+
+    let n = sentences.len() as f64;
+    println!(
+        "### (a) Embeddings: all-MiniLM-L6-v2 on CPU, {} sentences of {}-{} words (mean {:.1}); median of {} repetitions; {} CPUs, 1-min load average {load_start} at the start, {load_end} at the end",
+        sentences.len(),
+        words.iter().min().unwrap_or(&0),
+        words.iter().max().unwrap_or(&0),
+        words.iter().sum::<usize>() as f64 / n,
+        args.reps,
+        cpus(),
+    );
+    println!();
+    println!(
+        "| config | ours emb/s | sentence-transformers emb/s | ours / sentence-transformers |"
+    );
+    println!("|:--|--:|--:|--:|");
+    let mut ratios = Vec::new();
+    for (config, walls) in configs.iter().zip(&walls) {
+        let ours = n / median(walls);
+        let st = baseline
+            .results
+            .iter()
+            .find(|r| r.batch_size == config.batch)
+            .map(|r| n / median(&r.seconds))
+            .context("the baseline lacks a batch size")?;
+        ratios.push((config, ours / st));
+        println!(
+            "| {} | {ours:.1} | {st:.1} (`encode(batch_size={})`) | {:.2}x |",
+            config.describe(),
+            config.batch,
+            ours / st
+        );
+    }
+    for (batch, walls) in &library_walls {
+        let ours = n / median(walls);
+        let st = baseline
+            .results
+            .iter()
+            .find(|r| r.batch_size == *batch)
+            .map(|r| n / median(&r.seconds))
+            .context("the baseline lacks a batch size")?;
+        println!(
+            "| ours, the library alone (`Embedder::embed` in-process: no server, no HTTP), batch {batch} | {ours:.1} | {st:.1} (`encode(batch_size={batch})`) | {:.2}x |",
+            ours / st
+        );
+    }
+    println!();
+    println!(
+        "Ours: HTTP/1.1 over loopback, `encoding_format: base64`, default limits (batches of up to 2048 padded tokens, 5 ms batching delay); tokenizing, JSON and HTTP inside the clock. Baseline: sentence-transformers {} on torch {} ({} threads), in-process, no HTTP. Vectors: ours vs sentence-transformers min cosine {vs_st:.5} (first {check} sentences); every configuration vs one-at-a-time min cosine {:.5}.",
+        baseline.sentence_transformers,
+        baseline.torch,
+        baseline.threads,
+        if worst_batched.is_finite() { worst_batched } else { 1.0 },
+    );
+    let verdicts: Vec<String> = ratios
+        .iter()
+        .map(|(c, r)| {
+            format!(
+                "{}x{} {r:.2}x {}",
+                c.batch,
+                c.clients,
+                if *r >= 1.5 { "met" } else { "MISSED" }
+            )
+        })
+        .collect();
+    println!(
+        "Target: ours >= 1.5x sentence-transformers: {}.",
+        verdicts.join(", ")
+    );
+    println!();
+    Ok(())
+}

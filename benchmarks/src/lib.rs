@@ -1,0 +1,11 @@
+//! Code shared by the benchmark binaries (`src/bin/*`).
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`link`] | simulated per-backend network links: object stores whose GETs share a bandwidth |
+//! | [`serve`] | an in-process model server and the HTTP client side of the serving benchmarks |
+//! | [`measure`] | the machine's load average, CPU count and percentiles, for table headers |
+
+pub mod link;
+pub mod measure;
+pub mod serve;
