@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aigrid_serving::server::Limits;
 use aigrid_serving::ModelSource;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama;
 use common::{assert_openai_error, start, tiny_model};
@@ -30,25 +30,9 @@ fn reference(dir: &Path, prompt: &[u32], max: usize, eos: &[u32]) -> Vec<u32> {
     };
     let model = llama::Llama::load(vb, &config).unwrap();
     let mut cache = llama::Cache::new(true, DType::F32, &config, &Device::Cpu).unwrap();
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    let mut pos = 0;
-    while out.len() < max {
-        let x = Tensor::new(&input[..], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = model.forward(&x, pos, &mut cache).unwrap();
-        pos += input.len();
-        let logits: Vec<f32> = logits.squeeze(0).unwrap().to_vec1().unwrap();
-        let next = aigrid_serving::sampling::argmax(&logits);
-        if eos.contains(&next) {
-            break;
-        }
-        out.push(next);
-        input = vec![next];
-    }
-    out
+    common::greedy(prompt, max, eos, |x, pos| {
+        model.forward(x, pos, &mut cache).unwrap()
+    })
 }
 
 fn tokenizer(dir: &Path) -> tokenizers::Tokenizer {

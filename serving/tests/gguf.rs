@@ -95,22 +95,7 @@ fn reference(dir: &Path, prompt: &[u32], max: usize) -> Vec<u32> {
     let mut file = std::fs::File::open(dir.join("model.gguf")).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    let mut pos = 0;
-    while out.len() < max {
-        let x = Tensor::new(&input[..], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = model.forward(&x, pos).unwrap();
-        pos += input.len();
-        let next =
-            aigrid_serving::sampling::argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
-        out.push(next);
-        input = vec![next];
-    }
-    out
+    common::greedy(prompt, max, &[], |x, pos| model.forward(x, pos).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

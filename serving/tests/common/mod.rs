@@ -99,15 +99,7 @@ impl Running {
 
     /// POSTs JSON; the status and the body as JSON.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap())
+        self.post_raw(path, serde_json::to_vec(body).unwrap()).await
     }
 
     /// POSTs raw bytes.
@@ -201,4 +193,34 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
+}
+
+/// Greedy decoding with a reference model run directly: `forward(input, position)`
+/// gives the logits after `input` (`[1, tokens]`) placed at `position`. The token ids
+/// after the prompt, up to `max`, ending before any of `eos`.
+pub fn greedy(
+    prompt: &[u32],
+    max: usize,
+    eos: &[u32],
+    mut forward: impl FnMut(&candle_core::Tensor, usize) -> candle_core::Tensor,
+) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    let mut pos = 0;
+    while out.len() < max {
+        let x = candle_core::Tensor::new(&input[..], &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = forward(&x, pos);
+        pos += input.len();
+        let logits: Vec<f32> = logits.squeeze(0).unwrap().to_vec1().unwrap();
+        let next = aigrid_serving::sampling::argmax(&logits);
+        if eos.contains(&next) {
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    out
 }
