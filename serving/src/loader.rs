@@ -210,18 +210,22 @@ pub async fn load(
         .iter()
         .filter(|(p, _)| p.ends_with(".safetensors") && !p.contains('/'))
         .collect();
-    let config = source.read_optional("config.json").await?;
-    let modules = source.read_optional("modules.json").await?;
+    let config = source.read_optional(&files, "config.json").await?;
+    let modules = source.read_optional(&files, "modules.json").await?;
     let tokenizer_json = source
-        .read_optional("tokenizer.json")
+        .read_optional(&files, "tokenizer.json")
         .await?
         .ok_or_else(|| {
             ServingError::model(
                 "the model has no tokenizer.json (a GGUF model needs one beside it)",
             )
         })?;
-    let tokenizer_config = source.read_optional("tokenizer_config.json").await?;
-    let generation_config = source.read_optional("generation_config.json").await?;
+    let tokenizer_config = source
+        .read_optional(&files, "tokenizer_config.json")
+        .await?;
+    let generation_config = source
+        .read_optional(&files, "generation_config.json")
+        .await?;
     let tokenizer = TextTokenizer::new(
         &tokenizer_json,
         tokenizer_config.as_deref(),
@@ -299,12 +303,12 @@ pub async fn load(
             let config_bytes =
                 config.ok_or_else(|| ServingError::model("the model has no config.json"))?;
             let pooling_config = match modules.as_deref().map(Pooling::config_path).transpose()? {
-                Some(Some(path)) => source.read_optional(&path).await?,
+                Some(Some(path)) => source.read_optional(&files, &path).await?,
                 _ => None,
             };
             let pooling = Pooling::from_files(modules.as_deref(), pooling_config.as_deref())?;
             let st_max = source
-                .read_optional("sentence_bert_config.json")
+                .read_optional(&files, "sentence_bert_config.json")
                 .await?
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                 .and_then(|v| v.get("max_seq_length").and_then(|m| m.as_u64()))

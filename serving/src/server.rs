@@ -435,11 +435,7 @@ fn generation_params(
     ] {
         if value.is_some_and(|v| v != 0.0) {
             return Err(ServingError::invalid(
-                if name == "presence_penalty" {
-                    "presence_penalty"
-                } else {
-                    "frequency_penalty"
-                },
+                name,
                 format!("{name} is not supported; leave it 0"),
             ));
         }

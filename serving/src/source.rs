@@ -55,11 +55,6 @@ impl ModelSource {
         }
     }
 
-    /// True when the model has this file.
-    pub fn has(&self, path: &str) -> Result<bool, ServingError> {
-        Ok(self.files()?.iter().any(|(p, _)| p == path))
-    }
-
     /// A whole file, verified when it comes from the store.
     pub async fn read(&self, path: &str) -> Result<Bytes, ServingError> {
         match self {
@@ -77,9 +72,13 @@ impl ModelSource {
         }
     }
 
-    /// A file if the model has it.
-    pub async fn read_optional(&self, path: &str) -> Result<Option<Bytes>, ServingError> {
-        if self.has(path)? {
+    /// A file if `files` (the model's listing, from [`ModelSource::files`]) has it.
+    pub async fn read_optional(
+        &self,
+        files: &[(String, u64)],
+        path: &str,
+    ) -> Result<Option<Bytes>, ServingError> {
+        if files.iter().any(|(p, _)| p == path) {
             self.read(path).await.map(Some)
         } else {
             Ok(None)
