@@ -4,15 +4,28 @@
 //! A sentence-transformers model is the BERT encoder followed by modules listed in
 //! `modules.json`: a Pooling module that turns per-token vectors into one vector
 //! (its `config.json` says how) and often a Normalize module. [`Pooling`] reads
-//! those files; [`Embedder`] runs the encoder over a padded batch and pools over
-//! the real tokens only, so a sentence embeds the same alone or in any batch.
+//! those files; [`Embedder`] runs the encoder and pools.
+//!
+//! The encoder is written here on candle's ops rather than taken from
+//! candle-transformers, for speed on the CPU: a batch is packed, not padded (the
+//! rows of every sequence's tokens stacked into one matrix, attention per
+//! sequence), projections keep their weights transposed ([`Dense`]), and each
+//! projection's bias, activation, residual sum and layer norm run as one pass of a
+//! vectorized kernel. So a forward costs its real tokens, and a sentence embeds the
+//! same alone or in any batch.
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, DType, Device, IndexOp, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Module as _,
+    Tensor,
+};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config, HiddenAct, PositionEmbeddingType};
+use rayon::prelude::*;
 use serde::Deserialize;
 
+use crate::dense::Dense;
 use crate::error::ServingError;
+use crate::ops::exp;
 
 /// How per-token vectors become one sentence vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,8 +165,6 @@ struct BertConfigFile {
     #[serde(default = "default_eps")]
     layer_norm_eps: f64,
     #[serde(default)]
-    pad_token_id: Option<u32>,
-    #[serde(default)]
     position_embedding_type: Option<String>,
     #[serde(default)]
     model_type: Option<String>,
@@ -172,12 +183,37 @@ fn default_eps() -> f64 {
     1e-12
 }
 
+/// The activation between the two feed-forward projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    /// The exact GELU, `x·Φ(x)` ("gelu").
+    Gelu,
+    /// GELU's tanh approximation ("gelu_new", "gelu_pytorch_tanh", "gelu_fast").
+    GeluTanh,
+    Relu,
+}
+
+/// The encoder's shape, checked.
+#[derive(Debug, Clone)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    activation: Activation,
+    max_position_embeddings: usize,
+    type_vocab_size: usize,
+    layer_norm_eps: f64,
+    model_type: Option<String>,
+}
+
 impl BertConfigFile {
     fn to_config(&self) -> Result<Config, ServingError> {
-        let hidden_act = match self.hidden_act.as_str() {
-            "gelu" => HiddenAct::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => HiddenAct::GeluApproximate,
-            "relu" => HiddenAct::Relu,
+        let activation = match self.hidden_act.as_str() {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
             other => {
                 return Err(ServingError::model(format!(
                     "config.json: unsupported hidden_act {other:?}"
@@ -192,37 +228,690 @@ impl BertConfigFile {
                 )))
             }
         }
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Err(ServingError::model(format!(
+                "config.json: hidden_size {} does not split into {} attention heads",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if self.type_vocab_size == 0 {
+            return Err(ServingError::model(
+                "config.json: type_vocab_size is 0; token type 0 needs an embedding",
+            ));
+        }
         Ok(Config {
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
             intermediate_size: self.intermediate_size,
-            hidden_act,
-            // Inference only: dropout is never applied.
-            hidden_dropout_prob: 0.0,
+            activation,
             max_position_embeddings: self.max_position_embeddings,
             type_vocab_size: self.type_vocab_size,
-            initializer_range: 0.02,
             layer_norm_eps: self.layer_norm_eps,
-            pad_token_id: self.pad_token_id.unwrap_or(0) as usize,
-            position_embedding_type: PositionEmbeddingType::Absolute,
-            use_cache: false,
-            classifier_dropout: None,
             model_type: self.model_type.clone(),
         })
     }
 }
 
+/// A layer norm over the last dimension (`weight`/`bias`, or the older
+/// `gamma`/`beta`) of a sum: the output of the projection before it, that
+/// projection's bias, and the residual.
+#[derive(Debug)]
+struct AddNorm {
+    /// The preceding projection's bias (zeros for the embeddings).
+    bias: Tensor,
+    weight: Tensor,
+    beta: Tensor,
+    /// `[3, width]`: `bias`, `weight` and `beta` stacked, as the CPU kernel takes them.
+    packed: Tensor,
+    eps: f32,
+}
+
+impl AddNorm {
+    /// The norm in `vb`, after a projection with bias `bias` (or none).
+    fn load(
+        vb: VarBuilder,
+        size: usize,
+        eps: f64,
+        bias: Option<Tensor>,
+    ) -> candle_core::Result<Self> {
+        let norm = candle_nn::layer_norm(size, eps, vb)?;
+        let weight = norm.weight().clone();
+        let zeros = || Tensor::zeros(size, weight.dtype(), weight.device());
+        let beta = norm.bias().cloned().map_or_else(zeros, Ok)?;
+        let bias = bias.map_or_else(zeros, Ok)?;
+        let packed = Tensor::stack(&[&bias, &weight, &beta], 0)?;
+        Ok(AddNorm {
+            bias,
+            weight,
+            beta,
+            packed,
+            eps: eps as f32,
+        })
+    }
+
+    /// `norm(x + bias + residual)`, both `[rows, width]`; `x` is overwritten
+    /// where it can be (see [`owned`]).
+    fn forward(&self, x: Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        if owned(&x) {
+            x.inplace_op3(&residual.contiguous()?, &self.packed, &AddNormOp(self.eps))?;
+            Ok(x)
+        } else {
+            let sum = (x + residual)?.broadcast_add(&self.bias)?;
+            candle_nn::ops::layer_norm(&sum, &self.weight, &self.beta, self.eps)
+        }
+    }
+}
+
+/// The projection in `vb`: `weight` `[out, in]` and `bias` `[out]` (zeros if
+/// there is none).
+fn dense_parts(
+    vb: VarBuilder,
+    input: usize,
+    output: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let linear = candle_nn::linear(input, output, vb)?;
+    let bias = match linear.bias() {
+        Some(b) => b.clone(),
+        None => Tensor::zeros(output, linear.weight().dtype(), linear.weight().device())?,
+    };
+    Ok((linear.weight().clone(), bias))
+}
+
+/// The projection in `vb` without its bias, and the bias: the bias is added by
+/// the elementwise step that follows, fused with it.
+fn dense(vb: VarBuilder, input: usize, output: usize) -> candle_core::Result<(Dense, Tensor)> {
+    let (weight, bias) = dense_parts(vb, input, output)?;
+    Ok((Dense::new(&weight, None)?, bias))
+}
+
+/// Token, position and token-type embeddings, summed and normalized.
+#[derive(Debug)]
+struct Embeddings {
+    /// `[vocab, hidden]`.
+    words: Tensor,
+    /// `[max_position, hidden]`: position embeddings with the token-type-0
+    /// embedding already added, since every token here is type 0.
+    positions: Tensor,
+    norm: AddNorm,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+        let hidden = config.hidden_size;
+        let words = candle_nn::embedding(config.vocab_size, hidden, vb.pp("word_embeddings"))?;
+        let positions = candle_nn::embedding(
+            config.max_position_embeddings,
+            hidden,
+            vb.pp("position_embeddings"),
+        )?;
+        let types = candle_nn::embedding(
+            config.type_vocab_size,
+            hidden,
+            vb.pp("token_type_embeddings"),
+        )?;
+        let positions = positions
+            .embeddings()
+            .broadcast_add(&types.embeddings().narrow(0, 0, 1)?)?;
+        Ok(Embeddings {
+            words: words.embeddings().clone(),
+            positions,
+            norm: AddNorm::load(vb.pp("LayerNorm"), hidden, config.layer_norm_eps, None)?,
+        })
+    }
+
+    /// `ids` and `positions`: `[tokens]` → `[tokens, hidden]`.
+    fn forward(&self, ids: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        self.norm.forward(
+            self.words.index_select(ids, 0)?,
+            &self.positions.index_select(positions, 0)?,
+        )
+    }
+}
+
+/// One encoder layer: self-attention and the feed-forward block, each with a
+/// residual connection and a post layer norm.
+#[derive(Debug)]
+struct Layer {
+    /// Query, key and value side by side; the query part is pre-scaled by
+    /// `1/√head_dim`, the attention scores' scale.
+    qkv: Dense,
+    qkv_bias: Tensor,
+    attention_out: Dense,
+    attention_norm: AddNorm,
+    intermediate: Dense,
+    intermediate_bias: Tensor,
+    activation: Activation,
+    output: Dense,
+    output_norm: AddNorm,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+        let hidden = config.hidden_size;
+        let heads = config.num_attention_heads;
+        let head_dim = hidden / heads;
+        let eps = config.layer_norm_eps;
+        let attention = vb.pp("attention");
+        let own = attention.pp("self");
+        let (query, query_bias) = dense_parts(own.pp("query"), hidden, hidden)?;
+        let (key, key_bias) = dense_parts(own.pp("key"), hidden, hidden)?;
+        let (value, value_bias) = dense_parts(own.pp("value"), hidden, hidden)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let qkv = Dense::fused(&[(&(query * scale)?, None), (&key, None), (&value, None)])?;
+        let qkv_bias = Tensor::cat(&[&(query_bias * scale)?, &key_bias, &value_bias], 0)?;
+        let out = attention.pp("output");
+        let (attention_out, attention_out_bias) = dense(out.pp("dense"), hidden, hidden)?;
+        let (intermediate, intermediate_bias) = dense(
+            vb.pp("intermediate").pp("dense"),
+            hidden,
+            config.intermediate_size,
+        )?;
+        let (output, output_bias) = dense(
+            vb.pp("output").pp("dense"),
+            config.intermediate_size,
+            hidden,
+        )?;
+        Ok(Layer {
+            qkv,
+            qkv_bias,
+            attention_out,
+            attention_norm: AddNorm::load(
+                out.pp("LayerNorm"),
+                hidden,
+                eps,
+                Some(attention_out_bias),
+            )?,
+            intermediate,
+            intermediate_bias,
+            activation: config.activation,
+            output,
+            output_norm: AddNorm::load(
+                vb.pp("output").pp("LayerNorm"),
+                hidden,
+                eps,
+                Some(output_bias),
+            )?,
+            heads,
+            head_dim,
+        })
+    }
+
+    /// `x`: the packed `[tokens, hidden]` rows of sequences of `lens` tokens.
+    fn forward(&self, x: &Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
+        let qkv = bias_act(self.qkv.forward(x)?, &self.qkv_bias, None)?;
+        let context = self.attention(&qkv, lens)?;
+        let x = self
+            .attention_norm
+            .forward(self.attention_out.forward(&context)?, x)?;
+        let h = bias_act(
+            self.intermediate.forward(&x)?,
+            &self.intermediate_bias,
+            Some(self.activation),
+        )?;
+        self.output_norm.forward(self.output.forward(&h)?, &x)
+    }
+
+    /// Each sequence attends to its own rows only, so no mask is needed.
+    /// `qkv`: `[tokens, 3·hidden]` → `[tokens, hidden]`.
+    fn attention(&self, qkv: &Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
+        let tokens = qkv.dim(0)?;
+        let (heads, head_dim) = (self.heads, self.head_dim);
+        let qkv = qkv.reshape((tokens, 3, heads, head_dim))?;
+        let cpu = qkv.device().is_cpu();
+        // [len, heads, head_dim] of the sequence of `len` tokens from row `start`.
+        let sequence = |(&start, &len): (&usize, &usize)| -> candle_core::Result<Tensor> {
+            let rows = qkv.narrow(0, start, len)?;
+            // [heads, len, head_dim]. The CPU matmul takes the strided views as
+            // they are; other devices want them laid out.
+            let part = |i: usize| -> candle_core::Result<Tensor> {
+                let t = rows.i((.., i))?.transpose(0, 1)?;
+                if cpu {
+                    Ok(t)
+                } else {
+                    t.contiguous()
+                }
+            };
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let probs = softmax(q.matmul(&k.t()?)?)?;
+            probs.matmul(&v)?.transpose(0, 1)
+        };
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(0, |next, &len| {
+                let start = *next;
+                *next += len;
+                Some(start)
+            })
+            .collect();
+        // On the CPU each sequence's attention is a few small ops; running the
+        // sequences side by side keeps the threads busy instead of waking them
+        // for every small op.
+        let contexts = if cpu {
+            starts
+                .par_iter()
+                .zip(lens.par_iter())
+                .map(sequence)
+                .collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            starts
+                .iter()
+                .zip(lens)
+                .map(sequence)
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
+        Tensor::cat(&contexts, 0)?.reshape((tokens, heads * head_dim))
+    }
+}
+
+// ---- elementwise steps -----------------------------------------------------------------
+//
+// Every projection's bias is added by the step after it (the activation, or the
+// residual sum before a layer norm), so each step is one pass over its rows. On the
+// CPU with f32 these are the kernels below: they overwrite the projection's fresh
+// output in place, split over rayon's threads (the pool gemm already runs on), as
+// plain loops the compiler vectorizes. On this hardware such passes are bound by
+// memory, so their number is what counts. candle's own elementwise ops would each
+// take a pass and an allocation, and from 64K elements up they run on candle's
+// separate thread pool, whose workers spin after every op and so take a core from
+// the next matrix product: about a tenth of a forward at batch 32 on two cores.
+// Other devices and dtypes use candle's ops.
+
+/// Whether the fused CPU kernels may overwrite `x`: an f32 CPU tensor, laid out
+/// contiguously from the start of its storage. Callers pass only the fresh
+/// output of the step before (a matrix product, a lookup), whose storage nothing
+/// else holds.
+fn owned(x: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.layout().contiguous_offsets() == Some((0, x.elem_count()))
+}
+
+/// `activation(x + bias)`, or `x + bias` without one; `x`: `[rows, width]`,
+/// overwritten where it can be (see [`owned`]), `bias`: `[width]`.
+fn bias_act(
+    x: Tensor,
+    bias: &Tensor,
+    activation: Option<Activation>,
+) -> candle_core::Result<Tensor> {
+    let fast = match activation {
+        None => Some(BiasAct::Identity),
+        Some(Activation::Gelu) => Some(BiasAct::GeluErf),
+        Some(_) => None,
+    };
+    match fast {
+        Some(op) if owned(&x) => {
+            x.inplace_op2(bias, &op)?;
+            Ok(x)
+        }
+        _ => {
+            let x = x.broadcast_add(bias)?;
+            match activation {
+                None => Ok(x),
+                Some(Activation::Gelu) => x.gelu_erf(),
+                Some(Activation::GeluTanh) => x.gelu(),
+                Some(Activation::Relu) => x.relu(),
+            }
+        }
+    }
+}
+
+/// The softmax over the last dimension, overwriting `x` where it can (see
+/// [`owned`]). candle's takes a scalar libm `exp` per element, which was about a
+/// quarter of attention's time here.
+fn softmax(x: Tensor) -> candle_core::Result<Tensor> {
+    if owned(&x) {
+        x.inplace_op1(&Softmax)?;
+        Ok(x)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x)
+    }
+}
+
+/// The exact GELU, `0.5·x·(1 + erf(x/√2))`: [`BiasAct::GeluErf`] with no bias
+/// on f32 CPU tensors, candle's `gelu_erf` elsewhere.
+#[cfg(test)]
+fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
+    let zeros = Tensor::zeros(x.dim(candle_core::D::Minus1)?, x.dtype(), x.device())?;
+    bias_act(x.copy()?, &zeros, Some(Activation::Gelu))
+}
+
+/// Elements per rayon task; whole rows of at least this many.
+const TASK_ELEMENTS: usize = 16 * 1024;
+
+/// The rows of `[rows, width]` data per rayon task.
+fn task_len(width: usize) -> usize {
+    TASK_ELEMENTS.div_ceil(width.max(1)) * width.max(1)
+}
+
+/// The f32 data of a kernel's operand, checked to be laid out contiguously.
+fn f32_data<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} takes f32, not {:?}", storage.dtype());
+    };
+    match layout.contiguous_offsets() {
+        Some((from, to)) => Ok(&data[from..to]),
+        None => candle_core::bail!("{op} takes contiguous operands"),
+    }
+}
+
+/// The f32 data a kernel overwrites, checked to be laid out contiguously.
+fn f32_data_mut<'a>(
+    op: &str,
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    let dtype = storage.dtype();
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} takes f32, not {dtype:?}");
+    };
+    match layout.contiguous_offsets() {
+        Some((from, to)) => Ok(&mut data[from..to]),
+        None => candle_core::bail!("{op} takes contiguous operands"),
+    }
+}
+
+/// `x ← x + bias` and `x ← gelu(x + bias)` over rows; see [`bias_act`].
+#[derive(Debug, Clone, Copy)]
+enum BiasAct {
+    Identity,
+    GeluErf,
+}
+
+impl InplaceOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        match self {
+            BiasAct::Identity => "bias-add",
+            BiasAct::GeluErf => "bias-gelu-erf",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        bias: &CpuStorage,
+        bias_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let bias = f32_data(self.name(), bias, bias_l)?;
+        let width = bias.len();
+        if dst_l.dims().last() != Some(&width) {
+            candle_core::bail!("{}: a bias of {width} for {:?}", self.name(), dst_l.shape());
+        }
+        let x = f32_data_mut(self.name(), dst, dst_l)?;
+        x.par_chunks_mut(task_len(width)).for_each(|x| match self {
+            BiasAct::Identity => bias_add_rows(x, bias),
+            BiasAct::GeluErf => bias_gelu_rows(x, bias),
+        });
+        Ok(())
+    }
+}
+
+/// `x ← norm(x + bias + residual)` over rows, with the `[3, width]` bias, weight
+/// and beta; see [`AddNorm`].
+struct AddNormOp(f32);
+
+impl InplaceOp3 for AddNormOp {
+    fn name(&self) -> &'static str {
+        "add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        residual: &CpuStorage,
+        residual_l: &Layout,
+        params: &CpuStorage,
+        params_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let residual = f32_data(self.name(), residual, residual_l)?;
+        let params = f32_data(self.name(), params, params_l)?;
+        let width = params.len() / 3;
+        if dst_l.shape() != residual_l.shape()
+            || dst_l.dims().last() != Some(&width)
+            || params.len() != 3 * width
+        {
+            candle_core::bail!(
+                "{}: {:?} + {:?} with {:?} parameters",
+                self.name(),
+                dst_l.shape(),
+                residual_l.shape(),
+                params_l.shape()
+            );
+        }
+        let (bias, rest) = params.split_at(width);
+        let (weight, beta) = rest.split_at(width);
+        let x = f32_data_mut(self.name(), dst, dst_l)?;
+        let task = task_len(width);
+        x.par_chunks_mut(task)
+            .zip(residual.par_chunks(task))
+            .for_each(|(x, residual)| add_norm_rows(x, residual, bias, weight, beta, self.0));
+        Ok(())
+    }
+}
+
+/// `x ← softmax(x)` over the last dimension; see [`softmax`]. One sequence's
+/// attention scores at a time, so one thread: the sequences run side by side.
+struct Softmax;
+
+impl InplaceOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let width = layout.dims().last().copied().unwrap_or(1).max(1);
+        softmax_rows(f32_data_mut(self.name(), storage, layout)?, width);
+        Ok(())
+    }
+}
+
+/// Defines `fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA
+/// when the CPU has them (checked at run time), else for the build's baseline.
+/// The bodies are plain loops; this is what lets the compiler vectorize them
+/// with the widest registers the machine has.
+macro_rules! vectorized {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F, checked just above.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+vectorized! {
+    /// `x ← x + bias`, row by row.
+    fn bias_add_rows(x: &mut [f32], bias: &[f32]) {
+        for x in x.chunks_exact_mut(bias.len()) {
+            for (x, &b) in x.iter_mut().zip(bias) {
+                *x += b;
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// `x ← gelu(x + bias)`, row by row.
+    fn bias_gelu_rows(x: &mut [f32], bias: &[f32]) {
+        for x in x.chunks_exact_mut(bias.len()) {
+            for (x, &b) in x.iter_mut().zip(bias) {
+                *x = gelu_erf_one(*x + b);
+            }
+        }
+    }
+}
+
+/// Lanes of the partial sums and maxima in the row kernels: one AVX-512
+/// register, so the reductions vectorize (floating-point addition is not
+/// reordered otherwise).
+const LANES: usize = 16;
+
+vectorized! {
+    /// `x ← norm(x + bias + residual)`, row by row: the mean of each row's sum,
+    /// then its variance about that mean (a second pass, which stays accurate
+    /// when the mean is large), then the affine map.
+    fn add_norm_rows(
+        x: &mut [f32],
+        residual: &[f32],
+        bias: &[f32],
+        weight: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        let width = bias.len();
+        for (x, residual) in x.chunks_exact_mut(width).zip(residual.chunks_exact(width)) {
+            for ((x, &r), &b) in x.iter_mut().zip(residual).zip(bias) {
+                *x += r + b;
+            }
+            let mean = lane_sum(x, |v| v) / width as f32;
+            let var = lane_sum(x, |v| (v - mean) * (v - mean)) / width as f32;
+            let scale = 1.0 / (var + eps).sqrt();
+            for ((x, &w), &b) in x.iter_mut().zip(weight).zip(beta) {
+                *x = (*x - mean) * scale * w + b;
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// `x ← softmax(x)` over each row of `width`. Attention rows are short (a
+    /// sequence's length), so the exponentials run as one pass over all rows.
+    fn softmax_rows(x: &mut [f32], width: usize) {
+        for row in x.chunks_exact_mut(width) {
+            let mut lanes = [f32::NEG_INFINITY; LANES];
+            let mut chunks = row.chunks_exact(LANES);
+            for chunk in &mut chunks {
+                for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                    *lane = lane.max(v);
+                }
+            }
+            let max = chunks
+                .remainder()
+                .iter()
+                .chain(&lanes)
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            for v in row.iter_mut() {
+                *v -= max;
+            }
+        }
+        for v in x.iter_mut() {
+            *v = exp(*v);
+        }
+        for row in x.chunks_exact_mut(width) {
+            let scale = 1.0 / lane_sum(row, |v| v);
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+        }
+    }
+}
+
+/// `Σ f(v)` over `values`, in [`LANES`] partial sums.
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `0.5·x·(1 + erf(x/√2))` for one element, branch-free.
+#[inline(always)]
+fn gelu_erf_one(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// erf(z) to within 7e-8, branch-free so that loops over it vectorize: N. Juffa's
+/// single-precision erf, two minimax pieces. Up to |z| = 0.9277 an odd polynomial;
+/// beyond, `1 - e^p(|z|)` with the sign of z, through [`exp`] (whose floor of
+/// 1e-38 makes erf exactly ±1 far out, so large GELU inputs come out as `x` or
+/// `-0`).
+#[inline(always)]
+fn erf(z: f32) -> f32 {
+    let t = z.abs();
+    let s = z * z;
+    let near = [
+        4.991_194_2e-3,
+        -2.676_813_5e-2,
+        1.128_199_3e-1,
+        -3.761_253_4e-1,
+        1.283_791_7e-1,
+    ]
+    .iter()
+    .fold(-5.967_617e-4, |r: f32, &k| r * s + k)
+        * z
+        + z;
+    let p = (-1.728_534_7e-5 * t + 3.831_971_3e-4) * s + (-3.883_964_4e-3 * t + 2.425_462_2e-2);
+    let p = ((p * t - 1.067_778_8e-1) * t - 6.348_467e-1) * t - 1.287_175_1e-1;
+    let far = (1.0 - exp(p * t - t)).copysign(z);
+    if t > 0.927_734_4 {
+        far
+    } else {
+        near
+    }
+}
+
+/// How the checkpoint names the encoder: with or without a `bert.` prefix (or
+/// the `model_type`'s, as some BERT-family checkpoints do).
+fn encoder_root<'a>(vb: VarBuilder<'a>, model_type: Option<&str>) -> VarBuilder<'a> {
+    const WORDS: &str = "embeddings.word_embeddings.weight";
+    if vb.contains_tensor(WORDS) {
+        return vb;
+    }
+    for prefix in std::iter::once("bert").chain(model_type) {
+        if vb.contains_tensor(&format!("{prefix}.{WORDS}")) {
+            return vb.pp(prefix);
+        }
+    }
+    vb
+}
+
 /// A BERT encoder with its pooling: token ids in, one vector per input out.
 pub struct Embedder {
-    model: BertModel,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
     pooling: Pooling,
     device: Device,
     vocab_size: usize,
     hidden_size: usize,
     max_position: usize,
-    pad_token_id: u32,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -230,6 +919,7 @@ impl std::fmt::Debug for Embedder {
         f.debug_struct("Embedder")
             .field("pooling", &self.pooling)
             .field("device", &self.device)
+            .field("layers", &self.layers.len())
             .field("dimensions", &self.hidden_size)
             .field("max_tokens", &self.max_position)
             .finish()
@@ -243,21 +933,20 @@ impl Embedder {
         let file: BertConfigFile = serde_json::from_slice(config_json)
             .map_err(|e| ServingError::model(format!("config.json: {e}")))?;
         let config = file.to_config()?;
-        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
-            vb.pp("bert")
-        } else {
-            vb
-        };
+        let vb = encoder_root(vb, config.model_type.as_deref());
         let device = vb.device().clone();
-        let model = BertModel::load(vb, &config)?;
+        let embeddings = Embeddings::load(vb.pp("embeddings"), &config)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), &config))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Embedder {
-            model,
+            embeddings,
+            layers,
             pooling,
             device,
             vocab_size: config.vocab_size,
             hidden_size: config.hidden_size,
             max_position: config.max_position_embeddings,
-            pad_token_id: file.pad_token_id.unwrap_or(0),
         })
     }
 
@@ -278,8 +967,11 @@ impl Embedder {
 
     /// Embeds a batch of token-id sequences of any lengths in one forward pass.
     ///
-    /// Shorter sequences are padded with `pad_token_id` and masked out of attention
-    /// and pooling. Returns one vector per input, in order.
+    /// The sequences are packed, not padded: their tokens are the rows of one
+    /// matrix that every projection, norm and activation runs over at once, and
+    /// attention and pooling run per sequence over its own rows. So the cost is
+    /// the batch's real tokens, and a sentence embeds the same alone or in any
+    /// batch. Returns one vector per input, in order.
     pub fn embed(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, ServingError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -308,53 +1000,77 @@ impl Embedder {
                 ));
             }
         }
+        // On the CPU the whole forward runs on one of rayon's threads: the kernels'
+        // and gemm's parallel loops then start from inside the pool, where
+        // splitting work costs a queue push, rather than from outside it, where
+        // every small step would wait for a sleeping thread to wake.
+        let hidden = if self.device.is_cpu() {
+            rayon::scope(|_| self.forward(batch))?
+        } else {
+            self.forward(batch)?
+        };
+        let lens = batch.iter().map(Vec::len);
+        Ok(pool(&hidden, self.hidden_size, lens, self.pooling))
+    }
 
-        let rows = batch.len();
-        let len = batch.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(rows * len);
-        let mut mask = Vec::with_capacity(rows * len);
+    /// The encoder's output rows, packed: `[Σ lengths × hidden]`, row-major.
+    fn forward(&self, batch: &[Vec<u32>]) -> candle_core::Result<Vec<f32>> {
+        let total: usize = batch.iter().map(Vec::len).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
         for seq in batch {
             ids.extend_from_slice(seq);
-            ids.resize(ids.len() + len - seq.len(), self.pad_token_id);
-            mask.extend(std::iter::repeat_n(1u32, seq.len()));
-            mask.extend(std::iter::repeat_n(0u32, len - seq.len()));
+            positions.extend(0..seq.len() as u32);
         }
-        let ids = Tensor::from_vec(ids, (rows, len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (rows, len), &self.device)?;
-        let token_types = ids.zeros_like()?;
-
-        let hidden = self
-            .model
-            .forward(&ids, &token_types, Some(&mask))?
-            .to_dtype(DType::F32)?;
-        // [rows, len, 1]: 1 for real tokens, 0 for padding.
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let pooled = match self.pooling.mode {
-            PoolingMode::Mean => {
-                let sum = hidden.broadcast_mul(&mask)?.sum(1)?;
-                let count = mask.sum(1)?;
-                sum.broadcast_div(&count)?
-            }
-            PoolingMode::Cls => hidden.i((.., 0))?,
-            PoolingMode::Max => {
-                // Padding is pushed far below any real activation, as
-                // sentence-transformers does.
-                let penalty = ((mask - 1.0)? * 1e9)?;
-                hidden.broadcast_add(&penalty)?.max(1)?
-            }
-        };
-        let pooled = if self.pooling.normalize {
-            let norm = pooled
-                .sqr()?
-                .sum_keepdim(D::Minus1)?
-                .sqrt()?
-                .clamp(1e-12f32, f32::MAX)?;
-            pooled.broadcast_div(&norm)?
-        } else {
-            pooled
-        };
-        Ok(pooled.to_vec2::<f32>()?)
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let positions = Tensor::from_vec(positions, total, &self.device)?;
+        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+        let mut x = self.embeddings.forward(&ids, &positions)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &lens)?;
+        }
+        x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
     }
+}
+
+/// One vector per sequence from the packed rows `hidden` (`dims` wide) of
+/// sequences of `lens` tokens, pooled and, if asked, scaled to unit length.
+fn pool(
+    hidden: &[f32],
+    dims: usize,
+    lens: impl Iterator<Item = usize>,
+    pooling: Pooling,
+) -> Vec<Vec<f32>> {
+    let mut start = 0;
+    lens.map(|len| {
+        let seq = &hidden[start * dims..(start + len) * dims];
+        start += len;
+        let rows = seq.chunks_exact(dims);
+        let mut v = match pooling.mode {
+            PoolingMode::Cls => seq[..dims].to_vec(),
+            PoolingMode::Mean => {
+                let mut sum = vec![0f32; dims];
+                for row in rows {
+                    sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                }
+                sum.iter_mut().for_each(|s| *s /= len as f32);
+                sum
+            }
+            PoolingMode::Max => {
+                let mut max = vec![f32::NEG_INFINITY; dims];
+                for row in rows {
+                    max.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
+                }
+                max
+            }
+        };
+        if pooling.normalize {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        v
+    })
+    .collect()
 }
 
 #[cfg(test)]
@@ -523,6 +1239,157 @@ mod tests {
             embedder.embed(&[vec![100]]),
             Err(ServingError::InvalidRequest { .. })
         ));
+    }
+
+    #[test]
+    fn a_packed_batch_embeds_each_input_as_alone() {
+        for mode in [PoolingMode::Mean, PoolingMode::Cls, PoolingMode::Max] {
+            let (embedder, _) = random_bert(Pooling {
+                mode,
+                normalize: mode != PoolingMode::Max,
+            });
+            let inputs: Vec<Vec<u32>> = [1usize, 9, 2, 64, 17, 5]
+                .iter()
+                .enumerate()
+                .map(|(s, &len)| {
+                    (0..len)
+                        .map(|i| 1 + ((i * 13 + s * 5) % 99) as u32)
+                        .collect()
+                })
+                .collect();
+            let batch = embedder.embed(&inputs).unwrap();
+            assert_eq!(batch.len(), inputs.len());
+            for (input, packed) in inputs.iter().zip(&batch) {
+                let alone = embedder.embed(std::slice::from_ref(input)).unwrap();
+                let cos = cosine(&alone[0], packed);
+                assert!(
+                    cos >= 0.99999,
+                    "{mode:?}, {} tokens: cosine {cos}",
+                    input.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_vectorized_erf_is_within_2e7() {
+        let mut worst = (0f64, 0f32);
+        for i in -600_000..=600_000 {
+            let z = i as f32 * 1e-5;
+            let err = (f64::from(erf(z)) - candle_core::cpu::erf::erf_f64(f64::from(z))).abs();
+            if err > worst.0 {
+                worst = (err, z);
+            }
+        }
+        assert!(worst.0 <= 2e-7, "erf error {} at {}", worst.0, worst.1);
+        assert_eq!((erf(10.0), erf(-1e30)), (1.0, -1.0));
+    }
+
+    #[test]
+    fn the_gelu_kernel_matches_candles_gelu_erf() {
+        let mut values: Vec<f32> = (-6000..=6000).map(|i| i as f32 * 1e-3).collect();
+        values.extend([
+            -1e4, -300.0, -40.0, -10.0, -7.5, -5.0, 5.0, 7.5, 10.0, 40.0, 300.0, 1e4,
+        ]);
+        values.extend(
+            (0..)
+                .map(|i: i64| ((i * 7919) % 20_011) as f32 * 1e-3 - 10.0)
+                .take(120_000 - values.len()),
+        );
+        let x = Tensor::from_vec(values, (120, 1000), &Device::Cpu).unwrap();
+        let exact = |x: &Tensor| {
+            x.to_dtype(DType::F64)
+                .unwrap()
+                .gelu_erf()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let diff = crate::max_abs_diff(&gelu_erf(&x).unwrap(), &exact(&x));
+        assert!(diff <= 1e-5, "max abs diff {diff}");
+        // With a bias, and on a strided input.
+        let bias = Tensor::randn(0f32, 3., 120, &Device::Cpu).unwrap();
+        let xt = x.t().unwrap();
+        let ours = bias_act(xt.clone(), &bias, Some(Activation::Gelu)).unwrap();
+        let diff = crate::max_abs_diff(&ours, &exact(&xt.broadcast_add(&bias).unwrap()));
+        assert!(diff <= 1e-5, "with a bias: max abs diff {diff}");
+        let ours = bias_act(xt.clone(), &bias, None).unwrap();
+        assert_eq!(
+            crate::max_abs_diff(&ours, &xt.broadcast_add(&bias).unwrap()),
+            0.0
+        );
+    }
+
+    #[test]
+    fn the_softmax_kernel_matches_candles() {
+        let d = Device::Cpu;
+        for width in [1, 7, 16, 23, 64, 100] {
+            let x = (Tensor::randn(0f32, 5., (3, 11, width), &d).unwrap() - 30.0).unwrap();
+            let ours = softmax(x.copy().unwrap()).unwrap();
+            let reference =
+                candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F64).unwrap()).unwrap();
+            let diff = crate::max_abs_diff(&ours, &reference);
+            assert!(diff < 1e-6, "width {width}: max abs diff {diff}");
+        }
+        // Far below the maximum, e^x underflows to (nearly) nothing.
+        let x = Tensor::new(&[[0f32, -50.0, -90.0, -1e30]], &d).unwrap();
+        let p = softmax(x.copy().unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(
+            (p[0][0] - 1.0).abs() < 1e-6 && p[0][1..].iter().all(|&v| v < 1e-21),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn the_add_norm_kernel_matches_candles_layer_norm() {
+        let d = Device::Cpu;
+        let (rows, width) = (57, 384);
+        let x = (Tensor::randn(0f32, 4., (rows, width), &d).unwrap() + 20.0).unwrap();
+        let residual = Tensor::randn(0f32, 1., (rows, width), &d).unwrap();
+        let bias = Tensor::randn(0f32, 1., width, &d).unwrap();
+        let weight = Tensor::randn(1f32, 0.2, width, &d).unwrap();
+        let beta = Tensor::randn(0f32, 0.2, width, &d).unwrap();
+        let norm = AddNorm {
+            packed: Tensor::stack(&[&bias, &weight, &beta], 0).unwrap(),
+            bias: bias.clone(),
+            weight: weight.clone(),
+            beta: beta.clone(),
+            eps: 1e-12,
+        };
+        let ours = norm.forward(x.copy().unwrap(), &residual).unwrap();
+        let sum = (&x + &residual).unwrap().broadcast_add(&bias).unwrap();
+        let reference = candle_nn::ops::layer_norm_slow(
+            &sum.to_dtype(DType::F64).unwrap(),
+            &weight.to_dtype(DType::F64).unwrap(),
+            &beta.to_dtype(DType::F64).unwrap(),
+            1e-12,
+        )
+        .unwrap();
+        let diff = crate::max_abs_diff(&ours, &reference);
+        assert!(diff < 1e-5, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn candles_ops_match_the_fused_kernels() {
+        // f16 takes candle's ops (as other devices do); f32 the CPU kernels.
+        let pooling = Pooling {
+            mode: PoolingMode::Mean,
+            normalize: true,
+        };
+        let (fused, tensors) = random_bert(pooling);
+        let vb = VarBuilder::from_tensors(tensors, DType::F16, &Device::Cpu);
+        let plain = Embedder::new(vb, CONFIG.as_bytes(), pooling).unwrap();
+        let inputs = vec![
+            vec![2, 17, 33, 3],
+            (0..40).map(|i| 1 + (i * 11) % 99).collect(),
+        ];
+        let (a, b) = (fused.embed(&inputs).unwrap(), plain.embed(&inputs).unwrap());
+        for (a, b) in a.iter().zip(&b) {
+            assert!(cosine(a, b) > 0.999, "cosine {}", cosine(a, b));
+        }
     }
 
     #[test]

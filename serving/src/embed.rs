@@ -1,12 +1,15 @@
-//! The dynamic-batching embedding engine.
+//! The continuous-batching embedding engine.
 //!
-//! One dedicated thread owns the model. It waits for a request, then gathers more
-//! until the batch holds `max_batch_tokens` tokens or the first request has waited
-//! `max_delay`, and embeds them together: inputs sorted by length and cut into
-//! forwards of at most `max_batch_tokens` padded tokens, so a long input does not
-//! pad a batch of short ones. Requests whose client went away are skipped.
+//! One dedicated thread owns the model. It waits for a request, then takes the
+//! requests already queued behind it, up to `max_batch_tokens` tokens, and embeds
+//! them together; requests that arrive during that forward make up the next batch,
+//! as in text-embeddings-inference. So a lone client never waits for company, and
+//! under load batches grow by themselves. A `max_delay` above zero makes the first
+//! request of a batch wait that long for more. The encoder packs its inputs (no
+//! padding), so a batch is cut, in order, into forwards of at most
+//! `max_batch_tokens` real tokens. Requests whose client went away are skipped.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,9 +30,10 @@ pub struct EmbedRequest {
 /// Batching limits.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbedOptions {
-    /// Most padded tokens in one forward, and the size a batch waits for.
+    /// Most tokens in one forward, and in one batch taken from the queue.
     pub max_batch_tokens: usize,
-    /// Longest the first request of a batch waits for company.
+    /// Longest the first request of a batch waits for company; zero runs at once
+    /// with whatever is already queued.
     pub max_delay: Duration,
     /// Requests waiting; more are refused.
     pub max_waiting: usize,
@@ -75,6 +79,16 @@ fn tokens(request: &EmbedRequest) -> usize {
     request.inputs.iter().map(Vec::len).sum()
 }
 
+/// The next request for the batch being gathered: one already queued, or one that
+/// arrives before `deadline`. `None` when there is none (or the engine's handles
+/// are gone; the next `recv` sees that).
+fn next_request(rx: &Receiver<EmbedRequest>, deadline: Instant) -> Option<EmbedRequest> {
+    match deadline.checked_duration_since(Instant::now()) {
+        Some(wait) if !wait.is_zero() => rx.recv_timeout(wait).ok(),
+        _ => rx.try_recv().ok(),
+    }
+}
+
 fn run(model: Arc<Embedder>, options: EmbedOptions, metrics: Metrics, rx: Receiver<EmbedRequest>) {
     let budget = options.max_batch_tokens.max(1);
     let mut carry: Option<EmbedRequest> = None;
@@ -90,17 +104,16 @@ fn run(model: Arc<Embedder>, options: EmbedOptions, metrics: Metrics, rx: Receiv
         let mut total = tokens(&first);
         let mut batch = vec![first];
         while total < budget {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(wait) {
-                Ok(r) if total + tokens(&r) > budget => {
+            match next_request(&rx, deadline) {
+                Some(r) if total + tokens(&r) > budget => {
                     carry = Some(r);
                     break;
                 }
-                Ok(r) => {
+                Some(r) => {
                     total += tokens(&r);
                     batch.push(r);
                 }
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+                None => break,
             }
         }
         metrics.queue_depth.sub(batch.len() as i64);
@@ -123,33 +136,29 @@ fn run(model: Arc<Embedder>, options: EmbedOptions, metrics: Metrics, rx: Receiv
 }
 
 /// Every input of the batch, in order, embedded in forwards of at most `budget`
-/// padded tokens over inputs sorted by length.
+/// tokens (one input alone may exceed it). The encoder packs its inputs, so a
+/// forward costs its real tokens and the order does not matter.
 fn embed_all(
     model: &Embedder,
     batch: &[EmbedRequest],
     budget: usize,
     metrics: &Metrics,
 ) -> Result<Vec<Vec<f32>>, ServingError> {
-    let inputs: Vec<&Vec<u32>> = batch.iter().flat_map(|r| r.inputs.iter()).collect();
-    let mut order: Vec<usize> = (0..inputs.len()).collect();
-    order.sort_by_key(|&i| inputs[i].len());
-    let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+    let inputs: Vec<Vec<u32>> = batch
+        .iter()
+        .flat_map(|r| r.inputs.iter().cloned())
+        .collect();
+    let mut out = Vec::with_capacity(inputs.len());
     let mut start = 0;
-    while start < order.len() {
-        // Sorted by length: the padded size of order[start..end] is (end-start) × the last length.
+    while start < inputs.len() {
         let mut end = start + 1;
-        while end < order.len() && (end + 1 - start) * inputs[order[end]].len().max(1) <= budget {
+        let mut total = inputs[start].len();
+        while end < inputs.len() && total + inputs[end].len() <= budget {
+            total += inputs[end].len();
             end += 1;
         }
-        let group: Vec<Vec<u32>> = order[start..end]
-            .iter()
-            .map(|&i| inputs[i].clone())
-            .collect();
-        metrics.embedding_batch.observe(group.len() as f64);
-        let vectors = model.embed(&group)?;
-        for (&i, v) in order[start..end].iter().zip(vectors) {
-            out[i] = v;
-        }
+        metrics.embedding_batch.observe((end - start) as f64);
+        out.extend(model.embed(&inputs[start..end])?);
         start = end;
     }
     Ok(out)

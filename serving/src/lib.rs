@@ -6,6 +6,7 @@
 //! | [`device`] | `cpu` / `cuda:N` device choice |
 //! | [`source`] | where a model's files come from: a local directory or the verified store reader |
 //! | [`tokenizer`] | tokenizer.json through `tokenizers`, incremental detokenizing, chat templates |
+//! | [`dense`] | dense projections with the weight kept transposed, the fast layout for few rows |
 //! | [`tiny`] | writes tiny real models (random weights, a trained byte-level BPE tokenizer) |
 //! | [`llama`] | Llama-family decoder (llama, mistral, qwen2; safetensors or GGUF) with per-sequence KV caches, batched across sequences |
 //! | [`bert`] | BERT-family embeddings with sentence-transformers pooling and normalization |
@@ -14,6 +15,7 @@
 //! | [`embed`] | the dynamic-batching embedding engine on its own thread |
 //! | [`loader`] | loading a model: phases, verified bytes, warm-up |
 //! | [`openai`] | OpenAI wire types |
+//! | [`ops`] | fused element-wise CPU kernels (`silu(gate)·up`, a vectorized `exp`) |
 //! | [`server`] | the axum server: `/v1/*`, `/health`, `/ready`, `/status`, `/metrics` |
 //! | [`metrics`] | Prometheus metrics |
 //!
@@ -23,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod bert;
+pub mod dense;
 pub mod device;
 pub mod embed;
 pub mod error;
@@ -31,6 +34,7 @@ pub mod llama;
 pub mod loader;
 pub mod metrics;
 pub mod openai;
+pub mod ops;
 pub mod sampling;
 pub mod server;
 pub mod source;
@@ -40,3 +44,24 @@ pub mod tokenizer;
 pub use device::DeviceSpec;
 pub use error::ServingError;
 pub use source::ModelSource;
+
+/// The largest element-wise difference of two tensors of one shape, compared in
+/// f32 (tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    use candle_core::DType;
+    let (a, b) = (
+        a.to_dtype(DType::F32).unwrap(),
+        b.to_dtype(DType::F32).unwrap(),
+    );
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

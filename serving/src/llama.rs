@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::dense::Dense;
 use crate::ServingError;
 
 /// The shape of a Llama-family model.
@@ -257,7 +258,10 @@ impl LlamaConfig {
 /// A projection: dense (safetensors) or quantized (GGUF).
 #[derive(Debug, Clone)]
 enum Proj {
-    Dense(candle_nn::Linear),
+    Dense(Dense),
+    /// The output layer tied to the token embeddings, which stay `[vocab, hidden]`
+    /// for the lookup rather than be held twice.
+    Tied(candle_nn::Linear),
     Quant(candle_transformers::quantized_nn::Linear),
 }
 
@@ -265,6 +269,7 @@ impl Module for Proj {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Proj::Dense(l) => l.forward(xs),
+            Proj::Tied(l) => l.forward(xs),
             Proj::Quant(l) => l.forward(xs),
         }
     }
@@ -285,16 +290,56 @@ impl Module for Norm {
     }
 }
 
+/// The query, key and value projections: one fused dense projection (outputs side
+/// by side), or three quantized ones.
+#[derive(Debug, Clone)]
+enum Qkv {
+    Fused { proj: Dense, q: usize, kv: usize },
+    Split(Proj, Proj, Proj),
+}
+
+impl Qkv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Qkv::Fused { proj, q, kv } => {
+                let y = proj.forward(x)?;
+                Ok((
+                    y.narrow(1, 0, *q)?,
+                    y.narrow(1, *q, *kv)?,
+                    y.narrow(1, q + kv, *kv)?,
+                ))
+            }
+            Qkv::Split(q, k, v) => Ok((q.forward(x)?, k.forward(x)?, v.forward(x)?)),
+        }
+    }
+}
+
+/// The MLP's gate and up projections, fused (dense) or apart (quantized); the
+/// result is `silu(gate) * up`.
+#[derive(Debug, Clone)]
+enum GateUp {
+    Fused(Dense),
+    Split(Proj, Proj),
+}
+
+impl Module for GateUp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            GateUp::Fused(proj) => crate::ops::silu_mul(&proj.forward(x)?),
+            GateUp::Split(gate, up) => {
+                candle_nn::ops::silu(&gate.forward(x)?)?.mul(&up.forward(x)?)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     input_norm: Norm,
-    q: Proj,
-    k: Proj,
-    v: Proj,
+    qkv: Qkv,
     o: Proj,
     post_norm: Norm,
-    gate: Proj,
-    up: Proj,
+    gate_up: GateUp,
     down: Proj,
 }
 
@@ -383,13 +428,23 @@ impl Model {
     pub fn from_safetensors(config: LlamaConfig, vb: VarBuilder) -> Result<Model, ServingError> {
         let c = &config;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let dense = |vb: VarBuilder, i: usize, o: usize, bias: bool| -> candle_core::Result<Proj> {
-            Ok(Proj::Dense(if bias {
-                candle_nn::linear(i, o, vb)?
-            } else {
-                candle_nn::linear_no_bias(i, o, vb)?
-            }))
-        };
+        // `[out, in]` weight and optional bias of each projection, fused side by side.
+        let dense =
+            |parts: &[(VarBuilder, usize)], i: usize, bias: bool| -> candle_core::Result<Dense> {
+                let mut loaded = Vec::with_capacity(parts.len());
+                for (vb, o) in parts {
+                    let weight = vb.get((*o, i), "weight")?;
+                    let bias = if bias {
+                        Some(vb.get(*o, "bias")?)
+                    } else {
+                        None
+                    };
+                    loaded.push((weight, bias));
+                }
+                let refs: Vec<(&Tensor, Option<Tensor>)> =
+                    loaded.iter().map(|(w, b)| (w, b.clone())).collect();
+                Dense::fused(&refs)
+            };
         let norm = |vb: VarBuilder| -> candle_core::Result<Norm> {
             Ok(Norm::Dense(candle_nn::rms_norm(
                 c.hidden_size,
@@ -406,33 +461,49 @@ impl Model {
             let l = m.pp(format!("layers.{i}"));
             let a = l.pp("self_attn");
             let mlp = l.pp("mlp");
+            let qkv = dense(
+                &[
+                    (a.pp("q_proj"), h * hd),
+                    (a.pp("k_proj"), kv * hd),
+                    (a.pp("v_proj"), kv * hd),
+                ],
+                c.hidden_size,
+                c.attention_bias,
+            )?;
+            let gate_up = dense(
+                &[
+                    (mlp.pp("gate_proj"), c.intermediate_size),
+                    (mlp.pp("up_proj"), c.intermediate_size),
+                ],
+                c.hidden_size,
+                false,
+            )?;
             layers.push(Layer {
                 input_norm: norm(l.pp("input_layernorm"))?,
-                q: dense(a.pp("q_proj"), c.hidden_size, h * hd, c.attention_bias)?,
-                k: dense(a.pp("k_proj"), c.hidden_size, kv * hd, c.attention_bias)?,
-                v: dense(a.pp("v_proj"), c.hidden_size, kv * hd, c.attention_bias)?,
-                o: dense(a.pp("o_proj"), h * hd, c.hidden_size, false)?,
+                qkv: Qkv::Fused {
+                    proj: qkv,
+                    q: h * hd,
+                    kv: kv * hd,
+                },
+                o: Proj::Dense(dense(&[(a.pp("o_proj"), c.hidden_size)], h * hd, false)?),
                 post_norm: norm(l.pp("post_attention_layernorm"))?,
-                gate: dense(
-                    mlp.pp("gate_proj"),
-                    c.hidden_size,
+                gate_up: GateUp::Fused(gate_up),
+                down: Proj::Dense(dense(
+                    &[(mlp.pp("down_proj"), c.hidden_size)],
                     c.intermediate_size,
                     false,
-                )?,
-                up: dense(mlp.pp("up_proj"), c.hidden_size, c.intermediate_size, false)?,
-                down: dense(
-                    mlp.pp("down_proj"),
-                    c.intermediate_size,
-                    c.hidden_size,
-                    false,
-                )?,
+                )?),
             });
         }
         let norm_out = norm(m.pp("norm"))?;
         let lm_head = if c.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
-            Proj::Dense(candle_nn::Linear::new(embed.clone(), None))
+            Proj::Tied(candle_nn::Linear::new(embed.clone(), None))
         } else {
-            dense(vb.pp("lm_head"), c.hidden_size, c.vocab_size, false)?
+            Proj::Dense(dense(
+                &[(vb.pp("lm_head"), c.vocab_size)],
+                c.hidden_size,
+                false,
+            )?)
         };
         Self::assemble(config, embed, layers, norm_out, lm_head, vb.device())
     }
@@ -464,13 +535,17 @@ impl Model {
             let b = vb.pp(format!("blk.{i}"));
             layers.push(Layer {
                 input_norm: norm(b.pp("attn_norm"))?,
-                q: proj(b.pp("attn_q"), c.hidden_size, h * hd, c.attention_bias)?,
-                k: proj(b.pp("attn_k"), c.hidden_size, kv * hd, c.attention_bias)?,
-                v: proj(b.pp("attn_v"), c.hidden_size, kv * hd, c.attention_bias)?,
+                qkv: Qkv::Split(
+                    proj(b.pp("attn_q"), c.hidden_size, h * hd, c.attention_bias)?,
+                    proj(b.pp("attn_k"), c.hidden_size, kv * hd, c.attention_bias)?,
+                    proj(b.pp("attn_v"), c.hidden_size, kv * hd, c.attention_bias)?,
+                ),
                 o: proj(b.pp("attn_output"), h * hd, c.hidden_size, false)?,
                 post_norm: norm(b.pp("ffn_norm"))?,
-                gate: proj(b.pp("ffn_gate"), c.hidden_size, c.intermediate_size, false)?,
-                up: proj(b.pp("ffn_up"), c.hidden_size, c.intermediate_size, false)?,
+                gate_up: GateUp::Split(
+                    proj(b.pp("ffn_gate"), c.hidden_size, c.intermediate_size, false)?,
+                    proj(b.pp("ffn_up"), c.hidden_size, c.intermediate_size, false)?,
+                ),
                 down: proj(b.pp("ffn_down"), c.intermediate_size, c.hidden_size, false)?,
             });
         }
@@ -478,7 +553,7 @@ impl Model {
         let lm_head = if vb.contains_key("output.weight") {
             proj(vb.pp("output"), c.hidden_size, c.vocab_size, false)?
         } else {
-            Proj::Dense(candle_nn::Linear::new(embed.clone(), None))
+            Proj::Tied(candle_nn::Linear::new(embed.clone(), None))
         };
         Self::assemble(config, embed, layers, norm_out, lm_head, vb.device())
     }
@@ -597,10 +672,10 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let normed = layer.input_norm.forward(&x)?;
-            let q = (self.rotate(&layer.q.forward(&normed)?, h, &cos, &sin)? * scale)?; // [h, n, hd]
-            let k = self.rotate(&layer.k.forward(&normed)?, kv, &cos, &sin)?; // [kv, n, hd]
-            let v = layer.v.forward(&normed)?; // [n, kv*hd]
-                                               // Keys and values into their slots, every token at once.
+            let (q, k, v) = layer.qkv.forward(&normed)?;
+            let q = (self.rotate(&q, h, &cos, &sin)? * scale)?; // [h, n, hd]
+            let k = self.rotate(&k, kv, &cos, &sin)?; // [kv, n, hd]
+                                                      // Keys and values into their slots, every token at once.
             let flat = (pool.slots * kv * cap, hd);
             let k_rows = k.transpose(0, 1)?.contiguous()?.reshape((n * kv, hd))?;
             let v_rows = v.reshape((n * kv, hd))?;
@@ -611,22 +686,32 @@ impl Model {
 
             let mut outs = Vec::with_capacity(chunks.len() - decode.count + 1);
             if decode.count > 0 {
-                let b = decode.count;
+                // Queries placed by slot over the span of the decoding slots, so the
+                // keys and values are read where they lie in the pool, not copied out.
+                let (b, span) = (decode.count, decode.span);
                 let qd = q
                     .narrow(1, 0, b)?
                     .transpose(0, 1)?
                     .contiguous()?
-                    .reshape((b, kv, rep, hd))?;
-                let keys = decode.keys;
-                let kd = k_pool
-                    .index_select(&decode.rows, 0)?
-                    .reshape((b, kv, keys, hd))?;
-                let vd = v_pool
-                    .index_select(&decode.rows, 0)?
-                    .reshape((b, kv, keys, hd))?;
-                let scores = qd.matmul(&kd.t()?)?.broadcast_add(&decode.mask)?; // [b, kv, rep, keys]
+                    .reshape((b, h * hd))?
+                    .index_select(&decode.place, 0)?
+                    .reshape((span, kv, rep, hd))?;
+                let kd =
+                    pool.k[li]
+                        .narrow(0, decode.first_slot, span)?
+                        .narrow(2, 0, decode.keys)?;
+                let vd =
+                    pool.v[li]
+                        .narrow(0, decode.first_slot, span)?
+                        .narrow(2, 0, decode.keys)?;
+                let scores = qd.matmul(&kd.t()?)?.broadcast_add(&decode.mask)?; // [span, kv, rep, keys]
                 let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                outs.push(probs.matmul(&vd)?.reshape((b, h * hd))?);
+                outs.push(
+                    probs
+                        .matmul(&vd)?
+                        .reshape((span, h * hd))?
+                        .index_select(&decode.take, 0)?,
+                );
             }
             let mut at = decode.count;
             for chunk in chunks[decode.count..].iter() {
@@ -672,9 +757,7 @@ impl Model {
             let attn = Tensor::cat(&outs, 0)?;
             let x1 = (layer.o.forward(&attn)? + residual)?;
             let normed = layer.post_norm.forward(&x1)?;
-            let mlp = candle_nn::ops::silu(&layer.gate.forward(&normed)?)?
-                .mul(&layer.up.forward(&normed)?)?;
-            x = (layer.down.forward(&mlp)? + x1)?;
+            x = (layer.down.forward(&layer.gate_up.forward(&normed)?)? + x1)?;
         }
         for chunk in chunks.iter_mut() {
             chunk.cache.len += chunk.tokens.len();
@@ -707,13 +790,22 @@ impl Model {
     }
 }
 
-/// The leading one-token chunks of a batch, which attend together: their slots'
-/// keys gathered `[count, kv, keys, hd]` (padded to the longest) and the mask that
-/// hides the padding (and keys beyond a sliding window).
+/// The leading one-token chunks of a batch, which attend together, reading their
+/// slots in place: the pool's slots `first_slot..first_slot + span` (those of the
+/// decoding sequences and any between them), their first `keys` positions, with a
+/// mask hiding each slot's positions beyond its sequence (and beyond a sliding
+/// window). Slots in the span that no decoding sequence holds compute a row that is
+/// thrown away.
 struct Decode {
     count: usize,
+    first_slot: usize,
+    span: usize,
     keys: usize,
-    rows: Tensor,
+    /// For each slot of the span, the decoding chunk whose query goes there.
+    place: Tensor,
+    /// For each decoding chunk, its slot's row of the span.
+    take: Tensor,
+    /// `[span, 1, 1, keys]`.
     mask: Tensor,
 }
 
@@ -725,31 +817,41 @@ impl Decode {
         device: &Device,
     ) -> candle_core::Result<Decode> {
         let count = chunks.iter().take_while(|c| c.tokens.len() == 1).count();
+        let decoding = &chunks[..count];
+        let first_slot = decoding.iter().map(|c| c.cache.slot).min().unwrap_or(0);
+        let last_slot = decoding.iter().map(|c| c.cache.slot).max().unwrap_or(0);
+        let span = last_slot + 1 - first_slot;
         // Each sequence's length once its token is in.
-        let lens: Vec<usize> = chunks[..count].iter().map(|c| c.cache.len + 1).collect();
-        let keys = lens.iter().copied().max().unwrap_or(1);
-        let kv = pool.k.first().map_or(1, |k| k.dims()[1]);
-        let mut rows = Vec::with_capacity(count * kv * keys);
-        let mut mask = Vec::with_capacity(count * keys);
-        for (chunk, &len) in chunks[..count].iter().zip(&lens) {
-            for head in 0..kv {
-                let base = (chunk.cache.slot * kv + head) * pool.capacity;
-                rows.extend((0..keys).map(|j| (base + j.min(pool.capacity - 1)) as u32));
-            }
+        let keys = decoding
+            .iter()
+            .map(|c| c.cache.len + 1)
+            .max()
+            .unwrap_or(1)
+            .min(pool.capacity);
+        let mut place = vec![0u32; span];
+        let mut take = Vec::with_capacity(count);
+        // Slots no decoding sequence holds see every key: finite, and discarded.
+        let mut mask = vec![0f32; span * keys];
+        for (i, chunk) in decoding.iter().enumerate() {
+            let row = chunk.cache.slot - first_slot;
+            place[row] = i as u32;
+            take.push(row as u32);
+            let len = chunk.cache.len + 1;
             let first = window.map_or(0, |w| len.saturating_sub(w));
-            mask.extend((0..keys).map(|j| {
+            for (j, m) in mask[row * keys..(row + 1) * keys].iter_mut().enumerate() {
                 if j < first || j >= len {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
+                    *m = f32::NEG_INFINITY;
                 }
-            }));
+            }
         }
         Ok(Decode {
             count,
+            first_slot,
+            span,
             keys,
-            rows: Tensor::from_vec(rows, count * kv * keys, device)?,
-            mask: Tensor::from_vec(mask, (count, 1, 1, keys), device)?,
+            place: Tensor::from_vec(place, span, device)?,
+            take: Tensor::from_vec(take, count, device)?,
+            mask: Tensor::from_vec(mask, (span, 1, 1, keys), device)?,
         })
     }
 }
@@ -891,19 +993,6 @@ mod tests {
         (ours, theirs, cfg)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     #[test]
     fn one_sequence_matches_candle_transformers_llama_step_by_step() {
         let (ours, theirs, cfg) = models();
@@ -926,7 +1015,7 @@ mod tests {
             )
             .unwrap();
         for step in 0..20 {
-            assert!(max_diff(&got, &expect) < 1e-4, "step {step}");
+            assert!(crate::max_abs_diff(&got, &expect) < 1e-4, "step {step}");
             let next = crate::sampling::argmax(&got.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
             let x = Tensor::new(&[next], &Device::Cpu)
                 .unwrap()
@@ -1011,8 +1100,8 @@ mod tests {
                 ],
             )
             .unwrap();
-        assert!(max_diff(&both.get(0).unwrap(), &alone_a.squeeze(0).unwrap()) < 1e-5);
-        assert!(max_diff(&both.get(1).unwrap(), &alone_b.squeeze(0).unwrap()) < 1e-5);
+        assert!(crate::max_abs_diff(&both.get(0).unwrap(), &alone_a.squeeze(0).unwrap()) < 1e-5);
+        assert!(crate::max_abs_diff(&both.get(1).unwrap(), &alone_b.squeeze(0).unwrap()) < 1e-5);
         let step = ours
             .forward(
                 &pool,
@@ -1028,7 +1117,7 @@ mod tests {
                 ],
             )
             .unwrap();
-        assert!(max_diff(&step.get(0).unwrap(), &alone_a2.squeeze(0).unwrap()) < 1e-5);
+        assert!(crate::max_abs_diff(&step.get(0).unwrap(), &alone_a2.squeeze(0).unwrap()) < 1e-5);
     }
 
     #[test]

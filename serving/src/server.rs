@@ -45,11 +45,13 @@ pub struct Limits {
     /// Requests in flight at once (429 beyond).
     pub max_concurrent_requests: usize,
     /// Tokens one generation step may process, prefill and decode together; also the
-    /// padded tokens of one embedding forward.
+    /// tokens of one embedding forward (inputs are packed, not padded).
     pub max_batch_tokens: usize,
     /// Sequences decoded together.
     pub max_running_sequences: usize,
     /// Longest an embedding request waits for others to batch with, in milliseconds.
+    /// 0 (the default) waits for none: a batch is whatever is queued when the model
+    /// is free, and requests that arrive during a forward make up the next one.
     pub embed_max_delay_ms: u64,
     /// Bytes of KV cache for the running sequences, cut into slots of one whole
     /// context each (at most `max_running_sequences`; one slot of the whole budget
@@ -65,7 +67,7 @@ impl Default for Limits {
             max_concurrent_requests: 256,
             max_batch_tokens: 2048,
             max_running_sequences: 64,
-            embed_max_delay_ms: 5,
+            embed_max_delay_ms: 0,
             kv_cache_bytes: 4 << 30,
         }
     }
