@@ -6,7 +6,7 @@
 #                  sentence-transformers (PyTorch CPU, 2 threads) encoding the same
 #                  sentences (target/release/serving_embed, which runs
 #                  benchmarks/serving/embed_baseline.py)
-#   generate   (b) tiny-Llama generation tokens/s and time to first token at 1, 8 and
+#   generate   (b) Llama (39 M parameters) generation tokens/s and time to first token at 1, 8 and
 #                  32 concurrent streaming clients, continuous batching beside the same
 #                  server decoding one sequence at a time (target/release/serving_generate)
 #   coldstart  (c) deploy to first token with a ~190 MB model in the 4+2 store over 6

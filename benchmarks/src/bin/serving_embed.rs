@@ -3,8 +3,8 @@
 //! the same sentences in-process.
 //!
 //! - **Ours**: an in-process server (`Server::bind` + `run`, `ModelSource::Dir`,
-//!   default `Limits`: dynamic batching up to 2048 padded tokens, waiting at most
-//!   5 ms for company). Clients POST `/v1/embeddings` over loopback HTTP/1.1 with
+//!   default `Limits`: continuous batching, each forward whatever is queued when the
+//!   model is free, up to 2048 tokens packed without padding). Clients POST `/v1/embeddings` over loopback HTTP/1.1 with
 //!   `encoding_format: "base64"` (what the official OpenAI Python client asks for by
 //!   default). A configuration `BxC` is C closed-loop clients sending B sentences per
 //!   request until all sentences are embedded; `1x1` is one client, one sentence at a
@@ -587,7 +587,7 @@ async fn main() -> Result<()> {
     }
     println!();
     println!(
-        "Ours: HTTP/1.1 over loopback, `encoding_format: base64`, default limits (batches of up to 2048 padded tokens, 5 ms batching delay); tokenizing, JSON and HTTP inside the clock. Baseline: sentence-transformers {} on torch {} ({} threads), in-process, no HTTP. Vectors: ours vs sentence-transformers min cosine {vs_st:.5} (first {check} sentences); every configuration vs one-at-a-time min cosine {:.5}.",
+        "Ours: HTTP/1.1 over loopback, `encoding_format: base64`, default limits (each forward whatever is queued when the model is free, up to 2048 tokens packed without padding); tokenizing, JSON and HTTP inside the clock. Baseline: sentence-transformers {} on torch {} ({} threads), in-process, no HTTP. Vectors: ours vs sentence-transformers min cosine {vs_st:.5} (first {check} sentences); every configuration vs one-at-a-time min cosine {:.5}.",
         baseline.sentence_transformers,
         baseline.torch,
         baseline.threads,

@@ -2,10 +2,11 @@
 //! part b): aigrid's continuous-batching server beside the same server made to decode
 //! one sequence at a time.
 //!
-//! The model is a tiny Llama written by `aigrid_serving::tiny` (random weights, a
-//! trained byte-level BPE tokenizer), larger than the tests' so that compute matters:
-//! by default hidden 256, 4 layers, 8 heads (4 KV heads), MLP 704, vocabulary 512
-//! (about 3.2 M parameters, 13 MB of F32).
+//! The model is a Llama written by `aigrid_serving::tiny` (random weights, a trained
+//! byte-level BPE tokenizer), big enough that decoding one sequence is bound by
+//! reading the weights, as it is for real models: by default hidden 768, 6 layers,
+//! 12 heads (6 KV heads), MLP 2048, vocabulary 512 (about 39 M parameters, 157 MB of
+//! F32). A smaller model is dispatch-bound and says little about batching.
 //!
 //! - **Ours**: `Limits::default()`: up to 64 sequences decoded together, 2048 tokens
 //!   per step, prefill chunked into the decode steps.
@@ -15,7 +16,7 @@
 //!
 //! Both servers run in this process (one at a time: the idle one holds no CPU). For
 //! each concurrency C, C closed-loop clients send `--requests` (64) chat completions
-//! between them, each with its own prompt, `max_tokens` 64, temperature 0, streamed,
+//! between them, each with its own prompt, `max_tokens` 128, temperature 0, streamed,
 //! so the client notes when the first text chunk arrives (TTFT, which includes any
 //! queueing in the server). Tokens/s is the completion tokens the server reported
 //! (`stream_options.include_usage`), summed, over the wall time from the first
@@ -45,7 +46,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(
     name = "serving_generate",
-    about = "Tiny-Llama generation tokens/s and TTFT at several concurrencies, batched vs one sequence at a time"
+    about = "Llama generation tokens/s and TTFT at several concurrencies, batched vs one sequence at a time"
 )]
 struct Args {
     /// Concurrent clients, one run each.
@@ -55,22 +56,22 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     requests: usize,
     /// `max_tokens` of every request.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Hidden size of the tiny Llama.
-    #[arg(long, default_value_t = 256)]
+    /// Hidden size of the Llama.
+    #[arg(long, default_value_t = 768)]
     hidden: usize,
     /// Decoder layers.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     layers: usize,
     /// Attention heads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 12)]
     heads: usize,
     /// Key/value heads.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     kv_heads: usize,
     /// MLP width.
-    #[arg(long, default_value_t = 704)]
+    #[arg(long, default_value_t = 2048)]
     intermediate: usize,
     /// Target vocabulary size.
     #[arg(long, default_value_t = 512)]
@@ -339,7 +340,7 @@ async fn main() -> Result<()> {
     let load_end = load_average();
 
     println!(
-        "### (b) Generation: tiny Llama (hidden {}, {} layers, {} heads / {} KV heads, MLP {}, vocabulary {vocab}: {:.1} M parameters, {:.1} MB F32) on CPU; {} chat requests per concurrency, max_tokens {}, temperature 0, streamed; median of {} runs, interleaved; {} CPUs, 1-min load average {load_start} at the start, {load_end} at the end",
+        "### (b) Generation: Llama with random weights (hidden {}, {} layers, {} heads / {} KV heads, MLP {}, vocabulary {vocab}: {:.1} M parameters, {:.1} MB F32) on CPU; {} chat requests per concurrency, max_tokens {}, temperature 0, streamed; median of {} runs, interleaved; {} CPUs, 1-min load average {load_start} at the start, {load_end} at the end",
         spec.hidden,
         spec.layers,
         spec.heads,
