@@ -9,8 +9,10 @@
 //! position: the projections and MLP run once over every token of the batch, rotary
 //! embeddings use each token's own position, new keys and values are scattered into
 //! their slots in one operation per layer, the decoding sequences (one token each)
-//! attend together in one batched matmul over their slots (padded to the longest and
-//! masked), and prompt chunks attend per sequence.
+//! attend together in one batched matmul that reads their slots where they lie in
+//! the pool (each masked to its own length), and prompt chunks attend per sequence.
+//! Dense projections keep their weights transposed ([`Dense`]), the query, key and
+//! value projections fused into one, and the MLP's gate and up projections too.
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Tensor};
