@@ -41,29 +41,8 @@ export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 PYTHON="${BENCH_PYTHON:-/tmp/stenv/bin/python}"
 FIXTURES="${AIGRID_FIXTURES:-$ROOT/target/fixtures}"
 
-# Builds one benchmark binary in release mode (unless BENCH_SKIP_BUILD=1) and
-# prints its path.
-build() {
-    local bin="$TARGET_DIR/release/$1"
-    if [ "${BENCH_SKIP_BUILD:-0}" != "1" ]; then
-        echo "==> building $1 (release)" >&2
-        (cd "$ROOT" && cargo build --release -p aigrid-benchmarks --bin "$1") >&2 \
-            || { echo "error: cargo build failed" >&2; exit 1; }
-    fi
-    [ -x "$bin" ] || { echo "error: $bin is missing" >&2; exit 1; }
-    echo "$bin"
-}
-
-# Runs a command, copying its stdout to BENCH_OUT when set.
-report() {
-    if [ -n "${BENCH_OUT:-}" ]; then
-        "$@" | tee -a "$BENCH_OUT"
-    else
-        "$@"
-    fi
-}
-
-wants() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# build, report, wants
+. "$ROOT/benchmarks/parts.sh"
 
 for part in $PARTS; do
     case "$part" in embed | generate | coldstart) ;; *) echo "error: unknown part '$part'" >&2; exit 2 ;; esac

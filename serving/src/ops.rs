@@ -49,11 +49,13 @@ impl CustomOp1 for SiluMul {
         }
         let mut out = vec![0f32; x.len() / 2];
         if width > 0 {
-            let rows = x.chunks_exact(2 * width).zip(out.chunks_exact_mut(width));
             if x.len() < PARALLEL_MIN {
-                rows.for_each(|(row, out)| silu_mul_row(row, out));
+                x.chunks_exact(2 * width)
+                    .zip(out.chunks_exact_mut(width))
+                    .for_each(|(row, out)| silu_mul_row(row, out));
             } else {
-                rows.par_bridge()
+                x.par_chunks_exact(2 * width)
+                    .zip(out.par_chunks_exact_mut(width))
                     .for_each(|(row, out)| silu_mul_row(row, out));
             }
         }

@@ -1,0 +1,27 @@
+# Shared by the benchmark scripts that run in parts (store/run.sh, serving/run.sh).
+# Source it after setting ROOT, TARGET_DIR and PARTS.
+
+# Builds one benchmark binary in release mode (unless BENCH_SKIP_BUILD=1) and
+# prints its path.
+build() {
+    local bin="$TARGET_DIR/release/$1"
+    if [ "${BENCH_SKIP_BUILD:-0}" != "1" ]; then
+        echo "==> building $1 (release)" >&2
+        (cd "$ROOT" && cargo build --release -p aigrid-benchmarks --bin "$1") >&2 \
+            || { echo "error: cargo build failed" >&2; exit 1; }
+    fi
+    [ -x "$bin" ] || { echo "error: $bin is missing" >&2; exit 1; }
+    echo "$bin"
+}
+
+# Runs a command, copying its stdout to BENCH_OUT when set.
+report() {
+    if [ -n "${BENCH_OUT:-}" ]; then
+        "$@" | tee -a "$BENCH_OUT"
+    else
+        "$@"
+    fi
+}
+
+# Whether PARTS names this part.
+wants() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
