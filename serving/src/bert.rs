@@ -14,7 +14,6 @@
 //! vectorized kernel. So a forward costs its real tokens, and a sentence embeds the
 //! same alone or in any batch.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, DType, Device, IndexOp, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Module as _,
     Tensor,
@@ -25,7 +24,7 @@ use serde::Deserialize;
 
 use crate::dense::Dense;
 use crate::error::ServingError;
-use crate::ops::exp;
+use crate::ops::{exp, f32_data, f32_data_mut, lane_sum, softmax_rows, vectorized};
 
 /// How per-token vectors become one sentence vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -589,37 +588,6 @@ fn task_len(width: usize) -> usize {
     TASK_ELEMENTS.div_ceil(width.max(1)) * width.max(1)
 }
 
-/// The f32 data of a kernel's operand, checked to be laid out contiguously.
-fn f32_data<'a>(
-    op: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{op} takes f32, not {:?}", storage.dtype());
-    };
-    match layout.contiguous_offsets() {
-        Some((from, to)) => Ok(&data[from..to]),
-        None => candle_core::bail!("{op} takes contiguous operands"),
-    }
-}
-
-/// The f32 data a kernel overwrites, checked to be laid out contiguously.
-fn f32_data_mut<'a>(
-    op: &str,
-    storage: &'a mut CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    let dtype = storage.dtype();
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{op} takes f32, not {dtype:?}");
-    };
-    match layout.contiguous_offsets() {
-        Some((from, to)) => Ok(&mut data[from..to]),
-        None => candle_core::bail!("{op} takes contiguous operands"),
-    }
-}
-
 /// `x ← x + bias` and `x ← gelu(x + bias)` over rows; see [`bias_act`].
 #[derive(Debug, Clone, Copy)]
 enum BiasAct {
@@ -716,41 +684,6 @@ impl InplaceOp1 for Softmax {
     }
 }
 
-/// Defines `fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA
-/// when the CPU has them (checked at run time), else for the build's baseline.
-/// The bodies are plain loops; this is what lets the compiler vectorize them
-/// with the widest registers the machine has.
-macro_rules! vectorized {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F, checked just above.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
-
 vectorized! {
     /// `x ← x + bias`, row by row.
     fn bias_add_rows(x: &mut [f32], bias: &[f32]) {
@@ -772,11 +705,6 @@ vectorized! {
         }
     }
 }
-
-/// Lanes of the partial sums and maxima in the row kernels: one AVX-512
-/// register, so the reductions vectorize (floating-point addition is not
-/// reordered otherwise).
-const LANES: usize = 16;
 
 vectorized! {
     /// `x ← norm(x + bias + residual)`, row by row: the mean of each row's sum,
@@ -803,53 +731,6 @@ vectorized! {
             }
         }
     }
-}
-
-vectorized! {
-    /// `x ← softmax(x)` over each row of `width`. Attention rows are short (a
-    /// sequence's length), so the exponentials run as one pass over all rows.
-    fn softmax_rows(x: &mut [f32], width: usize) {
-        for row in x.chunks_exact_mut(width) {
-            let mut lanes = [f32::NEG_INFINITY; LANES];
-            let mut chunks = row.chunks_exact(LANES);
-            for chunk in &mut chunks {
-                for (lane, &v) in lanes.iter_mut().zip(chunk) {
-                    *lane = lane.max(v);
-                }
-            }
-            let max = chunks
-                .remainder()
-                .iter()
-                .chain(&lanes)
-                .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            for v in row.iter_mut() {
-                *v -= max;
-            }
-        }
-        for v in x.iter_mut() {
-            *v = exp(*v);
-        }
-        for row in x.chunks_exact_mut(width) {
-            let scale = 1.0 / lane_sum(row, |v| v);
-            for v in row.iter_mut() {
-                *v *= scale;
-            }
-        }
-    }
-}
-
-/// `Σ f(v)` over `values`, in [`LANES`] partial sums.
-#[inline(always)]
-fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let mut chunks = values.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f(v);
-        }
-    }
-    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// `0.5·x·(1 + erf(x/√2))` for one element, branch-free.

@@ -6,7 +6,7 @@
 //! | [`device`] | `cpu` / `cuda:N` device choice |
 //! | [`source`] | where a model's files come from: a local directory or the verified store reader |
 //! | [`tokenizer`] | tokenizer.json through `tokenizers`, incremental detokenizing, chat templates |
-//! | [`dense`] | dense projections with the weight kept transposed, the fast layout for few rows |
+//! | [`dense`] | dense projections, the weight laid out at load for the product that runs them |
 //! | [`tiny`] | writes tiny real models (random weights, a trained byte-level BPE tokenizer) |
 //! | [`llama`] | Llama-family decoder (llama, mistral, qwen2; safetensors or GGUF) with per-sequence KV caches, batched across sequences |
 //! | [`bert`] | BERT-family embeddings with sentence-transformers pooling and normalization |
@@ -15,7 +15,8 @@
 //! | [`embed`] | the dynamic-batching embedding engine on its own thread |
 //! | [`loader`] | loading a model: phases, verified bytes, warm-up |
 //! | [`openai`] | OpenAI wire types |
-//! | [`ops`] | fused element-wise CPU kernels (`silu(gate)·up`, a vectorized `exp`) |
+//! | [`packed`] | projections with the weight packed for an AVX-512 small-batch matrix product |
+//! | [`ops`] | fused CPU kernels: `silu(gate)·up`, decode attention over the KV pool, row softmax, a vectorized `exp` |
 //! | [`server`] | the axum server: `/v1/*`, `/health`, `/ready`, `/status`, `/metrics` |
 //! | [`metrics`] | Prometheus metrics |
 //!
@@ -35,6 +36,7 @@ pub mod loader;
 pub mod metrics;
 pub mod openai;
 pub mod ops;
+pub mod packed;
 pub mod sampling;
 pub mod server;
 pub mod source;

@@ -9,10 +9,12 @@
 //! position: the projections and MLP run once over every token of the batch, rotary
 //! embeddings use each token's own position, new keys and values are scattered into
 //! their slots in one operation per layer, the decoding sequences (one token each)
-//! attend together in one batched matmul that reads their slots where they lie in
-//! the pool (each masked to its own length), and prompt chunks attend per sequence.
-//! Dense projections keep their weights transposed ([`Dense`]), the query, key and
-//! value projections fused into one, and the MLP's gate and up projections too.
+//! attend together, reading their slots where they lie in the pool (on the CPU one
+//! kernel over each sequence's own keys, elsewhere one batched matmul masked to
+//! each length), and prompt chunks attend per sequence. Dense projections are
+//! [`Dense`] (packed for the CPU's widest matrix product, or transposed), the
+//! query, key and value projections fused into one, and the MLP's gate and up
+//! projections too.
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Tensor};
@@ -20,6 +22,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::dense::Dense;
+use crate::ops::{decode_attention, DecodeSeq};
 use crate::ServingError;
 
 /// The shape of a Llama-family model.
@@ -592,13 +595,26 @@ impl Model {
     }
 
     /// A pool of `slots` sequences of up to `capacity` tokens each (at most the
-    /// context). Its memory is `slots × capacity ×` [`LlamaConfig::kv_bytes_per_token`].
+    /// context). Its memory is `slots × capacity ×` [`LlamaConfig::kv_bytes_per_token`],
+    /// taken here, whole: on the CPU it is written once now, so the OS maps (and
+    /// zeroes) its pages at startup rather than in the middle of the first steps
+    /// that reach them.
     pub fn new_pool(&self, slots: usize, capacity: usize) -> Result<KvPool, ServingError> {
         let c = &self.config;
         let slots = slots.max(1);
         let capacity = capacity.clamp(1, c.max_position_embeddings);
         let shape = (slots, c.num_key_value_heads, capacity, c.head_dim);
-        let zeros = || Tensor::zeros(shape, DType::F32, &self.device);
+        let zeros = || match &self.device {
+            Device::Cpu => {
+                let n = slots * c.num_key_value_heads * capacity * c.head_dim;
+                let mut values = Vec::with_capacity(n);
+                // Opaque, so that this stays a write of every page rather than
+                // becoming an allocation of zeroed (and untouched) memory.
+                values.resize(n, std::hint::black_box(0f32));
+                Tensor::from_vec(values, shape, &self.device)
+            }
+            _ => Tensor::zeros(shape, DType::F32, &self.device),
+        };
         let mut k = Vec::with_capacity(c.num_hidden_layers);
         let mut v = Vec::with_capacity(c.num_hidden_layers);
         for _ in 0..c.num_hidden_layers {
@@ -688,32 +704,34 @@ impl Model {
 
             let mut outs = Vec::with_capacity(chunks.len() - decode.count + 1);
             if decode.count > 0 {
-                // Queries placed by slot over the span of the decoding slots, so the
-                // keys and values are read where they lie in the pool, not copied out.
-                let (b, span) = (decode.count, decode.span);
+                let b = decode.count;
                 let qd = q
                     .narrow(1, 0, b)?
                     .transpose(0, 1)?
                     .contiguous()?
-                    .reshape((b, h * hd))?
-                    .index_select(&decode.place, 0)?
-                    .reshape((span, kv, rep, hd))?;
-                let kd =
-                    pool.k[li]
-                        .narrow(0, decode.first_slot, span)?
-                        .narrow(2, 0, decode.keys)?;
-                let vd =
-                    pool.v[li]
-                        .narrow(0, decode.first_slot, span)?
-                        .narrow(2, 0, decode.keys)?;
-                let scores = qd.matmul(&kd.t()?)?.broadcast_add(&decode.mask)?; // [span, kv, rep, keys]
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                outs.push(
-                    probs
-                        .matmul(&vd)?
-                        .reshape((span, h * hd))?
-                        .index_select(&decode.take, 0)?,
-                );
+                    .reshape((b, h * hd))?;
+                outs.push(match &decode.gather {
+                    None => decode_attention(&qd, &pool.k[li], &pool.v[li], &decode.seqs, h)?,
+                    Some(g) => {
+                        // Queries placed by slot over the span of the decoding slots,
+                        // so the keys and values are read where they lie in the pool.
+                        let qd = qd
+                            .index_select(&g.place, 0)?
+                            .reshape((g.span, kv, rep, hd))?;
+                        let kd = pool.k[li]
+                            .narrow(0, g.first_slot, g.span)?
+                            .narrow(2, 0, g.keys)?;
+                        let vd = pool.v[li]
+                            .narrow(0, g.first_slot, g.span)?
+                            .narrow(2, 0, g.keys)?;
+                        let scores = qd.matmul(&kd.t()?)?.broadcast_add(&g.mask)?; // [span, kv, rep, keys]
+                        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                        probs
+                            .matmul(&vd)?
+                            .reshape((g.span, h * hd))?
+                            .index_select(&g.take, 0)?
+                    }
+                });
             }
             let mut at = decode.count;
             for chunk in chunks[decode.count..].iter() {
@@ -793,13 +811,22 @@ impl Model {
 }
 
 /// The leading one-token chunks of a batch, which attend together, reading their
-/// slots in place: the pool's slots `first_slot..first_slot + span` (those of the
-/// decoding sequences and any between them), their first `keys` positions, with a
-/// mask hiding each slot's positions beyond its sequence (and beyond a sliding
-/// window). Slots in the span that no decoding sequence holds compute a row that is
-/// thrown away.
+/// keys and values where they lie in the pool: on the CPU each sequence over just
+/// its own keys ([`decode_attention`]), elsewhere batched as a [`Gather`].
 struct Decode {
     count: usize,
+    /// Each decoding chunk's slot and keys, for the CPU kernel.
+    seqs: Vec<DecodeSeq>,
+    /// The batched form for other devices.
+    gather: Option<Gather>,
+}
+
+/// Decode attention as candle matmuls over the span of slots `first_slot..
+/// first_slot + span`, their first `keys` positions: queries placed by slot, a
+/// mask hiding each slot's positions beyond its sequence (and beyond a sliding
+/// window). Slots in the span that no decoding sequence holds compute a row that
+/// is thrown away.
+struct Gather {
     first_slot: usize,
     span: usize,
     keys: usize,
@@ -820,39 +847,62 @@ impl Decode {
     ) -> candle_core::Result<Decode> {
         let count = chunks.iter().take_while(|c| c.tokens.len() == 1).count();
         let decoding = &chunks[..count];
-        let first_slot = decoding.iter().map(|c| c.cache.slot).min().unwrap_or(0);
-        let last_slot = decoding.iter().map(|c| c.cache.slot).max().unwrap_or(0);
-        let span = last_slot + 1 - first_slot;
-        // Each sequence's length once its token is in.
-        let keys = decoding
+        let seqs: Vec<DecodeSeq> = decoding
             .iter()
-            .map(|c| c.cache.len + 1)
+            .map(|c| {
+                // The sequence's length once its token is in.
+                let len = c.cache.len + 1;
+                let first_key = window.map_or(0, |w| len.saturating_sub(w));
+                DecodeSeq {
+                    slot: c.cache.slot,
+                    first_key,
+                    keys: len - first_key,
+                }
+            })
+            .collect();
+        let gather = match device.is_cpu() || count == 0 {
+            true => None,
+            false => Some(Gather::plan(&seqs, pool, device)?),
+        };
+        Ok(Decode {
+            count,
+            seqs,
+            gather,
+        })
+    }
+}
+
+impl Gather {
+    fn plan(seqs: &[DecodeSeq], pool: &KvPool, device: &Device) -> candle_core::Result<Gather> {
+        let first_slot = seqs.iter().map(|s| s.slot).min().unwrap_or(0);
+        let last_slot = seqs.iter().map(|s| s.slot).max().unwrap_or(0);
+        let span = last_slot + 1 - first_slot;
+        let keys = seqs
+            .iter()
+            .map(|s| s.first_key + s.keys)
             .max()
             .unwrap_or(1)
             .min(pool.capacity);
         let mut place = vec![0u32; span];
-        let mut take = Vec::with_capacity(count);
+        let mut take = Vec::with_capacity(seqs.len());
         // Slots no decoding sequence holds see every key: finite, and discarded.
         let mut mask = vec![0f32; span * keys];
-        for (i, chunk) in decoding.iter().enumerate() {
-            let row = chunk.cache.slot - first_slot;
+        for (i, s) in seqs.iter().enumerate() {
+            let row = s.slot - first_slot;
             place[row] = i as u32;
             take.push(row as u32);
-            let len = chunk.cache.len + 1;
-            let first = window.map_or(0, |w| len.saturating_sub(w));
             for (j, m) in mask[row * keys..(row + 1) * keys].iter_mut().enumerate() {
-                if j < first || j >= len {
+                if j < s.first_key || j >= s.first_key + s.keys {
                     *m = f32::NEG_INFINITY;
                 }
             }
         }
-        Ok(Decode {
-            count,
+        Ok(Gather {
             first_slot,
             span,
             keys,
             place: Tensor::from_vec(place, span, device)?,
-            take: Tensor::from_vec(take, count, device)?,
+            take: Tensor::from_vec(take, seqs.len(), device)?,
             mask: Tensor::from_vec(mask, (span, 1, 1, keys), device)?,
         })
     }

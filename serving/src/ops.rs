@@ -1,13 +1,149 @@
-//! Fused element-wise kernels for the models' CPU hot paths.
+//! Fused kernels for the models' CPU hot paths.
 //!
 //! candle runs `silu(gate) * up` as three passes over memory, each a dispatch to its
 //! thread pool, and its `exp` is a scalar libm call per element. Here it is one pass,
-//! with an `exp` the compiler vectorizes (AVX2/FMA when the CPU has them, chosen at
-//! run time), split over the CPU threads only when the tensor is big enough to pay
-//! for it. Other devices use candle's ops.
+//! with an `exp` the compiler vectorizes (AVX-512 or AVX2/FMA when the CPU has them,
+//! chosen at run time by [`vectorized!`]), split over the CPU threads only when the
+//! tensor is big enough to pay for it. Decode attention ([`decode_attention`]) runs
+//! each sequence over just its own keys in the KV pool, sequences and heads in
+//! parallel. Other devices use candle's ops.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+/// Defines `fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA
+/// when the CPU has them (checked at run time), else for the build's baseline.
+/// The bodies are plain loops; this is what lets the compiler vectorize them
+/// with the widest registers the machine has.
+macro_rules! vectorized {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F, checked just above.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use vectorized;
+
+/// Lanes of the partial sums and maxima in the row kernels: one AVX-512
+/// register, so the reductions vectorize (floating-point addition is not
+/// reordered otherwise).
+pub(crate) const LANES: usize = 16;
+
+/// `Σ f(v)` over `values`, in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    fold_lanes(lanes) + tail
+}
+
+/// The sum of the lanes, halving: each step one vector addition of the upper
+/// half onto the lower, rather than fifteen scalar additions in a row.
+#[inline(always)]
+fn fold_lanes(mut lanes: [f32; LANES]) -> f32 {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+    }
+    lanes[0]
+}
+
+vectorized! {
+    /// `x ← softmax(x)` over each row of `width`. Attention rows are short (a
+    /// sequence's length), so the exponentials run as one pass over all rows.
+    pub(crate) fn softmax_rows(x: &mut [f32], width: usize) {
+        for row in x.chunks_exact_mut(width) {
+            let mut lanes = [f32::NEG_INFINITY; LANES];
+            let mut chunks = row.chunks_exact(LANES);
+            for chunk in &mut chunks {
+                for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                    *lane = lane.max(v);
+                }
+            }
+            let max = chunks
+                .remainder()
+                .iter()
+                .chain(&lanes)
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            for v in row.iter_mut() {
+                *v -= max;
+            }
+        }
+        for v in x.iter_mut() {
+            *v = exp(*v);
+        }
+        for row in x.chunks_exact_mut(width) {
+            let scale = 1.0 / lane_sum(row, |v| v);
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+        }
+    }
+}
+
+/// The f32 data of a kernel's operand, checked to be laid out contiguously.
+pub(crate) fn f32_data<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} takes f32, not {:?}", storage.dtype());
+    };
+    match layout.contiguous_offsets() {
+        Some((from, to)) => Ok(&data[from..to]),
+        None => candle_core::bail!("{op} takes contiguous operands"),
+    }
+}
+
+/// The f32 data a kernel overwrites, checked to be laid out contiguously.
+pub(crate) fn f32_data_mut<'a>(
+    op: &str,
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    let dtype = storage.dtype();
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} takes f32, not {dtype:?}");
+    };
+    match layout.contiguous_offsets() {
+        Some((from, to)) => Ok(&mut data[from..to]),
+        None => candle_core::bail!("{op} takes contiguous operands"),
+    }
+}
 
 /// Elements below which a kernel stays on the calling thread.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -35,13 +171,7 @@ impl CustomOp1 for SiluMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("silu-mul takes f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("silu-mul takes a contiguous tensor");
-        };
-        let x = &data[start..end];
+        let x = f32_data(self.name(), storage, layout)?;
         let mut dims = layout.dims().to_vec();
         let width = dims.last().copied().unwrap_or(0) / 2;
         if let Some(last) = dims.last_mut() {
@@ -63,26 +193,13 @@ impl CustomOp1 for SiluMul {
     }
 }
 
-fn silu_mul_row(row: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { silu_mul_row_avx2(row, out) };
-    }
-    silu_mul_row_portable(row, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn silu_mul_row_avx2(row: &[f32], out: &mut [f32]) {
-    silu_mul_row_portable(row, out)
-}
-
-#[inline(always)]
-fn silu_mul_row_portable(row: &[f32], out: &mut [f32]) {
-    let (gate, up) = row.split_at(out.len());
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp(-g)) * u;
+vectorized! {
+    /// `out ← silu(gate) * up` for one row `[gate | up]`.
+    fn silu_mul_row(row: &[f32], out: &mut [f32]) {
+        let (gate, up) = row.split_at(out.len());
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + exp(-g)) * u;
+        }
     }
 }
 
@@ -112,6 +229,219 @@ pub fn exp(x: f32) -> f32 {
     // 2^n: n + 127 in the exponent field.
     let two_n = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     (p * r * r + r + 1.0) * two_n
+}
+
+/// One decoding sequence's place in the KV pool: its slot and the keys it attends
+/// to, `first_key..first_key + keys` (its whole length, or its sliding window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeSeq {
+    /// The sequence's slot in the pool.
+    pub slot: usize,
+    /// First position attended to.
+    pub first_key: usize,
+    /// Positions attended to.
+    pub keys: usize,
+}
+
+/// Attention of one new token per sequence over its own keys and values, read where
+/// they lie in the KV pool: `q` `[seqs, heads·hd]` (already scaled), the pool's
+/// `[slots, kv_heads, capacity, hd]` keys and values → `[seqs, heads·hd]`.
+///
+/// Each (sequence, key/value head) pair is one task over exactly that sequence's
+/// keys, so a sequence's result does not depend on the others in the batch, and no
+/// work goes to padding. CPU f32 only; other devices batch it through candle's
+/// matmuls (see `llama`).
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &[DecodeSeq],
+    heads: usize,
+) -> Result<Tensor> {
+    q.contiguous()?
+        .apply_op3_no_bwd(k, v, &DecodeAttention { seqs, heads })
+}
+
+struct DecodeAttention<'a> {
+    seqs: &'a [DecodeSeq],
+    heads: usize,
+}
+
+impl CustomOp3 for DecodeAttention<'_> {
+    fn name(&self) -> &'static str {
+        "decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            f32_data(self.name(), q, q_l)?,
+            f32_data(self.name(), k, k_l)?,
+            f32_data(self.name(), v, v_l)?,
+        );
+        let (slots, kv, cap, hd) = k_l.shape().dims4()?;
+        let (n, width) = q_l.shape().dims2()?;
+        let heads = self.heads;
+        if v_l.shape() != k_l.shape()
+            || n != self.seqs.len()
+            || width != heads * hd
+            || kv == 0
+            || !heads.is_multiple_of(kv)
+        {
+            candle_core::bail!(
+                "decode-attention of {n} queries of {width} for {} sequences, {heads} heads, over keys {:?} and values {:?}",
+                self.seqs.len(),
+                k_l.dims(),
+                v_l.dims()
+            );
+        }
+        if let Some(s) = self
+            .seqs
+            .iter()
+            .find(|s| s.slot >= slots || s.keys == 0 || s.first_key + s.keys > cap)
+        {
+            candle_core::bail!("decode-attention of {s:?} in a pool of {slots} slots of {cap}");
+        }
+        let rep = heads / kv;
+        let mut out = vec![0f32; n * width];
+        let run = |(task, out): (usize, &mut [f32])| {
+            let (i, g) = (task / kv, task % kv);
+            let s = self.seqs[i];
+            let at = ((s.slot * kv + g) * cap + s.first_key) * hd;
+            let span = at..at + s.keys * hd;
+            let q = &q[i * width + g * rep * hd..][..rep * hd];
+            attend(q, &k[span.clone()], &v[span], out, hd);
+        };
+        let work = self.seqs.iter().map(|s| s.keys).sum::<usize>() * kv * hd;
+        if work < PARALLEL_MIN {
+            out.chunks_exact_mut(rep * hd).enumerate().for_each(run);
+        } else {
+            out.par_chunks_exact_mut(rep * hd).enumerate().for_each(run);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, width))))
+    }
+}
+
+/// The query heads `q` (`[rep, hd]`) of one key/value head over its `keys` and
+/// `values` (`[keys, hd]` each) → `out` (`[rep, hd]`).
+fn attend(q: &[f32], keys: &[f32], values: &[f32], out: &mut [f32], hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(LANES) && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { avx512::attend(q, keys, values, out, hd) };
+    }
+    attend_vectorized(q, keys, values, out, hd)
+}
+
+/// [`attend`] with AVX-512 registers written out: the compiler splits the
+/// lane-wise dot products of the portable version into 4-lane pieces.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{exp, lane_sum, LANES};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU has AVX-512F; `hd` is a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attend(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        out: &mut [f32],
+        hd: usize,
+    ) {
+        let mut scores = vec![0f32; keys.len() / hd];
+        for (q, out) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+            for (score, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+                let mut acc = _mm512_setzero_ps();
+                for (x, y) in q.chunks_exact(LANES).zip(key.chunks_exact(LANES)) {
+                    // SAFETY: both chunks hold 16 floats.
+                    let (x, y) =
+                        unsafe { (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(y.as_ptr())) };
+                    acc = _mm512_fmadd_ps(x, y, acc);
+                }
+                *score = _mm512_reduce_add_ps(acc);
+            }
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            for score in scores.iter_mut() {
+                *score = exp(*score - max);
+            }
+            let scale = _mm512_set1_ps(1.0 / lane_sum(&scores, |s| s));
+            for (c, out) in out.chunks_exact_mut(LANES).enumerate() {
+                let mut acc = _mm512_setzero_ps();
+                for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
+                    // SAFETY: `c * 16 + 16 ≤ hd`, the row's length.
+                    let x = unsafe { _mm512_loadu_ps(value.as_ptr().add(c * LANES)) };
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(p), x, acc);
+                }
+                // SAFETY: `out` holds 16 floats.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(acc, scale)) };
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// [`attend`] in plain loops.
+    fn attend_vectorized(q: &[f32], keys: &[f32], values: &[f32], out: &mut [f32], hd: usize) {
+        let mut scores = vec![0f32; keys.len() / hd];
+        for (q, out) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+            for (score, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+                *score = lane_sum_of_products(q, key);
+            }
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            for score in scores.iter_mut() {
+                *score = exp(*score - max);
+            }
+            let scale = 1.0 / lane_sum(&scores, |s| s);
+            // Sixteen outputs at a time, summed in registers over every value row.
+            let mut lanes = out.chunks_exact_mut(LANES);
+            for (c, lanes_out) in (&mut lanes).enumerate() {
+                let mut acc = [0f32; LANES];
+                for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
+                    let value: &[f32; LANES] = value[c * LANES..][..LANES].try_into().unwrap();
+                    for (a, &x) in acc.iter_mut().zip(value) {
+                        *a += p * x;
+                    }
+                }
+                for (o, a) in lanes_out.iter_mut().zip(acc) {
+                    *o = a * scale;
+                }
+            }
+            let done = hd - lanes.into_remainder().len();
+            for d in done..hd {
+                let sum: f32 = scores.iter().zip(values.chunks_exact(hd)).map(|(&p, v)| p * v[d]).sum();
+                out[d] = sum * scale;
+            }
+        }
+    }
+}
+
+/// `Σ a·b` in [`LANES`] partial sums.
+#[inline(always)]
+fn lane_sum_of_products(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (mut xs, mut ys) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut xs).zip(&mut ys) {
+        let (x, y): (&[f32; LANES], &[f32; LANES]) = (x.try_into().unwrap(), y.try_into().unwrap());
+        for ((lane, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane += x * y;
+        }
+    }
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    fold_lanes(lanes) + tail
 }
 
 #[cfg(test)]
@@ -159,5 +489,105 @@ mod tests {
         let strided = x.t().unwrap(); // [6, 8], not contiguous
         assert_eq!(silu_mul(&strided).unwrap().dims(), &[6, 4]);
         assert!(silu_mul(&Tensor::zeros((2, 5), DType::F32, &d).unwrap()).is_err());
+    }
+    /// Attention of one query per sequence over its slot, through candle's ops.
+    fn attention_reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        s: DecodeSeq,
+        i: usize,
+        heads: usize,
+    ) -> Tensor {
+        let (_, kv, _, hd) = k.dims4().unwrap();
+        let rep = heads / kv;
+        let keys = k
+            .get(s.slot)
+            .unwrap()
+            .narrow(1, s.first_key, s.keys)
+            .unwrap(); // [kv, keys, hd]
+        let values = v
+            .get(s.slot)
+            .unwrap()
+            .narrow(1, s.first_key, s.keys)
+            .unwrap();
+        let q = q.get(i).unwrap().reshape((kv, rep, hd)).unwrap();
+        let scores = q.matmul(&keys.t().unwrap()).unwrap(); // [kv, rep, keys]
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        probs
+            .matmul(&values.contiguous().unwrap())
+            .unwrap()
+            .reshape(heads * hd)
+            .unwrap()
+    }
+
+    #[test]
+    fn decode_attention_matches_candle_per_sequence_whatever_the_batch() {
+        let d = Device::Cpu;
+        // hd 16 (whole vectors) and 12 (a remainder); windows and full lengths.
+        for hd in [16usize, 12] {
+            let (slots, kv, cap, heads) = (5usize, 2usize, 40usize, 6usize);
+            let k = Tensor::randn(0f32, 1., (slots, kv, cap, hd), &d).unwrap();
+            let v = Tensor::randn(0f32, 1., (slots, kv, cap, hd), &d).unwrap();
+            let seqs = [
+                DecodeSeq {
+                    slot: 3,
+                    first_key: 0,
+                    keys: 17,
+                },
+                DecodeSeq {
+                    slot: 0,
+                    first_key: 0,
+                    keys: 1,
+                },
+                DecodeSeq {
+                    slot: 4,
+                    first_key: 9,
+                    keys: 31,
+                },
+            ];
+            let q = Tensor::randn(0f32, 1., (seqs.len(), heads * hd), &d).unwrap();
+            let out = decode_attention(&q, &k, &v, &seqs, heads).unwrap();
+            assert_eq!(out.dims(), &[seqs.len(), heads * hd]);
+            for (i, &s) in seqs.iter().enumerate() {
+                let want = attention_reference(&q, &k, &v, s, i, heads);
+                let got = out.get(i).unwrap();
+                assert!(
+                    crate::max_abs_diff(&got, &want) < 1e-5,
+                    "hd {hd}, sequence {i}"
+                );
+                // Alone, the same values to the bit.
+                let alone =
+                    decode_attention(&q.narrow(0, i, 1).unwrap(), &k, &v, &[s], heads).unwrap();
+                assert_eq!(
+                    alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    got.to_vec1::<f32>().unwrap()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn decode_attention_refuses_what_does_not_fit() {
+        let d = Device::Cpu;
+        let k = Tensor::zeros((2, 1, 8, 16), DType::F32, &d).unwrap();
+        let q = Tensor::zeros((1, 32), DType::F32, &d).unwrap();
+        let fits = DecodeSeq {
+            slot: 1,
+            first_key: 2,
+            keys: 6,
+        };
+        assert!(decode_attention(&q, &k, &k, &[fits], 2).is_ok());
+        for bad in [
+            DecodeSeq { slot: 2, ..fits },
+            DecodeSeq { keys: 7, ..fits },
+            DecodeSeq { keys: 0, ..fits },
+        ] {
+            assert!(decode_attention(&q, &k, &k, &[bad], 2).is_err(), "{bad:?}");
+        }
+        // Heads that do not match the query width, or a sequence count that does not
+        // match the queries.
+        assert!(decode_attention(&q, &k, &k, &[fits], 3).is_err());
+        assert!(decode_attention(&q, &k, &k, &[fits, fits], 2).is_err());
     }
 }

@@ -1,0 +1,505 @@
+//! Projections with the weight packed for an AVX-512 matrix product.
+//!
+//! A decoding step multiplies a few rows (one per running sequence) by every weight
+//! of the model, and `gemm` reaches a third to a half of the CPU's peak there: it
+//! packs the weight again on every call and its tiles are sized for many rows. Here
+//! the weight is packed once, at load, into panels of [`NR`] output columns
+//! (`[panel][in][NR]`, 64-byte aligned). The product goes over rows in blocks of
+//! [`MB`]; within a block the panels are split over the CPU threads, and each panel
+//! is streamed once, in input blocks of [`KC`] (prefetched one block ahead, since
+//! the weights come from memory), through register tiles of up to [`MR`] rows ×
+//! `NR` columns.
+//!
+//! Every output element sums its products in input order whatever the number of
+//! rows (each row has its own accumulators, and the input blocks add up in order),
+//! so a sequence's logits do not depend on which other sequences share its step.
+//!
+//! Used on CPUs with AVX-512F for f32 weights; others keep `gemm`
+//! ([`crate::dense::Dense`] chooses).
+
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+use rayon::prelude::*;
+
+/// Output columns per panel: two 16-lane vectors.
+pub const NR: usize = 32;
+/// Rows per register tile: `MR × 2` accumulators, 24 of the 32 vector registers.
+pub const MR: usize = 12;
+/// Inputs per block: a panel's block is `KC × NR` floats (32 KiB), which stays in
+/// the L1 cache while every row tile passes over it.
+pub const KC: usize = 256;
+/// Rows per block: a block's inputs (`MB × in` floats) stay in the L2 cache while
+/// every panel passes over them.
+pub const MB: usize = 128;
+/// Multiply-adds below which a product stays on the calling thread.
+const PARALLEL_MIN: usize = 1 << 17;
+
+/// 16 lanes, aligned to a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Lanes([f32; 16]);
+
+/// A `[in] → [out]` projection's weight (and bias), packed.
+pub struct Packed {
+    /// `panels × input × 2` vectors.
+    data: Vec<Lanes>,
+    /// `panels × 2` vectors, zero where there is no bias or past `output`.
+    bias: Vec<Lanes>,
+    input: usize,
+    output: usize,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packed")
+            .field("input", &self.input)
+            .field("output", &self.output)
+            .finish()
+    }
+}
+
+/// Whether this CPU runs the packed product.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Packed {
+    /// From a row-major `[output, input]` weight (a checkpoint's layout) and an
+    /// optional `[output]` bias.
+    pub fn new(weight: &[f32], bias: Option<&[f32]>, input: usize, output: usize) -> Result<Self> {
+        if weight.len() != input * output {
+            candle_core::bail!("a {output}x{input} weight of {} values", weight.len());
+        }
+        if let Some(b) = bias {
+            if b.len() != output {
+                candle_core::bail!("a bias of {} for {output} outputs", b.len());
+            }
+        }
+        let panels = output.div_ceil(NR);
+        let zero = Lanes([0.0; 16]);
+        let mut data = vec![zero; panels * input * 2];
+        for (o, row) in weight.chunks_exact(input.max(1)).enumerate().take(output) {
+            let (panel, lane) = (o / NR, o % NR);
+            for (i, &w) in row.iter().enumerate() {
+                data[(panel * input + i) * 2 + lane / 16].0[lane % 16] = w;
+            }
+        }
+        let mut packed_bias = vec![zero; panels * 2];
+        if let Some(b) = bias {
+            for (o, &v) in b.iter().enumerate() {
+                packed_bias[o / 16].0[o % 16] = v;
+            }
+        }
+        Ok(Packed {
+            data,
+            bias: packed_bias,
+            input,
+            output,
+        })
+    }
+
+    /// Input width.
+    pub fn input(&self) -> usize {
+        self.input
+    }
+
+    /// Output width.
+    pub fn output(&self) -> usize {
+        self.output
+    }
+
+    /// `x[rows, input] · Wᵀ + b` → `[rows, output]`, both row-major.
+    pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        if !available() {
+            candle_core::bail!("the packed product needs AVX-512F");
+        }
+        let rows = x.len() / self.input.max(1);
+        if x.len() != rows * self.input || self.input == 0 {
+            candle_core::bail!(
+                "a packed {}→{} product of {} inputs",
+                self.input,
+                self.output,
+                x.len()
+            );
+        }
+        // Not zeroed first: the panels write every element.
+        let mut out = Vec::with_capacity(rows * self.output);
+        let uninit = &mut out.spare_capacity_mut()[..rows * self.output];
+        // Many rows go in blocks of MB, each block's inputs staying in L2 while every
+        // panel passes over them.
+        for (block, x) in x.chunks(MB * self.input).enumerate() {
+            let out = &mut uninit[block * MB * self.output..];
+            self.block(x, &mut out[..x.len() / self.input * self.output]);
+        }
+        // SAFETY: every one of the `rows × output` elements was written: each row
+        // block by all the panels, each panel all its columns of every row.
+        unsafe { out.set_len(rows * self.output) };
+        Ok(out)
+    }
+
+    /// One block of rows, panels split over the threads.
+    fn block(&self, x: &[f32], out: &mut [MaybeUninit<f32>]) {
+        let rows = x.len() / self.input;
+        let panels = self.output.div_ceil(NR);
+        let dst = Dst(out.as_mut_ptr().cast());
+        let run = |panel: usize| {
+            let cols = (self.output - panel * NR).min(NR);
+            let b = &self.data[panel * self.input * 2..(panel + 1) * self.input * 2];
+            let bias = &self.bias[panel * 2..panel * 2 + 2];
+            // SAFETY: AVX-512F is present (checked by `matmul`); `x` holds
+            // `rows × input` values, `b` the panel's `input × NR`, and the panel
+            // writes only its own `cols` columns of each of the `rows` output rows,
+            // which no other panel touches.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::panel(
+                    x,
+                    self.input,
+                    rows,
+                    b,
+                    bias,
+                    dst.at(panel * NR),
+                    self.output,
+                    cols,
+                )
+            }
+        };
+        let work = rows * self.input * self.output;
+        if work < PARALLEL_MIN || rayon::current_num_threads() == 1 {
+            (0..panels).for_each(run);
+        } else {
+            let per_panel = rows * self.input * NR;
+            let min_len = PARALLEL_MIN.div_ceil(per_panel).max(1);
+            (0..panels)
+                .into_par_iter()
+                .with_min_len(min_len)
+                .for_each(run);
+        }
+    }
+}
+
+/// The output, written by panels in parallel at disjoint columns.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: each panel writes only its own columns (see `Packed::matmul`).
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Lanes, KC, MR};
+    use std::arch::x86_64::*;
+
+    /// One panel for all rows: full tiles of `MR` rows, then the rest.
+    ///
+    /// # Safety
+    /// AVX-512F; `x` is `rows × input`; `b` is the panel (`input × 2` vectors);
+    /// `c` points at the panel's first column of row 0 of a `rows × ldc` output and
+    /// `cols ≤ 32` columns from there are the panel's to write.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panel(
+        x: &[f32],
+        input: usize,
+        rows: usize,
+        b: &[Lanes],
+        bias: &[Lanes],
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        let b = b.as_ptr() as *const f32;
+        let bias = bias.as_ptr() as *const f32;
+        let mask0 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << cols) - 1
+        };
+        let mask1 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        let masks = (mask0 as __mmask16, mask1 as __mmask16);
+        // Input blocks of KC: a block of the panel (KC × 32 floats) stays in L1 while
+        // every row tile passes over it.
+        let mut k0 = 0;
+        while k0 < input {
+            let k1 = (k0 + KC).min(input);
+            let part = Part {
+                k0,
+                len: k1 - k0,
+                lda: input,
+                first: k0 == 0,
+                last: k1 == input,
+            };
+            let b = b.add(k0 * 32);
+            let mut r = 0;
+            while r + MR <= rows {
+                // SAFETY: rows r..r+MR exist; the caller's contract for the rest.
+                unsafe {
+                    tile::<MR>(
+                        x.as_ptr().add(r * input),
+                        b,
+                        bias,
+                        c.add(r * ldc),
+                        ldc,
+                        masks,
+                        part,
+                    )
+                };
+                r += MR;
+            }
+            // SAFETY: r ≤ rows, so both stay within (or one past) their buffers.
+            let (a, c) = unsafe { (x.as_ptr().add(r * input), c.add(r * ldc)) };
+            // SAFETY: the remaining `rows - r` rows, as above.
+            unsafe {
+                match rows - r {
+                    1 => tile::<1>(a, b, bias, c, ldc, masks, part),
+                    2 => tile::<2>(a, b, bias, c, ldc, masks, part),
+                    3 => tile::<3>(a, b, bias, c, ldc, masks, part),
+                    4 => tile::<4>(a, b, bias, c, ldc, masks, part),
+                    5 => tile::<5>(a, b, bias, c, ldc, masks, part),
+                    6 => tile::<6>(a, b, bias, c, ldc, masks, part),
+                    7 => tile::<7>(a, b, bias, c, ldc, masks, part),
+                    8 => tile::<8>(a, b, bias, c, ldc, masks, part),
+                    9 => tile::<9>(a, b, bias, c, ldc, masks, part),
+                    10 => tile::<10>(a, b, bias, c, ldc, masks, part),
+                    11 => tile::<11>(a, b, bias, c, ldc, masks, part),
+                    _ => {}
+                }
+            }
+            k0 = k1;
+        }
+    }
+
+    /// Which inputs a tile pass covers.
+    #[derive(Clone, Copy)]
+    struct Part {
+        /// First input of the block.
+        k0: usize,
+        /// Inputs in the block.
+        len: usize,
+        /// Row stride of the input rows.
+        lda: usize,
+        /// The block starts the sums (otherwise they continue from the output).
+        first: bool,
+        /// The block ends them: add the bias.
+        last: bool,
+    }
+
+    /// `R` rows × one panel over one input block, continuing the sums in the
+    /// output unless the block is the first; the last adds the bias.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const R: usize>(
+        a: *const f32,
+        b: *const f32,
+        bias: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        (mask0, mask1): (__mmask16, __mmask16),
+        part: Part,
+    ) {
+        // SAFETY (whole body): the caller's contract on `panel`, which this keeps.
+        unsafe {
+            let Part {
+                k0,
+                len,
+                lda,
+                first,
+                last,
+            } = part;
+            let a = a.add(k0);
+            let zero = _mm512_setzero_ps();
+            let mut acc = [[zero; 2]; R];
+            if !first {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let row = c.add(r * ldc);
+                    acc[0] = _mm512_maskz_loadu_ps(mask0, row);
+                    acc[1] = _mm512_maskz_loadu_ps(mask1, row.add(16));
+                }
+            }
+            for k in 0..len {
+                // The panel's next block (or the next panel, which follows it in
+                // memory) into L2 while this one is in use: the weights stream from
+                // memory, and a decoding step has too few rows to hide its latency.
+                let ahead = b.wrapping_add((k + KC) * 32) as *const i8;
+                _mm_prefetch::<_MM_HINT_T1>(ahead);
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64));
+                let b0 = _mm512_load_ps(b.add(k * 32));
+                let b1 = _mm512_load_ps(b.add(k * 32 + 16));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*a.add(r * lda + k));
+                    acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+                }
+            }
+            let (bias0, bias1) = if last {
+                (_mm512_load_ps(bias), _mm512_load_ps(bias.add(16)))
+            } else {
+                (zero, zero)
+            };
+            for (r, acc) in acc.iter().enumerate() {
+                let row = c.add(r * ldc);
+                _mm512_mask_storeu_ps(row, mask0, _mm512_add_ps(acc[0], bias0));
+                if mask1 != 0 {
+                    _mm512_mask_storeu_ps(row.add(16), mask1, _mm512_add_ps(acc[1], bias1));
+                }
+            }
+        }
+    }
+}
+
+/// `x · Wᵀ + b` as a candle op on a contiguous `[rows, input]` f32 tensor.
+pub(crate) struct PackedMatmul<'a>(pub(crate) &'a Packed);
+
+impl CustomOp1 for PackedMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("packed-matmul takes f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed-matmul takes a contiguous tensor");
+        };
+        let (rows, input) = layout.shape().dims2()?;
+        if input != self.0.input {
+            candle_core::bail!(
+                "packed-matmul of {input} columns by a {}-input weight",
+                self.0.input
+            );
+        }
+        let out = self.0.matmul(&data[start..end])?;
+        Ok((CpuStorage::F32(out), Shape::from((rows, self.0.output))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        input: usize,
+        output: usize,
+    ) -> Vec<f32> {
+        let rows = x.len() / input;
+        let mut out = vec![0f32; rows * output];
+        for r in 0..rows {
+            for o in 0..output {
+                let dot: f64 = (0..input)
+                    .map(|i| x[r * input + i] as f64 * w[o * input + i] as f64)
+                    .sum();
+                out[r * output + o] = dot as f32 + bias.map_or(0.0, |b| b[o]);
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_a_plain_product_at_every_shape_edge() {
+        if !available() {
+            return;
+        }
+        // Odd and even inputs, partial panels, every tile remainder, parallel sizes.
+        for (rows, input, output) in [
+            (1, 1, 1),
+            (1, 7, 33),
+            (5, 8, 16),
+            (6, 9, 31),
+            (7, 64, 64),
+            (12, 5, 32),
+            (13, 33, 70),
+            (25, 300, 40),
+            (32, 768, 96),
+            (40, 256, 512),
+        ] {
+            let (x, w, b) = (
+                values(rows * input, 1),
+                values(output * input, 2),
+                values(output, 3),
+            );
+            for bias in [None, Some(b.as_slice())] {
+                let packed = Packed::new(&w, bias, input, output).unwrap();
+                let out = packed.matmul(&x).unwrap();
+                assert_eq!(out.len(), rows * output);
+                let want = reference(&x, &w, bias, input, output);
+                for (i, (a, e)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{rows}x{input}→{output} at {i}: {a} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_comes_out_the_same_whatever_rows_share_the_product() {
+        if !available() {
+            return;
+        }
+        let (input, output) = (301, 200);
+        let w = values(input * output, 4);
+        let packed = Packed::new(&w, None, input, output).unwrap();
+        let x = values(32 * input, 5);
+        let all = packed.matmul(&x).unwrap();
+        for rows in [1usize, 2, 5, 11, 12, 13, 25] {
+            for start in [0usize, 3, 32 - rows] {
+                let some = packed
+                    .matmul(&x[start * input..(start + rows) * input])
+                    .unwrap();
+                assert_eq!(
+                    some,
+                    all[start * output..(start + rows) * output],
+                    "{rows} rows from {start}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_sizes_are_errors() {
+        assert!(Packed::new(&[0.0; 6], None, 4, 2).is_err());
+        assert!(Packed::new(&[0.0; 8], Some(&[0.0; 3]), 4, 2).is_err());
+        if available() {
+            let p = Packed::new(&[0.0; 8], None, 4, 2).unwrap();
+            assert!(p.matmul(&[0.0; 5]).is_err());
+            assert_eq!(p.matmul(&[]).unwrap(), Vec::<f32>::new());
+        }
+    }
+}
