@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::dense::Dense;
-use crate::ops::{decode_attention, DecodeSeq};
+use crate::ops::{pool_attention, KeySpan};
 use crate::ServingError;
 
 /// The shape of a Llama-family model.
@@ -359,6 +359,8 @@ pub struct Model {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Attention through [`pool_attention`] (the CPU) rather than candle's ops.
+    pool_kernel: bool,
 }
 
 /// Keys and values of every running sequence: per layer a `[slots, kv_heads,
@@ -581,6 +583,7 @@ impl Model {
             cos,
             sin,
             device: device.clone(),
+            pool_kernel: device.is_cpu(),
         })
     }
 
@@ -682,9 +685,11 @@ impl Model {
             .contiguous()?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
-        let rep = h / kv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let decode = Decode::plan(chunks, pool, c.sliding_window, dev)?;
+        let attention = match self.pool_kernel {
+            true => Attention::Pool(key_spans(chunks, c.sliding_window)),
+            false => Attention::Batched(Decode::plan(chunks, pool, c.sliding_window, dev)?),
+        };
 
         let mut x = self.embed.index_select(&ids, 0)?; // [n, hidden]
         for (li, layer) in self.layers.iter().enumerate() {
@@ -702,79 +707,15 @@ impl Model {
             k_pool.scatter_set(&rows, &k_rows, 0)?;
             v_pool.scatter_set(&rows, &v_rows, 0)?;
 
-            let mut outs = Vec::with_capacity(chunks.len() - decode.count + 1);
-            if decode.count > 0 {
-                let b = decode.count;
-                let qd = q
-                    .narrow(1, 0, b)?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .reshape((b, h * hd))?;
-                outs.push(match &decode.gather {
-                    None => decode_attention(&qd, &pool.k[li], &pool.v[li], &decode.seqs, h)?,
-                    Some(g) => {
-                        // Queries placed by slot over the span of the decoding slots,
-                        // so the keys and values are read where they lie in the pool.
-                        let qd = qd
-                            .index_select(&g.place, 0)?
-                            .reshape((g.span, kv, rep, hd))?;
-                        let kd = pool.k[li]
-                            .narrow(0, g.first_slot, g.span)?
-                            .narrow(2, 0, g.keys)?;
-                        let vd = pool.v[li]
-                            .narrow(0, g.first_slot, g.span)?
-                            .narrow(2, 0, g.keys)?;
-                        let scores = qd.matmul(&kd.t()?)?.broadcast_add(&g.mask)?; // [span, kv, rep, keys]
-                        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                        probs
-                            .matmul(&vd)?
-                            .reshape((g.span, h * hd))?
-                            .index_select(&g.take, 0)?
-                    }
-                });
-            }
-            let mut at = decode.count;
-            for chunk in chunks[decode.count..].iter() {
-                let t = chunk.tokens.len();
-                let start = chunk.cache.len;
-                let total = start + t;
-                let first_key = match c.sliding_window {
-                    Some(w) if total > w && t == 1 => total - w,
-                    _ => 0,
-                };
-                let keys = total - first_key;
-                let slot_k = pool.k[li]
-                    .narrow(0, chunk.cache.slot, 1)?
-                    .narrow(2, first_key, keys)?;
-                let slot_v = pool.v[li]
-                    .narrow(0, chunk.cache.slot, 1)?
-                    .narrow(2, first_key, keys)?;
-                // Grouped-query attention without copying keys: the `rep` query heads
-                // of one key/value head are laid out as one longer query block.
-                let qg = q
-                    .narrow(1, at, t)?
-                    .contiguous()?
-                    .reshape((1, kv, rep * t, hd))?;
-                at += t;
-                let scores = qg.matmul(&slot_k.t()?)?; // [1, kv, rep*t, keys]
-                let scores = if t > 1 || first_key > 0 {
-                    let mask = attention_mask(t, start, first_key, keys, c.sliding_window, dev)?;
-                    scores
-                        .reshape((kv, rep, t, keys))?
-                        .broadcast_add(&mask)?
-                        .reshape((1, kv, rep * t, keys))?
-                } else {
-                    scores
-                };
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                let out = probs.matmul(&slot_v)?; // [1, kv, rep*t, hd]
-                outs.push(
-                    out.reshape((h, t, hd))?
-                        .transpose(0, 1)?
-                        .reshape((t, h * hd))?,
-                );
-            }
-            let attn = Tensor::cat(&outs, 0)?;
+            let attn = match &attention {
+                Attention::Pool(spans) => {
+                    let q = q.transpose(0, 1)?.contiguous()?.reshape((n, h * hd))?;
+                    pool_attention(&q, &pool.k[li], &pool.v[li], spans, h)?
+                }
+                Attention::Batched(decode) => {
+                    self.batched_attention(li, &q, pool, chunks, decode)?
+                }
+            };
             let x1 = (layer.o.forward(&attn)? + residual)?;
             let normed = layer.post_norm.forward(&x1)?;
             x = (layer.down.forward(&layer.gate_up.forward(&normed)?)? + x1)?;
@@ -785,6 +726,91 @@ impl Model {
         let last = Tensor::from_vec(last, chunks.len(), dev)?;
         let x = self.norm.forward(&x.index_select(&last, 0)?)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Attention of a batch through candle's ops: the decoding chunks together (see
+    /// [`Decode`]), then each prompt chunk over its slot. `q` is `[h, n, hd]`.
+    fn batched_attention(
+        &self,
+        li: usize,
+        q: &Tensor,
+        pool: &KvPool,
+        chunks: &[Chunk<'_>],
+        decode: &Decode,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let rep = h / kv;
+        let dev = &self.device;
+        let mut outs = Vec::with_capacity(chunks.len() - decode.count + 1);
+        if decode.count > 0 {
+            // Queries placed by slot over the span of the decoding slots, so the
+            // keys and values are read where they lie in the pool, not copied out.
+            let (b, span) = (decode.count, decode.span);
+            let qd = q
+                .narrow(1, 0, b)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((b, h * hd))?
+                .index_select(&decode.place, 0)?
+                .reshape((span, kv, rep, hd))?;
+            let kd = pool.k[li]
+                .narrow(0, decode.first_slot, span)?
+                .narrow(2, 0, decode.keys)?;
+            let vd = pool.v[li]
+                .narrow(0, decode.first_slot, span)?
+                .narrow(2, 0, decode.keys)?;
+            let scores = qd.matmul(&kd.t()?)?.broadcast_add(&decode.mask)?; // [span, kv, rep, keys]
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            outs.push(
+                probs
+                    .matmul(&vd)?
+                    .reshape((span, h * hd))?
+                    .index_select(&decode.take, 0)?,
+            );
+        }
+        let mut at = decode.count;
+        for chunk in chunks[decode.count..].iter() {
+            let t = chunk.tokens.len();
+            let start = chunk.cache.len;
+            let total = start + t;
+            let first_key = match c.sliding_window {
+                Some(w) if total > w && t == 1 => total - w,
+                _ => 0,
+            };
+            let keys = total - first_key;
+            let slot_k = pool.k[li]
+                .narrow(0, chunk.cache.slot, 1)?
+                .narrow(2, first_key, keys)?;
+            let slot_v = pool.v[li]
+                .narrow(0, chunk.cache.slot, 1)?
+                .narrow(2, first_key, keys)?;
+            // Grouped-query attention without copying keys: the `rep` query heads
+            // of one key/value head are laid out as one longer query block.
+            let qg = q
+                .narrow(1, at, t)?
+                .contiguous()?
+                .reshape((1, kv, rep * t, hd))?;
+            at += t;
+            let scores = qg.matmul(&slot_k.t()?)?; // [1, kv, rep*t, keys]
+            let scores = if t > 1 || first_key > 0 {
+                let mask = attention_mask(t, start, first_key, keys, c.sliding_window, dev)?;
+                scores
+                    .reshape((kv, rep, t, keys))?
+                    .broadcast_add(&mask)?
+                    .reshape((1, kv, rep * t, keys))?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs.matmul(&slot_v)?; // [1, kv, rep*t, hd]
+            outs.push(
+                out.reshape((h, t, hd))?
+                    .transpose(0, 1)?
+                    .reshape((t, h * hd))?,
+            );
+        }
+        Tensor::cat(&outs, 0)
     }
 
     /// `[n, heads*hd]` projections → `[heads, n, hd]` with each token rotated by its
@@ -810,23 +836,39 @@ impl Model {
     }
 }
 
-/// The leading one-token chunks of a batch, which attend together, reading their
-/// keys and values where they lie in the pool: on the CPU each sequence over just
-/// its own keys ([`decode_attention`]), elsewhere batched as a [`Gather`].
-struct Decode {
-    count: usize,
-    /// Each decoding chunk's slot and keys, for the CPU kernel.
-    seqs: Vec<DecodeSeq>,
-    /// The batched form for other devices.
-    gather: Option<Gather>,
+/// The keys each token of a batch attends to, in order: its sequence's positions up
+/// to its own (no further back than a sliding window).
+fn key_spans(chunks: &[Chunk<'_>], window: Option<usize>) -> Vec<KeySpan> {
+    let mut spans = Vec::new();
+    for chunk in chunks {
+        for pos in chunk.cache.len..chunk.cache.len + chunk.tokens.len() {
+            let first_key = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            spans.push(KeySpan {
+                slot: chunk.cache.slot,
+                first_key,
+                keys: pos + 1 - first_key,
+            });
+        }
+    }
+    spans
 }
 
-/// Decode attention as candle matmuls over the span of slots `first_slot..
-/// first_slot + span`, their first `keys` positions: queries placed by slot, a
+/// How a batch attends.
+enum Attention {
+    /// On the CPU: every token over its own keys, where they lie in the pool.
+    Pool(Vec<KeySpan>),
+    /// Elsewhere: candle's ops.
+    Batched(Decode),
+}
+
+/// Attention through candle's ops (devices other than the CPU). The leading
+/// one-token chunks of a batch attend together, reading their slots in place: the pool's slots `first_slot..first_slot + span` (those of the
+/// decoding sequences and any between them), their first `keys` positions, with a
 /// mask hiding each slot's positions beyond its sequence (and beyond a sliding
-/// window). Slots in the span that no decoding sequence holds compute a row that
-/// is thrown away.
-struct Gather {
+/// window). Slots in the span that no decoding sequence holds compute a row that is
+/// thrown away.
+struct Decode {
+    count: usize,
     first_slot: usize,
     span: usize,
     keys: usize,
@@ -847,62 +889,39 @@ impl Decode {
     ) -> candle_core::Result<Decode> {
         let count = chunks.iter().take_while(|c| c.tokens.len() == 1).count();
         let decoding = &chunks[..count];
-        let seqs: Vec<DecodeSeq> = decoding
-            .iter()
-            .map(|c| {
-                // The sequence's length once its token is in.
-                let len = c.cache.len + 1;
-                let first_key = window.map_or(0, |w| len.saturating_sub(w));
-                DecodeSeq {
-                    slot: c.cache.slot,
-                    first_key,
-                    keys: len - first_key,
-                }
-            })
-            .collect();
-        let gather = match device.is_cpu() || count == 0 {
-            true => None,
-            false => Some(Gather::plan(&seqs, pool, device)?),
-        };
-        Ok(Decode {
-            count,
-            seqs,
-            gather,
-        })
-    }
-}
-
-impl Gather {
-    fn plan(seqs: &[DecodeSeq], pool: &KvPool, device: &Device) -> candle_core::Result<Gather> {
-        let first_slot = seqs.iter().map(|s| s.slot).min().unwrap_or(0);
-        let last_slot = seqs.iter().map(|s| s.slot).max().unwrap_or(0);
+        let first_slot = decoding.iter().map(|c| c.cache.slot).min().unwrap_or(0);
+        let last_slot = decoding.iter().map(|c| c.cache.slot).max().unwrap_or(0);
         let span = last_slot + 1 - first_slot;
-        let keys = seqs
+        // Each sequence's length once its token is in.
+        let keys = decoding
             .iter()
-            .map(|s| s.first_key + s.keys)
+            .map(|c| c.cache.len + 1)
             .max()
             .unwrap_or(1)
             .min(pool.capacity);
         let mut place = vec![0u32; span];
-        let mut take = Vec::with_capacity(seqs.len());
+        let mut take = Vec::with_capacity(count);
         // Slots no decoding sequence holds see every key: finite, and discarded.
         let mut mask = vec![0f32; span * keys];
-        for (i, s) in seqs.iter().enumerate() {
-            let row = s.slot - first_slot;
+        for (i, chunk) in decoding.iter().enumerate() {
+            let row = chunk.cache.slot - first_slot;
             place[row] = i as u32;
             take.push(row as u32);
+            let len = chunk.cache.len + 1;
+            let first = window.map_or(0, |w| len.saturating_sub(w));
             for (j, m) in mask[row * keys..(row + 1) * keys].iter_mut().enumerate() {
-                if j < s.first_key || j >= s.first_key + s.keys {
+                if j < first || j >= len {
                     *m = f32::NEG_INFINITY;
                 }
             }
         }
-        Ok(Gather {
+        Ok(Decode {
+            count,
             first_slot,
             span,
             keys,
             place: Tensor::from_vec(place, span, device)?,
-            take: Tensor::from_vec(take, seqs.len(), device)?,
+            take: Tensor::from_vec(take, count, device)?,
             mask: Tensor::from_vec(mask, (span, 1, 1, keys), device)?,
         })
     }
@@ -1047,129 +1066,210 @@ mod tests {
 
     #[test]
     fn one_sequence_matches_candle_transformers_llama_step_by_step() {
-        let (ours, theirs, cfg) = models();
-        let mut their_cache = reference::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
-        let mut pool = ours.new_pool(2, 64).unwrap();
-        let mut cache = pool.acquire().unwrap();
-        let prompt = [1u32, 5, 9, 33, 2, 70];
-        let x = Tensor::new(&prompt[..], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut expect = theirs.forward(&x, 0, &mut their_cache).unwrap();
-        let mut got = ours
-            .forward(
-                &pool,
-                &mut [Chunk {
-                    tokens: &prompt,
-                    cache: &mut cache,
-                }],
-            )
-            .unwrap();
-        for step in 0..20 {
-            assert!(crate::max_abs_diff(&got, &expect) < 1e-4, "step {step}");
-            let next = crate::sampling::argmax(&got.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
-            let x = Tensor::new(&[next], &Device::Cpu)
+        // The CPU's pool kernel, and candle's ops (the other devices' path).
+        for pool_kernel in [true, false] {
+            let (mut ours, theirs, cfg) = models();
+            ours.pool_kernel = pool_kernel;
+            let mut their_cache =
+                reference::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+            let mut pool = ours.new_pool(2, 64).unwrap();
+            let mut cache = pool.acquire().unwrap();
+            let prompt = [1u32, 5, 9, 33, 2, 70];
+            let x = Tensor::new(&prompt[..], &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
-            expect = theirs
-                .forward(&x, prompt.len() + step, &mut their_cache)
-                .unwrap();
-            got = ours
+            let mut expect = theirs.forward(&x, 0, &mut their_cache).unwrap();
+            let mut got = ours
                 .forward(
                     &pool,
                     &mut [Chunk {
-                        tokens: &[next],
+                        tokens: &prompt,
                         cache: &mut cache,
                     }],
                 )
                 .unwrap();
+            for step in 0..20 {
+                assert!(crate::max_abs_diff(&got, &expect) < 1e-4, "step {step}");
+                let next =
+                    crate::sampling::argmax(&got.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+                let x = Tensor::new(&[next], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                expect = theirs
+                    .forward(&x, prompt.len() + step, &mut their_cache)
+                    .unwrap();
+                got = ours
+                    .forward(
+                        &pool,
+                        &mut [Chunk {
+                            tokens: &[next],
+                            cache: &mut cache,
+                        }],
+                    )
+                    .unwrap();
+            }
+            assert_eq!(cache.len(), prompt.len() + 20);
         }
-        assert_eq!(cache.len(), prompt.len() + 20);
+    }
+
+    #[test]
+    fn a_sliding_window_attends_the_same_through_both_paths() {
+        let json = CONFIG.replace(
+            r#""model_type":"llama""#,
+            r#""model_type":"mistral","sliding_window":5"#,
+        );
+        let config = LlamaConfig::from_hf_json(json.as_bytes()).unwrap();
+        assert_eq!(config.sliding_window, Some(5));
+        let w = weights(&config, 3);
+        let load = |pool_kernel: bool| {
+            let mut m = Model::from_safetensors(
+                config.clone(),
+                VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+            )
+            .unwrap();
+            m.pool_kernel = pool_kernel;
+            m
+        };
+        let (kernel, batched) = (load(true), load(false));
+        let prompt: Vec<u32> = (0..12).map(|i| (i * 11 + 2) % 97).collect();
+        let mut logits = Vec::new();
+        for model in [&kernel, &batched] {
+            let mut pool = model.new_pool(2, 64).unwrap();
+            let mut cache = pool.acquire().unwrap();
+            // The prompt in two chunks, then decoding past the window.
+            let mut run = vec![];
+            for tokens in [&prompt[..7], &prompt[7..], &[4], &[9], &[1]] {
+                let out = model
+                    .forward(
+                        &pool,
+                        &mut [Chunk {
+                            tokens,
+                            cache: &mut cache,
+                        }],
+                    )
+                    .unwrap();
+                run.push(out);
+            }
+            logits.push(run);
+        }
+        for (step, (a, b)) in logits[0].iter().zip(&logits[1]).enumerate() {
+            assert!(crate::max_abs_diff(a, b) < 1e-5, "step {step}");
+        }
+        // The window matters: without it the same tokens give other logits.
+        let full = {
+            let model = Model::from_safetensors(
+                LlamaConfig::from_hf_json(CONFIG.as_bytes()).unwrap(),
+                VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+            )
+            .unwrap();
+            let mut pool = model.new_pool(1, 64).unwrap();
+            let mut cache = pool.acquire().unwrap();
+            model
+                .forward(
+                    &pool,
+                    &mut [Chunk {
+                        tokens: &prompt,
+                        cache: &mut cache,
+                    }],
+                )
+                .unwrap()
+        };
+        assert!(crate::max_abs_diff(&full, &logits[0][1]) > 1e-3);
     }
 
     #[test]
     fn batching_and_chunked_prefill_change_no_logit() {
-        let (ours, _, _) = models();
-        let a: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 97).collect();
-        let b: Vec<u32> = vec![4, 8, 15, 16, 23, 42];
-        // Alone.
-        let mut pool = ours.new_pool(4, 64).unwrap();
-        let mut ca = pool.acquire().unwrap();
-        let alone_a = ours
-            .forward(
-                &pool,
-                &mut [Chunk {
-                    tokens: &a,
-                    cache: &mut ca,
-                }],
-            )
-            .unwrap();
-        let alone_a2 = ours
-            .forward(
-                &pool,
-                &mut [Chunk {
-                    tokens: &[9],
-                    cache: &mut ca,
-                }],
-            )
-            .unwrap();
-        let mut cb = pool.acquire().unwrap();
-        let alone_b = ours
-            .forward(
-                &pool,
-                &mut [Chunk {
-                    tokens: &b,
-                    cache: &mut cb,
-                }],
-            )
-            .unwrap();
-        // a prefilled in two chunks, the second batched with b's whole prompt, then
-        // both decoding together.
-        let mut ca = pool.acquire().unwrap();
-        let mut cb = pool.acquire().unwrap();
-        ours.forward(
-            &pool,
-            &mut [Chunk {
-                tokens: &a[..5],
-                cache: &mut ca,
-            }],
-        )
-        .unwrap();
-        let both = ours
-            .forward(
-                &pool,
-                &mut [
-                    Chunk {
-                        tokens: &a[5..],
+        // The CPU's pool kernel, and candle's ops (the other devices' path).
+        for pool_kernel in [true, false] {
+            let (mut ours, _, _) = models();
+            ours.pool_kernel = pool_kernel;
+            let a: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 97).collect();
+            let b: Vec<u32> = vec![4, 8, 15, 16, 23, 42];
+            // Alone.
+            let mut pool = ours.new_pool(4, 64).unwrap();
+            let mut ca = pool.acquire().unwrap();
+            let alone_a = ours
+                .forward(
+                    &pool,
+                    &mut [Chunk {
+                        tokens: &a,
                         cache: &mut ca,
-                    },
-                    Chunk {
-                        tokens: &b,
-                        cache: &mut cb,
-                    },
-                ],
-            )
-            .unwrap();
-        assert!(crate::max_abs_diff(&both.get(0).unwrap(), &alone_a.squeeze(0).unwrap()) < 1e-5);
-        assert!(crate::max_abs_diff(&both.get(1).unwrap(), &alone_b.squeeze(0).unwrap()) < 1e-5);
-        let step = ours
-            .forward(
-                &pool,
-                &mut [
-                    Chunk {
+                    }],
+                )
+                .unwrap();
+            let alone_a2 = ours
+                .forward(
+                    &pool,
+                    &mut [Chunk {
                         tokens: &[9],
                         cache: &mut ca,
-                    },
-                    Chunk {
-                        tokens: &[1],
+                    }],
+                )
+                .unwrap();
+            let mut cb = pool.acquire().unwrap();
+            let alone_b = ours
+                .forward(
+                    &pool,
+                    &mut [Chunk {
+                        tokens: &b,
                         cache: &mut cb,
-                    },
-                ],
+                    }],
+                )
+                .unwrap();
+            // a prefilled in two chunks, the second batched with b's whole prompt, then
+            // both decoding together.
+            let mut ca = pool.acquire().unwrap();
+            let mut cb = pool.acquire().unwrap();
+            ours.forward(
+                &pool,
+                &mut [Chunk {
+                    tokens: &a[..5],
+                    cache: &mut ca,
+                }],
             )
             .unwrap();
-        assert!(crate::max_abs_diff(&step.get(0).unwrap(), &alone_a2.squeeze(0).unwrap()) < 1e-5);
+            let both = ours
+                .forward(
+                    &pool,
+                    &mut [
+                        Chunk {
+                            tokens: &a[5..],
+                            cache: &mut ca,
+                        },
+                        Chunk {
+                            tokens: &b,
+                            cache: &mut cb,
+                        },
+                    ],
+                )
+                .unwrap();
+            assert!(
+                crate::max_abs_diff(&both.get(0).unwrap(), &alone_a.squeeze(0).unwrap()) < 1e-5
+            );
+            assert!(
+                crate::max_abs_diff(&both.get(1).unwrap(), &alone_b.squeeze(0).unwrap()) < 1e-5
+            );
+            let step = ours
+                .forward(
+                    &pool,
+                    &mut [
+                        Chunk {
+                            tokens: &[9],
+                            cache: &mut ca,
+                        },
+                        Chunk {
+                            tokens: &[1],
+                            cache: &mut cb,
+                        },
+                    ],
+                )
+                .unwrap();
+            assert!(
+                crate::max_abs_diff(&step.get(0).unwrap(), &alone_a2.squeeze(0).unwrap()) < 1e-5
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! thread pool, and its `exp` is a scalar libm call per element. Here it is one pass,
 //! with an `exp` the compiler vectorizes (AVX-512 or AVX2/FMA when the CPU has them,
 //! chosen at run time by [`vectorized!`]), split over the CPU threads only when the
-//! tensor is big enough to pay for it. Decode attention ([`decode_attention`]) runs
+//! tensor is big enough to pay for it. Decode attention ([`pool_attention`]) runs
 //! each sequence over just its own keys in the KV pool, sequences and heads in
 //! parallel. Other devices use candle's ops.
 
@@ -231,10 +231,11 @@ pub fn exp(x: f32) -> f32 {
     (p * r * r + r + 1.0) * two_n
 }
 
-/// One decoding sequence's place in the KV pool: its slot and the keys it attends
-/// to, `first_key..first_key + keys` (its whole length, or its sliding window).
+/// The keys one query attends to in the KV pool: its sequence's slot, positions
+/// `first_key..first_key + keys` (up to its own, no further back than a sliding
+/// window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecodeSeq {
+pub struct KeySpan {
     /// The sequence's slot in the pool.
     pub slot: usize,
     /// First position attended to.
@@ -243,33 +244,35 @@ pub struct DecodeSeq {
     pub keys: usize,
 }
 
-/// Attention of one new token per sequence over its own keys and values, read where
-/// they lie in the KV pool: `q` `[seqs, heads·hd]` (already scaled), the pool's
-/// `[slots, kv_heads, capacity, hd]` keys and values → `[seqs, heads·hd]`.
+/// Attention of each query over its own keys and values, read where they lie in the
+/// KV pool: `q` `[queries, heads·hd]` (already scaled), one [`KeySpan`] per query,
+/// the pool's `[slots, kv_heads, capacity, hd]` keys and values → `[queries,
+/// heads·hd]`.
 ///
-/// Each (sequence, key/value head) pair is one task over exactly that sequence's
-/// keys, so a sequence's result does not depend on the others in the batch, and no
-/// work goes to padding. CPU f32 only; other devices batch it through candle's
-/// matmuls (see `llama`).
-pub fn decode_attention(
+/// Each (query, key/value head) pair is one task over exactly that query's keys: no
+/// mask, no padding, no work on keys it does not see, and a query's result does not
+/// depend on what else is in the batch (a prompt in one chunk or several, a
+/// sequence decoding alone or among others). Tasks run in parallel. CPU f32 only;
+/// other devices go through candle's matmuls (see `llama`).
+pub fn pool_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    seqs: &[DecodeSeq],
+    spans: &[KeySpan],
     heads: usize,
 ) -> Result<Tensor> {
     q.contiguous()?
-        .apply_op3_no_bwd(k, v, &DecodeAttention { seqs, heads })
+        .apply_op3_no_bwd(k, v, &PoolAttention { spans, heads })
 }
 
-struct DecodeAttention<'a> {
-    seqs: &'a [DecodeSeq],
+struct PoolAttention<'a> {
+    spans: &'a [KeySpan],
     heads: usize,
 }
 
-impl CustomOp3 for DecodeAttention<'_> {
+impl CustomOp3 for PoolAttention<'_> {
     fn name(&self) -> &'static str {
-        "decode-attention"
+        "pool-attention"
     }
 
     fn cpu_fwd(
@@ -290,36 +293,36 @@ impl CustomOp3 for DecodeAttention<'_> {
         let (n, width) = q_l.shape().dims2()?;
         let heads = self.heads;
         if v_l.shape() != k_l.shape()
-            || n != self.seqs.len()
+            || n != self.spans.len()
             || width != heads * hd
             || kv == 0
             || !heads.is_multiple_of(kv)
         {
             candle_core::bail!(
-                "decode-attention of {n} queries of {width} for {} sequences, {heads} heads, over keys {:?} and values {:?}",
-                self.seqs.len(),
+                "pool-attention of {n} queries of {width} for {} key spans, {heads} heads, over keys {:?} and values {:?}",
+                self.spans.len(),
                 k_l.dims(),
                 v_l.dims()
             );
         }
         if let Some(s) = self
-            .seqs
+            .spans
             .iter()
             .find(|s| s.slot >= slots || s.keys == 0 || s.first_key + s.keys > cap)
         {
-            candle_core::bail!("decode-attention of {s:?} in a pool of {slots} slots of {cap}");
+            candle_core::bail!("pool-attention of {s:?} in a pool of {slots} slots of {cap}");
         }
         let rep = heads / kv;
         let mut out = vec![0f32; n * width];
         let run = |(task, out): (usize, &mut [f32])| {
             let (i, g) = (task / kv, task % kv);
-            let s = self.seqs[i];
+            let s = self.spans[i];
             let at = ((s.slot * kv + g) * cap + s.first_key) * hd;
             let span = at..at + s.keys * hd;
             let q = &q[i * width + g * rep * hd..][..rep * hd];
             attend(q, &k[span.clone()], &v[span], out, hd);
         };
-        let work = self.seqs.iter().map(|s| s.keys).sum::<usize>() * kv * hd;
+        let work = self.spans.iter().map(|s| s.keys).sum::<usize>() * kv * hd;
         if work < PARALLEL_MIN {
             out.chunks_exact_mut(rep * hd).enumerate().for_each(run);
         } else {
@@ -495,7 +498,7 @@ mod tests {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        s: DecodeSeq,
+        s: KeySpan,
         i: usize,
         heads: usize,
     ) -> Tensor {
@@ -522,7 +525,7 @@ mod tests {
     }
 
     #[test]
-    fn decode_attention_matches_candle_per_sequence_whatever_the_batch() {
+    fn pool_attention_matches_candle_per_sequence_whatever_the_batch() {
         let d = Device::Cpu;
         // hd 16 (whole vectors) and 12 (a remainder); windows and full lengths.
         for hd in [16usize, 12] {
@@ -530,24 +533,24 @@ mod tests {
             let k = Tensor::randn(0f32, 1., (slots, kv, cap, hd), &d).unwrap();
             let v = Tensor::randn(0f32, 1., (slots, kv, cap, hd), &d).unwrap();
             let seqs = [
-                DecodeSeq {
+                KeySpan {
                     slot: 3,
                     first_key: 0,
                     keys: 17,
                 },
-                DecodeSeq {
+                KeySpan {
                     slot: 0,
                     first_key: 0,
                     keys: 1,
                 },
-                DecodeSeq {
+                KeySpan {
                     slot: 4,
                     first_key: 9,
                     keys: 31,
                 },
             ];
             let q = Tensor::randn(0f32, 1., (seqs.len(), heads * hd), &d).unwrap();
-            let out = decode_attention(&q, &k, &v, &seqs, heads).unwrap();
+            let out = pool_attention(&q, &k, &v, &seqs, heads).unwrap();
             assert_eq!(out.dims(), &[seqs.len(), heads * hd]);
             for (i, &s) in seqs.iter().enumerate() {
                 let want = attention_reference(&q, &k, &v, s, i, heads);
@@ -558,7 +561,7 @@ mod tests {
                 );
                 // Alone, the same values to the bit.
                 let alone =
-                    decode_attention(&q.narrow(0, i, 1).unwrap(), &k, &v, &[s], heads).unwrap();
+                    pool_attention(&q.narrow(0, i, 1).unwrap(), &k, &v, &[s], heads).unwrap();
                 assert_eq!(
                     alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                     got.to_vec1::<f32>().unwrap()
@@ -568,26 +571,26 @@ mod tests {
     }
 
     #[test]
-    fn decode_attention_refuses_what_does_not_fit() {
+    fn pool_attention_refuses_what_does_not_fit() {
         let d = Device::Cpu;
         let k = Tensor::zeros((2, 1, 8, 16), DType::F32, &d).unwrap();
         let q = Tensor::zeros((1, 32), DType::F32, &d).unwrap();
-        let fits = DecodeSeq {
+        let fits = KeySpan {
             slot: 1,
             first_key: 2,
             keys: 6,
         };
-        assert!(decode_attention(&q, &k, &k, &[fits], 2).is_ok());
+        assert!(pool_attention(&q, &k, &k, &[fits], 2).is_ok());
         for bad in [
-            DecodeSeq { slot: 2, ..fits },
-            DecodeSeq { keys: 7, ..fits },
-            DecodeSeq { keys: 0, ..fits },
+            KeySpan { slot: 2, ..fits },
+            KeySpan { keys: 7, ..fits },
+            KeySpan { keys: 0, ..fits },
         ] {
-            assert!(decode_attention(&q, &k, &k, &[bad], 2).is_err(), "{bad:?}");
+            assert!(pool_attention(&q, &k, &k, &[bad], 2).is_err(), "{bad:?}");
         }
         // Heads that do not match the query width, or a sequence count that does not
         // match the queries.
-        assert!(decode_attention(&q, &k, &k, &[fits], 3).is_err());
-        assert!(decode_attention(&q, &k, &k, &[fits, fits], 2).is_err());
+        assert!(pool_attention(&q, &k, &k, &[fits], 3).is_err());
+        assert!(pool_attention(&q, &k, &k, &[fits, fits], 2).is_err());
     }
 }
