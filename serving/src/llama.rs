@@ -8,10 +8,12 @@
 //! [`Model::forward`] takes a packed batch of chunks, one per sequence, each at its own
 //! position: the projections and MLP run once over every token of the batch, rotary
 //! embeddings use each token's own position, new keys and values are scattered into
-//! their slots in one operation per layer, the decoding sequences (one token each)
-//! attend together, reading their slots where they lie in the pool (on the CPU one
-//! kernel over each sequence's own keys, elsewhere one batched matmul masked to
-//! each length), and prompt chunks attend per sequence. Dense projections are
+//! their slots in one operation per layer, and attention reads the keys and values
+//! where they lie in the pool: on the CPU every token of the batch, prompt chunks
+//! and decoding sequences alike, goes through one parallel kernel over exactly its
+//! own keys ([`pool_attention`]); elsewhere the decoding sequences (one token each)
+//! attend together in one batched matmul masked to each length, and prompt chunks
+//! attend per sequence. Dense projections are
 //! [`Dense`] (packed for the CPU's widest matrix product, or transposed), the
 //! query, key and value projections fused into one, and the MLP's gate and up
 //! projections too.
