@@ -21,6 +21,7 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::dense::Dense;
@@ -612,10 +613,14 @@ impl Model {
         let zeros = || match &self.device {
             Device::Cpu => {
                 let n = slots * c.num_key_value_heads * capacity * c.head_dim;
-                let mut values = Vec::with_capacity(n);
-                // Opaque, so that this stays a write of every page rather than
-                // becoming an allocation of zeroed (and untouched) memory.
-                values.resize(n, std::hint::black_box(0f32));
+                let mut values: Vec<f32> = Vec::with_capacity(n);
+                // Every page written, by all the threads (mapping a page is most of
+                // the cost); not `vec![0.0; n]`, which takes zeroed memory untouched.
+                values.spare_capacity_mut()[..n]
+                    .par_chunks_mut(1 << 18)
+                    .for_each(|chunk| chunk.fill(std::mem::MaybeUninit::new(0.0)));
+                // SAFETY: the `n` elements were all written just above.
+                unsafe { values.set_len(n) };
                 Tensor::from_vec(values, shape, &self.device)
             }
             _ => Tensor::zeros(shape, DType::F32, &self.device),

@@ -86,11 +86,18 @@ impl Packed {
         let panels = output.div_ceil(NR);
         let zero = Lanes([0.0; 16]);
         let mut data = vec![zero; panels * input * 2];
-        for (o, row) in weight.chunks_exact(input.max(1)).enumerate().take(output) {
-            let (panel, lane) = (o / NR, o % NR);
-            for (i, &w) in row.iter().enumerate() {
-                data[(panel * input + i) * 2 + lane / 16].0[lane % 16] = w;
-            }
+        // Panels in parallel: each is its own `input × 2` vectors, from its own
+        // (up to) 32 rows of the weight.
+        if input > 0 {
+            data.par_chunks_mut(input * 2)
+                .zip(weight.par_chunks(NR * input))
+                .for_each(|(panel, rows)| {
+                    for (lane, row) in rows.chunks_exact(input).enumerate() {
+                        for (i, &w) in row.iter().enumerate() {
+                            panel[i * 2 + lane / 16].0[lane % 16] = w;
+                        }
+                    }
+                });
         }
         let mut packed_bias = vec![zero; panels * 2];
         if let Some(b) = bias {
