@@ -347,7 +347,7 @@ fn attend(q: &[f32], keys: &[f32], values: &[f32], out: &mut [f32], hd: usize) {
 /// lane-wise dot products of the portable version into 4-lane pieces.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{exp, lane_sum, LANES};
+    use super::{exp_scores, LANES};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -372,11 +372,7 @@ mod avx512 {
                 }
                 *score = _mm512_reduce_add_ps(acc);
             }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            for score in scores.iter_mut() {
-                *score = exp(*score - max);
-            }
-            let scale = _mm512_set1_ps(1.0 / lane_sum(&scores, |s| s));
+            let scale = _mm512_set1_ps(exp_scores(&mut scores));
             for (c, out) in out.chunks_exact_mut(LANES).enumerate() {
                 let mut acc = _mm512_setzero_ps();
                 for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
@@ -399,11 +395,7 @@ vectorized! {
             for (score, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
                 *score = lane_sum_of_products(q, key);
             }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            for score in scores.iter_mut() {
-                *score = exp(*score - max);
-            }
-            let scale = 1.0 / lane_sum(&scores, |s| s);
+            let scale = exp_scores(&mut scores);
             // Sixteen outputs at a time, summed in registers over every value row.
             let mut lanes = out.chunks_exact_mut(LANES);
             for (c, lanes_out) in (&mut lanes).enumerate() {
@@ -425,6 +417,17 @@ vectorized! {
             }
         }
     }
+}
+
+/// `scores ← e^(scores - max)`, the unnormalized softmax; returns `1 / Σ`, the
+/// scale that normalizes what the scores weigh.
+#[inline(always)]
+fn exp_scores(scores: &mut [f32]) -> f32 {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    for score in scores.iter_mut() {
+        *score = exp(*score - max);
+    }
+    1.0 / lane_sum(scores, |s| s)
 }
 
 /// `Σ a·b` in [`LANES`] partial sums.

@@ -113,16 +113,6 @@ impl Packed {
         })
     }
 
-    /// Input width.
-    pub fn input(&self) -> usize {
-        self.input
-    }
-
-    /// Output width.
-    pub fn output(&self) -> usize {
-        self.output
-    }
-
     /// `x[rows, input] · Wᵀ + b` → `[rows, output]`, both row-major.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
         if !available() {
