@@ -12,11 +12,11 @@
 //! | [`bert`] | BERT-family embeddings with sentence-transformers pooling and normalization |
 //! | [`sampling`] | logits to tokens: greedy, temperature, top-p, seeds |
 //! | [`generate`] | the continuous-batching generation engine on its own thread |
-//! | [`embed`] | the dynamic-batching embedding engine on its own thread |
+//! | [`embed`] | the continuous-batching embedding engine on its own thread |
 //! | [`loader`] | loading a model: phases, verified bytes, warm-up |
 //! | [`openai`] | OpenAI wire types |
 //! | [`packed`] | projections with the weight packed for an AVX-512 small-batch matrix product |
-//! | [`ops`] | fused CPU kernels: `silu(gate)·up`, decode attention over the KV pool, row softmax, a vectorized `exp` |
+//! | [`ops`] | fused CPU kernels: `silu(gate)·up`, attention over the KV pool, row softmax, a vectorized `exp` |
 //! | [`server`] | the axum server: `/v1/*`, `/health`, `/ready`, `/status`, `/metrics` |
 //! | [`metrics`] | Prometheus metrics |
 //!

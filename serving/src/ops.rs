@@ -4,9 +4,9 @@
 //! thread pool, and its `exp` is a scalar libm call per element. Here it is one pass,
 //! with an `exp` the compiler vectorizes (AVX-512 or AVX2/FMA when the CPU has them,
 //! chosen at run time by [`vectorized!`]), split over the CPU threads only when the
-//! tensor is big enough to pay for it. Decode attention ([`pool_attention`]) runs
-//! each sequence over just its own keys in the KV pool, sequences and heads in
-//! parallel. Other devices use candle's ops.
+//! tensor is big enough to pay for it. Attention ([`pool_attention`]) runs each
+//! token over just its own keys in the KV pool, tokens and heads in parallel.
+//! Other devices use candle's ops.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
