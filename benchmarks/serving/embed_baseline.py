@@ -10,8 +10,10 @@ prints; by hand:
 
 Prints one JSON object on stdout: versions, the thread count, for each batch size the
 wall seconds of each repetition of `SentenceTransformer.encode(sentences,
-batch_size=B)`, and the embeddings of the first --check sentences (for the cosine
-check on the Rust side). The model is loaded from DIR only; the hub is never
+batch_size=B)` (`results`, PyTorch's default f32) and of the same call under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (`results_bf16`, bf16 products as on the
+CPU's AMX units; empty with --no-bf16), and the f32 embeddings of the first --check
+sentences (for the cosine check on the Rust side). The model is loaded from DIR only; the hub is never
 contacted.
 
 Needs a Python with sentence-transformers and torch; make one with
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check", type=int, default=16)
+    parser.add_argument("--no-bf16", action="store_true", help="skip the autocast runs")
     args = parser.parse_args()
 
     import sentence_transformers
@@ -52,24 +55,31 @@ def main() -> None:
     def encode(batch_size: int, items=sentences):
         return model.encode(items, batch_size=batch_size, show_progress_bar=False)
 
-    # Warm-up: first calls allocate and pick kernels.
-    encode(max(batch_sizes), sentences[:64])
-    encode(1, sentences[:8])
+    def timed(label: str):
+        # Warm-up: first calls allocate and pick kernels.
+        encode(max(batch_sizes), sentences[:64])
+        encode(1, sentences[:8])
+        results = []
+        for batch_size in batch_sizes:
+            seconds = []
+            for rep in range(args.reps):
+                start = time.perf_counter()
+                vectors = encode(batch_size)
+                seconds.append(time.perf_counter() - start)
+                assert len(vectors) == len(sentences)
+                print(
+                    f"    sentence-transformers{label} batch_size={batch_size} "
+                    f"rep {rep + 1}/{args.reps}: {seconds[-1]:.3f} s",
+                    file=sys.stderr,
+                )
+            results.append({"batch_size": batch_size, "seconds": seconds})
+        return results
 
-    results = []
-    for batch_size in batch_sizes:
-        seconds = []
-        for rep in range(args.reps):
-            start = time.perf_counter()
-            vectors = encode(batch_size)
-            seconds.append(time.perf_counter() - start)
-            assert len(vectors) == len(sentences)
-            print(
-                f"    sentence-transformers batch_size={batch_size} rep {rep + 1}/{args.reps}: "
-                f"{seconds[-1]:.3f} s",
-                file=sys.stderr,
-            )
-        results.append({"batch_size": batch_size, "seconds": seconds})
+    results = timed("")
+    results_bf16 = []
+    if not args.no_bf16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results_bf16 = timed(" (autocast bf16)")
 
     check = encode(1, sentences[: args.check])
     json.dump(
@@ -78,6 +88,7 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "results": results,
+            "results_bf16": results_bf16,
             "embeddings": [[float(x) for x in v] for v in check],
         },
         sys.stdout,

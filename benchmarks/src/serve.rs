@@ -47,6 +47,7 @@ pub async fn start(source: ModelSource, limits: Limits) -> Result<Running> {
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse()?,
         device: DeviceSpec::Cpu,
+        precision: None,
         names: vec![MODEL_NAME.to_owned()],
         limits,
     };

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use aigrid_serving::dense::Precision;
 use aigrid_serving::server::{Limits, ServeConfig, Server};
 use aigrid_serving::{DeviceSpec, ModelSource};
 use aigrid_store::cache::ChunkCache;
@@ -69,6 +70,29 @@ pub struct ServeArgs {
     /// longer than a slot is refused.
     #[arg(long, env = "AIGRID_KV_CACHE_GIB", default_value_t = 4.0)]
     kv_cache_gib: f64,
+    /// The projections' arithmetic: `f32`, `bf16` (weights and inputs rounded to
+    /// bf16, sums in f32, on the AMX units of Xeon CPUs since Sapphire Rapids), or
+    /// `auto`: bf16 for embedding models where the CPU has AMX, f32 otherwise.
+    #[arg(long, env = "AIGRID_MATMUL_PRECISION", default_value = "auto")]
+    matmul_precision: PrecisionChoice,
+}
+
+/// `--matmul-precision`: `auto` or a [`Precision`].
+#[derive(Debug, Clone, Copy)]
+struct PrecisionChoice(Option<Precision>);
+
+impl std::str::FromStr for PrecisionChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(PrecisionChoice(None)),
+            other => other
+                .parse()
+                .map(|p| PrecisionChoice(Some(p)))
+                .map_err(|e| format!("{e}, or auto")),
+        }
+    }
 }
 
 impl ServeArgs {
@@ -189,12 +213,17 @@ async fn source(servers: &str, args: &ServeArgs) -> anyhow::Result<(ModelSource,
 /// SIGTERM, finishing the requests in flight.
 pub async fn run_serve(servers: &str, args: ServeArgs) -> anyhow::Result<()> {
     let limits = args.limits()?;
+    let precision = args.matmul_precision.0;
+    if precision == Some(Precision::Bf16) && !aigrid_serving::amx::available() {
+        bail!("--matmul-precision bf16 needs a CPU with AMX-BF16 (Xeon since Sapphire Rapids); this one has none");
+    }
     let (source, default_name) = source(servers, &args).await?;
     let names = args.names(default_name)?;
     let shown = names[0].clone();
     let config = ServeConfig {
         listen: args.listen,
         device: args.device,
+        precision,
         names,
         limits,
     };

@@ -414,14 +414,19 @@ async fn serve_a_model_directory() {
     let file = model.join("config.json");
     let out = aigrid(&["serve", "--model", file.to_str().unwrap()]);
     assert_one_line_failure(&out, "not a directory");
-    let out = aigrid(&[
-        "serve",
-        "--model",
-        model.to_str().unwrap(),
-        "--max-body-bytes",
-        "0",
-    ]);
+    let serve_with = |flag: &str, value: &str| {
+        aigrid(&["serve", "--model", model.to_str().unwrap(), flag, value])
+    };
+    let out = serve_with("--max-body-bytes", "0");
     assert_one_line_failure(&out, "--max-body-bytes");
+    let out = serve_with("--matmul-precision", "fp8");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fp8") && err.contains("f32 or bf16"), "{err}");
+    if !aigrid_serving::amx::available() {
+        let out = serve_with("--matmul-precision", "bf16");
+        assert_one_line_failure(&out, "AMX");
+    }
 
     let server = ServeProc::start(
         &["--model", model.to_str().unwrap()],

@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use crate::dense::Dense;
+use crate::dense::{Dense, Precision};
 use crate::error::ServingError;
 use crate::ops::{exp, f32_data, f32_data_mut, lane_sum, softmax_rows, vectorized};
 
@@ -322,9 +322,14 @@ fn dense_parts(
 
 /// The projection in `vb` without its bias, and the bias: the bias is added by
 /// the elementwise step that follows, fused with it.
-fn dense(vb: VarBuilder, input: usize, output: usize) -> candle_core::Result<(Dense, Tensor)> {
+fn dense(
+    vb: VarBuilder,
+    input: usize,
+    output: usize,
+    precision: Precision,
+) -> candle_core::Result<(Dense, Tensor)> {
     let (weight, bias) = dense_parts(vb, input, output)?;
-    Ok((Dense::new(&weight, None)?, bias))
+    Ok((Dense::new(&weight, None, precision)?, bias))
 }
 
 /// Token, position and token-type embeddings, summed and normalized.
@@ -391,7 +396,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+    fn load(vb: VarBuilder, config: &Config, precision: Precision) -> candle_core::Result<Self> {
         let hidden = config.hidden_size;
         let heads = config.num_attention_heads;
         let head_dim = hidden / heads;
@@ -402,19 +407,25 @@ impl Layer {
         let (key, key_bias) = dense_parts(own.pp("key"), hidden, hidden)?;
         let (value, value_bias) = dense_parts(own.pp("value"), hidden, hidden)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let qkv = Dense::fused(&[(&(query * scale)?, None), (&key, None), (&value, None)])?;
+        let qkv = Dense::fused(
+            &[(&(query * scale)?, None), (&key, None), (&value, None)],
+            precision,
+        )?;
         let qkv_bias = Tensor::cat(&[&(query_bias * scale)?, &key_bias, &value_bias], 0)?;
         let out = attention.pp("output");
-        let (attention_out, attention_out_bias) = dense(out.pp("dense"), hidden, hidden)?;
+        let (attention_out, attention_out_bias) =
+            dense(out.pp("dense"), hidden, hidden, precision)?;
         let (intermediate, intermediate_bias) = dense(
             vb.pp("intermediate").pp("dense"),
             hidden,
             config.intermediate_size,
+            precision,
         )?;
         let (output, output_bias) = dense(
             vb.pp("output").pp("dense"),
             config.intermediate_size,
             hidden,
+            precision,
         )?;
         Ok(Layer {
             qkv,
@@ -809,8 +820,14 @@ impl std::fmt::Debug for Embedder {
 
 impl Embedder {
     /// Loads the encoder from `vb` (tensor names with or without the `bert.`
-    /// prefix) and `config_json`, the model's config.json.
-    pub fn new(vb: VarBuilder, config_json: &[u8], pooling: Pooling) -> Result<Self, ServingError> {
+    /// prefix) and `config_json`, the model's config.json, its projections in
+    /// `precision`.
+    pub fn new(
+        vb: VarBuilder,
+        config_json: &[u8],
+        pooling: Pooling,
+        precision: Precision,
+    ) -> Result<Self, ServingError> {
         let file: BertConfigFile = serde_json::from_slice(config_json)
             .map_err(|e| ServingError::model(format!("config.json: {e}")))?;
         let config = file.to_config()?;
@@ -818,7 +835,7 @@ impl Embedder {
         let device = vb.device().clone();
         let embeddings = Embeddings::load(vb.pp("embeddings"), &config)?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), &config))
+            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), &config, precision))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Embedder {
             embeddings,
@@ -986,10 +1003,10 @@ mod tests {
     }
 
     /// A randomly initialized BERT and its tensors by name.
-    fn random_bert(pooling: Pooling) -> (Embedder, HashMap<String, Tensor>) {
+    fn random_bert(pooling: Pooling, precision: Precision) -> (Embedder, HashMap<String, Tensor>) {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let embedder = Embedder::new(vb, CONFIG.as_bytes(), pooling).unwrap();
+        let embedder = Embedder::new(vb, CONFIG.as_bytes(), pooling, precision).unwrap();
         let tensors = varmap
             .data()
             .lock()
@@ -1057,11 +1074,19 @@ mod tests {
 
     #[test]
     fn padding_does_not_change_embeddings() {
-        for mode in [PoolingMode::Mean, PoolingMode::Cls, PoolingMode::Max] {
-            let (embedder, _) = random_bert(Pooling {
+        let mut precisions = vec![Precision::F32];
+        if crate::amx::available() {
+            precisions.push(Precision::Bf16);
+        }
+        for (mode, precision) in [PoolingMode::Mean, PoolingMode::Cls, PoolingMode::Max]
+            .into_iter()
+            .flat_map(|m| precisions.iter().map(move |&p| (m, p)))
+        {
+            let pooling = Pooling {
                 mode,
                 normalize: true,
-            });
+            };
+            let (embedder, _) = random_bert(pooling, precision);
             let short = vec![2, 17, 33, 3];
             let long: Vec<u32> = (0..60).map(|i| 1 + (i * 7) % 99).collect();
             let alone = embedder.embed(std::slice::from_ref(&short)).unwrap();
@@ -1071,10 +1096,35 @@ mod tests {
             assert_eq!(batch.len(), 3);
             assert_eq!(batch[1].len(), embedder.dimensions());
             let cos = cosine(&alone[0], &batch[1]);
-            assert!(cos > 0.9999, "{mode:?}: cosine {cos}");
+            assert!(cos > 0.9999, "{mode:?} {precision}: cosine {cos}");
             let norm: f32 = batch[1].iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-4, "{mode:?}: norm {norm}");
             assert!(cosine(&batch[0], &batch[1]) < 0.9999);
+        }
+    }
+
+    #[test]
+    fn bf16_products_keep_embeddings_close_to_f32() {
+        if !crate::amx::available() {
+            return;
+        }
+        let pooling = Pooling {
+            mode: PoolingMode::Mean,
+            normalize: true,
+        };
+        let (f32_embedder, tensors) = random_bert(pooling, Precision::F32);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let bf16 = Embedder::new(vb, CONFIG.as_bytes(), pooling, Precision::Bf16).unwrap();
+        let inputs: Vec<Vec<u32>> = (1..6)
+            .map(|n| (0..n * 9).map(|i| 1 + (i * 13 + n) % 99).collect())
+            .collect();
+        let (a, b) = (
+            f32_embedder.embed(&inputs).unwrap(),
+            bf16.embed(&inputs).unwrap(),
+        );
+        for (a, b) in a.iter().zip(&b) {
+            let cos = cosine(a, b);
+            assert!(cos > 0.999 && cos < 1.0 - 1e-9, "cosine {cos}");
         }
     }
 
@@ -1084,13 +1134,13 @@ mod tests {
             mode: PoolingMode::Mean,
             normalize: false,
         };
-        let (plain, tensors) = random_bert(pooling);
+        let (plain, tensors) = random_bert(pooling, Precision::F32);
         let prefixed = tensors
             .into_iter()
             .map(|(name, t)| (format!("bert.{name}"), t))
             .collect();
         let vb = VarBuilder::from_tensors(prefixed, DType::F32, &Device::Cpu);
-        let prefixed = Embedder::new(vb, CONFIG.as_bytes(), pooling).unwrap();
+        let prefixed = Embedder::new(vb, CONFIG.as_bytes(), pooling, Precision::F32).unwrap();
         let input = vec![vec![5, 6, 7]];
         let (a, b) = (
             plain.embed(&input).unwrap(),
@@ -1103,10 +1153,11 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_errors() {
-        let (embedder, _) = random_bert(Pooling {
+        let pooling = Pooling {
             mode: PoolingMode::Mean,
             normalize: true,
-        });
+        };
+        let (embedder, _) = random_bert(pooling, Precision::F32);
         assert!(embedder.embed(&[]).unwrap().is_empty());
         assert!(matches!(
             embedder.embed(&[vec![]]),
@@ -1125,10 +1176,11 @@ mod tests {
     #[test]
     fn a_packed_batch_embeds_each_input_as_alone() {
         for mode in [PoolingMode::Mean, PoolingMode::Cls, PoolingMode::Max] {
-            let (embedder, _) = random_bert(Pooling {
+            let pooling = Pooling {
                 mode,
                 normalize: mode != PoolingMode::Max,
-            });
+            };
+            let (embedder, _) = random_bert(pooling, Precision::F32);
             let inputs: Vec<Vec<u32>> = [1usize, 9, 2, 64, 17, 5]
                 .iter()
                 .enumerate()
@@ -1260,9 +1312,9 @@ mod tests {
             mode: PoolingMode::Mean,
             normalize: true,
         };
-        let (fused, tensors) = random_bert(pooling);
+        let (fused, tensors) = random_bert(pooling, Precision::F32);
         let vb = VarBuilder::from_tensors(tensors, DType::F16, &Device::Cpu);
-        let plain = Embedder::new(vb, CONFIG.as_bytes(), pooling).unwrap();
+        let plain = Embedder::new(vb, CONFIG.as_bytes(), pooling, Precision::F32).unwrap();
         let inputs = vec![
             vec![2, 17, 33, 3],
             (0..40).map(|i| 1 + (i * 11) % 99).collect(),

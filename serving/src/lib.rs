@@ -16,6 +16,7 @@
 //! | [`loader`] | loading a model: phases, verified bytes, warm-up |
 //! | [`openai`] | OpenAI wire types |
 //! | [`packed`] | projections with the weight packed for an AVX-512 small-batch matrix product |
+//! | [`amx`] | projections in bf16 on the AMX tile units of Xeon CPUs |
 //! | [`ops`] | fused CPU kernels: `silu(gate)·up`, attention over the KV pool, row softmax, a vectorized `exp` |
 //! | [`server`] | the axum server: `/v1/*`, `/health`, `/ready`, `/status`, `/metrics` |
 //! | [`metrics`] | Prometheus metrics |
@@ -25,6 +26,7 @@
 
 #![warn(missing_docs)]
 
+pub mod amx;
 pub mod bert;
 pub mod dense;
 pub mod device;

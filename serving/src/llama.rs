@@ -24,7 +24,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use crate::dense::Dense;
+use crate::dense::{Dense, Precision};
 use crate::ops::{pool_attention, KeySpan};
 use crate::ServingError;
 
@@ -434,8 +434,13 @@ pub struct Chunk<'a> {
 }
 
 impl Model {
-    /// Builds the model from Hugging Face safetensors tensors.
-    pub fn from_safetensors(config: LlamaConfig, vb: VarBuilder) -> Result<Model, ServingError> {
+    /// Builds the model from Hugging Face safetensors tensors, its projections in
+    /// `precision`.
+    pub fn from_safetensors(
+        config: LlamaConfig,
+        vb: VarBuilder,
+        precision: Precision,
+    ) -> Result<Model, ServingError> {
         let c = &config;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         // `[out, in]` weight and optional bias of each projection, fused side by side.
@@ -453,7 +458,7 @@ impl Model {
                 }
                 let refs: Vec<(&Tensor, Option<Tensor>)> =
                     loaded.iter().map(|(w, b)| (w, b.clone())).collect();
-                Dense::fused(&refs)
+                Dense::fused(&refs, precision)
             };
         let norm = |vb: VarBuilder| -> candle_core::Result<Norm> {
             Ok(Norm::Dense(candle_nn::rms_norm(
@@ -1061,6 +1066,7 @@ mod tests {
         let ours = Model::from_safetensors(
             config,
             VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+            Precision::F32,
         )
         .unwrap();
         let cfg: reference::LlamaConfig = serde_json::from_str(CONFIG).unwrap();
@@ -1134,6 +1140,7 @@ mod tests {
             let mut m = Model::from_safetensors(
                 config.clone(),
                 VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+                Precision::F32,
             )
             .unwrap();
             m.pool_kernel = pool_kernel;
@@ -1169,6 +1176,7 @@ mod tests {
             let model = Model::from_safetensors(
                 LlamaConfig::from_hf_json(CONFIG.as_bytes()).unwrap(),
                 VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+                Precision::F32,
             )
             .unwrap();
             let mut pool = model.new_pool(1, 64).unwrap();
@@ -1184,6 +1192,42 @@ mod tests {
                 .unwrap()
         };
         assert!(crate::max_abs_diff(&full, &logits[0][1]) > 1e-3);
+    }
+
+    #[test]
+    fn bf16_projections_stay_close_to_f32_and_batch_alike() {
+        if !crate::amx::available() {
+            return;
+        }
+        let config = LlamaConfig::from_hf_json(CONFIG.as_bytes()).unwrap();
+        let w = weights(&config, 11);
+        let load = |precision| {
+            Model::from_safetensors(
+                config.clone(),
+                VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+                precision,
+            )
+            .unwrap()
+        };
+        let (f32_model, bf16_model) = (load(Precision::F32), load(Precision::Bf16));
+        let a: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 97).collect();
+        let b: Vec<u32> = vec![4, 8, 15, 16, 23, 42];
+        let run = |model: &Model, prompts: &[&[u32]]| {
+            let mut pool = model.new_pool(2, 64).unwrap();
+            let mut caches: Vec<_> = prompts.iter().map(|_| pool.acquire().unwrap()).collect();
+            let mut chunks: Vec<Chunk> = prompts
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(tokens, cache)| Chunk { tokens, cache })
+                .collect();
+            model.forward(&pool, &mut chunks).unwrap()
+        };
+        let (exact, rounded) = (run(&f32_model, &[&a]), run(&bf16_model, &[&a]));
+        let diff = crate::max_abs_diff(&exact, &rounded);
+        assert!(diff > 0.0 && diff < 0.05, "bf16 logits off by {diff}");
+        // A sequence's logits are the same alone or batched with another.
+        let both = run(&bf16_model, &[&a, &b]);
+        assert!(crate::max_abs_diff(&both.get(0).unwrap(), &rounded.squeeze(0).unwrap()) < 1e-5);
     }
 
     #[test]

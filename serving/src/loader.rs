@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::bert::{Embedder, Pooling};
+use crate::dense::Precision;
 use crate::embed::{EmbedOptions, EmbeddingEngine};
 use crate::generate::{EngineOptions, GenerationEngine};
 use crate::llama::{Chunk, LlamaConfig, Model};
@@ -67,6 +68,7 @@ pub struct LoadStatus {
 struct StatusState {
     phase: Phase,
     kind: Option<ModelKind>,
+    precision: Option<Precision>,
     bytes_total: u64,
     phase_started: Instant,
     durations: Vec<(Phase, f64)>,
@@ -78,6 +80,7 @@ impl Default for StatusState {
         StatusState {
             phase: Phase::Starting,
             kind: None,
+            precision: None,
             bytes_total: 0,
             phase_started: Instant::now(),
             durations: Vec::new(),
@@ -93,6 +96,8 @@ pub struct StatusReport {
     pub phase: Phase,
     /// The kind, once known.
     pub kind: Option<ModelKind>,
+    /// The arithmetic of the projections (`f32` or `bf16`), once chosen.
+    pub precision: Option<String>,
     /// Bytes of the files loaded so far (verified, when from the store).
     pub bytes_loaded: u64,
     /// Bytes of the files to load.
@@ -115,6 +120,7 @@ impl LoadStatus {
         StatusReport {
             phase: s.phase,
             kind: s.kind,
+            precision: s.precision.map(|p| p.to_string()),
             bytes_loaded: self.bytes_loaded.load(Ordering::Relaxed),
             bytes_total: s.bytes_total,
             phase_seconds: s
@@ -195,10 +201,12 @@ pub enum Runtime {
 /// Tensors fetched at once from the store.
 const PARALLEL_TENSORS: usize = 8;
 
-/// Loads `source` onto `device` and starts its engine.
+/// Loads `source` onto `device` and starts its engine. `precision` is the
+/// projections' arithmetic asked for (`None`: [`Precision::resolve`]'s default).
 pub async fn load(
     source: &ModelSource,
     device: &Device,
+    precision: Option<Precision>,
     limits: &Limits,
     metrics: &Metrics,
     status: &LoadStatus,
@@ -262,9 +270,11 @@ pub async fn load(
         }
         _ => safetensors,
     };
+    let precision = Precision::resolve(precision, device, kind == ModelKind::Embedding)?;
     {
         let mut s = status.state.lock();
         s.kind = Some(kind);
+        s.precision = Some(precision);
         s.bytes_total = weights.iter().map(|(_, size)| size).sum();
     }
 
@@ -294,7 +304,11 @@ pub async fn load(
             let tensors = load_tensors(source, &weights, device, metrics, status).await?;
             let dev = device.clone();
             let model = blocking(move || {
-                Model::from_safetensors(config, VarBuilder::from_tensors(tensors, DType::F32, &dev))
+                Model::from_safetensors(
+                    config,
+                    VarBuilder::from_tensors(tensors, DType::F32, &dev),
+                    precision,
+                )
             })
             .await?;
             start_generation(model, tokenizer, limits, metrics, status).await?
@@ -320,6 +334,7 @@ pub async fn load(
                     VarBuilder::from_tensors(tensors, DType::F32, &dev),
                     &config_bytes,
                     pooling,
+                    precision,
                 )
             })
             .await?;

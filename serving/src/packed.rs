@@ -38,7 +38,44 @@ const PARALLEL_MIN: usize = 1 << 17;
 /// 16 lanes, aligned to a cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Lanes([f32; 16]);
+pub(crate) struct Lanes(pub(crate) [f32; 16]);
+
+/// Checks a row-major `[output, input]` weight and an optional `[output]` bias.
+pub(crate) fn check_weight(
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    input: usize,
+    output: usize,
+) -> Result<()> {
+    if weight.len() != input * output {
+        candle_core::bail!("a {output}x{input} weight of {} values", weight.len());
+    }
+    if let Some(b) = bias {
+        if b.len() != output {
+            candle_core::bail!("a bias of {} for {output} outputs", b.len());
+        }
+    }
+    Ok(())
+}
+
+/// The bias in 2 vectors per panel of [`NR`] outputs, zero past `output` (and
+/// everywhere without one).
+pub(crate) fn pack_bias(bias: Option<&[f32]>, output: usize) -> Vec<Lanes> {
+    let mut packed = vec![Lanes([0.0; 16]); output.div_ceil(NR) * 2];
+    for (o, &v) in bias.unwrap_or_default().iter().enumerate() {
+        packed[o / 16].0[o % 16] = v;
+    }
+    packed
+}
+
+/// The rows of `x` for an `input → output` product named `what`.
+pub(crate) fn rows_of(x: &[f32], input: usize, output: usize, what: &str) -> Result<usize> {
+    let rows = x.len() / input.max(1);
+    if x.len() != rows * input || input == 0 {
+        candle_core::bail!("{what} {input}→{output} product of {} inputs", x.len());
+    }
+    Ok(rows)
+}
 
 /// A `[in] → [out]` projection's weight (and bias), packed.
 pub struct Packed {
@@ -75,14 +112,7 @@ impl Packed {
     /// From a row-major `[output, input]` weight (a checkpoint's layout) and an
     /// optional `[output]` bias.
     pub fn new(weight: &[f32], bias: Option<&[f32]>, input: usize, output: usize) -> Result<Self> {
-        if weight.len() != input * output {
-            candle_core::bail!("a {output}x{input} weight of {} values", weight.len());
-        }
-        if let Some(b) = bias {
-            if b.len() != output {
-                candle_core::bail!("a bias of {} for {output} outputs", b.len());
-            }
-        }
+        check_weight(weight, bias, input, output)?;
         let panels = output.div_ceil(NR);
         let zero = Lanes([0.0; 16]);
         let mut data = vec![zero; panels * input * 2];
@@ -99,15 +129,9 @@ impl Packed {
                     }
                 });
         }
-        let mut packed_bias = vec![zero; panels * 2];
-        if let Some(b) = bias {
-            for (o, &v) in b.iter().enumerate() {
-                packed_bias[o / 16].0[o % 16] = v;
-            }
-        }
         Ok(Packed {
             data,
-            bias: packed_bias,
+            bias: pack_bias(bias, output),
             input,
             output,
         })
@@ -118,15 +142,7 @@ impl Packed {
         if !available() {
             candle_core::bail!("the packed product needs AVX-512F");
         }
-        let rows = x.len() / self.input.max(1);
-        if x.len() != rows * self.input || self.input == 0 {
-            candle_core::bail!(
-                "a packed {}→{} product of {} inputs",
-                self.input,
-                self.output,
-                x.len()
-            );
-        }
+        let rows = rows_of(x, self.input, self.output, "a packed")?;
         // Not zeroed first: the panels write every element.
         let mut out = Vec::with_capacity(rows * self.output);
         let uninit = &mut out.spare_capacity_mut()[..rows * self.output];
@@ -185,13 +201,14 @@ impl Packed {
 
 /// The output, written by panels in parallel at disjoint columns.
 #[derive(Clone, Copy)]
-struct Dst(*mut f32);
-// SAFETY: each panel writes only its own columns (see `Packed::matmul`).
+pub(crate) struct Dst(pub(crate) *mut f32);
+// SAFETY: each panel writes only its own columns (see `Packed::matmul` and
+// `AmxPacked::matmul`).
 unsafe impl Send for Dst {}
 unsafe impl Sync for Dst {}
 
 impl Dst {
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
@@ -364,8 +381,42 @@ mod avx512 {
     }
 }
 
+/// A weight laid out once for a CPU product of f32 rows: `x[rows, input] · Wᵀ + b`.
+pub(crate) trait RowProduct: Sync {
+    /// Input width.
+    fn input(&self) -> usize;
+    /// Output width.
+    fn output(&self) -> usize;
+    /// `x[rows, input]` → `[rows, output]`, both row-major.
+    fn matmul(&self, x: &[f32]) -> Result<Vec<f32>>;
+}
+
+impl RowProduct for Packed {
+    fn input(&self) -> usize {
+        self.input
+    }
+    fn output(&self) -> usize {
+        self.output
+    }
+    fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Packed::matmul(self, x)
+    }
+}
+
+impl RowProduct for crate::amx::AmxPacked {
+    fn input(&self) -> usize {
+        crate::amx::AmxPacked::input(self)
+    }
+    fn output(&self) -> usize {
+        crate::amx::AmxPacked::output(self)
+    }
+    fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        crate::amx::AmxPacked::matmul(self, x)
+    }
+}
+
 /// `x · Wᵀ + b` as a candle op on a contiguous `[rows, input]` f32 tensor.
-pub(crate) struct PackedMatmul<'a>(pub(crate) &'a Packed);
+pub(crate) struct PackedMatmul<'a>(pub(crate) &'a dyn RowProduct);
 
 impl CustomOp1 for PackedMatmul<'_> {
     fn name(&self) -> &'static str {
@@ -380,22 +431,23 @@ impl CustomOp1 for PackedMatmul<'_> {
             candle_core::bail!("packed-matmul takes a contiguous tensor");
         };
         let (rows, input) = layout.shape().dims2()?;
-        if input != self.0.input {
+        if input != self.0.input() {
             candle_core::bail!(
                 "packed-matmul of {input} columns by a {}-input weight",
-                self.0.input
+                self.0.input()
             );
         }
         let out = self.0.matmul(&data[start..end])?;
-        Ok((CpuStorage::F32(out), Shape::from((rows, self.0.output))))
+        Ok((CpuStorage::F32(out), Shape::from((rows, self.0.output()))))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn reference(
+    /// `x · Wᵀ + b` summed in f64.
+    pub(crate) fn reference(
         x: &[f32],
         w: &[f32],
         bias: Option<&[f32]>,
@@ -415,7 +467,8 @@ mod tests {
         out
     }
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    /// `n` values in [-1, 1] from `seed`.
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..n)
             .map(|_| {
@@ -427,34 +480,27 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn matches_a_plain_product_at_every_shape_edge() {
-        if !available() {
-            return;
-        }
-        // Odd and even inputs, partial panels, every tile remainder, parallel sizes.
-        for (rows, input, output) in [
-            (1, 1, 1),
-            (1, 7, 33),
-            (5, 8, 16),
-            (6, 9, 31),
-            (7, 64, 64),
-            (12, 5, 32),
-            (13, 33, 70),
-            (25, 300, 40),
-            (32, 768, 96),
-            (40, 256, 512),
-        ] {
+    /// Lays out a `[output, input]` weight and optional bias for a product.
+    pub(crate) type Make = fn(&[f32], Option<&[f32]>, usize, usize) -> Result<Box<dyn RowProduct>>;
+
+    /// At each `(rows, input, output)`, with and without a bias, the product equals
+    /// the f64 reference over the values as the product sees them (`seen`).
+    pub(crate) fn check_shapes(
+        make: Make,
+        shapes: &[(usize, usize, usize)],
+        seen: fn(&[f32]) -> Vec<f32>,
+    ) {
+        for &(rows, input, output) in shapes {
             let (x, w, b) = (
                 values(rows * input, 1),
                 values(output * input, 2),
                 values(output, 3),
             );
             for bias in [None, Some(b.as_slice())] {
-                let packed = Packed::new(&w, bias, input, output).unwrap();
-                let out = packed.matmul(&x).unwrap();
+                let product = make(&w, bias, input, output).unwrap();
+                let out = product.matmul(&x).unwrap();
                 assert_eq!(out.len(), rows * output);
-                let want = reference(&x, &w, bias, input, output);
+                let want = reference(&seen(&x), &seen(&w), bias, input, output);
                 for (i, (a, e)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
@@ -465,19 +511,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_row_comes_out_the_same_whatever_rows_share_the_product() {
-        if !available() {
-            return;
-        }
+    /// Any `counts` rows of a `total`-row product come out bit for bit as they do
+    /// among all of them.
+    pub(crate) fn check_rows_alone(make: Make, total: usize, counts: &[usize]) {
         let (input, output) = (301, 200);
         let w = values(input * output, 4);
-        let packed = Packed::new(&w, None, input, output).unwrap();
-        let x = values(32 * input, 5);
-        let all = packed.matmul(&x).unwrap();
-        for rows in [1usize, 2, 5, 11, 12, 13, 25] {
-            for start in [0usize, 3, 32 - rows] {
-                let some = packed
+        let product = make(&w, None, input, output).unwrap();
+        let x = values(total * input, 5);
+        let all = product.matmul(&x).unwrap();
+        for &rows in counts {
+            for start in [0usize, 3, total - rows] {
+                let some = product
                     .matmul(&x[start * input..(start + rows) * input])
                     .unwrap();
                 assert_eq!(
@@ -489,14 +533,52 @@ mod tests {
         }
     }
 
-    #[test]
-    fn mismatched_sizes_are_errors() {
-        assert!(Packed::new(&[0.0; 6], None, 4, 2).is_err());
-        assert!(Packed::new(&[0.0; 8], Some(&[0.0; 3]), 4, 2).is_err());
-        if available() {
-            let p = Packed::new(&[0.0; 8], None, 4, 2).unwrap();
+    /// Weights, biases and inputs of the wrong sizes are errors; no rows, no output.
+    pub(crate) fn check_mismatched(make: Make, runs: bool) {
+        assert!(make(&[0.0; 6], None, 4, 2).is_err());
+        assert!(make(&[0.0; 8], Some(&[0.0; 3]), 4, 2).is_err());
+        if runs {
+            let p = make(&[0.0; 8], None, 4, 2).unwrap();
             assert!(p.matmul(&[0.0; 5]).is_err());
             assert_eq!(p.matmul(&[]).unwrap(), Vec::<f32>::new());
         }
+    }
+
+    fn make(w: &[f32], b: Option<&[f32]>, i: usize, o: usize) -> Result<Box<dyn RowProduct>> {
+        Ok(Box::new(Packed::new(w, b, i, o)?))
+    }
+
+    #[test]
+    fn matches_a_plain_product_at_every_shape_edge() {
+        if !available() {
+            return;
+        }
+        // Odd and even inputs, partial panels, every tile remainder, parallel sizes.
+        let shapes = [
+            (1, 1, 1),
+            (1, 7, 33),
+            (5, 8, 16),
+            (6, 9, 31),
+            (7, 64, 64),
+            (12, 5, 32),
+            (13, 33, 70),
+            (25, 300, 40),
+            (32, 768, 96),
+            (40, 256, 512),
+        ];
+        check_shapes(make, &shapes, <[f32]>::to_vec);
+    }
+
+    #[test]
+    fn a_row_comes_out_the_same_whatever_rows_share_the_product() {
+        if !available() {
+            return;
+        }
+        check_rows_alone(make, 32, &[1, 2, 5, 11, 12, 13, 25]);
+    }
+
+    #[test]
+    fn mismatched_sizes_are_errors() {
+        check_mismatched(make, available());
     }
 }

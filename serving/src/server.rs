@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::dense::Precision;
 use crate::generate::{FinishReason, GenEvent, GenRequest};
 use crate::loader::{self, LoadStatus, Phase, Runtime};
 use crate::metrics::Metrics;
@@ -80,6 +81,9 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Where the model runs.
     pub device: DeviceSpec,
+    /// The projections' arithmetic; `None` chooses ([`Precision::resolve`]): bf16
+    /// for embedding models on CPUs with AMX, f32 otherwise.
+    pub precision: Option<Precision>,
     /// Names clients may give as `model`, besides the model's digest (or directory).
     /// The first is the name `/v1/models` shows.
     pub names: Vec<String>,
@@ -163,11 +167,13 @@ impl Server {
             metrics: Metrics::new(),
         });
         let loading = app.clone();
+        let precision = config.precision;
         tokio::spawn(async move {
             let started = Instant::now();
             match loader::load(
                 &source,
                 &device,
+                precision,
                 &loading.limits,
                 &loading.metrics,
                 &loading.status,

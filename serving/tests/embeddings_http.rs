@@ -40,6 +40,14 @@ async fn embeddings_over_http_match_sentence_transformers() {
     let server = start(ModelSource::Dir(dir), "all-MiniLM-L6-v2", Limits::default()).await;
     server.wait_ready(Duration::from_secs(120)).await;
     let (sentences, expect) = reference();
+    // The default precision: bf16 products where the CPU has AMX, f32 elsewhere.
+    let report = server.status().await;
+    let default = if aigrid_serving::amx::available() {
+        "bf16"
+    } else {
+        "f32"
+    };
+    assert_eq!(report["precision"], default, "{report}");
 
     // All at once, as an array.
     let (status, body) = server

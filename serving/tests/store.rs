@@ -132,6 +132,7 @@ async fn a_model_from_the_store_answers_like_its_directory_and_heals_a_bad_shard
     let report = served.status().await;
     assert_eq!(report["phase"], "ready");
     assert_eq!(report["kind"], "generation");
+    assert_eq!(report["precision"], "f32");
     assert_eq!(report["bytes_loaded"], report["bytes_total"], "{report}");
     let weights = std::fs::metadata(dir.join("model.safetensors"))
         .unwrap()

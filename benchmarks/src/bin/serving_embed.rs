@@ -8,12 +8,15 @@
 //!   `encoding_format: "base64"` (what the official OpenAI Python client asks for by
 //!   default). A configuration `BxC` is C closed-loop clients sending B sentences per
 //!   request until all sentences are embedded; `1x1` is one client, one sentence at a
-//!   time. Tokenizing, JSON and HTTP are inside the clock.
+//!   time. Tokenizing, JSON and HTTP are inside the clock. The projections run in the
+//!   precision the server chooses by default (bf16 on CPUs with AMX, f32 elsewhere);
+//!   the library rows show that precision and, when it is bf16, f32 as well.
 //! - **Baseline**: `SentenceTransformer(dir, device="cpu").encode(sentences,
 //!   batch_size=B)` in one Python process with `torch.set_num_threads(2)`
 //!   (`benchmarks/serving/embed_baseline.py`, run by this binary before ours, so the
-//!   two never share the CPUs). It has no HTTP, no JSON and no tokenizing in another
-//!   process: it is the library's ceiling, not a server's.
+//!   two never share the CPUs), in PyTorch's default f32 and again under
+//!   `torch.autocast("cpu", dtype=torch.bfloat16)`. It has no HTTP, no JSON and no
+//!   tokenizing in another process: it is the library's ceiling, not a server's.
 //!
 //! Both embed the same `--sentences` (512) generated sentences of 10 to 30 words,
 //! every repetition all of them. Rates are sentences over wall time, the median of
@@ -29,6 +32,7 @@ use std::time::{Duration, Instant};
 use aigrid_benchmarks::measure::{cpus, load_average, median};
 use aigrid_benchmarks::serve::{self, MODEL_NAME};
 use aigrid_serving::bert::{Embedder, Pooling};
+use aigrid_serving::dense::Precision;
 use aigrid_serving::server::Limits;
 use aigrid_serving::tokenizer::TextTokenizer;
 use aigrid_serving::ModelSource;
@@ -222,7 +226,23 @@ struct Baseline {
     torch: String,
     threads: usize,
     results: Vec<BaselineRun>,
+    /// The same under `torch.autocast("cpu", dtype=torch.bfloat16)`.
+    #[serde(default)]
+    results_bf16: Vec<BaselineRun>,
     embeddings: Vec<Vec<f32>>,
+}
+
+impl Baseline {
+    /// Sentences per second at `batch`: f32, and under bf16 autocast if it ran.
+    fn rates(&self, n: f64, batch: usize) -> Result<(f64, Option<f64>)> {
+        let rate = |runs: &[BaselineRun]| {
+            runs.iter()
+                .find(|r| r.batch_size == batch)
+                .map(|r| n / median(&r.seconds))
+        };
+        let f32 = rate(&self.results).context("the baseline lacks a batch size")?;
+        Ok((f32, rate(&self.results_bf16)))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,8 +297,8 @@ async fn run_baseline(
 // ---- ours, the library alone --------------------------------------------------------
 
 /// The model as the server's loader builds it, without the server: tokenizer,
-/// pooling and `Embedder` over the model directory.
-fn library(dir: &Path) -> Result<(TextTokenizer, Embedder)> {
+/// pooling and `Embedder` over the model directory, its projections in `precision`.
+fn library(dir: &Path, precision: Precision) -> Result<(TextTokenizer, Embedder)> {
     let read = |name: &str| {
         std::fs::read(dir.join(name)).with_context(|| dir.join(name).display().to_string())
     };
@@ -299,7 +319,7 @@ fn library(dir: &Path) -> Result<(TextTokenizer, Embedder)> {
         DType::F32,
         &Device::Cpu,
     )?;
-    Ok((tokenizer, Embedder::new(vb, &config, pooling)?))
+    Ok((tokenizer, Embedder::new(vb, &config, pooling, precision)?))
 }
 
 /// Seconds to tokenize and embed every sentence `batch` at a time, calling the
@@ -453,33 +473,44 @@ async fn main() -> Result<()> {
     );
     let baseline = run_baseline(&args, &sentences_file, &batch_sizes, check).await?;
 
-    eprintln!("==> ours, the library alone: Embedder::embed in-process");
-    let library_walls: Vec<(usize, Vec<f64>)> = {
-        let (dir, sentences, sizes, reps) = (
+    // The server's precision (its default for an embedding model on this CPU), and
+    // f32 beside it when that is another.
+    let precision = Precision::resolve(None, &Device::Cpu, true)?;
+    let mut precisions = vec![precision];
+    if precision != Precision::F32 {
+        precisions.push(Precision::F32);
+    }
+    eprintln!("==> ours, the library alone: Embedder::embed in-process, {precisions:?} products");
+    let library_walls: Vec<(Precision, usize, Vec<f64>)> = {
+        let (dir, sentences, sizes, reps, precisions) = (
             args.model.clone(),
             sentences.clone(),
             batch_sizes.clone(),
             args.reps,
+            precisions.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let (tokenizer, embedder) = library(&dir)?;
-            // Warm-up, as the baseline's.
-            library_run(
-                &tokenizer,
-                &embedder,
-                &sentences[..64.min(sentences.len())],
-                32,
-            )?;
-            let mut walls: Vec<(usize, Vec<f64>)> =
-                sizes.iter().map(|b| (*b, Vec::new())).collect();
-            for rep in 0..reps {
-                for (batch, walls) in &mut walls {
-                    let wall = library_run(&tokenizer, &embedder, &sentences, *batch)?;
-                    eprintln!(
-                        "    library batch {batch} rep {}/{reps}: {wall:.3} s",
-                        rep + 1
-                    );
-                    walls.push(wall);
+            let mut walls: Vec<(Precision, usize, Vec<f64>)> = Vec::new();
+            for precision in precisions {
+                let (tokenizer, embedder) = library(&dir, precision)?;
+                // Warm-up, as the baseline's.
+                library_run(
+                    &tokenizer,
+                    &embedder,
+                    &sentences[..64.min(sentences.len())],
+                    32,
+                )?;
+                let first = walls.len();
+                walls.extend(sizes.iter().map(|b| (precision, *b, Vec::new())));
+                for rep in 0..reps {
+                    for (_, batch, walls) in &mut walls[first..] {
+                        let wall = library_run(&tokenizer, &embedder, &sentences, *batch)?;
+                        eprintln!(
+                            "    library {precision} batch {batch} rep {}/{reps}: {wall:.3} s",
+                            rep + 1
+                        );
+                        walls.push(wall);
+                    }
                 }
             }
             Ok::<_, anyhow::Error>(walls)
@@ -552,42 +583,38 @@ async fn main() -> Result<()> {
     );
     println!();
     println!(
-        "| config | ours emb/s | sentence-transformers emb/s | ours / sentence-transformers |"
+        "| config | ours emb/s | sentence-transformers emb/s | ours / sentence-transformers | sentence-transformers, autocast bf16, emb/s | ours / autocast bf16 |"
     );
-    println!("|:--|--:|--:|--:|");
+    println!("|:--|--:|--:|--:|--:|--:|");
+    let bf16_cells = |ours: f64, bf16: Option<f64>| match bf16 {
+        Some(b) => format!("{b:.1} | {:.2}x", ours / b),
+        None => "- | -".to_owned(),
+    };
     let mut ratios = Vec::new();
     for (config, walls) in configs.iter().zip(&walls) {
         let ours = n / median(walls);
-        let st = baseline
-            .results
-            .iter()
-            .find(|r| r.batch_size == config.batch)
-            .map(|r| n / median(&r.seconds))
-            .context("the baseline lacks a batch size")?;
+        let (st, bf16) = baseline.rates(n, config.batch)?;
         ratios.push((config, ours / st));
         println!(
-            "| {} | {ours:.1} | {st:.1} (`encode(batch_size={})`) | {:.2}x |",
+            "| {} | {ours:.1} | {st:.1} (`encode(batch_size={})`) | {:.2}x | {} |",
             config.describe(),
             config.batch,
-            ours / st
+            ours / st,
+            bf16_cells(ours, bf16)
         );
     }
-    for (batch, walls) in &library_walls {
+    for (precision, batch, walls) in &library_walls {
         let ours = n / median(walls);
-        let st = baseline
-            .results
-            .iter()
-            .find(|r| r.batch_size == *batch)
-            .map(|r| n / median(&r.seconds))
-            .context("the baseline lacks a batch size")?;
+        let (st, bf16) = baseline.rates(n, *batch)?;
         println!(
-            "| ours, the library alone (`Embedder::embed` in-process: no server, no HTTP), batch {batch} | {ours:.1} | {st:.1} (`encode(batch_size={batch})`) | {:.2}x |",
-            ours / st
+            "| ours, the library alone (`Embedder::embed` in-process: no server, no HTTP), {precision} products, batch {batch} | {ours:.1} | {st:.1} (`encode(batch_size={batch})`) | {:.2}x | {} |",
+            ours / st,
+            bf16_cells(ours, bf16)
         );
     }
     println!();
     println!(
-        "Ours: HTTP/1.1 over loopback, `encoding_format: base64`, default limits (each forward whatever is queued when the model is free, up to 2048 tokens packed without padding); tokenizing, JSON and HTTP inside the clock. Baseline: sentence-transformers {} on torch {} ({} threads), in-process, no HTTP. Vectors: ours vs sentence-transformers min cosine {vs_st:.5} (first {check} sentences); every configuration vs one-at-a-time min cosine {:.5}.",
+        "Ours: {precision} products (`--matmul-precision auto`'s choice on this CPU), HTTP/1.1 over loopback, `encoding_format: base64`, default limits (each forward whatever is queued when the model is free, up to 2048 tokens packed without padding); tokenizing, JSON and HTTP inside the clock. Baseline: sentence-transformers {} on torch {} ({} threads), in-process, no HTTP: PyTorch's default f32, and the same under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`. Vectors: ours vs sentence-transformers min cosine {vs_st:.5} (first {check} sentences); every configuration vs one-at-a-time min cosine {:.5}.",
         baseline.sentence_transformers,
         baseline.torch,
         baseline.threads,

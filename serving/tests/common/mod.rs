@@ -30,6 +30,7 @@ pub async fn start(source: ModelSource, name: &str, limits: Limits) -> Running {
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         device: DeviceSpec::Cpu,
+        precision: None,
         names: vec![name.to_owned()],
         limits,
     };
