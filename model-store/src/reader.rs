@@ -178,7 +178,8 @@ impl Fetcher {
 
     /// At least bytes `from..to` of stripe `index`: when they lie in fewer than k data
     /// shards, just those shards are fetched; if one of them is missing, bad or late,
-    /// the whole stripe is rebuilt from any k. Answers where the bytes start in the
+    /// more shards are asked for (those already on their way still count) and the
+    /// whole stripe is rebuilt from any k. Answers where the bytes start in the
     /// stripe, and the bytes.
     pub(crate) async fn stripe_part(
         &self,
@@ -188,64 +189,50 @@ impl Fetcher {
         to: u64,
     ) -> Result<(u64, Vec<u8>), StoreError> {
         let _slot = self.slots.acquire().await.expect("never closed");
-        let stripe = &self.manifest.stripes[index];
-        let names = &self.locations.stripes[index];
-        let k = self.codec.params().k;
-        let shard_len = stripe.shard_len;
+        let shard_len = self.manifest.stripes[index].shard_len;
         let (first, last) = (
             (from / shard_len) as usize,
             (to.max(from + 1) - 1) as usize / shard_len as usize,
         );
-        if last - first + 1 < k {
-            let wanted = (first..=last).map(|j| {
-                let backend = self.store.backend(&names[j]);
-                self.shard(backend, &stripe.shards[j], shard_len)
-            });
-            let usual = (first..=last)
-                .map(|j| self.latency_of(&names[j]))
-                .fold(0.0, f64::max);
-            let patience = if usual == 0.0 {
-                self.options.hedge_initial
-            } else {
-                Duration::from_secs_f64(usual * self.options.hedge_factor)
-                    .max(self.options.hedge_min)
-            };
-            self.count(|s| s.requests += (last - first + 1) as u64);
-            let got = tokio::time::timeout(patience, futures_util::future::join_all(wanted)).await;
-            if let Ok(shards) = got {
-                if shards.iter().all(Option::is_some) {
-                    let mut out = Vec::with_capacity((last - first + 1) * shard_len as usize);
-                    for shard in shards.into_iter().flatten() {
-                        self.count(|s| s.bytes += shard.len() as u64);
-                        out.extend_from_slice(&shard);
-                    }
-                    let start = first as u64 * shard_len;
-                    out.truncate(stripe.len.saturating_sub(start) as usize);
-                    return Ok((start, out));
-                }
-            }
-            self.count(|s| s.hedged += 1);
-        }
-        Ok((0, self.whole_stripe(index, file).await?))
+        self.gather(index, file, Some((first, last))).await
     }
 
     /// Stripe `index`'s bytes, from any k intact shards. `file` names the file the
     /// caller wants, for the error when too few shards survive.
     pub(crate) async fn stripe(&self, index: usize, file: &str) -> Result<Vec<u8>, StoreError> {
         let _slot = self.slots.acquire().await.expect("never closed");
-        self.whole_stripe(index, file).await
+        Ok(self.gather(index, file, None).await?.1)
     }
 
-    async fn whole_stripe(&self, index: usize, file: &str) -> Result<Vec<u8>, StoreError> {
+    /// Fetches shards of stripe `index` until it has either the data shards
+    /// `wanted` (a run of fewer than k; answered as they are, from where they start
+    /// in the stripe) or any k (answered as the whole stripe, from 0). A wanted
+    /// shard that is missing, bad or late turns the first into the second, keeping
+    /// the requests already out. A shard whose backend is slower than usual is
+    /// hedged by asking one more.
+    async fn gather(
+        &self,
+        index: usize,
+        file: &str,
+        wanted: Option<(usize, usize)>,
+    ) -> Result<(u64, Vec<u8>), StoreError> {
         let stripe = &self.manifest.stripes[index];
         let names = &self.locations.stripes[index];
         let Params { k, m } = self.codec.params();
-        // Data shards first (no decoding), then by how fast their backend has been.
+        let mut partial = wanted.filter(|&(first, last)| first <= last && last - first + 1 < k);
+        // The wanted shards first; then data shards (no decoding), then by how fast
+        // their backend has been.
         let mut order: Vec<usize> = (0..k + m).collect();
         let cost: Vec<f64> = (0..k + m)
             .map(|j| self.latency_of(&names[j]) * if j < k { 1.0 } else { 1.25 })
             .collect();
-        order.sort_by(|a, b| cost[*a].total_cmp(&cost[*b]).then(a.cmp(b)));
+        order.sort_by(|a, b| {
+            let in_wanted = |j: &usize| partial.is_some_and(|(f, l)| (f..=l).contains(j));
+            in_wanted(b)
+                .cmp(&in_wanted(a))
+                .then(cost[*a].total_cmp(&cost[*b]))
+                .then(a.cmp(b))
+        });
         let mut next = order.into_iter();
         let mut running = FuturesUnordered::new();
         let launch = |j: usize| {
@@ -260,14 +247,29 @@ impl Fetcher {
         };
         // Shards whose requests are still out.
         let mut launched: Vec<usize> = Vec::new();
-        for j in next.by_ref().take(k) {
+        let initial = partial.map_or(k, |(first, last)| last - first + 1);
+        for j in next.by_ref().take(initial) {
             launched.push(j);
             running.push(launch(j));
         }
-        self.count(|s| s.requests += k as u64);
+        self.count(|s| s.requests += initial as u64);
         let mut shards: Vec<Option<Vec<u8>>> = vec![None; k + m];
         let mut have = 0;
-        while have < k {
+        loop {
+            match partial {
+                Some((first, last)) if shards[first..=last].iter().all(Option::is_some) => {
+                    let mut out =
+                        Vec::with_capacity((last - first + 1) * stripe.shard_len as usize);
+                    for shard in shards.drain(first..=last).flatten() {
+                        out.extend_from_slice(&shard);
+                    }
+                    let start = first as u64 * stripe.shard_len;
+                    out.truncate(stripe.len.saturating_sub(start) as usize);
+                    return Ok((start, out));
+                }
+                None if have >= k => break,
+                _ => {}
+            }
             let usual = launched
                 .iter()
                 .map(|j| self.latency_of(&names[*j]))
@@ -296,8 +298,22 @@ impl Fetcher {
                     launched.retain(|x| *x != j);
                     self.count(|s| s.bad_shards += 1);
                 }
-                // Late (or nothing running): ask one more shard, keep waiting.
+                // Late (or nothing running): ask more, keep waiting.
                 _ => {}
+            }
+            if partial.take().is_some() {
+                // A wanted shard failed us: rebuild from any k, counting the shards
+                // in hand and those on their way.
+                self.count(|s| s.hedged += 1);
+                while have + launched.len() < k {
+                    let Some(j) = next.next() else { break };
+                    launched.push(j);
+                    running.push(launch(j));
+                    self.count(|s| s.requests += 1);
+                }
+                if !running.is_empty() {
+                    continue;
+                }
             }
             match next.next() {
                 Some(j) => {
@@ -322,15 +338,14 @@ impl Fetcher {
         drop(running);
         let len = stripe.len as usize;
         if shards[..k].iter().all(Option::is_some) {
-            return Ok(self.codec.decode(shards, len)?);
+            return Ok((0, self.codec.decode(shards, len)?));
         }
         self.count(|s| s.reconstructed += 1);
         let codec = self.codec.clone();
-        Ok(
-            tokio::task::spawn_blocking(move || codec.decode(shards, len))
-                .await
-                .expect("decoding does not panic")?,
-        )
+        let data = tokio::task::spawn_blocking(move || codec.decode(shards, len))
+            .await
+            .expect("decoding does not panic")?;
+        Ok((0, data))
     }
 }
 

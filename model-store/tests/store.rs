@@ -472,6 +472,22 @@ async fn reading_one_tensor_of_a_200_mib_model_fetches_under_a_tenth_of_it() {
         reader.read_at("nope", 0, 1).await,
         Err(StoreError::NoSuchFile(_))
     ));
+
+    // A lost data shard under a partial read: the stripe is rebuilt from any k,
+    // the requests already out counting among them.
+    for (i, stripe) in reg.manifest.manifest.stripes.iter().enumerate() {
+        let path = shard_path(root.path(), &reg.locations.stripes[i][0], &stripe.shards[0]);
+        let _ = std::fs::remove_file(path);
+    }
+    let reader = store.reader(&reg, ReaderOptions::default()).unwrap();
+    let view = reader.safetensors("model.safetensors").await.unwrap();
+    let before = total_got(&store);
+    let (name, bytes) = &all[7];
+    assert!(view.tensor(name).await.unwrap() == *bytes, "{name}");
+    let fetched = total_got(&store) - before;
+    let stats = reader.stats();
+    assert!(stats.reconstructed > 0 && stats.bad_shards > 0, "{stats:?}");
+    assert!(fetched * 10 < size, "fetched {fetched} of {size}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
