@@ -17,13 +17,11 @@
 //! | [`testkit`] | fixtures for tests: small real inputs (signed model registrations) |
 
 pub mod agents;
-pub mod defrag;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod models;
 pub mod planner;
-pub mod preempt;
 pub mod server;
 pub mod state;
 pub mod testkit;

@@ -32,10 +32,10 @@ use aigrid_consensus::RaftNode;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::defrag::plan_defrag;
 use crate::metrics::WorkerMetrics;
+use crate::planner::defrag::plan_defrag;
+use crate::planner::preempt::plan_preemption;
 use crate::planner::{plan, GroupDemand, GroupInfo, Placement, PlanRequest, PlanSnapshot};
-use crate::preempt::plan_preemption;
 use crate::state::{
     reschedule_delay_ms, Applied, ClusterState, Command, CommandOutput, EvaluationUpdate, JobPlan,
     MovedAllocation, NewAllocation,
@@ -546,7 +546,7 @@ struct Outcome {
 /// Places a job's missing instances: a plain plan first; what does not fit is
 /// tried with defragmentation (moving movable work of lower or equal priority,
 /// within each job's disruption budget), then with preemption (evicting work at
-/// least [`crate::preempt::PREEMPTION_MARGIN`] priority points lower). Neither is tried when the plain
+/// least [`crate::planner::preempt::PREEMPTION_MARGIN`] priority points lower). Neither is tried when the plain
 /// plan placed everything, so the common path costs one plan.
 fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
     let planned = plan(&input.snapshot, request);

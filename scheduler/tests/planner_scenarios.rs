@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aigrid_api::{AllocId, Allocation, JobId, JobSpec, Node, NodeId, TaskGroup};
-use aigrid_scheduler::defrag::{plan_defrag, Defrag};
+use aigrid_scheduler::planner::defrag::{plan_defrag, Defrag};
+use aigrid_scheduler::planner::preempt::{plan_preemption, Preemption};
 use aigrid_scheduler::planner::{plan, GroupDemand, GroupInfo, PlanRequest, PlanSnapshot};
-use aigrid_scheduler::preempt::{plan_preemption, Preemption};
 use serde_json::{json, Value};
 
 /// A ready node with `attributes` and one H100 per entry of `links`, each in the
