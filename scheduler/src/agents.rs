@@ -30,13 +30,67 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use crate::http::{body_bytes, decode_json, propose, unexpected, ApiError, ApiLimits, ApiState};
-use crate::state::{Applied, ClusterState, Command, NodeWatch, StateError, TokenUse};
+use crate::state::{Applied, ClusterState, Command, EventSink, StateError, StateEvent, TokenUse};
 use crate::worker::now;
 
 /// Longest a long poll is held.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(300);
 /// How long a long poll is held when the agent does not say.
 pub const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(30);
+
+/// Wakes agents' long polls when their node's assignments change. Not part of the
+/// replicated state: each server hands one to its [`ClusterState`] as an
+/// [`EventSink`] and wakes the polls it holds as the state emits [`StateEvent`]s.
+#[derive(Default)]
+pub struct NodeWatch {
+    senders: parking_lot::Mutex<std::collections::HashMap<NodeId, tokio::sync::watch::Sender<u64>>>,
+}
+
+impl std::fmt::Debug for NodeWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeWatch({} nodes watched)", self.senders.lock().len())
+    }
+}
+
+impl NodeWatch {
+    /// A receiver that changes when `node`'s assignments change. Subscribe before
+    /// reading the state so no change between the read and the wait is missed.
+    pub fn subscribe(&self, node: &NodeId) -> tokio::sync::watch::Receiver<u64> {
+        self.senders
+            .lock()
+            .entry(node.clone())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn touch(&self, node: &NodeId, index: u64) {
+        let mut senders = self.senders.lock();
+        if let Some(tx) = senders.get(node) {
+            if tx.receiver_count() == 0 {
+                senders.remove(node);
+            } else {
+                tx.send_replace(index);
+            }
+        }
+    }
+
+    fn touch_all(&self, index: u64) {
+        let mut senders = self.senders.lock();
+        senders.retain(|_, tx| tx.receiver_count() > 0);
+        for tx in senders.values() {
+            tx.send_replace(index);
+        }
+    }
+}
+
+impl EventSink for NodeWatch {
+    fn publish(&self, event: StateEvent) {
+        match event {
+            StateEvent::AssignmentsChanged { node, index } => self.touch(&node, index),
+            StateEvent::Restored => self.touch_all(u64::MAX),
+        }
+    }
+}
 
 /// What a server holds for the agents talking to it, beside the replicated state.
 pub struct AgentHub {
@@ -111,12 +165,13 @@ impl AgentMetrics {
 impl AgentHub {
     /// The hub of a server; [`run_flusher`] commits its batches.
     pub fn new(
-        raft: &RaftNode<ClusterState>,
+        _raft: &RaftNode<ClusterState>,
         registry: &Registry,
         limits: &ApiLimits,
+        watch: Arc<NodeWatch>,
     ) -> prometheus::Result<Self> {
         let hub = AgentHub {
-            watch: raft.read_local(ClusterState::watch),
+            watch,
             seen: Mutex::default(),
             telemetry: RwLock::default(),
             long_polls: Arc::new(Semaphore::new(limits.max_long_polls.max(1))),

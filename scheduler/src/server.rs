@@ -202,6 +202,7 @@ impl Server {
         };
         let registry = Registry::new();
         let metrics = std::sync::Arc::new(RaftMetrics::register(&registry)?);
+        let watch = Arc::new(crate::agents::NodeWatch::default());
         let raft = RaftNode::start(
             NodeConfig {
                 replica: ReplicaConfig {
@@ -220,7 +221,7 @@ impl Server {
                 request_timeout: config.request_timeout,
                 queue_capacity: config.queue_capacity,
             },
-            ClusterState::default(),
+            ClusterState::default().with_events(watch.clone()),
             metrics,
         )?;
         crate::metrics::register_state(&registry, raft.clone())?;
@@ -229,6 +230,7 @@ impl Server {
             &raft,
             &registry,
             &config.limits,
+            watch,
         )?);
         let gateway = Arc::new(Gateway::new(
             raft.clone(),

@@ -1,0 +1,228 @@
+//! Jobs: submission (validated against the spec rules, idempotent by id, in place
+//! by name), deletion, and the job views with their derived status.
+
+use aigrid_api::{
+    AllocState, Allocation, DeleteJobResponse, DesiredState, EvalId, EvalTrigger, Job, JobId,
+    JobKind, JobSpec, JobStatus, JobSummary, SubmitJobResponse, Timestamp,
+};
+
+use super::*;
+
+impl ClusterState {
+    /// The job with this id, with its allocations and derived status.
+    pub fn job(&self, id: &JobId) -> Option<Job> {
+        self.tables.jobs.get(id).map(|record| self.job_view(record))
+    }
+
+    /// The live job with this name.
+    pub fn job_by_name(&self, name: &str) -> Option<Job> {
+        self.job_names.get(name).and_then(|id| self.job(id))
+    }
+
+    /// Every live job, ordered by name.
+    pub fn jobs(&self) -> Vec<JobSummary> {
+        self.job_names
+            .values()
+            .filter_map(|id| self.tables.jobs.get(id))
+            .map(|job| {
+                let allocs = &self.job_allocs(&job.id);
+                JobSummary {
+                    id: job.id.clone(),
+                    name: job.spec.name.clone(),
+                    kind: job.spec.kind,
+                    priority: job.spec.priority,
+                    version: job.version,
+                    status: job_status(&job.spec, allocs),
+                    submitted_at: job.submitted_at,
+                    updated_at: job.updated_at,
+                    groups: u32::try_from(job.spec.groups.len()).unwrap_or(u32::MAX),
+                    instances: job.spec.instance_count(),
+                    running: count_wanted(allocs, AllocState::Running),
+                }
+            })
+            .collect()
+    }
+
+    fn job_view(&self, record: &JobRecord) -> Job {
+        let allocations: Vec<Allocation> =
+            self.job_allocs(&record.id).into_iter().cloned().collect();
+        let refs: Vec<&Allocation> = allocations.iter().collect();
+        Job {
+            id: record.id.clone(),
+            name: record.spec.name.clone(),
+            version: record.version,
+            status: job_status(&record.spec, &refs),
+            spec: record.spec.clone(),
+            submitted_at: record.submitted_at,
+            updated_at: record.updated_at,
+            allocations,
+            unplaced: record.unplaced.clone(),
+        }
+    }
+
+    pub(super) fn submit_job(
+        &mut self,
+        job_id: JobId,
+        eval_id: EvalId,
+        spec: JobSpec,
+        at: Timestamp,
+    ) -> CommandOutput {
+        spec.validate()?;
+        if let Some(record) = self.tables.evaluations.get(&eval_id) {
+            let eval = &record.eval;
+            let same_job = self
+                .tables
+                .jobs
+                .get(&eval.job_id)
+                .is_some_and(|job| job.spec.name == spec.name);
+            return match eval.trigger {
+                EvalTrigger::JobSubmit | EvalTrigger::JobUpdate if same_job => {
+                    Ok(Applied::JobSubmitted(SubmitJobResponse {
+                        id: eval.job_id.clone(),
+                        version: eval.job_version,
+                        eval_id,
+                        created: eval.trigger == EvalTrigger::JobSubmit,
+                    }))
+                }
+                _ => Err(StateError::conflict(format!(
+                    "evaluation id `{eval_id}` is already used"
+                ))),
+            };
+        }
+        if let Some(existing) = self.tables.jobs.get(&job_id) {
+            if existing.spec.name != spec.name {
+                return Err(StateError::conflict(format!(
+                    "job id `{job_id}` belongs to job `{}`",
+                    existing.spec.name
+                )));
+            }
+        }
+
+        let live = self
+            .job_names
+            .get(&spec.name)
+            .and_then(|id| self.tables.jobs.get_mut(id));
+        let (id, version, trigger) = match live {
+            Some(job) if job.spec == spec => {
+                return Ok(Applied::JobSubmitted(SubmitJobResponse {
+                    id: job.id.clone(),
+                    version: job.version,
+                    eval_id: job.last_eval.clone(),
+                    created: false,
+                }));
+            }
+            Some(job) => {
+                job.version += 1;
+                job.spec = spec;
+                job.updated_at = at;
+                job.last_eval = eval_id.clone();
+                job.unplaced.clear();
+                (job.id.clone(), job.version, EvalTrigger::JobUpdate)
+            }
+            None => {
+                self.job_names.insert(spec.name.clone(), job_id.clone());
+                self.tables.jobs.insert(
+                    job_id.clone(),
+                    JobRecord {
+                        id: job_id.clone(),
+                        spec,
+                        version: 1,
+                        submitted_at: at,
+                        updated_at: at,
+                        last_eval: eval_id.clone(),
+                        unplaced: Vec::new(),
+                    },
+                );
+                (job_id, 1, EvalTrigger::JobSubmit)
+            }
+        };
+        self.insert_eval(eval_id.clone(), id.clone(), version, trigger, at, None);
+        Ok(Applied::JobSubmitted(SubmitJobResponse {
+            id,
+            version,
+            eval_id,
+            created: trigger == EvalTrigger::JobSubmit,
+        }))
+    }
+
+    pub(super) fn delete_job(
+        &mut self,
+        job_id: JobId,
+        eval_id: EvalId,
+        at: Timestamp,
+    ) -> CommandOutput {
+        if let Some(record) = self.tables.evaluations.get(&eval_id) {
+            let eval = &record.eval;
+            return if eval.trigger == EvalTrigger::JobDelete && eval.job_id == job_id {
+                Ok(Applied::JobDeleted(DeleteJobResponse {
+                    id: job_id,
+                    eval_id,
+                }))
+            } else {
+                Err(StateError::conflict(format!(
+                    "evaluation id `{eval_id}` is already used"
+                )))
+            };
+        }
+        let job = self
+            .tables
+            .jobs
+            .remove(&job_id)
+            .ok_or_else(|| StateError::not_found(ObjectKind::Job, &job_id))?;
+        self.job_names.remove(&job.spec.name);
+        for id in self.job_alloc_ids(&job_id) {
+            let Some(mut alloc) = self.drop_alloc(&id) else {
+                continue;
+            };
+            if !alloc.state.is_terminal() {
+                alloc.desired = DesiredState::Stop;
+                alloc.updated_at = at;
+                self.put_alloc(alloc);
+            }
+        }
+        self.insert_eval(
+            eval_id.clone(),
+            job_id.clone(),
+            job.version,
+            EvalTrigger::JobDelete,
+            at,
+            None,
+        );
+        Ok(Applied::JobDeleted(DeleteJobResponse {
+            id: job_id,
+            eval_id,
+        }))
+    }
+}
+
+/// Allocations the control plane still wants that are in `state`.
+fn count_wanted(allocs: &[&Allocation], state: AllocState) -> u64 {
+    let n = allocs
+        .iter()
+        .filter(|a| a.desired == DesiredState::Run && a.state == state)
+        .count();
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// A job's status from its wanted allocations: a service is running while any
+/// instance runs; a batch or training job fails on any failed instance and completes
+/// when as many instances completed as the spec asks for.
+fn job_status(spec: &JobSpec, allocs: &[&Allocation]) -> JobStatus {
+    let running = count_wanted(allocs, AllocState::Running);
+    match spec.kind {
+        JobKind::Service if running > 0 => JobStatus::Running,
+        JobKind::Service => JobStatus::Pending,
+        JobKind::Batch | JobKind::Training => {
+            let complete = count_wanted(allocs, AllocState::Complete);
+            if count_wanted(allocs, AllocState::Failed) > 0 {
+                JobStatus::Failed
+            } else if complete >= spec.instance_count() {
+                JobStatus::Complete
+            } else if running > 0 || complete > 0 {
+                JobStatus::Running
+            } else {
+                JobStatus::Pending
+            }
+        }
+    }
+}
