@@ -37,7 +37,7 @@ use prometheus::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::models::ModelName;
+use crate::state::models::ModelName;
 use crate::state::ClusterState;
 
 /// Shortest digest prefix a request may name a model by.

@@ -14,7 +14,7 @@ mod allocations;
 mod evaluations;
 mod invariants;
 mod jobs;
-mod models;
+pub mod models;
 mod nodes;
 mod plans;
 mod tables;
@@ -521,7 +521,7 @@ struct Tables {
     node_index: BTreeMap<NodeId, u64>,
     /// Registered models by digest.
     #[serde(default)]
-    models: crate::models::Models,
+    models: models::Models,
 }
 
 /// A join token as the state keeps it.
@@ -739,7 +739,7 @@ impl ClusterState {
             join_tokens: BTreeMap::new(),
             logs: BTreeMap::new(),
             node_index: BTreeMap::new(),
-            models: crate::models::Models::default(),
+            models: models::Models::default(),
         })
     }
 

@@ -1,6 +1,5 @@
-//! The state machine's unit and property tests. One file over 800 lines: every
-//! test drives the same [`Log`] fixture and command builders, and the property
-//! tests at the end replay the same random commands the unit tests name.
+//! The state machine's unit and property tests. One file over 800 lines: the
+//! tests share the [`Log`] fixture and the command builders at its top.
 
 use super::*;
 use aigrid_api::{
