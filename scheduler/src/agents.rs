@@ -31,7 +31,6 @@ use tokio::sync::Semaphore;
 
 use crate::http::{body_bytes, decode_json, propose, unexpected, ApiError, ApiLimits, ApiState};
 use crate::state::{Applied, ClusterState, Command, EventSink, StateError, StateEvent, TokenUse};
-use crate::worker::now;
 
 /// Longest a long poll is held.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(300);
@@ -309,6 +308,7 @@ fn verify(
     body: &[u8],
     node: &NodeId,
     key: &NodePublicKey,
+    now: Timestamp,
 ) -> Result<(), ApiError> {
     let signer = header(headers, NODE_HEADER)?;
     if signer != node.as_str() {
@@ -328,7 +328,7 @@ fn verify(
         timestamp: Timestamp::from_millis(timestamp),
         body,
     }
-    .verify(key, signature, now())?;
+    .verify(key, signature, now)?;
     Ok(())
 }
 
@@ -350,7 +350,9 @@ async fn authenticate(
         key = state.raft.read(|s| s.node_key(node)).await?;
     }
     match key {
-        Some((Some(key), false)) => verify(headers, method, uri, body, node, &key),
+        Some((Some(key), false)) => {
+            verify(headers, method, uri, body, node, &key, state.clock.now())
+        }
         Some((_, true)) => Err(ApiError::new(
             ErrorCode::KeyRevoked,
             format!("the key of node `{node}` was revoked"),
@@ -412,15 +414,23 @@ pub(crate) async fn register_node(
             "public_key: a node registers with its ed25519 public key",
         )
     })?;
-    verify(&headers, &method, &uri, &body, &node.id, &key)?;
+    verify(
+        &headers,
+        &method,
+        &uri,
+        &body,
+        &node.id,
+        &key,
+        state.clock.now(),
+    )?;
     let token = join_token(&headers)?;
     state
         .raft
-        .read_local(|s| s.check_registration(&node, token.as_ref(), now()))?;
+        .read_local(|s| s.check_registration(&node, token.as_ref(), state.clock.now()))?;
     let command = Command::RegisterNode {
         node,
         join_token: token,
-        at: now(),
+        at: state.clock.now(),
     };
     match propose(&state, command).await? {
         Applied::NodeRegistered {
@@ -504,7 +514,7 @@ async fn heartbeat(
     if let Some(t) = hb.telemetry {
         state.agents.telemetry.write().insert(node_id.clone(), t);
     }
-    let at = now();
+    let at = state.clock.now();
     let Some(changes) = changes else {
         state.agents.connected(&state.raft)?;
         state.agents.saw(node_id.clone(), at);
@@ -643,7 +653,7 @@ pub(crate) async fn revoke_node(
     let node_id = NodeId::new(id.clone());
     let command = Command::RevokeNode {
         node_id: node_id.clone(),
-        at: now(),
+        at: state.clock.now(),
     };
     match propose(&state, command).await? {
         Applied::NodeUpdated { .. } => {}
@@ -706,7 +716,7 @@ pub(crate) async fn create_join_token(
             .unwrap_or(aigrid_api::auth::DEFAULT_TOKEN_TTL_SECS),
         max_uses: request.max_uses,
         description: request.description,
-        at: now(),
+        at: state.clock.now(),
     };
     match propose(&state, command).await? {
         Applied::JoinTokenCreated(info) => Ok((
@@ -741,7 +751,10 @@ pub(crate) async fn delete_join_token(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let command = Command::DeleteJoinToken { id, at: now() };
+    let command = Command::DeleteJoinToken {
+        id,
+        at: state.clock.now(),
+    };
     match propose(&state, command).await? {
         Applied::JoinTokenDeleted { .. } => Ok(StatusCode::NO_CONTENT),
         other => Err(unexpected(other)),

@@ -29,8 +29,8 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 use utoipa::OpenApi;
 
+use crate::clock::SharedClock;
 use crate::state::{Applied, ClusterState, Command, StateError};
-use crate::worker::now;
 
 /// Largest body [`ApiLimits::max_model_body_bytes`] may allow. A model write becomes
 /// one Raft entry of about its body's size; raft-rs refuses proposals beyond its
@@ -83,6 +83,8 @@ pub struct ApiState {
     pub(crate) storage: Arc<StorageInfo>,
     /// Model writes being read; see [`ApiLimits::max_model_uploads`].
     pub(crate) model_uploads: Arc<Semaphore>,
+    /// Where handlers read the time they write into commands.
+    pub(crate) clock: SharedClock,
 }
 
 #[derive(Clone)]
@@ -283,7 +285,7 @@ async fn submit_job(
         job_id: new_id(JobId::new),
         eval_id: new_id(EvalId::new),
         spec,
-        at: now(),
+        at: state.clock.now(),
     };
     match propose(&state, command).await? {
         Applied::JobSubmitted(resp) => {
@@ -367,7 +369,7 @@ async fn delete_job(
     let command = Command::DeleteJob {
         job_id,
         eval_id: new_id(EvalId::new),
-        at: now(),
+        at: state.clock.now(),
     };
     match propose(&state, command).await? {
         Applied::JobDeleted(resp) => Ok(Json(resp)),
@@ -431,7 +433,7 @@ async fn drain_node(
     let command = Command::DrainNode {
         node_id: NodeId::new(id.clone()),
         drain,
-        at: now(),
+        at: state.clock.now(),
     };
     change_node(&state, id, command, |node| {
         Ok(node.status == NodeStatus::Draining && node.drain == Some(drain))
@@ -459,7 +461,7 @@ async fn undrain_node(
     let command = Command::SetNodeStatus {
         node_id: NodeId::new(id.clone()),
         status: NodeStatus::Ready,
-        at: now(),
+        at: state.clock.now(),
     };
     change_node(&state, id, command, |node| match node.status {
         NodeStatus::Ready => Ok(true),
@@ -810,8 +812,10 @@ pub fn router(
     agents: Arc<crate::agents::AgentHub>,
     storage: StorageInfo,
     gateway: Arc<crate::gateway::Gateway>,
+    clock: SharedClock,
 ) -> prometheus::Result<Router> {
     let state = ApiState {
+        clock,
         http: HttpMetrics::register(&registry)?,
         agents,
         raft: raft.clone(),

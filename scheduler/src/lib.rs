@@ -17,6 +17,7 @@
 //! | [`testkit`] | fixtures for tests: small real inputs (signed model registrations) |
 
 pub mod agents;
+pub mod clock;
 pub mod gateway;
 pub mod http;
 pub mod metrics;

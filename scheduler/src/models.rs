@@ -19,7 +19,6 @@ use crate::http::{
 };
 pub use crate::state::models::{check_registration, ModelDetail, ModelName, SetLocations};
 use crate::state::{Applied, Command, ObjectKind, StateError};
-use crate::worker::now;
 
 // ----- control API -----------------------------------------------------------
 
@@ -102,7 +101,7 @@ pub(crate) async fn register_model(
     }
     let command = Command::RegisterModel {
         registration,
-        at: now(),
+        at: state.clock.now(),
     };
     match propose(&state, command).await? {
         Applied::ModelRegistered { summary, created } => {
@@ -204,7 +203,7 @@ pub(crate) async fn set_model_locations(
         digest,
         locations: body.locations,
         expected_version: body.expected_version,
-        at: now(),
+        at: state.clock.now(),
     };
     match propose(&state, command).await? {
         Applied::ModelLocationsSet(summary) => Ok(Json(summary)),
@@ -233,7 +232,15 @@ pub(crate) async fn delete_model(
     {
         return Err(model_not_found(&digest));
     }
-    match propose(&state, Command::DeleteModel { digest, at: now() }).await? {
+    match propose(
+        &state,
+        Command::DeleteModel {
+            digest,
+            at: state.clock.now(),
+        },
+    )
+    .await?
+    {
         Applied::ModelDeleted { .. } => Ok(StatusCode::NO_CONTENT),
         other => Err(unexpected(other)),
     }

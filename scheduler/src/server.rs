@@ -14,6 +14,7 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::clock::{SharedClock, SystemClock};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::{self, ApiLimits, MAX_MODEL_BODY_LIMIT};
 use crate::state::ClusterState;
@@ -178,8 +179,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the listener, opens the log, starts the replica and serves HTTP.
+    /// Binds the listener, opens the log, starts the replica and serves HTTP, on
+    /// the machine's clock.
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
+        Self::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// As [`Server::start`], reading time from `clock`: every timestamp the
+    /// server writes into a command comes from it.
+    pub async fn start_with_clock(
+        config: ServerConfig,
+        clock: SharedClock,
+    ) -> Result<Self, ServerError> {
         config.validate()?;
         let listener =
             TcpListener::bind(config.listen)
@@ -244,6 +255,7 @@ impl Server {
             agents.clone(),
             config.storage.clone(),
             gateway.clone(),
+            clock.clone(),
         )?;
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
         tokio::spawn(gateway.clone().run(shutdown.subscribe()));
@@ -268,6 +280,7 @@ impl Server {
             raft.clone(),
             worker,
             worker_metrics,
+            clock,
             shutdown.subscribe(),
         ));
         let http = tokio::spawn(async move {

@@ -22,7 +22,7 @@
 //! first waits one TTL so nodes can reach it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aigrid_api::{
     AllocId, AllocState, Allocation, DesiredState, DrainSpec, EvalStatus, Evaluation, Job, JobId,
@@ -32,6 +32,7 @@ use aigrid_consensus::RaftNode;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
 
+use crate::clock::SharedClock;
 use crate::metrics::WorkerMetrics;
 use crate::planner::defrag::plan_defrag;
 use crate::planner::preempt::plan_preemption;
@@ -69,15 +70,6 @@ impl Default for WorkerConfig {
             node_ttl: Duration::from_secs(30),
         }
     }
-}
-
-/// The current time as the control plane writes it into commands.
-pub fn now() -> Timestamp {
-    Timestamp::from_millis(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-    )
 }
 
 /// One job's share of a pass: its due evaluations (oldest first) and its view
@@ -738,6 +730,7 @@ pub async fn run(
     raft: RaftNode<ClusterState>,
     config: WorkerConfig,
     metrics: WorkerMetrics,
+    clock: SharedClock,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut leader_since: Option<Instant> = None;
@@ -755,7 +748,7 @@ pub async fn run(
             continue;
         }
         let since = *leader_since.get_or_insert_with(Instant::now);
-        let at = now();
+        let at = clock.now();
         if since.elapsed() >= config.node_ttl {
             let expired = raft.read_local(|s| expire_nodes(s, at, config.node_ttl));
             for command in expired {

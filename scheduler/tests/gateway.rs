@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aigrid_api::{AllocState, Allocation, AllocationReport, Job, NodeId, NodeRegistration};
+use aigrid_scheduler::clock::{Clock, SystemClock};
 use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_scheduler::state::Command;
 use aigrid_scheduler::testkit::model_registration;
-use aigrid_scheduler::worker::now;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -194,7 +194,7 @@ async fn report_running(server: &Server, running: &[(&Allocation, &str)]) {
             gpus: vec![],
             allocations,
             logs: vec![],
-            at: now(),
+            at: SystemClock.now(),
         })
         .await
         .unwrap()

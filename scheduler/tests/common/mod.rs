@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use aigrid_api::NodeRegistration;
+use aigrid_scheduler::clock::{Clock, SystemClock};
 use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_scheduler::state::Command;
-use aigrid_scheduler::worker::now;
 use reqwest::{Client, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -29,7 +29,7 @@ pub async fn register(server: &Server, node: NodeRegistration) {
         .propose(&Command::RegisterNode {
             node,
             join_token: None,
-            at: now(),
+            at: SystemClock.now(),
         })
         .await
         .unwrap()
