@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 
 mod common;
-use common::{get_json, post_json, register, start_leader, status_and_json, wait_job};
+use common::{get_json, post_json, register, start_leader, status_and_json, until, wait_job};
 
 /// One fake model server.
 #[derive(Clone)]
@@ -33,6 +33,8 @@ struct Replica {
     ready: Arc<AtomicBool>,
     /// Chat requests it received.
     served: Arc<AtomicUsize>,
+    /// `/ready` probes it received.
+    probes: Arc<AtomicUsize>,
     /// Requests with `"hold": true` answer only once this turns true.
     release: watch::Sender<bool>,
     /// Each permit lets a streaming answer send its next event.
@@ -45,6 +47,7 @@ impl Replica {
             name,
             ready: Arc::new(AtomicBool::new(false)),
             served: Arc::new(AtomicUsize::new(0)),
+            probes: Arc::new(AtomicUsize::new(0)),
             release: watch::Sender::new(false),
             steps: Arc::new(Semaphore::new(0)),
         }
@@ -52,6 +55,7 @@ impl Replica {
 }
 
 async fn ready(State(r): State<Replica>) -> StatusCode {
+    r.probes.fetch_add(1, Ordering::SeqCst);
     if r.ready.load(Ordering::SeqCst) {
         StatusCode::OK
     } else {
@@ -381,11 +385,11 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
             let (client, url, held) = (client.clone(), chat_url.clone(), held.clone());
             async move { client.post(url).json(&held).send().await.unwrap() }
         }));
-        while a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst)
-            < a0 + b0 + outstanding
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until("the held request reaching a replica", || {
+            a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst)
+                >= a0 + b0 + outstanding
+        })
+        .await;
     }
     assert_eq!(
         (
@@ -537,7 +541,11 @@ async fn the_background_probe_finds_a_replica_that_became_ready() {
     report_running(&server, &[(&allocs[0], &running.endpoint)]).await;
     let hello = json!({"model": "tiny", "messages": []});
     let chat_url = format!("{base}/v1/chat/completions");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A second probe starts only once the first has been answered "not ready".
+    until("the gateway probing the replica twice", || {
+        replica.probes.load(Ordering::SeqCst) >= 2
+    })
+    .await;
     let (status, _) = post_json(&client, &chat_url, &hello).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "loading");
     replica.ready.store(true, Ordering::SeqCst);

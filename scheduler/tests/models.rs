@@ -14,7 +14,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
 mod common;
-use common::start_leader;
+use common::{start_leader, until_some};
 
 fn storage() -> StorageInfo {
     StorageInfo {
@@ -362,12 +362,7 @@ async fn a_large_manifest_replicates_to_every_server() {
         config.peers = peers.clone();
         servers.push(Server::start(config).await.unwrap());
     }
-    let leader = loop {
-        if let Some(l) = servers[0].raft.status().leader {
-            break l;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let leader = until_some("a leader", || servers[0].raft.status().leader).await;
     let follower = servers
         .iter()
         .find(|s| s.raft.status().id != leader)

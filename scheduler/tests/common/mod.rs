@@ -12,13 +12,38 @@ use reqwest::{Client, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+/// How long a test waits for something that should happen before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Polls `found` every 20 ms until it answers something; fails the test, naming
+/// `what`, once [`PATIENCE`] has passed.
+pub async fn until_some<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = found() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `done` every 20 ms until it holds, as [`until_some`].
+pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    until_some(what, || done().then_some(())).await;
+}
+
 /// Starts a server and waits until it leads.
 pub async fn start_leader(config: ServerConfig) -> Server {
     let server = Server::start(config).await.unwrap();
     let id = server.raft.status().id;
-    while server.raft.status().leader != Some(id) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the server leading", || {
+        server.raft.status().leader == Some(id)
+    })
+    .await;
     server
 }
 
