@@ -1,20 +1,48 @@
 //! The aigrid control plane's core: the replicated cluster state and, around it, the
 //! control API and the server that runs them.
 //!
+//! The core is pure: [`state`] (the replicated state machine) and [`planner`]
+//! (placement, preemption, defragmentation) read no clock, do no I/O and use no
+//! async runtime. Everything else is the edge that feeds them: HTTP, agents, the
+//! scheduling loop, the gateway, metrics, and the [`clock`] they read time from.
+//!
 //! | module | owns |
 //! |---|---|
-//! | [`state`] | the cluster state machine: nodes, jobs, allocations, evaluations and models, changed only by Raft-committed [`state::Command`]s |
-//! | [`planner`] | the pure planner: a cluster snapshot and a job's unplaced instances in, placements (nodes, GPUs) and explanations out |
-//! | [`preempt`] | pure preemption: room for instances that fit nowhere, made by evicting the least disruptive set of clearly lower-priority allocations |
-//! | [`defrag`] | pure defragmentation: room for instances that fit nowhere because free GPUs are scattered, made by migrating the fewest movable allocations |
-//! | [`models`] | the model registry: signed manifests of dispersed-store models by digest, their shard locations, and their control API routes |
-//! | [`agents`] | the agent-facing API: signed requests, join tokens, heartbeats kept off the log when they change nothing, long polls for assignments, log tails |
+//! | [`state`] | the cluster state machine, one module per area (`jobs`, `nodes`, `allocations`, `plans`, `evaluations`, `tokens`, [`state::models`], `invariants`) under one dispatch ([`state::ClusterState`]'s `apply` over [`state::Command`]); changed only by Raft-committed commands; emits [`state::StateEvent`]s to an [`state::EventSink`] the edge supplies |
+//! | [`planner`] | the pure planner: a cluster snapshot and a job's unplaced instances in, placements (nodes, GPUs) and explanations out; [`planner::preempt`] and [`planner::defrag`] make room for what does not fit |
+//! | [`clock`] | the one [`clock::Clock`] the edge reads time from ([`clock::SystemClock`], [`clock::ManualClock`] for tests) |
 //! | [`http`] | the control API under `/api/v1`, `/metrics`, `/health`, `/ready`, and its OpenAPI document |
+//! | [`models`] | the model registry's control API routes (the registry itself is [`state::models`]) |
+//! | [`agents`] | the agent-facing API: signed requests, join tokens, heartbeats kept off the log when they change nothing, long polls for assignments (woken by [`agents::NodeWatch`]), log tails |
 //! | [`gateway`] | the OpenAI-compatible `/v1` inference gateway: resolves a request's model, picks a ready replica with the fewest requests outstanding and streams its answer back |
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
 //! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
 //! | [`testkit`] | fixtures for tests: small real inputs (signed model registrations) |
+//!
+//! ## Following a job submission
+//!
+//! 1. **Validated** at the edge: `POST /api/v1/jobs` is `submit_job` in [`http`],
+//!    which decodes the body and runs [`aigrid_api::JobSpec::validate`] before it
+//!    proposes [`state::Command::SubmitJob`] with an id, an evaluation id and a
+//!    timestamp from the [`clock`].
+//! 2. **Applied** once Raft commits it: [`state::ClusterState`]'s
+//!    `StateMachine::apply` (in `state/mod.rs`) dispatches to `submit_job` in
+//!    `state/jobs.rs`, which validates the spec again, creates or updates the job
+//!    by name (idempotent by evaluation id) and queues an evaluation
+//!    (`insert_eval` in `state/evaluations.rs`).
+//! 3. **Planned** by the leader's loop, [`worker::run`]: [`worker::collect`] gathers
+//!    the due evaluations and a [`planner::PlanSnapshot`]; `plan_job` calls
+//!    [`planner::plan`] (then [`planner::preempt::plan_preemption`] and
+//!    [`planner::defrag::plan_defrag`] for what did not fit), and the result is
+//!    proposed as [`state::Command::ApplyPlan`].
+//! 4. **Committed** by `apply_plan` in `state/plans.rs`, which re-checks every
+//!    placement against the current state (`check_allocations`) before writing it;
+//!    the agents' long polls wake through [`agents::NodeWatch`].
+//!
+//! [`state::ClusterState::check_invariants`] (`state/invariants.rs`) states the
+//! rules every reachable state obeys; unit tests, the property tests and the
+//! simulation all run it.
 
 pub mod agents;
 pub mod clock;
