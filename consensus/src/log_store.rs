@@ -423,6 +423,7 @@ impl Durable for RedbDisk {
     }
 }
 
+#[cfg(any(test, feature = "testkit"))]
 /// A simulated disk for deterministic tests: what it holds survives a simulated crash,
 /// and it can be told to fail the next write, losing that batch as a crash before fsync
 /// would.
@@ -431,6 +432,7 @@ pub struct SimDisk {
     inner: Arc<Mutex<SimDiskInner>>,
 }
 
+#[cfg(any(test, feature = "testkit"))]
 #[derive(Default)]
 struct SimDiskInner {
     image: LogImage,
@@ -438,6 +440,7 @@ struct SimDiskInner {
     writes: u64,
 }
 
+#[cfg(any(test, feature = "testkit"))]
 impl SimDisk {
     /// A disk that already holds `image`.
     pub fn with_image(image: LogImage) -> Self {
@@ -462,6 +465,7 @@ impl SimDisk {
     }
 }
 
+#[cfg(any(test, feature = "testkit"))]
 impl Durable for SimDisk {
     fn load(&self) -> Result<LogImage, LogStoreError> {
         Ok(self.inner.lock().image.clone())
