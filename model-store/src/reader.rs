@@ -387,6 +387,21 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Store {
+    /// A fetcher for a registered model's stripes.
+    pub(crate) fn fetcher(
+        &self,
+        registration: &Registration,
+        options: FetchOptions,
+    ) -> Result<Fetcher, StoreError> {
+        registration.verify()?;
+        Fetcher::new(
+            self.clone(),
+            registration.manifest.manifest.clone(),
+            registration.locations.clone(),
+            options,
+        )
+    }
+
     /// A lazy reader over a registered model, after checking its signature.
     pub fn reader(
         &self,
