@@ -1,7 +1,11 @@
 //! `aigrid`: the one binary. `up` runs the embedded default, `server` runs one
 //! control-plane server, and the other subcommands are clients of the control API.
 //!
-//! - [`config`]: server flags, their `AIGRID_*` variables and the optional TOML file.
+//! - [`config`]: the server roles' flags, their `AIGRID_*` variables and the optional
+//!   TOML file, resolved and checked.
+//! - [`server`]: `aigrid server` and `aigrid up`, run until Ctrl-C or SIGTERM.
+//! - [`files`]: the TOML files roles read: config files, the dispersed store's file.
+//! - [`shutdown`]: the signal that stops a long-running role.
 //! - [`client`]: the HTTP client, failing over between servers, with one-line errors.
 //! - [`commands`]: the client subcommands and their human and `--json` output.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
@@ -14,8 +18,11 @@ mod client;
 mod commands;
 mod config;
 mod demo;
+mod files;
 mod model;
 mod serve;
+mod server;
+mod shutdown;
 
 use std::process::ExitCode;
 
@@ -112,11 +119,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => {
                 init_logging();
-                config::run_up(args).await
+                server::run_up(args).await
             }
             Command::Server(args) => {
                 init_logging();
-                config::run_server(*args).await
+                server::run_server(*args).await
             }
             Command::Agent(args) => {
                 init_logging();

@@ -169,7 +169,7 @@ pub fn store_from(configs: &[BackendConfig]) -> anyhow::Result<Store> {
 /// The store described by `--store` or announced by the server.
 pub async fn open_store(client: &Client, args: &StoreArgs) -> anyhow::Result<(Store, StorageInfo)> {
     let (info, configs) = match &args.store {
-        Some(path) => crate::config::read_store_file(path)?,
+        Some(path) => crate::files::read_store_file(path)?,
         None => {
             let info: StorageInfo = client
                 .call::<(), _>(Method::GET, "/api/v1/storage", None)

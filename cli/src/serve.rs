@@ -240,7 +240,7 @@ pub async fn run_serve(servers: &str, args: ServeArgs) -> anyhow::Result<()> {
     let _ = std::io::Write::write_all(&mut out, line.as_bytes());
     let _ = std::io::Write::flush(&mut out);
     server
-        .run(crate::config::shutdown_signal())
+        .run(crate::shutdown::shutdown_signal())
         .await
         .map_err(|e| anyhow!("{e}"))?;
     tracing::info!("model server stopped");
