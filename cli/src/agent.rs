@@ -118,7 +118,8 @@ struct Resolved {
     agent: AgentConfig,
 }
 
-fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+/// Parses `--attr KEY=VALUE` flags into node attributes.
+pub fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for attr in attrs {
         let (k, v) = attr

@@ -97,6 +97,16 @@ pub struct UpArgs {
     /// Give the embedded agent simulated GPUs instead of NVML, e.g. `2xH100-80GB`.
     #[arg(long, env = "AIGRID_SIMULATE_GPUS")]
     pub(crate) simulate_gpus: Option<String>,
+    /// An attribute of the embedded agent's node, `KEY=VALUE` (`country=BE`), that
+    /// constraints and spreads match on; repeatable (the variable takes a comma
+    /// list), as for `aigrid agent`.
+    #[arg(
+        long = "attr",
+        value_name = "KEY=VALUE",
+        env = "AIGRID_ATTRS",
+        value_delimiter = ','
+    )]
+    pub(crate) attr: Vec<String>,
     /// The dispersed store's file (see `aigrid server --store`); default: six local
     /// directories under the data directory standing in for six sites, coded 4+2,
     /// at most one shard of a stripe per site.

@@ -11,8 +11,11 @@ use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_store::backend::BackendConfig;
 use anyhow::{anyhow, Context};
 
+use aigrid_agent::agent::OnShutdown;
+
 use crate::config::{ResolvedServer, ServerArgs, UpArgs};
 use crate::files::{local_store, read_store_file};
+use crate::output::{count, say};
 use crate::shutdown::shutdown_signal;
 
 /// Asks an existing cluster to add this server, retrying until it is a member.
@@ -133,8 +136,16 @@ async fn caught_up(base: &str, limit: Duration) -> anyhow::Result<()> {
 }
 
 /// `aigrid up`: one server of a one-server cluster and this machine's agent,
-/// kept running.
+/// kept running until Ctrl-C or SIGTERM, which stop its workloads and model
+/// servers with it.
 pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    // Heard from the first moment: a signal during the start still stops, in order,
+    // whatever has started by then.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => default_data_dir()?,
@@ -142,6 +153,7 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(spec) = &args.simulate_gpus {
         aigrid_agent::simulated::parse(spec, "check")?;
     }
+    let attributes = crate::agent::parse_attrs(&args.attr)?;
     let (storage, backends) = match &args.store {
         Some(path) => read_store_file(path)?,
         None => local_store(&data_dir.join("store"))?,
@@ -188,16 +200,20 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         args.simulate_gpus,
         aigrid_agent::agent::AgentConfig {
             join_token,
+            attributes,
+            // What `up` starts goes with it.
+            on_shutdown: OnShutdown::StopWorkloads,
             ..Default::default()
         },
         metrics,
     )
     .await?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let agent_task = tokio::spawn(agent.run(stopped));
+    let agent_task = tokio::spawn(agent.run(stopped.clone()));
     // In the background: `up` is usable before the demo model is, and a demo that
     // fails to deploy says so in one log line without stopping anything.
-    if !args.no_demo_model {
+    let demo_watch = if args.no_demo_model {
+        None
+    } else {
         let store = crate::model::StoreArgs {
             store: args.store.clone(),
         };
@@ -206,7 +222,11 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
             data_dir.join("demo-model"),
             store,
         ));
-    }
+        Some(tokio::spawn(crate::demo::announce(
+            base.clone(),
+            stopped.clone(),
+        )))
+    };
     let demo = if args.no_demo_model {
         String::new()
     } else {
@@ -218,20 +238,24 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     };
     // The banner is informational: a closed stdout must not stop the server.
     let banner = format!(
-        "aigrid is up (one server and this machine's agent, data in {})\n  control API  {base}/api/v1\n  OpenAPI      {base}/api/v1/openapi.json\n  metrics      {base}/metrics\n  store        {} backends, {}+{} ({})\n  try          aigrid job submit examples/job.json --server {base}\n               aigrid model push DIR --name NAME --server {base}\n{demo}Press Ctrl-C to stop.\n",
+        "aigrid is up (one server and this machine's agent, data in {})\n  control API  {base}/api/v1\n  OpenAPI      {base}/api/v1/openapi.json\n  metrics      {base}/metrics\n  store        {}, {}+{} ({})\n  try          aigrid job submit examples/job.json --server {base}\n               aigrid model push DIR --name NAME --server {base}\n{demo}Press Ctrl-C to stop.\n",
         data_dir.display(),
-        storage.backends.len(),
+        count(storage.backends.len(), "backend"),
         storage.k,
         storage.m,
         if storage.policy.is_empty() { "any backend".to_owned() } else { storage.policy.join("; ") },
     );
-    let mut out = std::io::stdout();
-    let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
-    let _ = std::io::Write::flush(&mut out);
-    shutdown_signal().await;
-    let _ = stop.send(true);
+    say(&banner);
+    let _ = stopped.clone().wait_for(|stop| *stop).await;
     let _ = stop_repairs.send(true);
+    let demo_was_ready = match demo_watch {
+        Some(watch) => watch.await.unwrap_or(false),
+        None => false,
+    };
     let agent_result = agent_task.await;
+    if demo_was_ready {
+        say(&crate::demo::stopped_line());
+    }
     server.stop().await;
     match agent_result {
         Ok(result) => result.map_err(|e| anyhow!("{e}")),
