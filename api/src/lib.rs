@@ -116,4 +116,65 @@ mod tests {
         assert!(json.contains("model-server"));
         assert!(json.contains("not_in"));
     }
+
+    /// The words a schema lists in its `enum`, as JSON values.
+    fn schema_words(schema: &utoipa::openapi::RefOr<utoipa::openapi::Schema>) -> Vec<Value> {
+        let json = serde_json::to_value(schema).unwrap();
+        json["enum"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Per closed enum: its name, each variant as serde writes it, and the words its
+    /// schema documents.
+    macro_rules! enum_words {
+        ($($t:ty),+ $(,)?) => {
+            vec![$((
+                stringify!($t),
+                <$t>::ALL
+                    .iter()
+                    .map(|v| serde_json::to_value(v).unwrap())
+                    .collect::<Vec<Value>>(),
+                schema_words(&<$t as utoipa::PartialSchema>::schema()),
+            )),+]
+        };
+    }
+
+    use serde_json::Value;
+
+    #[test]
+    fn every_enum_schema_lists_exactly_the_words_serde_writes() {
+        let enums = enum_words!(
+            AllocState,
+            DesiredState,
+            LimitsEnforcement,
+            MemberRole,
+            EvalTrigger,
+            EvalStatus,
+            JobStatus,
+            NodeStatus,
+            JobKind,
+            ConstraintOp,
+            RestartMode,
+        );
+        for (name, serde, schema) in &enums {
+            assert_eq!(schema, serde, "{name}: the schema's words are not serde's");
+            for word in serde {
+                let text = word.as_str().unwrap();
+                assert!(
+                    !text.chars().any(char::is_uppercase),
+                    "{name}: `{text}` is not a lowercase wire word"
+                );
+            }
+        }
+        // Every enum the document holds is one of the above, so a new one cannot
+        // slip past this check.
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+            if schema.get("enum").is_some() {
+                assert!(
+                    enums.iter().any(|(checked, ..)| checked == name),
+                    "{name} is an enum schema this test does not check"
+                );
+            }
+        }
+    }
 }
