@@ -8,7 +8,7 @@ use std::path::Path;
 
 use aigrid_api::{StorageBackend, StorageInfo};
 use aigrid_store::backend::BackendConfig;
-use aigrid_store::placement::Policy;
+use aigrid_store::placement::{Place, Policy};
 use anyhow::{anyhow, Context};
 use serde::Deserialize;
 

@@ -15,7 +15,7 @@ use aigrid_store::backend::{Backend, BackendConfig};
 use aigrid_store::codec::{Codec, Params};
 use aigrid_store::crypto::ModelKey;
 use aigrid_store::manifest::{shard_object, Locations, Registration, SignedManifest};
-use aigrid_store::placement::Policy;
+use aigrid_store::placement::{Place, Policy};
 use aigrid_store::repair::RepairReport;
 use aigrid_store::store::{PushOptions, PushProgress, PushStats, Store};
 use anyhow::{anyhow, bail, Context};

@@ -6,8 +6,8 @@
 //! |---|---|
 //! | [`chunk`] | where files are cut: fixed-size chunks, aligned to tensors in safetensors files |
 //! | [`codec`] | Reed-Solomon stripes: k data shards and m parity shards, rebuilt from any k |
-//! | [`manifest`] | files → chunks → stripes → shards, its canonical encoding, digest and signature |
-//! | [`placement`] | placement policies: which backends may hold a stripe's shards |
+//! | [`manifest`] | files → chunks → stripes → shards, its canonical encoding, digest and signature (the types live in `aigrid-api`, re-exported) |
+//! | [`placement`] | placing a stripe's shards by a placement policy (the policy types live in `aigrid-api`, re-exported) |
 //! | [`backend`] | a named shard store over `object_store` |
 //! | [`shard_service`] | the HTTP shard service a node runs, spoken to by `http://` backends |
 //! | [`crypto`] | encryption at rest: chunks sealed under the owner's key |

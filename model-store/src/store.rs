@@ -21,7 +21,7 @@ use crate::manifest::{
     shard_object, ChunkRef, CodecInfo, EncryptionInfo, FileEntry, Locations, Manifest,
     ManifestError, Registration, SignedManifest, Stripe, AEAD_NAME, MANIFEST_FORMAT,
 };
-use crate::placement::{PlacementError, Policy};
+use crate::placement::{Place, PlacementError, Policy};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

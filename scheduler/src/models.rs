@@ -12,8 +12,8 @@
 
 use std::collections::BTreeMap;
 
+use aigrid_api::manifest::{is_digest, Locations, ManifestError, Registration, SignedManifest};
 use aigrid_api::{ErrorBody, ErrorCode, ModelSummary, StorageInfo, Timestamp};
-use aigrid_store::manifest::{is_digest, Locations, ManifestError, Registration, SignedManifest};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
@@ -85,7 +85,7 @@ pub(crate) struct Models(BTreeMap<String, ModelRecord>);
 pub fn check_registration(registration: &Registration) -> Result<String, StateError> {
     let digest = registration.manifest.verify()?;
     fit_locations(&registration.locations, &registration.manifest)?;
-    Ok(digest)
+    Ok(digest.into())
 }
 
 /// Checks that `locations` name one distinct backend per shard of every stripe.

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use aigrid_api::manifest::{Locations, ManifestError, Registration};
 use aigrid_api::{
     AllocId, AllocState, Allocation, AllocationLogs, AllocationReport, Assignment,
     DeleteJobResponse, DesiredState, DrainSpec, ErrorCode, EvalId, EvalStatus, EvalTrigger,
@@ -21,7 +22,6 @@ use aigrid_api::{
     ValidationError,
 };
 use aigrid_consensus::state_machine::{SnapshotError, StateMachine};
-use aigrid_store::manifest::{Locations, ManifestError, Registration};
 use serde::{Deserialize, Serialize};
 
 /// Evaluations kept by default. Older ones are forgotten, completed ones first, so a
