@@ -154,31 +154,6 @@ mod tests {
 
     use serde_json::Value;
 
-    /// The words a schema lists in its `enum`, as JSON values.
-    fn schema_words(schema: &utoipa::openapi::RefOr<utoipa::openapi::Schema>) -> Vec<Value> {
-        let json = serde_json::to_value(schema).unwrap();
-        json["enum"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// Per closed enum: its name, each variant as serde writes it, and the words its
-    /// schema documents.
-    macro_rules! enum_words {
-        ($($t:ty $(= $all:expr)?),+ $(,)?) => {
-            vec![$((
-                stringify!($t).rsplit("::").next().unwrap(),
-                enum_words!(@all $t $(= $all)?)
-                    .iter()
-                    .map(|v| serde_json::to_value(v).unwrap())
-                    .collect::<Vec<Value>>(),
-                schema_words(&<$t as utoipa::PartialSchema>::schema()),
-            )),+]
-        };
-        (@all $t:ty = $all:expr) => { $all };
-        (@all $t:ty) => { <$t>::ALL };
-    }
-
-    use serde_json::Value;
-
     #[test]
     fn task_drivers_are_documented_as_serde_writes_them() {
         let exec: TaskSpec =

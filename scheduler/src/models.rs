@@ -402,7 +402,7 @@ pub(crate) struct ListQuery {
     get, path = "/api/v1/models",
     params(("name" = Option<String>, Query, description = "Only models of this name"),
            ("stale" = Option<bool>, Query, description = "Serve from local state")),
-    responses((status = 200, body = [ModelSummary]), (status = 503, body = ErrorBody))
+    responses((status = 200, body = [ModelSummary]), (status = 400, description = "Malformed query", body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 pub(crate) async fn list_models(
     State(state): State<ApiState>,
