@@ -33,10 +33,8 @@ pub struct ModelDetail {
     /// What listings show of it.
     pub summary: ModelSummary,
     /// Its manifest with the publisher's key and signature, as registered.
-    #[schema(value_type = Object)]
     pub manifest: SignedManifest,
     /// The backend of every shard of every stripe, as last set.
-    #[schema(value_type = Object)]
     pub locations: Locations,
 }
 
@@ -45,7 +43,6 @@ pub struct ModelDetail {
 #[serde(deny_unknown_fields)]
 pub struct SetLocations {
     /// The backend of every shard of every stripe.
-    #[schema(value_type = Object)]
     pub locations: Locations,
     /// The `locations_version` the caller read; when given and no longer current the
     /// update is refused with 409, so two repairs cannot overwrite each other.
@@ -340,8 +337,8 @@ async fn upload<T: serde::de::DeserializeOwned + Send + 'static>(
 /// committed. A digest already registered is answered as it is, with 200.
 #[utoipa::path(
     post, path = "/api/v1/models",
-    request_body(content = serde_json::Value,
-        description = "A registration: `{\"manifest\": SignedManifest, \"locations\": Locations}`"),
+    request_body(content = Registration,
+        description = "A registration: the signed manifest and where its shards are"),
     responses(
         (status = 201, description = "Model registered and committed", body = ModelSummary),
         (status = 200, description = "Already registered; nothing changed", body = ModelSummary),
