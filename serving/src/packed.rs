@@ -143,19 +143,16 @@ impl Packed {
             candle_core::bail!("the packed product needs AVX-512F");
         }
         let rows = rows_of(x, self.input, self.output, "a packed")?;
-        // Not zeroed first: the panels write every element.
-        let mut out = Vec::with_capacity(rows * self.output);
-        let uninit = &mut out.spare_capacity_mut()[..rows * self.output];
+        let input = self.input;
         // Many rows go in blocks of MB, each block's inputs staying in L2 while every
         // panel passes over them.
-        for (block, x) in x.chunks(MB * self.input).enumerate() {
-            let out = &mut uninit[block * MB * self.output..];
-            self.block(x, &mut out[..x.len() / self.input * self.output]);
-        }
-        // SAFETY: every one of the `rows × output` elements was written: each row
-        // block by all the panels, each panel all its columns of every row.
-        unsafe { out.set_len(rows * self.output) };
-        Ok(out)
+        // SAFETY: `block` writes every element of its rows: each panel all its
+        // columns of every row.
+        Ok(unsafe {
+            in_row_blocks(rows, self.output, MB, |start, n, out| {
+                self.block(&x[start * input..(start + n) * input], out)
+            })
+        })
     }
 
     /// One block of rows, panels split over the threads.
@@ -197,6 +194,30 @@ impl Packed {
                 .for_each(run);
         }
     }
+}
+
+/// A `rows × output` row-major result, not zeroed first: `block(start, n, out)`
+/// writes rows `start..start + n` (`out`, `n × output`), blocks of at most `mb`.
+///
+/// # Safety
+/// `block` writes every element of the `out` it is given.
+pub(crate) unsafe fn in_row_blocks(
+    rows: usize,
+    output: usize,
+    mb: usize,
+    mut block: impl FnMut(usize, usize, &mut [MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * output);
+    let uninit = &mut out.spare_capacity_mut()[..rows * output];
+    let mut start = 0;
+    while start < rows {
+        let n = (rows - start).min(mb);
+        block(start, n, &mut uninit[start * output..(start + n) * output]);
+        start += n;
+    }
+    // SAFETY: every row block was written whole (the caller's contract).
+    unsafe { out.set_len(rows * output) };
+    out
 }
 
 /// The output, written by panels in parallel at disjoint columns.
@@ -400,18 +421,6 @@ impl RowProduct for Packed {
     }
     fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
         Packed::matmul(self, x)
-    }
-}
-
-impl RowProduct for crate::amx::AmxPacked {
-    fn input(&self) -> usize {
-        crate::amx::AmxPacked::input(self)
-    }
-    fn output(&self) -> usize {
-        crate::amx::AmxPacked::output(self)
-    }
-    fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
-        crate::amx::AmxPacked::matmul(self, x)
     }
 }
 
