@@ -17,6 +17,7 @@
 //! | [`manifest`] | a model's signed manifest and shard locations: canonical encoding, digest, signature check |
 //! | [`placement`] | placement policies: which storage backends may hold a stripe's shards |
 //! | [`digest`] | content digests as types (`ModelDigest`) |
+//! | [`openai`] | OpenAI's `/v1` wire types and error envelope, for the model servers and the gateway |
 //! | [`error`] | the error body, the stable error codes and validation errors |
 //!
 //! Every type is re-exported at the crate root, except the manifest's parts and the
@@ -40,6 +41,7 @@ pub mod manifest;
 pub mod model;
 pub mod node;
 pub mod placement;
+pub mod openai;
 pub mod spec;
 pub mod units;
 

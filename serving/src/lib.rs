@@ -13,8 +13,8 @@
 //! | [`sampling`] | logits to tokens: greedy, temperature, top-p, seeds |
 //! | [`generate`] | the continuous-batching generation engine on its own thread |
 //! | [`embed`] | the continuous-batching embedding engine on its own thread |
+//! | [`config`] | what a server is told at start: listen address, device, precision, names, limits |
 //! | [`loader`] | loading a model: phases, verified bytes, warm-up |
-//! | [`openai`] | OpenAI wire types |
 //! | [`packed`] | projections with the weight packed for an AVX-512 small-batch matrix product |
 //! | [`amx`] | projections in bf16 on the AMX tile units of Xeon CPUs |
 //! | [`ops`] | fused CPU kernels: `silu(gate)·up`, attention over the KV pool, row softmax, a vectorized `exp` |
@@ -28,6 +28,7 @@
 
 pub mod amx;
 pub mod bert;
+pub mod config;
 pub mod dense;
 pub mod device;
 pub mod embed;
@@ -36,7 +37,6 @@ pub mod generate;
 pub mod llama;
 pub mod loader;
 pub mod metrics;
-pub mod openai;
 pub mod ops;
 pub mod packed;
 pub mod sampling;
@@ -48,6 +48,13 @@ pub mod tokenizer;
 pub use device::DeviceSpec;
 pub use error::ServingError;
 pub use source::ModelSource;
+
+/// Says on stderr, where the test runner shows it, that a test (or part of one)
+/// did not run because this machine lacks what it checks.
+#[cfg(test)]
+pub(crate) fn skip(reason: &str) {
+    eprintln!("skipped: {reason}");
+}
 
 /// The largest element-wise difference of two tensors of one shape, compared in
 /// f32 (tests).
