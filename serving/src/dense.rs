@@ -241,9 +241,13 @@ mod tests {
         let mut layouts = vec![Layout::Transposed];
         if crate::packed::available() {
             layouts.push(Layout::Packed);
+        } else {
+            crate::skip("this CPU has no AVX-512F: no packed layout");
         }
         if crate::amx::available() {
             layouts.push(Layout::Amx);
+        } else {
+            crate::skip("this CPU has no AMX-BF16: no bf16 layout");
         }
         for layout in layouts {
             let ours = Dense::build(&[(&w, Some(b.clone()))], layout).unwrap();
