@@ -420,7 +420,7 @@ async fn serve_a_model_directory() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fp8") && err.contains("f32 or bf16"), "{err}");
-    if !aigrid_serving::amx::available() {
+    if !aigrid_serving::kernels::cpu::amx::available() {
         let out = serve_with("--matmul-precision", "bf16");
         assert_one_line_failure(&out, "AMX");
     }

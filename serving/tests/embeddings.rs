@@ -73,7 +73,7 @@ fn minilm_matches_sentence_transformers() {
 
 #[test]
 fn minilm_matches_sentence_transformers_with_bf16_products() {
-    if !aigrid_serving::amx::available() {
+    if !aigrid_serving::kernels::cpu::amx::available() {
         return common::skip("this CPU has no AMX-BF16: the bf16 products are not run");
     }
     check_minilm(Precision::Bf16);

@@ -29,11 +29,13 @@ use std::mem::MaybeUninit;
 use candle_core::Result;
 use rayon::prelude::*;
 
-use crate::packed::{check_weight, in_row_blocks, pack_bias, rows_of, Dst, Lanes, RowProduct};
+use crate::kernels::cpu::avx512::{
+    check_weight, in_row_blocks, pack_bias, rows_of, Dst, Lanes, RowProduct,
+};
 
 /// Output columns per panel: two 16-column tiles (the panels of
-/// [`crate::packed`], whose bias layout this shares).
-pub const NR: usize = crate::packed::NR;
+/// [`crate::kernels::cpu::avx512`], whose bias layout this shares).
+pub const NR: usize = crate::kernels::cpu::avx512::NR;
 /// Inputs per block: one tile row of bf16 (64 bytes).
 const KB: usize = 32;
 /// Rows per block: a block's bf16 inputs (`MB × in`) stay in the L2 cache while
@@ -125,7 +127,7 @@ fn bf16(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }
 
-crate::ops::vectorized! {
+crate::kernels::cpu::ops::vectorized! {
     /// Rows of `input` f32 into the first `input` of rows of `width` bf16 (the
     /// rest, the padding, is left as it is).
     fn to_bf16_rows(x: &[f32], out: &mut [u16], input: usize, width: usize) {
@@ -423,7 +425,7 @@ unsafe fn kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed::tests::{
+    use crate::kernels::cpu::avx512::tests::{
         check_mismatched, check_rows_alone, check_shapes, reference, values,
     };
 

@@ -170,7 +170,7 @@ impl Packed {
             // which no other panel touches.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx512::panel(
+                simd::panel(
                     x,
                     self.input,
                     rows,
@@ -235,7 +235,7 @@ impl Dst {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod simd {
     use super::{Lanes, KC, MR};
     use std::arch::x86_64::*;
 
