@@ -14,9 +14,15 @@
 //! | [`auth`] | node keys, signed requests and join tokens |
 //! | [`cluster`] | control-plane membership and Raft status |
 //! | [`model`] | registered models as listed, and the dispersed store a server offers |
+//! | [`manifest`] | a model's signed manifest and shard locations: canonical encoding, digest, signature check |
+//! | [`placement`] | placement policies: which storage backends may hold a stripe's shards |
+//! | [`digest`] | content digests as types (`ModelDigest`) |
+//! | [`openai`] | OpenAI's `/v1` wire types and error envelope, for the model servers and the gateway |
 //! | [`error`] | the error body, the stable error codes and validation errors |
 //!
-//! Every type is re-exported at the crate root.
+//! Every type is re-exported at the crate root, except the manifest's parts and the
+//! placement rules (`placement::Constraint` and `placement::Spread` share their names
+//! with the job spec's), which are reached through their modules.
 
 #![warn(missing_docs)]
 
@@ -26,12 +32,16 @@ mod macros;
 pub mod allocation;
 pub mod auth;
 pub mod cluster;
+pub mod digest;
 pub mod error;
 pub mod evaluation;
 pub mod ids;
 pub mod job;
+pub mod manifest;
 pub mod model;
 pub mod node;
+pub mod placement;
+pub mod openai;
 pub mod spec;
 pub mod units;
 
@@ -44,10 +54,12 @@ pub use auth::{
     RequestToSign,
 };
 pub use cluster::{ClusterStatus, JoinRequest, LeaveRequest, Member, MemberRole};
+pub use digest::ModelDigest;
 pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationError};
 pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
 pub use ids::{AllocId, EvalId, JobId, NodeId};
 pub use job::{DeleteJobResponse, Job, JobStatus, JobSummary, SubmitJobResponse, Unplaced};
+pub use manifest::{Locations, Manifest, ManifestError, Registration, SignedManifest};
 pub use model::{ModelSummary, StorageBackend, StorageInfo};
 pub use node::{
     DrainSpec, GpuDevice, GpuHealth, GpuTelemetry, Heartbeat, HeartbeatResponse, Node,
@@ -83,6 +95,8 @@ mod tests {
         StorageInfo,
         ErrorBody,
         ValidationError,
+        Registration,
+        ModelDigest,
     )))]
     struct Doc;
 
@@ -115,5 +129,95 @@ mod tests {
         }
         assert!(json.contains("model-server"));
         assert!(json.contains("not_in"));
+    }
+
+    /// The words a schema lists in its `enum`, as JSON values.
+    fn schema_words(schema: &utoipa::openapi::RefOr<utoipa::openapi::Schema>) -> Vec<Value> {
+        let json = serde_json::to_value(schema).unwrap();
+        json["enum"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Per closed enum: its name, each variant as serde writes it, and the words its
+    /// schema documents.
+    macro_rules! enum_words {
+        ($($t:ty $(= $all:expr)?),+ $(,)?) => {
+            vec![$((
+                stringify!($t).rsplit("::").next().unwrap(),
+                enum_words!(@all $t $(= $all)?)
+                    .iter()
+                    .map(|v| serde_json::to_value(v).unwrap())
+                    .collect::<Vec<Value>>(),
+                schema_words(&<$t as utoipa::PartialSchema>::schema()),
+            )),+]
+        };
+        (@all $t:ty = $all:expr) => { $all };
+        (@all $t:ty) => { <$t>::ALL };
+    }
+
+    use serde_json::Value;
+
+    #[test]
+    fn task_drivers_are_documented_as_serde_writes_them() {
+        let exec: TaskSpec =
+            serde_json::from_value(serde_json::json!({"driver": "exec", "command": "x"})).unwrap();
+        let model: TaskSpec =
+            serde_json::from_value(serde_json::json!({"driver": "model-server", "model": "m"}))
+                .unwrap();
+        let schema = serde_json::to_value(<TaskSpec as utoipa::PartialSchema>::schema()).unwrap();
+        let variants = schema["oneOf"].as_array().unwrap();
+        assert_eq!(variants.len(), 2);
+        for (task, variant) in [exec, model].iter().zip(variants) {
+            let written = serde_json::to_value(task).unwrap();
+            assert_eq!(
+                variant["properties"]["driver"]["enum"][0],
+                written["driver"]
+            );
+            // Every field serde writes is a documented property of its variant.
+            for field in written.as_object().unwrap().keys() {
+                assert!(
+                    variant["properties"].get(field).is_some(),
+                    "{field}: {variant}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_enum_schema_lists_exactly_the_words_serde_writes() {
+        let enums = enum_words!(
+            AllocState,
+            DesiredState,
+            LimitsEnforcement,
+            MemberRole,
+            EvalTrigger,
+            EvalStatus,
+            JobStatus,
+            NodeStatus,
+            JobKind,
+            ConstraintOp,
+            RestartMode,
+            placement::Op = [placement::Op::In, placement::Op::NotIn],
+        );
+        for (name, serde, schema) in &enums {
+            assert_eq!(schema, serde, "{name}: the schema's words are not serde's");
+            for word in serde {
+                let text = word.as_str().unwrap();
+                assert!(
+                    !text.chars().any(char::is_uppercase),
+                    "{name}: `{text}` is not a lowercase wire word"
+                );
+            }
+        }
+        // Every enum the document holds is one of the above, so a new one cannot
+        // slip past this check.
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+            if schema.get("enum").is_some() {
+                assert!(
+                    enums.iter().any(|(checked, ..)| checked == name),
+                    "{name} is an enum schema this test does not check"
+                );
+            }
+        }
     }
 }

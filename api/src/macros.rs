@@ -110,11 +110,15 @@ macro_rules! quantity {
 /// A closed set of lowercase wire words (`running`, `job_submit`, ...). The word is
 /// written once per variant and drives serde, `Display`, `FromStr` and the OpenAPI
 /// schema, so the CLI, the API and the log agree on spelling.
+///
+/// The word is matched as a token tree, not a `literal` fragment: a `literal` reaches
+/// the derives wrapped in an invisible group, which serde unwraps but utoipa's
+/// `ToSchema` does not, so the schema fell back to the Rust variant names.
 macro_rules! wire_enum {
     (
         $(#[$meta:meta])*
         $name:ident {
-            $($(#[$vmeta:meta])* $variant:ident => $word:literal),+ $(,)?
+            $($(#[$vmeta:meta])* $variant:ident => $word:tt),+ $(,)?
         }
     ) => {
         $(#[$meta])*

@@ -295,7 +295,7 @@ pub struct Spread {
 }
 
 /// What an instance runs, chosen by `driver`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "driver")]
 pub enum TaskSpec {
     /// A process started from a command line.
@@ -304,6 +304,60 @@ pub enum TaskSpec {
     /// The built-in model server, serving a model from dispersed storage.
     #[serde(rename = "model-server")]
     ModelServer(ModelServerTask),
+}
+
+/// The driver word of each [`TaskSpec`] variant, as serde writes it in `driver`.
+const TASK_DRIVERS: [&str; 2] = ["exec", "model-server"];
+
+// Written by hand: the derive documents each variant as `allOf` its struct (which
+// refuses unknown fields, `driver` among them) and the tag, a schema no task can
+// satisfy. Each variant here is its struct's object with `driver` added to it.
+impl utoipa::PartialSchema for TaskSpec {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+        use utoipa::openapi::RefOr;
+        let variant = |schema: RefOr<Schema>, driver: &str, description: &str| {
+            let RefOr::T(Schema::Object(mut object)) = schema else {
+                unreachable!("a task struct's schema is an object")
+            };
+            let tag = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some([driver]))
+                .description(Some("Which driver runs the task."));
+            object.properties.insert("driver".to_owned(), tag.into());
+            object.required.insert(0, "driver".to_owned());
+            object.description = Some(description.to_owned());
+            Schema::Object(object)
+        };
+        OneOfBuilder::new()
+            .item(variant(
+                ExecTask::schema(),
+                TASK_DRIVERS[0],
+                "A process started from a command line.",
+            ))
+            .item(variant(
+                ModelServerTask::schema(),
+                TASK_DRIVERS[1],
+                "The built-in model server, serving a model from dispersed storage.",
+            ))
+            .description(Some("What an instance runs, chosen by `driver`."))
+            .into()
+    }
+}
+
+impl ToSchema for TaskSpec {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        use utoipa::PartialSchema;
+        schemas.push((ExecTask::name().into(), ExecTask::schema()));
+        ExecTask::schemas(schemas);
+        schemas.push((ModelServerTask::name().into(), ModelServerTask::schema()));
+        ModelServerTask::schemas(schemas);
+    }
 }
 
 /// A process the agent starts directly.

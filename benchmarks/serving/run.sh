@@ -3,7 +3,7 @@
 #
 #   embed      (a) all-MiniLM-L6-v2 embeddings per second on CPU, over aigrid's
 #                  /v1/embeddings at batch 1 (1 and 32 clients) and batch 32, beside
-#                  sentence-transformers (PyTorch CPU, 2 threads) encoding the same
+#                  sentence-transformers (PyTorch CPU, as many threads as ours) encoding the same
 #                  sentences (target/release/serving_embed, which runs
 #                  benchmarks/serving/embed_baseline.py)
 #   generate   (b) Llama (39 M parameters) generation tokens/s and time to first token at 1, 8 and

@@ -118,7 +118,8 @@ struct Resolved {
     agent: AgentConfig,
 }
 
-fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+/// Parses `--attr KEY=VALUE` flags into node attributes.
+pub fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for attr in attrs {
         let (k, v) = attr
@@ -135,7 +136,7 @@ fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 
 fn resolve(args: AgentArgs) -> anyhow::Result<Resolved> {
     let file = match &args.config {
-        Some(path) => crate::config::read_toml(path)?,
+        Some(path) => crate::files::read_toml(path)?,
         None => AgentArgs::default(),
     };
     let args = args.or(file);
@@ -337,7 +338,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        crate::config::shutdown_signal().await;
+        crate::shutdown::shutdown_signal().await;
         let _ = stop.send(true);
     });
     let shards = match r.shards {

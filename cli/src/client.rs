@@ -97,6 +97,14 @@ impl Client {
     }
 }
 
+/// `id` checked to be one path segment, so it cannot reach another route.
+pub fn path_segment(id: &str) -> anyhow::Result<&str> {
+    if id.is_empty() || id.contains(['/', '?', '#', '%']) || id.chars().any(char::is_whitespace) {
+        bail!("`{id}` is not a valid id");
+    }
+    Ok(id)
+}
+
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e;
     while let Some(next) = cause.source() {

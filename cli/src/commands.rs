@@ -9,26 +9,35 @@ use std::time::Duration;
 use aigrid_agent::client::ControlClient;
 use aigrid_agent::identity::Identity;
 use aigrid_api::{
-    AllocState, Allocation, AllocationLogs, AllocationReport, ClusterStatus, CreateJoinToken,
-    CreatedJoinToken, DeleteJobResponse, DiskMib, DrainSpec, GpuHealth, Heartbeat,
-    HeartbeatResponse, Job, JobSpec, JobSummary, JoinRequest, JoinToken, JoinTokenInfo, MemoryMib,
-    MilliCpu, Node, NodeId, NodeKey, NodePublicKey, NodeRegistration, NodeResources, NodeTelemetry,
-    RegisterNodeResponse, SubmitJobResponse,
+    AllocState, Allocation, AllocationReport, ClusterStatus, CreateJoinToken, CreatedJoinToken,
+    DeleteJobResponse, DiskMib, DrainSpec, GpuHealth, Heartbeat, HeartbeatResponse, Job, JobSpec,
+    JobSummary, JoinRequest, JoinToken, JoinTokenInfo, MemoryMib, MilliCpu, Node, NodeId, NodeKey,
+    NodePublicKey, NodeRegistration, NodeResources, NodeTelemetry, RegisterNodeResponse,
+    SubmitJobResponse,
 };
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde::Serialize;
 
-use crate::client::Client;
+use crate::client::{path_segment, Client};
+use crate::output::count;
+use crate::{logs, placement};
 
 /// `aigrid job ...`
 #[derive(Subcommand)]
 pub enum JobCommand {
     /// Submit a job from a JSON or TOML file (`-` reads JSON from stdin).
+    ///
+    /// Then waits a few seconds for the placement and says where the job was
+    /// placed (its nodes) or why not (the planner's reasons); an identical
+    /// resubmit says it is unchanged.
     Submit {
         /// The job file; `.toml` files are read as TOML, others as JSON.
         file: PathBuf,
+        /// Seconds to wait for the placement (0: answer once the job is committed).
+        #[arg(long, default_value_t = 5)]
+        wait_secs: u64,
     },
     /// List jobs.
     Ls,
@@ -41,6 +50,17 @@ pub enum JobCommand {
     Rm {
         /// The job id or name.
         id: String,
+    },
+    /// Print the output of a job's allocations, as their agents last shipped it.
+    Logs {
+        /// The job id or name.
+        id: String,
+        /// Print standard error instead of standard output.
+        #[arg(long)]
+        stderr: bool,
+        /// Keep printing output as it arrives, until Ctrl-C.
+        #[arg(short, long)]
+        follow: bool,
     },
 }
 
@@ -110,7 +130,7 @@ pub enum TokenCommand {
 pub enum AllocCommand {
     /// Print the end of an allocation's output, as its agent last shipped it.
     Logs {
-        /// The allocation id.
+        /// The allocation id, or a prefix of it that names one allocation.
         id: String,
         /// Print standard error instead of standard output.
         #[arg(long)]
@@ -195,13 +215,6 @@ pub enum ClusterCommand {
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
-}
-
-fn path_segment(id: &str) -> anyhow::Result<&str> {
-    if id.is_empty() || id.contains(['/', '?', '#', '%']) || id.chars().any(char::is_whitespace) {
-        bail!("`{id}` is not a valid id");
-    }
-    Ok(id)
 }
 
 /// Prints `rows` under `header`, `indent` spaces in, each column as wide as its
@@ -289,19 +302,35 @@ fn ms_to_text(millis: u64) -> String {
 /// Runs a `job` subcommand.
 pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
-        JobCommand::Submit { file } => {
+        JobCommand::Submit { file, wait_secs } => {
             let spec = read_spec(&file)?;
+            // The version before: an unchanged resubmit answers the version it found.
+            let before = placement::current_version(client, &spec.name).await;
             let resp: SubmitJobResponse = client
                 .call(Method::POST, "/api/v1/jobs", Some(&spec))
                 .await?;
             if json {
                 return print_json(&resp);
             }
-            let verb = if resp.created { "created" } else { "updated" };
+            let verb = match (resp.created, before) {
+                (true, _) => "created",
+                (false, Some(v)) if v == resp.version => "unchanged",
+                (false, _) => "updated",
+            };
             println!(
                 "job {} {verb}: id {} version {} (evaluation {})",
                 spec.name, resp.id, resp.version, resp.eval_id
             );
+            if wait_secs > 0 {
+                let outcome = placement::wait(
+                    client,
+                    &resp.id,
+                    resp.version,
+                    Duration::from_secs(wait_secs),
+                )
+                .await?;
+                print!("{}", outcome.describe(&spec.name, wait_secs));
+            }
         }
         JobCommand::Ls => {
             let jobs: Vec<JobSummary> = client
@@ -386,6 +415,9 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
                 println!("unplaced    {} x{}: {}", u.group, u.count, u.reason);
             }
         }
+        JobCommand::Logs { id, stderr, follow } => {
+            logs::job_logs(client, &id, stderr, follow).await?;
+        }
         JobCommand::Rm { id } => {
             let path = format!("/api/v1/jobs/{}", path_segment(&id)?);
             let resp: DeleteJobResponse = client.call::<(), _>(Method::DELETE, &path, None).await?;
@@ -451,9 +483,9 @@ pub async fn node(client: &Client, cmd: NodeCommand, json: bool) -> anyhow::Resu
                 "refreshed"
             };
             println!(
-                "node {} {verb}: {} GPUs, {} CPU millis, {} MiB memory{}",
+                "node {} {verb}: {}, {} CPU millis, {} MiB memory{}",
                 resp.id,
-                reg.resources.gpus.len(),
+                count(reg.resources.gpus.len(), "GPU"),
                 reg.resources.cpu_millis.0,
                 reg.resources.memory_mib.0,
                 evaluations_note(resp.eval_ids.len())
@@ -605,8 +637,8 @@ async fn token(client: &Client, cmd: TokenCommand, json: bool) -> anyhow::Result
 pub async fn alloc(client: &Client, cmd: AllocCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
         AllocCommand::Logs { id, stderr } => {
-            let path = format!("/api/v1/allocations/{}/logs", path_segment(&id)?);
-            let logs: AllocationLogs = client.call::<(), _>(Method::GET, &path, None).await?;
+            let id = logs::resolve_alloc(client, &id).await?;
+            let logs = logs::fetch(client, &id).await?;
             if json {
                 return print_json(&logs);
             }
@@ -623,8 +655,7 @@ pub async fn alloc(client: &Client, cmd: AllocCommand, json: bool) -> anyhow::Re
 fn evaluations_note(n: usize) -> String {
     match n {
         0 => String::new(),
-        1 => " (1 job re-evaluated)".to_owned(),
-        n => format!(" ({n} jobs re-evaluated)"),
+        n => format!(" ({} re-evaluated)", count(n, "job")),
     }
 }
 
@@ -712,8 +743,9 @@ fn print_node(node: &Node, allocs: &[Allocation]) {
     println!("name        {}", node.name);
     match node.drain {
         Some(d) => println!(
-            "status      {} (at most {} allocations moving at a time)",
-            node.status, d.max_parallel
+            "status      {} (at most {} moving at a time)",
+            node.status,
+            count(d.max_parallel, "allocation")
         ),
         None => println!("status      {}", node.status),
     }

@@ -13,6 +13,7 @@ use reqwest::Method;
 
 use crate::client::Client;
 use crate::model::{self, PushArgs, StoreArgs};
+use crate::output::say;
 
 /// The demo model's name, and its job's.
 pub const NAME: &str = "tiny-llama";
@@ -59,6 +60,55 @@ pub async fn deploy(base: String, dir: PathBuf, store: StoreArgs) {
             tracing::warn!("demo model {NAME} not deployed: {reason}");
         }
     }
+}
+
+/// Says on stdout when the demo model becomes ready (the gateway at `base` lists
+/// it) and when it stops being served, until `stop` turns true; answers whether it
+/// was ready then, so `up` can say that it stopped once its workloads are gone.
+pub async fn announce(base: String, mut stop: tokio::sync::watch::Receiver<bool>) -> bool {
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build();
+    let Ok(http) = http else {
+        return false;
+    };
+    let url = format!("{base}/v1/models");
+    let mut ready = false;
+    loop {
+        let listed = listed(&http, &url).await;
+        if listed != ready {
+            ready = listed;
+            if ready {
+                say(&format!(
+                    "demo model {NAME} is ready: {base}/v1 answers for it\n"
+                ));
+            } else {
+                say(&stopped_line());
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return ready,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// The line `up` prints when the demo model stops being served.
+pub fn stopped_line() -> String {
+    format!("demo model {NAME} stopped\n")
+}
+
+/// Whether the gateway's `/v1/models` at `url` lists the demo model.
+async fn listed(http: &reqwest::Client, url: &str) -> bool {
+    let Ok(resp) = http.get(url).send().await else {
+        return false;
+    };
+    let Ok(body) = resp.json::<serde_json::Value>().await else {
+        return false;
+    };
+    body["data"]
+        .as_array()
+        .is_some_and(|models| models.iter().any(|m| m["id"] == NAME))
 }
 
 /// What [`deploy`] did.

@@ -1,10 +1,17 @@
 //! `aigrid`: the one binary. `up` runs the embedded default, `server` runs one
 //! control-plane server, and the other subcommands are clients of the control API.
 //!
-//! - [`config`]: server flags, their `AIGRID_*` variables and the optional TOML file.
+//! - [`config`]: the server roles' flags, their `AIGRID_*` variables and the optional
+//!   TOML file, resolved and checked.
+//! - [`server`]: `aigrid server` and `aigrid up`, run until Ctrl-C or SIGTERM.
+//! - [`files`]: the TOML files roles read: config files, the dispersed store's file.
+//! - [`output`]: lines for people: plain when not on a terminal, nouns counted.
+//! - [`shutdown`]: the signal that stops a long-running role.
 //! - [`client`]: the HTTP client, failing over between servers, with one-line errors.
 //! - [`commands`]: the client subcommands and their human and `--json` output.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
+//! - [`placement`]: waiting for a submitted job's placement and saying where it went.
+//! - [`logs`]: allocations' output: by id prefix, by job, followed.
 //! - [`model`]: the dispersed model store's commands and the periodic repair loop.
 //! - [`serve`]: `aigrid serve`, one model behind the OpenAI-compatible `/v1` API.
 //! - [`demo`]: the tiny demo model `aigrid up` pushes and deploys.
@@ -14,8 +21,14 @@ mod client;
 mod commands;
 mod config;
 mod demo;
+mod files;
+mod logs;
 mod model;
+mod output;
+mod placement;
 mod serve;
+mod server;
+mod shutdown;
 
 use std::process::ExitCode;
 
@@ -47,10 +60,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the embedded default: one server on this machine, serving on 127.0.0.1:7700.
+    ///
+    /// `up` owns what it starts: Ctrl-C or SIGTERM stops its workloads and model
+    /// servers (each within its grace period) before the server stops.
     Up(config::UpArgs),
     /// Run one control-plane server of a cluster.
     Server(Box<config::ServerArgs>),
     /// Run this machine's node agent: it joins the servers and runs what they assign.
+    ///
+    /// Stopping the agent (Ctrl-C, SIGTERM) leaves its workloads running: an agent
+    /// restart or upgrade must not kill work. The next start on the same data dir
+    /// reattaches to them. (`aigrid up`, by contrast, stops what it started.)
     Agent(Box<agent::AgentArgs>),
     /// Serve one model (a directory, or a registered model by digest) behind the
     /// OpenAI-compatible `/v1` API.
@@ -80,6 +100,8 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only on a terminal: logs in files and pipes stay plain text.
+        .with_ansi(output::stderr_is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -112,11 +134,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => {
                 init_logging();
-                config::run_up(args).await
+                server::run_up(args).await
             }
             Command::Server(args) => {
                 init_logging();
-                config::run_server(*args).await
+                server::run_server(*args).await
             }
             Command::Agent(args) => {
                 init_logging();

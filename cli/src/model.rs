@@ -15,7 +15,7 @@ use aigrid_store::backend::{Backend, BackendConfig};
 use aigrid_store::codec::{Codec, Params};
 use aigrid_store::crypto::ModelKey;
 use aigrid_store::manifest::{shard_object, Locations, Registration, SignedManifest};
-use aigrid_store::placement::Policy;
+use aigrid_store::placement::{Place, Policy};
 use aigrid_store::repair::RepairReport;
 use aigrid_store::store::{PushOptions, PushProgress, PushStats, Store};
 use anyhow::{anyhow, bail, Context};
@@ -25,6 +25,7 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
+use crate::output::{count, stderr_is_terminal};
 
 /// `aigrid model …`
 #[derive(Subcommand)]
@@ -169,7 +170,7 @@ pub fn store_from(configs: &[BackendConfig]) -> anyhow::Result<Store> {
 /// The store described by `--store` or announced by the server.
 pub async fn open_store(client: &Client, args: &StoreArgs) -> anyhow::Result<(Store, StorageInfo)> {
     let (info, configs) = match &args.store {
-        Some(path) => crate::config::read_store_file(path)?,
+        Some(path) => crate::files::read_store_file(path)?,
         None => {
             let info: StorageInfo = client
                 .call::<(), _>(Method::GET, "/api/v1/storage", None)
@@ -422,9 +423,9 @@ pub async fn model(client: &Client, cmd: ModelCommand, json: bool) -> anyhow::Re
                 }));
             }
             println!(
-                "pulled {} ({} files, {}, every chunk verified) into {}",
+                "pulled {} ({}, {}, every chunk verified) into {}",
                 detail.summary.name,
-                stats.files,
+                count(stats.files, "file"),
                 bytes_text(stats.bytes),
                 dir.display()
             );
@@ -442,8 +443,10 @@ pub async fn model(client: &Client, cmd: ModelCommand, json: bool) -> anyhow::Re
                 print_json(&report)?;
             } else {
                 println!(
-                    "checked {} shards in {} stripes of {}",
-                    report.shards, report.stripes, detail.summary.name
+                    "checked {} in {} of {}",
+                    count(report.shards, "shard"),
+                    count(report.stripes, "stripe"),
+                    detail.summary.name
                 );
                 for f in &report.faults {
                     println!(
@@ -454,15 +457,18 @@ pub async fn model(client: &Client, cmd: ModelCommand, json: bool) -> anyhow::Re
             }
             if !report.unrecoverable.is_empty() {
                 bail!(
-                    "{} stripes have fewer than k intact shards: data is lost ({:?})",
-                    report.unrecoverable.len(),
+                    "{} fewer than k intact shards: data is lost ({:?})",
+                    match report.unrecoverable.len() {
+                        1 => "1 stripe has".to_owned(),
+                        n => format!("{n} stripes have"),
+                    },
                     report.unrecoverable
                 );
             }
             if !report.healthy() {
                 bail!(
-                    "{} bad shards; run `aigrid model repair {}`",
-                    report.faults.len(),
+                    "{}; run `aigrid model repair {}`",
+                    count(report.faults.len(), "bad shard"),
                     &digest[..16]
                 );
             }
@@ -479,8 +485,8 @@ pub async fn model(client: &Client, cmd: ModelCommand, json: bool) -> anyhow::Re
                 print_json(&report)?;
             } else {
                 println!(
-                    "{} bad shards found, {} rebuilt ({} moved to other backends), {} failed",
-                    report.scrub.faults.len(),
+                    "{} found, {} rebuilt ({} moved to other backends), {} failed",
+                    count(report.scrub.faults.len(), "bad shard"),
                     report.rebuilt,
                     report.moved,
                     report.failed
@@ -488,8 +494,8 @@ pub async fn model(client: &Client, cmd: ModelCommand, json: bool) -> anyhow::Re
             }
             if report.failed > 0 || !report.scrub.unrecoverable.is_empty() {
                 bail!(
-                    "{} shards could not be repaired",
-                    report.failed.max(report.scrub.unrecoverable.len())
+                    "{} could not be repaired",
+                    count(report.failed.max(report.scrub.unrecoverable.len()), "shard")
                 );
             }
             Ok(())
@@ -519,9 +525,10 @@ pub async fn model(client: &Client, cmd: ModelCommand, json: bool) -> anyhow::Re
                 );
             }
             println!(
-                "removed {} ({}); deleted {deleted} shards no other model uses",
+                "removed {} ({}); deleted {} no other model uses",
                 detail.summary.name,
-                &digest[..16]
+                &digest[..16],
+                count(deleted, "shard")
             );
             Ok(())
         }
@@ -612,7 +619,8 @@ pub async fn push_dir(
     opts.policy = policy;
     opts.key = encrypt;
     opts.known = known;
-    let ticker = progress.then(|| progress_bar(opts.progress.clone()));
+    // Drawn only on a terminal: a log or a pipe gets no escape codes.
+    let ticker = (progress && stderr_is_terminal()).then(|| progress_bar(opts.progress.clone()));
     let pushed = store.push(&args.dir, &opts, &signer).await;
     if let Some((task, bar)) = ticker {
         task.abort();
@@ -649,8 +657,8 @@ fn progress_bar(
                 bar.set_length(progress.total_bytes.load(Ordering::Relaxed));
                 bar.set_position(progress.bytes_read.load(Ordering::Relaxed));
                 bar.set_message(format!(
-                    "{} chunks, {} saved by dedup, {} uploaded",
-                    progress.chunks.load(Ordering::Relaxed),
+                    "{}, {} saved by dedup, {} uploaded",
+                    count(progress.chunks.load(Ordering::Relaxed), "chunk"),
                     bytes_text(progress.dedup_bytes.load(Ordering::Relaxed)),
                     bytes_text(progress.bytes_uploaded.load(Ordering::Relaxed)),
                 ));
@@ -684,16 +692,21 @@ async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()>
     }
     println!("pushed {} {}", summary.name, summary.digest);
     println!(
-        "  {} in {} files, {} chunks; {}+{} over {backends} backends; {} uploaded, {} saved by dedup ({} chunks){}",
+        "  {} in {}, {}; {}+{} over {}; {} uploaded, {} saved by dedup ({}){}",
         bytes_text(summary.size),
-        summary.files,
-        s.chunks,
+        count(summary.files, "file"),
+        count(s.chunks, "chunk"),
         summary.k,
         summary.m,
+        count(backends, "backend"),
         bytes_text(s.bytes_uploaded),
         bytes_text(s.dedup_bytes),
-        s.dedup_chunks,
-        if summary.encrypted { "; encrypted at rest" } else { "" },
+        count(s.dedup_chunks, "chunk"),
+        if summary.encrypted {
+            "; encrypted at rest"
+        } else {
+            ""
+        },
     );
     Ok(())
 }
@@ -705,11 +718,14 @@ fn print_manifest(d: &ModelDetail, digest: &str) {
     println!("digest     {digest}");
     println!("publisher  {}", d.manifest.publisher);
     println!(
-        "code       {} {}+{} ({} chunks of at most {})",
+        "code       {} {}+{} ({} of at most {})",
         m.codec.name,
         m.codec.k,
         m.codec.m,
-        m.files.iter().map(|f| f.chunks.len()).sum::<usize>(),
+        count(
+            m.files.iter().map(|f| f.chunks.len()).sum::<usize>(),
+            "chunk"
+        ),
         bytes_text(m.chunk_size)
     );
     println!("policy     {}", m.policy);
@@ -725,17 +741,17 @@ fn print_manifest(d: &ModelDetail, digest: &str) {
     println!("files:");
     for f in &m.files {
         println!(
-            "  {:<40} {:>10}  {} chunks",
+            "  {:<40} {:>10}  {}",
             f.path,
             bytes_text(f.size),
-            f.chunks.len()
+            count(f.chunks.len(), "chunk")
         );
     }
     println!("stripes:");
     for (i, (stripe, backends)) in m.stripes.iter().zip(&d.locations.stripes).enumerate() {
         println!(
-            "  stripe {i}: {} chunks, {} per shard",
-            stripe.chunks.len(),
+            "  stripe {i}: {}, {} per shard",
+            count(stripe.chunks.len(), "chunk"),
             bytes_text(stripe.shard_len)
         );
         for (j, (digest, backend)) in stripe.shards.iter().zip(backends).enumerate() {

@@ -214,7 +214,7 @@ async fn source(servers: &str, args: &ServeArgs) -> anyhow::Result<(ModelSource,
 pub async fn run_serve(servers: &str, args: ServeArgs) -> anyhow::Result<()> {
     let limits = args.limits()?;
     let precision = args.matmul_precision.0;
-    if precision == Some(Precision::Bf16) && !aigrid_serving::amx::available() {
+    if precision == Some(Precision::Bf16) && !aigrid_serving::kernels::cpu::amx::available() {
         bail!("--matmul-precision bf16 needs a CPU with AMX-BF16 (Xeon since Sapphire Rapids); this one has none");
     }
     let (source, default_name) = source(servers, &args).await?;
@@ -240,7 +240,7 @@ pub async fn run_serve(servers: &str, args: ServeArgs) -> anyhow::Result<()> {
     let _ = std::io::Write::write_all(&mut out, line.as_bytes());
     let _ = std::io::Write::flush(&mut out);
     server
-        .run(crate::config::shutdown_signal())
+        .run(crate::shutdown::shutdown_signal())
         .await
         .map_err(|e| anyhow!("{e}"))?;
     tracing::info!("model server stopped");

@@ -99,18 +99,6 @@ fn cli_json(server: &str, args: &[&str]) -> Value {
     json_output(&cli(server, &all))
 }
 
-/// Polls `probe` every 100 ms until it answers `Some`, for at most `limit`.
-fn eventually<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn new_token(server: &str) -> String {
     assert_success(&cli(
         server,

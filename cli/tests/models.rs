@@ -135,6 +135,13 @@ async fn a_model_pushed_through_up_lists_pulls_survives_a_lost_site_and_is_remov
         text.contains("parity") && text.contains("shards/"),
         "{text}"
     );
+    // Counted nouns: config.json is one chunk, the weights several.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("config.json") && l.ends_with(" 1 chunk")),
+        "{text}"
+    );
+    assert!(!text.contains(" 1 chunks"), "{text}");
 
     // A second push of the same bytes uploads nothing.
     let out = model_cmd(
@@ -164,7 +171,7 @@ async fn a_model_pushed_through_up_lists_pulls_survives_a_lost_site_and_is_remov
     // Lose a site: verify fails, repair restores, verify passes.
     std::fs::remove_dir_all(shards.join("site-3/shards")).unwrap();
     let out = model_cmd(&server, &key, &["verify", &digest]);
-    assert_one_line_failure(&out, "bad shards");
+    assert_one_line_failure(&out, "bad shard");
     assert!(stdout(&out).contains("site-3: missing"), "{}", stdout(&out));
     let out = model_cmd(&server, &key, &["repair", &digest]);
     assert!(assert_success(&out).contains("rebuilt"));

@@ -351,16 +351,13 @@ struct ServeProc {
 impl ServeProc {
     /// Starts `aigrid serve ARGS --listen 127.0.0.1:0` and reads where it serves.
     fn start(args: &[&str], log: PathBuf) -> ServeProc {
-        let mut child = Command::new(aigrid_bin())
-            .arg("serve")
-            .args(args)
-            .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
-            .env("AIGRID_LOG", "info")
-            .env_remove("AIGRID_STORE")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let all = [
+            &["serve"],
+            args,
+            &["--listen", "127.0.0.1:0", "--device", "cpu"],
+        ]
+        .concat();
+        let mut child = spawn_piped(&all, &log);
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -423,7 +420,7 @@ async fn serve_a_model_directory() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fp8") && err.contains("f32 or bf16"), "{err}");
-    if !aigrid_serving::amx::available() {
+    if !aigrid_serving::kernels::cpu::amx::available() {
         let out = serve_with("--matmul-precision", "bf16");
         assert_one_line_failure(&out, "AMX");
     }
@@ -674,16 +671,7 @@ async fn up_serves_its_demo_model_through_the_gateway_and_the_openai_client() {
     let base = up.base.clone();
     // Whatever the test leaves running goes with it: the supervisors (under its data
     // dir) and the model servers (told this up's address, by flag or variable).
-    let _reapers = [
-        Reaper {
-            root: root.path().display().to_string(),
-            marker: base.clone(),
-        },
-        Reaper {
-            root: base.clone(),
-            marker: base.clone(),
-        },
-    ];
+    let _reapers = up_reapers(root.path(), &base, &base);
     let curl = format!("try          curl -s {base}/v1/chat/completions");
     assert!(up.banner.contains(&curl), "{}", up.banner);
     assert!(up.banner.contains("random"), "{}", up.banner);

@@ -8,13 +8,15 @@
 //!   linearizable reads and membership changes.
 //! - [`transport`]: Raft messages between servers over HTTP, batched per peer.
 //! - [`metrics`]: Prometheus metrics of all of the above.
-//! - [`testkit`]: a seeded simulation of whole clusters over an in-memory network.
+//! - `testkit` (feature `testkit`, for tests and benchmarks only): a seeded simulation
+//!   of whole clusters over an in-memory network.
 
 pub mod log_store;
 pub mod metrics;
 pub mod replica;
 pub mod runtime;
 pub mod state_machine;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod transport;
 

@@ -18,9 +18,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::Arc;
 
-use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
@@ -423,64 +421,10 @@ impl Durable for RedbDisk {
     }
 }
 
-/// A simulated disk for deterministic tests: what it holds survives a simulated crash,
-/// and it can be told to fail the next write, losing that batch as a crash before fsync
-/// would.
-#[derive(Clone, Default)]
-pub struct SimDisk {
-    inner: Arc<Mutex<SimDiskInner>>,
-}
-
-#[derive(Default)]
-struct SimDiskInner {
-    image: LogImage,
-    fail_next_write: bool,
-    writes: u64,
-}
-
-impl SimDisk {
-    /// A disk that already holds `image`.
-    pub fn with_image(image: LogImage) -> Self {
-        let disk = SimDisk::default();
-        disk.inner.lock().image = image;
-        disk
-    }
-
-    /// Makes the next write fail without persisting anything.
-    pub fn fail_next_write(&self) {
-        self.inner.lock().fail_next_write = true;
-    }
-
-    /// Batches written so far: each one is an fsync on a real disk.
-    pub fn writes(&self) -> u64 {
-        self.inner.lock().writes
-    }
-
-    /// Clears a pending failure (the replica crashed another way first).
-    pub fn clear_failure(&self) {
-        self.inner.lock().fail_next_write = false;
-    }
-}
-
-impl Durable for SimDisk {
-    fn load(&self) -> Result<LogImage, LogStoreError> {
-        Ok(self.inner.lock().image.clone())
-    }
-
-    fn write(&mut self, batch: &WriteBatch) -> Result<(), LogStoreError> {
-        let mut inner = self.inner.lock();
-        if std::mem::take(&mut inner.fail_next_write) {
-            return Err(LogStoreError::SimulatedCrash);
-        }
-        inner.image.apply(batch);
-        inner.writes += 1;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::SimDisk;
 
     fn entry(index: u64, term: u64) -> Entry {
         Entry {

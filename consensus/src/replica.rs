@@ -716,8 +716,8 @@ fn restore_snapshot<S: StateMachine>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log_store::SimDisk;
     use crate::testkit::ListMachine;
+    use crate::testkit::SimDisk;
 
     fn single_leader(disk: &SimDisk) -> Replica<ListMachine> {
         let store = LogStore::open(Box::new(disk.clone())).unwrap();

@@ -12,7 +12,11 @@ use raft::prelude::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::log_store::{LogStore, SimDisk};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::log_store::{Durable, LogImage, LogStore, LogStoreError, WriteBatch};
 use crate::replica::{Applied, Replica, ReplicaConfig, RequestId};
 use crate::state_machine::StateMachine;
 
@@ -461,6 +465,61 @@ impl StateMachine for ListMachine {
     fn restore(&mut self, data: &[u8]) -> Result<(), crate::state_machine::SnapshotError> {
         *self = serde_json::from_slice(data)
             .map_err(|e| crate::state_machine::SnapshotError(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// A simulated disk for deterministic tests: what it holds survives a simulated crash,
+/// and it can be told to fail the next write, losing that batch as a crash before fsync
+/// would.
+#[derive(Clone, Default)]
+pub struct SimDisk {
+    inner: Arc<Mutex<SimDiskInner>>,
+}
+
+#[derive(Default)]
+struct SimDiskInner {
+    image: LogImage,
+    fail_next_write: bool,
+    writes: u64,
+}
+
+impl SimDisk {
+    /// A disk that already holds `image`.
+    pub fn with_image(image: LogImage) -> Self {
+        let disk = SimDisk::default();
+        disk.inner.lock().image = image;
+        disk
+    }
+
+    /// Makes the next write fail without persisting anything.
+    pub fn fail_next_write(&self) {
+        self.inner.lock().fail_next_write = true;
+    }
+
+    /// Batches written so far: each one is an fsync on a real disk.
+    pub fn writes(&self) -> u64 {
+        self.inner.lock().writes
+    }
+
+    /// Clears a pending failure (the replica crashed another way first).
+    pub fn clear_failure(&self) {
+        self.inner.lock().fail_next_write = false;
+    }
+}
+
+impl Durable for SimDisk {
+    fn load(&self) -> Result<LogImage, LogStoreError> {
+        Ok(self.inner.lock().image.clone())
+    }
+
+    fn write(&mut self, batch: &WriteBatch) -> Result<(), LogStoreError> {
+        let mut inner = self.inner.lock();
+        if std::mem::take(&mut inner.fail_next_write) {
+            return Err(LogStoreError::SimulatedCrash);
+        }
+        inner.image.apply(batch);
+        inner.writes += 1;
         Ok(())
     }
 }

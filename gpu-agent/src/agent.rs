@@ -46,6 +46,20 @@ pub struct AgentConfig {
     pub poll_wait: Duration,
     /// Bound on every other request.
     pub request_timeout: Duration,
+    /// What becomes of this node's workloads when the agent is asked to stop.
+    pub on_shutdown: OnShutdown,
+}
+
+/// What becomes of a node's workloads when its agent is asked to stop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnShutdown {
+    /// They keep running, and the next agent on the same data dir reattaches to
+    /// them: restarting or upgrading an agent (`aigrid agent`) must not kill work.
+    #[default]
+    KeepWorkloads,
+    /// They are stopped, each within its task's grace period, before the agent
+    /// returns: `aigrid up` owns what it starts, and nothing outlives it.
+    StopWorkloads,
 }
 
 impl Default for AgentConfig {
@@ -56,6 +70,7 @@ impl Default for AgentConfig {
             heartbeat_interval: Duration::from_secs(10),
             poll_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
+            on_shutdown: OnShutdown::default(),
         }
     }
 }
@@ -162,12 +177,16 @@ impl Agent {
     }
 
     /// Runs until `shutdown` turns true (workloads keep running, to be reattached
-    /// by the next agent) or the servers refuse the node (workloads are stopped).
+    /// by the next agent, unless [`AgentConfig::on_shutdown`] says to stop them) or
+    /// the servers refuse the node (workloads are stopped).
     pub async fn run(
         self: Arc<Self>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
         if !self.register(&mut shutdown).await? {
+            if self.config.on_shutdown == OnShutdown::StopWorkloads {
+                self.stop_workloads().await;
+            }
             self.runner.shutdown().await;
             return Ok(());
         }
@@ -185,14 +204,20 @@ impl Agent {
         heartbeats.abort();
         polls.abort();
         self.metrics.registered.dec();
-        if outcome.is_err() {
-            // Refused: the control plane has rescheduled this node's work, so
-            // keeping it running would run it twice.
-            self.runner.apply(&[]);
-            self.wait_stopped(Duration::from_secs(60)).await;
+        // Refused: the control plane has rescheduled this node's work, so keeping it
+        // running would run it twice.
+        if outcome.is_err() || self.config.on_shutdown == OnShutdown::StopWorkloads {
+            self.stop_workloads().await;
         }
         self.runner.shutdown().await;
         outcome
+    }
+
+    /// Stops every workload of this node and waits (a minute at most) until each
+    /// has ended.
+    async fn stop_workloads(&self) {
+        self.runner.apply(&[]);
+        self.wait_stopped(Duration::from_secs(60)).await;
     }
 
     async fn wait_stopped(&self, limit: Duration) {

@@ -12,11 +12,12 @@ use tokio::sync::watch;
 
 use crate::agent::{Agent, AgentConfig};
 use crate::client::ControlClient;
+use crate::config::{RunnerConfig, SupervisorLaunch};
 use crate::discovery::Discovery;
 use crate::driver::RecordingDriver;
 use crate::identity::Identity;
 use crate::metrics::AgentMetrics;
-use crate::runner::{Runner, RunnerConfig, SupervisorLaunch};
+use crate::runner::Runner;
 
 /// A simulated fleet.
 #[derive(Debug, Clone)]

@@ -7,6 +7,8 @@
 //!   GPU path can be exercised on machines without GPUs.
 //! - [`runner`]: the allocation runner: applies assignments, restart policy, stops,
 //!   reattach after an agent restart, reports and log tails.
+//! - [`config`]: what the runner and its drivers are given (data dir, how to
+//!   start supervisors and model servers, log limits).
 //! - [`driver`]: how one run of a task happens (`exec` under a supervisor, or
 //!   recorded in memory for simulated fleets).
 //! - [`model_server`]: how a `model-server` task runs: an `exec` task of this
@@ -29,6 +31,7 @@ pub mod simulated;
 
 pub mod artifact;
 pub mod cgroup;
+pub mod config;
 pub mod driver;
 pub mod logs;
 pub mod model_server;

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use aigrid_api::{AllocId, Allocation, Assignment, LimitsEnforcement, LogTail};
 
+use crate::config::RunnerConfig;
 use crate::driver::{
     BoxFuture, Driver, DriverError, LogMark, RecoveredStatus, RecoveredTask, TaskContext, TaskExit,
     TaskHandle,
 };
-use crate::runner::RunnerConfig;
 
 /// A pending allocation `id` of job `j-1` (instance 2 of group `train`) on node
 /// `n-1`, with `desired` (`run` or `stop`) and the GPUs `gpus`.

@@ -5,23 +5,12 @@
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use serde::{Deserialize, Serialize};
 
-/// The codec as a manifest records it, so a reader knows how shards were made.
-pub const CODEC_NAME: &str = "reed-solomon-erasure/gf8";
+pub use aigrid_api::manifest::{params_in_range, CODEC_NAME, MAX_SHARDS};
 
 /// Bytes of each shard coded at once: small enough that a block of every shard stays
 /// in a core's cache (measured 2x faster than whole 4 MiB shards, see
 /// `benchmarks/store`).
 const BLOCK: usize = 64 << 10;
-
-/// Largest total shard count GF(2^8) allows.
-pub const MAX_SHARDS: usize = 256;
-
-/// Whether k data and m parity shards make a code GF(2^8) can hold: both at least
-/// one and k+m at most [`MAX_SHARDS`], checked without overflowing for huge k or m
-/// (a manifest is untrusted input).
-pub fn params_in_range(k: usize, m: usize) -> bool {
-    k >= 1 && m >= 1 && k.checked_add(m).is_some_and(|n| n <= MAX_SHARDS)
-}
 
 /// Why a stripe could not be encoded or rebuilt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -6,12 +6,13 @@
 //! |---|---|
 //! | [`chunk`] | where files are cut: fixed-size chunks, aligned to tensors in safetensors files |
 //! | [`codec`] | Reed-Solomon stripes: k data shards and m parity shards, rebuilt from any k |
-//! | [`manifest`] | files → chunks → stripes → shards, its canonical encoding, digest and signature |
-//! | [`placement`] | placement policies: which backends may hold a stripe's shards |
+//! | [`manifest`] | files → chunks → stripes → shards, its canonical encoding, digest and signature (the types live in `aigrid-api`, re-exported) |
+//! | [`placement`] | placing a stripe's shards by a placement policy (the policy types live in `aigrid-api`, re-exported) |
 //! | [`backend`] | a named shard store over `object_store` |
 //! | [`shard_service`] | the HTTP shard service a node runs, spoken to by `http://` backends |
 //! | [`crypto`] | encryption at rest: chunks sealed under the owner's key |
-//! | [`store`] | push (directory → shards + signed manifest), pull, removal |
+//! | [`store`] | push (directory → shards + signed manifest), removal, the store's errors |
+//! | [`pull`] | pull: a registered model written out as files, whole or not at all |
 //! | [`reader`] | the verified lazy reader: ranges, hedged stripe fetches, safetensors tensors |
 //! | [`cache`] | a bounded on-disk cache of verified chunks |
 //! | [`repair`] | scrub (check every shard) and repair (rebuild and re-place bad ones) |
@@ -27,6 +28,7 @@ pub mod codec;
 pub mod crypto;
 pub mod manifest;
 pub mod placement;
+pub mod pull;
 pub mod reader;
 pub mod repair;
 pub mod shard_service;

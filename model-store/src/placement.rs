@@ -1,69 +1,14 @@
-//! Placement policies: which backends may hold a stripe's shards. A policy filters
-//! backends by their attributes (`country in BE,NL`) and caps how many shards of one
-//! stripe may share an attribute value (`max 1 per site`), so losing a whole site
-//! costs a stripe at most that many shards.
+//! Placing shards by a placement policy: which backends take a stripe's shards. The
+//! policy itself ([`Policy`], its rules and their text form) is a wire type of
+//! `aigrid-api`, re-exported here; this module is the algorithm over it.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
-use serde::{Deserialize, Serialize};
+pub use aigrid_api::placement::{Constraint, Op, Policy, PolicySyntaxError, Spread};
 
-/// How a constraint matches an attribute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Op {
-    /// The backend has the attribute with one of the values.
-    In,
-    /// The backend lacks the attribute or has none of the values.
-    NotIn,
-}
-
-/// A filter on backend attributes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Constraint {
-    /// The attribute, e.g. `country`.
-    pub attribute: String,
-    /// How it matches.
-    pub op: Op,
-    /// The values.
-    pub values: Vec<String>,
-}
-
-/// A cap on the shards of one stripe that may share an attribute value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Spread {
-    /// The attribute, e.g. `site`. A backend without it cannot be used.
-    pub attribute: String,
-    /// Most shards of a stripe per value.
-    pub max: usize,
-}
-
-/// Where a model's shards may go. The empty policy allows every backend, one shard of
-/// a stripe per backend.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policy {
-    /// Every constraint must hold for a backend to be used.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub constraints: Vec<Constraint>,
-    /// Every cap must hold for each stripe.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub spread: Vec<Spread>,
-}
-
-/// Why shards cannot be placed, or a policy cannot be read.
+/// Why shards cannot be placed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
-    /// The policy text is malformed.
-    #[error("invalid placement policy `{text}`: {reason}")]
-    Syntax {
-        /// The rule.
-        text: String,
-        /// What is wrong.
-        reason: String,
-    },
     /// Fewer eligible backends than shards per stripe.
     #[error("a stripe needs {need} distinct backends but the policy `{policy}` allows {eligible} of the {total} configured")]
     TooFewBackends {
@@ -90,76 +35,34 @@ pub enum PlacementError {
     },
 }
 
-impl Policy {
-    /// Reads rules separated by `;` (each string may hold several):
-    /// `ATTR in A,B`, `ATTR not in A,B`, `ATTR = A`, `max N per ATTR`.
-    pub fn parse<S: AsRef<str>>(rules: &[S]) -> Result<Policy, PlacementError> {
-        let mut policy = Policy::default();
-        for text in rules
-            .iter()
-            .flat_map(|r| r.as_ref().split(';'))
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-        {
-            let bad = |reason: &str| PlacementError::Syntax {
-                text: text.to_owned(),
-                reason: reason.to_owned(),
-            };
-            let words: Vec<&str> = text.split_whitespace().collect();
-            let values = |list: &str| -> Result<Vec<String>, PlacementError> {
-                let values: Vec<String> = list
-                    .split(',')
-                    .map(|v| v.trim().to_owned())
-                    .filter(|v| !v.is_empty())
-                    .collect();
-                if values.is_empty() {
-                    return Err(bad("no values"));
-                }
-                Ok(values)
-            };
-            match words.as_slice() {
-                ["max", n, "per", attribute] => {
-                    let max: usize = n
-                        .parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| bad("the cap must be a positive integer"))?;
-                    policy.spread.push(Spread {
-                        attribute: (*attribute).to_owned(),
-                        max,
-                    });
-                }
-                [attribute, "in", rest @ ..] if !rest.is_empty() => {
-                    policy.constraints.push(Constraint {
-                        attribute: (*attribute).to_owned(),
-                        op: Op::In,
-                        values: values(&rest.join(""))?,
-                    })
-                }
-                [attribute, "not", "in", rest @ ..] if !rest.is_empty() => {
-                    policy.constraints.push(Constraint {
-                        attribute: (*attribute).to_owned(),
-                        op: Op::NotIn,
-                        values: values(&rest.join(""))?,
-                    })
-                }
-                [attribute, "=", value] => policy.constraints.push(Constraint {
-                    attribute: (*attribute).to_owned(),
-                    op: Op::In,
-                    values: values(value)?,
-                }),
-                _ => {
-                    return Err(bad(
-                        "expected `ATTR in A,B`, `ATTR not in A,B`, `ATTR = A` or `max N per ATTR`",
-                    ))
-                }
-            }
-        }
-        Ok(policy)
-    }
-
+/// The placement algorithm over a [`Policy`].
+pub trait Place {
     /// Whether a backend with `attributes` may hold shards at all.
-    pub fn allows(&self, attributes: &BTreeMap<String, String>) -> bool {
+    fn allows(&self, attributes: &BTreeMap<String, String>) -> bool;
+
+    /// Whether shards already on `chosen` (indices into `backends`) satisfy the
+    /// policy: every backend allowed, distinct, every cap held.
+    fn admits(&self, backends: &[&BTreeMap<String, String>], chosen: &[usize]) -> bool;
+
+    /// Picks `need` more backends (indices into `backends`) for one stripe whose other
+    /// shards already sit on `taken`: eligible, distinct, not in `taken`, and within
+    /// every cap counting `taken`. Candidates are tried greedily from `start` round the
+    /// list, so successive stripes spread over every backend. With several caps a
+    /// greedy pick can strand a stripe that another order places, so when the pick
+    /// from `start` falls short the other starting points are tried, and then a
+    /// bounded search ([`PLACE_SEARCH_STEPS`]) before the policy is called
+    /// unsatisfiable.
+    fn place(
+        &self,
+        backends: &[&BTreeMap<String, String>],
+        need: usize,
+        taken: &[usize],
+        start: usize,
+    ) -> Result<Vec<usize>, PlacementError>;
+}
+
+impl Place for Policy {
+    fn allows(&self, attributes: &BTreeMap<String, String>) -> bool {
         self.constraints.iter().all(|c| {
             let found = attributes
                 .get(&c.attribute)
@@ -174,9 +77,7 @@ impl Policy {
             .all(|s| attributes.contains_key(&s.attribute))
     }
 
-    /// Whether shards already on `chosen` (indices into `backends`) satisfy the
-    /// policy: every backend allowed, distinct, every cap held.
-    pub fn admits(&self, backends: &[&BTreeMap<String, String>], chosen: &[usize]) -> bool {
+    fn admits(&self, backends: &[&BTreeMap<String, String>], chosen: &[usize]) -> bool {
         let distinct: std::collections::BTreeSet<&usize> = chosen.iter().collect();
         distinct.len() == chosen.len()
             && chosen.iter().all(|i| self.allows(backends[*i]))
@@ -194,15 +95,7 @@ impl Policy {
             })
     }
 
-    /// Picks `need` more backends (indices into `backends`) for one stripe whose other
-    /// shards already sit on `taken`: eligible, distinct, not in `taken`, and within
-    /// every cap counting `taken`. Candidates are tried greedily from `start` round the
-    /// list, so successive stripes spread over every backend. With several caps a
-    /// greedy pick can strand a stripe that another order places, so when the pick
-    /// from `start` falls short the other starting points are tried, and then a
-    /// bounded search ([`PLACE_SEARCH_STEPS`]) before the policy is called
-    /// unsatisfiable.
-    pub fn place(
+    fn place(
         &self,
         backends: &[&BTreeMap<String, String>],
         need: usize,
@@ -265,7 +158,7 @@ impl Policy {
     }
 }
 
-/// Most candidates [`Policy::place`]'s search tries before it gives up: backends are
+/// Most candidates [`Place::place`]'s search tries before it gives up: backends are
 /// few (at most 256 shards a stripe), but caps on several attributes can make an
 /// exhaustive search exponential, and a push or repair must answer promptly.
 pub const PLACE_SEARCH_STEPS: usize = 100_000;
@@ -399,31 +292,6 @@ impl Search<'_> {
     }
 }
 
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut rules: Vec<String> = self
-            .constraints
-            .iter()
-            .map(|c| {
-                let op = match c.op {
-                    Op::In => "in",
-                    Op::NotIn => "not in",
-                };
-                format!("{} {op} {}", c.attribute, c.values.join(","))
-            })
-            .collect();
-        rules.extend(
-            self.spread
-                .iter()
-                .map(|s| format!("max {} per {}", s.max, s.attribute)),
-        );
-        if rules.is_empty() {
-            return f.write_str("any backend");
-        }
-        f.write_str(&rules.join("; "))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,40 +302,6 @@ mod tests {
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect()
-    }
-
-    #[test]
-    fn rules_parse_and_print_back() {
-        let p = Policy::parse(&["country in BE, NL; max 1 per site", "tier not in cold"]).unwrap();
-        assert_eq!(p.constraints.len(), 2);
-        assert_eq!(
-            p.spread,
-            vec![Spread {
-                attribute: "site".into(),
-                max: 1
-            }]
-        );
-        assert_eq!(
-            p.to_string(),
-            "country in BE,NL; tier not in cold; max 1 per site"
-        );
-        assert_eq!(Policy::parse(&[p.to_string()]).unwrap(), p);
-        for bad in [
-            "country",
-            "max 0 per site",
-            "max x per site",
-            "country in ,",
-            "a b c",
-        ] {
-            assert!(
-                matches!(Policy::parse(&[bad]), Err(PlacementError::Syntax { .. })),
-                "{bad}"
-            );
-        }
-        assert_eq!(
-            Policy::parse::<&str>(&[]).unwrap().to_string(),
-            "any backend"
-        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::codec::{Codec, Params};
 use crate::crypto::ModelKey;
 use crate::manifest::{shard_object, Locations, Manifest, Registration};
 use crate::store::{hex, ChunkOpener, Store, StoreError};
+use aigrid_api::ModelDigest;
 
 /// Stripes of `manifest` fetched at once within the options' byte budget.
 fn stripes_in_parallel(manifest: &Manifest, options: &FetchOptions) -> usize {
@@ -375,7 +376,7 @@ pub struct Reader {
     locate: HashMap<String, (usize, u64)>,
     /// Every stored chunk the model's files use.
     used: HashSet<String>,
-    digest: String,
+    digest: ModelDigest,
     /// One fetch of a stripe at a time.
     stripe_locks: Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -387,6 +388,21 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Store {
+    /// A fetcher for a registered model's stripes.
+    pub(crate) fn fetcher(
+        &self,
+        registration: &Registration,
+        options: FetchOptions,
+    ) -> Result<Fetcher, StoreError> {
+        registration.verify()?;
+        Fetcher::new(
+            self.clone(),
+            registration.manifest.manifest.clone(),
+            registration.locations.clone(),
+            options,
+        )
+    }
+
     /// A lazy reader over a registered model, after checking its signature.
     pub fn reader(
         &self,
@@ -434,7 +450,7 @@ impl Reader {
     }
 
     /// The model's digest.
-    pub fn digest(&self) -> &str {
+    pub fn digest(&self) -> &ModelDigest {
         &self.digest
     }
 

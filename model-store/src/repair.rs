@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::codec::{Codec, Params};
 use crate::manifest::{shard_object, Locations, Registration};
+use crate::placement::Place;
 use crate::store::{hex, Store, StoreError};
 
 /// What is wrong with a shard.

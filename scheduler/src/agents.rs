@@ -572,6 +572,7 @@ pub(crate) struct PollQuery {
            ("wait_ms" = Option<u64>, Query, description = "Longest wait in milliseconds")),
     responses(
         (status = 200, body = NodeAssignments),
+        (status = 400, description = "Malformed query", body = ErrorBody),
         (status = 401, description = "Not signed by the node's key", body = ErrorBody),
         (status = 429, description = "Too many long polls held", body = ErrorBody),
     )

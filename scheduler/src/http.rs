@@ -311,7 +311,7 @@ pub(crate) fn unexpected(applied: Applied) -> ApiError {
 #[utoipa::path(
     get, path = "/api/v1/jobs",
     params(("stale" = Option<bool>, Query, description = "Serve from local state without a quorum read")),
-    responses((status = 200, body = [JobSummary]), (status = 503, body = ErrorBody))
+    responses((status = 200, body = [JobSummary]), (status = 400, description = "Malformed query", body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 async fn list_jobs(
     State(state): State<ApiState>,
@@ -336,7 +336,7 @@ fn job_not_found(id_or_name: &str) -> ApiError {
     get, path = "/api/v1/jobs/{id}",
     params(("id" = String, Path, description = "Job id, or the name of a live job"),
            ("stale" = Option<bool>, Query, description = "Serve from local state")),
-    responses((status = 200, body = Job), (status = 404, body = ErrorBody))
+    responses((status = 200, body = Job), (status = 400, description = "Malformed query", body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 async fn get_job(
     State(state): State<ApiState>,
@@ -483,7 +483,7 @@ async fn undrain_node(
     get, path = "/api/v1/nodes/{id}/allocations",
     params(("id" = String, Path, description = "Node id"),
            ("stale" = Option<bool>, Query, description = "Serve from local state")),
-    responses((status = 200, body = [Allocation]), (status = 404, body = ErrorBody))
+    responses((status = 200, body = [Allocation]), (status = 400, description = "Malformed query", body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 async fn node_allocations(
     State(state): State<ApiState>,
@@ -504,7 +504,7 @@ async fn node_allocations(
 #[utoipa::path(
     get, path = "/api/v1/nodes",
     params(("stale" = Option<bool>, Query, description = "Serve from local state")),
-    responses((status = 200, body = [Node]), (status = 503, body = ErrorBody))
+    responses((status = 200, body = [Node]), (status = 400, description = "Malformed query", body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 async fn list_nodes(
     State(state): State<ApiState>,
@@ -525,7 +525,7 @@ async fn list_nodes(
     get, path = "/api/v1/nodes/{id}",
     params(("id" = String, Path, description = "Node id"),
            ("stale" = Option<bool>, Query, description = "Serve from local state")),
-    responses((status = 200, body = Node), (status = 404, body = ErrorBody))
+    responses((status = 200, body = Node), (status = 400, description = "Malformed query", body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 async fn get_node(
     State(state): State<ApiState>,
@@ -578,8 +578,9 @@ async fn get_cluster(State(state): State<ApiState>) -> Json<ClusterStatus> {
 /// caught up, as a voter. Answers after the promotion.
 #[utoipa::path(
     post, path = "/api/v1/cluster/members", request_body = JoinRequest,
-    responses((status = 201, body = ClusterStatus), (status = 409, body = ErrorBody),
-              (status = 503, body = ErrorBody))
+    responses((status = 201, body = ClusterStatus),
+              (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 async fn join_member(
     State(state): State<ApiState>,
@@ -631,8 +632,9 @@ async fn join_member(
 #[utoipa::path(
     delete, path = "/api/v1/cluster/members/{id}",
     params(("id" = u64, Path, description = "Server id")),
-    responses((status = 200, body = ClusterStatus), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody))
+    responses((status = 200, body = ClusterStatus),
+              (status = 400, description = "The id is not a server id", body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
 )]
 async fn leave_member(
     State(state): State<ApiState>,

@@ -7,7 +7,7 @@
 //! and only a few uploads are read at once.
 
 use aigrid_api::{ErrorBody, ErrorCode, ModelSummary, StorageInfo};
-use aigrid_store::manifest::{is_digest, Registration};
+use aigrid_api::manifest::{is_digest, Registration};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
@@ -71,8 +71,8 @@ async fn upload<T: serde::de::DeserializeOwned + Send + 'static>(
 /// committed. A digest already registered is answered as it is, with 200.
 #[utoipa::path(
     post, path = "/api/v1/models",
-    request_body(content = serde_json::Value,
-        description = "A registration: `{\"manifest\": SignedManifest, \"locations\": Locations}`"),
+    request_body(content = Registration,
+        description = "A registration: the signed manifest and where its shards are"),
     responses(
         (status = 201, description = "Model registered and committed", body = ModelSummary),
         (status = 200, description = "Already registered; nothing changed", body = ModelSummary),
@@ -133,7 +133,7 @@ pub(crate) struct ListQuery {
     get, path = "/api/v1/models",
     params(("name" = Option<String>, Query, description = "Only models of this name"),
            ("stale" = Option<bool>, Query, description = "Serve from local state")),
-    responses((status = 200, body = [ModelSummary]), (status = 503, body = ErrorBody))
+    responses((status = 200, body = [ModelSummary]), (status = 400, description = "Malformed query", body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 pub(crate) async fn list_models(
     State(state): State<ApiState>,

@@ -2,11 +2,11 @@
 //! inputs that pass every check production code runs, so a test fails only for the
 //! reason it is about.
 
-use aigrid_store::manifest::{
+use aigrid_api::manifest::{
     ChunkRef, CodecInfo, FileEntry, Locations, Manifest, Registration, SignedManifest, Stripe,
-    MANIFEST_FORMAT,
+    CODEC_NAME, MANIFEST_FORMAT,
 };
-use aigrid_store::placement::Policy;
+use aigrid_api::placement::Policy;
 use ed25519_dalek::SigningKey;
 
 /// Backends [`model_registration`]'s shards are placed on: stripe `i` puts shard `j`
@@ -31,7 +31,7 @@ pub fn model_registration(name: &str, seed: u8, stripes: usize) -> Registration 
         format: MANIFEST_FORMAT,
         name: name.to_owned(),
         codec: CodecInfo {
-            name: aigrid_store::codec::CODEC_NAME.to_owned(),
+            name: CODEC_NAME.to_owned(),
             k: 2,
             m: 1,
         },

@@ -150,7 +150,7 @@ async fn deploy(
 ) -> (String, String, Vec<Allocation>) {
     let base = format!("http://{}", server.addr);
     let model = model_registration(name, 1, 2);
-    let digest = model.manifest.manifest.digest();
+    let digest = model.manifest.manifest.digest().to_string();
     let resp = client
         .post(format!("{base}/api/v1/models"))
         .json(&model)

@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use aigrid_api::manifest::{Registration, SignedManifest};
 use aigrid_api::{StorageBackend, StorageInfo};
 use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_scheduler::testkit::{model_registration, placed, publisher, BACKENDS};
-use aigrid_store::manifest::{Registration, SignedManifest};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
@@ -195,7 +195,7 @@ async fn models_are_registered_listed_relocated_and_forgotten() {
 
     // Locations move by version.
     let locations = format!("{one}/locations");
-    let update = |locations: aigrid_store::manifest::Locations, expected: Option<u64>| {
+    let update = |locations: aigrid_api::manifest::Locations, expected: Option<u64>| {
         let mut body = json!({"locations": locations});
         if let Some(v) = expected {
             body["expected_version"] = json!(v);

@@ -2,9 +2,9 @@
 //! the product that runs them.
 //!
 //! With [`Precision::Bf16`] on a CPU with AMX, weights are packed in bf16 for
-//! [`crate::amx`]'s tile product, several times the f32 products' speed at a
+//! [`crate::kernels::cpu::amx`]'s tile product, several times the f32 products' speed at a
 //! precision of about three significant digits per product. f32 weights on a CPU
-//! with AVX-512F are packed for [`crate::packed`]'s product,
+//! with AVX-512F are packed for [`crate::kernels::cpu::avx512`]'s product,
 //! which is 1.5-3x faster than `gemm` for the few rows of a decoding step or of one
 //! short input to embed, and on par for many rows. Elsewhere the weight is kept
 //! transposed, `[in, out]`: checkpoints store it `[out, in]`, and multiplying by its
@@ -17,9 +17,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor};
 
-use crate::amx::AmxPacked;
 use crate::error::ServingError;
-use crate::packed::{Packed, PackedMatmul};
+use crate::kernels::cpu::amx::AmxPacked;
+use crate::kernels::cpu::avx512::{Packed, PackedMatmul};
 
 /// The arithmetic of a model's projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,7 +29,7 @@ pub enum Precision {
     F32,
     /// Weights and inputs rounded to bf16, sums in f32, on the CPU's AMX tiles
     /// (PyTorch's `set_float32_matmul_precision("medium")`). Only on CPUs with
-    /// AMX-BF16 ([`crate::amx::available`]).
+    /// AMX-BF16 ([`crate::kernels::cpu::amx::available`]).
     Bf16,
 }
 
@@ -43,7 +43,7 @@ impl Precision {
         device: &candle_core::Device,
         embedding: bool,
     ) -> std::result::Result<Precision, ServingError> {
-        let amx = device.is_cpu() && crate::amx::available();
+        let amx = device.is_cpu() && crate::kernels::cpu::amx::available();
         match asked {
             None if embedding && amx => Ok(Precision::Bf16),
             None => Ok(Precision::F32),
@@ -111,13 +111,13 @@ impl Dense {
     /// Several projections of one input as one: their outputs side by side, in order.
     /// Every part takes the same input width; either all have a bias or none.
     ///
-    /// CPU weights in [`Precision::Bf16`] are packed for [`crate::amx`]'s product
+    /// CPU weights in [`Precision::Bf16`] are packed for [`crate::kernels::cpu::amx`]'s product
     /// (an error where the CPU has no AMX); f32 weights on a CPU with AVX-512F for
-    /// [`crate::packed`]'s; others are kept transposed for `gemm`.
+    /// [`crate::kernels::cpu::avx512`]'s; others are kept transposed for `gemm`.
     pub fn fused(parts: &[(&Tensor, Option<Tensor>)], precision: Precision) -> Result<Dense> {
         let layout = match precision {
             Precision::Bf16 => Layout::Amx,
-            Precision::F32 if crate::packed::available() => Layout::Packed,
+            Precision::F32 if crate::kernels::cpu::avx512::available() => Layout::Packed,
             Precision::F32 => Layout::Transposed,
         };
         Dense::build(parts, layout)
@@ -168,7 +168,7 @@ impl Dense {
         let cpu = weight.device().is_cpu();
         let weight = match layout {
             Layout::Amx => {
-                if !cpu || !crate::amx::available() {
+                if !cpu || !crate::kernels::cpu::amx::available() {
                     candle_core::bail!("bf16 projections need a CPU with AMX-BF16");
                 }
                 let (w, b) = values(&weight, bias)?;
@@ -239,11 +239,15 @@ mod tests {
         let b = Tensor::randn(0f32, 1., 48, &d).unwrap();
         let reference = candle_nn::Linear::new(w.clone(), Some(b.clone()));
         let mut layouts = vec![Layout::Transposed];
-        if crate::packed::available() {
+        if crate::kernels::cpu::avx512::available() {
             layouts.push(Layout::Packed);
+        } else {
+            crate::skip("this CPU has no AVX-512F: no packed layout");
         }
-        if crate::amx::available() {
+        if crate::kernels::cpu::amx::available() {
             layouts.push(Layout::Amx);
+        } else {
+            crate::skip("this CPU has no AMX-BF16: no bf16 layout");
         }
         for layout in layouts {
             let ours = Dense::build(&[(&w, Some(b.clone()))], layout).unwrap();
@@ -273,7 +277,7 @@ mod tests {
     fn bf16_needs_amx_and_is_the_default_only_for_embeddings_on_it() {
         let d = Device::Cpu;
         let w = Tensor::zeros((4, 3), DType::F32, &d).unwrap();
-        let amx = crate::amx::available();
+        let amx = crate::kernels::cpu::amx::available();
         assert_eq!(Dense::new(&w, None, Precision::Bf16).is_ok(), amx);
         let embedding_default = Precision::resolve(None, &d, true).unwrap();
         assert_eq!(embedding_default == Precision::Bf16, amx);

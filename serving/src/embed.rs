@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::bert::Embedder;
 use crate::metrics::Metrics;
+use crate::model::Encoder;
 use crate::ServingError;
 
 /// One embedding request: token ids of each input.
@@ -48,7 +48,7 @@ pub struct EmbeddingEngine {
 
 impl EmbeddingEngine {
     /// Starts the engine thread.
-    pub fn start(model: Arc<Embedder>, options: EmbedOptions, metrics: Metrics) -> Self {
+    pub fn start(model: Arc<dyn Encoder>, options: EmbedOptions, metrics: Metrics) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel(options.max_waiting.max(1));
         let m = metrics.clone();
         std::thread::Builder::new()
@@ -89,7 +89,12 @@ fn next_request(rx: &Receiver<EmbedRequest>, deadline: Instant) -> Option<EmbedR
     }
 }
 
-fn run(model: Arc<Embedder>, options: EmbedOptions, metrics: Metrics, rx: Receiver<EmbedRequest>) {
+fn run(
+    model: Arc<dyn Encoder>,
+    options: EmbedOptions,
+    metrics: Metrics,
+    rx: Receiver<EmbedRequest>,
+) {
     let budget = options.max_batch_tokens.max(1);
     let mut carry: Option<EmbedRequest> = None;
     loop {
@@ -121,7 +126,7 @@ fn run(model: Arc<Embedder>, options: EmbedOptions, metrics: Metrics, rx: Receiv
         if batch.is_empty() {
             continue;
         }
-        let results = embed_all(&model, &batch, budget, &metrics);
+        let results = embed_all(model.as_ref(), &batch, budget, &metrics);
         let mut at = 0;
         for request in batch {
             let n = request.inputs.len();
@@ -139,7 +144,7 @@ fn run(model: Arc<Embedder>, options: EmbedOptions, metrics: Metrics, rx: Receiv
 /// tokens (one input alone may exceed it). The encoder packs its inputs, so a
 /// forward costs its real tokens and the order does not matter.
 fn embed_all(
-    model: &Embedder,
+    model: &dyn Encoder,
     batch: &[EmbedRequest],
     budget: usize,
     metrics: &Metrics,

@@ -1,8 +1,9 @@
-//! One error enum for serving, and its OpenAI error shape.
+//! One error enum for serving, and the HTTP status and OpenAI error body of each
+//! (the envelope itself is `aigrid_api::openai`'s).
 
+use aigrid_api::openai::{OpenAiErrorBody, OpenAiErrorType};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 
 /// What went wrong while loading or serving a model.
 #[derive(Debug, thiserror::Error)]
@@ -66,87 +67,49 @@ impl ServingError {
         ServingError::Model(message.into())
     }
 
-    /// The HTTP status, OpenAI error `type` and `code` of this error.
-    pub fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+    /// The HTTP status and OpenAI error `code` of this error: the one place they
+    /// are decided (the error `type` follows from the status).
+    pub fn parts(&self) -> (StatusCode, Option<&'static str>) {
         match self {
-            ServingError::InvalidRequest { .. } => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+            ServingError::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, None),
+            ServingError::ContextLength(_) => {
+                (StatusCode::BAD_REQUEST, Some("context_length_exceeded"))
             }
-            ServingError::ContextLength(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Some("context_length_exceeded"),
-            ),
-            ServingError::ModelNotFound(_) => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("model_not_found"),
-            ),
-            ServingError::TooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                Some("request_too_large"),
-            ),
-            ServingError::Overloaded(_) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                Some("rate_limit_exceeded"),
-            ),
-            ServingError::NotReady(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("model_not_ready"),
-            ),
+            ServingError::ModelNotFound(_) => (StatusCode::NOT_FOUND, Some("model_not_found")),
+            ServingError::TooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, Some("request_too_large"))
+            }
+            ServingError::Overloaded(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, Some("rate_limit_exceeded"))
+            }
+            ServingError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, Some("model_not_ready")),
             ServingError::Model(_)
             | ServingError::Store(_)
             | ServingError::Candle(_)
-            | ServingError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            | ServingError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, None),
         }
     }
 
     /// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
-    pub fn body(&self) -> ErrorBody {
-        let (_, kind, code) = self.parts();
+    pub fn body(&self) -> OpenAiErrorBody {
+        let (status, code) = self.parts();
         let param = match self {
             ServingError::InvalidRequest { param, .. } => param.clone(),
             ServingError::ModelNotFound(_) => Some("model".into()),
             _ => None,
         };
-        ErrorBody {
-            error: ErrorDetail {
-                message: self.to_string(),
-                kind: kind.into(),
-                param,
-                code: code.map(str::to_owned),
-            },
-        }
+        OpenAiErrorBody::new(
+            OpenAiErrorType::for_status(status.as_u16()),
+            self.to_string(),
+            code,
+        )
+        .with_param(param)
     }
-}
-
-/// OpenAI's error envelope.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct ErrorBody {
-    /// The error.
-    pub error: ErrorDetail,
-}
-
-/// OpenAI's error object.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct ErrorDetail {
-    /// A sentence saying what is wrong.
-    pub message: String,
-    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The request field at fault.
-    pub param: Option<String>,
-    /// A stable code, where there is one.
-    pub code: Option<String>,
 }
 
 impl IntoResponse for ServingError {
     fn into_response(self) -> Response {
-        let (status, _, _) = self.parts();
+        let (status, _) = self.parts();
         (status, axum::Json(self.body())).into_response()
     }
 }

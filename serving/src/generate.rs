@@ -16,8 +16,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::llama::{Chunk, KvPool, Model, SeqCache};
+use crate::kv_pool::{Chunk, KvPool, SeqCache};
 use crate::metrics::Metrics;
+use crate::model::Decoder;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 use crate::ServingError;
@@ -105,7 +106,7 @@ pub struct GenerationEngine {
 impl GenerationEngine {
     /// Starts the engine thread, with its KV pool.
     pub fn start(
-        model: Arc<Model>,
+        model: Arc<dyn Decoder>,
         tokenizer: TextTokenizer,
         options: EngineOptions,
         metrics: Metrics,
@@ -118,7 +119,7 @@ impl GenerationEngine {
                 .clamp(1, options.max_batch_tokens.max(1)),
             ..options
         };
-        let (slots, capacity) = pool_shape(&model, &options);
+        let (slots, capacity) = pool_shape(model.as_ref(), &options);
         let pool = model.new_pool(slots, capacity)?;
         let context = pool.capacity();
         let worker = Worker {
@@ -195,17 +196,17 @@ impl Seq {
 /// Slots and tokens per slot of the KV pool: a slot holds the whole context (or the
 /// whole budget, when less), and there are as many as the budget holds, at most one
 /// per running sequence.
-fn pool_shape(model: &Model, options: &EngineOptions) -> (usize, usize) {
-    let per_token = model.config().kv_bytes_per_token().max(1);
+fn pool_shape(model: &dyn Decoder, options: &EngineOptions) -> (usize, usize) {
+    let per_token = model.kv_bytes_per_token().max(1);
     let budget = (options.kv_cache_bytes / per_token).max(1);
-    let capacity = model.config().max_position_embeddings.min(budget);
+    let capacity = model.context().min(budget);
     let slots = (budget / capacity).clamp(1, options.max_running_sequences.max(1));
     (slots, capacity)
 }
 
 struct Worker {
     pool: KvPool,
-    model: Arc<Model>,
+    model: Arc<dyn Decoder>,
     tokenizer: TextTokenizer,
     options: EngineOptions,
     metrics: Metrics,

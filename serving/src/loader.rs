@@ -20,12 +20,12 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::bert::{Embedder, Pooling};
+use crate::config::Limits;
 use crate::dense::Precision;
 use crate::embed::{EmbedOptions, EmbeddingEngine};
 use crate::generate::{EngineOptions, GenerationEngine};
 use crate::llama::{Chunk, LlamaConfig, Model};
 use crate::metrics::Metrics;
-use crate::server::Limits;
 use crate::tokenizer::TextTokenizer;
 use crate::{ModelSource, ServingError};
 
@@ -449,7 +449,7 @@ async fn load_tensors(
                             let t = tensor(
                                 &file,
                                 &name,
-                                &format!("{:?}", view.dtype()),
+                                view.dtype(),
                                 view.shape(),
                                 view.data(),
                                 &dev,
@@ -470,7 +470,8 @@ async fn load_tensors(
                         let info = view.info(&name).expect("listed names exist").clone();
                         let bytes: Bytes = view.tensor(&name).await?;
                         status.add_bytes(bytes.len() as u64, source, metrics);
-                        let t = tensor(file, &name, &info.dtype, &info.shape, &bytes, device)?;
+                        let dtype = dtype_named(file, &name, &info.dtype)?;
+                        let t = tensor(file, &name, dtype, &info.shape, &bytes, device)?;
                         Ok::<_, ServingError>((name, t))
                     })
                     .buffer_unordered(PARALLEL_TENSORS)
@@ -489,26 +490,37 @@ async fn load_tensors(
     Ok(all)
 }
 
-/// One tensor from its safetensors dtype name, shape and little-endian bytes.
+/// A safetensors header's dtype name (`F32`, `BF16`, ...), as the `safetensors`
+/// crate reads it.
+fn dtype_named(file: &str, name: &str, dtype: &str) -> Result<safetensors::Dtype, ServingError> {
+    serde_json::from_value(serde_json::Value::String(dtype.to_ascii_uppercase())).map_err(|_| {
+        ServingError::model(format!(
+            "{file}: tensor `{name}` has dtype {dtype}, which is not supported"
+        ))
+    })
+}
+
+/// One tensor from its safetensors dtype, shape and little-endian bytes.
 fn tensor(
     file: &str,
     name: &str,
-    dtype: &str,
+    dtype: safetensors::Dtype,
     shape: &[usize],
     data: &[u8],
     device: &Device,
 ) -> Result<Tensor, ServingError> {
-    let dtype = match dtype.to_ascii_uppercase().as_str() {
-        "F32" => DType::F32,
-        "F16" => DType::F16,
-        "BF16" => DType::BF16,
-        "F64" => DType::F64,
-        "I64" => DType::I64,
-        "U32" => DType::U32,
-        "U8" => DType::U8,
+    use safetensors::Dtype;
+    let dtype = match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F64 => DType::F64,
+        Dtype::I64 => DType::I64,
+        Dtype::U32 => DType::U32,
+        Dtype::U8 => DType::U8,
         other => {
             return Err(ServingError::model(format!(
-                "{file}: tensor `{name}` has dtype {other}, which is not supported"
+                "{file}: tensor `{name}` has dtype {other:?}, which is not supported"
             )))
         }
     };

@@ -33,7 +33,7 @@ impl ModelSource {
     pub fn id(&self) -> String {
         match self {
             ModelSource::Dir(dir) => dir.display().to_string(),
-            ModelSource::Store(reader) => reader.digest().to_owned(),
+            ModelSource::Store(reader) => reader.digest().to_string(),
         }
     }
 

@@ -505,10 +505,41 @@ mod tests {
 
     #[test]
     fn bad_specs_are_rejected() {
-        let spec = TinyLlama {
-            heads: 3,
-            ..TinyLlama::default()
-        };
-        assert!(write_tiny_llama(Path::new("/nonexistent/never"), &spec).is_err());
+        let base = TinyLlama::default();
+        let cases = [
+            (
+                TinyLlama {
+                    heads: 3,
+                    ..base.clone()
+                },
+                "heads must divide hidden",
+            ),
+            (
+                TinyLlama {
+                    layers: 0,
+                    ..base.clone()
+                },
+                "every size must be positive",
+            ),
+            (
+                TinyLlama {
+                    kv_heads: 3,
+                    ..base.clone()
+                },
+                "kv_heads must divide heads",
+            ),
+        ];
+        for (spec, why) in cases {
+            // A writable directory, so only the spec can be what fails.
+            let dir = tempfile::tempdir().unwrap();
+            let target = dir.path().join("model");
+            match write_tiny_llama(&target, &spec) {
+                Err(ServingError::Model(message)) => {
+                    assert!(message.contains(why), "{spec:?}: {message}")
+                }
+                other => panic!("{spec:?}: {other:?}"),
+            }
+            assert!(!target.exists(), "{spec:?} wrote {}", target.display());
+        }
     }
 }

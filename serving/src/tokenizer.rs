@@ -182,8 +182,8 @@ impl TextTokenizer {
         IncrementalDecoder {
             tokenizer: self.clone(),
             ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
+            prefix: String::new(),
+            prefix_index: 0,
         }
     }
 }
@@ -192,54 +192,59 @@ impl TextTokenizer {
 ///
 /// Decoding token by token is wrong in two ways: a multi-byte character split over
 /// tokens decodes to U+FFFD until its last byte arrives, and decoders such as
-/// SentencePiece's drop the leading space of the first token they see. So each
-/// step decodes a small window, `ids[prefix_offset..]`, and returns what it adds
-/// to the text of `ids[prefix_offset..read_offset]` (already returned); text that
-/// ends in U+FFFD is held back until more ids complete it or [`finish`] flushes it.
-/// The concatenation of every `push` and `finish` equals
-/// [`TextTokenizer::decode`] of all the ids.
+/// SentencePiece's drop the leading space of the first token they see. Each step is
+/// `tokenizers`' [`DecodeStream`](tokenizers::DecodeStream) step, which decodes a
+/// small window of the latest ids and returns what it adds to the text already
+/// returned, holding back text that ends in U+FFFD until more ids complete it;
+/// [`finish`] flushes what is held back. The concatenation of every `push` and
+/// `finish` equals [`TextTokenizer::decode`] of all the ids.
+///
+/// `DecodeStream` itself borrows its tokenizer, and a decoder lives in the
+/// generation engine beside the tokenizer it would borrow, so this keeps the
+/// stream's state and takes the same step through
+/// [`step_decode_stream`](tokenizers::tokenizer::step_decode_stream).
 ///
 /// [`finish`]: IncrementalDecoder::finish
 #[derive(Debug)]
 pub struct IncrementalDecoder {
     tokenizer: TextTokenizer,
-    /// The ids from `prefix_offset`'s token on; older ids are dropped.
+    /// The window: the ids of `prefix` and those after it.
     ids: Vec<u32>,
-    prefix_offset: usize,
-    read_offset: usize,
+    /// The text of the window's ids already returned.
+    prefix: String,
+    /// Where in `ids` the ids of `prefix` end.
+    prefix_index: usize,
 }
 
 impl IncrementalDecoder {
     /// Adds one token; returns the text it completes, possibly empty.
     pub fn push(&mut self, token: u32) -> Result<String, ServingError> {
-        self.ids.push(token);
-        let prefix = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let text = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
-        if text.len() <= prefix.len() || text.ends_with('\u{FFFD}') || !text.starts_with(&prefix) {
-            return Ok(String::new());
+        let step = tokenizers::tokenizer::step_decode_stream(
+            &self.tokenizer.inner.tokenizer,
+            vec![token],
+            true,
+            &mut self.ids,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        );
+        match step {
+            Ok(text) => Ok(text.unwrap_or_default()),
+            // The window's text no longer starts with what was returned (a decoder
+            // that rewrites earlier text): hold it back, as for an incomplete
+            // character, until `finish`.
+            Err(e) if e.is::<tokenizers::tokenizer::DecodeStreamError>() => Ok(String::new()),
+            Err(e) => Err(ServingError::model(format!("detokenizing: {e}"))),
         }
-        let new = text[prefix.len()..].to_owned();
-        // The window now read becomes the next prefix; ids before it are no longer
-        // needed.
-        self.ids.drain(..self.read_offset);
-        self.prefix_offset = 0;
-        self.read_offset = self.ids.len();
-        Ok(new)
     }
 
     /// Ends the stream: returns the text held back (an incomplete character
     /// decodes to U+FFFD here) and resets the decoder.
     pub fn finish(&mut self) -> Result<String, ServingError> {
-        let prefix = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let text = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let text = self.tokenizer.decode(&self.ids)?;
+        let common = common_prefix_len(&self.prefix, &text);
         self.ids.clear();
-        self.prefix_offset = 0;
-        self.read_offset = 0;
-        let common = common_prefix_len(&prefix, &text);
+        self.prefix.clear();
+        self.prefix_index = 0;
         Ok(text[common..].to_owned())
     }
 }

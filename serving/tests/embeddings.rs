@@ -73,9 +73,8 @@ fn minilm_matches_sentence_transformers() {
 
 #[test]
 fn minilm_matches_sentence_transformers_with_bf16_products() {
-    if !aigrid_serving::amx::available() {
-        println!("this CPU has no AMX-BF16: the bf16 products are not run");
-        return;
+    if !aigrid_serving::kernels::cpu::amx::available() {
+        return common::skip("this CPU has no AMX-BF16: the bf16 products are not run");
     }
     check_minilm(Precision::Bf16);
 }

@@ -42,7 +42,7 @@ async fn embeddings_over_http_match_sentence_transformers() {
     let (sentences, expect) = reference();
     // The default precision: bf16 products where the CPU has AMX, f32 elsewhere.
     let report = server.status().await;
-    let default = if aigrid_serving::amx::available() {
+    let default = if aigrid_serving::kernels::cpu::amx::available() {
         "bf16"
     } else {
         "f32"

@@ -138,7 +138,10 @@ async fn a_model_from_the_store_answers_like_its_directory_and_heals_a_bad_shard
         .unwrap()
         .len();
     assert_eq!(report["bytes_total"], weights);
-    assert_eq!(report["model"], registration.manifest.manifest.digest());
+    assert_eq!(
+        report["model"],
+        registration.manifest.manifest.digest().as_str()
+    );
     // The stripe missing a data shard was rebuilt from parity.
     assert!(
         report["store"]["stripes_reconstructed"].as_u64().unwrap() >= 1,

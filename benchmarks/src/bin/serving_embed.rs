@@ -12,7 +12,8 @@
 //!   precision the server chooses by default (bf16 on CPUs with AMX, f32 elsewhere);
 //!   the library rows show that precision and, when it is bf16, f32 as well.
 //! - **Baseline**: `SentenceTransformer(dir, device="cpu").encode(sentences,
-//!   batch_size=B)` in one Python process with `torch.set_num_threads(2)`
+//!   batch_size=B)` in one Python process with `torch.set_num_threads(N)`, N our
+//!   thread count unless `--torch-threads` says otherwise
 //!   (`benchmarks/serving/embed_baseline.py`, run by this binary before ours, so the
 //!   two never share the CPUs), in PyTorch's default f32 and again under
 //!   `torch.autocast("cpu", dtype=torch.bfloat16)`. It has no HTTP, no JSON and no
@@ -82,12 +83,28 @@ struct Args {
     /// Timed repetitions of every configuration (interleaved); the median is shown.
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Threads torch may use.
-    #[arg(long, default_value_t = 2)]
-    torch_threads: usize,
+    /// Threads torch may use; by default as many as ours (`RAYON_NUM_THREADS`, or
+    /// the cores), so the verdict compares like with like.
+    #[arg(long)]
+    torch_threads: Option<usize>,
     /// Seed of the sentences.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+}
+
+/// The CPU threads our products run on: `RAYON_NUM_THREADS` (what `aigrid serve`
+/// and `benchmarks/serving/run.sh` set), or the cores.
+fn our_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(cpus)
+}
+
+/// The threads the baseline's torch runs on.
+fn torch_threads(args: &Args) -> usize {
+    args.torch_threads.unwrap_or_else(our_threads)
 }
 
 /// Sentences per request and concurrent clients.
@@ -269,7 +286,7 @@ async fn run_baseline(
         .arg("--reps")
         .arg(args.reps.to_string())
         .arg("--threads")
-        .arg(args.torch_threads.to_string())
+        .arg(torch_threads(args).to_string())
         .arg("--check")
         .arg(check.to_string())
         .stderr(std::process::Stdio::inherit())
@@ -594,7 +611,12 @@ async fn main() -> Result<()> {
     for (config, walls) in configs.iter().zip(&walls) {
         let ours = n / median(walls);
         let (st, bf16) = baseline.rates(n, config.batch)?;
-        ratios.push((config, ours / st));
+        // Like with like: bf16 products beside bf16 autocast, f32 beside f32.
+        let like = match precision {
+            Precision::Bf16 => bf16,
+            Precision::F32 => Some(st),
+        };
+        ratios.push((config, like.map(|like| ours / like)));
         println!(
             "| {} | {ours:.1} | {st:.1} (`encode(batch_size={})`) | {:.2}x | {} |",
             config.describe(),
@@ -620,19 +642,32 @@ async fn main() -> Result<()> {
         baseline.threads,
         if worst_batched.is_finite() { worst_batched } else { 1.0 },
     );
+    let (ours_threads, torch_threads) = (our_threads(), torch_threads(&args));
+    let baseline_kind = match precision {
+        Precision::Bf16 => "under bf16 autocast",
+        Precision::F32 => "in f32",
+    };
     let verdicts: Vec<String> = ratios
         .iter()
-        .map(|(c, r)| {
-            format!(
+        .map(|(c, r)| match r {
+            _ if ours_threads != torch_threads => format!(
+                "{}x{} no verdict ({ours_threads} threads beside {torch_threads})",
+                c.batch, c.clients
+            ),
+            Some(r) => format!(
                 "{}x{} {r:.2}x {}",
                 c.batch,
                 c.clients,
                 if *r >= 1.5 { "met" } else { "MISSED" }
-            )
+            ),
+            None => format!(
+                "{}x{} no verdict (no baseline {baseline_kind})",
+                c.batch, c.clients
+            ),
         })
         .collect();
     println!(
-        "Target: ours >= 1.5x sentence-transformers: {}.",
+        "Target: ours ({precision} products, {ours_threads} threads) >= 1.5x sentence-transformers {baseline_kind} ({torch_threads} threads): {}.",
         verdicts.join(", ")
     );
     println!();

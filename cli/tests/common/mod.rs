@@ -399,3 +399,44 @@ impl Drop for Reaper {
         }
     }
 }
+
+/// Polls `probe` every 100 ms until it answers `Some`, for at most `limit`.
+pub fn eventually<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reapers for what an `aigrid up` at `base` with its data under `root` starts:
+/// supervisors (their command lines name the data dir), workloads (carrying
+/// `marker` in their environment) and model servers (told `base`).
+pub fn up_reapers(root: &Path, base: &str, marker: &str) -> [Reaper; 2] {
+    [
+        Reaper {
+            root: root.display().to_string(),
+            marker: marker.to_owned(),
+        },
+        Reaper {
+            root: base.to_owned(),
+            marker: base.to_owned(),
+        },
+    ]
+}
+
+/// Starts `aigrid ARGS` logging at info into a new file `log`, its stdout piped to
+/// the test, and the caller's `AIGRID_STORE` ignored.
+pub fn spawn_piped<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &Path) -> Child {
+    Command::new(aigrid_bin())
+        .args(args)
+        .env("AIGRID_LOG", "info")
+        .env_remove("AIGRID_STORE")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}

@@ -26,8 +26,8 @@ use super::{
 };
 use crate::artifact::ArtifactStore;
 use crate::cgroup::{self, CgroupPlan, Probe};
+use crate::config::RunnerConfig;
 use crate::logs;
-use crate::runner::RunnerConfig;
 use crate::supervisor::{
     read_json, write_json_atomic, ExitRecord, ProcessRecord, TaskFile, WorkloadRecord, EXIT_FILE,
     LOCAL_DIR, LOGS_DIR, STDERR_LOG, STDOUT_LOG, SUPERVISOR_FILE, SUPERVISOR_LOG, TASK_FILE,
@@ -627,7 +627,7 @@ mod tests {
     fn alloc_ids_must_be_safe_path_segments() {
         let config = RunnerConfig::new(
             "/data".into(),
-            crate::runner::SupervisorLaunch {
+            crate::config::SupervisorLaunch {
                 program: "/bin/false".into(),
                 args: vec![],
             },

@@ -19,8 +19,8 @@ use std::time::Duration;
 use aigrid_api::{AllocId, Allocation, ExecTask, LimitsEnforcement, LogTail};
 
 use crate::artifact::ArtifactError;
+use crate::config::RunnerConfig;
 use crate::logs::FileMark;
-use crate::runner::RunnerConfig;
 
 pub use exec::{workload_env, ExecDriver, DEFAULT_PATH};
 pub use recording::{Recorded, RecordingDriver};

@@ -12,7 +12,7 @@ use aigrid_api::{AllocId, LimitsEnforcement, LogTail};
 use super::{
     BoxFuture, Driver, DriverError, LogMark, RecoveredTask, TaskContext, TaskExit, TaskHandle,
 };
-use crate::runner::RunnerConfig;
+use crate::config::RunnerConfig;
 
 /// Something a [`RecordingDriver`] was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -36,7 +36,7 @@ use aigrid_api::{
     NodeId, NodeRegistration, NodeStatus, SubmitJobResponse, Timestamp, Unplaced, ValidationError,
 };
 use aigrid_consensus::state_machine::{SnapshotError, StateMachine};
-use aigrid_store::manifest::{Locations, ManifestError, Registration};
+use aigrid_api::manifest::{Locations, ManifestError, Registration};
 use serde::{Deserialize, Serialize};
 
 /// Evaluations kept by default. Older ones are forgotten, completed ones first, so a

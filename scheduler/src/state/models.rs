@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use aigrid_api::{AllocState, Allocation, DesiredState, ModelSummary, Timestamp};
-use aigrid_store::manifest::{is_digest, Locations, ManifestError, Registration, SignedManifest};
+use aigrid_api::manifest::{is_digest, Locations, ManifestError, Registration, SignedManifest};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -22,10 +22,8 @@ pub struct ModelDetail {
     /// What listings show of it.
     pub summary: ModelSummary,
     /// Its manifest with the publisher's key and signature, as registered.
-    #[schema(value_type = Object)]
     pub manifest: SignedManifest,
     /// The backend of every shard of every stripe, as last set.
-    #[schema(value_type = Object)]
     pub locations: Locations,
 }
 
@@ -34,7 +32,6 @@ pub struct ModelDetail {
 #[serde(deny_unknown_fields)]
 pub struct SetLocations {
     /// The backend of every shard of every stripe.
-    #[schema(value_type = Object)]
     pub locations: Locations,
     /// The `locations_version` the caller read; when given and no longer current the
     /// update is refused with 409, so two repairs cannot overwrite each other.
@@ -74,7 +71,7 @@ pub(crate) struct Models(BTreeMap<String, ModelRecord>);
 pub fn check_registration(registration: &Registration) -> Result<String, StateError> {
     let digest = registration.manifest.verify()?;
     fit_locations(&registration.locations, &registration.manifest)?;
-    Ok(digest)
+    Ok(digest.into())
 }
 
 /// Checks that `locations` name one distinct backend per shard of every stripe.

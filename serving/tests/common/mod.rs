@@ -10,6 +10,15 @@ use aigrid_serving::server::{Limits, ServeConfig, Server};
 use aigrid_serving::{DeviceSpec, ModelSource};
 use serde_json::Value;
 
+/// The longest any one request of the tests may take, its body included.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Says on stderr, where the test runner shows it, that a test did not run its
+/// checks because this machine lacks what they need.
+pub fn skip(reason: &str) {
+    eprintln!("skipped: {reason}");
+}
+
 /// A running model server.
 pub struct Running {
     pub base: String,
@@ -42,7 +51,11 @@ pub async fn start(source: ModelSource, name: &str, limits: Limits) -> Running {
     }));
     Running {
         base,
-        client: reqwest::Client::new(),
+        // No request of these tests may hang the suite.
+        client: reqwest::Client::builder()
+            .timeout(REQUEST_DEADLINE)
+            .build()
+            .unwrap(),
         stop: Some(tx),
     }
 }

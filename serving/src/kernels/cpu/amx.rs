@@ -29,11 +29,13 @@ use std::mem::MaybeUninit;
 use candle_core::Result;
 use rayon::prelude::*;
 
-use crate::packed::{check_weight, pack_bias, rows_of, Dst, Lanes};
+use crate::kernels::cpu::avx512::{
+    check_weight, in_row_blocks, pack_bias, rows_of, Dst, Lanes, RowProduct,
+};
 
 /// Output columns per panel: two 16-column tiles (the panels of
-/// [`crate::packed`], whose bias layout this shares).
-pub const NR: usize = crate::packed::NR;
+/// [`crate::kernels::cpu::avx512`], whose bias layout this shares).
+pub const NR: usize = crate::kernels::cpu::avx512::NR;
 /// Inputs per block: one tile row of bf16 (64 bytes).
 const KB: usize = 32;
 /// Rows per block: a block's bf16 inputs (`MB × in`) stay in the L2 cache while
@@ -118,27 +120,21 @@ impl std::fmt::Debug for AmxPacked {
     }
 }
 
-/// `x` rounded to the nearest bf16, ties to even (NaN stays NaN).
+/// `x` rounded to the nearest bf16, ties to even (NaN stays NaN): the rounding of
+/// the AMX product's inputs, as PyTorch's bf16 autocast rounds them.
 #[inline(always)]
 fn bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-    if x.is_nan() {
-        ((bits >> 16) as u16) | 0x40
-    } else {
-        rounded
-    }
+    half::bf16::from_f32(x).to_bits()
 }
 
-crate::ops::vectorized! {
-    /// Rows of `input` f32 to rows of `width ≥ input` bf16, zero-padded.
+crate::kernels::cpu::ops::vectorized! {
+    /// Rows of `input` f32 into the first `input` of rows of `width` bf16 (the
+    /// rest, the padding, is left as it is).
     fn to_bf16_rows(x: &[f32], out: &mut [u16], input: usize, width: usize) {
         for (x, out) in x.chunks_exact(input).zip(out.chunks_exact_mut(width)) {
-            let (head, pad) = out.split_at_mut(input);
-            for (o, &v) in head.iter_mut().zip(x) {
+            for (o, &v) in out.iter_mut().zip(x) {
                 *o = bf16(v);
             }
-            pad.fill(0);
         }
     }
 }
@@ -150,7 +146,7 @@ impl AmxPacked {
         check_weight(weight, bias, input, output)?;
         let panels = output.div_ceil(NR);
         let blocks = input.div_ceil(KB);
-        let panel_lines = blocks * 2 * 16;
+        let panel_lines = blocks * 2 * 16; // `panel_len`
         let mut data = vec![Line([0; 32]); panels * panel_lines];
         // Tile `t` of block `kb` of a panel holds, at line `r`, the inputs
         // `kb·32 + 2r` and `+1` of each of its 16 columns side by side.
@@ -176,14 +172,9 @@ impl AmxPacked {
         })
     }
 
-    /// Input width.
-    pub fn input(&self) -> usize {
-        self.input
-    }
-
-    /// Output width.
-    pub fn output(&self) -> usize {
-        self.output
+    /// `u16`s of one panel: `blocks` pairs of 16-line tiles.
+    fn panel_len(&self) -> usize {
+        self.blocks * 2 * 16
     }
 
     /// `x[rows, input] · Wᵀ + b` → `[rows, output]`, both row-major f32.
@@ -195,7 +186,7 @@ impl AmxPacked {
         if rows == 0 || self.output == 0 {
             return Ok(vec![0.0; rows * self.output]);
         }
-        // The rows in bf16, padded to whole tiles: 16 rows, 32 inputs.
+        // The rows in bf16, padded with zeros to whole tiles: 16 rows, 32 inputs.
         let width = self.blocks * KB;
         let padded_rows = rows.next_multiple_of(16);
         let mut a = vec![0u16; padded_rows * width];
@@ -203,23 +194,14 @@ impl AmxPacked {
         a.par_chunks_mut(per_task)
             .zip(x.par_chunks(MB * self.input))
             .for_each(|(a, x)| to_bf16_rows(x, a, self.input, width));
-        let mut out = Vec::with_capacity(rows * self.output);
-        let uninit = &mut out.spare_capacity_mut()[..rows * self.output];
-        let mut start = 0;
-        while start < rows {
-            let n = (rows - start).min(MB);
-            let a = &a[start * width..(start + n.next_multiple_of(16)) * width];
-            self.block(
-                a,
-                n,
-                &mut uninit[start * self.output..(start + n) * self.output],
-            );
-            start += n;
-        }
-        // SAFETY: every one of the `rows × output` elements was written: each row
-        // block by all the panels, each panel all its columns of every row.
-        unsafe { out.set_len(rows * self.output) };
-        Ok(out)
+        // SAFETY: `block` writes every element of its rows: each panel all its
+        // columns of every row.
+        Ok(unsafe {
+            in_row_blocks(rows, self.output, MB, |start, n, out| {
+                let a = &a[start * width..(start + n.next_multiple_of(16)) * width];
+                self.block(a, n, out)
+            })
+        })
     }
 
     /// One block of `rows` rows (`a`: their bf16, padded to a multiple of 16 rows),
@@ -232,7 +214,7 @@ impl AmxPacked {
             let _tiles = Tiles::configure();
             for panel in panels {
                 let cols = (self.output - panel * NR).min(NR);
-                let lines = self.blocks * 2 * 16;
+                let lines = self.panel_len();
                 let b = &self.data[panel * lines..(panel + 1) * lines];
                 let bias = &self.bias[panel * 2..panel * 2 + 2];
                 let mut r = 0;
@@ -270,6 +252,18 @@ impl AmxPacked {
                 .into_par_iter()
                 .for_each(|t| run(t * panels / tasks..(t + 1) * panels / tasks));
         }
+    }
+}
+
+impl RowProduct for AmxPacked {
+    fn input(&self) -> usize {
+        self.input
+    }
+    fn output(&self) -> usize {
+        self.output
+    }
+    fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        AmxPacked::matmul(self, x)
     }
 }
 
@@ -402,19 +396,22 @@ unsafe fn kernel(
             } else {
                 (scratch.as_mut_ptr() as *mut u8, 64)
             };
+            // The tile register is part of the instruction.
+            macro_rules! store {
+                ($tmm:literal) => {
+                    asm!(
+                        concat!("tilestored [{d} + {s}*1], ", $tmm),
+                        d = in(reg) dst,
+                        s = in(reg) stride,
+                        options(nostack, preserves_flags)
+                    )
+                };
+            }
             match tile {
-                0 => {
-                    asm!("tilestored [{d} + {s}*1], tmm0", d = in(reg) dst, s = in(reg) stride, options(nostack, preserves_flags))
-                }
-                1 => {
-                    asm!("tilestored [{d} + {s}*1], tmm1", d = in(reg) dst, s = in(reg) stride, options(nostack, preserves_flags))
-                }
-                2 => {
-                    asm!("tilestored [{d} + {s}*1], tmm2", d = in(reg) dst, s = in(reg) stride, options(nostack, preserves_flags))
-                }
-                _ => {
-                    asm!("tilestored [{d} + {s}*1], tmm3", d = in(reg) dst, s = in(reg) stride, options(nostack, preserves_flags))
-                }
+                0 => store!("tmm0"),
+                1 => store!("tmm1"),
+                2 => store!("tmm2"),
+                _ => store!("tmm3"),
             }
             if !whole {
                 for (r, line) in scratch.iter().enumerate().take(n) {
@@ -428,10 +425,9 @@ unsafe fn kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed::tests::{
+    use crate::kernels::cpu::avx512::tests::{
         check_mismatched, check_rows_alone, check_shapes, reference, values,
     };
-    use crate::packed::RowProduct;
 
     fn make(w: &[f32], b: Option<&[f32]>, i: usize, o: usize) -> Result<Box<dyn RowProduct>> {
         Ok(Box::new(AmxPacked::new(w, b, i, o)?))
@@ -447,6 +443,30 @@ mod tests {
         assert_eq!(bf16(-2.0), 0xc000);
         assert!(f32::from_bits((bf16(f32::NAN) as u32) << 16).is_nan());
         assert_eq!(bf16(f32::INFINITY), 0x7f80);
+        // The largest finite f32 rounds up to infinity.
+        assert_eq!(bf16(f32::MAX), 0x7f80);
+        assert_eq!(bf16(-0.0), 0x8000);
+    }
+
+    #[test]
+    fn rounding_matches_the_add_and_shift_formula() {
+        // Round to nearest, ties to even, by integer arithmetic: add just under half
+        // an ulp of bf16, plus one when the kept part is odd, and drop the low half.
+        let formula = |x: f32| {
+            let bits = x.to_bits();
+            (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+        };
+        // Every exponent and sign, low bits that hit each rounding case.
+        for high in 0..=0xffffu32 {
+            for low in [0, 1, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                let x = f32::from_bits(high << 16 | low);
+                if x.is_nan() {
+                    assert!(f32::from_bits((bf16(x) as u32) << 16).is_nan());
+                } else {
+                    assert_eq!(bf16(x), formula(x), "{x:e} ({:#x})", x.to_bits());
+                }
+            }
+        }
     }
 
     /// The values rounded to bf16, as the product sees them.
@@ -459,7 +479,7 @@ mod tests {
     #[test]
     fn matches_a_plain_product_of_the_rounded_values_at_every_shape_edge() {
         if !available() {
-            return;
+            return crate::skip("this CPU has no AMX-BF16");
         }
         // Partial input blocks, partial panels, single row tiles, parallel sizes,
         // several row blocks.
@@ -480,7 +500,7 @@ mod tests {
     #[test]
     fn stays_within_bf16_rounding_of_the_f32_product() {
         if !available() {
-            return;
+            return crate::skip("this CPU has no AMX-BF16");
         }
         let (rows, input, output) = (40, 384, 128);
         let (x, w) = (values(rows * input, 7), values(output * input, 8));
@@ -503,7 +523,7 @@ mod tests {
     #[test]
     fn a_row_comes_out_the_same_whatever_rows_share_the_product() {
         if !available() {
-            return;
+            return crate::skip("this CPU has no AMX-BF16");
         }
         check_rows_alone(make, 300, &[1, 2, 15, 16, 17, 31, 33, 64]);
     }

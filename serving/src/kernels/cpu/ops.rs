@@ -9,11 +9,12 @@
 //! Other devices use candle's ops.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Defines `fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA
-/// when the CPU has them (checked at run time), else for the build's baseline.
+/// when the CPU has them (its [`isa`](super::isa), detected once), else for the
+/// build's baseline.
 /// The bodies are plain loops; this is what lets the compiler vectorize them
 /// with the widest registers the machine has.
 macro_rules! vectorized {
@@ -33,13 +34,13 @@ macro_rules! vectorized {
                 fn avx2($($arg: $ty),*) {
                     body($($arg),*)
                 }
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F, checked just above.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                    return unsafe { avx2($($arg),*) };
+                use $crate::kernels::cpu::{isa, Isa};
+                match isa() {
+                    // SAFETY: the CPU has AVX-512F, as `isa` found.
+                    Isa::Amx | Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: the CPU has AVX2 and FMA, as `isa` found.
+                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    Isa::Portable => {}
                 }
             }
             body($($arg),*)
@@ -148,19 +149,23 @@ pub(crate) fn f32_data_mut<'a>(
 /// Elements below which a kernel stays on the calling thread.
 const PARALLEL_MIN: usize = 1 << 15;
 
-/// `silu(gate) * up` of a fused gate/up projection's output `[.., 2*width]` (the
-/// gate block first) → `[.., width]`.
-pub fn silu_mul(x: &Tensor) -> Result<Tensor> {
+/// The last dimension of a fused gate/up projection's output `[.., 2*width]`, and
+/// `width`; an error when the two blocks cannot be of equal width.
+pub(crate) fn gate_up_halves(x: &Tensor) -> Result<(usize, usize)> {
     let last = x.rank().saturating_sub(1);
     let both = x.dim(last)?;
     if both % 2 != 0 {
         candle_core::bail!("silu_mul takes a gate and an up block of equal width, not {both}");
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1_no_bwd(&SiluMul);
-    }
-    let width = both / 2;
-    candle_nn::ops::silu(&x.narrow(last, 0, width)?)? * x.narrow(last, width, width)?
+    Ok((last, both / 2))
+}
+
+/// `silu(gate) * up` of a fused gate/up projection's output `[.., 2*width]` (the
+/// gate block first) → `[.., width]`: f32 on the CPU (other tensors go to candle's
+/// ops: [`crate::kernels::Backend::silu_mul`]).
+pub fn silu_mul(x: &Tensor) -> Result<Tensor> {
+    gate_up_halves(x)?;
+    x.contiguous()?.apply_op1_no_bwd(&SiluMul)
 }
 
 struct SiluMul;
@@ -453,7 +458,7 @@ fn lane_sum_of_products(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn exp_is_within_a_few_ulp_and_clamped_outside() {

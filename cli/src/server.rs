@@ -1,0 +1,264 @@
+//! The roles that run a control-plane server: `aigrid server` (one server of a
+//! cluster, with its repair loop and, when asked, its join) and `aigrid up` (one
+//! server of a one-server cluster, this machine's agent, the local store and the demo
+//! model, all stopped together on Ctrl-C or SIGTERM).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aigrid_api::StorageInfo;
+use aigrid_scheduler::server::{Server, ServerConfig};
+use aigrid_store::backend::BackendConfig;
+use anyhow::{anyhow, Context};
+
+use aigrid_agent::agent::OnShutdown;
+
+use crate::config::{ResolvedServer, ServerArgs, UpArgs};
+use crate::files::{local_store, read_store_file};
+use crate::output::{count, say};
+use crate::shutdown::shutdown_signal;
+
+/// Asks an existing cluster to add this server, retrying until it is a member.
+async fn join_cluster(url: String, id: u64, addr: String) {
+    let client = match crate::client::Client::new(&url) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot join");
+            return;
+        }
+    };
+    let body = aigrid_api::JoinRequest { id, addr };
+    loop {
+        let result: anyhow::Result<serde_json::Value> = client
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/cluster/members",
+                Some(&body),
+            )
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(%url, "joined the cluster");
+                return;
+            }
+            Err(e) if e.to_string().contains("(conflict)") => {
+                tracing::info!("already a member of the cluster");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "join failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// `aigrid server`.
+pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let ResolvedServer {
+        config,
+        join,
+        repair_interval,
+        backends,
+    } = args.resolve_all()?;
+    let id = config.id;
+    let data_dir = config.data_dir.clone();
+    let advertise = config.advertise.clone();
+    let storage = config.storage.clone();
+    let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
+    tracing::info!(id, addr = %server.addr, data_dir = %data_dir.display(), "server started");
+    let (_stop_repairs, repairs_stopped) = tokio::sync::watch::channel(false);
+    spawn_repairs(
+        &storage,
+        &backends,
+        format!("http://{}", server.addr),
+        Some(id),
+        repair_interval,
+        repairs_stopped,
+    )?;
+    if let Some(url) = join {
+        let addr = advertise.unwrap_or_else(|| server.addr.to_string());
+        tokio::spawn(join_cluster(url, id, addr));
+    }
+    server.run_until(shutdown_signal()).await;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    let base =
+        dirs::data_dir().ok_or_else(|| anyhow!("no user data directory; pass --data-dir"))?;
+    Ok(base.join("aigrid"))
+}
+
+/// Starts the periodic scrub-and-repair loop when there is a store and an interval;
+/// with `leader_only`, a round runs only while that server leads.
+fn spawn_repairs(
+    storage: &StorageInfo,
+    backends: &[BackendConfig],
+    base: String,
+    leader_only: Option<u64>,
+    interval: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    if !storage.is_configured() || interval.is_zero() {
+        return Ok(());
+    }
+    let store = std::sync::Arc::new(crate::model::store_from(backends)?);
+    tokio::spawn(crate::model::repair_loop(
+        base,
+        store,
+        leader_only,
+        interval,
+        stop,
+    ));
+    Ok(())
+}
+
+/// Waits until the server at `base` answers a linearizable read: a restarted server
+/// replays its log first, and until then it does not know the nodes it registered,
+/// so an agent heard before that would be refused as a stranger.
+async fn caught_up(base: &str, limit: Duration) -> anyhow::Result<()> {
+    let client = crate::client::Client::new(base)?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let read: anyhow::Result<serde::de::IgnoredAny> = client
+            .call::<(), _>(reqwest::Method::GET, "/api/v1/nodes", None)
+            .await;
+        match read {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(e.context("the server did not catch up with its log"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// `aigrid up`: one server of a one-server cluster and this machine's agent,
+/// kept running until Ctrl-C or SIGTERM, which stop its workloads and model
+/// servers with it.
+pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    // Heard from the first moment: a signal during the start still stops, in order,
+    // whatever has started by then.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    if let Some(spec) = &args.simulate_gpus {
+        aigrid_agent::simulated::parse(spec, "check")?;
+    }
+    let attributes = crate::agent::parse_attrs(&args.attr)?;
+    let (storage, backends) = match &args.store {
+        Some(path) => read_store_file(path)?,
+        None => local_store(&data_dir.join("store"))?,
+    };
+    let mut config = ServerConfig::new(1, args.listen, data_dir.join("server"));
+    config.storage = storage.clone();
+    let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
+    let base = format!("http://{}", server.addr);
+    let (stop_repairs, repairs_stopped) = tokio::sync::watch::channel(false);
+    spawn_repairs(
+        &storage,
+        &backends,
+        base.clone(),
+        None,
+        Duration::from_secs(args.repair_interval_secs),
+        repairs_stopped,
+    )?;
+    caught_up(&base, Duration::from_secs(30)).await?;
+    let agent_dir = data_dir.join("agent");
+    let join_token = if agent_dir
+        .join(aigrid_agent::identity::IDENTITY_FILE)
+        .exists()
+    {
+        None
+    } else {
+        // First start: a token for this machine's agent alone, good for minutes.
+        let request = aigrid_api::CreateJoinToken {
+            ttl_secs: Some(600),
+            max_uses: Some(1),
+            description: Some("aigrid up: this machine's agent".into()),
+        };
+        let created: aigrid_api::CreatedJoinToken = crate::client::Client::new(&base)?
+            .call(reqwest::Method::POST, "/api/v1/join-tokens", Some(&request))
+            .await
+            .context("creating the embedded agent's join token")?;
+        Some(created.token.parse().map_err(|e| anyhow!("{e}"))?)
+    };
+    let registry = prometheus::Registry::new();
+    let metrics = aigrid_agent::metrics::AgentMetrics::register(&registry, true)?;
+    let agent = crate::agent::start_agent(
+        vec![base.clone()],
+        &agent_dir,
+        None,
+        args.simulate_gpus,
+        aigrid_agent::agent::AgentConfig {
+            join_token,
+            attributes,
+            // What `up` starts goes with it.
+            on_shutdown: OnShutdown::StopWorkloads,
+            ..Default::default()
+        },
+        metrics,
+    )
+    .await?;
+    let agent_task = tokio::spawn(agent.run(stopped.clone()));
+    // In the background: `up` is usable before the demo model is, and a demo that
+    // fails to deploy says so in one log line without stopping anything.
+    let demo_watch = if args.no_demo_model {
+        None
+    } else {
+        let store = crate::model::StoreArgs {
+            store: args.store.clone(),
+        };
+        tokio::spawn(crate::demo::deploy(
+            base.clone(),
+            data_dir.join("demo-model"),
+            store,
+        ));
+        Some(tokio::spawn(crate::demo::announce(
+            base.clone(),
+            stopped.clone(),
+        )))
+    };
+    let demo = if args.no_demo_model {
+        String::new()
+    } else {
+        format!(
+            "  OpenAI API   {base}/v1 (routes by `model` to ready replicas)\n  demo model   {name}, being pushed and deployed: ready once `curl -s {base}/v1/models` lists it.\n               Its weights are random, so its answers are gibberish.\n  try          {curl}\n  real models  aigrid model push DIR --name NAME, then a job whose task is\n               {{\"driver\": \"model-server\", \"model\": \"DIGEST\"}} (README.md, Serving)\n",
+            name = crate::demo::NAME,
+            curl = crate::demo::curl_line(&base),
+        )
+    };
+    // The banner is informational: a closed stdout must not stop the server.
+    let banner = format!(
+        "aigrid is up (one server and this machine's agent, data in {})\n  control API  {base}/api/v1\n  OpenAPI      {base}/api/v1/openapi.json\n  metrics      {base}/metrics\n  store        {}, {}+{} ({})\n  try          aigrid job submit examples/job.json --server {base}\n               aigrid model push DIR --name NAME --server {base}\n{demo}Press Ctrl-C to stop.\n",
+        data_dir.display(),
+        count(storage.backends.len(), "backend"),
+        storage.k,
+        storage.m,
+        if storage.policy.is_empty() { "any backend".to_owned() } else { storage.policy.join("; ") },
+    );
+    say(&banner);
+    let _ = stopped.clone().wait_for(|stop| *stop).await;
+    let _ = stop_repairs.send(true);
+    let demo_was_ready = match demo_watch {
+        Some(watch) => watch.await.unwrap_or(false),
+        None => false,
+    };
+    let agent_result = agent_task.await;
+    if demo_was_ready {
+        say(&crate::demo::stopped_line());
+    }
+    server.stop().await;
+    match agent_result {
+        Ok(result) => result.map_err(|e| anyhow!("{e}")),
+        Err(e) => Err(anyhow!("the agent task failed: {e}")),
+    }
+}

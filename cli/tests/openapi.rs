@@ -1,0 +1,634 @@
+//! The control API answers as its OpenAPI document says. Against a real server, every
+//! operation the served `/api/v1/openapi.json` lists is called with a valid request
+//! (after fixtures give its GETs something to return) and with invalid ones; each
+//! answer's status must be documented for that operation and its body must validate
+//! against the schema documented for that status (OpenAPI 3.1 schemas are JSON
+//! Schema 2020-12). The test walks the document, so a newly documented route is
+//! covered as soon as it is listed; a served route missing from the document fails
+//! it too.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use aigrid_api::auth::{NodeKey, RequestToSign, NODE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use aigrid_api::manifest::Registration;
+use aigrid_api::{NodeId, Timestamp};
+use aigrid_scheduler::testkit::model_registration;
+use common::*;
+use serde_json::{json, Value};
+
+/// Every route the control API serves under `/api/v1`, as `METHOD path`. Kept by
+/// hand from the router: the document must list each one.
+const SERVED: &[&str] = &[
+    "POST /api/v1/jobs",
+    "GET /api/v1/jobs",
+    "GET /api/v1/jobs/{id}",
+    "DELETE /api/v1/jobs/{id}",
+    "POST /api/v1/nodes",
+    "GET /api/v1/nodes",
+    "GET /api/v1/nodes/{id}",
+    "POST /api/v1/nodes/{id}/heartbeat",
+    "GET /api/v1/nodes/{id}/assignments",
+    "POST /api/v1/nodes/{id}/revoke",
+    "POST /api/v1/nodes/{id}/drain",
+    "DELETE /api/v1/nodes/{id}/drain",
+    "GET /api/v1/nodes/{id}/allocations",
+    "GET /api/v1/allocations/{id}/logs",
+    "POST /api/v1/join-tokens",
+    "GET /api/v1/join-tokens",
+    "DELETE /api/v1/join-tokens/{id}",
+    "GET /api/v1/cluster",
+    "POST /api/v1/cluster/members",
+    "DELETE /api/v1/cluster/members/{id}",
+    "POST /api/v1/models",
+    "GET /api/v1/models",
+    "GET /api/v1/models/{digest}",
+    "DELETE /api/v1/models/{digest}",
+    "PUT /api/v1/models/{digest}/locations",
+    "GET /api/v1/storage",
+    "GET /api/v1/openapi.json",
+];
+
+/// Served routes the document does not list yet. Remove a route from here once it is
+/// documented; the test fails while this list says something untrue.
+const NOT_YET_DOCUMENTED: &[&str] = &["GET /api/v1/openapi.json"];
+
+/// One request to send.
+struct Call {
+    method: reqwest::Method,
+    /// Path and query.
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
+}
+
+impl Call {
+    fn new(method: &str, target: impl Into<String>) -> Self {
+        Call {
+            method: method.parse().unwrap(),
+            target: target.into(),
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    fn json(mut self, body: &Value) -> Self {
+        self.body = Some(serde_json::to_vec(body).unwrap());
+        self.headers
+            .push(("content-type".into(), "application/json".into()));
+        self
+    }
+
+    fn raw(mut self, body: &[u8]) -> Self {
+        self.body = Some(body.to_vec());
+        self.headers
+            .push(("content-type".into(), "application/json".into()));
+        self
+    }
+
+    /// Signs the request as `node` with `key`, as an agent does.
+    fn signed(mut self, node: &str, key: &NodeKey) -> Self {
+        let node = NodeId::new(node);
+        let at = Timestamp::from_millis(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+        );
+        let body = self.body.clone().unwrap_or_default();
+        let signature = key.sign(&RequestToSign {
+            method: self.method.as_str(),
+            path_and_query: &self.target,
+            node: &node,
+            timestamp: at,
+            body: &body,
+        });
+        self.headers.extend([
+            (NODE_HEADER.to_owned(), node.to_string()),
+            (TIMESTAMP_HEADER.to_owned(), at.as_millis().to_string()),
+            (SIGNATURE_HEADER.to_owned(), signature),
+        ]);
+        self
+    }
+
+    fn header(mut self, name: &str, value: String) -> Self {
+        self.headers.push((name.to_owned(), value));
+        self
+    }
+
+    async fn send(&self, client: &reqwest::Client, server: &str) -> (u16, Vec<u8>) {
+        let mut req = client.request(self.method.clone(), format!("{server}{}", self.target));
+        for (name, value) in &self.headers {
+            req = req.header(name, value);
+        }
+        if let Some(body) = &self.body {
+            req = req.body(body.clone());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.bytes().await.unwrap().to_vec())
+    }
+}
+
+/// What the fixtures made, for filling in paths and bodies.
+struct Fixtures {
+    node: String,
+    node_key: NodeKey,
+    /// A second node, revoked at the end.
+    other_node: String,
+    join_token: String,
+    join_token_id: String,
+    job: String,
+    alloc: String,
+    model: Registration,
+    digest: String,
+    /// A server waiting to be added to the cluster.
+    joiner: (u64, String),
+}
+
+/// The node registration for `id`, signed with `key`, presenting `token`.
+fn registration_call(id: &str, key: &NodeKey, token: &str) -> Call {
+    let body = json!({
+        "id": id,
+        "name": id,
+        "attributes": {"site": "conformance"},
+        "resources": {"cpu_millis": 8000, "memory_mib": 16384, "disk_mib": 100000},
+        "public_key": key.public().to_string(),
+    });
+    Call::new("POST", "/api/v1/nodes")
+        .json(&body)
+        .signed(id, key)
+        .header("authorization", format!("Bearer {token}"))
+}
+
+/// A small job that fits the fixture node.
+fn small_job(name: &str) -> Value {
+    json!({
+        "name": name,
+        "kind": "service",
+        "groups": [{
+            "name": "web",
+            "count": 1,
+            "resources": {"cpu_millis": 500, "memory_mib": 256},
+            "task": {"driver": "exec", "command": "/bin/sleep", "args": ["600"]}
+        }]
+    })
+}
+
+async fn expect_json(call: Call, client: &reqwest::Client, server: &str, status: u16) -> Value {
+    let target = call.target.clone();
+    let (got, body) = call.send(client, server).await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(got, status, "fixture {target}: {text}");
+    serde_json::from_slice(&body).unwrap()
+}
+
+async fn make_fixtures(client: &reqwest::Client, server: &str, joiner: (u64, String)) -> Fixtures {
+    let token = expect_json(
+        Call::new("POST", "/api/v1/join-tokens").json(&json!({"description": "conformance"})),
+        client,
+        server,
+        201,
+    )
+    .await;
+    let join_token = token["token"].as_str().unwrap().to_owned();
+    let node_key = NodeKey::from_secret([1; 32]);
+    let other_key = NodeKey::from_secret([2; 32]);
+    for (id, key) in [("node-a", &node_key), ("node-b", &other_key)] {
+        expect_json(registration_call(id, key, &join_token), client, server, 201).await;
+        expect_json(
+            Call::new("POST", format!("/api/v1/nodes/{id}/heartbeat"))
+                .json(&json!({}))
+                .signed(id, key),
+            client,
+            server,
+            200,
+        )
+        .await;
+    }
+    let job = expect_json(
+        Call::new("POST", "/api/v1/jobs").json(&small_job("conformance")),
+        client,
+        server,
+        201,
+    )
+    .await;
+    let job = job["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let alloc = loop {
+        let got = expect_json(
+            Call::new("GET", format!("/api/v1/jobs/{job}")),
+            client,
+            server,
+            200,
+        )
+        .await;
+        if let Some(id) = got["allocations"][0]["id"].as_str() {
+            break id.to_owned();
+        }
+        assert!(Instant::now() < deadline, "the job was never placed: {got}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let model = model_registration("conformance", 9, 1);
+    let summary = expect_json(
+        Call::new("POST", "/api/v1/models").json(&serde_json::to_value(&model).unwrap()),
+        client,
+        server,
+        201,
+    )
+    .await;
+    Fixtures {
+        node: "node-a".into(),
+        node_key,
+        other_node: "node-b".into(),
+        join_token_id: token["id"].as_str().unwrap().to_owned(),
+        join_token,
+        job,
+        alloc,
+        digest: summary["digest"].as_str().unwrap().to_owned(),
+        model,
+        joiner,
+    }
+}
+
+/// A valid request for the documented operation `METHOD path`, or `None` when the
+/// test does not know how to make one (the test then fails, naming it).
+fn valid_call(fx: &Fixtures, method: &str, path: &str) -> Option<Call> {
+    let node = &fx.node;
+    let call = match (method, path) {
+        ("POST", "/api/v1/jobs") => Call::new(method, path).json(&small_job("conformance-2")),
+        ("GET" | "DELETE", "/api/v1/jobs/{id}") => {
+            Call::new(method, format!("/api/v1/jobs/{}", fx.job))
+        }
+        ("POST", "/api/v1/nodes") => registration_call(node, &fx.node_key, &fx.join_token),
+        ("GET", "/api/v1/nodes/{id}") | ("GET", "/api/v1/nodes/{id}/allocations") => {
+            Call::new(method, path.replace("{id}", node))
+        }
+        ("POST", "/api/v1/nodes/{id}/heartbeat") => {
+            Call::new(method, format!("/api/v1/nodes/{node}/heartbeat"))
+                .json(&json!({"gpus": []}))
+                .signed(node, &fx.node_key)
+        }
+        ("GET", "/api/v1/nodes/{id}/assignments") => Call::new(
+            method,
+            format!("/api/v1/nodes/{node}/assignments?wait_ms=0"),
+        )
+        .signed(node, &fx.node_key),
+        ("POST", "/api/v1/nodes/{id}/revoke") => {
+            Call::new(method, format!("/api/v1/nodes/{}/revoke", fx.other_node))
+        }
+        ("POST", "/api/v1/nodes/{id}/drain") => {
+            Call::new(method, format!("/api/v1/nodes/{}/drain", fx.other_node))
+                .json(&json!({"max_parallel": 1}))
+        }
+        ("DELETE", "/api/v1/nodes/{id}/drain") => {
+            Call::new(method, format!("/api/v1/nodes/{}/drain", fx.other_node))
+        }
+        ("GET", "/api/v1/allocations/{id}/logs") => {
+            Call::new(method, format!("/api/v1/allocations/{}/logs", fx.alloc))
+        }
+        ("POST", "/api/v1/join-tokens") => {
+            Call::new(method, path).json(&json!({"ttl_secs": 60, "max_uses": 1}))
+        }
+        ("DELETE", "/api/v1/join-tokens/{id}") => {
+            Call::new(method, format!("/api/v1/join-tokens/{}", fx.join_token_id))
+        }
+        ("POST", "/api/v1/cluster/members") => {
+            Call::new(method, path).json(&json!({"id": fx.joiner.0, "addr": fx.joiner.1}))
+        }
+        ("DELETE", "/api/v1/cluster/members/{id}") => {
+            Call::new(method, format!("/api/v1/cluster/members/{}", fx.joiner.0))
+        }
+        ("POST", "/api/v1/models") => Call::new(method, path)
+            .json(&serde_json::to_value(model_registration("other", 9, 1)).unwrap()),
+        ("GET" | "DELETE", "/api/v1/models/{digest}") => {
+            Call::new(method, format!("/api/v1/models/{}", fx.digest))
+        }
+        ("PUT", "/api/v1/models/{digest}/locations") => {
+            Call::new(method, format!("/api/v1/models/{}/locations", fx.digest))
+                .json(&json!({"locations": fx.model.locations, "expected_version": 1}))
+        }
+        // Anything else without inputs: a plain GET.
+        ("GET", _) if !path.contains('{') => Call::new(method, path),
+        _ => return None,
+    };
+    Some(call)
+}
+
+/// Requests the operation must refuse: an unknown or malformed id in each path
+/// parameter, a malformed value for each typed query parameter, a body of the wrong
+/// shape and one that is not JSON. Signed operations are also sent unsigned.
+fn invalid_calls(fx: &Fixtures, method: &str, path: &str, op: &Value) -> Vec<Call> {
+    let params = op["parameters"].as_array().cloned().unwrap_or_default();
+    let in_path: Vec<&str> = params
+        .iter()
+        .filter(|p| p["in"] == "path")
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    // The path with its parameters filled in validly, to vary one part at a time.
+    let filled = valid_call(fx, method, path)
+        .map(|c| c.target.split('?').next().unwrap().to_owned())
+        .unwrap_or_else(|| path.to_owned());
+    let mut calls = Vec::new();
+    for name in &in_path {
+        calls.push(Call::new(
+            method,
+            path.replace(&format!("{{{name}}}"), "no-such-id"),
+        ));
+    }
+    for p in params.iter().filter(|p| p["in"] == "query") {
+        let typed = matches!(
+            p["schema"]["type"].as_str(),
+            Some("boolean" | "integer" | "number")
+        ) || p["schema"]["type"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t == "boolean" || t == "integer"));
+        if typed {
+            let name = p["name"].as_str().unwrap();
+            calls.push(Call::new(method, format!("{filled}?{name}=not-a-value")));
+        }
+    }
+    if op.get("requestBody").is_some() {
+        calls.push(Call::new(method, &filled).json(&json!({"not_a_field": [1, 2]})));
+        calls.push(Call::new(method, &filled).raw(b"{\"unterminated"));
+    }
+    if let Some(valid) = valid_call(fx, method, path) {
+        if valid.headers.iter().any(|(h, _)| h == SIGNATURE_HEADER) {
+            let mut unsigned = Call::new(method, valid.target.clone());
+            unsigned.body = valid.body.clone();
+            unsigned.headers = valid
+                .headers
+                .iter()
+                .filter(|(h, _)| h == "content-type")
+                .cloned()
+                .collect();
+            calls.push(unsigned);
+        }
+    }
+    calls
+}
+
+/// Validates answers against the document's schemas.
+struct Checker {
+    doc: Value,
+    validators: BTreeMap<String, jsonschema::Validator>,
+}
+
+impl Checker {
+    /// Checks one answer of `METHOD path`; `Err` says what the document gets wrong.
+    fn check(&mut self, method: &str, path: &str, status: u16, body: &[u8]) -> Result<(), String> {
+        let op = &self.doc["paths"][path][method.to_ascii_lowercase()];
+        let responses = op["responses"].as_object().cloned().unwrap_or_default();
+        let Some(response) = responses
+            .get(&status.to_string())
+            .or_else(|| responses.get("default"))
+        else {
+            let documented: Vec<&String> = responses.keys().collect();
+            return Err(format!(
+                "status {status} is not documented (documented: {documented:?}); body {}",
+                String::from_utf8_lossy(body)
+            ));
+        };
+        let Some(schema) = response["content"]["application/json"].get("schema") else {
+            if body.is_empty() {
+                return Ok(());
+            }
+            return Err(format!(
+                "status {status} documents no JSON body, got {}",
+                String::from_utf8_lossy(body)
+            ));
+        };
+        let instance: Value = serde_json::from_slice(body).map_err(|e| {
+            format!(
+                "status {status}: the body is not JSON ({e}): {}",
+                String::from_utf8_lossy(body)
+            )
+        })?;
+        let key = serde_json::to_string(schema).unwrap();
+        if !self.validators.contains_key(&key) {
+            let mut root = strict(schema.clone());
+            // `#/components/...` references resolve within the schema's own document.
+            root["components"] = strict_components(&self.doc["components"]);
+            let validator = jsonschema::draft202012::new(&root)
+                .map_err(|e| format!("the documented schema does not compile: {e}"))?;
+            self.validators.insert(key.clone(), validator);
+        }
+        let errors: Vec<String> = self.validators[&key]
+            .iter_errors(&instance)
+            .map(|e| format!("at `{}`: {e}", e.instance_path()))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "status {status}: the body breaks its documented schema: {}\nbody: {instance}",
+                errors.join("; ")
+            ))
+        }
+    }
+}
+
+/// The schema with undocumented properties refused: an object schema that lists its
+/// properties gets `unevaluatedProperties: false`, so a field serde writes under a
+/// name the document does not use is caught. Schemas composed with `allOf` are left
+/// open at the part and closed at the whole.
+fn strict(mut schema: Value) -> Value {
+    if let Some(obj) = schema.as_object_mut() {
+        let composed = obj.contains_key("allOf");
+        if (obj.contains_key("properties") || composed)
+            && !obj.contains_key("additionalProperties")
+            && !obj.contains_key("unevaluatedProperties")
+        {
+            obj.insert("unevaluatedProperties".into(), Value::Bool(false));
+        }
+    }
+    schema
+}
+
+/// The components with every named schema made [`strict`], except those used as a
+/// part of an `allOf` (closing a part would refuse its siblings' properties).
+fn strict_components(components: &Value) -> Value {
+    let mut parts = BTreeSet::new();
+    collect_all_of_refs(components, &mut parts);
+    let mut out = components.clone();
+    if let Some(schemas) = out["schemas"].as_object_mut() {
+        for (name, schema) in schemas.iter_mut() {
+            if !parts.contains(name) {
+                *schema = strict(schema.take());
+            }
+        }
+    }
+    out
+}
+
+fn collect_all_of_refs(value: &Value, parts: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(obj) => {
+            if let Some(Value::Array(items)) = obj.get("allOf") {
+                for item in items {
+                    if let Some(r) = item["$ref"].as_str() {
+                        parts.insert(r.rsplit('/').next().unwrap().to_owned());
+                    }
+                }
+            }
+            obj.values().for_each(|v| collect_all_of_refs(v, parts));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_all_of_refs(v, parts)),
+        _ => {}
+    }
+}
+
+/// Order of the calls: reads and creations first, removals after, revocation last,
+/// so every operation finds what the fixtures made.
+fn phase(method: &str, path: &str) -> u8 {
+    match (method, path) {
+        (_, p) if p.ends_with("/revoke") => 2,
+        ("DELETE", p) if p.ends_with("/drain") => 1,
+        ("DELETE", _) => 2,
+        _ => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_operation_answers_as_documented() {
+    let cluster = Cluster::start(1, &[]);
+    let client = http();
+    let server = cluster.urls()[0].clone();
+    wait_leader(
+        &client,
+        std::slice::from_ref(&server),
+        Duration::from_secs(20),
+    )
+    .await;
+    // A server for the membership operations: started as the test asks the cluster
+    // to add it, so the test's request is the one that adds it (the server's own
+    // request to join then finds it a member).
+    let joiner_port = free_ports(1)[0];
+    let mut joiner = ServerProc::new(
+        2,
+        joiner_port,
+        cluster.root.path(),
+        vec!["--join".into(), server.clone()],
+    );
+    let joiner_addr = format!("127.0.0.1:{joiner_port}");
+
+    let doc = get_json(&client, &format!("{server}/api/v1/openapi.json"))
+        .await
+        .expect("the OpenAPI document is served");
+    assert!(
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
+        "not an OpenAPI 3.1 document: {}",
+        doc["openapi"]
+    );
+
+    let mut operations: Vec<(String, String, Value)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let method = method.to_ascii_uppercase();
+            if ["GET", "POST", "PUT", "DELETE", "PATCH"].contains(&method.as_str()) {
+                operations.push((method, path.clone(), op.clone()));
+            }
+        }
+    }
+    operations.sort_by_key(|(m, p, _)| (phase(m, p), p.clone(), m.clone()));
+
+    let documented: BTreeSet<String> = operations
+        .iter()
+        .map(|(m, p, _)| format!("{m} {p}"))
+        .collect();
+    let missing: Vec<&str> = SERVED
+        .iter()
+        .copied()
+        .filter(|r| !documented.contains(*r))
+        .collect();
+    assert_eq!(
+        missing, NOT_YET_DOCUMENTED,
+        "served routes missing from the document"
+    );
+    for route in documented.iter().filter(|r| r.contains(" /api/v1")) {
+        assert!(
+            SERVED.contains(&route.as_str()),
+            "{route} is documented but not in this test's list of served routes"
+        );
+    }
+
+    let fx = make_fixtures(&client, &server, (2, joiner_addr)).await;
+    let mut checker = Checker {
+        doc: doc.clone(),
+        validators: BTreeMap::new(),
+    };
+    let mut failures = Vec::new();
+    let mut no_valid = Vec::new();
+    let mut no_invalid = Vec::new();
+    for (method, path, op) in &operations {
+        let name = format!("{method} {path}");
+        let invalid = invalid_calls(&fx, method, path, op);
+        if invalid.is_empty() {
+            no_invalid.push(name.clone());
+        }
+        for call in invalid {
+            let (status, body) = call.send(&client, &server).await;
+            if !(400..500).contains(&status) {
+                failures.push(format!(
+                    "{name} (invalid: {} {}): answered {status}, not a 4xx: {}",
+                    call.method,
+                    call.target,
+                    String::from_utf8_lossy(&body)
+                ));
+            }
+            if let Err(e) = checker.check(method, path, status, &body) {
+                failures.push(format!("{name} (invalid: {}): {e}", call.target));
+            }
+        }
+        let Some(call) = valid_call(&fx, method, path) else {
+            no_valid.push(name);
+            continue;
+        };
+        let joining = name == "POST /api/v1/cluster/members";
+        let (status, body) = if joining {
+            let start = async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                joiner.start();
+            };
+            tokio::join!(call.send(&client, &server), start).0
+        } else {
+            call.send(&client, &server).await
+        };
+        // Adding a server answers 503 `timeout` when it has not become a voter within
+        // the request timeout, as documented: it stays a learner until it catches up.
+        let still_joining = joining
+            && status == 503
+            && serde_json::from_slice::<Value>(&body)
+                .is_ok_and(|b| b["error"]["code"] == "timeout");
+        if still_joining {
+            eprintln!("{name}: server {} is still a learner", fx.joiner.0);
+        } else if !(200..300).contains(&status) {
+            failures.push(format!(
+                "{name} (valid: {}): answered {status}: {}",
+                call.target,
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        if let Err(e) = checker.check(method, path, status, &body) {
+            failures.push(format!("{name} (valid: {}): {e}", call.target));
+        }
+    }
+    let joiner_log = joiner.log_tail();
+    drop(joiner);
+    assert!(
+        no_valid.is_empty(),
+        "documented operations this test cannot make a valid request for: {no_valid:?}"
+    );
+    eprintln!("operations with no input to make invalid: {no_invalid:?}");
+    assert!(
+        failures.is_empty(),
+        "{} answers disagree with the document:\n{}\n{}\n--- joining server ---\n{joiner_log}",
+        failures.len(),
+        failures.join("\n"),
+        cluster.logs()
+    );
+}

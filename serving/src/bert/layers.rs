@@ -1,0 +1,256 @@
+//! The encoder's parts: embeddings, encoder layers (attention over each packed
+//! sequence's own rows, the feed-forward block) and the add-and-norm steps.
+
+use super::*;
+
+/// A layer norm over the last dimension (`weight`/`bias`, or the older
+/// `gamma`/`beta`) of a sum: the output of the projection before it, that
+/// projection's bias, and the residual.
+#[derive(Debug)]
+pub(super) struct AddNorm {
+    /// The preceding projection's bias (zeros for the embeddings).
+    pub(super) bias: Tensor,
+    pub(super) weight: Tensor,
+    pub(super) beta: Tensor,
+    /// `[3, width]`: `bias`, `weight` and `beta` stacked, as the CPU kernel takes them.
+    pub(super) packed: Tensor,
+    pub(super) eps: f32,
+    pub(super) backend: Backend,
+}
+
+impl AddNorm {
+    /// The norm in `vb`, after a projection with bias `bias` (or none).
+    pub(super) fn load(
+        vb: VarBuilder,
+        size: usize,
+        eps: f64,
+        bias: Option<Tensor>,
+    ) -> candle_core::Result<Self> {
+        let norm = candle_nn::layer_norm(size, eps, vb)?;
+        let weight = norm.weight().clone();
+        let zeros = || Tensor::zeros(size, weight.dtype(), weight.device());
+        let beta = norm.bias().cloned().map_or_else(zeros, Ok)?;
+        let bias = bias.map_or_else(zeros, Ok)?;
+        let packed = Tensor::stack(&[&bias, &weight, &beta], 0)?;
+        let backend = Backend::for_device(weight.device());
+        Ok(AddNorm {
+            bias,
+            weight,
+            beta,
+            packed,
+            eps: eps as f32,
+            backend,
+        })
+    }
+
+    /// `norm(x + bias + residual)`, both `[rows, width]`; `x` is overwritten
+    /// where it can be ([`Backend::overwrites`]).
+    pub(super) fn forward(&self, x: Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        if self.backend.overwrites(&x) {
+            x.inplace_op3(&residual.contiguous()?, &self.packed, &AddNormOp(self.eps))?;
+            Ok(x)
+        } else {
+            let sum = (x + residual)?.broadcast_add(&self.bias)?;
+            candle_nn::ops::layer_norm(&sum, &self.weight, &self.beta, self.eps)
+        }
+    }
+}
+
+/// The projection in `vb`: `weight` `[out, in]` and `bias` `[out]` (zeros if
+/// there is none).
+pub(super) fn dense_parts(
+    vb: VarBuilder,
+    input: usize,
+    output: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let linear = candle_nn::linear(input, output, vb)?;
+    let bias = match linear.bias() {
+        Some(b) => b.clone(),
+        None => Tensor::zeros(output, linear.weight().dtype(), linear.weight().device())?,
+    };
+    Ok((linear.weight().clone(), bias))
+}
+
+/// The projection in `vb` without its bias, and the bias: the bias is added by
+/// the elementwise step that follows, fused with it.
+pub(super) fn dense(
+    vb: VarBuilder,
+    input: usize,
+    output: usize,
+    precision: Precision,
+) -> candle_core::Result<(Dense, Tensor)> {
+    let (weight, bias) = dense_parts(vb, input, output)?;
+    Ok((Dense::new(&weight, None, precision)?, bias))
+}
+
+/// Token, position and token-type embeddings, summed and normalized.
+#[derive(Debug)]
+pub(super) struct Embeddings {
+    /// `[vocab, hidden]`.
+    pub(super) words: Tensor,
+    /// `[max_position, hidden]`: position embeddings with the token-type-0
+    /// embedding already added, since every token here is type 0.
+    pub(super) positions: Tensor,
+    pub(super) norm: AddNorm,
+}
+
+impl Embeddings {
+    pub(super) fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+        let hidden = config.hidden_size;
+        let words = candle_nn::embedding(config.vocab_size, hidden, vb.pp("word_embeddings"))?;
+        let positions = candle_nn::embedding(
+            config.max_position_embeddings,
+            hidden,
+            vb.pp("position_embeddings"),
+        )?;
+        let types = candle_nn::embedding(
+            config.type_vocab_size,
+            hidden,
+            vb.pp("token_type_embeddings"),
+        )?;
+        let positions = positions
+            .embeddings()
+            .broadcast_add(&types.embeddings().narrow(0, 0, 1)?)?;
+        Ok(Embeddings {
+            words: words.embeddings().clone(),
+            positions,
+            norm: AddNorm::load(vb.pp("LayerNorm"), hidden, config.layer_norm_eps, None)?,
+        })
+    }
+
+    /// `ids` and `positions`: `[tokens]` → `[tokens, hidden]`.
+    pub(super) fn forward(&self, ids: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        self.norm.forward(
+            self.words.index_select(ids, 0)?,
+            &self.positions.index_select(positions, 0)?,
+        )
+    }
+}
+
+/// One encoder layer: self-attention and the feed-forward block, each with a
+/// residual connection and a post layer norm.
+#[derive(Debug)]
+pub(super) struct Layer {
+    /// Query, key and value side by side; the query part is pre-scaled by
+    /// `1/√head_dim`, the attention scores' scale.
+    pub(super) qkv: Dense,
+    pub(super) qkv_bias: Tensor,
+    pub(super) attention_out: Dense,
+    pub(super) attention_norm: AddNorm,
+    pub(super) intermediate: Dense,
+    pub(super) intermediate_bias: Tensor,
+    pub(super) activation: Activation,
+    pub(super) output: Dense,
+    pub(super) output_norm: AddNorm,
+    pub(super) heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) backend: Backend,
+}
+
+impl Layer {
+    pub(super) fn load(
+        vb: VarBuilder,
+        config: &Config,
+        precision: Precision,
+    ) -> candle_core::Result<Self> {
+        let hidden = config.hidden_size;
+        let heads = config.num_attention_heads;
+        let head_dim = hidden / heads;
+        let eps = config.layer_norm_eps;
+        let attention = vb.pp("attention");
+        let own = attention.pp("self");
+        let (query, query_bias) = dense_parts(own.pp("query"), hidden, hidden)?;
+        let (key, key_bias) = dense_parts(own.pp("key"), hidden, hidden)?;
+        let (value, value_bias) = dense_parts(own.pp("value"), hidden, hidden)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let qkv = Dense::fused(
+            &[(&(query * scale)?, None), (&key, None), (&value, None)],
+            precision,
+        )?;
+        let qkv_bias = Tensor::cat(&[&(query_bias * scale)?, &key_bias, &value_bias], 0)?;
+        let out = attention.pp("output");
+        let (attention_out, attention_out_bias) =
+            dense(out.pp("dense"), hidden, hidden, precision)?;
+        let (intermediate, intermediate_bias) = dense(
+            vb.pp("intermediate").pp("dense"),
+            hidden,
+            config.intermediate_size,
+            precision,
+        )?;
+        let (output, output_bias) = dense(
+            vb.pp("output").pp("dense"),
+            config.intermediate_size,
+            hidden,
+            precision,
+        )?;
+        Ok(Layer {
+            qkv,
+            qkv_bias,
+            attention_out,
+            attention_norm: AddNorm::load(
+                out.pp("LayerNorm"),
+                hidden,
+                eps,
+                Some(attention_out_bias),
+            )?,
+            intermediate,
+            intermediate_bias,
+            activation: config.activation,
+            output,
+            output_norm: AddNorm::load(
+                vb.pp("output").pp("LayerNorm"),
+                hidden,
+                eps,
+                Some(output_bias),
+            )?,
+            heads,
+            head_dim,
+            backend: Backend::for_device(vb.device()),
+        })
+    }
+
+    /// `x`: the packed `[tokens, hidden]` rows of sequences of `lens` tokens.
+    pub(super) fn forward(&self, x: &Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
+        let qkv = bias_act(self.backend, self.qkv.forward(x)?, &self.qkv_bias, None)?;
+        let context = self.attention(&qkv, lens)?;
+        let x = self
+            .attention_norm
+            .forward(self.attention_out.forward(&context)?, x)?;
+        let h = bias_act(
+            self.backend,
+            self.intermediate.forward(&x)?,
+            &self.intermediate_bias,
+            Some(self.activation),
+        )?;
+        self.output_norm.forward(self.output.forward(&h)?, &x)
+    }
+
+    /// Each sequence attends to its own rows only, so no mask is needed.
+    /// `qkv`: `[tokens, 3·hidden]` → `[tokens, hidden]`.
+    pub(super) fn attention(&self, qkv: &Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
+        let tokens = qkv.dim(0)?;
+        let (heads, head_dim) = (self.heads, self.head_dim);
+        let qkv = qkv.reshape((tokens, 3, heads, head_dim))?;
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(0, |next, &len| {
+                let start = *next;
+                *next += len;
+                Some(start)
+            })
+            .collect();
+        // [len, heads, head_dim] of sequence `i`, of `lens[i]` tokens from row
+        // `starts[i]`.
+        let contexts = self.backend.each(lens.len(), |i| {
+            let rows = qkv.narrow(0, starts[i], lens[i])?;
+            // [heads, len, head_dim].
+            let part = |p: usize| -> candle_core::Result<Tensor> {
+                self.backend.operand(rows.i((.., p))?.transpose(0, 1)?)
+            };
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let probs = softmax(self.backend, q.matmul(&k.t()?)?)?;
+            probs.matmul(&v)?.transpose(0, 1)
+        })?;
+        Tensor::cat(&contexts, 0)?.reshape((tokens, heads * head_dim))
+    }
+}

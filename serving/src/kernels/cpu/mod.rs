@@ -1,0 +1,57 @@
+//! The CPU's kernels, for the instructions this CPU has, picked once at run time
+//! ([`isa`]): products in bf16 on AMX tiles ([`amx`]), f32 products packed for
+//! AVX-512 ([`avx512`]), and fused elementwise and attention kernels ([`ops`]),
+//! each compiled for AVX-512, AVX2+FMA and the portable baseline
+//! ([`ops::vectorized!`]).
+
+pub mod amx;
+pub mod avx512;
+pub mod ops;
+
+use std::sync::OnceLock;
+
+/// The widest instructions this CPU (and OS) offers the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain code for the build's baseline.
+    Portable,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512F.
+    Avx512,
+    /// AVX-512F and the AMX-BF16 tile units.
+    Amx,
+}
+
+/// The CPU's instructions, detected the first time and kept.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(detect)
+}
+
+fn detect() -> Isa {
+    if amx::available() && avx512::available() {
+        return Isa::Amx;
+    }
+    if avx512::available() {
+        return Isa::Avx512;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return Isa::Avx2;
+    }
+    Isa::Portable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_isa_agrees_with_the_products_available() {
+        let found = isa();
+        assert_eq!(found >= Isa::Avx512, avx512::available());
+        assert_eq!(found == Isa::Amx, amx::available() && avx512::available());
+        assert_eq!(found, isa(), "detected once");
+    }
+}
