@@ -40,8 +40,8 @@ pub mod job;
 pub mod manifest;
 pub mod model;
 pub mod node;
-pub mod placement;
 pub mod openai;
+pub mod placement;
 pub mod spec;
 pub mod units;
 

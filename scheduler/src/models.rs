@@ -6,8 +6,8 @@
 //! verifying them runs on blocking threads, their routes have their own body limit
 //! and only a few uploads are read at once.
 
-use aigrid_api::{ErrorBody, ErrorCode, ModelSummary, StorageInfo};
 use aigrid_api::manifest::{is_digest, Registration};
+use aigrid_api::{ErrorBody, ErrorCode, ModelSummary, StorageInfo};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;

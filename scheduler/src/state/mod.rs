@@ -30,13 +30,13 @@ pub use tokens::TokenUse;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use aigrid_api::manifest::{Locations, ManifestError, Registration};
 use aigrid_api::{
     AllocId, Allocation, AllocationReport, DeleteJobResponse, DrainSpec, ErrorCode, EvalId,
     EvalStatus, Evaluation, GpuHealth, JobId, JobSpec, JoinTokenInfo, LogTail, ModelSummary, Node,
     NodeId, NodeRegistration, NodeStatus, SubmitJobResponse, Timestamp, Unplaced, ValidationError,
 };
 use aigrid_consensus::state_machine::{SnapshotError, StateMachine};
-use aigrid_api::manifest::{Locations, ManifestError, Registration};
 use serde::{Deserialize, Serialize};
 
 /// Evaluations kept by default. Older ones are forgotten, completed ones first, so a

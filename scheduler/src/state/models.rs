@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 
-use aigrid_api::{AllocState, Allocation, DesiredState, ModelSummary, Timestamp};
 use aigrid_api::manifest::{is_digest, Locations, ManifestError, Registration, SignedManifest};
+use aigrid_api::{AllocState, Allocation, DesiredState, ModelSummary, Timestamp};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
