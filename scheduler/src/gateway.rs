@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aigrid_api::openai::{OpenAiErrorBody, OpenAiErrorType};
 use aigrid_consensus::RaftNode;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -217,97 +218,43 @@ fn not_ready_message(model: &str, replicas: usize, unreachable: usize) -> String
     }
 }
 
-/// The body of every gateway error: OpenAI's error shape.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OpenAiErrorBody {
-    /// What went wrong.
-    pub error: OpenAiError,
-}
-
-/// The inside of an [`OpenAiErrorBody`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OpenAiError {
-    /// A human-readable explanation.
-    pub message: String,
-    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The request field at fault, if one is.
-    pub param: Option<String>,
-    /// A stable code clients can match on (`model_not_found`, `model_not_ready`).
-    pub code: Option<String>,
-}
-
 impl GatewayError {
-    /// The HTTP status, OpenAI error type, code and parameter of this error: the one
-    /// place they are decided.
-    fn parts(&self) -> (StatusCode, &'static str, &'static str, Option<&'static str>) {
-        const INVALID: &str = "invalid_request_error";
+    /// The HTTP status, code and parameter of this error: the one place they are
+    /// decided (OpenAI's error type follows from the status).
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>) {
         match self {
-            Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, INVALID, "invalid_json", None),
-            Self::MissingModel => (
-                StatusCode::BAD_REQUEST,
-                INVALID,
-                "missing_model",
-                Some("model"),
-            ),
-            Self::TooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                INVALID,
-                "request_too_large",
-                None,
-            ),
-            Self::ModelNotFound(_) => (
-                StatusCode::NOT_FOUND,
-                INVALID,
-                "model_not_found",
-                Some("model"),
-            ),
-            Self::AmbiguousModel { .. } => (
-                StatusCode::BAD_REQUEST,
-                INVALID,
-                "ambiguous_model",
-                Some("model"),
-            ),
+            Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json", None),
+            Self::MissingModel => (StatusCode::BAD_REQUEST, "missing_model", Some("model")),
+            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", None),
+            Self::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found", Some("model")),
+            Self::AmbiguousModel { .. } => {
+                (StatusCode::BAD_REQUEST, "ambiguous_model", Some("model"))
+            }
             Self::NotReady { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
                 "model_not_ready",
                 Some("model"),
             ),
-            Self::Timeout { .. } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "server_error",
-                "replica_timeout",
-                None,
-            ),
-            Self::RateLimited { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "rate_limit_exceeded",
-                None,
-            ),
-            Self::UnknownRoute { .. } => (StatusCode::NOT_FOUND, INVALID, "unknown_url", None),
-            Self::MethodNotAllowed { .. } => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                INVALID,
-                "method_not_allowed",
-                None,
-            ),
+            Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "replica_timeout", None),
+            Self::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", None)
+            }
+            Self::UnknownRoute { .. } => (StatusCode::NOT_FOUND, "unknown_url", None),
+            Self::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
+            }
         }
     }
 
     /// The body this error is sent with.
     pub fn body(&self) -> OpenAiErrorBody {
-        let (_, kind, code, param) = self.parts();
-        OpenAiErrorBody {
-            error: OpenAiError {
-                message: self.to_string(),
-                kind: kind.to_owned(),
-                param: param.map(str::to_owned),
-                code: Some(code.to_owned()),
-            },
-        }
+        let (status, code, param) = self.parts();
+        OpenAiErrorBody::new(
+            OpenAiErrorType::for_status(status.as_u16()),
+            self.to_string(),
+            Some(code),
+        )
+        .with_param(param)
     }
 }
 
