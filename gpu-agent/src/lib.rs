@@ -23,7 +23,7 @@
 //! - [`agent`]: the outbound-only pull loop: register, heartbeat, long-poll.
 //! - [`fleet`]: many agents in one process, for tests and benchmarks at scale.
 //! - [`metrics`]: the agent's Prometheus metrics.
-//! - [`testkit`]: fixtures for tests: allocations, assignments and a driver whose
+//! - `testkit` (feature `testkit`, never in a release build): fixtures for tests: allocations, assignments and a driver whose
 //!   runs exit as scripted.
 
 pub mod discovery;
@@ -43,4 +43,5 @@ pub mod client;
 pub mod fleet;
 pub mod identity;
 pub mod metrics;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

@@ -18,7 +18,7 @@
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
 //! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
-//! | [`testkit`] | fixtures for tests: small real inputs (signed model registrations) |
+//! | `testkit` | fixtures for tests (feature `testkit`, never in a release build): small real inputs (signed model registrations) |
 //!
 //! ## Following a job submission
 //!
@@ -53,5 +53,6 @@ pub mod models;
 pub mod planner;
 pub mod server;
 pub mod state;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod worker;
