@@ -160,7 +160,7 @@ pub enum GatewayError {
         matches: usize,
     },
     /// The model exists but no replica of it can take the request now.
-    #[error("{}", not_ready_message(.model, *.replicas, *.unreachable))]
+    #[error("{}", not_ready_message(.model, *.replicas, *.unreachable, *.deploying))]
     NotReady {
         /// The model, as resolved.
         model: String,
@@ -168,6 +168,8 @@ pub enum GatewayError {
         replicas: usize,
         /// Of them, those tried for this request that could not be reached.
         unreachable: usize,
+        /// A live job deploys it: its replicas are being placed or started.
+        deploying: bool,
     },
     /// The replica did not answer in time.
     #[error("the replica serving model `{model}` did not answer within {secs} s")]
@@ -201,8 +203,11 @@ pub enum GatewayError {
     },
 }
 
-fn not_ready_message(model: &str, replicas: usize, unreachable: usize) -> String {
+fn not_ready_message(model: &str, replicas: usize, unreachable: usize, deploying: bool) -> String {
     match (replicas, unreachable) {
+        (0, _) if deploying => format!(
+            "the model `{model}` is being deployed and no replica is ready yet (loading); retry shortly"
+        ),
         (0, _) => format!(
             "the model `{model}` has no replica running; deploy it with a `model-server` job"
         ),
@@ -281,6 +286,8 @@ struct Routes {
     models: Vec<ModelName>,
     /// Per model digest, the endpoints of its replicas, sorted and distinct.
     replicas: HashMap<String, Vec<String>>,
+    /// The digests live jobs deploy, whether or not a replica runs yet.
+    deployed: HashSet<String>,
 }
 
 /// How a request's `model` resolved.
@@ -292,7 +299,12 @@ enum Resolution<'a> {
 }
 
 impl Routes {
-    fn build(applied: u64, mut models: Vec<ModelName>, servers: Vec<(&str, String)>) -> Self {
+    fn build(
+        applied: u64,
+        mut models: Vec<ModelName>,
+        servers: Vec<(&str, String)>,
+        deployed: HashSet<String>,
+    ) -> Self {
         models.sort_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
@@ -314,11 +326,23 @@ impl Routes {
             built: Some(Instant::now()),
             models,
             replicas,
+            deployed,
         }
     }
 
     fn replicas(&self, digest: &str) -> &[String] {
         self.replicas.get(digest).map_or(&[], Vec::as_slice)
+    }
+
+    /// Why `model` cannot take a request now, `unreachable` of its replicas having
+    /// been tried in vain.
+    fn not_ready(&self, model: &ModelName, unreachable: usize) -> GatewayError {
+        GatewayError::NotReady {
+            model: model.name.clone(),
+            replicas: self.replicas(&model.digest).len(),
+            unreachable,
+            deploying: self.deployed.contains(&model.digest),
+        }
     }
 
     /// Resolves a request's `model`: a name (the newest model of that name that has
@@ -527,7 +551,12 @@ impl Gateway {
                 .into_iter()
                 .filter_map(|(digest, a)| Some((digest, a.endpoint.clone()?)))
                 .collect();
-            Routes::build(applied, s.model_names(), servers)
+            let deployed = s
+                .deployed_models()
+                .into_iter()
+                .map(str::to_ascii_lowercase)
+                .collect();
+            Routes::build(applied, s.model_names(), servers, deployed)
         });
         *self.routes.write() = Arc::new(routes);
     }
@@ -716,11 +745,33 @@ impl Gateway {
                 }
             }
         }
-        Err(GatewayError::NotReady {
-            model: model.name.clone(),
-            replicas: endpoints.len(),
-            unreachable: tried.len(),
-        })
+        Err(routes.not_ready(model, tried.len()))
+    }
+
+    /// `GET /v1/models/{model}`: one model, by name, digest or unique digest prefix,
+    /// as `GET /v1/models` lists it; a model that exists but has no ready replica is
+    /// not ready (503), as a request for it would be.
+    fn retrieve(&self, asked: &str) -> Result<ModelEntry, GatewayError> {
+        let routes = self.routes();
+        let model = match routes.resolve(asked) {
+            Resolution::Found(model) => model,
+            Resolution::Unknown => return Err(GatewayError::ModelNotFound(asked.to_owned())),
+            Resolution::Ambiguous(matches) => {
+                return Err(GatewayError::AmbiguousModel {
+                    asked: asked.to_owned(),
+                    matches,
+                })
+            }
+        };
+        let ready = self.ready.lock();
+        if !routes
+            .replicas(&model.digest)
+            .iter()
+            .any(|e| ready.contains(e))
+        {
+            return Err(routes.not_ready(model, 0));
+        }
+        Ok(ModelEntry::of(model))
     }
 
     /// `GET /v1/models`: the models with a ready replica, one entry per name (the
@@ -734,13 +785,7 @@ impl Gateway {
             .iter()
             .filter(|m| routes.replicas(&m.digest).iter().any(|e| ready.contains(e)))
             .filter(|m| seen.insert(m.name.clone()))
-            .map(|m| ModelEntry {
-                id: m.name.clone(),
-                object: "model",
-                created: m.created_at.as_millis() / 1000,
-                owned_by: "aigrid",
-                digest: m.digest.clone(),
-            })
+            .map(ModelEntry::of)
             .collect();
         ModelList {
             object: "list",
@@ -835,10 +880,38 @@ struct ModelEntry {
     digest: String,
 }
 
+impl ModelEntry {
+    fn of(model: &ModelName) -> ModelEntry {
+        ModelEntry {
+            id: model.name.clone(),
+            object: "model",
+            created: model.created_at.as_millis() / 1000,
+            owned_by: "aigrid",
+            digest: model.digest.clone(),
+        }
+    }
+}
+
 async fn list_models(State(gateway): State<Arc<Gateway>>) -> Response {
     let started = Instant::now();
     let resp = match gateway.admit() {
         Ok(_permit) => Json(gateway.list()).into_response(),
+        Err(e) => e.into_response(),
+    };
+    gateway.record(Route::Models, resp.status(), started);
+    resp
+}
+
+async fn get_model(
+    State(gateway): State<Arc<Gateway>>,
+    axum::extract::Path(model): axum::extract::Path<String>,
+) -> Response {
+    let started = Instant::now();
+    let resp = match gateway.admit() {
+        Ok(_permit) => match gateway.retrieve(&model) {
+            Ok(entry) => Json(entry).into_response(),
+            Err(e) => e.into_response(),
+        },
         Err(e) => e.into_response(),
     };
     gateway.record(Route::Models, resp.status(), started);
@@ -893,6 +966,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     let limit = gateway.config.max_body_bytes;
     Router::new()
         .route("/v1/models", only(get(list_models)))
+        .route("/v1/models/{model}", only(get(get_model)))
         .route("/v1/completions", only(post(completions)))
         .route("/v1/chat/completions", only(post(chat_completions)))
         .route("/v1/embeddings", only(post(embeddings)))
@@ -920,7 +994,7 @@ mod tests {
             .iter()
             .map(|(digest, endpoint)| (*digest, (*endpoint).to_owned()))
             .collect();
-        Routes::build(1, models, servers)
+        Routes::build(1, models, servers, HashSet::new())
     }
 
     const A: &str = "aaaaaa11aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -1009,6 +1083,7 @@ mod tests {
                     model: "x".into(),
                     replicas: 2,
                     unreachable: 0,
+                    deploying: true,
                 },
                 503,
                 "server_error",
@@ -1036,9 +1111,26 @@ mod tests {
             model: "llama".into(),
             replicas: 2,
             unreachable: 0,
+            deploying: true,
         };
         assert!(loading.to_string().contains("2 replicas"), "{loading}");
         assert!(loading.to_string().contains("loading"), "{loading}");
+        // Deployed, no replica started yet: loading, not "deploy it".
+        let placing = GatewayError::NotReady {
+            model: "llama".into(),
+            replicas: 0,
+            unreachable: 0,
+            deploying: true,
+        };
+        assert!(placing.to_string().contains("loading"), "{placing}");
+        assert!(!placing.to_string().contains("deploy it"), "{placing}");
+        let undeployed = GatewayError::NotReady {
+            model: "llama".into(),
+            replicas: 0,
+            unreachable: 0,
+            deploying: false,
+        };
+        assert!(undeployed.to_string().contains("deploy it"), "{undeployed}");
     }
 
     #[test]

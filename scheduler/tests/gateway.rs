@@ -246,6 +246,24 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
     // A pushed model and a deployment of two replicas of it on one node.
     let (digest, job_url, allocs) = deploy(&server, &client, "llama", 2).await;
 
+    // Deployed, nothing started yet: requests are told it is loading, not to deploy it.
+    server.gateway.probe_now().await;
+    let message = openai_error(
+        post_json(
+            &client,
+            &chat_url,
+            &json!({"model": "llama", "prompt": "hi"}),
+        )
+        .await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "model_not_ready",
+    );
+    assert!(
+        message.contains("being deployed") && message.contains("loading"),
+        "{message}"
+    );
+
     // The replicas start, loading: their agent reports them running at their endpoints.
     let (a, b) = (Replica::new("a"), Replica::new("b"));
     let (run_a, run_b) = (serve(a.clone()).await, serve(b.clone()).await);
@@ -280,6 +298,18 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
         message.contains("2 replicas") && message.contains("loading"),
         "{message}"
     );
+    let one = client
+        .get(format!("{base}/v1/models/llama"))
+        .send()
+        .await
+        .unwrap();
+    let status = one.status();
+    openai_error(
+        (status, one.json().await.unwrap()),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "model_not_ready",
+    );
 
     // Ready: listed by name with its digest, and served by name or digest prefix.
     a.ready.store(true, Ordering::SeqCst);
@@ -293,6 +323,24 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
     assert_eq!(models["data"][0]["owned_by"], "aigrid");
     assert_eq!(models["data"][0]["digest"], digest.as_str());
     assert!(models["data"][0]["created"].as_u64().unwrap() > 1_600_000_000);
+    // One model, by name, digest or digest prefix, as the list shows it.
+    for asked in ["llama", digest.as_str(), &digest[..12]] {
+        let one: Value = get_json(&client, &format!("{base}/v1/models/{asked}")).await;
+        assert_eq!(one, models["data"][0], "GET /v1/models/{asked}");
+    }
+    let missing = client
+        .get(format!("{base}/v1/models/no-such-model"))
+        .send()
+        .await
+        .unwrap();
+    let status = missing.status();
+    let body: Value = missing.json().await.unwrap();
+    openai_error(
+        (status, body),
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "model_not_found",
+    );
 
     let resp = client.post(&chat_url).json(&hello).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);

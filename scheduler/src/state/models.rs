@@ -7,7 +7,7 @@
 //! before proposing and this module checks it again as the entry applies, so a
 //! handler that forgot cannot let a bad entry in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aigrid_api::manifest::{is_digest, Locations, ManifestError, Registration, SignedManifest};
 use aigrid_api::{AllocState, Allocation, DesiredState, ModelSummary, Timestamp};
@@ -335,6 +335,22 @@ impl ClusterState {
             }
         }
         found
+    }
+
+    /// The digests of the models that a live job deploys with a `model-server` task
+    /// wanting at least one replica, whether or not a replica runs yet: a request for
+    /// one of them is told it is loading rather than that nothing serves it.
+    pub fn deployed_models(&self) -> BTreeSet<&str> {
+        self.job_names
+            .values()
+            .filter_map(|id| self.tables.jobs.get(id))
+            .flat_map(|job| &job.spec.groups)
+            .filter(|group| group.count > 0)
+            .filter_map(|group| match &group.task {
+                aigrid_api::TaskSpec::ModelServer(task) => Some(task.model.as_str()),
+                _ => None,
+            })
+            .collect()
     }
 }
 
