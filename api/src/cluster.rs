@@ -162,3 +162,20 @@ mod tests {
         assert!(serde_json::from_value::<LeaveRequest>(json!({"id": 1, "x": 2})).is_err());
     }
 }
+
+/// What `GET /health` answers: the process serves HTTP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// What `GET /ready` answers when this server can serve: its replica runs, knows a
+/// leader and has applied what it knows is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// Always `ready`.
+    pub status: String,
+    /// The leader's server id.
+    pub leader: Option<u64>,
+}

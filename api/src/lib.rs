@@ -36,6 +36,7 @@ pub mod digest;
 pub mod error;
 pub mod evaluation;
 pub mod ids;
+pub mod index;
 pub mod job;
 pub mod manifest;
 pub mod model;
@@ -53,11 +54,14 @@ pub use auth::{
     AuthError, CreateJoinToken, CreatedJoinToken, JoinToken, JoinTokenInfo, NodeKey, NodePublicKey,
     RequestToSign,
 };
-pub use cluster::{ClusterStatus, JoinRequest, LeaveRequest, Member, MemberRole};
+pub use cluster::{
+    ClusterStatus, Health, JoinRequest, LeaveRequest, Member, MemberRole, Readiness,
+};
 pub use digest::ModelDigest;
 pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationError};
 pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
 pub use ids::{AllocId, EvalId, JobId, NodeId};
+pub use index::{ApiArea, ApiIndex};
 pub use job::{DeleteJobResponse, Job, JobStatus, JobSummary, SubmitJobResponse, Unplaced};
 pub use manifest::{Locations, Manifest, ManifestError, Registration, SignedManifest};
 pub use model::{ModelSummary, StorageBackend, StorageInfo};

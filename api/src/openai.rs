@@ -215,6 +215,158 @@ pub struct ModelCard {
     pub created: u64,
     /// Always `aigrid`.
     pub owned_by: String,
+    /// The model's digest, where the answering server knows it (the gateway does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: String,
+    /// The models.
+    pub data: Vec<ModelCard>,
+}
+
+/// Why generation stopped: `stop` (end of sequence or a stop string) or `length`
+/// (`max_tokens`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the context is full.
+    Length,
+}
+
+impl FinishReason {
+    /// The word on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One choice of a [`Completion`] (or of a streamed chunk of one).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct CompletionChoice {
+    /// Which prompt (and which of its `n`) it answers.
+    pub index: usize,
+    /// The text generated (in a chunk: the text since the last chunk).
+    pub text: String,
+    /// Why it stopped; `null` in a chunk while it goes on.
+    pub finish_reason: Option<FinishReason>,
+    /// Always `null`: log probabilities are not returned.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<serde_json::Value>,
+}
+
+/// `POST /v1/completions`' answer, or (with `stream`) one server-sent event of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Completion {
+    /// The request's id, the same in every chunk.
+    pub id: String,
+    /// Always `text_completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model, as the request named it.
+    pub model: String,
+    /// One per prompt.
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts (in a stream: only in the last chunk, when asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// A chat message the model wrote (or, in a chunk, the part of it since the last
+/// chunk: `role` only in the first).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ChatMessage {
+    /// Always `assistant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One choice of a [`ChatCompletion`]: `message` in a whole answer, `delta` in a
+/// streamed chunk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ChatChoice {
+    /// Always 0: one choice per request.
+    pub index: usize,
+    /// The answer (a whole answer only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<ChatMessage>,
+    /// The part of the answer since the last chunk (a streamed chunk only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<ChatMessage>,
+    /// Why it stopped; `null` in a chunk while it goes on.
+    pub finish_reason: Option<FinishReason>,
+    /// Always `null`: log probabilities are not returned.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<serde_json::Value>,
+}
+
+/// `POST /v1/chat/completions`' answer, or (with `stream`) one server-sent event
+/// of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ChatCompletion {
+    /// The request's id, the same in every chunk.
+    pub id: String,
+    /// `chat.completion`, or `chat.completion.chunk` in a stream.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model, as the request named it.
+    pub model: String,
+    /// Always `null`.
+    pub system_fingerprint: Option<String>,
+    /// The answer (empty in a stream's usage chunk).
+    pub choices: Vec<ChatChoice>,
+    /// Token counts (in a stream: only in the last chunk, when asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// One vector: floats, or their little-endian f32 bytes in base64 when the request
+/// asked for `encoding_format: "base64"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    /// `encoding_format: "float"` (the default).
+    Float(Vec<f32>),
+    /// `encoding_format: "base64"`.
+    Base64(String),
+}
+
+/// One input's embedding.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Embedding {
+    /// Always `embedding`.
+    pub object: String,
+    /// The input it embeds.
+    pub index: usize,
+    /// The vector.
+    pub embedding: EmbeddingVector,
+}
+
+/// `POST /v1/embeddings`' answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct EmbeddingList {
+    /// Always `list`.
+    pub object: String,
+    /// One per input, in order.
+    pub data: Vec<Embedding>,
+    /// The model, as the server names it.
+    pub model: String,
+    /// Token counts (`completion_tokens` absent).
+    pub usage: Usage,
 }
 
 /// OpenAI's error `type`. Which one an error has follows from its HTTP status

@@ -13,6 +13,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aigrid_serving::tiny::{write_tiny_llama, TinyLlama};
+use common::schema::Checker;
 use common::*;
 use serde_json::{json, Value};
 
@@ -282,6 +283,71 @@ async fn exercise(http: &reqwest::Client, base: &str, model: &str) {
     let v = parse(&text);
     assert!(v["error"]["message"].is_string(), "{v}");
     assert!(v["error"]["type"].is_string(), "{v}");
+}
+
+/// A replica's answers through the gateway, whole and streamed, and the gateway's
+/// own model listing, validate against the OpenAPI document `base` serves.
+async fn answers_as_documented(http: &reqwest::Client, base: &str, model: &str) {
+    let doc = get_json(http, &format!("{base}/api/v1/openapi.json"))
+        .await
+        .expect("the OpenAPI document is served");
+    let mut checker = Checker::new(doc);
+    let messages = json!([{"role": "user", "content": "hello"}]);
+    let calls = [
+        ("GET", "/v1/models".to_owned(), "/v1/models", None),
+        (
+            "GET",
+            format!("/v1/models/{model}"),
+            "/v1/models/{model}",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions".to_owned(),
+            "/v1/chat/completions",
+            Some(json!({"model": model, "messages": messages, "max_tokens": 4})),
+        ),
+        (
+            "POST",
+            "/v1/chat/completions".to_owned(),
+            "/v1/chat/completions",
+            Some(
+                json!({"model": model, "messages": messages, "max_tokens": 4, "stream": true,
+                        "stream_options": {"include_usage": true}}),
+            ),
+        ),
+        (
+            "POST",
+            "/v1/completions".to_owned(),
+            "/v1/completions",
+            Some(json!({"model": model, "prompt": ["a", "b"], "max_tokens": 4})),
+        ),
+        (
+            "POST",
+            "/v1/completions".to_owned(),
+            "/v1/completions",
+            Some(json!({"model": model, "prompt": "a", "max_tokens": 4, "stream": true})),
+        ),
+    ];
+    for (method, target, path, body) in calls {
+        let mut req = http.request(method.parse().unwrap(), format!("{base}{target}"));
+        if let Some(body) = &body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        let bytes = resp.bytes().await.unwrap();
+        assert_eq!(
+            status,
+            200,
+            "{method} {target}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        if let Err(e) = checker.check(method, path, status, &content_type, &bytes) {
+            panic!("{method} {target} {body:?}: {e}");
+        }
+    }
 }
 
 /// The `id`s `GET {base}/v1/models` lists, when it answers.
@@ -696,6 +762,7 @@ async fn up_serves_its_demo_model_through_the_gateway_and_the_openai_client() {
     up.wait_listed(&http, (DEMO, DEMO), true, Duration::from_secs(180))
         .await;
     exercise(&http, &base, DEMO).await;
+    answers_as_documented(&http, &base, DEMO).await;
 
     // The PyPI openai client against the same gateway; embeddings too when the
     // fixtures hold a BERT model.

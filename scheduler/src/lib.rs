@@ -11,10 +11,9 @@
 //! | [`state`] | the cluster state machine, one module per area (`jobs`, `nodes`, `allocations`, `plans`, `evaluations`, `tokens`, [`state::models`], `invariants`) under one dispatch ([`state::ClusterState`]'s `apply` over [`state::Command`]); changed only by Raft-committed commands; emits [`state::StateEvent`]s to an [`state::EventSink`] the edge supplies |
 //! | [`planner`] | the pure planner: a cluster snapshot and a job's unplaced instances in, placements (nodes, GPUs) and explanations out; [`planner::preempt`] and [`planner::defrag`] make room for what does not fit |
 //! | [`clock`] | the one [`clock::Clock`] the edge reads time from ([`clock::SystemClock`], [`clock::ManualClock`] for tests) |
-//! | [`http`] | the control API under `/api/v1`, `/metrics`, `/health`, `/ready`, and its OpenAPI document |
-//! | [`models`] | the model registry's control API routes (the registry itself is [`state::models`]) |
-//! | [`agents`] | the agent-facing API: signed requests, join tokens, heartbeats kept off the log when they change nothing, long polls for assignments (woken by [`agents::NodeWatch`]), log tails |
-//! | [`gateway`] | the OpenAI-compatible `/v1` inference gateway: resolves a request's model, picks a ready replica with the fewest requests outstanding and streams its answer back |
+//! | [`http`] | the control API under `/api/v1`, `/metrics`, `/health`, `/ready`, and its OpenAPI document: one module per area (`jobs`, `nodes`, `agents`, `tokens`, `cluster`, `models`, `ops`), each a `utoipa-axum` router whose routes carry their documentation, over [`http::plumbing`] (state, errors, extractors, `propose`, `read`), which imports no area |
+//! | [`hub`] | what a server holds for its agents beside the replicated state: [`hub::NodeWatch`] (wakes long polls on the state's events), the batch of plain heartbeats, their readings, long-poll slots |
+//! | [`gateway`] | the OpenAI-compatible `/v1` inference gateway: resolves a request's model ([`gateway::table`]), picks a ready replica with the fewest requests outstanding and streams its answer back ([`gateway::balancer`]); its routes are documented in the same OpenAPI document |
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
 //! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
@@ -22,7 +21,7 @@
 //!
 //! ## Following a job submission
 //!
-//! 1. **Validated** at the edge: `POST /api/v1/jobs` is `submit_job` in [`http`],
+//! 1. **Validated** at the edge: `POST /api/v1/jobs` is `submit_job` in [`http::jobs`],
 //!    which decodes the body and runs [`aigrid_api::JobSpec::validate`] before it
 //!    proposes [`state::Command::SubmitJob`] with an id, an evaluation id and a
 //!    timestamp from the [`clock`].
@@ -38,18 +37,17 @@
 //!    proposed as [`state::Command::ApplyPlan`].
 //! 4. **Committed** by `apply_plan` in `state/plans.rs`, which re-checks every
 //!    placement against the current state (`check_allocations`) before writing it;
-//!    the agents' long polls wake through [`agents::NodeWatch`].
+//!    the agents' long polls wake through [`hub::NodeWatch`].
 //!
 //! [`state::ClusterState::check_invariants`] (`state/invariants.rs`) states the
 //! rules every reachable state obeys; unit tests, the property tests and the
 //! simulation all run it.
 
-pub mod agents;
 pub mod clock;
 pub mod gateway;
 pub mod http;
+pub mod hub;
 pub mod metrics;
-pub mod models;
 pub mod planner;
 pub mod server;
 pub mod state;

@@ -213,7 +213,7 @@ impl Server {
         };
         let registry = Registry::new();
         let metrics = std::sync::Arc::new(RaftMetrics::register(&registry)?);
-        let watch = Arc::new(crate::agents::NodeWatch::default());
+        let watch = Arc::new(crate::hub::NodeWatch::default());
         let raft = RaftNode::start(
             NodeConfig {
                 replica: ReplicaConfig {
@@ -237,10 +237,10 @@ impl Server {
         )?;
         crate::metrics::register_state(&registry, raft.clone())?;
         let worker_metrics = crate::metrics::WorkerMetrics::register(&registry)?;
-        let agents = std::sync::Arc::new(crate::agents::AgentHub::new(
+        let agents = std::sync::Arc::new(crate::hub::AgentHub::new(
             &raft,
             &registry,
-            &config.limits,
+            config.limits.max_long_polls,
             watch,
         )?);
         let gateway = Arc::new(Gateway::new(
@@ -266,7 +266,7 @@ impl Server {
             .seen_flush
             .min(config.node_ttl / 6)
             .max(Duration::from_millis(50));
-        tokio::spawn(crate::agents::run_flusher(
+        tokio::spawn(crate::hub::run_flusher(
             raft.clone(),
             agents,
             flush_every,

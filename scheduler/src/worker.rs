@@ -378,21 +378,53 @@ fn plan_job(job: &Job, input: &mut PassInput) -> (Vec<JobPlan>, Vec<Unplaced>) {
         job.spec
             .groups
             .iter()
-            .map(|g| GroupDemand {
-                group: g.clone(),
-                indices: (0..g.count)
-                    .filter(|i| {
-                        let key = (g.name.as_str(), *i);
-                        (!live.contains_key(&key)
-                            && !backing_off.contains(&key)
-                            && !busy.contains(&key))
-                            || replacing.contains_key(&key)
-                    })
-                    .collect(),
+            .map(|g| {
+                let key = |i: u32| (g.name.as_str(), i);
+                let waits = |i: u32| {
+                    (backing_off.contains(&key(i)) || busy.contains(&key(i)))
+                        && !replacing.contains_key(&key(i))
+                };
+                // A gang is placed whole: while one of its instances waits (a
+                // backoff, a stop in progress), none of the others is placed.
+                let indices = if g.gang && (0..g.count).any(waits) {
+                    Vec::new()
+                } else {
+                    (0..g.count)
+                        .filter(|i| {
+                            (!live.contains_key(&key(*i)) && !waits(*i))
+                                || replacing.contains_key(&key(*i))
+                        })
+                        .collect()
+                };
+                GroupDemand {
+                    group: g.clone(),
+                    indices,
+                }
             })
             .filter(|d| !d.indices.is_empty())
             .collect()
     };
+    // A gang that waits for one of its instances is not updated in this pass: its
+    // old version keeps running and keeps what it holds.
+    let waiting: Vec<(&str, u32)> = {
+        let groups = demand(&replacing);
+        replacing
+            .keys()
+            .filter(|(g, i)| {
+                !groups
+                    .iter()
+                    .any(|d| d.group.name == *g && d.indices.contains(i))
+            })
+            .copied()
+            .collect()
+    };
+    for key in waiting {
+        if let Some(old) = replacing.remove(&key) {
+            input
+                .snapshot
+                .add(old, GroupInfo::of(&job.spec, &old.group));
+        }
+    }
     let groups = demand(&replacing);
     let mut plans = Vec::new();
     let mut unplaced = Vec::new();
@@ -686,6 +718,12 @@ fn plan_drains(input: &mut PassInput) -> Vec<JobPlan> {
                 room -= 1;
                 continue;
             };
+            if group.gang && alloc.job_version != job.version {
+                // Moving it would place one instance of the gang's new version
+                // alone: it leaves with the update of the whole gang instead,
+                // once that fits.
+                continue;
+            }
             let request = PlanRequest {
                 job_id: job.id.clone(),
                 groups: vec![GroupDemand {

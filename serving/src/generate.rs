@@ -40,24 +40,8 @@ pub struct GenRequest {
     pub arrived: Instant,
 }
 
-/// Why a sequence ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-sequence token or a stop string.
-    Stop,
-    /// `max_tokens`, or the context is full.
-    Length,
-}
-
-impl FinishReason {
-    /// OpenAI's name for it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
+/// Why a sequence ended (`length` also when the context is full).
+pub use aigrid_api::openai::FinishReason;
 
 /// What a request hears from the engine.
 #[derive(Debug, Clone, PartialEq)]

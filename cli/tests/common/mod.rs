@@ -1,6 +1,8 @@
 //! Starts real `aigrid server` processes on loopback ports for the integration tests.
 #![allow(dead_code)]
 
+pub mod schema;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -209,6 +209,7 @@ async fn models(State(app): State<Arc<App>>) -> Response {
             object: "model".into(),
             created: app.created,
             owned_by: "aigrid".into(),
+            digest: None,
         }]
     } else {
         Vec::new()

@@ -7,20 +7,36 @@
 //! and only a few uploads are read at once.
 
 use aigrid_api::manifest::{is_digest, Registration};
-use aigrid_api::{ErrorBody, ErrorCode, ModelSummary, StorageInfo};
+use aigrid_api::ErrorBody;
+use aigrid_api::{ErrorCode, ModelSummary, StorageInfo};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::router::UtoipaMethodRouterExt;
+use utoipa_axum::routes;
 
-use crate::http::{
-    body_bytes, decode_json, propose, read, unexpected, ApiError, ApiState, ReadQuery,
+use super::plumbing::{
+    body_bytes, decode_json, propose, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
 };
-pub use crate::state::models::{check_registration, ModelDetail, ModelName, SetLocations};
+use crate::state::models::{check_registration, ModelDetail, SetLocations};
 use crate::state::{Applied, Command, ObjectKind, StateError};
 
-// ----- control API -----------------------------------------------------------
+/// The area's routes; model writes take bodies up to `max_model_body_bytes`.
+pub(super) fn routes(max_model_body_bytes: usize) -> OpenApiRouter<ApiState> {
+    // Set on the write routes themselves, so it overrides the router-wide limit for
+    // them alone.
+    let body = DefaultBodyLimit::max(max_model_body_bytes);
+    OpenApiRouter::new()
+        .routes(routes!(register_model).layer(body))
+        .routes(routes!(list_models))
+        .routes(routes!(get_model, delete_model))
+        .routes(routes!(set_model_locations).layer(body))
+        .routes(routes!(get_storage))
+}
 
 /// The digest in a path: 64 hex characters (case-insensitive), answered lowercase.
 fn path_digest(digest: &str) -> Result<String, ApiError> {
@@ -70,7 +86,7 @@ async fn upload<T: serde::de::DeserializeOwned + Send + 'static>(
 /// the manifest's consistency and the locations are checked before anything is
 /// committed. A digest already registered is answered as it is, with 200.
 #[utoipa::path(
-    post, path = "/api/v1/models",
+    tag = "models", post, path = "/api/v1/models",
     request_body(content = Registration,
         description = "A registration: the signed manifest and where its shards are"),
     responses(
@@ -82,7 +98,7 @@ async fn upload<T: serde::de::DeserializeOwned + Send + 'static>(
         (status = 503, description = "No quorum", body = ErrorBody),
     )
 )]
-pub(crate) async fn register_model(
+async fn register_model(
     State(state): State<ApiState>,
     req: Request,
 ) -> Result<(StatusCode, Json<ModelSummary>), ApiError> {
@@ -130,12 +146,12 @@ pub(crate) struct ListQuery {
 
 /// Lists models, newest first.
 #[utoipa::path(
-    get, path = "/api/v1/models",
+    tag = "models", get, path = "/api/v1/models",
     params(("name" = Option<String>, Query, description = "Only models of this name"),
            ("stale" = Option<bool>, Query, description = "Serve from local state")),
     responses((status = 200, body = [ModelSummary]), (status = 400, description = "Malformed query", body = ErrorBody), (status = 503, body = ErrorBody))
 )]
-pub(crate) async fn list_models(
+async fn list_models(
     State(state): State<ApiState>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Vec<ModelSummary>>, ApiError> {
@@ -149,18 +165,18 @@ pub(crate) async fn list_models(
 
 /// Shows one model: its summary, signed manifest and locations.
 #[utoipa::path(
-    get, path = "/api/v1/models/{digest}",
+    tag = "models", get, path = "/api/v1/models/{digest}",
     params(("digest" = String, Path, description = "The model's digest"),
            ("stale" = Option<bool>, Query, description = "Serve from local state")),
     responses((status = 200, body = ModelDetail), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody))
 )]
-pub(crate) async fn get_model(
+async fn get_model(
     State(state): State<ApiState>,
     Path(digest): Path<String>,
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<ModelDetail>, ApiError> {
-    let query = crate::http::read_query(query)?;
+    let query = read_query(query)?;
     let digest = path_digest(&digest)?;
     read(&state, &query, |s| s.model(&digest))
         .await?
@@ -172,7 +188,7 @@ pub(crate) async fn get_model(
 /// `locations_version`. With `expected_version`, a version that is no longer current
 /// is refused with 409. Setting the locations a model already has changes nothing.
 #[utoipa::path(
-    put, path = "/api/v1/models/{digest}/locations", request_body = SetLocations,
+    tag = "models", put, path = "/api/v1/models/{digest}/locations", request_body = SetLocations,
     params(("digest" = String, Path, description = "The model's digest")),
     responses(
         (status = 200, description = "Locations committed; the model as it is now", body = ModelSummary),
@@ -182,7 +198,7 @@ pub(crate) async fn get_model(
         (status = 503, description = "No quorum", body = ErrorBody),
     )
 )]
-pub(crate) async fn set_model_locations(
+async fn set_model_locations(
     State(state): State<ApiState>,
     Path(digest): Path<String>,
     req: Request,
@@ -214,11 +230,11 @@ pub(crate) async fn set_model_locations(
 /// Forgets a model. Its shards stay on the backends; deployments pinning its digest
 /// no longer find it.
 #[utoipa::path(
-    delete, path = "/api/v1/models/{digest}",
+    tag = "models", delete, path = "/api/v1/models/{digest}",
     params(("digest" = String, Path, description = "The model's digest")),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
-pub(crate) async fn delete_model(
+async fn delete_model(
     State(state): State<ApiState>,
     Path(digest): Path<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -250,9 +266,9 @@ pub(crate) async fn delete_model(
 /// credentials), the default erasure code and placement policy. No backends when the
 /// server has no store.
 #[utoipa::path(
-    get, path = "/api/v1/storage",
+    tag = "models", get, path = "/api/v1/storage",
     responses((status = 200, body = StorageInfo))
 )]
-pub(crate) async fn get_storage(State(state): State<ApiState>) -> Json<StorageInfo> {
+async fn get_storage(State(state): State<ApiState>) -> Json<StorageInfo> {
     Json(state.storage.as_ref().clone())
 }

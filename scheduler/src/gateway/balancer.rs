@@ -1,0 +1,455 @@
+//! The [`Gateway`] of one server: a routing table rebuilt as the applied state
+//! moves, replicas probed for readiness, and per request the ready replica with the
+//! fewest requests outstanding through this server.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aigrid_consensus::RaftNode;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::Response;
+use futures_util::{stream, StreamExt};
+use parking_lot::{Mutex, RwLock};
+use prometheus::Registry;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::error::GatewayError;
+use super::metrics::GatewayMetrics;
+use super::relay::{forwarded_request_headers, requested_model, stream_back};
+use super::table::{Resolution, Route, Routes};
+use crate::state::models::ModelName;
+use crate::state::ClusterState;
+use aigrid_api::openai::{ModelCard, ModelList};
+
+/// How the gateway bounds, probes and relays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Largest request body in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests relayed at once by this server; more get 429.
+    pub max_in_flight: usize,
+    /// Time between two probes of every replica's `/ready`.
+    pub probe_interval: Duration,
+    /// How long one probe may take before the replica counts as not ready.
+    pub probe_timeout: Duration,
+    /// Probes under way at once.
+    pub probe_concurrency: usize,
+    /// How long connecting to a replica may take before another is tried.
+    pub connect_timeout: Duration,
+    /// Longest silence from a replica while a request waits for or reads its
+    /// answer; a generation that streams tokens is never cut while it streams.
+    pub read_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_body_bytes: 4 << 20,
+            max_in_flight: 1024,
+            probe_interval: Duration::from_millis(500),
+            probe_timeout: Duration::from_secs(1),
+            probe_concurrency: 64,
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Checks the settings as a whole; the message names the offending one.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_body_bytes < 1024 {
+            return Err("gateway max body bytes must be at least 1024".into());
+        }
+        if self.max_in_flight == 0 || self.probe_concurrency == 0 {
+            return Err("gateway max in-flight and probe concurrency must be at least 1".into());
+        }
+        let zero = [
+            ("probe interval", self.probe_interval),
+            ("probe timeout", self.probe_timeout),
+            ("connect timeout", self.connect_timeout),
+            ("read timeout", self.read_timeout),
+        ];
+        if let Some((name, _)) = zero.iter().find(|(_, d)| d.is_zero()) {
+            return Err(format!("gateway {name} must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// The digest as metrics label it: its first 12 characters.
+fn short(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
+/// The inference gateway of one server. Cheap to share: handlers hold an `Arc`.
+pub struct Gateway {
+    raft: RaftNode<ClusterState>,
+    config: GatewayConfig,
+    client: reqwest::Client,
+    routes: RwLock<Arc<Routes>>,
+    /// Endpoints whose last probe answered 200, less those that refused a request
+    /// since.
+    ready: Mutex<HashSet<String>>,
+    /// Requests relayed and not finished, per endpoint.
+    outstanding: Arc<Mutex<HashMap<String, usize>>>,
+    in_flight: Arc<Semaphore>,
+    /// Breaks ties between equally loaded replicas in turn.
+    rotation: AtomicUsize,
+    metrics: GatewayMetrics,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("config", &self.config)
+            .field("ready", &self.ready.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayBuildError {
+    /// Its metrics could not be registered.
+    #[error("gateway metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// Its HTTP client could not be built.
+    #[error("gateway HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// A request counted against a replica until it finishes (its answer streamed, or
+/// dropped).
+struct Outstanding {
+    table: Arc<Mutex<HashMap<String, usize>>>,
+    endpoint: String,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        let mut table = self.table.lock();
+        if let Some(n) = table.get_mut(&self.endpoint) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                table.remove(&self.endpoint);
+            }
+        }
+        self.gauge.dec();
+    }
+}
+
+impl Gateway {
+    /// How it bounds, probes and relays.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    /// A gateway over `raft`'s applied state, with metrics in `registry`. Call
+    /// [`Gateway::run`] to keep its routes and readiness current.
+    pub fn new(
+        raft: RaftNode<ClusterState>,
+        registry: &Registry,
+        config: GatewayConfig,
+    ) -> Result<Self, GatewayBuildError> {
+        let client = reqwest::Client::builder()
+            // Replicas are on the grid's own network: no proxy stands between.
+            .no_proxy()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Gateway {
+            raft,
+            client,
+            routes: RwLock::new(Arc::new(Routes::default())),
+            ready: Mutex::new(HashSet::new()),
+            outstanding: Arc::new(Mutex::new(HashMap::new())),
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            rotation: AtomicUsize::new(0),
+            metrics: GatewayMetrics::register(registry)?,
+            config,
+        })
+    }
+
+    fn routes(&self) -> Arc<Routes> {
+        self.routes.read().clone()
+    }
+
+    /// Rebuilds the routing table when the applied state moved since it was built
+    /// and the table is older than `min_age`.
+    fn refresh(&self, min_age: Duration) {
+        let applied = self.raft.status().applied_index;
+        {
+            let routes = self.routes.read();
+            let fresh = routes.built.is_some_and(|b| b.elapsed() < min_age);
+            if routes.applied == Some(applied) || fresh {
+                return;
+            }
+        }
+        let routes = self.raft.read_local(|s| {
+            let servers = s
+                .model_servers()
+                .into_iter()
+                .filter_map(|(digest, a)| Some((digest, a.endpoint.clone()?)))
+                .collect();
+            let deployed = s
+                .deployed_models()
+                .into_iter()
+                .map(str::to_ascii_lowercase)
+                .collect();
+            Routes::build(applied, s.model_names(), servers, deployed)
+        });
+        *self.routes.write() = Arc::new(routes);
+    }
+
+    /// Keeps routes and readiness current until `shutdown` turns true: every probe
+    /// interval, does what [`Gateway::probe_now`] does.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            self.probe_now().await;
+        }
+    }
+
+    /// Rebuilds the routes if the applied state moved, then probes every replica's
+    /// `/ready` and replaces the ready set with those that answered 200.
+    pub async fn probe_now(&self) {
+        self.refresh(Duration::ZERO);
+        self.probe_all().await;
+    }
+
+    /// Probes every known replica at once (bounded) and replaces the ready set.
+    async fn probe_all(&self) {
+        let routes = self.routes();
+        let endpoints: HashSet<String> = routes.replicas.values().flatten().cloned().collect();
+        let ready: HashSet<String> = stream::iter(endpoints)
+            .map(|endpoint| async move { self.probe(&endpoint).await.then_some(endpoint) })
+            .buffer_unordered(self.config.probe_concurrency)
+            .filter_map(|ready| async move { ready })
+            .collect()
+            .await;
+        self.metrics.replicas.reset();
+        self.metrics.replicas_ready.reset();
+        for model in &routes.models {
+            let replicas = routes.replicas(&model.digest);
+            if replicas.is_empty() {
+                continue;
+            }
+            let labels = [model.name.as_str(), short(&model.digest)];
+            let up = replicas.iter().filter(|e| ready.contains(*e)).count();
+            self.metrics
+                .replicas
+                .with_label_values(&labels)
+                .set(i64::try_from(replicas.len()).unwrap_or(i64::MAX));
+            self.metrics
+                .replicas_ready
+                .with_label_values(&labels)
+                .set(i64::try_from(up).unwrap_or(i64::MAX));
+        }
+        *self.ready.lock() = ready;
+    }
+
+    /// True when the replica's `/ready` answers 200 within the probe timeout.
+    async fn probe(&self, endpoint: &str) -> bool {
+        let sent = self
+            .client
+            .get(format!("{endpoint}/ready"))
+            .timeout(self.config.probe_timeout)
+            .send()
+            .await;
+        matches!(sent, Ok(resp) if resp.status() == StatusCode::OK)
+    }
+
+    /// Picks the ready replica among `endpoints` with the fewest requests
+    /// outstanding, skipping `tried`, taking equally loaded ones in turn, and counts
+    /// the request against it.
+    fn pick(
+        &self,
+        model: &ModelName,
+        endpoints: &[String],
+        tried: &[String],
+    ) -> Option<Outstanding> {
+        let ready = self.ready.lock();
+        let candidates: Vec<&String> = endpoints
+            .iter()
+            .filter(|e| ready.contains(*e) && !tried.contains(e))
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let mut table = self.outstanding.lock();
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        let chosen = (0..candidates.len())
+            .map(|i| candidates[(start + i) % candidates.len()])
+            .min_by_key(|e| table.get(*e).copied().unwrap_or(0))
+            .expect("at least one candidate");
+        *table.entry(chosen.clone()).or_insert(0) += 1;
+        let gauge = self
+            .metrics
+            .outstanding
+            .with_label_values(&[model.name.as_str(), short(&model.digest)]);
+        gauge.inc();
+        Some(Outstanding {
+            table: self.outstanding.clone(),
+            endpoint: chosen.clone(),
+            gauge,
+        })
+    }
+
+    /// Drops a replica from the ready set until its next successful probe.
+    fn mark_unreachable(&self, endpoint: &str) {
+        self.ready.lock().remove(endpoint);
+    }
+
+    pub(crate) fn record(&self, route: Route, status: StatusCode, started: Instant) {
+        self.metrics
+            .requests
+            .with_label_values(&[route.label(), status.as_str()])
+            .inc();
+        self.metrics
+            .seconds
+            .with_label_values(&[route.label()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub(crate) fn admit(&self) -> Result<OwnedSemaphorePermit, GatewayError> {
+        self.in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| GatewayError::RateLimited {
+                limit: self.config.max_in_flight,
+            })
+    }
+
+    /// Relays one inference request, answering the replica's response or an error.
+    pub(crate) async fn relay(&self, route: Route, req: Request) -> Result<Response, GatewayError> {
+        let permit = self.admit()?;
+        let headers = req.headers().clone();
+        let body = Bytes::from_request(req, &()).await.map_err(|e| match e {
+            BytesRejection::FailedToBufferBody(inner)
+                if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                GatewayError::TooLarge {
+                    limit: self.config.max_body_bytes,
+                }
+            }
+            other => GatewayError::InvalidJson(other.body_text()),
+        })?;
+        let asked = requested_model(&body)?;
+        let mut routes = self.routes();
+        let mut resolved = routes.resolve(&asked);
+        if resolved == Resolution::Unknown {
+            // Registered since the last rebuild, perhaps: look again, at most this often.
+            self.refresh(Duration::from_millis(100));
+            routes = self.routes();
+            resolved = routes.resolve(&asked);
+        }
+        let model = match resolved {
+            Resolution::Found(model) => model,
+            Resolution::Unknown => return Err(GatewayError::ModelNotFound(asked)),
+            Resolution::Ambiguous(matches) => {
+                return Err(GatewayError::AmbiguousModel { asked, matches })
+            }
+        };
+        let endpoints = routes.replicas(&model.digest);
+        let mut tried: Vec<String> = Vec::new();
+        while let Some(outstanding) = self.pick(model, endpoints, &tried) {
+            let endpoint = outstanding.endpoint.clone();
+            let sent = self
+                .client
+                .post(format!("{endpoint}{}", route.path()))
+                .headers(forwarded_request_headers(&headers))
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(resp) => return Ok(stream_back(resp, (outstanding, permit))),
+                Err(e) if e.is_timeout() => {
+                    tracing::warn!(%endpoint, error = %e, "replica timed out");
+                    return Err(GatewayError::Timeout {
+                        model: model.name.clone(),
+                        secs: self.config.read_timeout.as_secs(),
+                    });
+                }
+                Err(e) => {
+                    // Nothing of an answer arrived: the replica went away or refused
+                    // the connection. Another one may serve it.
+                    tracing::warn!(%endpoint, error = %e, "replica unreachable; trying another");
+                    self.mark_unreachable(&endpoint);
+                    self.metrics.retries.inc();
+                    tried.push(endpoint);
+                }
+            }
+        }
+        Err(routes.not_ready(model, tried.len()))
+    }
+
+    /// `GET /v1/models/{model}`: one model, by name, digest or unique digest prefix,
+    /// as `GET /v1/models` lists it; a model that exists but has no ready replica is
+    /// not ready (503), as a request for it would be.
+    pub(crate) fn retrieve(&self, asked: &str) -> Result<ModelCard, GatewayError> {
+        let routes = self.routes();
+        let model = match routes.resolve(asked) {
+            Resolution::Found(model) => model,
+            Resolution::Unknown => return Err(GatewayError::ModelNotFound(asked.to_owned())),
+            Resolution::Ambiguous(matches) => {
+                return Err(GatewayError::AmbiguousModel {
+                    asked: asked.to_owned(),
+                    matches,
+                })
+            }
+        };
+        let ready = self.ready.lock();
+        if !routes
+            .replicas(&model.digest)
+            .iter()
+            .any(|e| ready.contains(e))
+        {
+            return Err(routes.not_ready(model, 0));
+        }
+        Ok(card(model))
+    }
+
+    /// `GET /v1/models`: the models with a ready replica, one entry per name (the
+    /// model a request by that name goes to).
+    pub(crate) fn list(&self) -> ModelList {
+        let routes = self.routes();
+        let ready = self.ready.lock();
+        let mut seen = HashSet::new();
+        let data = routes
+            .models
+            .iter()
+            .filter(|m| routes.replicas(&m.digest).iter().any(|e| ready.contains(e)))
+            .filter(|m| seen.insert(m.name.clone()))
+            .map(card)
+            .collect();
+        ModelList {
+            object: "list".to_owned(),
+            data,
+        }
+    }
+}
+
+/// A model as `GET /v1/models` lists it: OpenAI's shape plus its digest.
+fn card(model: &ModelName) -> ModelCard {
+    ModelCard {
+        id: model.name.clone(),
+        object: "model".to_owned(),
+        created: model.created_at.as_millis() / 1000,
+        owned_by: "aigrid".to_owned(),
+        digest: Some(model.digest.clone()),
+    }
+}

@@ -1,0 +1,40 @@
+//! The OpenAI-compatible inference gateway under `/v1`, served by every server.
+//!
+//! A request names a model by its pushed name or its digest; the gateway finds the
+//! running `model-server` instances of that model (as their agents reported them,
+//! with an endpoint), picks the ready one with the fewest requests outstanding
+//! through this server, and relays the request there, streaming the answer back
+//! unchanged: status, content type and body, server-sent events chunk by chunk.
+//!
+//! It reads only this server's applied state, so followers serve the gateway as
+//! well as the leader and no request waits for a Raft round-trip. A background task
+//! rebuilds the routing table when the applied state moves and probes every
+//! replica's `/ready`, keeping the set of ready replicas; a replica that refuses a
+//! connection is dropped from that set until its next successful probe, and the
+//! request moves on to another ready replica (each tried at most once).
+//!
+//! Errors leave in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`;
+//! a semaphore at the door answers 429 beyond [`GatewayConfig::max_in_flight`].
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`balancer`] | the [`Gateway`]: its routing table kept current, replicas probed, a replica picked per request and the request relayed |
+//! | [`table`] | the routing table: which models exist, by name, digest or prefix, and their replicas' endpoints |
+//! | [`error`] | [`GatewayError`]: every answer the gateway gives instead of a replica, in OpenAI's shape |
+//! | [`relay`] | what crosses to a replica and back: the `model` field read, headers forwarded, answers streamed |
+//! | [`metrics`] | the gateway's Prometheus series |
+//! | [`routes`] | the `/v1` routes and their OpenAPI documentation |
+
+pub mod balancer;
+pub mod error;
+pub mod metrics;
+pub mod relay;
+pub mod routes;
+pub mod table;
+#[cfg(test)]
+mod tests;
+
+pub use balancer::{Gateway, GatewayBuildError, GatewayConfig};
+pub use error::GatewayError;
+pub use routes::{openapi, router};
+pub use table::MIN_DIGEST_PREFIX;

@@ -1,0 +1,513 @@
+//! The agent-facing half of the control API. Agents dial out and never accept a
+//! connection, so everything they need comes through here: joining with a token,
+//! signed heartbeats, long polls for what to run, and the log tails users read.
+//!
+//! Heartbeats are the bulk of a large fleet's traffic and almost all of them say only
+//! "still alive". Those are not committed one by one: the server answering keeps
+//! the node in a batch and commits one [`Command::NodesSeen`] per batch interval,
+//! and keeps host/GPU readings in memory. A heartbeat that changes something (a GPU
+//! health, an allocation state, log tails, a down node coming back) is committed
+//! before it is answered, like every other write.
+//!
+//! Every request here but registration is signed by the node's registered key
+//! ([`authenticate`]); registration is signed by the key it registers and, for a
+//! new node, carries a join token.
+
+use std::time::{Duration, Instant};
+
+use aigrid_api::auth::{NODE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use aigrid_api::ErrorBody;
+use aigrid_api::{
+    ErrorCode, Heartbeat, HeartbeatResponse, JoinToken, NodeAssignments, NodeId, NodePublicKey,
+    NodeRegistration, RegisterNodeResponse, RequestToSign, Timestamp,
+};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::Request;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, Uri};
+use axum::Json;
+use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::plumbing::{
+    body_bytes, decode_json, not_found, propose, unauthorized, unexpected, ApiError, ApiState,
+};
+use crate::state::{Applied, Command, StateError, TokenUse};
+
+/// Longest a long poll is held.
+pub const MAX_POLL_WAIT: Duration = Duration::from_secs(300);
+/// How long a long poll is held when the agent does not say.
+pub const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(30);
+
+/// The area's routes. The long poll is apart: it holds a request open for minutes,
+/// so it has its own limit instead of taking in-flight slots from short requests.
+pub(super) fn routes() -> (OpenApiRouter<ApiState>, OpenApiRouter<ApiState>) {
+    let short = OpenApiRouter::new()
+        .routes(routes!(register_node))
+        .routes(routes!(node_heartbeat));
+    let long_polls = OpenApiRouter::new().routes(routes!(node_assignments));
+    (short, long_polls)
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| unauthorized(format!("missing or unreadable `{name}` header")))
+}
+
+/// Checks that a request is signed by `node` with `key`.
+fn verify(
+    headers: &HeaderMap,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+    node: &NodeId,
+    key: &NodePublicKey,
+    now: Timestamp,
+) -> Result<(), ApiError> {
+    let signer = header(headers, NODE_HEADER)?;
+    if signer != node.as_str() {
+        return Err(unauthorized(format!(
+            "request signed by node `{signer}` for node `{node}`"
+        )));
+    }
+    let timestamp = header(headers, TIMESTAMP_HEADER)?
+        .parse::<u64>()
+        .map_err(|_| unauthorized(format!("`{TIMESTAMP_HEADER}` is not Unix milliseconds")))?;
+    let signature = header(headers, SIGNATURE_HEADER)?;
+    let path_and_query = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    RequestToSign {
+        method: method.as_str(),
+        path_and_query,
+        node,
+        timestamp: Timestamp::from_millis(timestamp),
+        body,
+    }
+    .verify(key, signature, now)?;
+    Ok(())
+}
+
+/// Checks that a request comes from `node`, signed with the key it registered and
+/// that was not revoked. Unknown nodes are refused alike, so a caller cannot tell
+/// which node ids exist.
+async fn authenticate(
+    state: &ApiState,
+    headers: &HeaderMap,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+    node: &NodeId,
+) -> Result<(), ApiError> {
+    let mut key = state.raft.read_local(|s| s.node_key(node));
+    if !matches!(key, Some((Some(_), false))) {
+        // A refusal tells the agent to register again or to stop its work: make
+        // sure it is not just this server lagging behind.
+        key = state.raft.read(|s| s.node_key(node)).await?;
+    }
+    match key {
+        Some((Some(key), false)) => {
+            verify(headers, method, uri, body, node, &key, state.clock.now())
+        }
+        Some((_, true)) => Err(ApiError::new(
+            ErrorCode::KeyRevoked,
+            format!("the key of node `{node}` was revoked"),
+        )),
+        Some((None, false)) | None => Err(ApiError::new(
+            ErrorCode::UnknownNode,
+            format!("node `{node}` has no registered key"),
+        )),
+    }
+}
+
+/// The join token in `Authorization: Bearer ...`, if any.
+fn join_token(headers: &HeaderMap) -> Result<Option<TokenUse>, ApiError> {
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let token: JoinToken = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthorized("Authorization must be `Bearer <join token>`"))?
+        .parse()
+        .map_err(unauthorized)?;
+    Ok(Some(TokenUse {
+        secret_hash: token.secret_hash(),
+        id: token.id,
+    }))
+}
+
+/// Registers a node, or refreshes a known node's inventory (an agent restart); 201
+/// when created, 200 when it refreshed a known node. The request is signed with the
+/// key the body registers (proving the agent holds it). A new node, or one whose key
+/// was revoked, also presents a join token as `Authorization: Bearer <token>`; a
+/// known node must keep its key.
+
+#[utoipa::path(
+    tag = "agents", post, path = "/api/v1/nodes", request_body = NodeRegistration,
+    responses(
+        (status = 201, description = "Node created and committed", body = RegisterNodeResponse),
+        (status = 200, description = "Known node refreshed", body = RegisterNodeResponse),
+        (status = 400, description = "Invalid registration", body = ErrorBody),
+        (status = 401, description = "Bad signature, key or join token", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 503, description = "No quorum", body = ErrorBody),
+    )
+)]
+async fn register_node(
+    State(state): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<(StatusCode, Json<RegisterNodeResponse>), ApiError> {
+    let body = body_bytes(req, &state).await?;
+    let node: NodeRegistration = decode_json(&body)?;
+    node.validate()?;
+    let key = node.public_key.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::InvalidField,
+            "public_key: a node registers with its ed25519 public key",
+        )
+    })?;
+    verify(
+        &headers,
+        &method,
+        &uri,
+        &body,
+        &node.id,
+        &key,
+        state.clock.now(),
+    )?;
+    let token = join_token(&headers)?;
+    state
+        .raft
+        .read_local(|s| s.check_registration(&node, token.as_ref(), state.clock.now()))?;
+    let command = Command::RegisterNode {
+        node,
+        join_token: token,
+        at: state.clock.now(),
+    };
+    match propose(&state, command).await? {
+        Applied::NodeRegistered {
+            id,
+            created,
+            eval_ids,
+        } => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((
+                status,
+                Json(RegisterNodeResponse {
+                    id,
+                    created,
+                    eval_ids,
+                }),
+            ))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Records that a node is alive, its readings, the health of its GPUs and the
+/// states of its allocations. A GPU reported unhealthy is cordoned and only the
+/// allocations holding it are rescheduled. Signed by the node's key.
+#[utoipa::path(
+    tag = "agents", post, path = "/api/v1/nodes/{id}/heartbeat", request_body = Heartbeat,
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "Heartbeat recorded; changes committed", body = HeartbeatResponse),
+        (status = 400, description = "Invalid heartbeat or unknown GPU", body = ErrorBody),
+        (status = 401, description = "Not signed by the node's key", body = ErrorBody),
+        (status = 409, description = "Reports another node's allocation", body = ErrorBody),
+        (status = 503, description = "No quorum", body = ErrorBody),
+    )
+)]
+async fn node_heartbeat(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let started = Instant::now();
+    let outcome = heartbeat(&state, NodeId::new(id), method, uri, headers, req).await;
+    let label = match &outcome {
+        Ok((_, true)) => "committed",
+        Ok((_, false)) => "seen",
+        Err(_) => "rejected",
+    };
+    state
+        .agents
+        .observe_heartbeat(started.elapsed().as_secs_f64(), label);
+    outcome.map(|(resp, _)| Json(resp))
+}
+
+/// Answers a heartbeat and whether it was committed.
+async fn heartbeat(
+    state: &ApiState,
+    node_id: NodeId,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<(HeartbeatResponse, bool), ApiError> {
+    let body = body_bytes(req, state).await?;
+    authenticate(state, &headers, &method, &uri, &body, &node_id).await?;
+    let hb: Heartbeat = decode_json(&body)?;
+    hb.validate()?;
+    let (changes, status) = state.raft.read_local(|s| {
+        s.check_heartbeat(&node_id, &hb.gpus, &hb.allocations)?;
+        let status = s.node_status(&node_id);
+        Ok::<_, StateError>((s.heartbeat_changes(&node_id, &hb), status))
+    })?;
+    if let Some(t) = hb.telemetry {
+        state.agents.report(&node_id, t);
+    }
+    let at = state.clock.now();
+    let Some(changes) = changes else {
+        state.agents.connected(&state.raft)?;
+        state.agents.saw(node_id.clone(), at);
+        return Ok((
+            HeartbeatResponse {
+                id: node_id,
+                status: status.unwrap_or(aigrid_api::NodeStatus::Ready),
+                eval_ids: Vec::new(),
+            },
+            false,
+        ));
+    };
+    let command = Command::NodeHeartbeat {
+        node_id,
+        gpus: changes.gpus,
+        allocations: changes.allocations,
+        logs: changes.logs,
+        at,
+    };
+    match propose(state, command).await? {
+        Applied::NodeUpdated {
+            id,
+            status,
+            eval_ids,
+        } => Ok((
+            HeartbeatResponse {
+                id,
+                status,
+                eval_ids,
+            },
+            true,
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PollQuery {
+    /// Answer once the node's assignments changed after this index; at once when
+    /// absent.
+    index: Option<u64>,
+    /// Longest wait, in milliseconds (default 30 s, at most 5 min).
+    wait_ms: Option<u64>,
+}
+
+/// What a node's agent must run. With `index`, a long poll: answered when the
+/// node's assignments change after that index, or when `wait_ms` runs out (with
+/// the unchanged assignments). Served from this server's applied state, so any
+/// server answers. Signed by the node's key.
+#[utoipa::path(
+    tag = "agents", get, path = "/api/v1/nodes/{id}/assignments",
+    params(("id" = String, Path, description = "Node id"),
+           ("index" = Option<u64>, Query, description = "Wait for a change after this index"),
+           ("wait_ms" = Option<u64>, Query, description = "Longest wait in milliseconds")),
+    responses(
+        (status = 200, body = NodeAssignments),
+        (status = 400, description = "Malformed query", body = ErrorBody),
+        (status = 401, description = "Not signed by the node's key", body = ErrorBody),
+        (status = 429, description = "Too many long polls held", body = ErrorBody),
+    )
+)]
+async fn node_assignments(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<PollQuery>, QueryRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<NodeAssignments>, ApiError> {
+    let query = query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
+    let node_id = NodeId::new(id);
+    authenticate(&state, &headers, &method, &uri, &[], &node_id).await?;
+    let hub = &state.agents;
+    hub.connected(&state.raft)?;
+    let _held = hub.hold_poll(&node_id)?;
+    let wait = query
+        .wait_ms
+        .map_or(DEFAULT_POLL_WAIT, Duration::from_millis)
+        .min(MAX_POLL_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changed = hub.subscribe(&node_id);
+    loop {
+        let current = state
+            .raft
+            .read_local(|s| s.assignments(&node_id))
+            .ok_or_else(|| not_found("node", node_id.as_str()))?;
+        if query.index.is_none_or(|seen| current.index > seen) {
+            return Ok(Json(current));
+        }
+        match tokio::time::timeout_at(deadline, changed.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) | Err(_) => return Ok(Json(current)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aigrid_api::{
+        AllocState, AllocationReport, GpuHealth, Heartbeat, NodeRegistration, Timestamp,
+    };
+    use aigrid_consensus::state_machine::StateMachine;
+
+    use serde_json::json;
+
+    use aigrid_api::{Allocation, EvalId, JobId, JobSpec};
+
+    use super::*;
+    use crate::state::ClusterState;
+
+    fn registration(id: &str, gpus: &[&str]) -> NodeRegistration {
+        let gpus: Vec<_> = gpus
+            .iter()
+            .enumerate()
+            .map(|(i, uuid)| {
+                json!({"index": i, "uuid": uuid, "vendor": "nvidia", "model": "H100",
+                       "memory_mib": 81920, "healthy": true})
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "id": id, "name": id,
+            "resources": {"cpu_millis": 8000, "memory_mib": 65536, "disk_mib": 1, "gpus": gpus}
+        }))
+        .unwrap()
+    }
+
+    /// Two nodes and one job with an allocation on `b` holding `GPU-b0`.
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        let at = Timestamp::from_millis(1);
+        for (id, gpu) in [("a", "GPU-a0"), ("b", "GPU-b0")] {
+            s.apply(
+                1,
+                Command::RegisterNode {
+                    node: registration(id, &[gpu]),
+                    join_token: None,
+                    at,
+                },
+            )
+            .unwrap();
+        }
+        let spec: JobSpec = serde_json::from_value(json!({
+            "name": "web", "kind": "service",
+            "groups": [{"name": "web", "count": 1,
+                        "resources": {"cpu_millis": 500, "memory_mib": 256, "gpus": {"count": 1}},
+                        "task": {"driver": "exec", "command": "/bin/true"}}]
+        }))
+        .unwrap();
+        s.apply(
+            3,
+            Command::SubmitJob {
+                job_id: JobId::new("j"),
+                eval_id: EvalId::new("e"),
+                spec,
+                at,
+            },
+        )
+        .unwrap();
+        let alloc: Allocation = serde_json::from_value(json!({
+            "id": "x", "job_id": "j", "job_version": 1, "node_id": "b", "group": "web",
+            "index": 0, "gpus": ["GPU-b0"], "state": "pending", "desired": "run",
+            "resources": {"cpu_millis": 500, "memory_mib": 256, "gpus": {"count": 1}},
+            "created_at": 1, "updated_at": 1
+        }))
+        .unwrap();
+        s.apply(
+            4,
+            Command::UpsertAllocations {
+                allocations: vec![alloc],
+                at,
+            },
+        )
+        .unwrap();
+        s
+    }
+
+    fn heartbeat(gpu: &str, alloc: Option<&str>) -> Heartbeat {
+        Heartbeat {
+            gpus: vec![GpuHealth {
+                uuid: gpu.to_owned(),
+                healthy: false,
+                reason: Some("XID 79".to_owned()),
+            }],
+            allocations: alloc
+                .map(|id| AllocationReport::new(id.into(), AllocState::Running))
+                .into_iter()
+                .collect(),
+            telemetry: None,
+            logs: Vec::new(),
+        }
+    }
+
+    /// The read-side check refuses what the state machine refuses, with the same code,
+    /// and lets through what it accepts.
+    #[test]
+    fn heartbeat_check_agrees_with_the_state_machine() {
+        let cases = [
+            ("nope", heartbeat("GPU-a0", None), Some(ErrorCode::NotFound)),
+            (
+                "a",
+                heartbeat("GPU-b0", None),
+                Some(ErrorCode::InvalidField),
+            ),
+            (
+                "a",
+                heartbeat("GPU-a0", Some("x")),
+                Some(ErrorCode::Conflict),
+            ),
+            ("a", heartbeat("GPU-a0", Some("gone")), None),
+            ("b", heartbeat("GPU-b0", Some("x")), None),
+        ];
+        for (node, hb, want) in cases {
+            let mut s = cluster();
+            let id = NodeId::new(node);
+            let checked = s
+                .check_heartbeat(&id, &hb.gpus, &hb.allocations)
+                .err()
+                .map(|e| e.code());
+            let applied = s
+                .apply(
+                    9,
+                    Command::NodeHeartbeat {
+                        node_id: id,
+                        gpus: hb.gpus,
+                        allocations: hb.allocations,
+                        logs: Vec::new(),
+                        at: Timestamp::from_millis(2),
+                    },
+                )
+                .err()
+                .map(|e| e.code());
+            assert_eq!(checked, want, "{node}");
+            assert_eq!(applied, want, "{node}");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The replicated control plane itself: its status, and servers joining and
+//! leaving.
+
+use std::time::{Duration, Instant};
+
+use aigrid_api::ErrorBody;
+use aigrid_api::{ClusterStatus, ErrorCode, JoinRequest, Member, MemberRole};
+use aigrid_consensus::{MembershipChange, RaftNode};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::plumbing::{ApiError, ApiState, JsonBody};
+use crate::state::ClusterState;
+
+/// The area's routes.
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_cluster))
+        .routes(routes!(join_member))
+        .routes(routes!(leave_member))
+}
+
+fn cluster_status(raft: &RaftNode<ClusterState>) -> ClusterStatus {
+    let status = raft.status();
+    ClusterStatus {
+        id: status.id,
+        leader: status.leader,
+        term: status.term,
+        commit_index: status.commit_index,
+        applied_index: status.applied_index,
+        members: status
+            .members
+            .iter()
+            .map(|(id, addr)| Member {
+                id: *id,
+                addr: addr.clone(),
+                role: if status.learners.contains(id) {
+                    MemberRole::Learner
+                } else {
+                    MemberRole::Voter
+                },
+                is_leader: status.leader == Some(*id),
+            })
+            .collect(),
+    }
+}
+
+/// This server's view of the control plane: leader, term, indices, members.
+#[utoipa::path(
+    tag = "cluster", get, path = "/api/v1/cluster",
+    responses((status = 200, body = ClusterStatus))
+)]
+async fn get_cluster(State(state): State<ApiState>) -> Json<ClusterStatus> {
+    Json(cluster_status(&state.raft))
+}
+
+/// Adds a server: first as a learner that catches up from a snapshot, then, once
+/// caught up, as a voter. Answers after the promotion.
+#[utoipa::path(
+    tag = "cluster", post, path = "/api/v1/cluster/members", request_body = JoinRequest,
+    responses((status = 201, body = ClusterStatus),
+              (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody))
+)]
+async fn join_member(
+    State(state): State<ApiState>,
+    JsonBody(req): JsonBody<JoinRequest>,
+) -> Result<(StatusCode, Json<ClusterStatus>), ApiError> {
+    req.validate()?;
+    // Confirm the membership we check against is current.
+    let members = state
+        .raft
+        .read(|_| ())
+        .await
+        .map(|_| state.raft.status().members)?;
+    if let Some(addr) = members.get(&req.id) {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("server {} is already a member at {addr}", req.id),
+        ));
+    }
+    state
+        .raft
+        .change_membership(MembershipChange::Add {
+            id: req.id,
+            addr: req.addr,
+        })
+        .await?;
+    // It joined as a learner; answer once the leader has promoted it to voter.
+    let deadline = Instant::now() + state.raft.request_timeout();
+    loop {
+        let status = state.raft.status();
+        if status.members.contains_key(&req.id) && !status.learners.contains(&req.id) {
+            return Ok((StatusCode::CREATED, Json(cluster_status(&state.raft))));
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "server {} joined as a learner but has not caught up within {:?}; \
+                     it becomes a voter once it has",
+                    req.id,
+                    state.raft.request_timeout()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Removes a voter. When it is the leader, leadership moves to another voter first.
+#[utoipa::path(
+    tag = "cluster", delete, path = "/api/v1/cluster/members/{id}",
+    params(("id" = u64, Path, description = "Server id")),
+    responses((status = 200, body = ClusterStatus),
+              (status = 400, description = "The id is not a server id", body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+)]
+async fn leave_member(
+    State(state): State<ApiState>,
+    id: Result<Path<u64>, PathRejection>,
+) -> Result<Json<ClusterStatus>, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
+    state.raft.read(|_| ()).await?;
+    let status = state.raft.status();
+    if !status.members.contains_key(&id) {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("server {id} is not a member"),
+        ));
+    }
+    if status.members.len() == 1 {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "cannot remove the last server of the cluster",
+        ));
+    }
+    if status.leader == Some(id) {
+        let target = *status
+            .members
+            .keys()
+            .find(|m| **m != id)
+            .expect("more than one member");
+        state.raft.transfer_leader(target)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state.raft.status().leader == Some(id) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    state
+        .raft
+        .change_membership(MembershipChange::Remove { id })
+        .await?;
+    Ok(Json(cluster_status(&state.raft)))
+}

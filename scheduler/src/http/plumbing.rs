@@ -1,0 +1,316 @@
+//! What every control API route shares, and nothing that belongs to one area: the
+//! handlers' state, the error every answer leaves in (`{"error": {"code",
+//! "message"}}` with the status [`ErrorCode`] fixes), the body extractors (413 over
+//! the limit, 415 for a type other than JSON, 400 naming the field at fault),
+//! [`propose`] (a write answered once Raft has committed and applied it) and
+//! [`read`] (ReadIndex, or this server's applied state with `?stale=true`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aigrid_api::{ErrorBody, ErrorCode, StorageInfo};
+use aigrid_consensus::{RaftError, RaftNode};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequest, Query, Request};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+
+use crate::clock::SharedClock;
+use crate::hub::{AgentHub, HubError};
+use crate::state::{Applied, ClusterState, Command, StateError};
+
+/// Largest body [`ApiLimits::max_model_body_bytes`] may allow. A model write becomes
+/// one Raft entry of about its body's size; raft-rs refuses proposals beyond its
+/// 256 MiB budget of uncommitted entries, and peers accept message batches of up to
+/// [`aigrid_consensus::transport::MAX_BATCH_BYTES`] (1 GiB).
+pub const MAX_MODEL_BODY_LIMIT: usize = 256 << 20;
+
+/// Limits applied at the door of the control API.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Largest request body in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Largest body of a model write (`POST /api/v1/models`, `PUT
+    /// /api/v1/models/{digest}/locations`) in bytes; larger bodies get 413. Manifests
+    /// are large: a 70 GB model has some 17 000 chunks, a few MiB of JSON.
+    pub max_model_body_bytes: usize,
+    /// Model writes read at once; more get 429. Bounds the memory their bodies take.
+    pub max_model_uploads: usize,
+    /// Requests served at once; more get 429.
+    pub max_in_flight: usize,
+    /// Agents' long polls held at once; more get 429.
+    pub max_long_polls: usize,
+    /// How often plain heartbeats are committed as one batch; a node's
+    /// `last_seen` lags its last heartbeat by at most this much.
+    pub seen_flush: Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_body_bytes: 1 << 20,
+            max_model_body_bytes: 16 << 20,
+            max_model_uploads: 8,
+            max_in_flight: 4096,
+            max_long_polls: 16_384,
+            seen_flush: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct ApiState {
+    pub(crate) raft: RaftNode<ClusterState>,
+    pub(crate) registry: Registry,
+    pub(crate) in_flight: Arc<Semaphore>,
+    pub(crate) http: HttpMetrics,
+    pub(crate) agents: Arc<AgentHub>,
+    /// What `GET /api/v1/storage` answers.
+    pub(crate) storage: Arc<StorageInfo>,
+    /// Model writes being read; see [`ApiLimits::max_model_uploads`].
+    pub(crate) model_uploads: Arc<Semaphore>,
+    /// Where handlers read the time they write into commands.
+    pub(crate) clock: SharedClock,
+}
+
+#[derive(Clone)]
+pub(crate) struct HttpMetrics {
+    pub(crate) requests: IntCounterVec,
+    pub(crate) seconds: HistogramVec,
+}
+
+impl HttpMetrics {
+    pub(crate) fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new("aigrid_http_requests_total", "Control API requests"),
+            &["method", "status"],
+        )?;
+        let seconds = HistogramVec::new(
+            HistogramOpts::new("aigrid_http_request_seconds", "Control API request latency")
+                .buckets(prometheus::exponential_buckets(0.000_25, 2.0, 16)?),
+            &["method"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(seconds.clone()))?;
+        Ok(HttpMetrics { requests, seconds })
+    }
+}
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError(ErrorBody);
+
+impl ApiError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError(ErrorBody::new(code, message))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<RaftError> for ApiError {
+    fn from(e: RaftError) -> Self {
+        let code = match e {
+            RaftError::NoQuorum(_) | RaftError::Stopped => ErrorCode::NoQuorum,
+            RaftError::Busy => ErrorCode::RateLimited,
+            RaftError::Removed => ErrorCode::NotLeader,
+            RaftError::Rejected(_) => ErrorCode::Conflict,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+impl From<aigrid_api::ValidationError> for ApiError {
+    fn from(e: aigrid_api::ValidationError) -> Self {
+        ApiError::new(ErrorCode::InvalidField, e.to_string())
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+/// A JSON body, with errors in the API's shape: 413 over the size limit, 415 for a
+/// content type other than JSON, 400 naming the offending field otherwise.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(req, state).await?;
+        decode_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Like [`JsonBody`], but an empty body stands for `T::default()`, for requests whose
+/// every field has a default (`POST /api/v1/nodes/{id}/drain`).
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        decode_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
+/// The raw body, refused with 415 when it declares a type other than JSON and with
+/// 413 over the size limit.
+pub(crate) async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        // JSON, or no declared type at all (curl's `-d` default), is read as JSON.
+        let ct = ct.to_str().unwrap_or_default();
+        let accepted = [
+            "application/json",
+            "application/x-www-form-urlencoded",
+            "text/plain",
+        ];
+        if !accepted.iter().any(|a| ct.starts_with(a)) {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!("expected content-type application/json, got `{ct}`"),
+            ));
+        }
+    }
+    Bytes::from_request(req, state).await.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(inner)
+            if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+        {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "request body exceeds the size limit",
+            )
+        }
+        other => ApiError::new(ErrorCode::InvalidJson, other.body_text()),
+    })
+}
+
+/// Decodes JSON, naming the path of the field that failed (`groups[0].resources`).
+pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner();
+        let message = if path == "." || path.is_empty() {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+        ApiError::new(ErrorCode::InvalidJson, message)
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReadQuery {
+    /// Serve from this server's applied state without confirming with the leader.
+    #[serde(default)]
+    pub(crate) stale: bool,
+}
+
+/// The read options, with a malformed query answered in the API's error shape.
+pub(crate) fn read_query(
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<ReadQuery, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))
+}
+
+pub(crate) fn new_id<T>(make: impl Fn(String) -> T) -> T {
+    make(uuid::Uuid::new_v4().to_string())
+}
+
+pub(crate) async fn read<R: Send>(
+    state: &ApiState,
+    query: &ReadQuery,
+    f: impl FnOnce(&ClusterState) -> R,
+) -> Result<R, ApiError> {
+    if query.stale {
+        Ok(state.raft.read_local(f))
+    } else {
+        Ok(state.raft.read(f).await?)
+    }
+}
+
+pub(crate) async fn propose(state: &ApiState, command: Command) -> Result<Applied, ApiError> {
+    Ok(state.raft.propose(&command).await??)
+}
+
+pub(crate) fn unexpected(applied: Applied) -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("unexpected outcome of a command: {applied:?}"),
+    )
+}
+
+/// 404 for a `kind` (`job`, `node`, `allocation`) that does not exist.
+pub(crate) fn not_found(kind: &str, id: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("{kind} `{id}` not found"))
+}
+
+/// 401 saying why.
+pub(crate) fn unauthorized(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::Unauthorized, message)
+}
+
+impl From<aigrid_api::AuthError> for ApiError {
+    fn from(e: aigrid_api::AuthError) -> Self {
+        unauthorized(e.to_string())
+    }
+}
+
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aigrid_api::DrainSpec;
+    use axum::body::Body;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_empty_drain_body_means_the_defaults() {
+        let empty = Request::new(Body::empty());
+        let OptionalJsonBody(d) = OptionalJsonBody::<DrainSpec>::from_request(empty, &())
+            .await
+            .unwrap();
+        assert_eq!(d, DrainSpec::default());
+        let body = Request::new(Body::from(r#"{"max_parallel": 3}"#));
+        let OptionalJsonBody(d) = OptionalJsonBody::<DrainSpec>::from_request(body, &())
+            .await
+            .unwrap();
+        assert_eq!(d.max_parallel, 3);
+        let bad = Request::new(Body::from(r#"{"max": 3}"#));
+        let err = OptionalJsonBody::<DrainSpec>::from_request(bad, &())
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.0.code(), Some(ErrorCode::InvalidJson));
+    }
+}

@@ -1,0 +1,95 @@
+//! Join tokens: what a new node presents, once, to register. Created with their
+//! secret shown once; the servers keep only its hash.
+
+use aigrid_api::ErrorBody;
+use aigrid_api::{CreateJoinToken, CreatedJoinToken, JoinToken, JoinTokenInfo};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::plumbing::{propose, unexpected, ApiError, ApiState, OptionalJsonBody};
+use crate::state::{Applied, Command};
+
+/// The area's routes.
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_join_token, list_join_tokens))
+        .routes(routes!(delete_join_token))
+}
+
+/// Creates a join token. The answer is the only time its secret is shown; the
+/// servers keep only its hash.
+#[utoipa::path(
+    tag = "join-tokens", post, path = "/api/v1/join-tokens", request_body = CreateJoinToken,
+    responses(
+        (status = 201, description = "Token created and committed", body = CreatedJoinToken),
+        (status = 400, body = ErrorBody),
+    )
+)]
+async fn create_join_token(
+    State(state): State<ApiState>,
+    OptionalJsonBody(request): OptionalJsonBody<CreateJoinToken>,
+) -> Result<(StatusCode, Json<CreatedJoinToken>), ApiError> {
+    request.validate()?;
+    let random = || *uuid::Uuid::new_v4().as_bytes();
+    let (a, b, c) = (random(), random(), random());
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&a[..8]);
+    let mut secret = [0u8; 32];
+    secret[..16].copy_from_slice(&b);
+    secret[16..].copy_from_slice(&c);
+    let token = JoinToken::from_random(id, secret);
+    let command = Command::CreateJoinToken {
+        id: token.id.clone(),
+        secret_hash: token.secret_hash(),
+        ttl_secs: request
+            .ttl_secs
+            .unwrap_or(aigrid_api::auth::DEFAULT_TOKEN_TTL_SECS),
+        max_uses: request.max_uses,
+        description: request.description,
+        at: state.clock.now(),
+    };
+    match propose(&state, command).await? {
+        Applied::JoinTokenCreated(info) => Ok((
+            StatusCode::CREATED,
+            Json(CreatedJoinToken {
+                token: token.to_string(),
+                info,
+            }),
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Lists join tokens, without their secrets.
+#[utoipa::path(
+    tag = "join-tokens", get, path = "/api/v1/join-tokens",
+    responses((status = 200, body = [JoinTokenInfo]))
+)]
+async fn list_join_tokens(
+    State(state): State<ApiState>,
+) -> Result<Json<Vec<JoinTokenInfo>>, ApiError> {
+    Ok(Json(state.raft.read(|s| s.join_tokens()).await?))
+}
+
+/// Deletes a join token; nodes that joined with it stay.
+#[utoipa::path(
+    tag = "join-tokens", delete, path = "/api/v1/join-tokens/{id}",
+    params(("id" = String, Path, description = "Token id")),
+    responses((status = 204), (status = 404, body = ErrorBody))
+)]
+async fn delete_join_token(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let command = Command::DeleteJoinToken {
+        id,
+        at: state.clock.now(),
+    };
+    match propose(&state, command).await? {
+        Applied::JoinTokenDeleted { .. } => Ok(StatusCode::NO_CONTENT),
+        other => Err(unexpected(other)),
+    }
+}
