@@ -356,6 +356,7 @@ impl ClusterState {
 
 #[cfg(test)]
 mod tests {
+    use aigrid_api::ErrorCode;
     use aigrid_consensus::state_machine::StateMachine;
 
     use super::*;

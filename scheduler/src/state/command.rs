@@ -1,0 +1,312 @@
+//! What changes the state: the [`Command`]s carried in Raft log entries, and what
+//! applying one answers ([`Applied`]).
+
+use aigrid_api::manifest::{Locations, Registration};
+use aigrid_api::{
+    Allocation, AllocationReport, DeleteJobResponse, DrainSpec, EvalId, EvalStatus, GpuHealth,
+    JobId, JobSpec, JoinTokenInfo, LogTail, ModelSummary, NodeId, NodeRegistration, NodeStatus,
+    SubmitJobResponse, Timestamp, Unplaced,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{EvaluationUpdate, JobPlan, StateError, TokenUse};
+
+/// One change to the cluster state, carried in a Raft log entry as JSON
+/// (`{"type": "submit_job", ...}`). Every variant carries the time it was proposed
+/// (`at`), read from the proposer's clock, so replicas agree on timestamps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Creates a job, or updates the live job with the same name in place (same id,
+    /// version + 1, the incoming `job_id` unused). Resubmitting an unchanged spec is
+    /// a no-op that answers the job's current version and latest evaluation.
+    SubmitJob {
+        /// Id for the job if it is new.
+        job_id: JobId,
+        /// Id of the evaluation to create; also recognises a replay of this command.
+        eval_id: EvalId,
+        /// The submitted spec; validated again here.
+        spec: JobSpec,
+        /// When it was submitted.
+        at: Timestamp,
+    },
+    /// Removes a job and asks for its allocations to stop.
+    DeleteJob {
+        /// The job to delete.
+        job_id: JobId,
+        /// Id of the `job_delete` evaluation to create; also recognises a replay.
+        eval_id: EvalId,
+        /// When it was deleted.
+        at: Timestamp,
+    },
+    /// Adds a node, or refreshes a known node's inventory (an agent restart). A known
+    /// node keeps `registered_at` and stays draining if an operator drained it;
+    /// allocations holding GPUs the node no longer reports become lost.
+    RegisterNode {
+        /// What the agent reported.
+        node: NodeRegistration,
+        /// The join token a new node (or one whose key was revoked) presents; a
+        /// known node re-registers with its own key instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        join_token: Option<TokenUse>,
+        /// When it registered.
+        at: Timestamp,
+    },
+    /// Records that nodes were heard from by a server, without anything else to
+    /// change: servers batch plain heartbeats into one entry every few seconds
+    /// instead of committing each. Down and revoked nodes are left alone; they come
+    /// back only through a heartbeat of their own.
+    NodesSeen {
+        /// The nodes heard from.
+        nodes: Vec<NodeId>,
+        /// The earliest time any of them was heard from in the batch, so `last_seen`
+        /// never runs ahead of the truth.
+        at: Timestamp,
+    },
+    /// Revokes a node's key: its requests are refused from now on, it is marked
+    /// down and its instances are rescheduled.
+    RevokeNode {
+        /// The node.
+        node_id: NodeId,
+        /// When it was revoked.
+        at: Timestamp,
+    },
+    /// Creates a join token. Only the secret's hash is replicated.
+    CreateJoinToken {
+        /// The token's public id.
+        id: String,
+        /// BLAKE3 of its secret, hex.
+        secret_hash: String,
+        /// Its lifetime.
+        ttl_secs: u64,
+        /// How many nodes may join with it; unlimited when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_uses: Option<u32>,
+        /// The operator's note.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<String>,
+        /// When it was made.
+        at: Timestamp,
+    },
+    /// Deletes a join token; nodes that joined with it stay.
+    DeleteJoinToken {
+        /// The token's public id.
+        id: String,
+        /// When it was deleted.
+        at: Timestamp,
+    },
+    /// Records that a node is alive (a node marked down comes back), the health of
+    /// its GPUs and the states of its allocations. A GPU turning unhealthy is
+    /// cordoned: only the allocations holding it are lost and rescheduled.
+    NodeHeartbeat {
+        /// The node.
+        node_id: NodeId,
+        /// GPU health changes; GPUs not listed keep theirs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gpus: Vec<GpuHealth>,
+        /// Allocation states, as [`Command::ReportAllocations`] takes them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allocations: Vec<AllocationReport>,
+        /// Output tails of the node's allocations.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logs: Vec<LogTail>,
+        /// When the heartbeat arrived.
+        at: Timestamp,
+    },
+    /// Starts draining a node: it takes no new work and the leader migrates its
+    /// allocations elsewhere, at most `drain.max_parallel` at a time.
+    DrainNode {
+        /// The node.
+        node_id: NodeId,
+        /// How to drain it.
+        drain: DrainSpec,
+        /// When the drain was asked for.
+        at: Timestamp,
+    },
+    /// Changes a node's status: `ready` (an operator ends a drain), `draining` (a
+    /// drain one at a time) or `down` (missed heartbeats: its instances become lost
+    /// and their jobs get `node_update` evaluations, delayed by the reschedule
+    /// backoff).
+    SetNodeStatus {
+        /// The node.
+        node_id: NodeId,
+        /// Its new status.
+        status: NodeStatus,
+        /// When the change was decided.
+        at: Timestamp,
+    },
+    /// Writes the planner's placements and stop requests. All-or-nothing: every
+    /// allocation is checked (known job and node, the group's GPUs healthy on that
+    /// node and not held by another live allocation, CPU and memory free) before any
+    /// is written. A replacement (`previous`) forgets the finished allocation it
+    /// replaces; a job whose wanted instance is stopped without a replacement (it was
+    /// preempted) gets a `preemption` evaluation.
+    UpsertAllocations {
+        /// The allocations, whole.
+        allocations: Vec<Allocation>,
+        /// When the plan was applied.
+        at: Timestamp,
+    },
+    /// An agent's report of the state of allocations on its node. Reports for
+    /// allocations already forgotten are ignored; finished states never change again.
+    ReportAllocations {
+        /// The reporting node; it may report only its own allocations.
+        node_id: NodeId,
+        /// The states it observed.
+        reports: Vec<AllocationReport>,
+        /// When the report arrived.
+        at: Timestamp,
+    },
+    /// Records the planner's verdict on an evaluation and, for the job's current
+    /// version, which instances it could not place.
+    UpdateEvaluation {
+        /// The evaluation.
+        eval_id: EvalId,
+        /// Its new status.
+        status: EvalStatus,
+        /// Instances that did not fit; empty when everything was placed.
+        #[serde(default)]
+        unplaced: Vec<Unplaced>,
+        /// When the verdict was reached.
+        at: Timestamp,
+    },
+    /// What a scheduling pass decided for a batch of jobs, in one log entry: per
+    /// job its placements, stops and evaluation verdicts. Each job's plan is
+    /// checked against the state as it is when the entry applies and commits whole
+    /// or not at all (a gang is never split); a refused job plan leaves the
+    /// other jobs' plans applied and blocks its evaluations with the reason.
+    ApplyPlan {
+        /// One plan per job.
+        jobs: Vec<JobPlan>,
+        /// When the plans were made.
+        at: Timestamp,
+    },
+    /// The verdicts on a batch of evaluations planned together, in one log entry.
+    /// Evaluations forgotten since planning are skipped rather than failing the batch.
+    UpdateEvaluations {
+        /// One verdict per evaluation.
+        updates: Vec<EvaluationUpdate>,
+        /// When the verdicts were reached.
+        at: Timestamp,
+    },
+    /// Registers a dispersed-store model under its digest, after checking again its
+    /// signature, its consistency and its locations. A digest already registered
+    /// keeps its record and is answered as it is.
+    RegisterModel {
+        /// The signed manifest and its shards' locations.
+        registration: Registration,
+        /// When it was registered.
+        at: Timestamp,
+    },
+    /// Replaces where a model's shards are and bumps its locations version; the
+    /// locations it already has change nothing.
+    SetModelLocations {
+        /// The model.
+        digest: String,
+        /// The backend of every shard of every stripe; checked against the manifest.
+        locations: Locations,
+        /// Refuses the change (409) unless the current version is this one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_version: Option<u64>,
+        /// When the change was made.
+        at: Timestamp,
+    },
+    /// Forgets a model; its shards are left where they are.
+    DeleteModel {
+        /// The model.
+        digest: String,
+        /// When it was deleted.
+        at: Timestamp,
+    },
+}
+
+/// What applying a [`Command`] answers to its proposer.
+pub type CommandOutput = Result<Applied, StateError>;
+
+/// The successful outcome of a [`Command`], one variant per kind of change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// A job was created, updated, or resubmitted unchanged.
+    JobSubmitted(SubmitJobResponse),
+    /// A job was deleted.
+    JobDeleted(DeleteJobResponse),
+    /// A node registered.
+    NodeRegistered {
+        /// The node.
+        id: NodeId,
+        /// True for a node not seen before.
+        created: bool,
+        /// Evaluations created for jobs that lost instances with vanished GPUs.
+        eval_ids: Vec<EvalId>,
+    },
+    /// A node heartbeated or changed status.
+    NodeUpdated {
+        /// The node.
+        id: NodeId,
+        /// Its status now.
+        status: NodeStatus,
+        /// Evaluations created for jobs with instances on the node.
+        eval_ids: Vec<EvalId>,
+    },
+    /// Allocations were written.
+    AllocationsUpserted {
+        /// How many the command carried.
+        count: usize,
+        /// Evaluations created for jobs whose instances were preempted.
+        eval_ids: Vec<EvalId>,
+    },
+    /// An agent's report was recorded.
+    AllocationsReported {
+        /// How many allocations changed state.
+        updated: usize,
+        /// Evaluations created to reschedule failed service instances.
+        eval_ids: Vec<EvalId>,
+    },
+    /// An evaluation's status was recorded.
+    EvaluationUpdated {
+        /// The evaluation.
+        id: EvalId,
+    },
+    /// A batch of job plans was applied.
+    PlanApplied {
+        /// Allocations placed.
+        placed: usize,
+        /// Allocations stopped.
+        stopped: usize,
+        /// Job plans refused, with the reason.
+        refused: Vec<(JobId, String)>,
+        /// Evaluations created for jobs whose instances were preempted.
+        eval_ids: Vec<EvalId>,
+    },
+    /// A batch of verdicts was recorded.
+    EvaluationsUpdated {
+        /// How many evaluations still existed and were updated.
+        updated: usize,
+    },
+    /// A batch of plain heartbeats was recorded.
+    NodesSeen {
+        /// How many nodes' `last_seen` moved.
+        updated: usize,
+    },
+    /// A join token was created.
+    JoinTokenCreated(JoinTokenInfo),
+    /// A join token was deleted.
+    JoinTokenDeleted {
+        /// Its id.
+        id: String,
+    },
+    /// A model was registered, or was already.
+    ModelRegistered {
+        /// The model as registered.
+        summary: ModelSummary,
+        /// True for the command that registered it; false when it already was.
+        created: bool,
+    },
+    /// A model's locations were set.
+    ModelLocationsSet(ModelSummary),
+    /// A model was forgotten.
+    ModelDeleted {
+        /// Its digest.
+        digest: String,
+    },
+}
