@@ -829,12 +829,7 @@ impl ExecTask {
                     "must not be empty",
                 ));
             }
-            let digest = &artifact.blake3;
-            if digest.len() != 64
-                || !digest
-                    .bytes()
-                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            {
+            if !crate::digest::is_digest(&artifact.blake3) {
                 return Err(ValidationError::new(
                     format!("{at}.blake3"),
                     "must be a BLAKE3 digest: 64 lowercase hex characters",

@@ -862,7 +862,7 @@ mod tests {
     /// A one-file, one-stripe model under `name`, signed by `key`.
     fn registration(name: &str, key: u8) -> Registration {
         let chunk = ChunkRef {
-            blake3: hex(name.as_bytes()),
+            blake3: aigrid_api::ChunkDigest::of(name.as_bytes()),
             len: 4,
         };
         let manifest = Manifest {

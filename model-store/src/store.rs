@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use aigrid_api::ChunkDigest;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use futures_util::StreamExt;
@@ -133,6 +134,7 @@ pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// BLAKE3 of a shard's bytes, hex: its name.
 pub(crate) fn hex(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
@@ -247,7 +249,7 @@ pub struct Store {
 
 /// A chunk read and hashed, on its way to a stripe.
 struct CutChunk {
-    hash: String,
+    hash: ChunkDigest,
     bytes: Vec<u8>,
     plain_len: u64,
 }
@@ -336,7 +338,7 @@ impl Store {
             total_bytes: total,
             ..PushStats::default()
         };
-        let mut stored: HashSet<String> = HashSet::new();
+        let mut stored: HashSet<ChunkDigest> = HashSet::new();
         let mut stripes: Vec<Option<Stripe>> = Vec::new();
         let mut locations: Vec<Vec<String>> = Vec::new();
         let mut reused: HashSet<(usize, usize)> = HashSet::new();
@@ -542,12 +544,12 @@ impl ChunkOpener {
     }
 
     /// Whether `stored` is the chunk named `hash`.
-    pub(crate) fn verify(hash: &str, stored: &[u8]) -> bool {
-        hex(stored) == hash
+    pub(crate) fn verify(hash: &ChunkDigest, stored: &[u8]) -> bool {
+        ChunkDigest::of(stored) == *hash
     }
 
     /// The plaintext of a stored chunk, after checking it is the chunk named `hash`.
-    pub(crate) fn open(&self, hash: &str, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+    pub(crate) fn open(&self, hash: &ChunkDigest, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
         if !Self::verify(hash, stored) {
             // Shards checked out but the chunk does not: the manifest lies.
             return Err(StoreError::Manifest(ManifestError::Inconsistent(format!(
@@ -569,7 +571,7 @@ impl ChunkOpener {
 /// Chunks of known models, by stored digest, with a memory of which of their stripes
 /// were found whole.
 struct KnownChunks<'a> {
-    at: HashMap<&'a str, (usize, usize)>,
+    at: HashMap<&'a ChunkDigest, (usize, usize)>,
     known: &'a [Registration],
     store: &'a Store,
     policy: &'a Policy,
@@ -602,7 +604,7 @@ impl<'a> KnownChunks<'a> {
             }
             for (s, stripe) in manifest.stripes.iter().enumerate() {
                 for c in &stripe.chunks {
-                    at.entry(c.blake3.as_str()).or_insert((i, s));
+                    at.entry(&c.blake3).or_insert((i, s));
                 }
             }
         }
@@ -617,7 +619,7 @@ impl<'a> KnownChunks<'a> {
 
     /// The known stripe holding `hash`, if every one of its shards is present on a
     /// configured backend the policy allows.
-    async fn healthy(&self, hash: &str) -> Option<(usize, usize)> {
+    async fn healthy(&self, hash: &ChunkDigest) -> Option<(usize, usize)> {
         let at = *self.at.get(hash)?;
         let mut checked = self.checked.lock().await;
         if let Some(ok) = checked.get(&at) {
@@ -769,7 +771,7 @@ fn cut_files(
                 Some(key) => key.seal(&buf),
                 None => buf,
             };
-            let hash = hex(&stored);
+            let hash = ChunkDigest::of(&stored);
             chunks.push(ChunkRef {
                 blake3: hash.clone(),
                 len: plain_len,
