@@ -6,14 +6,17 @@
 //! - [`config`]: the server roles' (`server`, `up`) settings, resolved and checked.
 //! - [`server`]: `aigrid server` and `aigrid up`, run until Ctrl-C or SIGTERM.
 //! - [`files`]: the dispersed store's TOML file, and the embedded default store.
-//! - [`output`]: lines for people: plain when not on a terminal, nouns counted.
+//! - [`output`]: what people read: lines, tables, `--json`, times and byte counts;
+//!   plain when not on a terminal.
 //! - [`shutdown`]: the signal that stops a long-running role.
 //! - [`client`]: the HTTP client, failing over between servers, with one-line errors.
-//! - [`commands`]: the client subcommands and their human and `--json` output.
+//! - [`commands`]: the client subcommands `job`, `alloc`, `node`, `cluster`, one
+//!   module per noun.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
 //! - [`placement`]: waiting for a submitted job's placement and saying where it went.
 //! - [`logs`]: allocations' output: by id prefix, by job, followed.
-//! - [`model`]: the dispersed model store's commands and the periodic repair loop.
+//! - [`model`]: the dispersed model store's commands (registry look-ups, the store
+//!   and keys, push, repair) and the periodic repair loop.
 //! - [`serve`]: `aigrid serve`, one model behind the OpenAI-compatible `/v1` API.
 //! - [`demo`]: the tiny demo model `aigrid up` pushes and deploys.
 

@@ -12,9 +12,22 @@ use aigrid_api::ChunkDigest;
 use futures_util::StreamExt;
 
 use crate::crypto::ModelKey;
+use crate::error::{io, StoreError};
 use crate::manifest::{Manifest, Registration};
+use crate::opener::ChunkOpener;
 use crate::reader::{FetchOptions, Fetcher};
-use crate::store::{io, ChunkOpener, PullStats, Store, StoreError};
+use crate::store::Store;
+
+/// What a pull wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullStats {
+    /// Files written.
+    pub files: usize,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Stripes fetched.
+    pub stripes: usize,
+}
 
 impl Store {
     /// Writes the model under `dest`, after checking its signature: stripes are

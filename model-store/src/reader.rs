@@ -17,8 +17,10 @@ use crate::backend::Backend;
 use crate::cache::ChunkCache;
 use crate::codec::{Codec, Params};
 use crate::crypto::ModelKey;
+use crate::error::StoreError;
 use crate::manifest::{shard_object, Locations, Manifest, Registration};
-use crate::store::{hex, ChunkOpener, Store, StoreError};
+use crate::opener::ChunkOpener;
+use crate::store::{hex, Store};
 use aigrid_api::{ChunkDigest, ModelDigest};
 
 /// Stripes of `manifest` fetched at once within the options' byte budget.
@@ -662,7 +664,7 @@ impl Reader {
             }
             cache
                 .pin(wanted.keys().map(|h| (*h).clone()))
-                .map_err(crate::store::io(std::path::Path::new("cache")))?;
+                .map_err(crate::error::io(std::path::Path::new("cache")))?;
         }
         let before = self.stats().bytes;
         let mut stripes: BTreeMap<usize, String> = BTreeMap::new();
