@@ -16,7 +16,7 @@
 //! | [`model`] | registered models as listed, and the dispersed store a server offers |
 //! | [`manifest`] | a model's signed manifest and shard locations: canonical encoding, digest, signature check |
 //! | [`placement`] | placement policies: which storage backends may hold a stripe's shards |
-//! | [`digest`] | content digests as types (`ModelDigest`) |
+//! | [`digest`] | content digests as types (`ModelDigest`, `ChunkDigest`) |
 //! | [`openai`] | OpenAI's `/v1` wire types and error envelope, for the model servers and the gateway |
 //! | [`error`] | the error body, the stable error codes and validation errors |
 //!
@@ -57,7 +57,7 @@ pub use auth::{
 pub use cluster::{
     ClusterStatus, Health, JoinRequest, LeaveRequest, Member, MemberRole, Readiness,
 };
-pub use digest::ModelDigest;
+pub use digest::{ChunkDigest, ModelDigest};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationError};
 pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
 pub use ids::{AllocId, EvalId, JobId, NodeId};
@@ -101,6 +101,7 @@ mod tests {
         ValidationError,
         Registration,
         ModelDigest,
+        ChunkDigest,
     )))]
     struct Doc;
 
@@ -128,6 +129,7 @@ mod tests {
             "Timestamp",
             "MilliCpu",
             "StorageBackend",
+            "ChunkDigest",
         ] {
             assert!(schemas.contains_key(name), "missing schema {name}");
         }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use crate::digest::is_digest;
-use crate::digest::ModelDigest;
+use crate::digest::{ChunkDigest, ModelDigest};
 use crate::placement::Policy;
 
 /// The erasure code shards are made with, as a manifest names it: Reed-Solomon over
@@ -72,7 +72,7 @@ pub struct EncryptionInfo {
 #[serde(deny_unknown_fields)]
 pub struct ChunkRef {
     /// BLAKE3 of the stored chunk, hex.
-    pub blake3: String,
+    pub blake3: ChunkDigest,
     /// Its length in bytes.
     pub len: u64,
 }
@@ -248,12 +248,12 @@ impl Manifest {
     }
 
     /// Where each stored chunk is: its stripe and its offset in the stripe.
-    pub fn chunk_locations(&self) -> BTreeMap<&str, (usize, u64)> {
+    pub fn chunk_locations(&self) -> BTreeMap<&ChunkDigest, (usize, u64)> {
         let mut at = BTreeMap::new();
         for (i, stripe) in self.stripes.iter().enumerate() {
             let mut offset = 0u64;
             for c in &stripe.chunks {
-                at.entry(c.blake3.as_str()).or_insert((i, offset));
+                at.entry(&c.blake3).or_insert((i, offset));
                 // Validation bounds a stripe's chunks by its length.
                 offset = offset.saturating_add(c.len);
             }
@@ -281,15 +281,16 @@ impl Manifest {
                 return bad(format!("unknown encryption `{}`", enc.aead));
             }
         }
-        let mut stored: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut stored: BTreeMap<&ChunkDigest, u64> = BTreeMap::new();
         let mut stored_bytes = 0u64;
         for (i, stripe) in self.stripes.iter().enumerate() {
             let mut total = 0u64;
             for c in &stripe.chunks {
-                if !is_digest(&c.blake3) || c.len == 0 || c.len > max_stored {
+                // The digest is one by its type.
+                if c.len == 0 || c.len > max_stored {
                     return bad(format!("stripe {i}: a malformed chunk"));
                 }
-                if *stored.entry(c.blake3.as_str()).or_insert(c.len) != c.len {
+                if *stored.entry(&c.blake3).or_insert(c.len) != c.len {
                     return bad(format!("chunk {} has two lengths", c.blake3));
                 }
                 let Some(sum) = total.checked_add(c.len) else {
@@ -345,7 +346,7 @@ impl Manifest {
                 if c.len == 0 || c.len > self.chunk_size {
                     return bad(format!("file `{}`: a malformed chunk", file.path));
                 }
-                match stored.get(c.blake3.as_str()) {
+                match stored.get(&c.blake3) {
                     Some(len) if Some(*len) == c.len.checked_add(self.overhead()) => {}
                     Some(_) => return bad(format!("chunk {} has two lengths", c.blake3)),
                     None => return bad(format!("chunk {} is in no stripe", c.blake3)),
@@ -473,8 +474,8 @@ mod tests {
     }
 
     fn manifest() -> Manifest {
-        let (a, b) = (hex(b"a"), hex(b"b"));
-        let chunk = |h: &String, len| ChunkRef {
+        let (a, b) = (ChunkDigest::of(b"a"), ChunkDigest::of(b"b"));
+        let chunk = |h: &ChunkDigest, len| ChunkRef {
             blake3: h.clone(),
             len,
         };
@@ -526,7 +527,7 @@ mod tests {
         let digest = signed.verify().unwrap();
         assert_eq!(digest, manifest().digest());
         assert_eq!(
-            signed.manifest.chunk_locations()[hex(b"b").as_str()],
+            signed.manifest.chunk_locations()[&ChunkDigest::of(b"b")],
             (0, 4)
         );
 
@@ -558,6 +559,25 @@ mod tests {
         let mut garbled = signed.clone();
         garbled.signature = "AAAA".into();
         assert!(matches!(garbled.verify(), Err(ManifestError::Signature(_))));
+    }
+
+    #[test]
+    fn chunk_digests_are_bare_hex_on_the_wire_and_nothing_else_gets_in() {
+        let mut json = serde_json::to_value(manifest()).unwrap();
+        assert_eq!(
+            json["files"][0]["chunks"][0]["blake3"],
+            serde_json::json!(hex(b"a")),
+            "written as the hex string it always was"
+        );
+        assert_eq!(
+            serde_json::from_value::<Manifest>(json.clone()).unwrap(),
+            manifest()
+        );
+        json["stripes"][0]["chunks"][1]["blake3"] = serde_json::json!("not hex");
+        let err = serde_json::from_value::<Manifest>(json)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`not hex` is not a chunk digest"), "{err}");
     }
 
     #[test]
@@ -640,7 +660,7 @@ mod tests {
             path: path.into(),
             size: 4,
             chunks: vec![ChunkRef {
-                blake3: hex(b"a"),
+                blake3: ChunkDigest::of(b"a"),
                 len: 4,
             }],
         };
@@ -674,7 +694,7 @@ mod tests {
     #[test]
     fn sizes_that_overflow_are_refused() {
         let c = |data: &[u8], len| ChunkRef {
-            blake3: hex(data),
+            blake3: ChunkDigest::of(data),
             len,
         };
         let huge = 10_000_000_000_000_000_000u64;

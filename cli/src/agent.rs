@@ -1,6 +1,7 @@
-//! `aigrid agent`: flags (each with an `AIGRID_*` variable) over an optional TOML
-//! file, then one agent, or a simulated fleet of them, until SIGINT or SIGTERM.
-//! Stopping the agent leaves its workloads running; the next start reattaches.
+//! `aigrid agent`: flags over their `AIGRID_*` variables over an optional TOML file
+//! ([`crate::layers`]), then one agent, or a simulated fleet of them, until SIGINT
+//! or SIGTERM. Stopping the agent leaves its workloads running; the next start
+//! reattaches.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,90 +20,63 @@ use aigrid_agent::runner::{Runner, RunnerConfig, SupervisorLaunch};
 use aigrid_api::JoinToken;
 use anyhow::{anyhow, Context};
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// Flags of `aigrid agent`; the same names, with `_`, are the keys of its TOML file.
-#[derive(Args, Deserialize, Debug, Default)]
+use crate::layers::{process_env, Layers};
+
+/// Flags of `aigrid agent`; the same names, with `_`, are the keys of its TOML file,
+/// and upper-cased after `AIGRID_`, its variables.
+#[derive(Args, Serialize, Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AgentArgs {
     /// Control-plane server URLs, comma-separated; the agent moves between them on
     /// its own.
-    #[arg(long, env = "AIGRID_SERVERS")]
+    #[arg(long)]
     servers: Option<String>,
     /// Join token for the first registration (`aigrid node token create`).
-    #[arg(long, env = "AIGRID_JOIN_TOKEN", hide_env_values = true)]
+    #[arg(long)]
     join_token: Option<String>,
     /// Directory for the node's identity, allocations, logs and artifact cache.
-    #[arg(long, env = "AIGRID_DATA_DIR")]
+    #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// A node attribute, `KEY=VALUE`; repeatable (the variable takes a comma list).
-    #[arg(
-        long = "attr",
-        value_name = "KEY=VALUE",
-        env = "AIGRID_ATTRS",
-        value_delimiter = ','
-    )]
+    /// A node attribute, `KEY=VALUE`; repeatable (`AIGRID_ATTRS` takes a comma list).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_delimiter = ',')]
     #[serde(default)]
     attr: Vec<String>,
     /// The node id on first start (default: the host name and a random suffix).
-    #[arg(long, env = "AIGRID_NODE_ID")]
+    #[arg(long)]
     node_id: Option<String>,
     /// Simulated GPUs instead of NVML, e.g. `4xH100-80GB,2xL4-24GB`; faults are
     /// injected through `<data-dir>/simulated-gpu-faults`.
-    #[arg(long, env = "AIGRID_SIMULATE_GPUS")]
+    #[arg(long)]
     simulate_gpus: Option<String>,
     /// Run N simulated agents in this process (simulated GPUs, a driver that only
     /// records), to load-test the control plane.
-    #[arg(long, env = "AIGRID_SIMULATE_FLEET", value_name = "N")]
+    #[arg(long, value_name = "N")]
     simulate_fleet: Option<usize>,
     /// Milliseconds over which a simulated fleet's agents start.
-    #[arg(long, env = "AIGRID_FLEET_RAMP_MS")]
+    #[arg(long)]
     fleet_ramp_ms: Option<u64>,
     /// Milliseconds between heartbeats (default 10000).
-    #[arg(long, env = "AIGRID_HEARTBEAT_INTERVAL_MS")]
+    #[arg(long)]
     heartbeat_interval_ms: Option<u64>,
     /// Longest a long poll for assignments is held, in milliseconds (default 30000).
-    #[arg(long, env = "AIGRID_POLL_WAIT_MS")]
+    #[arg(long)]
     poll_wait_ms: Option<u64>,
     /// Serve Prometheus `/metrics` on this address; nothing listens otherwise.
-    #[arg(long, env = "AIGRID_METRICS_LISTEN")]
+    #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// Serve this node's shards over HTTP on this address (the node's private
     /// address; port 0 picks one); nothing listens otherwise.
-    #[arg(long, env = "AIGRID_SHARD_LISTEN")]
+    #[arg(long)]
     shard_listen: Option<SocketAddr>,
     /// Directory the shard service keeps shards in (default `<data-dir>/shards`).
-    #[arg(long, env = "AIGRID_SHARD_DIR")]
+    #[arg(long)]
     shard_dir: Option<PathBuf>,
     /// TOML file with any of these settings (flags and variables win).
     #[arg(long, env = "AIGRID_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
-}
-
-impl AgentArgs {
-    fn or(self, file: AgentArgs) -> AgentArgs {
-        AgentArgs {
-            servers: self.servers.or(file.servers),
-            join_token: self.join_token.or(file.join_token),
-            data_dir: self.data_dir.or(file.data_dir),
-            attr: if self.attr.is_empty() {
-                file.attr
-            } else {
-                self.attr
-            },
-            node_id: self.node_id.or(file.node_id),
-            simulate_gpus: self.simulate_gpus.or(file.simulate_gpus),
-            simulate_fleet: self.simulate_fleet.or(file.simulate_fleet),
-            fleet_ramp_ms: self.fleet_ramp_ms.or(file.fleet_ramp_ms),
-            heartbeat_interval_ms: self.heartbeat_interval_ms.or(file.heartbeat_interval_ms),
-            poll_wait_ms: self.poll_wait_ms.or(file.poll_wait_ms),
-            metrics_listen: self.metrics_listen.or(file.metrics_listen),
-            shard_listen: self.shard_listen.or(file.shard_listen),
-            shard_dir: self.shard_dir.or(file.shard_dir),
-            config: self.config,
-        }
-    }
 }
 
 /// Everything an agent process needs, checked before anything starts.
@@ -134,12 +108,9 @@ pub fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>>
     Ok(out)
 }
 
-fn resolve(args: AgentArgs) -> anyhow::Result<Resolved> {
-    let file = match &args.config {
-        Some(path) => crate::files::read_toml(path)?,
-        None => AgentArgs::default(),
-    };
-    let args = args.or(file);
+/// The flags over the variables in `env` over the file over the defaults.
+fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolved> {
+    let args: AgentArgs = Layers::new(&flags, env, flags.config.as_deref()).extract()?;
     let servers = parse_servers(
         args.servers
             .as_deref()
@@ -330,7 +301,7 @@ pub async fn start_agent(
 
 /// `aigrid agent`.
 pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
-    let r = resolve(args)?;
+    let r = resolve(args, &process_env::<AgentArgs>()?)?;
     let registry = prometheus::Registry::new();
     let metrics = AgentMetrics::register(&registry, r.fleet.is_none())?;
     if let Some(addr) = r.metrics_listen {
@@ -378,6 +349,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_agent_reads_the_variables_it_always_did() {
+        let names: Vec<String> = [
+            "SERVERS",
+            "JOIN_TOKEN",
+            "DATA_DIR",
+            "ATTRS",
+            "NODE_ID",
+            "SIMULATE_GPUS",
+            "SIMULATE_FLEET",
+            "FLEET_RAMP_MS",
+            "HEARTBEAT_INTERVAL_MS",
+            "POLL_WAIT_MS",
+            "METRICS_LISTEN",
+            "SHARD_LISTEN",
+            "SHARD_DIR",
+        ]
+        .iter()
+        .map(|n| format!("AIGRID_{n}"))
+        .collect();
+        assert_eq!(crate::layers::variables::<AgentArgs>(), names);
+    }
+
+    #[test]
     fn flags_win_over_the_file_and_bad_values_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
@@ -386,24 +380,35 @@ mod tests {
             "servers = \"http://127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\nattr = [\"site=x\"]\nheartbeat_interval_ms = 500\n",
         )
         .unwrap();
-        let r = resolve(AgentArgs {
-            config: Some(path.clone()),
-            attr: vec!["site=y".into()],
-            ..AgentArgs::default()
-        })
+        let vars = crate::layers::tests::env(&[
+            ("AIGRID_ATTRS", "site=z"),
+            ("AIGRID_POLL_WAIT_MS", "700"),
+        ]);
+        let r = resolve(
+            AgentArgs {
+                config: Some(path.clone()),
+                attr: vec!["site=y".into()],
+                ..AgentArgs::default()
+            },
+            &vars,
+        )
         .unwrap();
-        assert_eq!(r.agent.attributes["site"], "y");
+        assert_eq!(r.agent.attributes["site"], "y", "the flag beats the rest");
+        assert_eq!(r.agent.poll_wait, Duration::from_millis(700));
         assert_eq!(r.agent.heartbeat_interval, Duration::from_millis(500));
         std::fs::write(&path, "servers = \"http://x\"\nbogus = 1\n").unwrap();
-        let err = resolve(AgentArgs {
-            config: Some(path),
-            ..AgentArgs::default()
-        })
+        let err = resolve(
+            AgentArgs {
+                config: Some(path),
+                ..AgentArgs::default()
+            },
+            &[],
+        )
         .err()
         .unwrap()
         .to_string();
-        assert!(err.contains("bogus"), "{err}");
-        let bad = |args: AgentArgs| resolve(args).err().unwrap().to_string();
+        assert!(err.contains("unknown key `bogus`"), "{err}");
+        let bad = |args: AgentArgs| resolve(args, &[]).err().unwrap().to_string();
         let base = || AgentArgs {
             servers: Some("http://127.0.0.1:1".into()),
             data_dir: Some("/tmp/a".into()),
@@ -439,13 +444,16 @@ mod tests {
             data_dir: Some(dir.path().to_path_buf()),
             ..AgentArgs::default()
         };
-        assert!(resolve(base()).unwrap().shards.is_none());
+        assert!(resolve(base(), &[]).unwrap().shards.is_none());
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, "shard_listen = \"127.0.0.1:0\"\n").unwrap();
-        let (addr, shard_dir) = resolve(AgentArgs {
-            config: Some(path),
-            ..base()
-        })
+        let (addr, shard_dir) = resolve(
+            AgentArgs {
+                config: Some(path),
+                ..base()
+            },
+            &[],
+        )
         .unwrap()
         .shards
         .unwrap();

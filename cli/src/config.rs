@@ -1,124 +1,179 @@
-//! The server roles' configuration: flags (each with an `AIGRID_*` variable) over an
-//! optional TOML file over defaults, resolved and checked once before anything
-//! starts. Unknown keys in the file are an error.
+//! The server roles' configuration: flags over their `AIGRID_*` variables over an
+//! optional TOML file over defaults ([`crate::layers`]), resolved and checked once
+//! before anything starts. Unknown keys in the file are an error.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use aigrid_scheduler::server::ServerConfig;
 use aigrid_store::backend::BackendConfig;
 use anyhow::{anyhow, bail};
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::files::{read_store_file, read_toml};
+use crate::files::read_store_file;
+use crate::layers::{process_env, Layers};
 
-/// Flags of `aigrid server`; the same names, with `_`, are the keys of its TOML file.
-#[derive(Args, Deserialize, Debug, Default)]
+/// Where a server or `up` listens when nothing says otherwise.
+const DEFAULT_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 7700);
+
+/// Seconds between scrub-and-repair rounds when nothing says otherwise.
+const DEFAULT_REPAIR_INTERVAL_SECS: u64 = 600;
+
+/// Flags of `aigrid server`; the same names, with `_`, are the keys of its TOML file,
+/// and upper-cased after `AIGRID_`, its variables.
+#[derive(Args, Serialize, Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ServerArgs {
     /// This server's Raft id (non-zero, unique in the cluster).
-    #[arg(long, env = "AIGRID_ID")]
+    #[arg(long)]
     id: Option<u64>,
     /// Address for the control API and Raft traffic.
-    #[arg(long, env = "AIGRID_LISTEN")]
+    #[arg(long)]
     listen: Option<SocketAddr>,
     /// Address peers use to reach this server (default: the listen address).
-    #[arg(long, env = "AIGRID_ADVERTISE")]
+    #[arg(long)]
     advertise: Option<String>,
     /// Initial voters of a new cluster: `1=host:port,2=host:port,3=host:port`.
-    #[arg(long, env = "AIGRID_PEERS")]
+    #[arg(long)]
     peers: Option<String>,
     /// URL of a server of an existing cluster to join (instead of --peers).
-    #[arg(long, env = "AIGRID_JOIN")]
+    #[arg(long)]
     join: Option<String>,
     /// Directory for the Raft log and snapshots.
-    #[arg(long, env = "AIGRID_DATA_DIR")]
+    #[arg(long)]
     data_dir: Option<PathBuf>,
     /// TOML file with any of these settings (flags and variables win).
     #[arg(long, env = "AIGRID_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
     /// Length of a Raft tick in milliseconds.
-    #[arg(long, env = "AIGRID_TICK_MS")]
+    #[arg(long)]
     tick_ms: Option<u64>,
     /// Ticks without a leader before an election.
-    #[arg(long, env = "AIGRID_ELECTION_TICKS")]
+    #[arg(long)]
     election_ticks: Option<usize>,
     /// Applied entries between snapshots (log compaction).
-    #[arg(long, env = "AIGRID_SNAPSHOT_ENTRIES")]
+    #[arg(long)]
     snapshot_entries: Option<u64>,
     /// Applied bytes between snapshots.
-    #[arg(long, env = "AIGRID_SNAPSHOT_BYTES")]
+    #[arg(long)]
     snapshot_bytes: Option<u64>,
     /// Entries kept behind a snapshot for lagging followers.
-    #[arg(long, env = "AIGRID_COMPACT_KEEP")]
+    #[arg(long)]
     compact_keep: Option<u64>,
     /// Milliseconds a write may wait for a commit before answering 503.
-    #[arg(long, env = "AIGRID_REQUEST_TIMEOUT_MS")]
+    #[arg(long)]
     request_timeout_ms: Option<u64>,
     /// Largest request body in bytes (413 beyond).
-    #[arg(long, env = "AIGRID_MAX_BODY_BYTES")]
+    #[arg(long)]
     max_body_bytes: Option<usize>,
     /// Largest body of a model registration or locations update in bytes (413
     /// beyond); manifests of large models run to several MiB.
-    #[arg(long, env = "AIGRID_MAX_MODEL_BODY_BYTES")]
+    #[arg(long)]
     max_model_body_bytes: Option<usize>,
     /// Requests served at once (429 beyond).
-    #[arg(long, env = "AIGRID_MAX_IN_FLIGHT")]
+    #[arg(long)]
     max_in_flight: Option<usize>,
     /// Milliseconds a node may go without a heartbeat before it is marked down and
     /// its work rescheduled.
-    #[arg(long, env = "AIGRID_NODE_TTL_MS")]
+    #[arg(long)]
     node_ttl_ms: Option<u64>,
     /// TOML file describing the dispersed store (backends, k, m, policy) this server
     /// tells clients about at `GET /api/v1/storage`; never its credentials. In the
     /// config file, a relative path is relative to that file.
-    #[arg(long, env = "AIGRID_STORE")]
+    #[arg(long)]
     store: Option<PathBuf>,
     /// Seconds between scrub-and-repair rounds over every model while this server
     /// leads and has a store (default 600; 0: never). Credentials come from this
     /// process's environment.
-    #[arg(long, env = "AIGRID_REPAIR_INTERVAL_SECS")]
+    #[arg(long)]
     repair_interval_secs: Option<u64>,
 }
 
-/// Flags of `aigrid up`.
-#[derive(Args, Debug)]
+/// Flags of `aigrid up`; as for `aigrid server`, the same names are the keys of its
+/// TOML file and, upper-cased after `AIGRID_`, its variables.
+#[derive(Args, Serialize, Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
 pub struct UpArgs {
-    /// Address for the control API.
-    #[arg(long, env = "AIGRID_LISTEN", default_value = "127.0.0.1:7700")]
-    pub(crate) listen: SocketAddr,
+    /// Address for the control API (default 127.0.0.1:7700).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Data directory (default: `aigrid` under the user's data directory).
-    #[arg(long, env = "AIGRID_DATA_DIR")]
-    pub(crate) data_dir: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Give the embedded agent simulated GPUs instead of NVML, e.g. `2xH100-80GB`.
-    #[arg(long, env = "AIGRID_SIMULATE_GPUS")]
-    pub(crate) simulate_gpus: Option<String>,
+    #[arg(long)]
+    simulate_gpus: Option<String>,
     /// An attribute of the embedded agent's node, `KEY=VALUE` (`country=BE`), that
-    /// constraints and spreads match on; repeatable (the variable takes a comma
+    /// constraints and spreads match on; repeatable (`AIGRID_ATTRS` takes a comma
     /// list), as for `aigrid agent`.
-    #[arg(
-        long = "attr",
-        value_name = "KEY=VALUE",
-        env = "AIGRID_ATTRS",
-        value_delimiter = ','
-    )]
-    pub(crate) attr: Vec<String>,
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_delimiter = ',')]
+    #[serde(default)]
+    attr: Vec<String>,
     /// The dispersed store's file (see `aigrid server --store`); default: six local
     /// directories under the data directory standing in for six sites, coded 4+2,
-    /// at most one shard of a stripe per site.
-    #[arg(long, env = "AIGRID_STORE")]
-    pub(crate) store: Option<PathBuf>,
-    /// Seconds between scrub-and-repair rounds over every model (0: never).
-    #[arg(long, env = "AIGRID_REPAIR_INTERVAL_SECS", default_value_t = 600)]
-    pub(crate) repair_interval_secs: u64,
+    /// at most one shard of a stripe per site. In the config file, a relative path
+    /// is relative to that file.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Seconds between scrub-and-repair rounds over every model (default 600; 0:
+    /// never).
+    #[arg(long)]
+    repair_interval_secs: Option<u64>,
     /// Do not push and deploy the tiny demo model (`tiny-llama`, random weights) that
     /// otherwise answers on `/v1` once its server is ready.
-    #[arg(long, env = "AIGRID_NO_DEMO_MODEL")]
+    #[arg(long)]
+    #[serde(default)]
+    no_demo_model: bool,
+    /// TOML file with any of these settings (flags and variables win).
+    #[arg(long, env = "AIGRID_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+}
+
+/// `aigrid up`'s settings, resolved and checked.
+#[derive(Debug)]
+pub(crate) struct Up {
+    pub(crate) listen: SocketAddr,
+    /// `None`: the user's data directory, found when `up` starts.
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) simulate_gpus: Option<String>,
+    pub(crate) attributes: BTreeMap<String, String>,
+    pub(crate) store: Option<PathBuf>,
+    /// Between scrub-and-repair rounds (zero: never).
+    pub(crate) repair_interval: Duration,
     pub(crate) no_demo_model: bool,
+}
+
+impl UpArgs {
+    /// The flags over this process's variables over the file over the defaults.
+    pub(crate) fn resolve(self) -> anyhow::Result<Up> {
+        self.resolve_in(&process_env::<UpArgs>()?)
+    }
+
+    /// The flags over the variables in `env` over the file over the defaults.
+    fn resolve_in(self, env: &[(String, String)]) -> anyhow::Result<Up> {
+        let layers = Layers::new(&self, env, self.config.as_deref());
+        let args: UpArgs = layers.extract()?;
+        if let Some(spec) = &args.simulate_gpus {
+            aigrid_agent::simulated::parse(spec, "check")?;
+        }
+        Ok(Up {
+            listen: args.listen.unwrap_or_else(|| DEFAULT_LISTEN.into()),
+            data_dir: args.data_dir,
+            simulate_gpus: args.simulate_gpus,
+            attributes: crate::agent::parse_attrs(&args.attr)?,
+            store: args.store.map(|path| layers.path("store", path)),
+            repair_interval: Duration::from_secs(
+                args.repair_interval_secs
+                    .unwrap_or(DEFAULT_REPAIR_INTERVAL_SECS),
+            ),
+            no_demo_model: args.no_demo_model,
+        })
+    }
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -151,56 +206,20 @@ pub fn parse_peers(text: &str) -> anyhow::Result<BTreeMap<u64, String>> {
 }
 
 impl ServerArgs {
-    /// Fills every setting the flags left unset from `file`.
-    fn or(self, file: ServerArgs) -> ServerArgs {
-        ServerArgs {
-            id: self.id.or(file.id),
-            listen: self.listen.or(file.listen),
-            advertise: self.advertise.or(file.advertise),
-            peers: self.peers.or(file.peers),
-            join: self.join.or(file.join),
-            data_dir: self.data_dir.or(file.data_dir),
-            config: self.config,
-            tick_ms: self.tick_ms.or(file.tick_ms),
-            election_ticks: self.election_ticks.or(file.election_ticks),
-            snapshot_entries: self.snapshot_entries.or(file.snapshot_entries),
-            snapshot_bytes: self.snapshot_bytes.or(file.snapshot_bytes),
-            compact_keep: self.compact_keep.or(file.compact_keep),
-            request_timeout_ms: self.request_timeout_ms.or(file.request_timeout_ms),
-            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
-            max_model_body_bytes: self.max_model_body_bytes.or(file.max_model_body_bytes),
-            max_in_flight: self.max_in_flight.or(file.max_in_flight),
-            node_ttl_ms: self.node_ttl_ms.or(file.node_ttl_ms),
-            store: self.store.or(file.store),
-            repair_interval_secs: self.repair_interval_secs.or(file.repair_interval_secs),
-        }
+    /// The flags over this process's variables over the file over the defaults, with
+    /// what the server's repair loop needs besides the scheduler's configuration.
+    pub(crate) fn resolve(self) -> anyhow::Result<ResolvedServer> {
+        self.resolve_in(&process_env::<ServerArgs>()?)
     }
 
-    /// Merges flags over the file over defaults.
-    #[cfg(test)]
-    fn resolve(self) -> anyhow::Result<(ServerConfig, Option<String>)> {
-        self.resolve_all().map(|r| (r.config, r.join))
-    }
-
-    /// Merges flags over the file over defaults, with what the server's repair loop
-    /// needs besides the scheduler's configuration.
-    pub(crate) fn resolve_all(self) -> anyhow::Result<ResolvedServer> {
-        let file = match &self.config {
-            Some(path) => {
-                let mut file: ServerArgs = read_toml(path)?;
-                let dir = path.parent().unwrap_or(Path::new(""));
-                file.store = file.store.map(|store| dir.join(store));
-                file
-            }
-            None => ServerArgs::default(),
-        };
-        let args = self.or(file);
+    /// The flags over the variables in `env` over the file over the defaults.
+    fn resolve_in(self, env: &[(String, String)]) -> anyhow::Result<ResolvedServer> {
+        let layers = Layers::new(&self, env, self.config.as_deref());
+        let args: ServerArgs = layers.extract()?;
         let id = args.id.ok_or_else(|| {
             anyhow!("--id is required (or AIGRID_ID, or `id` in the config file)")
         })?;
-        let listen = args
-            .listen
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700)));
+        let listen = args.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
         let data_dir = args
             .data_dir
             .ok_or_else(|| anyhow!("--data-dir is required (or AIGRID_DATA_DIR)"))?;
@@ -241,8 +260,8 @@ impl ServerArgs {
             config.limits.max_model_body_bytes = n;
         }
         let mut backends = Vec::new();
-        if let Some(path) = &args.store {
-            let (info, configs) = read_store_file(path)?;
+        if let Some(path) = args.store {
+            let (info, configs) = read_store_file(&layers.path("store", path))?;
             config.storage = info;
             backends = configs;
         }
@@ -256,7 +275,10 @@ impl ServerArgs {
         Ok(ResolvedServer {
             config,
             join,
-            repair_interval: Duration::from_secs(args.repair_interval_secs.unwrap_or(600)),
+            repair_interval: Duration::from_secs(
+                args.repair_interval_secs
+                    .unwrap_or(DEFAULT_REPAIR_INTERVAL_SECS),
+            ),
             backends,
         })
     }
@@ -277,6 +299,7 @@ pub(crate) struct ResolvedServer {
 mod tests {
     use super::*;
     use crate::files::tests::STORE;
+    use crate::layers::tests::env;
 
     #[test]
     fn peers_parse_and_reject() {
@@ -289,28 +312,164 @@ mod tests {
     }
 
     #[test]
+    fn the_roles_read_the_variables_they_always_did() {
+        use crate::layers::variables;
+        let server = [
+            "ID",
+            "LISTEN",
+            "ADVERTISE",
+            "PEERS",
+            "JOIN",
+            "DATA_DIR",
+            "TICK_MS",
+            "ELECTION_TICKS",
+            "SNAPSHOT_ENTRIES",
+            "SNAPSHOT_BYTES",
+            "COMPACT_KEEP",
+            "REQUEST_TIMEOUT_MS",
+            "MAX_BODY_BYTES",
+            "MAX_MODEL_BODY_BYTES",
+            "MAX_IN_FLIGHT",
+            "NODE_TTL_MS",
+            "STORE",
+            "REPAIR_INTERVAL_SECS",
+        ];
+        let up = [
+            "LISTEN",
+            "DATA_DIR",
+            "SIMULATE_GPUS",
+            "ATTRS",
+            "STORE",
+            "REPAIR_INTERVAL_SECS",
+            "NO_DEMO_MODEL",
+        ];
+        let named = |names: &[&str]| -> Vec<String> {
+            names.iter().map(|n| format!("AIGRID_{n}")).collect()
+        };
+        assert_eq!(variables::<ServerArgs>(), named(&server));
+        assert_eq!(variables::<UpArgs>(), named(&up));
+    }
+
+    #[test]
+    fn a_server_flag_beats_its_variable_beats_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            "id = 1\ndata_dir = \"/tmp/x\"\nsnapshot_entries = 5\nnode_ttl_ms = 90000\ntick_ms = 50\n",
+        )
+        .unwrap();
+        let vars = env(&[
+            ("AIGRID_ID", "2"),
+            ("AIGRID_TICK_MS", "70"),
+            ("AIGRID_NODE_TTL_MS", "60000"),
+        ]);
+        let args = ServerArgs {
+            config: Some(path.clone()),
+            id: Some(3),
+            tick_ms: Some(80),
+            ..Default::default()
+        };
+        let config = args.resolve_in(&vars).unwrap().config;
+        assert_eq!(config.id, 3, "the flag beats the variable and the file");
+        assert_eq!(config.tick, Duration::from_millis(80));
+        assert_eq!(
+            config.node_ttl,
+            Duration::from_secs(60),
+            "the variable beats the file"
+        );
+        assert_eq!(config.snapshot_entries, 5, "the file fills the rest");
+        assert_eq!(
+            config.listen,
+            SocketAddr::from(DEFAULT_LISTEN),
+            "then defaults"
+        );
+
+        let args = ServerArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let resolved = args.resolve_in(&[]).unwrap();
+        assert_eq!(resolved.config.id, 1);
+        assert_eq!(resolved.config.tick, Duration::from_millis(50));
+        assert!(resolved.join.is_none());
+        assert!(!resolved.config.storage.is_configured());
+    }
+
+    #[test]
     fn config_file_rejects_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("server.toml");
         std::fs::write(&path, "id = 2\nbogus = 1\n").unwrap();
-        let err = read_toml::<ServerArgs>(&path).unwrap_err().to_string();
-        assert!(err.contains("bogus"), "{err}");
-        std::fs::write(
-            &path,
-            "id = 2\ndata_dir = \"/tmp/x\"\nsnapshot_entries = 5\nnode_ttl_ms = 90000\n",
-        )
-        .unwrap();
         let args = ServerArgs {
-            config: Some(path),
-            id: Some(3),
+            config: Some(path.clone()),
             ..Default::default()
         };
-        let (config, join) = args.resolve().unwrap();
-        assert_eq!(config.id, 3, "flags win over the file");
-        assert_eq!(config.snapshot_entries, 5);
-        assert_eq!(config.node_ttl, Duration::from_secs(90));
-        assert!(join.is_none());
-        assert!(!config.storage.is_configured());
+        let err = args.resolve_in(&[]).err().unwrap().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "config file {}: unknown key `bogus`",
+                path.display()
+            )),
+            "{err}"
+        );
+        std::fs::write(&path, "listen = 7\n").unwrap();
+        let args = ServerArgs {
+            config: Some(path),
+            id: Some(1),
+            ..Default::default()
+        };
+        let err = args.resolve_in(&[]).err().unwrap().to_string();
+        assert!(err.contains("key `listen`"), "{err}");
+    }
+
+    #[test]
+    fn up_reads_the_same_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("store.toml"), STORE).unwrap();
+        let path = dir.path().join("up.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7801\"\nstore = \"store.toml\"\nattr = [\"site=a\"]\nrepair_interval_secs = 5\n",
+        )
+        .unwrap();
+        let flags = UpArgs {
+            config: Some(path.clone()),
+            listen: Some("127.0.0.1:7803".parse().unwrap()),
+            ..UpArgs::default()
+        };
+        let vars = env(&[
+            ("AIGRID_LISTEN", "127.0.0.1:7802"),
+            ("AIGRID_NO_DEMO_MODEL", "1"),
+            ("AIGRID_ATTRS", "site=b,country=BE"),
+        ]);
+        let up = flags.resolve_in(&vars).unwrap();
+        assert_eq!(up.listen.port(), 7803);
+        assert!(up.no_demo_model);
+        assert_eq!(up.attributes["site"], "b");
+        assert_eq!(up.store, Some(dir.path().join("store.toml")));
+        assert_eq!(up.repair_interval, Duration::from_secs(5));
+        let up = UpArgs {
+            config: Some(path.clone()),
+            ..UpArgs::default()
+        }
+        .resolve_in(&vars)
+        .unwrap();
+        assert_eq!(up.listen.port(), 7802);
+        let up = UpArgs::default().resolve_in(&[]).unwrap();
+        assert_eq!(up.listen, SocketAddr::from(DEFAULT_LISTEN));
+        assert_eq!(up.repair_interval, Duration::from_secs(600));
+        assert!(!up.no_demo_model && up.store.is_none());
+
+        std::fs::write(&path, "no_demo = true\n").unwrap();
+        let err = UpArgs {
+            config: Some(path),
+            ..UpArgs::default()
+        }
+        .resolve_in(&[])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown key `no_demo`"), "{err}");
     }
 
     #[test]
@@ -327,7 +486,7 @@ mod tests {
             config: Some(config_path.clone()),
             ..Default::default()
         };
-        let (config, _) = args.resolve().unwrap();
+        let config = args.resolve_in(&[]).unwrap().config;
         assert_eq!(
             config.storage.backends.len(),
             3,
@@ -341,7 +500,7 @@ mod tests {
             store: Some(dir.path().join("bad.toml")),
             ..Default::default()
         };
-        let err = args.resolve().unwrap_err().to_string();
+        let err = args.resolve_in(&[]).err().unwrap().to_string();
         assert!(
             err.contains("bad.toml") && err.contains("m: must be"),
             "{err}"

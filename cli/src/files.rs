@@ -1,5 +1,4 @@
-//! The TOML files the roles read: any role's configuration file ([`read_toml`]:
-//! unknown keys are an error), the dispersed store's file ([`read_store_file`]) that
+//! The dispersed store's TOML file ([`read_store_file`]: unknown keys are an error) that
 //! `aigrid server --store`, `aigrid up --store` and the model commands read, and the
 //! embedded default store of `aigrid up` ([`local_store`]).
 
@@ -12,13 +11,13 @@ use aigrid_store::placement::{Place, Policy};
 use anyhow::{anyhow, Context};
 use serde::Deserialize;
 
-/// Reads a role's TOML configuration file; unknown keys are an error.
-pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+/// Reads a TOML file into `T`, whose unknown keys are an error.
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config file {}", path.display()))?;
+        .with_context(|| format!("reading store file {}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
         anyhow!(
-            "config file {}: {}",
+            "store file {}: {}",
             path.display(),
             e.to_string().replace('\n', " ")
         )

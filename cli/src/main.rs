@@ -1,18 +1,22 @@
 //! `aigrid`: the one binary. `up` runs the embedded default, `server` runs one
 //! control-plane server, and the other subcommands are clients of the control API.
 //!
-//! - [`config`]: the server roles' flags, their `AIGRID_*` variables and the optional
-//!   TOML file, resolved and checked.
+//! - [`layers`]: where a role's settings come from: flags over `AIGRID_*` variables
+//!   over the TOML file over defaults, merged by figment; unknown keys refused.
+//! - [`config`]: the server roles' (`server`, `up`) settings, resolved and checked.
 //! - [`server`]: `aigrid server` and `aigrid up`, run until Ctrl-C or SIGTERM.
-//! - [`files`]: the TOML files roles read: config files, the dispersed store's file.
-//! - [`output`]: lines for people: plain when not on a terminal, nouns counted.
+//! - [`files`]: the dispersed store's TOML file, and the embedded default store.
+//! - [`output`]: what people read: lines, tables, `--json`, times and byte counts;
+//!   plain when not on a terminal.
 //! - [`shutdown`]: the signal that stops a long-running role.
 //! - [`client`]: the HTTP client, failing over between servers, with one-line errors.
-//! - [`commands`]: the client subcommands and their human and `--json` output.
+//! - [`commands`]: the client subcommands `job`, `alloc`, `node`, `cluster`, one
+//!   module per noun.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
 //! - [`placement`]: waiting for a submitted job's placement and saying where it went.
 //! - [`logs`]: allocations' output: by id prefix, by job, followed.
-//! - [`model`]: the dispersed model store's commands and the periodic repair loop.
+//! - [`model`]: the dispersed model store's commands (registry look-ups, the store
+//!   and keys, push, repair) and the periodic repair loop.
 //! - [`serve`]: `aigrid serve`, one model behind the OpenAI-compatible `/v1` API.
 //! - [`demo`]: the tiny demo model `aigrid up` pushes and deploys.
 
@@ -22,6 +26,7 @@ mod commands;
 mod config;
 mod demo;
 mod files;
+mod layers;
 mod logs;
 mod model;
 mod output;
@@ -63,14 +68,17 @@ enum Command {
     ///
     /// `up` owns what it starts: Ctrl-C or SIGTERM stops its workloads and model
     /// servers (each within its grace period) before the server stops.
+    #[command(after_help = layers::HELP)]
     Up(config::UpArgs),
     /// Run one control-plane server of a cluster.
+    #[command(after_help = layers::HELP)]
     Server(Box<config::ServerArgs>),
     /// Run this machine's node agent: it joins the servers and runs what they assign.
     ///
     /// Stopping the agent (Ctrl-C, SIGTERM) leaves its workloads running: an agent
     /// restart or upgrade must not kill work. The next start on the same data dir
     /// reattaches to them. (`aigrid up`, by contrast, stops what it started.)
+    #[command(after_help = layers::HELP)]
     Agent(Box<agent::AgentArgs>),
     /// Serve one model (a directory, or a registered model by digest) behind the
     /// OpenAI-compatible `/v1` API.

@@ -1,7 +1,10 @@
 //! What the CLI writes for people: lines on stdout that a closed pipe cannot turn
-//! into a failure, whether colour and progress bars are wanted, and counted nouns.
+//! into a failure, whether colour and progress bars are wanted, counted nouns,
+//! aligned tables, `--json` output, times and byte counts.
 
 use std::io::{IsTerminal, Write};
+
+use serde::Serialize;
 
 /// Writes `text` to stdout and flushes it. Informational: a closed stdout must not
 /// stop a server, so write errors are ignored.
@@ -27,6 +30,77 @@ pub fn count<N: std::fmt::Display + PartialEq + From<u8>>(n: N, noun: &str) -> S
     }
 }
 
+/// Prints `value` as indented JSON, for `--json`.
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints `rows` under `header`, `indent` spaces in, each column as wide as its
+/// widest cell.
+pub fn print_table(indent: usize, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let print_row = |cells: &mut dyn Iterator<Item = &str>| {
+        let line: Vec<String> = cells
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{:indent$}{}", "", line.join("  ").trim_end());
+    };
+    print_row(&mut header.iter().copied());
+    for row in rows {
+        print_row(&mut row.iter().map(String::as_str));
+    }
+}
+
+/// `-` for an empty list, the items joined by `,` otherwise.
+pub fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+/// A time as UTC text, `2026-11-18 11:06:40Z`, from milliseconds since the epoch.
+pub fn ms_to_text(millis: u64) -> String {
+    let secs = millis / 1000;
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    let days_since_epoch = d;
+    // Civil date from days since the Unix epoch (proleptic Gregorian).
+    let z = days_since_epoch as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}Z")
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `3.0 GiB`.
+pub fn bytes_text(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,5 +110,11 @@ mod tests {
         assert_eq!(count(1u64, "chunk"), "1 chunk");
         assert_eq!(count(2usize, "chunk"), "2 chunks");
         assert_eq!(count(0u32, "file"), "0 files");
+    }
+
+    #[test]
+    fn timestamps_render_as_utc() {
+        assert_eq!(ms_to_text(0), "1970-01-01 00:00:00Z");
+        assert_eq!(ms_to_text(1_795_000_000_000), "2026-11-18 11:06:40Z");
     }
 }

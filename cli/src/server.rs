@@ -60,7 +60,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         join,
         repair_interval,
         backends,
-    } = args.resolve_all()?;
+    } = args.resolve()?;
     let id = config.id;
     let data_dir = config.data_dir.clone();
     let advertise = config.advertise.clone();
@@ -139,6 +139,7 @@ async fn caught_up(base: &str, limit: Duration) -> anyhow::Result<()> {
 /// kept running until Ctrl-C or SIGTERM, which stop its workloads and model
 /// servers with it.
 pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    let up = args.resolve()?;
     // Heard from the first moment: a signal during the start still stops, in order,
     // whatever has started by then.
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -146,19 +147,15 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
-    let data_dir = match args.data_dir {
+    let data_dir = match up.data_dir {
         Some(d) => d,
         None => default_data_dir()?,
     };
-    if let Some(spec) = &args.simulate_gpus {
-        aigrid_agent::simulated::parse(spec, "check")?;
-    }
-    let attributes = crate::agent::parse_attrs(&args.attr)?;
-    let (storage, backends) = match &args.store {
+    let (storage, backends) = match &up.store {
         Some(path) => read_store_file(path)?,
         None => local_store(&data_dir.join("store"))?,
     };
-    let mut config = ServerConfig::new(1, args.listen, data_dir.join("server"));
+    let mut config = ServerConfig::new(1, up.listen, data_dir.join("server"));
     config.storage = storage.clone();
     let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
     let base = format!("http://{}", server.addr);
@@ -168,7 +165,7 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         &backends,
         base.clone(),
         None,
-        Duration::from_secs(args.repair_interval_secs),
+        up.repair_interval,
         repairs_stopped,
     )?;
     caught_up(&base, Duration::from_secs(30)).await?;
@@ -197,10 +194,10 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         vec![base.clone()],
         &agent_dir,
         None,
-        args.simulate_gpus,
+        up.simulate_gpus,
         aigrid_agent::agent::AgentConfig {
             join_token,
-            attributes,
+            attributes: up.attributes,
             // What `up` starts goes with it.
             on_shutdown: OnShutdown::StopWorkloads,
             ..Default::default()
@@ -211,11 +208,11 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let agent_task = tokio::spawn(agent.run(stopped.clone()));
     // In the background: `up` is usable before the demo model is, and a demo that
     // fails to deploy says so in one log line without stopping anything.
-    let demo_watch = if args.no_demo_model {
+    let demo_watch = if up.no_demo_model {
         None
     } else {
         let store = crate::model::StoreArgs {
-            store: args.store.clone(),
+            store: up.store.clone(),
         };
         tokio::spawn(crate::demo::deploy(
             base.clone(),
@@ -227,7 +224,7 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
             stopped.clone(),
         )))
     };
-    let demo = if args.no_demo_model {
+    let demo = if up.no_demo_model {
         String::new()
     } else {
         format!(

@@ -36,8 +36,12 @@ impl Harness {
         self.dir.path().join("data")
     }
 
+    fn alloc_dir(&self, id: &str) -> PathBuf {
+        self.data_dir().join("allocs").join(id)
+    }
+
     fn local(&self, id: &str) -> PathBuf {
-        self.data_dir().join("allocs").join(id).join("local")
+        self.alloc_dir(id).join("local")
     }
 
     async fn open(&self) -> Runner {
@@ -155,6 +159,19 @@ async fn wait_file(path: &Path) -> String {
                 return text;
             }
         }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until `path` exists.
+async fn wait_exists(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while !path.exists() {
         assert!(
             Instant::now() < deadline,
             "{} never appeared",
@@ -285,10 +302,11 @@ async fn restart_policy_restarts_then_fails() {
 async fn stop_is_graceful_then_forced() {
     let h = Harness::new();
     let runner = h.open().await;
+    // A grace period far beyond any wait below: it stops only by its own hand.
     let polite = sh(
         "trap 'echo got-term > term; exit 0' TERM; echo $$ > pid; \
          while true; do sleep 0.1; done",
-        json!({}),
+        json!({"kill_timeout_ms": 3_600_000}),
     );
     let stubborn = sh(
         "trap '' TERM; echo $$ > pid; while true; do sleep 0.1; done",
@@ -313,18 +331,17 @@ async fn stop_is_graceful_then_forced() {
         assignment("polite", &[], "stop", polite),
         assignment("stubborn", &[], "stop", stubborn),
     ]);
+    // Stopped, with its TERM handler's mark: it left on TERM, long before its
+    // hour of grace could have ended in a SIGKILL.
     wait_state(&runner, "polite", AllocState::Stopped).await;
-    assert!(
-        asked.elapsed() < Duration::from_millis(1500),
-        "polite took {:?}",
-        asked.elapsed()
-    );
     assert_eq!(
         fs::read_to_string(h.local("polite").join("term")).unwrap(),
         "got-term\n"
     );
 
     wait_state(&runner, "stubborn", AllocState::Stopped).await;
+    // A lower bound the runner promises (load can only lengthen it): no SIGKILL
+    // before the grace period is over.
     assert!(
         asked.elapsed() >= Duration::from_millis(1500),
         "killed before the grace period: {:?}",
@@ -364,9 +381,9 @@ async fn a_new_runner_reattaches_instead_of_starting_twice() {
     // The agent goes away; its workloads do not.
     first.shutdown().await;
     drop(first);
-    // One of them ends while no agent watches.
+    // One of them ends while no agent watches: its supervisor records the exit.
     fs::write(h.local("short").join("go"), "").unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_exists(&h.alloc_dir("short").join("exit.json")).await;
     assert_eq!(count_processes(&marker), 1);
 
     let second = h.open().await;
@@ -374,8 +391,13 @@ async fn a_new_runner_reattaches_instead_of_starting_twice() {
     assert_eq!(long_report.restarts, 0);
     let short_report = wait_state(&second, "short", AllocState::Failed).await;
     assert_eq!(short_report.reason.as_deref(), Some("exited with code 7"));
-    second.apply(&run);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Applied again beside a new allocation: once the newcomer runs, whatever that
+    // apply started is running too, and a duplicate of `long` would be among it.
+    let canary = assignment("canary", &[], "run", sh("sleep 600", json!({})));
+    let mut again = run.to_vec();
+    again.push(canary.clone());
+    second.apply(&again);
+    wait_state(&second, "canary", AllocState::Running).await;
     assert_eq!(count_processes(&marker), 1, "started a duplicate");
     assert_eq!(
         fs::read_to_string(h.local("long").join("pid")).unwrap(),
@@ -383,7 +405,9 @@ async fn a_new_runner_reattaches_instead_of_starting_twice() {
     );
     wait_state(&second, "long", AllocState::Running).await;
 
-    second.apply(&[assignment("long", &[], "stop", long)]);
+    let mut canary = canary;
+    canary.allocation.desired = aigrid_api::DesiredState::Stop;
+    second.apply(&[assignment("long", &[], "stop", long), canary]);
     wait_state(&second, "long", AllocState::Stopped).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while count_processes(&marker) > 0 {

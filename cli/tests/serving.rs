@@ -85,7 +85,9 @@ fn tiny_model(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Polls `GET url` every 250 ms until `pick` takes something from its status and
-/// body, or fails after `limit` with what `diagnose` says.
+/// body, or fails with what `diagnose` says once `limit` has passed. The limit only
+/// keeps a broken run from hanging: how fast a model server gets ready is measured
+/// by `benchmarks/src/bin/serving_coldstart.rs`, not asserted here.
 async fn poll<T>(
     http: &reqwest::Client,
     url: &str,
@@ -94,20 +96,19 @@ async fn poll<T>(
     pick: impl Fn(u16, &str) -> Option<T>,
     diagnose: impl Fn() -> String,
 ) -> T {
-    let start = Instant::now();
+    let deadline = Instant::now() + limit;
     loop {
         if let Ok(resp) = http.get(url).send().await {
             let status = resp.status().as_u16();
             if let Ok(body) = resp.text().await {
                 if let Some(v) = pick(status, &body) {
-                    eprintln!("{what}: after {:.1} s", start.elapsed().as_secs_f64());
                     return v;
                 }
             }
         }
         assert!(
-            start.elapsed() < limit,
-            "no {what} within {limit:?}\n{}",
+            Instant::now() < deadline,
+            "no {what} after {limit:?}\n{}",
             diagnose()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -536,6 +537,22 @@ impl UpProc {
             .spawn()
             .unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        // An `up` that never finishes its banner is killed after a while, which
+        // ends the read below.
+        let printed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watchdog = {
+            let (printed, pid) = (printed.clone(), child.id().to_string());
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !printed.load(std::sync::atomic::Ordering::SeqCst) {
+                    if Instant::now() >= deadline {
+                        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
         let mut banner = String::new();
         while !banner.contains("Press Ctrl-C") {
             if stdout.read_line(&mut banner).unwrap() == 0 {
@@ -543,6 +560,8 @@ impl UpProc {
                 panic!("up stopped: {banner}\n{}", tail(&log, 20));
             }
         }
+        printed.store(true, std::sync::atomic::Ordering::SeqCst);
+        watchdog.join().unwrap();
         UpProc {
             proc: Proc { child, log },
             base: format!("http://{listen}"),

@@ -571,9 +571,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_s3_endpoint_fails_fast_and_clearly() {
+        // An endpoint that hangs up on every connection, counting them.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let tries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = tries.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(stream);
+            }
+        });
         let mut s3 = config("s3://models/p");
         for (k, v) in [
-            ("endpoint", "http://127.0.0.1:1"),
+            ("endpoint", endpoint.as_str()),
             ("allow_http", "true"),
             ("region", "us-east-1"),
             ("access_key_id", "test"),
@@ -582,14 +593,20 @@ mod tests {
             s3.options.insert(k.into(), v.into());
         }
         let b = Backend::from_config(&s3).unwrap();
-        let start = std::time::Instant::now();
-        let err = b
-            .put("a/b", Bytes::from_static(b"x"))
-            .await
-            .unwrap_err()
-            .to_string();
-        let took = start.elapsed();
-        assert!(took < Duration::from_secs(8), "took {took:?}");
+        // The guard only keeps a broken build from hanging the suite.
+        let err = tokio::time::timeout(
+            Duration::from_secs(120),
+            b.put("a/b", Bytes::from_static(b"x")),
+        )
+        .await
+        .expect("the put gave up")
+        .unwrap_err()
+        .to_string();
+        // Fast by construction: a bounded number of tries, each with a bounded
+        // backoff (`remote_retry`), not object_store's three minutes of them.
+        let tries = tries.load(std::sync::atomic::Ordering::SeqCst);
+        let allowed = 1 + remote_retry().max_retries;
+        assert!((1..=allowed).contains(&tries), "{tries} tries");
         assert!(err.starts_with("backend `site-a`:"), "{err}");
         assert!(b.get("a/b").await.is_err());
         assert_eq!(b.stats(), BackendStats::default());

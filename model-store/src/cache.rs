@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use crate::manifest::is_digest;
+use aigrid_api::ChunkDigest;
 
 /// How full the cache is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -30,8 +30,8 @@ struct Entry {
 }
 
 struct State {
-    entries: HashMap<String, Entry>,
-    pinned: HashSet<String>,
+    entries: HashMap<ChunkDigest, Entry>,
+    pinned: HashSet<ChunkDigest>,
     bytes: u64,
     clock: u64,
 }
@@ -58,13 +58,13 @@ impl ChunkCache {
         let mut found = Vec::new();
         for entry in std::fs::read_dir(&chunks)? {
             let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+            let name = ChunkDigest::try_from(entry.file_name().to_string_lossy().into_owned());
             let meta = entry.metadata()?;
-            if !is_digest(&name) || !meta.is_file() {
+            let Some(name) = name.ok().filter(|_| meta.is_file()) else {
                 // An interrupted write or a stranger: not ours to keep.
                 let _ = std::fs::remove_file(entry.path());
                 continue;
-            }
+            };
             let at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             found.push((at, name, meta.len()));
         }
@@ -89,8 +89,7 @@ impl ChunkCache {
         if let Ok(text) = std::fs::read_to_string(dir.join("pinned")) {
             state.pinned = text
                 .lines()
-                .filter(|l| is_digest(l))
-                .map(str::to_owned)
+                .filter_map(|l| ChunkDigest::try_from(l.to_owned()).ok())
                 .collect();
         }
         let cache = ChunkCache {
@@ -102,12 +101,12 @@ impl ChunkCache {
         Ok(cache)
     }
 
-    fn path(&self, hash: &str) -> PathBuf {
-        self.dir.join("chunks").join(hash)
+    fn path(&self, hash: &ChunkDigest) -> PathBuf {
+        self.dir.join("chunks").join(hash.as_str())
     }
 
     /// The chunk's bytes if cached (unverified: the caller checks them).
-    pub fn get(&self, hash: &str) -> Option<Vec<u8>> {
+    pub fn get(&self, hash: &ChunkDigest) -> Option<Vec<u8>> {
         {
             let mut state = self.state.lock().expect("cache lock");
             state.clock += 1;
@@ -130,7 +129,7 @@ impl ChunkCache {
     }
 
     /// Whether the chunk is cached.
-    pub fn contains(&self, hash: &str) -> bool {
+    pub fn contains(&self, hash: &ChunkDigest) -> bool {
         self.state
             .lock()
             .expect("cache lock")
@@ -139,7 +138,7 @@ impl ChunkCache {
     }
 
     /// Drops a chunk (found damaged, say).
-    pub fn remove(&self, hash: &str) {
+    pub fn remove(&self, hash: &ChunkDigest) {
         let mut state = self.state.lock().expect("cache lock");
         if let Some(entry) = state.entries.remove(hash) {
             state.bytes -= entry.size;
@@ -150,9 +149,9 @@ impl ChunkCache {
     /// Stores a verified chunk, then evicts past the budget. A chunk larger than the
     /// whole budget is not kept, nor a pinned one that would take pinned chunks past
     /// it (eviction could never bring the cache back under).
-    pub fn insert(&self, hash: &str, bytes: &[u8]) -> std::io::Result<()> {
+    pub fn insert(&self, hash: &ChunkDigest, bytes: &[u8]) -> std::io::Result<()> {
         let size = bytes.len() as u64;
-        if !is_digest(hash) || size > self.max_bytes {
+        if size > self.max_bytes {
             return Ok(());
         }
         {
@@ -179,7 +178,7 @@ impl ChunkCache {
         }
         state.clock += 1;
         let used = state.clock;
-        if let Some(old) = state.entries.insert(hash.to_owned(), Entry { size, used }) {
+        if let Some(old) = state.entries.insert(hash.clone(), Entry { size, used }) {
             state.bytes -= old.size;
         }
         state.bytes += size;
@@ -191,7 +190,7 @@ impl ChunkCache {
         if state.bytes <= self.max_bytes {
             return;
         }
-        let mut order: Vec<(u64, String)> = state
+        let mut order: Vec<(u64, ChunkDigest)> = state
             .entries
             .iter()
             .filter(|(h, _)| !state.pinned.contains(*h))
@@ -211,7 +210,7 @@ impl ChunkCache {
 
     /// Whether a chunk of `size` bytes may be cached: an unpinned one always (it can
     /// be evicted), a pinned one only if pinned chunks stay within the budget.
-    fn pin_fits(&self, state: &State, hash: &str, size: u64) -> bool {
+    fn pin_fits(&self, state: &State, hash: &ChunkDigest, size: u64) -> bool {
         !state.pinned.contains(hash) || pinned_bytes(state).saturating_add(size) <= self.max_bytes
     }
 
@@ -220,7 +219,10 @@ impl ChunkCache {
     /// pinning a model again fits whenever it did the first time. Ask before
     /// [`ChunkCache::pin`]: pins themselves are not refused, but a pinned chunk that
     /// does not fit is never cached.
-    pub fn pin_would_fit<'a>(&self, chunks: impl IntoIterator<Item = (&'a str, u64)>) -> bool {
+    pub fn pin_would_fit<'a>(
+        &self,
+        chunks: impl IntoIterator<Item = (&'a ChunkDigest, u64)>,
+    ) -> bool {
         let state = self.state.lock().expect("cache lock");
         let mut counted = HashSet::new();
         let mut total = pinned_bytes(&state);
@@ -234,14 +236,17 @@ impl ChunkCache {
     }
 
     /// Keeps these chunks from eviction (once cached), across restarts.
-    pub fn pin(&self, hashes: impl IntoIterator<Item = String>) -> std::io::Result<()> {
+    pub fn pin(&self, hashes: impl IntoIterator<Item = ChunkDigest>) -> std::io::Result<()> {
         let mut state = self.state.lock().expect("cache lock");
         state.pinned.extend(hashes);
         self.save_pins(&state)
     }
 
     /// Lets these chunks be evicted again.
-    pub fn unpin<'a>(&self, hashes: impl IntoIterator<Item = &'a str>) -> std::io::Result<()> {
+    pub fn unpin<'a>(
+        &self,
+        hashes: impl IntoIterator<Item = &'a ChunkDigest>,
+    ) -> std::io::Result<()> {
         let mut state = self.state.lock().expect("cache lock");
         for h in hashes {
             state.pinned.remove(h);
@@ -251,7 +256,7 @@ impl ChunkCache {
     }
 
     fn save_pins(&self, state: &State) -> std::io::Result<()> {
-        let mut list: Vec<&str> = state.pinned.iter().map(String::as_str).collect();
+        let mut list: Vec<&str> = state.pinned.iter().map(ChunkDigest::as_str).collect();
         list.sort_unstable();
         let tmp = self.dir.join(".pinned.tmp");
         std::fs::write(&tmp, list.join("\n"))?;
@@ -284,8 +289,8 @@ fn pinned_bytes(state: &State) -> u64 {
 mod tests {
     use super::*;
 
-    fn h(i: u8) -> String {
-        blake3::hash(&[i]).to_hex().to_string()
+    fn h(i: u8) -> ChunkDigest {
+        ChunkDigest::of(&[i])
     }
 
     #[test]
@@ -314,7 +319,7 @@ mod tests {
         assert_eq!(cache.get(&h(3)).unwrap(), vec![3; 100]);
         cache.insert(&h(5), &[5; 100]).unwrap();
         assert!(cache.contains(&h(0)), "pins survive a restart");
-        cache.unpin([h(0).as_str()]).unwrap();
+        cache.unpin([&h(0)]).unwrap();
         // A smaller budget on reopen evicts down to it.
         drop(cache);
         let cache = ChunkCache::open(dir.path(), 100).unwrap();
@@ -326,8 +331,8 @@ mod tests {
     fn pinned_chunks_stay_within_the_budget() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(dir.path(), 250).unwrap();
-        let want: Vec<(String, u64)> = (0..3).map(|i| (h(i), 100)).collect();
-        let asked = |n: usize| want[..n].iter().map(|(h, s)| (h.as_str(), *s));
+        let want: Vec<(ChunkDigest, u64)> = (0..3).map(|i| (h(i), 100)).collect();
+        let asked = |n: usize| want[..n].iter().map(|(h, s)| (h, *s));
         assert!(cache.pin_would_fit(asked(2)));
         assert!(!cache.pin_would_fit(asked(3)), "300 pinned bytes in 250");
         // Pinned anyway: the third pinned chunk is not cached, and nothing pinned is
@@ -342,8 +347,8 @@ mod tests {
         assert!(cache.stats().bytes <= 250);
         // Pinning the same chunks again is not counted twice.
         assert!(cache.pin_would_fit(asked(2)));
-        assert!(cache.pin_would_fit([(h(0).as_str(), 100), (h(0).as_str(), 100)]));
-        assert!(!cache.pin_would_fit([(h(9).as_str(), 51)]));
+        assert!(cache.pin_would_fit([(&h(0), 100), (&h(0), 100)]));
+        assert!(!cache.pin_would_fit([(&h(9), 51)]));
         // Unpinned chunks still come and go within the budget.
         cache.insert(&h(5), &[5; 50]).unwrap();
         assert!(cache.contains(&h(5)));

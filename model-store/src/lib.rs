@@ -11,7 +11,10 @@
 //! | [`backend`] | a named shard store over `object_store` |
 //! | [`shard_service`] | the HTTP shard service a node runs, spoken to by `http://` backends |
 //! | [`crypto`] | encryption at rest: chunks sealed under the owner's key |
-//! | [`store`] | push (directory → shards + signed manifest), removal, the store's errors |
+//! | [`error`] | the store's one error type, [`error::StoreError`] (also at `store::StoreError`) |
+//! | `source` | a model directory as a push reads it: files walked, read in order, cut into hashed chunks |
+//! | [`store`] | the store over its backends; push (directory → shards + signed manifest, deduplicated) and removal |
+//! | `opener` | stored chunks checked against their [`aigrid_api::ChunkDigest`] and unsealed |
 //! | [`pull`] | pull: a registered model written out as files, whole or not at all |
 //! | [`reader`] | the verified lazy reader: ranges, hedged stripe fetches, safetensors tensors |
 //! | [`cache`] | a bounded on-disk cache of verified chunks |
@@ -26,10 +29,13 @@ pub mod cache;
 pub mod chunk;
 pub mod codec;
 pub mod crypto;
+pub mod error;
 pub mod manifest;
+mod opener;
 pub mod placement;
 pub mod pull;
 pub mod reader;
 pub mod repair;
 pub mod shard_service;
+mod source;
 pub mod store;

@@ -8,12 +8,26 @@ use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use aigrid_api::ChunkDigest;
 use futures_util::StreamExt;
 
 use crate::crypto::ModelKey;
+use crate::error::{io, StoreError};
 use crate::manifest::{Manifest, Registration};
+use crate::opener::ChunkOpener;
 use crate::reader::{FetchOptions, Fetcher};
-use crate::store::{io, ChunkOpener, PullStats, Store, StoreError};
+use crate::store::Store;
+
+/// What a pull wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullStats {
+    /// Files written.
+    pub files: usize,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Stripes fetched.
+    pub stripes: usize,
+}
 
 impl Store {
     /// Writes the model under `dest`, after checking its signature: stripes are
@@ -29,15 +43,15 @@ impl Store {
         let manifest = fetcher.manifest().clone();
         let opener = ChunkOpener::new(&manifest, key)?;
         // Where each stored chunk goes: every (file, offset) using it.
-        let mut uses: HashMap<&str, Vec<(usize, u64)>> = HashMap::new();
+        let mut uses: HashMap<&ChunkDigest, Vec<(usize, u64)>> = HashMap::new();
         let mut first_file: HashMap<usize, &str> = HashMap::new();
         let locate = manifest.chunk_locations();
         for (f, entry) in manifest.files.iter().enumerate() {
             let mut at = 0;
             for c in &entry.chunks {
-                uses.entry(c.blake3.as_str()).or_default().push((f, at));
+                uses.entry(&c.blake3).or_default().push((f, at));
                 first_file
-                    .entry(locate[c.blake3.as_str()].0)
+                    .entry(locate[&c.blake3].0)
                     .or_insert(entry.path.as_str());
                 at += c.len;
             }
@@ -79,7 +93,7 @@ async fn pull_into(
     opener: &ChunkOpener,
     manifest: &Manifest,
     dest: &Path,
-    uses: &HashMap<&str, Vec<(usize, u64)>>,
+    uses: &HashMap<&ChunkDigest, Vec<(usize, u64)>>,
     first_file: &HashMap<usize, &str>,
     outputs: &mut Vec<(PathBuf, PathBuf, std::fs::File)>,
     placed: &mut Vec<PathBuf>,
@@ -116,10 +130,10 @@ async fn pull_into(
         for c in &manifest.stripes[i].chunks {
             let stored = &bytes[offset..offset + c.len as usize];
             offset += c.len as usize;
-            let Some(targets) = uses.get(c.blake3.as_str()) else {
+            let Some(targets) = uses.get(&c.blake3) else {
                 continue;
             };
-            let plain = opener.open(c.blake3.as_str(), stored)?;
+            let plain = opener.open(&c.blake3, stored)?;
             for (f, at) in targets {
                 let (tmp, _, file) = &outputs[*f];
                 write_at(file, &plain, *at).map_err(io(tmp))?;

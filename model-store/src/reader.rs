@@ -17,9 +17,11 @@ use crate::backend::Backend;
 use crate::cache::ChunkCache;
 use crate::codec::{Codec, Params};
 use crate::crypto::ModelKey;
+use crate::error::StoreError;
 use crate::manifest::{shard_object, Locations, Manifest, Registration};
-use crate::store::{hex, ChunkOpener, Store, StoreError};
-use aigrid_api::ModelDigest;
+use crate::opener::ChunkOpener;
+use crate::store::{hex, Store};
+use aigrid_api::{ChunkDigest, ModelDigest};
 
 /// Stripes of `manifest` fetched at once within the options' byte budget.
 fn stripes_in_parallel(manifest: &Manifest, options: &FetchOptions) -> usize {
@@ -373,9 +375,9 @@ pub struct Reader {
     opener: ChunkOpener,
     cache: Option<Arc<ChunkCache>>,
     files: HashMap<String, FileIndex>,
-    locate: HashMap<String, (usize, u64)>,
+    locate: HashMap<ChunkDigest, (usize, u64)>,
     /// Every stored chunk the model's files use.
-    used: HashSet<String>,
+    used: HashSet<ChunkDigest>,
     digest: ModelDigest,
     /// One fetch of a stripe at a time.
     stripe_locks: Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
@@ -428,7 +430,7 @@ impl Store {
         let locate = manifest
             .chunk_locations()
             .into_iter()
-            .map(|(h, at)| (h.to_owned(), at))
+            .map(|(h, at)| (h.clone(), at))
             .collect();
         Ok(Reader {
             digest: manifest.digest(),
@@ -482,9 +484,9 @@ impl Reader {
         // Chunks [first, last] cover the range.
         let first = index.starts.partition_point(|s| *s <= offset) - 1;
         let last = index.starts.partition_point(|s| *s < end) - 1;
-        let hashes: Vec<&str> = entry.chunks[first..=last]
+        let hashes: Vec<&ChunkDigest> = entry.chunks[first..=last]
             .iter()
-            .map(|c| c.blake3.as_str())
+            .map(|c| &c.blake3)
             .collect();
         let plain = self.chunks(file, &hashes).await?;
         let mut out = Vec::with_capacity(len as usize);
@@ -512,8 +514,8 @@ impl Reader {
     async fn chunks(
         &self,
         file: &str,
-        hashes: &[&str],
-    ) -> Result<HashMap<String, Vec<u8>>, StoreError> {
+        hashes: &[&ChunkDigest],
+    ) -> Result<HashMap<ChunkDigest, Vec<u8>>, StoreError> {
         let mut out = HashMap::new();
         let mut stripes: BTreeSet<usize> = BTreeSet::new();
         for hash in hashes {
@@ -522,7 +524,7 @@ impl Reader {
             }
             match self.cached(hash)? {
                 Some(plain) => {
-                    out.insert((*hash).to_owned(), plain);
+                    out.insert((*hash).clone(), plain);
                 }
                 None => {
                     stripes.insert(self.locate[*hash].0);
@@ -538,7 +540,7 @@ impl Reader {
         .buffer_unordered(parallel);
         while let Some(found) = fetches.next().await {
             for (hash, plain) in found? {
-                if hashes.contains(&hash.as_str()) {
+                if hashes.contains(&&hash) {
                     out.insert(hash, plain);
                 }
             }
@@ -547,7 +549,7 @@ impl Reader {
     }
 
     /// A chunk from the cache, verified; a damaged one is dropped.
-    fn cached(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    fn cached(&self, hash: &ChunkDigest) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(cache) = &self.cache else {
             return Ok(None);
         };
@@ -569,8 +571,8 @@ impl Reader {
         &self,
         index: usize,
         file: &str,
-        only: &[&str],
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        only: &[&ChunkDigest],
+    ) -> Result<Vec<(ChunkDigest, Vec<u8>)>, StoreError> {
         let lock = self
             .stripe_locks
             .lock()
@@ -584,7 +586,7 @@ impl Reader {
         // Another caller may have fetched it meanwhile.
         let mut all_cached = self.cache.is_some();
         for c in stripe.chunks.iter().filter(|c| {
-            self.used.contains(&c.blake3) && (only.is_empty() || only.contains(&c.blake3.as_str()))
+            self.used.contains(&c.blake3) && (only.is_empty() || only.contains(&&c.blake3))
         }) {
             match self.cached(&c.blake3)? {
                 Some(plain) => out.push((c.blake3.clone(), plain)),
@@ -602,9 +604,7 @@ impl Reader {
         let mut at = 0u64;
         let (mut from, mut to) = (u64::MAX, 0);
         for c in &stripe.chunks {
-            if self.used.contains(&c.blake3)
-                && (only.is_empty() || only.contains(&c.blake3.as_str()))
-            {
+            if self.used.contains(&c.blake3) && (only.is_empty() || only.contains(&&c.blake3)) {
                 from = from.min(at);
                 to = to.max(at + c.len);
             }
@@ -645,12 +645,12 @@ impl Reader {
         }
         // Each wanted chunk once, with its stored size and a file using it (for errors).
         let overhead = manifest.overhead();
-        let mut wanted: BTreeMap<&str, (u64, &str)> = BTreeMap::new();
+        let mut wanted: BTreeMap<&ChunkDigest, (u64, &str)> = BTreeMap::new();
         for entry in &manifest.files {
             if files.is_empty() || files.contains(&entry.path) {
                 for c in &entry.chunks {
                     wanted
-                        .entry(c.blake3.as_str())
+                        .entry(&c.blake3)
                         .or_insert((c.len + overhead, entry.path.as_str()));
                 }
             }
@@ -663,8 +663,8 @@ impl Reader {
                 });
             }
             cache
-                .pin(wanted.keys().map(|h| (*h).to_owned()))
-                .map_err(crate::store::io(std::path::Path::new("cache")))?;
+                .pin(wanted.keys().map(|h| (*h).clone()))
+                .map_err(crate::error::io(std::path::Path::new("cache")))?;
         }
         let before = self.stats().bytes;
         let mut stripes: BTreeMap<usize, String> = BTreeMap::new();

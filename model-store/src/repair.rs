@@ -8,9 +8,10 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::codec::{Codec, Params};
+use crate::error::StoreError;
 use crate::manifest::{shard_object, Locations, Registration};
 use crate::placement::Place;
-use crate::store::{hex, Store, StoreError};
+use crate::store::{hex, Store};
 
 /// What is wrong with a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

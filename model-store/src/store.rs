@@ -1,138 +1,35 @@
-//! Push, pull and removal over a set of backends: a model directory in, a signed
-//! manifest and shard locations out; a registration in, the files back, every shard
-//! and chunk verified on the way.
+//! The store over a set of backends, and push and removal on it: a model directory
+//! in, a signed manifest and shard locations out (its chunks deduplicated against
+//! models the publisher already stored); a registration's shards removed unless
+//! another model uses them. Pull, reads and repair are `pull`'s, `reader`'s and
+//! `repair`'s.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use aigrid_api::ChunkDigest;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::Backend;
 use crate::chunk;
-use crate::codec::{Codec, CodecError, Params, CODEC_NAME};
-use crate::crypto::{CryptoError, ModelKey};
+use crate::codec::{Codec, Params, CODEC_NAME};
+use crate::crypto::ModelKey;
+use crate::error::io;
 use crate::manifest::{
-    shard_object, ChunkRef, CodecInfo, EncryptionInfo, FileEntry, Locations, Manifest,
-    ManifestError, Registration, SignedManifest, Stripe, AEAD_NAME, MANIFEST_FORMAT,
+    shard_object, ChunkRef, CodecInfo, EncryptionInfo, Locations, Manifest, Registration,
+    SignedManifest, Stripe, AEAD_NAME, MANIFEST_FORMAT,
 };
-use crate::placement::{Place, PlacementError, Policy};
+use crate::placement::{Place, Policy};
+use crate::source::{cut_files, walk, CutChunk};
 
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A local file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A backend failed.
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    /// The erasure code cannot be built.
-    #[error(transparent)]
-    Codec(#[from] CodecError),
-    /// The manifest is refused.
-    #[error(transparent)]
-    Manifest(#[from] ManifestError),
-    /// The shards cannot be placed.
-    #[error(transparent)]
-    Placement(#[from] PlacementError),
-    /// Encryption failed.
-    #[error(transparent)]
-    Crypto(#[from] CryptoError),
-    /// The model is encrypted and no key was given.
-    #[error("the model is encrypted at rest: its owner's key (id {key_id}) is needed")]
-    KeyRequired {
-        /// The key the manifest names.
-        key_id: String,
-    },
-    /// The key given is not the one the model was sealed with.
-    #[error("the model key given (id {given}) is not the model's (id {expected})")]
-    WrongKey {
-        /// The manifest's key id.
-        expected: String,
-        /// The given key's id.
-        given: String,
-    },
-    /// The manifest names a backend this store does not have.
-    #[error("backend `{0}` is not configured")]
-    UnknownBackend(String),
-    /// No such file in the model.
-    #[error("the model has no file `{0}`")]
-    NoSuchFile(String),
-    /// A read past the end of a file.
-    #[error("file `{file}` is {size} bytes: cannot read {len} bytes at {offset}")]
-    OutOfRange {
-        /// The file.
-        file: String,
-        /// Where the read starts.
-        offset: u64,
-        /// Its length.
-        len: u64,
-        /// The file's size.
-        size: u64,
-    },
-    /// The file is not a readable safetensors file.
-    #[error("file `{file}`: {reason}")]
-    Safetensors {
-        /// The file.
-        file: String,
-        /// Why.
-        reason: String,
-    },
-    /// Some shards could not be deleted.
-    #[error("deleted {deleted} shards, {failed} could not be deleted (first: {first})")]
-    RemoveIncomplete {
-        /// Shards deleted.
-        deleted: usize,
-        /// Shards left behind.
-        failed: usize,
-        /// The first failure.
-        first: BackendError,
-    },
-    /// The cache cannot hold what was asked to be pinned.
-    #[error("the cache ({max} bytes) is too small to pin {want} more bytes")]
-    CacheTooSmall {
-        /// The cache's budget.
-        max: u64,
-        /// Bytes asked to be pinned.
-        want: u64,
-    },
-    /// Pre-warming needs a cache.
-    #[error("this reader has no cache to warm")]
-    NoCache,
-    /// A file a manifest names cannot be rebuilt: too few intact shards survive.
-    #[error(
-        "file `{file}`: stripe {stripe} cannot be rebuilt: {have} intact shards of the {k} needed"
-    )]
-    Unrecoverable {
-        /// The file.
-        file: String,
-        /// The stripe.
-        stripe: usize,
-        /// Intact shards found.
-        have: usize,
-        /// Shards needed.
-        k: usize,
-    },
-}
+pub use crate::error::StoreError;
 
-pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
+/// BLAKE3 of a shard's bytes, hex: its name.
 pub(crate) fn hex(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
@@ -245,13 +142,6 @@ pub struct Store {
     backends: Vec<Backend>,
 }
 
-/// A chunk read and hashed, on its way to a stripe.
-struct CutChunk {
-    hash: String,
-    bytes: Vec<u8>,
-    plain_len: u64,
-}
-
 /// A stripe being filled with chunks.
 #[derive(Default)]
 struct OpenStripe {
@@ -326,7 +216,11 @@ impl Store {
             let seal = opts.key.clone();
             let progress = progress.clone();
             tokio::task::spawn_blocking(move || {
-                cut_files(&dir, &paths, chunk_size, seal.as_ref(), &progress, &tx)
+                let read = |len| {
+                    PushProgress::add(&progress.bytes_read, len);
+                    PushProgress::add(&progress.chunks, 1);
+                };
+                cut_files(&dir, &paths, chunk_size, seal.as_ref(), &read, &tx)
             })
         };
 
@@ -336,7 +230,7 @@ impl Store {
             total_bytes: total,
             ..PushStats::default()
         };
-        let mut stored: HashSet<String> = HashSet::new();
+        let mut stored: HashSet<ChunkDigest> = HashSet::new();
         let mut stripes: Vec<Option<Stripe>> = Vec::new();
         let mut locations: Vec<Vec<String>> = Vec::new();
         let mut reused: HashSet<(usize, usize)> = HashSet::new();
@@ -499,17 +393,6 @@ impl Store {
     }
 }
 
-/// What a pull wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PullStats {
-    /// Files written.
-    pub files: usize,
-    /// Bytes written.
-    pub bytes: u64,
-    /// Stripes fetched.
-    pub stripes: usize,
-}
-
 fn for_each_shard<'a>(registration: &'a Registration, mut f: impl FnMut(&'a str, &'a str)) {
     let manifest = &registration.manifest.manifest;
     for (stripe, backends) in manifest.stripes.iter().zip(&registration.locations.stripes) {
@@ -519,57 +402,10 @@ fn for_each_shard<'a>(registration: &'a Registration, mut f: impl FnMut(&'a str,
     }
 }
 
-/// Checks stored chunks against their digests and opens sealed ones.
-pub(crate) struct ChunkOpener {
-    key: Option<ModelKey>,
-}
-
-impl ChunkOpener {
-    pub(crate) fn new(manifest: &Manifest, key: Option<&ModelKey>) -> Result<Self, StoreError> {
-        match (&manifest.encryption, key) {
-            (None, _) => Ok(ChunkOpener { key: None }),
-            (Some(enc), None) => Err(StoreError::KeyRequired {
-                key_id: enc.key_id.clone(),
-            }),
-            (Some(enc), Some(key)) if key.id() != enc.key_id => Err(StoreError::WrongKey {
-                expected: enc.key_id.clone(),
-                given: key.id(),
-            }),
-            (Some(_), Some(key)) => Ok(ChunkOpener {
-                key: Some(key.clone()),
-            }),
-        }
-    }
-
-    /// Whether `stored` is the chunk named `hash`.
-    pub(crate) fn verify(hash: &str, stored: &[u8]) -> bool {
-        hex(stored) == hash
-    }
-
-    /// The plaintext of a stored chunk, after checking it is the chunk named `hash`.
-    pub(crate) fn open(&self, hash: &str, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
-        if !Self::verify(hash, stored) {
-            // Shards checked out but the chunk does not: the manifest lies.
-            return Err(StoreError::Manifest(ManifestError::Inconsistent(format!(
-                "chunk {hash} does not match its digest"
-            ))));
-        }
-        self.unseal(stored)
-    }
-
-    /// The plaintext of a stored chunk already checked against its digest.
-    pub(crate) fn unseal(&self, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
-        match &self.key {
-            None => Ok(stored.to_vec()),
-            Some(key) => Ok(key.open(stored)?),
-        }
-    }
-}
-
 /// Chunks of known models, by stored digest, with a memory of which of their stripes
 /// were found whole.
 struct KnownChunks<'a> {
-    at: HashMap<&'a str, (usize, usize)>,
+    at: HashMap<&'a ChunkDigest, (usize, usize)>,
     known: &'a [Registration],
     store: &'a Store,
     policy: &'a Policy,
@@ -602,7 +438,7 @@ impl<'a> KnownChunks<'a> {
             }
             for (s, stripe) in manifest.stripes.iter().enumerate() {
                 for c in &stripe.chunks {
-                    at.entry(c.blake3.as_str()).or_insert((i, s));
+                    at.entry(&c.blake3).or_insert((i, s));
                 }
             }
         }
@@ -617,7 +453,7 @@ impl<'a> KnownChunks<'a> {
 
     /// The known stripe holding `hash`, if every one of its shards is present on a
     /// configured backend the policy allows.
-    async fn healthy(&self, hash: &str) -> Option<(usize, usize)> {
+    async fn healthy(&self, hash: &ChunkDigest) -> Option<(usize, usize)> {
         let at = *self.at.get(hash)?;
         let mut checked = self.checked.lock().await;
         if let Some(ok) = checked.get(&at) {
@@ -717,140 +553,4 @@ async fn write_stripe(
         chunks,
         shards: digests,
     })
-}
-
-/// Reads every file in order and sends its chunks, hashed (and sealed), down `tx`;
-/// answers the manifest's file entries.
-fn cut_files(
-    dir: &Path,
-    paths: &[String],
-    chunk_size: u64,
-    seal: Option<&ModelKey>,
-    progress: &PushProgress,
-    tx: &mpsc::Sender<CutChunk>,
-) -> Result<Vec<FileEntry>, StoreError> {
-    let mut files = Vec::new();
-    for rel in paths {
-        let path = dir.join(rel);
-        let mut file = std::fs::File::open(&path).map_err(io(&path))?;
-        let size = file.metadata().map_err(io(&path))?.len();
-        let bounds = if rel.ends_with(".safetensors") && size >= 8 {
-            let mut prefix = [0u8; 8];
-            file.read_exact(&mut prefix).map_err(io(&path))?;
-            let len = chunk::safetensors_header_len(&prefix)
-                .unwrap_or(0)
-                .min(size);
-            let mut header = vec![0u8; usize::try_from(len).unwrap_or(0)];
-            file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
-            file.read_exact(&mut header).map_err(io(&path))?;
-            // A file that only looks like safetensors is cut by size alone.
-            chunk::safetensors_boundaries(&header).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
-        let mut chunks = Vec::new();
-        let mut read = 0;
-        for range in chunk::cut(size, chunk_size, &bounds) {
-            let want = range.end - range.start;
-            let mut buf = Vec::with_capacity(usize::try_from(want).unwrap_or(0));
-            (&mut file)
-                .take(want)
-                .read_to_end(&mut buf)
-                .map_err(io(&path))?;
-            if buf.len() as u64 != want {
-                return Err(io(&path)(std::io::Error::other(
-                    "the file changed during the push",
-                )));
-            }
-            read += buf.len() as u64;
-            let plain_len = buf.len() as u64;
-            let stored = match seal {
-                Some(key) => key.seal(&buf),
-                None => buf,
-            };
-            let hash = hex(&stored);
-            chunks.push(ChunkRef {
-                blake3: hash.clone(),
-                len: plain_len,
-            });
-            PushProgress::add(&progress.bytes_read, plain_len);
-            PushProgress::add(&progress.chunks, 1);
-            let sent = tx.blocking_send(CutChunk {
-                hash,
-                bytes: stored,
-                plain_len,
-            });
-            if sent.is_err() {
-                // The writer gave up; its error is the one to report.
-                return Ok(files);
-            }
-        }
-        if read != size {
-            return Err(io(&path)(std::io::Error::other(
-                "the file changed during the push",
-            )));
-        }
-        files.push(FileEntry {
-            path: rel.clone(),
-            size,
-            chunks,
-        });
-    }
-    Ok(files)
-}
-
-/// Every regular file under `dir`, as `/`-separated paths relative to `root`.
-/// Symbolic links are followed (model caches link files to shared blobs); one that
-/// leads nowhere is an error, not a file silently left out.
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), StoreError> {
-    walk_depth(root, dir, out, 0)
-}
-
-/// Directory levels followed at most, which also ends a loop of linked directories.
-const MAX_DEPTH: usize = 64;
-
-fn walk_depth(
-    root: &Path,
-    dir: &Path,
-    out: &mut Vec<String>,
-    depth: usize,
-) -> Result<(), StoreError> {
-    if depth > MAX_DEPTH {
-        return Err(io(dir)(std::io::Error::other(format!(
-            "more than {MAX_DEPTH} directory levels (a loop of links?)"
-        ))));
-    }
-    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
-        let entry = entry.map_err(io(dir))?;
-        let path = entry.path();
-        let mut kind = entry.file_type().map_err(io(&path))?;
-        if kind.is_symlink() {
-            kind = std::fs::metadata(&path).map_err(io(&path))?.file_type();
-        }
-        if kind.is_dir() {
-            walk_depth(root, &path, out, depth + 1)?;
-        } else if kind.is_file() {
-            let rel = path.strip_prefix(root).expect("under root");
-            let mut parts = Vec::new();
-            for c in rel.components() {
-                let part = c.as_os_str().to_str().ok_or_else(|| {
-                    io(&path)(std::io::Error::other("the file name is not UTF-8"))
-                })?;
-                parts.push(part.to_owned());
-            }
-            let rel = parts.join("/");
-            if !crate::manifest::is_safe_path(&rel)
-                || rel
-                    .split('/')
-                    .any(|part| part.ends_with(crate::manifest::PARTIAL_SUFFIX))
-            {
-                return Err(io(&path)(std::io::Error::other(
-                    "the file name cannot be stored in a manifest",
-                )));
-            }
-            out.push(rel);
-        }
-    }
-    Ok(())
 }

@@ -24,7 +24,7 @@ pub fn publisher(seed: u8) -> SigningKey {
 pub fn model_registration(name: &str, seed: u8, stripes: usize) -> Registration {
     let hash = |data: &[u8]| blake3::hash(data).to_hex().to_string();
     let chunk = |i: usize| ChunkRef {
-        blake3: hash(format!("{name}/chunk/{i}").as_bytes()),
+        blake3: aigrid_api::ChunkDigest::of(format!("{name}/chunk/{i}").as_bytes()),
         len: 4,
     };
     let manifest = Manifest {

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod bad_requests;
+
 /// The binary under test.
 pub fn aigrid_bin() -> &'static str {
     env!("CARGO_BIN_EXE_aigrid")

@@ -1,68 +1,25 @@
-//! Client subcommands: `job`, `node`, `cluster`.
+//! `aigrid node`: list and inspect nodes, register and heartbeat nodes by hand,
+//! drain and revoke them, manage join tokens.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use aigrid_agent::client::ControlClient;
 use aigrid_agent::identity::Identity;
 use aigrid_api::{
-    AllocState, Allocation, AllocationReport, ClusterStatus, CreateJoinToken, CreatedJoinToken,
-    DeleteJobResponse, DiskMib, DrainSpec, GpuHealth, Heartbeat, HeartbeatResponse, Job, JobSpec,
-    JobSummary, JoinRequest, JoinToken, JoinTokenInfo, MemoryMib, MilliCpu, Node, NodeId, NodeKey,
-    NodePublicKey, NodeRegistration, NodeResources, NodeTelemetry, RegisterNodeResponse,
-    SubmitJobResponse,
+    AllocState, Allocation, AllocationReport, CreateJoinToken, CreatedJoinToken, DiskMib,
+    DrainSpec, GpuHealth, Heartbeat, HeartbeatResponse, JoinToken, JoinTokenInfo, MemoryMib,
+    MilliCpu, Node, NodeId, NodeKey, NodePublicKey, NodeRegistration, NodeResources, NodeTelemetry,
+    RegisterNodeResponse,
 };
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use reqwest::Method;
-use serde::Serialize;
 
 use crate::client::{path_segment, Client};
-use crate::output::count;
-use crate::{logs, placement};
-
-/// `aigrid job ...`
-#[derive(Subcommand)]
-pub enum JobCommand {
-    /// Submit a job from a JSON or TOML file (`-` reads JSON from stdin).
-    ///
-    /// Then waits a few seconds for the placement and says where the job was
-    /// placed (its nodes) or why not (the planner's reasons); an identical
-    /// resubmit says it is unchanged.
-    Submit {
-        /// The job file; `.toml` files are read as TOML, others as JSON.
-        file: PathBuf,
-        /// Seconds to wait for the placement (0: answer once the job is committed).
-        #[arg(long, default_value_t = 5)]
-        wait_secs: u64,
-    },
-    /// List jobs.
-    Ls,
-    /// Show a job with its allocations and unplaced instances.
-    Status {
-        /// The job id or name.
-        id: String,
-    },
-    /// Remove a job; its instances are stopped.
-    Rm {
-        /// The job id or name.
-        id: String,
-    },
-    /// Print the output of a job's allocations, as their agents last shipped it.
-    Logs {
-        /// The job id or name.
-        id: String,
-        /// Print standard error instead of standard output.
-        #[arg(long)]
-        stderr: bool,
-        /// Keep printing output as it arrives, until Ctrl-C.
-        #[arg(short, long)]
-        follow: bool,
-    },
-}
+use crate::output::{count, list_or_dash, ms_to_text, print_json, print_table};
 
 /// `aigrid node ...`
 #[derive(Subcommand)]
@@ -125,19 +82,6 @@ pub enum TokenCommand {
     },
 }
 
-/// `aigrid alloc ...`
-#[derive(Subcommand)]
-pub enum AllocCommand {
-    /// Print the end of an allocation's output, as its agent last shipped it.
-    Logs {
-        /// The allocation id, or a prefix of it that names one allocation.
-        id: String,
-        /// Print standard error instead of standard output.
-        #[arg(long)]
-        stderr: bool,
-    },
-}
-
 /// Flags of `aigrid node register`.
 #[derive(Args)]
 pub struct RegisterArgs {
@@ -191,63 +135,6 @@ pub struct HeartbeatArgs {
     allocs: Vec<String>,
 }
 
-/// `aigrid cluster ...`
-#[derive(Subcommand)]
-pub enum ClusterCommand {
-    /// Show the leader, term, indices and members.
-    Status,
-    /// Add a server (started with `--join` or with an empty data dir) as a voter.
-    Join {
-        /// The new server's id.
-        #[arg(long)]
-        id: u64,
-        /// Its HOST:PORT.
-        #[arg(long)]
-        addr: String,
-    },
-    /// Remove a server from the voters.
-    Leave {
-        /// The server's id.
-        id: u64,
-    },
-}
-
-fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}
-
-/// Prints `rows` under `header`, `indent` spaces in, each column as wide as its
-/// widest cell.
-fn print_table(indent: usize, header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let print_row = |cells: &mut dyn Iterator<Item = &str>| {
-        let line: Vec<String> = cells
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{:indent$}{}", "", line.join("  ").trim_end());
-    };
-    print_row(&mut header.iter().copied());
-    for row in rows {
-        print_row(&mut row.iter().map(String::as_str));
-    }
-}
-
-/// `-` for an empty list, the items joined by `,` otherwise.
-fn list_or_dash(items: &[String]) -> String {
-    if items.is_empty() {
-        "-".to_owned()
-    } else {
-        items.join(",")
-    }
-}
-
 /// The attributes a node listing shows: where the node is.
 fn key_attributes(attrs: &BTreeMap<String, String>) -> String {
     let shown: Vec<String> = ["country", "site"]
@@ -259,175 +146,6 @@ fn key_attributes(attrs: &BTreeMap<String, String>) -> String {
     } else {
         shown.join(" ")
     }
-}
-
-/// Reads a job spec from JSON or TOML, so mistakes are reported before any request.
-pub fn read_spec(path: &Path) -> anyhow::Result<JobSpec> {
-    let text = if path == Path::new("-") {
-        std::io::read_to_string(std::io::stdin()).context("reading the job from stdin")?
-    } else {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
-    };
-    let is_toml = path.extension().is_some_and(|e| e == "toml");
-    let spec: JobSpec = if is_toml {
-        toml::from_str(&text)
-            .map_err(|e| anyhow!("{}: {}", path.display(), e.message().replace('\n', " ")))?
-    } else {
-        let de = &mut serde_json::Deserializer::from_str(&text);
-        serde_path_to_error::deserialize(de)
-            .map_err(|e| anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))?
-    };
-    spec.validate()
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    Ok(spec)
-}
-
-fn ms_to_text(millis: u64) -> String {
-    let secs = millis / 1000;
-    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    let days_since_epoch = d;
-    // Civil date from days since the Unix epoch (proleptic Gregorian).
-    let z = days_since_epoch as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}Z")
-}
-
-/// Runs a `job` subcommand.
-pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result<()> {
-    match cmd {
-        JobCommand::Submit { file, wait_secs } => {
-            let spec = read_spec(&file)?;
-            // The version before: an unchanged resubmit answers the version it found.
-            let before = placement::current_version(client, &spec.name).await;
-            let resp: SubmitJobResponse = client
-                .call(Method::POST, "/api/v1/jobs", Some(&spec))
-                .await?;
-            if json {
-                return print_json(&resp);
-            }
-            let verb = match (resp.created, before) {
-                (true, _) => "created",
-                (false, Some(v)) if v == resp.version => "unchanged",
-                (false, _) => "updated",
-            };
-            println!(
-                "job {} {verb}: id {} version {} (evaluation {})",
-                spec.name, resp.id, resp.version, resp.eval_id
-            );
-            if wait_secs > 0 {
-                let outcome = placement::wait(
-                    client,
-                    &resp.id,
-                    resp.version,
-                    Duration::from_secs(wait_secs),
-                )
-                .await?;
-                print!("{}", outcome.describe(&spec.name, wait_secs));
-            }
-        }
-        JobCommand::Ls => {
-            let jobs: Vec<JobSummary> = client
-                .call::<(), _>(Method::GET, "/api/v1/jobs", None)
-                .await?;
-            if json {
-                return print_json(&jobs);
-            }
-            println!(
-                "{:<36}  {:<24} {:<9} {:>4} {:>4}  {:<8} {:>9}  SUBMITTED",
-                "ID", "NAME", "KIND", "PRIO", "VER", "STATUS", "RUNNING"
-            );
-            for j in &jobs {
-                println!(
-                    "{:<36}  {:<24} {:<9} {:>4} {:>4}  {:<8} {:>9}  {}",
-                    j.id,
-                    j.name,
-                    j.kind.to_string(),
-                    j.priority,
-                    j.version,
-                    j.status.to_string(),
-                    format!("{}/{}", j.running, j.instances),
-                    ms_to_text(j.submitted_at.0)
-                );
-            }
-        }
-        JobCommand::Status { id } => {
-            let path = format!("/api/v1/jobs/{}", path_segment(&id)?);
-            let job: Job = client.call::<(), _>(Method::GET, &path, None).await?;
-            if json {
-                return print_json(&job);
-            }
-            println!("id          {}", job.id);
-            println!("name        {}", job.name);
-            println!("kind        {}", job.spec.kind);
-            println!("priority    {}", job.spec.priority);
-            println!("version     {}", job.version);
-            println!("status      {}", job.status);
-            println!("submitted   {}", ms_to_text(job.submitted_at.0));
-            println!("updated     {}", ms_to_text(job.updated_at.0));
-            for g in &job.spec.groups {
-                println!("group       {} x{}", g.name, g.count);
-            }
-            if job.allocations.is_empty() {
-                println!("allocations none");
-            } else {
-                println!("allocations");
-                let mut allocs: Vec<&Allocation> = job.allocations.iter().collect();
-                allocs.sort_by(|a, b| (&a.group, a.index).cmp(&(&b.group, b.index)));
-                let rows: Vec<Vec<String>> = allocs
-                    .iter()
-                    .map(|a| {
-                        vec![
-                            a.id.to_string(),
-                            a.node_id.to_string(),
-                            format!("{}[{}]", a.group, a.index),
-                            list_or_dash(&a.gpus),
-                            format!("{}/{}", a.state, a.desired),
-                            match a.restarts {
-                                0 => "-".to_owned(),
-                                n => n.to_string(),
-                            },
-                            a.reason.clone().unwrap_or_else(|| "-".to_owned()),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    2,
-                    &[
-                        "ID",
-                        "NODE",
-                        "GROUP[INDEX]",
-                        "GPUS",
-                        "STATE/DESIRED",
-                        "RESTARTS",
-                        "REASON",
-                    ],
-                    &rows,
-                );
-            }
-            for u in &job.unplaced {
-                println!("unplaced    {} x{}: {}", u.group, u.count, u.reason);
-            }
-        }
-        JobCommand::Logs { id, stderr, follow } => {
-            logs::job_logs(client, &id, stderr, follow).await?;
-        }
-        JobCommand::Rm { id } => {
-            let path = format!("/api/v1/jobs/{}", path_segment(&id)?);
-            let resp: DeleteJobResponse = client.call::<(), _>(Method::DELETE, &path, None).await?;
-            if json {
-                return print_json(&resp);
-            }
-            println!("job {} removed (evaluation {})", resp.id, resp.eval_id);
-        }
-    }
-    Ok(())
 }
 
 /// Runs a `node` subcommand.
@@ -627,25 +345,6 @@ async fn token(client: &Client, cmd: TokenCommand, json: bool) -> anyhow::Result
             client.call_no_content(Method::DELETE, &path).await?;
             if !json {
                 println!("join token {id} deleted");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `aigrid alloc ...`
-pub async fn alloc(client: &Client, cmd: AllocCommand, json: bool) -> anyhow::Result<()> {
-    match cmd {
-        AllocCommand::Logs { id, stderr } => {
-            let id = logs::resolve_alloc(client, &id).await?;
-            let logs = logs::fetch(client, &id).await?;
-            if json {
-                return print_json(&logs);
-            }
-            let text = if stderr { &logs.stderr } else { &logs.stdout };
-            print!("{text}");
-            if logs.updated_at.is_none() {
-                eprintln!("(no output shipped yet by node {})", logs.node_id);
             }
         }
     }
@@ -936,84 +635,5 @@ impl HeartbeatArgs {
         };
         hb.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(hb)
-    }
-}
-
-fn print_cluster(status: &ClusterStatus) {
-    println!("server        {}", status.id);
-    match status.leader {
-        Some(l) => println!("leader        {l}"),
-        None => println!("leader        none (election in progress or no quorum)"),
-    }
-    println!("term          {}", status.term);
-    println!("commit index  {}", status.commit_index);
-    println!("applied index {}", status.applied_index);
-    println!("members");
-    for m in &status.members {
-        let lead = if m.is_leader { "  leader" } else { "" };
-        println!("  {:<4} {:<24} {}{lead}", m.id, m.addr, m.role);
-    }
-}
-
-/// Runs a `cluster` subcommand.
-pub async fn cluster(client: &Client, cmd: ClusterCommand, json: bool) -> anyhow::Result<()> {
-    let status: ClusterStatus = match cmd {
-        ClusterCommand::Status => {
-            client
-                .call::<(), _>(Method::GET, "/api/v1/cluster", None)
-                .await?
-        }
-        ClusterCommand::Join { id, addr } => {
-            let req = JoinRequest { id, addr };
-            req.validate().map_err(|e| anyhow!("{e}"))?;
-            client
-                .call(Method::POST, "/api/v1/cluster/members", Some(&req))
-                .await?
-        }
-        ClusterCommand::Leave { id } => {
-            client
-                .call::<(), _>(
-                    Method::DELETE,
-                    &format!("/api/v1/cluster/members/{id}"),
-                    None,
-                )
-                .await?
-        }
-    };
-    if json {
-        return print_json(&status);
-    }
-    print_cluster(&status);
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_render_as_utc() {
-        assert_eq!(ms_to_text(0), "1970-01-01 00:00:00Z");
-        assert_eq!(ms_to_text(1_795_000_000_000), "2026-11-18 11:06:40Z");
-    }
-
-    #[test]
-    fn toml_and_json_specs_read_alike() {
-        let dir = tempfile::tempdir().unwrap();
-        let json = dir.path().join("job.json");
-        std::fs::write(
-            &json,
-            r#"{"name":"a","kind":"batch","groups":[{"name":"g","resources":{"cpu_millis":100,"memory_mib":64},"task":{"driver":"exec","command":"/bin/true"}}]}"#,
-        )
-        .unwrap();
-        let toml_path = dir.path().join("job.toml");
-        std::fs::write(
-            &toml_path,
-            "name = \"a\"\nkind = \"batch\"\n[[groups]]\nname = \"g\"\n[groups.resources]\ncpu_millis = 100\nmemory_mib = 64\n[groups.task]\ndriver = \"exec\"\ncommand = \"/bin/true\"\n",
-        )
-        .unwrap();
-        assert_eq!(read_spec(&json).unwrap(), read_spec(&toml_path).unwrap());
-        std::fs::write(&json, r#"{"name":"a","kind":"batch","groups":[]}"#).unwrap();
-        assert!(read_spec(&json).unwrap_err().to_string().contains("groups"));
     }
 }

@@ -1,0 +1,258 @@
+//! The job specification users submit (JSON over the API, TOML from the CLI; one
+//! shape). Every struct rejects unknown fields so a misspelt key is an error instead
+//! of a silently ignored setting, and [`JobSpec::validate`] checks the rules serde
+//! cannot express, naming the exact field that breaks one.
+//!
+//! | module | owns |
+//! |---|---|
+//! | this one | the job and its groups ([`JobSpec`], [`TaskGroup`]), names, the checks that walk them |
+//! | `resources` | what an instance reserves: CPU, memory, GPUs ([`Resources`], [`GpuRequest`]) |
+//! | `rules` | rules on node attributes: [`Constraint`], [`Affinity`], [`Spread`] |
+//! | `task` | what an instance runs: [`TaskSpec`], [`ExecTask`] with its [`RestartPolicy`] and [`Artifact`]s, [`ModelServerTask`] |
+//!
+//! Every type and limit is reached from here.
+
+mod resources;
+mod rules;
+mod task;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::ValidationError;
+
+pub use resources::{GpuRequest, Resources};
+pub use rules::{
+    Affinity, Constraint, ConstraintOp, ConstraintValue, Spread, MAX_AFFINITY_WEIGHT,
+    MAX_REGEX_BYTES, MAX_SPREAD_WEIGHT,
+};
+pub use task::{
+    Artifact, ExecTask, ModelServerTask, RestartMode, RestartPolicy, TaskSpec,
+    DEFAULT_KILL_TIMEOUT_MS, MAX_KILL_TIMEOUT_MS, MAX_RESTART_ATTEMPTS,
+};
+
+/// Priority given to a job that does not state one.
+pub const DEFAULT_PRIORITY: u32 = 50;
+/// Highest accepted priority.
+pub const MAX_PRIORITY: u32 = 100;
+/// Longest accepted job, group or circle name (a DNS label's limit, so names can
+/// appear in host names and paths).
+pub const MAX_NAME_LEN: usize = 63;
+/// Most groups one job may have; bounds the work of one planner pass.
+pub const MAX_GROUPS: usize = 64;
+/// Most instances one group may ask for; bounds the allocations one job can create.
+pub const MAX_GROUP_COUNT: u32 = 10_000;
+
+/// A job as submitted: what to run, how many, and where it may run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Unique among live jobs; submitting a spec with the name of a live job updates
+    /// that job. 1 to 63 of `a-z 0-9 - _ .`, starting with a letter or digit.
+    pub name: String,
+    /// Whether the job is kept running or runs to completion.
+    #[serde(default)]
+    pub kind: JobKind,
+    /// 0 to 100; higher-priority jobs are placed first and may preempt lower ones.
+    #[serde(default = "default_priority")]
+    #[schema(default = 50, maximum = 100)]
+    pub priority: u32,
+    /// The Autonomous Circle that owns the job, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circle: Option<String>,
+    /// The task groups; at least one.
+    #[serde(default)]
+    pub groups: Vec<TaskGroup>,
+}
+
+fn default_priority() -> u32 {
+    DEFAULT_PRIORITY
+}
+
+fn default_count() -> u32 {
+    1
+}
+
+fn default_movable() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+wire_enum!(
+    /// How the control plane treats a job whose instances exit.
+    #[derive(Default)]
+    JobKind {
+        /// Kept running: exited or lost instances are replaced. The default, as in
+        /// most schedulers, since serving is the common case.
+        #[default]
+        Service => "service",
+        /// Runs to completion once.
+        Batch => "batch",
+        /// Runs to completion; groups are usually `gang` so all workers start together.
+        Training => "training",
+    }
+);
+
+/// A set of identical instances placed together under one resource request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskGroup {
+    /// Unique within the job; same character rules as the job name.
+    pub name: String,
+    /// How many instances to run.
+    #[serde(default = "default_count")]
+    #[schema(default = 1, minimum = 1)]
+    pub count: u32,
+    /// Place all `count` instances at once or none of them (distributed training).
+    #[serde(default)]
+    pub gang: bool,
+    /// What each instance needs.
+    pub resources: Resources,
+    /// Node attributes an instance's node must satisfy; all must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<Constraint>,
+    /// Attributes to spread instances across (sites, countries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spread: Vec<Spread>,
+    /// Weighted preferences for nodes; unlike constraints they never exclude a node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinities: Vec<Affinity>,
+    /// Whether the rebalancer may migrate instances to consolidate free GPUs. True by
+    /// default; set false for work that cannot tolerate a restart.
+    #[serde(default = "default_movable", skip_serializing_if = "is_true")]
+    #[schema(default = true)]
+    pub movable: bool,
+    /// The disruption budget: at most this many instances may be down at once for
+    /// voluntary moves (rebalancing, drains). Absent means one at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub max_unavailable: Option<u32>,
+    /// What each instance runs.
+    pub task: TaskSpec,
+}
+
+impl JobSpec {
+    /// Checks the rules serde cannot express. The first broken rule is reported, with
+    /// the path of its field, so the same spec always gives the same answer.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_name("name", &self.name)?;
+        if self.priority > MAX_PRIORITY {
+            return Err(ValidationError::new(
+                "priority",
+                format!(
+                    "must be between 0 and {MAX_PRIORITY}, got {}",
+                    self.priority
+                ),
+            ));
+        }
+        if let Some(circle) = &self.circle {
+            check_name("circle", circle)?;
+        }
+        if self.groups.is_empty() {
+            return Err(ValidationError::new(
+                "groups",
+                "at least one group is required",
+            ));
+        }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(ValidationError::new(
+                "groups",
+                format!(
+                    "at most {MAX_GROUPS} groups are allowed, got {}",
+                    self.groups.len()
+                ),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, group) in self.groups.iter().enumerate() {
+            let path = format!("groups[{i}]");
+            group.validate_at(&path)?;
+            if !names.insert(group.name.as_str()) {
+                return Err(ValidationError::new(
+                    format!("{path}.name"),
+                    format!("duplicate group name `{}`", group.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The group called `name`.
+    pub fn group(&self, name: &str) -> Option<&TaskGroup> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// Instances the job asks for across all groups.
+    pub fn instance_count(&self) -> u64 {
+        self.groups.iter().map(|g| u64::from(g.count)).sum()
+    }
+}
+
+impl TaskGroup {
+    fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
+        check_name(&format!("{path}.name"), &self.name)?;
+        if self.count == 0 {
+            return Err(ValidationError::new(
+                format!("{path}.count"),
+                "must be at least 1",
+            ));
+        }
+        if self.count > MAX_GROUP_COUNT {
+            return Err(ValidationError::new(
+                format!("{path}.count"),
+                format!("must be at most {MAX_GROUP_COUNT}, got {}", self.count),
+            ));
+        }
+        self.resources.validate_at(&format!("{path}.resources"))?;
+        for (j, constraint) in self.constraints.iter().enumerate() {
+            constraint.validate_at(&format!("{path}.constraints[{j}]"))?;
+        }
+        for (k, spread) in self.spread.iter().enumerate() {
+            spread.validate_at(&format!("{path}.spread[{k}]"))?;
+        }
+        for (k, affinity) in self.affinities.iter().enumerate() {
+            affinity.validate_at(&format!("{path}.affinities[{k}]"))?;
+        }
+        if self.max_unavailable == Some(0) {
+            return Err(ValidationError::new(
+                format!("{path}.max_unavailable"),
+                "must be at least 1; set `movable = false` to forbid voluntary moves",
+            ));
+        }
+        self.task.validate_at(&format!("{path}.task"))
+    }
+}
+
+/// Checks a job, group or circle name: DNS-label-like so it can be used in host
+/// names, paths and file names without escaping.
+fn check_name(field: &str, value: &str) -> Result<(), ValidationError> {
+    let fail = |message: String| Err(ValidationError::new(field, message));
+    let Some(first) = value.chars().next() else {
+        return fail("must not be empty".to_owned());
+    };
+    if value.len() > MAX_NAME_LEN {
+        return fail(format!(
+            "must be at most {MAX_NAME_LEN} characters, got {}",
+            value.len()
+        ));
+    }
+    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+        return fail("must start with a lowercase letter or a digit".to_owned());
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
+    {
+        return fail(format!(
+            "may contain only lowercase letters, digits, `-`, `_` and `.`; found `{bad}`"
+        ));
+    }
+    Ok(())
+}

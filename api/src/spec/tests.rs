@@ -1,0 +1,444 @@
+//! The job specification's parsing, defaults and validation, end to end.
+
+use super::*;
+use crate::units::{MemoryMib, MilliCpu};
+use serde_json::json;
+
+const DIGEST: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
+
+/// The example job of DESIGN.md, verbatim.
+fn design_example() -> serde_json::Value {
+    json!({
+      "name": "llama-chat",
+      "kind": "service",
+      "priority": 50,
+      "circle": "vision-lab",
+      "groups": [{
+        "name": "replica",
+        "count": 2,
+        "gang": false,
+        "resources": {"cpu_millis": 2000, "memory_mib": 8192,
+                      "gpus": {"count": 1, "model": "H100", "min_memory_mib": 40000}},
+        "constraints": [{"attribute": "country", "op": "in", "value": ["BE", "NL"]}],
+        "spread": [{"attribute": "site"}],
+        "task": {"driver": "exec", "command": "/usr/bin/python3", "args": ["serve.py"],
+                 "env": {"MODE": "prod"}, "artifacts": [{"source": "...", "blake3": "..."}]}
+      }]
+    })
+}
+
+fn valid() -> serde_json::Value {
+    let mut v = design_example();
+    v["groups"][0]["task"]["artifacts"][0]["blake3"] = json!(DIGEST);
+    v
+}
+
+fn parse(v: serde_json::Value) -> Result<JobSpec, serde_json::Error> {
+    serde_json::from_value(v)
+}
+
+#[test]
+fn design_example_parses_and_names_the_bad_digest() {
+    let spec = parse(design_example()).unwrap();
+    assert_eq!(spec.name, "llama-chat");
+    assert_eq!(spec.kind, JobKind::Service);
+    assert_eq!(spec.circle.as_deref(), Some("vision-lab"));
+    let group = &spec.groups[0];
+    assert_eq!(group.count, 2);
+    assert_eq!(group.resources.cpu_millis, MilliCpu::new(2000));
+    let gpus = group.resources.gpus.as_ref().unwrap();
+    assert_eq!(gpus.min_memory_mib, Some(MemoryMib::new(40000)));
+    assert_eq!(group.constraints[0].op, ConstraintOp::In);
+    assert_eq!(
+        group.constraints[0].value,
+        ConstraintValue::Many(vec!["BE".into(), "NL".into()])
+    );
+    assert!(matches!(&group.task, TaskSpec::Exec(e) if e.env["MODE"] == "prod"));
+    let err = spec.validate().unwrap_err();
+    assert_eq!(err.field, "groups[0].task.artifacts[0].blake3");
+    parse(valid()).unwrap().validate().unwrap();
+}
+
+#[test]
+fn toml_has_the_same_shape() {
+    let text = format!(
+        r#"
+name = "llama-chat"
+kind = "service"
+priority = 50
+circle = "vision-lab"
+
+[[groups]]
+name = "replica"
+count = 2
+gang = false
+resources = {{ cpu_millis = 2000, memory_mib = 8192, gpus = {{ count = 1, model = "H100", min_memory_mib = 40000 }} }}
+constraints = [{{ attribute = "country", op = "in", value = ["BE", "NL"] }}]
+spread = [{{ attribute = "site" }}]
+
+[groups.task]
+driver = "exec"
+command = "/usr/bin/python3"
+args = ["serve.py"]
+env = {{ MODE = "prod" }}
+artifacts = [{{ source = "...", blake3 = "{DIGEST}" }}]
+"#
+    );
+    let from_toml: JobSpec = toml::from_str(&text).unwrap();
+    assert_eq!(from_toml, parse(valid()).unwrap());
+    let round = toml::to_string(&from_toml).unwrap();
+    assert_eq!(toml::from_str::<JobSpec>(&round).unwrap(), from_toml);
+}
+
+#[test]
+fn toml_rejects_unknown_keys_inside_the_task() {
+    let text = r#"
+name = "j"
+[[groups]]
+name = "g"
+resources = { cpu_millis = 1, memory_mib = 1 }
+[groups.task]
+driver = "model-server"
+model = "m"
+replicas = 3
+"#;
+    let err = toml::from_str::<JobSpec>(text).unwrap_err();
+    assert!(err.to_string().contains("replicas"), "{err}");
+}
+
+#[test]
+fn defaults_fill_omitted_fields() {
+    let spec = parse(json!({
+        "name": "j",
+        "groups": [{"name": "g", "resources": {"cpu_millis": 100, "memory_mib": 64},
+                    "task": {"driver": "model-server", "model": "blake3:abc"}}]
+    }))
+    .unwrap();
+    assert_eq!(spec.kind, JobKind::Service);
+    assert_eq!(spec.priority, DEFAULT_PRIORITY);
+    assert_eq!(spec.groups[0].count, 1);
+    assert!(!spec.groups[0].gang);
+    assert_eq!(spec.instance_count(), 1);
+    spec.validate().unwrap();
+}
+
+#[test]
+fn json_round_trip_is_lossless() {
+    let spec = parse(valid()).unwrap();
+    let text = serde_json::to_string(&spec).unwrap();
+    assert_eq!(serde_json::from_str::<JobSpec>(&text).unwrap(), spec);
+}
+
+#[test]
+fn unknown_fields_are_rejected_at_every_level() {
+    let places: &[&[&str]] = &[
+        &[],
+        &["groups", "0"],
+        &["groups", "0", "resources"],
+        &["groups", "0", "resources", "gpus"],
+        &["groups", "0", "constraints", "0"],
+        &["groups", "0", "spread", "0"],
+        &["groups", "0", "task"],
+        &["groups", "0", "task", "artifacts", "0"],
+    ];
+    for place in places {
+        let mut v = valid();
+        let mut target = &mut v;
+        for key in *place {
+            target = match key.parse::<usize>() {
+                Ok(i) => &mut target[i],
+                Err(_) => &mut target[*key],
+            };
+        }
+        target["surprise"] = json!(1);
+        let err = parse(v).unwrap_err();
+        assert!(err.to_string().contains("surprise"), "{place:?}: {err}");
+    }
+}
+
+#[test]
+fn unknown_fields_are_rejected_in_a_model_server_task() {
+    let mut v = valid();
+    v["groups"][0]["task"] = json!({"driver": "model-server", "model": "d", "command": "x"});
+    let err = parse(v).unwrap_err();
+    assert!(err.to_string().contains("command"), "{err}");
+}
+
+#[test]
+fn unknown_or_missing_driver_is_rejected() {
+    let mut v = valid();
+    v["groups"][0]["task"] = json!({"driver": "docker", "image": "x"});
+    assert!(parse(v).unwrap_err().to_string().contains("docker"));
+    let mut v = valid();
+    v["groups"][0]["task"] = json!({"command": "x"});
+    assert!(parse(v).unwrap_err().to_string().contains("driver"));
+}
+
+#[test]
+fn negative_numbers_and_wrong_value_types_are_parse_errors() {
+    let mut v = valid();
+    v["groups"][0]["resources"]["cpu_millis"] = json!(-1);
+    assert!(parse(v).is_err());
+    let mut v = valid();
+    v["groups"][0]["constraints"][0]["value"] = json!(5);
+    let err = parse(v).unwrap_err();
+    assert!(
+        err.to_string().contains("a string or a list of strings"),
+        "{err}"
+    );
+}
+
+/// Applies `edit` to a valid spec and returns the field validation blames.
+fn blamed(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut v = valid();
+    edit(&mut v);
+    let spec = parse(v).expect("edit keeps the document parseable");
+    spec.validate().expect_err("edit breaks a rule").field
+}
+
+/// An edit that breaks one rule of a valid spec.
+type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+
+#[test]
+fn validation_names_the_offending_field() {
+    let cases: Vec<(&str, Edit)> = vec![
+        ("name", Box::new(|v| v["name"] = json!(""))),
+        ("name", Box::new(|v| v["name"] = json!("Llama"))),
+        ("name", Box::new(|v| v["name"] = json!("-llama"))),
+        ("name", Box::new(|v| v["name"] = json!("a b"))),
+        ("name", Box::new(|v| v["name"] = json!("x".repeat(64)))),
+        ("priority", Box::new(|v| v["priority"] = json!(101))),
+        ("circle", Box::new(|v| v["circle"] = json!("Vision Lab"))),
+        ("groups", Box::new(|v| v["groups"] = json!([]))),
+        (
+            "groups[0].name",
+            Box::new(|v| v["groups"][0]["name"] = json!("")),
+        ),
+        (
+            "groups[0].count",
+            Box::new(|v| v["groups"][0]["count"] = json!(0)),
+        ),
+        (
+            "groups[0].count",
+            Box::new(|v| v["groups"][0]["count"] = json!(MAX_GROUP_COUNT + 1)),
+        ),
+        (
+            "groups[0].resources.cpu_millis",
+            Box::new(|v| v["groups"][0]["resources"]["cpu_millis"] = json!(0)),
+        ),
+        (
+            "groups[0].resources.memory_mib",
+            Box::new(|v| v["groups"][0]["resources"]["memory_mib"] = json!(0)),
+        ),
+        (
+            "groups[0].resources.gpus.count",
+            Box::new(|v| v["groups"][0]["resources"]["gpus"]["count"] = json!(0)),
+        ),
+        (
+            "groups[0].resources.gpus.model",
+            Box::new(|v| v["groups"][0]["resources"]["gpus"]["model"] = json!(" ")),
+        ),
+        (
+            "groups[0].resources.gpus.min_memory_mib",
+            Box::new(|v| v["groups"][0]["resources"]["gpus"]["min_memory_mib"] = json!(0)),
+        ),
+        (
+            "groups[0].constraints[0].attribute",
+            Box::new(|v| v["groups"][0]["constraints"][0]["attribute"] = json!("")),
+        ),
+        (
+            "groups[0].constraints[0].value",
+            Box::new(|v| v["groups"][0]["constraints"][0]["value"] = json!("BE")),
+        ),
+        (
+            "groups[0].constraints[0].value",
+            Box::new(|v| v["groups"][0]["constraints"][0]["value"] = json!([])),
+        ),
+        (
+            "groups[0].constraints[0].value",
+            Box::new(|v| {
+                v["groups"][0]["constraints"][0] =
+                    json!({"attribute": "site", "op": "not_in", "value": "x"})
+            }),
+        ),
+        (
+            "groups[0].constraints[0].value",
+            Box::new(|v| {
+                v["groups"][0]["constraints"][0] =
+                    json!({"attribute": "site", "op": "regex", "value": "("})
+            }),
+        ),
+        (
+            "groups[0].constraints[0].value",
+            Box::new(|v| {
+                v["groups"][0]["constraints"][0] =
+                    json!({"attribute": "cuda", "op": ">=", "value": ["12"]})
+            }),
+        ),
+        (
+            "groups[0].constraints[0].value",
+            Box::new(|v| {
+                v["groups"][0]["constraints"][0] =
+                    json!({"attribute": "cuda", "op": "<=", "value": "twelve"})
+            }),
+        ),
+        (
+            "groups[0].constraints[0].value",
+            Box::new(|v| {
+                v["groups"][0]["constraints"][0] =
+                    json!({"attribute": "site", "op": "=", "value": ["a"]})
+            }),
+        ),
+        (
+            "groups[0].spread[0].attribute",
+            Box::new(|v| v["groups"][0]["spread"][0]["attribute"] = json!("")),
+        ),
+        (
+            "groups[0].spread[0].weight",
+            Box::new(|v| v["groups"][0]["spread"][0]["weight"] = json!(0)),
+        ),
+        (
+            "groups[0].resources.gpus.memory_slice_mib",
+            Box::new(|v| v["groups"][0]["resources"]["gpus"]["memory_slice_mib"] = json!(0)),
+        ),
+        (
+            "groups[0].resources.gpus.count",
+            Box::new(|v| {
+                v["groups"][0]["resources"]["gpus"] = json!({"count": 2, "memory_slice_mib": 10240})
+            }),
+        ),
+        (
+            "groups[0].resources.gpus.same_interconnect",
+            Box::new(|v| {
+                v["groups"][0]["resources"]["gpus"] =
+                    json!({"count": 1, "memory_slice_mib": 10240, "same_interconnect": true})
+            }),
+        ),
+        (
+            "groups[0].affinities[0].attribute",
+            Box::new(|v| {
+                v["groups"][0]["affinities"] =
+                    json!([{"attribute": " ", "op": "=", "value": "a", "weight": 5}])
+            }),
+        ),
+        (
+            "groups[0].affinities[0].value",
+            Box::new(|v| {
+                v["groups"][0]["affinities"] =
+                    json!([{"attribute": "site", "op": "in", "value": "a", "weight": 5}])
+            }),
+        ),
+        (
+            "groups[0].affinities[0].weight",
+            Box::new(|v| {
+                v["groups"][0]["affinities"] =
+                    json!([{"attribute": "site", "op": "=", "value": "a", "weight": 0}])
+            }),
+        ),
+        (
+            "groups[0].affinities[0].weight",
+            Box::new(|v| {
+                v["groups"][0]["affinities"] =
+                    json!([{"attribute": "site", "op": "=", "value": "a", "weight": -101}])
+            }),
+        ),
+        (
+            "groups[0].max_unavailable",
+            Box::new(|v| v["groups"][0]["max_unavailable"] = json!(0)),
+        ),
+        (
+            "groups[0].task.command",
+            Box::new(|v| v["groups"][0]["task"]["command"] = json!("  ")),
+        ),
+        (
+            "groups[0].task.env",
+            Box::new(|v| v["groups"][0]["task"]["env"] = json!({"A=B": "c"})),
+        ),
+        (
+            "groups[0].task.artifacts[0].source",
+            Box::new(|v| v["groups"][0]["task"]["artifacts"][0]["source"] = json!("")),
+        ),
+        (
+            "groups[0].task.model",
+            Box::new(|v| v["groups"][0]["task"] = json!({"driver": "model-server", "model": ""})),
+        ),
+        (
+            "groups[1].name",
+            Box::new(|v| {
+                let copy = v["groups"][0].clone();
+                v["groups"].as_array_mut().unwrap().push(copy);
+            }),
+        ),
+    ];
+    for (field, edit) in cases {
+        assert_eq!(blamed(edit), field);
+    }
+}
+
+#[test]
+fn good_constraints_pass() {
+    let mut v = valid();
+    v["groups"][0]["constraints"] = json!([
+        {"attribute": "site", "op": "=", "value": "ghent"},
+        {"attribute": "site", "op": "!=", "value": ""},
+        {"attribute": "country", "op": "not_in", "value": ["FR"]},
+        {"attribute": "gpu.model", "op": "regex", "value": "^H1[0-9]0$"},
+        {"attribute": "cuda", "op": ">=", "value": "12.1"},
+        {"attribute": "disk_mib", "op": "<=", "value": "1000000"},
+    ]);
+    v["groups"][0]["spread"] = json!([{"attribute": "site", "weight": 100}]);
+    parse(v).unwrap().validate().unwrap();
+}
+
+#[test]
+fn placement_fields_default_and_round_trip() {
+    let spec = parse(valid()).unwrap();
+    let group = &spec.groups[0];
+    assert!(group.movable && group.affinities.is_empty());
+    assert_eq!(group.max_unavailable, None);
+    let gpus = group.resources.gpus.as_ref().unwrap();
+    assert!(!gpus.is_slice() && !gpus.same_interconnect);
+    // Defaults stay off the wire, so older specs serialise exactly as before.
+    let json = serde_json::to_value(&spec).unwrap();
+    assert_eq!(json["groups"][0].get("movable"), None);
+    assert_eq!(
+        json["groups"][0]["resources"]["gpus"].get("same_interconnect"),
+        None
+    );
+
+    let mut v = valid();
+    v["groups"][0]["movable"] = json!(false);
+    v["groups"][0]["max_unavailable"] = json!(2);
+    v["groups"][0]["affinities"] = json!([
+        {"attribute": "site", "op": "=", "value": "ghent", "weight": 50},
+        {"attribute": "farm", "op": "in", "value": ["a", "b"], "weight": -100},
+    ]);
+    v["groups"][0]["resources"]["gpus"] =
+        json!({"count": 1, "model": "L4", "memory_slice_mib": 8192});
+    let spec = parse(v).unwrap();
+    spec.validate().unwrap();
+    let group = &spec.groups[0];
+    assert!(!group.movable);
+    assert_eq!(group.max_unavailable, Some(2));
+    assert_eq!(group.affinities[1].weight, -100);
+    let gpus = group.resources.gpus.as_ref().unwrap();
+    assert_eq!(gpus.memory_slice_mib, Some(MemoryMib::new(8192)));
+    assert!(gpus.is_slice());
+    let back: JobSpec = serde_json::from_value(serde_json::to_value(&spec).unwrap()).unwrap();
+    assert_eq!(back, spec);
+
+    let mut v = valid();
+    v["groups"][0]["affinities"] =
+        json!([{"attribute": "site", "op": "=", "value": "a", "weight": 1, "extra": 1}]);
+    assert!(parse(v).is_err());
+}
+
+#[test]
+fn wire_words_parse_back() {
+    for op in ConstraintOp::ALL {
+        assert_eq!(op.as_str().parse::<ConstraintOp>().unwrap(), *op);
+        assert_eq!(serde_json::to_value(op).unwrap(), json!(op.as_str()));
+    }
+    assert!("~".parse::<ConstraintOp>().is_err());
+    assert_eq!("training".parse::<JobKind>().unwrap(), JobKind::Training);
+}

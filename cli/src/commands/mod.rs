@@ -1,0 +1,16 @@
+//! Client subcommands of the control API, one module per noun, with human and
+//! `--json` output (the printing helpers are [`crate::output`]'s).
+//!
+//! | module | owns |
+//! |---|---|
+//! | `job` | `aigrid job` and `aigrid alloc`: job files read and checked, submitted, listed, shown, removed; an allocation's output |
+//! | `node` | `aigrid node`: nodes listed and shown, registered and heartbeated by hand, drained, revoked; join tokens |
+//! | `cluster` | `aigrid cluster`: membership and Raft status |
+
+mod cluster;
+mod job;
+mod node;
+
+pub use cluster::{cluster, ClusterCommand};
+pub use job::{alloc, job, AllocCommand, JobCommand};
+pub use node::{node, NodeCommand};
