@@ -24,8 +24,6 @@
 //! placement rules (`placement::Constraint` and `placement::Spread` share their names
 //! with the job spec's), which are reached through their modules.
 
-#![warn(missing_docs)]
-
 #[macro_use]
 mod macros;
 

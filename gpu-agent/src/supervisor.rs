@@ -22,6 +22,9 @@
 //! The supervisor is synchronous (std threads, no async runtime): it must not live
 //! inside the agent's runtime, and it has little to do.
 
+// Unsafe: a `pre_exec` hook that clears the signal mask between fork and exec.
+#![allow(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};

@@ -22,8 +22,6 @@
 //!
 //! `chunk`, `codec`, `manifest` and `placement` are pure; the rest talk to backends.
 
-#![warn(missing_docs)]
-
 pub mod backend;
 pub mod cache;
 pub mod chunk;

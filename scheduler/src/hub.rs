@@ -40,10 +40,6 @@ impl HubError {
     }
 }
 
-pub const MAX_POLL_WAIT: Duration = Duration::from_secs(300);
-/// How long a long poll is held when the agent does not say.
-pub const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(30);
-
 /// Wakes agents' long polls when their node's assignments change. Not part of the
 /// replicated state: each server hands one to its [`ClusterState`] as an
 /// [`EventSink`] and wakes the polls it holds as the state emits [`StateEvent`]s.

@@ -27,6 +27,9 @@
 //! competes with it. Each path
 //! runs `--reps` times, interleaved, every time from scratch; the median is shown.
 
+// Unsafe: `sync(2)` before dropping the page cache, to measure a cold start.
+#![allow(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,9 @@
 //! an earlier agent started. The polls read a few small local files; they run on
 //! the async runtime, as a `stat` does not block it in any way that matters.
 
+// Unsafe: a `pre_exec` hook that calls setsid between fork and exec.
+#![allow(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;

@@ -1,6 +1,9 @@
 //! Measuring a run: wall time and the CPU the process used, the median and the
 //! spread of repetitions; and clearing a run's directories before the next.
 
+// Unsafe: `getrusage(2)` into a zeroed `rusage`, the process's CPU time.
+#![allow(unsafe_code)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
