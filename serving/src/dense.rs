@@ -232,45 +232,50 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
-    #[test]
-    fn matches_candle_linear_at_every_row_count_and_rank() {
+    /// A projection laid out as `layout` equals candle's `Linear` at every row
+    /// count and rank, and on a strided input.
+    fn matches_candle_linear_at_every_row_count_and_rank(layout: Layout) {
         let d = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (48, 32), &d).unwrap();
         let b = Tensor::randn(0f32, 1., 48, &d).unwrap();
         let reference = candle_nn::Linear::new(w.clone(), Some(b.clone()));
-        let mut layouts = vec![Layout::Transposed];
-        if crate::kernels::cpu::avx512::available() {
-            layouts.push(Layout::Packed);
-        } else {
-            crate::skip("this CPU has no AVX-512F: no packed layout");
-        }
-        if crate::kernels::cpu::amx::available() {
-            layouts.push(Layout::Amx);
-        } else {
-            crate::skip("this CPU has no AMX-BF16: no bf16 layout");
-        }
-        for layout in layouts {
-            let ours = Dense::build(&[(&w, Some(b.clone()))], layout).unwrap();
-            let (kind, tolerance) = match &ours.weight {
-                Weight::Transposed { .. } => (Layout::Transposed, 1e-4),
-                Weight::Packed(_) => (Layout::Packed, 1e-4),
-                // bf16 products of 32 N(0, 1) pairs: within a few hundredths.
-                Weight::Amx(_) => (Layout::Amx, 0.15),
-            };
-            assert_eq!(kind, layout);
-            for shape in [vec![1, 32], vec![7, 32], vec![3, 5, 32]] {
-                let x = Tensor::randn(0f32, 1., shape.as_slice(), &d).unwrap();
-                let (a, r) = (ours.forward(&x).unwrap(), reference.forward(&x).unwrap());
-                assert_eq!(a.dims(), r.dims());
-                let diff = crate::max_abs_diff(&a, &r);
-                assert!(diff < tolerance, "{layout:?} shape {shape:?}: {diff}");
-            }
-            // A strided input.
-            let x = Tensor::randn(0f32, 1., (32, 6), &d).unwrap().t().unwrap();
+        let ours = Dense::build(&[(&w, Some(b.clone()))], layout).unwrap();
+        let (kind, tolerance) = match &ours.weight {
+            Weight::Transposed { .. } => (Layout::Transposed, 1e-4),
+            Weight::Packed(_) => (Layout::Packed, 1e-4),
+            // bf16 products of 32 N(0, 1) pairs: within a few hundredths.
+            Weight::Amx(_) => (Layout::Amx, 0.15),
+        };
+        assert_eq!(kind, layout);
+        for shape in [vec![1, 32], vec![7, 32], vec![3, 5, 32]] {
+            let x = Tensor::randn(0f32, 1., shape.as_slice(), &d).unwrap();
             let (a, r) = (ours.forward(&x).unwrap(), reference.forward(&x).unwrap());
-            assert!(crate::max_abs_diff(&a, &r) < tolerance, "{layout:?}");
-            assert_eq!(ours.out_dim(), 48);
+            assert_eq!(a.dims(), r.dims());
+            let diff = crate::max_abs_diff(&a, &r);
+            assert!(diff < tolerance, "{layout:?} shape {shape:?}: {diff}");
         }
+        // A strided input.
+        let x = Tensor::randn(0f32, 1., (32, 6), &d).unwrap().t().unwrap();
+        let (a, r) = (ours.forward(&x).unwrap(), reference.forward(&x).unwrap());
+        assert!(crate::max_abs_diff(&a, &r) < tolerance, "{layout:?}");
+        assert_eq!(ours.out_dim(), 48);
+    }
+
+    #[test]
+    fn the_transposed_layout_matches_candle_linear() {
+        matches_candle_linear_at_every_row_count_and_rank(Layout::Transposed);
+    }
+
+    #[test]
+    #[cfg_attr(not(cpu_avx512f), ignore = "skipped: this CPU has no AVX-512F")]
+    fn the_packed_layout_matches_candle_linear() {
+        matches_candle_linear_at_every_row_count_and_rank(Layout::Packed);
+    }
+
+    #[test]
+    #[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
+    fn the_bf16_layout_matches_candle_linear() {
+        matches_candle_linear_at_every_row_count_and_rank(Layout::Amx);
     }
 
     #[test]

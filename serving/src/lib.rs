@@ -49,13 +49,6 @@ pub use device::DeviceSpec;
 pub use error::ServingError;
 pub use source::ModelSource;
 
-/// Says on stderr, where the test runner shows it, that a test (or part of one)
-/// did not run because this machine lacks what it checks.
-#[cfg(test)]
-pub(crate) fn skip(reason: &str) {
-    eprintln!("skipped: {reason}");
-}
-
 /// The largest element-wise difference of two tensors of one shape, compared in
 /// f32 (tests).
 #[cfg(test)]

@@ -103,16 +103,17 @@ fn pooling_from_sentence_transformers_files() {
 
 #[test]
 fn padding_does_not_change_embeddings() {
-    let mut precisions = vec![Precision::F32];
-    if crate::kernels::cpu::amx::available() {
-        precisions.push(Precision::Bf16);
-    } else {
-        crate::skip("this CPU has no AMX-BF16: f32 products only");
-    }
-    for (mode, precision) in [PoolingMode::Mean, PoolingMode::Cls, PoolingMode::Max]
-        .into_iter()
-        .flat_map(|m| precisions.iter().map(move |&p| (m, p)))
-    {
+    padding_does_not_change_embeddings_in(Precision::F32);
+}
+
+#[test]
+#[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
+fn padding_does_not_change_embeddings_with_bf16_products() {
+    padding_does_not_change_embeddings_in(Precision::Bf16);
+}
+
+fn padding_does_not_change_embeddings_in(precision: Precision) {
+    for mode in [PoolingMode::Mean, PoolingMode::Cls, PoolingMode::Max] {
         let pooling = Pooling {
             mode,
             normalize: true,
@@ -135,10 +136,8 @@ fn padding_does_not_change_embeddings() {
 }
 
 #[test]
+#[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
 fn bf16_products_keep_embeddings_close_to_f32() {
-    if !crate::kernels::cpu::amx::available() {
-        return crate::skip("this CPU has no AMX-BF16");
-    }
     let pooling = Pooling {
         mode: PoolingMode::Mean,
         normalize: true,
