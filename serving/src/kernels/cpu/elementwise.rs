@@ -5,7 +5,7 @@
 //! residual sum before a layer norm), so each step is one pass over its rows. These
 //! kernels overwrite the projection's fresh output in place, split over rayon's
 //! threads (the pool gemm already runs on), as plain loops the compiler vectorizes
-//! ([`vectorized!`]). On this hardware such passes are bound by memory, so their
+//! (`vectorized!`). On this hardware such passes are bound by memory, so their
 //! number is what counts. candle's own elementwise ops would each take a pass and
 //! an allocation, and from 64K elements up they run on candle's separate thread
 //! pool, whose workers spin after every op and so take a core from the next matrix

@@ -1,9 +1,9 @@
-//! The CPU's kernels, for the instructions this CPU has ([`detect`]), picked once
+//! The CPU's kernels, for the instructions this CPU has (`detect`), picked once
 //! at run time ([`isa`]): products in bf16 on AMX tiles ([`amx`]), f32 products
 //! packed for AVX-512 ([`avx512`]), the elementwise steps after a projection
 //! ([`elementwise`]), and `silu(gate)·up` and attention over the KV pool ([`ops`]),
 //! each compiled for AVX-512, AVX2+FMA and the portable baseline
-//! ([`ops::vectorized!`]).
+//! (`ops::vectorized!`).
 
 pub mod amx;
 pub mod avx512;
