@@ -20,6 +20,8 @@ use candle_core::{DType, Module, Result, Tensor};
 use crate::error::ServingError;
 use crate::kernels::cpu::amx::AmxPacked;
 use crate::kernels::cpu::avx512::{Packed, PackedMatmul};
+use crate::kernels::cpu::Isa;
+use crate::kernels::Backend;
 
 /// The arithmetic of a model's projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,21 +31,21 @@ pub enum Precision {
     F32,
     /// Weights and inputs rounded to bf16, sums in f32, on the CPU's AMX tiles
     /// (PyTorch's `set_float32_matmul_precision("medium")`). Only on CPUs with
-    /// AMX-BF16 ([`crate::kernels::cpu::amx::available`]).
+    /// AMX-BF16 ([`Isa::Amx`]).
     Bf16,
 }
 
 impl Precision {
-    /// The precision asked for (`None`: the default), checked against the device:
+    /// The precision asked for (`None`: the default), checked against the backend:
     /// by default bf16 where the model is an embedding model and the CPU has AMX
     /// (embeddings keep a cosine of 0.9999 or more to their f32 values), f32
     /// otherwise, so generation's greedy outputs stay those of the f32 model.
     pub fn resolve(
         asked: Option<Precision>,
-        device: &candle_core::Device,
+        backend: Backend,
         embedding: bool,
     ) -> std::result::Result<Precision, ServingError> {
-        let amx = device.is_cpu() && crate::kernels::cpu::amx::available();
+        let amx = backend == Backend::Cpu(Isa::Amx);
         match asked {
             None if embedding && amx => Ok(Precision::Bf16),
             None => Ok(Precision::F32),
@@ -103,22 +105,40 @@ enum Weight {
 }
 
 impl Dense {
-    /// From a checkpoint's `[out, in]` weight and optional `[out]` bias.
-    pub fn new(weight: &Tensor, bias: Option<Tensor>, precision: Precision) -> Result<Dense> {
-        Dense::fused(&[(weight, bias)], precision)
+    /// From a checkpoint's `[out, in]` weight and optional `[out]` bias, for the
+    /// product of `backend`.
+    pub fn new(
+        backend: Backend,
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        precision: Precision,
+    ) -> Result<Dense> {
+        Dense::fused(backend, &[(weight, bias)], precision)
     }
 
     /// Several projections of one input as one: their outputs side by side, in order.
     /// Every part takes the same input width; either all have a bias or none.
     ///
-    /// CPU weights in [`Precision::Bf16`] are packed for [`crate::kernels::cpu::amx`]'s product
-    /// (an error where the CPU has no AMX); f32 weights on a CPU with AVX-512F for
-    /// [`crate::kernels::cpu::avx512`]'s; others are kept transposed for `gemm`.
-    pub fn fused(parts: &[(&Tensor, Option<Tensor>)], precision: Precision) -> Result<Dense> {
-        let layout = match precision {
-            Precision::Bf16 => Layout::Amx,
-            Precision::F32 if crate::kernels::cpu::avx512::available() => Layout::Packed,
-            Precision::F32 => Layout::Transposed,
+    /// On the CPU backend, weights in [`Precision::Bf16`] are packed for
+    /// [`crate::kernels::cpu::amx`]'s product (an error where the CPU has no AMX,
+    /// and on other backends); f32 weights on a CPU with AVX-512F for
+    /// [`crate::kernels::cpu::avx512`]'s; others are kept transposed for the
+    /// device's matmul (`gemm` on the CPU).
+    pub fn fused(
+        backend: Backend,
+        parts: &[(&Tensor, Option<Tensor>)],
+        precision: Precision,
+    ) -> Result<Dense> {
+        let f32_weights = parts.iter().all(|(w, _)| w.dtype() == DType::F32);
+        let layout = match (precision, backend) {
+            (Precision::Bf16, Backend::Cpu(Isa::Amx)) => Layout::Amx,
+            (Precision::Bf16, _) => {
+                candle_core::bail!("bf16 projections need a CPU with AMX-BF16")
+            }
+            (Precision::F32, Backend::Cpu(isa)) if isa >= Isa::Avx512 && f32_weights => {
+                Layout::Packed
+            }
+            (Precision::F32, _) => Layout::Transposed,
         };
         Dense::build(parts, layout)
     }
@@ -165,20 +185,16 @@ impl Dense {
                     .transpose()?;
                 Ok((w, b))
             };
-        let cpu = weight.device().is_cpu();
         let weight = match layout {
             Layout::Amx => {
-                if !cpu || !crate::kernels::cpu::amx::available() {
-                    candle_core::bail!("bf16 projections need a CPU with AMX-BF16");
-                }
                 let (w, b) = values(&weight, bias)?;
                 Weight::Amx(Arc::new(AmxPacked::new(&w, b.as_deref(), width, output)?))
             }
-            Layout::Packed if cpu && weight.dtype() == DType::F32 => {
+            Layout::Packed => {
                 let (w, b) = values(&weight, bias)?;
                 Weight::Packed(Arc::new(Packed::new(&w, b.as_deref(), width, output)?))
             }
-            Layout::Packed | Layout::Transposed => Weight::Transposed {
+            Layout::Transposed => Weight::Transposed {
                 wt: weight.t()?.contiguous()?,
                 bias,
             },
@@ -199,18 +215,15 @@ impl Module for Dense {
         let input = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / input.max(1);
         let x = x.reshape((rows, input))?;
+        // The layout was chosen for the backend at load: packed weights only on the
+        // CPU, whose products take f32 (and say so otherwise).
         let y = match &self.weight {
-            Weight::Packed(p) if x.device().is_cpu() && x.dtype() == DType::F32 => x
+            Weight::Packed(p) => x
                 .contiguous()?
                 .apply_op1_no_bwd(&PackedMatmul(p.as_ref()))?,
-            Weight::Amx(p) if x.device().is_cpu() && x.dtype() == DType::F32 => x
+            Weight::Amx(p) => x
                 .contiguous()?
                 .apply_op1_no_bwd(&PackedMatmul(p.as_ref()))?,
-            Weight::Packed(_) | Weight::Amx(_) => candle_core::bail!(
-                "a packed projection takes f32 on the CPU, not {:?} on {:?}",
-                x.dtype(),
-                x.device()
-            ),
             Weight::Transposed { wt, bias } => {
                 let y = x.matmul(wt)?;
                 match bias {
@@ -232,45 +245,50 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
-    #[test]
-    fn matches_candle_linear_at_every_row_count_and_rank() {
+    /// A projection laid out as `layout` equals candle's `Linear` at every row
+    /// count and rank, and on a strided input.
+    fn matches_candle_linear_at_every_row_count_and_rank(layout: Layout) {
         let d = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (48, 32), &d).unwrap();
         let b = Tensor::randn(0f32, 1., 48, &d).unwrap();
         let reference = candle_nn::Linear::new(w.clone(), Some(b.clone()));
-        let mut layouts = vec![Layout::Transposed];
-        if crate::kernels::cpu::avx512::available() {
-            layouts.push(Layout::Packed);
-        } else {
-            crate::skip("this CPU has no AVX-512F: no packed layout");
-        }
-        if crate::kernels::cpu::amx::available() {
-            layouts.push(Layout::Amx);
-        } else {
-            crate::skip("this CPU has no AMX-BF16: no bf16 layout");
-        }
-        for layout in layouts {
-            let ours = Dense::build(&[(&w, Some(b.clone()))], layout).unwrap();
-            let (kind, tolerance) = match &ours.weight {
-                Weight::Transposed { .. } => (Layout::Transposed, 1e-4),
-                Weight::Packed(_) => (Layout::Packed, 1e-4),
-                // bf16 products of 32 N(0, 1) pairs: within a few hundredths.
-                Weight::Amx(_) => (Layout::Amx, 0.15),
-            };
-            assert_eq!(kind, layout);
-            for shape in [vec![1, 32], vec![7, 32], vec![3, 5, 32]] {
-                let x = Tensor::randn(0f32, 1., shape.as_slice(), &d).unwrap();
-                let (a, r) = (ours.forward(&x).unwrap(), reference.forward(&x).unwrap());
-                assert_eq!(a.dims(), r.dims());
-                let diff = crate::max_abs_diff(&a, &r);
-                assert!(diff < tolerance, "{layout:?} shape {shape:?}: {diff}");
-            }
-            // A strided input.
-            let x = Tensor::randn(0f32, 1., (32, 6), &d).unwrap().t().unwrap();
+        let ours = Dense::build(&[(&w, Some(b.clone()))], layout).unwrap();
+        let (kind, tolerance) = match &ours.weight {
+            Weight::Transposed { .. } => (Layout::Transposed, 1e-4),
+            Weight::Packed(_) => (Layout::Packed, 1e-4),
+            // bf16 products of 32 N(0, 1) pairs: within a few hundredths.
+            Weight::Amx(_) => (Layout::Amx, 0.15),
+        };
+        assert_eq!(kind, layout);
+        for shape in [vec![1, 32], vec![7, 32], vec![3, 5, 32]] {
+            let x = Tensor::randn(0f32, 1., shape.as_slice(), &d).unwrap();
             let (a, r) = (ours.forward(&x).unwrap(), reference.forward(&x).unwrap());
-            assert!(crate::max_abs_diff(&a, &r) < tolerance, "{layout:?}");
-            assert_eq!(ours.out_dim(), 48);
+            assert_eq!(a.dims(), r.dims());
+            let diff = crate::max_abs_diff(&a, &r);
+            assert!(diff < tolerance, "{layout:?} shape {shape:?}: {diff}");
         }
+        // A strided input.
+        let x = Tensor::randn(0f32, 1., (32, 6), &d).unwrap().t().unwrap();
+        let (a, r) = (ours.forward(&x).unwrap(), reference.forward(&x).unwrap());
+        assert!(crate::max_abs_diff(&a, &r) < tolerance, "{layout:?}");
+        assert_eq!(ours.out_dim(), 48);
+    }
+
+    #[test]
+    fn the_transposed_layout_matches_candle_linear() {
+        matches_candle_linear_at_every_row_count_and_rank(Layout::Transposed);
+    }
+
+    #[test]
+    #[cfg_attr(not(cpu_avx512f), ignore = "skipped: this CPU has no AVX-512F")]
+    fn the_packed_layout_matches_candle_linear() {
+        matches_candle_linear_at_every_row_count_and_rank(Layout::Packed);
+    }
+
+    #[test]
+    #[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
+    fn the_bf16_layout_matches_candle_linear() {
+        matches_candle_linear_at_every_row_count_and_rank(Layout::Amx);
     }
 
     #[test]
@@ -278,18 +296,30 @@ mod tests {
         let d = Device::Cpu;
         let w = Tensor::zeros((4, 3), DType::F32, &d).unwrap();
         let amx = crate::kernels::cpu::amx::available();
-        assert_eq!(Dense::new(&w, None, Precision::Bf16).is_ok(), amx);
-        let embedding_default = Precision::resolve(None, &d, true).unwrap();
+        let cpu = Backend::for_device(&d);
+        assert_eq!(Dense::new(cpu, &w, None, Precision::Bf16).is_ok(), amx);
+        let embedding_default = Precision::resolve(None, cpu, true).unwrap();
         assert_eq!(embedding_default == Precision::Bf16, amx);
-        assert_eq!(Precision::resolve(None, &d, false).unwrap(), Precision::F32);
         assert_eq!(
-            Precision::resolve(Some(Precision::Bf16), &d, false).is_ok(),
+            Precision::resolve(None, cpu, false).unwrap(),
+            Precision::F32
+        );
+        assert_eq!(
+            Precision::resolve(Some(Precision::Bf16), cpu, false).is_ok(),
             amx
         );
         assert_eq!(
-            Precision::resolve(Some(Precision::F32), &d, true).unwrap(),
+            Precision::resolve(Some(Precision::F32), cpu, true).unwrap(),
             Precision::F32
         );
+        // Off the CPU (candle's ops), bf16 products are never had.
+        let candle = Backend::Candle;
+        assert_eq!(
+            Precision::resolve(None, candle, true).unwrap(),
+            Precision::F32
+        );
+        assert!(Precision::resolve(Some(Precision::Bf16), candle, true).is_err());
+        assert!(Dense::new(candle, &w, None, Precision::Bf16).is_err());
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
         assert_eq!(
             Precision::F32.to_string().parse::<Precision>().unwrap(),
@@ -310,7 +340,9 @@ mod tests {
                 )
             })
             .collect();
+        let cpu = Backend::for_device(&d);
         let fused = Dense::fused(
+            cpu,
             &parts
                 .iter()
                 .map(|(w, b)| (w, Some(b.clone())))
@@ -322,7 +354,7 @@ mod tests {
         let y = fused.forward(&x).unwrap();
         let mut at = 0;
         for (w, b) in &parts {
-            let alone = Dense::new(w, Some(b.clone()), Precision::F32)
+            let alone = Dense::new(cpu, w, Some(b.clone()), Precision::F32)
                 .unwrap()
                 .forward(&x)
                 .unwrap();
@@ -339,10 +371,12 @@ mod tests {
         let a = Tensor::zeros((4, 3), DType::F32, &d).unwrap();
         let b = Tensor::zeros((4, 5), DType::F32, &d).unwrap();
         let f32 = Precision::F32;
-        assert!(Dense::fused(&[(&a, None), (&b, None)], f32).is_err());
+        let cpu = Backend::for_device(&d);
+        assert!(Dense::fused(cpu, &[(&a, None), (&b, None)], f32).is_err());
         let bias = Tensor::zeros(4, DType::F32, &d).unwrap();
-        assert!(Dense::fused(&[(&a, Some(bias.clone())), (&a, None)], f32).is_err());
-        assert!(Dense::new(&a, Some(Tensor::zeros(3, DType::F32, &d).unwrap()), f32).is_err());
-        assert!(Dense::fused(&[], f32).is_err());
+        assert!(Dense::fused(cpu, &[(&a, Some(bias.clone())), (&a, None)], f32).is_err());
+        let short_bias = Tensor::zeros(3, DType::F32, &d).unwrap();
+        assert!(Dense::new(cpu, &a, Some(short_bias), f32).is_err());
+        assert!(Dense::fused(cpu, &[], f32).is_err());
     }
 }

@@ -6,18 +6,18 @@
 //! | [`device`] | `cpu` / `cuda:N` device choice |
 //! | [`source`] | where a model's files come from: a local directory or the verified store reader |
 //! | [`tokenizer`] | tokenizer.json through `tokenizers`, incremental detokenizing, chat templates |
-//! | [`dense`] | dense projections, the weight laid out at load for the product that runs them |
+//! | [`dense`] | dense projections, the weight laid out at load for the backend's product (AMX, AVX-512 or the device's matmul) |
 //! | [`tiny`] | writes tiny real models (random weights, a trained byte-level BPE tokenizer) |
 //! | [`llama`] | Llama-family decoder (llama, mistral, qwen2; safetensors or GGUF), batched across sequences: `config`, `weights`, `forward`, `attention` |
 //! | [`kv_pool`] | the decoders' keys and values: a slot per running sequence, in one pool per layer |
-//! | [`bert`] | BERT-family embeddings with sentence-transformers pooling and normalization: `config`, `pooling`, `layers`, `kernels` (the fused elementwise steps) |
+//! | [`bert`] | BERT-family embeddings with sentence-transformers pooling and normalization: `config`, `pooling`, `layers` |
 //! | [`model`] | what the engines ask of a model: [`model::Encoder`] (embeddings), [`model::Decoder`] (generation) |
 //! | [`sampling`] | logits to tokens: greedy, temperature, top-p, seeds |
 //! | [`generate`] | the continuous-batching generation engine on its own thread |
 //! | [`embed`] | the continuous-batching embedding engine on its own thread |
 //! | [`config`] | what a server is told at start: listen address, device, precision, names, limits |
 //! | [`loader`] | loading a model: phases, verified bytes, warm-up |
-//! | [`kernels`] | the CPU's kernels (`kernels::cpu`), picked once at run time for the CPU's instructions: `amx` (bf16 tile products), `avx512` (packed f32 products), `ops` (fused `silu(gate)·up`, attention over the KV pool, row softmax, a vectorized `exp`, compiled for AVX-512, AVX2+FMA or portable code) |
+//! | [`kernels`] | the [`kernels::Backend`] a model's steps run on, chosen once at load from the device (model code never looks at the device); the CPU's kernels (`kernels::cpu`), picked once at run time for the CPU's instructions: `detect` (what the CPU and OS offer), `amx` (bf16 tile products), `avx512` (packed f32 products), `elementwise` (bias and activation, bias and residual with layer norm, row softmax, in place), `ops` (fused `silu(gate)·up`, attention over the KV pool, row softmax, a vectorized `exp`), each compiled for AVX-512, AVX2+FMA or portable code |
 //! | [`server`] | the axum server: the door every `/v1` request passes, `/health`, `/ready`, `/status`, `/metrics`; `generation` (`/v1/completions`, `/v1/chat/completions`) and `embeddings` (`/v1/embeddings`) |
 //! | [`metrics`] | Prometheus metrics |
 //!
@@ -48,13 +48,6 @@ pub mod tokenizer;
 pub use device::DeviceSpec;
 pub use error::ServingError;
 pub use source::ModelSource;
-
-/// Says on stderr, where the test runner shows it, that a test (or part of one)
-/// did not run because this machine lacks what it checks.
-#[cfg(test)]
-pub(crate) fn skip(reason: &str) {
-    eprintln!("skipped: {reason}");
-}
 
 /// The largest element-wise difference of two tensors of one shape, compared in
 /// f32 (tests).

@@ -270,7 +270,8 @@ pub async fn load(
         }
         _ => safetensors,
     };
-    let precision = Precision::resolve(precision, device, kind == ModelKind::Embedding)?;
+    let backend = crate::kernels::Backend::for_device(device);
+    let precision = Precision::resolve(precision, backend, kind == ModelKind::Embedding)?;
     {
         let mut s = status.state.lock();
         s.kind = Some(kind);

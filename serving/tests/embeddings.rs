@@ -72,10 +72,8 @@ fn minilm_matches_sentence_transformers() {
 }
 
 #[test]
+#[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
 fn minilm_matches_sentence_transformers_with_bf16_products() {
-    if !aigrid_serving::kernels::cpu::amx::available() {
-        return common::skip("this CPU has no AMX-BF16: the bf16 products are not run");
-    }
     check_minilm(Precision::Bf16);
 }
 

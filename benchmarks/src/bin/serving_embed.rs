@@ -34,6 +34,7 @@ use aigrid_benchmarks::measure::{cpus, load_average, median};
 use aigrid_benchmarks::serve::{self, MODEL_NAME};
 use aigrid_serving::bert::{Embedder, Pooling};
 use aigrid_serving::dense::Precision;
+use aigrid_serving::kernels::Backend;
 use aigrid_serving::server::Limits;
 use aigrid_serving::tokenizer::TextTokenizer;
 use aigrid_serving::ModelSource;
@@ -492,7 +493,7 @@ async fn main() -> Result<()> {
 
     // The server's precision (its default for an embedding model on this CPU), and
     // f32 beside it when that is another.
-    let precision = Precision::resolve(None, &Device::Cpu, true)?;
+    let precision = Precision::resolve(None, Backend::for_device(&Device::Cpu), true)?;
     let mut precisions = vec![precision];
     if precision != Precision::F32 {
         precisions.push(Precision::F32);

@@ -394,14 +394,14 @@ mod tests {
         assert!(groups.iter().all(|g| g.as_deref() == Some("nvlink-0")));
     }
 
-    /// Runs only where a driver is installed:
-    /// `AIGRID_TEST_NVML=1 cargo test -p aigrid-agent nvml -- --nocapture`.
+    /// Runs where an NVIDIA driver is installed (the build script looks):
+    /// `cargo test -p aigrid-agent nvml -- --nocapture` prints what it found.
     #[test]
+    #[cfg_attr(
+        not(nvidia_driver),
+        ignore = "skipped: no NVIDIA driver here (libnvidia-ml.so.1 and its kernel module)"
+    )]
     fn nvml_discovers_real_gpus() {
-        if std::env::var_os("AIGRID_TEST_NVML").is_none_or(|v| v != "1") {
-            println!("skipped: set AIGRID_TEST_NVML=1 on a machine with an NVIDIA driver");
-            return;
-        }
         let dir = tempfile::tempdir().unwrap();
         let mut d = Discovery::open(DiscoveryOptions {
             simulate_gpus: None,

@@ -39,16 +39,6 @@ pub(super) fn default_eps() -> f64 {
     1e-12
 }
 
-/// The activation between the two feed-forward projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Activation {
-    /// The exact GELU, `x·Φ(x)` ("gelu").
-    Gelu,
-    /// GELU's tanh approximation ("gelu_new", "gelu_pytorch_tanh", "gelu_fast").
-    GeluTanh,
-    Relu,
-}
-
 /// The encoder's shape, checked.
 #[derive(Debug, Clone)]
 pub(super) struct Config {
@@ -57,6 +47,7 @@ pub(super) struct Config {
     pub(super) num_hidden_layers: usize,
     pub(super) num_attention_heads: usize,
     pub(super) intermediate_size: usize,
+    /// The activation between the two feed-forward projections.
     pub(super) activation: Activation,
     pub(super) max_position_embeddings: usize,
     pub(super) type_vocab_size: usize,

@@ -3,57 +3,20 @@
 
 use super::*;
 
-/// A layer norm over the last dimension (`weight`/`bias`, or the older
-/// `gamma`/`beta`) of a sum: the output of the projection before it, that
-/// projection's bias, and the residual.
-#[derive(Debug)]
-pub(super) struct AddNorm {
-    /// The preceding projection's bias (zeros for the embeddings).
-    pub(super) bias: Tensor,
-    pub(super) weight: Tensor,
-    pub(super) beta: Tensor,
-    /// `[3, width]`: `bias`, `weight` and `beta` stacked, as the CPU kernel takes them.
-    pub(super) packed: Tensor,
-    pub(super) eps: f32,
-    pub(super) backend: Backend,
-}
-
-impl AddNorm {
-    /// The norm in `vb`, after a projection with bias `bias` (or none).
-    pub(super) fn load(
-        vb: VarBuilder,
-        size: usize,
-        eps: f64,
-        bias: Option<Tensor>,
-    ) -> candle_core::Result<Self> {
-        let norm = candle_nn::layer_norm(size, eps, vb)?;
-        let weight = norm.weight().clone();
-        let zeros = || Tensor::zeros(size, weight.dtype(), weight.device());
-        let beta = norm.bias().cloned().map_or_else(zeros, Ok)?;
-        let bias = bias.map_or_else(zeros, Ok)?;
-        let packed = Tensor::stack(&[&bias, &weight, &beta], 0)?;
-        let backend = Backend::for_device(weight.device());
-        Ok(AddNorm {
-            bias,
-            weight,
-            beta,
-            packed,
-            eps: eps as f32,
-            backend,
-        })
-    }
-
-    /// `norm(x + bias + residual)`, both `[rows, width]`; `x` is overwritten
-    /// where it can be ([`Backend::overwrites`]).
-    pub(super) fn forward(&self, x: Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        if self.backend.overwrites(&x) {
-            x.inplace_op3(&residual.contiguous()?, &self.packed, &AddNormOp(self.eps))?;
-            Ok(x)
-        } else {
-            let sum = (x + residual)?.broadcast_add(&self.bias)?;
-            candle_nn::ops::layer_norm(&sum, &self.weight, &self.beta, self.eps)
-        }
-    }
+/// The layer norm in `vb` (`weight`/`bias`, or the older `gamma`/`beta`) over the
+/// sum of a projection's output, its bias `bias` (or none) and the residual.
+pub(super) fn add_norm(
+    vb: VarBuilder,
+    size: usize,
+    eps: f64,
+    bias: Option<Tensor>,
+) -> candle_core::Result<AddNorm> {
+    let norm = candle_nn::layer_norm(size, eps, vb)?;
+    let weight = norm.weight().clone();
+    let zeros = || Tensor::zeros(size, weight.dtype(), weight.device());
+    let beta = norm.bias().cloned().map_or_else(zeros, Ok)?;
+    let bias = bias.map_or_else(zeros, Ok)?;
+    AddNorm::new(bias, weight, beta, eps as f32)
 }
 
 /// The projection in `vb`: `weight` `[out, in]` and `bias` `[out]` (zeros if
@@ -78,9 +41,10 @@ pub(super) fn dense(
     input: usize,
     output: usize,
     precision: Precision,
+    backend: Backend,
 ) -> candle_core::Result<(Dense, Tensor)> {
     let (weight, bias) = dense_parts(vb, input, output)?;
-    Ok((Dense::new(&weight, None, precision)?, bias))
+    Ok((Dense::new(backend, &weight, None, precision)?, bias))
 }
 
 /// Token, position and token-type embeddings, summed and normalized.
@@ -92,10 +56,15 @@ pub(super) struct Embeddings {
     /// embedding already added, since every token here is type 0.
     pub(super) positions: Tensor,
     pub(super) norm: AddNorm,
+    pub(super) backend: Backend,
 }
 
 impl Embeddings {
-    pub(super) fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+    pub(super) fn load(
+        vb: VarBuilder,
+        config: &Config,
+        backend: Backend,
+    ) -> candle_core::Result<Self> {
         let hidden = config.hidden_size;
         let words = candle_nn::embedding(config.vocab_size, hidden, vb.pp("word_embeddings"))?;
         let positions = candle_nn::embedding(
@@ -114,15 +83,17 @@ impl Embeddings {
         Ok(Embeddings {
             words: words.embeddings().clone(),
             positions,
-            norm: AddNorm::load(vb.pp("LayerNorm"), hidden, config.layer_norm_eps, None)?,
+            norm: add_norm(vb.pp("LayerNorm"), hidden, config.layer_norm_eps, None)?,
+            backend,
         })
     }
 
     /// `ids` and `positions`: `[tokens]` → `[tokens, hidden]`.
     pub(super) fn forward(&self, ids: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
-        self.norm.forward(
+        self.backend.add_norm(
             self.words.index_select(ids, 0)?,
             &self.positions.index_select(positions, 0)?,
+            &self.norm,
         )
     }
 }
@@ -152,6 +123,7 @@ impl Layer {
         vb: VarBuilder,
         config: &Config,
         precision: Precision,
+        backend: Backend,
     ) -> candle_core::Result<Self> {
         let hidden = config.hidden_size;
         let heads = config.num_attention_heads;
@@ -164,40 +136,38 @@ impl Layer {
         let (value, value_bias) = dense_parts(own.pp("value"), hidden, hidden)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let qkv = Dense::fused(
+            backend,
             &[(&(query * scale)?, None), (&key, None), (&value, None)],
             precision,
         )?;
         let qkv_bias = Tensor::cat(&[&(query_bias * scale)?, &key_bias, &value_bias], 0)?;
         let out = attention.pp("output");
         let (attention_out, attention_out_bias) =
-            dense(out.pp("dense"), hidden, hidden, precision)?;
+            dense(out.pp("dense"), hidden, hidden, precision, backend)?;
         let (intermediate, intermediate_bias) = dense(
             vb.pp("intermediate").pp("dense"),
             hidden,
             config.intermediate_size,
             precision,
+            backend,
         )?;
         let (output, output_bias) = dense(
             vb.pp("output").pp("dense"),
             config.intermediate_size,
             hidden,
             precision,
+            backend,
         )?;
         Ok(Layer {
             qkv,
             qkv_bias,
             attention_out,
-            attention_norm: AddNorm::load(
-                out.pp("LayerNorm"),
-                hidden,
-                eps,
-                Some(attention_out_bias),
-            )?,
+            attention_norm: add_norm(out.pp("LayerNorm"), hidden, eps, Some(attention_out_bias))?,
             intermediate,
             intermediate_bias,
             activation: config.activation,
             output,
-            output_norm: AddNorm::load(
+            output_norm: add_norm(
                 vb.pp("output").pp("LayerNorm"),
                 hidden,
                 eps,
@@ -205,24 +175,26 @@ impl Layer {
             )?,
             heads,
             head_dim,
-            backend: Backend::for_device(vb.device()),
+            backend,
         })
     }
 
     /// `x`: the packed `[tokens, hidden]` rows of sequences of `lens` tokens.
     pub(super) fn forward(&self, x: &Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
-        let qkv = bias_act(self.backend, self.qkv.forward(x)?, &self.qkv_bias, None)?;
+        let b = self.backend;
+        let qkv = b.bias_act(self.qkv.forward(x)?, &self.qkv_bias, None)?;
         let context = self.attention(&qkv, lens)?;
-        let x = self
-            .attention_norm
-            .forward(self.attention_out.forward(&context)?, x)?;
-        let h = bias_act(
-            self.backend,
+        let x = b.add_norm(
+            self.attention_out.forward(&context)?,
+            x,
+            &self.attention_norm,
+        )?;
+        let h = b.bias_act(
             self.intermediate.forward(&x)?,
             &self.intermediate_bias,
             Some(self.activation),
         )?;
-        self.output_norm.forward(self.output.forward(&h)?, &x)
+        b.add_norm(self.output.forward(&h)?, &x, &self.output_norm)
     }
 
     /// Each sequence attends to its own rows only, so no mask is needed.
@@ -248,7 +220,7 @@ impl Layer {
                 self.backend.operand(rows.i((.., p))?.transpose(0, 1)?)
             };
             let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-            let probs = softmax(self.backend, q.matmul(&k.t()?)?)?;
+            let probs = self.backend.softmax(q.matmul(&k.t()?)?)?;
             probs.matmul(&v)?.transpose(0, 1)
         })?;
         Tensor::cat(&contexts, 0)?.reshape((tokens, heads * head_dim))

@@ -9,33 +9,27 @@
 //! The encoder is written here on candle's ops rather than taken from
 //! candle-transformers, for speed on the CPU: a batch is packed, not padded (the
 //! rows of every sequence's tokens stacked into one matrix, attention per
-//! sequence), projections keep their weights transposed ([`Dense`]), and each
-//! projection's bias, activation, residual sum and layer norm run as one pass of a
-//! vectorized kernel. So a forward costs its real tokens, and a sentence embeds the
-//! same alone or in any batch.
+//! sequence), projections are [`Dense`], laid out for the backend's product, and
+//! each projection's bias, activation, residual sum and layer norm are one step of
+//! the [`Backend`] (on the CPU one pass of a vectorized kernel,
+//! [`crate::kernels::cpu::elementwise`]). So a forward costs its real tokens, and a
+//! sentence embeds the same alone or in any batch.
 
-use candle_core::{
-    CpuStorage, DType, Device, IndexOp, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Module as _,
-    Tensor,
-};
+use candle_core::{DType, Device, IndexOp, Module as _, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::dense::{Dense, Precision};
 use crate::error::ServingError;
-use crate::kernels::cpu::ops::{exp, f32_data, f32_data_mut, lane_sum, softmax_rows, vectorized};
-use crate::kernels::Backend;
+use crate::kernels::{Activation, AddNorm, Backend};
 
 mod config;
-mod kernels;
 mod layers;
 mod pooling;
 #[cfg(test)]
 mod tests;
 
 use config::*;
-use kernels::*;
 use layers::*;
 pub use pooling::{Pooling, PoolingMode};
 
@@ -63,6 +57,7 @@ pub struct Embedder {
     vocab_size: usize,
     hidden_size: usize,
     max_position: usize,
+    /// Chosen from the device at load; every step of the forward asks it.
     backend: Backend,
 }
 
@@ -93,15 +88,19 @@ impl Embedder {
         let config = file.to_config()?;
         let vb = encoder_root(vb, config.model_type.as_deref());
         let device = vb.device().clone();
-        let embeddings = Embeddings::load(vb.pp("embeddings"), &config)?;
+        let backend = Backend::for_device(&device);
+        let embeddings = Embeddings::load(vb.pp("embeddings"), &config, backend)?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), &config, precision))
+            .map(|i| {
+                let vb = vb.pp(format!("encoder.layer.{i}"));
+                Layer::load(vb, &config, precision, backend)
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Embedder {
             embeddings,
             layers,
             pooling,
-            backend: Backend::for_device(&device),
+            backend,
             device,
             vocab_size: config.vocab_size,
             hidden_size: config.hidden_size,

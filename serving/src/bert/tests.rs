@@ -103,16 +103,17 @@ fn pooling_from_sentence_transformers_files() {
 
 #[test]
 fn padding_does_not_change_embeddings() {
-    let mut precisions = vec![Precision::F32];
-    if crate::kernels::cpu::amx::available() {
-        precisions.push(Precision::Bf16);
-    } else {
-        crate::skip("this CPU has no AMX-BF16: f32 products only");
-    }
-    for (mode, precision) in [PoolingMode::Mean, PoolingMode::Cls, PoolingMode::Max]
-        .into_iter()
-        .flat_map(|m| precisions.iter().map(move |&p| (m, p)))
-    {
+    padding_does_not_change_embeddings_in(Precision::F32);
+}
+
+#[test]
+#[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
+fn padding_does_not_change_embeddings_with_bf16_products() {
+    padding_does_not_change_embeddings_in(Precision::Bf16);
+}
+
+fn padding_does_not_change_embeddings_in(precision: Precision) {
+    for mode in [PoolingMode::Mean, PoolingMode::Cls, PoolingMode::Max] {
         let pooling = Pooling {
             mode,
             normalize: true,
@@ -135,10 +136,8 @@ fn padding_does_not_change_embeddings() {
 }
 
 #[test]
+#[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
 fn bf16_products_keep_embeddings_close_to_f32() {
-    if !crate::kernels::cpu::amx::available() {
-        return crate::skip("this CPU has no AMX-BF16");
-    }
     let pooling = Pooling {
         mode: PoolingMode::Mean,
         normalize: true,
@@ -233,113 +232,6 @@ fn a_packed_batch_embeds_each_input_as_alone() {
             );
         }
     }
-}
-
-#[test]
-fn the_vectorized_erf_is_within_2e7() {
-    let mut worst = (0f64, 0f32);
-    for i in -600_000..=600_000 {
-        let z = i as f32 * 1e-5;
-        let err = (f64::from(erf(z)) - candle_core::cpu::erf::erf_f64(f64::from(z))).abs();
-        if err > worst.0 {
-            worst = (err, z);
-        }
-    }
-    assert!(worst.0 <= 2e-7, "erf error {} at {}", worst.0, worst.1);
-    assert_eq!((erf(10.0), erf(-1e30)), (1.0, -1.0));
-}
-
-#[test]
-fn the_gelu_kernel_matches_candles_gelu_erf() {
-    let mut values: Vec<f32> = (-6000..=6000).map(|i| i as f32 * 1e-3).collect();
-    values.extend([
-        -1e4, -300.0, -40.0, -10.0, -7.5, -5.0, 5.0, 7.5, 10.0, 40.0, 300.0, 1e4,
-    ]);
-    values.extend(
-        (0..)
-            .map(|i: i64| ((i * 7919) % 20_011) as f32 * 1e-3 - 10.0)
-            .take(120_000 - values.len()),
-    );
-    let x = Tensor::from_vec(values, (120, 1000), &Device::Cpu).unwrap();
-    let exact = |x: &Tensor| {
-        x.to_dtype(DType::F64)
-            .unwrap()
-            .gelu_erf()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
-    let diff = crate::max_abs_diff(&gelu_erf(&x).unwrap(), &exact(&x));
-    assert!(diff <= 1e-5, "max abs diff {diff}");
-    // With a bias, and on a strided input.
-    let bias = Tensor::randn(0f32, 3., 120, &Device::Cpu).unwrap();
-    let xt = x.t().unwrap();
-    let ours = bias_act(
-        Backend::for_device(&Device::Cpu),
-        xt.clone(),
-        &bias,
-        Some(Activation::Gelu),
-    )
-    .unwrap();
-    let diff = crate::max_abs_diff(&ours, &exact(&xt.broadcast_add(&bias).unwrap()));
-    assert!(diff <= 1e-5, "with a bias: max abs diff {diff}");
-    let ours = bias_act(Backend::for_device(&Device::Cpu), xt.clone(), &bias, None).unwrap();
-    assert_eq!(
-        crate::max_abs_diff(&ours, &xt.broadcast_add(&bias).unwrap()),
-        0.0
-    );
-}
-
-#[test]
-fn the_softmax_kernel_matches_candles() {
-    let d = Device::Cpu;
-    for width in [1, 7, 16, 23, 64, 100] {
-        let x = (Tensor::randn(0f32, 5., (3, 11, width), &d).unwrap() - 30.0).unwrap();
-        let ours = softmax(Backend::for_device(&d), x.copy().unwrap()).unwrap();
-        let reference = candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F64).unwrap()).unwrap();
-        let diff = crate::max_abs_diff(&ours, &reference);
-        assert!(diff < 1e-6, "width {width}: max abs diff {diff}");
-    }
-    // Far below the maximum, e^x underflows to (nearly) nothing.
-    let x = Tensor::new(&[[0f32, -50.0, -90.0, -1e30]], &d).unwrap();
-    let p = softmax(Backend::for_device(&d), x.copy().unwrap())
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    assert!(
-        (p[0][0] - 1.0).abs() < 1e-6 && p[0][1..].iter().all(|&v| v < 1e-21),
-        "{p:?}"
-    );
-}
-
-#[test]
-fn the_add_norm_kernel_matches_candles_layer_norm() {
-    let d = Device::Cpu;
-    let (rows, width) = (57, 384);
-    let x = (Tensor::randn(0f32, 4., (rows, width), &d).unwrap() + 20.0).unwrap();
-    let residual = Tensor::randn(0f32, 1., (rows, width), &d).unwrap();
-    let bias = Tensor::randn(0f32, 1., width, &d).unwrap();
-    let weight = Tensor::randn(1f32, 0.2, width, &d).unwrap();
-    let beta = Tensor::randn(0f32, 0.2, width, &d).unwrap();
-    let norm = AddNorm {
-        packed: Tensor::stack(&[&bias, &weight, &beta], 0).unwrap(),
-        bias: bias.clone(),
-        weight: weight.clone(),
-        beta: beta.clone(),
-        eps: 1e-12,
-        backend: Backend::for_device(&d),
-    };
-    let ours = norm.forward(x.copy().unwrap(), &residual).unwrap();
-    let sum = (&x + &residual).unwrap().broadcast_add(&bias).unwrap();
-    let reference = candle_nn::ops::layer_norm_slow(
-        &sum.to_dtype(DType::F64).unwrap(),
-        &weight.to_dtype(DType::F64).unwrap(),
-        &beta.to_dtype(DType::F64).unwrap(),
-        1e-12,
-    )
-    .unwrap();
-    let diff = crate::max_abs_diff(&ours, &reference);
-    assert!(diff < 1e-5, "max abs diff {diff}");
 }
 
 #[test]

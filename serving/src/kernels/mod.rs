@@ -12,6 +12,47 @@ pub mod cpu;
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+use cpu::elementwise::{AddNormOp, BiasAct, Softmax};
+
+/// The activation after a projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// The exact GELU, `x·Φ(x)` ("gelu").
+    Gelu,
+    /// GELU's tanh approximation ("gelu_new", "gelu_pytorch_tanh", "gelu_fast").
+    GeluTanh,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+/// A layer norm over the last dimension of a sum: a projection's output, that
+/// projection's bias, and the residual ([`Backend::add_norm`]).
+#[derive(Debug, Clone)]
+pub struct AddNorm {
+    /// The preceding projection's bias (zeros where it has none).
+    bias: Tensor,
+    weight: Tensor,
+    beta: Tensor,
+    /// `[3, width]`: `bias`, `weight` and `beta` stacked, as the CPU kernel takes them.
+    packed: Tensor,
+    eps: f32,
+}
+
+impl AddNorm {
+    /// From the `[width]` bias of the projection before, the norm's `[width]`
+    /// weight and beta, and its epsilon.
+    pub fn new(bias: Tensor, weight: Tensor, beta: Tensor, eps: f32) -> Result<AddNorm> {
+        let packed = Tensor::stack(&[&bias, &weight, &beta], 0)?;
+        Ok(AddNorm {
+            bias,
+            weight,
+            beta,
+            packed,
+            eps,
+        })
+    }
+}
+
 /// Where a model's steps run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -56,6 +97,60 @@ impl Backend {
                 let (last, width) = cpu::ops::gate_up_halves(x)?;
                 candle_nn::ops::silu(&x.narrow(last, 0, width)?)? * x.narrow(last, width, width)?
             }
+        }
+    }
+
+    /// `activation(x + bias)`, or `x + bias` without one; `x`: `[rows, width]`,
+    /// overwritten where it can be ([`Backend::overwrites`]), `bias`: `[width]`.
+    pub fn bias_act(
+        self,
+        x: Tensor,
+        bias: &Tensor,
+        activation: Option<Activation>,
+    ) -> Result<Tensor> {
+        let fused = match activation {
+            None => Some(BiasAct::Identity),
+            Some(Activation::Gelu) => Some(BiasAct::GeluErf),
+            Some(_) => None,
+        };
+        match fused {
+            Some(op) if self.overwrites(&x) => {
+                x.inplace_op2(bias, &op)?;
+                Ok(x)
+            }
+            _ => {
+                let x = x.broadcast_add(bias)?;
+                match activation {
+                    None => Ok(x),
+                    Some(Activation::Gelu) => x.gelu_erf(),
+                    Some(Activation::GeluTanh) => x.gelu(),
+                    Some(Activation::Relu) => x.relu(),
+                }
+            }
+        }
+    }
+
+    /// `norm(x + bias + residual)`, both `[rows, width]`; `x` is overwritten
+    /// where it can be ([`Backend::overwrites`]).
+    pub fn add_norm(self, x: Tensor, residual: &Tensor, norm: &AddNorm) -> Result<Tensor> {
+        if self.overwrites(&x) {
+            x.inplace_op3(&residual.contiguous()?, &norm.packed, &AddNormOp(norm.eps))?;
+            Ok(x)
+        } else {
+            let sum = (x + residual)?.broadcast_add(&norm.bias)?;
+            candle_nn::ops::layer_norm(&sum, &norm.weight, &norm.beta, norm.eps)
+        }
+    }
+
+    /// The softmax over the last dimension, overwriting `x` where it can
+    /// ([`Backend::overwrites`]). candle's CPU softmax takes a scalar libm `exp` per
+    /// element, which was about a quarter of attention's time here.
+    pub fn softmax(self, x: Tensor) -> Result<Tensor> {
+        if self.overwrites(&x) {
+            x.inplace_op1(&Softmax)?;
+            Ok(x)
+        } else {
+            candle_nn::ops::softmax_last_dim(&x)
         }
     }
 

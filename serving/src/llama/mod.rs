@@ -68,6 +68,7 @@ impl Model {
     ) -> Result<Model, ServingError> {
         let c = &config;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let backend = Backend::for_device(vb.device());
         // `[out, in]` weight and optional bias of each projection, fused side by side.
         let dense =
             |parts: &[(VarBuilder, usize)], i: usize, bias: bool| -> candle_core::Result<Dense> {
@@ -83,7 +84,7 @@ impl Model {
                 }
                 let refs: Vec<(&Tensor, Option<Tensor>)> =
                     loaded.iter().map(|(w, b)| (w, b.clone())).collect();
-                Dense::fused(&refs, precision)
+                Dense::fused(backend, &refs, precision)
             };
         let norm = |vb: VarBuilder| -> candle_core::Result<Norm> {
             Ok(Norm::Dense(candle_nn::rms_norm(
@@ -127,7 +128,7 @@ impl Model {
                 },
                 o: Proj::Dense(dense(&[(a.pp("o_proj"), c.hidden_size)], h * hd, false)?),
                 post_norm: norm(l.pp("post_attention_layernorm"))?,
-                gate_up: GateUp::Fused(gate_up, Backend::for_device(vb.device())),
+                gate_up: GateUp::Fused(gate_up, backend),
                 down: Proj::Dense(dense(
                     &[(mlp.pp("down_proj"), c.hidden_size)],
                     c.intermediate_size,
@@ -145,7 +146,7 @@ impl Model {
                 false,
             )?)
         };
-        Self::assemble(config, embed, layers, norm_out, lm_head, vb.device())
+        Self::assemble(config, embed, layers, norm_out, lm_head, backend)
     }
 
     /// Builds the model from a GGUF file's tensors.
@@ -195,7 +196,8 @@ impl Model {
         } else {
             Proj::Tied(candle_nn::Linear::new(embed.clone(), None))
         };
-        Self::assemble(config, embed, layers, norm_out, lm_head, vb.device())
+        let backend = Backend::for_device(vb.device());
+        Self::assemble(config, embed, layers, norm_out, lm_head, backend)
     }
 
     fn assemble(
@@ -204,9 +206,11 @@ impl Model {
         layers: Vec<Layer>,
         norm: Norm,
         lm_head: Proj,
-        device: &Device,
+        backend: Backend,
     ) -> Result<Model, ServingError> {
-        let (cos, sin) = rotary_tables(&config, device)?;
+        // The token embeddings lie on the model's device.
+        let device = embed.device().clone();
+        let (cos, sin) = rotary_tables(&config, &device)?;
         Ok(Model {
             config,
             embed,
@@ -215,9 +219,9 @@ impl Model {
             lm_head,
             cos,
             sin,
-            device: device.clone(),
-            backend: Backend::for_device(device),
-            pool_kernel: Backend::for_device(device).pool_attention(),
+            device,
+            backend,
+            pool_kernel: backend.pool_attention(),
         })
     }
 

@@ -195,10 +195,8 @@ fn a_sliding_window_attends_the_same_through_both_paths() {
 }
 
 #[test]
+#[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
 fn bf16_projections_stay_close_to_f32_and_batch_alike() {
-    if !crate::kernels::cpu::amx::available() {
-        return crate::skip("this CPU has no AMX-BF16");
-    }
     let config = LlamaConfig::from_hf_json(CONFIG.as_bytes()).unwrap();
     let w = weights(&config, 11);
     let load = |precision| {

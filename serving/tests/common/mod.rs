@@ -13,12 +13,6 @@ use serde_json::Value;
 /// The longest any one request of the tests may take, its body included.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(300);
 
-/// Says on stderr, where the test runner shows it, that a test did not run its
-/// checks because this machine lacks what they need.
-pub fn skip(reason: &str) {
-    eprintln!("skipped: {reason}");
-}
-
 /// A running model server.
 pub struct Running {
     pub base: String,

@@ -53,50 +53,7 @@ struct Line([u16; 32]);
 /// the first time; the answer is kept.
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(detect)
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    use std::arch::x86_64::__cpuid_count;
-    let max_leaf = __cpuid_count(0, 0).eax;
-    if max_leaf < 0x1d {
-        return false;
-    }
-    let features = __cpuid_count(7, 0);
-    let (bf16, tile) = (features.edx & (1 << 22) != 0, features.edx & (1 << 24) != 0);
-    if !(bf16 && tile) {
-        return false;
-    }
-    // Palette 1 must have the tiles this module configures: 8 tiles of 16 rows of
-    // 64 bytes.
-    let palette = __cpuid_count(0x1d, 1);
-    let (bytes_per_row, names, rows) = (
-        palette.ebx & 0xffff,
-        palette.ebx >> 16,
-        palette.ecx & 0xffff,
-    );
-    if bytes_per_row < 64 || names < 8 || rows < 16 {
-        return false;
-    }
-    // Linux gives a process the (8 KiB) tile data state only when asked.
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: arch_prctl with these arguments only changes the process's
-    // permission to use the tile state.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        )
-    };
-    rc == 0
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
-    false
+    *AVAILABLE.get_or_init(super::detect::amx_bf16)
 }
 
 /// A `[in] → [out]` projection's weight (and bias), packed in bf16 for AMX.
@@ -477,10 +434,8 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
     fn matches_a_plain_product_of_the_rounded_values_at_every_shape_edge() {
-        if !available() {
-            return crate::skip("this CPU has no AMX-BF16");
-        }
         // Partial input blocks, partial panels, single row tiles, parallel sizes,
         // several row blocks.
         let shapes = [
@@ -498,10 +453,8 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
     fn stays_within_bf16_rounding_of_the_f32_product() {
-        if !available() {
-            return crate::skip("this CPU has no AMX-BF16");
-        }
         let (rows, input, output) = (40, 384, 128);
         let (x, w) = (values(rows * input, 7), values(output * input, 8));
         let out = AmxPacked::new(&w, None, input, output)
@@ -521,10 +474,8 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(cpu_amx_bf16), ignore = "skipped: this CPU has no AMX-BF16")]
     fn a_row_comes_out_the_same_whatever_rows_share_the_product() {
-        if !available() {
-            return crate::skip("this CPU has no AMX-BF16");
-        }
         check_rows_alone(make, 300, &[1, 2, 15, 16, 17, 31, 33, 64]);
     }
 

@@ -98,14 +98,7 @@ impl std::fmt::Debug for Packed {
 
 /// Whether this CPU runs the packed product.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::detect::avx512f()
 }
 
 impl Packed {
@@ -558,10 +551,8 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(cpu_avx512f), ignore = "skipped: this CPU has no AVX-512F")]
     fn matches_a_plain_product_at_every_shape_edge() {
-        if !available() {
-            return crate::skip("this CPU has no AVX-512F");
-        }
         // Odd and even inputs, partial panels, every tile remainder, parallel sizes.
         let shapes = [
             (1, 1, 1),
@@ -579,10 +570,8 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(cpu_avx512f), ignore = "skipped: this CPU has no AVX-512F")]
     fn a_row_comes_out_the_same_whatever_rows_share_the_product() {
-        if !available() {
-            return crate::skip("this CPU has no AVX-512F");
-        }
         check_rows_alone(make, 32, &[1, 2, 5, 11, 12, 13, 25]);
     }
 

@@ -1,11 +1,14 @@
-//! The CPU's kernels, for the instructions this CPU has, picked once at run time
-//! ([`isa`]): products in bf16 on AMX tiles ([`amx`]), f32 products packed for
-//! AVX-512 ([`avx512`]), and fused elementwise and attention kernels ([`ops`]),
+//! The CPU's kernels, for the instructions this CPU has (`detect`), picked once
+//! at run time ([`isa`]): products in bf16 on AMX tiles ([`amx`]), f32 products
+//! packed for AVX-512 ([`avx512`]), the elementwise steps after a projection
+//! ([`elementwise`]), and `silu(gate)·up` and attention over the KV pool ([`ops`]),
 //! each compiled for AVX-512, AVX2+FMA and the portable baseline
-//! ([`ops::vectorized!`]).
+//! (`ops::vectorized!`).
 
 pub mod amx;
 pub mod avx512;
+mod detect;
+pub mod elementwise;
 pub mod ops;
 
 use std::sync::OnceLock;
@@ -36,8 +39,7 @@ fn detect() -> Isa {
     if avx512::available() {
         return Isa::Avx512;
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if detect::avx2_fma() {
         return Isa::Avx2;
     }
     Isa::Portable

@@ -3,7 +3,7 @@
 //! candle runs `silu(gate) * up` as three passes over memory, each a dispatch to its
 //! thread pool, and its `exp` is a scalar libm call per element. Here it is one pass,
 //! with an `exp` the compiler vectorizes (AVX-512 or AVX2/FMA when the CPU has them,
-//! chosen at run time by [`vectorized!`]), split over the CPU threads only when the
+//! chosen at run time by `vectorized!`), split over the CPU threads only when the
 //! tensor is big enough to pay for it. Attention ([`pool_attention`]) runs each
 //! token over just its own keys in the KV pool, tokens and heads in parallel.
 //! Other devices use candle's ops.
