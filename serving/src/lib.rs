@@ -24,8 +24,6 @@
 //! `sampling`, `tokenizer` and the models are pure compute; inference runs on
 //! dedicated threads fed by bounded channels, never on the async runtime.
 
-#![warn(missing_docs)]
-
 pub mod bert;
 pub mod config;
 pub mod dense;

@@ -7,6 +7,9 @@
 //! The model comes from `fixtures/fetch.sh` (a PyPI wheel, never a model hub) into
 //! `$AIGRID_FIXTURES` or `<workspace>/target/fixtures`.
 
+// Unsafe: memory-maps a safetensors file the test wrote and does not change while mapped.
+#![allow(unsafe_code)]
+
 mod common;
 
 use std::path::Path;

@@ -1,6 +1,9 @@
 //! Text generation through the HTTP API against a direct candle forward loop, over a
 //! tiny Llama made in the test (random weights, a trained byte-level BPE tokenizer).
 
+// Unsafe: memory-maps a safetensors file the test wrote and does not change while mapped.
+#![allow(unsafe_code)]
+
 mod common;
 
 use std::path::Path;

@@ -7,6 +7,9 @@
 //! piece), and candle's CPU ops otherwise. On other devices (CUDA, in builds with
 //! the `cuda` feature) every step is candle's ops.
 
+// Unsafe: one `set_len` over a buffer written in parallel just before (first-touch zeroing).
+#![allow(unsafe_code)]
+
 pub mod cpu;
 
 use candle_core::{DType, Device, Result, Tensor};

@@ -24,6 +24,9 @@
 //! AMX is used only where the CPU has AMX-TILE and AMX-BF16 and Linux grants the
 //! process the tile state ([`available`]).
 
+// Unsafe: AMX instructions (`asm!` and `target_feature` intrinsics), called only once detection found them.
+#![allow(unsafe_code)]
+
 use std::mem::MaybeUninit;
 
 use candle_core::Result;

@@ -17,6 +17,9 @@
 //! Used on CPUs with AVX-512F for f32 weights; others keep `gemm`
 //! ([`crate::dense::Dense`] chooses).
 
+// Unsafe: AVX-512 intrinsics (`target_feature`), called only once detection found them.
+#![allow(unsafe_code)]
+
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};

@@ -4,6 +4,9 @@
 //! file too, to mark the tests that need what the building machine lacks as
 //! skipped (the `cpu_avx512f` and `cpu_amx_bf16` cfgs).
 
+// Unsafe: the `arch_prctl` system call that asks Linux for permission to use the AMX tile state.
+#![allow(unsafe_code)]
+
 /// AVX-512F.
 pub fn avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -8,6 +8,9 @@
 //! token over just its own keys in the KV pool, tokens and heads in parallel.
 //! Other devices use candle's ops.
 
+// Unsafe: calls into the AVX-512 and AVX2 variants, made only once detection found the instructions.
+#![allow(unsafe_code)]
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
