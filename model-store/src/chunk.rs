@@ -71,6 +71,13 @@ pub fn safetensors_header_len(prefix: &[u8]) -> Result<u64, ChunkError> {
     Ok(8 + n)
 }
 
+/// A safetensors header's JSON (after its 8-byte length), parsed and checked by the
+/// `safetensors` crate: every tensor's dtype and shape account for its bytes, and
+/// the tensors lie back to back from the start of the data.
+pub fn parse_safetensors_header(json: &[u8]) -> Result<safetensors::tensor::Metadata, String> {
+    serde_json::from_slice(json).map_err(|e| format!("safetensors header: {e}"))
+}
+
 /// The file offsets where a safetensors file's tensors start (and where its data
 /// begins), read from its header: the first [`safetensors_header_len`] bytes.
 pub fn safetensors_boundaries(header: &[u8]) -> Result<Vec<u64>, ChunkError> {
@@ -81,26 +88,12 @@ pub fn safetensors_boundaries(header: &[u8]) -> Result<Vec<u64>, ChunkError> {
             need: len,
             have: header.len() as u64,
         })?;
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(json).map_err(|e| ChunkError::Invalid(e.to_string()))?;
+    let metadata = parse_safetensors_header(json).map_err(ChunkError::Invalid)?;
     let mut out = vec![len];
-    for (name, info) in &map {
-        if name == "__metadata__" {
-            continue;
-        }
-        let offsets = info
-            .get("data_offsets")
-            .and_then(|o| o.as_array())
-            .filter(|o| o.len() == 2)
-            .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
-            .ok_or_else(|| ChunkError::Invalid(format!("tensor `{name}` has no data_offsets")))?;
-        if offsets.0 > offsets.1 {
-            return Err(ChunkError::Invalid(format!(
-                "tensor `{name}` ends before it starts"
-            )));
-        }
-        for offset in [offsets.0, offsets.1] {
-            out.push(len.checked_add(offset).ok_or_else(|| {
+    for (name, info) in metadata.tensors() {
+        let (start, end) = info.data_offsets;
+        for offset in [start, end] {
+            out.push(len.checked_add(offset as u64).ok_or_else(|| {
                 ChunkError::Invalid(format!("tensor `{name}` lies past any file's end"))
             })?);
         }

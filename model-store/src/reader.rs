@@ -707,19 +707,19 @@ impl Reader {
             return Err(bad("the header runs past the end of the file".into()));
         }
         let header = self.read_at(file, 8, header_len - 8).await?;
-        let map: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let metadata = crate::chunk::parse_safetensors_header(&header).map_err(bad)?;
         let mut tensors = BTreeMap::new();
-        for (name, info) in map {
-            if name == "__metadata__" {
-                continue;
-            }
-            let tensor: TensorInfo =
-                serde_json::from_value(info).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-            let [start, end] = tensor.data_offsets;
-            if start > end || header_len + end > size {
+        for (name, info) in metadata.tensors() {
+            let (start, end) = info.data_offsets;
+            let (start, end) = (start as u64, end as u64);
+            if header_len + end > size {
                 return Err(bad(format!("tensor `{name}` lies outside the file")));
             }
+            let tensor = TensorInfo {
+                dtype: info.dtype.to_string(),
+                shape: info.shape.clone(),
+                data_offsets: [start, end],
+            };
             tensors.insert(name, tensor);
         }
         Ok(SafetensorsView {

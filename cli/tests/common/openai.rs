@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use aigrid_serving::tiny::{write_tiny_llama, TinyLlama};
 use serde_json::{json, Value};
 
-use super::{get_json, stderr, stdout};
 use super::schema::Checker;
+use super::{get_json, stderr, stdout};
 
 /// The workspace's root.
 pub fn workspace() -> PathBuf {
