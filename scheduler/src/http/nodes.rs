@@ -204,19 +204,10 @@ async fn revoke_node(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
-    let node_id = NodeId::new(id.clone());
     let command = Command::RevokeNode {
-        node_id: node_id.clone(),
+        node_id: NodeId::new(id.clone()),
         at: state.clock.now(),
     };
-    match propose(&state, command).await? {
-        Applied::NodeUpdated { .. } => {}
-        other => return Err(unexpected(other)),
-    }
-    state
-        .raft
-        .read(|s| s.node(&node_id))
-        .await?
-        .map(Json)
-        .ok_or_else(|| node_not_found(&id))
+    // Revoking again re-marks the node down and its work lost: always committed.
+    change_node(&state, id, command, |_| Ok(false)).await
 }

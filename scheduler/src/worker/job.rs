@@ -107,26 +107,26 @@ pub(super) fn plan_job(job: &Job, input: &mut PassInput) -> (Vec<JobPlan>, Vec<U
     };
     // A gang that waits for one of its instances is not updated in this pass: its
     // old version keeps running and keeps what it holds.
-    let waiting: Vec<(&str, u32)> = {
-        let groups = demand(&replacing);
-        replacing
-            .keys()
-            .filter(|(g, i)| {
-                !groups
-                    .iter()
-                    .any(|d| d.group.name == *g && d.indices.contains(i))
-            })
-            .copied()
-            .collect()
-    };
-    for key in waiting {
-        if let Some(old) = replacing.remove(&key) {
-            input
-                .snapshot
-                .add(old, GroupInfo::of(&job.spec, &old.group));
+    let mut groups = demand(&replacing);
+    let waiting: Vec<(&str, u32)> = replacing
+        .keys()
+        .filter(|(g, i)| {
+            !groups
+                .iter()
+                .any(|d| d.group.name == *g && d.indices.contains(i))
+        })
+        .copied()
+        .collect();
+    if !waiting.is_empty() {
+        for key in waiting {
+            if let Some(old) = replacing.remove(&key) {
+                input
+                    .snapshot
+                    .add(old, GroupInfo::of(&job.spec, &old.group));
+            }
         }
+        groups = demand(&replacing);
     }
-    let groups = demand(&replacing);
     let mut plans = Vec::new();
     let mut unplaced = Vec::new();
     if !groups.is_empty() {
