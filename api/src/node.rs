@@ -99,6 +99,48 @@ pub struct NodeRegistration {
     /// from the node must be signed by the matching private key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<NodePublicKey>,
+    /// What keeps the node's workloads away from its control credentials; absent
+    /// from agents that predate it (and from simulated nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protections: Option<NodeProtections>,
+}
+
+/// What keeps a node's workloads (the AI circuit) away from its keys, data dir and
+/// one another, as its agent found it at start. Anything missing comes with the
+/// reason, so an operator sees which machines run work unconfined.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeProtections {
+    /// The Landlock ABI version workloads are sandboxed with; absent when the
+    /// kernel has no Landlock and workloads run without a filesystem sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock_abi: Option<u32>,
+    /// Why there is no filesystem sandbox, when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_reason: Option<String>,
+    /// True when each allocation runs under its own uid and gid.
+    #[serde(default)]
+    pub per_allocation_uid: bool,
+    /// Why allocations share a uid, when they do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid_reason: Option<String>,
+}
+
+impl NodeProtections {
+    /// One line for people: `landlock abi 7, per-allocation uid`, or
+    /// `none (kernel has no Landlock), shared uid (agent not root)`.
+    pub fn summary(&self) -> String {
+        let sandbox = match (self.landlock_abi, &self.sandbox_reason) {
+            (Some(abi), _) => format!("landlock abi {abi}"),
+            (None, Some(why)) => format!("none ({why})"),
+            (None, None) => "none".to_owned(),
+        };
+        let uid = match (self.per_allocation_uid, &self.uid_reason) {
+            (true, _) => "per-allocation uid".to_owned(),
+            (false, Some(why)) => format!("shared uid ({why})"),
+            (false, None) => "shared uid".to_owned(),
+        };
+        format!("{sandbox}, {uid}")
+    }
 }
 
 impl NodeRegistration {
@@ -216,6 +258,10 @@ pub struct Node {
     /// kept in that server's memory, never in the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<NodeTelemetry>,
+    /// What keeps its workloads away from its credentials, as its agent last
+    /// registered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protections: Option<NodeProtections>,
 }
 
 /// Host and per-GPU readings an agent sends with each heartbeat. They change every
@@ -471,6 +517,30 @@ mod tests {
         let mut v = registration();
         v["extra"] = json!(true);
         assert!(serde_json::from_value::<NodeRegistration>(v).is_err());
+    }
+
+    #[test]
+    fn protections_are_optional_and_read_as_one_line() {
+        let reg: NodeRegistration = serde_json::from_value(registration()).unwrap();
+        assert_eq!(reg.protections, None, "an older agent sends none");
+        let mut v = registration();
+        v["protections"] = json!({"landlock_abi": 7, "per_allocation_uid": true});
+        let reg: NodeRegistration = serde_json::from_value(v).unwrap();
+        let p = reg.protections.unwrap();
+        assert_eq!(p.summary(), "landlock abi 7, per-allocation uid");
+        let none = NodeProtections {
+            landlock_abi: None,
+            sandbox_reason: Some("kernel has no Landlock".into()),
+            per_allocation_uid: false,
+            uid_reason: Some("agent not root".into()),
+        };
+        assert_eq!(
+            none.summary(),
+            "none (kernel has no Landlock), shared uid (agent not root)"
+        );
+        let back: NodeProtections =
+            serde_json::from_value(serde_json::to_value(&none).unwrap()).unwrap();
+        assert_eq!(back, none);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use aigrid_agent::fleet::{self, FleetConfig};
 use aigrid_agent::identity::Identity;
 use aigrid_agent::metrics::AgentMetrics;
 use aigrid_agent::runner::{Runner, RunnerConfig, SupervisorLaunch};
+use aigrid_agent::sandbox::SandboxConfig;
 use aigrid_api::JoinToken;
 use anyhow::{anyhow, Context};
 use clap::Args;
@@ -73,6 +74,17 @@ pub struct AgentArgs {
     /// Directory the shard service keeps shards in (default `<data-dir>/shards`).
     #[arg(long)]
     shard_dir: Option<PathBuf>,
+    /// Uids (and gids) workloads run under when the agent is root, `FIRST-LAST`
+    /// (default 200000-265535): each allocation takes its own; the first is the
+    /// model servers' shared group.
+    #[arg(long, value_name = "FIRST-LAST")]
+    workload_uids: Option<String>,
+    /// A directory model servers may read (a local store's backend); repeatable
+    /// (`AIGRID_MODEL_READ_DIRS` takes a comma list). Nothing else outside their
+    /// allocation, the system and the model cache is visible to them.
+    #[arg(long = "model-read-dir", value_name = "DIR", value_delimiter = ',')]
+    #[serde(default)]
+    model_read_dirs: Vec<PathBuf>,
     /// TOML file with any of these settings (flags and variables win).
     #[arg(long, env = "AIGRID_CONFIG")]
     #[serde(skip)]
@@ -90,6 +102,7 @@ struct Resolved {
     /// Where the shard service listens and the directory it keeps.
     shards: Option<(SocketAddr, PathBuf)>,
     agent: AgentConfig,
+    sandbox: SandboxConfig,
 }
 
 /// Parses `--attr KEY=VALUE` flags into node attributes.
@@ -160,7 +173,17 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
             .unwrap_or_else(|| data_dir.join("shards"));
         (addr, dir)
     });
+    let mut sandbox = SandboxConfig {
+        model_reads: args.model_read_dirs,
+        ..SandboxConfig::default()
+    };
+    if let Some(range) = &args.workload_uids {
+        sandbox.uids = range
+            .parse()
+            .map_err(|e| anyhow!("--workload-uids {e}"))?;
+    }
     Ok(Resolved {
+        sandbox,
         shards,
         servers,
         data_dir,
@@ -257,6 +280,7 @@ pub async fn start_agent(
     node_id: Option<&str>,
     simulate_gpus: Option<String>,
     config: AgentConfig,
+    sandbox: SandboxConfig,
     metrics: AgentMetrics,
 ) -> anyhow::Result<Arc<Agent>> {
     std::fs::create_dir_all(data_dir)
@@ -268,11 +292,9 @@ pub async fn start_agent(
         seed: identity.node_id.to_string(),
     })?;
     let launch = SupervisorLaunch::current_exe().context("locating the aigrid binary")?;
-    let runner = Runner::open(
-        RunnerConfig::new(data_dir.to_path_buf(), launch),
-        Arc::new(ExecDriver::new()),
-    )
-    .await?;
+    let mut runner_config = RunnerConfig::new(data_dir.to_path_buf(), launch);
+    runner_config.sandbox = sandbox;
+    let runner = Runner::open(runner_config, Arc::new(ExecDriver::new())).await?;
     let (limits, why) = runner.limits_enforced();
     tracing::info!(
         node = %identity.node_id,
@@ -280,6 +302,7 @@ pub async fn start_agent(
         gpu_source = discovery.gpu_source(),
         limits = %limits,
         why = why.as_deref().unwrap_or(""),
+        sandbox = %runner.protections().map(|p| p.summary()).unwrap_or_default(),
         "agent starting"
     );
     let http = reqwest::Client::builder()
@@ -335,6 +358,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         r.node_id.as_deref(),
         r.simulate_gpus,
         r.agent,
+        r.sandbox,
         metrics,
     )
     .await?;
@@ -364,6 +388,8 @@ mod tests {
             "METRICS_LISTEN",
             "SHARD_LISTEN",
             "SHARD_DIR",
+            "WORKLOAD_UIDS",
+            "MODEL_READ_DIRS",
         ]
         .iter()
         .map(|n| format!("AIGRID_{n}"))
@@ -434,6 +460,22 @@ mod tests {
             ..base()
         })
         .contains("--simulate-fleet"));
+        assert!(bad(AgentArgs {
+            workload_uids: Some("10-5".into()),
+            ..base()
+        })
+        .contains("--workload-uids"));
+        let r = resolve(
+            AgentArgs {
+                workload_uids: Some("300000-300099".into()),
+                model_read_dirs: vec!["/srv/store".into()],
+                ..base()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!((r.sandbox.uids.first, r.sandbox.uids.count), (300_000, 100));
+        assert_eq!(r.sandbox.model_reads, [PathBuf::from("/srv/store")]);
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! server of a one-server cluster, this machine's agent, the local store and the demo
 //! model, all stopped together on Ctrl-C or SIGTERM).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aigrid_api::StorageInfo;
@@ -12,6 +12,7 @@ use aigrid_store::backend::BackendConfig;
 use anyhow::{anyhow, Context};
 
 use aigrid_agent::agent::OnShutdown;
+use aigrid_agent::sandbox::SandboxConfig;
 
 use crate::config::{ResolvedServer, ServerArgs, UpArgs};
 use crate::files::{local_store, read_store_file};
@@ -135,6 +136,24 @@ async fn caught_up(base: &str, limit: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// What `aigrid up`'s workloads may not see (its server's Raft files, the demo
+/// model's publisher key) and what its model servers may read: the store's local
+/// backends.
+fn up_sandbox(data_dir: &Path, backends: &[BackendConfig]) -> SandboxConfig {
+    let model_reads = backends
+        .iter()
+        .filter_map(|b| {
+            let path = b.url.strip_prefix("file://").unwrap_or(&b.url);
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect();
+    SandboxConfig {
+        model_reads,
+        protected: vec![data_dir.join("server"), data_dir.join("demo-model")],
+        ..SandboxConfig::default()
+    }
+}
+
 /// `aigrid up`: one server of a one-server cluster and this machine's agent,
 /// kept running until Ctrl-C or SIGTERM, which stop its workloads and model
 /// servers with it.
@@ -155,6 +174,19 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         Some(path) => read_store_file(path)?,
         None => local_store(&data_dir.join("store"))?,
     };
+    if nix::unistd::geteuid().is_root() {
+        // Workloads run under their own uids and reach their own directories
+        // under the agent's by name; nothing here is listed to them.
+        std::fs::create_dir_all(&data_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    &data_dir,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                )
+            })
+            .with_context(|| format!("data dir {}", data_dir.display()))?;
+    }
+    let sandbox = up_sandbox(&data_dir, &backends);
     let mut config = ServerConfig::new(1, up.listen, data_dir.join("server"));
     config.storage = storage.clone();
     let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
@@ -202,6 +234,7 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
             on_shutdown: OnShutdown::StopWorkloads,
             ..Default::default()
         },
+        sandbox,
         metrics,
     )
     .await?;

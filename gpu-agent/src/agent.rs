@@ -135,6 +135,7 @@ impl Agent {
             attributes,
             resources: discovery.resources(),
             public_key: Some(identity.key.public()),
+            protections: self.runner.protections(),
         }
     }
 

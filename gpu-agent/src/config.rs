@@ -7,6 +7,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::model_server::ModelServerLaunch;
+use crate::sandbox::SandboxConfig;
 
 /// Size of one log file before it rotates: 10 MiB.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
@@ -49,6 +50,8 @@ pub struct RunnerConfig {
     pub log_max_bytes: u64,
     /// Rotated log files kept per stream.
     pub log_max_files: u32,
+    /// Workload uids, what model servers may read, what no workload may see.
+    pub sandbox: SandboxConfig,
 }
 
 impl RunnerConfig {
@@ -62,6 +65,7 @@ impl RunnerConfig {
             http: reqwest::Client::new(),
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             log_max_files: DEFAULT_LOG_MAX_FILES,
+            sandbox: SandboxConfig::default(),
         }
     }
 }

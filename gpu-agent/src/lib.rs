@@ -13,6 +13,8 @@
 //!   recorded in memory for simulated fleets).
 //! - [`model_server`]: how a `model-server` task runs: an `exec` task of this
 //!   binary's `serve` role on a port picked for it, and the endpoint it reports.
+//! - [`sandbox`]: what keeps workloads from the node's credentials and each
+//!   other: a uid per allocation, Landlock, secrets as files.
 //! - [`supervisor`]: the detached per-allocation process (`aigrid supervise`) and
 //!   the allocation-directory files it shares with the agent.
 //! - [`logs`]: size-rotated workload logs and their tails.
@@ -36,6 +38,7 @@ pub mod driver;
 pub mod logs;
 pub mod model_server;
 pub mod runner;
+pub mod sandbox;
 pub mod supervisor;
 
 pub mod agent;

@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use aigrid_api::allocation::check_endpoint;
 use aigrid_api::{Allocation, ExecTask, ModelServerTask, RestartPolicy};
 
+use crate::sandbox::{Grants, SandboxConfig};
+
 /// The node attribute naming the address servers reach this node's workloads at.
 pub const ADDRESS_ATTRIBUTE: &str = "address";
 
@@ -104,6 +106,17 @@ pub fn place(address: Option<&str>) -> io::Result<Placement> {
     check_endpoint(&endpoint)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.message))?;
     Ok(Placement { listen, endpoint })
+}
+
+/// What a model server's sandbox lets it reach beyond its own directory: its
+/// program (read and execute), the shared model cache (read and write) and the
+/// configured local store directories (read).
+pub fn grants(launch: &ModelServerLaunch, data_dir: &Path, sandbox: &SandboxConfig) -> Grants {
+    Grants {
+        exec: vec![launch.program.clone()],
+        read: sandbox.model_reads.clone(),
+        shared: vec![data_dir.join(CACHE_DIR)],
+    }
 }
 
 /// The device a model server of `alloc` computes on: the first GPU it may see

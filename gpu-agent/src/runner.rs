@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use aigrid_api::allocation::MAX_REASON_LEN;
 use aigrid_api::{
     AllocId, AllocState, AllocationReport, Assignment, DesiredState, LimitsEnforcement, LogTail,
-    TaskSpec,
+    NodeProtections, TaskSpec,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -42,6 +42,7 @@ use crate::driver::{
 };
 pub use crate::model_server::ModelServerLaunch;
 use crate::model_server::{self, ServeSite};
+use crate::sandbox::Grants;
 
 /// Why a runner could not open.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,7 @@ struct Inner {
     config: Arc<RunnerConfig>,
     driver: Arc<dyn Driver>,
     limits: (LimitsEnforcement, Option<String>),
+    protections: Option<NodeProtections>,
     entries: Mutex<BTreeMap<AllocId, Entry>>,
     changes: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
@@ -123,12 +125,14 @@ impl Runner {
     ) -> Result<Runner, RunnerError> {
         let config = Arc::new(config);
         let limits = driver.limits();
+        let protections = driver.protections(&config);
         let recovered = driver.recover(&config).await?;
         let runner = Runner {
             inner: Arc::new(Inner {
                 config,
                 driver,
                 limits,
+                protections,
                 entries: Mutex::new(BTreeMap::new()),
                 changes: watch::Sender::new(0),
                 shutdown: watch::Sender::new(false),
@@ -168,6 +172,12 @@ impl Runner {
     /// Whether this node enforces allocations' CPU and memory limits, and why not.
     pub fn limits_enforced(&self) -> (LimitsEnforcement, Option<String>) {
         self.inner.limits.clone()
+    }
+
+    /// What keeps this node's workloads from its credentials and from one
+    /// another, as the driver found it; `None` for drivers that run no process.
+    pub fn protections(&self) -> Option<NodeProtections> {
+        self.inner.protections.clone()
     }
 
     /// Sets the control-plane URL, or comma-separated URLs, model servers started
@@ -374,8 +384,8 @@ impl Runner {
         alloc: &aigrid_api::Allocation,
         task: &TaskSpec,
     ) -> Result<TaskContext, String> {
-        let (task, endpoint) = match task {
-            TaskSpec::Exec(task) => (task.clone(), None),
+        let (task, endpoint, grants) = match task {
+            TaskSpec::Exec(task) => (task.clone(), None, Grants::default()),
             TaskSpec::ModelServer(server) => {
                 let site = self.inner.site.lock().expect("site lock").clone();
                 let config = &self.inner.config;
@@ -386,7 +396,8 @@ impl Runner {
                     alloc,
                     server,
                 )?;
-                (task, Some(endpoint))
+                let grants = model_server::grants(&config.model_server, &config.data_dir, &config.sandbox);
+                (task, Some(endpoint), grants)
             }
         };
         Ok(TaskContext {
@@ -394,6 +405,7 @@ impl Runner {
             task,
             restarts: 0,
             endpoint,
+            grants,
         })
     }
 

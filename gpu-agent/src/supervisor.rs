@@ -17,7 +17,13 @@
 //! | `exit.json` | supervisor | how the workload ended (atomically, last) |
 //! | `supervisor.log` | supervisor | its own diagnostics |
 //! | `logs/` | supervisor | `stdout.log`, `stderr.log` and their rotations |
-//! | `local/` | agent | the task's working directory and artifacts |
+//! | `local/` | agent | the task's working directory and artifacts; the workload's own |
+//! | `tmp/` | agent | the workload's private temporary directory, its own |
+//! | `secrets/` | agent | one file per variable of the task, readable by the workload alone |
+//!
+//! Everything but `local/`, `tmp/` and `secrets/` is the agent's (mode 0600 or
+//! 0700): the workload runs under the [`SandboxPlan`] in `task.json`, which
+//! neither its uid nor its Landlock domain lets it read or change.
 //!
 //! The supervisor is synchronous (std threads, no async runtime): it must not live
 //! inside the agent's runtime, and it has little to do.
@@ -43,6 +49,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::cgroup::{self, CgroupPlan};
 use crate::driver::TaskExit;
 use crate::logs::RotatingFile;
+use crate::sandbox::{self, Grants, SandboxPlan};
 
 /// What to run (agent → supervisor).
 pub(crate) const TASK_FILE: &str = "task.json";
@@ -93,6 +100,13 @@ pub(crate) struct TaskFile {
     /// Where the workload serves, for the agent to report again after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// What the agent granted the task's kind, for a restarted agent.
+    #[serde(default)]
+    pub grants: Grants,
+    /// The uid, gid and Landlock rules the workload runs under; absent in files
+    /// of agents that predate them (run as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxPlan>,
 }
 
 /// A process identified beyond its pid: a pid is reused after its process is gone,
@@ -146,6 +160,9 @@ pub(crate) struct WorkloadRecord {
     /// Why not, when it does not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits_reason: Option<String>,
+    /// What confines it: `landlock fully enforced, uid 200001`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 /// `exit.json`: exactly one of `code`, `signal` and `error` is set.
@@ -195,12 +212,19 @@ impl ExitRecord {
 }
 
 /// Writes `value` as JSON so that readers see the old file or the whole new one,
-/// and the new one survives a power loss once this returns.
+/// and the new one survives a power loss once this returns. The file is readable
+/// by its writer alone (`task.json` holds the task's secrets).
 pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut file = File::create(&tmp)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     serde_json::to_writer(&mut file, value)?;
     file.sync_all()?;
     drop(file);
@@ -287,6 +311,7 @@ fn supervise(dir: &Path) -> Result<(), String> {
     spawn_signal_forwarder(signals, term.clone(), pgid.clone());
 
     let mut command = Command::new(&task.command);
+    let umask = task.sandbox.as_ref().and_then(|s| s.umask);
     command
         .args(&task.args)
         .env_clear()
@@ -296,12 +321,21 @@ fn supervise(dir: &Path) -> Result<(), String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: only async-signal-safe calls (sigprocmask) between fork and exec.
+    // SAFETY: only async-signal-safe calls (sigprocmask, umask) between fork and exec.
     unsafe {
-        command.pre_exec(|| SigSet::empty().thread_set_mask().map_err(io::Error::from));
+        command.pre_exec(move || {
+            if let Some(mask) = umask {
+                libc::umask(mask as libc::mode_t);
+            }
+            SigSet::empty().thread_set_mask().map_err(io::Error::from)
+        });
     }
-    let mut child = match command.spawn() {
-        Ok(child) => child,
+    let spawned = match &task.sandbox {
+        Some(plan) => sandbox::apply::spawn(command, plan).map(|(c, s)| (c, Some(s))),
+        None => command.spawn().map(|c| (c, None)).map_err(|e| e.to_string()),
+    };
+    let (mut child, confined) = match spawned {
+        Ok(spawned) => spawned,
         Err(e) => {
             let error = format!("cannot start `{}`: {e}", task.command);
             eprintln!("aigrid supervise: {error}");
@@ -321,6 +355,7 @@ fn supervise(dir: &Path) -> Result<(), String> {
         }),
         limits,
         limits_reason,
+        sandbox: confined,
     };
     if let Err(e) = write_json_atomic(&dir.join(WORKLOAD_FILE), &record) {
         eprintln!("aigrid supervise: cannot write {WORKLOAD_FILE}: {e}");

@@ -82,6 +82,7 @@ fn cluster(sizes: &[(u8, bool)]) -> Sim {
             attributes: node.attributes.clone(),
             resources: node.resources.clone(),
             public_key: None,
+            protections: None,
         };
         let at = sim.at();
         sim.apply(Command::RegisterNode {

@@ -10,7 +10,7 @@
 // Unsafe: a `pre_exec` hook that calls setsid between fork and exec.
 #![allow(unsafe_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use aigrid_api::allocation::MAX_LOG_TAIL_BYTES;
-use aigrid_api::{AllocId, Allocation, ExecTask, LimitsEnforcement, LogTail};
+use aigrid_api::{AllocId, Allocation, ExecTask, LimitsEnforcement, LogTail, NodeProtections};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
@@ -31,6 +31,7 @@ use crate::artifact::ArtifactStore;
 use crate::cgroup::{self, CgroupPlan, Probe};
 use crate::config::RunnerConfig;
 use crate::logs;
+use crate::sandbox::{self, Layout, Owner, UidTable};
 use crate::supervisor::{
     read_json, write_json_atomic, ExitRecord, ProcessRecord, TaskFile, WorkloadRecord, EXIT_FILE,
     LOCAL_DIR, LOGS_DIR, STDERR_LOG, STDOUT_LOG, SUPERVISOR_FILE, SUPERVISOR_LOG, TASK_FILE,
@@ -48,10 +49,15 @@ const RECORD_TIMEOUT: Duration = Duration::from_secs(2);
 /// The reason reported when a supervisor vanished without recording an exit.
 const LOST: &str = "lost track of the process: supervisor died";
 
-/// Runs `exec` tasks as real processes, each under its own supervisor.
+/// Runs `exec` tasks as real processes, each under its own supervisor, each
+/// workload in its sandbox (see [`crate::sandbox`]).
 #[derive(Debug, Default)]
 pub struct ExecDriver {
     probe: OnceLock<Probe>,
+    sandbox: OnceLock<sandbox::Probe>,
+    uids: UidTable,
+    /// Shared directories already handed to the shared group, contents included.
+    shared: Mutex<HashSet<PathBuf>>,
 }
 
 impl ExecDriver {
@@ -68,6 +74,35 @@ impl ExecDriver {
             }
             probe
         })
+    }
+
+    fn sandbox(&self, config: &RunnerConfig) -> &sandbox::Probe {
+        self.sandbox.get_or_init(|| {
+            sandbox::probe(&config.sandbox, &config.data_dir, &allocs_dir(config))
+        })
+    }
+
+    /// The uid and gid `ctx`'s runs take, when allocations get their own.
+    fn owner(&self, config: &RunnerConfig, ctx: &TaskContext) -> Result<Option<Owner>, DriverError> {
+        let Some(range) = self.sandbox(config).uids else {
+            return Ok(None);
+        };
+        let uid = self
+            .uids
+            .take(&ctx.alloc.id, range, sandbox::uid_busy)
+            .ok_or_else(|| {
+                DriverError::Start(format!(
+                    "no free workload uid left in {}-{}",
+                    range.first,
+                    range.first + (range.count - 1)
+                ))
+            })?;
+        let gid = if ctx.grants.shared.is_empty() {
+            uid
+        } else {
+            range.shared_gid()
+        };
+        Ok(Some(Owner { uid, gid }))
     }
 }
 
@@ -135,6 +170,26 @@ pub fn workload_env(
     env
 }
 
+/// The environment of a sandboxed run: `HOME` is its `local/` and `TMPDIR` its
+/// `tmp/` (what the agent's would name is out of its reach) unless the task sets
+/// them, and `AIGRID_SECRETS_DIR` names the directory of its secret files.
+pub fn sandboxed_env(
+    mut env: BTreeMap<String, String>,
+    task: &ExecTask,
+    layout: &Layout,
+) -> BTreeMap<String, String> {
+    for (name, dir) in [("HOME", &layout.local), ("TMPDIR", &layout.tmp)] {
+        if !task.env.contains_key(name) {
+            env.insert(name.into(), dir.to_string_lossy().into_owned());
+        }
+    }
+    env.insert(
+        "AIGRID_SECRETS_DIR".into(),
+        layout.secrets.to_string_lossy().into_owned(),
+    );
+    env
+}
+
 fn agent_env() -> Vec<(String, String)> {
     std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
@@ -147,15 +202,28 @@ impl Driver for ExecDriver {
         (probe.enforcement, probe.reason.clone())
     }
 
+    fn protections(&self, config: &RunnerConfig) -> Option<NodeProtections> {
+        Some(self.sandbox(config).protections.clone())
+    }
+
     fn recover<'a>(
         &'a self,
         config: &'a RunnerConfig,
     ) -> BoxFuture<'a, Result<Vec<RecoveredTask>, DriverError>> {
         let dir = allocs_dir(config);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || recover_all(&dir))
+            let found = tokio::task::spawn_blocking(move || recover_all(&dir))
                 .await
-                .map_err(|e| DriverError::Start(format!("recovery failed: {e}")))?
+                .map_err(|e| DriverError::Start(format!("recovery failed: {e}")))??;
+            Ok(found
+                .into_iter()
+                .map(|(task, uid)| {
+                    if let Some(uid) = uid {
+                        self.uids.adopt(&task.ctx.alloc.id, uid);
+                    }
+                    task
+                })
+                .collect())
         })
     }
 
@@ -165,10 +233,11 @@ impl Driver for ExecDriver {
         ctx: &'a TaskContext,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
-            let local = alloc_dir(config, &ctx.alloc.id)?.join(LOCAL_DIR);
-            let create = local.clone();
+            let layout = Layout::new(&alloc_dir(config, &ctx.alloc.id)?, LOCAL_DIR);
+            let local = layout.local.clone();
+            let owner = self.owner(config, ctx)?;
             tokio::task::spawn_blocking(move || {
-                fs::create_dir_all(&create).map_err(io_err("create", &create))
+                sandbox::make_dirs(&layout, owner).map_err(io_err("create", &layout.local))
             })
             .await
             .map_err(|e| DriverError::Start(e.to_string()))??;
@@ -187,6 +256,18 @@ impl Driver for ExecDriver {
     ) -> BoxFuture<'a, Result<Box<dyn TaskHandle>, DriverError>> {
         Box::pin(async move {
             let dir = alloc_dir(config, &ctx.alloc.id)?;
+            let layout = Layout::new(&dir, LOCAL_DIR);
+            let owner = self.owner(config, ctx)?;
+            let protected = self.sandbox(config).protected.clone();
+            let deep: Vec<PathBuf> = {
+                let mut done = self.shared.lock().expect("shared lock");
+                ctx.grants
+                    .shared
+                    .iter()
+                    .filter(|d| done.insert((*d).clone()))
+                    .cloned()
+                    .collect()
+            };
             let plan = self.probe().plan(
                 ctx.alloc.id.as_str(),
                 ctx.alloc.resources.cpu_millis,
@@ -198,15 +279,43 @@ impl Driver for ExecDriver {
                 restarts: ctx.restarts,
                 command: ctx.task.command.clone(),
                 args: ctx.task.args.clone(),
-                env: workload_env(agent_env(), &ctx.alloc, &ctx.task, &dir.join(LOCAL_DIR)),
+                env: sandboxed_env(
+                    workload_env(agent_env(), &ctx.alloc, &ctx.task, &layout.local),
+                    &ctx.task,
+                    &layout,
+                ),
                 cwd: dir.join(LOCAL_DIR),
                 cgroup: plan.clone(),
                 log_max_bytes: config.log_max_bytes,
                 log_max_files: config.log_max_files,
                 endpoint: ctx.endpoint.clone(),
+                grants: ctx.grants.clone(),
+                sandbox: None,
             };
-            let setup_dir = dir.clone();
-            let log = tokio::task::spawn_blocking(move || write_task(&setup_dir, &file))
+            let (gpus, grants) = (!ctx.alloc.gpus.is_empty(), ctx.grants.clone());
+            let secrets = ctx.task.env.clone();
+            let log = tokio::task::spawn_blocking(move || {
+                let mut file = file;
+                sandbox::make_dirs(&layout, owner).map_err(io_err("create", &layout.local))?;
+                for shared in &grants.shared {
+                    let made = match owner {
+                        Some(o) => sandbox::make_shared(shared, o.gid, deep.contains(shared)),
+                        None => fs::create_dir_all(shared),
+                    };
+                    made.map_err(io_err("share", shared))?;
+                }
+                let skipped = sandbox::write_secrets(&layout.secrets, &secrets, owner)
+                    .map_err(io_err("write secrets in", &layout.secrets))?;
+                if !skipped.is_empty() {
+                    tracing::warn!(
+                        alloc = %file.alloc.id,
+                        ?skipped,
+                        "variables whose names cannot be file names reach the workload in its environment only"
+                    );
+                }
+                file.sandbox = Some(sandbox::plan(&layout, owner, &grants, gpus, &protected));
+                write_task(&layout.alloc_dir, &file)
+            })
                 .await
                 .map_err(|e| DriverError::Start(e.to_string()))??;
             let handle = spawn_supervisor(config, &dir, log, plan)?;
@@ -243,13 +352,21 @@ impl Driver for ExecDriver {
             let Ok(dir) = alloc_dir(config, id) else {
                 return;
             };
-            let result = tokio::task::spawn_blocking(move || match fs::remove_dir_all(&dir) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err((dir, e)),
-                _ => Ok(()),
+            let result = tokio::task::spawn_blocking(move || {
+                let removed = sandbox::remove_secrets(&dir.join(sandbox::SECRETS_DIR))
+                    .and_then(|()| fs::remove_dir_all(&dir));
+                match removed {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err((dir, e)),
+                    _ => Ok(()),
+                }
             })
             .await;
-            if let Ok(Err((dir, e))) = result {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove allocation directory");
+            match result {
+                Ok(Err((dir, e))) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove allocation directory");
+                }
+                // Its files are gone: the uid may serve another allocation.
+                _ => self.uids.release(id),
             }
         })
     }
@@ -257,10 +374,11 @@ impl Driver for ExecDriver {
 
 /// Lays out the allocation directory for a new run and opens the supervisor's log.
 fn write_task(dir: &Path, file: &TaskFile) -> Result<fs::File, DriverError> {
-    for sub in [LOCAL_DIR, LOGS_DIR] {
-        let path = dir.join(sub);
-        fs::create_dir_all(&path).map_err(io_err("create", &path))?;
-    }
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let logs = dir.join(LOGS_DIR);
+    fs::create_dir_all(&logs).map_err(io_err("create", &logs))?;
+    fs::set_permissions(&logs, fs::Permissions::from_mode(0o700))
+        .map_err(io_err("protect", &logs))?;
     // What the previous run left must not be mistaken for this one's.
     for stale in [EXIT_FILE, WORKLOAD_FILE, SUPERVISOR_FILE] {
         let path = dir.join(stale);
@@ -277,6 +395,7 @@ fn write_task(dir: &Path, file: &TaskFile) -> Result<fs::File, DriverError> {
     fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .map_err(io_err("open", &log_path))
 }
@@ -327,7 +446,8 @@ fn spawn_supervisor(
     })
 }
 
-fn recover_all(dir: &Path) -> Result<Vec<RecoveredTask>, DriverError> {
+/// The runs found under `dir`, each with the uid it holds.
+fn recover_all(dir: &Path) -> Result<Vec<(RecoveredTask, Option<u32>)>, DriverError> {
     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     let mut found = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err("read", dir))? {
@@ -346,7 +466,9 @@ fn recover_all(dir: &Path) -> Result<Vec<RecoveredTask>, DriverError> {
             task: task.task.clone(),
             restarts: task.restarts,
             endpoint: task.endpoint.clone(),
+            grants: task.grants.clone(),
         };
+        let uid = task.sandbox.as_ref().and_then(|s| s.uid);
         let handle = ExecHandle {
             dir: alloc_dir.clone(),
             supervisor: read_json::<ProcessRecord>(&alloc_dir.join(SUPERVISOR_FILE))
@@ -373,7 +495,7 @@ fn recover_all(dir: &Path) -> Result<Vec<RecoveredTask>, DriverError> {
             handle.remove_cgroup_blocking();
             RecoveredStatus::Exited(TaskExit::Error(LOST.into()))
         };
-        found.push(RecoveredTask { ctx, status });
+        found.push((RecoveredTask { ctx, status }, uid));
     }
     Ok(found)
 }

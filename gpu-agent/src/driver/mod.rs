@@ -16,11 +16,12 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
-use aigrid_api::{AllocId, Allocation, ExecTask, LimitsEnforcement, LogTail};
+use aigrid_api::{AllocId, Allocation, ExecTask, LimitsEnforcement, LogTail, NodeProtections};
 
 use crate::artifact::ArtifactError;
 use crate::config::RunnerConfig;
 use crate::logs::FileMark;
+use crate::sandbox::Grants;
 
 pub use exec::{workload_env, ExecDriver, DEFAULT_PATH};
 pub use recording::{Recorded, RecordingDriver};
@@ -40,6 +41,9 @@ pub struct TaskContext {
     /// Where the task serves (`http://host:port`), for tasks that listen (model
     /// servers); reported with the allocation's state.
     pub endpoint: Option<String>,
+    /// What its sandbox lets it reach beyond its own directory and the system,
+    /// as the agent decided for its kind of task (a model server's cache).
+    pub grants: Grants,
 }
 
 /// How one run of a task ended.
@@ -152,6 +156,12 @@ pub trait Driver: Send + Sync + 'static {
     /// Whether this driver's runs are held to their reservations, and why not.
     /// Probed once; later calls answer the same.
     fn limits(&self) -> (LimitsEnforcement, Option<String>);
+
+    /// What keeps this driver's workloads from the node's credentials and from
+    /// one another; `None` for drivers that run no process. Probed once.
+    fn protections(&self, _config: &RunnerConfig) -> Option<NodeProtections> {
+        None
+    }
 
     /// Finds runs started by an earlier agent on this node.
     fn recover<'a>(

@@ -463,6 +463,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             telemetry: None,
+            protections: None,
             logs: Vec::new(),
         }
     }

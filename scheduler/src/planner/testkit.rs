@@ -51,6 +51,7 @@ pub(crate) fn node(id: &str, attrs: &[(&str, &str)], cpu: u64, memory: u64, gpus
         public_key: None,
         revoked: false,
         telemetry: None,
+        protections: None,
         usage: None,
     }
 }

@@ -235,6 +235,7 @@ impl ClusterState {
                 if reg.public_key.is_some() {
                     node.public_key = reg.public_key;
                 }
+                node.protections = reg.protections;
                 node.revoked = false;
                 if node.status == NodeStatus::Down {
                     node.status = Self::back_up(node);
@@ -258,6 +259,7 @@ impl ClusterState {
                         public_key: reg.public_key,
                         revoked: false,
                         telemetry: None,
+                        protections: reg.protections,
                     },
                 );
                 true

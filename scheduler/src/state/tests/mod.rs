@@ -124,6 +124,7 @@ fn registration(id: &str, gpus: &[&str]) -> NodeRegistration {
                 .collect(),
         },
         public_key: None,
+        protections: None,
     }
 }
 
