@@ -9,6 +9,9 @@
 //! the one the tests run on (no cross-compiling); run as another user or on
 //! another kernel, rebuild (`cargo clean -p aigrid`).
 
+// Unsafe: the Landlock version query is a raw system call.
+#![allow(unsafe_code)]
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(root_user)");
     println!("cargo::rustc-check-cfg=cfg(landlock)");

@@ -178,9 +178,7 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
         ..SandboxConfig::default()
     };
     if let Some(range) = &args.workload_uids {
-        sandbox.uids = range
-            .parse()
-            .map_err(|e| anyhow!("--workload-uids {e}"))?;
+        sandbox.uids = range.parse().map_err(|e| anyhow!("--workload-uids {e}"))?;
     }
     Ok(Resolved {
         sandbox,

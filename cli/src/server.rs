@@ -174,18 +174,10 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         Some(path) => read_store_file(path)?,
         None => local_store(&data_dir.join("store"))?,
     };
-    if nix::unistd::geteuid().is_root() {
-        // Workloads run under their own uids and reach their own directories
-        // under the agent's by name; nothing here is listed to them.
-        std::fs::create_dir_all(&data_dir)
-            .and_then(|()| {
-                std::fs::set_permissions(
-                    &data_dir,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o711),
-                )
-            })
-            .with_context(|| format!("data dir {}", data_dir.display()))?;
-    }
+    // Workloads run under their own uids and reach their own directories under
+    // the agent's by name; nothing here is listed to them.
+    aigrid_agent::sandbox::make_searchable(&data_dir)
+        .with_context(|| format!("data dir {}", data_dir.display()))?;
     let sandbox = up_sandbox(&data_dir, &backends);
     let mut config = ServerConfig::new(1, up.listen, data_dir.join("server"));
     config.storage = storage.clone();

@@ -32,12 +32,21 @@ struct Harness {
 impl Harness {
     /// A root directory other users may pass through, as `/var/lib` is.
     fn new() -> Self {
+        Harness::with_mode(0o711)
+    }
+
+    /// A root directory of mode `mode`.
+    fn with_mode(mode: u32) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
         let h = Harness { dir };
         Identity::load_or_create(&h.data_dir(), Some("node-1"), "host").unwrap();
         for (path, text, mode) in [
-            ("server/raft.redb", "raft log: every committed command", 0o644),
+            (
+                "server/raft.redb",
+                "raft log: every committed command",
+                0o644,
+            ),
             ("server/snapshot", "cluster state", 0o644),
             ("demo-model/publisher.key", &"ab".repeat(32), 0o600),
         ] {
@@ -163,7 +172,10 @@ async fn wait_output(h: &Harness, id: &str, line: &str) -> String {
         if out.lines().any(|l| l == line) {
             return out;
         }
-        assert!(Instant::now() < deadline, "{id} never printed {line}: {out:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{id} never printed {line}: {out:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -225,7 +237,11 @@ async fn a_workload_cannot_read_the_node_key_other_secrets_the_servers_files_or_
         data.display(),
     );
     runner.apply(&[
-        sh("victim", "echo started; sleep 600", json!({"TOKEN": "victim-secret-7f3a"})),
+        sh(
+            "victim",
+            "echo started; sleep 600",
+            json!({"TOKEN": "victim-secret-7f3a"}),
+        ),
         sh("attacker", &script, json!({})),
     ]);
     let report = wait_for(&runner, "attacker", |r| r.state.is_terminal()).await;
@@ -259,10 +275,7 @@ async fn a_workload_cannot_read_the_node_key_other_secrets_the_servers_files_or_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(landlock),
-    ignore = "skipped: needs a kernel with Landlock"
-)]
+#[cfg_attr(not(landlock), ignore = "skipped: needs a kernel with Landlock")]
 async fn a_workload_reads_its_own_secrets_and_writes_nowhere_but_its_own_dirs() {
     let h = Harness::new();
     let runner = h.open().await;
@@ -302,7 +315,10 @@ async fn a_workload_reads_its_own_secrets_and_writes_nowhere_but_its_own_dirs() 
     assert_eq!(report.state, AllocState::Complete, "{report:?}: {out}");
     assert!(out.contains("file: own-secret-41c9\n"), "{out}");
     assert!(out.contains("env: own-secret-41c9\n"), "{out}");
-    assert!(out.contains("wrote local\n") && out.contains("wrote tmp\n"), "{out}");
+    assert!(
+        out.contains("wrote local\n") && out.contains("wrote tmp\n"),
+        "{out}"
+    );
     for path in &outside {
         let p = path.display().to_string();
         let line = out
@@ -318,7 +334,10 @@ async fn a_workload_reads_its_own_secrets_and_writes_nowhere_but_its_own_dirs() 
     let task = h.task_file("writer");
     assert_eq!(task["env"]["TOKEN"], "own-secret-41c9");
     assert_eq!(
-        fs::metadata(h.alloc_dir("writer").join("task.json")).unwrap().mode() & 0o777,
+        fs::metadata(h.alloc_dir("writer").join("task.json"))
+            .unwrap()
+            .mode()
+            & 0o777,
         0o600
     );
     runner.shutdown().await;
@@ -333,7 +352,11 @@ async fn each_allocation_keeps_its_own_uid_across_agent_restarts() {
     first.apply(&[sh("a", script, json!({})), sh("b", script, json!({}))]);
     let ids = |id: &str| -> (u32, u32) {
         let out = h.stdout(id);
-        let line = out.lines().find(|l| l.starts_with("uid ")).unwrap().to_owned();
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("uid "))
+            .unwrap()
+            .to_owned();
         let words: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(words[5..], [words[3]], "supplementary groups: {line}");
         (words[1].parse().unwrap(), words[3].parse().unwrap())
@@ -355,7 +378,11 @@ async fn each_allocation_keeps_its_own_uid_across_agent_restarts() {
     let local = fs::metadata(h.alloc_dir("a").join("local")).unwrap();
     assert_eq!((local.uid(), local.mode() & 0o777), (uid_a, 0o700));
     let alloc_dir = fs::metadata(h.alloc_dir("a")).unwrap();
-    assert_eq!(alloc_dir.uid(), 0, "the allocation directory stays the agent's");
+    assert_eq!(
+        alloc_dir.uid(),
+        0,
+        "the allocation directory stays the agent's"
+    );
     first.shutdown().await;
     drop(first);
 
@@ -378,4 +405,44 @@ async fn each_allocation_keeps_its_own_uid_across_agent_restarts() {
         wait_for(&second, id, |r| r.state.is_terminal()).await;
     }
     second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(root_user, landlock)),
+    ignore = "skipped: needs root and a kernel with Landlock"
+)]
+async fn a_workload_left_with_roots_uid_has_no_capability_and_still_cannot_read_the_node_key() {
+    // Other users cannot pass through the root: allocations cannot have uids of
+    // their own, and the node says why.
+    let h = Harness::with_mode(0o700);
+    let runner = h.open().await;
+    let protections = runner.protections().unwrap();
+    assert!(!protections.per_allocation_uid);
+    let why = protections.uid_reason.clone().unwrap_or_default();
+    assert!(why.contains("not searchable by other users"), "{why}");
+    assert!(protections
+        .summary()
+        .contains("shared uid (root without capabilities"));
+
+    let key = h.data_dir().join("identity.json");
+    let script = format!(
+        "echo \"uid $(id -u)\"; grep -E '^Cap(Eff|Prm|Bnd)' /proc/self/status\n{}echo done",
+        try_reading(std::slice::from_ref(&key))
+    );
+    runner.apply(&[sh("root-ish", &script, json!({}))]);
+    let report = wait_for(&runner, "root-ish", |r| r.state.is_terminal()).await;
+    let out = h.stdout("root-ish");
+    assert_eq!(report.state, AllocState::Complete, "{report:?}: {out}");
+    assert!(out.contains("uid 0\n"), "{out}");
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let line = out.lines().find(|l| l.starts_with(set)).unwrap();
+        assert!(line.ends_with("0000000000000000"), "{line}");
+    }
+    let line = out.lines().find(|l| l.contains("identity.json")).unwrap();
+    assert!(
+        line.starts_with("denied") && line.contains("Permission denied"),
+        "{out}"
+    );
+    runner.shutdown().await;
 }

@@ -396,7 +396,8 @@ impl Runner {
                     alloc,
                     server,
                 )?;
-                let grants = model_server::grants(&config.model_server, &config.data_dir, &config.sandbox);
+                let grants =
+                    model_server::grants(&config.model_server, &config.data_dir, &config.sandbox);
                 (task, Some(endpoint), grants)
             }
         };

@@ -332,7 +332,10 @@ fn supervise(dir: &Path) -> Result<(), String> {
     }
     let spawned = match &task.sandbox {
         Some(plan) => sandbox::apply::spawn(command, plan).map(|(c, s)| (c, Some(s))),
-        None => command.spawn().map(|c| (c, None)).map_err(|e| e.to_string()),
+        None => command
+            .spawn()
+            .map(|c| (c, None))
+            .map_err(|e| e.to_string()),
     };
     let (mut child, confined) = match spawned {
         Ok(spawned) => spawned,

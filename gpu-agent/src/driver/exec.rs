@@ -77,13 +77,16 @@ impl ExecDriver {
     }
 
     fn sandbox(&self, config: &RunnerConfig) -> &sandbox::Probe {
-        self.sandbox.get_or_init(|| {
-            sandbox::probe(&config.sandbox, &config.data_dir, &allocs_dir(config))
-        })
+        self.sandbox
+            .get_or_init(|| sandbox::probe(&config.sandbox, &config.data_dir, &allocs_dir(config)))
     }
 
     /// The uid and gid `ctx`'s runs take, when allocations get their own.
-    fn owner(&self, config: &RunnerConfig, ctx: &TaskContext) -> Result<Option<Owner>, DriverError> {
+    fn owner(
+        &self,
+        config: &RunnerConfig,
+        ctx: &TaskContext,
+    ) -> Result<Option<Owner>, DriverError> {
         let Some(range) = self.sandbox(config).uids else {
             return Ok(None);
         };

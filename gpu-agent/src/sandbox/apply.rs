@@ -92,9 +92,15 @@ fn restrict_this_thread(plan: &SandboxPlan) -> Result<&'static str, String> {
         .map_err(fail)?
         .create()
         .map_err(fail)?
-        .add_rules(path_beneath_rules(&plan.read_write, AccessFs::from_all(abi)))
+        .add_rules(path_beneath_rules(
+            &plan.read_write,
+            AccessFs::from_all(abi),
+        ))
         .map_err(fail)?
-        .add_rules(path_beneath_rules(&plan.read_exec, AccessFs::from_read(abi)))
+        .add_rules(path_beneath_rules(
+            &plan.read_exec,
+            AccessFs::from_read(abi),
+        ))
         .map_err(fail)?
         .add_rules(path_beneath_rules(&plan.read_only, read_only))
         .map_err(fail)?
@@ -159,13 +165,7 @@ fn drop_capabilities() -> io::Result<()> {
     }; 2];
     // SAFETY: `header` and the two `data` entries are the layout capset(2) reads
     // for version 3, alive for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_capset,
-            &header as *const Header,
-            data.as_ptr(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -243,6 +243,18 @@ pub fn probe(config: &SandboxConfig, data_dir: &Path, allocs_dir: &Path) -> Prob
     }
 }
 
+/// When this process runs as root, makes `dir` (created if missing) mode 0711:
+/// other users (allocations' uids) may pass through it by name but not list it.
+/// A directory above an agent's data dir needs this for allocations to get uids
+/// of their own; `aigrid up` does it to its data dir.
+pub fn make_searchable(dir: &Path) -> io::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
+}
+
 /// Every path no workload may see: the agent's data dir, the configured ones, the
 /// user's aigrid config dir and the host's own secrets.
 pub fn protected_paths(config: &SandboxConfig, data_dir: &Path) -> Vec<PathBuf> {
@@ -567,7 +579,10 @@ pub fn uid_busy(uid: u32) -> bool {
         return false;
     };
     entries.flatten().any(|e| {
-        e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())
+        e.file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
             && e.metadata().is_ok_and(|m| m.uid() == uid)
     })
 }

@@ -11,7 +11,15 @@ fn uid_ranges_parse_and_keep_their_first_id_for_the_shared_group() {
     assert_eq!(r.allocation_ids().last(), Some(265_535));
     assert!(r.contains(200_001) && r.contains(265_535));
     assert!(!r.contains(200_000) && !r.contains(265_536));
-    for bad in ["", "5", "0-10", "300-200000", "2000-2000", "2000-x", "1000-4294967295"] {
+    for bad in [
+        "",
+        "5",
+        "0-10",
+        "300-200000",
+        "2000-2000",
+        "2000-x",
+        "1000-4294967295",
+    ] {
         assert!(bad.parse::<UidRange>().is_err(), "{bad}");
     }
 }
@@ -28,7 +36,11 @@ fn each_allocation_keeps_its_uid_and_none_shares_one() {
     );
     table.adopt(&a, 5002);
     let free = |_| false;
-    assert_eq!(table.take(&a, range, free), Some(5002), "found on disk, kept");
+    assert_eq!(
+        table.take(&a, range, free),
+        Some(5002),
+        "found on disk, kept"
+    );
     // A uid some process still runs under is skipped.
     assert_eq!(table.take(&b, range, |uid| uid == 5001), Some(5003));
     assert_eq!(table.take(&b, range, free), Some(5003));
@@ -83,7 +95,11 @@ fn a_plan_grants_the_task_its_own_dirs_and_never_the_data_dir() {
     let plan = plan(&layout, None, &grants, false, &protected);
     assert_eq!(
         plan.read_write,
-        [layout.local.clone(), layout.tmp.clone(), data.join("model-cache")]
+        [
+            layout.local.clone(),
+            layout.tmp.clone(),
+            data.join("model-cache")
+        ]
     );
     assert!(plan.read_only.contains(&layout.secrets));
     let everything: Vec<&PathBuf> = plan
@@ -117,7 +133,10 @@ fn secrets_are_files_of_their_owner_alone() {
     let skipped = write_secrets(&dir, &env, None).unwrap();
     assert_eq!(skipped, ["../escape"]);
     assert_eq!(fs::read_to_string(dir.join("TOKEN")).unwrap(), "s3cret");
-    assert_eq!(fs::metadata(dir.join("TOKEN")).unwrap().mode() & 0o777, 0o400);
+    assert_eq!(
+        fs::metadata(dir.join("TOKEN")).unwrap().mode() & 0o777,
+        0o400
+    );
     assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o500);
     assert!(!root.path().join("escape").exists());
     // A new run writes them afresh; a variable gone is gone.
@@ -139,8 +158,14 @@ fn shared_dirs_let_the_group_in_and_others_out() {
     let gid = nix::unistd::getegid().as_raw();
     make_shared(&dir, gid, true).unwrap();
     assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o7777, 0o2770);
-    assert_eq!(fs::metadata(dir.join("chunks")).unwrap().mode() & 0o7777, 0o2770);
-    assert_eq!(fs::metadata(dir.join("chunks/c1")).unwrap().mode() & 0o777, 0o660);
+    assert_eq!(
+        fs::metadata(dir.join("chunks")).unwrap().mode() & 0o7777,
+        0o2770
+    );
+    assert_eq!(
+        fs::metadata(dir.join("chunks/c1")).unwrap().mode() & 0o777,
+        0o660
+    );
 }
 
 #[test]
