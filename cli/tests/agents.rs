@@ -168,8 +168,6 @@ fn agents_run_gpu_work_heal_and_reattach() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(wait_leader(&http(), &urls, Duration::from_secs(20)));
     let root = tempfile::tempdir().unwrap();
-    let out = root.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
     let marker = format!("AIGRID_TEST_MARK={}", uuid_like());
     let _reaper = Reaper {
         root: root.path().display().to_string(),
@@ -216,8 +214,8 @@ fn agents_run_gpu_work_heal_and_reattach() {
             "resources": {"cpu_millis": 100, "memory_mib": 64, "gpus": {"count": 1}},
             "spread": [{"attribute": "site"}],
             "task": {"driver": "exec", "command": "/bin/sh",
-                     "args": ["-c", "echo \"$CUDA_VISIBLE_DEVICES\" > \"$OUT/cuda-$AIGRID_ALLOC_ID\"; echo started $AIGRID_ALLOC_ID; exec sleep 600"],
-                     "env": {"OUT": out.display().to_string(), key: value},
+                     "args": ["-c", "echo \"$CUDA_VISIBLE_DEVICES\" > \"$AIGRID_TASK_DIR/cuda\"; echo started $AIGRID_ALLOC_ID; exec sleep 600"],
+                     "env": {key: value},
                      "kill_timeout_ms": 2000}
         }]
     });
@@ -235,8 +233,12 @@ fn agents_run_gpu_work_heal_and_reattach() {
     let mut seen = BTreeSet::new();
     for alloc in live(&job_view) {
         let id = alloc["id"].as_str().unwrap();
+        // Written in its own directory: the sandbox lets it write nowhere else.
         let cuda = eventually(Duration::from_secs(10), "the CUDA file", || {
-            std::fs::read_to_string(out.join(format!("cuda-{id}"))).ok()
+            ["edge-a", "edge-b"].iter().find_map(|agent| {
+                let local = root.path().join(agent).join("allocs").join(id);
+                std::fs::read_to_string(local.join("local/cuda")).ok()
+            })
         });
         let want = alloc["gpus"][0].as_str().unwrap();
         assert_eq!(cuda.trim(), want, "allocation {id}");
@@ -495,8 +497,6 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
     std::fs::create_dir_all(&artifacts).unwrap();
     std::fs::write(artifacts.join("good.bin"), &good).unwrap();
     std::fs::write(artifacts.join("bad.bin"), &bad).unwrap();
-    let ran = root.path().join("ran");
-    std::fs::create_dir_all(&ran).unwrap();
     // The intact artifact comes over HTTP, the tampered one from a file.
     let served = good.clone();
     let listener = rt
@@ -533,7 +533,7 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
                 "name": "g", "count": 1,
                 "resources": {"cpu_millis": 100, "memory_mib": 64},
                 "task": {"driver": "exec", "command": "/bin/sh",
-                         "args": ["-c", format!("cat {file} > {}/{name}", ran.display())],
+                         "args": ["-c", format!("cat {file}")],
                          "env": {key: value},
                          "artifacts": [{"source": source, "blake3": digest}]}
             }]
@@ -561,9 +561,19 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
         let job = cli_json(s, &["job", "status", "intact"]);
         (job["status"] == "complete").then_some(())
     });
-    // The verified bytes reached the process; the tampered job never ran.
-    assert_eq!(std::fs::read(ran.join("intact")).unwrap(), good);
-    assert!(!ran.join("tampered").exists());
+    // The verified bytes reached the process (it prints them; the sandbox lets it
+    // write nowhere but its own directory); the tampered job never ran.
+    let intact = cli_json(s, &["job", "status", "intact"]);
+    let id = intact["allocations"][0]["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(15), "the intact job's output", || {
+        let logs = stdout(&cli(s, &["alloc", "logs", &id]));
+        logs.contains(std::str::from_utf8(&good).unwrap())
+            .then_some(())
+    });
+    assert!(
+        !stdout(&cli(s, &["alloc", "logs", failed["id"].as_str().unwrap()])).contains("weights"),
+        "the tampered artifact ran"
+    );
 
     // A simulated GPU fault reaches the servers with the next heartbeat, and its
     // end too.

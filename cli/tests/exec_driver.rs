@@ -211,6 +211,8 @@ async fn allocations_see_their_own_gpus_and_ship_output() {
             "AIGRID_GROUP",
             "AIGRID_ALLOC_INDEX",
             "AIGRID_TASK_DIR",
+            // The allocation's own secrets, not an agent setting.
+            "AIGRID_SECRETS_DIR",
         ];
         for line in env.lines().filter(|l| l.starts_with("AIGRID_")) {
             let name = line.split('=').next().unwrap();
