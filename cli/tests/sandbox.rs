@@ -25,6 +25,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
+mod common;
+
 struct Harness {
     dir: tempfile::TempDir,
 }
@@ -445,4 +447,109 @@ async fn a_workload_left_with_roots_uid_has_no_capability_and_still_cannot_read_
         "{out}"
     );
     runner.shutdown().await;
+}
+
+#[test]
+#[cfg_attr(
+    not(all(root_user, landlock)),
+    ignore = "skipped: needs root and a kernel with Landlock"
+)]
+fn up_reports_its_sandbox_and_runs_its_model_server_under_a_uid_of_its_own() {
+    use std::io::BufRead;
+    let root = tempfile::tempdir().unwrap();
+    fs::set_permissions(root.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let listen = format!("127.0.0.1:{}", common::free_ports(1)[0]);
+    let server = format!("http://{listen}");
+    let _reapers = common::up_reapers(root.path(), &server, &server);
+    let data = root.path().join("data");
+    let log = root.path().join("up.log");
+    let mut up = common::spawn_piped(
+        &[
+            "up",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &log,
+    );
+    let (lines, said) = std::sync::mpsc::channel();
+    let out = std::io::BufReader::new(up.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match said.recv_timeout(left) {
+            Ok(line) if line.contains("demo model tiny-llama is ready") => break,
+            Ok(_) => {}
+            Err(e) => panic!(
+                "the demo model never got ready ({e}): {}",
+                common::tail(&log, 30)
+            ),
+        }
+    }
+
+    // The node says what confines its workloads.
+    let nodes: Value = serde_json::from_str(&common::assert_success(&common::aigrid(&[
+        "node", "ls", "--json", "--server", &server,
+    ])))
+    .unwrap();
+    let node = nodes[0]["id"].as_str().unwrap().to_owned();
+    let shown = common::assert_success(&common::aigrid(&[
+        "node", "status", &node, "--server", &server,
+    ]));
+    let line = shown.lines().find(|l| l.starts_with("sandbox ")).unwrap();
+    assert!(
+        line.contains("landlock abi ") && line.ends_with(", per-allocation uid"),
+        "{shown}"
+    );
+
+    // The model server runs under its allocation's uid, in the shared group,
+    // confined, and fills the model cache its group shares.
+    let allocs = data.join("agent/allocs");
+    let alloc = fs::read_dir(&allocs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let workload: Value =
+        serde_json::from_slice(&fs::read(alloc.join("workload.json")).unwrap()).unwrap();
+    let confined = workload["sandbox"].as_str().unwrap();
+    assert!(
+        confined.starts_with("landlock fully enforced, uid "),
+        "{confined}"
+    );
+    let pid = workload["process"]["pid"].as_i64().unwrap();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_whitespace()
+            .skip(1)
+            .map(|w| w.parse().unwrap())
+            .collect()
+    };
+    let (uid, gid) = (ids("Uid:")[0], ids("Gid:")[0]);
+    assert!(uid > 200_000, "{status}");
+    assert_eq!(gid, 200_000, "the model servers' shared group");
+    assert!(ids("Groups:").is_empty(), "{status}");
+    let cache = fs::metadata(data.join("agent/model-cache")).unwrap();
+    assert_eq!((cache.gid(), cache.mode() & 0o7777), (200_000, 0o2770));
+    assert!(fs::read_dir(data.join("agent/model-cache/chunks"))
+        .unwrap()
+        .next()
+        .is_some());
+
+    let _ = kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while up.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "up did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
