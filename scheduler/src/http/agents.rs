@@ -463,7 +463,6 @@ mod tests {
                 .into_iter()
                 .collect(),
             telemetry: None,
-            protections: None,
             logs: Vec::new(),
         }
     }

@@ -156,7 +156,6 @@ fn reported_endpoints_are_kept_checked_and_route_model_servers() {
         gpus: vec![],
         allocations: reports,
         telemetry: None,
-        protections: None,
         logs: vec![],
     };
     assert!(

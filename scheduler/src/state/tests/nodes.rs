@@ -395,3 +395,32 @@ fn a_node_that_loses_a_gpu_loses_the_allocations_holding_it() {
         (AllocState::Lost, AllocState::Pending)
     );
 }
+
+#[test]
+fn a_node_keeps_the_protections_its_agent_last_registered() {
+    let mut log = Log::new();
+    log.apply(token("t1", "s3cret", 10, None)).unwrap();
+    let mut reg = keyed("a", 1);
+    reg.protections = Some(aigrid_api::NodeProtections {
+        landlock_abi: Some(7),
+        per_allocation_uid: true,
+        ..Default::default()
+    });
+    log.apply(join(reg.clone(), Some(("t1", "s3cret")), 2_000))
+        .unwrap();
+    let node = log.state.node(&NodeId::new("a")).unwrap();
+    assert_eq!(
+        node.protections.as_ref().map(|p| p.summary()).as_deref(),
+        Some("landlock abi 7, per-allocation uid")
+    );
+    let mut restored = ClusterState::default();
+    restored.restore(&log.bytes()).unwrap();
+    assert_eq!(
+        restored.node(&NodeId::new("a")).unwrap().protections,
+        reg.protections
+    );
+    // An agent that reports none (an older one) leaves none: nothing stale shows.
+    reg.protections = None;
+    log.apply(join(reg, None, 3_000)).unwrap();
+    assert_eq!(log.state.node(&NodeId::new("a")).unwrap().protections, None);
+}
