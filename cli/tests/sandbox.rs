@@ -28,6 +28,9 @@ use serde_json::{json, Value};
 mod common;
 
 struct Harness {
+    /// Kills what a test leaves running: supervisors (their command lines) and
+    /// workloads (their environment) name the root. Dropped before `dir`.
+    _reaper: common::Reaper,
     dir: tempfile::TempDir,
 }
 
@@ -41,7 +44,14 @@ impl Harness {
     fn with_mode(mode: u32) -> Self {
         let dir = tempfile::tempdir().unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
-        let h = Harness { dir };
+        let root = dir.path().display().to_string();
+        let h = Harness {
+            _reaper: common::Reaper {
+                root: root.clone(),
+                marker: root,
+            },
+            dir,
+        };
         Identity::load_or_create(&h.data_dir(), Some("node-1"), "host").unwrap();
         for (path, text, mode) in [
             (
@@ -99,33 +109,6 @@ impl Harness {
     fn task_file(&self, id: &str) -> Value {
         serde_json::from_slice(&fs::read(self.alloc_dir(id).join("task.json")).unwrap()).unwrap()
     }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let root = self.dir.path().to_string_lossy().into_owned();
-        for _ in 0..3 {
-            for pid in pids() {
-                let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-                    .unwrap_or_default();
-                let cwd = fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
-                if cmdline.contains(&root) || cwd.starts_with(&root) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn pids() -> Vec<i32> {
-    let me = std::process::id() as i32;
-    fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid| *pid != me)
-        .collect()
 }
 
 /// A run of `/bin/sh -c script` with the variables `env`.
