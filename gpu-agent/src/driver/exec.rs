@@ -10,7 +10,7 @@
 // Unsafe: a `pre_exec` hook that calls setsid between fork and exec.
 #![allow(unsafe_code)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -56,8 +56,6 @@ pub struct ExecDriver {
     probe: OnceLock<Probe>,
     sandbox: OnceLock<sandbox::Probe>,
     uids: UidTable,
-    /// Shared directories already handed to the shared group, contents included.
-    shared: Mutex<HashSet<PathBuf>>,
 }
 
 impl ExecDriver {
@@ -262,15 +260,6 @@ impl Driver for ExecDriver {
             let layout = Layout::new(&dir, LOCAL_DIR);
             let owner = self.owner(config, ctx)?;
             let protected = self.sandbox(config).protected.clone();
-            let deep: Vec<PathBuf> = {
-                let mut done = self.shared.lock().expect("shared lock");
-                ctx.grants
-                    .shared
-                    .iter()
-                    .filter(|d| done.insert((*d).clone()))
-                    .cloned()
-                    .collect()
-            };
             let plan = self.probe().plan(
                 ctx.alloc.id.as_str(),
                 ctx.alloc.resources.cpu_millis,
@@ -302,7 +291,7 @@ impl Driver for ExecDriver {
                 sandbox::make_dirs(&layout, owner).map_err(io_err("create", &layout.local))?;
                 for shared in &grants.shared {
                     let made = match owner {
-                        Some(o) => sandbox::make_shared(shared, o.gid, deep.contains(shared)),
+                        Some(o) => sandbox::make_shared(shared, o.gid),
                         None => fs::create_dir_all(shared),
                     };
                     made.map_err(io_err("share", shared))?;

@@ -487,51 +487,27 @@ pub fn remove_secrets(dir: &Path) -> io::Result<()> {
     fs::remove_dir_all(dir)
 }
 
-/// Makes `dir` a directory the tasks of group `gid` share: root's, group
-/// `gid`, mode 2770 (new entries keep the group). With `deep`, what is already
-/// inside is handed to the group too (a cache filled before uids were in use).
-pub fn make_shared(dir: &Path, gid: u32, deep: bool) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
-    share(dir, gid)?;
-    if deep {
-        for entry in walk(dir) {
-            share(&entry, gid)?;
-        }
-    }
-    Ok(())
-}
-
-fn share(path: &Path, gid: u32) -> io::Result<()> {
-    let meta = fs::symlink_metadata(path)?;
-    if meta.file_type().is_symlink() {
-        return Ok(());
-    }
-    std::os::unix::fs::lchown(path, None, Some(gid))?;
-    let mode = if meta.is_dir() {
-        0o2770
-    } else {
-        (meta.mode() & 0o700) | ((meta.mode() & 0o700) >> 3)
-    };
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-}
-
-/// Every entry beneath `dir`, links not followed.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                todo.push(path.clone());
+/// Makes `dir` a directory the tasks of group `gid` share: the agent's, group
+/// `gid`, mode 2770 (new entries keep the group). One that is not yet the
+/// group's (a model cache filled before allocations had uids) is emptied first:
+/// it is a cache, every chunk is fetched and verified again, and nothing in it is
+/// ever handed over by following a path a workload could have changed.
+pub fn make_shared(dir: &Path, gid: u32) -> io::Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() && meta.gid() == gid => {}
+        Ok(meta) => {
+            if meta.is_dir() {
+                fs::remove_dir_all(dir)?;
+            } else {
+                fs::remove_file(dir)?;
             }
-            out.push(path);
+            fs::create_dir_all(dir)?;
         }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(dir)?,
+        Err(e) => return Err(e),
     }
-    out
+    std::os::unix::fs::chown(dir, None, Some(gid))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o2770))
 }
 
 /// Which allocation holds which uid on this node. Filled from the `task.json`

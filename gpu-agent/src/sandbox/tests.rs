@@ -154,18 +154,23 @@ fn shared_dirs_let_the_group_in_and_others_out() {
     let dir = root.path().join("cache");
     fs::create_dir_all(dir.join("chunks")).unwrap();
     fs::write(dir.join("chunks/c1"), "x").unwrap();
-    fs::set_permissions(dir.join("chunks/c1"), fs::Permissions::from_mode(0o644)).unwrap();
     let gid = nix::unistd::getegid().as_raw();
-    make_shared(&dir, gid, true).unwrap();
-    assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o7777, 0o2770);
-    assert_eq!(
-        fs::metadata(dir.join("chunks")).unwrap().mode() & 0o7777,
-        0o2770
-    );
-    assert_eq!(
-        fs::metadata(dir.join("chunks/c1")).unwrap().mode() & 0o777,
-        0o660
-    );
+    // Not yet the group's: emptied, then handed over.
+    let other = if gid == 0 { 1 } else { 0 };
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&dir, None, Some(other)).unwrap();
+        make_shared(&dir, gid).unwrap();
+        assert!(!dir.join("chunks").exists(), "a cache of before is emptied");
+    } else {
+        make_shared(&dir, gid).unwrap();
+    }
+    let meta = fs::metadata(&dir).unwrap();
+    assert_eq!((meta.gid(), meta.mode() & 0o7777), (gid, 0o2770));
+    // Already the group's: what its tasks cached stays.
+    fs::create_dir_all(dir.join("chunks")).unwrap();
+    fs::write(dir.join("chunks/c2"), "y").unwrap();
+    make_shared(&dir, gid).unwrap();
+    assert!(dir.join("chunks/c2").exists());
 }
 
 #[test]
