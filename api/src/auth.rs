@@ -1,29 +1,16 @@
-//! Node identity and signed requests: the Zero-OS side of trust. An agent holds an
-//! ed25519 key it made itself; it proves it may join with a join token once, and from
-//! then on signs every request. Servers keep only public keys and hashed token
-//! secrets, so a copy of the Raft log grants nothing.
-//!
-//! A signature covers the method, the path with its query, the node id, a timestamp
-//! and the BLAKE3 hash of the body, so neither the body nor the target can be swapped
-//! and an old request cannot be replayed outside the clock-skew window.
+//! Node keys and join tokens: the Zero-OS side of trust. An agent holds an ed25519
+//! key it made itself; it proves it may join with a join token once, and from then on
+//! signs every request with that key (the scheme is [`crate::signature`]'s, the same
+//! for people and nodes). Servers keep only public keys and hashed token secrets, so
+//! a copy of the Raft log grants nothing.
 
 use std::fmt;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::ids::NodeId;
 use crate::units::Timestamp;
-
-/// Header naming the node a request is signed by.
-pub const NODE_HEADER: &str = "x-aigrid-node";
-/// Header carrying the signing time, Unix milliseconds.
-pub const TIMESTAMP_HEADER: &str = "x-aigrid-timestamp";
-/// Header carrying the base64 ed25519 signature.
-pub const SIGNATURE_HEADER: &str = "x-aigrid-signature";
-/// How far a request's timestamp may be from the server's clock.
-pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 
 /// A node's public key: 32 bytes, written as 64 lowercase hex characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -94,66 +81,15 @@ impl NodeKey {
         NodePublicKey(self.0.verifying_key().to_bytes())
     }
 
-    /// Signs one request; the result goes into the three signature headers.
-    pub fn sign(&self, request: &RequestToSign<'_>) -> String {
-        let sig = self.0.sign(&request.message());
-        base64_encode(&sig.to_bytes())
+    /// Signs `message` (a request's signature base; see [`crate::signature`]).
+    pub fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
+        self.0.sign(message).to_bytes().to_vec()
     }
 }
 
 impl fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "NodeKey(public {}, secret redacted)", self.public())
-    }
-}
-
-/// The parts of a request a signature covers.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestToSign<'a> {
-    /// `GET`, `POST`, ...
-    pub method: &'a str,
-    /// The path with its query string, as sent (`/api/v1/nodes/n1/assignments?index=3`).
-    pub path_and_query: &'a str,
-    /// The node signing.
-    pub node: &'a NodeId,
-    /// When it was signed.
-    pub timestamp: Timestamp,
-    /// The exact body bytes.
-    pub body: &'a [u8],
-}
-
-impl RequestToSign<'_> {
-    fn message(&self) -> Vec<u8> {
-        format!(
-            "aigrid-request-v1\n{}\n{}\n{}\n{}\n{}",
-            self.method,
-            self.path_and_query,
-            self.node,
-            self.timestamp.as_millis(),
-            blake3::hash(self.body).to_hex()
-        )
-        .into_bytes()
-    }
-
-    /// Checks `signature` (base64) against `key` and the timestamp against `now`.
-    pub fn verify(
-        &self,
-        key: &NodePublicKey,
-        signature: &str,
-        now: Timestamp,
-    ) -> Result<(), AuthError> {
-        let skew = now.as_millis().abs_diff(self.timestamp.as_millis());
-        if skew > MAX_CLOCK_SKEW_MS {
-            return Err(AuthError::Stale { skew_ms: skew });
-        }
-        let bytes = base64_decode(signature)
-            .and_then(|b| <[u8; 64]>::try_from(b).ok())
-            .ok_or(AuthError::Malformed("signature is not 64 base64 bytes"))?;
-        let verifying = VerifyingKey::from_bytes(key.as_bytes())
-            .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
-        verifying
-            .verify(&self.message(), &Signature::from_bytes(&bytes))
-            .map_err(|_| AuthError::BadSignature)
     }
 }
 
@@ -172,6 +108,16 @@ pub enum AuthError {
     /// The signature does not match the request and key.
     #[error("bad request signature")]
     BadSignature,
+    /// The signature's nonce was seen before: a replayed request.
+    #[error("request replayed: its nonce was already used")]
+    Replayed,
+}
+
+impl From<NodePublicKey> for crate::identity::PublicKey {
+    fn from(key: NodePublicKey) -> Self {
+        crate::identity::PublicKey::ed25519(key.0)
+            .expect("a NodePublicKey holds a valid ed25519 key")
+    }
 }
 
 /// Lowercase hex of `bytes`.
@@ -184,16 +130,6 @@ pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let mut out = [0u8; N];
     ::hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
-}
-
-fn base64_encode(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(s).ok()
 }
 
 /// Prefix of every join token, so a leaked one is recognisable in logs and scanners.
@@ -338,58 +274,6 @@ pub struct CreatedJoinToken {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn request<'a>(body: &'a [u8], node: &'a NodeId) -> RequestToSign<'a> {
-        RequestToSign {
-            method: "POST",
-            path_and_query: "/api/v1/nodes/n1/heartbeat",
-            node,
-            timestamp: Timestamp::from_millis(1_000_000),
-            body,
-        }
-    }
-
-    #[test]
-    fn signatures_cover_every_part() {
-        let key = NodeKey::from_secret([7; 32]);
-        let node = NodeId::new("n1");
-        let req = request(b"{}", &node);
-        let sig = key.sign(&req);
-        let now = Timestamp::from_millis(1_000_500);
-        req.verify(&key.public(), &sig, now).unwrap();
-
-        let other = NodeKey::from_secret([8; 32]).public();
-        assert_eq!(req.verify(&other, &sig, now), Err(AuthError::BadSignature));
-        let body = request(b"{ }", &node);
-        assert_eq!(
-            body.verify(&key.public(), &sig, now),
-            Err(AuthError::BadSignature)
-        );
-        let n2 = NodeId::new("n2");
-        let who = request(b"{}", &n2);
-        assert!(who.verify(&key.public(), &sig, now).is_err());
-        let path = RequestToSign {
-            path_and_query: "/api/v1/nodes/n1/heartbeat?x=1",
-            ..req
-        };
-        assert!(path.verify(&key.public(), &sig, now).is_err());
-        let late = Timestamp::from_millis(1_000_000 + MAX_CLOCK_SKEW_MS + 1);
-        assert!(matches!(
-            req.verify(&key.public(), &sig, late),
-            Err(AuthError::Stale { .. })
-        ));
-        assert!(matches!(
-            req.verify(&key.public(), "not base64!", now),
-            Err(AuthError::Malformed(_))
-        ));
-        // One flipped bit in the signature.
-        let mut raw = base64_decode(&sig).unwrap();
-        raw[10] ^= 1;
-        assert_eq!(
-            req.verify(&key.public(), &base64_encode(&raw), now),
-            Err(AuthError::BadSignature)
-        );
-    }
 
     #[test]
     fn keys_and_tokens_round_trip_and_never_print_secrets() {

@@ -86,6 +86,8 @@ pub enum ErrorCode {
     NotLeader,
     /// The request's signature, timestamp or join token is not valid.
     Unauthorized,
+    /// The request is signed by a known identity that may not do this.
+    Forbidden,
     /// The request is signed as a node the servers hold no key for.
     UnknownNode,
     /// The node's key was revoked; it may join again only with a new key.
@@ -112,6 +114,7 @@ impl ErrorCode {
         Self::Timeout,
         Self::NotLeader,
         Self::Unauthorized,
+        Self::Forbidden,
         Self::UnknownNode,
         Self::KeyRevoked,
         Self::InvalidManifest,
@@ -134,6 +137,7 @@ impl ErrorCode {
             Self::Timeout => ("timeout", 503),
             Self::NotLeader => ("not_leader", 503),
             Self::Unauthorized => ("unauthorized", 401),
+            Self::Forbidden => ("forbidden", 403),
             Self::UnknownNode => ("unknown_node", 401),
             Self::KeyRevoked => ("key_revoked", 401),
             Self::InvalidManifest => ("invalid_manifest", 400),

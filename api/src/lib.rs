@@ -8,10 +8,13 @@
 //! | [`units`] | quantity and time newtypes (`MilliCpu`, `MemoryMib`, `DiskMib`, `Timestamp`) |
 //! | [`spec`] | the job specification users submit, and its validation |
 //! | [`job`] | the job views the control API answers with |
+//! | [`access`] | identities, circle roles and API keys as the control API shows them |
 //! | [`allocation`] | an instance of a task group bound to a node |
 //! | [`evaluation`] | a request to the planner to reconcile one job |
 //! | [`node`] | node registration and the node view |
-//! | [`auth`] | node keys, signed requests and join tokens |
+//! | [`auth`] | node keys and join tokens |
+//! | [`identity`] | people's identities: ed25519 or hybrid ed25519 + ML-DSA-65 keys, tagged in every encoding |
+//! | [`signature`] | the one request-signature scheme (RFC 9421 style) for people and nodes |
 //! | [`cluster`] | control-plane membership and Raft status |
 //! | [`model`] | registered models as listed, and the dispersed store a server offers |
 //! | [`manifest`] | a model's signed manifest and shard locations: canonical encoding, digest, signature check |
@@ -27,12 +30,14 @@
 #[macro_use]
 mod macros;
 
+pub mod access;
 pub mod allocation;
 pub mod auth;
 pub mod cluster;
 pub mod digest;
 pub mod error;
 pub mod evaluation;
+pub mod identity;
 pub mod ids;
 pub mod index;
 pub mod job;
@@ -41,16 +46,20 @@ pub mod model;
 pub mod node;
 pub mod openai;
 pub mod placement;
+pub mod signature;
 pub mod spec;
 pub mod units;
 
+pub use access::{
+    AddIdentity, ApiKey, ApiKeyInfo, CircleInfo, CircleMember, CircleRole, CreateApiKey,
+    CreatedApiKey, IdentityInfo, Role, SetMember, WhoAmI,
+};
 pub use allocation::{
     AllocState, Allocation, AllocationLogs, AllocationReport, Assignment, DesiredState,
     LimitsEnforcement, LogTail, NodeAssignments,
 };
 pub use auth::{
     AuthError, CreateJoinToken, CreatedJoinToken, JoinToken, JoinTokenInfo, NodeKey, NodePublicKey,
-    RequestToSign,
 };
 pub use cluster::{
     ClusterStatus, Health, JoinRequest, LeaveRequest, Member, MemberRole, Readiness,
@@ -58,6 +67,7 @@ pub use cluster::{
 pub use digest::{ChunkDigest, ModelDigest};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationError};
 pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
+pub use identity::{IdentityId, IdentityKey, KeyAlgorithm, KeyFile, PublicKey};
 pub use ids::{AllocId, EvalId, JobId, NodeId};
 pub use index::{ApiArea, ApiIndex};
 pub use job::{DeleteJobResponse, Job, JobStatus, JobSummary, SubmitJobResponse, Unplaced};
@@ -68,6 +78,7 @@ pub use node::{
     NodeProtections, NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage,
     RegisterNodeResponse,
 };
+pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHeaders};
 pub use spec::{
     Affinity, Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind,
     JobSpec, ModelServerTask, Resources, RestartMode, RestartPolicy, Spread, TaskGroup, TaskSpec,

@@ -1,8 +1,10 @@
-//! The control API client used by the subcommands.
+//! The control API client used by the subcommands. Every request is signed with the
+//! caller's identity ([`crate::keys`]) when it has one.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use aigrid_api::ErrorBody;
+use aigrid_api::{ErrorBody, IdentityKey};
 use anyhow::{anyhow, bail, Context};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -13,11 +15,13 @@ use serde::Serialize;
 pub struct Client {
     servers: Vec<String>,
     http: reqwest::Client,
+    key: Option<Arc<IdentityKey>>,
 }
 
 impl Client {
-    /// A client for a comma-separated list of base URLs.
-    pub fn new(servers: &str) -> anyhow::Result<Self> {
+    /// A client for a comma-separated list of base URLs, signing with `key` (requests
+    /// go unsigned without one).
+    pub fn new(servers: &str, key: Option<Arc<IdentityKey>>) -> anyhow::Result<Self> {
         let servers: Vec<String> = servers
             .split(',')
             .map(|s| s.trim().trim_end_matches('/').to_owned())
@@ -36,7 +40,7 @@ impl Client {
             .timeout(Duration::from_secs(30))
             .build()
             .context("building the HTTP client")?;
-        Ok(Client { servers, http })
+        Ok(Client { servers, http, key })
     }
 
     /// The server URLs, in order.
@@ -60,10 +64,23 @@ impl Client {
         body: Option<&B>,
     ) -> anyhow::Result<T> {
         let mut last_error = None;
+        let body = match body {
+            Some(b) => Some(serde_json::to_vec(b).context("encoding the request")?),
+            None => None,
+        };
         for server in &self.servers {
             let mut req = self.http.request(method.clone(), format!("{server}{path}"));
-            if let Some(body) = body {
-                req = req.json(body);
+            if let Some(key) = &self.key {
+                let signed =
+                    crate::keys::sign(key, method.as_str(), path, body.as_deref().unwrap_or(&[]));
+                for (name, value) in signed.pairs() {
+                    req = req.header(name, value);
+                }
+            }
+            if let Some(body) = &body {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone());
             }
             let resp = match req.send().await {
                 Ok(resp) => resp,
@@ -82,10 +99,16 @@ impl Client {
                 return serde_json::from_slice(&bytes)
                     .with_context(|| format!("unexpected response from {server}{path}"));
             }
-            let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            let mut message = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(body) => format!("{} ({})", body.error.message, body.error.code),
                 Err(_) => format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()),
             };
+            if status == StatusCode::UNAUTHORIZED && self.key.is_none() {
+                message.push_str(
+                    "; this client has no identity: make one with `aigrid key new` and ask an \
+                     admin to add it (`aigrid identity add`), or pass --key FILE",
+                );
+            }
             // A server without quorum may be the one cut off: try the others.
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 last_error = Some(anyhow!("{server}: {message}"));

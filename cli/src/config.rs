@@ -39,9 +39,20 @@ pub struct ServerArgs {
     /// Initial voters of a new cluster: `1=host:port,2=host:port,3=host:port`.
     #[arg(long)]
     peers: Option<String>,
-    /// URL of a server of an existing cluster to join (instead of --peers).
+    /// URL of a server of an existing cluster to join (instead of --peers); the join
+    /// is signed with the operator's identity (--identity), which must be an admin's.
     #[arg(long)]
     join: Option<String>,
+    /// An admin of a new cluster: `PUBLIC_KEY` or `NAME=PUBLIC_KEY` (`aigrid key
+    /// show` prints one); repeatable or comma-separated. Used only while the cluster
+    /// has no admin; later, `aigrid identity` manages them.
+    #[arg(
+        long = "admin",
+        value_name = "[NAME=]PUBLIC_KEY",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    admin: Vec<String>,
     /// Directory for the Raft log and snapshots.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -205,6 +216,23 @@ pub fn parse_peers(text: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
+/// `--admin` values: `PUBLIC_KEY` or `NAME=PUBLIC_KEY`.
+fn parse_admins(values: &[String]) -> anyhow::Result<Vec<(String, aigrid_api::PublicKey)>> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let (name, key) = match v.split_once('=') {
+                // A base64url key has no `=`; a name is before the first one.
+                Some((name, key)) if !name.contains(':') => (name.to_owned(), key),
+                _ => (format!("admin-{}", i + 1), v.as_str()),
+            };
+            let key = key.parse().map_err(|e| anyhow!("--admin `{v}`: {e}"))?;
+            Ok((name, key))
+        })
+        .collect()
+}
+
 impl ServerArgs {
     /// The flags over this process's variables over the file over the defaults, with
     /// what the server's repair loop needs besides the scheduler's configuration.
@@ -235,6 +263,7 @@ impl ServerArgs {
         config.advertise = args.advertise;
         config.peers = peers;
         config.joining = join.is_some();
+        config.access.admins = parse_admins(&args.admin)?;
         if let Some(ms) = args.tick_ms {
             config.tick = Duration::from_millis(ms);
         }
@@ -320,6 +349,7 @@ mod tests {
             "ADVERTISE",
             "PEERS",
             "JOIN",
+            "ADMINS",
             "DATA_DIR",
             "TICK_MS",
             "ELECTION_TICKS",

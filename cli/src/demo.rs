@@ -4,6 +4,9 @@
 //! model, and run by a `model-server` job. It answers in gibberish: it shows the path
 //! a real model takes, not what one says.
 
+use std::sync::Arc;
+
+use aigrid_api::IdentityKey;
 use std::path::{Path, PathBuf};
 
 use aigrid_api::{JobSpec, JobSummary, SubmitJobResponse};
@@ -45,8 +48,8 @@ pub fn job_spec(digest: &str) -> anyhow::Result<JobSpec> {
 /// Writes (once), pushes and deploys the demo model through the control API at
 /// `base`; `dir` is `<data-dir>/demo-model`. A failure is logged on one line and
 /// leaves `aigrid up` running.
-pub async fn deploy(base: String, dir: PathBuf, store: StoreArgs) {
-    match try_deploy(&base, &dir, store).await {
+pub async fn deploy(base: String, key: Arc<IdentityKey>, dir: PathBuf, store: StoreArgs) {
+    match try_deploy(&base, key, &dir, store).await {
         Ok(Deployed::Submitted(digest)) => {
             tracing::info!(model = NAME, %digest, "demo model pushed and its job submitted")
         }
@@ -119,9 +122,14 @@ enum Deployed {
     JobExists(String),
 }
 
-async fn try_deploy(base: &str, dir: &Path, store: StoreArgs) -> anyhow::Result<Deployed> {
+async fn try_deploy(
+    base: &str,
+    key: Arc<IdentityKey>,
+    dir: &Path,
+    store: StoreArgs,
+) -> anyhow::Result<Deployed> {
     let model_dir = write_once(dir).await?;
-    let client = Client::new(base)?;
+    let client = Client::new(base, Some(key))?;
     let args = PushArgs {
         dir: model_dir,
         name: NAME.to_owned(),

@@ -24,12 +24,12 @@ use serde::Serialize;
 
 /// What a role's `--help` says of its variables and file.
 pub(crate) const HELP: &str = "Every flag has an AIGRID_* environment variable named after it \
-(--data-dir: AIGRID_DATA_DIR; --attr: AIGRID_ATTRS, a comma-separated list) and a key in the \
+(--data-dir: AIGRID_DATA_DIR; --attr: AIGRID_ATTRS and --admin: AIGRID_ADMINS, comma-separated lists) and a key in the \
 --config TOML file (data_dir, attr = [...]); unknown keys in the file are an error. \
 Flags win over variables, variables over the file, the file over the defaults.";
 
 /// Flags whose variable is not the flag's name upper-cased.
-const RENAMED: &[(&str, &str)] = &[("attr", "AIGRID_ATTRS")];
+const RENAMED: &[(&str, &str)] = &[("attr", "AIGRID_ATTRS"), ("admin", "AIGRID_ADMINS")];
 
 /// Flags that are not settings: the file's own path (read by clap, with
 /// `AIGRID_CONFIG`) and clap's own.

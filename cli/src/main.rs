@@ -9,9 +9,11 @@
 //! - [`output`]: what people read: lines, tables, `--json`, times and byte counts;
 //!   plain when not on a terminal.
 //! - [`shutdown`]: the signal that stops a long-running role.
-//! - [`client`]: the HTTP client, failing over between servers, with one-line errors.
-//! - [`commands`]: the client subcommands `job`, `alloc`, `node`, `cluster`, one
-//!   module per noun.
+//! - [`client`]: the HTTP client, failing over between servers, signing every
+//!   request with the caller's identity, with one-line errors.
+//! - [`keys`]: identity key files: made (mode 0600), read, and signing with them.
+//! - [`commands`]: the client subcommands `job`, `alloc`, `node`, `cluster`, `key`,
+//!   `whoami`, `identity`, `circle`, `apikey`, one module per noun.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
 //! - [`placement`]: waiting for a submitted job's placement and saying where it went.
 //! - [`logs`]: allocations' output: by id prefix, by job, followed.
@@ -26,6 +28,7 @@ mod commands;
 mod config;
 mod demo;
 mod files;
+mod keys;
 mod layers;
 mod logs;
 mod model;
@@ -53,6 +56,11 @@ struct Cli {
         default_value = "http://127.0.0.1:7700"
     )]
     server: String,
+
+    /// The identity file requests are signed with (`aigrid key new` makes one); the
+    /// default is your config dir's `aigrid/identity.json`.
+    #[arg(long, global = true, env = "AIGRID_IDENTITY", value_name = "FILE")]
+    identity: Option<std::path::PathBuf>,
 
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true, env = "AIGRID_JSON")]
@@ -98,6 +106,20 @@ enum Command {
     /// Inspect and change the control plane's membership.
     #[command(subcommand)]
     Cluster(commands::ClusterCommand),
+    /// Make or show this user's identity (a key pair, kept on this machine).
+    #[command(subcommand)]
+    Key(commands::KeyCommand),
+    /// Show who the servers take this identity for: its roles.
+    Whoami,
+    /// Manage the identities the cluster knows (admins only).
+    #[command(subcommand)]
+    Identity(commands::IdentityCommand),
+    /// Show circles and manage their members' roles.
+    #[command(subcommand)]
+    Circle(commands::CircleCommand),
+    /// Create, list and revoke a circle's API keys for `/v1`.
+    #[command(subcommand)]
+    Apikey(commands::ApiKeyCommand),
     /// Supervise one allocation's workload (started by the agent, detached).
     #[command(hide = true)]
     Supervise { alloc_dir: std::path::PathBuf },
@@ -138,15 +160,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let identity = cli.identity.clone();
+    let server = cli.server.clone();
+    let client = move || -> anyhow::Result<Client> {
+        Client::new(&server, keys::client_key(identity.as_deref())?)
+    };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => {
                 init_logging();
-                server::run_up(args).await
+                server::run_up(args, cli.identity.as_deref()).await
             }
             Command::Server(args) => {
                 init_logging();
-                server::run_server(*args).await
+                server::run_server(*args, cli.identity.as_deref()).await
             }
             Command::Agent(args) => {
                 init_logging();
@@ -156,13 +183,16 @@ fn main() -> ExitCode {
                 init_logging();
                 serve::run_serve(&cli.server, *args).await
             }
-            Command::Alloc(cmd) => commands::alloc(&Client::new(&cli.server)?, cmd, cli.json).await,
-            Command::Job(cmd) => commands::job(&Client::new(&cli.server)?, cmd, cli.json).await,
-            Command::Node(cmd) => commands::node(&Client::new(&cli.server)?, cmd, cli.json).await,
-            Command::Model(cmd) => model::model(&Client::new(&cli.server)?, cmd, cli.json).await,
-            Command::Cluster(cmd) => {
-                commands::cluster(&Client::new(&cli.server)?, cmd, cli.json).await
-            }
+            Command::Alloc(cmd) => commands::alloc(&client()?, cmd, cli.json).await,
+            Command::Job(cmd) => commands::job(&client()?, cmd, cli.json).await,
+            Command::Node(cmd) => commands::node(&client()?, cmd, cli.json).await,
+            Command::Model(cmd) => model::model(&client()?, cmd, cli.json).await,
+            Command::Cluster(cmd) => commands::cluster(&client()?, cmd, cli.json).await,
+            Command::Key(cmd) => commands::key(cli.identity.as_deref(), cmd, cli.json),
+            Command::Whoami => commands::whoami(&client()?, cli.json).await,
+            Command::Identity(cmd) => commands::identity(&client()?, cmd, cli.json).await,
+            Command::Circle(cmd) => commands::circle(&client()?, cmd, cli.json).await,
+            Command::Apikey(cmd) => commands::apikey(&client()?, cmd, cli.json).await,
             Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
         }
     });
@@ -173,5 +203,17 @@ fn main() -> ExitCode {
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments agree with the global ones (a subcommand's own
+    /// `--identity` or `--server` would shadow them and fail at run time).
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

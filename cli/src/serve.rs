@@ -165,7 +165,8 @@ fn dir_source(path: &Path) -> anyhow::Result<(ModelSource, String)> {
 async fn store_source(servers: &str, args: &ServeArgs) -> anyhow::Result<(ModelSource, String)> {
     let cache_bytes = args.cache_bytes()?;
     let key = model::read_model_key(args.key.as_deref())?;
-    let client = Client::new(servers)?;
+    // Model reads are open: a model server holds no identity.
+    let client = Client::new(servers, None)?;
     let digest = model::resolve(&client, &args.model).await?;
     // Checked to verify and to be the digest asked for, as `pull` does.
     let detail = model::detail(&client, &digest).await?;

@@ -4,9 +4,10 @@
 //! model, all stopped together on Ctrl-C or SIGTERM).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use aigrid_api::StorageInfo;
+use aigrid_api::{IdentityKey, StorageInfo};
 use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_store::backend::BackendConfig;
 use anyhow::{anyhow, Context};
@@ -19,9 +20,10 @@ use crate::files::{local_store, read_store_file};
 use crate::output::{count, say};
 use crate::shutdown::shutdown_signal;
 
-/// Asks an existing cluster to add this server, retrying until it is a member.
-async fn join_cluster(url: String, id: u64, addr: String) {
-    let client = match crate::client::Client::new(&url) {
+/// Asks an existing cluster to add this server, retrying until it is a member. The
+/// request is signed with `key`, which must be an admin's.
+async fn join_cluster(url: String, key: Arc<IdentityKey>, id: u64, addr: String) {
+    let client = match crate::client::Client::new(&url, Some(key)) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot join");
@@ -46,6 +48,13 @@ async fn join_cluster(url: String, id: u64, addr: String) {
                 tracing::info!("already a member of the cluster");
                 return;
             }
+            Err(e)
+                if e.to_string().contains("(forbidden)")
+                    || e.to_string().contains("(unauthorized)") =>
+            {
+                tracing::error!(error = %e, "cannot join: the join must be signed by an admin's identity (--identity FILE)");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "join failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -54,14 +63,44 @@ async fn join_cluster(url: String, id: u64, addr: String) {
     }
 }
 
+/// This server's own identity, made in its data dir on first start: what its own
+/// loops (repairs, `up`'s agent token and demo) sign with. Only this server accepts
+/// it, as itself.
+fn server_identity(data_dir: &Path, id: u64) -> anyhow::Result<Arc<IdentityKey>> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let (_, key) = crate::keys::ensure_key(
+        &data_dir.join(SERVER_IDENTITY_FILE),
+        &format!("server-{id}"),
+    )?;
+    Ok(Arc::new(key))
+}
+
+/// Where a server keeps its own identity, in its data dir.
+const SERVER_IDENTITY_FILE: &str = "server-identity.json";
+
 /// `aigrid server`.
-pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+pub async fn run_server(args: ServerArgs, identity: Option<&Path>) -> anyhow::Result<()> {
     let ResolvedServer {
-        config,
+        mut config,
         join,
         repair_interval,
         backends,
     } = args.resolve()?;
+    let own = server_identity(&config.data_dir, config.id)?;
+    config.access.server_key = Some(own.public());
+    if config.access.admins.is_empty() && !config.joining {
+        tracing::warn!(
+            "no --admin given: a new cluster has no admin until a server started with --admin leads"
+        );
+    }
+    // Joining is an admin's act: sign it with the operator's identity.
+    let join_key = match &join {
+        Some(_) => Some(crate::keys::client_key(identity)?.ok_or_else(|| {
+            anyhow!("--join must be signed by an admin: make or pass an identity (--identity FILE)")
+        })?),
+        None => None,
+    };
     let id = config.id;
     let data_dir = config.data_dir.clone();
     let advertise = config.advertise.clone();
@@ -73,13 +112,14 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         &storage,
         &backends,
         format!("http://{}", server.addr),
+        own,
         Some(id),
         repair_interval,
         repairs_stopped,
     )?;
-    if let Some(url) = join {
+    if let (Some(url), Some(key)) = (join, join_key) {
         let addr = advertise.unwrap_or_else(|| server.addr.to_string());
-        tokio::spawn(join_cluster(url, id, addr));
+        tokio::spawn(join_cluster(url, key, id, addr));
     }
     server.run_until(shutdown_signal()).await;
     tracing::info!("server stopped");
@@ -98,6 +138,7 @@ fn spawn_repairs(
     storage: &StorageInfo,
     backends: &[BackendConfig],
     base: String,
+    key: Arc<IdentityKey>,
     leader_only: Option<u64>,
     interval: Duration,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -108,6 +149,7 @@ fn spawn_repairs(
     let store = std::sync::Arc::new(crate::model::store_from(backends)?);
     tokio::spawn(crate::model::repair_loop(
         base,
+        key,
         store,
         leader_only,
         interval,
@@ -119,8 +161,8 @@ fn spawn_repairs(
 /// Waits until the server at `base` answers a linearizable read: a restarted server
 /// replays its log first, and until then it does not know the nodes it registered,
 /// so an agent heard before that would be refused as a stranger.
-async fn caught_up(base: &str, limit: Duration) -> anyhow::Result<()> {
-    let client = crate::client::Client::new(base)?;
+async fn caught_up(base: &str, key: Arc<IdentityKey>, limit: Duration) -> anyhow::Result<()> {
+    let client = crate::client::Client::new(base, Some(key))?;
     let deadline = std::time::Instant::now() + limit;
     loop {
         let read: anyhow::Result<serde::de::IgnoredAny> = client
@@ -157,7 +199,7 @@ fn up_sandbox(data_dir: &Path, backends: &[BackendConfig]) -> SandboxConfig {
 /// `aigrid up`: one server of a one-server cluster and this machine's agent,
 /// kept running until Ctrl-C or SIGTERM, which stop its workloads and model
 /// servers with it.
-pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
+pub async fn run_up(args: UpArgs, identity: Option<&Path>) -> anyhow::Result<()> {
     let up = args.resolve()?;
     // Heard from the first moment: a signal during the start still stops, in order,
     // whatever has started by then.
@@ -181,6 +223,15 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let sandbox = up_sandbox(&data_dir, &backends);
     let mut config = ServerConfig::new(1, up.listen, data_dir.join("server"));
     config.storage = storage.clone();
+    // The local user is the admin of the cluster `up` makes: their identity is made
+    // on first run, and every `aigrid` command signs with it.
+    let admin_path = crate::keys::key_path(identity)?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "admin".into());
+    let (admin, _) = crate::keys::ensure_key(&admin_path, &user)?;
+    tracing::info!(identity = %admin.id, file = %admin_path.display(), "local admin identity");
+    config.access.admins = vec![(admin.name.clone(), admin.public_key.clone())];
+    let own = server_identity(&config.data_dir, 1)?;
+    config.access.server_key = Some(own.public());
     let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
     let base = format!("http://{}", server.addr);
     let (stop_repairs, repairs_stopped) = tokio::sync::watch::channel(false);
@@ -188,11 +239,12 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         &storage,
         &backends,
         base.clone(),
+        own.clone(),
         None,
         up.repair_interval,
         repairs_stopped,
     )?;
-    caught_up(&base, Duration::from_secs(30)).await?;
+    caught_up(&base, own.clone(), Duration::from_secs(30)).await?;
     let agent_dir = data_dir.join("agent");
     let join_token = if agent_dir
         .join(aigrid_agent::identity::IDENTITY_FILE)
@@ -206,10 +258,11 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
             max_uses: Some(1),
             description: Some("aigrid up: this machine's agent".into()),
         };
-        let created: aigrid_api::CreatedJoinToken = crate::client::Client::new(&base)?
-            .call(reqwest::Method::POST, "/api/v1/join-tokens", Some(&request))
-            .await
-            .context("creating the embedded agent's join token")?;
+        let created: aigrid_api::CreatedJoinToken =
+            crate::client::Client::new(&base, Some(own.clone()))?
+                .call(reqwest::Method::POST, "/api/v1/join-tokens", Some(&request))
+                .await
+                .context("creating the embedded agent's join token")?;
         Some(created.token.parse().map_err(|e| anyhow!("{e}"))?)
     };
     let registry = prometheus::Registry::new();
@@ -241,6 +294,7 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         };
         tokio::spawn(crate::demo::deploy(
             base.clone(),
+            own.clone(),
             data_dir.join("demo-model"),
             store,
         ));

@@ -239,7 +239,7 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
             hb(json!({"gpus": [{"uuid": "GPU-n1-0", "healthy": false}]})),
             401,
             "unauthorized",
-            "x-aigrid-node",
+            "not signed",
         )),
         unsigned(node_case(
             "unsigned poll for assignments",
@@ -248,7 +248,7 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
             vec![],
             401,
             "unauthorized",
-            "x-aigrid-node",
+            "not signed",
         )),
         Case {
             bearer: false,

@@ -13,7 +13,7 @@ async fn up_then_job_lifecycle_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_ports(1)[0];
     let listen = format!("127.0.0.1:{port}");
-    let mut up = Command::new(aigrid_bin())
+    let mut up = aigrid_cmd()
         .args(["up", "--no-demo-model", "--listen", &listen, "--data-dir"])
         .arg(dir.path())
         .stdout(Stdio::piped())

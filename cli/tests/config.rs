@@ -21,7 +21,7 @@ const ROLE_VARS: &[&str] = &[
 
 /// `aigrid ARGS` with only the role variables in `vars`.
 fn command(args: &[&str], vars: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(aigrid_bin());
+    let mut cmd = aigrid_cmd();
     cmd.args(args);
     for var in ROLE_VARS {
         cmd.env_remove(var);

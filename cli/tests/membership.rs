@@ -98,7 +98,7 @@ async fn join_by_snapshot_then_leave_while_writing() {
     let before_leave = acked.lock().unwrap().len();
     wait_acked(&acked, before_leave + 30, "in the 4-server cluster").await;
     targets.lock().unwrap().retain(|u| *u != urls[1]);
-    let out = std::process::Command::new(aigrid_bin())
+    let out = aigrid_cmd()
         .args(["cluster", "leave", "2", "--server", &urls[0]])
         .output()
         .unwrap();

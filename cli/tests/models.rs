@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -21,7 +21,7 @@ async fn a_model_pushed_through_up_lists_pulls_survives_a_lost_site_and_is_remov
     let port = free_ports(1)[0];
     let listen = format!("127.0.0.1:{port}");
     let data = dir.path().join("data");
-    let mut up = Command::new(aigrid_bin())
+    let mut up = aigrid_cmd()
         .args(["up", "--no-demo-model", "--listen", &listen, "--data-dir"])
         .arg(&data)
         .stdout(Stdio::piped())

@@ -379,6 +379,7 @@ async fn simulated_nodes_take_gpu_work_through_the_cli() {
     // An empty body drains one at a time.
     let resp = client
         .post(format!("{url}/api/v1/nodes/gpu-b/drain"))
+        .signed()
         .send()
         .await
         .unwrap();
@@ -388,6 +389,7 @@ async fn simulated_nodes_take_gpu_work_through_the_cli() {
     assert_eq!(node["drain"]["max_parallel"], 1);
     let resp = client
         .delete(format!("{url}/api/v1/nodes/gpu-b/drain"))
+        .signed()
         .send()
         .await
         .unwrap();

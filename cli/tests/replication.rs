@@ -51,6 +51,7 @@ async fn submit_until_acked(
         let resp = client
             .post(format!("{url}/api/v1/jobs"))
             .json(&body)
+            .signed()
             .send()
             .await;
         if let Ok(resp) = resp {

@@ -182,7 +182,7 @@ impl UpProc {
         let port = port.unwrap_or_else(|| free_ports(1)[0]);
         let listen = format!("127.0.0.1:{port}");
         let log = root.join("up.log");
-        let mut child = Command::new(aigrid_bin())
+        let mut child = aigrid_cmd()
             .args(["up", "--listen", &listen, "--data-dir"])
             .arg(root.join("data"))
             .args(extra)

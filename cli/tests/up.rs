@@ -177,7 +177,7 @@ fn up_places_reports_logs_and_takes_its_workloads_down_on_sigterm() {
     let out = aigrid(&["alloc", "logs", &talker_alloc[..8], "--server", &server]);
     assert!(assert_success(&out).contains("tick 0"), "{}", stderr(&out));
     // Followed: later output arrives without asking again.
-    let mut follow = Command::new(aigrid_bin())
+    let mut follow = aigrid_cmd()
         .args(["job", "logs", "talker", "-f", "--server", &server])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aigrid_api::auth::{NODE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use aigrid_api::{ErrorBody, ErrorCode, JoinToken, RequestToSign, Timestamp};
+use aigrid_api::signature::sign_request;
+use aigrid_api::{ErrorBody, ErrorCode, JoinToken, NodeSigner, Timestamp};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -150,21 +150,24 @@ impl ControlClient {
             let i = (first + step) % n;
             let server = &self.servers[i];
             let url = format!("{server}{path_and_query}");
-            let timestamp = now();
-            let signature = self.identity.key.sign(&RequestToSign {
-                method: method.as_str(),
-                path_and_query,
+            let signer = NodeSigner {
                 node: &self.identity.node_id,
-                timestamp,
-                body: &body,
-            });
-            let mut req = self
-                .http
-                .request(method.clone(), &url)
-                .timeout(timeout)
-                .header(NODE_HEADER, self.identity.node_id.as_str())
-                .header(TIMESTAMP_HEADER, timestamp.as_millis().to_string())
-                .header(SIGNATURE_HEADER, signature);
+                key: &self.identity.key,
+            };
+            let mut nonce = [0u8; 16];
+            rand::fill(&mut nonce[..]);
+            let signed = sign_request(
+                &signer,
+                method.as_str(),
+                path_and_query,
+                &body,
+                now().as_millis() / 1000,
+                nonce,
+            );
+            let mut req = self.http.request(method.clone(), &url).timeout(timeout);
+            for (name, value) in signed.pairs() {
+                req = req.header(name, value);
+            }
             if !body.is_empty() {
                 req = req
                     .header(reqwest::header::CONTENT_TYPE, "application/json")

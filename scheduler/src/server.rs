@@ -61,6 +61,8 @@ pub struct ServerConfig {
     pub storage: StorageInfo,
     /// The `/v1` inference gateway's limits and probing.
     pub gateway: GatewayConfig,
+    /// The admins of a new cluster and this server's own identity.
+    pub access: http::ServerAccess,
 }
 
 impl ServerConfig {
@@ -86,6 +88,7 @@ impl ServerConfig {
             node_ttl: crate::worker::WorkerConfig::default().node_ttl,
             storage: StorageInfo::default(),
             gateway: GatewayConfig::default(),
+            access: http::ServerAccess::default(),
         }
     }
 
@@ -243,11 +246,10 @@ impl Server {
             config.limits.max_long_polls,
             watch,
         )?);
-        let gateway = Arc::new(Gateway::new(
-            raft.clone(),
-            &registry,
-            config.gateway.clone(),
-        )?);
+        // Beyond loopback, `/v1` takes circles' API keys only.
+        let mut gateway_config = config.gateway.clone();
+        gateway_config.require_api_key |= !config.listen.ip().is_loopback();
+        let gateway = Arc::new(Gateway::new(raft.clone(), &registry, gateway_config)?);
         let app = http::router(
             raft.clone(),
             registry,
@@ -256,9 +258,16 @@ impl Server {
             config.storage.clone(),
             gateway.clone(),
             clock.clone(),
+            config.access.clone(),
         )?;
         let (shutdown, mut rx) = tokio::sync::watch::channel(false);
         tokio::spawn(gateway.clone().run(shutdown.subscribe()));
+        tokio::spawn(bootstrap_admins(
+            raft.clone(),
+            config.access.admins.clone(),
+            clock.clone(),
+            shutdown.subscribe(),
+        ));
         // Plain heartbeats reach the log a few times per TTL, so a node's
         // `last_seen` lags its last heartbeat by a small part of the TTL.
         let flush_every = config
@@ -311,5 +320,38 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
         let raft = self.raft.clone();
         let _ = tokio::task::spawn_blocking(move || raft.shutdown()).await;
+    }
+}
+
+/// While the cluster has no admin, the leader among servers started with `--admin`
+/// proposes them (an idempotent command: the first one committed wins, later ones
+/// change nothing). Stops once the cluster has an admin.
+async fn bootstrap_admins(
+    raft: RaftNode<ClusterState>,
+    admins: Vec<(String, aigrid_api::PublicKey)>,
+    clock: SharedClock,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if admins.is_empty() {
+        return;
+    }
+    loop {
+        if raft.read_local(|s| s.has_admin()) {
+            return;
+        }
+        let status = raft.status();
+        if status.leader == Some(status.id) {
+            let command = crate::state::Command::BootstrapAdmins {
+                admins: admins.clone(),
+                at: clock.now(),
+            };
+            if let Err(e) = raft.propose(&command).await {
+                tracing::debug!(error = %e, "proposing the bootstrap admins");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }

@@ -73,3 +73,64 @@ pub fn placed(stripes: usize, shift: usize) -> Locations {
             .collect(),
     }
 }
+
+/// The identity tests act as: the admin of the clusters they start.
+pub fn admin_key() -> aigrid_api::IdentityKey {
+    aigrid_api::IdentityKey::from_seed(aigrid_api::KeyAlgorithm::Ed25519, [42; 32])
+}
+
+/// What a test server is started with: [`admin_key`] as the admin of its new cluster.
+pub fn admin_access() -> crate::http::ServerAccess {
+    crate::http::ServerAccess {
+        admins: vec![("tests".to_owned(), admin_key().public())],
+        server_key: None,
+    }
+}
+
+/// Signs requests built with reqwest, as the CLI and agents do.
+pub trait Sign {
+    /// Signed by [`admin_key`].
+    fn signed(self) -> reqwest::RequestBuilder;
+    /// Signed by `key`.
+    fn signed_by(self, key: &dyn aigrid_api::RequestSigner) -> reqwest::RequestBuilder;
+}
+
+impl Sign for reqwest::RequestBuilder {
+    fn signed(self) -> reqwest::RequestBuilder {
+        self.signed_by(&admin_key())
+    }
+
+    fn signed_by(self, key: &dyn aigrid_api::RequestSigner) -> reqwest::RequestBuilder {
+        let (client, request) = self.build_split();
+        let mut request = request.expect("the request builds");
+        let body = request
+            .body()
+            .and_then(|b| b.as_bytes())
+            .unwrap_or_default()
+            .to_vec();
+        let url = request.url();
+        let target = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut nonce = [0u8; 16];
+        rand::fill(&mut nonce[..]);
+        let signed = aigrid_api::signature::sign_request(
+            key,
+            request.method().as_str(),
+            &target,
+            &body,
+            created,
+            nonce,
+        );
+        for (name, value) in signed.pairs() {
+            if let Ok(value) = value.parse() {
+                request.headers_mut().insert(name, value);
+            }
+        }
+        reqwest::RequestBuilder::from_parts(client, request)
+    }
+}

@@ -12,6 +12,7 @@ use aigrid_scheduler::clock::{Clock, SystemClock};
 use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_scheduler::state::Command;
 use aigrid_scheduler::testkit::model_registration;
+use aigrid_scheduler::testkit::Sign;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -154,6 +155,7 @@ async fn deploy(
     let resp = client
         .post(format!("{base}/api/v1/models"))
         .json(&model)
+        .signed()
         .send()
         .await
         .unwrap();
@@ -234,6 +236,7 @@ async fn metric(client: &Client, base: &str, line_start: &str) -> Option<f64> {
 async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
+    config.access = aigrid_scheduler::testkit::admin_access();
     // Probes happen when the test says (`probe_now`), so what is ready is never a race.
     config.gateway.probe_interval = Duration::from_secs(3600);
     config.gateway.max_body_bytes = 64 * 1024;
@@ -579,6 +582,7 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
 async fn the_background_probe_finds_a_replica_that_became_ready() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
+    config.access = aigrid_scheduler::testkit::admin_access();
     config.gateway.probe_interval = Duration::from_millis(50);
     let server = start_leader(config).await;
     let base = format!("http://{}", server.addr);

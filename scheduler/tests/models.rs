@@ -9,6 +9,7 @@ use std::time::Duration;
 use aigrid_api::manifest::{Registration, SignedManifest};
 use aigrid_api::{StorageBackend, StorageInfo};
 use aigrid_scheduler::server::{Server, ServerConfig};
+use aigrid_scheduler::testkit::Sign;
 use aigrid_scheduler::testkit::{model_registration, placed, publisher, BACKENDS};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
@@ -35,6 +36,7 @@ fn storage() -> StorageInfo {
 
 async fn start(dir: &std::path::Path) -> (Server, String) {
     let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.into());
+    config.access = aigrid_scheduler::testkit::admin_access();
     config.storage = storage();
     config.limits.max_model_body_bytes = 2 << 20;
     let server = start_leader(config).await;
@@ -54,7 +56,7 @@ async fn call(
     if let Some(body) = body {
         req = req.header("content-type", "application/json").body(body);
     }
-    let resp = req.send().await.unwrap();
+    let resp = req.signed().send().await.unwrap();
     let status = resp.status();
     let bytes = resp.bytes().await.unwrap();
     let value = if bytes.is_empty() {
@@ -327,7 +329,8 @@ async fn models_are_registered_listed_relocated_and_forgotten() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_a_store_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
+    let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
+    config.access = aigrid_scheduler::testkit::admin_access();
     let server = Server::start(config).await.unwrap();
     let (status, told) = call(
         &Client::new(),
@@ -359,6 +362,7 @@ async fn a_large_manifest_replicates_to_every_server() {
     for id in 1..=3u64 {
         let i = id as usize - 1;
         let mut config = ServerConfig::new(id, addrs[i], dirs[i].path().into());
+        config.access = aigrid_scheduler::testkit::admin_access();
         config.peers = peers.clone();
         servers.push(Server::start(config).await.unwrap());
     }

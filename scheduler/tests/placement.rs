@@ -28,7 +28,8 @@ fn node(id: &str, country: &str, site: &str, model: &str, gpus: u32) -> NodeRegi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_are_placed_explained_and_placed_when_capacity_appears() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
+    let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.path().into());
+    config.access = aigrid_scheduler::testkit::admin_access();
     let server = start_leader(config).await;
     let base = format!("http://{}", server.addr);
     register(&server, node("node-a", "BE", "ghent-1", "H100", 2)).await;

@@ -230,9 +230,25 @@ impl TaskGroup {
     }
 }
 
+impl JobSpec {
+    /// The spec as reads show it: every task's `env` values are secrets, written
+    /// once and shown as [`crate::access::REDACTED`] to every reader.
+    pub fn redacted(&self) -> JobSpec {
+        let mut spec = self.clone();
+        for group in &mut spec.groups {
+            if let TaskSpec::Exec(task) = &mut group.task {
+                for value in task.env.values_mut() {
+                    *value = crate::access::REDACTED.to_owned();
+                }
+            }
+        }
+        spec
+    }
+}
+
 /// Checks a job, group or circle name: DNS-label-like so it can be used in host
 /// names, paths and file names without escaping.
-fn check_name(field: &str, value: &str) -> Result<(), ValidationError> {
+pub fn check_name(field: &str, value: &str) -> Result<(), ValidationError> {
     let fail = |message: String| Err(ValidationError::new(field, message));
     let Some(first) = value.chars().next() else {
         return fail("must not be empty".to_owned());

@@ -156,30 +156,27 @@ fn signed_node(i: usize, token: &str) -> Prepared {
     v["public_key"] = json!(key.public().to_string());
     let body = serde_json::to_vec(&v).expect("serialisable");
     let id = aigrid_api::NodeId::new(format!("node-{i:05}"));
-    let now = aigrid_api::Timestamp::from_millis(
-        u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis()),
-        )
-        .unwrap_or(0),
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut nonce = [0u8; 16];
+    rand::fill(&mut nonce[..]);
+    let signer = aigrid_api::NodeSigner { node: &id, key };
+    let signed = aigrid_api::signature::sign_request(
+        &signer,
+        "POST",
+        "/api/v1/nodes",
+        &body,
+        created,
+        nonce,
     );
-    let signature = key.sign(&aigrid_api::RequestToSign {
-        method: "POST",
-        path_and_query: "/api/v1/nodes",
-        node: &id,
-        timestamp: now,
-        body: &body,
-    });
-    Prepared {
-        body,
-        headers: vec![
-            ("x-aigrid-node", id.to_string()),
-            ("x-aigrid-timestamp", now.as_millis().to_string()),
-            ("x-aigrid-signature", signature),
-            ("authorization", format!("Bearer {token}")),
-        ],
-    }
+    let mut headers: Vec<(&'static str, String)> = signed
+        .pairs()
+        .iter()
+        .map(|(name, value)| (*name, (*value).to_owned()))
+        .collect();
+    headers.push(("authorization", format!("Bearer {token}")));
+    Prepared { body, headers }
 }
 
 fn node(i: usize) -> Value {

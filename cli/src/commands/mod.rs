@@ -6,11 +6,17 @@
 //! | `job` | `aigrid job` and `aigrid alloc`: job files read and checked, submitted, listed, shown, removed; an allocation's output |
 //! | `node` | `aigrid node`: nodes listed and shown, registered and heartbeated by hand, drained, revoked; join tokens |
 //! | `cluster` | `aigrid cluster`: membership and Raft status |
+//! | `access` | `aigrid key`, `whoami`, `identity`, `circle`, `apikey`: identities, roles and API keys |
 
+mod access;
 mod cluster;
 mod job;
 mod node;
 
+pub use access::{
+    apikey, circle, identity, key, whoami, ApiKeyCommand, CircleCommand, IdentityCommand,
+    KeyCommand,
+};
 pub use cluster::{cluster, ClusterCommand};
 pub use job::{alloc, job, AllocCommand, JobCommand};
 pub use node::{node, NodeCommand};

@@ -54,12 +54,13 @@ pub(super) async fn repair_one(
 /// that server leads, so a cluster repairs each model once.
 pub async fn repair_loop(
     base: String,
+    key: Arc<aigrid_api::IdentityKey>,
     store: Arc<Store>,
     leader_only: Option<u64>,
     interval: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let client = match Client::new(&base) {
+    let client = match Client::new(&base, Some(key)) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "repair loop cannot start");

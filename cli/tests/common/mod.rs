@@ -1,8 +1,11 @@
 //! Starts real `aigrid server` processes on loopback ports for the integration tests.
 #![allow(dead_code)]
 
+pub mod identity;
 pub mod openai;
 pub mod schema;
+
+pub use identity::Sign;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -18,15 +21,22 @@ pub fn aigrid_bin() -> &'static str {
     env!("CARGO_BIN_EXE_aigrid")
 }
 
-/// Runs the CLI to completion.
+/// The CLI, acting as the tests' admin identity.
+pub fn aigrid_cmd() -> Command {
+    let mut cmd = Command::new(aigrid_bin());
+    cmd.env("AIGRID_IDENTITY", identity::admin_identity_file());
+    cmd
+}
+
+/// Runs the CLI to completion, as the tests' admin.
 pub fn aigrid(args: &[&str]) -> Output {
-    Command::new(aigrid_bin()).args(args).output().unwrap()
+    aigrid_cmd().args(args).output().unwrap()
 }
 
 /// Runs `aigrid ARGS --server SERVER`, signing pushes with the publisher key `key`,
 /// and with the store the server announces whatever the caller's `AIGRID_STORE`.
 pub fn aigrid_as_publisher(server: &str, key: &Path, args: &[&str]) -> Output {
-    Command::new(aigrid_bin())
+    aigrid_cmd()
         .args(args)
         .args(["--server", server])
         .env("AIGRID_PUBLISHER_KEY", key)
@@ -71,7 +81,7 @@ pub fn spawn_logged(args: &[std::ffi::OsString], log: &Path) -> Child {
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(aigrid_bin())
+    aigrid_cmd()
         .args(args)
         .env("AIGRID_LOG", "info")
         .stdout(Stdio::null())
@@ -141,6 +151,8 @@ impl ServerProc {
             format!("127.0.0.1:{}", self.port).into(),
             "--data-dir".into(),
             self.data_dir.clone().into(),
+            "--admin".into(),
+            identity::admin_public().into(),
         ];
         args.extend(self.args.iter().map(Into::into));
         self.child = Some(spawn_logged(&args, &self.log));
@@ -246,7 +258,7 @@ pub fn http() -> reqwest::Client {
 }
 
 pub async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
-    let resp = client.get(url).send().await.ok()?;
+    let resp = client.get(url).signed().send().await.ok()?;
     if !resp.status().is_success() {
         return None;
     }
@@ -335,6 +347,7 @@ pub async fn post_job(
     client
         .post(format!("{url}/api/v1/jobs"))
         .json(&job(name))
+        .signed()
         .send()
         .await
 }
@@ -436,7 +449,7 @@ pub fn up_reapers(root: &Path, base: &str, marker: &str) -> [Reaper; 2] {
 /// Starts `aigrid ARGS` logging at info into a new file `log`, its stdout piped to
 /// the test, and the caller's `AIGRID_STORE` ignored.
 pub fn spawn_piped<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &Path) -> Child {
-    Command::new(aigrid_bin())
+    aigrid_cmd()
         .args(args)
         .env("AIGRID_LOG", "info")
         .env_remove("AIGRID_STORE")

@@ -19,6 +19,7 @@ use prometheus::Registry;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::GatewayError;
+use super::keys::Scope;
 use super::metrics::GatewayMetrics;
 use super::relay::{forwarded_request_headers, requested_model, stream_back};
 use super::table::{Resolution, Route, Routes};
@@ -44,6 +45,9 @@ pub struct GatewayConfig {
     /// Longest silence from a replica while a request waits for or reads its
     /// answer; a generation that streams tokens is never cut while it streams.
     pub read_timeout: Duration,
+    /// Whether a request must present a circle's API key (a server listening beyond
+    /// loopback); without, a request with no key sees every model.
+    pub require_api_key: bool,
 }
 
 impl Default for GatewayConfig {
@@ -56,6 +60,7 @@ impl Default for GatewayConfig {
             probe_concurrency: 64,
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_secs(300),
+            require_api_key: false,
         }
     }
 }
@@ -205,7 +210,15 @@ impl Gateway {
                 .into_iter()
                 .map(str::to_ascii_lowercase)
                 .collect();
-            Routes::build(applied, s.model_names(), servers, deployed)
+            let mut routes = Routes::build(applied, s.model_names(), servers, deployed);
+            for (digest, circle) in s.deployed_circles() {
+                routes
+                    .deployed_by
+                    .entry(digest.to_ascii_lowercase())
+                    .or_default()
+                    .insert(circle.map(str::to_owned));
+            }
+            routes
         });
         *self.routes.write() = Arc::new(routes);
     }
@@ -335,8 +348,18 @@ impl Gateway {
     }
 
     /// Relays one inference request, answering the replica's response or an error.
+    /// The scope of a request's API key ([`super::keys`]).
+    pub(crate) fn scope(&self, headers: &axum::http::HeaderMap) -> Result<Scope, GatewayError> {
+        super::keys::scope(headers, self.config.require_api_key, |key| {
+            let hash = key.secret_hash();
+            self.raft
+                .read_local(|s| s.api_key_circle(&key.id, &hash).map(str::to_owned))
+        })
+    }
+
     pub(crate) async fn relay(&self, route: Route, req: Request) -> Result<Response, GatewayError> {
         let permit = self.admit()?;
+        let scope = self.scope(req.headers())?;
         let headers = req.headers().clone();
         let body = Bytes::from_request(req, &()).await.map_err(|e| match e {
             BytesRejection::FailedToBufferBody(inner)
@@ -358,8 +381,11 @@ impl Gateway {
             resolved = routes.resolve(&asked);
         }
         let model = match resolved {
-            Resolution::Found(model) => model,
-            Resolution::Unknown => return Err(GatewayError::ModelNotFound(asked)),
+            // A model the key may not call is answered as one that does not exist.
+            Resolution::Found(model) if routes.visible(&scope, &model.digest) => model,
+            Resolution::Found(_) | Resolution::Unknown => {
+                return Err(GatewayError::ModelNotFound(asked))
+            }
             Resolution::Ambiguous(matches) => {
                 return Err(GatewayError::AmbiguousModel { asked, matches })
             }
@@ -400,11 +426,13 @@ impl Gateway {
     /// `GET /v1/models/{model}`: one model, by name, digest or unique digest prefix,
     /// as `GET /v1/models` lists it; a model that exists but has no ready replica is
     /// not ready (503), as a request for it would be.
-    pub(crate) fn retrieve(&self, asked: &str) -> Result<ModelCard, GatewayError> {
+    pub(crate) fn retrieve(&self, scope: &Scope, asked: &str) -> Result<ModelCard, GatewayError> {
         let routes = self.routes();
         let model = match routes.resolve(asked) {
-            Resolution::Found(model) => model,
-            Resolution::Unknown => return Err(GatewayError::ModelNotFound(asked.to_owned())),
+            Resolution::Found(model) if routes.visible(scope, &model.digest) => model,
+            Resolution::Found(_) | Resolution::Unknown => {
+                return Err(GatewayError::ModelNotFound(asked.to_owned()))
+            }
             Resolution::Ambiguous(matches) => {
                 return Err(GatewayError::AmbiguousModel {
                     asked: asked.to_owned(),
@@ -425,13 +453,14 @@ impl Gateway {
 
     /// `GET /v1/models`: the models with a ready replica, one entry per name (the
     /// model a request by that name goes to).
-    pub(crate) fn list(&self) -> ModelList {
+    pub(crate) fn list(&self, scope: &Scope) -> ModelList {
         let routes = self.routes();
         let ready = self.ready.lock();
         let mut seen = HashSet::new();
         let data = routes
             .models
             .iter()
+            .filter(|m| routes.visible(scope, &m.digest))
             .filter(|m| routes.replicas(&m.digest).iter().any(|e| ready.contains(e)))
             .filter(|m| seen.insert(m.name.clone()))
             .map(card)

@@ -66,6 +66,12 @@ pub enum GatewayError {
         /// The path.
         path: String,
     },
+    /// No API key, on a server that requires one.
+    #[error("you must provide an API key (Authorization: Bearer aigrid-key...); `aigrid apikey create --circle CIRCLE` makes one")]
+    MissingApiKey,
+    /// An API key that is malformed, unknown or revoked.
+    #[error("the API key is not valid: unknown, revoked or malformed")]
+    InvalidApiKey,
     /// The route exists, not with this method.
     #[error("{method} is not allowed on {path}")]
     MethodNotAllowed {
@@ -125,6 +131,9 @@ impl GatewayError {
             Self::UnknownRoute { .. } => (StatusCode::NOT_FOUND, "unknown_url", None),
             Self::MethodNotAllowed { .. } => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
+            }
+            Self::MissingApiKey | Self::InvalidApiKey => {
+                (StatusCode::UNAUTHORIZED, "invalid_api_key", None)
             }
         }
     }

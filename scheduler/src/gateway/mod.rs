@@ -20,6 +20,7 @@
 //! |---|---|
 //! | [`balancer`] | the [`Gateway`]: its routing table kept current, replicas probed, a replica picked per request and the request relayed |
 //! | [`table`] | the routing table: which models exist, by name, digest or prefix, and their replicas' endpoints |
+//! | `keys` | who may call: a circle's API key scopes a request to the models its jobs deploy |
 //! | [`error`] | [`GatewayError`]: every answer the gateway gives instead of a replica, in OpenAI's shape |
 //! | [`relay`] | what crosses to a replica and back: the `model` field read, headers forwarded, answers streamed |
 //! | [`metrics`] | the gateway's Prometheus series |
@@ -27,6 +28,7 @@
 
 pub mod balancer;
 pub mod error;
+pub(crate) mod keys;
 pub mod metrics;
 pub mod relay;
 pub mod routes;

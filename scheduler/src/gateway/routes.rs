@@ -10,7 +10,7 @@ use aigrid_api::openai::{
     ModelCard, ModelList, OpenAiErrorBody,
 };
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{Method, Uri};
+use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, MethodRouter};
 use axum::{Json, Router};
@@ -25,14 +25,18 @@ use super::table::Route;
 #[utoipa::path(
     get, path = "/v1/models", tag = "inference",
     responses(
-        (status = 200, description = "The models served now", body = ModelList),
+        (status = 200, description = "The models served now (those of the API key's circle)", body = ModelList),
+        (status = 401, description = "No API key where one is required, or an invalid one", body = OpenAiErrorBody),
         (status = 429, description = "Too many requests in flight", body = OpenAiErrorBody),
     )
 )]
-async fn list_models(State(gateway): State<Arc<Gateway>>) -> Response {
+async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     let started = Instant::now();
-    let resp = match gateway.admit() {
-        Ok(_permit) => Json(gateway.list()).into_response(),
+    let resp = match gateway
+        .admit()
+        .and_then(|p| Ok((p, gateway.scope(&headers)?)))
+    {
+        Ok((_permit, scope)) => Json(gateway.list(&scope)).into_response(),
         Err(e) => e.into_response(),
     };
     gateway.record(Route::Models, resp.status(), started);
@@ -45,16 +49,24 @@ async fn list_models(State(gateway): State<Arc<Gateway>>) -> Response {
     params(("model" = String, Path, description = "A pushed model's name, its digest, or a unique digest prefix of at least 6 characters")),
     responses(
         (status = 200, description = "The model, served now", body = ModelCard),
+        (status = 401, description = "No API key where one is required, or an invalid one", body = OpenAiErrorBody),
         (status = 400, description = "The prefix matches more than one model", body = OpenAiErrorBody),
         (status = 404, description = "No such model", body = OpenAiErrorBody),
         (status = 429, description = "Too many requests in flight", body = OpenAiErrorBody),
         (status = 503, description = "The model exists but no replica is ready (`model_not_ready`; \"loading\" while it is being deployed)", body = OpenAiErrorBody),
     )
 )]
-async fn get_model(State(gateway): State<Arc<Gateway>>, Path(model): Path<String>) -> Response {
+async fn get_model(
+    State(gateway): State<Arc<Gateway>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let started = Instant::now();
-    let resp = match gateway.admit() {
-        Ok(_permit) => match gateway.retrieve(&model) {
+    let resp = match gateway
+        .admit()
+        .and_then(|p| Ok((p, gateway.scope(&headers)?)))
+    {
+        Ok((_permit, scope)) => match gateway.retrieve(&scope, &model) {
             Ok(entry) => Json(entry).into_response(),
             Err(e) => e.into_response(),
         },
@@ -72,6 +84,9 @@ enum RelayErrors {
     /// Invalid request, no `model`, or an ambiguous digest prefix.
     #[response(status = 400)]
     BadRequest(OpenAiErrorBody),
+    /// No API key where one is required, or an invalid one.
+    #[response(status = 401)]
+    Unauthorized(OpenAiErrorBody),
     /// No such model.
     #[response(status = 404)]
     NotFound(OpenAiErrorBody),

@@ -56,6 +56,8 @@ pub(crate) struct Routes {
     pub(crate) replicas: HashMap<String, Vec<String>>,
     /// The digests live jobs deploy, whether or not a replica runs yet.
     pub(crate) deployed: HashSet<String>,
+    /// Per digest, the circles of the jobs that deploy it: who may call it.
+    pub(crate) deployed_by: super::keys::DeployedBy,
 }
 
 /// How a request's `model` resolved.
@@ -95,7 +97,13 @@ impl Routes {
             models,
             replicas,
             deployed,
+            deployed_by: Default::default(),
         }
+    }
+
+    /// Whether a request of `scope` may see the model of `digest`.
+    pub(crate) fn visible(&self, scope: &super::keys::Scope, digest: &str) -> bool {
+        scope.sees(self.deployed_by.get(digest))
     }
 
     pub(crate) fn replicas(&self, digest: &str) -> &[String] {

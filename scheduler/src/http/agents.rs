@@ -10,16 +10,15 @@
 //! before it is answered, like every other write.
 //!
 //! Every request here but registration is signed by the node's registered key
-//! ([`authenticate`]); registration is signed by the key it registers and, for a
+//! ([`authenticate_node`]); registration is signed by the key it registers and, for a
 //! new node, carries a join token.
 
 use std::time::{Duration, Instant};
 
-use aigrid_api::auth::{NODE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use aigrid_api::ErrorBody;
 use aigrid_api::{
-    ErrorCode, Heartbeat, HeartbeatResponse, JoinToken, NodeAssignments, NodeId, NodePublicKey,
-    NodeRegistration, RegisterNodeResponse, RequestToSign, Timestamp,
+    ErrorCode, Heartbeat, HeartbeatResponse, JoinToken, KeyRef, NodeAssignments, NodeId,
+    NodePublicKey, NodeRegistration, RegisterNodeResponse,
 };
 use axum::extract::rejection::QueryRejection;
 use axum::extract::Request;
@@ -31,10 +30,11 @@ use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::{self, check_signature, parse_signature};
 use super::plumbing::{
     body_bytes, decode_json, not_found, propose, unauthorized, unexpected, ApiError, ApiState,
 };
-use crate::state::{Applied, Command, StateError, TokenUse};
+use crate::state::{Applied, Command, Principal, StateError, TokenUse};
 
 /// Longest a long poll is held.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(300);
@@ -51,49 +51,30 @@ pub(super) fn routes() -> (OpenApiRouter<ApiState>, OpenApiRouter<ApiState>) {
     (short, long_polls)
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| unauthorized(format!("missing or unreadable `{name}` header")))
-}
-
-/// Checks that a request is signed by `node` with `key`.
+/// Checks that a request is signed by `node` (key id `node:<id>`) with `key`.
 fn verify(
+    state: &ApiState,
     headers: &HeaderMap,
     method: &Method,
     uri: &Uri,
     body: &[u8],
     node: &NodeId,
     key: &NodePublicKey,
-    now: Timestamp,
 ) -> Result<(), ApiError> {
-    let signer = header(headers, NODE_HEADER)?;
-    if signer != node.as_str() {
+    let sig = parse_signature(headers)?;
+    if sig.key()? != KeyRef::Node(node.clone()) {
         return Err(unauthorized(format!(
-            "request signed by node `{signer}` for node `{node}`"
+            "request signed by `{}` for node `{node}`",
+            sig.params.key_id
         )));
     }
-    let timestamp = header(headers, TIMESTAMP_HEADER)?
-        .parse::<u64>()
-        .map_err(|_| unauthorized(format!("`{TIMESTAMP_HEADER}` is not Unix milliseconds")))?;
-    let signature = header(headers, SIGNATURE_HEADER)?;
-    let path_and_query = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    RequestToSign {
-        method: method.as_str(),
-        path_and_query,
-        node,
-        timestamp: Timestamp::from_millis(timestamp),
-        body,
-    }
-    .verify(key, signature, now)?;
-    Ok(())
+    check_signature(state, &sig, method, uri, body, &(*key).into())
 }
 
 /// Checks that a request comes from `node`, signed with the key it registered and
 /// that was not revoked. Unknown nodes are refused alike, so a caller cannot tell
 /// which node ids exist.
-async fn authenticate(
+async fn authenticate_node(
     state: &ApiState,
     headers: &HeaderMap,
     method: &Method,
@@ -101,24 +82,17 @@ async fn authenticate(
     body: &[u8],
     node: &NodeId,
 ) -> Result<(), ApiError> {
-    let mut key = state.raft.read_local(|s| s.node_key(node));
-    if !matches!(key, Some((Some(_), false))) {
-        // A refusal tells the agent to register again or to stop its work: make
-        // sure it is not just this server lagging behind.
-        key = state.raft.read(|s| s.node_key(node)).await?;
-    }
-    match key {
-        Some((Some(key), false)) => {
-            verify(headers, method, uri, body, node, &key, state.clock.now())
-        }
-        Some((_, true)) => Err(ApiError::new(
-            ErrorCode::KeyRevoked,
-            format!("the key of node `{node}` was revoked"),
-        )),
-        Some((None, false)) | None => Err(ApiError::new(
-            ErrorCode::UnknownNode,
-            format!("node `{node}` has no registered key"),
-        )),
+    match auth::authenticate(state, method, uri, headers, body)
+        .await?
+        .principal
+    {
+        Principal::Node(signer) if signer == *node => Ok(()),
+        Principal::Node(signer) => Err(unauthorized(format!(
+            "request signed by node `{signer}` for node `{node}`"
+        ))),
+        Principal::Identity(id) => Err(unauthorized(format!(
+            "request signed by identity `{id}` for node `{node}`: agents sign with their node key"
+        ))),
     }
 }
 
@@ -173,15 +147,7 @@ async fn register_node(
             "public_key: a node registers with its ed25519 public key",
         )
     })?;
-    verify(
-        &headers,
-        &method,
-        &uri,
-        &body,
-        &node.id,
-        &key,
-        state.clock.now(),
-    )?;
+    verify(&state, &headers, &method, &uri, &body, &node.id, &key)?;
     let token = join_token(&headers)?;
     state
         .raft
@@ -260,7 +226,7 @@ async fn heartbeat(
     req: Request,
 ) -> Result<(HeartbeatResponse, bool), ApiError> {
     let body = body_bytes(req, state).await?;
-    authenticate(state, &headers, &method, &uri, &body, &node_id).await?;
+    authenticate_node(state, &headers, &method, &uri, &body, &node_id).await?;
     let hb: Heartbeat = decode_json(&body)?;
     hb.validate()?;
     let (changes, status) = state.raft.read_local(|s| {
@@ -346,7 +312,7 @@ async fn node_assignments(
         .map(|Query(q)| q)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
     let node_id = NodeId::new(id);
-    authenticate(&state, &headers, &method, &uri, &[], &node_id).await?;
+    authenticate_node(&state, &headers, &method, &uri, &[], &node_id).await?;
     let hub = &state.agents;
     hub.connected(&state.raft)?;
     let _held = hub.hold_poll(&node_id)?;

@@ -13,7 +13,9 @@ use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::plumbing::{ApiError, ApiState, JsonBody};
+use super::auth::{Caller, Signed};
+use super::plumbing::{ApiError, ApiState};
+use crate::state::Action;
 use crate::state::ClusterState;
 
 /// The area's routes.
@@ -68,8 +70,9 @@ async fn get_cluster(State(state): State<ApiState>) -> Json<ClusterStatus> {
 )]
 async fn join_member(
     State(state): State<ApiState>,
-    JsonBody(req): JsonBody<JoinRequest>,
+    Signed(caller, req): Signed<JoinRequest>,
 ) -> Result<(StatusCode, Json<ClusterStatus>), ApiError> {
+    caller.require(&state, Action::Admin).await?;
     req.validate()?;
     // Confirm the membership we check against is current.
     let members = state
@@ -123,7 +126,9 @@ async fn join_member(
 async fn leave_member(
     State(state): State<ApiState>,
     id: Result<Path<u64>, PathRejection>,
+    caller: Caller,
 ) -> Result<Json<ClusterStatus>, ApiError> {
+    caller.require(&state, Action::Admin).await?;
     let Path(id) = id.map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
     state.raft.read(|_| ()).await?;
     let status = state.raft.status();

@@ -1,5 +1,10 @@
 //! Jobs and their allocations' output: submit (validated here, again as it
 //! applies), list, show, delete; `GET /api/v1/allocations/{id}/logs`.
+//!
+//! A job belongs to its circle: operators (and owners) of the circle submit and
+//! delete it, viewers read it and its output; jobs without a circle are the
+//! admins'. A task's `env` values are secrets: every read shows them redacted, and a
+//! resubmitted spec that carries the redacted marker keeps the value it had.
 
 use aigrid_api::{
     AllocId, AllocationLogs, DeleteJobResponse, EvalId, Job, JobId, JobSpec, JobSummary,
@@ -12,11 +17,12 @@ use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::{Caller, Signed};
 use super::plumbing::{
-    new_id, not_found, propose, read, read_query, unexpected, ApiError, ApiState, JsonBody,
-    ReadQuery,
+    new_id, not_found, propose, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
 };
-use crate::state::{Applied, ClusterState, Command};
+use crate::state::{Action, Applied, ClusterState, Command};
+use aigrid_api::{ErrorCode, Role, TaskSpec};
 
 /// The area's routes.
 pub(super) fn routes() -> OpenApiRouter<ApiState> {
@@ -39,9 +45,28 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
 )]
 async fn submit_job(
     State(state): State<ApiState>,
-    JsonBody(spec): JsonBody<JobSpec>,
+    Signed(caller, mut spec): Signed<JobSpec>,
 ) -> Result<(StatusCode, Json<SubmitJobResponse>), ApiError> {
     spec.validate()?;
+    caller
+        .require(
+            &state,
+            Action::Circle(spec.circle.as_deref(), Role::Operator),
+        )
+        .await?;
+    // Updating a live job of this name moves it from its circle: that circle's
+    // operators must agree too.
+    let name = spec.name.clone();
+    let current = state.raft.read(move |s| s.job_by_name(&name)).await?;
+    if let Some(current) = &current {
+        caller
+            .require(
+                &state,
+                Action::Circle(current.spec.circle.as_deref(), Role::Operator),
+            )
+            .await?;
+    }
+    keep_redacted_secrets(&mut spec, current.as_ref().map(|j| &j.spec))?;
     let command = Command::SubmitJob {
         job_id: new_id(JobId::new),
         eval_id: new_id(EvalId::new),
@@ -68,10 +93,54 @@ async fn submit_job(
 )]
 async fn list_jobs(
     State(state): State<ApiState>,
+    caller: Caller,
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Vec<JobSummary>>, ApiError> {
     let query = read_query(query)?;
-    Ok(Json(read(&state, &query, |s| s.jobs()).await?))
+    let who = caller.principal.clone();
+    Ok(Json(
+        read(&state, &query, move |s| {
+            s.jobs_where(|spec| {
+                s.allows(&who, Action::Circle(spec.circle.as_deref(), Role::Viewer))
+            })
+        })
+        .await?,
+    ))
+}
+
+/// Puts back, from the job's current spec, each env value a resubmitted spec
+/// carries as the redacted marker (a spec read back, edited and sent again keeps
+/// its secrets); 400 for a marker with no value to keep.
+fn keep_redacted_secrets(spec: &mut JobSpec, current: Option<&JobSpec>) -> Result<(), ApiError> {
+    for (g, group) in spec.groups.iter_mut().enumerate() {
+        let TaskSpec::Exec(task) = &mut group.task else {
+            continue;
+        };
+        for (name, value) in task.env.iter_mut() {
+            if value != aigrid_api::access::REDACTED {
+                continue;
+            }
+            let kept = current
+                .and_then(|c| c.groups.iter().find(|cg| cg.name == group.name))
+                .and_then(|cg| match &cg.task {
+                    TaskSpec::Exec(t) => t.env.get(name),
+                    TaskSpec::ModelServer(_) => None,
+                });
+            match kept {
+                Some(v) => *value = v.clone(),
+                None => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidField,
+                        format!(
+                            "groups[{g}].task.env.{name}: `{}` stands for a value kept from the live job, and it has none",
+                            aigrid_api::access::REDACTED
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The job with this id or, failing that, the live job with this name.
@@ -94,13 +163,21 @@ fn job_not_found(id_or_name: &str) -> ApiError {
 async fn get_job(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Caller,
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Job>, ApiError> {
     let query = read_query(query)?;
-    read(&state, &query, |s| find_job(s, &id))
+    let mut job = read(&state, &query, |s| find_job(s, &id))
         .await?
-        .map(Json)
-        .ok_or_else(|| job_not_found(&id))
+        .ok_or_else(|| job_not_found(&id))?;
+    caller
+        .require(
+            &state,
+            Action::Circle(job.spec.circle.as_deref(), Role::Viewer),
+        )
+        .await?;
+    job.spec = job.spec.redacted();
+    Ok(Json(job))
 }
 
 /// Deletes a job; its allocations are asked to stop.
@@ -112,13 +189,17 @@ async fn get_job(
 async fn delete_job(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Caller,
 ) -> Result<Json<DeleteJobResponse>, ApiError> {
     // An unknown job is answered from a linearizable read, without writing to the log.
-    let job_id = state
+    let (job_id, circle) = state
         .raft
-        .read(|s| find_job(s, &id).map(|job| job.id))
+        .read(|s| find_job(s, &id).map(|job| (job.id, job.spec.circle)))
         .await?
         .ok_or_else(|| job_not_found(&id))?;
+    caller
+        .require(&state, Action::Circle(circle.as_deref(), Role::Operator))
+        .await?;
     let command = Command::DeleteJob {
         job_id,
         eval_id: new_id(EvalId::new),
@@ -139,12 +220,22 @@ async fn delete_job(
 async fn allocation_logs(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Caller,
 ) -> Result<Json<AllocationLogs>, ApiError> {
     let alloc = AllocId::new(id.clone());
-    state
+    let (logs, circle) = state
         .raft
-        .read(|s| s.allocation_logs(&alloc))
-        .await?
-        .map(Json)
-        .ok_or_else(|| not_found("allocation", &id))
+        .read(|s| {
+            let circle = s
+                .allocation(&alloc)
+                .and_then(|a| s.job(&a.job_id))
+                .and_then(|j| j.spec.circle);
+            (s.allocation_logs(&alloc), circle)
+        })
+        .await?;
+    let logs = logs.ok_or_else(|| not_found("allocation", &id))?;
+    caller
+        .require(&state, Action::Circle(circle.as_deref(), Role::Viewer))
+        .await?;
+    Ok(Json(logs))
 }

@@ -14,16 +14,23 @@
 //! | `nodes` | [`nodes`] | `/api/v1/nodes`, drain, revoke, a node's allocations |
 //! | `agents` | [`agents`] | what agents call, signed: register, heartbeat, assignments |
 //! | `join-tokens` | [`tokens`] | `/api/v1/join-tokens` |
+//! | `access` | [`access`] | `/api/v1/whoami`, `/api/v1/identities`, `/api/v1/circles`, members, API keys |
 //! | `cluster` | [`cluster`] | `/api/v1/cluster`, members joining and leaving |
 //! | `models` | [`models`] | `/api/v1/models`, `/api/v1/storage` |
 //! | `operations` | [`ops`] | `/metrics`, `/health`, `/ready` |
 //! | `api` | here | `/api/v1` (the index), `/api/v1/openapi.json` |
 //!
+//! Who is calling is [`auth`]'s: every route but `/health`, `/ready`, `/metrics`,
+//! the index and the document takes a signed request (401 otherwise) and checks
+//! the signer's role (403).
+//!
 //! Every write is a command proposed through Raft and answered only after it is
 //! applied (so a 2xx means committed); every read goes through ReadIndex unless the
 //! caller asks for `?stale=true`.
 
+pub mod access;
 pub mod agents;
+pub mod auth;
 pub mod cluster;
 pub mod jobs;
 pub mod models;
@@ -72,6 +79,7 @@ const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "nodes", description = "Nodes: list, show, drain, revoke"),
         (name = "agents", description = "What a node's agent calls, signed with its node key"),
         (name = "join-tokens", description = "Tokens new nodes present to register"),
+        (name = "access", description = "Identities, circles' members and roles, circles' API keys"),
         (name = "cluster", description = "The replicated control plane and its members"),
         (name = "models", description = "The model registry and the dispersed store"),
         (name = "inference", description = "The OpenAI-compatible gateway to the models served"),
@@ -89,6 +97,7 @@ fn short_routes(limits: &ApiLimits) -> OpenApiRouter<ApiState> {
         .merge(nodes::routes())
         .merge(agents)
         .merge(tokens::routes())
+        .merge(access::routes())
         .merge(cluster::routes())
         .merge(models::routes(limits.max_model_body_bytes))
         .routes(routes!(index))
@@ -214,6 +223,16 @@ async fn admission(State(state): State<ApiState>, req: Request, next: Next) -> R
     resp
 }
 
+/// Who a server trusts at start: the admins it makes a new cluster's, and its own
+/// identity.
+#[derive(Debug, Clone, Default)]
+pub struct ServerAccess {
+    /// Names and public keys of the admins of a cluster that has none yet.
+    pub admins: Vec<(String, aigrid_api::PublicKey)>,
+    /// This server's own identity (what its own loops sign with).
+    pub server_key: Option<aigrid_api::PublicKey>,
+}
+
 /// The whole HTTP surface of a server: control API, `/v1` inference gateway, Raft
 /// transport, metrics, probes. `storage` is what `GET /api/v1/storage` answers.
 pub fn router(
@@ -224,9 +243,14 @@ pub fn router(
     storage: StorageInfo,
     gateway: Arc<crate::gateway::Gateway>,
     clock: SharedClock,
+    access: ServerAccess,
 ) -> prometheus::Result<Router> {
+    let ServerAccess { admins, server_key } = access;
     let state = ApiState {
+        server_key,
         clock,
+        nonces: Arc::new(auth::NonceCache::default()),
+        bootstrap_admins: Arc::new(admins),
         http: HttpMetrics::register(&registry)?,
         agents,
         raft: raft.clone(),

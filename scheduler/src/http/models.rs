@@ -19,10 +19,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::router::UtoipaMethodRouterExt;
 use utoipa_axum::routes;
 
+use super::auth::{signed_bytes, Caller};
 use super::plumbing::{
-    body_bytes, decode_json, propose, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
+    decode_json, propose, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
 };
 use crate::state::models::{check_registration, ModelDetail, SetLocations};
+use crate::state::Action;
 use crate::state::{Applied, Command, ObjectKind, StateError};
 
 /// The area's routes; model writes take bodies up to `max_model_body_bytes`.
@@ -72,7 +74,9 @@ async fn upload<T: serde::de::DeserializeOwned + Send + 'static>(
                 "too many model uploads in flight; retry later",
             )
         })?;
-    let bytes = body_bytes(req, &()).await?;
+    // Only admins write models; the signature is checked before the body is decoded.
+    let (caller, bytes) = signed_bytes(state, req).await?;
+    caller.require(state, Action::Admin).await?;
     tokio::task::spawn_blocking(move || {
         let value = decode_json::<T>(&bytes)?;
         check(&value)?;
@@ -237,7 +241,9 @@ async fn set_model_locations(
 async fn delete_model(
     State(state): State<ApiState>,
     Path(digest): Path<String>,
+    caller: Caller,
 ) -> Result<StatusCode, ApiError> {
+    caller.require(&state, Action::Admin).await?;
     let digest = path_digest(&digest)?;
     // An unknown model is answered from a linearizable read, without writing.
     if state

@@ -9,11 +9,11 @@ use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::{Caller, SignedOptional};
 use super::plumbing::{
-    not_found, propose, read, read_query, unexpected, ApiError, ApiState, OptionalJsonBody,
-    ReadQuery,
+    not_found, propose, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
 };
-use crate::state::{Applied, Command};
+use crate::state::{Action, Applied, Command};
 
 /// The area's routes.
 pub(super) fn routes() -> OpenApiRouter<ApiState> {
@@ -75,8 +75,9 @@ async fn change_node(
 async fn drain_node(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    OptionalJsonBody(drain): OptionalJsonBody<DrainSpec>,
+    SignedOptional(caller, drain): SignedOptional<DrainSpec>,
 ) -> Result<Json<Node>, ApiError> {
+    caller.require(&state, Action::Admin).await?;
     drain.validate()?;
     let command = Command::DrainNode {
         node_id: NodeId::new(id.clone()),
@@ -105,7 +106,9 @@ async fn drain_node(
 async fn undrain_node(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Caller,
 ) -> Result<Json<Node>, ApiError> {
+    caller.require(&state, Action::Admin).await?;
     let command = Command::SetNodeStatus {
         node_id: NodeId::new(id.clone()),
         status: NodeStatus::Ready,
@@ -136,8 +139,10 @@ async fn undrain_node(
 async fn node_allocations(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Caller,
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Allocation>>, ApiError> {
+    caller.require(&state, Action::ReadCluster).await?;
     let query = read_query(query)?;
     let node_id = NodeId::new(id.clone());
     read(&state, &query, |s| {
@@ -156,8 +161,10 @@ async fn node_allocations(
 )]
 async fn list_nodes(
     State(state): State<ApiState>,
+    caller: Caller,
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Node>>, ApiError> {
+    caller.require(&state, Action::ReadCluster).await?;
     let query = read_query(query)?;
     let nodes = read(&state, &query, |s| s.nodes()).await?;
     Ok(Json(
@@ -178,8 +185,10 @@ async fn list_nodes(
 async fn get_node(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Caller,
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Json<Node>, ApiError> {
+    caller.require(&state, Action::ReadCluster).await?;
     let query = read_query(query)?;
     let node_id = NodeId::new(id.clone());
     read(&state, &query, |s| s.node(&node_id))
@@ -203,7 +212,9 @@ async fn get_node(
 async fn revoke_node(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Caller,
 ) -> Result<Json<Node>, ApiError> {
+    caller.require(&state, Action::Admin).await?;
     let command = Command::RevokeNode {
         node_id: NodeId::new(id.clone()),
         at: state.clock.now(),

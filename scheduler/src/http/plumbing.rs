@@ -78,6 +78,12 @@ pub struct ApiState {
     pub(crate) model_uploads: Arc<Semaphore>,
     /// Where handlers read the time they write into commands.
     pub(crate) clock: SharedClock,
+    /// Nonces of signed requests accepted within the clock-skew window.
+    pub(crate) nonces: Arc<super::auth::NonceCache>,
+    /// The admins this server was started with (`--admin`).
+    pub(crate) bootstrap_admins: super::auth::BootstrapAdmins,
+    /// This server's own identity, which its own loops (repairs) sign with.
+    pub(crate) server_key: Option<aigrid_api::PublicKey>,
 }
 
 #[derive(Clone)]
@@ -236,6 +242,18 @@ pub(crate) fn read_query(
     query
         .map(|Query(q)| q)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))
+}
+
+/// `N` bytes from the operating system's random source, for secrets.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    rand::fill(&mut out[..]);
+    out
+}
+
+/// 400 unless `value` is a valid circle (or job, group) name.
+pub(crate) fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
+    Ok(aigrid_api::spec::check_name(field, value)?)
 }
 
 pub(crate) fn new_id<T>(make: impl Fn(String) -> T) -> T {

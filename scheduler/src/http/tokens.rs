@@ -9,8 +9,9 @@ use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::plumbing::{propose, unexpected, ApiError, ApiState, OptionalJsonBody};
-use crate::state::{Applied, Command};
+use super::auth::{Caller, SignedOptional};
+use super::plumbing::{propose, unexpected, ApiError, ApiState};
+use crate::state::{Action, Applied, Command};
 
 /// The area's routes.
 pub(super) fn routes() -> OpenApiRouter<ApiState> {
@@ -30,8 +31,9 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
 )]
 async fn create_join_token(
     State(state): State<ApiState>,
-    OptionalJsonBody(request): OptionalJsonBody<CreateJoinToken>,
+    SignedOptional(caller, request): SignedOptional<CreateJoinToken>,
 ) -> Result<(StatusCode, Json<CreatedJoinToken>), ApiError> {
+    caller.require(&state, Action::Admin).await?;
     request.validate()?;
     let random = || *uuid::Uuid::new_v4().as_bytes();
     let (a, b, c) = (random(), random(), random());
@@ -70,7 +72,9 @@ async fn create_join_token(
 )]
 async fn list_join_tokens(
     State(state): State<ApiState>,
+    caller: Caller,
 ) -> Result<Json<Vec<JoinTokenInfo>>, ApiError> {
+    caller.require(&state, Action::Admin).await?;
     Ok(Json(state.raft.read(|s| s.join_tokens()).await?))
 }
 
@@ -83,7 +87,9 @@ async fn list_join_tokens(
 async fn delete_join_token(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    caller: Caller,
 ) -> Result<StatusCode, ApiError> {
+    caller.require(&state, Action::Admin).await?;
     let command = Command::DeleteJoinToken {
         id,
         at: state.clock.now(),

@@ -7,6 +7,7 @@ use aigrid_api::{
     JobId, JobSpec, JoinTokenInfo, LogTail, ModelSummary, NodeId, NodeRegistration, NodeStatus,
     SubmitJobResponse, Timestamp, Unplaced,
 };
+use aigrid_api::{ApiKeyInfo, CircleInfo, IdentityId, IdentityInfo, PublicKey, Role};
 use serde::{Deserialize, Serialize};
 
 use super::{EvaluationUpdate, JobPlan, StateError, TokenUse};
@@ -218,6 +219,59 @@ pub enum Command {
         /// When it was deleted.
         at: Timestamp,
     },
+    /// Makes the identities a server was started with (`--admin`) the cluster's
+    /// admins, if it has none yet; otherwise changes nothing.
+    BootstrapAdmins {
+        /// Names and public keys.
+        admins: Vec<(String, PublicKey)>,
+        /// When it was proposed.
+        at: Timestamp,
+    },
+    /// Adds an identity or changes its name or admin flag. The last admin cannot
+    /// be demoted.
+    PutIdentity {
+        /// A name for listings.
+        name: String,
+        /// Its public key; its id follows from it.
+        public_key: PublicKey,
+        /// Whether it is an admin.
+        admin: bool,
+        /// When it was added.
+        at: Timestamp,
+    },
+    /// Forgets an identity and its circle roles. The last admin cannot be removed.
+    RemoveIdentity {
+        /// The identity.
+        id: IdentityId,
+        /// When it was removed.
+        at: Timestamp,
+    },
+    /// Gives a known identity a role in a circle, or takes it away (`role` absent).
+    SetCircleMember {
+        /// The circle.
+        circle: String,
+        /// The member.
+        identity: IdentityId,
+        /// Its role; absent to remove it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        role: Option<Role>,
+        /// When it was changed.
+        at: Timestamp,
+    },
+    /// Creates a circle's API key. Only the secret's hash is replicated.
+    CreateApiKey {
+        /// The key as listings show it.
+        info: ApiKeyInfo,
+        /// BLAKE3 of its secret, hex.
+        secret_hash: String,
+    },
+    /// Revokes an API key.
+    RevokeApiKey {
+        /// The key's public id.
+        id: String,
+        /// When it was revoked.
+        at: Timestamp,
+    },
 }
 
 /// What applying a [`Command`] answers to its proposer.
@@ -309,4 +363,22 @@ pub enum Applied {
         /// Its digest.
         digest: String,
     },
+    /// The bootstrap admins were added (none when the cluster had an admin).
+    AdminsBootstrapped {
+        /// How many.
+        added: usize,
+    },
+    /// An identity was added or changed.
+    IdentityPut(IdentityInfo),
+    /// An identity was removed.
+    IdentityRemoved {
+        /// Its id.
+        id: IdentityId,
+    },
+    /// A circle's members changed; the circle as it is now.
+    CircleChanged(CircleInfo),
+    /// An API key was created.
+    ApiKeyCreated(ApiKeyInfo),
+    /// An API key was revoked.
+    ApiKeyRevoked(ApiKeyInfo),
 }

@@ -19,6 +19,12 @@ pub enum ObjectKind {
     JoinToken,
     /// A registered model.
     Model,
+    /// A known identity.
+    Identity,
+    /// A circle membership (`circle/identity`).
+    Member,
+    /// A circle's API key.
+    ApiKey,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -30,6 +36,9 @@ impl std::fmt::Display for ObjectKind {
             Self::Evaluation => "evaluation",
             Self::JoinToken => "join token",
             Self::Model => "model",
+            Self::Identity => "identity",
+            Self::Member => "circle member",
+            Self::ApiKey => "API key",
         })
     }
 }

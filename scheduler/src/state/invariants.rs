@@ -26,6 +26,7 @@ impl ClusterState {
             ));
         }
         t.models.check_invariants()?;
+        t.access.check()?;
 
         let mut names = BTreeMap::new();
         for (id, job) in &t.jobs {

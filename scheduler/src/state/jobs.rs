@@ -21,9 +21,15 @@ impl ClusterState {
 
     /// Every live job, ordered by name.
     pub fn jobs(&self) -> Vec<JobSummary> {
+        self.jobs_where(|_| true)
+    }
+
+    /// The live jobs whose spec passes `keep`, ordered by name.
+    pub fn jobs_where(&self, keep: impl Fn(&JobSpec) -> bool) -> Vec<JobSummary> {
         self.job_names
             .values()
             .filter_map(|id| self.tables.jobs.get(id))
+            .filter(|job| keep(&job.spec))
             .map(|job| {
                 let allocs = &self.job_allocs(&job.id);
                 JobSummary {

@@ -10,6 +10,7 @@
 //! driver re-proposes when it cannot tell whether a proposal committed), so each
 //! one is idempotent: a replay answers what the first application answered.
 
+mod access;
 mod allocations;
 mod command;
 mod error;
@@ -24,6 +25,7 @@ mod tables;
 mod tests;
 mod tokens;
 
+pub use access::{Action, Principal};
 use allocations::assigned;
 pub use command::{Applied, Command, CommandOutput};
 pub use error::{ObjectKind, StateError};
@@ -133,6 +135,9 @@ struct Tables {
     /// Registered models by digest.
     #[serde(default)]
     models: models::Models,
+    /// Identities, circles' members and API keys.
+    #[serde(default)]
+    access: access::Access,
 }
 
 /// A join token as the state keeps it.
@@ -299,6 +304,22 @@ impl StateMachine for ClusterState {
                 .models
                 .set_locations(&digest, locations, expected_version, at),
             Command::DeleteModel { digest, at: _ } => self.tables.models.delete(digest),
+            Command::BootstrapAdmins { admins, at } => self.bootstrap_admins(admins, at),
+            Command::PutIdentity {
+                name,
+                public_key,
+                admin,
+                at,
+            } => self.put_identity(name, public_key, admin, at),
+            Command::RemoveIdentity { id, at: _ } => self.remove_identity(id),
+            Command::SetCircleMember {
+                circle,
+                identity,
+                role,
+                at: _,
+            } => self.set_member(circle, identity, role),
+            Command::CreateApiKey { info, secret_hash } => self.create_api_key(info, secret_hash),
+            Command::RevokeApiKey { id, at: _ } => self.revoke_api_key(id),
         };
         debug_assert_eq!(self.check_invariants(), Ok(()));
         output
@@ -351,6 +372,7 @@ impl ClusterState {
             logs: BTreeMap::new(),
             node_index: BTreeMap::new(),
             models: models::Models::default(),
+            access: access::Access::default(),
         })
     }
 

@@ -337,6 +337,26 @@ impl ClusterState {
         found
     }
 
+    /// Per live job deploying a model with a `model-server` task, the model's digest
+    /// and the job's circle: who may call the model on `/v1`.
+    pub fn deployed_circles(&self) -> Vec<(&str, Option<&str>)> {
+        self.job_names
+            .values()
+            .filter_map(|id| self.tables.jobs.get(id))
+            .flat_map(|job| {
+                job.spec
+                    .groups
+                    .iter()
+                    .filter_map(|group| match &group.task {
+                        aigrid_api::TaskSpec::ModelServer(task) => {
+                            Some((task.model.as_str(), job.spec.circle.as_deref()))
+                        }
+                        _ => None,
+                    })
+            })
+            .collect()
+    }
+
     /// The digests of the models that a live job deploys with a `model-server` task
     /// wanting at least one replica, whether or not a replica runs yet: a request for
     /// one of them is told it is loading rather than that nothing serves it.

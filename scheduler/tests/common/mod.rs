@@ -8,6 +8,7 @@ use aigrid_api::NodeRegistration;
 use aigrid_scheduler::clock::{Clock, SystemClock};
 use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_scheduler::state::Command;
+use aigrid_scheduler::testkit::Sign;
 use reqwest::{Client, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -37,7 +38,8 @@ pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// Starts a server and waits until it leads.
-pub async fn start_leader(config: ServerConfig) -> Server {
+pub async fn start_leader(mut config: ServerConfig) -> Server {
+    config.access = aigrid_scheduler::testkit::admin_access();
     let server = Server::start(config).await.unwrap();
     let id = server.raft.status().id;
     until("the server leading", || {
@@ -63,7 +65,15 @@ pub async fn register(server: &Server, node: NodeRegistration) {
 
 /// GETs `url` and decodes its JSON answer.
 pub async fn get_json<T: DeserializeOwned>(client: &Client, url: &str) -> T {
-    client.get(url).send().await.unwrap().json().await.unwrap()
+    client
+        .get(url)
+        .signed()
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// An answer's status and its decoded JSON body.
@@ -74,7 +84,7 @@ pub async fn status_and_json(resp: Response) -> (StatusCode, Value) {
 
 /// POSTs `body` as JSON; answers the status and the decoded answer.
 pub async fn post_json(client: &Client, url: &str, body: &Value) -> (StatusCode, Value) {
-    status_and_json(client.post(url).json(body).send().await.unwrap()).await
+    status_and_json(client.post(url).json(body).signed().send().await.unwrap()).await
 }
 
 /// Polls a job until `done` holds for it.

@@ -1,0 +1,383 @@
+//! People's identities ("3Bots"): a key pair made by `aigrid key new`, either ed25519
+//! alone or ed25519 together with ML-DSA-65 (FIPS 204), a post-quantum signature, so
+//! that a signature stays unforgeable if either scheme falls. Every encoding names its
+//! algorithm: public keys are `ed25519:<base64url>` or `ed25519+ml-dsa-65:<base64url>`,
+//! secret keys the same with their 32-byte seed, and a signature travels with the
+//! algorithm of the key that made it. An identity is named by its [`IdentityId`], a
+//! hash of its public key, which is what requests carry as their key id.
+//!
+//! Nothing here draws randomness: a key is made from a seed its caller drew.
+
+use std::fmt;
+
+use base64::Engine;
+use ed25519_dalek::Signer as _;
+use ml_dsa::{Keypair as _, MlDsa65, Signer as _, Verifier as _};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::AuthError;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// Bytes of an encoded ML-DSA-65 public key.
+const ML_DSA_65_PUBLIC: usize = 1952;
+/// Bytes of an encoded ML-DSA-65 signature.
+const ML_DSA_65_SIGNATURE: usize = 3309;
+/// Bytes of an ed25519 public key.
+const ED25519_PUBLIC: usize = 32;
+/// Bytes of an ed25519 signature.
+const ED25519_SIGNATURE: usize = 64;
+
+wire_enum!(
+    /// A key's algorithm, as every encoding of the key or of its signatures names it.
+    KeyAlgorithm {
+        /// ed25519 alone.
+        Ed25519 => "ed25519",
+        /// ed25519 and ML-DSA-65, both signing; both must verify.
+        Ed25519MlDsa65 => "ed25519+ml-dsa-65",
+    }
+);
+
+/// An identity's public key. Written `<algorithm>:<base64url of the key bytes>`; for
+/// the hybrid, the ed25519 key's 32 bytes followed by the ML-DSA-65 key's 1952.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, example = "ed25519:2Dgm5o3mJ0Hn4X1A3t9x0kq7y7rN2cD3O6l0Wk0b1uE")]
+pub struct PublicKey(Key);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    algorithm: KeyAlgorithm,
+    bytes: Vec<u8>,
+}
+
+impl PublicKey {
+    /// An ed25519 public key from its 32 bytes.
+    pub fn ed25519(bytes: [u8; 32]) -> Result<Self, AuthError> {
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| AuthError::Malformed("not a valid ed25519 public key"))?;
+        Ok(PublicKey(Key {
+            algorithm: KeyAlgorithm::Ed25519,
+            bytes: bytes.to_vec(),
+        }))
+    }
+
+    /// The key's algorithm.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.0.algorithm
+    }
+
+    /// The identity this key names.
+    pub fn id(&self) -> IdentityId {
+        let mut hasher = blake3::Hasher::new_derive_key("aigrid identity id v1");
+        hasher.update(self.0.algorithm.as_str().as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&self.0.bytes);
+        IdentityId(hex::encode(&hasher.finalize().as_bytes()[..16]))
+    }
+
+    /// Checks `signature` over `message`: every scheme of the key must verify.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), AuthError> {
+        let (ed_sig, ml_sig) = match self.0.algorithm {
+            KeyAlgorithm::Ed25519 if signature.len() == ED25519_SIGNATURE => (signature, None),
+            KeyAlgorithm::Ed25519MlDsa65
+                if signature.len() == ED25519_SIGNATURE + ML_DSA_65_SIGNATURE =>
+            {
+                let (ed, ml) = signature.split_at(ED25519_SIGNATURE);
+                (ed, Some(ml))
+            }
+            _ => {
+                return Err(AuthError::Malformed(
+                    "signature length does not fit the key",
+                ))
+            }
+        };
+        let ed_key: [u8; ED25519_PUBLIC] = self.0.bytes[..ED25519_PUBLIC]
+            .try_into()
+            .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
+        let ed_key = ed25519_dalek::VerifyingKey::from_bytes(&ed_key)
+            .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
+        let ed_sig = ed25519_dalek::Signature::from_slice(ed_sig)
+            .map_err(|_| AuthError::Malformed("signature is not ed25519"))?;
+        ed_key
+            .verify_strict(message, &ed_sig)
+            .map_err(|_| AuthError::BadSignature)?;
+        if let Some(ml_sig) = ml_sig {
+            let encoded =
+                ml_dsa::EncodedVerifyingKey::<MlDsa65>::try_from(&self.0.bytes[ED25519_PUBLIC..])
+                    .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
+            let key = ml_dsa::VerifyingKey::<MlDsa65>::decode(&encoded);
+            let sig = ml_dsa::Signature::<MlDsa65>::try_from(ml_sig)
+                .map_err(|_| AuthError::Malformed("signature is not ML-DSA-65"))?;
+            key.verify(message, &sig)
+                .map_err(|_| AuthError::BadSignature)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.0.algorithm, B64.encode(&self.0.bytes))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({}, id {})", self.0.algorithm, self.id())
+    }
+}
+
+impl std::str::FromStr for PublicKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const SHAPE: &str =
+            "a public key looks like ed25519:<base64url> or ed25519+ml-dsa-65:<base64url>";
+        let (algorithm, data) = s.trim().split_once(':').ok_or(SHAPE)?;
+        let algorithm: KeyAlgorithm = algorithm.parse().map_err(|_| SHAPE.to_owned())?;
+        let bytes = B64.decode(data).map_err(|_| SHAPE.to_owned())?;
+        let want = match algorithm {
+            KeyAlgorithm::Ed25519 => ED25519_PUBLIC,
+            KeyAlgorithm::Ed25519MlDsa65 => ED25519_PUBLIC + ML_DSA_65_PUBLIC,
+        };
+        if bytes.len() != want {
+            return Err(format!("a {algorithm} public key is {want} bytes"));
+        }
+        let ed: [u8; 32] = bytes[..ED25519_PUBLIC].try_into().map_err(|_| SHAPE)?;
+        ed25519_dalek::VerifyingKey::from_bytes(&ed).map_err(|_| "not a valid ed25519 key")?;
+        Ok(PublicKey(Key { algorithm, bytes }))
+    }
+}
+
+impl TryFrom<String> for PublicKey {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<PublicKey> for String {
+    fn from(k: PublicKey) -> Self {
+        k.to_string()
+    }
+}
+
+string_id! {
+    /// Names an identity: 32 hex characters of a hash of its public key. Requests
+    /// carry it as their key id.
+    IdentityId
+}
+
+impl IdentityId {
+    /// Checks the shape: 32 lowercase hex characters.
+    pub fn is_well_formed(&self) -> bool {
+        self.0.len() == 32
+            && self
+                .0
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+}
+
+/// An identity's secret key: a 32-byte seed from which each scheme's key is derived.
+/// It never prints and never serialises on its own; [`IdentityKey::to_secret_string`]
+/// writes it for the key file.
+pub struct IdentityKey {
+    algorithm: KeyAlgorithm,
+    seed: [u8; 32],
+    ed: ed25519_dalek::SigningKey,
+    ml: Option<Box<ml_dsa::SigningKey<MlDsa65>>>,
+}
+
+impl IdentityKey {
+    /// The key of `algorithm` grown from `seed` (32 random bytes the caller drew).
+    pub fn from_seed(algorithm: KeyAlgorithm, seed: [u8; 32]) -> Self {
+        let ed_seed = blake3::derive_key("aigrid identity ed25519 v1", &seed);
+        let ml = match algorithm {
+            KeyAlgorithm::Ed25519 => None,
+            KeyAlgorithm::Ed25519MlDsa65 => {
+                let ml_seed = blake3::derive_key("aigrid identity ml-dsa-65 v1", &seed);
+                Some(Box::new(ml_dsa::SigningKey::<MlDsa65>::from_seed(
+                    &ml_seed.into(),
+                )))
+            }
+        };
+        IdentityKey {
+            algorithm,
+            seed,
+            ed: ed25519_dalek::SigningKey::from_bytes(&ed_seed),
+            ml,
+        }
+    }
+
+    /// The key's algorithm.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    /// The matching public key.
+    pub fn public(&self) -> PublicKey {
+        let mut bytes = self.ed.verifying_key().to_bytes().to_vec();
+        if let Some(ml) = &self.ml {
+            bytes.extend_from_slice(ml.verifying_key().encode().as_slice());
+        }
+        PublicKey(Key {
+            algorithm: self.algorithm,
+            bytes,
+        })
+    }
+
+    /// The identity this key is.
+    pub fn id(&self) -> IdentityId {
+        self.public().id()
+    }
+
+    /// Signs `message` with every scheme of the key: the ed25519 signature's 64 bytes,
+    /// then, for the hybrid, the ML-DSA-65 signature.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        let mut out = self.ed.sign(message).to_bytes().to_vec();
+        if let Some(ml) = &self.ml {
+            let sig: ml_dsa::Signature<MlDsa65> = ml.sign(message);
+            out.extend_from_slice(sig.encode().as_slice());
+        }
+        out
+    }
+
+    /// The secret as the key file stores it: `<algorithm>:<base64url seed>`.
+    pub fn to_secret_string(&self) -> String {
+        format!("{}:{}", self.algorithm, B64.encode(self.seed))
+    }
+
+    /// Reads what [`IdentityKey::to_secret_string`] wrote.
+    pub fn from_secret_string(s: &str) -> Result<Self, String> {
+        const SHAPE: &str = "a secret key looks like <algorithm>:<base64url of 32 bytes>";
+        let (algorithm, data) = s.trim().split_once(':').ok_or(SHAPE)?;
+        let algorithm: KeyAlgorithm = algorithm.parse().map_err(|_| SHAPE.to_owned())?;
+        let seed: [u8; 32] = B64
+            .decode(data)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or(SHAPE)?;
+        Ok(IdentityKey::from_seed(algorithm, seed))
+    }
+}
+
+impl fmt::Debug for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "IdentityKey({}, id {}, secret redacted)",
+            self.algorithm,
+            self.id()
+        )
+    }
+}
+
+/// What `aigrid key new` writes (mode 0600) and every client command reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    /// A name for listings (`alice`, `ci`).
+    pub name: String,
+    /// The identity's id, for reading the file without deriving keys.
+    pub id: IdentityId,
+    /// The public key.
+    pub public_key: PublicKey,
+    /// The secret, as [`IdentityKey::to_secret_string`] writes it.
+    pub secret_key: String,
+}
+
+impl KeyFile {
+    /// The file for `key`, named `name`.
+    pub fn new(name: impl Into<String>, key: &IdentityKey) -> Self {
+        KeyFile {
+            name: name.into(),
+            id: key.id(),
+            public_key: key.public(),
+            secret_key: key.to_secret_string(),
+        }
+    }
+
+    /// The secret key, checked against the public key the file names.
+    pub fn key(&self) -> Result<IdentityKey, String> {
+        let key = IdentityKey::from_secret_string(&self.secret_key)?;
+        if key.public() != self.public_key {
+            return Err("the secret key does not match the file's public key".into());
+        }
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_tagged_and_ids_follow_keys() {
+        for algorithm in [KeyAlgorithm::Ed25519, KeyAlgorithm::Ed25519MlDsa65] {
+            let key = IdentityKey::from_seed(algorithm, [9; 32]);
+            let public = key.public();
+            let text = public.to_string();
+            assert!(text.starts_with(&format!("{algorithm}:")), "{text}");
+            assert_eq!(text.parse::<PublicKey>().unwrap(), public);
+            assert!(public.id().is_well_formed());
+            let secret = key.to_secret_string();
+            assert!(secret.starts_with(&format!("{algorithm}:")));
+            let back = IdentityKey::from_secret_string(&secret).unwrap();
+            assert_eq!(back.public(), public);
+            assert!(!format!("{key:?}").contains(&secret[secret.len() - 20..]));
+            let file = KeyFile::new("alice", &key);
+            assert_eq!(file.key().unwrap().id(), key.id());
+        }
+        let a = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [1; 32]);
+        let b = IdentityKey::from_seed(KeyAlgorithm::Ed25519MlDsa65, [1; 32]);
+        // Same seed, other algorithm: another identity.
+        assert_ne!(a.id(), b.id());
+    }
+
+    #[test]
+    fn every_scheme_of_a_key_must_verify() {
+        for algorithm in [KeyAlgorithm::Ed25519, KeyAlgorithm::Ed25519MlDsa65] {
+            let key = IdentityKey::from_seed(algorithm, [4; 32]);
+            let other = IdentityKey::from_seed(algorithm, [5; 32]);
+            let sig = key.sign(b"hello");
+            key.public().verify(b"hello", &sig).unwrap();
+            assert_eq!(
+                key.public().verify(b"hellp", &sig),
+                Err(AuthError::BadSignature)
+            );
+            assert!(other.public().verify(b"hello", &sig).is_err());
+            // A flipped bit in the last scheme's part alone is caught.
+            let mut bad = sig.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(key.public().verify(b"hello", &bad).is_err());
+        }
+        // A hybrid key refuses an ed25519-only signature of the same ed25519 key.
+        let hybrid = IdentityKey::from_seed(KeyAlgorithm::Ed25519MlDsa65, [6; 32]);
+        let ed_part = hybrid.sign(b"m")[..64].to_vec();
+        assert!(hybrid.public().verify(b"m", &ed_part).is_err());
+    }
+
+    #[test]
+    fn malformed_keys_are_refused() {
+        for bad in [
+            "",
+            "ed25519",
+            "rsa:AAAA",
+            "ed25519:AAAA",
+            "ed25519+ml-dsa-65:AAAA",
+            "ed25519:!!!",
+        ] {
+            assert!(bad.parse::<PublicKey>().is_err(), "{bad}");
+        }
+        assert!(IdentityKey::from_secret_string("ed25519:AAAA").is_err());
+        let key = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [2; 32]);
+        let mut file = KeyFile::new("x", &key);
+        file.public_key = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [3; 32]).public();
+        assert!(file.key().is_err());
+    }
+}

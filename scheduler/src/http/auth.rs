@@ -1,0 +1,408 @@
+//! Who is calling. Every control API route but the open ones (`/health`, `/ready`,
+//! `/metrics`, the index and the OpenAPI document) takes its caller from a request
+//! signature ([`aigrid_api::signature`]): [`Caller`] for requests without a body,
+//! [`Signed`] and [`SignedOptional`] for JSON bodies, [`signed_bytes`] for raw ones.
+//! An unsigned, badly signed, stale or replayed request is answered 401 before its
+//! handler runs; a signed one that its signer may not make, 403 ([`Caller::require`]).
+//! Either way nothing changes.
+//!
+//! The identities a server was started with (`--admin`) become the cluster's admins
+//! the first time one of them calls a cluster that has none (and when this server
+//! first leads): the command is idempotent, and a cluster that has an admin ignores it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use aigrid_api::signature::{
+    ParsedSignature, CONTENT_DIGEST_HEADER, MAX_CLOCK_SKEW_SECS, SIGNATURE_HEADER,
+    SIGNATURE_INPUT_HEADER,
+};
+use aigrid_api::{AuthError, ErrorCode, KeyRef, PublicKey};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, OriginalUri, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, Uri};
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+
+use super::plumbing::{body_bytes, decode_json, propose, unauthorized, ApiError, ApiState};
+use crate::state::{Action, Command, Principal};
+
+/// Nonces remembered at most; beyond it new signed requests are refused (429) until
+/// old ones age out, rather than forgetting nonces that could then be replayed.
+pub const MAX_NONCES: usize = 2_000_000;
+
+/// The nonces of requests accepted within the clock-skew window, so each is
+/// accepted once. A nonce is remembered until its request's `created` is too old to
+/// be accepted anyway.
+#[derive(Debug, Default)]
+pub struct NonceCache {
+    inner: Mutex<Nonces>,
+}
+
+#[derive(Debug, Default)]
+struct Nonces {
+    /// `blake3(key id, nonce)` → the signature's `created`.
+    seen: HashMap<[u8; 16], u64>,
+    /// The same, in the order they were accepted, for expiry.
+    order: VecDeque<([u8; 16], u64)>,
+}
+
+/// Why a nonce was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NonceError {
+    /// Seen before.
+    Replayed,
+    /// The cache is full of nonces still in their window.
+    Full,
+}
+
+impl NonceCache {
+    /// Remembers `nonce` of `key_id`, signed at `created`, at time `now` (Unix
+    /// seconds); refuses one seen before.
+    pub fn accept(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        created: u64,
+        now: u64,
+    ) -> Result<(), NonceError> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(key_id.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(nonce.as_bytes());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        let mut n = self.inner.lock();
+        // Forget what can no longer be accepted: created more than the skew ago. The
+        // queue is in acceptance order, not `created` order, so stop at the first
+        // entry still valid and let later ones wait their turn; the check below uses
+        // the map, which holds exactly the entries not yet expired from the queue.
+        while let Some(&(old, old_created)) = n.order.front() {
+            if old_created.saturating_add(MAX_CLOCK_SKEW_SECS) >= now {
+                break;
+            }
+            n.order.pop_front();
+            n.seen.remove(&old);
+        }
+        if n.seen.contains_key(&id) {
+            return Err(NonceError::Replayed);
+        }
+        if n.seen.len() >= MAX_NONCES {
+            return Err(NonceError::Full);
+        }
+        n.seen.insert(id, created);
+        n.order.push_back((id, created));
+        Ok(())
+    }
+}
+
+/// Who a request comes from, its signature checked.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The signer.
+    pub principal: Principal,
+    /// True when the signer is this server's own identity (its repair loop): a
+    /// server is trusted with the whole state already, so it may do anything here.
+    pub server: bool,
+}
+
+impl Caller {
+    /// 403 unless the caller may do `action`. A refusal is confirmed with a
+    /// linearizable read, so a role granted a moment ago on another server counts.
+    pub async fn require(&self, state: &ApiState, action: Action<'_>) -> Result<(), ApiError> {
+        if self.server || state.raft.read_local(|s| s.allows(&self.principal, action)) {
+            return Ok(());
+        }
+        let who = self.principal.clone();
+        let owned = OwnedAction::from(action);
+        let allowed = state
+            .raft
+            .read(move |s| s.allows(&who, owned.as_action()))
+            .await?;
+        if allowed {
+            Ok(())
+        } else {
+            Err(forbidden(&self.principal, action))
+        }
+    }
+
+    /// Whether the caller may do `action`, from this server's state (for filtering
+    /// what a read shows).
+    pub fn may(&self, state: &ApiState, action: Action<'_>) -> bool {
+        self.server || state.raft.read_local(|s| s.allows(&self.principal, action))
+    }
+}
+
+/// An [`Action`] that can move into a read closure.
+enum OwnedAction {
+    Admin,
+    ReadCluster,
+    Circle(Option<String>, aigrid_api::Role),
+}
+
+impl From<Action<'_>> for OwnedAction {
+    fn from(a: Action<'_>) -> Self {
+        match a {
+            Action::Admin => OwnedAction::Admin,
+            Action::ReadCluster => OwnedAction::ReadCluster,
+            Action::Circle(c, r) => OwnedAction::Circle(c.map(str::to_owned), r),
+        }
+    }
+}
+
+impl OwnedAction {
+    fn as_action(&self) -> Action<'_> {
+        match self {
+            OwnedAction::Admin => Action::Admin,
+            OwnedAction::ReadCluster => Action::ReadCluster,
+            OwnedAction::Circle(c, r) => Action::Circle(c.as_deref(), *r),
+        }
+    }
+}
+
+/// 403 naming what was refused.
+fn forbidden(who: &Principal, action: Action<'_>) -> ApiError {
+    let who = match who {
+        Principal::Identity(id) => format!("identity `{id}`"),
+        Principal::Node(node) => format!("node `{node}`"),
+    };
+    let what = match action {
+        Action::Admin => "this needs a cluster admin".to_owned(),
+        Action::ReadCluster => "this needs a known identity".to_owned(),
+        Action::Circle(None, _) => "objects without a circle belong to the admins".to_owned(),
+        Action::Circle(Some(circle), role) => {
+            format!("this needs the role `{role}` or above in circle `{circle}`")
+        }
+    };
+    ApiError::new(
+        ErrorCode::Forbidden,
+        format!("{who} may not do this: {what}"),
+    )
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The signature headers of a request, read.
+pub(crate) fn parse_signature(headers: &HeaderMap) -> Result<ParsedSignature, ApiError> {
+    Ok(ParsedSignature::parse(
+        header(headers, CONTENT_DIGEST_HEADER),
+        header(headers, SIGNATURE_INPUT_HEADER),
+        header(headers, SIGNATURE_HEADER),
+    )?)
+}
+
+/// The target a signature covers: the path and query as the client sent them.
+fn target(uri: &Uri) -> &str {
+    uri.path_and_query().map_or(uri.path(), |p| p.as_str())
+}
+
+/// Checks `sig` over the request with `key`, then spends its nonce.
+pub(crate) fn check_signature(
+    state: &ApiState,
+    sig: &ParsedSignature,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+    key: &PublicKey,
+) -> Result<(), ApiError> {
+    let now = state.clock.now().as_millis() / 1000;
+    sig.verify(method.as_str(), target(uri), body, key, now)?;
+    state
+        .nonces
+        .accept(
+            &sig.params.key_id,
+            &sig.params.nonce,
+            sig.params.created,
+            now,
+        )
+        .map_err(|e| match e {
+            NonceError::Replayed => ApiError::from(AuthError::Replayed),
+            NonceError::Full => ApiError::new(
+                ErrorCode::RateLimited,
+                "too many signed requests in the replay window; retry later",
+            ),
+        })
+}
+
+/// The public key of a signer, looked up in this server's state and, when absent,
+/// confirmed with a linearizable read (a server that lags must not refuse a key
+/// added a moment ago). A configured bootstrap admin calling a cluster without
+/// admins makes them admins first.
+async fn key_of(state: &ApiState, key: &KeyRef) -> Result<PublicKey, ApiError> {
+    match key {
+        KeyRef::Identity(id) if state.server_key.as_ref().is_some_and(|k| k.id() == *id) => {
+            Ok(state.server_key.clone().expect("checked just above"))
+        }
+        KeyRef::Identity(id) => {
+            if let Some(info) = state.raft.read_local(|s| s.identity(id).cloned()) {
+                return Ok(info.public_key);
+            }
+            let looked = id.clone();
+            let (known, has_admin) = state
+                .raft
+                .read(move |s| (s.identity(&looked).cloned(), s.has_admin()))
+                .await?;
+            if let Some(info) = known {
+                return Ok(info.public_key);
+            }
+            if !has_admin && state.bootstrap_admins.iter().any(|(_, k)| k.id() == *id) {
+                bootstrap_admins(state).await?;
+                if let Some(info) = state.raft.read_local(|s| s.identity(id).cloned()) {
+                    return Ok(info.public_key);
+                }
+            }
+            Err(unauthorized(format!(
+                "identity `{id}` is not known to this cluster"
+            )))
+        }
+        KeyRef::Node(node) => {
+            let mut found = state.raft.read_local(|s| s.node_key(node));
+            if !matches!(found, Some((Some(_), false))) {
+                let looked = node.clone();
+                found = state.raft.read(move |s| s.node_key(&looked)).await?;
+            }
+            match found {
+                Some((Some(key), false)) => Ok(key.into()),
+                Some((_, true)) => Err(ApiError::new(
+                    ErrorCode::KeyRevoked,
+                    format!("the key of node `{node}` was revoked"),
+                )),
+                Some((None, false)) | None => Err(ApiError::new(
+                    ErrorCode::UnknownNode,
+                    format!("node `{node}` has no registered key"),
+                )),
+            }
+        }
+    }
+}
+
+/// Proposes this server's bootstrap admins (a no-op once the cluster has an admin).
+pub(crate) async fn bootstrap_admins(state: &ApiState) -> Result<(), ApiError> {
+    if state.bootstrap_admins.is_empty() {
+        return Ok(());
+    }
+    propose(
+        state,
+        Command::BootstrapAdmins {
+            admins: state.bootstrap_admins.as_ref().clone(),
+            at: state.clock.now(),
+        },
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Checks a request's signature and answers who made it.
+pub(crate) async fn authenticate(
+    state: &ApiState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Caller, ApiError> {
+    let sig = parse_signature(headers)?;
+    let key = sig.key()?;
+    let public = key_of(state, &key).await?;
+    check_signature(state, &sig, method, uri, body, &public)?;
+    let server = state.server_key.as_ref() == Some(&public);
+    Ok(Caller {
+        principal: match key {
+            KeyRef::Identity(id) => Principal::Identity(id),
+            KeyRef::Node(node) => Principal::Node(node),
+        },
+        server,
+    })
+}
+
+fn request_uri(parts: &Parts) -> Uri {
+    parts
+        .extensions
+        .get::<OriginalUri>()
+        .map_or_else(|| parts.uri.clone(), |o| o.0.clone())
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    /// For requests without a body: the signature covers an empty one.
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let uri = request_uri(parts);
+        authenticate(state, &parts.method, &uri, &parts.headers, &[]).await
+    }
+}
+
+/// The body of a signed request, with its signer; the body's size limits and type
+/// checks are [`body_bytes`]'s.
+pub(crate) async fn signed_bytes(
+    state: &ApiState,
+    req: Request,
+) -> Result<(Caller, Bytes), ApiError> {
+    let (parts, body) = req.into_parts();
+    let uri = request_uri(&parts);
+    let (method, headers) = (parts.method.clone(), parts.headers.clone());
+    let bytes = body_bytes(Request::from_parts(parts, body), &()).await?;
+    let caller = authenticate(state, &method, &uri, &headers, &bytes).await?;
+    Ok((caller, bytes))
+}
+
+/// A signed request's JSON body and its signer.
+pub struct Signed<T>(pub Caller, pub T);
+
+impl<T: DeserializeOwned> FromRequest<ApiState> for Signed<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        let (caller, bytes) = signed_bytes(state, req).await?;
+        Ok(Signed(caller, decode_json(&bytes)?))
+    }
+}
+
+/// Like [`Signed`], but an empty body stands for `T::default()`.
+pub struct SignedOptional<T>(pub Caller, pub T);
+
+impl<T: DeserializeOwned + Default> FromRequest<ApiState> for SignedOptional<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        let (caller, bytes) = signed_bytes(state, req).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(SignedOptional(caller, T::default()));
+        }
+        Ok(SignedOptional(caller, decode_json(&bytes)?))
+    }
+}
+
+/// The bootstrap admins a server was started with.
+pub type BootstrapAdmins = Arc<Vec<(String, PublicKey)>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nonce_is_accepted_once_within_the_window() {
+        let cache = NonceCache::default();
+        cache.accept("k", "n1", 1000, 1000).unwrap();
+        assert_eq!(
+            cache.accept("k", "n1", 1000, 1001),
+            Err(NonceError::Replayed)
+        );
+        // Another key may use the same nonce.
+        cache.accept("k2", "n1", 1000, 1001).unwrap();
+        // Once the request is too old to be accepted at all, its nonce is forgotten
+        // (the signature check refuses it by then).
+        cache
+            .accept(
+                "k",
+                "n2",
+                1000 + MAX_CLOCK_SKEW_SECS + 2,
+                1000 + MAX_CLOCK_SKEW_SECS + 2,
+            )
+            .unwrap();
+        assert!(!cache.inner.lock().seen.is_empty());
+        assert_eq!(cache.inner.lock().seen.len(), 1);
+    }
+}
