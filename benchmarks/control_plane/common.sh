@@ -232,8 +232,16 @@ start_aigrid_server() {
     port="$(aigrid_port "$id")"
     require_free_port "$port"
     mkdir -p "$dir/aigrid$id"
+    # Writes are signed: the load generator signs as this admin identity.
+    if [ ! -f "$dir/admin.json" ]; then
+        "$BIN_DIR/aigrid" key new --name bench --identity "$dir/admin.json" >/dev/null
+    fi
+    export AIGRID_IDENTITY="$dir/admin.json"
+    local admin
+    admin="$("$BIN_DIR/aigrid" key show --json --identity "$dir/admin.json" |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["public_key"])')"
     "$BIN_DIR/aigrid" server --id "$id" --listen "127.0.0.1:$port" "$@" \
-        --data-dir "$dir/aigrid$id" >"$dir/aigrid$id.log" 2>&1 &
+        --admin "bench=$admin" --data-dir "$dir/aigrid$id" >"$dir/aigrid$id.log" 2>&1 &
     PIDS+=("$!")
     SERVER_LOGS+=("$dir/aigrid$id.log")
     AIGRID_PIDS[$id]="$!"

@@ -259,13 +259,31 @@ impl Submitter {
                 )
             }
         };
-        let sent = self
+        let mut req = self
             .http
             .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await;
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        // aigrid takes only signed writes: sign as the identity the servers were
+        // started with as their admin, as the CLI does, on every request.
+        if let (Target::Aigrid, Some(key)) = (&self.target, admin_key()) {
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut nonce = [0u8; 16];
+            rand::fill(&mut nonce[..]);
+            let signed = aigrid_api::signature::sign_request(
+                key,
+                "POST",
+                "/api/v1/jobs",
+                &body,
+                created,
+                nonce,
+            );
+            for (name, value) in signed.pairs() {
+                req = req.header(name, value);
+            }
+        }
+        let sent = req.body(body).send().await;
         match sent {
             Ok(resp) => {
                 let status = resp.status();
@@ -660,4 +678,17 @@ mod tests {
             .collect();
         assert_eq!(probes, vec![(0, 3), (1, 4), (2, 5)]);
     }
+}
+
+/// The identity in the key file `AIGRID_IDENTITY` names (as `aigrid key new` writes
+/// it), read once; none when the variable is unset.
+fn admin_key() -> Option<&'static aigrid_api::IdentityKey> {
+    static KEY: std::sync::OnceLock<Option<aigrid_api::IdentityKey>> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let path = std::env::var_os("AIGRID_IDENTITY")?;
+        let text = std::fs::read_to_string(&path).ok()?;
+        let file: aigrid_api::KeyFile = serde_json::from_str(&text).ok()?;
+        file.key().ok()
+    })
+    .as_ref()
 }

@@ -12,6 +12,7 @@
 //! GPU per instance, one in four is constrained to a set of countries, one in four
 //! spreads over sites.
 
+use aigrid_scheduler::testkit::{admin_key, Sign};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +92,7 @@ impl Cluster {
                 .args(["server", "--id", &(i + 1).to_string()])
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--peers", &peers])
+                .args(["--admin", &admin_key().public().to_string()])
                 .arg("--data-dir")
                 .arg(&data)
                 // Simulated nodes never heartbeat.
@@ -161,7 +163,10 @@ fn signed_node(i: usize, token: &str) -> Prepared {
         .map_or(0, |d| d.as_secs());
     let mut nonce = [0u8; 16];
     rand::fill(&mut nonce[..]);
-    let signer = aigrid_api::NodeSigner { node: &id, key };
+    let signer = aigrid_api::NodeSigner {
+        node: &id,
+        key: &key,
+    };
     let signed = aigrid_api::signature::sign_request(
         &signer,
         "POST",
@@ -242,6 +247,9 @@ async fn post_all(
                         .post(&url)
                         .header("content-type", "application/json")
                         .body(body.body.clone());
+                    if body.headers.is_empty() {
+                        req = req.signed();
+                    }
                     for (name, value) in &body.headers {
                         req = req.header(*name, value);
                     }
@@ -273,6 +281,7 @@ fn tracing_free_log(e: &reqwest::Error) {
 async fn metric(client: &reqwest::Client, url: &str, name: &str) -> Result<f64> {
     let text = client
         .get(format!("{url}/metrics"))
+        .signed()
         .send()
         .await?
         .text()
@@ -322,6 +331,7 @@ async fn main() -> Result<()> {
     let token: Value = client
         .post(format!("{}/api/v1/join-tokens", cluster.urls[0]))
         .json(&json!({}))
+        .signed()
         .send()
         .await?
         .json()
