@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use aigrid_api::auth::NodeKey;
 use aigrid_api::manifest::Registration;
 use aigrid_api::signature::sign_request;
-use aigrid_api::NodeId;
 use aigrid_api::NodeSigner;
+use aigrid_api::{IdentityKey, KeyAlgorithm, NodeId};
 use aigrid_scheduler::testkit::model_registration;
 use common::schema::Checker;
 use common::*;
@@ -52,6 +52,17 @@ const SERVED: &[&str] = &[
     "DELETE /api/v1/models/{digest}",
     "PUT /api/v1/models/{digest}/locations",
     "GET /api/v1/storage",
+    "GET /api/v1/whoami",
+    "POST /api/v1/identities",
+    "GET /api/v1/identities",
+    "DELETE /api/v1/identities/{id}",
+    "GET /api/v1/circles",
+    "GET /api/v1/circles/{circle}",
+    "PUT /api/v1/circles/{circle}/members/{identity}",
+    "DELETE /api/v1/circles/{circle}/members/{identity}",
+    "POST /api/v1/circles/{circle}/api-keys",
+    "GET /api/v1/circles/{circle}/api-keys",
+    "DELETE /api/v1/circles/{circle}/api-keys/{id}",
     "GET /api/v1/openapi.json",
     "GET /api/v1",
     "GET /metrics",
@@ -168,6 +179,10 @@ struct Fixtures {
     digest: String,
     /// A server waiting to be added to the cluster.
     joiner: (u64, String),
+    /// An identity with a role in the circle `lab`, removed at the end.
+    member: String,
+    /// An API key of `lab`, revoked at the end.
+    api_key: String,
 }
 
 /// The node registration for `id`, signed with `key`, presenting `token`.
@@ -261,7 +276,36 @@ async fn make_fixtures(client: &reqwest::Client, server: &str, joiner: (u64, Str
         201,
     )
     .await;
+    let member = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [5; 32]);
+    expect_json(
+        Call::new("POST", "/api/v1/identities")
+            .json(&json!({"name": "member", "public_key": member.public()})),
+        client,
+        server,
+        201,
+    )
+    .await;
+    expect_json(
+        Call::new(
+            "PUT",
+            format!("/api/v1/circles/lab/members/{}", member.id()),
+        )
+        .json(&json!({"role": "viewer"})),
+        client,
+        server,
+        200,
+    )
+    .await;
+    let api_key = expect_json(
+        Call::new("POST", "/api/v1/circles/lab/api-keys").json(&json!({})),
+        client,
+        server,
+        201,
+    )
+    .await;
     Fixtures {
+        member: member.id().to_string(),
+        api_key: api_key["id"].as_str().unwrap().to_owned(),
         node: "node-a".into(),
         node_key,
         other_node: "node-b".into(),
@@ -332,6 +376,31 @@ fn valid_call(fx: &Fixtures, method: &str, path: &str) -> Option<Call> {
             Call::new(method, format!("/api/v1/models/{}/locations", fx.digest))
                 .json(&json!({"locations": fx.model.locations, "expected_version": 1}))
         }
+        ("POST", "/api/v1/identities") => Call::new(method, path).json(&json!({
+            "name": "another",
+            "public_key": IdentityKey::from_seed(KeyAlgorithm::Ed25519MlDsa65, [6; 32]).public(),
+        })),
+        ("DELETE", "/api/v1/identities/{id}") => {
+            Call::new(method, format!("/api/v1/identities/{}", fx.member))
+        }
+        ("GET", "/api/v1/circles/{circle}") => Call::new(method, "/api/v1/circles/lab"),
+        ("PUT", "/api/v1/circles/{circle}/members/{identity}") => {
+            Call::new(method, format!("/api/v1/circles/lab/members/{}", fx.member))
+                .json(&json!({"role": "operator"}))
+        }
+        ("DELETE", "/api/v1/circles/{circle}/members/{identity}") => {
+            Call::new(method, format!("/api/v1/circles/lab/members/{}", fx.member))
+        }
+        ("POST", "/api/v1/circles/{circle}/api-keys") => {
+            Call::new(method, "/api/v1/circles/lab/api-keys").json(&json!({"name": "conformance"}))
+        }
+        ("GET", "/api/v1/circles/{circle}/api-keys") => {
+            Call::new(method, "/api/v1/circles/lab/api-keys")
+        }
+        ("DELETE", "/api/v1/circles/{circle}/api-keys/{id}") => Call::new(
+            method,
+            format!("/api/v1/circles/lab/api-keys/{}", fx.api_key),
+        ),
         ("GET", "/v1/models/{model}") => Call::new(method, "/v1/models/conformance"),
         ("POST", "/v1/completions") => {
             Call::new(method, path).json(&json!({"model": "conformance", "prompt": "hi"}))

@@ -605,6 +605,19 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The identity in the key file `AIGRID_IDENTITY` names (as `aigrid key new` writes
+/// it), read once; none when the variable is unset.
+fn admin_key() -> Option<&'static aigrid_api::IdentityKey> {
+    static KEY: std::sync::OnceLock<Option<aigrid_api::IdentityKey>> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let path = std::env::var_os("AIGRID_IDENTITY")?;
+        let text = std::fs::read_to_string(&path).ok()?;
+        let file: aigrid_api::KeyFile = serde_json::from_str(&text).ok()?;
+        file.key().ok()
+    })
+    .as_ref()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,17 +691,4 @@ mod tests {
             .collect();
         assert_eq!(probes, vec![(0, 3), (1, 4), (2, 5)]);
     }
-}
-
-/// The identity in the key file `AIGRID_IDENTITY` names (as `aigrid key new` writes
-/// it), read once; none when the variable is unset.
-fn admin_key() -> Option<&'static aigrid_api::IdentityKey> {
-    static KEY: std::sync::OnceLock<Option<aigrid_api::IdentityKey>> = std::sync::OnceLock::new();
-    KEY.get_or_init(|| {
-        let path = std::env::var_os("AIGRID_IDENTITY")?;
-        let text = std::fs::read_to_string(&path).ok()?;
-        let file: aigrid_api::KeyFile = serde_json::from_str(&text).ok()?;
-        file.key().ok()
-    })
-    .as_ref()
 }

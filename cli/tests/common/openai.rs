@@ -3,6 +3,7 @@
 //! OpenAI-shaped answers (whole and streamed) and their conformance to the served
 //! OpenAPI document.
 
+use super::Sign;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -91,7 +92,7 @@ pub async fn poll<T>(
 ) -> T {
     let deadline = Instant::now() + limit;
     loop {
-        if let Ok(resp) = http.get(url).send().await {
+        if let Ok(resp) = http.get(url).signed().send().await {
             let status = resp.status().as_u16();
             if let Ok(body) = resp.text().await {
                 if let Some(v) = pick(status, &body) {

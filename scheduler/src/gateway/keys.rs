@@ -1,7 +1,9 @@
 //! Who may call `/v1`: an OpenAI client presents a circle's API key as
 //! `Authorization: Bearer aigrid-key....`, and sees and calls only the models that
 //! jobs of that circle deploy. A server listening beyond loopback requires a key;
-//! on loopback a request without one sees every model (the machine's own user).
+//! on loopback a request without one (or with something that is not an aigrid key,
+//! as OpenAI's clients always send one) sees every model; an aigrid key that is
+//! unknown or revoked is refused everywhere.
 
 use std::collections::{HashMap, HashSet};
 
@@ -47,12 +49,20 @@ pub(crate) fn scope(
             Ok(Scope::All)
         };
     };
-    let key: ApiKey = value
+    let key: Option<ApiKey> = value
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or(GatewayError::InvalidApiKey)?;
+        .and_then(|v| v.trim().parse().ok());
+    let Some(key) = key else {
+        // OpenAI's clients always send some key; where none is required, one that
+        // is not an aigrid key is no key at all.
+        return if required {
+            Err(GatewayError::InvalidApiKey)
+        } else {
+            Ok(Scope::All)
+        };
+    };
     lookup(&key)
         .map(Scope::Circle)
         .ok_or(GatewayError::InvalidApiKey)
@@ -83,9 +93,10 @@ mod tests {
         );
         headers.insert(header::AUTHORIZATION, "Bearer sk-nonsense".parse().unwrap());
         assert_eq!(
-            scope(&headers, false, |_| None),
+            scope(&headers, true, |_| None),
             Err(GatewayError::InvalidApiKey)
         );
+        assert_eq!(scope(&headers, false, |_| None), Ok(Scope::All));
         let lab: HashSet<Option<String>> = [Some("lab".to_owned()), None].into();
         assert!(found.sees(Some(&lab)));
         assert!(!Scope::Circle("other".into()).sees(Some(&lab)));

@@ -196,6 +196,7 @@ async fn set_member(
     params(("circle" = String, Path, description = "Circle name"), ("identity" = String, Path, description = "Identity id")),
     responses(
         (status = 200, description = "The circle as it is now", body = CircleInfo),
+        (status = 400, description = "Not a circle name", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
     )
 )]
@@ -205,6 +206,20 @@ async fn remove_member(
     caller: Caller,
 ) -> Result<Json<CircleInfo>, ApiError> {
     change_member(&state, &caller, circle, identity, None).await
+}
+
+/// 404 for a circle nobody has a role in: its keys would serve no one's models.
+async fn circle_exists(state: &ApiState, circle: &str) -> Result<(), ApiError> {
+    let looked = circle.to_owned();
+    if state
+        .raft
+        .read(move |s| s.circle(&looked).is_some())
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(not_found("circle", circle))
+    }
 }
 
 async fn change_member(
@@ -239,6 +254,7 @@ async fn change_member(
     responses(
         (status = 201, description = "Created and committed", body = CreatedApiKey),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "A circle without members", body = ErrorBody),
     )
 )]
 async fn create_api_key(
@@ -251,6 +267,7 @@ async fn create_api_key(
         .require(&state, Action::Circle(Some(&circle), Role::Owner))
         .await?;
     request.validate()?;
+    circle_exists(&state, &circle).await?;
     let bytes = random_bytes::<40>();
     let mut id = [0u8; 8];
     id.copy_from_slice(&bytes[..8]);
@@ -282,7 +299,7 @@ async fn create_api_key(
 #[utoipa::path(
     tag = "access", get, path = "/api/v1/circles/{circle}/api-keys",
     params(("circle" = String, Path, description = "Circle name")),
-    responses((status = 200, body = [ApiKeyInfo]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody))
+    responses((status = 200, body = [ApiKeyInfo]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, description = "A circle without members", body = ErrorBody))
 )]
 async fn list_api_keys(
     State(state): State<ApiState>,
@@ -292,6 +309,7 @@ async fn list_api_keys(
     caller
         .require(&state, Action::Circle(Some(&circle), Role::Owner))
         .await?;
+    circle_exists(&state, &circle).await?;
     Ok(Json(
         state.raft.read(move |s| s.api_keys(Some(&circle))).await?,
     ))

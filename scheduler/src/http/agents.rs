@@ -34,7 +34,7 @@ use super::auth::{self, check_signature, parse_signature};
 use super::plumbing::{
     body_bytes, decode_json, not_found, propose, unauthorized, unexpected, ApiError, ApiState,
 };
-use crate::state::{Applied, Command, Principal, StateError, TokenUse};
+use crate::state::{Applied, Command, StateError, TokenUse};
 
 /// Longest a long poll is held.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(300);
@@ -82,18 +82,24 @@ async fn authenticate_node(
     body: &[u8],
     node: &NodeId,
 ) -> Result<(), ApiError> {
-    match auth::authenticate(state, method, uri, headers, body)
-        .await?
-        .principal
-    {
-        Principal::Node(signer) if signer == *node => Ok(()),
-        Principal::Node(signer) => Err(unauthorized(format!(
-            "request signed by node `{signer}` for node `{node}`"
-        ))),
-        Principal::Identity(id) => Err(unauthorized(format!(
+    // The node addressed must hold a key first: an unknown or revoked node is
+    // refused alike whoever signs, so the agent knows to register again.
+    let key = auth::key_of(state, &KeyRef::Node(node.clone())).await?;
+    let sig = parse_signature(headers)?;
+    match sig.key()? {
+        KeyRef::Node(signer) if signer == *node => {}
+        KeyRef::Node(signer) => {
+            return Err(unauthorized(format!(
+                "request signed by node `{signer}` for node `{node}`"
+            )))
+        }
+        KeyRef::Identity(id) => {
+            return Err(unauthorized(format!(
             "request signed by identity `{id}` for node `{node}`: agents sign with their node key"
-        ))),
+        )))
+        }
     }
+    check_signature(state, &sig, method, uri, body, &key)
 }
 
 /// The join token in `Authorization: Bearer ...`, if any.

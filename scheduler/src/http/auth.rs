@@ -231,7 +231,7 @@ pub(crate) fn check_signature(
 /// confirmed with a linearizable read (a server that lags must not refuse a key
 /// added a moment ago). A configured bootstrap admin calling a cluster without
 /// admins makes them admins first.
-async fn key_of(state: &ApiState, key: &KeyRef) -> Result<PublicKey, ApiError> {
+pub(crate) async fn key_of(state: &ApiState, key: &KeyRef) -> Result<PublicKey, ApiError> {
     match key {
         KeyRef::Identity(id) if state.server_key.as_ref().is_some_and(|k| k.id() == *id) => {
             Ok(state.server_key.clone().expect("checked just above"))

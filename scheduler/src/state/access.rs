@@ -288,7 +288,7 @@ impl ClusterState {
                 if removed.is_none() {
                     return Err(StateError::not_found(
                         ObjectKind::Member,
-                        &format!("{circle}/{identity}"),
+                        format!("{circle}/{identity}"),
                     ));
                 }
                 access.circles.retain(|_, members| !members.is_empty());
