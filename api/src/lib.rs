@@ -12,6 +12,7 @@
 //! | [`evaluation`] | a request to the planner to reconcile one job |
 //! | [`node`] | node registration and the node view |
 //! | [`auth`] | node keys, signed requests and join tokens |
+//! | [`ca`] | the cluster CA's fingerprint, as join tokens carry it |
 //! | [`cluster`] | control-plane membership and Raft status |
 //! | [`model`] | registered models as listed, and the dispersed store a server offers |
 //! | [`manifest`] | a model's signed manifest and shard locations: canonical encoding, digest, signature check |
@@ -29,6 +30,7 @@ mod macros;
 
 pub mod allocation;
 pub mod auth;
+pub mod ca;
 pub mod cluster;
 pub mod digest;
 pub mod error;
@@ -52,6 +54,7 @@ pub use auth::{
     AuthError, CreateJoinToken, CreatedJoinToken, JoinToken, JoinTokenInfo, NodeKey, NodePublicKey,
     RequestToSign,
 };
+pub use ca::CaFingerprint;
 pub use cluster::{
     ClusterStatus, Health, JoinRequest, LeaveRequest, Member, MemberRole, Readiness,
 };
