@@ -16,7 +16,8 @@
 //! | [`gateway`] | the OpenAI-compatible `/v1` inference gateway: resolves a request's model ([`gateway::table`]), picks a ready replica with the fewest requests outstanding and streams its answer back ([`gateway::balancer`]); its routes are documented in the same OpenAPI document |
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
-//! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
+//! | [`server`] | one control-plane server: configuration, replica, listeners, lifecycle |
+//! | [`certs`] | its certificate from the cluster CA (or the CA a one-server cluster makes), and the control API's HTTPS listener |
 //! | `testkit` | fixtures for tests (feature `testkit`, never in a release build): small real inputs (signed model registrations) |
 //!
 //! ## Following a job submission
@@ -43,6 +44,7 @@
 //! rules every reachable state obeys; unit tests, the property tests and the
 //! simulation all run it.
 
+pub mod certs;
 pub mod clock;
 pub mod gateway;
 pub mod http;

@@ -214,8 +214,8 @@ async fn admission(State(state): State<ApiState>, req: Request, next: Next) -> R
     resp
 }
 
-/// The whole HTTP surface of a server: control API, `/v1` inference gateway, Raft
-/// transport, metrics, probes. `storage` is what `GET /api/v1/storage` answers.
+/// The public HTTP surface of a server: control API, `/v1` inference gateway,
+/// metrics, probes. `storage` is what `GET /api/v1/storage` answers.
 pub fn router(
     raft: RaftNode<ClusterState>,
     registry: Registry,
@@ -247,10 +247,9 @@ pub fn router(
         .fallback(not_found)
         .layer(middleware::from_fn(method_not_allowed))
         .with_state(state);
-    // The gateway has its own body limit, admission and error shape (OpenAI's).
-    Ok(api
-        .merge(crate::gateway::router(gateway))
-        .merge(aigrid_consensus::transport::router(raft.inbox())))
+    // The gateway has its own body limit, admission and error shape (OpenAI's). Raft
+    // is not here: it has a listener of its own, with mutual TLS.
+    Ok(api.merge(crate::gateway::router(gateway)))
 }
 #[cfg(test)]
 mod tests {
