@@ -10,8 +10,8 @@
 //!   plain when not on a terminal.
 //! - [`shutdown`]: the signal that stops a long-running role.
 //! - [`client`]: the HTTP client, failing over between servers, with one-line errors.
-//! - [`commands`]: the client subcommands `job`, `alloc`, `node`, `cluster`, one
-//!   module per noun.
+//! - [`commands`]: the client subcommands `job`, `alloc`, `node`, `cluster`, `ca`,
+//!   one module per noun.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
 //! - [`placement`]: waiting for a submitted job's placement and saying where it went.
 //! - [`logs`]: allocations' output: by id prefix, by job, followed.
@@ -58,6 +58,11 @@ struct Cli {
     #[arg(long, global = true, env = "AIGRID_JSON")]
     json: bool,
 
+    /// The cluster CA's certificate (`ca.pem`): `https://` servers are trusted only
+    /// under it.
+    #[arg(long, global = true, env = "AIGRID_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -98,6 +103,9 @@ enum Command {
     /// Inspect and change the control plane's membership.
     #[command(subcommand)]
     Cluster(commands::ClusterCommand),
+    /// Make the cluster's certificate authority and issue server certificates.
+    #[command(subcommand)]
+    Ca(commands::CaCommand),
     /// Supervise one allocation's workload (started by the agent, detached).
     #[command(hide = true)]
     Supervise { alloc_dir: std::path::PathBuf },
@@ -139,6 +147,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        if let Some(path) = &cli.ca_cert {
+            client::trust_ca_file(path)?;
+        }
         match cli.command {
             Command::Up(args) => {
                 init_logging();
@@ -163,6 +174,7 @@ fn main() -> ExitCode {
             Command::Cluster(cmd) => {
                 commands::cluster(&Client::new(&cli.server)?, cmd, cli.json).await
             }
+            Command::Ca(cmd) => commands::ca(cmd, cli.json),
             Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
         }
     });

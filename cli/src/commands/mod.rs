@@ -6,11 +6,14 @@
 //! | `job` | `aigrid job` and `aigrid alloc`: job files read and checked, submitted, listed, shown, removed; an allocation's output |
 //! | `node` | `aigrid node`: nodes listed and shown, registered and heartbeated by hand, drained, revoked; join tokens |
 //! | `cluster` | `aigrid cluster`: membership and Raft status |
+//! | `ca` | `aigrid ca`: the cluster CA and the server certificates it issues |
 
+mod ca;
 mod cluster;
 mod job;
 mod node;
 
+pub use ca::{ca, CaCommand};
 pub use cluster::{cluster, ClusterCommand};
 pub use job::{alloc, job, AllocCommand, JobCommand};
 pub use node::{node, NodeCommand};
