@@ -69,7 +69,8 @@ pub use node::{
 };
 pub use spec::{
     Affinity, Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind,
-    JobSpec, ModelServerTask, Resources, RestartMode, RestartPolicy, Spread, TaskGroup, TaskSpec,
+    JobSpec, ModelServerTask, Resources, RestartMode, RestartPolicy, SizeError, Spread, TaskGroup,
+    TaskSpec,
 };
 pub use units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
 
