@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::clock::{SharedClock, SystemClock};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::{self, ApiLimits, MAX_MODEL_BODY_LIMIT};
+use crate::listener::ListenerMetrics;
 use crate::state::ClusterState;
 
 /// Everything a server needs, validated by [`ServerConfig::validate`] before start.
@@ -61,6 +62,9 @@ pub struct ServerConfig {
     pub storage: StorageInfo,
     /// The `/v1` inference gateway's limits and probing.
     pub gateway: GatewayConfig,
+    /// TLS for the HTTP listener (control API, gateway and Raft transport), from
+    /// the cluster's CA; `None` serves plain HTTP.
+    pub api_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -86,6 +90,7 @@ impl ServerConfig {
             node_ttl: crate::worker::WorkerConfig::default().node_ttl,
             storage: StorageInfo::default(),
             gateway: GatewayConfig::default(),
+            api_tls: None,
         }
     }
 
@@ -131,6 +136,12 @@ impl ServerConfig {
         }
         if let Err(e) = self.gateway.validate() {
             return bad(e);
+        }
+        if let Err(e) = self.limits.listener.validate() {
+            return bad(e);
+        }
+        if self.limits.rate_per_second > 0 && self.limits.rate_burst == 0 {
+            return bad("rate burst must be at least 1 when a rate is set".into());
         }
         if self.storage != StorageInfo::default() {
             if let Err(e) = self.storage.validate() {
@@ -213,6 +224,7 @@ impl Server {
         };
         let registry = Registry::new();
         let metrics = std::sync::Arc::new(RaftMetrics::register(&registry)?);
+        let listener_metrics = ListenerMetrics::register(&registry)?;
         let watch = Arc::new(crate::hub::NodeWatch::default());
         let raft = RaftNode::start(
             NodeConfig {
@@ -257,7 +269,7 @@ impl Server {
             gateway.clone(),
             clock.clone(),
         )?;
-        let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+        let (shutdown, _) = tokio::sync::watch::channel(false);
         tokio::spawn(gateway.clone().run(shutdown.subscribe()));
         // Plain heartbeats reach the log a few times per TTL, so a node's
         // `last_seen` lags its last heartbeat by a small part of the TTL.
@@ -283,13 +295,14 @@ impl Server {
             clock,
             shutdown.subscribe(),
         ));
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
+        let http = tokio::spawn(crate::listener::serve(
+            listener,
+            app,
+            config.limits.listener.clone(),
+            config.api_tls.clone(),
+            listener_metrics,
+            shutdown.subscribe(),
+        ));
         Ok(Server {
             addr,
             raft,
