@@ -65,7 +65,8 @@ pub use manifest::{Locations, Manifest, ManifestError, Registration, SignedManif
 pub use model::{ModelSummary, StorageBackend, StorageInfo};
 pub use node::{
     DrainSpec, GpuDevice, GpuHealth, GpuTelemetry, Heartbeat, HeartbeatResponse, Node,
-    NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage, RegisterNodeResponse,
+    NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage, PortRange,
+    RegisterNodeResponse,
 };
 pub use spec::{
     Affinity, Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind,
