@@ -12,7 +12,8 @@
 //! - [`driver`]: how one run of a task happens (`exec` under a supervisor, or
 //!   recorded in memory for simulated fleets).
 //! - [`model_server`]: how a `model-server` task runs: an `exec` task of this
-//!   binary's `serve` role on a port picked for it, and the endpoint it reports.
+//!   binary's `serve` role on the port the control plane assigned it, at the
+//!   node's recorded address.
 //! - [`supervisor`]: the detached per-allocation process (`aigrid supervise`) and
 //!   the allocation-directory files it shares with the agent.
 //! - [`logs`]: size-rotated workload logs and their tails.

@@ -461,6 +461,10 @@ fn print_node(node: &Node, allocs: &[Allocation]) {
             attrs.join(" ")
         }
     );
+    match node.address {
+        Some(address) => println!("address     {address} (workload ports {})", node.ports),
+        None => println!("address     none (its workloads are not routed to)"),
+    }
     println!("registered  {}", ms_to_text(node.registered_at.0));
     println!("last seen   {}", ms_to_text(node.last_seen.0));
     let usage = node.usage.unwrap_or_default();
@@ -570,6 +574,7 @@ impl RegisterArgs {
                 gpus,
             },
             public_key: Some(key),
+            ports: None,
         };
         reg.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(reg)
