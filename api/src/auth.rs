@@ -113,13 +113,6 @@ pub enum AuthError {
     Replayed,
 }
 
-impl From<NodePublicKey> for crate::identity::PublicKey {
-    fn from(key: NodePublicKey) -> Self {
-        crate::identity::PublicKey::ed25519(key.0)
-            .expect("a NodePublicKey holds a valid ed25519 key")
-    }
-}
-
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     ::hex::encode(bytes)

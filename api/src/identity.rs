@@ -117,6 +117,12 @@ impl PublicKey {
     }
 }
 
+impl From<crate::auth::NodePublicKey> for PublicKey {
+    fn from(key: crate::auth::NodePublicKey) -> Self {
+        PublicKey::ed25519(*key.as_bytes()).expect("a NodePublicKey holds a valid ed25519 key")
+    }
+}
+
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.0.algorithm, B64.encode(&self.0.bytes))

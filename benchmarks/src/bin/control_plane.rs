@@ -263,27 +263,13 @@ impl Submitter {
             .http
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json");
+        req = req.body(body);
         // aigrid takes only signed writes: sign as the identity the servers were
         // started with as their admin, as the CLI does, on every request.
         if let (Target::Aigrid, Some(key)) = (&self.target, admin_key()) {
-            let created = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let mut nonce = [0u8; 16];
-            rand::fill(&mut nonce[..]);
-            let signed = aigrid_api::signature::sign_request(
-                key,
-                "POST",
-                "/api/v1/jobs",
-                &body,
-                created,
-                nonce,
-            );
-            for (name, value) in signed.pairs() {
-                req = req.header(name, value);
-            }
+            req = aigrid_scheduler::testkit::Sign::signed_by(req, key);
         }
-        let sent = req.body(body).send().await;
+        let sent = req.send().await;
         match sent {
             Ok(resp) => {
                 let status = resp.status();

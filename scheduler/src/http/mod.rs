@@ -37,6 +37,7 @@ pub mod models;
 pub mod nodes;
 pub mod ops;
 pub mod plumbing;
+pub mod replay;
 pub mod tokens;
 
 use std::sync::{Arc, LazyLock};
@@ -251,7 +252,7 @@ pub fn router(
     let state = ApiState {
         server_key,
         clock,
-        nonces: Arc::new(auth::NonceCache::default()),
+        nonces: Arc::new(replay::NonceCache::default()),
         bootstrap_admins: Arc::new(admins),
         http: HttpMetrics::register(&registry)?,
         agents,

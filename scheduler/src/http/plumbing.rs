@@ -79,9 +79,9 @@ pub struct ApiState {
     /// Where handlers read the time they write into commands.
     pub(crate) clock: SharedClock,
     /// Nonces of signed requests accepted within the clock-skew window.
-    pub(crate) nonces: Arc<super::auth::NonceCache>,
+    pub(crate) nonces: Arc<super::replay::NonceCache>,
     /// The admins this server was started with (`--admin`).
-    pub(crate) bootstrap_admins: super::auth::BootstrapAdmins,
+    pub(crate) bootstrap_admins: Arc<Vec<(String, aigrid_api::PublicKey)>>,
     /// This server's own identity, which its own loops (repairs) sign with.
     pub(crate) server_key: Option<aigrid_api::PublicKey>,
 }
