@@ -89,9 +89,16 @@ pub struct Allocation {
     /// Whether its node enforces its CPU and memory limits (cgroup v2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsEnforcement>,
-    /// Where the workload serves, as its node reported it (`http://10.0.0.7:41234`):
-    /// set for workloads that listen (model servers), at the address the servers
-    /// reach the node at. The `/v1` gateway forwards inference requests there.
+    /// The port on its node the workload listens on, for workloads that listen
+    /// (model servers): assigned by the control plane from the node's
+    /// [`crate::node::PortRange`] when the allocation is placed, never one that
+    /// another unfinished allocation on the node holds, and kept for its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Where the workload serves, as its node reported it (`http://10.0.0.7:20417`),
+    /// kept only when it is the node's address and the assigned [`Allocation::port`].
+    /// The `/v1` gateway never reads it: it routes to the node's recorded address
+    /// and the assigned port alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// What the control plane wants.
@@ -142,7 +149,8 @@ pub struct AllocationReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsEnforcement>,
     /// Where it serves (`http://host:port`), for workloads that listen; see
-    /// [`check_endpoint`] for what is accepted.
+    /// [`check_endpoint`] for what is accepted. Kept only when it names the
+    /// node's recorded address and the allocation's assigned port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
 }
@@ -218,6 +226,22 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), ValidationError> {
         Ok(p) if p != 0 && !port.starts_with('+') => Ok(()),
         _ => bad("the port must be 1 to 65535"),
     }
+}
+
+/// True when `endpoint` names exactly `address` and `port`: `http://` or
+/// `https://`, then the IP literal (an IPv4-mapped IPv6 address counts as its IPv4
+/// form) and the port, nothing else. A host name never matches: the servers know
+/// a node by the address its registration came from, not by a name it gives.
+pub fn endpoint_matches(endpoint: &str, address: std::net::IpAddr, port: u16) -> bool {
+    let Some(authority) = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    authority
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|at| at.ip().to_canonical() == address.to_canonical() && at.port() == port)
 }
 
 /// What a node's agent is told to run: the allocation and, when the allocation is
@@ -321,6 +345,31 @@ mod tests {
         }
         let long = format!("http://{}:80", "h".repeat(MAX_ENDPOINT_LEN));
         assert!(check_endpoint(&long).is_err());
+    }
+
+    #[test]
+    fn an_endpoint_matches_only_its_address_and_port() {
+        let v4: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        let v6: std::net::IpAddr = "fd00::7".parse().unwrap();
+        assert!(endpoint_matches("http://10.0.0.7:20417", v4, 20417));
+        assert!(endpoint_matches("https://10.0.0.7:20417", v4, 20417));
+        assert!(endpoint_matches(
+            "http://[::ffff:10.0.0.7]:20417",
+            v4,
+            20417
+        ));
+        assert!(endpoint_matches("http://[fd00::7]:20417", v6, 20417));
+        for other in [
+            "http://10.0.0.7:20418",
+            "http://10.0.0.8:20417",
+            "http://node-7:20417",
+            "http://10.0.0.7:20417/x",
+            "ftp://10.0.0.7:20417",
+            "http://user@10.0.0.7:20417",
+            "10.0.0.7:20417",
+        ] {
+            assert!(!endpoint_matches(other, v4, 20417), "{other}");
+        }
     }
 
     #[test]

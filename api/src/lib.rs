@@ -76,6 +76,7 @@ pub use model::{ModelSummary, StorageBackend, StorageInfo};
 pub use node::{
     DrainSpec, GpuDevice, GpuHealth, GpuTelemetry, Heartbeat, HeartbeatResponse, Node,
     NodeProtections, NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage,
+    PortRange,
     RegisterNodeResponse,
 };
 pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHeaders};

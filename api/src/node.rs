@@ -4,6 +4,7 @@
 //! every view, tolerates fields added by newer releases.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -82,6 +83,95 @@ pub struct NodeResources {
     pub gpus: Vec<GpuDevice>,
 }
 
+/// The ports a node offers to workloads that listen, `first..=last`: the control
+/// plane assigns each such allocation one of them, never one a live allocation on
+/// the same node holds, and the node's workload listens on exactly that port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortRange {
+    /// The lowest port offered.
+    pub first: u16,
+    /// The highest port offered.
+    pub last: u16,
+}
+
+impl PortRange {
+    /// What a node offers when it does not say: below Linux's ephemeral ports
+    /// (32768 and up), so outgoing connections never hold an assigned port.
+    pub const DEFAULT: PortRange = PortRange {
+        first: 20_000,
+        last: 32_767,
+    };
+
+    /// How many ports it holds.
+    pub fn len(&self) -> u32 {
+        u32::from(self.last).saturating_sub(u32::from(self.first)) + 1
+    }
+
+    /// Never true for a valid range; here for the `len` convention.
+    pub fn is_empty(&self) -> bool {
+        self.last < self.first
+    }
+
+    /// True when `port` is in it.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// Checks the bounds: `1 <= first <= last`.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.first == 0 || self.first > self.last {
+            return Err(ValidationError::new(
+                "ports",
+                format!(
+                    "`{}-{}` is not a port range: want 1 <= first <= last <= 65535",
+                    self.first, self.last
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = ValidationError;
+
+    /// `FIRST-LAST`, or one port alone.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ValidationError::new("ports", format!("`{s}` is not FIRST-LAST"));
+        let (first, last) = s.split_once('-').unwrap_or((s, s));
+        let parse = |p: &str| p.trim().parse::<u16>().map_err(|_| bad());
+        let range = PortRange {
+            first: parse(first)?,
+            last: parse(last)?,
+        };
+        range.validate()?;
+        Ok(range)
+    }
+}
+
+/// The URL a workload listening on `port` of a node reached at `address` serves
+/// at: `http://10.0.0.7:20417`, `http://[fd00::7]:20417`. The only place the
+/// servers send inference traffic to.
+pub fn workload_endpoint(address: IpAddr, port: u16) -> String {
+    match address {
+        IpAddr::V4(ip) => format!("http://{ip}:{port}"),
+        IpAddr::V6(ip) => format!("http://[{ip}]:{port}"),
+    }
+}
+
 /// What an agent sends when it joins or rejoins.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +193,11 @@ pub struct NodeRegistration {
     /// from agents that predate it (and from simulated nodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protections: Option<NodeProtections>,
+    /// The ports its workloads may be assigned; [`PortRange::DEFAULT`] when absent.
+    /// Where the servers reach the node is not the agent's to say: it is the
+    /// address the registration came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortRange>,
 }
 
 /// What keeps a node's workloads (the AI circuit) away from its keys, data dir and
@@ -173,6 +268,9 @@ impl NodeRegistration {
                 "attributes",
                 "attribute names must not be empty",
             ));
+        }
+        if let Some(ports) = &self.ports {
+            ports.validate()?;
         }
         let resources = &self.resources;
         if resources.cpu_millis.get() == 0 {
@@ -254,6 +352,16 @@ pub struct Node {
     /// instances are rescheduled. It may join again with a new key and join token.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub revoked: bool,
+    /// Where the servers reach the node's workloads: the source address of the
+    /// connection its registration came over, recorded by the server that took it.
+    /// Absent for a node registered without one (by hand); nothing is routed to
+    /// such a node's workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "10.0.0.7")]
+    pub address: Option<IpAddr>,
+    /// The ports its listening workloads are assigned from.
+    #[serde(default)]
+    pub ports: PortRange,
     /// The latest host and GPU readings its agent sent to the server answering;
     /// kept in that server's memory, never in the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -406,6 +514,12 @@ pub struct RegisterNodeResponse {
     /// reports; empty for a new node.
     #[serde(default)]
     pub eval_ids: Vec<EvalId>,
+    /// The address the servers reach the node's workloads at, as recorded: its
+    /// model servers listen there (or on every interface when it is not one of the
+    /// machine's own, as behind NAT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "10.0.0.7")]
+    pub address: Option<IpAddr>,
 }
 
 /// The answer to `POST /api/v1/nodes/{id}/heartbeat`, sent once it is committed.
@@ -541,6 +655,56 @@ mod tests {
         let back: NodeProtections =
             serde_json::from_value(serde_json::to_value(&none).unwrap()).unwrap();
         assert_eq!(back, none);
+    }
+
+    #[test]
+    fn port_ranges_parse_validate_and_default() {
+        let r: PortRange = "30000-30099".parse().unwrap();
+        assert_eq!((r.first, r.last, r.len()), (30_000, 30_099, 100));
+        assert!(r.contains(30_000) && r.contains(30_099) && !r.contains(30_100));
+        assert_eq!(r.to_string(), "30000-30099");
+        let one: PortRange = "8080".parse().unwrap();
+        assert_eq!((one.first, one.last, one.len()), (8080, 8080, 1));
+        let all: PortRange = "1-65535".parse().unwrap();
+        assert_eq!(all.len(), 65_535);
+        for bad in ["", "0-10", "20-10", "1-65536", "a-b", "10-", "-10", "1-2-3"] {
+            assert_eq!(
+                bad.parse::<PortRange>().unwrap_err().field,
+                "ports",
+                "{bad}"
+            );
+        }
+        assert_eq!(PortRange::default(), PortRange::DEFAULT);
+        const {
+            assert!(
+                PortRange::DEFAULT.last < 32_768,
+                "below the ephemeral ports"
+            )
+        };
+
+        let reg: NodeRegistration = serde_json::from_value(registration()).unwrap();
+        assert_eq!(reg.ports, None);
+        let mut v = registration();
+        v["ports"] = json!({"first": 40000, "last": 40010});
+        let reg: NodeRegistration = serde_json::from_value(v).unwrap();
+        reg.validate().unwrap();
+        assert_eq!(reg.ports.unwrap().len(), 11);
+        assert_eq!(
+            blamed(|v| v["ports"] = json!({"first": 2, "last": 1})),
+            "ports"
+        );
+        // Where the node is reached is not the agent's to say.
+        let mut v = registration();
+        v["address"] = json!("203.0.113.7");
+        assert!(serde_json::from_value::<NodeRegistration>(v).is_err());
+        assert_eq!(
+            workload_endpoint("10.0.0.7".parse().unwrap(), 20_417),
+            "http://10.0.0.7:20417"
+        );
+        assert_eq!(
+            workload_endpoint("fd00::7".parse().unwrap(), 20_417),
+            "http://[fd00::7]:20417"
+        );
     }
 
     #[test]

@@ -293,6 +293,8 @@ impl Server {
             shutdown.subscribe(),
         ));
         let http = tokio::spawn(async move {
+            // Registrations record the agent's source address as the node's.
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = rx.wait_for(|stop| *stop).await;

@@ -1,153 +1,37 @@
 //! The `/v1` inference gateway in front of real model-server replicas: tiny axum
-//! servers on 127.0.0.1:0 that answer `/ready` and `/v1/chat/completions` (JSON, or
-//! server-sent events they release step by step), registered as a deployed model's
-//! allocations the way an agent reports them (a heartbeat with state and endpoint).
+//! servers on 127.0.0.1 that answer `/ready` and `/v1/chat/completions` (JSON, or
+//! server-sent events they release step by step), listening on the ports the
+//! control plane assigned their allocations and reported the way an agent does
+//! (a heartbeat with state and endpoint).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use aigrid_api::{AllocState, Allocation, AllocationReport, Job, NodeId, NodeRegistration};
+use aigrid_api::{
+    AllocState, Allocation, AllocationReport, Job, NodeId, NodeRegistration, PortRange,
+};
 use aigrid_scheduler::clock::{Clock, SystemClock};
 use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_scheduler::state::Command;
 use aigrid_scheduler::testkit::model_registration;
 use aigrid_scheduler::testkit::Sign;
-use axum::body::{Body, Bytes};
-use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use reqwest::Client;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
 
 mod common;
+use common::replicas::{port_block, serve_on, take_port, Replica};
 use common::{get_json, post_json, register, start_leader, status_and_json, until, wait_job};
 
-/// One fake model server.
-#[derive(Clone)]
-struct Replica {
-    name: &'static str,
-    /// What `/ready` answers: 200 when set, 503 otherwise.
-    ready: Arc<AtomicBool>,
-    /// Chat requests it received.
-    served: Arc<AtomicUsize>,
-    /// `/ready` probes it received.
-    probes: Arc<AtomicUsize>,
-    /// Requests with `"hold": true` answer only once this turns true.
-    release: watch::Sender<bool>,
-    /// Each permit lets a streaming answer send its next event.
-    steps: Arc<Semaphore>,
-}
-
-impl Replica {
-    fn new(name: &'static str) -> Self {
-        Replica {
-            name,
-            ready: Arc::new(AtomicBool::new(false)),
-            served: Arc::new(AtomicUsize::new(0)),
-            probes: Arc::new(AtomicUsize::new(0)),
-            release: watch::Sender::new(false),
-            steps: Arc::new(Semaphore::new(0)),
-        }
-    }
-}
-
-async fn ready(State(r): State<Replica>) -> StatusCode {
-    r.probes.fetch_add(1, Ordering::SeqCst);
-    if r.ready.load(Ordering::SeqCst) {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    }
-}
-
-async fn chat(State(r): State<Replica>, body: Bytes) -> Response {
-    r.served.fetch_add(1, Ordering::SeqCst);
-    let request: Value = serde_json::from_slice(&body).unwrap();
-    if request["hold"] == true {
-        let mut released = r.release.subscribe();
-        let _ = released.wait_for(|go| *go).await;
-    }
-    if request["stream"] == true {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-        let steps = r.steps.clone();
-        tokio::spawn(async move {
-            for token in ["Hel", "lo"] {
-                let event = format!(
-                    "data: {}\n\n",
-                    json!({"choices": [{"delta": {"content": token}}]})
-                );
-                if tx.send(Ok(Bytes::from(event))).await.is_err() {
-                    return;
-                }
-                steps.acquire().await.unwrap().forget();
-            }
-            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
-        });
-        let events = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        return (
-            [(header::CONTENT_TYPE, "text/event-stream")],
-            Body::from_stream(events),
-        )
-            .into_response();
-    }
-    let answer = json!({
-        "object": "chat.completion",
-        "replica": r.name,
-        "model": request["model"],
-        "echo_bytes": body.len(),
-    });
-    (
-        StatusCode::OK,
-        [("content-type", "application/json"), ("x-replica", r.name)],
-        answer.to_string(),
-    )
-        .into_response()
-}
-
-/// A running fake replica: its endpoint and how to take it away.
-struct Running {
-    endpoint: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn serve(replica: Replica) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let app = Router::new()
-        .route("/ready", get(ready))
-        .route("/v1/chat/completions", post(chat))
-        .with_state(replica);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running {
-        endpoint,
-        stop,
-        task,
-    }
-}
-
 /// A pushed model deployed as a `model-server` service of `count` replicas on one
-/// registered node, `n1`: the model's digest, the job's URL and its allocations
-/// once all are placed.
+/// node, `n1`, registered from 127.0.0.1 with `ports`: the model's digest, the
+/// job's URL and its allocations once all are placed.
 async fn deploy(
     server: &Server,
     client: &Client,
     name: &str,
     count: usize,
+    ports: PortRange,
 ) -> (String, String, Vec<Allocation>) {
     let base = format!("http://{}", server.addr);
     let model = model_registration(name, 1, 2);
@@ -162,7 +46,8 @@ async fn deploy(
     assert_eq!(resp.status(), StatusCode::CREATED);
     let node: NodeRegistration = serde_json::from_value(json!({
         "id": "n1", "name": "n1",
-        "resources": {"cpu_millis": 16000, "memory_mib": 65536, "disk_mib": 1, "gpus": []}
+        "resources": {"cpu_millis": 16000, "memory_mib": 65536, "disk_mib": 1, "gpus": []},
+        "ports": ports
     }))
     .unwrap();
     register(server, node).await;
@@ -247,7 +132,14 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
     let client = Client::new();
 
     // A pushed model and a deployment of two replicas of it on one node.
-    let (digest, job_url, allocs) = deploy(&server, &client, "llama", 2).await;
+    let (mut held, ports) = port_block(2);
+    let (digest, job_url, allocs) = deploy(&server, &client, "llama", 2, ports).await;
+    let (port_0, port_1) = (allocs[0].port.unwrap(), allocs[1].port.unwrap());
+    assert_ne!(
+        port_0, port_1,
+        "two replicas on one node never share a port"
+    );
+    assert!(ports.contains(port_0) && ports.contains(port_1));
 
     // Deployed, nothing started yet: requests are told it is loading, not to deploy it.
     server.gateway.probe_now().await;
@@ -269,7 +161,8 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
 
     // The replicas start, loading: their agent reports them running at their endpoints.
     let (a, b) = (Replica::new("a"), Replica::new("b"));
-    let (run_a, run_b) = (serve(a.clone()).await, serve(b.clone()).await);
+    let run_a = serve_on(a.clone(), take_port(&mut held, port_0));
+    let run_b = serve_on(b.clone(), take_port(&mut held, port_1));
     report_running(
         &server,
         &[(&allocs[0], &run_a.endpoint), (&allocs[1], &run_b.endpoint)],
@@ -587,9 +480,10 @@ async fn the_background_probe_finds_a_replica_that_became_ready() {
     let server = start_leader(config).await;
     let base = format!("http://{}", server.addr);
     let client = Client::new();
-    let (_, _, allocs) = deploy(&server, &client, "tiny", 1).await;
+    let (mut held, ports) = port_block(1);
+    let (_, _, allocs) = deploy(&server, &client, "tiny", 1, ports).await;
     let replica = Replica::new("only");
-    let running = serve(replica.clone()).await;
+    let running = serve_on(replica.clone(), take_port(&mut held, ports.first));
     report_running(&server, &[(&allocs[0], &running.endpoint)]).await;
     let hello = json!({"model": "tiny", "messages": []});
     let chat_url = format!("{base}/v1/chat/completions");

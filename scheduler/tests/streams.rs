@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 mod sim;
 
-use aigrid_api::{DrainSpec, GpuHealth, JobId, NodeId, NodeRegistration, NodeStatus};
+use aigrid_api::{DrainSpec, GpuHealth, JobId, NodeId, NodeRegistration, NodeStatus, PortRange};
 use aigrid_scheduler::state::Command;
 use serde_json::{json, Value};
 use sim::*;
@@ -76,6 +76,7 @@ fn cluster(sizes: &[(u8, bool)]) -> Sim {
         let mut node = sim.state.node(&NodeId::new(format!("n{i}"))).unwrap();
         node.attributes
             .insert("country".into(), COUNTRIES[i % 3].into());
+        // A few ports each, so that listening instances run some nodes out.
         let reg = NodeRegistration {
             id: node.id.clone(),
             name: node.name.clone(),
@@ -83,11 +84,16 @@ fn cluster(sizes: &[(u8, bool)]) -> Sim {
             resources: node.resources.clone(),
             public_key: None,
             protections: None,
+            ports: Some(PortRange {
+                first: 20_000,
+                last: 20_002,
+            }),
         };
         let at = sim.at();
         sim.apply(Command::RegisterNode {
             node: reg,
             join_token: None,
+            address: Some(std::net::Ipv4Addr::new(10, 0, 0, 1 + i as u8).into()),
             at,
         })
         .unwrap();
@@ -116,8 +122,14 @@ fn apply_step(sim: &mut Sim, step: &Step) {
                     json!({"count": gpus, "model": "H100"})
                 };
             }
+            // Odd jobs serve a model: their instances listen, each on a port.
+            let task = if job % 2 == 1 {
+                json!({"driver": "model-server", "model": format!("model-{job}")})
+            } else {
+                exec()
+            };
             let mut group = json!({"name": "g", "count": count, "gang": gang,
-                "max_unavailable": 2, "resources": resources, "task": exec()});
+                "max_unavailable": 2, "resources": resources, "task": task});
             if let Some(c) = country {
                 group["constraints"] = json!([{"attribute": "country", "op": "in",
                     "value": [COUNTRIES[usize::from(*c)]]}]);
@@ -197,6 +209,33 @@ fn apply_step(sim: &mut Sim, step: &Step) {
 /// What must hold after every step.
 fn check(sim: &Sim, jobs_with_losses: &BTreeSet<JobId>) {
     sim.state.check_invariants().unwrap();
+    // Ports: each listening instance not yet gone has one of its node's, and no
+    // two on one node share one.
+    let mut ports: BTreeSet<(NodeId, u16)> = BTreeSet::new();
+    for alloc in sim.state.allocations() {
+        let listens = sim.state.job(&alloc.job_id).is_some_and(|j| {
+            j.version == alloc.job_version
+                && matches!(
+                    j.spec.group(&alloc.group).map(|g| &g.task),
+                    Some(aigrid_api::TaskSpec::ModelServer(_))
+                )
+        });
+        if alloc.state.is_terminal() {
+            continue;
+        }
+        match alloc.port {
+            Some(port) => {
+                let node = sim.state.node(&alloc.node_id).unwrap();
+                assert!(node.ports.contains(port), "{port} outside {}", node.ports);
+                assert!(
+                    ports.insert((alloc.node_id.clone(), port)),
+                    "port {port} on {} assigned twice",
+                    alloc.node_id
+                );
+            }
+            None => assert!(!listens, "{} listens without a port", alloc.id),
+        }
+    }
     let mut cpu: BTreeMap<NodeId, u64> = BTreeMap::new();
     let mut mem: BTreeMap<NodeId, u64> = BTreeMap::new();
     let mut live_per_group: BTreeMap<(JobId, String), u32> = BTreeMap::new();

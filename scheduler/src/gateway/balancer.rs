@@ -200,11 +200,9 @@ impl Gateway {
             }
         }
         let routes = self.raft.read_local(|s| {
-            let servers = s
-                .model_servers()
-                .into_iter()
-                .filter_map(|(digest, a)| Some((digest, a.endpoint.clone()?)))
-                .collect();
+            // Where the servers reach each replica: its node's recorded address
+            // and its assigned port, never an endpoint a node reported.
+            let servers = s.model_servers();
             let deployed = s
                 .deployed_models()
                 .into_iter()

@@ -13,6 +13,8 @@
 //! ([`authenticate_node`]); registration is signed by the key it registers and, for a
 //! new node, carries a join token.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aigrid_api::ErrorBody;
@@ -22,7 +24,7 @@ use aigrid_api::{
 };
 use axum::extract::rejection::QueryRejection;
 use axum::extract::Request;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::Json;
@@ -120,11 +122,29 @@ fn join_token(headers: &HeaderMap) -> Result<Option<TokenUse>, ApiError> {
     }))
 }
 
+/// The source address of the connection a request came over: where the servers
+/// reach the node that sent it (agents dial out, so this is the node's own address
+/// as the servers' network sees it). The listener must record it
+/// (`into_make_service_with_connect_info`); without it no node can be registered.
+fn peer_address(req: &Request) -> Result<IpAddr, ApiError> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip().to_canonical())
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Internal,
+                "this listener does not record connections' source addresses, so it cannot register nodes",
+            )
+        })
+}
+
 /// Registers a node, or refreshes a known node's inventory (an agent restart); 201
 /// when created, 200 when it refreshed a known node. The request is signed with the
 /// key the body registers (proving the agent holds it). A new node, or one whose key
 /// was revoked, also presents a join token as `Authorization: Bearer <token>`; a
-/// known node must keep its key.
+/// known node must keep its key. The node's address, where the servers reach its
+/// workloads, is the source address of this request's connection, whatever the
+/// body says.
 
 #[utoipa::path(
     tag = "agents", post, path = "/api/v1/nodes", request_body = NodeRegistration,
@@ -144,6 +164,7 @@ async fn register_node(
     headers: HeaderMap,
     req: Request,
 ) -> Result<(StatusCode, Json<RegisterNodeResponse>), ApiError> {
+    let address = peer_address(&req)?;
     let body = body_bytes(req, &state).await?;
     let node: NodeRegistration = decode_json(&body)?;
     node.validate()?;
@@ -161,6 +182,7 @@ async fn register_node(
     let command = Command::RegisterNode {
         node,
         join_token: token,
+        address: Some(address),
         at: state.clock.now(),
     };
     match propose(&state, command).await? {
@@ -180,6 +202,7 @@ async fn register_node(
                     id,
                     created,
                     eval_ids,
+                    address: Some(address),
                 }),
             ))
         }
@@ -235,11 +258,25 @@ async fn heartbeat(
     authenticate_node(state, &headers, &method, &uri, &body, &node_id).await?;
     let hb: Heartbeat = decode_json(&body)?;
     hb.validate()?;
-    let (changes, status) = state.raft.read_local(|s| {
+    let (changes, status, foreign) = state.raft.read_local(|s| {
         s.check_heartbeat(&node_id, &hb.gpus, &hb.allocations)?;
         let status = s.node_status(&node_id);
-        Ok::<_, StateError>((s.heartbeat_changes(&node_id, &hb), status))
+        let foreign = s.foreign_endpoints(&node_id, &hb.allocations);
+        Ok::<_, StateError>((s.heartbeat_changes(&node_id, &hb), status, foreign))
     })?;
+    if let Some((alloc, claimed, actual)) = foreign.first() {
+        FOREIGN_ENDPOINTS.warn(state.clock.now(), |skipped| {
+            tracing::warn!(
+                node = %node_id,
+                %alloc,
+                %claimed,
+                actual = actual.as_deref().unwrap_or("nowhere"),
+                in_this_heartbeat = foreign.len(),
+                earlier_not_logged = skipped,
+                "a node reported an endpoint other than its address and the assigned port; ignored"
+            );
+        });
+    }
     if let Some(t) = hb.telemetry {
         state.agents.report(&node_id, t);
     }
@@ -277,6 +314,48 @@ async fn heartbeat(
             true,
         )),
         other => Err(unexpected(other)),
+    }
+}
+
+/// Warnings about reported endpoints that were not believed: at most one per
+/// [`RateLimitedWarning::EVERY_MS`] over all nodes, so a node repeating its claim
+/// every heartbeat cannot flood the log.
+static FOREIGN_ENDPOINTS: RateLimitedWarning = RateLimitedWarning::new();
+
+/// A warning logged at most once per interval, counting what it held back.
+struct RateLimitedWarning {
+    /// When it was last logged, in Unix milliseconds; 0 before the first time.
+    last_ms: AtomicU64,
+    /// Occurrences since it was last logged.
+    skipped: AtomicU64,
+}
+
+impl RateLimitedWarning {
+    const EVERY_MS: u64 = 10_000;
+
+    const fn new() -> Self {
+        Self {
+            last_ms: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// Calls `log` with how many occurrences were held back since the last time,
+    /// if the interval has passed; otherwise counts this one.
+    fn warn(&self, now: Timestamp, log: impl FnOnce(u64)) {
+        let now = now.as_millis();
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= Self::EVERY_MS;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log(self.skipped.swap(0, Ordering::Relaxed));
+        } else {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -383,6 +462,7 @@ mod tests {
                 Command::RegisterNode {
                     node: registration(id, &[gpu]),
                     join_token: None,
+                    address: None,
                     at,
                 },
             )

@@ -53,6 +53,7 @@ impl<'g> GroupPlanner<'g> {
             cpu: r.cpu_millis.get(),
             memory: r.memory_mib.get(),
             gpus: r.gpus.as_ref().map(GpuNeed::new),
+            listens: GroupInfo::listening(group),
         };
         let constraints: Vec<Rule> = group
             .constraints
@@ -102,6 +103,7 @@ impl<'g> GroupPlanner<'g> {
                     && possible[n.layout]
                     && n.cpu >= need.cpu
                     && n.memory >= need.memory
+                    && (!need.listens || n.ports > 0)
             })
             .collect();
         // Every node is looked at: without a branch, a node costs a couple of
@@ -179,10 +181,14 @@ impl<'g> GroupPlanner<'g> {
         }
         match &self.need.gpus {
             Some(gpus) if !gpus.fits(snapshot.layout(n), &self.suits[shape.layout], used) => {
-                Err(Shortfall::Gpus)
+                return Err(Shortfall::Gpus)
             }
-            _ => Ok(()),
+            _ => {}
         }
+        if self.need.listens && used.ports() >= shape.ports {
+            return Err(Shortfall::Ports);
+        }
+        Ok(())
     }
 
     /// The GPUs an instance would get on node `n`, if it fits there.
@@ -249,9 +255,11 @@ impl<'g> GroupPlanner<'g> {
         gpus: &[usize],
     ) {
         let slice = self.need.gpus.as_ref().and_then(|g| g.slice);
-        taken
-            .node_mut(n)
-            .take(self.need.cpu, self.need.memory, gpus, slice);
+        let mut node = taken.node_mut(n);
+        node.take(self.need.cpu, self.need.memory, gpus, slice);
+        if self.need.listens {
+            node.port(false);
+        }
         let (shape, used) = (snapshot.shape(n), taken.node(n));
         debug_assert!(used.cpu() <= shape.cpu && used.memory() <= shape.memory);
     }
@@ -268,9 +276,11 @@ impl<'g> GroupPlanner<'g> {
             .filter_map(|uuid| uuids.iter().position(|u| u == uuid))
             .collect();
         let slice = p.gpu_memory_slice.map(MemoryMib::get);
-        taken
-            .node_mut(at)
-            .give_back(self.need.cpu, self.need.memory, &gpus, slice);
+        let mut node = taken.node_mut(at);
+        node.give_back(self.need.cpu, self.need.memory, &gpus, slice);
+        if self.need.listens {
+            node.port(true);
+        }
     }
 
     /// Instances per spread attribute and value: the job's live ones in the
@@ -470,7 +480,7 @@ impl<'g> GroupPlanner<'g> {
     pub(super) fn explain(&self, snapshot: &PlanSnapshot, taken: &Taken<'_>) -> Explanation {
         let mut not_ready = 0;
         let mut failed = vec![0; self.constraints.len()];
-        let (mut cpu, mut memory, mut gpus) = (0, 0, 0);
+        let (mut cpu, mut memory, mut gpus, mut ports) = (0, 0, 0, 0);
         let mut feasible = 0;
         for n in 0..snapshot.nodes.len() {
             let shape = snapshot.shape(n);
@@ -484,6 +494,7 @@ impl<'g> GroupPlanner<'g> {
                     Err(Shortfall::Cpu) => cpu += 1,
                     Err(Shortfall::Memory) => memory += 1,
                     Err(Shortfall::Gpus) => gpus += 1,
+                    Err(Shortfall::Ports) => ports += 1,
                 }
             }
         }
@@ -502,6 +513,7 @@ impl<'g> GroupPlanner<'g> {
         if let Some(need) = &self.need.gpus {
             count(Rejection::Gpus(need.describe()), gpus);
         }
+        count(Rejection::Ports, ports);
         let mut rejections: Vec<(Rejection, u32)> = counts.into_iter().collect();
         rejections.sort_by_key(|(r, c)| (Reverse(*c), r.clone()));
         Explanation {

@@ -178,7 +178,8 @@ impl UnplacedGroup {
 }
 
 /// Why an instance fit nowhere, in node counts: each node is counted once, under
-/// the first check it failed (status, constraints in order, CPU, memory, GPUs).
+/// the first check it failed (status, constraints in order, CPU, memory, GPUs,
+/// ports).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Explanation {
     /// Nodes in the snapshot.
@@ -214,6 +215,8 @@ pub enum Rejection {
     /// Not enough free healthy GPUs matching the request; its words (`4 free H100
     /// ≥ 40000 MiB`).
     Gpus(String),
+    /// No port of the node's range is free for an instance that listens.
+    Ports,
 }
 
 impl fmt::Display for Rejection {
@@ -224,6 +227,7 @@ impl fmt::Display for Rejection {
             Self::Cpu(need) => write!(f, "lacked {need} free CPU millis"),
             Self::Memory(need) => write!(f, "lacked {need} MiB free memory"),
             Self::Gpus(what) => write!(f, "lacked {what}"),
+            Self::Ports => f.write_str("had no free port"),
         }
     }
 }

@@ -229,6 +229,7 @@ mod tests {
             Some(GroupInfo {
                 priority,
                 movable: true,
+                listens: false,
             })
         })
     }

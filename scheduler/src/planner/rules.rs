@@ -115,6 +115,8 @@ pub(super) struct Need {
     pub(super) cpu: u64,
     pub(super) memory: u64,
     pub(super) gpus: Option<GpuNeed>,
+    /// Whether an instance listens, taking one of its node's ports.
+    pub(super) listens: bool,
 }
 
 #[derive(Debug)]
@@ -282,4 +284,5 @@ pub(super) enum Shortfall {
     Cpu,
     Memory,
     Gpus,
+    Ports,
 }

@@ -2,11 +2,12 @@
 //! layout, what live allocations take, and the copy-on-write view a plan changes.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
 use aigrid_api::{
     AllocId, Allocation, GpuDevice, JobId, JobSpec, MemoryMib, MilliCpu, Node, NodeId, NodeStatus,
+    TaskGroup, TaskSpec,
 };
 
 /// GPUs per word of a GPU bitset.
@@ -34,6 +35,10 @@ pub struct PlanSnapshot {
     /// Nodes holding live instances, per job and group, for spreading; a node is
     /// listed once per instance on it.
     pub(super) instances: HashMap<(JobId, String), Vec<usize>>,
+    /// The allocations counted as holding a port: every unfinished one that has
+    /// or will be given one. A port stays taken until its workload is confirmed
+    /// gone, so letting an allocation go in a plan does not free it.
+    pub(super) port_holders: HashSet<AllocId>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +55,8 @@ pub(super) struct NodeShape {
     pub(super) status: NodeStatus,
     pub(super) cpu: u64,
     pub(super) memory: u64,
+    /// How many ports its listening workloads may be assigned.
+    pub(super) ports: u64,
     /// Its attribute map: an index into [`Shapes::attributes`].
     pub(super) attributes: usize,
     /// Its GPU layout: an index into [`Shapes::layouts`].
@@ -113,6 +120,7 @@ impl Interner {
             status: node.status,
             cpu: node.resources.cpu_millis.get(),
             memory: node.resources.memory_mib.get(),
+            ports: u64::from(node.ports.len()),
             attributes: self.attributes(&node.attributes),
             layout: self.layout(&node.resources.gpus),
         };
@@ -262,6 +270,8 @@ impl Span {
 pub(super) struct Usage {
     pub(super) cpu: Vec<u64>,
     pub(super) memory: Vec<u64>,
+    /// Per node: ports held by unfinished allocations.
+    pub(super) ports: Vec<u64>,
     spans: Vec<Span>,
     /// Per GPU: how many instances hold it whole. One at most, unless the
     /// allocations the snapshot was given overlap; counting keeps letting one of
@@ -286,6 +296,7 @@ impl Usage {
         };
         self.cpu.push(0);
         self.memory.push(0);
+        self.ports.push(0);
         self.spans.push(span);
         self.exclusive.resize(span.gpus().end, 0);
         self.sliced.resize(span.gpus().end, 0);
@@ -306,6 +317,7 @@ impl Usage {
         };
         self.cpu.push(from.cpu());
         self.memory.push(from.memory());
+        self.ports.push(from.ports());
         self.spans.push(span);
         self.exclusive.extend_from_slice(from.exclusive());
         self.sliced.extend_from_slice(from.sliced());
@@ -348,6 +360,10 @@ impl<'a> NodeUse<'a> {
 
     pub(super) fn memory(self) -> u64 {
         self.usage.memory[self.i]
+    }
+
+    pub(super) fn ports(self) -> u64 {
+        self.usage.ports[self.i]
     }
 
     fn exclusive(self) -> &'a [u8] {
@@ -415,6 +431,18 @@ impl NodeMut<'_> {
         }
     }
 
+    /// Takes a port, or with `give_back` returns one. Only a plan's own
+    /// placements do either; a live allocation's port is counted when the
+    /// snapshot learns of it and stays taken however it is let go.
+    pub(super) fn port(&mut self, give_back: bool) {
+        let ports = &mut self.usage.ports[self.i];
+        *ports = if give_back {
+            ports.saturating_sub(1)
+        } else {
+            *ports + 1
+        };
+    }
+
     /// Takes what a live allocation holds.
     pub(super) fn hold(&mut self, alloc: &LiveAlloc) {
         let slice = alloc.gpu_slice.map(MemoryMib::get);
@@ -450,6 +478,7 @@ impl<'s> Taken<'s> {
         let changed = Usage {
             cpu: Vec::with_capacity(nodes),
             memory: Vec::with_capacity(nodes),
+            ports: Vec::with_capacity(nodes),
             spans: Vec::with_capacity(nodes),
             exclusive: Vec::with_capacity(per_node(base.exclusive.len())),
             sliced: Vec::with_capacity(per_node(base.sliced.len())),
@@ -492,6 +521,9 @@ pub struct GroupInfo {
     pub priority: u32,
     /// Whether the group may be migrated ([`TaskGroup::movable`]).
     pub movable: bool,
+    /// Whether its instances listen, each on a port of its node
+    /// ([`GroupInfo::listening`]).
+    pub listens: bool,
 }
 
 impl Default for GroupInfo {
@@ -501,6 +533,7 @@ impl Default for GroupInfo {
         Self {
             priority: 0,
             movable: true,
+            listens: false,
         }
     }
 }
@@ -509,10 +542,18 @@ impl GroupInfo {
     /// The info of group `group` of a job with `spec`. A group the spec no longer
     /// has is movable: its instances are on their way out anyway.
     pub fn of(spec: &JobSpec, group: &str) -> Self {
+        let group = spec.group(group);
         Self {
             priority: spec.priority,
-            movable: spec.group(group).is_none_or(|g| g.movable),
+            movable: group.is_none_or(|g| g.movable),
+            listens: group.is_some_and(Self::listening),
         }
+    }
+
+    /// Whether `group`'s instances listen and so take a port of their node each:
+    /// those of a `model-server` task.
+    pub fn listening(group: &TaskGroup) -> bool {
+        matches!(group.task, TaskSpec::ModelServer(_))
     }
 }
 
@@ -583,9 +624,10 @@ impl PlanSnapshot {
 
     /// Builds the snapshot from nodes and allocations, asking `info` about the
     /// job and group of each live allocation (`None`: [`GroupInfo::default`]).
-    /// Only live allocations (wanted and not finished) hold resources; allocations
-    /// on unknown nodes or naming unknown GPUs hold what can be matched and nothing
-    /// more; of two allocations with one id, the first counts.
+    /// Only live allocations (wanted and not finished) hold resources, except
+    /// ports: every unfinished allocation with a port holds it, stopping or not.
+    /// Allocations on unknown nodes or naming unknown GPUs hold what can be
+    /// matched and nothing more; of two allocations with one id, the first counts.
     pub fn with_jobs<'a>(
         nodes: impl IntoIterator<Item = &'a Node>,
         allocations: impl IntoIterator<Item = &'a Allocation>,
@@ -616,10 +658,21 @@ impl PlanSnapshot {
         let mut held: Vec<Vec<LiveAlloc>> = vec![Vec::new(); nodes.len()];
         let mut located: HashMap<AllocId, usize> = HashMap::new();
         let mut instances: HashMap<(JobId, String), Vec<usize>> = HashMap::new();
-        for alloc in allocations.into_iter().filter(|a| a.is_live()) {
+        let mut port_holders = HashSet::new();
+        for alloc in allocations {
             let Some(&at) = position.get(alloc.node_id.as_str()) else {
                 continue;
             };
+            // Stopping but not yet gone, it may still listen.
+            if alloc.port.is_some()
+                && !alloc.state.is_terminal()
+                && port_holders.insert(alloc.id.clone())
+            {
+                usage.node_mut(at).port(false);
+            }
+            if !alloc.is_live() {
+                continue;
+            }
             match located.entry(alloc.id.clone()) {
                 Entry::Occupied(_) => continue,
                 Entry::Vacant(slot) => slot.insert(at),
@@ -645,6 +698,7 @@ impl PlanSnapshot {
             held,
             located,
             instances,
+            port_holders,
         }
     }
 
@@ -664,12 +718,18 @@ impl PlanSnapshot {
     /// is removing it). A scheduling pass calls it for each allocation it writes.
     pub fn add(&mut self, alloc: &Allocation, info: GroupInfo) {
         self.remove(&alloc.id);
-        if !alloc.is_live() {
-            return;
-        }
         let Some(at) = self.position(&alloc.node_id) else {
             return;
         };
+        if (alloc.port.is_some() || info.listens)
+            && !alloc.state.is_terminal()
+            && self.port_holders.insert(alloc.id.clone())
+        {
+            self.usage.node_mut(at).port(false);
+        }
+        if !alloc.is_live() {
+            return;
+        }
         let live = LiveAlloc::new(&self.nodes[at], alloc, info);
         self.usage.node_mut(at).hold(&live);
         self.instances

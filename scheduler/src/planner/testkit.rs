@@ -50,6 +50,8 @@ pub(crate) fn node(id: &str, attrs: &[(&str, &str)], cpu: u64, memory: u64, gpus
         drain: None,
         public_key: None,
         revoked: false,
+        address: None,
+        ports: aigrid_api::PortRange::DEFAULT,
         telemetry: None,
         protections: None,
         usage: None,
@@ -164,6 +166,7 @@ pub(crate) fn live(
         reason: None,
         restarts: 0,
         limits: None,
+        port: None,
         endpoint: None,
         desired: DesiredState::Run,
         created_at: Timestamp::new(1),
@@ -230,6 +233,7 @@ impl Earlier {
         Some(GroupInfo {
             priority: job.priority,
             movable: job.group.movable,
+            listens: GroupInfo::listening(&job.group),
         })
     }
 }

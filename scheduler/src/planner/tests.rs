@@ -384,6 +384,7 @@ fn the_snapshot_knows_who_holds_what() {
         (job.as_str() == "train").then_some(GroupInfo {
             priority: 70,
             movable: group != "workers",
+            listens: false,
         })
     });
     let held = snap.live_allocations(&NodeId::new("a"));
@@ -398,7 +399,8 @@ fn the_snapshot_knows_who_holds_what() {
         z.info,
         GroupInfo {
             priority: 70,
-            movable: false
+            movable: false,
+            listens: false,
         }
     );
     // Jobs the caller does not know are the lowest priority, and movable.
@@ -417,7 +419,8 @@ fn the_snapshot_knows_who_holds_what() {
         GroupInfo::of(&spec, "pinned"),
         GroupInfo {
             priority: 30,
-            movable: false
+            movable: false,
+            listens: false,
         }
     );
     assert!(GroupInfo::of(&spec, "dropped").movable);

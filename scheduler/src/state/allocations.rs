@@ -81,6 +81,7 @@ impl ClusterState {
         let mut changed = 0;
         let mut failed: BTreeMap<JobId, u32> = BTreeMap::new();
         for report in reports {
+            let report = self.kept_report(report);
             let Some(alloc) = self.tables.allocations.get(&report.id) else {
                 continue;
             };

@@ -50,6 +50,11 @@ pub enum Command {
         /// known node re-registers with its own key instead.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         join_token: Option<TokenUse>,
+        /// Where the servers reach the node's workloads: the source address of the
+        /// registering connection, as the server that took it saw it, never a
+        /// value the agent wrote. Absent, a known node keeps the one it has.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<std::net::IpAddr>,
         /// When it registered.
         at: Timestamp,
     },

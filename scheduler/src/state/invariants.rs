@@ -57,6 +57,7 @@ impl ClusterState {
         }
 
         let mut gpu_holders: BTreeMap<(&NodeId, &str), &AllocId> = BTreeMap::new();
+        let mut port_holders: BTreeMap<(&NodeId, u16), &AllocId> = BTreeMap::new();
         for (id, alloc) in &t.allocations {
             if id != &alloc.id {
                 return Err(format!("allocation keyed `{id}` has id `{}`", alloc.id));
@@ -77,6 +78,14 @@ impl ClusterState {
                 return Err(format!(
                     "allocation `{id}` is stopped and finished but was kept"
                 ));
+            }
+            if let (Some(port), false) = (alloc.port, alloc.state.is_terminal()) {
+                if let Some(other) = port_holders.insert((&alloc.node_id, port), id) {
+                    return Err(format!(
+                        "allocations `{other}` and `{id}` on node `{}` share port {port}",
+                        alloc.node_id
+                    ));
+                }
             }
             if !alloc.is_live() {
                 continue;

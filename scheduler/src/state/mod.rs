@@ -20,6 +20,7 @@ mod jobs;
 pub mod models;
 mod nodes;
 mod plans;
+mod ports;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -232,8 +233,9 @@ impl StateMachine for ClusterState {
             Command::RegisterNode {
                 node,
                 join_token,
+                address,
                 at,
-            } => self.register_node(index, node, join_token, at),
+            } => self.register_node(index, node, join_token, address, at),
             Command::NodesSeen { nodes, at } => Ok(self.nodes_seen(nodes, at)),
             Command::RevokeNode { node_id, at } => self.revoke_node(index, node_id, at),
             Command::CreateJoinToken {

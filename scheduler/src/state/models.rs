@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aigrid_api::manifest::{is_digest, Locations, ManifestError, Registration, SignedManifest};
-use aigrid_api::{AllocState, Allocation, DesiredState, ModelSummary, Timestamp};
+use aigrid_api::{AllocState, DesiredState, ModelSummary, Timestamp};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -303,13 +303,14 @@ impl ClusterState {
         self.tables.models.names()
     }
 
-    /// The model servers the `/v1` gateway may route to, as (model digest,
-    /// allocation): wanted, running instances of `model-server` groups that report
-    /// an endpoint, at their job's current version. Instances of an older version
-    /// are left out, since the state keeps only the current task and so does not
-    /// know which model they serve. Costs the live jobs plus their model servers'
-    /// allocations, never a scan of every allocation.
-    pub fn model_servers(&self) -> Vec<(&str, &Allocation)> {
+    /// The model servers the `/v1` gateway may route to, as (model digest, where
+    /// the servers reach it): wanted, running instances of `model-server` groups at
+    /// their job's current version, at their node's recorded address and their
+    /// assigned port. What a node reports as an endpoint plays no part. Instances
+    /// of an older version are left out, since the state keeps only the current
+    /// task and so does not know which model they serve. Costs the live jobs plus
+    /// their model servers' allocations, never a scan of every allocation.
+    pub fn model_servers(&self) -> Vec<(&str, String)> {
         let mut found = Vec::new();
         for job in self
             .job_names
@@ -328,9 +329,8 @@ impl ClusterState {
                                 && a.job_version == job.version
                                 && a.desired == DesiredState::Run
                                 && a.state == AllocState::Running
-                                && a.endpoint.is_some()
                         })
-                        .map(|a| (task.model.as_str(), a)),
+                        .filter_map(|a| Some((task.model.as_str(), self.workload_endpoint(a)?))),
                 );
             }
         }

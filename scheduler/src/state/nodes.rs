@@ -79,15 +79,18 @@ impl ClusterState {
             })
             .cloned()
             .collect();
+        // An endpoint that is not where the servers reach the allocation is
+        // dropped here, so it neither reaches the log nor counts as news.
         let allocations: Vec<AllocationReport> = hb
             .allocations
             .iter()
+            .cloned()
+            .map(|r| self.kept_report(r))
             .filter(|r| {
                 self.tables.allocations.get(&r.id).is_some_and(|a| {
                     &a.node_id == node_id && !a.state.is_terminal() && r.differs_from(a)
                 })
             })
-            .cloned()
             .collect();
         let down = node.status == NodeStatus::Down;
         if gpus.is_empty() && allocations.is_empty() && hb.logs.is_empty() && !down {
@@ -217,6 +220,7 @@ impl ClusterState {
         index: u64,
         reg: NodeRegistration,
         token: Option<TokenUse>,
+        address: Option<std::net::IpAddr>,
         at: Timestamp,
     ) -> CommandOutput {
         if let Some(used) = self.check_registration(&reg, token.as_ref(), at)? {
@@ -232,6 +236,10 @@ impl ClusterState {
                 node.name = reg.name;
                 node.attributes = reg.attributes;
                 node.resources = reg.resources;
+                node.ports = reg.ports.unwrap_or_default();
+                if address.is_some() {
+                    node.address = address;
+                }
                 if reg.public_key.is_some() {
                     node.public_key = reg.public_key;
                 }
@@ -258,6 +266,8 @@ impl ClusterState {
                         usage: None,
                         public_key: reg.public_key,
                         revoked: false,
+                        address,
+                        ports: reg.ports.unwrap_or_default(),
                         telemetry: None,
                         protections: reg.protections,
                     },

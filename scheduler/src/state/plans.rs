@@ -129,6 +129,7 @@ impl NewAllocation {
             reason: None,
             restarts: 0,
             limits: None,
+            port: None,
             endpoint: None,
             created_at: at,
             updated_at: at,
@@ -137,11 +138,16 @@ impl NewAllocation {
 }
 
 impl ClusterState {
-    /// What the planner needs to know: every node and what live allocations hold.
+    /// What the planner needs to know: every node, what live allocations hold
+    /// and the ports unfinished ones hold.
     pub fn plan_snapshot(&self) -> crate::planner::PlanSnapshot {
         crate::planner::PlanSnapshot::with_jobs(
             self.tables.nodes.values(),
-            self.live_allocations(),
+            // Unfinished rather than live: one asked to stop still holds its port.
+            self.tables
+                .allocations
+                .values()
+                .filter(|a| !a.state.is_terminal()),
             // A hash lookup per allocation rather than a walk of the job map.
             {
                 let mut specs: std::collections::HashMap<JobId, Option<&JobSpec>> =
@@ -183,7 +189,10 @@ impl ClusterState {
         for plan in plans {
             let result = self
                 .plan_allocations(&plan, at)
-                .and_then(|allocations| self.check_allocations(&allocations).map(|()| allocations));
+                .and_then(|mut allocations| {
+                    self.assign_ports(&mut allocations)?;
+                    self.check_allocations(&allocations).map(|()| allocations)
+                });
             match result {
                 Ok(allocations) => {
                     placed += plan.place.len() + plan.moves.len();
@@ -325,9 +334,10 @@ impl ClusterState {
     pub(super) fn upsert_allocations(
         &mut self,
         index: u64,
-        allocations: Vec<Allocation>,
+        mut allocations: Vec<Allocation>,
         at: Timestamp,
     ) -> CommandOutput {
+        self.assign_ports(&mut allocations)?;
         self.check_allocations(&allocations)?;
         self.check_one_per_instance(&allocations)?;
         let count = allocations.len();

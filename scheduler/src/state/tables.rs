@@ -13,6 +13,10 @@ pub(super) struct AllocIndex {
     by_job: BTreeMap<JobId, BTreeSet<AllocId>>,
     pub(super) by_node: BTreeMap<NodeId, BTreeSet<AllocId>>,
     pub(super) held: BTreeMap<NodeId, Held>,
+    /// Per node, the ports its unfinished allocations were assigned: a port is
+    /// taken from placement until the workload is confirmed gone, since a
+    /// workload asked to stop may still be listening.
+    pub(super) ports: BTreeMap<NodeId, BTreeMap<u16, AllocId>>,
     pub(super) live: usize,
 }
 
@@ -123,6 +127,12 @@ impl AllocIndex {
                 .or_default()
                 .add(alloc);
         }
+        if let (Some(port), false) = (alloc.port, alloc.state.is_terminal()) {
+            self.ports
+                .entry(alloc.node_id.clone())
+                .or_default()
+                .insert(port, alloc.id.clone());
+        }
     }
 
     pub(super) fn remove(&mut self, alloc: &Allocation) {
@@ -134,6 +144,16 @@ impl AllocIndex {
                 held.remove(alloc);
                 if held.allocations == 0 {
                     self.held.remove(&alloc.node_id);
+                }
+            }
+        }
+        if let (Some(port), false) = (alloc.port, alloc.state.is_terminal()) {
+            if let Some(ports) = self.ports.get_mut(&alloc.node_id) {
+                if ports.get(&port) == Some(&alloc.id) {
+                    ports.remove(&port);
+                }
+                if ports.is_empty() {
+                    self.ports.remove(&alloc.node_id);
                 }
             }
         }

@@ -350,6 +350,7 @@ pub(super) fn migrate(
     let group_info = GroupInfo {
         priority: info.priority,
         movable: group.movable,
+        listens: GroupInfo::listening(group),
     };
     let version = info.version;
     input.snapshot.add(
@@ -374,6 +375,7 @@ pub(super) fn add_to_snapshot(input: &mut PassInput, job: &Job, new: &NewAllocat
     let info = GroupInfo {
         priority: job.spec.priority,
         movable: group.movable,
+        listens: GroupInfo::listening(group),
     };
     input
         .snapshot

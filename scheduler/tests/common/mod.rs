@@ -13,6 +13,8 @@ use reqwest::{Client, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+pub mod replicas;
+
 /// How long a test waits for something that should happen before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -49,13 +51,14 @@ pub async fn start_leader(mut config: ServerConfig) -> Server {
     server
 }
 
-/// Registers a node the way its agent's first call does.
+/// Registers a node as if its registration came from 127.0.0.1.
 pub async fn register(server: &Server, node: NodeRegistration) {
     server
         .raft
         .propose(&Command::RegisterNode {
             node,
             join_token: None,
+            address: Some(std::net::Ipv4Addr::LOCALHOST.into()),
             at: SystemClock.now(),
         })
         .await

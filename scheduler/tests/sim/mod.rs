@@ -109,6 +109,7 @@ impl Sim {
         self.apply(Command::RegisterNode {
             node,
             join_token: None,
+            address: Some(std::net::Ipv4Addr::LOCALHOST.into()),
             at,
         })
         .unwrap();

@@ -1,5 +1,4 @@
-//! Allocations: the checks before anything is written, GPU reuse, reported
-//! endpoints.
+//! Allocations: the checks before anything is written, GPU reuse.
 
 use super::*;
 
@@ -108,77 +107,4 @@ fn a_stopped_gpu_can_be_reused_and_reports_are_scoped_to_their_node() {
         .unwrap();
     let err = log.apply(report("nope", &[])).unwrap_err();
     assert_eq!(err.code(), ErrorCode::NotFound);
-}
-
-#[test]
-fn reported_endpoints_are_kept_checked_and_route_model_servers() {
-    let mut log = Log::new();
-    log.apply(register("n1", &[])).unwrap();
-    let mut served = spec_json("llm");
-    served["groups"][0]["task"] = json!({"driver": "model-server", "model": "d1"});
-    log.apply(submit("j1", "e1", serde_json::from_value(served).unwrap()))
-        .unwrap();
-    log.apply(submit("j2", "e2", spec("api"))).unwrap();
-    log.apply(upsert(vec![
-        alloc("m0", "j1", "n1", 0, &[]),
-        alloc("m1", "j1", "n1", 1, &[]),
-        alloc("x0", "j2", "n1", 0, &[]),
-    ]))
-    .unwrap();
-    assert!(log.state.model_servers().is_empty(), "pending: nowhere yet");
-    let at = |id: &str, endpoint: Option<&str>| {
-        let mut r = AllocationReport::new(AllocId::new(id), AllocState::Running);
-        r.endpoint = endpoint.map(str::to_owned);
-        r
-    };
-    let reports = vec![
-        at("m0", Some("http://10.0.0.1:9000")),
-        at("m1", None),
-        at("x0", Some("http://10.0.0.1:9001")),
-    ];
-    let reported = |reports: Vec<AllocationReport>| Command::ReportAllocations {
-        node_id: NodeId::new("n1"),
-        reports,
-        at: Timestamp::new(400),
-    };
-    log.apply(reported(reports.clone())).unwrap();
-    let servers: Vec<(String, String)> = log
-        .state
-        .model_servers()
-        .into_iter()
-        .map(|(digest, a)| (digest.to_owned(), a.id.to_string()))
-        .collect();
-    // m1 reports no endpoint, x0 is not a model server.
-    assert_eq!(servers, [("d1".to_owned(), "m0".to_owned())]);
-    let x0 = log.state.allocation(&AllocId::new("x0")).unwrap();
-    assert_eq!(x0.endpoint.as_deref(), Some("http://10.0.0.1:9001"));
-    let hb = Heartbeat {
-        gpus: vec![],
-        allocations: reports,
-        telemetry: None,
-        logs: vec![],
-    };
-    assert!(
-        log.state
-            .heartbeat_changes(&NodeId::new("n1"), &hb)
-            .is_none(),
-        "the same endpoints again change nothing"
-    );
-
-    // An endpoint that is more than a host and port is refused, changing nothing.
-    let before = log.bytes();
-    let bad = reported(vec![at("m1", Some("http://10.0.0.1:9000/elsewhere"))]);
-    let err = log.apply(bad).unwrap_err();
-    assert_eq!(err.code(), ErrorCode::InvalidField);
-    assert!(err.to_string().contains("endpoint"), "{err}");
-    assert_eq!(log.bytes(), before);
-
-    // Snapshots carry endpoints.
-    let mut restored = ClusterState::default();
-    restored.restore(&log.bytes()).unwrap();
-    assert_eq!(
-        restored.allocation(&AllocId::new("m0")).unwrap().endpoint,
-        Some("http://10.0.0.1:9000".to_owned())
-    );
-    assert_eq!(restored.model_servers().len(), 1);
 }

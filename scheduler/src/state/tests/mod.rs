@@ -4,6 +4,7 @@
 mod allocations;
 mod jobs;
 mod nodes;
+mod ports;
 mod replication;
 
 use super::*;
@@ -17,6 +18,9 @@ use aigrid_api::{GpuDevice, GpuRequest, NodeResources, Resources};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+
+/// The address nodes register from in these tests.
+const NODE_ADDRESS: &str = "10.0.0.1";
 
 /// Records the events a state emits, for tests to take.
 #[derive(Debug, Default)]
@@ -125,6 +129,7 @@ fn registration(id: &str, gpus: &[&str]) -> NodeRegistration {
         },
         public_key: None,
         protections: None,
+        ports: None,
     }
 }
 
@@ -132,6 +137,7 @@ fn register(id: &str, gpus: &[&str]) -> Command {
     Command::RegisterNode {
         node: registration(id, gpus),
         join_token: None,
+        address: Some(NODE_ADDRESS.parse().unwrap()),
         at: Timestamp::new(10),
     }
 }
@@ -162,6 +168,7 @@ fn alloc(id: &str, job: &str, node: &str, index: u32, gpus: &[&str]) -> Allocati
         reason: None,
         restarts: 0,
         limits: None,
+        port: None,
         endpoint: None,
         desired: DesiredState::Run,
         created_at: Timestamp::new(0),
@@ -215,6 +222,7 @@ fn join(reg: NodeRegistration, token: Option<(&str, &str)>, at: u64) -> Command 
             id: id.to_owned(),
             secret_hash: aigrid_api::auth::hash_secret(secret),
         }),
+        address: Some(NODE_ADDRESS.parse().unwrap()),
         at: Timestamp::new(at),
     }
 }

@@ -303,6 +303,7 @@ fn nodes_register_heartbeat_and_keep_a_drain() {
         .apply(Command::RegisterNode {
             node: bad,
             join_token: None,
+            address: None,
             at: Timestamp::new(1),
         })
         .unwrap_err();

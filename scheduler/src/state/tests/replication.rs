@@ -107,6 +107,7 @@ fn random_command(rng: &mut StdRng, step: u64) -> Command {
             Command::RegisterNode {
                 node: registration(&node, gpus),
                 join_token: None,
+                address: Some(std::net::IpAddr::from([10, 0, 0, 1])),
                 at,
             }
         }
