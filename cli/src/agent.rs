@@ -44,6 +44,11 @@ pub struct AgentArgs {
     #[arg(long = "attr", value_name = "KEY=VALUE", value_delimiter = ',')]
     #[serde(default)]
     attr: Vec<String>,
+    /// The ports the control plane may assign this node's listening workloads
+    /// (model servers), `FIRST-LAST` (default 20000-32767, below Linux's ephemeral
+    /// ports). The servers reach them at the address this agent connects from.
+    #[arg(long, value_name = "FIRST-LAST")]
+    ports: Option<String>,
     /// The node id on first start (default: the host name and a random suffix).
     #[arg(long)]
     node_id: Option<String>,
@@ -156,6 +161,12 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
             100,
         )?,
         poll_wait: ms("poll-wait-ms", args.poll_wait_ms, 30_000, 100)?,
+        ports: args
+            .ports
+            .as_deref()
+            .map(str::parse::<aigrid_api::PortRange>)
+            .transpose()
+            .map_err(|e| anyhow!("--ports: {}", e.message))?,
         ..AgentConfig::default()
     };
     let fleet = match args.simulate_fleet {
@@ -377,6 +388,7 @@ mod tests {
             "JOIN_TOKEN",
             "DATA_DIR",
             "ATTRS",
+            "PORTS",
             "NODE_ID",
             "SIMULATE_GPUS",
             "SIMULATE_FLEET",
@@ -420,6 +432,27 @@ mod tests {
         assert_eq!(r.agent.attributes["site"], "y", "the flag beats the rest");
         assert_eq!(r.agent.poll_wait, Duration::from_millis(700));
         assert_eq!(r.agent.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(r.agent.ports, None, "the servers' default");
+        let ports = |value: &str| {
+            let vars = crate::layers::tests::env(&[("AIGRID_PORTS", value)]);
+            resolve(
+                AgentArgs {
+                    config: Some(path.clone()),
+                    ..AgentArgs::default()
+                },
+                &vars,
+            )
+            .map(|r| r.agent.ports)
+        };
+        assert_eq!(
+            ports("30000-30099").unwrap(),
+            Some(aigrid_api::PortRange {
+                first: 30_000,
+                last: 30_099
+            })
+        );
+        let err = ports("300-200").err().unwrap().to_string();
+        assert!(err.contains("--ports"), "{err}");
         std::fs::write(&path, "servers = \"http://x\"\nbogus = 1\n").unwrap();
         let err = resolve(
             AgentArgs {

@@ -115,6 +115,10 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["id"], "n1");
     assert_eq!(body["created"], true);
+    assert_eq!(
+        body["address"], "127.0.0.1",
+        "where the registration came from"
+    );
     // Registering again refreshes the node: 200, not created; no token needed.
     let resp = register(registration("n1", N1), "").await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -149,6 +153,33 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
             400,
             "invalid_json",
             "colour",
+        ),
+        node_case(
+            "registration naming its own address",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["address"] = json!("203.0.113.7")),
+            400,
+            "invalid_json",
+            "address",
+        ),
+        node_case(
+            "registration with an empty port range",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["ports"] = json!({"first": 30000, "last": 29999})),
+            400,
+            "invalid_field",
+            "ports",
+        ),
+        node_case(
+            "registration with port 0",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["ports"] = json!({"first": 0, "last": 10})),
+            400,
+            "invalid_field",
+            "ports",
         ),
         node_case(
             "registration with a bad id",

@@ -36,10 +36,13 @@ pub struct AgentConfig {
     /// Presented when the node registers for the first time (or after its key
     /// was revoked); known nodes re-register with their key alone.
     pub join_token: Option<JoinToken>,
-    /// Operator-given facts for constraints and spreads (`country`, `site`). The
-    /// `address` attribute, when given, is the address the servers reach this
-    /// node's workloads at: model servers' endpoints are reported with it.
+    /// Operator-given facts for constraints and spreads (`country`, `site`).
+    /// Where the servers reach this node's workloads is not among them: it is
+    /// the address the registration comes from.
     pub attributes: BTreeMap<String, String>,
+    /// The ports the control plane may assign this node's listening workloads;
+    /// the servers' default ([`aigrid_api::PortRange::DEFAULT`]) when `None`.
+    pub ports: Option<aigrid_api::PortRange>,
     /// Time between heartbeats when nothing changes.
     pub heartbeat_interval: Duration,
     /// Longest a long poll is held by the server.
@@ -67,6 +70,7 @@ impl Default for AgentConfig {
         AgentConfig {
             join_token: None,
             attributes: BTreeMap::new(),
+            ports: None,
             heartbeat_interval: Duration::from_secs(10),
             poll_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
@@ -101,12 +105,6 @@ impl Agent {
         runner: Runner,
         metrics: AgentMetrics,
     ) -> Self {
-        runner.set_node_address(
-            config
-                .attributes
-                .get(crate::model_server::ADDRESS_ATTRIBUTE)
-                .cloned(),
-        );
         runner.set_control_server(&client.servers_from_current());
         Agent {
             config,
@@ -136,6 +134,7 @@ impl Agent {
             resources: discovery.resources(),
             public_key: Some(identity.key.public()),
             protections: self.runner.protections(),
+            ports: self.config.ports,
         }
     }
 
@@ -156,7 +155,15 @@ impl Agent {
                 .await;
             match sent {
                 Ok(resp) => {
-                    tracing::info!(node = %resp.id, created = resp.created, "registered");
+                    tracing::info!(
+                        node = %resp.id,
+                        created = resp.created,
+                        address = ?resp.address,
+                        "registered"
+                    );
+                    // Model servers started from now on listen where the servers
+                    // will look for them.
+                    self.runner.set_node_address(resp.address);
                     return Ok(true);
                 }
                 Err(e) if e.is_unauthorized() => {

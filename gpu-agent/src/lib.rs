@@ -12,7 +12,8 @@
 //! - [`driver`]: how one run of a task happens (`exec` under a supervisor, or
 //!   recorded in memory for simulated fleets).
 //! - [`model_server`]: how a `model-server` task runs: an `exec` task of this
-//!   binary's `serve` role on a port picked for it, and the endpoint it reports.
+//!   binary's `serve` role on the port the control plane assigned it, at the
+//!   node's recorded address.
 //! - [`sandbox`]: what keeps workloads from the node's credentials and each
 //!   other: a uid per allocation, Landlock, secrets as files.
 //! - [`supervisor`]: the detached per-allocation process (`aigrid supervise`) and

@@ -6,28 +6,28 @@
 //! ```
 //!
 //! so it gets everything `exec` tasks get (supervisor, logs, restarts, stops,
-//! reattach after an agent restart, GPU visibility). The port is picked once, when
-//! the allocation is first applied, and is part of the task from then on: in-place
-//! restarts and a restarted agent use the same one, so the endpoint the control
-//! plane knows stays right.
+//! reattach after an agent restart, GPU visibility). The port is the one the
+//! control plane assigned the allocation from the node's port range, and is part
+//! of the task from its first start: in-place restarts and a restarted agent use
+//! the same one.
 //!
-//! The endpoint is reported at the address the servers reach this node at: the
-//! node's `address` attribute when the operator gave one, else `127.0.0.1` (an agent
-//! on the servers' own machine, as `aigrid up` runs it). The only listener this adds
-//! is the workload's own serving port; the agent still accepts no inbound control
-//! connection.
+//! The servers reach the model server at the node's address, which is the source
+//! address the node registered from (the registration's answer says which), and
+//! the assigned port, and nowhere else; the endpoint the agent reports is only
+//! what it believes that to be. The model server listens on that address when it
+//! is one of this machine's, else (behind NAT) on every interface; with no address
+//! known, on 127.0.0.1. The only listener this adds is the workload's own serving
+//! port; the agent still accepts no inbound control connection.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
 use aigrid_api::allocation::check_endpoint;
+use aigrid_api::node::workload_endpoint;
 use aigrid_api::{Allocation, ExecTask, ModelServerTask, RestartPolicy};
 
 use crate::sandbox::{Grants, SandboxConfig};
-
-/// The node attribute naming the address servers reach this node's workloads at.
-pub const ADDRESS_ATTRIBUTE: &str = "address";
 
 /// The directory, under the agent's data dir, model servers cache model bytes in.
 pub const CACHE_DIR: &str = "model-cache";
@@ -58,9 +58,9 @@ pub struct ServeSite {
     /// What is passed as `--server`: the agent's control-plane URLs,
     /// comma-separated, the one it last heard from first.
     pub server: Option<String>,
-    /// The node's address as servers reach it (its `address` attribute); `None`
-    /// for an agent on the servers' own machine.
-    pub address: Option<String>,
+    /// The node's address as the servers recorded it at registration; `None`
+    /// before the agent has registered.
+    pub address: Option<IpAddr>,
 }
 
 /// Where a model server listens, and the endpoint it is reported at.
@@ -72,37 +72,26 @@ pub struct Placement {
     pub endpoint: String,
 }
 
-/// Picks a free port for a model server on this node: binds port 0 where it will
-/// listen, takes the port and lets it go. With no address, it listens on and is
-/// reported at 127.0.0.1; with an IP address it listens there (or on every
-/// interface when the address is not one of this machine's, as behind NAT); with a
-/// host name it listens on every interface.
-pub fn place(address: Option<&str>) -> io::Result<Placement> {
-    let address = address.map(str::trim).filter(|a| !a.is_empty());
-    let (host, ip) = match address {
-        None => ("127.0.0.1".to_owned(), IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        Some(a) => {
-            let bare = a.trim_start_matches('[').trim_end_matches(']');
-            match bare.parse::<IpAddr>() {
-                Ok(ip @ IpAddr::V6(_)) => (format!("[{ip}]"), ip),
-                Ok(ip) => (ip.to_string(), ip),
-                Err(_) => (a.to_owned(), IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            }
-        }
-    };
-    let listener = match TcpListener::bind((ip, 0)) {
+/// Where a model server assigned `port` listens on this node: on `address` when
+/// it is one of this machine's, else (as behind NAT) on every interface; with no
+/// address, on 127.0.0.1. Binds the port once to find out, and lets it go; fails
+/// when the port is taken, so the allocation fails with that reason and is placed
+/// again rather than crash-looping.
+pub fn place(address: Option<IpAddr>, port: u16) -> io::Result<Placement> {
+    let ip = address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let listener = match TcpListener::bind((ip, port)) {
         Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
             let any = match ip {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             };
-            TcpListener::bind((any, 0))?
+            TcpListener::bind((any, port))?
         }
         other => other?,
     };
     let listen = listener.local_addr()?;
     drop(listener);
-    let endpoint = format!("http://{host}:{}", listen.port());
+    let endpoint = workload_endpoint(ip, port);
     check_endpoint(&endpoint)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.message))?;
     Ok(Placement { listen, endpoint })
@@ -131,7 +120,8 @@ pub fn device(alloc: &Allocation) -> &'static str {
 
 /// The `exec` task a `model-server` task of `alloc` runs as, and the endpoint it
 /// will serve at. Fails, with the allocation's failure reason, when there is no
-/// server to name, the model could be read as a flag, or no port is free.
+/// server to name, the model could be read as a flag, or the allocation has no
+/// assigned port or it is taken.
 pub fn exec_task(
     launch: &ModelServerLaunch,
     site: &ServeSite,
@@ -146,8 +136,11 @@ pub fn exec_task(
     if task.model.is_empty() || task.model.starts_with('-') {
         return Err(format!("model `{}` is not a digest", task.model));
     }
-    let placement = place(site.address.as_deref())
-        .map_err(|e| format!("cannot pick a port for the model server: {e}"))?;
+    let port = alloc
+        .port
+        .ok_or("the control plane assigned this model server no port")?;
+    let placement = place(site.address, port)
+        .map_err(|e| format!("cannot listen on assigned port {port}: {e}"))?;
     let mut args = launch.args.clone();
     for (flag, value) in [
         ("--model", task.model.clone()),
@@ -178,38 +171,47 @@ pub fn exec_task(
 mod tests {
     use super::*;
 
-    fn alloc(gpus: &[&str]) -> Allocation {
-        crate::testkit::allocation("a-1", "run", gpus)
+    /// A port nothing listens on right now: the system's pick, let go.
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
-    fn port(endpoint: &str) -> u16 {
-        endpoint.rsplit(':').next().unwrap().parse().unwrap()
+    fn alloc(gpus: &[&str], port: Option<u16>) -> Allocation {
+        let mut alloc = crate::testkit::allocation("a-1", "run", gpus);
+        alloc.port = port;
+        alloc
     }
 
     #[test]
-    fn a_local_agent_listens_and_is_reached_on_loopback() {
-        let p = place(None).unwrap();
-        assert_eq!(p.listen.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
-        assert_eq!(p.endpoint, format!("http://127.0.0.1:{}", p.listen.port()));
-        assert_ne!(p.listen.port(), 0);
+    fn a_local_agent_listens_and_is_reached_on_loopback_at_its_assigned_port() {
+        let port = free_port();
+        let p = place(None, port).unwrap();
+        assert_eq!(p.listen, SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        assert_eq!(p.endpoint, format!("http://127.0.0.1:{port}"));
         // The port was let go: the model server can bind it.
-        TcpListener::bind(p.listen).unwrap();
+        let held = TcpListener::bind(p.listen).unwrap();
+        // Taken, it is refused rather than shared.
+        let err = place(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), port).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(held);
     }
 
     #[test]
     fn an_address_that_is_not_this_machines_listens_everywhere() {
         // TEST-NET-3: never assigned to this machine.
-        let p = place(Some("203.0.113.7")).unwrap();
+        let port = free_port();
+        let p = place(Some("203.0.113.7".parse().unwrap()), port).unwrap();
         assert!(p.listen.ip().is_unspecified());
-        assert_eq!(
-            p.endpoint,
-            format!("http://203.0.113.7:{}", p.listen.port())
-        );
-        let p = place(Some("gpu-7.example")).unwrap();
-        assert!(p.listen.ip().is_unspecified());
-        assert!(p.endpoint.starts_with("http://gpu-7.example:"));
-        let p = place(Some("127.0.0.1")).unwrap();
-        assert_eq!(p.listen.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(p.listen.port(), port);
+        assert_eq!(p.endpoint, format!("http://203.0.113.7:{port}"));
+        let p = place(Some("2001:db8::7".parse().unwrap()), free_port());
+        if let Ok(p) = p {
+            assert!(p.endpoint.starts_with("http://[2001:db8::7]:"), "{p:?}");
+        }
     }
 
     #[test]
@@ -222,17 +224,18 @@ mod tests {
         let task = ModelServerTask {
             model: "ab".repeat(32),
         };
+        let port = free_port();
         let (exec, endpoint) = exec_task(
             &launch,
             &site,
             Path::new("/data"),
-            &alloc(&["GPU-x"]),
+            &alloc(&["GPU-x"], Some(port)),
             &task,
         )
         .unwrap();
-        let p = port(&endpoint);
+        assert_eq!(endpoint, format!("http://127.0.0.1:{port}"));
         assert_eq!(exec.command, "/usr/bin/aigrid");
-        let listen = format!("127.0.0.1:{p}");
+        let listen = format!("127.0.0.1:{port}");
         let model = "ab".repeat(32);
         let want = [
             "serve",
@@ -248,15 +251,20 @@ mod tests {
             "cuda:0",
         ];
         assert_eq!(exec.args, want);
-        let (cpu, _) = exec_task(&launch, &site, Path::new("/data"), &alloc(&[]), &task).unwrap();
+        let cpu = alloc(&[], Some(port));
+        let (cpu, _) = exec_task(&launch, &site, Path::new("/data"), &cpu, &task).unwrap();
         assert_eq!(cpu.args.last().map(String::as_str), Some("cpu"));
 
         let flag = ModelServerTask {
             model: "--help".into(),
         };
-        assert!(exec_task(&launch, &site, Path::new("/d"), &alloc(&[]), &flag).is_err());
+        let any = alloc(&[], Some(port));
+        assert!(exec_task(&launch, &site, Path::new("/d"), &any, &flag).is_err());
         let nowhere = ServeSite::default();
-        let err = exec_task(&launch, &nowhere, Path::new("/d"), &alloc(&[]), &task).unwrap_err();
+        let err = exec_task(&launch, &nowhere, Path::new("/d"), &any, &task).unwrap_err();
         assert!(err.contains("control-plane server"), "{err}");
+        let portless = alloc(&[], None);
+        let err = exec_task(&launch, &site, Path::new("/d"), &portless, &task).unwrap_err();
+        assert!(err.contains("no port"), "{err}");
     }
 }

@@ -187,9 +187,10 @@ impl Runner {
         self.inner.site.lock().expect("site lock").server = Some(url.to_owned());
     }
 
-    /// Sets the address the servers reach this node at, which model servers'
-    /// endpoints are reported with; `None` (the default) reports 127.0.0.1.
-    pub fn set_node_address(&self, address: Option<String>) {
+    /// Sets the address the servers reach this node at, as its registration's
+    /// answer says: model servers listen there (when it is this machine's) and
+    /// report it; `None` (the default) means 127.0.0.1.
+    pub fn set_node_address(&self, address: Option<std::net::IpAddr>) {
         self.inner.site.lock().expect("site lock").address = address;
     }
 

@@ -1,7 +1,7 @@
 //! A `model-server` allocation runs as the agent's own binary in its `serve` role:
-//! the runner turns it into an `exec` task with the model, the server, a port picked
-//! for it, the cache and the device, and reports the endpoint it serves at, the same
-//! through in-place restarts and agent restarts.
+//! the runner turns it into an `exec` task with the model, the server, the port the
+//! control plane assigned it, the cache and the device, and reports the endpoint it
+//! serves at, the same through in-place restarts and agent restarts.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,9 +15,21 @@ use aigrid_api::{AllocState, AllocationReport, Assignment};
 const DIGEST: &str = "5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f";
 const SERVER: &str = "http://127.0.0.1:7700";
 
-fn assignment(id: &str, desired: &str, gpus: &[&str]) -> Assignment {
+/// A `model-server` assignment on the assigned `port`.
+fn assignment(id: &str, desired: &str, gpus: &[&str], port: u16) -> Assignment {
     let task = serde_json::json!({"driver": "model-server", "model": DIGEST});
-    aigrid_agent::testkit::assignment(id, desired, gpus, task)
+    let mut assignment = aigrid_agent::testkit::assignment(id, desired, gpus, task);
+    assignment.allocation.port = Some(port);
+    assignment
+}
+
+/// A port nothing listens on right now: the system's pick, let go.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn config(data_dir: &Path, supervisor: SupervisorLaunch) -> RunnerConfig {
@@ -41,6 +53,22 @@ async fn settle(runner: &Runner, done: impl Fn(&AllocationReport) -> bool) -> Al
     panic!("never settled: {:?}", runner.reports());
 }
 
+/// Waits until the report of allocation `id` satisfies `done`.
+async fn settle_one(
+    runner: &Runner,
+    id: &str,
+    done: impl Fn(&AllocationReport) -> bool,
+) -> AllocationReport {
+    for _ in 0..1000 {
+        let found = runner.reports().into_iter().find(|r| r.id.as_str() == id);
+        if let Some(report) = found.filter(|r| done(r)) {
+            return report;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{id} never settled: {:?}", runner.reports());
+}
+
 /// An agent restarted on `data_dir` finds model server `m-1` (on `gpus`) still
 /// running and reports it at `endpoint` before any apply; told to stop it, it
 /// reports it stopped, still at `endpoint`.
@@ -58,7 +86,7 @@ async fn reattach_and_stop(
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].state, AllocState::Running);
     assert_eq!(reports[0].endpoint.as_deref(), Some(endpoint));
-    again.apply(&[assignment("m-1", "stop", gpus)]);
+    again.apply(&[assignment("m-1", "stop", gpus, port_of(endpoint))]);
     let stopped = settle(&again, |r| r.state == AllocState::Stopped).await;
     assert_eq!(stopped.endpoint.as_deref(), Some(endpoint));
     again.shutdown().await;
@@ -104,7 +132,8 @@ async fn a_model_server_runs_the_serve_role_and_keeps_its_endpoint_through_resta
         .await
         .unwrap();
     runner.set_control_server(SERVER);
-    runner.apply(&[assignment("m-1", "run", &["GPU-7f"])]);
+    let port = free_port();
+    runner.apply(&[assignment("m-1", "run", &["GPU-7f"], port)]);
 
     // The first run exits with code 1 and is restarted in place, on the same port.
     let report = settle(&runner, |r| {
@@ -112,7 +141,11 @@ async fn a_model_server_runs_the_serve_role_and_keeps_its_endpoint_through_resta
     })
     .await;
     let endpoint = report.endpoint.clone().expect("an endpoint is reported");
-    let port = port_of(&endpoint);
+    assert_eq!(
+        endpoint,
+        format!("http://127.0.0.1:{port}"),
+        "the assigned port"
+    );
     let started = driver.started();
     assert_eq!(started.len(), 2);
     for ctx in &started {
@@ -140,7 +173,7 @@ async fn a_cpu_model_server_without_a_known_server_fails_with_a_reason() {
     let runner = Runner::open(config(dir.path(), launch), driver.clone())
         .await
         .unwrap();
-    runner.apply(&[assignment("m-1", "run", &[])]);
+    runner.apply(&[assignment("m-1", "run", &[], free_port())]);
     let failed = settle(&runner, |r| r.state == AllocState::Failed).await;
     assert!(
         failed
@@ -152,20 +185,41 @@ async fn a_cpu_model_server_without_a_known_server_fails_with_a_reason() {
     assert!(driver.started().is_empty());
 
     runner.set_control_server(SERVER);
-    runner.apply(&[assignment("m-2", "run", &[])]);
-    let report = loop {
-        let r = runner.reports();
-        if let Some(r) = r
-            .iter()
-            .find(|r| r.id.as_str() == "m-2" && r.state == AllocState::Running)
-        {
-            break r.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let port = port_of(report.endpoint.as_deref().unwrap());
+    let port = free_port();
+    runner.apply(&[assignment("m-2", "run", &[], port)]);
+    let report = settle_one(&runner, "m-2", |r| r.state == AllocState::Running).await;
+    assert_eq!(port_of(report.endpoint.as_deref().unwrap()), port);
     let started = driver.started();
     assert_eq!(started[0].task.args, expected_args(dir.path(), port, "cpu"));
+    runner.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_model_server_whose_assigned_port_is_taken_fails_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Arc::new(ScriptedDriver::new([]));
+    let launch = SupervisorLaunch {
+        program: "/nonexistent".into(),
+        args: vec![],
+    };
+    let runner = Runner::open(config(dir.path(), launch), driver.clone())
+        .await
+        .unwrap();
+    runner.set_control_server(SERVER);
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    runner.apply(&[assignment("m-1", "run", &[], port)]);
+    let failed = settle(&runner, |r| r.state == AllocState::Failed).await;
+    let reason = failed.reason.unwrap_or_default();
+    assert!(reason.contains(&format!("port {port}")), "{reason}");
+    assert!(driver.started().is_empty(), "never started elsewhere");
+    // Without an assigned port it does not pick one of its own either.
+    let mut portless = assignment("m-2", "run", &[], port);
+    portless.allocation.port = None;
+    runner.apply(&[portless]);
+    let failed = settle_one(&runner, "m-2", |r| r.state == AllocState::Failed).await;
+    assert!(failed.reason.unwrap_or_default().contains("no port"));
+    assert!(driver.started().is_empty());
     runner.shutdown().await;
 }
 
@@ -194,10 +248,11 @@ async fn the_exec_driver_keeps_a_model_servers_argv_and_endpoint_across_agent_re
     .await
     .unwrap();
     runner.set_control_server(SERVER);
-    runner.apply(&[assignment("m-1", "run", &[])]);
+    let port = free_port();
+    runner.apply(&[assignment("m-1", "run", &[], port)]);
     let report = settle(&runner, |r| r.state == AllocState::Running).await;
     let endpoint = report.endpoint.clone().expect("an endpoint is reported");
-    let port = port_of(&endpoint);
+    assert_eq!(port_of(&endpoint), port, "the assigned port");
 
     // What the supervisor was told to run: this binary's serve role, CPU only.
     let task_file = dir.path().join("allocs/m-1/task.json");

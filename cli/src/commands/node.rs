@@ -464,6 +464,9 @@ fn print_node(node: &Node, allocs: &[Allocation]) {
     match &node.protections {
         Some(p) => println!("sandbox     {}", p.summary()),
         None => println!("sandbox     not reported by its agent"),
+    match node.address {
+        Some(address) => println!("address     {address} (workload ports {})", node.ports),
+        None => println!("address     none (its workloads are not routed to)"),
     }
     println!("registered  {}", ms_to_text(node.registered_at.0));
     println!("last seen   {}", ms_to_text(node.last_seen.0));
@@ -575,6 +578,7 @@ impl RegisterArgs {
             },
             public_key: Some(key),
             protections: None,
+            ports: None,
         };
         reg.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(reg)
