@@ -40,6 +40,7 @@
 pub mod defrag;
 mod draft;
 mod group;
+mod live;
 pub mod preempt;
 mod rules;
 mod snapshot;
@@ -50,9 +51,10 @@ mod tests;
 
 pub(crate) use draft::{place_one_by_one, Draft};
 pub(crate) use group::GroupPlanner;
+pub use live::{GroupInfo, LiveAlloc};
 use rules::*;
+pub use snapshot::PlanSnapshot;
 use snapshot::*;
-pub use snapshot::{GroupInfo, LiveAlloc, PlanSnapshot};
 
 use std::collections::HashSet;
 use std::fmt;

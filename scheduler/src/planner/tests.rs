@@ -71,6 +71,35 @@ fn every_constraint_op_filters() {
 }
 
 #[test]
+fn listening_instances_need_a_free_port_and_stopping_ones_keep_theirs() {
+    let mut small = node("a", &[], 16_000, 65_536, &[]);
+    small.ports = aigrid_api::PortRange {
+        first: 30_000,
+        last: 30_001,
+    };
+    let big = node("b", &[], 16_000, 65_536, &[]);
+    let mut served = group("llm", 3, 1000, 1024, None);
+    served.task =
+        aigrid_api::TaskSpec::ModelServer(aigrid_api::ModelServerTask { model: "d".into() });
+    // Bin-packing would put all three on `a`; its two ports take two.
+    let placed = run(&[small.clone(), big], vec![served.clone()]);
+    assert_eq!(on(&placed), ["a", "a", "b"]);
+    // An exec group listens on nothing and is not limited by ports.
+    let placed = run(&[small.clone()], vec![group("web", 3, 1000, 1024, None)]);
+    assert_eq!(on(&placed), ["a", "a", "a"]);
+
+    // One port held by an allocation asked to stop (not yet gone), one free.
+    let mut stopping = live("s", "old", "a", served.resources.clone(), &[]);
+    stopping.port = Some(30_000);
+    stopping.desired = DesiredState::Stop;
+    let snapshot = PlanSnapshot::new([&small], [&stopping]);
+    let planned = plan(&snapshot, &request(vec![served]));
+    assert_eq!(on(&planned), ["a"]);
+    let why = planned.unplaced[0].explanation.to_string();
+    assert!(why.contains("1 had no free port"), "{why}");
+}
+
+#[test]
 fn cpu_and_memory_must_fit_and_binpacking_fills_the_fuller_node() {
     let nodes = [
         node("a", &[], 4000, 8192, &[]),
