@@ -82,7 +82,8 @@ pub use node::{
 pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHeaders};
 pub use spec::{
     Affinity, Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind,
-    JobSpec, ModelServerTask, Resources, RestartMode, RestartPolicy, Spread, TaskGroup, TaskSpec,
+    JobSpec, ModelServerTask, Resources, RestartMode, RestartPolicy, SizeError, Spread, TaskGroup,
+    TaskSpec,
 };
 pub use units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
 

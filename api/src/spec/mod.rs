@@ -9,9 +9,11 @@
 //! | `resources` | what an instance reserves: CPU, memory, GPUs ([`Resources`], [`GpuRequest`]) |
 //! | `rules` | rules on node attributes: [`Constraint`], [`Affinity`], [`Spread`] |
 //! | `task` | what an instance runs: [`TaskSpec`], [`ExecTask`] with its [`RestartPolicy`] and [`Artifact`]s, [`ModelServerTask`] |
+//! | `limits` | how big a spec and each of its fields may be ([`SizeError`], answered with 413) |
 //!
 //! Every type and limit is reached from here.
 
+mod limits;
 mod resources;
 mod rules;
 mod task;
@@ -25,6 +27,12 @@ use utoipa::ToSchema;
 
 use crate::error::ValidationError;
 
+pub use limits::{
+    SizeError, MAX_ARGS, MAX_ARGS_BYTES, MAX_ARG_BYTES, MAX_ARTIFACTS, MAX_ATTRIBUTE_BYTES,
+    MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_ENV_NAME_BYTES, MAX_ENV_VALUE_BYTES, MAX_ENV_VARS,
+    MAX_GROUPS, MAX_RULES, MAX_RULE_VALUES, MAX_RULE_VALUE_BYTES, MAX_SHORT_TEXT_BYTES,
+    MAX_SOURCE_BYTES, MAX_SPEC_BYTES,
+};
 pub use resources::{GpuRequest, Resources};
 pub use rules::{
     Affinity, Constraint, ConstraintOp, ConstraintValue, Spread, MAX_AFFINITY_WEIGHT,
@@ -42,8 +50,6 @@ pub const MAX_PRIORITY: u32 = 100;
 /// Longest accepted job, group or circle name (a DNS label's limit, so names can
 /// appear in host names and paths).
 pub const MAX_NAME_LEN: usize = 63;
-/// Most groups one job may have; bounds the work of one planner pass.
-pub const MAX_GROUPS: usize = 64;
 /// Most instances one group may ask for; bounds the allocations one job can create.
 pub const MAX_GROUP_COUNT: u32 = 10_000;
 
@@ -139,9 +145,11 @@ pub struct TaskGroup {
 }
 
 impl JobSpec {
-    /// Checks the rules serde cannot express. The first broken rule is reported, with
-    /// the path of its field, so the same spec always gives the same answer.
+    /// Checks the rules serde cannot express, the size limits first
+    /// ([`JobSpec::check_size`]). The first broken rule is reported, with the path of
+    /// its field, so the same spec always gives the same answer.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        self.check_size()?;
         check_name("name", &self.name)?;
         if self.priority > MAX_PRIORITY {
             return Err(ValidationError::new(
@@ -159,15 +167,6 @@ impl JobSpec {
             return Err(ValidationError::new(
                 "groups",
                 "at least one group is required",
-            ));
-        }
-        if self.groups.len() > MAX_GROUPS {
-            return Err(ValidationError::new(
-                "groups",
-                format!(
-                    "at most {MAX_GROUPS} groups are allowed, got {}",
-                    self.groups.len()
-                ),
             ));
         }
         let mut names = BTreeSet::new();
