@@ -73,6 +73,9 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The body is not `application/json`.
     UnsupportedMediaType,
+    /// The client stopped sending its request (its body) for longer than the server
+    /// waits; send it again.
+    RequestTimeout,
     /// The server is at its concurrency or queue limit; retry later.
     RateLimited,
     /// A bug or an unexpected failure on the server.
@@ -108,6 +111,7 @@ impl ErrorCode {
         Self::MethodNotAllowed,
         Self::PayloadTooLarge,
         Self::UnsupportedMediaType,
+        Self::RequestTimeout,
         Self::RateLimited,
         Self::Internal,
         Self::NoQuorum,
@@ -131,6 +135,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => ("method_not_allowed", 405),
             Self::PayloadTooLarge => ("payload_too_large", 413),
             Self::UnsupportedMediaType => ("unsupported_media_type", 415),
+            Self::RequestTimeout => ("request_timeout", 408),
             Self::RateLimited => ("rate_limited", 429),
             Self::Internal => ("internal", 500),
             Self::NoQuorum => ("no_quorum", 503),
@@ -224,6 +229,7 @@ mod tests {
         assert_eq!(ErrorCode::NotFound.http_status(), 404);
         assert_eq!(ErrorCode::PayloadTooLarge.http_status(), 413);
         assert_eq!(ErrorCode::RateLimited.http_status(), 429);
+        assert_eq!(ErrorCode::RequestTimeout.http_status(), 408);
         assert_eq!(ErrorCode::NoQuorum.http_status(), 503);
     }
 

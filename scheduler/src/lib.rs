@@ -16,6 +16,7 @@
 //! | [`gateway`] | the OpenAI-compatible `/v1` inference gateway: resolves a request's model ([`gateway::table`]), picks a ready replica with the fewest requests outstanding and streams its answer back ([`gateway::balancer`]); its routes are documented in the same OpenAPI document |
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
+//! | [`listener`] | the accept loop in front of the HTTP surface: connection limits (in total and per client), header, body, idle and TLS handshake timeouts, optional TLS, graceful shutdown |
 //! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
 //! | `testkit` | fixtures for tests (feature `testkit`, never in a release build): small real inputs (signed model registrations) |
 //!
@@ -47,6 +48,7 @@ pub mod clock;
 pub mod gateway;
 pub mod http;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod planner;
 pub mod server;

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::clock::{SharedClock, SystemClock};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::{self, ApiLimits, MAX_MODEL_BODY_LIMIT};
+use crate::listener::ListenerMetrics;
 use crate::state::ClusterState;
 
 /// Everything a server needs, validated by [`ServerConfig::validate`] before start.
@@ -63,6 +64,9 @@ pub struct ServerConfig {
     pub gateway: GatewayConfig,
     /// The admins of a new cluster and this server's own identity.
     pub access: http::ServerAccess,
+    /// TLS for the HTTP listener (control API, gateway and Raft transport), from
+    /// the cluster's CA; `None` serves plain HTTP.
+    pub api_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -89,6 +93,7 @@ impl ServerConfig {
             storage: StorageInfo::default(),
             gateway: GatewayConfig::default(),
             access: http::ServerAccess::default(),
+            api_tls: None,
         }
     }
 
@@ -134,6 +139,12 @@ impl ServerConfig {
         }
         if let Err(e) = self.gateway.validate() {
             return bad(e);
+        }
+        if let Err(e) = self.limits.listener.validate() {
+            return bad(e);
+        }
+        if self.limits.rate_per_second > 0 && self.limits.rate_burst == 0 {
+            return bad("rate burst must be at least 1 when a rate is set".into());
         }
         if self.storage != StorageInfo::default() {
             if let Err(e) = self.storage.validate() {
@@ -216,6 +227,7 @@ impl Server {
         };
         let registry = Registry::new();
         let metrics = std::sync::Arc::new(RaftMetrics::register(&registry)?);
+        let listener_metrics = ListenerMetrics::register(&registry)?;
         let watch = Arc::new(crate::hub::NodeWatch::default());
         let raft = RaftNode::start(
             NodeConfig {
@@ -260,7 +272,7 @@ impl Server {
             clock.clone(),
             config.access.clone(),
         )?;
-        let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+        let (shutdown, _) = tokio::sync::watch::channel(false);
         tokio::spawn(gateway.clone().run(shutdown.subscribe()));
         tokio::spawn(bootstrap_admins(
             raft.clone(),
@@ -292,15 +304,14 @@ impl Server {
             clock,
             shutdown.subscribe(),
         ));
-        let http = tokio::spawn(async move {
-            // Registrations record the agent's source address as the node's.
-            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
+        let http = tokio::spawn(crate::listener::serve(
+            listener,
+            app,
+            config.limits.listener.clone(),
+            config.api_tls.clone(),
+            listener_metrics,
+            shutdown.subscribe(),
+        ));
         Ok(Server {
             addr,
             raft,

@@ -39,7 +39,9 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         (status = 201, description = "Job created and committed", body = SubmitJobResponse),
         (status = 200, description = "Existing job of that name updated", body = SubmitJobResponse),
         (status = 400, description = "Invalid job", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 408, description = "The body stopped arriving", body = ErrorBody),
+        (status = 413, description = "Body, spec or one of its fields too large", body = ErrorBody),
+        (status = 429, description = "Too many requests", body = ErrorBody),
         (status = 503, description = "No quorum", body = ErrorBody),
     )
 )]
@@ -47,6 +49,8 @@ async fn submit_job(
     State(state): State<ApiState>,
     Signed(caller, mut spec): Signed<JobSpec>,
 ) -> Result<(StatusCode, Json<SubmitJobResponse>), ApiError> {
+    // Oversized is 413, before the rules' 400s.
+    spec.check_size()?;
     spec.validate()?;
     caller
         .require(

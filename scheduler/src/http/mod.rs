@@ -38,6 +38,7 @@ pub mod nodes;
 pub mod ops;
 pub mod plumbing;
 pub mod replay;
+mod rate;
 pub mod tokens;
 
 use std::sync::{Arc, LazyLock};
@@ -57,7 +58,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use plumbing::{
-    decode_json, ApiError, ApiLimits, ApiState, JsonBody, OptionalJsonBody, MAX_MODEL_BODY_LIMIT,
+    decode_json, ApiError, ApiLimits, ApiState, JsonBody, OptionalJsonBody, RateKey,
+    MAX_MODEL_BODY_LIMIT,
 };
 
 use crate::clock::SharedClock;
@@ -266,14 +268,19 @@ pub fn router(
     let (short, _) = short_routes(limits).split_for_parts();
     let (long_polls, _) = long_polls.split_for_parts();
     let (ops, _) = ops::routes().split_for_parts();
-    let api = short
+    let mut api = short
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), admission))
         .merge(long_polls)
         .merge(ops)
         .fallback(not_found)
-        .layer(middleware::from_fn(method_not_allowed))
-        .with_state(state);
+        .layer(middleware::from_fn(method_not_allowed));
+    // Outside admission, so a client over its rate takes no in-flight place. An
+    // authentication layer that names the client (`RateKey`) goes outside this one.
+    if let Some(limiter) = rate::RateLimiter::new(limits) {
+        api = api.layer(middleware::from_fn_with_state(limiter, rate::limit_rate));
+    }
+    let api = api.with_state(state);
     // The gateway has its own body limit, admission and error shape (OpenAI's).
     Ok(api
         .merge(crate::gateway::router(gateway))

@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::clock::SharedClock;
 use crate::hub::{AgentHub, HubError};
+use crate::listener::ListenerLimits;
 use crate::state::{Applied, ClusterState, Command, StateError};
 
 /// Largest body [`ApiLimits::max_model_body_bytes`] may allow. A model write becomes
@@ -49,6 +50,16 @@ pub struct ApiLimits {
     /// How often plain heartbeats are committed as one batch; a node's
     /// `last_seen` lags its last heartbeat by at most this much.
     pub seen_flush: Duration,
+    /// Requests per second one client may make, on average; 0 for no limit. More
+    /// get 429 with `Retry-After`. A client is its authenticated identity when a
+    /// layer put a [`RateKey`] in the request, else its address.
+    pub rate_per_second: u32,
+    /// Requests one client may make at once, above its average rate.
+    pub rate_burst: u32,
+    /// Clients whose rate is tracked at once; see `http::rate`.
+    pub rate_max_keys: usize,
+    /// The listener's connection limits and timeouts.
+    pub listener: ListenerLimits,
 }
 
 impl Default for ApiLimits {
@@ -60,9 +71,22 @@ impl Default for ApiLimits {
             max_in_flight: 4096,
             max_long_polls: 16_384,
             seen_flush: Duration::from_secs(2),
+            rate_per_second: 100,
+            rate_burst: 200,
+            rate_max_keys: 65_536,
+            listener: ListenerLimits::default(),
         }
     }
 }
+
+/// Who a request is counted as by the rate limits, when it is more than its
+/// address: an authentication layer that has verified the request's signer puts
+/// one in the request's extensions (`req.extensions_mut().insert(RateKey(..))`),
+/// outside the rate limit layer, and the limit is then kept per identity (a person's
+/// key id, a node id) wherever it connects from. The text is the identity's own
+/// stable name; two requests with equal text share one limit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RateKey(pub String);
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -140,6 +164,12 @@ impl From<RaftError> for ApiError {
     }
 }
 
+impl From<aigrid_api::SizeError> for ApiError {
+    fn from(e: aigrid_api::SizeError) -> Self {
+        ApiError::new(ErrorCode::PayloadTooLarge, e.to_string())
+    }
+}
+
 impl From<aigrid_api::ValidationError> for ApiError {
     fn from(e: aigrid_api::ValidationError) -> Self {
         ApiError::new(ErrorCode::InvalidField, e.to_string())
@@ -181,8 +211,9 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
     }
 }
 
-/// The raw body, refused with 415 when it declares a type other than JSON and with
-/// 413 over the size limit.
+/// The raw body, refused with 415 when it declares a type other than JSON, with
+/// 413 over the size limit and with 408 when the client paused sending it for
+/// longer than the listener waits.
 pub(crate) async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
         // JSON, or no declared type at all (curl's `-d` default), is read as JSON.
@@ -208,8 +239,24 @@ pub(crate) async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Resul
                 "request body exceeds the size limit",
             )
         }
+        other if body_timed_out(&other) => ApiError::new(
+            ErrorCode::RequestTimeout,
+            "the request body stopped arriving; send the request again",
+        ),
         other => ApiError::new(ErrorCode::InvalidJson, other.body_text()),
     })
+}
+
+/// Whether reading a body failed because the client stopped sending it.
+fn body_timed_out(rejection: &BytesRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Decodes JSON, naming the path of the field that failed (`groups[0].resources`).
