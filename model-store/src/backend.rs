@@ -208,11 +208,14 @@ impl Backend {
         }
     }
 
-    /// A backend in a local directory (created if missing).
+    /// A backend in a local directory (created if missing). Deleting an object
+    /// also removes the directories it leaves empty, so removing every model gives
+    /// the disk back as it was.
     pub fn local(name: impl Into<String>, dir: &std::path::Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
-            .map_err(std::io::Error::other)?;
+            .map_err(std::io::Error::other)?
+            .with_automatic_cleanup(true);
         let mut backend = Backend::new(name, BTreeMap::new(), Arc::new(store));
         backend.url = format!("file://{}", dir.display());
         Ok(backend)

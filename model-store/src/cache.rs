@@ -255,6 +255,28 @@ impl ChunkCache {
         self.save_pins(&state)
     }
 
+    /// Drops every chunk `keep` refuses, pinned or not, with its pin: the chunks of
+    /// models that were deleted, so their bytes leave the disk now rather than when
+    /// the budget needs room. Answers how many chunks and bytes went.
+    pub fn retain(&self, keep: impl Fn(&ChunkDigest) -> bool) -> std::io::Result<(usize, u64)> {
+        let mut state = self.state.lock().expect("cache lock");
+        let gone: Vec<ChunkDigest> = state.entries.keys().filter(|h| !keep(h)).cloned().collect();
+        let mut bytes = 0;
+        for hash in &gone {
+            if let Some(entry) = state.entries.remove(hash) {
+                state.bytes -= entry.size;
+                bytes += entry.size;
+            }
+            let _ = std::fs::remove_file(self.path(hash));
+        }
+        let pins = state.pinned.len();
+        state.pinned.retain(|h| keep(h));
+        if state.pinned.len() != pins {
+            self.save_pins(&state)?;
+        }
+        Ok((gone.len(), bytes))
+    }
+
     fn save_pins(&self, state: &State) -> std::io::Result<()> {
         let mut list: Vec<&str> = state.pinned.iter().map(ChunkDigest::as_str).collect();
         list.sort_unstable();
@@ -325,6 +347,28 @@ mod tests {
         let cache = ChunkCache::open(dir.path(), 100).unwrap();
         assert_eq!(cache.stats().chunks, 1);
         assert!(!dir.path().join("chunks/.x.tmp").exists());
+    }
+
+    #[test]
+    fn chunks_of_deleted_models_leave_the_disk_pinned_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 1000).unwrap();
+        for i in 0..4 {
+            cache.insert(&h(i), &[i; 100]).unwrap();
+        }
+        cache.pin([h(1), h(2)]).unwrap();
+        let live = [h(0), h(2)];
+        assert_eq!(cache.retain(|c| live.contains(c)).unwrap(), (2, 200));
+        assert!(cache.contains(&h(0)) && cache.contains(&h(2)));
+        assert!(!cache.contains(&h(1)) && !cache.contains(&h(3)));
+        assert!(!dir.path().join("chunks").join(h(1).as_str()).exists());
+        assert_eq!(cache.stats().bytes, 200);
+        assert_eq!(cache.stats().pinned_bytes, 100);
+        // The dropped pin stays dropped across a restart.
+        drop(cache);
+        let cache = ChunkCache::open(dir.path(), 1000).unwrap();
+        cache.insert(&h(1), &[1; 100]).unwrap();
+        assert_eq!(cache.stats().pinned_bytes, 100, "only h(2) is still pinned");
     }
 
     #[test]

@@ -609,7 +609,17 @@ fn place(tmp: &Path, root: &Path, target: &Path) -> std::io::Result<bool> {
         std::fs::create_dir_all(parent)?;
     }
     let new = !target.exists();
-    std::fs::rename(tmp, target)?;
+    // A delete may prune the parent while it is empty, between its creation and
+    // the rename: make it again and retry.
+    let mut tries = 0;
+    while let Err(e) = std::fs::rename(tmp, target) {
+        tries += 1;
+        if e.kind() != std::io::ErrorKind::NotFound || tries >= 3 || !tmp.exists() {
+            return Err(e);
+        }
+        std::fs::create_dir_all(parent)?;
+    }
+    let created = created || tries > 0;
     let mut dir = parent;
     loop {
         std::fs::File::open(dir)?.sync_all()?;
@@ -640,9 +650,25 @@ async fn remove(state: &Shared, path: &str) -> Result<Response, ShardError> {
         Err(e) => return Err(internal("looking up the object", e)),
     }
     match tokio::fs::remove_file(&target).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(()) => {
+            prune(&state.root, &target).await;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ShardError::NotFound),
         Err(e) => Err(internal("removing the object", e)),
+    }
+}
+
+/// Removes the directories above `removed` that it left empty, up to (not
+/// including) `root`, so deleting every object gives the disk back. Stops at the
+/// first directory that is not empty (another object is in it, or being placed).
+async fn prune(root: &Path, removed: &Path) {
+    let mut dir = removed.parent();
+    while let Some(d) = dir.filter(|d| *d != root && d.starts_with(root)) {
+        if tokio::fs::remove_dir(d).await.is_err() {
+            break;
+        }
+        dir = d.parent();
     }
 }
 
