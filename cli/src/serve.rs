@@ -180,6 +180,18 @@ async fn store_source(servers: &str, args: &ServeArgs) -> anyhow::Result<(ModelS
     };
     let cache = ChunkCache::open(&cache_dir, cache_bytes)
         .with_context(|| format!("opening the model cache {}", cache_dir.display()))?;
+    // The cache is the node's, shared by its model servers, and outlives the models
+    // it served: the chunks of models deleted since leave the disk now.
+    match model::registered_chunks(&client).await {
+        Ok(live) => match cache.retain(|c| live.contains(c)) {
+            Ok((0, _)) => {}
+            Ok((chunks, bytes)) => {
+                tracing::info!(chunks, bytes, "dropped cached chunks of deleted models")
+            }
+            Err(e) => tracing::warn!(error = %e, "sweeping the model cache"),
+        },
+        Err(e) => tracing::warn!(error = %e, "listing models to sweep the model cache"),
+    }
     let options = ReaderOptions {
         cache: Some(Arc::new(cache)),
         key,

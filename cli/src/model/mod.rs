@@ -32,7 +32,7 @@ use crate::output::{bytes_text, count, print_json};
 
 pub use push::{push_dir, PushArgs};
 use registry::all_details_unchecked;
-pub use registry::{detail, resolve, short, ModelDetail};
+pub use registry::{detail, registered_chunks, resolve, short, ModelDetail};
 pub use repair::repair_loop;
 use repair::repair_one;
 pub use store::{open_store, read_model_key, store_from, StoreArgs};

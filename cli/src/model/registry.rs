@@ -117,6 +117,21 @@ pub(super) async fn all_details_unchecked(
     Ok(out)
 }
 
+/// The chunks every registered model uses, verified or not: what a node's chunk
+/// cache may keep. A model that does not verify still keeps its chunks, as its
+/// registration keeps its shards.
+pub async fn registered_chunks(
+    client: &Client,
+) -> anyhow::Result<std::collections::HashSet<aigrid_api::ChunkDigest>> {
+    let mut chunks = std::collections::HashSet::new();
+    for (_, detail) in all_details_unchecked(client).await? {
+        for stripe in &detail.manifest.manifest.stripes {
+            chunks.extend(stripe.chunks.iter().map(|c| c.blake3.clone()));
+        }
+    }
+    Ok(chunks)
+}
+
 /// Every registered model that verifies as the digest it is listed under; one that
 /// does not is skipped with a one-line warning.
 pub(super) async fn all_details(client: &Client) -> anyhow::Result<Vec<ModelDetail>> {
