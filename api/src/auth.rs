@@ -128,14 +128,19 @@ pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
 /// Prefix of every join token, so a leaked one is recognisable in logs and scanners.
 pub const JOIN_TOKEN_PREFIX: &str = "aigrid-join";
 
-/// A join token as the operator hands it to a farmer: `aigrid-join.<id>.<secret>`.
-/// The id names it in listings; only the secret's BLAKE3 hash is stored.
+/// A join token as the operator hands it to a farmer:
+/// `aigrid-join.<id>.<secret>.<ca sha256 hex>`. The id names it in listings; only the
+/// secret's BLAKE3 hash is stored; the last part pins the cluster's CA, so the agent
+/// trusts only servers holding a certificate from it. A token of the older three-part
+/// shape (`aigrid-join.<id>.<secret>`) still parses and pins nothing.
 #[derive(Clone, PartialEq, Eq)]
 pub struct JoinToken {
     /// Public part: 16 hex characters.
     pub id: String,
     /// Secret part: 64 hex characters.
     pub secret: String,
+    /// The cluster CA the token's holder must trust, when the cluster has one.
+    pub ca: Option<crate::CaFingerprint>,
 }
 
 impl JoinToken {
@@ -144,7 +149,14 @@ impl JoinToken {
         JoinToken {
             id: hex(&id),
             secret: hex(&secret),
+            ca: None,
         }
+    }
+
+    /// The same token, pinning the CA with fingerprint `ca`.
+    pub fn with_ca(mut self, ca: Option<crate::CaFingerprint>) -> Self {
+        self.ca = ca;
+        self
     }
 
     /// The stored form of the secret.
@@ -160,7 +172,11 @@ pub fn hash_secret(secret: &str) -> String {
 
 impl fmt::Display for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{JOIN_TOKEN_PREFIX}.{}.{}", self.id, self.secret)
+        write!(f, "{JOIN_TOKEN_PREFIX}.{}.{}", self.id, self.secret)?;
+        match &self.ca {
+            Some(ca) => write!(f, ".{}", ca.hex()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -174,18 +190,28 @@ impl std::str::FromStr for JoinToken {
     type Err = &'static str;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        const SHAPE: &str = "a join token looks like aigrid-join.<16 hex>.<64 hex>";
+        const SHAPE: &str =
+            "a join token looks like aigrid-join.<16 hex>.<64 hex>.<64 hex CA fingerprint>";
         let mut parts = s.trim().split('.');
-        let (Some(JOIN_TOKEN_PREFIX), Some(id), Some(secret), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(JOIN_TOKEN_PREFIX), Some(id), Some(secret), ca, None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(SHAPE);
         };
         unhex::<8>(id).ok_or(SHAPE)?;
         unhex::<32>(secret).ok_or(SHAPE)?;
+        let ca = match ca {
+            Some(hex) => Some(crate::CaFingerprint(unhex::<32>(hex).ok_or(SHAPE)?)),
+            None => None,
+        };
         Ok(JoinToken {
             id: id.to_owned(),
             secret: secret.to_owned(),
+            ca,
         })
     }
 }
@@ -257,7 +283,8 @@ pub struct JoinTokenInfo {
 /// The answer to `POST /api/v1/join-tokens`: the only time the secret is shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreatedJoinToken {
-    /// `aigrid-join.<id>.<secret>`, for `aigrid agent --join-token`.
+    /// `aigrid-join.<id>.<secret>.<ca sha256 hex>` (no last part when the cluster has
+    /// no CA), for `aigrid agent --join-token`.
     pub token: String,
     /// The token as listings show it.
     #[serde(flatten)]
@@ -291,6 +318,25 @@ mod tests {
             "aigrid-join.zz.00",
             "other.0101010101010101.00",
             &shown[1..],
+        ] {
+            assert!(bad.parse::<JoinToken>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_join_token_pins_the_cluster_ca_and_old_tokens_still_parse() {
+        let ca = crate::CaFingerprint([7; 32]);
+        let token = JoinToken::from_random([1; 8], [2; 32]).with_ca(Some(ca));
+        let shown = token.to_string();
+        assert!(shown.ends_with(&format!(".{}", "07".repeat(32))), "{shown}");
+        let parsed: JoinToken = shown.parse().unwrap();
+        assert_eq!(parsed.ca, Some(ca));
+        assert_eq!(parsed, token);
+        let old = format!("aigrid-join.{}.{}", "01".repeat(8), "02".repeat(32));
+        assert_eq!(old.parse::<JoinToken>().unwrap().ca, None);
+        for bad in [
+            format!("{old}.abcd"),
+            format!("{old}.{}.{}", "07".repeat(32), "07".repeat(32)),
         ] {
             assert!(bad.parse::<JoinToken>().is_err(), "{bad}");
         }

@@ -12,9 +12,10 @@
 //! | [`allocation`] | an instance of a task group bound to a node |
 //! | [`evaluation`] | a request to the planner to reconcile one job |
 //! | [`node`] | node registration and the node view |
-//! | [`auth`] | node keys and join tokens |
+//! | [`auth`] | node keys and join tokens (with the cluster CA's fingerprint) |
 //! | [`identity`] | people's identities: ed25519 or hybrid ed25519 + ML-DSA-65 keys, tagged in every encoding |
 //! | [`signature`] | the one request-signature scheme (RFC 9421 style) for people and nodes |
+//! | [`ca`] | the cluster CA's fingerprint, as join tokens carry it |
 //! | [`cluster`] | control-plane membership and Raft status |
 //! | [`model`] | registered models as listed, and the dispersed store a server offers |
 //! | [`manifest`] | a model's signed manifest and shard locations: canonical encoding, digest, signature check |
@@ -33,6 +34,7 @@ mod macros;
 pub mod access;
 pub mod allocation;
 pub mod auth;
+pub mod ca;
 pub mod cluster;
 pub mod digest;
 pub mod error;
@@ -61,6 +63,7 @@ pub use allocation::{
 pub use auth::{
     AuthError, CreateJoinToken, CreatedJoinToken, JoinToken, JoinTokenInfo, NodeKey, NodePublicKey,
 };
+pub use ca::CaFingerprint;
 pub use cluster::{
     ClusterStatus, Health, JoinRequest, LeaveRequest, Member, MemberRole, Readiness,
 };
