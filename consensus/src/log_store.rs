@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -196,13 +197,30 @@ pub trait Durable: Send + 'static {
 pub struct LogStore {
     image: LogImage,
     disk: Box<dyn Durable>,
+    /// Set when raft asked for a snapshot the stored one cannot serve (it predates the
+    /// configuration that added the peer): the replica takes a fresh one.
+    snapshot_wanted: AtomicBool,
 }
 
 impl LogStore {
     /// Opens the store, reading back what the medium holds.
     pub fn open(disk: Box<dyn Durable>) -> Result<Self, LogStoreError> {
         let image = disk.load()?;
-        Ok(LogStore { image, disk })
+        Ok(LogStore {
+            image,
+            disk,
+            snapshot_wanted: AtomicBool::new(false),
+        })
+    }
+
+    /// True when a peer needs a snapshot newer than the stored one.
+    pub fn snapshot_requested(&self) -> bool {
+        self.snapshot_wanted.load(Ordering::Relaxed)
+    }
+
+    /// Clears and answers the request for a fresh snapshot.
+    pub fn take_snapshot_request(&self) -> bool {
+        self.snapshot_wanted.swap(false, Ordering::Relaxed)
     }
 
     /// Writes a batch durably, then makes it visible to raft-rs.
@@ -292,7 +310,27 @@ impl Storage for LogStore {
         Ok(self.image.last_index())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    /// The stored snapshot, when it can serve peer `to`: it must include `to` in its
+    /// configuration (a peer refuses a snapshot that leaves it out, so a server added
+    /// after the last snapshot would never catch up) and cover `request_index`.
+    /// Otherwise a fresh snapshot is requested from the replica and raft is told to
+    /// try again later.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let meta = self.image.snapshot.get_metadata();
+        let cs = meta.get_conf_state();
+        let includes = cs
+            .voters
+            .iter()
+            .chain(&cs.learners)
+            .chain(&cs.voters_outgoing)
+            .chain(&cs.learners_next)
+            .any(|id| *id == to);
+        if meta.index < request_index || !includes {
+            self.snapshot_wanted.store(true, Ordering::Relaxed);
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
         Ok(self.image.snapshot.clone())
     }
 }

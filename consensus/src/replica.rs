@@ -448,7 +448,7 @@ impl<S: StateMachine> Replica<S> {
 
     /// True when raft has work for [`Replica::handle_ready`].
     pub fn has_ready(&self) -> bool {
-        self.raw.has_ready()
+        self.raw.has_ready() || self.raw.store().snapshot_requested()
     }
 
     /// One pass of the `Ready` cycle: send the leader's messages, install a snapshot,
@@ -462,6 +462,7 @@ impl<S: StateMachine> Replica<S> {
     ) -> Result<ReadyOutput<S::Output>, ReplicaError> {
         let mut out = ReadyOutput::default();
         if !self.raw.has_ready() {
+            self.maybe_snapshot()?;
             return Ok(out);
         }
         let mut ready = self.raw.ready();
@@ -649,7 +650,10 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
+    /// Takes a snapshot when the log has grown enough since the last one, or when a
+    /// peer needs one that the stored snapshot cannot serve (a server added since).
     fn maybe_snapshot(&mut self) -> Result<(), ReplicaError> {
+        let requested = self.raw.store().take_snapshot_request();
         let entries_since = self.applied.saturating_sub(self.snapshot_index);
         // A snapshot costs about its own size in serialisation and writes; letting
         // the log grow by a multiple of the last one before the next keeps that
@@ -658,7 +662,10 @@ impl<S: StateMachine> Replica<S> {
             .config
             .snapshot_bytes
             .max(self.last_snapshot_len.saturating_mul(SNAPSHOT_AMORTIZE));
-        if entries_since < self.config.snapshot_entries && self.bytes_since_snapshot < bytes_due {
+        if !requested
+            && entries_since < self.config.snapshot_entries
+            && self.bytes_since_snapshot < bytes_due
+        {
             return Ok(());
         }
         if entries_since == 0 {

@@ -399,6 +399,85 @@ where
         Ok(self.report.clone())
     }
 
+    /// Runs `ticks` fault-free ticks, proposing a command every fifth tick.
+    pub fn settle(
+        &mut self,
+        ticks: u64,
+        make_command: &mut dyn FnMut(&mut StdRng, u64) -> S::Command,
+    ) -> Result<(), String> {
+        const STEPS_PER_TICK: u64 = 4;
+        for _ in 0..ticks {
+            for _ in 0..STEPS_PER_TICK {
+                self.step += 1;
+                if self.step.is_multiple_of(20) {
+                    self.propose(make_command);
+                }
+                self.deliver();
+                self.process(false)?;
+            }
+            self.tick_all();
+        }
+        Ok(())
+    }
+
+    /// Starts server `id` with an empty log, asks the leader to add it, and runs
+    /// fault-free until every server, itself included, sees it as a voter; answers the
+    /// ticks that took, or an error after `limit` ticks.
+    pub fn join_server(
+        &mut self,
+        id: u64,
+        limit: u64,
+        make_command: &mut dyn FnMut(&mut StdRng, u64) -> S::Command,
+    ) -> Result<u64, String> {
+        self.disks.insert(id, SimDisk::default());
+        let replica = self.open(id, &BTreeMap::new());
+        self.replicas.insert(id, Some(replica));
+        let change = crate::replica::MembershipChange::Add {
+            id,
+            addr: format!("sim-{id}"),
+        };
+        let mut proposed = false;
+        for tick in 0..limit {
+            if !proposed {
+                let request = RequestId(self.next_request);
+                self.next_request += 1;
+                if let Some(leader) = self.replicas.values_mut().flatten().find(|r| r.is_leader()) {
+                    proposed = leader.propose_membership(request, &change).is_ok();
+                }
+            }
+            self.settle(1, make_command)?;
+            let everywhere = self.replicas.values().all(|r| {
+                r.as_ref().is_some_and(|r| {
+                    let status = r.status();
+                    status.members.contains_key(&id) && !status.learners.contains(&id)
+                })
+            });
+            if everywhere {
+                return Ok(tick);
+            }
+        }
+        let views: Vec<String> = self
+            .replicas
+            .iter()
+            .map(|(rid, r)| match r {
+                Some(r) => {
+                    let s = r.status();
+                    format!(
+                        "{rid}: members {:?} learners {:?} applied {}",
+                        s.members.keys().collect::<Vec<_>>(),
+                        s.learners,
+                        s.applied_index
+                    )
+                }
+                None => format!("{rid}: down"),
+            })
+            .collect();
+        Err(self.fail(format!(
+            "server {id} did not become a voter within {limit} ticks: {}",
+            views.join("; ")
+        )))
+    }
+
     fn all_equal(&self) -> bool {
         let mut snapshots = Vec::new();
         let mut applied = Vec::new();

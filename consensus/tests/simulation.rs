@@ -47,3 +47,26 @@ fn three_servers_survive_faults() {
 fn five_servers_survive_faults() {
     run_seeds(5, 100);
 }
+
+/// A server added to a running cluster becomes a voter promptly, although no
+/// snapshot that includes it is due for a long time: the leader makes one when the
+/// newcomer needs it.
+#[test]
+fn a_joining_server_becomes_a_voter_before_any_scheduled_snapshot() {
+    for seed in seeds(10) {
+        let config = SimConfig {
+            snapshot_entries: 100_000,
+            ..SimConfig::default()
+        };
+        let mut values = |rng: &mut rand::rngs::StdRng, step: u64| {
+            use rand::Rng;
+            step * 1_000_000 + rng.random_range(0..1_000_000u64)
+        };
+        with_seed(seed, || {
+            let mut sim = Simulation::new(seed, config, ListMachine::default);
+            sim.settle(100, &mut values)?;
+            sim.join_server(4, 400, &mut values)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
