@@ -6,13 +6,17 @@
 //! - [`replica`]: one replica's `Ready` cycle, without threads or sockets.
 //! - [`runtime`]: the replica on its own thread, with an async handle for proposals,
 //!   linearizable reads and membership changes.
-//! - [`transport`]: Raft messages between servers over HTTP, batched per peer.
+//! - [`transport`]: Raft messages between servers over HTTPS with mutual TLS, batched
+//!   per peer; a message counts only from the server its connection's certificate names.
+//! - [`peer_listener`]: the peer listener's TLS accept loop, labelling each connection
+//!   with its certificate's server id.
 //! - [`metrics`]: Prometheus metrics of all of the above.
 //! - `testkit` (feature `testkit`, for tests and benchmarks only): a seeded simulation
 //!   of whole clusters over an in-memory network.
 
 pub mod log_store;
 pub mod metrics;
+pub mod peer_listener;
 pub mod replica;
 pub mod runtime;
 pub mod state_machine;

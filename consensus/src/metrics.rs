@@ -32,6 +32,12 @@ pub struct RaftMetrics {
     pub snapshots_installed: IntCounter,
     /// Raft messages dropped because a peer's queue was full.
     pub messages_dropped: IntCounter,
+    /// Raft messages received and dropped because their `from` was not the server the
+    /// connection's certificate names (or their `to` not this server).
+    pub peer_messages_refused: IntCounter,
+    /// Peer connections closed before HTTP: no certificate from the CA, no server id
+    /// in it, a handshake past its deadline, or too many connections.
+    pub peer_connections_refused: IntCounter,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
@@ -102,6 +108,16 @@ impl RaftMetrics {
                 registry,
                 "aigrid_raft_messages_dropped_total",
                 "Raft messages dropped because a peer queue was full or the send failed",
+            )?,
+            peer_messages_refused: counter(
+                registry,
+                "aigrid_raft_peer_messages_refused_total",
+                "Raft messages dropped because their sender is not the server the connection's certificate names",
+            )?,
+            peer_connections_refused: counter(
+                registry,
+                "aigrid_raft_peer_connections_refused_total",
+                "Peer connections refused: no certificate from the cluster CA, no server id, handshake timeout, or too many",
             )?,
         })
     }

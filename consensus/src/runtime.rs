@@ -35,8 +35,9 @@ pub struct NodeConfig {
     pub tick: Duration,
     /// Where the log lives.
     pub data_dir: PathBuf,
-    /// The `host:port` peers reach this server at.
-    pub advertise_addr: String,
+    /// This server's certificate (its id is `replica.id`) and the cluster CA: what
+    /// it dials peers with and what its peer listener requires of them.
+    pub identity: Arc<aigrid_tls::ServerIdentity>,
     /// Voters of a new cluster; empty for a server that joins an existing one.
     pub initial_members: BTreeMap<u64, String>,
     /// How long a client request may wait for a commit before it is answered 503.
@@ -92,6 +93,7 @@ struct Shared<S: StateMachine> {
     status: Arc<RwLock<ReplicaStatus>>,
     metrics: Arc<RaftMetrics>,
     transport: Arc<Transport>,
+    identity: Arc<aigrid_tls::ServerIdentity>,
     seq: AtomicU64,
     id_base: u64,
     request_timeout: Duration,
@@ -138,16 +140,19 @@ impl<S: StateMachine> RaftNode<S> {
         let feedback: Arc<dyn Fn(Feedback) + Send + Sync> = Arc::new(move |f| {
             let _ = feedback_tx.try_send(Input::Feedback(f));
         });
-        let transport = Arc::new(
-            Transport::new(
-                config.replica.id,
-                config.advertise_addr.clone(),
-                tokio::runtime::Handle::current(),
-                feedback,
-                metrics.clone(),
-            )
-            .map_err(ReplicaError::Config)?,
-        );
+        if config.identity.id() != config.replica.id {
+            return Err(ReplicaError::Config(format!(
+                "the certificate is server {}'s, not server {}'s",
+                config.identity.id(),
+                config.replica.id
+            )));
+        }
+        let transport = Arc::new(Transport::new(
+            config.identity.clone(),
+            tokio::runtime::Handle::current(),
+            feedback,
+            metrics.clone(),
+        ));
         transport.set_members(replica.members());
         if replica.members().len() == 1 && replica.members().contains_key(&replica.id()) {
             // A single voter need not wait an election timeout.
@@ -162,6 +167,7 @@ impl<S: StateMachine> RaftNode<S> {
             status: status.clone(),
             metrics: metrics.clone(),
             transport: transport.clone(),
+            identity: config.identity.clone(),
             seq: AtomicU64::new(0),
             id_base,
             request_timeout: config.request_timeout,
@@ -337,18 +343,55 @@ impl<S: StateMachine> RaftNode<S> {
         }
     }
 
-    /// The receiving end for the HTTP transport.
+    /// The receiving end for the transport.
     pub fn inbox(&self) -> Arc<dyn Inbox> {
         Arc::new(NodeInbox {
             tx: self.shared.tx.clone(),
-            transport: self.shared.transport.clone(),
         })
+    }
+
+    /// Serves the peer listener (mutual TLS under the cluster CA) on `listener`
+    /// until `shutdown` completes.
+    pub fn serve_peers(
+        &self,
+        listener: tokio::net::TcpListener,
+        limits: crate::transport::PeerLimits,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        let identity = self.shared.identity.clone();
+        let inbox = self.inbox();
+        let metrics = self.shared.metrics.clone();
+        tokio::spawn(async move {
+            crate::transport::serve(listener, &identity, inbox, metrics, limits, shutdown).await
+        })
+    }
+
+    /// The address this server dials server `id` at, if it knows one.
+    pub fn peer_addr(&self, id: u64) -> Option<String> {
+        self.shared.transport.addr_of(id)
+    }
+
+    /// Gives a server that joins an existing cluster its members' addresses, so it
+    /// can answer the leader before the first snapshot tells it the configuration.
+    /// Ignored once a configuration is applied.
+    pub fn seed_peers(&self, members: &BTreeMap<u64, String>) {
+        self.shared.transport.seed(members);
+    }
+
+    /// Checks that server `id` answers at `addr` on its peer listener with a
+    /// certificate from the cluster CA naming it.
+    pub async fn probe_peer(&self, id: u64, addr: &str, timeout: Duration) -> Result<(), String> {
+        self.shared.transport.probe(id, addr, timeout).await
+    }
+
+    /// The cluster CA's fingerprint, as join tokens carry it.
+    pub fn ca_fingerprint(&self) -> aigrid_tls::CaFingerprint {
+        self.shared.identity.fingerprint()
     }
 }
 
 struct NodeInbox<O> {
     tx: SyncSender<Input<O>>,
-    transport: Arc<Transport>,
 }
 
 impl<O: Send + 'static> Inbox for NodeInbox<O> {
@@ -358,10 +401,6 @@ impl<O: Send + 'static> Inbox for NodeInbox<O> {
             self.tx.try_send(Input::Step(messages)),
             Err(TrySendError::Disconnected(_))
         )
-    }
-
-    fn learn(&self, id: u64, addr: &str) {
-        self.transport.learn(id, addr);
     }
 }
 

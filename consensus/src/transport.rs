@@ -1,34 +1,90 @@
-//! Raft messages between servers over HTTP.
+//! Raft messages between servers over HTTPS with mutual TLS under the cluster CA.
 //!
 //! Each peer has its own bounded queue and its own sending task, so a slow or dead peer
 //! fills only its own queue (further messages to it are dropped, which Raft tolerates)
-//! and never blocks the others. A sending task drains everything queued into one
-//! request: many messages per round trip under load.
+//! and never blocks the others. A sending task drains what is queued into one request,
+//! up to [`BATCH_BYTES`]: many messages per round trip under load. Snapshots travel
+//! alone, to their own path with its own size limit.
+//!
+//! A peer is who its certificate says: the sender accepts only the certificate naming
+//! the server id it dials, and the receiver drops every message whose `from` is not
+//! the id in the connection's client certificate. Addresses come only from the
+//! applied configuration (membership changes); nothing a message says moves them.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use aigrid_tls::ServerIdentity;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use parking_lot::{Mutex, RwLock};
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::metrics::RaftMetrics;
+use crate::peer_listener::{PeerConn, PeerListener};
 
 /// The path peers post message batches to.
 pub const MESSAGES_PATH: &str = "/raft/v1/messages";
-const FROM_ID: &str = "x-aigrid-raft-from-id";
-const FROM_ADDR: &str = "x-aigrid-raft-from-addr";
+/// The path a snapshot message is posted to, alone.
+pub const SNAPSHOT_PATH: &str = "/raft/v1/snapshot";
 const PEER_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 1024;
-/// Largest message batch a server accepts (a snapshot travels in one).
-pub const MAX_BATCH_BYTES: usize = 1 << 30;
+/// A sender closes a batch once its messages pass this many bytes; a single larger
+/// message (one big entry) still goes, alone.
+pub const BATCH_BYTES: usize = 4 << 20;
+/// Largest snapshot a server accepts.
+pub const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+/// Size of one append message's entries (raft's `max_size_per_msg`) unless one entry
+/// alone is larger.
+const MESSAGE_BYTES: usize = 1 << 20;
+/// Protobuf framing and message fields around the entries.
+const FRAMING_BYTES: usize = 64 << 10;
+
+/// What the peer listener admits: body sizes (413 beyond) and requests at once
+/// (429 beyond), so that no flood can take more memory than these allow.
+#[derive(Debug, Clone)]
+pub struct PeerLimits {
+    /// Largest body of a message batch.
+    pub max_batch_bytes: usize,
+    /// Largest body of a snapshot.
+    pub max_snapshot_bytes: usize,
+    /// Message batches read at once (a peer sends one at a time).
+    pub max_batches: usize,
+    /// Snapshots read at once.
+    pub max_snapshots: usize,
+    /// Connections open at once, handshaking or established.
+    pub max_connections: usize,
+}
+
+impl PeerLimits {
+    /// Limits for a cluster whose largest log entry is `max_entry_bytes`: the largest
+    /// batch a sender makes is [`BATCH_BYTES`] plus one message, and a message holds
+    /// up to 1 MiB of entries or one larger entry.
+    pub fn for_entries(max_entry_bytes: usize) -> Self {
+        PeerLimits {
+            max_batch_bytes: BATCH_BYTES + MESSAGE_BYTES.max(max_entry_bytes) + FRAMING_BYTES,
+            max_snapshot_bytes: MAX_SNAPSHOT_BYTES,
+            max_batches: 16,
+            max_snapshots: 2,
+            max_connections: 128,
+        }
+    }
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        Self::for_entries(16 << 20)
+    }
+}
 
 /// What the transport tells the replica about deliveries.
 #[derive(Debug, Clone, Copy)]
@@ -41,60 +97,67 @@ pub enum Feedback {
 
 /// Sends Raft messages to peers by id.
 pub struct Transport {
-    self_id: u64,
-    self_addr: String,
+    identity: Arc<ServerIdentity>,
     addrs: Arc<RwLock<BTreeMap<u64, String>>>,
+    /// True once an applied configuration named the members: seeds stop counting.
+    configured: std::sync::atomic::AtomicBool,
     peers: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
-    client: reqwest::Client,
     runtime: tokio::runtime::Handle,
     feedback: Arc<dyn Fn(Feedback) + Send + Sync>,
     metrics: Arc<RaftMetrics>,
 }
 
 impl Transport {
-    /// A transport for server `self_id`, advertised to peers as `self_addr`.
+    /// A transport for the server `identity` names, dialling peers with its
+    /// certificate.
     pub fn new(
-        self_id: u64,
-        self_addr: String,
+        identity: Arc<ServerIdentity>,
         runtime: tokio::runtime::Handle,
         feedback: Arc<dyn Fn(Feedback) + Send + Sync>,
         metrics: Arc<RaftMetrics>,
-    ) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .pool_max_idle_per_host(4)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| format!("cannot build the peer HTTP client: {e}"))?;
-        Ok(Transport {
-            self_id,
-            self_addr,
+    ) -> Self {
+        Transport {
+            identity,
             addrs: Arc::default(),
+            configured: std::sync::atomic::AtomicBool::new(false),
             peers: Mutex::default(),
-            client,
             runtime,
             feedback,
             metrics,
-        })
-    }
-
-    /// Replaces the known addresses of voters (from the applied configuration).
-    pub fn set_members(&self, members: &BTreeMap<u64, String>) {
-        let mut addrs = self.addrs.write();
-        for (id, addr) in members {
-            addrs.insert(*id, addr.clone());
         }
     }
 
-    /// Records the address a peer announced itself with, if not known yet. A server
-    /// that joins learns its leader's address this way before any snapshot arrives.
-    pub fn learn(&self, id: u64, addr: &str) {
-        if id == self.self_id || addr.is_empty() {
+    /// This server's id, as its certificate names it.
+    pub fn id(&self) -> u64 {
+        self.identity.id()
+    }
+
+    /// Replaces the known peer addresses with the applied configuration's.
+    pub fn set_members(&self, members: &BTreeMap<u64, String>) {
+        if members.is_empty() {
             return;
         }
-        let known = self.addrs.read().get(&id).is_some_and(|a| a == addr);
-        if !known {
-            self.addrs.write().insert(id, addr.to_owned());
+        self.configured.store(true, Ordering::SeqCst);
+        *self.addrs.write() = members.clone();
+    }
+
+    /// The address server `id` is dialled at.
+    pub fn addr_of(&self, id: u64) -> Option<String> {
+        self.addrs.read().get(&id).cloned()
+    }
+
+    /// Addresses of an existing cluster's members for a server that joins it and has
+    /// no configuration yet (so it can answer the leader before its first snapshot).
+    /// Ignored once a configuration was applied.
+    pub fn seed(&self, members: &BTreeMap<u64, String>) {
+        if self.configured.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut addrs = self.addrs.write();
+        for (id, addr) in members {
+            if *id != self.id() {
+                addrs.entry(*id).or_insert_with(|| addr.clone());
+            }
         }
     }
 
@@ -103,60 +166,134 @@ impl Transport {
         let to = msg.to;
         let sender = {
             let mut peers = self.peers.lock();
-            peers
-                .entry(to)
-                .or_insert_with(|| self.spawn_peer(to))
-                .clone()
+            match peers.get(&to) {
+                Some(sender) => Some(sender.clone()),
+                None => match self.spawn_peer(to) {
+                    Ok(sender) => {
+                        peers.insert(to, sender.clone());
+                        Some(sender)
+                    }
+                    Err(e) => {
+                        tracing::error!(peer = to, error = %e, "cannot build the peer client");
+                        None
+                    }
+                },
+            }
         };
-        if sender.try_send(msg).is_err() {
+        if sender.is_none_or(|s| s.try_send(msg).is_err()) {
             self.metrics.messages_dropped.inc();
         }
     }
 
-    fn spawn_peer(&self, to: u64) -> mpsc::Sender<Message> {
+    fn spawn_peer(&self, to: u64) -> Result<mpsc::Sender<Message>, String> {
+        let tls = self
+            .identity
+            .peer_client_config(to)
+            .map_err(|e| e.to_string())?;
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(Duration::from_millis(500))
+            .pool_max_idle_per_host(4)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("cannot build the peer HTTP client: {e}"))?;
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let peer = PeerSender {
             to,
-            from_id: self.self_id,
-            from_addr: self.self_addr.clone(),
             addrs: self.addrs.clone(),
-            client: self.client.clone(),
+            client,
             feedback: self.feedback.clone(),
             metrics: self.metrics.clone(),
         };
         self.runtime.spawn(peer.run(rx));
-        tx
+        Ok(tx)
+    }
+
+    /// Checks that server `id` answers at `addr` on its peer listener with a
+    /// certificate from the CA that names it: a TLS handshake within `timeout`.
+    pub async fn probe(&self, id: u64, addr: &str, timeout: Duration) -> Result<(), String> {
+        let config = self
+            .identity
+            .peer_client_config(id)
+            .map_err(|e| e.to_string())?;
+        let host = addr
+            .rsplit_once(':')
+            .map(|(host, _)| host)
+            .ok_or_else(|| format!("`{addr}` is not HOST:PORT"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        // The name only fills SNI: the peer is checked by the id its certificate names.
+        let name =
+            rustls::pki_types::ServerName::try_from(host).map_err(|e| format!("`{addr}`: {e}"))?;
+        let handshake = async {
+            // A server that is still starting refuses connections for a moment: try
+            // again until the deadline. A handshake that fails is final.
+            let tcp = loop {
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(tcp) => break tcp,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(format!("cannot connect: {e}")),
+                }
+            };
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            Ok(())
+        };
+        tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| format!("no TLS answer within {timeout:?}"))?
     }
 }
 
 struct PeerSender {
     to: u64,
-    from_id: u64,
-    from_addr: String,
     addrs: Arc<RwLock<BTreeMap<u64, String>>>,
     client: reqwest::Client,
     feedback: Arc<dyn Fn(Feedback) + Send + Sync>,
     metrics: Arc<RaftMetrics>,
 }
 
+fn is_snapshot(m: &Message) -> bool {
+    m.get_msg_type() == MessageType::MsgSnapshot
+}
+
 impl PeerSender {
     async fn run(self, mut rx: mpsc::Receiver<Message>) {
         let mut backoff = Duration::from_millis(50);
-        while let Some(first) = rx.recv().await {
+        let mut held: Option<Message> = None;
+        loop {
+            let first = match held.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            let snapshot = is_snapshot(&first);
+            let mut bytes = first.compute_size() as usize;
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            while !snapshot && batch.len() < MAX_BATCH && bytes < BATCH_BYTES {
                 match rx.try_recv() {
-                    Ok(m) => batch.push(m),
+                    Ok(m) if is_snapshot(&m) => {
+                        held = Some(m);
+                        break;
+                    }
+                    Ok(m) => {
+                        bytes += m.compute_size() as usize;
+                        batch.push(m);
+                    }
                     Err(_) => break,
                 }
             }
-            let has_snapshot = batch
-                .iter()
-                .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
-            match self.post(&batch, has_snapshot).await {
+            match self.post(&batch, snapshot).await {
                 Ok(()) => {
                     backoff = Duration::from_millis(50);
-                    if has_snapshot {
+                    if snapshot {
                         (self.feedback)(Feedback::Snapshot(self.to, true));
                     }
                 }
@@ -164,7 +301,7 @@ impl PeerSender {
                     tracing::debug!(peer = self.to, error = %e, "raft send failed");
                     self.metrics.messages_dropped.inc_by(batch.len() as u64);
                     (self.feedback)(Feedback::Unreachable(self.to));
-                    if has_snapshot {
+                    if snapshot {
                         (self.feedback)(Feedback::Snapshot(self.to, false));
                     }
                     tokio::time::sleep(backoff).await;
@@ -174,7 +311,7 @@ impl PeerSender {
         }
     }
 
-    async fn post(&self, batch: &[Message], has_snapshot: bool) -> Result<(), String> {
+    async fn post(&self, batch: &[Message], snapshot: bool) -> Result<(), String> {
         let addr = self
             .addrs
             .read()
@@ -182,16 +319,14 @@ impl PeerSender {
             .cloned()
             .ok_or_else(|| format!("no address known for server {}", self.to))?;
         let body = encode_batch(batch)?;
-        let timeout = if has_snapshot {
-            Duration::from_secs(120)
+        let (path, timeout) = if snapshot {
+            (SNAPSHOT_PATH, Duration::from_secs(120))
         } else {
-            Duration::from_secs(3)
+            (MESSAGES_PATH, Duration::from_secs(3))
         };
         let resp = self
             .client
-            .post(format!("http://{addr}{MESSAGES_PATH}"))
-            .header(FROM_ID, self.from_id.to_string())
-            .header(FROM_ADDR, &self.from_addr)
+            .post(format!("https://{addr}{path}"))
             .timeout(timeout)
             .body(body)
             .send()
@@ -237,36 +372,155 @@ pub fn decode_batch(mut bytes: &[u8]) -> Result<Vec<Message>, String> {
 pub trait Inbox: Send + Sync + 'static {
     /// Delivers messages to the local replica; false when it is not running.
     fn deliver(&self, messages: Vec<Message>) -> bool;
-    /// Records a peer's announced address.
-    fn learn(&self, id: u64, addr: &str);
 }
 
-/// The HTTP route peers post message batches to.
-pub fn router(inbox: Arc<dyn Inbox>) -> Router {
-    Router::new()
+/// Warns at most once per interval, counting what it held back.
+struct WarnLimiter {
+    last: Mutex<Option<Instant>>,
+    held: AtomicU64,
+}
+
+impl WarnLimiter {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        WarnLimiter {
+            last: Mutex::new(None),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// Calls `warn` with the number of warnings held back since the last one, unless
+    /// one was given less than [`Self::EVERY`] ago.
+    fn warn(&self, warn: impl FnOnce(u64)) {
+        let mut last = self.last.lock();
+        if last.is_some_and(|at| at.elapsed() < Self::EVERY) {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(Instant::now());
+        drop(last);
+        warn(self.held.swap(0, Ordering::Relaxed));
+    }
+}
+
+#[derive(Clone)]
+struct Receiving {
+    inbox: Arc<dyn Inbox>,
+    self_id: u64,
+    metrics: Arc<RaftMetrics>,
+    forged: Arc<WarnLimiter>,
+}
+
+/// The routes peers post to, for connections labelled with their certificate's
+/// server id ([`PeerConn`]): batches and snapshots, each with its size limit and
+/// its bound on requests at once.
+pub fn router(
+    inbox: Arc<dyn Inbox>,
+    self_id: u64,
+    metrics: Arc<RaftMetrics>,
+    limits: &PeerLimits,
+) -> Router {
+    let state = Receiving {
+        inbox,
+        self_id,
+        metrics,
+        forged: Arc::new(WarnLimiter::new()),
+    };
+    let batches = Router::new()
         .route(MESSAGES_PATH, post(receive))
-        .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
-        .with_state(inbox)
+        .layer(DefaultBodyLimit::max(limits.max_batch_bytes))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Semaphore::new(limits.max_batches.max(1))),
+            admit,
+        ));
+    let snapshots = Router::new()
+        .route(SNAPSHOT_PATH, post(receive))
+        .layer(DefaultBodyLimit::max(limits.max_snapshot_bytes))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Semaphore::new(limits.max_snapshots.max(1))),
+            admit,
+        ));
+    batches.merge(snapshots).with_state(state)
+}
+
+/// Reads a body only while fewer than the limit are being read: 429 otherwise
+/// (Raft sends again).
+async fn admit(State(slots): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    match slots.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many peer requests at once",
+        )
+            .into_response(),
+    }
+}
+
+/// Serves the peer routes on `listener` with mutual TLS under `identity`'s CA until
+/// `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    identity: &ServerIdentity,
+    inbox: Arc<dyn Inbox>,
+    metrics: Arc<RaftMetrics>,
+    limits: PeerLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let tls = identity
+        .peer_server_config()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let listener = PeerListener::new(
+        listener,
+        identity.id(),
+        tls,
+        limits.max_connections,
+        metrics.clone(),
+    )?;
+    let app = router(inbox, identity.id(), metrics, &limits);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<PeerConn>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn receive(
-    State(inbox): State<Arc<dyn Inbox>>,
-    headers: HeaderMap,
+    State(state): State<Receiving>,
+    ConnectInfo(peer): ConnectInfo<PeerConn>,
     body: Bytes,
 ) -> (StatusCode, String) {
     let messages = match decode_batch(&body) {
         Ok(m) => m,
         Err(e) => return (StatusCode::BAD_REQUEST, e),
     };
-    let from_id = headers
-        .get(FROM_ID)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let from_addr = headers.get(FROM_ADDR).and_then(|v| v.to_str().ok());
-    if let (Some(id), Some(addr)) = (from_id, from_addr) {
-        inbox.learn(id, addr);
+    let total = messages.len();
+    // A server speaks only for itself, and only to this server.
+    let messages: Vec<Message> = messages
+        .into_iter()
+        .filter(|m| m.from == peer.server && m.to == state.self_id)
+        .collect();
+    let refused = total - messages.len();
+    if refused > 0 {
+        state.metrics.peer_messages_refused.inc_by(refused as u64);
+        state.forged.warn(|held| {
+            tracing::warn!(
+                peer = peer.server,
+                remote = %peer.remote,
+                refused,
+                earlier_warnings_held_back = held,
+                "dropped raft messages not from the server the connection's certificate names, or not to this server"
+            )
+        });
     }
-    if inbox.deliver(messages) {
+    if messages.is_empty() && refused > 0 {
+        return (
+            StatusCode::FORBIDDEN,
+            format!("server {} may send only its own messages", peer.server),
+        );
+    }
+    if messages.is_empty() || state.inbox.deliver(messages) {
         (StatusCode::OK, String::new())
     } else {
         (
@@ -279,6 +533,7 @@ async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aigrid_tls::ClusterCa;
 
     struct Collect(std::sync::mpsc::Sender<Message>);
 
@@ -286,28 +541,90 @@ mod tests {
         fn deliver(&self, messages: Vec<Message>) -> bool {
             messages.into_iter().all(|m| self.0.send(m).is_ok())
         }
-        fn learn(&self, _id: u64, _addr: &str) {}
     }
 
-    fn heartbeat(to: u64, term: u64) -> Message {
+    fn heartbeat(from: u64, to: u64, term: u64) -> Message {
         let mut m = Message::default();
         m.set_msg_type(MessageType::MsgHeartbeat);
-        m.from = 1;
+        m.from = from;
         m.to = to;
         m.term = term;
         m
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_dead_peer_does_not_hold_up_a_live_one() {
+    fn metrics() -> Arc<RaftMetrics> {
+        Arc::new(RaftMetrics::register(&prometheus::Registry::new()).unwrap())
+    }
+
+    fn identity(ca: &ClusterCa, id: u64) -> Arc<ServerIdentity> {
+        Arc::new(ca.issue_server(id, &["127.0.0.1".into()]).unwrap())
+    }
+
+    /// Server `id`'s peer listener on a free port, collecting what it is delivered.
+    async fn listening(
+        ca: &ClusterCa,
+        id: u64,
+        limits: PeerLimits,
+    ) -> (String, std::sync::mpsc::Receiver<Message>, Arc<RaftMetrics>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let live = listener.local_addr().unwrap().to_string();
+        let addr = listener.local_addr().unwrap().to_string();
+        let metrics = metrics();
+        let identity = identity(ca, id);
+        let m = metrics.clone();
         tokio::spawn(async move {
-            axum::serve(listener, router(Arc::new(Collect(tx))))
-                .await
-                .unwrap();
+            serve(
+                listener,
+                &identity,
+                Arc::new(Collect(tx)),
+                m,
+                limits,
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
         });
+        (addr, rx, metrics)
+    }
+
+    /// An HTTP client presenting `presenting`'s certificate to server `peer`.
+    fn client(presenting: &ServerIdentity, peer: u64) -> reqwest::Client {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(presenting.peer_client_config(peer).unwrap())
+            .build()
+            .unwrap()
+    }
+
+    /// An HTTP client that trusts `ca`'s servers and presents `who`'s certificate,
+    /// whichever CA issued it.
+    fn trusting_presenting(ca: &ClusterCa, who: &ServerIdentity) -> reqwest::Client {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = tempfile::tempdir().unwrap();
+        who.save(dir.path()).unwrap();
+        let chain = CertificateDer::pem_file_iter(dir.path().join("server.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.path().join("server.key")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert().clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(aigrid_tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_peer_does_not_hold_up_a_live_one() {
+        let ca = ClusterCa::create().unwrap();
+        let (live, rx, _) = listening(&ca, 2, PeerLimits::default()).await;
         // Nothing listens on the dead peer's address (a port taken and released).
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let dead_addr = dead.local_addr().unwrap().to_string();
@@ -315,21 +632,19 @@ mod tests {
 
         let unreachable = Arc::new(Mutex::new(Vec::new()));
         let seen = unreachable.clone();
-        let metrics = Arc::new(RaftMetrics::register(&prometheus::Registry::new()).unwrap());
+        let metrics = metrics();
         let transport = Transport::new(
-            1,
-            "127.0.0.1:1".into(),
+            identity(&ca, 1),
             tokio::runtime::Handle::current(),
             Arc::new(move |f| seen.lock().push(f)),
             metrics.clone(),
-        )
-        .unwrap();
+        );
         transport.set_members(&BTreeMap::from([(2, live), (3, dead_addr)]));
 
         let started = std::time::Instant::now();
         for term in 0..2_000 {
-            transport.send(heartbeat(3, term));
-            transport.send(heartbeat(2, term));
+            transport.send(heartbeat(1, 3, term));
+            transport.send(heartbeat(1, 2, term));
         }
         let received = tokio::task::spawn_blocking(move || {
             (0..2_000)
@@ -357,6 +672,111 @@ mod tests {
             "the dead peer is reported unreachable"
         );
         assert!(metrics.messages_dropped.get() > 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_counts_only_from_the_server_its_certificate_names() {
+        let ca = ClusterCa::create().unwrap();
+        let (addr, rx, metrics) = listening(&ca, 2, PeerLimits::default()).await;
+        let url = format!("https://{addr}{MESSAGES_PATH}");
+        let three = identity(&ca, 3);
+        // Server 3 speaking for server 1, and to server 4 through server 2: refused.
+        for forged in [heartbeat(1, 2, 5), heartbeat(3, 4, 5)] {
+            let resp = client(&three, 2)
+                .post(&url)
+                .body(encode_batch(&[forged]).unwrap())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        }
+        assert_eq!(metrics.peer_messages_refused.get(), 2);
+        // The old address header moves nothing: it is not read at all.
+        let resp = client(&three, 2)
+            .post(&url)
+            .header("x-aigrid-raft-from-id", "1")
+            .header("x-aigrid-raft-from-addr", "203.0.113.9:7701")
+            .body(encode_batch(&[heartbeat(3, 2, 6)]).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!((got.from, got.term), (3, 6), "only its own message arrived");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn strangers_do_not_reach_the_peer_routes() {
+        let ca = ClusterCa::create().unwrap();
+        let (addr, rx, metrics) = listening(&ca, 2, PeerLimits::default()).await;
+        let url = format!("https://{addr}{MESSAGES_PATH}");
+        let body = encode_batch(&[heartbeat(1, 2, 5)]).unwrap();
+        // A certificate from another CA, naming a member.
+        let other = ClusterCa::create().unwrap();
+        let forged = identity(&other, 1);
+        let sent = trusting_presenting(&ca, &forged)
+            .post(&url)
+            .body(body.clone())
+            .send()
+            .await;
+        assert!(sent.is_err(), "another CA's certificate was let in");
+        // No certificate at all, trusting the server.
+        let anonymous =
+            aigrid_tls::api_client_config(&aigrid_tls::ApiTrust::CaCert(ca.cert().clone()))
+                .unwrap();
+        let sent = reqwest::Client::builder()
+            .tls_backend_preconfigured(anonymous)
+            .build()
+            .unwrap()
+            .post(&url)
+            .body(body)
+            .send()
+            .await;
+        assert!(sent.is_err(), "a client without a certificate was let in");
+        // Plain HTTP.
+        let plain = reqwest::get(format!("http://{addr}{MESSAGES_PATH}")).await;
+        assert!(plain.is_err() || !plain.unwrap().status().is_success());
+        assert!(rx.try_recv().is_err(), "nothing was delivered");
+        assert!(metrics.peer_connections_refused.get() >= 2);
+        // The same client shape with a member's certificate gets in.
+        let resp = trusting_presenting(&ca, &identity(&ca, 1))
+            .post(&url)
+            .body(encode_batch(&[heartbeat(1, 2, 5)]).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().from, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_batches_are_refused_before_delivery() {
+        let ca = ClusterCa::create().unwrap();
+        let limits = PeerLimits {
+            max_batch_bytes: 1024,
+            ..PeerLimits::default()
+        };
+        let (addr, rx, _) = listening(&ca, 2, limits).await;
+        let three = identity(&ca, 3);
+        let mut big = heartbeat(3, 2, 1);
+        big.set_msg_type(MessageType::MsgAppend);
+        big.context = vec![0u8; 4096].into();
+        let resp = client(&three, 2)
+            .post(format!("https://{addr}{MESSAGES_PATH}"))
+            .body(encode_batch(&[big]).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn limits_cover_the_largest_batch_a_sender_makes() {
+        let limits = PeerLimits::for_entries(16 << 20);
+        assert!(limits.max_batch_bytes >= BATCH_BYTES + (16 << 20));
+        assert!(limits.max_batch_bytes < 2 * (BATCH_BYTES + (16 << 20)));
     }
 
     #[test]

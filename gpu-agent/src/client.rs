@@ -60,6 +60,47 @@ impl ClientError {
     }
 }
 
+/// The file in an agent's data dir that keeps the cluster CA's fingerprint its join
+/// token pinned, for the restarts that come without the token.
+pub const PINNED_CA_FILE: &str = "cluster-ca.sha256";
+
+/// The cluster CA this agent pins: the one its join token carries (remembered in
+/// `data_dir` for later starts), else the one remembered there.
+pub fn pinned_ca(
+    data_dir: &std::path::Path,
+    token: Option<&JoinToken>,
+) -> std::io::Result<Option<aigrid_api::CaFingerprint>> {
+    let path = data_dir.join(PINNED_CA_FILE);
+    if let Some(ca) = token.and_then(|t| t.ca) {
+        std::fs::write(&path, format!("{ca}\n"))?;
+        return Ok(Some(ca));
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.parse().map(Some).map_err(|e: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The HTTP client an agent reaches the servers with. Under `https://` it trusts the
+/// cluster CA `trust` names (its certificate, or its pinned fingerprint) and nothing
+/// else; without one, the system's roots.
+pub fn http_client(trust: Option<&aigrid_tls::ApiTrust>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    if let Some(trust) = trust {
+        let tls = aigrid_tls::api_client_config(trust).map_err(|e| e.to_string())?;
+        builder = builder.tls_backend_preconfigured(tls);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("building the HTTP client: {e}"))
+}
+
 /// Signed requests to a list of servers.
 #[derive(Clone)]
 pub struct ControlClient {

@@ -17,7 +17,8 @@
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
 //! | [`listener`] | the accept loop in front of the HTTP surface: connection limits (in total and per client), header, body, idle and TLS handshake timeouts, optional TLS, graceful shutdown |
-//! | [`server`] | one control-plane server: configuration, replica, listener, lifecycle |
+//! | [`server`] | one control-plane server: configuration, replica, listeners, lifecycle |
+//! | [`certs`] | its certificate from the cluster CA (or the CA a one-server cluster makes), and when the control API is served over HTTPS |
 //! | `testkit` | fixtures for tests (feature `testkit`, never in a release build): small real inputs (signed model registrations) |
 //!
 //! ## Following a job submission
@@ -44,6 +45,7 @@
 //! rules every reachable state obeys; unit tests, the property tests and the
 //! simulation all run it.
 
+pub mod certs;
 pub mod clock;
 pub mod gateway;
 pub mod http;

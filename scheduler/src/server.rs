@@ -1,5 +1,6 @@
-//! One control-plane server: its Raft replica, its HTTP listener (control API and
-//! `/v1` gateway), and their lifecycle.
+//! One control-plane server: its Raft replica, its two listeners (the control API
+//! and `/v1` gateway; the peer listener, Raft over mutual TLS), its certificate
+//! ([`crate::certs`]), and their lifecycle.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use aigrid_api::StorageInfo;
 use aigrid_consensus::metrics::RaftMetrics;
+use aigrid_consensus::transport::PeerLimits;
 use aigrid_consensus::{NodeConfig, RaftNode, ReplicaConfig};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -25,11 +27,27 @@ use crate::state::ClusterState;
 pub struct ServerConfig {
     /// This server's Raft id (non-zero).
     pub id: u64,
-    /// Address to listen on; port 0 picks a free port.
+    /// Address the control API listens on; port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Address peers reach this server at; defaults to the bound listen address.
+    /// Address of the peer listener (Raft over mutual TLS); `None`: the API's host
+    /// and the API's port + 1 (a free port when the API's is 0).
+    pub peer_listen: Option<SocketAddr>,
+    /// Address peers reach this server's peer listener at; defaults to the bound
+    /// peer listen address.
     pub advertise: Option<String>,
-    /// Initial voters (`id -> host:port`) of a new cluster. Empty with `joining` set
+    /// The cluster CA's directory: with `ca.key` the server issues its own leaf at
+    /// start; without, it must hold `ca.pem`, `server.pem` and `server.key` made for
+    /// this server. `None` only for a one-server cluster, which makes its CA under
+    /// its data directory at first start.
+    pub ca_dir: Option<PathBuf>,
+    /// Serve the control API over HTTPS on loopback too (it always is beyond).
+    pub api_https: bool,
+    /// Serve the control API over plain HTTP beyond loopback (warned at every start).
+    pub insecure: bool,
+    /// The control API's TLS configuration; `None`: built from this server's leaf when
+    /// the API is served over HTTPS (see `api_https`, `insecure`).
+    pub api_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Initial voters (`id -> peer host:port`) of a new cluster. Empty with `joining` set
     /// for a server that joins an existing cluster; empty otherwise for a one-server
     /// cluster of this server alone.
     pub peers: BTreeMap<u64, String>,
@@ -64,9 +82,6 @@ pub struct ServerConfig {
     pub gateway: GatewayConfig,
     /// The admins of a new cluster and this server's own identity.
     pub access: http::ServerAccess,
-    /// TLS for the HTTP listener (control API, gateway and Raft transport), from
-    /// the cluster's CA; `None` serves plain HTTP.
-    pub api_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -75,7 +90,12 @@ impl ServerConfig {
         ServerConfig {
             id,
             listen,
+            peer_listen: None,
             advertise: None,
+            ca_dir: None,
+            api_https: false,
+            insecure: false,
+            api_tls: None,
             peers: BTreeMap::new(),
             joining: false,
             data_dir,
@@ -93,7 +113,6 @@ impl ServerConfig {
             storage: StorageInfo::default(),
             gateway: GatewayConfig::default(),
             access: http::ServerAccess::default(),
-            api_tls: None,
         }
     }
 
@@ -109,6 +128,18 @@ impl ServerConfig {
                 self.id,
                 self.peers.keys().collect::<Vec<_>>()
             ));
+        }
+        if self.peer_listen.is_none() && self.listen.port() == u16::MAX {
+            return bad(format!(
+                "the peer listener defaults to the API port + 1, past {}: pass --peer-listen",
+                u16::MAX
+            ));
+        }
+        if self
+            .peer_listen
+            .is_some_and(|p| p == self.listen && p.port() != 0)
+        {
+            return bad("the peer listener needs an address of its own".into());
         }
         if self.joining && !self.peers.is_empty() {
             return bad("a joining server takes no peers: the cluster tells it its members".into());
@@ -178,18 +209,38 @@ pub enum ServerError {
     /// The inference gateway could not be set up.
     #[error(transparent)]
     Gateway(#[from] crate::gateway::GatewayBuildError),
+    /// The server's certificates could not be made or read.
+    #[error("certificates: {0}")]
+    Tls(String),
 }
 
 /// A started server.
 pub struct Server {
-    /// The address it listens on.
+    /// The address its control API listens on.
     pub addr: SocketAddr,
+    /// The address its peer listener listens on.
+    pub peer_addr: SocketAddr,
+    /// Its certificate, naming its id, from the cluster CA.
+    pub identity: Arc<aigrid_tls::ServerIdentity>,
+    /// True when the control API is served over HTTPS.
+    pub https: bool,
     /// Its replica.
     pub raft: RaftNode<ClusterState>,
     /// Its `/v1` inference gateway.
     pub gateway: Arc<Gateway>,
     http: JoinHandle<std::io::Result<()>>,
+    peers: JoinHandle<std::io::Result<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    Ok((listener, bound))
 }
 
 impl Server {
@@ -206,18 +257,38 @@ impl Server {
         clock: SharedClock,
     ) -> Result<Self, ServerError> {
         config.validate()?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let (listener, addr) = bind(config.listen).await?;
+        let peer_listen = config.peer_listen.unwrap_or_else(|| {
+            let port = if config.listen.port() == 0 {
+                0
+            } else {
+                addr.port() + 1
+            };
+            SocketAddr::new(addr.ip(), port)
+        });
+        let (peer_listener, peer_addr) = bind(peer_listen).await?;
+        let advertise = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| peer_addr.to_string());
+        let hosts = crate::certs::leaf_hosts(&config, addr, peer_addr);
+        let identity = Arc::new(crate::certs::server_identity(&config, &hosts)?);
+        let api_tls = match &config.api_tls {
+            Some(tls) => Some(tls.clone()),
+            None if crate::certs::api_wants_tls(&config, addr.ip()) => Some(
+                identity
+                    .api_server_config()
+                    .map_err(|e| ServerError::Tls(e.to_string()))?,
+            ),
+            None => None,
+        };
+        if api_tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "the control API is served over plain HTTP beyond loopback (--insecure): \
+                 requests and their credentials cross the network readable by anyone on it"
+            );
+        }
         let initial_members = if !config.peers.is_empty() {
             config.peers.clone()
         } else if config.joining {
@@ -242,7 +313,7 @@ impl Server {
                 },
                 tick: config.tick,
                 data_dir: config.data_dir.clone(),
-                advertise_addr: advertise,
+                identity: identity.clone(),
                 initial_members,
                 request_timeout: config.request_timeout,
                 queue_capacity: config.queue_capacity,
@@ -273,6 +344,20 @@ impl Server {
             config.access.clone(),
         )?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let max_entry = config
+            .limits
+            .max_model_body_bytes
+            .max(config.limits.max_body_bytes);
+        let peers = {
+            let mut stop = shutdown.subscribe();
+            raft.serve_peers(
+                peer_listener,
+                PeerLimits::for_entries(max_entry + max_entry / 4 + (64 << 10)),
+                async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                },
+            )
+        };
         tokio::spawn(gateway.clone().run(shutdown.subscribe()));
         tokio::spawn(bootstrap_admins(
             raft.clone(),
@@ -304,16 +389,21 @@ impl Server {
             clock,
             shutdown.subscribe(),
         ));
+        let https = api_tls.is_some();
         let http = tokio::spawn(crate::listener::serve(
             listener,
             app,
             config.limits.listener.clone(),
-            config.api_tls.clone(),
+            api_tls,
             listener_metrics,
             shutdown.subscribe(),
         ));
         Ok(Server {
             addr,
+            peer_addr,
+            identity,
+            https,
+            peers,
             raft,
             gateway,
             http,
@@ -327,10 +417,22 @@ impl Server {
         self.stop().await;
     }
 
+    /// The control API's base URL (`https://` when served over TLS); a wildcard listen
+    /// address reads as loopback.
+    pub fn url(&self) -> String {
+        let mut addr = self.addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{addr}")
+    }
+
     /// Stops serving and shuts the replica down.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.peers).await;
         let raft = self.raft.clone();
         let _ = tokio::task::spawn_blocking(move || raft.shutdown()).await;
     }

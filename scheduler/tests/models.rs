@@ -350,19 +350,27 @@ async fn a_server_without_a_store_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_manifest_replicates_to_every_server() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let listeners: Vec<_> = (0..3)
+    let ca = tempfile::tempdir().unwrap();
+    aigrid_tls::ClusterCa::create()
+        .unwrap()
+        .save(ca.path())
+        .unwrap();
+    // An API and a peer listener address per server.
+    let listeners: Vec<_> = (0..6)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     drop(listeners);
     let peers: BTreeMap<u64, String> = (1..=3)
-        .map(|id| (id, addrs[id as usize - 1].to_string()))
+        .map(|id| (id, addrs[id as usize + 2].to_string()))
         .collect();
     let mut servers = Vec::new();
     for id in 1..=3u64 {
         let i = id as usize - 1;
         let mut config = ServerConfig::new(id, addrs[i], dirs[i].path().into());
         config.access = aigrid_scheduler::testkit::admin_access();
+        config.peer_listen = Some(addrs[i + 3]);
+        config.ca_dir = Some(ca.path().into());
         config.peers = peers.clone();
         servers.push(Server::start(config).await.unwrap());
     }

@@ -60,12 +60,20 @@ async fn get_cluster(State(state): State<ApiState>) -> Json<ClusterStatus> {
     Json(cluster_status(&state.raft))
 }
 
+/// How long the joining server's peer listener has to answer the check.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(2500);
+
 /// Adds a server: first as a learner that catches up from a snapshot, then, once
 /// caught up, as a voter. Answers after the promotion.
+///
+/// Before anything is proposed, the address must answer on its peer listener with a
+/// certificate from the cluster CA naming the requested id: a join cannot point the
+/// cluster at an address that is not that server's. A join naming a member's id or
+/// address (this server's included) is a conflict.
 #[utoipa::path(
     tag = "cluster", post, path = "/api/v1/cluster/members", request_body = JoinRequest,
     responses((status = 201, body = ClusterStatus),
-              (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+              (status = 400, description = "Malformed or invalid request, or no server with that id answers at that address", body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 async fn join_member(
@@ -80,10 +88,36 @@ async fn join_member(
         .read(|_| ())
         .await
         .map(|_| state.raft.status().members)?;
+    let own = state.raft.status().id;
     if let Some(addr) = members.get(&req.id) {
+        let who = if req.id == own { ", this server" } else { "" };
         return Err(ApiError::new(
             ErrorCode::Conflict,
-            format!("server {} is already a member at {addr}", req.id),
+            format!("server {}{who} is already a member at {addr}", req.id),
+        ));
+    }
+    if let Some((member, _)) = members.iter().find(|(_, addr)| **addr == req.addr) {
+        let who = if *member == own { " (this server)" } else { "" };
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "{} is already server {member}'s peer address{who}",
+                req.addr
+            ),
+        ));
+    }
+    if let Err(why) = state
+        .raft
+        .probe_peer(req.id, &req.addr, PROBE_TIMEOUT)
+        .await
+    {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!(
+                "addr: server {} does not answer on its peer listener at {} with a \
+                 certificate from the cluster CA naming it: {why}",
+                req.id, req.addr
+            ),
         ));
     }
     state

@@ -236,8 +236,8 @@ pub struct ServerAccess {
     pub server_key: Option<aigrid_api::PublicKey>,
 }
 
-/// The whole HTTP surface of a server: control API, `/v1` inference gateway, Raft
-/// transport, metrics, probes. `storage` is what `GET /api/v1/storage` answers.
+/// The public HTTP surface of a server: control API, `/v1` inference gateway,
+/// metrics, probes (Raft has a listener of its own, with mutual TLS). `storage` is what `GET /api/v1/storage` answers.
 // Each argument is a part the server built and owns; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub fn router(
@@ -281,10 +281,9 @@ pub fn router(
         api = api.layer(middleware::from_fn_with_state(limiter, rate::limit_rate));
     }
     let api = api.with_state(state);
-    // The gateway has its own body limit, admission and error shape (OpenAI's).
-    Ok(api
-        .merge(crate::gateway::router(gateway))
-        .merge(aigrid_consensus::transport::router(raft.inbox())))
+    // The gateway has its own body limit, admission and error shape (OpenAI's). Raft
+    // is not here: it has a listener of its own, with mutual TLS.
+    Ok(api.merge(crate::gateway::router(gateway)))
 }
 #[cfg(test)]
 mod tests {

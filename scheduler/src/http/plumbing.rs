@@ -28,8 +28,8 @@ use crate::state::{Applied, ClusterState, Command, StateError};
 
 /// Largest body [`ApiLimits::max_model_body_bytes`] may allow. A model write becomes
 /// one Raft entry of about its body's size; raft-rs refuses proposals beyond its
-/// 256 MiB budget of uncommitted entries, and peers accept message batches of up to
-/// [`aigrid_consensus::transport::MAX_BATCH_BYTES`] (1 GiB).
+/// 256 MiB budget of uncommitted entries; peers size the message batches they accept
+/// after the configured limit ([`aigrid_consensus::transport::PeerLimits`]).
 pub const MAX_MODEL_BODY_LIMIT: usize = 256 << 20;
 
 /// Limits applied at the door of the control API.

@@ -42,7 +42,8 @@ async fn create_join_token(
     let mut secret = [0u8; 32];
     secret[..16].copy_from_slice(&b);
     secret[16..].copy_from_slice(&c);
-    let token = JoinToken::from_random(id, secret);
+    // The token pins the cluster CA, so the agent that uses it trusts only its servers.
+    let token = JoinToken::from_random(id, secret).with_ca(Some(state.raft.ca_fingerprint()));
     let command = Command::CreateJoinToken {
         id: token.id.clone(),
         secret_hash: token.secret_hash(),
