@@ -209,6 +209,8 @@ build_and_install() {
 # ---------------------------------------------------------------- aigrid
 
 aigrid_port() { echo $((AIGRID_BASE_PORT + $1 - 1)); }
+# Each server's peer listener (Raft over mutual TLS), 50 ports above its API.
+aigrid_peer_port() { echo $(($(aigrid_port "$1") + 50)); }
 
 # aigrid_cluster PORT -> that server's GET /api/v1/cluster body.
 aigrid_cluster() {
@@ -240,7 +242,11 @@ start_aigrid_server() {
     local admin
     admin="$("$BIN_DIR/aigrid" key show --json --identity "$dir/admin.json" |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["public_key"])')"
-    "$BIN_DIR/aigrid" server --id "$id" --listen "127.0.0.1:$port" "$@" \
+    require_free_port "$(aigrid_peer_port "$id")"
+    # The cluster CA, made once per data dir: servers issue their certificates from it.
+    [[ -f "$dir/ca/ca.key" ]] || "$BIN_DIR/aigrid" ca init --dir "$dir/ca" >/dev/null
+    "$BIN_DIR/aigrid" server --id "$id" --listen "127.0.0.1:$port" \
+        --peer-listen "127.0.0.1:$(aigrid_peer_port "$id")" --ca-dir "$dir/ca" "$@" \
         --admin "bench=$admin" --data-dir "$dir/aigrid$id" >"$dir/aigrid$id.log" 2>&1 &
     PIDS+=("$!")
     SERVER_LOGS+=("$dir/aigrid$id.log")
@@ -256,7 +262,7 @@ start_aigrid() {
     AIGRID_PIDS=()
     AIGRID_ENDPOINTS=""
     for id in 1 2 3; do
-        peers="${peers:+$peers,}$id=127.0.0.1:$(aigrid_port "$id")"
+        peers="${peers:+$peers,}$id=127.0.0.1:$(aigrid_peer_port "$id")"
         AIGRID_ENDPOINTS="${AIGRID_ENDPOINTS:+$AIGRID_ENDPOINTS,}http://127.0.0.1:$(aigrid_port "$id")"
     done
     for id in 1 2 3; do

@@ -87,12 +87,14 @@ if [[ "$TARGETS" == *aigrid* ]]; then
     urls=""
     peers=""
     for i in 1 2 3; do
-        peers="${peers:+$peers,}$i=127.0.0.1:$((BASE + i - 1))"
+        peers="${peers:+$peers,}$i=127.0.0.1:$((BASE + 50 + i - 1))"
         urls="${urls:+$urls,}http://127.0.0.1:$((BASE + i - 1))"
     done
     servers=()
+    "$BIN/aigrid" ca init --dir "$WORK/ca" >/dev/null
     for i in 1 2 3; do
         "$BIN/aigrid" server --id "$i" --listen "127.0.0.1:$((BASE + i - 1))" --peers "$peers" \
+            --peer-listen "127.0.0.1:$((BASE + 50 + i - 1))" --ca-dir "$WORK/ca" \
             --data-dir "$WORK/server$i" >"$WORK/server$i.log" 2>&1 &
         PIDS+=("$!")
         servers+=("$!")

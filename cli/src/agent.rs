@@ -314,10 +314,11 @@ pub async fn start_agent(
         sandbox = %runner.protections().map(|p| p.summary()).unwrap_or_default(),
         "agent starting"
     );
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .context("building the HTTP client")?;
+    // `--ca-cert` first; else the CA the join token pinned (or pinned before).
+    let pinned = aigrid_agent::client::pinned_ca(data_dir, config.join_token.as_ref())
+        .context("the pinned cluster CA")?;
+    let trust = crate::client::trusted().or(pinned.map(aigrid_tls::ApiTrust::Pinned));
+    let http = aigrid_agent::client::http_client(trust.as_ref()).map_err(|e| anyhow!(e))?;
     // Agents start on different servers, so no one server carries them all.
     let start = {
         use std::hash::{Hash, Hasher};

@@ -1,10 +1,15 @@
 //! The control API client used by the subcommands. Every request is signed with the
 //! caller's identity ([`crate::keys`]) when it has one.
+//!
+//! `https://` servers are trusted under the cluster CA this process was told of once,
+//! at start ([`trust`]): `--ca-cert FILE` for the client commands, or the server's
+//! own CA for the roles that call their own API. Without one, the system's roots.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use aigrid_api::{ErrorBody, IdentityKey};
+use aigrid_tls::ApiTrust;
 use anyhow::{anyhow, bail, Context};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -16,6 +21,37 @@ pub struct Client {
     servers: Vec<String>,
     http: reqwest::Client,
     key: Option<Arc<IdentityKey>>,
+}
+
+/// The cluster CA this process trusts, set once at start.
+static TRUST: OnceLock<ApiTrust> = OnceLock::new();
+
+/// Makes `trust` the CA every [`Client`] of this process trusts; the first call wins.
+pub fn trust(trust: ApiTrust) {
+    let _ = TRUST.set(trust);
+}
+
+/// The cluster CA this process trusts, if it was told of one.
+pub fn trusted() -> Option<ApiTrust> {
+    TRUST.get().cloned()
+}
+
+/// Trusts the CA certificate in `path` (`--ca-cert`).
+pub fn trust_ca_file(path: &std::path::Path) -> anyhow::Result<()> {
+    let ca = aigrid_tls::ca::read_ca_cert(path).map_err(|e| anyhow!("--ca-cert: {e}"))?;
+    trust(ApiTrust::CaCert(ca));
+    Ok(())
+}
+
+/// An HTTP client builder that trusts the process's cluster CA, if it has one.
+pub fn http_builder() -> anyhow::Result<reqwest::ClientBuilder> {
+    let builder = reqwest::Client::builder();
+    Ok(match TRUST.get() {
+        Some(trust) => builder.tls_backend_preconfigured(
+            aigrid_tls::api_client_config(trust).context("the cluster CA's TLS settings")?,
+        ),
+        None => builder,
+    })
 }
 
 impl Client {
@@ -35,7 +71,7 @@ impl Client {
                 bail!("--server `{s}` must start with http:// or https://");
             }
         }
-        let http = reqwest::Client::builder()
+        let http = http_builder()?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
             .build()

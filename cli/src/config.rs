@@ -30,15 +30,39 @@ pub struct ServerArgs {
     /// This server's Raft id (non-zero, unique in the cluster).
     #[arg(long)]
     id: Option<u64>,
-    /// Address for the control API and Raft traffic.
+    /// Address for the control API (and the `/v1` gateway): HTTPS with this
+    /// server's certificate beyond loopback, plain HTTP on loopback unless --api-tls.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Address peers use to reach this server (default: the listen address).
+    /// Address of the peer listener, where Raft runs over mutual TLS with the
+    /// cluster CA (default: the --listen host and the --listen port + 1; port 0
+    /// picks a free port).
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// Address peers reach this server's peer listener at (default: the peer listen
+    /// address).
     #[arg(long)]
     advertise: Option<String>,
-    /// Initial voters of a new cluster: `1=host:port,2=host:port,3=host:port`.
+    /// Initial voters of a new cluster, at their peer listeners:
+    /// `1=host:port,2=host:port,3=host:port`.
     #[arg(long)]
     peers: Option<String>,
+    /// The cluster CA's directory (`aigrid ca init --dir DIR`). Holding `ca.key`, the
+    /// server issues its own certificate (its id, its hosts) into its data dir at
+    /// start; otherwise it must hold `ca.pem`, `server.pem` and `server.key` made for
+    /// this server (`aigrid ca issue`). Needed by every server of a cluster of
+    /// several; a one-server cluster without it makes its CA in its data dir.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Serve the control API over HTTPS on loopback too.
+    #[arg(long)]
+    #[serde(default)]
+    api_tls: bool,
+    /// Serve the control API over plain HTTP even beyond loopback, readable by anyone
+    /// on the network (warned at every start). Raft keeps mutual TLS.
+    #[arg(long)]
+    #[serde(default)]
+    insecure: bool,
     /// URL of a server of an existing cluster to join (instead of --peers); the join
     /// is signed with the operator's identity (--identity), which must be an admin's.
     #[arg(long)]
@@ -260,7 +284,11 @@ impl ServerArgs {
             bail!("--join and --peers exclude each other: a joining server learns its peers");
         }
         let mut config = ServerConfig::new(id, listen, data_dir);
+        config.peer_listen = args.peer_listen;
         config.advertise = args.advertise;
+        config.ca_dir = args.ca_dir.map(|dir| layers.path("ca_dir", dir));
+        config.api_https = args.api_tls;
+        config.insecure = args.insecure;
         config.peers = peers;
         config.joining = join.is_some();
         config.access.admins = parse_admins(&args.admin)?;
@@ -346,8 +374,12 @@ mod tests {
         let server = [
             "ID",
             "LISTEN",
+            "PEER_LISTEN",
             "ADVERTISE",
             "PEERS",
+            "CA_DIR",
+            "API_TLS",
+            "INSECURE",
             "JOIN",
             "ADMINS",
             "DATA_DIR",
@@ -424,6 +456,42 @@ mod tests {
         assert_eq!(resolved.config.tick, Duration::from_millis(50));
         assert!(resolved.join.is_none());
         assert!(!resolved.config.storage.is_configured());
+    }
+
+    #[test]
+    fn the_peer_listener_and_the_ca_come_from_the_same_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            "id = 1\ndata_dir = \"/tmp/x\"\nca_dir = \"ca\"\npeer_listen = \"127.0.0.1:7801\"\n",
+        )
+        .unwrap();
+        let args = ServerArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let config = args
+            .resolve_in(&env(&[("AIGRID_INSECURE", "1")]))
+            .unwrap()
+            .config;
+        assert_eq!(
+            config.ca_dir,
+            Some(dir.path().join("ca")),
+            "relative to the file"
+        );
+        assert_eq!(config.peer_listen, Some("127.0.0.1:7801".parse().unwrap()));
+        assert!(config.insecure && !config.api_https);
+        let args = ServerArgs {
+            id: Some(1),
+            data_dir: Some("/tmp/x".into()),
+            ca_dir: Some("/etc/aigrid/ca".into()),
+            api_tls: true,
+            ..Default::default()
+        };
+        let config = args.resolve_in(&[]).unwrap().config;
+        assert_eq!(config.ca_dir, Some(PathBuf::from("/etc/aigrid/ca")));
+        assert!(config.api_https);
     }
 
     #[test]

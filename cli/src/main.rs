@@ -13,7 +13,7 @@
 //!   request with the caller's identity, with one-line errors.
 //! - [`keys`]: identity key files: made (mode 0600), read, and signing with them.
 //! - [`commands`]: the client subcommands `job`, `alloc`, `node`, `cluster`, `key`,
-//!   `whoami`, `identity`, `circle`, `apikey`, one module per noun.
+//!   `whoami`, `identity`, `circle`, `apikey`, `ca`, one module per noun.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
 //! - [`placement`]: waiting for a submitted job's placement and saying where it went.
 //! - [`logs`]: allocations' output: by id prefix, by job, followed.
@@ -65,6 +65,11 @@ struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true, env = "AIGRID_JSON")]
     json: bool,
+
+    /// The cluster CA's certificate (`ca.pem`): `https://` servers are trusted only
+    /// under it.
+    #[arg(long, global = true, env = "AIGRID_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<std::path::PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -120,6 +125,9 @@ enum Command {
     /// Create, list and revoke a circle's API keys for `/v1`.
     #[command(subcommand)]
     Apikey(commands::ApiKeyCommand),
+    /// Make the cluster's certificate authority and issue server certificates.
+    #[command(subcommand)]
+    Ca(commands::CaCommand),
     /// Supervise one allocation's workload (started by the agent, detached).
     #[command(hide = true)]
     Supervise { alloc_dir: std::path::PathBuf },
@@ -166,6 +174,9 @@ fn main() -> ExitCode {
         Client::new(&server, keys::client_key(identity.as_deref())?)
     };
     let result = runtime.block_on(async move {
+        if let Some(path) = &cli.ca_cert {
+            client::trust_ca_file(path)?;
+        }
         match cli.command {
             Command::Up(args) => {
                 init_logging();
@@ -193,6 +204,7 @@ fn main() -> ExitCode {
             Command::Identity(cmd) => commands::identity(&client()?, cmd, cli.json).await,
             Command::Circle(cmd) => commands::circle(&client()?, cmd, cli.json).await,
             Command::Apikey(cmd) => commands::apikey(&client()?, cmd, cli.json).await,
+            Command::Ca(cmd) => commands::ca(cmd, cli.json),
             Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
         }
     });

@@ -21,8 +21,16 @@ use crate::output::{count, say};
 use crate::shutdown::shutdown_signal;
 
 /// Asks an existing cluster to add this server, retrying until it is a member. The
-/// request is signed with `key`, which must be an admin's.
-async fn join_cluster(url: String, key: Arc<IdentityKey>, id: u64, addr: String) {
+/// request is signed with `key`, which must be an admin's. First it reads the
+/// cluster's members (over TLS under the cluster CA), so that it can answer the
+/// leader before the first snapshot tells it the configuration.
+async fn join_cluster(
+    url: String,
+    key: Arc<IdentityKey>,
+    id: u64,
+    addr: String,
+    raft: aigrid_consensus::RaftNode<aigrid_scheduler::state::ClusterState>,
+) {
     let client = match crate::client::Client::new(&url, Some(key)) {
         Ok(c) => c,
         Err(e) => {
@@ -32,6 +40,22 @@ async fn join_cluster(url: String, key: Arc<IdentityKey>, id: u64, addr: String)
     };
     let body = aigrid_api::JoinRequest { id, addr };
     loop {
+        let status: anyhow::Result<aigrid_api::ClusterStatus> = client
+            .call::<(), _>(reqwest::Method::GET, "/api/v1/cluster", None)
+            .await;
+        let members = match status {
+            Ok(status) => status
+                .members
+                .into_iter()
+                .map(|m| (m.id, m.addr))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster's members; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        raft.seed_peers(&members);
         let result: anyhow::Result<serde_json::Value> = client
             .call(
                 reqwest::Method::POST,
@@ -44,7 +68,7 @@ async fn join_cluster(url: String, key: Arc<IdentityKey>, id: u64, addr: String)
                 tracing::info!(%url, "joined the cluster");
                 return;
             }
-            Err(e) if e.to_string().contains("(conflict)") => {
+            Err(e) if e.to_string().contains("is already a member") => {
                 tracing::info!("already a member of the cluster");
                 return;
             }
@@ -106,20 +130,31 @@ pub async fn run_server(args: ServerArgs, identity: Option<&Path>) -> anyhow::Re
     let advertise = config.advertise.clone();
     let storage = config.storage.clone();
     let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
-    tracing::info!(id, addr = %server.addr, data_dir = %data_dir.display(), "server started");
+    // This process's own calls (repairs, the join) trust the cluster's CA.
+    crate::client::trust(aigrid_tls::ApiTrust::CaCert(
+        server.identity.ca_cert().clone(),
+    ));
+    tracing::info!(
+        id,
+        api = %server.url(),
+        peers = %server.peer_addr,
+        ca = %server.identity.fingerprint(),
+        data_dir = %data_dir.display(),
+        "server started"
+    );
     let (_stop_repairs, repairs_stopped) = tokio::sync::watch::channel(false);
     spawn_repairs(
         &storage,
         &backends,
-        format!("http://{}", server.addr),
+        server.url(),
         own,
         Some(id),
         repair_interval,
         repairs_stopped,
     )?;
     if let (Some(url), Some(key)) = (join, join_key) {
-        let addr = advertise.unwrap_or_else(|| server.addr.to_string());
-        tokio::spawn(join_cluster(url, key, id, addr));
+        let addr = advertise.unwrap_or_else(|| server.peer_addr.to_string());
+        tokio::spawn(join_cluster(url, key, id, addr, server.raft.clone()));
     }
     server.run_until(shutdown_signal()).await;
     tracing::info!("server stopped");
@@ -233,7 +268,11 @@ pub async fn run_up(args: UpArgs, identity: Option<&Path>) -> anyhow::Result<()>
     let own = server_identity(&config.data_dir, 1)?;
     config.access.server_key = Some(own.public());
     let server = Server::start(config).await.map_err(|e| anyhow!("{e}"))?;
-    let base = format!("http://{}", server.addr);
+    // `up` and its agent call its own API: under its own CA when it is HTTPS.
+    crate::client::trust(aigrid_tls::ApiTrust::CaCert(
+        server.identity.ca_cert().clone(),
+    ));
+    let base = server.url();
     let (stop_repairs, repairs_stopped) = tokio::sync::watch::channel(false);
     spawn_repairs(
         &storage,

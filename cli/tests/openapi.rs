@@ -503,7 +503,7 @@ async fn every_documented_operation_answers_as_documented() {
         cluster.root.path(),
         vec!["--join".into(), server.clone()],
     );
-    let joiner_addr = format!("127.0.0.1:{joiner_port}");
+    let joiner_addr = peer_addr(joiner_port);
 
     let doc = get_json(&client, &format!("{server}/api/v1/openapi.json"))
         .await

@@ -1,5 +1,6 @@
-//! Real `aigrid server` processes: a 3-server cluster keeps every acknowledged job
-//! through a SIGKILL of its leader, a restart, and a restart of the whole cluster.
+//! Real `aigrid server` processes: a 3-server cluster (Raft over mutual TLS) keeps
+//! every acknowledged job through a SIGKILL of its leader, a restart, and a restart
+//! of the whole cluster.
 
 mod common;
 
@@ -74,9 +75,16 @@ async fn submit_until_acked(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_sigkill_loses_no_acknowledged_job() {
-    let mut cluster = Cluster::start(3, &[]);
+    // Raft over mutual TLS between the servers, and the API over HTTPS under the
+    // same CA.
+    let mut cluster = Cluster::start(3, &["--api-tls"]);
     let urls = cluster.urls();
-    let client = http();
+    assert!(urls.iter().all(|u| u.starts_with("https://")));
+    let client = https_client(&cluster.ca_dir());
+    // Plain HTTP finds no API there.
+    assert!(get_json(&http(), &urls[0].replacen("https", "http", 1))
+        .await
+        .is_none());
     let leader = wait_leader(&client, &urls, Duration::from_secs(20)).await;
 
     const TOTAL: usize = 300;

@@ -78,12 +78,22 @@ impl Drop for Cluster {
 impl Cluster {
     fn start(args: &Args, dir: &std::path::Path) -> Result<Self> {
         let ports: Vec<u16> = (0..3).map(|i| args.base_port + i).collect();
+        // Peer listeners (Raft over mutual TLS) 50 ports above the APIs, under one CA.
+        let peer_port = |p: &u16| p + 50;
         let peers = ports
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .map(|(i, p)| format!("{}=127.0.0.1:{}", i + 1, peer_port(p)))
             .collect::<Vec<_>>()
             .join(",");
+        let ca = dir.join("ca");
+        let made = Command::new(&args.aigrid)
+            .args(["ca", "init", "--dir"])
+            .arg(&ca)
+            .stdout(Stdio::null())
+            .status()
+            .with_context(|| format!("starting {}", args.aigrid.display()))?;
+        anyhow::ensure!(made.success(), "aigrid ca init failed");
         let mut children = Vec::new();
         for (i, port) in ports.iter().enumerate() {
             let data = dir.join(format!("server-{}", i + 1));
@@ -93,6 +103,9 @@ impl Cluster {
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--peers", &peers])
                 .args(["--admin", &admin_key().public().to_string()])
+                .args(["--peer-listen", &format!("127.0.0.1:{}", peer_port(port))])
+                .arg("--ca-dir")
+                .arg(&ca)
                 .arg("--data-dir")
                 .arg(&data)
                 // Simulated nodes never heartbeat.

@@ -7,8 +7,10 @@
 //! | `node` | `aigrid node`: nodes listed and shown, registered and heartbeated by hand, drained, revoked; join tokens |
 //! | `cluster` | `aigrid cluster`: membership and Raft status |
 //! | `access` | `aigrid key`, `whoami`, `identity`, `circle`, `apikey`: identities, roles and API keys |
+//! | `ca` | `aigrid ca`: the cluster CA and the server certificates it issues |
 
 mod access;
+mod ca;
 mod cluster;
 mod job;
 mod node;
@@ -17,6 +19,7 @@ pub use access::{
     apikey, circle, identity, key, whoami, ApiKeyCommand, CircleCommand, IdentityCommand,
     KeyCommand,
 };
+pub use ca::{ca, CaCommand};
 pub use cluster::{cluster, ClusterCommand};
 pub use job::{alloc, job, AllocCommand, JobCommand};
 pub use node::{node, NodeCommand};

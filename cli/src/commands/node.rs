@@ -281,7 +281,7 @@ fn signer(client: &Client, key_dir: &Path, id: &str) -> anyhow::Result<ControlCl
     let identity = Identity::load_or_create(key_dir, Some(id), id)?;
     Ok(ControlClient::new(
         client.servers().to_vec(),
-        reqwest::Client::new(),
+        crate::client::http_builder()?.build()?,
         Arc::new(identity),
         0,
     ))

@@ -97,30 +97,58 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Ports free right now on 127.0.0.1, distinct, and below the kernel's ephemeral range
-/// (32768 and up by default), so no outgoing connection can take one while a server
-/// that owns it is down for a restart.
+/// Ports free right now on 127.0.0.1, distinct, each with the port after it free
+/// too (a server's peer listener defaults to its API port + 1), and below the
+/// kernel's ephemeral range (32768 and up by default), so no outgoing connection can
+/// take one while a server that owns it is down for a restart.
 pub fn free_ports(n: usize) -> Vec<u16> {
     use rand::Rng;
     let mut rng = rand::rng();
     let mut held = Vec::new();
     while held.len() < n {
         let port = rng.random_range(20_000..32_000u16);
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            held.push(listener);
+        if let (Ok(api), Ok(peer)) = (
+            TcpListener::bind(("127.0.0.1", port)),
+            TcpListener::bind(("127.0.0.1", port + 1)),
+        ) {
+            held.push((api, peer));
         }
     }
     held.iter()
-        .map(|l| l.local_addr().unwrap().port())
+        .map(|(l, _)| l.local_addr().unwrap().port())
         .collect()
 }
 
-/// One server process.
+/// The peer listener address of the server whose API is on `port`.
+pub fn peer_addr(port: u16) -> String {
+    format!("127.0.0.1:{}", port + 1)
+}
+
+/// Makes the cluster CA in `dir` with `aigrid ca init`.
+pub fn ca_init(dir: &Path) {
+    let out = aigrid(&["ca", "init", "--dir", dir.to_str().unwrap()]);
+    assert_success(&out);
+}
+
+/// An HTTP client that trusts the cluster CA in `ca_dir`.
+pub fn https_client(ca_dir: &Path) -> reqwest::Client {
+    let pem = std::fs::read(ca_dir.join("ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .timeout(Duration::from_secs(20))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+}
+
+/// One server process. Under a root holding the cluster CA (`ca/`, as
+/// [`Cluster::start`] makes), it is started with `--ca-dir` pointing there.
 pub struct ServerProc {
     pub id: u64,
     pub port: u16,
     pub data_dir: PathBuf,
     pub args: Vec<String>,
+    pub ca_dir: PathBuf,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -132,13 +160,25 @@ impl ServerProc {
             port,
             data_dir: root.join(format!("server-{id}")),
             args,
+            ca_dir: root.join("ca"),
             child: None,
             log: root.join(format!("server-{id}.log")),
         }
     }
 
+    /// The control API's URL: `https://` when started with `--api-tls`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.args.iter().any(|a| a == "--api-tls") {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Its peer listener's address.
+    pub fn peer_addr(&self) -> String {
+        peer_addr(self.port)
     }
 
     pub fn start(&mut self) {
@@ -154,6 +194,9 @@ impl ServerProc {
             "--admin".into(),
             identity::admin_public().into(),
         ];
+        if self.ca_dir.join("ca.pem").is_file() {
+            args.extend(["--ca-dir".into(), self.ca_dir.clone().into()]);
+        }
         args.extend(self.args.iter().map(Into::into));
         self.child = Some(spawn_logged(&args, &self.log));
     }
@@ -211,14 +254,16 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `n` servers that bootstrap one cluster with `--peers`.
+    /// Starts `n` servers that bootstrap one cluster with `--peers`, under a cluster
+    /// CA made with `aigrid ca init` in `root/ca`: Raft runs over mutual TLS.
     pub fn start(n: usize, extra: &[&str]) -> Self {
         let root = tempfile::tempdir().unwrap();
+        ca_init(&root.path().join("ca"));
         let ports = free_ports(n);
         let peers = ports
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .map(|(i, p)| format!("{}={}", i + 1, peer_addr(*p)))
             .collect::<Vec<_>>()
             .join(",");
         let mut servers = Vec::new();
@@ -234,6 +279,11 @@ impl Cluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.servers.iter().map(ServerProc::url).collect()
+    }
+
+    /// The cluster CA's directory.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.path().join("ca")
     }
 
     pub fn server(&mut self, id: u64) -> &mut ServerProc {
