@@ -79,8 +79,7 @@ pub use model::{ModelSummary, StorageBackend, StorageInfo};
 pub use node::{
     DrainSpec, GpuDevice, GpuHealth, GpuTelemetry, Heartbeat, HeartbeatResponse, Node,
     NodeProtections, NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage,
-    PortRange,
-    RegisterNodeResponse,
+    PortRange, RegisterNodeResponse,
 };
 pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHeaders};
 pub use spec::{

@@ -272,6 +272,21 @@ impl ParsedSignature {
         key: &crate::identity::PublicKey,
         now: u64,
     ) -> Result<(), AuthError> {
+        self.verify_headers(method, target, key, now)?;
+        self.verify_body(body)
+    }
+
+    /// Checks the signature over the request's method, target and `content-digest`
+    /// header with `key`, and its age against `now` (Unix seconds), without the body:
+    /// what can be known before the body is read. [`ParsedSignature::verify_body`]
+    /// then ties the digest to the body.
+    pub fn verify_headers(
+        &self,
+        method: &str,
+        target: &str,
+        key: &crate::identity::PublicKey,
+        now: u64,
+    ) -> Result<(), AuthError> {
         let skew = now.abs_diff(self.params.created);
         if skew > MAX_CLOCK_SKEW_SECS {
             return Err(AuthError::Stale {
@@ -281,13 +296,23 @@ impl ParsedSignature {
         if key.algorithm() != self.params.algorithm {
             return Err(AuthError::Malformed("alg does not match the signer's key"));
         }
+        let base = signature_base(method, target, &self.digest, &self.params);
+        key.verify(&base, &self.signature)
+    }
+
+    /// Checks that the signed `content-digest` is the body's.
+    pub fn verify_body(&self, body: &[u8]) -> Result<(), AuthError> {
         if self.digest != content_digest(body) {
             return Err(AuthError::Malformed(
                 "content-digest does not match the body",
             ));
         }
-        let base = signature_base(method, target, &self.digest, &self.params);
-        key.verify(&base, &self.signature)
+        Ok(())
+    }
+
+    /// The signature's bytes: two requests with equal bytes carry one signature.
+    pub fn signature_bytes(&self) -> &[u8] {
+        &self.signature
     }
 }
 

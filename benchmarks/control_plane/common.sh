@@ -14,6 +14,11 @@
 #   ETCD_BASE_PORT      etcd member N listens for clients on BASE+100*N and
 #                       for peers on BASE+100*N+1 (default 22279 -> 22379/22380, ...)
 #   READY_TIMEOUT_SECS  how long a cluster may take to elect a leader (default 60)
+#   BENCH_TLS           1 (default): clients reach both systems over TLS and their
+#                       members talk over mutual TLS (aigrid: --api-tls and its
+#                       cluster CA; etcd: certificates from a CA made with openssl);
+#                       0: plain HTTP for clients and etcd's peers (aigrid's Raft
+#                       keeps mutual TLS, it has no plain mode)
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -25,6 +30,12 @@ TARGETS="${TARGETS//,/ }"
 AIGRID_BASE_PORT="${AIGRID_BASE_PORT:-7701}"
 ETCD_BASE_PORT="${ETCD_BASE_PORT:-22279}"
 READY_TIMEOUT_SECS="${READY_TIMEOUT_SECS:-60}"
+BENCH_TLS="${BENCH_TLS:-1}"
+case "$BENCH_TLS" in
+    1) SCHEME=https ;;
+    0) SCHEME=http ;;
+    *) echo "BENCH_TLS must be 0 or 1, not '$BENCH_TLS'" >&2; exit 2 ;;
+esac
 
 RUN_AIGRID=0
 RUN_ETCD=0
@@ -98,12 +109,67 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Creates the scratch directory WORK and sets FSTYPE to its file system.
+# Creates the scratch directory WORK, sets FSTYPE to its file system, and with
+# BENCH_TLS makes the certificates (make_certs).
 make_scratch() {
     WORK="$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/aigrid-bench.XXXXXX")"
     FSTYPE="$(stat -f -c %T "$WORK" 2>/dev/null || echo unknown)"
     if [ "$FSTYPE" = "tmpfs" ] || [ "$FSTYPE" = "ramfs" ]; then
         log "warning: $WORK is on $FSTYPE; fsync is free there, set BENCH_TMPDIR to a disk path"
+    fi
+    make_certs
+}
+
+# ---------------------------------------------------------------- TLS
+
+# What clients trust (both CAs), and the load generator's arguments saying so.
+TRUST_PEM=""
+LOAD_TLS_ARGS=()
+AIGRID_CA_DIR=""
+ETCD_CERTS=""
+
+# make_certs: aigrid's cluster CA (`aigrid ca init`; each server issues its own
+# certificate from it at start) and, for etcd, a CA and one member certificate
+# for 127.0.0.1, good as server and client (peer mutual TLS), made with openssl as
+# etcd's own guide does.
+make_certs() {
+    [ "$BENCH_TLS" = "1" ] || return 0
+    : >"$WORK/trust.pem"
+    if [ "$RUN_AIGRID" = "1" ]; then
+        AIGRID_CA_DIR="$WORK/aigrid-ca"
+        "$BIN_DIR/aigrid" ca init --dir "$AIGRID_CA_DIR" >/dev/null || die "aigrid ca init failed"
+        cat "$AIGRID_CA_DIR/ca.pem" >>"$WORK/trust.pem"
+        LOAD_TLS_ARGS+=(--ca-cert "$AIGRID_CA_DIR/ca.pem")
+        export AIGRID_CA_CERT="$AIGRID_CA_DIR/ca.pem"
+    fi
+    if [ "$RUN_ETCD" = "1" ]; then
+        command -v openssl >/dev/null 2>&1 || die "BENCH_TLS=1 needs openssl for etcd's certificates"
+        ETCD_CERTS="$WORK/etcd-certs"
+        mkdir -p "$ETCD_CERTS"
+        (
+            cd "$ETCD_CERTS"
+            openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                -keyout ca.key -out ca.pem -days 2 -subj /CN=etcd-bench-ca
+            openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                -keyout member.key -out member.csr -subj /CN=etcd-member
+            printf '%s\n' 'subjectAltName=IP:127.0.0.1,DNS:localhost' \
+                'extendedKeyUsage=serverAuth,clientAuth' 'basicConstraints=CA:FALSE' \
+                'keyUsage=digitalSignature,keyEncipherment' >member.ext
+            openssl x509 -req -in member.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+                -out member.pem -days 2 -extfile member.ext
+        ) >/dev/null 2>&1 || die "making etcd's certificates with openssl failed"
+        cat "$ETCD_CERTS/ca.pem" >>"$WORK/trust.pem"
+        LOAD_TLS_ARGS+=(--ca-cert "$ETCD_CERTS/ca.pem")
+    fi
+    TRUST_PEM="$WORK/trust.pem"
+}
+
+# bcurl ARGS...: curl trusting both CAs under BENCH_TLS.
+bcurl() {
+    if [ -n "$TRUST_PEM" ]; then
+        curl --cacert "$TRUST_PEM" "$@"
+    else
+        curl "$@"
     fi
 }
 
@@ -214,7 +280,7 @@ aigrid_peer_port() { echo $(($(aigrid_port "$1") + 50)); }
 
 # aigrid_cluster PORT -> that server's GET /api/v1/cluster body.
 aigrid_cluster() {
-    curl -fsS --max-time 2 "http://127.0.0.1:$1/api/v1/cluster" 2>/dev/null
+    bcurl -fsS --max-time 2 "$SCHEME://127.0.0.1:$1/api/v1/cluster" 2>/dev/null
 }
 
 aigrid_has_leader() {
@@ -243,10 +309,16 @@ start_aigrid_server() {
     admin="$("$BIN_DIR/aigrid" key show --json --identity "$dir/admin.json" |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["public_key"])')"
     require_free_port "$(aigrid_peer_port "$id")"
-    # The cluster CA, made once per data dir: servers issue their certificates from it.
-    [[ -f "$dir/ca/ca.key" ]] || "$BIN_DIR/aigrid" ca init --dir "$dir/ca" >/dev/null
+    # The cluster CA: servers issue their certificates from it. Raft is always over
+    # mutual TLS; the API is HTTPS under BENCH_TLS.
+    local ca="$AIGRID_CA_DIR" tls=()
+    if [ -z "$ca" ]; then
+        ca="$dir/ca"
+        [[ -f "$ca/ca.key" ]] || "$BIN_DIR/aigrid" ca init --dir "$ca" >/dev/null
+    fi
+    [ "$BENCH_TLS" = "1" ] && tls=(--api-tls)
     "$BIN_DIR/aigrid" server --id "$id" --listen "127.0.0.1:$port" \
-        --peer-listen "127.0.0.1:$(aigrid_peer_port "$id")" --ca-dir "$dir/ca" "$@" \
+        --peer-listen "127.0.0.1:$(aigrid_peer_port "$id")" --ca-dir "$ca" "${tls[@]}" "$@" \
         --admin "bench=$admin" --data-dir "$dir/aigrid$id" >"$dir/aigrid$id.log" 2>&1 &
     PIDS+=("$!")
     SERVER_LOGS+=("$dir/aigrid$id.log")
@@ -263,7 +335,7 @@ start_aigrid() {
     AIGRID_ENDPOINTS=""
     for id in 1 2 3; do
         peers="${peers:+$peers,}$id=127.0.0.1:$(aigrid_peer_port "$id")"
-        AIGRID_ENDPOINTS="${AIGRID_ENDPOINTS:+$AIGRID_ENDPOINTS,}http://127.0.0.1:$(aigrid_port "$id")"
+        AIGRID_ENDPOINTS="${AIGRID_ENDPOINTS:+$AIGRID_ENDPOINTS,}$SCHEME://127.0.0.1:$(aigrid_port "$id")"
     done
     for id in 1 2 3; do
         start_aigrid_server "$dir" "$id" --peers "$peers" "$@"
@@ -281,7 +353,7 @@ etcd_client_port() { echo $((ETCD_BASE_PORT + 100 * $1)); }
 etcd_peer_port() { echo $((ETCD_BASE_PORT + 100 * $1 + 1)); }
 
 etcd_healthy() {
-    curl -fsS --max-time 2 "http://127.0.0.1:$1/health" 2>/dev/null | grep -q '"health"[[:space:]]*:[[:space:]]*"true"'
+    bcurl -fsS --max-time 2 "$SCHEME://127.0.0.1:$1/health" 2>/dev/null | grep -q '"health"[[:space:]]*:[[:space:]]*"true"'
 }
 
 # start_etcd_member DIR N INITIAL_CLUSTER STATE starts member eN with its data
@@ -293,12 +365,21 @@ start_etcd_member() {
     p="$(etcd_peer_port "$n")"
     require_free_port "$c"
     require_free_port "$p"
+    # Clients over TLS; peers over mutual TLS (each must present a certificate from
+    # the CA), as aigrid's servers do.
+    local tls=()
+    if [ "$BENCH_TLS" = "1" ]; then
+        tls=(--cert-file "$ETCD_CERTS/member.pem" --key-file "$ETCD_CERTS/member.key"
+            --peer-cert-file "$ETCD_CERTS/member.pem" --peer-key-file "$ETCD_CERTS/member.key"
+            --peer-trusted-ca-file "$ETCD_CERTS/ca.pem" --peer-client-cert-auth)
+    fi
     # Default durability: etcd fsyncs its WAL before acknowledging a put.
     env -u ETCD_UNSAFE_NO_FSYNC etcd --name "e$n" --data-dir "$dir/etcd$n" \
-        --listen-client-urls "http://127.0.0.1:$c" \
-        --advertise-client-urls "http://127.0.0.1:$c" \
-        --listen-peer-urls "http://127.0.0.1:$p" \
-        --initial-advertise-peer-urls "http://127.0.0.1:$p" \
+        --listen-client-urls "$SCHEME://127.0.0.1:$c" \
+        --advertise-client-urls "$SCHEME://127.0.0.1:$c" \
+        --listen-peer-urls "$SCHEME://127.0.0.1:$p" \
+        --initial-advertise-peer-urls "$SCHEME://127.0.0.1:$p" \
+        "${tls[@]}" \
         --initial-cluster "$initial" \
         --initial-cluster-token "aigrid-bench-$$" \
         --initial-cluster-state "$state" \
@@ -318,8 +399,8 @@ start_etcd() {
     ETCD_INITIAL=""
     ETCD_ENDPOINTS=""
     for n in 1 2 3; do
-        ETCD_INITIAL="${ETCD_INITIAL:+$ETCD_INITIAL,}e$n=http://127.0.0.1:$(etcd_peer_port "$n")"
-        ETCD_ENDPOINTS="${ETCD_ENDPOINTS:+$ETCD_ENDPOINTS,}http://127.0.0.1:$(etcd_client_port "$n")"
+        ETCD_INITIAL="${ETCD_INITIAL:+$ETCD_INITIAL,}e$n=$SCHEME://127.0.0.1:$(etcd_peer_port "$n")"
+        ETCD_ENDPOINTS="${ETCD_ENDPOINTS:+$ETCD_ENDPOINTS,}$SCHEME://127.0.0.1:$(etcd_client_port "$n")"
     done
     for n in 1 2 3; do
         start_etcd_member "$dir" "$n" "$ETCD_INITIAL" new

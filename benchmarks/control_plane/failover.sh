@@ -131,16 +131,16 @@ aigrid_current_leader() { aigrid_leader 1; }
 # aigrid_add DIR VIA: server 4 starts and asks VIA to add it.
 aigrid_add() {
     # shellcheck disable=SC2086 # one argument a word
-    start_aigrid_server "$1" 4 --join "http://127.0.0.1:$(aigrid_port "$2")" $FAILOVER_AIGRID_MEMBER_ARGS
+    start_aigrid_server "$1" 4 --join "$SCHEME://127.0.0.1:$(aigrid_port "$2")" $FAILOVER_AIGRID_MEMBER_ARGS
 }
 
 # aigrid_joined VIA: VIA lists server 4 as a voter.
 aigrid_joined() { aigrid_voter "$1" 4; }
 
-# aigrid_remove VIA ID: asks VIA to remove server ID.
+# aigrid_remove VIA ID: asks VIA to remove server ID, signed as the admin.
 aigrid_remove() {
-    curl -fsS --max-time "$READY_TIMEOUT_SECS" -X DELETE -o /dev/null \
-        "http://127.0.0.1:$(aigrid_port "$1")/api/v1/cluster/members/$2"
+    timeout "$READY_TIMEOUT_SECS" "$BIN_DIR/aigrid" cluster leave "$2" \
+        --server "$SCHEME://127.0.0.1:$(aigrid_port "$1")" >/dev/null
 }
 
 # ---------------------------------------------------------------- etcd
@@ -149,7 +149,7 @@ declare -A ETCD_IDS
 
 # etcd_status N -> member N's /v3/maintenance/status body.
 etcd_status() {
-    curl -fsS --max-time 2 -X POST -d '{}' "http://127.0.0.1:$(etcd_client_port "$1")/v3/maintenance/status" 2>/dev/null
+    bcurl -fsS --max-time 2 -X POST -d '{}' "$SCHEME://127.0.0.1:$(etcd_client_port "$1")/v3/maintenance/status" 2>/dev/null
 }
 
 # etcd_led_by_other OLD VIA: VIA names a leader other than member OLD.
@@ -162,8 +162,8 @@ etcd_led_by_other() {
 # etcd_left VIA N: VIA no longer lists member N and follows another leader.
 etcd_left() {
     local members
-    members="$(curl -fsS --max-time 2 -X POST -d '{}' \
-        "http://127.0.0.1:$(etcd_client_port "$1")/v3/cluster/member/list" 2>/dev/null)" || return 1
+    members="$(bcurl -fsS --max-time 2 -X POST -d '{}' \
+        "$SCHEME://127.0.0.1:$(etcd_client_port "$1")/v3/cluster/member/list" 2>/dev/null)" || return 1
     ! printf '%s' "$members" | grep -q "\"ID\":\"${ETCD_IDS[$2]}\"" && etcd_led_by_other "$2" "$1"
 }
 
@@ -190,12 +190,12 @@ etcd_current_leader() {
 # etcd_add DIR VIA: asks VIA to add member e4, then starts it.
 etcd_add() {
     local peer4
-    peer4="http://127.0.0.1:$(etcd_peer_port 4)"
+    peer4="$SCHEME://127.0.0.1:$(etcd_peer_port 4)"
     # etcd refuses to add a member until the one asked has been connected to
     # all its peers for 5 s; asked again, it adds it then.
     await "etcd adds member e4" "$(etcd_pid "$2")" -- \
-        curl -fs --max-time 5 -o /dev/null -X POST -d "{\"peerURLs\":[\"$peer4\"]}" \
-        "http://127.0.0.1:$(etcd_client_port "$2")/v3/cluster/member/add"
+        bcurl -fs --max-time 5 -o /dev/null -X POST -d "{\"peerURLs\":[\"$peer4\"]}" \
+        "$SCHEME://127.0.0.1:$(etcd_client_port "$2")/v3/cluster/member/add"
     start_etcd_member "$1" 4 "$ETCD_INITIAL,e4=$peer4" existing
 }
 
@@ -204,8 +204,8 @@ etcd_joined() { etcd_healthy "$(etcd_client_port 4)"; }
 
 # etcd_remove VIA N: asks VIA to remove member N (which then stops by itself).
 etcd_remove() {
-    curl -fsS --max-time "$READY_TIMEOUT_SECS" -X POST -o /dev/null -d "{\"ID\":\"${ETCD_IDS[$2]}\"}" \
-        "http://127.0.0.1:$(etcd_client_port "$1")/v3/cluster/member/remove"
+    bcurl -fsS --max-time "$READY_TIMEOUT_SECS" -X POST -o /dev/null -d "{\"ID\":\"${ETCD_IDS[$2]}\"}" \
+        "$SCHEME://127.0.0.1:$(etcd_client_port "$1")/v3/cluster/member/remove"
 }
 
 # ---------------------------------------------------------------- rounds
@@ -222,7 +222,7 @@ round() {
     "${t}_start" "$dir" "$scenario"
     # The limit only stops a script that never writes `end`.
     cap=$((FAILOVER_LEAD_SECS + 4 * READY_TIMEOUT_SECS + FAILOVER_TAIL_SECS))
-    "$BIN_DIR/control_plane" --target "$t" --endpoints "$ENDPOINTS" \
+    "$BIN_DIR/control_plane" --target "$t" --endpoints "$ENDPOINTS" "${LOAD_TLS_ARGS[@]}" \
         --clients "$FAILOVER_CLIENTS" --warmup-secs 0 --duration-secs "$cap" \
         --request-timeout-secs "$FAILOVER_REQUEST_TIMEOUT_SECS" --marks "$MARKS" \
         --probe-ms "$FAILOVER_PROBE_MS" \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Control-plane write benchmark: a 3-node aigrid cluster against a 3-member
 # etcd cluster, both on loopback with fsync on, driven by the same closed-loop
-# load generator (target/release/control_plane) at several client counts.
+# load generator (target/release/control_plane) at several client counts; by
+# default over TLS on both sides (BENCH_TLS, see common.sh).
 #
 # Environment (and those common.sh lists: TARGETS, BENCH_TMPDIR, BENCH_KEEP_TMP,
 # BENCH_SKIP_BUILD, BENCH_OUT, AIGRID_BASE_PORT, ETCD_BASE_PORT, READY_TIMEOUT_SECS):
@@ -27,7 +28,7 @@ run_load() {
         log "$target: $clients client(s), ${BENCH_WARMUP_SECS}s warm-up + ${BENCH_SECS}s"
         # Run in the background and wait, so a signal interrupts the wait
         # and the cleanup trap runs at once.
-        "$BIN_DIR/control_plane" --target "$target" --endpoints "$endpoints" \
+        "$BIN_DIR/control_plane" --target "$target" --endpoints "$endpoints" "${LOAD_TLS_ARGS[@]}" \
             --clients "$clients" --duration-secs "$BENCH_SECS" \
             --warmup-secs "$BENCH_WARMUP_SECS" >"$WORK/result.json" &
         LOAD_PID=$!
@@ -57,7 +58,7 @@ run_load() {
 
 build_and_install
 make_scratch
-log "scratch directory $WORK ($FSTYPE), ${BENCH_SECS}s per run, clients: $BENCH_CLIENTS"
+log "scratch directory $WORK ($FSTYPE), ${BENCH_SECS}s per run, clients: $BENCH_CLIENTS, TLS: $BENCH_TLS"
 
 if [ "$RUN_AIGRID" = "1" ]; then
     start_aigrid "$WORK"
@@ -78,7 +79,12 @@ fi
 val() { echo "${RESULT[$1]:--}"; }
 
 echo
-echo "Control-plane writes, 3 nodes on loopback, fsync on, ${BENCH_SECS}s per run ($(nproc) CPUs, scratch on $FSTYPE)"
+if [ "$BENCH_TLS" = "1" ]; then
+    tls_note="clients over TLS, members over mutual TLS; aigrid writes signed"
+else
+    tls_note="plain HTTP (aigrid's Raft over mutual TLS); aigrid writes signed"
+fi
+echo "Control-plane writes, 3 nodes on loopback, fsync on, $tls_note, ${BENCH_SECS}s per run ($(nproc) CPUs, scratch on $FSTYPE)"
 echo
 echo "| clients | aigrid ops/s | aigrid p50 ms | aigrid p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | aigrid/etcd ops/s |"
 echo "|--------:|-------------:|--------------:|--------------:|-----------:|------------:|------------:|------------------:|"

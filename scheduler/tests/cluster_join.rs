@@ -1,6 +1,7 @@
 //! Joining the control plane: a join must name a server that answers on its peer
 //! listener with a certificate from the cluster CA naming the requested id, and
-//! never this server itself; a refused join answers at once and changes nothing. A
+//! never this server itself, and be signed by an admin; a refused join answers at
+//! once and changes nothing. A
 //! good join becomes a voter without waiting for a scheduled snapshot.
 
 mod common;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use aigrid_scheduler::certs::bootstrap_ca_dir;
 use aigrid_scheduler::server::{Server, ServerConfig};
+use aigrid_scheduler::testkit::Sign;
 use common::*;
 use serde_json::{json, Value};
 
@@ -79,10 +81,20 @@ async fn a_join_is_refused_at_once_unless_the_named_server_answers_as_itself() {
             "names server 2, not server 3",
         ),
     ];
+    // Unsigned, even naming a good server: 401 at once.
+    let resp = client
+        .post(&url)
+        .json(&json!({"id": 2, "addr": two.peer_addr.to_string()}))
+        .send()
+        .await
+        .expect("an unsigned join answers at once");
+    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(members(&client, &one).await, before);
     for (id, addr, status, code, has) in cases {
         let resp = client
             .post(&url)
             .json(&json!({"id": id, "addr": addr}))
+            .signed()
             .send()
             .await
             .unwrap_or_else(|e| panic!("join of {id} at {addr} did not answer: {e}"));
@@ -110,6 +122,7 @@ async fn a_join_is_refused_at_once_unless_the_named_server_answers_as_itself() {
     let resp = client
         .post(&url)
         .json(&json!({"id": 2, "addr": two.peer_addr.to_string()}))
+        .signed()
         .send()
         .await
         .unwrap();

@@ -3,12 +3,16 @@
 //! its connection or request rate is turned away; a stalled body gets 408; an
 //! oversized spec gets 413 and stores nothing; TLS serves the same API, and a slow
 //! handshake blocks nobody; the server still stops cleanly with all of that open.
+//! A signer's rate is its own wherever it connects from, and a request that only
+//! claims a signer's key id is counted under its address.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aigrid_api::{IdentityKey, KeyAlgorithm};
 use aigrid_scheduler::server::{Server, ServerConfig};
+use aigrid_scheduler::testkit::Sign;
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,10 +60,10 @@ async fn closed(stream: &mut TcpStream, within: Duration) {
     }
 }
 
-/// A normal client's probe and unsigned read, each within [`PROMPT`].
+/// A normal client's probe, signed read and open read, each within [`PROMPT`].
 async fn served_promptly(addr: SocketAddr) {
     for path in ["/health", "/api/v1/jobs?stale=true", "/api/v1/cluster"] {
-        let request = fresh().get(format!("http://{addr}{path}")).send();
+        let request = fresh().get(format!("http://{addr}{path}")).signed().send();
         let response = tokio::time::timeout(PROMPT, request)
             .await
             .unwrap_or_else(|_| panic!("GET {path} took longer than {PROMPT:?}"))
@@ -157,7 +161,12 @@ async fn an_oversized_spec_is_413_and_nothing_is_stored() {
     let base = format!("http://{}/api/v1", server.addr);
     let client = Client::new();
     // A linearizable read first: the leader's own first entry is committed by then.
-    let response = client.get(format!("{base}/jobs")).send().await.unwrap();
+    let response = client
+        .get(format!("{base}/jobs"))
+        .signed()
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let commit_before = client
         .get(format!("{base}/cluster"))
@@ -176,6 +185,7 @@ async fn an_oversized_spec_is_413_and_nothing_is_stored() {
     let response = client
         .post(format!("{base}/jobs"))
         .json(&body)
+        .signed()
         .send()
         .await
         .unwrap();
@@ -194,6 +204,7 @@ async fn an_oversized_spec_is_413_and_nothing_is_stored() {
     let response = client
         .post(format!("{base}/jobs"))
         .json(&job_with_env("huge", huge.clone()))
+        .signed()
         .send()
         .await
         .unwrap();
@@ -209,6 +220,7 @@ async fn an_oversized_spec_is_413_and_nothing_is_stored() {
         .post(format!("{base}/jobs"))
         .header("content-type", "application/json")
         .body(reqwest::Body::wrap_stream(chunks))
+        .signed()
         .send()
         .await
         .unwrap();
@@ -219,6 +231,7 @@ async fn an_oversized_spec_is_413_and_nothing_is_stored() {
     for name in ["big", "huge"] {
         let response = client
             .get(format!("{base}/jobs/{name}"))
+            .signed()
             .send()
             .await
             .unwrap();
@@ -226,6 +239,7 @@ async fn an_oversized_spec_is_413_and_nothing_is_stored() {
     }
     let jobs: Vec<Value> = client
         .get(format!("{base}/jobs"))
+        .signed()
         .send()
         .await
         .unwrap()
@@ -248,6 +262,7 @@ async fn an_oversized_spec_is_413_and_nothing_is_stored() {
     let response = client
         .post(format!("{base}/jobs"))
         .json(&job_with_env("fits", "x".repeat(64 * 1024)))
+        .signed()
         .send()
         .await
         .unwrap();
@@ -268,7 +283,7 @@ async fn requests_over_the_rate_get_429_with_retry_after() {
     let client = Client::new();
     let mut statuses = Vec::new();
     for _ in 0..8 {
-        let response = client.get(&url).send().await.unwrap();
+        let response = client.get(&url).signed().send().await.unwrap();
         statuses.push(response.status());
         if response.status() == StatusCode::TOO_MANY_REQUESTS {
             let retry: u64 = response.headers()["retry-after"]
@@ -291,6 +306,62 @@ async fn requests_over_the_rate_get_429_with_retry_after() {
         statuses[..5].iter().all(|s| *s == StatusCode::OK),
         "{statuses:?}"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signer_is_limited_as_itself_and_a_claimed_key_id_counts_for_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), |c| {
+        c.limits.listener.limit_loopback = true;
+        c.limits.rate_per_second = 1;
+        c.limits.rate_burst = 4;
+    })
+    .await;
+    let api = format!("http://{}/api/v1", server.addr);
+    let client = Client::new();
+    let bob = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [7; 32]);
+    let added = client
+        .post(format!("{api}/identities"))
+        .json(&json!({"name": "bob", "public_key": bob.public().to_string()}))
+        .signed()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        added.status(),
+        StatusCode::CREATED,
+        "{:?}",
+        added.text().await
+    );
+    let jobs = format!("{api}/jobs?stale=true");
+    // Requests that name the admin's key id but are not the admin's (signed for
+    // another target) are 401 and counted under this address, not the admin.
+    for _ in 0..6 {
+        let mut forged = client.get(format!("{api}/jobs")).signed().build().unwrap();
+        *forged.url_mut() = jobs.parse().unwrap();
+        let status = client.execute(forged).await.unwrap().status();
+        assert!(
+            [StatusCode::UNAUTHORIZED, StatusCode::TOO_MANY_REQUESTS].contains(&status),
+            "{status}"
+        );
+    }
+    // The admin still has its whole burst (three left after adding bob), then 429.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(client.get(&jobs).signed().send().await.unwrap().status());
+    }
+    assert!(
+        statuses[..3].iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    // From the same address, bob has a limit of his own.
+    let response = client.get(&jobs).signed_by(&bob).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
     server.stop().await;
 }
 

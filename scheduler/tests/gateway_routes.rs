@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aigrid_api::Job;
 use aigrid_scheduler::server::ServerConfig;
-use aigrid_scheduler::testkit::model_registration;
+use aigrid_scheduler::testkit::{model_registration, Sign};
 use axum::http::StatusCode;
 use reqwest::Client;
 use serde_json::{json, Value};
@@ -30,6 +30,7 @@ async fn a_node_claiming_a_foreign_endpoint_gets_none_of_the_users_requests() {
     let resp = client
         .post(format!("{base}/api/v1/models"))
         .json(&model)
+        .signed()
         .send()
         .await
         .unwrap();

@@ -59,6 +59,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', required = true)]
     endpoints: Vec<String>,
 
+    /// PEM file of a CA to trust for `https://` endpoints (repeatable), on top of
+    /// the system's roots.
+    #[arg(long)]
+    ca_cert: Vec<PathBuf>,
+
     /// Number of concurrent closed-loop clients.
     #[arg(long, default_value_t = 1)]
     clients: usize,
@@ -416,8 +421,15 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn build_http(timeout: Duration) -> Result<reqwest::Client> {
-    reqwest::Client::builder()
+fn build_http(timeout: Duration, ca_certs: &[PathBuf]) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder();
+    for path in ca_certs {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    builder
         .tcp_nodelay(true)
         .no_proxy()
         .pool_max_idle_per_host(4)
@@ -466,7 +478,7 @@ async fn run(args: Args) -> Result<Report> {
     let submitter = |client_id: usize| -> Result<Submitter> {
         Ok(Submitter {
             target: args.target,
-            http: build_http(timeout)?,
+            http: build_http(timeout, &args.ca_cert)?,
             endpoints: Arc::clone(&endpoints),
             client_id,
             current: client_id % endpoints.len(),

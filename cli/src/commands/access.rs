@@ -31,7 +31,12 @@ pub enum KeyCommand {
         hybrid: bool,
     },
     /// Print the identity's id and public key (what an admin adds).
-    Show,
+    Show {
+        /// Print one line, `NAME=PUBLIC_KEY`: what `aigrid server --admin` and
+        /// AIGRID_ADMINS take.
+        #[arg(long)]
+        admin_entry: bool,
+    },
 }
 
 /// `aigrid identity ...`: the identities the cluster knows. Admins only.
@@ -136,7 +141,14 @@ pub fn key(identity: Option<&Path>, cmd: KeyCommand, json: bool) -> anyhow::Resu
             }
             file
         }
-        KeyCommand::Show => keys::read_key(&path)?.0,
+        KeyCommand::Show { admin_entry } => {
+            let file = keys::read_key(&path)?.0;
+            if admin_entry {
+                println!("{}={}", file.name, file.public_key);
+                return Ok(());
+            }
+            file
+        }
     };
     if json {
         return print_json(&serde_json::json!({

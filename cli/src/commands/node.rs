@@ -464,6 +464,7 @@ fn print_node(node: &Node, allocs: &[Allocation]) {
     match &node.protections {
         Some(p) => println!("sandbox     {}", p.summary()),
         None => println!("sandbox     not reported by its agent"),
+    }
     match node.address {
         Some(address) => println!("address     {address} (workload ports {})", node.ports),
         None => println!("address     none (its workloads are not routed to)"),

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use aigrid_api::ErrorBody;
 use aigrid_api::{
     ErrorCode, Heartbeat, HeartbeatResponse, JoinToken, KeyRef, NodeAssignments, NodeId,
-    NodePublicKey, NodeRegistration, RegisterNodeResponse,
+    NodePublicKey, NodeRegistration, RegisterNodeResponse, Timestamp,
 };
 use axum::extract::rejection::QueryRejection;
 use axum::extract::Request;
@@ -70,7 +70,7 @@ fn verify(
             sig.params.key_id
         )));
     }
-    check_signature(state, &sig, method, uri, body, &(*key).into())
+    check_signature(state, &sig, (method, uri, None), body, &(*key).into())
 }
 
 /// Checks that a request comes from `node`, signed with the key it registered and
@@ -101,7 +101,7 @@ async fn authenticate_node(
         )))
         }
     }
-    check_signature(state, &sig, method, uri, body, &key)
+    check_signature(state, &sig, (method, uri, None), body, &key)
 }
 
 /// The join token in `Authorization: Bearer ...`, if any.

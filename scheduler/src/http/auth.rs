@@ -6,6 +6,10 @@
 //! handler runs; a signed one that its signer may not make, 403 ([`Caller::require`]).
 //! Either way nothing changes.
 //!
+//! The signature over a request's headers is checked once, at the edge ([`identify`],
+//! outside the rate limit, so a signer is limited per identity wherever it connects
+//! from); the extractors then tie the body to the signed digest and spend the nonce.
+//!
 //! The identities a server was started with (`--admin`) become the cluster's admins
 //! the first time one of them calls a cluster that has none (and when this server
 //! first leads): the command is idempotent, and a cluster that has an admin ignores it.
@@ -15,12 +19,16 @@ use aigrid_api::signature::{
 };
 use aigrid_api::{AuthError, ErrorCode, KeyRef, PublicKey};
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, OriginalUri, Request};
+use axum::extract::{FromRequest, FromRequestParts, OriginalUri, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, Uri};
+use axum::middleware::Next;
+use axum::response::Response;
 use serde::de::DeserializeOwned;
 
-use super::plumbing::{body_bytes, decode_json, propose, unauthorized, ApiError, ApiState};
+use super::plumbing::{
+    body_bytes, decode_json, propose, unauthorized, ApiError, ApiState, RateKey,
+};
 use super::replay::NonceError;
 use crate::state::{Action, Command, Principal};
 
@@ -126,17 +134,77 @@ fn target(uri: &Uri) -> &str {
     uri.path_and_query().map_or(uri.path(), |p| p.as_str())
 }
 
-/// Checks `sig` over the request with `key`, then spends its nonce.
+/// A signature [`identify`] found good over a request's headers, before its body
+/// was read: the extractor then checks only the body's digest and the nonce.
+#[derive(Debug, Clone)]
+pub(crate) struct EdgeVerified {
+    signature: Vec<u8>,
+    key: PublicKey,
+}
+
+/// The public key of a signer this server already knows, without a read through Raft.
+fn local_key(state: &ApiState, key: &KeyRef) -> Option<PublicKey> {
+    match key {
+        KeyRef::Identity(id) if state.server_key.as_ref().is_some_and(|k| k.id() == *id) => {
+            state.server_key.clone()
+        }
+        KeyRef::Identity(id) => state
+            .raft
+            .read_local(|s| s.identity(id).map(|i| i.public_key.clone())),
+        KeyRef::Node(node) => match state.raft.read_local(|s| s.node_key(node)) {
+            Some((Some(key), false)) => Some(key.into()),
+            _ => None,
+        },
+    }
+}
+
+/// Middleware, outside the rate limit: a request whose header signature verifies
+/// under a key this server knows is counted under its signer ([`RateKey`]) and
+/// marked so its handler does not verify it again. Anything else passes on
+/// unmarked, counted under its address, and its handler answers 401.
+pub(crate) async fn identify(
+    State(state): State<ApiState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if let Ok(sig) = parse_signature(req.headers()) {
+        if let Ok(key_ref) = sig.key() {
+            if let Some(key) = local_key(&state, &key_ref) {
+                let now = state.clock.now().as_millis() / 1000;
+                let verified =
+                    sig.verify_headers(req.method().as_str(), target(req.uri()), &key, now);
+                if verified.is_ok() {
+                    let extensions = req.extensions_mut();
+                    extensions.insert(RateKey(key_ref.to_string()));
+                    extensions.insert(EdgeVerified {
+                        signature: sig.signature_bytes().to_vec(),
+                        key,
+                    });
+                }
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Checks `sig` over the request with `key` (its headers only when [`identify`]
+/// already did, with this key), then spends its nonce.
 pub(crate) fn check_signature(
     state: &ApiState,
     sig: &ParsedSignature,
-    method: &Method,
-    uri: &Uri,
+    request: (&Method, &Uri, Option<&EdgeVerified>),
     body: &[u8],
     key: &PublicKey,
 ) -> Result<(), ApiError> {
+    let (method, uri, edge) = request;
     let now = state.clock.now().as_millis() / 1000;
-    sig.verify(method.as_str(), target(uri), body, key, now)?;
+    let checked_at_edge =
+        edge.is_some_and(|v| v.key == *key && v.signature == sig.signature_bytes());
+    if checked_at_edge {
+        sig.verify_body(body)?;
+    } else {
+        sig.verify(method.as_str(), target(uri), body, key, now)?;
+    }
     state
         .nonces
         .accept(
@@ -225,15 +293,14 @@ pub(crate) async fn bootstrap_admins(state: &ApiState) -> Result<(), ApiError> {
 /// Checks a request's signature and answers who made it.
 pub(crate) async fn authenticate(
     state: &ApiState,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
+    head: (&Method, &Uri, &HeaderMap, Option<&EdgeVerified>),
     body: &[u8],
 ) -> Result<Caller, ApiError> {
+    let (method, uri, headers, edge) = head;
     let sig = parse_signature(headers)?;
     let key = sig.key()?;
     let public = key_of(state, &key).await?;
-    check_signature(state, &sig, method, uri, body, &public)?;
+    check_signature(state, &sig, (method, uri, edge), body, &public)?;
     let server = state.server_key.as_ref() == Some(&public);
     Ok(Caller {
         principal: match key {
@@ -257,7 +324,8 @@ impl FromRequestParts<ApiState> for Caller {
     /// For requests without a body: the signature covers an empty one.
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
         let uri = request_uri(parts);
-        authenticate(state, &parts.method, &uri, &parts.headers, &[]).await
+        let edge = parts.extensions.get::<EdgeVerified>();
+        authenticate(state, (&parts.method, &uri, &parts.headers, edge), &[]).await
     }
 }
 
@@ -270,8 +338,10 @@ pub(crate) async fn signed_bytes(
     let (parts, body) = req.into_parts();
     let uri = request_uri(&parts);
     let (method, headers) = (parts.method.clone(), parts.headers.clone());
+    let edge = parts.extensions.get::<EdgeVerified>().cloned();
     let bytes = body_bytes(Request::from_parts(parts, body), &()).await?;
-    let caller = authenticate(state, &method, &uri, &headers, &bytes).await?;
+    let head = (&method, &uri, &headers, edge.as_ref());
+    let caller = authenticate(state, head, &bytes).await?;
     Ok((caller, bytes))
 }
 

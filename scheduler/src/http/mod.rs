@@ -37,8 +37,8 @@ pub mod models;
 pub mod nodes;
 pub mod ops;
 pub mod plumbing;
-pub mod replay;
 mod rate;
+pub mod replay;
 pub mod tokens;
 
 use std::sync::{Arc, LazyLock};
@@ -237,7 +237,8 @@ pub struct ServerAccess {
 }
 
 /// The public HTTP surface of a server: control API, `/v1` inference gateway,
-/// metrics, probes (Raft has a listener of its own, with mutual TLS). `storage` is what `GET /api/v1/storage` answers.
+/// metrics, probes (Raft has a listener of its own, with mutual TLS). `storage` is
+/// what `GET /api/v1/storage` answers.
 // Each argument is a part the server built and owns; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub fn router(
@@ -275,12 +276,18 @@ pub fn router(
         .merge(ops)
         .fallback(not_found)
         .layer(middleware::from_fn(method_not_allowed));
-    // Outside admission, so a client over its rate takes no in-flight place. An
-    // authentication layer that names the client (`RateKey`) goes outside this one.
+    // Outside admission, so a client over its rate takes no in-flight place; inside
+    // `identify`, which names a verified signer (`RateKey`), so a signer is counted
+    // as itself wherever it connects from, and anyone else by address.
     if let Some(limiter) = rate::RateLimiter::new(limits) {
         api = api.layer(middleware::from_fn_with_state(limiter, rate::limit_rate));
     }
-    let api = api.with_state(state);
+    let api = api
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::identify,
+        ))
+        .with_state(state);
     // The gateway has its own body limit, admission and error shape (OpenAI's). Raft
     // is not here: it has a listener of its own, with mutual TLS.
     Ok(api.merge(crate::gateway::router(gateway)))

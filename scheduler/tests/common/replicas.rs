@@ -7,9 +7,8 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use aigrid_api::auth::{NODE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use aigrid_api::{NodeId, NodeKey, PortRange, RequestToSign};
-use aigrid_scheduler::clock::{Clock, SystemClock};
+use aigrid_api::{NodeId, NodeKey, NodeSigner, PortRange};
+use aigrid_scheduler::testkit::Sign;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -208,26 +207,19 @@ impl SignedNode {
     /// Sends `body` to `path`, signed; answers the status and the JSON answer.
     pub async fn send(&self, path: &str, body: &Value, token: Option<&str>) -> (StatusCode, Value) {
         let bytes = serde_json::to_vec(body).unwrap();
-        let now = SystemClock.now();
-        let signature = self.key.sign(&RequestToSign {
-            method: "POST",
-            path_and_query: path,
-            node: &self.id,
-            timestamp: now,
-            body: &bytes,
-        });
         let mut req = self
             .client
             .post(format!("{}{path}", self.base))
             .header(header::CONTENT_TYPE, "application/json")
-            .header(NODE_HEADER, self.id.as_str())
-            .header(TIMESTAMP_HEADER, now.as_millis().to_string())
-            .header(SIGNATURE_HEADER, signature)
             .body(bytes);
         if let Some(token) = token {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await.unwrap();
+        let signer = NodeSigner {
+            node: &self.id,
+            key: &self.key,
+        };
+        let resp = req.signed_by(&signer).send().await.unwrap();
         let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
         (status, resp.json().await.unwrap())
     }
