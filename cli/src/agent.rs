@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aigrid_agent::agent::{Agent, AgentConfig};
-use aigrid_agent::client::{parse_servers, ControlClient};
+use aigrid_agent::client::{parse_servers, plain_beyond_loopback, ControlClient};
 use aigrid_agent::discovery::{Discovery, DiscoveryOptions};
 use aigrid_agent::driver::ExecDriver;
 use aigrid_agent::fleet::{self, FleetConfig};
@@ -19,7 +19,7 @@ use aigrid_agent::metrics::AgentMetrics;
 use aigrid_agent::runner::{Runner, RunnerConfig, SupervisorLaunch};
 use aigrid_agent::sandbox::SandboxConfig;
 use aigrid_api::JoinToken;
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +90,12 @@ pub struct AgentArgs {
     #[arg(long = "model-read-dir", value_name = "DIR", value_delimiter = ',')]
     #[serde(default)]
     model_read_dirs: Vec<PathBuf>,
+    /// Talk to servers over plain HTTP beyond loopback, the node's requests readable
+    /// by anyone on the network (warned at every start). Without it, such a
+    /// `--servers` URL is refused: use `https://`.
+    #[arg(long)]
+    #[serde(default)]
+    insecure: bool,
     /// TOML file with any of these settings (flags and variables win).
     #[arg(long, env = "AIGRID_CONFIG")]
     #[serde(skip)]
@@ -99,6 +105,8 @@ pub struct AgentArgs {
 /// Everything an agent process needs, checked before anything starts.
 struct Resolved {
     servers: Vec<String>,
+    /// A plain `http://` server beyond loopback, allowed by `--insecure`.
+    insecure_server: Option<String>,
     data_dir: PathBuf,
     node_id: Option<String>,
     simulate_gpus: Option<String>,
@@ -135,6 +143,13 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
             .ok_or_else(|| anyhow!("--servers is required (or AIGRID_SERVERS)"))?,
     )
     .map_err(|e| anyhow!(e))?;
+    let insecure_server = plain_beyond_loopback(&servers).map(str::to_owned);
+    if let (Some(url), false) = (&insecure_server, args.insecure) {
+        bail!(
+            "--servers `{url}` is plain HTTP beyond loopback: use https:// (servers serve \
+             it beyond loopback), or --insecure to send the node's requests readable"
+        );
+    }
     let data_dir = args
         .data_dir
         .ok_or_else(|| anyhow!("--data-dir is required (or AIGRID_DATA_DIR)"))?;
@@ -195,6 +210,7 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
         sandbox,
         shards,
         servers,
+        insecure_server,
         data_dir,
         node_id: args.node_id,
         simulate_gpus: args.simulate_gpus,
@@ -335,6 +351,13 @@ pub async fn start_agent(
 /// `aigrid agent`.
 pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let r = resolve(args, &process_env::<AgentArgs>()?)?;
+    if let Some(url) = &r.insecure_server {
+        tracing::warn!(
+            server = %url,
+            "talking to a server over plain HTTP beyond loopback (--insecure): the \
+             node's requests cross the network readable by anyone on it"
+        );
+    }
     let registry = prometheus::Registry::new();
     let metrics = AgentMetrics::register(&registry, r.fleet.is_none())?;
     if let Some(addr) = r.metrics_listen {
@@ -401,6 +424,7 @@ mod tests {
             "SHARD_DIR",
             "WORKLOAD_UIDS",
             "MODEL_READ_DIRS",
+            "INSECURE",
         ]
         .iter()
         .map(|n| format!("AIGRID_{n}"))
@@ -477,6 +501,24 @@ mod tests {
             ..base()
         })
         .contains("--servers"));
+        assert!(bad(AgentArgs {
+            servers: Some("https://10.0.0.1:7700,http://10.0.0.2:7700".into()),
+            ..base()
+        })
+        .contains("plain HTTP beyond loopback"));
+        let allowed = resolve(
+            AgentArgs {
+                servers: Some("http://10.0.0.2:7700".into()),
+                insecure: true,
+                ..base()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            allowed.insecure_server.as_deref(),
+            Some("http://10.0.0.2:7700")
+        );
         assert!(bad(AgentArgs {
             join_token: Some("nope".into()),
             ..base()

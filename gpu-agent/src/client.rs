@@ -131,6 +131,23 @@ pub fn parse_servers(text: &str) -> Result<Vec<String>, String> {
     Ok(servers)
 }
 
+/// The first of `servers` reached over plain HTTP at a host other than loopback:
+/// requests to it, and the node's signatures, would cross the network readable.
+pub fn plain_beyond_loopback(servers: &[String]) -> Option<&str> {
+    servers.iter().map(String::as_str).find(|s| {
+        let Ok(url) = reqwest::Url::parse(s) else {
+            return false;
+        };
+        let host = url.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.is_loopback(),
+            Err(_) => host.eq_ignore_ascii_case("localhost"),
+        };
+        url.scheme() == "http" && !loopback
+    })
+}
+
 fn now() -> Timestamp {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -301,5 +318,24 @@ mod tests {
         );
         assert!(parse_servers(" , ").is_err());
         assert!(parse_servers("a:1").is_err());
+    }
+
+    #[test]
+    fn plain_http_is_named_only_beyond_loopback() {
+        let list = |s: &str| parse_servers(s).unwrap();
+        let loopback = list("http://127.0.0.1:7700,http://[::1]:1,http://localhost:2");
+        assert_eq!(plain_beyond_loopback(&loopback), None);
+        assert_eq!(
+            plain_beyond_loopback(&list("https://10.0.0.1:7700,https://server1:7700")),
+            None
+        );
+        assert_eq!(
+            plain_beyond_loopback(&list("https://a:1,http://10.0.0.2:7700")),
+            Some("http://10.0.0.2:7700")
+        );
+        assert_eq!(
+            plain_beyond_loopback(&list("http://server2:7700")),
+            Some("http://server2:7700")
+        );
     }
 }
