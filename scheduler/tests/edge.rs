@@ -27,7 +27,19 @@ const PROMPT: Duration = Duration::from_secs(1);
 async fn start(dir: &std::path::Path, tune: impl FnOnce(&mut ServerConfig)) -> Server {
     let mut config = ServerConfig::new(1, "127.0.0.1:0".parse().unwrap(), dir.into());
     tune(&mut config);
-    start_leader(config).await
+    let server = start_leader(config).await;
+    // The leader makes the test's admin an admin on its own; wait for that write
+    // (and any retry of it) so that later ones are the test's alone.
+    let mut last = u64::MAX;
+    loop {
+        let status = server.raft.status();
+        let admin = server.raft.read_local(|s| s.has_admin());
+        if admin && status.commit_index == last {
+            return server;
+        }
+        last = status.commit_index;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// A client with no pooled connection: every request opens its own.

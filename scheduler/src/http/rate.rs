@@ -47,18 +47,20 @@ pub(crate) enum Key {
 
 /// The key a request is counted under: the [`RateKey`] in its extensions, if an
 /// authentication layer put one there, else its client's address; `None` for a
-/// request that is not limited (a loopback client, unless the limits say
-/// otherwise, or a request that came without an address).
+/// request that is not limited (a loopback client, signed or not, unless the limits
+/// say otherwise, or an unsigned request that came without an address).
 pub(crate) fn rate_key(req: &Request, limit_loopback: bool) -> Option<Key> {
+    let address = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    if !limit_loopback && address.is_some_and(|ip| ip.to_canonical().is_loopback()) {
+        return None;
+    }
     if let Some(RateKey(identity)) = req.extensions().get::<RateKey>() {
         return Some(Key::Identity(identity.clone()));
     }
-    let ConnectInfo(addr) = req.extensions().get::<ConnectInfo<SocketAddr>>()?;
-    let ip = addr.ip();
-    if !limit_loopback && ip.to_canonical().is_loopback() {
-        return None;
-    }
-    Some(Key::Client(client_key(ip)))
+    Some(Key::Client(client_key(address?)))
 }
 
 /// The limiter every request of one server goes through.
@@ -192,6 +194,14 @@ mod tests {
         assert_eq!(rate_key(&from("127.0.0.1"), false), None);
         assert!(rate_key(&from("::1"), true).is_some());
         assert_eq!(rate_key(&Request::new(Body::empty()), true), None);
+        // A signer on loopback is left alone too, and counted as itself if asked.
+        let mut local = from("127.0.0.1");
+        local.extensions_mut().insert(RateKey("node:n1".into()));
+        assert_eq!(rate_key(&local, false), None);
+        assert_eq!(
+            rate_key(&local, true),
+            Some(Key::Identity("node:n1".into()))
+        );
     }
 
     #[test]
