@@ -27,12 +27,12 @@ use axum::extract::Request;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::{HeaderMap, Method, Uri};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::{self, check_signature, parse_signature};
+use super::auth::{self, check_signature, parse_signature, EdgeVerified};
 use super::plumbing::{
     body_bytes, decode_json, not_found, propose, unauthorized, unexpected, ApiError, ApiState,
 };
@@ -57,8 +57,7 @@ pub(super) fn routes() -> (OpenApiRouter<ApiState>, OpenApiRouter<ApiState>) {
 fn verify(
     state: &ApiState,
     headers: &HeaderMap,
-    method: &Method,
-    uri: &Uri,
+    request: (&Method, &Uri, Option<&EdgeVerified>),
     body: &[u8],
     node: &NodeId,
     key: &NodePublicKey,
@@ -70,7 +69,7 @@ fn verify(
             sig.params.key_id
         )));
     }
-    check_signature(state, &sig, (method, uri, None), body, &(*key).into())
+    check_signature(state, &sig, request, body, &(*key).into())
 }
 
 /// Checks that a request comes from `node`, signed with the key it registered and
@@ -79,8 +78,7 @@ fn verify(
 async fn authenticate_node(
     state: &ApiState,
     headers: &HeaderMap,
-    method: &Method,
-    uri: &Uri,
+    request: (&Method, &Uri, Option<&EdgeVerified>),
     body: &[u8],
     node: &NodeId,
 ) -> Result<(), ApiError> {
@@ -101,7 +99,7 @@ async fn authenticate_node(
         )))
         }
     }
-    check_signature(state, &sig, (method, uri, None), body, &key)
+    check_signature(state, &sig, request, body, &key)
 }
 
 /// The join token in `Authorization: Bearer ...`, if any.
@@ -162,6 +160,7 @@ async fn register_node(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    edge: Option<Extension<EdgeVerified>>,
     req: Request,
 ) -> Result<(StatusCode, Json<RegisterNodeResponse>), ApiError> {
     let address = peer_address(&req)?;
@@ -174,7 +173,8 @@ async fn register_node(
             "public_key: a node registers with its ed25519 public key",
         )
     })?;
-    verify(&state, &headers, &method, &uri, &body, &node.id, &key)?;
+    let request = (&method, &uri, edge.as_ref().map(|e| &e.0));
+    verify(&state, &headers, request, &body, &node.id, &key)?;
     let token = join_token(&headers)?;
     state
         .raft
@@ -254,8 +254,10 @@ async fn heartbeat(
     headers: HeaderMap,
     req: Request,
 ) -> Result<(HeartbeatResponse, bool), ApiError> {
+    let edge = req.extensions().get::<EdgeVerified>().cloned();
     let body = body_bytes(req, state).await?;
-    authenticate_node(state, &headers, &method, &uri, &body, &node_id).await?;
+    let request = (&method, &uri, edge.as_ref());
+    authenticate_node(state, &headers, request, &body, &node_id).await?;
     let hb: Heartbeat = decode_json(&body)?;
     hb.validate()?;
     let (changes, status, foreign) = state.raft.read_local(|s| {
@@ -392,12 +394,14 @@ async fn node_assignments(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    edge: Option<Extension<EdgeVerified>>,
 ) -> Result<Json<NodeAssignments>, ApiError> {
     let query = query
         .map(|Query(q)| q)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
     let node_id = NodeId::new(id);
-    authenticate_node(&state, &headers, &method, &uri, &[], &node_id).await?;
+    let request = (&method, &uri, edge.as_ref().map(|e| &e.0));
+    authenticate_node(&state, &headers, request, &[], &node_id).await?;
     let hub = &state.agents;
     hub.connected(&state.raft)?;
     let _held = hub.hold_poll(&node_id)?;

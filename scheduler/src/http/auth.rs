@@ -160,7 +160,8 @@ fn local_key(state: &ApiState, key: &KeyRef) -> Option<PublicKey> {
 
 /// Middleware, outside the rate limit: a request whose header signature verifies
 /// under a key this server knows is counted under its signer ([`RateKey`]) and
-/// marked so its handler does not verify it again. Anything else passes on
+/// marked so its handler (people's extractors and the agent routes alike) does not
+/// verify it again. Anything else passes on
 /// unmarked, counted under its address, and its handler answers 401.
 pub(crate) async fn identify(
     State(state): State<ApiState>,
