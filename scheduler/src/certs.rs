@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use aigrid_tls::{ClusterCa, ServerIdentity};
 
-use crate::server::{ServerConfig, ServerError};
+use crate::server_config::{ServerConfig, ServerError};
 
 /// Where a one-server cluster keeps the CA it made, under its data directory.
 pub const BOOTSTRAP_CA_DIR: &str = "ca";

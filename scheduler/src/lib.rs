@@ -17,7 +17,8 @@
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
 //! | [`listener`] | the accept loop in front of the HTTP surface: connection limits (in total and per client), header, body, idle and TLS handshake timeouts, optional TLS, graceful shutdown |
-//! | [`server`] | one control-plane server: configuration, replica, listeners, lifecycle |
+//! | [`server`] | one control-plane server: replica, listeners, lifecycle |
+//! | [`server_config`] | what a server is started with, checked, and why it may fail to start |
 //! | [`certs`] | its certificate from the cluster CA (or the CA a one-server cluster makes), and when the control API is served over HTTPS |
 //! | `testkit` | fixtures for tests (feature `testkit`, never in a release build): small real inputs (signed model registrations) |
 //!
@@ -54,6 +55,7 @@ pub mod listener;
 pub mod metrics;
 pub mod planner;
 pub mod server;
+pub mod server_config;
 pub mod state;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

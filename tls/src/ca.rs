@@ -319,7 +319,7 @@ impl ServerIdentity {
                 PrivateKeyDer::Pkcs8(k) => k,
                 _ => return Err(pem_err(&key_path, "must hold a PKCS#8 private key")),
             };
-        crate::config::verify_leaf(&ca, &chain[0], &chain[1..])
+        crate::chain::verify_leaf(&ca, &chain[0], &chain[1..])
             .map_err(|e| TlsError::Invalid(format!("{}: {e}", cert_path.display())))?;
         match server_id_of(&chain[0]) {
             Some(named) if named == id => {}

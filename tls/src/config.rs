@@ -25,33 +25,11 @@ use rustls::{
 };
 
 use crate::ca::ServerIdentity;
+use crate::chain::roots;
 use crate::{fingerprint_of, provider, server_id_of, CaFingerprint, TlsError};
 
 /// HTTP/1.1 only: what the servers speak on both listeners.
 const ALPN: &[&[u8]] = &[b"http/1.1"];
-
-fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, Error> {
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.clone())?;
-    Ok(Arc::new(roots))
-}
-
-/// Checks that `leaf` chains to `ca` (through `intermediates`) and is valid now.
-pub(crate) fn verify_leaf(
-    ca: &CertificateDer<'static>,
-    leaf: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-) -> Result<(), Error> {
-    let provider = provider();
-    let parsed = ParsedCertificate::try_from(leaf)?;
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &parsed,
-        &*roots(ca)?,
-        intermediates,
-        UnixTime::now(),
-        provider.signature_verification_algorithms.all,
-    )
-}
 
 impl ServerIdentity {
     /// The peer listener's configuration: this server's leaf, and a client

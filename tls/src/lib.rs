@@ -16,6 +16,7 @@
 //! One crypto provider everywhere: aws-lc-rs, the one reqwest's rustls uses.
 
 pub mod ca;
+mod chain;
 pub mod config;
 pub mod identity;
 

@@ -3,8 +3,6 @@
 
 use aigrid_api::{AllocId, Allocation, JobId, JobSpec, MemoryMib, MilliCpu, TaskGroup, TaskSpec};
 
-use super::snapshot::SnapNode;
-
 /// What the planner knows of the job and group a live allocation belongs to:
 /// whether it may be evicted for another job, and whether it may be moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +73,9 @@ pub struct LiveAlloc {
 }
 
 impl LiveAlloc {
-    pub(super) fn new(node: &SnapNode, alloc: &Allocation, info: GroupInfo) -> Self {
+    /// What the planner knows of `alloc`, on a node whose GPUs are `node_uuids` in
+    /// order.
+    pub(super) fn new(node_uuids: &[String], alloc: &Allocation, info: GroupInfo) -> Self {
         Self {
             id: alloc.id.clone(),
             job_id: alloc.job_id.clone(),
@@ -92,7 +92,7 @@ impl LiveAlloc {
             gpus: alloc
                 .gpus
                 .iter()
-                .filter_map(|uuid| node.uuids.iter().position(|u| u == uuid))
+                .filter_map(|uuid| node_uuids.iter().position(|u| u == uuid))
                 .collect(),
         }
     }

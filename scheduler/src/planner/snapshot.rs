@@ -579,7 +579,7 @@ impl PlanSnapshot {
                 Entry::Vacant(slot) => slot.insert(at),
             };
             let info = info(&alloc.job_id, &alloc.group).unwrap_or_default();
-            let live = LiveAlloc::new(&nodes[at], alloc, info);
+            let live = LiveAlloc::new(&nodes[at].uuids, alloc, info);
             usage.node_mut(at).hold(&live);
             instances
                 .entry((alloc.job_id.clone(), alloc.group.clone()))
@@ -631,7 +631,7 @@ impl PlanSnapshot {
         if !alloc.is_live() {
             return;
         }
-        let live = LiveAlloc::new(&self.nodes[at], alloc, info);
+        let live = LiveAlloc::new(&self.nodes[at].uuids, alloc, info);
         self.usage.node_mut(at).hold(&live);
         self.instances
             .entry((alloc.job_id.clone(), alloc.group.clone()))
