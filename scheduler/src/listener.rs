@@ -17,6 +17,11 @@
 //! - keep a connection with no request in flight for longer than
 //!   [`ListenerLimits::idle_timeout`].
 //!
+//! A connection closes lingering: the server sends its FIN and reads what the
+//! client still sends for up to [`LINGER`] before letting the socket go, so a
+//! client still sending a body the server refused (413) reads the answer instead
+//! of a reset. Its slot is held until then.
+//!
 //! Each request carries `ConnectInfo<SocketAddr>` (the client's address) in its
 //! extensions. Shutdown is graceful: the loop stops accepting, every connection
 //! finishes its requests in flight and closes, and those still open after
@@ -24,8 +29,10 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -36,7 +43,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -354,11 +361,14 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let stream = Lingering {
+            stream: Some(stream),
+            slot: Some(slot),
+        };
         let shared = shared.clone();
         let stop = shutdown.clone();
         connections.spawn(async move {
             connection(stream, remote, &shared, stop).await;
-            drop(slot);
         });
     }
     drop(listener);
@@ -369,9 +379,81 @@ pub async fn serve(
     Ok(())
 }
 
+/// How long a closing connection reads what its client still sends.
+pub const LINGER: Duration = Duration::from_secs(2);
+/// The most a closing connection reads (and drops) before letting go.
+const LINGER_BYTES: usize = 16 << 20;
+
+/// An accepted connection and its slot; dropped, it closes lingering (see the
+/// module) and gives the slot back after.
+struct Lingering {
+    stream: Option<TcpStream>,
+    slot: Option<Slot>,
+}
+
+impl Lingering {
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.stream.as_mut().expect("only taken on drop"))
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let (Some(mut stream), slot) = (self.stream.take(), self.slot.take()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = stream.shutdown().await;
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut left = LINGER_BYTES;
+            let drain = async {
+                while left > 0 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+            drop(slot);
+        });
+    }
+}
+
 /// One connection, from the TLS handshake (if any) to its close.
 async fn connection(
-    stream: TcpStream,
+    stream: Lingering,
     remote: SocketAddr,
     shared: &Shared,
     shutdown: watch::Receiver<bool>,
