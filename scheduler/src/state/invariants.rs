@@ -46,6 +46,15 @@ impl ClusterState {
         if names != self.job_names {
             return Err("the job name index disagrees with the jobs".to_owned());
         }
+        let serving: BTreeSet<String> = t
+            .jobs
+            .values()
+            .filter(|job| serves_models(&job.spec))
+            .map(|job| job.spec.name.clone())
+            .collect();
+        if serving != self.model_jobs {
+            return Err("the model-server job index disagrees with the jobs".to_owned());
+        }
 
         for (id, node) in &t.nodes {
             if id != &node.id {

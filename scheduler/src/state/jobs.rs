@@ -104,6 +104,11 @@ impl ClusterState {
             }
         }
 
+        if serves_models(&spec) {
+            self.model_jobs.insert(spec.name.clone());
+        } else {
+            self.model_jobs.remove(&spec.name);
+        }
         let live = self
             .job_names
             .get(&spec.name)
@@ -176,6 +181,7 @@ impl ClusterState {
             .remove(&job_id)
             .ok_or_else(|| StateError::not_found(ObjectKind::Job, &job_id))?;
         self.job_names.remove(&job.spec.name);
+        self.model_jobs.remove(&job.spec.name);
         for id in self.job_alloc_ids(&job_id) {
             let Some(mut alloc) = self.drop_alloc(&id) else {
                 continue;

@@ -164,6 +164,9 @@ pub struct ClusterState {
     tables: Tables,
     /// Live job names to ids; derived from `tables.jobs`.
     job_names: BTreeMap<String, JobId>,
+    /// Names of the live jobs with a `model-server` group; derived from
+    /// `tables.jobs`, so the gateway's routing reads never scan every job.
+    model_jobs: BTreeSet<String>,
     /// Evaluation creation order; derived from `tables.evaluations`.
     eval_order: BTreeMap<u64, EvalId>,
     /// Creation order of completed evaluations, trimmed first; derived too, so
@@ -182,6 +185,13 @@ pub struct ClusterState {
     /// Where events are published as entries apply; set by the edge, never
     /// replicated, and nothing the state reads back.
     events: Option<std::sync::Arc<dyn EventSink>>,
+}
+
+/// Whether a job deploys a model: a group with a `model-server` task.
+fn serves_models(spec: &aigrid_api::JobSpec) -> bool {
+    spec.groups
+        .iter()
+        .any(|group| matches!(group.task, aigrid_api::TaskSpec::ModelServer(_)))
 }
 
 /// Something applying an entry changed that a waiter outside the state machine
@@ -384,6 +394,12 @@ impl ClusterState {
             .values()
             .map(|job| (job.spec.name.clone(), job.id.clone()))
             .collect();
+        let model_jobs = tables
+            .jobs
+            .values()
+            .filter(|job| serves_models(&job.spec))
+            .map(|job| job.spec.name.clone())
+            .collect();
         let eval_order = tables
             .evaluations
             .values()
@@ -399,6 +415,7 @@ impl ClusterState {
         Self {
             tables,
             job_names,
+            model_jobs,
             eval_order,
             completed,
             index,

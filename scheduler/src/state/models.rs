@@ -303,20 +303,24 @@ impl ClusterState {
         self.tables.models.names()
     }
 
+    /// The live jobs with a `model-server` group, by name.
+    fn model_job_records(&self) -> impl Iterator<Item = &JobRecord> {
+        self.model_jobs
+            .iter()
+            .filter_map(|name| self.job_names.get(name))
+            .filter_map(|id| self.tables.jobs.get(id))
+    }
+
     /// The model servers the `/v1` gateway may route to, as (model digest, where
     /// the servers reach it): wanted, running instances of `model-server` groups at
     /// their job's current version, at their node's recorded address and their
     /// assigned port. What a node reports as an endpoint plays no part. Instances
     /// of an older version are left out, since the state keeps only the current
-    /// task and so does not know which model they serve. Costs the live jobs plus
+    /// task and so does not know which model they serve. Costs the model-server jobs plus
     /// their model servers' allocations, never a scan of every allocation.
     pub fn model_servers(&self) -> Vec<(&str, String)> {
         let mut found = Vec::new();
-        for job in self
-            .job_names
-            .values()
-            .filter_map(|id| self.tables.jobs.get(id))
-        {
+        for job in self.model_job_records() {
             for group in &job.spec.groups {
                 let aigrid_api::TaskSpec::ModelServer(task) = &group.task else {
                     continue;
@@ -340,9 +344,7 @@ impl ClusterState {
     /// Per live job deploying a model with a `model-server` task, the model's digest
     /// and the job's circle: who may call the model on `/v1`.
     pub fn deployed_circles(&self) -> Vec<(&str, Option<&str>)> {
-        self.job_names
-            .values()
-            .filter_map(|id| self.tables.jobs.get(id))
+        self.model_job_records()
             .flat_map(|job| {
                 job.spec
                     .groups
@@ -361,9 +363,7 @@ impl ClusterState {
     /// wanting at least one replica, whether or not a replica runs yet: a request for
     /// one of them is told it is loading rather than that nothing serves it.
     pub fn deployed_models(&self) -> BTreeSet<&str> {
-        self.job_names
-            .values()
-            .filter_map(|id| self.tables.jobs.get(id))
+        self.model_job_records()
             .flat_map(|job| &job.spec.groups)
             .filter(|group| group.count > 0)
             .filter_map(|group| match &group.task {
