@@ -55,7 +55,7 @@ impl Harness {
         Identity::load_or_create(&h.data_dir(), Some("node-1"), "host").unwrap();
         for (path, text, mode) in [
             (
-                "server/raft.redb",
+                "server/raft.log",
                 "raft log: every committed command",
                 0o644,
             ),
@@ -208,7 +208,7 @@ async fn a_workload_cannot_read_the_node_key_other_secrets_the_servers_files_or_
         data.join("allocs/victim/secrets/TOKEN"),
         data.join("allocs/victim/task.json"),
         h.root().join("demo-model/publisher.key"),
-        h.root().join("server/raft.redb"),
+        h.root().join("server/raft.log"),
         h.root().join("server/snapshot"),
     ];
     let script = format!(

@@ -1,13 +1,21 @@
-//! Durable log write latency: redb transactions against a plain fsynced file.
+//! Durable log write cost: aigrid's Raft log file against redb and a bare fsynced file.
 //!
 //! The Raft log must be on disk before a node acknowledges an append, so the
-//! cost that matters is "write a batch of entries and make it durable". This
-//! measures that cost for batches of 1 and 64 entries of ~600 bytes with
+//! cost that matters is "write a batch of entries and make it durable", in wall
+//! time and in CPU (on a busy server the CPU is what the rest of the work
+//! competes for). This measures both for batches of 1 and 64 entries of ~600
+//! bytes with
 //!
-//! * redb: one write transaction per batch, default durability, entries
-//!   inserted as `u64 -> &[u8]` into one table, then `commit`;
+//! * `FileLog`: the log the servers run (`aigrid_consensus::log_file`), through
+//!   the same `Durable::write` the replica calls: one checksummed record per
+//!   batch, appended, then `sync_data`;
+//! * `RedbDisk`: the redb-backed medium the servers used before, through the same
+//!   call: one write transaction per batch, default durability;
 //! * file: one `write_all` of the length-prefixed batch appended to a single
-//!   file, then `sync_data`.
+//!   file, then `sync_data`: the floor any durable log pays.
+//!
+//! CPU is the writing thread's own (`CLOCK_THREAD_CPUTIME_ID`): user time plus
+//! the kernel time spent in its `write` and `fsync` calls.
 //!
 //! Run with `cargo run --release -p aigrid-consensus --example log_write`.
 //! Set `LOG_WRITE_DIR` to measure on a different disk than the default
@@ -18,14 +26,17 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use redb::ReadableDatabase;
+use aigrid_consensus::log_file::FileLog;
+use aigrid_consensus::log_store::{
+    bootstrap_snapshot, Durable, LogImage, RedbDisk, SnapshotWrite, WriteBatch,
+};
+use nix::time::{clock_gettime, ClockId};
+use raft::prelude::Entry;
 
 const ENTRY_BYTES: usize = 600;
 const BATCH_SIZES: [usize; 2] = [1, 64];
 const DEFAULT_BATCHES: usize = 500;
 const WARMUP_BATCHES: usize = 10;
-
-const ENTRIES: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("entries");
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -50,49 +61,67 @@ trait LogBackend {
     fn count(&self) -> Result<u64>;
 }
 
-struct RedbLog {
-    db: redb::Database,
+/// One of the servers' `Durable` media, fed what a replica feeds it.
+struct Medium {
+    name: &'static str,
+    disk: Box<dyn Durable>,
+    image: LogImage,
 }
 
-impl RedbLog {
-    fn open(path: &Path) -> Result<Self> {
-        let db = redb::Database::create(path)?;
-        Ok(Self { db })
+impl Medium {
+    fn open(name: &'static str, mut disk: Box<dyn Durable>) -> Result<Self> {
+        let mut image = disk.load()?;
+        let boot = WriteBatch {
+            snapshot: Some(SnapshotWrite::Install(bootstrap_snapshot(
+                vec![1],
+                Vec::new(),
+            ))),
+            ..Default::default()
+        };
+        disk.write(&boot, &image)?;
+        image.apply(&boot);
+        Ok(Self { name, disk, image })
     }
 }
 
-impl LogBackend for RedbLog {
+impl LogBackend for Medium {
     fn name(&self) -> &'static str {
-        "redb (txn per batch)"
+        self.name
     }
 
     fn append(&mut self, first: u64, batch: &[Vec<u8>]) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(ENTRIES)?;
-            for (offset, entry) in batch.iter().enumerate() {
-                table.insert(first + offset as u64, entry.as_slice())?;
-            }
-        }
-        txn.commit()?;
+        // Bootstrapped at index 1: entry n of the benchmark is log index n + 1.
+        let entries = batch
+            .iter()
+            .enumerate()
+            .map(|(offset, data)| Entry {
+                index: first + offset as u64 + 1,
+                term: 1,
+                data: data.clone().into(),
+                ..Default::default()
+            })
+            .collect();
+        let batch = WriteBatch {
+            entries,
+            ..Default::default()
+        };
+        self.disk.write(&batch, &self.image)?;
+        self.image.apply(&batch);
         Ok(())
     }
 
     fn count(&self) -> Result<u64> {
-        use redb::ReadableTableMetadata;
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(ENTRIES)?;
-        Ok(table.len()?)
+        Ok(self.disk.load()?.entries().len() as u64)
     }
 }
 
-struct FileLog {
+struct PlainFile {
     file: File,
     buf: Vec<u8>,
     written: u64,
 }
 
-impl FileLog {
+impl PlainFile {
     fn open(path: &Path) -> Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(Self {
@@ -103,9 +132,9 @@ impl FileLog {
     }
 }
 
-impl LogBackend for FileLog {
+impl LogBackend for PlainFile {
     fn name(&self) -> &'static str {
-        "file append + sync_data"
+        "bare file append + sync_data"
     }
 
     fn append(&mut self, first: u64, batch: &[Vec<u8>]) -> Result<()> {
@@ -139,7 +168,13 @@ struct Measurement {
     mean: Duration,
     p50: Duration,
     p99: Duration,
+    cpu: Duration,
     entries_per_sec: f64,
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
 }
 
 /// Writes `batches` batches of `batch` entries to every backend. Backends take
@@ -151,6 +186,7 @@ fn measure(
     batches: usize,
 ) -> Result<Vec<Measurement>> {
     let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(batches); logs.len()];
+    let mut cpu = vec![Duration::ZERO; logs.len()];
     for round in 0..WARMUP_BATCHES + batches {
         let first = (round * batch) as u64 + 1;
         let entries: Vec<Vec<u8>> = (0..batch as u64)
@@ -158,18 +194,19 @@ fn measure(
             .collect();
         for turn in 0..logs.len() {
             let which = (turn + round) % logs.len();
-            let started = Instant::now();
+            let (started, cpu_before) = (Instant::now(), thread_cpu());
             logs[which].append(first, &entries)?;
             let took = started.elapsed();
             if round >= WARMUP_BATCHES {
                 samples[which].push(took);
+                cpu[which] += thread_cpu().saturating_sub(cpu_before);
             }
         }
     }
 
     let total = ((WARMUP_BATCHES + batches) * batch) as u64;
     let mut rows = Vec::with_capacity(logs.len());
-    for (log, mut samples) in logs.iter().zip(samples) {
+    for ((log, mut samples), cpu) in logs.iter().zip(samples).zip(cpu) {
         let stored = log.count()?;
         if stored != total {
             return Err(format!("{} holds {stored} entries, expected {total}", log.name()).into());
@@ -186,6 +223,7 @@ fn measure(
             mean: sum / batches as u32,
             p50: pick(50.0),
             p99: pick(99.0),
+            cpu: cpu / batches as u32,
             entries_per_sec: (batches * batch) as f64 / sum.as_secs_f64(),
         });
     }
@@ -214,24 +252,36 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     for &batch in &BATCH_SIZES {
         let mut logs: Vec<Box<dyn LogBackend>> = vec![
-            Box::new(RedbLog::open(
-                &dir.path().join(format!("log-{batch}.redb")),
+            Box::new(Medium::open(
+                "FileLog (aigrid)",
+                Box::new(FileLog::open(&dir.path().join(format!("log-{batch}.log")))?),
             )?),
-            Box::new(FileLog::open(&dir.path().join(format!("log-{batch}.bin")))?),
+            Box::new(Medium::open(
+                "RedbDisk (redb)",
+                Box::new(RedbDisk::open(
+                    &dir.path().join(format!("log-{batch}.redb")),
+                )?),
+            )?),
+            Box::new(PlainFile::open(
+                &dir.path().join(format!("log-{batch}.bin")),
+            )?),
         ];
         rows.extend(measure(&mut logs, batch, batches)?);
     }
 
-    println!("| backend | entries/batch | mean ms/batch | p50 ms | p99 ms | entries/s |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| backend | entries/batch | mean ms/batch | p50 ms | p99 ms | CPU µs/batch | entries/s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.0} |",
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.0} | {:.0} |",
             r.backend,
             r.batch,
             ms(r.mean),
             ms(r.p50),
             ms(r.p99),
+            r.cpu.as_secs_f64() * 1e6,
             r.entries_per_sec
         );
     }

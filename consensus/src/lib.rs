@@ -2,7 +2,8 @@
 //!
 //! - [`state_machine`]: the trait a replicated state implements.
 //! - [`log_store`]: entries, hard state and snapshots; in memory for raft-rs, written
-//!   through to redb with one fsync per batch.
+//!   through to a durable medium with one fsync per batch.
+//! - [`log_file`]: that medium on disk, an append-only file of checksummed records.
 //! - [`replica`]: one replica's `Ready` cycle, without threads or sockets.
 //! - [`runtime`]: the replica on its own thread, with an async handle for proposals,
 //!   linearizable reads and membership changes.
@@ -14,6 +15,7 @@
 //! - `testkit` (feature `testkit`, for tests and benchmarks only): a seeded simulation
 //!   of whole clusters over an in-memory network.
 
+pub mod log_file;
 pub mod log_store;
 pub mod metrics;
 pub mod peer_listener;

@@ -17,7 +17,8 @@ use parking_lot::RwLock;
 use raft::prelude::Message;
 use tokio::sync::oneshot;
 
-use crate::log_store::{LogStore, RedbDisk};
+use crate::log_file::FileLog;
+use crate::log_store::LogStore;
 use crate::metrics::RaftMetrics;
 use crate::replica::{
     Applied, MembershipChange, ProposeError, Replica, ReplicaConfig, ReplicaError, ReplicaStatus,
@@ -126,7 +127,7 @@ impl<S: StateMachine> RaftNode<S> {
     ) -> Result<Self, ReplicaError> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| crate::log_store::LogStoreError::Database(e.to_string()))?;
-        let disk = RedbDisk::open(&config.data_dir.join("raft.redb"))?;
+        let disk = FileLog::open_in(&config.data_dir)?;
         let store = LogStore::open(Box::new(disk))?;
         let mut replica = Replica::open(
             config.replica.clone(),

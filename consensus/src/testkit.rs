@@ -592,7 +592,7 @@ impl Durable for SimDisk {
         Ok(self.inner.lock().image.clone())
     }
 
-    fn write(&mut self, batch: &WriteBatch) -> Result<(), LogStoreError> {
+    fn write(&mut self, batch: &WriteBatch, _before: &LogImage) -> Result<(), LogStoreError> {
         let mut inner = self.inner.lock();
         if std::mem::take(&mut inner.fail_next_write) {
             return Err(LogStoreError::SimulatedCrash);
