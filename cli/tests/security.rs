@@ -31,6 +31,13 @@ async fn state(client: &reqwest::Client, url: &str) -> (Value, Value, Value, Val
     (jobs, nodes, commit, tokens)
 }
 
+/// The JSON `url` answers to `k`'s signed GET.
+async fn read_as(client: &reqwest::Client, url: &str, k: &IdentityKey) -> Value {
+    let resp = client.get(url).signed_by(k).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "GET {url}");
+    resp.json().await.unwrap()
+}
+
 async fn answer(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
@@ -193,6 +200,29 @@ async fn roles_bound_what_members_do_and_secrets_are_never_read_back() {
         403
     );
     assert_eq!(post(&admin_key(), &other).await.unwrap().status(), 201);
+    // Nor may she take the admins' job over by submitting its name into her circle.
+    // (The commit index is left out: the scheduler commits the admins' job's
+    // verdict meanwhile.)
+    let unchanged = |(jobs, nodes, _, tokens): (Value, Value, Value, Value)| (jobs, nodes, tokens);
+    let before = unchanged(state(&client, &url).await);
+    let mut hijack = job("other-job");
+    hijack["circle"] = json!("lab");
+    let (status, body) = answer(post(&operator, &hijack).await.unwrap()).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("circle `other`")),
+        "{body}"
+    );
+    assert_eq!(unchanged(state(&client, &url).await), before);
+    let other_job = read_as(
+        &client,
+        &format!("{url}/api/v1/jobs/other-job"),
+        &admin_key(),
+    )
+    .await;
+    assert_eq!(other_job["spec"]["circle"], "other");
     for k in [&viewer, &operator] {
         let resp = client
             .post(format!("{url}/api/v1/join-tokens"))
@@ -211,15 +241,7 @@ async fn roles_bound_what_members_do_and_secrets_are_never_read_back() {
         assert_eq!(resp.status(), 403);
     }
     // The viewer lists its circle's jobs only, and reads them redacted.
-    let listed: Value = client
-        .get(format!("{url}/api/v1/jobs"))
-        .signed_by(&viewer)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = read_as(&client, &format!("{url}/api/v1/jobs"), &viewer).await;
     let names: Vec<&str> = listed
         .as_array()
         .unwrap()
@@ -259,6 +281,10 @@ async fn roles_bound_what_members_do_and_secrets_are_never_read_back() {
     // Nor does the CLI show it.
     let out = aigrid(&["job", "status", "lab-job", "--json", "--server", &url]);
     assert!(!stdout(&out).contains("s3cret-value"));
+    // The spec as read, submitted again, keeps its secrets: nothing changes.
+    let read = read_as(&client, &format!("{url}/api/v1/jobs/lab-job"), &operator).await;
+    let (status, body) = answer(post(&operator, &read["spec"]).await.unwrap()).await;
+    assert_eq!((status, &body["version"]), (200, &json!(1)), "{body}");
 }
 
 #[test]

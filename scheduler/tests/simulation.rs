@@ -82,6 +82,7 @@ fn run(servers: u64, seeds_count: u64) {
                         eval_id: EvalId::new(format!("eval-{step}-{n}")),
                         spec: spec(&format!("j{}", n % 500), 1 + n % 3, step),
                         at: Timestamp::from_millis(step),
+                        by: None,
                     }
                 },
                 |state, command| submission_present(state, command, &updates),

@@ -486,6 +486,7 @@ mod tests {
                 eval_id: EvalId::new("e"),
                 spec,
                 at,
+                by: None,
             },
         )
         .unwrap();

@@ -17,7 +17,7 @@
 use aigrid_api::signature::{
     ParsedSignature, CONTENT_DIGEST_HEADER, SIGNATURE_HEADER, SIGNATURE_INPUT_HEADER,
 };
-use aigrid_api::{AuthError, ErrorCode, KeyRef, PublicKey};
+use aigrid_api::{AuthError, ErrorCode, IdentityId, KeyRef, PublicKey};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, OriginalUri, Request, State};
 use axum::http::request::Parts;
@@ -30,7 +30,7 @@ use super::plumbing::{
     body_bytes, decode_json, propose, unauthorized, ApiError, ApiState, RateKey,
 };
 use super::replay::NonceError;
-use crate::state::{Action, Command, Principal};
+use crate::state::{Action, ClusterState, Command, Principal};
 
 /// Who a request comes from, its signature checked.
 #[derive(Debug, Clone)]
@@ -43,6 +43,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The identity to hold answerable in a command, checked where it applies;
+    /// none for a server (trusted with the whole state) or a node.
+    pub fn identity(&self) -> Option<&IdentityId> {
+        match &self.principal {
+            Principal::Identity(id) if !self.server => Some(id),
+            _ => None,
+        }
+    }
+
     /// 403 unless the caller may do `action`. A refusal is confirmed with a
     /// linearizable read, so a role granted a moment ago on another server counts.
     pub async fn require(&self, state: &ApiState, action: Action<'_>) -> Result<(), ApiError> {
@@ -98,22 +107,7 @@ impl OwnedAction {
 
 /// 403 naming what was refused.
 fn forbidden(who: &Principal, action: Action<'_>) -> ApiError {
-    let who = match who {
-        Principal::Identity(id) => format!("identity `{id}`"),
-        Principal::Node(node) => format!("node `{node}`"),
-    };
-    let what = match action {
-        Action::Admin => "this needs a cluster admin".to_owned(),
-        Action::ReadCluster => "this needs a known identity".to_owned(),
-        Action::Circle(None, _) => "objects without a circle belong to the admins".to_owned(),
-        Action::Circle(Some(circle), role) => {
-            format!("this needs the role `{role}` or above in circle `{circle}`")
-        }
-    };
-    ApiError::new(
-        ErrorCode::Forbidden,
-        format!("{who} may not do this: {what}"),
-    )
+    ApiError::new(ErrorCode::Forbidden, ClusterState::denial(who, action))
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

@@ -22,7 +22,7 @@ use super::plumbing::{
     new_id, not_found, propose, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
 };
 use crate::state::{Action, Applied, ClusterState, Command};
-use aigrid_api::{ErrorCode, Role, TaskSpec};
+use aigrid_api::Role;
 
 /// The area's routes.
 pub(super) fn routes() -> OpenApiRouter<ApiState> {
@@ -47,7 +47,7 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
 )]
 async fn submit_job(
     State(state): State<ApiState>,
-    Signed(caller, mut spec): Signed<JobSpec>,
+    Signed(caller, spec): Signed<JobSpec>,
 ) -> Result<(StatusCode, Json<SubmitJobResponse>), ApiError> {
     // Oversized is 413, before the rules' 400s.
     spec.check_size()?;
@@ -58,24 +58,22 @@ async fn submit_job(
             Action::Circle(spec.circle.as_deref(), Role::Operator),
         )
         .await?;
-    // Updating a live job of this name moves it from its circle: that circle's
-    // operators must agree too.
-    let name = spec.name.clone();
-    let current = state.raft.read(move |s| s.job_by_name(&name)).await?;
-    if let Some(current) = &current {
+    // Updating a live job of this name in another circle needs that circle's
+    // operators too, and env values shown redacted keep the live job's: both are
+    // settled where the command applies, against the state it changes, so a
+    // submission costs no quorum read here. This server's own view refuses the
+    // evident cases before anything is proposed.
+    if let Some(circle) = state.raft.read_local(|s| s.live_job_circle(&spec.name)) {
         caller
-            .require(
-                &state,
-                Action::Circle(current.spec.circle.as_deref(), Role::Operator),
-            )
+            .require(&state, Action::Circle(circle.as_deref(), Role::Operator))
             .await?;
     }
-    keep_redacted_secrets(&mut spec, current.as_ref().map(|j| &j.spec))?;
     let command = Command::SubmitJob {
         job_id: new_id(JobId::new),
         eval_id: new_id(EvalId::new),
         spec,
         at: state.clock.now(),
+        by: caller.identity().cloned(),
     };
     match propose(&state, command).await? {
         Applied::JobSubmitted(resp) => {
@@ -115,38 +113,6 @@ async fn list_jobs(
 /// Puts back, from the job's current spec, each env value a resubmitted spec
 /// carries as the redacted marker (a spec read back, edited and sent again keeps
 /// its secrets); 400 for a marker with no value to keep.
-fn keep_redacted_secrets(spec: &mut JobSpec, current: Option<&JobSpec>) -> Result<(), ApiError> {
-    for (g, group) in spec.groups.iter_mut().enumerate() {
-        let TaskSpec::Exec(task) = &mut group.task else {
-            continue;
-        };
-        for (name, value) in task.env.iter_mut() {
-            if value != aigrid_api::access::REDACTED {
-                continue;
-            }
-            let kept = current
-                .and_then(|c| c.groups.iter().find(|cg| cg.name == group.name))
-                .and_then(|cg| match &cg.task {
-                    TaskSpec::Exec(t) => t.env.get(name),
-                    TaskSpec::ModelServer(_) => None,
-                });
-            match kept {
-                Some(v) => *value = v.clone(),
-                None => {
-                    return Err(ApiError::new(
-                        ErrorCode::InvalidField,
-                        format!(
-                            "groups[{g}].task.env.{name}: `{}` stands for a value kept from the live job, and it has none",
-                            aigrid_api::access::REDACTED
-                        ),
-                    ))
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The job with this id or, failing that, the live job with this name.
 fn find_job(s: &ClusterState, id_or_name: &str) -> Option<Job> {
     s.job(&JobId::new(id_or_name))

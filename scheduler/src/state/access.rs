@@ -109,6 +109,24 @@ impl ClusterState {
         }
     }
 
+    /// Why `who` may not do `action`: the message of a 403, the same from the edge's
+    /// check and from a command's.
+    pub fn denial(who: &Principal, action: Action<'_>) -> String {
+        let who = match who {
+            Principal::Identity(id) => format!("identity `{id}`"),
+            Principal::Node(node) => format!("node `{node}`"),
+        };
+        let what = match action {
+            Action::Admin => "this needs a cluster admin".to_owned(),
+            Action::ReadCluster => "this needs a known identity".to_owned(),
+            Action::Circle(None, _) => "objects without a circle belong to the admins".to_owned(),
+            Action::Circle(Some(circle), role) => {
+                format!("this needs the role `{role}` or above in circle `{circle}`")
+            }
+        };
+        format!("{who} may not do this: {what}")
+    }
+
     /// `id`'s role in `circle`, if any.
     pub fn role_in(&self, id: &IdentityId, circle: &str) -> Option<Role> {
         self.tables

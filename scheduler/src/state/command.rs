@@ -26,10 +26,17 @@ pub enum Command {
         job_id: JobId,
         /// Id of the evaluation to create; also recognises a replay of this command.
         eval_id: EvalId,
-        /// The submitted spec; validated again here.
+        /// The submitted spec; validated again here. An env value of
+        /// `aigrid_api::access::REDACTED` keeps the live job's value of that name.
         spec: JobSpec,
         /// When it was submitted.
         at: Timestamp,
+        /// The identity submitting it. Updating a live job of the same name needs
+        /// this identity to be an operator of the live job's circle, checked here
+        /// against the state the update applies to. None for the cluster's own
+        /// submissions.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<IdentityId>,
     },
     /// Removes a job and asks for its allocations to stop.
     DeleteJob {

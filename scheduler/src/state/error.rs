@@ -67,6 +67,10 @@ pub enum StateError {
     /// The registration's key or join token is not accepted.
     #[error("{0}")]
     Unauthorized(String),
+    /// The identity behind the command may not do it (see
+    /// [`ClusterState::denial`](super::ClusterState::denial)).
+    #[error("{0}")]
+    Forbidden(String),
     /// A model's manifest is not signed by its publisher, or contradicts itself.
     #[error("{0}")]
     Manifest(ManifestError),
@@ -83,6 +87,7 @@ impl StateError {
             Self::Invalid(_) => ErrorCode::InvalidField,
             Self::Conflict { .. } => ErrorCode::Conflict,
             Self::Unauthorized(_) => ErrorCode::Unauthorized,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::Manifest(ManifestError::Signature(_)) => ErrorCode::SignatureInvalid,
             Self::Manifest(ManifestError::Inconsistent(_)) | Self::BadLocations(_) => {
                 ErrorCode::InvalidManifest

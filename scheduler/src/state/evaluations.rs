@@ -27,10 +27,12 @@ impl ClusterState {
 
     /// Evaluations with this status, oldest first: the planner's queue.
     pub fn evaluations(&self, status: EvalStatus) -> Vec<Evaluation> {
-        self.eval_order
-            .values()
+        self.eval_status
+            .get(&status)
+            .into_iter()
+            .flatten()
+            .filter_map(|seq| self.eval_order.get(seq))
             .filter_map(|id| self.tables.evaluations.get(id))
-            .filter(|r| r.eval.status == status)
             .map(|r| r.eval.clone())
             .collect()
     }
@@ -47,12 +49,16 @@ impl ClusterState {
             .evaluations
             .get_mut(&eval_id)
             .ok_or_else(|| StateError::not_found(ObjectKind::Evaluation, &eval_id))?;
-        record.eval.status = status;
+        let was = std::mem::replace(&mut record.eval.status, status);
         record.eval.updated_at = at;
-        if status == EvalStatus::Complete {
-            self.completed.insert(record.seq);
-        } else {
-            self.completed.remove(&record.seq);
+        if was != status {
+            if let Some(seqs) = self.eval_status.get_mut(&was) {
+                seqs.remove(&record.seq);
+            }
+            self.eval_status
+                .entry(status)
+                .or_default()
+                .insert(record.seq);
         }
         let eval = &record.eval;
         if let Some(job) = self.tables.jobs.get_mut(&eval.job_id) {
@@ -107,6 +113,10 @@ impl ClusterState {
         let seq = self.tables.next_eval_seq;
         self.tables.next_eval_seq += 1;
         self.eval_order.insert(seq, id.clone());
+        self.eval_status
+            .entry(EvalStatus::Pending)
+            .or_default()
+            .insert(seq);
         self.tables.evaluations.insert(
             id.clone(),
             EvalRecord {
@@ -137,7 +147,14 @@ impl ClusterState {
         if excess == 0 {
             return;
         }
-        let mut victims: BTreeSet<u64> = self.completed.iter().take(excess).copied().collect();
+        let mut victims: BTreeSet<u64> = self
+            .eval_status
+            .get(&EvalStatus::Complete)
+            .into_iter()
+            .flatten()
+            .take(excess)
+            .copied()
+            .collect();
         let missing = excess - victims.len();
         let oldest: Vec<u64> = self
             .eval_order
@@ -148,9 +165,12 @@ impl ClusterState {
             .collect();
         victims.extend(oldest);
         for seq in victims {
-            self.completed.remove(&seq);
             if let Some(id) = self.eval_order.remove(&seq) {
-                self.tables.evaluations.remove(&id);
+                if let Some(record) = self.tables.evaluations.remove(&id) {
+                    if let Some(seqs) = self.eval_status.get_mut(&record.eval.status) {
+                        seqs.remove(&seq);
+                    }
+                }
             }
         }
     }

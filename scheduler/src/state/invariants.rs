@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use aigrid_api::{AllocId, DesiredState, EvalStatus, NodeId};
+use aigrid_api::{AllocId, DesiredState, NodeId};
 
 use super::*;
 
@@ -159,18 +159,22 @@ impl ClusterState {
                 ));
             }
         }
-        let completed = t
-            .evaluations
-            .values()
-            .filter(|r| r.eval.status == EvalStatus::Complete)
-            .count();
-        if completed != self.completed.len()
-            || self
-                .completed
-                .iter()
-                .any(|seq| !self.eval_order.contains_key(seq))
-        {
-            return Err("the completed-evaluation index disagrees with the evaluations".to_owned());
+        let indexed: usize = self.eval_status.values().map(BTreeSet::len).sum();
+        if indexed != t.evaluations.len() {
+            return Err("the evaluation status index disagrees with the evaluations".to_owned());
+        }
+        for (status, seqs) in &self.eval_status {
+            for seq in seqs {
+                let record = self
+                    .eval_order
+                    .get(seq)
+                    .and_then(|id| t.evaluations.get(id));
+                if record.is_none_or(|r| r.eval.status != *status) {
+                    return Err(format!(
+                        "the evaluation status index lists sequence {seq} as {status}"
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -2,8 +2,9 @@
 //! by name), deletion, and the job views with their derived status.
 
 use aigrid_api::{
-    AllocState, Allocation, DeleteJobResponse, DesiredState, EvalId, EvalTrigger, Job, JobId,
-    JobKind, JobSpec, JobStatus, JobSummary, SubmitJobResponse, Timestamp,
+    AllocState, Allocation, DeleteJobResponse, DesiredState, EvalId, EvalTrigger, IdentityId, Job,
+    JobId, JobKind, JobSpec, JobStatus, JobSummary, Role, SubmitJobResponse, TaskSpec, Timestamp,
+    ValidationError,
 };
 
 use super::*;
@@ -17,6 +18,15 @@ impl ClusterState {
     /// The live job with this name.
     pub fn job_by_name(&self, name: &str) -> Option<Job> {
         self.job_names.get(name).and_then(|id| self.job(id))
+    }
+
+    /// The circle of the live job with this name (`Some(None)`: a live job with no
+    /// circle), without building the job's view.
+    pub fn live_job_circle(&self, name: &str) -> Option<Option<String>> {
+        self.job_names
+            .get(name)
+            .and_then(|id| self.tables.jobs.get(id))
+            .map(|job| job.spec.circle.clone())
     }
 
     /// Every live job, ordered by name.
@@ -70,8 +80,9 @@ impl ClusterState {
         &mut self,
         job_id: JobId,
         eval_id: EvalId,
-        spec: JobSpec,
+        mut spec: JobSpec,
         at: Timestamp,
+        by: Option<&IdentityId>,
     ) -> CommandOutput {
         spec.validate()?;
         if let Some(record) = self.tables.evaluations.get(&eval_id) {
@@ -103,6 +114,26 @@ impl ClusterState {
                 )));
             }
         }
+
+        let live_spec = self
+            .job_names
+            .get(&spec.name)
+            .and_then(|id| self.tables.jobs.get(id))
+            .map(|job| &job.spec);
+        if let Some(by) = by {
+            // The edge checked the submitted circle against its own (possibly older)
+            // view; here both circles are checked against the state this applies to.
+            let who = Principal::Identity(by.clone());
+            let circles = std::iter::once(spec.circle.as_deref())
+                .chain(live_spec.map(|live| live.circle.as_deref()));
+            for circle in circles {
+                let action = Action::Circle(circle, Role::Operator);
+                if !self.allows(&who, action) {
+                    return Err(StateError::Forbidden(Self::denial(&who, action)));
+                }
+            }
+        }
+        keep_redacted_secrets(&mut spec, live_spec)?;
 
         if serves_models(&spec) {
             self.model_jobs.insert(spec.name.clone());
@@ -237,4 +268,40 @@ fn job_status(spec: &JobSpec, allocs: &[&Allocation]) -> JobStatus {
             }
         }
     }
+}
+
+/// Replaces each env value given as `aigrid_api::access::REDACTED` (what every read
+/// shows) with the live job's value of that name in the same group, so a spec read
+/// back and resubmitted keeps its secrets; a placeholder with nothing to keep is
+/// refused.
+fn keep_redacted_secrets(spec: &mut JobSpec, live: Option<&JobSpec>) -> Result<(), StateError> {
+    for (g, group) in spec.groups.iter_mut().enumerate() {
+        let TaskSpec::Exec(task) = &mut group.task else {
+            continue;
+        };
+        for (name, value) in task.env.iter_mut() {
+            if value != aigrid_api::access::REDACTED {
+                continue;
+            }
+            let kept = live
+                .and_then(|l| l.groups.iter().find(|lg| lg.name == group.name))
+                .and_then(|lg| match &lg.task {
+                    TaskSpec::Exec(t) => t.env.get(name),
+                    TaskSpec::ModelServer(_) => None,
+                });
+            match kept {
+                Some(v) => value.clone_from(v),
+                None => {
+                    return Err(StateError::Invalid(ValidationError::new(
+                        format!("groups[{g}].task.env.{name}"),
+                        format!(
+                            "`{}` stands for a value kept from the live job, and it has none",
+                            aigrid_api::access::REDACTED
+                        ),
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
 }

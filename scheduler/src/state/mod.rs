@@ -169,9 +169,10 @@ pub struct ClusterState {
     model_jobs: BTreeSet<String>,
     /// Evaluation creation order; derived from `tables.evaluations`.
     eval_order: BTreeMap<u64, EvalId>,
-    /// Creation order of completed evaluations, trimmed first; derived too, so
-    /// trimming never scans every evaluation.
-    completed: BTreeSet<u64>,
+    /// Creation order of the evaluations of each status; derived too, so trimming
+    /// (completed ones first) and the planner's reads of pending and blocked ones
+    /// never scan every evaluation.
+    eval_status: BTreeMap<EvalStatus, BTreeSet<u64>>,
     /// Allocations by job and node, and what live ones hold; derived, so no command
     /// or read scans every allocation.
     index: AllocIndex,
@@ -234,7 +235,8 @@ impl StateMachine for ClusterState {
                 eval_id,
                 spec,
                 at,
-            } => self.submit_job(job_id, eval_id, spec, at),
+                by,
+            } => self.submit_job(job_id, eval_id, spec, at, by.as_ref()),
             Command::DeleteJob {
                 job_id,
                 eval_id,
@@ -405,19 +407,20 @@ impl ClusterState {
             .values()
             .map(|record| (record.seq, record.eval.id.clone()))
             .collect();
-        let completed = tables
-            .evaluations
-            .values()
-            .filter(|record| record.eval.status == EvalStatus::Complete)
-            .map(|record| record.seq)
-            .collect();
+        let mut eval_status: BTreeMap<EvalStatus, BTreeSet<u64>> = BTreeMap::new();
+        for record in tables.evaluations.values() {
+            eval_status
+                .entry(record.eval.status)
+                .or_default()
+                .insert(record.seq);
+        }
         let index = AllocIndex::from_allocations(tables.allocations.values());
         Self {
             tables,
             job_names,
             model_jobs,
             eval_order,
-            completed,
+            eval_status,
             index,
             capacity_epoch: 0,
             applying: 0,

@@ -136,6 +136,7 @@ impl Sim {
                 eval_id: aigrid_api::EvalId::new(format!("submit-{id}-{}", self.index)),
                 spec,
                 at,
+                by: None,
             })
             .unwrap();
         let Applied::JobSubmitted(r) = out else {

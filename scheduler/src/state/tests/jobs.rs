@@ -1,5 +1,7 @@
 //! Jobs and their evaluations: submit, resubmit, delete, verdicts, history, reads.
 
+use aigrid_api::TaskSpec;
+
 use super::*;
 
 #[test]
@@ -318,4 +320,161 @@ fn reads_list_jobs_by_name_and_count_objects() {
             models: 0,
         }
     );
+}
+
+fn identity(seed: u8) -> aigrid_api::PublicKey {
+    aigrid_api::IdentityKey::from_seed(aigrid_api::KeyAlgorithm::Ed25519, [seed; 32]).public()
+}
+
+/// A submission by `by`, as the edge proposes it.
+fn submit_by(job: &str, eval: &str, spec: JobSpec, by: &aigrid_api::PublicKey) -> Command {
+    let Command::SubmitJob {
+        job_id,
+        eval_id,
+        spec,
+        at,
+        ..
+    } = submit(job, eval, spec)
+    else {
+        unreachable!()
+    };
+    Command::SubmitJob {
+        job_id,
+        eval_id,
+        spec,
+        at,
+        by: Some(by.id()),
+    }
+}
+
+fn in_circle(name: &str, circle: &str) -> JobSpec {
+    let mut s = spec(name);
+    s.circle = Some(circle.to_owned());
+    s
+}
+
+/// A log with an admin, and `operator` an operator of circle `lab` only.
+fn log_with_operator(operator: &aigrid_api::PublicKey) -> Log {
+    let mut log = Log::new();
+    let admin = identity(1);
+    log.apply(Command::BootstrapAdmins {
+        admins: vec![("root".into(), admin)],
+        at: Timestamp::new(1),
+    })
+    .unwrap();
+    log.apply(Command::PutIdentity {
+        name: "olga".into(),
+        public_key: operator.clone(),
+        admin: false,
+        at: Timestamp::new(2),
+    })
+    .unwrap();
+    log.apply(Command::SetCircleMember {
+        circle: "lab".into(),
+        identity: operator.id(),
+        role: Some(aigrid_api::Role::Operator),
+        at: Timestamp::new(3),
+    })
+    .unwrap();
+    log
+}
+
+#[test]
+fn an_operator_cannot_take_over_another_circles_job_by_its_name() {
+    let olga = identity(2);
+    let mut log = log_with_operator(&olga);
+    // The admins' job in circle `other`, then olga's submission of a job of the same
+    // name into her own circle: it would move the job, so `other` must agree.
+    submitted(log.apply(submit("j1", "e1", in_circle("api", "other"))));
+    let before = log.bytes();
+    let refused = log.apply(submit_by("j2", "e2", in_circle("api", "lab"), &olga));
+    let Err(StateError::Forbidden(message)) = &refused else {
+        panic!("{refused:?}")
+    };
+    assert!(message.contains("circle `other`"), "{message}");
+    assert_eq!(refused.unwrap_err().code(), ErrorCode::Forbidden);
+    assert_eq!(
+        log.bytes(),
+        before,
+        "a refused submission changed the state"
+    );
+    // Her own circle's jobs she submits and updates; a circle she is not in she
+    // cannot even create a job in, whatever the edge thought.
+    assert!(submitted(log.apply(submit_by("j3", "e3", in_circle("web", "lab"), &olga))).created);
+    let mut update = in_circle("web", "lab");
+    update.priority = 70;
+    assert_eq!(
+        submitted(log.apply(submit_by("j4", "e4", update, &olga))).version,
+        2
+    );
+    assert!(matches!(
+        log.apply(submit_by("j5", "e5", in_circle("db", "ops"), &olga)),
+        Err(StateError::Forbidden(_))
+    ));
+    // An identity the cluster does not know is refused too.
+    assert!(matches!(
+        log.apply(submit_by("j6", "e6", in_circle("x", "lab"), &identity(9))),
+        Err(StateError::Forbidden(_))
+    ));
+}
+
+fn with_env(mut s: JobSpec, env: &[(&str, &str)]) -> JobSpec {
+    let TaskSpec::Exec(task) = &mut s.groups[0].task else {
+        panic!("an exec task")
+    };
+    task.env = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    s
+}
+
+fn env_of(log: &Log, job: &str) -> Vec<(String, String)> {
+    let job = log.state.job_by_name(job).unwrap();
+    let TaskSpec::Exec(task) = &job.spec.groups[0].task else {
+        panic!("an exec task")
+    };
+    task.env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[test]
+fn a_spec_read_back_redacted_and_resubmitted_keeps_its_secrets() {
+    let redacted = aigrid_api::access::REDACTED;
+    let mut log = Log::new();
+    submitted(log.apply(submit(
+        "j1",
+        "e1",
+        with_env(spec("api"), &[("TOKEN", "s3cret"), ("MODE", "prod")]),
+    )));
+    // Everything redacted, nothing else changed: a no-op.
+    let same = with_env(spec("api"), &[("TOKEN", redacted), ("MODE", redacted)]);
+    let r = submitted(log.apply(submit("j2", "e2", same)));
+    assert_eq!((r.version, r.created), (1, false));
+    // One value changed, the secret kept.
+    let changed = with_env(spec("api"), &[("TOKEN", redacted), ("MODE", "dev")]);
+    assert_eq!(submitted(log.apply(submit("j3", "e3", changed))).version, 2);
+    assert_eq!(
+        env_of(&log, "api"),
+        vec![
+            ("MODE".to_owned(), "dev".to_owned()),
+            ("TOKEN".to_owned(), "s3cret".to_owned())
+        ]
+    );
+    // A placeholder with nothing to keep is refused, naming the field.
+    let before = log.bytes();
+    let orphan = with_env(spec("api"), &[("TOKEN", redacted), ("NEW", redacted)]);
+    let refused = log.apply(submit("j4", "e4", orphan));
+    let Err(StateError::Invalid(e)) = &refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(e.field, "groups[0].task.env.NEW");
+    let fresh = with_env(spec("new-job"), &[("TOKEN", redacted)]);
+    assert!(matches!(
+        log.apply(submit("j5", "e5", fresh)),
+        Err(StateError::Invalid(_))
+    ));
+    assert_eq!(log.bytes(), before);
 }

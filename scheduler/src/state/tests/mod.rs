@@ -90,6 +90,7 @@ fn submit(job: &str, eval: &str, spec: JobSpec) -> Command {
         eval_id: EvalId::new(eval),
         spec,
         at: Timestamp::new(100),
+        by: None,
     }
 }
 

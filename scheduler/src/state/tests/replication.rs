@@ -91,6 +91,7 @@ fn random_command(rng: &mut StdRng, step: u64) -> Command {
                 eval_id: EvalId::new(eval),
                 spec: s,
                 at,
+                by: None,
             }
         }
         2 => Command::DeleteJob {
