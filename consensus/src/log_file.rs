@@ -23,6 +23,7 @@
 //! one is corruption, and the log refuses to open rather than drop what came after
 //! it.
 
+use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -57,6 +58,9 @@ pub struct FileLog {
     /// Set when a write failed part way: the file's tail is unknown until it is
     /// opened again, so nothing more is appended.
     failed: bool,
+    /// The image replayed on open, handed to the first `load` so a start reads
+    /// and decodes the log once; dropped at the first write.
+    opened: Cell<Option<LogImage>>,
 }
 
 impl FileLog {
@@ -76,7 +80,7 @@ impl FileLog {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| io_err("reading", path, e))?;
-        let (_, whole) = replay(&bytes)?;
+        let (image, whole) = replay(&bytes)?;
         if whole < bytes.len() {
             tracing::warn!(
                 path = %path.display(),
@@ -94,6 +98,7 @@ impl FileLog {
             len: whole as u64,
             buf: Vec::new(),
             failed: false,
+            opened: Cell::new(Some(image)),
         })
     }
 
@@ -157,12 +162,16 @@ impl FileLog {
 
 impl Durable for FileLog {
     fn load(&self) -> Result<LogImage, LogStoreError> {
+        if let Some(image) = self.opened.take() {
+            return Ok(image);
+        }
         let bytes = std::fs::read(&self.path).map_err(|e| io_err("reading", &self.path, e))?;
         let (image, _) = replay(&bytes[..(self.len as usize).min(bytes.len())])?;
         Ok(image)
     }
 
     fn write(&mut self, batch: &WriteBatch, before: &LogImage) -> Result<(), LogStoreError> {
+        self.opened.take();
         if self.failed {
             return Err(corrupt(
                 "an earlier write failed; the log must be opened again",
@@ -348,13 +357,17 @@ fn decode_payload(payload: &[u8]) -> Result<WriteBatch, LogStoreError> {
 
 /// The payload of the whole, checksummed record at `at`, if there is one.
 fn record_at(bytes: &[u8], at: usize) -> Option<&[u8]> {
-    let rest = bytes.get(at..)?;
-    let header = rest.get(..8)?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let (len, crc) = header_at(bytes, at)?;
     // No record is empty: a zero length is the zeros a torn write leaves.
-    let payload = rest.get(8..8usize.checked_add(len)?)?;
+    let payload = bytes.get(at + 8..(at + 8).checked_add(len)?)?;
     (len > 0 && crc32fast::hash(payload) == crc).then_some(payload)
+}
+
+/// The length and checksum a record header at `at` states, if 8 bytes are there.
+fn header_at(bytes: &[u8], at: usize) -> Option<(usize, u32)> {
+    let h = bytes.get(at..at.checked_add(8)?)?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    Some((len, u32::from_le_bytes([h[4], h[5], h[6], h[7]])))
 }
 
 /// Replays a whole file: the image its records build, and the length of the part
@@ -371,10 +384,9 @@ fn replay(bytes: &[u8]) -> Result<(LogImage, usize), LogStoreError> {
             // whole record follows it. One that is followed by a whole record is
             // damage in the middle of the log, and dropping what follows would
             // lose acknowledged entries.
-            let rest = &bytes[at..];
-            if rest.len() >= 8 {
-                let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                if len > 0 && record_at(bytes, at.saturating_add(8).saturating_add(len)).is_some() {
+            if let Some((len, _)) = header_at(bytes, at) {
+                let next = at.saturating_add(8).saturating_add(len);
+                if len > 0 && record_at(bytes, next).is_some() {
                     return Err(corrupt(format!(
                         "the log record at byte {at} is damaged and more follow"
                     )));

@@ -63,7 +63,10 @@ async fn submit_job(
     // settled where the command applies, against the state it changes, so a
     // submission costs no quorum read here. This server's own view refuses the
     // evident cases before anything is proposed.
-    if let Some(circle) = state.raft.read_local(|s| s.live_job_circle(&spec.name)) {
+    let live_circle = state
+        .raft
+        .read_local(|s| s.live_spec(&spec.name).map(|live| live.circle.clone()));
+    if let Some(circle) = live_circle {
         caller
             .require(&state, Action::Circle(circle.as_deref(), Role::Operator))
             .await?;
@@ -110,9 +113,6 @@ async fn list_jobs(
     ))
 }
 
-/// Puts back, from the job's current spec, each env value a resubmitted spec
-/// carries as the redacted marker (a spec read back, edited and sent again keeps
-/// its secrets); 400 for a marker with no value to keep.
 /// The job with this id or, failing that, the live job with this name.
 fn find_job(s: &ClusterState, id_or_name: &str) -> Option<Job> {
     s.job(&JobId::new(id_or_name))

@@ -20,13 +20,12 @@ impl ClusterState {
         self.job_names.get(name).and_then(|id| self.job(id))
     }
 
-    /// The circle of the live job with this name (`Some(None)`: a live job with no
-    /// circle), without building the job's view.
-    pub fn live_job_circle(&self, name: &str) -> Option<Option<String>> {
+    /// The spec of the live job with this name, without building the job's view.
+    pub fn live_spec(&self, name: &str) -> Option<&JobSpec> {
         self.job_names
             .get(name)
             .and_then(|id| self.tables.jobs.get(id))
-            .map(|job| job.spec.circle.clone())
+            .map(|job| &job.spec)
     }
 
     /// Every live job, ordered by name.
@@ -115,11 +114,7 @@ impl ClusterState {
             }
         }
 
-        let live_spec = self
-            .job_names
-            .get(&spec.name)
-            .and_then(|id| self.tables.jobs.get(id))
-            .map(|job| &job.spec);
+        let live_spec = self.live_spec(&spec.name);
         if let Some(by) = by {
             // The edge checked the submitted circle against its own (possibly older)
             // view; here both circles are checked against the state this applies to.
