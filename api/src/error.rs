@@ -99,6 +99,28 @@ pub enum ErrorCode {
     InvalidManifest,
     /// A model manifest's signature does not match its contents and publisher key.
     SignatureInvalid,
+    /// The caller is not among the proposal's signers: members of its circle when it was made.
+    NotASigner,
+    /// The caller may not veto: it is not in the policy's veto set.
+    NotAVetoer,
+    /// A decision names a digest other than the proposal's: it was signed for another proposal, circle version or payload.
+    DigestMismatch,
+    /// A decision's signature does not verify under the signer's key over the proposal's digest.
+    ApprovalInvalid,
+    /// The circle's policy requires hybrid (ed25519 + ML-DSA-65) signatures and this one is ed25519 only.
+    HybridRequired,
+    /// This identity (or another identity with the same key) has already decided on the proposal: each counts once.
+    AlreadyDecided,
+    /// The proposal's window closed before it applied.
+    ProposalExpired,
+    /// What the proposal was based on changed; propose it again.
+    ProposalStale,
+    /// The proposal was vetoed.
+    ProposalVetoed,
+    /// The proposal was applied or rejected already.
+    ProposalClosed,
+    /// The change is guarded by its circle's policy and must go through a proposal.
+    Guarded,
 }
 
 impl ErrorCode {
@@ -123,6 +145,17 @@ impl ErrorCode {
         Self::KeyRevoked,
         Self::InvalidManifest,
         Self::SignatureInvalid,
+        Self::NotASigner,
+        Self::NotAVetoer,
+        Self::DigestMismatch,
+        Self::ApprovalInvalid,
+        Self::HybridRequired,
+        Self::AlreadyDecided,
+        Self::ProposalExpired,
+        Self::ProposalStale,
+        Self::ProposalVetoed,
+        Self::ProposalClosed,
+        Self::Guarded,
     ];
 
     /// The single table of wire code and HTTP status per variant.
@@ -147,6 +180,17 @@ impl ErrorCode {
             Self::KeyRevoked => ("key_revoked", 401),
             Self::InvalidManifest => ("invalid_manifest", 400),
             Self::SignatureInvalid => ("signature_invalid", 400),
+            Self::NotASigner => ("not_a_signer", 403),
+            Self::NotAVetoer => ("not_a_vetoer", 403),
+            Self::DigestMismatch => ("digest_mismatch", 409),
+            Self::ApprovalInvalid => ("approval_invalid", 400),
+            Self::HybridRequired => ("hybrid_required", 400),
+            Self::AlreadyDecided => ("already_decided", 409),
+            Self::ProposalExpired => ("proposal_expired", 409),
+            Self::ProposalStale => ("proposal_stale", 409),
+            Self::ProposalVetoed => ("proposal_vetoed", 409),
+            Self::ProposalClosed => ("proposal_closed", 409),
+            Self::Guarded => ("guarded", 409),
         }
     }
 

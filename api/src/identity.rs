@@ -77,6 +77,23 @@ impl PublicKey {
         IdentityId(hex::encode(&hasher.finalize().as_bytes()[..16]))
     }
 
+    /// The ed25519 key's 32 bytes, which every key has: formats that name an ed25519
+    /// key on its own (a C2SP signed note's key hash) need them without the rest.
+    pub fn ed25519_bytes(&self) -> [u8; ED25519_PUBLIC] {
+        self.0.bytes[..ED25519_PUBLIC]
+            .try_into()
+            .expect("every key starts with its 32-byte ed25519 key")
+    }
+
+    /// The encoded ML-DSA-65 key (1952 bytes) of a hybrid key, `None` for ed25519
+    /// alone: for formats that carry each scheme's signature on its own line.
+    pub fn ml_dsa_bytes(&self) -> Option<&[u8]> {
+        match self.0.algorithm {
+            KeyAlgorithm::Ed25519 => None,
+            KeyAlgorithm::Ed25519MlDsa65 => Some(&self.0.bytes[ED25519_PUBLIC..]),
+        }
+    }
+
     /// Checks `signature` over `message`: every scheme of the key must verify.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), AuthError> {
         let (ed_sig, ml_sig) = match self.0.algorithm {
@@ -93,27 +110,40 @@ impl PublicKey {
                 ))
             }
         };
-        let ed_key: [u8; ED25519_PUBLIC] = self.0.bytes[..ED25519_PUBLIC]
-            .try_into()
+        self.verify_ed25519(message, ed_sig)?;
+        if let Some(ml_sig) = ml_sig {
+            self.verify_ml_dsa(message, ml_sig)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the ed25519 half alone: `signature` is the 64 bytes of an ed25519
+    /// signature by this key's ed25519 key. For formats that carry each scheme's
+    /// signature apart; a hybrid key's full check is [`PublicKey::verify`].
+    pub fn verify_ed25519(&self, message: &[u8], signature: &[u8]) -> Result<(), AuthError> {
+        let ed_key = ed25519_dalek::VerifyingKey::from_bytes(&self.ed25519_bytes())
             .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
-        let ed_key = ed25519_dalek::VerifyingKey::from_bytes(&ed_key)
-            .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
-        let ed_sig = ed25519_dalek::Signature::from_slice(ed_sig)
+        let ed_sig = ed25519_dalek::Signature::from_slice(signature)
             .map_err(|_| AuthError::Malformed("signature is not ed25519"))?;
         ed_key
             .verify_strict(message, &ed_sig)
-            .map_err(|_| AuthError::BadSignature)?;
-        if let Some(ml_sig) = ml_sig {
-            let encoded =
-                ml_dsa::EncodedVerifyingKey::<MlDsa65>::try_from(&self.0.bytes[ED25519_PUBLIC..])
-                    .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
-            let key = ml_dsa::VerifyingKey::<MlDsa65>::decode(&encoded);
-            let sig = ml_dsa::Signature::<MlDsa65>::try_from(ml_sig)
-                .map_err(|_| AuthError::Malformed("signature is not ML-DSA-65"))?;
-            key.verify(message, &sig)
-                .map_err(|_| AuthError::BadSignature)?;
-        }
-        Ok(())
+            .map_err(|_| AuthError::BadSignature)
+    }
+
+    /// Checks the ML-DSA-65 half alone: `signature` is an encoded ML-DSA-65 signature
+    /// (3309 bytes) by this key's ML-DSA-65 key. An ed25519-only key has no such half
+    /// and refuses every signature.
+    pub fn verify_ml_dsa(&self, message: &[u8], signature: &[u8]) -> Result<(), AuthError> {
+        let ml_key = self
+            .ml_dsa_bytes()
+            .ok_or(AuthError::Malformed("the key has no ML-DSA-65 half"))?;
+        let encoded = ml_dsa::EncodedVerifyingKey::<MlDsa65>::try_from(ml_key)
+            .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
+        let key = ml_dsa::VerifyingKey::<MlDsa65>::decode(&encoded);
+        let sig = ml_dsa::Signature::<MlDsa65>::try_from(signature)
+            .map_err(|_| AuthError::Malformed("signature is not ML-DSA-65"))?;
+        key.verify(message, &sig)
+            .map_err(|_| AuthError::BadSignature)
     }
 }
 
@@ -244,12 +274,25 @@ impl IdentityKey {
     /// Signs `message` with every scheme of the key: the ed25519 signature's 64 bytes,
     /// then, for the hybrid, the ML-DSA-65 signature.
     pub fn sign(&self, message: &[u8]) -> Vec<u8> {
-        let mut out = self.ed.sign(message).to_bytes().to_vec();
-        if let Some(ml) = &self.ml {
-            let sig: ml_dsa::Signature<MlDsa65> = ml.sign(message);
-            out.extend_from_slice(sig.encode().as_slice());
+        let mut out = self.sign_ed25519(message).to_vec();
+        if let Some(ml) = self.sign_ml_dsa(message) {
+            out.extend_from_slice(&ml);
         }
         out
+    }
+
+    /// The ed25519 signature alone (64 bytes): for formats that carry each scheme's
+    /// signature apart, such as a C2SP signed note's lines.
+    pub fn sign_ed25519(&self, message: &[u8]) -> [u8; ED25519_SIGNATURE] {
+        self.ed.sign(message).to_bytes()
+    }
+
+    /// The ML-DSA-65 signature alone (3309 bytes), `None` for an ed25519-only key.
+    pub fn sign_ml_dsa(&self, message: &[u8]) -> Option<Vec<u8>> {
+        self.ml.as_ref().map(|ml| {
+            let sig: ml_dsa::Signature<MlDsa65> = ml.sign(message);
+            sig.encode().to_vec()
+        })
     }
 
     /// The secret as the key file stores it: `<algorithm>:<base64url seed>`.
@@ -366,6 +409,47 @@ mod tests {
         let hybrid = IdentityKey::from_seed(KeyAlgorithm::Ed25519MlDsa65, [6; 32]);
         let ed_part = hybrid.sign(b"m")[..64].to_vec();
         assert!(hybrid.public().verify(b"m", &ed_part).is_err());
+    }
+
+    #[test]
+    fn each_half_signs_and_verifies_alone() {
+        let ed = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [7; 32]);
+        let public = ed.public();
+        assert_eq!(public.ed25519_bytes().to_vec(), public.0.bytes);
+        assert_eq!(public.ml_dsa_bytes(), None);
+        assert_eq!(ed.sign_ml_dsa(b"m"), None);
+        let sig = ed.sign_ed25519(b"m");
+        assert_eq!(sig.to_vec(), ed.sign(b"m"));
+        public.verify_ed25519(b"m", &sig).unwrap();
+        assert_eq!(
+            public.verify_ed25519(b"n", &sig),
+            Err(AuthError::BadSignature)
+        );
+        assert!(public.verify_ml_dsa(b"m", &sig).is_err());
+
+        let hybrid = IdentityKey::from_seed(KeyAlgorithm::Ed25519MlDsa65, [7; 32]);
+        let public = hybrid.public();
+        assert_eq!(public.ed25519_bytes()[..], public.0.bytes[..32]);
+        assert_eq!(
+            public.ml_dsa_bytes().map(<[u8]>::len),
+            Some(ML_DSA_65_PUBLIC)
+        );
+        let ed_sig = hybrid.sign_ed25519(b"m");
+        let ml_sig = hybrid.sign_ml_dsa(b"m").unwrap();
+        assert_eq!(ml_sig.len(), ML_DSA_65_SIGNATURE);
+        public.verify_ed25519(b"m", &ed_sig).unwrap();
+        public.verify_ml_dsa(b"m", &ml_sig).unwrap();
+        assert_eq!(
+            public.verify_ml_dsa(b"n", &ml_sig),
+            Err(AuthError::BadSignature)
+        );
+        // The halves put together are the full signature.
+        public
+            .verify(b"m", &[ed_sig.as_slice(), &ml_sig].concat())
+            .unwrap();
+        // One half is no signature for the other scheme.
+        assert!(public.verify_ml_dsa(b"m", &ed_sig).is_err());
+        assert!(public.verify_ed25519(b"m", &ml_sig).is_err());
     }
 
     #[test]

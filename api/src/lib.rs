@@ -9,6 +9,7 @@
 //! | [`spec`] | the job specification users submit, and its validation |
 //! | [`job`] | the job views the control API answers with |
 //! | [`access`] | identities, circle roles and API keys as the control API shows them |
+//! | [`chain`] | the Human Chain: governed circles, proposals, signed decisions, audit entries, checkpoints and proofs |
 //! | [`allocation`] | an instance of a task group bound to a node |
 //! | [`evaluation`] | a request to the planner to reconcile one job |
 //! | [`node`] | node registration and the node view |
@@ -35,6 +36,7 @@ pub mod access;
 pub mod allocation;
 pub mod auth;
 pub mod ca;
+pub mod chain;
 pub mod cluster;
 pub mod digest;
 pub mod error;
@@ -64,6 +66,11 @@ pub use auth::{
     AuthError, CreateJoinToken, CreatedJoinToken, JoinToken, JoinTokenInfo, NodeKey, NodePublicKey,
 };
 pub use ca::CaFingerprint;
+pub use chain::{
+    AuditCheckpoint, AuditEntry, AuditProof, ChangeKind, CircleGovernance, CirclePolicy,
+    CreateCircle, Decision, DecisionRecord, Governance, PolicyMember, ProposalCreated,
+    ProposalInfo, ProposalState, SignedDecision, Signer,
+};
 pub use cluster::{
     ClusterStatus, Health, JoinRequest, LeaveRequest, Member, MemberRole, Readiness,
 };

@@ -11,10 +11,13 @@
 //!   per peer; a message counts only from the server its connection's certificate names.
 //! - [`peer_listener`]: the peer listener's TLS accept loop, labelling each connection
 //!   with its certificate's server id.
+//! - [`human`]: the Human Chain's pure rules: approval digests and tallies, and the
+//!   audit log of what was approved and applied, with signed checkpoints and exports.
 //! - [`metrics`]: Prometheus metrics of all of the above.
 //! - `testkit` (feature `testkit`, for tests and benchmarks only): a seeded simulation
 //!   of whole clusters over an in-memory network.
 
+pub mod human;
 pub mod log_file;
 pub mod log_store;
 pub mod metrics;

@@ -52,6 +52,15 @@ struct ApiKeyRecord {
 }
 
 impl Access {
+    /// Replaces a circle's roles whole (a governed circle's members changed).
+    pub(super) fn set_roles(&mut self, circle: &str, roles: BTreeMap<IdentityId, Role>) {
+        if roles.is_empty() {
+            self.circles.remove(circle);
+        } else {
+            self.circles.insert(circle.to_owned(), roles);
+        }
+    }
+
     fn admins(&self) -> usize {
         self.identities.values().filter(|i| i.admin).count()
     }
@@ -260,6 +269,7 @@ impl ClusterState {
     }
 
     pub(super) fn remove_identity(&mut self, id: IdentityId) -> CommandOutput {
+        self.refuse_if_governing(&id)?;
         let access = &mut self.tables.access;
         let Some(existing) = access.identities.get(&id) else {
             return Err(StateError::not_found(ObjectKind::Identity, id.as_str()));
@@ -283,6 +293,12 @@ impl ClusterState {
         identity: IdentityId,
         role: Option<Role>,
     ) -> CommandOutput {
+        if self.is_governed(&circle) {
+            return Err(StateError::conflict(format!(
+                "circle `{circle}` is governed: change its members with aigrid circle member \
+                 add or rm (a governance change, proposed when its policy guards it)"
+            )));
+        }
         let access = &mut self.tables.access;
         if !access.identities.contains_key(&identity) {
             return Err(StateError::not_found(

@@ -7,7 +7,10 @@ use aigrid_api::{
     JobId, JobSpec, JoinTokenInfo, LogTail, ModelSummary, NodeId, NodeRegistration, NodeStatus,
     SubmitJobResponse, Timestamp, Unplaced,
 };
-use aigrid_api::{ApiKeyInfo, CircleInfo, IdentityId, IdentityInfo, PublicKey, Role};
+use aigrid_api::{
+    ApiKeyInfo, CircleGovernance, CircleInfo, Governance, IdentityId, IdentityInfo, ProposalInfo,
+    PublicKey, Role, SignedDecision,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{EvaluationUpdate, JobPlan, StateError, TokenUse};
@@ -284,6 +287,63 @@ pub enum Command {
         /// When it was revoked.
         at: Timestamp,
     },
+    /// Names the cluster (its id goes into every approval digest) and seeds its
+    /// audit key, once: ignored when the cluster has an id.
+    InitCluster {
+        /// A random id.
+        cluster_id: String,
+        /// 32 random bytes, hex: the audit key's seed.
+        audit_seed: String,
+        /// When it was proposed.
+        at: Timestamp,
+    },
+    /// Creates a governed circle (`create`), or replaces a governed circle's members
+    /// and policy: directly where its policy does not guard the change, else as a
+    /// proposal's change.
+    SetGovernance {
+        /// The circle.
+        circle: String,
+        /// Its members and policy, whole.
+        governance: Governance,
+        /// True to create the circle (refused if it is governed already).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        create: bool,
+        /// Who asked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<IdentityId>,
+        /// When.
+        at: Timestamp,
+    },
+    /// Makes a proposal of a guarded change: `command`, applied once the circle's
+    /// quorum approves. Everything the proposal is judged by is taken from the state
+    /// as this applies.
+    Propose {
+        /// The proposal's id.
+        id: String,
+        /// The change.
+        command: Box<Command>,
+        /// The proposer.
+        by: IdentityId,
+        /// When.
+        at: Timestamp,
+    },
+    /// A member's signed decision on a proposal, checked again as it applies.
+    Decide {
+        /// The proposal.
+        proposal: String,
+        /// The member (the request's signer; the decision must be signed by it too).
+        by: IdentityId,
+        /// The decision and its signature.
+        signed: SignedDecision,
+        /// When.
+        at: Timestamp,
+    },
+    /// Expires proposals past their window and applies approved ones whose minimum
+    /// window has passed; the leader proposes it when something is due.
+    SettleProposals {
+        /// The leader's time.
+        at: Timestamp,
+    },
 }
 
 /// What applying a [`Command`] answers to its proposer.
@@ -393,4 +453,23 @@ pub enum Applied {
     ApiKeyCreated(ApiKeyInfo),
     /// An API key was revoked.
     ApiKeyRevoked(ApiKeyInfo),
+    /// The cluster has this id (set now or before).
+    ClusterInitialized {
+        /// The id.
+        cluster_id: String,
+    },
+    /// A governed circle as it is now.
+    CircleGoverned(CircleGovernance),
+    /// A proposal was made (or a replay found it made).
+    Proposed(ProposalInfo),
+    /// A decision was recorded; the proposal as it is now (applied, if this
+    /// decision completed its quorum).
+    Decided(ProposalInfo),
+    /// Proposals were settled.
+    ProposalsSettled {
+        /// How many applied.
+        applied: usize,
+        /// How many expired.
+        expired: usize,
+    },
 }

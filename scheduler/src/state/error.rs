@@ -25,6 +25,10 @@ pub enum ObjectKind {
     Member,
     /// A circle's API key.
     ApiKey,
+    /// A governed circle.
+    Circle,
+    /// A proposal.
+    Proposal,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -39,6 +43,8 @@ impl std::fmt::Display for ObjectKind {
             Self::Identity => "identity",
             Self::Member => "circle member",
             Self::ApiKey => "API key",
+            Self::Circle => "governed circle",
+            Self::Proposal => "proposal",
         })
     }
 }
@@ -77,6 +83,21 @@ pub enum StateError {
     /// A model's shard locations do not fit its manifest.
     #[error("shard locations do not fit the manifest: {0}")]
     BadLocations(String),
+    /// A decision on a proposal is refused, or the proposal is closed.
+    #[error("{0}")]
+    Chain(#[from] aigrid_consensus::human::ChainError),
+    /// A direct command makes a change its circle's policy guards.
+    #[error(
+        "`{target}` is guarded by circle `{circle}` ({kind}): it must be proposed and approved"
+    )]
+    Guarded {
+        /// The circle.
+        circle: String,
+        /// The kind of change.
+        kind: aigrid_api::ChangeKind,
+        /// What it changes.
+        target: String,
+    },
 }
 
 impl StateError {
@@ -92,6 +113,8 @@ impl StateError {
             Self::Manifest(ManifestError::Inconsistent(_)) | Self::BadLocations(_) => {
                 ErrorCode::InvalidManifest
             }
+            Self::Chain(e) => e.code(),
+            Self::Guarded { .. } => ErrorCode::Guarded,
         }
     }
 

@@ -27,6 +27,24 @@ impl ClusterState {
         }
         t.models.check_invariants()?;
         t.access.check()?;
+        t.chain.check()?;
+        for circle in t.chain.governed_names() {
+            let members = self.governance(circle).map(|g| g.governance.members);
+            let roles: Vec<_> = members
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| (m.identity, Some(m.role)))
+                .collect();
+            if roles
+                .iter()
+                .any(|(id, role)| self.role_in(id, circle) != *role)
+                || self.circle(circle).map_or(0, |c| c.members.len()) != roles.len()
+            {
+                return Err(format!(
+                    "governed circle `{circle}`: roles differ from its members"
+                ));
+            }
+        }
 
         let mut names = BTreeMap::new();
         for (id, job) in &t.jobs {

@@ -12,6 +12,7 @@
 
 mod access;
 mod allocations;
+pub mod chain;
 mod command;
 mod error;
 mod evaluations;
@@ -139,6 +140,9 @@ struct Tables {
     /// Identities, circles' members and API keys.
     #[serde(default)]
     access: access::Access,
+    /// Governed circles, proposals, target versions and the audit log.
+    #[serde(default)]
+    chain: chain::Chain,
 }
 
 /// A join token as the state keeps it.
@@ -229,7 +233,62 @@ impl StateMachine for ClusterState {
 
     fn apply(&mut self, index: u64, command: Command) -> CommandOutput {
         self.applying = index;
-        let output = match command {
+        let change = self.change_of(&command);
+        if let Some(change) = change.as_ref().filter(|c| self.is_guarded(c)) {
+            // A guarded change arrives only inside an approved proposal.
+            return Err(StateError::Guarded {
+                circle: change.circle.clone(),
+                kind: change.kind,
+                target: change.target.clone(),
+            });
+        }
+        let kept =
+            (command.control_time().is_some() && !self.is_echo(&command)).then(|| command.clone());
+        let output = self.dispatch(index, command);
+        if output.is_ok() {
+            self.record_change(index, kept.as_ref(), change);
+        }
+        debug_assert_eq!(self.check_invariants(), Ok(()));
+        output
+    }
+
+    /// The tables as JSON, streamed through an LZ4 frame: a state of a million
+    /// allocations never exists as one uncompressed buffer, and what the log keeps
+    /// and sends to lagging followers is several times smaller.
+    fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        let error = |e: &dyn std::fmt::Display| SnapshotError(e.to_string());
+        let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        serde_json::to_writer(&mut encoder, &self.tables).map_err(|e| error(&e))?;
+        encoder.finish().map_err(|e| error(&e))
+    }
+
+    /// Reads a snapshot: an LZ4 frame of JSON, or plain JSON as earlier releases
+    /// wrote it.
+    fn restore(&mut self, data: &[u8]) -> Result<(), SnapshotError> {
+        const LZ4_FRAME_MAGIC: [u8; 4] = [0x04, 0x22, 0x4d, 0x18];
+        let error = |e: serde_json::Error| SnapshotError(e.to_string());
+        let tables: Tables = if data.starts_with(&LZ4_FRAME_MAGIC) {
+            let reader = std::io::BufReader::new(lz4_flex::frame::FrameDecoder::new(data));
+            serde_json::from_reader(reader).map_err(error)?
+        } else {
+            serde_json::from_slice(data).map_err(error)?
+        };
+        let mut state = Self::from_tables(tables);
+        state.check_invariants().map_err(SnapshotError)?;
+        state.events = self.events.take();
+        *self = state;
+        // Every waiter re-reads: the restored state may differ in any node.
+        self.emit(StateEvent::Restored);
+        Ok(())
+    }
+}
+
+impl ClusterState {
+    /// Applies one command, guarded or not: the direct path comes through
+    /// `StateMachine::apply`, which refuses guarded changes first; an approved
+    /// proposal's change comes through here from `chain`.
+    fn dispatch(&mut self, index: u64, command: Command) -> CommandOutput {
+        match command {
             Command::SubmitJob {
                 job_id,
                 eval_id,
@@ -334,39 +393,32 @@ impl StateMachine for ClusterState {
             } => self.set_member(circle, identity, role),
             Command::CreateApiKey { info, secret_hash } => self.create_api_key(info, secret_hash),
             Command::RevokeApiKey { id, at: _ } => self.revoke_api_key(id),
-        };
-        debug_assert_eq!(self.check_invariants(), Ok(()));
-        output
-    }
-
-    /// The tables as JSON, streamed through an LZ4 frame: a state of a million
-    /// allocations never exists as one uncompressed buffer, and what the log keeps
-    /// and sends to lagging followers is several times smaller.
-    fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
-        let error = |e: &dyn std::fmt::Display| SnapshotError(e.to_string());
-        let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::new());
-        serde_json::to_writer(&mut encoder, &self.tables).map_err(|e| error(&e))?;
-        encoder.finish().map_err(|e| error(&e))
-    }
-
-    /// Reads a snapshot: an LZ4 frame of JSON, or plain JSON as earlier releases
-    /// wrote it.
-    fn restore(&mut self, data: &[u8]) -> Result<(), SnapshotError> {
-        const LZ4_FRAME_MAGIC: [u8; 4] = [0x04, 0x22, 0x4d, 0x18];
-        let error = |e: serde_json::Error| SnapshotError(e.to_string());
-        let tables: Tables = if data.starts_with(&LZ4_FRAME_MAGIC) {
-            let reader = std::io::BufReader::new(lz4_flex::frame::FrameDecoder::new(data));
-            serde_json::from_reader(reader).map_err(error)?
-        } else {
-            serde_json::from_slice(data).map_err(error)?
-        };
-        let mut state = Self::from_tables(tables);
-        state.check_invariants().map_err(SnapshotError)?;
-        state.events = self.events.take();
-        *self = state;
-        // Every waiter re-reads: the restored state may differ in any node.
-        self.emit(StateEvent::Restored);
-        Ok(())
+            Command::InitCluster {
+                cluster_id,
+                audit_seed,
+                at: _,
+            } => self.init_cluster(cluster_id, audit_seed),
+            Command::SetGovernance {
+                circle,
+                governance,
+                create,
+                by: _,
+                at: _,
+            } => self.set_governance(circle, governance, create),
+            Command::Propose {
+                id,
+                command,
+                by,
+                at,
+            } => self.propose(id, *command, by, at),
+            Command::Decide {
+                proposal,
+                by,
+                signed,
+                at,
+            } => self.decide(index, proposal, by, signed, at),
+            Command::SettleProposals { at } => self.settle_proposals(index, at),
+        }
     }
 }
 
@@ -387,6 +439,7 @@ impl ClusterState {
             node_index: BTreeMap::new(),
             models: models::Models::default(),
             access: access::Access::default(),
+            chain: chain::Chain::default(),
         })
     }
 

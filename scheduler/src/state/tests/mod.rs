@@ -2,6 +2,7 @@
 //! and the command builders here.
 
 mod allocations;
+mod chain;
 mod jobs;
 mod nodes;
 mod ports;
