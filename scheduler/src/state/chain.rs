@@ -19,13 +19,13 @@ use std::collections::BTreeMap;
 use aigrid_api::chain::ROOT_CIRCLE;
 use aigrid_api::{
     ChangeKind, CircleGovernance, DecisionRecord, Governance, IdentityId, ProposalInfo,
-    ProposalState, Role, SignedDecision, Signer, Timestamp,
+    ProposalState, SignedDecision, Signer, Timestamp,
 };
 use aigrid_consensus::human::audit::AuditLog;
 use aigrid_consensus::human::{self, Ballot, ChainError, Count, DigestInput};
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
+use super::trail::shown_payload;
 use super::*;
 
 /// Proposals kept once final; older final ones are forgotten first, so the state
@@ -88,6 +88,16 @@ impl Chain {
         self.governed.keys().map(String::as_str)
     }
 
+    /// Records that `target` changed at log `index`.
+    pub(super) fn set_revision(&mut self, target: &str, index: u64) {
+        self.revisions.insert(target.to_owned(), index);
+    }
+
+    /// Appends a leaf to the audit log.
+    pub(super) fn append(&mut self, leaf: String) {
+        self.audit.append(leaf);
+    }
+
     pub(super) fn check(&self) -> Result<(), String> {
         for (name, g) in &self.governed {
             g.governance
@@ -104,41 +114,6 @@ impl Chain {
         }
         Ok(())
     }
-}
-
-/// Replaces each value of every `env` object with a commitment to it, so a payload
-/// can be shown to every signer without its secrets, and the digest still binds them.
-fn commit_secrets(value: &mut serde_json::Value, salt: &str) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (key, v) in map.iter_mut() {
-                if key == "env" {
-                    if let serde_json::Value::Object(env) = v {
-                        for secret in env.values_mut() {
-                            let text = secret.as_str().unwrap_or_default();
-                            let mut h = sha2::Sha256::new();
-                            h.update(salt.as_bytes());
-                            h.update([0]);
-                            h.update(text.as_bytes());
-                            let digest = hex::encode(h.finalize());
-                            *secret = format!("<secret sha256:{}>", &digest[..32]).into();
-                        }
-                        continue;
-                    }
-                }
-                commit_secrets(v, salt);
-            }
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| commit_secrets(v, salt)),
-        _ => {}
-    }
-}
-
-/// The payload a proposal shows and hashes: the command, its secrets committed.
-fn shown_payload(command: &Command, proposal_id: &str) -> serde_json::Value {
-    let mut value = serde_json::to_value(command).unwrap_or(serde_json::Value::Null);
-    commit_secrets(&mut value, proposal_id);
-    value
 }
 
 /// The digest a proposal stores (hex, written by `propose`); all zeroes, which
@@ -808,133 +783,5 @@ impl ClusterState {
             }
         }
         Ok(Applied::ProposalsSettled { applied, expired })
-    }
-
-    /// Appends an event to the audit log: canonical JSON with its log index and time.
-    pub(super) fn audit(&mut self, index: u64, at: Timestamp, mut event: serde_json::Value) {
-        if let serde_json::Value::Object(map) = &mut event {
-            map.insert("index".into(), index.into());
-            map.insert("at".into(), at.as_millis().into());
-        }
-        let leaf = String::from_utf8(human::canonical_json(&event)).expect("JSON is UTF-8");
-        self.tables.chain.audit.append(leaf);
-    }
-
-    /// Whether `command`, about to apply, would only repeat what the state holds (a
-    /// re-proposed entry, an unchanged resubmit): the audit log records changes, not
-    /// echoes.
-    pub(super) fn is_echo(&self, command: &Command) -> bool {
-        match command {
-            Command::SubmitJob { eval_id, spec, .. } => {
-                self.tables.evaluations.contains_key(eval_id)
-                    || self.live_spec(&spec.name) == Some(spec)
-            }
-            Command::DeleteJob { eval_id, .. } => self.tables.evaluations.contains_key(eval_id),
-            Command::BootstrapAdmins { .. } => self.has_admin(),
-            Command::PutIdentity {
-                name,
-                public_key,
-                admin,
-                ..
-            } => self
-                .identity(&public_key.id())
-                .is_some_and(|i| i.name == *name && i.admin == *admin),
-            Command::CreateApiKey { info, .. } => self
-                .api_keys(Some(&info.circle))
-                .iter()
-                .any(|k| k.id == info.id),
-            Command::SetGovernance {
-                circle, governance, ..
-            } => self
-                .tables
-                .chain
-                .governed
-                .get(circle)
-                .is_some_and(|g| g.governance == *governance),
-            _ => false,
-        }
-    }
-
-    /// After a direct command applied: moves its target's version and logs it when it
-    /// is a control change.
-    pub(super) fn record_change(
-        &mut self,
-        index: u64,
-        command: Option<&Command>,
-        change: Option<Change>,
-    ) {
-        if let Some(change) = &change {
-            self.tables
-                .chain
-                .revisions
-                .insert(change.target.clone(), index);
-        }
-        let Some((command, at)) = command.and_then(|c| Some((c, c.control_time()?))) else {
-            return;
-        };
-        let payload = shown_payload(command, &index.to_string());
-        let mut event = serde_json::json!({
-            "event": "change",
-            "command": payload.get("type").cloned().unwrap_or_default(),
-            "payload_hash": hex::encode(human::payload_hash(&payload)),
-        });
-        if let Some(change) = change {
-            event["target"] = change.target.into();
-            event["circle"] = change.circle.into();
-        }
-        if let Some(by) = command.actor() {
-            event["by"] = by.to_string().into();
-        }
-        self.audit(index, at, event);
-    }
-}
-
-/// Who may ask for a change of `kind`: operators for jobs, owners for the circle's
-/// own members, policy and keys; the admins for the root circle's kinds.
-pub fn role_for(kind: ChangeKind) -> Role {
-    match kind {
-        ChangeKind::JobCreate
-        | ChangeKind::JobUpdate
-        | ChangeKind::JobDelete
-        | ChangeKind::JobScale
-        | ChangeKind::ModelRegister
-        | ChangeKind::ModelDelete
-        | ChangeKind::RolloutPromote => Role::Operator,
-        _ => Role::Owner,
-    }
-}
-
-impl Command {
-    /// When a control change (one the audit log records) was asked for; `None` for
-    /// the cluster's own bookkeeping and agents' reports, and for the Human Chain's
-    /// commands, which log their own events.
-    pub(super) fn control_time(&self) -> Option<Timestamp> {
-        match self {
-            Command::SubmitJob { at, .. }
-            | Command::DeleteJob { at, .. }
-            | Command::RevokeNode { at, .. }
-            | Command::CreateJoinToken { at, .. }
-            | Command::DeleteJoinToken { at, .. }
-            | Command::DrainNode { at, .. }
-            | Command::RegisterModel { at, .. }
-            | Command::DeleteModel { at, .. }
-            | Command::BootstrapAdmins { at, .. }
-            | Command::PutIdentity { at, .. }
-            | Command::RemoveIdentity { at, .. }
-            | Command::SetCircleMember { at, .. }
-            | Command::RevokeApiKey { at, .. }
-            | Command::SetGovernance { at, .. } => Some(*at),
-            Command::CreateApiKey { info, .. } => Some(info.created_at),
-            _ => None,
-        }
-    }
-
-    /// The identity the command names as asking for it, where it names one.
-    fn actor(&self) -> Option<&IdentityId> {
-        match self {
-            Command::SubmitJob { by, .. } => by.as_ref(),
-            Command::SetGovernance { by, .. } => by.as_ref(),
-            _ => None,
-        }
     }
 }

@@ -26,6 +26,7 @@ mod tables;
 #[cfg(test)]
 mod tests;
 mod tokens;
+mod trail;
 
 pub use access::{Action, Principal};
 use allocations::assigned;

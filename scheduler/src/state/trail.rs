@@ -1,0 +1,155 @@
+//! What the record keeps of each command: the payload a proposal shows (its
+//! secrets as commitments), which commands are control changes the audit log
+//! records and who asked for them, and the appending itself. Kept apart from the
+//! governance rules in `chain`, which call it.
+
+use aigrid_api::{IdentityId, Timestamp};
+use aigrid_consensus::human;
+use sha2::Digest;
+
+use super::chain::Change;
+use super::*;
+
+/// Replaces each value of every `env` object with a commitment to it, so a payload
+/// can be shown to every signer without its secrets, and the digest still binds them.
+fn commit_secrets(value: &mut serde_json::Value, salt: &str) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if key == "env" {
+                    if let serde_json::Value::Object(env) = v {
+                        for secret in env.values_mut() {
+                            let text = secret.as_str().unwrap_or_default();
+                            let mut h = sha2::Sha256::new();
+                            h.update(salt.as_bytes());
+                            h.update([0]);
+                            h.update(text.as_bytes());
+                            let digest = hex::encode(h.finalize());
+                            *secret = format!("<secret sha256:{}>", &digest[..32]).into();
+                        }
+                        continue;
+                    }
+                }
+                commit_secrets(v, salt);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| commit_secrets(v, salt)),
+        _ => {}
+    }
+}
+
+/// The payload a proposal shows and hashes: the command, its secrets committed.
+pub(super) fn shown_payload(command: &Command, proposal_id: &str) -> serde_json::Value {
+    let mut value = serde_json::to_value(command).unwrap_or(serde_json::Value::Null);
+    commit_secrets(&mut value, proposal_id);
+    value
+}
+
+impl ClusterState {
+    /// Appends an event to the audit log: canonical JSON with its log index and time.
+    pub(super) fn audit(&mut self, index: u64, at: Timestamp, mut event: serde_json::Value) {
+        if let serde_json::Value::Object(map) = &mut event {
+            map.insert("index".into(), index.into());
+            map.insert("at".into(), at.as_millis().into());
+        }
+        let leaf = String::from_utf8(human::canonical_json(&event)).expect("JSON is UTF-8");
+        self.tables.chain.append(leaf);
+    }
+
+    /// Whether `command`, about to apply, would only repeat what the state holds (a
+    /// re-proposed entry, an unchanged resubmit): the audit log records changes, not
+    /// echoes.
+    pub(super) fn is_echo(&self, command: &Command) -> bool {
+        match command {
+            Command::SubmitJob { eval_id, spec, .. } => {
+                self.tables.evaluations.contains_key(eval_id)
+                    || self.live_spec(&spec.name) == Some(spec)
+            }
+            Command::DeleteJob { eval_id, .. } => self.tables.evaluations.contains_key(eval_id),
+            Command::BootstrapAdmins { .. } => self.has_admin(),
+            Command::PutIdentity {
+                name,
+                public_key,
+                admin,
+                ..
+            } => self
+                .identity(&public_key.id())
+                .is_some_and(|i| i.name == *name && i.admin == *admin),
+            Command::CreateApiKey { info, .. } => self
+                .api_keys(Some(&info.circle))
+                .iter()
+                .any(|k| k.id == info.id),
+            Command::SetGovernance {
+                circle, governance, ..
+            } => self
+                .governance(circle)
+                .is_some_and(|g| g.governance == *governance),
+            _ => false,
+        }
+    }
+
+    /// After a direct command applied: moves its target's version and logs it when it
+    /// is a control change.
+    pub(super) fn record_change(
+        &mut self,
+        index: u64,
+        command: Option<&Command>,
+        change: Option<Change>,
+    ) {
+        if let Some(change) = &change {
+            self.tables.chain.set_revision(&change.target, index);
+        }
+        let Some((command, at)) = command.and_then(|c| Some((c, c.control_time()?))) else {
+            return;
+        };
+        let payload = shown_payload(command, &index.to_string());
+        let mut event = serde_json::json!({
+            "event": "change",
+            "command": payload.get("type").cloned().unwrap_or_default(),
+            "payload_hash": hex::encode(human::payload_hash(&payload)),
+        });
+        if let Some(change) = change {
+            event["target"] = change.target.into();
+            event["circle"] = change.circle.into();
+        }
+        if let Some(by) = command.actor() {
+            event["by"] = by.to_string().into();
+        }
+        self.audit(index, at, event);
+    }
+}
+
+impl Command {
+    /// When a control change (one the audit log records) was asked for; `None` for
+    /// the cluster's own bookkeeping and agents' reports, and for the Human Chain's
+    /// commands, which log their own events.
+    pub(super) fn control_time(&self) -> Option<Timestamp> {
+        match self {
+            Command::SubmitJob { at, .. }
+            | Command::DeleteJob { at, .. }
+            | Command::RevokeNode { at, .. }
+            | Command::CreateJoinToken { at, .. }
+            | Command::DeleteJoinToken { at, .. }
+            | Command::DrainNode { at, .. }
+            | Command::RegisterModel { at, .. }
+            | Command::DeleteModel { at, .. }
+            | Command::BootstrapAdmins { at, .. }
+            | Command::PutIdentity { at, .. }
+            | Command::RemoveIdentity { at, .. }
+            | Command::SetCircleMember { at, .. }
+            | Command::RevokeApiKey { at, .. }
+            | Command::SetGovernance { at, .. } => Some(*at),
+            Command::CreateApiKey { info, .. } => Some(info.created_at),
+            _ => None,
+        }
+    }
+
+    /// The identity the command names as asking for it, where it names one.
+    fn actor(&self) -> Option<&IdentityId> {
+        match self {
+            Command::SubmitJob { by, .. } => by.as_ref(),
+            Command::SetGovernance { by, .. } => by.as_ref(),
+            _ => None,
+        }
+    }
+}
