@@ -25,7 +25,7 @@ use aigrid_consensus::human::audit::AuditLog;
 use aigrid_consensus::human::{self, Ballot, ChainError, Count, DigestInput};
 use serde::{Deserialize, Serialize};
 
-use super::trail::shown_payload;
+use super::trail::{shown_payload, Change};
 use super::*;
 
 /// Proposals kept once final; older final ones are forgotten first, so the state
@@ -70,17 +70,6 @@ struct ProposalRecord {
     /// The command it applies: the real one, with the secret values the shown
     /// payload only commits to.
     command: Box<Command>,
-}
-
-/// A change a command makes, as far as governance is concerned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    /// The circle whose policy decides (`root` for cluster-wide changes).
-    pub circle: String,
-    /// The kind of change.
-    pub kind: ChangeKind,
-    /// What it changes.
-    pub target: String,
 }
 
 impl Chain {

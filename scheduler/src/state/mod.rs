@@ -36,6 +36,7 @@ pub use evaluations::EvaluationUpdate;
 pub use plans::{JobPlan, MovedAllocation, NewAllocation};
 use tables::{slice_of, AllocIndex, Held};
 pub use tokens::TokenUse;
+pub use trail::Change;
 
 use std::collections::{BTreeMap, BTreeSet};
 

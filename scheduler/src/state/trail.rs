@@ -3,12 +3,22 @@
 //! records and who asked for them, and the appending itself. Kept apart from the
 //! governance rules in `chain`, which call it.
 
-use aigrid_api::{IdentityId, Timestamp};
+use aigrid_api::{ChangeKind, IdentityId, Timestamp};
 use aigrid_consensus::human;
 use sha2::Digest;
 
-use super::chain::Change;
 use super::*;
+
+/// A change a command makes, as far as governance is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The circle whose policy decides (`root` for cluster-wide changes).
+    pub circle: String,
+    /// The kind of change.
+    pub kind: ChangeKind,
+    /// What it changes.
+    pub target: String,
+}
 
 /// Replaces each value of every `env` object with a commitment to it, so a payload
 /// can be shown to every signer without its secrets, and the digest still binds them.
