@@ -70,6 +70,19 @@ impl ChangeKind {
         .collect()
     }
 
+    /// What the root circle guards: cluster-wide changes (node keys, servers and
+    /// admins) and its own members and policy.
+    pub fn root_default() -> BTreeSet<ChangeKind> {
+        [
+            ChangeKind::NodeRevoke,
+            ChangeKind::ClusterMembership,
+            ChangeKind::CircleMembers,
+            ChangeKind::CirclePolicy,
+        ]
+        .into_iter()
+        .collect()
+    }
+
     /// Whether changing this kind needs the old and the new quorum (rule 4).
     pub fn changes_signers(self) -> bool {
         matches!(self, ChangeKind::CircleMembers | ChangeKind::CirclePolicy)
@@ -132,6 +145,10 @@ pub struct CirclePolicy {
     /// Approvals must be signed with hybrid (ed25519 + ML-DSA-65) keys.
     #[serde(default)]
     pub require_hybrid: bool,
+    /// The circle's models must have hybrid-signed manifests (ed25519 + ML-DSA-65);
+    /// an ed25519-only manifest is refused as it registers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_hybrid_manifests: bool,
     /// With `job.scale` guarded: the instance count a job may reach without the
     /// quorum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,6 +170,7 @@ impl CirclePolicy {
             min_window_secs: 0,
             max_window_secs: DEFAULT_WINDOW_SECS,
             require_hybrid: false,
+            require_hybrid_manifests: false,
             scale_limit: None,
         }
     }
@@ -269,7 +287,7 @@ impl Governance {
 }
 
 /// A governed circle as the control API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CircleGovernance {
     /// The circle's name.
     pub name: String,
@@ -278,6 +296,45 @@ pub struct CircleGovernance {
     /// Its members and policy.
     #[serde(flatten)]
     pub governance: Governance,
+}
+
+/// [`CircleGovernance`] as its document shows it: the derive would document the
+/// flattened [`Governance`] as `allOf` an object that refuses every other field
+/// (`name`, `version`), a schema no answer satisfies; this lists the fields as
+/// serde writes them.
+#[derive(ToSchema)]
+#[schema(as = CircleGovernance)]
+#[allow(dead_code)]
+struct CircleGovernanceDoc {
+    /// The circle's name.
+    name: String,
+    /// Bumped by every change to its members or policy; approvals name it.
+    version: u64,
+    /// Members with weights and roles.
+    members: Vec<PolicyMember>,
+    /// The policy.
+    policy: CirclePolicy,
+}
+
+impl utoipa::PartialSchema for CircleGovernance {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        CircleGovernanceDoc::schema()
+    }
+}
+
+impl ToSchema for CircleGovernance {
+    fn name() -> std::borrow::Cow<'static, str> {
+        CircleGovernanceDoc::name()
+    }
+
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        CircleGovernanceDoc::schemas(schemas);
+    }
 }
 
 wire_enum!(
@@ -376,6 +433,10 @@ pub struct DecisionRecord {
 pub struct ProposalInfo {
     /// Its id.
     pub id: String,
+    /// The cluster it was made in; the digest names it, so an approval cannot be
+    /// replayed in another cluster.
+    #[serde(default)]
+    pub cluster_id: String,
     /// Where it stands.
     pub state: ProposalState,
     /// The circle whose quorum decides.
@@ -441,6 +502,24 @@ pub struct ProposalCreated {
     pub kind: ChangeKind,
     /// The digest members sign, hex.
     pub digest: String,
+    /// For a proposed API key: the key itself, shown this once. It works once the
+    /// proposal applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl ProposalCreated {
+    /// The answer for `info`, just made.
+    pub fn of(info: &ProposalInfo) -> Self {
+        ProposalCreated {
+            proposal: info.id.clone(),
+            state: info.state,
+            circle: info.circle.clone(),
+            kind: info.kind,
+            digest: info.digest.clone(),
+            key: None,
+        }
+    }
 }
 
 /// One entry of the audit log, as the control API lists it.

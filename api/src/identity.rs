@@ -137,14 +137,20 @@ impl PublicKey {
         let ml_key = self
             .ml_dsa_bytes()
             .ok_or(AuthError::Malformed("the key has no ML-DSA-65 half"))?;
-        let encoded = ml_dsa::EncodedVerifyingKey::<MlDsa65>::try_from(ml_key)
-            .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
-        let key = ml_dsa::VerifyingKey::<MlDsa65>::decode(&encoded);
-        let sig = ml_dsa::Signature::<MlDsa65>::try_from(signature)
-            .map_err(|_| AuthError::Malformed("signature is not ML-DSA-65"))?;
-        key.verify(message, &sig)
-            .map_err(|_| AuthError::BadSignature)
+        verify_ml_dsa_65(ml_key, message, signature)
     }
+}
+
+/// Checks an ML-DSA-65 `signature` over `message` under the encoded key `key` (1952
+/// bytes), for formats that carry the post-quantum key on its own.
+pub fn verify_ml_dsa_65(key: &[u8], message: &[u8], signature: &[u8]) -> Result<(), AuthError> {
+    let encoded = ml_dsa::EncodedVerifyingKey::<MlDsa65>::try_from(key)
+        .map_err(|_| AuthError::Malformed("the key is not an ML-DSA-65 key"))?;
+    let key = ml_dsa::VerifyingKey::<MlDsa65>::decode(&encoded);
+    let sig = ml_dsa::Signature::<MlDsa65>::try_from(signature)
+        .map_err(|_| AuthError::Malformed("signature is not ML-DSA-65"))?;
+    key.verify(message, &sig)
+        .map_err(|_| AuthError::BadSignature)
 }
 
 impl From<crate::auth::NodePublicKey> for PublicKey {

@@ -19,6 +19,13 @@ pub struct ModelSummary {
     pub name: String,
     /// The publisher's ed25519 public key, hex, whose signature the manifest carries.
     pub publisher: String,
+    /// The signatures the manifest carries: `ed25519`, or `ed25519+ml-dsa-65` for a
+    /// hybrid-signed one (both verified).
+    #[serde(default = "ed25519")]
+    pub signature: String,
+    /// The circle the model belongs to; none for the admins'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circle: Option<String>,
     /// Number of files.
     pub files: usize,
     /// Bytes of its files.
@@ -150,6 +157,10 @@ fn check_url(url: &str) -> Result<(), String> {
 
 const NO_SECRETS: &str =
     "URLs are shown to every client, so credentials go in the backend's options or environment";
+
+fn ed25519() -> String {
+    crate::manifest::MANIFEST_ED25519.to_owned()
+}
 
 #[cfg(test)]
 mod tests {

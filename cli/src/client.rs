@@ -8,7 +8,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use aigrid_api::{ErrorBody, IdentityKey};
+use aigrid_api::{ErrorBody, IdentityKey, ProposalCreated};
 use aigrid_tls::ApiTrust;
 use anyhow::{anyhow, bail, Context};
 use reqwest::{Method, StatusCode};
@@ -79,6 +79,11 @@ impl Client {
         Ok(Client { servers, http, key })
     }
 
+    /// The identity key requests are signed with, if any.
+    pub fn key(&self) -> Option<&IdentityKey> {
+        self.key.as_deref()
+    }
+
     /// The server URLs, in order.
     pub fn servers(&self) -> &[String] {
         &self.servers
@@ -99,6 +104,39 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> anyhow::Result<T> {
+        let (_, bytes) = self.send(method, path, body).await?;
+        decode(&bytes, path)
+    }
+
+    /// As [`Client::call`], for a change a circle's policy may guard: the answer, or
+    /// the proposal made in its place (202).
+    pub async fn call_guarded<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<Answer<T>> {
+        let (status, bytes) = self.send(method, path, body).await?;
+        if status == StatusCode::ACCEPTED {
+            return decode(&bytes, path).map(Answer::Proposed);
+        }
+        decode(&bytes, path).map(Answer::Done)
+    }
+
+    /// The success body of a GET, byte for byte.
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let (_, bytes) = self.send::<()>(Method::GET, path, None).await?;
+        Ok(bytes)
+    }
+
+    /// Sends a request and answers a success's status and body, or turns the API's
+    /// error body into a one-line error.
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<(StatusCode, Vec<u8>)> {
         let mut last_error = None;
         let body = match body {
             Some(b) => Some(serde_json::to_vec(b).context("encoding the request")?),
@@ -128,12 +166,10 @@ impl Client {
             let status = resp.status();
             let bytes = resp.bytes().await.context("reading the response")?;
             if status == StatusCode::NO_CONTENT {
-                return serde_json::from_slice(b"null")
-                    .with_context(|| format!("unexpected empty response from {server}{path}"));
+                return Ok((status, b"null".to_vec()));
             }
             if status.is_success() {
-                return serde_json::from_slice(&bytes)
-                    .with_context(|| format!("unexpected response from {server}{path}"));
+                return Ok((status, bytes.to_vec()));
             }
             let mut message = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(body) => format!("{} ({})", body.error.message, body.error.code),
@@ -153,6 +189,39 @@ impl Client {
             bail!("{message}");
         }
         Err(last_error.unwrap_or_else(|| anyhow!("no server to ask")))
+    }
+}
+
+/// What a guarded write came to.
+pub enum Answer<T> {
+    /// Applied and committed.
+    Done(T),
+    /// Guarded by its circle: proposed, nothing applied until its quorum approves.
+    Proposed(ProposalCreated),
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], path: &str) -> anyhow::Result<T> {
+    serde_json::from_slice(bytes).with_context(|| format!("unexpected response to {path}"))
+}
+
+/// Prints what a guarded write came to when it was proposed, as `--json` or a line
+/// saying what happens next; answers the value when it was applied.
+pub fn proposed_or<T>(answer: Answer<T>, json: bool) -> anyhow::Result<Option<T>> {
+    match answer {
+        Answer::Done(value) => Ok(Some(value)),
+        Answer::Proposed(created) => {
+            if json {
+                crate::output::print_json(&created)?;
+            } else {
+                println!(
+                    "proposal {} {}: circle `{}` guards {}; nothing changes until its members \
+                     approve (aigrid proposal show {})",
+                    created.proposal, created.state, created.circle, created.kind, created.proposal
+                );
+                println!("digest {}", created.digest);
+            }
+            Ok(None)
+        }
     }
 }
 

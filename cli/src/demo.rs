@@ -141,12 +141,17 @@ async fn try_deploy(
         // The data directory's own key: the same publisher on every start, so a
         // second push finds every chunk stored and registers the same digest.
         publisher_key: Some(dir.join("publisher.key")),
+        hybrid: false,
+        circle: None,
         store,
     };
     let pushed = model::push_dir(&client, &args, false)
         .await
         .context("pushing it")?;
-    let digest = pushed.summary.digest;
+    let crate::client::Answer::Done(summary) = pushed.registered else {
+        anyhow::bail!("the demo model's registration was made a proposal: a circle guards it");
+    };
+    let digest = summary.digest;
     let jobs: Vec<JobSummary> = client
         .call::<(), _>(Method::GET, "/api/v1/jobs", None)
         .await

@@ -13,7 +13,7 @@
 //!   request with the caller's identity, with one-line errors.
 //! - [`keys`]: identity key files: made (mode 0600), read, and signing with them.
 //! - [`commands`]: the client subcommands `job`, `alloc`, `node`, `cluster`, `key`,
-//!   `whoami`, `identity`, `circle`, `apikey`, `ca`, one module per noun.
+//!   `whoami`, `identity`, `circle`, `proposal`, `audit`, `apikey`, `ca`.
 //! - [`agent`]: the node agent role, its flags and its metrics listener.
 //! - [`placement`]: waiting for a submitted job's placement and saying where it went.
 //! - [`logs`]: allocations' output: by id prefix, by job, followed.
@@ -122,6 +122,13 @@ enum Command {
     /// Show circles and manage their members' roles.
     #[command(subcommand)]
     Circle(commands::CircleCommand),
+    /// Show, approve, reject and veto proposals: guarded changes waiting for their
+    /// circle's quorum.
+    #[command(subcommand)]
+    Proposal(commands::ProposalCommand),
+    /// Read, export and verify the audit log of every control change.
+    #[command(subcommand)]
+    Audit(commands::AuditCommand),
     /// Create, list and revoke a circle's API keys for `/v1`.
     #[command(subcommand)]
     Apikey(commands::ApiKeyCommand),
@@ -204,6 +211,13 @@ fn main() -> ExitCode {
             Command::Identity(cmd) => commands::identity(&client()?, cmd, cli.json).await,
             Command::Circle(cmd) => commands::circle(&client()?, cmd, cli.json).await,
             Command::Apikey(cmd) => commands::apikey(&client()?, cmd, cli.json).await,
+            Command::Proposal(cmd) => commands::proposal(&client()?, cmd, cli.json).await,
+            Command::Audit(commands::AuditCommand::Verify {
+                file,
+                cluster_key,
+                older,
+            }) => commands::verify_audit(&file, cluster_key.as_deref(), older.as_deref(), cli.json),
+            Command::Audit(cmd) => commands::audit(&client()?, cmd, cli.json).await,
             Command::Ca(cmd) => commands::ca(cmd, cli.json),
             Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
         }

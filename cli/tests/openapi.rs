@@ -63,6 +63,16 @@ const SERVED: &[&str] = &[
     "POST /api/v1/circles/{circle}/api-keys",
     "GET /api/v1/circles/{circle}/api-keys",
     "DELETE /api/v1/circles/{circle}/api-keys/{id}",
+    "POST /api/v1/circles",
+    "GET /api/v1/circles/{circle}/governance",
+    "PUT /api/v1/circles/{circle}/governance",
+    "GET /api/v1/proposals",
+    "GET /api/v1/proposals/{id}",
+    "POST /api/v1/proposals/{id}/approvals",
+    "GET /api/v1/audit",
+    "GET /api/v1/audit/checkpoint",
+    "GET /api/v1/audit/proof",
+    "GET /api/v1/audit/export",
     "GET /api/v1/openapi.json",
     "GET /api/v1",
     "GET /metrics",
@@ -183,6 +193,16 @@ struct Fixtures {
     member: String,
     /// An API key of `lab`, revoked at the end.
     api_key: String,
+    /// A pending proposal of the governed circle `gov`: its id and digest.
+    proposal: (String, String),
+}
+
+/// The governance of a circle whose one member is the tests' admin.
+fn admin_governance() -> Value {
+    json!({
+        "members": [{"identity": identity::admin_key().id()}],
+        "policy": aigrid_api::CirclePolicy::new(1),
+    })
 }
 
 /// The node registration for `id`, signed with `key`, presenting `token`.
@@ -303,7 +323,27 @@ async fn make_fixtures(client: &reqwest::Client, server: &str, joiner: (u64, Str
         201,
     )
     .await;
+    let mut circle = admin_governance();
+    circle["name"] = "gov".into();
+    expect_json(
+        Call::new("POST", "/api/v1/circles").json(&circle),
+        client,
+        server,
+        201,
+    )
+    .await;
+    let proposed = expect_json(
+        Call::new("PUT", "/api/v1/circles/gov/governance").json(&admin_governance()),
+        client,
+        server,
+        202,
+    )
+    .await;
     Fixtures {
+        proposal: (
+            proposed["proposal"].as_str().unwrap().to_owned(),
+            proposed["digest"].as_str().unwrap().to_owned(),
+        ),
         member: member.id().to_string(),
         api_key: api_key["id"].as_str().unwrap().to_owned(),
         node: "node-a".into(),
@@ -401,6 +441,34 @@ fn valid_call(fx: &Fixtures, method: &str, path: &str) -> Option<Call> {
             method,
             format!("/api/v1/circles/lab/api-keys/{}", fx.api_key),
         ),
+        ("POST", "/api/v1/circles") => {
+            let mut circle = admin_governance();
+            circle["name"] = "gov2".into();
+            Call::new(method, path).json(&circle)
+        }
+        ("GET", "/api/v1/circles/{circle}/governance") => {
+            Call::new(method, "/api/v1/circles/gov/governance")
+        }
+        ("PUT", "/api/v1/circles/{circle}/governance") => {
+            Call::new(method, "/api/v1/circles/gov/governance").json(&admin_governance())
+        }
+        ("GET", "/api/v1/proposals/{id}") => {
+            Call::new(method, format!("/api/v1/proposals/{}", fx.proposal.0))
+        }
+        ("POST", "/api/v1/proposals/{id}/approvals") => {
+            let digest: [u8; 32] = hex::decode(&fx.proposal.1).unwrap().try_into().unwrap();
+            let signed = aigrid_consensus::human::sign_decision(
+                &identity::admin_key(),
+                &digest,
+                aigrid_api::Decision::Approve,
+            );
+            Call::new(
+                method,
+                format!("/api/v1/proposals/{}/approvals", fx.proposal.0),
+            )
+            .json(&serde_json::to_value(signed).unwrap())
+        }
+        ("GET", "/api/v1/audit/proof") => Call::new(method, "/api/v1/audit/proof?index=0"),
         ("GET", "/v1/models/{model}") => Call::new(method, "/v1/models/conformance"),
         ("POST", "/v1/completions") => {
             Call::new(method, path).json(&json!({"model": "conformance", "prompt": "hi"}))

@@ -205,7 +205,7 @@ where
         self.replicas.insert(id, Some(replica));
     }
 
-    fn propose(&mut self, make_command: &mut dyn FnMut(&mut StdRng, u64) -> S::Command) {
+    fn propose(&mut self, make_command: &mut dyn FnMut(&mut StdRng, u64, &S) -> S::Command) {
         let alive: Vec<u64> = self
             .replicas
             .iter()
@@ -216,7 +216,8 @@ where
             return;
         }
         let id = alive[self.rng.random_range(0..alive.len())];
-        let command = make_command(&mut self.rng, self.step);
+        let state = self.replicas[&id].as_ref().expect("alive").state();
+        let command = make_command(&mut self.rng, self.step, &state.read());
         let request = RequestId(self.next_request);
         self.next_request += 1;
         let data = serde_json::to_vec(&command).expect("commands serialise");
@@ -327,8 +328,20 @@ where
     /// Runs faults, then heals and checks: at most one leader per term, identical state
     /// on every server, and every acknowledged command present (`is_present`).
     pub fn run(
-        mut self,
+        self,
         mut make_command: impl FnMut(&mut StdRng, u64) -> S::Command,
+        is_present: impl Fn(&S, &S::Command) -> bool,
+    ) -> Result<SimReport, String> {
+        self.run_seeing(move |rng, step, _| make_command(rng, step), is_present)
+    }
+
+    /// As [`Simulation::run`], with commands made seeing the applied state of the
+    /// server they are proposed to (as a client that read it before writing would):
+    /// for commands that must name what the state holds, such as a signed decision
+    /// on a proposal's digest.
+    pub fn run_seeing(
+        mut self,
+        mut make_command: impl FnMut(&mut StdRng, u64, &S) -> S::Command,
         is_present: impl Fn(&S, &S::Command) -> bool,
     ) -> Result<SimReport, String> {
         // Several steps per tick, so messages move faster than clocks.
@@ -406,11 +419,12 @@ where
         make_command: &mut dyn FnMut(&mut StdRng, u64) -> S::Command,
     ) -> Result<(), String> {
         const STEPS_PER_TICK: u64 = 4;
+        let mut make_command = |rng: &mut StdRng, step: u64, _: &S| make_command(rng, step);
         for _ in 0..ticks {
             for _ in 0..STEPS_PER_TICK {
                 self.step += 1;
                 if self.step.is_multiple_of(20) {
-                    self.propose(make_command);
+                    self.propose(&mut make_command);
                 }
                 self.deliver();
                 self.process(false)?;

@@ -55,6 +55,9 @@ pub struct PushOptions {
     pub known: Vec<Registration>,
     /// Live counters for a progress display.
     pub progress: Arc<PushProgress>,
+    /// Sign the manifest hybrid: ed25519 and the ML-DSA-65 key derived from the
+    /// same publisher key.
+    pub hybrid: bool,
 }
 
 impl PushOptions {
@@ -68,6 +71,7 @@ impl PushOptions {
             key: None,
             known: Vec::new(),
             progress: Arc::default(),
+            hybrid: false,
         }
     }
 }
@@ -332,8 +336,13 @@ impl Store {
                 .collect(),
         };
         let registration = Registration {
-            manifest: SignedManifest::sign(manifest, key),
+            manifest: if opts.hybrid {
+                SignedManifest::sign_hybrid(manifest, key)
+            } else {
+                SignedManifest::sign(manifest, key)
+            },
             locations: Locations { stripes: locations },
+            circle: None,
         };
         registration.verify()?;
         Ok(Pushed {

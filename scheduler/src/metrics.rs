@@ -7,7 +7,7 @@
 use aigrid_consensus::RaftNode;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::state::ClusterState;
 
@@ -81,6 +81,90 @@ pub fn register_state(registry: &Registry, raft: RaftNode<ClusterState>) -> prom
         raft,
         descs,
         gauges,
+    }))
+}
+
+/// The Human Chain's metrics, read from the applied state at scrape time:
+/// proposals by state, the audit log's size, and how long applied proposals took
+/// from being made to applying (each observed once, at the first scrape that sees
+/// it applied).
+struct ChainCollector {
+    raft: RaftNode<ClusterState>,
+    proposals: IntGaugeVec,
+    audit: IntGauge,
+    approval: Histogram,
+    /// Applied proposals already observed, pruned to those the state still keeps.
+    seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl Collector for ChainCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.proposals.desc();
+        descs.extend(self.audit.desc());
+        descs.extend(self.approval.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (by_state, audit, applied) = self.raft.read_local(|s| {
+            let all = s.proposals_where(|_| true);
+            let mut by_state = std::collections::BTreeMap::new();
+            for state in aigrid_api::ProposalState::ALL {
+                by_state.insert(state.as_str(), 0i64);
+            }
+            let mut applied = Vec::new();
+            for p in &all {
+                *by_state.entry(p.state.as_str()).or_default() += 1;
+                if let (aigrid_api::ProposalState::Applied, Some(closed)) = (p.state, p.closed_at) {
+                    let ms = closed.as_millis().saturating_sub(p.created_at.as_millis());
+                    applied.push((p.id.clone(), ms));
+                }
+            }
+            (by_state, s.audit_log().len(), applied)
+        });
+        for (state, n) in by_state {
+            self.proposals.with_label_values(&[state]).set(n);
+        }
+        self.audit.set(i64::try_from(audit).unwrap_or(i64::MAX));
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let kept: std::collections::BTreeSet<String> =
+            applied.iter().map(|(id, _)| id.clone()).collect();
+        for (id, ms) in applied {
+            if !seen.contains(&id) {
+                self.approval.observe(ms as f64 / 1000.0);
+            }
+        }
+        *seen = kept;
+        let mut out = self.proposals.collect();
+        out.extend(self.audit.collect());
+        out.extend(self.approval.collect());
+        out
+    }
+}
+
+/// Registers the Human Chain's metrics, read from `raft`'s applied state.
+pub fn register_chain(registry: &Registry, raft: RaftNode<ClusterState>) -> prometheus::Result<()> {
+    let proposals = IntGaugeVec::new(
+        Opts::new("aigrid_proposals", "Proposals kept, by state"),
+        &["state"],
+    )?;
+    let audit = IntGauge::with_opts(Opts::new(
+        "aigrid_audit_entries",
+        "Entries in the Human Chain's audit log",
+    ))?;
+    let approval = Histogram::with_opts(
+        HistogramOpts::new(
+            "aigrid_proposal_approval_seconds",
+            "Seconds from a proposal being made to its change applying",
+        )
+        .buckets(prometheus::exponential_buckets(1.0, 4.0, 12)?),
+    )?;
+    registry.register(Box::new(ChainCollector {
+        raft,
+        proposals,
+        audit,
+        approval,
+        seen: std::sync::Mutex::default(),
     }))
 }
 

@@ -130,6 +130,7 @@ impl Server {
             metrics,
         )?;
         crate::metrics::register_state(&registry, raft.clone())?;
+        crate::metrics::register_chain(&registry, raft.clone())?;
         let worker_metrics = crate::metrics::WorkerMetrics::register(&registry)?;
         let agents = std::sync::Arc::new(crate::hub::AgentHub::new(
             &raft,
@@ -170,6 +171,11 @@ impl Server {
         tokio::spawn(bootstrap_admins(
             raft.clone(),
             config.access.admins.clone(),
+            clock.clone(),
+            shutdown.subscribe(),
+        ));
+        tokio::spawn(keep_chain(
+            raft.clone(),
             clock.clone(),
             shutdown.subscribe(),
         ));
@@ -274,6 +280,47 @@ async fn bootstrap_admins(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The leader's part in the Human Chain: names the cluster once (a random id that
+/// every approval digest carries, and the seed of the audit key its checkpoints are
+/// signed with), and settles proposals when some are due (expired, or approved and
+/// past their minimum window). Every command here is idempotent: a leader that
+/// loses its place mid-way leaves nothing half done.
+async fn keep_chain(
+    raft: RaftNode<ClusterState>,
+    clock: SharedClock,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let status = raft.status();
+        if status.leader == Some(status.id) {
+            let now = clock.now();
+            let (named, due) =
+                raft.read_local(|s| (!s.cluster_id().is_empty(), s.proposals_due(now)));
+            let command = if !named {
+                let seed: [u8; 32] = http::plumbing::random_bytes();
+                Some(crate::state::Command::InitCluster {
+                    cluster_id: uuid::Uuid::new_v4().simple().to_string(),
+                    audit_seed: hex::encode(seed),
+                    at: now,
+                })
+            } else if due {
+                Some(crate::state::Command::SettleProposals { at: now })
+            } else {
+                None
+            };
+            if let Some(command) = command {
+                if let Err(e) = raft.propose(&command).await {
+                    tracing::debug!(error = %e, "keeping the Human Chain");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = stop.changed() => return,
         }
     }

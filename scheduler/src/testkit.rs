@@ -57,6 +57,7 @@ pub fn model_registration(name: &str, seed: u8, stripes: usize) -> Registration 
     Registration {
         manifest: SignedManifest::sign(manifest, &publisher(seed)),
         locations: placed(stripes, 0),
+        circle: None,
     }
 }
 

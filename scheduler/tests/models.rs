@@ -264,6 +264,7 @@ async fn models_are_registered_listed_relocated_and_forgotten() {
     let inconsistent = Registration {
         manifest: SignedManifest::sign(broken, &publisher(1)),
         locations: placed(2, 0),
+        circle: None,
     };
     refused(
         call(&client, Method::POST, &models, Some(bytes(&inconsistent))).await,

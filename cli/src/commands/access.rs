@@ -12,7 +12,7 @@ use anyhow::anyhow;
 use clap::Subcommand;
 use reqwest::Method;
 
-use crate::client::{path_segment, Client};
+use crate::client::{path_segment, proposed_or, Client};
 use crate::keys;
 use crate::output::{print_json, print_table, say};
 
@@ -61,16 +61,38 @@ pub enum IdentityCommand {
     },
 }
 
-/// `aigrid circle ...`: circles' members and their roles.
+/// `aigrid circle ...`: circles' members and their roles; governed circles'
+/// members, weights and approval policy.
 #[derive(Subcommand)]
 pub enum CircleCommand {
+    /// Make a governed circle: its members approve its guarded changes, M of N by
+    /// weight. Admins.
+    Create {
+        /// The circle's name.
+        name: String,
+        /// A member, PUBLIC_KEY[:WEIGHT] (repeat for each; unknown keys are added
+        /// as identities).
+        #[arg(long = "member", required = true)]
+        members: Vec<super::chain::MemberArg>,
+        /// Total weight of approvals a guarded change needs.
+        #[arg(long)]
+        threshold: u32,
+        #[command(flatten)]
+        policy: super::chain::PolicyArgs,
+    },
     /// List the circles you may see, with their members.
     Ls,
-    /// Show one circle's members.
+    /// Show one circle's members and, for a governed circle, its weights and policy.
     Show {
         /// The circle.
         circle: String,
     },
+    /// Add or remove a governed circle's members.
+    #[command(subcommand)]
+    Member(super::chain::MemberCommand),
+    /// Change a governed circle's policy.
+    #[command(subcommand)]
+    Policy(super::chain::PolicyCommand),
     /// Give an identity a role (viewer, operator, owner) in a circle. Admins and owners.
     Grant {
         /// The circle.
@@ -155,6 +177,7 @@ pub fn key(identity: Option<&Path>, cmd: KeyCommand, json: bool) -> anyhow::Resu
             "name": file.name,
             "id": file.id,
             "public_key": file.public_key,
+            "type": file.public_key.algorithm(),
             "file": path,
         }));
     }
@@ -219,9 +242,12 @@ pub async fn identity(client: &Client, cmd: IdentityCommand, json: bool) -> anyh
                 admin,
             };
             request.validate().map_err(|e| anyhow!("{e}"))?;
-            let info: IdentityInfo = client
-                .call(Method::POST, "/api/v1/identities", Some(&request))
+            let answer = client
+                .call_guarded(Method::POST, "/api/v1/identities", Some(&request))
                 .await?;
+            let Some(info): Option<IdentityInfo> = proposed_or(answer, json)? else {
+                return Ok(());
+            };
             if json {
                 return print_json(&info);
             }
@@ -238,7 +264,12 @@ pub async fn identity(client: &Client, cmd: IdentityCommand, json: bool) -> anyh
         }
         IdentityCommand::Rm { id } => {
             let path = format!("/api/v1/identities/{}", path_segment(&id)?);
-            let info: IdentityInfo = client.call::<(), _>(Method::DELETE, &path, None).await?;
+            let answer = client
+                .call_guarded::<(), _>(Method::DELETE, &path, None)
+                .await?;
+            let Some(info): Option<IdentityInfo> = proposed_or(answer, json)? else {
+                return Ok(());
+            };
             if json {
                 return print_json(&info);
             }
@@ -275,8 +306,27 @@ pub async fn circle(client: &Client, cmd: CircleCommand, json: bool) -> anyhow::
         }
         CircleCommand::Show { circle } => {
             let path = format!("/api/v1/circles/{}", path_segment(&circle)?);
-            client.call::<(), _>(Method::GET, &path, None).await?
+            let one: CircleInfo = client.call::<(), _>(Method::GET, &path, None).await?;
+            let governed = super::chain::governance(client, &circle).await.ok();
+            if json {
+                let mut value = serde_json::to_value(&one)?;
+                value["governance"] = serde_json::to_value(&governed)?;
+                return print_json(&value);
+            }
+            print_circle(&one);
+            if let Some(g) = &governed {
+                super::chain::print_governance(g);
+            }
+            return Ok(());
         }
+        CircleCommand::Create {
+            name,
+            members,
+            threshold,
+            policy,
+        } => return super::chain::create(client, name, members, threshold, policy, json).await,
+        CircleCommand::Member(cmd) => return super::chain::member(client, cmd, json).await,
+        CircleCommand::Policy(cmd) => return super::chain::policy(client, cmd, json).await,
         CircleCommand::Grant {
             circle,
             member,
@@ -314,7 +364,12 @@ pub async fn apikey(client: &Client, cmd: ApiKeyCommand, json: bool) -> anyhow::
             let path = format!("/api/v1/circles/{}/api-keys", path_segment(&circle)?);
             let request = CreateApiKey { name };
             request.validate().map_err(|e| anyhow!("{e}"))?;
-            let created: CreatedApiKey = client.call(Method::POST, &path, Some(&request)).await?;
+            let answer = client
+                .call_guarded(Method::POST, &path, Some(&request))
+                .await?;
+            let Some(created): Option<CreatedApiKey> = proposed_or(answer, json)? else {
+                return Ok(());
+            };
             if json {
                 return print_json(&created);
             }
@@ -347,7 +402,12 @@ pub async fn apikey(client: &Client, cmd: ApiKeyCommand, json: bool) -> anyhow::
                 path_segment(&circle)?,
                 path_segment(&id)?
             );
-            let info: ApiKeyInfo = client.call::<(), _>(Method::DELETE, &path, None).await?;
+            let answer = client
+                .call_guarded::<(), _>(Method::DELETE, &path, None)
+                .await?;
+            let Some(info): Option<ApiKeyInfo> = proposed_or(answer, json)? else {
+                return Ok(());
+            };
             if json {
                 return print_json(&info);
             }

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context};
 use clap::Subcommand;
 use reqwest::Method;
 
-use crate::client::{path_segment, Client};
+use crate::client::{path_segment, proposed_or, Client};
 use crate::output::{list_or_dash, ms_to_text, print_json, print_table};
 use crate::{logs, placement};
 
@@ -94,9 +94,12 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
             let spec = read_spec(&file)?;
             // The version before: an unchanged resubmit answers the version it found.
             let before = placement::current_version(client, &spec.name).await;
-            let resp: SubmitJobResponse = client
-                .call(Method::POST, "/api/v1/jobs", Some(&spec))
+            let answer = client
+                .call_guarded(Method::POST, "/api/v1/jobs", Some(&spec))
                 .await?;
+            let Some(resp): Option<SubmitJobResponse> = proposed_or(answer, json)? else {
+                return Ok(());
+            };
             if json {
                 return print_json(&resp);
             }
@@ -208,7 +211,12 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
         }
         JobCommand::Rm { id } => {
             let path = format!("/api/v1/jobs/{}", path_segment(&id)?);
-            let resp: DeleteJobResponse = client.call::<(), _>(Method::DELETE, &path, None).await?;
+            let answer = client
+                .call_guarded::<(), _>(Method::DELETE, &path, None)
+                .await?;
+            let Some(resp): Option<DeleteJobResponse> = proposed_or(answer, json)? else {
+                return Ok(());
+            };
             if json {
                 return print_json(&resp);
             }

@@ -7,10 +7,14 @@
 //! | `node` | `aigrid node`: nodes listed and shown, registered and heartbeated by hand, drained, revoked; join tokens |
 //! | `cluster` | `aigrid cluster`: membership and Raft status |
 //! | `access` | `aigrid key`, `whoami`, `identity`, `circle`, `apikey`: identities, roles and API keys |
+//! | `chain` | the Human Chain: `circle create`, `circle member`, `circle policy`, `proposal` |
+//! | `audit` | `aigrid audit`: the audit log read, exported, and verified offline |
 //! | `ca` | `aigrid ca`: the cluster CA and the server certificates it issues |
 
 mod access;
+mod audit;
 mod ca;
+mod chain;
 mod cluster;
 mod job;
 mod node;
@@ -19,7 +23,9 @@ pub use access::{
     apikey, circle, identity, key, whoami, ApiKeyCommand, CircleCommand, IdentityCommand,
     KeyCommand,
 };
+pub use audit::{audit, verify as verify_audit, AuditCommand};
 pub use ca::{ca, CaCommand};
+pub use chain::{proposal, ProposalCommand};
 pub use cluster::{cluster, ClusterCommand};
 pub use job::{alloc, job, AllocCommand, JobCommand};
 pub use node::{node, NodeCommand};

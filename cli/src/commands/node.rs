@@ -18,7 +18,7 @@ use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use reqwest::Method;
 
-use crate::client::{path_segment, Client};
+use crate::client::{path_segment, proposed_or, Client};
 use crate::output::{count, list_or_dash, ms_to_text, print_json, print_table};
 
 /// `aigrid node ...`
@@ -255,7 +255,12 @@ pub async fn node(client: &Client, cmd: NodeCommand, json: bool) -> anyhow::Resu
         NodeCommand::Token(cmd) => token(client, cmd, json).await?,
         NodeCommand::Revoke { id } => {
             let path = format!("/api/v1/nodes/{}/revoke", path_segment(&id)?);
-            let node: Node = client.call::<(), _>(Method::POST, &path, None).await?;
+            let answer = client
+                .call_guarded::<(), _>(Method::POST, &path, None)
+                .await?;
+            let Some(node): Option<Node> = proposed_or(answer, json)? else {
+                return Ok(());
+            };
             if json {
                 return print_json(&node);
             }

@@ -308,6 +308,18 @@ fn print_manifest(d: &ModelDetail, digest: &str) {
     println!("digest     {digest}");
     println!("publisher  {}", d.manifest.publisher);
     println!(
+        "signature  {}{}",
+        d.manifest.scheme(),
+        if d.manifest.ml_dsa.is_some() {
+            " (both verified)"
+        } else {
+            ""
+        }
+    );
+    if let Some(circle) = &d.summary.circle {
+        println!("circle     {circle}");
+    }
+    println!(
         "code       {} {}+{} ({} of at most {})",
         m.codec.name,
         m.codec.k,

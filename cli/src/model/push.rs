@@ -17,7 +17,7 @@ use reqwest::Method;
 
 use super::registry::{all_details, ModelDetail};
 use super::store::{open_store, publisher_key, read_model_key, StoreArgs};
-use crate::client::Client;
+use crate::client::{proposed_or, Answer, Client};
 use crate::output::{bytes_text, count, print_json, stderr_is_terminal};
 
 /// `aigrid model push`.
@@ -49,14 +49,23 @@ pub struct PushArgs {
     /// default: `publisher.key` in the user's aigrid config directory).
     #[arg(long, env = "AIGRID_PUBLISHER_KEY")]
     pub publisher_key: Option<PathBuf>,
+    /// Sign the manifest hybrid: ed25519 and ML-DSA-65 (FIPS 204), a post-quantum
+    /// scheme; both must verify. Circles may require it.
+    #[arg(long)]
+    pub hybrid: bool,
+    /// The circle the model belongs to: its operators manage it, and its policy may
+    /// make the registration a proposal its members approve.
+    #[arg(long)]
+    pub circle: Option<String>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
 
 /// What a push registered, with its counters.
 pub struct PushedModel {
-    /// The registered model, as the server lists it.
-    pub summary: ModelSummary,
+    /// The registered model, as the server lists it, or the proposal to register
+    /// it when its circle guards registrations.
+    pub registered: Answer<ModelSummary>,
     /// What the push cut, stored and skipped.
     pub stats: PushStats,
     /// The publisher key file, when this push created it.
@@ -113,6 +122,7 @@ pub async fn push_dir(
     opts.policy = policy;
     opts.key = encrypt;
     opts.known = known;
+    opts.hybrid = args.hybrid;
     // Drawn only on a terminal: a log or a pipe gets no escape codes.
     let ticker = (progress && stderr_is_terminal()).then(|| progress_bar(opts.progress.clone()));
     let pushed = store.push(&args.dir, &opts, &signer).await;
@@ -120,13 +130,14 @@ pub async fn push_dir(
         task.abort();
         bar.finish_and_clear();
     }
-    let pushed = pushed.map_err(|e| anyhow!("{e}"))?;
-    let summary: ModelSummary = client
-        .call(Method::POST, "/api/v1/models", Some(&pushed.registration))
+    let mut pushed = pushed.map_err(|e| anyhow!("{e}"))?;
+    pushed.registration.circle = args.circle.clone();
+    let registered = client
+        .call_guarded(Method::POST, "/api/v1/models", Some(&pushed.registration))
         .await
         .context("registering the model")?;
     Ok(PushedModel {
-        summary,
+        registered,
         stats: pushed.stats,
         created_key,
         backends: store.backends().len(),
@@ -165,11 +176,14 @@ fn progress_bar(
 
 pub(super) async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow::Result<()> {
     let PushedModel {
-        summary,
+        registered,
         stats: s,
         created_key,
         backends,
     } = push_dir(client, &args, true).await?;
+    let Some(summary) = proposed_or(registered, json)? else {
+        return Ok(());
+    };
     if json {
         return print_json(&serde_json::json!({
             "model": summary,
@@ -202,5 +216,6 @@ pub(super) async fn push(client: &Client, args: PushArgs, json: bool) -> anyhow:
             ""
         },
     );
+    println!("  signed {}", summary.signature);
     Ok(())
 }

@@ -26,6 +26,7 @@ impl ModelDetail {
         Registration {
             manifest: self.manifest.clone(),
             locations: self.locations.clone(),
+            circle: self.summary.circle.clone(),
         }
     }
 }
@@ -194,6 +195,7 @@ mod tests {
             locations: Locations {
                 stripes: vec![(0..3).map(|i| format!("b{i}")).collect()],
             },
+            circle: None,
         }
     }
 

@@ -101,6 +101,37 @@ pub fn sign_decision(
     }
 }
 
+/// Recomputes the digest of `proposal` from what it shows (its payload, circle,
+/// versions, kind, id and expiry): what a signer checks before it signs, so a server
+/// cannot show one change and have another one signed. Answers the digest, or why
+/// the proposal does not hash to the digest it claims.
+pub fn recompute_digest(proposal: &aigrid_api::ProposalInfo) -> Result<[u8; 32], ChainError> {
+    let payload_hash = payload_hash(&proposal.payload);
+    if hex::encode(payload_hash) != proposal.payload_hash {
+        return Err(ChainError::DigestMismatch {
+            want: proposal.payload_hash.clone(),
+            got: hex::encode(payload_hash),
+        });
+    }
+    let digest = proposal_digest(&DigestInput {
+        cluster_id: &proposal.cluster_id,
+        circle: &proposal.circle,
+        circle_version: proposal.circle_version,
+        kind: proposal.kind,
+        payload_hash: &payload_hash,
+        base_version: proposal.base_version,
+        proposal_id: &proposal.id,
+        expires_at: proposal.expires_at,
+    });
+    if hex::encode(digest) != proposal.digest {
+        return Err(ChainError::DigestMismatch {
+            want: proposal.digest.clone(),
+            got: hex::encode(digest),
+        });
+    }
+    Ok(digest)
+}
+
 /// JSON with every object's keys sorted and no whitespace: the one encoding of a
 /// value that the servers hash and that a signer can recompute from what it is
 /// shown, whatever order a serializer chose.

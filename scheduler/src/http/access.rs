@@ -4,17 +4,18 @@
 
 use aigrid_api::{
     AddIdentity, ApiKey, ApiKeyInfo, CircleInfo, CreateApiKey, CreatedApiKey, ErrorBody,
-    IdentityId, IdentityInfo, Role, SetMember, WhoAmI,
+    IdentityId, IdentityInfo, ProposalCreated, Role, SetMember, WhoAmI,
 };
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Caller, Signed, SignedOptional};
 use super::plumbing::{
-    check_name, not_found, propose, random_bytes, unexpected, ApiError, ApiState,
+    check_name, not_found, propose, propose_change, random_bytes, unexpected, ApiError, ApiState,
 };
 use crate::state::{Action, Applied, Command, Principal};
 
@@ -62,6 +63,7 @@ async fn whoami(State(state): State<ApiState>, caller: Caller) -> Json<WhoAmI> {
     tag = "access", post, path = "/api/v1/identities", request_body = AddIdentity,
     responses(
         (status = 201, description = "Added and committed", body = IdentityInfo),
+        (status = 202, description = "Making or unmaking an admin, guarded by the root circle: proposed", body = ProposalCreated),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 409, description = "Would demote the last admin", body = ErrorBody),
     )
@@ -69,7 +71,7 @@ async fn whoami(State(state): State<ApiState>, caller: Caller) -> Json<WhoAmI> {
 async fn add_identity(
     State(state): State<ApiState>,
     Signed(caller, request): Signed<AddIdentity>,
-) -> Result<(StatusCode, Json<IdentityInfo>), ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&state, Action::Admin).await?;
     request.validate()?;
     let command = Command::PutIdentity {
@@ -78,10 +80,12 @@ async fn add_identity(
         admin: request.admin,
         at: state.clock.now(),
     };
-    match propose(&state, command).await? {
-        Applied::IdentityPut(info) => Ok((StatusCode::CREATED, Json(info))),
-        other => Err(unexpected(other)),
-    }
+    propose_change(&state, caller.identity(), command)
+        .await?
+        .respond(None, |applied| match applied {
+            Applied::IdentityPut(info) => Ok((StatusCode::CREATED, Json(info)).into_response()),
+            other => Err(unexpected(other)),
+        })
 }
 
 /// Every known identity. Admins only.
@@ -102,16 +106,18 @@ async fn list_identities(
     tag = "access", delete, path = "/api/v1/identities/{id}",
     params(("id" = String, Path, description = "Identity id")),
     responses(
-        (status = 200, body = IdentityInfo), (status = 401, body = ErrorBody),
+        (status = 200, body = IdentityInfo),
+        (status = 202, description = "Removing an admin, guarded by the root circle: proposed", body = ProposalCreated),
+        (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, description = "The last admin", body = ErrorBody),
+        (status = 409, description = "The last admin, or a member of a governed circle", body = ErrorBody),
     )
 )]
 async fn remove_identity(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     caller: Caller,
-) -> Result<Json<IdentityInfo>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&state, Action::Admin).await?;
     let id = IdentityId::new(id);
     let looked = id.clone();
@@ -124,10 +130,12 @@ async fn remove_identity(
         id,
         at: state.clock.now(),
     };
-    match propose(&state, command).await? {
-        Applied::IdentityRemoved { .. } => Ok(Json(info)),
-        other => Err(unexpected(other)),
-    }
+    propose_change(&state, caller.identity(), command)
+        .await?
+        .respond(None, |applied| match applied {
+            Applied::IdentityRemoved { .. } => Ok(Json(info).into_response()),
+            other => Err(unexpected(other)),
+        })
 }
 
 /// The circles the caller may see (all, for admins) with their members.
@@ -159,16 +167,28 @@ async fn get_circle(
     Path(circle): Path<String>,
     caller: Caller,
 ) -> Result<Json<CircleInfo>, ApiError> {
+    read_circle(&state, &caller, circle, "circle", |s, c| s.circle(c)).await
+}
+
+/// A view of `circle` that its members (any role) and admins may read, 404 naming
+/// `what` when `view` finds nothing.
+pub(super) async fn read_circle<T: Send + 'static>(
+    state: &ApiState,
+    caller: &Caller,
+    circle: String,
+    what: &str,
+    view: impl FnOnce(&crate::state::ClusterState, &str) -> Option<T> + Send + 'static,
+) -> Result<Json<T>, ApiError> {
     caller
-        .require(&state, Action::Circle(Some(&circle), Role::Viewer))
+        .require(state, Action::Circle(Some(&circle), Role::Viewer))
         .await?;
     let looked = circle.clone();
     state
         .raft
-        .read(move |s| s.circle(&looked))
+        .read(move |s| view(s, &looked))
         .await?
         .map(Json)
-        .ok_or_else(|| not_found("circle", &circle))
+        .ok_or_else(|| not_found(what, &circle))
 }
 
 /// Gives a known identity a role in a circle. Admins and the circle's owners.
@@ -253,6 +273,7 @@ async fn change_member(
     request_body = CreateApiKey,
     responses(
         (status = 201, description = "Created and committed", body = CreatedApiKey),
+        (status = 202, description = "Guarded by the circle: proposed; the key, shown this once, works once it applies", body = ProposalCreated),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "A circle without members", body = ErrorBody),
     )
@@ -261,7 +282,7 @@ async fn create_api_key(
     State(state): State<ApiState>,
     Path(circle): Path<String>,
     SignedOptional(caller, request): SignedOptional<CreateApiKey>,
-) -> Result<(StatusCode, Json<CreatedApiKey>), ApiError> {
+) -> Result<Response, ApiError> {
     check_name("circle", &circle)?;
     caller
         .require(&state, Action::Circle(Some(&circle), Role::Owner))
@@ -283,16 +304,17 @@ async fn create_api_key(
         },
         secret_hash: key.secret_hash(),
     };
-    match propose(&state, command).await? {
-        Applied::ApiKeyCreated(info) => Ok((
-            StatusCode::CREATED,
-            Json(CreatedApiKey {
-                key: key.to_string(),
-                info,
-            }),
-        )),
-        other => Err(unexpected(other)),
-    }
+    let shown = key.to_string();
+    propose_change(&state, caller.identity(), command)
+        .await?
+        .respond(Some(shown.clone()), |applied| match applied {
+            Applied::ApiKeyCreated(info) => Ok((
+                StatusCode::CREATED,
+                Json(CreatedApiKey { key: shown, info }),
+            )
+                .into_response()),
+            other => Err(unexpected(other)),
+        })
 }
 
 /// The circle's API keys, never their secrets. Admins and the circle's owners.
@@ -319,13 +341,17 @@ async fn list_api_keys(
 #[utoipa::path(
     tag = "access", delete, path = "/api/v1/circles/{circle}/api-keys/{id}",
     params(("circle" = String, Path, description = "Circle name"), ("id" = String, Path, description = "The key's public id")),
-    responses((status = 200, body = ApiKeyInfo), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody))
+    responses(
+        (status = 200, body = ApiKeyInfo),
+        (status = 202, description = "Guarded by the circle: proposed, still valid until it applies", body = ProposalCreated),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    )
 )]
 async fn revoke_api_key(
     State(state): State<ApiState>,
     Path((circle, id)): Path<(String, String)>,
     caller: Caller,
-) -> Result<Json<ApiKeyInfo>, ApiError> {
+) -> Result<Response, ApiError> {
     caller
         .require(&state, Action::Circle(Some(&circle), Role::Owner))
         .await?;
@@ -345,8 +371,10 @@ async fn revoke_api_key(
         id,
         at: state.clock.now(),
     };
-    match propose(&state, command).await? {
-        Applied::ApiKeyRevoked(info) => Ok(Json(info)),
-        other => Err(unexpected(other)),
-    }
+    propose_change(&state, caller.identity(), command)
+        .await?
+        .respond(None, |applied| match applied {
+            Applied::ApiKeyRevoked(info) => Ok(Json(info).into_response()),
+            other => Err(unexpected(other)),
+        })
 }

@@ -9,17 +9,18 @@
 use aigrid_api::{
     AllocId, AllocationLogs, DeleteJobResponse, EvalId, Job, JobId, JobSpec, JobSummary,
 };
-use aigrid_api::{ErrorBody, SubmitJobResponse};
+use aigrid_api::{ErrorBody, ProposalCreated, SubmitJobResponse};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Caller, Signed};
 use super::plumbing::{
-    new_id, not_found, propose, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
+    new_id, not_found, propose_change, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
 };
 use crate::state::{Action, Applied, ClusterState, Command};
 use aigrid_api::Role;
@@ -32,12 +33,15 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(allocation_logs))
 }
 
-/// Submits a job; 201 when created, 200 when it updated the live job of that name.
+/// Submits a job; 201 when created, 200 when it updated the live job of that name,
+/// 202 with a proposal when its circle's policy guards the change (nothing runs
+/// until the circle's quorum approves it).
 #[utoipa::path(
     tag = "jobs", post, path = "/api/v1/jobs", request_body = JobSpec,
     responses(
         (status = 201, description = "Job created and committed", body = SubmitJobResponse),
         (status = 200, description = "Existing job of that name updated", body = SubmitJobResponse),
+        (status = 202, description = "Guarded: proposed, nothing applied yet", body = ProposalCreated),
         (status = 400, description = "Invalid job", body = ErrorBody),
         (status = 408, description = "The body stopped arriving", body = ErrorBody),
         (status = 413, description = "Body, spec or one of its fields too large", body = ErrorBody),
@@ -48,7 +52,7 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
 async fn submit_job(
     State(state): State<ApiState>,
     Signed(caller, spec): Signed<JobSpec>,
-) -> Result<(StatusCode, Json<SubmitJobResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     // Oversized is 413, before the rules' 400s.
     spec.check_size()?;
     spec.validate()?;
@@ -78,17 +82,19 @@ async fn submit_job(
         at: state.clock.now(),
         by: caller.identity().cloned(),
     };
-    match propose(&state, command).await? {
-        Applied::JobSubmitted(resp) => {
-            let status = if resp.created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            Ok((status, Json(resp)))
-        }
-        other => Err(unexpected(other)),
-    }
+    propose_change(&state, caller.identity(), command)
+        .await?
+        .respond(None, |applied| match applied {
+            Applied::JobSubmitted(resp) => {
+                let status = if resp.created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                Ok((status, Json(resp)).into_response())
+            }
+            other => Err(unexpected(other)),
+        })
 }
 
 #[utoipa::path(
@@ -150,17 +156,22 @@ async fn get_job(
     Ok(Json(job))
 }
 
-/// Deletes a job; its allocations are asked to stop.
+/// Deletes a job; its allocations are asked to stop. 202 with a proposal when its
+/// circle's policy guards deletions.
 #[utoipa::path(
     tag = "jobs", delete, path = "/api/v1/jobs/{id}",
     params(("id" = String, Path, description = "Job id, or the name of a live job")),
-    responses((status = 200, body = DeleteJobResponse), (status = 404, body = ErrorBody))
+    responses(
+        (status = 200, body = DeleteJobResponse),
+        (status = 202, description = "Guarded: proposed, nothing applied yet", body = ProposalCreated),
+        (status = 404, body = ErrorBody),
+    )
 )]
 async fn delete_job(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     caller: Caller,
-) -> Result<Json<DeleteJobResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     // An unknown job is answered from a linearizable read, without writing to the log.
     let (job_id, circle) = state
         .raft
@@ -175,10 +186,12 @@ async fn delete_job(
         eval_id: new_id(EvalId::new),
         at: state.clock.now(),
     };
-    match propose(&state, command).await? {
-        Applied::JobDeleted(resp) => Ok(Json(resp)),
-        other => Err(unexpected(other)),
-    }
+    propose_change(&state, caller.identity(), command)
+        .await?
+        .respond(None, |applied| match applied {
+            Applied::JobDeleted(resp) => Ok(Json(resp).into_response()),
+            other => Err(unexpected(other)),
+        })
 }
 
 /// The end of an allocation's output, as its agent last shipped it.

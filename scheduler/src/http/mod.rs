@@ -15,6 +15,7 @@
 //! | `agents` | [`agents`] | what agents call, signed: register, heartbeat, assignments |
 //! | `join-tokens` | [`tokens`] | `/api/v1/join-tokens` |
 //! | `access` | [`access`] | `/api/v1/whoami`, `/api/v1/identities`, `/api/v1/circles`, members, API keys |
+//! | `chain` | [`chain`] | governed circles, `/api/v1/proposals` and decisions, `/api/v1/audit` with checkpoints, proofs, export |
 //! | `cluster` | [`cluster`] | `/api/v1/cluster`, members joining and leaving |
 //! | `models` | [`models`] | `/api/v1/models`, `/api/v1/storage` |
 //! | `operations` | [`ops`] | `/metrics`, `/health`, `/ready` |
@@ -31,6 +32,7 @@
 pub mod access;
 pub mod agents;
 pub mod auth;
+pub mod chain;
 pub mod cluster;
 pub mod jobs;
 pub mod models;
@@ -83,6 +85,7 @@ const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "agents", description = "What a node's agent calls, signed with its node key"),
         (name = "join-tokens", description = "Tokens new nodes present to register"),
         (name = "access", description = "Identities, circles' members and roles, circles' API keys"),
+        (name = "chain", description = "The Human Chain: governed circles, proposals of guarded changes and their signed decisions, the audit log"),
         (name = "cluster", description = "The replicated control plane and its members"),
         (name = "models", description = "The model registry and the dispersed store"),
         (name = "inference", description = "The OpenAI-compatible gateway to the models served"),
@@ -101,6 +104,7 @@ fn short_routes(limits: &ApiLimits) -> OpenApiRouter<ApiState> {
         .merge(agents)
         .merge(tokens::routes())
         .merge(access::routes())
+        .merge(chain::routes())
         .merge(cluster::routes())
         .merge(models::routes(limits.max_model_body_bytes))
         .routes(routes!(index))

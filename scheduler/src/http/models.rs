@@ -7,12 +7,13 @@
 //! and only a few uploads are read at once.
 
 use aigrid_api::manifest::{is_digest, Registration};
-use aigrid_api::ErrorBody;
+use aigrid_api::{ErrorBody, ProposalCreated, Role};
 use aigrid_api::{ErrorCode, ModelSummary, StorageInfo};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
@@ -21,7 +22,8 @@ use utoipa_axum::routes;
 
 use super::auth::{signed_bytes, Caller};
 use super::plumbing::{
-    decode_json, propose, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
+    check_name, decode_json, propose, propose_change, read, read_query, unexpected, ApiError,
+    ApiState, ReadQuery,
 };
 use crate::state::models::{check_registration, ModelDetail, SetLocations};
 use crate::state::Action;
@@ -64,6 +66,19 @@ async fn upload<T: serde::de::DeserializeOwned + Send + 'static>(
     req: Request,
     check: impl FnOnce(&T) -> Result<(), ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    upload_as(state, req, Action::Admin, check)
+        .await
+        .map(|(_, value)| value)
+}
+
+/// As [`upload`], for a caller who may do `action` (checked before the body is
+/// decoded); answers the caller too, for checks the body decides.
+async fn upload_as<T: serde::de::DeserializeOwned + Send + 'static>(
+    state: &ApiState,
+    req: Request,
+    action: Action<'static>,
+    check: impl FnOnce(&T) -> Result<(), ApiError> + Send + 'static,
+) -> Result<(Caller, T), ApiError> {
     let _permit = state
         .model_uploads
         .clone()
@@ -74,21 +89,24 @@ async fn upload<T: serde::de::DeserializeOwned + Send + 'static>(
                 "too many model uploads in flight; retry later",
             )
         })?;
-    // Only admins write models; the signature is checked before the body is decoded.
+    // The signature and the caller's standing are checked before the body is decoded.
     let (caller, bytes) = signed_bytes(state, req).await?;
-    caller.require(state, Action::Admin).await?;
-    tokio::task::spawn_blocking(move || {
+    caller.require(state, action).await?;
+    let value = tokio::task::spawn_blocking(move || {
         let value = decode_json::<T>(&bytes)?;
         check(&value)?;
-        Ok(value)
+        Ok::<T, ApiError>(value)
     })
     .await
-    .map_err(|e| ApiError::new(ErrorCode::Internal, format!("decoding the upload: {e}")))?
+    .map_err(|e| ApiError::new(ErrorCode::Internal, format!("decoding the upload: {e}")))??;
+    Ok((caller, value))
 }
 
 /// Registers a model: its signed manifest and where its shards are. The signature,
 /// the manifest's consistency and the locations are checked before anything is
-/// committed. A digest already registered is answered as it is, with 200.
+/// committed. A digest already registered is answered as it is, with 200. A model
+/// of a circle is registered by the circle's operators (others' by admins), and
+/// answers 202 with a proposal when the circle's policy guards registrations.
 #[utoipa::path(
     tag = "models", post, path = "/api/v1/models",
     request_body(content = Registration,
@@ -96,20 +114,28 @@ async fn upload<T: serde::de::DeserializeOwned + Send + 'static>(
     responses(
         (status = 201, description = "Model registered and committed", body = ModelSummary),
         (status = 200, description = "Already registered; nothing changed", body = ModelSummary),
-        (status = 400, description = "Bad signature, inconsistent manifest or locations", body = ErrorBody),
+        (status = 202, description = "Guarded by the model's circle: proposed, nothing registered yet", body = ProposalCreated),
+        (status = 400, description = "Bad signature, inconsistent manifest or locations, or an ed25519-only manifest where the circle requires hybrid ones", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 429, description = "Too many uploads in flight", body = ErrorBody),
         (status = 503, description = "No quorum", body = ErrorBody),
     )
 )]
-async fn register_model(
-    State(state): State<ApiState>,
-    req: Request,
-) -> Result<(StatusCode, Json<ModelSummary>), ApiError> {
-    let registration: Registration = upload(&state, req, |r: &Registration| {
+async fn register_model(State(state): State<ApiState>, req: Request) -> Result<Response, ApiError> {
+    let (caller, registration) = upload_as(&state, req, Action::ReadCluster, |r: &Registration| {
         check_registration(r).map(|_| ()).map_err(ApiError::from)
     })
     .await?;
+    if let Some(circle) = &registration.circle {
+        check_name("circle", circle)?;
+    }
+    caller
+        .require(
+            &state,
+            Action::Circle(registration.circle.as_deref(), Role::Operator),
+        )
+        .await?;
     let digest = registration.manifest.manifest.digest();
     // A known digest is answered without writing a large entry to the log again.
     if let Some(summary) = state
@@ -117,23 +143,25 @@ async fn register_model(
         .read(|s| s.models_table().summary(&digest))
         .await?
     {
-        return Ok((StatusCode::OK, Json(summary)));
+        return Ok((StatusCode::OK, Json(summary)).into_response());
     }
     let command = Command::RegisterModel {
         registration,
         at: state.clock.now(),
     };
-    match propose(&state, command).await? {
-        Applied::ModelRegistered { summary, created } => {
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            Ok((status, Json(summary)))
-        }
-        other => Err(unexpected(other)),
-    }
+    propose_change(&state, caller.identity(), command)
+        .await?
+        .respond(None, |applied| match applied {
+            Applied::ModelRegistered { summary, created } => {
+                let status = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                Ok((status, Json(summary)).into_response())
+            }
+            other => Err(unexpected(other)),
+        })
 }
 
 /// `GET /api/v1/models` options.
@@ -232,40 +260,45 @@ async fn set_model_locations(
 }
 
 /// Forgets a model. Its shards stay on the backends; deployments pinning its digest
-/// no longer find it.
+/// no longer find it. A circle's model is deleted by the circle's operators (others'
+/// by admins), as a proposal (202) when the circle's policy guards deletions.
 #[utoipa::path(
     tag = "models", delete, path = "/api/v1/models/{digest}",
     params(("digest" = String, Path, description = "The model's digest")),
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
+    responses(
+        (status = 204),
+        (status = 202, description = "Guarded by the model's circle: proposed, nothing deleted yet", body = ProposalCreated),
+        (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    )
 )]
 async fn delete_model(
     State(state): State<ApiState>,
     Path(digest): Path<String>,
     caller: Caller,
-) -> Result<StatusCode, ApiError> {
-    caller.require(&state, Action::Admin).await?;
+) -> Result<Response, ApiError> {
     let digest = path_digest(&digest)?;
     // An unknown model is answered from a linearizable read, without writing.
-    if state
+    let summary = state
         .raft
         .read(|s| s.models_table().summary(&digest))
         .await?
-        .is_none()
-    {
-        return Err(model_not_found(&digest));
-    }
-    match propose(
-        &state,
-        Command::DeleteModel {
-            digest,
-            at: state.clock.now(),
-        },
-    )
-    .await?
-    {
-        Applied::ModelDeleted { .. } => Ok(StatusCode::NO_CONTENT),
-        other => Err(unexpected(other)),
-    }
+        .ok_or_else(|| model_not_found(&digest))?;
+    caller
+        .require(
+            &state,
+            Action::Circle(summary.circle.as_deref(), Role::Operator),
+        )
+        .await?;
+    let command = Command::DeleteModel {
+        digest,
+        at: state.clock.now(),
+    };
+    propose_change(&state, caller.identity(), command)
+        .await?
+        .respond(None, |applied| match applied {
+            Applied::ModelDeleted { .. } => Ok(StatusCode::NO_CONTENT.into_response()),
+            other => Err(unexpected(other)),
+        })
 }
 
 /// The dispersed store this server was configured with: its backends (never their

@@ -1,17 +1,20 @@
 //! Nodes as users see and steer them: list, show (with the readings their agents
 //! reported to this server), their allocations, drain and undrain, revoke.
 
-use aigrid_api::ErrorBody;
-use aigrid_api::{Allocation, DrainSpec, ErrorCode, Node, NodeId, NodeStatus};
+use aigrid_api::{
+    Allocation, DrainSpec, ErrorBody, ErrorCode, Node, NodeId, NodeStatus, ProposalCreated,
+};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Caller, SignedOptional};
 use super::plumbing::{
-    not_found, propose, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
+    not_found, propose, propose_change, read, read_query, unexpected, ApiError, ApiState, Outcome,
+    ReadQuery,
 };
 use crate::state::{Action, Applied, Command};
 
@@ -205,6 +208,7 @@ async fn get_node(
     params(("id" = String, Path, description = "Node id")),
     responses(
         (status = 200, description = "Revocation committed; the node as it is now", body = Node),
+        (status = 202, description = "Guarded by the root circle: proposed, the key still valid until it applies", body = ProposalCreated),
         (status = 404, description = "Unknown node", body = ErrorBody),
         (status = 503, description = "No quorum", body = ErrorBody),
     )
@@ -213,12 +217,27 @@ async fn revoke_node(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     caller: Caller,
-) -> Result<Json<Node>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&state, Action::Admin).await?;
+    let node_id = NodeId::new(id.clone());
+    if state.raft.read(|s| s.node(&node_id)).await?.is_none() {
+        return Err(node_not_found(&id));
+    }
     let command = Command::RevokeNode {
-        node_id: NodeId::new(id.clone()),
+        node_id: node_id.clone(),
         at: state.clock.now(),
     };
     // Revoking again re-marks the node down and its work lost: always committed.
-    change_node(&state, id, command, |_| Ok(false)).await
+    let outcome = propose_change(&state, caller.identity(), command).await?;
+    if let Outcome::Applied(applied) = &outcome {
+        if !matches!(applied, Applied::NodeUpdated { .. }) {
+            return Err(unexpected(applied.clone()));
+        }
+    }
+    let node = state
+        .raft
+        .read(|s| s.node(&node_id))
+        .await?
+        .ok_or_else(|| node_not_found(&id))?;
+    outcome.respond(None, |_| Ok(Json(node).into_response()))
 }

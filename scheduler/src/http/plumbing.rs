@@ -323,6 +323,86 @@ pub(crate) async fn propose(state: &ApiState, command: Command) -> Result<Applie
     Ok(state.raft.propose(&command).await??)
 }
 
+/// What a write came to: applied at once, or made into a proposal because its
+/// circle's policy guards it.
+pub(crate) enum Outcome {
+    /// Committed and applied.
+    Applied(Applied),
+    /// Waiting for its circle's quorum; nothing applied.
+    Proposed(aigrid_api::ProposalInfo),
+}
+
+impl Outcome {
+    /// 202 with the proposal, for a proposed change; `applied` answers the rest.
+    pub(crate) fn respond(
+        self,
+        key: Option<String>,
+        applied: impl FnOnce(Applied) -> Result<Response, ApiError>,
+    ) -> Result<Response, ApiError> {
+        match self {
+            Outcome::Applied(done) => applied(done),
+            Outcome::Proposed(info) => {
+                let mut created = aigrid_api::ProposalCreated::of(&info);
+                created.key = key;
+                Ok((StatusCode::ACCEPTED, Json(created)).into_response())
+            }
+        }
+    }
+}
+
+/// Proposes `command`, or, when its circle's policy guards the change it makes, a
+/// proposal of it by `by` (a guarded change must have a person to answer for it:
+/// 403 without one). Which it is is settled where commands apply: a command this
+/// server took for unguarded but that the state refuses as guarded becomes a
+/// proposal, and a proposal of a change that is no longer guarded is sent directly.
+pub(crate) async fn propose_change(
+    state: &ApiState,
+    by: Option<&aigrid_api::IdentityId>,
+    command: Command,
+) -> Result<Outcome, ApiError> {
+    let mut guarded = state
+        .raft
+        .read_local(|s| s.guarded_change(&command).is_some());
+    for _ in 0..2 {
+        if !guarded {
+            match state.raft.propose(&command).await? {
+                Err(StateError::Guarded { .. }) => guarded = true,
+                output => return Ok(Outcome::Applied(output?)),
+            }
+            continue;
+        }
+        let by = by.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Forbidden,
+                "this change is guarded by its circle's policy, and only a person's \
+                 identity may propose it",
+            )
+        })?;
+        let proposal = Command::Propose {
+            id: new_id(|id| id),
+            command: Box::new(command.clone()),
+            by: by.clone(),
+            at: state.clock.now(),
+        };
+        match state.raft.propose(&proposal).await? {
+            Ok(Applied::Proposed(info)) => return Ok(Outcome::Proposed(info)),
+            Ok(other) => return Err(unexpected(other)),
+            Err(StateError::Conflict { .. })
+                if !state
+                    .raft
+                    .read_local(|s| s.guarded_change(&command).is_some()) =>
+            {
+                guarded = false;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
+        ErrorCode::Conflict,
+        "the circle's policy changed while this request was being made; send it again",
+    ))
+}
+
 pub(crate) fn unexpected(applied: Applied) -> ApiError {
     ApiError::new(
         ErrorCode::Internal,

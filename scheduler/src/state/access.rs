@@ -237,7 +237,45 @@ impl ClusterState {
             );
             added += 1;
         }
+        self.govern_root();
         Ok(Applied::AdminsBootstrapped { added })
+    }
+
+    /// Makes the root circle, which guards cluster-wide changes, with the first
+    /// admins as its members (weight 1, owners) and a majority of them as its
+    /// threshold. With one member it guards nothing (see `is_guarded`): the admin
+    /// acts alone until it adds others to ask.
+    fn govern_root(&mut self) {
+        if self.is_governed(aigrid_api::chain::ROOT_CIRCLE) {
+            return;
+        }
+        let members: Vec<aigrid_api::PolicyMember> = self
+            .tables
+            .access
+            .identities
+            .values()
+            .filter(|i| i.admin)
+            .take(aigrid_api::chain::MAX_MEMBERS)
+            .map(|i| aigrid_api::PolicyMember {
+                identity: i.id.clone(),
+                weight: 1,
+                role: Role::Owner,
+            })
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        let threshold = if members.len() == 1 {
+            1
+        } else {
+            u32::try_from(members.len() / 2 + 1).unwrap_or(u32::MAX)
+        };
+        let mut policy = aigrid_api::CirclePolicy::new(threshold);
+        policy.guarded = aigrid_api::ChangeKind::root_default();
+        let governance = aigrid_api::Governance { members, policy };
+        // Refused only for admins sharing one key (an ed25519 key and the hybrid grown
+        // from it): the root circle is then left for `aigrid circle create root`.
+        let _ = self.set_governance(aigrid_api::chain::ROOT_CIRCLE.to_owned(), governance, true);
     }
 
     pub(super) fn put_identity(
@@ -425,6 +463,16 @@ mod tests {
             .is_err());
         s.put_identity("bob".into(), bob.clone(), true, at())
             .unwrap();
+        // The first admin is the root circle's member: it leaves the circle first.
+        let root = aigrid_api::chain::ROOT_CIRCLE;
+        assert_eq!(
+            s.governance(root).unwrap().governance.members[0].identity,
+            admin.id()
+        );
+        assert!(s.remove_identity(admin.id()).is_err());
+        let mut g = s.governance(root).unwrap().governance;
+        g.members[0].identity = bob.id();
+        s.set_governance(root.into(), g, false).unwrap();
         s.remove_identity(admin.id()).unwrap();
         assert!(!s.allows(&who(&admin), Action::ReadCluster));
     }

@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 
 use aigrid_api::chain::ROOT_CIRCLE;
 use aigrid_api::{
-    ChangeKind, CircleGovernance, DecisionRecord, Governance, IdentityId, ProposalInfo,
-    ProposalState, SignedDecision, Signer, Timestamp,
+    CircleGovernance, DecisionRecord, Governance, IdentityId, ProposalInfo, ProposalState,
+    SignedDecision, Signer, Timestamp,
 };
 use aigrid_consensus::human::audit::AuditLog;
 use aigrid_consensus::human::{self, Ballot, ChainError, Count, DigestInput};
@@ -33,6 +33,11 @@ use super::*;
 pub const FINAL_PROPOSALS_KEPT: usize = 1_000;
 /// Proposals open at once across the cluster; more are refused (429-like conflict).
 pub const MAX_OPEN_PROPOSALS: usize = 1_000;
+/// Largest change one proposal may carry, encoded (a model's manifest is the
+/// largest: a 70 GB model's is a few MiB).
+pub const MAX_PROPOSED_BYTES: u64 = 16 << 20;
+/// Bytes of changes all open proposals may carry together.
+pub const MAX_OPEN_PROPOSED_BYTES: u64 = 256 << 20;
 
 /// The replicated Human Chain tables.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -70,6 +75,9 @@ struct ProposalRecord {
     /// The command it applies: the real one, with the secret values the shown
     /// payload only commits to.
     command: Box<Command>,
+    /// The command's encoded size, counted against [`MAX_OPEN_PROPOSED_BYTES`].
+    #[serde(default)]
+    bytes: u64,
 }
 
 impl Chain {
@@ -204,110 +212,6 @@ impl ClusterState {
             let i = &p.info;
             (!i.state.is_final() && now > i.expires_at)
                 || (i.state == ProposalState::Approved && now >= i.not_before)
-        })
-    }
-
-    /// What `command` changes, as governance sees it; `None` for what no policy
-    /// guards (the cluster's own bookkeeping, agents' reports).
-    pub fn change_of(&self, command: &Command) -> Option<Change> {
-        let (circle, kind, target) = match command {
-            Command::SubmitJob { spec, .. } => {
-                let live = self.live_spec(&spec.name);
-                if live == Some(spec) {
-                    // An unchanged resubmit changes nothing.
-                    return None;
-                }
-                let circle = spec.circle.clone()?;
-                let kind = match live {
-                    None => ChangeKind::JobCreate,
-                    Some(old) => {
-                        let policy = self.tables.chain.governed.get(&circle);
-                        let guards = |k| policy.is_some_and(|g| g.governance.policy.guards(k));
-                        let limit = policy.and_then(|g| g.governance.policy.scale_limit);
-                        let grows = spec.instance_count() > old.instance_count();
-                        let over = limit.is_some_and(|l| spec.instance_count() > u64::from(l));
-                        if !guards(ChangeKind::JobUpdate) && grows && over {
-                            ChangeKind::JobScale
-                        } else {
-                            ChangeKind::JobUpdate
-                        }
-                    }
-                };
-                (circle, kind, format!("job:{}", spec.name))
-            }
-            Command::DeleteJob { job_id, .. } => {
-                let job = self.tables.jobs.get(job_id)?;
-                (
-                    job.spec.circle.clone()?,
-                    ChangeKind::JobDelete,
-                    format!("job:{}", job.spec.name),
-                )
-            }
-            Command::CreateApiKey { info, .. } => (
-                info.circle.clone(),
-                ChangeKind::ApiKeys,
-                format!("api-keys:{}", info.circle),
-            ),
-            Command::RevokeApiKey { id, .. } => {
-                let circle = self
-                    .api_keys(None)
-                    .into_iter()
-                    .find(|k| k.id == *id)?
-                    .circle;
-                let target = format!("api-keys:{circle}");
-                (circle, ChangeKind::ApiKeys, target)
-            }
-            Command::SetGovernance {
-                circle, governance, ..
-            } => {
-                let members_change = self
-                    .tables
-                    .chain
-                    .governed
-                    .get(circle)
-                    .is_none_or(|g| g.governance.members != governance.members);
-                let kind = if members_change {
-                    ChangeKind::CircleMembers
-                } else {
-                    ChangeKind::CirclePolicy
-                };
-                (circle.clone(), kind, format!("circle:{circle}"))
-            }
-            Command::RevokeNode { node_id, .. } => (
-                ROOT_CIRCLE.to_owned(),
-                ChangeKind::NodeRevoke,
-                format!("node:{node_id}"),
-            ),
-            Command::PutIdentity {
-                public_key, admin, ..
-            } => {
-                let id = public_key.id();
-                let was = self.identity(&id).is_some_and(|i| i.admin);
-                if was == *admin {
-                    return None;
-                }
-                (
-                    ROOT_CIRCLE.to_owned(),
-                    ChangeKind::ClusterMembership,
-                    format!("identity:{id}"),
-                )
-            }
-            Command::RemoveIdentity { id, .. } => {
-                if !self.identity(id).is_some_and(|i| i.admin) {
-                    return None;
-                }
-                (
-                    ROOT_CIRCLE.to_owned(),
-                    ChangeKind::ClusterMembership,
-                    format!("identity:{id}"),
-                )
-            }
-            _ => return None,
-        };
-        Some(Change {
-            circle,
-            kind,
-            target,
         })
     }
 
@@ -447,6 +351,11 @@ impl ClusterState {
             }
             return Err(StateError::conflict(format!("proposal id `{id}` is used")));
         }
+        if self.tables.chain.cluster_id.is_empty() {
+            return Err(StateError::conflict(
+                "the cluster has no id yet (its leader sets one at start); try again shortly",
+            ));
+        }
         let change = self.guarded_change(&command).ok_or_else(|| {
             StateError::conflict("nothing in this request is guarded: send it directly")
         })?;
@@ -455,11 +364,23 @@ impl ClusterState {
             .chain
             .proposals
             .values()
-            .filter(|p| !p.info.state.is_final())
-            .count();
-        if open >= MAX_OPEN_PROPOSALS {
+            .filter(|p| !p.info.state.is_final());
+        let (count, open_bytes) = open.fold((0, 0), |(n, b), p| (n + 1, b + p.bytes));
+        if count >= MAX_OPEN_PROPOSALS {
             return Err(StateError::conflict(format!(
-                "{open} proposals are open; decide some before making more"
+                "{count} proposals are open; decide some before making more"
+            )));
+        }
+        let bytes = serde_json::to_vec(&command).map_or(u64::MAX, |v| v.len() as u64);
+        if bytes > MAX_PROPOSED_BYTES {
+            return Err(StateError::Invalid(aigrid_api::ValidationError::new(
+                "command",
+                format!("a proposed change is at most {MAX_PROPOSED_BYTES} bytes, this is {bytes}"),
+            )));
+        }
+        if open_bytes + bytes > MAX_OPEN_PROPOSED_BYTES {
+            return Err(StateError::conflict(format!(
+                "open proposals carry {open_bytes} bytes of changes; decide some before making more"
             )));
         }
         let governed = &self.tables.chain.governed[&change.circle];
@@ -528,6 +449,7 @@ impl ClusterState {
         });
         let info = ProposalInfo {
             id: id.clone(),
+            cluster_id: self.tables.chain.cluster_id.clone(),
             state: ProposalState::Pending,
             circle: change.circle.clone(),
             circle_version: governed.version,
@@ -551,11 +473,19 @@ impl ClusterState {
             reason: None,
             closed_at: None,
         };
+        let event = serde_json::json!({
+            "event": "proposed", "proposal": id, "circle": info.circle,
+            "circle_version": info.circle_version, "kind": info.kind, "target": info.target,
+            "base_version": base_version, "payload_hash": info.payload_hash,
+            "digest": info.digest, "by": info.proposer,
+        });
+        self.audit(self.applying, at, event);
         self.tables.chain.proposals.insert(
             id,
             ProposalRecord {
                 info: info.clone(),
                 command: Box::new(command),
+                bytes,
             },
         );
         self.trim_proposals();

@@ -286,6 +286,22 @@ impl StateMachine for ClusterState {
 }
 
 impl ClusterState {
+    /// Applies `command` as the replicated apply does, guard included, but records
+    /// nothing in the audit log: the baseline the audit log's cost is measured
+    /// against (`benchmarks/human_chain`). Never used by a server.
+    #[cfg(feature = "testkit")]
+    pub fn apply_without_audit(&mut self, index: u64, command: Command) -> CommandOutput {
+        self.applying = index;
+        if let Some(change) = self.guarded_change(&command) {
+            return Err(StateError::Guarded {
+                circle: change.circle,
+                kind: change.kind,
+                target: change.target,
+            });
+        }
+        self.dispatch(index, command)
+    }
+
     /// Applies one command, guarded or not: the direct path comes through
     /// `StateMachine::apply`, which refuses guarded changes first; an approved
     /// proposal's change comes through here from `chain`.
@@ -366,9 +382,7 @@ impl ClusterState {
                     .count();
                 Ok(Applied::EvaluationsUpdated { updated })
             }
-            Command::RegisterModel { registration, at } => {
-                self.tables.models.register(registration, at)
-            }
+            Command::RegisterModel { registration, at } => self.register_model(registration, at),
             Command::SetModelLocations {
                 digest,
                 locations,

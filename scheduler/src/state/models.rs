@@ -89,6 +89,8 @@ impl ModelRecord {
             digest: digest.to_owned(),
             name: m.name.clone(),
             publisher: signed.publisher.clone(),
+            signature: signed.scheme().to_owned(),
+            circle: self.registration.circle.clone(),
             files: m.files.len(),
             size: m.size(),
             stored_bytes: m.stored_bytes(),
@@ -100,6 +102,30 @@ impl ModelRecord {
             locations_version: self.locations_version,
             locations_updated_at: self.locations_updated_at,
         }
+    }
+}
+
+impl ClusterState {
+    /// Registers a model, refusing an ed25519-only manifest for a circle whose
+    /// policy requires hybrid-signed ones.
+    pub(super) fn register_model(
+        &mut self,
+        registration: Registration,
+        at: Timestamp,
+    ) -> Result<Applied, StateError> {
+        if let Some(circle) = &registration.circle {
+            aigrid_api::spec::check_name("circle", circle)?;
+            let hybrid_required = self
+                .governance(circle)
+                .is_some_and(|g| g.governance.policy.require_hybrid_manifests);
+            if hybrid_required && registration.manifest.ml_dsa.is_none() {
+                return Err(StateError::Manifest(ManifestError::Signature(format!(
+                    "circle `{circle}` requires hybrid-signed manifests (ed25519 + ML-DSA-65); \
+                     push with --hybrid"
+                ))));
+            }
+        }
+        self.tables.models.register(registration, at)
     }
 }
 
@@ -490,6 +516,7 @@ mod tests {
         let inconsistent = Registration {
             manifest: SignedManifest::sign(broken, &publisher(1)),
             locations: good.locations.clone(),
+            circle: None,
         };
         let err = log.register(inconsistent, 1).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidManifest);

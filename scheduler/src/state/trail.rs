@@ -1,8 +1,10 @@
-//! What the record keeps of each command: the payload a proposal shows (its
-//! secrets as commitments), which commands are control changes the audit log
-//! records and who asked for them, and the appending itself. Kept apart from the
-//! governance rules in `chain`, which call it.
+//! What the record keeps of each command: the change it makes as governance sees
+//! it ([`ClusterState::change_of`]: circle, kind, target), the payload a proposal
+//! shows (its secrets as commitments), which commands are control changes the audit
+//! log records and who asked for them, and the appending itself. Kept apart from
+//! the governance rules in `chain`, which call it.
 
+use aigrid_api::chain::ROOT_CIRCLE;
 use aigrid_api::{ChangeKind, IdentityId, Timestamp};
 use aigrid_consensus::human;
 use sha2::Digest;
@@ -48,14 +50,149 @@ fn commit_secrets(value: &mut serde_json::Value, salt: &str) {
     }
 }
 
-/// The payload a proposal shows and hashes: the command, its secrets committed.
+/// The payload a proposal shows and hashes: the command, its secrets committed. A
+/// model's registration shows as what identifies it (its digest commits to the
+/// whole manifest, which its signature covers) and a hash of its locations, not
+/// as the manifest's thousands of chunk entries.
 pub(super) fn shown_payload(command: &Command, proposal_id: &str) -> serde_json::Value {
     let mut value = serde_json::to_value(command).unwrap_or(serde_json::Value::Null);
+    if let Command::RegisterModel { registration, .. } = command {
+        let signed = &registration.manifest;
+        let locations = serde_json::to_value(&registration.locations).unwrap_or_default();
+        value["registration"] = serde_json::json!({
+            "digest": signed.manifest.digest().to_string(),
+            "name": signed.manifest.name,
+            "publisher": signed.publisher,
+            "signature": signed.scheme(),
+            "circle": registration.circle,
+            "files": signed.manifest.files.len(),
+            "size": signed.manifest.size(),
+            "locations_sha256": hex::encode(sha2::Sha256::digest(human::canonical_json(&locations))),
+        });
+    }
     commit_secrets(&mut value, proposal_id);
     value
 }
 
 impl ClusterState {
+    /// What `command` changes, as governance sees it; `None` for what no policy
+    /// guards (the cluster's own bookkeeping, agents' reports).
+    pub fn change_of(&self, command: &Command) -> Option<Change> {
+        let (circle, kind, target) = match command {
+            Command::SubmitJob { spec, .. } => {
+                let live = self.live_spec(&spec.name);
+                if live == Some(spec) {
+                    // An unchanged resubmit changes nothing.
+                    return None;
+                }
+                let circle = spec.circle.clone()?;
+                let kind = match live {
+                    None => ChangeKind::JobCreate,
+                    Some(old) => {
+                        let policy = self.governance(&circle).map(|g| g.governance.policy);
+                        let guards = |k| policy.as_ref().is_some_and(|p| p.guards(k));
+                        let limit = policy.as_ref().and_then(|p| p.scale_limit);
+                        let grows = spec.instance_count() > old.instance_count();
+                        let over = limit.is_some_and(|l| spec.instance_count() > u64::from(l));
+                        if !guards(ChangeKind::JobUpdate) && grows && over {
+                            ChangeKind::JobScale
+                        } else {
+                            ChangeKind::JobUpdate
+                        }
+                    }
+                };
+                (circle, kind, format!("job:{}", spec.name))
+            }
+            Command::DeleteJob { job_id, .. } => {
+                let job = self.tables.jobs.get(job_id)?;
+                (
+                    job.spec.circle.clone()?,
+                    ChangeKind::JobDelete,
+                    format!("job:{}", job.spec.name),
+                )
+            }
+            Command::CreateApiKey { info, .. } => (
+                info.circle.clone(),
+                ChangeKind::ApiKeys,
+                format!("api-keys:{}", info.circle),
+            ),
+            Command::RevokeApiKey { id, .. } => {
+                let circle = self
+                    .api_keys(None)
+                    .into_iter()
+                    .find(|k| k.id == *id)?
+                    .circle;
+                let target = format!("api-keys:{circle}");
+                (circle, ChangeKind::ApiKeys, target)
+            }
+            Command::SetGovernance {
+                circle, governance, ..
+            } => {
+                let members_change = self
+                    .governance(circle)
+                    .is_none_or(|g| g.governance.members != governance.members);
+                let kind = if members_change {
+                    ChangeKind::CircleMembers
+                } else {
+                    ChangeKind::CirclePolicy
+                };
+                (circle.clone(), kind, format!("circle:{circle}"))
+            }
+            Command::RegisterModel { registration, .. } => {
+                let digest = registration.manifest.manifest.digest().to_string();
+                if self.tables.models.summary(&digest).is_some() {
+                    // Registered already: the command changes nothing.
+                    return None;
+                }
+                (
+                    registration.circle.clone()?,
+                    ChangeKind::ModelRegister,
+                    format!("model:{digest}"),
+                )
+            }
+            Command::DeleteModel { digest, .. } => (
+                self.tables.models.summary(digest)?.circle?,
+                ChangeKind::ModelDelete,
+                format!("model:{digest}"),
+            ),
+            Command::RevokeNode { node_id, .. } => (
+                ROOT_CIRCLE.to_owned(),
+                ChangeKind::NodeRevoke,
+                format!("node:{node_id}"),
+            ),
+            Command::PutIdentity {
+                public_key, admin, ..
+            } => {
+                let id = public_key.id();
+                let was = self.identity(&id).is_some_and(|i| i.admin);
+                if was == *admin {
+                    return None;
+                }
+                (
+                    ROOT_CIRCLE.to_owned(),
+                    ChangeKind::ClusterMembership,
+                    format!("identity:{id}"),
+                )
+            }
+            Command::RemoveIdentity { id, .. } => {
+                if !self.identity(id).is_some_and(|i| i.admin) {
+                    return None;
+                }
+                (
+                    ROOT_CIRCLE.to_owned(),
+                    ChangeKind::ClusterMembership,
+                    format!("identity:{id}"),
+                )
+            }
+            _ => return None,
+        };
+        Some(Change {
+            circle,
+            kind,
+            target,
+        })
+    }
+
     /// Appends an event to the audit log: canonical JSON with its log index and time.
     pub(super) fn audit(&mut self, index: u64, at: Timestamp, mut event: serde_json::Value) {
         if let serde_json::Value::Object(map) = &mut event {

@@ -403,3 +403,68 @@ fn the_audit_log_records_changes_and_events_alike_on_every_replica() {
     assert_eq!(other.audit_log().root(), audit.root());
     assert_eq!(other.audit_log().len(), audit.len());
 }
+
+/// A circle's models: registering and deleting them is guarded like its jobs, the
+/// payload shows the model by its digest, and a circle requiring hybrid manifests
+/// refuses an ed25519-only one even once its quorum approved it.
+#[test]
+fn a_circles_models_are_registered_through_its_quorum_and_hybrid_when_it_says() {
+    let (a, b, c) = (person(1), person(2), person(3));
+    let mut log = governed(&[&a, &b, &c], 2);
+    let mut registration = crate::testkit::model_registration("vision", 4, 2);
+    registration.circle = Some("lab".into());
+    let register = |r: &aigrid_api::manifest::Registration| Command::RegisterModel {
+        registration: r.clone(),
+        at: at(10),
+    };
+    // Directly: guarded.
+    assert_eq!(code(log.apply(register(&registration))), ErrorCode::Guarded);
+    // Proposed: applies on the second approval; the payload names the digest.
+    let digest = registration.manifest.manifest.digest().to_string();
+    let p = proposal(log.apply(Command::Propose {
+        id: "m1".into(),
+        command: Box::new(register(&registration)),
+        by: a.id(),
+        at: at(10),
+    }));
+    assert_eq!(p.kind, ChangeKind::ModelRegister);
+    assert_eq!(p.payload["registration"]["digest"], digest.as_str());
+    assert!(p.payload["registration"].get("manifest").is_none());
+    assert!(log.state.models(None).is_empty());
+    decide(&mut log, &p, &a, Decision::Approve, 11).unwrap();
+    let done = proposal(decide(&mut log, &p, &b, Decision::Approve, 12));
+    assert_eq!(done.state, ProposalState::Applied);
+    let models = log.state.models(None);
+    assert_eq!(models[0].circle.as_deref(), Some("lab"));
+    assert_eq!(models[0].signature, "ed25519");
+    // Deleting it is guarded too.
+    let delete = Command::DeleteModel {
+        digest: digest.clone(),
+        at: at(13),
+    };
+    assert_eq!(code(log.apply(delete)), ErrorCode::Guarded);
+
+    // Once the circle requires hybrid manifests, an ed25519-only one is refused
+    // as it applies, whatever the quorum said; a hybrid one registers.
+    regovern(&mut log, &[&a, &b], "g1", 14, |g| {
+        g.policy.require_hybrid_manifests = true;
+        g.policy.guarded.remove(&ChangeKind::ModelRegister);
+    });
+    let mut plain = crate::testkit::model_registration("other", 5, 1);
+    plain.circle = Some("lab".into());
+    assert_eq!(
+        code(log.apply(register(&plain))),
+        ErrorCode::SignatureInvalid
+    );
+    let mut hybrid = plain.clone();
+    hybrid.manifest = aigrid_api::manifest::SignedManifest::sign_hybrid(
+        plain.manifest.manifest.clone(),
+        &crate::testkit::publisher(5),
+    );
+    log.apply(register(&hybrid)).unwrap();
+    assert!(log
+        .state
+        .models(None)
+        .iter()
+        .any(|m| m.name == "other" && m.signature == "ed25519+ml-dsa-65"));
+}
