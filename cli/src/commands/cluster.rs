@@ -6,7 +6,7 @@ use anyhow::anyhow;
 use clap::Subcommand;
 use reqwest::Method;
 
-use crate::client::Client;
+use crate::client::{proposed_or, Client};
 use crate::output::print_json;
 
 /// `aigrid cluster ...`
@@ -57,18 +57,23 @@ pub async fn cluster(client: &Client, cmd: ClusterCommand, json: bool) -> anyhow
         ClusterCommand::Join { id, addr } => {
             let req = JoinRequest { id, addr };
             req.validate().map_err(|e| anyhow!("{e}"))?;
-            client
-                .call(Method::POST, "/api/v1/cluster/members", Some(&req))
-                .await?
+            let answer = client
+                .call_guarded(Method::POST, "/api/v1/cluster/members", Some(&req))
+                .await?;
+            match proposed_or(answer, json)? {
+                Some(status) => status,
+                None => return Ok(()),
+            }
         }
         ClusterCommand::Leave { id } => {
-            client
-                .call::<(), _>(
-                    Method::DELETE,
-                    &format!("/api/v1/cluster/members/{id}"),
-                    None,
-                )
-                .await?
+            let path = format!("/api/v1/cluster/members/{id}");
+            let answer = client
+                .call_guarded::<(), _>(Method::DELETE, &path, None)
+                .await?;
+            match proposed_or(answer, json)? {
+                Some(status) => status,
+                None => return Ok(()),
+            }
         }
     };
     if json {

@@ -1,22 +1,24 @@
 //! The replicated control plane itself: its status, and servers joining and
-//! leaving.
+//! leaving. Each change of servers is first granted by a command (so the audit log
+//! records it, and the root circle's quorum approves it when its policy guards
+//! `cluster.membership`), then made, then its grant is used up.
 
 use std::time::{Duration, Instant};
 
-use aigrid_api::ErrorBody;
 use aigrid_api::{ClusterStatus, ErrorCode, JoinRequest, Member, MemberRole};
+use aigrid_api::{ErrorBody, ProposalCreated};
 use aigrid_consensus::{MembershipChange, RaftNode};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Caller, Signed};
-use super::plumbing::{ApiError, ApiState};
-use crate::state::Action;
-use crate::state::ClusterState;
+use super::plumbing::{propose_change, unexpected, ApiError, ApiState, Outcome};
+use crate::state::{Action, ClusterState, Command, ServerChange};
 
 /// The area's routes.
 pub(super) fn routes() -> OpenApiRouter<ApiState> {
@@ -63,6 +65,44 @@ async fn get_cluster(State(state): State<ApiState>) -> Json<ClusterStatus> {
 /// How long the joining server's peer listener has to answer the check.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(2500);
 
+/// Makes sure `change` is allowed before it is made: its grant applied already, or
+/// applies now (recorded in the audit log like every control change), or, when the
+/// root circle guards `cluster.membership`, is proposed: then the 202 to answer.
+async fn granted(
+    state: &ApiState,
+    caller: &Caller,
+    change: ServerChange,
+) -> Result<Option<Response>, ApiError> {
+    let (id, want) = (change.id(), change.clone());
+    if state
+        .raft
+        .read(move |s| s.membership_grant(id) == Some(&want))
+        .await?
+    {
+        return Ok(None);
+    }
+    let command = Command::GrantMembership {
+        change,
+        by: caller.identity().cloned(),
+        at: state.clock.now(),
+    };
+    match propose_change(state, caller.identity(), command).await? {
+        Outcome::Applied(_) => Ok(None),
+        proposed => proposed.respond(None, |a| Err(unexpected(a))).map(Some),
+    }
+}
+
+/// Uses up the grant for server `id` once its change is made.
+async fn use_grant(state: &ApiState, id: u64) {
+    let command = Command::UseMembershipGrant {
+        id,
+        at: state.clock.now(),
+    };
+    if let Err(e) = state.raft.propose(&command).await {
+        tracing::warn!(server = id, error = %e, "using up a membership grant");
+    }
+}
+
 /// Adds a server: first as a learner that catches up from a snapshot, then, once
 /// caught up, as a voter. Answers after the promotion.
 ///
@@ -73,13 +113,14 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(2500);
 #[utoipa::path(
     tag = "cluster", post, path = "/api/v1/cluster/members", request_body = JoinRequest,
     responses((status = 201, body = ClusterStatus),
+              (status = 202, description = "Guarded by the root circle: proposed; send the request again once it applied", body = ProposalCreated),
               (status = 400, description = "Malformed or invalid request, or no server with that id answers at that address", body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 async fn join_member(
     State(state): State<ApiState>,
     Signed(caller, req): Signed<JoinRequest>,
-) -> Result<(StatusCode, Json<ClusterStatus>), ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&state, Action::Admin).await?;
     req.validate()?;
     // Confirm the membership we check against is current.
@@ -120,6 +161,13 @@ async fn join_member(
             ),
         ));
     }
+    let change = ServerChange::Add {
+        id: req.id,
+        addr: req.addr.clone(),
+    };
+    if let Some(proposed) = granted(&state, &caller, change).await? {
+        return Ok(proposed);
+    }
     state
         .raft
         .change_membership(MembershipChange::Add {
@@ -127,12 +175,13 @@ async fn join_member(
             addr: req.addr,
         })
         .await?;
+    use_grant(&state, req.id).await;
     // It joined as a learner; answer once the leader has promoted it to voter.
     let deadline = Instant::now() + state.raft.request_timeout();
     loop {
         let status = state.raft.status();
         if status.members.contains_key(&req.id) && !status.learners.contains(&req.id) {
-            return Ok((StatusCode::CREATED, Json(cluster_status(&state.raft))));
+            return Ok((StatusCode::CREATED, Json(cluster_status(&state.raft))).into_response());
         }
         if Instant::now() >= deadline {
             return Err(ApiError::new(
@@ -154,6 +203,7 @@ async fn join_member(
     tag = "cluster", delete, path = "/api/v1/cluster/members/{id}",
     params(("id" = u64, Path, description = "Server id")),
     responses((status = 200, body = ClusterStatus),
+              (status = 202, description = "Guarded by the root circle: proposed; send the request again once it applied", body = ProposalCreated),
               (status = 400, description = "The id is not a server id", body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
 )]
@@ -161,7 +211,7 @@ async fn leave_member(
     State(state): State<ApiState>,
     id: Result<Path<u64>, PathRejection>,
     caller: Caller,
-) -> Result<Json<ClusterStatus>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&state, Action::Admin).await?;
     let Path(id) = id.map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
     state.raft.read(|_| ()).await?;
@@ -177,6 +227,9 @@ async fn leave_member(
             ErrorCode::Conflict,
             "cannot remove the last server of the cluster",
         ));
+    }
+    if let Some(proposed) = granted(&state, &caller, ServerChange::Remove { id }).await? {
+        return Ok(proposed);
     }
     if status.leader == Some(id) {
         let target = *status
@@ -194,5 +247,6 @@ async fn leave_member(
         .raft
         .change_membership(MembershipChange::Remove { id })
         .await?;
-    Ok(Json(cluster_status(&state.raft)))
+    use_grant(&state, id).await;
+    Ok(Json(cluster_status(&state.raft)).into_response())
 }

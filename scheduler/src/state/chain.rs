@@ -59,6 +59,9 @@ pub(super) struct Chain {
     revisions: BTreeMap<String, u64>,
     /// The audit log.
     audit: AuditLog,
+    /// Server changes allowed and not made yet, by server id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    grants: BTreeMap<u64, ServerChange>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +260,20 @@ impl ClusterState {
 
     pub(super) fn is_governed(&self, circle: &str) -> bool {
         self.tables.chain.governed.contains_key(circle)
+    }
+
+    /// The server change allowed for server `id`, if any.
+    pub fn membership_grant(&self, id: u64) -> Option<&ServerChange> {
+        self.tables.chain.grants.get(&id)
+    }
+
+    pub(super) fn grant_membership(&mut self, change: ServerChange) -> Applied {
+        self.tables.chain.grants.insert(change.id(), change.clone());
+        Applied::MembershipGranted(change)
+    }
+
+    pub(super) fn use_membership_grant(&mut self, id: u64) -> Applied {
+        Applied::MembershipGrantUsed(self.tables.chain.grants.remove(&id).is_some())
     }
 
     pub(super) fn init_cluster(&mut self, cluster_id: String, audit_seed: String) -> CommandOutput {

@@ -344,6 +344,53 @@ pub enum Command {
         /// The leader's time.
         at: Timestamp,
     },
+    /// Allows one change of the control plane's servers (a Raft membership change,
+    /// which is not a command): the edge makes the change only once its grant has
+    /// applied, directly or, where the root circle guards `cluster.membership`,
+    /// through an approved proposal; the grant is then used up.
+    GrantMembership {
+        /// The change allowed.
+        change: ServerChange,
+        /// Who asked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<IdentityId>,
+        /// When.
+        at: Timestamp,
+    },
+    /// Uses up the grant for server `id` once its change is made.
+    UseMembershipGrant {
+        /// The server.
+        id: u64,
+        /// When.
+        at: Timestamp,
+    },
+}
+
+/// A change of the control plane's servers that [`Command::GrantMembership`] allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServerChange {
+    /// Add server `id`, whose peer listener is at `addr`.
+    Add {
+        /// Its id.
+        id: u64,
+        /// Its peer listener's address.
+        addr: String,
+    },
+    /// Remove server `id`.
+    Remove {
+        /// Its id.
+        id: u64,
+    },
+}
+
+impl ServerChange {
+    /// The server it changes.
+    pub fn id(&self) -> u64 {
+        match self {
+            ServerChange::Add { id, .. } | ServerChange::Remove { id } => *id,
+        }
+    }
 }
 
 /// What applying a [`Command`] answers to its proposer.
@@ -472,4 +519,8 @@ pub enum Applied {
         /// How many expired.
         expired: usize,
     },
+    /// A server change is allowed.
+    MembershipGranted(ServerChange),
+    /// A grant was used up (`false` when there was none).
+    MembershipGrantUsed(bool),
 }

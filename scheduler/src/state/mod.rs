@@ -30,7 +30,7 @@ mod trail;
 
 pub use access::{Action, Principal};
 use allocations::assigned;
-pub use command::{Applied, Command, CommandOutput};
+pub use command::{Applied, Command, CommandOutput, ServerChange};
 pub use error::{ObjectKind, StateError};
 pub use evaluations::EvaluationUpdate;
 pub use plans::{JobPlan, MovedAllocation, NewAllocation};
@@ -434,6 +434,8 @@ impl ClusterState {
                 at,
             } => self.decide(index, proposal, by, signed, at),
             Command::SettleProposals { at } => self.settle_proposals(index, at),
+            Command::GrantMembership { change, .. } => Ok(self.grant_membership(change)),
+            Command::UseMembershipGrant { id, .. } => Ok(self.use_membership_grant(id)),
         }
     }
 }

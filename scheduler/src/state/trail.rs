@@ -155,6 +155,11 @@ impl ClusterState {
                 ChangeKind::ModelDelete,
                 format!("model:{digest}"),
             ),
+            Command::GrantMembership { change, .. } => (
+                ROOT_CIRCLE.to_owned(),
+                ChangeKind::ClusterMembership,
+                format!("server:{}", change.id()),
+            ),
             Command::RevokeNode { node_id, .. } => (
                 ROOT_CIRCLE.to_owned(),
                 ChangeKind::NodeRevoke,
@@ -285,7 +290,9 @@ impl Command {
             | Command::RemoveIdentity { at, .. }
             | Command::SetCircleMember { at, .. }
             | Command::RevokeApiKey { at, .. }
-            | Command::SetGovernance { at, .. } => Some(*at),
+            | Command::SetGovernance { at, .. }
+            | Command::GrantMembership { at, .. }
+            | Command::UseMembershipGrant { at, .. } => Some(*at),
             Command::CreateApiKey { info, .. } => Some(info.created_at),
             _ => None,
         }
@@ -295,7 +302,7 @@ impl Command {
     fn actor(&self) -> Option<&IdentityId> {
         match self {
             Command::SubmitJob { by, .. } => by.as_ref(),
-            Command::SetGovernance { by, .. } => by.as_ref(),
+            Command::SetGovernance { by, .. } | Command::GrantMembership { by, .. } => by.as_ref(),
             _ => None,
         }
     }

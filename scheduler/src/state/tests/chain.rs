@@ -11,6 +11,8 @@ use aigrid_consensus::human::sign_decision;
 
 use super::*;
 
+const ROOT: &str = aigrid_api::chain::ROOT_CIRCLE;
+
 fn person(seed: u8) -> IdentityKey {
     IdentityKey::from_seed(KeyAlgorithm::Ed25519, [seed; 32])
 }
@@ -467,4 +469,56 @@ fn a_circles_models_are_registered_through_its_quorum_and_hybrid_when_it_says() 
         .models(None)
         .iter()
         .any(|m| m.name == "other" && m.signature == "ed25519+ml-dsa-65"));
+}
+
+/// Server changes are granted by a command before they are made: directly while the
+/// root circle has one member, through the root's quorum once it has more; a grant
+/// is used up once.
+#[test]
+fn server_changes_need_a_grant_that_the_root_quorum_approves() {
+    let (a, b) = (person(1), person(2));
+    let mut log = Log::new();
+    log.apply(Command::InitCluster {
+        cluster_id: "c1".into(),
+        audit_seed: "ab".repeat(32),
+        at: at(1),
+    })
+    .unwrap();
+    log.apply(Command::BootstrapAdmins {
+        admins: vec![("a".into(), a.public()), ("b".into(), b.public())],
+        at: at(1),
+    })
+    .unwrap();
+    let root = log.state.governance(ROOT).unwrap();
+    assert_eq!(root.governance.members.len(), 2);
+    assert_eq!(root.governance.policy.threshold, 2);
+    let grant = |id| Command::GrantMembership {
+        change: crate::state::ServerChange::Remove { id },
+        by: Some(a.id()),
+        at: at(2),
+    };
+    // Two admins: the root guards it, so only a proposal grants it.
+    assert_eq!(code(log.apply(grant(3))), ErrorCode::Guarded);
+    let p = proposal(log.apply(Command::Propose {
+        id: "s3".into(),
+        command: Box::new(grant(3)),
+        by: a.id(),
+        at: at(2),
+    }));
+    assert_eq!(
+        (p.kind, p.circle.as_str()),
+        (ChangeKind::ClusterMembership, ROOT)
+    );
+    decide(&mut log, &p, &a, Decision::Approve, 3).unwrap();
+    assert!(log.state.membership_grant(3).is_none());
+    decide(&mut log, &p, &b, Decision::Approve, 4).unwrap();
+    assert_eq!(
+        log.state.membership_grant(3),
+        Some(&crate::state::ServerChange::Remove { id: 3 })
+    );
+    let used = |log: &mut Log| log.apply(Command::UseMembershipGrant { id: 3, at: at(5) });
+    assert_eq!(used(&mut log), Ok(Applied::MembershipGrantUsed(true)));
+    assert_eq!(used(&mut log), Ok(Applied::MembershipGrantUsed(false)));
+    let audit = log.state.audit_log().leaves().join("\n");
+    assert!(audit.contains("server:3"), "{audit}");
 }
