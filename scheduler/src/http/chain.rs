@@ -44,6 +44,9 @@ use crate::state::{Action, Applied, ClusterState, Command, Principal};
 pub const AUDIT_SIZE_HEADER: &str = "x-aigrid-audit-size";
 /// Longest a watch waits.
 const MAX_WATCH: Duration = Duration::from_secs(60);
+/// Watches held at once by this process; more answer 429 at once, so waiting
+/// clients cannot take every place the door admits.
+static WATCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(256);
 /// Most entries one `GET /api/v1/audit` answers.
 const MAX_AUDIT_PAGE: u64 = 1_000;
 
@@ -222,6 +225,7 @@ struct ProposalQuery {
     responses(
         (status = 200, body = [ProposalInfo], headers(("x-aigrid-audit-size" = u64, description = "The audit log's size when read"))),
         (status = 400, description = "Malformed query", body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 429, description = "Too many watches held", body = ErrorBody),
     )
 )]
 async fn list_proposals(
@@ -230,6 +234,16 @@ async fn list_proposals(
     query: Result<Query<ProposalQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
+    let _watching = if query.watch {
+        Some(WATCHES.try_acquire().map_err(|_| {
+            ApiError::new(
+                ErrorCode::RateLimited,
+                "too many proposal watches are held; retry later",
+            )
+        })?)
+    } else {
+        None
+    };
     if query.watch {
         let size = || state.raft.read_local(|s| s.audit_log().len());
         let after = query.after.unwrap_or_else(size);
