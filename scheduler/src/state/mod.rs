@@ -244,11 +244,10 @@ impl StateMachine for ClusterState {
                 target: change.target.clone(),
             });
         }
-        let kept =
-            (command.control_time().is_some() && !self.is_echo(&command)).then(|| command.clone());
+        let event = self.change_event(index, &command, change.as_ref());
         let output = self.dispatch(index, command);
         if output.is_ok() {
-            self.record_change(index, kept.as_ref(), change);
+            self.record_change(index, event, change);
         }
         debug_assert_eq!(self.check_invariants(), Ok(()));
         output

@@ -240,20 +240,19 @@ impl ClusterState {
         }
     }
 
-    /// After a direct command applied: moves its target's version and logs it when it
-    /// is a control change.
-    pub(super) fn record_change(
-        &mut self,
+    /// The audit event a direct command makes if it applies: `None` for what the log
+    /// does not record (bookkeeping, agents' reports, echoes). Made before the
+    /// command is applied, which consumes it.
+    pub(super) fn change_event(
+        &self,
         index: u64,
-        command: Option<&Command>,
-        change: Option<Change>,
-    ) {
-        if let Some(change) = &change {
-            self.tables.chain.set_revision(&change.target, index);
+        command: &Command,
+        change: Option<&Change>,
+    ) -> Option<(Timestamp, serde_json::Value)> {
+        let at = command.control_time()?;
+        if self.is_echo(command) {
+            return None;
         }
-        let Some((command, at)) = command.and_then(|c| Some((c, c.control_time()?))) else {
-            return;
-        };
         let payload = shown_payload(command, &index.to_string());
         let mut event = serde_json::json!({
             "event": "change",
@@ -261,13 +260,29 @@ impl ClusterState {
             "payload_hash": hex::encode(human::payload_hash(&payload)),
         });
         if let Some(change) = change {
-            event["target"] = change.target.into();
-            event["circle"] = change.circle.into();
+            event["target"] = change.target.clone().into();
+            event["circle"] = change.circle.clone().into();
         }
         if let Some(by) = command.actor() {
             event["by"] = by.to_string().into();
         }
-        self.audit(index, at, event);
+        Some((at, event))
+    }
+
+    /// After a direct command applied: moves its target's version and logs its
+    /// event, if it has one.
+    pub(super) fn record_change(
+        &mut self,
+        index: u64,
+        event: Option<(Timestamp, serde_json::Value)>,
+        change: Option<Change>,
+    ) {
+        if let Some(change) = &change {
+            self.tables.chain.set_revision(&change.target, index);
+        }
+        if let Some((at, event)) = event {
+            self.audit(index, at, event);
+        }
     }
 }
 
