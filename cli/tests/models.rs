@@ -115,6 +115,7 @@ async fn a_model_pushed_through_up_lists_pulls_survives_a_lost_site_and_is_remov
     let pushed = json_output(&out);
     let digest = pushed["model"]["digest"].as_str().unwrap().to_owned();
     assert_eq!(pushed["model"]["size"], 5_000_000 + 14 + 13);
+    assert_eq!(pushed["model"]["signature"], "ed25519");
     assert!(key.exists());
     let out = model_cmd(&server, &key, &["ls"]);
     let listing = assert_success(&out);
@@ -152,11 +153,20 @@ async fn a_model_pushed_through_up_lists_pulls_survives_a_lost_site_and_is_remov
             model.to_str().unwrap(),
             "--name",
             "tiny-again",
+            "--hybrid",
             "--json",
         ],
     );
     let again = json_output(&out);
     assert_eq!(again["bytes_uploaded"], 0, "{again}");
+    // Signed hybrid this time: `model show` says so, having checked both signatures.
+    assert_eq!(again["model"]["signature"], "ed25519+ml-dsa-65", "{again}");
+    let hybrid = again["model"]["digest"].as_str().unwrap();
+    let text = assert_success(&model_cmd(&server, &key, &["show", hybrid]));
+    assert!(
+        text.contains("signature  ed25519+ml-dsa-65 (both verified)"),
+        "{text}"
+    );
 
     // Pull back, bit for bit.
     let dest = dir.path().join("pulled");

@@ -74,6 +74,10 @@ pub struct PolicyArgs {
     /// Approvals must be hybrid-signed (ed25519 + ML-DSA-65): true or false.
     #[arg(long, value_name = "BOOL")]
     require_hybrid: Option<bool>,
+    /// The circle's models must have hybrid-signed manifests (`model push --hybrid`):
+    /// true or false.
+    #[arg(long, value_name = "BOOL")]
+    require_hybrid_manifests: Option<bool>,
     /// With job.scale guarded: instances a job may reach without the quorum.
     #[arg(long)]
     scale_limit: Option<u32>,
@@ -235,6 +239,9 @@ fn apply_policy(
     if let Some(h) = args.require_hybrid {
         policy.require_hybrid = h;
     }
+    if let Some(h) = args.require_hybrid_manifests {
+        policy.require_hybrid_manifests = h;
+    }
     if args.scale_limit.is_some() {
         policy.scale_limit = args.scale_limit;
     }
@@ -300,10 +307,11 @@ pub fn print_governance(g: &CircleGovernance) {
         g.name,
         g.version,
         p.threshold,
-        if p.require_hybrid {
-            ", hybrid signatures"
-        } else {
-            ""
+        match (p.require_hybrid, p.require_hybrid_manifests) {
+            (true, true) => ", hybrid signatures on approvals and manifests",
+            (true, false) => ", hybrid signatures on approvals",
+            (false, true) => ", hybrid signatures on manifests",
+            (false, false) => "",
         },
         if guarded.is_empty() {
             "-".to_owned()
