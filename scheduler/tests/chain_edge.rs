@@ -224,5 +224,32 @@ async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
         .await
         .unwrap();
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    // Alice, the circle's one member, approves: it applies, and the metrics say so.
+    let approved = client
+        .post(format!("{url}/api/v1/proposals/{id}/approvals"))
+        .json(&alices)
+        .signed_by(&alice)
+        .send()
+        .await
+        .unwrap();
+    let approved: Value = approved.json().await.unwrap();
+    assert_eq!(approved["state"], "applied", "{approved}");
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "aigrid_proposals{state=\"applied\"} 1",
+        "aigrid_proposals{state=\"pending\"} 0",
+        "aigrid_proposal_approval_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
+    assert!(metrics.contains("aigrid_audit_entries "), "{metrics}");
     server.stop().await;
 }
