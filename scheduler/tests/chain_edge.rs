@@ -251,5 +251,38 @@ async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
         assert!(metrics.contains(line), "{line} missing from /metrics");
     }
     assert!(metrics.contains("aigrid_audit_entries "), "{metrics}");
+
+    // The leader settles what is due: a proposal whose window closes expires.
+    let mut brief = aigrid_api::CirclePolicy::new(1);
+    brief.max_window_secs = 1;
+    let r = client
+        .post(format!("{url}/api/v1/circles"))
+        .json(&json!({"name": "brief", "members": [{"identity": alice.id()}], "policy": brief}))
+        .signed()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let mut job = job;
+    job["name"] = "brief-job".into();
+    job["circle"] = "brief".into();
+    let r = client
+        .post(format!("{url}/api/v1/jobs"))
+        .json(&job)
+        .signed_by(&alice)
+        .send()
+        .await
+        .unwrap();
+    let brief_id = r.json::<Value>().await.unwrap()["proposal"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    until("the brief proposal expiring", || {
+        server.raft.read_local(|s| {
+            s.proposal(&brief_id)
+                .is_some_and(|p| p.state == aigrid_api::ProposalState::Expired)
+        })
+    })
+    .await;
     server.stop().await;
 }
