@@ -109,3 +109,29 @@ pub struct DeleteJobResponse {
     /// The evaluation that stops its instances.
     pub eval_id: EvalId,
 }
+
+/// One version of a job, as `GET /api/v1/jobs/{id}/versions` lists it: what ran, from
+/// when, and who submitted it. Secrets are shown redacted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobVersion {
+    /// The version number.
+    pub version: u64,
+    /// When it was submitted.
+    pub submitted_at: Timestamp,
+    /// Who submitted it, when a person did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<crate::identity::IdentityId>,
+    /// True for the version that runs now.
+    #[serde(default)]
+    pub current: bool,
+    /// Its spec.
+    pub spec: JobSpec,
+}
+
+/// `POST /api/v1/jobs/{id}/revert`: submit a kept version again, as a new version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevertJob {
+    /// The version to run again.
+    pub version: u64,
+}

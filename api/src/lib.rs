@@ -80,7 +80,10 @@ pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
 pub use identity::{IdentityId, IdentityKey, KeyAlgorithm, KeyFile, PublicKey};
 pub use ids::{AllocId, EvalId, JobId, NodeId};
 pub use index::{ApiArea, ApiIndex};
-pub use job::{DeleteJobResponse, Job, JobStatus, JobSummary, SubmitJobResponse, Unplaced};
+pub use job::{
+    DeleteJobResponse, Job, JobStatus, JobSummary, JobVersion, RevertJob, SubmitJobResponse,
+    Unplaced,
+};
 pub use manifest::{Locations, Manifest, ManifestError, Registration, SignedManifest};
 pub use model::{ModelSummary, StorageBackend, StorageInfo};
 pub use node::{

@@ -52,25 +52,14 @@ fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>
 
 #[test]
 fn a_two_of_three_circle_runs_a_job_only_on_its_quorum_and_the_audit_log_verifies() {
-    let cluster = Cluster::start(1, &[]);
-    let s = cluster.urls()[0].clone();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(wait_leader(
-        &http(),
-        &cluster.urls(),
-        Duration::from_secs(20),
-    ));
+    let (cluster, s) = one_server();
     let root = tempfile::tempdir().unwrap();
     let marker = format!("AIGRID_TEST_MARK=chain-{}", std::process::id());
     let _reaper = Reaper {
         root: root.path().display().to_string(),
         marker: marker.clone(),
     };
-    let admin = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--server", s.as_str()]);
-        aigrid(&all)
-    };
+    let admin = |args: &[&str]| aigrid_at(&s, args);
 
     // An agent to run what the circle approves.
     let token = assert_success(&admin(&["node", "token", "create"]))

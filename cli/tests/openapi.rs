@@ -30,6 +30,8 @@ const SERVED: &[&str] = &[
     "GET /api/v1/jobs",
     "GET /api/v1/jobs/{id}",
     "DELETE /api/v1/jobs/{id}",
+    "GET /api/v1/jobs/{id}/versions",
+    "POST /api/v1/jobs/{id}/revert",
     "POST /api/v1/nodes",
     "GET /api/v1/nodes",
     "GET /api/v1/nodes/{id}",
@@ -288,6 +290,16 @@ async fn make_fixtures(client: &reqwest::Client, server: &str, joiner: (u64, Str
         assert!(Instant::now() < deadline, "the job was never placed: {got}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // A second version of the job, so there is one to revert to.
+    let mut second = small_job("conformance");
+    second["groups"][0]["task"]["args"] = json!(["601"]);
+    expect_json(
+        Call::new("POST", "/api/v1/jobs").json(&second),
+        client,
+        server,
+        200,
+    )
+    .await;
     let model = model_registration("conformance", 9, 1);
     let summary = expect_json(
         Call::new("POST", "/api/v1/models").json(&serde_json::to_value(&model).unwrap()),
@@ -441,6 +453,13 @@ fn valid_call(fx: &Fixtures, method: &str, path: &str) -> Option<Call> {
             method,
             format!("/api/v1/circles/lab/api-keys/{}", fx.api_key),
         ),
+        ("GET", "/api/v1/jobs/{id}/versions") => {
+            Call::new(method, format!("/api/v1/jobs/{}/versions", fx.job))
+        }
+        ("POST", "/api/v1/jobs/{id}/revert") => {
+            Call::new(method, format!("/api/v1/jobs/{}/revert", fx.job))
+                .json(&json!({"version": 1}))
+        }
         ("POST", "/api/v1/circles") => {
             let mut circle = admin_governance();
             circle["name"] = "gov2".into();

@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aigrid_api::{Allocation, DeleteJobResponse, Job, JobSpec, JobSummary, SubmitJobResponse};
+use aigrid_api::{
+    Allocation, DeleteJobResponse, Job, JobSpec, JobSummary, JobVersion, RevertJob,
+    SubmitJobResponse,
+};
 use anyhow::{anyhow, Context};
 use clap::Subcommand;
 use reqwest::Method;
@@ -39,6 +42,28 @@ pub enum JobCommand {
     Rm {
         /// The job id or name.
         id: String,
+    },
+    /// List the versions of a job kept (the running one and up to ten before it).
+    History {
+        /// The job id or name.
+        id: String,
+    },
+    /// Show what changed between two versions of a job.
+    Diff {
+        /// The job id or name.
+        id: String,
+        /// The older version.
+        from: u64,
+        /// The newer version.
+        to: u64,
+    },
+    /// Run a kept version of a job again, as a new version.
+    Revert {
+        /// The job id or name.
+        id: String,
+        /// The version to run again.
+        #[arg(value_name = "VERSION")]
+        kept: u64,
     },
     /// Print the output of a job's allocations, as their agents last shipped it.
     Logs {
@@ -206,6 +231,63 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
                 println!("unplaced    {} x{}: {}", u.group, u.count, u.reason);
             }
         }
+        JobCommand::History { id } => {
+            let versions = versions(client, &id).await?;
+            if json {
+                return print_json(&versions);
+            }
+            let rows: Vec<Vec<String>> = versions
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.version.to_string(),
+                        ms_to_text(v.submitted_at.0),
+                        v.by.as_ref().map_or("-".to_owned(), ToString::to_string),
+                        if v.current { "running" } else { "-" }.to_owned(),
+                        v.spec.instance_count().to_string(),
+                    ]
+                })
+                .collect();
+            print_table(
+                0,
+                &["VERSION", "SUBMITTED", "BY", "STATE", "INSTANCES"],
+                &rows,
+            );
+        }
+        JobCommand::Diff { id, from, to } => {
+            let versions = versions(client, &id).await?;
+            let spec = |n: u64| {
+                versions
+                    .iter()
+                    .find(|v| v.version == n)
+                    .map(|v| serde_json::to_value(&v.spec))
+                    .transpose()?
+                    .ok_or_else(|| {
+                        anyhow!("version {n} of `{id}` is not kept (aigrid job history {id})")
+                    })
+            };
+            let (old, new) = (spec(from)?, spec(to)?);
+            if json {
+                return print_json(&serde_json::json!({"from": old, "to": new}));
+            }
+            print!("{}", super::chain::diff(&old, &new));
+        }
+        JobCommand::Revert { id, kept: version } => {
+            let path = format!("/api/v1/jobs/{}/revert", path_segment(&id)?);
+            let answer = client
+                .call_guarded(Method::POST, &path, Some(&RevertJob { version }))
+                .await?;
+            let Some(resp): Option<SubmitJobResponse> = proposed_or(answer, json)? else {
+                return Ok(());
+            };
+            if json {
+                return print_json(&resp);
+            }
+            println!(
+                "job {id} runs version {version} again, as version {} (evaluation {})",
+                resp.version, resp.eval_id
+            );
+        }
         JobCommand::Logs { id, stderr, follow } => {
             logs::job_logs(client, &id, stderr, follow).await?;
         }
@@ -224,6 +306,12 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+/// The versions of job `id` kept, newest first.
+async fn versions(client: &Client, id: &str) -> anyhow::Result<Vec<JobVersion>> {
+    let path = format!("/api/v1/jobs/{}/versions", path_segment(id)?);
+    client.call::<(), _>(Method::GET, &path, None).await
 }
 
 /// `aigrid alloc ...`

@@ -299,6 +299,26 @@ impl Cluster {
     }
 }
 
+/// One server that leads, and its URL, for tests that drive the CLI.
+pub fn one_server() -> (Cluster, String) {
+    let cluster = Cluster::start(1, &[]);
+    let url = cluster.urls()[0].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(wait_leader(
+        &http(),
+        &cluster.urls(),
+        Duration::from_secs(20),
+    ));
+    (cluster, url)
+}
+
+/// Runs the CLI as the tests' admin against `server`.
+pub fn aigrid_at(server: &str, args: &[&str]) -> Output {
+    let mut all = args.to_vec();
+    all.extend(["--server", server]);
+    aigrid(&all)
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))

@@ -9,7 +9,7 @@
 use aigrid_api::{
     AllocId, AllocationLogs, DeleteJobResponse, EvalId, Job, JobId, JobSpec, JobSummary,
 };
-use aigrid_api::{ErrorBody, ProposalCreated, SubmitJobResponse};
+use aigrid_api::{ErrorBody, JobVersion, ProposalCreated, RevertJob, SubmitJobResponse};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -30,6 +30,8 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(submit_job, list_jobs))
         .routes(routes!(get_job, delete_job))
+        .routes(routes!(job_versions))
+        .routes(routes!(revert_job))
         .routes(routes!(allocation_logs))
 }
 
@@ -190,6 +192,100 @@ async fn delete_job(
         .await?
         .respond(None, |applied| match applied {
             Applied::JobDeleted(resp) => Ok(Json(resp).into_response()),
+            other => Err(unexpected(other)),
+        })
+}
+
+/// The versions of a job kept, newest first: the one running now and up to ten
+/// before it, secrets redacted. The job's viewers.
+#[utoipa::path(
+    tag = "jobs", get, path = "/api/v1/jobs/{id}/versions",
+    params(("id" = String, Path, description = "Job id, or the name of a live job")),
+    responses((status = 200, body = [JobVersion]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+async fn job_versions(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    caller: Caller,
+) -> Result<Json<Vec<JobVersion>>, ApiError> {
+    let (circle, versions) = state
+        .raft
+        .read(|s| {
+            let job = find_job(s, &id)?;
+            Some((job.spec.circle.clone(), s.job_versions(&job.id)?))
+        })
+        .await?
+        .ok_or_else(|| job_not_found(&id))?;
+    caller
+        .require(&state, Action::Circle(circle.as_deref(), Role::Viewer))
+        .await?;
+    Ok(Json(
+        versions
+            .into_iter()
+            .map(|mut v| {
+                v.spec = v.spec.redacted();
+                v
+            })
+            .collect(),
+    ))
+}
+
+/// Runs a kept version of a job again, as a new version (its secrets as they were
+/// then). An update like any other: 202 with a proposal when the job's circle
+/// guards updates. The job's operators.
+#[utoipa::path(
+    tag = "jobs", post, path = "/api/v1/jobs/{id}/revert",
+    params(("id" = String, Path, description = "Job id, or the name of a live job")),
+    request_body = RevertJob,
+    responses(
+        (status = 200, description = "The new version, committed", body = SubmitJobResponse),
+        (status = 202, description = "Guarded: proposed, nothing applied yet", body = ProposalCreated),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No such job, or the version is not kept", body = ErrorBody),
+        (status = 409, description = "That version is the one running", body = ErrorBody),
+    )
+)]
+async fn revert_job(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Signed(caller, request): Signed<RevertJob>,
+) -> Result<Response, ApiError> {
+    let versions = state
+        .raft
+        .read(|s| s.job_versions(&find_job(s, &id)?.id))
+        .await?
+        .ok_or_else(|| job_not_found(&id))?;
+    let circle = versions[0].spec.circle.clone();
+    caller
+        .require(&state, Action::Circle(circle.as_deref(), Role::Operator))
+        .await?;
+    let wanted = versions
+        .into_iter()
+        .find(|v| v.version == request.version)
+        .ok_or_else(|| not_found("job version", &format!("{id}@{}", request.version)))?;
+    if wanted.current {
+        return Err(ApiError::new(
+            aigrid_api::ErrorCode::Conflict,
+            format!("version {} of `{id}` is the one running", request.version),
+        ));
+    }
+    caller
+        .require(
+            &state,
+            Action::Circle(wanted.spec.circle.as_deref(), Role::Operator),
+        )
+        .await?;
+    let command = Command::SubmitJob {
+        job_id: new_id(JobId::new),
+        eval_id: new_id(EvalId::new),
+        spec: wanted.spec,
+        at: state.clock.now(),
+        by: caller.identity().cloned(),
+    };
+    propose_change(&state, caller.identity(), command)
+        .await?
+        .respond(None, |applied| match applied {
+            Applied::JobSubmitted(resp) => Ok(Json(resp).into_response()),
             other => Err(unexpected(other)),
         })
 }

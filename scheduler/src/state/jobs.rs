@@ -3,11 +3,14 @@
 
 use aigrid_api::{
     AllocState, Allocation, DeleteJobResponse, DesiredState, EvalId, EvalTrigger, IdentityId, Job,
-    JobId, JobKind, JobSpec, JobStatus, JobSummary, Role, SubmitJobResponse, TaskSpec, Timestamp,
-    ValidationError,
+    JobId, JobKind, JobSpec, JobStatus, JobSummary, JobVersion, Role, SubmitJobResponse, TaskSpec,
+    Timestamp, ValidationError,
 };
 
 use super::*;
+
+/// Earlier versions kept per job, to show and to revert to; older ones are forgotten.
+pub const VERSIONS_KEPT: usize = 10;
 
 impl ClusterState {
     /// The job with this id, with its allocations and derived status.
@@ -56,6 +59,27 @@ impl ClusterState {
                 }
             })
             .collect()
+    }
+
+    /// The versions of a job kept, newest first (the one running now included),
+    /// specs as stored: the edge redacts them before showing them.
+    pub fn job_versions(&self, id: &JobId) -> Option<Vec<JobVersion>> {
+        let job = self.tables.jobs.get(id)?;
+        let current = JobVersion {
+            version: job.version,
+            submitted_at: job.updated_at,
+            by: job.updated_by.clone(),
+            current: true,
+            spec: job.spec.clone(),
+        };
+        let earlier = job.history.iter().rev().map(|k| JobVersion {
+            version: k.version,
+            submitted_at: k.submitted_at,
+            by: k.by.clone(),
+            current: false,
+            spec: k.spec.clone(),
+        });
+        Some(std::iter::once(current).chain(earlier).collect())
     }
 
     fn job_view(&self, record: &JobRecord) -> Job {
@@ -149,8 +173,17 @@ impl ClusterState {
                 }));
             }
             Some(job) => {
+                job.history.push(KeptVersion {
+                    version: job.version,
+                    spec: std::mem::replace(&mut job.spec, spec),
+                    submitted_at: job.updated_at,
+                    by: job.updated_by.take(),
+                });
+                if job.history.len() > VERSIONS_KEPT {
+                    job.history.remove(0);
+                }
                 job.version += 1;
-                job.spec = spec;
+                job.updated_by = by.cloned();
                 job.updated_at = at;
                 job.last_eval = eval_id.clone();
                 job.unplaced.clear();
@@ -168,6 +201,8 @@ impl ClusterState {
                         updated_at: at,
                         last_eval: eval_id.clone(),
                         unplaced: Vec::new(),
+                        updated_by: by.cloned(),
+                        history: Vec::new(),
                     },
                 );
                 (job_id, 1, EvalTrigger::JobSubmit)

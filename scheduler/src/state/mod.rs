@@ -41,8 +41,8 @@ pub use trail::Change;
 use std::collections::{BTreeMap, BTreeSet};
 
 use aigrid_api::{
-    AllocId, Allocation, EvalId, EvalStatus, Evaluation, JobId, JobSpec, JoinTokenInfo, Node,
-    NodeId, NodeStatus, Timestamp, Unplaced,
+    AllocId, Allocation, EvalId, EvalStatus, Evaluation, IdentityId, JobId, JobSpec, JoinTokenInfo,
+    Node, NodeId, NodeStatus, Timestamp, Unplaced,
 };
 use aigrid_consensus::state_machine::{SnapshotError, StateMachine};
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,23 @@ struct JobRecord {
     last_eval: EvalId,
     /// The planner's latest word on instances it could not place.
     unplaced: Vec<Unplaced>,
+    /// Who submitted the current version, when a person did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    updated_by: Option<IdentityId>,
+    /// Earlier versions, oldest first, at most [`jobs::VERSIONS_KEPT`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    history: Vec<KeptVersion>,
+}
+
+/// An earlier version of a job, kept to be shown and reverted to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeptVersion {
+    version: u64,
+    spec: JobSpec,
+    submitted_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    by: Option<IdentityId>,
 }
 
 /// An evaluation with its creation order, which decides which ones are forgotten.

@@ -478,3 +478,30 @@ fn a_spec_read_back_redacted_and_resubmitted_keeps_its_secrets() {
     ));
     assert_eq!(log.bytes(), before);
 }
+
+/// Every update keeps the version it replaces, up to `VERSIONS_KEPT` of them, newest
+/// first with the running one on top; an unchanged resubmit keeps nothing; every
+/// replica keeps the same (the history is part of the snapshot).
+#[test]
+fn updates_keep_the_versions_they_replace_up_to_a_bound() {
+    let mut log = Log::new();
+    let with_count = |n: u32| {
+        let mut s = spec("web");
+        s.groups[0].count = n;
+        s
+    };
+    for n in 1..=13u32 {
+        submitted(log.apply(submit("job-1", &format!("eval-{n}"), with_count(n))));
+    }
+    // An unchanged resubmit is no version.
+    submitted(log.apply(submit("job-x", "eval-again", with_count(13))));
+    let versions = log.state.job_versions(&JobId::new("job-1")).unwrap();
+    let numbers: Vec<u64> = versions.iter().map(|v| v.version).collect();
+    assert_eq!(numbers, (3..=13).rev().collect::<Vec<u64>>());
+    assert!(versions[0].current && versions[1..].iter().all(|v| !v.current));
+    assert_eq!(versions[1].spec.groups[0].count, 12);
+    assert_eq!(versions.len(), super::super::jobs::VERSIONS_KEPT + 1);
+    let mut copy = ClusterState::default();
+    copy.restore(&log.bytes()).unwrap();
+    assert_eq!(copy.job_versions(&JobId::new("job-1")), Some(versions));
+}
