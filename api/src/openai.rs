@@ -187,6 +187,11 @@ pub struct EmbeddingRequest {
     /// Must equal the model's dimensions when given.
     #[serde(default)]
     pub dimensions: Option<i64>,
+    /// Embed an input longer than the model takes by its first tokens (the model's
+    /// special tokens kept), instead of refusing it; the server's `--auto-truncate`
+    /// when absent (off by default), as text-embeddings-inference has it.
+    #[serde(default)]
+    pub truncate: Option<bool>,
     /// Accepted for compatibility; ignored.
     #[serde(default)]
     pub user: Option<String>,

@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// longer than a slot is refused.
     #[arg(long, env = "AIGRID_KV_CACHE_GIB", default_value_t = 4.0)]
     kv_cache_gib: f64,
+    /// Embed inputs longer than the model takes by their first tokens, where a request
+    /// does not say (`"truncate"`); without it they are refused with 400.
+    #[arg(long, env = "AIGRID_AUTO_TRUNCATE")]
+    auto_truncate: bool,
     /// The projections' arithmetic: `f32`, `bf16` (weights and inputs rounded to
     /// bf16, sums in f32, on the AMX units of Xeon CPUs since Sapphire Rapids), or
     /// `auto`: bf16 for embedding models where the CPU has AMX, f32 otherwise.
@@ -115,6 +119,7 @@ impl ServeArgs {
             max_running_sequences: self.max_running_sequences,
             embed_max_delay_ms: self.embed_max_delay_ms,
             kv_cache_bytes: gib_bytes("--kv-cache-gib", self.kv_cache_gib)? as usize,
+            auto_truncate: self.auto_truncate,
         })
     }
 

@@ -29,6 +29,9 @@ pub struct Limits {
     /// when that is less than a context). Requests wait for a free slot; one longer
     /// than a slot is refused with 400.
     pub kv_cache_bytes: usize,
+    /// Embed inputs longer than the model takes by their first tokens when a request
+    /// does not say (`truncate`); off, they are refused with 400.
+    pub auto_truncate: bool,
 }
 
 impl Default for Limits {
@@ -40,6 +43,7 @@ impl Default for Limits {
             max_running_sequences: 64,
             embed_max_delay_ms: 0,
             kv_cache_bytes: 4 << 30,
+            auto_truncate: false,
         }
     }
 }

@@ -114,6 +114,26 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The ids of `text` with the model's special tokens, its own tokens cut at the
+    /// end so that all together are at most `max`.
+    pub fn encode_truncated(&self, text: &str, max: usize) -> Result<Vec<u32>, ServingError> {
+        use tokenizers::PostProcessor as _;
+        let tokenizer = &self.inner.tokenizer;
+        let error = |e: tokenizers::Error| ServingError::model(format!("tokenizing: {e}"));
+        let mut encoding = tokenizer.encode_fast(text, false).map_err(error)?;
+        let added = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        let room = max.saturating_sub(added).max(1);
+        if encoding.len() > room {
+            encoding.truncate(room, 0, tokenizers::TruncationDirection::Right);
+        }
+        let encoding = tokenizer
+            .post_process(encoding, None, true)
+            .map_err(error)?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// The text of `ids`, leaving out special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ServingError> {
         self.inner

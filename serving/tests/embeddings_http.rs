@@ -172,3 +172,78 @@ async fn bad_embedding_requests_get_openai_errors() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(vectors(&body).len(), 2);
 }
+
+/// A long input is refused by default, saying how to opt in; with `truncate` (or a
+/// server started with auto-truncate) it is embedded by its first tokens: the same
+/// vector as the text cut there, special tokens kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_inputs_are_truncated_when_asked() {
+    let dir = minilm_dir();
+    let server = start(ModelSource::Dir(dir.clone()), "minilm", Limits::default()).await;
+    server.wait_ready(Duration::from_secs(120)).await;
+    let long = "word ".repeat(600);
+    let (status, refused) = server
+        .post("/v1/embeddings", &json!({"model": "minilm", "input": long}))
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["code"], "context_length_exceeded");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"truncate\": true"),
+        "{refused}"
+    );
+    let (status, cut) = server
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "minilm", "input": long, "truncate": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{cut}");
+    // Cut to what the model takes, [CLS] and [SEP] included: the same vector as the
+    // words that fit between them, embedded as they are.
+    let took = cut["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    assert!((128..600).contains(&took), "{took}");
+    let fitting = "word ".repeat(took - 2);
+    let (status, exact) = server
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "minilm", "input": fitting.trim_end()}),
+        )
+        .await;
+    assert_eq!(status, 200, "{exact}");
+    let (a, b) = (&vectors(&cut)[0], &vectors(&exact)[0]);
+    assert!(cosine(a, b) > 0.9999, "{}", cosine(a, b));
+    // In a list, each input is cut on its own.
+    let (status, both) = server
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "minilm", "input": [long.clone(), "short"], "truncate": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{both}");
+    assert_eq!(vectors(&both).len(), 2);
+
+    let auto = start(
+        ModelSource::Dir(dir),
+        "minilm",
+        Limits {
+            auto_truncate: true,
+            ..Limits::default()
+        },
+    )
+    .await;
+    auto.wait_ready(Duration::from_secs(120)).await;
+    let (status, body) = auto
+        .post("/v1/embeddings", &json!({"model": "minilm", "input": long}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = auto
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "minilm", "input": long, "truncate": false}),
+        )
+        .await;
+    assert_eq!(status, 400, "a request's own `truncate: false` wins");
+}

@@ -56,15 +56,21 @@ pub(super) async fn embeddings(
                 ));
             }
         }
-        let inputs: Vec<Vec<u32>> = match &req.input {
-            EmbeddingInput::Text(t) => vec![encode_input(&tokenizer, t)?],
+        let truncate = req.truncate.unwrap_or(app.limits.auto_truncate);
+        let cut = truncate.then_some(max_tokens);
+        let mut inputs: Vec<Vec<u32>> = match &req.input {
+            EmbeddingInput::Text(t) => vec![encode_input(&tokenizer, t, cut)?],
             EmbeddingInput::Texts(ts) => ts
                 .iter()
-                .map(|t| encode_input(&tokenizer, t))
+                .map(|t| encode_input(&tokenizer, t, cut))
                 .collect::<Result<_, _>>()?,
             EmbeddingInput::Tokens(ids) => vec![ids.clone()],
             EmbeddingInput::TokenLists(lists) => lists.clone(),
         };
+        if truncate {
+            // Token ids are the caller's own: cut as given.
+            inputs.iter_mut().for_each(|ids| ids.truncate(max_tokens));
+        }
         if inputs.is_empty() || inputs.iter().any(Vec::is_empty) {
             return Err(ServingError::invalid("input", "input must not be empty"));
         }
@@ -81,7 +87,9 @@ pub(super) async fn embeddings(
             .find(|(_, ids)| ids.len() > max_tokens)
         {
             return Err(ServingError::ContextLength(format!(
-                "input {i} has {} tokens; this model takes at most {max_tokens}",
+                "input {i} has {} tokens; this model takes at most {max_tokens} (send \
+                 \"truncate\": true to embed its first {max_tokens}, or serve with \
+                 --auto-truncate)",
                 long.len()
             )));
         }
@@ -116,12 +124,20 @@ pub(super) async fn embeddings(
     answer(&app, route, result)
 }
 
-fn encode_input(tokenizer: &TextTokenizer, text: &str) -> Result<Vec<u32>, ServingError> {
+/// The ids of one text input, cut to `cut` tokens (special tokens kept) when given.
+fn encode_input(
+    tokenizer: &TextTokenizer,
+    text: &str,
+    cut: Option<usize>,
+) -> Result<Vec<u32>, ServingError> {
     if text.is_empty() {
         return Err(ServingError::invalid(
             "input",
             "input strings must not be empty",
         ));
     }
-    tokenizer.encode(text, true)
+    match cut {
+        Some(max) => tokenizer.encode_truncated(text, max),
+        None => tokenizer.encode(text, true),
+    }
 }
