@@ -155,6 +155,9 @@ pub fn exec_task(
         args.push(flag.to_owned());
         args.push(value);
     }
+    if task.auto_truncate {
+        args.push("--auto-truncate".to_owned());
+    }
     let exec = ExecTask {
         command: launch.program.to_string_lossy().into_owned(),
         args,
@@ -223,6 +226,7 @@ mod tests {
         };
         let task = ModelServerTask {
             model: "ab".repeat(32),
+            auto_truncate: false,
         };
         let port = free_port();
         let (exec, endpoint) = exec_task(
@@ -255,8 +259,20 @@ mod tests {
         let (cpu, _) = exec_task(&launch, &site, Path::new("/data"), &cpu, &task).unwrap();
         assert_eq!(cpu.args.last().map(String::as_str), Some("cpu"));
 
+        let truncating = ModelServerTask {
+            auto_truncate: true,
+            ..task.clone()
+        };
+        let any = alloc(&[], Some(port));
+        let (exec, _) = exec_task(&launch, &site, Path::new("/data"), &any, &truncating).unwrap();
+        assert_eq!(
+            exec.args.last().map(String::as_str),
+            Some("--auto-truncate")
+        );
+
         let flag = ModelServerTask {
             model: "--help".into(),
+            auto_truncate: false,
         };
         let any = alloc(&[], Some(port));
         assert!(exec_task(&launch, &site, Path::new("/d"), &any, &flag).is_err());

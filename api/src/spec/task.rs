@@ -210,6 +210,10 @@ pub struct ModelServerTask {
     /// Digest of the model's manifest in dispersed storage. A digest, not a name, so a
     /// deployment pins exactly the bytes that were reviewed.
     pub model: String,
+    /// For an embedding model: embed inputs longer than it takes by their first tokens
+    /// when a request does not say (`aigrid serve --auto-truncate`); refused otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_truncate: bool,
 }
 
 impl TaskSpec {

@@ -79,8 +79,10 @@ fn listening_instances_need_a_free_port_and_stopping_ones_keep_theirs() {
     };
     let big = node("b", &[], 16_000, 65_536, &[]);
     let mut served = group("llm", 3, 1000, 1024, None);
-    served.task =
-        aigrid_api::TaskSpec::ModelServer(aigrid_api::ModelServerTask { model: "d".into() });
+    served.task = aigrid_api::TaskSpec::ModelServer(aigrid_api::ModelServerTask {
+        model: "d".into(),
+        auto_truncate: false,
+    });
     // Bin-packing would put all three on `a`; its two ports take two.
     let placed = run(&[small.clone(), big], vec![served.clone()]);
     assert_eq!(on(&placed), ["a", "a", "b"]);
