@@ -85,7 +85,7 @@ fn governance(rng: &mut StdRng, people: &[IdentityKey]) -> Governance {
     let threshold = rng.random_range(heaviest + 1..=total);
     let mut policy = CirclePolicy::new(threshold);
     policy.max_window_secs = WINDOW_SECS;
-    if rng.random_bool(0.3) {
+    if rng.random_bool(0.5) {
         policy.veto = vec![members[0].identity.clone()];
     }
     Governance { members, policy }
@@ -138,7 +138,14 @@ fn next(rng: &mut StdRng, step: u64, s: &ClusterState, people: &[IdentityKey]) -
     if roll < 45 && !open.is_empty() {
         // A decision: mostly by a signer, on the right digest, and mostly on one of
         // the newest proposals, so that many reach their quorum.
-        let p = &open[rng.random_range(0..open.len().min(3))];
+        let governing = open
+            .iter()
+            .find(|p| matches!(p.kind, ChangeKind::CircleMembers | ChangeKind::CirclePolicy));
+        let p = match governing {
+            // Membership changes need two quorums: decide them more often.
+            Some(g) if rng.random_bool(0.4) => g,
+            _ => &open[rng.random_range(0..open.len().min(3))],
+        };
         let key = if rng.random_bool(0.85) {
             let signer = &p.signers[rng.random_range(0..p.signers.len())];
             people.iter().find(|k| k.id() == signer.identity).unwrap()
@@ -146,9 +153,17 @@ fn next(rng: &mut StdRng, step: u64, s: &ClusterState, people: &[IdentityKey]) -
             &people[rng.random_range(0..people.len())]
         };
         let decision = match rng.random_range(0..20) {
-            0 => Decision::Veto,
-            1..=3 => Decision::Reject,
+            0..=1 => Decision::Veto,
+            2..=4 => Decision::Reject,
             _ => Decision::Approve,
+        };
+        // A veto mostly comes from the member who may veto, where there is one.
+        let vetoer = p.signers.iter().find(|s| s.veto);
+        let key = match vetoer {
+            Some(v) if decision == Decision::Veto && rng.random_bool(0.9) => {
+                people.iter().find(|k| k.id() == v.identity).unwrap()
+            }
+            _ => key,
         };
         let mut digest: [u8; 32] = hex::decode(&p.digest).unwrap().try_into().unwrap();
         if rng.random_bool(0.08) {
@@ -199,7 +214,7 @@ fn next(rng: &mut StdRng, step: u64, s: &ClusterState, people: &[IdentityKey]) -
             },
             None => Command::SettleProposals { at: now },
         },
-        70..=79 => Command::Propose {
+        70..=84 => Command::Propose {
             id: id(step, rng),
             command: Box::new(Command::SetGovernance {
                 circle: CIRCLE.into(),
@@ -212,14 +227,14 @@ fn next(rng: &mut StdRng, step: u64, s: &ClusterState, people: &[IdentityKey]) -
             at: now,
         },
         // Guarded changes sent directly: refused as they apply.
-        80..=84 => Command::SubmitJob {
+        85..=89 => Command::SubmitJob {
             job_id: JobId::new(format!("direct-{step}")),
             eval_id: EvalId::new(format!("direct-{step}")),
             spec: spec(&format!("direct{n}"), step),
             at: now,
             by: Some(proposer),
         },
-        85..=87 => Command::SetGovernance {
+        90..=92 => Command::SetGovernance {
             circle: CIRCLE.into(),
             governance: governance(rng, people),
             create: false,
@@ -368,7 +383,7 @@ struct Stats {
 fn no_change_applies_without_its_quorum_under_faults() {
     let people = people();
     let stats = RefCell::new(Stats::default());
-    for seed in seeds(16) {
+    for seed in seeds(20) {
         let config = SimConfig {
             servers: 3,
             fault_ticks: 250,
