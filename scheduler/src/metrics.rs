@@ -107,13 +107,12 @@ impl Collector for ChainCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let (by_state, audit, applied) = self.raft.read_local(|s| {
-            let all = s.proposals_where(|_| true);
             let mut by_state = std::collections::BTreeMap::new();
             for state in aigrid_api::ProposalState::ALL {
                 by_state.insert(state.as_str(), 0i64);
             }
             let mut applied = Vec::new();
-            for p in &all {
+            for p in s.proposal_infos() {
                 *by_state.entry(p.state.as_str()).or_default() += 1;
                 if let (aigrid_api::ProposalState::Applied, Some(closed)) = (p.state, p.closed_at) {
                     let ms = closed.as_millis().saturating_sub(p.created_at.as_millis());

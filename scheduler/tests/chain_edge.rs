@@ -19,6 +19,31 @@ fn hash(text: &str) -> [u8; 32] {
     hex::decode(text).unwrap().try_into().unwrap()
 }
 
+/// A GET signed by `key`.
+async fn get_as(
+    client: &reqwest::Client,
+    url: String,
+    key: &(impl aigrid_api::RequestSigner + Sync),
+) -> reqwest::Response {
+    client.get(url).signed_by(key).send().await.unwrap()
+}
+
+/// A POST of `body` as JSON, signed by `key`.
+async fn post_as(
+    client: &reqwest::Client,
+    url: String,
+    body: &impl serde::Serialize,
+    key: &(impl aigrid_api::RequestSigner + Sync),
+) -> reqwest::Response {
+    client
+        .post(url)
+        .json(body)
+        .signed_by(key)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,12 +89,7 @@ async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
     );
 
     // A watch from now waits, then answers once a proposal is made.
-    let before = client
-        .get(format!("{url}/api/v1/proposals"))
-        .signed_by(&alice)
-        .send()
-        .await
-        .unwrap();
+    let before = get_as(&client, format!("{url}/api/v1/proposals"), &alice).await;
     let after: u64 = before.headers()["x-aigrid-audit-size"]
         .to_str()
         .unwrap()
@@ -80,14 +100,12 @@ async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
         let alice = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [21; 32]);
         tokio::spawn(async move {
             let started = Instant::now();
-            let r = client
-                .get(format!(
-                    "{url}/api/v1/proposals?watch=true&after={after}&wait=20"
-                ))
-                .signed_by(&alice)
-                .send()
-                .await
-                .unwrap();
+            let r = get_as(
+                &client,
+                format!("{url}/api/v1/proposals?watch=true&after={after}&wait=20"),
+                &alice,
+            )
+            .await;
             (started.elapsed(), r.json::<Vec<Value>>().await.unwrap())
         })
     };
@@ -101,13 +119,7 @@ async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
         "groups": [{"name": "main", "resources": {"cpu_millis": 100, "memory_mib": 64},
                     "task": {"driver": "exec", "command": "/bin/true"}}]
     });
-    let r = client
-        .post(format!("{url}/api/v1/jobs"))
-        .json(&job)
-        .signed_by(&alice)
-        .send()
-        .await
-        .unwrap();
+    let r = post_as(&client, format!("{url}/api/v1/jobs"), &job, &alice).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let created: Value = r.json().await.unwrap();
     let id = created["proposal"].as_str().unwrap().to_owned();
@@ -120,42 +132,27 @@ async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
     for path in ["/api/v1/proposals", "/api/v1/audit", "/api/v1/audit/export"] {
         let unsigned = client.get(format!("{url}{path}")).send().await.unwrap();
         assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED, "{path}");
-        let unknown = client
-            .get(format!("{url}{path}"))
-            .signed_by(&stranger)
-            .send()
-            .await
-            .unwrap();
+        let unknown = get_as(&client, format!("{url}{path}"), &stranger).await;
         assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED, "{path}");
     }
     // Bob, known but outside `lab`: the proposal is hidden from him and his
     // decision refused as a non-signer's, even correctly signed.
-    let hidden = client
-        .get(format!("{url}/api/v1/proposals"))
-        .signed_by(&bob)
-        .send()
-        .await
-        .unwrap();
+    let hidden = get_as(&client, format!("{url}/api/v1/proposals"), &bob).await;
     assert_eq!(hidden.json::<Vec<Value>>().await.unwrap().len(), 0);
-    let one = client
-        .get(format!("{url}/api/v1/proposals/{id}"))
-        .signed_by(&bob)
-        .send()
-        .await
-        .unwrap();
+    let one = get_as(&client, format!("{url}/api/v1/proposals/{id}"), &bob).await;
     assert_eq!(one.status(), StatusCode::FORBIDDEN);
     let signed = aigrid_consensus::human::sign_decision(
         &bob,
         &hash(created["digest"].as_str().unwrap()),
         aigrid_api::Decision::Approve,
     );
-    let decide = client
-        .post(format!("{url}/api/v1/proposals/{id}/approvals"))
-        .json(&signed)
-        .signed_by(&bob)
-        .send()
-        .await
-        .unwrap();
+    let decide = post_as(
+        &client,
+        format!("{url}/api/v1/proposals/{id}/approvals"),
+        &signed,
+        &bob,
+    )
+    .await;
     assert_eq!(decide.status(), StatusCode::FORBIDDEN);
     let body: Value = decide.json().await.unwrap();
     assert_eq!(body["error"]["code"], "not_a_signer");
@@ -166,13 +163,13 @@ async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
         &hash(created["digest"].as_str().unwrap()),
         aigrid_api::Decision::Approve,
     );
-    let relayed = client
-        .post(format!("{url}/api/v1/proposals/{id}/approvals"))
-        .json(&alices)
-        .signed_by(&admin_key())
-        .send()
-        .await
-        .unwrap();
+    let relayed = post_as(
+        &client,
+        format!("{url}/api/v1/proposals/{id}/approvals"),
+        &alices,
+        &admin_key(),
+    )
+    .await;
     assert_eq!(relayed.status(), StatusCode::FORBIDDEN);
 
     // Inclusion and consistency proofs of the log verify against its roots.
@@ -217,22 +214,22 @@ async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
         &hashes,
     )
     .unwrap();
-    let bad = client
-        .get(format!("{url}/api/v1/audit/proof?index=0&from=1"))
-        .signed()
-        .send()
-        .await
-        .unwrap();
+    let bad = get_as(
+        &client,
+        format!("{url}/api/v1/audit/proof?index=0&from=1"),
+        &admin_key(),
+    )
+    .await;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 
     // Alice, the circle's one member, approves: it applies, and the metrics say so.
-    let approved = client
-        .post(format!("{url}/api/v1/proposals/{id}/approvals"))
-        .json(&alices)
-        .signed_by(&alice)
-        .send()
-        .await
-        .unwrap();
+    let approved = post_as(
+        &client,
+        format!("{url}/api/v1/proposals/{id}/approvals"),
+        &alices,
+        &alice,
+    )
+    .await;
     let approved: Value = approved.json().await.unwrap();
     assert_eq!(approved["state"], "applied", "{approved}");
     let metrics = client
@@ -266,13 +263,7 @@ async fn strangers_are_refused_watches_wait_for_changes_and_proofs_verify() {
     let mut job = job;
     job["name"] = "brief-job".into();
     job["circle"] = "brief".into();
-    let r = client
-        .post(format!("{url}/api/v1/jobs"))
-        .json(&job)
-        .signed_by(&alice)
-        .send()
-        .await
-        .unwrap();
+    let r = post_as(&client, format!("{url}/api/v1/jobs"), &job, &alice).await;
     let brief_id = r.json::<Value>().await.unwrap()["proposal"]
         .as_str()
         .unwrap()

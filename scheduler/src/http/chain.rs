@@ -35,7 +35,7 @@ use utoipa_axum::routes;
 use super::access::read_circle;
 use super::auth::{Caller, Signed};
 use super::plumbing::{
-    check_name, not_found, propose, propose_change, unexpected, ApiError, ApiState,
+    check_name, not_found, propose, propose_change, read_query, unexpected, ApiError, ApiState,
 };
 use crate::state::{Action, Applied, ClusterState, Command, Principal};
 
@@ -64,13 +64,16 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(audit_export))
 }
 
-/// The audit log's origin (the name its checkpoints carry) and the name of the key
-/// that signs them, both from the cluster's id.
-pub fn audit_names(cluster_id: &str) -> (String, String) {
-    (
+/// What signs the audit log's checkpoints: the cluster's audit key, the log's origin
+/// (the name its checkpoints carry) and the key's name, the last two from the
+/// cluster's id; `None` until the cluster has one.
+fn audit_signer(s: &ClusterState) -> Option<(aigrid_api::IdentityKey, String, String)> {
+    let cluster_id = s.cluster_id();
+    Some((
+        s.audit_key()?,
         format!("aigrid/{cluster_id}/human-chain"),
         format!("aigrid-{cluster_id}"),
-    )
+    ))
 }
 
 fn not_ready() -> ApiError {
@@ -233,18 +236,14 @@ async fn list_proposals(
     caller: Caller,
     query: Result<Query<ProposalQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
-    let _watching = if query.watch {
-        Some(WATCHES.try_acquire().map_err(|_| {
+    let query = read_query(query)?;
+    if query.watch {
+        let _watching = WATCHES.try_acquire().map_err(|_| {
             ApiError::new(
                 ErrorCode::RateLimited,
                 "too many proposal watches are held; retry later",
             )
-        })?)
-    } else {
-        None
-    };
-    if query.watch {
+        })?;
         let size = || state.raft.read_local(|s| s.audit_log().len());
         let after = query.after.unwrap_or_else(size);
         let wait = Duration::from_secs(query.wait.unwrap_or(30)).min(MAX_WATCH);
@@ -400,7 +399,7 @@ async fn audit_entries(
     query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<Vec<AuditEntry>>, ApiError> {
     caller.require(&state, Action::ReadCluster).await?;
-    let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
+    let query = read_query(query)?;
     let from = query.from.unwrap_or(0);
     let limit = query.limit.unwrap_or(MAX_AUDIT_PAGE).min(MAX_AUDIT_PAGE);
     let entries = state
@@ -435,8 +434,7 @@ async fn audit_checkpoint(
     let signed = state
         .raft
         .read(|s| {
-            let key = s.audit_key()?;
-            let (origin, key_name) = audit_names(s.cluster_id());
+            let (key, origin, key_name) = audit_signer(s)?;
             let checkpoint = Checkpoint {
                 origin,
                 size: s.audit_log().len(),
@@ -486,7 +484,7 @@ async fn audit_proof(
     query: Result<Query<ProofQuery>, QueryRejection>,
 ) -> Result<Json<AuditProof>, ApiError> {
     caller.require(&state, Action::ReadCluster).await?;
-    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))?;
+    let q = read_query(query)?;
     let bad = |m: &str| ApiError::new(ErrorCode::InvalidField, m.to_owned());
     if q.index.is_some() == q.from.is_some() {
         return Err(bad(
@@ -501,9 +499,16 @@ async fn audit_proof(
             if size > log.len() {
                 return None;
             }
-            // A proof for an older size is the one of the log's first `size` entries.
+            // A proof for an older size is the one of the log's first `size` entries,
+            // whose tree is built for it; the log's own tree answers for its size now.
             let leaves = &log.leaves()[..usize::try_from(size).ok()?];
-            let tree = aigrid_consensus::human::audit::AuditLog::from_leaves(leaves.to_vec());
+            let older_tree;
+            let tree = if size == log.len() {
+                log
+            } else {
+                older_tree = aigrid_consensus::human::audit::AuditLog::from_leaves(leaves.to_vec());
+                &older_tree
+            };
             let root = hex::encode(tree.root());
             if let Some(index) = q.index {
                 let hashes = tree.prove_inclusion(index)?;
@@ -552,8 +557,7 @@ async fn audit_export(State(state): State<ApiState>, caller: Caller) -> Result<R
     let export = state
         .raft
         .read(|s| {
-            let key = s.audit_key()?;
-            let (origin, key_name) = audit_names(s.cluster_id());
+            let (key, origin, key_name) = audit_signer(s)?;
             Some(AuditExport::signed(
                 &origin,
                 &key_name,

@@ -208,16 +208,15 @@ async fn job_versions(
     Path(id): Path<String>,
     caller: Caller,
 ) -> Result<Json<Vec<JobVersion>>, ApiError> {
-    let (circle, versions) = state
+    let versions = state
         .raft
-        .read(|s| {
-            let job = find_job(s, &id)?;
-            Some((job.spec.circle.clone(), s.job_versions(&job.id)?))
-        })
+        .read(|s| s.job_versions(&id))
         .await?
         .ok_or_else(|| job_not_found(&id))?;
+    // The first is the version running now, whose circle the job is in.
+    let circle = versions[0].spec.circle.as_deref();
     caller
-        .require(&state, Action::Circle(circle.as_deref(), Role::Viewer))
+        .require(&state, Action::Circle(circle, Role::Viewer))
         .await?;
     Ok(Json(
         versions
@@ -252,7 +251,7 @@ async fn revert_job(
 ) -> Result<Response, ApiError> {
     let versions = state
         .raft
-        .read(|s| s.job_versions(&find_job(s, &id)?.id))
+        .read(|s| s.job_versions(&id))
         .await?
         .ok_or_else(|| job_not_found(&id))?;
     let circle = versions[0].spec.circle.clone();

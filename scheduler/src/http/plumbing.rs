@@ -282,10 +282,9 @@ pub(crate) struct ReadQuery {
     pub(crate) stale: bool,
 }
 
-/// The read options, with a malformed query answered in the API's error shape.
-pub(crate) fn read_query(
-    query: Result<Query<ReadQuery>, QueryRejection>,
-) -> Result<ReadQuery, ApiError> {
+/// A route's query options (the read options, or its own), with a malformed query
+/// answered in the API's error shape.
+pub(crate) fn read_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     query
         .map(|Query(q)| q)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))

@@ -177,6 +177,20 @@ impl ClusterState {
             })
     }
 
+    /// A governed circle's members and policy, borrowed: what the apply path reads.
+    pub(super) fn governing(&self, circle: &str) -> Option<&Governance> {
+        self.tables
+            .chain
+            .governed
+            .get(circle)
+            .map(|g| &g.governance)
+    }
+
+    /// Every proposal kept, in id order, borrowed (for counting without copying).
+    pub fn proposal_infos(&self) -> impl Iterator<Item = &ProposalInfo> {
+        self.tables.chain.proposals.values().map(|p| &p.info)
+    }
+
     /// A proposal.
     pub fn proposal(&self, id: &str) -> Option<&ProposalInfo> {
         self.tables.chain.proposals.get(id).map(|p| &p.info)

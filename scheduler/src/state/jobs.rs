@@ -61,10 +61,15 @@ impl ClusterState {
             .collect()
     }
 
-    /// The versions of a job kept, newest first (the one running now included),
-    /// specs as stored: the edge redacts them before showing them.
-    pub fn job_versions(&self, id: &JobId) -> Option<Vec<JobVersion>> {
-        let job = self.tables.jobs.get(id)?;
+    /// The versions of a job kept, by its id or the name of a live job, newest first
+    /// (the one running now included), specs as stored: the edge redacts them
+    /// before showing them.
+    pub fn job_versions(&self, id_or_name: &str) -> Option<Vec<JobVersion>> {
+        let job = self
+            .tables
+            .jobs
+            .get(&JobId::new(id_or_name))
+            .or_else(|| self.tables.jobs.get(self.job_names.get(id_or_name)?))?;
         let current = JobVersion {
             version: job.version,
             submitted_at: job.updated_at,

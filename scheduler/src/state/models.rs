@@ -116,8 +116,8 @@ impl ClusterState {
         if let Some(circle) = &registration.circle {
             aigrid_api::spec::check_name("circle", circle)?;
             let hybrid_required = self
-                .governance(circle)
-                .is_some_and(|g| g.governance.policy.require_hybrid_manifests);
+                .governing(circle)
+                .is_some_and(|g| g.policy.require_hybrid_manifests);
             if hybrid_required && registration.manifest.ml_dsa.is_none() {
                 return Err(StateError::Manifest(ManifestError::Signature(format!(
                     "circle `{circle}` requires hybrid-signed manifests (ed25519 + ML-DSA-65); \

@@ -89,9 +89,9 @@ impl ClusterState {
                 let kind = match live {
                     None => ChangeKind::JobCreate,
                     Some(old) => {
-                        let policy = self.governance(&circle).map(|g| g.governance.policy);
-                        let guards = |k| policy.as_ref().is_some_and(|p| p.guards(k));
-                        let limit = policy.as_ref().and_then(|p| p.scale_limit);
+                        let policy = self.governing(&circle).map(|g| &g.policy);
+                        let guards = |k| policy.is_some_and(|p| p.guards(k));
+                        let limit = policy.and_then(|p| p.scale_limit);
                         let grows = spec.instance_count() > old.instance_count();
                         let over = limit.is_some_and(|l| spec.instance_count() > u64::from(l));
                         if !guards(ChangeKind::JobUpdate) && grows && over {
@@ -129,8 +129,8 @@ impl ClusterState {
                 circle, governance, ..
             } => {
                 let members_change = self
-                    .governance(circle)
-                    .is_none_or(|g| g.governance.members != governance.members);
+                    .governing(circle)
+                    .is_none_or(|g| g.members != governance.members);
                 let kind = if members_change {
                     ChangeKind::CircleMembers
                 } else {
@@ -233,9 +233,7 @@ impl ClusterState {
                 .any(|k| k.id == info.id),
             Command::SetGovernance {
                 circle, governance, ..
-            } => self
-                .governance(circle)
-                .is_some_and(|g| g.governance == *governance),
+            } => self.governing(circle) == Some(governance),
             _ => false,
         }
     }

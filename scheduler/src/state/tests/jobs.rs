@@ -495,7 +495,7 @@ fn updates_keep_the_versions_they_replace_up_to_a_bound() {
     }
     // An unchanged resubmit is no version.
     submitted(log.apply(submit("job-x", "eval-again", with_count(13))));
-    let versions = log.state.job_versions(&JobId::new("job-1")).unwrap();
+    let versions = log.state.job_versions("job-1").unwrap();
     let numbers: Vec<u64> = versions.iter().map(|v| v.version).collect();
     assert_eq!(numbers, (3..=13).rev().collect::<Vec<u64>>());
     assert!(versions[0].current && versions[1..].iter().all(|v| !v.current));
@@ -503,5 +503,5 @@ fn updates_keep_the_versions_they_replace_up_to_a_bound() {
     assert_eq!(versions.len(), super::super::jobs::VERSIONS_KEPT + 1);
     let mut copy = ClusterState::default();
     copy.restore(&log.bytes()).unwrap();
-    assert_eq!(copy.job_versions(&JobId::new("job-1")), Some(versions));
+    assert_eq!(copy.job_versions("job-1"), Some(versions));
 }
