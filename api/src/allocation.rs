@@ -103,6 +103,15 @@ pub struct Allocation {
     pub endpoint: Option<String>,
     /// What the control plane wants.
     pub desired: DesiredState,
+    /// A canary of a rollout: a new-version instance started beside the running
+    /// one of its index, which it replaces once the rollout is promoted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
+    /// Its rollout's verdict: healthy (ran, and answered ready, for the policy's
+    /// minimum time) or not (failed, or not healthy by the deadline). Absent
+    /// until judged, and for instances not under a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
     /// When it was placed.
     pub created_at: Timestamp,
     /// When it last changed.

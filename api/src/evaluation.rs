@@ -24,6 +24,8 @@ wire_enum!(
         Preemption => "preemption",
         /// An instance failed on its node and is rescheduled.
         AllocFailed => "alloc_failed",
+        /// A rollout moved: instances judged, canaries promoted, a pause lifted.
+        Deployment => "deployment",
     }
 );
 

@@ -47,6 +47,9 @@ pub struct Job {
     /// Instances the planner could not place, and why; empty when all fit.
     #[serde(default)]
     pub unplaced: Vec<Unplaced>,
+    /// Its latest rollout, for a service whose groups have an `update` block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<crate::deployment::Deployment>,
 }
 
 /// Instances of one group the planner could not place.

@@ -18,6 +18,7 @@
 //! | [`signature`] | the one request-signature scheme (RFC 9421 style) for people and nodes |
 //! | [`ca`] | the cluster CA's fingerprint, as join tokens carry it |
 //! | [`cluster`] | control-plane membership and Raft status |
+//! | [`deployment`] | a service version's rollout and what people may ask of it |
 //! | [`model`] | registered models as listed, and the dispersed store a server offers |
 //! | [`manifest`] | a model's signed manifest and shard locations: canonical encoding, digest, signature check |
 //! | [`placement`] | placement policies: which storage backends may hold a stripe's shards |
@@ -38,6 +39,7 @@ pub mod auth;
 pub mod ca;
 pub mod chain;
 pub mod cluster;
+pub mod deployment;
 pub mod digest;
 pub mod error;
 pub mod evaluation;
@@ -74,6 +76,9 @@ pub use chain::{
 pub use cluster::{
     ClusterStatus, Health, JoinRequest, LeaveRequest, Member, MemberRole, Readiness,
 };
+pub use deployment::{
+    Deployment, DeploymentAction, DeploymentGroup, DeploymentState, SteerDeployment,
+};
 pub use digest::{ChunkDigest, ModelDigest};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationError};
 pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
@@ -93,9 +98,9 @@ pub use node::{
 };
 pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHeaders};
 pub use spec::{
-    Affinity, Artifact, Constraint, ConstraintOp, ConstraintValue, ExecTask, GpuRequest, JobKind,
-    JobSpec, ModelServerTask, Resources, RestartMode, RestartPolicy, SizeError, Spread, TaskGroup,
-    TaskSpec,
+    Affinity, Artifact, CanaryChecks, Constraint, ConstraintOp, ConstraintValue, ExecTask,
+    GpuRequest, JobKind, JobSpec, ModelServerTask, Ratio, Resources, RestartMode, RestartPolicy,
+    SizeError, Span, Spread, TaskGroup, TaskSpec, UpdatePolicy,
 };
 pub use units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
 
@@ -126,6 +131,7 @@ mod tests {
         Registration,
         ModelDigest,
         ChunkDigest,
+        DeploymentAction,
     )))]
     struct Doc;
 
@@ -226,6 +232,8 @@ mod tests {
             JobKind,
             ConstraintOp,
             RestartMode,
+            DeploymentState,
+            DeploymentAction,
             placement::Op = [placement::Op::In, placement::Op::NotIn],
         );
         for (name, serde, schema) in &enums {

@@ -99,6 +99,9 @@ enum Command {
     /// Submit, list, inspect and remove jobs.
     #[command(subcommand)]
     Job(commands::JobCommand),
+    /// Follow and steer a service's rollout: status, pause, resume, promote, abort.
+    #[command(subcommand)]
+    Deployment(commands::DeploymentCommand),
     /// Inspect nodes, manage join tokens, revoke node keys.
     #[command(subcommand)]
     Node(commands::NodeCommand),
@@ -203,6 +206,7 @@ fn main() -> ExitCode {
             }
             Command::Alloc(cmd) => commands::alloc(&client()?, cmd, cli.json).await,
             Command::Job(cmd) => commands::job(&client()?, cmd, cli.json).await,
+            Command::Deployment(cmd) => commands::deployment(&client()?, cmd, cli.json).await,
             Command::Node(cmd) => commands::node(&client()?, cmd, cli.json).await,
             Command::Model(cmd) => model::model(&client()?, cmd, cli.json).await,
             Command::Cluster(cmd) => commands::cluster(&client()?, cmd, cli.json).await,

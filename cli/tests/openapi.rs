@@ -32,6 +32,8 @@ const SERVED: &[&str] = &[
     "DELETE /api/v1/jobs/{id}",
     "GET /api/v1/jobs/{id}/versions",
     "POST /api/v1/jobs/{id}/revert",
+    "GET /api/v1/jobs/{id}/deployment",
+    "POST /api/v1/jobs/{id}/deployment/{action}",
     "POST /api/v1/nodes",
     "GET /api/v1/nodes",
     "GET /api/v1/nodes/{id}",
@@ -290,9 +292,12 @@ async fn make_fixtures(client: &reqwest::Client, server: &str, joiner: (u64, Str
         assert!(Instant::now() < deadline, "the job was never placed: {got}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    // A second version of the job, so there is one to revert to.
+    // A second version of the job, so there is one to revert to, rolling out
+    // under an update policy.
     let mut second = small_job("conformance");
     second["groups"][0]["task"]["args"] = json!(["601"]);
+    second["groups"][0]["update"] = json!({"min_healthy_time": "1s", "healthy_deadline": "1h",
+                                           "progress_deadline": "2h"});
     expect_json(
         Call::new("POST", "/api/v1/jobs").json(&second),
         client,
@@ -455,6 +460,12 @@ fn valid_call(fx: &Fixtures, method: &str, path: &str) -> Option<Call> {
         ),
         ("GET", "/api/v1/jobs/{id}/versions") => {
             Call::new(method, format!("/api/v1/jobs/{}/versions", fx.job))
+        }
+        ("GET", "/api/v1/jobs/{id}/deployment") => {
+            Call::new(method, format!("/api/v1/jobs/{}/deployment", fx.job))
+        }
+        ("POST", "/api/v1/jobs/{id}/deployment/{action}") => {
+            Call::new(method, format!("/api/v1/jobs/{}/deployment/pause", fx.job)).json(&json!({}))
         }
         ("POST", "/api/v1/jobs/{id}/revert") => {
             Call::new(method, format!("/api/v1/jobs/{}/revert", fx.job))

@@ -255,6 +255,24 @@ impl UpProc {
         .await;
     }
 
+    /// Waits until the demo model is registered (`up` pushes it in the
+    /// background); answers its digest.
+    async fn demo_digest(&self, http: &reqwest::Client) -> String {
+        poll(
+            http,
+            &format!("{}/api/v1/models?name={DEMO}", self.base),
+            Duration::from_secs(120),
+            "tiny-llama registered",
+            |status, body| {
+                ok_json(status, body)?[0]["digest"]
+                    .as_str()
+                    .map(str::to_owned)
+            },
+            || self.report(DEMO),
+        )
+        .await
+    }
+
     /// Waits for the demo model's job and checks that it serves `digest` with the
     /// `model-server` driver.
     async fn demo_job(&self, http: &reqwest::Client, digest: &str) {
@@ -419,18 +437,7 @@ async fn up_serves_its_demo_model_through_the_gateway_and_the_openai_client() {
     let http = client();
 
     // The demo model is pushed and its job submitted in the background.
-    let digest = poll(
-        &http,
-        &format!("{base}/api/v1/models?name={DEMO}"),
-        Duration::from_secs(120),
-        "tiny-llama registered",
-        |status, body| {
-            let v = ok_json(status, body)?;
-            v[0]["digest"].as_str().map(str::to_owned)
-        },
-        || up.report(DEMO),
-    )
-    .await;
+    let digest = up.demo_digest(&http).await;
     up.demo_job(&http, &digest).await;
 
     // Through the gateway on the up's own port, once a replica is ready.
@@ -509,6 +516,144 @@ async fn up_serves_its_demo_model_through_the_gateway_and_the_openai_client() {
     assert_eq!(written, modified, "the demo model was written again");
     up.wait_listed(&http, (DEMO, DEMO), true, Duration::from_secs(180))
         .await;
+    up.remove_demo(&http).await;
+    up.terminate();
+}
+
+/// A new version of the demo model's job whose model never loads: its canary
+/// fails, the rollout reverts by itself within its healthy deadline, and the
+/// running version answers every request by name throughout, the gateway sending
+/// none to the canary that never turned ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_rollout_reverts_by_itself_while_the_old_version_serves() {
+    let root = tempfile::tempdir().unwrap();
+    let up = UpProc::start(root.path(), None, &[]);
+    let base = up.base.clone();
+    let _reapers = up_reapers(root.path(), &base, &base);
+    let http = client();
+    let digest = up.demo_digest(&http).await;
+    up.demo_job(&http, &digest).await;
+    up.wait_listed(&http, (DEMO, DEMO), true, Duration::from_secs(180))
+        .await;
+    let job = get_json(&http, &format!("{base}/api/v1/jobs/{DEMO}"))
+        .await
+        .unwrap();
+    let serving: Vec<String> = job["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .collect();
+
+    // The same model under the same name, its weights garbage: it pushes and
+    // registers, and its server cannot load it.
+    let broken = root.path().join("broken");
+    let demo_dir = root.path().join("data").join("demo-model").join(DEMO);
+    std::fs::create_dir_all(&broken).unwrap();
+    for entry in std::fs::read_dir(&demo_dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), broken.join(entry.file_name())).unwrap();
+    }
+    let weights = broken.join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::write(&weights, vec![0xA5u8; usize::try_from(len).unwrap()]).unwrap();
+    let bad = push(&base, &root.path().join("publisher.key"), &broken, DEMO);
+    assert_ne!(bad, digest);
+
+    // Requests by name, one after another, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (http, stop) = (http.clone(), stop.clone());
+        let url = format!("{base}/v1/chat/completions");
+        tokio::spawn(async move {
+            let body = json!({"model": DEMO, "max_tokens": 4,
+                              "messages": [{"role": "user", "content": "hello"}]});
+            let mut failures = Vec::new();
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (status, text) = post(&http, &url, &body).await;
+                sent += 1;
+                if status != 200 {
+                    failures.push(format!("{status}: {text}"));
+                }
+            }
+            (sent, failures)
+        })
+    };
+
+    let mut spec = job["spec"].clone();
+    spec["groups"][0]["task"]["model"] = json!(bad);
+    spec["groups"][0]["update"] = json!({"canary": 1, "auto_revert": true,
+        "min_healthy_time": "2s", "healthy_deadline": "45s", "progress_deadline": "2m"});
+    let file = root.path().join("v2.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    let started = Instant::now();
+    assert_success(&aigrid(&[
+        "job",
+        "update",
+        file.to_str().unwrap(),
+        "--wait-secs",
+        "0",
+        "--server",
+        &base,
+    ]));
+    let status = |args: &[&str]| {
+        let mut all = vec!["deployment", "status", DEMO, "--server", &base, "--json"];
+        all.extend_from_slice(args);
+        json_output(&aigrid(&all))
+    };
+    let first = status(&[]);
+    assert_eq!(first["version"], 2, "{first}");
+    assert_eq!(first["groups"][0]["desired_canaries"], 1, "{first}");
+    // Followed until it settles: reverted, within its deadline.
+    let settled = aigrid(&["deployment", "status", DEMO, "--watch", "--server", &base]);
+    let followed = assert_success(&settled);
+    let took = started.elapsed();
+    let last = status(&[]);
+    assert_eq!(
+        last["state"],
+        "reverted",
+        "{last}\n{followed}\n{}",
+        up.report(DEMO)
+    );
+    assert_eq!(last["reverted_to"], 3, "{last}");
+    assert!(
+        last["description"].as_str().unwrap().contains("unhealthy"),
+        "{last}"
+    );
+    assert!(took < Duration::from_secs(75), "reverted after {took:?}");
+    assert!(followed.contains("reverted"), "{followed}");
+
+    // A few more requests after the revert, then the tally: none failed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (sent, failures) = load.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(sent >= 10, "only {sent} requests");
+
+    // Version 3 is version 1 again, served by the same instance as before.
+    let job = get_json(&http, &format!("{base}/api/v1/jobs/{DEMO}"))
+        .await
+        .unwrap();
+    assert_eq!(job["version"], 3, "{job}");
+    assert_eq!(job["spec"]["groups"][0]["task"]["model"], digest, "{job}");
+    let running: Vec<&str> = job["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["desired"] == "run")
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(running, serving, "{job}");
+    let history = json_output(&aigrid(&[
+        "job", "history", DEMO, "--server", &base, "--json",
+    ]));
+    assert_eq!(history.as_array().unwrap().len(), 3, "{history}");
+
     up.remove_demo(&http).await;
     up.terminate();
 }

@@ -16,6 +16,7 @@
 //! | [`gateway`] | the OpenAI-compatible `/v1` inference gateway: resolves a request's model ([`gateway::table`]), picks a ready replica with the fewest requests outstanding and streams its answer back ([`gateway::balancer`]); its routes are documented in the same OpenAPI document |
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
+//! | [`rollouts`] | the leader's rollout watcher: judges the instances of rollouts under way (runs, readiness, the gateway's measurements of canaries) and reports passed deadlines |
 //! | [`listener`] | the accept loop in front of the HTTP surface: connection limits (in total and per client), header, body, idle and TLS handshake timeouts, optional TLS, graceful shutdown |
 //! | [`server`] | one control-plane server: replica, listeners, lifecycle |
 //! | [`server_config`] | what a server is started with, checked, and why it may fail to start |
@@ -54,6 +55,7 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod planner;
+pub mod rollouts;
 pub mod server;
 pub mod server_config;
 pub mod state;

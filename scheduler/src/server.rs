@@ -179,6 +179,12 @@ impl Server {
             clock.clone(),
             shutdown.subscribe(),
         ));
+        tokio::spawn(crate::rollouts::watch(
+            raft.clone(),
+            gateway.clone(),
+            clock.clone(),
+            shutdown.subscribe(),
+        ));
         // Plain heartbeats reach the log a few times per TTL, so a node's
         // `last_seen` lags its last heartbeat by a small part of the TTL.
         let flush_every = config

@@ -19,6 +19,7 @@ mod rules;
 mod task;
 #[cfg(test)]
 mod tests;
+mod update;
 
 use std::collections::BTreeSet;
 
@@ -42,6 +43,7 @@ pub use task::{
     Artifact, ExecTask, ModelServerTask, RestartMode, RestartPolicy, TaskSpec,
     DEFAULT_KILL_TIMEOUT_MS, MAX_KILL_TIMEOUT_MS, MAX_RESTART_ATTEMPTS,
 };
+pub use update::{CanaryChecks, Ratio, Span, UpdatePolicy};
 
 /// Priority given to a job that does not state one.
 pub const DEFAULT_PRIORITY: u32 = 50;
@@ -140,6 +142,10 @@ pub struct TaskGroup {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub max_unavailable: Option<u32>,
+    /// How a new version replaces the running one (services only); absent, an
+    /// update replaces `max_unavailable` instances at a time without waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdatePolicy>,
     /// What each instance runs.
     pub task: TaskSpec,
 }
@@ -172,6 +178,12 @@ impl JobSpec {
         let mut names = BTreeSet::new();
         for (i, group) in self.groups.iter().enumerate() {
             let path = format!("groups[{i}]");
+            if group.update.is_some() && self.kind != JobKind::Service {
+                return Err(ValidationError::new(
+                    format!("{path}.update"),
+                    "only a service rolls out under an update policy",
+                ));
+            }
             group.validate_at(&path)?;
             if !names.insert(group.name.as_str()) {
                 return Err(ValidationError::new(
@@ -225,7 +237,30 @@ impl TaskGroup {
                 "must be at least 1; set `movable = false` to forbid voluntary moves",
             ));
         }
+        if let Some(update) = &self.update {
+            let at = format!("{path}.update");
+            if self.gang {
+                return Err(ValidationError::new(
+                    at,
+                    "a gang is replaced whole; remove `update` or `gang`",
+                ));
+            }
+            update.validate_at(&at, self.count)?;
+        }
         self.task.validate_at(&format!("{path}.task"))
+    }
+
+    /// Whether `other` runs the same instances as this group, whatever the count
+    /// or the update policy: an instance of one is an instance of the other, so a
+    /// version that changes only those keeps its instances running.
+    pub fn same_instances(&self, other: &TaskGroup) -> bool {
+        let strip = |g: &TaskGroup| TaskGroup {
+            count: 0,
+            update: None,
+            max_unavailable: None,
+            ..g.clone()
+        };
+        strip(self) == strip(other)
     }
 }
 

@@ -23,7 +23,10 @@ pub enum JobCommand {
     ///
     /// Then waits a few seconds for the placement and says where the job was
     /// placed (its nodes) or why not (the planner's reasons); an identical
-    /// resubmit says it is unchanged.
+    /// resubmit says it is unchanged. Submitting a job whose name is live makes
+    /// its next version (`job update` says the same); a group with an `update`
+    /// block then rolls out under it (`aigrid deployment status NAME`).
+    #[command(visible_alias = "update")]
     Submit {
         /// The job file; `.toml` files are read as TOML, others as JSON.
         file: PathBuf,

@@ -6,6 +6,7 @@
 //! | `job` | `aigrid job` and `aigrid alloc`: job files read and checked, submitted, listed, shown, removed; an allocation's output |
 //! | `node` | `aigrid node`: nodes listed and shown, registered and heartbeated by hand, drained, revoked; join tokens |
 //! | `cluster` | `aigrid cluster`: membership and Raft status |
+//! | `deployment` | `aigrid deployment`: a service's rollout shown, followed, paused, resumed, promoted, aborted |
 //! | `access` | `aigrid key`, `whoami`, `identity`, `circle`, `apikey`: identities, roles and API keys |
 //! | `chain` | the Human Chain: `circle create`, `circle member`, `circle policy`, `proposal` |
 //! | `audit` | `aigrid audit`: the audit log read, exported, and verified offline |
@@ -16,6 +17,7 @@ mod audit;
 mod ca;
 mod chain;
 mod cluster;
+mod deployment;
 mod job;
 mod node;
 
@@ -27,5 +29,6 @@ pub use audit::{audit, verify as verify_audit, AuditCommand};
 pub use ca::{ca, CaCommand};
 pub use chain::{proposal, ProposalCommand};
 pub use cluster::{cluster, ClusterCommand};
+pub use deployment::{deployment, DeploymentCommand};
 pub use job::{alloc, job, AllocCommand, JobCommand};
 pub use node::{node, NodeCommand};

@@ -22,6 +22,7 @@ use super::error::GatewayError;
 use super::keys::Scope;
 use super::metrics::GatewayMetrics;
 use super::relay::{forwarded_request_headers, requested_model, stream_back};
+use super::samples::{ReplicaStats, Samples};
 use super::table::{Resolution, Route, Routes};
 use crate::state::models::ModelName;
 use crate::state::ClusterState;
@@ -106,6 +107,11 @@ pub struct Gateway {
     in_flight: Arc<Semaphore>,
     /// Breaks ties between equally loaded replicas in turn.
     rotation: AtomicUsize,
+    /// Counts requests split between canaries and the rest, so each side gets
+    /// its percent of every hundred.
+    split_turn: AtomicUsize,
+    /// Each replica's recent requests.
+    samples: Samples,
     metrics: GatewayMetrics,
 }
 
@@ -179,6 +185,8 @@ impl Gateway {
             outstanding: Arc::new(Mutex::new(HashMap::new())),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             rotation: AtomicUsize::new(0),
+            split_turn: AtomicUsize::new(0),
+            samples: Samples::default(),
             metrics: GatewayMetrics::register(registry)?,
             config,
         })
@@ -208,7 +216,8 @@ impl Gateway {
                 .into_iter()
                 .map(str::to_ascii_lowercase)
                 .collect();
-            let mut routes = Routes::build(applied, s.model_names(), servers, deployed);
+            let mut routes = Routes::build(applied, s.model_names(), servers, deployed)
+                .with_splits(s.traffic_splits());
             for (digest, circle) in s.deployed_circles() {
                 routes
                     .deployed_by
@@ -270,7 +279,65 @@ impl Gateway {
                 .with_label_values(&labels)
                 .set(i64::try_from(up).unwrap_or(i64::MAX));
         }
+        self.samples
+            .retain(|e| routes.replicas.values().flatten().any(|r| r == e));
         *self.ready.lock() = ready;
+    }
+
+    /// Whether the replica at `endpoint` answered its last probe ready.
+    pub fn is_ready(&self, endpoint: &str) -> bool {
+        self.ready.lock().contains(endpoint)
+    }
+
+    /// What this server relayed to the replica at `endpoint` in the `window`
+    /// ending now.
+    pub fn replica_stats(&self, endpoint: &str, window: Duration) -> ReplicaStats {
+        self.samples.stats(endpoint, window)
+    }
+
+    /// The model a request for `asked` goes to: as the routing table resolves it,
+    /// except that a name whose newest model has no ready replica goes to the
+    /// newest model of that name that has one.
+    fn resolve_ready<'r>(&self, routes: &'r Routes, asked: &str) -> Resolution<'r> {
+        let resolved = routes.resolve(asked);
+        let Resolution::Found(model) = resolved else {
+            return resolved;
+        };
+        if model.name != asked {
+            return resolved;
+        }
+        let ready = self.ready.lock();
+        let has_ready =
+            |m: &ModelName| routes.replicas(&m.digest).iter().any(|e| ready.contains(e));
+        if has_ready(model) {
+            return resolved;
+        }
+        routes
+            .models
+            .iter()
+            .filter(|m| m.name == asked)
+            .find(|m| has_ready(m))
+            .map_or(resolved, Resolution::Found)
+    }
+
+    /// The replicas a request for `model` (asked as `asked`) tries, in two sides:
+    /// while a rollout's canaries wait, the side this request's turn picks
+    /// (canaries with the rollout's percent) then the other; otherwise the model's
+    /// replicas.
+    fn sides<'r>(&self, routes: &'r Routes, model: &ModelName, asked: &str) -> [&'r [String]; 2] {
+        let plain = [routes.replicas(&model.digest), &[][..]];
+        if asked != model.name {
+            return plain;
+        }
+        let Some(split) = routes.splits.get(&model.name) else {
+            return plain;
+        };
+        let turn = self.split_turn.fetch_add(1, Ordering::Relaxed) % 100;
+        if turn < usize::from(split.percent) {
+            [&split.canary, &split.stable]
+        } else {
+            [&split.stable, &split.canary]
+        }
     }
 
     /// True when the replica's `/ready` answers 200 within the probe timeout.
@@ -371,12 +438,12 @@ impl Gateway {
         })?;
         let asked = requested_model(&body)?;
         let mut routes = self.routes();
-        let mut resolved = routes.resolve(&asked);
+        let mut resolved = self.resolve_ready(&routes, &asked);
         if resolved == Resolution::Unknown {
             // Registered since the last rebuild, perhaps: look again, at most this often.
             self.refresh(Duration::from_millis(100));
             routes = self.routes();
-            resolved = routes.resolve(&asked);
+            resolved = self.resolve_ready(&routes, &asked);
         }
         let model = match resolved {
             // A model the key may not call is answered as one that does not exist.
@@ -388,10 +455,14 @@ impl Gateway {
                 return Err(GatewayError::AmbiguousModel { asked, matches })
             }
         };
-        let endpoints = routes.replicas(&model.digest);
+        let [first, second] = self.sides(&routes, model, &asked);
         let mut tried: Vec<String> = Vec::new();
-        while let Some(outstanding) = self.pick(model, endpoints, &tried) {
+        while let Some(outstanding) = self
+            .pick(model, first, &tried)
+            .or_else(|| self.pick(model, second, &tried))
+        {
             let endpoint = outstanding.endpoint.clone();
+            let sent_at = Instant::now();
             let sent = self
                 .client
                 .post(format!("{endpoint}{}", route.path()))
@@ -399,6 +470,10 @@ impl Gateway {
                 .body(body.clone())
                 .send()
                 .await;
+            let failed = sent
+                .as_ref()
+                .map_or(true, |resp| resp.status().is_server_error());
+            self.samples.record(&endpoint, sent_at.elapsed(), failed);
             match sent {
                 Ok(resp) => return Ok(stream_back(resp, (outstanding, permit))),
                 Err(e) if e.is_timeout() => {
@@ -426,7 +501,7 @@ impl Gateway {
     /// not ready (503), as a request for it would be.
     pub(crate) fn retrieve(&self, scope: &Scope, asked: &str) -> Result<ModelCard, GatewayError> {
         let routes = self.routes();
-        let model = match routes.resolve(asked) {
+        let model = match self.resolve_ready(&routes, asked) {
             Resolution::Found(model) if routes.visible(scope, &model.digest) => model,
             Resolution::Found(_) | Resolution::Unknown => {
                 return Err(GatewayError::ModelNotFound(asked.to_owned()))

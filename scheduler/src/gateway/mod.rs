@@ -13,6 +13,11 @@
 //! connection is dropped from that set until its next successful probe, and the
 //! request moves on to another ready replica (each tried at most once).
 //!
+//! While a rollout's canaries wait for promotion, a request naming the model by
+//! name goes to the canaries with the rollout's canary percent and to the instances
+//! they would replace otherwise; a side with no ready replica gives way to the
+//! other, so a canary that never turns ready costs no request.
+//!
 //! Errors leave in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`;
 //! a semaphore at the door answers 429 beyond [`GatewayConfig::max_in_flight`].
 //!
@@ -24,6 +29,7 @@
 //! | [`error`] | [`GatewayError`]: every answer the gateway gives instead of a replica, in OpenAI's shape |
 //! | [`relay`] | what crosses to a replica and back: the `model` field read, headers forwarded, answers streamed |
 //! | [`metrics`] | the gateway's Prometheus series |
+//! | [`samples`] | each replica's recent requests (failures, time to first byte), which rollouts judge canaries on |
 //! | [`routes`] | the `/v1` routes and their OpenAPI documentation |
 
 pub mod balancer;
@@ -32,6 +38,7 @@ pub(crate) mod keys;
 pub mod metrics;
 pub mod relay;
 pub mod routes;
+pub mod samples;
 pub mod table;
 #[cfg(test)]
 mod tests;
@@ -39,4 +46,5 @@ mod tests;
 pub use balancer::{Gateway, GatewayBuildError, GatewayConfig};
 pub use error::GatewayError;
 pub use routes::{openapi, router};
+pub use samples::ReplicaStats;
 pub use table::MIN_DIGEST_PREFIX;

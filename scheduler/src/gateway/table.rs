@@ -58,6 +58,18 @@ pub(crate) struct Routes {
     pub(crate) deployed: HashSet<String>,
     /// Per digest, the circles of the jobs that deploy it: who may call it.
     pub(crate) deployed_by: super::keys::DeployedBy,
+    /// Per model name, how requests by that name split while a rollout's canaries
+    /// wait.
+    pub(crate) splits: HashMap<String, Split>,
+}
+
+/// How requests naming one model split between a rollout's canaries and the
+/// instances they would replace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Split {
+    pub(crate) canary: Vec<String>,
+    pub(crate) stable: Vec<String>,
+    pub(crate) percent: u8,
 }
 
 /// How a request's `model` resolved.
@@ -98,7 +110,26 @@ impl Routes {
             replicas,
             deployed,
             deployed_by: Default::default(),
+            splits: HashMap::new(),
         }
+    }
+
+    /// Adds the rollouts' splits, each under the name of its canaries' model.
+    pub(crate) fn with_splits(mut self, splits: Vec<crate::state::TrafficSplit>) -> Self {
+        for split in splits {
+            let Some(model) = self.models.iter().find(|m| m.digest == split.digest) else {
+                continue;
+            };
+            self.splits.insert(
+                model.name.clone(),
+                Split {
+                    canary: split.canary,
+                    stable: split.stable,
+                    percent: split.percent,
+                },
+            );
+        }
+        self
     }
 
     /// Whether a request of `scope` may see the model of `digest`.

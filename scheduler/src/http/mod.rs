@@ -34,6 +34,7 @@ pub mod agents;
 pub mod auth;
 pub mod chain;
 pub mod cluster;
+pub mod deployments;
 pub mod jobs;
 pub mod models;
 pub mod nodes;
@@ -80,7 +81,7 @@ const OPENAPI_PATH: &str = "/api/v1/openapi.json";
                        OpenAI-compatible inference gateway under `/v1`."
     ),
     tags(
-        (name = "jobs", description = "Jobs: submit, list, show, delete; allocations' output"),
+        (name = "jobs", description = "Jobs: submit, list, show, delete, their versions and rollouts; allocations' output"),
         (name = "nodes", description = "Nodes: list, show, drain, revoke"),
         (name = "agents", description = "What a node's agent calls, signed with its node key"),
         (name = "join-tokens", description = "Tokens new nodes present to register"),
@@ -100,6 +101,7 @@ fn short_routes(limits: &ApiLimits) -> OpenApiRouter<ApiState> {
     let (agents, _) = agents::routes();
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(jobs::routes())
+        .merge(deployments::routes())
         .merge(nodes::routes())
         .merge(agents)
         .merge(tokens::routes())

@@ -83,6 +83,7 @@ pub(crate) fn group(
         affinities: Vec::new(),
         movable: true,
         max_unavailable: None,
+        update: None,
         task: TaskSpec::Exec(ExecTask {
             command: "/bin/true".to_owned(),
             args: Vec::new(),
@@ -169,6 +170,8 @@ pub(crate) fn live(
         port: None,
         endpoint: None,
         desired: DesiredState::Run,
+        canary: false,
+        healthy: None,
         created_at: Timestamp::new(1),
         updated_at: Timestamp::new(1),
     }

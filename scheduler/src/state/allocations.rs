@@ -72,14 +72,16 @@ impl ClusterState {
 
     /// Records reported states; answers how many allocations changed state and
     /// the services whose wanted instances failed (to be rescheduled), each with
-    /// the fewest reschedules among them.
+    /// the fewest reschedules among them; and the jobs an update rolls through
+    /// whose new instances started, so the next ones are replaced.
     pub(super) fn apply_reports(
         &mut self,
         reports: Vec<AllocationReport>,
         at: Timestamp,
-    ) -> (usize, BTreeMap<JobId, u32>) {
+    ) -> (usize, BTreeMap<JobId, u32>, BTreeMap<JobId, u32>) {
         let mut changed = 0;
         let mut failed: BTreeMap<JobId, u32> = BTreeMap::new();
+        let mut rolling: BTreeMap<JobId, u32> = BTreeMap::new();
         for report in reports {
             let report = self.kept_report(report);
             let Some(alloc) = self.tables.allocations.get(&report.id) else {
@@ -112,9 +114,25 @@ impl ClusterState {
                 let fewest = failed.entry(alloc.job_id.clone()).or_insert(u32::MAX);
                 *fewest = (*fewest).min(alloc.reschedules);
             }
+            if alloc.state == AllocState::Running && self.rolls_through(&alloc) {
+                rolling.insert(alloc.job_id.clone(), 0);
+            }
             self.put_alloc(alloc);
         }
-        (changed, failed)
+        (changed, failed, rolling)
+    }
+
+    /// Whether `alloc`, of its job's current version, runs beside live instances
+    /// of an older one: an update is rolling through the job.
+    fn rolls_through(&self, alloc: &Allocation) -> bool {
+        let Some(version) = self.tables.jobs.get(&alloc.job_id).map(|j| j.version) else {
+            return false;
+        };
+        alloc.job_version == version
+            && self
+                .job_allocs(&alloc.job_id)
+                .iter()
+                .any(|a| a.is_live() && a.job_version < version)
     }
 
     pub(super) fn report_allocations(
@@ -128,11 +146,12 @@ impl ClusterState {
             return Err(StateError::not_found(ObjectKind::Node, &node_id));
         }
         self.check_reports(&node_id, &reports)?;
-        let (changed, failed) = self.apply_reports(reports, at);
+        let (changed, failed, rolling) = self.apply_reports(reports, at);
         if let Some(node) = self.tables.nodes.get_mut(&node_id) {
             node.last_seen = node.last_seen.max(at);
         }
-        let eval_ids = self.node_update_evals(index, failed, EvalTrigger::AllocFailed, at);
+        let mut eval_ids = self.node_update_evals(index, failed, EvalTrigger::AllocFailed, at);
+        eval_ids.extend(self.node_update_evals(index, rolling, EvalTrigger::JobUpdate, at));
         Ok(Applied::AllocationsReported {
             updated: changed,
             eval_ids,

@@ -364,6 +364,54 @@ pub enum Command {
         /// When.
         at: Timestamp,
     },
+    /// The leader's verdicts on instances of a rollout: healthy (ran, and
+    /// answered ready, for the policy's minimum time) or not. What they imply is
+    /// settled as it applies: the rollout waits for promotion, goes on, succeeds,
+    /// or fails and reverts.
+    JudgeAllocations {
+        /// The job.
+        job_id: JobId,
+        /// The version rolling out; verdicts on another version's instances are
+        /// ignored.
+        version: u64,
+        /// The verdicts.
+        verdicts: Vec<super::Verdict>,
+        /// Id of the evaluation that lets the planner act on the change.
+        eval_id: EvalId,
+        /// When they were reached.
+        at: Timestamp,
+    },
+    /// A person steers a rollout: pause, resume, promote (a guarded change when
+    /// the job's circle says so) or abort.
+    SteerDeployment {
+        /// The job.
+        job_id: JobId,
+        /// The version rolling out, as the person saw it: refused if another one
+        /// has taken its place.
+        version: u64,
+        /// What to do.
+        action: aigrid_api::DeploymentAction,
+        /// Id of the evaluation that lets the planner act on the change.
+        eval_id: EvalId,
+        /// When it was asked for.
+        at: Timestamp,
+        /// Who asked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<IdentityId>,
+    },
+    /// The leader's report that a rollout's progress deadline passed; it fails
+    /// (and reverts, when its policy says so) if the deadline the state holds has
+    /// indeed passed at `at`.
+    DeploymentDeadline {
+        /// The job.
+        job_id: JobId,
+        /// The version rolling out.
+        version: u64,
+        /// Id of the evaluation that lets the planner act on the change.
+        eval_id: EvalId,
+        /// When the leader saw it pass.
+        at: Timestamp,
+    },
 }
 
 /// A change of the control plane's servers that [`Command::GrantMembership`] allows.
@@ -523,4 +571,6 @@ pub enum Applied {
     MembershipGranted(ServerChange),
     /// A grant was used up (`false` when there was none).
     MembershipGrantUsed(bool),
+    /// A rollout moved (or was judged); the job's latest rollout as it is now.
+    DeploymentChanged(Option<aigrid_api::Deployment>),
 }

@@ -69,9 +69,9 @@ impl ClusterState {
         Ok(Applied::EvaluationUpdated { id: eval_id })
     }
 
-    /// Creates an evaluation per live job in `jobs`, each held back by the
-    /// reschedule backoff of its instance rescheduled least so far (a preemption is
-    /// not held back). Their ids derive from the log index, the one input every
+    /// Creates an evaluation per live job in `jobs`; for displaced and failed
+    /// instances each is held back by the reschedule backoff of its instance
+    /// rescheduled least so far (a preemption or an update's next batch is not). Their ids derive from the log index, the one input every
     /// replica shares for a command that carries none.
     pub(super) fn node_update_evals(
         &mut self,
@@ -89,7 +89,10 @@ impl ClusterState {
             if self.tables.evaluations.contains_key(&eval_id) {
                 continue;
             }
-            let wait_until = (trigger != EvalTrigger::Preemption).then(|| {
+            // Displaced and failed instances wait out their backoff; the rest of
+            // an update and evicted instances are planned at once.
+            let backs_off = matches!(trigger, EvalTrigger::NodeUpdate | EvalTrigger::AllocFailed);
+            let wait_until = backs_off.then(|| {
                 Timestamp::from_millis(
                     at.as_millis()
                         .saturating_add(reschedule_delay_ms(reschedules)),

@@ -101,6 +101,7 @@ impl ClusterState {
             updated_at: record.updated_at,
             allocations,
             unplaced: record.unplaced.clone(),
+            deployment: self.deployment_of(&record.id),
         }
     }
 
@@ -159,15 +160,10 @@ impl ClusterState {
         }
         keep_redacted_secrets(&mut spec, live_spec)?;
 
-        if serves_models(&spec) {
-            self.model_jobs.insert(spec.name.clone());
-        } else {
-            self.model_jobs.remove(&spec.name);
-        }
         let live = self
             .job_names
             .get(&spec.name)
-            .and_then(|id| self.tables.jobs.get_mut(id));
+            .and_then(|id| self.tables.jobs.get(id));
         let (id, version, trigger) = match live {
             Some(job) if job.spec == spec => {
                 return Ok(Applied::JobSubmitted(SubmitJobResponse {
@@ -178,23 +174,17 @@ impl ClusterState {
                 }));
             }
             Some(job) => {
-                job.history.push(KeptVersion {
-                    version: job.version,
-                    spec: std::mem::replace(&mut job.spec, spec),
-                    submitted_at: job.updated_at,
-                    by: job.updated_by.take(),
-                });
-                if job.history.len() > VERSIONS_KEPT {
-                    job.history.remove(0);
-                }
-                job.version += 1;
-                job.updated_by = by.cloned();
-                job.updated_at = at;
-                job.last_eval = eval_id.clone();
-                job.unplaced.clear();
-                (job.id.clone(), job.version, EvalTrigger::JobUpdate)
+                let id = job.id.clone();
+                let version = self
+                    .push_version(&id, spec, by.cloned(), eval_id.clone(), at)
+                    .ok_or_else(|| StateError::not_found(ObjectKind::Job, &id))?;
+                self.begin_deployment(&id, at);
+                (id, version, EvalTrigger::JobUpdate)
             }
             None => {
+                if serves_models(&spec) {
+                    self.model_jobs.insert(spec.name.clone());
+                }
                 self.job_names.insert(spec.name.clone(), job_id.clone());
                 self.tables.jobs.insert(
                     job_id.clone(),
@@ -208,6 +198,8 @@ impl ClusterState {
                         unplaced: Vec::new(),
                         updated_by: by.cloned(),
                         history: Vec::new(),
+                        stable_version: Some(1),
+                        deployment: None,
                     },
                 );
                 (job_id, 1, EvalTrigger::JobSubmit)

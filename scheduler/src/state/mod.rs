@@ -14,6 +14,7 @@ mod access;
 mod allocations;
 pub mod chain;
 mod command;
+pub mod deployments;
 mod error;
 mod evaluations;
 mod invariants;
@@ -31,6 +32,7 @@ mod trail;
 pub use access::{Action, Principal};
 use allocations::assigned;
 pub use command::{Applied, Command, CommandOutput, ServerChange};
+pub use deployments::{TrafficSplit, Verdict, Watched, WatchedInstance};
 pub use error::{ObjectKind, StateError};
 pub use evaluations::EvaluationUpdate;
 pub use plans::{JobPlan, MovedAllocation, NewAllocation};
@@ -112,6 +114,13 @@ struct JobRecord {
     /// Earlier versions, oldest first, at most [`jobs::VERSIONS_KEPT`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     history: Vec<KeptVersion>,
+    /// The last version that deployed successfully (or was submitted without an
+    /// update policy): what a failed rollout reverts to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stable_version: Option<u64>,
+    /// Its latest rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deployment: Option<deployments::DeploymentRecord>,
 }
 
 /// An earlier version of a job, kept to be shown and reverted to.
@@ -452,6 +461,27 @@ impl ClusterState {
             Command::SettleProposals { at } => self.settle_proposals(index, at),
             Command::GrantMembership { change, .. } => Ok(self.grant_membership(change)),
             Command::UseMembershipGrant { id, .. } => Ok(self.use_membership_grant(id)),
+            Command::JudgeAllocations {
+                job_id,
+                version,
+                verdicts,
+                eval_id,
+                at,
+            } => self.judge_allocations(&job_id, version, verdicts, eval_id, at),
+            Command::SteerDeployment {
+                job_id,
+                version,
+                action,
+                eval_id,
+                at,
+                by: _,
+            } => self.steer_deployment(&job_id, version, action, eval_id, at),
+            Command::DeploymentDeadline {
+                job_id,
+                version,
+                eval_id,
+                at,
+            } => self.deadline_passed(&job_id, version, eval_id, at),
         }
     }
 }

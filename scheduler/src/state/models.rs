@@ -330,7 +330,7 @@ impl ClusterState {
     }
 
     /// The live jobs with a `model-server` group, by name.
-    fn model_job_records(&self) -> impl Iterator<Item = &JobRecord> {
+    pub(super) fn model_job_records(&self) -> impl Iterator<Item = &JobRecord> {
         self.model_jobs
             .iter()
             .filter_map(|name| self.job_names.get(name))
@@ -338,30 +338,29 @@ impl ClusterState {
     }
 
     /// The model servers the `/v1` gateway may route to, as (model digest, where
-    /// the servers reach it): wanted, running instances of `model-server` groups at
-    /// their job's current version, at their node's recorded address and their
-    /// assigned port. What a node reports as an endpoint plays no part. Instances
-    /// of an older version are left out, since the state keeps only the current
-    /// task and so does not know which model they serve. Costs the model-server jobs plus
-    /// their model servers' allocations, never a scan of every allocation.
+    /// the servers reach it): wanted, running instances of `model-server` groups,
+    /// each serving the model of the job version it runs (so a rollout's old
+    /// instances keep serving until they are replaced), at their node's recorded
+    /// address and their assigned port. What a node reports as an endpoint plays
+    /// no part. Costs the model-server jobs plus their allocations, never a scan of
+    /// every allocation.
     pub fn model_servers(&self) -> Vec<(&str, String)> {
         let mut found = Vec::new();
         for job in self.model_job_records() {
-            for group in &job.spec.groups {
-                let aigrid_api::TaskSpec::ModelServer(task) = &group.task else {
+            for alloc in self.job_allocs(&job.id) {
+                if alloc.desired != DesiredState::Run || alloc.state != AllocState::Running {
+                    continue;
+                }
+                let task = job
+                    .spec_at(alloc.job_version)
+                    .and_then(|spec| spec.group(&alloc.group))
+                    .map(|group| &group.task);
+                let Some(aigrid_api::TaskSpec::ModelServer(task)) = task else {
                     continue;
                 };
-                found.extend(
-                    self.job_allocs(&job.id)
-                        .into_iter()
-                        .filter(|a| {
-                            a.group == group.name
-                                && a.job_version == job.version
-                                && a.desired == DesiredState::Run
-                                && a.state == AllocState::Running
-                        })
-                        .filter_map(|a| Some((task.model.as_str(), self.workload_endpoint(a)?))),
-                );
+                if let Some(endpoint) = self.workload_endpoint(alloc) {
+                    found.push((task.model.as_str(), endpoint));
+                }
             }
         }
         found

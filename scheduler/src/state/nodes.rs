@@ -387,7 +387,7 @@ impl ClusterState {
         }
         let mut displaced =
             self.lose_allocations(&node_id, at, |a| a.gpus.iter().any(|g| failing.contains(g)));
-        let (_, failed) = self.apply_reports(reports, at);
+        let (_, failed, rolling) = self.apply_reports(reports, at);
         let mut eval_ids = self.node_update_evals(
             index,
             std::mem::take(&mut displaced),
@@ -395,6 +395,7 @@ impl ClusterState {
             at,
         );
         eval_ids.extend(self.node_update_evals(index, failed, EvalTrigger::AllocFailed, at));
+        eval_ids.extend(self.node_update_evals(index, rolling, EvalTrigger::JobUpdate, at));
         Ok(Applied::NodeUpdated {
             id: node_id,
             status,

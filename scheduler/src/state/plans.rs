@@ -80,6 +80,9 @@ pub struct NewAllocation {
     /// Reschedules in a row so far.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reschedules: u32,
+    /// A canary of the job's rollout, placed beside the running instance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -101,6 +104,7 @@ impl NewAllocation {
             gpus: placement.gpus.clone(),
             previous,
             reschedules,
+            canary: false,
         }
     }
 
@@ -131,6 +135,8 @@ impl NewAllocation {
             limits: None,
             port: None,
             endpoint: None,
+            canary: self.canary,
+            healthy: None,
             created_at: at,
             updated_at: at,
         }
@@ -312,16 +318,28 @@ impl ClusterState {
             .filter(|a| a.is_live())
             .map(|a| &a.job_id)
             .collect();
-        let mut instances: BTreeSet<(&JobId, &str, u32)> = BTreeSet::new();
+        // A canary runs beside the instance of its index, so it is an instance of
+        // its own.
+        let mut instances: BTreeSet<(&JobId, &str, u32, bool)> = BTreeSet::new();
         for job_id in jobs {
             for alloc in self.job_allocs(job_id) {
                 if alloc.is_live() && !rewritten.contains(&alloc.id) {
-                    instances.insert((&alloc.job_id, alloc.group.as_str(), alloc.index));
+                    instances.insert((
+                        &alloc.job_id,
+                        alloc.group.as_str(),
+                        alloc.index,
+                        alloc.canary,
+                    ));
                 }
             }
         }
         for alloc in allocations.iter().filter(|a| a.is_live()) {
-            if !instances.insert((&alloc.job_id, alloc.group.as_str(), alloc.index)) {
+            if !instances.insert((
+                &alloc.job_id,
+                alloc.group.as_str(),
+                alloc.index,
+                alloc.canary,
+            )) {
                 return Err(StateError::conflict(format!(
                     "instance {}[{}] of job `{}` already has a live allocation",
                     alloc.group, alloc.index, alloc.job_id

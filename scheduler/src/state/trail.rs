@@ -103,6 +103,18 @@ impl ClusterState {
                 };
                 (circle, kind, format!("job:{}", spec.name))
             }
+            Command::SteerDeployment {
+                job_id,
+                action: aigrid_api::DeploymentAction::Promote,
+                ..
+            } => {
+                let job = self.tables.jobs.get(job_id)?;
+                (
+                    job.spec.circle.clone()?,
+                    ChangeKind::RolloutPromote,
+                    format!("job:{}", job.spec.name),
+                )
+            }
             Command::DeleteJob { job_id, .. } => {
                 let job = self.tables.jobs.get(job_id)?;
                 (

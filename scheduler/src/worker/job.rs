@@ -4,7 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aigrid_api::{AllocId, AllocState, Allocation, DesiredState, Job, JobId, Timestamp, Unplaced};
+use aigrid_api::{
+    AllocId, AllocState, Allocation, Deployment, DeploymentState, DesiredState, Job, JobId,
+    Timestamp, Unplaced,
+};
 
 use super::collect::PassInput;
 use crate::planner::defrag::plan_defrag;
@@ -32,7 +35,14 @@ pub(super) fn plan_job(job: &Job, input: &mut PassInput) -> (Vec<JobPlan>, Vec<U
     // Instances whose allocation this pass already stopped or moved (a drain, a
     // migration, an eviction for a job planned earlier) are left to that change.
     let mut busy: BTreeSet<(&str, u32)> = BTreeSet::new();
+    let mut own = JobPlan::new(job.id.clone(), job.version);
+    // The rollout of the current version, if there is one.
+    let rollout = job.deployment.as_ref().filter(|d| d.version == job.version);
+    let canaries = plan_canaries(job, rollout, input, &mut own);
     for alloc in &job.allocations {
+        if alloc.canary {
+            continue;
+        }
         let key = (alloc.group.as_str(), alloc.index);
         if alloc.is_live() && !input.snapshot.holds(&alloc.id) {
             busy.insert(key);
@@ -46,7 +56,6 @@ pub(super) fn plan_job(job: &Job, input: &mut PassInput) -> (Vec<JobPlan>, Vec<U
             finished.insert(key, alloc);
         }
     }
-    let mut own = JobPlan::new(job.id.clone(), job.version);
     for alloc in live.values() {
         let wanted = job
             .spec
@@ -71,7 +80,7 @@ pub(super) fn plan_job(job: &Job, input: &mut PassInput) -> (Vec<JobPlan>, Vec<U
         })
         .map(|(key, _)| *key)
         .collect();
-    let mut replacing = outdated(job, &live);
+    let mut replacing = outdated(job, rollout, &live);
     for old in replacing.values() {
         input.snapshot.remove(&old.id);
     }
@@ -217,16 +226,86 @@ pub(super) fn plan_job(job: &Job, input: &mut PassInput) -> (Vec<JobPlan>, Vec<U
         debug_assert_eq!(replaced.len(), replacing.len());
         unplaced = outcome.unplaced;
     }
+    own.place.extend(canaries);
     plans.push(own);
     (plans, unplaced)
 }
 
+/// The canaries of the job's rollout: those no longer wanted (another version's,
+/// or their group promoted or rolled back) are stopped into `own`; while the
+/// rollout runs, the missing ones are placed beside the running instances, on
+/// capacity that is free (a canary never displaces other work). Answers the
+/// placements.
+fn plan_canaries(
+    job: &Job,
+    rollout: Option<&Deployment>,
+    input: &mut PassInput,
+    own: &mut JobPlan,
+) -> Vec<NewAllocation> {
+    let waiting = |group: &str| {
+        rollout.and_then(|d| {
+            let part = d.groups.iter().find(|g| g.name == group)?;
+            (d.state.is_active() && !part.promoted).then_some(part.desired_canaries)
+        })
+    };
+    let mut have: BTreeSet<(&str, u32)> = BTreeSet::new();
+    for alloc in job.allocations.iter().filter(|a| a.canary) {
+        let wanted = alloc.job_version == job.version
+            && waiting(&alloc.group).is_some_and(|n| alloc.index < n);
+        if wanted {
+            if alloc.is_live() || alloc.desired == DesiredState::Run {
+                have.insert((alloc.group.as_str(), alloc.index));
+            }
+        } else if alloc.is_live() && input.snapshot.holds(&alloc.id) {
+            own.stop.push(alloc.id.clone());
+            input.snapshot.remove(&alloc.id);
+        }
+    }
+    if rollout.is_none_or(|d| d.state != DeploymentState::Running) {
+        return Vec::new();
+    }
+    let groups: Vec<GroupDemand> = job
+        .spec
+        .groups
+        .iter()
+        .filter_map(|g| {
+            let n = waiting(&g.name)?;
+            let indices: Vec<u32> = (0..n)
+                .filter(|i| !have.contains(&(g.name.as_str(), *i)))
+                .collect();
+            (!indices.is_empty()).then(|| GroupDemand {
+                group: g.clone(),
+                indices,
+            })
+        })
+        .collect();
+    if groups.is_empty() {
+        return Vec::new();
+    }
+    let request = PlanRequest {
+        job_id: job.id.clone(),
+        groups,
+    };
+    let mut placed = Vec::new();
+    for p in plan(&input.snapshot, &request).placements {
+        let mut new = NewAllocation::new(&p, None, 0);
+        new.canary = true;
+        add_to_snapshot(input, job, &new);
+        placed.push(new);
+    }
+    placed
+}
+
 /// The live instances of an older job version to replace in this pass: a gang's
-/// all at once (a gang never runs two versions), other groups' at most the
-/// group's disruption budget (`max_unavailable`, counting instances not running)
-/// at a time, so an update rolls.
+/// all at once (a gang never runs two versions); a group under a rollout at most
+/// `max_parallel` at a time, counting instances of the new version not yet
+/// healthy, and none while its canaries wait or the rollout is paused, awaiting
+/// promotion or failed; other groups' at most the group's disruption budget
+/// (`max_unavailable`, counting instances not running) at a time, so an update
+/// rolls.
 fn outdated<'a>(
     job: &Job,
+    rollout: Option<&Deployment>,
     live: &BTreeMap<(&'a str, u32), &'a Allocation>,
 ) -> BTreeMap<(&'a str, u32), &'a Allocation> {
     let mut chosen = BTreeMap::new();
@@ -244,13 +323,31 @@ fn outdated<'a>(
             }
             continue;
         }
-        let down = instances
-            .iter()
-            .filter(|(_, a)| a.state != AllocState::Running)
-            .count();
-        let budget = usize::try_from(group.max_unavailable.unwrap_or(1))
-            .unwrap_or(usize::MAX)
-            .saturating_sub(down);
+        let budget = match (rollout, &group.update) {
+            (Some(d), Some(policy)) => {
+                let promoted = d.groups.iter().any(|g| g.name == group.name && g.promoted);
+                if d.state == DeploymentState::Running && promoted {
+                    let unproven = instances
+                        .iter()
+                        .filter(|(_, a)| a.job_version == job.version && a.healthy != Some(true))
+                        .count();
+                    usize::try_from(policy.max_parallel)
+                        .unwrap_or(usize::MAX)
+                        .saturating_sub(unproven)
+                } else {
+                    0
+                }
+            }
+            _ => {
+                let down = instances
+                    .iter()
+                    .filter(|(_, a)| a.state != AllocState::Running)
+                    .count();
+                usize::try_from(group.max_unavailable.unwrap_or(1))
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(down)
+            }
+        };
         chosen.extend(old.take(budget).map(|(k, a)| (**k, **a)));
     }
     chosen

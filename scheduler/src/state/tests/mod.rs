@@ -173,6 +173,8 @@ fn alloc(id: &str, job: &str, node: &str, index: u32, gpus: &[&str]) -> Allocati
         port: None,
         endpoint: None,
         desired: DesiredState::Run,
+        canary: false,
+        healthy: None,
         created_at: Timestamp::new(0),
         updated_at: Timestamp::new(0),
     }

@@ -118,6 +118,7 @@ fn plans_assign_ports_and_a_plan_that_finds_none_is_refused_whole() {
         gpus: vec![],
         previous: None,
         reschedules: 0,
+        canary: false,
     };
     let plan = |places: Vec<NewAllocation>| Command::ApplyPlan {
         jobs: vec![JobPlan {

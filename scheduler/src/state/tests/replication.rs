@@ -146,6 +146,7 @@ fn random_command(rng: &mut StdRng, step: u64) -> Command {
                     gpus: vec![],
                     previous: None,
                     reschedules: 0,
+                    canary: false,
                 }],
                 stop: if rng.random_bool(0.3) {
                     vec![AllocId::new(format!("a{}", rng.random_range(0..6)))]
