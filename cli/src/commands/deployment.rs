@@ -41,8 +41,8 @@ pub struct Steer {
     /// The job id or name.
     job: String,
     /// The version meant; refused if another one is rolling out by now.
-    #[arg(long = "rollout-version", value_name = "VERSION")]
-    version: Option<u64>,
+    #[arg(long, value_name = "VERSION")]
+    rollout_version: Option<u64>,
 }
 
 /// Runs a `deployment` subcommand.
@@ -59,7 +59,7 @@ pub async fn deployment(client: &Client, cmd: DeploymentCommand, json: bool) -> 
         path_segment(&steer.job)?
     );
     let body = SteerDeployment {
-        version: steer.version,
+        version: steer.rollout_version,
     };
     let answer = client
         .call_guarded(Method::POST, &path, Some(&body))

@@ -522,3 +522,36 @@ fn server_changes_need_a_grant_that_the_root_quorum_approves() {
     let audit = log.state.audit_log().leaves().join("\n");
     assert!(audit.contains("server:3"), "{audit}");
 }
+
+#[test]
+fn promoting_a_rollout_is_a_change_the_circle_guards_and_pausing_is_not() {
+    let (a, b, c) = (person(1), person(2), person(3));
+    let mut log = governed(&[&a, &b, &c], 2);
+    let p = propose_job(&mut log, "p1", "web", &a, 10);
+    decide(&mut log, &p, &a, Decision::Approve, 11).unwrap();
+    decide(&mut log, &p, &b, Decision::Approve, 12).unwrap();
+    let job = log.state.job_by_name("web").expect("applied").id;
+    let steer = |action: aigrid_api::DeploymentAction| Command::SteerDeployment {
+        job_id: job.clone(),
+        version: 1,
+        action,
+        eval_id: EvalId::new(format!("steer-{action}")),
+        at: at(20),
+        by: Some(a.id()),
+    };
+    let promote = steer(aigrid_api::DeploymentAction::Promote);
+    let change = log.state.guarded_change(&promote).expect("guarded");
+    assert_eq!(change.kind, ChangeKind::RolloutPromote);
+    assert_eq!(change.target, "job:web");
+    assert_eq!(code(log.apply(promote)), ErrorCode::Guarded);
+    for action in [
+        aigrid_api::DeploymentAction::Pause,
+        aigrid_api::DeploymentAction::Resume,
+        aigrid_api::DeploymentAction::Abort,
+    ] {
+        assert!(
+            log.state.guarded_change(&steer(action)).is_none(),
+            "{action}"
+        );
+    }
+}
