@@ -274,6 +274,9 @@ pub struct NodeAssignments {
     pub index: u64,
     /// The allocations, ordered by id.
     pub allocations: Vec<Assignment>,
+    /// Models to stage and activate for fleet rollouts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<crate::rollout::ModelAssignment>,
 }
 
 /// Most bytes of each output stream an agent ships per allocation.

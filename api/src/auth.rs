@@ -23,6 +23,17 @@ impl NodePublicKey {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// Whether `signature` is this key's (strict ed25519) over `message`.
+    pub fn verify_bytes(&self, message: &[u8], signature: &[u8]) -> bool {
+        let Ok(key) = VerifyingKey::from_bytes(&self.0) else {
+            return false;
+        };
+        let Ok(signature) = ed25519_dalek::Signature::from_slice(signature) else {
+            return false;
+        };
+        key.verify_strict(message, &signature).is_ok()
+    }
 }
 
 impl fmt::Debug for NodePublicKey {

@@ -21,6 +21,7 @@
 //! | [`deployment`] | a service version's rollout and what people may ask of it |
 //! | [`model`] | registered models as listed, and the dispersed store a server offers |
 //! | [`manifest`] | a model's signed manifest and shard locations: canonical encoding, digest, signature check |
+//! | [`rollout`] | fleet rollouts: a model sent to nodes chosen by attributes, in waves, staged and attested |
 //! | [`placement`] | placement policies: which storage backends may hold a stripe's shards |
 //! | [`digest`] | content digests as types (`ModelDigest`, `ChunkDigest`) |
 //! | [`openai`] | OpenAI's `/v1` wire types and error envelope, for the model servers and the gateway |
@@ -52,6 +53,7 @@ pub mod model;
 pub mod node;
 pub mod openai;
 pub mod placement;
+pub mod rollout;
 pub mod signature;
 pub mod spec;
 pub mod units;
@@ -96,6 +98,10 @@ pub use node::{
     NodeProtections, NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage,
     PortRange, RegisterNodeResponse,
 };
+pub use rollout::{
+    AbortAfter, CreateRollout, FleetRollout, ModelAssignment, ModelReport, NodeStage,
+    NodeStageState, RolloutState, Wave, Waves,
+};
 pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHeaders};
 pub use spec::{
     Affinity, Artifact, CanaryChecks, Constraint, ConstraintOp, ConstraintValue, ExecTask,
@@ -132,6 +138,7 @@ mod tests {
         ModelDigest,
         ChunkDigest,
         DeploymentAction,
+        FleetRollout,
     )))]
     struct Doc;
 
@@ -234,6 +241,8 @@ mod tests {
             RestartMode,
             DeploymentState,
             DeploymentAction,
+            RolloutState,
+            NodeStageState,
             placement::Op = [placement::Op::In, placement::Op::NotIn],
         );
         for (name, serde, schema) in &enums {

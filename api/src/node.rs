@@ -500,6 +500,10 @@ pub struct Heartbeat {
     /// heartbeat.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<crate::allocation::LogTail>,
+    /// What became of the models fleet rollouts asked this node to stage: active
+    /// (with its attestation) or failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<crate::rollout::ModelReport>,
 }
 
 /// The answer to `POST /api/v1/nodes`, sent once the registration is committed.
@@ -559,6 +563,23 @@ impl Heartbeat {
             return Err(ValidationError::new(
                 "logs",
                 format!("at most {MAX_HEARTBEAT_LOGS} entries"),
+            ));
+        }
+        if self.models.len() > MAX_HEARTBEAT_LOGS {
+            return Err(ValidationError::new(
+                "models",
+                format!("at most {MAX_HEARTBEAT_LOGS} entries"),
+            ));
+        }
+        if let Some(i) = self.models.iter().position(|m| {
+            m.rollout.len() > 64
+                || m.digest.len() > 64
+                || m.reason.as_ref().is_some_and(|r| r.len() > 1024)
+                || m.signature.as_ref().is_some_and(|s| s.len() > 256)
+        }) {
+            return Err(ValidationError::new(
+                format!("models[{i}]"),
+                "a field is longer than a rollout id, digest, reason or signature can be",
             ));
         }
         let max = crate::allocation::MAX_LOG_TAIL_BYTES;

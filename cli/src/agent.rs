@@ -343,9 +343,11 @@ pub async fn start_agent(
         usize::try_from(h.finish() % 1024).unwrap_or(0)
     };
     let client = ControlClient::new(servers, http, Arc::new(identity), start);
-    Ok(Arc::new(Agent::new(
-        config, client, discovery, runner, metrics,
-    )))
+    let stager =
+        crate::staging::StoreStager::new(data_dir.join(aigrid_agent::model_server::CACHE_DIR));
+    Ok(Arc::new(
+        Agent::new(config, client, discovery, runner, metrics).with_stager(Arc::new(stager)),
+    ))
 }
 
 /// `aigrid agent`.

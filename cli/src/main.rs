@@ -37,6 +37,7 @@ mod placement;
 mod serve;
 mod server;
 mod shutdown;
+mod staging;
 
 use std::process::ExitCode;
 
@@ -102,6 +103,9 @@ enum Command {
     /// Follow and steer a service's rollout: status, pause, resume, promote, abort.
     #[command(subcommand)]
     Deployment(commands::DeploymentCommand),
+    /// Send a model to nodes chosen by attributes, in waves, and follow it.
+    #[command(subcommand)]
+    Rollout(commands::RolloutCommand),
     /// Inspect nodes, manage join tokens, revoke node keys.
     #[command(subcommand)]
     Node(commands::NodeCommand),
@@ -207,6 +211,7 @@ fn main() -> ExitCode {
             Command::Alloc(cmd) => commands::alloc(&client()?, cmd, cli.json).await,
             Command::Job(cmd) => commands::job(&client()?, cmd, cli.json).await,
             Command::Deployment(cmd) => commands::deployment(&client()?, cmd, cli.json).await,
+            Command::Rollout(cmd) => commands::rollout(&client()?, cmd, cli.json).await,
             Command::Node(cmd) => commands::node(&client()?, cmd, cli.json).await,
             Command::Model(cmd) => model::model(&client()?, cmd, cli.json).await,
             Command::Cluster(cmd) => commands::cluster(&client()?, cmd, cli.json).await,

@@ -33,6 +33,9 @@ const SERVED: &[&str] = &[
     "GET /api/v1/jobs/{id}/versions",
     "POST /api/v1/jobs/{id}/revert",
     "GET /api/v1/jobs/{id}/deployment",
+    "POST /api/v1/rollouts",
+    "GET /api/v1/rollouts",
+    "GET /api/v1/rollouts/{id}",
     "POST /api/v1/jobs/{id}/deployment/{action}",
     "POST /api/v1/nodes",
     "GET /api/v1/nodes",
@@ -191,6 +194,8 @@ struct Fixtures {
     alloc: String,
     model: Registration,
     digest: String,
+    /// A fleet rollout of the model.
+    rollout: String,
     /// A server waiting to be added to the cluster.
     joiner: (u64, String),
     /// An identity with a role in the circle `lab`, removed at the end.
@@ -313,6 +318,15 @@ async fn make_fixtures(client: &reqwest::Client, server: &str, joiner: (u64, Str
         201,
     )
     .await;
+    let digest = summary["digest"].as_str().unwrap().to_owned();
+    let rollout = expect_json(
+        Call::new("POST", "/api/v1/rollouts").json(&json!({"model": digest, "waves": "1"})),
+        client,
+        server,
+        201,
+    )
+    .await;
+    let rollout = rollout["id"].as_str().unwrap().to_owned();
     let member = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [5; 32]);
     expect_json(
         Call::new("POST", "/api/v1/identities")
@@ -370,7 +384,8 @@ async fn make_fixtures(client: &reqwest::Client, server: &str, joiner: (u64, Str
         join_token,
         job,
         alloc,
-        digest: summary["digest"].as_str().unwrap().to_owned(),
+        digest,
+        rollout,
         model,
         joiner,
     }
@@ -460,6 +475,11 @@ fn valid_call(fx: &Fixtures, method: &str, path: &str) -> Option<Call> {
         ),
         ("GET", "/api/v1/jobs/{id}/versions") => {
             Call::new(method, format!("/api/v1/jobs/{}/versions", fx.job))
+        }
+        ("POST", "/api/v1/rollouts") => Call::new(method, path)
+            .json(&json!({"model": fx.digest, "waves": "1,all", "abort_after": "10%"})),
+        ("GET", "/api/v1/rollouts/{id}") => {
+            Call::new(method, format!("/api/v1/rollouts/{}", fx.rollout))
         }
         ("GET", "/api/v1/jobs/{id}/deployment") => {
             Call::new(method, format!("/api/v1/jobs/{}/deployment", fx.job))

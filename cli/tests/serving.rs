@@ -520,6 +520,16 @@ async fn up_serves_its_demo_model_through_the_gateway_and_the_openai_client() {
     up.terminate();
 }
 
+/// `aigrid up` under `root`, what reaps its workloads, a client, and the demo
+/// model's digest once it is registered.
+async fn up_with_demo(root: &Path) -> (UpProc, [Reaper; 2], reqwest::Client, String) {
+    let up = UpProc::start(root, None, &[]);
+    let reapers = up_reapers(root, &up.base, &up.base);
+    let http = client();
+    let digest = up.demo_digest(&http).await;
+    (up, reapers, http, digest)
+}
+
 /// A new version of the demo model's job whose model never loads: its canary
 /// fails, the rollout reverts by itself within its healthy deadline, and the
 /// running version answers every request by name throughout, the gateway sending
@@ -527,11 +537,8 @@ async fn up_serves_its_demo_model_through_the_gateway_and_the_openai_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_rollout_reverts_by_itself_while_the_old_version_serves() {
     let root = tempfile::tempdir().unwrap();
-    let up = UpProc::start(root.path(), None, &[]);
+    let (up, _reapers, http, digest) = up_with_demo(root.path()).await;
     let base = up.base.clone();
-    let _reapers = up_reapers(root.path(), &base, &base);
-    let http = client();
-    let digest = up.demo_digest(&http).await;
     up.demo_job(&http, &digest).await;
     up.wait_listed(&http, (DEMO, DEMO), true, Duration::from_secs(180))
         .await;
@@ -655,5 +662,89 @@ async fn a_failing_rollout_reverts_by_itself_while_the_old_version_serves() {
     assert_eq!(history.as_array().unwrap().len(), 3, "{history}");
 
     up.remove_demo(&http).await;
+    up.terminate();
+}
+
+/// The edge operator's path on `aigrid up`'s own node: a fleet rollout of the demo
+/// model, staged through the node's store reader (every chunk checked against
+/// the signed manifest) and attested with the node key; the attested digest is
+/// the one asked for. A stranger cannot start one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_rollout_stages_and_attests_the_model_on_the_node() {
+    let root = tempfile::tempdir().unwrap();
+    let (up, _reapers, _, digest) = up_with_demo(root.path()).await;
+    let base = up.base.clone();
+
+    let stranger = root.path().join("stranger.json");
+    common::identity::write_key_file(&stranger, "stranger", &common::identity::stranger_key());
+    let refused = aigrid_cmd()
+        .args([
+            "rollout", "create", "--model", &digest, "--waves", "1", "--server", &base,
+        ])
+        .env("AIGRID_IDENTITY", &stranger)
+        .output()
+        .unwrap();
+    assert_one_line_failure(&refused, "not known to this cluster");
+    let bad = aigrid(&[
+        "rollout", "create", "--model", &digest, "--waves", "0", "--server", &base,
+    ]);
+    assert!(!bad.status.success());
+
+    let created = aigrid(&[
+        "rollout",
+        "create",
+        "--model",
+        &digest,
+        "--waves",
+        "1,all",
+        "--node-timeout",
+        "2m",
+        "--wait",
+        "--json",
+        "--server",
+        &base,
+    ]);
+    let out = assert_success(&created);
+    let last: Value = serde_json::Deserializer::from_str(&out)
+        .into_iter::<Value>()
+        .last()
+        .unwrap()
+        .unwrap();
+    assert_eq!(last["state"], "succeeded", "{out}\n{}", up.report(DEMO));
+    let id = last["id"].as_str().unwrap();
+    let status = json_output(&aigrid(&[
+        "rollout", "status", id, "--json", "--server", &base,
+    ]));
+    let nodes: Vec<&Value> = status["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|w| w["nodes"].as_array().unwrap())
+        .collect();
+    assert!(!nodes.is_empty(), "{status}");
+    for node in nodes {
+        assert_eq!(node["state"], "active", "{status}");
+        assert_eq!(node["attested"], digest.as_str(), "{status}");
+        assert!(
+            node["signature"].as_str().is_some_and(|s| s.len() == 128),
+            "{status}"
+        );
+    }
+    let listed = assert_success(&aigrid(&["rollout", "ls", "--server", &base]));
+    assert!(
+        listed.contains(id) && listed.contains("succeeded"),
+        "{listed}"
+    );
+    // The node recorded the model as its active version.
+    let active = std::fs::read_to_string(
+        root.path()
+            .join("data")
+            .join("agent")
+            .join("model-cache")
+            .join("active.json"),
+    )
+    .unwrap();
+    let active: Value = serde_json::from_str(&active).unwrap();
+    assert_eq!(active[DEMO]["active"], digest.as_str(), "{active}");
     up.terminate();
 }

@@ -94,6 +94,8 @@ pub struct Agent {
     discovery: Mutex<Discovery>,
     runner: Runner,
     metrics: AgentMetrics,
+    /// Models staged for fleet rollouts.
+    staging: crate::staging::Staging,
 }
 
 impl Agent {
@@ -112,7 +114,15 @@ impl Agent {
             discovery: Mutex::new(discovery),
             runner,
             metrics,
+            staging: crate::staging::Staging::new(None),
         }
+    }
+
+    /// Stages the models fleet rollouts ask for through `stager` (without one,
+    /// the node reports that it cannot).
+    pub fn with_stager(mut self, stager: std::sync::Arc<dyn crate::staging::ModelStager>) -> Self {
+        self.staging = crate::staging::Staging::new(Some(stager));
+        self
     }
 
     /// The registration this agent sends.
@@ -266,6 +276,7 @@ impl Agent {
             allocations,
             telemetry: Some(sample.telemetry),
             logs,
+            models: self.staging.reports(self.client.identity()),
         }
     }
 
@@ -398,6 +409,8 @@ impl Agent {
                     self.runner
                         .set_control_server(&self.client.servers_from_current());
                     self.runner.apply(&assignments.allocations);
+                    self.staging
+                        .apply(&self.client.servers_from_current(), &assignments.models);
                     index = Some(assignments.index);
                 }
                 Err(e) => {

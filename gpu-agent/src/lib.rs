@@ -40,6 +40,7 @@ pub mod logs;
 pub mod model_server;
 pub mod runner;
 pub mod sandbox;
+pub mod staging;
 pub mod supervisor;
 
 pub mod agent;

@@ -1,5 +1,6 @@
 //! The leader's rollout watcher: judges the instances of every rollout under way
-//! and reports progress deadlines that passed. What the verdicts imply is decided
+//! and reports progress deadlines that passed, and the fleet rollouts' nodes that
+//! went past their timeout. What the verdicts imply is decided
 //! by the state as the commands apply ([`crate::state::deployments`]).
 //!
 //! An instance is healthy once it has run, and for a model server answered the
@@ -93,6 +94,10 @@ fn judge(
         }
     }
     up_since.retain(|id, _| seen.contains(id));
+    // Fleet rollouts with nodes past their timeout.
+    for id in raft.read_local(|s| s.rollouts_timing_out(now)) {
+        commands.push(Command::RolloutTimeouts { id, at: now });
+    }
     commands
 }
 

@@ -4,6 +4,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `job` | `aigrid job` and `aigrid alloc`: job files read and checked, submitted, listed, shown, removed; an allocation's output |
+//! | `rollout` | `aigrid rollout`: fleet rollouts of a model to nodes in waves, followed node by node |
 //! | `node` | `aigrid node`: nodes listed and shown, registered and heartbeated by hand, drained, revoked; join tokens |
 //! | `cluster` | `aigrid cluster`: membership and Raft status |
 //! | `deployment` | `aigrid deployment`: a service's rollout shown, followed, paused, resumed, promoted, aborted |
@@ -20,6 +21,7 @@ mod cluster;
 mod deployment;
 mod job;
 mod node;
+mod rollout;
 
 pub use access::{
     apikey, circle, identity, key, whoami, ApiKeyCommand, CircleCommand, IdentityCommand,
@@ -32,3 +34,4 @@ pub use cluster::{cluster, ClusterCommand};
 pub use deployment::{deployment, DeploymentCommand};
 pub use job::{alloc, job, AllocCommand, JobCommand};
 pub use node::{node, NodeCommand};
+pub use rollout::{rollout, RolloutCommand};

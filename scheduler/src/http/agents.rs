@@ -295,6 +295,19 @@ async fn heartbeat(
             false,
         ));
     };
+    if !changes.models.is_empty() {
+        // Attestations and staging failures move fleet rollouts; they are checked
+        // again (the node's key, the rollout's digest) as they apply.
+        let command = Command::ReportModels {
+            node_id: node_id.clone(),
+            models: changes.models,
+            at,
+        };
+        match propose(state, command).await? {
+            Applied::RolloutsMoved { .. } => {}
+            other => return Err(unexpected(other)),
+        }
+    }
     let command = Command::NodeHeartbeat {
         node_id,
         gpus: changes.gpus,
@@ -521,6 +534,7 @@ mod tests {
                 .collect(),
             telemetry: None,
             logs: Vec::new(),
+            models: Vec::new(),
         }
     }
 

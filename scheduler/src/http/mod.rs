@@ -42,6 +42,7 @@ pub mod ops;
 pub mod plumbing;
 mod rate;
 pub mod replay;
+pub mod rollouts;
 pub mod tokens;
 
 use std::sync::{Arc, LazyLock};
@@ -89,6 +90,7 @@ const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "chain", description = "The Human Chain: governed circles, proposals of guarded changes and their signed decisions, the audit log"),
         (name = "cluster", description = "The replicated control plane and its members"),
         (name = "models", description = "The model registry and the dispersed store"),
+        (name = "rollouts", description = "Fleet rollouts: a model sent to the nodes chosen by attributes, in waves, staged and attested"),
         (name = "inference", description = "The OpenAI-compatible gateway to the models served"),
         (name = "operations", description = "Metrics and probes"),
         (name = "api", description = "This index and the OpenAPI document"),
@@ -102,6 +104,7 @@ fn short_routes(limits: &ApiLimits) -> OpenApiRouter<ApiState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(jobs::routes())
         .merge(deployments::routes())
+        .merge(rollouts::routes())
         .merge(nodes::routes())
         .merge(agents)
         .merge(tokens::routes())

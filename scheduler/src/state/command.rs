@@ -399,6 +399,37 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<IdentityId>,
     },
+    /// Starts a fleet rollout of a registered model (a guarded change,
+    /// `rollout.promote`, in the model's circle when its policy says so).
+    CreateRollout {
+        /// Its id; a replay with the same id answers the rollout made.
+        id: String,
+        /// The model, the nodes' attributes, the waves and thresholds.
+        request: aigrid_api::CreateRollout,
+        /// When it was asked for.
+        at: Timestamp,
+        /// Who asked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<IdentityId>,
+    },
+    /// What a node's agent says of the models fleet rollouts asked it to stage:
+    /// active, with its attestation, or failed.
+    ReportModels {
+        /// The node; it reports only for itself.
+        node_id: NodeId,
+        /// The reports.
+        models: Vec<aigrid_api::ModelReport>,
+        /// When they arrived.
+        at: Timestamp,
+    },
+    /// The leader's report that nodes of a fleet rollout are past their timeout;
+    /// those still staging at `at` time out.
+    RolloutTimeouts {
+        /// The rollout.
+        id: String,
+        /// When the leader saw it.
+        at: Timestamp,
+    },
     /// The leader's report that a rollout's progress deadline passed; it fails
     /// (and reverts, when its policy says so) if the deadline the state holds has
     /// indeed passed at `at`.
@@ -573,4 +604,11 @@ pub enum Applied {
     MembershipGrantUsed(bool),
     /// A rollout moved (or was judged); the job's latest rollout as it is now.
     DeploymentChanged(Option<aigrid_api::Deployment>),
+    /// A fleet rollout as it is now.
+    RolloutChanged(aigrid_api::FleetRollout),
+    /// Fleet rollouts moved by a node's model reports.
+    RolloutsMoved {
+        /// How many reports changed a node's stage.
+        count: usize,
+    },
 }

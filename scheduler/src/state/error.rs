@@ -29,6 +29,8 @@ pub enum ObjectKind {
     Circle,
     /// A proposal.
     Proposal,
+    /// A fleet rollout.
+    Rollout,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -45,6 +47,7 @@ impl std::fmt::Display for ObjectKind {
             Self::ApiKey => "API key",
             Self::Circle => "governed circle",
             Self::Proposal => "proposal",
+            Self::Rollout => "rollout",
         })
     }
 }

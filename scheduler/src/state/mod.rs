@@ -17,6 +17,7 @@ mod command;
 pub mod deployments;
 mod error;
 mod evaluations;
+mod fleet;
 mod invariants;
 mod jobs;
 pub mod models;
@@ -171,6 +172,9 @@ struct Tables {
     /// Governed circles, proposals, target versions and the audit log.
     #[serde(default)]
     chain: chain::Chain,
+    /// Fleet rollouts by id, at most [`fleet::ROLLOUTS_KEPT`].
+    #[serde(default)]
+    rollouts: BTreeMap<String, aigrid_api::FleetRollout>,
 }
 
 /// A join token as the state keeps it.
@@ -482,6 +486,18 @@ impl ClusterState {
                 eval_id,
                 at,
             } => self.deadline_passed(&job_id, version, eval_id, at),
+            Command::CreateRollout {
+                id,
+                request,
+                at,
+                by: _,
+            } => self.create_rollout(id, request, at),
+            Command::ReportModels {
+                node_id,
+                models,
+                at,
+            } => self.report_models(&node_id, models, at),
+            Command::RolloutTimeouts { id, at } => self.rollout_timeouts(&id, at),
         }
     }
 }
@@ -504,6 +520,7 @@ impl ClusterState {
             models: models::Models::default(),
             access: access::Access::default(),
             chain: chain::Chain::default(),
+            rollouts: BTreeMap::new(),
         })
     }
 

@@ -54,6 +54,7 @@ impl ClusterState {
         Some(NodeAssignments {
             index: self.node_assignment_index(node_id),
             allocations,
+            models: self.model_assignments(node_id),
         })
     }
 
@@ -93,7 +94,13 @@ impl ClusterState {
             })
             .collect();
         let down = node.status == NodeStatus::Down;
-        if gpus.is_empty() && allocations.is_empty() && hb.logs.is_empty() && !down {
+        let models = self.model_reports_news(node_id, &hb.models);
+        if gpus.is_empty()
+            && allocations.is_empty()
+            && hb.logs.is_empty()
+            && models.is_empty()
+            && !down
+        {
             return None;
         }
         Some(Heartbeat {
@@ -101,6 +108,7 @@ impl ClusterState {
             allocations,
             telemetry: None,
             logs: hb.logs.clone(),
+            models,
         })
     }
 

@@ -115,6 +115,14 @@ impl ClusterState {
                     format!("job:{}", job.spec.name),
                 )
             }
+            Command::CreateRollout { request, .. } => {
+                let model = self.tables.models.summary(&request.model)?;
+                (
+                    model.circle?,
+                    ChangeKind::RolloutPromote,
+                    format!("rollout:{}", model.digest),
+                )
+            }
             Command::DeleteJob { job_id, .. } => {
                 let job = self.tables.jobs.get(job_id)?;
                 (

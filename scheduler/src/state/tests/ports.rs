@@ -249,6 +249,7 @@ fn model_servers_are_routed_at_their_nodes_address_and_port_whatever_they_report
         allocations: reports,
         telemetry: None,
         logs: vec![],
+        models: vec![],
     };
     assert!(
         log.state

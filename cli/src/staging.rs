@@ -1,0 +1,109 @@
+//! How an agent stages the models fleet rollouts send it: the registration read
+//! and checked (signature, digest) from the servers, every chunk fetched from the
+//! dispersed store and checked against the signed manifest into the node's model
+//! cache (the one its model servers read) and kept there, then the model made the
+//! node's active version of its name, the version before kept beside it so a
+//! revert is a rollout that fetches nothing.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use aigrid_agent::staging::{ModelStager, Staged};
+use aigrid_store::cache::ChunkCache;
+use aigrid_store::reader::ReaderOptions;
+use anyhow::{anyhow, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+use crate::model;
+
+/// The cache budget: the model servers' default.
+const CACHE_BYTES: u64 = 20 << 30;
+/// Where the active version of each model name is recorded, in the cache dir.
+const ACTIVE_FILE: &str = "active.json";
+
+/// A node's active and previous version of one model name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Versions {
+    active: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<String>,
+}
+
+/// Stages into the node's model cache under `cache_dir`.
+#[derive(Debug, Clone)]
+pub struct StoreStager {
+    cache_dir: PathBuf,
+    /// One staging at a time per node, so two rollouts never race on the
+    /// active-version file.
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl StoreStager {
+    /// A stager whose cache is `cache_dir`.
+    pub fn new(cache_dir: PathBuf) -> Self {
+        StoreStager {
+            cache_dir,
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+}
+
+impl ModelStager for StoreStager {
+    fn stage(&self, servers: String, digest: String, name: String) -> Staged {
+        let this = self.clone();
+        Box::pin(async move {
+            let _one = this.lock.lock().await;
+            this.stage_now(&servers, &digest, &name)
+                .await
+                .map_err(|e| format!("{e:#}").replace('\n', " "))
+        })
+    }
+}
+
+impl StoreStager {
+    async fn stage_now(&self, servers: &str, digest: &str, name: &str) -> anyhow::Result<()> {
+        let client = Client::new(servers, None)?;
+        // Checked to verify and to be the digest asked for, as `pull` does.
+        let detail = model::detail(&client, digest).await?;
+        let (store, _) = model::open_store(&client, &model::StoreArgs { store: None }).await?;
+        let cache = ChunkCache::open(&self.cache_dir, CACHE_BYTES)
+            .with_context(|| format!("opening the model cache {}", self.cache_dir.display()))?;
+        let options = ReaderOptions {
+            cache: Some(Arc::new(cache)),
+            ..ReaderOptions::default()
+        };
+        let reader = store
+            .reader(&detail.registration(), options)
+            .map_err(|e| anyhow!("model {}: {e}", model::short(digest)))?;
+        let fetched = reader
+            .prewarm(&[], true)
+            .await
+            .map_err(|e| anyhow!("staging model {}: {e}", model::short(digest)))?;
+        let path = self.cache_dir.join(ACTIVE_FILE);
+        let mut active: BTreeMap<String, Versions> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let was = active.get(name).cloned().unwrap_or_default();
+        if was.active != digest {
+            let previous = (!was.active.is_empty()).then_some(was.active);
+            active.insert(
+                name.to_owned(),
+                Versions {
+                    active: digest.to_owned(),
+                    previous,
+                },
+            );
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&active)?)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        tracing::info!(model = %model::short(digest), %name, fetched, "model staged and active");
+        Ok(())
+    }
+}
