@@ -1,5 +1,5 @@
-# Shared by the benchmark scripts that run in parts (store/run.sh, serving/run.sh).
-# Source it after setting ROOT, TARGET_DIR and PARTS.
+# Shared by the benchmark scripts (store/run.sh and serving/run.sh run in parts;
+# fanout/run.sh is one). Source it after setting ROOT, TARGET_DIR (and PARTS).
 
 # Builds one benchmark binary in release mode (unless BENCH_SKIP_BUILD=1) and
 # prints its path.

@@ -19,8 +19,9 @@
 //! | [`reader`] | the verified lazy reader: ranges, hedged stripe fetches, safetensors tensors |
 //! | [`cache`] | a bounded on-disk cache of verified chunks |
 //! | [`repair`] | scrub (check every shard) and repair (rebuild and re-place bad ones) |
+//! | [`swarm`] | peer-to-peer spreading: which chunk next (rarest first) and from whom (own site, other peers, then the store) |
 //!
-//! `chunk`, `codec`, `manifest` and `placement` are pure; the rest talk to backends.
+//! `chunk`, `codec`, `manifest`, `placement` and `swarm` are pure; the rest talk to backends.
 
 pub mod backend;
 pub mod cache;
@@ -37,3 +38,4 @@ pub mod repair;
 pub mod shard_service;
 mod source;
 pub mod store;
+pub mod swarm;
