@@ -99,7 +99,7 @@ pub use node::{
     PortRange, RegisterNodeResponse,
 };
 pub use rollout::{
-    AbortAfter, CreateRollout, FleetRollout, ModelAssignment, ModelReport, NodeStage,
+    AbortAfter, CreateRollout, FleetRollout, ModelAssignment, ModelPeer, ModelReport, NodeStage,
     NodeStageState, RolloutState, Wave, Waves,
 };
 pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHeaders};

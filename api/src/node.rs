@@ -198,6 +198,10 @@ pub struct NodeRegistration {
     /// address the registration came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<PortRange>,
+    /// The port of its private data port (the shard service), where it serves its
+    /// store shards and its model cache's chunks to peers; at the node's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_port: Option<u16>,
 }
 
 /// What keeps a node's workloads (the AI circuit) away from its keys, data dir and
@@ -362,6 +366,9 @@ pub struct Node {
     /// The ports its listening workloads are assigned from.
     #[serde(default)]
     pub ports: PortRange,
+    /// Its private data port, at [`Node::address`], when it offers one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_port: Option<u16>,
     /// The latest host and GPU readings its agent sent to the server answering;
     /// kept in that server's memory, never in the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]

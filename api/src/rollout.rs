@@ -347,7 +347,25 @@ pub struct ModelAssignment {
     pub digest: String,
     /// The model's name: what the node activates it as.
     pub name: String,
+    /// Nodes that attest the model already (earlier waves), to fetch its chunks
+    /// from before the store: their own site's first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<ModelPeer>,
 }
+
+/// A node holding a model, as a fleet rollout's later waves are told of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ModelPeer {
+    /// The node.
+    pub node: NodeId,
+    /// Its private data port (`http://10.0.0.7:7100`).
+    pub url: String,
+    /// Whether it is of the asking node's site.
+    pub same_site: bool,
+}
+
+/// Most peers one model assignment names.
+pub const MAX_MODEL_PEERS: usize = 16;
 
 /// What a node's agent says of a model it was asked to stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -79,6 +79,10 @@ pub struct AgentArgs {
     /// Directory the shard service keeps shards in (default `<data-dir>/shards`).
     #[arg(long)]
     shard_dir: Option<PathBuf>,
+    /// Model chunks served to peers at once on the shard port, from the node's
+    /// model cache; more are refused so the peer asks another (default 4).
+    #[arg(long)]
+    peer_uploads: Option<usize>,
     /// Uids (and gids) workloads run under when the agent is root, `FIRST-LAST`
     /// (default 200000-265535): each allocation takes its own; the first is the
     /// model servers' shared group.
@@ -114,6 +118,7 @@ struct Resolved {
     metrics_listen: Option<SocketAddr>,
     /// Where the shard service listens and the directory it keeps.
     shards: Option<(SocketAddr, PathBuf)>,
+    peer_uploads: usize,
     agent: AgentConfig,
     sandbox: SandboxConfig,
 }
@@ -209,6 +214,7 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
     Ok(Resolved {
         sandbox,
         shards,
+        peer_uploads: args.peer_uploads.unwrap_or(4).max(1),
         servers,
         insecure_server,
         data_dir,
@@ -259,15 +265,23 @@ async fn serve_metrics(addr: SocketAddr, registry: prometheus::Registry) -> anyh
     Ok(())
 }
 
-/// Serves this node's shards on `addr` until `shutdown` turns true. The agent
-/// still dials out for control; this port only answers shard reads and writes.
+/// Serves this node's shards on `addr` until `shutdown` turns true, and the
+/// chunks of its model cache under `data_dir` to peers, `peer_uploads` at once.
+/// The agent still dials out for control; this port only answers shard reads and
+/// writes and chunk reads. Answers the task and the port bound.
 async fn serve_shards(
     addr: SocketAddr,
     dir: PathBuf,
+    data_dir: &Path,
+    peer_uploads: usize,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, u16)> {
     use aigrid_store::shard_service::{ShardService, ShardServiceLimits};
     let service = ShardService::new(&dir, ShardServiceLimits::default())?;
+    let peers = aigrid_store::peers::PeerChunks::new(
+        data_dir.join(aigrid_agent::model_server::CACHE_DIR),
+        peer_uploads,
+    );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--shard-listen {addr}"))?;
@@ -276,14 +290,19 @@ async fn serve_shards(
         dir = %service.dir().display(),
         "shard service listening on http://{bound}"
     );
-    Ok(tokio::spawn(async move {
+    let router = peers.router().merge(service.router());
+    let task = tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         };
-        if let Err(e) = service.serve(listener, stop).await {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+        {
             tracing::error!(error = %e, "shard service stopped");
         }
-    }))
+    });
+    Ok((task, bound.port()))
 }
 
 /// Lets shard writes in flight finish (they are acknowledged only once durable).
@@ -370,8 +389,14 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         crate::shutdown::shutdown_signal().await;
         let _ = stop.send(true);
     });
+    let mut config = r.agent;
     let shards = match r.shards {
-        Some((addr, dir)) => Some(serve_shards(addr, dir, shutdown.clone()).await?),
+        Some((addr, dir)) => {
+            let (task, port) =
+                serve_shards(addr, dir, &r.data_dir, r.peer_uploads, shutdown.clone()).await?;
+            config.data_port = Some(port);
+            Some(task)
+        }
         None => None,
     };
     if let Some((count, ramp)) = r.fleet {
@@ -383,7 +408,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             ramp,
             servers: r.servers,
         };
-        fleet::run(fleet, r.agent, metrics, &r.data_dir, shutdown).await?;
+        fleet::run(fleet, config, metrics, &r.data_dir, shutdown).await?;
         finish_shards(shards).await;
         return Ok(());
     }
@@ -392,7 +417,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         &r.data_dir,
         r.node_id.as_deref(),
         r.simulate_gpus,
-        r.agent,
+        config,
         r.sandbox,
         metrics,
     )
@@ -424,6 +449,7 @@ mod tests {
             "METRICS_LISTEN",
             "SHARD_LISTEN",
             "SHARD_DIR",
+            "PEER_UPLOADS",
             "WORKLOAD_UIDS",
             "MODEL_READ_DIRS",
             "INSECURE",
@@ -578,7 +604,7 @@ mod tests {
         assert_eq!(shard_dir, dir.path().join("shards"));
 
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let handle = serve_shards(addr, shard_dir.clone(), shutdown)
+        let (handle, _) = serve_shards(addr, shard_dir.clone(), dir.path(), 4, shutdown)
             .await
             .unwrap();
         assert!(shard_dir.join(".tmp").is_dir());

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use aigrid_agent::staging::{ModelStager, Staged};
+use aigrid_api::ModelPeer;
 use aigrid_store::cache::ChunkCache;
+use aigrid_store::peers::Peer;
 use aigrid_store::reader::ReaderOptions;
 use anyhow::{anyhow, Context};
 use serde::{Deserialize, Serialize};
@@ -22,6 +24,8 @@ use crate::model;
 const CACHE_BYTES: u64 = 20 << 30;
 /// Where the active version of each model name is recorded, in the cache dir.
 const ACTIVE_FILE: &str = "active.json";
+/// Longest one chunk may take to come from a peer before another is asked.
+const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A node's active and previous version of one model name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +39,8 @@ struct Versions {
 #[derive(Debug, Clone)]
 pub struct StoreStager {
     cache_dir: PathBuf,
+    /// Peers are on the grid's own network: no proxy stands between.
+    http: reqwest::Client,
     /// One staging at a time per node, so two rollouts never race on the
     /// active-version file.
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -45,17 +51,28 @@ impl StoreStager {
     pub fn new(cache_dir: PathBuf) -> Self {
         StoreStager {
             cache_dir,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
             lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 }
 
 impl ModelStager for StoreStager {
-    fn stage(&self, servers: String, digest: String, name: String) -> Staged {
+    fn stage(
+        &self,
+        servers: String,
+        digest: String,
+        name: String,
+        peers: Vec<ModelPeer>,
+    ) -> Staged {
         let this = self.clone();
         Box::pin(async move {
             let _one = this.lock.lock().await;
-            this.stage_now(&servers, &digest, &name)
+            this.stage_now(&servers, &digest, &name, &peers)
                 .await
                 .map_err(|e| format!("{e:#}").replace('\n', " "))
         })
@@ -63,7 +80,13 @@ impl ModelStager for StoreStager {
 }
 
 impl StoreStager {
-    async fn stage_now(&self, servers: &str, digest: &str, name: &str) -> anyhow::Result<()> {
+    async fn stage_now(
+        &self,
+        servers: &str,
+        digest: &str,
+        name: &str,
+        peers: &[ModelPeer],
+    ) -> anyhow::Result<()> {
         let client = Client::new(servers, None)?;
         // Checked to verify and to be the digest asked for, as `pull` does.
         let detail = model::detail(&client, digest).await?;
@@ -77,10 +100,20 @@ impl StoreStager {
         let reader = store
             .reader(&detail.registration(), options)
             .map_err(|e| anyhow!("model {}: {e}", model::short(digest)))?;
-        let fetched = reader
-            .prewarm(&[], true)
+        let peers: Vec<Peer> = peers
+            .iter()
+            .map(|p| Peer {
+                url: p.url.clone(),
+                same_site: p.same_site,
+            })
+            .collect();
+        let (fetched, from_peers) = reader
+            .stage(&self.http, &peers, PEER_TIMEOUT)
             .await
             .map_err(|e| anyhow!("staging model {}: {e}", model::short(digest)))?;
+        if !from_peers.dropped.is_empty() {
+            tracing::warn!(peers = ?from_peers.dropped, "peers dropped for sending bad chunks");
+        }
         let path = self.cache_dir.join(ACTIVE_FILE);
         let mut active: BTreeMap<String, Versions> = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -103,7 +136,13 @@ impl StoreStager {
                 .with_context(|| format!("writing {}", tmp.display()))?;
             std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         }
-        tracing::info!(model = %model::short(digest), %name, fetched, "model staged and active");
+        tracing::info!(
+            model = %model::short(digest),
+            %name,
+            from_store = fetched,
+            from_peers = from_peers.bytes,
+            "model staged and active"
+        );
         Ok(())
     }
 }

@@ -43,6 +43,9 @@ pub struct AgentConfig {
     /// The ports the control plane may assign this node's listening workloads;
     /// the servers' default ([`aigrid_api::PortRange::DEFAULT`]) when `None`.
     pub ports: Option<aigrid_api::PortRange>,
+    /// The port of this node's private data port (its shard service), where its
+    /// peers fetch model chunks it holds; at the node's address.
+    pub data_port: Option<u16>,
     /// Time between heartbeats when nothing changes.
     pub heartbeat_interval: Duration,
     /// Longest a long poll is held by the server.
@@ -71,6 +74,7 @@ impl Default for AgentConfig {
             join_token: None,
             attributes: BTreeMap::new(),
             ports: None,
+            data_port: None,
             heartbeat_interval: Duration::from_secs(10),
             poll_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
@@ -145,6 +149,7 @@ impl Agent {
             public_key: Some(identity.key.public()),
             protections: self.runner.protections(),
             ports: self.config.ports,
+            data_port: self.config.data_port,
         }
     }
 
@@ -287,6 +292,7 @@ impl Agent {
     ) {
         let path = format!("/api/v1/nodes/{}/heartbeat", self.client.identity().node_id);
         let mut changes = self.runner.changes();
+        let mut staged = self.staging.ended();
         let mut next = tokio::time::Instant::now();
         let mut backoff = Backoff::new();
         // Log tails are committed to the log: shipped at most this often, so a
@@ -301,8 +307,11 @@ impl Agent {
                     // Let a burst of changes settle into one heartbeat.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                // A model staged (or failed): its attestation goes out now.
+                Ok(()) = staged.changed() => {}
             }
             changes.borrow_and_update();
+            staged.borrow_and_update();
             let with_logs = Instant::now() >= logs_due;
             let hb = self.heartbeat(with_logs);
             if !hb.logs.is_empty() {

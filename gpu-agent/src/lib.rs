@@ -24,6 +24,8 @@
 //! - [`identity`]: the node id and ed25519 key kept in the data dir.
 //! - [`client`]: signed requests to the servers, moving on when one fails.
 //! - [`agent`]: the outbound-only pull loop: register, heartbeat, long-poll.
+//! - [`staging`]: models staged for fleet rollouts, through a
+//!   [`staging::ModelStager`], and their attestations signed with the node key.
 //! - [`fleet`]: many agents in one process, for tests and benchmarks at scale.
 //! - [`metrics`]: the agent's Prometheus metrics.
 //! - `testkit` (feature `testkit`, never in a release build): fixtures for tests: allocations, assignments and a driver whose

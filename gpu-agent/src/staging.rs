@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use aigrid_api::rollout::attestation_message;
-use aigrid_api::{ModelAssignment, ModelReport, NodeStageState};
+use aigrid_api::{ModelAssignment, ModelPeer, ModelReport, NodeStageState};
 use parking_lot::Mutex;
 
 use crate::identity::Identity;
@@ -23,11 +23,12 @@ pub type Staged = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 /// Fetches, checks and activates models on this node.
 pub trait ModelStager: Send + Sync + 'static {
-    /// Fetches every chunk of model `digest` (named `name`) from the store the
-    /// servers at `servers` describe, checks each against the signed manifest,
-    /// keeps them in the node's cache, and makes `digest` the node's active
-    /// version of `name`, the one before kept beside it.
-    fn stage(&self, servers: String, digest: String, name: String) -> Staged;
+    /// Fetches every chunk of model `digest` (named `name`) from `peers` and then
+    /// the store the servers at `servers` describe, checks each against the signed
+    /// manifest, keeps them in the node's cache, and makes `digest` the node's
+    /// active version of `name`, the one before kept beside it.
+    fn stage(&self, servers: String, digest: String, name: String, peers: Vec<ModelPeer>)
+        -> Staged;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +48,8 @@ struct Entry {
 pub struct Staging {
     stager: Option<Arc<dyn ModelStager>>,
     entries: Arc<Mutex<HashMap<String, Entry>>>,
+    /// Bumped whenever a staging ends, so the agent reports it at once.
+    ended: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Staging {
@@ -65,7 +68,13 @@ impl Staging {
         Staging {
             stager,
             entries: Arc::new(Mutex::new(HashMap::new())),
+            ended: Arc::new(tokio::sync::watch::channel(0).0),
         }
+    }
+
+    /// Changes whenever a staging ends.
+    pub fn ended(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ended.subscribe()
     }
 
     /// Starts staging what `models` asks for and this node has not started, and
@@ -97,20 +106,26 @@ impl Staging {
                 },
             );
             let table = self.entries.clone();
+            let ended = self.ended.clone();
             let (rollout, digest) = (model.rollout.clone(), model.digest.clone());
-            let staged = stager.stage(servers.to_owned(), digest.clone(), model.name.clone());
+            let staged = stager.stage(
+                servers.to_owned(),
+                digest.clone(),
+                model.name.clone(),
+                model.peers.clone(),
+            );
             tokio::spawn(async move {
                 let result = staged.await;
                 if let Err(e) = &result {
                     tracing::warn!(%rollout, model = %digest, error = %e, "staging a model failed");
                 }
-                let mut table = table.lock();
-                if let Some(entry) = table.get_mut(&rollout) {
+                if let Some(entry) = table.lock().get_mut(&rollout) {
                     entry.status = match result {
                         Ok(()) => Status::Active,
                         Err(e) => Status::Failed(e),
                     };
                 }
+                ended.send_modify(|n| *n += 1);
             });
         }
     }
@@ -158,7 +173,7 @@ mod tests {
 
     struct Instant;
     impl ModelStager for Instant {
-        fn stage(&self, _: String, digest: String, _: String) -> Staged {
+        fn stage(&self, _: String, digest: String, _: String, _: Vec<ModelPeer>) -> Staged {
             Box::pin(async move {
                 if digest.starts_with('b') {
                     Err("chunk 3 does not match the manifest".to_owned())
@@ -174,6 +189,7 @@ mod tests {
             rollout: rollout.into(),
             digest: digest.into(),
             name: "m".into(),
+            peers: Vec::new(),
         }
     }
 

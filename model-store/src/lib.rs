@@ -19,6 +19,7 @@
 //! | [`reader`] | the verified lazy reader: ranges, hedged stripe fetches, safetensors tensors |
 //! | [`cache`] | a bounded on-disk cache of verified chunks |
 //! | [`repair`] | scrub (check every shard) and repair (rebuild and re-place bad ones) |
+//! | [`peers`] | chunks served to and fetched from peers, every one checked against the manifest |
 //! | [`swarm`] | peer-to-peer spreading: which chunk next (rarest first) and from whom (own site, other peers, then the store) |
 //!
 //! `chunk`, `codec`, `manifest`, `placement` and `swarm` are pure; the rest talk to backends.
@@ -31,6 +32,7 @@ pub mod crypto;
 pub mod error;
 pub mod manifest;
 mod opener;
+pub mod peers;
 pub mod placement;
 pub mod pull;
 pub mod reader;

@@ -373,11 +373,11 @@ struct FileIndex {
 pub struct Reader {
     fetcher: Arc<Fetcher>,
     opener: ChunkOpener,
-    cache: Option<Arc<ChunkCache>>,
+    pub(crate) cache: Option<Arc<ChunkCache>>,
     files: HashMap<String, FileIndex>,
     locate: HashMap<ChunkDigest, (usize, u64)>,
     /// Every stored chunk the model's files use.
-    used: HashSet<ChunkDigest>,
+    pub(crate) used: HashSet<ChunkDigest>,
     digest: ModelDigest,
     /// One fetch of a stripe at a time.
     stripe_locks: Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,

@@ -167,6 +167,71 @@ pub fn register_chain(registry: &Registry, raft: RaftNode<ClusterState>) -> prom
     }))
 }
 
+/// Registers gauges of rollouts, read from `raft`'s applied state at each scrape:
+/// `aigrid_deployments{state}` (jobs by the state of their latest rollout),
+/// `aigrid_fleet_rollouts{state}` and `aigrid_fleet_rollout_nodes{state}` (the
+/// nodes of running fleet rollouts by stage).
+pub fn register_rollouts(
+    registry: &Registry,
+    raft: RaftNode<ClusterState>,
+) -> prometheus::Result<()> {
+    let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["state"]);
+    registry.register(Box::new(RolloutCollector {
+        raft,
+        deployments: gauge(
+            "aigrid_deployments",
+            "Jobs by the state of their latest rollout",
+        )?,
+        rollouts: gauge("aigrid_fleet_rollouts", "Fleet rollouts kept, by state")?,
+        nodes: gauge(
+            "aigrid_fleet_rollout_nodes",
+            "Nodes of running fleet rollouts, by stage",
+        )?,
+    }))
+}
+
+struct RolloutCollector {
+    raft: RaftNode<ClusterState>,
+    deployments: IntGaugeVec,
+    rollouts: IntGaugeVec,
+    nodes: IntGaugeVec,
+}
+
+impl Collector for RolloutCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.deployments.desc();
+        descs.extend(self.rollouts.desc());
+        descs.extend(self.nodes.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (deployments, (rollouts, nodes)) = self
+            .raft
+            .read_local(|s| (s.deployment_counts(), s.rollout_counts()));
+        let count = |n: Option<&usize>| i64::try_from(n.copied().unwrap_or(0)).unwrap_or(i64::MAX);
+        for state in aigrid_api::DeploymentState::ALL {
+            self.deployments
+                .with_label_values(&[state.as_str()])
+                .set(count(deployments.get(state)));
+        }
+        for state in aigrid_api::RolloutState::ALL {
+            self.rollouts
+                .with_label_values(&[state.as_str()])
+                .set(count(rollouts.get(state)));
+        }
+        for state in aigrid_api::NodeStageState::ALL {
+            self.nodes
+                .with_label_values(&[state.as_str()])
+                .set(count(nodes.get(state)));
+        }
+        let mut out = self.deployments.collect();
+        out.extend(self.rollouts.collect());
+        out.extend(self.nodes.collect());
+        out
+    }
+}
+
 /// What the leader's scheduling loop did.
 #[derive(Clone)]
 pub struct WorkerMetrics {

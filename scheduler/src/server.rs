@@ -131,6 +131,7 @@ impl Server {
         )?;
         crate::metrics::register_state(&registry, raft.clone())?;
         crate::metrics::register_chain(&registry, raft.clone())?;
+        crate::metrics::register_rollouts(&registry, raft.clone())?;
         let worker_metrics = crate::metrics::WorkerMetrics::register(&registry)?;
         let agents = std::sync::Arc::new(crate::hub::AgentHub::new(
             &raft,

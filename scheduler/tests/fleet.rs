@@ -55,6 +55,7 @@ impl Fleet {
             }))
             .unwrap();
             reg.public_key = Some(key(n).public());
+            reg.data_port = Some(7100 + u16::try_from(n).unwrap());
             let at = fleet.at();
             fleet
                 .apply(Command::RegisterNode {
@@ -63,7 +64,7 @@ impl Fleet {
                         id: "t1".into(),
                         secret_hash: aigrid_api::auth::hash_secret("s3cret"),
                     }),
-                    address: None,
+                    address: Some(std::net::Ipv4Addr::new(10, 0, 0, 1).into()),
                     at,
                 })
                 .unwrap();
@@ -179,9 +180,17 @@ fn waves_start_in_turn_and_every_node_attests_the_rollouts_digest() {
         (digest.as_str(), "detector")
     );
 
+    assert!(assigned[0].peers.is_empty(), "nobody holds it yet");
     fleet.now += 500;
     fleet.attest(0, &digest, 0);
     assert_eq!(fleet.nodes_in(NodeStageState::Staging), vec![1, 3]);
+    // The next wave is told who holds the model already, and where.
+    let peers = &fleet.state.assignments(&node(1)).unwrap().models[0].peers;
+    assert_eq!(peers.len(), 1);
+    assert_eq!(
+        (peers[0].url.as_str(), peers[0].same_site),
+        ("http://10.0.0.1:7100", true)
+    );
     assert!(!fleet.asked(0), "an active node is asked nothing more");
     fleet.attest(1, &digest, 1);
     assert_eq!(

@@ -88,6 +88,7 @@ fn cluster(sizes: &[(u8, bool)]) -> Sim {
                 first: 20_000,
                 last: 20_002,
             }),
+            data_port: None,
         };
         let at = sim.at();
         sim.apply(Command::RegisterNode {

@@ -193,6 +193,12 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
             for g in &job.spec.groups {
                 println!("group       {} x{}", g.name, g.count);
             }
+            if let Some(d) = &job.deployment {
+                println!(
+                    "rollout     version {} {} ({}/{} healthy): {} (aigrid deployment status {})",
+                    d.version, d.state, d.healthy, d.desired, d.description, job.name
+                );
+            }
             if job.allocations.is_empty() {
                 println!("allocations none");
             } else {
@@ -207,7 +213,12 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
                             a.node_id.to_string(),
                             format!("{}[{}]", a.group, a.index),
                             list_or_dash(&a.gpus),
-                            format!("{}/{}", a.state, a.desired),
+                            format!(
+                                "{}/{}{}",
+                                a.state,
+                                a.desired,
+                                if a.canary { " (canary)" } else { "" }
+                            ),
                             match a.restarts {
                                 0 => "-".to_owned(),
                                 n => n.to_string(),

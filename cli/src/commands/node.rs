@@ -585,6 +585,7 @@ impl RegisterArgs {
             public_key: Some(key),
             protections: None,
             ports: None,
+            data_port: None,
         };
         reg.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(reg)

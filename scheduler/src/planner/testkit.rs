@@ -52,6 +52,7 @@ pub(crate) fn node(id: &str, attrs: &[(&str, &str)], cpu: u64, memory: u64, gpus
         revoked: false,
         address: None,
         ports: aigrid_api::PortRange::DEFAULT,
+        data_port: None,
         telemetry: None,
         protections: None,
         usage: None,

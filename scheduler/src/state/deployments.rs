@@ -605,6 +605,20 @@ impl ClusterState {
         );
     }
 
+    /// Jobs by the state of their latest rollout.
+    pub fn deployment_counts(&self) -> std::collections::BTreeMap<DeploymentState, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for record in self
+            .tables
+            .jobs
+            .values()
+            .filter_map(|j| j.deployment.as_ref())
+        {
+            *counts.entry(record.state).or_default() += 1;
+        }
+        counts
+    }
+
     /// The job's latest rollout, as the control API shows it.
     pub fn deployment_of(&self, job_id: &JobId) -> Option<Deployment> {
         let job = self.tables.jobs.get(job_id)?;

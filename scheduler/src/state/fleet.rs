@@ -314,6 +314,26 @@ impl ClusterState {
         }
     }
 
+    /// Fleet rollouts kept by state, and the nodes of the running ones by stage.
+    pub fn rollout_counts(
+        &self,
+    ) -> (
+        std::collections::BTreeMap<RolloutState, usize>,
+        std::collections::BTreeMap<NodeStageState, usize>,
+    ) {
+        let mut rollouts = std::collections::BTreeMap::new();
+        let mut nodes = std::collections::BTreeMap::new();
+        for r in self.tables.rollouts.values() {
+            *rollouts.entry(r.state).or_default() += 1;
+            if r.state == RolloutState::Running {
+                for stage in r.waves.iter().flat_map(|w| &w.nodes) {
+                    *nodes.entry(stage.state).or_default() += 1;
+                }
+            }
+        }
+        (rollouts, nodes)
+    }
+
     /// A fleet rollout, by id.
     pub fn rollout(&self, id: &str) -> Option<FleetRollout> {
         self.tables.rollouts.get(id).cloned()
@@ -345,8 +365,17 @@ impl ClusterState {
             .collect()
     }
 
-    /// The models `node` must stage now: one per running rollout that asks it.
+    /// The models `node` must stage now: one per running rollout that asks it,
+    /// each with peers to fetch it from: nodes that attest it, with a data port,
+    /// their own site's first, at most [`aigrid_api::rollout::MAX_MODEL_PEERS`].
     pub(super) fn model_assignments(&self, node: &NodeId) -> Vec<ModelAssignment> {
+        let site = |n: &NodeId| {
+            self.tables
+                .nodes
+                .get(n)
+                .and_then(|n| n.attributes.get("site"))
+        };
+        let mine = site(node);
         self.tables
             .rollouts
             .values()
@@ -357,10 +386,47 @@ impl ClusterState {
                     .flat_map(|w| &w.nodes)
                     .any(|s| s.node == *node && s.state == NodeStageState::Staging)
             })
-            .map(|r| ModelAssignment {
-                rollout: r.id.clone(),
-                digest: r.model.clone(),
-                name: r.name.clone(),
+            .map(|r| {
+                let mut peers: Vec<aigrid_api::ModelPeer> = r
+                    .waves
+                    .iter()
+                    .flat_map(|w| &w.nodes)
+                    .filter(|s| s.state == NodeStageState::Active && s.node != *node)
+                    .filter_map(|s| {
+                        let peer = self.tables.nodes.get(&s.node)?;
+                        if peer.revoked || peer.status == NodeStatus::Down {
+                            return None;
+                        }
+                        let url = match (peer.address?, peer.data_port?) {
+                            (std::net::IpAddr::V6(a), port) => format!("http://[{a}]:{port}"),
+                            (a, port) => format!("http://{a}:{port}"),
+                        };
+                        Some(aigrid_api::ModelPeer {
+                            node: s.node.clone(),
+                            url,
+                            same_site: mine.is_some() && site(&s.node) == mine,
+                        })
+                    })
+                    .collect();
+                // Own site first; otherwise spread the load by where the asking
+                // node's id falls, so every later node does not ask the same few.
+                let offset = node.as_str().bytes().map(usize::from).sum::<usize>();
+                let len = peers.len().max(1);
+                peers.sort_by_key(|p| {
+                    let at = p.node.as_str().bytes().map(usize::from).sum::<usize>();
+                    (
+                        !p.same_site,
+                        (at + len - offset % len) % len,
+                        p.node.clone(),
+                    )
+                });
+                peers.truncate(aigrid_api::rollout::MAX_MODEL_PEERS);
+                ModelAssignment {
+                    rollout: r.id.clone(),
+                    digest: r.model.clone(),
+                    name: r.name.clone(),
+                    peers,
+                }
             })
             .collect()
     }

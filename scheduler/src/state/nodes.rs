@@ -245,6 +245,7 @@ impl ClusterState {
                 node.attributes = reg.attributes;
                 node.resources = reg.resources;
                 node.ports = reg.ports.unwrap_or_default();
+                node.data_port = reg.data_port;
                 if address.is_some() {
                     node.address = address;
                 }
@@ -276,6 +277,7 @@ impl ClusterState {
                         revoked: false,
                         address,
                         ports: reg.ports.unwrap_or_default(),
+                        data_port: reg.data_port,
                         telemetry: None,
                         protections: reg.protections,
                     },

@@ -132,6 +132,7 @@ fn registration(id: &str, gpus: &[&str]) -> NodeRegistration {
         public_key: None,
         protections: None,
         ports: None,
+        data_port: None,
     }
 }
 

@@ -1,0 +1,141 @@
+//! Chunks spread peer to peer, over real HTTP on loopback: a node stages a model
+//! from a peer that holds it instead of the store; a peer that answers every
+//! chunk with garbage never gets a byte of it into the node's cache and is
+//! dropped; with no peer that can help, the store gives everything.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aigrid_store::backend::Backend;
+use aigrid_store::cache::ChunkCache;
+use aigrid_store::codec::Params;
+use aigrid_store::peers::{Peer, PeerChunks, PEER_CHUNK_PATH};
+use aigrid_store::reader::ReaderOptions;
+use aigrid_store::store::{PushOptions, Store};
+use axum::routing::get;
+use rand::{RngCore, SeedableRng};
+
+const MIB: usize = 1 << 20;
+
+async fn listen(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stages_from_a_peer_and_a_lying_peer_gets_nothing_into_its_cache() {
+    let root = tempfile::tempdir().unwrap();
+    let backends: Vec<Backend> = (0..3)
+        .map(|i| Backend::local(format!("b{i}"), &root.path().join(format!("b{i}"))).unwrap())
+        .collect();
+    let store = Store::new(backends);
+    let model = root.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let mut bytes = vec![0u8; 9 * MIB + 123];
+    rand::rngs::StdRng::seed_from_u64(5).fill_bytes(&mut bytes);
+    std::fs::write(model.join("weights.bin"), &bytes).unwrap();
+    std::fs::write(model.join("config.json"), b"{\"layers\": 2}").unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let reg = store
+        .push(&model, &PushOptions::new("m", Params { k: 2, m: 1 }), &key)
+        .await
+        .unwrap()
+        .registration;
+    let reader_with = |cache: &Arc<ChunkCache>| {
+        store
+            .reader(
+                &reg,
+                ReaderOptions {
+                    cache: Some(cache.clone()),
+                    ..ReaderOptions::default()
+                },
+            )
+            .unwrap()
+    };
+    let client = reqwest::Client::new();
+    let timeout = Duration::from_secs(5);
+
+    // The first node has no peer: everything comes from the store.
+    let first_dir = root.path().join("first");
+    let first = Arc::new(ChunkCache::open(&first_dir, 64 * MIB as u64).unwrap());
+    let (from_store, from_peers) = reader_with(&first)
+        .stage(&client, &[], timeout)
+        .await
+        .unwrap();
+    assert!(from_store > 0);
+    assert_eq!(from_peers.chunks, 0);
+
+    // It serves its cache to peers; a liar answers every chunk with garbage.
+    let good = listen(PeerChunks::new(&first_dir, 4).router()).await;
+    let liar = listen(axum::Router::new().route(
+        &format!("{PEER_CHUNK_PATH}/{{digest}}"),
+        get(|| async { vec![0x5Au8; 4 * MIB] }),
+    ))
+    .await;
+    let peers = [
+        // The liar is of the node's own site, so it is asked first.
+        Peer {
+            url: format!("http://{liar}"),
+            same_site: true,
+        },
+        Peer {
+            url: format!("http://{good}"),
+            same_site: false,
+        },
+    ];
+    let second = Arc::new(ChunkCache::open(&root.path().join("second"), 64 * MIB as u64).unwrap());
+    let before = store
+        .backends()
+        .iter()
+        .map(|b| b.stats().bytes_got)
+        .sum::<u64>();
+    let reader = reader_with(&second);
+    let (from_store, from_peers) = reader.stage(&client, &peers, timeout).await.unwrap();
+    let after = store
+        .backends()
+        .iter()
+        .map(|b| b.stats().bytes_got)
+        .sum::<u64>();
+    assert_eq!(
+        from_peers.dropped,
+        vec![format!("http://{liar}")],
+        "{from_peers:?}"
+    );
+    assert!(from_peers.chunks > 0, "{from_peers:?}");
+    assert_eq!(from_store, 0, "every chunk came from the good peer");
+    assert_eq!(after, before, "the store was not asked");
+    // What the cache holds is the model, byte for byte.
+    assert_eq!(reader.read_file("weights.bin").await.unwrap(), bytes);
+    let chunks = std::fs::read_dir(root.path().join("second").join("chunks")).unwrap();
+    for entry in chunks {
+        let entry = entry.unwrap();
+        let digest = entry.file_name().to_string_lossy().into_owned();
+        let held = std::fs::read(entry.path()).unwrap();
+        assert_eq!(
+            aigrid_api::ChunkDigest::of(&held).as_str(),
+            digest,
+            "a bad chunk was kept"
+        );
+    }
+
+    // A third node whose only peer lies still stages, from the store.
+    let third = Arc::new(ChunkCache::open(&root.path().join("third"), 64 * MIB as u64).unwrap());
+    let (from_store, from_peers) = reader_with(&third)
+        .stage(&client, &peers[..1], timeout)
+        .await
+        .unwrap();
+    assert!(from_store > 0);
+    assert_eq!(from_peers.chunks, 0);
+    assert_eq!(from_peers.dropped.len(), 1);
+
+    // Nothing but a chunk digest is asked for.
+    let bad = client
+        .get(format!("http://{good}{PEER_CHUNK_PATH}/not-a-digest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
