@@ -16,6 +16,7 @@ use aigrid_store::swarm::{Holders, Outcome, PeerId, Source, Swarm, SwarmConfig};
 use anyhow::{bail, Result};
 use clap::Parser;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 #[derive(Parser, Debug)]
@@ -57,6 +58,9 @@ struct Args {
     /// Transfers the origin serves at once (the store's request bound); more wait.
     #[arg(long, default_value_t = 32)]
     origin_slots: usize,
+    /// Fetches of one chunk from the origin allowed while no node holds it yet.
+    #[arg(long, default_value_t = 1)]
+    origin_copies: u32,
     /// Peers sampled per chunk when choosing whom to ask.
     #[arg(long, default_value_t = 8)]
     sample: usize,
@@ -90,7 +94,10 @@ struct Flow {
 /// Who holds what, as every node's tracker view sees it.
 struct Grid {
     holders_of: Vec<Vec<u32>>,
-    claimed: Vec<bool>,
+    /// Per chunk, fetches from the origin so far.
+    claimed: Vec<u32>,
+    /// Fetches of one chunk from the origin allowed while nobody holds it.
+    origin_copies: u32,
     origin_active: usize,
     origin_slots: usize,
     uploads: Vec<usize>,
@@ -134,13 +141,13 @@ impl Holders for View<'_> {
         if !self.grid.peers {
             return true;
         }
-        if self.grid.claimed[chunk]
+        if self.grid.claimed[chunk] >= self.grid.origin_copies
             || !self.grid.holders_of[chunk].is_empty()
             || self.grid.origin_active >= self.grid.origin_slots
         {
             return false;
         }
-        self.grid.claimed[chunk] = true;
+        self.grid.claimed[chunk] += 1;
         self.grid.origin_active += 1;
         true
     }
@@ -219,7 +226,8 @@ fn run(args: &Args, link_mbit: f64, peers: bool, dt: f64) -> Result<Outcomes> {
         .collect();
     let mut grid = Grid {
         holders_of: vec![Vec::new(); chunks],
-        claimed: vec![false; chunks],
+        claimed: vec![0; chunks],
+        origin_copies: args.origin_copies,
         origin_active: 0,
         origin_slots: args.origin_slots,
         uploads: vec![0; n],
@@ -236,14 +244,19 @@ fn run(args: &Args, link_mbit: f64, peers: bool, dt: f64) -> Result<Outcomes> {
     let mut t = 0.0;
     let limit = 100.0 * (n as f64) * (chunks as f64) * chunk_bits / origin.min(link);
     let trace = std::env::var_os("FANOUT_TRACE").is_some();
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut turn = StdRng::seed_from_u64(args.seed ^ 0x5eed);
     let mut rates: Vec<f64> = Vec::new();
     let mut by_end: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n + 1];
     while done < n {
         if t > limit {
             bail!("the spread did not finish within {limit:.0} s of virtual time");
         }
-        // New requests, within each node's bounds.
-        for (me, swarm) in swarms.iter_mut().enumerate() {
+        // New requests, within each node's bounds, the nodes in a new order each
+        // step so none is always first to the free upload slots.
+        order.shuffle(&mut turn);
+        for &me in &order {
+            let swarm = &mut swarms[me];
             if swarm.complete() {
                 continue;
             }
