@@ -83,6 +83,9 @@ pub struct AgentArgs {
     /// model cache; more are refused so the peer asks another (default 4).
     #[arg(long)]
     peer_uploads: Option<usize>,
+    /// Upload rate to peers on the shard port, in Mbit/s (default: unlimited).
+    #[arg(long, value_name = "MBIT")]
+    peer_upload_mbit: Option<f64>,
     /// Uids (and gids) workloads run under when the agent is root, `FIRST-LAST`
     /// (default 200000-265535): each allocation takes its own; the first is the
     /// model servers' shared group.
@@ -119,6 +122,7 @@ struct Resolved {
     /// Where the shard service listens and the directory it keeps.
     shards: Option<(SocketAddr, PathBuf)>,
     peer_uploads: usize,
+    peer_upload_mbit: Option<f64>,
     agent: AgentConfig,
     sandbox: SandboxConfig,
 }
@@ -197,6 +201,12 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
     if let Some(spec) = &args.simulate_gpus {
         aigrid_agent::simulated::parse(spec, "check")?;
     }
+    if let Some(mbit) = args
+        .peer_upload_mbit
+        .filter(|m| !(m.is_finite() && *m > 0.0))
+    {
+        bail!("--peer-upload-mbit must be a positive number of Mbit/s, got {mbit}");
+    }
     let shards = args.shard_listen.map(|addr| {
         let dir = args
             .shard_dir
@@ -215,6 +225,7 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
         sandbox,
         shards,
         peer_uploads: args.peer_uploads.unwrap_or(4).max(1),
+        peer_upload_mbit: args.peer_upload_mbit,
         servers,
         insecure_server,
         data_dir,
@@ -273,15 +284,18 @@ async fn serve_shards(
     addr: SocketAddr,
     dir: PathBuf,
     data_dir: &Path,
-    peer_uploads: usize,
+    (peer_uploads, peer_upload_mbit): (usize, Option<f64>),
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(tokio::task::JoinHandle<()>, u16)> {
     use aigrid_store::shard_service::{ShardService, ShardServiceLimits};
     let service = ShardService::new(&dir, ShardServiceLimits::default())?;
-    let peers = aigrid_store::peers::PeerChunks::new(
+    let mut peers = aigrid_store::peers::PeerChunks::new(
         data_dir.join(aigrid_agent::model_server::CACHE_DIR),
         peer_uploads,
     );
+    if let Some(mbit) = peer_upload_mbit {
+        peers = peers.with_upload_mbit(mbit);
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--shard-listen {addr}"))?;
@@ -392,8 +406,14 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = r.agent;
     let shards = match r.shards {
         Some((addr, dir)) => {
-            let (task, port) =
-                serve_shards(addr, dir, &r.data_dir, r.peer_uploads, shutdown.clone()).await?;
+            let (task, port) = serve_shards(
+                addr,
+                dir,
+                &r.data_dir,
+                (r.peer_uploads, r.peer_upload_mbit),
+                shutdown.clone(),
+            )
+            .await?;
             config.data_port = Some(port);
             Some(task)
         }
@@ -450,6 +470,7 @@ mod tests {
             "SHARD_LISTEN",
             "SHARD_DIR",
             "PEER_UPLOADS",
+            "PEER_UPLOAD_MBIT",
             "WORKLOAD_UIDS",
             "MODEL_READ_DIRS",
             "INSECURE",
@@ -604,7 +625,7 @@ mod tests {
         assert_eq!(shard_dir, dir.path().join("shards"));
 
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (handle, _) = serve_shards(addr, shard_dir.clone(), dir.path(), 4, shutdown)
+        let (handle, _) = serve_shards(addr, shard_dir.clone(), dir.path(), (4, None), shutdown)
             .await
             .unwrap();
         assert!(shard_dir.join(".tmp").is_dir());

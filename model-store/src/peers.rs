@@ -39,6 +39,28 @@ pub const PEER_CHUNK_PATH: &str = "/.peer/chunks";
 pub struct PeerChunks {
     chunks: PathBuf,
     uploads: Arc<Semaphore>,
+    pace: Option<Arc<Pace>>,
+}
+
+/// An upload rate: each answer starts once the bytes before it have had their
+/// time at the rate, so the node's upload to peers averages at most the rate.
+#[derive(Debug)]
+struct Pace {
+    bytes_per_sec: f64,
+    next: parking_lot::Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    /// Waits for `bytes`' turn.
+    async fn turn(&self, bytes: usize) {
+        let start = {
+            let mut next = self.next.lock();
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 impl PeerChunks {
@@ -47,7 +69,19 @@ impl PeerChunks {
         PeerChunks {
             chunks: cache_dir.into().join("chunks"),
             uploads: Arc::new(Semaphore::new(uploads.max(1))),
+            pace: None,
         }
+    }
+
+    /// Uploads to peers average at most `mbit` megabits per second.
+    pub fn with_upload_mbit(mut self, mbit: f64) -> Self {
+        if mbit.is_finite() && mbit > 0.0 {
+            self.pace = Some(Arc::new(Pace {
+                bytes_per_sec: mbit * 1e6 / 8.0,
+                next: parking_lot::Mutex::new(tokio::time::Instant::now()),
+            }));
+        }
+        self
     }
 
     /// `GET /.peer/chunks/{digest}`, to merge into the data port's router.
@@ -66,7 +100,12 @@ async fn serve_chunk(State(peer): State<PeerChunks>, Path(digest): Path<String>)
         return (StatusCode::TOO_MANY_REQUESTS, "uploads full").into_response();
     };
     match tokio::fs::read(peer.chunks.join(digest.as_str())).await {
-        Ok(bytes) => (StatusCode::OK, bytes).into_response(),
+        Ok(bytes) => {
+            if let Some(pace) = &peer.pace {
+                pace.turn(bytes.len()).await;
+            }
+            (StatusCode::OK, bytes).into_response()
+        }
         Err(_) => (StatusCode::NOT_FOUND, "not held").into_response(),
     }
 }
@@ -266,5 +305,27 @@ mod tests {
             ask(peer, digest.to_string()).await,
             StatusCode::TOO_MANY_REQUESTS
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_rate_paces_the_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("chunks")).unwrap();
+        let held = vec![7u8; 125_000];
+        let digest = ChunkDigest::of(&held);
+        std::fs::write(dir.path().join("chunks").join(digest.as_str()), &held).unwrap();
+        // 1 Mbit/s: 125,000 bytes take a second.
+        let peer = PeerChunks::new(dir.path(), 4).with_upload_mbit(1.0);
+        let started = tokio::time::Instant::now();
+        for _ in 0..3 {
+            let status = serve_chunk(State(peer.clone()), Path(digest.to_string()))
+                .await
+                .status();
+            assert_eq!(status, StatusCode::OK);
+        }
+        // The first goes at once; the third waits for the two before it.
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(2), "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
     }
 }
