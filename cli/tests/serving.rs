@@ -736,15 +736,34 @@ async fn a_fleet_rollout_stages_and_attests_the_model_on_the_node() {
         "{listed}"
     );
     // The node recorded the model as its active version.
-    let active = std::fs::read_to_string(
-        root.path()
-            .join("data")
-            .join("agent")
-            .join("model-cache")
-            .join("active.json"),
-    )
-    .unwrap();
+    let agent_dir = root.path().join("data").join("agent");
+    let active = std::fs::read_to_string(agent_dir.join("model-cache").join("active.json"))
+        .unwrap_or_else(|e| {
+            let listing: Vec<String> = walk(&agent_dir)
+                .into_iter()
+                .map(|p| p.display().to_string())
+                .filter(|p| !p.contains("/chunks/"))
+                .collect();
+            panic!(
+                "active.json: {e}\n{listing:#?}\n{status}\n{}",
+                up.report(DEMO)
+            )
+        });
     let active: Value = serde_json::from_str(&active).unwrap();
     assert_eq!(active[DEMO]["active"], digest.as_str(), "{active}");
     up.terminate();
+}
+
+/// Every file under `dir`, depth first.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
