@@ -6,7 +6,8 @@
 //! (those of earlier waves that attest it) before the store, choosing with
 //! [`crate::swarm`]: every chunk a peer sends is checked against the signed
 //! manifest before it enters the cache, and a peer that sends a bad one is dropped
-//! for the rest of the transfer. Whatever no peer gave is then fetched from the
+//! for the rest of the transfer; a peer whose uploads are full is asked again after
+//! a short rest. Whatever no peer gave is then fetched from the
 //! store as usual. Nothing but chunks is asked or answered on that port: no control
 //! arrives over it.
 
@@ -132,12 +133,30 @@ pub struct PeerFetch {
     pub dropped: Vec<String>,
 }
 
+/// How long a peer whose uploads were full is left alone before it is asked again.
+const BUSY_REST: Duration = Duration::from_millis(100);
+/// Busy answers one peer may give for one chunk before the chunk is left to the
+/// other peers and the store.
+const BUSY_TRIES: u32 = 50;
+
 /// The peers the control plane named, each holding the whole model (it names
-/// only peers that attest it), less those that refused a chunk: a chunk every peer
-/// refused is left for the store. The origin is never asked here.
+/// only peers that attest it), less those that refused a chunk (a chunk every peer
+/// refused is left for the store) and those resting after a busy answer. The
+/// origin is never asked here.
 struct Named<'a> {
     peers: &'a [Peer],
     refused: std::collections::HashSet<(usize, PeerId)>,
+    resting: std::collections::HashMap<PeerId, tokio::time::Instant>,
+    busy: std::collections::HashMap<(usize, PeerId), u32>,
+}
+
+impl Named<'_> {
+    /// When the first resting peer may be asked again.
+    fn first_awake(&mut self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        self.resting.retain(|_, until| *until > now);
+        self.resting.values().min().copied()
+    }
 }
 
 impl Named<'_> {
@@ -154,8 +173,10 @@ impl Holders for Named<'_> {
     }
 
     fn sample(&mut self, chunk: usize, out: &mut Vec<(PeerId, bool)>) {
+        let now = tokio::time::Instant::now();
         for p in self.ids() {
-            if !self.refused.contains(&(chunk, p)) {
+            let resting = self.resting.get(&p).is_some_and(|until| *until > now);
+            if !resting && !self.refused.contains(&(chunk, p)) {
                 out.push((p, self.peers[p as usize].same_site));
             }
         }
@@ -183,6 +204,8 @@ pub async fn fetch_from_peers(
     let mut holders = Named {
         peers,
         refused: std::collections::HashSet::new(),
+        resting: std::collections::HashMap::new(),
+        busy: std::collections::HashMap::new(),
     };
     let seed = wanted.first().map_or(0, |d| {
         u64::from_le_bytes(d.as_str().as_bytes()[..8].try_into().unwrap_or([0; 8]))
@@ -204,38 +227,57 @@ pub async fn fetch_from_peers(
             );
             let request = client.get(url).timeout(timeout).send();
             under_way.push(async move {
-                let got: Option<Vec<u8>> = match request.await {
+                let got: Result<Vec<u8>, bool> = match request.await {
                     Ok(resp) if resp.status() == StatusCode::OK => {
-                        resp.bytes().await.ok().map(|b| b.to_vec())
+                        resp.bytes().await.map(|b| b.to_vec()).map_err(|_| false)
                     }
-                    _ => None,
+                    Ok(resp) => Err(resp.status() == StatusCode::TOO_MANY_REQUESTS),
+                    Err(_) => Err(false),
                 };
                 (chunk, source, got)
             });
         }
-        let next: Option<(usize, Source, Option<Vec<u8>>)> = under_way.next().await;
+        if under_way.is_empty() {
+            // Nothing to ask now: wait for a busy peer to rest, or end.
+            match holders.first_awake() {
+                Some(until) if !swarm.complete() => {
+                    tokio::time::sleep_until(until).await;
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        let next: Option<(usize, Source, Result<Vec<u8>, bool>)> = under_way.next().await;
         let Some((chunk, source, got)) = next else {
             break;
         };
+        let Source::Peer(peer) = source else { continue };
         let outcome = match got {
-            None => Outcome::Refused,
-            Some(bytes) if ChunkOpener::verify(&wanted[chunk], &bytes) => {
+            Err(busy) => {
+                let tries = holders.busy.entry((chunk, peer)).or_insert(0);
+                *tries += 1;
+                if busy && *tries < BUSY_TRIES {
+                    // Its uploads are full: ask it again after a rest.
+                    holders
+                        .resting
+                        .insert(peer, tokio::time::Instant::now() + BUSY_REST);
+                } else {
+                    holders.refused.insert((chunk, peer));
+                }
+                Outcome::Refused
+            }
+            Ok(bytes) if ChunkOpener::verify(&wanted[chunk], &bytes) => {
                 if let Err(e) = cache.insert(&wanted[chunk], &bytes) {
                     tracing::warn!(error = %e, "cannot cache a chunk from a peer");
                 }
                 out.bytes += bytes.len() as u64;
                 Outcome::Verified
             }
-            Some(_) => Outcome::Corrupt,
+            Ok(_) => Outcome::Corrupt,
         };
         match outcome {
             Outcome::Verified => out.chunks += 1,
-            Outcome::Refused => {
-                out.refused += 1;
-                if let Source::Peer(p) = source {
-                    holders.refused.insert((chunk, p));
-                }
-            }
+            Outcome::Refused => out.refused += 1,
             Outcome::Corrupt => {
                 if let Source::Peer(p) = source {
                     let url = peers[p as usize].url.clone();

@@ -131,6 +131,51 @@ async fn a_node_stages_from_a_peer_and_a_lying_peer_gets_nothing_into_its_cache(
     assert_eq!(from_peers.chunks, 0);
     assert_eq!(from_peers.dropped.len(), 1);
 
+    // A peer whose uploads are full at first is asked again after a rest, rather
+    // than its chunks going to the store.
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let held = first_dir.join("chunks");
+    let busy_at_first = listen(axum::Router::new().route(
+        &format!("{PEER_CHUNK_PATH}/{{digest}}"),
+        get(
+            move |axum::extract::Path(digest): axum::extract::Path<String>| {
+                let (answered, held) = (answered.clone(), held.clone());
+                async move {
+                    if answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 6 {
+                        return (axum::http::StatusCode::TOO_MANY_REQUESTS, Vec::new());
+                    }
+                    (
+                        axum::http::StatusCode::OK,
+                        std::fs::read(held.join(digest)).unwrap(),
+                    )
+                }
+            },
+        ),
+    ))
+    .await;
+    let fourth = Arc::new(ChunkCache::open(&root.path().join("fourth"), 64 * MIB as u64).unwrap());
+    let patient = [Peer {
+        url: format!("http://{busy_at_first}"),
+        same_site: false,
+    }];
+    let before = store
+        .backends()
+        .iter()
+        .map(|b| b.stats().bytes_got)
+        .sum::<u64>();
+    let (from_store, from_peers) = reader_with(&fourth)
+        .stage(&client, &patient, timeout)
+        .await
+        .unwrap();
+    let after = store
+        .backends()
+        .iter()
+        .map(|b| b.stats().bytes_got)
+        .sum::<u64>();
+    assert!(from_peers.refused >= 6, "{from_peers:?}");
+    assert!(from_peers.chunks > 0, "{from_peers:?}");
+    assert_eq!((from_store, after), (0, before), "{from_peers:?}");
+
     // Nothing but a chunk digest is asked for.
     let bad = client
         .get(format!("http://{good}{PEER_CHUNK_PATH}/not-a-digest"))
