@@ -64,6 +64,10 @@ struct Args {
     /// Peers sampled per chunk when choosing whom to ask.
     #[arg(long, default_value_t = 8)]
     sample: usize,
+    /// Also run fleet-rollout waves (`1,10,100,all`) as the agents do today: a
+    /// wave's peers are the nodes of earlier waves only.
+    #[arg(long)]
+    waves: Option<aigrid_api::Waves>,
     /// Also run every node pulling from the origin alone.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     baseline: bool,
@@ -105,6 +109,8 @@ struct Grid {
     max_uploads: usize,
     sample: usize,
     peers: bool,
+    /// In the wave mode, the nodes holding the whole model, the only peers named.
+    whole: Option<Vec<u32>>,
     rng: StdRng,
 }
 
@@ -116,6 +122,9 @@ struct View<'a> {
 
 impl Holders for View<'_> {
     fn holders(&self, chunk: usize) -> usize {
+        if let Some(whole) = &self.grid.whole {
+            return whole.len();
+        }
         if self.grid.peers {
             self.grid.holders_of[chunk].len()
         } else {
@@ -124,7 +133,10 @@ impl Holders for View<'_> {
     }
 
     fn sample(&mut self, chunk: usize, out: &mut Vec<(PeerId, bool)>) {
-        let holders = &self.grid.holders_of[chunk];
+        let holders = match &self.grid.whole {
+            Some(whole) => whole,
+            None => &self.grid.holders_of[chunk],
+        };
         if holders.is_empty() {
             return;
         }
@@ -140,6 +152,10 @@ impl Holders for View<'_> {
     fn claim_origin(&mut self, chunk: usize) -> bool {
         if !self.grid.peers {
             return true;
+        }
+        if let Some(whole) = &self.grid.whole {
+            // The store gives what no named peer can: everything, to the first wave.
+            return whole.is_empty();
         }
         if self.grid.claimed[chunk] >= self.grid.origin_copies
             || !self.grid.holders_of[chunk].is_empty()
@@ -194,7 +210,20 @@ fn share(
     }
 }
 
-fn run(args: &Args, link_mbit: f64, peers: bool, dt: f64) -> Result<Outcomes> {
+/// What the nodes know of each other.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// Every node's holdings, chunk by chunk, as they grow.
+    Swarm,
+    /// Fleet-rollout waves: a wave starts when the last is ready, and names as
+    /// peers only the nodes of earlier waves (which hold the whole model).
+    Waves(Vec<usize>),
+    /// No peers: every node pulls from the origin.
+    OriginOnly,
+}
+
+fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
+    let peers = !matches!(mode, Mode::OriginOnly);
     let chunk_bits = (args.chunk_mib << 20) as f64 * 8.0;
     let chunks = usize::try_from(args.model_mib.div_ceil(args.chunk_mib))?;
     let last_bits = ((args.model_mib << 20) as f64 * 8.0) - chunk_bits * (chunks - 1) as f64;
@@ -235,8 +264,20 @@ fn run(args: &Args, link_mbit: f64, peers: bool, dt: f64) -> Result<Outcomes> {
         max_uploads: args.uploads,
         sample: args.sample,
         peers,
+        whole: matches!(mode, Mode::Waves(_)).then(Vec::new),
         rng: StdRng::seed_from_u64(args.seed),
     };
+    // Each node's wave, and the wave under way.
+    let wave_of: Vec<usize> = match mode {
+        Mode::Waves(sizes) => sizes
+            .iter()
+            .enumerate()
+            .flat_map(|(w, size)| std::iter::repeat_n(w, *size))
+            .collect(),
+        _ => vec![0; n],
+    };
+    let mut wave = 0usize;
+    let mut waved = usize::MAX;
     let mut flows: Vec<Flow> = Vec::new();
     let mut ready = vec![f64::NAN; n];
     let mut done = 0usize;
@@ -252,12 +293,16 @@ fn run(args: &Args, link_mbit: f64, peers: bool, dt: f64) -> Result<Outcomes> {
         if t > limit {
             bail!("the spread did not finish within {limit:.0} s of virtual time");
         }
+        if done != waved {
+            next_wave(&mut wave, &wave_of, &swarms);
+            waved = done;
+        }
         // New requests, within each node's bounds, the nodes in a new order each
         // step so none is always first to the free upload slots.
         order.shuffle(&mut turn);
         for &me in &order {
             let swarm = &mut swarms[me];
-            if swarm.complete() {
+            if swarm.complete() || wave_of[me] > wave {
                 continue;
             }
             let asked = swarm.next(&mut View {
@@ -361,15 +406,33 @@ fn run(args: &Args, link_mbit: f64, peers: bool, dt: f64) -> Result<Outcomes> {
                 }
             }
             if swarms[f.to].done(f.chunk, f.source, Outcome::Verified) {
-                grid.holders_of[f.chunk].push(u32::try_from(f.to)?);
+                if grid.whole.is_none() {
+                    grid.holders_of[f.chunk].push(u32::try_from(f.to)?);
+                }
                 if swarms[f.to].complete() {
                     ready[f.to] = t;
                     done += 1;
+                    if let Some(whole) = &mut grid.whole {
+                        whole.push(u32::try_from(f.to)?);
+                    }
                 }
             }
         }
     }
     Ok(Outcomes { ready, origin_bits })
+}
+
+/// Starts the next wave once every node of the current one is ready.
+fn next_wave(wave: &mut usize, wave_of: &[usize], swarms: &[Swarm]) {
+    let last = wave_of.iter().copied().max().unwrap_or(0);
+    while *wave < last
+        && wave_of
+            .iter()
+            .zip(swarms)
+            .all(|(w, s)| *w != *wave || s.complete())
+    {
+        *wave += 1;
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -399,19 +462,26 @@ fn main() -> Result<()> {
         // Steps of about a hundredth of a chunk's time on the link.
         let chunk_time = (args.chunk_mib << 20) as f64 * 8.0 / link;
         let mut runs = vec![(
-            "aigrid peer to peer",
-            run(&args, link_mbit, true, chunk_time / 20.0)?,
+            "aigrid peer to peer".to_owned(),
+            run(&args, link_mbit, &Mode::Swarm, chunk_time / 20.0)?,
         )];
+        if let Some(waves) = &args.waves {
+            let mode = Mode::Waves(waves.cut(args.nodes));
+            runs.push((
+                format!("waves {waves}, peers of earlier waves"),
+                run(&args, link_mbit, &mode, chunk_time / 20.0)?,
+            ));
+        }
         if args.baseline {
             // Steps of a five-thousandth of the time the origin takes to send
             // every node its copy.
             let alone = n * model_bits / origin.min(n * link);
             runs.push((
-                "every node from the origin",
+                "every node from the origin".to_owned(),
                 run(
                     &args,
                     link_mbit,
-                    false,
+                    &Mode::OriginOnly,
                     (chunk_time / 10.0).max(alone / 5000.0),
                 )?,
             ));
