@@ -251,9 +251,13 @@ impl TaskGroup {
     }
 
     /// Whether `other` runs the same instances as this group, whatever the count
-    /// or the update policy: an instance of one is an instance of the other, so a
-    /// version that changes only those keeps its instances running.
+    /// (for a gang, which starts whole, the same count too) or the update policy:
+    /// an instance of one is an instance of the other, so a version that changes
+    /// only those keeps its instances running.
     pub fn same_instances(&self, other: &TaskGroup) -> bool {
+        if self.gang && self.count != other.count {
+            return false;
+        }
         let strip = |g: &TaskGroup| TaskGroup {
             count: 0,
             update: None,

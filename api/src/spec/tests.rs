@@ -442,3 +442,25 @@ fn wire_words_parse_back() {
     assert!("~".parse::<ConstraintOp>().is_err());
     assert_eq!("training".parse::<JobKind>().unwrap(), JobKind::Training);
 }
+
+#[test]
+fn a_change_of_count_keeps_instances_except_a_gangs() {
+    let group = parse(valid()).unwrap().groups[0].clone();
+    let mut more = group.clone();
+    more.count += 2;
+    more.max_unavailable = Some(3);
+    assert!(group.same_instances(&more));
+    let mut other_task = group.clone();
+    other_task.resources.cpu_millis = MilliCpu::new(group.resources.cpu_millis.get() + 1);
+    assert!(!group.same_instances(&other_task));
+    let gang = TaskGroup {
+        gang: true,
+        ..group.clone()
+    };
+    let bigger_gang = TaskGroup {
+        count: gang.count + 1,
+        ..gang.clone()
+    };
+    assert!(gang.same_instances(&gang.clone()));
+    assert!(!gang.same_instances(&bigger_gang), "a gang starts whole");
+}
