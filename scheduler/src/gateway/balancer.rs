@@ -255,6 +255,8 @@ impl Gateway {
     async fn probe_all(&self) {
         let routes = self.routes();
         let endpoints: HashSet<String> = routes.replicas.values().flatten().cloned().collect();
+        // Samples of replicas no longer routed to are forgotten.
+        self.samples.retain(|e| endpoints.contains(e));
         let ready: HashSet<String> = stream::iter(endpoints)
             .map(|endpoint| async move { self.probe(&endpoint).await.then_some(endpoint) })
             .buffer_unordered(self.config.probe_concurrency)
@@ -279,8 +281,6 @@ impl Gateway {
                 .with_label_values(&labels)
                 .set(i64::try_from(up).unwrap_or(i64::MAX));
         }
-        self.samples
-            .retain(|e| routes.replicas.values().flatten().any(|r| r == e));
         *self.ready.lock() = ready;
     }
 

@@ -31,15 +31,10 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
 
 /// The job (by id, or the name of a live job): its id, circle and latest rollout.
 fn find(s: &ClusterState, id_or_name: &str) -> Option<(JobId, Option<String>, Option<Deployment>)> {
-    let id = JobId::new(id_or_name);
-    let id = if s.job_spec(&id).is_some() {
-        id
-    } else {
-        s.job_by_name(id_or_name)?.id
-    };
-    let (spec, _) = s.job_spec(&id)?;
-    let circle = spec.circle.clone();
-    Some((id.clone(), circle, s.deployment_of(&id)))
+    let id = s.resolve_job(id_or_name)?.clone();
+    let circle = s.job_spec(&id)?.0.circle.clone();
+    let deployment = s.deployment_of(&id);
+    Some((id, circle, deployment))
 }
 
 fn no_rollout(id: &str) -> ApiError {

@@ -123,8 +123,7 @@ async fn list_jobs(
 
 /// The job with this id or, failing that, the live job with this name.
 fn find_job(s: &ClusterState, id_or_name: &str) -> Option<Job> {
-    s.job(&JobId::new(id_or_name))
-        .or_else(|| s.job_by_name(id_or_name))
+    s.job(s.resolve_job(id_or_name)?)
 }
 
 fn job_not_found(id_or_name: &str) -> ApiError {

@@ -23,6 +23,16 @@ impl ClusterState {
         self.job_names.get(name).and_then(|id| self.job(id))
     }
 
+    /// The id of the job with this id or, failing that, of the live job with this
+    /// name, without building the job's view.
+    pub fn resolve_job(&self, id_or_name: &str) -> Option<&JobId> {
+        self.tables
+            .jobs
+            .get_key_value(id_or_name)
+            .map(|(id, _)| id)
+            .or_else(|| self.job_names.get(id_or_name))
+    }
+
     /// The spec of the live job with this name, without building the job's view.
     pub fn live_spec(&self, name: &str) -> Option<&JobSpec> {
         self.job_names
@@ -65,11 +75,7 @@ impl ClusterState {
     /// (the one running now included), specs as stored: the edge redacts them
     /// before showing them.
     pub fn job_versions(&self, id_or_name: &str) -> Option<Vec<JobVersion>> {
-        let job = self
-            .tables
-            .jobs
-            .get(&JobId::new(id_or_name))
-            .or_else(|| self.tables.jobs.get(self.job_names.get(id_or_name)?))?;
+        let job = self.tables.jobs.get(self.resolve_job(id_or_name)?)?;
         let current = JobVersion {
             version: job.version,
             submitted_at: job.updated_at,
