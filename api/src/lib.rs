@@ -100,7 +100,7 @@ pub use node::{
 };
 pub use rollout::{
     AbortAfter, CreateRollout, FleetRollout, ModelAssignment, ModelPeer, ModelReport, NodeStage,
-    NodeStageState, RolloutState, Wave, Waves,
+    NodeStageState, OriginShare, RolloutState, Wave, Waves,
 };
 pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHeaders};
 pub use spec::{

@@ -347,10 +347,53 @@ pub struct ModelAssignment {
     pub digest: String,
     /// The model's name: what the node activates it as.
     pub name: String,
-    /// Nodes that attest the model already (earlier waves), to fetch its chunks
-    /// from before the store: their own site's first.
+    /// Nodes to fetch its chunks from before the store: those that attest the
+    /// model already (earlier waves) and those staging it beside this one (its
+    /// own wave), whose holdings the node asks them for as they grow; their own
+    /// site's first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<ModelPeer>,
+    /// This node's share of the chunks no peer holds: the ones it fetches from
+    /// the store, while the other nodes staging beside it fetch theirs, so the
+    /// store sends each chunk about once. None: any chunk no peer holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_share: Option<OriginShare>,
+}
+
+/// A node's part of the chunks a wave fetches from the store: the chunks at
+/// `index`, `index + of`, `index + 2·of`, ... of the model's chunk list (as every
+/// node orders it, by digest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OriginShare {
+    /// This node's place among the nodes staging the model.
+    pub index: u32,
+    /// How many nodes are staging it.
+    pub of: u32,
+}
+
+impl OriginShare {
+    /// Whether the chunk at `position` (of the chunk list) is this node's to fetch
+    /// from the store.
+    pub fn owns(&self, position: usize) -> bool {
+        self.of == 0 || position % self.of as usize == self.index as usize
+    }
+}
+
+/// Where `peer` ranks among the peers named to `asker` in `rollout`: a hash of
+/// the three, so each node is told its own pseudo-random set of peers and every
+/// node is named to about as many others (no few nodes asked by everyone).
+pub fn peer_rank(rollout: &str, asker: &str, peer: &str) -> u64 {
+    // FNV-1a over the three, separated; then a SplitMix64 finish to spread it.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [rollout, asker, peer] {
+        for b in part.bytes().chain(std::iter::once(0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^ (h >> 31)
 }
 
 /// A node holding a model, as a fleet rollout's later waves are told of it.
@@ -362,10 +405,53 @@ pub struct ModelPeer {
     pub url: String,
     /// Whether it is of the asking node's site.
     pub same_site: bool,
+    /// Whether it holds the whole model (it attests it); false for a node still
+    /// staging it, which is asked what it holds.
+    #[serde(default = "whole_default")]
+    pub whole: bool,
+}
+
+fn whole_default() -> bool {
+    true
 }
 
 /// Most peers one model assignment names.
 pub const MAX_MODEL_PEERS: usize = 16;
+/// Peers holding the whole model named at least, when there are that many.
+pub const MIN_WHOLE_PEERS: usize = 4;
+
+/// Which of `candidates` to name to a staging node, given for each whether it is
+/// of the node's site, whether it holds the whole model, and its
+/// [`peer_rank`]: at most [`MAX_MODEL_PEERS`], own site first, at least
+/// [`MIN_WHOLE_PEERS`] holding the whole model where there are, the rest by rank
+/// whoever they are, so the nodes of a wave upload to each other rather than all
+/// waiting on the few of earlier waves.
+pub fn choose_peers<T>(mut candidates: Vec<T>, key: impl Fn(&T) -> (bool, bool, u64)) -> Vec<T> {
+    candidates.sort_by_cached_key(|c| {
+        let (same_site, _, rank) = key(c);
+        (!same_site, rank)
+    });
+    let mut chosen = vec![false; candidates.len()];
+    let whole = (0..candidates.len()).filter(|i| key(&candidates[*i]).1);
+    for i in whole.take(MIN_WHOLE_PEERS.min(MAX_MODEL_PEERS)) {
+        chosen[i] = true;
+    }
+    let mut left = MAX_MODEL_PEERS.saturating_sub(chosen.iter().filter(|c| **c).count());
+    for c in chosen.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        if !*c {
+            *c = true;
+            left -= 1;
+        }
+    }
+    candidates
+        .into_iter()
+        .zip(chosen)
+        .filter_map(|(c, keep)| keep.then_some(c))
+        .collect()
+}
 
 /// What a node's agent says of a model it was asked to stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -393,6 +479,25 @@ pub fn attestation_message(rollout: &str, node: &NodeId, digest: &str) -> Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staging_node_is_named_its_site_some_whole_peers_and_the_rest_by_rank() {
+        // (id, same site, whole): 30 candidates, 10 whole, two of the site.
+        let candidates: Vec<(u64, bool, bool)> = (0..30)
+            .map(|i| (i, i == 29 || i == 28, i % 3 == 0))
+            .collect();
+        let chosen = choose_peers(candidates, |c| (c.1, c.2, 1000 - c.0));
+        assert_eq!(chosen.len(), MAX_MODEL_PEERS);
+        assert_eq!((chosen[0].0, chosen[1].0), (29, 28), "own site first");
+        let whole = chosen.iter().filter(|c| c.2).count();
+        assert!(whole >= MIN_WHOLE_PEERS, "{chosen:?}");
+        assert!(
+            whole < MAX_MODEL_PEERS / 2,
+            "not only whole peers: {chosen:?}"
+        );
+        // Fewer candidates than the bound: all of them.
+        assert_eq!(choose_peers(vec![1, 2, 3], |_| (false, false, 0)).len(), 3);
+    }
 
     #[test]
     fn waves_cut_the_nodes_as_asked() {

@@ -29,6 +29,9 @@ const MIB: f64 = (1u64 << 20) as f64;
 #[derive(Debug)]
 pub struct Link {
     rate: f64,
+    /// Concurrent GETs share the link piece by piece, as flows share a network
+    /// link, instead of one after another.
+    fair: bool,
     /// When the link has sent everything asked of it so far.
     free_at: Mutex<Instant>,
     /// Bytes reserved on it (sent, or being sent).
@@ -42,8 +45,19 @@ pub struct Link {
 impl Link {
     /// A link of `rate` bytes/s, idle from now.
     pub fn new(rate: f64) -> Arc<Self> {
+        Self::make(rate, false)
+    }
+
+    /// A link of `rate` bytes/s that concurrent GETs share piece by piece
+    /// ([`FAIR_PIECE`] at a time, in turn), each piece delivered when sent.
+    pub fn fair(rate: f64) -> Arc<Self> {
+        Self::make(rate, true)
+    }
+
+    fn make(rate: f64, fair: bool) -> Arc<Self> {
         Arc::new(Link {
             rate,
+            fair,
             free_at: Mutex::new(Instant::now()),
             bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -54,6 +68,12 @@ impl Link {
     /// Reserves the link for `len` bytes after whatever it is already sending;
     /// answers when they start to flow.
     fn reserve(&self, len: u64) -> Instant {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.reserve_piece(len)
+    }
+
+    /// As [`Link::reserve`], for one piece of a GET already counted.
+    fn reserve_piece(&self, len: u64) -> Instant {
         let now = Instant::now();
         let mut free_at = self.free_at.lock().expect("link lock");
         let start = (*free_at).max(now);
@@ -62,7 +82,6 @@ impl Link {
             .fetch_add(u64::try_from(idle).unwrap_or(u64::MAX), Ordering::Relaxed);
         *free_at = start + self.duration(len);
         self.bytes.fetch_add(len, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
         start
     }
 
@@ -99,6 +118,8 @@ impl Link {
 /// it. Shards (4 MiB) arrive whole, so collecting them copies nothing; a whole-file
 /// download streams in pieces its reader can hash as they come.
 const PIECE: usize = 16 << 20;
+/// Bytes of a GET sent at a time on a [`Link::fair`] link.
+pub const FAIR_PIECE: usize = 64 << 10;
 
 /// An object store whose GETs go through a [`Link`]: a response's bytes are read
 /// when the request comes, its whole length is reserved on the link behind what the
@@ -154,6 +175,9 @@ impl ObjectStore for Throttled {
         if head || len == 0 {
             return Ok(result);
         }
+        if self.link.fair {
+            return self.fair_get(result).await;
+        }
         let start = self.link.reserve(len);
         let GetResult {
             payload,
@@ -186,13 +210,7 @@ impl ObjectStore for Throttled {
                 Ok(piece)
             })
             .boxed();
-        Ok(GetResult {
-            payload: GetResultPayload::Stream(stream),
-            meta,
-            range,
-            attributes,
-            extensions,
-        })
+        Ok(restream((meta, range, attributes, extensions), stream))
     }
 
     fn delete_stream(
@@ -243,14 +261,69 @@ impl ObjectStore for Throttled {
     }
 }
 
+impl Throttled {
+    /// A GET on a fair link: each piece reserved when the reader gets to it.
+    async fn fair_get(&self, result: GetResult) -> object_store::Result<GetResult> {
+        let meta = result.meta.clone();
+        let range = result.range.clone();
+        let attributes = result.attributes.clone();
+        let extensions = result.extensions.clone();
+        let bytes = result.bytes().await?;
+        self.link.requests.fetch_add(1, Ordering::Relaxed);
+        let link = self.link.clone();
+        let pieces = (0..bytes.len())
+            .step_by(FAIR_PIECE)
+            .map(move |at| bytes.slice(at..(at + FAIR_PIECE).min(bytes.len())));
+        let stream = futures_util::stream::iter(pieces)
+            .then(move |piece| {
+                let link = link.clone();
+                async move {
+                    let start = link.reserve_piece(piece.len() as u64);
+                    let due = start + link.duration(piece.len() as u64);
+                    tokio::time::sleep_until(due.into()).await;
+                    Ok(piece)
+                }
+            })
+            .boxed();
+        Ok(restream((meta, range, attributes, extensions), stream))
+    }
+}
+
+/// What a GET answered about its object.
+type Parts = (
+    ObjectMeta,
+    std::ops::Range<u64>,
+    object_store::Attributes,
+    object_store::Extensions,
+);
+
+/// A GET's result whose body is `stream`.
+fn restream(
+    (meta, range, attributes, extensions): Parts,
+    stream: BoxStream<'static, object_store::Result<bytes::Bytes>>,
+) -> GetResult {
+    GetResult {
+        payload: GetResultPayload::Stream(stream),
+        meta,
+        range,
+        attributes,
+        extensions,
+    }
+}
+
 /// A directory served as an object store behind a fresh link of `rate` bytes/s.
 pub fn throttled(dir: &Path, rate: f64) -> object_store::Result<(Arc<Throttled>, Arc<Link>)> {
     let link = Link::new(rate);
-    let store = Throttled {
+    Ok((throttled_behind(dir, link.clone())?, link))
+}
+
+/// A directory served as an object store behind `link`, which other stores may
+/// share (one origin's uplink in front of several backends).
+pub fn throttled_behind(dir: &Path, link: Arc<Link>) -> object_store::Result<Arc<Throttled>> {
+    Ok(Arc::new(Throttled {
         inner: LocalFileSystem::new_with_prefix(dir)?,
-        link: link.clone(),
-    };
-    Ok((Arc::new(store), link))
+        link,
+    }))
 }
 
 /// A store over the pushed backend directories, each behind its own link.

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use aigrid_agent::staging::{ModelStager, Staged};
-use aigrid_api::ModelPeer;
+use aigrid_api::ModelAssignment;
 use aigrid_store::cache::ChunkCache;
 use aigrid_store::peers::Peer;
 use aigrid_store::reader::ReaderOptions;
@@ -62,17 +62,11 @@ impl StoreStager {
 }
 
 impl ModelStager for StoreStager {
-    fn stage(
-        &self,
-        servers: String,
-        digest: String,
-        name: String,
-        peers: Vec<ModelPeer>,
-    ) -> Staged {
+    fn stage(&self, servers: String, model: ModelAssignment) -> Staged {
         let this = self.clone();
         Box::pin(async move {
             let _one = this.lock.lock().await;
-            this.stage_now(&servers, &digest, &name, &peers)
+            this.stage_now(&servers, &model)
                 .await
                 .map_err(|e| format!("{e:#}").replace('\n', " "))
         })
@@ -80,13 +74,8 @@ impl ModelStager for StoreStager {
 }
 
 impl StoreStager {
-    async fn stage_now(
-        &self,
-        servers: &str,
-        digest: &str,
-        name: &str,
-        peers: &[ModelPeer],
-    ) -> anyhow::Result<()> {
+    async fn stage_now(&self, servers: &str, model: &ModelAssignment) -> anyhow::Result<()> {
+        let (digest, name) = (model.digest.as_str(), model.name.as_str());
         let client = Client::new(servers, None)?;
         // Checked to verify and to be the digest asked for, as `pull` does.
         let detail = model::detail(&client, digest).await?;
@@ -100,15 +89,17 @@ impl StoreStager {
         let reader = store
             .reader(&detail.registration(), options)
             .map_err(|e| anyhow!("model {}: {e}", model::short(digest)))?;
-        let peers: Vec<Peer> = peers
+        let peers: Vec<Peer> = model
+            .peers
             .iter()
             .map(|p| Peer {
                 url: p.url.clone(),
                 same_site: p.same_site,
+                whole: p.whole,
             })
             .collect();
         let (fetched, from_peers) = reader
-            .stage(&self.http, &peers, PEER_TIMEOUT)
+            .stage(&self.http, &peers, model.origin_share, PEER_TIMEOUT)
             .await
             .map_err(|e| anyhow!("staging model {}: {e}", model::short(digest)))?;
         if !from_peers.dropped.is_empty() {

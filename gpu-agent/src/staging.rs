@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use aigrid_api::rollout::attestation_message;
-use aigrid_api::{ModelAssignment, ModelPeer, ModelReport, NodeStageState};
+use aigrid_api::{ModelAssignment, ModelReport, NodeStageState};
 use parking_lot::Mutex;
 
 use crate::identity::Identity;
@@ -23,12 +23,11 @@ pub type Staged = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 /// Fetches, checks and activates models on this node.
 pub trait ModelStager: Send + Sync + 'static {
-    /// Fetches every chunk of model `digest` (named `name`) from `peers` and then
-    /// the store the servers at `servers` describe, checks each against the signed
-    /// manifest, keeps them in the node's cache, and makes `digest` the node's
-    /// active version of `name`, the one before kept beside it.
-    fn stage(&self, servers: String, digest: String, name: String, peers: Vec<ModelPeer>)
-        -> Staged;
+    /// Fetches every chunk of the assignment's model from its peers and its share
+    /// from the store the servers at `servers` describe, checks each against the
+    /// signed manifest, keeps them in the node's cache, and makes the model the
+    /// node's active version of its name, the one before kept beside it.
+    fn stage(&self, servers: String, model: ModelAssignment) -> Staged;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,12 +107,7 @@ impl Staging {
             let table = self.entries.clone();
             let ended = self.ended.clone();
             let (rollout, digest) = (model.rollout.clone(), model.digest.clone());
-            let staged = stager.stage(
-                servers.to_owned(),
-                digest.clone(),
-                model.name.clone(),
-                model.peers.clone(),
-            );
+            let staged = stager.stage(servers.to_owned(), model.clone());
             tokio::spawn(async move {
                 let result = staged.await;
                 if let Err(e) = &result {
@@ -173,9 +167,9 @@ mod tests {
 
     struct Instant;
     impl ModelStager for Instant {
-        fn stage(&self, _: String, digest: String, _: String, _: Vec<ModelPeer>) -> Staged {
+        fn stage(&self, _: String, model: ModelAssignment) -> Staged {
             Box::pin(async move {
-                if digest.starts_with('b') {
+                if model.digest.starts_with('b') {
                     Err("chunk 3 does not match the manifest".to_owned())
                 } else {
                     Ok(())
@@ -190,6 +184,7 @@ mod tests {
             digest: digest.into(),
             name: "m".into(),
             peers: Vec::new(),
+            origin_share: None,
         }
     }
 

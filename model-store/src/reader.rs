@@ -5,6 +5,8 @@
 //! verified chunks in a bounded on-disk cache. A safetensors view on top gives tensors
 //! by name, fetched on demand.
 
+mod range;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

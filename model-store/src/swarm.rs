@@ -19,6 +19,21 @@
 //!   refuses (its upload is full) is only released.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use aigrid_api::OriginShare;
+
+/// How long a node staging beside others may have nothing to fetch and nothing
+/// under way before it asks the store for chunks outside its share: the node
+/// whose share they are may be gone or slow.
+pub const ORIGIN_AFTER_IDLE: Duration = Duration::from_secs(2);
+
+/// Whether a node may ask the store for the chunk at `position` (of the model's
+/// chunk list) that none of its peers holds: always its own share, anything once
+/// it has been idle [`ORIGIN_AFTER_IDLE`]; with no share, anything.
+pub fn origin_allowed(share: Option<OriginShare>, position: usize, idle: Duration) -> bool {
+    share.is_none_or(|s| s.owns(position)) || idle >= ORIGIN_AFTER_IDLE
+}
 
 /// A peer, as the caller numbers them.
 pub type PeerId = u32;
@@ -281,6 +296,19 @@ mod tests {
         fn claim_origin(&mut self, chunk: usize) -> bool {
             self.claimed.insert(chunk)
         }
+    }
+
+    #[test]
+    fn the_store_is_asked_for_a_nodes_own_share_and_for_the_rest_only_when_idle() {
+        let share = Some(OriginShare { index: 1, of: 3 });
+        let owned: Vec<usize> = (0..9)
+            .filter(|c| origin_allowed(share, *c, Duration::ZERO))
+            .collect();
+        assert_eq!(owned, vec![1, 4, 7]);
+        assert!(origin_allowed(share, 0, ORIGIN_AFTER_IDLE));
+        assert!(origin_allowed(None, 0, Duration::ZERO));
+        let none = Some(OriginShare { index: 0, of: 0 });
+        assert!(origin_allowed(none, 5, Duration::ZERO));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use aigrid_api::auth::NodeKey;
 use aigrid_api::rollout::attestation_message;
 use aigrid_api::{
     CreateRollout, FleetRollout, ModelReport, NodeId, NodeRegistration, NodeStageState,
-    RolloutState, Timestamp,
+    OriginShare, RolloutState, Timestamp,
 };
 use aigrid_consensus::state_machine::StateMachine;
 use aigrid_scheduler::state::{Applied, ClusterState, Command, CommandOutput, TokenUse};
@@ -181,15 +181,42 @@ fn waves_start_in_turn_and_every_node_attests_the_rollouts_digest() {
     );
 
     assert!(assigned[0].peers.is_empty(), "nobody holds it yet");
+    assert_eq!(
+        assigned[0].origin_share,
+        Some(OriginShare { index: 0, of: 1 }),
+        "alone, the whole model is its to fetch from the store"
+    );
     fleet.now += 500;
     fleet.attest(0, &digest, 0);
     assert_eq!(fleet.nodes_in(NodeStageState::Staging), vec![1, 3]);
-    // The next wave is told who holds the model already, and where.
-    let peers = &fleet.state.assignments(&node(1)).unwrap().models[0].peers;
-    assert_eq!(peers.len(), 1);
+    // The next wave is told who holds the model already, and where, then who
+    // stages it beside it (asked what it holds as it grows); the two share what
+    // they fetch from the store.
+    let shares: Vec<OriginShare> = [1, 3]
+        .iter()
+        .map(|n| {
+            let models = fleet.state.assignments(&node(*n)).unwrap().models;
+            let peers: Vec<(&str, bool, bool)> = models[0]
+                .peers
+                .iter()
+                .map(|p| (p.url.as_str(), p.same_site, p.whole))
+                .collect();
+            let other = if *n == 1 {
+                "http://10.0.0.1:7103"
+            } else {
+                "http://10.0.0.1:7101"
+            };
+            let expected = vec![("http://10.0.0.1:7100", true, true), (other, true, false)];
+            assert_eq!(peers, expected, "node {n}");
+            models[0].origin_share.unwrap()
+        })
+        .collect();
     assert_eq!(
-        (peers[0].url.as_str(), peers[0].same_site),
-        ("http://10.0.0.1:7100", true)
+        shares,
+        vec![
+            OriginShare { index: 0, of: 2 },
+            OriginShare { index: 1, of: 2 }
+        ]
     );
     assert!(!fleet.asked(0), "an active node is asked nothing more");
     fleet.attest(1, &digest, 1);

@@ -387,11 +387,21 @@ impl ClusterState {
                     .any(|s| s.node == *node && s.state == NodeStageState::Staging)
             })
             .map(|r| {
-                let mut peers: Vec<aigrid_api::ModelPeer> = r
+                let staging: Vec<&NodeId> = r
                     .waves
                     .iter()
                     .flat_map(|w| &w.nodes)
-                    .filter(|s| s.state == NodeStageState::Active && s.node != *node)
+                    .filter(|s| s.state == NodeStageState::Staging)
+                    .map(|s| &s.node)
+                    .collect();
+                let peers: Vec<aigrid_api::ModelPeer> = r
+                    .waves
+                    .iter()
+                    .flat_map(|w| &w.nodes)
+                    .filter(|s| {
+                        matches!(s.state, NodeStageState::Active | NodeStageState::Staging)
+                            && s.node != *node
+                    })
                     .filter_map(|s| {
                         let peer = self.tables.nodes.get(&s.node)?;
                         if peer.revoked || peer.status == NodeStatus::Down {
@@ -405,27 +415,34 @@ impl ClusterState {
                             node: s.node.clone(),
                             url,
                             same_site: mine.is_some() && site(&s.node) == mine,
+                            whole: s.state == NodeStageState::Active,
                         })
                     })
                     .collect();
-                // Own site first; otherwise spread the load by where the asking
-                // node's id falls, so every later node does not ask the same few.
-                let offset = node.as_str().bytes().map(usize::from).sum::<usize>();
-                let len = peers.len().max(1);
-                peers.sort_by_key(|p| {
-                    let at = p.node.as_str().bytes().map(usize::from).sum::<usize>();
-                    (
-                        !p.same_site,
-                        (at + len - offset % len) % len,
-                        p.node.clone(),
-                    )
+                let peers = aigrid_api::rollout::choose_peers(peers, |p| {
+                    let rank = aigrid_api::rollout::peer_rank(
+                        r.id.as_str(),
+                        node.as_str(),
+                        p.node.as_str(),
+                    );
+                    (p.same_site, p.whole, rank)
                 });
-                peers.truncate(aigrid_api::rollout::MAX_MODEL_PEERS);
+                // The nodes staging it share the chunks no peer holds yet, each
+                // fetching its own part from the store.
+                let origin_share =
+                    staging
+                        .iter()
+                        .position(|n| *n == node)
+                        .map(|index| aigrid_api::OriginShare {
+                            index: u32::try_from(index).unwrap_or(u32::MAX),
+                            of: u32::try_from(staging.len()).unwrap_or(u32::MAX),
+                        });
                 ModelAssignment {
                     rollout: r.id.clone(),
                     digest: r.model.clone(),
                     name: r.name.clone(),
                     peers,
+                    origin_share,
                 }
             })
             .collect()

@@ -1,87 +1,16 @@
-//! Benchmark P7: a model spread to every site of a grid, in virtual time.
-//!
-//! N nodes (one per site by default) start together, none holding the model; the
-//! origin (the dispersed store) holds it all. Every node runs the agent's own peer
-//! choice ([`aigrid_store::swarm`]: rarest first, own site then other peers then
-//! the origin, the origin asked only for chunks no peer holds or fetches, a few
-//! requests per peer, a bounded number of uploads per node) over links modelled as
-//! token buckets: each sender's upload is shared max-min among its transfers, each
-//! capped by its receiver's download share. Nothing sleeps: time advances in fixed
-//! steps. Reported: time to ready (every chunk held) at p50, p99 and max, and what
-//! the origin sent, in copies of the model, beside the analytic lower bound
-//! `max(F/u_origin, N·F/(u_origin + Σu_nodes), F/d_min)` and beside every node
-//! pulling the model from the origin alone (the same simulation, no peers).
+//! The virtual-time simulation: links as token buckets shared max-min, every
+//! node running the agents' own peer choice over what it knows of its peers.
 
-use aigrid_store::swarm::{Holders, Outcome, PeerId, Source, Swarm, SwarmConfig};
+use aigrid_api::rollout::{choose_peers, peer_rank};
+use aigrid_api::OriginShare;
+use aigrid_store::peers::HAVE_EVERY;
+use aigrid_store::swarm::{origin_allowed, Holders, Outcome, PeerId, Source, Swarm, SwarmConfig};
 use anyhow::{bail, Result};
-use clap::Parser;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "fanout",
-    about = "Time to spread a model to every site, peer to peer, in virtual time"
-)]
-struct Args {
-    /// Nodes.
-    #[arg(long, default_value_t = 1000)]
-    nodes: usize,
-    /// Sites the nodes are spread over, round robin.
-    #[arg(long, default_value_t = 1000)]
-    sites: usize,
-    /// The model's size in MiB.
-    #[arg(long, default_value_t = 1024)]
-    model_mib: u64,
-    /// The chunk size in MiB (the store's default is 4).
-    #[arg(long, default_value_t = 4)]
-    chunk_mib: u64,
-    /// The origin's upload in Mbit/s.
-    #[arg(long, default_value_t = 10_000.0)]
-    origin_mbit: f64,
-    /// Each node's link (upload and download) in Mbit/s; one run per value.
-    #[arg(long, value_delimiter = ',', default_value = "1000,100")]
-    link_mbit: Vec<f64>,
-    /// Transfers a node serves at once; more are refused.
-    #[arg(long, default_value_t = 4)]
-    uploads: usize,
-    /// Requests a node has under way at once.
-    #[arg(long, default_value_t = SwarmConfig::default().in_flight)]
-    in_flight: usize,
-    /// Requests to one peer at once.
-    #[arg(long, default_value_t = SwarmConfig::default().per_peer)]
-    per_peer: usize,
-    /// Round trip before a request's first byte, in milliseconds.
-    #[arg(long, default_value_t = 20.0)]
-    rtt_ms: f64,
-    /// Transfers the origin serves at once (the store's request bound); more wait.
-    #[arg(long, default_value_t = 32)]
-    origin_slots: usize,
-    /// Fetches of one chunk from the origin allowed while no node holds it yet.
-    #[arg(long, default_value_t = 1)]
-    origin_copies: u32,
-    /// Peers sampled per chunk when choosing whom to ask.
-    #[arg(long, default_value_t = 8)]
-    sample: usize,
-    /// Also run fleet-rollout waves (`1,10,100,all`) as the agents do today: a
-    /// wave's peers are the nodes of earlier waves only.
-    #[arg(long)]
-    waves: Option<aigrid_api::Waves>,
-    /// Also run every node pulling from the origin alone.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    baseline: bool,
-    /// Seed of the peer samples and tie-break orders.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
-}
-
-/// What one run measured.
-#[derive(Debug, Clone)]
-struct Outcomes {
-    ready: Vec<f64>,
-    origin_bits: f64,
-}
+use crate::{Args, Outcomes};
 
 /// A transfer under way.
 struct Flow {
@@ -95,23 +24,68 @@ struct Flow {
     source: Source,
 }
 
-/// Who holds what, as every node's tracker view sees it.
-struct Grid {
-    holders_of: Vec<Vec<u32>>,
-    /// Per chunk, fetches from the origin so far.
-    claimed: Vec<u32>,
-    /// Fetches of one chunk from the origin allowed while nobody holds it.
-    origin_copies: u32,
+/// Who holds what, and each node's view of it.
+pub struct Grid {
+    /// Per node, per chunk, when it came to hold it (infinite: not yet).
+    held_at: Vec<Vec<f64>>,
+    /// Per node, the peers it was named, each with whether it held the whole
+    /// model when named.
+    named: Vec<Vec<(u32, bool)>>,
+    /// Per node, its share of what the origin gives.
+    share: Vec<Option<OriginShare>>,
+    /// Per node, since when nothing has been under way.
+    idle_since: Vec<Option<f64>>,
+    /// Per node, when in the ask period its asks of holdings go out.
+    phase: Vec<f64>,
     origin_active: usize,
     origin_slots: usize,
     uploads: Vec<usize>,
     site: Vec<usize>,
     max_uploads: usize,
-    sample: usize,
     peers: bool,
-    /// In the wave mode, the nodes holding the whole model, the only peers named.
-    whole: Option<Vec<u32>>,
-    rng: StdRng,
+    /// Half a round trip: how old an answer about holdings is when it arrives.
+    half_rtt: f64,
+    t: f64,
+    /// Per node, per chunk, how many of its peers it knows to hold it (as of its
+    /// last ask), and the ask that was.
+    counts: Vec<Vec<u16>>,
+    counted: Vec<f64>,
+}
+
+impl Grid {
+    /// The instant of `me`'s last ask of holdings.
+    fn last_ask(&self, me: usize) -> f64 {
+        let every = HAVE_EVERY.as_secs_f64();
+        ((self.t - self.phase[me]) / every).floor() * every + self.phase[me]
+    }
+
+    /// Counts again what `me` knows its peers hold, after an ask.
+    fn recount(&mut self, me: usize) {
+        let asked = self.last_ask(me);
+        if self.counted[me] == asked {
+            return;
+        }
+        self.counted[me] = asked;
+        let mut counts = std::mem::take(&mut self.counts[me]);
+        counts.iter_mut().for_each(|c| *c = 0);
+        for (p, whole) in &self.named[me] {
+            for (chunk, count) in counts.iter_mut().enumerate() {
+                if self.knows(me, *p, *whole, chunk) {
+                    *count += 1;
+                }
+            }
+        }
+        self.counts[me] = counts;
+    }
+
+    /// Whether `me` knows that `peer` (named holding the whole model or not)
+    /// holds `chunk`: as of `me`'s last ask of it.
+    fn knows(&self, me: usize, peer: u32, whole: bool, chunk: usize) -> bool {
+        if whole {
+            return true;
+        }
+        self.held_at[peer as usize][chunk] <= self.last_ask(me) - self.half_rtt
+    }
 }
 
 /// One node's view of the grid.
@@ -122,49 +96,39 @@ struct View<'a> {
 
 impl Holders for View<'_> {
     fn holders(&self, chunk: usize) -> usize {
-        if let Some(whole) = &self.grid.whole {
-            return whole.len();
-        }
-        if self.grid.peers {
-            self.grid.holders_of[chunk].len()
-        } else {
-            0
-        }
+        usize::from(self.grid.counts[self.me][chunk])
     }
 
     fn sample(&mut self, chunk: usize, out: &mut Vec<(PeerId, bool)>) {
-        let holders = match &self.grid.whole {
-            Some(whole) => whole,
-            None => &self.grid.holders_of[chunk],
-        };
-        if holders.is_empty() {
-            return;
-        }
-        for _ in 0..self.grid.sample.min(holders.len() * 2) {
-            let p = holders[self.grid.rng.random_range(0..holders.len())];
-            let pi = p as usize;
-            if pi != self.me && self.grid.uploads[pi] < self.grid.max_uploads {
-                out.push((p, self.grid.site[pi] == self.grid.site[self.me]));
+        let g = &*self.grid;
+        // Numbered as the node numbers its peers: by their place in its list.
+        for (at, (p, whole)) in g.named[self.me].iter().enumerate() {
+            let pi = *p as usize;
+            if g.uploads[pi] < g.max_uploads && g.knows(self.me, *p, *whole, chunk) {
+                out.push((
+                    PeerId::try_from(at).unwrap_or(PeerId::MAX),
+                    g.site[pi] == g.site[self.me],
+                ));
             }
         }
     }
 
     fn claim_origin(&mut self, chunk: usize) -> bool {
-        if !self.grid.peers {
+        let g = &mut *self.grid;
+        if !g.peers {
             return true;
         }
-        if let Some(whole) = &self.grid.whole {
-            // The store gives what no named peer can: everything, to the first wave.
-            return whole.is_empty();
-        }
-        if self.grid.claimed[chunk] >= self.grid.origin_copies
-            || !self.grid.holders_of[chunk].is_empty()
-            || self.grid.origin_active >= self.grid.origin_slots
+        let idle = g.idle_since[self.me].map_or(0.0, |since| g.t - since);
+        if g.origin_active >= g.origin_slots
+            || !origin_allowed(
+                g.share[self.me],
+                chunk,
+                std::time::Duration::from_secs_f64(idle.max(0.0)),
+            )
         {
             return false;
         }
-        self.grid.claimed[chunk] += 1;
-        self.grid.origin_active += 1;
+        g.origin_active += 1;
         true
     }
 }
@@ -210,19 +174,50 @@ fn share(
     }
 }
 
-/// What the nodes know of each other.
+/// How the nodes are told of each other.
 #[derive(Debug, Clone)]
-enum Mode {
-    /// Every node's holdings, chunk by chunk, as they grow.
-    Swarm,
-    /// Fleet-rollout waves: a wave starts when the last is ready, and names as
-    /// peers only the nodes of earlier waves (which hold the whole model).
+pub enum Mode {
+    /// Fleet-rollout waves of these sizes (one wave of all: everyone at once); a
+    /// wave starts when the one before is ready.
     Waves(Vec<usize>),
     /// No peers: every node pulls from the origin.
     OriginOnly,
 }
 
-fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
+/// A node's name, as the control plane ranks peers by.
+pub fn name(i: usize) -> String {
+    format!("node-{i:05}")
+}
+
+/// The peers the control plane names to `me` when its wave starts, chosen by
+/// [`choose_peers`] from the nodes of earlier waves (holding the whole model) and
+/// those of its own (staging it); and its origin share.
+fn name_peers(grid: &mut Grid, wave_of: &[usize], wave: usize, me: usize) {
+    let mine = name(me);
+    let candidates: Vec<(u32, bool)> = (0..wave_of.len())
+        .filter(|p| *p != me && wave_of[*p] <= wave)
+        .map(|p| (u32::try_from(p).unwrap_or(u32::MAX), wave_of[p] < wave))
+        .collect();
+    grid.named[me] = choose_peers(candidates, |(p, whole)| {
+        let p = *p as usize;
+        (
+            grid.site[p] == grid.site[me],
+            *whole,
+            peer_rank("r1", &mine, &name(p)),
+        )
+    });
+    grid.counted[me] = f64::NAN;
+    let staging: Vec<usize> = (0..wave_of.len()).filter(|p| wave_of[*p] == wave).collect();
+    grid.share[me] = staging
+        .iter()
+        .position(|p| *p == me)
+        .map(|index| OriginShare {
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            of: u32::try_from(staging.len()).unwrap_or(u32::MAX),
+        });
+}
+
+pub fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
     let peers = !matches!(mode, Mode::OriginOnly);
     let chunk_bits = (args.chunk_mib << 20) as f64 * 8.0;
     let chunks = usize::try_from(args.model_mib.div_ceil(args.chunk_mib))?;
@@ -235,6 +230,7 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
         }
     };
     let link = link_mbit * 1e6;
+    let download = args.download_mbit.unwrap_or(link_mbit) * 1e6;
     let origin = args.origin_mbit * 1e6;
     let n = args.nodes;
     let config = if peers {
@@ -253,19 +249,25 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
     let mut swarms: Vec<Swarm> = (0..n)
         .map(|i| Swarm::new(chunks, |_| false, args.seed ^ (i as u64 + 1), config))
         .collect();
+    let mut phases = StdRng::seed_from_u64(args.seed ^ 0xa5a5);
     let mut grid = Grid {
-        holders_of: vec![Vec::new(); chunks],
-        claimed: vec![0; chunks],
-        origin_copies: args.origin_copies,
+        held_at: vec![vec![f64::INFINITY; chunks]; n],
+        named: vec![Vec::new(); n],
+        share: vec![None; n],
+        idle_since: vec![None; n],
+        phase: (0..n)
+            .map(|_| phases.random_range(0.0..HAVE_EVERY.as_secs_f64()))
+            .collect(),
         origin_active: 0,
         origin_slots: args.origin_slots,
         uploads: vec![0; n],
         site: (0..n).map(|i| i % args.sites.max(1)).collect(),
         max_uploads: args.uploads,
-        sample: args.sample,
         peers,
-        whole: matches!(mode, Mode::Waves(_)).then(Vec::new),
-        rng: StdRng::seed_from_u64(args.seed),
+        half_rtt: args.rtt_ms / 2000.0,
+        t: 0.0,
+        counts: vec![vec![0; chunks]; n],
+        counted: vec![f64::NAN; n],
     };
     // Each node's wave, and the wave under way.
     let wave_of: Vec<usize> = match mode {
@@ -274,9 +276,9 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
             .enumerate()
             .flat_map(|(w, size)| std::iter::repeat_n(w, *size))
             .collect(),
-        _ => vec![0; n],
+        Mode::OriginOnly => vec![0; n],
     };
-    let mut wave = 0usize;
+    let mut wave = usize::MAX;
     let mut waved = usize::MAX;
     let mut flows: Vec<Flow> = Vec::new();
     let mut ready = vec![f64::NAN; n];
@@ -293,9 +295,16 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
         if t > limit {
             bail!("the spread did not finish within {limit:.0} s of virtual time");
         }
+        grid.t = t;
         if done != waved {
+            let was = wave;
             next_wave(&mut wave, &wave_of, &swarms);
             waved = done;
+            if wave != was && peers {
+                for me in (0..n).filter(|me| wave_of[*me] == wave) {
+                    name_peers(&mut grid, &wave_of, wave, me);
+                }
+            }
         }
         // New requests, within each node's bounds, the nodes in a new order each
         // step so none is always first to the free upload slots.
@@ -305,6 +314,9 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
             if swarm.complete() || wave_of[me] > wave {
                 continue;
             }
+            if peers {
+                grid.recount(me);
+            }
             let asked = swarm.next(&mut View {
                 grid: &mut grid,
                 me,
@@ -312,8 +324,8 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
             for (chunk, source) in asked {
                 let from = match source {
                     Source::Origin => None,
-                    Source::Peer(p) => {
-                        let p = p as usize;
+                    Source::Peer(at) => {
+                        let p = grid.named[me][at as usize].0 as usize;
                         if grid.uploads[p] >= grid.max_uploads {
                             swarm.done(chunk, source, Outcome::Refused);
                             continue;
@@ -331,6 +343,11 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
                     source,
                 });
             }
+            if swarm.in_flight() == 0 {
+                grid.idle_since[me].get_or_insert(t);
+            } else {
+                grid.idle_since[me] = None;
+            }
         }
         // Rates, max-min fair on both ends as TCP flows settle: each sender's upload
         // shared max-min under what the receivers leave each transfer, each
@@ -347,14 +364,18 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
                 &mut rates,
                 &mut by_end,
             );
-            share(&flows, n, |f| f.to, |_| link, &mut rates, &mut by_end);
+            share(&flows, n, |f| f.to, |_| download, &mut rates, &mut by_end);
         }
         if trace && (t / 1.0).floor() != ((t + dt) / 1.0).floor() {
             let total: f64 = rates.iter().sum();
             let idle = (0..n)
                 .filter(|i| !swarms[*i].complete() && swarms[*i].in_flight() == 0)
                 .count();
-            let held: usize = grid.holders_of.iter().map(Vec::len).sum();
+            let held: usize = grid
+                .held_at
+                .iter()
+                .map(|h| h.iter().filter(|at| at.is_finite()).count())
+                .sum();
             eprintln!(
                 "t={t:.1}s done={done} flows={} throughput={:.0} Mbit/s (of {:.0}) idle={idle} copies={:.1}",
                 flows.len(),
@@ -396,8 +417,10 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
                 {
                     let other = flows.swap_remove(j);
                     rates.swap_remove(j);
-                    if let Some(p) = other.from {
-                        grid.uploads[p] -= 1;
+                    match other.from {
+                        Some(p) => grid.uploads[p] -= 1,
+                        None if peers => grid.origin_active -= 1,
+                        None => {}
                     }
                     swarms[f.to].done(other.chunk, other.source, Outcome::Refused);
                     if j < i {
@@ -406,15 +429,10 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
                 }
             }
             if swarms[f.to].done(f.chunk, f.source, Outcome::Verified) {
-                if grid.whole.is_none() {
-                    grid.holders_of[f.chunk].push(u32::try_from(f.to)?);
-                }
+                grid.held_at[f.to][f.chunk] = t;
                 if swarms[f.to].complete() {
                     ready[f.to] = t;
                     done += 1;
-                    if let Some(whole) = &mut grid.whole {
-                        whole.push(u32::try_from(f.to)?);
-                    }
                 }
             }
         }
@@ -425,6 +443,9 @@ fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes> {
 /// Starts the next wave once every node of the current one is ready.
 fn next_wave(wave: &mut usize, wave_of: &[usize], swarms: &[Swarm]) {
     let last = wave_of.iter().copied().max().unwrap_or(0);
+    if *wave == usize::MAX {
+        *wave = 0;
+    }
     while *wave < last
         && wave_of
             .iter()
@@ -433,73 +454,4 @@ fn next_wave(wave: &mut usize, wave_of: &[usize], swarms: &[Swarm]) {
     {
         *wave += 1;
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if args.nodes == 0 || args.chunk_mib == 0 || args.model_mib == 0 {
-        bail!("nodes, model size and chunk size must be positive");
-    }
-    let model_bits = (args.model_mib << 20) as f64 * 8.0;
-    println!(
-        "## P7: {} MiB to {} nodes over {} sites, {} MiB chunks, origin {} Mbit/s\n",
-        args.model_mib, args.nodes, args.sites, args.chunk_mib, args.origin_mbit
-    );
-    println!("| link | run | p50 ready (s) | p99 (s) | max (s) | lower bound (s) | max / bound | origin egress (copies) |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for &link_mbit in &args.link_mbit {
-        let link = link_mbit * 1e6;
-        let origin = args.origin_mbit * 1e6;
-        let n = args.nodes as f64;
-        let bound = (model_bits / origin)
-            .max(n * model_bits / (origin + n * link))
-            .max(model_bits / link);
-        // Steps of about a hundredth of a chunk's time on the link.
-        let chunk_time = (args.chunk_mib << 20) as f64 * 8.0 / link;
-        let mut runs = vec![(
-            "aigrid peer to peer".to_owned(),
-            run(&args, link_mbit, &Mode::Swarm, chunk_time / 20.0)?,
-        )];
-        if let Some(waves) = &args.waves {
-            let mode = Mode::Waves(waves.cut(args.nodes));
-            runs.push((
-                format!("waves {waves}, peers of earlier waves"),
-                run(&args, link_mbit, &mode, chunk_time / 20.0)?,
-            ));
-        }
-        if args.baseline {
-            // Steps of a five-thousandth of the time the origin takes to send
-            // every node its copy.
-            let alone = n * model_bits / origin.min(n * link);
-            runs.push((
-                "every node from the origin".to_owned(),
-                run(
-                    &args,
-                    link_mbit,
-                    &Mode::OriginOnly,
-                    (chunk_time / 10.0).max(alone / 5000.0),
-                )?,
-            ));
-        }
-        for (name, out) in runs {
-            let mut ready = out.ready.clone();
-            ready.sort_by(f64::total_cmp);
-            let max = *ready.last().unwrap_or(&0.0);
-            println!(
-                "| {link_mbit} Mbit/s | {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
-                percentile(&ready, 0.5),
-                percentile(&ready, 0.99),
-                max,
-                bound,
-                max / bound,
-                out.origin_bits / model_bits
-            );
-        }
-    }
-    Ok(())
 }
