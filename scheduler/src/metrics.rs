@@ -243,6 +243,10 @@ pub struct WorkerMetrics {
     pub placed: IntCounter,
     /// Allocations stopped by plans (scale-down, preemption, migration).
     pub stopped: IntCounter,
+    /// Of those, other jobs' allocations stopped to make room.
+    pub preempted: IntCounter,
+    /// Other jobs' allocations moved to make room.
+    pub migrated: IntCounter,
     /// Job plans the applier refused because the state had moved on.
     pub refused: IntCounter,
     /// Nodes marked down for silence.
@@ -279,6 +283,14 @@ impl WorkerMetrics {
             stopped: counter(
                 "aigrid_scheduler_stops_total",
                 "Allocations stopped by plans (scale-down, preemption, migration)",
+            )?,
+            preempted: counter(
+                "aigrid_scheduler_preemptions_total",
+                "Allocations of lower-priority jobs stopped to make room",
+            )?,
+            migrated: counter(
+                "aigrid_scheduler_migrations_total",
+                "Allocations moved to another place to make room",
             )?,
             refused: counter(
                 "aigrid_scheduler_plans_refused_total",

@@ -45,6 +45,11 @@ fn a_fragmented_cluster_is_defragmented_moving_the_fewest_allocations() {
     assert!(after.iter().all(|a| a.node_id != target));
     let moved = after.iter().filter(|a| a.previous.is_some()).count();
     assert_eq!(moved, 4, "only the four allocations on the target moved");
+    assert_eq!(
+        (sim.migrated, sim.preempted),
+        (4, 0),
+        "counted as migrations"
+    );
 }
 
 #[test]
@@ -233,6 +238,11 @@ fn preemption_evicts_the_lowest_priority_sufficient_set_and_requeues_it() {
     assert!(
         !requeued.unplaced.is_empty(),
         "evicted work is planned again and waits with a reason"
+    );
+    assert_eq!(
+        (sim.preempted, sim.migrated),
+        (2, 0),
+        "counted as preemptions"
     );
 }
 

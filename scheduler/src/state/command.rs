@@ -525,6 +525,10 @@ pub enum Applied {
         placed: usize,
         /// Allocations stopped.
         stopped: usize,
+        /// Of those, other jobs' allocations stopped to make room (preempted).
+        preempted: usize,
+        /// Other jobs' allocations moved to make room (migrated).
+        migrated: usize,
         /// Job plans refused, with the reason.
         refused: Vec<(JobId, String)>,
         /// Evaluations created for jobs whose instances were preempted.

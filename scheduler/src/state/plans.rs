@@ -189,7 +189,7 @@ impl ClusterState {
     }
 
     pub(super) fn apply_plan(&mut self, index: u64, plans: Vec<JobPlan>, at: Timestamp) -> Applied {
-        let (mut placed, mut stopped) = (0, 0);
+        let (mut placed, mut stopped, mut preempted_allocs, mut migrated) = (0, 0, 0, 0);
         let mut refused = Vec::new();
         let mut preempted = BTreeSet::new();
         for plan in plans {
@@ -203,6 +203,19 @@ impl ClusterState {
                 Ok(allocations) => {
                     placed += plan.place.len() + plan.moves.len();
                     stopped += plan.stop.len();
+                    // Other jobs' allocations stopped: moved elsewhere, or preempted.
+                    let others = plan
+                        .stop
+                        .iter()
+                        .filter(|id| {
+                            self.tables
+                                .allocations
+                                .get(*id)
+                                .is_some_and(|a| a.job_id != plan.job_id)
+                        })
+                        .count();
+                    migrated += plan.moves.len();
+                    preempted_allocs += others.saturating_sub(plan.moves.len());
                     preempted.extend(self.write_allocations(allocations, at));
                     for u in plan.evals {
                         let _ = self.update_evaluation(u.eval_id, u.status, u.unplaced, at);
@@ -226,6 +239,8 @@ impl ClusterState {
         Applied::PlanApplied {
             placed,
             stopped,
+            preempted: preempted_allocs,
+            migrated,
             refused,
             eval_ids,
         }

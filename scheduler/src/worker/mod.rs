@@ -150,11 +150,15 @@ async fn pass(
         Ok(Ok(Applied::PlanApplied {
             placed,
             stopped,
+            preempted,
+            migrated,
             refused,
             ..
         })) => {
             metrics.placed.inc_by(placed as u64);
             metrics.stopped.inc_by(stopped as u64);
+            metrics.preempted.inc_by(preempted as u64);
+            metrics.migrated.inc_by(migrated as u64);
             metrics.refused.inc_by(refused.len() as u64);
             for (job, reason) in refused {
                 tracing::info!(%job, %reason, "a job plan was refused");

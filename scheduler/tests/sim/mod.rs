@@ -24,6 +24,10 @@ pub struct Sim {
     /// The capacity epoch blocked evaluations were last planned at, as the loop
     /// keeps it.
     pub planned_epoch: Option<u64>,
+    /// Allocations preempted and migrated by the plans applied, as the loop
+    /// counts them for its metrics.
+    pub preempted: usize,
+    pub migrated: usize,
 }
 
 impl Sim {
@@ -33,6 +37,8 @@ impl Sim {
             index: 0,
             now: 1_000_000,
             planned_epoch: None,
+            preempted: 0,
+            migrated: 0,
         }
     }
 
@@ -62,8 +68,16 @@ impl Sim {
         let n = commands.len();
         for command in commands {
             let out = self.apply(command).unwrap();
-            if let Applied::PlanApplied { refused, .. } = &out {
+            if let Applied::PlanApplied {
+                refused,
+                preempted,
+                migrated,
+                ..
+            } = &out
+            {
                 assert!(refused.is_empty(), "a plan was refused: {refused:?}");
+                self.preempted += preempted;
+                self.migrated += migrated;
             }
         }
         n
