@@ -310,19 +310,14 @@ type Fetching<'a> = Pin<Box<dyn Future<Output = (usize, Source, Fetched)> + Send
 /// A peer asked what it holds: the peer, the chunks asked about, the answer.
 type Asking = Pin<Box<dyn Future<Output = (usize, Vec<usize>, Option<Vec<bool>>)> + Send>>;
 
-/// Asks `peer` which of `chunks` it holds.
+/// Asks `peer` which of `chunks` (digests as 32 raw bytes) it holds.
 fn ask_have<'c>(
     client: &reqwest::Client,
     peer: &Peer,
-    chunks: impl Iterator<Item = &'c ChunkDigest>,
+    chunks: impl Iterator<Item = &'c [u8; 32]>,
     timeout: Duration,
 ) -> impl Future<Output = Option<Vec<bool>>> + Send + 'static {
-    let mut body = Vec::new();
-    for c in chunks {
-        if let Ok(h) = blake3::Hash::from_hex(c.as_str()) {
-            body.extend_from_slice(h.as_bytes());
-        }
-    }
+    let body: Vec<u8> = chunks.flatten().copied().collect();
     let count = body.len() / 32;
     let request = client
         .post(format!(
@@ -412,6 +407,11 @@ impl Reader {
         let mut asking: FuturesUnordered<Asking> = FuturesUnordered::new();
         let mut next_ask = tokio::time::Instant::now();
         let mut asked = vec![false; peers.len()];
+        // The digests as asks of holdings carry them, decoded once.
+        let raw: Vec<[u8; 32]> = chunks
+            .iter()
+            .map(|c| blake3::Hash::from_hex(c.as_str()).map_or([0; 32], |h| *h.as_bytes()))
+            .collect();
         loop {
             let now = tokio::time::Instant::now();
             if growing && now >= next_ask {
@@ -431,7 +431,7 @@ impl Reader {
                     let ask = ask_have(
                         client,
                         peer,
-                        unknown.iter().map(|c| &chunks[*c]),
+                        unknown.iter().map(|c| &raw[*c]),
                         timeout.min(HAVE_EVERY * 8),
                     );
                     asking.push(Box::pin(async move { (at, unknown, ask.await) }));

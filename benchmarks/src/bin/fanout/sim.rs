@@ -53,6 +53,16 @@ pub struct Grid {
 }
 
 impl Grid {
+    /// Frees the upload slot (or the origin's) a finished or cancelled transfer
+    /// from `from` held.
+    fn release(&mut self, from: Option<usize>) {
+        match from {
+            Some(p) => self.uploads[p] -= 1,
+            None if self.peers => self.origin_active -= 1,
+            None => {}
+        }
+    }
+
     /// The instant of `me`'s last ask of holdings.
     fn last_ask(&self, me: usize) -> f64 {
         let every = HAVE_EVERY.as_secs_f64();
@@ -404,11 +414,7 @@ pub fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes
             }
             let f = flows.swap_remove(i);
             rates.swap_remove(i);
-            match f.from {
-                Some(p) => grid.uploads[p] -= 1,
-                None if peers => grid.origin_active -= 1,
-                None => {}
-            }
+            grid.release(f.from);
             // The other copy of an end-game chunk is cancelled.
             if swarms[f.to].sources(f.chunk).len() > 1 {
                 if let Some(j) = flows
@@ -417,11 +423,7 @@ pub fn run(args: &Args, link_mbit: f64, mode: &Mode, dt: f64) -> Result<Outcomes
                 {
                     let other = flows.swap_remove(j);
                     rates.swap_remove(j);
-                    match other.from {
-                        Some(p) => grid.uploads[p] -= 1,
-                        None if peers => grid.origin_active -= 1,
-                        None => {}
-                    }
+                    grid.release(other.from);
                     swarms[f.to].done(other.chunk, other.source, Outcome::Refused);
                     if j < i {
                         i -= 1;
