@@ -92,7 +92,7 @@ pub use job::{
     Unplaced,
 };
 pub use manifest::{Locations, Manifest, ManifestError, Registration, SignedManifest};
-pub use model::{ModelSummary, StorageBackend, StorageInfo};
+pub use model::{ModelSummary, ShardHealth, StorageBackend, StorageInfo};
 pub use node::{
     DrainSpec, GpuDevice, GpuHealth, GpuTelemetry, Heartbeat, HeartbeatResponse, Node,
     NodeProtections, NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage,

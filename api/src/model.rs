@@ -48,6 +48,60 @@ pub struct ModelSummary {
     pub locations_version: u64,
     /// When its shard locations last changed; `created_at` until they do.
     pub locations_updated_at: Timestamp,
+    /// What the last scrub of its shards found; none until one has run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<ShardHealth>,
+}
+
+/// What one scrub-and-repair of a model's shards found and did, as the repair loop
+/// reports it (`PUT /api/v1/models/{digest}/health`). Counts are of shards, found
+/// before repairing: `missing + corrupt + unreachable` bad of `shards`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShardHealth {
+    /// When the scrub ran.
+    pub checked_at: Timestamp,
+    /// Shards checked: every shard of every stripe.
+    pub shards: u64,
+    /// Of those, intact.
+    pub healthy: u64,
+    /// Absent from the backend that should hold them.
+    pub missing: u64,
+    /// Present, but not the bytes the manifest names.
+    pub corrupt: u64,
+    /// On a backend that did not answer, or that the repairing server does not know.
+    pub unreachable: u64,
+    /// Stripes with fewer than k intact shards: their data is lost.
+    pub lost_stripes: u64,
+    /// Shards rebuilt from the others and written again.
+    pub rebuilt: u64,
+    /// Bad shards that could not be rebuilt or placed.
+    pub unrepairable: u64,
+}
+
+impl ShardHealth {
+    /// Whether every shard was intact.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy == self.shards
+    }
+
+    /// Checks that the counts of what was found add up.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let bad = self.missing + self.corrupt + self.unreachable;
+        if self.healthy.checked_add(bad) != Some(self.shards) {
+            return Err(ValidationError::new(
+                "shards",
+                "must equal healthy + missing + corrupt + unreachable",
+            ));
+        }
+        if self.lost_stripes > self.shards {
+            return Err(ValidationError::new(
+                "lost_stripes",
+                "cannot exceed the shards checked",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The dispersed store a server was configured with, as `GET /api/v1/storage`

@@ -202,6 +202,16 @@ pub struct NodeRegistration {
     /// store shards and its model cache's chunks to peers; at the node's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_port: Option<u16>,
+    /// True when the data port serves TLS under a certificate from the cluster CA
+    /// (peers then dial it `https://`); plain HTTP is for loopback.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_tls: bool,
+    /// A certificate request (PEM) for the data port's key, which the server
+    /// answering issues from the cluster CA (see
+    /// [`RegisterNodeResponse::data_certificate`]); absent when the node holds a
+    /// certificate already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_csr: Option<String>,
 }
 
 /// What keeps a node's workloads (the AI circuit) away from its keys, data dir and
@@ -242,6 +252,9 @@ impl NodeProtections {
     }
 }
 
+/// Largest data-port certificate request a registration may carry.
+pub const MAX_DATA_CSR_BYTES: usize = 8 << 10;
+
 impl NodeRegistration {
     /// Checks the rules serde cannot express; the first broken rule names its field.
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -275,6 +288,20 @@ impl NodeRegistration {
         }
         if let Some(ports) = &self.ports {
             ports.validate()?;
+        }
+        if let Some(csr) = &self.data_csr {
+            if !self.data_tls || self.data_port.is_none() {
+                return Err(ValidationError::new(
+                    "data_csr",
+                    "asks for a data port certificate: needs data_port and data_tls",
+                ));
+            }
+            if csr.len() > MAX_DATA_CSR_BYTES {
+                return Err(ValidationError::new(
+                    "data_csr",
+                    format!("must be at most {MAX_DATA_CSR_BYTES} bytes"),
+                ));
+            }
         }
         let resources = &self.resources;
         if resources.cpu_millis.get() == 0 {
@@ -369,6 +396,9 @@ pub struct Node {
     /// Its private data port, at [`Node::address`], when it offers one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_port: Option<u16>,
+    /// True when the data port serves TLS (peers dial it `https://`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_tls: bool,
     /// The latest host and GPU readings its agent sent to the server answering;
     /// kept in that server's memory, never in the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -531,6 +561,10 @@ pub struct RegisterNodeResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "10.0.0.7")]
     pub address: Option<IpAddr>,
+    /// The data port's certificate chain (PEM: the node's leaf, then the CA), issued
+    /// for the registration's `data_csr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_certificate: Option<String>,
 }
 
 /// The answer to `POST /api/v1/nodes/{id}/heartbeat`, sent once it is committed.

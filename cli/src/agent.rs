@@ -23,6 +23,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use crate::data_port::{DataIdentity, DataPort};
 use crate::layers::{process_env, Layers};
 
 /// Flags of `aigrid agent`; the same names, with `_`, are the keys of its TOML file,
@@ -72,10 +73,26 @@ pub struct AgentArgs {
     /// Serve Prometheus `/metrics` on this address; nothing listens otherwise.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// Serve this node's shards over HTTP on this address (the node's private
-    /// address; port 0 picks one); nothing listens otherwise.
+    /// Serve this node's data port (its shards, and model chunks to its peers) on
+    /// this address (the node's private address; port 0 picks one); nothing listens
+    /// otherwise. Beyond loopback it serves TLS under a certificate from the
+    /// cluster CA, asked for with the registration.
     #[arg(long)]
     shard_listen: Option<SocketAddr>,
+    /// Serve the data port over TLS on loopback too.
+    #[arg(long)]
+    #[serde(default)]
+    data_tls: bool,
+    /// A directory with the data port's certificate issued ahead (`node.pem`,
+    /// `node.key`, from `aigrid ca issue --node`), for servers that do not hold the
+    /// CA key.
+    #[arg(long, value_name = "DIR")]
+    data_tls_dir: Option<PathBuf>,
+    /// A host name or address the data port's certificate names besides the host
+    /// name, loopback and the listen address; repeatable.
+    #[arg(long = "data-host", value_name = "HOST", value_delimiter = ',')]
+    #[serde(default)]
+    data_host: Vec<String>,
     /// Directory the shard service keeps shards in (default `<data-dir>/shards`).
     #[arg(long)]
     shard_dir: Option<PathBuf>,
@@ -98,8 +115,9 @@ pub struct AgentArgs {
     #[serde(default)]
     model_read_dirs: Vec<PathBuf>,
     /// Talk to servers over plain HTTP beyond loopback, the node's requests readable
-    /// by anyone on the network (warned at every start). Without it, such a
-    /// `--servers` URL is refused: use `https://`.
+    /// by anyone on the network, and serve the data port plain beyond loopback
+    /// (warned at every start). Without it, such a `--servers` URL is refused: use
+    /// `https://`.
     #[arg(long)]
     #[serde(default)]
     insecure: bool,
@@ -121,6 +139,8 @@ struct Resolved {
     metrics_listen: Option<SocketAddr>,
     /// Where the shard service listens and the directory it keeps.
     shards: Option<(SocketAddr, PathBuf)>,
+    /// How the data port is secured.
+    data_tls: crate::data_port::DataTlsChoice,
     peer_uploads: usize,
     peer_upload_mbit: Option<f64>,
     agent: AgentConfig,
@@ -214,6 +234,23 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
             .unwrap_or_else(|| data_dir.join("shards"));
         (addr, dir)
     });
+    crate::data_port::check_held(&args.data_tls_dir)?;
+    let data_tls = match &shards {
+        Some((addr, _)) => crate::data_port::DataTlsChoice::resolve(
+            *addr,
+            args.data_tls,
+            args.data_tls_dir.clone(),
+            args.insecure,
+            &args.data_host,
+        ),
+        None => crate::data_port::DataTlsChoice::Plain,
+    };
+    if fleet.is_some() && data_tls != crate::data_port::DataTlsChoice::Plain {
+        bail!(
+            "--simulate-fleet serves its data port over plain HTTP: listen on loopback \
+             (or pass --insecure)"
+        );
+    }
     let mut sandbox = SandboxConfig {
         model_reads: args.model_read_dirs,
         ..SandboxConfig::default()
@@ -224,6 +261,7 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
     Ok(Resolved {
         sandbox,
         shards,
+        data_tls,
         peer_uploads: args.peer_uploads.unwrap_or(4).max(1),
         peer_upload_mbit: args.peer_upload_mbit,
         servers,
@@ -235,15 +273,6 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
         metrics_listen: args.metrics_listen,
         agent,
     })
-}
-
-/// The machine's host name, as the kernel reports it.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "node".to_owned())
 }
 
 /// Serves `/metrics` (and nothing else) on `addr`.
@@ -276,49 +305,6 @@ async fn serve_metrics(addr: SocketAddr, registry: prometheus::Registry) -> anyh
     Ok(())
 }
 
-/// Serves this node's shards on `addr` until `shutdown` turns true, and the
-/// chunks of its model cache under `data_dir` to peers, `peer_uploads` at once.
-/// The agent still dials out for control; this port only answers shard reads and
-/// writes and chunk reads. Answers the task and the port bound.
-async fn serve_shards(
-    addr: SocketAddr,
-    dir: PathBuf,
-    data_dir: &Path,
-    (peer_uploads, peer_upload_mbit): (usize, Option<f64>),
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<(tokio::task::JoinHandle<()>, u16)> {
-    use aigrid_store::shard_service::{ShardService, ShardServiceLimits};
-    let service = ShardService::new(&dir, ShardServiceLimits::default())?;
-    let mut peers = aigrid_store::peers::PeerChunks::new(
-        data_dir.join(aigrid_agent::model_server::CACHE_DIR),
-        peer_uploads,
-    );
-    if let Some(mbit) = peer_upload_mbit {
-        peers = peers.with_upload_mbit(mbit);
-    }
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("--shard-listen {addr}"))?;
-    let bound = listener.local_addr().context("--shard-listen")?;
-    tracing::info!(
-        dir = %service.dir().display(),
-        "shard service listening on http://{bound}"
-    );
-    let router = peers.router().merge(service.router());
-    let task = tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        };
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "shard service stopped");
-        }
-    });
-    Ok((task, bound.port()))
-}
-
 /// Lets shard writes in flight finish (they are acknowledged only once durable).
 async fn finish_shards(shards: Option<tokio::task::JoinHandle<()>>) {
     if let Some(handle) = shards {
@@ -331,19 +317,43 @@ async fn finish_shards(shards: Option<tokio::task::JoinHandle<()>>) {
     }
 }
 
-/// One real agent on this machine: identity, discovery, exec runner, pull loop.
+/// The node's identity in `data_dir` (made there on first start, named `node_id`
+/// or after the host).
+pub fn load_identity(data_dir: &Path, node_id: Option<&str>) -> anyhow::Result<Identity> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    Ok(Identity::load_or_create(
+        data_dir,
+        node_id,
+        &crate::data_port::hostname(),
+    )?)
+}
+
+/// The cluster CA an agent trusts: `--ca-cert` first; else the CA the join token
+/// pinned (or pinned before), remembered in `data_dir`.
+pub fn control_trust(
+    data_dir: &Path,
+    token: Option<&JoinToken>,
+) -> anyhow::Result<Option<aigrid_tls::ApiTrust>> {
+    let pinned =
+        aigrid_agent::client::pinned_ca(data_dir, token).context("the pinned cluster CA")?;
+    Ok(crate::client::trusted().or(pinned.map(aigrid_tls::ApiTrust::Pinned)))
+}
+
+/// One real agent on this machine: discovery, exec runner, pull loop, staging
+/// through `stager`, for the node `identity` names.
+// Each argument is a part the caller chose; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub async fn start_agent(
     servers: Vec<String>,
     data_dir: &Path,
-    node_id: Option<&str>,
+    identity: Identity,
     simulate_gpus: Option<String>,
     config: AgentConfig,
     sandbox: SandboxConfig,
     metrics: AgentMetrics,
+    stager: crate::staging::StoreStager,
 ) -> anyhow::Result<Arc<Agent>> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    let identity = Identity::load_or_create(data_dir, node_id, &hostname())?;
     let discovery = Discovery::open(DiscoveryOptions {
         simulate_gpus,
         data_dir: data_dir.to_path_buf(),
@@ -363,10 +373,7 @@ pub async fn start_agent(
         sandbox = %runner.protections().map(|p| p.summary()).unwrap_or_default(),
         "agent starting"
     );
-    // `--ca-cert` first; else the CA the join token pinned (or pinned before).
-    let pinned = aigrid_agent::client::pinned_ca(data_dir, config.join_token.as_ref())
-        .context("the pinned cluster CA")?;
-    let trust = crate::client::trusted().or(pinned.map(aigrid_tls::ApiTrust::Pinned));
+    let trust = control_trust(data_dir, config.join_token.as_ref())?;
     let http = aigrid_agent::client::http_client(trust.as_ref()).map_err(|e| anyhow!(e))?;
     // Agents start on different servers, so no one server carries them all.
     let start = {
@@ -376,8 +383,6 @@ pub async fn start_agent(
         usize::try_from(h.finish() % 1024).unwrap_or(0)
     };
     let client = ControlClient::new(servers, http, Arc::new(identity), start);
-    let stager =
-        crate::staging::StoreStager::new(data_dir.join(aigrid_agent::model_server::CACHE_DIR));
     Ok(Arc::new(
         Agent::new(config, client, discovery, runner, metrics).with_stager(Arc::new(stager)),
     ))
@@ -404,18 +409,12 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
     let mut config = r.agent;
-    let shards = match r.shards {
+    let port = match &r.shards {
         Some((addr, dir)) => {
-            let (task, port) = serve_shards(
-                addr,
-                dir,
-                &r.data_dir,
-                (r.peer_uploads, r.peer_upload_mbit),
-                shutdown.clone(),
-            )
-            .await?;
-            config.data_port = Some(port);
-            Some(task)
+            let uploads = (r.peer_uploads, r.peer_upload_mbit);
+            let port = DataPort::bind(*addr, dir, &r.data_dir, uploads).await?;
+            config.data_port = Some(port.port());
+            Some(port)
         }
         None => None,
     };
@@ -423,28 +422,86 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         let fleet = FleetConfig {
             count,
             gpus: r.simulate_gpus.unwrap_or_else(|| "8xH100-80GB".to_owned()),
-            prefix: r.node_id.unwrap_or_else(|| format!("fleet-{}", hostname())),
+            prefix: r
+                .node_id
+                .unwrap_or_else(|| format!("fleet-{}", crate::data_port::hostname())),
             seed: fleet::load_seed(&r.data_dir)?,
             ramp,
             servers: r.servers,
         };
+        let served = port.map(|p| p.serve(None, shutdown.clone())).transpose()?;
         fleet::run(fleet, config, metrics, &r.data_dir, shutdown).await?;
-        finish_shards(shards).await;
+        finish_shards(served).await;
         return Ok(());
     }
+    let identity = load_identity(&r.data_dir, r.node_id.as_deref())?;
+    let trust = control_trust(&r.data_dir, config.join_token.as_ref())?;
+    let data = DataIdentity::prepare(&r.data_tls, identity.node_id.as_str(), trust.as_ref())?;
+    let (data_tls, waiting) = data.registration();
+    config.data_tls = data_tls;
+    // Model servers trust what the agent trusts; a certificate issued with the
+    // registration brings the CA along (see the agent's registration).
+    config.cluster_ca = match &data {
+        DataIdentity::Held(identity) => Some(identity.ca_pem()),
+        _ => crate::client::trusted_pem(),
+    };
+    let stager =
+        crate::staging::StoreStager::new(r.data_dir.join(aigrid_agent::model_server::CACHE_DIR));
     let agent = start_agent(
         r.servers,
         &r.data_dir,
-        r.node_id.as_deref(),
+        identity,
         r.simulate_gpus,
         config,
         r.sandbox,
         metrics,
+        stager.clone(),
     )
     .await?;
-    agent.run(shutdown).await?;
-    finish_shards(shards).await;
+    let mut run = tokio::spawn(agent.run(shutdown.clone()));
+    let mut served = None;
+    if let Some(port) = port {
+        // The data port serves once its certificate is known: issued with the
+        // registration, or held already.
+        let identity = match data {
+            DataIdentity::Plain => None,
+            DataIdentity::Held(identity) => Some(identity),
+            DataIdentity::Requested(request) => {
+                let waiting = waiting.context("a requested certificate is waited for")?;
+                let chain = tokio::select! {
+                    chain = waiting.issued() => chain,
+                    ended = &mut run => return agent_ended(ended),
+                };
+                let Some(chain) = chain else {
+                    return agent_ended(run.await);
+                };
+                Some(
+                    request
+                        .accept(&chain, trust.as_ref())
+                        .map_err(|e| anyhow!("{e}"))?,
+                )
+            }
+        };
+        if let Some(identity) = &identity {
+            stager.present(identity)?;
+            // Store backends on the grid's data ports are served under the CA
+            // this certificate chains to (checked against the pin above).
+            crate::client::trust(aigrid_tls::ApiTrust::CaCert(identity.ca_cert().clone()));
+        }
+        served = Some(port.serve(identity.as_ref(), shutdown.clone())?);
+    }
+    let ended = run.await;
+    finish_shards(served).await;
+    agent_ended(ended)?;
     tracing::info!("agent stopped; workloads keep running and are reattached on the next start");
+    Ok(())
+}
+
+/// What the agent's run task came to.
+fn agent_ended(
+    ended: Result<Result<(), aigrid_agent::agent::AgentError>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    ended.context("the agent's task")??;
     Ok(())
 }
 
@@ -468,6 +525,9 @@ mod tests {
             "POLL_WAIT_MS",
             "METRICS_LISTEN",
             "SHARD_LISTEN",
+            "DATA_TLS",
+            "DATA_TLS_DIR",
+            "DATA_HOST",
             "SHARD_DIR",
             "PEER_UPLOADS",
             "PEER_UPLOAD_MBIT",
@@ -625,9 +685,10 @@ mod tests {
         assert_eq!(shard_dir, dir.path().join("shards"));
 
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let (handle, _) = serve_shards(addr, shard_dir.clone(), dir.path(), (4, None), shutdown)
+        let port = DataPort::bind(addr, &shard_dir, dir.path(), (4, None))
             .await
             .unwrap();
+        let handle = port.serve(None, shutdown).unwrap();
         assert!(shard_dir.join(".tmp").is_dir());
         stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), handle)

@@ -39,7 +39,33 @@ pub fn trusted() -> Option<ApiTrust> {
 /// Trusts the CA certificate in `path` (`--ca-cert`).
 pub fn trust_ca_file(path: &std::path::Path) -> anyhow::Result<()> {
     let ca = aigrid_tls::ca::read_ca_cert(path).map_err(|e| anyhow!("--ca-cert: {e}"))?;
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("--ca-cert {}", path.display()))?;
     trust(ApiTrust::CaCert(ca));
+    let _ = TRUSTED_PEM.set(pem);
+    Ok(())
+}
+
+/// The PEM text of the CA certificate this process was told to trust
+/// (`--ca-cert`, `AIGRID_CA_CERT_PEM`), to hand on to the model servers an agent
+/// starts.
+pub fn trusted_pem() -> Option<String> {
+    TRUSTED_PEM.get().cloned()
+}
+
+static TRUSTED_PEM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Trusts the CA certificate given as PEM text in `AIGRID_CA_CERT_PEM`, as an
+/// agent hands it to the model servers it starts; a no-op when it is not set.
+pub fn trust_ca_variable() -> anyhow::Result<()> {
+    let variable = aigrid_agent::model_server::CA_PEM_VARIABLE;
+    let Ok(pem) = std::env::var(variable) else {
+        return Ok(());
+    };
+    let ca = aigrid_tls::ca::ca_cert_from_pem(&pem, std::path::Path::new(variable))
+        .map_err(|e| anyhow!("{e}"))?;
+    trust(ApiTrust::CaCert(ca));
+    let _ = TRUSTED_PEM.set(pem);
     Ok(())
 }
 

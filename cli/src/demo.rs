@@ -28,11 +28,13 @@ pub fn curl_line(base: &str) -> String {
     )
 }
 
-/// The job that serves model `digest` on one CPU core.
-pub fn job_spec(digest: &str) -> anyhow::Result<JobSpec> {
+/// The job that serves model `digest` on one CPU core, for `circle` (the admins'
+/// when none).
+pub fn job_spec(digest: &str, circle: Option<&str>) -> anyhow::Result<JobSpec> {
     let spec: JobSpec = serde_json::from_value(serde_json::json!({
         "name": NAME,
         "kind": "service",
+        "circle": circle,
         "groups": [{
             "name": "server",
             "count": 1,
@@ -49,7 +51,11 @@ pub fn job_spec(digest: &str) -> anyhow::Result<JobSpec> {
 /// `base`; `dir` is `<data-dir>/demo-model`. A failure is logged on one line and
 /// leaves `aigrid up` running.
 pub async fn deploy(base: String, key: Arc<IdentityKey>, dir: PathBuf, store: StoreArgs) {
-    match try_deploy(&base, key, &dir, store).await {
+    let deployed = match Client::new(&base, Some(key)) {
+        Ok(client) => try_deploy(&client, &dir, store, None).await,
+        Err(e) => Err(e),
+    };
+    match deployed {
         Ok(Deployed::Submitted(digest)) => {
             tracing::info!(model = NAME, %digest, "demo model pushed and its job submitted")
         }
@@ -115,21 +121,23 @@ async fn listed(http: &reqwest::Client, url: &str) -> bool {
 }
 
 /// What [`deploy`] did.
-enum Deployed {
+pub enum Deployed {
     /// The job was submitted for the model of this digest.
     Submitted(String),
     /// The model of this digest is registered; a job of the demo's name already was.
     JobExists(String),
 }
 
-async fn try_deploy(
-    base: &str,
-    key: Arc<IdentityKey>,
+/// Writes (once, under `dir`), pushes and deploys the demo model through `client`,
+/// for `circle` (the admins' when none): `aigrid model demo` and `up` alike.
+pub async fn try_deploy(
+    client: &Client,
     dir: &Path,
     store: StoreArgs,
+    circle: Option<&str>,
 ) -> anyhow::Result<Deployed> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let model_dir = write_once(dir).await?;
-    let client = Client::new(base, Some(key))?;
     let args = PushArgs {
         dir: model_dir,
         name: NAME.to_owned(),
@@ -142,10 +150,10 @@ async fn try_deploy(
         // second push finds every chunk stored and registers the same digest.
         publisher_key: Some(dir.join("publisher.key")),
         hybrid: false,
-        circle: None,
+        circle: circle.map(str::to_owned),
         store,
     };
-    let pushed = model::push_dir(&client, &args, false)
+    let pushed = model::push_dir(client, &args, false)
         .await
         .context("pushing it")?;
     let crate::client::Answer::Done(summary) = pushed.registered else {
@@ -160,7 +168,7 @@ async fn try_deploy(
     if jobs.iter().any(|j| j.name == NAME) {
         return Ok(Deployed::JobExists(digest));
     }
-    let spec = job_spec(&digest)?;
+    let spec = job_spec(&digest, circle)?;
     let _: SubmitJobResponse = client
         .call(Method::POST, "/api/v1/jobs", Some(&spec))
         .await
@@ -199,7 +207,7 @@ mod tests {
     #[test]
     fn the_demo_job_is_a_valid_model_server_service() {
         let digest = "ab".repeat(32);
-        let spec = job_spec(&digest).unwrap();
+        let spec = job_spec(&digest, None).unwrap();
         assert_eq!(spec.name, NAME);
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(json["kind"], "service");

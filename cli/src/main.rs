@@ -26,6 +26,7 @@ mod agent;
 mod client;
 mod commands;
 mod config;
+mod data_port;
 mod demo;
 mod files;
 mod keys;
@@ -190,6 +191,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         if let Some(path) = &cli.ca_cert {
             client::trust_ca_file(path)?;
+        } else {
+            client::trust_ca_variable()?;
         }
         match cli.command {
             Command::Up(args) => {

@@ -146,7 +146,7 @@ pub async fn run_server(args: ServerArgs, identity: Option<&Path>) -> anyhow::Re
     spawn_repairs(
         &storage,
         &backends,
-        server.url(),
+        &server,
         own,
         Some(id),
         repair_interval,
@@ -167,12 +167,13 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
     Ok(base.join("aigrid"))
 }
 
-/// Starts the periodic scrub-and-repair loop when there is a store and an interval;
-/// with `leader_only`, a round runs only while that server leads.
+/// Starts the periodic scrub-and-repair loop of `server` when there is a store and an
+/// interval, its metrics on the server's `/metrics`; with `leader_only`, a round runs
+/// only while that server leads.
 fn spawn_repairs(
     storage: &StorageInfo,
     backends: &[BackendConfig],
-    base: String,
+    server: &Server,
     key: Arc<IdentityKey>,
     leader_only: Option<u64>,
     interval: Duration,
@@ -182,12 +183,14 @@ fn spawn_repairs(
         return Ok(());
     }
     let store = std::sync::Arc::new(crate::model::store_from(backends)?);
+    let metrics = crate::model::RepairMetrics::register(&server.registry)?;
     tokio::spawn(crate::model::repair_loop(
-        base,
+        server.url(),
         key,
         store,
         leader_only,
         interval,
+        metrics,
         stop,
     ));
     Ok(())
@@ -277,7 +280,7 @@ pub async fn run_up(args: UpArgs, identity: Option<&Path>) -> anyhow::Result<()>
     spawn_repairs(
         &storage,
         &backends,
-        base.clone(),
+        &server,
         own.clone(),
         None,
         up.repair_interval,
@@ -309,17 +312,20 @@ pub async fn run_up(args: UpArgs, identity: Option<&Path>) -> anyhow::Result<()>
     let agent = crate::agent::start_agent(
         vec![base.clone()],
         &agent_dir,
-        None,
+        crate::agent::load_identity(&agent_dir, None)?,
         up.simulate_gpus,
         aigrid_agent::agent::AgentConfig {
             join_token,
             attributes: up.attributes,
             // What `up` starts goes with it.
             on_shutdown: OnShutdown::StopWorkloads,
+            // Its model servers call its API under its CA when that is HTTPS.
+            cluster_ca: server.https.then(|| server.identity.ca_pem()),
             ..Default::default()
         },
         sandbox,
         metrics,
+        crate::staging::StoreStager::new(agent_dir.join(aigrid_agent::model_server::CACHE_DIR)),
     )
     .await?;
     let agent_task = tokio::spawn(agent.run(stopped.clone()));

@@ -39,8 +39,9 @@ struct Versions {
 #[derive(Debug, Clone)]
 pub struct StoreStager {
     cache_dir: PathBuf,
-    /// Peers are on the grid's own network: no proxy stands between.
-    http: reqwest::Client,
+    /// Peers are on the grid's own network: no proxy stands between. Replaced by
+    /// one presenting the node's certificate once the data port has one.
+    http: Arc<std::sync::RwLock<reqwest::Client>>,
     /// One staging at a time per node, so two rollouts never race on the
     /// active-version file.
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -51,14 +52,34 @@ impl StoreStager {
     pub fn new(cache_dir: PathBuf) -> Self {
         StoreStager {
             cache_dir,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .connect_timeout(std::time::Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
+            http: Arc::new(std::sync::RwLock::new(
+                peer_client(reqwest::Client::builder()).unwrap_or_default(),
+            )),
             lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
+}
+
+impl StoreStager {
+    /// Presents `identity` to peers from now on, and trusts their data ports under
+    /// its CA (`https://` peers), wherever they answer.
+    pub fn present(&self, identity: &aigrid_tls::NodeIdentity) -> anyhow::Result<()> {
+        let config = identity
+            .data_client_config()
+            .map_err(|e| anyhow!("the peer client's TLS: {e}"))?;
+        let client = peer_client(reqwest::Client::builder().tls_backend_preconfigured(config))?;
+        *self.http.write().unwrap_or_else(|e| e.into_inner()) = client;
+        Ok(())
+    }
+}
+
+/// A client for peers' data ports from `builder`.
+fn peer_client(builder: reqwest::ClientBuilder) -> anyhow::Result<reqwest::Client> {
+    builder
+        .no_proxy()
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .build()
+        .context("building the peer client")
 }
 
 impl ModelStager for StoreStager {
@@ -98,8 +119,9 @@ impl StoreStager {
                 whole: p.whole,
             })
             .collect();
+        let http = self.http.read().unwrap_or_else(|e| e.into_inner()).clone();
         let (fetched, from_peers) = reader
-            .stage(&self.http, &peers, model.origin_share, PEER_TIMEOUT)
+            .stage(&http, &peers, model.origin_share, PEER_TIMEOUT)
             .await
             .map_err(|e| anyhow!("staging model {}: {e}", model::short(digest)))?;
         if !from_peers.dropped.is_empty() {

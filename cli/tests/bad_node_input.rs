@@ -164,6 +164,41 @@ async fn bad_node_requests_are_rejected_and_change_nothing() {
             "address",
         ),
         node_case(
+            "a data port certificate request without a TLS data port",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| v["data_csr"] = json!("-----BEGIN CERTIFICATE REQUEST-----")),
+            400,
+            "invalid_field",
+            "data_csr",
+        ),
+        node_case(
+            "a data port certificate request that is none",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| {
+                v["data_port"] = json!(7800);
+                v["data_tls"] = json!(true);
+                v["data_csr"] = json!("not a certificate request");
+            }),
+            400,
+            "invalid_field",
+            "not a PEM certificate request",
+        ),
+        node_case(
+            "an oversized data port certificate request",
+            "POST",
+            "/api/v1/nodes",
+            reg_with(|v| {
+                v["data_port"] = json!(7800);
+                v["data_tls"] = json!(true);
+                v["data_csr"] = json!("A".repeat(9000));
+            }),
+            400,
+            "invalid_field",
+            "at most 8192 bytes",
+        ),
+        node_case(
             "registration with an empty port range",
             "POST",
             "/api/v1/nodes",

@@ -108,8 +108,40 @@ impl Drop for Killed {
 fn every_metric_the_dashboards_and_alerts_name_is_exported_by_a_process() {
     let names = named();
     assert!(names.len() > 40, "{names:?}");
-    let (cluster, server) = one_server();
+    // A server with a store, so its repair loop runs and exports what it does.
     let root = tempfile::tempdir().unwrap();
+    let store = root.path().join("store.toml");
+    let dirs = [root.path().join("site-a"), root.path().join("site-b")];
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(
+        &store,
+        format!(
+            "k = 1\nm = 1\n[[backends]]\nname = \"a\"\nurl = \"{}\"\n\
+             [[backends]]\nname = \"b\"\nurl = \"{}\"\n",
+            dirs[0].display(),
+            dirs[1].display()
+        ),
+    )
+    .unwrap();
+    let cluster = Cluster::start(
+        1,
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "--repair-interval-secs",
+            "1",
+        ],
+    );
+    let server = cluster.urls()[0].clone();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(wait_leader(
+            &http(),
+            &cluster.urls(),
+            Duration::from_secs(20),
+        ));
     let token = assert_success(&aigrid_at(&server, &["node", "token", "create"]))
         .trim()
         .to_owned();

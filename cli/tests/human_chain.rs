@@ -6,38 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
-
-/// The CLI as the person whose key file is `key`, against `server`.
-fn as_person(key: &Path, server: &str, args: &[&str]) -> Output {
-    std::process::Command::new(aigrid_bin())
-        .args(args)
-        .args(["--server", server])
-        .env("AIGRID_IDENTITY", key)
-        .output()
-        .unwrap()
-}
-
-/// Makes a person's identity with `aigrid key new` and answers its key file and
-/// public key (from `aigrid key show --json`).
-fn new_person(dir: &Path, name: &str) -> (PathBuf, String) {
-    let file = dir.join(format!("{name}.json"));
-    let made = as_person(&file, "http://127.0.0.1:1", &["key", "new", "--name", name]);
-    assert_success(&made);
-    let shown = json_output(&as_person(
-        &file,
-        "http://127.0.0.1:1",
-        &["key", "show", "--json"],
-    ));
-    assert_eq!(shown["type"], "ed25519", "{shown}");
-    assert!(shown["id"].is_string(), "{shown}");
-    (file, shown["public_key"].as_str().unwrap().to_owned())
-}
 
 fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

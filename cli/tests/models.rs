@@ -185,6 +185,29 @@ async fn a_model_pushed_through_up_lists_pulls_survives_a_lost_site_and_is_remov
     assert!(stdout(&out).contains("site-3: missing"), "{}", stdout(&out));
     let out = model_cmd(&server, &key, &["repair", &digest]);
     assert!(assert_success(&out).contains("rebuilt"));
+    // What the repair found and did is kept with the model, for the console and
+    // the store's gauges.
+    let listed = json_output(&model_cmd(&server, &key, &["ls", "--json"]));
+    let repaired = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["digest"] == digest.as_str())
+        .unwrap();
+    let health = &repaired["health"];
+    assert!(health["missing"].as_u64().unwrap() > 0, "{repaired}");
+    assert_eq!(health["rebuilt"], health["missing"], "{repaired}");
+    assert_eq!(health["lost_stripes"], 0, "{repaired}");
+    let metrics = reqwest::get(format!("{server}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("aigrid_store_shards{state=\"missing\"} "),
+        "{metrics}"
+    );
     let out = model_cmd(&server, &key, &["verify", &digest]);
     assert!(assert_success(&out).contains("every shard is intact"));
 
@@ -203,21 +226,29 @@ async fn a_model_pushed_through_up_lists_pulls_survives_a_lost_site_and_is_remov
     let out = model_cmd(&server, &key, &["show", &other]);
     assert_one_line_failure(&out, "");
 
+    // The demo model, pushed and deployed from the command line (as on a grid
+    // without `up`); a second run finds it all there and changes nothing.
+    let demo_dir = dir.path().join("demo");
+    let demo = |args: &[&str]| {
+        let mut all = vec!["model", "demo", "--dir", demo_dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        aigrid_at(&server, &all)
+    };
+    let first = json_output(&demo(&["--json"]));
+    assert_eq!(first["model"], "tiny-llama", "{first}");
+    assert_eq!(first["job_submitted"], true, "{first}");
+    let again = assert_success(&demo(&[]));
+    assert!(again.contains("exists already"), "{again}");
+    assert!(again.contains(first["digest"].as_str().unwrap()), "{again}");
+    let job = json_output(&aigrid_at(
+        &server,
+        &["job", "status", "tiny-llama", "--json"],
+    ));
+    assert_eq!(
+        job["spec"]["groups"][0]["task"]["model"], first["digest"],
+        "{job}"
+    );
+
     up.kill().unwrap();
     let _ = up.wait();
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }

@@ -58,6 +58,7 @@ const SERVED: &[&str] = &[
     "GET /api/v1/models/{digest}",
     "DELETE /api/v1/models/{digest}",
     "PUT /api/v1/models/{digest}/locations",
+    "PUT /api/v1/models/{digest}/health",
     "GET /api/v1/storage",
     "GET /api/v1/whoami",
     "POST /api/v1/identities",
@@ -447,6 +448,13 @@ fn valid_call(fx: &Fixtures, method: &str, path: &str) -> Option<Call> {
         ("PUT", "/api/v1/models/{digest}/locations") => {
             Call::new(method, format!("/api/v1/models/{}/locations", fx.digest))
                 .json(&json!({"locations": fx.model.locations, "expected_version": 1}))
+        }
+        ("PUT", "/api/v1/models/{digest}/health") => {
+            Call::new(method, format!("/api/v1/models/{}/health", fx.digest)).json(&json!({
+                "checked_at": 1_700_000_000_000u64, "shards": 6, "healthy": 5, "missing": 1,
+                "corrupt": 0, "unreachable": 0, "lost_stripes": 0, "rebuilt": 1,
+                "unrepairable": 0,
+            }))
         }
         ("POST", "/api/v1/identities") => Call::new(method, path).json(&json!({
             "name": "another",

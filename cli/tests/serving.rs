@@ -753,17 +753,3 @@ async fn a_fleet_rollout_stages_and_attests_the_model_on_the_node() {
     assert_eq!(active[DEMO]["active"], digest.as_str(), "{active}");
     up.terminate();
 }
-
-/// Every file under `dir`, depth first.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}

@@ -124,6 +124,17 @@ async fn beyond_loopback_the_api_is_https_unless_insecure() {
         &aigrid(&["cluster", "status", "--server", &https]),
         "cannot reach",
     );
+    // As an agent hands it to its model servers: the CA's PEM in the environment.
+    let pem = std::fs::read_to_string(&ca_pem).unwrap();
+    let with_variable = |value: &str| {
+        aigrid_cmd()
+            .args(["cluster", "status", "--server", &https])
+            .env("AIGRID_CA_CERT_PEM", value)
+            .output()
+            .unwrap()
+    };
+    assert_success(&with_variable(&pem));
+    assert_one_line_failure(&with_variable("not a certificate"), "AIGRID_CA_CERT_PEM");
     child.kill().unwrap();
     child.wait().unwrap();
 

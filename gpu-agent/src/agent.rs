@@ -22,7 +22,7 @@ use aigrid_api::{
     RegisterNodeResponse,
 };
 use parking_lot::Mutex;
-use reqwest::Method;
+use reqwest::{Method, StatusCode};
 use tokio::sync::watch;
 
 use crate::client::{ClientError, ControlClient};
@@ -46,6 +46,12 @@ pub struct AgentConfig {
     /// The port of this node's private data port (its shard service), where its
     /// peers fetch model chunks it holds; at the node's address.
     pub data_port: Option<u16>,
+    /// Set when the data port serves TLS: peers dial it `https://`.
+    pub data_tls: Option<DataTls>,
+    /// The cluster CA's certificate (PEM), when the agent knows it: model servers
+    /// trust it for the control plane and the store's data ports. A certificate
+    /// issued with the registration brings it too.
+    pub cluster_ca: Option<String>,
     /// Time between heartbeats when nothing changes.
     pub heartbeat_interval: Duration,
     /// Longest a long poll is held by the server.
@@ -54,6 +60,36 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// What becomes of this node's workloads when the agent is asked to stop.
     pub on_shutdown: OnShutdown,
+}
+
+/// The data port's TLS, as the registration carries it.
+#[derive(Debug, Clone)]
+pub struct DataTls {
+    /// A certificate request for the data port's key, which the server answering
+    /// the registration issues; `None` when the node holds a certificate already.
+    pub csr: Option<String>,
+    /// Where the certificate chain issued for `csr` is handed over (PEM).
+    pub issued: std::sync::Arc<watch::Sender<Option<String>>>,
+}
+
+impl DataTls {
+    /// TLS with a certificate the node holds already.
+    pub fn held() -> Self {
+        DataTls {
+            csr: None,
+            issued: std::sync::Arc::new(watch::channel(None).0),
+        }
+    }
+
+    /// TLS with a certificate asked for with `csr`; the receiver sees it issued.
+    pub fn requested(csr: String) -> (Self, watch::Receiver<Option<String>>) {
+        let (issued, rx) = watch::channel(None);
+        let tls = DataTls {
+            csr: Some(csr),
+            issued: std::sync::Arc::new(issued),
+        };
+        (tls, rx)
+    }
 }
 
 /// What becomes of a node's workloads when its agent is asked to stop.
@@ -75,6 +111,8 @@ impl Default for AgentConfig {
             attributes: BTreeMap::new(),
             ports: None,
             data_port: None,
+            data_tls: None,
+            cluster_ca: None,
             heartbeat_interval: Duration::from_secs(10),
             poll_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
@@ -112,6 +150,9 @@ impl Agent {
         metrics: AgentMetrics,
     ) -> Self {
         runner.set_control_server(&client.servers_from_current());
+        if config.cluster_ca.is_some() {
+            runner.set_cluster_ca(config.cluster_ca.clone());
+        }
         Agent {
             config,
             client,
@@ -150,6 +191,8 @@ impl Agent {
             protections: self.runner.protections(),
             ports: self.config.ports,
             data_port: self.config.data_port,
+            data_tls: self.config.data_tls.is_some(),
+            data_csr: self.config.data_tls.as_ref().and_then(|t| t.csr.clone()),
         }
     }
 
@@ -179,7 +222,32 @@ impl Agent {
                     // Model servers started from now on listen where the servers
                     // will look for them.
                     self.runner.set_node_address(resp.address);
+                    if let Some(tls) = &self.config.data_tls {
+                        match resp.data_certificate {
+                            Some(chain) => {
+                                // The chain ends with the CA; model servers, started
+                                // only once assignments arrive, trust it.
+                                if let Some(ca) = aigrid_tls::ca::last_pem_certificate(&chain) {
+                                    self.runner.set_cluster_ca(Some(ca));
+                                }
+                                tls.issued.send_replace(Some(chain));
+                            }
+                            None if tls.csr.is_some() => {
+                                return Err(AgentError::Refused(
+                                    "the server issued no data port certificate".into(),
+                                ))
+                            }
+                            None => {}
+                        }
+                    }
                     return Ok(true);
+                }
+                // The registration itself is wrong (a bad field, or a certificate
+                // request the servers cannot answer): asking again changes nothing.
+                Err(ClientError::Refused {
+                    status, message, ..
+                }) if status == StatusCode::BAD_REQUEST || status == StatusCode::CONFLICT => {
+                    return Err(AgentError::Refused(message));
                 }
                 Err(e) if e.is_unauthorized() => {
                     let hint = if self.config.join_token.is_none() {

@@ -61,7 +61,16 @@ pub struct ServeSite {
     /// The node's address as the servers recorded it at registration; `None`
     /// before the agent has registered.
     pub address: Option<IpAddr>,
+    /// The cluster CA's certificate (PEM), handed over as [`CA_PEM_VARIABLE`]: a
+    /// model server trusts it for the control plane and the store's data ports.
+    /// In the environment rather than a file, since a model server's sandbox
+    /// cannot see the agent's data dir, and the certificate is no secret.
+    pub ca_pem: Option<String>,
 }
+
+/// The variable a process of this binary reads a cluster CA certificate from (PEM
+/// text), as it reads a file from `AIGRID_CA_CERT`.
+pub const CA_PEM_VARIABLE: &str = "AIGRID_CA_CERT_PEM";
 
 /// Where a model server listens, and the endpoint it is reported at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +170,11 @@ pub fn exec_task(
     let exec = ExecTask {
         command: launch.program.to_string_lossy().into_owned(),
         args,
-        env: Default::default(),
+        env: site
+            .ca_pem
+            .iter()
+            .map(|pem| (CA_PEM_VARIABLE.to_owned(), pem.clone()))
+            .collect(),
         artifacts: Vec::new(),
         restart: RestartPolicy::default(),
         // Time to finish the requests under way before SIGKILL.
@@ -223,6 +236,7 @@ mod tests {
         let site = ServeSite {
             server: Some("http://10.0.0.1:7700".into()),
             address: None,
+            ca_pem: None,
         };
         let task = ModelServerTask {
             model: "ab".repeat(32),
@@ -255,6 +269,23 @@ mod tests {
             "cuda:0",
         ];
         assert_eq!(exec.args, want);
+        assert!(exec.env.is_empty(), "no CA known, none handed over");
+        let trusting = ServeSite {
+            ca_pem: Some("-----BEGIN CERTIFICATE-----\n...".into()),
+            ..site.clone()
+        };
+        let (exec, _) = exec_task(
+            &launch,
+            &trusting,
+            Path::new("/data"),
+            &alloc(&[], Some(port)),
+            &task,
+        )
+        .unwrap();
+        assert_eq!(
+            exec.env[CA_PEM_VARIABLE],
+            "-----BEGIN CERTIFICATE-----\n..."
+        );
         let cpu = alloc(&[], Some(port));
         let (cpu, _) = exec_task(&launch, &site, Path::new("/data"), &cpu, &task).unwrap();
         assert_eq!(cpu.args.last().map(String::as_str), Some("cpu"));

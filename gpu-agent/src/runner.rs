@@ -187,6 +187,13 @@ impl Runner {
         self.inner.site.lock().expect("site lock").server = Some(url.to_owned());
     }
 
+    /// Sets the cluster CA's certificate (PEM) model servers started from now on
+    /// trust, for the control plane and the store's data ports; `None`: the
+    /// system's roots.
+    pub fn set_cluster_ca(&self, pem: Option<String>) {
+        self.inner.site.lock().expect("site lock").ca_pem = pem;
+    }
+
     /// Sets the address the servers reach this node at, as its registration's
     /// answer says: model servers listen there (when it is this machine's) and
     /// report it; `None` (the default) means 127.0.0.1.

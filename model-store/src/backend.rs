@@ -224,6 +224,16 @@ impl Backend {
     /// The backend a configuration describes. Builds the client only: nothing is
     /// contacted until the first operation.
     pub fn from_config(config: &BackendConfig) -> Result<Backend, BackendConfigError> {
+        Self::from_config_trusting(config, None)
+    }
+
+    /// As [`Backend::from_config`], and an `https://` shard service's certificate
+    /// may also chain to `ca` (a CA certificate, DER): the cluster CA its data ports
+    /// are served under.
+    pub fn from_config_trusting(
+        config: &BackendConfig,
+        ca: Option<&[u8]>,
+    ) -> Result<Backend, BackendConfigError> {
         let name = config.name.trim();
         if name.is_empty() {
             return Err(BackendConfigError::EmptyName {
@@ -299,7 +309,14 @@ impl Backend {
                 // put an empty segment in every object's URL.
                 let trimmed = base.path().trim_end_matches('/').to_owned();
                 base.set_path(&trimmed);
+                let mut options = object_store::ClientOptions::new();
+                if let Some(der) = ca {
+                    let cert = object_store::Certificate::from_der(der)
+                        .map_err(|e| bad(format!("the cluster CA certificate: {e}")))?;
+                    options = options.with_root_certificate(cert);
+                }
                 let mut builder = object_store::http::HttpBuilder::new()
+                    .with_client_options(options)
                     .with_url(base.as_str())
                     .with_retry(remote_retry())
                     .with_config(ClientConfigKey::ConnectTimeout, CONNECT_TIMEOUT)

@@ -76,6 +76,21 @@ pub fn server_identity(
     }
 }
 
+/// The CA this server issues node certificates with: the one in `--ca-dir` when
+/// that holds the CA key, or the one a one-server cluster made; `None` when the CA
+/// key is kept off this server (nodes then bring certificates issued ahead).
+pub fn node_issuer(config: &ServerConfig) -> Result<Option<ClusterCa>, ServerError> {
+    let tls = |e: aigrid_tls::TlsError| ServerError::Tls(e.to_string());
+    let dir = match &config.ca_dir {
+        Some(dir) => dir.clone(),
+        None => bootstrap_ca_dir(&config.data_dir),
+    };
+    if !ClusterCa::exists(&dir) {
+        return Ok(None);
+    }
+    ClusterCa::load(&dir).map(Some).map_err(tls)
+}
+
 /// The CA a one-server cluster made in `data_dir`.
 pub fn bootstrap_ca_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(BOOTSTRAP_CA_DIR)

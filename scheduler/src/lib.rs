@@ -11,6 +11,7 @@
 //! | [`state`] | the cluster state machine, one module per area (`jobs`, `nodes`, `allocations`, `plans`, `evaluations`, `tokens`, [`state::models`], `invariants`) under one dispatch ([`state::ClusterState`]'s `apply` over [`state::Command`]); changed only by Raft-committed commands; emits [`state::StateEvent`]s to an [`state::EventSink`] the edge supplies |
 //! | [`planner`] | the pure planner: a cluster snapshot and a job's unplaced instances in, placements (nodes, GPUs) and explanations out; [`planner::preempt`] and [`planner::defrag`] make room for what does not fit |
 //! | [`clock`] | the one [`clock::Clock`] the edge reads time from ([`clock::SystemClock`], [`clock::ManualClock`] for tests) |
+//! | [`console`] | the web console at `/ui`: its page and scripts, built into the binary, signing in the browser what the CLI signs |
 //! | [`http`] | the control API under `/api/v1`, `/metrics`, `/health`, `/ready`, and its OpenAPI document: one module per area (`jobs`, `nodes`, `agents`, `tokens`, `cluster`, `models`, `ops`), each a `utoipa-axum` router whose routes carry their documentation, over [`http::plumbing`] (state, errors, extractors, `propose`, `read`), which imports no area |
 //! | [`hub`] | what a server holds for its agents beside the replicated state: [`hub::NodeWatch`] (wakes long polls on the state's events), the batch of plain heartbeats, their readings, long-poll slots |
 //! | [`gateway`] | the OpenAI-compatible `/v1` inference gateway: resolves a request's model ([`gateway::table`]), picks a ready replica with the fewest requests outstanding and streams its answer back ([`gateway::balancer`]); its routes are documented in the same OpenAPI document |
@@ -49,6 +50,7 @@
 
 pub mod certs;
 pub mod clock;
+pub mod console;
 pub mod gateway;
 pub mod http;
 pub mod hub;

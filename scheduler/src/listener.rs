@@ -23,7 +23,8 @@
 //! of a reset. Its slot is held until then.
 //!
 //! Each request carries `ConnectInfo<SocketAddr>` (the client's address) in its
-//! extensions. Shutdown is graceful: the loop stops accepting, every connection
+//! extensions, and, on TLS where the client presented a certificate the
+//! configuration verified, [`aigrid_tls::ClientCertificate`]. Shutdown is graceful: the loop stops accepting, every connection
 //! finishes its requests in flight and closes, and those still open after
 //! [`ListenerLimits::shutdown_grace`] are dropped.
 
@@ -459,7 +460,7 @@ async fn connection(
     shutdown: watch::Receiver<bool>,
 ) {
     let Some(acceptor) = &shared.tls else {
-        return http(stream, remote, &shared.any, shared, shutdown).await;
+        return http(stream, (remote, None), &shared.any, shared, shutdown).await;
     };
     let handshake = acceptor.accept(stream);
     let tls = match tokio::time::timeout(shared.limits.tls_handshake_timeout, handshake).await {
@@ -482,13 +483,19 @@ async fn connection(
         Some(b"http/1.1") => &shared.http1,
         _ => &shared.any,
     };
-    http(tls, remote, builder, shared, shutdown).await
+    let presented = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| aigrid_tls::ClientCertificate(leaf.clone().into_owned()));
+    http(tls, (remote, presented), builder, shared, shutdown).await
 }
 
 /// Serves HTTP on `io` until the client closes it, a timer closes it, or shutdown.
 async fn http<I>(
     io: I,
-    remote: SocketAddr,
+    (remote, presented): (SocketAddr, Option<aigrid_tls::ClientCertificate>),
     builder: &auto::Builder<TokioExecutor>,
     shared: &Shared,
     mut shutdown: watch::Receiver<bool>,
@@ -503,6 +510,9 @@ async fn http<I>(
             let in_flight = activity.begin();
             let mut req = req.map(|body| Body::new(TimeoutBody::new(body_timeout, body)));
             req.extensions_mut().insert(ConnectInfo(remote));
+            if let Some(cert) = &presented {
+                req.extensions_mut().insert(cert.clone());
+            }
             let app = app.clone();
             async move {
                 let response = app.oneshot(req).await;

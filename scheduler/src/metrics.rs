@@ -232,6 +232,99 @@ impl Collector for RolloutCollector {
     }
 }
 
+/// The dispersed store's health as the repair loop last reported it per model, read
+/// from the applied state at scrape time: `aigrid_store_shards{state}` (healthy,
+/// missing, corrupt, unreachable: summed over every model's last scrub),
+/// `aigrid_store_stripes_lost` (stripes with fewer than k intact shards) and
+/// `aigrid_store_models{health}` (healthy, degraded, lost, unchecked).
+pub fn register_store(registry: &Registry, raft: RaftNode<ClusterState>) -> prometheus::Result<()> {
+    registry.register(Box::new(StoreCollector {
+        raft,
+        shards: IntGaugeVec::new(
+            Opts::new(
+                "aigrid_store_shards",
+                "Shards by what the last scrub of their model found",
+            ),
+            &["state"],
+        )?,
+        lost: IntGauge::with_opts(Opts::new(
+            "aigrid_store_stripes_lost",
+            "Stripes with fewer than k intact shards at their model's last scrub",
+        ))?,
+        models: IntGaugeVec::new(
+            Opts::new(
+                "aigrid_store_models",
+                "Models by the health of their shards",
+            ),
+            &["health"],
+        )?,
+    }))
+}
+
+struct StoreCollector {
+    raft: RaftNode<ClusterState>,
+    shards: IntGaugeVec,
+    lost: IntGauge,
+    models: IntGaugeVec,
+}
+
+impl Collector for StoreCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.shards.desc();
+        descs.extend(self.lost.desc());
+        descs.extend(self.models.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let reports: Vec<Option<aigrid_api::ShardHealth>> = self
+            .raft
+            .read_local(|s| s.models(None).into_iter().map(|m| m.health).collect());
+        let mut shards = [0u64; 4];
+        let mut models = [0i64; 4];
+        let mut lost = 0u64;
+        for report in &reports {
+            let Some(h) = report else {
+                models[3] += 1;
+                continue;
+            };
+            for (total, n) in
+                shards
+                    .iter_mut()
+                    .zip([h.healthy, h.missing, h.corrupt, h.unreachable])
+            {
+                *total += n;
+            }
+            lost += h.lost_stripes;
+            models[if h.lost_stripes > 0 {
+                2
+            } else if h.is_healthy() {
+                0
+            } else {
+                1
+            }] += 1;
+        }
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for (state, n) in ["healthy", "missing", "corrupt", "unreachable"]
+            .iter()
+            .zip(shards)
+        {
+            self.shards.with_label_values(&[*state]).set(gauge(n));
+        }
+        for (health, n) in ["healthy", "degraded", "lost", "unchecked"]
+            .iter()
+            .zip(models)
+        {
+            self.models.with_label_values(&[*health]).set(n);
+        }
+        self.lost.set(gauge(lost));
+        let mut out = self.shards.collect();
+        out.extend(self.lost.collect());
+        out.extend(self.models.collect());
+        out
+    }
+}
+
 /// What the leader's scheduling loop did.
 #[derive(Clone)]
 pub struct WorkerMetrics {

@@ -36,6 +36,8 @@ pub struct Server {
     pub raft: RaftNode<ClusterState>,
     /// Its `/v1` inference gateway.
     pub gateway: Arc<Gateway>,
+    /// What its `/metrics` exports; the process's own loops (repairs) add theirs.
+    pub registry: Registry,
     http: JoinHandle<std::io::Result<()>>,
     peers: JoinHandle<std::io::Result<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -81,6 +83,7 @@ impl Server {
             .unwrap_or_else(|| peer_addr.to_string());
         let hosts = crate::certs::leaf_hosts(&config, addr, peer_addr);
         let identity = Arc::new(crate::certs::server_identity(&config, &hosts)?);
+        let node_issuer = crate::certs::node_issuer(&config)?.map(Arc::new);
         let api_tls = match &config.api_tls {
             Some(tls) => Some(tls.clone()),
             None if crate::certs::api_wants_tls(&config, addr.ip()) => Some(
@@ -132,6 +135,7 @@ impl Server {
         crate::metrics::register_state(&registry, raft.clone())?;
         crate::metrics::register_chain(&registry, raft.clone())?;
         crate::metrics::register_rollouts(&registry, raft.clone())?;
+        crate::metrics::register_store(&registry, raft.clone())?;
         let worker_metrics = crate::metrics::WorkerMetrics::register(&registry)?;
         let agents = std::sync::Arc::new(crate::hub::AgentHub::new(
             &raft,
@@ -145,13 +149,16 @@ impl Server {
         let gateway = Arc::new(Gateway::new(raft.clone(), &registry, gateway_config)?);
         let app = http::router(
             raft.clone(),
-            registry,
+            registry.clone(),
             &config.limits,
             agents.clone(),
             config.storage.clone(),
             gateway.clone(),
             clock.clone(),
-            config.access.clone(),
+            http::ServerAccess {
+                node_issuer,
+                ..config.access.clone()
+            },
         )?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let max_entry = config
@@ -227,6 +234,7 @@ impl Server {
             peers,
             raft,
             gateway,
+            registry,
             http,
             shutdown,
         })

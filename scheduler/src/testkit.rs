@@ -85,6 +85,7 @@ pub fn admin_access() -> crate::http::ServerAccess {
     crate::http::ServerAccess {
         admins: vec![("tests".to_owned(), admin_key().public())],
         server_key: None,
+        node_issuer: None,
     }
 }
 

@@ -237,6 +237,8 @@ async fn an_oversized_spec_is_413_and_nothing_is_stored() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The rest of the body was never read: the connection is not offered again.
+    assert_eq!(response.headers()["connection"], "close");
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["code"], "payload_too_large", "{error}");
 

@@ -250,6 +250,63 @@ async fn models_are_registered_listed_relocated_and_forgotten() {
         serde_json::to_value(placed(3, 1)).unwrap()
     );
 
+    // A scrub's report is kept with the model; only admins and servers write it.
+    let health = format!("{one}/health");
+    let report = |healthy: u64, missing: u64| {
+        Some(
+            serde_json::to_vec(&json!({
+                "checked_at": 1_700_000_000_000u64, "shards": 6, "healthy": healthy,
+                "missing": missing, "corrupt": 0, "unreachable": 0, "lost_stripes": 0,
+                "rebuilt": missing, "unrepairable": 0,
+            }))
+            .unwrap(),
+        )
+    };
+    let (status, checked) = call(&client, Method::PUT, &health, report(5, 1)).await;
+    assert_eq!(status, StatusCode::OK, "{checked}");
+    assert_eq!(checked["health"]["missing"], 1, "{checked}");
+    refused(
+        call(&client, Method::PUT, &health, report(6, 1)).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "healthy + missing",
+    );
+    let viewer = aigrid_api::IdentityKey::from_seed(aigrid_api::KeyAlgorithm::Ed25519, [41; 32]);
+    let added = client
+        .post(format!("{base}/identities"))
+        .json(&json!({"name": "viewer", "public_key": viewer.public()}))
+        .signed()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), StatusCode::CREATED);
+    let stranger = aigrid_api::IdentityKey::from_seed(aigrid_api::KeyAlgorithm::Ed25519, [43; 32]);
+    for (key, status) in [
+        (&viewer, StatusCode::FORBIDDEN),
+        (&stranger, StatusCode::UNAUTHORIZED),
+    ] {
+        let answer = client
+            .put(&health)
+            .header("content-type", "application/json")
+            .body(report(6, 0).unwrap())
+            .signed_by(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status);
+    }
+    let (_, listed) = call(&client, Method::GET, &models, None).await;
+    let kept = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["digest"] == checked["digest"])
+        .unwrap();
+    assert_eq!(
+        kept["health"], checked["health"],
+        "nothing else was written"
+    );
+
     // Forged, inconsistent or malformed registrations change nothing.
     let mut altered = model_registration("mistral", 1, 2);
     altered.manifest.manifest.files[0].path = "evil.bin".into();

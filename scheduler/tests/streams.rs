@@ -89,6 +89,8 @@ fn cluster(sizes: &[(u8, bool)]) -> Sim {
                 last: 20_002,
             }),
             data_port: None,
+            data_tls: false,
+            data_csr: None,
         };
         let at = sim.at();
         sim.apply(Command::RegisterNode {

@@ -39,27 +39,27 @@ const LEAF_LIFETIME: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 /// Tolerance for clocks a little behind the issuer's.
 const BACKDATE: Duration = Duration::from_secs(3600);
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     move |source| TlsError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn pem_err(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+pub(crate) fn pem_err(path: &Path, reason: impl std::fmt::Display) -> TlsError {
     TlsError::Pem {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     }
 }
 
-fn validity(params: &mut CertificateParams, lifetime: Duration) {
+pub(crate) fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = SystemTime::now();
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + lifetime).into();
 }
 
-fn ca_params() -> CertificateParams {
+pub(crate) fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, CA_NAME);
@@ -75,7 +75,7 @@ fn ca_params() -> CertificateParams {
 }
 
 /// Writes `text` to `path`, readable by the owner alone when `secret`.
-fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
+pub(crate) fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -95,8 +95,16 @@ fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
     file.sync_all().map_err(io_err(path))
 }
 
-fn read_text(path: &Path) -> Result<String, TlsError> {
+pub(crate) fn read_text(path: &Path) -> Result<String, TlsError> {
     std::fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// The PKCS#8 private key in a PEM file.
+pub(crate) fn read_pkcs8(path: &Path) -> Result<PrivatePkcs8KeyDer<'static>, TlsError> {
+    match PrivateKeyDer::from_pem_file(path).map_err(|e| pem_err(path, e))? {
+        PrivateKeyDer::Pkcs8(k) => Ok(k),
+        _ => Err(pem_err(path, "must hold a PKCS#8 private key")),
+    }
 }
 
 /// The certificates in a PEM file, in order.
@@ -111,13 +119,34 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// The one CA certificate in a PEM file (`ca.pem`).
-pub fn read_ca_cert(path: &Path) -> Result<CertificateDer<'static>, TlsError> {
-    let mut certs = read_certs(path)?;
+/// The one CA certificate in PEM `text`, read from `source` (a file, or the
+/// variable an agent hands its model servers), named in errors.
+pub fn ca_cert_from_pem(text: &str, source: &Path) -> Result<CertificateDer<'static>, TlsError> {
+    let mut certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(source, e))?;
     if certs.len() != 1 {
-        return Err(pem_err(path, "must hold exactly one certificate, the CA's"));
+        return Err(pem_err(
+            source,
+            "must hold exactly one certificate, the CA's",
+        ));
     }
     Ok(certs.remove(0))
+}
+
+/// The last certificate of a PEM chain, as PEM: the CA of a chain a server issued
+/// (leaf first, CA last).
+pub fn last_pem_certificate(chain: &str) -> Option<String> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let start = chain.rfind(BEGIN)?;
+    let end = chain[start..].find(END)? + start + END.len();
+    Some(format!("{}\n", &chain[start..end]))
+}
+
+/// The one CA certificate in a PEM file (`ca.pem`).
+pub fn read_ca_cert(path: &Path) -> Result<CertificateDer<'static>, TlsError> {
+    ca_cert_from_pem(&read_text(path)?, path)
 }
 
 /// The cluster's certificate authority: its certificate and signing key.
@@ -213,6 +242,11 @@ impl ClusterCa {
         fingerprint_of(&self.cert)
     }
 
+    /// The CA's signing key.
+    pub(crate) fn key(&self) -> &KeyPair {
+        &self.key
+    }
+
     /// A leaf for server `id`, valid as a TLS server and client, naming the id (URI
     /// SAN) and `hosts` (DNS names or IP addresses) it is reached at.
     pub fn issue_server(&self, id: u64, hosts: &[String]) -> Result<ServerIdentity, TlsError> {
@@ -246,22 +280,96 @@ impl ClusterCa {
         let leaf = params.signed_by(&key, &issuer)?;
         Ok(ServerIdentity {
             id,
-            chain: vec![leaf.der().clone(), self.cert.clone()],
-            chain_pem: format!("{}{}", leaf.pem(), self.cert_pem),
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            key_pem: key.serialize_pem(),
+            creds: Credentials {
+                chain: vec![leaf.der().clone(), self.cert.clone()],
+                chain_pem: format!("{}{}", leaf.pem(), self.cert_pem),
+                key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+                key_pem: key.serialize_pem(),
+            },
         })
+    }
+}
+
+/// A leaf certificate's chain (the leaf first, the CA last) and its key, as DER and
+/// as the PEM files they were read from or are written to: what servers and nodes
+/// alike prove themselves with.
+pub(crate) struct Credentials {
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) chain_pem: String,
+    pub(crate) key: PrivatePkcs8KeyDer<'static>,
+    pub(crate) key_pem: String,
+}
+
+impl Clone for Credentials {
+    fn clone(&self) -> Self {
+        Credentials {
+            chain: self.chain.clone(),
+            chain_pem: self.chain_pem.clone(),
+            key: self.key.clone_key(),
+            key_pem: self.key_pem.clone(),
+        }
+    }
+}
+
+impl Credentials {
+    /// Reads the chain `cert_file` and the key `key_file` from `dir`; answers them
+    /// and the chain's path (for messages).
+    pub(crate) fn read(
+        dir: &Path,
+        cert_file: &str,
+        key_file: &str,
+    ) -> Result<(Self, PathBuf), TlsError> {
+        let (cert_path, key_path) = (dir.join(cert_file), dir.join(key_file));
+        let creds = Credentials {
+            chain: read_certs(&cert_path)?,
+            chain_pem: read_text(&cert_path)?,
+            key: read_pkcs8(&key_path)?,
+            key_pem: read_text(&key_path)?,
+        };
+        Ok((creds, cert_path))
+    }
+
+    /// Writes the key (mode 0600) and the chain into `dir`, creating it.
+    pub(crate) fn write(
+        &self,
+        dir: &Path,
+        cert_file: &str,
+        key_file: &str,
+    ) -> Result<(), TlsError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        write_file(&dir.join(key_file), &self.key_pem, true)?;
+        write_file(&dir.join(cert_file), &self.chain_pem, false)
+    }
+
+    /// The leaf certificate.
+    pub(crate) fn leaf(&self) -> &CertificateDer<'static> {
+        &self.chain[0]
+    }
+
+    /// The CA certificate that issued the leaf.
+    pub(crate) fn ca_cert(&self) -> &CertificateDer<'static> {
+        self.chain
+            .last()
+            .expect("a chain holds the leaf and the CA")
+    }
+
+    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
+    /// The CA certificate, as PEM.
+    pub(crate) fn ca_pem(&self) -> String {
+        last_pem_certificate(&self.chain_pem)
+            .expect("a loaded or issued chain ends with the CA's certificate")
     }
 }
 
 /// A server's certificate chain (its leaf, then the CA) and key: what it proves
 /// itself with on the peer and API listeners.
+#[derive(Clone)]
 pub struct ServerIdentity {
     id: u64,
-    chain: Vec<CertificateDer<'static>>,
-    chain_pem: String,
-    key: PrivatePkcs8KeyDer<'static>,
-    key_pem: String,
+    creds: Credentials,
 }
 
 impl std::fmt::Debug for ServerIdentity {
@@ -275,30 +383,16 @@ impl std::fmt::Debug for ServerIdentity {
     }
 }
 
-impl Clone for ServerIdentity {
-    fn clone(&self) -> Self {
-        ServerIdentity {
-            id: self.id,
-            chain: self.chain.clone(),
-            chain_pem: self.chain_pem.clone(),
-            key: self.key.clone_key(),
-            key_pem: self.key_pem.clone(),
-        }
-    }
-}
-
 impl ServerIdentity {
     /// Writes `server.pem` and `server.key` (0600) into `dir`, and the CA certificate
     /// as `ca.pem` beside them, so the directory can be handed to `--ca-dir`.
     pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        write_file(&dir.join(SERVER_KEY_FILE), &self.key_pem, true)?;
-        write_file(&dir.join(SERVER_CERT_FILE), &self.chain_pem, false)?;
-        let ca_pem = self
-            .chain_pem
+        self.creds.write(dir, SERVER_CERT_FILE, SERVER_KEY_FILE)?;
+        let chain_pem = &self.creds.chain_pem;
+        let ca_pem = chain_pem
             .find("-----END CERTIFICATE-----")
             .map(|end| end + "-----END CERTIFICATE-----".len())
-            .map(|end| self.chain_pem[end..].trim_start().to_owned())
+            .map(|end| chain_pem[end..].trim_start().to_owned())
             .unwrap_or_default();
         write_file(&dir.join(CA_CERT_FILE), &ca_pem, false)
     }
@@ -308,17 +402,11 @@ impl ServerIdentity {
     /// server `id`.
     pub fn load(dir: &Path, ca_dir: &Path, id: u64) -> Result<Self, TlsError> {
         let ca = read_ca_cert(&ca_dir.join(CA_CERT_FILE))?;
-        let cert_path = dir.join(SERVER_CERT_FILE);
-        let key_path = dir.join(SERVER_KEY_FILE);
-        let mut chain = read_certs(&cert_path)?;
+        let (mut creds, cert_path) = Credentials::read(dir, SERVER_CERT_FILE, SERVER_KEY_FILE)?;
+        let chain = &mut creds.chain;
         // The CA travels in the chain so a client pinning its fingerprint finds it.
         chain.retain(|c| *c != ca);
         chain.push(ca.clone());
-        let key =
-            match PrivateKeyDer::from_pem_file(&key_path).map_err(|e| pem_err(&key_path, e))? {
-                PrivateKeyDer::Pkcs8(k) => k,
-                _ => return Err(pem_err(&key_path, "must hold a PKCS#8 private key")),
-            };
         crate::chain::verify_leaf(&ca, &chain[0], &chain[1..])
             .map_err(|e| TlsError::Invalid(format!("{}: {e}", cert_path.display())))?;
         match server_id_of(&chain[0]) {
@@ -336,15 +424,7 @@ impl ServerIdentity {
                 )))
             }
         }
-        let chain_pem = read_text(&cert_path)?;
-        let key_pem = read_text(&key_path)?;
-        Ok(ServerIdentity {
-            id,
-            chain,
-            chain_pem,
-            key,
-            key_pem,
-        })
+        Ok(ServerIdentity { id, creds })
     }
 
     /// The server id the leaf names.
@@ -354,14 +434,17 @@ impl ServerIdentity {
 
     /// The leaf certificate.
     pub fn leaf(&self) -> &CertificateDer<'static> {
-        &self.chain[0]
+        self.creds.leaf()
     }
 
     /// The CA certificate that issued the leaf.
     pub fn ca_cert(&self) -> &CertificateDer<'static> {
-        self.chain
-            .last()
-            .expect("a chain holds the leaf and the CA")
+        self.creds.ca_cert()
+    }
+
+    /// The CA certificate, as PEM.
+    pub fn ca_pem(&self) -> String {
+        self.creds.ca_pem()
     }
 
     /// The CA's fingerprint.
@@ -370,11 +453,11 @@ impl ServerIdentity {
     }
 
     pub(crate) fn chain(&self) -> Vec<CertificateDer<'static>> {
-        self.chain.clone()
+        self.creds.chain.clone()
     }
 
     pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(self.key.clone_key())
+        self.creds.key()
     }
 }
 

@@ -29,7 +29,7 @@ use crate::chain::roots;
 use crate::{fingerprint_of, provider, server_id_of, CaFingerprint, TlsError};
 
 /// HTTP/1.1 only: what the servers speak on both listeners.
-const ALPN: &[&[u8]] = &[b"http/1.1"];
+pub(crate) const ALPN: &[&[u8]] = &[b"http/1.1"];
 
 impl ServerIdentity {
     /// The peer listener's configuration: this server's leaf, and a client
@@ -54,7 +54,7 @@ impl ServerIdentity {
         let provider = provider();
         let verifier = Arc::new(PeerVerifier {
             roots: roots(self.ca_cert())?,
-            expected: peer,
+            expected: Expected::Server(peer),
             provider: provider.clone(),
         });
         let mut config = ClientConfig::builder_with_provider(provider)
@@ -78,13 +78,22 @@ impl ServerIdentity {
     }
 }
 
-/// Accepts a peer's leaf only when it chains to the cluster CA and names the server
-/// id that was dialled.
+/// Accepts a peer's leaf only when it chains to the cluster CA and names the member
+/// expected.
 #[derive(Debug)]
-struct PeerVerifier {
-    roots: Arc<RootCertStore>,
-    expected: u64,
-    provider: Arc<CryptoProvider>,
+pub(crate) struct PeerVerifier {
+    pub(crate) roots: Arc<RootCertStore>,
+    pub(crate) expected: Expected,
+    pub(crate) provider: Arc<CryptoProvider>,
+}
+
+/// Whom a [`PeerVerifier`] accepts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Expected {
+    /// The server with this id, dialled by its id.
+    Server(u64),
+    /// Any server or node of the cluster (a node's peers on its data port).
+    AnyMember,
 }
 
 fn verify_tls12(
@@ -132,12 +141,22 @@ impl ServerCertVerifier for PeerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
+        let expected = match self.expected {
+            Expected::AnyMember if crate::member_of(end_entity).is_some() => {
+                return Ok(ServerCertVerified::assertion())
+            }
+            Expected::AnyMember => {
+                return Err(Error::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+            Expected::Server(id) => id,
+        };
         match server_id_of(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Some(id) if id == expected => Ok(ServerCertVerified::assertion()),
             Some(id) => Err(Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(TlsError::Invalid(format!(
-                    "the peer's certificate names server {id}, not server {}",
-                    self.expected
+                    "the peer's certificate names server {id}, not server {expected}"
                 )))),
             ))),
             None => Err(Error::InvalidCertificate(

@@ -42,7 +42,7 @@ fn trusting_presenting(server: &ServerIdentity, presenting: &ServerIdentity) -> 
     let provider = provider();
     let verifier = Arc::new(PeerVerifier {
         roots: roots(server.ca_cert()).unwrap(),
-        expected: server.id(),
+        expected: Expected::Server(server.id()),
         provider: provider.clone(),
     });
     ClientConfig::builder_with_provider(provider)

@@ -10,6 +10,9 @@
 //!
 //! - [`ca`]: the CA and the server leaves it issues, saved as PEM files (keys 0600).
 //! - [`identity`]: the server id a certificate names.
+//! - [`node`]: node certificates (URI SAN `aigrid://node/<id>`) for the nodes'
+//!   private data ports, requested by the node and issued by a server with the CA
+//!   key.
 //! - [`config`]: rustls configurations: the peer listener (mutual TLS), the peer
 //!   client (expects one peer id), the API listener, API clients (CA file or pin).
 //!
@@ -19,12 +22,14 @@ pub mod ca;
 mod chain;
 pub mod config;
 pub mod identity;
+pub mod node;
 
 pub use ca::{
     ClusterCa, ServerIdentity, CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE,
 };
 pub use config::{api_client_config, ApiTrust};
 pub use identity::{server_id_of, server_uri};
+pub use node::{member_of, node_id_of, Member, NodeIdentity, NodeKeyRequest};
 
 pub use aigrid_api::CaFingerprint;
 pub use rustls;
@@ -62,6 +67,12 @@ pub enum TlsError {
     #[error("{0}")]
     Invalid(String),
 }
+
+/// The leaf certificate a client presented on a TLS connection, verified against
+/// the cluster CA by the listener's configuration; listeners put it in each
+/// request's extensions for the routes that ask who is calling ([`member_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate(pub CertificateDer<'static>);
 
 /// The crypto provider every configuration uses.
 pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {

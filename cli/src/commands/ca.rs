@@ -1,5 +1,5 @@
 //! `aigrid ca`: the cluster's certificate authority, made once at bootstrap, and the
-//! server certificates it issues for servers that must not hold its key.
+//! server and node certificates it issues for servers that must not hold its key.
 
 use std::path::PathBuf;
 
@@ -26,15 +26,21 @@ pub enum CaCommand {
     },
     /// Issue server `--id`'s certificate into `--out` (`ca.pem`, `server.pem`,
     /// `server.key`): a directory for that server's `--ca-dir` that holds no CA key.
+    /// Or node `--node`'s data port certificate (`node.pem`, `node.key`): a
+    /// directory for that agent's `--data-tls-dir`, where the servers hold no CA key.
     Issue {
         /// The CA's directory (`ca.pem` and `ca.key`).
         #[arg(long)]
         dir: PathBuf,
         /// The server's Raft id.
+        #[arg(long, required_unless_present = "node", conflicts_with = "node")]
+        id: Option<u64>,
+        /// The node's id (as its agent registers it, `--node-id`).
         #[arg(long)]
-        id: u64,
-        /// A host name or IP address clients and peers reach the server at;
-        /// repeatable (localhost and 127.0.0.1 are always included).
+        node: Option<String>,
+        /// A host name or IP address clients and peers reach the server (or the
+        /// node's data port) at; repeatable (localhost and 127.0.0.1 are always
+        /// included).
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
         /// Directory to write the server's files into.
@@ -71,11 +77,28 @@ pub fn ca(cmd: CaCommand, json: bool) -> anyhow::Result<()> {
         CaCommand::Issue {
             dir,
             id,
+            node,
             mut hosts,
             out,
         } => {
             let ca = aigrid_tls::ClusterCa::load(&dir).map_err(|e| anyhow!("{e}"))?;
             hosts.extend(["localhost".to_owned(), "127.0.0.1".to_owned()]);
+            let Some(id) = id else {
+                let node = node.ok_or_else(|| anyhow!("--id or --node is required"))?;
+                let identity = ca
+                    .issue_node_identity(&node, &hosts)
+                    .map_err(|e| anyhow!("{e}"))?;
+                identity.save(&out).map_err(|e| anyhow!("{e}"))?;
+                if !json {
+                    say(&format!(
+                        "node {node}'s data port certificate written to {}: start its agent \
+                         with --data-tls-dir {}\n",
+                        out.display(),
+                        out.display()
+                    ));
+                }
+                return Ok(());
+            };
             let identity = ca.issue_server(id, &hosts).map_err(|e| anyhow!("{e}"))?;
             identity.save(&out).map_err(|e| anyhow!("{e}"))?;
             if !json {

@@ -586,6 +586,8 @@ impl RegisterArgs {
             protections: None,
             ports: None,
             data_port: None,
+            data_tls: false,
+            data_csr: None,
         };
         reg.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(reg)

@@ -33,8 +33,8 @@ use crate::output::{bytes_text, count, print_json};
 pub use push::{push_dir, PushArgs};
 use registry::all_details_unchecked;
 pub use registry::{detail, registered_chunks, resolve, short, ModelDetail};
-pub use repair::repair_loop;
 use repair::repair_one;
+pub use repair::{repair_loop, RepairMetrics};
 pub use store::{open_store, read_model_key, store_from, StoreArgs};
 
 /// `aigrid model …`
@@ -86,6 +86,20 @@ pub enum ModelCommand {
     Rm {
         /// The model's digest (or a unique prefix of it).
         digest: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Write the tiny demo model `aigrid up` deploys (random weights, a real
+    /// tokenizer) into DIR once, push it and submit its model-server job (left alone
+    /// when a job of its name exists): `/v1` then answers for `tiny-llama`.
+    Demo {
+        /// Where the model and its publisher key are kept between runs.
+        #[arg(long, default_value = "aigrid-demo-model")]
+        dir: PathBuf,
+        /// The circle the model and its job belong to (the admins' when none); a
+        /// circle's API keys reach its models on `/v1`.
+        #[arg(long)]
+        circle: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -271,6 +285,24 @@ pub async fn model(client: &Client, cmd: ModelCommand, json: bool) -> anyhow::Re
                 detail.summary.name,
                 &digest[..16],
                 count(deleted, "shard")
+            );
+            Ok(())
+        }
+        ModelCommand::Demo { dir, circle, store } => {
+            let deployed = crate::demo::try_deploy(client, &dir, store, circle.as_deref()).await?;
+            let (digest, verb) = match &deployed {
+                crate::demo::Deployed::Submitted(d) => (d, "submitted"),
+                crate::demo::Deployed::JobExists(d) => (d, "exists already, left as it is"),
+            };
+            if json {
+                return print_json(&serde_json::json!({
+                    "model": crate::demo::NAME, "digest": digest,
+                    "job_submitted": matches!(deployed, crate::demo::Deployed::Submitted(_)),
+                }));
+            }
+            println!(
+                "demo model {} pushed ({digest}); its job {verb}",
+                crate::demo::NAME
             );
             Ok(())
         }

@@ -29,9 +29,15 @@ pub fn store_from(configs: &[BackendConfig]) -> anyhow::Result<Store> {
     if configs.is_empty() {
         bail!("no dispersed store: the server has none configured (start it with --store FILE) and no --store was given");
     }
+    // `https://` backends (nodes' data ports) are served under the cluster CA.
+    let ca = match crate::client::trusted() {
+        Some(aigrid_tls::ApiTrust::CaCert(ca)) => Some(ca),
+        _ => None,
+    };
     let mut backends = Vec::new();
     for config in configs {
-        backends.push(Backend::from_config(config).map_err(|e| anyhow!("{e}"))?);
+        let backend = Backend::from_config_trusting(config, ca.as_ref().map(|c| c.as_ref()));
+        backends.push(backend.map_err(|e| anyhow!("{e}"))?);
     }
     Ok(Store::new(backends))
 }

@@ -90,6 +90,20 @@ pub fn spawn_logged(args: &[std::ffi::OsString], log: &Path) -> Child {
         .expect("spawn aigrid")
 }
 
+/// Every file under `dir`, depth first.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 /// The last `n` lines of a log file.
 pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -527,4 +541,30 @@ pub fn spawn_piped<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &Path) -> Child {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
+}
+
+/// The CLI as the person whose key file is `key`, against `server`.
+pub fn as_person(key: &Path, server: &str, args: &[&str]) -> Output {
+    std::process::Command::new(aigrid_bin())
+        .args(args)
+        .args(["--server", server])
+        .env("AIGRID_IDENTITY", key)
+        .output()
+        .unwrap()
+}
+
+/// Makes a person's identity with `aigrid key new` and answers its key file and
+/// public key (from `aigrid key show --json`).
+pub fn new_person(dir: &Path, name: &str) -> (PathBuf, String) {
+    let file = dir.join(format!("{name}.json"));
+    let made = as_person(&file, "http://127.0.0.1:1", &["key", "new", "--name", name]);
+    assert_success(&made);
+    let shown = json_output(&as_person(
+        &file,
+        "http://127.0.0.1:1",
+        &["key", "show", "--json"],
+    ));
+    assert_eq!(shown["type"], "ed25519", "{shown}");
+    assert!(shown["id"].is_string(), "{shown}");
+    (file, shown["public_key"].as_str().unwrap().to_owned())
 }

@@ -142,7 +142,9 @@ fn peer_address(req: &Request) -> Result<IpAddr, ApiError> {
 /// was revoked, also presents a join token as `Authorization: Bearer <token>`; a
 /// known node must keep its key. The node's address, where the servers reach its
 /// workloads, is the source address of this request's connection, whatever the
-/// body says.
+/// body says. A registration with a `data_csr` is answered the node's data port
+/// certificate, issued from the cluster CA for the key the request carries, naming
+/// the node, the hosts it asks for and that address.
 
 #[utoipa::path(
     tag = "agents", post, path = "/api/v1/nodes", request_body = NodeRegistration,
@@ -151,6 +153,7 @@ fn peer_address(req: &Request) -> Result<IpAddr, ApiError> {
         (status = 200, description = "Known node refreshed", body = RegisterNodeResponse),
         (status = 400, description = "Invalid registration", body = ErrorBody),
         (status = 401, description = "Bad signature, key or join token", body = ErrorBody),
+        (status = 409, description = "A data port certificate asked of a server without the CA key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 503, description = "No quorum", body = ErrorBody),
     )
@@ -165,7 +168,7 @@ async fn register_node(
 ) -> Result<(StatusCode, Json<RegisterNodeResponse>), ApiError> {
     let address = peer_address(&req)?;
     let body = body_bytes(req, &state).await?;
-    let node: NodeRegistration = decode_json(&body)?;
+    let mut node: NodeRegistration = decode_json(&body)?;
     node.validate()?;
     let key = node.public_key.ok_or_else(|| {
         ApiError::new(
@@ -179,6 +182,12 @@ async fn register_node(
     state
         .raft
         .read_local(|s| s.check_registration(&node, token.as_ref(), state.clock.now()))?;
+    // Issued before anything is committed, so a request this server cannot answer
+    // changes nothing; the request itself is not kept in the log.
+    let data_certificate = match node.data_csr.take() {
+        Some(csr) => Some(issue_data_certificate(&state, &node.id, &csr, address)?),
+        None => None,
+    };
     let command = Command::RegisterNode {
         node,
         join_token: token,
@@ -203,11 +212,33 @@ async fn register_node(
                     created,
                     eval_ids,
                     address: Some(address),
+                    data_certificate,
                 }),
             ))
         }
         other => Err(unexpected(other)),
     }
+}
+
+/// The data port certificate for `node`'s request, from this server's CA key;
+/// 409 where the key is kept off this server, 400 for a request that is not one.
+fn issue_data_certificate(
+    state: &ApiState,
+    node: &NodeId,
+    csr: &str,
+    address: IpAddr,
+) -> Result<String, ApiError> {
+    let issuer = state.node_issuer.as_ref().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Conflict,
+            "data_csr: this server does not hold the cluster CA's key, so it issues no \
+             data port certificates; issue the node's ahead (`aigrid ca issue --node ID \
+             --out DIR`) and start its agent with --data-tls-dir DIR",
+        )
+    })?;
+    issuer
+        .issue_node(node.as_str(), csr, Some(address))
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, format!("data_csr: {e}")))
 }
 
 /// Records that a node is alive, its readings, the health of its GPUs and the

@@ -243,6 +243,9 @@ pub struct ServerAccess {
     pub admins: Vec<(String, aigrid_api::PublicKey)>,
     /// This server's own identity (what its own loops sign with).
     pub server_key: Option<aigrid_api::PublicKey>,
+    /// The CA this server issues nodes' data-port certificates with, when it holds
+    /// the CA key.
+    pub node_issuer: Option<Arc<aigrid_tls::ClusterCa>>,
 }
 
 /// The public HTTP surface of a server: control API, `/v1` inference gateway,
@@ -260,9 +263,14 @@ pub fn router(
     clock: SharedClock,
     access: ServerAccess,
 ) -> prometheus::Result<Router> {
-    let ServerAccess { admins, server_key } = access;
+    let ServerAccess {
+        admins,
+        server_key,
+        node_issuer,
+    } = access;
     let state = ApiState {
         server_key,
+        node_issuer,
         clock,
         nonces: Arc::new(replay::NonceCache::default()),
         bootstrap_admins: Arc::new(admins),
@@ -299,7 +307,9 @@ pub fn router(
         .with_state(state);
     // The gateway has its own body limit, admission and error shape (OpenAI's). Raft
     // is not here: it has a listener of its own, with mutual TLS.
-    Ok(api.merge(crate::gateway::router(gateway)))
+    Ok(api
+        .merge(crate::gateway::router(gateway))
+        .merge(crate::console::router()))
 }
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,7 @@
 
 use aigrid_api::manifest::{is_digest, Registration};
 use aigrid_api::{ErrorBody, ProposalCreated, Role};
-use aigrid_api::{ErrorCode, ModelSummary, StorageInfo};
+use aigrid_api::{ErrorCode, ModelSummary, ShardHealth, StorageInfo};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::extract::{Path, Query, State};
@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::router::UtoipaMethodRouterExt;
 use utoipa_axum::routes;
 
-use super::auth::{signed_bytes, Caller};
+use super::auth::{signed_bytes, Caller, Signed};
 use super::plumbing::{
     check_name, decode_json, propose, propose_change, read, read_query, unexpected, ApiError,
     ApiState, ReadQuery,
@@ -39,6 +39,7 @@ pub(super) fn routes(max_model_body_bytes: usize) -> OpenApiRouter<ApiState> {
         .routes(routes!(list_models))
         .routes(routes!(get_model, delete_model))
         .routes(routes!(set_model_locations).layer(body))
+        .routes(routes!(record_model_health))
         .routes(routes!(get_storage))
 }
 
@@ -255,6 +256,36 @@ async fn set_model_locations(
     };
     match propose(&state, command).await? {
         Applied::ModelLocationsSet(summary) => Ok(Json(summary)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Records what a scrub of the model's shards found and what its repair did: the
+/// repair loop of a server with a store reports each round, and `GET
+/// /api/v1/models` shows the last report. Admins (and the servers) only; a report
+/// older than the one kept is answered and changes nothing.
+#[utoipa::path(
+    tag = "models", put, path = "/api/v1/models/{digest}/health", request_body = ShardHealth,
+    params(("digest" = String, Path, description = "The model's digest")),
+    responses(
+        (status = 200, description = "Recorded; the model as it is now", body = ModelSummary),
+        (status = 400, description = "Counts that do not add up", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 503, description = "No quorum", body = ErrorBody),
+    )
+)]
+async fn record_model_health(
+    State(state): State<ApiState>,
+    Path(digest): Path<String>,
+    Signed(caller, health): Signed<ShardHealth>,
+) -> Result<Json<ModelSummary>, ApiError> {
+    caller.require(&state, Action::Admin).await?;
+    let digest = path_digest(&digest)?;
+    health.validate()?;
+    let command = Command::RecordModelHealth { digest, health };
+    match propose(&state, command).await? {
+        Applied::ModelHealthRecorded(summary) => Ok(Json(summary)),
         other => Err(unexpected(other)),
     }
 }

@@ -108,6 +108,9 @@ pub struct ApiState {
     pub(crate) bootstrap_admins: Arc<Vec<(String, aigrid_api::PublicKey)>>,
     /// This server's own identity, which its own loops (repairs) sign with.
     pub(crate) server_key: Option<aigrid_api::PublicKey>,
+    /// The CA nodes' data-port certificates are issued with, when this server holds
+    /// its key.
+    pub(crate) node_issuer: Option<Arc<aigrid_tls::ClusterCa>>,
 }
 
 #[derive(Clone)]
@@ -148,7 +151,20 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.0)).into_response()
+        let mut response = (status, Json(self.0)).into_response();
+        // A body refused as too large or too slow may be partly unread: the
+        // connection cannot carry another request, and the client is told so
+        // rather than finding out on its next request.
+        if matches!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        ) {
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 

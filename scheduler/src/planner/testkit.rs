@@ -53,6 +53,7 @@ pub(crate) fn node(id: &str, attrs: &[(&str, &str)], cpu: u64, memory: u64, gpus
         address: None,
         ports: aigrid_api::PortRange::DEFAULT,
         data_port: None,
+        data_tls: false,
         telemetry: None,
         protections: None,
         usage: None,

@@ -227,6 +227,15 @@ pub enum Command {
         /// When the change was made.
         at: Timestamp,
     },
+    /// Records what the last scrub of a model's shards found and what its repair
+    /// did (the repair loop's report); an older report than the one kept changes
+    /// nothing.
+    RecordModelHealth {
+        /// The model.
+        digest: String,
+        /// The scrub's counts.
+        health: aigrid_api::ShardHealth,
+    },
     /// Forgets a model; its shards are left where they are.
     DeleteModel {
         /// The model.
@@ -560,6 +569,8 @@ pub enum Applied {
     },
     /// A model's locations were set.
     ModelLocationsSet(ModelSummary),
+    /// A model's shard health was recorded; the model as it is now.
+    ModelHealthRecorded(ModelSummary),
     /// A model was forgotten.
     ModelDeleted {
         /// Its digest.

@@ -407,9 +407,12 @@ impl ClusterState {
                         if peer.revoked || peer.status == NodeStatus::Down {
                             return None;
                         }
+                        let scheme = if peer.data_tls { "https" } else { "http" };
                         let url = match (peer.address?, peer.data_port?) {
-                            (std::net::IpAddr::V6(a), port) => format!("http://[{a}]:{port}"),
-                            (a, port) => format!("http://{a}:{port}"),
+                            (std::net::IpAddr::V6(a), port) => {
+                                format!("{scheme}://[{a}]:{port}")
+                            }
+                            (a, port) => format!("{scheme}://{a}:{port}"),
                         };
                         Some(aigrid_api::ModelPeer {
                             node: s.node.clone(),

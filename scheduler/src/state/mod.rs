@@ -421,6 +421,9 @@ impl ClusterState {
                 .tables
                 .models
                 .set_locations(&digest, locations, expected_version, at),
+            Command::RecordModelHealth { digest, health } => {
+                self.tables.models.record_health(&digest, health)
+            }
             Command::DeleteModel { digest, at: _ } => self.tables.models.delete(digest),
             Command::BootstrapAdmins { admins, at } => self.bootstrap_admins(admins, at),
             Command::PutIdentity {

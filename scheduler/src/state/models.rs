@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aigrid_api::manifest::{is_digest, Locations, ManifestError, Registration, SignedManifest};
-use aigrid_api::{AllocState, DesiredState, ModelSummary, Timestamp};
+use aigrid_api::{AllocState, DesiredState, ModelSummary, ShardHealth, Timestamp};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -47,6 +47,9 @@ pub(crate) struct ModelRecord {
     created_at: Timestamp,
     locations_version: u64,
     locations_updated_at: Timestamp,
+    /// What the last scrub found; none until one has reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    health: Option<ShardHealth>,
 }
 
 /// A registered model as the `/v1` gateway knows it: enough to resolve the name or
@@ -101,6 +104,7 @@ impl ModelRecord {
             created_at: self.created_at,
             locations_version: self.locations_version,
             locations_updated_at: self.locations_updated_at,
+            health: self.health.clone(),
         }
     }
 }
@@ -226,6 +230,7 @@ impl Models {
             created_at: at,
             locations_version: 1,
             locations_updated_at: at,
+            health: None,
         };
         let summary = record.summary(&digest);
         self.0.insert(digest, record);
@@ -252,6 +257,27 @@ impl Models {
         record.locations_version += 1;
         record.locations_updated_at = at.max(record.created_at);
         Ok(Applied::ModelLocationsSet(record.summary(digest)))
+    }
+
+    /// Keeps a scrub's report on a model, unless a later one is kept already (two
+    /// servers repairing in turn may report out of order).
+    pub(crate) fn record_health(
+        &mut self,
+        digest: &str,
+        health: ShardHealth,
+    ) -> Result<Applied, StateError> {
+        health.validate()?;
+        let Some(record) = self.0.get_mut(digest) else {
+            return Err(StateError::not_found(ObjectKind::Model, digest));
+        };
+        if record
+            .health
+            .as_ref()
+            .is_none_or(|kept| kept.checked_at <= health.checked_at)
+        {
+            record.health = Some(health);
+        }
+        Ok(Applied::ModelHealthRecorded(record.summary(digest)))
     }
 
     /// Forgets a model.
@@ -632,6 +658,55 @@ mod tests {
         assert_eq!(code(log.apply(delete())), ErrorCode::NotFound);
         assert!(log.state.model(&digest).is_none());
         assert_eq!(log.state.models_named("llama").len(), 1);
+    }
+
+    #[test]
+    fn a_scrub_report_is_kept_unless_a_later_one_is_and_must_add_up() {
+        let mut log = Log::default();
+        let (summary, _) = registered(log.register(model_registration("llama", 1, 2), 10));
+        assert_eq!(summary.health, None);
+        let report = |at: u64, missing: u64| ShardHealth {
+            checked_at: Timestamp::from_millis(at),
+            shards: 6,
+            healthy: 6 - missing,
+            missing,
+            rebuilt: missing,
+            ..ShardHealth::default()
+        };
+        let record = |log: &mut Log, health: ShardHealth| {
+            log.apply(Command::RecordModelHealth {
+                digest: summary.digest.clone(),
+                health,
+            })
+        };
+        let Ok(Applied::ModelHealthRecorded(now)) = record(&mut log, report(20, 2)) else {
+            panic!("not recorded");
+        };
+        assert_eq!(now.health, Some(report(20, 2)));
+        // An older report arriving late is answered and changes nothing.
+        record(&mut log, report(15, 0)).unwrap();
+        assert_eq!(log.state.models(None)[0].health, Some(report(20, 2)));
+        record(&mut log, report(30, 0)).unwrap();
+        assert!(log.state.models(None)[0]
+            .health
+            .as_ref()
+            .unwrap()
+            .is_healthy());
+        // Counts that do not add up, and an unknown model, are refused.
+        let mut wrong = report(40, 1);
+        wrong.healthy = 6;
+        assert_eq!(code(record(&mut log, wrong)), ErrorCode::InvalidField);
+        assert_eq!(
+            code(log.apply(Command::RecordModelHealth {
+                digest: "0".repeat(64),
+                health: report(40, 0),
+            })),
+            ErrorCode::NotFound
+        );
+        // It survives a snapshot.
+        let mut restored = ClusterState::default();
+        restored.restore(&log.state.snapshot().unwrap()).unwrap();
+        assert_eq!(restored.models(None), log.state.models(None));
     }
 
     #[test]

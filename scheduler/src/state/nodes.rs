@@ -246,6 +246,7 @@ impl ClusterState {
                 node.resources = reg.resources;
                 node.ports = reg.ports.unwrap_or_default();
                 node.data_port = reg.data_port;
+                node.data_tls = reg.data_tls;
                 if address.is_some() {
                     node.address = address;
                 }
@@ -278,6 +279,7 @@ impl ClusterState {
                         address,
                         ports: reg.ports.unwrap_or_default(),
                         data_port: reg.data_port,
+                        data_tls: reg.data_tls,
                         telemetry: None,
                         protections: reg.protections,
                     },

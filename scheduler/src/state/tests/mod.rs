@@ -133,6 +133,8 @@ fn registration(id: &str, gpus: &[&str]) -> NodeRegistration {
         protections: None,
         ports: None,
         data_port: None,
+        data_tls: false,
+        data_csr: None,
     }
 }
 
