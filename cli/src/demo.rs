@@ -156,8 +156,16 @@ pub async fn try_deploy(
     let pushed = model::push_dir(client, &args, false)
         .await
         .context("pushing it")?;
-    let crate::client::Answer::Done(summary) = pushed.registered else {
-        anyhow::bail!("the demo model's registration was made a proposal: a circle guards it");
+    let summary = match pushed.registered {
+        crate::client::Answer::Done(summary) => summary,
+        crate::client::Answer::Proposed(p) => anyhow::bail!(
+            "the demo model's registration is proposal {} of circle {}, which guards \
+             model.register: once its quorum approves (aigrid proposal approve {}), run \
+             this again",
+            p.proposal,
+            p.circle,
+            p.proposal
+        ),
     };
     let digest = summary.digest;
     let jobs: Vec<JobSummary> = client
