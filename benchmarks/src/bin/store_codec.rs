@@ -5,8 +5,10 @@
 //! Implementations, all in the same run and on the same bytes:
 //!
 //! - **Codec**: `aigrid_store::codec::Codec`. Its `encode` (repair) copies the
-//!   stripe into k fresh shard buffers and allocates the parity; its `decode` (every
-//!   read) takes owned shards, allocates the lost ones and copies the stripe out.
+//!   stripe into k fresh shard buffers and computes the parity; its `decode` (every
+//!   read) takes owned shards and copies the survivors into the stripe it returns,
+//!   rebuilding the lost ones there. Both work in column blocks, spread over the
+//!   codec's own pool of one thread per core: one caller codes on every core.
 //! - **Codec::encode_parity**: what a push calls: parity only, from data shards the
 //!   caller keeps (slices of the stripe here), into freshly allocated parity.
 //! - **rse raw**: `reed-solomon-erasure` (simd-accel) on preallocated buffers, no
@@ -15,9 +17,6 @@
 //! - **rse blocked**: the same calls made once per column block of every shard
 //!   (Reed-Solomon is column-wise, so the bytes are identical), which keeps the
 //!   block of all k+m shards in L2 instead of streaming whole shards k×m times.
-//! - **Codec API, blocked (sketch)**: `sketch_encode`/`sketch_decode` below, what
-//!   `Codec::encode`/`decode` could do behind the same signatures: block by block,
-//!   copying each block in while it is still in cache.
 //! - **rs-simd**: `reed-solomon-simd` (Leopard-style, GF(2^16)), one encoder or decoder
 //!   per thread, reused; its shards live in the coder's work area, so the parity (or
 //!   the restored shards) are copied out into the stripe's buffers, as a store must.
@@ -31,7 +30,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`workload`] | the stripes, their reference parity, the columns and operations, the thread split |
-//! | [`kernels`] | reed-solomon-erasure over column blocks, and the blocked `Codec` sketch |
+//! | [`kernels`] | reed-solomon-erasure over column blocks |
 //! | [`cases`] | one runner per cell: each column's encode or reconstruct, checked then timed |
 //! | [`report`] | the tables, the targets, the machine and its load |
 
@@ -53,8 +52,7 @@ use reed_solomon_erasure::galois_8::ReedSolomon;
 
 use cases::{
     codec_decode_case, codec_encode_case, codec_parity_case, memcpy_case, rse_encode_case,
-    rse_reconstruct_case, simd_encode_case, simd_reconstruct_case, sketch_decode_case,
-    sketch_encode_case, Runner,
+    rse_reconstruct_case, simd_encode_case, simd_reconstruct_case, Runner,
 };
 use report::{
     cpu_model, median, print_table, print_targets, range, simd_features, Cell, Columns, CpuSample,
@@ -93,7 +91,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "memcpy,codec,codec-parity,rse-raw,rse-blocked,codec-blocked,simd"
+        default_value = "memcpy,codec,codec-parity,rse-raw,rse-blocked,simd"
     )]
     imps: Vec<Imp>,
     /// Thread counts to measure.
@@ -135,10 +133,6 @@ fn measure(args: &Args, k: usize, m: usize, shard: usize) -> Result<Group> {
                     (Imp::RseBlocked, Op::Encode) => rse_encode_case(&w, &rs, threads, block),
                     (Imp::RseBlocked, Op::Reconstruct) => {
                         rse_reconstruct_case(&w, &rs, threads, block)
-                    }
-                    (Imp::CodecBlocked, Op::Encode) => sketch_encode_case(&w, &rs, threads, block),
-                    (Imp::CodecBlocked, Op::Reconstruct) => {
-                        sketch_decode_case(&w, &rs, threads, block)
                     }
                     (Imp::Simd, Op::Encode) => simd_encode_case(&w, threads)?,
                     (Imp::Simd, Op::Reconstruct) => simd_reconstruct_case(&w, threads)?,

@@ -11,7 +11,7 @@ use anyhow::{ensure, Result};
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
 
-use crate::kernels::{rse_encode, rse_reconstruct, sketch_decode, sketch_encode};
+use crate::kernels::{rse_encode, rse_reconstruct};
 use crate::workload::{run_split, Workload};
 
 /// One cell of the table: runs once (`check` true: untimed, output compared with the
@@ -116,55 +116,6 @@ pub(crate) fn codec_decode_case<'a>(
             drop(black_box(out));
         });
         checked(&failures, "Codec::decode")?;
-        Ok(t)
-    })
-}
-
-pub(crate) fn sketch_encode_case<'a>(
-    w: &'a Workload,
-    rs: &'a ReedSolomon,
-    threads: usize,
-    block: usize,
-) -> Runner<'a> {
-    let mut items = vec![(); w.stripes.len()];
-    let mut states = vec![(); threads];
-    let failures = AtomicUsize::new(0);
-    Box::new(move |check| {
-        let t = run_split(&mut items, &mut states, |_, i, _| {
-            let shards = sketch_encode(rs, w.k, &w.stripes[i], block);
-            if check && !encoded_ok(w, i, &shards) {
-                failures.fetch_add(1, Ordering::Relaxed);
-            }
-            drop(black_box(shards));
-        });
-        checked(&failures, "blocked encode sketch")?;
-        Ok(t)
-    })
-}
-
-pub(crate) fn sketch_decode_case<'a>(
-    w: &'a Workload,
-    rs: &'a ReedSolomon,
-    threads: usize,
-    block: usize,
-) -> Runner<'a> {
-    let mut items: Vec<Option<Vec<Option<Vec<u8>>>>> = vec![None; w.stripes.len()];
-    let mut states = vec![(); threads];
-    let failures = AtomicUsize::new(0);
-    Box::new(move |check| {
-        for (i, item) in items.iter_mut().enumerate() {
-            *item = Some(w.owned_shards(i));
-        }
-        let len = w.k * w.shard;
-        let t = run_split(&mut items, &mut states, |_, i, item| {
-            let shards = item.take().expect("prepared");
-            let out = sketch_decode(rs, w.k, shards, len, block);
-            if check && out != w.stripes[i] {
-                failures.fetch_add(1, Ordering::Relaxed);
-            }
-            drop(black_box(out));
-        });
-        checked(&failures, "blocked decode sketch")?;
         Ok(t)
     })
 }

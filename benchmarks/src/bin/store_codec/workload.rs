@@ -19,7 +19,6 @@ pub(crate) enum Imp {
     CodecParity,
     RseRaw,
     RseBlocked,
-    CodecBlocked,
     Simd,
 }
 
