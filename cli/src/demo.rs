@@ -15,7 +15,8 @@ use anyhow::{anyhow, Context};
 use reqwest::Method;
 
 use crate::client::Client;
-use crate::model::{self, PushArgs, StoreArgs};
+use crate::model::push::{push_dir, PushArgs};
+use crate::model::store::StoreArgs;
 use crate::output::say;
 
 /// The demo model's name, and its job's.
@@ -153,9 +154,7 @@ pub async fn try_deploy(
         circle: circle.map(str::to_owned),
         store,
     };
-    let pushed = model::push_dir(client, &args, false)
-        .await
-        .context("pushing it")?;
+    let pushed = push_dir(client, &args, false).await.context("pushing it")?;
     let summary = match pushed.registered {
         crate::client::Answer::Done(summary) => summary,
         crate::client::Answer::Proposed(p) => anyhow::bail!(

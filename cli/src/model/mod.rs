@@ -13,10 +13,10 @@
 //! | `push` | a directory pushed and registered |
 //! | `repair` | one model repaired, and the periodic repair loop |
 
-mod push;
+pub(crate) mod push;
 mod registry;
 mod repair;
-mod store;
+pub(crate) mod store;
 
 use std::path::PathBuf;
 
@@ -30,7 +30,7 @@ use reqwest::Method;
 use crate::client::Client;
 use crate::output::{bytes_text, count, print_json};
 
-pub use push::{push_dir, PushArgs};
+pub use push::PushArgs;
 use registry::all_details_unchecked;
 pub use registry::{detail, registered_chunks, resolve, short, ModelDetail};
 use repair::repair_one;
