@@ -9,6 +9,10 @@
 #   generate   (b) Llama (39 M parameters) generation tokens/s and time to first token at 1, 8 and
 #                  32 concurrent streaming clients, continuous batching beside the same
 #                  server decoding one sequence at a time (target/release/serving_generate)
+#   llamacpp   (d) the model of (b) as one GGUF file (Q8_0, then F16) served by aigrid
+#                  and by llama.cpp's OpenAI server (llama-cpp-python[server], built here
+#                  from its source package on first use), same requests, 1, 8 and 32
+#                  clients (target/release/serving_llamacpp)
 #   coldstart  (c) deploy to first token with a ~190 MB model in the 4+2 store over 6
 #                  links of 50 MiB/s, beside pulling it first and beside a whole-file
 #                  download over one link (target/release/serving_coldstart)
@@ -18,12 +22,15 @@
 #   BENCH_PARTS=generate SERVING_GENERATE_ARGS="--concurrency 1,16,64" benchmarks/serving/run.sh
 #
 # Environment:
-#   BENCH_PARTS             space-separated parts to run (default: embed generate coldstart)
+#   BENCH_PARTS             space-separated parts to run (default: embed generate llamacpp coldstart)
 #   BENCH_SKIP_BUILD=1      use the binaries already in the target directory
 #   BENCH_OUT               also append every table to this file
 #   BENCH_PYTHON            a Python with sentence-transformers and torch, for the
 #                           embed baseline (default /tmp/stenv/bin/python); make one with
 #                             python3 -m venv V && V/bin/pip install sentence-transformers
+#   BENCH_LLAMA_VENV        the virtualenv llama-cpp-python[server] is built into
+#                           (default /tmp/llamacpp-venv; made when it lacks llama_cpp.server)
+#   SERVING_LLAMACPP_ARGS   extra arguments for serving_llamacpp, e.g. "--types q8_0"
 #   AIGRID_FIXTURES         where serving/fixtures/fetch.sh puts all-minilm-l6-v2
 #                           (default <repo>/target/fixtures)
 #   SERVING_EMBED_ARGS      extra arguments for serving_embed (see `serving_embed --help`)
@@ -34,7 +41,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
-PARTS="${BENCH_PARTS:-embed generate coldstart}"
+PARTS="${BENCH_PARTS:-embed generate llamacpp coldstart}"
 # As `aigrid serve` does: candle's CPU thread count fixed to the cores (unset, candle
 # reads /proc/cpuinfo on every matrix product).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
@@ -45,7 +52,7 @@ FIXTURES="${AIGRID_FIXTURES:-$ROOT/target/fixtures}"
 . "$ROOT/benchmarks/parts.sh"
 
 for part in $PARTS; do
-    case "$part" in embed | generate | coldstart) ;; *) echo "error: unknown part '$part'" >&2; exit 2 ;; esac
+    case "$part" in embed | generate | llamacpp | coldstart) ;; *) echo "error: unknown part '$part'" >&2; exit 2 ;; esac
 done
 
 # ---- part (a): embeddings beside sentence-transformers ---------------------------
@@ -77,6 +84,24 @@ if wants generate; then
     bin="$(build serving_generate)"
     # shellcheck disable=SC2086 # SERVING_GENERATE_ARGS is a list of words
     report "$bin" ${SERVING_GENERATE_ARGS:-}
+fi
+
+# ---- part (d): generation beside llama.cpp ------------------------------------------
+if wants llamacpp; then
+    echo "==> part (d): beside llama.cpp" >&2
+    venv="${BENCH_LLAMA_VENV:-/tmp/llamacpp-venv}"
+    if ! "$venv/bin/python" -c 'import llama_cpp.server.app' 2>/dev/null; then
+        # PyPI carries llama-cpp-python as a source package only: pip builds
+        # llama.cpp from it with CMake (for this CPU: GGML_NATIVE), which takes a
+        # few minutes.
+        echo "==> building llama-cpp-python[server] from source into $venv" >&2
+        python3 -m venv "$venv" >&2
+        "$venv/bin/pip" install --no-binary llama-cpp-python \
+            'llama-cpp-python[server]==0.3.36' >&2
+    fi
+    bin="$(build serving_llamacpp)"
+    # shellcheck disable=SC2086 # SERVING_LLAMACPP_ARGS is a list of words
+    report "$bin" --python "$venv/bin/python" ${SERVING_LLAMACPP_ARGS:-}
 fi
 
 # ---- part (c): cold start to first token ------------------------------------------

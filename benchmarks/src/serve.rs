@@ -182,3 +182,244 @@ pub async fn stream(client: &reqwest::Client, url: &str, body: &Value) -> Result
     }
     bail!("{url}: the stream ended without [DONE]")
 }
+
+const TOPICS: &[&str] = &[
+    "the scheduler",
+    "GPU memory",
+    "the model store",
+    "erasure codes",
+    "a Raft leader",
+    "the weather in Brussels",
+    "continuous batching",
+    "a cold start",
+    "the night train",
+    "embeddings",
+    "a broken disk",
+    "the harbour",
+    "apple pie",
+    "the city library",
+];
+
+/// The prompt of request `i`: its own text, of varying length.
+pub fn prompt(i: usize) -> String {
+    let topic = |k: usize| TOPICS[(i * 7 + k * 3) % TOPICS.len()];
+    let mut prompt = format!("Request {i}: tell me about {} and {}.", topic(0), topic(1));
+    for k in 0..i % 4 {
+        prompt.push_str(&format!(" Also mention {}.", topic(k + 2)));
+    }
+    prompt
+}
+
+/// One closed-loop run: every request's stream and the wall time of them all.
+pub struct Run {
+    /// From the first request sent to the last `[DONE]`.
+    pub wall: Duration,
+    /// Request `i`'s stream, at index `i`.
+    pub streams: Vec<Streamed>,
+    /// Mean sequences per decode step, when the server reports it.
+    pub mean_batch: f64,
+}
+
+impl Run {
+    /// Completion tokens of every stream.
+    pub fn tokens(&self) -> u64 {
+        self.streams.iter().map(|s| s.completion_tokens).sum()
+    }
+
+    /// Completion tokens over the wall time.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens() as f64 / self.wall.as_secs_f64()
+    }
+
+    /// The time to first token of every stream that had text.
+    pub fn ttfts(&self) -> Vec<Duration> {
+        self.streams.iter().filter_map(Streamed::ttft).collect()
+    }
+
+    /// The `p`-th percentile time to first token, in milliseconds.
+    pub fn ttft_ms(&self, p: f64) -> f64 {
+        crate::measure::percentile(&self.ttfts(), p).as_secs_f64() * 1e3
+    }
+
+    /// How many streams produced the same text as `other`'s stream of the same
+    /// request.
+    pub fn identical(&self, other: &Run) -> usize {
+        self.streams
+            .iter()
+            .zip(&other.streams)
+            .filter(|(a, b)| a.text == b.text && a.completion_tokens == b.completion_tokens)
+            .count()
+    }
+}
+
+/// The run of median tokens/s (the lower one of an even count), and the lowest and
+/// highest tokens/s of all.
+pub fn median_run(mut runs: Vec<Run>) -> (Run, (f64, f64)) {
+    let range = runs.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
+        (lo.min(r.tokens_per_second()), hi.max(r.tokens_per_second()))
+    });
+    runs.sort_by(|a, b| a.tokens_per_second().total_cmp(&b.tokens_per_second()));
+    (runs.swap_remove((runs.len() - 1) / 2), range)
+}
+
+/// `clients` closed-loop clients streaming `requests` requests between them to
+/// `url`, request `i`'s body being `body(i)`.
+pub async fn closed_loop(
+    client: &reqwest::Client,
+    url: &str,
+    clients: usize,
+    requests: usize,
+    body: impl Fn(usize) -> Value + Send + Sync + 'static,
+) -> Result<Run> {
+    let body = std::sync::Arc::new(body);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, url, next, body) =
+                (client.clone(), url.to_owned(), next.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= requests {
+                        return Ok::<_, anyhow::Error>(done);
+                    }
+                    done.push((i, stream(&client, &url, &body(i)).await?));
+                }
+            })
+        })
+        .collect();
+    let mut streams: Vec<Option<Streamed>> = vec![None; requests];
+    for task in tasks {
+        for (i, s) in task.await?? {
+            streams[i] = Some(s);
+        }
+    }
+    Ok(Run {
+        wall: start.elapsed(),
+        streams: streams
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .context("a request was not sent")?,
+        mean_batch: f64::NAN,
+    })
+}
+
+/// The shape of the benchmarks' Llama (random weights, the tiny model's tokenizer):
+/// by default big enough that decoding one sequence is bound by reading the
+/// weights, as it is for real models.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Shape {
+    /// Hidden size of the Llama.
+    #[arg(long, default_value_t = 768)]
+    pub hidden: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 6)]
+    pub layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 12)]
+    pub heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 6)]
+    pub kv_heads: usize,
+    /// MLP width.
+    #[arg(long, default_value_t = 2048)]
+    pub intermediate: usize,
+    /// Target vocabulary size.
+    #[arg(long, default_value_t = 512)]
+    pub vocab: usize,
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// A tiny Llama written to a directory, with what the tables say of it.
+pub struct Written {
+    /// The spec it was written from.
+    pub spec: aigrid_serving::tiny::TinyLlama,
+    /// Its real vocabulary size (config.json's).
+    pub vocab: usize,
+}
+
+impl Written {
+    /// Parameters of the model.
+    pub fn parameters(&self) -> usize {
+        let s = &self.spec;
+        let head = s.hidden / s.heads;
+        let attention = 2 * s.hidden * s.hidden + 2 * s.hidden * s.kv_heads * head;
+        let mlp = 3 * s.hidden * s.intermediate;
+        s.layers * (attention + mlp + 2 * s.hidden) + 2 * self.vocab * s.hidden + s.hidden
+    }
+
+    /// "hidden 768, 6 layers, 12 heads / 6 KV heads, MLP 2048, vocabulary 512: 39.0 M
+    /// parameters".
+    pub fn describe(&self) -> String {
+        let s = &self.spec;
+        format!(
+            "hidden {}, {} layers, {} heads / {} KV heads, MLP {}, vocabulary {}: {:.1} M parameters",
+            s.hidden,
+            s.layers,
+            s.heads,
+            s.kv_heads,
+            s.intermediate,
+            self.vocab,
+            self.parameters() as f64 / 1e6
+        )
+    }
+}
+
+impl Shape {
+    /// Writes the model to `dir` (Hugging Face layout, F32 safetensors).
+    pub fn write(&self, dir: &std::path::Path) -> Result<Written> {
+        let spec = aigrid_serving::tiny::TinyLlama {
+            hidden: self.hidden,
+            layers: self.layers,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            intermediate: self.intermediate,
+            vocab: self.vocab,
+            seed: self.seed,
+            ..Default::default()
+        };
+        aigrid_serving::tiny::write_tiny_llama(dir, &spec)?;
+        let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+        let vocab = config["vocab_size"]
+            .as_u64()
+            .map(|v| v as usize)
+            .context("config.json lacks vocab_size")?;
+        Ok(Written { spec, vocab })
+    }
+}
+
+/// The load of a generation benchmark: closed-loop clients sending requests.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Load {
+    /// Concurrent clients, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub concurrency: Vec<usize>,
+    /// Requests sent at each concurrency (spread over the clients).
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// `max_tokens` of every request.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Repetitions of every run (interleaved); each row shows the median by tokens/s.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+}
+
+impl Load {
+    /// Fails on a load that measures nothing.
+    pub fn check(&self) -> Result<()> {
+        anyhow::ensure!(
+            !self.concurrency.is_empty() && self.concurrency.iter().all(|c| *c > 0),
+            "--concurrency needs positive counts"
+        );
+        anyhow::ensure!(
+            self.requests > 0 && self.max_tokens > 0 && self.reps > 0,
+            "--requests, --max-tokens and --reps must be positive"
+        );
+        Ok(())
+    }
+}

@@ -7,6 +7,7 @@
 //! | [`source`] | where a model's files come from: a local directory or the verified store reader |
 //! | [`tokenizer`] | tokenizer.json through `tokenizers`, incremental detokenizing, chat templates |
 //! | [`dense`] | dense projections, the weight laid out at load for the backend's product (AMX, AVX-512 or the device's matmul) |
+//! | [`gguf_export`] | a Hugging Face Llama directory as one GGUF file that llama.cpp and this crate read (Q8_0 or F16, the tokenizer in llama.cpp's keys) |
 //! | [`tiny`] | writes tiny real models (random weights, a trained byte-level BPE tokenizer) |
 //! | [`llama`] | Llama-family decoder (llama, mistral, qwen2; safetensors or GGUF), batched across sequences: `config`, `weights`, `forward`, `attention` |
 //! | [`kv_pool`] | the decoders' keys and values: a slot per running sequence, in one pool per layer |
@@ -31,6 +32,7 @@ pub mod device;
 pub mod embed;
 pub mod error;
 pub mod generate;
+pub mod gguf_export;
 pub mod kernels;
 pub mod kv_pool;
 pub mod llama;

@@ -6,11 +6,12 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use aigrid_serving::gguf_export::{write_gguf as write_gguf_file, GgufType};
 use aigrid_serving::server::Limits;
 use aigrid_serving::tiny::{write_tiny_llama, TinyLlama};
 use aigrid_serving::ModelSource;
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
 use candle_transformers::models::quantized_llama::ModelWeights;
 use common::start;
 use serde_json::json;
@@ -26,67 +27,10 @@ const SPEC: TinyLlama = TinyLlama {
     seed: 5,
 };
 
-/// Converts the tiny model's safetensors into a GGUF file with Q8_0 matrices, named
-/// as llama.cpp names them.
+/// Converts the tiny model into a GGUF file with Q8_0 matrices, as llama.cpp names
+/// and lays them out, and leaves the tokenizer files beside it.
 fn write_gguf(dir: &Path) {
-    let tensors =
-        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    let rename = |name: &str| -> String {
-        let name = name.strip_prefix("model.").unwrap_or(name);
-        let name = name
-            .replace("embed_tokens", "token_embd")
-            .replace("lm_head", "output")
-            .replace("layers.", "blk.")
-            .replace("self_attn.q_proj", "attn_q")
-            .replace("self_attn.k_proj", "attn_k")
-            .replace("self_attn.v_proj", "attn_v")
-            .replace("self_attn.o_proj", "attn_output")
-            .replace("mlp.gate_proj", "ffn_gate")
-            .replace("mlp.up_proj", "ffn_up")
-            .replace("mlp.down_proj", "ffn_down")
-            .replace("post_attention_layernorm", "ffn_norm")
-            .replace("input_layernorm", "attn_norm");
-        if name == "norm.weight" {
-            "output_norm.weight".into()
-        } else {
-            name
-        }
-    };
-    let mut q: Vec<(String, QTensor)> = tensors
-        .iter()
-        .map(|(name, t): (&String, &Tensor)| {
-            let dtype = if t.rank() == 2 {
-                GgmlDType::Q8_0
-            } else {
-                GgmlDType::F32
-            };
-            (rename(name), QTensor::quantize(t, dtype).unwrap())
-        })
-        .collect();
-    q.sort_by(|a, b| a.0.cmp(&b.0));
-    let u32v = |v: usize| gguf_file::Value::U32(v as u32);
-    let metadata = vec![
-        (
-            "general.architecture",
-            gguf_file::Value::String("llama".into()),
-        ),
-        ("llama.embedding_length", u32v(SPEC.hidden)),
-        ("llama.block_count", u32v(SPEC.layers)),
-        ("llama.attention.head_count", u32v(SPEC.heads)),
-        ("llama.attention.head_count_kv", u32v(SPEC.kv_heads)),
-        ("llama.feed_forward_length", u32v(SPEC.intermediate)),
-        ("llama.context_length", u32v(SPEC.max_position)),
-        ("llama.rope.dimension_count", u32v(SPEC.hidden / SPEC.heads)),
-        (
-            "llama.attention.layer_norm_rms_epsilon",
-            gguf_file::Value::F32(1e-5),
-        ),
-        ("llama.rope.freq_base", gguf_file::Value::F32(10_000.0)),
-    ];
-    let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let ts: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut file = std::fs::File::create(dir.join("model.gguf")).unwrap();
-    gguf_file::write(&mut file, &md, &ts).unwrap();
+    write_gguf_file(dir, &dir.join("model.gguf"), GgufType::Q8_0).unwrap();
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     std::fs::remove_file(dir.join("config.json")).unwrap();
 }
@@ -128,4 +72,38 @@ async fn a_gguf_model_generates_what_candle_quantized_llama_generates() {
         server.status().await["bytes_total"],
         std::fs::metadata(dir.join("model.gguf")).unwrap().len()
     );
+}
+
+/// The F16 GGUF of a model generates what its safetensors do: the rotary rows are
+/// reordered for GGUF's pairs, and the tokenizer and stop tokens come along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_f16_gguf_generates_what_its_safetensors_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("st");
+    write_tiny_llama(&dir, &SPEC).unwrap();
+    let gguf_dir = tmp.path().join("gguf");
+    std::fs::create_dir_all(&gguf_dir).unwrap();
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(dir.join(name), gguf_dir.join(name)).unwrap();
+    }
+    write_gguf_file(&dir, &gguf_dir.join("model.gguf"), GgufType::F16).unwrap();
+    let st = start(ModelSource::Dir(dir), "m", Limits::default()).await;
+    let gguf = start(ModelSource::Dir(gguf_dir), "m", Limits::default()).await;
+    st.wait_ready(Duration::from_secs(60)).await;
+    gguf.wait_ready(Duration::from_secs(60)).await;
+    for prompt in ["The scheduler places", "erasure codes and the harbour"] {
+        let body = json!({"model": "m", "prompt": prompt, "max_tokens": 16, "temperature": 0});
+        let (a, from_st) = st.post("/v1/completions", &body).await;
+        let (b, from_gguf) = gguf.post("/v1/completions", &body).await;
+        assert_eq!((a, b), (200, 200), "{from_st} {from_gguf}");
+        assert_eq!(
+            from_st["choices"][0]["text"],
+            from_gguf["choices"][0]["text"]
+        );
+        assert_eq!(from_st["usage"], from_gguf["usage"]);
+    }
 }

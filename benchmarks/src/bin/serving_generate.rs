@@ -25,17 +25,13 @@
 //! makes both servers produce the same tokens for the same request; the table says
 //! how many of the outputs were identical.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aigrid_benchmarks::measure::{cpus, load_average, percentile};
-use aigrid_benchmarks::serve::{self, Running, Streamed, MODEL_NAME};
+use aigrid_benchmarks::measure::{cpus, load_average};
+use aigrid_benchmarks::serve::{self, median_run, Run, Running, MODEL_NAME};
 use aigrid_serving::server::Limits;
-use aigrid_serving::tiny::{write_tiny_llama, TinyLlama};
 use aigrid_serving::ModelSource;
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
 
@@ -49,98 +45,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Llama generation tokens/s and TTFT at several concurrencies, batched vs one sequence at a time"
 )]
 struct Args {
-    /// Concurrent clients, one run each.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-    concurrency: Vec<usize>,
-    /// Requests sent at each concurrency (spread over the clients).
-    #[arg(long, default_value_t = 64)]
-    requests: usize,
-    /// `max_tokens` of every request.
-    #[arg(long, default_value_t = 128)]
-    max_tokens: usize,
-    /// Hidden size of the Llama.
-    #[arg(long, default_value_t = 768)]
-    hidden: usize,
-    /// Decoder layers.
-    #[arg(long, default_value_t = 6)]
-    layers: usize,
-    /// Attention heads.
-    #[arg(long, default_value_t = 12)]
-    heads: usize,
-    /// Key/value heads.
-    #[arg(long, default_value_t = 6)]
-    kv_heads: usize,
-    /// MLP width.
-    #[arg(long, default_value_t = 2048)]
-    intermediate: usize,
-    /// Target vocabulary size.
-    #[arg(long, default_value_t = 512)]
-    vocab: usize,
-    /// Seed of the weights.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Repetitions of every run (interleaved); each row shows the median by tokens/s.
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
+    #[command(flatten)]
+    load: serve::Load,
+    #[command(flatten)]
+    shape: serve::Shape,
 }
 
-const TOPICS: &[&str] = &[
-    "the scheduler",
-    "GPU memory",
-    "the model store",
-    "erasure codes",
-    "a Raft leader",
-    "the weather in Brussels",
-    "continuous batching",
-    "a cold start",
-    "the night train",
-    "embeddings",
-    "a broken disk",
-    "the harbour",
-    "apple pie",
-    "the city library",
-];
-
-/// The chat request of request `i`: its own prompt, of varying length.
+/// The chat request of request `i`.
 fn request(i: usize, max_tokens: usize) -> Value {
-    let topic = |k: usize| TOPICS[(i * 7 + k * 3) % TOPICS.len()];
-    let mut prompt = format!("Request {i}: tell me about {} and {}.", topic(0), topic(1));
-    for k in 0..i % 4 {
-        prompt.push_str(&format!(" Also mention {}.", topic(k + 2)));
-    }
     json!({
         "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": [{"role": "user", "content": serve::prompt(i)}],
         "max_tokens": max_tokens,
         "temperature": 0,
     })
-}
-
-/// One run: `clients` closed-loop clients sending `requests` requests between them.
-struct Run {
-    wall: Duration,
-    /// Request `i`'s stream, at index `i`.
-    streams: Vec<Streamed>,
-    /// Mean sequences per decode step, from the server's metrics.
-    mean_batch: f64,
-}
-
-impl Run {
-    fn tokens(&self) -> u64 {
-        self.streams.iter().map(|s| s.completion_tokens).sum()
-    }
-
-    fn tokens_per_second(&self) -> f64 {
-        self.tokens() as f64 / self.wall.as_secs_f64()
-    }
-
-    fn ttfts(&self) -> Vec<Duration> {
-        self.streams.iter().filter_map(Streamed::ttft).collect()
-    }
-
-    fn ttft_ms(&self, p: f64) -> f64 {
-        percentile(&self.ttfts(), p).as_secs_f64() * 1e3
-    }
 }
 
 /// One concurrency's line of the table: the median runs and the tokens/s ranges.
@@ -150,19 +68,6 @@ struct Row {
     base: Run,
     ours_range: (f64, f64),
     base_range: (f64, f64),
-}
-
-/// The run of median tokens/s (the lower one of an even count).
-fn median_run(mut runs: Vec<Run>) -> Run {
-    runs.sort_by(|a, b| a.tokens_per_second().total_cmp(&b.tokens_per_second()));
-    runs.swap_remove((runs.len() - 1) / 2)
-}
-
-/// The lowest and highest tokens/s of `runs`.
-fn range(runs: &[Run]) -> (f64, f64) {
-    runs.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
-        (lo.min(r.tokens_per_second()), hi.max(r.tokens_per_second()))
-    })
 }
 
 /// The sum and count of the server's sequences-per-step histogram.
@@ -195,86 +100,24 @@ async fn run(
 ) -> Result<Run> {
     let url = server.url("/v1/chat/completions");
     let (sum0, count0) = batch_histogram(client, server).await?;
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (client, url, next) = (client.clone(), url.clone(), next.clone());
-            let (requests, max_tokens) = (args.requests, args.max_tokens);
-            tokio::spawn(async move {
-                let mut done = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= requests {
-                        return Ok::<_, anyhow::Error>(done);
-                    }
-                    done.push((
-                        i,
-                        serve::stream(&client, &url, &request(i, max_tokens)).await?,
-                    ));
-                }
-            })
-        })
-        .collect();
-    let mut streams: Vec<Option<Streamed>> = vec![None; args.requests];
-    for task in tasks {
-        for (i, s) in task.await?? {
-            streams[i] = Some(s);
-        }
-    }
-    let wall = start.elapsed();
-    let (sum1, count1) = batch_histogram(client, server).await?;
-    Ok(Run {
-        wall,
-        streams: streams
-            .into_iter()
-            .collect::<Option<Vec<_>>>()
-            .context("a request was not sent")?,
-        mean_batch: (sum1 - sum0) / (count1 - count0).max(1.0),
+    let max_tokens = args.load.max_tokens;
+    let mut run = serve::closed_loop(client, &url, clients, args.load.requests, move |i| {
+        request(i, max_tokens)
     })
-}
-
-fn parameters(spec: &TinyLlama, vocab: usize) -> usize {
-    let head = spec.hidden / spec.heads;
-    let attention = 2 * spec.hidden * spec.hidden + 2 * spec.hidden * spec.kv_heads * head;
-    let mlp = 3 * spec.hidden * spec.intermediate;
-    spec.layers * (attention + mlp + 2 * spec.hidden) + 2 * vocab * spec.hidden + spec.hidden
-}
-
-fn model_vocab(dir: &Path) -> Result<usize> {
-    let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
-    config["vocab_size"]
-        .as_u64()
-        .map(|v| v as usize)
-        .context("config.json lacks vocab_size")
+    .await?;
+    let (sum1, count1) = batch_histogram(client, server).await?;
+    run.mean_batch = (sum1 - sum0) / (count1 - count0).max(1.0);
+    Ok(run)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    ensure!(
-        !args.concurrency.is_empty() && args.concurrency.iter().all(|c| *c > 0),
-        "--concurrency needs positive counts"
-    );
-    ensure!(
-        args.requests > 0 && args.max_tokens > 0 && args.reps > 0,
-        "--requests, --max-tokens and --reps must be positive"
-    );
+    args.load.check()?;
     let load_start = load_average();
-    let spec = TinyLlama {
-        hidden: args.hidden,
-        layers: args.layers,
-        heads: args.heads,
-        kv_heads: args.kv_heads,
-        intermediate: args.intermediate,
-        vocab: args.vocab,
-        seed: args.seed,
-        ..TinyLlama::default()
-    };
     let work = tempfile::tempdir()?;
     let dir = work.path().join("tiny");
-    write_tiny_llama(&dir, &spec)?;
-    let vocab = model_vocab(&dir)?;
+    let model = args.shape.write(&dir)?;
     let weights = std::fs::metadata(dir.join("model.safetensors"))?.len();
 
     let client = serve::client()?;
@@ -294,19 +137,25 @@ async fn main() -> Result<()> {
         // Warm-up: connections and first allocations.
         let url = server.url("/v1/chat/completions");
         for i in 0..4 {
-            serve::stream(&client, &url, &request(args.requests + i, args.max_tokens)).await?;
+            serve::stream(
+                &client,
+                &url,
+                &request(args.load.requests + i, args.load.max_tokens),
+            )
+            .await?;
         }
     }
 
     // Every repetition runs every concurrency on both servers, interleaved; each
     // row then shows the run of median tokens/s.
     let mut runs: Vec<(Vec<Run>, Vec<Run>)> = args
+        .load
         .concurrency
         .iter()
         .map(|_| (Vec::new(), Vec::new()))
         .collect();
-    for rep in 0..args.reps {
-        for (&clients, (ours, base)) in args.concurrency.iter().zip(&mut runs) {
+    for rep in 0..args.load.reps {
+        for (&clients, (ours, base)) in args.load.concurrency.iter().zip(&mut runs) {
             for (server, name, runs) in [
                 (&batched, "batched", &mut *ours),
                 (&serial, "one at a time", &mut *base),
@@ -315,7 +164,7 @@ async fn main() -> Result<()> {
                 eprintln!(
                     "    rep {}/{} {clients} clients, {name}: {:.0} tokens/s in {:.2} s",
                     rep + 1,
-                    args.reps,
+                    args.load.reps,
                     r.tokens_per_second(),
                     r.wall.as_secs_f64()
                 );
@@ -324,15 +173,19 @@ async fn main() -> Result<()> {
         }
     }
     let rows: Vec<Row> = args
+        .load
         .concurrency
         .iter()
         .zip(runs)
-        .map(|(&clients, (ours, base))| Row {
-            clients,
-            ours_range: range(&ours),
-            base_range: range(&base),
-            ours: median_run(ours),
-            base: median_run(base),
+        .map(|(&clients, (ours, base))| {
+            let ((ours, ours_range), (base, base_range)) = (median_run(ours), median_run(base));
+            Row {
+                clients,
+                ours,
+                base,
+                ours_range,
+                base_range,
+            }
         })
         .collect();
     batched.stop().await?;
@@ -340,17 +193,12 @@ async fn main() -> Result<()> {
     let load_end = load_average();
 
     println!(
-        "### (b) Generation: Llama with random weights (hidden {}, {} layers, {} heads / {} KV heads, MLP {}, vocabulary {vocab}: {:.1} M parameters, {:.1} MB F32) on CPU; {} chat requests per concurrency, max_tokens {}, temperature 0, streamed; median of {} runs, interleaved; {} CPUs, 1-min load average {load_start} at the start, {load_end} at the end",
-        spec.hidden,
-        spec.layers,
-        spec.heads,
-        spec.kv_heads,
-        spec.intermediate,
-        parameters(&spec, vocab) as f64 / 1e6,
+        "### (b) Generation: Llama with random weights ({}, {:.1} MB F32) on CPU; {} chat requests per concurrency, max_tokens {}, temperature 0, streamed; median of {} runs, interleaved; {} CPUs, 1-min load average {load_start} at the start, {load_end} at the end",
+        model.describe(),
         weights as f64 / 1e6,
-        args.requests,
-        args.max_tokens,
-        args.reps,
+        args.load.requests,
+        args.load.max_tokens,
+        args.load.reps,
         cpus(),
     );
     println!();
@@ -364,12 +212,7 @@ async fn main() -> Result<()> {
         base_range,
     } in &rows
     {
-        let identical = ours
-            .streams
-            .iter()
-            .zip(&base.streams)
-            .filter(|(a, b)| a.text == b.text && a.completion_tokens == b.completion_tokens)
-            .count();
+        let identical = ours.identical(base);
         println!(
             "| {clients} | {:.0} ({:.0}-{:.0}) | {:.1} | {:.1} | {:.1} | {:.0} ({:.0}-{:.0}) | {:.1} | {:.1} | {:.2}x | {identical}/{} |",
             ours.tokens_per_second(),
