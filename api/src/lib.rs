@@ -25,6 +25,7 @@
 //! | [`placement`] | placement policies: which storage backends may hold a stripe's shards |
 //! | [`digest`] | content digests as types (`ModelDigest`, `ChunkDigest`) |
 //! | [`openai`] | OpenAI's `/v1` wire types and error envelope, for the model servers and the gateway |
+//! | [`usage`] | metered use (GPU-seconds by model, CPU-seconds, memory) per circle, job and node |
 //! | [`error`] | the error body, the stable error codes and validation errors |
 //!
 //! Every type is re-exported at the crate root, except the manifest's parts and the
@@ -57,6 +58,7 @@ pub mod rollout;
 pub mod signature;
 pub mod spec;
 pub mod units;
+pub mod usage;
 
 pub use access::{
     AddIdentity, ApiKey, ApiKeyInfo, CircleInfo, CircleMember, CircleRole, CreateApiKey,
@@ -109,6 +111,7 @@ pub use spec::{
     SizeError, Span, Spread, TaskGroup, TaskSpec, UpdatePolicy,
 };
 pub use units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
+pub use usage::{UsageAmounts, UsageLine, UsageQuery, UsageReport};
 
 #[cfg(test)]
 mod tests {

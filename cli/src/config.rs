@@ -116,6 +116,10 @@ pub struct ServerArgs {
     /// its work rescheduled.
     #[arg(long)]
     node_ttl_ms: Option<u64>,
+    /// Milliseconds between the leader's meters of what running allocations hold
+    /// (default 10000; 100 to 60000).
+    #[arg(long)]
+    meter_every_ms: Option<u64>,
     /// TOML file describing the dispersed store (backends, k, m, policy) this server
     /// tells clients about at `GET /api/v1/storage`; never its credentials. In the
     /// config file, a relative path is relative to that file.
@@ -328,6 +332,9 @@ impl ServerArgs {
         if let Some(ms) = args.node_ttl_ms {
             config.node_ttl = Duration::from_millis(ms);
         }
+        if let Some(ms) = args.meter_every_ms {
+            config.meter_every = Duration::from_millis(ms);
+        }
         config.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(ResolvedServer {
             config,
@@ -393,6 +400,7 @@ mod tests {
             "MAX_MODEL_BODY_BYTES",
             "MAX_IN_FLIGHT",
             "NODE_TTL_MS",
+            "METER_EVERY_MS",
             "STORE",
             "REPAIR_INTERVAL_SECS",
         ];

@@ -140,6 +140,9 @@ enum Command {
     /// Create, list and revoke a circle's API keys for `/v1`.
     #[command(subcommand)]
     Apikey(commands::ApiKeyCommand),
+    /// Show what a circle's (or the cluster's) allocations held while they ran:
+    /// GPU-hours by model, CPU-hours and memory, by job and node.
+    Usage(commands::UsageArgs),
     /// Make the cluster's certificate authority and issue server certificates.
     #[command(subcommand)]
     Ca(commands::CaCommand),
@@ -223,6 +226,7 @@ fn main() -> ExitCode {
             Command::Identity(cmd) => commands::identity(&client()?, cmd, cli.json).await,
             Command::Circle(cmd) => commands::circle(&client()?, cmd, cli.json).await,
             Command::Apikey(cmd) => commands::apikey(&client()?, cmd, cli.json).await,
+            Command::Usage(args) => commands::usage(&client()?, args, cli.json).await,
             Command::Proposal(cmd) => commands::proposal(&client()?, cmd, cli.json).await,
             Command::Audit(commands::AuditCommand::Verify {
                 file,

@@ -437,16 +437,7 @@ fn an_agent_listens_on_nothing_but_an_enabled_metrics_address() {
         quiet.log_tail()
     );
     assert_eq!(listening_ports(open.pid()), vec![metrics_port]);
-    let text = rt.block_on(async {
-        http()
-            .get(format!("http://{metrics_addr}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let text = metrics_text(&rt, &format!("http://{metrics_addr}"));
     assert!(
         text.contains("aigrid_agent_heartbeats_sent_total"),
         "{text}"
@@ -463,26 +454,68 @@ fn an_agent_listens_on_nothing_but_an_enabled_metrics_address() {
     assert_eq!(status, 404);
 }
 
-#[test]
-fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
-    let cluster = Cluster::start(1, &["--node-ttl-ms", "3000"]);
+/// What `{base}/metrics` answers.
+fn metrics_text(rt: &tokio::runtime::Runtime, base: &str) -> String {
+    rt.block_on(async {
+        let response = http().get(format!("{base}/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    })
+}
+
+/// One server and one agent with simulated GPUs, joined; what a test holds of them.
+struct OneNode {
+    cluster: Cluster,
+    urls: Vec<String>,
+    rt: tokio::runtime::Runtime,
+    root: tempfile::TempDir,
+    /// In every workload's environment, for [`workloads`] and the reaper.
+    marker: String,
+    reaper: Reaper,
+    agent: AgentProc,
+}
+
+/// Starts a server with `server_args` and an agent `name` with `gpus` simulated.
+fn one_node(server_args: &[&str], name: &str, gpus: &str) -> OneNode {
+    let cluster = Cluster::start(1, server_args);
     let urls = cluster.urls();
-    let s = urls[0].as_str();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(wait_leader(&http(), &urls, Duration::from_secs(20)));
     let root = tempfile::tempdir().unwrap();
     let marker = format!("AIGRID_TEST_MARK={}", uuid_like());
-    let _reaper = Reaper {
+    let reaper = Reaper {
         root: root.path().display().to_string(),
         marker: marker.clone(),
     };
-    let token = new_token(s);
+    let token = new_token(&urls[0]);
     let mut agent = AgentProc::new(
         root.path(),
-        "vault",
-        agent_args(&urls, &token, "vault", &["--simulate-gpus", "2xL4-24GB"]),
+        name,
+        agent_args(&urls, &token, name, &["--simulate-gpus", gpus]),
     );
     agent.start();
+    OneNode {
+        cluster,
+        urls,
+        rt,
+        root,
+        marker,
+        reaper,
+        agent,
+    }
+}
+
+#[test]
+fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
+    let OneNode {
+        cluster: _cluster,
+        urls,
+        rt,
+        root,
+        marker,
+        reaper: _reaper,
+        mut agent,
+    } = one_node(&["--node-ttl-ms", "3000"], "vault", "2xL4-24GB");
+    let s = urls[0].as_str();
     eventually(Duration::from_secs(20), "the agent registered", || {
         let nodes = cli_json(s, &["node", "ls"]);
         (nodes.as_array().unwrap().len() == 1).then_some(())
@@ -609,4 +642,102 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
 
 fn blake3_hex(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
+}
+
+/// A circle's GPU work is metered while it runs: `aigrid usage` shows its GPU-hours
+/// by model, job and node to the circle's members and admins, `/metrics` counts
+/// them, and a stranger or another circle's member reads nothing.
+#[test]
+fn running_gpu_work_is_metered_for_its_circle_only() {
+    let OneNode {
+        cluster: _cluster,
+        urls,
+        rt,
+        root,
+        marker,
+        reaper: _reaper,
+        agent: _agent,
+    } = one_node(&["--meter-every-ms", "200"], "gpu-node", "2xH100-80GB");
+    let s = urls[0].as_str();
+
+    let (viewer, viewer_pub) = new_person(root.path(), "vera");
+    let (outsider, outsider_pub) = new_person(root.path(), "otto");
+    for (name, public, circle) in [("vera", &viewer_pub, "ml"), ("otto", &outsider_pub, "web")] {
+        assert_success(&cli(s, &["identity", "add", name, public]));
+        let id = json_output(&as_person(
+            if name == "vera" { &viewer } else { &outsider },
+            s,
+            &["key", "show", "--json"],
+        ))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_success(&cli(
+            s,
+            &["circle", "grant", circle, &id, "--role", "viewer"],
+        ));
+    }
+
+    let (key, value) = marker.split_once('=').unwrap();
+    let job = json!({
+        "name": "train", "kind": "service", "circle": "ml",
+        "groups": [{
+            "name": "w", "count": 1,
+            "resources": {"cpu_millis": 500, "memory_mib": 256, "gpus": {"count": 2}},
+            "task": {"driver": "exec", "command": "/bin/sh", "args": ["-c", "exec sleep 600"],
+                     "env": {key: value}, "kill_timeout_ms": 2000}
+        }]
+    });
+    let file = root.path().join("job.json");
+    std::fs::write(&file, job.to_string()).unwrap();
+    assert_success(&cli(s, &["job", "submit", file.to_str().unwrap()]));
+    eventually(Duration::from_secs(30), "the instance running", || {
+        running(s, "train", 1)
+    });
+    let usage = eventually(Duration::from_secs(20), "two GPU-seconds metered", || {
+        let u = cli_json(s, &["usage", "--circle", "ml", "--since", "1h"]);
+        (u["total"]["gpu_seconds"].as_f64().unwrap() >= 2.0).then_some(u)
+    });
+    assert_eq!(usage["circle"], "ml");
+    assert!(usage["by_gpu_model"][0]["key"]
+        .as_str()
+        .unwrap()
+        .contains("H100"));
+    assert_eq!(usage["by_node"][0]["key"], "gpu-node");
+    // Two GPUs, half a core: the CPU-seconds are a quarter of the GPU-seconds.
+    let (gpu, cpu) = (
+        usage["total"]["gpu_seconds"].as_f64().unwrap(),
+        usage["total"]["cpu_seconds"].as_f64().unwrap(),
+    );
+    assert!((cpu * 4.0 - gpu).abs() < 1e-6, "{usage}");
+    let human = assert_success(&cli(s, &["usage", "--circle", "ml"]));
+    assert!(
+        human.contains("GPU-hours") && human.contains("train"),
+        "{human}"
+    );
+
+    // The circle's viewer reads it; another circle's member and a stranger do not.
+    let seen = as_person(&viewer, s, &["usage", "--circle", "ml", "--json"]);
+    assert_eq!(json_output(&seen)["circle"], "ml");
+    assert_one_line_failure(
+        &as_person(&outsider, s, &["usage", "--circle", "ml"]),
+        "(forbidden)",
+    );
+    assert_one_line_failure(&as_person(&outsider, s, &["usage"]), "(forbidden)");
+    let stranger = root.path().join("stranger.json");
+    common::identity::write_key_file(&stranger, "eve", &common::identity::stranger_key());
+    assert_one_line_failure(
+        &as_person(&stranger, s, &["usage", "--circle", "ml"]),
+        "(unauthorized)",
+    );
+    assert_one_line_failure(&cli(s, &["usage", "--since", "forever"]), "not a duration");
+
+    let text = metrics_text(&rt, s);
+    let metered: f64 = text
+        .lines()
+        .find(|l| l.starts_with("aigrid_usage_gpu_seconds_total{circle=\"ml\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
+    assert!(metered >= 2.0, "/metrics: {text}");
 }

@@ -132,6 +132,8 @@ fn every_metric_the_dashboards_and_alerts_name_is_exported_by_a_process() {
             store.to_str().unwrap(),
             "--repair-interval-secs",
             "1",
+            "--meter-every-ms",
+            "200",
         ],
     );
     let server = cluster.urls()[0].clone();
@@ -175,6 +177,28 @@ fn every_metric_the_dashboards_and_alerts_name_is_exported_by_a_process() {
     .map(Into::into)
     .collect();
     let _agent = Killed(spawn_logged(&args, &root.path().join("agent.log")));
+    // GPU work on the agent, so that the meter has use to count.
+    let marker = format!("AIGRID_TEST_MARK=dashboards-{}", std::process::id());
+    let _reaper = Reaper {
+        root: root.path().display().to_string(),
+        marker: marker.clone(),
+    };
+    let (key, value) = marker.split_once('=').unwrap();
+    let job = serde_json::json!({
+        "name": "metered", "kind": "service",
+        "groups": [{
+            "name": "w", "count": 1,
+            "resources": {"cpu_millis": 100, "memory_mib": 64, "gpus": {"count": 1}},
+            "task": {"driver": "exec", "command": "/bin/sh", "args": ["-c", "exec sleep 120"],
+                     "env": {key: value}, "kill_timeout_ms": 1000}
+        }]
+    });
+    let job_file = root.path().join("job.json");
+    std::fs::write(&job_file, job.to_string()).unwrap();
+    assert_success(&aigrid_at(
+        &server,
+        &["job", "submit", job_file.to_str().unwrap()],
+    ));
     let model = tiny_model(root.path(), "tiny");
     let serve_args: Vec<std::ffi::OsString> = [
         "serve",

@@ -61,6 +61,7 @@ const SERVED: &[&str] = &[
     "PUT /api/v1/models/{digest}/health",
     "GET /api/v1/storage",
     "GET /api/v1/whoami",
+    "GET /api/v1/usage",
     "POST /api/v1/identities",
     "GET /api/v1/identities",
     "DELETE /api/v1/identities/{id}",

@@ -396,3 +396,84 @@ impl WorkerMetrics {
         })
     }
 }
+
+/// Registers the metered use, read from `raft`'s applied state at each scrape:
+/// `aigrid_usage_gpu_seconds_total{circle,gpu_model}`,
+/// `aigrid_usage_cpu_seconds_total{circle}` and
+/// `aigrid_usage_memory_mib_seconds_total{circle}` (the admins' jobs under
+/// `circle=""`), and `aigrid_usage_unmetered_seconds_total` (leaderless gaps not
+/// counted).
+pub fn register_usage(registry: &Registry, raft: RaftNode<ClusterState>) -> prometheus::Result<()> {
+    let counter = |name: &str, help: &str, labels: &[&str]| {
+        prometheus::CounterVec::new(Opts::new(name, help), labels)
+    };
+    registry.register(Box::new(UsageCollector {
+        raft,
+        gpu: counter(
+            "aigrid_usage_gpu_seconds_total",
+            "GPU-seconds held by running allocations, by circle and GPU model",
+            &["circle", "gpu_model"],
+        )?,
+        cpu: counter(
+            "aigrid_usage_cpu_seconds_total",
+            "CPU-seconds reserved by running allocations, by circle",
+            &["circle"],
+        )?,
+        memory: counter(
+            "aigrid_usage_memory_mib_seconds_total",
+            "MiB-seconds of memory reserved by running allocations, by circle",
+            &["circle"],
+        )?,
+        unmetered: prometheus::Counter::with_opts(Opts::new(
+            "aigrid_usage_unmetered_seconds_total",
+            "Seconds of gaps between meters (no leader) that were not counted",
+        ))?,
+    }))
+}
+
+struct UsageCollector {
+    raft: RaftNode<ClusterState>,
+    gpu: prometheus::CounterVec,
+    cpu: prometheus::CounterVec,
+    memory: prometheus::CounterVec,
+    unmetered: prometheus::Counter,
+}
+
+impl Collector for UsageCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.gpu.desc();
+        descs.extend(self.cpu.desc());
+        descs.extend(self.memory.desc());
+        descs.extend(self.unmetered.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (totals, unmetered_ms) = self
+            .raft
+            .read_local(|s| (s.usage_totals(), s.unmetered_ms()));
+        for family in [&self.gpu, &self.cpu, &self.memory] {
+            family.reset();
+        }
+        for t in &totals {
+            if !t.gpu_model.is_empty() {
+                self.gpu
+                    .with_label_values(&[&t.circle, &t.gpu_model])
+                    .inc_by(t.amounts.gpu_seconds);
+            }
+            self.cpu
+                .with_label_values(&[&t.circle])
+                .inc_by(t.amounts.cpu_seconds);
+            self.memory
+                .with_label_values(&[&t.circle])
+                .inc_by(t.amounts.memory_mib_seconds);
+        }
+        self.unmetered.reset();
+        self.unmetered.inc_by(unmetered_ms as f64 / 1e3);
+        let mut out = self.gpu.collect();
+        out.extend(self.cpu.collect());
+        out.extend(self.memory.collect());
+        out.extend(self.unmetered.collect());
+        out
+    }
+}

@@ -136,6 +136,7 @@ impl Server {
         crate::metrics::register_chain(&registry, raft.clone())?;
         crate::metrics::register_rollouts(&registry, raft.clone())?;
         crate::metrics::register_store(&registry, raft.clone())?;
+        crate::metrics::register_usage(&registry, raft.clone())?;
         let worker_metrics = crate::metrics::WorkerMetrics::register(&registry)?;
         let agents = std::sync::Arc::new(crate::hub::AgentHub::new(
             &raft,
@@ -185,6 +186,12 @@ impl Server {
         tokio::spawn(keep_chain(
             raft.clone(),
             clock.clone(),
+            shutdown.subscribe(),
+        ));
+        tokio::spawn(meter(
+            raft.clone(),
+            clock.clone(),
+            config.meter_every,
             shutdown.subscribe(),
         ));
         tokio::spawn(crate::rollouts::watch(
@@ -336,6 +343,37 @@ async fn keep_chain(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The leader's meter: commits a [`crate::state::Command::Meter`] whenever `every`
+/// has passed since the last one the state holds, so a new leader picks up where
+/// the old one stopped.
+async fn meter(
+    raft: RaftNode<ClusterState>,
+    clock: SharedClock,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let status = raft.status();
+        if status.leader == Some(status.id) {
+            let now = clock.now();
+            let last = raft.read_local(ClusterState::metered_until);
+            let due =
+                last.is_none_or(|l| now.as_millis() >= l.as_millis().saturating_add(every_ms));
+            if due {
+                let command = crate::state::Command::Meter { at: now };
+                if let Err(e) = raft.propose(&command).await {
+                    tracing::debug!(error = %e, "metering");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every.min(Duration::from_millis(500)) / 2) => {}
             _ = stop.changed() => return,
         }
     }

@@ -66,6 +66,10 @@ pub struct ServerConfig {
     /// How long a node may stay silent before it is marked down and its work
     /// rescheduled.
     pub node_ttl: Duration,
+    /// How often the leader meters what running allocations hold
+    /// ([`crate::state::metering`]): the error of a count is at most this much per
+    /// start or stop.
+    pub meter_every: Duration,
     /// The dispersed store this server tells clients about (`GET /api/v1/storage`);
     /// no backends when it has none.
     pub storage: StorageInfo,
@@ -101,6 +105,7 @@ impl ServerConfig {
             queue_capacity: 65_536,
             limits: ApiLimits::default(),
             node_ttl: crate::worker::WorkerConfig::default().node_ttl,
+            meter_every: Duration::from_millis(crate::state::metering::METER_EVERY_MS),
             storage: StorageInfo::default(),
             gateway: GatewayConfig::default(),
             access: http::ServerAccess::default(),
@@ -146,6 +151,13 @@ impl ServerConfig {
         }
         if self.node_ttl < Duration::from_secs(1) {
             return bad("node TTL must be at least 1s".into());
+        }
+        let max_meter = Duration::from_millis(crate::state::metering::MAX_GAP_MS);
+        if self.meter_every < Duration::from_millis(100) || self.meter_every > max_meter {
+            return bad(format!(
+                "the meter interval must be between 100ms and {}s",
+                max_meter.as_secs()
+            ));
         }
         if self.queue_capacity == 0 || self.limits.max_in_flight == 0 {
             return bad("queue capacity and max in-flight must be at least 1".into());

@@ -11,6 +11,7 @@
 //! | `access` | `aigrid key`, `whoami`, `identity`, `circle`, `apikey`: identities, roles and API keys |
 //! | `chain` | the Human Chain: `circle create`, `circle member`, `circle policy`, `proposal` |
 //! | `audit` | `aigrid audit`: the audit log read, exported, and verified offline |
+//! | `usage` | `aigrid usage`: metered use of a circle or the cluster, by GPU model, job and node |
 //! | `ca` | `aigrid ca`: the cluster CA and the server certificates it issues |
 
 mod access;
@@ -22,6 +23,7 @@ mod deployment;
 mod job;
 mod node;
 mod rollout;
+mod usage;
 
 pub use access::{
     apikey, circle, identity, key, whoami, ApiKeyCommand, CircleCommand, IdentityCommand,
@@ -35,3 +37,4 @@ pub use deployment::{deployment, DeploymentCommand};
 pub use job::{alloc, job, AllocCommand, JobCommand};
 pub use node::{node, NodeCommand};
 pub use rollout::{rollout, RolloutCommand};
+pub use usage::{usage, UsageArgs};

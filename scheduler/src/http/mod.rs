@@ -17,6 +17,7 @@
 //! | `access` | [`access`] | `/api/v1/whoami`, `/api/v1/identities`, `/api/v1/circles`, members, API keys |
 //! | `chain` | [`chain`] | governed circles, `/api/v1/proposals` and decisions, `/api/v1/audit` with checkpoints, proofs, export |
 //! | `cluster` | [`cluster`] | `/api/v1/cluster`, members joining and leaving |
+//! | `access` | [`usage`] | `/api/v1/usage`: metered use by circle, job, node and GPU model |
 //! | `models` | [`models`] | `/api/v1/models`, `/api/v1/storage` |
 //! | `operations` | [`ops`] | `/metrics`, `/health`, `/ready` |
 //! | `api` | here | `/api/v1` (the index), `/api/v1/openapi.json` |
@@ -44,6 +45,7 @@ mod rate;
 pub mod replay;
 pub mod rollouts;
 pub mod tokens;
+pub mod usage;
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
@@ -111,6 +113,7 @@ fn short_routes(limits: &ApiLimits) -> OpenApiRouter<ApiState> {
         .merge(access::routes())
         .merge(chain::routes())
         .merge(cluster::routes())
+        .merge(usage::routes())
         .merge(models::routes(limits.max_model_body_bytes))
         .routes(routes!(index))
         .routes(routes!(openapi_json))

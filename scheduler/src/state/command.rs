@@ -439,6 +439,12 @@ pub enum Command {
         /// When the leader saw it.
         at: Timestamp,
     },
+    /// The leader's meter: what running allocations held since the last one is
+    /// counted ([`super::metering`]).
+    Meter {
+        /// When the leader metered.
+        at: Timestamp,
+    },
     /// The leader's report that a rollout's progress deadline passed; it fails
     /// (and reverts, when its policy says so) if the deadline the state holds has
     /// indeed passed at `at`.
@@ -626,4 +632,6 @@ pub enum Applied {
         /// How many reports changed a node's stage.
         count: usize,
     },
+    /// Use was metered.
+    Metered(super::metering::Metered),
 }

@@ -20,6 +20,7 @@ mod evaluations;
 mod fleet;
 mod invariants;
 mod jobs;
+pub mod metering;
 pub mod models;
 mod nodes;
 mod plans;
@@ -175,6 +176,9 @@ struct Tables {
     /// Fleet rollouts by id, at most [`fleet::ROLLOUTS_KEPT`].
     #[serde(default)]
     rollouts: BTreeMap<String, aigrid_api::FleetRollout>,
+    /// Metered use.
+    #[serde(default)]
+    metering: metering::Metering,
 }
 
 /// A join token as the state keeps it.
@@ -501,6 +505,7 @@ impl ClusterState {
                 at,
             } => self.report_models(&node_id, models, at),
             Command::RolloutTimeouts { id, at } => self.rollout_timeouts(&id, at),
+            Command::Meter { at } => Ok(Applied::Metered(self.meter(at))),
         }
     }
 }
@@ -524,6 +529,7 @@ impl ClusterState {
             access: access::Access::default(),
             chain: chain::Chain::default(),
             rollouts: BTreeMap::new(),
+            metering: metering::Metering::default(),
         })
     }
 

@@ -4,6 +4,7 @@
 mod allocations;
 mod chain;
 mod jobs;
+mod metering;
 mod nodes;
 mod ports;
 mod replication;
