@@ -149,24 +149,58 @@ impl Model {
         Self::assemble(config, embed, layers, norm_out, lm_head, backend)
     }
 
-    /// Builds the model from a GGUF file's tensors.
+    /// Builds the model from a GGUF file's tensors. Quantized matrices (Q8_0, Q4_K
+    /// and the like) run through candle's quantized products; float ones (F16,
+    /// BF16, F32) are widened to f32 once and laid out for the backend's product, as
+    /// safetensors are, with the query, key and value (and gate and up) projections
+    /// fused.
     pub fn from_gguf(
         config: LlamaConfig,
         vb: candle_transformers::quantized_var_builder::VarBuilder,
     ) -> Result<Model, ServingError> {
+        use candle_core::quantized::GgmlDType;
         use candle_transformers::quantized_nn as qnn;
+        type QVarBuilder = candle_transformers::quantized_var_builder::VarBuilder;
         let c = &config;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let proj = |vb: candle_transformers::quantized_var_builder::VarBuilder,
-                    i: usize,
-                    o: usize,
-                    bias: bool|
-         -> candle_core::Result<Proj> {
+        let backend = Backend::for_device(vb.device());
+        let proj = |vb: QVarBuilder, i: usize, o: usize, bias: bool| -> candle_core::Result<Proj> {
             Ok(Proj::Quant(qnn::linear_b(i, o, bias, vb)?))
         };
-        let norm = |vb: candle_transformers::quantized_var_builder::VarBuilder| {
-            qnn::RmsNorm::new(c.hidden_size, c.rms_norm_eps, vb).map(Norm::Quant)
+        // The projections `parts` fused for the backend's product when every one of
+        // them is stored as floats; `None` when one is quantized.
+        let float = |parts: &[(QVarBuilder, usize)],
+                     i: usize,
+                     bias: bool|
+         -> candle_core::Result<Option<Dense>> {
+            let mut loaded = Vec::with_capacity(parts.len());
+            for (vb, o) in parts {
+                let weight = vb.get((*o, i), "weight")?;
+                if !matches!(
+                    weight.dtype(),
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                ) {
+                    return Ok(None);
+                }
+                let bias = if bias {
+                    Some(vb.get(*o, "bias")?.dequantize(vb.device())?)
+                } else {
+                    None
+                };
+                loaded.push((weight.dequantize(vb.device())?, bias));
+            }
+            let refs: Vec<(&Tensor, Option<Tensor>)> =
+                loaded.iter().map(|(w, b)| (w, b.clone())).collect();
+            Dense::fused(backend, &refs, Precision::F32).map(Some)
         };
+        let one = |vb: QVarBuilder, i: usize, o: usize, bias: bool| -> candle_core::Result<Proj> {
+            match float(&[(vb.clone(), o)], i, bias)? {
+                Some(dense) => Ok(Proj::Dense(dense)),
+                None => proj(vb, i, o, bias),
+            }
+        };
+        let norm =
+            |vb: QVarBuilder| qnn::RmsNorm::new(c.hidden_size, c.rms_norm_eps, vb).map(Norm::Quant);
         let embed = vb
             .pp("token_embd")
             .get((c.vocab_size, c.hidden_size), "weight")?
@@ -174,29 +208,51 @@ impl Model {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let b = vb.pp(format!("blk.{i}"));
+            let (q, k, v) = (b.pp("attn_q"), b.pp("attn_k"), b.pp("attn_v"));
+            let qkv_parts = [
+                (q.clone(), h * hd),
+                (k.clone(), kv * hd),
+                (v.clone(), kv * hd),
+            ];
+            let qkv = match float(&qkv_parts, c.hidden_size, c.attention_bias)? {
+                Some(proj) => Qkv::Fused {
+                    proj,
+                    q: h * hd,
+                    kv: kv * hd,
+                },
+                None => Qkv::Split(
+                    proj(q, c.hidden_size, h * hd, c.attention_bias)?,
+                    proj(k, c.hidden_size, kv * hd, c.attention_bias)?,
+                    proj(v, c.hidden_size, kv * hd, c.attention_bias)?,
+                ),
+            };
+            let (gate, up) = (b.pp("ffn_gate"), b.pp("ffn_up"));
+            let gate_up_parts = [
+                (gate.clone(), c.intermediate_size),
+                (up.clone(), c.intermediate_size),
+            ];
+            let gate_up = match float(&gate_up_parts, c.hidden_size, false)? {
+                Some(dense) => GateUp::Fused(dense, backend),
+                None => GateUp::Split(
+                    proj(gate, c.hidden_size, c.intermediate_size, false)?,
+                    proj(up, c.hidden_size, c.intermediate_size, false)?,
+                ),
+            };
             layers.push(Layer {
                 input_norm: norm(b.pp("attn_norm"))?,
-                qkv: Qkv::Split(
-                    proj(b.pp("attn_q"), c.hidden_size, h * hd, c.attention_bias)?,
-                    proj(b.pp("attn_k"), c.hidden_size, kv * hd, c.attention_bias)?,
-                    proj(b.pp("attn_v"), c.hidden_size, kv * hd, c.attention_bias)?,
-                ),
-                o: proj(b.pp("attn_output"), h * hd, c.hidden_size, false)?,
+                qkv,
+                o: one(b.pp("attn_output"), h * hd, c.hidden_size, false)?,
                 post_norm: norm(b.pp("ffn_norm"))?,
-                gate_up: GateUp::Split(
-                    proj(b.pp("ffn_gate"), c.hidden_size, c.intermediate_size, false)?,
-                    proj(b.pp("ffn_up"), c.hidden_size, c.intermediate_size, false)?,
-                ),
-                down: proj(b.pp("ffn_down"), c.intermediate_size, c.hidden_size, false)?,
+                gate_up,
+                down: one(b.pp("ffn_down"), c.intermediate_size, c.hidden_size, false)?,
             });
         }
         let norm_out = norm(vb.pp("output_norm"))?;
         let lm_head = if vb.contains_key("output.weight") {
-            proj(vb.pp("output"), c.hidden_size, c.vocab_size, false)?
+            one(vb.pp("output"), c.hidden_size, c.vocab_size, false)?
         } else {
             Proj::Tied(candle_nn::Linear::new(embed.clone(), None))
         };
-        let backend = Backend::for_device(vb.device());
         Self::assemble(config, embed, layers, norm_out, lm_head, backend)
     }
 
