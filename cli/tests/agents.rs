@@ -678,18 +678,10 @@ fn running_gpu_work_is_metered_for_its_circle_only() {
         ));
     }
 
-    let (key, value) = marker.split_once('=').unwrap();
-    let job = json!({
-        "name": "train", "kind": "service", "circle": "ml",
-        "groups": [{
-            "name": "w", "count": 1,
-            "resources": {"cpu_millis": 500, "memory_mib": 256, "gpus": {"count": 2}},
-            "task": {"driver": "exec", "command": "/bin/sh", "args": ["-c", "exec sleep 600"],
-                     "env": {key: value}, "kill_timeout_ms": 2000}
-        }]
-    });
-    let file = root.path().join("job.json");
-    std::fs::write(&file, job.to_string()).unwrap();
+    let resources = json!({"cpu_millis": 500, "memory_mib": 256, "gpus": {"count": 2}});
+    let mut job = sleeper("train", &marker, resources, 600);
+    job["circle"] = json!("ml");
+    let file = job_file(root.path(), &job);
     assert_success(&cli(s, &["job", "submit", file.to_str().unwrap()]));
     eventually(Duration::from_secs(30), "the instance running", || {
         running(s, "train", 1)

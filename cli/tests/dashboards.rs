@@ -183,18 +183,8 @@ fn every_metric_the_dashboards_and_alerts_name_is_exported_by_a_process() {
         root: root.path().display().to_string(),
         marker: marker.clone(),
     };
-    let (key, value) = marker.split_once('=').unwrap();
-    let job = serde_json::json!({
-        "name": "metered", "kind": "service",
-        "groups": [{
-            "name": "w", "count": 1,
-            "resources": {"cpu_millis": 100, "memory_mib": 64, "gpus": {"count": 1}},
-            "task": {"driver": "exec", "command": "/bin/sh", "args": ["-c", "exec sleep 120"],
-                     "env": {key: value}, "kill_timeout_ms": 1000}
-        }]
-    });
-    let job_file = root.path().join("job.json");
-    std::fs::write(&job_file, job.to_string()).unwrap();
+    let resources = serde_json::json!({"cpu_millis": 100, "memory_mib": 64, "gpus": {"count": 1}});
+    let job_file = job_file(root.path(), &sleeper("metered", &marker, resources, 120));
     assert_success(&aigrid_at(
         &server,
         &["job", "submit", job_file.to_str().unwrap()],

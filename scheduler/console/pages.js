@@ -2,7 +2,7 @@
 // `view(data, ...args)` (the elements it shows); `needsKey` pages read what only
 // the cluster's identities may see.
 
-import { ApiError, api, badge, h, link, refresh, session, table, when } from "./console.js";
+import { ApiError, api, badge, h, link, refresh, session, table, when } from "./ui.js";
 import { pretty, proposalDigest, signDecision } from "./sign.js";
 
 const enc = encodeURIComponent;

@@ -1,40 +1,14 @@
 use super::*;
 use crate::ClusterCa;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-/// Runs one handshake over an in-memory pipe. The server side answers the server id
-/// the client's certificate names (`None`: no certificate); either side's error is
-/// its text.
+/// One handshake dialling `name`; the server side answers the server id the
+/// client's certificate names.
 async fn handshake(
     server: Arc<ServerConfig>,
     client: ClientConfig,
     name: &str,
 ) -> (Result<Option<u64>, String>, Result<(), String>) {
-    let (a, b) = tokio::io::duplex(1 << 16);
-    let name = ServerName::try_from(name.to_owned()).unwrap();
-    let accept = async move {
-        let stream = TlsAcceptor::from(server)
-            .accept(a)
-            .await
-            .map_err(|e| e.to_string())?;
-        let certs = stream.get_ref().1.peer_certificates();
-        Ok(certs.and_then(|c| c.first()).and_then(server_id_of))
-    };
-    let connect = async move {
-        let mut stream = TlsConnector::from(Arc::new(client))
-            .connect(name, b)
-            .await
-            .map_err(|e| e.to_string())?;
-        // TLS 1.3 refuses a client certificate after the client finished: read to
-        // hear the server's alert.
-        use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 1];
-        match stream.read(&mut buf).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        }
-    };
-    tokio::join!(accept, connect)
+    crate::test_pipe::handshake(server, client, name, server_id_of).await
 }
 
 /// A client that accepts `server`'s leaf but presents `presenting`'s chain.

@@ -23,6 +23,8 @@ mod chain;
 pub mod config;
 pub mod identity;
 pub mod node;
+#[cfg(test)]
+mod test_pipe;
 
 pub use ca::{
     ClusterCa, ServerIdentity, CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE,

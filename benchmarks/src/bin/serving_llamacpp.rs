@@ -314,20 +314,16 @@ fn print_table(
         // llama.cpp's server drops the bytes of an incomplete character where ours
         // sends U+FFFD; the texts are compared without them.
         let plain = |s: &str| s.replace('\u{FFFD}', "");
-        let same = ours
+        let pairs: Vec<(String, String)> = ours
             .streams
             .iter()
             .zip(&peer.streams)
-            .filter(|(a, b)| plain(&a.text) == plain(&b.text))
-            .count();
-        let start = ours
-            .streams
+            .map(|(a, b)| (plain(&a.text), plain(&b.text)))
+            .collect();
+        let same = pairs.iter().filter(|(a, b)| a == b).count();
+        let start = pairs
             .iter()
-            .zip(&peer.streams)
-            .filter(|(a, b)| {
-                let (a, b) = (plain(&a.text), plain(&b.text));
-                a.chars().take(16).eq(b.chars().take(16))
-            })
+            .filter(|(a, b)| a.chars().take(16).eq(b.chars().take(16)))
             .count();
         println!(
             "| {clients} | {:.0} ({:.0}-{:.0}) | {:.1} | {:.1} | {:.0} ({:.0}-{:.0}) | {:.1} | {:.1} | {:.2}x | {same}/{n} | {start}/{n} |",

@@ -422,6 +422,28 @@ pub fn job(name: &str) -> Value {
     })
 }
 
+/// A service of one instance that sleeps `secs` holding `resources`, with `marker`
+/// (`KEY=VALUE`, what a [`Reaper`] looks for) in its environment.
+pub fn sleeper(name: &str, marker: &str, resources: Value, secs: u32) -> Value {
+    let (key, value) = marker.split_once('=').unwrap();
+    serde_json::json!({
+        "name": name, "kind": "service",
+        "groups": [{
+            "name": "w", "count": 1,
+            "resources": resources,
+            "task": {"driver": "exec", "command": "/bin/sh", "args": ["-c", format!("exec sleep {secs}")],
+                     "env": {key: value}, "kill_timeout_ms": 1000}
+        }]
+    })
+}
+
+/// Writes `job` to `dir/NAME.json` for `aigrid job submit`; answers the path.
+pub fn job_file(dir: &Path, job: &Value) -> PathBuf {
+    let file = dir.join(format!("{}.json", job["name"].as_str().unwrap()));
+    std::fs::write(&file, job.to_string()).unwrap();
+    file
+}
+
 /// Submits the job [`job`] builds for `name` to the server at `url`.
 pub async fn post_job(
     client: &reqwest::Client,

@@ -49,13 +49,12 @@ impl Amounts {
         self.memory_mib_ms = self.memory_mib_ms.saturating_add(other.memory_mib_ms);
     }
 
-    /// What one allocation holding `gpu_milli` thousandths of GPUs, `cpu_milli`
-    /// and `memory_mib` uses in `ms`.
-    fn held(gpu_milli: u64, cpu_milli: u64, memory_mib: u64, ms: u64) -> Amounts {
+    /// What is held each millisecond (these amounts) held for `ms`.
+    fn times(self, ms: u64) -> Amounts {
         Amounts {
-            gpu_milli_ms: gpu_milli.saturating_mul(ms),
-            cpu_milli_ms: cpu_milli.saturating_mul(ms),
-            memory_mib_ms: memory_mib.saturating_mul(ms),
+            gpu_milli_ms: self.gpu_milli_ms.saturating_mul(ms),
+            cpu_milli_ms: self.cpu_milli_ms.saturating_mul(ms),
+            memory_mib_ms: self.memory_mib_ms.saturating_mul(ms),
         }
     }
 
@@ -79,6 +78,19 @@ struct BucketKey {
     job: JobId,
     node: NodeId,
     gpu_model: String,
+}
+
+impl BucketKey {
+    /// The least key of `hour`: every key of that hour or later sorts at or after it.
+    fn first_of(hour: u64) -> BucketKey {
+        BucketKey {
+            hour,
+            circle: String::new(),
+            job: JobId::new(""),
+            node: NodeId::new(""),
+            gpu_model: String::new(),
+        }
+    }
 }
 
 /// The metering tables.
@@ -158,7 +170,9 @@ impl ClusterState {
         };
         let (now, last) = (at.as_millis(), last.as_millis());
         let from = last.max(now.saturating_sub(MAX_GAP_MS));
-        let mut counted = Vec::new();
+        // Each running allocation's bucket (its hour set per piece of the interval)
+        // and what it holds per millisecond.
+        let mut counted: Vec<(BucketKey, Amounts)> = Vec::new();
         for alloc in self.tables.allocations.values() {
             if alloc.state != AllocState::Running {
                 continue;
@@ -170,43 +184,45 @@ impl ClusterState {
                 .and_then(|j| j.spec.circle.clone())
                 .unwrap_or_default();
             let (gpu_model, gpu_milli) = self.gpus_held(alloc);
-            counted.push((
-                alloc.job_id.clone(),
-                alloc.node_id.clone(),
+            let r = &alloc.resources;
+            let key = BucketKey {
+                hour: 0,
                 circle,
+                job: alloc.job_id.clone(),
+                node: alloc.node_id.clone(),
                 gpu_model,
-                {
-                    let r = &alloc.resources;
-                    (gpu_milli, r.cpu_millis.get(), r.memory_mib.get())
-                },
-            ));
+            };
+            let held = Amounts {
+                gpu_milli_ms: gpu_milli,
+                cpu_milli_ms: r.cpu_millis.get(),
+                memory_mib_ms: r.memory_mib.get(),
+            };
+            counted.push((key, held));
         }
         let metering = &mut self.tables.metering;
         metering.unmetered_ms = metering.unmetered_ms.saturating_add(from - last);
-        for (job, node, circle, gpu_model, (gpu, cpu, mem)) in &counted {
+        for (key, held) in &counted {
             let mut start = from;
             while start < now {
                 let hour = start / HOUR_MS;
                 let end = now.min((hour + 1) * HOUR_MS);
-                let amounts = Amounts::held(*gpu, *cpu, *mem, end - start);
+                let amounts = held.times(end - start);
                 let key = BucketKey {
                     hour,
-                    circle: circle.clone(),
-                    job: job.clone(),
-                    node: node.clone(),
-                    gpu_model: gpu_model.clone(),
+                    ..key.clone()
                 };
-                metering.buckets.entry(key).or_default().add(&amounts);
                 metering
                     .totals
-                    .entry((circle.clone(), gpu_model.clone()))
+                    .entry((key.circle.clone(), key.gpu_model.clone()))
                     .or_default()
                     .add(&amounts);
+                metering.buckets.entry(key).or_default().add(&amounts);
                 start = end;
             }
         }
+        // Buckets are ordered by hour first: the expired ones are a prefix.
         let oldest = (now / HOUR_MS).saturating_sub(RETENTION_HOURS);
-        metering.buckets.retain(|k, _| k.hour >= oldest);
+        metering.buckets = metering.buckets.split_off(&BucketKey::first_of(oldest));
         metering.last_at = Some(at);
         Metered {
             allocations: counted.len(),
@@ -253,15 +269,7 @@ impl ClusterState {
         let mut by_job: BTreeMap<&str, Amounts> = BTreeMap::new();
         let mut by_node: BTreeMap<&str, Amounts> = BTreeMap::new();
         let metering = &self.tables.metering;
-        for (key, amounts) in metering.buckets.range(
-            BucketKey {
-                hour: first_hour,
-                circle: String::new(),
-                job: JobId::new(""),
-                node: NodeId::new(""),
-                gpu_model: String::new(),
-            }..,
-        ) {
+        for (key, amounts) in metering.buckets.range(BucketKey::first_of(first_hour)..) {
             if circle.is_some_and(|c| c != key.circle) {
                 continue;
             }
