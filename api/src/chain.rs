@@ -47,6 +47,9 @@ wire_enum!(
         CircleMembers => "circle.members",
         /// The circle's own policy.
         CirclePolicy => "circle.policy",
+        /// Moving credits out of the circle's treasury: guarded in every governed
+        /// circle, whatever its policy lists.
+        TreasuryTransfer => "treasury.transfer",
     }
 );
 
@@ -65,6 +68,7 @@ impl ChangeKind {
             ChangeKind::ApiKeys,
             ChangeKind::CircleMembers,
             ChangeKind::CirclePolicy,
+            ChangeKind::TreasuryTransfer,
         ]
         .into_iter()
         .collect()
@@ -177,7 +181,7 @@ impl CirclePolicy {
 
     /// Whether `kind` needs the quorum.
     pub fn guards(&self, kind: ChangeKind) -> bool {
-        self.guarded.contains(&kind)
+        kind == ChangeKind::TreasuryTransfer || self.guarded.contains(&kind)
     }
 }
 

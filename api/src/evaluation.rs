@@ -26,6 +26,9 @@ wire_enum!(
         AllocFailed => "alloc_failed",
         /// A rollout moved: instances judged, canaries promoted, a pause lifted.
         Deployment => "deployment",
+        /// The job's circle's treasury was spent or refilled: its work is held,
+        /// stopped, or may be placed again.
+        Treasury => "treasury",
     }
 );
 

@@ -25,6 +25,7 @@
 //! | [`placement`] | placement policies: which storage backends may hold a stripe's shards |
 //! | [`digest`] | content digests as types (`ModelDigest`, `ChunkDigest`) |
 //! | [`openai`] | OpenAI's `/v1` wire types and error envelope, for the model servers and the gateway |
+//! | [`treasury`] | circles' balances in credits, nodes' prices, the ledger, deposits and transfers |
 //! | [`usage`] | metered use (GPU-seconds by model, CPU-seconds, memory) per circle, job and node |
 //! | [`error`] | the error body, the stable error codes and validation errors |
 //!
@@ -57,6 +58,7 @@ pub mod placement;
 pub mod rollout;
 pub mod signature;
 pub mod spec;
+pub mod treasury;
 pub mod units;
 pub mod usage;
 
@@ -109,6 +111,10 @@ pub use spec::{
     Affinity, Artifact, CanaryChecks, Constraint, ConstraintOp, ConstraintValue, ExecTask,
     GpuRequest, JobKind, JobSpec, ModelServerTask, Ratio, Resources, RestartMode, RestartPolicy,
     SizeError, Span, Spread, TaskGroup, TaskSpec, UpdatePolicy,
+};
+pub use treasury::{
+    Accounts, Credits, Deposit, EntryKind, LedgerEntry, LedgerPage, NodeOffer, Prices, Transfer,
+    TreasuryView,
 };
 pub use units::{DiskMib, MemoryMib, MilliCpu, Timestamp};
 pub use usage::{UsageAmounts, UsageLine, UsageQuery, UsageReport};

@@ -212,6 +212,10 @@ pub struct NodeRegistration {
     /// certificate already.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_csr: Option<String>,
+    /// What its farmer charges circles' treasuries for its work, and who is paid;
+    /// absent, the node's work is free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<crate::NodeOffer>,
 }
 
 /// What keeps a node's workloads (the AI circuit) away from its keys, data dir and
@@ -300,6 +304,15 @@ impl NodeRegistration {
                 return Err(ValidationError::new(
                     "data_csr",
                     format!("must be at most {MAX_DATA_CSR_BYTES} bytes"),
+                ));
+            }
+        }
+        if let Some(offer) = &self.offer {
+            offer.prices.validate()?;
+            if offer.farmer.as_ref().is_some_and(|f| !f.is_well_formed()) {
+                return Err(ValidationError::new(
+                    "offer.farmer",
+                    "an identity id: 32 lowercase hex characters",
                 ));
             }
         }
@@ -407,6 +420,9 @@ pub struct Node {
     /// registered it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protections: Option<NodeProtections>,
+    /// Its farmer's prices and who is paid, as its agent last registered them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<crate::NodeOffer>,
 }
 
 /// Host and per-GPU readings an agent sends with each heartbeat. They change every

@@ -50,6 +50,15 @@ pub struct AgentArgs {
     /// ports). The servers reach them at the address this agent connects from.
     #[arg(long, value_name = "FIRST-LAST")]
     ports: Option<String>,
+    /// What circles' treasuries pay per hour of this node's work, in credits:
+    /// `gpu.MODEL=2.5,gpu.*=1,cpu=0.04,memory_gib=0.005` (per GPU, core and GiB
+    /// reserved). Without it the node's work is free.
+    #[arg(long, value_name = "PRICES")]
+    price: Option<String>,
+    /// The farmer (an identity id, `aigrid identity show`) whose account is paid
+    /// for this node's work; the node's own account (`node:ID`) without it.
+    #[arg(long, value_name = "IDENTITY")]
+    farmer: Option<String>,
     /// The node id on first start (default: the host name and a random suffix).
     #[arg(long)]
     node_id: Option<String>,
@@ -163,6 +172,31 @@ pub fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>>
     Ok(out)
 }
 
+/// The node's offer from `--price` and `--farmer`; none when neither is given.
+fn offer(
+    price: Option<&str>,
+    farmer: Option<&str>,
+) -> anyhow::Result<Option<aigrid_api::NodeOffer>> {
+    if price.is_none() && farmer.is_none() {
+        return Ok(None);
+    }
+    let prices = aigrid_api::Prices::parse(price.unwrap_or_default())
+        .map_err(|e| anyhow!("--price: {e}"))?;
+    let farmer = farmer
+        .map(|f| {
+            let id = aigrid_api::IdentityId::new(f.trim());
+            if id.is_well_formed() {
+                Ok(id)
+            } else {
+                Err(anyhow!(
+                    "--farmer `{f}`: an identity id, 32 lowercase hex characters"
+                ))
+            }
+        })
+        .transpose()?;
+    Ok(Some(aigrid_api::NodeOffer { farmer, prices }))
+}
+
 /// The flags over the variables in `env` over the file over the defaults.
 fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolved> {
     let args: AgentArgs = Layers::new(&flags, env, flags.config.as_deref()).extract()?;
@@ -211,6 +245,7 @@ fn resolve(flags: AgentArgs, env: &[(String, String)]) -> anyhow::Result<Resolve
             .map(str::parse::<aigrid_api::PortRange>)
             .transpose()
             .map_err(|e| anyhow!("--ports: {}", e.message))?,
+        offer: offer(args.price.as_deref(), args.farmer.as_deref())?,
         ..AgentConfig::default()
     };
     let fleet = match args.simulate_fleet {
@@ -517,6 +552,8 @@ mod tests {
             "DATA_DIR",
             "ATTRS",
             "PORTS",
+            "PRICE",
+            "FARMER",
             "NODE_ID",
             "SIMULATE_GPUS",
             "SIMULATE_FLEET",

@@ -120,6 +120,15 @@ pub struct ServerArgs {
     /// (default 10000; 100 to 60000).
     #[arg(long)]
     meter_every_ms: Option<u64>,
+    /// Milliseconds between the leader's settlements of circles' use with the
+    /// farmers, on multiples since the epoch (default 3600000: on the hour; 1000
+    /// to 86400000).
+    #[arg(long)]
+    settle_every_ms: Option<u64>,
+    /// Milliseconds a circle whose treasury is spent keeps its running work before
+    /// it is stopped (default 3600000; at most 30 days).
+    #[arg(long)]
+    treasury_grace_ms: Option<u64>,
     /// TOML file describing the dispersed store (backends, k, m, policy) this server
     /// tells clients about at `GET /api/v1/storage`; never its credentials. In the
     /// config file, a relative path is relative to that file.
@@ -335,6 +344,12 @@ impl ServerArgs {
         if let Some(ms) = args.meter_every_ms {
             config.meter_every = Duration::from_millis(ms);
         }
+        if let Some(ms) = args.settle_every_ms {
+            config.settle_every = Duration::from_millis(ms);
+        }
+        if let Some(ms) = args.treasury_grace_ms {
+            config.treasury_grace = Duration::from_millis(ms);
+        }
         config.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(ResolvedServer {
             config,
@@ -401,6 +416,8 @@ mod tests {
             "MAX_IN_FLIGHT",
             "NODE_TTL_MS",
             "METER_EVERY_MS",
+            "SETTLE_EVERY_MS",
+            "TREASURY_GRACE_MS",
             "STORE",
             "REPAIR_INTERVAL_SECS",
         ];

@@ -143,6 +143,10 @@ enum Command {
     /// Show what a circle's (or the cluster's) allocations held while they ran:
     /// GPU-hours by model, CPU-hours and memory, by job and node.
     Usage(commands::UsageArgs),
+    /// Circles' treasuries: balances, ledgers, deposits, transfers out through the
+    /// circle's quorum, and what farmers earned.
+    #[command(subcommand)]
+    Treasury(commands::TreasuryCommand),
     /// Make the cluster's certificate authority and issue server certificates.
     #[command(subcommand)]
     Ca(commands::CaCommand),
@@ -227,6 +231,7 @@ fn main() -> ExitCode {
             Command::Circle(cmd) => commands::circle(&client()?, cmd, cli.json).await,
             Command::Apikey(cmd) => commands::apikey(&client()?, cmd, cli.json).await,
             Command::Usage(args) => commands::usage(&client()?, args, cli.json).await,
+            Command::Treasury(cmd) => commands::treasury(&client()?, cmd, cli.json).await,
             Command::Proposal(cmd) => commands::proposal(&client()?, cmd, cli.json).await,
             Command::Audit(commands::AuditCommand::Verify {
                 file,

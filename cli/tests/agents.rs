@@ -5,159 +5,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::agents::*;
 use common::*;
-use serde_json::{json, Value};
-
-/// One agent process.
-struct AgentProc {
-    name: String,
-    data_dir: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl AgentProc {
-    fn new(root: &Path, name: &str, args: Vec<String>) -> Self {
-        AgentProc {
-            name: name.to_owned(),
-            data_dir: root.join(name),
-            args,
-            child: None,
-            log: root.join(format!("{name}.log")),
-        }
-    }
-
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "agent {} already running", self.name);
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "agent".into(),
-            "--data-dir".into(),
-            self.data_dir.clone().into(),
-        ];
-        args.extend(self.args.iter().map(Into::into));
-        self.child = Some(spawn_logged(&args, &self.log));
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// SIGKILL: the agent gets no chance to do anything.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        tail(&self.log, 30)
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Workload processes alive with `marker` in their environment.
-fn workloads(marker: &str) -> BTreeSet<i32> {
-    let mut pids = BTreeSet::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        // Zombies are gone as far as the workload is concerned.
-        let zombie = stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z'));
-        if !zombie && String::from_utf8_lossy(&environ).contains(marker) {
-            pids.insert(pid);
-        }
-    }
-    pids
-}
-
-fn cli(server: &str, args: &[&str]) -> std::process::Output {
-    let mut all = args.to_vec();
-    all.extend(["--server", server]);
-    aigrid(&all)
-}
-
-fn cli_json(server: &str, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    json_output(&cli(server, &all))
-}
-
-fn new_token(server: &str) -> String {
-    assert_success(&cli(
-        server,
-        &["node", "token", "create", "--max-uses", "10"],
-    ))
-    .trim()
-    .to_owned()
-}
-
-fn agent_args(urls: &[String], token: &str, node: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--servers",
-        &urls.join(","),
-        "--join-token",
-        token,
-        "--node-id",
-        node,
-        "--heartbeat-interval-ms",
-        "300",
-        "--poll-wait-ms",
-        "5000",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    args
-}
-
-/// Live allocations of a job: wanted and not finished.
-fn live(job: &Value) -> Vec<Value> {
-    job["allocations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| {
-            a["desired"] == "run"
-                && !["complete", "failed", "lost", "stopped"]
-                    .contains(&a["state"].as_str().unwrap())
-        })
-        .cloned()
-        .collect()
-}
-
-/// The running allocations of `job`, by id, with their node, once there are `n`.
-fn running(server: &str, job: &str, n: usize) -> Option<BTreeMap<String, String>> {
-    let job = cli_json(server, &["job", "status", job]);
-    let running: BTreeMap<String, String> = live(&job)
-        .iter()
-        .filter(|a| a["state"] == "running")
-        .map(|a| {
-            (
-                a["id"].as_str().unwrap().to_owned(),
-                a["node_id"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    (running.len() == n).then_some(running)
-}
+use serde_json::json;
 
 #[test]
 fn agents_run_gpu_work_heal_and_reattach() {
@@ -345,15 +198,6 @@ fn epoch_millis() -> u64 {
         .as_millis() as u64
 }
 
-/// A stand-in for a UUID: unique per test run.
-fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{nanos:x}-{}", std::process::id())
-}
-
 /// Listening TCP sockets owned by `pid`: the socket inodes among its fds that the
 /// kernel's tables show in state LISTEN, with their local ports.
 fn listening_ports(pid: u32) -> Vec<u16> {
@@ -452,56 +296,6 @@ fn an_agent_listens_on_nothing_but_an_enabled_metrics_address() {
             .status()
     });
     assert_eq!(status, 404);
-}
-
-/// What `{base}/metrics` answers.
-fn metrics_text(rt: &tokio::runtime::Runtime, base: &str) -> String {
-    rt.block_on(async {
-        let response = http().get(format!("{base}/metrics")).send().await.unwrap();
-        response.text().await.unwrap()
-    })
-}
-
-/// One server and one agent with simulated GPUs, joined; what a test holds of them.
-struct OneNode {
-    cluster: Cluster,
-    urls: Vec<String>,
-    rt: tokio::runtime::Runtime,
-    root: tempfile::TempDir,
-    /// In every workload's environment, for [`workloads`] and the reaper.
-    marker: String,
-    reaper: Reaper,
-    agent: AgentProc,
-}
-
-/// Starts a server with `server_args` and an agent `name` with `gpus` simulated.
-fn one_node(server_args: &[&str], name: &str, gpus: &str) -> OneNode {
-    let cluster = Cluster::start(1, server_args);
-    let urls = cluster.urls();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(wait_leader(&http(), &urls, Duration::from_secs(20)));
-    let root = tempfile::tempdir().unwrap();
-    let marker = format!("AIGRID_TEST_MARK={}", uuid_like());
-    let reaper = Reaper {
-        root: root.path().display().to_string(),
-        marker: marker.clone(),
-    };
-    let token = new_token(&urls[0]);
-    let mut agent = AgentProc::new(
-        root.path(),
-        name,
-        agent_args(&urls, &token, name, &["--simulate-gpus", gpus]),
-    );
-    agent.start();
-    OneNode {
-        cluster,
-        urls,
-        rt,
-        root,
-        marker,
-        reaper,
-        agent,
-    }
 }
 
 #[test]

@@ -62,6 +62,12 @@ const SERVED: &[&str] = &[
     "GET /api/v1/storage",
     "GET /api/v1/whoami",
     "GET /api/v1/usage",
+    "GET /api/v1/treasury",
+    "GET /api/v1/treasury/{circle}",
+    "GET /api/v1/treasury/{circle}/ledger",
+    "POST /api/v1/treasury/{circle}/deposits",
+    "POST /api/v1/treasury/{circle}/transfers",
+    "GET /api/v1/farmers/{identity}/ledger",
     "POST /api/v1/identities",
     "GET /api/v1/identities",
     "DELETE /api/v1/identities/{id}",
@@ -365,6 +371,13 @@ async fn make_fixtures(client: &reqwest::Client, server: &str, joiner: (u64, Str
         201,
     )
     .await;
+    expect_json(
+        Call::new("POST", "/api/v1/treasury/gov/deposits").json(&json!({"amount": 10})),
+        client,
+        server,
+        200,
+    )
+    .await;
     let proposed = expect_json(
         Call::new("PUT", "/api/v1/circles/gov/governance").json(&admin_governance()),
         client,
@@ -528,6 +541,22 @@ fn valid_call(fx: &Fixtures, method: &str, path: &str) -> Option<Call> {
             .json(&serde_json::to_value(signed).unwrap())
         }
         ("GET", "/api/v1/audit/proof") => Call::new(method, "/api/v1/audit/proof?index=0"),
+        ("GET", "/api/v1/treasury/{circle}") => Call::new(method, "/api/v1/treasury/lab"),
+        ("GET", "/api/v1/treasury/{circle}/ledger") => {
+            Call::new(method, "/api/v1/treasury/gov/ledger?limit=10")
+        }
+        ("POST", "/api/v1/treasury/{circle}/deposits") => {
+            Call::new(method, "/api/v1/treasury/lab/deposits")
+                .json(&json!({"amount": "12.5", "memo": "conformance"}))
+        }
+        ("POST", "/api/v1/treasury/{circle}/transfers") => {
+            Call::new(method, "/api/v1/treasury/gov/transfers")
+                .json(&json!({"to": "circle:lab", "amount": "1"}))
+        }
+        ("GET", "/api/v1/farmers/{identity}/ledger") => Call::new(
+            method,
+            format!("/api/v1/farmers/{}/ledger", identity::admin_key().id()),
+        ),
         ("GET", "/v1/models/{model}") => Call::new(method, "/v1/models/conformance"),
         ("POST", "/v1/completions") => {
             Call::new(method, path).json(&json!({"model": "conformance", "prompt": "hi"}))

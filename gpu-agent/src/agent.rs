@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// What becomes of this node's workloads when the agent is asked to stop.
     pub on_shutdown: OnShutdown,
+    /// The farmer's prices for this node's work and who is paid; free when `None`.
+    pub offer: Option<aigrid_api::NodeOffer>,
 }
 
 /// The data port's TLS, as the registration carries it.
@@ -117,6 +119,7 @@ impl Default for AgentConfig {
             poll_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             on_shutdown: OnShutdown::default(),
+            offer: None,
         }
     }
 }
@@ -193,6 +196,7 @@ impl Agent {
             data_port: self.config.data_port,
             data_tls: self.config.data_tls.is_some(),
             data_csr: self.config.data_tls.as_ref().and_then(|t| t.csr.clone()),
+            offer: self.config.offer.clone(),
         }
     }
 

@@ -402,7 +402,9 @@ impl WorkerMetrics {
 /// `aigrid_usage_cpu_seconds_total{circle}` and
 /// `aigrid_usage_memory_mib_seconds_total{circle}` (the admins' jobs under
 /// `circle=""`), and `aigrid_usage_unmetered_seconds_total` (leaderless gaps not
-/// counted).
+/// counted); and the treasuries: `aigrid_treasury_balance_credits{account}`,
+/// `aigrid_treasury_ledger_entries_total` and `aigrid_treasury_held_circles`
+/// (circles whose new work is held for want of credits).
 pub fn register_usage(registry: &Registry, raft: RaftNode<ClusterState>) -> prometheus::Result<()> {
     let counter = |name: &str, help: &str, labels: &[&str]| {
         prometheus::CounterVec::new(Opts::new(name, help), labels)
@@ -428,6 +430,21 @@ pub fn register_usage(registry: &Registry, raft: RaftNode<ClusterState>) -> prom
             "aigrid_usage_unmetered_seconds_total",
             "Seconds of gaps between meters (no leader) that were not counted",
         ))?,
+        balance: prometheus::GaugeVec::new(
+            Opts::new(
+                "aigrid_treasury_balance_credits",
+                "Balance of each treasury account (circle:, farmer:, node:, external), in credits",
+            ),
+            &["account"],
+        )?,
+        entries: prometheus::Counter::with_opts(Opts::new(
+            "aigrid_treasury_ledger_entries_total",
+            "Ledger entries recorded: deposits, settlements and transfers",
+        ))?,
+        held: prometheus::Gauge::with_opts(Opts::new(
+            "aigrid_treasury_held_circles",
+            "Circles whose treasury is spent, so their new work is not placed",
+        ))?,
     }))
 }
 
@@ -437,6 +454,9 @@ struct UsageCollector {
     cpu: prometheus::CounterVec,
     memory: prometheus::CounterVec,
     unmetered: prometheus::Counter,
+    balance: prometheus::GaugeVec,
+    entries: prometheus::Counter,
+    held: prometheus::Gauge,
 }
 
 impl Collector for UsageCollector {
@@ -445,13 +465,17 @@ impl Collector for UsageCollector {
         descs.extend(self.cpu.desc());
         descs.extend(self.memory.desc());
         descs.extend(self.unmetered.desc());
+        descs.extend(self.balance.desc());
+        descs.extend(self.entries.desc());
+        descs.extend(self.held.desc());
         descs
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let (totals, unmetered_ms) = self
-            .raft
-            .read_local(|s| (s.usage_totals(), s.unmetered_ms()));
+        let (totals, unmetered_ms, accounts, held) = self.raft.read_local(|s| {
+            let held = s.placement_holds().len();
+            (s.usage_totals(), s.unmetered_ms(), s.accounts(), held)
+        });
         for family in [&self.gpu, &self.cpu, &self.memory] {
             family.reset();
         }
@@ -474,6 +498,20 @@ impl Collector for UsageCollector {
         out.extend(self.cpu.collect());
         out.extend(self.memory.collect());
         out.extend(self.unmetered.collect());
+        self.balance.reset();
+        // The outside world's account always exists: minus everything deposited.
+        self.balance.with_label_values(&["external"]).set(0.0);
+        for (account, credits) in &accounts.balances {
+            self.balance
+                .with_label_values(&[account])
+                .set(credits.micro() as f64 / 1e6);
+        }
+        self.entries.reset();
+        self.entries.inc_by(accounts.entries as f64);
+        self.held.set(held as f64);
+        out.extend(self.balance.collect());
+        out.extend(self.entries.collect());
+        out.extend(self.held.collect());
         out
     }
 }

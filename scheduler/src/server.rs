@@ -194,6 +194,13 @@ impl Server {
             config.meter_every,
             shutdown.subscribe(),
         ));
+        tokio::spawn(settle(
+            raft.clone(),
+            clock.clone(),
+            config.settle_every,
+            config.treasury_grace,
+            shutdown.subscribe(),
+        ));
         tokio::spawn(crate::rollouts::watch(
             raft.clone(),
             gateway.clone(),
@@ -374,6 +381,41 @@ async fn meter(
         }
         tokio::select! {
             _ = tokio::time::sleep(every.min(Duration::from_millis(500)) / 2) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The leader's settlement: commits a [`crate::state::Command::Settle`] whenever
+/// the clock crosses into a new settlement period (every `every` since the epoch,
+/// so settlements fall on whole hours by default) or a spent circle's `grace`
+/// ended; a new leader picks up from the last settlement the state holds.
+async fn settle(
+    raft: RaftNode<ClusterState>,
+    clock: SharedClock,
+    every: Duration,
+    grace: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
+    let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let status = raft.status();
+        if status.leader == Some(status.id) {
+            let now = clock.now();
+            let (last, grace_over) = raft
+                .read_local(|s: &ClusterState| (s.settled_until(), s.grace_over(now, grace_ms)));
+            let period_ended =
+                last.is_none_or(|l| now.as_millis() / every_ms > l.as_millis() / every_ms);
+            if period_ended || grace_over {
+                let command = crate::state::Command::Settle { at: now, grace_ms };
+                if let Err(e) = raft.propose(&command).await {
+                    tracing::debug!(error = %e, "settling");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every.min(Duration::from_millis(1_000)) / 2) => {}
             _ = stop.changed() => return,
         }
     }

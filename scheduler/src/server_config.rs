@@ -70,6 +70,12 @@ pub struct ServerConfig {
     /// ([`crate::state::metering`]): the error of a count is at most this much per
     /// start or stop.
     pub meter_every: Duration,
+    /// How often the leader settles circles' use with the farmers
+    /// ([`crate::state::treasury`]); on multiples of it since the epoch.
+    pub settle_every: Duration,
+    /// How long a circle whose treasury is spent keeps its running work before
+    /// it is stopped.
+    pub treasury_grace: Duration,
     /// The dispersed store this server tells clients about (`GET /api/v1/storage`);
     /// no backends when it has none.
     pub storage: StorageInfo,
@@ -106,6 +112,8 @@ impl ServerConfig {
             limits: ApiLimits::default(),
             node_ttl: crate::worker::WorkerConfig::default().node_ttl,
             meter_every: Duration::from_millis(crate::state::metering::METER_EVERY_MS),
+            settle_every: Duration::from_millis(crate::state::treasury::SETTLE_EVERY_MS),
+            treasury_grace: Duration::from_millis(crate::state::treasury::GRACE_MS),
             storage: StorageInfo::default(),
             gateway: GatewayConfig::default(),
             access: http::ServerAccess::default(),
@@ -158,6 +166,14 @@ impl ServerConfig {
                 "the meter interval must be between 100ms and {}s",
                 max_meter.as_secs()
             ));
+        }
+        if self.settle_every < Duration::from_secs(1)
+            || self.settle_every > Duration::from_secs(86_400)
+        {
+            return bad("the settlement period must be between 1s and 24h".into());
+        }
+        if self.treasury_grace > Duration::from_secs(30 * 86_400) {
+            return bad("the treasury grace period must be at most 30 days".into());
         }
         if self.queue_capacity == 0 || self.limits.max_in_flight == 0 {
             return bad("queue capacity and max in-flight must be at least 1".into());

@@ -91,6 +91,7 @@ fn cluster(sizes: &[(u8, bool)]) -> Sim {
             data_port: None,
             data_tls: false,
             data_csr: None,
+            offer: None,
         };
         let at = sim.at();
         sim.apply(Command::RegisterNode {

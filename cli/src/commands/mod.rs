@@ -12,6 +12,7 @@
 //! | `chain` | the Human Chain: `circle create`, `circle member`, `circle policy`, `proposal` |
 //! | `audit` | `aigrid audit`: the audit log read, exported, and verified offline |
 //! | `usage` | `aigrid usage`: metered use of a circle or the cluster, by GPU model, job and node |
+//! | `treasury` | `aigrid treasury`: circles' balances and ledgers, deposits, guarded transfers, farmers' earnings |
 //! | `ca` | `aigrid ca`: the cluster CA and the server certificates it issues |
 
 mod access;
@@ -23,6 +24,7 @@ mod deployment;
 mod job;
 mod node;
 mod rollout;
+mod treasury;
 mod usage;
 
 pub use access::{
@@ -37,4 +39,5 @@ pub use deployment::{deployment, DeploymentCommand};
 pub use job::{alloc, job, AllocCommand, JobCommand};
 pub use node::{node, NodeCommand};
 pub use rollout::{rollout, RolloutCommand};
+pub use treasury::{treasury, TreasuryCommand};
 pub use usage::{usage, UsageArgs};

@@ -470,6 +470,17 @@ fn print_node(node: &Node, allocs: &[Allocation]) {
         Some(p) => println!("sandbox     {}", p.summary()),
         None => println!("sandbox     not reported by its agent"),
     }
+    match &node.offer {
+        Some(offer) => println!(
+            "prices      {} credits per hour, paid to {}",
+            offer.prices.summary(),
+            offer
+                .farmer
+                .as_ref()
+                .map_or_else(|| format!("node:{}", node.id), |f| format!("farmer:{f}"))
+        ),
+        None => println!("prices      free (its agent sets no --price)"),
+    }
     match node.address {
         Some(address) => println!("address     {address} (workload ports {})", node.ports),
         None => println!("address     none (its workloads are not routed to)"),
@@ -588,6 +599,7 @@ impl RegisterArgs {
             data_port: None,
             data_tls: false,
             data_csr: None,
+            offer: None,
         };
         reg.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(reg)

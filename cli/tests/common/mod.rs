@@ -1,6 +1,7 @@
 //! Starts real `aigrid server` processes on loopback ports for the integration tests.
 #![allow(dead_code)]
 
+pub mod agents;
 pub mod identity;
 pub mod openai;
 pub mod schema;

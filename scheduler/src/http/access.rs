@@ -229,7 +229,7 @@ async fn remove_member(
 }
 
 /// 404 for a circle nobody has a role in: its keys would serve no one's models.
-async fn circle_exists(state: &ApiState, circle: &str) -> Result<(), ApiError> {
+pub(super) async fn circle_exists(state: &ApiState, circle: &str) -> Result<(), ApiError> {
     let looked = circle.to_owned();
     if state
         .raft

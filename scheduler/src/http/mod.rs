@@ -18,6 +18,7 @@
 //! | `chain` | [`chain`] | governed circles, `/api/v1/proposals` and decisions, `/api/v1/audit` with checkpoints, proofs, export |
 //! | `cluster` | [`cluster`] | `/api/v1/cluster`, members joining and leaving |
 //! | `access` | [`usage`] | `/api/v1/usage`: metered use by circle, job, node and GPU model |
+//! | `treasury` | [`treasury`] | `/api/v1/treasury`: balances, ledgers, deposits, transfers; `/api/v1/farmers/{id}/ledger` |
 //! | `models` | [`models`] | `/api/v1/models`, `/api/v1/storage` |
 //! | `operations` | [`ops`] | `/metrics`, `/health`, `/ready` |
 //! | `api` | here | `/api/v1` (the index), `/api/v1/openapi.json` |
@@ -45,6 +46,7 @@ mod rate;
 pub mod replay;
 pub mod rollouts;
 pub mod tokens;
+pub mod treasury;
 pub mod usage;
 
 use std::sync::{Arc, LazyLock};
@@ -94,6 +96,7 @@ const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "models", description = "The model registry and the dispersed store"),
         (name = "rollouts", description = "Fleet rollouts: a model sent to the nodes chosen by attributes, in waves, staged and attested"),
         (name = "inference", description = "The OpenAI-compatible gateway to the models served"),
+        (name = "treasury", description = "Circles' balances in credits, the ledger, deposits and guarded transfers; farmers' earnings"),
         (name = "operations", description = "Metrics and probes"),
         (name = "api", description = "This index and the OpenAPI document"),
     )
@@ -114,6 +117,7 @@ fn short_routes(limits: &ApiLimits) -> OpenApiRouter<ApiState> {
         .merge(chain::routes())
         .merge(cluster::routes())
         .merge(usage::routes())
+        .merge(treasury::routes())
         .merge(models::routes(limits.max_model_body_bytes))
         .routes(routes!(index))
         .routes(routes!(openapi_json))

@@ -56,6 +56,7 @@ pub(crate) fn node(id: &str, attrs: &[(&str, &str)], cpu: u64, memory: u64, gpus
         data_tls: false,
         telemetry: None,
         protections: None,
+        offer: None,
         usage: None,
     }
 }

@@ -178,7 +178,7 @@ impl ClusterState {
     }
 
     /// A governed circle's members and policy, borrowed: what the apply path reads.
-    pub(super) fn governing(&self, circle: &str) -> Option<&Governance> {
+    pub fn governing(&self, circle: &str) -> Option<&Governance> {
         self.tables
             .chain
             .governed

@@ -445,6 +445,48 @@ pub enum Command {
         /// When the leader metered.
         at: Timestamp,
     },
+    /// The leader's settlement: what circles' allocations accrued at their nodes'
+    /// prices moves to the farmers, and the running work of circles spent for
+    /// longer than `grace_ms` is stopped ([`super::treasury`]).
+    Settle {
+        /// When the leader settled.
+        at: Timestamp,
+        /// How long a spent circle's running work keeps running: the settling
+        /// server's setting.
+        grace_ms: u64,
+    },
+    /// An admin records credits coming in for a circle, opening its treasury.
+    Deposit {
+        /// The circle.
+        circle: String,
+        /// How much.
+        amount: aigrid_api::Credits,
+        /// The ledger's note.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        memo: String,
+        /// Who recorded it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<IdentityId>,
+        /// When.
+        at: Timestamp,
+    },
+    /// Moves credits out of a circle: always a guarded change (`treasury.transfer`).
+    Transfer {
+        /// The circle paying.
+        circle: String,
+        /// The account credited.
+        to: String,
+        /// How much.
+        amount: aigrid_api::Credits,
+        /// The ledger's note.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        memo: String,
+        /// Who asked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<IdentityId>,
+        /// When.
+        at: Timestamp,
+    },
     /// The leader's report that a rollout's progress deadline passed; it fails
     /// (and reverts, when its policy says so) if the deadline the state holds has
     /// indeed passed at `at`.
@@ -634,4 +676,8 @@ pub enum Applied {
     },
     /// Use was metered.
     Metered(super::metering::Metered),
+    /// Use was settled.
+    Settled(super::treasury::Settled),
+    /// A circle's treasury as it is after a deposit or transfer.
+    TreasuryChanged(aigrid_api::TreasuryView),
 }

@@ -112,7 +112,7 @@ pub(super) struct Metering {
 }
 
 /// Maps with structured keys as lists of pairs (JSON keys must be strings).
-mod pairs {
+pub(super) mod pairs {
     use std::collections::BTreeMap;
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -173,6 +173,8 @@ impl ClusterState {
         // Each running allocation's bucket (its hour set per piece of the interval)
         // and what it holds per millisecond.
         let mut counted: Vec<(BucketKey, Amounts)> = Vec::new();
+        // And what each costs per millisecond where its circle pays.
+        let mut costs = Vec::new();
         for alloc in self.tables.allocations.values() {
             if alloc.state != AllocState::Running {
                 continue;
@@ -184,6 +186,7 @@ impl ClusterState {
                 .and_then(|j| j.spec.circle.clone())
                 .unwrap_or_default();
             let (gpu_model, gpu_milli) = self.gpus_held(alloc);
+            costs.extend(self.cost_of(alloc, &gpu_model, gpu_milli));
             let r = &alloc.resources;
             let key = BucketKey {
                 hour: 0,
@@ -224,6 +227,7 @@ impl ClusterState {
         let oldest = (now / HOUR_MS).saturating_sub(RETENTION_HOURS);
         metering.buckets = metering.buckets.split_off(&BucketKey::first_of(oldest));
         metering.last_at = Some(at);
+        self.accrue(costs, now - from);
         Metered {
             allocations: counted.len(),
             ms: now - from,
@@ -232,7 +236,7 @@ impl ClusterState {
 
     /// The GPU model an allocation holds and how many thousandths of GPUs: 1000
     /// per whole GPU, a slice its share of the GPU's memory.
-    fn gpus_held(&self, alloc: &Allocation) -> (String, u64) {
+    pub(super) fn gpus_held(&self, alloc: &Allocation) -> (String, u64) {
         let Some(request) = alloc.resources.gpus.as_ref() else {
             return (String::new(), 0);
         };

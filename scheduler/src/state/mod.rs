@@ -30,6 +30,7 @@ mod tables;
 mod tests;
 mod tokens;
 mod trail;
+pub mod treasury;
 
 pub use access::{Action, Principal};
 use allocations::assigned;
@@ -179,6 +180,9 @@ struct Tables {
     /// Metered use.
     #[serde(default)]
     metering: metering::Metering,
+    /// Balances, unsettled use and the ledger.
+    #[serde(default)]
+    treasury: treasury::Treasury,
 }
 
 /// A join token as the state keeps it.
@@ -505,7 +509,27 @@ impl ClusterState {
                 at,
             } => self.report_models(&node_id, models, at),
             Command::RolloutTimeouts { id, at } => self.rollout_timeouts(&id, at),
-            Command::Meter { at } => Ok(Applied::Metered(self.meter(at))),
+            Command::Meter { at } => {
+                let metered = self.meter(at);
+                self.review_holds_and_plan(index, at);
+                Ok(Applied::Metered(metered))
+            }
+            Command::Settle { at, grace_ms } => self.settle(index, at, grace_ms),
+            Command::Deposit {
+                circle,
+                amount,
+                memo,
+                at,
+                by: _,
+            } => self.deposit(index, &circle, amount, memo, at),
+            Command::Transfer {
+                circle,
+                to,
+                amount,
+                memo,
+                at,
+                by: _,
+            } => self.transfer(index, &circle, to, amount, memo, at),
         }
     }
 }
@@ -530,6 +554,7 @@ impl ClusterState {
             chain: chain::Chain::default(),
             rollouts: BTreeMap::new(),
             metering: metering::Metering::default(),
+            treasury: treasury::Treasury::default(),
         })
     }
 

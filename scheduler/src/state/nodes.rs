@@ -254,6 +254,7 @@ impl ClusterState {
                     node.public_key = reg.public_key;
                 }
                 node.protections = reg.protections;
+                node.offer = reg.offer;
                 node.revoked = false;
                 if node.status == NodeStatus::Down {
                     node.status = Self::back_up(node);
@@ -282,6 +283,7 @@ impl ClusterState {
                         data_tls: reg.data_tls,
                         telemetry: None,
                         protections: reg.protections,
+                        offer: reg.offer,
                     },
                 );
                 true

@@ -264,6 +264,7 @@ impl ClusterState {
                 plan.job_version, job.spec.name, job.version
             )));
         }
+        self.check_not_held(&plan.job_id, !plan.place.is_empty())?;
         let mut allocations =
             Vec::with_capacity(plan.place.len() + plan.stop.len() + plan.moves.len());
         for moved in &plan.moves {

@@ -199,6 +199,11 @@ impl ClusterState {
                     format!("identity:{id}"),
                 )
             }
+            Command::Transfer { circle, .. } => (
+                circle.clone(),
+                ChangeKind::TreasuryTransfer,
+                format!("treasury:{circle}"),
+            ),
             Command::RemoveIdentity { id, .. } => {
                 if !self.identity(id).is_some_and(|i| i.admin) {
                     return None;
@@ -325,7 +330,9 @@ impl Command {
             | Command::RevokeApiKey { at, .. }
             | Command::SetGovernance { at, .. }
             | Command::GrantMembership { at, .. }
-            | Command::UseMembershipGrant { at, .. } => Some(*at),
+            | Command::UseMembershipGrant { at, .. }
+            | Command::Deposit { at, .. }
+            | Command::Transfer { at, .. } => Some(*at),
             Command::CreateApiKey { info, .. } => Some(info.created_at),
             _ => None,
         }
@@ -335,7 +342,10 @@ impl Command {
     fn actor(&self) -> Option<&IdentityId> {
         match self {
             Command::SubmitJob { by, .. } => by.as_ref(),
-            Command::SetGovernance { by, .. } | Command::GrantMembership { by, .. } => by.as_ref(),
+            Command::SetGovernance { by, .. }
+            | Command::GrantMembership { by, .. }
+            | Command::Deposit { by, .. }
+            | Command::Transfer { by, .. } => by.as_ref(),
             _ => None,
         }
     }

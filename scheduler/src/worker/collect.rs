@@ -45,6 +45,8 @@ pub struct PassInput {
     /// The live instances of every gang group: evicting one evicts them all, since
     /// a gang runs whole or not at all.
     pub gangs: HashMap<(JobId, String), Vec<AllocId>>,
+    /// Circles whose new work is not placed (their treasury is spent), with why.
+    pub holds: BTreeMap<String, String>,
 }
 
 /// What moving a job's allocations needs: its priority, version and groups.
@@ -159,5 +161,6 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
         unavailable,
         groups,
         gangs,
+        holds: state.placement_holds(),
     }
 }

@@ -21,6 +21,46 @@ pub(super) fn at0() -> Timestamp {
     Timestamp::new(0)
 }
 
+/// The plan of a job whose circle may not place new work (`reason`): only its
+/// instances the spec no longer wants are stopped (scaling down still saves its
+/// circle credits); every instance without a live allocation is left unplaced
+/// with the reason.
+pub(super) fn plan_held(
+    job: &Job,
+    reason: &str,
+    input: &mut PassInput,
+) -> (Vec<JobPlan>, Vec<Unplaced>) {
+    let mut own = JobPlan::new(job.id.clone(), job.version);
+    let mut running: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
+    for alloc in job.allocations.iter().filter(|a| a.is_live()) {
+        let wanted = job
+            .spec
+            .group(&alloc.group)
+            .is_some_and(|g| alloc.index < g.count);
+        if !wanted && input.snapshot.holds(&alloc.id) {
+            own.stop.push(alloc.id.clone());
+            input.snapshot.remove(&alloc.id);
+        } else {
+            running.entry(&alloc.group).or_default().insert(alloc.index);
+        }
+    }
+    let unplaced = job
+        .spec
+        .groups
+        .iter()
+        .filter_map(|g| {
+            let live = running.get(g.name.as_str()).map_or(0, |r| r.len() as u32);
+            let missing = g.count.saturating_sub(live);
+            (missing > 0).then(|| Unplaced {
+                group: g.name.clone(),
+                count: missing,
+                reason: reason.to_owned(),
+            })
+        })
+        .collect();
+    (vec![own], unplaced)
+}
+
 /// The plans that bring `job` to its spec: stops for instances the spec no longer
 /// has and placements for instances without a live allocation, defragmenting or
 /// preempting when they do not fit otherwise. Migrations come first as plans of

@@ -5,7 +5,7 @@ use aigrid_api::{EvalStatus, Evaluation, Timestamp, Unplaced};
 
 use super::collect::PassInput;
 use super::drains::plan_drains;
-use super::job::plan_job;
+use super::job::{plan_held, plan_job};
 use crate::state::{Command, EvaluationUpdate, JobPlan};
 
 /// A plan command is sent once it carries this many jobs...
@@ -56,7 +56,16 @@ pub fn plan_pass(mut input: PassInput, mut emit: impl FnMut(Command)) {
             orphans.extend(verdicts(&work.evals, Vec::new()));
             continue;
         };
-        let (mut plans, unplaced) = plan_job(&job, &mut input);
+        let held = job
+            .spec
+            .circle
+            .as_ref()
+            .and_then(|c| input.holds.get(c))
+            .cloned();
+        let (mut plans, unplaced) = match held {
+            Some(reason) => plan_held(&job, &reason, &mut input),
+            None => plan_job(&job, &mut input),
+        };
         if let Some(own) = plans.last_mut() {
             own.evals = verdicts(&work.evals, unplaced);
         }

@@ -13,30 +13,9 @@ fn meter(log: &mut Log, at_ms: u64) -> crate::state::metering::Metered {
 
 const HOUR: u64 = 3_600_000;
 
-/// Node n1 (H100s g0, g1), job j1 of circle `ml`, a0 on g0 and a1 CPU-only, both
-/// running.
-fn running() -> Log {
-    let mut log = Log::new();
-    log.apply(register("n1", &["g0", "g1"])).unwrap();
-    let mut ml = spec("api");
-    ml.circle = Some("ml".into());
-    log.apply(submit("j1", "e1", ml)).unwrap();
-    log.apply(upsert(vec![
-        alloc("a0", "j1", "n1", 0, &["g0"]),
-        alloc("a1", "j1", "n1", 1, &[]),
-    ]))
-    .unwrap();
-    log.apply(report(
-        "n1",
-        &[("a0", AllocState::Running), ("a1", AllocState::Running)],
-    ))
-    .unwrap();
-    log
-}
-
 #[test]
 fn running_allocations_are_counted_by_what_they_hold() {
-    let mut log = running();
+    let mut log = running_with(None);
     // The first meter only starts the clock.
     assert_eq!(meter(&mut log, 10 * HOUR).allocations, 0);
     let m = meter(&mut log, 10 * HOUR + 10_000);
@@ -73,7 +52,7 @@ fn running_allocations_are_counted_by_what_they_hold() {
 
 #[test]
 fn a_replayed_or_stale_meter_counts_nothing_and_stopped_work_is_not_counted() {
-    let mut log = running();
+    let mut log = running_with(None);
     meter(&mut log, 5_000);
     meter(&mut log, 15_000);
     let before = log.bytes();
@@ -94,7 +73,7 @@ fn a_replayed_or_stale_meter_counts_nothing_and_stopped_work_is_not_counted() {
 
 #[test]
 fn intervals_split_at_hours_and_long_gaps_count_only_the_bound() {
-    let mut log = running();
+    let mut log = running_with(None);
     meter(&mut log, HOUR - 5_000);
     meter(&mut log, HOUR + 5_000);
     let hour1 = log.state.usage(Some("ml"), Timestamp::from_millis(HOUR));
@@ -137,7 +116,7 @@ fn a_memory_slice_counts_its_share_of_the_gpu() {
 
 #[test]
 fn metered_use_survives_a_snapshot() {
-    let mut log = running();
+    let mut log = running_with(None);
     meter(&mut log, 1_000);
     meter(&mut log, 11_000);
     let mut restored = ClusterState::default();

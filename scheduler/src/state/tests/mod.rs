@@ -8,6 +8,7 @@ mod metering;
 mod nodes;
 mod ports;
 mod replication;
+mod treasury;
 
 use super::*;
 use aigrid_api::{
@@ -136,12 +137,18 @@ fn registration(id: &str, gpus: &[&str]) -> NodeRegistration {
         data_port: None,
         data_tls: false,
         data_csr: None,
+        offer: None,
     }
 }
 
 fn register(id: &str, gpus: &[&str]) -> Command {
+    register_as(registration(id, gpus))
+}
+
+/// The registration `reg` as the server proposes it, from the node's address.
+fn register_as(reg: NodeRegistration) -> Command {
     Command::RegisterNode {
-        node: registration(id, gpus),
+        node: reg,
         join_token: None,
         address: Some(NODE_ADDRESS.parse().unwrap()),
         at: Timestamp::new(10),
@@ -251,4 +258,27 @@ fn unauthorized(out: CommandOutput) -> String {
         Err(StateError::Unauthorized(m)) => m,
         other => panic!("expected unauthorized, got {other:?}"),
     }
+}
+
+/// Node n1 (H100s g0, g1) offering `offer`, job j1 of circle `ml`, a0 on g0 and a1
+/// CPU-only, both running (half a core and 256 MiB each).
+fn running_with(offer: Option<aigrid_api::NodeOffer>) -> Log {
+    let mut log = Log::new();
+    let mut reg = registration("n1", &["g0", "g1"]);
+    reg.offer = offer;
+    log.apply(register_as(reg)).unwrap();
+    let mut ml = spec("api");
+    ml.circle = Some("ml".into());
+    log.apply(submit("j1", "e1", ml)).unwrap();
+    log.apply(upsert(vec![
+        alloc("a0", "j1", "n1", 0, &["g0"]),
+        alloc("a1", "j1", "n1", 1, &[]),
+    ]))
+    .unwrap();
+    log.apply(report(
+        "n1",
+        &[("a0", AllocState::Running), ("a1", AllocState::Running)],
+    ))
+    .unwrap();
+    log
 }

@@ -11,13 +11,7 @@ fn serving(first: u16, last: u16, count: u32) -> Log {
     let mut log = Log::new();
     let mut reg = registration("n1", &[]);
     reg.ports = Some(aigrid_api::PortRange { first, last });
-    log.apply(Command::RegisterNode {
-        node: reg,
-        join_token: None,
-        address: Some(NODE_ADDRESS.parse().unwrap()),
-        at: Timestamp::new(10),
-    })
-    .unwrap();
+    log.apply(register_as(reg)).unwrap();
     let mut served = spec_json("llm");
     served["groups"][0]["count"] = json!(count);
     served["groups"][0]["task"] = json!({"driver": "model-server", "model": "d1"});
