@@ -50,6 +50,10 @@ wire_enum!(
         /// Moving credits out of the circle's treasury: guarded in every governed
         /// circle, whatever its policy lists.
         TreasuryTransfer => "treasury.transfer",
+        /// Submitting a job that raises what the circle's jobs may cost per hour
+        /// (at the highest prices nodes ask) above the policy's `spend_limit`,
+        /// even where `job.create` and `job.update` are not guarded.
+        TreasurySpend => "treasury.spend",
     }
 );
 
@@ -157,6 +161,11 @@ pub struct CirclePolicy {
     /// quorum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_limit: Option<u32>,
+    /// With `treasury.spend` guarded: the credits per hour the circle's jobs may
+    /// cost, at the highest prices nodes ask for what they request, without the
+    /// quorum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_limit: Option<crate::Credits>,
 }
 
 fn default_window() -> u64 {
@@ -176,6 +185,7 @@ impl CirclePolicy {
             require_hybrid: false,
             require_hybrid_manifests: false,
             scale_limit: None,
+            spend_limit: None,
         }
     }
 
@@ -280,6 +290,15 @@ impl Governance {
                 "policy.scale_limit",
                 "only meaningful with `job.scale` guarded".to_owned(),
             );
+        }
+        if let Some(limit) = p.spend_limit {
+            limit.check("policy.spend_limit", true)?;
+            if !p.guards(ChangeKind::TreasurySpend) {
+                return err(
+                    "policy.spend_limit",
+                    "only meaningful with `treasury.spend` guarded".to_owned(),
+                );
+            }
         }
         Ok(())
     }

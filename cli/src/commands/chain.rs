@@ -81,6 +81,10 @@ pub struct PolicyArgs {
     /// With job.scale guarded: instances a job may reach without the quorum.
     #[arg(long)]
     scale_limit: Option<u32>,
+    /// With treasury.spend guarded: credits per hour the circle's jobs may cost
+    /// (at the highest prices nodes ask) without the quorum.
+    #[arg(long, value_name = "CREDITS")]
+    spend_limit: Option<aigrid_api::Credits>,
 }
 
 /// `aigrid circle member ...`
@@ -244,6 +248,9 @@ fn apply_policy(
     }
     if args.scale_limit.is_some() {
         policy.scale_limit = args.scale_limit;
+    }
+    if args.spend_limit.is_some() {
+        policy.spend_limit = args.spend_limit;
     }
     Ok(())
 }

@@ -86,11 +86,11 @@ impl ClusterState {
                     return None;
                 }
                 let circle = spec.circle.clone()?;
+                let policy = self.governing(&circle).map(|g| &g.policy);
+                let guards = |k| policy.is_some_and(|p| p.guards(k));
                 let kind = match live {
                     None => ChangeKind::JobCreate,
                     Some(old) => {
-                        let policy = self.governing(&circle).map(|g| &g.policy);
-                        let guards = |k| policy.is_some_and(|p| p.guards(k));
                         let limit = policy.and_then(|p| p.scale_limit);
                         let grows = spec.instance_count() > old.instance_count();
                         let over = limit.is_some_and(|l| spec.instance_count() > u64::from(l));
@@ -100,6 +100,14 @@ impl ClusterState {
                             ChangeKind::JobUpdate
                         }
                     }
+                };
+                let spends = policy
+                    .and_then(|p| p.spend_limit)
+                    .is_some_and(|limit| self.raises_spend_above(&circle, spec, live, limit));
+                let kind = if !guards(kind) && guards(ChangeKind::TreasurySpend) && spends {
+                    ChangeKind::TreasurySpend
+                } else {
+                    kind
                 };
                 (circle, kind, format!("job:{}", spec.name))
             }

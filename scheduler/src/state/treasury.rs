@@ -582,6 +582,65 @@ impl ClusterState {
         }
     }
 
+    /// The most `spec` can cost per hour, in micro-credits: every instance of every
+    /// group at the highest prices any node asks for what the group requests (a
+    /// GPU of a model it may take, a core, a GiB).
+    fn spend_ceiling(&self, spec: &aigrid_api::JobSpec) -> u128 {
+        let micro = |c: Credits| u128::try_from(c.micro()).unwrap_or(0);
+        let offers = || {
+            self.tables
+                .nodes
+                .values()
+                .filter_map(|n| Some((n, n.offer.as_ref()?)))
+        };
+        let top = |f: &dyn Fn(&aigrid_api::Prices) -> Credits| {
+            offers()
+                .map(|(_, o)| micro(f(&o.prices)))
+                .max()
+                .unwrap_or(0)
+        };
+        let (cpu, memory) = (top(&|p| p.cpu_core_hour), top(&|p| p.memory_gib_hour));
+        let mut total: u128 = 0;
+        for group in &spec.groups {
+            let r = &group.resources;
+            let gpu = r.gpus.as_ref().map_or(0, |g| {
+                let each = offers()
+                    .flat_map(|(n, o)| n.resources.gpus.iter().map(move |d| (d, o)))
+                    .filter(|(d, _)| g.model.as_deref().is_none_or(|m| d.model.contains(m)))
+                    .map(|(d, o)| micro(o.prices.gpu(&d.model)))
+                    .max()
+                    .unwrap_or(0);
+                each * u128::from(g.count.max(1))
+            });
+            let per_instance = gpu
+                + cpu * u128::from(r.cpu_millis.get()) / 1_000
+                + memory * u128::from(r.memory_mib.get()) / 1_024;
+            total = total.saturating_add(per_instance * u128::from(group.count));
+        }
+        total
+    }
+
+    /// Whether `spec` replacing `old` (absent for a new job) takes what `circle`'s
+    /// jobs may cost per hour above `limit`, and raises it.
+    pub(super) fn raises_spend_above(
+        &self,
+        circle: &str,
+        spec: &aigrid_api::JobSpec,
+        old: Option<&aigrid_api::JobSpec>,
+        limit: Credits,
+    ) -> bool {
+        let before: u128 = self
+            .tables
+            .jobs
+            .values()
+            .filter(|j| j.spec.circle.as_deref() == Some(circle))
+            .map(|j| self.spend_ceiling(&j.spec))
+            .sum();
+        let after = before - old.map_or(0, |o| self.spend_ceiling(o)).min(before)
+            + self.spend_ceiling(spec);
+        after > before && after > u128::try_from(limit.micro()).unwrap_or(0)
+    }
+
     /// Refuses a plan placing new work for a held circle.
     pub(super) fn check_not_held(&self, job: &JobId, placing: bool) -> Result<(), StateError> {
         if !placing {

@@ -233,3 +233,71 @@ fn treasuries_survive_a_snapshot() {
     assert_eq!(restored.treasury_view("ml"), log.state.treasury_view("ml"));
     assert!(restored.placement_hold("ml").is_some());
 }
+
+#[test]
+fn a_job_raising_what_its_circle_may_spend_above_the_limit_needs_the_quorum() {
+    use aigrid_api::{ChangeKind, CirclePolicy, Governance, IdentityKey, KeyAlgorithm};
+    let mut log = priced();
+    let owner = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [7; 32]);
+    log.apply(Command::PutIdentity {
+        name: "owner".into(),
+        public_key: owner.public(),
+        admin: false,
+        at: Timestamp::new(20),
+    })
+    .unwrap();
+    // Only spending is guarded: up to 2 credits an hour at the highest prices.
+    let mut policy = CirclePolicy::new(1);
+    policy.guarded = [ChangeKind::TreasurySpend].into_iter().collect();
+    policy.spend_limit = Some(credits("2"));
+    log.apply(Command::SetGovernance {
+        circle: "ml".into(),
+        governance: Governance {
+            members: vec![aigrid_api::PolicyMember {
+                identity: owner.id(),
+                weight: 1,
+                role: aigrid_api::Role::Owner,
+            }],
+            policy,
+        },
+        create: true,
+        by: None,
+        at: Timestamp::new(21),
+    })
+    .unwrap();
+    // Each instance may cost half a core at 0.72 and a quarter GiB at 0.36: 0.45
+    // an hour. Four instances (1.8) stay within the limit and apply at once.
+    let scaled = |count: u64, eval: &str| {
+        let mut json = spec_json("api");
+        json["circle"] = json!("ml");
+        json["groups"][0]["count"] = json!(count);
+        submit("j-new", eval, serde_json::from_value(json).unwrap())
+    };
+    submitted(log.apply(scaled(4, "e4")));
+    // Five (2.25) need the circle's quorum.
+    let five = scaled(5, "e5");
+    let change = log.state.change_of(&five).unwrap();
+    assert_eq!(change.kind, ChangeKind::TreasurySpend);
+    match log.apply(five) {
+        Err(StateError::Guarded { kind, .. }) => assert_eq!(kind, ChangeKind::TreasurySpend),
+        other => panic!("expected a guarded change, got {other:?}"),
+    }
+    // Scaling down never is.
+    submitted(log.apply(scaled(3, "e3")));
+    // A limit without `treasury.spend` guarded means nothing, and is refused.
+    let mut loose = CirclePolicy::new(1);
+    loose.guarded.clear();
+    loose.spend_limit = Some(credits("2"));
+    let governance = Governance {
+        members: vec![aigrid_api::PolicyMember {
+            identity: owner.id(),
+            weight: 1,
+            role: aigrid_api::Role::Owner,
+        }],
+        policy: loose,
+    };
+    assert_eq!(
+        governance.validate().unwrap_err().field,
+        "policy.spend_limit"
+    );
+}
