@@ -25,6 +25,7 @@
 //! | [`placement`] | placement policies: which storage backends may hold a stripe's shards |
 //! | [`digest`] | content digests as types (`ModelDigest`, `ChunkDigest`) |
 //! | [`openai`] | OpenAI's `/v1` wire types and error envelope, for the model servers and the gateway |
+//! | [`quota`] | circles' quotas, what they hold and borrow, and their dominant share |
 //! | [`treasury`] | circles' balances in credits, nodes' prices, the ledger, deposits and transfers |
 //! | [`usage`] | metered use (GPU-seconds by model, CPU-seconds, memory) per circle, job and node |
 //! | [`error`] | the error body, the stable error codes and validation errors |
@@ -55,6 +56,7 @@ pub mod model;
 pub mod node;
 pub mod openai;
 pub mod placement;
+pub mod quota;
 pub mod rollout;
 pub mod signature;
 pub mod spec;
@@ -102,6 +104,7 @@ pub use node::{
     NodeProtections, NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage,
     PortRange, RegisterNodeResponse,
 };
+pub use quota::{CircleUsage, Held, Quota};
 pub use rollout::{
     AbortAfter, CreateRollout, FleetRollout, ModelAssignment, ModelPeer, ModelReport, NodeStage,
     NodeStageState, OriginShare, RolloutState, Wave, Waves,

@@ -62,6 +62,9 @@ const SERVED: &[&str] = &[
     "GET /api/v1/storage",
     "GET /api/v1/whoami",
     "GET /api/v1/usage",
+    "GET /api/v1/circles/{circle}/usage",
+    "PUT /api/v1/circles/{circle}/quota",
+    "DELETE /api/v1/circles/{circle}/quota",
     "GET /api/v1/treasury",
     "GET /api/v1/treasury/{circle}",
     "GET /api/v1/treasury/{circle}/ledger",
@@ -542,6 +545,12 @@ fn valid_call(fx: &Fixtures, method: &str, path: &str) -> Option<Call> {
         }
         ("GET", "/api/v1/audit/proof") => Call::new(method, "/api/v1/audit/proof?index=0"),
         ("GET", "/api/v1/treasury/{circle}") => Call::new(method, "/api/v1/treasury/lab"),
+        ("GET", "/api/v1/circles/{circle}/usage") => Call::new(method, "/api/v1/circles/lab/usage"),
+        ("PUT", "/api/v1/circles/{circle}/quota") => Call::new(method, "/api/v1/circles/lab/quota")
+            .json(&json!({"gpus": {"H100": 8}, "cpu_millis": 64000})),
+        ("DELETE", "/api/v1/circles/{circle}/quota") => {
+            Call::new(method, "/api/v1/circles/lab/quota")
+        }
         ("GET", "/api/v1/treasury/{circle}/ledger") => {
             Call::new(method, "/api/v1/treasury/gov/ledger?limit=10")
         }

@@ -110,6 +110,14 @@ pub enum CircleCommand {
         /// The member's identity id.
         member: String,
     },
+    /// A circle's quota, what it holds and borrows now, and its fair share.
+    Usage {
+        /// The circle.
+        circle: String,
+    },
+    /// Set what a circle is guaranteed (admins); beyond it the circle borrows idle
+    /// capacity, taken back when a circle within its quota needs it.
+    Quota(super::usage::QuotaArgs),
 }
 
 /// `aigrid apikey ...`: keys for the OpenAI-compatible `/v1`, one circle each.
@@ -327,6 +335,10 @@ pub async fn circle(client: &Client, cmd: CircleCommand, json: bool) -> anyhow::
         } => return super::chain::create(client, name, members, threshold, policy, json).await,
         CircleCommand::Member(cmd) => return super::chain::member(client, cmd, json).await,
         CircleCommand::Policy(cmd) => return super::chain::policy(client, cmd, json).await,
+        CircleCommand::Usage { circle } => {
+            return super::usage::circle_usage(client, &circle, json).await
+        }
+        CircleCommand::Quota(args) => return super::usage::quota(client, args, json).await,
         CircleCommand::Grant {
             circle,
             member,

@@ -1,7 +1,8 @@
 //! `aigrid usage`: what a circle's (or the cluster's) allocations held while they
-//! ran, from the control plane's meter.
+//! ran, from the control plane's meter; `aigrid circle usage` and `circle quota`:
+//! what a circle is guaranteed, holds and borrows now.
 
-use aigrid_api::{UsageLine, UsageReport};
+use aigrid_api::{CircleUsage, Held, Quota, UsageLine, UsageReport};
 use clap::Args;
 use reqwest::Method;
 
@@ -75,4 +76,124 @@ fn row(line: &UsageLine) -> Vec<String> {
         format!("{:.3}", a.cpu_seconds / 3600.0),
         format!("{:.3}", a.memory_mib_seconds / 3600.0 / 1024.0),
     ]
+}
+
+/// `aigrid circle quota NAME [--gpus H100=8] [--cpu-millis N] ... | --clear`.
+#[derive(Args)]
+pub struct QuotaArgs {
+    /// The circle.
+    circle: String,
+    /// Whole GPUs by model, `H100=8,L4=2` (a model matches every GPU model
+    /// containing it).
+    #[arg(long, value_name = "MODEL=COUNT,...")]
+    gpus: Option<String>,
+    /// GPU memory, MiB.
+    #[arg(long)]
+    gpu_memory_mib: Option<u64>,
+    /// CPU, thousandths of a core.
+    #[arg(long)]
+    cpu_millis: Option<u64>,
+    /// Memory, MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Remove the circle's quota instead.
+    #[arg(long, conflicts_with_all = ["gpus", "gpu_memory_mib", "cpu_millis", "memory_mib"])]
+    clear: bool,
+}
+
+/// Sets or removes a circle's quota, and shows its usage under it.
+pub async fn quota(client: &Client, args: QuotaArgs, json: bool) -> anyhow::Result<()> {
+    let path = format!("/api/v1/circles/{}/quota", path_segment(&args.circle)?);
+    let usage: CircleUsage = if args.clear {
+        client.call::<(), _>(Method::DELETE, &path, None).await?
+    } else {
+        let quota = Quota {
+            gpus: match &args.gpus {
+                Some(list) => Quota::parse_gpus(list).map_err(|e| anyhow::anyhow!("--gpus {e}"))?,
+                None => Default::default(),
+            },
+            gpu_memory_mib: args.gpu_memory_mib,
+            cpu_millis: args.cpu_millis,
+            memory_mib: args.memory_mib,
+        };
+        if quota == Quota::default() {
+            anyhow::bail!(
+                "give the quota (--gpus, --gpu-memory-mib, --cpu-millis, --memory-mib) or --clear"
+            );
+        }
+        quota.validate()?;
+        client.call(Method::PUT, &path, Some(&quota)).await?
+    };
+    print_circle_usage(&usage, json)
+}
+
+/// Shows a circle's quota, use, borrowing and share.
+pub async fn circle_usage(client: &Client, circle: &str, json: bool) -> anyhow::Result<()> {
+    let path = format!("/api/v1/circles/{}/usage", path_segment(circle)?);
+    let usage: CircleUsage = client.call::<(), _>(Method::GET, &path, None).await?;
+    print_circle_usage(&usage, json)
+}
+
+fn print_circle_usage(usage: &CircleUsage, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(usage);
+    }
+    let quota = usage.quota.as_ref().map(|q| Held {
+        gpus: q
+            .gpus
+            .iter()
+            .map(|(k, v)| (k.clone(), f64::from(*v)))
+            .collect(),
+        gpu_memory_mib: q.gpu_memory_mib.unwrap_or_default(),
+        cpu_millis: q.cpu_millis.unwrap_or_default(),
+        memory_mib: q.memory_mib.unwrap_or_default(),
+    });
+    println!(
+        "circle {}: share {:.3}, {} instance{} waiting{}",
+        usage.circle,
+        usage.share,
+        usage.pending,
+        if usage.pending == 1 { "" } else { "s" },
+        if usage.quota.is_none() {
+            ", no quota"
+        } else {
+            ""
+        }
+    );
+    let mut models: Vec<&String> = usage.used.gpus.keys().collect();
+    if let Some(q) = &quota {
+        models.extend(q.gpus.keys());
+    }
+    models.sort();
+    models.dedup();
+    let cell = |held: Option<&Held>, f: &dyn Fn(&Held) -> String| held.map_or("-".to_owned(), f);
+    let mut rows: Vec<Vec<String>> = models
+        .iter()
+        .map(|m| {
+            let gpus = |h: &Held| format!("{}", h.gpus.get(*m).copied().unwrap_or(0.0));
+            vec![
+                format!("GPUs {m}"),
+                cell(quota.as_ref(), &gpus),
+                gpus(&usage.used),
+                gpus(&usage.borrowed),
+            ]
+        })
+        .collect();
+    for (name, f) in [
+        (
+            "GPU memory MiB",
+            (|h: &Held| h.gpu_memory_mib.to_string()) as fn(&Held) -> String,
+        ),
+        ("CPU millis", |h: &Held| h.cpu_millis.to_string()),
+        ("memory MiB", |h: &Held| h.memory_mib.to_string()),
+    ] {
+        rows.push(vec![
+            name.to_owned(),
+            cell(quota.as_ref(), &f),
+            f(&usage.used),
+            f(&usage.borrowed),
+        ]);
+    }
+    print_table(2, &["RESOURCE", "QUOTA", "USED", "BORROWED"], &rows);
+    Ok(())
 }

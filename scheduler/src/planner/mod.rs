@@ -39,6 +39,7 @@
 
 pub mod defrag;
 mod draft;
+pub mod fair;
 mod group;
 mod live;
 pub mod preempt;

@@ -72,6 +72,20 @@ pub fn plan_preemption(
     request: &PlanRequest,
     priority: u32,
 ) -> Option<Preemption> {
+    plan_eviction(snapshot, request, &|a: &LiveAlloc| {
+        a.info.priority.saturating_add(PREEMPTION_MARGIN) <= priority
+    })
+}
+
+/// As [`plan_preemption`], with the allocations that may be evicted chosen by
+/// `may_evict` instead of by priority (never the requesting job's own): what
+/// quotas' reclaim and priority preemption under quotas use. Victims are still
+/// chosen lowest priority first, as few and as small as make room.
+pub fn plan_eviction(
+    snapshot: &PlanSnapshot,
+    request: &PlanRequest,
+    may_evict: &dyn Fn(&LiveAlloc) -> bool,
+) -> Option<Preemption> {
     let mut progress = Progress {
         draft: Draft::new(snapshot),
         out: Preemption::default(),
@@ -80,7 +94,7 @@ pub fn plan_preemption(
         snapshot,
         request,
         &mut progress,
-        |progress, group, index| place(progress, group, &request.job_id, index, priority),
+        |progress, group, index| place(progress, group, &request.job_id, index, may_evict),
     );
     let mut out = progress.out;
     out.unplaced = unplaced;
@@ -106,7 +120,7 @@ fn place(
     group: &GroupPlanner<'_>,
     job_id: &JobId,
     index: u32,
-    priority: u32,
+    may_evict: &dyn Fn(&LiveAlloc) -> bool,
 ) -> bool {
     let Progress { draft, out } = progress;
     if let Some((n, gpus)) = draft.best(group, job_id, None) {
@@ -114,7 +128,7 @@ fn place(
             .push(draft.place(group, job_id, index, n, &gpus));
         return true;
     }
-    let Some((n, victims)) = least_disruptive(draft, group, job_id, priority) else {
+    let Some((n, victims)) = least_disruptive(draft, group, job_id, may_evict) else {
         return false;
     };
     let Some(gpus) = draft.fits_without(group, n, &victims) else {
@@ -148,16 +162,14 @@ fn least_disruptive<'s>(
     draft: &Draft<'s>,
     group: &GroupPlanner<'_>,
     job_id: &JobId,
-    priority: u32,
+    may_evict: &dyn Fn(&LiveAlloc) -> bool,
 ) -> Option<(usize, Vec<&'s LiveAlloc>)> {
     let snapshot = draft.snapshot();
     let mut best: Option<(Disruption, Vec<&'s LiveAlloc>)> = None;
     for n in group.candidates() {
         let mut evictable: Vec<&'s LiveAlloc> = draft
             .live_on(n)
-            .filter(|a| {
-                &a.job_id != job_id && a.info.priority.saturating_add(PREEMPTION_MARGIN) <= priority
-            })
+            .filter(|a| &a.job_id != job_id && may_evict(a))
             .collect();
         let Some(lowest) = evictable.iter().map(|a| a.info.priority).min() else {
             continue;

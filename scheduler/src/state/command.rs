@@ -487,6 +487,19 @@ pub enum Command {
         /// When.
         at: Timestamp,
     },
+    /// An admin sets a circle's quota, or removes it (`quota` absent).
+    SetQuota {
+        /// The circle.
+        circle: String,
+        /// What it is guaranteed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quota: Option<aigrid_api::Quota>,
+        /// Who set it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<IdentityId>,
+        /// When.
+        at: Timestamp,
+    },
     /// The leader's report that a rollout's progress deadline passed; it fails
     /// (and reverts, when its policy says so) if the deadline the state holds has
     /// indeed passed at `at`.
@@ -680,4 +693,9 @@ pub enum Applied {
     Settled(super::treasury::Settled),
     /// A circle's treasury as it is after a deposit or transfer.
     TreasuryChanged(aigrid_api::TreasuryView),
+    /// A circle's quota was set or removed.
+    QuotaSet {
+        /// The circle.
+        circle: String,
+    },
 }

@@ -31,6 +31,8 @@ pub enum ObjectKind {
     Proposal,
     /// A fleet rollout.
     Rollout,
+    /// A circle's quota.
+    Quota,
 }
 
 impl std::fmt::Display for ObjectKind {
@@ -48,6 +50,7 @@ impl std::fmt::Display for ObjectKind {
             Self::Circle => "governed circle",
             Self::Proposal => "proposal",
             Self::Rollout => "rollout",
+            Self::Quota => "quota of circle",
         })
     }
 }

@@ -25,6 +25,7 @@ pub mod models;
 mod nodes;
 mod plans;
 mod ports;
+mod quotas;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -183,6 +184,9 @@ struct Tables {
     /// Balances, unsettled use and the ledger.
     #[serde(default)]
     treasury: treasury::Treasury,
+    /// Circles' quotas.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    quotas: BTreeMap<String, aigrid_api::Quota>,
 }
 
 /// A join token as the state keeps it.
@@ -530,6 +534,12 @@ impl ClusterState {
                 at,
                 by: _,
             } => self.transfer(index, &circle, to, amount, memo, at),
+            Command::SetQuota {
+                circle,
+                quota,
+                at,
+                by: _,
+            } => self.set_quota(&circle, quota, at),
         }
     }
 }
@@ -555,6 +565,7 @@ impl ClusterState {
             rollouts: BTreeMap::new(),
             metering: metering::Metering::default(),
             treasury: treasury::Treasury::default(),
+            quotas: BTreeMap::new(),
         })
     }
 

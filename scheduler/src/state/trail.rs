@@ -340,7 +340,8 @@ impl Command {
             | Command::GrantMembership { at, .. }
             | Command::UseMembershipGrant { at, .. }
             | Command::Deposit { at, .. }
-            | Command::Transfer { at, .. } => Some(*at),
+            | Command::Transfer { at, .. }
+            | Command::SetQuota { at, .. } => Some(*at),
             Command::CreateApiKey { info, .. } => Some(info.created_at),
             _ => None,
         }
@@ -353,7 +354,8 @@ impl Command {
             Command::SetGovernance { by, .. }
             | Command::GrantMembership { by, .. }
             | Command::Deposit { by, .. }
-            | Command::Transfer { by, .. } => by.as_ref(),
+            | Command::Transfer { by, .. }
+            | Command::SetQuota { by, .. } => by.as_ref(),
             _ => None,
         }
     }

@@ -47,6 +47,8 @@ pub struct PassInput {
     pub gangs: HashMap<(JobId, String), Vec<AllocId>>,
     /// Circles whose new work is not placed (their treasury is spent), with why.
     pub holds: BTreeMap<String, String>,
+    /// Quotas, what each circle holds and borrows: kept current as the pass plans.
+    pub fair: crate::planner::fair::Fairness,
 }
 
 /// What moving a job's allocations needs: its priority, version and groups.
@@ -58,6 +60,8 @@ pub struct JobInfo {
     pub version: u64,
     /// Its groups as the spec states them.
     pub groups: Vec<aigrid_api::TaskGroup>,
+    /// Its circle; empty for the admins' jobs.
+    pub circle: String,
 }
 
 impl PassInput {
@@ -148,6 +152,7 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
                 priority: spec.priority,
                 version,
                 groups: spec.groups.clone(),
+                circle: spec.circle.clone().unwrap_or_default(),
             };
             Some((job_id.clone(), info))
         })
@@ -162,5 +167,6 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
         groups,
         gangs,
         holds: state.placement_holds(),
+        fair: state.fairness(),
     }
 }

@@ -11,8 +11,9 @@ use aigrid_api::{
 
 use super::collect::PassInput;
 use crate::planner::defrag::plan_defrag;
-use crate::planner::preempt::plan_preemption;
-use crate::planner::{plan, GroupDemand, GroupInfo, Placement, PlanRequest};
+use crate::planner::fair::Amounts;
+use crate::planner::preempt::{plan_eviction, PREEMPTION_MARGIN};
+use crate::planner::{plan, GroupDemand, GroupInfo, LiveAlloc, Placement, PlanRequest};
 use crate::state::{reschedule_delay_ms, JobPlan, MovedAllocation, NewAllocation};
 
 /// The timestamp of allocations only the snapshot sees; the applier stamps the
@@ -407,9 +408,11 @@ struct Outcome {
 
 /// Places a job's missing instances: a plain plan first; what does not fit is
 /// tried with defragmentation (moving movable work of lower or equal priority,
-/// within each job's disruption budget), then with preemption (evicting work at
-/// least [`crate::planner::preempt::PREEMPTION_MARGIN`] priority points lower). Neither is tried when the plain
-/// plan placed everything, so the common path costs one plan.
+/// within each job's disruption budget), then, for a circle within its quota, by
+/// reclaiming other circles' borrowed work, then with preemption (evicting work at
+/// least [`crate::planner::preempt::PREEMPTION_MARGIN`] priority points lower that
+/// no quota guarantees; see [`crate::planner::fair`]). None of that is tried when
+/// the plain plan placed everything, so the common path costs one plan.
 fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
     let planned = plan(&input.snapshot, request);
     if planned.unplaced.is_empty() {
@@ -434,8 +437,30 @@ fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
             .unwrap_or(0);
         allowed.saturating_sub(down)
     };
+    let circle = job.spec.circle.as_deref().unwrap_or_default();
+    let fair = &input.fair;
+    let wanted = requested(request);
     let explain = |unplaced: &[crate::planner::UnplacedGroup]| -> Vec<Unplaced> {
-        unplaced.iter().map(|u| u.to_unplaced()).collect()
+        let over = fair.excess(circle, &{
+            let mut after = fair.used(circle);
+            after.add(&wanted);
+            after
+        });
+        unplaced
+            .iter()
+            .map(|u| {
+                let mut u = u.to_unplaced();
+                if !over.is_empty() {
+                    u.reason = format!(
+                        "circle `{circle}` would hold {} with this job, beyond its quota, and \
+                         no idle capacity is left to borrow: {}",
+                        over.join(", "),
+                        u.reason
+                    );
+                }
+                u
+            })
+            .collect()
     };
     if let Some(defrag) = plan_defrag(&input.snapshot, request, priority, budget, group_spec) {
         return Outcome {
@@ -449,23 +474,59 @@ fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
             ..Outcome::default()
         };
     }
-    if let Some(preemption) = plan_preemption(&input.snapshot, request, priority) {
-        return Outcome {
-            placements: preemption.placements,
-            evictions: preemption
-                .evictions
-                .into_iter()
-                .map(|e| (e.job_id, e.group, e.alloc_id))
-                .collect(),
-            unplaced: explain(&preemption.unplaced),
-            ..Outcome::default()
+    let evicting = |preemption: crate::planner::preempt::Preemption| Outcome {
+        placements: preemption.placements,
+        evictions: preemption
+            .evictions
+            .into_iter()
+            .map(|e| (e.job_id, e.group, e.alloc_id))
+            .collect(),
+        unplaced: explain(&preemption.unplaced),
+        ..Outcome::default()
+    };
+    // Reclaim: a circle within its quota takes back what others borrowed.
+    if fair.enforced() && fair.within(circle, &wanted) {
+        let borrowed = |a: &LiveAlloc| {
+            fair.is_borrowed(&a.id) && fair.circle_of(&a.id).is_some_and(|c| c != circle)
         };
+        if let Some(reclaim) = plan_eviction(&input.snapshot, request, &borrowed) {
+            return evicting(reclaim);
+        }
+    }
+    let lower = |a: &LiveAlloc| {
+        a.info.priority.saturating_add(PREEMPTION_MARGIN) <= priority
+            && fair.may_preempt(circle, &a.id)
+    };
+    if let Some(preemption) = plan_eviction(&input.snapshot, request, &lower) {
+        return evicting(preemption);
     }
     Outcome {
         placements: planned.placements,
         unplaced: explain(&planned.unplaced),
         ..Outcome::default()
     }
+}
+
+/// What a request's instances would hold, before knowing where: GPUs under the
+/// model they ask for (`*`, counted against every quota's GPUs, when any will do).
+fn requested(request: &PlanRequest) -> Amounts {
+    let mut out = Amounts::default();
+    for demand in &request.groups {
+        let n = demand.indices.len() as u64;
+        let r = &demand.group.resources;
+        out.cpu_millis += n * r.cpu_millis.get();
+        out.memory_mib += n * r.memory_mib.get();
+        if let Some(g) = &r.gpus {
+            let model = g.model.clone().unwrap_or_else(|| "*".to_owned());
+            let each = if g.memory_slice_mib.is_some() {
+                1000
+            } else {
+                1000 * u64::from(g.count)
+            };
+            *out.gpus.entry(model).or_default() += n * each;
+        }
+    }
+    out
 }
 
 /// Moves one allocation of `job_id` to `to` in the snapshot and answers its
