@@ -8,6 +8,9 @@
 #   benchmarks/placement/run.sh --nodes 20000 --seed 7
 #   benchmarks/placement/run.sh --jobs 200
 #   benchmarks/placement/run.sh --fill 1.3
+# With `pass` first, it runs `placement pass` instead: the leader's whole
+# scheduling pass over the real state, circles' quotas on beside off:
+#   benchmarks/placement/run.sh pass --circles 4 --fill 1.5
 #
 # Environment:
 #   BENCH_SKIP_BUILD=1  use the binary already in the target directory
@@ -26,8 +29,13 @@ if [ "${BENCH_SKIP_BUILD:-0}" != "1" ]; then
 fi
 [ -x "$BIN" ] || { echo "error: $BIN is missing" >&2; exit 1; }
 
+SUBCOMMAND=planner
+if [ "${1:-}" = "pass" ] || [ "${1:-}" = "planner" ]; then
+    SUBCOMMAND="$1"
+    shift
+fi
 if [ -n "${BENCH_OUT:-}" ]; then
-    "$BIN" planner "$@" | tee -a "$BENCH_OUT"
+    "$BIN" "$SUBCOMMAND" "$@" | tee -a "$BENCH_OUT"
 else
-    "$BIN" planner "$@"
+    "$BIN" "$SUBCOMMAND" "$@"
 fi

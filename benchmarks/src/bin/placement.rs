@@ -12,6 +12,7 @@
 //! | [`occupancy`] | what every node holds: checks each placement against its spec and node, and measures fragmentation and spread |
 //! | [`first_fit`] | the baseline planner: the first node in id order that fits, no ranking, no index |
 //! | [`planner`] | the `planner` subcommand: aigrid's planner alone, beside first-fit |
+//! | [`pass`] | the `pass` subcommand: the leader's whole scheduling pass over the real state, circles' quotas on beside off |
 //! | [`table`] | the side-by-side table both columns are printed in |
 
 // A binary's root resolves modules beside itself (`src/bin/`), where every
@@ -20,6 +21,8 @@
 mod first_fit;
 #[path = "placement/occupancy.rs"]
 mod occupancy;
+#[path = "placement/pass.rs"]
+mod pass;
 #[path = "placement/planner.rs"]
 mod planner;
 #[path = "placement/table.rs"]
@@ -44,10 +47,13 @@ struct Cli {
 enum Command {
     /// aigrid's pure planner alone, in process, beside a naive first-fit planner.
     Planner(planner::Args),
+    /// The leader's scheduling pass over the real state, circles' quotas on beside off.
+    Pass(pass::Args),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Planner(args) => planner::run(&args),
+        Command::Pass(args) => pass::run(&args),
     }
 }

@@ -135,6 +135,9 @@ pub struct Fairness {
     /// Live allocations by circle.
     members: HashMap<String, HashSet<AllocId>>,
     borrowed: HashSet<AllocId>,
+    /// The borrowed allocations by circle, so marking a circle's again forgets
+    /// only what it marked before.
+    borrowed_of: HashMap<String, Vec<AllocId>>,
 }
 
 impl Fairness {
@@ -276,6 +279,7 @@ impl Fairness {
     /// Marks which allocations are borrowed (see the module documentation).
     pub fn find_borrowed(&mut self) {
         self.borrowed.clear();
+        self.borrowed_of.clear();
         let circles: Vec<String> = self.quotas.keys().cloned().collect();
         for circle in circles {
             self.find_borrowed_of(&circle);
@@ -285,16 +289,16 @@ impl Fairness {
     /// Marks again which of `circle`'s allocations are borrowed: after a plan
     /// changed what it holds.
     pub fn find_borrowed_of(&mut self, circle: &str) {
-        let Some(members) = self.members.get(circle) else {
-            return;
-        };
-        for id in members {
-            self.borrowed.remove(id);
+        for id in self.borrowed_of.remove(circle).unwrap_or_default() {
+            self.borrowed.remove(&id);
         }
         let mut left = self.used(circle);
         if self.excess(circle, &left).is_empty() {
             return;
         }
+        let Some(members) = self.members.get(circle) else {
+            return;
+        };
         let mut mine: Vec<(&AllocId, &Counted)> = members
             .iter()
             .filter_map(|id| Some((id, self.live.get(id)?)))
@@ -310,7 +314,8 @@ impl Fairness {
                 marked.push(id.clone());
             }
         }
-        self.borrowed.extend(marked);
+        self.borrowed.extend(marked.iter().cloned());
+        self.borrowed_of.insert(circle.to_owned(), marked);
     }
 
     /// Whether giving up `amounts` lowers something `circle` is over on.
@@ -328,6 +333,11 @@ impl Fairness {
             amounts.gpu_memory_mib,
         ) || over(q.cpu_millis, held.cpu_millis, amounts.cpu_millis)
             || over(q.memory_mib, held.memory_mib, amounts.memory_mib)
+    }
+
+    /// Whether any allocation is borrowed: reclaim has nothing to take otherwise.
+    pub fn any_borrowed(&self) -> bool {
+        !self.borrowed.is_empty()
     }
 
     /// Whether allocation `id` is borrowed capacity.

@@ -105,6 +105,17 @@ fn default_grace() -> u64 {
     GRACE_MS
 }
 
+/// The highest prices nodes ask per hour, in micro-credits.
+#[derive(Debug, Default)]
+struct TopPrices {
+    /// Per GPU, by GPU model.
+    gpu: BTreeMap<String, u128>,
+    /// Per core.
+    cpu: u128,
+    /// Per GiB.
+    memory: u128,
+}
+
 /// What a settlement did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {
@@ -582,39 +593,46 @@ impl ClusterState {
         }
     }
 
-    /// The most `spec` can cost per hour, in micro-credits: every instance of every
-    /// group at the highest prices any node asks for what the group requests (a
-    /// GPU of a model it may take, a core, a GiB).
-    fn spend_ceiling(&self, spec: &aigrid_api::JobSpec) -> u128 {
+    /// The highest price any node asks per hour, in micro-credits: per GPU by
+    /// model, per core, per GiB.
+    fn top_prices(&self) -> TopPrices {
         let micro = |c: Credits| u128::try_from(c.micro()).unwrap_or(0);
-        let offers = || {
-            self.tables
-                .nodes
-                .values()
-                .filter_map(|n| Some((n, n.offer.as_ref()?)))
-        };
-        let top = |f: &dyn Fn(&aigrid_api::Prices) -> Credits| {
-            offers()
-                .map(|(_, o)| micro(f(&o.prices)))
-                .max()
-                .unwrap_or(0)
-        };
-        let (cpu, memory) = (top(&|p| p.cpu_core_hour), top(&|p| p.memory_gib_hour));
+        let mut top = TopPrices::default();
+        for node in self.tables.nodes.values() {
+            let Some(offer) = &node.offer else {
+                continue;
+            };
+            for gpu in &node.resources.gpus {
+                let price = micro(offer.prices.gpu(&gpu.model));
+                let entry = top.gpu.entry(gpu.model.clone()).or_default();
+                *entry = (*entry).max(price);
+            }
+            top.cpu = top.cpu.max(micro(offer.prices.cpu_core_hour));
+            top.memory = top.memory.max(micro(offer.prices.memory_gib_hour));
+        }
+        top
+    }
+
+    /// The most `spec` can cost per hour, in micro-credits: every instance of every
+    /// group at the highest prices (`top`) for what the group requests (a GPU of a
+    /// model it may take, a core, a GiB).
+    fn spend_ceiling(spec: &aigrid_api::JobSpec, top: &TopPrices) -> u128 {
         let mut total: u128 = 0;
         for group in &spec.groups {
             let r = &group.resources;
             let gpu = r.gpus.as_ref().map_or(0, |g| {
-                let each = offers()
-                    .flat_map(|(n, o)| n.resources.gpus.iter().map(move |d| (d, o)))
-                    .filter(|(d, _)| g.model.as_deref().is_none_or(|m| d.model.contains(m)))
-                    .map(|(d, o)| micro(o.prices.gpu(&d.model)))
+                let each = top
+                    .gpu
+                    .iter()
+                    .filter(|(model, _)| g.model.as_deref().is_none_or(|m| model.contains(m)))
+                    .map(|(_, price)| *price)
                     .max()
                     .unwrap_or(0);
                 each * u128::from(g.count.max(1))
             });
             let per_instance = gpu
-                + cpu * u128::from(r.cpu_millis.get()) / 1_000
-                + memory * u128::from(r.memory_mib.get()) / 1_024;
+                + top.cpu * u128::from(r.cpu_millis.get()) / 1_000
+                + top.memory * u128::from(r.memory_mib.get()) / 1_024;
             total = total.saturating_add(per_instance * u128::from(group.count));
         }
         total
@@ -629,15 +647,16 @@ impl ClusterState {
         old: Option<&aigrid_api::JobSpec>,
         limit: Credits,
     ) -> bool {
+        let top = self.top_prices();
         let before: u128 = self
             .tables
             .jobs
             .values()
             .filter(|j| j.spec.circle.as_deref() == Some(circle))
-            .map(|j| self.spend_ceiling(&j.spec))
+            .map(|j| Self::spend_ceiling(&j.spec, &top))
             .sum();
-        let after = before - old.map_or(0, |o| self.spend_ceiling(o)).min(before)
-            + self.spend_ceiling(spec);
+        let after = before - old.map_or(0, |o| Self::spend_ceiling(o, &top)).min(before)
+            + Self::spend_ceiling(spec, &top);
         after > before && after > u128::try_from(limit.micro()).unwrap_or(0)
     }
 

@@ -485,7 +485,7 @@ fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
         ..Outcome::default()
     };
     // Reclaim: a circle within its quota takes back what others borrowed.
-    if fair.enforced() && fair.within(circle, &wanted) {
+    if fair.any_borrowed() && fair.within(circle, &wanted) {
         let borrowed = |a: &LiveAlloc| {
             fair.is_borrowed(&a.id) && fair.circle_of(&a.id).is_some_and(|c| c != circle)
         };
