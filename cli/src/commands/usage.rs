@@ -134,20 +134,13 @@ pub async fn circle_usage(client: &Client, circle: &str, json: bool) -> anyhow::
     print_circle_usage(&usage, json)
 }
 
+/// One amount of what a circle holds.
+type HeldField = fn(&Held) -> u64;
+
 fn print_circle_usage(usage: &CircleUsage, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(usage);
     }
-    let quota = usage.quota.as_ref().map(|q| Held {
-        gpus: q
-            .gpus
-            .iter()
-            .map(|(k, v)| (k.clone(), f64::from(*v)))
-            .collect(),
-        gpu_memory_mib: q.gpu_memory_mib.unwrap_or_default(),
-        cpu_millis: q.cpu_millis.unwrap_or_default(),
-        memory_mib: q.memory_mib.unwrap_or_default(),
-    });
     println!(
         "circle {}: share {:.3}, {} instance{} waiting{}",
         usage.circle,
@@ -160,38 +153,35 @@ fn print_circle_usage(usage: &CircleUsage, json: bool) -> anyhow::Result<()> {
             ""
         }
     );
-    let mut models: Vec<&String> = usage.used.gpus.keys().collect();
-    if let Some(q) = &quota {
-        models.extend(q.gpus.keys());
-    }
+    let quota = usage.quota.clone().unwrap_or_default();
+    let mut models: Vec<&String> = usage.used.gpus.keys().chain(quota.gpus.keys()).collect();
     models.sort();
     models.dedup();
-    let cell = |held: Option<&Held>, f: &dyn Fn(&Held) -> String| held.map_or("-".to_owned(), f);
+    // What the quota leaves out is not limited: shown as `-`.
+    let limit = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     let mut rows: Vec<Vec<String>> = models
         .iter()
         .map(|m| {
             let gpus = |h: &Held| format!("{}", h.gpus.get(*m).copied().unwrap_or(0.0));
             vec![
                 format!("GPUs {m}"),
-                cell(quota.as_ref(), &gpus),
+                limit(quota.gpus.get(*m).map(|c| u64::from(*c))),
                 gpus(&usage.used),
                 gpus(&usage.borrowed),
             ]
         })
         .collect();
-    for (name, f) in [
-        (
-            "GPU memory MiB",
-            (|h: &Held| h.gpu_memory_mib.to_string()) as fn(&Held) -> String,
-        ),
-        ("CPU millis", |h: &Held| h.cpu_millis.to_string()),
-        ("memory MiB", |h: &Held| h.memory_mib.to_string()),
-    ] {
+    let fields: [(&str, Option<u64>, HeldField); 3] = [
+        ("GPU memory MiB", quota.gpu_memory_mib, |h| h.gpu_memory_mib),
+        ("CPU millis", quota.cpu_millis, |h| h.cpu_millis),
+        ("memory MiB", quota.memory_mib, |h| h.memory_mib),
+    ];
+    for (name, q, held) in fields {
         rows.push(vec![
             name.to_owned(),
-            cell(quota.as_ref(), &f),
-            f(&usage.used),
-            f(&usage.borrowed),
+            limit(q),
+            held(&usage.used).to_string(),
+            held(&usage.borrowed).to_string(),
         ]);
     }
     print_table(2, &["RESOURCE", "QUOTA", "USED", "BORROWED"], &rows);
