@@ -172,7 +172,29 @@ fn init_logging() {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A command whose output goes to a pipe that was closed (`aigrid job ls | head`)
+/// ends at once and quietly, with the status a shell gives a process killed by
+/// SIGPIPE, as other command-line tools do; Rust's runtime ignores SIGPIPE, so a
+/// write there fails and `println!` panics instead. Every other panic is reported
+/// as before.
+fn quiet_on_closed_pipe() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to std") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        report(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     // Before any runtime or thread exists: the supervisor blocks signals process-wide.
     if let Command::Supervise { alloc_dir } = &cli.command {

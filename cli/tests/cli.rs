@@ -136,3 +136,29 @@ async fn up_then_job_lifecycle_through_the_cli() {
     let status = up.wait().unwrap();
     assert!(status.success(), "aigrid up did not stop cleanly: {status}");
 }
+
+#[test]
+fn output_to_a_closed_pipe_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.json");
+    assert_success(&aigrid(&[
+        "--identity",
+        key.to_str().unwrap(),
+        "key",
+        "new",
+        "--name",
+        "p",
+    ]));
+    // The reading end is gone before the command writes a byte.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let child = aigrid_cmd()
+        .args(["--identity", key.to_str().unwrap(), "key", "show", "--json"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "no panic report: {}", stderr(&out));
+}
