@@ -240,6 +240,15 @@ async fn a_stakeholder_approves_a_proposal_in_the_browser_and_it_applies() {
         text_of(&c, "main", shows).await;
         shots.take(&c, page).await;
     }
+    // The circle's page: its quota beside what it holds, and its treasury.
+    assert_success(&admin(&[
+        "treasury", "deposit", "lab", "250", "--memo", "grant",
+    ]));
+    assert_success(&admin(&["circle", "quota", "lab", "--gpus", "H100=1"]));
+    c.goto(&format!("{server}/ui/#/circles/lab")).await.unwrap();
+    text_of(&c, "#circle-treasury", "250").await;
+    text_of(&c, "#circle-usage", "GPUs H100").await;
+    shots.take(&c, "circle").await;
     let node = json_output(&admin(&["node", "ls", "--json"]))[0]["id"]
         .as_str()
         .unwrap()

@@ -313,27 +313,72 @@ const models = {
 
 // ---- circles ---------------------------------------------------------------------
 
+// A circle's quota beside what it holds and borrows now, and its fair share.
+function usageView(u) {
+  const q = u.quota || {};
+  const limit = (v) => (v === undefined || v === null ? "-" : String(v));
+  const models = [...new Set([...Object.keys(u.used.gpus), ...Object.keys(q.gpus || {})])].sort();
+  const rows = models.map((m) => [`GPUs ${m}`, limit((q.gpus || {})[m]), String(u.used.gpus[m] || 0),
+    String(u.borrowed.gpus[m] || 0)]);
+  rows.push(["GPU memory", limit(q.gpu_memory_mib && mib(q.gpu_memory_mib)), mib(u.used.gpu_memory_mib),
+    mib(u.borrowed.gpu_memory_mib)]);
+  rows.push(["CPU", limit(q.cpu_millis && cpu(q.cpu_millis)), cpu(u.used.cpu_millis), cpu(u.borrowed.cpu_millis)]);
+  rows.push(["memory", limit(q.memory_mib && mib(q.memory_mib)), mib(u.used.memory_mib), mib(u.borrowed.memory_mib)]);
+  return h(
+    "div",
+    { id: "circle-usage" },
+    h("p", {}, `share ${u.share.toFixed(3)}`, u.quota ? "" : " (no quota)",
+      `, ${u.pending} instance${u.pending === 1 ? "" : "s"} waiting`),
+    table(["resource", "quota", "used", "borrowed"], rows),
+  );
+}
+
+// A circle's balance, what it accrued and spends, and why its work is held.
+function treasuryView(t) {
+  if (!t.open) {
+    return h("p", { class: "empty" }, "no treasury: use is metered, not charged, until a deposit");
+  }
+  return h(
+    "div",
+    { id: "circle-treasury" },
+    table(["", "credits"], [
+      ["balance", t.balance],
+      ["accrued, settled next", t.accrued],
+      ["available", t.available],
+      ["rate per hour", t.rate_per_hour],
+      ["spent in 24 h", t.spent_24h],
+    ]),
+    t.hold ? h("p", {}, badge("held"), " ", t.hold) : "",
+  );
+}
+
 const circles = {
   needsKey: true,
   async load(name) {
     if (name) {
-      const [circle, governance] = await Promise.all([
+      const absent = (e) => (e instanceof ApiError && e.status === 404 ? null : Promise.reject(e));
+      const [circle, governance, usage, treasury] = await Promise.all([
         api("GET", `/api/v1/circles/${enc(name)}`),
-        api("GET", `/api/v1/circles/${enc(name)}/governance`).catch((e) =>
-          e instanceof ApiError && e.status === 404 ? null : Promise.reject(e)),
+        api("GET", `/api/v1/circles/${enc(name)}/governance`).catch(absent),
+        api("GET", `/api/v1/circles/${enc(name)}/usage`).catch(absent),
+        api("GET", `/api/v1/treasury/${enc(name)}`).catch(absent),
       ]);
-      return { circle, governance };
+      return { circle, governance, usage, treasury };
     }
     return { list: await api("GET", "/api/v1/circles") };
   },
   view(data, name) {
     if (name) {
-      const { circle, governance } = data;
+      const { circle, governance, usage, treasury } = data;
       return h(
         "section",
         {},
         h("h1", {}, "Circle ", circle.name),
         table(["member", "identity", "role"], circle.members.map((m) => [m.name, h("code", {}, m.identity), m.role])),
+        h("h2", {}, "Quota and use"),
+        usage ? usageView(usage) : h("p", { class: "empty" }, "nothing placed"),
+        h("h2", {}, "Treasury"),
+        treasury ? treasuryView(treasury) : h("p", { class: "empty" }, "no treasury"),
         h("h2", {}, "Governance"),
         governance ? h("pre", {}, JSON.stringify(governance, null, 2)) : h("p", { class: "empty" }, "not governed: changes apply as their role allows"),
         h("p", {}, link(`#/proposals?circle=${enc(circle.name)}`, "its proposals")),
