@@ -173,7 +173,7 @@ pub fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>>
 }
 
 /// The node's offer from `--price` and `--farmer`; none when neither is given.
-fn offer(
+pub(crate) fn offer(
     price: Option<&str>,
     farmer: Option<&str>,
 ) -> anyhow::Result<Option<aigrid_api::NodeOffer>> {

@@ -161,6 +161,14 @@ pub struct UpArgs {
     #[arg(long = "attr", value_name = "KEY=VALUE", value_delimiter = ',')]
     #[serde(default)]
     attr: Vec<String>,
+    /// What circles' treasuries pay per hour of the embedded agent's work, as for
+    /// `aigrid agent --price` (`gpu.*=2,cpu=0.04`); free without it.
+    #[arg(long, value_name = "PRICES")]
+    price: Option<String>,
+    /// The farmer paid for the embedded agent's work, as for `aigrid agent
+    /// --farmer`; the node's own account without it.
+    #[arg(long, value_name = "IDENTITY")]
+    farmer: Option<String>,
     /// The dispersed store's file (see `aigrid server --store`); default: six local
     /// directories under the data directory standing in for six sites, coded 4+2,
     /// at most one shard of a stripe per site. In the config file, a relative path
@@ -190,6 +198,8 @@ pub(crate) struct Up {
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) simulate_gpus: Option<String>,
     pub(crate) attributes: BTreeMap<String, String>,
+    /// The embedded agent's prices and farmer.
+    pub(crate) offer: Option<aigrid_api::NodeOffer>,
     pub(crate) store: Option<PathBuf>,
     /// Between scrub-and-repair rounds (zero: never).
     pub(crate) repair_interval: Duration,
@@ -214,6 +224,7 @@ impl UpArgs {
             data_dir: args.data_dir,
             simulate_gpus: args.simulate_gpus,
             attributes: crate::agent::parse_attrs(&args.attr)?,
+            offer: crate::agent::offer(args.price.as_deref(), args.farmer.as_deref())?,
             store: args.store.map(|path| layers.path("store", path)),
             repair_interval: Duration::from_secs(
                 args.repair_interval_secs
@@ -426,6 +437,8 @@ mod tests {
             "DATA_DIR",
             "SIMULATE_GPUS",
             "ATTRS",
+            "PRICE",
+            "FARMER",
             "STORE",
             "REPAIR_INTERVAL_SECS",
             "NO_DEMO_MODEL",

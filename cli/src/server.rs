@@ -317,6 +317,7 @@ pub async fn run_up(args: UpArgs, identity: Option<&Path>) -> anyhow::Result<()>
         aigrid_agent::agent::AgentConfig {
             join_token,
             attributes: up.attributes,
+            offer: up.offer,
             // What `up` starts goes with it.
             on_shutdown: OnShutdown::StopWorkloads,
             // Its model servers call its API under its CA when that is HTTPS.

@@ -471,16 +471,17 @@ impl ClusterState {
         let hold = treasury.holds.get(circle)?;
         let available = treasury.available(circle);
         let then = match hold.stopped_at {
-            Some(at) => format!("its running work was stopped at {}", at.as_millis()),
+            Some(at) => format!("its running work was stopped at {}", at.utc_text()),
             None => format!(
                 "its running work stops at {} unless a deposit comes first",
-                hold.since.as_millis().saturating_add(treasury.grace_ms)
+                Timestamp::from_millis(hold.since.as_millis().saturating_add(treasury.grace_ms))
+                    .utc_text()
             ),
         };
         Some(format!(
-            "circle `{circle}`'s treasury is spent ({available} credits available since {}): \
+            "circle `{circle}`'s treasury is spent ({available} credits available, since {}): \
              no new work is placed until a deposit, and {then}",
-            hold.since.as_millis()
+            hold.since.utc_text()
         ))
     }
 
