@@ -108,6 +108,17 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
             }
         }
     }
+    // What circles hold matters to the pass only when it orders several circles'
+    // jobs or weighs quotas; otherwise it is not counted at all.
+    let circles: std::collections::BTreeSet<Option<&str>> = jobs
+        .iter()
+        .map(|(_, _, w)| w.job.as_ref().and_then(|j| j.spec.circle.as_deref()))
+        .collect();
+    let fair = if circles.len() > 1 || !state.quotas().is_empty() {
+        state.fairness()
+    } else {
+        crate::planner::fair::Fairness::default()
+    };
     let snapshot = state.plan_snapshot();
     // One walk over the live allocations, with borrowed keys and one spec lookup
     // per job, since the state's read lock is held meanwhile.
@@ -167,6 +178,6 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
         groups,
         gangs,
         holds: state.placement_holds(),
-        fair: state.fairness(),
+        fair,
     }
 }
