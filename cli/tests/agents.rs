@@ -454,23 +454,8 @@ fn running_gpu_work_is_metered_for_its_circle_only() {
     } = one_node(&["--meter-every-ms", "200"], "gpu-node", "2xH100-80GB");
     let s = urls[0].as_str();
 
-    let (viewer, viewer_pub) = new_person(root.path(), "vera");
-    let (outsider, outsider_pub) = new_person(root.path(), "otto");
-    for (name, public, circle) in [("vera", &viewer_pub, "ml"), ("otto", &outsider_pub, "web")] {
-        assert_success(&cli(s, &["identity", "add", name, public]));
-        let id = json_output(&as_person(
-            if name == "vera" { &viewer } else { &outsider },
-            s,
-            &["key", "show", "--json"],
-        ))["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        assert_success(&cli(
-            s,
-            &["circle", "grant", circle, &id, "--role", "viewer"],
-        ));
-    }
+    let viewer = member_of(s, root.path(), "vera", "ml", "viewer");
+    let outsider = member_of(s, root.path(), "otto", "web", "viewer");
 
     let resources = json!({"cpu_millis": 500, "memory_mib": 256, "gpus": {"count": 2}});
     let mut job = sleeper("train", &marker, resources, 600);

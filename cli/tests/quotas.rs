@@ -36,16 +36,7 @@ fn a_circle_borrows_idle_gpus_and_gives_them_back_to_their_owner() {
         "MODEL=COUNT",
     );
     assert_one_line_failure(&cli(s, &["circle", "quota", "vision"]), "--clear");
-    let (viewer, viewer_pub) = new_person(root.path(), "vera");
-    assert_success(&cli(s, &["identity", "add", "vera", &viewer_pub]));
-    let viewer_id = json_output(&as_person(&viewer, s, &["key", "show", "--json"]))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_success(&cli(
-        s,
-        &["circle", "grant", "vision", &viewer_id, "--role", "viewer"],
-    ));
+    let viewer = member_of(s, root.path(), "vera", "vision", "viewer");
     assert_one_line_failure(
         &as_person(
             &viewer,

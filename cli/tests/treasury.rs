@@ -21,14 +21,7 @@ fn a_circles_gpu_work_is_paid_for_held_when_spent_and_resumed_by_a_deposit() {
     // The farmer's key exists before the node that pays it.
     let keys = tempfile::tempdir().unwrap();
     let (farmer, farmer_pub) = new_person(keys.path(), "fiona");
-    let farmer_id = json_output(&as_person(
-        &farmer,
-        "http://127.0.0.1:1",
-        &["key", "show", "--json"],
-    ))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let farmer_id = person_id(&farmer);
     // One credit per GPU-second; CPU and memory free.
     let OneNode {
         cluster: _cluster,
@@ -74,16 +67,7 @@ fn a_circles_gpu_work_is_paid_for_held_when_spent_and_resumed_by_a_deposit() {
     );
 
     assert_success(&cli(s, &["identity", "add", "fiona", &farmer_pub]));
-    let (viewer, viewer_pub) = new_person(root.path(), "vera");
-    assert_success(&cli(s, &["identity", "add", "vera", &viewer_pub]));
-    let viewer_id = json_output(&as_person(&viewer, s, &["key", "show", "--json"]))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_success(&cli(
-        s,
-        &["circle", "grant", "ml", &viewer_id, "--role", "viewer"],
-    ));
+    let viewer = member_of(s, root.path(), "vera", "ml", "viewer");
 
     // Without a deposit the circle has no treasury. Only admins deposit; bad
     // amounts are refused before anything is sent.

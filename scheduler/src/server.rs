@@ -314,109 +314,103 @@ async fn bootstrap_admins(
     }
 }
 
-/// The leader's part in the Human Chain: names the cluster once (a random id that
-/// every approval digest carries, and the seed of the audit key its checkpoints are
-/// signed with), and settles proposals when some are due (expired, or approved and
-/// past their minimum window). Every command here is idempotent: a leader that
-/// loses its place mid-way leaves nothing half done.
-async fn keep_chain(
+/// Every `pause` until `stop`, while this server leads: proposes the command
+/// `due` makes of the moment, if it makes one. Every command proposed this way
+/// is idempotent, so a leader that loses its place mid-way leaves nothing half
+/// done and the next one picks up from what the state holds. `what` names the
+/// work in the log.
+async fn while_leading(
     raft: RaftNode<ClusterState>,
-    clock: SharedClock,
+    pause: Duration,
+    what: &str,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    mut due: impl FnMut(&RaftNode<ClusterState>) -> Option<crate::state::Command>,
 ) {
     loop {
         let status = raft.status();
         if status.leader == Some(status.id) {
-            let now = clock.now();
-            let (named, due) =
-                raft.read_local(|s| (!s.cluster_id().is_empty(), s.proposals_due(now)));
-            let command = if !named {
-                let seed: [u8; 32] = http::plumbing::random_bytes();
-                Some(crate::state::Command::InitCluster {
-                    cluster_id: uuid::Uuid::new_v4().simple().to_string(),
-                    audit_seed: hex::encode(seed),
-                    at: now,
-                })
-            } else if due {
-                Some(crate::state::Command::SettleProposals { at: now })
-            } else {
-                None
-            };
-            if let Some(command) = command {
+            if let Some(command) = due(&raft) {
                 if let Err(e) = raft.propose(&command).await {
-                    tracing::debug!(error = %e, "keeping the Human Chain");
+                    tracing::debug!(error = %e, "{what}");
                 }
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.changed() => return,
         }
     }
 }
 
+/// The leader's part in the Human Chain: names the cluster once (a random id that
+/// every approval digest carries, and the seed of the audit key its checkpoints are
+/// signed with), and settles proposals when some are due (expired, or approved and
+/// past their minimum window).
+async fn keep_chain(
+    raft: RaftNode<ClusterState>,
+    clock: SharedClock,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let pause = Duration::from_millis(250);
+    while_leading(raft, pause, "keeping the Human Chain", stop, |raft| {
+        let now = clock.now();
+        let (named, due) = raft.read_local(|s| (!s.cluster_id().is_empty(), s.proposals_due(now)));
+        if !named {
+            let seed: [u8; 32] = http::plumbing::random_bytes();
+            Some(crate::state::Command::InitCluster {
+                cluster_id: uuid::Uuid::new_v4().simple().to_string(),
+                audit_seed: hex::encode(seed),
+                at: now,
+            })
+        } else if due {
+            Some(crate::state::Command::SettleProposals { at: now })
+        } else {
+            None
+        }
+    })
+    .await;
+}
+
 /// The leader's meter: commits a [`crate::state::Command::Meter`] whenever `every`
-/// has passed since the last one the state holds, so a new leader picks up where
-/// the old one stopped.
+/// has passed since the last one the state holds.
 async fn meter(
     raft: RaftNode<ClusterState>,
     clock: SharedClock,
     every: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        let status = raft.status();
-        if status.leader == Some(status.id) {
-            let now = clock.now();
-            let last = raft.read_local(ClusterState::metered_until);
-            let due =
-                last.is_none_or(|l| now.as_millis() >= l.as_millis().saturating_add(every_ms));
-            if due {
-                let command = crate::state::Command::Meter { at: now };
-                if let Err(e) = raft.propose(&command).await {
-                    tracing::debug!(error = %e, "metering");
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every.min(Duration::from_millis(500)) / 2) => {}
-            _ = stop.changed() => return,
-        }
-    }
+    let pause = every.min(Duration::from_millis(500)) / 2;
+    while_leading(raft, pause, "metering", stop, |raft| {
+        let now = clock.now();
+        let last = raft.read_local(ClusterState::metered_until);
+        last.is_none_or(|l| now.as_millis() >= l.as_millis().saturating_add(every_ms))
+            .then_some(crate::state::Command::Meter { at: now })
+    })
+    .await;
 }
 
 /// The leader's settlement: commits a [`crate::state::Command::Settle`] whenever
 /// the clock crosses into a new settlement period (every `every` since the epoch,
 /// so settlements fall on whole hours by default) or a spent circle's `grace`
-/// ended; a new leader picks up from the last settlement the state holds.
+/// ended.
 async fn settle(
     raft: RaftNode<ClusterState>,
     clock: SharedClock,
     every: Duration,
     grace: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
     let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        let status = raft.status();
-        if status.leader == Some(status.id) {
-            let now = clock.now();
-            let (last, grace_over) = raft
-                .read_local(|s: &ClusterState| (s.settled_until(), s.grace_over(now, grace_ms)));
-            let period_ended =
-                last.is_none_or(|l| now.as_millis() / every_ms > l.as_millis() / every_ms);
-            if period_ended || grace_over {
-                let command = crate::state::Command::Settle { at: now, grace_ms };
-                if let Err(e) = raft.propose(&command).await {
-                    tracing::debug!(error = %e, "settling");
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every.min(Duration::from_millis(1_000)) / 2) => {}
-            _ = stop.changed() => return,
-        }
-    }
+    let pause = every.min(Duration::from_millis(1_000)) / 2;
+    while_leading(raft, pause, "settling", stop, |raft| {
+        let now = clock.now();
+        let (last, grace_over) =
+            raft.read_local(|s: &ClusterState| (s.settled_until(), s.grace_over(now, grace_ms)));
+        let period_ended =
+            last.is_none_or(|l| now.as_millis() / every_ms > l.as_millis() / every_ms);
+        (period_ended || grace_over).then_some(crate::state::Command::Settle { at: now, grace_ms })
+    })
+    .await;
 }

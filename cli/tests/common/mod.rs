@@ -591,3 +591,28 @@ pub fn new_person(dir: &Path, name: &str) -> (PathBuf, String) {
     assert!(shown["id"].is_string(), "{shown}");
     (file, shown["public_key"].as_str().unwrap().to_owned())
 }
+
+/// The identity id of the key in `key`.
+pub fn person_id(key: &Path) -> String {
+    json_output(&as_person(
+        key,
+        "http://127.0.0.1:1",
+        &["key", "show", "--json"],
+    ))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A new person `name` (a key under `dir`) made known to the cluster at `server`
+/// and given `role` in `circle`: the key file.
+pub fn member_of(server: &str, dir: &Path, name: &str, circle: &str, role: &str) -> PathBuf {
+    let (key, public) = new_person(dir, name);
+    assert_success(&aigrid_at(server, &["identity", "add", name, &public]));
+    let id = person_id(&key);
+    assert_success(&aigrid_at(
+        server,
+        &["circle", "grant", circle, &id, "--role", role],
+    ));
+    key
+}

@@ -20,7 +20,7 @@ use utoipa_axum::routes;
 
 use super::auth::{Caller, Signed};
 use super::plumbing::{
-    check_name, propose, propose_change, read, read_query, unexpected, ApiError, ApiState,
+    check_name, propose, propose_change, read, read_query, unexpected, ApiError, ApiState, Outcome,
     ReadQuery,
 };
 use crate::state::{Action, Applied, Command};
@@ -59,6 +59,16 @@ fn page_limit(query: &LedgerQuery) -> Result<usize, ApiError> {
     }
 }
 
+/// Refuses `caller` unless it may read `circle` (its members and admins), and a
+/// circle without members.
+async fn circle_viewer(state: &ApiState, caller: &Caller, circle: &str) -> Result<(), ApiError> {
+    check_name("circle", circle)?;
+    caller
+        .require(state, Action::Circle(Some(circle), Role::Viewer))
+        .await?;
+    super::access::circle_exists(state, circle).await
+}
+
 /// Every account's balance and their sum (zero). Admins.
 #[utoipa::path(
     tag = "treasury", get, path = "/api/v1/treasury",
@@ -93,17 +103,8 @@ async fn show(
     Path(circle): Path<String>,
     caller: Caller,
 ) -> Result<Json<TreasuryView>, ApiError> {
-    check_name("circle", &circle)?;
-    caller
-        .require(&state, Action::Circle(Some(&circle), Role::Viewer))
-        .await?;
-    super::access::circle_exists(&state, &circle).await?;
-    Ok(Json(
-        read(&state, &ReadQuery::default(), move |s| {
-            s.treasury_view(&circle)
-        })
-        .await?,
-    ))
+    circle_viewer(&state, &caller, &circle).await?;
+    Ok(Json(view(&state, circle).await?))
 }
 
 /// A circle's ledger: the entries debiting or crediting it, newest first. The
@@ -123,12 +124,8 @@ async fn ledger(
     caller: Caller,
     query: Result<Query<LedgerQuery>, QueryRejection>,
 ) -> Result<Json<LedgerPage>, ApiError> {
-    check_name("circle", &circle)?;
     let limit = page_limit(&read_query(query)?)?;
-    caller
-        .require(&state, Action::Circle(Some(&circle), Role::Viewer))
-        .await?;
-    super::access::circle_exists(&state, &circle).await?;
+    circle_viewer(&state, &caller, &circle).await?;
     ledger_page(&state, format!("circle:{circle}"), limit).await
 }
 
@@ -204,9 +201,17 @@ async fn deposit(
         at: state.clock.now(),
     };
     match propose(&state, command).await? {
-        Applied::TreasuryChanged(view) => Ok(Json(view)),
+        Applied::TreasuryChanged { circle } => Ok(Json(view(&state, circle).await?)),
         other => Err(unexpected(other)),
     }
+}
+
+/// `circle`'s treasury as the state holds it now.
+async fn view(state: &ApiState, circle: String) -> Result<TreasuryView, ApiError> {
+    read(state, &ReadQuery::default(), move |s| {
+        s.treasury_view(&circle)
+    })
+    .await
 }
 
 /// Moves credits out of a circle to another account. Always a guarded change of
@@ -233,37 +238,17 @@ async fn transfer(
     caller
         .require(&state, Action::Circle(Some(&circle), Role::Owner))
         .await?;
-    aigrid_api::treasury::check_movement(&circle, request.amount, &request.memo)?;
-    aigrid_api::treasury::check_account(&request.to)?;
     super::access::circle_exists(&state, &circle).await?;
-    let looked = circle.clone();
-    let (governed, available) = state
+    let (looked, to, amount, memo) = (
+        circle.clone(),
+        request.to.clone(),
+        request.amount,
+        request.memo.clone(),
+    );
+    state
         .raft
-        .read(move |s| {
-            (
-                s.governing(&looked).is_some(),
-                s.treasury_view(&looked).available,
-            )
-        })
-        .await?;
-    if !governed {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!(
-                "circle `{circle}` is not governed: credits leave a circle only with its \
-                 quorum's approval, so govern it first (aigrid circle create)"
-            ),
-        ));
-    }
-    if request.amount > available {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!(
-                "circle `{circle}` has {available} credits available, less than {}",
-                request.amount
-            ),
-        ));
-    }
+        .read(move |s| s.check_transfer(&looked, &to, amount, &memo))
+        .await??;
     let command = Command::Transfer {
         circle,
         to: request.to,
@@ -272,10 +257,10 @@ async fn transfer(
         by: caller.identity().cloned(),
         at: state.clock.now(),
     };
-    propose_change(&state, caller.identity(), command)
-        .await?
-        .respond(None, |applied| match applied {
-            Applied::TreasuryChanged(view) => Ok(Json(view).into_response()),
-            other => Err(unexpected(other)),
-        })
+    match propose_change(&state, caller.identity(), command).await? {
+        Outcome::Applied(Applied::TreasuryChanged { circle }) => {
+            Ok(Json(view(&state, circle).await?).into_response())
+        }
+        outcome => outcome.respond(None, |applied| Err(unexpected(applied))),
+    }
 }

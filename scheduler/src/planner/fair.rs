@@ -88,13 +88,18 @@ impl Amounts {
 }
 
 /// What `resources` hold on GPUs `uuids` of a node with `devices`: a whole GPU
-/// counts 1000 thousandths and all its memory, a slice its share and its size.
-pub fn amounts_of(
+/// counts 1000 thousandths and all its memory, a memory slice its share and its
+/// size.
+fn amounts_of(
     resources: &Resources,
     uuids: &[String],
-    slice_mib: Option<u64>,
     devices: &HashMap<String, (String, u64)>,
 ) -> Amounts {
+    let slice_mib = resources
+        .gpus
+        .as_ref()
+        .and_then(|g| g.memory_slice_mib)
+        .map(|m| m.get());
     let mut out = Amounts {
         cpu_millis: resources.cpu_millis.get(),
         memory_mib: resources.memory_mib.get(),
@@ -176,24 +181,13 @@ impl Fairness {
     }
 
     /// What an allocation of `resources` on GPUs `uuids` holds.
-    pub fn amounts(
-        &self,
-        resources: &Resources,
-        uuids: &[String],
-        slice_mib: Option<u64>,
-    ) -> Amounts {
-        amounts_of(resources, uuids, slice_mib, &self.devices)
+    pub fn amounts(&self, resources: &Resources, uuids: &[String]) -> Amounts {
+        amounts_of(resources, uuids, &self.devices)
     }
 
     /// Counts a live allocation of `circle`'s job of `priority`.
     pub fn hold(&mut self, alloc: &Allocation, circle: &str, priority: u32) {
-        let slice = alloc
-            .resources
-            .gpus
-            .as_ref()
-            .and_then(|g| g.memory_slice_mib)
-            .map(|m| m.get());
-        let amounts = self.amounts(&alloc.resources, &alloc.gpus, slice);
+        let amounts = self.amounts(&alloc.resources, &alloc.gpus);
         self.count(alloc.id.clone(), circle, priority, amounts);
     }
 
@@ -269,11 +263,20 @@ impl Fairness {
         out
     }
 
-    /// Whether `circle` has a quota and holds, with `more`, no more than it.
-    pub fn within(&self, circle: &str, more: &Amounts) -> bool {
+    /// Where what `circle` holds with `more` would exceed its quota (see
+    /// [`Fairness::excess`]).
+    pub fn excess_with(&self, circle: &str, more: &Amounts) -> Vec<String> {
+        if !self.quotas.contains_key(circle) {
+            return Vec::new();
+        }
         let mut after = self.used(circle);
         after.add(more);
-        self.quotas.contains_key(circle) && self.excess(circle, &after).is_empty()
+        self.excess(circle, &after)
+    }
+
+    /// Whether `circle` has a quota and holds, with `more`, no more than it.
+    pub fn within(&self, circle: &str, more: &Amounts) -> bool {
+        self.quotas.contains_key(circle) && self.excess_with(circle, more).is_empty()
     }
 
     /// Marks which allocations are borrowed (see the module documentation).
@@ -366,7 +369,8 @@ impl Fairness {
     /// `circle`'s dominant share: the largest fraction of its quota, or of the
     /// pool for what its quota leaves out, that it holds over every resource.
     pub fn share(&self, circle: &str) -> f64 {
-        let used = self.used(circle);
+        let nothing = Amounts::default();
+        let used = self.used.get(circle).unwrap_or(&nothing);
         let quota = self.quotas.get(circle);
         let frac = |held: u64, denom: u64| {
             if denom > 0 {
@@ -460,7 +464,6 @@ mod tests {
         let one_more = fair.amounts(
             &gpu_alloc("x", "jb", "n1", 3).resources,
             &["n1-gpu3".into()],
-            None,
         );
         assert!(fair.within("b", &one_more));
         assert!(!fair.within("a", &one_more));

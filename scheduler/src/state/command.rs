@@ -691,8 +691,11 @@ pub enum Applied {
     Metered(super::metering::Metered),
     /// Use was settled.
     Settled(super::treasury::Settled),
-    /// A circle's treasury as it is after a deposit or transfer.
-    TreasuryChanged(aigrid_api::TreasuryView),
+    /// A deposit or transfer moved credits of a circle's treasury.
+    TreasuryChanged {
+        /// The circle.
+        circle: String,
+    },
     /// A circle's quota was set or removed.
     QuotaSet {
         /// The circle.

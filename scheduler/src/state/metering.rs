@@ -179,14 +179,9 @@ impl ClusterState {
             if alloc.state != AllocState::Running {
                 continue;
             }
-            let circle = self
-                .tables
-                .jobs
-                .get(&alloc.job_id)
-                .and_then(|j| j.spec.circle.clone())
-                .unwrap_or_default();
+            let circle = self.job_circle(&alloc.job_id);
             let (gpu_model, gpu_milli) = self.gpus_held(alloc);
-            costs.extend(self.cost_of(alloc, &gpu_model, gpu_milli));
+            costs.extend(self.cost_of(alloc, &circle, &gpu_model, gpu_milli));
             let r = &alloc.resources;
             let key = BucketKey {
                 hour: 0,

@@ -44,11 +44,7 @@ impl ClusterState {
         self.circle(circle).is_some()
             || self.governing(circle).is_some()
             || self.tables.quotas.contains_key(circle)
-            || self
-                .tables
-                .jobs
-                .values()
-                .any(|j| j.spec.circle.as_deref() == Some(circle))
+            || self.circle_jobs(circle).next().is_some()
     }
 
     /// Every circle's quota.
@@ -80,10 +76,7 @@ impl ClusterState {
         let quota = self.tables.quotas.get(circle).cloned();
         let keys: Vec<&String> = quota.iter().flat_map(|q| q.gpus.keys()).collect();
         let pending = self
-            .tables
-            .jobs
-            .values()
-            .filter(|j| j.spec.circle.as_deref() == Some(circle))
+            .circle_jobs(circle)
             .flat_map(|j| j.unplaced.iter().map(|u| u.count))
             .sum();
         CircleUsage {

@@ -204,8 +204,19 @@ fn cost_per_ms(
 }
 
 impl ClusterState {
+    /// The live jobs of `circle`.
+    pub(super) fn circle_jobs<'a>(
+        &'a self,
+        circle: &'a str,
+    ) -> impl Iterator<Item = &'a super::JobRecord> + 'a {
+        self.tables
+            .jobs
+            .values()
+            .filter(move |j| j.spec.circle.as_deref() == Some(circle))
+    }
+
     /// The circle of a job (empty for the admins' jobs).
-    fn job_circle(&self, job: &JobId) -> String {
+    pub(super) fn job_circle(&self, job: &JobId) -> String {
         self.tables
             .jobs
             .get(job)
@@ -213,22 +224,22 @@ impl ClusterState {
             .unwrap_or_default()
     }
 
-    /// What `alloc` (holding `gpu_milli` thousandths of GPUs of `model`) costs
-    /// per millisecond, and whom it is owed to: `None` when its circle has no
-    /// treasury or its node no prices.
+    /// What `alloc` of `circle` (holding `gpu_milli` thousandths of GPUs of
+    /// `model`) costs per millisecond, and whom it is owed to: `None` when its
+    /// circle has no treasury or its node no prices.
     pub(super) fn cost_of(
         &self,
         alloc: &Allocation,
+        circle: &str,
         model: &str,
         gpu_milli: u64,
     ) -> Option<((String, NodeId), u128)> {
-        let circle = self.job_circle(&alloc.job_id);
-        if circle.is_empty() || !self.tables.treasury.is_open(&circle) {
+        if circle.is_empty() || !self.tables.treasury.is_open(circle) {
             return None;
         }
         let offer = self.tables.nodes.get(&alloc.node_id)?.offer.as_ref()?;
         let per_ms = cost_per_ms(&offer.prices, model, gpu_milli, alloc);
-        (per_ms > 0).then(|| ((circle, alloc.node_id.clone()), per_ms))
+        (per_ms > 0).then(|| ((circle.to_owned(), alloc.node_id.clone()), per_ms))
     }
 
     /// Accrues what the meter counted: per circle and node, a cost per
@@ -361,13 +372,7 @@ impl ClusterState {
             .collect();
         let mut stopped = 0;
         for circle in due {
-            let jobs: Vec<JobId> = self
-                .tables
-                .jobs
-                .values()
-                .filter(|j| j.spec.circle.as_deref() == Some(circle.as_str()))
-                .map(|j| j.id.clone())
-                .collect();
+            let jobs: Vec<JobId> = self.circle_jobs(&circle).map(|j| j.id.clone()).collect();
             for job in &jobs {
                 for id in self.job_alloc_ids(job) {
                     let Some(alloc) = self.tables.allocations.get(&id) else {
@@ -414,8 +419,8 @@ impl ClusterState {
         Ok(self.move_credits(index, circle, entry, amount, memo, at))
     }
 
-    /// Records one entry of `circle`'s (kind, from, to) and answers the circle's
-    /// treasury after it, its hold reviewed.
+    /// Records one entry of `circle`'s (kind, from, to) and reviews the circle's
+    /// hold.
     fn move_credits(
         &mut self,
         index: u64,
@@ -429,7 +434,9 @@ impl ClusterState {
             .treasury
             .record(at, kind, from, to, amount, memo);
         self.review_holds_and_plan(index, at);
-        Applied::TreasuryChanged(self.treasury_view(circle))
+        Applied::TreasuryChanged {
+            circle: circle.to_owned(),
+        }
     }
 
     /// Moves credits out of `circle`: an approved proposal's change (the direct
@@ -443,16 +450,31 @@ impl ClusterState {
         memo: String,
         at: Timestamp,
     ) -> CommandOutput {
-        aigrid_api::treasury::check_movement(circle, amount, &memo)?;
-        aigrid_api::treasury::check_account(&to)?;
+        self.check_transfer(circle, &to, amount, &memo)?;
+        let entry = (EntryKind::Transfer, circle_account(circle), to);
+        Ok(self.move_credits(index, circle, entry, amount, memo, at))
+    }
+
+    /// Whether `amount` may move out of `circle` to `to`: a well-formed request, a
+    /// governed circle (only a quorum moves credits out), another account, and no
+    /// more than the circle has available. The API asks before proposing; the
+    /// transfer asks again as it applies.
+    pub fn check_transfer(
+        &self,
+        circle: &str,
+        to: &str,
+        amount: Credits,
+        memo: &str,
+    ) -> Result<(), StateError> {
+        aigrid_api::treasury::check_movement(circle, amount, memo)?;
+        aigrid_api::treasury::check_account(to)?;
         if self.governing(circle).is_none() {
             return Err(StateError::conflict(format!(
                 "circle `{circle}` is not governed: credits leave a circle only with its \
                  quorum's approval, so govern it first (aigrid circle create)"
             )));
         }
-        let from = circle_account(circle);
-        if to == from {
+        if to == circle_account(circle) {
             return Err(aigrid_api::ValidationError::new("to", "the circle's own account").into());
         }
         let available = self.tables.treasury.available(circle);
@@ -461,8 +483,7 @@ impl ClusterState {
                 "circle `{circle}` has {available} credits available, less than {amount}"
             )));
         }
-        let entry = (EntryKind::Transfer, from, to);
-        Ok(self.move_credits(index, circle, entry, amount, memo, at))
+        Ok(())
     }
 
     /// Why `circle`'s new work is not placed, if it is not.
@@ -545,16 +566,19 @@ impl ClusterState {
     /// What `circle`'s running allocations cost per hour at their nodes' prices.
     fn rate_per_hour(&self, circle: &str) -> Credits {
         let mut units: u128 = 0;
-        for alloc in self.tables.allocations.values() {
-            if alloc.state != AllocState::Running || self.job_circle(&alloc.job_id) != circle {
+        for id in self
+            .circle_jobs(circle)
+            .flat_map(|j| self.job_alloc_ids(&j.id))
+        {
+            let Some(alloc) = self.tables.allocations.get(&id) else {
                 continue;
-            }
-            let Some(offer) = self
+            };
+            let offer = self
                 .tables
                 .nodes
                 .get(&alloc.node_id)
-                .and_then(|n| n.offer.as_ref())
-            else {
+                .and_then(|n| n.offer.as_ref());
+            let Some(offer) = offer.filter(|_| alloc.state == AllocState::Running) else {
                 continue;
             };
             let (model, milli) = self.gpus_held(alloc);
@@ -650,10 +674,7 @@ impl ClusterState {
     ) -> bool {
         let top = self.top_prices();
         let before: u128 = self
-            .tables
-            .jobs
-            .values()
-            .filter(|j| j.spec.circle.as_deref() == Some(circle))
+            .circle_jobs(circle)
             .map(|j| Self::spend_ceiling(&j.spec, &top))
             .sum();
         let after = before - old.map_or(0, |o| Self::spend_ceiling(o, &top)).min(before)

@@ -441,11 +441,7 @@ fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
     let fair = &input.fair;
     let wanted = requested(request);
     let explain = |unplaced: &[crate::planner::UnplacedGroup]| -> Vec<Unplaced> {
-        let over = fair.excess(circle, &{
-            let mut after = fair.used(circle);
-            after.add(&wanted);
-            after
-        });
+        let over = fair.excess_with(circle, &wanted);
         unplaced
             .iter()
             .map(|u| {

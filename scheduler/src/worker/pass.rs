@@ -161,13 +161,7 @@ fn record(input: &mut PassInput, plan: &JobPlan, job: &Job) {
         let Some(group) = groups.iter().find(|g| g.name == new.group) else {
             continue;
         };
-        let slice = group
-            .resources
-            .gpus
-            .as_ref()
-            .and_then(|g| g.memory_slice_mib)
-            .map(|m| m.get());
-        let amounts = input.fair.amounts(&group.resources, &new.gpus, slice);
+        let amounts = input.fair.amounts(&group.resources, &new.gpus);
         counted.push((new.id.clone(), amounts));
     }
     for (id, amounts) in counted {

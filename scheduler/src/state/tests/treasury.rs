@@ -31,7 +31,7 @@ fn deposit(log: &mut Log, circle: &str, amount: &str, at: u64) -> aigrid_api::Tr
         by: None,
         at: Timestamp::from_millis(at),
     }) {
-        Ok(Applied::TreasuryChanged(view)) => view,
+        Ok(Applied::TreasuryChanged { circle }) => log.state.treasury_view(&circle),
         other => panic!("expected a deposit, got {other:?}"),
     }
 }
