@@ -29,6 +29,8 @@ wire_enum!(
         /// The job's circle's treasury was spent or refilled: its work is held,
         /// stopped, or may be placed again.
         Treasury => "treasury",
+        /// A scaled group's count changed: instances are added or stopped.
+        Scale => "scale",
     }
 );
 

@@ -50,6 +50,10 @@ pub struct Job {
     /// Its latest rollout, for a service whose groups have an `update` block.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<crate::deployment::Deployment>,
+    /// The latest changes of its scaled groups' counts, oldest first, each with
+    /// its reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scale_events: Vec<crate::spec::ScaleEvent>,
 }
 
 /// Instances of one group the planner could not place.

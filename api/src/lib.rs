@@ -98,7 +98,7 @@ pub use job::{
     Unplaced,
 };
 pub use manifest::{Locations, Manifest, ManifestError, Registration, SignedManifest};
-pub use model::{ModelSummary, ShardHealth, StorageBackend, StorageInfo};
+pub use model::{ModelSummary, ReplicaLoadReport, ShardHealth, StorageBackend, StorageInfo};
 pub use node::{
     DrainSpec, GpuDevice, GpuHealth, GpuTelemetry, Heartbeat, HeartbeatResponse, Node,
     NodeProtections, NodeRegistration, NodeResources, NodeStatus, NodeTelemetry, NodeUsage,
@@ -113,7 +113,7 @@ pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHe
 pub use spec::{
     Affinity, Artifact, CanaryChecks, Constraint, ConstraintOp, ConstraintValue, ExecTask,
     GpuRequest, JobKind, JobSpec, ModelServerTask, Ratio, Resources, RestartMode, RestartPolicy,
-    SizeError, Span, Spread, TaskGroup, TaskSpec, UpdatePolicy,
+    ScaleEvent, Scaling, SizeError, Span, Spread, TaskGroup, TaskSpec, UpdatePolicy,
 };
 pub use treasury::{
     Accounts, Credits, Deposit, EntryKind, LedgerEntry, LedgerPage, NodeOffer, Prices, Transfer,

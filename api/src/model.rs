@@ -285,3 +285,16 @@ mod tests {
         assert_eq!(json["policy"][0], "max 1 per site");
     }
 }
+
+/// What a model server's `/ready` answers of its load beside its readiness
+/// (`{"ready": true, "phase": "ready", "load": {...}}`): the gateways probing it
+/// read it, and the leader scales a group on the sum over its replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaLoadReport {
+    /// Requests being served now.
+    pub in_flight: u64,
+    /// Requests answered since the server started.
+    pub requests: u64,
+    /// Tokens generated since the server started.
+    pub generated_tokens: u64,
+}

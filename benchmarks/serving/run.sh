@@ -16,13 +16,17 @@
 #   coldstart  (c) deploy to first token with a ~190 MB model in the 4+2 store over 6
 #                  links of 50 MiB/s, beside pulling it first and beside a whole-file
 #                  download over one link (target/release/serving_coldstart)
+#   zero       (e) `aigrid up`'s demo model scaled to zero: time from a request while
+#                  it has no replica to the first token, beside the same model
+#                  already running (target/release/serving_zero, driving
+#                  target/release/aigrid)
 #
 # Examples:
 #   benchmarks/serving/run.sh
 #   BENCH_PARTS=generate SERVING_GENERATE_ARGS="--concurrency 1,16,64" benchmarks/serving/run.sh
 #
 # Environment:
-#   BENCH_PARTS             space-separated parts to run (default: embed generate llamacpp coldstart)
+#   BENCH_PARTS             space-separated parts to run (default: embed generate llamacpp coldstart zero)
 #   BENCH_SKIP_BUILD=1      use the binaries already in the target directory
 #   BENCH_OUT               also append every table to this file
 #   BENCH_PYTHON            a Python with sentence-transformers and torch, for the
@@ -36,12 +40,13 @@
 #   SERVING_EMBED_ARGS      extra arguments for serving_embed (see `serving_embed --help`)
 #   SERVING_GENERATE_ARGS   extra arguments for serving_generate
 #   SERVING_COLDSTART_ARGS  extra arguments for serving_coldstart, e.g. "--link-mib-s 100"
+#   SERVING_ZERO_ARGS       extra arguments for serving_zero, e.g. "--reps 10"
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
-PARTS="${BENCH_PARTS:-embed generate llamacpp coldstart}"
+PARTS="${BENCH_PARTS:-embed generate llamacpp coldstart zero}"
 # As `aigrid serve` does: candle's CPU thread count fixed to the cores (unset, candle
 # reads /proc/cpuinfo on every matrix product).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
@@ -52,7 +57,7 @@ FIXTURES="${AIGRID_FIXTURES:-$ROOT/target/fixtures}"
 . "$ROOT/benchmarks/parts.sh"
 
 for part in $PARTS; do
-    case "$part" in embed | generate | llamacpp | coldstart) ;; *) echo "error: unknown part '$part'" >&2; exit 2 ;; esac
+    case "$part" in embed | generate | llamacpp | coldstart | zero) ;; *) echo "error: unknown part '$part'" >&2; exit 2 ;; esac
 done
 
 # ---- part (a): embeddings beside sentence-transformers ---------------------------
@@ -110,4 +115,17 @@ if wants coldstart; then
     bin="$(build serving_coldstart)"
     # shellcheck disable=SC2086 # SERVING_COLDSTART_ARGS is a list of words
     report "$bin" ${SERVING_COLDSTART_ARGS:-}
+fi
+
+# ---- part (e): scale from zero to first token -------------------------------------
+if wants zero; then
+    echo "==> part (e): scale from zero" >&2
+    if [ "${BENCH_SKIP_BUILD:-0}" != "1" ]; then
+        echo "==> building aigrid (release)" >&2
+        (cd "$ROOT" && cargo build --release -p aigrid --bin aigrid) >&2 \
+            || { echo "error: cargo build failed" >&2; exit 1; }
+    fi
+    bin="$(build serving_zero)"
+    # shellcheck disable=SC2086 # SERVING_ZERO_ARGS is a list of words
+    report "$bin" --aigrid "$TARGET_DIR/release/aigrid" ${SERVING_ZERO_ARGS:-}
 fi

@@ -129,6 +129,18 @@ pub struct ServerArgs {
     /// it is stopped (default 3600000; at most 30 days).
     #[arg(long)]
     treasury_grace_ms: Option<u64>,
+    /// Milliseconds between the leader's looks at scaled groups' load (default
+    /// 1000; 100 to 60000).
+    #[arg(long)]
+    autoscale_every_ms: Option<u64>,
+    /// Seconds a request for a scaled model with no ready replica waits for one
+    /// before 503 with Retry-After (default 60).
+    #[arg(long)]
+    gateway_hold_timeout_secs: Option<u64>,
+    /// Requests this server's gateway holds at once for models to scale up
+    /// (default 256; 429 beyond).
+    #[arg(long)]
+    gateway_max_held: Option<usize>,
     /// TOML file describing the dispersed store (backends, k, m, policy) this server
     /// tells clients about at `GET /api/v1/storage`; never its credentials. In the
     /// config file, a relative path is relative to that file.
@@ -361,6 +373,15 @@ impl ServerArgs {
         if let Some(ms) = args.treasury_grace_ms {
             config.treasury_grace = Duration::from_millis(ms);
         }
+        if let Some(ms) = args.autoscale_every_ms {
+            config.autoscale_every = Duration::from_millis(ms);
+        }
+        if let Some(secs) = args.gateway_hold_timeout_secs {
+            config.gateway.hold_timeout = Duration::from_secs(secs);
+        }
+        if let Some(n) = args.gateway_max_held {
+            config.gateway.max_held = n;
+        }
         config.validate().map_err(|e| anyhow!("{e}"))?;
         Ok(ResolvedServer {
             config,
@@ -429,6 +450,9 @@ mod tests {
             "METER_EVERY_MS",
             "SETTLE_EVERY_MS",
             "TREASURY_GRACE_MS",
+            "AUTOSCALE_EVERY_MS",
+            "GATEWAY_HOLD_TIMEOUT_SECS",
+            "GATEWAY_MAX_HELD",
             "STORE",
             "REPAIR_INTERVAL_SECS",
         ];

@@ -189,6 +189,20 @@ fn every_metric_the_dashboards_and_alerts_name_is_exported_by_a_process() {
         &server,
         &["job", "submit", job_file.to_str().unwrap()],
     ));
+    // A scaled model service at zero (its model never pushed, so nothing starts):
+    // the leader's autoscaler exports its series for it.
+    let scaled = serde_json::json!({
+        "name": "scaled", "kind": "service",
+        "groups": [{"name": "llm", "count": 0,
+                    "scaling": {"min": 0, "max": 2, "target_concurrency": 4},
+                    "resources": {"cpu_millis": 100, "memory_mib": 64},
+                    "task": {"driver": "model-server", "model": "ab".repeat(32)}}]
+    });
+    let scaled = common::job_file(root.path(), &scaled);
+    assert_success(&aigrid_at(
+        &server,
+        &["job", "submit", scaled.to_str().unwrap()],
+    ));
     let model = tiny_model(root.path(), "tiny");
     let serve_args: Vec<std::ffi::OsString> = [
         "serve",

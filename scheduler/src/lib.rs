@@ -17,6 +17,7 @@
 //! | [`gateway`] | the OpenAI-compatible `/v1` inference gateway: resolves a request's model ([`gateway::table`]), picks a ready replica with the fewest requests outstanding and streams its answer back ([`gateway::balancer`]); its routes are documented in the same OpenAPI document |
 //! | [`metrics`] | Prometheus gauges of the state and counters of the scheduling loop |
 //! | [`worker`] | the leader's scheduling loop: plans pending evaluations and commits the placements |
+//! | [`autoscaler`] | the leader's autoscaler: each scaled group's load from its replicas' reports and the gateway's held requests, its windows' decisions committed with their reasons, a scale beyond the circle's limit proposed to its quorum |
 //! | [`rollouts`] | the leader's rollout watcher: judges the instances of rollouts under way (runs, readiness, the gateway's measurements of canaries) and reports passed deadlines |
 //! | [`listener`] | the accept loop in front of the HTTP surface: connection limits (in total and per client), header, body, idle and TLS handshake timeouts, optional TLS, graceful shutdown |
 //! | [`server`] | one control-plane server: replica, listeners, lifecycle |
@@ -48,6 +49,7 @@
 //! rules every reachable state obeys; unit tests, the property tests and the
 //! simulation all run it.
 
+pub mod autoscaler;
 pub mod certs;
 pub mod clock;
 pub mod console;

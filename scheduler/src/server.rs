@@ -147,7 +147,10 @@ impl Server {
         // Beyond loopback, `/v1` takes circles' API keys only.
         let mut gateway_config = config.gateway.clone();
         gateway_config.require_api_key |= !config.listen.ip().is_loopback();
-        let gateway = Arc::new(Gateway::new(raft.clone(), &registry, gateway_config)?);
+        let gateway = Arc::new(
+            Gateway::new(raft.clone(), &registry, gateway_config)?.with_clock(clock.clone()),
+        );
+        let autoscaler_metrics = crate::autoscaler::AutoscalerMetrics::register(&registry)?;
         let app = http::router(
             raft.clone(),
             registry.clone(),
@@ -199,6 +202,14 @@ impl Server {
             clock.clone(),
             config.settle_every,
             config.treasury_grace,
+            shutdown.subscribe(),
+        ));
+        tokio::spawn(crate::autoscaler::run(
+            raft.clone(),
+            gateway.clone(),
+            clock.clone(),
+            autoscaler_metrics,
+            config.autoscale_every,
             shutdown.subscribe(),
         ));
         tokio::spawn(crate::rollouts::watch(

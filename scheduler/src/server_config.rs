@@ -76,6 +76,9 @@ pub struct ServerConfig {
     /// How long a circle whose treasury is spent keeps its running work before
     /// it is stopped.
     pub treasury_grace: Duration,
+    /// How often the leader's autoscaler looks at scaled groups' load
+    /// ([`crate::autoscaler`]).
+    pub autoscale_every: Duration,
     /// The dispersed store this server tells clients about (`GET /api/v1/storage`);
     /// no backends when it has none.
     pub storage: StorageInfo,
@@ -114,6 +117,7 @@ impl ServerConfig {
             meter_every: Duration::from_millis(crate::state::metering::METER_EVERY_MS),
             settle_every: Duration::from_millis(crate::state::treasury::SETTLE_EVERY_MS),
             treasury_grace: Duration::from_millis(crate::state::treasury::GRACE_MS),
+            autoscale_every: Duration::from_secs(1),
             storage: StorageInfo::default(),
             gateway: GatewayConfig::default(),
             access: http::ServerAccess::default(),
@@ -171,6 +175,11 @@ impl ServerConfig {
             || self.settle_every > Duration::from_secs(86_400)
         {
             return bad("the settlement period must be between 1s and 24h".into());
+        }
+        if self.autoscale_every < Duration::from_millis(100)
+            || self.autoscale_every > Duration::from_secs(60)
+        {
+            return bad("the autoscaler's interval must be between 100ms and 60s".into());
         }
         if self.treasury_grace > Duration::from_secs(30 * 86_400) {
             return bad("the treasury grace period must be at most 30 days".into());

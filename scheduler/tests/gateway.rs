@@ -13,15 +13,16 @@ use aigrid_api::{
 use aigrid_scheduler::clock::{Clock, SystemClock};
 use aigrid_scheduler::server::{Server, ServerConfig};
 use aigrid_scheduler::state::Command;
-use aigrid_scheduler::testkit::model_registration;
-use aigrid_scheduler::testkit::Sign;
 use axum::http::{header, StatusCode};
 use reqwest::Client;
 use serde_json::{json, Value};
 
 mod common;
 use common::replicas::{port_block, serve_on, take_port, Replica};
-use common::{get_json, post_json, register, start_leader, status_and_json, until, wait_job};
+use common::{
+    get_json, metric, post_json, push_model, register, start_leader, status_and_json, until,
+    wait_job,
+};
 
 /// A pushed model deployed as a `model-server` service of `count` replicas on one
 /// node, `n1`, registered from 127.0.0.1 with `ports`: the model's digest, the
@@ -34,16 +35,7 @@ async fn deploy(
     ports: PortRange,
 ) -> (String, String, Vec<Allocation>) {
     let base = format!("http://{}", server.addr);
-    let model = model_registration(name, 1, 2);
-    let digest = model.manifest.manifest.digest().to_string();
-    let resp = client
-        .post(format!("{base}/api/v1/models"))
-        .json(&model)
-        .signed()
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
+    let digest = push_model(server, client, name).await;
     let node: NodeRegistration = serde_json::from_value(json!({
         "id": "n1", "name": "n1",
         "resources": {"cpu_millis": 16000, "memory_mib": 65536, "disk_mib": 1, "gpus": []},
@@ -100,21 +92,6 @@ fn openai_error(answer: (StatusCode, Value), status: StatusCode, kind: &str, cod
     assert_eq!(body["error"]["code"], code, "{body}");
     assert!(body["error"].get("param").is_some(), "{body}");
     body["error"]["message"].as_str().unwrap().to_owned()
-}
-
-async fn metric(client: &Client, base: &str, line_start: &str) -> Option<f64> {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,7 +321,7 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
         "the second request went to the replica without one outstanding"
     );
     assert_eq!(
-        metric(&client, &base, "aigrid_gateway_outstanding_requests{").await,
+        metric(&client, &base, "aigrid_gateway_outstanding_requests", &[]).await,
         Some(2.0)
     );
     openai_error(
@@ -417,7 +394,7 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
     // other one, once; from then on it is skipped until a probe finds it ready.
     let _ = run_a.stop.send(());
     run_a.task.await.unwrap();
-    let retries_before = metric(&client, &base, "aigrid_gateway_retries_total")
+    let retries_before = metric(&client, &base, "aigrid_gateway_retries_total", &[])
         .await
         .unwrap();
     let b0 = b.served.load(Ordering::SeqCst);
@@ -427,7 +404,7 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
         assert_eq!(resp.headers()["x-replica"], "b");
     }
     assert_eq!(b.served.load(Ordering::SeqCst) - b0, 4);
-    let retries = metric(&client, &base, "aigrid_gateway_retries_total")
+    let retries = metric(&client, &base, "aigrid_gateway_retries_total", &[])
         .await
         .unwrap();
     assert_eq!(
@@ -453,18 +430,19 @@ async fn the_gateway_routes_streams_retries_and_refuses_in_openai_shape() {
         metric(
             &client,
             &base,
-            "aigrid_gateway_requests_total{route=\"chat_completions\",status=\"200\"}"
+            "aigrid_gateway_requests_total",
+            &["route=\"chat_completions\"", "status=\"200\""]
         )
         .await
         .unwrap()
             >= 10.0
     );
     assert_eq!(
-        metric(&client, &base, "aigrid_gateway_replicas{").await,
+        metric(&client, &base, "aigrid_gateway_replicas", &[]).await,
         Some(2.0)
     );
     assert_eq!(
-        metric(&client, &base, "aigrid_gateway_replicas_ready{").await,
+        metric(&client, &base, "aigrid_gateway_replicas_ready", &[]).await,
         Some(0.0)
     );
     let _ = run_b.stop.send(());

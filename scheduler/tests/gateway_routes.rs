@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use aigrid_api::Job;
 use aigrid_scheduler::server::ServerConfig;
-use aigrid_scheduler::testkit::{model_registration, Sign};
 use axum::http::StatusCode;
 use reqwest::Client;
 use serde_json::{json, Value};
 
 mod common;
 use common::replicas::{port_block, serve, serve_on, take_port, Replica, SignedNode};
-use common::{get_json, post_json, start_leader, wait_job};
+use common::{get_json, post_json, push_model, start_leader, wait_job};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_claiming_a_foreign_endpoint_gets_none_of_the_users_requests() {
@@ -25,16 +24,7 @@ async fn a_node_claiming_a_foreign_endpoint_gets_none_of_the_users_requests() {
     let server = start_leader(config).await;
     let base = format!("http://{}", server.addr);
     let client = Client::new();
-    let model = model_registration("llama", 1, 2);
-    let digest = model.manifest.manifest.digest().to_string();
-    let resp = client
-        .post(format!("{base}/api/v1/models"))
-        .json(&model)
-        .signed()
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
+    let digest = push_model(&server, &client, "llama").await;
 
     // The node joins. Its body may not name an address: the servers take the one
     // its connection comes from. An `address` attribute is a fact to match on.

@@ -166,6 +166,17 @@ impl Metrics {
         metrics
     }
 
+    /// Requests answered so far, over every route and status.
+    pub fn requests_answered(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.requests
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().value() as u64)
+            .sum()
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         use prometheus::Encoder;

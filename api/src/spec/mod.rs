@@ -9,6 +9,7 @@
 //! | `resources` | what an instance reserves: CPU, memory, GPUs ([`Resources`], [`GpuRequest`]) |
 //! | `rules` | rules on node attributes: [`Constraint`], [`Affinity`], [`Spread`] |
 //! | `task` | what an instance runs: [`TaskSpec`], [`ExecTask`] with its [`RestartPolicy`] and [`Artifact`]s, [`ModelServerTask`] |
+//! | `scaling` | how a service group's count follows its load ([`Scaling`]) and the changes it made ([`ScaleEvent`]) |
 //! | `limits` | how big a spec and each of its fields may be ([`SizeError`], answered with 413) |
 //!
 //! Every type and limit is reached from here.
@@ -16,6 +17,7 @@
 mod limits;
 mod resources;
 mod rules;
+mod scaling;
 mod task;
 #[cfg(test)]
 mod tests;
@@ -39,6 +41,7 @@ pub use rules::{
     Affinity, Constraint, ConstraintOp, ConstraintValue, Spread, MAX_AFFINITY_WEIGHT,
     MAX_REGEX_BYTES, MAX_SPREAD_WEIGHT,
 };
+pub use scaling::{ScaleEvent, Scaling, MAX_SCALING_WINDOW};
 pub use task::{
     Artifact, ExecTask, ModelServerTask, RestartMode, RestartPolicy, TaskSpec,
     DEFAULT_KILL_TIMEOUT_MS, MAX_KILL_TIMEOUT_MS, MAX_RESTART_ATTEMPTS,
@@ -114,9 +117,10 @@ wire_enum!(
 pub struct TaskGroup {
     /// Unique within the job; same character rules as the job name.
     pub name: String,
-    /// How many instances to run.
+    /// How many instances to run; with `scaling`, how many to start with (kept
+    /// within its `min..=max`, and 0 allowed where `min` is 0).
     #[serde(default = "default_count")]
-    #[schema(default = 1, minimum = 1)]
+    #[schema(default = 1, minimum = 0)]
     pub count: u32,
     /// Place all `count` instances at once or none of them (distributed training).
     #[serde(default)]
@@ -146,6 +150,10 @@ pub struct TaskGroup {
     /// update replaces `max_unavailable` instances at a time without waiting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdatePolicy>,
+    /// How the count follows the load (services serving a model only); absent,
+    /// the count is fixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<Scaling>,
     /// What each instance runs.
     pub task: TaskSpec,
 }
@@ -184,6 +192,12 @@ impl JobSpec {
                     "only a service rolls out under an update policy",
                 ));
             }
+            if group.scaling.is_some() && self.kind != JobKind::Service {
+                return Err(ValidationError::new(
+                    format!("{path}.scaling"),
+                    "only a service scales with its load",
+                ));
+            }
             group.validate_at(&path)?;
             if !names.insert(group.name.as_str()) {
                 return Err(ValidationError::new(
@@ -209,7 +223,29 @@ impl JobSpec {
 impl TaskGroup {
     fn validate_at(&self, path: &str) -> Result<(), ValidationError> {
         check_name(&format!("{path}.name"), &self.name)?;
-        if self.count == 0 {
+        if let Some(scaling) = &self.scaling {
+            let at = format!("{path}.scaling");
+            scaling.validate_at(&at)?;
+            if self.gang {
+                return Err(ValidationError::new(
+                    at,
+                    "a gang starts whole at one size; remove `scaling` or `gang`",
+                ));
+            }
+            if !matches!(self.task, TaskSpec::ModelServer(_)) {
+                return Err(ValidationError::new(
+                    at,
+                    "scaling follows the load the gateway relays, which only a \
+                     `model-server` task takes",
+                ));
+            }
+        }
+        let least = if self.scaling.as_ref().is_some_and(|s| s.min == 0) {
+            0
+        } else {
+            1
+        };
+        if self.count < least {
             return Err(ValidationError::new(
                 format!("{path}.count"),
                 "must be at least 1",
@@ -245,13 +281,16 @@ impl TaskGroup {
                     "a gang is replaced whole; remove `update` or `gang`",
                 ));
             }
-            update.validate_at(&at, self.count)?;
+            // A scaled group's canaries are counted against its largest size.
+            let most = self.scaling.as_ref().map_or(self.count, |s| s.max);
+            update.validate_at(&at, most)?;
         }
         self.task.validate_at(&format!("{path}.task"))
     }
 
     /// Whether `other` runs the same instances as this group, whatever the count
-    /// (for a gang, which starts whole, the same count too) or the update policy:
+    /// (for a gang, which starts whole, the same count too), the update policy or
+    /// the scaling:
     /// an instance of one is an instance of the other, so a version that changes
     /// only those keeps its instances running.
     pub fn same_instances(&self, other: &TaskGroup) -> bool {
@@ -262,6 +301,7 @@ impl TaskGroup {
             count: 0,
             update: None,
             max_unavailable: None,
+            scaling: None,
             ..g.clone()
         };
         strip(self) == strip(other)

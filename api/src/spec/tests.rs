@@ -464,3 +464,124 @@ fn a_change_of_count_keeps_instances_except_a_gangs() {
     assert!(gang.same_instances(&gang.clone()));
     assert!(!gang.same_instances(&bigger_gang), "a gang starts whole");
 }
+
+/// A model-server service scaled between `min` and `max` (the interface's
+/// example), starting at `count`.
+fn scaled(count: u32, scaling: serde_json::Value) -> serde_json::Value {
+    json!({
+        "name": "chat", "kind": "service",
+        "groups": [{"name": "llm", "count": count, "scaling": scaling,
+                    "resources": {"cpu_millis": 1000, "memory_mib": 1024},
+                    "task": {"driver": "model-server", "model": DIGEST}}]
+    })
+}
+
+#[test]
+fn a_scaling_block_parses_with_its_defaults_and_breaks_no_rule() {
+    let example = json!({"min": 0, "max": 4, "target_concurrency": 8,
+                         "scale_up_window": "10s", "scale_down_window": "60s",
+                         "idle_to_zero": "120s"});
+    let spec = parse(scaled(0, example)).unwrap();
+    spec.validate().unwrap();
+    let s = spec.groups[0].scaling.as_ref().unwrap();
+    assert_eq!((s.min, s.max, s.target_concurrency), (0, 4, Some(8)));
+    assert_eq!(s.idle_limit(), Some(Span::from_secs(120)));
+    assert_eq!(s.clamp(9), 4);
+    // Defaults: windows of 10 s and 60 s, and to zero after the latter.
+    let spec = parse(scaled(1, json!({"max": 2, "target_tokens_per_second": 50}))).unwrap();
+    spec.validate().unwrap();
+    let s = spec.groups[0].scaling.as_ref().unwrap();
+    assert_eq!(s.scale_up_window, Span::from_secs(10));
+    assert_eq!(s.idle_limit(), Some(Span::from_secs(60)));
+    assert_eq!(s.targets(), "50 tokens/s");
+    // With `min` above zero it never goes to zero.
+    let spec = parse(scaled(
+        2,
+        json!({"min": 2, "max": 3, "target_concurrency": 1}),
+    ))
+    .unwrap();
+    assert_eq!(spec.groups[0].scaling.as_ref().unwrap().idle_limit(), None);
+    // A scaling block changes no instance: the same instances at any count.
+    let plain = parse(valid()).unwrap().groups[0].clone();
+    let mut with = plain.clone();
+    with.scaling = spec.groups[0].scaling.clone();
+    assert!(plain.same_instances(&with));
+}
+
+#[test]
+fn a_scaling_block_that_breaks_a_rule_names_its_field() {
+    let target = |extra: serde_json::Value| {
+        let mut s = json!({"min": 0, "max": 4, "target_concurrency": 8});
+        s.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        s
+    };
+    let cases = [
+        (
+            scaled(1, target(json!({"max": 0}))),
+            "groups[0].scaling.max",
+            "between 1",
+        ),
+        (
+            scaled(1, target(json!({"min": 5}))),
+            "groups[0].scaling.min",
+            "at most max",
+        ),
+        (
+            scaled(1, json!({"max": 2})),
+            "groups[0].scaling.target_concurrency",
+            "needs a target",
+        ),
+        (
+            scaled(1, target(json!({"target_concurrency": 0}))),
+            "groups[0].scaling.target_concurrency",
+            "at least 1",
+        ),
+        (
+            scaled(1, target(json!({"scale_down_window": "2h"}))),
+            "groups[0].scaling.scale_down_window",
+            "at most 1h",
+        ),
+        (
+            scaled(2, target(json!({"min": 1, "idle_to_zero": "1m"}))),
+            "groups[0].scaling.idle_to_zero",
+            "min 1 forbids",
+        ),
+        (
+            scaled(1, target(json!({"idle_to_zero": "0"}))),
+            "groups[0].scaling.idle_to_zero",
+            "positive",
+        ),
+    ];
+    for (spec, field, words) in cases {
+        let err = parse(spec).unwrap().validate().unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.message.contains(words), "{err}");
+    }
+    // Only a service serving a model, never a gang, scales.
+    let mut batch = scaled(1, target(json!({})));
+    batch["kind"] = json!("batch");
+    let err = parse(batch).unwrap().validate().unwrap_err();
+    assert_eq!(err.field, "groups[0].scaling");
+    let mut gang = scaled(1, target(json!({})));
+    gang["groups"][0]["gang"] = json!(true);
+    let err = parse(gang).unwrap().validate().unwrap_err();
+    assert!(err.message.contains("gang"), "{err}");
+    let mut exec = valid();
+    exec["groups"][0]["scaling"] = target(json!({}));
+    let err = parse(exec).unwrap().validate().unwrap_err();
+    assert!(err.message.contains("model-server"), "{err}");
+    // Zero instances only where the group scales from zero.
+    let mut fixed = valid();
+    fixed["groups"][0]["count"] = json!(0);
+    let err = parse(fixed).unwrap().validate().unwrap_err();
+    assert_eq!(err.field, "groups[0].count");
+    let err = parse(scaled(0, target(json!({"min": 1, "max": 4}))))
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field, "groups[0].count");
+    // Unknown keys are refused as everywhere.
+    assert!(parse(scaled(1, target(json!({"target_qps": 3})))).is_err());
+}

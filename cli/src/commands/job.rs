@@ -191,7 +191,29 @@ pub async fn job(client: &Client, cmd: JobCommand, json: bool) -> anyhow::Result
             println!("submitted   {}", ms_to_text(job.submitted_at.0));
             println!("updated     {}", ms_to_text(job.updated_at.0));
             for g in &job.spec.groups {
-                println!("group       {} x{}", g.name, g.count);
+                match &g.scaling {
+                    Some(s) => println!(
+                        "group       {} x{} (scales {}..{} at {} per replica)",
+                        g.name,
+                        g.count,
+                        s.min,
+                        s.max,
+                        s.targets()
+                    ),
+                    None => println!("group       {} x{}", g.name, g.count),
+                }
+            }
+            // The latest few changes of count, newest last, each with its reason.
+            let shown = job.scale_events.len().saturating_sub(5);
+            for e in &job.scale_events[shown..] {
+                println!(
+                    "scaled      {} {} -> {} at {}: {}",
+                    e.group,
+                    e.from,
+                    e.to,
+                    ms_to_text(e.at.0),
+                    e.reason
+                );
             }
             if let Some(d) = &job.deployment {
                 println!(

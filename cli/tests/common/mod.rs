@@ -5,6 +5,7 @@ pub mod agents;
 pub mod identity;
 pub mod openai;
 pub mod schema;
+pub mod up;
 
 pub use identity::Sign;
 

@@ -19,11 +19,14 @@ use prometheus::Registry;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::GatewayError;
+use super::hold::{Elastic, Holding, FAST_PROBE};
 use super::keys::Scope;
+use super::load::{Loads, ReplicaLoad};
 use super::metrics::GatewayMetrics;
 use super::relay::{forwarded_request_headers, requested_model, stream_back};
 use super::samples::{ReplicaStats, Samples};
 use super::table::{Resolution, Route, Routes};
+use crate::clock::{SharedClock, SystemClock};
 use crate::state::models::ModelName;
 use crate::state::ClusterState;
 use aigrid_api::openai::{ModelCard, ModelList};
@@ -49,6 +52,11 @@ pub struct GatewayConfig {
     /// Whether a request must present a circle's API key (a server listening beyond
     /// loopback); without, a request with no key sees every model.
     pub require_api_key: bool,
+    /// How long a request for a scaled model with no ready replica waits for one
+    /// before 503 with `Retry-After`.
+    pub hold_timeout: Duration,
+    /// Requests this server holds at once for models to scale up; more get 429.
+    pub max_held: usize,
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +70,8 @@ impl Default for GatewayConfig {
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_secs(300),
             require_api_key: false,
+            hold_timeout: Duration::from_secs(60),
+            max_held: 256,
         }
     }
 }
@@ -72,14 +82,17 @@ impl GatewayConfig {
         if self.max_body_bytes < 1024 {
             return Err("gateway max body bytes must be at least 1024".into());
         }
-        if self.max_in_flight == 0 || self.probe_concurrency == 0 {
-            return Err("gateway max in-flight and probe concurrency must be at least 1".into());
+        if self.max_in_flight == 0 || self.probe_concurrency == 0 || self.max_held == 0 {
+            return Err(
+                "gateway max in-flight, max held and probe concurrency must be at least 1".into(),
+            );
         }
         let zero = [
             ("probe interval", self.probe_interval),
             ("probe timeout", self.probe_timeout),
             ("connect timeout", self.connect_timeout),
             ("read timeout", self.read_timeout),
+            ("hold timeout", self.hold_timeout),
         ];
         if let Some((name, _)) = zero.iter().find(|(_, d)| d.is_zero()) {
             return Err(format!("gateway {name} must be positive"));
@@ -95,8 +108,9 @@ fn short(digest: &str) -> &str {
 
 /// The inference gateway of one server. Cheap to share: handlers hold an `Arc`.
 pub struct Gateway {
-    raft: RaftNode<ClusterState>,
-    config: GatewayConfig,
+    pub(super) raft: RaftNode<ClusterState>,
+    pub(super) config: GatewayConfig,
+    pub(super) clock: SharedClock,
     client: reqwest::Client,
     routes: RwLock<Arc<Routes>>,
     /// Endpoints whose last probe answered 200, less those that refused a request
@@ -112,7 +126,11 @@ pub struct Gateway {
     split_turn: AtomicUsize,
     /// Each replica's recent requests.
     samples: Samples,
-    metrics: GatewayMetrics,
+    /// Each replica's load, as its probes report it.
+    loads: Loads,
+    /// Requests waiting for a scaled model's first ready replica.
+    pub(super) holding: Holding,
+    pub(super) metrics: GatewayMetrics,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -133,6 +151,14 @@ pub enum GatewayBuildError {
     /// Its HTTP client could not be built.
     #[error("gateway HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+}
+
+/// What a relayed request sends to a replica.
+struct Outgoing<'a> {
+    route: Route,
+    asked: &'a str,
+    headers: &'a axum::http::HeaderMap,
+    body: &'a Bytes,
 }
 
 /// A request counted against a replica until it finishes (its answer streamed, or
@@ -187,13 +213,34 @@ impl Gateway {
             rotation: AtomicUsize::new(0),
             split_turn: AtomicUsize::new(0),
             samples: Samples::default(),
+            loads: Loads::default(),
+            holding: Holding::default(),
             metrics: GatewayMetrics::register(registry)?,
+            clock: Arc::new(SystemClock),
             config,
         })
     }
 
-    fn routes(&self) -> Arc<Routes> {
+    /// The gateway reading the time it writes into commands (a wake) from `clock`.
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub(super) fn routes(&self) -> Arc<Routes> {
         self.routes.read().clone()
+    }
+
+    /// Whether the model of `digest` has a replica that answered its last probe.
+    pub(super) fn has_ready(&self, routes: &Routes, digest: &str) -> bool {
+        let ready = self.ready.lock();
+        routes.replicas(digest).iter().any(|e| ready.contains(e))
+    }
+
+    /// The load the replica at `endpoint` reported at its latest probes, if one
+    /// answered within the last few seconds.
+    pub fn replica_load(&self, endpoint: &str) -> Option<ReplicaLoad> {
+        self.loads.get(endpoint, Instant::now())
     }
 
     /// Rebuilds the routing table when the applied state moved since it was built
@@ -225,22 +272,51 @@ impl Gateway {
                     .or_default()
                     .insert(circle.map(str::to_owned));
             }
+            for group in s.scaled_groups() {
+                routes
+                    .elastic
+                    .entry(group.digest)
+                    .or_default()
+                    .push(Elastic {
+                        job_id: group.job_id,
+                        group: group.group,
+                        count: group.count,
+                        min: group.scaling.min,
+                    });
+            }
             routes
         });
         *self.routes.write() = Arc::new(routes);
     }
 
     /// Keeps routes and readiness current until `shutdown` turns true: every probe
-    /// interval, does what [`Gateway::probe_now`] does.
+    /// interval, does what [`Gateway::probe_now`] does; while requests are held,
+    /// probes the replicas of their models every [`FAST_PROBE`] in between.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.config.probe_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_full = Instant::now();
         loop {
+            let held = self.holding.digests();
+            let pause = if held.is_empty() {
+                self.config
+                    .probe_interval
+                    .saturating_sub(last_full.elapsed())
+            } else {
+                FAST_PROBE.min(self.config.probe_interval)
+            };
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.holding.hurry.notified() => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
-            self.probe_now().await;
+            let held = self.holding.digests();
+            if held.is_empty() || last_full.elapsed() >= self.config.probe_interval {
+                self.probe_now().await;
+                last_full = Instant::now();
+            } else {
+                self.refresh(Duration::ZERO);
+                self.probe_models(&held).await;
+            }
+            self.holding.probed.notify_waiters();
         }
     }
 
@@ -251,18 +327,44 @@ impl Gateway {
         self.probe_all().await;
     }
 
-    /// Probes every known replica at once (bounded) and replaces the ready set.
-    async fn probe_all(&self) {
-        let routes = self.routes();
-        let endpoints: HashSet<String> = routes.replicas.values().flatten().cloned().collect();
-        // Samples of replicas no longer routed to are forgotten.
-        self.samples.retain(|e| endpoints.contains(e));
-        let ready: HashSet<String> = stream::iter(endpoints)
+    /// Probes `endpoints` at once (bounded), answering those that are ready.
+    async fn probe_each(&self, endpoints: HashSet<String>) -> HashSet<String> {
+        stream::iter(endpoints)
             .map(|endpoint| async move { self.probe(&endpoint).await.then_some(endpoint) })
             .buffer_unordered(self.config.probe_concurrency)
             .filter_map(|ready| async move { ready })
             .collect()
-            .await;
+            .await
+    }
+
+    /// Probes the replicas of the models of `digests` only, updating their part of
+    /// the ready set.
+    async fn probe_models(&self, digests: &[String]) {
+        let routes = self.routes();
+        let endpoints: HashSet<String> = digests
+            .iter()
+            .flat_map(|d| routes.replicas(d))
+            .cloned()
+            .collect();
+        let up = self.probe_each(endpoints.clone()).await;
+        let mut ready = self.ready.lock();
+        for endpoint in endpoints {
+            if up.contains(&endpoint) {
+                ready.insert(endpoint);
+            } else {
+                ready.remove(&endpoint);
+            }
+        }
+    }
+
+    /// Probes every known replica at once (bounded) and replaces the ready set.
+    async fn probe_all(&self) {
+        let routes = self.routes();
+        let endpoints: HashSet<String> = routes.replicas.values().flatten().cloned().collect();
+        // Samples and loads of replicas no longer routed to are forgotten.
+        self.samples.retain(|e| endpoints.contains(e));
+        self.loads.retain(|e| endpoints.contains(e));
+        let ready = self.probe_each(endpoints).await;
         self.metrics.replicas.reset();
         self.metrics.replicas_ready.reset();
         for model in &routes.models {
@@ -340,15 +442,38 @@ impl Gateway {
         }
     }
 
-    /// True when the replica's `/ready` answers 200 within the probe timeout.
+    /// True when the replica's `/ready` answers 200 within the probe timeout; the
+    /// load its answer reports, if any, is recorded.
     async fn probe(&self, endpoint: &str) -> bool {
+        /// More than a `/ready` answer ever needs; a longer one is not read.
+        const MOST: usize = 4096;
+        #[derive(serde::Deserialize)]
+        struct ReadyAnswer {
+            load: Option<aigrid_api::ReplicaLoadReport>,
+        }
         let sent = self
             .client
             .get(format!("{endpoint}/ready"))
             .timeout(self.config.probe_timeout)
             .send()
             .await;
-        matches!(sent, Ok(resp) if resp.status() == StatusCode::OK)
+        let Ok(mut resp) = sent else {
+            return false;
+        };
+        if resp.status() != StatusCode::OK {
+            return false;
+        }
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            body.extend_from_slice(&chunk);
+            if body.len() > MOST {
+                return true;
+            }
+        }
+        if let Ok(ReadyAnswer { load: Some(load) }) = serde_json::from_slice(&body) {
+            self.loads.record(endpoint, Instant::now(), load);
+        }
+        true
     }
 
     /// Picks the ready replica among `endpoints` with the fewest requests
@@ -455,19 +580,64 @@ impl Gateway {
                 return Err(GatewayError::AmbiguousModel { asked, matches })
             }
         };
-        let [first, second] = self.sides(&routes, model, &asked);
+        let (digest, name) = (model.digest.clone(), model.name.clone());
+        let elastic = routes.elastic.contains_key(&digest);
+        let outgoing = Outgoing {
+            route,
+            asked: &asked,
+            headers: &headers,
+            body: &body,
+        };
+        let mut permit = Some(permit);
         let mut tried: Vec<String> = Vec::new();
+        let mut waited = false;
+        loop {
+            if elastic && !waited && !self.has_ready(&routes, &digest) {
+                // A scaled model with no ready replica (at zero, or its last one
+                // just went): wait for one, waking its groups at zero.
+                routes = self.hold(&name, &digest).await?;
+                waited = true;
+            }
+            let model = routes
+                .models
+                .iter()
+                .find(|m| m.digest == digest)
+                .ok_or_else(|| GatewayError::ModelNotFound(asked.clone()))?;
+            if let Some(answer) = self
+                .attempt(&outgoing, &routes, model, &mut tried, &mut permit)
+                .await?
+            {
+                return Ok(answer);
+            }
+            if !elastic || waited {
+                return Err(routes.not_ready(model, tried.len()));
+            }
+        }
+    }
+
+    /// Sends the request to the ready replicas of `model` in turn (skipping those
+    /// in `tried`, adding each that cannot be reached) until one answers; `None`
+    /// when none could.
+    async fn attempt(
+        &self,
+        out: &Outgoing<'_>,
+        routes: &Routes,
+        model: &ModelName,
+        tried: &mut Vec<String>,
+        permit: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Option<Response>, GatewayError> {
+        let [first, second] = self.sides(routes, model, out.asked);
         while let Some(outstanding) = self
-            .pick(model, first, &tried)
-            .or_else(|| self.pick(model, second, &tried))
+            .pick(model, first, tried)
+            .or_else(|| self.pick(model, second, tried))
         {
             let endpoint = outstanding.endpoint.clone();
             let sent_at = Instant::now();
             let sent = self
                 .client
-                .post(format!("{endpoint}{}", route.path()))
-                .headers(forwarded_request_headers(&headers))
-                .body(body.clone())
+                .post(format!("{endpoint}{}", out.route.path()))
+                .headers(forwarded_request_headers(out.headers))
+                .body(out.body.clone())
                 .send()
                 .await;
             let failed = sent
@@ -475,7 +645,7 @@ impl Gateway {
                 .map_or(true, |resp| resp.status().is_server_error());
             self.samples.record(&endpoint, sent_at.elapsed(), failed);
             match sent {
-                Ok(resp) => return Ok(stream_back(resp, (outstanding, permit))),
+                Ok(resp) => return Ok(Some(stream_back(resp, (outstanding, permit.take())))),
                 Err(e) if e.is_timeout() => {
                     tracing::warn!(%endpoint, error = %e, "replica timed out");
                     return Err(GatewayError::Timeout {
@@ -493,7 +663,7 @@ impl Gateway {
                 }
             }
         }
-        Err(routes.not_ready(model, tried.len()))
+        Ok(None)
     }
 
     /// `GET /v1/models/{model}`: one model, by name, digest or unique digest prefix,

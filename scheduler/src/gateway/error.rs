@@ -44,6 +44,20 @@ pub enum GatewayError {
         /// A live job deploys it: its replicas are being placed or started.
         deploying: bool,
     },
+    /// A scaled model got no ready replica while the request waited.
+    #[error("the model `{model}` is starting a replica and none was ready within {secs} s; retry shortly")]
+    ColdStart {
+        /// The model.
+        model: String,
+        /// How long the request waited, in seconds.
+        secs: u64,
+    },
+    /// As many requests wait for models to scale up as this server holds.
+    #[error("too many requests are waiting for models to start on this server (limit {limit}); retry shortly")]
+    HoldFull {
+        /// The limit.
+        limit: usize,
+    },
     /// The replica did not answer in time.
     #[error("the replica serving model `{model}` did not answer within {secs} s")]
     Timeout {
@@ -124,6 +138,12 @@ impl GatewayError {
                 "model_not_ready",
                 Some("model"),
             ),
+            Self::ColdStart { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_starting",
+                Some("model"),
+            ),
+            Self::HoldFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_waiting", None),
             Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "replica_timeout", None),
             Self::RateLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", None)
@@ -154,9 +174,15 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, ..) = self.parts();
         let mut resp = (status, Json(self.body())).into_response();
-        if matches!(self, Self::NotReady { .. } | Self::RateLimited { .. }) {
+        let retry_after = match self {
+            Self::NotReady { .. } | Self::RateLimited { .. } | Self::HoldFull { .. } => Some("1"),
+            // The replica is still starting: come back once it may be up.
+            Self::ColdStart { .. } => Some("5"),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
         }
         resp
     }

@@ -1,8 +1,9 @@
 //! The gateway's Prometheus series: requests by route, model and status, latency,
-//! requests outstanding per replica.
+//! requests outstanding per replica, requests held while a model scales from zero.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// The gateway's Prometheus metrics.
@@ -14,6 +15,10 @@ pub(crate) struct GatewayMetrics {
     pub(crate) outstanding: IntGaugeVec,
     pub(crate) replicas: IntGaugeVec,
     pub(crate) replicas_ready: IntGaugeVec,
+    pub(crate) held: IntGauge,
+    pub(crate) held_outcomes: IntCounterVec,
+    pub(crate) held_seconds: Histogram,
+    pub(crate) wakes: IntCounter,
 }
 
 impl GatewayMetrics {
@@ -58,6 +63,33 @@ impl GatewayMetrics {
             ),
             &["model", "digest"],
         )?;
+        let held = IntGauge::with_opts(Opts::new(
+            "aigrid_gateway_held_requests",
+            "Requests waiting for a model with no ready replica to scale up",
+        ))?;
+        let held_outcomes = IntCounterVec::new(
+            Opts::new(
+                "aigrid_gateway_held_total",
+                "Requests held for a model to scale up, by outcome \
+                 (served, timed_out, refused: the queue was full)",
+            ),
+            &["outcome"],
+        )?;
+        let held_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "aigrid_gateway_held_seconds",
+                "How long a held request waited for a ready replica",
+            )
+            .buckets(prometheus::exponential_buckets(0.01, 2.0, 16)?),
+        )?;
+        let wakes = IntCounter::with_opts(Opts::new(
+            "aigrid_gateway_wakes_total",
+            "Groups at zero this server asked to scale to their first replica",
+        ))?;
+        registry.register(Box::new(held.clone()))?;
+        registry.register(Box::new(held_outcomes.clone()))?;
+        registry.register(Box::new(held_seconds.clone()))?;
+        registry.register(Box::new(wakes.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(seconds.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -71,6 +103,10 @@ impl GatewayMetrics {
             outstanding,
             replicas,
             replicas_ready,
+            held,
+            held_outcomes,
+            held_seconds,
+            wakes,
         })
     }
 }

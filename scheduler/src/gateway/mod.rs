@@ -18,6 +18,11 @@
 //! they would replace otherwise; a side with no ready replica gives way to the
 //! other, so a canary that never turns ready costs no request.
 //!
+//! A request for a model that scales (a group with a `scaling` block) and has no
+//! ready replica is held rather than refused: the gateway wakes its groups at zero
+//! and sends the request on once a replica is ready, within a bound and a timeout
+//! (`hold` has the rules).
+//!
 //! Errors leave in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`;
 //! a semaphore at the door answers 429 beyond [`GatewayConfig::max_in_flight`].
 //!
@@ -26,6 +31,8 @@
 //! | [`balancer`] | the [`Gateway`]: its routing table kept current, replicas probed, a replica picked per request and the request relayed |
 //! | [`table`] | the routing table: which models exist, by name, digest or prefix, and their replicas' endpoints |
 //! | `keys` | who may call: a circle's API key scopes a request to the models its jobs deploy |
+//! | `hold` | requests held while a scaled model has no ready replica, and the wake of its groups at zero |
+//! | `load` | each replica's load, from what its `/ready` reports |
 //! | [`error`] | [`GatewayError`]: every answer the gateway gives instead of a replica, in OpenAI's shape |
 //! | [`relay`] | what crosses to a replica and back: the `model` field read, headers forwarded, answers streamed |
 //! | [`metrics`] | the gateway's Prometheus series |
@@ -34,7 +41,9 @@
 
 pub mod balancer;
 pub mod error;
+pub(crate) mod hold;
 pub(crate) mod keys;
+pub mod load;
 pub mod metrics;
 pub mod relay;
 pub mod routes;
@@ -45,6 +54,7 @@ mod tests;
 
 pub use balancer::{Gateway, GatewayBuildError, GatewayConfig};
 pub use error::GatewayError;
+pub use load::ReplicaLoad;
 pub use routes::{openapi, router};
 pub use samples::ReplicaStats;
 pub use table::MIN_DIGEST_PREFIX;

@@ -61,6 +61,9 @@ pub(crate) struct Routes {
     /// Per model name, how requests by that name split while a rollout's canaries
     /// wait.
     pub(crate) splits: HashMap<String, Split>,
+    /// Per digest, the scaled groups serving it: a request for it with no ready
+    /// replica waits for one.
+    pub(crate) elastic: HashMap<String, Vec<super::hold::Elastic>>,
 }
 
 /// How requests naming one model split between a rollout's canaries and the
@@ -111,6 +114,7 @@ impl Routes {
             deployed,
             deployed_by: Default::default(),
             splits: HashMap::new(),
+            elastic: HashMap::new(),
         }
     }
 

@@ -87,6 +87,7 @@ pub(crate) fn group(
         movable: true,
         max_unavailable: None,
         update: None,
+        scaling: None,
         task: TaskSpec::Exec(ExecTask {
             command: "/bin/true".to_owned(),
             args: Vec::new(),

@@ -500,6 +500,27 @@ pub enum Command {
         /// When.
         at: Timestamp,
     },
+    /// Sets a scaled group's count and records why: the leader's autoscaler, a
+    /// server's gateway waking a group at zero, or an approved proposal. Not a new
+    /// version of the job.
+    ScaleGroup {
+        /// The job.
+        job_id: JobId,
+        /// The group, which has a `scaling` block.
+        group: String,
+        /// Applies only while the count is this (a decision made on what has
+        /// since changed is dropped); absent, applies whatever the count.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<u32>,
+        /// The new count, within the group's `min..=max`.
+        to: u32,
+        /// Why, in words.
+        reason: String,
+        /// Id of the evaluation that adds or stops the instances.
+        eval_id: EvalId,
+        /// When.
+        at: Timestamp,
+    },
     /// The leader's report that a rollout's progress deadline passed; it fails
     /// (and reverts, when its policy says so) if the deadline the state holds has
     /// indeed passed at `at`.
@@ -695,6 +716,14 @@ pub enum Applied {
     TreasuryChanged {
         /// The circle.
         circle: String,
+    },
+    /// A scaled group's count, and whether this command changed it.
+    Scaled {
+        /// The count now.
+        count: u32,
+        /// False when the count was already that, or no longer the one the
+        /// decision was made on.
+        changed: bool,
     },
     /// A circle's quota was set or removed.
     QuotaSet {

@@ -108,6 +108,7 @@ impl ClusterState {
             allocations,
             unplaced: record.unplaced.clone(),
             deployment: self.deployment_of(&record.id),
+            scale_events: record.scale_events.clone(),
         }
     }
 
@@ -165,6 +166,7 @@ impl ClusterState {
             }
         }
         keep_redacted_secrets(&mut spec, live_spec)?;
+        self.keep_scaled_counts(&mut spec);
 
         let live = self
             .job_names
@@ -206,6 +208,7 @@ impl ClusterState {
                         history: Vec::new(),
                         stable_version: Some(1),
                         deployment: None,
+                        scale_events: Vec::new(),
                     },
                 );
                 (job_id, 1, EvalTrigger::JobSubmit)

@@ -26,6 +26,7 @@ mod nodes;
 mod plans;
 mod ports;
 mod quotas;
+pub mod scaling;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,7 @@ pub use deployments::{TrafficSplit, Verdict, Watched, WatchedInstance};
 pub use error::{ObjectKind, StateError};
 pub use evaluations::EvaluationUpdate;
 pub use plans::{JobPlan, MovedAllocation, NewAllocation};
+pub use scaling::ScaledGroup;
 use tables::{slice_of, AllocIndex, Held};
 pub use tokens::TokenUse;
 pub use trail::Change;
@@ -125,6 +127,9 @@ struct JobRecord {
     /// Its latest rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     deployment: Option<deployments::DeploymentRecord>,
+    /// The latest changes of its scaled groups' counts, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    scale_events: Vec<aigrid_api::ScaleEvent>,
 }
 
 /// An earlier version of a job, kept to be shown and reverted to.
@@ -540,6 +545,15 @@ impl ClusterState {
                 at,
                 by: _,
             } => self.set_quota(&circle, quota, at),
+            Command::ScaleGroup {
+                job_id,
+                group,
+                from,
+                to,
+                reason,
+                eval_id,
+                at,
+            } => self.scale_group(job_id, group, from, to, reason, eval_id, at),
         }
     }
 }

@@ -411,12 +411,13 @@ impl ClusterState {
     }
 
     /// The digests of the models that a live job deploys with a `model-server` task
-    /// wanting at least one replica, whether or not a replica runs yet: a request for
-    /// one of them is told it is loading rather than that nothing serves it.
+    /// wanting at least one replica (or scaling, so it may want one), whether or not
+    /// a replica runs yet: a request for one of them is told it is loading rather
+    /// than that nothing serves it.
     pub fn deployed_models(&self) -> BTreeSet<&str> {
         self.model_job_records()
             .flat_map(|job| &job.spec.groups)
-            .filter(|group| group.count > 0)
+            .filter(|group| group.count > 0 || group.scaling.is_some())
             .filter_map(|group| match &group.task {
                 aigrid_api::TaskSpec::ModelServer(task) => Some(task.model.as_str()),
                 _ => None,

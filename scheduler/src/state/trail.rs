@@ -80,6 +80,7 @@ impl ClusterState {
     pub fn change_of(&self, command: &Command) -> Option<Change> {
         let (circle, kind, target) = match command {
             Command::SubmitJob { spec, .. } => {
+                let spec = &*self.as_it_will_run(spec);
                 let live = self.live_spec(&spec.name);
                 if live == Some(spec) {
                     // An unchanged resubmit changes nothing.
@@ -207,6 +208,9 @@ impl ClusterState {
                     format!("identity:{id}"),
                 )
             }
+            Command::ScaleGroup {
+                job_id, group, to, ..
+            } => return self.scale_change(job_id, group, *to),
             Command::Transfer { circle, .. } => (
                 circle.clone(),
                 ChangeKind::TreasuryTransfer,
@@ -248,7 +252,7 @@ impl ClusterState {
         match command {
             Command::SubmitJob { eval_id, spec, .. } => {
                 self.tables.evaluations.contains_key(eval_id)
-                    || self.live_spec(&spec.name) == Some(spec)
+                    || self.live_spec(&spec.name) == Some(&*self.as_it_will_run(spec))
             }
             Command::DeleteJob { eval_id, .. } => self.tables.evaluations.contains_key(eval_id),
             Command::BootstrapAdmins { .. } => self.has_admin(),

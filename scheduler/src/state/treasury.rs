@@ -639,8 +639,8 @@ impl ClusterState {
     }
 
     /// The most `spec` can cost per hour, in micro-credits: every instance of every
-    /// group at the highest prices (`top`) for what the group requests (a GPU of a
-    /// model it may take, a core, a GiB).
+    /// group (a scaled group at its `max`) at the highest prices (`top`) for what
+    /// the group requests (a GPU of a model it may take, a core, a GiB).
     fn spend_ceiling(spec: &aigrid_api::JobSpec, top: &TopPrices) -> u128 {
         let mut total: u128 = 0;
         for group in &spec.groups {
@@ -658,7 +658,8 @@ impl ClusterState {
             let per_instance = gpu
                 + top.cpu * u128::from(r.cpu_millis.get()) / 1_000
                 + top.memory * u128::from(r.memory_mib.get()) / 1_024;
-            total = total.saturating_add(per_instance * u128::from(group.count));
+            let most = group.scaling.as_ref().map_or(group.count, |s| s.max);
+            total = total.saturating_add(per_instance * u128::from(most));
         }
         total
     }

@@ -105,3 +105,61 @@ pub async fn wait_job(client: &Client, url: &str, done: impl Fn(&Value) -> bool)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Polls `found` every 50 ms until it answers something, as [`until_some`] does
+/// for checks that must await.
+pub async fn eventually<T, F>(what: &str, mut found: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = found().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The server's `/metrics`, as text.
+pub async fn metrics_text(client: &Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the first series `name` with every label of `labels`
+/// (`job="llm"`), whatever their order.
+pub async fn metric(client: &Client, base: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let text = metrics_text(client, base).await;
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Registers a signed model called `name` (two files of one chunk); answers its
+/// digest, lowercase.
+pub async fn push_model(server: &Server, client: &Client, name: &str) -> String {
+    let model = aigrid_scheduler::testkit::model_registration(name, 1, 2);
+    let digest = model.manifest.manifest.digest().to_string();
+    let resp = client
+        .post(format!("http://{}/api/v1/models", server.addr))
+        .json(&model)
+        .signed()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    digest.to_ascii_lowercase()
+}

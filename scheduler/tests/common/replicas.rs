@@ -29,6 +29,8 @@ pub struct Replica {
     pub served: Arc<AtomicUsize>,
     /// `/ready` probes it received.
     pub probes: Arc<AtomicUsize>,
+    /// Chat requests it is answering now, which `/ready` reports as its load.
+    pub in_flight: Arc<AtomicUsize>,
     /// Requests with `"hold": true` answer only once this turns true.
     pub release: watch::Sender<bool>,
     /// Each permit lets a streaming answer send its next event.
@@ -42,6 +44,7 @@ impl Replica {
             ready: Arc::new(AtomicBool::new(false)),
             served: Arc::new(AtomicUsize::new(0)),
             probes: Arc::new(AtomicUsize::new(0)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             release: watch::Sender::new(false),
             steps: Arc::new(Semaphore::new(0)),
         }
@@ -60,16 +63,35 @@ impl Replica {
     }
 }
 
-async fn ready(State(r): State<Replica>) -> StatusCode {
+/// Answers as a model server does: ready or not, with its load.
+async fn ready(State(r): State<Replica>) -> Response {
     r.probes.fetch_add(1, Ordering::SeqCst);
-    if r.ready.load(Ordering::SeqCst) {
+    let ready = r.ready.load(Ordering::SeqCst);
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
+    };
+    let load = json!({
+        "in_flight": r.in_flight.load(Ordering::SeqCst),
+        "requests": r.served.load(Ordering::SeqCst),
+        "generated_tokens": 0,
+    });
+    (status, axum::Json(json!({"ready": ready, "load": load}))).into_response()
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 async fn chat(State(r): State<Replica>, body: Bytes) -> Response {
+    r.in_flight.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight(r.in_flight.clone());
     r.served.fetch_add(1, Ordering::SeqCst);
     let request: Value = serde_json::from_slice(&body).unwrap();
     if request["hold"] == true {

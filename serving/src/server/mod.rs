@@ -168,9 +168,14 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let load = aigrid_api::ReplicaLoadReport {
+        in_flight: u64::try_from(app.metrics.in_flight.get()).unwrap_or(0),
+        requests: app.metrics.requests_answered(),
+        generated_tokens: app.metrics.tokens_out.get(),
+    };
     (
         code,
-        Json(json!({"ready": phase == Phase::Ready, "phase": phase})),
+        Json(json!({"ready": phase == Phase::Ready, "phase": phase, "load": load})),
     )
         .into_response()
 }

@@ -13,7 +13,7 @@ use super::*;
 
 const ROOT: &str = aigrid_api::chain::ROOT_CIRCLE;
 
-fn person(seed: u8) -> IdentityKey {
+pub(super) fn person(seed: u8) -> IdentityKey {
     IdentityKey::from_seed(KeyAlgorithm::Ed25519, [seed; 32])
 }
 
@@ -31,7 +31,7 @@ fn member(k: &IdentityKey, weight: u32) -> PolicyMember {
 
 /// A cluster with an admin and the identities of `people`, and circle `lab`
 /// governed by them (weight 1 each) with `threshold`.
-fn governed(people: &[&IdentityKey], threshold: u32) -> Log {
+pub(super) fn governed(people: &[&IdentityKey], threshold: u32) -> Log {
     let mut log = Log::new();
     log.apply(Command::InitCluster {
         cluster_id: "c1".into(),
@@ -67,7 +67,7 @@ fn governed(people: &[&IdentityKey], threshold: u32) -> Log {
     log
 }
 
-fn proposal(out: CommandOutput) -> ProposalInfo {
+pub(super) fn proposal(out: CommandOutput) -> ProposalInfo {
     match out {
         Ok(Applied::Proposed(p)) | Ok(Applied::Decided(p)) => p,
         other => panic!("expected a proposal, got {other:?}"),
@@ -90,7 +90,13 @@ fn propose_job(log: &mut Log, id: &str, name: &str, by: &IdentityKey, t: u64) ->
     }))
 }
 
-fn decide(log: &mut Log, p: &ProposalInfo, k: &IdentityKey, d: Decision, t: u64) -> CommandOutput {
+pub(super) fn decide(
+    log: &mut Log,
+    p: &ProposalInfo,
+    k: &IdentityKey,
+    d: Decision,
+    t: u64,
+) -> CommandOutput {
     let digest: [u8; 32] = hex::decode(&p.digest).unwrap().try_into().unwrap();
     log.apply(Command::Decide {
         proposal: p.id.clone(),

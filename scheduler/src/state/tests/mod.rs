@@ -8,6 +8,7 @@ mod metering;
 mod nodes;
 mod ports;
 mod replication;
+mod scaling;
 mod treasury;
 
 use super::*;
