@@ -6,7 +6,8 @@
 //! idle, the group goes to zero; the first request after zero is held and
 //! answered once a replica is ready. Past the hold's timeout a request gets 503
 //! with `Retry-After`, beyond its bound 429, and a caller whose key may not call
-//! the model wakes nothing. Above its circle's scale limit, the leader proposes
+//! the model wakes nothing, and one held at a follower wakes the group through
+//! the leader. Above its circle's scale limit, the leader proposes
 //! the scale to the circle's owners and the group grows once they approve.
 
 use std::sync::atomic::Ordering;
@@ -28,8 +29,8 @@ use serde_json::{json, Value};
 mod common;
 use common::replicas::{port_block, serve_on, Replica, Running};
 use common::{
-    eventually, get_json, metric, post_json, push_model, register, start_leader, status_and_json,
-    until_some,
+    eventually, get_json, metric, post_json, push_model, register, start_leader, start_three,
+    status_and_json, until_some,
 };
 
 /// Registers model `name` and submits it as service `name` of group `llm` with
@@ -482,4 +483,69 @@ async fn a_scale_above_the_circles_limit_waits_for_its_owners() {
         assert_eq!(w.await.unwrap(), StatusCode::OK);
     }
     f.server.stop().await;
+}
+
+/// Three servers: a request held at a follower's gateway wakes a group at zero
+/// (the wake is forwarded to the leader), with nothing held at the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_at_a_follower_wakes_the_group() {
+    let three = start_three(|config| {
+        config.gateway.probe_interval = Duration::from_millis(200);
+        config.gateway.hold_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let servers = &three.servers;
+    let leader_id = until_some("a leader", || servers[0].raft.status().leader).await;
+    let leader = servers
+        .iter()
+        .find(|s| s.raft.status().id == leader_id)
+        .unwrap();
+    let follower = servers
+        .iter()
+        .find(|s| s.raft.status().id != leader_id)
+        .unwrap();
+    let client = Client::new();
+    let node: NodeRegistration = serde_json::from_value(json!({
+        "id": "n1", "name": "n1",
+        "resources": {"cpu_millis": 16000, "memory_mib": 65536, "disk_mib": 1, "gpus": []},
+        "ports": port_block(2).1
+    }))
+    .unwrap();
+    register(leader, node).await;
+    let scaling = json!({"min": 0, "max": 2, "target_concurrency": 2, "idle_to_zero": "1h"});
+    let digest = deploy(leader, &client, "stuck", 0, scaling).await;
+    until_some("the follower applying the job", || {
+        follower.raft.read_local(|s| s.job_by_name("stuck"))
+    })
+    .await;
+
+    let url = format!("http://{}/v1/chat/completions", follower.addr);
+    let held = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let body = json!({"model": "stuck", "messages": []});
+            status_and_json(client.post(url).json(&body).send().await.unwrap()).await
+        })
+    };
+    until_some("the request held at the follower", || {
+        (follower.gateway.held(&digest) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(leader.gateway.held(&digest), 0);
+    until_some("the group woken on the leader", || {
+        (count(leader, "stuck") == 1).then_some(())
+    })
+    .await;
+    let event = job(leader, "stuck").scale_events.last().cloned().unwrap();
+    assert_eq!(
+        event.reason,
+        "a request for `stuck` arrived while it had no replica"
+    );
+    // No replica turns ready here (no agent runs it): past the timeout, 503.
+    let (status, body) = held.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "model_starting", "{body}");
+    for server in three.servers {
+        server.stop().await;
+    }
 }

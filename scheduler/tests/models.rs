@@ -15,7 +15,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
 mod common;
-use common::{start_leader, until_some};
+use common::{start_leader, start_three, until_some};
 
 fn storage() -> StorageInfo {
     StorageInfo {
@@ -407,31 +407,8 @@ async fn a_server_without_a_store_says_so() {
 /// build does the same with a 15 MiB entry; a debug build spends seconds hashing it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_manifest_replicates_to_every_server() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let ca = tempfile::tempdir().unwrap();
-    aigrid_tls::ClusterCa::create()
-        .unwrap()
-        .save(ca.path())
-        .unwrap();
-    // An API and a peer listener address per server.
-    let listeners: Vec<_> = (0..6)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    drop(listeners);
-    let peers: BTreeMap<u64, String> = (1..=3)
-        .map(|id| (id, addrs[id as usize + 2].to_string()))
-        .collect();
-    let mut servers = Vec::new();
-    for id in 1..=3u64 {
-        let i = id as usize - 1;
-        let mut config = ServerConfig::new(id, addrs[i], dirs[i].path().into());
-        config.access = aigrid_scheduler::testkit::admin_access();
-        config.peer_listen = Some(addrs[i + 3]);
-        config.ca_dir = Some(ca.path().into());
-        config.peers = peers.clone();
-        servers.push(Server::start(config).await.unwrap());
-    }
+    let three = start_three(|_| {}).await;
+    let servers = &three.servers;
     let leader = until_some("a leader", || servers[0].raft.status().leader).await;
     let follower = servers
         .iter()
@@ -451,7 +428,7 @@ async fn a_large_manifest_replicates_to_every_server() {
     assert_eq!(status, StatusCode::CREATED, "{summary}");
     let digest = large.manifest.manifest.digest();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    for server in &servers {
+    for server in servers {
         while server.raft.read_local(|s| s.model(&digest)).is_none() {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -463,7 +440,7 @@ async fn a_large_manifest_replicates_to_every_server() {
         let detail = server.raft.read_local(|s| s.model(&digest)).unwrap();
         assert_eq!(detail.locations, large.locations);
     }
-    for server in servers {
+    for server in three.servers {
         server.stop().await;
     }
 }

@@ -28,7 +28,7 @@ use super::Gateway;
 use crate::state::Command;
 
 /// How often the replicas of models with held requests are probed.
-pub(super) const FAST_PROBE: Duration = Duration::from_millis(100);
+pub(super) const FAST_PROBE: Duration = Duration::from_millis(25);
 /// How long after waking a group this server waits before asking again.
 const WAKE_AGAIN: Duration = Duration::from_secs(2);
 

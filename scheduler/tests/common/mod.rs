@@ -163,3 +163,46 @@ pub async fn push_model(server: &Server, client: &Client, name: &str) -> String 
     assert_eq!(resp.status(), StatusCode::CREATED);
     digest.to_ascii_lowercase()
 }
+
+/// Three servers of one cluster (one CA, each with its API and peer listener on
+/// loopback), each configured by `tune`; the directories live as long as it.
+pub struct Three {
+    pub servers: Vec<Server>,
+    _dirs: Vec<tempfile::TempDir>,
+    _ca: tempfile::TempDir,
+}
+
+/// Starts [`Three`] servers; they elect a leader by themselves.
+pub async fn start_three(tune: impl Fn(&mut ServerConfig)) -> Three {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ca = tempfile::tempdir().unwrap();
+    aigrid_tls::ClusterCa::create()
+        .unwrap()
+        .save(ca.path())
+        .unwrap();
+    // An API and a peer listener address per server.
+    let listeners: Vec<_> = (0..6)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    drop(listeners);
+    let peers: std::collections::BTreeMap<u64, String> = (1..=3)
+        .map(|id| (id, addrs[id as usize + 2].to_string()))
+        .collect();
+    let mut servers = Vec::new();
+    for id in 1..=3u64 {
+        let i = id as usize - 1;
+        let mut config = ServerConfig::new(id, addrs[i], dirs[i].path().into());
+        config.access = aigrid_scheduler::testkit::admin_access();
+        config.peer_listen = Some(addrs[i + 3]);
+        config.ca_dir = Some(ca.path().into());
+        config.peers = peers.clone();
+        tune(&mut config);
+        servers.push(Server::start(config).await.unwrap());
+    }
+    Three {
+        servers,
+        _dirs: dirs,
+        _ca: ca,
+    }
+}

@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -131,6 +132,13 @@ impl Server {
                     tracing::error!(model = %source.id(), error = %e, "loading the model failed; it will not become ready");
                     loading.status.fail(&e);
                 }
+            }
+        });
+        // Streamed tokens are small writes: without TCP_NODELAY each would wait for
+        // the ACK of the one before, which the client may delay by up to 40 ms.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY on a connection");
             }
         });
         axum::serve(listener, router(app))
