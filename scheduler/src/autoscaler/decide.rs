@@ -173,6 +173,16 @@ impl Tracker {
     }
 }
 
+/// How a group of `count` reaches `to` where it may reach `room` without its
+/// circle's quorum (`None`: without limit): the count to commit directly, and the
+/// count to propose, if growing past the room needs one. A fall is always direct.
+pub fn within_room(count: u32, to: u32, room: Option<u32>) -> (u32, Option<u32>) {
+    match room {
+        Some(room) if to > room && to > count => (room.max(count).min(to), Some(to)),
+        _ => (to, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +314,20 @@ mod tests {
         let mut count = 1;
         let changes = run(&mut t, &s, &mut count, 1000, 1020, load(16.0));
         assert_eq!(changes, vec![(1010, 4)]);
+    }
+
+    #[test]
+    fn growth_past_the_room_is_proposed_and_the_rest_is_direct() {
+        // No limit: everything direct.
+        assert_eq!(within_room(1, 4, None), (4, None));
+        // Within the room.
+        assert_eq!(within_room(1, 2, Some(3)), (2, None));
+        // Past it: up to the room at once, the whole way proposed.
+        assert_eq!(within_room(1, 4, Some(2)), (2, Some(4)));
+        // Already at or past the room (an approval took it there): nothing direct.
+        assert_eq!(within_room(3, 4, Some(2)), (3, Some(4)));
+        // A fall is direct, wherever the room is.
+        assert_eq!(within_room(4, 3, Some(1)), (3, None));
+        assert_eq!(within_room(4, 0, Some(0)), (0, None));
     }
 }

@@ -208,21 +208,14 @@ async fn commit(
         _ => "down",
     };
     let labels = |direction| [group.job.as_str(), group.group.as_str(), direction];
-    let mut direct = decision.to;
-    let mut beyond = None;
-    if let Some(room) = group.room.filter(|room| decision.to > *room) {
-        direct = room.max(group.count).min(decision.to);
-        if !group.proposed {
-            beyond = Some(scale(
-                None,
-                decision.to,
-                format!(
-                    "{} (above the circle's scale limit: its quorum decides)",
-                    decision.reason
-                ),
-            ));
-        }
-    }
+    let (direct, beyond) = decide::within_room(group.count, decision.to, group.room);
+    let beyond = beyond.filter(|_| !group.proposed).map(|to| {
+        let reason = format!(
+            "{} (above the circle's scale limit: its quorum decides)",
+            decision.reason
+        );
+        scale(None, to, reason)
+    });
     if direct != group.count {
         let command = scale(Some(group.count), direct, decision.reason.clone());
         match raft.propose(&command).await {
