@@ -9,6 +9,8 @@
 
 use std::sync::OnceLock;
 
+use bytes::Bytes;
+
 use rayon::prelude::*;
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use serde::{Deserialize, Serialize};
@@ -147,34 +149,41 @@ impl Codec {
         len.div_ceil(self.params.k).max(1)
     }
 
-    /// The k+m shards of a stripe: data shards first (the stripe, zero-padded), then
-    /// parity. Each block of the data shards is copied in and encoded while it is in
-    /// cache.
-    pub fn encode(&self, stripe: &[u8]) -> Vec<Vec<u8>> {
-        let Params { k, m } = self.params;
-        let shard_len = self.shard_len(stripe.len());
-        // Each shard its own zeroed allocation (fresh pages, no memset), not clones of one.
-        let mut shards: Vec<Vec<u8>> = (0..k + m).map(|_| vec![0u8; shard_len]).collect();
-        let blocks = by_block(
-            shards.iter_mut().map(Vec::as_mut_slice),
-            shard_len.div_ceil(BLOCK),
-        );
-        let coded = each_block(
-            blocks.into_iter().enumerate().collect(),
-            |(i, mut block): (usize, Vec<&mut [u8]>)| {
-                let (data, parity) = block.split_at_mut(k);
-                for (j, dst) in data.iter_mut().enumerate() {
-                    // Where this block of shard j lies in the stripe; past its end
-                    // the shard is the zero padding already there.
-                    let from = (j * shard_len + i * BLOCK).min(stripe.len());
-                    let to = (from + dst.len()).min(stripe.len());
-                    dst[..to - from].copy_from_slice(&stripe[from..to]);
+    /// The k+m shards of a stripe given as its parts in order (a push's chunks, or a
+    /// rebuilt stripe whole): data shards first, then parity. The data shards are
+    /// slices of the stripe, never copies of it: the parts themselves when they are
+    /// exactly the k shards; otherwise the parts joined and zero-padded once (in
+    /// place, when the stripe is one buffer nothing else holds). The parity is coded
+    /// from them in column blocks ([`Codec::encode_parity`]).
+    pub fn code_stripe(&self, parts: Vec<Bytes>) -> Result<Vec<Bytes>, CodecError> {
+        let k = self.params.k;
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        let shard_len = self.shard_len(len);
+        let data: Vec<Bytes> = if parts.len() == k && parts.iter().all(|p| p.len() == shard_len) {
+            parts
+        } else {
+            let mut bytes: Vec<u8> = match <[Bytes; 1]>::try_from(parts) {
+                Ok([whole]) => whole.into(),
+                Err(parts) => {
+                    let mut joined = Vec::with_capacity(k * shard_len);
+                    for part in &parts {
+                        joined.extend_from_slice(part);
+                    }
+                    joined
                 }
-                self.rs.encode_sep(data, parity).map_err(coding_error)
-            },
-        );
-        coded.expect("k equal, non-empty shards always encode");
-        shards
+            };
+            bytes.resize(k * shard_len, 0);
+            let bytes = Bytes::from(bytes);
+            (0..k)
+                .map(|j| bytes.slice(j * shard_len..(j + 1) * shard_len))
+                .collect()
+        };
+        let refs: Vec<&[u8]> = data.iter().map(|d| d.as_ref()).collect();
+        let parity = self.encode_parity(&refs)?;
+        Ok(data
+            .into_iter()
+            .chain(parity.into_iter().map(Bytes::from))
+            .collect())
     }
 
     /// The stripe of `len` bytes from the shards that survive (`None` for a missing
@@ -296,6 +305,16 @@ mod tests {
 
     use super::*;
 
+    /// The k+m shards of `stripe` given whole, as a repair codes a rebuilt stripe.
+    fn encode(codec: &Codec, stripe: &[u8]) -> Vec<Vec<u8>> {
+        codec
+            .code_stripe(vec![Bytes::copy_from_slice(stripe)])
+            .unwrap()
+            .iter()
+            .map(|s| s.to_vec())
+            .collect()
+    }
+
     /// Every subset of `n` indices with at most `r` members.
     fn subsets(n: usize, r: usize) -> Vec<Vec<usize>> {
         (0u32..(1 << n))
@@ -311,7 +330,7 @@ mod tests {
             let codec = Codec::new(Params { k, m }).unwrap();
             for len in [0usize, 1, k - 1, k, k + 1, 4097] {
                 let stripe: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-                let shards = codec.encode(&stripe);
+                let shards = encode(&codec, &stripe);
                 assert_eq!(shards.len(), k + m);
                 for lost in subsets(k + m, m + 1) {
                     let mut have: Vec<Option<Vec<u8>>> = shards.iter().cloned().map(Some).collect();
@@ -346,7 +365,7 @@ mod tests {
         }
         assert!(Codec::new(Params { k: 255, m: 1 }).is_ok());
         let codec = Codec::new(Params { k: 2, m: 1 }).unwrap();
-        let shards = codec.encode(b"abcd");
+        let shards = encode(&codec, b"abcd");
         assert!(matches!(
             codec.decode(vec![Some(shards[0].clone())], 4),
             Err(CodecError::Malformed(_))
@@ -368,7 +387,7 @@ mod tests {
             let codec = Codec::new(Params { k, m }).unwrap();
             for len in [k * BLOCK, k * (3 * BLOCK + 123) - 5] {
                 let stripe: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-                let shards = codec.encode(&stripe);
+                let shards = encode(&codec, &stripe);
                 let shard_len = codec.shard_len(len);
                 let mut padded = stripe.clone();
                 padded.resize(k * shard_len, 0);
@@ -396,5 +415,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A stripe coded from its parts as a push cuts them (chunks across shard
+    /// boundaries, or exactly the k shards) has the shards of the stripe coded whole,
+    /// and k parts of a shard each are kept as they are, not copied.
+    #[test]
+    fn a_stripe_in_parts_codes_as_the_whole_and_exact_shards_are_kept() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let codec = Codec::new(Params { k: 4, m: 2 }).unwrap();
+        let stripe: Vec<u8> = (0..4 * 1000 - 3).map(|_| rng.random()).collect();
+        let whole = encode(&codec, &stripe);
+        let cuts = [0, 7, 1500, 1501, 3999 - 2, stripe.len()];
+        let parts: Vec<Bytes> = cuts
+            .windows(2)
+            .map(|w| Bytes::copy_from_slice(&stripe[w[0]..w[1]]))
+            .collect();
+        let coded: Vec<Vec<u8>> = codec
+            .code_stripe(parts)
+            .unwrap()
+            .iter()
+            .map(|s| s.to_vec())
+            .collect();
+        assert_eq!(coded, whole);
+        let exact: Vec<Bytes> = whole[..4].iter().map(|s| Bytes::from(s.clone())).collect();
+        let at: Vec<*const u8> = exact.iter().map(|b| b.as_ptr()).collect();
+        let coded = codec.code_stripe(exact).unwrap();
+        assert_eq!(
+            coded.iter().take(4).map(|b| b.as_ptr()).collect::<Vec<_>>(),
+            at
+        );
+        assert_eq!(coded[4..], whole[4..]);
     }
 }

@@ -231,7 +231,7 @@ impl Store {
             tokio::task::spawn_blocking(move || {
                 codec
                     .decode(survivors, len)
-                    .map(|bytes| codec.encode(&bytes))
+                    .and_then(|bytes| codec.code_stripe(vec![bytes.into()]))
             })
             .await
             .expect("coding does not panic")?
@@ -293,10 +293,7 @@ impl Store {
                     }
                 };
                 match backend
-                    .put(
-                        &shard_object(&stripe.shards[fault.shard]),
-                        bytes::Bytes::from(shard.clone()),
-                    )
+                    .put(&shard_object(&stripe.shards[fault.shard]), shard.clone())
                     .await
                 {
                     Ok(()) => {

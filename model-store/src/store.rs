@@ -489,9 +489,9 @@ impl<'a> KnownChunks<'a> {
     }
 }
 
-/// Codes one stripe and writes its shards to `targets`, shard j on `targets[j]`.
-/// Data shards are slices of the stripe (padded once), never copies; a data shard that
-/// is exactly one chunk takes that chunk's digest instead of being hashed again.
+/// Codes one stripe ([`Codec::code_stripe`]) and writes its shards to `targets`,
+/// shard j on `targets[j]`; a data shard that is exactly one chunk takes that
+/// chunk's digest instead of being hashed again.
 async fn write_stripe(
     codec: &Arc<Codec>,
     open: OpenStripe,
@@ -504,23 +504,7 @@ async fn write_stripe(
         let codec = codec.clone();
         tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let OpenStripe { chunks, parts } = open;
-            let k = codec.params().k;
-            let data: Vec<Bytes> = if parts.len() == k && parts.iter().all(|p| p.len() == shard_len)
-            {
-                parts
-            } else {
-                let mut bytes = Vec::with_capacity(k * shard_len);
-                for part in &parts {
-                    bytes.extend_from_slice(part);
-                }
-                bytes.resize(k * shard_len, 0);
-                let bytes = Bytes::from(bytes);
-                (0..k)
-                    .map(|j| bytes.slice(j * shard_len..(j + 1) * shard_len))
-                    .collect()
-            };
-            let refs: Vec<&[u8]> = data.iter().map(|d| d.as_ref()).collect();
-            let parity = codec.encode_parity(&refs)?;
+            let shards = codec.code_stripe(parts)?;
             // Data shards that are one whole chunk already have a digest.
             let mut whole: HashMap<usize, &str> = HashMap::new();
             let mut at = 0usize;
@@ -530,15 +514,10 @@ async fn write_stripe(
                 }
                 at += c.len as usize;
             }
-            let mut digests: Vec<String> = data
+            let digests: Vec<String> = shards
                 .iter()
                 .enumerate()
                 .map(|(j, d)| whole.get(&j).map_or_else(|| hex(d), |h| (*h).to_owned()))
-                .collect();
-            digests.extend(parity.iter().map(|p| hex(p)));
-            let shards: Vec<Bytes> = data
-                .into_iter()
-                .chain(parity.into_iter().map(Bytes::from))
                 .collect();
             Ok((shards, digests, chunks))
         })

@@ -4,13 +4,16 @@
 //!
 //! Implementations, all in the same run and on the same bytes:
 //!
-//! - **Codec**: `aigrid_store::codec::Codec`. Its `encode` (repair) copies the
-//!   stripe into k fresh shard buffers and computes the parity; its `decode` (every
-//!   read) takes owned shards and copies the survivors into the stripe it returns,
-//!   rebuilding the lost ones there. Both work in column blocks, spread over the
-//!   codec's own pool of one thread per core: one caller codes on every core.
-//! - **Codec::encode_parity**: what a push calls: parity only, from data shards the
-//!   caller keeps (slices of the stripe here), into freshly allocated parity.
+//! - **Codec**: `aigrid_store::codec::Codec`. Its `code_stripe` (repair) takes the
+//!   stripe whole and owned, as a repair hands over the stripe it rebuilt (made
+//!   outside the clock): the data shards are slices of it, padded in place, and the
+//!   parity is coded into fresh buffers; its `decode` (every read) takes owned
+//!   shards and copies the survivors into the stripe it returns, rebuilding the lost
+//!   ones there. Both work in column blocks, spread over the codec's own pool of one
+//!   thread per core: one caller codes on every core.
+//! - **Codec::encode_parity**: parity only, from data shards the caller keeps
+//!   (slices of the stripe here), into freshly allocated parity: what `code_stripe`
+//!   does for a push, whose chunks are the data shards.
 //! - **rse raw**: `reed-solomon-erasure` (simd-accel) on preallocated buffers, no
 //!   copies: data shards are slices of the stripe, parity and lost shards are
 //!   written in place. The gap to Codec is Codec's copying and allocation.
