@@ -12,13 +12,17 @@ Prints one JSON object on stdout: versions, the thread count, for each batch siz
 wall seconds of each repetition of `SentenceTransformer.encode(sentences,
 batch_size=B)` (`results`, PyTorch's default f32) and of the same call under
 `torch.autocast("cpu", dtype=torch.bfloat16)` (`results_bf16`, bf16 products as on the
-CPU's AMX units; empty with --no-bf16), and the f32 embeddings of the first --check
-sentences (for the cosine check on the Rust side). The model is loaded from DIR only; the hub is never
+CPU's AMX units; empty with --no-bf16), of the same call with sentence-transformers'
+ONNX backend (`results_onnx`: the model exported by optimum into a copy of DIR and
+run by onnxruntime on CPU with --threads intra-op threads; empty with --no-onnx or
+when onnxruntime and optimum are missing, `onnx_error` then says why), and the f32
+embeddings of the first --check sentences (for the cosine check on the Rust side). The model is loaded from DIR only; the hub is never
 contacted.
 
-Needs a Python with sentence-transformers and torch; make one with
+Needs a Python with sentence-transformers and torch (and for the ONNX column
+onnxruntime and optimum); make one with
 
-    python3 -m venv V && V/bin/pip install sentence-transformers
+    python3 -m venv V && V/bin/pip install sentence-transformers onnxruntime "optimum[onnxruntime]"
 """
 
 import argparse
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check", type=int, default=16)
     parser.add_argument("--no-bf16", action="store_true", help="skip the autocast runs")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX backend")
     args = parser.parse_args()
 
     import sentence_transformers
@@ -52,19 +57,19 @@ def main() -> None:
     model = SentenceTransformer(args.model, device="cpu")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    def encode(batch_size: int, items=sentences):
-        return model.encode(items, batch_size=batch_size, show_progress_bar=False)
+    def encode(batch_size: int, items=sentences, using=None):
+        return (using or model).encode(items, batch_size=batch_size, show_progress_bar=False)
 
-    def timed(label: str):
+    def timed(label: str, using=None):
         # Warm-up: first calls allocate and pick kernels.
-        encode(max(batch_sizes), sentences[:64])
-        encode(1, sentences[:8])
+        encode(max(batch_sizes), sentences[:64], using)
+        encode(1, sentences[:8], using)
         results = []
         for batch_size in batch_sizes:
             seconds = []
             for rep in range(args.reps):
                 start = time.perf_counter()
-                vectors = encode(batch_size)
+                vectors = encode(batch_size, using=using)
                 seconds.append(time.perf_counter() - start)
                 assert len(vectors) == len(sentences)
                 print(
@@ -81,6 +86,40 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results_bf16 = timed(" (autocast bf16)")
 
+    results_onnx, onnx_versions, onnx_error = [], {}, None
+    if not args.no_onnx:
+        try:
+            import shutil
+            import tempfile
+
+            from importlib.metadata import version
+
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            options.inter_op_num_threads = 1
+            with tempfile.TemporaryDirectory() as copy:
+                shutil.copytree(args.model, copy, dirs_exist_ok=True)
+                onnx_model = SentenceTransformer(
+                    copy,
+                    device="cpu",
+                    backend="onnx",
+                    model_kwargs={
+                        "provider": "CPUExecutionProvider",
+                        "session_options": options,
+                        "export": True,
+                    },
+                )
+                results_onnx = timed(" (ONNX)", onnx_model)
+            onnx_versions = {
+                "onnxruntime": onnxruntime.__version__,
+                "optimum": version("optimum"),
+            }
+        except Exception as e:  # the column is left empty, and why is said
+            onnx_error = f"{type(e).__name__}: {e}"
+            print(f"    ONNX backend not run: {onnx_error}", file=sys.stderr)
+
     check = encode(1, sentences[: args.check])
     json.dump(
         {
@@ -89,6 +128,9 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "results": results,
             "results_bf16": results_bf16,
+            "results_onnx": results_onnx,
+            "onnx_versions": onnx_versions,
+            "onnx_error": onnx_error,
             "embeddings": [[float(x) for x in v] for v in check],
         },
         sys.stdout,

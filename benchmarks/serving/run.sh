@@ -31,7 +31,8 @@
 #   BENCH_OUT               also append every table to this file
 #   BENCH_PYTHON            a Python with sentence-transformers and torch, for the
 #                           embed baseline (default /tmp/stenv/bin/python); make one with
-#                             python3 -m venv V && V/bin/pip install sentence-transformers
+#                             python3 -m venv V && V/bin/pip install "sentence-transformers[onnx]"
+#                           (without the onnx extra the ONNX column stays empty)
 #   BENCH_LLAMA_VENV        the virtualenv llama-cpp-python[server] is built into
 #                           (default /tmp/llamacpp-venv; made when it lacks llama_cpp.server)
 #   SERVING_LLAMACPP_ARGS   extra arguments for serving_llamacpp, e.g. "--types q8_0"

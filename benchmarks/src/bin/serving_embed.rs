@@ -16,7 +16,9 @@
 //!   thread count unless `--torch-threads` says otherwise
 //!   (`benchmarks/serving/embed_baseline.py`, run by this binary before ours, so the
 //!   two never share the CPUs), in PyTorch's default f32 and again under
-//!   `torch.autocast("cpu", dtype=torch.bfloat16)`. It has no HTTP, no JSON and no
+//!   `torch.autocast("cpu", dtype=torch.bfloat16)`, and with sentence-transformers'
+//!   ONNX backend (`backend="onnx"`: exported by optimum, run by onnxruntime with N
+//!   intra-op threads) where the Python has it. It has no HTTP, no JSON and no
 //!   tokenizing in another process: it is the library's ceiling, not a server's.
 //!
 //! Both embed the same `--sentences` (512) generated sentences of 10 to 30 words,
@@ -247,19 +249,53 @@ struct Baseline {
     /// The same under `torch.autocast("cpu", dtype=torch.bfloat16)`.
     #[serde(default)]
     results_bf16: Vec<BaselineRun>,
+    /// The same with sentence-transformers' ONNX backend (onnxruntime on CPU).
+    #[serde(default)]
+    results_onnx: Vec<BaselineRun>,
+    /// onnxruntime's and optimum's versions, when the ONNX backend ran.
+    #[serde(default)]
+    onnx_versions: std::collections::BTreeMap<String, String>,
+    /// Why the ONNX backend did not run, when it did not.
+    #[serde(default)]
+    onnx_error: Option<String>,
     embeddings: Vec<Vec<f32>>,
 }
 
+/// A baseline's sentences per second at one batch size: f32, and under bf16
+/// autocast and with the ONNX backend where those ran.
+struct Rates {
+    f32: f64,
+    bf16: Option<f64>,
+    onnx: Option<f64>,
+}
+
 impl Baseline {
-    /// Sentences per second at `batch`: f32, and under bf16 autocast if it ran.
-    fn rates(&self, n: f64, batch: usize) -> Result<(f64, Option<f64>)> {
+    /// Sentences per second at `batch`.
+    fn rates(&self, n: f64, batch: usize) -> Result<Rates> {
         let rate = |runs: &[BaselineRun]| {
             runs.iter()
                 .find(|r| r.batch_size == batch)
                 .map(|r| n / median(&r.seconds))
         };
-        let f32 = rate(&self.results).context("the baseline lacks a batch size")?;
-        Ok((f32, rate(&self.results_bf16)))
+        Ok(Rates {
+            f32: rate(&self.results).context("the baseline lacks a batch size")?,
+            bf16: rate(&self.results_bf16),
+            onnx: rate(&self.results_onnx),
+        })
+    }
+
+    /// The ONNX backend's versions in words, or why it did not run.
+    fn onnx_words(&self) -> String {
+        match &self.onnx_error {
+            Some(e) => format!("ONNX backend not run ({e})"),
+            None => format!(
+                "ONNX backend: sentence-transformers' `backend=\"onnx\"`, the model exported by optimum {} and run by onnxruntime {} on CPU",
+                self.onnx_versions.get("optimum").map_or("?", String::as_str),
+                self.onnx_versions
+                    .get("onnxruntime")
+                    .map_or("?", String::as_str),
+            ),
+        }
     }
 }
 
@@ -601,38 +637,46 @@ async fn main() -> Result<()> {
     );
     println!();
     println!(
-        "| config | ours emb/s | sentence-transformers emb/s | ours / sentence-transformers | sentence-transformers, autocast bf16, emb/s | ours / autocast bf16 |"
+        "| config | ours emb/s | sentence-transformers emb/s | ours / sentence-transformers | sentence-transformers, autocast bf16, emb/s | ours / autocast bf16 | sentence-transformers, ONNX, emb/s | ours / ONNX |"
     );
-    println!("|:--|--:|--:|--:|--:|--:|");
-    let bf16_cells = |ours: f64, bf16: Option<f64>| match bf16 {
+    println!("|:--|--:|--:|--:|--:|--:|--:|--:|");
+    let cells = |ours: f64, other: Option<f64>| match other {
         Some(b) => format!("{b:.1} | {:.2}x", ours / b),
         None => "- | -".to_owned(),
     };
     let mut ratios = Vec::new();
     for (config, walls) in configs.iter().zip(&walls) {
         let ours = n / median(walls);
-        let (st, bf16) = baseline.rates(n, config.batch)?;
+        let rates = baseline.rates(n, config.batch)?;
         // Like with like: bf16 products beside bf16 autocast, f32 beside f32.
         let like = match precision {
-            Precision::Bf16 => bf16,
-            Precision::F32 => Some(st),
+            Precision::Bf16 => rates.bf16,
+            Precision::F32 => Some(rates.f32),
         };
-        ratios.push((config, like.map(|like| ours / like)));
+        ratios.push((
+            config,
+            like.map(|like| ours / like),
+            rates.onnx.map(|o| ours / o),
+        ));
         println!(
-            "| {} | {ours:.1} | {st:.1} (`encode(batch_size={})`) | {:.2}x | {} |",
+            "| {} | {ours:.1} | {:.1} (`encode(batch_size={})`) | {:.2}x | {} | {} |",
             config.describe(),
+            rates.f32,
             config.batch,
-            ours / st,
-            bf16_cells(ours, bf16)
+            ours / rates.f32,
+            cells(ours, rates.bf16),
+            cells(ours, rates.onnx)
         );
     }
     for (precision, batch, walls) in &library_walls {
         let ours = n / median(walls);
-        let (st, bf16) = baseline.rates(n, *batch)?;
+        let rates = baseline.rates(n, *batch)?;
         println!(
-            "| ours, the library alone (`Embedder::embed` in-process: no server, no HTTP), {precision} products, batch {batch} | {ours:.1} | {st:.1} (`encode(batch_size={batch})`) | {:.2}x | {} |",
-            ours / st,
-            bf16_cells(ours, bf16)
+            "| ours, the library alone (`Embedder::embed` in-process: no server, no HTTP), {precision} products, batch {batch} | {ours:.1} | {:.1} (`encode(batch_size={batch})`) | {:.2}x | {} | {} |",
+            rates.f32,
+            ours / rates.f32,
+            cells(ours, rates.bf16),
+            cells(ours, rates.onnx)
         );
     }
     println!();
@@ -650,7 +694,7 @@ async fn main() -> Result<()> {
     };
     let verdicts: Vec<String> = ratios
         .iter()
-        .map(|(c, r)| match r {
+        .map(|(c, r, _)| match r {
             _ if ours_threads != torch_threads => format!(
                 "{}x{} no verdict ({ours_threads} threads beside {torch_threads})",
                 c.batch, c.clients
@@ -671,6 +715,24 @@ async fn main() -> Result<()> {
         "Target: ours ({precision} products, {ours_threads} threads) >= 1.5x sentence-transformers {baseline_kind} ({torch_threads} threads): {}.",
         verdicts.join(", ")
     );
+    let onnx_verdicts: Vec<String> = ratios
+        .iter()
+        .filter_map(|(c, _, r)| {
+            r.map(|r| {
+                let word = if r >= 1.5 { "met" } else { "MISSED" };
+                format!("{}x{} {r:.2}x {word}", c.batch, c.clients)
+            })
+        })
+        .collect();
+    if onnx_verdicts.is_empty() {
+        println!("{}.", baseline.onnx_words());
+    } else {
+        println!(
+            "{}. Target: ours >= 1.5x the ONNX backend: {}.",
+            baseline.onnx_words(),
+            onnx_verdicts.join(", ")
+        );
+    }
     println!();
     Ok(())
 }
