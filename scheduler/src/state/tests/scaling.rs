@@ -93,6 +93,7 @@ fn a_scale_moves_the_count_without_a_version_and_records_why() {
         *group = "nope".into();
     }
     assert_eq!(log.apply(bad).unwrap_err().code(), ErrorCode::InvalidField);
+    assert_eq!(log.bytes(), before);
     log.apply(submit("j2", "e2", spec("api"))).unwrap();
     let before_fixed = log.bytes();
     let mut fixed = scale(None, 1, "s6");
@@ -102,7 +103,6 @@ fn a_scale_moves_the_count_without_a_version_and_records_why() {
     let out = log.apply(fixed).unwrap_err();
     assert!(out.to_string().contains("no scaling block"), "{out}");
     assert_eq!(log.bytes(), before_fixed);
-    drop(before);
 }
 
 #[test]
@@ -241,4 +241,32 @@ fn scaled_groups_list_their_running_replicas_and_survive_a_snapshot() {
     let job = restored.job(&JobId::new("j1")).unwrap();
     assert_eq!(job.scale_events.len(), 1);
     assert_eq!(restored.scaled_groups(), groups);
+}
+
+#[test]
+fn a_scale_during_a_rollout_moves_what_the_rollout_waits_for() {
+    let mut log = Log::new();
+    let mut v1 = scaled(2, 0, 4, None);
+    v1.groups[0].update = Some(serde_json::from_value(json!({"canary": 1})).unwrap());
+    log.apply(submit("j1", "e1", v1.clone())).unwrap();
+    let mut v2 = v1.clone();
+    v2.groups[0].task =
+        serde_json::from_value(json!({"driver": "model-server", "model": "d2"})).unwrap();
+    let out = submitted(log.apply(submit("j9", "e2", v2)));
+    assert_eq!(out.version, 2);
+    let desired = |log: &Log| {
+        log.state
+            .job(&JobId::new("j1"))
+            .unwrap()
+            .deployment
+            .map(|d| d.desired)
+    };
+    assert_eq!(desired(&log), Some(2));
+    // The leader scales the group mid-rollout: up, then to zero; every state on
+    // the way keeps the invariants (checked by `Log`), and the rollout follows.
+    log.apply(scale(Some(2), 4, "s1")).unwrap();
+    assert_eq!(desired(&log), Some(4));
+    log.apply(scale(Some(4), 0, "s2")).unwrap();
+    assert_eq!(desired(&log), Some(0));
+    assert_eq!(count(&log), 0);
 }
