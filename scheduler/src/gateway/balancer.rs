@@ -19,13 +19,13 @@ use prometheus::Registry;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::GatewayError;
-use super::hold::{Elastic, Holding, FAST_PROBE};
+use super::hold::{Holding, FAST_PROBE};
 use super::keys::Scope;
 use super::load::{Loads, ReplicaLoad};
 use super::metrics::GatewayMetrics;
 use super::relay::{forwarded_request_headers, requested_model, stream_back};
 use super::samples::{ReplicaStats, Samples};
-use super::table::{Resolution, Route, Routes};
+use super::table::{Elastic, Resolution, Route, Routes};
 use crate::clock::{SharedClock, SystemClock};
 use crate::state::models::ModelName;
 use crate::state::ClusterState;

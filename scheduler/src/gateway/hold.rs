@@ -32,15 +32,6 @@ pub(super) const FAST_PROBE: Duration = Duration::from_millis(25);
 /// How long after waking a group this server waits before asking again.
 const WAKE_AGAIN: Duration = Duration::from_secs(2);
 
-/// A scaled group serving a model, as the routing table keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Elastic {
-    pub(crate) job_id: JobId,
-    pub(crate) group: String,
-    pub(crate) count: u32,
-    pub(crate) min: u32,
-}
-
 /// What the gateway keeps of held requests.
 #[derive(Debug, Default)]
 pub(super) struct Holding {

@@ -63,7 +63,17 @@ pub(crate) struct Routes {
     pub(crate) splits: HashMap<String, Split>,
     /// Per digest, the scaled groups serving it: a request for it with no ready
     /// replica waits for one.
-    pub(crate) elastic: HashMap<String, Vec<super::hold::Elastic>>,
+    pub(crate) elastic: HashMap<String, Vec<Elastic>>,
+}
+
+/// A scaled group serving a model: a request for the model with no ready replica
+/// waits for one, and wakes the group when it is at zero.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Elastic {
+    pub(crate) job_id: aigrid_api::JobId,
+    pub(crate) group: String,
+    pub(crate) count: u32,
+    pub(crate) min: u32,
 }
 
 /// How requests naming one model split between a rollout's canaries and the
