@@ -314,6 +314,37 @@ async fn a_stakeholder_approves_a_proposal_in_the_browser_and_it_applies() {
     text_of(&c, "main", "stderr").await;
     shots.take(&c, "logs").await;
 
+    // A scaled service of the demo model: idle for a second, it goes to zero, and
+    // its page shows its scaling and the change with its reason.
+    let demo = eventually(Duration::from_secs(120), "the demo model", || {
+        let out = admin(&["model", "ls", "--json"]);
+        let models = json_output(&out);
+        models.as_array()?.first()?["digest"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    let chat = json!({
+        "name": "chat", "kind": "service",
+        "groups": [{"name": "llm", "count": 1,
+                    "scaling": {"min": 0, "max": 2, "target_concurrency": 4,
+                                "scale_down_window": "1s", "idle_to_zero": "1s"},
+                    "resources": {"cpu_millis": 100, "memory_mib": 256},
+                    "task": {"driver": "model-server", "model": demo}}]
+    });
+    let chat_file = root.path().join("chat.json");
+    std::fs::write(&chat_file, chat.to_string()).unwrap();
+    assert_success(&admin(&["job", "submit", chat_file.to_str().unwrap()]));
+    eventually(Duration::from_secs(60), "chat scaled to zero", || {
+        let job = json_output(&admin(&["job", "status", "chat", "--json"]));
+        (job["spec"]["groups"][0]["count"] == 0).then_some(())
+    });
+    // A job without a circle is the admins': the admin signs in to read it.
+    import_key(&c, &server, common::identity::admin_identity_file()).await;
+    c.goto(&format!("{server}/ui/#/jobs/chat")).await.unwrap();
+    text_of(&c, "main", "no request for 1s").await;
+    text_of(&c, "main", "0..2").await;
+    shots.take(&c, "job-scaling").await;
+
     c.close().await.unwrap();
     let _ = Command::new("kill")
         .args(["-TERM", &up.id().to_string()])

@@ -162,6 +162,28 @@ async function deploymentAction(job, action) {
   await refresh();
 }
 
+// A job's scaled groups (count within min..max, the targets) and the latest
+// changes of count with their reasons, newest first; nothing for a job without
+// a scaling block.
+function scalingView(j) {
+  const scaled = j.spec.groups.filter((g) => g.scaling);
+  if (!scaled.length) return [];
+  const targets = (s) =>
+    [s.target_concurrency && `${s.target_concurrency} in flight`, s.target_tokens_per_second && `${s.target_tokens_per_second} tokens/s`]
+      .filter(Boolean)
+      .join(" or ");
+  const events = (j.scale_events || []).slice().reverse();
+  return [
+    h("h2", {}, "Scaling"),
+    table(
+      ["group", "count", "between", "per replica", "idle to zero"],
+      scaled.map((g) => [g.name, g.count, `${g.scaling.min}..${g.scaling.max}`, targets(g.scaling), g.scaling.min === 0 ? g.scaling.idle_to_zero || g.scaling.scale_down_window : "never"]),
+    ),
+    h("h3", {}, "Changes of count"),
+    table(["when", "group", "from", "to", "why"], events.map((e) => [when(e.at), e.group, e.from, e.to, e.reason]), "no change yet"),
+  ];
+}
+
 function deploymentView(job, d) {
   if (!d) return h("p", { class: "empty" }, "no rollout");
   const actions = {
@@ -207,6 +229,7 @@ const jobs = {
           h("dt", {}, "submitted"), h("dd", {}, when(j.submitted_at))),
         h("h2", {}, "Rollout"),
         deploymentView(j.name, j.deployment),
+        scalingView(j),
         h("h2", {}, "Allocations"),
         table(ALLOC_HEAD, allocationRows(j.allocations), "none placed"),
         j.unplaced.length
