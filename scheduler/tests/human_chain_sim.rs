@@ -214,18 +214,29 @@ fn next(rng: &mut StdRng, step: u64, s: &ClusterState, people: &[IdentityKey]) -
             },
             None => Command::SettleProposals { at: now },
         },
-        70..=84 => Command::Propose {
-            id: id(step, rng),
-            command: Box::new(Command::SetGovernance {
-                circle: CIRCLE.into(),
-                governance: governance(rng, people),
-                create: false,
-                by: Some(proposer.clone()),
+        70..=84 => {
+            let governance = governance(rng, people);
+            if s.governance(CIRCLE)
+                .is_some_and(|g| g.governance == governance)
+            {
+                // The same governance again changes nothing (the circle keeps its
+                // version), so it is not proposed: every applied governance
+                // proposal is then a change the version counts.
+                return Command::SettleProposals { at: now };
+            }
+            Command::Propose {
+                id: id(step, rng),
+                command: Box::new(Command::SetGovernance {
+                    circle: CIRCLE.into(),
+                    governance,
+                    create: false,
+                    by: Some(proposer.clone()),
+                    at: now,
+                }),
+                by: proposer,
                 at: now,
-            }),
-            by: proposer,
-            at: now,
-        },
+            }
+        }
         // Guarded changes sent directly: refused as they apply.
         85..=89 => Command::SubmitJob {
             job_id: JobId::new(format!("direct-{step}")),
