@@ -408,17 +408,14 @@ impl Gateway {
         if model.name != asked {
             return resolved;
         }
-        let ready = self.ready.lock();
-        let has_ready =
-            |m: &ModelName| routes.replicas(&m.digest).iter().any(|e| ready.contains(e));
-        if has_ready(model) {
+        if self.has_ready(routes, &model.digest) {
             return resolved;
         }
         routes
             .models
             .iter()
             .filter(|m| m.name == asked)
-            .find(|m| has_ready(m))
+            .find(|m| self.has_ready(routes, &m.digest))
             .map_or(resolved, Resolution::Found)
     }
 
@@ -683,12 +680,7 @@ impl Gateway {
                 })
             }
         };
-        let ready = self.ready.lock();
-        if !routes
-            .replicas(&model.digest)
-            .iter()
-            .any(|e| ready.contains(e))
-        {
+        if !self.has_ready(&routes, &model.digest) {
             return Err(routes.not_ready(model, 0));
         }
         Ok(card(model))

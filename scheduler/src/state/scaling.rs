@@ -47,7 +47,6 @@ impl ClusterState {
     pub fn scaled_groups(&self) -> Vec<ScaledGroup> {
         let mut found = Vec::new();
         for job in self.model_job_records() {
-            let target = format!("job:{}", job.spec.name);
             let limit = job
                 .spec
                 .circle
@@ -56,19 +55,26 @@ impl ClusterState {
                 .map(|g| &g.policy)
                 .filter(|p| p.guards(ChangeKind::JobScale))
                 .and_then(|p| p.scale_limit);
-            let proposed = self.proposal_infos().any(|p| {
-                !p.state.is_final() && p.kind == ChangeKind::JobScale && p.target == target
-            });
+            // Only a job with a limit can have a scale waiting for its quorum.
+            let proposed = limit.is_some() && {
+                let target = format!("job:{}", job.spec.name);
+                self.proposal_infos().any(|p| {
+                    !p.state.is_final() && p.kind == ChangeKind::JobScale && p.target == target
+                })
+            };
+            let running: Vec<_> = self
+                .job_allocs(&job.id)
+                .into_iter()
+                .filter(|a| a.desired == DesiredState::Run && a.state == AllocState::Running)
+                .collect();
             for group in &job.spec.groups {
                 let (Some(scaling), TaskSpec::ModelServer(task)) = (&group.scaling, &group.task)
                 else {
                     continue;
                 };
-                let endpoints = self
-                    .job_allocs(&job.id)
-                    .into_iter()
+                let endpoints = running
+                    .iter()
                     .filter(|a| a.group == group.name)
-                    .filter(|a| a.desired == DesiredState::Run && a.state == AllocState::Running)
                     .filter_map(|a| self.workload_endpoint(a))
                     .collect();
                 let others = job.spec.instance_count() - u64::from(group.count);
