@@ -187,9 +187,10 @@ impl Codec {
     }
 
     /// The stripe of `len` bytes from the shards that survive (`None` for a missing
-    /// or corrupt one). Never answers bytes it could not rebuild. The surviving data
-    /// shards are copied into the output a block at a time and the lost ones rebuilt
-    /// straight into it while that block is in cache.
+    /// or corrupt one), for callers holding shards apart (a repair's scrub). Never
+    /// answers bytes it could not rebuild. The surviving data shards are copied into
+    /// the output a block at a time and the lost ones rebuilt straight into it while
+    /// that block is in cache.
     pub fn decode(
         &self,
         mut shards: Vec<Option<Vec<u8>>>,
@@ -211,49 +212,113 @@ impl Codec {
                 "shard {i} is not {shard_len} bytes"
             )));
         }
-        let have = shards.iter().filter(|s| s.is_some()).count();
+        let (data, parity) = shards.split_at_mut(k);
+        let present: Vec<bool> = data.iter().map(Option::is_some).collect();
+        let mut out = vec![0u8; k * shard_len];
+        let data = &*data;
+        self.rebuild_blocks(&mut out, &present, parity, |i, outs| {
+            for (dst, src) in outs.into_iter().zip(data) {
+                if let Some(src) = src {
+                    let from = i * BLOCK;
+                    dst.copy_from_slice(&src[from..from + dst.len()]);
+                }
+            }
+        })?;
+        out.truncate(len);
+        Ok(out)
+    }
+
+    /// Rebuilds in place the lost data shards of a stripe whose surviving data shards
+    /// were fetched straight into their places: `data` is the room of all k data
+    /// shards, one after another; `present[j]` says whether data shard j holds its
+    /// bytes; `parity` holds the parity shards fetched (`None` for one missing or
+    /// bad). Nothing is copied: only the lost shards' bytes are written. Fails, and
+    /// leaves the lost shards as they were, when fewer than k shards are present.
+    pub fn rebuild(
+        &self,
+        data: &mut [u8],
+        present: &[bool],
+        parity: &mut [Option<Vec<u8>>],
+    ) -> Result<(), CodecError> {
+        let Params { k, m } = self.params;
+        if present.len() != k
+            || parity.len() != m
+            || data.is_empty()
+            || !data.len().is_multiple_of(k)
+        {
+            return Err(CodecError::Malformed(format!(
+                "{} data shards in {} bytes and {} parity shards for a {k}+{m} code",
+                present.len(),
+                data.len(),
+                parity.len()
+            )));
+        }
+        let shard_len = data.len() / k;
+        if let Some(i) = parity
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.len() != shard_len))
+        {
+            return Err(CodecError::Malformed(format!(
+                "parity shard {i} is not {shard_len} bytes"
+            )));
+        }
+        self.rebuild_blocks(data, present, parity, |_, _| {})
+    }
+
+    /// The one loop of every read: for each column block (spread over the codec's
+    /// threads), `fill` puts the surviving data shards' block in place, then the lost
+    /// ones are rebuilt from the data and parity present while the block is in cache.
+    fn rebuild_blocks<F>(
+        &self,
+        data: &mut [u8],
+        present: &[bool],
+        parity: &mut [Option<Vec<u8>>],
+        fill: F,
+    ) -> Result<(), CodecError>
+    where
+        F: Fn(usize, Vec<&mut [u8]>) + Send + Sync,
+    {
+        let k = self.params.k;
+        let have = present.iter().filter(|p| **p).count() + parity.iter().flatten().count();
         if have < k {
             return Err(CodecError::TooFewShards { have, k });
         }
-        let (data, parity) = shards.split_at_mut(k);
-        let lost: Vec<usize> = (0..k).filter(|j| data[*j].is_none()).collect();
-        let mut out = vec![0u8; k * shard_len];
+        let shard_len = data.len() / k;
         let blocks = shard_len.div_ceil(BLOCK);
-        let outs = by_block(out.chunks_mut(shard_len), blocks);
-        if lost.is_empty() {
-            let data = &*data;
-            each_block(outs.into_iter().enumerate().collect(), |(i, outs)| {
-                copy_survivors(data, outs, i);
+        let outs = by_block(data.chunks_mut(shard_len), blocks);
+        if present.iter().all(|p| *p) {
+            return each_block(outs.into_iter().enumerate().collect(), |(i, outs)| {
+                fill(i, outs);
                 Ok(())
-            })?;
-        } else {
-            // Lost parity shards take no room: the rebuild of data reads only what
-            // is present.
-            let mut parity_blocks: Vec<Vec<Option<&mut [u8]>>> =
-                (0..blocks).map(|_| Vec::with_capacity(m)).collect();
-            for shard in parity.iter_mut() {
-                match shard {
-                    Some(p) => {
-                        for (i, block) in p.chunks_mut(BLOCK).enumerate() {
-                            parity_blocks[i].push(Some(block));
-                        }
-                    }
-                    None => parity_blocks.iter_mut().for_each(|b| b.push(None)),
-                }
-            }
-            let data = &*data;
-            let work: Vec<_> = outs.into_iter().zip(parity_blocks).enumerate().collect();
-            each_block(work, |(i, (outs, parity))| {
-                let mut block: Vec<(&mut [u8], bool)> = copy_survivors(data, outs, i);
-                block.extend(parity.into_iter().map(|p| match p {
-                    Some(p) => (p, true),
-                    None => (&mut [][..], false),
-                }));
-                self.rs.reconstruct_data(&mut block).map_err(coding_error)
-            })?;
+            });
         }
-        out.truncate(len);
-        Ok(out)
+        // Lost parity shards take no room: the rebuild of data reads only what is
+        // present.
+        let mut parity_blocks: Vec<Vec<Option<&mut [u8]>>> = (0..blocks)
+            .map(|_| Vec::with_capacity(parity.len()))
+            .collect();
+        for shard in parity.iter_mut() {
+            match shard {
+                Some(p) => {
+                    for (i, block) in p.chunks_mut(BLOCK).enumerate() {
+                        parity_blocks[i].push(Some(block));
+                    }
+                }
+                None => parity_blocks.iter_mut().for_each(|b| b.push(None)),
+            }
+        }
+        let work: Vec<_> = outs.into_iter().zip(parity_blocks).enumerate().collect();
+        each_block(work, |(i, (mut outs, parity))| {
+            let dsts: Vec<&mut [u8]> = outs.iter_mut().map(|d| &mut **d).collect();
+            fill(i, dsts);
+            let mut block: Vec<(&mut [u8], bool)> =
+                outs.into_iter().zip(present.iter().copied()).collect();
+            block.extend(parity.into_iter().map(|p| match p {
+                Some(p) => (p, true),
+                None => (&mut [][..], false),
+            }));
+            self.rs.reconstruct_data(&mut block).map_err(coding_error)
+        })
     }
 
     /// The m parity shards of k data shards of equal length, which the caller keeps
@@ -277,26 +342,6 @@ impl Codec {
         })?;
         Ok(parity)
     }
-}
-
-/// Block `i` of the surviving data shards copied into their places in the output
-/// (`outs`, block i of each data shard's room), paired with whether each survived.
-fn copy_survivors<'a>(
-    data: &[Option<Vec<u8>>],
-    outs: Vec<&'a mut [u8]>,
-    i: usize,
-) -> Vec<(&'a mut [u8], bool)> {
-    outs.into_iter()
-        .zip(data)
-        .map(|(dst, src)| match src {
-            Some(src) => {
-                let from = i * BLOCK;
-                dst.copy_from_slice(&src[from..from + dst.len()]);
-                (dst, true)
-            }
-            None => (dst, false),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -323,6 +368,36 @@ mod tests {
             .collect()
     }
 
+    /// The stripe as a reader gets it: the surviving data shards in their places in
+    /// one room (junk where a shard was lost), rebuilt there.
+    fn rebuild_in_room(
+        codec: &Codec,
+        have: &[Option<Vec<u8>>],
+        len: usize,
+    ) -> Result<Vec<u8>, CodecError> {
+        let k = codec.params().k;
+        let shard_len = codec.shard_len(len);
+        let mut room = vec![0xA5u8; k * shard_len];
+        for (j, shard) in have[..k].iter().enumerate() {
+            if let Some(shard) = shard {
+                room[j * shard_len..(j + 1) * shard_len].copy_from_slice(shard);
+            }
+        }
+        let present: Vec<bool> = have[..k].iter().map(Option::is_some).collect();
+        let mut parity = have[k..].to_vec();
+        let before = room.clone();
+        match codec.rebuild(&mut room, &present, &mut parity) {
+            Ok(()) => {
+                room.truncate(len);
+                Ok(room)
+            }
+            Err(e) => {
+                assert_eq!(room, before, "a failed rebuild writes nothing");
+                Err(e)
+            }
+        }
+    }
+
     #[test]
     fn any_m_losses_rebuild_and_m_plus_one_never_return_bytes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -337,14 +412,15 @@ mod tests {
                     for i in &lost {
                         have[*i] = None;
                     }
+                    let in_room = rebuild_in_room(&codec, &have, len);
                     let out = codec.decode(have, len);
                     if lost.len() <= m {
                         assert_eq!(out.unwrap(), stripe, "{k}+{m} len {len} lost {lost:?}");
+                        assert_eq!(in_room.unwrap(), stripe, "in place, lost {lost:?}");
                     } else {
-                        assert_eq!(
-                            out.unwrap_err(),
-                            CodecError::TooFewShards { have: k - 1, k }
-                        );
+                        let few = CodecError::TooFewShards { have: k - 1, k };
+                        assert_eq!(out.unwrap_err(), few);
+                        assert_eq!(in_room.unwrap_err(), few);
                     }
                 }
             }
@@ -374,6 +450,18 @@ mod tests {
         short[1] = Some(vec![0]);
         assert!(matches!(
             codec.decode(short, 4),
+            Err(CodecError::Malformed(_))
+        ));
+        // In place: the room must hold k whole shards, and the parity be m of them.
+        let mut parity = vec![None];
+        for (room, present) in [(5, 2), (4, 1), (0, 2), (4, 3)] {
+            assert!(matches!(
+                codec.rebuild(&mut vec![0; room], &vec![true; present], &mut parity),
+                Err(CodecError::Malformed(_))
+            ));
+        }
+        assert!(matches!(
+            codec.rebuild(&mut [0; 4], &[true, false], &mut [Some(vec![0])]),
             Err(CodecError::Malformed(_))
         ));
     }
@@ -407,6 +495,11 @@ mod tests {
                     for i in &lost {
                         have[*i] = None;
                     }
+                    assert_eq!(
+                        rebuild_in_room(&codec, &have, len).unwrap(),
+                        stripe,
+                        "in place: {k}+{m} len {len} lost {lost:?}"
+                    );
                     assert_eq!(
                         codec.decode(have, len).unwrap(),
                         stripe,

@@ -93,8 +93,9 @@ pub(crate) struct Fetcher {
     slots: tokio::sync::Semaphore,
 }
 
+/// How one shard's request ended.
 enum Outcome {
-    Shard(usize, Vec<u8>),
+    Shard(usize, Bytes),
     Bad(usize),
 }
 
@@ -159,7 +160,7 @@ impl Fetcher {
     }
 
     /// One shard, verified: `None` when it is missing, unreachable or corrupt.
-    async fn shard(&self, backend: Option<&Backend>, digest: &str, len: u64) -> Option<Vec<u8>> {
+    async fn shard(&self, backend: Option<&Backend>, digest: &str, len: u64) -> Option<Bytes> {
         let backend = backend?;
         let started = Instant::now();
         let got = backend.get(&shard_object(digest)).await;
@@ -167,7 +168,7 @@ impl Fetcher {
         match got {
             Ok(Some(bytes)) if bytes.len() as u64 == len && hex(&bytes) == digest => {
                 self.observe(&backend.name, elapsed);
-                Some(bytes.to_vec())
+                Some(bytes)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "shard fetch failed");
@@ -224,6 +225,7 @@ impl Fetcher {
         let stripe = &self.manifest.stripes[index];
         let names = &self.locations.stripes[index];
         let Params { k, m } = self.codec.params();
+        let shard_len = stripe.shard_len as usize;
         let mut partial = wanted.filter(|&(first, last)| first <= last && last - first + 1 < k);
         // The wanted shards first; then data shards (no decoding), then by how fast
         // their backend has been.
@@ -238,39 +240,29 @@ impl Fetcher {
                 .then(cost[*a].total_cmp(&cost[*b]))
                 .then(a.cmp(b))
         });
+        // The room of the data shards wanted (the run, or all k): each shard is put
+        // in its place as it arrives, so the stripe is not copied again once its
+        // shards are in, and a rebuild writes only the lost shards.
+        let mut base = partial.map_or(0, |(first, _)| first);
+        let mut room = vec![0u8; partial.map_or(k, |(first, last)| last - first + 1) * shard_len];
+        let mut present = vec![false; k];
+        let mut parity: Vec<Option<Vec<u8>>> = vec![None; m];
         let mut next = order.into_iter();
         let mut running = FuturesUnordered::new();
-        let launch = |j: usize| {
-            let backend = self.store.backend(&names[j]);
-            let digest = stripe.shards[j].as_str();
-            async move {
-                match self.shard(backend, digest, stripe.shard_len).await {
-                    Some(bytes) => Outcome::Shard(j, bytes),
-                    None => Outcome::Bad(j),
-                }
-            }
-        };
         // Shards whose requests are still out.
         let mut launched: Vec<usize> = Vec::new();
         let initial = partial.map_or(k, |(first, last)| last - first + 1);
         for j in next.by_ref().take(initial) {
             launched.push(j);
-            running.push(launch(j));
+            running.push(self.fetch(index, j));
         }
         self.count(|s| s.requests += initial as u64);
-        let mut shards: Vec<Option<Vec<u8>>> = vec![None; k + m];
         let mut have = 0;
         loop {
             match partial {
-                Some((first, last)) if shards[first..=last].iter().all(Option::is_some) => {
-                    let mut out =
-                        Vec::with_capacity((last - first + 1) * stripe.shard_len as usize);
-                    for shard in shards.drain(first..=last).flatten() {
-                        out.extend_from_slice(&shard);
-                    }
-                    let start = first as u64 * stripe.shard_len;
-                    out.truncate(stripe.len.saturating_sub(start) as usize);
-                    return Ok((start, out));
+                Some((first, last)) if present[first..=last].iter().all(|p| *p) => {
+                    room.truncate(stripe.len.saturating_sub((first * shard_len) as u64) as usize);
+                    return Ok(((first * shard_len) as u64, room));
                 }
                 None if have >= k => break,
                 _ => {}
@@ -295,7 +287,13 @@ impl Fetcher {
                 Some(Some(Outcome::Shard(j, bytes))) => {
                     launched.retain(|x| *x != j);
                     self.count(|s| s.bytes += bytes.len() as u64);
-                    shards[j] = Some(bytes);
+                    if j < k {
+                        let at = (j - base) * shard_len;
+                        room[at..at + shard_len].copy_from_slice(&bytes);
+                        present[j] = true;
+                    } else {
+                        parity[j - k] = Some(Vec::from(bytes));
+                    }
                     have += 1;
                     continue;
                 }
@@ -308,12 +306,15 @@ impl Fetcher {
             }
             if partial.take().is_some() {
                 // A wanted shard failed us: rebuild from any k, counting the shards
-                // in hand and those on their way.
+                // in hand and those on their way, in a room for all k.
+                let mut whole = vec![0u8; k * shard_len];
+                whole[base * shard_len..base * shard_len + room.len()].copy_from_slice(&room);
+                (room, base) = (whole, 0);
                 self.count(|s| s.hedged += 1);
                 while have + launched.len() < k {
                     let Some(j) = next.next() else { break };
                     launched.push(j);
-                    running.push(launch(j));
+                    running.push(self.fetch(index, j));
                     self.count(|s| s.requests += 1);
                 }
                 if !running.is_empty() {
@@ -326,7 +327,7 @@ impl Fetcher {
                         self.count(|s| s.hedged += 1);
                     }
                     launched.push(j);
-                    running.push(launch(j));
+                    running.push(self.fetch(index, j));
                     self.count(|s| s.requests += 1);
                 }
                 None if running.is_empty() => {
@@ -341,16 +342,32 @@ impl Fetcher {
             }
         }
         drop(running);
-        let len = stripe.len as usize;
-        if shards[..k].iter().all(Option::is_some) {
-            return Ok((0, self.codec.decode(shards, len)?));
-        }
-        self.count(|s| s.reconstructed += 1);
-        let codec = self.codec.clone();
-        let data = tokio::task::spawn_blocking(move || codec.decode(shards, len))
+        if !present.iter().all(|p| *p) {
+            self.count(|s| s.reconstructed += 1);
+            let codec = self.codec.clone();
+            room = tokio::task::spawn_blocking(move || {
+                codec
+                    .rebuild(&mut room, &present, &mut parity)
+                    .map(|()| room)
+            })
             .await
             .expect("decoding does not panic")?;
-        Ok((0, data))
+        }
+        room.truncate(stripe.len as usize);
+        Ok((0, room))
+    }
+
+    /// Shard `j` of stripe `index`, verified.
+    async fn fetch(&self, index: usize, j: usize) -> Outcome {
+        let stripe = &self.manifest.stripes[index];
+        let backend = self.store.backend(&self.locations.stripes[index][j]);
+        match self
+            .shard(backend, &stripe.shards[j], stripe.shard_len)
+            .await
+        {
+            Some(bytes) => Outcome::Shard(j, bytes),
+            None => Outcome::Bad(j),
+        }
     }
 }
 

@@ -7,9 +7,9 @@
 //! - **Codec**: `aigrid_store::codec::Codec`. Its `code_stripe` (repair) takes the
 //!   stripe whole and owned, as a repair hands over the stripe it rebuilt (made
 //!   outside the clock): the data shards are slices of it, padded in place, and the
-//!   parity is coded into fresh buffers; its `decode` (every read) takes owned
-//!   shards and copies the survivors into the stripe it returns, rebuilding the lost
-//!   ones there. Both work in column blocks, spread over the codec's own pool of one
+//!   parity is coded into fresh buffers; its `rebuild` (every read) takes the
+//!   stripe's room with the surviving data shards in place, as a reader fetches them
+//!   straight there, and writes the lost ones. Both work in column blocks, spread over the codec's own pool of one
 //!   thread per core: one caller codes on every core.
 //! - **Codec::encode_parity**: parity only, from data shards the caller keeps
 //!   (slices of the stripe here), into freshly allocated parity: what `code_stripe`
@@ -54,7 +54,7 @@ use clap::Parser;
 use reed_solomon_erasure::galois_8::ReedSolomon;
 
 use cases::{
-    codec_decode_case, codec_encode_case, codec_parity_case, memcpy_case, rse_encode_case,
+    codec_encode_case, codec_parity_case, codec_rebuild_case, memcpy_case, rse_encode_case,
     rse_reconstruct_case, simd_encode_case, simd_reconstruct_case, Runner,
 };
 use report::{
@@ -129,7 +129,7 @@ fn measure(args: &Args, k: usize, m: usize, shard: usize) -> Result<Group> {
                     (Imp::CodecParity, Op::Reconstruct) => continue,
                     (Imp::Memcpy, _) => memcpy_case(&w, threads),
                     (Imp::Codec, Op::Encode) => codec_encode_case(&w, &codec, threads),
-                    (Imp::Codec, Op::Reconstruct) => codec_decode_case(&w, &codec, threads),
+                    (Imp::Codec, Op::Reconstruct) => codec_rebuild_case(&w, &codec, threads),
                     (Imp::CodecParity, Op::Encode) => codec_parity_case(&w, &codec, threads),
                     (Imp::RseRaw, Op::Encode) => rse_encode_case(&w, &rs, threads, shard),
                     (Imp::RseRaw, Op::Reconstruct) => rse_reconstruct_case(&w, &rs, threads, shard),

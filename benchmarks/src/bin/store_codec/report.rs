@@ -183,7 +183,7 @@ pub(crate) fn simd_features() -> String {
 }
 
 /// The target: the production paths (`Codec::encode_parity` for a push, `code_stripe` for
-/// a repair, `decode` for a read) at 80% or more of reed-solomon-erasure called raw on
+/// a repair, `rebuild` for a read) at 80% or more of reed-solomon-erasure called raw on
 /// column blocks, row by row. A Codec call codes on every core, so the like-for-like
 /// rows are those whose callers use the whole machine (the most threads).
 pub(crate) fn print_targets(columns: &Columns, groups: &[Group]) {
@@ -200,7 +200,7 @@ pub(crate) fn print_targets(columns: &Columns, groups: &[Group]) {
         columns.block_kib
     );
     println!();
-    println!("| code | threads | push: encode_parity | repair: code_stripe | read: decode |");
+    println!("| code | threads | push: encode_parity | repair: code_stripe | read: rebuild |");
     println!("|:--|--:|:--|:--|:--|");
     let ratio = |ours: Option<&Cell>, raw: Option<&Cell>| match (ours, raw) {
         (Some(o), Some(r)) => {

@@ -83,17 +83,6 @@ impl Workload {
         self.stripes.len() * self.k * self.shard
     }
 
-    /// Stripe `i`'s shards, owned as a fetch hands them over, with the first m data
-    /// shards lost. Made outside the clock.
-    pub(crate) fn owned_shards(&self, i: usize) -> Vec<Option<Vec<u8>>> {
-        let data = self.stripes[i].chunks(self.shard).map(<[u8]>::to_vec);
-        let parity = self.parity[i].iter().cloned();
-        data.chain(parity)
-            .enumerate()
-            .map(|(j, s)| (j >= self.m).then_some(s))
-            .collect()
-    }
-
     /// Stripe `i` with its first m data shards (the lost ones) poisoned: the starting
     /// point of an in-place reconstruction.
     pub(crate) fn damaged(&self, i: usize) -> Vec<u8> {
