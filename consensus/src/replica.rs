@@ -452,8 +452,9 @@ impl<S: StateMachine> Replica<S> {
     }
 
     /// One pass of the `Ready` cycle: send the leader's messages, install a snapshot,
-    /// apply committed entries, persist entries and hard state with one fsync, send the
-    /// messages that required them, advance, and apply what became committed.
+    /// apply committed entries (a leader now; a follower once it has answered),
+    /// persist entries and hard state with one fsync, send the messages that required
+    /// them, advance, and apply what became committed.
     ///
     /// An error is fatal: the replica must be dropped and reopened from its log.
     pub fn handle_ready(
@@ -485,7 +486,13 @@ impl<S: StateMachine> Replica<S> {
             self.install_snapshot(&snap)?;
             batch.snapshot = Some(SnapshotWrite::Install(snap));
         }
-        self.apply_entries(ready.take_committed_entries(), &mut out)?;
+        // A leader answers what is committed before it waits on its own fsync; a
+        // follower acknowledges the new entries first (the leader's commit waits on
+        // that answer), then applies.
+        let mut committed = ready.take_committed_entries();
+        if self.is_leader() {
+            self.apply_entries(std::mem::take(&mut committed), &mut out)?;
+        }
         batch.entries = ready.take_entries();
         batch.hard_state = ready.hs().cloned();
         if let Some(hs) = &batch.hard_state {
@@ -512,6 +519,7 @@ impl<S: StateMachine> Replica<S> {
         for msg in ready.take_persisted_messages() {
             send(msg);
         }
+        self.apply_entries(committed, &mut out)?;
         for rs in ready.take_read_states() {
             if let Some(id) = RequestId::from_bytes(&rs.request_ctx) {
                 self.pending_reads.push_back((id, rs.index));
