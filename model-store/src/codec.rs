@@ -217,7 +217,7 @@ impl Codec {
         let mut out = vec![0u8; k * shard_len];
         let data = &*data;
         self.rebuild_blocks(&mut out, &present, parity, |i, outs| {
-            for (dst, src) in outs.into_iter().zip(data) {
+            for (dst, src) in outs.iter_mut().zip(data) {
                 if let Some(src) = src {
                     let from = i * BLOCK;
                     dst.copy_from_slice(&src[from..from + dst.len()]);
@@ -276,7 +276,7 @@ impl Codec {
         fill: F,
     ) -> Result<(), CodecError>
     where
-        F: Fn(usize, Vec<&mut [u8]>) + Send + Sync,
+        F: Fn(usize, &mut [&mut [u8]]) + Send + Sync,
     {
         let k = self.params.k;
         let have = present.iter().filter(|p| **p).count() + parity.iter().flatten().count();
@@ -287,8 +287,8 @@ impl Codec {
         let blocks = shard_len.div_ceil(BLOCK);
         let outs = by_block(data.chunks_mut(shard_len), blocks);
         if present.iter().all(|p| *p) {
-            return each_block(outs.into_iter().enumerate().collect(), |(i, outs)| {
-                fill(i, outs);
+            return each_block(outs.into_iter().enumerate().collect(), |(i, mut outs)| {
+                fill(i, &mut outs);
                 Ok(())
             });
         }
@@ -309,8 +309,7 @@ impl Codec {
         }
         let work: Vec<_> = outs.into_iter().zip(parity_blocks).enumerate().collect();
         each_block(work, |(i, (mut outs, parity))| {
-            let dsts: Vec<&mut [u8]> = outs.iter_mut().map(|d| &mut **d).collect();
-            fill(i, dsts);
+            fill(i, &mut outs);
             let mut block: Vec<(&mut [u8], bool)> =
                 outs.into_iter().zip(present.iter().copied()).collect();
             block.extend(parity.into_iter().map(|p| match p {

@@ -243,18 +243,28 @@ impl Fetcher {
         // The room of the data shards wanted (the run, or all k): each shard is put
         // in its place as it arrives, so the stripe is not copied again once its
         // shards are in, and a rebuild writes only the lost shards.
+        let initial = partial.map_or(k, |(first, last)| last - first + 1);
         let mut base = partial.map_or(0, |(first, _)| first);
-        let mut room = vec![0u8; partial.map_or(k, |(first, last)| last - first + 1) * shard_len];
+        let mut room = vec![0u8; initial * shard_len];
         let mut present = vec![false; k];
         let mut parity: Vec<Option<Vec<u8>>> = vec![None; m];
         let mut next = order.into_iter();
         let mut running = FuturesUnordered::new();
+        let launch = |j: usize| {
+            let backend = self.store.backend(&names[j]);
+            let digest = stripe.shards[j].as_str();
+            async move {
+                match self.shard(backend, digest, stripe.shard_len).await {
+                    Some(bytes) => Outcome::Shard(j, bytes),
+                    None => Outcome::Bad(j),
+                }
+            }
+        };
         // Shards whose requests are still out.
         let mut launched: Vec<usize> = Vec::new();
-        let initial = partial.map_or(k, |(first, last)| last - first + 1);
         for j in next.by_ref().take(initial) {
             launched.push(j);
-            running.push(self.fetch(index, j));
+            running.push(launch(j));
         }
         self.count(|s| s.requests += initial as u64);
         let mut have = 0;
@@ -314,7 +324,7 @@ impl Fetcher {
                 while have + launched.len() < k {
                     let Some(j) = next.next() else { break };
                     launched.push(j);
-                    running.push(self.fetch(index, j));
+                    running.push(launch(j));
                     self.count(|s| s.requests += 1);
                 }
                 if !running.is_empty() {
@@ -327,7 +337,7 @@ impl Fetcher {
                         self.count(|s| s.hedged += 1);
                     }
                     launched.push(j);
-                    running.push(self.fetch(index, j));
+                    running.push(launch(j));
                     self.count(|s| s.requests += 1);
                 }
                 None if running.is_empty() => {
@@ -355,19 +365,6 @@ impl Fetcher {
         }
         room.truncate(stripe.len as usize);
         Ok((0, room))
-    }
-
-    /// Shard `j` of stripe `index`, verified.
-    async fn fetch(&self, index: usize, j: usize) -> Outcome {
-        let stripe = &self.manifest.stripes[index];
-        let backend = self.store.backend(&self.locations.stripes[index][j]);
-        match self
-            .shard(backend, &stripe.shards[j], stripe.shard_len)
-            .await
-        {
-            Some(bytes) => Outcome::Shard(j, bytes),
-            None => Outcome::Bad(j),
-        }
     }
 }
 
