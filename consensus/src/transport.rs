@@ -2,9 +2,12 @@
 //!
 //! Each peer has its own bounded queue and its own sending task, so a slow or dead peer
 //! fills only its own queue (further messages to it are dropped, which Raft tolerates)
-//! and never blocks the others. A sending task drains what is queued into one request,
-//! up to [`BATCH_BYTES`]: many messages per round trip under load. Snapshots travel
-//! alone, to their own path with its own size limit.
+//! and never blocks the others. A sending task keeps one long-lived request open to
+//! its peer ([`STREAM_PATH`]) and writes what is queued into it as one frame, up to
+//! [`BATCH_BYTES`]: a message costs no request, answer or round trip of its own, and
+//! many messages share a frame under load. Snapshots travel alone, each in its own
+//! request to their own path with its own size limit. [`MESSAGES_PATH`] takes a
+//! single batch per request, under the same checks.
 //!
 //! A peer is who its certificate says: the sender accepts only the certificate naming
 //! the server id it dials, and the receiver drops every message whose `from` is not
@@ -36,6 +39,14 @@ use crate::peer_listener::{PeerConn, PeerListener};
 pub const MESSAGES_PATH: &str = "/raft/v1/messages";
 /// The path a snapshot message is posted to, alone.
 pub const SNAPSHOT_PATH: &str = "/raft/v1/snapshot";
+/// The path of a sender's long-lived request: its body is a sequence of frames, each
+/// a `u32` big-endian length and a batch as [`encode_batch`] makes it.
+pub const STREAM_PATH: &str = "/raft/v1/stream";
+/// Frames queued for a stream before its sender waits for the connection.
+const STREAM_FRAMES: usize = 64;
+/// How long a sender waits for a stream to take a frame before it gives the stream
+/// up as stalled and opens another.
+const STREAM_STALL: Duration = Duration::from_secs(3);
 const PEER_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 1024;
 /// A sender closes a batch once its messages pass this many bytes; a single larger
@@ -59,6 +70,8 @@ pub struct PeerLimits {
     pub max_snapshot_bytes: usize,
     /// Message batches read at once (a peer sends one at a time).
     pub max_batches: usize,
+    /// Streams open at once (a peer keeps one open; a frame is limited as a batch).
+    pub max_streams: usize,
     /// Snapshots read at once.
     pub max_snapshots: usize,
     /// Connections open at once, handshaking or established.
@@ -74,6 +87,7 @@ impl PeerLimits {
             max_batch_bytes: BATCH_BYTES + MESSAGE_BYTES.max(max_entry_bytes) + FRAMING_BYTES,
             max_snapshot_bytes: MAX_SNAPSHOT_BYTES,
             max_batches: 16,
+            max_streams: 64,
             max_snapshots: 2,
             max_connections: 128,
         }
@@ -266,6 +280,7 @@ impl PeerSender {
     async fn run(self, mut rx: mpsc::Receiver<Message>) {
         let mut backoff = Duration::from_millis(50);
         let mut held: Option<Message> = None;
+        let mut stream: Option<PeerStreamTx> = None;
         loop {
             let first = match held.take() {
                 Some(m) => m,
@@ -290,7 +305,12 @@ impl PeerSender {
                     Err(_) => break,
                 }
             }
-            match self.post(&batch, snapshot).await {
+            let sent = if snapshot {
+                self.post(&batch).await
+            } else {
+                self.stream(&mut stream, &batch).await
+            };
+            match sent {
                 Ok(()) => {
                     backoff = Duration::from_millis(50);
                     if snapshot {
@@ -311,24 +331,21 @@ impl PeerSender {
         }
     }
 
-    async fn post(&self, batch: &[Message], snapshot: bool) -> Result<(), String> {
-        let addr = self
-            .addrs
-            .read()
+    fn url(&self, path: &str) -> Result<String, String> {
+        let addrs = self.addrs.read();
+        let addr = addrs
             .get(&self.to)
-            .cloned()
             .ok_or_else(|| format!("no address known for server {}", self.to))?;
-        let body = encode_batch(batch)?;
-        let (path, timeout) = if snapshot {
-            (SNAPSHOT_PATH, Duration::from_secs(120))
-        } else {
-            (MESSAGES_PATH, Duration::from_secs(3))
-        };
+        Ok(format!("https://{addr}{path}"))
+    }
+
+    /// Posts a snapshot message in a request of its own.
+    async fn post(&self, batch: &[Message]) -> Result<(), String> {
         let resp = self
             .client
-            .post(format!("https://{addr}{path}"))
-            .timeout(timeout)
-            .body(body)
+            .post(self.url(SNAPSHOT_PATH)?)
+            .timeout(Duration::from_secs(120))
+            .body(encode_batch(batch)?)
             .send()
             .await
             .map_err(|e| e.to_string())?;
@@ -338,17 +355,138 @@ impl PeerSender {
             Err(format!("peer answered {}", resp.status()))
         }
     }
+
+    /// Writes `batch` as one frame into the open stream, opening one first if there
+    /// is none. A stream the peer closed, or one that took no frame for
+    /// [`STREAM_STALL`], is dropped (its request with it) and the error returned: the
+    /// next batch opens a fresh one.
+    async fn stream(
+        &self,
+        stream: &mut Option<PeerStreamTx>,
+        batch: &[Message],
+    ) -> Result<(), String> {
+        let mut frame = vec![0; 4];
+        encode_batch_into(batch, &mut frame)?;
+        let len = u32::try_from(frame.len() - 4).map_err(|_| "frame over 4 GiB".to_string())?;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        let open = match stream.take() {
+            Some(open) => open,
+            None => self.open_stream()?,
+        };
+        match tokio::time::timeout(
+            STREAM_STALL,
+            open.frames.send((Bytes::from(frame), batch.len() as u64)),
+        )
+        .await
+        {
+            Ok(Ok(())) => {
+                *stream = Some(open);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(match open.request.now_or_never() {
+                Some(Ok(Err(e))) => e,
+                _ => "the stream to the peer closed".into(),
+            }),
+            Err(_) => Err(format!(
+                "the stream to the peer took no frame for {STREAM_STALL:?}"
+            )),
+        }
+    }
+
+    /// Starts the long-lived request whose body is what `frames` is given. When the
+    /// request ends (the peer is unreachable, or answered), the peer is reported
+    /// unreachable and the frames still queued count as dropped.
+    fn open_stream(&self) -> Result<PeerStreamTx, String> {
+        let (frames, rx) = mpsc::channel(STREAM_FRAMES);
+        let queued = QueuedFrames {
+            rx,
+            metrics: self.metrics.clone(),
+        };
+        let body = futures_util::stream::unfold(queued, |mut queued| async move {
+            let (frame, _) = queued.rx.recv().await?;
+            Some((Ok::<_, std::io::Error>(frame), queued))
+        });
+        let request = self
+            .client
+            .post(self.url(STREAM_PATH)?)
+            .body(reqwest::Body::wrap_stream(body))
+            .send();
+        let (to, feedback) = (self.to, self.feedback.clone());
+        let request = tokio::spawn(async move {
+            let why = match request.await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text = resp.text().await.unwrap_or_default();
+                    format!("peer ended the stream: {status} {text}")
+                }
+                Err(e) => e.to_string(),
+            };
+            tracing::debug!(peer = to, error = %why, "raft stream ended");
+            feedback(Feedback::Unreachable(to));
+            Err(why)
+        });
+        Ok(PeerStreamTx {
+            frames,
+            request: AbortOnDrop(request),
+        })
+    }
+}
+
+/// The sending end of an open stream: a frame and the number of messages in it.
+/// Dropping it ends the request.
+struct PeerStreamTx {
+    frames: mpsc::Sender<(Bytes, u64)>,
+    request: AbortOnDrop,
+}
+
+/// A stream's queued frames, inside its request body: what is still queued when the
+/// body is dropped never left, and counts as dropped.
+struct QueuedFrames {
+    rx: mpsc::Receiver<(Bytes, u64)>,
+    metrics: Arc<RaftMetrics>,
+}
+
+impl Drop for QueuedFrames {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok((_, messages)) = self.rx.try_recv() {
+            self.metrics.messages_dropped.inc_by(messages);
+        }
+    }
+}
+
+/// The task running a stream's request, aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), String>>);
+
+impl AbortOnDrop {
+    /// The request's outcome if it has ended.
+    fn now_or_never(mut self) -> Option<Result<Result<(), String>, tokio::task::JoinError>> {
+        use futures_util::FutureExt;
+        (&mut self.0).now_or_never()
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Encodes messages as a sequence of `u32` big-endian length + protobuf bytes.
 pub fn encode_batch(batch: &[Message]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    for msg in batch {
-        let bytes = msg.write_to_bytes().map_err(|e| e.to_string())?;
-        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-        out.extend_from_slice(&bytes);
-    }
+    encode_batch_into(batch, &mut out)?;
     Ok(out)
+}
+
+/// [`encode_batch`], appending to `out`.
+fn encode_batch_into(batch: &[Message], out: &mut Vec<u8>) -> Result<(), String> {
+    for msg in batch {
+        let len = msg.compute_size();
+        out.extend_from_slice(&len.to_be_bytes());
+        msg.write_to_vec(out).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Decodes what [`encode_batch`] produced.
@@ -410,6 +548,8 @@ struct Receiving {
     self_id: u64,
     metrics: Arc<RaftMetrics>,
     forged: Arc<WarnLimiter>,
+    /// Largest frame of a stream.
+    max_frame: usize,
 }
 
 /// The routes peers post to, for connections labelled with their certificate's
@@ -426,6 +566,7 @@ pub fn router(
         self_id,
         metrics,
         forged: Arc::new(WarnLimiter::new()),
+        max_frame: limits.max_batch_bytes,
     };
     let batches = Router::new()
         .route(MESSAGES_PATH, post(receive))
@@ -441,7 +582,15 @@ pub fn router(
             Arc::new(Semaphore::new(limits.max_snapshots.max(1))),
             admit,
         ));
-    batches.merge(snapshots).with_state(state)
+    // A stream's body has no end to limit: each of its frames is limited instead.
+    let streams = Router::new()
+        .route(STREAM_PATH, post(receive_stream))
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Semaphore::new(limits.max_streams.max(1))),
+            admit,
+        ));
+    batches.merge(snapshots).merge(streams).with_state(state)
 }
 
 /// Reads a body only while fewer than the limit are being read: 429 otherwise
@@ -491,42 +640,103 @@ async fn receive(
     ConnectInfo(peer): ConnectInfo<PeerConn>,
     body: Bytes,
 ) -> (StatusCode, String) {
-    let messages = match decode_batch(&body) {
-        Ok(m) => m,
-        Err(e) => return (StatusCode::BAD_REQUEST, e),
-    };
-    let total = messages.len();
-    // A server speaks only for itself, and only to this server.
-    let messages: Vec<Message> = messages
-        .into_iter()
-        .filter(|m| m.from == peer.server && m.to == state.self_id)
-        .collect();
-    let refused = total - messages.len();
-    if refused > 0 {
-        state.metrics.peer_messages_refused.inc_by(refused as u64);
-        state.forged.warn(|held| {
-            tracing::warn!(
-                peer = peer.server,
-                remote = %peer.remote,
-                refused,
-                earlier_warnings_held_back = held,
-                "dropped raft messages not from the server the connection's certificate names, or not to this server"
-            )
-        });
+    match decode_batch(&body) {
+        Ok(messages) => match state.accept(&peer, messages) {
+            Ok(()) => (StatusCode::OK, String::new()),
+            Err(refusal) => refusal,
+        },
+        Err(e) => (StatusCode::BAD_REQUEST, e),
     }
-    if messages.is_empty() && refused > 0 {
-        return (
-            StatusCode::FORBIDDEN,
-            format!("server {} may send only its own messages", peer.server),
-        );
+}
+
+/// Reads a sender's stream frame by frame, delivering each as it completes, until
+/// the sender ends it. A frame over the batch limit is refused (413) before it is
+/// read; a malformed frame, or a frame of nothing but messages the peer may not
+/// send, ends the stream with the answer a batch would get.
+async fn receive_stream(
+    State(state): State<Receiving>,
+    ConnectInfo(peer): ConnectInfo<PeerConn>,
+    body: axum::body::Body,
+) -> (StatusCode, String) {
+    use futures_util::StreamExt;
+    let mut body = body.into_data_stream();
+    let mut pending = bytes::BytesMut::new();
+    loop {
+        while let Some(head) = pending.get(..4) {
+            let len = u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize;
+            if len > state.max_frame {
+                return (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "a frame of {len} bytes is over the {} byte limit",
+                        state.max_frame
+                    ),
+                );
+            }
+            if pending.len() < 4 + len {
+                pending.reserve(4 + len - pending.len());
+                break;
+            }
+            let frame = pending.split_to(4 + len);
+            let delivered = decode_batch(&frame[4..])
+                .map_err(|e| (StatusCode::BAD_REQUEST, e))
+                .and_then(|messages| state.accept(&peer, messages));
+            if let Err(refusal) = delivered {
+                return refusal;
+            }
+        }
+        match body.next().await {
+            Some(Ok(chunk)) => pending.extend_from_slice(&chunk),
+            Some(Err(e)) => return (StatusCode::BAD_REQUEST, e.to_string()),
+            None if pending.is_empty() => return (StatusCode::OK, String::new()),
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    "the stream ended inside a frame".into(),
+                )
+            }
+        }
     }
-    if messages.is_empty() || state.inbox.deliver(messages) {
-        (StatusCode::OK, String::new())
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "raft replica is not running".into(),
-        )
+}
+
+impl Receiving {
+    /// Delivers what `peer` may send of `messages`: only its own, only to this
+    /// server. Refuses a batch of nothing else (403), and answers 503 when the
+    /// replica is not running.
+    fn accept(&self, peer: &PeerConn, messages: Vec<Message>) -> Result<(), (StatusCode, String)> {
+        let total = messages.len();
+        // A server speaks only for itself, and only to this server.
+        let messages: Vec<Message> = messages
+            .into_iter()
+            .filter(|m| m.from == peer.server && m.to == self.self_id)
+            .collect();
+        let refused = total - messages.len();
+        if refused > 0 {
+            self.metrics.peer_messages_refused.inc_by(refused as u64);
+            self.forged.warn(|held| {
+                tracing::warn!(
+                    peer = peer.server,
+                    remote = %peer.remote,
+                    refused,
+                    earlier_warnings_held_back = held,
+                    "dropped raft messages not from the server the connection's certificate names, or not to this server"
+                )
+            });
+        }
+        if messages.is_empty() && refused > 0 {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("server {} may send only its own messages", peer.server),
+            ));
+        }
+        if messages.is_empty() || self.inbox.deliver(messages) {
+            Ok(())
+        } else {
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "raft replica is not running".into(),
+            ))
+        }
     }
 }
 

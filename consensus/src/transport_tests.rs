@@ -53,6 +53,14 @@ async fn listening(
     (addr, rx, metrics)
 }
 
+/// Limits that refuse a batch (or a stream's frame) over 1 KiB.
+fn small_batches() -> PeerLimits {
+    PeerLimits {
+        max_batch_bytes: 1024,
+        ..PeerLimits::default()
+    }
+}
+
 /// An HTTP client presenting `presenting`'s certificate to server `peer`.
 fn client(presenting: &ServerIdentity, peer: u64) -> reqwest::Client {
     reqwest::Client::builder()
@@ -218,11 +226,7 @@ async fn strangers_do_not_reach_the_peer_routes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_batches_are_refused_before_delivery() {
     let ca = ClusterCa::create().unwrap();
-    let limits = PeerLimits {
-        max_batch_bytes: 1024,
-        ..PeerLimits::default()
-    };
-    let (addr, rx, _) = listening(&ca, 2, limits).await;
+    let (addr, rx, _) = listening(&ca, 2, small_batches()).await;
     let three = identity(&ca, 3);
     let mut big = heartbeat(3, 2, 1);
     big.set_msg_type(MessageType::MsgAppend);
@@ -235,6 +239,136 @@ async fn oversized_batches_are_refused_before_delivery() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert!(rx.try_recv().is_err());
+}
+
+/// A frame of a stream: the batch's length, then the batch.
+fn frame(batch: &[Message]) -> Bytes {
+    let body = encode_batch(batch).unwrap();
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out.into()
+}
+
+/// Opens a stream to `addr` as `presenting`, to server `peer`: the frames given to
+/// the returned sender go out as they come; the handle answers once the server ends
+/// the request.
+fn open_stream(
+    presenting: &ServerIdentity,
+    peer: u64,
+    addr: &str,
+) -> (
+    mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|f| (Ok::<_, std::io::Error>(f), rx))
+    });
+    let request = client(presenting, peer)
+        .post(format!("https://{addr}{STREAM_PATH}"))
+        .body(reqwest::Body::wrap_stream(body))
+        .send();
+    (tx, tokio::spawn(request))
+}
+
+/// The status the server ended a stream with, within 5 seconds.
+async fn ended(answer: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>) -> StatusCode {
+    let resp = tokio::time::timeout(Duration::from_secs(5), answer).await;
+    resp.unwrap().unwrap().unwrap().status()
+}
+
+fn recv(rx: &std::sync::mpsc::Receiver<Message>) -> Message {
+    rx.recv_timeout(Duration::from_secs(5)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_delivers_each_frame_as_it_arrives_and_ends_at_a_forged_one() {
+    let ca = ClusterCa::create().unwrap();
+    let (addr, rx, metrics) = listening(&ca, 2, PeerLimits::default()).await;
+    let three = identity(&ca, 3);
+    let (frames, answer) = open_stream(&three, 2, &addr);
+    frames.send(frame(&[heartbeat(3, 2, 1)])).await.unwrap();
+    // Delivered while the request is still open.
+    assert_eq!(recv(&rx).term, 1);
+    // One frame split across writes, then two frames in one write.
+    let split = frame(&[heartbeat(3, 2, 2), heartbeat(3, 2, 3)]);
+    frames.send(split.slice(..7)).await.unwrap();
+    frames.send(split.slice(7..)).await.unwrap();
+    let mut two = frame(&[heartbeat(3, 2, 4)]).to_vec();
+    two.extend_from_slice(&frame(&[heartbeat(3, 2, 5)]));
+    frames.send(two.into()).await.unwrap();
+    let terms: Vec<u64> = (0..4).map(|_| recv(&rx).term).collect();
+    assert_eq!(terms, [2, 3, 4, 5], "in order");
+    assert!(!answer.is_finished());
+    // A mixed frame delivers the server's own messages only; a frame of nothing but
+    // another server's messages ends the stream.
+    frames
+        .send(frame(&[heartbeat(1, 2, 6), heartbeat(3, 2, 7)]))
+        .await
+        .unwrap();
+    assert_eq!(recv(&rx).term, 7);
+    frames.send(frame(&[heartbeat(1, 2, 8)])).await.unwrap();
+    assert_eq!(ended(answer).await, StatusCode::FORBIDDEN);
+    assert_eq!(metrics.peer_messages_refused.get(), 2);
+    let _ = frames.send(frame(&[heartbeat(3, 2, 9)])).await;
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_frame_over_the_limit_is_refused_before_it_is_read() {
+    let ca = ClusterCa::create().unwrap();
+    let (addr, rx, _) = listening(&ca, 2, small_batches()).await;
+    let (frames, answer) = open_stream(&identity(&ca, 3), 2, &addr);
+    frames.send(frame(&[heartbeat(3, 2, 1)])).await.unwrap();
+    assert_eq!(recv(&rx).term, 1);
+    // Only the length of a 1 GiB frame is sent: the answer comes without its body.
+    frames
+        .send(Bytes::copy_from_slice(&(1u32 << 30).to_be_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(ended(answer).await, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_opens_a_new_stream_when_its_peer_ends_the_old_one() {
+    let ca = ClusterCa::create().unwrap();
+    let (addr, rx, _) = listening(&ca, 2, PeerLimits::default()).await;
+    let unreachable = Arc::new(Mutex::new(Vec::new()));
+    let seen = unreachable.clone();
+    let transport = Transport::new(
+        identity(&ca, 1),
+        tokio::runtime::Handle::current(),
+        Arc::new(move |f| seen.lock().push(f)),
+        metrics(),
+    );
+    transport.set_members(&BTreeMap::from([(2, addr)]));
+    transport.send(heartbeat(1, 2, 1));
+    assert_eq!(recv(&rx).term, 1);
+    // The replica behind the first listener stops (its stream ends with 503) and
+    // the peer is configured at a new address.
+    drop(rx);
+    let (moved, rx, _) = listening(&ca, 2, PeerLimits::default()).await;
+    transport.set_members(&BTreeMap::from([(2, moved)]));
+    let rx = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut term = 2;
+        // The old stream still takes frames; keep sending until the new one exists.
+        loop {
+            assert!(std::time::Instant::now() < deadline, "never reconnected");
+            transport.send(heartbeat(1, 2, term));
+            if let Ok(m) = rx.recv_timeout(Duration::from_millis(100)) {
+                assert!(m.term >= 2);
+                break;
+            }
+            term += 1;
+        }
+    });
+    rx.await.unwrap();
+    assert!(unreachable
+        .lock()
+        .iter()
+        .any(|f| matches!(f, Feedback::Unreachable(2))));
 }
 
 #[test]
