@@ -121,8 +121,7 @@ impl PublicKey {
     /// signature by this key's ed25519 key. For formats that carry each scheme's
     /// signature apart; a hybrid key's full check is [`PublicKey::verify`].
     pub fn verify_ed25519(&self, message: &[u8], signature: &[u8]) -> Result<(), AuthError> {
-        let ed_key = ed25519_dalek::VerifyingKey::from_bytes(&self.ed25519_bytes())
-            .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
+        let ed_key = decoded_ed25519(&self.ed25519_bytes())?;
         let ed_sig = ed25519_dalek::Signature::from_slice(signature)
             .map_err(|_| AuthError::Malformed("signature is not ed25519"))?;
         ed_key
@@ -139,6 +138,31 @@ impl PublicKey {
             .ok_or(AuthError::Malformed("the key has no ML-DSA-65 half"))?;
         verify_ml_dsa_65(ml_key, message, signature)
     }
+}
+
+/// Decoded ed25519 keys kept at once; past this the cache starts again.
+const DECODED_KEYS: usize = 4096;
+
+/// The ed25519 key `bytes` encodes, decoded once: decompressing a key is about a
+/// sixth of a verification, and a server checks the same few keys over and over.
+/// Bounded, so keys that verify nothing cannot grow it.
+fn decoded_ed25519(bytes: &[u8; ED25519_PUBLIC]) -> Result<ed25519_dalek::VerifyingKey, AuthError> {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, RwLock};
+    static KEYS: LazyLock<RwLock<HashMap<[u8; ED25519_PUBLIC], ed25519_dalek::VerifyingKey>>> =
+        LazyLock::new(RwLock::default);
+    if let Some(key) = KEYS.read().ok().and_then(|keys| keys.get(bytes).copied()) {
+        return Ok(key);
+    }
+    let key = ed25519_dalek::VerifyingKey::from_bytes(bytes)
+        .map_err(|_| AuthError::Malformed("stored key is invalid"))?;
+    if let Ok(mut keys) = KEYS.write() {
+        if keys.len() >= DECODED_KEYS {
+            keys.clear();
+        }
+        keys.insert(*bytes, key);
+    }
+    Ok(key)
 }
 
 /// Checks an ML-DSA-65 `signature` over `message` under the encoded key `key` (1952
@@ -415,6 +439,39 @@ mod tests {
         let hybrid = IdentityKey::from_seed(KeyAlgorithm::Ed25519MlDsa65, [6; 32]);
         let ed_part = hybrid.sign(b"m")[..64].to_vec();
         assert!(hybrid.public().verify(b"m", &ed_part).is_err());
+    }
+
+    #[test]
+    fn decoded_keys_answer_as_fresh_ones_past_the_cache_bound() {
+        let key = IdentityKey::from_seed(KeyAlgorithm::Ed25519, [8; 32]);
+        let sig = key.sign(b"again");
+        // Past the bound the cache starts again; each key still verifies only its own
+        // signatures, the first time and every time after.
+        for seed in 0..=(DECODED_KEYS as u32) {
+            let mut bytes = [0; 32];
+            bytes[..4].copy_from_slice(&seed.to_be_bytes());
+            let other = IdentityKey::from_seed(KeyAlgorithm::Ed25519, bytes).public();
+            assert!(other.verify_ed25519(b"again", &sig).is_err());
+            key.public().verify_ed25519(b"again", &sig).unwrap();
+        }
+        for _ in 0..2 {
+            key.public().verify_ed25519(b"again", &sig).unwrap();
+            assert_eq!(
+                key.public().verify_ed25519(b"agaim", &sig),
+                Err(AuthError::BadSignature)
+            );
+        }
+        // Bytes that are no curve point are refused every time, never cached.
+        let y = (0..=u8::MAX)
+            .map(|b| [b; 32])
+            .find(|y| ed25519_dalek::VerifyingKey::from_bytes(y).is_err())
+            .unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                decoded_ed25519(&y),
+                Err(AuthError::Malformed("stored key is invalid"))
+            );
+        }
     }
 
     #[test]

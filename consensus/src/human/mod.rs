@@ -139,17 +139,21 @@ pub fn canonical_json(value: &serde_json::Value) -> Vec<u8> {
     fn write(value: &serde_json::Value, out: &mut Vec<u8>) {
         match value {
             serde_json::Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
+                // serde_json's map keeps its keys sorted unless its insertion-order
+                // feature is on somewhere in the build: sort only then.
+                let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+                if !entries.is_sorted_by(|a, b| a.0 <= b.0) {
+                    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                }
                 out.push(b'{');
-                for (i, k) in keys.into_iter().enumerate() {
+                for (i, (k, v)) in entries.into_iter().enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
                     // Writing a string to a Vec cannot fail.
                     serde_json::to_writer(&mut *out, k).expect("a string serialises");
                     out.push(b':');
-                    write(&map[k], out);
+                    write(v, out);
                 }
                 out.push(b'}');
             }
