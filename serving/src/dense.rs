@@ -4,9 +4,9 @@
 //! With [`Precision::Bf16`] on a CPU with AMX, weights are packed in bf16 for
 //! [`crate::kernels::cpu::amx`]'s tile product, several times the f32 products' speed at a
 //! precision of about three significant digits per product. f32 weights on a CPU
-//! with AVX-512F are packed for [`crate::kernels::cpu::avx512`]'s product,
-//! which is 1.5-3x faster than `gemm` for the few rows of a decoding step or of one
-//! short input to embed, and on par for many rows. Elsewhere the weight is kept
+//! with AVX-512F or AVX2+FMA are packed for [`crate::kernels::cpu::packed`]'s
+//! product, which is 1.5-3x faster than `gemm` for the few rows of a decoding step
+//! or of one short input to embed, and on par for many rows. Elsewhere the weight is kept
 //! transposed, `[in, out]`: checkpoints store it `[out, in]`, and multiplying by its
 //! transposed view (what `candle_nn::Linear` does) hands `gemm` a column-major right
 //! operand, which it handles 2-10x slower than a row-major one when the left
@@ -19,7 +19,7 @@ use candle_core::{DType, Module, Result, Tensor};
 
 use crate::error::ServingError;
 use crate::kernels::cpu::amx::AmxPacked;
-use crate::kernels::cpu::avx512::{Packed, PackedMatmul};
+use crate::kernels::cpu::packed::{Packed, PackedMatmul};
 use crate::kernels::cpu::Isa;
 use crate::kernels::Backend;
 
@@ -98,7 +98,7 @@ pub struct Dense {
 enum Weight {
     /// `[in, out]`, contiguous, and the `[out]` bias.
     Transposed { wt: Tensor, bias: Option<Tensor> },
-    /// Packed for the AVX-512 product (f32 on CPU), the bias with it.
+    /// Packed for the AVX-512 or AVX2 product (f32 on CPU), the bias with it.
     Packed(Arc<Packed>),
     /// Packed in bf16 for the AMX product (CPU), the bias with it.
     Amx(Arc<AmxPacked>),
@@ -121,8 +121,8 @@ impl Dense {
     ///
     /// On the CPU backend, weights in [`Precision::Bf16`] are packed for
     /// [`crate::kernels::cpu::amx`]'s product (an error where the CPU has no AMX,
-    /// and on other backends); f32 weights on a CPU with AVX-512F for
-    /// [`crate::kernels::cpu::avx512`]'s; others are kept transposed for the
+    /// and on other backends); f32 weights on a CPU with AVX-512F or AVX2+FMA for
+    /// [`crate::kernels::cpu::packed`]'s; others are kept transposed for the
     /// device's matmul (`gemm` on the CPU).
     pub fn fused(
         backend: Backend,
@@ -135,7 +135,7 @@ impl Dense {
             (Precision::Bf16, _) => {
                 candle_core::bail!("bf16 projections need a CPU with AMX-BF16")
             }
-            (Precision::F32, Backend::Cpu(isa)) if isa >= Isa::Avx512 && f32_weights => {
+            (Precision::F32, Backend::Cpu(isa)) if isa >= Isa::Avx2 && f32_weights => {
                 Layout::Packed
             }
             (Precision::F32, _) => Layout::Transposed,
@@ -280,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(not(cpu_avx512f), ignore = "skipped: this CPU has no AVX-512F")]
+    #[cfg_attr(not(cpu_avx2_fma), ignore = "skipped: this CPU has no AVX2 with FMA")]
     fn the_packed_layout_matches_candle_linear() {
         matches_candle_linear_at_every_row_count_and_rank(Layout::Packed);
     }

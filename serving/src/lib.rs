@@ -6,7 +6,7 @@
 //! | [`device`] | `cpu` / `cuda:N` device choice |
 //! | [`source`] | where a model's files come from: a local directory or the verified store reader |
 //! | [`tokenizer`] | tokenizer.json through `tokenizers`, incremental detokenizing, chat templates |
-//! | [`dense`] | dense projections, the weight laid out at load for the backend's product (AMX, AVX-512 or the device's matmul) |
+//! | [`dense`] | dense projections, the weight laid out at load for the backend's product (AMX, AVX-512 or AVX2 packed, or the device's matmul) |
 //! | [`gguf_export`] | a Hugging Face Llama directory as one GGUF file that llama.cpp and this crate read (Q8_0 or F16, the tokenizer in llama.cpp's keys) |
 //! | [`tiny`] | writes tiny real models (random weights, a trained byte-level BPE tokenizer) |
 //! | [`llama`] | Llama-family decoder (llama, mistral, qwen2; safetensors or GGUF), batched across sequences: `config`, `weights`, `forward`, `attention` |
@@ -18,7 +18,7 @@
 //! | [`embed`] | the continuous-batching embedding engine on its own thread |
 //! | [`config`] | what a server is told at start: listen address, device, precision, names, limits |
 //! | [`loader`] | loading a model: phases, verified bytes, warm-up |
-//! | [`kernels`] | the [`kernels::Backend`] a model's steps run on, chosen once at load from the device (model code never looks at the device); the CPU's kernels (`kernels::cpu`), picked once at run time for the CPU's instructions: `detect` (what the CPU and OS offer), `amx` (bf16 tile products), `avx512` (packed f32 products), `elementwise` (bias and activation, bias and residual with layer norm, row softmax, in place), `ops` (fused `silu(gate)·up`, attention over the KV pool, row softmax, a vectorized `exp`), each compiled for AVX-512, AVX2+FMA or portable code |
+//! | [`kernels`] | the [`kernels::Backend`] a model's steps run on, chosen once at load from the device (model code never looks at the device); the CPU's kernels (`kernels::cpu`), picked once at run time for the CPU's instructions: `detect` (what the CPU and OS offer), `amx` (bf16 tile products), `packed` (f32 products with the weight packed once, for AVX-512 or AVX2+FMA), `elementwise` (bias and activation, bias and residual with layer norm, row softmax, in place), `ops` (fused `silu(gate)·up`, attention over the KV pool, row softmax, a vectorized `exp`), each compiled for AVX-512, AVX2+FMA or portable code |
 //! | [`server`] | the axum server: the door every `/v1` request passes, `/health`, `/ready`, `/status`, `/metrics`; `generation` (`/v1/completions`, `/v1/chat/completions`) and `embeddings` (`/v1/embeddings`) |
 //! | [`metrics`] | Prometheus metrics |
 //!

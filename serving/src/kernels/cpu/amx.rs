@@ -32,13 +32,13 @@ use std::mem::MaybeUninit;
 use candle_core::Result;
 use rayon::prelude::*;
 
-use crate::kernels::cpu::avx512::{
+use crate::kernels::cpu::packed::{
     check_weight, in_row_blocks, pack_bias, rows_of, Dst, Lanes, RowProduct,
 };
 
 /// Output columns per panel: two 16-column tiles (the panels of
-/// [`crate::kernels::cpu::avx512`], whose bias layout this shares).
-pub const NR: usize = crate::kernels::cpu::avx512::NR;
+/// [`crate::kernels::cpu::packed`], whose bias layout this shares).
+pub const NR: usize = crate::kernels::cpu::packed::NR;
 /// Inputs per block: one tile row of bf16 (64 bytes).
 const KB: usize = 32;
 /// Rows per block: a block's bf16 inputs (`MB × in`) stay in the L2 cache while
@@ -385,7 +385,7 @@ unsafe fn kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::cpu::avx512::tests::{
+    use crate::kernels::cpu::packed::tests::{
         check_mismatched, check_rows_alone, check_shapes, reference, values,
     };
 

@@ -1,15 +1,15 @@
 //! The CPU's kernels, for the instructions this CPU has (`detect`), picked once
 //! at run time ([`isa`]): products in bf16 on AMX tiles ([`amx`]), f32 products
-//! packed for AVX-512 ([`avx512`]), the elementwise steps after a projection
+//! packed for AVX-512 or AVX2+FMA ([`packed`]), the elementwise steps after a projection
 //! ([`elementwise`]), and `silu(gate)·up` and attention over the KV pool ([`ops`]),
 //! each compiled for AVX-512, AVX2+FMA and the portable baseline
 //! (`ops::vectorized!`).
 
 pub mod amx;
-pub mod avx512;
 mod detect;
 pub mod elementwise;
 pub mod ops;
+pub mod packed;
 
 use std::sync::OnceLock;
 
@@ -33,10 +33,10 @@ pub fn isa() -> Isa {
 }
 
 fn detect() -> Isa {
-    if amx::available() && avx512::available() {
+    if amx::available() && detect::avx512f() {
         return Isa::Amx;
     }
-    if avx512::available() {
+    if detect::avx512f() {
         return Isa::Avx512;
     }
     if detect::avx2_fma() {
@@ -52,8 +52,9 @@ mod tests {
     #[test]
     fn the_isa_agrees_with_the_products_available() {
         let found = isa();
-        assert_eq!(found >= Isa::Avx512, avx512::available());
-        assert_eq!(found == Isa::Amx, amx::available() && avx512::available());
+        assert_eq!(found >= Isa::Avx512, detect::avx512f());
+        assert_eq!(found >= Isa::Avx2, packed::available());
+        assert_eq!(found == Isa::Amx, amx::available() && detect::avx512f());
         assert_eq!(found, isa(), "detected once");
     }
 }

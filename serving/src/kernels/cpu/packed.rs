@@ -1,4 +1,5 @@
-//! Projections with the weight packed for an AVX-512 matrix product.
+//! Projections with the f32 weight packed once for a matrix product on AVX-512 or
+//! AVX2+FMA.
 //!
 //! A decoding step multiplies a few rows (one per running sequence) by every weight
 //! of the model, and `gemm` reaches a third to a half of the CPU's peak there: it
@@ -7,17 +8,18 @@
 //! (`[panel][in][NR]`, 64-byte aligned). The product goes over rows in blocks of
 //! [`MB`]; within a block the panels are split over the CPU threads, and each panel
 //! is streamed once, in input blocks of [`KC`] (prefetched one block ahead, since
-//! the weights come from memory), through register tiles of up to [`MR`] rows ×
-//! `NR` columns.
+//! the weights come from memory), through register tiles: on AVX-512 up to [`MR`]
+//! rows × `NR` columns, on AVX2 ([`avx2`]) up to 6 rows × half a panel, each half
+//! in turn.
 //!
 //! Every output element sums its products in input order whatever the number of
 //! rows (each row has its own accumulators, and the input blocks add up in order),
 //! so a sequence's logits do not depend on which other sequences share its step.
 //!
-//! Used on CPUs with AVX-512F for f32 weights; others keep `gemm`
+//! Used on CPUs with AVX-512F or AVX2+FMA for f32 weights; others keep `gemm`
 //! ([`crate::dense::Dense`] chooses).
 
-// Unsafe: AVX-512 intrinsics (`target_feature`), called only once detection found them.
+// Unsafe: AVX-512 and AVX2 intrinsics (`target_feature`), called only once detection found them.
 #![allow(unsafe_code)]
 
 use std::mem::MaybeUninit;
@@ -25,9 +27,48 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 
+use super::{isa, Isa};
+
+/// A panel's register tiles over all its rows: full tiles of `$mr` rows, then one
+/// tile of the rest (`$rest`: every count below `$mr`). Each call is
+/// `$tile::<R>(first input row, first output row, ldc, $args…)`; used inside an
+/// `unsafe fn` whose contract covers `rows × input` inputs at `x` and `rows` output
+/// rows of stride `ldc` at `c`.
+macro_rules! row_tiles {
+    (@call $tile:ident::<$n:tt>($a:ident, $c:ident, $ldc:ident; ($($arg:expr),*))) => {
+        $tile::<$n>($a, $c, $ldc, $($arg),*)
+    };
+    ($tile:ident::<$mr:ident | $($rest:literal)*>($x:expr, $input:expr, $rows:expr, $c:expr, $ldc:expr; $args:tt)) => {{
+        let (x, input, rows, c, ldc): (&[f32], usize, usize, *mut f32, usize) =
+            ($x, $input, $rows, $c, $ldc);
+        let mut r = 0;
+        while r + $mr <= rows {
+            // SAFETY: rows r..r+MR exist; the caller's contract for the rest.
+            unsafe {
+                let (a, c) = (x.as_ptr().add(r * input), c.add(r * ldc));
+                row_tiles!(@call $tile::<$mr>(a, c, ldc; $args))
+            };
+            r += $mr;
+        }
+        // SAFETY: r ≤ rows, so both stay within (or one past) their buffers.
+        let (a, c) = unsafe { (x.as_ptr().add(r * input), c.add(r * ldc)) };
+        // SAFETY: the remaining `rows - r` rows, as above.
+        unsafe {
+            match rows - r {
+                $($rest => row_tiles!(@call $tile::<$rest>(a, c, ldc; $args)),)*
+                _ => {}
+            }
+        }
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// Output columns per panel: two 16-lane vectors.
 pub const NR: usize = 32;
-/// Rows per register tile: `MR × 2` accumulators, 24 of the 32 vector registers.
+/// Rows per AVX-512 register tile: `MR × 2` accumulators, 24 of the 32 vector
+/// registers.
 pub const MR: usize = 12;
 /// Inputs per block: a panel's block is `KC × NR` floats (32 KiB), which stays in
 /// the L1 cache while every row tile passes over it.
@@ -88,6 +129,33 @@ pub struct Packed {
     bias: Vec<Lanes>,
     input: usize,
     output: usize,
+    kernel: Kernel,
+}
+
+/// The register tiles a [`Packed`] product runs: the same packed weight serves both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Avx512,
+    Avx2,
+}
+
+impl Kernel {
+    /// The widest this CPU runs.
+    fn widest() -> Option<Kernel> {
+        match isa() {
+            Isa::Amx | Isa::Avx512 => Some(Kernel::Avx512),
+            Isa::Avx2 => Some(Kernel::Avx2),
+            Isa::Portable => None,
+        }
+    }
+
+    /// Whether this CPU runs it.
+    fn runs_here(self) -> bool {
+        match self {
+            Kernel::Avx512 => super::detect::avx512f(),
+            Kernel::Avx2 => super::detect::avx2_fma(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Packed {
@@ -95,20 +163,37 @@ impl std::fmt::Debug for Packed {
         f.debug_struct("Packed")
             .field("input", &self.input)
             .field("output", &self.output)
+            .field("kernel", &self.kernel)
             .finish()
     }
 }
 
-/// Whether this CPU runs the packed product.
+/// Whether this CPU runs the packed product (AVX-512F, or AVX2 with FMA).
 pub fn available() -> bool {
-    super::detect::avx512f()
+    Kernel::widest().is_some()
 }
 
 impl Packed {
     /// From a row-major `[output, input]` weight (a checkpoint's layout) and an
     /// optional `[output]` bias.
     pub fn new(weight: &[f32], bias: Option<&[f32]>, input: usize, output: usize) -> Result<Self> {
+        let Some(kernel) = Kernel::widest() else {
+            candle_core::bail!("the packed product needs AVX-512F or AVX2 with FMA");
+        };
+        Packed::with_kernel(weight, bias, input, output, kernel)
+    }
+
+    fn with_kernel(
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        input: usize,
+        output: usize,
+        kernel: Kernel,
+    ) -> Result<Self> {
         check_weight(weight, bias, input, output)?;
+        if !kernel.runs_here() {
+            candle_core::bail!("this CPU has no {kernel:?} for the packed product");
+        }
         let panels = output.div_ceil(NR);
         let zero = Lanes([0.0; 16]);
         let mut data = vec![zero; panels * input * 2];
@@ -130,14 +215,12 @@ impl Packed {
             bias: pack_bias(bias, output),
             input,
             output,
+            kernel,
         })
     }
 
     /// `x[rows, input] · Wᵀ + b` → `[rows, output]`, both row-major.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
-        if !available() {
-            candle_core::bail!("the packed product needs AVX-512F");
-        }
         let rows = rows_of(x, self.input, self.output, "a packed")?;
         let input = self.input;
         // Many rows go in blocks of MB, each block's inputs staying in L2 while every
@@ -160,22 +243,19 @@ impl Packed {
             let cols = (self.output - panel * NR).min(NR);
             let b = &self.data[panel * self.input * 2..(panel + 1) * self.input * 2];
             let bias = &self.bias[panel * 2..panel * 2 + 2];
-            // SAFETY: AVX-512F is present (checked by `matmul`); `x` holds
-            // `rows × input` values, `b` the panel's `input × NR`, and the panel
-            // writes only its own `cols` columns of each of the `rows` output rows,
-            // which no other panel touches.
+            // SAFETY: the kernel's instructions are present (checked when the
+            // weight was packed); `x` holds `rows × input` values, `b` the panel's
+            // `input × NR`, and the panel writes only its own `cols` columns of each
+            // of the `rows` output rows, which no other panel touches.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                simd::panel(
-                    x,
-                    self.input,
-                    rows,
-                    b,
-                    bias,
-                    dst.at(panel * NR),
-                    self.output,
-                    cols,
-                )
+                let c = dst.at(panel * NR);
+                match self.kernel {
+                    Kernel::Avx512 => {
+                        avx512::panel(x, self.input, rows, b, bias, c, self.output, cols)
+                    }
+                    Kernel::Avx2 => avx2::panel(x, self.input, rows, b, bias, c, self.output, cols),
+                }
             }
         };
         let work = rows * self.input * self.output;
@@ -230,9 +310,41 @@ impl Dst {
     }
 }
 
+/// Which inputs a register tile's pass covers: a panel goes over its inputs in
+/// blocks of [`KC`], each of which stays in L1 while every row tile passes over it.
+#[derive(Clone, Copy)]
+struct Part {
+    /// First input of the block.
+    k0: usize,
+    /// Inputs in the block.
+    len: usize,
+    /// Row stride of the input rows.
+    lda: usize,
+    /// The block starts the sums (otherwise they continue from the output).
+    first: bool,
+    /// The block ends them: add the bias.
+    last: bool,
+}
+
+impl Part {
+    /// The blocks of `input` inputs, in order.
+    fn blocks(input: usize) -> impl Iterator<Item = Part> {
+        (0..input).step_by(KC).map(move |k0| {
+            let k1 = (k0 + KC).min(input);
+            Part {
+                k0,
+                len: k1 - k0,
+                lda: input,
+                first: k0 == 0,
+                last: k1 == input,
+            }
+        })
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
-mod simd {
-    use super::{Lanes, KC, MR};
+mod avx512 {
+    use super::{Lanes, Part, KC, MR};
     use std::arch::x86_64::*;
 
     /// One panel for all rows: full tiles of `MR` rows, then the rest.
@@ -270,69 +382,10 @@ mod simd {
         let masks = (mask0 as __mmask16, mask1 as __mmask16);
         // Input blocks of KC: a block of the panel (KC × 32 floats) stays in L1 while
         // every row tile passes over it.
-        let mut k0 = 0;
-        while k0 < input {
-            let k1 = (k0 + KC).min(input);
-            let part = Part {
-                k0,
-                len: k1 - k0,
-                lda: input,
-                first: k0 == 0,
-                last: k1 == input,
-            };
-            let b = b.add(k0 * 32);
-            let mut r = 0;
-            while r + MR <= rows {
-                // SAFETY: rows r..r+MR exist; the caller's contract for the rest.
-                unsafe {
-                    tile::<MR>(
-                        x.as_ptr().add(r * input),
-                        b,
-                        bias,
-                        c.add(r * ldc),
-                        ldc,
-                        masks,
-                        part,
-                    )
-                };
-                r += MR;
-            }
-            // SAFETY: r ≤ rows, so both stay within (or one past) their buffers.
-            let (a, c) = unsafe { (x.as_ptr().add(r * input), c.add(r * ldc)) };
-            // SAFETY: the remaining `rows - r` rows, as above.
-            unsafe {
-                match rows - r {
-                    1 => tile::<1>(a, b, bias, c, ldc, masks, part),
-                    2 => tile::<2>(a, b, bias, c, ldc, masks, part),
-                    3 => tile::<3>(a, b, bias, c, ldc, masks, part),
-                    4 => tile::<4>(a, b, bias, c, ldc, masks, part),
-                    5 => tile::<5>(a, b, bias, c, ldc, masks, part),
-                    6 => tile::<6>(a, b, bias, c, ldc, masks, part),
-                    7 => tile::<7>(a, b, bias, c, ldc, masks, part),
-                    8 => tile::<8>(a, b, bias, c, ldc, masks, part),
-                    9 => tile::<9>(a, b, bias, c, ldc, masks, part),
-                    10 => tile::<10>(a, b, bias, c, ldc, masks, part),
-                    11 => tile::<11>(a, b, bias, c, ldc, masks, part),
-                    _ => {}
-                }
-            }
-            k0 = k1;
+        for part in Part::blocks(input) {
+            let b = b.add(part.k0 * 32);
+            row_tiles!(tile::<MR | 1 2 3 4 5 6 7 8 9 10 11>(x, input, rows, c, ldc; (b, bias, masks, part)));
         }
-    }
-
-    /// Which inputs a tile pass covers.
-    #[derive(Clone, Copy)]
-    struct Part {
-        /// First input of the block.
-        k0: usize,
-        /// Inputs in the block.
-        len: usize,
-        /// Row stride of the input rows.
-        lda: usize,
-        /// The block starts the sums (otherwise they continue from the output).
-        first: bool,
-        /// The block ends them: add the bias.
-        last: bool,
     }
 
     /// `R` rows × one panel over one input block, continuing the sums in the
@@ -341,10 +394,10 @@ mod simd {
     #[inline]
     unsafe fn tile<const R: usize>(
         a: *const f32,
-        b: *const f32,
-        bias: *const f32,
         c: *mut f32,
         ldc: usize,
+        b: *const f32,
+        bias: *const f32,
         (mask0, mask1): (__mmask16, __mmask16),
         part: Part,
     ) {
@@ -550,26 +603,36 @@ pub(crate) mod tests {
     }
 
     fn make(w: &[f32], b: Option<&[f32]>, i: usize, o: usize) -> Result<Box<dyn RowProduct>> {
-        Ok(Box::new(Packed::new(w, b, i, o)?))
+        Ok(Box::new(Packed::with_kernel(w, b, i, o, Kernel::Avx512)?))
     }
+
+    fn make_avx2(w: &[f32], b: Option<&[f32]>, i: usize, o: usize) -> Result<Box<dyn RowProduct>> {
+        Ok(Box::new(Packed::with_kernel(w, b, i, o, Kernel::Avx2)?))
+    }
+
+    /// Odd and even inputs, partial panels and half panels, every remainder of
+    /// either kernel's tiles, input blocks that continue, parallel sizes.
+    const SHAPES: [(usize, usize, usize); 14] = [
+        (1, 1, 1),
+        (1, 7, 33),
+        (3, 10, 8),
+        (4, 3, 9),
+        (5, 8, 16),
+        (6, 9, 31),
+        (2, 300, 17),
+        (7, 64, 64),
+        (11, 270, 24),
+        (12, 5, 32),
+        (13, 33, 70),
+        (25, 300, 40),
+        (32, 768, 96),
+        (40, 256, 512),
+    ];
 
     #[test]
     #[cfg_attr(not(cpu_avx512f), ignore = "skipped: this CPU has no AVX-512F")]
     fn matches_a_plain_product_at_every_shape_edge() {
-        // Odd and even inputs, partial panels, every tile remainder, parallel sizes.
-        let shapes = [
-            (1, 1, 1),
-            (1, 7, 33),
-            (5, 8, 16),
-            (6, 9, 31),
-            (7, 64, 64),
-            (12, 5, 32),
-            (13, 33, 70),
-            (25, 300, 40),
-            (32, 768, 96),
-            (40, 256, 512),
-        ];
-        check_shapes(make, &shapes, <[f32]>::to_vec);
+        check_shapes(make, &SHAPES, <[f32]>::to_vec);
     }
 
     #[test]
@@ -579,7 +642,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(cpu_avx2_fma), ignore = "skipped: this CPU has no AVX2 with FMA")]
+    fn the_avx2_tiles_match_a_plain_product_at_every_shape_edge() {
+        check_shapes(make_avx2, &SHAPES, <[f32]>::to_vec);
+    }
+
+    #[test]
+    #[cfg_attr(not(cpu_avx2_fma), ignore = "skipped: this CPU has no AVX2 with FMA")]
+    fn with_the_avx2_tiles_a_row_comes_out_the_same_whatever_rows_share_the_product() {
+        check_rows_alone(make_avx2, 32, &[1, 2, 5, 6, 7, 11, 12, 13, 25]);
+    }
+
+    #[test]
     fn mismatched_sizes_are_errors() {
-        check_mismatched(make, available());
+        check_mismatched(make, super::super::detect::avx512f());
+        check_mismatched(make_avx2, super::super::detect::avx2_fma());
+    }
+
+    #[test]
+    fn the_widest_kernel_the_cpu_has_is_chosen() {
+        let want = match isa() {
+            Isa::Amx | Isa::Avx512 => Some(Kernel::Avx512),
+            Isa::Avx2 => Some(Kernel::Avx2),
+            Isa::Portable => None,
+        };
+        assert_eq!(Kernel::widest(), want);
+        let packed = Packed::new(&[1.0; 8], None, 4, 2);
+        assert_eq!(packed.map(|p| p.kernel).ok(), want);
     }
 }
