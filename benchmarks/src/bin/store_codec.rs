@@ -7,12 +7,13 @@
 //! - **Codec**: `aigrid_store::codec::Codec`. Its `code_stripe` (repair) takes the
 //!   stripe whole and owned, as a repair hands over the stripe it rebuilt (made
 //!   outside the clock): the data shards are slices of it, padded in place, and the
-//!   parity is coded into fresh buffers; its `rebuild` (every read) takes the
+//!   parity is coded into buffers the codec takes back when the shards drop (the
+//!   last stripe's, here); its `rebuild` (every read) takes the
 //!   stripe's room with the surviving data shards in place, as a reader fetches them
 //!   straight there, and writes the lost ones. Both work in column blocks, spread over the codec's own pool of one
 //!   thread per core: one caller codes on every core.
 //! - **Codec::encode_parity**: parity only, from data shards the caller keeps
-//!   (slices of the stripe here), into freshly allocated parity: what `code_stripe`
+//!   (slices of the stripe here), into the codec's reused parity buffers: what `code_stripe`
 //!   does for a push, whose chunks are the data shards.
 //! - **rse raw**: `reed-solomon-erasure` (simd-accel) on preallocated buffers, no
 //!   copies: data shards are slices of the stripe, parity and lost shards are
