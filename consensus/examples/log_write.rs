@@ -8,7 +8,8 @@
 //!
 //! * `FileLog`: the log the servers run (`aigrid_consensus::log_file`), through
 //!   the same `Durable::write` the replica calls: one checksummed record per
-//!   batch, appended, then `sync_data`;
+//!   batch, written over the zeros the log keeps ahead of its records, then
+//!   `sync_data`;
 //! * `RedbDisk`: the redb-backed medium the servers used before, through the same
 //!   call: one write transaction per batch, default durability;
 //! * file: one `write_all` of the length-prefixed batch appended to a single
