@@ -417,7 +417,9 @@ async fn over_the_concurrency_limit_answers_429_and_a_dropped_client_is_cancelle
     };
     let server = start(ModelSource::Dir(dir.clone()), "tiny", limits).await;
     server.wait_ready(Duration::from_secs(60)).await;
-    let long = json!({"model": "tiny", "prompt": "go", "max_tokens": 1000, "stream": true, "temperature": 0.8});
+    // Seeded: an unseeded sample may end on a stop token within a few steps and
+    // free its place before the request that must find none.
+    let long = json!({"model": "tiny", "prompt": "go", "max_tokens": 1000, "stream": true, "temperature": 0.8, "seed": 11});
     let mut held = Vec::new();
     for _ in 0..2 {
         let r = server
