@@ -1,5 +1,8 @@
 //! A quantized GGUF Llama served over HTTP gives the greedy tokens of
-//! candle-transformers' own quantized Llama run directly.
+//! candle-transformers' own quantized Llama run directly, over the same arithmetic:
+//! where Q8_0 goes through the packed product (`Dense::q8_packed_on`), ours
+//! multiplies f32 activations by the values the blocks hold, so the reference runs
+//! those values as F32 matrices; elsewhere both run candle's quantized products.
 
 mod common;
 
@@ -10,7 +13,7 @@ use aigrid_serving::gguf_export::{write_gguf as write_gguf_file, GgufType};
 use aigrid_serving::server::Limits;
 use aigrid_serving::tiny::{write_tiny_llama, TinyLlama};
 use aigrid_serving::ModelSource;
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
 use candle_transformers::models::quantized_llama::ModelWeights;
 use common::start;
@@ -35,8 +38,40 @@ fn write_gguf(dir: &Path) {
     std::fs::remove_file(dir.join("config.json")).unwrap();
 }
 
-fn reference(dir: &Path, prompt: &[u32], max: usize) -> Vec<u32> {
+/// The file's tensors as F32 holding the values of its blocks.
+fn widened(dir: &Path) -> std::path::PathBuf {
     let mut file = std::fs::File::open(dir.join("model.gguf")).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+        let values = q.dequantize(&Device::Cpu).unwrap();
+        tensors.push((
+            name.clone(),
+            QTensor::quantize(&values, GgmlDType::F32).unwrap(),
+        ));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    // Outside the model's directory, which the server serves.
+    let path = dir.with_extension("values.gguf");
+    let mut out = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+    path
+}
+
+fn reference(dir: &Path, prompt: &[u32], max: usize) -> Vec<u32> {
+    let cpu = aigrid_serving::kernels::Backend::for_device(&Device::Cpu);
+    let path = if aigrid_serving::dense::Dense::q8_packed_on(cpu) {
+        widened(dir)
+    } else {
+        dir.join("model.gguf")
+    };
+    let mut file = std::fs::File::open(path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
     common::greedy(prompt, max, &[], |x, pos| model.forward(x, pos).unwrap())

@@ -342,7 +342,13 @@ fn print_table(
         );
     }
     println!();
-    println!("aigrid: `Limits::default()` (up to 64 sequences per step), in this process with its clients; llama.cpp: `python -m llama_cpp.server`, one sequence at a time, in its own process; both over loopback HTTP/1.1. llama.cpp's completion tokens are those of the same request unstreamed; {unsteady} of its streamed outputs differed from their unstreamed text beyond characters split across tokens (which streaming drops). Identical outputs: requests whose text was the same from both servers; the two quantize activations and sum in their own orders, so with random weights (near ties between tokens) greedy paths part after a few tokens, Q8_0 sooner than F16.");
+    let cpu = aigrid_serving::kernels::Backend::for_device(&candle_core::Device::Cpu);
+    let q8 = if aigrid_serving::dense::Dense::q8_packed_on(cpu) {
+        "not here (its Q8_0 weights, widened to f32, multiply f32 activations: this CPU's widest instructions are AVX2)"
+    } else {
+        "too here (candle's quantized products)"
+    };
+    println!("aigrid: `Limits::default()` (up to 64 sequences per step), in this process with its clients; llama.cpp: `python -m llama_cpp.server`, one sequence at a time, in its own process; both over loopback HTTP/1.1. llama.cpp's completion tokens are those of the same request unstreamed; {unsteady} of its streamed outputs differed from their unstreamed text beyond characters split across tokens (which streaming drops). Identical outputs: requests whose text was the same from both servers; the two sum in their own orders, and for Q8_0 llama.cpp quantizes the activations to 8 bits, which aigrid does {q8}, so with random weights (near ties between tokens) greedy paths part after a few tokens, Q8_0 sooner than F16.");
     let first = rows.iter().min_by_key(|r| r.clients);
     let last = rows.iter().max_by_key(|r| r.clients);
     if let (Some(first), Some(last)) = (first, last) {

@@ -31,14 +31,14 @@ use super::{isa, Isa};
 
 /// A panel's register tiles over all its rows: full tiles of `$mr` rows, then one
 /// tile of the rest (`$rest`: every count below `$mr`). Each call is
-/// `$tile::<R>(first input row, first output row, ldc, $args…)`; used inside an
-/// `unsafe fn` whose contract covers `rows × input` inputs at `x` and `rows` output
-/// rows of stride `ldc` at `c`.
+/// `$tile::<R, $q8>(first input row, first output row, ldc, $args…)`; used inside
+/// an `unsafe fn` whose contract covers `rows × input` inputs at `x` and `rows`
+/// output rows of stride `ldc` at `c`.
 macro_rules! row_tiles {
-    (@call $tile:ident::<$n:tt>($a:ident, $c:ident, $ldc:ident; ($($arg:expr),*))) => {
-        $tile::<$n>($a, $c, $ldc, $($arg),*)
+    (@call $tile:ident::<$n:tt, $q8:tt>($a:ident, $c:ident, $ldc:ident; ($($arg:expr),*))) => {
+        $tile::<$n, $q8>($a, $c, $ldc, $($arg),*)
     };
-    ($tile:ident::<$mr:ident | $($rest:literal)*>($x:expr, $input:expr, $rows:expr, $c:expr, $ldc:expr; $args:tt)) => {{
+    ($tile:ident::<$mr:ident | $($rest:literal)*; $q8:tt>($x:expr, $input:expr, $rows:expr, $c:expr, $ldc:expr; $args:tt)) => {{
         let (x, input, rows, c, ldc): (&[f32], usize, usize, *mut f32, usize) =
             ($x, $input, $rows, $c, $ldc);
         let mut r = 0;
@@ -46,7 +46,7 @@ macro_rules! row_tiles {
             // SAFETY: rows r..r+MR exist; the caller's contract for the rest.
             unsafe {
                 let (a, c) = (x.as_ptr().add(r * input), c.add(r * ldc));
-                row_tiles!(@call $tile::<$mr>(a, c, ldc; $args))
+                row_tiles!(@call $tile::<$mr, $q8>(a, c, ldc; $args))
             };
             r += $mr;
         }
@@ -55,7 +55,7 @@ macro_rules! row_tiles {
         // SAFETY: the remaining `rows - r` rows, as above.
         unsafe {
             match rows - r {
-                $($rest => row_tiles!(@call $tile::<$rest>(a, c, ldc; $args)),)*
+                $($rest => row_tiles!(@call $tile::<$rest, $q8>(a, c, ldc; $args)),)*
                 _ => {}
             }
         }
@@ -64,6 +64,9 @@ macro_rules! row_tiles {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod q8;
+
+pub use q8::Q8Packed;
 
 /// Output columns per panel: two 16-lane vectors.
 pub const NR: usize = 32;
@@ -149,12 +152,39 @@ impl Kernel {
         }
     }
 
+    /// Rows of one register tile.
+    fn tile_rows(self) -> usize {
+        match self {
+            Kernel::Avx512 => MR,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::MR,
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx2 => MR,
+        }
+    }
+
     /// Whether this CPU runs it.
     fn runs_here(self) -> bool {
         match self {
             Kernel::Avx512 => super::detect::avx512f(),
             Kernel::Avx2 => super::detect::avx2_fma(),
         }
+    }
+
+    /// The widest this CPU runs, or why there is none.
+    fn widest_here() -> Result<Kernel> {
+        match Kernel::widest() {
+            Some(kernel) => Ok(kernel),
+            None => candle_core::bail!("the packed product needs AVX-512F or AVX2 with FMA"),
+        }
+    }
+
+    /// An error unless this CPU runs it.
+    fn check(self) -> Result<()> {
+        if !self.runs_here() {
+            candle_core::bail!("this CPU has no {self:?} for the packed product");
+        }
+        Ok(())
     }
 }
 
@@ -177,10 +207,7 @@ impl Packed {
     /// From a row-major `[output, input]` weight (a checkpoint's layout) and an
     /// optional `[output]` bias.
     pub fn new(weight: &[f32], bias: Option<&[f32]>, input: usize, output: usize) -> Result<Self> {
-        let Some(kernel) = Kernel::widest() else {
-            candle_core::bail!("the packed product needs AVX-512F or AVX2 with FMA");
-        };
-        Packed::with_kernel(weight, bias, input, output, kernel)
+        Packed::with_kernel(weight, bias, input, output, Kernel::widest_here()?)
     }
 
     fn with_kernel(
@@ -191,9 +218,7 @@ impl Packed {
         kernel: Kernel,
     ) -> Result<Self> {
         check_weight(weight, bias, input, output)?;
-        if !kernel.runs_here() {
-            candle_core::bail!("this CPU has no {kernel:?} for the packed product");
-        }
+        kernel.check()?;
         let panels = output.div_ceil(NR);
         let zero = Lanes([0.0; 16]);
         let mut data = vec![zero; panels * input * 2];
@@ -221,53 +246,115 @@ impl Packed {
 
     /// `x[rows, input] · Wᵀ + b` → `[rows, output]`, both row-major.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let rows = rows_of(x, self.input, self.output, "a packed")?;
         let input = self.input;
-        // Many rows go in blocks of MB, each block's inputs staying in L2 while every
-        // panel passes over them.
-        // SAFETY: `block` writes every element of its rows: each panel all its
-        // columns of every row.
-        Ok(unsafe {
-            in_row_blocks(rows, self.output, MB, |start, n, out| {
-                self.block(&x[start * input..(start + n) * input], out)
-            })
-        })
-    }
-
-    /// One block of rows, panels split over the threads.
-    fn block(&self, x: &[f32], out: &mut [MaybeUninit<f32>]) {
-        let rows = x.len() / self.input;
-        let panels = self.output.div_ceil(NR);
-        let dst = Dst(out.as_mut_ptr().cast());
-        let run = |panel: usize| {
-            let cols = (self.output - panel * NR).min(NR);
-            let b = &self.data[panel * self.input * 2..(panel + 1) * self.input * 2];
-            let bias = &self.bias[panel * 2..panel * 2 + 2];
-            // SAFETY: the kernel's instructions are present (checked when the
-            // weight was packed); `x` holds `rows × input` values, `b` the panel's
-            // `input × NR`, and the panel writes only its own `cols` columns of each
-            // of the `rows` output rows, which no other panel touches.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                let c = dst.at(panel * NR);
-                match self.kernel {
-                    Kernel::Avx512 => {
-                        avx512::panel(x, self.input, rows, b, bias, c, self.output, cols)
-                    }
-                    Kernel::Avx2 => avx2::panel(x, self.input, rows, b, bias, c, self.output, cols),
+        let panel = |(): &mut (), job: Job, panel: usize| {
+            let data = self.data[panel * input * 2..].as_ptr() as *const f32;
+            for part in Part::blocks(input) {
+                // SAFETY: the kernel's instructions are present (checked when the
+                // weight was packed); the block's `len × NR` values start `k0 × NR`
+                // into the panel's `input × NR`.
+                unsafe {
+                    let b = Source::values(data.add(part.k0 * NR));
+                    block_on::<false>(self.kernel, Job { b, part, ..job });
                 }
             }
         };
-        let work = rows * self.input * self.output;
+        // SAFETY: a panel's input blocks write its columns of every row, the first
+        // starting the sums and the last ending them, and nothing else.
+        unsafe { panel_product(x, input, self.output, "a packed", &self.bias, || (), panel) }
+    }
+}
+
+/// One input block of one panel for a block of rows: what a kernel's `block` takes.
+#[derive(Clone, Copy)]
+pub(crate) struct Job<'a> {
+    /// The rows' inputs, `rows × input`.
+    x: &'a [f32],
+    input: usize,
+    rows: usize,
+    /// The block's weights.
+    b: Source,
+    /// The panel's two bias vectors.
+    bias: &'a [Lanes],
+    /// The panel's first column of the first row of the output.
+    c: *mut f32,
+    /// The output's row stride.
+    ldc: usize,
+    /// The panel's columns (1..=[`NR`]).
+    cols: usize,
+    part: Part,
+}
+
+/// `x[rows, input]` → `[rows, output]` (row-major) by panels of [`NR`] outputs:
+/// rows in blocks of [`MB`], each block's inputs staying in L2 while every panel
+/// passes over them, and within a block the panels split over the threads (above
+/// [`PARALLEL_MIN`] multiply-adds), each thread with its own `init()`.
+/// `panel(state, job, p)` writes panel `p` for the block's rows: `job` names them,
+/// the panel's bias and output, with its weights and input block left to fill.
+///
+/// # Safety
+/// `panel` writes every one of the panel's `job.cols` columns of each of the
+/// `job.rows` rows at `job.c` (stride `job.ldc`), and nothing else.
+unsafe fn panel_product<T>(
+    x: &[f32],
+    input: usize,
+    output: usize,
+    what: &str,
+    bias: &[Lanes],
+    init: impl Fn() -> T + Sync + Send,
+    panel: impl Fn(&mut T, Job, usize) + Sync + Send,
+) -> Result<Vec<f32>> {
+    let rows = rows_of(x, input, output, what)?;
+    let panels = output.div_ceil(NR);
+    let block = |start: usize, rows: usize, out: &mut [MaybeUninit<f32>]| {
+        let x = &x[start * input..(start + rows) * input];
+        let dst = Dst(out.as_mut_ptr().cast());
+        let run = |state: &mut T, p: usize| {
+            let job = Job {
+                x,
+                input,
+                rows,
+                b: Source::values(std::ptr::null()),
+                bias: &bias[p * 2..p * 2 + 2],
+                c: dst.at(p * NR),
+                ldc: output,
+                cols: (output - p * NR).min(NR),
+                part: Part::whole(input),
+            };
+            panel(state, job, p)
+        };
+        let work = rows * input * output;
         if work < PARALLEL_MIN || rayon::current_num_threads() == 1 {
-            (0..panels).for_each(run);
+            let mut state = init();
+            (0..panels).for_each(|p| run(&mut state, p));
         } else {
-            let per_panel = rows * self.input * NR;
+            let per_panel = rows * input * NR;
             let min_len = PARALLEL_MIN.div_ceil(per_panel).max(1);
             (0..panels)
                 .into_par_iter()
                 .with_min_len(min_len)
-                .for_each(run);
+                .for_each_init(&init, run);
+        }
+    };
+    // SAFETY: every panel writes all its columns of the block's rows (the
+    // caller's contract), and the panels cover the outputs.
+    Ok(unsafe { in_row_blocks(rows, output, MB, block) })
+}
+
+/// Runs one input block of one panel on `kernel`'s register tiles, the weights
+/// read from `job.b` (f32 values, or Q8_0 bytes and scales with `Q8`).
+///
+/// # Safety
+/// The kernel's instructions are present; `job.x` holds `rows × input` values,
+/// `job.b` the block's `part.len` inputs of the panel, and `job.c` (stride
+/// `ldc`) the panel's `cols` columns of `rows` output rows, the panel's alone.
+unsafe fn block_on<const Q8: bool>(kernel: Kernel, job: Job) {
+    // SAFETY: the caller's contract.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match kernel {
+            Kernel::Avx512 => avx512::block::<Q8>(job),
+            Kernel::Avx2 => avx2::block::<Q8>(job),
         }
     }
 }
@@ -299,7 +386,7 @@ pub(crate) unsafe fn in_row_blocks(
 /// The output, written by panels in parallel at disjoint columns.
 #[derive(Clone, Copy)]
 pub(crate) struct Dst(pub(crate) *mut f32);
-// SAFETY: each panel writes only its own columns (see `Packed::matmul` and
+// SAFETY: each panel writes only its own columns (see `panel_product` and
 // `AmxPacked::matmul`).
 unsafe impl Send for Dst {}
 unsafe impl Sync for Dst {}
@@ -327,6 +414,17 @@ struct Part {
 }
 
 impl Part {
+    /// All `input` inputs as one block.
+    fn whole(input: usize) -> Part {
+        Part {
+            k0: 0,
+            len: input,
+            lda: input,
+            first: true,
+            last: true,
+        }
+    }
+
     /// The blocks of `input` inputs, in order.
     fn blocks(input: usize) -> impl Iterator<Item = Part> {
         (0..input).step_by(KC).map(move |k0| {
@@ -342,31 +440,68 @@ impl Part {
     }
 }
 
+/// Where a register tile reads a panel's block of weights: f32 values laid out
+/// `[input][NR]` (a [`Packed`] panel, or a Q8_0 panel widened into a buffer), or a
+/// Q8_0 panel's bytes (`[input][NR]`) and its blocks' scales (`[input / 32][NR]`),
+/// widened in registers as the tile goes (tiles with `Q8 = true`).
+#[derive(Clone, Copy)]
+pub(crate) struct Source {
+    /// The block's first input's values (`Q8 = false`).
+    values: *const f32,
+    /// The block's first input's bytes (`Q8 = true`).
+    quants: *const i8,
+    /// The scales of the block's first 32 inputs (`Q8 = true`); the block starts
+    /// a Q8_0 block.
+    scales: *const f32,
+}
+
+impl Source {
+    /// f32 values at `values`, 64-byte aligned.
+    pub(crate) fn values(values: *const f32) -> Source {
+        Source {
+            values,
+            quants: std::ptr::null(),
+            scales: std::ptr::null(),
+        }
+    }
+
+    /// Q8_0 bytes at `quants` and their scales at `scales`, 64-byte aligned.
+    pub(crate) fn q8(quants: *const i8, scales: *const f32) -> Source {
+        Source {
+            values: std::ptr::null(),
+            quants,
+            scales,
+        }
+    }
+
+    /// The same weights from column `from` of each input's [`NR`].
+    fn columns(self, from: usize) -> Source {
+        Source {
+            values: self.values.wrapping_add(from),
+            quants: self.quants.wrapping_add(from),
+            scales: self.scales.wrapping_add(from),
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Lanes, Part, KC, MR};
+    use super::{Job, Part, Source, KC, MR};
     use std::arch::x86_64::*;
 
-    /// One panel for all rows: full tiles of `MR` rows, then the rest.
+    /// One input block of a panel for all rows: full tiles of `MR` rows, then the
+    /// rest.
     ///
     /// # Safety
-    /// AVX-512F; `x` is `rows × input`; `b` is the panel (`input × 2` vectors);
-    /// `c` points at the panel's first column of row 0 of a `rows × ldc` output and
-    /// `cols ≤ 32` columns from there are the panel's to write.
+    /// AVX-512F; `job` as [`super::block_on`] says.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn panel(
-        x: &[f32],
-        input: usize,
-        rows: usize,
-        b: &[Lanes],
-        bias: &[Lanes],
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
-        let b = b.as_ptr() as *const f32;
-        let bias = bias.as_ptr() as *const f32;
+    pub(super) unsafe fn block<const Q8: bool>(job: Job) {
+        let (bias, masks) = (job.bias.as_ptr() as *const f32, masks(job.cols));
+        row_tiles!(tile::<MR | 1 2 3 4 5 6 7 8 9 10 11; Q8>(job.x, job.input, job.rows, job.c, job.ldc; (job.b, bias, masks, job.part)));
+    }
+
+    /// The lanes of the panel's two vectors its `cols` (1..=32) columns fill.
+    fn masks(cols: usize) -> (__mmask16, __mmask16) {
         let mask0 = if cols >= 16 {
             0xffff
         } else {
@@ -379,24 +514,20 @@ mod avx512 {
         } else {
             0
         };
-        let masks = (mask0 as __mmask16, mask1 as __mmask16);
-        // Input blocks of KC: a block of the panel (KC × 32 floats) stays in L1 while
-        // every row tile passes over it.
-        for part in Part::blocks(input) {
-            let b = b.add(part.k0 * 32);
-            row_tiles!(tile::<MR | 1 2 3 4 5 6 7 8 9 10 11>(x, input, rows, c, ldc; (b, bias, masks, part)));
-        }
+        (mask0, mask1)
     }
 
     /// `R` rows × one panel over one input block, continuing the sums in the
-    /// output unless the block is the first; the last adds the bias.
+    /// output unless the block is the first; the last adds the bias. With `Q8`
+    /// each input's 32 weights are its bytes times their block's scales, widened
+    /// here (exact in f32, so the sums are those over a widened buffer).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tile<const R: usize>(
+    unsafe fn tile<const R: usize, const Q8: bool>(
         a: *const f32,
         c: *mut f32,
         ldc: usize,
-        b: *const f32,
+        b: Source,
         bias: *const f32,
         (mask0, mask1): (__mmask16, __mmask16),
         part: Part,
@@ -424,11 +555,27 @@ mod avx512 {
                 // The panel's next block (or the next panel, which follows it in
                 // memory) into L2 while this one is in use: the weights stream from
                 // memory, and a decoding step has too few rows to hide its latency.
-                let ahead = b.wrapping_add((k + KC) * 32) as *const i8;
-                _mm_prefetch::<_MM_HINT_T1>(ahead);
-                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64));
-                let b0 = _mm512_load_ps(b.add(k * 32));
-                let b1 = _mm512_load_ps(b.add(k * 32 + 16));
+                let (b0, b1) = if Q8 {
+                    let q = b.quants.add(k * 32);
+                    _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(KC * 32));
+                    let s = b.scales.add(k / 32 * 32);
+                    let bytes = _mm256_loadu_si256(q as *const __m256i);
+                    let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes));
+                    let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(bytes));
+                    (
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(lo), _mm512_load_ps(s)),
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(hi), _mm512_load_ps(s.add(16))),
+                    )
+                } else {
+                    let b = b.values;
+                    let ahead = b.wrapping_add((k + KC) * 32) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T1>(ahead);
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64));
+                    (
+                        _mm512_load_ps(b.add(k * 32)),
+                        _mm512_load_ps(b.add(k * 32 + 16)),
+                    )
+                };
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let x = _mm512_set1_ps(*a.add(r * lda + k));
                     acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);

@@ -5,48 +5,31 @@
 //! The halves of a panel go in turn over each input block, which the first half
 //! brings into L1 for the second.
 
-use super::{Lanes, Part, KC};
+use super::{Job, Part, Source, KC};
 use std::arch::x86_64::*;
 
 /// Rows per register tile.
-const MR: usize = 6;
+pub(super) const MR: usize = 6;
 
-/// One panel for all rows: per input block, per half panel, full tiles of `MR`
+/// One input block of a panel for all rows: per half panel, full tiles of `MR`
 /// rows, then the rest.
 ///
 /// # Safety
-/// AVX2 and FMA; `x` is `rows × input`; `b` is the panel (`input × 2` vectors of
-/// 16); `c` points at the panel's first column of row 0 of a `rows × ldc` output
-/// and `cols ≤ 32` columns from there are the panel's to write.
+/// AVX2 and FMA; `job` as [`super::block_on`] says.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn panel(
-    x: &[f32],
-    input: usize,
-    rows: usize,
-    b: &[Lanes],
-    bias: &[Lanes],
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
-) {
-    let b = b.as_ptr() as *const f32;
-    let bias = bias.as_ptr() as *const f32;
-    for part in Part::blocks(input) {
-        for half in 0..2 {
-            let width = cols.saturating_sub(half * 16).min(16);
-            if width == 0 {
-                break;
-            }
-            let masks = masks(width);
-            // The half panel's columns: 16 of each input's 32, from `half * 16`.
-            let (b, bias, c) = (
-                b.add(part.k0 * 32 + half * 16),
-                bias.add(half * 16),
-                c.add(half * 16),
-            );
-            row_tiles!(tile::<MR | 1 2 3 4 5>(x, input, rows, c, ldc; (b, bias, masks, part)));
+pub(super) unsafe fn block<const Q8: bool>(job: Job) {
+    let bias = job.bias.as_ptr() as *const f32;
+    for half in 0..2 {
+        let width = job.cols.saturating_sub(half * 16).min(16);
+        if width == 0 {
+            break;
         }
+        let masks = masks(width);
+        // The half panel's columns: 16 of each input's 32, from `half * 16`.
+        let b = job.b.columns(half * 16);
+        // SAFETY: within the bias and the panel's columns.
+        let (bias, c) = unsafe { (bias.add(half * 16), job.c.add(half * 16)) };
+        row_tiles!(tile::<MR | 1 2 3 4 5; Q8>(job.x, job.input, job.rows, c, job.ldc; (b, bias, masks, job.part)));
     }
 }
 
@@ -59,14 +42,16 @@ fn masks(width: usize) -> [__m256i; 2] {
 }
 
 /// `R` rows × one half panel over one input block, continuing the sums in the
-/// output unless the block is the first; the last adds the bias.
+/// output unless the block is the first; the last adds the bias. With `Q8` each
+/// input's 16 weights are its bytes times their block's scales, widened here
+/// (exact in f32, so the sums are those over a widened buffer).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile<const R: usize>(
+unsafe fn tile<const R: usize, const Q8: bool>(
     a: *const f32,
     c: *mut f32,
     ldc: usize,
-    b: *const f32,
+    b: Source,
     bias: *const f32,
     [mask0, mask1]: [__m256i; 2],
     part: Part,
@@ -99,9 +84,19 @@ unsafe fn tile<const R: usize>(
         for k in 0..len {
             // The panel's next block into L2 while this one is in use, as the
             // AVX-512 tile does (a cache line holds the half panel's 16 columns).
-            _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add((k + KC) * 32) as *const i8);
-            let b0 = _mm256_load_ps(b.add(k * 32));
-            let b1 = _mm256_load_ps(b.add(k * 32 + 8));
+            let (b0, b1) = if Q8 {
+                let q = b.quants.add(k * 32);
+                _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(KC * 32));
+                let s = b.scales.add(k / 32 * 32);
+                (widen(q, s), widen(q.add(8), s.add(8)))
+            } else {
+                let b = b.values;
+                _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add((k + KC) * 32) as *const i8);
+                (
+                    _mm256_load_ps(b.add(k * 32)),
+                    _mm256_load_ps(b.add(k * 32 + 8)),
+                )
+            };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x = _mm256_broadcast_ss(&*a.add(r * lda + k));
                 acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
@@ -124,5 +119,20 @@ unsafe fn tile<const R: usize>(
                 _mm256_maskstore_ps(row.add(8), mask1, v1);
             }
         }
+    }
+}
+
+/// 8 bytes at `at` times the 8 scales at `scale` (32-byte aligned), as f32.
+///
+/// # Safety
+/// AVX2; both readable.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn widen(at: *const i8, scale: *const f32) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let bytes = _mm_loadl_epi64(at as *const __m128i);
+        let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+        _mm256_mul_ps(v, _mm256_load_ps(scale))
     }
 }
