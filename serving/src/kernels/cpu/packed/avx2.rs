@@ -82,21 +82,7 @@ unsafe fn tile<const R: usize, const Q8: bool>(
             }
         }
         for k in 0..len {
-            // The panel's next block into L2 while this one is in use, as the
-            // AVX-512 tile does (a cache line holds the half panel's 16 columns).
-            let (b0, b1) = if Q8 {
-                let q = b.quants.add(k * 32);
-                _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(KC * 32));
-                let s = b.scales.add(k / 32 * 32);
-                (widen(q, s), widen(q.add(8), s.add(8)))
-            } else {
-                let b = b.values;
-                _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add((k + KC) * 32) as *const i8);
-                (
-                    _mm256_load_ps(b.add(k * 32)),
-                    _mm256_load_ps(b.add(k * 32 + 8)),
-                )
-            };
+            let (b0, b1) = weights::<Q8>(b, k);
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x = _mm256_broadcast_ss(&*a.add(r * lda + k));
                 acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
@@ -122,17 +108,66 @@ unsafe fn tile<const R: usize, const Q8: bool>(
     }
 }
 
-/// 8 bytes at `at` times the 8 scales at `scale` (32-byte aligned), as f32.
+/// Input `k`'s 16 weights of a half panel's block: loaded, or with `Q8` its
+/// bytes times their block's scales (exact in f32); the block ahead is prefetched,
+/// as the AVX-512 tile does (a cache line holds the half panel's 16 columns).
+///
+/// # Safety
+/// AVX2; `b` holds input `k` of its block, from the half panel's first column.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn weights<const Q8: bool>(b: Source, k: usize) -> (__m256, __m256) {
+    // SAFETY (whole body): the caller's contract.
+    unsafe {
+        if Q8 {
+            let q = b.quants.add(k * 32);
+            _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(KC * 32));
+            let s = b.scales.add(k / 32 * 32);
+            (scaled(q, s), scaled(q.add(8), s.add(8)))
+        } else {
+            let b = b.values;
+            _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add((k + KC) * 32) as *const i8);
+            (
+                _mm256_load_ps(b.add(k * 32)),
+                _mm256_load_ps(b.add(k * 32 + 8)),
+            )
+        }
+    }
+}
+
+/// Widens `len` inputs of a Q8_0 block (`b`'s bytes and scales) into `out` as
+/// f32 `[input][32]`, half panel by half panel as the tiles read them.
+///
+/// # Safety
+/// AVX2; `b` holds the `len` inputs, `out` `len × 32` floats, 32-byte aligned.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn widen(b: Source, len: usize, out: *mut f32) {
+    for k in 0..len {
+        for half in 0..2 {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let (v0, v1) = weights::<true>(b.columns(half * 16), k);
+                let out = out.add(k * 32 + half * 16);
+                _mm256_store_ps(out, v0);
+                _mm256_store_ps(out.add(8), v1);
+            }
+        }
+    }
+}
+
+/// 8 bytes at `q` times the 8 scales at `s` (32-byte aligned), as f32.
 ///
 /// # Safety
 /// AVX2; both readable.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn widen(at: *const i8, scale: *const f32) -> __m256 {
+unsafe fn scaled(q: *const i8, s: *const f32) -> __m256 {
     // SAFETY: the caller's contract.
     unsafe {
-        let bytes = _mm_loadl_epi64(at as *const __m128i);
-        let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-        _mm256_mul_ps(v, _mm256_load_ps(scale))
+        let bytes = _mm_loadl_epi64(q as *const __m128i);
+        _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
+            _mm256_load_ps(s),
+        )
     }
 }

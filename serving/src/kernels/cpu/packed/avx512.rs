@@ -68,30 +68,7 @@ unsafe fn tile<const R: usize, const Q8: bool>(
             }
         }
         for k in 0..len {
-            // The panel's next block (or the next panel, which follows it in
-            // memory) into L2 while this one is in use: the weights stream from
-            // memory, and a decoding step has too few rows to hide its latency.
-            let (b0, b1) = if Q8 {
-                let q = b.quants.add(k * 32);
-                _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(KC * 32));
-                let s = b.scales.add(k / 32 * 32);
-                let bytes = _mm256_loadu_si256(q as *const __m256i);
-                let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes));
-                let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(bytes));
-                (
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(lo), _mm512_load_ps(s)),
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(hi), _mm512_load_ps(s.add(16))),
-                )
-            } else {
-                let b = b.values;
-                let ahead = b.wrapping_add((k + KC) * 32) as *const i8;
-                _mm_prefetch::<_MM_HINT_T1>(ahead);
-                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64));
-                (
-                    _mm512_load_ps(b.add(k * 32)),
-                    _mm512_load_ps(b.add(k * 32 + 16)),
-                )
-            };
+            let (b0, b1) = weights::<Q8>(b, k);
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*a.add(r * lda + k));
                 acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
@@ -109,6 +86,60 @@ unsafe fn tile<const R: usize, const Q8: bool>(
             if mask1 != 0 {
                 _mm512_mask_storeu_ps(row.add(16), mask1, _mm512_add_ps(acc[1], bias1));
             }
+        }
+    }
+}
+
+/// Input `k`'s 32 weights of a block: loaded, or with `Q8` its bytes times their
+/// block's scales (exact in f32); the block ahead is prefetched.
+///
+/// # Safety
+/// AVX-512F; `b` holds input `k` of its block.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn weights<const Q8: bool>(b: Source, k: usize) -> (__m512, __m512) {
+    // SAFETY (whole body): the caller's contract.
+    unsafe {
+        // The panel's next block (or the next panel, which follows it in memory)
+        // into L2 while this one is in use: the weights stream from memory, and a
+        // decoding step has too few rows to hide its latency.
+        if Q8 {
+            let q = b.quants.add(k * 32);
+            _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(KC * 32));
+            let s = b.scales.add(k / 32 * 32);
+            let bytes = _mm256_loadu_si256(q as *const __m256i);
+            let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes));
+            let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(bytes));
+            (
+                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), _mm512_load_ps(s)),
+                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), _mm512_load_ps(s.add(16))),
+            )
+        } else {
+            let b = b.values;
+            let ahead = b.wrapping_add((k + KC) * 32) as *const i8;
+            _mm_prefetch::<_MM_HINT_T1>(ahead);
+            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64));
+            (
+                _mm512_load_ps(b.add(k * 32)),
+                _mm512_load_ps(b.add(k * 32 + 16)),
+            )
+        }
+    }
+}
+
+/// Widens `len` inputs of a Q8_0 block (`b`'s bytes and scales) into `out` as
+/// f32 `[input][32]`.
+///
+/// # Safety
+/// AVX-512F; `b` holds the `len` inputs, `out` `len × 32` floats, 64-byte aligned.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn widen(b: Source, len: usize, out: *mut f32) {
+    for k in 0..len {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let (v0, v1) = weights::<true>(b, k);
+            _mm512_store_ps(out.add(k * 32), v0);
+            _mm512_store_ps(out.add(k * 32 + 16), v1);
         }
     }
 }

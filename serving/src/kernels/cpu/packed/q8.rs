@@ -21,7 +21,7 @@
 //! order whatever the number of rows, as [`super::Packed`] does: a sequence's
 //! logits do not depend on its step's company.
 
-// Unsafe: AVX-512 and AVX2 intrinsics, called only once detection found them.
+// Unsafe: the kernels' widening and tiles (AVX-512 and AVX2), called only once detection found them.
 #![allow(unsafe_code)]
 
 use candle_core::Result;
@@ -172,80 +172,20 @@ impl Q8Packed {
     }
 }
 
-/// Widens `len` inputs of a panel with `kernel`'s instructions, as [`avx512`] says.
+/// Widens `len` inputs of a panel (whole blocks of 32), `q` at their bytes and
+/// `s` at their blocks' scales, into `out` (`len × NR` floats, 64-byte aligned)
+/// as `[input][NR]`, with `kernel`'s instructions.
 ///
 /// # Safety
-/// The kernel's instructions are present; the pointers as [`avx512`] says.
+/// The kernel's instructions are present; all three hold what is said above.
 unsafe fn widen_on(kernel: Kernel, q: *const i8, s: *const f32, len: usize, out: *mut f32) {
     // SAFETY: the caller's contract.
     #[cfg(target_arch = "x86_64")]
     unsafe {
+        let b = Source::q8(q, s);
         match kernel {
-            Kernel::Avx512 => avx512::widen(q, s, len, out),
-            Kernel::Avx2 => avx2::widen(q, s, len, out),
-        }
-    }
-}
-
-/// Widening `len` inputs of a panel (`len` whole blocks): `q` at their bytes
-/// (`len × NR`), `s` at their blocks' scales (`len / 32 × NR`, 64-byte aligned),
-/// into `out` (`len × NR` floats, 64-byte aligned) as `[input][NR]`.
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{BLOCK, KC, NR};
-    use std::arch::x86_64::*;
-
-    /// # Safety
-    /// AVX-512F; the pointers as the module says.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn widen(q: *const i8, s: *const f32, len: usize, out: *mut f32) {
-        // SAFETY (whole body): the caller's contract.
-        unsafe {
-            for block in 0..len / BLOCK {
-                let s = s.add(block * NR);
-                let (s0, s1) = (_mm512_load_ps(s), _mm512_load_ps(s.add(16)));
-                for k in block * BLOCK..(block + 1) * BLOCK {
-                    let q = q.add(k * NR);
-                    // The next input block's bytes into L2 while this one widens.
-                    _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(KC * NR));
-                    let bytes = _mm256_loadu_si256(q as *const __m256i);
-                    let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes));
-                    let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(bytes));
-                    let out = out.add(k * NR);
-                    _mm512_store_ps(out, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), s0));
-                    _mm512_store_ps(out.add(16), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), s1));
-                }
-            }
-        }
-    }
-}
-
-/// As [`avx512`], in vectors of 8.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{BLOCK, KC, NR};
-    use std::arch::x86_64::*;
-
-    /// # Safety
-    /// AVX2; the pointers as [`super::avx512`] says.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn widen(q: *const i8, s: *const f32, len: usize, out: *mut f32) {
-        // SAFETY (whole body): the caller's contract.
-        unsafe {
-            for block in 0..len / BLOCK {
-                let s = s.add(block * NR);
-                let scales: [__m256; 4] = std::array::from_fn(|j| _mm256_load_ps(s.add(j * 8)));
-                for k in block * BLOCK..(block + 1) * BLOCK {
-                    let q = q.add(k * NR);
-                    _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(KC * NR));
-                    let out = out.add(k * NR);
-                    for (j, scale) in scales.iter().enumerate() {
-                        let bytes = _mm_loadl_epi64(q.add(j * 8) as *const __m128i);
-                        let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-                        _mm256_store_ps(out.add(j * 8), _mm256_mul_ps(v, *scale));
-                    }
-                }
-            }
+            Kernel::Avx512 => super::avx512::widen(b, len, out),
+            Kernel::Avx2 => super::avx2::widen(b, len, out),
         }
     }
 }
