@@ -171,3 +171,26 @@ fn an_unknown_key_or_a_bad_variable_stops_every_role_with_one_line() {
         "a refused role started nothing"
     );
 }
+
+/// A control-plane server's heap is millions of small objects: it runs without
+/// transparent huge pages, which the kernel says in the process's status.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_server_runs_without_transparent_huge_pages() {
+    let thp = |pid: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .map(|v| v.trim().to_string())
+    };
+    // This test process keeps the system's setting: where the kernel has no huge
+    // pages, or does not report them (before 6.x), there is nothing to compare.
+    if thp("self").as_deref() != Some("1") {
+        eprintln!("this kernel reports no transparent huge pages; nothing to check");
+        return;
+    }
+    let (mut cluster, _url) = one_server();
+    let pid = cluster.server(1).pid().expect("the server runs");
+    assert_eq!(thp(&pid.to_string()).as_deref(), Some("0"));
+}
