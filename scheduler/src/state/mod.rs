@@ -303,10 +303,17 @@ impl StateMachine for ClusterState {
     /// The tables as JSON, streamed through an LZ4 frame: a state of a million
     /// allocations never exists as one uncompressed buffer, and what the log keeps
     /// and sends to lagging followers is several times smaller.
+    ///
+    /// The JSON reaches the frame through a buffer of one LZ4 block: serde_json
+    /// writes a token at a time, and the frame encoder's cost per write made a
+    /// snapshot of 100,000 jobs (85 MB of JSON) take 0.6-1 s instead of 0.25.
     fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         let error = |e: &dyn std::fmt::Display| SnapshotError(e.to_string());
-        let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::new());
-        serde_json::to_writer(&mut encoder, &self.tables).map_err(|e| error(&e))?;
+        const BLOCK: usize = 64 << 10;
+        let encoder = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        let mut writer = std::io::BufWriter::with_capacity(BLOCK, encoder);
+        serde_json::to_writer(&mut writer, &self.tables).map_err(|e| error(&e))?;
+        let encoder = writer.into_inner().map_err(|e| error(&e.error()))?;
         encoder.finish().map_err(|e| error(&e))
     }
 
