@@ -12,8 +12,7 @@ use std::time::Instant;
 use parking_lot::RwLock;
 use protobuf::Message as _;
 use raft::prelude::{
-    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
-    Snapshot,
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
 };
 use raft::{RawNode, StateRole, Storage};
 use serde::{Deserialize, Serialize};
@@ -92,10 +91,6 @@ impl ReplicaConfig {
             pre_vote: true,
             read_only_option: raft::ReadOnlyOption::Safe,
             max_uncommitted_size: 256 << 20,
-            // A new commit index rides on the next append or heartbeat instead of a
-            // round of empty appends (and their answers) of its own; `CommitNews`
-            // tells the followers that cannot wait.
-            skip_bcast_commit: true,
             ..Default::default()
         }
     }
@@ -219,49 +214,7 @@ pub struct Replica<S: StateMachine> {
     pending_reads: VecDeque<(RequestId, u64)>,
     leader: Option<u64>,
     removed: bool,
-    news: CommitNews,
     metrics: Option<Arc<RaftMetrics>>,
-}
-
-/// What the leader has told each follower of its commit index, and which followers
-/// wait on a commit for a client of their own.
-///
-/// raft-rs would answer every advance of the commit index with an empty append to
-/// every follower, and each follower answers it: at one write in flight that is as
-/// many messages as the write's own replication. Instead the index travels on the
-/// next append or heartbeat, except to a follower that forwarded a proposal (its
-/// client waits for it to apply, so it hears as soon as the entry commits), and
-/// the runtime flushes whatever is still untold after a short delay
-/// ([`Replica::flush_commit`]), so an idle leader's followers lag by that delay.
-#[derive(Debug, Default)]
-struct CommitNews {
-    /// The highest commit index sent to each peer, in an append or a heartbeat.
-    told: BTreeMap<u64, u64>,
-    /// The last index of each batch of entries a follower forwarded, in log order.
-    forwarded: VecDeque<(u64, u64)>,
-    /// The commit index of the last flush: nothing to flush until it moves on.
-    flushed: u64,
-}
-
-impl CommitNews {
-    fn note(&mut self, msg: &Message) {
-        if matches!(
-            msg.get_msg_type(),
-            MessageType::MsgAppend | MessageType::MsgHeartbeat
-        ) {
-            let told = self.told.entry(msg.to).or_default();
-            *told = (*told).max(msg.commit);
-        }
-    }
-
-    fn told(&self, peer: u64) -> u64 {
-        self.told.get(&peer).copied().unwrap_or(0)
-    }
-
-    /// Forgets everything: leadership changed hands.
-    fn reset(&mut self) {
-        *self = CommitNews::default();
-    }
 }
 
 fn raft_logger() -> slog::Logger {
@@ -336,7 +289,6 @@ impl<S: StateMachine> Replica<S> {
             pending_reads: VecDeque::new(),
             leader: None,
             removed: false,
-            news: CommitNews::default(),
             metrics,
         })
     }
@@ -417,90 +369,8 @@ impl<S: StateMachine> Replica<S> {
     /// Feeds a message from a peer. Messages for other terms or from strangers are
     /// dropped by raft itself; an error here is never fatal.
     pub fn step(&mut self, msg: Message) {
-        if self.removed {
-            return;
-        }
-        let forwarded_by = (msg.get_msg_type() == MessageType::MsgPropose
-            && msg.from != self.config.id)
-            .then_some(msg.from);
-        let before = self.raw.raft.raft_log.last_index();
-        let _ = self.raw.step(msg);
-        if let Some(from) = forwarded_by.filter(|_| self.is_leader()) {
-            let last = self.raw.raft.raft_log.last_index();
-            if last > before {
-                self.news.forwarded.push_back((last, from));
-            }
-        }
-    }
-
-    /// On the leader, sends the commit index to every follower not yet told of it,
-    /// once per commit index. The runtime calls it when a commit has stayed untold
-    /// for a short while ([`Replica::commit_untold`]).
-    pub fn flush_commit(&mut self, send: &mut dyn FnMut(Message)) {
-        if !self.is_leader() {
-            return;
-        }
-        let committed = self.raw.raft.raft_log.committed;
-        self.news.flushed = committed;
-        let peers: Vec<u64> = self
-            .raw
-            .raft
-            .prs()
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| *id != self.config.id && self.news.told(*id) < committed)
-            .collect();
-        for id in peers {
-            self.raw.raft.send_append(id);
-        }
-        self.send_leader_messages(send);
-    }
-
-    /// True on a leader whose commit index moved past what some follower was told
-    /// since the last [`Replica::flush_commit`].
-    pub fn commit_untold(&self) -> bool {
-        let committed = self.raw.raft.raft_log.committed;
-        self.is_leader()
-            && committed > self.news.flushed
-            && self
-                .raw
-                .raft
-                .prs()
-                .iter()
-                .any(|(id, _)| *id != self.config.id && self.news.told(*id) < committed)
-    }
-
-    /// On the leader, queues an append (carrying the commit index) to each follower
-    /// that forwarded entries now committed.
-    fn tell_forwarders(&mut self) {
-        if !self.is_leader() {
-            self.news.forwarded.clear();
-            return;
-        }
-        let committed = self.raw.raft.raft_log.committed;
-        let mut waiting = Vec::new();
-        while let Some(&(index, from)) = self.news.forwarded.front() {
-            if index > committed {
-                break;
-            }
-            self.news.forwarded.pop_front();
-            if !waiting.contains(&from) {
-                waiting.push(from);
-            }
-        }
-        for id in waiting {
-            if self.raw.raft.prs().get(id).is_some() && self.news.told(id) < committed {
-                self.raw.raft.send_append(id);
-            }
-        }
-    }
-
-    /// Sends what raft queued outside a `Ready` on a leader (whose messages never
-    /// wait for its own log).
-    fn send_leader_messages(&mut self, send: &mut dyn FnMut(Message)) {
-        for msg in std::mem::take(&mut self.raw.raft.msgs) {
-            self.news.note(&msg);
-            send(msg);
+        if !self.removed {
+            let _ = self.raw.step(msg);
         }
     }
 
@@ -592,7 +462,6 @@ impl<S: StateMachine> Replica<S> {
         send: &mut dyn FnMut(Message),
     ) -> Result<ReadyOutput<S::Output>, ReplicaError> {
         let mut out = ReadyOutput::default();
-        self.tell_forwarders();
         if !self.raw.has_ready() {
             self.maybe_snapshot()?;
             return Ok(out);
@@ -605,13 +474,9 @@ impl<S: StateMachine> Replica<S> {
                     m.leader_changes.inc();
                 }
             }
-            if leader != self.leader || ss.raft_state != StateRole::Leader {
-                self.news.reset();
-            }
             self.leader = leader;
         }
         for msg in ready.take_messages() {
-            self.news.note(&msg);
             send(msg);
         }
 
@@ -666,16 +531,10 @@ impl<S: StateMachine> Replica<S> {
             self.raw.mut_store().set_commit(commit);
         }
         for msg in light.take_messages() {
-            self.news.note(&msg);
             send(msg);
         }
         self.apply_entries(light.take_committed_entries(), &mut out)?;
         self.raw.advance_apply();
-        // The leader's own fsync may have committed a forwarded entry just now.
-        self.tell_forwarders();
-        if self.is_leader() {
-            self.send_leader_messages(send);
-        }
 
         while let Some(&(id, index)) = self.pending_reads.front() {
             if index > self.applied {
@@ -923,145 +782,6 @@ mod tests {
         );
         assert_eq!(disk.writes() - before, 1, "100 proposals, one fsync");
         assert_eq!(replica.state().read().values, (0..100).collect::<Vec<_>>());
-    }
-
-    /// Three replicas whose messages are delivered by hand, counting what was sent.
-    struct Trio {
-        replicas: BTreeMap<u64, Replica<ListMachine>>,
-        sent: Vec<Message>,
-        answered: Vec<(u64, RequestId)>,
-    }
-
-    impl Trio {
-        fn new() -> Trio {
-            let members: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("s{id}"))).collect();
-            let replicas = (1..=3)
-                .map(|id| {
-                    let store = LogStore::open(Box::new(SimDisk::default())).unwrap();
-                    let config = ReplicaConfig {
-                        id,
-                        ..Default::default()
-                    };
-                    let replica =
-                        Replica::open(config, store, ListMachine::default(), &members, None)
-                            .unwrap();
-                    (id, replica)
-                })
-                .collect();
-            let mut trio = Trio {
-                replicas,
-                sent: Vec::new(),
-                answered: Vec::new(),
-            };
-            trio.replicas.get_mut(&1).unwrap().campaign().unwrap();
-            trio.settle();
-            assert!(trio.replicas[&1].is_leader());
-            trio.flush();
-            trio.sent.clear();
-            trio
-        }
-
-        /// Runs every replica's `Ready` and delivers every message until none is left.
-        fn settle(&mut self) {
-            for _ in 0..100 {
-                let mut outgoing = Vec::new();
-                for (id, replica) in &mut self.replicas {
-                    let out = replica.handle_ready(&mut |m| outgoing.push(m)).unwrap();
-                    self.answered
-                        .extend(out.applied.into_iter().map(|(request, _)| (*id, request)));
-                }
-                if outgoing.is_empty() {
-                    return;
-                }
-                for msg in outgoing {
-                    self.sent.push(msg.clone());
-                    self.replicas.get_mut(&msg.to).unwrap().step(msg);
-                }
-            }
-            panic!("the replicas never went quiet");
-        }
-
-        fn flush(&mut self) {
-            let mut outgoing = Vec::new();
-            self.replicas
-                .get_mut(&1)
-                .unwrap()
-                .flush_commit(&mut |m| outgoing.push(m));
-            for msg in outgoing {
-                self.sent.push(msg.clone());
-                self.replicas.get_mut(&msg.to).unwrap().step(msg);
-            }
-            self.settle();
-        }
-
-        fn applied(&self, id: u64) -> u64 {
-            self.replicas[&id].applied()
-        }
-
-        /// Appends the leader sent that carried no entry: news of a commit alone.
-        fn empty_appends(&self) -> usize {
-            self.sent
-                .iter()
-                .filter(|m| m.get_msg_type() == MessageType::MsgAppend && m.entries.is_empty())
-                .count()
-        }
-    }
-
-    #[test]
-    fn a_commit_rides_on_the_next_append_and_is_flushed_when_none_comes() {
-        let mut trio = Trio::new();
-        let leader = trio.replicas.get_mut(&1).unwrap();
-        leader.propose(RequestId(1), b"1".to_vec()).unwrap();
-        trio.settle();
-        let first = trio.applied(1);
-        assert!(trio.answered.contains(&(1, RequestId(1))));
-        assert_eq!(
-            trio.empty_appends(),
-            0,
-            "no round of its own for the commit"
-        );
-        assert!(trio.applied(2) < first && trio.applied(3) < first);
-        assert!(trio.replicas[&1].commit_untold());
-
-        // The next write's append carries the first one's commit.
-        trio.replicas
-            .get_mut(&1)
-            .unwrap()
-            .propose(RequestId(2), b"2".to_vec())
-            .unwrap();
-        trio.settle();
-        assert_eq!(trio.empty_appends(), 0);
-        assert_eq!((trio.applied(2), trio.applied(3)), (first, first));
-
-        // With nothing more to send, a flush tells the followers, once.
-        trio.flush();
-        let last = trio.applied(1);
-        assert_eq!((trio.applied(2), trio.applied(3)), (last, last));
-        assert_eq!(trio.empty_appends(), 2);
-        assert!(!trio.replicas[&1].commit_untold());
-        trio.flush();
-        assert_eq!(trio.empty_appends(), 2, "a second flush has nothing to say");
-        let values = |id: u64| trio.replicas[&id].state().read().values.clone();
-        assert_eq!(values(1), vec![1, 2]);
-        assert_eq!(values(2), values(1));
-        assert_eq!(values(3), values(1));
-    }
-
-    #[test]
-    fn a_follower_that_forwarded_a_proposal_hears_of_its_commit_at_once() {
-        let mut trio = Trio::new();
-        trio.replicas
-            .get_mut(&2)
-            .unwrap()
-            .propose(RequestId(7), b"7".to_vec())
-            .unwrap();
-        trio.settle();
-        // Its client is answered without waiting for a flush or a heartbeat; the
-        // other follower, with no client waiting, learns at the next append.
-        assert!(trio.answered.contains(&(2, RequestId(7))));
-        assert_eq!(trio.applied(2), trio.applied(1));
-        assert!(trio.applied(3) < trio.applied(1));
-        assert_eq!(trio.empty_appends(), 1, "news for the one that waits");
     }
 
     #[test]

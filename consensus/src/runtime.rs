@@ -115,11 +115,6 @@ impl<S: StateMachine> Clone for RaftNode<S> {
 }
 
 const ATTEMPT: Duration = Duration::from_millis(1500);
-/// How long the leader lets a new commit index wait for the next append to carry it
-/// before it sends the index on its own ([`Replica::flush_commit`]): how far an idle
-/// leader's followers may lag behind it. One write in flight after another sends its
-/// append well within it.
-const COMMIT_FLUSH: Duration = Duration::from_millis(2);
 const WAITER_TTL: Duration = Duration::from_secs(60);
 
 impl<S: StateMachine> RaftNode<S> {
@@ -430,12 +425,10 @@ fn run<S: StateMachine>(
         reads: HashMap::new(),
     };
     let mut next_tick = Instant::now() + tick;
-    let mut flush_at: Option<Instant> = None;
     let mut members = replica.members().clone();
     let mut last_leader = replica.leader();
     'outer: loop {
-        let wake = flush_at.map_or(next_tick, |at| at.min(next_tick));
-        let wait = wake.saturating_duration_since(Instant::now());
+        let wait = next_tick.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(input) => {
                 if !handle_input(&mut replica, &mut waiters, input) {
@@ -461,10 +454,6 @@ fn run<S: StateMachine>(
                 .reads
                 .retain(|_, (_, at)| now.duration_since(*at) < WAITER_TTL);
         }
-        if flush_at.is_some_and(|at| now >= at) {
-            flush_at = None;
-            replica.flush_commit(&mut |m| transport.send(m));
-        }
         if replica.has_ready() {
             match replica.handle_ready(&mut |m| transport.send(m)) {
                 Ok(out) => {
@@ -484,11 +473,6 @@ fn run<S: StateMachine>(
                     break;
                 }
             }
-        }
-        if !replica.commit_untold() {
-            flush_at = None;
-        } else if flush_at.is_none() {
-            flush_at = Some(Instant::now() + COMMIT_FLUSH);
         }
         if replica.members() != &members {
             members = replica.members().clone();

@@ -267,11 +267,6 @@ where
                 continue;
             };
             let mut outgoing = Vec::new();
-            // As the runtime does after a short delay: a commit index no append
-            // carried goes out on its own.
-            if self.step.is_multiple_of(2) && replica.commit_untold() {
-                replica.flush_commit(&mut |m| outgoing.push(m));
-            }
             let result = replica.handle_ready(&mut |m| outgoing.push(m));
             for msg in outgoing {
                 let dropped = faults && self.rng.random_bool(self.config.drop_rate);
