@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::log_store::{bootstrap_snapshot, LogStore, LogStoreError, SnapshotWrite, WriteBatch};
 use crate::metrics::RaftMetrics;
-use crate::state_machine::{SnapshotError, StateMachine};
+use crate::state_machine::{SnapshotError, SnapshotJob, StateMachine};
 
 /// Identifies one client request across retries: the proposing replica keeps a waiter
 /// under this id and answers it when an entry carrying the id is applied.
@@ -61,6 +61,9 @@ pub struct ReplicaConfig {
     pub max_size_per_msg: u64,
     /// Most append messages in flight per follower.
     pub max_inflight_msgs: usize,
+    /// Serialise snapshots on a thread of their own (the replica keeps applying,
+    /// voting and sending heartbeats meanwhile) rather than on the replica's.
+    pub snapshot_in_background: bool,
 }
 
 impl Default for ReplicaConfig {
@@ -74,6 +77,7 @@ impl Default for ReplicaConfig {
             compact_keep: 5_000,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            snapshot_in_background: true,
         }
     }
 }
@@ -211,6 +215,8 @@ pub struct Replica<S: StateMachine> {
     bytes_since_snapshot: u64,
     /// Size of the last snapshot taken here.
     last_snapshot_len: u64,
+    /// The snapshot being serialised, if one is.
+    snapshotting: Option<PendingSnapshot>,
     pending_reads: VecDeque<(RequestId, u64)>,
     leader: Option<u64>,
     removed: bool,
@@ -221,14 +227,50 @@ fn raft_logger() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
 }
 
+/// A snapshot of the state as it was at `index`, being serialised.
+struct PendingSnapshot {
+    index: u64,
+    /// When it was captured, and how long the replica stopped to capture it.
+    started: Instant,
+    capture: std::time::Duration,
+    term: u64,
+    conf_state: ConfState,
+    work: SnapshotWork,
+}
+
+enum SnapshotWork {
+    /// Serialised on the replica's thread already.
+    Done(Result<Vec<u8>, SnapshotError>),
+    /// Being serialised on a thread of its own.
+    Thread(std::thread::JoinHandle<Result<Vec<u8>, SnapshotError>>),
+}
+
+impl SnapshotWork {
+    fn is_done(&self) -> bool {
+        match self {
+            SnapshotWork::Done(_) => true,
+            SnapshotWork::Thread(thread) => thread.is_finished(),
+        }
+    }
+
+    fn wait(self) -> Result<Vec<u8>, SnapshotError> {
+        match self {
+            SnapshotWork::Done(result) => result,
+            SnapshotWork::Thread(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(SnapshotError("the snapshot thread panicked".into()))),
+        }
+    }
+}
+
 /// Snapshot data: the members' addresses (length-prefixed JSON), then the state
-/// machine's own bytes.
-fn encode_state<S: StateMachine>(
-    state: &S,
+/// machine's own bytes (what `job` makes).
+fn encode_state(
+    job: SnapshotJob,
     members: &BTreeMap<u64, String>,
 ) -> Result<Vec<u8>, SnapshotError> {
     let members = serde_json::to_vec(members).map_err(|e| SnapshotError(e.to_string()))?;
-    let state = state.snapshot()?;
+    let state = job()?;
     let mut out = Vec::with_capacity(4 + members.len() + state.len());
     out.extend_from_slice(&(members.len() as u32).to_be_bytes());
     out.extend_from_slice(&members);
@@ -256,7 +298,7 @@ impl<S: StateMachine> Replica<S> {
             ));
         }
         if store.image().is_blank() && !initial_members.is_empty() {
-            let data = encode_state(&state, initial_members)?;
+            let data = encode_state(state.capture(), initial_members)?;
             let snap = bootstrap_snapshot(initial_members.keys().copied().collect(), data);
             store.write(WriteBatch {
                 snapshot: Some(SnapshotWrite::Install(snap)),
@@ -286,6 +328,7 @@ impl<S: StateMachine> Replica<S> {
             snapshot_index,
             bytes_since_snapshot: 0,
             last_snapshot_len: 0,
+            snapshotting: None,
             pending_reads: VecDeque::new(),
             leader: None,
             removed: false,
@@ -448,7 +491,12 @@ impl<S: StateMachine> Replica<S> {
 
     /// True when raft has work for [`Replica::handle_ready`].
     pub fn has_ready(&self) -> bool {
-        self.raw.has_ready() || self.raw.store().snapshot_requested()
+        self.raw.has_ready()
+            || self.raw.store().snapshot_requested()
+            || self
+                .snapshotting
+                .as_ref()
+                .is_some_and(|pending| pending.work.is_done())
     }
 
     /// One pass of the `Ready` cycle: send the leader's messages, install a snapshot,
@@ -661,6 +709,9 @@ impl<S: StateMachine> Replica<S> {
     /// Takes a snapshot when the log has grown enough since the last one, or when a
     /// peer needs one that the stored snapshot cannot serve (a server added since).
     fn maybe_snapshot(&mut self) -> Result<(), ReplicaError> {
+        if self.snapshotting.is_some() {
+            return self.finish_snapshot();
+        }
         let requested = self.raw.store().take_snapshot_request();
         let entries_since = self.applied.saturating_sub(self.snapshot_index);
         // A snapshot costs about its own size in serialisation and writes; letting
@@ -680,18 +731,66 @@ impl<S: StateMachine> Replica<S> {
         if entries_since == 0 {
             return Ok(());
         }
-        let data = encode_state(&*self.state.read(), &self.members)?;
+        // Capturing copies the state; serialising it (a second or more for a large
+        // state) runs apart, so this replica keeps answering its peers: a leader
+        // that stopped for that long would lose its leadership to an election.
+        let started = Instant::now();
+        let job = self.state.read().capture();
+        let capture = started.elapsed();
+        let members = self.members.clone();
+        let work = if self.config.snapshot_in_background {
+            let thread = std::thread::Builder::new()
+                .name(format!("snapshot-{}", self.config.id))
+                .spawn(move || encode_state(job, &members))
+                .map_err(|e| SnapshotError(format!("cannot start the snapshot thread: {e}")))?;
+            SnapshotWork::Thread(thread)
+        } else {
+            SnapshotWork::Done(encode_state(job, &members))
+        };
+        self.snapshotting = Some(PendingSnapshot {
+            index: self.applied,
+            started,
+            capture,
+            term: self.raw.store().term(self.applied)?,
+            conf_state: self.conf_state.clone(),
+            work,
+        });
+        self.bytes_since_snapshot = 0;
+        self.finish_snapshot()
+    }
+
+    /// Once the pending snapshot is serialised, stores it and compacts the log behind
+    /// it. One older than the stored snapshot (a leader's was installed meanwhile) is
+    /// dropped.
+    fn finish_snapshot(&mut self) -> Result<(), ReplicaError> {
+        if !self
+            .snapshotting
+            .as_ref()
+            .is_some_and(|pending| pending.work.is_done())
+        {
+            return Ok(());
+        }
+        let Some(pending) = self.snapshotting.take() else {
+            return Ok(());
+        };
+        let data = pending.work.wait()?;
+        if pending.index <= self.snapshot_index {
+            return Ok(());
+        }
         self.last_snapshot_len = data.len() as u64;
-        let term = self.raw.store().term(self.applied)?;
         let mut snap = Snapshot {
             data: data.into(),
             ..Default::default()
         };
         let meta = snap.mut_metadata();
-        meta.index = self.applied;
-        meta.term = term;
-        meta.set_conf_state(self.conf_state.clone());
-        let keep_from = self.applied.saturating_sub(self.config.compact_keep).max(1) + 1;
+        meta.index = pending.index;
+        meta.term = pending.term;
+        meta.set_conf_state(pending.conf_state);
+        let keep_from = pending
+            .index
+            .saturating_sub(self.config.compact_keep)
+            .max(1)
+            + 1;
         let started = Instant::now();
         self.raw.mut_store().write(WriteBatch {
             snapshot: Some(SnapshotWrite::Compact {
@@ -704,8 +803,15 @@ impl<S: StateMachine> Replica<S> {
             m.log_write_seconds.observe(started.elapsed().as_secs_f64());
             m.snapshots_created.inc();
         }
-        self.snapshot_index = self.applied;
-        self.bytes_since_snapshot = 0;
+        self.snapshot_index = pending.index;
+        tracing::info!(
+            index = pending.index,
+            bytes = self.last_snapshot_len,
+            capture_ms = pending.capture.as_millis() as u64,
+            serialised_after_ms = (started - pending.started).as_millis() as u64,
+            compact_ms = started.elapsed().as_millis() as u64,
+            "snapshot stored"
+        );
         Ok(())
     }
 }

@@ -71,3 +71,109 @@ fn restart_replays_the_log_to_the_same_state() {
     }
     assert_eq!(*again.state().read(), before);
 }
+
+/// A list whose snapshots wait at a gate once captured, as a large state's
+/// serialisation takes its time.
+#[derive(Default)]
+struct GatedMachine {
+    list: ListMachine,
+    gate: Arc<parking_lot::Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
+}
+
+impl StateMachine for GatedMachine {
+    type Command = u64;
+    type Output = usize;
+
+    fn apply(&mut self, index: u64, command: u64) -> usize {
+        self.list.apply(index, command)
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        self.list.snapshot()
+    }
+
+    fn capture(&self) -> SnapshotJob {
+        let list = self.list.clone();
+        let gate = self.gate.lock().take();
+        Box::new(move || {
+            if let Some(gate) = gate {
+                let _ = gate.recv();
+            }
+            list.snapshot()
+        })
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), SnapshotError> {
+        self.list.restore(data)
+    }
+}
+
+fn run_ready(replica: &mut Replica<GatedMachine>) {
+    while replica.has_ready() {
+        replica.handle_ready(&mut |_| {}).unwrap();
+    }
+}
+
+#[test]
+fn a_slow_snapshot_does_not_stop_the_replica_and_holds_the_state_it_captured() {
+    let disk = SimDisk::default();
+    let members = BTreeMap::from([(1, "a:1".to_string())]);
+    let config = ReplicaConfig {
+        snapshot_entries: 5,
+        compact_keep: 1,
+        ..Default::default()
+    };
+    let open = || {
+        let store = LogStore::open(Box::new(disk.clone())).unwrap();
+        let machine = GatedMachine::default();
+        let mut replica = Replica::open(config.clone(), store, machine, &members, None).unwrap();
+        replica.campaign().unwrap();
+        while replica.has_ready() || !replica.is_leader() {
+            replica.handle_ready(&mut |_| {}).unwrap();
+        }
+        replica
+    };
+    let (release, gate) = std::sync::mpsc::channel();
+    let mut replica = open();
+    *replica.state().read().gate.lock() = Some(gate);
+    let propose = |replica: &mut Replica<GatedMachine>, values: std::ops::Range<u64>| {
+        for i in values {
+            let data = serde_json::to_vec(&i).unwrap();
+            replica.propose(RequestId(u128::from(i)), data).unwrap();
+            run_ready(replica);
+        }
+    };
+    // Within five entries a snapshot is due; it is captured and waits at the gate.
+    let mut next = 0;
+    while replica.snapshotting.is_none() {
+        assert!(next < 5, "no snapshot after {next} entries");
+        propose(&mut replica, next..next + 1);
+        next += 1;
+    }
+    let captured_at = replica.status().applied_index;
+    // Meanwhile the replica goes on committing and applying.
+    propose(&mut replica, next..20);
+    assert_eq!(
+        replica.state().read().list.values,
+        (0..20).collect::<Vec<_>>()
+    );
+    assert!(
+        replica.status().snapshot_index < captured_at,
+        "the snapshot is still being serialised"
+    );
+    release.send(()).unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while replica.status().snapshot_index != captured_at {
+        assert!(Instant::now() < deadline, "the snapshot was never stored");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        run_ready(&mut replica);
+    }
+    drop(replica);
+    // Restarted from the snapshot and the log behind it: the snapshot holds the
+    // state as captured (the first five values), the log the rest, once each.
+    let again = open();
+    assert_eq!(
+        again.state().read().list.values,
+        (0..20).collect::<Vec<_>>()
+    );
+}

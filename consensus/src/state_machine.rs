@@ -19,9 +19,21 @@ pub trait StateMachine: Send + Sync + 'static {
     /// Serialises the whole state. Equal states give equal bytes.
     fn snapshot(&self) -> Result<Vec<u8>, SnapshotError>;
 
+    /// Captures the state as it is now and returns the work that serialises it to
+    /// what [`StateMachine::snapshot`] would give now, to run on another thread while
+    /// this state keeps applying. The default serialises at once; a state whose
+    /// serialisation is much dearer than a copy should capture a copy.
+    fn capture(&self) -> SnapshotJob {
+        let snapshot = self.snapshot();
+        Box::new(move || snapshot)
+    }
+
     /// Replaces the whole state with one produced by [`StateMachine::snapshot`].
     fn restore(&mut self, data: &[u8]) -> Result<(), SnapshotError>;
 }
+
+/// Serialises a state captured by [`StateMachine::capture`].
+pub type SnapshotJob = Box<dyn FnOnce() -> Result<Vec<u8>, SnapshotError> + Send>;
 
 /// A snapshot that could not be written or read.
 #[derive(Debug, thiserror::Error)]

@@ -139,6 +139,8 @@ where
             snapshot_entries: self.config.snapshot_entries,
             compact_keep: 5,
             max_inflight_msgs: 16,
+            // Serialised in step, so a seed replays the same run.
+            snapshot_in_background: false,
             ..Default::default()
         }
     }
