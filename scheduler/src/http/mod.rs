@@ -66,7 +66,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use plumbing::{
-    decode_json, ApiError, ApiLimits, ApiState, JsonBody, OptionalJsonBody, RateKey,
+    decode_json, ApiError, ApiLimits, ApiState, ApiStateInner, JsonBody, OptionalJsonBody, RateKey,
     MAX_MODEL_BODY_LIMIT,
 };
 
@@ -275,7 +275,7 @@ pub fn router(
         server_key,
         node_issuer,
     } = access;
-    let state = ApiState {
+    let state = ApiState::new(ApiStateInner {
         server_key,
         node_issuer,
         clock,
@@ -288,7 +288,7 @@ pub fn router(
         in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
         storage: Arc::new(storage),
         model_uploads: Arc::new(Semaphore::new(limits.max_model_uploads)),
-    };
+    });
     let (_, long_polls) = agents::routes();
     let (short, _) = short_routes(limits).split_for_parts();
     let (long_polls, _) = long_polls.split_for_parts();

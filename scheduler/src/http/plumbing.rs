@@ -88,9 +88,27 @@ impl Default for ApiLimits {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RateKey(pub String);
 
-/// Shared by every handler.
+/// Shared by every handler: one pointer, so each extraction of it (every layer
+/// and handler of every request takes one) costs one reference count.
 #[derive(Clone)]
-pub struct ApiState {
+pub struct ApiState(Arc<ApiStateInner>);
+
+impl std::ops::Deref for ApiState {
+    type Target = ApiStateInner;
+
+    fn deref(&self) -> &ApiStateInner {
+        &self.0
+    }
+}
+
+impl ApiState {
+    pub(crate) fn new(inner: ApiStateInner) -> Self {
+        ApiState(Arc::new(inner))
+    }
+}
+
+/// What [`ApiState`] shares.
+pub struct ApiStateInner {
     pub(crate) raft: RaftNode<ClusterState>,
     pub(crate) registry: Registry,
     pub(crate) in_flight: Arc<Semaphore>,

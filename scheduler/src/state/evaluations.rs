@@ -61,7 +61,7 @@ impl ClusterState {
                 .insert(record.seq);
         }
         let eval = &record.eval;
-        if let Some(job) = self.tables.jobs.get_mut(&eval.job_id) {
+        if let Some(job) = self.tables.jobs.get_mut(&eval.job_id).map(Arc::make_mut) {
             if job.version == eval.job_version {
                 job.unplaced = unplaced;
             }

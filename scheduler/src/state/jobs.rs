@@ -196,7 +196,7 @@ impl ClusterState {
                 self.job_names.insert(spec.name.clone(), job_id.clone());
                 self.tables.jobs.insert(
                     job_id.clone(),
-                    JobRecord {
+                    Arc::new(JobRecord {
                         id: job_id.clone(),
                         spec,
                         version: 1,
@@ -209,7 +209,7 @@ impl ClusterState {
                         stable_version: Some(1),
                         deployment: None,
                         scale_events: Vec::new(),
-                    },
+                    }),
                 );
                 (job_id, 1, EvalTrigger::JobSubmit)
             }

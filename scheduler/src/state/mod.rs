@@ -47,6 +47,7 @@ pub use tokens::TokenUse;
 pub use trail::Change;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use aigrid_api::{
     AllocId, Allocation, EvalId, EvalStatus, Evaluation, IdentityId, JobId, JobSpec, JoinTokenInfo,
@@ -160,7 +161,8 @@ struct Tables {
     eval_limit: usize,
     next_eval_seq: u64,
     nodes: BTreeMap<NodeId, Node>,
-    jobs: BTreeMap<JobId, JobRecord>,
+    /// Shared with a snapshot being written: a job changed meanwhile is copied.
+    jobs: BTreeMap<JobId, Arc<JobRecord>>,
     allocations: BTreeMap<AllocId, Allocation>,
     evaluations: BTreeMap<EvalId, EvalRecord>,
     #[serde(default)]

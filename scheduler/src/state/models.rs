@@ -360,7 +360,7 @@ impl ClusterState {
         self.model_jobs
             .iter()
             .filter_map(|name| self.job_names.get(name))
-            .filter_map(|id| self.tables.jobs.get(id))
+            .filter_map(|id| self.tables.jobs.get(id).map(Arc::as_ref))
     }
 
     /// The model servers the `/v1` gateway may route to, as (model digest, where

@@ -212,6 +212,7 @@ impl ClusterState {
         self.tables
             .jobs
             .values()
+            .map(std::sync::Arc::as_ref)
             .filter(move |j| j.spec.circle.as_deref() == Some(circle))
     }
 
