@@ -1,5 +1,7 @@
-//! One Raft replica without threads or sockets: raft-rs's `RawNode`, the log store and
-//! the state machine, driven through the `Ready` cycle in the order raft-rs documents.
+//! One Raft replica without sockets: raft-rs's `RawNode`, the log store and the state
+//! machine, driven through the `Ready` cycle in the order raft-rs documents. Its one
+//! thread of its own serialises a snapshot (unless `snapshot_in_background` is off,
+//! as the simulation has it).
 //!
 //! The runtime (`runtime`) and the simulation (`testkit`) both drive this same type;
 //! messages leave through a callback and applied results come back as values, so no
