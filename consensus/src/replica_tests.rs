@@ -1,6 +1,8 @@
 //! Tests of one replica's `Ready` cycle and its snapshot points.
 
+use super::snapshots::stagger_snapshot;
 use super::*;
+use crate::state_machine::SnapshotJob;
 use crate::testkit::ListMachine;
 use crate::testkit::SimDisk;
 
