@@ -125,14 +125,7 @@ impl<S: StateMachine> Replica<S> {
     /// it. One older than the stored snapshot (a leader's was installed meanwhile) is
     /// dropped.
     fn finish_snapshot(&mut self) -> Result<(), ReplicaError> {
-        if !self
-            .snapshotting
-            .as_ref()
-            .is_some_and(|pending| pending.work.is_done())
-        {
-            return Ok(());
-        }
-        let Some(pending) = self.snapshotting.take() else {
+        let Some(pending) = self.snapshotting.take_if(|pending| pending.work.is_done()) else {
             return Ok(());
         };
         let data = pending.work.wait()?;

@@ -66,14 +66,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use plumbing::{
-    decode_json, ApiError, ApiLimits, ApiState, ApiStateInner, JsonBody, OptionalJsonBody, RateKey,
+    decode_json, ApiError, ApiLimits, ApiState, JsonBody, OptionalJsonBody, RateKey,
     MAX_MODEL_BODY_LIMIT,
 };
 
 use crate::clock::SharedClock;
 use crate::hub::AgentHub;
 use crate::state::ClusterState;
-use plumbing::HttpMetrics;
+use plumbing::{ApiStateInner, HttpMetrics};
 
 /// Where the document is served.
 const OPENAPI_PATH: &str = "/api/v1/openapi.json";

@@ -143,7 +143,7 @@ impl ClusterState {
         eval_id: EvalId,
         at: Timestamp,
     ) -> Option<u64> {
-        let job = self.tables.jobs.get_mut(job_id).map(Arc::make_mut)?;
+        let job = self.tables.job_mut(job_id)?;
         let old = std::mem::replace(&mut job.spec, spec);
         job.history.push(KeptVersion {
             version: job.version,
@@ -191,7 +191,7 @@ impl ClusterState {
     /// policy (a running rollout is cancelled first); a version without one is
     /// stable as soon as it is submitted.
     pub(super) fn begin_deployment(&mut self, job_id: &JobId, at: Timestamp) {
-        let Some(job) = self.tables.jobs.get_mut(job_id).map(Arc::make_mut) else {
+        let Some(job) = self.tables.job_mut(job_id) else {
             return;
         };
         let version = job.version;
@@ -276,7 +276,7 @@ impl ClusterState {
             }
             self.put_alloc(alloc);
         }
-        let Some(job) = self.tables.jobs.get_mut(job_id).map(Arc::make_mut) else {
+        let Some(job) = self.tables.job_mut(job_id) else {
             return Err(StateError::not_found(ObjectKind::Job, job_id));
         };
         let spec_deadline = progress_deadline(&job.spec, at);
@@ -309,9 +309,7 @@ impl ClusterState {
     ) -> CommandOutput {
         let job = self
             .tables
-            .jobs
-            .get_mut(job_id)
-            .map(Arc::make_mut)
+            .job_mut(job_id)
             .ok_or_else(|| StateError::not_found(ObjectKind::Job, job_id))?;
         let name = job.spec.name.clone();
         let spec_deadline = progress_deadline(&job.spec, at);
@@ -383,9 +381,7 @@ impl ClusterState {
     ) -> CommandOutput {
         let passed = self
             .tables
-            .jobs
-            .get_mut(job_id)
-            .map(Arc::make_mut)
+            .job_mut(job_id)
             .and_then(JobRecord::active_deployment)
             .filter(|d| d.version == version && d.state == DeploymentState::Running)
             .and_then(|d| d.progress_deadline_at)
@@ -401,7 +397,7 @@ impl ClusterState {
     /// Fails the active rollout for `reason`, reverting when a group's policy
     /// asks for it.
     fn fail_deployment(&mut self, job_id: &JobId, reason: String, eval_id: &EvalId, at: Timestamp) {
-        let Some(job) = self.tables.jobs.get_mut(job_id).map(Arc::make_mut) else {
+        let Some(job) = self.tables.job_mut(job_id) else {
             return;
         };
         let revert = updated_groups(&job.spec).any(|(_, u)| u.auto_revert);
@@ -418,7 +414,7 @@ impl ClusterState {
     /// Ends the active rollout: reverted to its stable version when one is kept,
     /// failed otherwise.
     fn revert_or_fail(&mut self, job_id: &JobId, reason: String, eval_id: &EvalId, at: Timestamp) {
-        let Some(job) = self.tables.jobs.get_mut(job_id).map(Arc::make_mut) else {
+        let Some(job) = self.tables.job_mut(job_id) else {
             return;
         };
         let Some(deployment) = job.active_deployment() else {
@@ -439,7 +435,7 @@ impl ClusterState {
         let Some(reverted) = self.push_version(job_id, spec, None, eval_id.clone(), at) else {
             return;
         };
-        if let Some(job) = self.tables.jobs.get_mut(job_id).map(Arc::make_mut) {
+        if let Some(job) = self.tables.job_mut(job_id) {
             job.stable_version = Some(reverted);
             if let Some(deployment) = job.deployment.as_mut() {
                 deployment.state = DeploymentState::Reverted;
@@ -502,9 +498,7 @@ impl ClusterState {
         }
         if let Some(deployment) = self
             .tables
-            .jobs
-            .get_mut(job_id)
-            .map(Arc::make_mut)
+            .job_mut(job_id)
             .and_then(|j| j.deployment.as_mut())
         {
             deployment
@@ -571,7 +565,7 @@ impl ClusterState {
                 d.updated_at = at;
             }
         } else if waiting == 0 && done {
-            if let Some(job) = self.tables.jobs.get_mut(job_id).map(Arc::make_mut) {
+            if let Some(job) = self.tables.job_mut(job_id) {
                 job.stable_version = Some(version);
                 if let Some(d) = job.active_deployment() {
                     d.state = DeploymentState::Successful;
@@ -585,9 +579,7 @@ impl ClusterState {
 
     fn active_deployment_mut(&mut self, job_id: &JobId) -> Option<&mut DeploymentRecord> {
         self.tables
-            .jobs
-            .get_mut(job_id)
-            .map(Arc::make_mut)
+            .job_mut(job_id)
             .and_then(JobRecord::active_deployment)
     }
 

@@ -61,10 +61,9 @@ impl ClusterState {
                 .insert(record.seq);
         }
         let eval = &record.eval;
-        if let Some(job) = self.tables.jobs.get_mut(&eval.job_id).map(Arc::make_mut) {
-            if job.version == eval.job_version {
-                job.unplaced = unplaced;
-            }
+        let job = self.tables.jobs.get_mut(&eval.job_id);
+        if let Some(job) = job.filter(|job| job.version == eval.job_version) {
+            Arc::make_mut(job).unplaced = unplaced;
         }
         Ok(Applied::EvaluationUpdated { id: eval_id })
     }

@@ -335,6 +335,13 @@ impl StateMachine for ClusterState {
     }
 }
 
+impl Tables {
+    /// The job `id` to change: copied first if a snapshot being written shares it.
+    fn job_mut(&mut self, id: &JobId) -> Option<&mut JobRecord> {
+        self.jobs.get_mut(id).map(Arc::make_mut)
+    }
+}
+
 /// The tables as JSON, streamed through an LZ4 frame: a state of a million
 /// allocations never exists as one uncompressed buffer, and what the log keeps and
 /// sends to lagging followers is several times smaller.

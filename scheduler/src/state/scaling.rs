@@ -161,9 +161,7 @@ impl ClusterState {
     ) -> CommandOutput {
         let job = self
             .tables
-            .jobs
-            .get_mut(&job_id)
-            .map(Arc::make_mut)
+            .job_mut(&job_id)
             .ok_or_else(|| StateError::not_found(ObjectKind::Job, &job_id))?;
         let Some(g) = job.spec.groups.iter_mut().find(|g| g.name == group) else {
             return Err(StateError::Invalid(ValidationError::new(
