@@ -456,10 +456,25 @@ impl<S: StateMachine> Replica<S> {
         &mut self,
         send: &mut dyn FnMut(Message),
     ) -> Result<ReadyOutput<S::Output>, ReplicaError> {
+        let mut all = ReadyOutput::default();
+        self.handle_ready_answering(send, &mut |out| {
+            all.applied.extend(out.applied);
+            all.reads.extend(out.reads);
+        })?;
+        Ok(all)
+    }
+
+    /// [`Replica::handle_ready`], handing what was applied to `answer` as soon as
+    /// it is: a leader's answers leave before it waits on its own fsync of the
+    /// entries that arrived since.
+    pub fn handle_ready_answering(
+        &mut self,
+        send: &mut dyn FnMut(Message),
+        answer: &mut dyn FnMut(ReadyOutput<S::Output>),
+    ) -> Result<(), ReplicaError> {
         let mut out = ReadyOutput::default();
         if !self.raw.has_ready() {
-            self.maybe_snapshot()?;
-            return Ok(out);
+            return self.maybe_snapshot();
         }
         let mut ready = self.raw.ready();
         if let Some(ss) = ready.ss() {
@@ -487,6 +502,9 @@ impl<S: StateMachine> Replica<S> {
         let mut committed = ready.take_committed_entries();
         if self.is_leader() {
             self.apply_entries(std::mem::take(&mut committed), &mut out)?;
+            if !out.applied.is_empty() {
+                answer(std::mem::take(&mut out));
+            }
         }
         batch.entries = ready.take_entries();
         batch.hard_state = ready.hs().cloned();
@@ -538,9 +556,12 @@ impl<S: StateMachine> Replica<S> {
             self.pending_reads.pop_front();
             out.reads.push(id);
         }
+        if !out.applied.is_empty() || !out.reads.is_empty() {
+            answer(out);
+        }
         self.maybe_snapshot()?;
         self.maybe_promote_learner();
-        Ok(out)
+        Ok(())
     }
 
     /// On the leader, proposes making a caught-up learner a voter: one configuration
@@ -603,9 +624,9 @@ impl<S: StateMachine> Replica<S> {
             let id = RequestId::from_bytes(&entry.context);
             let applied = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => continue,
-                EntryType::EntryNormal => match serde_json::from_slice::<S::Command>(&entry.data) {
+                EntryType::EntryNormal => match S::decode(&entry.data) {
                     Ok(cmd) => Applied::Command(self.state.write().apply(entry.index, cmd)),
-                    Err(e) => Applied::Undecodable(e.to_string()),
+                    Err(e) => Applied::Undecodable(e),
                 },
                 EntryType::EntryConfChange => match ConfChange::parse_from_bytes(&entry.data) {
                     Ok(cc) => Applied::Membership(self.apply_conf_change(cc)?),

@@ -179,3 +179,66 @@ fn a_slow_snapshot_does_not_stop_the_replica_and_holds_the_state_it_captured() {
         (0..20).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_leader_answers_what_is_committed_before_it_writes_what_came_since() {
+    let members: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("s{id}:1"))).collect();
+    let disks: Vec<SimDisk> = (0..3).map(|_| SimDisk::default()).collect();
+    let mut servers: Vec<Replica<ListMachine>> = (1..=3u64)
+        .map(|id| {
+            let store = LogStore::open(Box::new(disks[id as usize - 1].clone())).unwrap();
+            let config = ReplicaConfig {
+                id,
+                ..Default::default()
+            };
+            Replica::open(config, store, ListMachine::default(), &members, None).unwrap()
+        })
+        .collect();
+    let mut wire: Vec<Message> = Vec::new();
+    let deliver = |servers: &mut Vec<Replica<ListMachine>>, wire: &mut Vec<Message>| {
+        for m in wire.drain(..) {
+            servers[m.to as usize - 1].step(m);
+        }
+    };
+    servers[0].campaign().unwrap();
+    for _ in 0..20 {
+        for server in servers.iter_mut() {
+            while server.has_ready() {
+                server.handle_ready(&mut |m| wire.push(m)).unwrap();
+            }
+        }
+        deliver(&mut servers, &mut wire);
+    }
+    assert!(servers[0].is_leader());
+
+    // The first write reaches the followers, and their acknowledgements are on the
+    // wire when a second write arrives.
+    servers[0].propose(RequestId(1), b"1".to_vec()).unwrap();
+    servers[0].handle_ready(&mut |m| wire.push(m)).unwrap();
+    deliver(&mut servers, &mut wire);
+    for follower in servers.iter_mut().skip(1) {
+        follower.handle_ready(&mut |m| wire.push(m)).unwrap();
+    }
+    servers[0].propose(RequestId(2), b"2".to_vec()).unwrap();
+    deliver(&mut servers, &mut wire);
+
+    let leader_disk = &disks[0];
+    let before = leader_disk.writes();
+    let mut answers = Vec::new();
+    servers[0]
+        .handle_ready_answering(&mut |m| wire.push(m), &mut |out| {
+            let ids: Vec<RequestId> = out.applied.iter().map(|(id, _)| *id).collect();
+            answers.push((ids, leader_disk.writes()));
+        })
+        .unwrap();
+    assert_eq!(
+        answers,
+        vec![(vec![RequestId(1)], before)],
+        "the first write is answered before the second is written"
+    );
+    assert_eq!(
+        leader_disk.writes(),
+        before + 1,
+        "then the second is written"
+    );
+}

@@ -455,23 +455,21 @@ fn run<S: StateMachine>(
                 .retain(|_, (_, at)| now.duration_since(*at) < WAITER_TTL);
         }
         if replica.has_ready() {
-            match replica.handle_ready(&mut |m| transport.send(m)) {
-                Ok(out) => {
-                    for (id, applied) in out.applied {
-                        if let Some((reply, _)) = waiters.writes.remove(&id) {
-                            let _ = reply.send(Ok(applied));
-                        }
-                    }
-                    for id in out.reads {
-                        if let Some((reply, _)) = waiters.reads.remove(&id) {
-                            let _ = reply.send(Ok(()));
-                        }
+            let answered = replica.handle_ready_answering(&mut |m| transport.send(m), &mut |out| {
+                for (id, applied) in out.applied {
+                    if let Some((reply, _)) = waiters.writes.remove(&id) {
+                        let _ = reply.send(Ok(applied));
                     }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "raft replica stopped");
-                    break;
+                for id in out.reads {
+                    if let Some((reply, _)) = waiters.reads.remove(&id) {
+                        let _ = reply.send(Ok(()));
+                    }
                 }
+            });
+            if let Err(e) = answered {
+                tracing::error!(error = %e, "raft replica stopped");
+                break;
             }
         }
         if replica.members() != &members {

@@ -141,21 +141,13 @@ pub fn canonical_json(value: &serde_json::Value) -> Vec<u8> {
             serde_json::Value::Object(map) => {
                 // serde_json's map keeps its keys sorted unless its insertion-order
                 // feature is on somewhere in the build: sort only then.
-                let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
-                if !entries.is_sorted_by(|a, b| a.0 <= b.0) {
+                if map.keys().is_sorted() {
+                    write_object(map.iter(), out);
+                } else {
+                    let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
                     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                    write_object(entries.into_iter(), out);
                 }
-                out.push(b'{');
-                for (i, (k, v)) in entries.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    // Writing a string to a Vec cannot fail.
-                    serde_json::to_writer(&mut *out, k).expect("a string serialises");
-                    out.push(b':');
-                    write(v, out);
-                }
-                out.push(b'}');
             }
             serde_json::Value::Array(items) => {
                 out.push(b'[');
@@ -169,6 +161,22 @@ pub fn canonical_json(value: &serde_json::Value) -> Vec<u8> {
             }
             scalar => serde_json::to_writer(&mut *out, scalar).expect("a scalar serialises"),
         }
+    }
+    fn write_object<'a>(
+        entries: impl Iterator<Item = (&'a String, &'a serde_json::Value)>,
+        out: &mut Vec<u8>,
+    ) {
+        out.push(b'{');
+        for (i, (k, v)) in entries.enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            // Writing a string to a Vec cannot fail.
+            serde_json::to_writer(&mut *out, k).expect("a string serialises");
+            out.push(b':');
+            write(v, out);
+        }
+        out.push(b'}');
     }
     let mut out = Vec::new();
     write(value, &mut out);

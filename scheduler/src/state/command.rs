@@ -563,6 +563,44 @@ impl ServerChange {
     }
 }
 
+impl Command {
+    /// Reads the command a log entry carries. `serde` reads a tagged enum by first
+    /// copying the whole object into a buffer of its own; a job submission, the
+    /// command written most, is read straight into its fields instead when it starts
+    /// with its tag, as `serde_json` writes it. The answer is the same either way:
+    /// any other command, or other bytes, take the general reading.
+    pub fn from_entry(data: &[u8]) -> serde_json::Result<Command> {
+        const SUBMIT_JOB: &[u8] = br#"{"type":"submit_job","#;
+        /// `Command::SubmitJob`'s fields; its tag, already read, is ignored.
+        #[derive(Deserialize)]
+        struct SubmitJob {
+            job_id: JobId,
+            eval_id: EvalId,
+            spec: JobSpec,
+            at: Timestamp,
+            #[serde(default)]
+            by: Option<IdentityId>,
+        }
+        if data.starts_with(SUBMIT_JOB) {
+            let SubmitJob {
+                job_id,
+                eval_id,
+                spec,
+                at,
+                by,
+            } = serde_json::from_slice(data)?;
+            return Ok(Command::SubmitJob {
+                job_id,
+                eval_id,
+                spec,
+                at,
+                by,
+            });
+        }
+        serde_json::from_slice(data)
+    }
+}
+
 /// What applying a [`Command`] answers to its proposer.
 pub type CommandOutput = Result<Applied, StateError>;
 

@@ -222,6 +222,7 @@ impl ClusterState {
             .map(|(g, _)| g.name.clone())
             .collect();
         let canaries = updated_groups(&job.spec).any(|(g, _)| !promoted.contains(&g.name));
+        self.deployed_jobs.insert(job_id.clone());
         job.deployment = Some(DeploymentRecord {
             version,
             stable_version: job.stable_version,
@@ -605,10 +606,9 @@ impl ClusterState {
     pub fn deployment_counts(&self) -> std::collections::BTreeMap<DeploymentState, usize> {
         let mut counts = std::collections::BTreeMap::new();
         for record in self
-            .tables
-            .jobs
-            .values()
-            .filter_map(|j| j.deployment.as_ref())
+            .deployed_jobs
+            .iter()
+            .filter_map(|id| self.tables.jobs.get(id)?.deployment.as_ref())
         {
             *counts.entry(record.state).or_default() += 1;
         }
@@ -669,7 +669,11 @@ impl ClusterState {
     /// has yet to judge.
     pub fn watched_deployments(&self) -> Vec<Watched> {
         let mut watched = Vec::new();
-        for job in self.tables.jobs.values() {
+        for job in self
+            .deployed_jobs
+            .iter()
+            .filter_map(|id| self.tables.jobs.get(id))
+        {
             let Some(record) = job.deployment.as_ref() else {
                 continue;
             };

@@ -73,6 +73,15 @@ impl ClusterState {
         if serving != self.model_jobs {
             return Err("the model-server job index disagrees with the jobs".to_owned());
         }
+        let deployed: BTreeSet<JobId> = t
+            .jobs
+            .values()
+            .filter(|job| job.deployment.is_some())
+            .map(|job| job.id.clone())
+            .collect();
+        if deployed != self.deployed_jobs {
+            return Err("the deployed job index disagrees with the jobs".to_owned());
+        }
 
         for (id, node) in &t.nodes {
             if id != &node.id {

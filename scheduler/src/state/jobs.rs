@@ -151,7 +151,11 @@ impl ClusterState {
             }
         }
 
-        let live_spec = self.live_spec(&spec.name);
+        let live_id = self.job_names.get(&spec.name).cloned();
+        let live_spec = live_id
+            .as_ref()
+            .and_then(|id| self.tables.jobs.get(id))
+            .map(|job| &job.spec);
         if let Some(by) = by {
             // The edge checked the submitted circle against its own (possibly older)
             // view; here both circles are checked against the state this applies to.
@@ -168,10 +172,7 @@ impl ClusterState {
         keep_redacted_secrets(&mut spec, live_spec)?;
         self.keep_scaled_counts(&mut spec);
 
-        let live = self
-            .job_names
-            .get(&spec.name)
-            .and_then(|id| self.tables.jobs.get(id));
+        let live = live_id.and_then(|id| self.tables.jobs.get(&id));
         let (id, version, trigger) = match live {
             Some(job) if job.spec == spec => {
                 return Ok(Applied::JobSubmitted(SubmitJobResponse {
@@ -249,6 +250,7 @@ impl ClusterState {
             .ok_or_else(|| StateError::not_found(ObjectKind::Job, &job_id))?;
         self.job_names.remove(&job.spec.name);
         self.model_jobs.remove(&job.spec.name);
+        self.deployed_jobs.remove(&job_id);
         for id in self.job_alloc_ids(&job_id) {
             let Some(mut alloc) = self.drop_alloc(&id) else {
                 continue;

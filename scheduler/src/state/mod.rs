@@ -222,6 +222,10 @@ pub struct ClusterState {
     /// Names of the live jobs with a `model-server` group; derived from
     /// `tables.jobs`, so the gateway's routing reads never scan every job.
     model_jobs: BTreeSet<String>,
+    /// Ids of the live jobs with a deployment record, under way or not; derived
+    /// from `tables.jobs`, so the leader's look at the rollouts under way, every
+    /// quarter second, never scans every job.
+    deployed_jobs: BTreeSet<JobId>,
     /// Evaluation creation order; derived from `tables.evaluations`.
     eval_order: BTreeMap<u64, EvalId>,
     /// Creation order of the evaluations of each status; derived too, so trimming
@@ -281,6 +285,10 @@ impl Default for ClusterState {
 impl StateMachine for ClusterState {
     type Command = Command;
     type Output = CommandOutput;
+
+    fn decode(data: &[u8]) -> Result<Command, String> {
+        Command::from_entry(data).map_err(|e| e.to_string())
+    }
 
     fn apply(&mut self, index: u64, command: Command) -> CommandOutput {
         self.applying = index;
@@ -624,6 +632,12 @@ impl ClusterState {
             .filter(|job| serves_models(&job.spec))
             .map(|job| job.spec.name.clone())
             .collect();
+        let deployed_jobs = tables
+            .jobs
+            .values()
+            .filter(|job| job.deployment.is_some())
+            .map(|job| job.id.clone())
+            .collect();
         let eval_order = tables
             .evaluations
             .values()
@@ -641,6 +655,7 @@ impl ClusterState {
             tables,
             job_names,
             model_jobs,
+            deployed_jobs,
             eval_order,
             eval_status,
             index,

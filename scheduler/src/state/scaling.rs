@@ -102,6 +102,9 @@ impl ClusterState {
     /// the live job's group reached, where that group scaled too, else the
     /// submitted one; kept within the group's `min..=max`.
     pub(super) fn keep_scaled_counts(&self, spec: &mut JobSpec) {
+        if spec.groups.iter().all(|g| g.scaling.is_none()) {
+            return;
+        }
         let live = self.live_spec(&spec.name);
         for group in &mut spec.groups {
             let Some(scaling) = &group.scaling else {

@@ -29,6 +29,45 @@ fn snapshot_and_restore_round_trip() {
 }
 
 #[test]
+fn a_log_entry_reads_as_the_command_written_whichever_way_it_is_read() {
+    let mut by = submit("j1", "e1", spec("api"));
+    if let Command::SubmitJob { by: who, spec, .. } = &mut by {
+        *who = Some(IdentityId::new("ed25519:00ff"));
+        spec.circle = Some("vision".into());
+    }
+    let commands = [submit("j1", "e1", spec("api")), by, delete("j1", "e2")];
+    for command in commands {
+        let bytes = serde_json::to_vec(&command).unwrap();
+        let general: Command = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(Command::from_entry(&bytes).unwrap(), general);
+        assert_eq!(general, command);
+        // Fields in another order (the tag last), and ones this release does not
+        // know, read the same way too.
+        let mut value = serde_json::to_value(&command).unwrap();
+        value["added_later"] = serde_json::json!([1, 2]);
+        let reordered = serde_json::to_vec(&value).unwrap();
+        assert_eq!(Command::from_entry(&reordered).unwrap(), command);
+        let tag_end = bytes.iter().position(|b| *b == b',').unwrap() + 1;
+        let extra = [
+            &bytes[..tag_end],
+            br#""added_later":[1,2],"#,
+            &bytes[tag_end..],
+        ]
+        .concat();
+        assert_eq!(Command::from_entry(&extra).unwrap(), command);
+    }
+    // A submission cut short, or with a field of the wrong type, is refused by both.
+    let bytes = serde_json::to_vec(&submit("j1", "e1", spec("api"))).unwrap();
+    assert!(bytes.starts_with(br#"{"type":"submit_job","#));
+    assert!(Command::from_entry(&bytes[..bytes.len() - 1]).is_err());
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    value["at"] = "noon".into();
+    let wrong = serde_json::to_vec(&value).unwrap();
+    assert!(Command::from_entry(&wrong).is_err());
+    assert!(serde_json::from_slice::<Command>(&wrong).is_err());
+}
+
+#[test]
 fn restore_refuses_garbage_and_leaves_the_state_alone() {
     let mut log = with_job_and_node();
     let before = log.bytes();
