@@ -48,10 +48,15 @@ impl ClusterState {
 
     /// The live jobs whose spec passes `keep`, ordered by name.
     pub fn jobs_where(&self, keep: impl Fn(&JobSpec) -> bool) -> Vec<JobSummary> {
-        self.job_names
+        let mut listed: Vec<&JobRecord> = self
+            .job_names
             .values()
-            .filter_map(|id| self.tables.jobs.get(id))
+            .filter_map(|id| self.tables.jobs.get(id).map(Arc::as_ref))
             .filter(|job| keep(&job.spec))
+            .collect();
+        listed.sort_unstable_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        listed
+            .into_iter()
             .map(|job| {
                 let allocs = &self.job_allocs(&job.id);
                 JobSummary {

@@ -46,7 +46,7 @@ use tables::{slice_of, AllocIndex, Held};
 pub use tokens::TokenUse;
 pub use trail::Change;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use aigrid_api::{
@@ -217,8 +217,11 @@ struct LogRecord {
 #[derive(Debug, Clone)]
 pub struct ClusterState {
     tables: Tables,
-    /// Live job names to ids; derived from `tables.jobs`.
-    job_names: BTreeMap<String, JobId>,
+    /// Live job names to ids; derived from `tables.jobs`. Hashed: every submission
+    /// looks its name up several times, and a tree of a few hundred thousand names
+    /// costs a chain of string comparisons (each a cache miss) per look. The one
+    /// reading in name order, the job list, sorts what it lists.
+    job_names: HashMap<String, JobId>,
     /// Names of the live jobs with a `model-server` group; derived from
     /// `tables.jobs`, so the gateway's routing reads never scan every job.
     model_jobs: BTreeSet<String>,
