@@ -567,13 +567,18 @@ impl Command {
     /// Reads the command a log entry carries. `serde` reads a tagged enum by first
     /// copying the whole object into a buffer of its own; a job submission, the
     /// command written most, is read straight into its fields instead when it starts
-    /// with its tag, as `serde_json` writes it. The answer is the same either way:
-    /// any other command, or other bytes, take the general reading.
+    /// with its tag, as `serde_json` writes it, and holds its fields and nothing
+    /// else, each once. Anything else, and anything that reading refuses, takes the
+    /// general reading: what the strict one accepts, the general one accepts with
+    /// the same value, so every release and every replica reads an entry alike.
     pub fn from_entry(data: &[u8]) -> serde_json::Result<Command> {
         const SUBMIT_JOB: &[u8] = br#"{"type":"submit_job","#;
-        /// `Command::SubmitJob`'s fields; its tag, already read, is ignored.
+        /// `Command::SubmitJob`'s fields and its tag, already checked.
         #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
         struct SubmitJob {
+            #[serde(rename = "type")]
+            _tag: serde::de::IgnoredAny,
             job_id: JobId,
             eval_id: EvalId,
             spec: JobSpec,
@@ -582,20 +587,23 @@ impl Command {
             by: Option<IdentityId>,
         }
         if data.starts_with(SUBMIT_JOB) {
-            let SubmitJob {
+            if let Ok(SubmitJob {
+                _tag,
                 job_id,
                 eval_id,
                 spec,
                 at,
                 by,
-            } = serde_json::from_slice(data)?;
-            return Ok(Command::SubmitJob {
-                job_id,
-                eval_id,
-                spec,
-                at,
-                by,
-            });
+            }) = serde_json::from_slice(data)
+            {
+                return Ok(Command::SubmitJob {
+                    job_id,
+                    eval_id,
+                    spec,
+                    at,
+                    by,
+                });
+            }
         }
         serde_json::from_slice(data)
     }

@@ -56,15 +56,29 @@ fn a_log_entry_reads_as_the_command_written_whichever_way_it_is_read() {
         .concat();
         assert_eq!(Command::from_entry(&extra).unwrap(), command);
     }
-    // A submission cut short, or with a field of the wrong type, is refused by both.
+    // What the general reading refuses, the entry reading refuses too: a submission
+    // cut short, a field of the wrong type, a second tag, an unknown field whose
+    // value is no valid JSON number.
     let bytes = serde_json::to_vec(&submit("j1", "e1", spec("api"))).unwrap();
     assert!(bytes.starts_with(br#"{"type":"submit_job","#));
-    assert!(Command::from_entry(&bytes[..bytes.len() - 1]).is_err());
     let mut value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     value["at"] = "noon".into();
-    let wrong = serde_json::to_vec(&value).unwrap();
-    assert!(Command::from_entry(&wrong).is_err());
-    assert!(serde_json::from_slice::<Command>(&wrong).is_err());
+    let wrong_type = serde_json::to_vec(&value).unwrap();
+    let body = &bytes[..bytes.len() - 1];
+    let refused = [
+        body.to_vec(),
+        wrong_type,
+        [body, br#","type":"delete_job"}"#].concat(),
+        [body, br#","added_later":1e999}"#].concat(),
+    ];
+    for entry in refused {
+        assert!(serde_json::from_slice::<Command>(&entry).is_err());
+        assert!(
+            Command::from_entry(&entry).is_err(),
+            "{}",
+            String::from_utf8_lossy(&entry)
+        );
+    }
 }
 
 #[test]
