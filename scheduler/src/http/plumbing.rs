@@ -294,7 +294,12 @@ fn body_timed_out(rejection: &BytesRejection) -> bool {
 }
 
 /// Decodes JSON, naming the path of the field that failed (`groups[0].resources`).
+/// A body that decodes is read once, plainly; only a refused one is read again,
+/// tracking the path, for the message (the two readings accept the same bodies).
 pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Ok(value) = T::deserialize(&mut serde_json::Deserializer::from_slice(bytes)) {
+        return Ok(value);
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
