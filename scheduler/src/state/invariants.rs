@@ -64,22 +64,10 @@ impl ClusterState {
         if names != self.job_names {
             return Err("the job name index disagrees with the jobs".to_owned());
         }
-        let serving: BTreeSet<String> = t
-            .jobs
-            .values()
-            .filter(|job| serves_models(&job.spec))
-            .map(|job| job.spec.name.clone())
-            .collect();
-        if serving != self.model_jobs {
+        if t.model_job_names() != self.model_jobs {
             return Err("the model-server job index disagrees with the jobs".to_owned());
         }
-        let deployed: BTreeSet<JobId> = t
-            .jobs
-            .values()
-            .filter(|job| job.deployment.is_some())
-            .map(|job| job.id.clone())
-            .collect();
-        if deployed != self.deployed_jobs {
+        if t.deployed_job_ids() != self.deployed_jobs {
             return Err("the deployed job index disagrees with the jobs".to_owned());
         }
 

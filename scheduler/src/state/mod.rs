@@ -351,6 +351,24 @@ impl Tables {
     fn job_mut(&mut self, id: &JobId) -> Option<&mut JobRecord> {
         self.jobs.get_mut(id).map(Arc::make_mut)
     }
+
+    /// Names of the jobs with a `model-server` group: what `model_jobs` holds.
+    fn model_job_names(&self) -> BTreeSet<String> {
+        self.jobs
+            .values()
+            .filter(|job| serves_models(&job.spec))
+            .map(|job| job.spec.name.clone())
+            .collect()
+    }
+
+    /// Ids of the jobs with a deployment record: what `deployed_jobs` holds.
+    fn deployed_job_ids(&self) -> BTreeSet<JobId> {
+        self.jobs
+            .values()
+            .filter(|job| job.deployment.is_some())
+            .map(|job| job.id.clone())
+            .collect()
+    }
 }
 
 /// The tables as JSON, streamed through an LZ4 frame: a state of a million
@@ -629,18 +647,8 @@ impl ClusterState {
             .values()
             .map(|job| (job.spec.name.clone(), job.id.clone()))
             .collect();
-        let model_jobs = tables
-            .jobs
-            .values()
-            .filter(|job| serves_models(&job.spec))
-            .map(|job| job.spec.name.clone())
-            .collect();
-        let deployed_jobs = tables
-            .jobs
-            .values()
-            .filter(|job| job.deployment.is_some())
-            .map(|job| job.id.clone())
-            .collect();
+        let model_jobs = tables.model_job_names();
+        let deployed_jobs = tables.deployed_job_ids();
         let eval_order = tables
             .evaluations
             .values()

@@ -102,7 +102,7 @@ impl ClusterState {
     /// the live job's group reached, where that group scaled too, else the
     /// submitted one; kept within the group's `min..=max`.
     pub(super) fn keep_scaled_counts(&self, spec: &mut JobSpec) {
-        if spec.groups.iter().all(|g| g.scaling.is_none()) {
+        if !has_scaled_group(spec) {
             return;
         }
         let live = self.live_spec(&spec.name);
@@ -121,7 +121,7 @@ impl ClusterState {
     /// `spec` as [`ClusterState::keep_scaled_counts`] makes it, copied only when it
     /// has a scaled group.
     pub(super) fn as_it_will_run<'a>(&self, spec: &'a JobSpec) -> std::borrow::Cow<'a, JobSpec> {
-        if spec.groups.iter().all(|g| g.scaling.is_none()) {
+        if !has_scaled_group(spec) {
             return std::borrow::Cow::Borrowed(spec);
         }
         let mut spec = spec.clone();
@@ -212,4 +212,9 @@ impl ClusterState {
             changed: true,
         })
     }
+}
+
+/// Whether any group of `spec` scales (has a `scaling` policy).
+fn has_scaled_group(spec: &JobSpec) -> bool {
+    spec.groups.iter().any(|g| g.scaling.is_some())
 }
