@@ -5,6 +5,11 @@
 //! holds up no one; connections (handshaking or established) are capped, and one
 //! beyond the cap is closed at once. A client whose certificate is not from the CA,
 //! or names no server, never reaches HTTP.
+//!
+//! Accepting and handshaking run on the runtime the listener was made on (the
+//! server's); an established connection then moves to the runtime that serves it
+//! (the replica's own, see `runtime`), so a stranger's handshakes cost the replica's
+//! thread nothing.
 
 use std::io;
 use std::net::SocketAddr;
@@ -43,9 +48,87 @@ impl Connected<IncomingStream<'_, PeerListener>> for PeerConn {
     }
 }
 
+/// A TCP connection that can move from the runtime that accepted it to another.
+enum Socket {
+    /// Registered with the runtime it is polled on.
+    Live(TcpStream),
+    /// Between runtimes: registered with none.
+    Moving(std::net::TcpStream),
+    /// Failed to move.
+    Gone,
+}
+
+impl Socket {
+    fn live(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match self {
+            Socket::Live(tcp) => Ok(Pin::new(tcp)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection is not registered with this runtime",
+            )),
+        }
+    }
+
+    /// Leaves the runtime it is registered with.
+    fn detach(&mut self) -> io::Result<()> {
+        if let Socket::Live(tcp) = std::mem::replace(self, Socket::Gone) {
+            *self = Socket::Moving(tcp.into_std()?);
+        }
+        Ok(())
+    }
+
+    /// Registers with the runtime of the calling task.
+    fn attach(&mut self) -> io::Result<()> {
+        if let Socket::Moving(tcp) = std::mem::replace(self, Socket::Gone) {
+            *self = Socket::Live(TcpStream::from_std(tcp)?);
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.live() {
+            Ok(tcp) => tcp.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.live() {
+            Ok(tcp) => tcp.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.live() {
+            Ok(tcp) => tcp.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.live() {
+            Ok(tcp) => tcp.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
 /// A TLS stream holding its share of the connection cap until it closes.
 pub struct PeerStream {
-    inner: TlsStream<TcpStream>,
+    inner: TlsStream<Socket>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -87,7 +170,9 @@ pub struct PeerListener {
 
 impl PeerListener {
     /// Starts accepting on `listener` for server `self_id`, at most `max_connections`
-    /// at once, with `tls` (which must require client certificates).
+    /// at once, with `tls` (which must require client certificates). Accepting and
+    /// handshaking run on the runtime of the caller; connections are served on the
+    /// runtime that calls [`Listener::accept`].
     pub fn new(
         listener: TcpListener,
         self_id: u64,
@@ -146,7 +231,8 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (acceptor, ready, metrics) = (acceptor.clone(), ready.clone(), metrics.clone());
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = acceptor.accept(Socket::Live(tcp));
+            let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     metrics.peer_connections_refused.inc();
@@ -170,6 +256,10 @@ async fn accept_loop(
                 return;
             };
             let conn = PeerConn { remote, server };
+            if let Err(e) = stream.get_mut().0.detach() {
+                tracing::debug!(%remote, error = %e, "peer connection could not be handed over");
+                return;
+            }
             let stream = PeerStream {
                 inner: stream,
                 _permit: permit,
@@ -184,10 +274,17 @@ impl Listener for PeerListener {
     type Addr = PeerConn;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The accept loop never ends on its own; it is only aborted on drop.
-            None => std::future::pending().await,
+        loop {
+            match self.ready.recv().await {
+                Some((mut stream, conn)) => match stream.inner.get_mut().0.attach() {
+                    Ok(()) => return (stream, conn),
+                    Err(e) => {
+                        tracing::debug!(remote = %conn.remote, error = %e, "peer connection could not be taken over");
+                    }
+                },
+                // The accept loop never ends on its own; it is only aborted on drop.
+                None => std::future::pending().await,
+            }
         }
     }
 

@@ -174,6 +174,17 @@ impl<O> Default for ReadyOutput<O> {
     }
 }
 
+/// Where one pass of the `Ready` cycle hands what leaves the replica.
+pub trait ReadySink<O> {
+    /// A message for a peer.
+    fn send(&mut self, msg: Message);
+    /// The messages given to [`ReadySink::send`] so far must leave now: the replica
+    /// is about to block on its log write, or to apply entries.
+    fn flush(&mut self) {}
+    /// Entries applied and reads made ready, as soon as they are.
+    fn answer(&mut self, out: ReadyOutput<O>);
+}
+
 /// A point-in-time view of a replica, for status pages and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ReplicaStatus {
@@ -456,21 +467,33 @@ impl<S: StateMachine> Replica<S> {
         &mut self,
         send: &mut dyn FnMut(Message),
     ) -> Result<ReadyOutput<S::Output>, ReplicaError> {
-        let mut all = ReadyOutput::default();
-        self.handle_ready_answering(send, &mut |out| {
-            all.applied.extend(out.applied);
-            all.reads.extend(out.reads);
-        })?;
-        Ok(all)
+        struct Collect<'a, O> {
+            send: &'a mut dyn FnMut(Message),
+            all: ReadyOutput<O>,
+        }
+        impl<O> ReadySink<O> for Collect<'_, O> {
+            fn send(&mut self, msg: Message) {
+                (self.send)(msg)
+            }
+            fn answer(&mut self, out: ReadyOutput<O>) {
+                self.all.applied.extend(out.applied);
+                self.all.reads.extend(out.reads);
+            }
+        }
+        let mut sink = Collect {
+            send,
+            all: ReadyOutput::default(),
+        };
+        self.handle_ready_answering(&mut sink)?;
+        Ok(sink.all)
     }
 
-    /// [`Replica::handle_ready`], handing what was applied to `answer` as soon as
-    /// it is: a leader's answers leave before it waits on its own fsync of the
-    /// entries that arrived since.
+    /// [`Replica::handle_ready`], handing what was applied to the sink as soon as it
+    /// is (a leader's answers leave before it waits on its own fsync of the entries
+    /// that arrived since), and telling it when the messages it was given must leave.
     pub fn handle_ready_answering(
         &mut self,
-        send: &mut dyn FnMut(Message),
-        answer: &mut dyn FnMut(ReadyOutput<S::Output>),
+        sink: &mut dyn ReadySink<S::Output>,
     ) -> Result<(), ReplicaError> {
         let mut out = ReadyOutput::default();
         if !self.raw.has_ready() {
@@ -487,7 +510,14 @@ impl<S: StateMachine> Replica<S> {
             self.leader = leader;
         }
         for msg in ready.take_messages() {
-            send(msg);
+            sink.send(msg);
+        }
+        if !ready.entries().is_empty() {
+            // A leader's appends of new entries leave at once: the followers' writes
+            // overlap its apply and its own write. Other messages (a commit index
+            // for the followers, heartbeats) wait until what is committed is
+            // answered.
+            sink.flush();
         }
 
         let mut batch = WriteBatch::default();
@@ -503,7 +533,7 @@ impl<S: StateMachine> Replica<S> {
         if self.is_leader() {
             self.apply_entries(std::mem::take(&mut committed), &mut out)?;
             if !out.applied.is_empty() {
-                answer(std::mem::take(&mut out));
+                sink.answer(std::mem::take(&mut out));
             }
         }
         batch.entries = ready.take_entries();
@@ -522,15 +552,23 @@ impl<S: StateMachine> Replica<S> {
                 batch.hard_state = None;
             }
         }
-        if !batch.is_empty() {
+        let wrote = !batch.is_empty();
+        if wrote {
+            sink.flush();
             let started = Instant::now();
             self.raw.mut_store().write(batch)?;
             if let Some(m) = &self.metrics {
                 m.log_write_seconds.observe(started.elapsed().as_secs_f64());
             }
         }
+        // A follower's acknowledgements of what it wrote leave before it applies:
+        // the leader's commit waits on them. Answers to a commit index alone (or a
+        // heartbeat) wait until what became committed is applied and answered.
         for msg in ready.take_persisted_messages() {
-            send(msg);
+            sink.send(msg);
+        }
+        if wrote {
+            sink.flush();
         }
         self.apply_entries(committed, &mut out)?;
         for rs in ready.take_read_states() {
@@ -544,7 +582,7 @@ impl<S: StateMachine> Replica<S> {
             self.raw.mut_store().set_commit(commit);
         }
         for msg in light.take_messages() {
-            send(msg);
+            sink.send(msg);
         }
         self.apply_entries(light.take_committed_entries(), &mut out)?;
         self.raw.advance_apply();
@@ -557,7 +595,7 @@ impl<S: StateMachine> Replica<S> {
             out.reads.push(id);
         }
         if !out.applied.is_empty() || !out.reads.is_empty() {
-            answer(out);
+            sink.answer(out);
         }
         self.maybe_snapshot()?;
         self.maybe_promote_learner();

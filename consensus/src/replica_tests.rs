@@ -216,25 +216,72 @@ fn a_leader_answers_what_is_committed_before_it_writes_what_came_since() {
     servers[0].propose(RequestId(1), b"1".to_vec()).unwrap();
     servers[0].handle_ready(&mut |m| wire.push(m)).unwrap();
     deliver(&mut servers, &mut wire);
-    for follower in servers.iter_mut().skip(1) {
-        follower.handle_ready(&mut |m| wire.push(m)).unwrap();
+    /// Records, in order, what a replica handed out and how many writes its disk
+    /// had seen at that moment.
+    struct Record<'a> {
+        disk: &'a SimDisk,
+        wire: &'a mut Vec<Message>,
+        events: Vec<(&'static str, Vec<RequestId>, u64)>,
+        unsent: bool,
     }
+    impl ReadySink<usize> for Record<'_> {
+        fn send(&mut self, msg: Message) {
+            self.wire.push(msg);
+            self.unsent = true;
+        }
+        fn flush(&mut self) {
+            if std::mem::take(&mut self.unsent) {
+                let writes = self.disk.writes();
+                self.events.push(("flush", Vec::new(), writes));
+            }
+        }
+        fn answer(&mut self, out: ReadyOutput<usize>) {
+            let ids = out.applied.iter().map(|(id, _)| *id).collect();
+            let writes = self.disk.writes();
+            self.events.push(("answer", ids, writes));
+        }
+    }
+    let follower_before = disks[1].writes();
+    let mut follower = Record {
+        disk: &disks[1],
+        wire: &mut wire,
+        events: Vec::new(),
+        unsent: false,
+    };
+    servers[1].handle_ready_answering(&mut follower).unwrap();
+    assert_eq!(
+        follower.events,
+        vec![("flush", vec![], follower_before + 1)],
+        "a follower's acknowledgement leaves once it is written"
+    );
+    servers[2].handle_ready(&mut |m| wire.push(m)).unwrap();
     servers[0].propose(RequestId(2), b"2".to_vec()).unwrap();
     deliver(&mut servers, &mut wire);
 
     let leader_disk = &disks[0];
     let before = leader_disk.writes();
-    let mut answers = Vec::new();
-    servers[0]
-        .handle_ready_answering(&mut |m| wire.push(m), &mut |out| {
-            let ids: Vec<RequestId> = out.applied.iter().map(|(id, _)| *id).collect();
-            answers.push((ids, leader_disk.writes()));
-        })
-        .unwrap();
+    let mut record = Record {
+        disk: leader_disk,
+        wire: &mut wire,
+        events: Vec::new(),
+        unsent: false,
+    };
+    servers[0].handle_ready_answering(&mut record).unwrap();
     assert_eq!(
-        answers,
-        vec![(vec![RequestId(1)], before)],
-        "the first write is answered before the second is written"
+        record.events,
+        vec![
+            ("flush", vec![], before),
+            ("answer", vec![RequestId(1)], before),
+        ],
+        "the second write's appends leave and the first write is answered, both before \
+         the second is written"
+    );
+    assert!(
+        record
+            .wire
+            .iter()
+            .any(|m| m.entries.len() == 1 && m.entries[0].data == b"2"[..]),
+        "the appends carry the second write"
     );
     assert_eq!(
         leader_disk.writes(),

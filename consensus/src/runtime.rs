@@ -1,28 +1,36 @@
 //! Runs a [`Replica`] on its own thread and gives async code a handle to it.
 //!
 //! The replica's thread owns raft-rs and the log; it blocks on fsync, so it never runs
-//! on the async runtime. Requests reach it through one bounded channel: when the
-//! channel is full, callers get [`RaftError::Busy`] (an HTTP 429) rather than an
-//! unbounded queue. Every pass drains everything queued before handling one `Ready`,
-//! so many proposals share one fsync.
+//! on the server's async runtime. It drives a single-threaded runtime of its own,
+//! which carries the peer traffic: the senders to each peer and the peer listener's
+//! connections run there, whenever the replica waits for input and whenever it has
+//! messages that must leave before it writes or applies. A message from a peer thus
+//! reaches the replica, and the replica's answer reaches the peer's socket, without a
+//! hand-off to another thread.
+//!
+//! Requests reach it through one bounded channel: when the channel is full, callers
+//! get [`RaftError::Busy`] (an HTTP 429) rather than an unbounded queue. Every pass
+//! drains everything queued before handling one `Ready`, so many proposals share one
+//! fsync.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use raft::prelude::Message;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{Receiver, Sender};
 use tokio::sync::oneshot;
 
 use crate::log_file::FileLog;
 use crate::log_store::LogStore;
 use crate::metrics::RaftMetrics;
 use crate::replica::{
-    Applied, MembershipChange, ProposeError, Replica, ReplicaConfig, ReplicaError, ReplicaStatus,
-    RequestId,
+    Applied, MembershipChange, ProposeError, ReadyOutput, ReadySink, Replica, ReplicaConfig,
+    ReplicaError, ReplicaStatus, RequestId,
 };
 use crate::state_machine::StateMachine;
 use crate::transport::{Feedback, Inbox, Transport};
@@ -85,11 +93,15 @@ enum Input<O> {
     Step(Vec<Message>),
     Feedback(Feedback),
     TransferLeader(u64),
+    /// Wakes the replica to see that it was asked to stop.
     Shutdown,
 }
 
 struct Shared<S: StateMachine> {
-    tx: SyncSender<Input<S::Output>>,
+    tx: Sender<Input<S::Output>>,
+    /// The replica thread's own runtime, where the peer traffic runs.
+    peers_runtime: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
     state: Arc<RwLock<S>>,
     status: Arc<RwLock<ReplicaStatus>>,
     metrics: Arc<RaftMetrics>,
@@ -136,7 +148,7 @@ impl<S: StateMachine> RaftNode<S> {
             &config.initial_members,
             Some(metrics.clone()),
         )?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
+        let (tx, rx) = tokio::sync::mpsc::channel(config.queue_capacity.max(1));
         let feedback_tx = tx.clone();
         let feedback: Arc<dyn Fn(Feedback) + Send + Sync> = Arc::new(move |f| {
             let _ = feedback_tx.try_send(Input::Feedback(f));
@@ -148,9 +160,14 @@ impl<S: StateMachine> RaftNode<S> {
                 config.replica.id
             )));
         }
+        let peers_runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name(format!("raft-{}-peers", config.replica.id))
+            .build()
+            .map_err(|e| crate::log_store::LogStoreError::Database(e.to_string()))?;
         let transport = Arc::new(Transport::new(
             config.identity.clone(),
-            tokio::runtime::Handle::current(),
+            peers_runtime.handle().clone(),
             feedback,
             metrics.clone(),
         ));
@@ -162,8 +179,11 @@ impl<S: StateMachine> RaftNode<S> {
         let status = Arc::new(RwLock::new(replica.status()));
         let state = replica.state();
         let id_base = rand::random::<u64>();
+        let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             tx,
+            peers_runtime: peers_runtime.handle().clone(),
+            stop: stop.clone(),
             state,
             status: status.clone(),
             metrics: metrics.clone(),
@@ -177,7 +197,20 @@ impl<S: StateMachine> RaftNode<S> {
         let tick = config.tick;
         let handle = std::thread::Builder::new()
             .name(format!("raft-{}", config.replica.id))
-            .spawn(move || run(replica, rx, transport, status, metrics, tick))
+            .spawn(move || {
+                let driver = Driver {
+                    replica,
+                    rx,
+                    runtime: peers_runtime,
+                    transport,
+                    stop,
+                    waiters: Waiters {
+                        writes: HashMap::new(),
+                        reads: HashMap::new(),
+                    },
+                };
+                driver.run(status, metrics, tick)
+            })
             .map_err(|e| crate::log_store::LogStoreError::Database(e.to_string()))?;
         *shared.thread.lock() = Some(handle);
         Ok(RaftNode { shared })
@@ -192,7 +225,7 @@ impl<S: StateMachine> RaftNode<S> {
         match self.shared.tx.try_send(input) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(RaftError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(RaftError::Stopped),
+            Err(TrySendError::Closed(_)) => Err(RaftError::Stopped),
         }
     }
 
@@ -338,7 +371,9 @@ impl<S: StateMachine> RaftNode<S> {
 
     /// Stops the replica thread and waits for it.
     pub fn shutdown(&self) {
-        let _ = self.shared.tx.send(Input::Shutdown);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wakes the replica if it waits for input; a full queue wakes it anyway.
+        let _ = self.shared.tx.try_send(Input::Shutdown);
         if let Some(handle) = self.shared.thread.lock().take() {
             let _ = handle.join();
         }
@@ -352,18 +387,23 @@ impl<S: StateMachine> RaftNode<S> {
     }
 
     /// Serves the peer listener (mutual TLS under the cluster CA) on `listener`
-    /// until `shutdown` completes.
+    /// until `shutdown` completes. Connections are accepted and their handshakes
+    /// made on the caller's runtime; once established, they are served on the
+    /// replica's own, so what peers send is read by the replica's thread. The
+    /// handle answers once the listener stopped, or the replica did.
     pub fn serve_peers(
         &self,
         listener: tokio::net::TcpListener,
         limits: crate::transport::PeerLimits,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-        let identity = self.shared.identity.clone();
+        let id = self.shared.identity.id();
         let inbox = self.inbox();
         let metrics = self.shared.metrics.clone();
-        tokio::spawn(async move {
-            crate::transport::serve(listener, &identity, inbox, metrics, limits, shutdown).await
+        let accepting =
+            crate::transport::listen(listener, &self.shared.identity, metrics.clone(), &limits);
+        self.shared.peers_runtime.spawn(async move {
+            crate::transport::serve(accepting?, id, inbox, metrics, limits, shutdown).await
         })
     }
 
@@ -392,7 +432,7 @@ impl<S: StateMachine> RaftNode<S> {
 }
 
 struct NodeInbox<O> {
-    tx: SyncSender<Input<O>>,
+    tx: Sender<Input<O>>,
 }
 
 impl<O: Send + 'static> Inbox for NodeInbox<O> {
@@ -400,7 +440,7 @@ impl<O: Send + 'static> Inbox for NodeInbox<O> {
         // A full queue drops the batch: Raft retransmits, and the peer is not blocked.
         !matches!(
             self.tx.try_send(Input::Step(messages)),
-            Err(TrySendError::Disconnected(_))
+            Err(TrySendError::Closed(_))
         )
     }
 }
@@ -412,133 +452,191 @@ struct Waiters<O> {
     reads: HashMap<RequestId, (oneshot::Sender<Result<(), ProposeError>>, Instant)>,
 }
 
-fn run<S: StateMachine>(
-    mut replica: Replica<S>,
+/// The replica's thread: the replica, its input, and the runtime its peer traffic
+/// runs on.
+struct Driver<S: StateMachine> {
+    replica: Replica<S>,
     rx: Receiver<Input<S::Output>>,
+    runtime: tokio::runtime::Runtime,
     transport: Arc<Transport>,
-    status: Arc<RwLock<ReplicaStatus>>,
-    metrics: Arc<RaftMetrics>,
-    tick: Duration,
-) {
-    let mut waiters = Waiters {
-        writes: HashMap::new(),
-        reads: HashMap::new(),
-    };
-    let mut next_tick = Instant::now() + tick;
-    let mut members = replica.members().clone();
-    let mut last_leader = replica.leader();
-    'outer: loop {
-        let wait = next_tick.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(input) => {
-                if !handle_input(&mut replica, &mut waiters, input) {
-                    break 'outer;
-                }
-                for input in rx.try_iter().take(16_384) {
-                    if !handle_input(&mut replica, &mut waiters, input) {
-                        break 'outer;
-                    }
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+    stop: Arc<AtomicBool>,
+    waiters: Waiters<S::Output>,
+}
+
+/// Passes a `Ready`'s messages to the transport, runs the peer traffic when they must
+/// leave, and answers the waiters of what was applied.
+struct Sink<'a, O> {
+    runtime: &'a tokio::runtime::Runtime,
+    transport: &'a Transport,
+    waiters: &'a mut Waiters<O>,
+    unsent: bool,
+}
+
+impl<O> ReadySink<O> for Sink<'_, O> {
+    fn send(&mut self, msg: Message) {
+        self.transport.send(msg);
+        self.unsent = true;
+    }
+
+    fn flush(&mut self) {
+        if std::mem::take(&mut self.unsent) {
+            run_peer_traffic(self.runtime);
         }
-        let now = Instant::now();
-        if now >= next_tick {
-            replica.tick();
-            next_tick = (next_tick + tick).max(now);
-            waiters
-                .writes
-                .retain(|_, (_, at)| now.duration_since(*at) < WAITER_TTL);
-            waiters
-                .reads
-                .retain(|_, (_, at)| now.duration_since(*at) < WAITER_TTL);
-        }
-        if replica.has_ready() {
-            let answered = replica.handle_ready_answering(&mut |m| transport.send(m), &mut |out| {
-                for (id, applied) in out.applied {
-                    if let Some((reply, _)) = waiters.writes.remove(&id) {
-                        let _ = reply.send(Ok(applied));
-                    }
-                }
-                for id in out.reads {
-                    if let Some((reply, _)) = waiters.reads.remove(&id) {
-                        let _ = reply.send(Ok(()));
-                    }
-                }
-            });
-            if let Err(e) = answered {
-                tracing::error!(error = %e, "raft replica stopped");
-                break;
+    }
+
+    fn answer(&mut self, out: ReadyOutput<O>) {
+        for (id, applied) in out.applied {
+            if let Some((reply, _)) = self.waiters.writes.remove(&id) {
+                let _ = reply.send(Ok(applied));
             }
         }
-        if replica.members() != &members {
-            members = replica.members().clone();
-            transport.set_members(&members);
-        }
-        let current = replica.status();
-        if current.leader != last_leader {
-            // Proposals forwarded to a former leader may be lost: let every waiting
-            // request propose again now instead of at its next attempt deadline.
-            // Commands are idempotent under their request, so a duplicate is harmless.
-            last_leader = current.leader;
-            for (_, (reply, _)) in waiters.writes.drain() {
-                let _ = reply.send(Err(ProposeError::NoLeader));
-            }
-            for (_, (reply, _)) in waiters.reads.drain() {
-                let _ = reply.send(Err(ProposeError::NoLeader));
+        for id in out.reads {
+            if let Some((reply, _)) = self.waiters.reads.remove(&id) {
+                let _ = reply.send(Ok(()));
             }
         }
-        metrics.term.set(current.term as i64);
-        metrics.leader.set(current.leader.unwrap_or(0) as i64);
-        metrics.is_leader.set(i64::from(replica.is_leader()));
-        metrics.commit_index.set(current.commit_index as i64);
-        metrics.applied_index.set(current.applied_index as i64);
-        *status.write() = current;
     }
 }
 
-/// Handles one queued input; false means shut down.
-fn handle_input<S: StateMachine>(
-    replica: &mut Replica<S>,
-    waiters: &mut Waiters<S::Output>,
-    input: Input<S::Output>,
-) -> bool {
-    let now = Instant::now();
-    match input {
-        Input::Propose { id, data, reply } => match replica.propose(id, data) {
-            Ok(()) => {
-                waiters.writes.insert(id, (reply, now));
+/// Runs every peer task that is ready (senders writing what was queued, connections
+/// reading what arrived), and polls the sockets once, without waiting.
+fn run_peer_traffic(runtime: &tokio::runtime::Runtime) {
+    runtime.block_on(tokio::task::yield_now());
+}
+
+impl<S: StateMachine> Driver<S> {
+    fn run(
+        mut self,
+        status: Arc<RwLock<ReplicaStatus>>,
+        metrics: Arc<RaftMetrics>,
+        tick: Duration,
+    ) {
+        let mut next_tick = Instant::now() + tick;
+        let mut members = self.replica.members().clone();
+        let mut last_leader = self.replica.leader();
+        'outer: loop {
+            if self.stop.load(Ordering::SeqCst) {
+                break;
             }
-            Err(e) => {
-                let _ = reply.send(Err(e));
+            // Waits for input until the next tick, serving the peers meanwhile; peer
+            // tasks that are ready run first even when input is already queued.
+            let deadline = tokio::time::Instant::from_std(next_tick);
+            let rx = &mut self.rx;
+            let first = self.runtime.block_on(async {
+                tokio::task::yield_now().await;
+                tokio::time::timeout_at(deadline, rx.recv()).await
+            });
+            match first {
+                Ok(Some(input)) => {
+                    if !self.handle_input(input) {
+                        break 'outer;
+                    }
+                    for _ in 0..16_384 {
+                        let Ok(input) = self.rx.try_recv() else {
+                            break;
+                        };
+                        if !self.handle_input(input) {
+                            break 'outer;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {}
             }
-        },
-        Input::Membership { id, change, reply } => match replica.propose_membership(id, &change) {
-            Ok(()) => {
-                waiters.writes.insert(id, (reply, now));
+            let now = Instant::now();
+            if now >= next_tick {
+                self.replica.tick();
+                next_tick = (next_tick + tick).max(now);
+                self.waiters
+                    .writes
+                    .retain(|_, (_, at)| now.duration_since(*at) < WAITER_TTL);
+                self.waiters
+                    .reads
+                    .retain(|_, (_, at)| now.duration_since(*at) < WAITER_TTL);
             }
-            Err(e) => {
-                let _ = reply.send(Err(e));
+            if self.replica.has_ready() {
+                let mut sink = Sink {
+                    runtime: &self.runtime,
+                    transport: &self.transport,
+                    waiters: &mut self.waiters,
+                    unsent: false,
+                };
+                if let Err(e) = self.replica.handle_ready_answering(&mut sink) {
+                    tracing::error!(error = %e, "raft replica stopped");
+                    break;
+                }
             }
-        },
-        Input::Read { id, reply } => match replica.read_index(id) {
-            Ok(()) => {
-                waiters.reads.insert(id, (reply, now));
+            if self.replica.members() != &members {
+                members = self.replica.members().clone();
+                self.transport.set_members(&members);
             }
-            Err(e) => {
-                let _ = reply.send(Err(e));
+            let current = self.replica.status();
+            if current.leader != last_leader {
+                // Proposals forwarded to a former leader may be lost: let every waiting
+                // request propose again now instead of at its next attempt deadline.
+                // Commands are idempotent under their request, so a duplicate is
+                // harmless.
+                last_leader = current.leader;
+                for (_, (reply, _)) in self.waiters.writes.drain() {
+                    let _ = reply.send(Err(ProposeError::NoLeader));
+                }
+                for (_, (reply, _)) in self.waiters.reads.drain() {
+                    let _ = reply.send(Err(ProposeError::NoLeader));
+                }
             }
-        },
-        Input::Step(messages) => {
-            for msg in messages {
-                replica.step(msg);
-            }
+            metrics.term.set(current.term as i64);
+            metrics.leader.set(current.leader.unwrap_or(0) as i64);
+            metrics.is_leader.set(i64::from(self.replica.is_leader()));
+            metrics.commit_index.set(current.commit_index as i64);
+            metrics.applied_index.set(current.applied_index as i64);
+            *status.write() = current;
         }
-        Input::Feedback(Feedback::Unreachable(id)) => replica.report_unreachable(id),
-        Input::Feedback(Feedback::Snapshot(id, ok)) => replica.report_snapshot(id, ok),
-        Input::TransferLeader(to) => replica.transfer_leader(to),
-        Input::Shutdown => return false,
+        // Closing the queue first answers every request still waiting on it (they
+        // see the replica stopped); dropping the runtime then ends the peer traffic.
+        self.rx.close();
     }
-    true
+
+    /// Handles one queued input; false means shut down.
+    fn handle_input(&mut self, input: Input<S::Output>) -> bool {
+        let now = Instant::now();
+        let (replica, waiters) = (&mut self.replica, &mut self.waiters);
+        match input {
+            Input::Propose { id, data, reply } => match replica.propose(id, data) {
+                Ok(()) => {
+                    waiters.writes.insert(id, (reply, now));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Input::Membership { id, change, reply } => {
+                match replica.propose_membership(id, &change) {
+                    Ok(()) => {
+                        waiters.writes.insert(id, (reply, now));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Input::Read { id, reply } => match replica.read_index(id) {
+                Ok(()) => {
+                    waiters.reads.insert(id, (reply, now));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Input::Step(messages) => {
+                for msg in messages {
+                    replica.step(msg);
+                }
+            }
+            Input::Feedback(Feedback::Unreachable(id)) => replica.report_unreachable(id),
+            Input::Feedback(Feedback::Snapshot(id, ok)) => replica.report_snapshot(id, ok),
+            Input::TransferLeader(to) => replica.transfer_leader(to),
+            Input::Shutdown => return false,
+        }
+        true
+    }
 }

@@ -339,13 +339,18 @@ impl PeerSender {
         Ok(format!("https://{addr}{path}"))
     }
 
-    /// Posts a snapshot message in a request of its own.
+    /// Posts a snapshot message in a request of its own. It is encoded on a blocking
+    /// thread: the sender runs on the replica's thread, which must not stall on it.
     async fn post(&self, batch: &[Message]) -> Result<(), String> {
+        let batch = batch.to_vec();
+        let body = tokio::task::spawn_blocking(move || encode_batch(&batch))
+            .await
+            .map_err(|e| e.to_string())??;
         let resp = self
             .client
             .post(self.url(SNAPSHOT_PATH)?)
             .timeout(Duration::from_secs(120))
-            .body(encode_batch(batch)?)
+            .body(body)
             .send()
             .await
             .map_err(|e| e.to_string())?;
@@ -606,27 +611,37 @@ async fn admit(State(slots): State<Arc<Semaphore>>, req: Request, next: Next) ->
     }
 }
 
-/// Serves the peer routes on `listener` with mutual TLS under `identity`'s CA until
-/// `shutdown` completes.
-pub async fn serve(
+/// Starts accepting peers on `listener` with mutual TLS under `identity`'s CA, on the
+/// caller's runtime: handshakes run there.
+pub fn listen(
     listener: tokio::net::TcpListener,
     identity: &ServerIdentity,
+    metrics: Arc<RaftMetrics>,
+    limits: &PeerLimits,
+) -> std::io::Result<PeerListener> {
+    let tls = identity
+        .peer_server_config()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    PeerListener::new(
+        listener,
+        identity.id(),
+        tls,
+        limits.max_connections,
+        metrics,
+    )
+}
+
+/// Serves the peer routes to the connections `listener` accepts until `shutdown`
+/// completes, on the caller's runtime.
+pub async fn serve(
+    listener: PeerListener,
+    self_id: u64,
     inbox: Arc<dyn Inbox>,
     metrics: Arc<RaftMetrics>,
     limits: PeerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let tls = identity
-        .peer_server_config()
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let listener = PeerListener::new(
-        listener,
-        identity.id(),
-        tls,
-        limits.max_connections,
-        metrics.clone(),
-    )?;
-    let app = router(inbox, identity.id(), metrics, &limits);
+    let app = router(inbox, self_id, metrics, &limits);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<PeerConn>(),
@@ -635,12 +650,23 @@ pub async fn serve(
     .await
 }
 
+/// Bodies larger than this are decoded on a blocking thread, not the replica's.
+const DECODE_INLINE_BYTES: usize = 1 << 20;
+
 async fn receive(
     State(state): State<Receiving>,
     ConnectInfo(peer): ConnectInfo<PeerConn>,
     body: Bytes,
 ) -> (StatusCode, String) {
-    match decode_batch(&body) {
+    let decoded = if body.len() > DECODE_INLINE_BYTES {
+        match tokio::task::spawn_blocking(move || decode_batch(&body)).await {
+            Ok(decoded) => decoded,
+            Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    } else {
+        decode_batch(&body)
+    };
+    match decoded {
         Ok(messages) => match state.accept(&peer, messages) {
             Ok(()) => (StatusCode::OK, String::new()),
             Err(refusal) => refusal,

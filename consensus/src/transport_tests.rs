@@ -38,10 +38,11 @@ async fn listening(
     let metrics = metrics();
     let identity = identity(ca, id);
     let m = metrics.clone();
+    let accepting = listen(listener, &identity, metrics.clone(), &limits).unwrap();
     tokio::spawn(async move {
         serve(
-            listener,
-            &identity,
+            accepting,
+            id,
             Arc::new(Collect(tx)),
             m,
             limits,
@@ -393,4 +394,70 @@ fn batch_round_trip() {
     assert_eq!(decode_batch(&bytes).unwrap(), vec![a, b]);
     assert!(decode_batch(&bytes[..bytes.len() - 1]).is_err());
     assert!(decode_batch(&[0, 0]).is_err());
+}
+
+#[test]
+fn connections_accepted_on_one_runtime_are_served_on_another() {
+    let ca = ClusterCa::create().unwrap();
+    let runtime = |threads| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (accepting_rt, sending_rt) = (runtime(1), runtime(1));
+    let serving_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = identity(&ca, 2);
+    let listener = accepting_rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepting = {
+        let _on = accepting_rt.enter();
+        listen(listener, &server, metrics(), &PeerLimits::default()).unwrap()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = std::thread::spawn(move || {
+        serving_rt.block_on(serve(
+            accepting,
+            2,
+            Arc::new(Collect(tx)),
+            metrics(),
+            PeerLimits::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ))
+    });
+    let transport = Transport::new(
+        identity(&ca, 1),
+        sending_rt.handle().clone(),
+        Arc::new(|_| {}),
+        metrics(),
+    );
+    transport.set_members(&BTreeMap::from([(2, addr)]));
+    let exchange = |terms: std::ops::RangeInclusive<u64>| {
+        for term in terms.clone() {
+            transport.send(heartbeat(1, 2, term));
+        }
+        let received: Vec<u64> = terms
+            .clone()
+            .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap().term)
+            .collect();
+        assert_eq!(received, terms.collect::<Vec<_>>());
+    };
+    exchange(1..=100);
+    // The connection's handshake was made on the accepting runtime; with that
+    // runtime gone, the serving runtime still reads what the same stream carries.
+    drop(accepting_rt);
+    exchange(101..=200);
+    drop(transport);
+    drop(sending_rt);
+    stop.send(()).unwrap();
+    serving.join().unwrap().unwrap();
 }
