@@ -3,8 +3,9 @@
 //! The replica's thread owns raft-rs and the log; it blocks on fsync, so it never runs
 //! on the server's async runtime. It drives a single-threaded runtime of its own,
 //! which carries the peer traffic: the senders to each peer and the peer listener's
-//! connections run there, whenever the replica waits for input and whenever it has
-//! messages that must leave before it writes or applies. A message from a peer thus
+//! established connections (their handshakes stay on the server's runtime) run
+//! there, whenever the replica waits for input and whenever it has messages that
+//! must leave before it writes or applies. A message from a peer thus
 //! reaches the replica, and the replica's answer reaches the peer's socket, without a
 //! hand-off to another thread.
 //!
