@@ -509,16 +509,13 @@ impl<S: StateMachine> Replica<S> {
             }
             self.leader = leader;
         }
+        // A leader's messages leave at once: appends of new entries so that the
+        // followers' writes overlap its apply and its own write, a commit index so
+        // that a follower answers the writes it forwarded as soon as it can.
         for msg in ready.take_messages() {
             sink.send(msg);
         }
-        if !ready.entries().is_empty() {
-            // A leader's appends of new entries leave at once: the followers' writes
-            // overlap its apply and its own write. Other messages (a commit index
-            // for the followers, heartbeats) wait until what is committed is
-            // answered.
-            sink.flush();
-        }
+        sink.flush();
 
         let mut batch = WriteBatch::default();
         if !ready.snapshot().is_empty() {
