@@ -59,13 +59,17 @@ enum Socket {
 }
 
 impl Socket {
-    fn live(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+    /// Polls the connection with `f` if it is registered with a runtime.
+    fn poll_live<T>(
+        &mut self,
+        f: impl FnOnce(Pin<&mut TcpStream>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
         match self {
-            Socket::Live(tcp) => Ok(Pin::new(tcp)),
-            _ => Err(io::Error::new(
+            Socket::Live(tcp) => f(Pin::new(tcp)),
+            _ => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "the connection is not registered with this runtime",
-            )),
+            ))),
         }
     }
 
@@ -88,41 +92,29 @@ impl Socket {
 
 impl AsyncRead for Socket {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.live() {
-            Ok(tcp) => tcp.poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().poll_live(|tcp| tcp.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Socket {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.live() {
-            Ok(tcp) => tcp.poll_write(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().poll_live(|tcp| tcp.poll_write(cx, buf))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.live() {
-            Ok(tcp) => tcp.poll_flush(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_live(|tcp| tcp.poll_flush(cx))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.live() {
-            Ok(tcp) => tcp.poll_shutdown(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_live(|tcp| tcp.poll_shutdown(cx))
     }
 }
 
