@@ -396,8 +396,16 @@ pub async fn start_agent(
     })?;
     let launch = SupervisorLaunch::current_exe().context("locating the aigrid binary")?;
     let mut runner_config = RunnerConfig::new(data_dir.to_path_buf(), launch);
+    let uids = sandbox.uids;
     runner_config.sandbox = sandbox;
     let runner = Runner::open(runner_config, Arc::new(ExecDriver::new())).await?;
+    let shared_gid = runner
+        .protections()
+        .is_some_and(|p| p.per_allocation_uid)
+        .then(|| uids.shared_gid());
+    stager
+        .share_with(shared_gid)
+        .context("making the model cache the model servers' shared directory")?;
     let (limits, why) = runner.limits_enforced();
     tracing::info!(
         node = %identity.node_id,

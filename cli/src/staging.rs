@@ -61,6 +61,23 @@ impl StoreStager {
 }
 
 impl StoreStager {
+    /// Makes the model cache (and its chunks' directory) the model servers'
+    /// shared directory, group `gid`, before anything is staged into it. A model
+    /// server's start empties a cache that is not yet the group's: without this,
+    /// the first one to start after a rollout staged a model would take the
+    /// staged chunks and the active-version file with it. `None`: workloads do
+    /// not get uids of their own on this node, and nothing is shared by group.
+    pub fn share_with(&self, gid: Option<u32>) -> std::io::Result<()> {
+        let Some(gid) = gid else {
+            return Ok(());
+        };
+        aigrid_agent::sandbox::make_shared(&self.cache_dir, gid)?;
+        aigrid_agent::sandbox::make_shared(
+            &self.cache_dir.join(aigrid_store::cache::CHUNKS_DIR),
+            gid,
+        )
+    }
+
     /// Presents `identity` to peers from now on, and trusts their data ports under
     /// its CA (`https://` peers), wherever they answer.
     pub fn present(&self, identity: &aigrid_tls::NodeIdentity) -> anyhow::Result<()> {
@@ -157,5 +174,37 @@ impl StoreStager {
             "model staged and active"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn what_is_staged_before_the_first_model_server_starts_stays() {
+        if !nix::unistd::geteuid().is_root() {
+            // Only root hands directories to another group; without per-allocation
+            // uids nothing is shared by group.
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let cache = root.path().join(aigrid_agent::model_server::CACHE_DIR);
+        // A group other than the agent's own, as a workload range's is.
+        let gid = nix::unistd::getegid().as_raw() + 4242;
+        let stager = StoreStager::new(cache.clone());
+        stager.share_with(Some(gid)).unwrap();
+        // What staging writes: chunks and the active-version file.
+        let chunk = ChunkCache::open(&cache, 1 << 20).unwrap();
+        drop(chunk);
+        std::fs::write(cache.join(ACTIVE_FILE), b"{}").unwrap();
+        // A model server's start makes the cache shared: it must keep them.
+        aigrid_agent::sandbox::make_shared(&cache, gid).unwrap();
+        assert!(cache.join(ACTIVE_FILE).exists());
+        for dir in [cache.clone(), cache.join(aigrid_store::cache::CHUNKS_DIR)] {
+            let meta = std::fs::metadata(&dir).unwrap();
+            assert_eq!((meta.gid(), meta.mode() & 0o7777), (gid, 0o2770), "{dir:?}");
+        }
     }
 }

@@ -49,11 +49,14 @@ impl std::fmt::Debug for ChunkCache {
     }
 }
 
+/// The directory, inside a cache's, its chunks are kept in.
+pub const CHUNKS_DIR: &str = "chunks";
+
 impl ChunkCache {
     /// Opens (or creates) the cache in `dir` with a budget of `max_bytes`, taking in
     /// what an earlier run left and dropping unfinished writes.
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<ChunkCache> {
-        let chunks = dir.join("chunks");
+        let chunks = dir.join(CHUNKS_DIR);
         std::fs::create_dir_all(&chunks)?;
         let mut found = Vec::new();
         for entry in std::fs::read_dir(&chunks)? {
@@ -102,7 +105,7 @@ impl ChunkCache {
     }
 
     fn path(&self, hash: &ChunkDigest) -> PathBuf {
-        self.dir.join("chunks").join(hash.as_str())
+        self.dir.join(CHUNKS_DIR).join(hash.as_str())
     }
 
     /// The chunk's bytes if cached (unverified: the caller checks them).
@@ -162,7 +165,7 @@ impl ChunkCache {
         }
         let tmp = self
             .dir
-            .join("chunks")
+            .join(CHUNKS_DIR)
             .join(format!(".{hash}.{}.tmp", rand::random::<u32>()));
         std::fs::write(&tmp, bytes)?;
         let mut state = self.state.lock().expect("cache lock");
