@@ -17,6 +17,7 @@
 //! - `testkit` (feature `testkit`, for tests and benchmarks only): a seeded simulation
 //!   of whole clusters over an in-memory network.
 
+pub mod background;
 pub mod human;
 pub mod log_file;
 pub mod log_store;

@@ -15,7 +15,8 @@
 //! carrying a snapshot rewrites the file instead of appending: the whole resulting
 //! image goes to a temporary file as a single record, which is fsynced and renamed over
 //! the log (and the directory fsynced), so the entries the snapshot covers leave the
-//! disk and a crash leaves either the old file or the new one, both whole.
+//! disk and a crash leaves either the old file or the new one, both whole. A local
+//! snapshot's rewrite runs in the background while appends go on ([`rewrite`]).
 //!
 //! Only the last record can be torn by a crash (a record is appended and synced
 //! before the next one starts): a short, zeroed or mis-checksummed record with no
@@ -78,6 +79,8 @@ pub struct FileLog {
     /// The image replayed on open, handed to the first `load` so a start reads
     /// and decodes the log once; dropped at the first write.
     opened: Cell<Option<LogImage>>,
+    /// A compaction's new file being written in the background (see [`rewrite`]).
+    rewrite: Option<rewrite::Rewrite>,
 }
 
 impl FileLog {
@@ -119,6 +122,7 @@ impl FileLog {
             buf: Vec::new(),
             failed: false,
             opened: Cell::new(Some(image)),
+            rewrite: None,
         })
     }
 
@@ -140,6 +144,9 @@ impl FileLog {
             return Err(io_err("appending to", &self.path, e));
         }
         self.len = end;
+        if let Some(rewrite) = &mut self.rewrite {
+            rewrite.keep(&self.buf);
+        }
         Ok(())
     }
 
@@ -185,8 +192,12 @@ impl FileLog {
         Self::open(&path)
     }
 
-    /// Replaces the file with one record holding the whole of `image`.
+    /// Replaces the file with one record holding the whole of `image`, dropping a
+    /// rewrite under way.
     fn rewrite(&mut self, image: &LogImage) -> Result<(), LogStoreError> {
+        if let Some(rewrite) = self.rewrite.take() {
+            rewrite.abandon();
+        }
         self.buf.clear();
         self.buf.extend_from_slice(MAGIC);
         encode_image(image, &mut self.buf)?;
@@ -200,6 +211,60 @@ impl FileLog {
         // A snapshot's buffer can be large; keep only what a batch of entries needs.
         self.buf = Vec::new();
         Ok(())
+    }
+
+    /// Compacts as `after` says, in the background: the live file keeps the log
+    /// until the new one is whole (see [`rewrite`]).
+    fn compact(&mut self, after: LogImage) -> Result<(), LogStoreError> {
+        self.settle(true)?;
+        match rewrite::Rewrite::start(&self.path, after) {
+            Ok(started) => self.rewrite = Some(started),
+            // The live file stays the log, whole; the next snapshot compacts it.
+            Err(e) => tracing::warn!(error = %e, "cannot start the log's rewrite"),
+        }
+        Ok(())
+    }
+
+    /// Makes a rewrite's new file the log once it is written (`wait`: waits for
+    /// it). One that failed leaves the live file as the log, whole.
+    fn settle(&mut self, wait: bool) -> Result<(), LogStoreError> {
+        let Some(rewrite) = self.rewrite.take_if(|r| wait || r.is_written()) else {
+            return Ok(());
+        };
+        let (file, len) = match rewrite.finish(&self.path) {
+            rewrite::Finished::Swapped { file, len } => (file, len),
+            rewrite::Finished::Dropped(reason) => {
+                tracing::warn!(%reason, path = %self.path.display(), "the log's rewrite was dropped; the next snapshot compacts it");
+                return Ok(());
+            }
+            rewrite::Finished::Unsynced { file, len, error } => {
+                self.file = file;
+                self.len = len;
+                self.allocated = len;
+                self.failed = true;
+                return Err(error);
+            }
+        };
+        self.file = file;
+        self.len = len;
+        self.allocated = len;
+        tracing::debug!(path = %self.path.display(), bytes = len, "the log file was compacted");
+        Ok(())
+    }
+}
+
+impl Drop for FileLog {
+    /// Lets a rewrite under way finish and swaps it in, so a log closed right after
+    /// a snapshot opens compacted and no thread goes on writing beside it.
+    fn drop(&mut self) {
+        if !self.failed {
+            if let Err(e) = self.settle(true) {
+                tracing::warn!(error = %e, "compacting the log as it closed");
+            }
+        }
+        if let Some(rewrite) = self.rewrite.take() {
+            rewrite.abandon();
+        }
     }
 }
 
@@ -220,14 +285,30 @@ impl Durable for FileLog {
                 "an earlier write failed; the log must be opened again",
             ));
         }
-        if batch.snapshot.is_some() {
-            let mut after = before.clone();
+        if let Some(snapshot) = &batch.snapshot {
+            // Only the entries the batch leaves are copied: before the first
+            // snapshot the log holds every entry since the cluster began.
+            let keep_from = match snapshot {
+                SnapshotWrite::Compact { keep_from, .. } => *keep_from,
+                SnapshotWrite::Install(_) => u64::MAX,
+            };
+            let mut after = before.kept_from(keep_from);
             after.apply(batch);
-            let rewritten = self.rewrite(&after);
-            self.failed = rewritten.is_err();
-            return rewritten;
+            // A local snapshot with nothing else to persist is compacted in the
+            // background: nothing waits on it being durable. An installed
+            // snapshot is the log from now on, so it is written before this returns.
+            let local =
+                keep_from != u64::MAX && batch.entries.is_empty() && batch.hard_state.is_none();
+            let written = if local {
+                self.compact(after)
+            } else {
+                self.rewrite(&after)
+            };
+            self.failed = written.is_err();
+            return written;
         }
-        self.append(batch)
+        self.append(batch)?;
+        self.settle(false)
     }
 }
 
@@ -454,250 +535,9 @@ fn replay(bytes: &[u8]) -> Result<(LogImage, usize), LogStoreError> {
     Ok((image, at))
 }
 
+#[path = "log_file_rewrite.rs"]
+mod rewrite;
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::log_store::bootstrap_snapshot;
-
-    fn entry(index: u64, term: u64, size: usize) -> Entry {
-        Entry {
-            index,
-            term,
-            data: vec![index as u8; size].into(),
-            context: format!("c{index}").into_bytes().into(),
-            ..Default::default()
-        }
-    }
-
-    fn batch(entries: Vec<Entry>) -> WriteBatch {
-        WriteBatch {
-            entries,
-            ..Default::default()
-        }
-    }
-
-    fn write(log: &mut FileLog, image: &mut LogImage, b: WriteBatch) {
-        log.write(&b, image).unwrap();
-        image.apply(&b);
-    }
-
-    fn same(a: &LogImage, b: &LogImage) {
-        assert_eq!(a.hard_state(), b.hard_state());
-        assert_eq!(a.snapshot(), b.snapshot());
-        assert_eq!(a.entries(), b.entries());
-    }
-
-    /// A log with a bootstrap snapshot and entries 2..=6, and its image.
-    fn started(path: &Path) -> (FileLog, LogImage) {
-        let mut log = FileLog::open(path).unwrap();
-        let mut image = log.load().unwrap();
-        assert!(image.is_blank());
-        let boot = WriteBatch {
-            snapshot: Some(SnapshotWrite::Install(bootstrap_snapshot(
-                vec![1, 2, 3],
-                b"s".to_vec(),
-            ))),
-            ..Default::default()
-        };
-        write(&mut log, &mut image, boot);
-        write(
-            &mut log,
-            &mut image,
-            batch((2..=6).map(|i| entry(i, 1, 100)).collect()),
-        );
-        (log, image)
-    }
-
-    #[test]
-    fn a_snapshot_rewrites_the_file_and_reopens_to_the_same_image() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.log");
-        let (mut log, mut image) = started(&path);
-        let hs = HardState {
-            term: 2,
-            vote: 3,
-            commit: 5,
-            ..Default::default()
-        };
-        write(
-            &mut log,
-            &mut image,
-            WriteBatch {
-                entries: vec![entry(5, 2, 10)],
-                hard_state: Some(hs),
-                ..Default::default()
-            },
-        );
-        write(&mut log, &mut image, batch(vec![entry(6, 2, 10)]));
-        let grown = std::fs::metadata(&path).unwrap().len();
-        // Compacting behind index 5 but keeping 4.. (entries below the snapshot
-        // stay, for lagging followers): the file holds only what is kept.
-        let mut snap = image.snapshot().clone();
-        snap.mut_metadata().index = 5;
-        snap.mut_metadata().term = 2;
-        write(
-            &mut log,
-            &mut image,
-            WriteBatch {
-                snapshot: Some(SnapshotWrite::Compact {
-                    snapshot: snap,
-                    keep_from: 4,
-                }),
-                ..Default::default()
-            },
-        );
-        assert!(std::fs::metadata(&path).unwrap().len() < grown);
-        assert!(!path.with_extension("rewrite").exists());
-        write(&mut log, &mut image, batch(vec![entry(7, 2, 10)]));
-        same(&log.load().unwrap(), &image);
-        drop(log);
-        let reopened = FileLog::open(&path).unwrap();
-        let loaded = reopened.load().unwrap();
-        same(&loaded, &image);
-        assert_eq!(
-            loaded.entries().iter().map(|e| e.index).collect::<Vec<_>>(),
-            vec![4, 5, 6, 7]
-        );
-    }
-
-    #[test]
-    fn a_torn_last_record_is_cut_off_and_appending_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.log");
-        let (mut log, mut image) = started(&path);
-        let whole = log.len;
-        let kept = image.clone();
-        write(&mut log, &mut image, batch(vec![entry(7, 1, 300)]));
-        let end = log.len as usize;
-        drop(log);
-        let full = std::fs::read(&path).unwrap()[..end].to_vec();
-        // Every cut inside the last record, and a garbled byte in it, reads back
-        // as the log before that record.
-        for cut in (whole as usize + 1..full.len()).step_by(37) {
-            std::fs::write(&path, &full[..cut]).unwrap();
-            let log = FileLog::open(&path).unwrap();
-            same(&log.load().unwrap(), &kept);
-            assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
-        }
-        // Zeros where the record should be (blocks the crash never wrote): they
-        // read as the end of the log, and stay as room for the next records.
-        let mut zeroed = full[..whole as usize].to_vec();
-        zeroed.resize(full.len() + 4096, 0);
-        std::fs::write(&path, &zeroed).unwrap();
-        let log = FileLog::open(&path).unwrap();
-        same(&log.load().unwrap(), &kept);
-        assert_eq!(log.len, whole);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), zeroed.len() as u64);
-        let mut garbled = full.clone();
-        let last = garbled.len() - 5;
-        garbled[last] ^= 0xff;
-        std::fs::write(&path, &garbled).unwrap();
-        let mut log = FileLog::open(&path).unwrap();
-        let mut image = log.load().unwrap();
-        same(&image, &kept);
-        write(&mut log, &mut image, batch(vec![entry(7, 3, 20)]));
-        drop(log);
-        same(&FileLog::open(&path).unwrap().load().unwrap(), &image);
-    }
-
-    /// Records go over the zeros written ahead of them, the file growing by runs
-    /// of zeros as the log does; a reopened log goes on after its last record, not
-    /// after the zeros.
-    #[test]
-    fn records_fill_the_zeros_ahead_and_reopen_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.log");
-        let (mut log, mut image) = started(&path);
-        let mut sizes = std::collections::BTreeSet::new();
-        for i in 7..=300 {
-            write(&mut log, &mut image, batch(vec![entry(i, 1, 2000)]));
-            let size = std::fs::metadata(&path).unwrap().len();
-            assert!(size > log.len, "zeros are kept ahead of the records");
-            assert!(size - log.len <= PREALLOCATE_MAX);
-            sizes.insert(size);
-        }
-        assert!(
-            sizes.len() > 1 && sizes.len() < 10,
-            "grown in runs: {sizes:?}"
-        );
-        let bytes = std::fs::read(&path).unwrap();
-        assert!(bytes[log.len as usize..].iter().all(|b| *b == 0));
-        drop(log);
-        let mut log = FileLog::open(&path).unwrap();
-        same(&log.load().unwrap(), &image);
-        write(&mut log, &mut image, batch(vec![entry(301, 1, 50)]));
-        drop(log);
-        let log = FileLog::open(&path).unwrap();
-        same(&log.load().unwrap(), &image);
-        assert_eq!(image.entries().back().unwrap().index, 301);
-    }
-
-    #[test]
-    fn damage_before_the_last_record_refuses_to_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.log");
-        let (mut log, mut image) = started(&path);
-        let first_entries = log.len as usize - 20;
-        write(&mut log, &mut image, batch(vec![entry(7, 1, 50)]));
-        drop(log);
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[first_entries] ^= 0x55;
-        std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(
-            FileLog::open(&path),
-            Err(LogStoreError::Corrupt(m)) if m.contains("more follow")
-        ));
-        std::fs::write(&path, b"not a log").unwrap();
-        assert!(matches!(
-            FileLog::open(&path),
-            Err(LogStoreError::Corrupt(_))
-        ));
-    }
-
-    #[test]
-    fn a_redb_log_is_carried_over_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut redb = crate::log_store::RedbDisk::open(&dir.path().join("raft.redb")).unwrap();
-        let mut image = LogImage::default();
-        let boot = WriteBatch {
-            snapshot: Some(SnapshotWrite::Install(bootstrap_snapshot(
-                vec![1, 2, 3],
-                b"s".to_vec(),
-            ))),
-            hard_state: Some(HardState {
-                term: 4,
-                vote: 2,
-                commit: 3,
-                ..Default::default()
-            }),
-            entries: (2..=5).map(|i| entry(i, 4, 30)).collect(),
-        };
-        redb.write(&boot, &image).unwrap();
-        image.apply(&boot);
-        drop(redb);
-        let mut log = FileLog::open_in(dir.path()).unwrap();
-        same(&log.load().unwrap(), &image);
-        assert!(!dir.path().join("raft.redb").exists());
-        assert!(dir.path().join("raft.redb.migrated").exists());
-        write(&mut log, &mut image, batch(vec![entry(6, 4, 30)]));
-        drop(log);
-        same(
-            &FileLog::open_in(dir.path()).unwrap().load().unwrap(),
-            &image,
-        );
-    }
-
-    #[test]
-    fn garbage_payloads_are_refused_not_trusted() {
-        for payload in [
-            &[][..],
-            &[9][..],
-            &[0, 0, 0xff, 0xff, 0xff, 0xff][..],
-            &[0, 0, 1, 0, 0, 0, 9, 0, 0, 0, 1][..],
-            &[0, 0, 0, 0, 0, 0, 7][..],
-            &[0, 2][..],
-        ] {
-            assert!(decode_payload(payload).is_err(), "{payload:?}");
-        }
-    }
-}
+#[path = "log_file_tests.rs"]
+mod tests;

@@ -135,6 +135,16 @@ impl LogImage {
         &self.entries
     }
 
+    /// A copy holding only the entries from index `keep_from` on.
+    pub fn kept_from(&self, keep_from: u64) -> LogImage {
+        let first = self.entries.partition_point(|e| e.index < keep_from);
+        LogImage {
+            hard_state: self.hard_state.clone(),
+            snapshot: self.snapshot.clone(),
+            entries: self.entries.range(first..).cloned().collect(),
+        }
+    }
+
     /// Applies a batch; the same function updates memory and the simulated disk, so the
     /// two cannot disagree on what a batch means.
     pub fn apply(&mut self, batch: &WriteBatch) {
@@ -205,6 +215,9 @@ pub trait Durable: Send + 'static {
     fn write(&mut self, batch: &WriteBatch, before: &LogImage) -> Result<(), LogStoreError>;
 }
 
+/// Compacted entries beyond this many are freed on a thread of their own.
+const FREE_APART: usize = 1_000;
+
 /// The in-memory log in front of a durable medium; implements raft-rs's [`Storage`].
 pub struct LogStore {
     image: LogImage,
@@ -241,6 +254,20 @@ impl LogStore {
             return Ok(());
         }
         self.disk.write(&batch, &self.image)?;
+        if let Some(SnapshotWrite::Compact { keep_from, .. }) = &batch.snapshot {
+            // A compaction drops about as many entries as a snapshot is apart
+            // (100,000 by default); freeing their buffers took the replica's thread
+            // 15-40 ms on a busy server, so they are freed on a thread of their own.
+            let first = self.image.entries.partition_point(|e| e.index < *keep_from);
+            let kept = self.image.entries.split_off(first);
+            let dropped = std::mem::replace(&mut self.image.entries, kept);
+            if dropped.len() > FREE_APART {
+                let freed = crate::background::spawn("log-free".into(), move || drop(dropped));
+                if let Err(e) = freed {
+                    tracing::debug!(error = %e, "freeing compacted entries in place");
+                }
+            }
+        }
         self.image.apply(&batch);
         Ok(())
     }

@@ -101,9 +101,10 @@ impl<S: StateMachine> Replica<S> {
         let capture = started.elapsed();
         let members = self.members.clone();
         let work = if self.config.snapshot_in_background {
-            let thread = std::thread::Builder::new()
-                .name(format!("snapshot-{}", self.config.id))
-                .spawn(move || encode_state(job, &members))
+            let thread =
+                crate::background::spawn(format!("snapshot-{}", self.config.id), move || {
+                    encode_state(job, &members)
+                })
                 .map_err(|e| SnapshotError(format!("cannot start the snapshot thread: {e}")))?;
             SnapshotWork::Thread(thread)
         } else {
