@@ -92,6 +92,9 @@ impl FileLog {
             // without its magic.
             replace_with(path, MAGIC)?;
         }
+        // A compaction a crash cut short left its new file unfinished: the log is
+        // the live file, whole, and the next snapshot compacts it again.
+        let _ = std::fs::remove_file(path.with_extension("rewrite"));
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -231,23 +234,21 @@ impl FileLog {
         let Some(rewrite) = self.rewrite.take_if(|r| wait || r.is_written()) else {
             return Ok(());
         };
-        let (file, len) = match rewrite.finish(&self.path) {
-            rewrite::Finished::Swapped { file, len } => (file, len),
+        let (file, len, unsynced) = match rewrite.finish(&self.path) {
+            rewrite::Finished::Swapped { file, len } => (file, len, None),
             rewrite::Finished::Dropped(reason) => {
                 tracing::warn!(%reason, path = %self.path.display(), "the log's rewrite was dropped; the next snapshot compacts it");
                 return Ok(());
             }
-            rewrite::Finished::Unsynced { file, len, error } => {
-                self.file = file;
-                self.len = len;
-                self.allocated = len;
-                self.failed = true;
-                return Err(error);
-            }
+            rewrite::Finished::Unsynced { file, len, error } => (file, len, Some(error)),
         };
         self.file = file;
         self.len = len;
         self.allocated = len;
+        if let Some(error) = unsynced {
+            self.failed = true;
+            return Err(error);
+        }
         tracing::debug!(path = %self.path.display(), bytes = len, "the log file was compacted");
         Ok(())
     }

@@ -12,7 +12,8 @@
 //! log appends to the new file.
 //!
 //! A crash at any point leaves a whole log: before the rename the live file holds
-//! every record, after it the new file does. Compaction is only ever the local
+//! every record (and opening the log removes the unfinished new file), after it
+//! the new file does. Compaction is only ever the local
 //! snapshot's: nothing Raft relies on waits for it, and an installed snapshot
 //! (from the leader) or a failure drops the rewrite and is written as before.
 

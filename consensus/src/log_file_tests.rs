@@ -176,8 +176,14 @@ fn a_compaction_cut_short_leaves_the_log_whole() {
     assert!(log.rewrite.is_some());
     let crashed = dir.path().join("crashed.log");
     std::fs::copy(&path, &crashed).unwrap();
+    let unfinished = crashed.with_extension("rewrite");
+    std::fs::write(&unfinished, &MAGIC[..5]).unwrap();
     drop(log);
     same(&FileLog::open(&crashed).unwrap().load().unwrap(), &before);
+    assert!(
+        !unfinished.exists(),
+        "an unfinished rewrite is removed on open"
+    );
     assert!(!path.with_extension("rewrite").exists());
     same(&FileLog::open(&path).unwrap().load().unwrap(), &image);
     // A snapshot installed from the leader while a compaction is written replaces
