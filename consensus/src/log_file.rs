@@ -94,7 +94,7 @@ impl FileLog {
         }
         // A compaction a crash cut short left its new file unfinished: the log is
         // the live file, whole, and the next snapshot compacts it again.
-        let _ = std::fs::remove_file(path.with_extension("rewrite"));
+        let _ = std::fs::remove_file(unfinished(path));
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -258,13 +258,12 @@ impl Drop for FileLog {
     /// Lets a rewrite under way finish and swaps it in, so a log closed right after
     /// a snapshot opens compacted and no thread goes on writing beside it.
     fn drop(&mut self) {
-        if !self.failed {
-            if let Err(e) = self.settle(true) {
-                tracing::warn!(error = %e, "compacting the log as it closed");
+        if self.failed {
+            if let Some(rewrite) = self.rewrite.take() {
+                rewrite.abandon();
             }
-        }
-        if let Some(rewrite) = self.rewrite.take() {
-            rewrite.abandon();
+        } else if let Err(e) = self.settle(true) {
+            tracing::warn!(error = %e, "compacting the log as it closed");
         }
     }
 }
@@ -289,17 +288,18 @@ impl Durable for FileLog {
         if let Some(snapshot) = &batch.snapshot {
             // Only the entries the batch leaves are copied: before the first
             // snapshot the log holds every entry since the cluster began.
-            let keep_from = match snapshot {
-                SnapshotWrite::Compact { keep_from, .. } => *keep_from,
-                SnapshotWrite::Install(_) => u64::MAX,
-            };
-            let mut after = before.kept_from(keep_from);
-            after.apply(batch);
             // A local snapshot with nothing else to persist is compacted in the
             // background: nothing waits on it being durable. An installed
             // snapshot is the log from now on, so it is written before this returns.
-            let local =
-                keep_from != u64::MAX && batch.entries.is_empty() && batch.hard_state.is_none();
+            let (keep_from, local) = match snapshot {
+                SnapshotWrite::Compact { keep_from, .. } => (
+                    *keep_from,
+                    batch.entries.is_empty() && batch.hard_state.is_none(),
+                ),
+                SnapshotWrite::Install(_) => (u64::MAX, false),
+            };
+            let mut after = before.kept_from(keep_from);
+            after.apply(batch);
             let written = if local {
                 self.compact(after)
             } else {
@@ -316,14 +316,24 @@ impl Durable for FileLog {
 /// Makes `path` hold exactly `bytes`, durably and atomically: written to a file
 /// beside it, synced, renamed over it, and the directory synced.
 fn replace_with(path: &Path, bytes: &[u8]) -> Result<(), LogStoreError> {
-    let tmp = path.with_extension("rewrite");
-    let mut file = File::create(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io_err("writing", &tmp, e))?;
-    drop(file);
+    let tmp = unfinished(path);
+    drop(write_synced(&tmp, bytes)?);
     std::fs::rename(&tmp, path).map_err(|e| io_err("renaming", &tmp, e))?;
     sync_dir(path)
+}
+
+/// Where the file that will replace the log at `path` is written first.
+fn unfinished(path: &Path) -> PathBuf {
+    path.with_extension("rewrite")
+}
+
+/// Creates `at` holding exactly `bytes`, synced; returns it open for writing.
+fn write_synced(at: &Path, bytes: &[u8]) -> Result<File, LogStoreError> {
+    let mut file = File::create(at).map_err(|e| io_err("creating", at, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_err("writing", at, e))?;
+    Ok(file)
 }
 
 /// Syncs the directory holding `path`, so a file created or renamed there stays.

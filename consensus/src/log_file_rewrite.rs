@@ -22,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use super::{encode_image, io_err, sync_dir, MAGIC};
+use super::{encode_image, io_err, sync_dir, unfinished, write_synced, MAGIC};
 use crate::log_store::{LogImage, LogStoreError};
 
 /// The most bytes of records kept for a rewrite under way. Past it (the background
@@ -57,17 +57,13 @@ pub(super) enum Finished {
 impl Rewrite {
     /// Starts writing `image` as a new log file beside `path`.
     pub(super) fn start(path: &Path, image: LogImage) -> std::io::Result<Rewrite> {
-        let tmp = path.with_extension("rewrite");
+        let tmp = unfinished(path);
         let at = tmp.clone();
         let thread = crate::background::spawn("log-rewrite".into(), move || {
             let mut bytes = MAGIC.to_vec();
             encode_image(&image, &mut bytes)?;
             drop(image);
-            let file = File::create(&at).map_err(|e| io_err("creating", &at, e))?;
-            file.write_all_at(&bytes, 0)
-                .and_then(|()| file.sync_data())
-                .map_err(|e| io_err("writing", &at, e))?;
-            Ok((file, bytes.len() as u64))
+            Ok((write_synced(&at, &bytes)?, bytes.len() as u64))
         })?;
         Ok(Rewrite {
             thread,
@@ -79,13 +75,15 @@ impl Rewrite {
 
     /// Keeps a record just appended to the live file, to follow the image.
     pub(super) fn keep(&mut self, record: &[u8]) {
+        if self.overflowed {
+            return;
+        }
         if self.kept.len() + record.len() > KEPT_MAX {
             self.overflowed = true;
             self.kept = Vec::new();
+            return;
         }
-        if !self.overflowed {
-            self.kept.extend_from_slice(record);
-        }
+        self.kept.extend_from_slice(record);
     }
 
     /// True once the background thread is done.
@@ -112,7 +110,7 @@ impl Rewrite {
             let _ = std::fs::remove_file(&tmp);
             Finished::Dropped(reason)
         };
-        let (file, len) = match written {
+        let (file, image_len) = match written {
             Ok(written) => written,
             Err(e) => return dropped(e.to_string()),
         };
@@ -121,9 +119,9 @@ impl Rewrite {
                 "more than {KEPT_MAX} bytes were appended while it was written"
             ));
         }
-        let len = len + kept.len() as u64;
+        let len = image_len + kept.len() as u64;
         if let Err(e) = file
-            .write_all_at(&kept, len - kept.len() as u64)
+            .write_all_at(&kept, image_len)
             .and_then(|()| file.sync_data())
             .and_then(|()| std::fs::rename(&tmp, path))
         {

@@ -135,9 +135,20 @@ impl LogImage {
         &self.entries
     }
 
+    /// Where the entries from index `index` on start in `entries`.
+    fn position(&self, index: u64) -> usize {
+        self.entries.partition_point(|e| e.index < index)
+    }
+
+    /// Takes out the entries before index `keep_from`, oldest first.
+    fn split_before(&mut self, keep_from: u64) -> VecDeque<Entry> {
+        let kept = self.entries.split_off(self.position(keep_from));
+        std::mem::replace(&mut self.entries, kept)
+    }
+
     /// A copy holding only the entries from index `keep_from` on.
     pub fn kept_from(&self, keep_from: u64) -> LogImage {
-        let first = self.entries.partition_point(|e| e.index < keep_from);
+        let first = self.position(keep_from);
         LogImage {
             hard_state: self.hard_state.clone(),
             snapshot: self.snapshot.clone(),
@@ -258,9 +269,7 @@ impl LogStore {
             // A compaction drops about as many entries as a snapshot is apart
             // (100,000 by default); freeing their buffers took the replica's thread
             // 15-40 ms on a busy server, so they are freed on a thread of their own.
-            let first = self.image.entries.partition_point(|e| e.index < *keep_from);
-            let kept = self.image.entries.split_off(first);
-            let dropped = std::mem::replace(&mut self.image.entries, kept);
+            let dropped = self.image.split_before(*keep_from);
             if dropped.len() > FREE_APART {
                 let freed = crate::background::spawn("log-free".into(), move || drop(dropped));
                 if let Err(e) = freed {
