@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -74,12 +74,15 @@ impl std::str::FromStr for NodePublicKey {
 
 /// A node's private key. It never prints and never serialises; the agent stores its
 /// 32 secret bytes in a file only it may read.
-pub struct NodeKey(SigningKey);
+pub struct NodeKey(SigningKey, crate::ed25519::Signer);
 
 impl NodeKey {
     /// The key with these secret bytes.
     pub fn from_secret(bytes: [u8; 32]) -> Self {
-        NodeKey(SigningKey::from_bytes(&bytes))
+        NodeKey(
+            SigningKey::from_bytes(&bytes),
+            crate::ed25519::Signer::from_seed(&bytes),
+        )
     }
 
     /// The secret bytes, for storing the key.
@@ -94,7 +97,7 @@ impl NodeKey {
 
     /// Signs `message` (a request's signature base; see [`crate::signature`]).
     pub fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
-        self.0.sign(message).to_bytes().to_vec()
+        self.1.sign(message).to_vec()
     }
 }
 

@@ -11,7 +11,6 @@
 use std::fmt;
 
 use base64::Engine;
-use ed25519_dalek::Signer as _;
 use ml_dsa::{Keypair as _, MlDsa65, Signer as _, Verifier as _};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -255,6 +254,7 @@ pub struct IdentityKey {
     algorithm: KeyAlgorithm,
     seed: [u8; 32],
     ed: ed25519_dalek::SigningKey,
+    signer: crate::ed25519::Signer,
     ml: Option<Box<ml_dsa::SigningKey<MlDsa65>>>,
 }
 
@@ -275,6 +275,7 @@ impl IdentityKey {
             algorithm,
             seed,
             ed: ed25519_dalek::SigningKey::from_bytes(&ed_seed),
+            signer: crate::ed25519::Signer::from_seed(&ed_seed),
             ml,
         }
     }
@@ -314,7 +315,7 @@ impl IdentityKey {
     /// The ed25519 signature alone (64 bytes): for formats that carry each scheme's
     /// signature apart, such as a C2SP signed note's lines.
     pub fn sign_ed25519(&self, message: &[u8]) -> [u8; ED25519_SIGNATURE] {
-        self.ed.sign(message).to_bytes()
+        self.signer.sign(message)
     }
 
     /// The ML-DSA-65 signature alone (3309 bytes), `None` for an ed25519-only key.

@@ -14,6 +14,7 @@
 //! | [`evaluation`] | a request to the planner to reconcile one job |
 //! | [`node`] | node registration and the node view |
 //! | [`auth`] | node keys and join tokens (with the cluster CA's fingerprint) |
+//! | `ed25519` | signing with an ed25519 seed (verification is `ed25519-dalek`'s strict check) |
 //! | [`identity`] | people's identities: ed25519 or hybrid ed25519 + ML-DSA-65 keys, tagged in every encoding |
 //! | [`signature`] | the one request-signature scheme (RFC 9421 style) for people and nodes |
 //! | [`ca`] | the cluster CA's fingerprint, as join tokens carry it |
@@ -45,6 +46,7 @@ pub mod chain;
 pub mod cluster;
 pub mod deployment;
 pub mod digest;
+mod ed25519;
 pub mod error;
 pub mod evaluation;
 pub mod identity;

@@ -4,14 +4,16 @@
 //!
 //! Applying is deterministic: ids and timestamps come from the command (or, for
 //! evaluations the state machine creates itself, from the log index), maps are
-//! ordered, and nothing reads the clock or a random source, so every replica that
-//! applies the same log holds the same bytes. A command that breaks a rule is
+//! ordered (the hashed ones are never walked where their order could show, and a
+//! snapshot writes them in key order), and nothing reads the clock or a random
+//! source, so every replica that applies the same log holds the same bytes. A command that breaks a rule is
 //! rejected whole and leaves the state untouched. Commands may be applied twice (the
 //! driver re-proposes when it cannot tell whether a proposal committed), so each
 //! one is idempotent: a replay answers what the first application answered.
 
 mod access;
 mod allocations;
+mod canonical;
 pub mod chain;
 mod command;
 pub mod deployments;
@@ -152,6 +154,18 @@ struct EvalRecord {
     eval: Evaluation,
 }
 
+/// Writes a hashed map as a map in key order, as a tree of the same entries writes.
+fn in_key_order<K, V, S>(map: &HashMap<K, V>, serializer: S) -> Result<S::Ok, S::Error>
+where
+    K: Ord + Serialize,
+    V: Serialize,
+    S: serde::Serializer,
+{
+    let mut entries: Vec<(&K, &V)> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    serializer.collect_map(entries)
+}
+
 /// Everything a snapshot holds. Kept apart from the derived indexes so a snapshot
 /// cannot be loaded without rebuilding them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,7 +178,12 @@ struct Tables {
     /// Shared with a snapshot being written: a job changed meanwhile is copied.
     jobs: BTreeMap<JobId, Arc<JobRecord>>,
     allocations: BTreeMap<AllocId, Allocation>,
-    evaluations: BTreeMap<EvalId, EvalRecord>,
+    /// Hashed: every submission looks its evaluation id up and inserts it, and each
+    /// beyond the limit removes the oldest; in a tree of 10,000 random ids each was a
+    /// chain of string comparisons. Written to a snapshot in id order, so a snapshot's
+    /// bytes depend on the state alone.
+    #[serde(serialize_with = "in_key_order")]
+    evaluations: HashMap<EvalId, EvalRecord>,
     #[serde(default)]
     join_tokens: BTreeMap<String, TokenRecord>,
     /// Output tails agents shipped, per allocation; dropped with the allocation.
@@ -627,7 +646,7 @@ impl ClusterState {
             nodes: BTreeMap::new(),
             jobs: BTreeMap::new(),
             allocations: BTreeMap::new(),
-            evaluations: BTreeMap::new(),
+            evaluations: HashMap::new(),
             join_tokens: BTreeMap::new(),
             logs: BTreeMap::new(),
             node_index: BTreeMap::new(),

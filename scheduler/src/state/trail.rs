@@ -9,6 +9,7 @@ use aigrid_api::{ChangeKind, IdentityId, Timestamp};
 use aigrid_consensus::human;
 use sha2::Digest;
 
+use super::canonical;
 use super::*;
 
 /// A change a command makes, as far as governance is concerned.
@@ -24,7 +25,7 @@ pub struct Change {
 
 /// Replaces each value of every `env` object with a commitment to it, so a payload
 /// can be shown to every signer without its secrets, and the digest still binds them.
-fn commit_secrets(value: &mut serde_json::Value, salt: &str) {
+pub(super) fn commit_secrets(value: &mut serde_json::Value, salt: &str) {
     match value {
         serde_json::Value::Object(map) => {
             for (key, v) in map.iter_mut() {
@@ -32,12 +33,7 @@ fn commit_secrets(value: &mut serde_json::Value, salt: &str) {
                     if let serde_json::Value::Object(env) = v {
                         for secret in env.values_mut() {
                             let text = secret.as_str().unwrap_or_default();
-                            let mut h = sha2::Sha256::new();
-                            h.update(salt.as_bytes());
-                            h.update([0]);
-                            h.update(text.as_bytes());
-                            let digest = hex::encode(h.finalize());
-                            *secret = format!("<secret sha256:{}>", &digest[..32]).into();
+                            *secret = canonical::commitment(salt, text).into();
                         }
                         continue;
                     }
@@ -72,6 +68,30 @@ pub(super) fn shown_payload(command: &Command, proposal_id: &str) -> serde_json:
     }
     commit_secrets(&mut value, proposal_id);
     value
+}
+
+/// The `type` of [`shown_payload`]'s value (`null` where it has none) and the hash of
+/// its canonical JSON, which every applied control change records. Written straight
+/// from the command where `canonical` can ([`shown_payload`] replaces a model
+/// registration, which goes the value's way); debug builds check both ways agree.
+fn shown_payload_hash(command: &Command, salt: &str) -> (serde_json::Value, [u8; 32]) {
+    let by_value = || {
+        let payload = shown_payload(command, salt);
+        let kind = payload.get("type").cloned().unwrap_or_default();
+        (kind, human::payload_hash(&payload))
+    };
+    if matches!(command, Command::RegisterModel { .. }) {
+        return by_value();
+    }
+    let Ok((json, kind)) = canonical::shown_canonical(command, salt) else {
+        return by_value();
+    };
+    let direct = (
+        kind.map_or(serde_json::Value::Null, serde_json::Value::String),
+        sha2::Sha256::digest(&json).into(),
+    );
+    debug_assert_eq!(direct, by_value(), "{}", String::from_utf8_lossy(&json));
+    direct
 }
 
 impl ClusterState {
@@ -288,11 +308,11 @@ impl ClusterState {
         if self.is_echo(command) {
             return None;
         }
-        let payload = shown_payload(command, &index.to_string());
+        let (kind, hash) = shown_payload_hash(command, &index.to_string());
         let mut event = serde_json::json!({
             "event": "change",
-            "command": payload.get("type").cloned().unwrap_or_default(),
-            "payload_hash": hex::encode(human::payload_hash(&payload)),
+            "command": kind,
+            "payload_hash": hex::encode(hash),
         });
         if let Some(change) = change {
             event["target"] = change.target.clone().into();
