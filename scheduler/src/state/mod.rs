@@ -176,7 +176,12 @@ struct Tables {
     next_eval_seq: u64,
     nodes: BTreeMap<NodeId, Node>,
     /// Shared with a snapshot being written: a job changed meanwhile is copied.
-    jobs: BTreeMap<JobId, Arc<JobRecord>>,
+    /// Hashed: a submission looks its id up and inserts it, and the planner's verdict
+    /// looks it up again, in a table of hundreds of thousands of random ids. Its walks
+    /// (a circle's jobs, the derived sets) sum, collect into sets or sort, so no result
+    /// depends on its order; a snapshot writes it in id order.
+    #[serde(serialize_with = "in_key_order")]
+    jobs: HashMap<JobId, Arc<JobRecord>>,
     allocations: BTreeMap<AllocId, Allocation>,
     /// Hashed: every submission looks its evaluation id up and inserts it, and each
     /// beyond the limit removes the oldest; in a tree of 10,000 random ids each was a
@@ -644,7 +649,7 @@ impl ClusterState {
             eval_limit: limit.max(1),
             next_eval_seq: 0,
             nodes: BTreeMap::new(),
-            jobs: BTreeMap::new(),
+            jobs: HashMap::new(),
             allocations: BTreeMap::new(),
             evaluations: HashMap::new(),
             join_tokens: BTreeMap::new(),

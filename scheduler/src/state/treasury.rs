@@ -204,7 +204,8 @@ fn cost_per_ms(
 }
 
 impl ClusterState {
-    /// The live jobs of `circle`.
+    /// The live jobs of `circle`, in no set order: what uses them sums, tests or
+    /// sorts what it takes.
     pub(super) fn circle_jobs<'a>(
         &'a self,
         circle: &'a str,
