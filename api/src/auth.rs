@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -74,25 +74,22 @@ impl std::str::FromStr for NodePublicKey {
 
 /// A node's private key. It never prints and never serialises; the agent stores its
 /// 32 secret bytes in a file only it may read.
-pub struct NodeKey(SigningKey, crate::ed25519::Signer);
+pub struct NodeKey([u8; 32], crate::ed25519::Signer);
 
 impl NodeKey {
     /// The key with these secret bytes.
     pub fn from_secret(bytes: [u8; 32]) -> Self {
-        NodeKey(
-            SigningKey::from_bytes(&bytes),
-            crate::ed25519::Signer::from_seed(&bytes),
-        )
+        NodeKey(bytes, crate::ed25519::Signer::from_seed(&bytes))
     }
 
     /// The secret bytes, for storing the key.
     pub fn secret(&self) -> [u8; 32] {
-        self.0.to_bytes()
+        self.0
     }
 
     /// The matching public key, which the node registers.
     pub fn public(&self) -> NodePublicKey {
-        NodePublicKey(self.0.verifying_key().to_bytes())
+        NodePublicKey(self.1.public())
     }
 
     /// Signs `message` (a request's signature base; see [`crate::signature`]).

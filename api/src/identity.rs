@@ -24,9 +24,9 @@ const ML_DSA_65_PUBLIC: usize = 1952;
 /// Bytes of an encoded ML-DSA-65 signature.
 const ML_DSA_65_SIGNATURE: usize = 3309;
 /// Bytes of an ed25519 public key.
-const ED25519_PUBLIC: usize = 32;
+pub(crate) const ED25519_PUBLIC: usize = 32;
 /// Bytes of an ed25519 signature.
-const ED25519_SIGNATURE: usize = 64;
+pub(crate) const ED25519_SIGNATURE: usize = 64;
 
 wire_enum!(
     /// A key's algorithm, as every encoding of the key or of its signatures names it.
@@ -253,8 +253,7 @@ impl IdentityId {
 pub struct IdentityKey {
     algorithm: KeyAlgorithm,
     seed: [u8; 32],
-    ed: ed25519_dalek::SigningKey,
-    signer: crate::ed25519::Signer,
+    ed: crate::ed25519::Signer,
     ml: Option<Box<ml_dsa::SigningKey<MlDsa65>>>,
 }
 
@@ -274,8 +273,7 @@ impl IdentityKey {
         IdentityKey {
             algorithm,
             seed,
-            ed: ed25519_dalek::SigningKey::from_bytes(&ed_seed),
-            signer: crate::ed25519::Signer::from_seed(&ed_seed),
+            ed: crate::ed25519::Signer::from_seed(&ed_seed),
             ml,
         }
     }
@@ -287,7 +285,7 @@ impl IdentityKey {
 
     /// The matching public key.
     pub fn public(&self) -> PublicKey {
-        let mut bytes = self.ed.verifying_key().to_bytes().to_vec();
+        let mut bytes = self.ed.public().to_vec();
         if let Some(ml) = &self.ml {
             bytes.extend_from_slice(ml.verifying_key().encode().as_slice());
         }
@@ -315,7 +313,7 @@ impl IdentityKey {
     /// The ed25519 signature alone (64 bytes): for formats that carry each scheme's
     /// signature apart, such as a C2SP signed note's lines.
     pub fn sign_ed25519(&self, message: &[u8]) -> [u8; ED25519_SIGNATURE] {
-        self.signer.sign(message)
+        self.ed.sign(message)
     }
 
     /// The ML-DSA-65 signature alone (3309 bytes), `None` for an ed25519-only key.

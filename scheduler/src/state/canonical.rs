@@ -25,16 +25,9 @@ use serde::ser::{self, Impossible, Serialize};
 use sha2::Digest;
 
 /// Why the direct path gave up: the caller writes the value instead.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("not written directly")]
 pub(super) struct Unsupported;
-
-impl Display for Unsupported {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("not written directly")
-    }
-}
-
-impl std::error::Error for Unsupported {}
 
 impl ser::Error for Unsupported {
     fn custom<T: Display>(_: T) -> Self {
