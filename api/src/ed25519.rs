@@ -8,7 +8,10 @@
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
 
-use crate::identity::{ED25519_PUBLIC, ED25519_SIGNATURE};
+/// Bytes of an ed25519 public key.
+pub(crate) const ED25519_PUBLIC: usize = 32;
+/// Bytes of an ed25519 signature.
+pub(crate) const ED25519_SIGNATURE: usize = 64;
 
 /// A signing key made from a 32-byte Ed25519 seed.
 pub(crate) struct Signer(Ed25519KeyPair);

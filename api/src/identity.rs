@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::AuthError;
+use crate::ed25519::{ED25519_PUBLIC, ED25519_SIGNATURE};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -23,10 +24,6 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL
 const ML_DSA_65_PUBLIC: usize = 1952;
 /// Bytes of an encoded ML-DSA-65 signature.
 const ML_DSA_65_SIGNATURE: usize = 3309;
-/// Bytes of an ed25519 public key.
-pub(crate) const ED25519_PUBLIC: usize = 32;
-/// Bytes of an ed25519 signature.
-pub(crate) const ED25519_SIGNATURE: usize = 64;
 
 wire_enum!(
     /// A key's algorithm, as every encoding of the key or of its signatures names it.

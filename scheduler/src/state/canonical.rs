@@ -103,6 +103,16 @@ struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
+    /// A writer of a value inside the top-level one.
+    fn nested(buf: &'a mut Buf, salt: &'a str, mode: Mode) -> Self {
+        Writer {
+            buf,
+            salt,
+            mode,
+            kind: None,
+        }
+    }
+
     fn scalar<T: Serialize>(self, value: T) -> Result<()> {
         serde_json::to_writer(&mut self.buf.out, &value).map_err(|_| Unsupported)
     }
@@ -172,12 +182,7 @@ impl<'a> Object<'a> {
                 .map_err(|_| Unsupported)?;
         } else {
             let mode = if key == "env" { Mode::Env } else { Mode::Plain };
-            value.serialize(Writer {
-                buf: &mut *self.buf,
-                salt: self.salt,
-                mode,
-                kind: None,
-            })?;
+            value.serialize(Writer::nested(&mut *self.buf, self.salt, mode))?;
         }
         let end = self.buf.out.len();
         if let (Some(kind), "type") = (self.kind.as_deref_mut(), &*key) {
@@ -229,12 +234,7 @@ impl Array<'_> {
             self.buf.out.push(b',');
         }
         self.first = false;
-        value.serialize(Writer {
-            buf: &mut *self.buf,
-            salt: self.salt,
-            mode: Mode::Plain,
-            kind: None,
-        })
+        value.serialize(Writer::nested(&mut *self.buf, self.salt, Mode::Plain))
     }
 
     fn end(self) -> Result<()> {
@@ -302,12 +302,7 @@ impl<'a> ser::Serializer for Writer<'a> {
         value: &T,
     ) -> Result<()> {
         self.open_variant(variant)?;
-        value.serialize(Writer {
-            buf: &mut *self.buf,
-            salt: self.salt,
-            mode: Mode::Plain,
-            kind: None,
-        })?;
+        value.serialize(Writer::nested(&mut *self.buf, self.salt, Mode::Plain))?;
         self.buf.out.push(b'}');
         Ok(())
     }

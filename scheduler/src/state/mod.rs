@@ -7,9 +7,10 @@
 //! ordered (the hashed ones are never walked where their order could show, and a
 //! snapshot writes them in key order), and nothing reads the clock or a random
 //! source, so every replica that applies the same log holds the same bytes. A
-//! command that breaks a rule is rejected whole and leaves the state untouched. Commands may be applied twice (the
-//! driver re-proposes when it cannot tell whether a proposal committed), so each
-//! one is idempotent: a replay answers what the first application answered.
+//! command that breaks a rule is rejected whole and leaves the state untouched.
+//! Commands may be applied twice (the driver re-proposes when it cannot tell
+//! whether a proposal committed), so each one is idempotent: a replay answers what
+//! the first application answered.
 
 mod access;
 mod allocations;
