@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
 """The baseline of the serving benchmark's part (a): sentence-transformers (PyTorch,
-CPU) encoding the same sentences as aigrid's server, timed in-process.
+on the CPU or a GPU) encoding the same sentences as aigrid's server, timed in-process.
 
 Run by target/release/serving_embed, which writes the sentences and reads what this
 prints; by hand:
 
     python embed_baseline.py --model DIR --sentences FILE.json [--batch-sizes 1,32]
-        [--reps 3] [--threads 2] [--check 16]
+        [--reps 3] [--threads 2] [--check 16] [--device cpu|cuda:N]
 
 Prints one JSON object on stdout: versions, the thread count, for each batch size the
 wall seconds of each repetition of `SentenceTransformer.encode(sentences,
 batch_size=B)` (`results`, PyTorch's default f32) and of the same call under
 `torch.autocast("cpu", dtype=torch.bfloat16)` (`results_bf16`, bf16 products as on the
-CPU's AMX units; empty with --no-bf16), of the same call with sentence-transformers'
+CPU's AMX units; empty with --no-bf16; on a GPU the model's weights converted with
+`.to(torch.bfloat16)` instead, the faster of the two there, and `bf16` says which), of
+the same call with sentence-transformers'
 ONNX backend (`results_onnx`: the model exported by optimum into a copy of DIR and
 run by onnxruntime on CPU with --threads intra-op threads; empty with --no-onnx or
 when onnxruntime and optimum are missing, `onnx_error` then says why), and the f32
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--check", type=int, default=16)
     parser.add_argument("--no-bf16", action="store_true", help="skip the autocast runs")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX backend")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     args = parser.parse_args()
 
     import sentence_transformers
@@ -54,7 +57,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with open(args.sentences, encoding="utf-8") as f:
         sentences = json.load(f)
-    model = SentenceTransformer(args.model, device="cpu")
+    gpu = args.device.startswith("cuda")
+    model = SentenceTransformer(args.model, device=args.device)
+    device_name = torch.cuda.get_device_name(args.device) if gpu else "CPU"
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     def encode(batch_size: int, items=sentences, using=None):
@@ -81,8 +86,14 @@ def main() -> None:
         return results
 
     results = timed("")
-    results_bf16 = []
-    if not args.no_bf16:
+    check = encode(1, sentences[: args.check])
+    results_bf16, bf16 = [], None
+    if not args.no_bf16 and gpu:
+        # encode() returns host arrays: every call waits for the GPU.
+        bf16 = "weights"
+        results_bf16 = timed(" (bf16 weights)", model.to(torch.bfloat16))
+    elif not args.no_bf16:
+        bf16 = "autocast"
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results_bf16 = timed(" (autocast bf16)")
 
@@ -120,12 +131,13 @@ def main() -> None:
             onnx_error = f"{type(e).__name__}: {e}"
             print(f"    ONNX backend not run: {onnx_error}", file=sys.stderr)
 
-    check = encode(1, sentences[: args.check])
     json.dump(
         {
             "sentence_transformers": sentence_transformers.__version__,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device": device_name,
+            "bf16": bf16,
             "results": results,
             "results_bf16": results_bf16,
             "results_onnx": results_onnx,

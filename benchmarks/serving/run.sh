@@ -24,9 +24,15 @@
 # Examples:
 #   benchmarks/serving/run.sh
 #   BENCH_PARTS=generate SERVING_GENERATE_ARGS="--concurrency 1,16,64" benchmarks/serving/run.sh
+#   BENCH_DEVICE=cuda:0 BENCH_PYTHON=python3 benchmarks/serving/run.sh   (embed and generate)
 #
 # Environment:
-#   BENCH_PARTS             space-separated parts to run (default: embed generate llamacpp coldstart zero)
+#   BENCH_DEVICE            cpu (default) or cuda:N: where embed and generate run ours
+#                           and embed's baseline (the other parts are CPU-only); cuda:N
+#                           builds with `--features cuda`, through
+#                           serving/fixtures/cuda-cargo.sh where nvcc is not on PATH
+#   BENCH_PARTS             space-separated parts to run (default: embed generate llamacpp
+#                           coldstart zero; embed generate with BENCH_DEVICE=cuda:N)
 #   BENCH_SKIP_BUILD=1      use the binaries already in the target directory
 #   BENCH_OUT               also append every table to this file
 #   BENCH_PYTHON            a Python with sentence-transformers and torch, for the
@@ -47,7 +53,21 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
-PARTS="${BENCH_PARTS:-embed generate llamacpp coldstart zero}"
+DEVICE="${BENCH_DEVICE:-cpu}"
+case "$DEVICE" in
+cpu) PARTS="${BENCH_PARTS:-embed generate llamacpp coldstart zero}" ;;
+cuda:[0-9]*)
+    PARTS="${BENCH_PARTS:-embed generate}"
+    for part in $PARTS; do
+        case "$part" in embed | generate) ;; *) echo "error: part '$part' runs on the CPU only" >&2; exit 2 ;; esac
+    done
+    export BENCH_FEATURES=cuda
+    if ! command -v nvcc >/dev/null; then
+        export BENCH_CARGO="$ROOT/serving/fixtures/cuda-cargo.sh"
+    fi
+    ;;
+*) echo "error: BENCH_DEVICE '$DEVICE': cpu or cuda:N" >&2; exit 2 ;;
+esac
 # As `aigrid serve` does: candle's CPU thread count fixed to the cores (unset, candle
 # reads /proc/cpuinfo on every matrix product).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
@@ -80,7 +100,7 @@ EOF
     fi
     bin="$(build serving_embed)"
     # shellcheck disable=SC2086 # SERVING_EMBED_ARGS is a list of words
-    report "$bin" --model "$model" --python "$PYTHON" \
+    report "$bin" --model "$model" --python "$PYTHON" --device "$DEVICE" \
         --baseline-script "$ROOT/benchmarks/serving/embed_baseline.py" ${SERVING_EMBED_ARGS:-}
 fi
 
@@ -89,7 +109,7 @@ if wants generate; then
     echo "==> part (b): generation" >&2
     bin="$(build serving_generate)"
     # shellcheck disable=SC2086 # SERVING_GENERATE_ARGS is a list of words
-    report "$bin" ${SERVING_GENERATE_ARGS:-}
+    report "$bin" --device "$DEVICE" ${SERVING_GENERATE_ARGS:-}
 fi
 
 # ---- part (d): generation beside llama.cpp ------------------------------------------

@@ -41,12 +41,14 @@ impl Drop for Running {
     }
 }
 
-/// Binds a CPU server for `source` on a free loopback port and starts it: loading
-/// begins at once, in the background, as in production.
-pub async fn start(source: ModelSource, limits: Limits) -> Result<Running> {
+/// Binds a server for `source` on `device` on a free loopback port and starts it:
+/// loading begins at once, in the background, as in production.
+pub async fn start(source: ModelSource, limits: Limits, device: DeviceSpec) -> Result<Running> {
+    // The server opens it as it starts, and stops where it cannot: said here, plainly.
+    device.open().context("the benchmark's device")?;
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse()?,
-        device: DeviceSpec::Cpu,
+        device,
         precision: None,
         names: vec![MODEL_NAME.to_owned()],
         limits,
@@ -62,6 +64,30 @@ pub async fn start(source: ModelSource, limits: Limits) -> Result<Running> {
         stop: Some(stop),
         task: Some(task),
     })
+}
+
+/// `device` in a table's title: `CPU`, or the GPU's name from `nvidia-smi` with its
+/// ordinal.
+pub fn device_words(device: DeviceSpec) -> String {
+    let DeviceSpec::Cuda(n) = device else {
+        return "CPU".to_owned();
+    };
+    let name = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name",
+            "--format=csv,noheader",
+            "-i",
+            &n.to_string(),
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|name| !name.is_empty());
+    match name {
+        Some(name) => format!("{name} (cuda:{n})"),
+        None => format!("cuda:{n}"),
+    }
 }
 
 impl Running {

@@ -75,8 +75,9 @@ pub struct ServeArgs {
     #[arg(long, env = "AIGRID_AUTO_TRUNCATE")]
     auto_truncate: bool,
     /// The projections' arithmetic: `f32`, `bf16` (weights and inputs rounded to
-    /// bf16, sums in f32, on the AMX units of Xeon CPUs since Sapphire Rapids), or
-    /// `auto`: bf16 for embedding models where the CPU has AMX, f32 otherwise.
+    /// bf16, sums in f32, on a GPU's tensor cores or the AMX units of Xeon CPUs since
+    /// Sapphire Rapids), or `auto`: bf16 for embedding models on a GPU or where the
+    /// CPU has AMX, f32 otherwise.
     #[arg(long, env = "AIGRID_MATMUL_PRECISION", default_value = "auto")]
     matmul_precision: PrecisionChoice,
 }
@@ -232,8 +233,11 @@ async fn source(servers: &str, args: &ServeArgs) -> anyhow::Result<(ModelSource,
 pub async fn run_serve(servers: &str, args: ServeArgs) -> anyhow::Result<()> {
     let limits = args.limits()?;
     let precision = args.matmul_precision.0;
-    if precision == Some(Precision::Bf16) && !aigrid_serving::kernels::cpu::amx::available() {
-        bail!("--matmul-precision bf16 needs a CPU with AMX-BF16 (Xeon since Sapphire Rapids); this one has none");
+    if precision == Some(Precision::Bf16)
+        && args.device.is_cpu()
+        && !aigrid_serving::kernels::cpu::amx::available()
+    {
+        bail!("--matmul-precision bf16 needs a GPU (--device cuda:N) or a CPU with AMX-BF16 (Xeon since Sapphire Rapids); this one has none");
     }
     let (source, default_name) = source(servers, &args).await?;
     let names = args.names(default_name)?;

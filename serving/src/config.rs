@@ -56,7 +56,7 @@ pub struct ServeConfig {
     /// Where the model runs.
     pub device: DeviceSpec,
     /// The projections' arithmetic; `None` chooses ([`Precision::resolve`]): bf16
-    /// for embedding models on CPUs with AMX, f32 otherwise.
+    /// for embedding models on a GPU or a CPU with AMX, f32 otherwise.
     pub precision: Option<Precision>,
     /// Names clients may give as `model`, besides the model's digest (or directory).
     /// The first is the name `/v1/models` shows.

@@ -3,7 +3,9 @@
 //!
 //! With [`Precision::Bf16`] on a CPU with AMX, weights are packed in bf16 for
 //! [`crate::kernels::cpu::amx`]'s tile product, several times the f32 products' speed at a
-//! precision of about three significant digits per product. f32 weights on a CPU
+//! precision of about three significant digits per product. On candle's backend (a
+//! GPU) they are kept transposed in bf16, and each product rounds its input to bf16
+//! and its output back to f32: cuBLAS then runs it on the tensor cores. f32 weights on a CPU
 //! with AVX-512F or AVX2+FMA are packed for [`crate::kernels::cpu::packed`]'s
 //! product, which is 1.5-3x faster than `gemm` for the few rows of a decoding step
 //! or of one short input to embed, and on par for many rows. Elsewhere the weight is kept
@@ -30,31 +32,52 @@ pub enum Precision {
     /// f32 products: the checkpoint's f32 values, f32 sums.
     #[default]
     F32,
-    /// Weights and inputs rounded to bf16, sums in f32, on the CPU's AMX tiles
-    /// (PyTorch's `set_float32_matmul_precision("medium")`). Only on CPUs with
-    /// AMX-BF16 ([`Isa::Amx`]).
+    /// Weights and inputs rounded to bf16, sums in f32 (PyTorch's
+    /// `set_float32_matmul_precision("medium")`): on the CPU's AMX tiles, so only on
+    /// CPUs with AMX-BF16 ([`Isa::Amx`]), or on a GPU's tensor cores (candle's
+    /// backend, where an encoder runs wholly in bf16: [`Precision::encoder_dtype`]).
     Bf16,
 }
 
 impl Precision {
     /// The precision asked for (`None`: the default), checked against the backend:
-    /// by default bf16 where the model is an embedding model and the CPU has AMX
-    /// (embeddings keep a cosine of 0.9999 or more to their f32 values), f32
-    /// otherwise, so generation's greedy outputs stay those of the f32 model.
+    /// by default bf16 where the model is an embedding model and the backend has
+    /// bf16 products (a CPU with AMX, or a GPU: embeddings keep a cosine of 0.999 or
+    /// more to their f32 values), f32 otherwise, so generation's greedy outputs stay
+    /// those of the f32 model.
     pub fn resolve(
         asked: Option<Precision>,
         backend: Backend,
         embedding: bool,
     ) -> std::result::Result<Precision, ServingError> {
-        let amx = backend == Backend::Cpu(Isa::Amx);
+        let bf16 = Precision::bf16_on(backend);
         match asked {
-            None if embedding && amx => Ok(Precision::Bf16),
+            None if embedding && bf16 => Ok(Precision::Bf16),
             None => Ok(Precision::F32),
-            Some(Precision::Bf16) if !amx => Err(ServingError::model(
-                "bf16 matrix products need a CPU with AMX-BF16 (Xeon since Sapphire Rapids); \
-                 use --matmul-precision f32",
+            Some(Precision::Bf16) if !bf16 => Err(ServingError::model(
+                "bf16 matrix products need a GPU or a CPU with AMX-BF16 (Xeon since \
+                 Sapphire Rapids); use --matmul-precision f32",
             )),
             Some(p) => Ok(p),
+        }
+    }
+
+    /// Whether `backend` runs bf16 products: a CPU's AMX tiles, or candle's products
+    /// on the model's device (cuBLAS on a GPU).
+    pub fn bf16_on(backend: Backend) -> bool {
+        matches!(backend, Backend::Cpu(Isa::Amx) | Backend::Candle)
+    }
+
+    /// The type an encoder's tensors load in, and its activations run in: bf16 for
+    /// [`Precision::Bf16`] on candle's backend (a GPU), where the whole model then
+    /// runs in bf16 as a bf16 checkpoint does (candle's norm and softmax kernels
+    /// sum in f32), with no rounding of each product's input and output, which
+    /// cost a GPU more launches than the bf16 products saved; f32 otherwise (on the
+    /// CPU, bf16 is the AMX products' alone).
+    pub fn encoder_dtype(self, backend: Backend) -> DType {
+        match (self, backend) {
+            (Precision::Bf16, Backend::Candle) => DType::BF16,
+            _ => DType::F32,
         }
     }
 }
@@ -83,7 +106,8 @@ impl std::fmt::Display for Precision {
 /// How [`Dense::build`] lays out the weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
-    Transposed,
+    /// `[in, out]`, in this type, for the device's matmul.
+    Transposed(DType),
     Packed,
     Amx,
 }
@@ -97,7 +121,8 @@ pub struct Dense {
 
 #[derive(Debug, Clone)]
 enum Weight {
-    /// `[in, out]`, contiguous, and the `[out]` bias.
+    /// `[in, out]`, contiguous, in the products' type (the input is rounded to it
+    /// and the output back), and the `[out]` bias.
     Transposed { wt: Tensor, bias: Option<Tensor> },
     /// Packed for the AVX-512 or AVX2 product (f32 on CPU), the bias with it.
     Packed(Arc<Packed>),
@@ -123,10 +148,11 @@ impl Dense {
     /// Every part takes the same input width; either all have a bias or none.
     ///
     /// On the CPU backend, weights in [`Precision::Bf16`] are packed for
-    /// [`crate::kernels::cpu::amx`]'s product (an error where the CPU has no AMX,
-    /// and on other backends); f32 weights on a CPU with AVX-512F or AVX2+FMA for
+    /// [`crate::kernels::cpu::amx`]'s product (an error where the CPU has no AMX);
+    /// f32 weights on a CPU with AVX-512F or AVX2+FMA for
     /// [`crate::kernels::cpu::packed`]'s; others are kept transposed for the
-    /// device's matmul (`gemm` on the CPU).
+    /// device's matmul (`gemm` on the CPU, cuBLAS on a GPU), in bf16 for
+    /// [`Precision::Bf16`] on candle's backend.
     pub fn fused(
         backend: Backend,
         parts: &[(&Tensor, Option<Tensor>)],
@@ -135,13 +161,17 @@ impl Dense {
         let f32_weights = parts.iter().all(|(w, _)| w.dtype() == DType::F32);
         let layout = match (precision, backend) {
             (Precision::Bf16, Backend::Cpu(Isa::Amx)) => Layout::Amx,
-            (Precision::Bf16, _) => {
-                candle_core::bail!("bf16 projections need a CPU with AMX-BF16")
+            (Precision::Bf16, Backend::Candle) => Layout::Transposed(DType::BF16),
+            (Precision::Bf16, Backend::Cpu(_)) => {
+                candle_core::bail!("bf16 projections need a GPU or a CPU with AMX-BF16")
             }
             (Precision::F32, Backend::Cpu(isa)) if isa >= Isa::Avx2 && f32_weights => {
                 Layout::Packed
             }
-            (Precision::F32, _) => Layout::Transposed,
+            // The checkpoint's own type (a model loaded in f16 keeps f16 products).
+            (Precision::F32, _) => {
+                Layout::Transposed(parts.first().map_or(DType::F32, |(w, _)| w.dtype()))
+            }
         };
         Dense::build(parts, layout)
     }
@@ -259,8 +289,8 @@ impl Dense {
                 let (w, b) = values(&weight, bias)?;
                 Weight::Packed(Arc::new(Packed::new(&w, b.as_deref(), width, output)?))
             }
-            Layout::Transposed => Weight::Transposed {
-                wt: weight.t()?.contiguous()?,
+            Layout::Transposed(dtype) => Weight::Transposed {
+                wt: weight.to_dtype(dtype)?.t()?.contiguous()?,
                 bias,
             },
         };
@@ -293,7 +323,11 @@ impl Module for Dense {
                 .contiguous()?
                 .apply_op1_no_bwd(&PackedMatmul(p.as_ref()))?,
             Weight::Transposed { wt, bias } => {
-                let y = x.matmul(wt)?;
+                let y = if x.dtype() == wt.dtype() {
+                    x.matmul(wt)?
+                } else {
+                    x.to_dtype(wt.dtype())?.matmul(wt)?.to_dtype(x.dtype())?
+                };
                 match bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -322,7 +356,10 @@ mod tests {
         let reference = candle_nn::Linear::new(w.clone(), Some(b.clone()));
         let ours = Dense::build(&[(&w, Some(b.clone()))], layout).unwrap();
         let (kind, tolerance) = match &ours.weight {
-            Weight::Transposed { .. } => (Layout::Transposed, 1e-4),
+            Weight::Transposed { wt, .. } if wt.dtype() == DType::BF16 => {
+                (Layout::Transposed(DType::BF16), 0.15)
+            }
+            Weight::Transposed { .. } => (Layout::Transposed(DType::F32), 1e-4),
             Weight::Packed(_) => (Layout::Packed, 1e-4),
             // bf16 products of 32 N(0, 1) pairs: within a few hundredths.
             Weight::Amx(_) => (Layout::Amx, 0.15),
@@ -399,7 +436,14 @@ mod tests {
 
     #[test]
     fn the_transposed_layout_matches_candle_linear() {
-        matches_candle_linear_at_every_row_count_and_rank(Layout::Transposed);
+        matches_candle_linear_at_every_row_count_and_rank(Layout::Transposed(DType::F32));
+    }
+
+    /// On candle's backend, bf16 products: the weight kept in bf16, the input rounded
+    /// to it and the output back to f32.
+    #[test]
+    fn the_bf16_transposed_layout_matches_candle_linear() {
+        matches_candle_linear_at_every_row_count_and_rank(Layout::Transposed(DType::BF16));
     }
 
     #[test]
@@ -415,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn bf16_needs_amx_and_is_the_default_only_for_embeddings_on_it() {
+    fn bf16_needs_amx_or_a_gpu_and_is_the_default_only_for_embeddings_there() {
         let d = Device::Cpu;
         let w = Tensor::zeros((4, 3), DType::F32, &d).unwrap();
         let amx = crate::kernels::cpu::amx::available();
@@ -435,14 +479,22 @@ mod tests {
             Precision::resolve(Some(Precision::F32), cpu, true).unwrap(),
             Precision::F32
         );
-        // Off the CPU (candle's ops), bf16 products are never had.
+        // Off the CPU (candle's ops: a GPU's), bf16 products are the embeddings'
+        // default and may be asked for generation.
         let candle = Backend::Candle;
         assert_eq!(
             Precision::resolve(None, candle, true).unwrap(),
+            Precision::Bf16
+        );
+        assert_eq!(
+            Precision::resolve(None, candle, false).unwrap(),
             Precision::F32
         );
-        assert!(Precision::resolve(Some(Precision::Bf16), candle, true).is_err());
-        assert!(Dense::new(candle, &w, None, Precision::Bf16).is_err());
+        assert_eq!(
+            Precision::resolve(Some(Precision::Bf16), candle, false).unwrap(),
+            Precision::Bf16
+        );
+        assert!(Dense::new(candle, &w, None, Precision::Bf16).is_ok());
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
         assert_eq!(
             Precision::F32.to_string().parse::<Precision>().unwrap(),

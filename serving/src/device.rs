@@ -48,6 +48,16 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// Whether [`DeviceSpec::open`] gives the CPU without a GPU to try: `cpu`, or
+    /// `auto` in a build without CUDA.
+    pub fn is_cpu(self) -> bool {
+        match self {
+            DeviceSpec::Cpu => true,
+            DeviceSpec::Auto => !candle_core::utils::cuda_is_available(),
+            DeviceSpec::Cuda(_) => false,
+        }
+    }
+
     /// Opens the device. `cuda:N` fails clearly when this build has no CUDA or the
     /// device does not answer; `auto` falls back to the CPU.
     pub fn open(self) -> Result<Device, ServingError> {

@@ -330,9 +330,10 @@ pub async fn load(
                 .map(|m| m as usize);
             let tensors = load_tensors(source, &weights, device, metrics, status).await?;
             let dev = device.clone();
+            let dtype = precision.encoder_dtype(backend);
             let embedder = blocking(move || {
                 Embedder::new(
-                    VarBuilder::from_tensors(tensors, DType::F32, &dev),
+                    VarBuilder::from_tensors(tensors, dtype, &dev),
                     &config_bytes,
                     pooling,
                     precision,

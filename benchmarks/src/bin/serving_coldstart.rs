@@ -41,7 +41,7 @@ use aigrid_benchmarks::measure::{cpus, load_average, median};
 use aigrid_benchmarks::serve::{self, MODEL_NAME};
 use aigrid_serving::server::Limits;
 use aigrid_serving::tiny::{write_tiny_llama, TinyLlama};
-use aigrid_serving::ModelSource;
+use aigrid_serving::{DeviceSpec, ModelSource};
 use aigrid_store::backend::Backend;
 use aigrid_store::cache::ChunkCache;
 use aigrid_store::codec::Params;
@@ -187,7 +187,7 @@ async fn download_whole(fixture: &Fixture, dest: &Path) -> Result<Arc<Link>> {
 /// answers when its first text arrived, and the server's load seconds.
 async fn first_token(source: ModelSource) -> Result<(Instant, f64)> {
     let client = serve::client()?;
-    let server = serve::start(source, Limits::default()).await?;
+    let server = serve::start(source, Limits::default(), DeviceSpec::Cpu).await?;
     server
         .wait_ready(&client, Duration::from_millis(5), Duration::from_secs(600))
         .await?;

@@ -1,6 +1,8 @@
-//! Embeddings per second on CPU (`benchmarks/serving`, part a): all-MiniLM-L6-v2
-//! served by aigrid over HTTP, beside sentence-transformers (PyTorch, CPU) encoding
-//! the same sentences in-process.
+//! Embeddings per second (`benchmarks/serving`, part a): all-MiniLM-L6-v2 served by
+//! aigrid over HTTP, beside sentence-transformers (PyTorch) encoding the same
+//! sentences in-process, both on the CPU or both on the GPU `--device cuda:N` names
+//! (a build with `--features cuda`; the baseline's bf16 column is then the model
+//! converted to bf16, and the ONNX column, a CPU runtime's, is left out).
 //!
 //! - **Ours**: an in-process server (`Server::bind` + `run`, `ModelSource::Dir`,
 //!   default `Limits`: continuous batching, each forward whatever is queued when the
@@ -9,7 +11,8 @@
 //!   default). A configuration `BxC` is C closed-loop clients sending B sentences per
 //!   request until all sentences are embedded; `1x1` is one client, one sentence at a
 //!   time. Tokenizing, JSON and HTTP are inside the clock. The projections run in the
-//!   precision the server chooses by default (bf16 on CPUs with AMX, f32 elsewhere);
+//!   precision the server chooses by default (bf16 on a GPU and on CPUs with AMX, f32
+//!   elsewhere);
 //!   the library rows show that precision and, when it is bf16, f32 as well.
 //! - **Baseline**: `SentenceTransformer(dir, device="cpu").encode(sentences,
 //!   batch_size=B)` in one Python process with `torch.set_num_threads(N)`, N our
@@ -39,10 +42,10 @@ use aigrid_serving::dense::Precision;
 use aigrid_serving::kernels::Backend;
 use aigrid_serving::server::Limits;
 use aigrid_serving::tokenizer::TextTokenizer;
-use aigrid_serving::ModelSource;
+use aigrid_serving::{DeviceSpec, ModelSource};
 use anyhow::{bail, ensure, Context, Result};
 use base64::Engine as _;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use candle_nn::VarBuilder;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -98,6 +101,9 @@ struct Args {
     /// Seed of the sentences.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Where ours and the baseline run: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 /// The CPU threads our products run on: `RAYON_NUM_THREADS` (what `aigrid serve`
@@ -250,10 +256,17 @@ struct Baseline {
     sentence_transformers: String,
     torch: String,
     threads: usize,
+    /// The device's name (`CPU`, or the GPU's as torch gives it).
+    #[serde(default)]
+    device: Option<String>,
     results: Vec<BaselineRun>,
-    /// The same under `torch.autocast("cpu", dtype=torch.bfloat16)`.
+    /// The same under `torch.autocast("cpu", dtype=torch.bfloat16)`, or on a GPU
+    /// with the model converted to bf16 ([`Baseline::bf16`] says which).
     #[serde(default)]
     results_bf16: Vec<BaselineRun>,
+    /// `autocast` or `weights`.
+    #[serde(default)]
+    bf16: Option<String>,
     /// The same with sentence-transformers' ONNX backend (onnxruntime on CPU).
     #[serde(default)]
     results_onnx: Vec<BaselineRun>,
@@ -331,6 +344,10 @@ async fn run_baseline(
         .arg(torch_threads(args).to_string())
         .arg("--check")
         .arg(check.to_string())
+        .arg("--device")
+        .arg(baseline_device(args.device))
+        // onnxruntime runs on the CPU: no column beside a GPU.
+        .args(matches!(args.device, DeviceSpec::Cuda(_)).then_some("--no-onnx"))
         .stderr(std::process::Stdio::inherit())
         .output()
         .await
@@ -355,9 +372,18 @@ async fn run_baseline(
 
 // ---- ours, the library alone --------------------------------------------------------
 
+/// torch's name of `device`.
+fn baseline_device(device: DeviceSpec) -> String {
+    match device {
+        DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        DeviceSpec::Cpu | DeviceSpec::Auto => "cpu".to_owned(),
+    }
+}
+
 /// The model as the server's loader builds it, without the server: tokenizer,
-/// pooling and `Embedder` over the model directory, its projections in `precision`.
-fn library(dir: &Path, precision: Precision) -> Result<(TextTokenizer, Embedder)> {
+/// pooling and `Embedder` over the model directory on `device`, its projections in
+/// `precision`.
+fn library(dir: &Path, precision: Precision, device: &Device) -> Result<(TextTokenizer, Embedder)> {
     let read = |name: &str| {
         std::fs::read(dir.join(name)).with_context(|| dir.join(name).display().to_string())
     };
@@ -375,8 +401,8 @@ fn library(dir: &Path, precision: Precision) -> Result<(TextTokenizer, Embedder)
     let pooling = Pooling::from_files(Some(&modules), pooling_config.as_deref())?;
     let vb = VarBuilder::from_buffered_safetensors(
         read("model.safetensors")?,
-        DType::F32,
-        &Device::Cpu,
+        precision.encoder_dtype(Backend::for_device(device)),
+        device,
     )?;
     Ok((tokenizer, Embedder::new(vb, &config, pooling, precision)?))
 }
@@ -507,6 +533,10 @@ async fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     ensure!(!configs.is_empty(), "--configs is empty");
     ensure!(
+        args.device != DeviceSpec::Auto,
+        "--device: say cpu or cuda:N"
+    );
+    ensure!(
         args.reps > 0 && args.sentences > 0,
         "--reps and --sentences must be positive"
     );
@@ -532,26 +562,28 @@ async fn main() -> Result<()> {
     );
     let baseline = run_baseline(&args, &sentences_file, &batch_sizes, check).await?;
 
-    // The server's precision (its default for an embedding model on this CPU), and
-    // f32 beside it when that is another.
-    let precision = Precision::resolve(None, Backend::for_device(&Device::Cpu), true)?;
+    // The server's precision (its default for an embedding model on this device),
+    // and f32 beside it when that is another.
+    let device = args.device.open()?;
+    let precision = Precision::resolve(None, Backend::for_device(&device), true)?;
     let mut precisions = vec![precision];
     if precision != Precision::F32 {
         precisions.push(Precision::F32);
     }
     eprintln!("==> ours, the library alone: Embedder::embed in-process, {precisions:?} products");
     let library_walls: Vec<(Precision, usize, Vec<f64>)> = {
-        let (dir, sentences, sizes, reps, precisions) = (
+        let (dir, sentences, sizes, reps, precisions, device) = (
             args.model.clone(),
             sentences.clone(),
             batch_sizes.clone(),
             args.reps,
             precisions.clone(),
+            device.clone(),
         );
         tokio::task::spawn_blocking(move || {
             let mut walls: Vec<(Precision, usize, Vec<f64>)> = Vec::new();
             for precision in precisions {
-                let (tokenizer, embedder) = library(&dir, precision)?;
+                let (tokenizer, embedder) = library(&dir, precision, &device)?;
                 // Warm-up, as the baseline's.
                 library_run(
                     &tokenizer,
@@ -578,7 +610,12 @@ async fn main() -> Result<()> {
     };
 
     eprintln!("==> ours: starting the server");
-    let server = serve::start(ModelSource::Dir(args.model.clone()), Limits::default()).await?;
+    let server = serve::start(
+        ModelSource::Dir(args.model.clone()),
+        Limits::default(),
+        args.device,
+    )
+    .await?;
     let client = serve::client()?;
     server
         .wait_ready(&client, Duration::from_millis(20), Duration::from_secs(120))
@@ -631,8 +668,18 @@ async fn main() -> Result<()> {
     );
 
     let n = sentences.len() as f64;
+    let gpu = matches!(args.device, DeviceSpec::Cuda(_));
+    // The baseline's bf16 column: autocast on the CPU, bf16 weights on a GPU.
+    let bf16_words = match baseline.bf16.as_deref() {
+        Some("weights") => "bf16 weights",
+        _ => "autocast bf16",
+    };
+    let device_words = match (&baseline.device, gpu) {
+        (Some(name), true) => format!("{name} ({})", baseline_device(args.device)),
+        _ => "CPU".to_owned(),
+    };
     println!(
-        "### (a) Embeddings: all-MiniLM-L6-v2 on CPU, {} sentences of {}-{} words (mean {:.1}); median of {} repetitions; {} CPUs, 1-min load average {load_start} at the start, {load_end} at the end",
+        "### (a) Embeddings: all-MiniLM-L6-v2 on {device_words}, {} sentences of {}-{} words (mean {:.1}); median of {} repetitions; {} CPUs, 1-min load average {load_start} at the start, {load_end} at the end",
         sentences.len(),
         words.iter().min().unwrap_or(&0),
         words.iter().max().unwrap_or(&0),
@@ -642,7 +689,7 @@ async fn main() -> Result<()> {
     );
     println!();
     println!(
-        "| config | ours emb/s | sentence-transformers emb/s | ours / sentence-transformers | sentence-transformers, autocast bf16, emb/s | ours / autocast bf16 | sentence-transformers, ONNX, emb/s | ours / ONNX |"
+        "| config | ours emb/s | sentence-transformers emb/s | ours / sentence-transformers | sentence-transformers, {bf16_words}, emb/s | ours / {bf16_words} | sentence-transformers, ONNX, emb/s | ours / ONNX |"
     );
     println!("|:--|--:|--:|--:|--:|--:|--:|--:|");
     let cells = |ours: f64, other: Option<f64>| match other {
@@ -653,7 +700,7 @@ async fn main() -> Result<()> {
     for (config, walls) in configs.iter().zip(&walls) {
         let ours = n / median(walls);
         let rates = baseline.rates(n, config.batch)?;
-        // Like with like: bf16 products beside bf16 autocast, f32 beside f32.
+        // Like with like: bf16 products beside bf16 ones, f32 beside f32.
         let like = match precision {
             Precision::Bf16 => rates.bf16,
             Precision::F32 => Some(rates.f32),
@@ -686,14 +733,21 @@ async fn main() -> Result<()> {
     }
     println!();
     println!(
-        "Ours: {precision} products (`--matmul-precision auto`'s choice on this CPU), HTTP/1.1 over loopback, `encoding_format: base64`, default limits (each forward whatever is queued when the model is free, up to 2048 tokens packed without padding); tokenizing, JSON and HTTP inside the clock. Baseline: sentence-transformers {} on torch {} ({} threads), in-process, no HTTP: PyTorch's default f32, and the same under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`. Vectors: ours vs sentence-transformers min cosine {vs_st:.5} (first {check} sentences); every configuration vs one-at-a-time min cosine {:.5}.",
+        "Ours: {precision} products (`--matmul-precision auto`'s choice on this {}), HTTP/1.1 over loopback, `encoding_format: base64`, default limits (each forward whatever is queued when the model is free, up to 2048 tokens packed without padding); tokenizing, JSON and HTTP inside the clock. Baseline: sentence-transformers {} on torch {} ({} threads), in-process, no HTTP: PyTorch's default f32, and the same {}. Vectors: ours vs sentence-transformers min cosine {vs_st:.5} (first {check} sentences); every configuration vs one-at-a-time min cosine {:.5}.",
+        if gpu { "GPU" } else { "CPU" },
         baseline.sentence_transformers,
         baseline.torch,
         baseline.threads,
+        if baseline.bf16.as_deref() == Some("weights") {
+            "with the model's weights converted to bf16 (`model.to(torch.bfloat16)`)"
+        } else {
+            "under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`"
+        },
         if worst_batched.is_finite() { worst_batched } else { 1.0 },
     );
     let (ours_threads, torch_threads) = (our_threads(), torch_threads(&args));
     let baseline_kind = match precision {
+        Precision::Bf16 if gpu => "with bf16 weights",
         Precision::Bf16 => "under bf16 autocast",
         Precision::F32 => "in f32",
     };
@@ -729,7 +783,9 @@ async fn main() -> Result<()> {
             })
         })
         .collect();
-    if onnx_verdicts.is_empty() {
+    if gpu {
+        println!("ONNX backend: not run beside a GPU (onnxruntime runs it on the CPU).");
+    } else if onnx_verdicts.is_empty() {
         println!("{}.", baseline.onnx_words());
     } else {
         println!(

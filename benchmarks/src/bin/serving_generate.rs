@@ -30,7 +30,7 @@ use std::time::Duration;
 use aigrid_benchmarks::measure::{cpus, load_average};
 use aigrid_benchmarks::serve::{self, median_run, Run, Running, MODEL_NAME};
 use aigrid_serving::server::Limits;
-use aigrid_serving::ModelSource;
+use aigrid_serving::{DeviceSpec, ModelSource};
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -49,6 +49,10 @@ struct Args {
     load: serve::Load,
     #[command(flatten)]
     shape: serve::Shape,
+    /// Where both servers run the model: cpu or cuda:N (a build with `--features
+    /// cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 /// The chat request of request `i`.
@@ -121,13 +125,19 @@ async fn main() -> Result<()> {
     let weights = std::fs::metadata(dir.join("model.safetensors"))?.len();
 
     let client = serve::client()?;
-    let batched = serve::start(ModelSource::Dir(dir.clone()), Limits::default()).await?;
+    let batched = serve::start(
+        ModelSource::Dir(dir.clone()),
+        Limits::default(),
+        args.device,
+    )
+    .await?;
     let serial = serve::start(
         ModelSource::Dir(dir.clone()),
         Limits {
             max_running_sequences: 1,
             ..Limits::default()
         },
+        args.device,
     )
     .await?;
     for server in [&batched, &serial] {
@@ -193,9 +203,10 @@ async fn main() -> Result<()> {
     let load_end = load_average();
 
     println!(
-        "### (b) Generation: Llama with random weights ({}, {:.1} MB F32) on CPU; {} chat requests per concurrency, max_tokens {}, temperature 0, streamed; median of {} runs, interleaved; {} CPUs, 1-min load average {load_start} at the start, {load_end} at the end",
+        "### (b) Generation: Llama with random weights ({}, {:.1} MB F32) on {}; {} chat requests per concurrency, max_tokens {}, temperature 0, streamed; median of {} runs, interleaved; {} CPUs, 1-min load average {load_start} at the start, {load_end} at the end",
         model.describe(),
         weights as f64 / 1e6,
+        serve::device_words(args.device),
         args.load.requests,
         args.load.max_tokens,
         args.load.reps,

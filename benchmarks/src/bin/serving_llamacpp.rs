@@ -28,7 +28,7 @@ use aigrid_benchmarks::measure::{cpus, load_average};
 use aigrid_benchmarks::serve::{self, median_run, Run, MODEL_NAME};
 use aigrid_serving::gguf_export::{write_gguf, GgufType};
 use aigrid_serving::server::Limits;
-use aigrid_serving::ModelSource;
+use aigrid_serving::{DeviceSpec, ModelSource};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -201,7 +201,12 @@ async fn main() -> Result<()> {
         write_gguf(&source, &gguf, kind)?;
         let size = std::fs::metadata(&gguf)?.len();
 
-        let ours = serve::start(ModelSource::Dir(dir.clone()), Limits::default()).await?;
+        let ours = serve::start(
+            ModelSource::Dir(dir.clone()),
+            Limits::default(),
+            DeviceSpec::Cpu,
+        )
+        .await?;
         ours.wait_ready(&client, Duration::from_millis(20), Duration::from_secs(120))
             .await?;
         let mut peer = Peer::start(&args.python, &gguf, threads).await?;

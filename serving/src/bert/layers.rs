@@ -197,9 +197,24 @@ impl Layer {
         b.add_norm(self.output.forward(&h)?, &x, &self.output_norm)
     }
 
-    /// Each sequence attends to its own rows only, so no mask is needed.
-    /// `qkv`: `[tokens, 3·hidden]` → `[tokens, hidden]`.
+    /// Each sequence attends to its own rows only. `qkv`: `[tokens, 3·hidden]` →
+    /// `[tokens, hidden]`. On the CPU one sequence at a time, side by side on the
+    /// threads ([`Layer::attention_each`]); on a GPU all at once, padded
+    /// ([`Layer::attention_padded`]).
     pub(super) fn attention(&self, qkv: &Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
+        if self.backend.batched_attention() && lens.len() > 1 {
+            self.attention_padded(qkv, lens)
+        } else {
+            self.attention_each(qkv, lens)
+        }
+    }
+
+    /// One sequence at a time, each over its own rows, so no mask is needed.
+    pub(super) fn attention_each(
+        &self,
+        qkv: &Tensor,
+        lens: &[usize],
+    ) -> candle_core::Result<Tensor> {
         let tokens = qkv.dim(0)?;
         let (heads, head_dim) = (self.heads, self.head_dim);
         let qkv = qkv.reshape((tokens, 3, heads, head_dim))?;
@@ -224,5 +239,52 @@ impl Layer {
             probs.matmul(&v)?.transpose(0, 1)
         })?;
         Tensor::cat(&contexts, 0)?.reshape((tokens, heads * head_dim))
+    }
+
+    /// Every sequence at once, padded to the longest: a dozen kernels a layer
+    /// whatever the batch, where [`Layer::attention_each`] launches a dozen per
+    /// sequence. Padded keys are masked out of the softmax and padded rows dropped.
+    pub(super) fn attention_padded(
+        &self,
+        qkv: &Tensor,
+        lens: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        let (heads, head_dim) = (self.heads, self.head_dim);
+        let (n, longest) = (lens.len(), lens.iter().copied().max().unwrap_or(0));
+        let tokens: usize = lens.iter().sum();
+        // Row `b·longest + t` of the padded batch: packed row `start_b + t` (row 0
+        // past the sequence's end, masked); and back, each packed row's padded row.
+        let mut gather = Vec::with_capacity(n * longest);
+        let mut mask = Vec::with_capacity(n * longest);
+        let mut scatter = Vec::with_capacity(tokens);
+        let mut start = 0;
+        for (b, &len) in lens.iter().enumerate() {
+            for t in 0..longest {
+                let inside = t < len;
+                gather.push(if inside { (start + t) as u32 } else { 0 });
+                // exp(-1e9 - max) is 0 in f32: the key takes no weight.
+                mask.push(if inside { 0f32 } else { -1e9 });
+                if inside {
+                    scatter.push((b * longest + t) as u32);
+                }
+            }
+            start += len;
+        }
+        let device = qkv.device();
+        let gather = Tensor::from_vec(gather, n * longest, device)?;
+        let mask = Tensor::from_vec(mask, (n, 1, 1, longest), device)?.to_dtype(qkv.dtype())?;
+        let scatter = Tensor::from_vec(scatter, tokens, device)?;
+        let padded = qkv
+            .index_select(&gather, 0)?
+            .reshape((n, longest, 3, heads, head_dim))?;
+        // [n, heads, longest, head_dim].
+        let part = |p: usize| padded.i((.., .., p))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
+        let context = self.backend.softmax(scores)?.matmul(&v)?;
+        context
+            .transpose(1, 2)?
+            .reshape((n * longest, heads * head_dim))?
+            .index_select(&scatter, 0)
     }
 }

@@ -236,22 +236,61 @@ fn a_packed_batch_embeds_each_input_as_alone() {
 
 #[test]
 fn candles_ops_match_the_fused_kernels() {
-    // f16 takes candle's ops (as other devices do); f32 the CPU kernels.
+    // f16 and bf16 take candle's ops (as other devices do; a GPU runs an encoder
+    // wholly in bf16 for `Precision::Bf16`); f32 the CPU kernels.
+    assert_eq!(
+        Precision::Bf16.encoder_dtype(crate::kernels::Backend::Candle),
+        DType::BF16
+    );
     let pooling = Pooling {
         mode: PoolingMode::Mean,
         normalize: true,
     };
     let (fused, tensors) = random_bert(pooling, Precision::F32);
-    let vb = VarBuilder::from_tensors(tensors, DType::F16, &Device::Cpu);
-    let plain = Embedder::new(vb, CONFIG.as_bytes(), pooling, Precision::F32).unwrap();
     let inputs = vec![
         vec![2, 17, 33, 3],
         (0..40).map(|i| 1 + (i * 11) % 99).collect(),
     ];
-    let (a, b) = (fused.embed(&inputs).unwrap(), plain.embed(&inputs).unwrap());
-    for (a, b) in a.iter().zip(&b) {
-        assert!(cosine(a, b) > 0.999, "cosine {}", cosine(a, b));
+    let want = fused.embed(&inputs).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let vb = VarBuilder::from_tensors(tensors.clone(), dtype, &Device::Cpu);
+        let plain = Embedder::new(vb, CONFIG.as_bytes(), pooling, Precision::F32).unwrap();
+        for (a, b) in want.iter().zip(&plain.embed(&inputs).unwrap()) {
+            assert!(cosine(a, b) > 0.999, "{dtype:?}: cosine {}", cosine(a, b));
+        }
     }
+}
+
+/// The padded batch a GPU runs attends as the sequences do one at a time.
+#[test]
+fn padded_attention_equals_attention_one_sequence_at_a_time() {
+    let pooling = Pooling {
+        mode: PoolingMode::Mean,
+        normalize: true,
+    };
+    let (embedder, _) = random_bert(pooling, Precision::F32);
+    let layer = &embedder.layers[0];
+    let lens = [1usize, 9, 2, 33, 17];
+    let tokens: usize = lens.iter().sum();
+    let qkv = Tensor::randn(0f32, 1., (tokens, 3 * 32), &Device::Cpu).unwrap();
+    let each = layer.attention_each(&qkv, &lens).unwrap();
+    let padded = layer.attention_padded(&qkv, &lens).unwrap();
+    assert_eq!(padded.dims(), &[tokens, 32]);
+    assert!(crate::max_abs_diff(&each, &padded) < 1e-5);
+    // One sequence alone is its own longest.
+    let one = layer
+        .attention_padded(&qkv.narrow(0, 0, 9).unwrap(), &[9])
+        .unwrap();
+    let alone = layer
+        .attention_each(&qkv.narrow(0, 0, 9).unwrap(), &[9])
+        .unwrap();
+    assert!(crate::max_abs_diff(&one, &alone) < 1e-5);
+    // In bf16, as a GPU runs it: the mask in the scores' type.
+    let qkv = qkv.to_dtype(DType::BF16).unwrap();
+    let padded = layer.attention_padded(&qkv, &lens).unwrap();
+    assert_eq!(padded.dtype(), DType::BF16);
+    let diff = crate::max_abs_diff(&each, &padded.to_dtype(DType::F32).unwrap());
+    assert!(diff < 0.05, "{diff}");
 }
 
 #[test]

@@ -85,6 +85,13 @@ impl Backend {
             && x.layout().contiguous_offsets() == Some((0, x.elem_count()))
     }
 
+    /// Whether an encoder's attention runs over its batch padded to the longest
+    /// sequence in one batched product (off the CPU, where every kernel launch
+    /// costs microseconds whatever its size), rather than one sequence at a time.
+    pub fn batched_attention(self) -> bool {
+        matches!(self, Backend::Candle)
+    }
+
     /// Whether attention reads a decoder's KV pool through the CPU kernel
     /// ([`cpu::ops::pool_attention`]) rather than candle's batched matmuls.
     pub fn pool_attention(self) -> bool {

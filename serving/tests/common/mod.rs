@@ -28,12 +28,24 @@ impl Drop for Running {
     }
 }
 
-/// Starts a server for `source`, named `name`, with `limits`.
+/// Starts a CPU server for `source`, named `name`, with `limits`.
 pub async fn start(source: ModelSource, name: &str, limits: Limits) -> Running {
+    start_on(source, name, limits, DeviceSpec::Cpu, None).await
+}
+
+/// Starts a server for `source` on `device`, its projections in `precision`
+/// (`None`: the default), named `name`, with `limits`.
+pub async fn start_on(
+    source: ModelSource,
+    name: &str,
+    limits: Limits,
+    device: DeviceSpec,
+    precision: Option<aigrid_serving::dense::Precision>,
+) -> Running {
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        device: DeviceSpec::Cpu,
-        precision: None,
+        device,
+        precision,
         names: vec![name.to_owned()],
         limits,
     };
