@@ -239,6 +239,15 @@ pub async fn run_serve(servers: &str, args: ServeArgs) -> anyhow::Result<()> {
     {
         bail!("--matmul-precision bf16 needs a GPU (--device cuda:N) or a CPU with AMX-BF16 (Xeon since Sapphire Rapids); this one has none");
     }
+    // A GPU that this build cannot use, or that does not answer, is said before
+    // anything listens (the server opens it again as it starts).
+    if let DeviceSpec::Cuda(_) = args.device {
+        args.device.open().map_err(|e| match e {
+            // "device cuda:N: why".
+            aigrid_serving::ServingError::Model(why) => anyhow!("--{why}"),
+            other => anyhow!("--device {}: {other}", args.device),
+        })?;
+    }
     let (source, default_name) = source(servers, &args).await?;
     let names = args.names(default_name)?;
     let shown = names[0].clone();

@@ -100,6 +100,13 @@ async fn serve_a_model_directory() {
         let out = serve_with("--matmul-precision", "bf16");
         assert_one_line_failure(&out, "AMX");
     }
+    // A GPU this build or machine does not have: a one-line error before anything
+    // listens (nothing printed as served).
+    if aigrid_serving::DeviceSpec::Cuda(0).open().is_err() {
+        let out = serve_with("--device", "cuda:0");
+        assert_one_line_failure(&out, "cuda:0");
+        assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+    }
 
     let server = ServeProc::start(
         &["--model", model.to_str().unwrap()],
