@@ -13,7 +13,7 @@ wall seconds of each repetition of `SentenceTransformer.encode(sentences,
 batch_size=B)` (`results`, PyTorch's default f32) and of the same call under
 `torch.autocast("cpu", dtype=torch.bfloat16)` (`results_bf16`, bf16 products as on the
 CPU's AMX units; empty with --no-bf16; on a GPU the model's weights converted with
-`.to(torch.bfloat16)` instead, the faster of the two there, and `bf16` says which), of
+`.to(torch.bfloat16)` instead, as a bf16 model runs there, and `bf16` says which), of
 the same call with sentence-transformers'
 ONNX backend (`results_onnx`: the model exported by optimum into a copy of DIR and
 run by onnxruntime on CPU with --threads intra-op threads; empty with --no-onnx or

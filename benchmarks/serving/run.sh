@@ -29,7 +29,8 @@
 # Environment:
 #   BENCH_DEVICE            cpu (default) or cuda:N: where embed and generate run ours
 #                           and embed's baseline (the other parts are CPU-only); cuda:N
-#                           builds with `--features cuda`, through
+#                           builds with `--features cuda` (into target/cuda unless
+#                           CARGO_TARGET_DIR says), through
 #                           serving/fixtures/cuda-cargo.sh where nvcc is not on PATH
 #   BENCH_PARTS             space-separated parts to run (default: embed generate llamacpp
 #                           coldstart zero; embed generate with BENCH_DEVICE=cuda:N)
@@ -54,20 +55,26 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 DEVICE="${BENCH_DEVICE:-cpu}"
-case "$DEVICE" in
-cpu) PARTS="${BENCH_PARTS:-embed generate llamacpp coldstart zero}" ;;
-cuda:[0-9]*)
+if [ "$DEVICE" = cpu ]; then
+    PARTS="${BENCH_PARTS:-embed generate llamacpp coldstart zero}"
+elif [[ "$DEVICE" =~ ^cuda:[0-9]+$ ]]; then
     PARTS="${BENCH_PARTS:-embed generate}"
     for part in $PARTS; do
         case "$part" in embed | generate) ;; *) echo "error: part '$part' runs on the CPU only" >&2; exit 2 ;; esac
     done
     export BENCH_FEATURES=cuda
+    # Apart from the CPU build's binaries (other features, other flags).
+    if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+        export CARGO_TARGET_DIR="$ROOT/target/cuda"
+        TARGET_DIR="$CARGO_TARGET_DIR"
+    fi
     if ! command -v nvcc >/dev/null; then
         export BENCH_CARGO="$ROOT/serving/fixtures/cuda-cargo.sh"
     fi
-    ;;
-*) echo "error: BENCH_DEVICE '$DEVICE': cpu or cuda:N" >&2; exit 2 ;;
-esac
+else
+    echo "error: BENCH_DEVICE '$DEVICE': cpu or cuda:N" >&2
+    exit 2
+fi
 # As `aigrid serve` does: candle's CPU thread count fixed to the cores (unset, candle
 # reads /proc/cpuinfo on every matrix product).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"

@@ -97,7 +97,15 @@ async fn serve_a_model_directory() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fp8") && err.contains("f32 or bf16"), "{err}");
     if !aigrid_serving::kernels::cpu::amx::available() {
-        let out = serve_with("--matmul-precision", "bf16");
+        let out = aigrid(&[
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--matmul-precision",
+            "bf16",
+        ]);
         assert_one_line_failure(&out, "AMX");
     }
     // A GPU this build or machine does not have: a one-line error before anything

@@ -4,8 +4,9 @@
 //! With [`Precision::Bf16`] on a CPU with AMX, weights are packed in bf16 for
 //! [`crate::kernels::cpu::amx`]'s tile product, several times the f32 products' speed at a
 //! precision of about three significant digits per product. On candle's backend (a
-//! GPU) they are kept transposed in bf16, and each product rounds its input to bf16
-//! and its output back to f32: cuBLAS then runs it on the tensor cores. f32 weights on a CPU
+//! GPU) they are kept transposed in bf16 for cuBLAS's tensor-core products: an
+//! encoder's activations are bf16 there too ([`Precision::encoder_dtype`]), and a
+//! decoder's f32 input is rounded to bf16 and the output back. f32 weights on a CPU
 //! with AVX-512F or AVX2+FMA are packed for [`crate::kernels::cpu::packed`]'s
 //! product, which is 1.5-3x faster than `gemm` for the few rows of a decoding step
 //! or of one short input to embed, and on par for many rows. Elsewhere the weight is kept
@@ -59,6 +60,26 @@ impl Precision {
                  Sapphire Rapids); use --matmul-precision f32",
             )),
             Some(p) => Ok(p),
+        }
+    }
+
+    /// [`Precision::resolve`] for a model on `device`: on a GPU without candle's bf16
+    /// kernels (compute capability below 8.0, [`crate::device::has_bf16_kernels`])
+    /// bf16 is neither the default nor allowed.
+    pub fn resolve_on(
+        asked: Option<Precision>,
+        device: &candle_core::Device,
+        embedding: bool,
+    ) -> std::result::Result<Precision, ServingError> {
+        if crate::device::has_bf16_kernels(device) {
+            return Precision::resolve(asked, Backend::for_device(device), embedding);
+        }
+        match asked {
+            Some(Precision::Bf16) => Err(ServingError::model(
+                "bf16 needs a GPU of compute capability 8.0 or more (Ampere on); \
+                 use --matmul-precision f32",
+            )),
+            _ => Ok(Precision::F32),
         }
     }
 
@@ -495,6 +516,20 @@ mod tests {
             Precision::Bf16
         );
         assert!(Dense::new(candle, &w, None, Precision::Bf16).is_ok());
+        // An encoder runs wholly in bf16 on a GPU, in f32 (AMX products alone) on
+        // the CPU.
+        assert_eq!(Precision::Bf16.encoder_dtype(candle), DType::BF16);
+        assert_eq!(Precision::F32.encoder_dtype(candle), DType::F32);
+        assert_eq!(Precision::Bf16.encoder_dtype(cpu), DType::F32);
+        // On the CPU the device adds nothing to the backend's rules.
+        for asked in [None, Some(Precision::F32), Some(Precision::Bf16)] {
+            for embedding in [false, true] {
+                assert_eq!(
+                    Precision::resolve_on(asked, &d, embedding).ok(),
+                    Precision::resolve(asked, cpu, embedding).ok()
+                );
+            }
+        }
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
         assert_eq!(
             Precision::F32.to_string().parse::<Precision>().unwrap(),

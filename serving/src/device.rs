@@ -48,12 +48,12 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Whether [`DeviceSpec::open`] gives the CPU without a GPU to try: `cpu`, or
-    /// `auto` in a build without CUDA.
+    /// Whether [`DeviceSpec::open`] gives the CPU: `cpu`, or `auto` where no CUDA
+    /// device answers (or the build has no CUDA).
     pub fn is_cpu(self) -> bool {
         match self {
             DeviceSpec::Cpu => true,
-            DeviceSpec::Auto => !candle_core::utils::cuda_is_available(),
+            DeviceSpec::Auto => !self.open().is_ok_and(|d| !d.is_cpu()),
             DeviceSpec::Cuda(_) => false,
         }
     }
@@ -82,6 +82,24 @@ impl DeviceSpec {
             }
         }
     }
+}
+
+/// Whether candle has bf16 kernels for `device`: on the CPU always (whether bf16
+/// products are used there is AMX's to decide), on a CUDA device where its compute
+/// capability is 8.0 or more (Ampere on): candle compiles its bf16 kernels for those
+/// alone, so bf16 on a GPU also needs a build for such a one (`CUDA_COMPUTE_CAP` 80
+/// or more, 90 by default).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn has_bf16_kernels(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return cuda
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .is_ok_and(|(major, _)| major >= 8);
+    }
+    true
 }
 
 /// Fixes the CPU thread count candle uses to this machine's cores, unless

@@ -271,7 +271,7 @@ pub async fn load(
         _ => safetensors,
     };
     let backend = crate::kernels::Backend::for_device(device);
-    let precision = Precision::resolve(precision, backend, kind == ModelKind::Embedding)?;
+    let precision = Precision::resolve_on(precision, device, kind == ModelKind::Embedding)?;
     {
         let mut s = status.state.lock();
         s.kind = Some(kind);

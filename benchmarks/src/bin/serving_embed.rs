@@ -545,6 +545,9 @@ async fn main() -> Result<()> {
         "{} holds no model.safetensors (run serving/fixtures/fetch.sh model)",
         args.model.display()
     );
+    // Opened before the baseline's minutes, so a device that cannot be used says so
+    // at once.
+    let device = args.device.open()?;
     let load_start = load_average();
     let sentences = Arc::new(sentences(args.sentences, args.seed));
     let words: Vec<usize> = sentences.iter().map(|s| s.split(' ').count()).collect();
@@ -564,8 +567,7 @@ async fn main() -> Result<()> {
 
     // The server's precision (its default for an embedding model on this device),
     // and f32 beside it when that is another.
-    let device = args.device.open()?;
-    let precision = Precision::resolve(None, Backend::for_device(&device), true)?;
+    let precision = Precision::resolve_on(None, &device, true)?;
     let mut precisions = vec![precision];
     if precision != Precision::F32 {
         precisions.push(Precision::F32);

@@ -200,9 +200,14 @@ impl Layer {
     /// Each sequence attends to its own rows only. `qkv`: `[tokens, 3·hidden]` →
     /// `[tokens, hidden]`. On the CPU one sequence at a time, side by side on the
     /// threads ([`Layer::attention_each`]); on a GPU all at once, padded
-    /// ([`Layer::attention_padded`]).
+    /// ([`Layer::attention_padded`]), unless padding would more than double the
+    /// rows: the scores grow with the rows times the longest input, and one long
+    /// input among many short ones would fill the GPU's memory with padding.
     pub(super) fn attention(&self, qkv: &Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
-        if self.backend.batched_attention() && lens.len() > 1 {
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let tokens: usize = lens.iter().sum();
+        if self.backend.batched_attention() && lens.len() > 1 && lens.len() * longest <= 2 * tokens
+        {
             self.attention_padded(qkv, lens)
         } else {
             self.attention_each(qkv, lens)

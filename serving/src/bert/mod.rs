@@ -13,7 +13,11 @@
 //! each projection's bias, activation, residual sum and layer norm are one step of
 //! the [`Backend`] (on the CPU one pass of a vectorized kernel,
 //! [`crate::kernels::cpu::elementwise`]). So a forward costs its real tokens, and a
-//! sentence embeds the same alone or in any batch.
+//! sentence embeds the same alone or in any batch. On a GPU, where each kernel
+//! launch costs more than a short sequence's arithmetic, attention runs over the
+//! batch padded to its longest sequence instead (padded keys masked, padded rows
+//! dropped; unless that would more than double the rows): a sentence's vector then
+//! differs from its vector alone by rounding only.
 
 use candle_core::{DType, Device, IndexOp, Module as _, Tensor};
 use candle_nn::VarBuilder;
@@ -127,9 +131,10 @@ impl Embedder {
     ///
     /// The sequences are packed, not padded: their tokens are the rows of one
     /// matrix that every projection, norm and activation runs over at once, and
-    /// attention and pooling run per sequence over its own rows. So the cost is
-    /// the batch's real tokens, and a sentence embeds the same alone or in any
-    /// batch. Returns one vector per input, in order.
+    /// attention and pooling run per sequence over its own rows (on a GPU,
+    /// attention over the batch padded, the padding masked). So the cost is the
+    /// batch's real tokens, and a sentence embeds the same alone or in any batch
+    /// (on a GPU, up to rounding). Returns one vector per input, in order.
     pub fn embed(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, ServingError> {
         if batch.is_empty() {
             return Ok(Vec::new());

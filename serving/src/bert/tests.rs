@@ -238,10 +238,6 @@ fn a_packed_batch_embeds_each_input_as_alone() {
 fn candles_ops_match_the_fused_kernels() {
     // f16 and bf16 take candle's ops (as other devices do; a GPU runs an encoder
     // wholly in bf16 for `Precision::Bf16`); f32 the CPU kernels.
-    assert_eq!(
-        Precision::Bf16.encoder_dtype(crate::kernels::Backend::Candle),
-        DType::BF16
-    );
     let pooling = Pooling {
         mode: PoolingMode::Mean,
         normalize: true,
