@@ -59,7 +59,6 @@ def main() -> None:
         sentences = json.load(f)
     gpu = args.device.startswith("cuda")
     model = SentenceTransformer(args.model, device=args.device)
-    device_name = torch.cuda.get_device_name(args.device) if gpu else "CPU"
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     def encode(batch_size: int, items=sentences, using=None):
@@ -136,7 +135,6 @@ def main() -> None:
             "sentence_transformers": sentence_transformers.__version__,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "device": device_name,
             "bf16": bf16,
             "results": results,
             "results_bf16": results_bf16,

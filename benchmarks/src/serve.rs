@@ -44,8 +44,6 @@ impl Drop for Running {
 /// Binds a server for `source` on `device` on a free loopback port and starts it:
 /// loading begins at once, in the background, as in production.
 pub async fn start(source: ModelSource, limits: Limits, device: DeviceSpec) -> Result<Running> {
-    // The server opens it as it starts, and stops where it cannot: said here, plainly.
-    device.open().context("the benchmark's device")?;
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse()?,
         device,

@@ -233,21 +233,6 @@ async fn source(servers: &str, args: &ServeArgs) -> anyhow::Result<(ModelSource,
 pub async fn run_serve(servers: &str, args: ServeArgs) -> anyhow::Result<()> {
     let limits = args.limits()?;
     let precision = args.matmul_precision.0;
-    if precision == Some(Precision::Bf16)
-        && args.device.is_cpu()
-        && !aigrid_serving::kernels::cpu::amx::available()
-    {
-        bail!("--matmul-precision bf16 needs a GPU (--device cuda:N) or a CPU with AMX-BF16 (Xeon since Sapphire Rapids); this one has none");
-    }
-    // A GPU that this build cannot use, or that does not answer, is said before
-    // anything listens (the server opens it again as it starts).
-    if let DeviceSpec::Cuda(_) = args.device {
-        args.device.open().map_err(|e| match e {
-            // "device cuda:N: why".
-            aigrid_serving::ServingError::Model(why) => anyhow!("--{why}"),
-            other => anyhow!("--device {}: {other}", args.device),
-        })?;
-    }
     let (source, default_name) = source(servers, &args).await?;
     let names = args.names(default_name)?;
     let shown = names[0].clone();
@@ -258,9 +243,13 @@ pub async fn run_serve(servers: &str, args: ServeArgs) -> anyhow::Result<()> {
         names,
         limits,
     };
-    let server = Server::bind(config, source)
-        .await
-        .map_err(|e| anyhow!("cannot listen on {}: {e}", args.listen))?;
+    // A device it cannot use or a precision the device cannot run ("device cuda:0:
+    // this build has no CUDA support", "bf16 matrix products need ..."), or an
+    // address it cannot listen on.
+    let server = Server::bind(config, source).await.map_err(|e| match e {
+        aigrid_serving::ServingError::Model(why) => anyhow!("{why}"),
+        other => anyhow!("cannot listen on {}: {other}", args.listen),
+    })?;
     // Informational: a closed stdout must not stop the server.
     let line = format!(
         "serving {shown} on http://{} (device {})\n",

@@ -48,16 +48,6 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Whether [`DeviceSpec::open`] gives the CPU: `cpu`, or `auto` where no CUDA
-    /// device answers (or the build has no CUDA).
-    pub fn is_cpu(self) -> bool {
-        match self {
-            DeviceSpec::Cpu => true,
-            DeviceSpec::Auto => !self.open().is_ok_and(|d| !d.is_cpu()),
-            DeviceSpec::Cuda(_) => false,
-        }
-    }
-
     /// Opens the device. `cuda:N` fails clearly when this build has no CUDA or the
     /// device does not answer; `auto` falls back to the CPU.
     pub fn open(self) -> Result<Device, ServingError> {

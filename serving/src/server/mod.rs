@@ -55,11 +55,18 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     config: ServeConfig,
     source: ModelSource,
+    device: candle_core::Device,
 }
 
 impl Server {
-    /// Binds the listen address.
+    /// Opens the device, checks the precision asked for against it, then binds the
+    /// listen address: a device this build or machine cannot use, or a precision it
+    /// cannot run, is an error ([`ServingError::Model`]) before anything listens.
     pub async fn bind(config: ServeConfig, source: ModelSource) -> Result<Server, ServingError> {
+        let device = config.device.open()?;
+        // Whether the model embeds or generates is known once it loads (and only
+        // chooses the default); what the device allows is known now.
+        crate::dense::Precision::resolve_on(config.precision, &device, false)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServingError::Io {
@@ -70,6 +77,7 @@ impl Server {
             listener,
             config,
             source,
+            device,
         })
     }
 
@@ -90,10 +98,10 @@ impl Server {
             listener,
             config,
             source,
+            device,
         } = self;
         let mut names = config.names.clone();
         names.push(source.id());
-        let device = config.device.open()?;
         let app = Arc::new(App {
             source: source.clone(),
             shown: names[0].clone(),
