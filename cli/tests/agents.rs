@@ -392,7 +392,7 @@ fn a_tampered_artifact_is_never_started_and_a_revoked_node_is_refused() {
     // write nowhere but its own directory); the tampered job never ran.
     let intact = cli_json(s, &["job", "status", "intact"]);
     let id = intact["allocations"][0]["id"].as_str().unwrap().to_owned();
-    eventually(Duration::from_secs(15), "the intact job's output", || {
+    eventually(Duration::from_secs(30), "the intact job's output", || {
         let logs = stdout(&cli(s, &["alloc", "logs", &id]));
         logs.contains(std::str::from_utf8(&good).unwrap())
             .then_some(())

@@ -14,7 +14,8 @@ use std::time::Instant;
 use parking_lot::RwLock;
 use protobuf::Message as _;
 use raft::prelude::{
-    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
+    Snapshot,
 };
 use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,12 @@ pub struct ReplicaConfig {
     /// Serialise snapshots on a thread of their own (the replica keeps applying,
     /// voting and sending heartbeats meanwhile) rather than on the replica's.
     pub snapshot_in_background: bool,
+    /// A leader holds back commit notices (the empty appends that only tell the
+    /// followers a new commit index) until its driver asks for them
+    /// ([`Replica::send_commit_notice`]), so that the next append, which carries
+    /// the commit index too, usually tells them instead. Not held while a follower
+    /// waits on a proposal it forwarded, nor for a membership change.
+    pub hold_commit_notices: bool,
 }
 
 impl Default for ReplicaConfig {
@@ -76,6 +83,7 @@ impl Default for ReplicaConfig {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             snapshot_in_background: true,
+            hold_commit_notices: true,
         }
     }
 }
@@ -93,6 +101,7 @@ impl ReplicaConfig {
             pre_vote: true,
             read_only_option: raft::ReadOnlyOption::Safe,
             max_uncommitted_size: 256 << 20,
+            skip_bcast_commit: self.hold_commit_notices,
             ..Default::default()
         }
     }
@@ -230,6 +239,32 @@ pub struct Replica<S: StateMachine> {
     leader: Option<u64>,
     removed: bool,
     metrics: Option<Arc<RaftMetrics>>,
+    notices: CommitNotices,
+}
+
+/// What a leader has told its peers of its commit index, when it holds commit
+/// notices back.
+#[derive(Debug, Default)]
+struct CommitNotices {
+    /// The term `told` is of: a new leadership starts it afresh.
+    term: u64,
+    /// The highest commit index each peer was sent (in an append or a heartbeat).
+    told: BTreeMap<u64, u64>,
+    /// Every peer was told commits up to here, or a notice of it went out.
+    noticed: u64,
+    /// A follower waits on a proposal it forwarded, at or below this index: until
+    /// it is committed, every commit is broadcast at once.
+    forwarded: Option<u64>,
+}
+
+impl CommitNotices {
+    /// Forgets what peers were told in an earlier term.
+    fn start_term(&mut self, term: u64) {
+        if self.term != term {
+            self.term = term;
+            self.told.clear();
+        }
+    }
 }
 
 fn raft_logger() -> slog::Logger {
@@ -291,6 +326,7 @@ impl<S: StateMachine> Replica<S> {
             leader: None,
             removed: false,
             metrics,
+            notices: CommitNotices::default(),
         })
     }
 
@@ -370,8 +406,77 @@ impl<S: StateMachine> Replica<S> {
     /// Feeds a message from a peer. Messages for other terms or from strangers are
     /// dropped by raft itself; an error here is never fatal.
     pub fn step(&mut self, msg: Message) {
-        if !self.removed {
-            let _ = self.raw.step(msg);
+        if self.removed {
+            return;
+        }
+        // A follower answers a write it forwarded once it learns the write is
+        // committed: that notice must not wait.
+        let forwarded = self.config.hold_commit_notices
+            && self.is_leader()
+            && msg.get_msg_type() == MessageType::MsgPropose;
+        let _ = self.raw.step(msg);
+        if forwarded {
+            self.notices.forwarded = Some(self.raw.raft.raft_log.last_index());
+            self.raw.skip_bcast_commit(false);
+        }
+    }
+
+    /// True when this leader committed entries that some peer has not been told of
+    /// and whose notice it holds back: its driver sends it with
+    /// [`Replica::send_commit_notice`] once it has waited long enough for an
+    /// append to carry it instead.
+    pub fn commit_notice_pending(&self) -> bool {
+        self.config.hold_commit_notices
+            && self.is_leader()
+            && self.raw.raft.raft_log.committed > self.notices.noticed
+    }
+
+    /// Tells every peer this leader's commit index now (the next `Ready` carries
+    /// the messages).
+    pub fn send_commit_notice(&mut self) {
+        if self.is_leader() {
+            self.raw.raft.bcast_append();
+            self.notices.noticed = self.raw.raft.raft_log.committed;
+        }
+    }
+
+    /// Notes the commit index a message tells its peer.
+    fn note_sent(&mut self, msg: &Message) {
+        if matches!(
+            msg.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat
+        ) {
+            self.notices.start_term(self.raw.raft.term);
+            let told = self.notices.told.entry(msg.to).or_default();
+            *told = (*told).max(msg.commit);
+        }
+    }
+
+    /// After a pass: how far every peer was told, and whether a forwarded
+    /// proposal still needs commits broadcast at once.
+    fn settle_notices(&mut self) {
+        if !self.config.hold_commit_notices || !self.is_leader() {
+            return;
+        }
+        self.notices.start_term(self.raw.raft.term);
+        let (me, notices) = (self.config.id, &mut self.notices);
+        let least = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(id, _)| notices.told.get(id).copied().unwrap_or(0))
+            .min();
+        if let Some(least) = least {
+            notices.noticed = notices.noticed.max(least);
+        } else {
+            notices.noticed = self.raw.raft.raft_log.committed;
+        }
+        let committed = self.raw.raft.raft_log.committed;
+        if notices.forwarded.is_some_and(|index| committed >= index) {
+            notices.forwarded = None;
+            self.raw.skip_bcast_commit(true);
         }
     }
 
@@ -513,6 +618,7 @@ impl<S: StateMachine> Replica<S> {
         // followers' writes overlap its apply and its own write, a commit index so
         // that a follower answers the writes it forwarded as soon as it can.
         for msg in ready.take_messages() {
+            self.note_sent(&msg);
             sink.send(msg);
         }
         sink.flush();
@@ -562,6 +668,7 @@ impl<S: StateMachine> Replica<S> {
         // the leader's commit waits on them. Answers to a commit index alone (or a
         // heartbeat) wait until what became committed is applied and answered.
         for msg in ready.take_persisted_messages() {
+            self.note_sent(&msg);
             sink.send(msg);
         }
         if wrote {
@@ -579,6 +686,7 @@ impl<S: StateMachine> Replica<S> {
             self.raw.mut_store().set_commit(commit);
         }
         for msg in light.take_messages() {
+            self.note_sent(&msg);
             sink.send(msg);
         }
         self.apply_entries(light.take_committed_entries(), &mut out)?;
@@ -594,6 +702,7 @@ impl<S: StateMachine> Replica<S> {
         if !out.applied.is_empty() || !out.reads.is_empty() {
             sink.answer(out);
         }
+        self.settle_notices();
         self.maybe_snapshot()?;
         self.maybe_promote_learner();
         Ok(())

@@ -180,8 +180,9 @@ fn a_slow_snapshot_does_not_stop_the_replica_and_holds_the_state_it_captured() {
     );
 }
 
-#[test]
-fn a_leader_answers_what_is_committed_before_it_writes_what_came_since() {
+/// Three replicas on simulated disks, server 1 elected; `hold` is
+/// `ReplicaConfig::hold_commit_notices`.
+fn three_servers(hold: bool) -> (Vec<Replica<ListMachine>>, Vec<SimDisk>) {
     let members: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("s{id}:1"))).collect();
     let disks: Vec<SimDisk> = (0..3).map(|_| SimDisk::default()).collect();
     let mut servers: Vec<Replica<ListMachine>> = (1..=3u64)
@@ -189,17 +190,13 @@ fn a_leader_answers_what_is_committed_before_it_writes_what_came_since() {
             let store = LogStore::open(Box::new(disks[id as usize - 1].clone())).unwrap();
             let config = ReplicaConfig {
                 id,
+                hold_commit_notices: hold,
                 ..Default::default()
             };
             Replica::open(config, store, ListMachine::default(), &members, None).unwrap()
         })
         .collect();
     let mut wire: Vec<Message> = Vec::new();
-    let deliver = |servers: &mut Vec<Replica<ListMachine>>, wire: &mut Vec<Message>| {
-        for m in wire.drain(..) {
-            servers[m.to as usize - 1].step(m);
-        }
-    };
     servers[0].campaign().unwrap();
     for _ in 0..20 {
         for server in servers.iter_mut() {
@@ -210,6 +207,140 @@ fn a_leader_answers_what_is_committed_before_it_writes_what_came_since() {
         deliver(&mut servers, &mut wire);
     }
     assert!(servers[0].is_leader());
+    (servers, disks)
+}
+
+fn deliver(servers: &mut [Replica<ListMachine>], wire: &mut Vec<Message>) {
+    for m in wire.drain(..) {
+        servers[m.to as usize - 1].step(m);
+    }
+}
+
+/// One pass of a server's `Ready` cycle: what it sent and what it applied.
+fn pass(server: &mut Replica<ListMachine>, wire: &mut Vec<Message>) -> Vec<RequestId> {
+    let mut sent = Vec::new();
+    let out = server.handle_ready(&mut |m| sent.push(m)).unwrap();
+    wire.extend(sent);
+    out.applied.into_iter().map(|(id, _)| id).collect()
+}
+
+/// Messages on the wire that tell a follower a commit index with no entries.
+fn commit_notices(wire: &[Message]) -> Vec<(u64, u64)> {
+    let mut notices: Vec<_> = wire
+        .iter()
+        .filter(|m| m.get_msg_type() == MessageType::MsgAppend && m.entries.is_empty())
+        .map(|m| (m.to, m.commit))
+        .collect();
+    notices.sort_unstable();
+    notices
+}
+
+/// A write on the leader (server 1): it sends the appends, both followers
+/// acknowledge them, and its next pass commits; what that pass applied.
+fn write_on_leader(
+    servers: &mut [Replica<ListMachine>],
+    wire: &mut Vec<Message>,
+    id: u128,
+) -> Vec<RequestId> {
+    servers[0]
+        .propose(RequestId(id), id.to_string().into_bytes())
+        .unwrap();
+    pass(&mut servers[0], wire);
+    deliver(servers, wire);
+    for follower in &mut servers[1..] {
+        pass(follower, wire);
+    }
+    deliver(servers, wire);
+    pass(&mut servers[0], wire)
+}
+
+#[test]
+fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
+    let (mut servers, _disks) = three_servers(true);
+    let mut wire = Vec::new();
+    assert_eq!(
+        write_on_leader(&mut servers, &mut wire, 1),
+        vec![RequestId(1)]
+    );
+    let committed = servers[0].status().commit_index;
+    assert_eq!(commit_notices(&wire), vec![], "the notice is held");
+    assert!(servers[0].commit_notice_pending());
+    assert!(servers[1].status().commit_index < committed);
+
+    // Write 2's appends tell the followers that write 1 is committed.
+    servers[0].propose(RequestId(2), b"2".to_vec()).unwrap();
+    pass(&mut servers[0], &mut wire);
+    assert!(wire
+        .iter()
+        .all(|m| m.entries.len() == 1 && m.commit == committed));
+    assert!(!servers[0].commit_notice_pending(), "the appends told them");
+    deliver(&mut servers, &mut wire);
+    for follower in &mut servers[1..] {
+        pass(follower, &mut wire);
+        assert_eq!(follower.status().commit_index, committed);
+        assert_eq!(follower.state().read().values, vec![1]);
+    }
+    deliver(&mut servers, &mut wire);
+    assert_eq!(pass(&mut servers[0], &mut wire), vec![RequestId(2)]);
+
+    // No write follows: the driver sends the held notice when it is due.
+    assert!(servers[0].commit_notice_pending());
+    servers[0].send_commit_notice();
+    pass(&mut servers[0], &mut wire);
+    let committed = servers[0].status().commit_index;
+    assert_eq!(commit_notices(&wire), vec![(2, committed), (3, committed)]);
+    assert!(!servers[0].commit_notice_pending());
+    deliver(&mut servers, &mut wire);
+    for follower in &mut servers[1..] {
+        pass(follower, &mut wire);
+        assert_eq!(follower.state().read().values, vec![1, 2]);
+    }
+    deliver(&mut servers, &mut wire);
+    pass(&mut servers[0], &mut wire);
+
+    // A follower's own write: it hears of the commit at once, and answers.
+    servers[1].propose(RequestId(3), b"3".to_vec()).unwrap();
+    pass(&mut servers[1], &mut wire);
+    deliver(&mut servers, &mut wire);
+    pass(&mut servers[0], &mut wire);
+    deliver(&mut servers, &mut wire);
+    for follower in &mut servers[1..] {
+        pass(follower, &mut wire);
+    }
+    deliver(&mut servers, &mut wire);
+    pass(&mut servers[0], &mut wire);
+    let committed = servers[0].status().commit_index;
+    assert_eq!(commit_notices(&wire), vec![(2, committed), (3, committed)]);
+    deliver(&mut servers, &mut wire);
+    assert_eq!(pass(&mut servers[1], &mut wire), vec![RequestId(3)]);
+    // ... and later commits are held again.
+    pass(&mut servers[2], &mut wire);
+    deliver(&mut servers, &mut wire);
+    pass(&mut servers[0], &mut wire);
+    assert_eq!(
+        write_on_leader(&mut servers, &mut wire, 4),
+        vec![RequestId(4)]
+    );
+    assert_eq!(commit_notices(&wire), vec![]);
+}
+
+#[test]
+fn without_the_hold_a_commit_is_told_at_once() {
+    let (mut servers, _disks) = three_servers(false);
+    let mut wire = Vec::new();
+    assert_eq!(
+        write_on_leader(&mut servers, &mut wire, 1),
+        vec![RequestId(1)]
+    );
+    let committed = servers[0].status().commit_index;
+    assert_eq!(commit_notices(&wire), vec![(2, committed), (3, committed)]);
+    assert!(!servers[0].commit_notice_pending());
+}
+
+#[test]
+fn a_leader_answers_what_is_committed_before_it_writes_what_came_since() {
+    let (mut servers, disks) = three_servers(true);
+    let mut wire: Vec<Message> = Vec::new();
 
     // The first write reaches the followers, and their acknowledgements are on the
     // wire when a second write arrives.

@@ -128,6 +128,14 @@ impl<S: StateMachine> Clone for RaftNode<S> {
 }
 
 const ATTEMPT: Duration = Duration::from_millis(1500);
+/// How long a leader holds a commit notice back for an append to carry it. A
+/// client writing to the leader sends its next write well within it (at one client
+/// the next append leaves 0.3-0.5 ms after the commit), which then tells the
+/// followers; a notice alone would cost each follower a wake-up, a message each
+/// way and a pass of its replica. Followers' state lags the leader's by at most
+/// this when writes stop (a follower waiting on a write it forwarded is told at
+/// once).
+const COMMIT_NOTICE_HOLD: Duration = Duration::from_millis(2);
 const WAITER_TTL: Duration = Duration::from_secs(60);
 
 impl<S: StateMachine> RaftNode<S> {
@@ -515,13 +523,17 @@ impl<S: StateMachine> Driver<S> {
         let mut next_tick = Instant::now() + tick;
         let mut members = self.replica.members().clone();
         let mut last_leader = self.replica.leader();
+        let mut commit_notice_at: Option<Instant> = None;
         'outer: loop {
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            // Waits for input until the next tick, serving the peers meanwhile; peer
-            // tasks that are ready run first even when input is already queued.
-            let deadline = tokio::time::Instant::from_std(next_tick);
+            // Waits for input until the next tick (or a held commit notice is due),
+            // serving the peers meanwhile; peer tasks that are ready run first even
+            // when input is already queued.
+            let deadline = tokio::time::Instant::from_std(
+                commit_notice_at.map_or(next_tick, |at| at.min(next_tick)),
+            );
             let rx = &mut self.rx;
             let first = self.runtime.block_on(async {
                 tokio::task::yield_now().await;
@@ -555,6 +567,12 @@ impl<S: StateMachine> Driver<S> {
                     .reads
                     .retain(|_, (_, at)| now.duration_since(*at) < WAITER_TTL);
             }
+            if commit_notice_at.is_some_and(|at| now >= at) {
+                commit_notice_at = None;
+                if self.replica.commit_notice_pending() {
+                    self.replica.send_commit_notice();
+                }
+            }
             if self.replica.has_ready() {
                 let mut sink = Sink {
                     runtime: &self.runtime,
@@ -567,6 +585,11 @@ impl<S: StateMachine> Driver<S> {
                     break;
                 }
             }
+            commit_notice_at = match commit_notice_at {
+                _ if !self.replica.commit_notice_pending() => None,
+                Some(at) => Some(at),
+                None => Some(Instant::now() + COMMIT_NOTICE_HOLD),
+            };
             if self.replica.members() != &members {
                 members = self.replica.members().clone();
                 self.transport.set_members(&members);

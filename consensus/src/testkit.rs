@@ -268,6 +268,11 @@ where
             let Some(replica) = self.replicas.get_mut(&id).and_then(Option::as_mut) else {
                 continue;
             };
+            // A commit notice held back in the last step is due now, as the
+            // runtime sends one once its hold expires.
+            if replica.commit_notice_pending() {
+                replica.send_commit_notice();
+            }
             let mut outgoing = Vec::new();
             let result = replica.handle_ready(&mut |m| outgoing.push(m));
             for msg in outgoing {

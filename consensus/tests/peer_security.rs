@@ -1,85 +1,15 @@
 //! Real replicas over the mutual-TLS peer transport, played against by servers that
 //! hold a valid certificate but speak for someone else, and by an address hijack.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
-use aigrid_consensus::metrics::RaftMetrics;
-use aigrid_consensus::testkit::ListMachine;
-use aigrid_consensus::transport::{encode_batch, PeerLimits, MESSAGES_PATH};
-use aigrid_consensus::{NodeConfig, RaftNode, ReplicaConfig};
+use std::time::Duration;
+
+use aigrid_consensus::transport::{encode_batch, MESSAGES_PATH};
+use aigrid_consensus::ReplicaConfig;
 use aigrid_tls::{ClusterCa, ServerIdentity};
+use common::{agreed_leader, cluster, identity, Node};
 use raft::prelude::{Message, MessageType};
-
-struct Node {
-    id: u64,
-    addr: String,
-    raft: RaftNode<ListMachine>,
-    _dir: tempfile::TempDir,
-}
-
-fn identity(ca: &ClusterCa, id: u64) -> Arc<ServerIdentity> {
-    Arc::new(ca.issue_server(id, &["127.0.0.1".into()]).unwrap())
-}
-
-async fn cluster(ca: &ClusterCa, n: u64) -> Vec<Node> {
-    let mut listeners = Vec::new();
-    for _ in 0..n {
-        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let members: BTreeMap<u64, String> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
-        .collect();
-    let mut nodes = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let id = i as u64 + 1;
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(RaftMetrics::register(&prometheus::Registry::new()).unwrap());
-        let raft = RaftNode::start(
-            NodeConfig {
-                replica: ReplicaConfig {
-                    id,
-                    ..ReplicaConfig::default()
-                },
-                tick: Duration::from_millis(50),
-                data_dir: dir.path().to_path_buf(),
-                identity: identity(ca, id),
-                initial_members: members.clone(),
-                request_timeout: Duration::from_secs(5),
-                queue_capacity: 1024,
-            },
-            ListMachine::default(),
-            metrics,
-        )
-        .unwrap();
-        raft.serve_peers(listener, PeerLimits::default(), std::future::pending());
-        nodes.push(Node {
-            id,
-            addr: members[&id].clone(),
-            raft,
-            _dir: dir,
-        });
-    }
-    nodes
-}
-
-/// Waits until every node names the same leader (other than `not`); answers it.
-async fn agreed_leader(nodes: &[Node], not: Option<u64>) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let leaders: Vec<Option<u64>> = nodes.iter().map(|n| n.raft.leader()).collect();
-        if let Some(Some(l)) = leaders.first() {
-            if leaders.iter().all(|x| *x == Some(*l)) && Some(*l) != not {
-                return *l;
-            }
-        }
-        assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn timeout_now(from: u64, to: u64, term: u64) -> Message {
     let mut m = Message::default();
@@ -113,7 +43,7 @@ async fn post_as(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forged_timeout_now_does_not_move_leadership() {
     let ca = ClusterCa::create().unwrap();
-    let nodes = cluster(&ca, 3).await;
+    let nodes = cluster(&ca, 3, ReplicaConfig::default(), Duration::from_millis(50)).await;
     let leader = agreed_leader(&nodes, None).await;
     let term = nodes[0].raft.status().term;
     let follower = nodes.iter().find(|n| n.id != leader).unwrap();
@@ -146,7 +76,7 @@ async fn a_forged_timeout_now_does_not_move_leadership() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_address_header_does_not_move_a_peer() {
     let ca = ClusterCa::create().unwrap();
-    let nodes = cluster(&ca, 3).await;
+    let nodes = cluster(&ca, 3, ReplicaConfig::default(), Duration::from_millis(50)).await;
     let leader = agreed_leader(&nodes, None).await;
     let follower = nodes.iter().find(|n| n.id != leader).unwrap();
     let other = nodes
