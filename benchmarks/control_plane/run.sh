@@ -20,6 +20,25 @@ BENCH_SECS="${BENCH_SECS:-10}"
 BENCH_WARMUP_SECS="${BENCH_WARMUP_SECS:-2}"
 
 declare -A RESULT
+declare -A FIRST_ROLE
+
+# aigrid_first_role: whether server 1 (the endpoint one client writes to) leads.
+aigrid_first_role() {
+    aigrid_cluster "$(aigrid_port 1)" | python3 -c '
+import json, sys
+leader = json.load(sys.stdin).get("leader")
+print("the leader" if leader == 1 else f"a follower (server {leader} led)")' 2>/dev/null || echo "unknown"
+}
+
+# etcd_first_role: the same for member e1, from its status.
+etcd_first_role() {
+    bcurl -fsS --max-time 2 -X POST -d '{}' \
+        "$SCHEME://127.0.0.1:$(etcd_client_port 1)/v3/maintenance/status" 2>/dev/null | python3 -c '
+import json, sys
+status = json.load(sys.stdin)
+me, leader = status["header"]["member_id"], status["leader"]
+print("the leader" if me == leader else "a follower")' 2>/dev/null || echo "unknown"
+}
 
 # run_load TARGET ENDPOINTS
 run_load() {
@@ -62,6 +81,7 @@ log "scratch directory $WORK ($FSTYPE), ${BENCH_SECS}s per run, clients: $BENCH_
 
 if [ "$RUN_AIGRID" = "1" ]; then
     start_aigrid "$WORK"
+    FIRST_ROLE[aigrid]="$(aigrid_first_role)"
     run_load aigrid "$AIGRID_ENDPOINTS"
     log "aigrid: stopping"
     stop_servers
@@ -69,6 +89,7 @@ fi
 
 if [ "$RUN_ETCD" = "1" ]; then
     start_etcd "$WORK"
+    FIRST_ROLE[etcd]="$(etcd_first_role)"
     run_load etcd "$ETCD_ENDPOINTS"
     log "etcd: stopping"
     stop_servers
@@ -99,3 +120,7 @@ for clients in $BENCH_CLIENTS; do
         "$a" "$(val "aigrid,$clients,p50")" "$(val "aigrid,$clients,p99")" \
         "$e" "$(val "etcd,$clients,p50")" "$(val "etcd,$clients,p99")" "$ratio"
 done
+# Client i writes to endpoint i % 3, so one client writes to the first server; a
+# write a follower receives is forwarded to the leader, one hop more either way.
+echo
+echo "Client i writes to endpoint i mod 3; the first endpoint was ${FIRST_ROLE[aigrid]:-not run} for aigrid and ${FIRST_ROLE[etcd]:-not run} for etcd."
