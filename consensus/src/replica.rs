@@ -465,7 +465,9 @@ impl<S: StateMachine> Replica<S> {
             .raft
             .prs()
             .iter()
-            .filter(|(id, _)| **id != me)
+            // A peer being probed or sent a snapshot gets no notice (raft pauses
+            // it); counting it would keep a notice due after every commit.
+            .filter(|(id, pr)| **id != me && pr.state == raft::ProgressState::Replicate)
             .map(|(id, _)| notices.told.get(id).copied().unwrap_or(0))
             .min();
         if let Some(least) = least {

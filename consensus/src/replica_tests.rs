@@ -325,6 +325,60 @@ fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
 }
 
 #[test]
+fn an_unreachable_follower_keeps_no_notice_due() {
+    let (mut servers, _disks) = three_servers(true);
+    let mut wire = Vec::new();
+    // Server 3 stops answering; the leader probes it from now on.
+    servers[0].report_unreachable(3);
+    let to_live = |wire: &mut Vec<Message>| wire.retain(|m| m.to != 3);
+    for id in 1..=2u128 {
+        servers[0]
+            .propose(RequestId(id), id.to_string().into_bytes())
+            .unwrap();
+        pass(&mut servers[0], &mut wire);
+        to_live(&mut wire);
+        deliver(&mut servers, &mut wire);
+        pass(&mut servers[1], &mut wire);
+        deliver(&mut servers, &mut wire);
+        assert_eq!(pass(&mut servers[0], &mut wire), vec![RequestId(id)]);
+        to_live(&mut wire);
+    }
+    // Write 2's append told server 2 that write 1 is committed; write 2 itself
+    // waits for the next append or the notice.
+    assert!(servers[0].commit_notice_pending());
+    servers[0].send_commit_notice();
+    pass(&mut servers[0], &mut wire);
+    to_live(&mut wire);
+    deliver(&mut servers, &mut wire);
+    pass(&mut servers[1], &mut wire);
+    deliver(&mut servers, &mut wire);
+    pass(&mut servers[0], &mut wire);
+    assert_eq!(servers[1].state().read().values, vec![1, 2]);
+    // Server 2 knows every commit: nothing is due, though server 3 knows none.
+    assert!(!servers[0].commit_notice_pending());
+    to_live(&mut wire);
+    // The next write's append tells server 2, and then nothing is due again.
+    servers[0].propose(RequestId(3), b"3".to_vec()).unwrap();
+    pass(&mut servers[0], &mut wire);
+    to_live(&mut wire);
+    deliver(&mut servers, &mut wire);
+    pass(&mut servers[1], &mut wire);
+    deliver(&mut servers, &mut wire);
+    assert_eq!(pass(&mut servers[0], &mut wire), vec![RequestId(3)]);
+    assert!(
+        servers[0].commit_notice_pending(),
+        "write 3's commit is held"
+    );
+    to_live(&mut wire);
+    servers[0].propose(RequestId(4), b"4".to_vec()).unwrap();
+    pass(&mut servers[0], &mut wire);
+    assert!(
+        !servers[0].commit_notice_pending(),
+        "write 4's append told it"
+    );
+}
+
+#[test]
 fn without_the_hold_a_commit_is_told_at_once() {
     let (mut servers, _disks) = three_servers(false);
     let mut wire = Vec::new();
