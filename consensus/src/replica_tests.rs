@@ -5,6 +5,7 @@ use super::*;
 use crate::state_machine::SnapshotJob;
 use crate::testkit::ListMachine;
 use crate::testkit::SimDisk;
+use raft::prelude::MessageType;
 
 fn single_leader(disk: &SimDisk) -> Replica<ListMachine> {
     let store = LogStore::open(Box::new(disk.clone())).unwrap();
@@ -235,23 +236,38 @@ fn commit_notices(wire: &[Message]) -> Vec<(u64, u64)> {
     notices
 }
 
-/// A write on the leader (server 1): it sends the appends, both followers
-/// acknowledge them, and its next pass commits; what that pass applied.
-fn write_on_leader(
+/// A round from the leader (server 1): its pass sends, the followers answer, and
+/// its next pass takes their answers in; what that pass applied. Messages to the
+/// servers in `cut` are lost.
+fn round(
     servers: &mut [Replica<ListMachine>],
     wire: &mut Vec<Message>,
-    id: u128,
+    cut: &[u64],
 ) -> Vec<RequestId> {
-    servers[0]
-        .propose(RequestId(id), id.to_string().into_bytes())
-        .unwrap();
     pass(&mut servers[0], wire);
+    wire.retain(|m| !cut.contains(&m.to));
     deliver(servers, wire);
     for follower in &mut servers[1..] {
         pass(follower, wire);
     }
     deliver(servers, wire);
-    pass(&mut servers[0], wire)
+    let applied = pass(&mut servers[0], wire);
+    wire.retain(|m| !cut.contains(&m.to));
+    applied
+}
+
+/// A write on the leader, in one [`round`]: the followers acknowledge its
+/// appends and the leader commits it.
+fn write_on_leader(
+    servers: &mut [Replica<ListMachine>],
+    wire: &mut Vec<Message>,
+    id: u128,
+    cut: &[u64],
+) -> Vec<RequestId> {
+    servers[0]
+        .propose(RequestId(id), id.to_string().into_bytes())
+        .unwrap();
+    round(servers, wire, cut)
 }
 
 #[test]
@@ -259,7 +275,7 @@ fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
     let (mut servers, _disks) = three_servers(true);
     let mut wire = Vec::new();
     assert_eq!(
-        write_on_leader(&mut servers, &mut wire, 1),
+        write_on_leader(&mut servers, &mut wire, 1, &[]),
         vec![RequestId(1)]
     );
     let committed = servers[0].status().commit_index;
@@ -318,7 +334,7 @@ fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
     deliver(&mut servers, &mut wire);
     pass(&mut servers[0], &mut wire);
     assert_eq!(
-        write_on_leader(&mut servers, &mut wire, 4),
+        write_on_leader(&mut servers, &mut wire, 4, &[]),
         vec![RequestId(4)]
     );
     assert_eq!(commit_notices(&wire), vec![]);
@@ -330,46 +346,29 @@ fn an_unreachable_follower_keeps_no_notice_due() {
     let mut wire = Vec::new();
     // Server 3 stops answering; the leader probes it from now on.
     servers[0].report_unreachable(3);
-    let to_live = |wire: &mut Vec<Message>| wire.retain(|m| m.to != 3);
     for id in 1..=2u128 {
-        servers[0]
-            .propose(RequestId(id), id.to_string().into_bytes())
-            .unwrap();
-        pass(&mut servers[0], &mut wire);
-        to_live(&mut wire);
-        deliver(&mut servers, &mut wire);
-        pass(&mut servers[1], &mut wire);
-        deliver(&mut servers, &mut wire);
-        assert_eq!(pass(&mut servers[0], &mut wire), vec![RequestId(id)]);
-        to_live(&mut wire);
+        assert_eq!(
+            write_on_leader(&mut servers, &mut wire, id, &[3]),
+            vec![RequestId(id)]
+        );
     }
     // Write 2's append told server 2 that write 1 is committed; write 2 itself
     // waits for the next append or the notice.
     assert!(servers[0].commit_notice_pending());
     servers[0].send_commit_notice();
-    pass(&mut servers[0], &mut wire);
-    to_live(&mut wire);
-    deliver(&mut servers, &mut wire);
-    pass(&mut servers[1], &mut wire);
-    deliver(&mut servers, &mut wire);
-    pass(&mut servers[0], &mut wire);
+    round(&mut servers, &mut wire, &[3]);
     assert_eq!(servers[1].state().read().values, vec![1, 2]);
     // Server 2 knows every commit: nothing is due, though server 3 knows none.
     assert!(!servers[0].commit_notice_pending());
-    to_live(&mut wire);
     // The next write's append tells server 2, and then nothing is due again.
-    servers[0].propose(RequestId(3), b"3".to_vec()).unwrap();
-    pass(&mut servers[0], &mut wire);
-    to_live(&mut wire);
-    deliver(&mut servers, &mut wire);
-    pass(&mut servers[1], &mut wire);
-    deliver(&mut servers, &mut wire);
-    assert_eq!(pass(&mut servers[0], &mut wire), vec![RequestId(3)]);
+    assert_eq!(
+        write_on_leader(&mut servers, &mut wire, 3, &[3]),
+        vec![RequestId(3)]
+    );
     assert!(
         servers[0].commit_notice_pending(),
         "write 3's commit is held"
     );
-    to_live(&mut wire);
     servers[0].propose(RequestId(4), b"4".to_vec()).unwrap();
     pass(&mut servers[0], &mut wire);
     assert!(
@@ -383,7 +382,7 @@ fn without_the_hold_a_commit_is_told_at_once() {
     let (mut servers, _disks) = three_servers(false);
     let mut wire = Vec::new();
     assert_eq!(
-        write_on_leader(&mut servers, &mut wire, 1),
+        write_on_leader(&mut servers, &mut wire, 1, &[]),
         vec![RequestId(1)]
     );
     let committed = servers[0].status().commit_index;

@@ -1,0 +1,112 @@
+//! A leader's commit notices: the empty appends that only tell followers a new
+//! commit index, held back (`ReplicaConfig::hold_commit_notices`) for the next
+//! append to carry the index instead, and sent at once while a follower waits on
+//! a write it forwarded.
+
+use std::collections::BTreeMap;
+
+use raft::prelude::{Message, MessageType};
+
+use super::Replica;
+use crate::state_machine::StateMachine;
+
+/// What a leader has told its peers of its commit index, when it holds commit
+/// notices back.
+#[derive(Debug, Default)]
+pub(super) struct CommitNotices {
+    /// The term `told` is of: a new leadership starts it afresh.
+    term: u64,
+    /// The highest commit index each peer was sent (in an append or a heartbeat).
+    told: BTreeMap<u64, u64>,
+    /// Every peer was told commits up to here, or a notice of it went out.
+    noticed: u64,
+    /// A follower waits on a proposal it forwarded, at or below this index: until
+    /// it is committed, every commit is broadcast at once.
+    forwarded: Option<u64>,
+}
+
+impl CommitNotices {
+    /// Forgets what peers were told in an earlier term.
+    fn start_term(&mut self, term: u64) {
+        if self.term != term {
+            self.term = term;
+            self.told.clear();
+        }
+    }
+}
+
+impl<S: StateMachine> Replica<S> {
+    /// A write a follower forwarded: once it is committed, the follower answers
+    /// as soon as it hears so, so that notice must not wait.
+    pub(super) fn is_forwarded_proposal(&self, msg: &Message) -> bool {
+        self.config.hold_commit_notices
+            && self.is_leader()
+            && msg.get_msg_type() == MessageType::MsgPropose
+    }
+
+    /// After stepping a forwarded write: every commit is broadcast at once until
+    /// the write (now the last entry) is committed.
+    pub(super) fn broadcast_commits_until_forwarded(&mut self) {
+        self.notices.forwarded = Some(self.raw.raft.raft_log.last_index());
+        self.raw.skip_bcast_commit(false);
+    }
+
+    /// True when this leader committed entries that some peer has not been told of
+    /// and whose notice it holds back: its driver sends it with
+    /// [`Replica::send_commit_notice`] once it has waited long enough for an
+    /// append to carry it instead.
+    pub fn commit_notice_pending(&self) -> bool {
+        self.config.hold_commit_notices
+            && self.is_leader()
+            && self.raw.raft.raft_log.committed > self.notices.noticed
+    }
+
+    /// Tells every peer this leader's commit index now (the next `Ready` carries
+    /// the messages).
+    pub fn send_commit_notice(&mut self) {
+        if self.is_leader() {
+            self.raw.raft.bcast_append();
+            self.notices.noticed = self.raw.raft.raft_log.committed;
+        }
+    }
+
+    /// Notes the commit index a message tells its peer.
+    pub(super) fn note_sent(&mut self, msg: &Message) {
+        if matches!(
+            msg.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat
+        ) {
+            self.notices.start_term(self.raw.raft.term);
+            let told = self.notices.told.entry(msg.to).or_default();
+            *told = (*told).max(msg.commit);
+        }
+    }
+
+    /// After a pass: how far every peer was told, and whether a forwarded
+    /// proposal still needs commits broadcast at once.
+    pub(super) fn settle_notices(&mut self) {
+        if !self.config.hold_commit_notices || !self.is_leader() {
+            return;
+        }
+        self.notices.start_term(self.raw.raft.term);
+        let committed = self.raw.raft.raft_log.committed;
+        let (me, notices) = (self.config.id, &mut self.notices);
+        // With no peer to tell, everything committed counts as told.
+        let least = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            // A peer being probed or sent a snapshot gets no notice (raft pauses
+            // it); counting it would keep a notice due after every commit.
+            .filter(|(id, pr)| **id != me && pr.state == raft::ProgressState::Replicate)
+            .map(|(id, _)| notices.told.get(id).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(committed);
+        notices.noticed = notices.noticed.max(least);
+        if notices.forwarded.is_some_and(|index| committed >= index) {
+            notices.forwarded = None;
+            self.raw.skip_bcast_commit(true);
+        }
+    }
+}
