@@ -120,7 +120,5 @@ for clients in $BENCH_CLIENTS; do
         "$a" "$(val "aigrid,$clients,p50")" "$(val "aigrid,$clients,p99")" \
         "$e" "$(val "etcd,$clients,p50")" "$(val "etcd,$clients,p99")" "$ratio"
 done
-# Client i writes to endpoint i % 3, so one client writes to the first server; a
-# write a follower receives is forwarded to the leader, one hop more either way.
 echo
 echo "Client i writes to endpoint i mod 3; the first endpoint was ${FIRST_ROLE[aigrid]:-not run} for aigrid and ${FIRST_ROLE[etcd]:-not run} for etcd."

@@ -585,11 +585,10 @@ impl<S: StateMachine> Driver<S> {
                     break;
                 }
             }
-            commit_notice_at = match commit_notice_at {
-                _ if !self.replica.commit_notice_pending() => None,
-                Some(at) => Some(at),
-                None => Some(Instant::now() + COMMIT_NOTICE_HOLD),
-            };
+            commit_notice_at = self
+                .replica
+                .commit_notice_pending()
+                .then(|| commit_notice_at.unwrap_or_else(|| Instant::now() + COMMIT_NOTICE_HOLD));
             if self.replica.members() != &members {
                 members = self.replica.members().clone();
                 self.transport.set_members(&members);
