@@ -20,31 +20,65 @@ BENCH_SECS="${BENCH_SECS:-10}"
 BENCH_WARMUP_SECS="${BENCH_WARMUP_SECS:-2}"
 
 declare -A RESULT
-declare -A FIRST_ROLE
+# The endpoints of each system's leader and of one follower: one client's write
+# takes a hop more through a follower on either system, so the one-client load runs
+# once against each and the table compares like with like.
+declare -A ROLE_ENDPOINT
 
-# aigrid_first_role: whether server 1 (the endpoint one client writes to) leads.
-aigrid_first_role() {
-    aigrid_cluster "$(aigrid_port 1)" | python3 -c '
+# aigrid_roles: ROLE_ENDPOINT[aigrid,leader] and [aigrid,follower].
+aigrid_roles() {
+    local leader
+    leader="$(aigrid_cluster "$(aigrid_port 1)" | python3 -c '
 import json, sys
-leader = json.load(sys.stdin).get("leader")
-print("the leader" if leader == 1 else f"a follower (server {leader} led)")' 2>/dev/null || echo "unknown"
+print(json.load(sys.stdin).get("leader") or "")' 2>/dev/null)" || true
+    [ -n "$leader" ] || die "aigrid names no leader"
+    ROLE_ENDPOINT[aigrid,leader]="$SCHEME://127.0.0.1:$(aigrid_port "$leader")"
+    ROLE_ENDPOINT[aigrid,follower]="$SCHEME://127.0.0.1:$(aigrid_port $((leader % 3 + 1)))"
 }
 
-# etcd_first_role: the same for member e1, from its status.
-etcd_first_role() {
-    bcurl -fsS --max-time 2 -X POST -d '{}' \
-        "$SCHEME://127.0.0.1:$(etcd_client_port 1)/v3/maintenance/status" 2>/dev/null | python3 -c '
+# etcd_roles: the same for etcd, from each member's status.
+etcd_roles() {
+    local id url role
+    for id in 1 2 3; do
+        url="$SCHEME://127.0.0.1:$(etcd_client_port "$id")"
+        role="$(bcurl -fsS --max-time 2 -X POST -d '{}' "$url/v3/maintenance/status" 2>/dev/null | python3 -c '
 import json, sys
 status = json.load(sys.stdin)
-me, leader = status["header"]["member_id"], status["leader"]
-print("the leader" if me == leader else "a follower")' 2>/dev/null || echo "unknown"
+print("leader" if status["header"]["member_id"] == status["leader"] else "follower")' 2>/dev/null)" || true
+        case "$role" in
+            leader | follower) ROLE_ENDPOINT[etcd,$role]="$url" ;;
+        esac
+    done
+    [ -n "${ROLE_ENDPOINT[etcd,leader]:-}" ] || die "etcd names no leader"
+    [ -n "${ROLE_ENDPOINT[etcd,follower]:-}" ] || die "etcd has no follower"
+}
+
+# The loads of one client count: "1" runs twice, "1L" against the leader and "1F"
+# against a follower; any other count runs once, client i on endpoint i mod 3.
+LOADS=()
+for clients in $BENCH_CLIENTS; do
+    if [ "$clients" = "1" ]; then LOADS+=(1L 1F); else LOADS+=("$clients"); fi
+done
+
+# load_label LOAD: the table's first column.
+load_label() {
+    case "$1" in
+        1L) echo "1, on the leader" ;;
+        1F) echo "1, on a follower" ;;
+        *) echo "$1" ;;
+    esac
 }
 
 # run_load TARGET ENDPOINTS
 run_load() {
-    local target="$1" endpoints="$2" clients line ops errors
-    for clients in $BENCH_CLIENTS; do
-        log "$target: $clients client(s), ${BENCH_WARMUP_SECS}s warm-up + ${BENCH_SECS}s"
+    local target="$1" all="$2" load clients endpoints line ops errors
+    for load in "${LOADS[@]}"; do
+        case "$load" in
+            1L) clients=1 endpoints="${ROLE_ENDPOINT[$target,leader]}" ;;
+            1F) clients=1 endpoints="${ROLE_ENDPOINT[$target,follower]}" ;;
+            *) clients="$load" endpoints="$all" ;;
+        esac
+        log "$target: clients $(load_label "$load"), ${BENCH_WARMUP_SECS}s warm-up + ${BENCH_SECS}s"
         # Run in the background and wait, so a signal interrupts the wait
         # and the cleanup trap runs at once.
         "$BIN_DIR/control_plane" --target "$target" --endpoints "$endpoints" "${LOAD_TLS_ARGS[@]}" \
@@ -69,9 +103,9 @@ run_load() {
         if [ "${errors:-0}" != "0" ]; then
             log "warning: $target with $clients client(s) saw $errors failed request(s)"
         fi
-        RESULT["$target,$clients,ops"]="$(json_field "$line" ops_per_sec)"
-        RESULT["$target,$clients,p50"]="$(json_field "$line" p50_ms)"
-        RESULT["$target,$clients,p99"]="$(json_field "$line" p99_ms)"
+        RESULT["$target,$load,ops"]="$(json_field "$line" ops_per_sec)"
+        RESULT["$target,$load,p50"]="$(json_field "$line" p50_ms)"
+        RESULT["$target,$load,p99"]="$(json_field "$line" p99_ms)"
     done
 }
 
@@ -81,7 +115,7 @@ log "scratch directory $WORK ($FSTYPE), ${BENCH_SECS}s per run, clients: $BENCH_
 
 if [ "$RUN_AIGRID" = "1" ]; then
     start_aigrid "$WORK"
-    FIRST_ROLE[aigrid]="$(aigrid_first_role)"
+    aigrid_roles
     run_load aigrid "$AIGRID_ENDPOINTS"
     log "aigrid: stopping"
     stop_servers
@@ -89,7 +123,7 @@ fi
 
 if [ "$RUN_ETCD" = "1" ]; then
     start_etcd "$WORK"
-    FIRST_ROLE[etcd]="$(etcd_first_role)"
+    etcd_roles
     run_load etcd "$ETCD_ENDPOINTS"
     log "etcd: stopping"
     stop_servers
@@ -109,16 +143,16 @@ echo "Control-plane writes, 3 nodes on loopback, fsync on, $tls_note, ${BENCH_SE
 echo
 echo "| clients | aigrid ops/s | aigrid p50 ms | aigrid p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | aigrid/etcd ops/s |"
 echo "|--------:|-------------:|--------------:|--------------:|-----------:|------------:|------------:|------------------:|"
-for clients in $BENCH_CLIENTS; do
-    a="$(val "aigrid,$clients,ops")"
-    e="$(val "etcd,$clients,ops")"
+for load in "${LOADS[@]}"; do
+    a="$(val "aigrid,$load,ops")"
+    e="$(val "etcd,$load,ops")"
     ratio="-"
     if [ "$a" != "-" ] && [ "$e" != "-" ]; then
         ratio="$(awk -v a="$a" -v e="$e" 'BEGIN { if (e > 0) printf "%.2f", a / e; else print "-" }')"
     fi
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$clients" \
-        "$a" "$(val "aigrid,$clients,p50")" "$(val "aigrid,$clients,p99")" \
-        "$e" "$(val "etcd,$clients,p50")" "$(val "etcd,$clients,p99")" "$ratio"
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(load_label "$load")" \
+        "$a" "$(val "aigrid,$load,p50")" "$(val "aigrid,$load,p99")" \
+        "$e" "$(val "etcd,$load,p50")" "$(val "etcd,$load,p99")" "$ratio"
 done
 echo
-echo "Client i writes to endpoint i mod 3; the first endpoint was ${FIRST_ROLE[aigrid]:-not run} for aigrid and ${FIRST_ROLE[etcd]:-not run} for etcd."
+echo "One client writes to each system's leader, then to one of its followers (a hop more on both); at higher counts client i writes to endpoint i mod 3."
