@@ -9,6 +9,10 @@
 #   BENCH_CLIENTS       client counts to run, default "1 16 64"
 #   BENCH_SECS          measured seconds per run, default 10
 #   BENCH_WARMUP_SECS   unmeasured warm-up seconds per run, default 2
+#   BENCH_REPS          repetitions, default 3: each starts fresh clusters, aigrid
+#                       then etcd, so the two alternate; the table shows the run
+#                       with the median ops/s of each system and load, the range,
+#                       and the ratio of each repetition's pair
 set -euo pipefail
 
 # shellcheck source=common.sh
@@ -18,6 +22,8 @@ BENCH_CLIENTS="${BENCH_CLIENTS:-1 16 64}"
 BENCH_CLIENTS="${BENCH_CLIENTS//,/ }"
 BENCH_SECS="${BENCH_SECS:-10}"
 BENCH_WARMUP_SECS="${BENCH_WARMUP_SECS:-2}"
+BENCH_REPS="${BENCH_REPS:-3}"
+[[ "$BENCH_REPS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPS must be a positive integer, not '$BENCH_REPS'"
 
 declare -A RESULT
 # The endpoints of each system's leader and of one follower: one client's write
@@ -69,16 +75,16 @@ load_label() {
     esac
 }
 
-# run_load TARGET ENDPOINTS
+# run_load TARGET ENDPOINTS REP
 run_load() {
-    local target="$1" all="$2" load clients endpoints line ops errors
+    local target="$1" all="$2" rep="$3" load clients endpoints line ops errors
     for load in "${LOADS[@]}"; do
         case "$load" in
             1L) clients=1 endpoints="${ROLE_ENDPOINT[$target,leader]}" ;;
             1F) clients=1 endpoints="${ROLE_ENDPOINT[$target,follower]}" ;;
             *) clients="$load" endpoints="$all" ;;
         esac
-        log "$target: clients $(load_label "$load"), ${BENCH_WARMUP_SECS}s warm-up + ${BENCH_SECS}s"
+        log "$target (run $rep of $BENCH_REPS): clients $(load_label "$load"), ${BENCH_WARMUP_SECS}s warm-up + ${BENCH_SECS}s"
         # Run in the background and wait, so a signal interrupts the wait
         # and the cleanup trap runs at once.
         "$BIN_DIR/control_plane" --target "$target" --endpoints "$endpoints" "${LOAD_TLS_ARGS[@]}" \
@@ -103,9 +109,9 @@ run_load() {
         if [ "${errors:-0}" != "0" ]; then
             log "warning: $target with $clients client(s) saw $errors failed request(s)"
         fi
-        RESULT["$target,$load,ops"]="$(json_field "$line" ops_per_sec)"
-        RESULT["$target,$load,p50"]="$(json_field "$line" p50_ms)"
-        RESULT["$target,$load,p99"]="$(json_field "$line" p99_ms)"
+        RESULT["$target,$load,$rep,ops"]="$(json_field "$line" ops_per_sec)"
+        RESULT["$target,$load,$rep,p50"]="$(json_field "$line" p50_ms)"
+        RESULT["$target,$load,$rep,p99"]="$(json_field "$line" p99_ms)"
     done
 }
 
@@ -113,25 +119,55 @@ build_and_install
 make_scratch
 log "scratch directory $WORK ($FSTYPE), ${BENCH_SECS}s per run, clients: $BENCH_CLIENTS, TLS: $BENCH_TLS"
 
-if [ "$RUN_AIGRID" = "1" ]; then
-    start_aigrid "$WORK"
-    aigrid_roles
-    run_load aigrid "$AIGRID_ENDPOINTS"
-    log "aigrid: stopping"
-    stop_servers
-fi
-
-if [ "$RUN_ETCD" = "1" ]; then
-    start_etcd "$WORK"
-    etcd_roles
-    run_load etcd "$ETCD_ENDPOINTS"
-    log "etcd: stopping"
-    stop_servers
-fi
+for rep in $(seq 1 "$BENCH_REPS"); do
+    if [ "$RUN_AIGRID" = "1" ]; then
+        start_aigrid "$WORK/run$rep"
+        aigrid_roles
+        run_load aigrid "$AIGRID_ENDPOINTS" "$rep"
+        log "aigrid: stopping"
+        stop_servers
+    fi
+    if [ "$RUN_ETCD" = "1" ]; then
+        start_etcd "$WORK/run$rep"
+        etcd_roles
+        run_load etcd "$ETCD_ENDPOINTS" "$rep"
+        log "etcd: stopping"
+        stop_servers
+    fi
+done
 
 # ---------------------------------------------------------------- report
 
 val() { echo "${RESULT[$1]:--}"; }
+
+# median_rep TARGET LOAD: the repetition whose ops/s is the median (the lower of
+# the two middle ones for an even count); nothing when the target did not run.
+median_rep() {
+    local rep
+    for rep in $(seq 1 "$BENCH_REPS"); do
+        if [ -n "${RESULT[$1,$2,$rep,ops]:-}" ]; then
+            echo "${RESULT[$1,$2,$rep,ops]} $rep"
+        fi
+    done | sort -g | awk '{ r[NR] = $2 } END { if (NR) print r[int((NR + 1) / 2)] }'
+}
+
+# ops_cell TARGET LOAD REP: the median's ops/s, with the range over repetitions.
+ops_cell() {
+    local rep lo hi
+    [ -n "$3" ] || { echo "-"; return; }
+    read -r lo hi < <(for rep in $(seq 1 "$BENCH_REPS"); do
+        echo "${RESULT[$1,$2,$rep,ops]}"
+    done | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo, hi }')
+    if [ "$BENCH_REPS" = "1" ]; then
+        echo "${RESULT[$1,$2,$3,ops]}"
+    else
+        echo "${RESULT[$1,$2,$3,ops]} ($lo-$hi)"
+    fi
+}
+
+ratio() {
+    awk -v a="$1" -v e="$2" 'BEGIN { if (e > 0) printf "%.2f", a / e; else print "-" }'
+}
 
 echo
 if [ "$BENCH_TLS" = "1" ]; then
@@ -139,20 +175,26 @@ if [ "$BENCH_TLS" = "1" ]; then
 else
     tls_note="plain HTTP (aigrid's Raft over mutual TLS); aigrid writes signed"
 fi
-echo "Control-plane writes, 3 nodes on loopback, fsync on, $tls_note, ${BENCH_SECS}s per run ($(nproc) CPUs, scratch on $FSTYPE)"
+echo "Control-plane writes, 3 nodes on loopback, fsync on, $tls_note, ${BENCH_SECS}s per run, $BENCH_REPS run(s) of each system alternated on fresh clusters, the median run shown ($(nproc) CPUs, scratch on $FSTYPE)"
 echo
-echo "| clients | aigrid ops/s | aigrid p50 ms | aigrid p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | aigrid/etcd ops/s |"
-echo "|--------:|-------------:|--------------:|--------------:|-----------:|------------:|------------:|------------------:|"
+echo "| clients | aigrid ops/s | aigrid p50 ms | aigrid p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | aigrid/etcd ops/s | aigrid/etcd, each run |"
+echo "|--------:|-------------:|--------------:|--------------:|-----------:|------------:|------------:|------------------:|:--|"
 for load in "${LOADS[@]}"; do
-    a="$(val "aigrid,$load,ops")"
-    e="$(val "etcd,$load,ops")"
-    ratio="-"
-    if [ "$a" != "-" ] && [ "$e" != "-" ]; then
-        ratio="$(awk -v a="$a" -v e="$e" 'BEGIN { if (e > 0) printf "%.2f", a / e; else print "-" }')"
+    a="$(median_rep aigrid "$load")"
+    e="$(median_rep etcd "$load")"
+    median_ratio="-"
+    each="-"
+    if [ -n "$a" ] && [ -n "$e" ]; then
+        median_ratio="$(ratio "${RESULT[aigrid,$load,$a,ops]}" "${RESULT[etcd,$load,$e,ops]}")"
+        each="$(for rep in $(seq 1 "$BENCH_REPS"); do
+            ratio "${RESULT[aigrid,$load,$rep,ops]}" "${RESULT[etcd,$load,$rep,ops]}"
+            echo
+        done | paste -sd/ | sed 's|/| / |g')"
     fi
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(load_label "$load")" \
-        "$a" "$(val "aigrid,$load,p50")" "$(val "aigrid,$load,p99")" \
-        "$e" "$(val "etcd,$load,p50")" "$(val "etcd,$load,p99")" "$ratio"
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(load_label "$load")" \
+        "$(ops_cell aigrid "$load" "$a")" "$(val "aigrid,$load,$a,p50")" "$(val "aigrid,$load,$a,p99")" \
+        "$(ops_cell etcd "$load" "$e")" "$(val "etcd,$load,$e,p50")" "$(val "etcd,$load,$e,p99")" \
+        "$median_ratio" "$each"
 done
 echo
 echo "One client writes to each system's leader, then to one of its followers (a hop more on both); at higher counts client i writes to endpoint i mod 3."
