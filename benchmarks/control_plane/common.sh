@@ -283,6 +283,11 @@ aigrid_cluster() {
     bcurl -fsS --max-time 2 "$SCHEME://127.0.0.1:$1/api/v1/cluster" 2>/dev/null
 }
 
+# aigrid_leader ID -> the leader server ID names ("null" while there is none).
+aigrid_leader() {
+    json_field "$(aigrid_cluster "$(aigrid_port "$1")")" leader
+}
+
 aigrid_has_leader() {
     local body
     body="$(aigrid_cluster "$1")" || return 1

@@ -86,11 +86,6 @@ other_than() {
 
 # ---------------------------------------------------------------- aigrid
 
-# aigrid_leader ID -> the leader server ID names ("null" while there is none).
-aigrid_leader() {
-    json_field "$(aigrid_cluster "$(aigrid_port "$1")")" leader
-}
-
 # aigrid_member_object VIA ID -> the member entry for ID in VIA's status.
 aigrid_member_object() {
     aigrid_cluster "$(aigrid_port "$1")" | grep -o "{[^{}]*\"id\":$2[,}][^{}]*}"

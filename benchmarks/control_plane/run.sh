@@ -34,10 +34,8 @@ declare -A ROLE_ENDPOINT
 # aigrid_roles: ROLE_ENDPOINT[aigrid,leader] and [aigrid,follower].
 aigrid_roles() {
     local leader
-    leader="$(aigrid_cluster "$(aigrid_port 1)" | python3 -c '
-import json, sys
-print(json.load(sys.stdin).get("leader") or "")' 2>/dev/null)" || true
-    [ -n "$leader" ] || die "aigrid names no leader"
+    leader="$(aigrid_leader 1)"
+    [[ "$leader" =~ ^[0-9]+$ ]] || die "aigrid names no leader"
     ROLE_ENDPOINT[aigrid,leader]="$SCHEME://127.0.0.1:$(aigrid_port "$leader")"
     ROLE_ENDPOINT[aigrid,follower]="$SCHEME://127.0.0.1:$(aigrid_port $((leader % 3 + 1)))"
 }
@@ -153,16 +151,13 @@ median_rep() {
 
 # ops_cell TARGET LOAD REP: the median's ops/s, with the range over repetitions.
 ops_cell() {
-    local rep lo hi
+    local rep
     [ -n "$3" ] || { echo "-"; return; }
-    read -r lo hi < <(for rep in $(seq 1 "$BENCH_REPS"); do
+    [ "$BENCH_REPS" = "1" ] && { echo "${RESULT[$1,$2,$3,ops]}"; return; }
+    for rep in $(seq 1 "$BENCH_REPS"); do
         echo "${RESULT[$1,$2,$rep,ops]}"
-    done | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo, hi }')
-    if [ "$BENCH_REPS" = "1" ]; then
-        echo "${RESULT[$1,$2,$3,ops]}"
-    else
-        echo "${RESULT[$1,$2,$3,ops]} ($lo-$hi)"
-    fi
+    done | sort -g | awk -v median="${RESULT[$1,$2,$3,ops]}" \
+        'NR == 1 { lo = $1 } { hi = $1 } END { print median " (" lo "-" hi ")" }'
 }
 
 ratio() {

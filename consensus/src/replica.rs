@@ -527,10 +527,7 @@ impl<S: StateMachine> Replica<S> {
         // A leader's messages leave at once: appends of new entries so that the
         // followers' writes overlap its apply and its own write, a commit index so
         // that a follower answers the writes it forwarded as soon as it can.
-        for msg in ready.take_messages() {
-            self.note_sent(&msg);
-            sink.send(msg);
-        }
+        self.send(sink, ready.take_messages());
         sink.flush();
 
         let mut batch = WriteBatch::default();
@@ -577,10 +574,7 @@ impl<S: StateMachine> Replica<S> {
         // A follower's acknowledgements of what it wrote leave before it applies:
         // the leader's commit waits on them. Answers to a commit index alone (or a
         // heartbeat) wait until what became committed is applied and answered.
-        for msg in ready.take_persisted_messages() {
-            self.note_sent(&msg);
-            sink.send(msg);
-        }
+        self.send(sink, ready.take_persisted_messages());
         if wrote {
             sink.flush();
         }
@@ -595,10 +589,7 @@ impl<S: StateMachine> Replica<S> {
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit);
         }
-        for msg in light.take_messages() {
-            self.note_sent(&msg);
-            sink.send(msg);
-        }
+        self.send(sink, light.take_messages());
         self.apply_entries(light.take_committed_entries(), &mut out)?;
         self.raw.advance_apply();
 
@@ -616,6 +607,14 @@ impl<S: StateMachine> Replica<S> {
         self.maybe_snapshot()?;
         self.maybe_promote_learner();
         Ok(())
+    }
+
+    /// Hands `messages` to the sink, noting the commit index each tells its peer.
+    fn send(&mut self, sink: &mut dyn ReadySink<S::Output>, messages: Vec<Message>) {
+        for msg in messages {
+            self.note_sent(&msg);
+            sink.send(msg);
+        }
     }
 
     /// On the leader, proposes making a caught-up learner a voter: one configuration

@@ -61,10 +61,10 @@ impl<S: StateMachine> Replica<S> {
             && self.raw.raft.raft_log.committed > self.notices.noticed
     }
 
-    /// Tells every peer this leader's commit index now (the next `Ready` carries
-    /// the messages).
+    /// When a notice is held ([`Replica::commit_notice_pending`]), tells every
+    /// peer this leader's commit index now (the next `Ready` carries the messages).
     pub fn send_commit_notice(&mut self) {
-        if self.is_leader() {
+        if self.commit_notice_pending() {
             self.raw.raft.bcast_append();
             self.notices.noticed = self.raw.raft.raft_log.committed;
         }

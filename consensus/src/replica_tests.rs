@@ -270,15 +270,22 @@ fn write_on_leader(
     round(servers, wire, cut)
 }
 
-#[test]
-fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
-    let (mut servers, _disks) = three_servers(true);
+/// [`three_servers`] after one write on the leader, committed there: the
+/// servers, the messages on the wire and the leader's commit index.
+fn after_one_write(hold: bool) -> (Vec<Replica<ListMachine>>, Vec<Message>, u64) {
+    let (mut servers, _disks) = three_servers(hold);
     let mut wire = Vec::new();
     assert_eq!(
         write_on_leader(&mut servers, &mut wire, 1, &[]),
         vec![RequestId(1)]
     );
     let committed = servers[0].status().commit_index;
+    (servers, wire, committed)
+}
+
+#[test]
+fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
+    let (mut servers, mut wire, committed) = after_one_write(true);
     assert_eq!(commit_notices(&wire), vec![], "the notice is held");
     assert!(servers[0].commit_notice_pending());
     assert!(servers[1].status().commit_index < committed);
@@ -379,13 +386,7 @@ fn an_unreachable_follower_keeps_no_notice_due() {
 
 #[test]
 fn without_the_hold_a_commit_is_told_at_once() {
-    let (mut servers, _disks) = three_servers(false);
-    let mut wire = Vec::new();
-    assert_eq!(
-        write_on_leader(&mut servers, &mut wire, 1, &[]),
-        vec![RequestId(1)]
-    );
-    let committed = servers[0].status().commit_index;
+    let (servers, wire, committed) = after_one_write(false);
     assert_eq!(commit_notices(&wire), vec![(2, committed), (3, committed)]);
     assert!(!servers[0].commit_notice_pending());
 }

@@ -569,9 +569,7 @@ impl<S: StateMachine> Driver<S> {
             }
             if commit_notice_at.is_some_and(|at| now >= at) {
                 commit_notice_at = None;
-                if self.replica.commit_notice_pending() {
-                    self.replica.send_commit_notice();
-                }
+                self.replica.send_commit_notice();
             }
             if self.replica.has_ready() {
                 let mut sink = Sink {

@@ -270,9 +270,7 @@ where
             };
             // A commit notice held back in the last step is due now, as the
             // runtime sends one once its hold expires.
-            if replica.commit_notice_pending() {
-                replica.send_commit_notice();
-            }
+            replica.send_commit_notice();
             let mut outgoing = Vec::new();
             let result = replica.handle_ready(&mut |m| outgoing.push(m));
             for msg in outgoing {
