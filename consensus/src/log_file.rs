@@ -32,6 +32,7 @@
 //! over preallocated blocks against 0.22 ms appending, the one cost every commit
 //! waits on. Zeros read as the end of the log, as a torn record's do; on open, a
 //! tail of zeros is kept and anything else after the last whole record is cut.
+//! The zeros are written by a background thread, ahead of need ([`zeros`]).
 
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
@@ -50,6 +51,7 @@ const NO_SNAPSHOT: u8 = 0;
 const INSTALL: u8 = 1;
 const COMPACT: u8 = 2;
 /// The run of zeros kept ahead of the records grows with the log, from this...
+/// A run is started when less than half of one is left ahead of the records.
 const PREALLOCATE_MIN: u64 = 256 << 10;
 /// ... to at most this, so a small log (a test's) writes little and a busy one
 /// extends its file rarely.
@@ -71,6 +73,10 @@ pub struct FileLog {
     len: u64,
     /// Bytes in the file: `len` and the zeros written after it.
     allocated: u64,
+    /// The next run of zeros, being written after `allocated` (see [`zeros`]).
+    zeroing: Option<zeros::Zeroing>,
+    /// After a run of zeros failed, none is started before the records reach here.
+    zeros_held_until: u64,
     /// The record being written, reused from batch to batch.
     buf: Vec<u8>,
     /// Set when a write failed part way: the file's tail is unknown until it is
@@ -122,6 +128,8 @@ impl FileLog {
             file,
             len: whole as u64,
             allocated,
+            zeroing: None,
+            zeros_held_until: 0,
             buf: Vec::new(),
             failed: false,
             opened: Cell::new(Some(image)),
@@ -133,43 +141,71 @@ impl FileLog {
         self.buf.clear();
         encode_record(batch, &mut self.buf)?;
         let end = self.len + self.buf.len() as u64;
+        self.collect_zeros(end);
         let written = self
             .file
             .write_all_at(&self.buf, self.len)
-            .and_then(|()| self.preallocate(end))
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             // Cut what part of the record may have reached the file, so that the
             // next open does not find a torn record in the middle.
             self.failed = true;
+            self.stop_zeros();
             let _ = self.file.set_len(self.len);
             self.allocated = self.len;
             return Err(io_err("appending to", &self.path, e));
         }
         self.len = end;
+        self.allocated = self.allocated.max(end);
         if let Some(rewrite) = &mut self.rewrite {
             rewrite.keep(&self.buf);
         }
+        self.zero_ahead();
         Ok(())
     }
 
-    /// Writes zeros after `end` when the records reach past the zeros already
-    /// there: as many as the log holds, between [`PREALLOCATE_MIN`] and
-    /// [`PREALLOCATE_MAX`]. They go to disk with the record's sync.
-    fn preallocate(&mut self, end: u64) -> std::io::Result<()> {
-        if end <= self.allocated {
-            return Ok(());
+    /// Takes in the run of zeros being written once it is done, and waits for it
+    /// first when a record ending at `end` would reach into it.
+    fn collect_zeros(&mut self, end: u64) {
+        let Some(zeroing) = self.zeroing.take_if(|z| end > z.from || z.is_done()) else {
+            return;
+        };
+        let to = zeroing.to;
+        match zeroing.wait() {
+            Ok(()) => self.allocated = to,
+            Err(e) => self.hold_zeros(&e),
         }
-        let to = end + end.clamp(PREALLOCATE_MIN, PREALLOCATE_MAX);
-        let zeros = vec![0u8; (to - end).min(1 << 20) as usize];
-        let mut at = end;
-        while at < to {
-            let n = (to - at).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
+    }
+
+    /// Starts writing the next run of zeros when less than half a run is left
+    /// after the records: as many as the log holds, between [`PREALLOCATE_MIN`]
+    /// and [`PREALLOCATE_MAX`].
+    fn zero_ahead(&mut self) {
+        let run = self.len.clamp(PREALLOCATE_MIN, PREALLOCATE_MAX);
+        if self.zeroing.is_some()
+            || self.len < self.zeros_held_until
+            || self.allocated >= self.len + run / 2
+        {
+            return;
         }
-        self.allocated = to;
-        Ok(())
+        match zeros::Zeroing::start(&self.path, &self.file, self.allocated, self.len + run) {
+            Ok(zeroing) => self.zeroing = Some(zeroing),
+            Err(e) => self.hold_zeros(&e),
+        }
+    }
+
+    /// After a run of zeros failed: appends grow the file for a run's length
+    /// before another is tried.
+    fn hold_zeros(&mut self, error: &std::io::Error) {
+        tracing::warn!(%error, path = %self.path.display(), "cannot write zeros ahead of the log's records");
+        self.zeros_held_until = self.len + self.len.clamp(PREALLOCATE_MIN, PREALLOCATE_MAX);
+    }
+
+    /// Stops a run of zeros under way (its file is about to be replaced or cut).
+    fn stop_zeros(&mut self) {
+        if let Some(zeroing) = self.zeroing.take() {
+            zeroing.cancel();
+        }
     }
 
     /// Opens the log in `dir` (`raft.log`). A log an earlier version kept in redb
@@ -201,6 +237,7 @@ impl FileLog {
         if let Some(rewrite) = self.rewrite.take() {
             rewrite.abandon();
         }
+        self.stop_zeros();
         self.buf.clear();
         self.buf.extend_from_slice(MAGIC);
         encode_image(image, &mut self.buf)?;
@@ -242,6 +279,7 @@ impl FileLog {
             }
             rewrite::Finished::Unsynced { file, len, error } => (file, len, Some(error)),
         };
+        self.stop_zeros();
         self.file = file;
         self.len = len;
         self.allocated = len;
@@ -256,7 +294,8 @@ impl FileLog {
 
 impl Drop for FileLog {
     /// Lets a rewrite under way finish and swaps it in, so a log closed right after
-    /// a snapshot opens compacted and no thread goes on writing beside it.
+    /// a snapshot opens compacted, and stops a run of zeros under way: no thread
+    /// goes on writing beside it.
     fn drop(&mut self) {
         if self.failed {
             if let Some(rewrite) = self.rewrite.take() {
@@ -265,6 +304,7 @@ impl Drop for FileLog {
         } else if let Err(e) = self.settle(true) {
             tracing::warn!(error = %e, "compacting the log as it closed");
         }
+        self.stop_zeros();
     }
 }
 
@@ -548,6 +588,9 @@ fn replay(bytes: &[u8]) -> Result<(LogImage, usize), LogStoreError> {
 
 #[path = "log_file_rewrite.rs"]
 mod rewrite;
+
+#[path = "log_file_zeros.rs"]
+mod zeros;
 
 #[cfg(test)]
 #[path = "log_file_tests.rs"]

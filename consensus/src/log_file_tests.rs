@@ -256,6 +256,8 @@ fn records_fill_the_zeros_ahead_and_reopen_whole() {
     let mut sizes = std::collections::BTreeSet::new();
     for i in 7..=300 {
         write(&mut log, &mut image, batch(vec![entry(i, 1, 2000)]));
+        // The run of zeros started behind this record, written.
+        log.collect_zeros(u64::MAX);
         let size = std::fs::metadata(&path).unwrap().len();
         assert!(size > log.len, "zeros are kept ahead of the records");
         assert!(size - log.len <= PREALLOCATE_MAX);
@@ -275,6 +277,77 @@ fn records_fill_the_zeros_ahead_and_reopen_whole() {
     let log = FileLog::open(&path).unwrap();
     same(&log.load().unwrap(), &image);
     assert_eq!(image.entries().back().unwrap().index, 301);
+}
+
+/// The zeros are written by another thread while records are appended; a
+/// record that reaches the run being written waits for it, so no record is
+/// overwritten by zeros, whatever its size against the run's.
+#[test]
+fn records_larger_than_the_zeros_ahead_are_never_zeroed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.log");
+    let (mut log, mut image) = started(&path);
+    let mut started_runs = 0;
+    for i in 7..=120 {
+        // From a few bytes to past the first runs' length, out of step with them.
+        let size = (i as usize * 7919) % (300 << 10) + 10;
+        write(&mut log, &mut image, batch(vec![entry(i, 1, size)]));
+        if let Some(zeroing) = &log.zeroing {
+            assert!(zeroing.from >= log.len, "zeros start after the records");
+            started_runs += 1;
+        }
+        assert!(log.allocated >= log.len);
+    }
+    assert!(
+        started_runs > 0,
+        "runs of zeros were written in the background"
+    );
+    same(&reopened(&log, &path), &image);
+    drop(log);
+    let log = FileLog::open(&path).unwrap();
+    same(&log.load().unwrap(), &image);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes[log.len as usize..].iter().all(|b| *b == 0));
+}
+
+/// A run of zeros under way when the file is replaced (a compaction swapped in,
+/// a snapshot installed) is stopped: it never writes into the new file.
+#[test]
+fn replacing_the_file_stops_the_zeros_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.log");
+    let (mut log, mut image) = started(&path);
+    log.collect_zeros(u64::MAX);
+    // The first record past the zeros starts a run of them right behind it.
+    let mut i = 7;
+    while log.zeroing.is_none() {
+        write(&mut log, &mut image, batch(vec![entry(i, 1, 4000)]));
+        i += 1;
+    }
+    let mut snap = image.snapshot().clone();
+    snap.mut_metadata().index = i - 2;
+    write(&mut log, &mut image, compaction(snap, i - 3));
+    log.settle(true).unwrap();
+    assert!(log.zeroing.is_none());
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), log.len);
+    while log.zeroing.is_none() {
+        write(&mut log, &mut image, batch(vec![entry(i, 1, 4000)]));
+        i += 1;
+    }
+    let mut installed = image.snapshot().clone();
+    installed.mut_metadata().index = i + 10;
+    installed.mut_metadata().term = 2;
+    let install = WriteBatch {
+        snapshot: Some(SnapshotWrite::Install(installed)),
+        ..Default::default()
+    };
+    write(&mut log, &mut image, install);
+    assert!(log.zeroing.is_none());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), log.len);
+    write(&mut log, &mut image, batch(vec![entry(i + 11, 2, 100)]));
+    drop(log);
+    same(&FileLog::open(&path).unwrap().load().unwrap(), &image);
 }
 
 #[test]
