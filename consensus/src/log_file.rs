@@ -164,16 +164,22 @@ impl FileLog {
         Ok(())
     }
 
-    /// Takes in the run of zeros being written once it is done, and waits for it
-    /// first when a record ending at `end` would reach into it.
+    /// Takes the zeros written so far by the run under way as room for records,
+    /// waiting for them to reach `end` (a record ending there) when they do not
+    /// yet, and takes the run in once it is done.
     fn collect_zeros(&mut self, end: u64) {
-        let Some(zeroing) = self.zeroing.take_if(|z| end > z.from || z.is_done()) else {
+        let Some(zeroing) = &self.zeroing else {
             return;
         };
-        let to = zeroing.to;
-        match zeroing.wait() {
-            Ok(()) => self.allocated = to,
-            Err(e) => self.hold_zeros(&e),
+        let (reached, done) = match zeroing.reached() {
+            (reached, false) if reached < end => zeroing.wait_for(end),
+            now => now,
+        };
+        self.allocated = self.allocated.max(reached);
+        if let Some(zeroing) = self.zeroing.take_if(|_| done) {
+            if let Err(e) = zeroing.finish() {
+                self.hold_zeros(&e);
+            }
         }
     }
 
@@ -203,9 +209,8 @@ impl FileLog {
 
     /// Stops a run of zeros under way (its file is about to be replaced or cut).
     fn stop_zeros(&mut self) {
-        if let Some(zeroing) = self.zeroing.take() {
-            zeroing.cancel();
-        }
+        // Dropping a run stops its thread and waits for it.
+        drop(self.zeroing.take());
     }
 
     /// Opens the log in `dir` (`raft.log`). A log an earlier version kept in redb

@@ -12,9 +12,10 @@
 //! pages is also reported to the replica's next sync), a chunk at a time, and
 //! waits for each chunk to reach the disk before writing the next: the replica's
 //! `fdatasync`, which flushes every dirty page of the file, finds at most one
-//! chunk of zeros to flush with its record. The range being zeroed is the
-//! thread's alone: an append that would reach into it waits for the thread first,
-//! so a record is never overwritten by zeros.
+//! chunk of zeros to flush with its record. The thread publishes how far its
+//! zeros reach and never writes before that again: an append that would reach
+//! past it waits for the zeros to get there (one chunk, normally), so a record is
+//! never overwritten by zeros.
 
 // Unsafe: one `sync_file_range(2)` call per chunk, which std and nix do not offer.
 #![allow(unsafe_code)]
@@ -24,22 +25,32 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 /// The zeros written and flushed at a time: the most the replica's sync can find
-/// of them in the page cache.
+/// of them in the page cache, and the most an append waits for when it reaches
+/// the run being written.
 const CHUNK: usize = 64 << 10;
 
-/// A run of zeros being written at `from..to` by a background thread.
+/// A run of zeros being written by a background thread.
 pub(super) struct Zeroing {
-    thread: JoinHandle<std::io::Result<()>>,
-    stop: Arc<AtomicBool>,
-    /// Where the zeros start: no record may be written at or after it until the
-    /// thread is done.
-    pub(super) from: u64,
-    /// Where they end once written.
-    pub(super) to: u64,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+    shared: Arc<Shared>,
+}
+
+/// What the thread and the log share.
+struct Shared {
+    progress: Mutex<Progress>,
+    moved: Condvar,
+    stop: AtomicBool,
+}
+
+struct Progress {
+    /// Zeros are written up to here: the thread never writes before it again,
+    /// so records may.
+    reached: u64,
+    done: bool,
 }
 
 impl Zeroing {
@@ -53,55 +64,103 @@ impl Zeroing {
                 "the log's name no longer names the file being appended to",
             ));
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
+        let shared = Arc::new(Shared {
+            progress: Mutex::new(Progress {
+                reached: from,
+                done: false,
+            }),
+            moved: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let theirs = shared.clone();
         let thread = std::thread::Builder::new()
             .name("log-zeros".into())
-            .spawn(move || write_zeros(&file, from, to, &stopped))?;
+            .spawn(move || {
+                let written = write_zeros(&file, from, to, &theirs);
+                theirs.lock().done = true;
+                theirs.moved.notify_all();
+                written
+            })?;
         Ok(Zeroing {
-            thread,
-            stop,
-            from,
-            to,
+            thread: Some(thread),
+            shared,
         })
     }
 
-    /// True once the thread is done.
-    pub(super) fn is_done(&self) -> bool {
-        self.thread.is_finished()
+    /// How far the zeros reach now, and whether the thread is done.
+    pub(super) fn reached(&self) -> (u64, bool) {
+        let progress = self.shared.lock();
+        (progress.reached, progress.done)
+    }
+
+    /// Waits until the zeros reach `end` or the thread is done, and returns as
+    /// [`Zeroing::reached`] does.
+    pub(super) fn wait_for(&self, end: u64) -> (u64, bool) {
+        let progress = self.shared.lock();
+        let progress = self
+            .shared
+            .moved
+            .wait_while(progress, |p| p.reached < end && !p.done)
+            .unwrap_or_else(PoisonError::into_inner);
+        (progress.reached, progress.done)
     }
 
     /// Waits for the thread: `Ok` when the whole run is written.
-    pub(super) fn wait(self) -> std::io::Result<()> {
-        self.thread
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the log-zeros thread panicked")))
+    pub(super) fn finish(mut self) -> std::io::Result<()> {
+        self.join()
     }
 
-    /// Stops the thread after the chunk it is writing, and waits for it.
-    pub(super) fn cancel(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.wait();
+    fn join(&mut self) -> std::io::Result<()> {
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the log-zeros thread panicked"))),
+            None => Ok(()),
+        }
     }
 }
 
-fn write_zeros(file: &File, from: u64, to: u64, stop: &AtomicBool) -> std::io::Result<()> {
+impl Drop for Zeroing {
+    /// Stops the thread after the chunk it is writing, and waits for it: a run
+    /// dropped unfinished (its file replaced or cut) never writes on.
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = self.join();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stopped(&self) -> std::io::Result<()> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("stopped"));
+        }
+        Ok(())
+    }
+}
+
+fn write_zeros(file: &File, from: u64, to: u64, shared: &Shared) -> std::io::Result<()> {
     let zeros = vec![0u8; CHUNK];
     let mut at = from;
     while at < to {
-        if stop.load(Ordering::Relaxed) {
-            return Err(std::io::Error::other("stopped"));
-        }
+        shared.stopped()?;
         let n = (to - at).min(CHUNK as u64);
         file.write_all_at(&zeros[..n as usize], at)?;
+        // Records may go over these zeros now; the flush below only bounds
+        // what the replica's next sync finds dirty.
+        shared.lock().reached = at + n;
+        shared.moved.notify_all();
         flush_range(file, at, n)?;
         at += n;
     }
+    shared.stopped()?;
     // The blocks' allocation and the file's new size, committed here rather than
     // by the next append's sync.
     file.sync_data()
 }
-
 /// Writes `len` bytes at `at` to the disk and waits for them, leaving the rest of
 /// the file's dirty pages (the replica's) alone.
 fn flush_range(file: &File, at: u64, len: u64) -> std::io::Result<()> {
