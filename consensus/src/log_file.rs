@@ -171,13 +171,10 @@ impl FileLog {
         let Some(zeroing) = &self.zeroing else {
             return;
         };
-        let (reached, done) = match zeroing.reached() {
-            (reached, false) if reached < end => zeroing.wait_for(end),
-            now => now,
-        };
+        let (reached, done) = zeroing.wait_for(end);
         self.allocated = self.allocated.max(reached);
-        if let Some(zeroing) = self.zeroing.take_if(|_| done) {
-            if let Err(e) = zeroing.finish() {
+        if let Some(mut zeroing) = self.zeroing.take_if(|_| done) {
+            if let Err(e) = zeroing.join() {
                 self.hold_zeros(&e);
             }
         }
@@ -187,7 +184,7 @@ impl FileLog {
     /// after the records: as many as the log holds, between [`PREALLOCATE_MIN`]
     /// and [`PREALLOCATE_MAX`].
     fn zero_ahead(&mut self) {
-        let run = self.len.clamp(PREALLOCATE_MIN, PREALLOCATE_MAX);
+        let run = self.zeros_run();
         if self.zeroing.is_some()
             || self.len < self.zeros_held_until
             || self.allocated >= self.len + run / 2
@@ -204,7 +201,12 @@ impl FileLog {
     /// before another is tried.
     fn hold_zeros(&mut self, error: &std::io::Error) {
         tracing::warn!(%error, path = %self.path.display(), "cannot write zeros ahead of the log's records");
-        self.zeros_held_until = self.len + self.len.clamp(PREALLOCATE_MIN, PREALLOCATE_MAX);
+        self.zeros_held_until = self.len + self.zeros_run();
+    }
+
+    /// The length of a run of zeros: as many as the log holds, within bounds.
+    fn zeros_run(&self) -> u64 {
+        self.len.clamp(PREALLOCATE_MIN, PREALLOCATE_MAX)
     }
 
     /// Stops a run of zeros under way (its file is about to be replaced or cut).

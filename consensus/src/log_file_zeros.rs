@@ -88,13 +88,13 @@ impl Zeroing {
     }
 
     /// How far the zeros reach now, and whether the thread is done.
+    #[cfg(test)]
     pub(super) fn reached(&self) -> (u64, bool) {
-        let progress = self.shared.lock();
-        (progress.reached, progress.done)
+        self.wait_for(0)
     }
 
-    /// Waits until the zeros reach `end` or the thread is done, and returns as
-    /// [`Zeroing::reached`] does.
+    /// Waits until the zeros reach `end` or the thread is done, and returns how
+    /// far they reach and whether the thread is done.
     pub(super) fn wait_for(&self, end: u64) -> (u64, bool) {
         let progress = self.shared.lock();
         let progress = self
@@ -105,12 +105,9 @@ impl Zeroing {
         (progress.reached, progress.done)
     }
 
-    /// Waits for the thread: `Ok` when the whole run is written.
-    pub(super) fn finish(mut self) -> std::io::Result<()> {
-        self.join()
-    }
-
-    fn join(&mut self) -> std::io::Result<()> {
+    /// Waits for the thread: `Ok` when the whole run is written (or when it was
+    /// waited for already).
+    pub(super) fn join(&mut self) -> std::io::Result<()> {
         match self.thread.take() {
             Some(thread) => thread
                 .join()
@@ -161,6 +158,7 @@ fn write_zeros(file: &File, from: u64, to: u64, shared: &Shared) -> std::io::Res
     // by the next append's sync.
     file.sync_data()
 }
+
 /// Writes `len` bytes at `at` to the disk and waits for them, leaving the rest of
 /// the file's dirty pages (the replica's) alone.
 fn flush_range(file: &File, at: u64, len: u64) -> std::io::Result<()> {
