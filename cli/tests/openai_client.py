@@ -1,4 +1,4 @@
-"""The PyPI `openai` client against aigrid's `/v1` (run by cli/tests/serving.rs).
+"""The PyPI `openai` client against aigrid's `/v1` (run by cli/tests/suite/serving.rs).
 
 usage: openai_client.py BASE_URL CHAT_MODEL [EMBEDDING_MODEL]
 
