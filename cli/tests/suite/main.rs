@@ -1,5 +1,6 @@
-//! The `aigrid` binary's integration tests, one module per area, in one test binary
-//! (each binary links the whole dependency graph; one link instead of one per file).
+//! The `aigrid` binary's integration tests, one module per area, in one test binary:
+//! one link of the dependency graph, and the areas' tests run side by side rather
+//! than one binary after another.
 //! They start real `aigrid server` and `aigrid agent` processes on loopback ports.
 //! Run one area with `cargo test -p aigrid --test suite <module>::`.
 

@@ -1,5 +1,5 @@
-//! The scheduler's integration tests, one module per area, in one test binary (each
-//! binary links the whole dependency graph; one link instead of one per file): HTTP
+//! The scheduler's integration tests, one module per area, in one test binary (one
+//! link of the dependency graph, the areas' tests run side by side): HTTP
 //! servers on loopback ports, and seeded simulations of the state machine and the
 //! scheduling pass. Run one area with `cargo test -p aigrid-scheduler --test suite
 //! <module>::`.
