@@ -10,6 +10,9 @@ use serde_json::Value;
 /// Validates answers against the document's schemas.
 pub struct Checker {
     doc: Value,
+    /// The document's components made [`strict`], which every answer schema's
+    /// `#/components/...` references resolve against.
+    components: Value,
     schemas: boon::Schemas,
     compiled: BTreeMap<String, boon::SchemaIndex>,
 }
@@ -18,6 +21,7 @@ impl Checker {
     /// A checker of answers against `doc`, an OpenAPI 3.1 document.
     pub fn new(doc: Value) -> Checker {
         Checker {
+            components: strict_components(&doc["components"]),
             doc,
             schemas: boon::Schemas::new(),
             compiled: BTreeMap::new(),
@@ -95,7 +99,7 @@ impl Checker {
             None => {
                 let mut root = strict(schema.clone());
                 // `#/components/...` references resolve within the schema's own document.
-                root["components"] = strict_components(&self.doc["components"]);
+                root["components"] = self.components.clone();
                 let url = format!(
                     "https://aigrid.invalid/answers/{}.json",
                     self.compiled.len()
