@@ -66,3 +66,11 @@ pub mod state;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod worker;
+
+/// A fresh version-4 UUID for a new record's id, drawn from the thread's generator
+/// (ChaCha, seeded from the operating system and reseeded by it): no system call of
+/// its own, where `Uuid::new_v4` asks the kernel for every id, and a job submission
+/// takes two.
+pub(crate) fn new_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
+}

@@ -369,7 +369,7 @@ async fn keep_chain(
         if !named {
             let seed: [u8; 32] = http::plumbing::random_bytes();
             Some(crate::state::Command::InitCluster {
-                cluster_id: uuid::Uuid::new_v4().simple().to_string(),
+                cluster_id: crate::new_uuid().simple().to_string(),
                 audit_seed: hex::encode(seed),
                 at: now,
             })

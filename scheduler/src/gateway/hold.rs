@@ -159,7 +159,7 @@ impl Gateway {
                 from: Some(0),
                 to: group.min.max(1),
                 reason: format!("a request for `{name}` arrived while it had no replica"),
-                eval_id: EvalId::new(uuid::Uuid::new_v4().to_string()),
+                eval_id: EvalId::new(crate::new_uuid().to_string()),
                 at: self.clock.now(),
             };
             let raft = self.raft.clone();

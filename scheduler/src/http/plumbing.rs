@@ -342,7 +342,7 @@ pub(crate) fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
 }
 
 pub(crate) fn new_id<T>(make: impl Fn(String) -> T) -> T {
-    make(uuid::Uuid::new_v4().to_string())
+    make(crate::new_uuid().to_string())
 }
 
 pub(crate) async fn read<R: Send>(

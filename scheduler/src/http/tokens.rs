@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Caller, SignedOptional};
-use super::plumbing::{propose, unexpected, ApiError, ApiState};
+use super::plumbing::{propose, random_bytes, unexpected, ApiError, ApiState};
 use crate::state::{Action, Applied, Command};
 
 /// The area's routes.
@@ -35,13 +35,8 @@ async fn create_join_token(
 ) -> Result<(StatusCode, Json<CreatedJoinToken>), ApiError> {
     caller.require(&state, Action::Admin).await?;
     request.validate()?;
-    let random = || *uuid::Uuid::new_v4().as_bytes();
-    let (a, b, c) = (random(), random(), random());
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&a[..8]);
-    let mut secret = [0u8; 32];
-    secret[..16].copy_from_slice(&b);
-    secret[16..].copy_from_slice(&c);
+    let id: [u8; 8] = random_bytes();
+    let secret: [u8; 32] = random_bytes();
     // The token pins the cluster CA, so the agent that uses it trusts only its servers.
     let token = JoinToken::from_random(id, secret).with_ca(Some(state.raft.ca_fingerprint()));
     let command = Command::CreateJoinToken {

@@ -97,7 +97,7 @@ impl NewAllocation {
         reschedules: u32,
     ) -> Self {
         Self {
-            id: AllocId::new(uuid::Uuid::new_v4().to_string()),
+            id: AllocId::new(crate::new_uuid().to_string()),
             group: placement.group.clone(),
             index: placement.index,
             node: placement.node_id.clone(),
