@@ -18,10 +18,11 @@
 //! nothing on its own (no restart, no stop) until the first [`Runner::apply`] says
 //! whether it is still wanted.
 //!
-//! An allocation is forgotten (its directory removed) once it is terminal and
-//! absent from two consecutive `apply` calls: the first absence may be the control
-//! plane dropping it before the final report reached it, and the heartbeat between
-//! the two calls carries that report.
+//! An allocation is forgotten (its directory removed) once it is terminal,
+//! absent from two consecutive `apply` calls, and its output shipped: the first
+//! absence may be the control plane dropping it before the final report reached
+//! it, and the heartbeat between the two calls carries that report; the end of its
+//! output goes out with a later heartbeat's log tails, which are sent less often.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -275,7 +276,16 @@ impl Runner {
                     update
                 });
             } else if entry.absent {
-                forget.push(id.clone());
+                // Output written since the last tail shipped would go with the
+                // directory: it waits for the next heartbeat that carries tails.
+                let unshipped = self
+                    .inner
+                    .driver
+                    .log_mark(&self.inner.config, id)
+                    .is_some_and(|mark| Some(mark) != entry.shipped);
+                if !unshipped {
+                    forget.push(id.clone());
+                }
             } else {
                 entry.absent = true;
             }

@@ -91,12 +91,26 @@ fn cmdline(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-/// Live processes whose command line contains `marker`.
+/// Live processes whose command line contains `marker`, less the children such a
+/// process forked and has not yet replaced by what they run (a shell's `sleep`
+/// between its fork and its exec carries the shell's command line).
 fn count_processes(marker: &str) -> usize {
     pids()
         .into_iter()
         .filter(|pid| cmdline(*pid).contains(marker))
+        .filter(|pid| !parent(*pid).is_some_and(|ppid| cmdline(ppid).contains(marker)))
         .count()
+}
+
+/// The parent of `pid`, from `/proc/PID/status`.
+fn parent(pid: i32) -> Option<i32> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn assignment(id: &str, gpus: &[&str], desired: &str, task: Value) -> Assignment {
@@ -241,6 +255,44 @@ async fn allocations_see_their_own_gpus_and_ship_output() {
     runner.apply(&[]);
     wait_state(&runner, "alloc-a", AllocState::Stopped).await;
     wait_state(&runner, "alloc-b", AllocState::Stopped).await;
+    runner.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_allocation_is_kept_until_the_end_of_its_output_is_shipped() {
+    let h = Harness::new();
+    let runner = h.open().await;
+    let run = [assignment(
+        "alloc-short",
+        &[],
+        "run",
+        sh("echo the-last-words", json!({})),
+    )];
+    runner.apply(&run);
+    wait_state(&runner, "alloc-short", AllocState::Complete).await;
+    // The control plane drops the finished allocation before any tail of its
+    // output went out: it stays, output and all.
+    runner.apply(&[]);
+    runner.apply(&[]);
+    runner.apply(&[]);
+    assert_eq!(
+        runner.reports().len(),
+        1,
+        "forgotten before its output shipped"
+    );
+    assert!(h.alloc_dir("alloc-short").exists());
+    let tails = runner.log_tails(10);
+    assert_eq!(tails.len(), 1);
+    assert_eq!(tails[0].stdout, "the-last-words\n");
+    runner.mark_shipped(&tails);
+    // Shipped: the next absence forgets it and removes its directory.
+    runner.apply(&[]);
+    assert!(runner.reports().is_empty());
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while h.alloc_dir("alloc-short").exists() {
+        assert!(Instant::now() < deadline, "the directory was never removed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     runner.shutdown().await;
 }
 
