@@ -22,7 +22,7 @@ fn job(base: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_model_scales_to_zero_and_its_next_request_is_answered() {
     let root = tempfile::tempdir().unwrap();
-    let (up, _reapers, http, _) = serving_demo(root.path()).await;
+    let (up, http, _) = serving_demo(root.path()).await;
     let base = up.base.clone();
 
     // The running job, resubmitted with a scaling block: the same instances, so

@@ -196,9 +196,6 @@ async fn up_serves_its_demo_model_through_the_gateway_and_the_openai_client() {
     let root = tempfile::tempdir().unwrap();
     let up = UpProc::start(root.path(), None, &[]);
     let base = up.base.clone();
-    // Whatever the test leaves running goes with it: the supervisors (under its data
-    // dir) and the model servers (told this up's address, by flag or variable).
-    let _reapers = up_reapers(root.path(), &base, &base);
     let curl = format!("try          curl -s {base}/v1/chat/completions");
     assert!(up.banner.contains(&curl), "{}", up.banner);
     assert!(up.banner.contains("random"), "{}", up.banner);
@@ -295,7 +292,7 @@ async fn up_serves_its_demo_model_through_the_gateway_and_the_openai_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_rollout_reverts_by_itself_while_the_old_version_serves() {
     let root = tempfile::tempdir().unwrap();
-    let (up, _reapers, http, digest) = serving_demo(root.path()).await;
+    let (up, http, digest) = serving_demo(root.path()).await;
     let base = up.base.clone();
     let job = get_json(&http, &format!("{base}/api/v1/jobs/{DEMO}"))
         .await
@@ -427,7 +424,7 @@ async fn a_failing_rollout_reverts_by_itself_while_the_old_version_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_rollout_stages_and_attests_the_model_on_the_node() {
     let root = tempfile::tempdir().unwrap();
-    let (up, _reapers, _, digest) = up_with_demo(root.path()).await;
+    let (up, _, digest) = up_with_demo(root.path()).await;
     let base = up.base.clone();
 
     let stranger = root.path().join("stranger.json");

@@ -516,12 +516,21 @@ impl Reaper {
 }
 
 impl Drop for Reaper {
+    /// Sweeps until a sweep finds nothing (a few at most): a supervisor being
+    /// killed may have just started its workload, or a model server its own.
     fn drop(&mut self) {
-        for pid in self.matching() {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
+        for _ in 0..5 {
+            let pids = self.matching();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(pid.to_string())
+                    .status();
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }

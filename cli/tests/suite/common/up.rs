@@ -68,6 +68,10 @@ pub struct UpProc {
     pub banner: String,
     /// Kept open: `up` writes nothing more, and must not see a closed pipe.
     _stdout: BufReader<ChildStdout>,
+    /// Dropped after `proc` (fields drop in order): once `up` is dead, what it
+    /// started and what outlives it by design (supervisors, workloads, model
+    /// servers) goes too; reaped while `up` lives, it could start them again.
+    _reapers: [Reaper; 2],
 }
 
 impl UpProc {
@@ -112,9 +116,11 @@ impl UpProc {
         }
         printed.store(true, std::sync::atomic::Ordering::SeqCst);
         watchdog.join().unwrap();
+        let base = format!("http://{listen}");
         UpProc {
             proc: Proc { child, log },
-            base: format!("http://{listen}"),
+            _reapers: up_reapers(root, &base, &base),
+            base,
             banner,
             _stdout: stdout,
         }
@@ -260,21 +266,20 @@ pub fn job_report(server: &str, job: &str) -> String {
     report
 }
 
-/// `aigrid up` under `root`, what reaps its workloads, a client, and the demo
-/// model's digest once it is registered.
-pub async fn up_with_demo(root: &Path) -> (UpProc, [Reaper; 2], reqwest::Client, String) {
+/// `aigrid up` under `root`, a client, and the demo model's digest once it is
+/// registered.
+pub async fn up_with_demo(root: &Path) -> (UpProc, reqwest::Client, String) {
     let up = UpProc::start(root, None, &[]);
-    let reapers = up_reapers(root, &up.base, &up.base);
     let http = client();
     let digest = up.demo_digest(&http).await;
-    (up, reapers, http, digest)
+    (up, http, digest)
 }
 
 /// [`up_with_demo`] once the demo job serves its model through the gateway.
-pub async fn serving_demo(root: &Path) -> (UpProc, [Reaper; 2], reqwest::Client, String) {
-    let (up, reapers, http, digest) = up_with_demo(root).await;
+pub async fn serving_demo(root: &Path) -> (UpProc, reqwest::Client, String) {
+    let (up, http, digest) = up_with_demo(root).await;
     up.demo_job(&http, &digest).await;
     up.wait_listed(&http, (DEMO, DEMO), true, Duration::from_secs(180))
         .await;
-    (up, reapers, http, digest)
+    (up, http, digest)
 }
