@@ -74,3 +74,8 @@ pub mod worker;
 pub(crate) fn new_uuid() -> uuid::Uuid {
     uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
+
+/// A new record's id: a [`new_uuid`], hyphenated, made into the id type by `make`.
+pub(crate) fn new_id<T>(make: impl Fn(String) -> T) -> T {
+    make(new_uuid().to_string())
+}

@@ -73,7 +73,7 @@ fn judge(
                 verdicts.push(verdict);
             }
         }
-        let new_eval = || EvalId::new(crate::new_uuid().to_string());
+        let new_eval = || crate::new_id(EvalId::new);
         if !verdicts.is_empty() {
             commands.push(Command::JudgeAllocations {
                 job_id: rollout.job_id.clone(),

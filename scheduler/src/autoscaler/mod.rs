@@ -199,7 +199,7 @@ async fn commit(
         from,
         to,
         reason,
-        eval_id: EvalId::new(crate::new_uuid().to_string()),
+        eval_id: crate::new_id(EvalId::new),
         at: now,
     };
     let direction = |to: u32| match to {
@@ -232,7 +232,7 @@ async fn commit(
     }
     if let Some(command) = beyond {
         let proposal = Command::Propose {
-            id: crate::new_uuid().to_string(),
+            id: crate::new_id(|id| id),
             command: Box::new(command),
             by: IdentityId::new(PROPOSER),
             at: now,

@@ -159,7 +159,7 @@ impl Gateway {
                 from: Some(0),
                 to: group.min.max(1),
                 reason: format!("a request for `{name}` arrived while it had no replica"),
-                eval_id: EvalId::new(crate::new_uuid().to_string()),
+                eval_id: crate::new_id(EvalId::new),
                 at: self.clock.now(),
             };
             let raft = self.raft.clone();

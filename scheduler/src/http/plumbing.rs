@@ -341,9 +341,7 @@ pub(crate) fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(aigrid_api::spec::check_name(field, value)?)
 }
 
-pub(crate) fn new_id<T>(make: impl Fn(String) -> T) -> T {
-    make(crate::new_uuid().to_string())
-}
+pub(crate) use crate::new_id;
 
 pub(crate) async fn read<R: Send>(
     state: &ApiState,

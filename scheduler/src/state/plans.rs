@@ -97,7 +97,7 @@ impl NewAllocation {
         reschedules: u32,
     ) -> Self {
         Self {
-            id: AllocId::new(crate::new_uuid().to_string()),
+            id: crate::new_id(AllocId::new),
             group: placement.group.clone(),
             index: placement.index,
             node: placement.node_id.clone(),
