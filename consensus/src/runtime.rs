@@ -127,7 +127,17 @@ impl<S: StateMachine> Clone for RaftNode<S> {
     }
 }
 
+/// How long a request waits for an answer before it goes again.
 const ATTEMPT: Duration = Duration::from_millis(1500);
+/// What a request's first wait grows by per MiB it carries: every server decodes
+/// and checks a large entry before its answer comes (a debug build on a busy
+/// two-core machine takes about 1.5 s over a 3.5 MiB model manifest).
+const ATTEMPT_PER_MIB: Duration = Duration::from_secs(1);
+
+/// How long an attempt carrying `bytes` waits before it first goes again.
+fn attempt_wait(bytes: usize) -> Duration {
+    ATTEMPT + ATTEMPT_PER_MIB.mul_f64(bytes as f64 / f64::from(1u32 << 20))
+}
 /// How long a leader holds a commit notice back for an append to carry it. A
 /// client writing to the leader sends its next write well within it (at one client
 /// the next append leaves 0.3-0.5 ms after the commit), which then tells the
@@ -257,12 +267,20 @@ impl<S: StateMachine> RaftNode<S> {
     /// Submits the input `make` builds until it is answered or the request deadline
     /// passes. Every attempt reuses one request id, so a retry that races with a late
     /// commit is recognised as the same request.
+    ///
+    /// A leader change answers at once and the input goes again. An attempt that
+    /// hears nothing was lost in transit or is still on its way: `bytes` (what it
+    /// carries) and each silent attempt lengthen the wait before the next, since a
+    /// retry re-sends it all and a duplicate is appended, replicated and applied by
+    /// every server like the first.
     async fn until_answered<T>(
         &self,
+        bytes: usize,
         make: impl Fn(RequestId, oneshot::Sender<Result<T, ProposeError>>) -> Input<S::Output>,
     ) -> Result<T, RaftError> {
         let id = self.next_id();
         let deadline = Instant::now() + self.shared.request_timeout;
+        let mut attempt = attempt_wait(bytes);
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -270,29 +288,32 @@ impl<S: StateMachine> RaftNode<S> {
             }
             let (tx, rx) = oneshot::channel();
             self.submit(make(id, tx))?;
-            match tokio::time::timeout(ATTEMPT.min(deadline - now), rx).await {
+            match tokio::time::timeout(attempt.min(deadline - now), rx).await {
                 Ok(Ok(Ok(answer))) => return Ok(answer),
                 Ok(Ok(Err(ProposeError::Removed))) => return Err(RaftError::Removed),
                 Ok(Ok(Err(ProposeError::NoLeader))) => {
                     tokio::time::sleep(Duration::from_millis(50)).await
                 }
                 Ok(Err(_)) if self.is_stopped() => return Err(RaftError::Stopped),
-                // Dropped by a leader change or not committed yet: try again under
-                // the same id; the first application answers.
-                Ok(Err(_)) | Err(_) => {}
+                // Dropped unanswered: try again under the same id; the first
+                // application answers.
+                Ok(Err(_)) => {}
+                // Not committed yet, or lost: the same, after a longer wait.
+                Err(_) => attempt *= 2,
             }
         }
     }
 
     async fn replicate(
         &self,
+        bytes: usize,
         make: impl Fn(
             RequestId,
             oneshot::Sender<Result<Applied<S::Output>, ProposeError>>,
         ) -> Input<S::Output>,
     ) -> Result<Applied<S::Output>, RaftError> {
         self.shared.metrics.proposals.inc();
-        let result = self.until_answered(make).await;
+        let result = self.until_answered(bytes, make).await;
         if result.is_err() {
             self.shared.metrics.proposals_failed.inc();
         }
@@ -304,7 +325,7 @@ impl<S: StateMachine> RaftNode<S> {
     pub async fn propose(&self, command: &S::Command) -> Result<S::Output, RaftError> {
         let data = serde_json::to_vec(command).map_err(|e| RaftError::Rejected(e.to_string()))?;
         match self
-            .replicate(|id, reply| Input::Propose {
+            .replicate(data.len(), |id, reply| Input::Propose {
                 id,
                 data: data.clone(),
                 reply,
@@ -320,7 +341,7 @@ impl<S: StateMachine> RaftNode<S> {
     /// Adds or removes a voter and waits until the change is applied here.
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), RaftError> {
         match self
-            .replicate(|id, reply| Input::Membership {
+            .replicate(0, |id, reply| Input::Membership {
                 id,
                 change: change.clone(),
                 reply,
@@ -341,7 +362,7 @@ impl<S: StateMachine> RaftNode<S> {
     /// Runs `f` on state that reflects every write committed before the call began
     /// (ReadIndex: confirmed with a quorum, then served locally once applied).
     pub async fn read<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, RaftError> {
-        self.until_answered(|id, reply| Input::Read { id, reply })
+        self.until_answered(0, |id, reply| Input::Read { id, reply })
             .await?;
         self.shared.metrics.reads.inc();
         Ok(f(&self.shared.state.read()))
@@ -659,5 +680,17 @@ impl<S: StateMachine> Driver<S> {
             Input::Shutdown => return false,
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_waits_longer_before_it_goes_again_the_more_it_carries() {
+        assert_eq!(attempt_wait(0), ATTEMPT);
+        assert_eq!(attempt_wait(1 << 20), ATTEMPT + ATTEMPT_PER_MIB);
+        assert!(attempt_wait(16 << 20) >= ATTEMPT + ATTEMPT_PER_MIB * 16);
     }
 }

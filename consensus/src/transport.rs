@@ -555,16 +555,20 @@ struct Receiving {
     forged: Arc<WarnLimiter>,
     /// Largest frame of a stream.
     max_frame: usize,
+    /// True once the listener stops: open streams end, so that its graceful
+    /// shutdown need not wait for requests that never end by themselves.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The routes peers post to, for connections labelled with their certificate's
 /// server id ([`PeerConn`]): batches and snapshots, each with its size limit and
-/// its bound on requests at once.
-pub fn router(
+/// its bound on requests at once, and streams, which end once `stopping` is true.
+fn router(
     inbox: Arc<dyn Inbox>,
     self_id: u64,
     metrics: Arc<RaftMetrics>,
     limits: &PeerLimits,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Router {
     let state = Receiving {
         inbox,
@@ -572,6 +576,7 @@ pub fn router(
         metrics,
         forged: Arc::new(WarnLimiter::new()),
         max_frame: limits.max_batch_bytes,
+        stopping,
     };
     let batches = Router::new()
         .route(MESSAGES_PATH, post(receive))
@@ -632,7 +637,8 @@ pub fn listen(
 }
 
 /// Serves the peer routes to the connections `listener` accepts until `shutdown`
-/// completes, on the caller's runtime.
+/// completes, on the caller's runtime; then ends the streams peers keep open (503)
+/// and returns once every connection has closed.
 pub async fn serve(
     listener: PeerListener,
     self_id: u64,
@@ -641,12 +647,16 @@ pub async fn serve(
     limits: PeerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(inbox, self_id, metrics, &limits);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let app = router(inbox, self_id, metrics, &limits, stopping);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<PeerConn>(),
     )
-    .with_graceful_shutdown(shutdown)
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    })
     .await
 }
 
@@ -687,6 +697,7 @@ async fn receive_stream(
     use futures_util::StreamExt;
     let mut body = body.into_data_stream();
     let mut pending = bytes::BytesMut::new();
+    let mut stopping = state.stopping.clone();
     loop {
         while let Some(head) = pending.get(..4) {
             let len = u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize;
@@ -711,7 +722,13 @@ async fn receive_stream(
                 return refusal;
             }
         }
-        match body.next().await {
+        let next = tokio::select! {
+            next = body.next() => next,
+            _ = stopping.wait_for(|stop| *stop) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, "this server is stopping".into())
+            }
+        };
+        match next {
             Some(Ok(chunk)) => pending.extend_from_slice(&chunk),
             Some(Err(e)) => return (StatusCode::BAD_REQUEST, e.to_string()),
             None if pending.is_empty() => return (StatusCode::OK, String::new()),

@@ -372,6 +372,39 @@ async fn a_sender_opens_a_new_stream_when_its_peer_ends_the_old_one() {
         .any(|f| matches!(f, Feedback::Unreachable(2))));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_listener_ends_the_streams_peers_keep_open_and_returns() {
+    let ca = ClusterCa::create().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let limits = PeerLimits::default();
+    let accepting = listen(listener, &identity(&ca, 2), metrics(), &limits).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(serve(
+        accepting,
+        2,
+        Arc::new(Collect(tx)),
+        metrics(),
+        limits,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let (frames, answer) = open_stream(&identity(&ca, 3), 2, &addr);
+    frames.send(frame(&[heartbeat(3, 2, 1)])).await.unwrap();
+    assert_eq!(recv(&rx).term, 1);
+    // The peer's stream never ends by itself; the listener still stops at once.
+    stop.send(()).unwrap();
+    assert_eq!(ended(answer).await, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::timeout(Duration::from_secs(2), serving)
+        .await
+        .expect("the listener waited on an open stream")
+        .unwrap()
+        .unwrap();
+    drop(frames);
+}
+
 #[test]
 fn limits_cover_the_largest_batch_a_sender_makes() {
     let limits = PeerLimits::for_entries(16 << 20);

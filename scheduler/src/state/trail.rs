@@ -5,6 +5,7 @@
 //! the governance rules in `chain`, which call it.
 
 use aigrid_api::chain::ROOT_CIRCLE;
+use aigrid_api::manifest::Registration;
 use aigrid_api::{ChangeKind, IdentityId, Timestamp};
 use aigrid_consensus::human;
 use sha2::Digest;
@@ -49,25 +50,35 @@ pub(super) fn commit_secrets(value: &mut serde_json::Value, salt: &str) {
 /// The payload a proposal shows and hashes: the command, its secrets committed. A
 /// model's registration shows as what identifies it (its digest commits to the
 /// whole manifest, which its signature covers) and a hash of its locations, not
-/// as the manifest's thousands of chunk entries.
+/// as the manifest's thousands of chunk entries, which are never serialised here:
+/// that would cost as much as checking the manifest does.
 pub(super) fn shown_payload(command: &Command, proposal_id: &str) -> serde_json::Value {
-    let mut value = serde_json::to_value(command).unwrap_or(serde_json::Value::Null);
-    if let Command::RegisterModel { registration, .. } = command {
-        let signed = &registration.manifest;
-        let locations = serde_json::to_value(&registration.locations).unwrap_or_default();
-        value["registration"] = serde_json::json!({
-            "digest": signed.manifest.digest().to_string(),
-            "name": signed.manifest.name,
-            "publisher": signed.publisher,
-            "signature": signed.scheme(),
-            "circle": registration.circle,
-            "files": signed.manifest.files.len(),
-            "size": signed.manifest.size(),
-            "locations_sha256": hex::encode(sha2::Sha256::digest(human::canonical_json(&locations))),
-        });
-    }
+    let mut value = match command {
+        Command::RegisterModel { registration, at } => serde_json::json!({
+            "type": "register_model",
+            "registration": shown_registration(registration),
+            "at": at,
+        }),
+        _ => serde_json::to_value(command).unwrap_or(serde_json::Value::Null),
+    };
     commit_secrets(&mut value, proposal_id);
     value
+}
+
+/// What a proposal shows of a model's registration.
+pub(super) fn shown_registration(registration: &Registration) -> serde_json::Value {
+    let signed = &registration.manifest;
+    let locations = serde_json::to_value(&registration.locations).unwrap_or_default();
+    serde_json::json!({
+        "digest": signed.manifest.digest().to_string(),
+        "name": signed.manifest.name,
+        "publisher": signed.publisher,
+        "signature": signed.scheme(),
+        "circle": registration.circle,
+        "files": signed.manifest.files.len(),
+        "size": signed.manifest.size(),
+        "locations_sha256": hex::encode(sha2::Sha256::digest(human::canonical_json(&locations))),
+    })
 }
 
 /// The `type` of [`shown_payload`]'s value (`null` where it has none) and the hash of

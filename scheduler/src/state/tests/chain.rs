@@ -438,6 +438,10 @@ fn a_circles_models_are_registered_through_its_quorum_and_hybrid_when_it_says() 
     assert_eq!(p.kind, ChangeKind::ModelRegister);
     assert_eq!(p.payload["registration"]["digest"], digest.as_str());
     assert!(p.payload["registration"].get("manifest").is_none());
+    // Everything else shows as the command serialises.
+    let mut whole = serde_json::to_value(register(&registration)).unwrap();
+    whole["registration"] = p.payload["registration"].clone();
+    assert_eq!(p.payload, whole);
     assert!(log.state.models(None).is_empty());
     decide(&mut log, &p, &a, Decision::Approve, 11).unwrap();
     let done = proposal(decide(&mut log, &p, &b, Decision::Approve, 12));
