@@ -138,6 +138,7 @@ const ATTEMPT_PER_MIB: Duration = Duration::from_secs(1);
 fn attempt_wait(bytes: usize) -> Duration {
     ATTEMPT + ATTEMPT_PER_MIB.mul_f64(bytes as f64 / f64::from(1u32 << 20))
 }
+
 /// How long a leader holds a commit notice back for an append to carry it. A
 /// client writing to the leader sends its next write well within it (at one client
 /// the next append leaves 0.3-0.5 ms after the commit), which then tells the

@@ -67,12 +67,18 @@ pub mod state;
 pub mod testkit;
 pub mod worker;
 
-/// A fresh version-4 UUID for a new record's id, drawn from the thread's generator
-/// (ChaCha, seeded from the operating system and reseeded by it): no system call of
-/// its own, where `Uuid::new_v4` asks the kernel for every id, and a job submission
-/// takes two.
+/// `N` bytes from the thread's generator (ChaCha, seeded from the operating system
+/// and reseeded by it), for secrets and ids: no system call of their own.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    rand::fill(&mut out[..]);
+    out
+}
+
+/// A fresh version-4 UUID for a new record's id, from [`random_bytes`]: where
+/// `Uuid::new_v4` asks the kernel for every id, and a job submission takes two.
 pub(crate) fn new_uuid() -> uuid::Uuid {
-    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
+    uuid::Builder::from_random_bytes(random_bytes()).into_uuid()
 }
 
 /// A new record's id: a [`new_uuid`], hyphenated, made into the id type by `make`.

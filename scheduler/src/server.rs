@@ -367,7 +367,7 @@ async fn keep_chain(
         let now = clock.now();
         let (named, due) = raft.read_local(|s| (!s.cluster_id().is_empty(), s.proposals_due(now)));
         if !named {
-            let seed: [u8; 32] = http::plumbing::random_bytes();
+            let seed: [u8; 32] = crate::random_bytes();
             Some(crate::state::Command::InitCluster {
                 cluster_id: crate::new_uuid().simple().to_string(),
                 audit_seed: hex::encode(seed),

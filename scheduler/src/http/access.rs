@@ -15,8 +15,9 @@ use utoipa_axum::routes;
 
 use super::auth::{Caller, Signed, SignedOptional};
 use super::plumbing::{
-    check_name, not_found, propose, propose_change, random_bytes, unexpected, ApiError, ApiState,
+    check_name, not_found, propose, propose_change, unexpected, ApiError, ApiState,
 };
+use crate::random_bytes;
 use crate::state::{Action, Applied, Command, Principal};
 
 /// The area's routes.

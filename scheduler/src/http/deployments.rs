@@ -18,8 +18,9 @@ use utoipa_axum::routes;
 
 use super::auth::{Caller, Signed};
 use super::plumbing::{
-    new_id, not_found, propose_change, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
+    not_found, propose_change, read, read_query, unexpected, ApiError, ApiState, ReadQuery,
 };
+use crate::new_id;
 use crate::state::{Action, Applied, ClusterState, Command};
 
 /// The area's routes.

@@ -329,19 +329,10 @@ pub(crate) fn read_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.body_text()))
 }
 
-/// `N` bytes from the operating system's random source, for secrets.
-pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut out = [0u8; N];
-    rand::fill(&mut out[..]);
-    out
-}
-
 /// 400 unless `value` is a valid circle (or job, group) name.
 pub(crate) fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(aigrid_api::spec::check_name(field, value)?)
 }
-
-pub(crate) use crate::new_id;
 
 pub(crate) async fn read<R: Send>(
     state: &ApiState,
@@ -415,7 +406,7 @@ pub(crate) async fn propose_change(
             )
         })?;
         let proposal = Command::Propose {
-            id: new_id(|id| id),
+            id: crate::new_id(|id| id),
             command: Box::new(command.clone()),
             by: by.clone(),
             at: state.clock.now(),

@@ -10,7 +10,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Caller, SignedOptional};
-use super::plumbing::{propose, random_bytes, unexpected, ApiError, ApiState};
+use super::plumbing::{propose, unexpected, ApiError, ApiState};
+use crate::random_bytes;
 use crate::state::{Action, Applied, Command};
 
 /// The area's routes.

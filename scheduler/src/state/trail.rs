@@ -66,7 +66,7 @@ pub(super) fn shown_payload(command: &Command, proposal_id: &str) -> serde_json:
 }
 
 /// What a proposal shows of a model's registration.
-pub(super) fn shown_registration(registration: &Registration) -> serde_json::Value {
+fn shown_registration(registration: &Registration) -> serde_json::Value {
     let signed = &registration.manifest;
     let locations = serde_json::to_value(&registration.locations).unwrap_or_default();
     serde_json::json!({
