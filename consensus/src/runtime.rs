@@ -7,7 +7,10 @@
 //! there, whenever the replica waits for input and whenever it has messages that
 //! must leave before it writes or applies. A message from a peer thus
 //! reaches the replica, and the replica's answer reaches the peer's socket, without a
-//! hand-off to another thread.
+//! hand-off to another thread. A server may run more there ([`RaftNode::runtime_handle`]):
+//! a client's write served on this runtime is proposed, committed and answered
+//! without a hand-off either; whatever runs there must not block, since it holds up
+//! the replica.
 //!
 //! Requests reach it through one bounded channel: when the channel is full, callers
 //! get [`RaftError::Busy`] (an HTTP 429) rather than an unbounded queue. Every pass
@@ -373,6 +376,13 @@ impl<S: StateMachine> RaftNode<S> {
     /// lag behind the cluster.
     pub fn read_local<R>(&self, f: impl FnOnce(&S) -> R) -> R {
         f(&self.shared.state.read())
+    }
+
+    /// The replica thread's own runtime, where the peer traffic runs. Its tasks run
+    /// whenever the replica waits for input, not while it writes its log or
+    /// applies.
+    pub fn runtime_handle(&self) -> tokio::runtime::Handle {
+        self.shared.peers_runtime.clone()
     }
 
     /// How long a request may wait for a commit.

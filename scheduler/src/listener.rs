@@ -38,6 +38,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::IntoResponse;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -296,6 +298,9 @@ struct Shared {
     /// HTTP/2 only, when TLS's ALPN said so.
     http2: auto::Builder<TokioExecutor>,
     metrics: ListenerMetrics,
+    /// Where established connections and requests are served, with the
+    /// accepting runtime, where the others are.
+    placement: Option<(Placement, tokio::runtime::Handle)>,
 }
 
 fn builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
@@ -323,8 +328,37 @@ pub async fn serve(
     limits: ListenerLimits,
     tls: Option<Arc<rustls::ServerConfig>>,
     metrics: ListenerMetrics,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    serve_placed(listener, app, limits, tls, metrics, shutdown, None).await
+}
+
+/// Where a listener serves what it accepted, when not all on the runtime that
+/// accepts: established connections (after their TLS handshake) on the runtime
+/// `connections` names, and there the requests `here` picks; every other request is
+/// handled on the accepting runtime, its head and body still read by the
+/// connection.
+#[derive(Clone)]
+pub struct Placement {
+    /// The runtime a connection established now is served on; `None` (that runtime
+    /// stopped) serves it, and all its requests, on the accepting one.
+    pub connections: Arc<dyn Fn() -> Option<tokio::runtime::Handle> + Send + Sync>,
+    /// Whether a request, by its method, target and the most its body can be
+    /// (`None`: unknown), is handled on `connections` too.
+    pub here: fn(&Method, &Uri, Option<u64>) -> bool,
+}
+
+/// [`serve`], with connections and requests placed as `placement` says.
+pub async fn serve_placed(
+    listener: TcpListener,
+    app: Router,
+    limits: ListenerLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    metrics: ListenerMetrics,
+    mut shutdown: watch::Receiver<bool>,
+    placement: Option<Placement>,
+) -> std::io::Result<()> {
+    let accepting = tokio::runtime::Handle::current();
     let any = builder(&limits);
     let shared = Arc::new(Shared {
         app,
@@ -334,6 +368,7 @@ pub async fn serve(
         any,
         limits: limits.clone(),
         metrics: metrics.clone(),
+        placement: placement.map(|p| (p, accepting)),
     });
     let slots = Arc::new(Slots {
         limits: limits.clone(),
@@ -369,7 +404,7 @@ pub async fn serve(
         let shared = shared.clone();
         let stop = shutdown.clone();
         connections.spawn(async move {
-            connection(stream, remote, &shared, stop).await;
+            connection(stream, remote, shared, stop).await;
         });
     }
     drop(listener);
@@ -456,11 +491,11 @@ impl Drop for Lingering {
 async fn connection(
     stream: Lingering,
     remote: SocketAddr,
-    shared: &Shared,
+    shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
     let Some(acceptor) = &shared.tls else {
-        return http(stream, (remote, None), &shared.any, shared, shutdown).await;
+        return placed(stream, (remote, None), Proto::Any, shared, shutdown).await;
     };
     let handshake = acceptor.accept(stream);
     let tls = match tokio::time::timeout(shared.limits.tls_handshake_timeout, handshake).await {
@@ -478,10 +513,10 @@ async fn connection(
             return;
         }
     };
-    let builder = match tls.get_ref().1.alpn_protocol() {
-        Some(b"h2") => &shared.http2,
-        Some(b"http/1.1") => &shared.http1,
-        _ => &shared.any,
+    let proto = match tls.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Proto::Http2,
+        Some(b"http/1.1") => Proto::Http1,
+        _ => Proto::Any,
     };
     let presented = tls
         .get_ref()
@@ -489,25 +524,71 @@ async fn connection(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .map(|leaf| aigrid_tls::ClientCertificate(leaf.clone().into_owned()));
-    http(tls, (remote, presented), builder, shared, shutdown).await
+    placed(tls, (remote, presented), proto, shared, shutdown).await
 }
 
-/// Serves HTTP on `io` until the client closes it, a timer closes it, or shutdown.
-async fn http<I>(
+/// Which protocol a connection speaks.
+#[derive(Clone, Copy)]
+enum Proto {
+    Any,
+    Http1,
+    Http2,
+}
+
+/// Serves HTTP on `io` where the listener places established connections.
+async fn placed<I>(
     io: I,
-    (remote, presented): (SocketAddr, Option<aigrid_tls::ClientCertificate>),
-    builder: &auto::Builder<TokioExecutor>,
-    shared: &Shared,
-    mut shutdown: watch::Receiver<bool>,
+    who: (SocketAddr, Option<aigrid_tls::ClientCertificate>),
+    proto: Proto,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    match shared
+        .placement
+        .as_ref()
+        .and_then(|(p, _)| (p.connections)())
+    {
+        None => http(io, who, proto, &shared, shutdown, false).await,
+        Some(handle) => {
+            let _ = handle
+                .spawn(async move { http(io, who, proto, &shared, shutdown, true).await })
+                .await;
+        }
+    }
+}
+
+/// Serves HTTP on `io` until the client closes it, a timer closes it, or shutdown;
+/// `placed`: on the placement's runtime, which handles only the requests it picks.
+async fn http<I>(
+    io: I,
+    (remote, presented): (SocketAddr, Option<aigrid_tls::ClientCertificate>),
+    proto: Proto,
+    shared: &Shared,
+    mut shutdown: watch::Receiver<bool>,
+    placed: bool,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = match proto {
+        Proto::Any => &shared.any,
+        Proto::Http1 => &shared.http1,
+        Proto::Http2 => &shared.http2,
+    };
     let activity = Arc::new(Activity::new());
     let body_timeout = shared.limits.body_read_timeout;
     let service = {
         let (app, activity) = (shared.app.clone(), activity.clone());
+        let placement = shared.placement.clone().filter(|_| placed);
         hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let in_flight = activity.begin();
+            // A request the placement does not keep on the connection's runtime is
+            // handled on the accepting one.
+            let elsewhere = placement.as_ref().and_then(|(p, accepting)| {
+                let most = hyper::body::Body::size_hint(req.body()).upper();
+                (!(p.here)(req.method(), req.uri(), most)).then(|| accepting.clone())
+            });
             let mut req = req.map(|body| Body::new(TimeoutBody::new(body_timeout, body)));
             req.extensions_mut().insert(ConnectInfo(remote));
             if let Some(cert) = &presented {
@@ -515,7 +596,13 @@ async fn http<I>(
             }
             let app = app.clone();
             async move {
-                let response = app.oneshot(req).await;
+                let response = match elsewhere {
+                    None => app.oneshot(req).await,
+                    Some(runtime) => match runtime.spawn(app.oneshot(req)).await {
+                        Ok(response) => response,
+                        Err(_) => Ok(StatusCode::SERVICE_UNAVAILABLE.into_response()),
+                    },
+                };
                 drop(in_flight);
                 response
             }
@@ -633,5 +720,76 @@ mod tests {
             ..ListenerLimits::default()
         };
         assert!(instant.validate().unwrap_err().contains("header"));
+    }
+
+    /// A runtime of one thread named `name`, kept running until the sender drops.
+    fn named_runtime(name: &str) -> (tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .unwrap();
+        (handle, stop)
+    }
+
+    fn thread_name() -> String {
+        std::thread::current().name().unwrap_or("").to_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_placement_serves_the_requests_it_picks_on_its_runtime_and_the_rest_where_accepted() {
+        fn small_posts(method: &Method, _: &Uri, body: Option<u64>) -> bool {
+            *method == Method::POST && body.is_some_and(|b| b <= 16)
+        }
+        let (replica, stop) = named_runtime("placed-here");
+        let live = Arc::new(AtomicBool::new(true));
+        let placement = Placement {
+            connections: {
+                let live = live.clone();
+                Arc::new(move || live.load(Ordering::SeqCst).then(|| replica.clone()))
+            },
+            here: small_posts,
+        };
+        let name = || async { thread_name() };
+        let app = Router::new().route("/where", axum::routing::get(name).post(name));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/where", listener.local_addr().unwrap());
+        let (shut, shutdown) = watch::channel(false);
+        let served = tokio::spawn(serve_placed(
+            listener,
+            app,
+            ListenerLimits::default(),
+            None,
+            ListenerMetrics::unregistered(),
+            shutdown,
+            Some(placement),
+        ));
+        let client = reqwest::Client::new();
+        let ask = |req: reqwest::RequestBuilder| async move {
+            req.send().await.unwrap().text().await.unwrap()
+        };
+        assert_eq!(ask(client.post(&url).body("small")).await, "placed-here");
+        let accepted = ask(client.get(&url)).await;
+        assert_ne!(accepted, "placed-here", "a request it does not pick");
+        assert_eq!(
+            ask(client.post(&url).body(vec![b'x'; 17])).await,
+            accepted,
+            "a body larger than it takes"
+        );
+        // Once the placement's runtime is gone, a new connection and all its
+        // requests are served where accepted.
+        live.store(false, Ordering::SeqCst);
+        let fresh = reqwest::Client::new();
+        assert_eq!(ask(fresh.post(&url).body("small")).await, accepted);
+        drop(stop);
+        let _ = shut.send(true);
+        served.await.unwrap().unwrap();
     }
 }

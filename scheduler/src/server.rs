@@ -243,13 +243,23 @@ impl Server {
             shutdown.subscribe(),
         ));
         let https = api_tls.is_some();
-        let http = tokio::spawn(crate::listener::serve(
+        // Connections are served on the replica's thread, and there the control
+        // API's small writes are handled: see `http::handled_on_the_replica`.
+        let placement = {
+            let raft = raft.clone();
+            crate::listener::Placement {
+                connections: Arc::new(move || (!raft.is_stopped()).then(|| raft.runtime_handle())),
+                here: http::handled_on_the_replica,
+            }
+        };
+        let http = tokio::spawn(crate::listener::serve_placed(
             listener,
             app,
             config.limits.listener.clone(),
             api_tls,
             listener_metrics,
             shutdown.subscribe(),
+            Some(placement),
         ));
         Ok(Server {
             addr,

@@ -55,7 +55,7 @@ use std::time::Instant;
 use aigrid_api::{ApiArea, ApiIndex, ErrorCode, StorageInfo};
 use aigrid_consensus::RaftNode;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -255,6 +255,24 @@ pub struct ServerAccess {
     pub node_issuer: Option<Arc<aigrid_tls::ClusterCa>>,
 }
 
+/// The most a control write's body may be to be handled on the replica's thread.
+pub const REPLICA_BODY_BYTES: u64 = 64 << 10;
+
+/// Whether a request is handled on the replica's thread, where a server serves its
+/// connections ([`crate::listener::Placement`]): the control API's writes (any
+/// method but `GET`, `HEAD` and `OPTIONS` under `/api/v1/`) whose body is known to
+/// be at most [`REPLICA_BODY_BYTES`]. Each ends in a proposal, which that thread
+/// makes, commits and answers, so such a write is read, checked, proposed, committed
+/// and answered without waking another thread. Everything else (reads, which may
+/// serialise much state; large bodies, such as a model's manifest; `/v1`, the
+/// console, metrics) is handled on the server's runtime, and never holds up the
+/// replica.
+pub fn handled_on_the_replica(method: &Method, uri: &Uri, body: Option<u64>) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+        && uri.path().starts_with("/api/v1/")
+        && body.is_some_and(|bytes| bytes <= REPLICA_BODY_BYTES)
+}
+
 /// The public HTTP surface of a server: control API, `/v1` inference gateway,
 /// metrics, probes (Raft has a listener of its own, with mutual TLS). `storage` is
 /// what `GET /api/v1/storage` answers.
@@ -321,6 +339,34 @@ pub fn router(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_control_writes_are_handled_on_the_replica_and_nothing_else() {
+        let on = |method: Method, path: &str, body: Option<u64>| {
+            handled_on_the_replica(&method, &path.parse().unwrap(), body)
+        };
+        assert!(on(Method::POST, "/api/v1/jobs", Some(900)));
+        assert!(on(Method::DELETE, "/api/v1/jobs/web", Some(0)));
+        assert!(on(
+            Method::PUT,
+            "/api/v1/circles/ml/quota",
+            Some(REPLICA_BODY_BYTES)
+        ));
+        // Reads, however small.
+        assert!(!on(Method::GET, "/api/v1/jobs", Some(0)));
+        assert!(!on(Method::HEAD, "/api/v1/cluster", Some(0)));
+        // Bodies larger than it takes, or of unknown length (a model's manifest).
+        assert!(!on(
+            Method::POST,
+            "/api/v1/models",
+            Some(REPLICA_BODY_BYTES + 1)
+        ));
+        assert!(!on(Method::POST, "/api/v1/jobs", None));
+        // Outside the control API: inference, the console, metrics.
+        assert!(!on(Method::POST, "/v1/chat/completions", Some(100)));
+        assert!(!on(Method::POST, "/api/v1", Some(0)));
+        assert!(!on(Method::GET, "/metrics", Some(0)));
+    }
 
     /// Every operation carries one tag, an area the document declares: none is
     /// tagged by its Rust module path.
