@@ -32,7 +32,7 @@ impl NodePublicKey {
         let Ok(signature) = ed25519_dalek::Signature::from_slice(signature) else {
             return false;
         };
-        key.verify_strict(message, &signature).is_ok()
+        crate::ed25519::verify_strictly(&key, message, &signature)
     }
 }
 

@@ -2,11 +2,14 @@
 //! (the library the cluster's TLS already runs on): Ed25519 is deterministic, so a
 //! signature (and the public key) is byte for byte what `ed25519-dalek` makes from
 //! the same seed, in half the time on x86-64 (9.3 µs against 19.0 µs a signature on
-//! a 2-core EPYC), and a client signs every request it sends. Verification stays with
-//! `ed25519-dalek`'s strict check, which refuses small-order keys and points that
-//! AWS-LC's check lets through; the two take the same time there.
+//! a 2-core EPYC), and a client signs every request it sends. Verification keeps
+//! `ed25519-dalek`'s strict rules, which refuse small-order keys and points that
+//! AWS-LC's check lets through ([`verify_strictly`]).
+
+use std::sync::LazyLock;
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
+use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 
 /// Bytes of an ed25519 public key.
 pub(crate) const ED25519_PUBLIC: usize = 32;
@@ -38,6 +41,25 @@ impl Signer {
     }
 }
 
+/// The encodings of the eight points of small order, the only `R` a strict check
+/// refuses that a plain one can accept.
+static SMALL_ORDER: LazyLock<[[u8; 32]; 8]> = LazyLock::new(|| {
+    curve25519_dalek::constants::EIGHT_TORSION.map(|point| point.compress().to_bytes())
+});
+
+/// Whether `signature` is `key`'s over `message` by `ed25519-dalek`'s
+/// `verify_strict`, at the cost of its plain `verify`. Both require `s` reduced and
+/// the recomputed `R'` = \[s\]B - \[k\]A to encode as the signature's `R`
+/// bytes; strict also refuses a small-order key and a small-order `R`, which it finds
+/// by decompressing `R`, a sixth of a verification. Once `R'` encodes as `R`, `R`
+/// is the canonical encoding of a point, so comparing its bytes with the eight
+/// small-order points' encodings decides the same.
+pub(crate) fn verify_strictly(key: &VerifyingKey, message: &[u8], signature: &Signature) -> bool {
+    !key.is_weak()
+        && !SMALL_ORDER.contains(signature.r_bytes())
+        && key.verify(message, signature).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use ed25519_dalek::Signer as _;
@@ -60,5 +82,74 @@ mod tests {
                 .verify_strict(&message, &signature)
                 .is_ok());
         }
+    }
+
+    /// A signature whose R is `r` and whose s makes the plain equation hold for
+    /// `message` under the key with secret scalar `a` (R must then be [s - ka]B).
+    fn forged(a: curve25519_dalek::Scalar, r: [u8; 32], message: &[u8]) -> Signature {
+        use curve25519_dalek::Scalar;
+        use sha2::{Digest as _, Sha512};
+        let public = curve25519_dalek::constants::ED25519_BASEPOINT_POINT * a;
+        let mut h = Sha512::new();
+        h.update(r);
+        h.update(public.compress().as_bytes());
+        h.update(message);
+        let wide: [u8; 64] = h.finalize().into();
+        let k = Scalar::from_bytes_mod_order_wide(&wide);
+        Signature::from_components(r, (k * a).to_bytes())
+    }
+
+    #[test]
+    fn the_strict_check_is_verify_strict_at_the_cost_of_verify() {
+        use curve25519_dalek::constants::ED25519_BASEPOINT_POINT as B;
+        use curve25519_dalek::Scalar;
+        for n in 0u8..16 {
+            let seed = blake3::derive_key("ed25519 strict test", &[n]);
+            let signer = Signer::from_seed(&seed);
+            let key = VerifyingKey::from_bytes(&signer.public()).unwrap();
+            let message = vec![n; usize::from(n) * 11];
+            let good = Signature::from_bytes(&signer.sign(&message));
+            assert!(verify_strictly(&key, &message, &good));
+            assert!(!verify_strictly(&key, b"another message", &good));
+            let mut bent = good.to_bytes();
+            bent[usize::from(n) % 64] ^= 1;
+            let bent = Signature::from_bytes(&bent);
+            assert_eq!(
+                verify_strictly(&key, &message, &bent),
+                key.verify_strict(&message, &bent).is_ok()
+            );
+        }
+        // R the identity, with s = ka: the plain equation holds (R' = [ka - ka]B),
+        // and R has small order, which the strict check refuses.
+        let a = Scalar::from_bytes_mod_order([7; 32]);
+        let key = VerifyingKey::from_bytes((B * a).compress().as_bytes()).unwrap();
+        let identity = curve25519_dalek::EdwardsPoint::default()
+            .compress()
+            .to_bytes();
+        let small_r = forged(a, identity, b"job");
+        assert!(
+            key.verify(b"job", &small_r).is_ok(),
+            "the plain check takes it"
+        );
+        assert!(key.verify_strict(b"job", &small_r).is_err());
+        assert!(!verify_strictly(&key, b"job", &small_r));
+        // A small-order key (the identity) with R = [s]B: the plain check takes any
+        // message, the strict one none.
+        let weak = VerifyingKey::from_bytes(&identity).unwrap();
+        let s = Scalar::from_bytes_mod_order([9; 32]);
+        let any = Signature::from_components((B * s).compress().to_bytes(), s.to_bytes());
+        assert!(
+            weak.verify(b"anything", &any).is_ok(),
+            "the plain check takes it"
+        );
+        assert!(weak.verify_strict(b"anything", &any).is_err());
+        assert!(!verify_strictly(&weak, b"anything", &any));
+        assert_eq!(
+            SMALL_ORDER
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            8
+        );
     }
 }

@@ -120,9 +120,11 @@ impl PublicKey {
         let ed_key = decoded_ed25519(&self.ed25519_bytes())?;
         let ed_sig = ed25519_dalek::Signature::from_slice(signature)
             .map_err(|_| AuthError::Malformed("signature is not ed25519"))?;
-        ed_key
-            .verify_strict(message, &ed_sig)
-            .map_err(|_| AuthError::BadSignature)
+        if crate::ed25519::verify_strictly(&ed_key, message, &ed_sig) {
+            Ok(())
+        } else {
+            Err(AuthError::BadSignature)
+        }
     }
 
     /// Checks the ML-DSA-65 half alone: `signature` is an encoded ML-DSA-65 signature

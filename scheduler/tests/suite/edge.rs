@@ -4,7 +4,9 @@
 //! oversized spec gets 413 and stores nothing; TLS serves the same API, and a slow
 //! handshake blocks nobody; the server still stops cleanly with all of that open.
 //! A signer's rate is its own wherever it connects from, and a request that only
-//! claims a signer's key id is counted under its address.
+//! claims a signer's key id is counted under its address. A flood of forged small
+//! writes, handled on the replica's thread, costs a cluster neither its leader nor
+//! its writes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -495,4 +497,81 @@ async fn tls_serves_the_api_and_a_slow_handshake_blocks_nobody() {
     tokio::time::timeout(PATIENCE, server.stop())
         .await
         .expect("the server stops");
+}
+
+/// Small writes are handled on the replica's thread. A stranger flooding the
+/// leader with them, each naming the admin's key but signed for another target (so
+/// each costs a whole signature check before its 401), costs the cluster neither
+/// its leader nor its writes: the followers keep hearing from the leader (no
+/// election, the term stays) and the admin's writes commit meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_writes_costs_the_cluster_neither_its_leader_nor_its_writes() {
+    let three = common::start_three(|_| {}).await;
+    let servers = &three.servers;
+    let leader_id = common::until_some("a leader", || servers[0].raft.status().leader).await;
+    let leader = servers
+        .iter()
+        .find(|s| s.raft.status().id == leader_id)
+        .unwrap();
+    let term = leader.raft.status().term;
+    let jobs = format!("http://{}/api/v1/jobs", leader.addr);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for n in 0..6 {
+        let (jobs, stop) = (jobs.clone(), stop.clone());
+        flood.push(tokio::spawn(async move {
+            let client = Client::new();
+            let mut refused = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut forged = client
+                    .post(&jobs)
+                    .json(&json!({"name": format!("forged-{n}-{refused}")}))
+                    .signed()
+                    .build()
+                    .unwrap();
+                *forged.url_mut() = format!("{jobs}?forged={n}").parse().unwrap();
+                let status = client.execute(forged).await.unwrap().status();
+                assert_eq!(status, StatusCode::UNAUTHORIZED);
+                refused += 1;
+            }
+            refused
+        }));
+    }
+    let client = Client::new();
+    for i in 0..10 {
+        let body = json!({
+            "name": format!("meanwhile-{i}"),
+            "groups": [{"name": "g", "count": 1, "resources": {"cpu_millis": 100, "memory_mib": 64},
+                        "task": {"driver": "exec", "command": "/bin/true"}}]
+        });
+        let resp = client
+            .post(&jobs)
+            .json(&body)
+            .signed()
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::CREATED,
+            "{:?}",
+            resp.text().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    for task in flood {
+        refused += task.await.unwrap();
+    }
+    assert!(refused >= 60, "the flood sent only {refused} writes");
+    for server in servers {
+        let status = server.raft.status();
+        assert_eq!(
+            (status.term, status.leader),
+            (term, Some(leader_id)),
+            "server {} saw an election under the flood",
+            status.id
+        );
+    }
 }
