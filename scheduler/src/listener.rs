@@ -27,6 +27,12 @@
 //! configuration verified, [`aigrid_tls::ClientCertificate`]. Shutdown is graceful: the loop stops accepting, every connection
 //! finishes its requests in flight and closes, and those still open after
 //! [`ListenerLimits::shutdown_grace`] are dropped.
+//!
+//! With a [`Placement`] ([`serve_placed`]), a connection whose first request is one
+//! the placement picks is served on the placement's runtime (a server's: its
+//! replica's thread), and there the requests it picks are handled; the rest of
+//! that connection's requests, and every other connection, are handled on the
+//! accepting runtime.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -334,10 +340,11 @@ pub async fn serve(
 }
 
 /// Where a listener serves what it accepted, when not all on the runtime that
-/// accepts: established connections (after their TLS handshake) on the runtime
-/// `connections` names, and there the requests `here` picks; every other request is
-/// handled on the accepting runtime, its head and body still read by the
-/// connection.
+/// accepts: a connection whose first request is one `here` picks is served (after
+/// its TLS handshake) on the runtime `connections` names, and there the requests
+/// `here` picks are handled; its other requests are handled on the accepting
+/// runtime, their heads and bodies still read by the connection. Every other
+/// connection is served where it was accepted.
 #[derive(Clone)]
 pub struct Placement {
     /// The runtime a connection established now is served on; `None` (that runtime
@@ -535,9 +542,13 @@ enum Proto {
     Http2,
 }
 
-/// Serves HTTP on `io` where the listener places established connections.
+/// Serves HTTP on `io` where the listener places it: on the placement's runtime
+/// when its first request is one the placement picks (an HTTP/1 head read here,
+/// within the header timeout), else where it was accepted. A connection that opens
+/// with something else (a read, a browser's page, HTTP/2) never waits on the
+/// placement's runtime.
 async fn placed<I>(
-    io: I,
+    mut io: I,
     who: (SocketAddr, Option<aigrid_tls::ClientCertificate>),
     proto: Proto,
     shared: Arc<Shared>,
@@ -545,17 +556,146 @@ async fn placed<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match shared
-        .placement
-        .as_ref()
-        .and_then(|(p, _)| (p.connections)())
-    {
+    let Some((placement, _)) = &shared.placement else {
+        return http(io, who, proto, &shared, shutdown, false).await;
+    };
+    let within = shared.limits.header_read_timeout;
+    let mut head = Vec::new();
+    let mut stopping = shutdown.clone();
+    let first = tokio::select! {
+        first = tokio::time::timeout(within, first_head(&mut io, &mut head)) => first,
+        // Shutdown closes a connection with no request in flight at once.
+        _ = stopping.wait_for(|stop| *stop) => return,
+    };
+    let picked = match first {
+        Ok(Ok(Some((method, uri, body)))) => (placement.here)(&method, &uri, body),
+        Ok(Ok(None)) => false,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            shared.metrics.closed.with_label_values(&["header"]).inc();
+            return;
+        }
+    };
+    let runtime = if picked {
+        (placement.connections)()
+    } else {
+        None
+    };
+    let io = Prefixed { head, read: 0, io };
+    match runtime {
         None => http(io, who, proto, &shared, shutdown, false).await,
-        Some(handle) => {
-            let _ = handle
+        Some(runtime) => {
+            let _ = runtime
                 .spawn(async move { http(io, who, proto, &shared, shutdown, true).await })
                 .await;
         }
+    }
+}
+
+/// The most of a first request's head read to place its connection.
+const FIRST_HEAD_BYTES: usize = 16 << 10;
+
+/// Reads from `io` into `buf` until `buf` holds a whole HTTP/1 request head, and
+/// returns its method, target and body length (`None`: chunked, or not known from
+/// the head). `None` when the bytes are not an HTTP/1 request head, or none is
+/// whole within [`FIRST_HEAD_BYTES`] or before the client stops sending.
+async fn first_head<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<(Method, Uri, Option<u64>)>> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let method = req
+                    .method
+                    .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
+                let uri = req.path.and_then(|p| p.parse::<Uri>().ok());
+                let (Some(method), Some(uri)) = (method, uri) else {
+                    return Ok(None);
+                };
+                let named = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                };
+                let body = match (named("transfer-encoding"), named("content-length")) {
+                    (Some(_), _) => None,
+                    (None, Some(length)) => std::str::from_utf8(length.value)
+                        .ok()
+                        .and_then(|v| v.trim().parse().ok()),
+                    (None, None) => Some(0),
+                };
+                return Ok(Some((method, uri, body)));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < FIRST_HEAD_BYTES => {}
+            Ok(httparse::Status::Partial) | Err(_) => return Ok(None),
+        }
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A connection whose first bytes were read already: they are read again first.
+struct Prefixed<I> {
+    head: Vec<u8>,
+    read: usize,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.read < this.head.len() {
+            let n = buf.remaining().min(this.head.len() - this.read);
+            buf.put_slice(&this.head[this.read..this.read + n]);
+            this.read += n;
+            if this.read == this.head.len() {
+                this.head = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -783,6 +923,11 @@ mod tests {
             accepted,
             "a body larger than it takes"
         );
+        // A connection that opens with a request it does not pick is served
+        // where accepted, and so are its later writes.
+        let reader = reqwest::Client::new();
+        assert_eq!(ask(reader.get(&url)).await, accepted);
+        assert_eq!(ask(reader.post(&url).body("small")).await, accepted);
         // Once the placement's runtime is gone, a new connection and all its
         // requests are served where accepted.
         live.store(false, Ordering::SeqCst);
@@ -791,5 +936,46 @@ mod tests {
         drop(stop);
         let _ = shut.send(true);
         served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_first_head_is_read_whole_and_replayed() {
+        async fn head(bytes: &[u8]) -> (Option<(Method, Uri, Option<u64>)>, Vec<u8>) {
+            let mut io = bytes;
+            let mut buf = Vec::new();
+            (first_head(&mut io, &mut buf).await.unwrap(), buf)
+        }
+        let post = b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        let (first, buf) = head(post).await;
+        let (method, uri, body) = first.unwrap();
+        assert_eq!(
+            (method, uri.path(), body),
+            (Method::POST, "/api/v1/jobs", Some(5))
+        );
+        // What was read is read again, then the rest.
+        let mut replay = Prefixed {
+            head: buf,
+            read: 0,
+            io: &b" more"[..],
+        };
+        let mut all = Vec::new();
+        replay.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, [&post[..], b" more"].concat());
+        let chunked = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(head(chunked).await.0.unwrap().2, None);
+        let bare = b"DELETE /api/v1/jobs/x HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(head(bare).await.0.unwrap().2, Some(0));
+        // HTTP/2's preface, a head cut short, and one too large are not placed.
+        assert!(head(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.0.is_none());
+        assert!(head(b"POST /api/v1/jobs HTTP/1.1\r\nHost:")
+            .await
+            .0
+            .is_none());
+        let huge = [
+            &b"GET / HTTP/1.1\r\nX: "[..],
+            &vec![b'a'; FIRST_HEAD_BYTES + 10],
+        ]
+        .concat();
+        assert!(head(&huge).await.0.is_none());
     }
 }
