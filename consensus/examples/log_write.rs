@@ -1,4 +1,5 @@
-//! Durable log write cost: aigrid's Raft log file against redb and a bare fsynced file.
+//! Durable log write cost: aigrid's Raft log file against redb, a bare fsynced file
+//! and a bare direct, synchronous write (the floor on this disk).
 //!
 //! The Raft log must be on disk before a node acknowledges an append, so the
 //! cost that matters is "write a batch of entries and make it durable", in wall
@@ -8,12 +9,15 @@
 //!
 //! * `FileLog`: the log the servers run (`aigrid_consensus::log_file`), through
 //!   the same `Durable::write` the replica calls: one checksummed record per
-//!   batch, written over the zeros the log keeps ahead of its records, then
-//!   `sync_data`;
+//!   batch, written over the zeros the log keeps ahead of its records with one
+//!   direct, synchronous write of its blocks (or written, then `sync_data`, where
+//!   the file system refuses direct I/O);
 //! * `RedbDisk`: the redb-backed medium the servers used before, through the same
 //!   call: one write transaction per batch, default durability;
 //! * file: one `write_all` of the length-prefixed batch appended to a single
-//!   file, then `sync_data`: the floor any durable log pays.
+//!   file, then `sync_data`: the floor a log written through the page cache pays;
+//! * direct: the batch written from a block boundary, padded to whole blocks,
+//!   with one `O_DIRECT | O_DSYNC` write: the floor on this disk.
 //!
 //! CPU is the writing thread's own (`CLOCK_THREAD_CPUTIME_ID`): user time plus
 //! the kernel time spent in its `write` and `fsync` calls. The max column is the
@@ -165,6 +169,73 @@ impl LogBackend for PlainFile {
     }
 }
 
+/// The floor of a durable append on this disk: each batch written straight from
+/// memory with one direct, synchronous write, from a block boundary and padded to
+/// whole blocks (no earlier bytes written again, no checksum, no framing), over
+/// zeros written and synced when the file is made, as the log keeps ahead.
+struct DirectFile {
+    file: File,
+    buf: Vec<u8>,
+    at: u64,
+    written: u64,
+}
+
+const BLOCK: usize = 4096;
+
+impl DirectFile {
+    fn open(path: &Path, room: usize) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut zeros = File::create(path)?;
+        zeros.write_all(&vec![0; room.div_ceil(BLOCK) * BLOCK])?;
+        zeros.sync_all()?;
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+            .open(path)?;
+        Ok(Self {
+            file,
+            buf: Vec::new(),
+            at: 0,
+            written: 0,
+        })
+    }
+}
+
+impl LogBackend for DirectFile {
+    fn name(&self) -> &'static str {
+        "bare direct write (O_DIRECT|O_DSYNC)"
+    }
+
+    fn append(&mut self, first: u64, batch: &[Vec<u8>]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let len: usize = batch.iter().map(|e| 12 + e.len()).sum();
+        let padded = len.div_ceil(BLOCK) * BLOCK;
+        self.buf.clear();
+        self.buf.resize(padded + BLOCK, 0);
+        let skip = (BLOCK - self.buf.as_ptr().addr() % BLOCK) % BLOCK;
+        let mut at = skip;
+        for (offset, entry) in batch.iter().enumerate() {
+            self.buf[at..at + 8].copy_from_slice(&(first + offset as u64).to_le_bytes());
+            self.buf[at + 8..at + 12].copy_from_slice(&(entry.len() as u32).to_le_bytes());
+            self.buf[at + 12..at + 12 + entry.len()].copy_from_slice(entry);
+            at += 12 + entry.len();
+        }
+        self.file
+            .write_all_at(&self.buf[skip..skip + padded], self.at)?;
+        self.at += padded as u64;
+        self.written += batch.len() as u64;
+        Ok(())
+    }
+
+    fn count(&self) -> Result<u64> {
+        let len = self.file.metadata()?.len();
+        if len < self.at {
+            return Err(format!("file holds {len} bytes, expected {}", self.at).into());
+        }
+        Ok(self.written)
+    }
+}
+
 struct Measurement {
     backend: &'static str,
     batch: usize,
@@ -269,6 +340,10 @@ fn main() -> Result<()> {
             )?),
             Box::new(PlainFile::open(
                 &dir.path().join(format!("log-{batch}.bin")),
+            )?),
+            Box::new(DirectFile::open(
+                &dir.path().join(format!("log-{batch}.direct")),
+                (batches + WARMUP_BATCHES) * (batch * (12 + ENTRY_BYTES)).div_ceil(4096) * 4096,
             )?),
         ];
         rows.extend(measure(&mut logs, batch, batches)?);

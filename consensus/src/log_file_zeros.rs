@@ -15,7 +15,9 @@
 //! chunk of zeros to flush with its record. The thread publishes how far its
 //! zeros reach and never writes before that again: an append that would reach
 //! past it waits for the zeros to get there (one chunk, normally), so a record is
-//! never overwritten by zeros.
+//! never overwritten by zeros. A direct write ([`super::direct`]) covers the
+//! record's last block whole, so it waits for the zeros to reach that block's end:
+//! no page of zeros is left to be written back over it.
 
 // Unsafe: one `sync_file_range(2)` call per chunk, which std and nix do not offer.
 #![allow(unsafe_code)]
