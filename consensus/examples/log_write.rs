@@ -343,7 +343,7 @@ fn main() -> Result<()> {
             )?),
             Box::new(DirectFile::open(
                 &dir.path().join(format!("log-{batch}.direct")),
-                (batches + WARMUP_BATCHES) * (batch * (12 + ENTRY_BYTES)).div_ceil(4096) * 4096,
+                (batches + WARMUP_BATCHES) * (batch * (12 + ENTRY_BYTES)).div_ceil(BLOCK) * BLOCK,
             )?),
         ];
         rows.extend(measure(&mut logs, batch, batches)?);

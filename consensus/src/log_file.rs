@@ -129,8 +129,8 @@ impl FileLog {
                 .map_err(|e| io_err("truncating", path, e))?;
             allocated = whole as u64;
         }
-        let tail = &bytes[direct::block_start(whole as u64) as usize..whole];
-        let direct = open_direct(path, || Ok(tail.to_vec()));
+        let tail = bytes[direct::block_start(whole as u64) as usize..whole].to_vec();
+        let direct = open_direct(path, Ok(tail));
         Ok(FileLog {
             path: path.to_owned(),
             file,
@@ -146,11 +146,6 @@ impl FileLog {
         })
     }
 
-    /// True when records go to the file with direct writes.
-    pub fn writes_directly(&self) -> bool {
-        self.direct.is_some()
-    }
-
     fn append(&mut self, batch: &WriteBatch) -> Result<(), LogStoreError> {
         self.buf.clear();
         encode_record(batch, &mut self.buf)?;
@@ -158,7 +153,7 @@ impl FileLog {
         // A direct write reaches the end of the record's last block: the zeros
         // must be written there first, never after.
         let reaches = match self.direct {
-            Some(_) => direct::DirectAppender::written_end(self.len, self.buf.len()),
+            Some(_) => direct::block_end(end),
             None => end,
         };
         self.collect_zeros(reaches);
@@ -166,7 +161,6 @@ impl FileLog {
             // Cut what part of the record may have reached the file, so that the
             // next open does not find a torn record in the middle.
             self.failed = true;
-            self.direct = None;
             self.stop_zeros();
             let _ = self.file.set_len(self.len);
             self.allocated = self.len;
@@ -289,8 +283,8 @@ impl FileLog {
             .map_err(|e| io_err("opening", &self.path, e))?;
         self.len = self.buf.len() as u64;
         self.allocated = self.len;
-        let tail = &self.buf[direct::block_start(self.len) as usize..];
-        self.direct = open_direct(&self.path, || Ok(tail.to_vec()));
+        let tail = self.buf[direct::block_start(self.len) as usize..].to_vec();
+        self.direct = open_direct(&self.path, Ok(tail));
         // A snapshot's buffer can be large; keep only what a batch of entries needs.
         self.buf = Vec::new();
         Ok(())
@@ -326,7 +320,7 @@ impl FileLog {
         self.file = file;
         self.len = len;
         self.allocated = len;
-        self.direct = open_direct(&self.path, || direct::read_tail(&self.path, len));
+        self.direct = open_direct(&self.path, direct::read_tail(&self.path, len));
         if let Some(error) = unsynced {
             self.failed = true;
             return Err(error);
@@ -397,14 +391,11 @@ impl Durable for FileLog {
     }
 }
 
-/// The log at `path` opened for direct writes, `tail` giving the bytes of its
+/// The log at `path` opened for direct writes, `tail` being the bytes of its
 /// last partly filled block; `None` where they cannot be had, and the log writes
 /// through the page cache.
-fn open_direct(
-    path: &Path,
-    tail: impl FnOnce() -> std::io::Result<Vec<u8>>,
-) -> Option<direct::DirectAppender> {
-    let opened = tail().and_then(|tail| direct::DirectAppender::open(path, &tail));
+fn open_direct(path: &Path, tail: std::io::Result<Vec<u8>>) -> Option<direct::DirectAppender> {
+    let opened = tail.and_then(|tail| direct::DirectAppender::open(path, tail));
     match opened {
         Ok(appender) => appender,
         Err(error) => {

@@ -62,7 +62,7 @@ impl DirectAppender {
     /// Opens `path` for direct writes; `tail` is what the file holds from the last
     /// block boundary at or before the log's end up to the end. `None` when the file
     /// system refuses direct I/O.
-    pub(super) fn open(path: &Path, tail: &[u8]) -> std::io::Result<Option<Self>> {
+    pub(super) fn open(path: &Path, tail: Vec<u8>) -> std::io::Result<Option<Self>> {
         debug_assert!(tail.len() < BLOCK);
         let opened = OpenOptions::new()
             .write(true)
@@ -71,7 +71,7 @@ impl DirectAppender {
         match opened {
             Ok(file) => Ok(Some(DirectAppender {
                 file,
-                tail: tail.to_vec(),
+                tail,
                 scratch: Vec::new(),
             })),
             Err(e) if e.kind() == ErrorKind::InvalidInput => Ok(None),
@@ -79,18 +79,12 @@ impl DirectAppender {
         }
     }
 
-    /// Where a record appended at `at` has its last written byte's block end: the
-    /// file is written up to there, zeros after the record.
-    pub(super) fn written_end(at: u64, record: usize) -> u64 {
-        (at + record as u64).div_ceil(BLOCK as u64) * BLOCK as u64
-    }
-
     /// Writes `record` at `at`, the log's end, and returns once it is durable.
     pub(super) fn append(&mut self, at: u64, record: &[u8]) -> std::io::Result<Appended> {
         let start = at - self.tail.len() as u64;
         debug_assert_eq!(start, block_start(at), "the tail is the last block's bytes");
         let filled = self.tail.len() + record.len();
-        let padded = filled.div_ceil(BLOCK) * BLOCK;
+        let padded = (block_end(at + record.len() as u64) - start) as usize;
         self.scratch.clear();
         self.scratch.resize(padded + BLOCK, 0);
         let skip = (BLOCK - self.scratch.as_ptr().addr() % BLOCK) % BLOCK;
@@ -129,4 +123,10 @@ pub(super) fn read_tail(path: &Path, len: u64) -> std::io::Result<Vec<u8>> {
 /// The last block boundary at or before `offset`.
 pub(super) fn block_start(offset: u64) -> u64 {
     offset - offset % BLOCK as u64
+}
+
+/// The first block boundary at or after `offset`: a direct write of a record
+/// ending at `offset` writes the file up to there, zeros after the record.
+pub(super) fn block_end(offset: u64) -> u64 {
+    offset.div_ceil(BLOCK as u64) * BLOCK as u64
 }

@@ -436,7 +436,7 @@ fn takes_direct_io(dir: &Path) -> bool {
     opened.is_ok()
 }
 
-/// Appends `count` records of sizes that fall across block boundaries in every
+/// Appends 40 records of sizes that fall across block boundaries in every
 /// way (a few bytes, about a block, several blocks), checking the file after each:
 /// the records' bytes as replayed, zeros after them.
 fn append_across_blocks(log: &mut FileLog, image: &mut LogImage, path: &Path, from: u64) -> u64 {
@@ -465,13 +465,13 @@ fn direct_writes_keep_every_record_whole_across_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("raft.log");
     let (mut log, mut image) = started(&path);
-    assert_eq!(log.writes_directly(), takes_direct_io(dir.path()));
+    assert_eq!(log.direct.is_some(), takes_direct_io(dir.path()));
     let i = append_across_blocks(&mut log, &mut image, &path, 7);
     // Reopened: the last block's bytes are read back from the file.
     drop(log);
     let mut log = FileLog::open(&path).unwrap();
     same(&log.load().unwrap(), &image);
-    assert_eq!(log.writes_directly(), takes_direct_io(dir.path()));
+    assert_eq!(log.direct.is_some(), takes_direct_io(dir.path()));
     let i = append_across_blocks(&mut log, &mut image, &path, i);
     // A snapshot installed rewrites the file: the last block's bytes come from
     // the record written.
@@ -494,7 +494,7 @@ fn direct_writes_keep_every_record_whole_across_blocks() {
         i += 1;
     }
     append_across_blocks(&mut log, &mut image, &path, i);
-    assert_eq!(log.writes_directly(), takes_direct_io(dir.path()));
+    assert_eq!(log.direct.is_some(), takes_direct_io(dir.path()));
     drop(log);
     same(&FileLog::open(&path).unwrap().load().unwrap(), &image);
 }
