@@ -400,6 +400,7 @@ start_etcd_member() {
 # initial cluster in ETCD_INITIAL.
 start_etcd() {
     local dir="$1" n
+    mkdir -p "$dir"
     ETCD_PIDS=()
     ETCD_INITIAL=""
     ETCD_ENDPOINTS=""

@@ -128,6 +128,7 @@ impl Server {
                 initial_members,
                 request_timeout: config.request_timeout,
                 queue_capacity: config.queue_capacity,
+                spin: config.raft_spin,
             },
             ClusterState::default().with_events(watch.clone()),
             metrics,

@@ -61,6 +61,10 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Request queue in front of the replica (429 beyond it).
     pub queue_capacity: usize,
+    /// How long the replica's thread polls for more input before it parks
+    /// (`aigrid_consensus::NodeConfig::spin`); at most
+    /// `aigrid_consensus::MAX_SPIN`, zero parks at once.
+    pub raft_spin: Duration,
     /// Control API limits.
     pub limits: ApiLimits,
     /// How long a node may stay silent before it is marked down and its work
@@ -112,6 +116,7 @@ impl ServerConfig {
             compact_keep: 5_000,
             request_timeout: Duration::from_secs(10),
             queue_capacity: 65_536,
+            raft_spin: aigrid_consensus::DEFAULT_SPIN,
             limits: ApiLimits::default(),
             node_ttl: crate::worker::WorkerConfig::default().node_ttl,
             meter_every: Duration::from_millis(crate::state::metering::METER_EVERY_MS),
@@ -186,6 +191,13 @@ impl ServerConfig {
         }
         if self.queue_capacity == 0 || self.limits.max_in_flight == 0 {
             return bad("queue capacity and max in-flight must be at least 1".into());
+        }
+        if self.raft_spin > aigrid_consensus::MAX_SPIN {
+            return bad(format!(
+                "the raft spin must be at most {} µs: longer, a replica holds a CPU \
+                 through pauses that are not hand-offs",
+                aigrid_consensus::MAX_SPIN.as_micros()
+            ));
         }
         if self.limits.max_model_uploads == 0 {
             return bad("max model uploads must be at least 1".into());

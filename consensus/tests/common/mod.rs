@@ -51,6 +51,7 @@ pub async fn cluster(ca: &ClusterCa, n: u64, replica: ReplicaConfig, tick: Durat
                 initial_members: members.clone(),
                 request_timeout: Duration::from_secs(5),
                 queue_capacity: 1024,
+                spin: aigrid_consensus::DEFAULT_SPIN,
             },
             ListMachine::default(),
             metrics,
