@@ -129,8 +129,7 @@ impl FileLog {
                 .map_err(|e| io_err("truncating", path, e))?;
             allocated = whole as u64;
         }
-        let tail = bytes[direct::block_start(whole as u64) as usize..whole].to_vec();
-        let direct = open_direct(path, Ok(tail));
+        let direct = open_direct(path, Ok(direct::tail_of(&bytes[..whole])));
         Ok(FileLog {
             path: path.to_owned(),
             file,
@@ -283,8 +282,7 @@ impl FileLog {
             .map_err(|e| io_err("opening", &self.path, e))?;
         self.len = self.buf.len() as u64;
         self.allocated = self.len;
-        let tail = self.buf[direct::block_start(self.len) as usize..].to_vec();
-        self.direct = open_direct(&self.path, Ok(tail));
+        self.direct = open_direct(&self.path, Ok(direct::tail_of(&self.buf)));
         // A snapshot's buffer can be large; keep only what a batch of entries needs.
         self.buf = Vec::new();
         Ok(())

@@ -111,6 +111,12 @@ impl DirectAppender {
     }
 }
 
+/// The bytes of `log`, a whole log file held in memory, from its last block
+/// boundary to its end.
+pub(super) fn tail_of(log: &[u8]) -> Vec<u8> {
+    log[block_start(log.len() as u64) as usize..].to_vec()
+}
+
 /// The bytes of the file at `path` from the last block boundary at or before `len`
 /// up to `len`.
 pub(super) fn read_tail(path: &Path, len: u64) -> std::io::Result<Vec<u8>> {
