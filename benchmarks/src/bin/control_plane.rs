@@ -421,13 +421,26 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn build_http(timeout: Duration, ca_certs: &[PathBuf]) -> Result<reqwest::Client> {
+/// The certificates in each `--ca-cert` file, read once for every client.
+fn read_ca_certs(paths: &[PathBuf]) -> Result<Vec<reqwest::Certificate>> {
+    paths
+        .iter()
+        .map(|path| {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", path.display()))
+        })
+        .collect()
+}
+
+/// One client's HTTP client, with its own connections. Given CAs, it trusts those
+/// alone: the servers under test are the only ones it talks to, and reading the
+/// system's roots for each of 64 clients took seconds of CPU on a slow machine,
+/// beside the servers, while the load started.
+fn build_http(timeout: Duration, ca_certs: &[reqwest::Certificate]) -> Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder();
-    for path in ca_certs {
-        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
-        builder = builder.add_root_certificate(cert);
+    if !ca_certs.is_empty() {
+        builder = builder.tls_certs_only(ca_certs.iter().cloned());
     }
     builder
         .tcp_nodelay(true)
@@ -460,13 +473,7 @@ async fn run(args: Args) -> Result<Report> {
     }
     let endpoints = Arc::new(endpoints);
     let timeout = Duration::from_secs(args.request_timeout_secs.max(1));
-
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs(args.warmup_secs);
-    let window = Window {
-        measure_from,
-        stop_at: measure_from + Duration::from_secs(args.duration_secs),
-    };
+    let ca_certs = read_ca_certs(&args.ca_cert)?;
 
     // With marks: where to read them, and the clock to compare them with.
     let watch = args
@@ -478,7 +485,7 @@ async fn run(args: Args) -> Result<Report> {
     let submitter = |client_id: usize| -> Result<Submitter> {
         Ok(Submitter {
             target: args.target,
-            http: build_http(timeout, &args.ca_cert)?,
+            http: build_http(timeout, &ca_certs)?,
             endpoints: Arc::clone(&endpoints),
             client_id,
             current: client_id % endpoints.len(),
@@ -486,18 +493,34 @@ async fn run(args: Args) -> Result<Report> {
             rotate_on_rejection: args.marks.is_some(),
         })
     };
+    // Every client is made before the clock starts: they start together, and the
+    // warm-up is spent on load alone.
+    let submitters = (0..args.clients)
+        .map(submitter)
+        .collect::<Result<Vec<_>>>()?;
+    let probe = match watch.filter(|_| args.probe_ms > 0) {
+        Some((_, clock)) => Some((submitter(args.clients)?, clock)),
+        None => None,
+    };
+
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup_secs);
+    let window = Window {
+        measure_from,
+        stop_at: measure_from + Duration::from_secs(args.duration_secs),
+    };
     let mut handles = Vec::with_capacity(args.clients + 1);
-    for client_id in 0..args.clients {
+    for submitter in submitters {
         handles.push(tokio::spawn(run_client(
-            submitter(client_id)?,
+            submitter,
             window,
             stop_rx.clone(),
             watch.map(|(_, clock)| clock),
         )));
     }
-    if let Some((_, clock)) = watch.filter(|_| args.probe_ms > 0) {
+    if let Some((submitter, clock)) = probe {
         handles.push(tokio::spawn(run_probes(
-            submitter(args.clients)?,
+            submitter,
             Duration::from_millis(args.probe_ms),
             stop_rx.clone(),
             clock,
