@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use aigrid_consensus::ReplicaConfig;
 use aigrid_tls::ClusterCa;
-use common::{agreed_leader, cluster};
+use common::{cluster, leader_node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn followers_apply_a_lone_write_long_before_the_next_heartbeat() {
@@ -21,8 +21,7 @@ async fn followers_apply_a_lone_write_long_before_the_next_heartbeat() {
         ..ReplicaConfig::default()
     };
     let nodes = cluster(&ca, 3, replica, Duration::from_millis(50)).await;
-    let leader = agreed_leader(&nodes, None).await;
-    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let leader = leader_node(&nodes).await;
     let followers: Vec<_> = nodes.iter().filter(|n| n.id != leader.id).collect();
     let mut waits = Vec::new();
     for value in 0..5u64 {

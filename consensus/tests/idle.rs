@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use aigrid_consensus::ReplicaConfig;
 use aigrid_tls::ClusterCa;
-use common::{agreed_leader, cluster};
+use common::{cluster, leader_node};
 
 /// CPU time (user and system) of this process's threads whose name starts
 /// `raft-`, the replicas' own threads.
@@ -45,8 +45,7 @@ async fn replicas_park_when_writes_stop() {
         ..ReplicaConfig::default()
     };
     let nodes = cluster(&ca, 3, replica, Duration::from_millis(20)).await;
-    let leader = agreed_leader(&nodes, None).await;
-    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    let leader = leader_node(&nodes).await;
     // Writes one after another, each through every replica, then none.
     for value in 0..200u64 {
         leader.raft.propose(&value).await.unwrap();

@@ -82,3 +82,12 @@ pub async fn agreed_leader(nodes: &[Node], not: Option<u64>) -> u64 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The node every node names as leader, once they agree.
+pub async fn leader_node(nodes: &[Node]) -> &Node {
+    let leader = agreed_leader(nodes, None).await;
+    nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .expect("the leader is a node")
+}
