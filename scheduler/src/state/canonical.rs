@@ -72,8 +72,10 @@ pub(super) fn commitment(salt: &str, text: &str) -> String {
     h.update(salt.as_bytes());
     h.update([0]);
     h.update(text.as_bytes());
-    let digest = hex::encode(h.finalize());
-    format!("<secret sha256:{}>", &digest[..32])
+    let mut digits = [0; 32];
+    hex::encode_to_slice(&h.finalize()[..16], &mut digits).expect("32 digits for 16 bytes");
+    let digits = std::str::from_utf8(&digits).expect("hex digits are ASCII");
+    format!("<secret sha256:{digits}>")
 }
 
 /// How the value being written is shown.
@@ -564,6 +566,16 @@ mod tests {
             String::from_utf8(by_value(value, "7").0).unwrap()
         );
         assert_eq!(direct.1, by_value(value, "7").1);
+    }
+
+    #[test]
+    fn a_commitment_is_the_first_half_of_the_salted_digest_in_hex() {
+        // A signer recomputes it: SHA-256 of salt, a zero byte and the secret, its
+        // first 16 bytes as 32 lowercase hex digits.
+        assert_eq!(
+            commitment("17", "hunter2"),
+            "<secret sha256:aeaf32c17481937291029c96540c5c74>"
+        );
     }
 
     #[derive(Serialize)]

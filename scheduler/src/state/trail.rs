@@ -314,25 +314,22 @@ impl ClusterState {
         index: u64,
         command: &Command,
         change: Option<&Change>,
-    ) -> Option<(Timestamp, serde_json::Value)> {
+    ) -> Option<ChangeEvent> {
         let at = command.control_time()?;
         if self.is_echo(command) {
             return None;
         }
         let (kind, hash) = shown_payload_hash(command, &index.to_string());
-        let mut event = serde_json::json!({
-            "event": "change",
-            "command": kind,
-            "payload_hash": hex::encode(hash),
-        });
-        if let Some(change) = change {
-            event["target"] = change.target.clone().into();
-            event["circle"] = change.circle.clone().into();
-        }
-        if let Some(by) = command.actor() {
-            event["by"] = by.to_string().into();
-        }
-        Some((at, event))
+        Some(ChangeEvent {
+            at,
+            command: match kind {
+                serde_json::Value::String(kind) => Some(kind),
+                _ => None,
+            },
+            payload_hash: hash,
+            target: change.map(|c| (c.target.clone(), c.circle.clone())),
+            by: command.actor().map(ToString::to_string),
+        })
     }
 
     /// After a direct command applied: moves its target's version and logs its
@@ -340,15 +337,72 @@ impl ClusterState {
     pub(super) fn record_change(
         &mut self,
         index: u64,
-        event: Option<(Timestamp, serde_json::Value)>,
+        event: Option<ChangeEvent>,
         change: Option<Change>,
     ) {
         if let Some(change) = &change {
             self.tables.chain.set_revision(&change.target, index);
         }
-        if let Some((at, event)) = event {
-            self.audit(index, at, event);
+        if let Some(event) = event {
+            self.tables.chain.append(event.leaf(index));
         }
+    }
+}
+
+/// The audit record of a direct control change: what [`ClusterState::audit`] would
+/// record of `{"event": "change", "command", "payload_hash", "target", "circle",
+/// "by"}`, kept as its fields. Every job submission on every replica records one, and
+/// writing its leaf straight (keys in their canonical order) spares building,
+/// sorting and dropping a JSON object for each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ChangeEvent {
+    at: Timestamp,
+    /// The payload's `type`; `null` in the leaf where it has none.
+    command: Option<String>,
+    payload_hash: [u8; 32],
+    /// The change's target and circle, where governance sees one.
+    target: Option<(String, String)>,
+    /// Who asked for it, where the command names someone.
+    by: Option<String>,
+}
+
+impl ChangeEvent {
+    /// The leaf's canonical JSON at log `index`: the bytes `human::canonical_json`
+    /// writes for the event's object (keys sorted by their bytes).
+    fn leaf(&self, index: u64) -> String {
+        /// Writes `,"key":` and then `value` as a JSON string.
+        fn text(out: &mut Vec<u8>, key: &str, value: &str) {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            // Writing a string to a Vec cannot fail.
+            serde_json::to_writer(&mut *out, value).expect("a string serialises");
+        }
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"{\"at\":");
+        out.extend_from_slice(self.at.as_millis().to_string().as_bytes());
+        if let Some(by) = &self.by {
+            text(&mut out, "by", by);
+        }
+        if let Some((_, circle)) = &self.target {
+            text(&mut out, "circle", circle);
+        }
+        match &self.command {
+            Some(kind) => text(&mut out, "command", kind),
+            None => out.extend_from_slice(b",\"command\":null"),
+        }
+        out.extend_from_slice(b",\"event\":\"change\",\"index\":");
+        out.extend_from_slice(index.to_string().as_bytes());
+        let mut hash = [0; 64];
+        hex::encode_to_slice(self.payload_hash, &mut hash).expect("64 digits for 32 bytes");
+        out.extend_from_slice(b",\"payload_hash\":\"");
+        out.extend_from_slice(&hash);
+        out.push(b'"');
+        if let Some((target, _)) = &self.target {
+            text(&mut out, "target", target);
+        }
+        out.push(b'}');
+        String::from_utf8(out).expect("JSON is UTF-8")
     }
 }
 
@@ -392,6 +446,59 @@ impl Command {
             | Command::Transfer { by, .. }
             | Command::SetQuota { by, .. } => by.as_ref(),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The leaf as the audit log recorded it before: the event as a JSON object,
+    /// its index and time added, in canonical JSON.
+    fn as_object(event: &ChangeEvent, index: u64) -> String {
+        let mut object = serde_json::json!({
+            "event": "change",
+            "command": event.command,
+            "payload_hash": hex::encode(event.payload_hash),
+        });
+        if let Some((target, circle)) = &event.target {
+            object["target"] = target.clone().into();
+            object["circle"] = circle.clone().into();
+        }
+        if let Some(by) = &event.by {
+            object["by"] = by.clone().into();
+        }
+        object["index"] = index.into();
+        object["at"] = event.at.as_millis().into();
+        String::from_utf8(human::canonical_json(&object)).unwrap()
+    }
+
+    #[test]
+    fn a_change_leaf_is_the_canonical_json_of_its_event() {
+        let awkward = "quote \" back \\ newline \n tab \t bell \u{7} é 🚀".to_owned();
+        for command in [None, Some("submit_job".to_owned()), Some(awkward.clone())] {
+            for target in [
+                None,
+                Some(("job:web".to_owned(), "ml".to_owned())),
+                Some((awkward.clone(), awkward.clone())),
+            ] {
+                for by in [None, Some("ed25519:abc".to_owned()), Some(awkward.clone())] {
+                    let event = ChangeEvent {
+                        at: Timestamp::from_millis(1_764_000_000_123),
+                        command: command.clone(),
+                        payload_hash: [0xa5; 32],
+                        target: target.clone(),
+                        by,
+                    };
+                    for index in [0, 7, u64::MAX] {
+                        let leaf = event.leaf(index);
+                        assert_eq!(leaf, as_object(&event, index));
+                        let parsed: serde_json::Value = serde_json::from_str(&leaf).unwrap();
+                        assert_eq!(parsed["index"], index);
+                    }
+                }
+            }
         }
     }
 }
