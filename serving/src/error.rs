@@ -110,6 +110,16 @@ impl ServingError {
 impl IntoResponse for ServingError {
     fn into_response(self) -> Response {
         let (status, _) = self.parts();
-        (status, axum::Json(self.body())).into_response()
+        let mut response = (status, axum::Json(self.body())).into_response();
+        // A body refused as too large is left unread: the connection cannot carry
+        // another request, and the client is told so rather than finding out when
+        // its next request on it fails.
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }

@@ -382,8 +382,12 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(status, 400);
     assert_openai_error(&answer);
     let big = json!({"model": "tiny", "prompt": "x".repeat(100 << 10)});
-    let (status, answer) = server.post("/v1/completions", &big).await;
-    assert_eq!(status, 413, "{answer}");
+    let refused = server.send("/v1/completions", &big).await;
+    assert_eq!(refused.status().as_u16(), 413);
+    // The body is left unread, so the connection is closed, and the client is
+    // told: its next request goes on a new one instead of failing on this one.
+    assert_eq!(refused.headers()["connection"], "close");
+    let answer: serde_json::Value = refused.json().await.unwrap();
     assert_openai_error(&answer);
     // Still serving.
     let (status, body) = server
@@ -422,13 +426,7 @@ async fn over_the_concurrency_limit_answers_429_and_a_dropped_client_is_cancelle
     let long = json!({"model": "tiny", "prompt": "go", "max_tokens": 1000, "stream": true, "temperature": 0.8, "seed": 11});
     let mut held = Vec::new();
     for _ in 0..2 {
-        let r = server
-            .client
-            .post(format!("{}/v1/completions", server.base))
-            .json(&long)
-            .send()
-            .await
-            .unwrap();
+        let r = server.send("/v1/completions", &long).await;
         assert_eq!(r.status(), 200);
         held.push(r);
     }

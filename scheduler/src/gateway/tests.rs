@@ -164,6 +164,16 @@ fn errors_take_openai_shape_with_one_status_each() {
         deploying: false,
     };
     assert!(undeployed.to_string().contains("deploy it"), "{undeployed}");
+    // A refused body may be left unread: only a 413 closes its connection.
+    use axum::response::IntoResponse;
+    let closes = |e: GatewayError| {
+        e.into_response()
+            .headers()
+            .get(header::CONNECTION)
+            .is_some_and(|v| v == "close")
+    };
+    assert!(closes(GatewayError::TooLarge { limit: 1 }));
+    assert!(!closes(GatewayError::MissingModel));
 }
 
 #[test]

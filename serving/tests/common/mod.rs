@@ -122,6 +122,16 @@ impl Running {
         self.post_raw(path, serde_json::to_vec(body).unwrap()).await
     }
 
+    /// POSTs JSON; the response as it came, headers and unread body included.
+    pub async fn send(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// POSTs raw bytes.
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
         let r = self
