@@ -389,6 +389,12 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(refused.headers()["connection"], "close");
     let answer: serde_json::Value = refused.json().await.unwrap();
     assert_openai_error(&answer);
+    // A body larger than what the kernel buffers between the two ends: the client
+    // is still writing it when the server answers, and reads the 413, not a reset.
+    let huge = json!({"model": "tiny", "prompt": "x".repeat(12 << 20)});
+    let refused = server.send("/v1/completions", &huge).await;
+    assert_eq!(refused.status().as_u16(), 413);
+    assert_openai_error(&refused.json().await.unwrap());
     // Still serving.
     let (status, body) = server
         .post(chat, &json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))

@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::future::Future;
@@ -256,6 +257,28 @@ impl Drop for Admission {
     }
 }
 
+/// How much of a refused body is read and dropped before the 413, and for how long
+/// at most. A server that answers and closes with a body still arriving resets the
+/// connection, and a client still writing it (the gateway relaying a body over this
+/// server's limit among them) sees the reset, not the answer: it took the replica
+/// for gone. Past either bound the rest is left unread.
+const REFUSED_BODY_DRAIN_BYTES: usize = 16 << 20;
+const REFUSED_BODY_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops what is left of a refused body, within the bounds above.
+async fn drain_refused(mut stream: axum::body::BodyDataStream) {
+    let drain = async {
+        let mut read = 0;
+        while let Some(Ok(chunk)) = stream.next().await {
+            read += chunk.len();
+            if read >= REFUSED_BODY_DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSED_BODY_DRAIN_TIME, drain).await;
+}
+
 /// The door every `/v1` POST passes.
 async fn admit<T: DeserializeOwned>(
     app: &Arc<App>,
@@ -281,12 +304,20 @@ async fn admit<T: DeserializeOwned>(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
+    let mut stream = body.into_data_stream();
     if declared.is_some_and(|n| n > limit) {
+        drain_refused(stream).await;
         return Err(ServingError::TooLarge { limit });
     }
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ServingError::TooLarge { limit })?;
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ServingError::TooLarge { limit })?;
+        if bytes.len() + chunk.len() > limit {
+            drain_refused(stream).await;
+            return Err(ServingError::TooLarge { limit });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ServingError::invalid(None, format!("the body is not valid JSON: {e}")))?;
     if !value.is_object() {
