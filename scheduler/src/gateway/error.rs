@@ -184,12 +184,7 @@ impl IntoResponse for GatewayError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
         }
-        // A body refused as too large may be left unread: the connection cannot
-        // carry another request, and the client is told so.
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
+        crate::http::plumbing::close_if_body_refused(&mut resp);
         resp
     }
 }

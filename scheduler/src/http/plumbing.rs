@@ -170,19 +170,24 @@ impl IntoResponse for ApiError {
         let status =
             StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, Json(self.0)).into_response();
-        // A body refused as too large or too slow may be partly unread: the
-        // connection cannot carry another request, and the client is told so
-        // rather than finding out on its next request.
-        if matches!(
-            status,
-            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
-        ) {
-            response.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-        }
+        close_if_body_refused(&mut response);
         response
+    }
+}
+
+/// Marks an answer refusing a request's body (too large, or too slow) as its
+/// connection's last. The body may be partly unread: the connection cannot carry
+/// another request, and the client is told so rather than finding out on its next
+/// request. The control API's errors and the gateway's both answer through it.
+pub(crate) fn close_if_body_refused(response: &mut Response) {
+    if matches!(
+        response.status(),
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    ) {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
 }
 

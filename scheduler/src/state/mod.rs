@@ -329,7 +329,7 @@ impl StateMachine for ClusterState {
                 target: change.target.clone(),
             });
         }
-        let event = self.change_event(index, &command, change.as_ref());
+        let event = self.change_event(index, &command);
         let output = self.dispatch(index, command);
         if output.is_ok() {
             self.record_change(index, event, change);

@@ -9,6 +9,7 @@ use aigrid_api::manifest::Registration;
 use aigrid_api::{ChangeKind, IdentityId, Timestamp};
 use aigrid_consensus::human;
 use sha2::Digest;
+use std::io::Write;
 
 use super::canonical;
 use super::*;
@@ -81,14 +82,17 @@ fn shown_registration(registration: &Registration) -> serde_json::Value {
     })
 }
 
-/// The `type` of [`shown_payload`]'s value (`null` where it has none) and the hash of
-/// its canonical JSON, which every applied control change records. Written straight
-/// from the command where `canonical` can ([`shown_payload`] replaces a model
-/// registration, which goes the value's way); debug builds check both ways agree.
-fn shown_payload_hash(command: &Command, salt: &str) -> (serde_json::Value, [u8; 32]) {
+/// The textual `type` of [`shown_payload`]'s value and the hash of its canonical
+/// JSON, which every applied control change records. Written straight from the
+/// command where `canonical` can ([`shown_payload`] replaces a model registration,
+/// which goes the value's way); debug builds check both ways agree.
+fn shown_payload_hash(command: &Command, salt: &str) -> (Option<String>, [u8; 32]) {
     let by_value = || {
         let payload = shown_payload(command, salt);
-        let kind = payload.get("type").cloned().unwrap_or_default();
+        let kind = payload
+            .get("type")
+            .and_then(|t| t.as_str())
+            .map(str::to_owned);
         (kind, human::payload_hash(&payload))
     };
     if matches!(command, Command::RegisterModel { .. }) {
@@ -97,10 +101,7 @@ fn shown_payload_hash(command: &Command, salt: &str) -> (serde_json::Value, [u8;
     let Ok((json, kind)) = canonical::shown_canonical(command, salt) else {
         return by_value();
     };
-    let direct = (
-        kind.map_or(serde_json::Value::Null, serde_json::Value::String),
-        sha2::Sha256::digest(&json).into(),
-    );
+    let direct = (kind, sha2::Sha256::digest(&json).into());
     debug_assert_eq!(direct, by_value(), "{}", String::from_utf8_lossy(&json));
     direct
 }
@@ -309,12 +310,7 @@ impl ClusterState {
     /// The audit event a direct command makes if it applies: `None` for what the log
     /// does not record (bookkeeping, agents' reports, echoes). Made before the
     /// command is applied, which consumes it.
-    pub(super) fn change_event(
-        &self,
-        index: u64,
-        command: &Command,
-        change: Option<&Change>,
-    ) -> Option<ChangeEvent> {
+    pub(super) fn change_event(&self, index: u64, command: &Command) -> Option<ChangeEvent> {
         let at = command.control_time()?;
         if self.is_echo(command) {
             return None;
@@ -322,12 +318,8 @@ impl ClusterState {
         let (kind, hash) = shown_payload_hash(command, &index.to_string());
         Some(ChangeEvent {
             at,
-            command: match kind {
-                serde_json::Value::String(kind) => Some(kind),
-                _ => None,
-            },
+            command: kind,
             payload_hash: hash,
-            target: change.map(|c| (c.target.clone(), c.circle.clone())),
             by: command.actor().map(ToString::to_string),
         })
     }
@@ -344,32 +336,31 @@ impl ClusterState {
             self.tables.chain.set_revision(&change.target, index);
         }
         if let Some(event) = event {
-            self.tables.chain.append(event.leaf(index));
+            self.tables.chain.append(event.leaf(index, change.as_ref()));
         }
     }
 }
 
 /// The audit record of a direct control change: what [`ClusterState::audit`] would
-/// record of `{"event": "change", "command", "payload_hash", "target", "circle",
-/// "by"}`, kept as its fields. Every job submission on every replica records one, and
-/// writing its leaf straight (keys in their canonical order) spares building,
-/// sorting and dropping a JSON object for each.
+/// record of `{"event": "change", "command", "payload_hash", "by"}` and its change's
+/// `target` and `circle`, kept as its fields. Every job submission on every replica
+/// records one, and writing its leaf straight (keys in their canonical order) spares
+/// building, sorting and dropping a JSON object for each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct ChangeEvent {
     at: Timestamp,
     /// The payload's `type`; `null` in the leaf where it has none.
     command: Option<String>,
     payload_hash: [u8; 32],
-    /// The change's target and circle, where governance sees one.
-    target: Option<(String, String)>,
     /// Who asked for it, where the command names someone.
     by: Option<String>,
 }
 
 impl ChangeEvent {
-    /// The leaf's canonical JSON at log `index`: the bytes `human::canonical_json`
-    /// writes for the event's object (keys sorted by their bytes).
-    fn leaf(&self, index: u64) -> String {
+    /// The leaf's canonical JSON at log `index`, of the command making `change`: the
+    /// bytes `human::canonical_json` writes for the event's object (keys sorted by
+    /// their bytes).
+    fn leaf(&self, index: u64, change: Option<&Change>) -> String {
         /// Writes `,"key":` and then `value` as a JSON string.
         fn text(out: &mut Vec<u8>, key: &str, value: &str) {
             out.extend_from_slice(b",\"");
@@ -379,27 +370,26 @@ impl ChangeEvent {
             serde_json::to_writer(&mut *out, value).expect("a string serialises");
         }
         let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(b"{\"at\":");
-        out.extend_from_slice(self.at.as_millis().to_string().as_bytes());
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{{\"at\":{}", self.at.as_millis());
         if let Some(by) = &self.by {
             text(&mut out, "by", by);
         }
-        if let Some((_, circle)) = &self.target {
-            text(&mut out, "circle", circle);
+        if let Some(change) = change {
+            text(&mut out, "circle", &change.circle);
         }
         match &self.command {
             Some(kind) => text(&mut out, "command", kind),
             None => out.extend_from_slice(b",\"command\":null"),
         }
-        out.extend_from_slice(b",\"event\":\"change\",\"index\":");
-        out.extend_from_slice(index.to_string().as_bytes());
+        let _ = write!(out, ",\"event\":\"change\",\"index\":{index}");
         let mut hash = [0; 64];
         hex::encode_to_slice(self.payload_hash, &mut hash).expect("64 digits for 32 bytes");
         out.extend_from_slice(b",\"payload_hash\":\"");
         out.extend_from_slice(&hash);
         out.push(b'"');
-        if let Some((target, _)) = &self.target {
-            text(&mut out, "target", target);
+        if let Some(change) = change {
+            text(&mut out, "target", &change.target);
         }
         out.push(b'}');
         String::from_utf8(out).expect("JSON is UTF-8")
@@ -456,15 +446,15 @@ mod tests {
 
     /// The leaf as the audit log recorded it before: the event as a JSON object,
     /// its index and time added, in canonical JSON.
-    fn as_object(event: &ChangeEvent, index: u64) -> String {
+    fn as_object(event: &ChangeEvent, index: u64, change: Option<&Change>) -> String {
         let mut object = serde_json::json!({
             "event": "change",
             "command": event.command,
             "payload_hash": hex::encode(event.payload_hash),
         });
-        if let Some((target, circle)) = &event.target {
-            object["target"] = target.clone().into();
-            object["circle"] = circle.clone().into();
+        if let Some(change) = change {
+            object["target"] = change.target.clone().into();
+            object["circle"] = change.circle.clone().into();
         }
         if let Some(by) = &event.by {
             object["by"] = by.clone().into();
@@ -478,22 +468,29 @@ mod tests {
     fn a_change_leaf_is_the_canonical_json_of_its_event() {
         let awkward = "quote \" back \\ newline \n tab \t bell \u{7} é 🚀".to_owned();
         for command in [None, Some("submit_job".to_owned()), Some(awkward.clone())] {
-            for target in [
+            for change in [
                 None,
-                Some(("job:web".to_owned(), "ml".to_owned())),
-                Some((awkward.clone(), awkward.clone())),
+                Some(Change {
+                    circle: "ml".to_owned(),
+                    kind: ChangeKind::JobCreate,
+                    target: "job:web".to_owned(),
+                }),
+                Some(Change {
+                    circle: awkward.clone(),
+                    kind: ChangeKind::JobCreate,
+                    target: awkward.clone(),
+                }),
             ] {
                 for by in [None, Some("ed25519:abc".to_owned()), Some(awkward.clone())] {
                     let event = ChangeEvent {
                         at: Timestamp::from_millis(1_764_000_000_123),
                         command: command.clone(),
                         payload_hash: [0xa5; 32],
-                        target: target.clone(),
                         by,
                     };
                     for index in [0, 7, u64::MAX] {
-                        let leaf = event.leaf(index);
-                        assert_eq!(leaf, as_object(&event, index));
+                        let leaf = event.leaf(index, change.as_ref());
+                        assert_eq!(leaf, as_object(&event, index, change.as_ref()));
                         let parsed: serde_json::Value = serde_json::from_str(&leaf).unwrap();
                         assert_eq!(parsed["index"], index);
                     }
