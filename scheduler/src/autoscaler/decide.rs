@@ -120,6 +120,11 @@ impl Tracker {
         let watched = now.saturating_sub(self.since);
 
         if count == 0 {
+            // The idle time counts from the wake: a server's gateway wakes the
+            // group at once for a request it holds, between two looks, and that
+            // request may be answered before the next look sees it, which must
+            // not find the group idle since before it went to zero.
+            self.last_active = Some(now);
             // Requests waiting here bring the group back (a server's gateway wakes
             // it too, at once); nothing else does.
             return (observation.held > 0).then(|| Decision {
@@ -300,6 +305,23 @@ mod tests {
         let d = t.look(221_000, &s, 0, &waiting).unwrap();
         assert_eq!(d.to, 1);
         assert_eq!(d.reason, "3 requests waiting at the gateway");
+    }
+
+    /// Woken by a gateway between two looks for a request answered before the
+    /// next look, the group keeps its replica for its whole idle time.
+    #[test]
+    fn a_group_woken_between_looks_is_idle_only_from_its_wake() {
+        let s = scaling(0, 4, 0, 2, Some(3));
+        let mut t = Tracker::new(0);
+        let mut count = 1;
+        let changes = run(&mut t, &s, &mut count, 0, 10, load(0.0));
+        assert_eq!(changes, vec![(3, 0)]);
+        // At zero until 20 s; the gateway wakes it at 20.5 s and the request is
+        // answered by 21 s, when the next look sees nothing in flight.
+        assert!(run(&mut t, &s, &mut count, 11, 20, load(0.0)).is_empty());
+        count = 1;
+        let changes = run(&mut t, &s, &mut count, 21, 30, load(0.0));
+        assert_eq!(changes, vec![(23, 0)]);
     }
 
     #[test]
