@@ -92,7 +92,9 @@ pub use deployment::{
 pub use digest::{ChunkDigest, ModelDigest};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail, ParseEnumError, ValidationError};
 pub use evaluation::{EvalStatus, EvalTrigger, Evaluation};
-pub use identity::{IdentityId, IdentityKey, KeyAlgorithm, KeyFile, PublicKey};
+pub use identity::{
+    verify_all, IdentityId, IdentityKey, KeyAlgorithm, KeyFile, PublicKey, SignatureCheck,
+};
 pub use ids::{AllocId, EvalId, JobId, NodeId};
 pub use index::{ApiArea, ApiIndex};
 pub use job::{

@@ -287,6 +287,21 @@ impl ParsedSignature {
         key: &crate::identity::PublicKey,
         now: u64,
     ) -> Result<(), AuthError> {
+        let base = self.signed_base(method, target, key, now)?;
+        key.verify(&base, &self.signature)
+    }
+
+    /// What [`ParsedSignature::verify_headers`] checks the signature over, once the
+    /// signature's age against `now` (Unix seconds) and its algorithm against `key`'s
+    /// hold: for a caller that checks the signature itself, with others
+    /// ([`crate::identity::verify_all`]).
+    pub fn signed_base(
+        &self,
+        method: &str,
+        target: &str,
+        key: &crate::identity::PublicKey,
+        now: u64,
+    ) -> Result<Vec<u8>, AuthError> {
         let skew = now.abs_diff(self.params.created);
         if skew > MAX_CLOCK_SKEW_SECS {
             return Err(AuthError::Stale {
@@ -296,8 +311,7 @@ impl ParsedSignature {
         if key.algorithm() != self.params.algorithm {
             return Err(AuthError::Malformed("alg does not match the signer's key"));
         }
-        let base = signature_base(method, target, &self.digest, &self.params);
-        key.verify(&base, &self.signature)
+        Ok(signature_base(method, target, &self.digest, &self.params))
     }
 
     /// Checks that the signed `content-digest` is the body's.

@@ -167,7 +167,15 @@ pub(crate) async fn identify(
             if let Some(key) = local_key(&state, &key_ref) {
                 let now = state.clock.now().as_millis() / 1000;
                 let verified =
-                    sig.verify_headers(req.method().as_str(), target(req.uri()), &key, now);
+                    match sig.signed_base(req.method().as_str(), target(req.uri()), &key, now) {
+                        Ok(base) => {
+                            state
+                                .verifier
+                                .verify(key.clone(), base, sig.signature_bytes().to_vec())
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
                 if verified.is_ok() {
                     let extensions = req.extensions_mut();
                     extensions.insert(RateKey(key_ref.to_string()));

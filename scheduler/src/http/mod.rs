@@ -48,6 +48,7 @@ pub mod rollouts;
 pub mod tokens;
 pub mod treasury;
 pub mod usage;
+mod verifier;
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
@@ -298,6 +299,7 @@ pub fn router(
         node_issuer,
         clock,
         nonces: Arc::new(replay::NonceCache::default()),
+        verifier: verifier::Verifier::new(&registry)?,
         bootstrap_admins: Arc::new(admins),
         http: HttpMetrics::register(&registry)?,
         agents,

@@ -122,6 +122,8 @@ pub struct ApiStateInner {
     pub(crate) clock: SharedClock,
     /// Nonces of signed requests accepted within the clock-skew window.
     pub(crate) nonces: Arc<super::replay::NonceCache>,
+    /// Where requests' signatures are checked, together when several come at once.
+    pub(crate) verifier: super::verifier::Verifier,
     /// The admins this server was started with (`--admin`).
     pub(crate) bootstrap_admins: Arc<Vec<(String, aigrid_api::PublicKey)>>,
     /// This server's own identity, which its own loops (repairs) sign with.
