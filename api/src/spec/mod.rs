@@ -164,6 +164,12 @@ impl JobSpec {
     /// its field, so the same spec always gives the same answer.
     pub fn validate(&self) -> Result<(), ValidationError> {
         self.check_size()?;
+        self.validate_sized()
+    }
+
+    /// [`JobSpec::validate`] for a spec whose [`JobSpec::check_size`] already
+    /// passed: the rules without writing the spec out again to measure it.
+    pub fn validate_sized(&self) -> Result<(), ValidationError> {
         check_name("name", &self.name)?;
         if self.priority > MAX_PRIORITY {
             return Err(ValidationError::new(

@@ -57,6 +57,9 @@ fn design_example_parses_and_names_the_bad_digest() {
     let err = spec.validate().unwrap_err();
     assert_eq!(err.field, "groups[0].task.artifacts[0].blake3");
     parse(valid()).unwrap().validate().unwrap();
+    // Once its size is checked, the rules alone give the same answers.
+    assert_eq!(spec.validate_sized().unwrap_err().field, err.field);
+    parse(valid()).unwrap().validate_sized().unwrap();
 }
 
 #[test]

@@ -58,7 +58,7 @@ async fn submit_job(
 ) -> Result<Response, ApiError> {
     // Oversized is 413, before the rules' 400s.
     spec.check_size()?;
-    spec.validate()?;
+    spec.validate_sized()?;
     caller
         .require(
             &state,
