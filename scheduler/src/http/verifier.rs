@@ -2,15 +2,17 @@
 //! of a signed write's work at the edge (about 40 µs of a core), and checked in a
 //! batch an ed25519 signature costs about half that ([`aigrid_api::verify_all`]).
 //! Requests that reach their check while another request is checking signatures
-//! queue theirs; the checking request takes the whole queue as one batch, and goes
-//! on until the queue is empty. Before its first batch it lets the requests already
-//! running on this server reach their checks, so a burst of writes (closed-loop
-//! clients answered by one commit) is checked as one. A request alone checks its
-//! own signature at once, as before.
+//! queue theirs. The checking request first lets the requests already running on
+//! this server reach their checks, so a burst of writes (closed-loop clients
+//! answered by one commit) is checked as one, then checks up to 64 of the queue
+//! with its own, and one more batch; whatever is still queued then goes on in a
+//! task of its own until the queue is empty, so no request waits on more than two
+//! batches of others' signatures. A request alone checks its own at once.
 //!
 //! Every check is answered as it would be alone: a batch that fails is checked
-//! signature by signature. The queue holds only requests whose handlers are waiting
-//! on it, so it is bounded by the requests in flight (`ApiLimits::max_in_flight`).
+//! signature by signature. The queue holds only requests whose handlers wait on it.
+
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use prometheus::{Histogram, HistogramOpts, Registry};
@@ -25,6 +27,10 @@ const MAX_BATCH: usize = 64;
 
 /// Requests' signatures waiting to be checked, and whether a request is checking.
 pub(crate) struct Verifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     pending: Mutex<Pending>,
     /// How many signatures each batch checked (`aigrid_http_signature_batch_size`).
     batch_sizes: Histogram,
@@ -33,6 +39,7 @@ pub(crate) struct Verifier {
 #[derive(Default)]
 struct Pending {
     queue: Vec<Job>,
+    /// A request (or the task it left the rest to) is checking: others queue.
     checking: bool,
 }
 
@@ -56,10 +63,13 @@ impl Verifier {
         )?;
         registry.register(Box::new(batch_sizes.clone()))?;
         Ok(Verifier {
-            pending: Mutex::default(),
-            batch_sizes,
+            inner: Arc::new(Inner {
+                pending: Mutex::default(),
+                batch_sizes,
+            }),
         })
     }
+
     /// Checks `signature` by `key` over `message`, as [`PublicKey::verify`] does,
     /// with whatever other requests are checking at the same moment.
     pub(crate) async fn verify(
@@ -76,8 +86,8 @@ impl Verifier {
             verdict,
         };
         let lead = {
-            let mut pending = self.pending.lock();
-            if pending.checking || !pending.queue.is_empty() {
+            let mut pending = self.inner.pending.lock();
+            if pending.checking {
                 pending.queue.push(job);
                 None
             } else {
@@ -87,15 +97,12 @@ impl Verifier {
                 Some(job)
             }
         };
-        let Some(lead) = lead else {
-            return answer.await.unwrap_or(Err(AuthError::BadSignature));
-        };
-        {
+        if let Some(lead) = lead {
             // Whatever happens to this request from here, the queue is worked off:
-            // the guard checks every queued signature when it is dropped, also when
-            // the request is dropped while it yields.
+            // the guard checks when it is dropped, also when the request is
+            // dropped while it yields.
             let checking = Checking {
-                verifier: self,
+                inner: &self.inner,
                 own: Some(lead),
             };
             // Other requests that are ready to run reach their checks first and
@@ -105,37 +112,55 @@ impl Verifier {
         }
         answer.await.unwrap_or(Err(AuthError::BadSignature))
     }
+}
 
-    /// Checks batches from the queue (the first with `own` in it) until it is
-    /// empty, then lets the next request check.
-    fn work_off(&self, own: Option<Job>) {
+impl Inner {
+    /// Checks one batch from the queue, `own` first; false, and the turn to check
+    /// ends, when there was nothing to check.
+    fn check_next(&self, own: Option<Job>) -> bool {
         let mut batch: Vec<Job> = own.into_iter().collect();
-        loop {
-            {
-                let mut pending = self.pending.lock();
-                let room = MAX_BATCH.saturating_sub(batch.len());
-                let take = pending.queue.len().min(room);
-                batch.extend(pending.queue.drain(..take));
-                if batch.is_empty() {
-                    pending.checking = false;
-                    return;
-                }
+        {
+            let mut pending = self.pending.lock();
+            let take = pending.queue.len().min(MAX_BATCH - batch.len());
+            batch.extend(pending.queue.drain(..take));
+            if batch.is_empty() {
+                pending.checking = false;
+                return false;
             }
-            self.batch_sizes.observe(batch.len() as f64);
-            check(std::mem::take(&mut batch));
         }
+        self.batch_sizes.observe(batch.len() as f64);
+        check(batch);
+        true
     }
 }
 
-/// The request checking signatures; dropping it works the queue off.
+/// The request checking signatures. Dropped, it checks its own batch and one
+/// more, and leaves whatever is still queued to a task of its own, which goes on
+/// until the queue is empty: no request answers later for more than two batches
+/// of others' signatures, however many keep coming.
 struct Checking<'a> {
-    verifier: &'a Verifier,
+    inner: &'a Arc<Inner>,
     own: Option<Job>,
 }
 
 impl Drop for Checking<'_> {
     fn drop(&mut self) {
-        self.verifier.work_off(self.own.take());
+        let inner = self.inner;
+        if !(inner.check_next(self.own.take()) && inner.check_next(None)) {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let inner = Arc::clone(inner);
+                runtime.spawn(async move {
+                    while inner.check_next(None) {
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+            // Outside a runtime (one being shut down), here and now.
+            Err(_) => while inner.check_next(None) {},
+        }
     }
 }
 
@@ -159,8 +184,6 @@ fn check(batch: Vec<Job>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use std::future::Future as _;
     use std::task::{Context, Poll, Waker};
 
@@ -170,6 +193,20 @@ mod tests {
 
     fn verifier() -> Verifier {
         Verifier::new(&Registry::new()).unwrap()
+    }
+
+    /// Waits until nobody checks and nothing is queued.
+    async fn settled(verifier: &Verifier) {
+        for _ in 0..5_000 {
+            {
+                let pending = verifier.inner.pending.lock();
+                if pending.queue.is_empty() && !pending.checking {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("the verifier never settled");
     }
 
     fn key(n: u8) -> IdentityKey {
@@ -207,12 +244,11 @@ mod tests {
                 assert!(verdict.is_ok(), "{verdict:?}");
             }
         }
-        let pending = verifier.pending.lock();
-        assert!(pending.queue.is_empty() && !pending.checking);
+        settled(&verifier).await;
         // Every signature was checked once, and some together.
-        assert_eq!(verifier.batch_sizes.get_sample_sum(), 200.0);
+        assert_eq!(verifier.inner.batch_sizes.get_sample_sum(), 200.0);
         assert!(
-            verifier.batch_sizes.get_sample_count() < 200,
+            verifier.inner.batch_sizes.get_sample_count() < 200,
             "no two signatures were checked together"
         );
     }
@@ -287,7 +323,7 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         assert!(matches!(leading.as_mut().poll(&mut cx), Poll::Pending));
         let (verdict, answer) = oneshot::channel();
-        verifier.pending.lock().queue.push(Job {
+        verifier.inner.pending.lock().queue.push(Job {
             key: signer.public(),
             message: message.clone(),
             signature: signer.sign(&message),
@@ -295,6 +331,46 @@ mod tests {
         });
         drop(leading);
         assert!(answer.await.unwrap().is_ok());
-        assert!(!verifier.pending.lock().checking);
+        assert!(!verifier.inner.pending.lock().checking);
+    }
+
+    /// Under a flood the checking request answers after its own batch and one
+    /// more; a task of its own checks the rest, and every request is answered.
+    #[tokio::test]
+    async fn a_flood_is_left_to_a_task_and_every_request_is_answered() {
+        let verifier = verifier();
+        let signer = key(4);
+        let message = b"m".to_vec();
+        let signature = signer.sign(&message);
+        let mut leading =
+            Box::pin(verifier.verify(signer.public(), message.clone(), signature.clone()));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(leading.as_mut().poll(&mut cx), Poll::Pending));
+        let mut answers = Vec::new();
+        for _ in 0..3 * MAX_BATCH {
+            let (verdict, answer) = oneshot::channel();
+            verifier.inner.pending.lock().queue.push(Job {
+                key: signer.public(),
+                message: message.clone(),
+                signature: signature.clone(),
+                verdict,
+            });
+            answers.push(answer);
+        }
+        assert!(leading.await.is_ok());
+        // Its own batch (itself and 63 others) and one more of 64; the single
+        // threaded test runtime has not run the task yet.
+        assert_eq!(
+            verifier.inner.pending.lock().queue.len(),
+            3 * MAX_BATCH + 1 - 2 * MAX_BATCH
+        );
+        for answer in answers {
+            assert!(answer.await.unwrap().is_ok());
+        }
+        settled(&verifier).await;
+        assert_eq!(
+            verifier.inner.batch_sizes.get_sample_sum(),
+            (3 * MAX_BATCH + 1) as f64
+        );
     }
 }
