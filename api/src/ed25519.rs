@@ -55,9 +55,13 @@ static SMALL_ORDER: LazyLock<[[u8; 32]; 8]> = LazyLock::new(|| {
 /// is the canonical encoding of a point, so comparing its bytes with the eight
 /// small-order points' encodings decides the same.
 pub(crate) fn verify_strictly(key: &VerifyingKey, message: &[u8], signature: &Signature) -> bool {
-    !key.is_weak()
-        && !SMALL_ORDER.contains(signature.r_bytes())
-        && key.verify(message, signature).is_ok()
+    passes_strict_rules(key, signature) && key.verify(message, signature).is_ok()
+}
+
+/// The strict rules' cheap part: neither the key nor the signature's `R` is of small
+/// order.
+fn passes_strict_rules(key: &VerifyingKey, signature: &Signature) -> bool {
+    !key.is_weak() && !SMALL_ORDER.contains(signature.r_bytes())
 }
 
 /// Fewest signatures checked together: one alone goes [`verify_strictly`]'s way.
@@ -81,7 +85,7 @@ const BATCH_FROM: usize = 2;
 pub(crate) fn verify_strictly_all(items: &[(VerifyingKey, &[u8], Signature)]) -> Vec<bool> {
     let mut verdicts: Vec<bool> = items
         .iter()
-        .map(|(key, _, signature)| !key.is_weak() && !SMALL_ORDER.contains(signature.r_bytes()))
+        .map(|(key, _, signature)| passes_strict_rules(key, signature))
         .collect();
     let candidates: Vec<usize> = (0..items.len()).filter(|&i| verdicts[i]).collect();
     if candidates.len() >= BATCH_FROM {

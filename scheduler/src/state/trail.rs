@@ -346,7 +346,7 @@ impl ClusterState {
 /// `target` and `circle`, kept as its fields. Every job submission on every replica
 /// records one, and writing its leaf straight (keys in their canonical order) spares
 /// building, sorting and dropping a JSON object for each.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) struct ChangeEvent {
     at: Timestamp,
     /// The payload's `type`; `null` in the leaf where it has none.
