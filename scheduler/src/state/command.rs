@@ -565,12 +565,13 @@ impl ServerChange {
 
 impl Command {
     /// Reads the command a log entry carries. `serde` reads a tagged enum by first
-    /// copying the whole object into a buffer of its own; a job submission, the
-    /// command written most, is read straight into its fields instead when it starts
-    /// with its tag, as `serde_json` writes it, and holds its fields and nothing
-    /// else, each once. Anything else, and anything that reading refuses, takes the
-    /// general reading: what the strict one accepts, the general one accepts with
-    /// the same value, so every release and every replica reads an entry alike.
+    /// copying the whole object into a buffer of its own; a job submission and a
+    /// plan, the commands written most (a plan carries a verdict per job planned),
+    /// are read straight into their fields instead when they start with their tag,
+    /// as `serde_json` writes it, and hold their fields and nothing else, each once.
+    /// Anything else, and anything that reading refuses, takes the general reading:
+    /// what the strict one accepts, the general one accepts with the same value, so
+    /// every release and every replica reads an entry alike.
     pub fn from_entry(data: &[u8]) -> serde_json::Result<Command> {
         const SUBMIT_JOB: &[u8] = br#"{"type":"submit_job","#;
         /// `Command::SubmitJob`'s fields and its tag, already checked.
@@ -603,6 +604,21 @@ impl Command {
                     at,
                     by,
                 });
+            }
+        }
+        const APPLY_PLAN: &[u8] = br#"{"type":"apply_plan","#;
+        /// `Command::ApplyPlan`'s fields and its tag, already checked.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct ApplyPlan {
+            #[serde(rename = "type")]
+            _tag: serde::de::IgnoredAny,
+            jobs: Vec<JobPlan>,
+            at: Timestamp,
+        }
+        if data.starts_with(APPLY_PLAN) {
+            if let Ok(ApplyPlan { _tag, jobs, at }) = serde_json::from_slice(data) {
+                return Ok(Command::ApplyPlan { jobs, at });
             }
         }
         serde_json::from_slice(data)

@@ -139,34 +139,22 @@ impl ClusterState {
     }
 
     /// Forgets the oldest evaluations beyond the limit: completed ones first, then,
-    /// if the planner has fallen that far behind, the oldest of any status.
+    /// if the planner has fallen that far behind, the oldest of any status. One at
+    /// a time: past the limit each new evaluation forgets one, with no set gathered.
     fn trim_evals(&mut self) {
         let excess = self
             .tables
             .evaluations
             .len()
             .saturating_sub(self.tables.eval_limit);
-        if excess == 0 {
-            return;
-        }
-        let mut victims: BTreeSet<u64> = self
-            .eval_status
-            .get(&EvalStatus::Complete)
-            .into_iter()
-            .flatten()
-            .take(excess)
-            .copied()
-            .collect();
-        let missing = excess - victims.len();
-        let oldest: Vec<u64> = self
-            .eval_order
-            .keys()
-            .filter(|seq| !victims.contains(seq))
-            .take(missing)
-            .copied()
-            .collect();
-        victims.extend(oldest);
-        for seq in victims {
+        for _ in 0..excess {
+            let complete = self
+                .eval_status
+                .get_mut(&EvalStatus::Complete)
+                .and_then(BTreeSet::pop_first);
+            let Some(seq) = complete.or_else(|| self.eval_order.keys().next().copied()) else {
+                return;
+            };
             if let Some(id) = self.eval_order.remove(&seq) {
                 if let Some(record) = self.tables.evaluations.remove(&id) {
                     if let Some(seqs) = self.eval_status.get_mut(&record.eval.status) {

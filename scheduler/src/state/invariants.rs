@@ -46,7 +46,7 @@ impl ClusterState {
             }
         }
 
-        let mut names = std::collections::HashMap::new();
+        let mut names = super::Hashed::default();
         for (id, job) in &t.jobs {
             if id != &job.id {
                 return Err(format!("job keyed `{id}` has id `{}`", job.id));

@@ -155,8 +155,13 @@ struct EvalRecord {
     eval: Evaluation,
 }
 
+/// The state's hashed tables: foldhash, seeded at random per table, where the
+/// standard SipHash-1-3 took a tenth of every submission's apply on the lookups,
+/// inserts and trims of ids and names.
+type Hashed<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Writes a hashed map as a map in key order, as a tree of the same entries writes.
-fn in_key_order<K, V, S>(map: &HashMap<K, V>, serializer: S) -> Result<S::Ok, S::Error>
+fn in_key_order<K, V, S>(map: &Hashed<K, V>, serializer: S) -> Result<S::Ok, S::Error>
 where
     K: Ord + Serialize,
     V: Serialize,
@@ -182,14 +187,14 @@ struct Tables {
     /// (a circle's jobs, the derived sets) sum, collect into sets or sort, so no result
     /// depends on its order; a snapshot writes it in id order.
     #[serde(serialize_with = "in_key_order")]
-    jobs: HashMap<JobId, Arc<JobRecord>>,
+    jobs: Hashed<JobId, Arc<JobRecord>>,
     allocations: BTreeMap<AllocId, Allocation>,
     /// Hashed: every submission looks its evaluation id up and inserts it, and each
     /// beyond the limit removes the oldest; in a tree of 10,000 random ids each was a
     /// chain of string comparisons. Written to a snapshot in id order, so a snapshot's
     /// bytes depend on the state alone.
     #[serde(serialize_with = "in_key_order")]
-    evaluations: HashMap<EvalId, EvalRecord>,
+    evaluations: Hashed<EvalId, EvalRecord>,
     #[serde(default)]
     join_tokens: BTreeMap<String, TokenRecord>,
     /// Output tails agents shipped, per allocation; dropped with the allocation.
@@ -246,7 +251,7 @@ pub struct ClusterState {
     /// looks its name up several times, and a tree of a few hundred thousand names
     /// costs a chain of string comparisons (each a cache miss) per look. The one
     /// reading in name order, the job list, sorts what it lists.
-    job_names: HashMap<String, JobId>,
+    job_names: Hashed<String, JobId>,
     /// Names of the live jobs with a `model-server` group; derived from
     /// `tables.jobs`, so the gateway's routing reads never scan every job.
     model_jobs: BTreeSet<String>,
@@ -650,9 +655,9 @@ impl ClusterState {
             eval_limit: limit.max(1),
             next_eval_seq: 0,
             nodes: BTreeMap::new(),
-            jobs: HashMap::new(),
+            jobs: Hashed::default(),
             allocations: BTreeMap::new(),
-            evaluations: HashMap::new(),
+            evaluations: Hashed::default(),
             join_tokens: BTreeMap::new(),
             logs: BTreeMap::new(),
             node_index: BTreeMap::new(),

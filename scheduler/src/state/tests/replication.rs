@@ -35,7 +35,27 @@ fn a_log_entry_reads_as_the_command_written_whichever_way_it_is_read() {
         *who = Some(IdentityId::new("ed25519:00ff"));
         spec.circle = Some("vision".into());
     }
-    let commands = [submit("j1", "e1", spec("api")), by, delete("j1", "e2")];
+    let mut plan = JobPlan::new(JobId::new("j1"), 1);
+    plan.stop = vec![AllocId::new("a0")];
+    plan.evals = vec![EvaluationUpdate {
+        eval_id: EvalId::new("e1"),
+        status: EvalStatus::Blocked,
+        unplaced: vec![Unplaced {
+            group: "g".into(),
+            count: 2,
+            reason: "no node with 1 free \"H100\" GPU".into(),
+        }],
+    }];
+    let apply_plan = Command::ApplyPlan {
+        jobs: vec![plan.clone(), JobPlan::new(JobId::new("j2"), 3)],
+        at: Timestamp::new(7),
+    };
+    let commands = [
+        submit("j1", "e1", spec("api")),
+        by,
+        delete("j1", "e2"),
+        apply_plan,
+    ];
     for command in commands {
         let bytes = serde_json::to_vec(&command).unwrap();
         let general: Command = serde_json::from_slice(&bytes).unwrap();
@@ -71,6 +91,19 @@ fn a_log_entry_reads_as_the_command_written_whichever_way_it_is_read() {
         [body, br#","type":"delete_job"}"#].concat(),
         [body, br#","added_later":1e999}"#].concat(),
     ];
+    // A plan with a job's plan of the wrong shape, or cut short.
+    let plan_bytes = serde_json::to_vec(&Command::ApplyPlan {
+        jobs: vec![plan],
+        at: Timestamp::new(7),
+    })
+    .unwrap();
+    assert!(plan_bytes.starts_with(br#"{"type":"apply_plan","#));
+    let plan_body = &plan_bytes[..plan_bytes.len() - 1];
+    let refused = refused.into_iter().chain([
+        plan_body.to_vec(),
+        [plan_body, br#","type":"apply_plan"}"#].concat(),
+        br#"{"type":"apply_plan","jobs":[{"job_id":"j1"}],"at":7}"#.to_vec(),
+    ]);
     for entry in refused {
         assert!(serde_json::from_slice::<Command>(&entry).is_err());
         assert!(
