@@ -121,7 +121,7 @@ impl ClusterState {
             .insert(seq);
         self.tables.evaluations.insert(
             id.clone(),
-            EvalRecord {
+            Box::new(EvalRecord {
                 seq,
                 eval: Evaluation {
                     id,
@@ -133,7 +133,7 @@ impl ClusterState {
                     updated_at: at,
                     wait_until,
                 },
-            },
+            }),
         );
         self.trim_evals();
     }

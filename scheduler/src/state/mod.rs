@@ -193,8 +193,11 @@ struct Tables {
     /// beyond the limit removes the oldest; in a tree of 10,000 random ids each was a
     /// chain of string comparisons. Written to a snapshot in id order, so a snapshot's
     /// bytes depend on the state alone.
+    /// Boxed: past the limit every submission inserts one and removes one, and the
+    /// table's rehashes (tombstones filling it) move a pointer per entry, not a
+    /// record.
     #[serde(serialize_with = "in_key_order")]
-    evaluations: Hashed<EvalId, EvalRecord>,
+    evaluations: Hashed<EvalId, Box<EvalRecord>>,
     #[serde(default)]
     join_tokens: BTreeMap<String, TokenRecord>,
     /// Output tails agents shipped, per allocation; dropped with the allocation.
