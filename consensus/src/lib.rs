@@ -31,5 +31,5 @@ pub mod testkit;
 pub mod transport;
 
 pub use replica::{MembershipChange, ReplicaConfig, ReplicaStatus};
-pub use runtime::{NodeConfig, RaftError, RaftNode, DEFAULT_SPIN, MAX_SPIN};
+pub use runtime::{NodeConfig, RaftError, RaftNode, DEFAULT_SPIN, MAX_SPIN, QUIET_SPIN};
 pub use state_machine::{SnapshotError, StateMachine};

@@ -66,7 +66,8 @@ pub struct NodeConfig {
     pub queue_capacity: usize,
     /// How long the replica's thread keeps polling its queue and its peers' sockets,
     /// after a pass that had input, before it parks until the next input or tick
-    /// ([`DEFAULT_SPIN`]; zero parks at once). Waking a parked thread costs the
+    /// ([`DEFAULT_SPIN`]; zero parks at once; at most [`QUIET_SPIN`] when the last
+    /// polling ran out with nothing arriving). Waking a parked thread costs the
     /// thread that wakes it an interrupt to another CPU, and on a virtual machine
     /// whose idle CPUs halt a trip through the hypervisor, at both ends of every
     /// hand-off of a write; while writes come, the next input (an acknowledgement,
@@ -74,9 +75,17 @@ pub struct NodeConfig {
     pub spin: Duration,
 }
 
-/// [`NodeConfig::spin`]'s default: polling stops 200 µs after the last input, so
-/// an idle replica costs a tick's pass and nothing else.
-pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
+/// [`NodeConfig::spin`]'s default: polling stops at most 1 ms after the last input
+/// while inputs keep coming, [`QUIET_SPIN`] after one that came alone, so an idle
+/// replica costs a tick's pass and a short look after each heartbeat. Under load a
+/// pause between inputs often passes 200 µs while the thread's CPU serves the
+/// other replicas' threads and the clients; polling through it (yielding meanwhile)
+/// spares the wake-up: on a 2-core virtual machine, three-replica cluster, 1 ms
+/// against 200 µs gave 4-7% more writes at 16 and 64 clients and the same at one.
+pub const DEFAULT_SPIN: Duration = Duration::from_millis(1);
+/// The longest a replica polls after an input when its last polling ran out with
+/// nothing arriving: a heartbeat alone, or the first write after a pause.
+pub const QUIET_SPIN: Duration = Duration::from_micros(200);
 /// The longest [`NodeConfig::spin`] a server takes: past it a replica would hold a
 /// CPU through pauses that are no longer hand-offs.
 pub const MAX_SPIN: Duration = Duration::from_millis(10);
@@ -580,6 +589,9 @@ impl<S: StateMachine> Driver<S> {
         // Whether the last pass had input: only then does the thread poll before
         // it parks, so a pass woken by its tick alone parks at once.
         let mut busy = false;
+        // Whether the last polling ended with input arriving: only then may the next
+        // one last the whole spin.
+        let mut streaming = false;
         let mut members = self.replica.members().clone();
         let mut last_leader = self.replica.leader();
         let mut commit_notice_at: Option<Instant> = None;
@@ -592,7 +604,13 @@ impl<S: StateMachine> Driver<S> {
             // when input is already queued.
             let wake = commit_notice_at.map_or(next_tick, |at| at.min(next_tick));
             if busy {
-                self.poll_before_parking(spin.min(wake.saturating_duration_since(Instant::now())));
+                let spin = if streaming {
+                    spin
+                } else {
+                    spin.min(QUIET_SPIN)
+                };
+                streaming = self
+                    .poll_before_parking(spin.min(wake.saturating_duration_since(Instant::now())));
             }
             let deadline = tokio::time::Instant::from_std(wake);
             let rx = &mut self.rx;
@@ -680,16 +698,23 @@ impl<S: StateMachine> Driver<S> {
     }
 
     /// Runs the peer traffic and looks at the queue until input arrives or `spin`
-    /// has passed, giving the CPU to whatever else is ready between looks.
-    fn poll_before_parking(&mut self, spin: Duration) {
-        if spin.is_zero() || !self.rx.is_empty() {
-            return;
+    /// has passed, giving the CPU to whatever else is ready between looks. True
+    /// when input arrived.
+    fn poll_before_parking(&mut self, spin: Duration) -> bool {
+        if !self.rx.is_empty() {
+            return true;
+        }
+        if spin.is_zero() {
+            return false;
         }
         let until = Instant::now() + spin;
         loop {
             run_peer_traffic(&self.runtime);
-            if !self.rx.is_empty() || Instant::now() >= until {
-                return;
+            if !self.rx.is_empty() {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
             }
             std::thread::yield_now();
         }
