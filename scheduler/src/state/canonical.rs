@@ -48,22 +48,59 @@ macro_rules! each_to {
 
 /// The canonical JSON of `value` with every `env` object's values committed under
 /// `salt`, and its top-level `type` field if it has a textual one.
+#[cfg(test)]
 pub(super) fn shown_canonical<T: Serialize + ?Sized>(
     value: &T,
     salt: &str,
 ) -> Result<(Vec<u8>, Option<String>)> {
-    let mut buf = Buf {
-        out: Vec::with_capacity(1024),
-        stack: Vec::with_capacity(32),
+    shown_canonical_with(value, salt, |json, kind| (json.to_vec(), kind))
+}
+
+/// Hands [`shown_canonical`]'s JSON and `type` to `read`, written in a buffer this
+/// thread keeps: every replica writes one per job submission it applies, and a
+/// buffer of its own each time cost growing it, and touching fresh pages, as often.
+pub(super) fn shown_canonical_with<T: Serialize + ?Sized, R>(
+    value: &T,
+    salt: &str,
+    read: impl FnOnce(&[u8], Option<String>) -> R,
+) -> Result<R> {
+    /// What a kept buffer may hold on to between commands.
+    const KEPT_BYTES: usize = 64 << 10;
+    thread_local! {
+        static KEPT: std::cell::RefCell<Buf> = const {
+            std::cell::RefCell::new(Buf {
+                out: Vec::new(),
+                stack: Vec::new(),
+            })
+        };
+    }
+    let write = |buf: &mut Buf| {
+        buf.out.clear();
+        buf.stack.clear();
+        let mut kind = None;
+        let written = value.serialize(Writer {
+            buf: &mut *buf,
+            salt,
+            mode: Mode::Plain,
+            kind: Some(&mut kind),
+        });
+        let read = written.map(|()| read(&buf.out, kind));
+        if buf.out.capacity() > KEPT_BYTES {
+            buf.out = Vec::new();
+        }
+        if buf.stack.capacity() > KEPT_BYTES / 16 {
+            buf.stack = Vec::new();
+        }
+        read
     };
-    let mut kind = None;
-    value.serialize(Writer {
-        buf: &mut buf,
-        salt,
-        mode: Mode::Plain,
-        kind: Some(&mut kind),
-    })?;
-    Ok((buf.out, kind))
+    KEPT.with(|kept| match kept.try_borrow_mut() {
+        Ok(mut buf) => write(&mut buf),
+        // Only if a value's serialisation wrote another's: it gets a buffer of its own.
+        Err(_) => write(&mut Buf {
+            out: Vec::new(),
+            stack: Vec::new(),
+        }),
+    })
 }
 
 /// The commitment `trail` shows instead of a secret.

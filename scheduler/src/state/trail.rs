@@ -98,12 +98,12 @@ fn shown_payload_hash(command: &Command, salt: &str) -> (Option<String>, [u8; 32
     if matches!(command, Command::RegisterModel { .. }) {
         return by_value();
     }
-    let Ok((json, kind)) = canonical::shown_canonical(command, salt) else {
-        return by_value();
-    };
-    let direct = (kind, sha2::Sha256::digest(&json).into());
-    debug_assert_eq!(direct, by_value(), "{}", String::from_utf8_lossy(&json));
-    direct
+    let direct = canonical::shown_canonical_with(command, salt, |json, kind| {
+        let direct = (kind, sha2::Sha256::digest(json).into());
+        debug_assert_eq!(direct, by_value(), "{}", String::from_utf8_lossy(json));
+        direct
+    });
+    direct.unwrap_or_else(|_| by_value())
 }
 
 impl ClusterState {
