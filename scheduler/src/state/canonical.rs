@@ -67,12 +67,7 @@ pub(super) fn shown_canonical_with<T: Serialize + ?Sized, R>(
     /// What a kept buffer may hold on to between commands.
     const KEPT_BYTES: usize = 64 << 10;
     thread_local! {
-        static KEPT: std::cell::RefCell<Buf> = const {
-            std::cell::RefCell::new(Buf {
-                out: Vec::new(),
-                stack: Vec::new(),
-            })
-        };
+        static KEPT: std::cell::RefCell<Buf> = const { std::cell::RefCell::new(Buf::new()) };
     }
     let write = |buf: &mut Buf| {
         buf.out.clear();
@@ -96,10 +91,7 @@ pub(super) fn shown_canonical_with<T: Serialize + ?Sized, R>(
     KEPT.with(|kept| match kept.try_borrow_mut() {
         Ok(mut buf) => write(&mut buf),
         // Only if a value's serialisation wrote another's: it gets a buffer of its own.
-        Err(_) => write(&mut Buf {
-            out: Vec::new(),
-            stack: Vec::new(),
-        }),
+        Err(_) => write(&mut Buf::new()),
     })
 }
 
@@ -131,6 +123,15 @@ enum Mode {
 struct Buf {
     out: Vec<u8>,
     stack: Vec<(Cow<'static, str>, Range<usize>)>,
+}
+
+impl Buf {
+    const fn new() -> Self {
+        Buf {
+            out: Vec::new(),
+            stack: Vec::new(),
+        }
+    }
 }
 
 struct Writer<'a> {

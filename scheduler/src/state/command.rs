@@ -573,7 +573,13 @@ impl Command {
     /// what the strict one accepts, the general one accepts with the same value, so
     /// every release and every replica reads an entry alike.
     pub fn from_entry(data: &[u8]) -> serde_json::Result<Command> {
-        const SUBMIT_JOB: &[u8] = br#"{"type":"submit_job","#;
+        /// An entry's fields read straight into `T` when it starts with `tag`; `None`
+        /// when it does not, or when that reading refuses it.
+        fn strictly<T: serde::de::DeserializeOwned>(data: &[u8], tag: &[u8]) -> Option<T> {
+            data.starts_with(tag)
+                .then(|| serde_json::from_slice(data).ok())
+                .flatten()
+        }
         /// `Command::SubmitJob`'s fields and its tag, already checked.
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -587,26 +593,6 @@ impl Command {
             #[serde(default)]
             by: Option<IdentityId>,
         }
-        if data.starts_with(SUBMIT_JOB) {
-            if let Ok(SubmitJob {
-                _tag,
-                job_id,
-                eval_id,
-                spec,
-                at,
-                by,
-            }) = serde_json::from_slice(data)
-            {
-                return Ok(Command::SubmitJob {
-                    job_id,
-                    eval_id,
-                    spec,
-                    at,
-                    by,
-                });
-            }
-        }
-        const APPLY_PLAN: &[u8] = br#"{"type":"apply_plan","#;
         /// `Command::ApplyPlan`'s fields and its tag, already checked.
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -616,10 +602,25 @@ impl Command {
             jobs: Vec<JobPlan>,
             at: Timestamp,
         }
-        if data.starts_with(APPLY_PLAN) {
-            if let Ok(ApplyPlan { _tag, jobs, at }) = serde_json::from_slice(data) {
-                return Ok(Command::ApplyPlan { jobs, at });
-            }
+        if let Some(SubmitJob {
+            _tag,
+            job_id,
+            eval_id,
+            spec,
+            at,
+            by,
+        }) = strictly(data, br#"{"type":"submit_job","#)
+        {
+            return Ok(Command::SubmitJob {
+                job_id,
+                eval_id,
+                spec,
+                at,
+                by,
+            });
+        }
+        if let Some(ApplyPlan { _tag, jobs, at }) = strictly(data, br#"{"type":"apply_plan","#) {
+            return Ok(Command::ApplyPlan { jobs, at });
         }
         serde_json::from_slice(data)
     }
