@@ -563,7 +563,11 @@ async fn audit_export(State(state): State<ApiState>, caller: Caller) -> Result<R
                 &key_name,
                 &key,
                 POST_QUANTUM,
-                s.audit_log().leaves().to_vec(),
+                s.audit_log()
+                    .leaves()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
             ))
         })
         .await?
