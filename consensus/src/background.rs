@@ -13,13 +13,15 @@
 //! between inputs (see `runtime`) handed it to the serialising thread, which then
 //! held it for its slice, and the snapshot threads took 14% of the CPU while
 //! 64 clients wrote. In the idle class a thread that wakes takes the CPU from it at
-//! once. With snapshots falling in the load (64 clients after 16 s of 16), three
-//! pairs alternated on a 2-core AMD EPYC gave 5,251 / 4,994, 4,817 / 5,776 and
-//! 5,107 / 5,514 writes a second, nice 19 / idle class, and a p99 of 28-34 ms
-//! against 25-27.
+//! once. On a CPU that is never idle it still runs, with a small share (the idle
+//! class weighs 3 against a default thread's 1,024), so a snapshot is stored in
+//! the end and the log compacted behind it. With snapshots falling in the load
+//! (64 clients after 16 s of 16), three pairs alternated on a 2-core AMD EPYC
+//! gave 5,251 / 4,994, 4,817 / 5,776 and 5,107 / 5,514 writes a second, nice 19 /
+//! idle class, and a p99 of 28-34 ms against 25-27.
 
-// Unsafe: one `setpriority(2)` call for the calling thread, which std and nix do
-// not offer.
+// Unsafe: `sched_setscheduler(2)` and `setpriority(2)` for the calling thread,
+// which std and nix do not offer.
 #![allow(unsafe_code)]
 
 /// The nice value of a background thread: the lowest priority.
