@@ -86,10 +86,10 @@ pub const DEFAULT_SPIN: Duration = Duration::from_millis(1);
 /// The longest a replica polls after an input when its last polling ran out with
 /// nothing arriving: a heartbeat alone, or the first write after a pause. It
 /// spans more of the pauses between a replica's inputs while one client writes
-/// (its answer leaves, then the client's next write arrives): on a 2-core AMD EPYC, one client
-/// writing through a follower did 1,079 / 1,075 / 1,080 / 1,155 writes/s against
-/// 980 / 986 / 1,001 / 1,136 with 200 µs (alternated pairs), the leader and 16
-/// and 64 clients the same within the noise.
+/// (its answer leaves, then the client's next write arrives): on a 2-core AMD
+/// EPYC, one client writing through a follower did 1,079 / 1,075 / 1,080 / 1,155
+/// writes/s against 980 / 986 / 1,001 / 1,136 with 200 µs (alternated pairs), the
+/// leader and 16 and 64 clients the same within the noise.
 pub const QUIET_SPIN: Duration = Duration::from_micros(500);
 /// The longest [`NodeConfig::spin`] a server takes: past it a replica would hold a
 /// CPU through pauses that are no longer hand-offs.
