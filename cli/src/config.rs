@@ -104,7 +104,7 @@ pub struct ServerArgs {
     request_timeout_ms: Option<u64>,
     /// Microseconds the Raft thread keeps polling for the next message after one
     /// arrived, before it sleeps, while messages keep coming (default 1000, and
-    /// at most 200 after a message that came alone; 0 sleeps at once; at most
+    /// at most 500 after a message that came alone; 0 sleeps at once; at most
     /// 10000).
     /// Polling spares each hand-off of a write a wake-up of a sleeping CPU, at the
     /// cost of up to this much CPU after the last message.

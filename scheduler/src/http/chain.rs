@@ -506,7 +506,8 @@ async fn audit_proof(
             let tree = if size == log.len() {
                 log
             } else {
-                older_tree = aigrid_consensus::human::audit::AuditLog::from_leaves(leaves.to_vec());
+                older_tree =
+                    aigrid_consensus::human::audit::AuditLog::from_leaves(leaves.iter().cloned());
                 &older_tree
             };
             let root = hex::encode(tree.root());
