@@ -115,7 +115,7 @@ pub use rollout::{
 };
 pub use signature::{KeyRef, NodeSigner, ParsedSignature, RequestSigner, SignedHeaders};
 pub use spec::{
-    Affinity, Artifact, CanaryChecks, Constraint, ConstraintOp, ConstraintValue, ExecTask,
+    Affinity, Artifact, CanaryChecks, Constraint, ConstraintOp, ConstraintValue, EnvVars, ExecTask,
     GpuRequest, JobKind, JobSpec, ModelServerTask, Ratio, Resources, RestartMode, RestartPolicy,
     ScaleEvent, Scaling, SizeError, Span, Spread, TaskGroup, TaskSpec, UpdatePolicy,
 };

@@ -10,11 +10,9 @@
 //! [`JobSpec::check_size`](super::JobSpec::check_size) runs these checks alone, and
 //! `validate` runs them first, so the apply path refuses an oversized spec too.
 
-use std::collections::BTreeMap;
-
 use crate::error::ValidationError;
 
-use super::{Affinity, Constraint, ConstraintValue, JobSpec, Spread, TaskGroup, TaskSpec};
+use super::{Affinity, Constraint, ConstraintValue, EnvVars, JobSpec, Spread, TaskGroup, TaskSpec};
 
 /// Largest spec, as compact JSON.
 pub const MAX_SPEC_BYTES: usize = 512 * 1024;
@@ -264,7 +262,7 @@ fn check_args(path: &str, command: &str, args: &[String]) -> Result<(), SizeErro
     Ok(())
 }
 
-fn check_env(path: &str, env: &BTreeMap<String, String>) -> Result<(), SizeError> {
+fn check_env(path: &str, env: &EnvVars) -> Result<(), SizeError> {
     count(|| path.to_owned(), env.len(), MAX_ENV_VARS, "variables")?;
     let mut total = 0;
     for (name, value) in env {

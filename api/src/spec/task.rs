@@ -1,11 +1,10 @@
 //! What an instance runs: a process (`exec`, with its restart policy and pinned
 //! artifacts) or the built-in model server, and the checks on them.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::EnvVars;
 use crate::error::ValidationError;
 
 /// What an instance runs, chosen by `driver`.
@@ -84,8 +83,9 @@ pub struct ExecTask {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
     /// Extra environment variables.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "EnvVars::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub env: EnvVars,
     /// Files fetched and verified before the process starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<Artifact>,

@@ -63,6 +63,26 @@ fn design_example_parses_and_names_the_bad_digest() {
 }
 
 #[test]
+fn a_spec_read_from_json_bytes_keeps_no_spare_room_in_its_lists() {
+    // The state keeps every job's spec as it was read from a log entry or a
+    // snapshot: room a list grew while it was read is kept with it.
+    let mut v = valid();
+    v["groups"][0]["affinities"] =
+        json!([{"attribute": "site", "op": "=", "value": "a", "weight": 10}]);
+    let spec: JobSpec = serde_json::from_slice(&serde_json::to_vec(&v).unwrap()).unwrap();
+    assert_eq!(spec.groups.capacity(), 1);
+    let group = &spec.groups[0];
+    assert_eq!(group.constraints.capacity(), 1);
+    assert_eq!(group.spread.capacity(), 1);
+    assert_eq!(group.affinities.capacity(), 1);
+    let TaskSpec::Exec(task) = &group.task else {
+        panic!("an exec task")
+    };
+    assert_eq!(task.args.capacity(), 1);
+    assert_eq!(task.artifacts.capacity(), 1);
+}
+
+#[test]
 fn toml_has_the_same_shape() {
     let text = format!(
         r#"

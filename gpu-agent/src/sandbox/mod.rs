@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Mutex;
 
-use aigrid_api::{AllocId, NodeProtections};
+use aigrid_api::{AllocId, EnvVars, NodeProtections};
 use serde::{Deserialize, Serialize};
 
 pub(crate) mod apply;
@@ -444,11 +444,7 @@ pub fn secret_file_name(name: &str) -> bool {
 /// the run's owner, in a directory of mode 0500 that is the owner's too; what an
 /// earlier run left is removed first. Names that cannot be file names are left
 /// to the environment alone, and returned.
-pub fn write_secrets(
-    dir: &Path,
-    env: &BTreeMap<String, String>,
-    owner: Option<Owner>,
-) -> io::Result<Vec<String>> {
+pub fn write_secrets(dir: &Path, env: &EnvVars, owner: Option<Owner>) -> io::Result<Vec<String>> {
     remove_secrets(dir)?;
     fs::create_dir(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;

@@ -126,10 +126,12 @@ fn a_plan_grants_the_task_its_own_dirs_and_never_the_data_dir() {
 fn secrets_are_files_of_their_owner_alone() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("secrets");
-    let env = BTreeMap::from([
+    let env = [
         ("TOKEN".to_owned(), "s3cret".to_owned()),
         ("../escape".to_owned(), "x".to_owned()),
-    ]);
+    ]
+    .into_iter()
+    .collect();
     let skipped = write_secrets(&dir, &env, None).unwrap();
     assert_eq!(skipped, ["../escape"]);
     assert_eq!(fs::read_to_string(dir.join("TOKEN")).unwrap(), "s3cret");
@@ -140,7 +142,7 @@ fn secrets_are_files_of_their_owner_alone() {
     assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o500);
     assert!(!root.path().join("escape").exists());
     // A new run writes them afresh; a variable gone is gone.
-    let skipped = write_secrets(&dir, &BTreeMap::new(), None).unwrap();
+    let skipped = write_secrets(&dir, &Default::default(), None).unwrap();
     assert!(skipped.is_empty());
     assert!(!dir.join("TOKEN").exists());
     remove_secrets(&dir).unwrap();

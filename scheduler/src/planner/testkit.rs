@@ -1,7 +1,7 @@
 //! Fixtures and the invariant checker shared by the planner's, preemption's
 //! and defragmentation's tests.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use aigrid_api::{
     AllocId, AllocState, Allocation, Constraint, ConstraintOp, ConstraintValue, DesiredState,
@@ -93,7 +93,7 @@ pub(crate) fn group(
             args: Vec::new(),
             restart: Default::default(),
             kill_timeout_ms: None,
-            env: BTreeMap::new(),
+            env: Default::default(),
             artifacts: Vec::new(),
         }),
     }

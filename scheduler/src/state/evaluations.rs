@@ -63,6 +63,9 @@ impl ClusterState {
         let eval = &record.eval;
         let job = self.tables.jobs.get_mut(&eval.job_id);
         if let Some(job) = job.filter(|job| job.version == eval.job_version) {
+            // Kept as long as the job: without the room its reading grew.
+            let mut unplaced = unplaced;
+            unplaced.shrink_to_fit();
             Arc::make_mut(job).unplaced = unplaced;
         }
         Ok(Applied::EvaluationUpdated { id: eval_id })
