@@ -5,7 +5,6 @@ use std::fmt;
 use std::ops::Index;
 
 use serde::de::{MapAccess, Visitor};
-use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A task's environment: names to values, in name order, each name once. In JSON and
@@ -32,6 +31,23 @@ impl EnvVars {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Sorted by name, a repeated name keeping the value given last, and without
+    /// spare room.
+    fn from_pairs(mut vars: Vec<(String, String)>) -> Self {
+        // Stable: of equal names the one given last stays last. `dedup_by` keeps the
+        // first of a run, so each later value is moved into it before it goes.
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(&mut later.1, &mut kept.1);
+            }
+            same
+        });
+        vars.shrink_to_fit();
+        Self(vars)
     }
 
     fn position(&self, name: &str) -> Result<usize, usize> {
@@ -61,7 +77,7 @@ impl EnvVars {
 
     /// The variables, in name order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&String, &String)> + Clone {
-        self.0.iter().map(|(n, v)| (n, v))
+        self.into_iter()
     }
 
     /// The variables in name order, their values writable.
@@ -99,18 +115,7 @@ impl Index<&str> for EnvVars {
 impl FromIterator<(String, String)> for EnvVars {
     /// In name order; of a name given more than once, the last value is kept.
     fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
-        let mut vars: Vec<(String, String)> = iter.into_iter().collect();
-        // Stable: of equal names the one given last stays last, and is kept.
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut kept: Vec<(String, String)> = Vec::with_capacity(vars.len());
-        for var in vars {
-            match kept.last_mut() {
-                Some(last) if last.0 == var.0 => *last = var,
-                _ => kept.push(var),
-            }
-        }
-        kept.shrink_to_fit();
-        Self(kept)
+        Self::from_pairs(iter.into_iter().collect())
     }
 }
 
@@ -128,11 +133,7 @@ impl<'a> IntoIterator for &'a EnvVars {
 
 impl Serialize for EnvVars {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (name, value) in &self.0 {
-            map.serialize_entry(name, value)?;
-        }
-        map.end()
+        serializer.collect_map(self)
     }
 }
 
@@ -148,13 +149,13 @@ impl<'de> Deserialize<'de> for EnvVars {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EnvVars, A::Error> {
-                // The hint is the input's word; the list still grows as entries come,
-                // and the collection below keeps only their number.
+                // The hint is the input's word, so it is capped; the list is cut to
+                // its length once read.
                 let mut vars = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
                 while let Some(entry) = map.next_entry::<String, String>()? {
                     vars.push(entry);
                 }
-                Ok(vars.into_iter().collect())
+                Ok(EnvVars::from_pairs(vars))
             }
         }
 

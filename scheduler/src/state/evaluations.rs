@@ -41,7 +41,7 @@ impl ClusterState {
         &mut self,
         eval_id: EvalId,
         status: EvalStatus,
-        unplaced: Vec<Unplaced>,
+        mut unplaced: Vec<Unplaced>,
         at: Timestamp,
     ) -> CommandOutput {
         let record = self
@@ -64,7 +64,6 @@ impl ClusterState {
         let job = self.tables.jobs.get_mut(&eval.job_id);
         if let Some(job) = job.filter(|job| job.version == eval.job_version) {
             // Kept as long as the job: without the room its reading grew.
-            let mut unplaced = unplaced;
             unplaced.shrink_to_fit();
             Arc::make_mut(job).unplaced = unplaced;
         }
