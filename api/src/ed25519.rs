@@ -221,21 +221,22 @@ mod tests {
         );
     }
 
-    /// `s` + L: the same point equation, but `s` not reduced.
-    fn unreduced(s: &[u8; 32]) -> [u8; 32] {
+    /// `signature` with L added to its `s`: the same point equation, but `s` not
+    /// reduced.
+    fn wide_of(signature: &[u8; 64]) -> [u8; 64] {
         // L = 2^252 + 27742317777372353535851937790883648493, little-endian.
-        let l: [u8; 32] = [
+        const L: [u8; 32] = [
             0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9,
             0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
         ];
-        let mut out = [0u8; 32];
+        let mut wide = *signature;
         let mut carry = 0u16;
-        for i in 0..32 {
-            let sum = u16::from(s[i]) + u16::from(l[i]) + carry;
-            out[i] = sum as u8;
+        for (byte, l) in wide[32..].iter_mut().zip(L) {
+            let sum = u16::from(*byte) + u16::from(l) + carry;
+            *byte = sum as u8;
             carry = sum >> 8;
         }
-        out
+        wide
     }
 
     #[test]
@@ -304,13 +305,6 @@ mod tests {
         below[0] = 0xec;
         below[31] = 0x7f;
         assert!(canonical_y(&below), "p - 1 is canonical");
-    }
-
-    fn wide_of(signature: &[u8; 64]) -> [u8; 64] {
-        let mut wide = *signature;
-        let s: [u8; 32] = signature[32..].try_into().unwrap();
-        wide[32..].copy_from_slice(&unreduced(&s));
-        wide
     }
 
     /// Checked together, every signature gets the verdict it gets alone: good ones
