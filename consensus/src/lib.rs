@@ -11,6 +11,8 @@
 //!   per peer; a message counts only from the server its connection's certificate names.
 //! - [`peer_listener`]: the peer listener's TLS accept loop, labelling each connection
 //!   with its certificate's server id.
+//! - [`socket`]: a TCP connection that moves from the runtime that accepted it to
+//!   the one that serves it (a replica's thread).
 //! - [`human`]: the Human Chain's pure rules: approval digests and tallies, and the
 //!   audit log of what was approved and applied, with signed checkpoints and exports.
 //! - [`metrics`]: Prometheus metrics of all of the above.
@@ -25,6 +27,7 @@ pub mod metrics;
 pub mod peer_listener;
 pub mod replica;
 pub mod runtime;
+pub mod socket;
 pub mod state_machine;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

@@ -21,12 +21,13 @@ use std::time::Duration;
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::RaftMetrics;
+use crate::socket::MovableTcp;
 
 /// How long a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,79 +49,9 @@ impl Connected<IncomingStream<'_, PeerListener>> for PeerConn {
     }
 }
 
-/// A TCP connection that can move from the runtime that accepted it to another.
-enum Socket {
-    /// Registered with the runtime it is polled on.
-    Live(TcpStream),
-    /// Between runtimes: registered with none.
-    Moving(std::net::TcpStream),
-    /// Failed to move.
-    Gone,
-}
-
-impl Socket {
-    /// Polls the connection with `f` if it is registered with a runtime.
-    fn poll_live<T>(
-        &mut self,
-        f: impl FnOnce(Pin<&mut TcpStream>) -> Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        match self {
-            Socket::Live(tcp) => f(Pin::new(tcp)),
-            _ => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the connection is not registered with this runtime",
-            ))),
-        }
-    }
-
-    /// Leaves the runtime it is registered with.
-    fn detach(&mut self) -> io::Result<()> {
-        if let Socket::Live(tcp) = std::mem::replace(self, Socket::Gone) {
-            *self = Socket::Moving(tcp.into_std()?);
-        }
-        Ok(())
-    }
-
-    /// Registers with the runtime of the calling task.
-    fn attach(&mut self) -> io::Result<()> {
-        if let Socket::Moving(tcp) = std::mem::replace(self, Socket::Gone) {
-            *self = Socket::Live(TcpStream::from_std(tcp)?);
-        }
-        Ok(())
-    }
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.get_mut().poll_live(|tcp| tcp.poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for Socket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_live(|tcp| tcp.poll_write(cx, buf))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_live(|tcp| tcp.poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_live(|tcp| tcp.poll_shutdown(cx))
-    }
-}
-
 /// A TLS stream holding its share of the connection cap until it closes.
 pub struct PeerStream {
-    inner: TlsStream<Socket>,
+    inner: TlsStream<MovableTcp>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -223,7 +154,7 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (acceptor, ready, metrics) = (acceptor.clone(), ready.clone(), metrics.clone());
         tokio::spawn(async move {
-            let handshake = acceptor.accept(Socket::Live(tcp));
+            let handshake = acceptor.accept(MovableTcp::new(tcp));
             let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {

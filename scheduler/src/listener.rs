@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use aigrid_consensus::socket::MovableTcp;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::StatusCode;
@@ -53,7 +54,7 @@ use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -394,7 +395,7 @@ pub async fn serve_placed(
         };
         let _ = stream.set_nodelay(true);
         let stream = Lingering {
-            stream: Some(stream),
+            stream: Some(MovableTcp::new(stream)),
             slot: Some(slot),
         };
         let shared = shared.clone();
@@ -419,13 +420,40 @@ const LINGER_BYTES: usize = 16 << 20;
 /// An accepted connection and its slot; dropped, it closes lingering (see the
 /// module) and gives the slot back after.
 struct Lingering {
-    stream: Option<TcpStream>,
+    stream: Option<MovableTcp>,
     slot: Option<Slot>,
 }
 
 impl Lingering {
-    fn stream(&mut self) -> Pin<&mut TcpStream> {
+    fn stream(&mut self) -> Pin<&mut MovableTcp> {
         Pin::new(self.stream.as_mut().expect("only taken on drop"))
+    }
+}
+
+/// A connection that can move to the runtime that serves it (see
+/// [`aigrid_consensus::socket`]): `detach` on the runtime that accepted it, then
+/// `attach` in a task of the one that serves it.
+trait Movable {
+    fn socket(&mut self) -> &mut MovableTcp;
+
+    fn detach(&mut self) -> std::io::Result<()> {
+        self.socket().detach()
+    }
+
+    fn attach(&mut self) -> std::io::Result<()> {
+        self.socket().attach()
+    }
+}
+
+impl Movable for Lingering {
+    fn socket(&mut self) -> &mut MovableTcp {
+        self.stream.as_mut().expect("only taken on drop")
+    }
+}
+
+impl Movable for tokio_rustls::server::TlsStream<Lingering> {
+    fn socket(&mut self) -> &mut MovableTcp {
+        self.get_mut().0.socket()
     }
 }
 
@@ -459,10 +487,14 @@ impl AsyncWrite for Lingering {
 
 impl Drop for Lingering {
     fn drop(&mut self) {
-        let (Some(mut stream), slot) = (self.stream.take(), self.slot.take()) else {
+        let (Some(stream), slot) = (self.stream.take(), self.slot.take()) else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // Lingers on the runtime the connection ends on, where it is registered.
+        let Some(mut stream) = stream.into_live() else {
             return;
         };
         runtime.spawn(async move {

@@ -11,7 +11,7 @@ use axum::http::{Method, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use super::{http, Proto, Shared};
+use super::{http, Movable, Proto, Shared};
 
 /// Where a listener serves what it accepted, when not all on the runtime that
 /// accepts: a connection whose first request is one `here` picks is served (after
@@ -33,7 +33,9 @@ pub struct Placement {
 /// when its first request is one the placement picks (an HTTP/1 head read here,
 /// within the header timeout), else where it was accepted. A connection that opens
 /// with something else (a read, a browser's page, HTTP/2) never waits on the
-/// placement's runtime.
+/// placement's runtime. A connection served there moves its socket there too, so
+/// that runtime's thread is woken by the socket itself rather than by the
+/// accepting runtime's.
 pub(super) async fn placed<I>(
     mut io: I,
     who: (SocketAddr, Option<aigrid_tls::ClientCertificate>),
@@ -41,7 +43,7 @@ pub(super) async fn placed<I>(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Movable + Unpin + Send + 'static,
 {
     let Some((placement, _)) = &shared.placement else {
         return http(io, who, proto, &shared, shutdown, false).await;
@@ -68,12 +70,22 @@ pub(super) async fn placed<I>(
     } else {
         None
     };
-    let io = Prefixed { head, read: 0, io };
+    let mut io = Prefixed { head, read: 0, io };
     match runtime {
         None => http(io, who, proto, &shared, shutdown, false).await,
         Some(runtime) => {
+            if let Err(e) = io.io.detach() {
+                tracing::debug!(remote = %who.0, error = %e, "connection could not be handed over");
+                return;
+            }
             let _ = runtime
-                .spawn(async move { http(io, who, proto, &shared, shutdown, true).await })
+                .spawn(async move {
+                    if let Err(e) = io.io.attach() {
+                        tracing::debug!(remote = %who.0, error = %e, "connection could not be taken over");
+                        return;
+                    }
+                    http(io, who, proto, &shared, shutdown, true).await
+                })
                 .await;
         }
     }
@@ -189,6 +201,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
 
     use axum::Router;
     use tokio::net::TcpListener;
@@ -217,6 +230,32 @@ mod tests {
         std::thread::current().name().unwrap_or("").to_owned()
     }
 
+    /// Serves `/where` (answering with the name of the thread that handled it) under
+    /// `placement` on a fresh port: its address, the shutdown switch, the listener.
+    async fn serve_where(
+        placement: Placement,
+    ) -> (
+        SocketAddr,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let name = || async { thread_name() };
+        let app = Router::new().route("/where", axum::routing::get(name).post(name));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shut, shutdown) = watch::channel(false);
+        let served = tokio::spawn(serve_placed(
+            listener,
+            app,
+            ListenerLimits::default(),
+            None,
+            ListenerMetrics::unregistered(),
+            shutdown,
+            Some(placement),
+        ));
+        (addr, shut, served)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_placement_serves_the_requests_it_picks_on_its_runtime_and_the_rest_where_accepted() {
         fn small_posts(method: &Method, _: &Uri, body: Option<u64>) -> bool {
@@ -231,20 +270,8 @@ mod tests {
             },
             here: small_posts,
         };
-        let name = || async { thread_name() };
-        let app = Router::new().route("/where", axum::routing::get(name).post(name));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/where", listener.local_addr().unwrap());
-        let (shut, shutdown) = watch::channel(false);
-        let served = tokio::spawn(serve_placed(
-            listener,
-            app,
-            ListenerLimits::default(),
-            None,
-            ListenerMetrics::unregistered(),
-            shutdown,
-            Some(placement),
-        ));
+        let (addr, shut, served) = serve_where(placement).await;
+        let url = format!("http://{addr}/where");
         let client = reqwest::Client::new();
         let ask = |req: reqwest::RequestBuilder| async move {
             req.send().await.unwrap().text().await.unwrap()
@@ -267,6 +294,61 @@ mod tests {
         live.store(false, Ordering::SeqCst);
         let fresh = reqwest::Client::new();
         assert_eq!(ask(fresh.post(&url).body("small")).await, accepted);
+        drop(stop);
+        let _ = shut.send(true);
+        served.await.unwrap().unwrap();
+    }
+
+    /// Sends `request` on `tcp` and reads until the answer's body names a thread
+    /// (or the read times out).
+    fn exchange(tcp: &mut std::net::TcpStream, request: &[u8]) -> String {
+        use std::io::{Read, Write};
+        tcp.write_all(request).unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !String::from_utf8_lossy(&answer).ends_with("placed-here") {
+            match tcp.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_placed_connection_is_served_while_the_accepting_runtime_is_busy() {
+        let (replica, stop) = named_runtime("placed-here");
+        let placement = Placement {
+            connections: Arc::new(move || Some(replica.clone())),
+            here: |method, _, _| *method == Method::POST,
+        };
+        let (addr, shut, served) = serve_where(placement).await;
+        let post = b"POST /where HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi";
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert!(exchange(&mut tcp, post).ends_with("placed-here"));
+
+        // The accepting runtime's only worker is stuck: the connection, served on
+        // the placement's runtime, is read and answered there all the same.
+        let (started, blocked) = (Arc::new(AtomicBool::new(false)), Duration::from_secs(30));
+        let (busy, released) = (started.clone(), Arc::new(AtomicBool::new(false)));
+        let release = released.clone();
+        let stuck = tokio::spawn(async move {
+            busy.store(true, Ordering::SeqCst);
+            let until = std::time::Instant::now() + blocked;
+            while !release.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        while !started.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let answer = exchange(&mut tcp, post);
+        let answered_while_stuck = !released.swap(true, Ordering::SeqCst) && !stuck.is_finished();
+        assert!(answer.ends_with("placed-here"), "answer: {answer:?}");
+        assert!(answered_while_stuck);
+        stuck.await.unwrap();
+        drop(tcp);
         drop(stop);
         let _ = shut.send(true);
         served.await.unwrap().unwrap();
