@@ -166,7 +166,7 @@ impl ClusterState {
             self.model_jobs.remove(&new.name);
         }
         let job = &self.tables.jobs[job_id];
-        let kept: Vec<Allocation> = self
+        let mut kept: Vec<Allocation> = self
             .job_allocs(job_id)
             .into_iter()
             .filter(|a| a.is_live() && a.job_version < version)
@@ -179,6 +179,19 @@ impl ClusterState {
             })
             .cloned()
             .collect();
+        // A gang runs one version whole: its instances carry over only all
+        // together; one missing (lost, stopped by an earlier version) leaves the
+        // rest on their version, to be replaced with the whole gang.
+        let whole = |group: &aigrid_api::TaskGroup| {
+            (0..group.count).all(|i| kept.iter().any(|a| a.group == group.name && a.index == i))
+        };
+        let split: Vec<String> = new
+            .groups
+            .iter()
+            .filter(|g| g.gang && !whole(g))
+            .map(|g| g.name.clone())
+            .collect();
+        kept.retain(|a| !split.contains(&a.group));
         for mut alloc in kept {
             alloc.job_version = version;
             alloc.healthy = None;

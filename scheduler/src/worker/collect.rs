@@ -1,7 +1,7 @@
 //! The input of a pass, gathered under the state's read lock: the due evaluations
 //! by job, the draining nodes and a snapshot of the cluster.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use aigrid_api::{
     AllocId, AllocState, Allocation, DrainSpec, EvalStatus, Evaluation, Job, JobId, NodeId,
@@ -45,6 +45,10 @@ pub struct PassInput {
     /// The live instances of every gang group: evicting one evicts them all, since
     /// a gang runs whole or not at all.
     pub gangs: HashMap<(JobId, String), Vec<AllocId>>,
+    /// Gang groups with live instances of an older job version: moving one would
+    /// place one instance of the new version beside the old, so none is moved to
+    /// make room for other work; they leave with the update of the whole gang.
+    pub outdated_gangs: HashSet<(JobId, String)>,
     /// Circles whose new work is not placed (their treasury is spent), with why.
     pub holds: BTreeMap<String, String>,
     /// Quotas, what each circle holds and borrows: kept current as the pass plans.
@@ -125,6 +129,7 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
     let mut specs: HashMap<&JobId, Option<(&aigrid_api::JobSpec, u64)>> = HashMap::new();
     let mut down: HashMap<(&JobId, &str), u32> = HashMap::new();
     let mut gang_members: HashMap<(&JobId, &str), Vec<&AllocId>> = HashMap::new();
+    let mut outdated_gangs = HashSet::new();
     for alloc in state.live_allocations() {
         let spec = *specs
             .entry(&alloc.job_id)
@@ -137,6 +142,9 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
                 .entry((&alloc.job_id, alloc.group.as_str()))
                 .or_default()
                 .push(&alloc.id);
+            if spec.is_some_and(|(_, version)| alloc.job_version < version) {
+                outdated_gangs.insert((alloc.job_id.clone(), alloc.group.clone()));
+            }
         }
         if alloc.state != AllocState::Running {
             *down
@@ -177,6 +185,7 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
         unavailable,
         groups,
         gangs,
+        outdated_gangs,
         holds: state.placement_holds(),
         fair,
     }

@@ -429,6 +429,14 @@ fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
             .and_then(|info| info.groups.iter().find(|g| g.name == group))
     };
     let budget = |job_id: &JobId, group: &str| -> u32 {
+        // A gang running an older version moves only with its whole update.
+        if !input.outdated_gangs.is_empty()
+            && input
+                .outdated_gangs
+                .contains(&(job_id.clone(), group.to_owned()))
+        {
+            return 0;
+        }
         let allowed = group_spec(job_id, group).map_or(0, |g| g.max_unavailable.unwrap_or(1));
         let down = input
             .unavailable

@@ -444,6 +444,89 @@ fn a_drain_does_not_place_a_gang_update_in_part() {
     }
 }
 
+/// Applies `steps` one pass each, checking after each that the gang group of job
+/// `name` (of `count` instances) runs its current version whole or not at all.
+fn steps_keep_gang_whole(sim: &mut Sim, steps: &[Step], name: &str, count: usize) {
+    for step in steps {
+        apply_step(sim, step);
+        sim.pass();
+        let job = sim.state.job_by_name(name).unwrap();
+        if job.spec.groups[0].gang {
+            let live = live_current(sim).get(&job.id).map_or(0, BTreeSet::len);
+            assert!(
+                live == 0 || live >= count,
+                "after {step:?}: gang {name} has {live} of {count}"
+            );
+        }
+    }
+}
+
+/// A gang still running its old version is not moved to make room for other
+/// work: the move would place one instance of its new version beside the old
+/// (found by the stream property below). Here job2 becomes a gang of three while
+/// one of its old instances backs off after a GPU fault, and job0, of higher
+/// priority, wants the GPUs its other old instance holds.
+#[test]
+fn a_gang_running_an_old_version_is_not_moved_for_other_work() {
+    let sub = |job, priority, count, gpus, slice, gang, country| Step::Submit {
+        job,
+        priority,
+        count,
+        gpus,
+        slice,
+        gang,
+        country,
+        spread: false,
+    };
+    let steps = [
+        sub(2, 4, 2, 4, false, false, None),
+        Step::NodeDown(0),
+        sub(0, 2, 3, 2, true, false, Some(2)),
+        Step::Wait(1),
+        sub(2, 2, 2, 0, false, false, None),
+        sub(2, 0, 3, 3, false, true, None),
+        Step::GpuFault(1, 0),
+    ];
+    let mut sim = cluster(&[(6, false), (5, false), (5, false)]);
+    steps_keep_gang_whole(&mut sim, &steps, "job2", 3);
+    // job0's third instance took the GPUs: by evicting the whole old gang.
+    let job0 = sim.state.job_by_name("job0").unwrap();
+    assert_eq!(live_current(&sim).get(&job0.id).map_or(0, BTreeSet::len), 3);
+}
+
+/// A gang's instances carry over to a new version that leaves them as they are
+/// only all together: job2, a gang of four, is scaled down to two ordinary
+/// instances, loses one with its node, and becomes the same gang of four again;
+/// carrying the one instance still live over would run a quarter of the gang
+/// (found by the stream property below).
+#[test]
+fn a_gang_carries_over_to_a_new_version_whole_or_not_at_all() {
+    let sub = |count, gang, spread| Step::Submit {
+        job: 2,
+        priority: 0,
+        count,
+        gpus: 0,
+        slice: false,
+        gang,
+        country: None,
+        spread,
+    };
+    let steps = [
+        sub(4, true, true),
+        sub(2, false, false),
+        Step::NodeDown(0),
+        sub(4, true, true),
+    ];
+    let mut sim = cluster(&[(0, false), (0, false)]);
+    steps_keep_gang_whole(&mut sim, &steps, "job2", 4);
+    // The instance that was not carried over still runs its version.
+    let job = sim.state.job_by_name("job2").unwrap();
+    assert!(sim
+        .state
+        .live_allocations()
+        .any(|a| a.job_id == job.id && a.job_version < job.version));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
