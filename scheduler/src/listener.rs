@@ -426,23 +426,14 @@ struct Lingering {
 
 impl Lingering {
     fn stream(&mut self) -> Pin<&mut MovableTcp> {
-        Pin::new(self.stream.as_mut().expect("only taken on drop"))
+        Pin::new(self.socket())
     }
 }
 
-/// A connection that can move to the runtime that serves it (see
-/// [`aigrid_consensus::socket`]): `detach` on the runtime that accepted it, then
-/// `attach` in a task of the one that serves it.
+/// A connection whose socket can move to the runtime that serves it (see
+/// [`aigrid_consensus::socket`]).
 trait Movable {
     fn socket(&mut self) -> &mut MovableTcp;
-
-    fn detach(&mut self) -> std::io::Result<()> {
-        self.socket().detach()
-    }
-
-    fn attach(&mut self) -> std::io::Result<()> {
-        self.socket().attach()
-    }
 }
 
 impl Movable for Lingering {

@@ -74,13 +74,13 @@ pub(super) async fn placed<I>(
     match runtime {
         None => http(io, who, proto, &shared, shutdown, false).await,
         Some(runtime) => {
-            if let Err(e) = io.io.detach() {
+            if let Err(e) = io.io.socket().detach() {
                 tracing::debug!(remote = %who.0, error = %e, "connection could not be handed over");
                 return;
             }
             let _ = runtime
                 .spawn(async move {
-                    if let Err(e) = io.io.attach() {
+                    if let Err(e) = io.io.socket().attach() {
                         tracing::debug!(remote = %who.0, error = %e, "connection could not be taken over");
                         return;
                     }
@@ -330,14 +330,16 @@ mod tests {
 
         // The accepting runtime's only worker is stuck: the connection, served on
         // the placement's runtime, is read and answered there all the same.
-        let (started, blocked) = (Arc::new(AtomicBool::new(false)), Duration::from_secs(30));
-        let (busy, released) = (started.clone(), Arc::new(AtomicBool::new(false)));
-        let release = released.clone();
-        let stuck = tokio::spawn(async move {
-            busy.store(true, Ordering::SeqCst);
-            let until = std::time::Instant::now() + blocked;
-            while !release.load(Ordering::SeqCst) && std::time::Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(5));
+        let started = Arc::new(AtomicBool::new(false));
+        let released = Arc::new(AtomicBool::new(false));
+        let stuck = tokio::spawn({
+            let (started, released) = (started.clone(), released.clone());
+            async move {
+                started.store(true, Ordering::SeqCst);
+                let until = std::time::Instant::now() + Duration::from_secs(30);
+                while !released.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
         });
         while !started.load(Ordering::SeqCst) {

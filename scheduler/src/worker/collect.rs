@@ -1,7 +1,7 @@
 //! The input of a pass, gathered under the state's read lock: the due evaluations
 //! by job, the draining nodes and a snapshot of the cluster.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aigrid_api::{
     AllocId, AllocState, Allocation, DrainSpec, EvalStatus, Evaluation, Job, JobId, NodeId,
@@ -48,7 +48,7 @@ pub struct PassInput {
     /// Gang groups with live instances of an older job version: moving one would
     /// place one instance of the new version beside the old, so none is moved to
     /// make room for other work; they leave with the update of the whole gang.
-    pub outdated_gangs: HashSet<(JobId, String)>,
+    pub outdated_gangs: HashMap<JobId, BTreeSet<String>>,
     /// Circles whose new work is not placed (their treasury is spent), with why.
     pub holds: BTreeMap<String, String>,
     /// Quotas, what each circle holds and borrows: kept current as the pass plans.
@@ -129,7 +129,7 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
     let mut specs: HashMap<&JobId, Option<(&aigrid_api::JobSpec, u64)>> = HashMap::new();
     let mut down: HashMap<(&JobId, &str), u32> = HashMap::new();
     let mut gang_members: HashMap<(&JobId, &str), Vec<&AllocId>> = HashMap::new();
-    let mut outdated_gangs = HashSet::new();
+    let mut outdated_gangs: HashMap<JobId, BTreeSet<String>> = HashMap::new();
     for alloc in state.live_allocations() {
         let spec = *specs
             .entry(&alloc.job_id)
@@ -143,7 +143,10 @@ pub fn collect(state: &ClusterState, now: Timestamp, with_blocked: bool) -> Pass
                 .or_default()
                 .push(&alloc.id);
             if spec.is_some_and(|(_, version)| alloc.job_version < version) {
-                outdated_gangs.insert((alloc.job_id.clone(), alloc.group.clone()));
+                outdated_gangs
+                    .entry(alloc.job_id.clone())
+                    .or_default()
+                    .insert(alloc.group.clone());
             }
         }
         if alloc.state != AllocState::Running {

@@ -430,10 +430,10 @@ fn place(job: &Job, request: &PlanRequest, input: &PassInput) -> Outcome {
     };
     let budget = |job_id: &JobId, group: &str| -> u32 {
         // A gang running an older version moves only with its whole update.
-        if !input.outdated_gangs.is_empty()
-            && input
-                .outdated_gangs
-                .contains(&(job_id.clone(), group.to_owned()))
+        if input
+            .outdated_gangs
+            .get(job_id)
+            .is_some_and(|groups| groups.contains(group))
         {
             return 0;
         }

@@ -407,6 +407,23 @@ fn a_gang_is_not_placed_in_part_while_some_of_its_instances_back_off() {
     );
 }
 
+/// Applies `steps` one pass each, checking after each that the gang group of job
+/// `name` (of `count` instances) runs its current version whole or not at all.
+fn steps_keep_gang_whole(sim: &mut Sim, steps: &[Step], name: &str, count: usize) {
+    for step in steps {
+        apply_step(sim, step);
+        sim.pass();
+        let job = sim.state.job_by_name(name).unwrap();
+        if job.spec.groups[0].gang {
+            let live = live_current(sim).get(&job.id).map_or(0, BTreeSet::len);
+            assert!(
+                live == 0 || live >= count,
+                "after {step:?}: gang {name} has {live} of {count}"
+            );
+        }
+    }
+}
+
 /// A drain moves an instance of a gang's old version: moving it alone would
 /// place one instance of the gang's new version (found by the stream property
 /// below); it waits for the whole gang's update instead.
@@ -425,40 +442,13 @@ fn a_drain_does_not_place_a_gang_update_in_part() {
     let mut sim = cluster(&[(0, false), (5, false)]);
     // An instance on n0; an update that fits nowhere (no node is in the third
     // country); then a gang of two 3-GPU instances, of which n1 holds one.
-    for step in [
+    let steps = [
         sub(1, 0, None, false),
         sub(1, 0, Some(2), false),
         sub(2, 3, None, true),
         Step::Drain(0),
-    ] {
-        apply_step(&mut sim, &step);
-        sim.pass();
-        let job = sim.state.job_by_name("job5").unwrap();
-        let live = live_current(&sim).get(&job.id).map_or(0, BTreeSet::len);
-        if job.spec.groups[0].gang {
-            assert!(
-                live == 0 || live >= 2,
-                "after {step:?}: gang job5 has {live} of 2"
-            );
-        }
-    }
-}
-
-/// Applies `steps` one pass each, checking after each that the gang group of job
-/// `name` (of `count` instances) runs its current version whole or not at all.
-fn steps_keep_gang_whole(sim: &mut Sim, steps: &[Step], name: &str, count: usize) {
-    for step in steps {
-        apply_step(sim, step);
-        sim.pass();
-        let job = sim.state.job_by_name(name).unwrap();
-        if job.spec.groups[0].gang {
-            let live = live_current(sim).get(&job.id).map_or(0, BTreeSet::len);
-            assert!(
-                live == 0 || live >= count,
-                "after {step:?}: gang {name} has {live} of {count}"
-            );
-        }
-    }
+    ];
+    steps_keep_gang_whole(&mut sim, &steps, "job5", 2);
 }
 
 /// A gang still running its old version is not moved to make room for other
