@@ -191,6 +191,18 @@ pub trait ReadySink<O> {
     fn flush(&mut self) {}
     /// Entries applied and reads made ready, as soon as they are.
     fn answer(&mut self, out: ReadyOutput<O>);
+    /// Runs `write`, the log write of a batch of `entries` new entries, and returns
+    /// what it returned. A sink may run it on another thread and serve the
+    /// replica's peers and clients while it waits: nothing it runs meanwhile may
+    /// touch the replica, whose next step waits for the write.
+    fn persist(
+        &mut self,
+        entries: usize,
+        write: &mut (dyn FnMut() -> Result<(), LogStoreError> + Send),
+    ) -> Result<(), LogStoreError> {
+        let _ = entries;
+        write()
+    }
 }
 
 /// A point-in-time view of a replica, for status pages and metrics.
@@ -566,7 +578,13 @@ impl<S: StateMachine> Replica<S> {
         if wrote {
             sink.flush();
             let started = Instant::now();
-            self.raw.mut_store().write(batch)?;
+            let entries = batch.entries.len();
+            let store = self.raw.mut_store();
+            let mut batch = Some(batch);
+            sink.persist(entries, &mut || match batch.take() {
+                Some(batch) => store.write(batch),
+                None => Ok(()),
+            })?;
             if let Some(m) = &self.metrics {
                 m.log_write_seconds.observe(started.elapsed().as_secs_f64());
             }

@@ -37,7 +37,7 @@ use tokio::sync::mpsc::{Receiver, Sender};
 use tokio::sync::oneshot;
 
 use crate::log_file::FileLog;
-use crate::log_store::LogStore;
+use crate::log_store::{LogStore, LogStoreError};
 use crate::metrics::RaftMetrics;
 use crate::replica::{
     Applied, MembershipChange, ProposeError, ReadyOutput, ReadySink, Replica, ReplicaConfig,
@@ -91,6 +91,9 @@ pub const DEFAULT_SPIN: Duration = Duration::from_millis(1);
 /// writes/s against 980 / 986 / 1,001 / 1,136 with 200 µs (alternated pairs), the
 /// leader and 16 and 64 clients the same within the noise.
 pub const QUIET_SPIN: Duration = Duration::from_micros(500);
+/// Fewest entries in a batch that is written on the writer thread while the
+/// replica's thread serves its connections ([`persist_serving`]).
+const WRITE_APART_FROM: usize = 2;
 /// The longest [`NodeConfig::spin`] a server takes: past it a replica would hold a
 /// CPU through pauses that are no longer hand-offs.
 pub const MAX_SPIN: Duration = Duration::from_millis(10);
@@ -224,6 +227,12 @@ impl<S: StateMachine> RaftNode<S> {
             .thread_name(format!("raft-{}-peers", config.replica.id))
             .build()
             .map_err(|e| crate::log_store::LogStoreError::Database(e.to_string()))?;
+        let writer_id = config.replica.id;
+        let writer = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(move |_| format!("raft-{writer_id}-write"))
+            .build()
+            .map_err(|e| crate::log_store::LogStoreError::Database(e.to_string()))?;
         let transport = Arc::new(Transport::new(
             config.identity.clone(),
             peers_runtime.handle().clone(),
@@ -262,6 +271,7 @@ impl<S: StateMachine> RaftNode<S> {
                     replica,
                     rx,
                     runtime: peers_runtime,
+                    writer,
                     transport,
                     stop,
                     waiters: Waiters {
@@ -536,6 +546,8 @@ struct Driver<S: StateMachine> {
     replica: Replica<S>,
     rx: Receiver<Input<S::Output>>,
     runtime: tokio::runtime::Runtime,
+    /// The thread a batch of several entries is written on (see [`persist_serving`]).
+    writer: rayon::ThreadPool,
     transport: Arc<Transport>,
     stop: Arc<AtomicBool>,
     waiters: Waiters<S::Output>,
@@ -545,6 +557,8 @@ struct Driver<S: StateMachine> {
 /// leave, and answers the waiters of what was applied.
 struct Sink<'a, O> {
     runtime: &'a tokio::runtime::Runtime,
+    writer: &'a rayon::ThreadPool,
+    spin: Duration,
     transport: &'a Transport,
     waiters: &'a mut Waiters<O>,
     unsent: bool,
@@ -562,6 +576,14 @@ impl<O> ReadySink<O> for Sink<'_, O> {
         }
     }
 
+    fn persist(
+        &mut self,
+        entries: usize,
+        write: &mut (dyn FnMut() -> Result<(), LogStoreError> + Send),
+    ) -> Result<(), LogStoreError> {
+        persist_serving(self.runtime, self.writer, self.spin, entries, write)
+    }
+
     fn answer(&mut self, out: ReadyOutput<O>) {
         for (id, applied) in out.applied {
             if let Some((reply, _)) = self.waiters.writes.remove(&id) {
@@ -574,6 +596,55 @@ impl<O> ReadySink<O> for Sink<'_, O> {
             }
         }
     }
+}
+
+/// Runs `write`, the log write of a batch of `entries` entries, for the replica's
+/// thread.
+///
+/// A batch of one entry is written on this thread: one client's write waits on it,
+/// and handing it to another thread would add that thread's wake-up to the commit.
+/// A batch of several means several clients are writing and the next ones'
+/// requests are arriving meanwhile: it is written on the `writer` thread while this
+/// one serves the peers and the clients' connections that run on `runtime`
+/// (reading, checking and decoding the next requests, which queue their proposals
+/// for the next pass) instead of leaving them unread for the fsync's duration. It
+/// polls them for up to `spin`, as between passes, then parks until the write
+/// returns. Those tasks reach the replica only through its queue, so the replica
+/// stays as the write left it until the write returns.
+///
+/// On a 2-core virtual machine (three replicas, loopback, alternated pairs of 5 s)
+/// 16 clients went from 4,046 / 4,148 / 4,374 writes/s to 4,408 / 4,418 / 4,601,
+/// one client the same within the noise.
+fn persist_serving(
+    runtime: &tokio::runtime::Runtime,
+    writer: &rayon::ThreadPool,
+    spin: Duration,
+    entries: usize,
+    write: &mut (dyn FnMut() -> Result<(), LogStoreError> + Send),
+) -> Result<(), LogStoreError> {
+    if entries < WRITE_APART_FROM {
+        return write();
+    }
+    let written = tokio::sync::Notify::new();
+    let done = AtomicBool::new(false);
+    let mut result = None;
+    writer.in_place_scope(|scope| {
+        scope.spawn(|_| {
+            result = Some(write());
+            done.store(true, Ordering::Release);
+            written.notify_one();
+        });
+        let until = Instant::now() + spin;
+        while !done.load(Ordering::Acquire) && Instant::now() < until {
+            run_peer_traffic(runtime);
+            std::thread::yield_now();
+        }
+        if !done.load(Ordering::Acquire) {
+            runtime.block_on(written.notified());
+        }
+    });
+    // The scope returns once the write has: it ran (a panic in it goes on from here).
+    result.unwrap_or_else(|| Err(LogStoreError::Database("the log write did not run".into())))
 }
 
 /// Runs every peer task that is ready (senders writing what was queued, connections
@@ -659,6 +730,8 @@ impl<S: StateMachine> Driver<S> {
             if self.replica.has_ready() {
                 let mut sink = Sink {
                     runtime: &self.runtime,
+                    writer: &self.writer,
+                    spin,
                     transport: &self.transport,
                     waiters: &mut self.waiters,
                     unsent: false,
@@ -773,6 +846,80 @@ impl<S: StateMachine> Driver<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn writer() -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+    }
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_batch_of_several_is_written_while_the_replicas_connections_are_served() {
+        let runtime = current_thread();
+        let writer = writer();
+        // A connection's task: it runs only when the replica's thread drives the
+        // runtime, and the write waits for it, so the write returns only if the
+        // thread served its connections while it was being written.
+        let (served_tx, served_rx) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            served_tx.send(()).unwrap();
+        });
+        let caller = std::thread::current().id();
+        for spin in [
+            Duration::ZERO,
+            Duration::from_millis(1),
+            Duration::from_secs(5),
+        ] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let mut write = || {
+                tx.send(std::thread::current().id()).unwrap();
+                Ok(())
+            };
+            persist_serving(&runtime, &writer, spin, 3, &mut write).unwrap();
+            assert_ne!(rx.recv().unwrap(), caller, "written on the writer thread");
+        }
+        let mut waited = false;
+        let mut served_rx = Some(served_rx);
+        let mut write = || {
+            let served = served_rx.take().unwrap();
+            waited = served.recv_timeout(Duration::from_secs(10)).is_ok();
+            Ok(())
+        };
+        persist_serving(&runtime, &writer, Duration::ZERO, 2, &mut write).unwrap();
+        assert!(
+            waited,
+            "the connection's task ran while the batch was written"
+        );
+    }
+
+    #[test]
+    fn a_batch_of_one_is_written_on_the_replicas_thread_and_errors_come_back() {
+        let runtime = current_thread();
+        let writer = writer();
+        let caller = std::thread::current().id();
+        let mut on = None;
+        let mut write = || {
+            on = Some(std::thread::current().id());
+            Ok(())
+        };
+        persist_serving(&runtime, &writer, DEFAULT_SPIN, 1, &mut write).unwrap();
+        assert_eq!(on, Some(caller));
+        for entries in [0, 1, 5] {
+            let mut failing = || Err(LogStoreError::Database("disk full".into()));
+            let err = persist_serving(&runtime, &writer, DEFAULT_SPIN, entries, &mut failing)
+                .unwrap_err();
+            assert!(err.to_string().contains("disk full"), "{err}");
+        }
+    }
 
     #[test]
     fn a_request_waits_longer_before_it_goes_again_the_more_it_carries() {
