@@ -260,11 +260,11 @@ impl LogStore {
     }
 
     /// Writes a batch durably, then makes it visible to raft-rs.
-    pub fn write(&mut self, batch: WriteBatch) -> Result<(), LogStoreError> {
+    pub fn write(&mut self, batch: &WriteBatch) -> Result<(), LogStoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.disk.write(&batch, &self.image)?;
+        self.disk.write(batch, &self.image)?;
         if let Some(SnapshotWrite::Compact { keep_from, .. }) = &batch.snapshot {
             // A compaction drops about as many entries as a snapshot is apart
             // (100,000 by default); freeing their buffers took the replica's thread
@@ -277,7 +277,7 @@ impl LogStore {
                 }
             }
         }
-        self.image.apply(&batch);
+        self.image.apply(batch);
         Ok(())
     }
 
@@ -532,7 +532,7 @@ mod tests {
         let mut store = LogStore::open(disk).unwrap();
         if store.image().is_blank() {
             store
-                .write(WriteBatch {
+                .write(&WriteBatch {
                     snapshot: Some(SnapshotWrite::Install(bootstrap_snapshot(
                         vec![1, 2, 3],
                         b"s".to_vec(),
@@ -552,10 +552,10 @@ mod tests {
         assert_eq!(store.last_index().unwrap(), 1);
         assert_eq!(store.term(1).unwrap(), 1);
         store
-            .write(batch((2..=6).map(|i| entry(i, 1)).collect()))
+            .write(&batch((2..=6).map(|i| entry(i, 1)).collect()))
             .unwrap();
         // A conflicting suffix from a new leader replaces entries 5 and 6.
-        store.write(batch(vec![entry(5, 2)])).unwrap();
+        store.write(&batch(vec![entry(5, 2)])).unwrap();
         assert_eq!(store.last_index().unwrap(), 5);
         assert_eq!(store.term(5).unwrap(), 2);
         let hs = HardState {
@@ -565,7 +565,7 @@ mod tests {
             ..Default::default()
         };
         store
-            .write(WriteBatch {
+            .write(&WriteBatch {
                 hard_state: Some(hs.clone()),
                 ..Default::default()
             })
@@ -574,7 +574,7 @@ mod tests {
         snap.mut_metadata().index = 4;
         snap.mut_metadata().term = 1;
         store
-            .write(WriteBatch {
+            .write(&WriteBatch {
                 snapshot: Some(SnapshotWrite::Compact {
                     snapshot: snap,
                     keep_from: 3,
@@ -611,7 +611,7 @@ mod tests {
         snap.mut_metadata().index = 10;
         snap.mut_metadata().term = 3;
         store
-            .write(WriteBatch {
+            .write(&WriteBatch {
                 snapshot: Some(SnapshotWrite::Install(snap)),
                 ..Default::default()
             })
@@ -649,7 +649,7 @@ mod tests {
         let mut store = LogStore::open(Box::new(disk.clone())).unwrap();
         let before = store.last_index().unwrap();
         disk.fail_next_write();
-        assert!(store.write(batch(vec![entry(before + 1, 3)])).is_err());
+        assert!(store.write(&batch(vec![entry(before + 1, 3)])).is_err());
         assert_eq!(store.last_index().unwrap(), before);
         let reopened = LogStore::open(Box::new(disk)).unwrap();
         assert_eq!(reopened.last_index().unwrap(), before);

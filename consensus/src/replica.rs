@@ -279,7 +279,7 @@ impl<S: StateMachine> Replica<S> {
         if store.image().is_blank() && !initial_members.is_empty() {
             let data = encode_state(state.capture(), initial_members)?;
             let snap = bootstrap_snapshot(initial_members.keys().copied().collect(), data);
-            store.write(WriteBatch {
+            store.write(&WriteBatch {
                 snapshot: Some(SnapshotWrite::Install(snap)),
                 ..Default::default()
             })?;
@@ -580,11 +580,7 @@ impl<S: StateMachine> Replica<S> {
             let started = Instant::now();
             let entries = batch.entries.len();
             let store = self.raw.mut_store();
-            let mut batch = Some(batch);
-            sink.persist(entries, &mut || match batch.take() {
-                Some(batch) => store.write(batch),
-                None => Ok(()),
-            })?;
+            sink.persist(entries, &mut || store.write(&batch))?;
             if let Some(m) = &self.metrics {
                 m.log_write_seconds.observe(started.elapsed().as_secs_f64());
             }

@@ -148,7 +148,7 @@ impl<S: StateMachine> Replica<S> {
             .max(1)
             + 1;
         let started = Instant::now();
-        self.raw.mut_store().write(WriteBatch {
+        self.raw.mut_store().write(&WriteBatch {
             snapshot: Some(SnapshotWrite::Compact {
                 snapshot: snap,
                 keep_from,
