@@ -113,6 +113,9 @@ pub struct Gateway {
     pub(super) clock: SharedClock,
     client: reqwest::Client,
     routes: RwLock<Arc<Routes>>,
+    /// Held while the routing table is rebuilt: one rebuild at a time, and a table
+    /// never replaced by one built from an older applied state.
+    rebuilding: Mutex<()>,
     /// Endpoints whose last probe answered 200, less those that refused a request
     /// since.
     ready: Mutex<HashSet<String>>,
@@ -207,6 +210,7 @@ impl Gateway {
             raft,
             client,
             routes: RwLock::new(Arc::new(Routes::default())),
+            rebuilding: Mutex::new(()),
             ready: Mutex::new(HashSet::new()),
             outstanding: Arc::new(Mutex::new(HashMap::new())),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
@@ -243,16 +247,25 @@ impl Gateway {
         self.loads.get(endpoint, Instant::now())
     }
 
-    /// Rebuilds the routing table when the applied state moved since it was built
-    /// and the table is older than `min_age`.
-    fn refresh(&self, min_age: Duration) {
+    /// The routing table at least as new as the state this server has applied now:
+    /// the one kept if it is, else rebuilt here (requests arriving during a rebuild
+    /// wait for it and share it).
+    fn current(&self) -> Arc<Routes> {
         let applied = self.raft.status().applied_index;
-        {
-            let routes = self.routes.read();
-            let fresh = routes.built.is_some_and(|b| b.elapsed() < min_age);
-            if routes.applied == Some(applied) || fresh {
-                return;
-            }
+        let routes = self.routes();
+        if routes.applied.is_some_and(|a| a >= applied) {
+            return routes;
+        }
+        self.refresh();
+        self.routes()
+    }
+
+    /// Rebuilds the routing table if the applied state moved since it was built.
+    fn refresh(&self) {
+        let _one = self.rebuilding.lock();
+        let applied = self.raft.status().applied_index;
+        if self.routes.read().applied.is_some_and(|a| a >= applied) {
+            return;
         }
         let routes = self.raft.read_local(|s| {
             // Where the servers reach each replica: its node's recorded address
@@ -313,7 +326,7 @@ impl Gateway {
                 self.probe_now().await;
                 last_full = Instant::now();
             } else {
-                self.refresh(Duration::ZERO);
+                self.refresh();
                 self.probe_models(&held).await;
             }
             self.holding.probed.notify_waiters();
@@ -323,7 +336,7 @@ impl Gateway {
     /// Rebuilds the routes if the applied state moved, then probes every replica's
     /// `/ready` and replaces the ready set with those that answered 200.
     pub async fn probe_now(&self) {
-        self.refresh(Duration::ZERO);
+        self.refresh();
         self.probe_all().await;
     }
 
@@ -561,10 +574,15 @@ impl Gateway {
         let asked = requested_model(&body)?;
         let mut routes = self.routes();
         let mut resolved = self.resolve_ready(&routes, &asked);
-        if resolved == Resolution::Unknown {
-            // Registered since the last rebuild, perhaps: look again, at most this often.
-            self.refresh(Duration::from_millis(100));
-            routes = self.routes();
+        let served =
+            matches!(&resolved, Resolution::Found(m) if self.has_ready(&routes, &m.digest));
+        if !served {
+            // The table trails the applied state by up to a probe interval. Before
+            // an answer the newest state could change (no such model, none of its
+            // replicas ready, nothing to hold for), bring it up to what this server
+            // has applied: a model or job committed and applied here is never
+            // refused for a table built before it.
+            routes = self.current();
             resolved = self.resolve_ready(&routes, &asked);
         }
         let model = match resolved {

@@ -2,7 +2,6 @@
 //! endpoints of its replicas, and the models being deployed.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
 
 use super::error::GatewayError;
 
@@ -48,8 +47,6 @@ impl Route {
 pub(crate) struct Routes {
     /// The applied index it was built at; `None` before the first build.
     pub(crate) applied: Option<u64>,
-    /// When it was built.
-    pub(crate) built: Option<Instant>,
     /// Every registered model, newest first (ties by digest).
     pub(crate) models: Vec<ModelName>,
     /// Per model digest, the endpoints of its replicas, sorted and distinct.
@@ -118,7 +115,6 @@ impl Routes {
         }
         Routes {
             applied: Some(applied),
-            built: Some(Instant::now()),
             models,
             replicas,
             deployed,

@@ -485,6 +485,57 @@ async fn a_scale_above_the_circles_limit_waits_for_its_owners() {
     f.server.stop().await;
 }
 
+/// The gateway's table is rebuilt in the background only every probe interval: a
+/// request arriving right after a scaled job was committed is still held (and wakes
+/// the group), never refused by a table built before the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_right_after_the_deploy_is_held_not_refused() {
+    let f = fixture(2, |config| {
+        config.gateway.probe_interval = Duration::from_secs(3600);
+        config.gateway.hold_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let (server, base, client) = (&f.server, &f.base, &f.client);
+    let chat_url = format!("{base}/v1/chat/completions");
+    let body = json!({"model": "late", "messages": []});
+    let digest = push_model(server, client, "late").await;
+    // Pushed, deployed by no job: no replica, answered at once (and the table now
+    // knows the model).
+    let (status, answer) =
+        status_and_json(client.post(&chat_url).json(&body).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(server.gateway.held(&digest), 0);
+
+    let job = json!({
+        "name": "late", "kind": "service", "circle": "ml",
+        "groups": [{"name": "llm", "count": 0,
+                    "scaling": {"min": 0, "max": 2, "target_concurrency": 2, "idle_to_zero": "1h"},
+                    "resources": {"cpu_millis": 1000, "memory_mib": 1024},
+                    "task": {"driver": "model-server", "model": digest}}]
+    });
+    let (status, answer) = post_json(client, &format!("{base}/api/v1/jobs"), &job).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let held = {
+        let (client, url, body) = (client.clone(), chat_url.clone(), body.clone());
+        tokio::spawn(async move {
+            status_and_json(client.post(url).json(&body).send().await.unwrap()).await
+        })
+    };
+    until_some("the request held", || {
+        (server.gateway.held(&digest) == 1).then_some(())
+    })
+    .await;
+    until_some("the group woken", || {
+        (count(server, "late") == 1).then_some(())
+    })
+    .await;
+    // Nothing follows the assignment here: past the timeout, 503 `model_starting`.
+    let (status, answer) = held.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["error"]["code"], "model_starting", "{answer}");
+    f.server.stop().await;
+}
+
 /// Three servers: a request held at a follower's gateway wakes a group at zero
 /// (the wake is forwarded to the leader), with nothing held at the leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
