@@ -106,6 +106,10 @@ fn short(digest: &str) -> &str {
     digest.get(..12).unwrap_or(digest)
 }
 
+/// Fewest time between two rebuilds of the routing table made for requests
+/// ([`Gateway::current`]).
+const REBUILD_FOR_REQUESTS_EVERY: Duration = Duration::from_millis(20);
+
 /// The inference gateway of one server. Cheap to share: handlers hold an `Arc`.
 pub struct Gateway {
     pub(super) raft: RaftNode<ClusterState>,
@@ -113,9 +117,10 @@ pub struct Gateway {
     pub(super) clock: SharedClock,
     client: reqwest::Client,
     routes: RwLock<Arc<Routes>>,
-    /// Held while the routing table is rebuilt: one rebuild at a time, and a table
-    /// never replaced by one built from an older applied state.
-    rebuilding: Mutex<()>,
+    /// Held while the routing table is rebuilt (one rebuild at a time, and a table
+    /// never replaced by one built from an older applied state), with when a
+    /// request last rebuilt it.
+    rebuilding: tokio::sync::Mutex<Option<Instant>>,
     /// Endpoints whose last probe answered 200, less those that refused a request
     /// since.
     ready: Mutex<HashSet<String>>,
@@ -210,7 +215,7 @@ impl Gateway {
             raft,
             client,
             routes: RwLock::new(Arc::new(Routes::default())),
-            rebuilding: Mutex::new(()),
+            rebuilding: tokio::sync::Mutex::new(None),
             ready: Mutex::new(HashSet::new()),
             outstanding: Arc::new(Mutex::new(HashMap::new())),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
@@ -248,21 +253,41 @@ impl Gateway {
     }
 
     /// The routing table at least as new as the state this server has applied now:
-    /// the one kept if it is, else rebuilt here (requests arriving during a rebuild
-    /// wait for it and share it).
-    fn current(&self) -> Arc<Routes> {
+    /// the one kept if it is, else rebuilt here. Requests arriving during a rebuild
+    /// wait for it and share it, and rebuilds made for requests are at least
+    /// [`REBUILD_FOR_REQUESTS_EVERY`] apart (a request waits out the rest), so
+    /// requests for models that do not exist cost no more than that many rebuilds.
+    async fn current(&self) -> Arc<Routes> {
         let applied = self.raft.status().applied_index;
+        let fresh = |r: &Routes| r.applied.is_some_and(|a| a >= applied);
         let routes = self.routes();
-        if routes.applied.is_some_and(|a| a >= applied) {
+        if fresh(&routes) {
             return routes;
         }
-        self.refresh();
+        let mut last = self.rebuilding.lock().await;
+        let routes = self.routes();
+        if fresh(&routes) {
+            return routes;
+        }
+        if let Some(at) = *last {
+            tokio::time::sleep_until((at + REBUILD_FOR_REQUESTS_EVERY).into()).await;
+        }
+        self.rebuild();
+        *last = Some(Instant::now());
         self.routes()
     }
 
-    /// Rebuilds the routing table if the applied state moved since it was built.
+    /// Rebuilds the routing table if the applied state moved since it was built,
+    /// unless a request is rebuilding it (that leaves a table at least as new).
     fn refresh(&self) {
-        let _one = self.rebuilding.lock();
+        if let Ok(_one) = self.rebuilding.try_lock() {
+            self.rebuild();
+        }
+    }
+
+    /// Rebuilds the routing table if the applied state moved since it was built;
+    /// the caller holds `rebuilding`.
+    fn rebuild(&self) {
         let applied = self.raft.status().applied_index;
         if self.routes.read().applied.is_some_and(|a| a >= applied) {
             return;
@@ -300,6 +325,7 @@ impl Gateway {
             routes
         });
         *self.routes.write() = Arc::new(routes);
+        self.metrics.rebuilds.inc();
     }
 
     /// Keeps routes and readiness current until `shutdown` turns true: every probe
@@ -582,7 +608,7 @@ impl Gateway {
             // replicas ready, nothing to hold for), bring it up to what this server
             // has applied: a model or job committed and applied here is never
             // refused for a table built before it.
-            routes = self.current();
+            routes = self.current().await;
             resolved = self.resolve_ready(&routes, &asked);
         }
         let model = match resolved {

@@ -19,6 +19,7 @@ pub(crate) struct GatewayMetrics {
     pub(crate) held_outcomes: IntCounterVec,
     pub(crate) held_seconds: Histogram,
     pub(crate) wakes: IntCounter,
+    pub(crate) rebuilds: IntCounter,
 }
 
 impl GatewayMetrics {
@@ -86,6 +87,11 @@ impl GatewayMetrics {
             "aigrid_gateway_wakes_total",
             "Groups at zero this server asked to scale to their first replica",
         ))?;
+        let rebuilds = IntCounter::with_opts(Opts::new(
+            "aigrid_gateway_route_rebuilds_total",
+            "Times the routing table was rebuilt from the applied state",
+        ))?;
+        registry.register(Box::new(rebuilds.clone()))?;
         registry.register(Box::new(held.clone()))?;
         registry.register(Box::new(held_outcomes.clone()))?;
         registry.register(Box::new(held_seconds.clone()))?;
@@ -107,6 +113,7 @@ impl GatewayMetrics {
             held_outcomes,
             held_seconds,
             wakes,
+            rebuilds,
         })
     }
 }

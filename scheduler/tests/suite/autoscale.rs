@@ -536,6 +536,71 @@ async fn a_request_right_after_the_deploy_is_held_not_refused() {
     f.server.stop().await;
 }
 
+/// A stranger asking for models that do not exist while the state keeps moving
+/// gets 404 each time and costs at most one rebuild of the routing table every
+/// 20 ms, however many it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_unknown_models_rebuild_the_table_a_bounded_number_of_times() {
+    let f = fixture(1, |config| {
+        config.gateway.probe_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let (server, base, client) = (&f.server, &f.base, &f.client);
+    let chat_url = format!("{base}/v1/chat/completions");
+    let rebuilds = || async {
+        common::metric(client, base, "aigrid_gateway_route_rebuilds_total", &[])
+            .await
+            .unwrap_or(0.0)
+    };
+    // The applied state keeps moving while the requests arrive.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (raft, stop) = (server.raft.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u8;
+            while !stop.load(Ordering::SeqCst) {
+                n = n.wrapping_add(1);
+                let key = ApiKey::from_random([n; 8], [n; 32]);
+                let command = Command::CreateApiKey {
+                    info: ApiKeyInfo {
+                        id: key.id.clone(),
+                        circle: "ml".into(),
+                        name: None,
+                        created_at: Timestamp::from_millis(1),
+                    },
+                    secret_hash: key.secret_hash(),
+                };
+                raft.propose(&command).await.unwrap().unwrap();
+            }
+        })
+    };
+    let before = rebuilds().await;
+    let started = Instant::now();
+    let streams = (0..4).map(|stream| {
+        let (client, url) = (client.clone(), chat_url.clone());
+        async move {
+            for i in 0..30 {
+                let body = json!({"model": format!("nothing-{stream}-{i}"), "messages": []});
+                let status = client.post(&url).json(&body).send().await.unwrap().status();
+                assert_eq!(status, StatusCode::NOT_FOUND);
+            }
+        }
+    });
+    futures_util::future::join_all(streams).await;
+    let sent = 4 * 30;
+    let elapsed = started.elapsed();
+    let made = rebuilds().await - before;
+    let bound = (elapsed.as_millis() / 20 + 2) as f64;
+    assert!(made >= 1.0, "the table was never brought up to date");
+    assert!(
+        made <= bound,
+        "{made} rebuilds for {sent} requests in {elapsed:?}, more than {bound}"
+    );
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+    f.server.stop().await;
+}
+
 /// Three servers: a request held at a follower's gateway wakes a group at zero
 /// (the wake is forwarded to the leader), with nothing held at the leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
