@@ -277,12 +277,11 @@ impl Gateway {
         self.routes()
     }
 
-    /// Rebuilds the routing table if the applied state moved since it was built,
-    /// unless a request is rebuilding it (that leaves a table at least as new).
-    fn refresh(&self) {
-        if let Ok(_one) = self.rebuilding.try_lock() {
-            self.rebuild();
-        }
+    /// Rebuilds the routing table if the applied state moved since it was built
+    /// (after any rebuild under way).
+    async fn refresh(&self) {
+        let _one = self.rebuilding.lock().await;
+        self.rebuild();
     }
 
     /// Rebuilds the routing table if the applied state moved since it was built;
@@ -352,7 +351,7 @@ impl Gateway {
                 self.probe_now().await;
                 last_full = Instant::now();
             } else {
-                self.refresh();
+                self.refresh().await;
                 self.probe_models(&held).await;
             }
             self.holding.probed.notify_waiters();
@@ -362,7 +361,7 @@ impl Gateway {
     /// Rebuilds the routes if the applied state moved, then probes every replica's
     /// `/ready` and replaces the ready set with those that answered 200.
     pub async fn probe_now(&self) {
-        self.refresh();
+        self.refresh().await;
         self.probe_all().await;
     }
 
