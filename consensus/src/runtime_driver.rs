@@ -91,6 +91,32 @@ fn run_peer_traffic(runtime: &tokio::runtime::Runtime) {
     runtime.block_on(tokio::task::yield_now());
 }
 
+/// Runs the peer traffic until `ready` holds or `spin` has passed, giving the CPU
+/// to whatever else is ready between looks; answers whether `ready` holds.
+fn poll_until(
+    runtime: &tokio::runtime::Runtime,
+    spin: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> bool {
+    if ready() {
+        return true;
+    }
+    if spin.is_zero() {
+        return false;
+    }
+    let until = Instant::now() + spin;
+    loop {
+        run_peer_traffic(runtime);
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
 impl<S: StateMachine> Driver<S> {
     pub(super) fn new(
         replica: Replica<S>,
@@ -236,26 +262,10 @@ impl<S: StateMachine> Driver<S> {
     }
 
     /// Runs the peer traffic and looks at the queue until input arrives or `spin`
-    /// has passed, giving the CPU to whatever else is ready between looks. True
-    /// when input arrived.
+    /// has passed ([`poll_until`]). True when input arrived.
     fn poll_before_parking(&mut self, spin: Duration) -> bool {
-        if !self.rx.is_empty() {
-            return true;
-        }
-        if spin.is_zero() {
-            return false;
-        }
-        let until = Instant::now() + spin;
-        loop {
-            run_peer_traffic(&self.runtime);
-            if !self.rx.is_empty() {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-            std::thread::yield_now();
-        }
+        let rx = &self.rx;
+        poll_until(&self.runtime, spin, || !rx.is_empty())
     }
 
     /// Handles one queued input; false means shut down.
@@ -343,12 +353,7 @@ fn persist_serving(
             done.store(true, Ordering::Release);
             written.notify_one();
         });
-        let until = Instant::now() + spin;
-        while !done.load(Ordering::Acquire) && Instant::now() < until {
-            run_peer_traffic(runtime);
-            std::thread::yield_now();
-        }
-        if !done.load(Ordering::Acquire) {
+        if !poll_until(runtime, spin, || done.load(Ordering::Acquire)) {
             runtime.block_on(written.notified());
         }
     });

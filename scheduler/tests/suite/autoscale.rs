@@ -42,8 +42,22 @@ async fn deploy(
     count: u32,
     scaling: Value,
 ) -> String {
-    let base = format!("http://{}", server.addr);
     let digest = push_model(server, client, name).await;
+    submit(server, client, name, &digest, count, scaling).await;
+    digest
+}
+
+/// Submits the model of `digest` as service `name` of group `llm` with `scaling`,
+/// starting at `count`.
+async fn submit(
+    server: &Server,
+    client: &Client,
+    name: &str,
+    digest: &str,
+    count: u32,
+    scaling: Value,
+) {
+    let base = format!("http://{}", server.addr);
     let job = json!({
         "name": name, "kind": "service", "circle": "ml",
         "groups": [{"name": "llm", "count": count, "scaling": scaling,
@@ -52,7 +66,6 @@ async fn deploy(
     });
     let (status, body) = post_json(client, &format!("{base}/api/v1/jobs"), &job).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    digest
 }
 
 fn job(server: &Server, name: &str) -> Job {
@@ -506,15 +519,8 @@ async fn a_request_right_after_the_deploy_is_held_not_refused() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     assert_eq!(server.gateway.held(&digest), 0);
 
-    let job = json!({
-        "name": "late", "kind": "service", "circle": "ml",
-        "groups": [{"name": "llm", "count": 0,
-                    "scaling": {"min": 0, "max": 2, "target_concurrency": 2, "idle_to_zero": "1h"},
-                    "resources": {"cpu_millis": 1000, "memory_mib": 1024},
-                    "task": {"driver": "model-server", "model": digest}}]
-    });
-    let (status, answer) = post_json(client, &format!("{base}/api/v1/jobs"), &job).await;
-    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let scaling = json!({"min": 0, "max": 2, "target_concurrency": 2, "idle_to_zero": "1h"});
+    submit(server, client, "late", &digest, 0, scaling).await;
     let held = {
         let (client, url, body) = (client.clone(), chat_url.clone(), body.clone());
         tokio::spawn(async move {
