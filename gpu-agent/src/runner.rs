@@ -114,12 +114,17 @@ pub struct Runner {
 enum Start {
     Fresh,
     Attached(Box<dyn TaskHandle>),
+    /// Stopped under an earlier agent: starts again once the control plane says
+    /// it still wants it.
+    Stopped,
 }
 
 impl Runner {
     /// Opens the runner: probes limits and finds allocations an earlier agent
     /// started. Live ones are reattached (not started again); finished ones report
-    /// their recorded exit; ones whose supervisor vanished are failed.
+    /// their recorded exit; ones whose supervisor vanished are failed; ones an
+    /// agent stopped (as `aigrid up` does at its end) wait, pending, for the first
+    /// [`Runner::apply`] and start again if the control plane still wants them.
     pub async fn open(
         config: RunnerConfig,
         driver: Arc<dyn Driver>,
@@ -155,6 +160,14 @@ impl Runner {
                     report.limits = Some(handle.limits());
                     let mut entry = Entry::new(report, Control::Unconfirmed);
                     entry.task = Some(runner.spawn(ctx, &entry, Start::Attached(handle)));
+                    entries.insert(id, entry);
+                }
+                RecoveredStatus::Stopped => {
+                    tracing::info!(alloc = %id, "found an allocation stopped by an earlier agent");
+                    report.state = AllocState::Pending;
+                    report.reason = Some(RESUME_REASON.into());
+                    let mut entry = Entry::new(report, Control::Unconfirmed);
+                    entry.task = Some(runner.spawn(ctx, &entry, Start::Stopped));
                     entries.insert(id, entry);
                 }
                 RecoveredStatus::Exited(exit) => {
@@ -483,6 +496,11 @@ fn truncate_reason(reason: &mut String) {
     }
 }
 
+/// The reason reported by an allocation found stopped by an earlier agent until the
+/// control plane says whether it still wants it.
+const RESUME_REASON: &str =
+    "stopped when the last agent shut down; starts again if the control plane still wants it";
+
 /// The terminal state and reason of a run that ended and will not be restarted.
 fn outcome(exit: &TaskExit, restarts: u32) -> (AllocState, Option<String>) {
     if exit.success() {
@@ -542,12 +560,15 @@ async fn lifecycle(
                 Event::Stop => return inner.set(&id, AllocState::Stopped, None),
                 Event::Shutdown => return,
             }
-            match inner.driver.start(&inner.config, &ctx).await {
-                Ok(handle) => handle,
-                Err(e) => {
-                    tracing::warn!(alloc = %id, reason = %e.reason(), "allocation cannot start");
-                    return inner.set(&id, AllocState::Failed, Some(e.reason()));
-                }
+            match start_run(&inner, &ctx).await {
+                Some(handle) => handle,
+                None => return,
+            }
+        }
+        Start::Stopped => {
+            match start_when_wanted(&inner, &ctx, &mut control, &mut shutdown).await {
+                Some(handle) => handle,
+                None => return,
             }
         }
     };
@@ -590,22 +611,47 @@ async fn lifecycle(
             Event::Stop => return inner.set(&id, AllocState::Stopped, None),
             Event::Shutdown => return,
         }
-        // A reattached allocation restarts only once the control plane still wants it.
-        tokio::select! {
-            () = wait_for(&mut control, |c| *c != Control::Unconfirmed) => {}
-            () = wait_for(&mut shutdown, |s| *s) => return,
-        }
-        if *control.borrow() == Control::Stop {
-            return inner.set(&id, AllocState::Stopped, None);
-        }
         ctx.restarts += 1;
-        handle = match inner.driver.start(&inner.config, &ctx).await {
-            Ok(handle) => handle,
-            Err(e) => {
-                return inner.set(&id, AllocState::Failed, Some(e.reason()));
-            }
+        handle = match start_when_wanted(&inner, &ctx, &mut control, &mut shutdown).await {
+            Some(handle) => handle,
+            None => return,
         };
     }
+}
+
+/// Starts a run of `ctx`'s task; `None` (the allocation failed, reported) when the
+/// driver cannot.
+async fn start_run(inner: &Inner, ctx: &TaskContext) -> Option<Box<dyn TaskHandle>> {
+    match inner.driver.start(&inner.config, ctx).await {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            let id = &ctx.alloc.id;
+            tracing::warn!(alloc = %id, reason = %e.reason(), "allocation cannot start");
+            inner.set(id, AllocState::Failed, Some(e.reason()));
+            None
+        }
+    }
+}
+
+/// Starts another run of `ctx`'s task once the control plane confirms it still
+/// wants it (a reattached or recovered allocation waits for the first apply);
+/// `None` when it is stopped instead (reported), the start fails (reported) or
+/// the runner shuts down.
+async fn start_when_wanted(
+    inner: &Inner,
+    ctx: &TaskContext,
+    control: &mut watch::Receiver<Control>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Box<dyn TaskHandle>> {
+    tokio::select! {
+        () = wait_for(control, |c| *c != Control::Unconfirmed) => {}
+        () = wait_for(shutdown, |s| *s) => return None,
+    }
+    if *control.borrow() == Control::Stop {
+        inner.set(&ctx.alloc.id, AllocState::Stopped, None);
+        return None;
+    }
+    start_run(inner, ctx).await
 }
 
 #[cfg(test)]

@@ -59,6 +59,9 @@ pub(crate) const SUPERVISOR_FILE: &str = "supervisor.json";
 pub(crate) const WORKLOAD_FILE: &str = "workload.json";
 /// How the workload ended.
 pub(crate) const EXIT_FILE: &str = "exit.json";
+/// Present when the agent asked the run to stop: its exit is the stop's doing,
+/// not the workload finishing.
+pub(crate) const STOP_FILE: &str = "stop.json";
 /// The supervisor's own stdout and stderr.
 pub(crate) const SUPERVISOR_LOG: &str = "supervisor.log";
 /// The task's working directory.
@@ -183,9 +186,7 @@ pub(crate) struct ExitRecord {
 
 impl ExitRecord {
     fn new(exit: TaskExit) -> Self {
-        let finished_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let finished_at_ms = now_ms();
         let mut record = ExitRecord {
             code: None,
             signal: None,
@@ -209,6 +210,27 @@ impl ExitRecord {
             (None, None, None) => TaskExit::Error("exit record is empty".into()),
         }
     }
+}
+
+/// `stop.json`: when the agent asked the run to stop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StopRecord {
+    /// When the stop was asked for, in milliseconds since the Unix epoch.
+    pub requested_at_ms: u64,
+}
+
+impl StopRecord {
+    pub fn now() -> Self {
+        StopRecord {
+            requested_at_ms: now_ms(),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Writes `value` as JSON so that readers see the old file or the whole new one,

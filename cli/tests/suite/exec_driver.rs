@@ -472,6 +472,111 @@ async fn a_new_runner_reattaches_instead_of_starting_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_stopped_with_their_agent_start_again_only_if_still_wanted() {
+    let h = Harness::new();
+    // Each leaves on TERM with code 0, as a model server does: the exit alone
+    // cannot tell the stop from the workload finishing.
+    let polite = sh(
+        "trap 'exit 0' TERM; echo $$ >> starts; while true; do sleep 0.1; done",
+        json!({"restart": {"mode": "never"}}),
+    );
+    let done = sh(
+        "while [ ! -f go ]; do sleep 0.05; done; exit 0",
+        json!({"restart": {"mode": "never"}}),
+    );
+    let stopped = ["wanted", "dropped", "unwanted"];
+    let mut run: Vec<Assignment> = stopped
+        .iter()
+        .map(|id| assignment(id, &[], "run", polite.clone()))
+        .collect();
+    run.push(assignment("done", &[], "run", done));
+    let starts = |id: &str| {
+        fs::read_to_string(h.local(id).join("starts"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+
+    let first = h.open().await;
+    first.apply(&run);
+    for id in stopped {
+        wait_state(&first, id, AllocState::Running).await;
+        wait_file(&h.local(id).join("starts")).await;
+    }
+    fs::write(h.local("done").join("go"), "").unwrap();
+    wait_state(&first, "done", AllocState::Complete).await;
+    // As an agent stops its workloads at its end (`aigrid up` on SIGTERM).
+    first.apply(&[]);
+    for id in stopped {
+        wait_state(&first, id, AllocState::Stopped).await;
+    }
+    first.shutdown().await;
+    drop(first);
+
+    let second = h.open().await;
+    // Before the control plane answers: pending, not complete, and not started.
+    for id in stopped {
+        let report = wait_state(&second, id, AllocState::Pending).await;
+        assert!(
+            report
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("stopped when"),
+            "{report:?}"
+        );
+    }
+    wait_state(&second, "done", AllocState::Complete).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in stopped {
+        assert_eq!(
+            starts(id),
+            1,
+            "{id} started before the control plane said so"
+        );
+    }
+
+    // Still wanted: runs again in place. Wanted stopped, or no longer listed:
+    // stopped, never started. Finished by itself: stays complete.
+    let mut answer = vec![run[0].clone(), run[3].clone()];
+    answer.push(assignment("unwanted", &[], "stop", polite.clone()));
+    second.apply(&answer);
+    let report = wait_state(&second, "wanted", AllocState::Running).await;
+    assert_eq!(report.restarts, 0);
+    wait_for(&second, "wanted", "started again", |_| {
+        starts("wanted") == 2
+    })
+    .await;
+    wait_state(&second, "dropped", AllocState::Stopped).await;
+    wait_state(&second, "unwanted", AllocState::Stopped).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(starts("dropped"), 1);
+    assert_eq!(starts("unwanted"), 1);
+    assert_eq!(
+        second
+            .reports()
+            .iter()
+            .find(|r| r.id.as_str() == "done")
+            .unwrap()
+            .state,
+        AllocState::Complete
+    );
+
+    // Stopped by the control plane and found again: never started unasked.
+    let stop = [assignment("wanted", &[], "stop", polite.clone())];
+    second.apply(&stop);
+    wait_state(&second, "wanted", AllocState::Stopped).await;
+    second.shutdown().await;
+    drop(second);
+    let third = h.open().await;
+    wait_state(&third, "wanted", AllocState::Pending).await;
+    third.apply(&stop);
+    wait_state(&third, "wanted", AllocState::Stopped).await;
+    assert_eq!(starts("wanted"), 2);
+    third.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_artifacts_never_run() {
     let h = Harness::new();
     let content = b"weights-v1: 0123456789\n".to_vec();

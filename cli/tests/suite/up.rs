@@ -1,8 +1,8 @@
 //! `aigrid up` as a new user meets it: simulated GPUs with node attributes so the
 //! example job places, `job submit` saying where a job went, logs by job and by
 //! allocation prefix, the demo model's ready and stopped lines, plain text when
-//! output is not a terminal, and SIGTERM taking every workload and model server
-//! `up` started down with it.
+//! output is not a terminal, SIGTERM taking every workload and model server `up`
+//! started down with it, and a second `up` on the same data bringing them back.
 
 use crate::common;
 
@@ -77,6 +77,18 @@ fn alloc_ids(server: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Sends `up` SIGTERM and waits until it has exited cleanly.
+fn terminate(up: &mut Child, log: &Path) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(up.id().to_string())
+        .status();
+    let status = eventually(Duration::from_secs(120), "up to exit", || {
+        up.try_wait().unwrap()
+    });
+    assert!(status.success(), "up exit {status}: {}", tail(log, 30));
+}
+
 #[test]
 fn up_places_reports_logs_and_takes_its_workloads_down_on_sigterm() {
     let root = tempfile::tempdir().unwrap();
@@ -89,22 +101,20 @@ fn up_places_reports_logs_and_takes_its_workloads_down_on_sigterm() {
     // dir), workloads (carrying the marker) and model servers (told this up's URL).
     let reapers = up_reapers(root.path(), &server, &marker);
     let data = root.path().join("data");
-    let mut up = spawn_piped(
-        &[
-            "up",
-            "--listen",
-            &listen,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--simulate-gpus",
-            "2xH100-80GB",
-            "--attr",
-            "country=BE",
-            "--attr",
-            "site=ghent",
-        ],
-        &log,
-    );
+    let up_args = [
+        "up",
+        "--listen",
+        &listen,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--simulate-gpus",
+        "2xH100-80GB",
+        "--attr",
+        "country=BE",
+        "--attr",
+        "site=ghent",
+    ];
+    let mut up = spawn_piped(&up_args, &log);
     let mut lines = Lines::of(&mut up);
     lines.wait_for("Press Ctrl-C", Duration::from_secs(60), &log);
 
@@ -266,21 +276,41 @@ fn up_places_reports_logs_and_takes_its_workloads_down_on_sigterm() {
 
     // SIGTERM: up stops its workloads and model servers, says the demo stopped,
     // and exits cleanly.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(up.id().to_string())
-        .status();
-    let status = eventually(Duration::from_secs(120), "up to exit", || {
-        up.try_wait().unwrap()
-    });
-    assert!(status.success(), "up exit {status}: {}", tail(&log, 30));
+    terminate(&mut up, &log);
     lines.wait_for(
         "demo model tiny-llama stopped",
         Duration::from_secs(5),
         &log,
     );
-    eventually(Duration::from_secs(30), "every child process gone", || {
-        let left: Vec<i32> = reapers.iter().flat_map(Reaper::matching).collect();
-        left.is_empty().then_some(())
-    });
+    let all_gone = || {
+        eventually(Duration::from_secs(30), "every child process gone", || {
+            let left: Vec<i32> = reapers.iter().flat_map(Reaper::matching).collect();
+            left.is_empty().then_some(())
+        })
+    };
+    all_gone();
+
+    // Started again on the same data: what the first run stopped at its end is
+    // not taken for finished. The same allocations run again (none replaced),
+    // and the demo model answers.
+    let log = root.path().join("up-again.log");
+    let mut again = spawn_piped(&up_args, &log);
+    let mut lines = Lines::of(&mut again);
+    lines.wait_for(
+        "demo model tiny-llama is ready",
+        Duration::from_secs(240),
+        &log,
+    );
+    assert_eq!(alloc_ids(&server, "tiny-llama"), [demo_alloc]);
+    eventually(
+        Duration::from_secs(30),
+        "the talker's process again",
+        || {
+            let pids = reapers[0].matching();
+            pids.iter().any(|p| *p != again.id() as i32).then_some(())
+        },
+    );
+    assert_eq!(alloc_ids(&server, "talker"), [talker_alloc]);
+    terminate(&mut again, &log);
+    all_gone();
 }

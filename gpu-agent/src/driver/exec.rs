@@ -33,9 +33,9 @@ use crate::config::RunnerConfig;
 use crate::logs;
 use crate::sandbox::{self, Layout, Owner, UidTable};
 use crate::supervisor::{
-    read_json, write_json_atomic, ExitRecord, ProcessRecord, TaskFile, WorkloadRecord, EXIT_FILE,
-    LOCAL_DIR, LOGS_DIR, STDERR_LOG, STDOUT_LOG, SUPERVISOR_FILE, SUPERVISOR_LOG, TASK_FILE,
-    WORKLOAD_FILE,
+    read_json, write_json_atomic, ExitRecord, ProcessRecord, StopRecord, TaskFile, WorkloadRecord,
+    EXIT_FILE, LOCAL_DIR, LOGS_DIR, STDERR_LOG, STDOUT_LOG, STOP_FILE, SUPERVISOR_FILE,
+    SUPERVISOR_LOG, TASK_FILE, WORKLOAD_FILE,
 };
 
 /// `PATH` for workloads when the agent has none.
@@ -372,7 +372,7 @@ fn write_task(dir: &Path, file: &TaskFile) -> Result<fs::File, DriverError> {
     fs::set_permissions(&logs, fs::Permissions::from_mode(0o700))
         .map_err(io_err("protect", &logs))?;
     // What the previous run left must not be mistaken for this one's.
-    for stale in [EXIT_FILE, WORKLOAD_FILE, SUPERVISOR_FILE] {
+    for stale in [EXIT_FILE, STOP_FILE, WORKLOAD_FILE, SUPERVISOR_FILE] {
         let path = dir.join(stale);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -474,9 +474,14 @@ fn recover_all(dir: &Path) -> Result<Vec<(RecoveredTask, Option<u32>)>, DriverEr
             limits: Mutex::new(LimitsEnforcement::NotEnforced),
             cgroup: task.cgroup.clone(),
         };
+        let stopped = alloc_dir.join(STOP_FILE).exists();
         let status = if let Some(exit) = handle.recorded_exit() {
             handle.remove_cgroup_blocking();
-            RecoveredStatus::Exited(exit)
+            if stopped {
+                RecoveredStatus::Stopped
+            } else {
+                RecoveredStatus::Exited(exit)
+            }
         } else if handle.supervisor.is_alive() {
             if let Some(workload) = handle.workload() {
                 *handle.limits.lock().expect("limits lock") = workload.limits;
@@ -485,7 +490,11 @@ fn recover_all(dir: &Path) -> Result<Vec<(RecoveredTask, Option<u32>)>, DriverEr
         } else {
             handle.kill_orphan();
             handle.remove_cgroup_blocking();
-            RecoveredStatus::Exited(TaskExit::Error(LOST.into()))
+            if stopped {
+                RecoveredStatus::Stopped
+            } else {
+                RecoveredStatus::Exited(TaskExit::Error(LOST.into()))
+            }
         };
         found.push((RecoveredTask { ctx, status }, uid));
     }
@@ -665,7 +674,18 @@ impl TaskHandle for ExecHandle {
     }
 
     fn stop(&self, grace: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(self.stop_now(grace))
+        Box::pin(async move {
+            // Written before any signal, unless the run is already over: however
+            // it ends from here, a later agent knows the stop ended it, not the
+            // workload finishing.
+            if !self.is_over() {
+                let marker = self.dir.join(STOP_FILE);
+                if let Err(e) = write_json_atomic(&marker, &StopRecord::now()) {
+                    tracing::warn!(path = %marker.display(), error = %e, "cannot record the stop");
+                }
+            }
+            self.stop_now(grace).await
+        })
     }
 }
 

@@ -96,6 +96,9 @@ pub enum RecoveredStatus {
     Running(Box<dyn TaskHandle>),
     /// It ended while no agent watched (or the node lost track of it).
     Exited(TaskExit),
+    /// An agent stopped it (at the control plane's word or at its own shutdown):
+    /// it did not finish, and runs again only if the control plane still wants it.
+    Stopped,
 }
 
 /// Why a driver could not prepare or start a task. The text is the allocation's
