@@ -395,11 +395,12 @@ impl<S: StateMachine> Replica<S> {
         if self.removed {
             return;
         }
-        let forwarded = self.is_forwarded_proposal(&msg);
+        let forwarded = self.is_forwarded_proposal(&msg).then_some(msg.from);
         let _ = self.raw.step(msg);
-        if forwarded {
-            self.broadcast_commits_until_forwarded();
+        if let Some(from) = forwarded {
+            self.notice_when_committed(from);
         }
+        self.tell_forwarders();
     }
 
     /// Proposes an encoded command. On a follower raft forwards it to the leader.
@@ -604,6 +605,10 @@ impl<S: StateMachine> Replica<S> {
             self.raw.mut_store().set_commit(commit);
         }
         self.send(sink, light.take_messages());
+        // The leader's own write can be what commits a forwarded write.
+        self.tell_forwarders();
+        let notices = std::mem::take(&mut self.raw.raft.msgs);
+        self.send(sink, notices);
         self.apply_entries(light.take_committed_entries(), &mut out)?;
         self.raw.advance_apply();
 

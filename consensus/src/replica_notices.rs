@@ -1,7 +1,8 @@
 //! A leader's commit notices: the empty appends that only tell followers a new
 //! commit index, held back (`ReplicaConfig::hold_commit_notices`) for the next
-//! append to carry the index instead, and sent at once while a follower waits on
-//! a write it forwarded.
+//! append to carry the index instead, and sent at once to a follower that waits
+//! on a write it forwarded (to that follower alone: the others' applies would
+//! only compete for the CPU its answer needs).
 
 use std::collections::BTreeMap;
 
@@ -20,9 +21,9 @@ pub(super) struct CommitNotices {
     told: BTreeMap<u64, u64>,
     /// Every peer was told commits up to here, or a notice of it went out.
     noticed: u64,
-    /// A follower waits on a proposal it forwarded, at or below this index: until
-    /// it is committed, every commit is broadcast at once.
-    forwarded: Option<u64>,
+    /// Followers waiting on proposals they forwarded, each with the last index
+    /// its proposals reached: the commit of that index is sent to it at once.
+    forwarded: BTreeMap<u64, u64>,
 }
 
 impl CommitNotices {
@@ -44,11 +45,36 @@ impl<S: StateMachine> Replica<S> {
             && msg.get_msg_type() == MessageType::MsgPropose
     }
 
-    /// After stepping a forwarded write: every commit is broadcast at once until
-    /// the write (now the last entry) is committed.
-    pub(super) fn broadcast_commits_until_forwarded(&mut self) {
-        self.notices.forwarded = Some(self.raw.raft.raft_log.last_index());
-        self.raw.skip_bcast_commit(false);
+    /// After stepping a write forwarded by `from`: its commit (the write is now
+    /// the last entry) is sent to `from` as soon as it happens.
+    pub(super) fn notice_when_committed(&mut self, from: u64) {
+        let last = self.raw.raft.raft_log.last_index();
+        self.notices.forwarded.insert(from, last);
+    }
+
+    /// Sends the commit index at once to every follower whose forwarded writes
+    /// are all committed now (the next `Ready` carries the messages); the other
+    /// peers' notices stay held.
+    pub(super) fn tell_forwarders(&mut self) {
+        if self.notices.forwarded.is_empty() {
+            return;
+        }
+        if !self.is_leader() {
+            self.notices.forwarded.clear();
+            return;
+        }
+        let committed = self.raw.raft.raft_log.committed;
+        let due: Vec<u64> = self
+            .notices
+            .forwarded
+            .iter()
+            .filter(|(_, index)| **index <= committed)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in due {
+            self.notices.forwarded.remove(&peer);
+            self.raw.raft.send_append(peer);
+        }
     }
 
     /// True when this leader committed entries that some peer has not been told of
@@ -82,8 +108,7 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
-    /// After a pass: how far every peer was told, and whether a forwarded
-    /// proposal still needs commits broadcast at once.
+    /// After a pass: how far every peer was told.
     pub(super) fn settle_notices(&mut self) {
         if !self.config.hold_commit_notices || !self.is_leader() {
             return;
@@ -104,9 +129,5 @@ impl<S: StateMachine> Replica<S> {
             .min()
             .unwrap_or(committed);
         notices.noticed = notices.noticed.max(least);
-        if notices.forwarded.is_some_and(|index| committed >= index) {
-            notices.forwarded = None;
-            self.raw.skip_bcast_commit(true);
-        }
     }
 }

@@ -321,7 +321,8 @@ fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
     deliver(&mut servers, &mut wire);
     pass(&mut servers[0], &mut wire);
 
-    // A follower's own write: it hears of the commit at once, and answers.
+    // A follower's own write: it hears of the commit at once, and answers; the
+    // other follower's notice stays held.
     servers[1].propose(RequestId(3), b"3".to_vec()).unwrap();
     pass(&mut servers[1], &mut wire);
     deliver(&mut servers, &mut wire);
@@ -333,7 +334,12 @@ fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
     deliver(&mut servers, &mut wire);
     pass(&mut servers[0], &mut wire);
     let committed = servers[0].status().commit_index;
-    assert_eq!(commit_notices(&wire), vec![(2, committed), (3, committed)]);
+    assert_eq!(
+        commit_notices(&wire),
+        vec![(2, committed)],
+        "only the follower waiting on the write hears at once"
+    );
+    assert!(servers[0].commit_notice_pending(), "server 3's is held");
     deliver(&mut servers, &mut wire);
     assert_eq!(pass(&mut servers[1], &mut wire), vec![RequestId(3)]);
     // ... and later commits are held again.
