@@ -474,14 +474,9 @@ fn recover_all(dir: &Path) -> Result<Vec<(RecoveredTask, Option<u32>)>, DriverEr
             limits: Mutex::new(LimitsEnforcement::NotEnforced),
             cgroup: task.cgroup.clone(),
         };
-        let stopped = alloc_dir.join(STOP_FILE).exists();
         let status = if let Some(exit) = handle.recorded_exit() {
             handle.remove_cgroup_blocking();
-            if stopped {
-                RecoveredStatus::Stopped
-            } else {
-                RecoveredStatus::Exited(exit)
-            }
+            RecoveredStatus::Exited(exit)
         } else if handle.supervisor.is_alive() {
             if let Some(workload) = handle.workload() {
                 *handle.limits.lock().expect("limits lock") = workload.limits;
@@ -490,11 +485,14 @@ fn recover_all(dir: &Path) -> Result<Vec<(RecoveredTask, Option<u32>)>, DriverEr
         } else {
             handle.kill_orphan();
             handle.remove_cgroup_blocking();
-            if stopped {
+            RecoveredStatus::Exited(TaskExit::Error(LOST.into()))
+        };
+        // However a run the agent asked to stop ended, the stop ended it.
+        let status = match status {
+            RecoveredStatus::Exited(_) if alloc_dir.join(STOP_FILE).exists() => {
                 RecoveredStatus::Stopped
-            } else {
-                RecoveredStatus::Exited(TaskExit::Error(LOST.into()))
             }
+            status => status,
         };
         found.push((RecoveredTask { ctx, status }, uid));
     }
