@@ -9,10 +9,19 @@
 #   BENCH_CLIENTS       client counts to run, default "1 16 64"
 #   BENCH_SECS          measured seconds per run, default 10
 #   BENCH_WARMUP_SECS   unmeasured warm-up seconds per run, default 2
-#   BENCH_REPS          repetitions, default 3: each starts fresh clusters, aigrid
-#                       then etcd, so the two alternate; the table shows the run
-#                       with the median ops/s of each system and load, the range,
-#                       and the ratio of each repetition's pair
+#   BENCH_REPS          repetitions, default 3: each starts fresh clusters; the
+#                       table shows the run with the median ops/s of each system
+#                       and load, the range, and each repetition's pair (ops/s
+#                       ratio, p99s)
+#   BENCH_PAIRING       how a repetition's pairs are made: "load" (default) starts
+#                       both systems' clusters and runs each load on one system
+#                       right after the other (aigrid first in odd repetitions, etcd
+#                       first in even ones), the other cluster idle meanwhile, so a
+#                       pair is measured seconds apart; "run" runs every load on
+#                       aigrid, stops it, then every load on etcd
+#   BENCH_SETTLE_SECS   pause before each load under "load" pairing, so that what the
+#                       last load left behind (followers catching up, compaction)
+#                       settles first, default 2
 set -euo pipefail
 
 # shellcheck source=common.sh
@@ -24,6 +33,13 @@ BENCH_SECS="${BENCH_SECS:-10}"
 BENCH_WARMUP_SECS="${BENCH_WARMUP_SECS:-2}"
 BENCH_REPS="${BENCH_REPS:-3}"
 [[ "$BENCH_REPS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPS must be a positive integer, not '$BENCH_REPS'"
+BENCH_PAIRING="${BENCH_PAIRING:-load}"
+case "$BENCH_PAIRING" in
+    load | run) ;;
+    *) die "BENCH_PAIRING must be load or run, not '$BENCH_PAIRING'" ;;
+esac
+BENCH_SETTLE_SECS="${BENCH_SETTLE_SECS:-2}"
+[[ "$BENCH_SETTLE_SECS" =~ ^[0-9]+$ ]] || die "BENCH_SETTLE_SECS must be a whole number of seconds, not '$BENCH_SETTLE_SECS'"
 
 declare -A RESULT
 # The endpoints of each system's leader and of one follower: one client's write
@@ -73,10 +89,12 @@ load_label() {
     esac
 }
 
-# run_load TARGET ENDPOINTS REP
+# run_load TARGET ENDPOINTS REP LOAD...: runs each LOAD on TARGET, whose clients
+# are at ENDPOINTS.
 run_load() {
     local target="$1" all="$2" rep="$3" load clients endpoints line ops errors
-    for load in "${LOADS[@]}"; do
+    shift 3
+    for load in "$@"; do
         case "$load" in
             1L) clients=1 endpoints="${ROLE_ENDPOINT[$target,leader]}" ;;
             1F) clients=1 endpoints="${ROLE_ENDPOINT[$target,follower]}" ;;
@@ -117,18 +135,45 @@ build_and_install
 make_scratch
 log "scratch directory $WORK ($FSTYPE), ${BENCH_SECS}s per run, clients: $BENCH_CLIENTS, TLS: $BENCH_TLS"
 
+# endpoints_of TARGET: every server's URL.
+endpoints_of() {
+    case "$1" in
+        aigrid) echo "$AIGRID_ENDPOINTS" ;;
+        etcd) echo "$ETCD_ENDPOINTS" ;;
+    esac
+}
+
+PAIRED=0
+[ "$BENCH_PAIRING" = "load" ] && [ "$RUN_AIGRID" = "1" ] && [ "$RUN_ETCD" = "1" ] && PAIRED=1
 for rep in $(seq 1 "$BENCH_REPS"); do
+    if [ "$PAIRED" = "1" ]; then
+        start_aigrid "$WORK/run$rep"
+        aigrid_roles
+        start_etcd "$WORK/run$rep"
+        etcd_roles
+        order="aigrid etcd"
+        [ $((rep % 2)) = 0 ] && order="etcd aigrid"
+        for load in "${LOADS[@]}"; do
+            for target in $order; do
+                sleep "$BENCH_SETTLE_SECS"
+                run_load "$target" "$(endpoints_of "$target")" "$rep" "$load"
+            done
+        done
+        log "stopping both clusters"
+        stop_servers
+        continue
+    fi
     if [ "$RUN_AIGRID" = "1" ]; then
         start_aigrid "$WORK/run$rep"
         aigrid_roles
-        run_load aigrid "$AIGRID_ENDPOINTS" "$rep"
+        run_load aigrid "$AIGRID_ENDPOINTS" "$rep" "${LOADS[@]}"
         log "aigrid: stopping"
         stop_servers
     fi
     if [ "$RUN_ETCD" = "1" ]; then
         start_etcd "$WORK/run$rep"
         etcd_roles
-        run_load etcd "$ETCD_ENDPOINTS" "$rep"
+        run_load etcd "$ETCD_ENDPOINTS" "$rep" "${LOADS[@]}"
         log "etcd: stopping"
         stop_servers
     fi
@@ -170,26 +215,35 @@ if [ "$BENCH_TLS" = "1" ]; then
 else
     tls_note="plain HTTP (aigrid's Raft over mutual TLS); aigrid writes signed"
 fi
-echo "Control-plane writes, 3 nodes on loopback, fsync on, $tls_note, ${BENCH_SECS}s per run, $BENCH_REPS run(s) of each system alternated on fresh clusters, the median run shown ($(nproc) CPUs, scratch on $FSTYPE)"
+if [ "$PAIRED" = "1" ]; then
+    pairing="both clusters up, each load run on one system right after the other"
+else
+    pairing="each system's loads in turn"
+fi
+echo "Control-plane writes, 3 nodes on loopback, fsync on, $tls_note, ${BENCH_SECS}s per run, $BENCH_REPS run(s) on fresh clusters ($pairing), the median run shown ($(nproc) CPUs, scratch on $FSTYPE)"
 echo
-echo "| clients | aigrid ops/s | aigrid p50 ms | aigrid p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | aigrid/etcd ops/s | aigrid/etcd, each run |"
-echo "|--------:|-------------:|--------------:|--------------:|-----------:|------------:|------------:|------------------:|:--|"
+echo "| clients | aigrid ops/s | aigrid p50 ms | aigrid p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | aigrid/etcd ops/s | aigrid/etcd, each run | p99 ms aigrid vs etcd, each run |"
+echo "|--------:|-------------:|--------------:|--------------:|-----------:|------------:|------------:|------------------:|:--|:--|"
 for load in "${LOADS[@]}"; do
     a="$(median_rep aigrid "$load")"
     e="$(median_rep etcd "$load")"
     median_ratio="-"
     each="-"
+    tails="-"
     if [ -n "$a" ] && [ -n "$e" ]; then
         median_ratio="$(ratio "${RESULT[aigrid,$load,$a,ops]}" "${RESULT[etcd,$load,$e,ops]}")"
         each="$(for rep in $(seq 1 "$BENCH_REPS"); do
             ratio "${RESULT[aigrid,$load,$rep,ops]}" "${RESULT[etcd,$load,$rep,ops]}"
             echo
         done | paste -sd/ | sed 's|/| / |g')"
+        tails="$(for rep in $(seq 1 "$BENCH_REPS"); do
+            echo "${RESULT[aigrid,$load,$rep,p99]} vs ${RESULT[etcd,$load,$rep,p99]}"
+        done | paste -sd/ | sed 's|/|; |g')"
     fi
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(load_label "$load")" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(load_label "$load")" \
         "$(ops_cell aigrid "$load" "$a")" "$(val "aigrid,$load,$a,p50")" "$(val "aigrid,$load,$a,p99")" \
         "$(ops_cell etcd "$load" "$e")" "$(val "etcd,$load,$e,p50")" "$(val "etcd,$load,$e,p99")" \
-        "$median_ratio" "$each"
+        "$median_ratio" "$each" "$tails"
 done
 echo
 echo "One client writes to each system's leader, then to one of its followers (a hop more on both); at higher counts client i writes to endpoint i mod 3."
