@@ -135,6 +135,15 @@ build_and_install
 make_scratch
 log "scratch directory $WORK ($FSTYPE), ${BENCH_SECS}s per run, clients: $BENCH_CLIENTS, TLS: $BENCH_TLS"
 
+# start_system TARGET DIR: starts TARGET's cluster with its data in DIR and
+# notes its leader's and a follower's endpoints.
+start_system() {
+    case "$1" in
+        aigrid) start_aigrid "$2" && aigrid_roles ;;
+        etcd) start_etcd "$2" && etcd_roles ;;
+    esac
+}
+
 # endpoints_of TARGET: every server's URL.
 endpoints_of() {
     case "$1" in
@@ -143,40 +152,34 @@ endpoints_of() {
     esac
 }
 
+SYSTEMS=()
+[ "$RUN_AIGRID" = "1" ] && SYSTEMS+=(aigrid)
+[ "$RUN_ETCD" = "1" ] && SYSTEMS+=(etcd)
 PAIRED=0
-[ "$BENCH_PAIRING" = "load" ] && [ "$RUN_AIGRID" = "1" ] && [ "$RUN_ETCD" = "1" ] && PAIRED=1
+[ "$BENCH_PAIRING" = "load" ] && [ "${#SYSTEMS[@]}" = 2 ] && PAIRED=1
 for rep in $(seq 1 "$BENCH_REPS"); do
-    if [ "$PAIRED" = "1" ]; then
-        start_aigrid "$WORK/run$rep"
-        aigrid_roles
-        start_etcd "$WORK/run$rep"
-        etcd_roles
-        order="aigrid etcd"
-        [ $((rep % 2)) = 0 ] && order="etcd aigrid"
-        for load in "${LOADS[@]}"; do
-            for target in $order; do
-                sleep "$BENCH_SETTLE_SECS"
-                run_load "$target" "$(endpoints_of "$target")" "$rep" "$load"
-            done
+    if [ "$PAIRED" = "0" ]; then
+        for target in "${SYSTEMS[@]}"; do
+            start_system "$target" "$WORK/run$rep"
+            run_load "$target" "$(endpoints_of "$target")" "$rep" "${LOADS[@]}"
+            log "$target: stopping"
+            stop_servers
         done
-        log "stopping both clusters"
-        stop_servers
         continue
     fi
-    if [ "$RUN_AIGRID" = "1" ]; then
-        start_aigrid "$WORK/run$rep"
-        aigrid_roles
-        run_load aigrid "$AIGRID_ENDPOINTS" "$rep" "${LOADS[@]}"
-        log "aigrid: stopping"
-        stop_servers
-    fi
-    if [ "$RUN_ETCD" = "1" ]; then
-        start_etcd "$WORK/run$rep"
-        etcd_roles
-        run_load etcd "$ETCD_ENDPOINTS" "$rep" "${LOADS[@]}"
-        log "etcd: stopping"
-        stop_servers
-    fi
+    for target in "${SYSTEMS[@]}"; do
+        start_system "$target" "$WORK/run$rep"
+    done
+    order="aigrid etcd"
+    [ $((rep % 2)) = 0 ] && order="etcd aigrid"
+    for load in "${LOADS[@]}"; do
+        for target in $order; do
+            sleep "$BENCH_SETTLE_SECS"
+            run_load "$target" "$(endpoints_of "$target")" "$rep" "$load"
+        done
+    done
+    log "stopping both clusters"
+    stop_servers
 done
 
 # ---------------------------------------------------------------- report
