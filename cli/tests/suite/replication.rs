@@ -181,10 +181,19 @@ async fn full_cluster_restart_keeps_every_job() {
         expected.insert(id);
     }
     // Every server compacted its log behind a snapshot, so the restart below rebuilds
-    // state from a snapshot plus the log after it.
+    // state from a snapshot plus the log after it. A follower applies the last entries
+    // after the leader answered, and serialises its snapshot apart, so each gets time.
+    wait_converged(&client, &urls, Duration::from_secs(30)).await;
     for url in &urls {
-        let taken = metric(&client, url, "aigrid_raft_snapshots_created_total").await;
-        assert!(taken.unwrap_or(0.0) >= 1.0, "{url} took no snapshot");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let taken = metric(&client, url, "aigrid_raft_snapshots_created_total").await;
+            if taken.unwrap_or(0.0) >= 1.0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{url} took no snapshot");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     // One crash (SIGKILL) and two clean stops: both must keep everything.
     cluster.servers[0].kill();
