@@ -30,6 +30,9 @@ pub struct RaftMetrics {
     pub snapshots_created: IntCounter,
     /// Snapshots received from a leader and installed.
     pub snapshots_installed: IntCounter,
+    /// Entries a follower committed from its leader's persisted mark, before the
+    /// leader's commit index told it.
+    pub mark_commits: IntCounter,
     /// Raft messages dropped because a peer's queue was full.
     pub messages_dropped: IntCounter,
     /// Raft messages received and dropped because their `from` was not the server the
@@ -103,6 +106,11 @@ impl RaftMetrics {
                 registry,
                 "aigrid_raft_snapshots_installed_total",
                 "Snapshots received from a leader and installed",
+            )?,
+            mark_commits: counter(
+                registry,
+                "aigrid_raft_mark_commits_total",
+                "Entries a follower committed from its leader's persisted mark, before the leader's commit index told it",
             )?,
             messages_dropped: counter(
                 registry,

@@ -68,6 +68,10 @@ pub struct ReplicaConfig {
     /// the commit index too, usually tells them instead. Not held while a follower
     /// waits on a proposal it forwarded, nor for a membership change.
     pub hold_commit_notices: bool,
+    /// A leader puts how far its own log is durable into every append to a
+    /// follower, so that with a majority of two the follower commits what both have
+    /// written without waiting for the leader to tell it (see `replica_marks.rs`).
+    pub persisted_marks: bool,
 }
 
 impl Default for ReplicaConfig {
@@ -83,6 +87,7 @@ impl Default for ReplicaConfig {
             max_inflight_msgs: 256,
             snapshot_in_background: true,
             hold_commit_notices: true,
+            persisted_marks: true,
         }
     }
 }
@@ -251,6 +256,8 @@ pub struct Replica<S: StateMachine> {
     removed: bool,
     metrics: Option<Arc<RaftMetrics>>,
     notices: CommitNotices,
+    /// The persisted mark of this follower's leader.
+    mark: Option<LeaderMark>,
 }
 
 fn raft_logger() -> slog::Logger {
@@ -313,6 +320,7 @@ impl<S: StateMachine> Replica<S> {
             removed: false,
             metrics,
             notices: CommitNotices::default(),
+            mark: None,
         })
     }
 
@@ -396,7 +404,11 @@ impl<S: StateMachine> Replica<S> {
             return;
         }
         let forwarded = self.is_forwarded_proposal(&msg).then_some(msg.from);
+        let mark = LeaderMark::of(&msg);
         let _ = self.raw.step(msg);
+        if let Some(mark) = mark {
+            self.note_mark(mark);
+        }
         if let Some(from) = forwarded {
             self.notice_when_committed(from);
         }
@@ -576,6 +588,7 @@ impl<S: StateMachine> Replica<S> {
             }
         }
         let wrote = !batch.is_empty();
+        let written = batch.entries.last().map(|e| e.index);
         if wrote {
             sink.flush();
             let started = Instant::now();
@@ -600,6 +613,11 @@ impl<S: StateMachine> Replica<S> {
             }
         }
 
+        // Written entries its leader's mark covers are committed: applied in this
+        // pass, with what the leader's commit index says.
+        if let Some(index) = written.filter(|_| batch.snapshot.is_none()) {
+            self.commit_from_mark(index);
+        }
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit);
@@ -630,7 +648,8 @@ impl<S: StateMachine> Replica<S> {
 
     /// Hands `messages` to the sink, noting the commit index each tells its peer.
     fn send(&mut self, sink: &mut dyn ReadySink<S::Output>, messages: Vec<Message>) {
-        for msg in messages {
+        for mut msg in messages {
+            self.stamp_mark(&mut msg);
             self.note_sent(&msg);
             sink.send(msg);
         }
@@ -750,6 +769,10 @@ impl<S: StateMachine> Replica<S> {
 #[path = "replica_notices.rs"]
 mod notices;
 use notices::CommitNotices;
+
+#[path = "replica_marks.rs"]
+mod marks;
+use marks::LeaderMark;
 
 #[path = "replica_snapshots.rs"]
 mod snapshots;

@@ -2,7 +2,8 @@
 //! commit index, held back (`ReplicaConfig::hold_commit_notices`) for the next
 //! append to carry the index instead, and sent at once to a follower that waits
 //! on a write it forwarded (to that follower alone: the others' applies would
-//! only compete for the CPU its answer needs).
+//! only compete for the CPU its answer needs), or, where the follower counts this
+//! leader's persisted mark, as soon as this leader has written that write.
 
 use std::collections::BTreeMap;
 
@@ -63,12 +64,17 @@ impl<S: StateMachine> Replica<S> {
             self.notices.forwarded.clear();
             return;
         }
-        let committed = self.raw.raft.raft_log.committed;
+        let log = &self.raw.raft.raft_log;
+        let (committed, persisted) = (log.committed, log.persisted);
+        // Once this leader has written the follower's last write, its persisted
+        // mark lets the follower commit it as soon as it has written it too.
         let due: Vec<u64> = self
             .notices
             .forwarded
             .iter()
-            .filter(|(_, index)| **index <= committed)
+            .filter(|(peer, index)| {
+                **index <= committed || (**index <= persisted && self.marks_count_for(**peer))
+            })
             .map(|(peer, _)| *peer)
             .collect();
         for peer in due {

@@ -184,15 +184,26 @@ fn a_slow_snapshot_does_not_stop_the_replica_and_holds_the_state_it_captured() {
 /// Three replicas on simulated disks, server 1 elected; `hold` is
 /// `ReplicaConfig::hold_commit_notices`.
 fn three_servers(hold: bool) -> (Vec<Replica<ListMachine>>, Vec<SimDisk>) {
-    let members: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("s{id}:1"))).collect();
-    let disks: Vec<SimDisk> = (0..3).map(|_| SimDisk::default()).collect();
-    let mut servers: Vec<Replica<ListMachine>> = (1..=3u64)
+    servers(
+        3,
+        ReplicaConfig {
+            hold_commit_notices: hold,
+            ..Default::default()
+        },
+    )
+}
+
+/// `count` replicas on simulated disks with `config` (each its own id), server 1
+/// elected.
+fn servers(count: u64, config: ReplicaConfig) -> (Vec<Replica<ListMachine>>, Vec<SimDisk>) {
+    let members: BTreeMap<u64, String> = (1..=count).map(|id| (id, format!("s{id}:1"))).collect();
+    let disks: Vec<SimDisk> = (0..count).map(|_| SimDisk::default()).collect();
+    let mut servers: Vec<Replica<ListMachine>> = (1..=count)
         .map(|id| {
             let store = LogStore::open(Box::new(disks[id as usize - 1].clone())).unwrap();
             let config = ReplicaConfig {
                 id,
-                hold_commit_notices: hold,
-                ..Default::default()
+                ..config.clone()
             };
             Replica::open(config, store, ListMachine::default(), &members, None).unwrap()
         })
@@ -273,7 +284,15 @@ fn write_on_leader(
 /// [`three_servers`] after one write on the leader, committed there: the
 /// servers, the messages on the wire and the leader's commit index.
 fn after_one_write(hold: bool) -> (Vec<Replica<ListMachine>>, Vec<Message>, u64) {
-    let (mut servers, _disks) = three_servers(hold);
+    let (servers, _disks) = three_servers(hold);
+    one_write(servers)
+}
+
+/// `servers` (server 1 their leader) after one write on the leader, as
+/// [`after_one_write`].
+fn one_write(
+    mut servers: Vec<Replica<ListMachine>>,
+) -> (Vec<Replica<ListMachine>>, Vec<Message>, u64) {
     let mut wire = Vec::new();
     assert_eq!(
         write_on_leader(&mut servers, &mut wire, 1, &[]),
@@ -285,7 +304,16 @@ fn after_one_write(hold: bool) -> (Vec<Replica<ListMachine>>, Vec<Message>, u64)
 
 #[test]
 fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
-    let (mut servers, mut wire, committed) = after_one_write(true);
+    // Without persisted marks: with them, the follower's own write below commits
+    // from the leader's mark instead (see the tests after this one).
+    let (servers, _disks) = servers(
+        3,
+        ReplicaConfig {
+            persisted_marks: false,
+            ..Default::default()
+        },
+    );
+    let (mut servers, mut wire, committed) = one_write(servers);
     assert_eq!(commit_notices(&wire), vec![], "the notice is held");
     assert!(servers[0].commit_notice_pending());
     assert!(servers[1].status().commit_index < committed);
@@ -351,6 +379,152 @@ fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
         vec![RequestId(4)]
     );
     assert_eq!(commit_notices(&wire), vec![]);
+}
+
+/// The persisted marks on the appends in `wire`: (to, mark).
+fn marks(wire: &[Message]) -> Vec<(u64, u64)> {
+    let mut marks: Vec<_> = wire
+        .iter()
+        .filter_map(|m| LeaderMark::of(m).map(|_| (m.to, m)))
+        .map(|(to, m)| (to, u64::from_be_bytes(m.context[..].try_into().unwrap())))
+        .collect();
+    marks.sort_unstable();
+    marks
+}
+
+/// [`after_one_write`], every follower told of the commit: the servers and the
+/// commit index.
+fn settled_after_one_write() -> (Vec<Replica<ListMachine>>, u64) {
+    let (mut servers, mut wire, committed) = after_one_write(true);
+    servers[0].send_commit_notice();
+    round(&mut servers, &mut wire, &[]);
+    (servers, committed)
+}
+
+#[test]
+fn a_follower_answers_its_forwarded_write_from_the_leaders_mark_before_the_leader_commits() {
+    let (mut servers, _) = settled_after_one_write();
+    let mut wire = Vec::new();
+
+    servers[1].propose(RequestId(3), b"3".to_vec()).unwrap();
+    pass(&mut servers[1], &mut wire);
+    deliver(&mut servers, &mut wire);
+    // The leader appends the write, sends it, writes it, and marks it to the
+    // follower waiting on it at once: to that follower alone.
+    pass(&mut servers[0], &mut wire);
+    let last = servers[0].status().last_index;
+    let commit_before = servers[0].status().commit_index;
+    assert!(
+        commit_before < last,
+        "the leader has no acknowledgement yet"
+    );
+    assert!(marks(&wire).contains(&(2, last)), "{:?}", marks(&wire));
+    assert!(
+        !marks(&wire).contains(&(3, last)),
+        "the other follower waits on no write: its mark rides on the next append"
+    );
+    // The follower writes the entry and, the leader's mark covering it, applies
+    // and answers it in the same pass: before the leader hears its acknowledgement.
+    deliver(&mut servers, &mut wire);
+    assert_eq!(pass(&mut servers[1], &mut wire), vec![RequestId(3)]);
+    assert_eq!(servers[1].status().commit_index, last);
+    assert_eq!(servers[1].state().read().values, vec![1, 3]);
+    assert_eq!(servers[0].status().commit_index, commit_before);
+    // The other follower wrote it too, but has no mark covering it: it does not
+    // apply it yet.
+    pass(&mut servers[2], &mut wire);
+    assert_eq!(servers[2].state().read().values, vec![1]);
+    // The leader commits on the acknowledgements, and sends no notice the mark
+    // made needless.
+    deliver(&mut servers, &mut wire);
+    pass(&mut servers[0], &mut wire);
+    assert_eq!(servers[0].status().commit_index, last);
+    assert_eq!(commit_notices(&wire), vec![]);
+}
+
+/// The append carrying server 1's next write (`data`) to server `to`, its persisted
+/// mark raised past everything.
+fn append_marked_past_all(
+    servers: &mut [Replica<ListMachine>],
+    id: u128,
+    data: &[u8],
+    to: u64,
+) -> Message {
+    let mut wire = Vec::new();
+    servers[0].propose(RequestId(id), data.to_vec()).unwrap();
+    pass(&mut servers[0], &mut wire);
+    let mut append = wire
+        .into_iter()
+        .find(|m| m.to == to && m.entries.len() == 1)
+        .unwrap();
+    append.context = u64::MAX.to_be_bytes().to_vec().into();
+    append
+}
+
+#[test]
+fn a_mark_commits_nothing_past_what_the_follower_wrote() {
+    let (mut servers, committed) = settled_after_one_write();
+    let append = append_marked_past_all(&mut servers, 2, b"2", 2);
+    let index = append.entries[0].index;
+    servers[1].step(append);
+    assert_eq!(
+        servers[1].status().commit_index,
+        committed,
+        "the entry is not on its disk yet"
+    );
+    let mut wire = Vec::new();
+    assert_eq!(pass(&mut servers[1], &mut wire), vec![RequestId(2)]);
+    assert_eq!(servers[1].status().commit_index, index);
+    assert_eq!(servers[1].state().read().values, vec![1, 2]);
+}
+
+#[test]
+fn a_mark_commits_no_entry_of_an_earlier_term() {
+    // An entry of term T reaches a follower in an append of term T + 1, as a new
+    // leader resends its predecessor's entries: the follower holds it, but the
+    // mark is of another term than the entry, so it commits nothing.
+    let (mut servers, _disks) = three_servers(true);
+    let term = servers[0].term();
+    let before = servers[2].status().commit_index;
+    let mut append = append_marked_past_all(&mut servers, 5, b"5", 3);
+    append.term = term + 1;
+    servers[2].step(append);
+    let mut wire = Vec::new();
+    pass(&mut servers[2], &mut wire);
+    assert_eq!(servers[2].term(), term + 1);
+    assert_eq!(
+        servers[2].status().last_index,
+        before + 1,
+        "it holds the entry"
+    );
+    assert_eq!(servers[2].status().commit_index, before);
+    assert_eq!(servers[2].state().read().values, Vec::<u64>::new());
+}
+
+#[test]
+fn a_leader_marks_nothing_where_two_are_not_a_majority_or_marks_are_off() {
+    // The appends of a second write, after a first one committed.
+    let second_appends = |servers: Vec<Replica<ListMachine>>| {
+        let (mut servers, mut wire, committed) = one_write(servers);
+        wire.clear();
+        servers[0].propose(RequestId(2), b"2".to_vec()).unwrap();
+        pass(&mut servers[0], &mut wire);
+        assert!(wire.iter().any(|m| m.entries.len() == 1));
+        (wire, committed)
+    };
+    let (five, _disks) = servers(5, ReplicaConfig::default());
+    let (wire, _) = second_appends(five);
+    assert_eq!(marks(&wire), vec![], "two of five are no majority");
+
+    let off = ReplicaConfig {
+        persisted_marks: false,
+        ..Default::default()
+    };
+    let (wire, _) = second_appends(servers(3, off).0);
+    assert_eq!(marks(&wire), vec![]);
+
+    let (wire, committed) = second_appends(three_servers(true).0);
+    assert_eq!(marks(&wire), vec![(2, committed), (3, committed)]);
 }
 
 #[test]

@@ -195,6 +195,15 @@ async fn full_cluster_restart_keeps_every_job() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // Writes sent to followers were committed there from the leader's persisted
+    // mark, without waiting for the leader to tell them.
+    let mut marked = 0.0;
+    for url in &urls {
+        marked += metric(&client, url, "aigrid_raft_mark_commits_total")
+            .await
+            .unwrap_or(0.0);
+    }
+    assert!(marked > 0.0, "no follower committed from its leader's mark");
     // One crash (SIGKILL) and two clean stops: both must keep everything.
     cluster.servers[0].kill();
     cluster.servers[1].terminate();
