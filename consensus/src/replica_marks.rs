@@ -33,7 +33,8 @@ use crate::state_machine::StateMachine;
 pub(super) struct LeaderMark {
     term: u64,
     leader: u64,
-    index: u64,
+    /// How far the leader's log is durable.
+    pub(super) index: u64,
 }
 
 impl LeaderMark {

@@ -385,8 +385,7 @@ fn a_leader_holds_its_commit_notice_for_the_next_append_to_carry() {
 fn marks(wire: &[Message]) -> Vec<(u64, u64)> {
     let mut marks: Vec<_> = wire
         .iter()
-        .filter_map(|m| LeaderMark::of(m).map(|_| (m.to, m)))
-        .map(|(to, m)| (to, u64::from_be_bytes(m.context[..].try_into().unwrap())))
+        .filter_map(|m| LeaderMark::of(m).map(|mark| (m.to, mark.index)))
         .collect();
     marks.sort_unstable();
     marks

@@ -4,10 +4,9 @@
 
 use crate::common;
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -46,22 +45,6 @@ fn cli_json(server: &str, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.push("--json");
     json_output(&cli(server, &all))
-}
-
-/// Polls `probe` until it answers `Some`, for at most `secs` seconds.
-async fn eventually<T, F: Future<Output = Option<T>>>(
-    secs: u64,
-    what: &str,
-    mut probe: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The `node ls` row of `id`, split on whitespace.
@@ -221,7 +204,7 @@ async fn simulated_nodes_take_gpu_work_through_the_cli() {
         s,
         &["job", "submit", &job_file(dir.path(), "trainer", 3, "H100")],
     ));
-    let job = eventually(20, "3 placements", || async {
+    let job = eventually_async(Duration::from_secs(20), "3 placements", || async {
         let job = get_json(&client, &format!("{url}/api/v1/jobs/trainer")).await?;
         (live(&job).len() == 3).then_some(job)
     })
@@ -304,7 +287,7 @@ async fn simulated_nodes_take_gpu_work_through_the_cli() {
             &job_file(dir.path(), "needs-b200", 1, "B200"),
         ],
     ));
-    let out = eventually(20, "an unplaced reason", || async {
+    let out = eventually_async(Duration::from_secs(20), "an unplaced reason", || async {
         let out = stdout(&cli(s, &["job", "status", "needs-b200"]));
         out.contains("unplaced").then_some(out)
     })
@@ -328,11 +311,16 @@ async fn simulated_nodes_take_gpu_work_through_the_cli() {
     let gpu_line = out.lines().find(|l| l.contains(&held_gpu)).unwrap();
     assert!(gpu_line.contains("unhealthy: XID 79"), "{gpu_line}");
     assert!(!gpu_line.contains(&held_id), "{gpu_line}");
-    let job = eventually(20, "a replacement on a healthy GPU", || async {
-        let job = get_json(&client, &format!("{url}/api/v1/jobs/trainer")).await?;
-        let live = live(&job);
-        (live.len() == 3 && live.iter().all(|a| a["gpus"][0] != held_gpu.as_str())).then_some(job)
-    })
+    let job = eventually_async(
+        Duration::from_secs(20),
+        "a replacement on a healthy GPU",
+        || async {
+            let job = get_json(&client, &format!("{url}/api/v1/jobs/trainer")).await?;
+            let live = live(&job);
+            (live.len() == 3 && live.iter().all(|a| a["gpus"][0] != held_gpu.as_str()))
+                .then_some(job)
+        },
+    )
     .await;
     assert!(live(&job).iter().all(|a| a["id"] != held_id.as_str()));
     assert_eq!(ls_row(s, "gpu-a")[3..6], ["8", "3", "4"]);

@@ -547,6 +547,22 @@ pub fn eventually<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Opt
     }
 }
 
+/// [`eventually`] for an async `probe`, sleeping on the runtime between tries.
+pub async fn eventually_async<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Reapers for what an `aigrid up` at `base` with its data under `root` starts:
 /// supervisors (their command lines name the data dir), workloads (carrying
 /// `marker` in their environment) and model servers (told `base`).
